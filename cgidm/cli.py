@@ -1,0 +1,53 @@
+"""The ``cgidm`` console script.
+
+Each subcommand lives in ``cgidm.commands.<name>`` and exposes ``register(subparsers)``. Heavy
+imports (torch, diffusers) happen inside the command functions, so ``cgidm --help`` is instant.
+Errors the user can fix are printed as one line and exit non-zero; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+COMMANDS = ("check", "eval", "models", "serve", "demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cgidm",
+        description="Was this fine-tuned diffusion model trained on my images? (CGI-DM)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"cgidm.commands.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Models load from local files only unless the user explicitly allows the network.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("cgidm: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the CLI's contract is one clear line, no traceback
+        from cgidm_core.errors import CGIDMError
+
+        if isinstance(exc, CGIDMError):
+            print(f"cgidm: error: {exc}", file=sys.stderr)
+            return 2
+        if os.environ.get("CGIDM_DEBUG"):
+            raise
+        print(f"cgidm: unexpected error: {type(exc).__name__}: {exc} "
+              "(set CGIDM_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

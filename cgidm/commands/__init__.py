@@ -1,0 +1,1 @@
+"""Subcommands of the ``cgidm`` console script, one module each, imported lazily."""

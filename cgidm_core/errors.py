@@ -1,0 +1,56 @@
+"""Specific exceptions of the method library.
+
+Every error carries a message that tells the user what to do next, because these messages reach
+people through the CLI (one line, no traceback) and through the service (a JSON error body).
+Each class has a stable machine-readable ``code`` that the service puts in ``error.code``.
+"""
+
+from __future__ import annotations
+
+
+class CGIDMError(Exception):
+    """Base of every error cgidm_core raises on purpose."""
+
+    code = "cgidm_error"
+
+
+class ModelNotFoundError(CGIDMError):
+    """A model path or demo name does not exist."""
+
+    code = "model_not_found"
+
+
+class ModelFormatError(CGIDMError):
+    """A model exists but is not in a format cgidm can load (or is corrupt)."""
+
+    code = "model_format"
+
+
+class UnsupportedModelFamilyError(ModelFormatError):
+    """The model belongs to a family cgidm refuses (for example SDXL)."""
+
+    code = "unsupported_family"
+
+
+class IncompatiblePairError(CGIDMError):
+    """Pretrained and fine-tuned models cannot be compared (different latent sizes, families...)."""
+
+    code = "incompatible_pair"
+
+
+class ImageInputError(CGIDMError):
+    """An input image cannot be read or used."""
+
+    code = "bad_image"
+
+
+class ConfigError(CGIDMError):
+    """A method setting is out of its valid range."""
+
+    code = "bad_setting"
+
+
+class Cancelled(CGIDMError):
+    """The caller's cancel hook asked the inversion to stop."""
+
+    code = "cancelled"

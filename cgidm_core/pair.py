@@ -1,0 +1,104 @@
+"""The one interface the algorithm sees: a pretrained/fine-tuned model pair.
+
+CGI-DM needs, for both models, the noise prediction at a noised latent, plus the shared pieces
+(encoder/decoder, the noise schedule, the conditioning). Keeping this interface small means a new
+model family is one new adapter in ``cgidm_core.models`` and never a change to the inversion.
+
+Conventions every adapter follows:
+- images are float32 tensors ``(N, 3, S, S)`` in ``[-1, 1]``;
+- ``encode`` is deterministic (the VAE's latent *mean*, times the scaling factor), so that results
+  are reproducible; pixel-space models encode with the identity;
+- ``eps_finetuned``/``eps_pretrained`` take a float32 latent batch and integer timesteps ``(N,)``
+  and return float32 predictions of the same shape (adapters cast to their compute dtype inside);
+- conditioning is computed once per prompt and cached by the adapter.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """Per-model conditioning for one prompt (``None`` for unconditional models).
+
+    Each field is a batch-1 tensor that adapters expand to the batch they are given.
+    """
+
+    finetuned: Any = None
+    pretrained: Any = None
+
+
+class ModelPair(ABC):
+    """A pretrained model and its suspected fine-tune, sharing codec, schedule and tokenizer."""
+
+    #: Family name shown to users: "stable-diffusion", "ddpm", ...
+    family: str = "unknown"
+    #: Pixel side length the pair works at (images are resized and centre-cropped to it).
+    image_size: int
+    #: Latent tensor shape ``(C, H, W)`` for one image.
+    latent_shape: tuple[int, int, int]
+    #: Pixels per latent cell along one side (8 for Stable Diffusion, 1 for pixel models).
+    pixels_per_latent: int
+    #: Device and compute dtype of the networks.
+    device: torch.device
+    dtype: torch.dtype
+    #: Cumulative product of alphas of the training noise schedule, float32 on ``device``.
+    alphas_cumprod: torch.Tensor
+    #: Prompt used when the caller gives none (the instance prompt of the fine-tune, if known).
+    default_prompt: str | None = None
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.alphas_cumprod.shape[0])
+
+    @abstractmethod
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Map images in [-1, 1] to latents (deterministically)."""
+
+    @abstractmethod
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Map latents back to images in [-1, 1] (clamped)."""
+
+    @abstractmethod
+    def conditioning(self, prompt: str | None) -> Conditioning:
+        """Encode a prompt for both models; cached, so the text encoders run once per prompt."""
+
+    @abstractmethod
+    def eps_finetuned(self, z_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """Noise prediction of the fine-tuned model."""
+
+    @abstractmethod
+    def eps_pretrained(self, z_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """Noise prediction of the pretrained model."""
+
+    def describe(self) -> dict[str, Any]:
+        """Facts about the pair for ``results.json`` settings and the service's model list."""
+        return {
+            "family": self.family,
+            "image_size": self.image_size,
+            "latent_shape": list(self.latent_shape),
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+        }
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the pair's parameters and buffers, each shared tensor counted once."""
+        seen: set[int] = set()
+        total = 0
+        for module in self.modules():
+            for tensor in list(module.parameters()) + list(module.buffers()):
+                key = tensor.untyped_storage().data_ptr()
+                if key in seen:
+                    continue
+                seen.add(key)
+                total += tensor.untyped_storage().nbytes()
+        return total
+
+    def modules(self) -> list[torch.nn.Module]:
+        """Every network the pair holds (shared ones once); used for memory accounting."""
+        return []

@@ -73,7 +73,9 @@ class ModelPair(ABC):
         """Noise prediction of the fine-tuned model."""
 
     @abstractmethod
-    def eps_pretrained(self, z_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    def eps_pretrained(
+        self, z_t: torch.Tensor, t: torch.Tensor, cond: Conditioning
+    ) -> torch.Tensor:
         """Noise prediction of the pretrained model."""
 
     def describe(self) -> dict[str, Any]:

@@ -1,0 +1,131 @@
+"""The five-lines-of-Python entry points: load a pair, authenticate images.
+
+    from cgidm_core import load_pair, authenticate
+    pair = load_pair("demo-base", "demo-vangogh")
+    for r in authenticate(pair, ["painting.jpg"]):
+        print(r.name, r.score)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError
+from .images import ImageSource, image_seed, load_image, to_pil, to_tensor
+from .inversion import CancelFn, InversionConfig, invert
+from .pair import ModelPair
+from .results import ImageResult
+from .similarity import (
+    DEFAULT_METRIC,
+    PIXEL_METRICS,
+    FeatureModel,
+    compute_metrics,
+    score_from_metric,
+    validate_metrics,
+)
+
+
+def load_pair(
+    pretrained: str | Path,
+    finetuned: str | Path,
+    *,
+    finetuned_kind: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    allow_network: bool = False,
+) -> ModelPair:
+    """Load a pretrained model and its suspected fine-tune; demo names are accepted."""
+    from .demo import resolve_model_reference
+    from .models import load_pair as load_model_pair
+
+    return load_model_pair(
+        resolve_model_reference(pretrained),
+        resolve_model_reference(finetuned),
+        finetuned_kind=finetuned_kind,
+        device=device,
+        dtype=dtype,
+        allow_network=allow_network,
+    )
+
+
+def _names_for(images: Sequence[ImageSource], names: Sequence[str] | None) -> list[str]:
+    if names is not None:
+        if len(names) != len(images):
+            raise ConfigError(f"got {len(names)} names for {len(images)} images")
+        return list(names)
+    out = []
+    for i, source in enumerate(images):
+        out.append(Path(source).name if isinstance(source, str | Path) else f"image-{i}")
+    return out
+
+
+def authenticate(
+    pair: ModelPair,
+    images: Sequence[ImageSource],
+    *,
+    names: Sequence[str] | None = None,
+    prompt: str | None = None,
+    config: InversionConfig | None = None,
+    metrics: Sequence[str] | None = None,
+    score_metric: str | None = None,
+    feature_model: FeatureModel | str | Path | None = None,
+    batch_size: int = 8,
+    progress: Callable[[int, int], None] | None = None,
+    should_cancel: CancelFn | None = None,
+) -> list[ImageResult]:
+    """Recover every image's removed half and score the recovery against the original.
+
+    Images run in batches of ``batch_size`` as one computation each. ``progress(done, total)``
+    counts PGD steps over all batches; ``should_cancel()`` is polled every few steps.
+    """
+    if not images:
+        raise ConfigError("no images given; pass at least one image")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    config = config or InversionConfig()
+    config.validate(pair.num_train_timesteps)
+    score_metric = score_metric or DEFAULT_METRIC
+    wanted = list(dict.fromkeys([*(metrics or PIXEL_METRICS), score_metric]))
+    validate_metrics(wanted, feature_model)
+    labels = _names_for(images, names)
+    pictures = [load_image(src, name=label) for src, label in zip(images, labels, strict=True)]
+    cond = pair.conditioning(prompt if prompt is not None else pair.default_prompt)
+
+    batches = [
+        list(range(start, min(start + batch_size, len(pictures))))
+        for start in range(0, len(pictures), batch_size)
+    ]
+    total = config.steps * len(batches)
+    results: list[ImageResult] = []
+    for b, indices in enumerate(batches):
+        tensor = to_tensor([pictures[i] for i in indices], pair.image_size)
+        seeds = [image_seed(img, config.seed) for img in tensor]
+
+        def report(done: int, _steps: int, offset: int = b * config.steps) -> None:
+            if progress is not None:
+                progress(offset + done, total)
+
+        out = invert(
+            pair, tensor, cond, config, seeds=seeds, progress=report, should_cancel=should_cancel
+        )
+        values = compute_metrics(out.original, out.recovered, out.mask, wanted, feature_model)
+        originals, partials, recovered = to_pil(out.original), to_pil(out.partial), to_pil(
+            out.recovered
+        )
+        for j, i in enumerate(indices):
+            image_metrics = {name: values[name][j] for name in wanted}
+            results.append(
+                ImageResult(
+                    name=labels[i],
+                    score=score_from_metric(score_metric, image_metrics[score_metric]),
+                    metrics=image_metrics,
+                    original=originals[j],
+                    partial=partials[j],
+                    recovered=recovered[j],
+                    extra={"final_loss": float(out.losses[j, -1])},
+                )
+            )
+    return results

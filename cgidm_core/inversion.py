@@ -1,0 +1,254 @@
+"""Contrasting gradient inversion: recover the removed half of an image by projected gradient
+descent on the difference between the fine-tuned and the pretrained model's denoising losses.
+
+    L(z) = E_{t,eps} ||eps_ft(z_t, t) - eps||^2 - E_{t,eps'} ||eps_pre(z_t, t) - eps'||^2
+
+The whole batch is one computation: each image's loss is summed, so the gradient of an image's
+free latent depends only on its own loss, and every normalisation and projection is per image.
+Randomness comes from one generator per image (seeded from its content), so an image's result
+does not depend on the other images in its batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+from .errors import Cancelled, ConfigError
+from .masks import checkerboard_mask, default_cell, upsample_mask
+from .pair import Conditioning, ModelPair
+
+#: The reference step size and radius are stated for a 4x64x64 SD latent with half of it free.
+REFERENCE_FREE_ENTRIES = 4 * 64 * 64 // 2
+
+ProgressFn = Callable[[int, int], None]
+CancelFn = Callable[[], bool]
+
+
+@dataclass(frozen=True)
+class InversionConfig:
+    """Settings of the PGD; ``alpha`` and ``epsilon`` are given for a 4x64x64 latent.
+
+    For other latent sizes both are scaled by sqrt(free entries / 8192), which keeps the per-entry
+    step and radius of the reference, so one setting means the same thing for SD and pixel models.
+    """
+
+    steps: int = 100
+    alpha: float = 2.0
+    epsilon: float = 70.0
+    t_min: int = 1
+    t_max: int | None = None  # None: the last training timestep - 1 (999 for 1000 steps)
+    mc_samples: int = 1
+    common_random_numbers: bool = True
+    reencode_partial: bool = False
+    cell: int | None = None  # latent pixels per mask square; None: see masks.default_cell
+    seed: int = 0
+
+    @classmethod
+    def reference(cls, **overrides: object) -> InversionConfig:
+        """The authors' settings: 1000 steps, alpha 2, epsilon 70, independent noise per model,
+        one Monte Carlo sample, decode and re-encode of the partial image."""
+        base = cls(
+            steps=1000,
+            alpha=2.0,
+            epsilon=70.0,
+            t_min=1,
+            t_max=None,
+            mc_samples=1,
+            common_random_numbers=False,
+            reencode_partial=True,
+        )
+        return replace(base, **overrides)  # type: ignore[arg-type]
+
+    def validate(self, num_train_timesteps: int | None = None) -> None:
+        if not 1 <= self.steps <= 100_000:
+            raise ConfigError(f"steps must be between 1 and 100000, got {self.steps}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ConfigError(f"alpha must be a positive number, got {self.alpha}")
+        if not (math.isfinite(self.epsilon) and self.epsilon > 0):
+            raise ConfigError(f"epsilon must be a positive number, got {self.epsilon}")
+        if not 1 <= self.mc_samples <= 64:
+            raise ConfigError(f"mc_samples must be between 1 and 64, got {self.mc_samples}")
+        if self.cell is not None and self.cell < 1:
+            raise ConfigError(f"cell must be >= 1, got {self.cell}")
+        t_max = self.resolved_t_max(num_train_timesteps or 1000)
+        if not 0 <= self.t_min <= t_max:
+            raise ConfigError(
+                f"timestep range [{self.t_min}, {t_max}] is empty; need 0 <= t_min <= t_max"
+            )
+        if num_train_timesteps is not None and t_max >= num_train_timesteps:
+            raise ConfigError(
+                f"t_max {t_max} is beyond the model's {num_train_timesteps} training timesteps"
+            )
+
+    def resolved_t_max(self, num_train_timesteps: int) -> int:
+        return self.t_max if self.t_max is not None else num_train_timesteps - 1
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass
+class InversionOutput:
+    """Images in [-1, 1] and the pixel-space mask (1 = kept), all on the CPU in float32."""
+
+    original: torch.Tensor
+    partial: torch.Tensor
+    recovered: torch.Tensor
+    mask: torch.Tensor
+    losses: torch.Tensor  # (N, steps): each image's contrast loss at each step
+    delta_norm: torch.Tensor  # (N,): final L2 norm of the perturbation
+    latent_original: torch.Tensor  # z0: evidence that kept cells are never changed
+    latent_recovered: torch.Tensor
+    latent_mask: torch.Tensor  # (1, 1, h, w), 1 = kept
+    epsilon: float  # the radius actually used (after scaling to the latent size)
+
+
+def scaled_radius(config: InversionConfig, free_entries: int) -> tuple[float, float]:
+    """Step size and L2 radius for a latent with ``free_entries`` free values."""
+    scale = math.sqrt(free_entries / REFERENCE_FREE_ENTRIES)
+    return config.alpha * scale, config.epsilon * scale
+
+
+class _NoiseSource:
+    """Per-image generators: image i's draws never depend on how many images share the batch."""
+
+    def __init__(self, seeds: list[int], shape: tuple[int, int, int], t_range: tuple[int, int]):
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.shape = shape
+        self.t_min, self.t_max = t_range
+
+    def draw(self, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Timesteps ``(N*samples,)`` and noise ``(N*samples, C, H, W)``, image-major."""
+        ts, noises = [], []
+        for gen in self.generators:
+            ts.append(torch.randint(self.t_min, self.t_max + 1, (samples,), generator=gen))
+            noises.append(torch.randn((samples, *self.shape), generator=gen))
+        return torch.cat(ts), torch.cat(noises)
+
+    def draw_noise(self, samples: int) -> torch.Tensor:
+        draws = [torch.randn((samples, *self.shape), generator=g) for g in self.generators]
+        return torch.cat(draws)
+
+
+def _expand_cond(cond: Conditioning, batch: int) -> Conditioning:
+    def grow(value: object) -> object:
+        if isinstance(value, torch.Tensor) and value.shape[0] == 1 and batch != 1:
+            return value.expand(batch, *value.shape[1:])
+        return value
+
+    return Conditioning(finetuned=grow(cond.finetuned), pretrained=grow(cond.pretrained))
+
+
+def contrast_loss(
+    pair: ModelPair,
+    z: torch.Tensor,
+    cond: Conditioning,
+    t: torch.Tensor,
+    noise_ft: torch.Tensor,
+    noise_pre: torch.Tensor,
+    samples: int,
+) -> torch.Tensor:
+    """Per-image contrast loss ``(N,)``, averaged over ``samples`` draws per image.
+
+    ``t`` and the noises are image-major ``(N*samples, ...)``. Shared by the inversion and by the
+    ``contrast`` baseline, which evaluates the same objective at the original image.
+    """
+    n = z.shape[0]
+    z_rep = z.repeat_interleave(samples, dim=0)
+    abar = pair.alphas_cumprod[t.to(pair.device)].view(-1, 1, 1, 1)
+    sqrt_ab, sqrt_1mab = abar.sqrt(), (1.0 - abar).sqrt()
+    noise_ft = noise_ft.to(pair.device)
+    noise_pre = noise_pre.to(pair.device)
+    t_dev = t.to(pair.device)
+    cond_b = _expand_cond(cond, n * samples)
+    z_t_ft = sqrt_ab * z_rep + sqrt_1mab * noise_ft
+    z_t_pre = z_t_ft if noise_pre is noise_ft else sqrt_ab * z_rep + sqrt_1mab * noise_pre
+    eps_ft = pair.eps_finetuned(z_t_ft, t_dev, cond_b)
+    eps_pre = pair.eps_pretrained(z_t_pre, t_dev, cond_b)
+    err_ft = (eps_ft.float() - noise_ft).pow(2).flatten(1).mean(1)
+    err_pre = (eps_pre.float() - noise_pre).pow(2).flatten(1).mean(1)
+    return (err_ft - err_pre).view(n, samples).mean(1)
+
+
+def _per_image_norm(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(1).norm(dim=1).view(-1, *([1] * (x.dim() - 1)))
+
+
+def invert(
+    pair: ModelPair,
+    images: torch.Tensor,
+    cond: Conditioning,
+    config: InversionConfig,
+    *,
+    seeds: list[int],
+    progress: ProgressFn | None = None,
+    should_cancel: CancelFn | None = None,
+    cancel_every: int = 5,
+) -> InversionOutput:
+    """Run the L2 PGD for a batch of images; see the module docstring for the objective.
+
+    ``seeds`` holds one seed per image (``images.image_seed``). ``should_cancel`` is polled every
+    ``cancel_every`` steps and raises :class:`Cancelled` so a service can stop a job promptly.
+    """
+    config.validate(pair.num_train_timesteps)
+    if len(seeds) != images.shape[0]:
+        raise ConfigError(f"need one seed per image: {len(seeds)} seeds for {images.shape[0]}")
+    device = pair.device
+    with torch.no_grad():
+        z0 = pair.encode(images.to(device)).float()
+    latent_shape = tuple(z0.shape[1:])
+    cell = config.cell or default_cell(latent_shape, pair.pixels_per_latent)  # type: ignore[arg-type]
+    keep = checkerboard_mask(latent_shape, cell).to(device)  # type: ignore[arg-type]
+    free = 1.0 - keep
+    free_entries = int(free.sum().item()) * latent_shape[0]
+    alpha, epsilon = scaled_radius(config, free_entries)
+
+    with torch.no_grad():
+        z_start = z0 * keep
+        if config.reencode_partial:
+            z_start = pair.encode(pair.decode(z_start)).float()
+
+    t_range = (config.t_min, config.resolved_t_max(pair.num_train_timesteps))
+    source = _NoiseSource(seeds, latent_shape, t_range)  # type: ignore[arg-type]
+    delta = torch.zeros_like(z0)
+    losses = torch.zeros(z0.shape[0], config.steps)
+    samples = config.mc_samples
+
+    for step in range(config.steps):
+        if should_cancel is not None and step % cancel_every == 0 and should_cancel():
+            raise Cancelled(f"cancelled after {step} of {config.steps} steps")
+        t, noise_ft = source.draw(samples)
+        noise_pre = noise_ft if config.common_random_numbers else source.draw_noise(samples)
+        delta.requires_grad_(True)
+        z_in = z0 * keep + (z_start + delta) * free
+        loss = contrast_loss(pair, z_in, cond, t, noise_ft, noise_pre, samples)
+        (grad,) = torch.autograd.grad(loss.sum(), delta)
+        with torch.no_grad():
+            delta = delta.detach() - alpha * grad / _per_image_norm(grad).clamp_min(1e-12)
+            norm = _per_image_norm(delta)
+            delta = delta * (epsilon / norm.clamp_min(1e-12)).clamp(max=1.0)
+        losses[:, step] = loss.detach().float().cpu()
+        if progress is not None:
+            progress(step + 1, config.steps)
+
+    with torch.no_grad():
+        recovered_latent = z0 * keep + (z_start + delta) * free
+        recovered = pair.decode(recovered_latent).float().cpu()
+        partial = pair.decode(z_start).float().cpu()
+    pixel_keep = upsample_mask(keep, pair.pixels_per_latent).cpu()
+    return InversionOutput(
+        original=images.float().cpu(),
+        partial=partial,
+        recovered=recovered,
+        mask=pixel_keep,
+        losses=losses,
+        delta_norm=_per_image_norm(delta).flatten().cpu(),
+        latent_original=z0.cpu(),
+        latent_recovered=recovered_latent.float().cpu(),
+        latent_mask=keep.cpu(),
+        epsilon=epsilon,
+    )

@@ -1,0 +1,44 @@
+"""What the method returns for one image, and the picture a person judges it by."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+PANEL_MIN_SIDE = 256
+LABELS = ("original", "partial", "recovered")
+
+
+@dataclass
+class ImageResult:
+    """One image's evidence: its recovery, every requested metric and the membership score."""
+
+    name: str
+    score: float
+    metrics: dict[str, float]
+    original: Image.Image
+    partial: Image.Image
+    recovered: Image.Image
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def side_by_side(self) -> Image.Image:
+        """original | partial | recovered, enlarged with nearest-neighbour so small pixel-model
+        images stay crisp, with a caption under each panel."""
+        side = self.original.width
+        scale = max(1, -(-PANEL_MIN_SIDE // side))
+        panel = side * scale
+        gap, caption = 8, 18
+        canvas = Image.new("RGB", (3 * panel + 4 * gap, panel + 2 * gap + caption), "white")
+        draw = ImageDraw.Draw(canvas)
+        for i, (label, image) in enumerate(
+            zip(LABELS, (self.original, self.partial, self.recovered), strict=True)
+        ):
+            x = gap + i * (panel + gap)
+            canvas.paste(image.resize((panel, panel), Image.Resampling.NEAREST), (x, gap))
+            draw.text((x, gap + panel + 3), label, fill="black")
+        return canvas
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "score": self.score, "metrics": dict(self.metrics), **self.extra}

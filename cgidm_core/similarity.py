@@ -1,0 +1,169 @@
+"""How close a recovery is to its original: higher is always "more similar".
+
+Each image is compared with its OWN recovery (the reference code scored an image by its best
+match among all recoveries of a split, which leaks between images). Pixel metrics are measured on
+the recovered (masked-out) region only: the kept half is identical by construction and would only
+dilute the signal. Feature metrics (CLIP, DINO) embed whole images, as the paper does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .errors import ConfigError, ModelFormatError, ModelNotFoundError
+
+PIXEL_METRICS = ("ssim", "psnr", "mse")
+FEATURE_METRICS = ("clip", "dino")
+ALL_METRICS = PIXEL_METRICS + FEATURE_METRICS
+
+#: Chosen by measurement on the demo pair with the Van Gogh split (see README, "Defaults").
+DEFAULT_METRIC = "ssim"
+
+
+def _unit(images: torch.Tensor) -> torch.Tensor:
+    return ((images.float() + 1.0) / 2.0).clamp(0, 1)
+
+
+def _region_mean(values: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    region = region.expand_as(values)
+    return (values * region).flatten(1).sum(1) / region.flatten(1).sum(1).clamp_min(1.0)
+
+
+def masked_mse(original: Tensor, recovered: Tensor, keep: Tensor) -> Tensor:
+    """Mean squared error on the recovered region, images scaled to [0, 1]."""
+    return _region_mean((_unit(original) - _unit(recovered)).pow(2), 1.0 - keep)
+
+
+def masked_psnr(original: Tensor, recovered: Tensor, keep: Tensor) -> Tensor:
+    return 10.0 * torch.log10(1.0 / masked_mse(original, recovered, keep).clamp_min(1e-10))
+
+
+def masked_ssim(original: Tensor, recovered: Tensor, keep: Tensor) -> Tensor:
+    """SSIM averaged over the recovered region of torchmetrics' full SSIM map."""
+    # Imported here: torchmetrics costs seconds to import and most callers never need SSIM.
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    size = min(original.shape[-2:])
+    kernel = min(11, size if size % 2 else size - 1)
+    _, ssim_map = structural_similarity_index_measure(
+        _unit(recovered),
+        _unit(original),
+        data_range=1.0,
+        kernel_size=kernel,
+        sigma=1.5 * kernel / 11,
+        reduction="none",
+        return_full_image=True,
+    )
+    return _region_mean(ssim_map, 1.0 - keep)
+
+
+class FeatureModel:
+    """An image embedding network from a local folder (or a hub id when the network is allowed).
+
+    CLIP checkpoints give their projected image embedding; ViT/DINO-style models give the CLS
+    token. Loading goes through transformers with safetensors only and no remote code.
+    """
+
+    def __init__(self, reference: str | Path, *, allow_network: bool = False, device: str = "cpu"):
+        from transformers import AutoConfig, AutoImageProcessor, AutoModel
+
+        ref = str(reference)
+        if not allow_network and not Path(ref).exists():
+            raise ModelNotFoundError(
+                f"feature model {ref!r} is not a local folder; give a folder with a saved "
+                "transformers vision model, or allow network access"
+            )
+        try:
+            kwargs: dict[str, Any] = {
+                "local_files_only": not allow_network,
+                "trust_remote_code": False,
+            }
+            config = AutoConfig.from_pretrained(ref, **kwargs)
+            self.processor = AutoImageProcessor.from_pretrained(ref, **kwargs)
+            if config.model_type in ("clip", "clip_vision_model"):
+                from transformers import CLIPVisionModelWithProjection
+
+                self.model = CLIPVisionModelWithProjection.from_pretrained(
+                    ref, use_safetensors=True, **kwargs
+                )
+                self.kind = "clip"
+            else:
+                self.model = AutoModel.from_pretrained(ref, use_safetensors=True, **kwargs)
+                self.kind = config.model_type
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelFormatError(f"cannot load feature model {ref!r}: {exc}") from exc
+        self.model.eval().requires_grad_(False).to(device)
+        self.device = device
+
+    @torch.inference_mode()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = self.processor(
+            images=list(_unit(images).cpu()), return_tensors="pt", do_rescale=False
+        )["pixel_values"].to(self.device)
+        output = self.model(pixel_values=pixels)
+        # CLIP: the projected embedding it was trained to compare; ViT/DINO: the CLS token.
+        clip = self.kind == "clip"
+        features = output.image_embeds if clip else output.last_hidden_state[:, 0]
+        return torch.nn.functional.normalize(features.float(), dim=-1).cpu()
+
+    def cosine(self, original: torch.Tensor, recovered: torch.Tensor) -> torch.Tensor:
+        return (self.embed(original) * self.embed(recovered)).sum(-1)
+
+
+@lru_cache(maxsize=4)
+def load_feature_model(reference: str, allow_network: bool = False) -> FeatureModel:
+    """Feature models are reused across calls: loading one costs more than embedding a batch."""
+    return FeatureModel(reference, allow_network=allow_network)
+
+
+def validate_metrics(names: Sequence[str], feature_model: object | None) -> None:
+    for name in names:
+        if name not in ALL_METRICS:
+            raise ConfigError(
+                f"unknown metric {name!r}; choose from {', '.join(ALL_METRICS)}"
+            )
+        if name in FEATURE_METRICS and feature_model is None:
+            raise ConfigError(
+                f"metric {name!r} needs a feature model: give a local folder holding a "
+                f"{name.upper()} vision model (--feature-model)"
+            )
+
+
+def compute_metrics(
+    original: torch.Tensor,
+    recovered: torch.Tensor,
+    keep: torch.Tensor,
+    names: Sequence[str],
+    feature_model: FeatureModel | str | Path | None = None,
+) -> dict[str, list[float]]:
+    """Scores per metric, one per image; for ``mse`` the value is the error (lower = closer)."""
+    validate_metrics(names, feature_model)
+    keep = keep.to(original.device)
+    out: dict[str, list[float]] = {}
+    for name in names:
+        if name == "ssim":
+            values = masked_ssim(original, recovered, keep)
+        elif name == "psnr":
+            values = masked_psnr(original, recovered, keep)
+        elif name == "mse":
+            values = masked_mse(original, recovered, keep)
+        else:
+            model = (
+                feature_model
+                if isinstance(feature_model, FeatureModel)
+                else load_feature_model(str(feature_model))
+            )
+            values = model.cosine(original, recovered)
+        out[name] = [float(v) for v in values]
+    return out
+
+
+def score_from_metric(name: str, value: float) -> float:
+    """Turn a metric into a membership score where higher means more likely a member."""
+    return -value if name == "mse" else value

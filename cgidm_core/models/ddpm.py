@@ -1,0 +1,77 @@
+"""Pixel-space DDPM pairs: two ``UNet2DModel`` on images directly.
+
+The codec is the identity and there is no text, so this family is what runs fast on a CPU: the
+demo and the accuracy benchmarks use it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cgidm_core.models.devices import unique_modules
+from cgidm_core.models.predictions import expand_timesteps, output_to_eps
+from cgidm_core.pair import Conditioning, ModelPair
+
+
+class DDPMPair(ModelPair):
+    """Two unconditional pixel-space UNets sharing one noise schedule."""
+
+    family = "ddpm"
+
+    def __init__(
+        self,
+        unet_pretrained: torch.nn.Module,
+        unet_finetuned: torch.nn.Module,
+        alphas_cumprod: torch.Tensor,
+        *,
+        prediction_type: str = "epsilon",
+        prediction_type_finetuned: str | None = None,
+        device: torch.device,
+        dtype: torch.dtype,
+        finetuned_kind: str = "ddpm",
+    ) -> None:
+        self.unet_pretrained = unet_pretrained
+        self.unet_finetuned = unet_finetuned
+        self.device = device
+        self.dtype = dtype
+        self.alphas_cumprod = alphas_cumprod.to(device=device, dtype=torch.float32)
+        self.prediction_type = prediction_type
+        self.prediction_type_finetuned = prediction_type_finetuned or prediction_type
+        self.finetuned_kind = finetuned_kind
+        size = unet_pretrained.config.sample_size
+        size = int(size if isinstance(size, int) else size[0])
+        self.image_size = size
+        self.pixels_per_latent = 1
+        self.latent_shape = (int(unet_pretrained.config.in_channels), size, size)
+        self._unconditional = Conditioning()
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return images.to(self.device, torch.float32)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents.to(self.device, torch.float32).clamp(-1.0, 1.0)
+
+    def conditioning(self, prompt: str | None) -> Conditioning:
+        # Unconditional models: every prompt gets the same (empty) conditioning.
+        return self._unconditional
+
+    def _predict(self, unet: torch.nn.Module, z_t: torch.Tensor, t, prediction_type: str):
+        z_t = z_t.to(self.device, torch.float32)
+        steps = expand_timesteps(t, z_t.shape[0], self.device)
+        output = unet(z_t.to(self.dtype), steps).sample.float()
+        return output_to_eps(output, z_t, steps, prediction_type, self.alphas_cumprod)
+
+    def eps_finetuned(self, z_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        return self._predict(self.unet_finetuned, z_t, t, self.prediction_type_finetuned)
+
+    def eps_pretrained(
+        self, z_t: torch.Tensor, t: torch.Tensor, cond: Conditioning
+    ) -> torch.Tensor:
+        return self._predict(self.unet_pretrained, z_t, t, self.prediction_type)
+
+    def modules(self) -> list[torch.nn.Module]:
+        return unique_modules([self.unet_pretrained, self.unet_finetuned])
+
+    def describe(self) -> dict:
+        return {**super().describe(), "finetuned_kind": self.finetuned_kind}
+

@@ -1,0 +1,226 @@
+"""Recognising model formats and families from files on disk, before any weights are loaded.
+
+Detection reads only JSON configs and safetensors headers, so refusing an unsupported model
+(SDXL, pickle weights, a corrupt file) is instant and never runs code from the model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from cgidm_core.errors import ModelFormatError, ModelNotFoundError, UnsupportedModelFamilyError
+
+#: What ``detect_finetuned_kind`` can answer.
+FINETUNED_KINDS = ("pipeline", "dreambooth", "lora", "single_file", "ddpm")
+
+SD_FAMILY = "stable-diffusion"
+DDPM_FAMILY = "ddpm"
+
+SUPPORTED_HINT = (
+    "cgidm supports Stable Diffusion 1.x/2.x (StableDiffusionPipeline folders, with fine-tunes as "
+    "pipeline folders, DreamBooth unet/+text_encoder/ folders, LoRA .safetensors or single-file "
+    ".safetensors checkpoints) and pixel-space DDPM (DDPMPipeline folders)"
+)
+SDXL_REFUSAL = (
+    "Stable Diffusion XL (SDXL) is not supported: it has two text encoders and extra "
+    "size/crop conditioning that the CGI-DM pair does not model. " + SUPPORTED_HINT
+)
+PICKLE_HINT = (
+    "cgidm loads safetensors weights only, because pickle files (.bin/.ckpt/.pt) can run code "
+    "when opened. Convert the model once in a trusted environment, e.g. "
+    "`DiffusionPipeline.from_pretrained(path).save_pretrained(out, safe_serialization=True)`"
+)
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+_PIXEL_PIPELINES = {"DDPMPipeline", "DDIMPipeline"}
+_PIXEL_UNETS = {"UNet2DModel"}
+_PICKLE_SUFFIXES = {".bin", ".ckpt", ".pt", ".pth", ".pkl"}
+_LDM_UNET_PREFIX = "model.diffusion_model."
+_SDXL_SINGLE_FILE_PREFIX = "conditioner.embedders."
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON config, or ModelFormatError saying which file is broken."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFormatError(f"cannot read {path} ({exc}); the folder looks damaged") from exc
+    if not isinstance(data, dict):
+        raise ModelFormatError(f"{path} is not a JSON object; the model folder looks damaged")
+    return data
+
+
+def safetensors_keys(path: Path) -> list[str]:
+    """Tensor names in a safetensors file (header only), or ModelFormatError if it is corrupt."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return list(handle.keys())
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ModelFormatError(
+            f"{path} is not a readable safetensors file ({exc}); it may be truncated or corrupt"
+        ) from exc
+
+
+def looks_like_lora(keys: list[str]) -> bool:
+    """LoRA files (diffusers, peft or kohya naming) name every weight with ``lora``."""
+    weights = [k for k in keys if not k.endswith(".alpha")]
+    return bool(weights) and all("lora" in k.lower() for k in weights)
+
+
+def looks_like_single_file(keys: list[str]) -> bool:
+    return any(k.startswith(_LDM_UNET_PREFIX) for k in keys)
+
+
+def is_sdxl_single_file(keys: list[str]) -> bool:
+    return any(k.startswith(_SDXL_SINGLE_FILE_PREFIX) for k in keys)
+
+
+def is_sdxl_lora(keys: list[str]) -> bool:
+    return any(k.startswith(("text_encoder_2.", "lora_te2_")) for k in keys)
+
+
+def _refuse_pickle_file(path: Path) -> None:
+    if path.suffix.lower() in _PICKLE_SUFFIXES:
+        raise ModelFormatError(f"{path} is a pickle checkpoint. {PICKLE_HINT}")
+
+
+def _lora_file_in(folder: Path) -> Path | None:
+    candidate = folder / LORA_WEIGHT_NAME
+    if candidate.is_file():
+        return candidate
+    files = sorted(folder.glob("*.safetensors"))
+    if len(files) == 1 and looks_like_lora(safetensors_keys(files[0])):
+        return files[0]
+    return None
+
+
+def lora_weights_file(path: Path) -> Path:
+    """The LoRA weights file for a LoRA path (the file itself, or the one in the folder)."""
+    if path.is_file():
+        return path
+    found = _lora_file_in(path)
+    if found is None:
+        raise ModelFormatError(f"no LoRA weights ({LORA_WEIGHT_NAME}) in {path}")
+    return found
+
+
+def _class_name(config_file: Path) -> str:
+    return str(read_json(config_file).get("_class_name", ""))
+
+
+def detect_finetuned_kind(path: str | Path) -> str:
+    """Say how a fine-tuned model is stored: one of :data:`FINETUNED_KINDS`.
+
+    - ``pipeline``: a full diffusers folder (``model_index.json``) of Stable Diffusion;
+    - ``ddpm``: a pixel-space pipeline folder, or a ``UNet2DModel`` (alone or in ``unet/``);
+    - ``dreambooth``: ``unet/`` and optionally ``text_encoder/`` without ``model_index.json``
+      (or a bare ``UNet2DConditionModel`` folder);
+    - ``lora``: a LoRA ``.safetensors`` file, or a folder holding
+      ``pytorch_lora_weights.safetensors``;
+    - ``single_file``: one ``.safetensors`` checkpoint in the original LDM key layout.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelNotFoundError(f"model path {path} does not exist")
+    if path.is_file():
+        _refuse_pickle_file(path)
+        if path.suffix.lower() != ".safetensors":
+            raise ModelFormatError(
+                f"{path} is not a .safetensors file; give a diffusers folder, a LoRA .safetensors "
+                "or a single-file .safetensors checkpoint"
+            )
+        keys = safetensors_keys(path)
+        if looks_like_lora(keys):
+            return "lora"
+        if looks_like_single_file(keys) or is_sdxl_single_file(keys):
+            return "single_file"
+        raise ModelFormatError(
+            f"{path} holds neither LoRA weights nor a Stable Diffusion checkpoint "
+            "(no 'model.diffusion_model.*' tensors)"
+        )
+    if (path / "model_index.json").is_file():
+        name = _class_name(path / "model_index.json")
+        return "ddpm" if name in _PIXEL_PIPELINES else "pipeline"
+    if (path / "unet" / "config.json").is_file():
+        pixel = _class_name(path / "unet" / "config.json") in _PIXEL_UNETS
+        return "ddpm" if pixel else "dreambooth"
+    if (path / "config.json").is_file():
+        name = _class_name(path / "config.json")
+        if name in _PIXEL_UNETS:
+            return "ddpm"
+        if name == "UNet2DConditionModel":
+            return "dreambooth"
+    if (path / LORA_WEIGHT_NAME.replace(".safetensors", ".bin")).is_file():
+        raise ModelFormatError(f"{path} holds a pickle LoRA (.bin). {PICKLE_HINT}")
+    if _lora_file_in(path) is not None:
+        return "lora"
+    raise ModelFormatError(
+        f"cannot tell what model {path} holds: expected model_index.json, a unet/ folder, a "
+        f"{LORA_WEIGHT_NAME} or a .safetensors file. " + SUPPORTED_HINT
+    )
+
+
+def refuse_if_sdxl_unet(unet_config: dict[str, Any], where: Path) -> None:
+    if unet_config.get("addition_embed_type") == "text_time":
+        raise UnsupportedModelFamilyError(f"{where}: {SDXL_REFUSAL}")
+
+
+def pipeline_family(folder: Path) -> str:
+    """Family of a pipeline folder: ``stable-diffusion`` or ``ddpm``; refuses everything else."""
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        raise ModelFormatError(
+            f"{folder} has no model_index.json; the pretrained model must be a diffusers pipeline "
+            "folder. " + SUPPORTED_HINT
+        )
+    index = read_json(index_file)
+    name = str(index.get("_class_name", ""))
+    if "XL" in name or "text_encoder_2" in index:
+        raise UnsupportedModelFamilyError(f"{folder} is a {name or 'SDXL'} model. {SDXL_REFUSAL}")
+    if name in _PIXEL_PIPELINES:
+        return DDPM_FAMILY
+    has_sd_parts = all(part in index for part in ("unet", "vae", "text_encoder", "tokenizer"))
+    if name.startswith("StableDiffusion") and has_sd_parts and "transformer" not in index:
+        unet_config_file = folder / "unet" / "config.json"
+        if unet_config_file.is_file():
+            unet_config = read_json(unet_config_file)
+            refuse_if_sdxl_unet(unet_config, folder)
+            if unet_config.get("in_channels", 4) != 4 or unet_config.get("class_embed_type"):
+                raise UnsupportedModelFamilyError(
+                    f"{folder} ({name}) is an inpainting/upscaling variant whose UNet takes extra "
+                    "inputs. " + SUPPORTED_HINT
+                )
+        return SD_FAMILY
+    raise UnsupportedModelFamilyError(f"{folder} is a {name or 'unknown'} model. " + SUPPORTED_HINT)
+
+
+def weights_variant(component_dir: Path, stems: tuple[str, ...]) -> str | None:
+    """Which weights variant to load from a component folder (``None`` = the plain file).
+
+    Raises ModelFormatError for folders with only pickle weights or no weights at all, before
+    diffusers/transformers would, so the message can tell the user what to do.
+    """
+    if not component_dir.is_dir():
+        raise ModelFormatError(f"{component_dir} is missing")
+    for stem in stems:
+        if (component_dir / f"{stem}.safetensors").is_file() or (
+            component_dir / f"{stem}.safetensors.index.json"
+        ).is_file():
+            return None
+    # "<stem>.<variant>.safetensors", or sharded "<stem>.<variant>-00001-of-00002.safetensors"
+    variants = sorted(
+        {
+            file.name[len(stem) + 1 : -len(".safetensors")].split("-")[0]
+            for stem in stems
+            for file in component_dir.glob(f"{stem}.*.safetensors")
+        }
+    )
+    if variants:
+        return "fp16" if "fp16" in variants else variants[0]
+    if any(f.suffix.lower() in _PICKLE_SUFFIXES for f in component_dir.iterdir()):
+        raise ModelFormatError(f"{component_dir} holds only pickle weights. {PICKLE_HINT}")
+    raise ModelFormatError(f"{component_dir} holds no .safetensors weights")

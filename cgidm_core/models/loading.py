@@ -1,0 +1,277 @@
+"""One entry point that turns two model references into a :class:`~cgidm_core.pair.ModelPair`.
+
+The pretrained model fixes the family (from its ``model_index.json``); the fine-tuned model's
+storage format is detected from its files. Refusals (missing path, pickle weights, SDXL, two
+models that cannot be compared) happen before weights are read wherever the files allow it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from cgidm_core.errors import (
+    ConfigError,
+    IncompatiblePairError,
+    ModelFormatError,
+    ModelNotFoundError,
+)
+from cgidm_core.models.ddpm import DDPMPair
+from cgidm_core.models.devices import resolve_device, resolve_dtype
+from cgidm_core.models.formats import (
+    DDPM_FAMILY,
+    FINETUNED_KINDS,
+    detect_finetuned_kind,
+    pipeline_family,
+    read_json,
+    weights_variant,
+)
+from cgidm_core.models.predictions import alphas_cumprod_of, build_scheduler, check_prediction_type
+from cgidm_core.models.sd_loading import (
+    LoadOptions,
+    attach_lora,
+    check_compatible,
+    describe_family_mismatch,
+    load_dreambooth,
+    load_finetuned_pipeline,
+    load_sd_base,
+    load_single_file,
+    loading_errors,
+    place,
+    same_weights,
+)
+from cgidm_core.models.stable_diffusion import StableDiffusionLoraPair, StableDiffusionPair
+from cgidm_core.pair import ModelPair
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_IDENTICAL = (
+    "the fine-tuned model {ft} has exactly the weights of the pretrained model {pre}: there is "
+    "nothing to contrast; check that the two paths point to different models"
+)
+
+
+def load_pair(
+    pretrained: str | Path,
+    finetuned: str | Path,
+    *,
+    finetuned_kind: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    allow_network: bool = False,
+) -> ModelPair:
+    """Load a pretrained model and its suspected fine-tune as one pair, frozen, in eval mode.
+
+    ``pretrained`` is a diffusers pipeline folder (Stable Diffusion 1.x/2.x or pixel DDPM);
+    ``finetuned`` is any format :func:`detect_finetuned_kind` recognises (``finetuned_kind``
+    overrides the detection). ``device``/``dtype`` default to CUDA+float16 when a GPU exists,
+    else CPU+float32. Without ``allow_network`` nothing is downloaded: Hub ids must already be in
+    the local cache.
+    """
+    target = resolve_device(device)
+    opts = LoadOptions(
+        device=target,
+        dtype=resolve_dtype(dtype, target),
+        local_files_only=not allow_network,
+    )
+    pre_path = resolve_model_path(pretrained, allow_network)
+    ft_path = resolve_model_path(finetuned, allow_network)
+    family = pipeline_family(pre_path)
+    if finetuned_kind is None:
+        kind = detect_finetuned_kind(ft_path)
+    elif finetuned_kind in FINETUNED_KINDS:
+        kind = finetuned_kind
+    else:
+        raise ConfigError(
+            f"unknown fine-tuned kind {finetuned_kind!r}; use one of {', '.join(FINETUNED_KINDS)}"
+        )
+    if (family == DDPM_FAMILY) != (kind == "ddpm"):
+        raise describe_family_mismatch(family, kind, ft_path)
+    if family == DDPM_FAMILY:
+        return load_ddpm_pair(pre_path, ft_path, opts)
+    return load_sd_pair(pre_path, ft_path, kind, opts)
+
+
+# -- Stable Diffusion ----------------------------------------------------------------------------
+
+
+def load_sd_pair(pre_path: Path, ft_path: Path, kind: str, opts: LoadOptions) -> ModelPair:
+    base = load_sd_base(pre_path, opts)
+    shared = {
+        "vae": place(base.vae, opts, torch.float32),
+        "tokenizer": base.tokenizer,
+        "alphas_cumprod": base.alphas_cumprod,
+        "prediction_type": base.prediction_type,
+        "device": opts.device,
+        "dtype": opts.dtype,
+    }
+    if kind == "lora":
+        attach_lora(ft_path, base, opts)
+        return StableDiffusionLoraPair(
+            unet=place(base.unet, opts), text_encoder=place(base.text_encoder, opts), **shared
+        )
+
+    loaders = {
+        "pipeline": load_finetuned_pipeline,
+        "dreambooth": load_dreambooth,
+        "single_file": load_single_file,
+    }
+    finetune = loaders[kind](ft_path, base, opts)
+    check_compatible(base, finetune, ft_path)
+    # Identical networks are kept once: a UNet-only fine-tune shares the base text encoder.
+    text_encoder = finetune.text_encoder
+    if text_encoder is None or (
+        finetune.tokenizer is None and same_weights(text_encoder, base.text_encoder)
+    ):
+        text_encoder = base.text_encoder
+    unet = finetune.unet
+    if same_weights(unet, base.unet):
+        if text_encoder is base.text_encoder:
+            raise IncompatiblePairError(_IDENTICAL.format(ft=ft_path, pre=pre_path))
+        unet = base.unet
+    unet_pretrained = place(base.unet, opts)
+    text_encoder_pretrained = place(base.text_encoder, opts)
+    return StableDiffusionPair(
+        unet_pretrained=unet_pretrained,
+        unet_finetuned=unet_pretrained if unet is base.unet else place(unet, opts),
+        text_encoder_pretrained=text_encoder_pretrained,
+        text_encoder_finetuned=(
+            text_encoder_pretrained
+            if text_encoder is base.text_encoder
+            else place(text_encoder, opts)
+        ),
+        tokenizer_finetuned=finetune.tokenizer,
+        prediction_type_finetuned=finetune.prediction_type,
+        finetuned_kind=kind,
+        **shared,
+    )
+
+
+# -- pixel-space DDPM ----------------------------------------------------------------------------
+
+
+def _ddpm_unet_location(folder: Path) -> tuple[Path, str | None]:
+    if (folder / "unet" / "config.json").is_file():
+        return folder / "unet", "unet"
+    if (folder / "config.json").is_file():
+        return folder, None
+    raise ModelFormatError(f"{folder} has no unet/ folder with a UNet2DModel")
+
+
+def _load_ddpm_unet(folder: Path, opts: LoadOptions):
+    from diffusers import UNet2DModel
+
+    component, subfolder = _ddpm_unet_location(folder)
+    config = read_json(component / "config.json")
+    if config.get("_class_name") != "UNet2DModel":
+        raise ModelFormatError(f"{component} is a {config.get('_class_name')}, not a UNet2DModel")
+    if config.get("num_class_embeds") or config.get("class_embed_type"):
+        raise ModelFormatError(
+            f"{component} is class-conditional; cgidm supports unconditional pixel DDPMs"
+        )
+    with loading_errors("the UNet", component):
+        unet = UNet2DModel.from_pretrained(
+            folder,
+            subfolder=subfolder,
+            use_safetensors=True,
+            local_files_only=opts.local_files_only,
+            torch_dtype=opts.dtype,
+            variant=weights_variant(component, ("diffusion_pytorch_model",)),
+        )
+    return unet
+
+
+def _ddpm_schedule(folder: Path) -> tuple[torch.Tensor, str] | None:
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    if not config_file.is_file():
+        return None
+    config = read_json(config_file)
+    with loading_errors("the scheduler", config_file):
+        alphas = alphas_cumprod_of(build_scheduler(config))
+    prediction = check_prediction_type(config.get("prediction_type", "epsilon"), config_file)
+    return alphas, prediction
+
+
+def load_ddpm_pair(pre_path: Path, ft_path: Path, opts: LoadOptions) -> DDPMPair:
+    schedule = _ddpm_schedule(pre_path)
+    if schedule is None:
+        raise ModelFormatError(f"{pre_path} has no scheduler/scheduler_config.json")
+    alphas, prediction = schedule
+    ft_schedule = _ddpm_schedule(ft_path)
+    if ft_schedule is not None and not torch.allclose(ft_schedule[0], alphas, atol=1e-5):
+        raise IncompatiblePairError(
+            f"{ft_path} was trained with a different noise schedule than {pre_path}"
+        )
+    unet_pre = _load_ddpm_unet(pre_path, opts)
+    unet_ft = _load_ddpm_unet(ft_path, opts)
+    for name in ("in_channels", "sample_size"):
+        if getattr(unet_pre.config, name) != getattr(unet_ft.config, name):
+            raise IncompatiblePairError(
+                f"the fine-tuned UNet has {name}={getattr(unet_ft.config, name)} but the "
+                f"pretrained one has {getattr(unet_pre.config, name)}"
+            )
+    if same_weights(unet_pre, unet_ft):
+        raise IncompatiblePairError(_IDENTICAL.format(ft=ft_path, pre=pre_path))
+    return DDPMPair(
+        place(unet_pre, opts),
+        place(unet_ft, opts),
+        alphas,
+        prediction_type=prediction,
+        prediction_type_finetuned=ft_schedule[1] if ft_schedule else None,
+        device=opts.device,
+        dtype=opts.dtype,
+    )
+
+
+# -- references ----------------------------------------------------------------------------------
+
+
+def resolve_model_path(reference: str | Path, allow_network: bool) -> Path:
+    """A local path as is; a Hub id (``owner/name``) from the local cache, or downloaded if allowed.
+
+    Downloads take configs and safetensors weights only, so pickle files never reach the disk.
+    """
+    path = Path(reference).expanduser()
+    if path.exists():
+        return path
+    text = str(reference)
+    if isinstance(reference, str) and _REPO_ID.match(text) and not text.endswith(".safetensors"):
+        return _hub_snapshot(text, allow_network)
+    raise ModelNotFoundError(f"model path {path} does not exist")
+
+
+def _hub_snapshot(repo_id: str, allow_network: bool) -> Path:
+    from huggingface_hub import snapshot_download
+
+    ignore = ["*.fp16.*", "*non_ema*", "*.ema.*", "*.bin", "*.ckpt", "*.pt", "*.pth", "*.msgpack"]
+    try:
+        root = Path(
+            snapshot_download(
+                repo_id, local_files_only=not allow_network, allow_patterns=["*.json", "*.txt"]
+            )
+        )
+        # Pipeline repos also carry huge top-level single-file checkpoints: take only the folders.
+        is_pipeline = (root / "model_index.json").is_file() or (root / "unet").is_dir()
+        weights = ["*/*.safetensors"] if is_pipeline else ["*.safetensors"]
+        return Path(
+            snapshot_download(
+                repo_id,
+                local_files_only=not allow_network,
+                allow_patterns=["*.json", "*.txt", *weights],
+                ignore_patterns=ignore,
+            )
+        )
+    except Exception as exc:  # huggingface_hub raises many error types for "not available"
+        hint = (
+            "it is neither a local path nor in the local Hugging Face cache; pass "
+            "allow_network=True (CLI: --allow-network) to download it"
+            if not allow_network
+            else f"it could not be fetched from the Hugging Face Hub ({_short(exc)})"
+        )
+        raise ModelNotFoundError(f"model {repo_id!r} not found: {hint}") from exc
+
+
+def _short(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

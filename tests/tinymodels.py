@@ -1,0 +1,579 @@
+"""Tiny random diffusion models built on the fly for tests.
+
+Real checkpoints are gigabytes and may not be downloaded here, so tests build miniature models
+with the same classes and folder layouts as the real ones (diffusers pipelines, DreamBooth
+folders, LoRA files, single-file LDM checkpoints). Everything is seeded, so the same call always
+writes the same weights, and everything is saved as safetensors, because that is all the loader
+accepts. A "fine-tune" is the base with seeded noise added to its weights: enough to make the two
+models disagree, which is all the loading tests and the plumbing of the method need.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+# A shared prefix keeps the special-token ids where the tiny text encoder config expects them.
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"
+DEFAULT_TINY_PROMPT = "sks style"
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def perturb_(module: torch.nn.Module, seed: int, scale: float = 0.1) -> torch.nn.Module:
+    """Add seeded Gaussian noise to every parameter, in place, relative to its spread.
+
+    Noise proportional to each tensor's standard deviation changes every layer by about the same
+    relative amount; tensors with no spread (fresh norm weights, zero biases) get absolute noise.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            spread = float(param.float().std()) if param.numel() > 1 else 0.0
+            spread = max(spread, 0.02)
+            noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
+            param.add_((noise * scale * spread).to(param.dtype))
+    return module
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """The byte-to-printable-character table of GPT-2/CLIP byte-level BPE."""
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs], strict=True))
+
+
+def write_tiny_clip_tokenizer(folder: str | Path, model_max_length: int = 77) -> Path:
+    """Write a working CLIP tokenizer (vocab.json + merges.txt) with a byte-level vocabulary.
+
+    Every byte is a token (plus its end-of-word form), and a few merges make common letter pairs
+    single tokens, so any prompt tokenizes without unknown tokens.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = list(_bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars]
+    merges = ["s k", "sk s</w>", "s t", "st y", "sty l", "styl e</w>", "d o", "do g</w>"]
+    for merge in merges:
+        tokens.append(merge.replace(" ", ""))
+    tokens += [BOS_TOKEN, EOS_TOKEN]
+    vocab = {token: index for index, token in enumerate(dict.fromkeys(tokens))}
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8"
+    )
+    config = {
+        "model_max_length": model_max_length,
+        "bos_token": BOS_TOKEN,
+        "eos_token": EOS_TOKEN,
+        "unk_token": EOS_TOKEN,
+        "pad_token": EOS_TOKEN,
+        "tokenizer_class": "CLIPTokenizer",
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return folder
+
+
+def _load_tiny_tokenizer(folder: Path):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(folder))
+
+
+# --------------------------------------------------------------------------------------------
+# pixel-space DDPM
+
+
+def tiny_ddpm_unet(seed: int = 0, sample_size: int = 16):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=sample_size,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        attention_head_dim=8,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    )
+
+
+def make_tiny_ddpm(path: str | Path, seed: int = 0, sample_size: int = 16) -> Path:
+    """Save a random pixel-space ``DDPMPipeline`` (tiny UNet2DModel + 1000-step DDPM schedule)."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    path = Path(path)
+    unet = tiny_ddpm_unet(seed, sample_size)
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def make_tiny_ddpm_pair(
+    root: str | Path, seed: int = 0, sample_size: int = 16
+) -> tuple[Path, Path]:
+    """A DDPM base and a fine-tune of it (same weights plus seeded noise), in ``root``."""
+    from diffusers import DDPMPipeline
+
+    root = Path(root)
+    pre_dir = make_tiny_ddpm(root / "ddpm_pretrained", seed=seed, sample_size=sample_size)
+    pipe = DDPMPipeline.from_pretrained(pre_dir, use_safetensors=True, local_files_only=True)
+    perturb_(pipe.unet, seed=seed + 1000)
+    ft_dir = root / "ddpm_finetuned"
+    pipe.save_pretrained(ft_dir, safe_serialization=True)
+    return pre_dir, ft_dir
+
+
+# --------------------------------------------------------------------------------------------
+# Stable Diffusion 1.x layout
+
+
+def tiny_sd_components(seed: int = 0, sample_size: int = 8, prediction_type: str = "epsilon"):
+    """The components of a tiny SD pipeline (not saved); the tokenizer lives in a temp folder."""
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        sample_size=sample_size * 2,
+        scaling_factor=0.18215,
+    )
+    tokenizer_dir = Path(tempfile.mkdtemp(prefix="cgidm-tok-"))
+    try:
+        tokenizer = _load_tiny_tokenizer(write_tiny_clip_tokenizer(tokenizer_dir))
+    finally:
+        shutil.rmtree(tokenizer_dir, ignore_errors=True)
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=32,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = PNDMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        steps_offset=1,
+        set_alpha_to_one=False,
+        prediction_type=prediction_type,
+    )
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder.eval(),
+        "tokenizer": tokenizer,
+        "scheduler": scheduler,
+    }
+
+
+def make_tiny_sd(
+    path: str | Path, seed: int = 0, sample_size: int = 8, prediction_type: str = "epsilon"
+) -> Path:
+    """Save a random ``StableDiffusionPipeline`` folder.
+
+    The VAE has two blocks, so one latent cell covers 2x2 pixels (``2 ** (len(blocks) - 1)``):
+    latents are ``(4, sample_size, sample_size)`` and images ``2 * sample_size`` pixels wide.
+    Tests that assume Stable Diffusion's factor of 8 instead of reading it from the pair fail here.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    path = Path(path)
+    pipe = StableDiffusionPipeline(
+        **tiny_sd_components(seed, sample_size, prediction_type),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def _load_sd_model(base: Path, subfolder: str):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    cls = UNet2DConditionModel if subfolder == "unet" else CLIPTextModel
+    return cls.from_pretrained(
+        base, subfolder=subfolder, use_safetensors=True, local_files_only=True
+    )
+
+
+def make_dreambooth_folder(
+    base: str | Path, out: str | Path, with_text_encoder: bool = True, seed: int = 1
+) -> Path:
+    """Write what DreamBooth training leaves: ``unet/`` (and ``text_encoder/``), no model_index."""
+    base, out = Path(base), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    unet = perturb_(_load_sd_model(base, "unet"), seed=seed)
+    unet.save_pretrained(out / "unet", safe_serialization=True)
+    if with_text_encoder:
+        text_encoder = perturb_(_load_sd_model(base, "text_encoder"), seed=seed + 1)
+        text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
+    return out
+
+
+def make_full_finetune(base: str | Path, out: str | Path, seed: int = 1) -> Path:
+    """A complete pipeline folder: a copy of ``base`` whose UNet is perturbed."""
+    base, out = Path(base), Path(out)
+    shutil.copytree(base, out, dirs_exist_ok=True)
+    unet = perturb_(_load_sd_model(base, "unet"), seed=seed)
+    shutil.rmtree(out / "unet")
+    unet.save_pretrained(out / "unet", safe_serialization=True)
+    return out
+
+
+def _randomize_lora_b(module: torch.nn.Module, generator: torch.Generator) -> None:
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+
+
+def make_lora(
+    base: str | Path,
+    out: str | Path,
+    as_file: bool = False,
+    seed: int = 1,
+    rank: int = 4,
+    with_text_encoder: bool = False,
+) -> Path:
+    """Write a LoRA adapter for the base UNet (and text encoder) with ``save_lora_weights``.
+
+    peft initialises ``lora_B`` to zero (an adapter that changes nothing), so the B matrices get
+    seeded random values. ``out`` is a folder holding ``pytorch_lora_weights.safetensors``; with
+    ``as_file`` the file's path is returned instead of the folder. Text-encoder keys are written
+    with the ``text_model.`` level that real (transformers 4) LoRA files carry.
+    """
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    base, out = Path(base), Path(out)
+    unet = _load_sd_model(base, "unet")
+    unet.add_adapter(
+        LoraConfig(
+            r=rank,
+            lora_alpha=rank,
+            init_lora_weights=True,
+            target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+        )
+    )
+    generator = torch.Generator().manual_seed(seed)
+    _randomize_lora_b(unet, generator)
+    text_encoder_layers = None
+    if with_text_encoder:
+        # peft directly: transformers' own add_adapter may demand a newer peft than diffusers
+        text_encoder = _load_sd_model(base, "text_encoder")
+        inject_adapter_in_model(
+            LoraConfig(
+                r=rank,
+                lora_alpha=rank,
+                init_lora_weights=True,
+                target_modules=["q_proj", "k_proj", "v_proj", "out_proj"],
+            ),
+            text_encoder,
+        )
+        _randomize_lora_b(text_encoder, generator)
+        text_encoder_layers = {
+            (k if k.startswith("text_model.") else "text_model." + k): v
+            for k, v in get_peft_model_state_dict(text_encoder).items()
+        }
+    StableDiffusionPipeline.save_lora_weights(
+        out,
+        unet_lora_layers=get_peft_model_state_dict(unet),
+        text_encoder_lora_layers=text_encoder_layers,
+        safe_serialization=True,
+    )
+    weights = out / "pytorch_lora_weights.safetensors"
+    return weights if as_file else out
+
+
+# --------------------------------------------------------------------------------------------
+# single-file checkpoints in the original (CompVis LDM) key layout
+#
+# diffusers only ships the LDM -> diffusers direction (``diffusers.loaders.single_file_utils``:
+# ``convert_ldm_unet_checkpoint``, ``convert_ldm_vae_checkpoint``, ``convert_ldm_clip_checkpoint``);
+# the reverse lives in its repository script ``convert_diffusers_to_original_stable_diffusion.py``,
+# which hard-codes SD 1.x's four blocks of two layers. The functions below are that reverse written
+# for any block count and layers per block, derived from the forward functions' index arithmetic;
+# ``tests/test_models.py`` checks that diffusers' own ``from_single_file`` reads them back exactly.
+
+_UNET_RESNET_TO_LDM = [
+    ("norm1", "in_layers.0"),
+    ("conv1", "in_layers.2"),
+    ("norm2", "out_layers.0"),
+    ("conv2", "out_layers.3"),
+    ("time_emb_proj", "emb_layers.1"),
+    ("conv_shortcut", "skip_connection"),
+]
+_UNET_TOP_TO_LDM = {
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "conv_in": "input_blocks.0.0",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+
+
+def _rename_resnet(rest: str) -> str:
+    for new, old in _UNET_RESNET_TO_LDM:
+        if rest.startswith(new + "."):
+            return old + rest[len(new) :]
+    return rest
+
+
+def unet_state_dict_to_ldm(state_dict: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    """Rename a diffusers UNet state dict to the LDM layout (``model.diffusion_model.*``)."""
+    per_block = int(config["layers_per_block"])
+    up_has_attention = ["CrossAttn" in name for name in config["up_block_types"]]
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        parts = key.split(".")
+        module, leaf = key.rsplit(".", 1)
+        if module in _UNET_TOP_TO_LDM:
+            new = f"{_UNET_TOP_TO_LDM[module]}.{leaf}"
+        elif parts[0] == "down_blocks":
+            block, kind = int(parts[1]), parts[2]
+            rest = ".".join(parts[4:])
+            if kind == "downsamplers":
+                index = 1 + block * (per_block + 1) + per_block
+                new = f"input_blocks.{index}.0.op." + ".".join(parts[5:])
+            else:
+                index = 1 + block * (per_block + 1) + int(parts[3])
+                if kind == "resnets":
+                    new = f"input_blocks.{index}.0.{_rename_resnet(rest)}"
+                else:
+                    new = f"input_blocks.{index}.1.{rest}"
+        elif parts[0] == "mid_block":
+            kind, index, rest = parts[1], int(parts[2]), ".".join(parts[3:])
+            if kind == "resnets":
+                new = f"middle_block.{2 * index}.{_rename_resnet(rest)}"
+            else:
+                new = f"middle_block.1.{rest}"
+        elif parts[0] == "up_blocks":
+            block, kind = int(parts[1]), parts[2]
+            rest = ".".join(parts[4:])
+            if kind == "upsamplers":
+                index = block * (per_block + 1) + per_block
+                slot = 2 if up_has_attention[block] else 1
+                new = f"output_blocks.{index}.{slot}.conv." + ".".join(parts[5:])
+            else:
+                index = block * (per_block + 1) + int(parts[3])
+                if kind == "resnets":
+                    new = f"output_blocks.{index}.0.{_rename_resnet(rest)}"
+                else:
+                    new = f"output_blocks.{index}.1.{rest}"
+        else:
+            raise ValueError(f"no LDM name for UNet key {key!r}")
+        out["model.diffusion_model." + new] = value
+    return out
+
+
+def vae_state_dict_to_ldm(state_dict: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    """Rename a diffusers ``AutoencoderKL`` state dict to ``first_stage_model.*`` keys."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    top = DIFFUSERS_TO_LDM_MAPPING["vae"]
+    num_up = len(config["up_block_types"])
+    attention_names = {
+        "group_norm": "norm",
+        "to_q": "q",
+        "to_k": "k",
+        "to_v": "v",
+        "to_out.0": "proj_out",
+    }
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if key in top:
+            out["first_stage_model." + top[key]] = value
+            continue
+        parts = key.split(".")
+        coder = parts[0]
+        if parts[1] in ("down_blocks", "up_blocks"):
+            block = int(parts[2])
+            ldm_block = block if parts[1] == "down_blocks" else num_up - 1 - block
+            stage = "down" if parts[1] == "down_blocks" else "up"
+            if parts[3] == "resnets":
+                rest = ".".join(parts[5:]).replace("conv_shortcut", "nin_shortcut")
+                new = f"{coder}.{stage}.{ldm_block}.block.{parts[4]}.{rest}"
+            else:
+                sampler = "downsample" if stage == "down" else "upsample"
+                new = f"{coder}.{stage}.{ldm_block}.{sampler}." + ".".join(parts[5:])
+        elif parts[1] == "mid_block":
+            if parts[2] == "resnets":
+                rest = ".".join(parts[4:]).replace("conv_shortcut", "nin_shortcut")
+                new = f"{coder}.mid.block_{int(parts[3]) + 1}.{rest}"
+            else:
+                rest = ".".join(parts[4:])
+                for diffusers_name, ldm_name in attention_names.items():
+                    if rest.startswith(diffusers_name + "."):
+                        rest = ldm_name + rest[len(diffusers_name) :]
+                        break
+                new = f"{coder}.mid.attn_1.{rest}"
+                if value.ndim == 2:  # LDM stores these projections as 1x1 convolutions
+                    value = value[:, :, None, None]
+        else:
+            raise ValueError(f"no LDM name for VAE key {key!r}")
+        out["first_stage_model." + new] = value
+    return out
+
+
+def pipeline_to_single_file(pipeline_dir: str | Path, out_file: str | Path) -> Path:
+    """Write a diffusers SD pipeline folder as one LDM-layout ``.safetensors`` checkpoint."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    pipeline_dir, out_file = Path(pipeline_dir), Path(out_file)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        pipeline_dir, use_safetensors=True, local_files_only=True, safety_checker=None
+    )
+    tensors: dict[str, torch.Tensor] = {}
+    tensors.update(unet_state_dict_to_ldm(pipe.unet.state_dict(), pipe.unet.config))
+    tensors.update(vae_state_dict_to_ldm(pipe.vae.state_dict(), pipe.vae.config))
+    for key, value in pipe.text_encoder.state_dict().items():
+        # transformers 5 dropped the ``text_model.`` level that real checkpoints carry
+        key = key if key.startswith("text_model.") else "text_model." + key
+        tensors["cond_stage_model.transformer." + key] = value
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_file))
+    return out_file
+
+
+def make_single_file(
+    base: str | Path, out_file: str | Path, seed: int = 1, source: str | Path | None = None
+) -> Path:
+    """A single-file LDM checkpoint of a fine-tune of ``base``.
+
+    Converts ``source`` (a pipeline folder) if given; otherwise first writes a full fine-tune of
+    ``base`` (perturbed UNet, same text encoder) next to ``out_file`` as ``<stem>_diffusers/``,
+    which tests can load as the reference the single file must reproduce.
+    """
+    out_file = Path(out_file)
+    if source is None:
+        source = make_full_finetune(base, out_file.parent / f"{out_file.stem}_diffusers", seed)
+    return pipeline_to_single_file(source, out_file)
+
+
+# --------------------------------------------------------------------------------------------
+# SDXL (only to check that it is refused clearly)
+
+
+def make_tiny_sdxl(path: str | Path, seed: int = 0) -> Path:
+    """Save a random ``StableDiffusionXLPipeline`` (two text encoders, ``text_time`` embedding)."""
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 1),
+        projection_class_embeddings_input_dim=80,  # 6 time ids * 8 + text_encoder_2 dim 32
+        cross_attention_dim=64,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    )
+    tokenizer_dir = Path(tempfile.mkdtemp(prefix="cgidm-tok-"))
+    try:
+        tokenizer = _load_tiny_tokenizer(write_tiny_clip_tokenizer(tokenizer_dir))
+    finally:
+        shutil.rmtree(tokenizer_dir, ignore_errors=True)
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=32,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=CLIPTextModel(text_config),
+        text_encoder_2=CLIPTextModelWithProjection(text_config),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+        ),
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path

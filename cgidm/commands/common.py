@@ -1,0 +1,122 @@
+"""Arguments and helpers shared by the commands that run the method (check, eval)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("models")
+    group.add_argument("--pretrained", required=True, help="base model folder or demo name")
+    group.add_argument(
+        "--finetuned",
+        required=True,
+        help="suspect model: pipeline folder, DreamBooth unet/ folder, LoRA file/folder, "
+        "single-file .safetensors, or demo name",
+    )
+    group.add_argument(
+        "--finetuned-kind",
+        choices=["pipeline", "dreambooth", "lora", "single_file", "ddpm"],
+        help="format of --finetuned (detected when omitted)",
+    )
+    group.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    group.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    group.add_argument(
+        "--allow-network", action="store_true", help="allow fetching models from a hub"
+    )
+
+
+def add_method_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("method")
+    group.add_argument("--prompt", help="instance prompt of the fine-tune (e.g. 'sks style')")
+    group.add_argument(
+        "--preset",
+        choices=["default", "reference"],
+        default="default",
+        help="'reference' reproduces the authors' settings (1000 steps, independent noise)",
+    )
+    group.add_argument("--steps", type=int, help="PGD steps (overrides the preset)")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--batch-size", type=int, default=8)
+    group.add_argument("--mc-samples", type=int, help="Monte Carlo samples per PGD step")
+    group.add_argument("--metric", help="score metric: ssim, psnr, mse, clip, dino")
+    group.add_argument("--feature-model", help="local folder of a CLIP/DINO model for clip/dino")
+
+
+def inversion_config(args: argparse.Namespace) -> Any:
+    from cgidm_core.inversion import InversionConfig
+
+    config = InversionConfig.reference() if args.preset == "reference" else InversionConfig()
+    overrides: dict[str, Any] = {"seed": args.seed}
+    if args.steps is not None:
+        overrides["steps"] = args.steps
+    if args.mc_samples is not None:
+        overrides["mc_samples"] = args.mc_samples
+    from dataclasses import replace
+
+    return replace(config, **overrides)
+
+
+def load_pair_from_args(args: argparse.Namespace) -> Any:
+    from cgidm_core.api import load_pair
+
+    return load_pair(
+        args.pretrained,
+        args.finetuned,
+        finetuned_kind=args.finetuned_kind,
+        device=args.device,
+        dtype=args.dtype,
+        allow_network=args.allow_network,
+    )
+
+
+def expand_images(paths: list[str]) -> list[Path]:
+    """Files as given; folders expand to the images inside them, sorted by name."""
+    from cgidm_core.errors import ImageInputError
+
+    out: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise ImageInputError(f"{path}: no images (.png, .jpg, ...) in this folder")
+            out.extend(found)
+        elif path.is_file():
+            out.append(path)
+        else:
+            raise ImageInputError(f"{path}: no such file or folder")
+    return out
+
+
+@contextmanager
+def progress_bar(desc: str) -> Iterator[Any]:
+    """A tqdm bar driven by the library's ``progress(done, total)`` callback.
+
+    The bar appears at the first step, so an error raised before any work (a bad image, a bad
+    setting) prints one clear line and no empty bar.
+    """
+    from tqdm import tqdm
+
+    bars: list[Any] = []
+
+    def update(done: int, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(desc=desc, unit="step", total=total, dynamic_ncols=True))
+        bar = bars[0]
+        if bar.total != total:
+            bar.total = total
+            bar.refresh()
+        bar.update(done - bar.n)
+
+    try:
+        yield update
+    finally:
+        for bar in bars:
+            bar.close()

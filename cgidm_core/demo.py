@@ -1,0 +1,81 @@
+"""The demo model pair that ships inside the package, and resolution of model references.
+
+Why ship models: the method needs a pretrained model *and* a fine-tune with known members. Real
+Stable Diffusion pairs are gigabytes and need a GPU; this pair is a few megabytes, runs on a CPU,
+and was fine-tuned on the ten Van Gogh "membership" paintings of the authors' demo data, so
+``cgidm`` can show a real, reproducible result right after ``pip install``. Both models are
+retrained by ``scripts/train_demo_pair.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cgidm_core.errors import ModelNotFoundError
+
+#: Folder holding the packaged models (package data).
+DEMO_MODELS_DIR = Path(__file__).resolve().parent / "demo_models"
+
+#: Demo name -> one-line description.
+DEMO_MODELS: dict[str, str] = {
+    "demo-base": (
+        "32x32 pixel-space DDPM trained on public-domain sample photos from scikit-image and "
+        "matplotlib (the 'pretrained' model)"
+    ),
+    "demo-vangogh": (
+        "demo-base fully fine-tuned on 10 Van Gogh paintings "
+        "(wikiart-vangogh/membership; the 'fine-tuned' model)"
+    ),
+}
+
+#: Demo name -> the demo it was fine-tuned from (None for a base model).
+DEMO_BASES: dict[str, str | None] = {"demo-base": None, "demo-vangogh": "demo-base"}
+
+#: Family of every demo model, as ``ModelPair.family`` names it.
+DEMO_FAMILY = "ddpm"
+
+
+def demo_model_path(name: str) -> Path:
+    """Folder of a packaged demo model (a ``DDPMPipeline`` folder)."""
+    if name not in DEMO_MODELS:
+        raise ModelNotFoundError(
+            f"unknown demo model {name!r}; the demo models are: {', '.join(DEMO_MODELS)}"
+        )
+    path = DEMO_MODELS_DIR / name
+    if not (path / "model_index.json").is_file():
+        raise ModelNotFoundError(
+            f"demo model {name!r} is missing from the installation ({path}); reinstall cgidm or "
+            "retrain it with scripts/train_demo_pair.py"
+        )
+    return path
+
+
+def resolve_model_reference(ref: str | Path) -> Path:
+    """Turn what a user typed where a model is expected into a folder or file path.
+
+    A demo name wins over a same-named relative path, so ``demo-base`` always means the packaged
+    model. Anything else must exist on disk.
+    """
+    if isinstance(ref, str) and ref in DEMO_MODELS:
+        return demo_model_path(ref)
+    path = Path(ref).expanduser()
+    if not path.exists():
+        raise ModelNotFoundError(
+            f"model {str(ref)!r} not found: it is neither an existing path nor a demo model "
+            f"({', '.join(DEMO_MODELS)})"
+        )
+    return path
+
+
+def list_demo_models() -> list[dict[str, str | None]]:
+    """One record per demo model: name, path, family, what it was fine-tuned from, description."""
+    return [
+        {
+            "name": name,
+            "path": str(DEMO_MODELS_DIR / name),
+            "family": DEMO_FAMILY,
+            "finetuned_from": DEMO_BASES[name],
+            "description": description,
+        }
+        for name, description in DEMO_MODELS.items()
+    ]

@@ -1,0 +1,56 @@
+"""Models, health, readiness and metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from app.metrics import ServiceCollector
+from app.schemas import Health, ModelList
+from app.services import Services, get_services
+from cgidm.storage import StorageError
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/models", response_model=ModelList, summary="Models jobs may reference, by id")
+def list_models(services: Services = Depends(get_services)) -> ModelList:
+    return ModelList(models=services.registry().public())
+
+
+@router.get("/healthz", response_model=Health, summary="The gateway process is up")
+def healthz() -> Health:
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Health,
+            responses={503: {"model": Health, "description": "Broker or storage unreachable."}},
+            summary="Broker and storage are reachable")
+def readyz(services: Services = Depends(get_services)) -> JSONResponse:
+    checks: dict[str, str] = {}
+    try:
+        services.store.storage.ping()
+        checks["storage"] = "ok"
+    except StorageError as exc:
+        checks["storage"] = f"unavailable: {exc}"
+    try:
+        services.queue_depth()
+        checks["broker"] = "ok"
+    except Exception as exc:  # any failure to reach the broker means "not ready"
+        checks["broker"] = f"unavailable: {type(exc).__name__}: {exc}"
+    ready = all(value == "ok" for value in checks.values())
+    body = Health(status="ok" if ready else "unavailable", checks=checks)
+    return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+
+
+@router.get("/metrics", response_class=Response, summary="Prometheus metrics")
+def metrics(request: Request) -> Response:
+    registry: CollectorRegistry = request.app.state.metrics_registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def metrics_registry(services: Services) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ServiceCollector(services))
+    return registry

@@ -1,0 +1,80 @@
+"""Response documents of the HTTP API (the job documents themselves live in cgidm.jobs)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cgidm.jobs import JobRecord, JobStatus
+from cgidm.registry import PublicModel
+
+_JOB = "3f0c6a9e2b7d4c1e8a5f9b0d2c4e6a81"
+_ARTS = {k: f"/jobs/{_JOB}/artifacts/olive-picking-1889/{k}.png"
+         for k in ("recovered", "partial", "side_by_side")}
+
+JOB_EXAMPLE: dict[str, Any] = {
+    "job_id": _JOB,
+    "status": "succeeded",
+    "status_url": f"/jobs/{_JOB}",
+    "cancel_requested": False,
+    "progress": {"fraction": 1.0, "steps_done": 100, "steps_total": 100, "eta_seconds": 0.0},
+    "created_at": "2024-06-01T12:00:00Z",
+    "started_at": "2024-06-01T12:00:01Z",
+    "finished_at": "2024-06-01T12:00:40Z",
+    "settings": {"pretrained": "demo-base", "finetuned": "demo-vangogh", "steps": 100},
+    "owner": None,
+    "error": None,
+    "result": {
+        "pretrained": "demo-base",
+        "finetuned": "demo-vangogh",
+        "metric": "ssim",
+        "images": [{"name": "olive-picking-1889", "role": "image", "score": 0.61,
+                    "metrics": {"ssim": 0.61, "psnr": 19.2, "mse": 0.012},
+                    "p_value": 0.0909, "verdict": "member_evidence", "artifacts": _ARTS}],
+        "controls": [],
+        "controls_test": {"u_statistic": 87.0, "p_value": 0.002, "auc": 0.87, "alpha": 0.05,
+                          "n_suspect": 10, "n_controls": 10},
+    },
+}
+
+
+class JobAccepted(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"job_id": _JOB, "status": "queued", "status_url": f"/jobs/{_JOB}"}]})
+
+    job_id: str
+    status: Literal["queued"] = "queued"
+    status_url: str = Field(description="Poll this (GET) for progress and the result.")
+
+
+class JobView(JobRecord):
+    """A job as clients see it. A queued job with a cancel request already shows as cancelled;
+    the worker finalises it when it reaches the job."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [JOB_EXAMPLE]})
+
+    status: JobStatus
+    status_url: str
+    cancel_requested: bool = False
+
+
+class ModelList(BaseModel):
+    models: list[PublicModel]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, str] = {}
+
+
+class ErrorItem(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ErrorBody(BaseModel):
+    detail: list[ErrorItem]

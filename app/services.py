@@ -1,0 +1,55 @@
+"""What the request handlers need, built once per gateway process from the settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+
+from cgidm.jobs import JobStore
+from cgidm.registry import Registry, load_registry
+from cgidm.settings import Settings
+from cgidm.storage import storage_from_settings
+from cgidm.tasks import AUTHENTICATE_TASK, make_celery
+
+#: Publishing to a broker that is down should fail fast (the client gets a 503), not hang.
+PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: JobStore
+    celery: Any
+
+    @classmethod
+    def create(cls, settings: Settings) -> Services:
+        load_registry(settings.models)  # a broken registry stops the gateway at start-up
+        return cls(settings, JobStore(storage_from_settings(settings)),
+                   make_celery(settings, main="gateway"))
+
+    def registry(self) -> Registry:
+        return load_registry(self.settings.models)
+
+    def enqueue(self, job_id: str) -> None:
+        """Send the job by task name; the gateway never imports the worker's code."""
+        self.celery.send_task(AUTHENTICATE_TASK, args=[job_id], task_id=job_id,
+                              queue=self.settings.queue, retry=True,
+                              retry_policy=PUBLISH_RETRY)
+
+    def queue_depth(self) -> int:
+        """Messages waiting in the job queue; raises if the broker cannot be reached."""
+        from kombu.exceptions import ChannelError
+
+        with self.celery.connection_for_read() as conn:
+            conn.ensure_connection(max_retries=1, timeout=3)
+            try:
+                return int(conn.default_channel.queue_declare(
+                    queue=self.settings.queue, passive=True).message_count)
+            except ChannelError:  # Redis drops empty lists: a queue never used holds nothing
+                return 0
+
+
+def get_services(request: Request) -> Services:
+    return request.app.state.services

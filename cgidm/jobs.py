@@ -1,0 +1,288 @@
+"""Job records: the documents the gateway and the worker exchange through storage.
+
+Everything about one job lives under ``jobs/<job_id>/``::
+
+    job.json                      the record (status, progress, settings, error, result)
+    inputs/000_<name>.png         suspect images, re-encoded as PNG by the gateway
+    controls/000_<name>.png       known non-members, if any
+    cancel                        marker written by the gateway when a client cancels
+    artifacts/<name>/recovered.png | partial.png | side_by_side.png
+    result.json                   the same document GET /jobs/{id} returns as ``result``
+
+One writer per object keeps this free of races: the gateway writes ``job.json`` once (queued)
+before enqueueing, and after that only the worker writes it; the gateway only adds ``cancel``.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from cgidm.storage import ObjectNotFound, Storage
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+Role = Literal["image", "control"]
+ARTIFACT_KINDS = ("recovered", "partial", "side_by_side")
+METRICS = ("ssim", "psnr", "mse", "clip", "dino")
+FEATURE_METRICS = ("clip", "dino")
+_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class JobNotFound(LookupError):
+    """No job with this id (or not a well-formed job id)."""
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+def is_job_id(value: str) -> bool:
+    return bool(_JOB_ID.match(value))
+
+
+def safe_name(filename: str | None, taken: set[str], fallback: str = "image") -> str:
+    """A storage- and URL-safe, unique image name from an upload's file name (without suffix)."""
+    stem = (filename or "").replace("\\", "/").rsplit("/", 1)[-1]
+    if "." in stem:
+        stem = stem.rsplit(".", 1)[0]
+    stem = _UNSAFE.sub("-", stem).strip(".-_")[:80] or fallback
+    name, n = stem, 2
+    while name in taken:
+        name, n = f"{stem}-{n}", n + 1
+    taken.add(name)
+    return name
+
+
+# ------------------------------------------------------------------------------------------
+# documents
+
+
+class JobSettings(BaseModel):
+    """What a client may choose for a job; ``None`` means the library default."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    pretrained: str = Field(max_length=128, description="Registry id of the pretrained model.",
+                            examples=["demo-base"])
+    finetuned: str = Field(max_length=128, description="Registry id of the suspect fine-tune.",
+                           examples=["demo-vangogh"])
+    prompt: str | None = Field(None, max_length=1000,
+                               description="Prompt for conditional models (default: the "
+                               "registry's instance prompt of the fine-tune).")
+    metric: Literal["ssim", "psnr", "mse", "clip", "dino"] | None = Field(
+        None, description="Similarity used as the score (clip/dino need CGIDM_FEATURE_MODEL).")
+    batch_size: int | None = Field(None, ge=1, le=64, description="Images per PGD batch.")
+    steps: int | None = Field(None, ge=1, le=10_000, description="PGD iterations.")
+    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="Global random seed.")
+    alpha: float | None = Field(None, gt=0, le=1000, description="PGD step size (4x64x64 scale).")
+    epsilon: float | None = Field(None, gt=0, le=1e6, description="PGD L2 radius (4x64x64 scale).")
+    t_min: int | None = Field(None, ge=0, le=100_000, description="Smallest sampled timestep.")
+    t_max: int | None = Field(None, ge=0, le=100_000, description="Largest sampled timestep.")
+    mc_samples: int | None = Field(None, ge=1, le=64, description="Monte Carlo samples per step.")
+    common_random_numbers: bool | None = Field(
+        None, description="Same timestep and noise for both models (lower variance).")
+    reencode_partial: bool | None = Field(
+        None, description="Decode and re-encode the partial image, as the reference code does.")
+    cell: int | None = Field(None, ge=1, le=1024, description="Latent pixels per mask square.")
+
+    @field_validator("t_max")
+    @classmethod
+    def _timesteps_ordered(cls, t_max: int | None, info: ValidationInfo) -> int | None:
+        t_min = info.data.get("t_min")
+        if t_max is not None and t_min is not None and t_min > t_max:
+            raise ValueError(f"t_max ({t_max}) must not be smaller than t_min ({t_min})")
+        return t_max
+
+    def inversion_overrides(self) -> dict[str, Any]:
+        """The InversionConfig fields the client set (the rest keep the library defaults)."""
+        fields = ("steps", "seed", "alpha", "epsilon", "t_min", "t_max", "mc_samples",
+                  "common_random_numbers", "reencode_partial", "cell")
+        return {k: getattr(self, k) for k in fields if getattr(self, k) is not None}
+
+
+class Progress(BaseModel):
+    fraction: float = Field(0.0, ge=0, le=1)
+    steps_done: int = 0
+    steps_total: int | None = None
+    eta_seconds: float | None = None
+
+
+class JobError(BaseModel):
+    code: str = Field(examples=["bad_setting"])
+    message: str
+
+
+class InputFile(BaseModel):
+    name: str
+    role: Role
+    key: str
+    filename: str | None = None
+    width: int
+    height: int
+
+
+class ArtifactLinks(BaseModel):
+    """URLs (relative to the service's base URL) of the pictures of one image."""
+
+    recovered: str
+    partial: str
+    side_by_side: str
+
+
+class ImageScore(BaseModel):
+    """One image's evidence. ``p_value``/``verdict`` need controls; higher score = more similar."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    role: Role
+    score: float
+    metrics: dict[str, float]
+    p_value: float | None = None
+    verdict: str | None = Field(None, examples=["member_evidence", "no_evidence"])
+    artifacts: ArtifactLinks
+
+
+class SetTest(BaseModel):
+    """One-sided Mann-Whitney U test: do the images score higher than the controls?"""
+
+    model_config = ConfigDict(extra="allow")
+
+    u_statistic: float
+    p_value: float
+    auc: float
+    alpha: float
+    n_suspect: int
+    n_controls: int
+
+
+class JobResult(BaseModel):
+    pretrained: str
+    finetuned: str
+    metric: str
+    images: list[ImageScore]
+    controls: list[ImageScore] = []
+    controls_test: SetTest | None = None
+    config: dict[str, Any] = {}
+    pair: dict[str, Any] = {}
+    elapsed_seconds: float | None = None
+
+
+class JobRecord(BaseModel):
+    """``job.json``."""
+
+    job_id: str
+    status: JobStatus = "queued"
+    progress: Progress = Progress()
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    settings: JobSettings
+    owner: str | None = None  # set once API keys exist
+    inputs: list[InputFile] = []
+    error: JobError | None = None
+    result: JobResult | None = None
+    worker: dict[str, Any] | None = None
+    attempts: int = 0
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    @property
+    def duration_seconds(self) -> float | None:
+        if self.started_at is None or self.finished_at is None:
+            return None
+        return (self.finished_at - self.started_at).total_seconds()
+
+
+# ------------------------------------------------------------------------------------------
+# storage layout
+
+
+def job_prefix(job_id: str) -> str:
+    if not is_job_id(job_id):
+        raise JobNotFound(job_id)
+    return f"jobs/{job_id}/"
+
+
+def input_key(job_id: str, role: Role, index: int, name: str) -> str:
+    folder = "inputs" if role == "image" else "controls"
+    return f"{job_prefix(job_id)}{folder}/{index:03d}_{name}.png"
+
+
+def artifact_key(job_id: str, name: str, kind: str) -> str:
+    return f"{job_prefix(job_id)}artifacts/{name}/{kind}.png"
+
+
+def artifact_url(job_id: str, name: str, kind: str) -> str:
+    return f"/jobs/{job_id}/artifacts/{name}/{kind}.png"
+
+
+def artifact_links(job_id: str, name: str) -> ArtifactLinks:
+    return ArtifactLinks(**{kind: artifact_url(job_id, name, kind) for kind in ARTIFACT_KINDS})
+
+
+class JobStore:
+    """Job records on top of a :class:`Storage`."""
+
+    def __init__(self, storage: Storage):
+        self.storage = storage
+
+    def create(self, record: JobRecord, files: list[tuple[str, bytes]]) -> None:
+        """Inputs first, then ``job.json``: a job that exists always has its inputs."""
+        for key, data in files:
+            self.storage.put_bytes(key, data, content_type="image/png")
+        self.save(record)
+
+    def save(self, record: JobRecord) -> None:
+        self.storage.put_json(job_prefix(record.job_id) + "job.json",
+                              record.model_dump(mode="json"))
+
+    def load(self, job_id: str) -> JobRecord:
+        try:
+            document = self.storage.get_json(job_prefix(job_id) + "job.json")
+        except ObjectNotFound:
+            raise JobNotFound(job_id) from None
+        return JobRecord.model_validate(document)
+
+    def save_result(self, job_id: str, result: JobResult) -> None:
+        self.storage.put_json(job_prefix(job_id) + "result.json", result.model_dump(mode="json"))
+
+    def load_result(self, job_id: str) -> dict[str, Any]:
+        return self.storage.get_json(job_prefix(job_id) + "result.json")
+
+    def request_cancel(self, job_id: str) -> None:
+        self.storage.put_bytes(job_prefix(job_id) + "cancel", utcnow().isoformat().encode())
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return self.storage.exists(job_prefix(job_id) + "cancel")
+
+    def read_input(self, key: str) -> bytes:
+        return self.storage.get_bytes(key)
+
+    def list_job_ids(self) -> list[str]:
+        return [name for name in self.storage.list_children("jobs/") if is_job_id(name)]
+
+    # Worker processes publish their counters here, so any gateway can report them.
+    def save_worker_stats(self, worker_id: str, stats: dict[str, Any]) -> None:
+        self.storage.put_json(f"workers/{worker_id}.json", stats)
+
+    def load_worker_stats(self) -> list[dict[str, Any]]:
+        out = []
+        for key in self.storage.list("workers/"):
+            try:
+                out.append(self.storage.get_json(key))
+            except ObjectNotFound:
+                continue
+        return out

@@ -1,0 +1,181 @@
+"""The model registry: the only models the service will load, named by id.
+
+Requests name models by registry id and never by path or URL, so a client cannot make the worker
+open an arbitrary file or fetch remote code. The operator controls the registry file
+(``CGIDM_MODELS``), a JSON document::
+
+    {"models": [
+      {"id": "sd15", "family": "stable-diffusion", "path": "/models/sd15"},
+      {"id": "sd15-vangogh", "family": "stable-diffusion", "path": "/models/vangogh",
+       "finetuned_from": "sd15", "kind": "dreambooth", "prompt": "sks style"}
+    ]}
+
+Relative paths are resolved against the registry file's folder. Without a file the registry
+holds the demo pair that ships with the package (their ``path`` is the demo name, which
+``cgidm_core.load_pair`` resolves to the packaged folders).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class RegistryError(Exception):
+    """The registry file is missing or malformed: an operator error, reported at start-up."""
+
+
+class InvalidModelReference(ValueError):
+    """A request named a model by something other than a plain registry id."""
+
+
+class UnknownModel(LookupError):
+    """A request named a registry id that does not exist."""
+
+
+class ModelEntry(BaseModel):
+    """One registered model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(pattern=_ID.pattern, examples=["demo-vangogh"])
+    family: str = Field(examples=["ddpm", "stable-diffusion"])
+    path: str = Field(description="Folder or file of the weights (operator-side; not published).")
+    finetuned_from: str | None = Field(None, description="Registry id of the base model.")
+    kind: str | None = Field(
+        None, description="How the fine-tune is stored (dreambooth, lora, single-file...)."
+    )
+    prompt: str | None = Field(None, description="Instance prompt used when a job gives none.")
+    description: str | None = None
+
+
+class PublicModel(BaseModel):
+    """What ``GET /models`` shows of an entry: everything but the operator's file path."""
+
+    id: str
+    family: str
+    finetuned_from: str | None = None
+    kind: str | None = None
+    prompt: str | None = None
+    description: str | None = None
+
+
+DEMO_ENTRIES = (
+    ModelEntry(
+        id="demo-base",
+        family="ddpm",
+        path="demo-base",
+        description="Demo pretrained model: a 32x32 pixel-space DDPM (ships with cgidm).",
+    ),
+    ModelEntry(
+        id="demo-vangogh",
+        family="ddpm",
+        path="demo-vangogh",
+        finetuned_from="demo-base",
+        description="Demo fine-tune of demo-base on the 10 Van Gogh 'membership' paintings.",
+    ),
+)
+
+
+def check_reference(ref: str) -> str:
+    """Refuse anything that looks like a path or URL before looking the id up."""
+    if (
+        "/" in ref
+        or "\\" in ref
+        or ".." in ref
+        or ":" in ref
+        or ref.startswith(("~", "."))
+        or not _ID.match(ref)
+    ):
+        raise InvalidModelReference(
+            f"{ref!r} is not a model id: models are referenced by their registry id "
+            "(see GET /models), never by a path or URL"
+        )
+    return ref
+
+
+class Registry:
+    """The entries of one registry file, by id."""
+
+    def __init__(self, entries: list[ModelEntry] | tuple[ModelEntry, ...], source: str):
+        self.source = source
+        self.entries: dict[str, ModelEntry] = {}
+        for entry in entries:
+            if entry.id in self.entries:
+                raise RegistryError(f"{source}: model id {entry.id!r} appears twice")
+            self.entries[entry.id] = entry
+        for entry in self.entries.values():
+            if entry.finetuned_from is not None and entry.finetuned_from not in self.entries:
+                raise RegistryError(
+                    f"{source}: {entry.id!r} is fine-tuned from {entry.finetuned_from!r}, "
+                    "which is not in the registry"
+                )
+
+    def get(self, ref: str) -> ModelEntry:
+        check_reference(ref)
+        try:
+            return self.entries[ref]
+        except KeyError:
+            known = ", ".join(sorted(self.entries)) or "none"
+            raise UnknownModel(f"unknown model id {ref!r}; registered ids: {known}") from None
+
+    def check_pair(self, pretrained: str, finetuned: str) -> tuple[ModelEntry, ModelEntry]:
+        """Both entries, refusing a fine-tune compared against a base it was not made from."""
+        base, tuned = self.get(pretrained), self.get(finetuned)
+        if tuned.finetuned_from is not None and tuned.finetuned_from != base.id:
+            raise UnknownModel(
+                f"{tuned.id!r} was fine-tuned from {tuned.finetuned_from!r}, not {base.id!r}; "
+                "compare a fine-tune with its own base model"
+            )
+        return base, tuned
+
+    def public(self) -> list[PublicModel]:
+        return [
+            PublicModel(**entry.model_dump(exclude={"path"})) for entry in self.entries.values()
+        ]
+
+
+def _load_file(path: Path) -> Registry:
+    try:
+        document = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RegistryError(f"model registry {path} does not exist (CGIDM_MODELS)") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RegistryError(f"model registry {path} cannot be read: {exc}") from exc
+    items = document.get("models") if isinstance(document, dict) else document
+    if not isinstance(items, list):
+        raise RegistryError(f"model registry {path} must hold {{\"models\": [...]}}")
+    entries = []
+    for i, item in enumerate(items):
+        try:
+            entry = ModelEntry.model_validate(item)
+        except ValidationError as exc:
+            raise RegistryError(f"model registry {path}, entry {i}: {exc}") from exc
+        model_path = Path(entry.path).expanduser()
+        if not model_path.is_absolute() and (path.parent / model_path).exists():
+            entry = entry.model_copy(update={"path": str((path.parent / model_path).resolve())})
+        entries.append(entry)
+    return Registry(entries, str(path))
+
+
+@lru_cache(maxsize=8)
+def _cached(path: str, mtime_ns: int) -> Registry:
+    return _load_file(Path(path))
+
+
+def load_registry(path: Path | str | None) -> Registry:
+    """The registry in ``path`` (re-read when the file changes), or the demo pair."""
+    if path is None:
+        return Registry(DEMO_ENTRIES, "built-in demo registry")
+    resolved = Path(path).expanduser().resolve()
+    try:
+        mtime = resolved.stat().st_mtime_ns
+    except OSError:
+        raise RegistryError(f"model registry {resolved} does not exist (CGIDM_MODELS)") from None
+    return _cached(str(resolved), mtime)

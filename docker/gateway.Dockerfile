@@ -1,0 +1,25 @@
+# The HTTP gateway: validates requests, stores inputs, enqueues jobs. No torch, so the image is
+# small and starts in a second. Build from the repository root:
+#   docker build -f docker/gateway.Dockerfile -t cgidm-gateway .
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /srv/cgidm
+COPY docker/gateway-requirements.txt /tmp/gateway-requirements.txt
+RUN pip install -r /tmp/gateway-requirements.txt
+
+# Only the shared package and the gateway; --no-deps keeps torch and diffusers out.
+COPY pyproject.toml README.md ./
+COPY cgidm ./cgidm
+COPY app ./app
+RUN pip install --no-deps . && useradd --uid 10001 --no-create-home cgidm
+
+USER cgidm
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=5s --retries=5 \
+  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
+CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers"]

@@ -1,0 +1,1 @@
+"""Tests of the microservice: gateway, worker, storage, settings, deployment files."""

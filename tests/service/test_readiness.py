@@ -1,0 +1,55 @@
+"""A gateway whose broker is down: not ready (503), and submissions fail cleanly with 503."""
+
+from __future__ import annotations
+
+import sys
+
+import httpx
+import pytest
+
+from tests.service.conftest import (
+    child_env,
+    free_port,
+    png_bytes,
+    start_logged,
+    stop_process,
+    wait_until,
+)
+
+pytestmark = pytest.mark.slow  # starts servers and processes
+
+
+@pytest.fixture(scope="module")
+def broken_gateway(tmp_path_factory, registry_file):
+    root = tmp_path_factory.mktemp("broken")
+    port = free_port()
+    env = child_env({"CGIDM_DATA_DIR": str(root), "CGIDM_MODELS": str(registry_file),
+                     "CGIDM_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0"})
+    log = root / "gateway.log"
+    proc = start_logged([sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1",
+                         "--port", str(port)], env, log)
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: httpx.get(f"{url}/healthz", timeout=2).status_code == 200, 30, "gateway",
+               proc, log)
+    with httpx.Client(base_url=url, timeout=30) as client:
+        yield client
+    stop_process(proc)
+
+
+def test_not_ready_without_broker(broken_gateway):
+    response = broken_gateway.get("/readyz")
+    assert response.status_code == 503
+    checks = response.json()["checks"]
+    assert checks["storage"] == "ok" and checks["broker"].startswith("unavailable")
+    assert "cgidm_broker_up 0.0" in broken_gateway.get("/metrics").text
+
+
+def test_submission_without_broker_is_503_and_the_job_is_failed(broken_gateway):
+    response = broken_gateway.post(
+        "/authenticate", data={"pretrained": "tiny-base", "finetuned": "tiny-ft"},
+        files=[("images", ("a.png", png_bytes(1), "image/png"))])
+    assert response.status_code == 503, response.text
+    assert response.json()["detail"][0]["type"] == "broker_unavailable"
+    # the record the gateway wrote before enqueueing is closed as failed, not left queued
+    assert 'cgidm_jobs{state="failed"} 1.0' in broken_gateway.get("/metrics").text
+    assert 'cgidm_jobs{state="queued"} 0.0' in broken_gateway.get("/metrics").text

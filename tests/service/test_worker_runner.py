@@ -1,0 +1,84 @@
+"""The worker's job runner in-process: time limits, shutdown requeue, redelivered messages."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from cgidm.jobs import InputFile, JobRecord, JobSettings, JobStore, input_key, new_job_id, utcnow
+from cgidm.settings import Settings
+from cgidm.storage import LocalStorage
+from tests.service.conftest import png_bytes
+from worker.context import WorkerContext
+from worker.job_runner import SHUTDOWN, HardLimit, JobInterrupted, run_job
+from worker.model_cache import ModelCache
+
+
+@pytest.fixture
+def ctx(tmp_path, registry_file, request) -> WorkerContext:
+    """A worker context; the hard limit is short only where a test asks for it (indirect
+    parameter), since elsewhere it could end the test process itself."""
+    from worker.context import _load_pair
+
+    hard = getattr(request, "param", 600)
+    settings = Settings(data_dir=tmp_path, models=registry_file, device="cpu",
+                        task_soft_time_limit=1, task_time_limit=hard, progress_interval=0)
+    return WorkerContext(settings=settings, store=JobStore(LocalStorage(tmp_path / "store")),
+                         cache=ModelCache(10**9, _load_pair), worker_id="test-worker")
+
+
+def _queue_job(ctx: WorkerContext, steps: int) -> JobRecord:
+    job_id = new_job_id()
+    key = input_key(job_id, "image", 0, "a")
+    record = JobRecord(job_id=job_id, created_at=utcnow(),
+                       settings=JobSettings(pretrained="tiny-base", finetuned="tiny-ft",
+                                            steps=steps),
+                       inputs=[InputFile(name="a", role="image", key=key, width=24, height=20)])
+    ctx.store.create(record, [(key, png_bytes(7))])
+    return record
+
+
+def test_soft_time_limit_fails_the_job_between_steps(ctx, monkeypatch):
+    monkeypatch.setenv("CGIDM_DEVICE", "cpu")
+    record = _queue_job(ctx, steps=10_000)
+    started = time.monotonic()
+    assert run_job(ctx, record.job_id) == "failed"
+    assert time.monotonic() - started < 30
+    job = ctx.store.load(record.job_id)
+    assert job.error.code == "time_limit" and "CGIDM_TASK_SOFT_TIME_LIMIT" in job.error.message
+    assert 0 < job.progress.steps_done < 10_000 and job.result is None
+    assert ctx.store.load_worker_stats()[0]["jobs"] == {"failed": 1}
+
+
+@pytest.mark.parametrize("ctx", [2], indirect=True)
+def test_hard_limit_records_the_failure_then_exits(ctx):
+    record = _queue_job(ctx, steps=4)
+    codes: list[int] = []
+    with HardLimit(ctx, record, exit=codes.append):
+        time.sleep(2.6)  # a step that never returns
+    assert codes == [HardLimit.EXIT_CODE]
+    job = ctx.store.load(record.job_id)
+    assert job.status == "failed" and job.error.code == "time_limit"
+
+
+def test_shutdown_leaves_the_job_queued_for_redelivery(ctx):
+    record = _queue_job(ctx, steps=4)
+    SHUTDOWN.set()
+    try:
+        with pytest.raises(JobInterrupted):
+            run_job(ctx, record.job_id)
+    finally:
+        SHUTDOWN.clear()
+    job = ctx.store.load(record.job_id)
+    assert job.status == "queued" and job.attempts == 0
+
+
+def test_redelivered_or_orphan_messages_are_harmless(ctx):
+    assert run_job(ctx, new_job_id()) == "missing"
+    record = _queue_job(ctx, steps=4)
+    ctx.store.request_cancel(record.job_id)
+    assert run_job(ctx, record.job_id) == "cancelled"
+    finished = ctx.store.load(record.job_id)
+    assert run_job(ctx, record.job_id) == "cancelled"  # second delivery: nothing rewritten
+    assert ctx.store.load(record.job_id) == finished

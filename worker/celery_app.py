@@ -1,0 +1,16 @@
+"""The worker's Celery app: ``celery -A worker.celery_app worker --pool=solo -c 1``.
+
+Configuration comes from :func:`cgidm.tasks.celery_config` (late acks, prefetch 1, reject on
+worker loss, time limits from the settings), the same function the gateway uses.
+"""
+
+from __future__ import annotations
+
+from cgidm.settings import get_settings
+from cgidm.tasks import make_celery
+
+celery_app = make_celery(get_settings(), main="worker")
+celery_app.conf.imports = ("worker.tasks",)
+
+#: ``celery -A worker.celery_app`` looks for an attribute named ``app``.
+app = celery_app

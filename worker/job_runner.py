@@ -1,0 +1,293 @@
+"""Run one job: read it from storage, authenticate its images, write artifacts and the result.
+
+The worker is the only writer of ``job.json`` once a job is queued. Every way a job can end is a
+final record: ``succeeded`` with a result, ``failed`` with ``error {code, message}``, or
+``cancelled`` (no artifacts are presented as a result).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from cgidm.jobs import (
+    ARTIFACT_KINDS,
+    FEATURE_METRICS,
+    ImageScore,
+    JobError,
+    JobNotFound,
+    JobRecord,
+    JobResult,
+    Progress,
+    SetTest,
+    artifact_key,
+    artifact_links,
+    utcnow,
+)
+from cgidm.registry import InvalidModelReference, UnknownModel
+from cgidm.storage import StorageError, StorageUnavailable
+from worker.context import WorkerContext
+
+log = logging.getLogger("cgidm.worker")
+
+#: Set when the worker process starts a warm shutdown (SIGTERM, Ctrl-C); see worker.tasks.
+SHUTDOWN = threading.Event()
+
+
+class JobInterrupted(Exception):
+    """The worker is shutting down: the job was put back to ``queued`` and must be requeued."""
+
+
+class Watch:
+    """The progress and cancel hooks handed to the method, both throttled.
+
+    Progress is written at most every ``progress_interval`` seconds; the cancel marker is looked
+    up at most every ``cancel_check_interval`` seconds (a HEAD request on S3). The soft time
+    limit is enforced here too, so it holds in every Celery pool (solo included), and a warm
+    shutdown of the worker interrupts the job so that it goes back to the queue at once.
+    """
+
+    def __init__(self, ctx: WorkerContext, record: JobRecord):
+        self.ctx, self.record = ctx, record
+        self.start = time.monotonic()
+        self.deadline = self.start + ctx.settings.task_soft_time_limit
+        self._last_write = self._last_check = float("-inf")
+        self._origin: tuple[float, int] | None = None
+        self.reason: str | None = None
+
+    def progress(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - self._last_write < self.ctx.settings.progress_interval:
+            return
+        self._last_write = now
+        # Rate from the first report on, so model loading does not inflate the estimate.
+        if self._origin is None:
+            self._origin = (now, done)
+        t0, done0 = self._origin
+        eta = (now - t0) / (done - done0) * (total - done) if done > done0 else None
+        self.record.progress = Progress(
+            fraction=min(1.0, done / total) if total else 0.0,
+            steps_done=done,
+            steps_total=total,
+            eta_seconds=round(eta, 1) if eta is not None else None,
+        )
+        try:
+            self.ctx.store.save(self.record)
+        except StorageUnavailable as exc:  # progress is best-effort; the result is not
+            log.warning("job %s: progress not written: %s", self.record.job_id, exc)
+
+    def should_cancel(self) -> bool:
+        now = time.monotonic()
+        if SHUTDOWN.is_set():
+            self.reason = "shutdown"
+            return True
+        if now > self.deadline:
+            self.reason = "time_limit"
+            return True
+        if now - self._last_check < self.ctx.settings.cancel_check_interval:
+            return False
+        self._last_check = now
+        try:
+            if self.ctx.store.cancel_requested(self.record.job_id):
+                self.reason = "cancelled"
+                return True
+        except StorageUnavailable as exc:
+            log.warning("job %s: cancel marker not checked: %s", self.record.job_id, exc)
+        return False
+
+
+class HardLimit:
+    """Ends the worker process when a job outlives ``CGIDM_TASK_TIME_LIMIT``.
+
+    The soft limit is checked between PGD steps; this catches what never reaches a step boundary
+    (a hung device, a model load that never returns). It records the failure first, so a
+    redelivered message finds the job finished and is dropped. Celery's own hard limit does the
+    same only in the prefork pool; this one holds in the solo pool the service runs.
+    """
+
+    EXIT_CODE = 70
+
+    def __init__(self, ctx: WorkerContext, record: JobRecord, exit: Any = os._exit):
+        self.ctx, self.record, self.exit = ctx, record, exit
+        self.timer = threading.Timer(ctx.settings.task_time_limit, self._expire)
+        self.timer.daemon = True
+
+    def __enter__(self) -> HardLimit:
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.timer.cancel()
+
+    def _expire(self) -> None:
+        limit = self.ctx.settings.task_time_limit
+        log.critical("job %s ran past the hard limit (%s s); ending the worker process",
+                     self.record.job_id, limit)
+        try:
+            finish(self.ctx, self.record.model_copy(deep=True), "failed", JobError(
+                code="time_limit", message=f"the job was stopped by CGIDM_TASK_TIME_LIMIT "
+                f"({limit} s) without reaching a PGD step; the worker was restarted"))
+        except Exception:  # noqa: BLE001 - exiting matters more than the record here
+            log.exception("job %s: could not record the hard limit", self.record.job_id)
+        self.exit(self.EXIT_CODE)
+
+
+def _png(image: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def finish(ctx: WorkerContext, record: JobRecord, status: str, error: JobError | None) -> str:
+    record.status = status  # type: ignore[assignment]
+    record.finished_at = utcnow()
+    record.error = error
+    ctx.store.save(record)
+    ctx.outcomes[status] += 1
+    try:
+        ctx.publish_stats()
+    except StorageError as exc:  # counters are best-effort; the record is what matters
+        log.warning("worker counters not written: %s", exc)
+    return status
+
+
+def run_job(ctx: WorkerContext, job_id: str) -> str:
+    """Process one job to its end; returns the final status. Raises only for transient storage
+    errors (the Celery task retries those)."""
+    if SHUTDOWN.is_set():  # a message delivered while the worker stops: straight back
+        raise JobInterrupted(f"job {job_id} not started: the worker is shutting down")
+    try:
+        record = ctx.store.load(job_id)
+    except JobNotFound:
+        log.error("job %s has no job.json; dropping the message", job_id)
+        return "missing"
+    if record.terminal:
+        log.info("job %s is already %s (redelivered message); skipping", job_id, record.status)
+        return record.status
+    if ctx.store.cancel_requested(job_id):
+        return finish(ctx, record, "cancelled",
+                      JobError(code="cancelled", message="cancelled before it started"))
+
+    record.status = "running"
+    record.started_at = utcnow()
+    record.attempts += 1
+    record.worker = {"worker_id": ctx.worker_id}
+    ctx.store.save(record)
+    watch = Watch(ctx, record)
+    try:
+        with HardLimit(ctx, record):
+            result = _authenticate(ctx, record, watch)
+    except StorageUnavailable:
+        raise
+    except Exception as exc:  # every failure ends the job with a readable error
+        return _fail(ctx, record, watch, exc)
+    record.result = result
+    record.progress = Progress(fraction=1.0, steps_done=record.progress.steps_total or 0,
+                               steps_total=record.progress.steps_total, eta_seconds=0.0)
+    return finish(ctx, record, "succeeded", None)
+
+
+def _fail(ctx: WorkerContext, record: JobRecord, watch: Watch, exc: Exception) -> str:
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    from cgidm_core.errors import Cancelled, CGIDMError
+
+    limit = ctx.settings.task_soft_time_limit
+    if isinstance(exc, Cancelled) and watch.reason == "shutdown":
+        record.status, record.started_at, record.worker = "queued", None, None
+        record.progress = Progress()
+        ctx.store.save(record)
+        raise JobInterrupted(f"job {record.job_id} interrupted by a worker shutdown") from exc
+    if isinstance(exc, Cancelled) and watch.reason != "time_limit":
+        return finish(ctx, record, "cancelled", JobError(code="cancelled", message=str(exc)))
+    if isinstance(exc, SoftTimeLimitExceeded | Cancelled):
+        message = f"the job ran past CGIDM_TASK_SOFT_TIME_LIMIT ({limit} s); use fewer images " \
+                  "or steps, or ask the operator for a longer limit"
+        return finish(ctx, record, "failed", JobError(code="time_limit", message=message))
+    if isinstance(exc, UnknownModel | InvalidModelReference):
+        return finish(ctx, record, "failed", JobError(code="unknown_model", message=str(exc)))
+    if isinstance(exc, CGIDMError):
+        return finish(ctx, record, "failed", JobError(code=exc.code, message=str(exc)))
+    log.exception("job %s failed unexpectedly", record.job_id)
+    return finish(ctx, record, "failed", JobError(
+        code="internal_error", message=f"{type(exc).__name__}: {exc}"))
+
+
+def _authenticate(ctx: WorkerContext, record: JobRecord, watch: Watch) -> JobResult:
+    from cgidm_core import InversionConfig, authenticate
+    from cgidm_core.stats import controls_test
+
+    started = time.monotonic()
+    settings = record.settings
+    pre, ft = ctx.registry().check_pair(settings.pretrained, settings.finetuned)
+    load_start = time.monotonic()
+    pair, hit = ctx.cache.get(ctx.pair_key(pre, ft))
+    record.worker = {
+        "worker_id": ctx.worker_id,
+        "model_cache": "hit" if hit else "miss",
+        "load_seconds": round(time.monotonic() - load_start, 3),
+    }
+    ctx.store.save(record)
+    ctx.publish_stats()
+
+    config = InversionConfig(**settings.inversion_overrides())
+    feature_model = None
+    if settings.metric in FEATURE_METRICS:
+        feature_model = ctx.settings.feature_model
+    images = [ctx.store.read_input(item.key) for item in record.inputs]
+    results = authenticate(
+        pair,
+        images,
+        names=[item.name for item in record.inputs],
+        prompt=settings.prompt if settings.prompt is not None else ft.prompt,
+        config=config,
+        score_metric=settings.metric,
+        feature_model=feature_model,
+        batch_size=settings.batch_size or 8,
+        progress=watch.progress,
+        should_cancel=watch.should_cancel,
+    )
+
+    roles = {item.name: item.role for item in record.inputs}
+    scores: list[ImageScore] = []
+    for res in results:
+        for kind, picture in zip(
+            ARTIFACT_KINDS, (res.recovered, res.partial, res.side_by_side()), strict=True
+        ):
+            ctx.store.storage.put_bytes(artifact_key(record.job_id, res.name, kind),
+                                        _png(picture), content_type="image/png")
+        scores.append(ImageScore(**res.to_dict(), role=roles[res.name],
+                                 artifacts=artifact_links(record.job_id, res.name)))
+    suspects = [s for s in scores if s.role == "image"]
+    controls = [s for s in scores if s.role == "control"]
+    set_test = None
+    if controls:
+        test = controls_test([s.score for s in suspects], [s.score for s in controls],
+                             alpha=ctx.settings.controls_alpha)
+        for item, p_value, verdict in zip(suspects, test.p_values, test.verdicts, strict=True):
+            item.p_value, item.verdict = p_value, verdict
+        summary = {k: v for k, v in test.to_dict().items() if k not in ("p_values", "verdicts")}
+        set_test = SetTest(**summary)
+    result = JobResult(
+        pretrained=pre.id,
+        finetuned=ft.id,
+        metric=settings.metric or _default_metric(),
+        images=suspects,
+        controls=controls,
+        controls_test=set_test,
+        config=config.to_dict(),
+        pair=pair.describe(),
+        elapsed_seconds=round(time.monotonic() - started, 3),
+    )
+    ctx.store.save_result(record.job_id, result)
+    return result
+
+
+def _default_metric() -> str:
+    from cgidm_core.similarity import DEFAULT_METRIC
+
+    return DEFAULT_METRIC

@@ -1,0 +1,92 @@
+"""An LRU cache of loaded model pairs, bounded by a memory budget.
+
+Loading a Stable Diffusion pair takes tens of seconds and gigabytes, so a worker keeps pairs
+between jobs: a second job on the same pair starts at once. The budget counts each pair's
+parameters and buffers (``ModelPair.memory_bytes()``). Before a load, pairs are evicted until the
+largest pair seen so far would fit, so a GPU is not asked to hold two big pairs at once.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger("cgidm.worker.cache")
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    bytes: int = 0
+    entries: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+class ModelCache:
+    """``get(key)`` returns ``(pair, hit)``; ``loader(key)`` builds a pair on a miss."""
+
+    def __init__(self, budget_bytes: int, loader: Callable[[Any], Any]):
+        self.budget_bytes = budget_bytes
+        self.loader = loader
+        self._pairs: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
+        self._largest = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+
+    def get(self, key: Hashable) -> tuple[Any, bool]:
+        with self._lock:
+            if key in self._pairs:
+                self._pairs.move_to_end(key)
+                self.hits += 1
+                return self._pairs[key][0], True
+            self.misses += 1
+            self._evict(reserve=self._largest)
+            pair = self.loader(key)
+            size = int(pair.memory_bytes())
+            self._largest = max(self._largest, size)
+            self._pairs[key] = (pair, size)
+            self._evict(reserve=0, keep=key)
+            return pair, False
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(size for _, size in self._pairs.values())
+
+    def _evict(self, reserve: int, keep: Hashable | None = None) -> None:
+        evicted = False
+        while self._pairs and self.total_bytes + reserve > self.budget_bytes:
+            oldest = next(iter(self._pairs))
+            if oldest == keep:
+                break  # a pair larger than the budget still has to be usable for its job
+            self._pairs.pop(oldest)
+            self.evictions += 1
+            evicted = True
+            log.info("evicted model pair %s from the cache", oldest)
+        if evicted:
+            _release_memory()
+
+    def stats(self) -> CacheStats:
+        return CacheStats(self.hits, self.misses, self.evictions, self.total_bytes,
+                          len(self._pairs))
+
+
+def _release_memory() -> None:
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover - the worker always has torch
+        pass

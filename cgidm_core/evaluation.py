@@ -1,0 +1,248 @@
+"""Score a list of images with any membership method, by name: CGI-DM or a baseline.
+
+One entry point for every method keeps comparisons honest: the same images, preprocessing
+(``images.to_tensor`` at the pair's size), encoding, conditioning and per-image seeds reach each
+method. ``cgidm eval`` and ``benchmarks/accuracy.py`` both go through :func:`score_images`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .baselines import BASELINES, EVALUATIONS_PER_IMAGE
+from .errors import ConfigError, ImageInputError
+from .images import ImageSource, image_seed, load_image, to_tensor
+from .inversion import InversionConfig
+from .pair import ModelPair
+
+#: Every method :func:`score_images` knows. "cgidm" is the paper's method (inversion +
+#: similarity); "combined" adds the z-scored similarity and contrast scores.
+METHODS: tuple[str, ...] = ("cgidm", "loss", "pia", "secmi", "contrast", "combined")
+
+#: One line per method for help texts and tables.
+METHOD_DESCRIPTIONS: dict[str, str] = {
+    "cgidm": "contrasting gradient inversion + similarity of the recovery (the paper)",
+    "loss": "fine-tuned model's denoising error at t in {50, 100, 200} (loss attack)",
+    "pia": "Proximal Initialization Attack, t=200, l4 (Kong et al. 2024)",
+    "secmi": "SecMI_stat, t_sec=100, interval 10 (Duan et al. 2023)",
+    "contrast": "CGI-DM objective at the original, 8 stratified samples, no inversion",
+    "combined": "z(cgidm similarity) + z(contrast), standardised over the images scored",
+}
+
+#: Suffixes :func:`load_image_folder` reads.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass
+class ScoredImages:
+    """Scores (higher = more member-like) and what produced them."""
+
+    method: str
+    scores: list[float]
+    #: One dict per image: its name and method-specific evidence (cgidm: every metric and the
+    #: final contrast loss; combined: both component scores).
+    details: list[dict[str, Any]]
+    seconds: float
+    settings: dict[str, Any] = field(default_factory=dict)
+    #: CGI-DM's full results (pictures included) when the method ran the inversion.
+    results: list[Any] | None = None
+
+    @property
+    def seconds_per_image(self) -> float:
+        return self.seconds / max(1, len(self.scores))
+
+
+def load_image_folder(folder: str | Path) -> tuple[list[str], list[Image.Image]]:
+    """File names and RGB pictures of every image in ``folder`` (not recursive), sorted by name."""
+    path = Path(folder).expanduser()
+    if not path.exists():
+        raise ImageInputError(f"{path}: no such folder; give a folder of .png/.jpg images")
+    if not path.is_dir():
+        raise ImageInputError(f"{path}: is not a folder; give a folder of .png/.jpg images")
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ImageInputError(
+            f"{path}: no images in this folder (looked for {', '.join(IMAGE_SUFFIXES)})"
+        )
+    return [p.name for p in files], [load_image(p) for p in files]
+
+
+def zscores(values: Sequence[float]) -> np.ndarray:
+    """Standardise with the mean and standard deviation of the values themselves.
+
+    No label enters, so standardising the pooled scores of members and hold-out together does not
+    leak membership; it only puts two scores on one scale. A constant list maps to zeros.
+    """
+    arr = np.asarray(values, dtype=np.float64)
+    std = arr.std()
+    if arr.size < 2 or std == 0 or not np.isfinite(std):
+        return np.zeros_like(arr)
+    return (arr - arr.mean()) / std
+
+
+def combine_scores(similarity: Sequence[float], contrast: Sequence[float]) -> list[float]:
+    """The "combined" score: z(similarity) + z(contrast) over the images scored together.
+
+    It is a *relative* score: an image's value depends on the other images in the call, so it is
+    meant for ranking a set (AUC, controls tests on one pooled call), not as an absolute number.
+    """
+    if len(similarity) != len(contrast):
+        raise ConfigError("combine_scores needs one similarity and one contrast score per image")
+    return [float(v) for v in zscores(similarity) + zscores(contrast)]
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def _baseline_scores(
+    pair: ModelPair,
+    pictures: list[Image.Image],
+    method: str,
+    *,
+    prompt: str | None,
+    seed: int,
+    batch_size: int,
+    progress: ProgressFn | None,
+    progress_offset: int = 0,
+    progress_total: int | None = None,
+) -> list[float]:
+    """Encode and score in batches; the baseline gets per-image seeds taken from the pixels."""
+    fn = BASELINES[method]
+    cond = pair.conditioning(prompt if prompt is not None else pair.default_prompt)
+    total = progress_total if progress_total is not None else len(pictures)
+    out: list[float] = []
+    for start in range(0, len(pictures), batch_size):
+        chunk = pictures[start : start + batch_size]
+        tensor = to_tensor(chunk, pair.image_size)
+        seeds = [image_seed(img, seed) for img in tensor]
+        with torch.no_grad():
+            z0 = pair.encode(tensor.to(pair.device)).float()
+        values = fn(pair, z0, cond, seed=seed, seeds=seeds, batch_size=batch_size)
+        out.extend(float(v) for v in values)
+        if progress is not None:
+            progress(progress_offset + start + len(chunk), total)
+    return out
+
+
+def score_images_detailed(
+    pair: ModelPair,
+    images: Sequence[ImageSource],
+    method: str,
+    *,
+    names: Sequence[str] | None = None,
+    prompt: str | None = None,
+    config: InversionConfig | None = None,
+    metric: str | None = None,
+    feature_model: Any = None,
+    seed: int = 0,
+    batch_size: int | None = None,
+    progress: ProgressFn | None = None,
+) -> ScoredImages:
+    """Score every image with ``method``; see :func:`score_images`. Also returns the evidence."""
+    _check_method(method)
+    if not images:
+        raise ConfigError("no images given; pass at least one image")
+    batch_size = batch_size or pair.preferred_batch_size
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    labels = list(names) if names is not None else [
+        Path(s).name if isinstance(s, str | Path) else f"image-{i}" for i, s in enumerate(images)
+    ]
+    if len(labels) != len(images):
+        raise ConfigError(f"got {len(labels)} names for {len(images)} images")
+    pictures = [load_image(src, name=label) for src, label in zip(images, labels, strict=True)]
+    started = time.perf_counter()
+    settings: dict[str, Any] = {"method": method, "seed": seed, "batch_size": batch_size,
+                                "prompt": prompt}
+
+    if method in BASELINES:
+        scores = _baseline_scores(pair, pictures, method, prompt=prompt, seed=seed,
+                                  batch_size=batch_size, progress=progress)
+        settings["model_evaluations_per_image"] = EVALUATIONS_PER_IMAGE[method]
+        return ScoredImages(
+            method=method,
+            scores=scores,
+            details=[{"name": n, "score": s} for n, s in zip(labels, scores, strict=True)],
+            seconds=time.perf_counter() - started,
+            settings=settings,
+        )
+
+    from .api import authenticate
+    from .similarity import DEFAULT_METRIC
+
+    config = config or InversionConfig(seed=seed)
+    metric = metric or DEFAULT_METRIC
+    n_batches = -(-len(pictures) // batch_size)
+    inversion_units = config.steps * n_batches
+    extra_units = len(pictures) if method == "combined" else 0
+    total_units = inversion_units + extra_units
+
+    def inversion_progress(done: int, _total: int) -> None:
+        if progress is not None:
+            progress(done, total_units)
+
+    results = authenticate(
+        pair, pictures, names=labels, prompt=prompt, config=config, score_metric=metric,
+        feature_model=feature_model, batch_size=batch_size, progress=inversion_progress,
+    )
+    similarity = [float(r.score) for r in results]
+    details = [r.to_dict() for r in results]
+    settings.update({"metric": metric, "inversion": config.to_dict()})
+    if method == "cgidm":
+        scores = similarity
+    else:
+        contrast = _baseline_scores(
+            pair, pictures, "contrast", prompt=prompt, seed=config.seed, batch_size=batch_size,
+            progress=progress, progress_offset=inversion_units, progress_total=total_units,
+        )
+        scores = combine_scores(similarity, contrast)
+        for record, sim, con, score in zip(details, similarity, contrast, scores, strict=True):
+            record.update({"score": score, "cgidm_score": sim, "contrast_score": con})
+        settings["combination"] = "zscore(cgidm) + zscore(contrast), pooled over scored images"
+    return ScoredImages(
+        method=method,
+        scores=scores,
+        details=details,
+        seconds=time.perf_counter() - started,
+        settings=settings,
+        results=results,
+    )
+
+
+def score_images(
+    pair: ModelPair,
+    images: Sequence[ImageSource],
+    method: str,
+    *,
+    prompt: str | None = None,
+    config: InversionConfig | None = None,
+    metric: str | None = None,
+    seed: int = 0,
+    batch_size: int | None = None,
+    progress: ProgressFn | None = None,
+) -> list[float]:
+    """One membership score per image (higher = more likely in the fine-tuning set).
+
+    ``method`` is one of :data:`METHODS`. ``config`` and ``metric`` apply to "cgidm" and
+    "combined" (the inversion settings and the similarity metric); ``seed`` seeds the baselines'
+    noise (the inversion's seed is ``config.seed``). ``progress(done, total)`` is called as work
+    completes; ``batch_size`` defaults to the pair's ``preferred_batch_size``. For "combined"
+    score all images to be compared in ONE call (members and hold-out together): the z-scores
+    are taken over the images of the call.
+    """
+    return score_images_detailed(
+        pair, images, method, prompt=prompt, config=config, metric=metric, seed=seed,
+        batch_size=batch_size, progress=progress,
+    ).scores

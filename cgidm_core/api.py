@@ -36,8 +36,13 @@ def load_pair(
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
     allow_network: bool = False,
+    keep_text_encoders: bool = False,
 ) -> ModelPair:
-    """Load a pretrained model and its suspected fine-tune; demo names are accepted."""
+    """Load a pretrained model and its suspected fine-tune; demo names are accepted.
+
+    Stable Diffusion pairs free their text encoders once a new prompt is encoded (they are read
+    back from disk for the next new prompt); ``keep_text_encoders=True`` keeps them in memory.
+    """
     from .demo import resolve_model_reference
     from .models import load_pair as load_model_pair
 
@@ -48,6 +53,7 @@ def load_pair(
         device=device,
         dtype=dtype,
         allow_network=allow_network,
+        keep_text_encoders=keep_text_encoders,
     )
 
 
@@ -72,17 +78,19 @@ def authenticate(
     metrics: Sequence[str] | None = None,
     score_metric: str | None = None,
     feature_model: FeatureModel | str | Path | None = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     should_cancel: CancelFn | None = None,
 ) -> list[ImageResult]:
     """Recover every image's removed half and score the recovery against the original.
 
-    Images run in batches of ``batch_size`` as one computation each. ``progress(done, total)``
+    Images run in batches of ``batch_size`` (default: the pair's ``preferred_batch_size``) as one
+    computation each. ``progress(done, total)``
     counts PGD steps over all batches; ``should_cancel()`` is polled every few steps.
     """
     if not images:
         raise ConfigError("no images given; pass at least one image")
+    batch_size = batch_size or pair.preferred_batch_size
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     config = config or InversionConfig()

@@ -51,6 +51,9 @@ class ModelPair(ABC):
     alphas_cumprod: torch.Tensor
     #: Prompt used when the caller gives none (the instance prompt of the fine-tune, if known).
     default_prompt: str | None = None
+    #: Images per PGD batch when the caller does not say: small pixel models run a whole set
+    #: at once; latent models are bounded by accelerator memory.
+    preferred_batch_size: int = 8
 
     @property
     def num_train_timesteps(self) -> int:

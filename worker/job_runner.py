@@ -26,6 +26,8 @@ from cgidm.jobs import (
     SetTest,
     artifact_key,
     artifact_links,
+    attempts_prefix,
+    new_attempt_tag,
     utcnow,
 )
 from cgidm.registry import InvalidModelReference, UnknownModel
@@ -175,23 +177,81 @@ def run_job(ctx: WorkerContext, job_id: str) -> str:
     record.status = "running"
     record.started_at = utcnow()
     record.attempts += 1
-    record.worker = {"worker_id": ctx.worker_id}
+    attempt = new_attempt_tag(record.attempts)
+    record.worker = {"worker_id": ctx.worker_id, "attempt": attempt}
     ctx.store.save(record)
     watch = Watch(ctx, record)
     try:
         with HardLimit(ctx, record):
-            result = _authenticate(ctx, record, watch)
+            result = _authenticate(ctx, record, watch, attempt)
     except StorageUnavailable:
-        raise
+        raise  # retried from the start; this run's pictures go when a later run ends
     except Exception as exc:  # every failure ends the job with a readable error
         return _fail(ctx, record, watch, exc)
+    return _publish(ctx, record, result, attempt)
+
+
+def _publish(ctx: WorkerContext, record: JobRecord, result: JobResult, attempt: str) -> str:
+    """Make this run's result the job's, exactly once, and only with all of its pictures.
+
+    ``job.json`` is the commit point: it is written last and names the run (``attempt``) whose
+    pictures the gateway serves. If another run of the same job has already committed (a
+    redelivered message racing a run thought dead), this run steps back and removes its own
+    pictures, so the record never shows two results and pictures never mix.
+    """
+    job_id = record.job_id
+    expected = {artifact_key(job_id, item.name, kind, attempt)
+                for item in record.inputs for kind in ARTIFACT_KINDS}
+    present = set(ctx.store.storage.list(f"{attempts_prefix(job_id)}{attempt}/"))
+    if not expected <= present:  # never "succeeded" with pictures missing
+        raise StorageUnavailable(f"job {job_id}: {len(expected - present)} of {len(expected)} "
+                                 "pictures are missing from storage after writing them")
+    current = ctx.store.load(job_id)
+    if current.terminal:
+        log.warning("job %s was already %s by another run; discarding run %s",
+                    job_id, current.status, attempt)
+        ctx.store.storage.delete_prefix(f"{attempts_prefix(job_id)}{attempt}/")
+        return current.status
+    ctx.store.save_result(job_id, result)
     record.result = result
+    record.attempt = attempt
     record.progress = Progress(fraction=1.0, steps_done=record.progress.steps_total or 0,
                                steps_total=record.progress.steps_total, eta_seconds=0.0)
-    return finish(ctx, record, "succeeded", None)
+    status = finish(ctx, record, "succeeded", None)
+    _discard_runs(ctx, job_id, keep=attempt)
+    return status
+
+
+def _discard_runs(ctx: WorkerContext, job_id: str, keep: str | None) -> None:
+    """Remove the pictures of unpublished runs (best effort: they are never served anyway)."""
+    try:
+        ctx.store.discard_attempts(job_id, keep=keep)
+    except StorageError as exc:
+        log.warning("job %s: pictures of earlier runs not removed: %s", job_id, exc)
+
+
+def _close(ctx: WorkerContext, record: JobRecord, status: str, error: JobError) -> str:
+    """End the job without a result, unless another run of it has already ended it."""
+    try:
+        current = ctx.store.load(record.job_id)
+    except JobNotFound:
+        current = None
+    if current is not None and current.terminal:
+        _discard_runs(ctx, record.job_id, keep=current.attempt)
+        return current.status
+    status = finish(ctx, record, status, error)
+    _discard_runs(ctx, record.job_id, keep=None)
+    return status
 
 
 def _fail(ctx: WorkerContext, record: JobRecord, watch: Watch, exc: Exception) -> str:
+    status, error = _classify(ctx, record, watch, exc)
+    return _close(ctx, record, status, error)
+
+
+def _classify(ctx: WorkerContext, record: JobRecord, watch: Watch,
+              exc: Exception) -> tuple[str, JobError]:
+    """The final status and error code of a run that raised ``exc``."""
     from celery.exceptions import SoftTimeLimitExceeded
 
     from cgidm_core.errors import Cancelled, CGIDMError
@@ -203,21 +263,46 @@ def _fail(ctx: WorkerContext, record: JobRecord, watch: Watch, exc: Exception) -
         ctx.store.save(record)
         raise JobInterrupted(f"job {record.job_id} interrupted by a worker shutdown") from exc
     if isinstance(exc, Cancelled) and watch.reason != "time_limit":
-        return finish(ctx, record, "cancelled", JobError(code="cancelled", message=str(exc)))
+        return "cancelled", JobError(code="cancelled", message=str(exc))
     if isinstance(exc, SoftTimeLimitExceeded | Cancelled):
         message = f"the job ran past CGIDM_TASK_SOFT_TIME_LIMIT ({limit} s); use fewer images " \
                   "or steps, or ask the operator for a longer limit"
-        return finish(ctx, record, "failed", JobError(code="time_limit", message=message))
+        return "failed", JobError(code="time_limit", message=message)
     if isinstance(exc, UnknownModel | InvalidModelReference):
-        return finish(ctx, record, "failed", JobError(code="unknown_model", message=str(exc)))
+        return "failed", JobError(code="unknown_model", message=str(exc))
+    if isinstance(exc, PromptTooLong):
+        return "failed", JobError(code="prompt_too_long", message=str(exc))
     if isinstance(exc, CGIDMError):
-        return finish(ctx, record, "failed", JobError(code=exc.code, message=str(exc)))
+        return "failed", JobError(code=exc.code, message=str(exc))
     log.exception("job %s failed unexpectedly", record.job_id)
-    return finish(ctx, record, "failed", JobError(
-        code="internal_error", message=f"{type(exc).__name__}: {exc}"))
+    return "failed", JobError(code="internal_error", message=f"{type(exc).__name__}: {exc}")
 
 
-def _authenticate(ctx: WorkerContext, record: JobRecord, watch: Watch) -> JobResult:
+class PromptTooLong(ValueError):
+    """The prompt has more tokens than the model's text encoder takes."""
+
+
+def check_prompt_length(pair: Any, prompt: str | None) -> None:
+    """Refuse a prompt the text encoder would silently cut: evidence computed on a truncated
+    prompt would not be about the prompt the user gave. Models without a tokenizer (pixel DDPMs)
+    ignore prompts."""
+    if not prompt:
+        return
+    seen: set[int] = set()
+    for tokenizer in (getattr(pair, "tokenizer", None), getattr(pair, "tokenizer_finetuned", None)):
+        if tokenizer is None or id(tokenizer) in seen:
+            continue
+        seen.add(id(tokenizer))
+        count = len(tokenizer(prompt, truncation=False)["input_ids"])
+        limit = int(tokenizer.model_max_length)
+        if count > limit:
+            raise PromptTooLong(
+                f"the prompt is {count} tokens long but the model's text encoder takes at most "
+                f"{limit} (start and end markers included); shorten it")
+
+
+def _authenticate(ctx: WorkerContext, record: JobRecord, watch: Watch,
+                  attempt: str) -> JobResult:
     from cgidm_core import InversionConfig, authenticate
     from cgidm_core.stats import controls_test
 
@@ -234,6 +319,8 @@ def _authenticate(ctx: WorkerContext, record: JobRecord, watch: Watch) -> JobRes
     ctx.store.save(record)
     ctx.publish_stats()
 
+    prompt = settings.prompt if settings.prompt is not None else ft.prompt
+    check_prompt_length(pair, prompt)
     config = InversionConfig(**settings.inversion_overrides())
     feature_model = None
     if settings.metric in FEATURE_METRICS:
@@ -243,11 +330,11 @@ def _authenticate(ctx: WorkerContext, record: JobRecord, watch: Watch) -> JobRes
         pair,
         images,
         names=[item.name for item in record.inputs],
-        prompt=settings.prompt if settings.prompt is not None else ft.prompt,
+        prompt=prompt,
         config=config,
         score_metric=settings.metric,
         feature_model=feature_model,
-        batch_size=settings.batch_size or 8,
+        batch_size=settings.batch_size,
         progress=watch.progress,
         should_cancel=watch.should_cancel,
     )
@@ -258,7 +345,7 @@ def _authenticate(ctx: WorkerContext, record: JobRecord, watch: Watch) -> JobRes
         for kind, picture in zip(
             ARTIFACT_KINDS, (res.recovered, res.partial, res.side_by_side()), strict=True
         ):
-            ctx.store.storage.put_bytes(artifact_key(record.job_id, res.name, kind),
+            ctx.store.storage.put_bytes(artifact_key(record.job_id, res.name, kind, attempt),
                                         _png(picture), content_type="image/png")
         scores.append(ImageScore(**res.to_dict(), role=roles[res.name],
                                  artifacts=artifact_links(record.job_id, res.name)))
@@ -283,7 +370,6 @@ def _authenticate(ctx: WorkerContext, record: JobRecord, watch: Watch) -> JobRes
         pair=pair.describe(),
         elapsed_seconds=round(time.monotonic() - started, 3),
     )
-    ctx.store.save_result(record.job_id, result)
     return result
 
 

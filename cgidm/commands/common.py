@@ -43,7 +43,9 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--steps", type=int, help="PGD steps (overrides the preset)")
     group.add_argument("--seed", type=int, default=0)
-    group.add_argument("--batch-size", type=int, default=8)
+    group.add_argument(
+        "--batch-size", type=int, help="images per PGD batch (default: 32 pixel, 8 SD)"
+    )
     group.add_argument("--mc-samples", type=int, help="Monte Carlo samples per PGD step")
     group.add_argument("--metric", help="score metric: ssim, psnr, mse, clip, dino")
     group.add_argument("--feature-model", help="local folder of a CLIP/DINO model for clip/dino")

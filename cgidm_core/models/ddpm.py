@@ -17,6 +17,7 @@ class DDPMPair(ModelPair):
     """Two unconditional pixel-space UNets sharing one noise schedule."""
 
     family = "ddpm"
+    preferred_batch_size = 32
 
     def __init__(
         self,

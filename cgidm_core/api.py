@@ -90,7 +90,8 @@ def authenticate(
     """
     if not images:
         raise ConfigError("no images given; pass at least one image")
-    batch_size = batch_size or pair.preferred_batch_size
+    if batch_size is None:
+        batch_size = pair.preferred_batch_size
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     config = config or InversionConfig()

@@ -154,7 +154,8 @@ def score_images_detailed(
     _check_method(method)
     if not images:
         raise ConfigError("no images given; pass at least one image")
-    batch_size = batch_size or pair.preferred_batch_size
+    if batch_size is None:
+        batch_size = pair.preferred_batch_size
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     labels = list(names) if names is not None else [

@@ -57,7 +57,8 @@ def load_pair(
     )
 
 
-def _names_for(images: Sequence[ImageSource], names: Sequence[str] | None) -> list[str]:
+def image_names(images: Sequence[ImageSource], names: Sequence[str] | None) -> list[str]:
+    """Names to report images by: the caller's, else file names, else ``image-<i>``."""
     if names is not None:
         if len(names) != len(images):
             raise ConfigError(f"got {len(names)} names for {len(images)} images")
@@ -66,6 +67,19 @@ def _names_for(images: Sequence[ImageSource], names: Sequence[str] | None) -> li
     for i, source in enumerate(images):
         out.append(Path(source).name if isinstance(source, str | Path) else f"image-{i}")
     return out
+
+
+def checked_batch_size(
+    pair: ModelPair, images: Sequence[ImageSource], batch_size: int | None
+) -> int:
+    """The batch size to use (the pair's preferred one by default), after checking the inputs."""
+    if not images:
+        raise ConfigError("no images given; pass at least one image")
+    if batch_size is None:
+        batch_size = pair.preferred_batch_size
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    return batch_size
 
 
 def authenticate(
@@ -88,18 +102,13 @@ def authenticate(
     computation each. ``progress(done, total)``
     counts PGD steps over all batches; ``should_cancel()`` is polled every few steps.
     """
-    if not images:
-        raise ConfigError("no images given; pass at least one image")
-    if batch_size is None:
-        batch_size = pair.preferred_batch_size
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    batch_size = checked_batch_size(pair, images, batch_size)
     config = config or InversionConfig()
     config.validate(pair.num_train_timesteps)
     score_metric = score_metric or DEFAULT_METRIC
     wanted = list(dict.fromkeys([*(metrics or PIXEL_METRICS), score_metric]))
     validate_metrics(wanted, feature_model)
-    labels = _names_for(images, names)
+    labels = image_names(images, names)
     pictures = [load_image(src, name=label) for src, label in zip(images, labels, strict=True)]
     cond = pair.conditioning(prompt if prompt is not None else pair.default_prompt)
 

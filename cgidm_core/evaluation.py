@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .api import checked_batch_size, image_names
 from .baselines import BASELINES, EVALUATIONS_PER_IMAGE
 from .errors import ConfigError, ImageInputError
 from .images import ImageSource, image_seed, load_image, to_tensor
@@ -152,17 +153,8 @@ def score_images_detailed(
 ) -> ScoredImages:
     """Score every image with ``method``; see :func:`score_images`. Also returns the evidence."""
     _check_method(method)
-    if not images:
-        raise ConfigError("no images given; pass at least one image")
-    if batch_size is None:
-        batch_size = pair.preferred_batch_size
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    labels = list(names) if names is not None else [
-        Path(s).name if isinstance(s, str | Path) else f"image-{i}" for i, s in enumerate(images)
-    ]
-    if len(labels) != len(images):
-        raise ConfigError(f"got {len(labels)} names for {len(images)} images")
+    batch_size = checked_batch_size(pair, images, batch_size)
+    labels = image_names(images, names)
     pictures = [load_image(src, name=label) for src, label in zip(images, labels, strict=True)]
     started = time.perf_counter()
     settings: dict[str, Any] = {"method": method, "seed": seed, "batch_size": batch_size,

@@ -17,9 +17,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 class ApiError(Exception):
     """A client-visible error about one field (``loc``) of the request."""
 
-    def __init__(self, status: int, loc: list[str | int], kind: str, msg: str, **extra: Any):
+    def __init__(self, status: int, loc: list[str | int], kind: str, msg: str, *,
+                 headers: dict[str, str] | None = None, **extra: Any):
         super().__init__(msg)
         self.status, self.loc, self.kind, self.msg, self.extra = status, loc, kind, msg, extra
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
     def body(self) -> dict[str, Any]:
         return {"detail": [{"loc": self.loc, "msg": self.msg, "type": self.kind, **self.extra}]}
@@ -43,7 +48,7 @@ def _validation_body(exc: RequestValidationError) -> dict[str, Any]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return exc.response()
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

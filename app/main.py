@@ -7,7 +7,9 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from app.errors import ApiError, install_error_handlers
+from app.auth import describe_mode, install_log_redaction
+from app.errors import install_error_handlers
+from app.limits import SubmissionGate
 from app.routes_jobs import router as jobs_router
 from app.routes_ops import metrics_registry
 from app.routes_ops import router as ops_router
@@ -23,7 +25,14 @@ fine-tune (see `GET /models`). A worker removes half of each image and recovers 
 difference between the two models; a close recovery is evidence the fine-tune saw the image.
 Add known non-members as `controls` to get a p-value per image and a rank test for the set.
 Poll `GET /jobs/{job_id}` for progress and the result; fetch the pictures from the URLs in it.
+
+**Authentication.** Send `Authorization: Bearer <key>` (the operator makes keys with
+`cgidm keys new NAME`). A key sees only its own jobs. Artifact URLs in results are signed and
+expire, so they work in `<img>` tags without the key. `/healthz`, `/readyz`, `/metrics` and these
+docs are public. A service with no keys configured answers only requests from its own machine.
 """
+
+log = logging.getLogger("cgidm.gateway")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -35,19 +44,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(jobs_router)
     app.include_router(ops_router)
-    # Reject bodies that cannot be valid before reading them (uploads are spooled to disk).
-    body_limit = settings.max_files * settings.max_upload_bytes + 1024 * 1024
+    # Size limits, authentication and the queue-depth check before the body is read.
+    app.add_middleware(SubmissionGate, services=services)
 
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next):  # type: ignore[no-untyped-def]
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > body_limit:
-            error = ApiError(413, ["body"], "request_too_large",
-                             f"request body of {length} bytes exceeds {body_limit} bytes "
-                             "(CGIDM_MAX_FILES x CGIDM_MAX_UPLOAD_BYTES)")
-            return JSONResponse(error.body(), status_code=413)
-        return await call_next(request)
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("%s %s failed: %s", request.method, request.url.path, type(exc).__name__,
+                  exc_info=exc)
+        body = {"detail": [{"loc": [], "msg": "internal error; the operator's log has the "
+                            "details", "type": "internal_error"}]}
+        return JSONResponse(body, status_code=500)
 
+    install_log_redaction()
+    log.info("cgidm gateway: %s", describe_mode(settings))
     return app
 
 

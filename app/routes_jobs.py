@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFil
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from app.auth import Caller, caller_of, get_caller
 from app.errors import ApiError
 from app.schemas import ErrorBody, JobAccepted, JobView
 from app.services import Services, get_services
@@ -16,11 +17,12 @@ from app.uploads import decode_image
 from cgidm.jobs import (
     ARTIFACT_KINDS,
     FEATURE_METRICS,
+    ArtifactLinks,
     InputFile,
-    JobError,
     JobNotFound,
     JobRecord,
     JobSettings,
+    artifact_key,
     input_key,
     is_job_id,
     new_job_id,
@@ -34,7 +36,11 @@ log = logging.getLogger("cgidm.gateway")
 router = APIRouter(tags=["jobs"])
 
 _ERRORS = {
-    404: {"model": ErrorBody, "description": "No such job or artifact."},
+    401: {"model": ErrorBody, "description": "No API key, or an unknown one "
+          "(`WWW-Authenticate: Bearer`)."},
+    403: {"model": ErrorBody, "description": "No keys are configured and the caller is not on "
+          "this machine."},
+    404: {"model": ErrorBody, "description": "No such job or artifact (or another key's)."},
     422: {"model": ErrorBody, "description": "A field is invalid; `loc` names it."},
 }
 _FILE_FIELDS = {"images", "controls"}
@@ -68,6 +74,7 @@ def _check_models(services: Services, settings: JobSettings) -> None:
 
 
 async def _read_limited(field: str, upload: UploadFile, limit: int) -> bytes:
+    # SubmissionGate (app.limits) already cut the body at the limit while it streamed in.
     data = await upload.read(limit + 1)
     if len(data) > limit:
         raise ApiError(413, ["body", field], "file_too_large",
@@ -80,7 +87,12 @@ async def _read_limited(field: str, upload: UploadFile, limit: int) -> bytes:
     "/authenticate",
     status_code=202,
     response_model=JobAccepted,
-    responses={**_ERRORS, 413: {"model": ErrorBody}, 503: {"model": ErrorBody}},
+    responses={**_ERRORS, 413: {"model": ErrorBody, "description": "A file or the request is "
+                                "too large (refused while it streams in)."},
+               429: {"model": ErrorBody, "description": "The queue is full; retry after "
+                     "`Retry-After` seconds."},
+               503: {"model": ErrorBody, "description": "Broker or storage unavailable; nothing "
+                     "was stored."}},
     summary="Submit images (and optional known non-member controls) for authentication",
 )
 async def authenticate(
@@ -94,7 +106,10 @@ async def authenticate(
              "image a p-value and the set a Mann-Whitney U test."),
     ] = None,
     services: Services = Depends(get_services),
+    caller: Caller = Depends(get_caller),
 ) -> JobAccepted:
+    """Everything is validated before anything is stored: a refused request leaves no object
+    behind. Animated images are accepted with their first frame (see `warnings`)."""
     controls = controls or []
     form = await request.form()
     for key in form:
@@ -111,6 +126,7 @@ async def authenticate(
     taken: set[str] = set()
     inputs: list[InputFile] = []
     files: list[tuple[str, bytes]] = []
+    notes: list[str] = []
     for field, uploads in (("images", images), ("controls", controls)):
         role = "image" if field == "images" else "control"
         for index, upload in enumerate(uploads):
@@ -121,50 +137,72 @@ async def authenticate(
             name = safe_name(upload.filename, taken)
             key = input_key(job_id, role, index, name)
             inputs.append(InputFile(name=name, role=role, key=key, filename=upload.filename,
-                                    width=decoded.width, height=decoded.height))
+                                    width=decoded.width, height=decoded.height,
+                                    frames=decoded.frames))
             files.append((key, decoded.png))
+            notes.extend(decoded.warnings)
 
-    record = JobRecord(job_id=job_id, created_at=utcnow(), settings=settings, inputs=inputs)
+    record = JobRecord(job_id=job_id, created_at=utcnow(), settings=settings, inputs=inputs,
+                       owner=caller.name)
     try:
         await run_in_threadpool(services.store.create, record, files)
-    except StorageError as exc:
+    except StorageError as exc:  # create() removed what it had written
         raise _storage_down(exc) from exc
     try:
-        await run_in_threadpool(services.enqueue, job_id)
+        await run_in_threadpool(services.enqueue, job_id, settings.pretrained, settings.finetuned)
     except Exception as exc:  # the broker is down: the job never reached a worker
-        log.error("job %s could not be enqueued: %s", job_id, exc)
-        record.status, record.finished_at = "failed", utcnow()
-        record.error = JobError(code="broker_unavailable", message=f"not enqueued: {exc}")
-        await run_in_threadpool(services.store.save, record)
+        log.error("job %s could not be enqueued (%s); removing it", job_id, type(exc).__name__)
+        await run_in_threadpool(services.store.delete_job_quietly, job_id)
         raise ApiError(503, [], "broker_unavailable",
-                       f"the job queue is unavailable, try again later ({exc})") from exc
+                       "the job queue is unavailable, try again later; nothing was "
+                       "stored") from exc
     status_url = f"/jobs/{job_id}"
     response.headers["Location"] = status_url
-    return JobAccepted(job_id=job_id, status_url=status_url)
+    log.info("job %s accepted for %s: %d images, %d controls", job_id, caller.name or "local",
+             len(images), len(controls))
+    return JobAccepted(job_id=job_id, status_url=status_url, warnings=notes)
+
+
+def _signed_links(services: Services, record: JobRecord, links: ArtifactLinks) -> ArtifactLinks:
+    sign = services.signer.sign
+    return ArtifactLinks(**{kind: sign(getattr(links, kind), record.owner)
+                            for kind in ARTIFACT_KINDS})
 
 
 def _view(services: Services, record: JobRecord) -> JobView:
     cancel = False if record.terminal else services.store.cancel_requested(record.job_id)
     status = "cancelled" if record.status == "queued" and cancel else record.status
+    if record.result is not None and services.signer.enabled:
+        result = record.result.model_copy(deep=True)
+        for item in (*result.images, *result.controls):
+            item.artifacts = _signed_links(services, record, item.artifacts)
+        record = record.model_copy(update={"result": result})
     return JobView(**{**record.model_dump(), "status": status},
                    status_url=f"/jobs/{record.job_id}", cancel_requested=cancel)
 
 
-def _load(services: Services, job_id: str) -> JobRecord:
+def _load(services: Services, job_id: str, caller: Caller | None) -> JobRecord:
+    """The job, if it exists and ``caller`` owns it (``None``: checked by a signed URL)."""
     if not is_job_id(job_id):
         raise _not_found(job_id)
     try:
-        return services.store.load(job_id)
+        record = services.store.load(job_id)
     except JobNotFound:
         raise _not_found(job_id) from None
     except StorageError as exc:
         raise _storage_down(exc) from exc
+    if caller is not None and record.owner != caller.name:
+        raise _not_found(job_id)  # the same answer as for a job that does not exist
+    return record
 
 
 @router.get("/jobs/{job_id}", response_model=JobView, responses=_ERRORS,
             summary="Status, progress and (when done) the result of a job")
-def get_job(job_id: str, services: Services = Depends(get_services)) -> JobView:
-    return _view(services, _load(services, job_id))
+def get_job(job_id: str, services: Services = Depends(get_services),
+            caller: Caller = Depends(get_caller)) -> JobView:
+    """Artifact URLs in the result are signed and expire (`CGIDM_ARTIFACT_URL_TTL`) when the
+    service uses API keys; fetch the job again for fresh ones."""
+    return _view(services, _load(services, job_id, caller))
 
 
 @router.delete(
@@ -174,10 +212,11 @@ def get_job(job_id: str, services: Services = Depends(get_services)) -> JobView:
                409: {"model": ErrorBody, "description": "Already finished."}},
     summary="Cancel a job",
 )
-def cancel_job(job_id: str, services: Services = Depends(get_services)) -> JSONResponse:
+def cancel_job(job_id: str, services: Services = Depends(get_services),
+               caller: Caller = Depends(get_caller)) -> JSONResponse:
     """A queued job is cancelled at once (200); a running job stops within a few PGD steps and
     ends ``cancelled`` (202 now, poll to see it end)."""
-    record = _load(services, job_id)
+    record = _load(services, job_id, caller)
     if record.status in ("succeeded", "failed"):
         raise ApiError(409, ["path", "job_id"], "already_finished",
                        f"job {job_id} already {record.status}; only queued or running jobs "
@@ -198,21 +237,37 @@ def cancel_job(job_id: str, services: Services = Depends(get_services)) -> JSONR
     responses={200: {"content": {"image/png": {}}}, **_ERRORS},
     summary="A picture of a finished job: recovered.png, partial.png or side_by_side.png",
 )
-def get_artifact(job_id: str, name: str, filename: str,
+def get_artifact(request: Request, job_id: str, name: str, filename: str,
+                 expires: str | None = None, signature: str | None = None,
                  services: Services = Depends(get_services)) -> StreamingResponse:
-    record = _load(services, job_id)
+    """Authorised by the owner's key, or by the `expires` + `signature` of a URL taken from the
+    job's result (no key needed: usable in `<img>` tags until it expires)."""
+    signed = services.signer.enabled and signature is not None and expires is not None \
+        and "authorization" not in request.headers
+    caller = None if signed else caller_of(services.settings, request)
     if filename not in {f"{kind}.png" for kind in ARTIFACT_KINDS}:
         raise ApiError(404, ["path", "filename"], "not_found",
                        f"no artifact {filename!r}; artifacts are "
                        + ", ".join(f"{k}.png" for k in ARTIFACT_KINDS))
-    if record.status != "succeeded" or name not in {item.name for item in record.inputs}:
+    path = f"/jobs/{job_id}/artifacts/{name}/{filename}"
+    try:
+        record = _load(services, job_id, caller)
+    except ApiError:
+        if signed:  # say nothing about jobs to a URL we did not sign
+            services.signer.verify(path, None, expires or "", signature or "")
+        raise
+    if signed:
+        services.signer.verify(path, record.owner, expires or "", signature or "")
+    if record.status != "succeeded" or record.attempt is None or \
+            name not in {item.name for item in record.inputs}:
         raise ApiError(404, ["path", "name"], "not_found",
                        f"job {job_id} has no artifacts for {name!r} (status {record.status})")
-    key = f"jobs/{job_id}/artifacts/{name}/{filename}"
+    key = artifact_key(job_id, name, filename.removesuffix(".png"), record.attempt)
     try:
         chunks = services.store.storage.open_stream(key)
     except ObjectNotFound:
         raise ApiError(404, ["path", "name"], "not_found", f"artifact {key} is missing") from None
     except StorageError as exc:
         raise _storage_down(exc) from exc
-    return StreamingResponse(chunks, media_type="image/png")
+    cache = "private, max-age=300" if services.signer.enabled else "no-store"
+    return StreamingResponse(chunks, media_type="image/png", headers={"Cache-Control": cache})

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from app.auth import Caller, get_caller
 from app.metrics import ServiceCollector
 from app.schemas import Health, ModelList
 from app.services import Services, get_services
@@ -15,7 +16,9 @@ router = APIRouter(tags=["operations"])
 
 
 @router.get("/models", response_model=ModelList, summary="Models jobs may reference, by id")
-def list_models(services: Services = Depends(get_services)) -> ModelList:
+def list_models(services: Services = Depends(get_services),
+                caller: Caller = Depends(get_caller)) -> ModelList:
+    """Needs an API key like the job routes; health, readiness, metrics and the docs do not."""
     return ModelList(models=services.registry().public())
 
 

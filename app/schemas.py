@@ -46,6 +46,10 @@ class JobAccepted(BaseModel):
     job_id: str
     status: Literal["queued"] = "queued"
     status_url: str = Field(description="Poll this (GET) for progress and the result.")
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="What was accepted with a change, e.g. an animated image of which only the "
+        "first frame is used.")
 
 
 class JobView(JobRecord):

@@ -7,8 +7,10 @@ from typing import Any
 
 from fastapi import Request
 
+from app.auth import UrlSigner
 from cgidm.jobs import JobStore
 from cgidm.registry import Registry, load_registry
+from cgidm.routing import queue_depth, queue_for_pair
 from cgidm.settings import Settings
 from cgidm.storage import storage_from_settings
 from cgidm.tasks import AUTHENTICATE_TASK, make_celery
@@ -22,33 +24,31 @@ class Services:
     settings: Settings
     store: JobStore
     celery: Any
+    signer: UrlSigner
 
     @classmethod
     def create(cls, settings: Settings) -> Services:
         load_registry(settings.models)  # a broken registry stops the gateway at start-up
         return cls(settings, JobStore(storage_from_settings(settings)),
-                   make_celery(settings, main="gateway"))
+                   make_celery(settings, main="gateway"), UrlSigner(settings))
 
     def registry(self) -> Registry:
         return load_registry(self.settings.models)
 
-    def enqueue(self, job_id: str) -> None:
-        """Send the job by task name; the gateway never imports the worker's code."""
+    def enqueue(self, job_id: str, pretrained: str = "", finetuned: str = "") -> None:
+        """Send the job by task name; the gateway never imports the worker's code. The queue
+        depends on the pair with CGIDM_ROUTING=pair (cgidm/routing.py)."""
         self.celery.send_task(AUTHENTICATE_TASK, args=[job_id], task_id=job_id,
-                              queue=self.settings.queue, retry=True,
+                              queue=queue_for_pair(pretrained, finetuned, self.settings),
+                              retry=True,
                               retry_policy=PUBLISH_RETRY)
 
     def queue_depth(self) -> int:
-        """Messages waiting in the job queue; raises if the broker cannot be reached."""
-        from kombu.exceptions import ChannelError
-
+        """Messages waiting in the job queues (plain and slots); raises if the broker cannot
+        be reached."""
         with self.celery.connection_for_read() as conn:
             conn.ensure_connection(max_retries=1, timeout=3)
-            try:
-                return int(conn.default_channel.queue_declare(
-                    queue=self.settings.queue, passive=True).message_count)
-            except ChannelError:  # Redis drops empty lists: a queue never used holds nothing
-                return 0
+            return queue_depth(conn, self.settings)
 
 
 def get_services(request: Request) -> Services:

@@ -12,7 +12,7 @@ import importlib
 import os
 import sys
 
-COMMANDS = ("check", "eval", "models", "serve", "demo")
+COMMANDS = ("check", "eval", "models", "serve", "demo", "keys")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,15 +6,20 @@ Everything about one job lives under ``jobs/<job_id>/``::
     inputs/000_<name>.png         suspect images, re-encoded as PNG by the gateway
     controls/000_<name>.png       known non-members, if any
     cancel                        marker written by the gateway when a client cancels
-    artifacts/<name>/recovered.png | partial.png | side_by_side.png
+    attempts/<tag>/artifacts/<name>/recovered.png | partial.png | side_by_side.png
     result.json                   the same document GET /jobs/{id} returns as ``result``
 
 One writer per object keeps this free of races: the gateway writes ``job.json`` once (queued)
 before enqueueing, and after that only the worker writes it; the gateway only adds ``cancel``.
+A job can run more than once (a worker killed mid-job, a storage outage): each run writes its
+pictures under its own ``attempts/<tag>/``, and ``job.json`` is the commit point that names the
+run whose pictures are published (``attempt``); the others are deleted, so a job never shows
+pictures from two runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import uuid
 from datetime import datetime, timezone
@@ -22,7 +27,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from cgidm.storage import ObjectNotFound, Storage
+from cgidm.storage import ObjectNotFound, Storage, StorageError
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
@@ -31,7 +36,15 @@ ARTIFACT_KINDS = ("recovered", "partial", "side_by_side")
 METRICS = ("ssim", "psnr", "mse", "clip", "dino")
 FEATURE_METRICS = ("clip", "dino")
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+_ATTEMPT = re.compile(r"^a[0-9]{1,4}-[0-9a-f]{8}$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+#: Control characters other than tab and newline have no place in a prompt.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+#: Stable Diffusion's CLIP tokenizer takes 77 tokens, two of them the start and end markers;
+#: every whitespace-separated word is at least one token, so more words can never fit. The
+#: worker counts real tokens with the model's tokenizer (the gateway has none).
+MAX_PROMPT_WORDS = 75
+MAX_PROMPT_CHARS = 1000
 
 
 class JobNotFound(LookupError):
@@ -76,9 +89,12 @@ class JobSettings(BaseModel):
                             examples=["demo-base"])
     finetuned: str = Field(max_length=128, description="Registry id of the suspect fine-tune.",
                            examples=["demo-vangogh"])
-    prompt: str | None = Field(None, max_length=1000,
+    prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS,
                                description="Prompt for conditional models (default: the "
-                               "registry's instance prompt of the fine-tune).")
+                               "registry's instance prompt of the fine-tune). At most "
+                               f"{MAX_PROMPT_WORDS} words; the worker fails a job whose prompt "
+                               "is longer than the model's tokenizer takes (77 tokens for "
+                               "Stable Diffusion) with `prompt_too_long`.")
     metric: Literal["ssim", "psnr", "mse", "clip", "dino"] | None = Field(
         None, description="Similarity used as the score (clip/dino need CGIDM_FEATURE_MODEL).")
     batch_size: int | None = Field(None, ge=1, le=64, description="Images per PGD batch.")
@@ -86,14 +102,28 @@ class JobSettings(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**32 - 1, description="Global random seed.")
     alpha: float | None = Field(None, gt=0, le=1000, description="PGD step size (4x64x64 scale).")
     epsilon: float | None = Field(None, gt=0, le=1e6, description="PGD L2 radius (4x64x64 scale).")
-    t_min: int | None = Field(None, ge=0, le=100_000, description="Smallest sampled timestep.")
-    t_max: int | None = Field(None, ge=0, le=100_000, description="Largest sampled timestep.")
+    t_min: int | None = Field(None, ge=0, le=999, description="Smallest sampled timestep "
+                              "(the models served have 1000 training timesteps: 0-999).")
+    t_max: int | None = Field(None, ge=0, le=999, description="Largest sampled timestep.")
     mc_samples: int | None = Field(None, ge=1, le=64, description="Monte Carlo samples per step.")
     common_random_numbers: bool | None = Field(
         None, description="Same timestep and noise for both models (lower variance).")
     reencode_partial: bool | None = Field(
         None, description="Decode and re-encode the partial image, as the reference code does.")
     cell: int | None = Field(None, ge=1, le=1024, description="Latent pixels per mask square.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_bounded(cls, prompt: str | None) -> str | None:
+        if prompt is None:
+            return None
+        if _CONTROL.search(prompt):
+            raise ValueError("the prompt contains control characters; send plain text")
+        words = len(prompt.split())
+        if words > MAX_PROMPT_WORDS:
+            raise ValueError(f"the prompt has {words} words; at most {MAX_PROMPT_WORDS} fit in "
+                             "the text encoder (77 tokens for Stable Diffusion)")
+        return prompt
 
     @field_validator("t_max")
     @classmethod
@@ -129,6 +159,7 @@ class InputFile(BaseModel):
     filename: str | None = None
     width: int
     height: int
+    frames: int = Field(1, description="Frames in the upload; only the first one is used.")
 
 
 class ArtifactLinks(BaseModel):
@@ -194,6 +225,9 @@ class JobRecord(BaseModel):
     result: JobResult | None = None
     worker: dict[str, Any] | None = None
     attempts: int = 0
+    attempt: str | None = Field(
+        None, description="Which run of the job produced the artifacts (a job that is run again "
+        "after a worker died writes each run's pictures apart and publishes one run's).")
 
     @property
     def terminal(self) -> bool:
@@ -221,8 +255,26 @@ def input_key(job_id: str, role: Role, index: int, name: str) -> str:
     return f"{job_prefix(job_id)}{folder}/{index:03d}_{name}.png"
 
 
-def artifact_key(job_id: str, name: str, kind: str) -> str:
-    return f"{job_prefix(job_id)}artifacts/{name}/{kind}.png"
+def new_attempt_tag(number: int) -> str:
+    """A name for one run of a job: its number and a random part, since two workers that both
+    believe they run attempt 2 (a message redelivered while the first still runs) must not
+    write into the same folder."""
+    return f"a{number}-{uuid.uuid4().hex[:8]}"
+
+
+def is_attempt_tag(value: str) -> bool:
+    return bool(_ATTEMPT.match(value))
+
+
+def attempts_prefix(job_id: str) -> str:
+    return f"{job_prefix(job_id)}attempts/"
+
+
+def artifact_key(job_id: str, name: str, kind: str, attempt: str) -> str:
+    """Pictures are written under the run that made them; the record names the published run."""
+    if not is_attempt_tag(attempt):
+        raise ValueError(f"not an attempt tag: {attempt!r}")
+    return f"{attempts_prefix(job_id)}{attempt}/artifacts/{name}/{kind}.png"
 
 
 def artifact_url(job_id: str, name: str, kind: str) -> str:
@@ -240,10 +292,30 @@ class JobStore:
         self.storage = storage
 
     def create(self, record: JobRecord, files: list[tuple[str, bytes]]) -> None:
-        """Inputs first, then ``job.json``: a job that exists always has its inputs."""
-        for key, data in files:
-            self.storage.put_bytes(key, data, content_type="image/png")
-        self.save(record)
+        """Inputs first, then ``job.json``: a job that exists always has its inputs. If storage
+        fails half-way, what was written is removed again (as far as storage lets us)."""
+        try:
+            for key, data in files:
+                self.storage.put_bytes(key, data, content_type="image/png")
+            self.save(record)
+        except StorageError:
+            self.delete_job_quietly(record.job_id)
+            raise
+
+    def delete_job_quietly(self, job_id: str) -> None:
+        """Remove every object of a job that was never accepted (best effort)."""
+        with contextlib.suppress(StorageError):
+            self.storage.delete_prefix(job_prefix(job_id))
+
+    def list_attempts(self, job_id: str) -> list[str]:
+        return [name for name in self.storage.list_children(attempts_prefix(job_id))
+                if is_attempt_tag(name)]
+
+    def discard_attempts(self, job_id: str, keep: str | None = None) -> None:
+        """Delete the pictures of every run of the job but ``keep``."""
+        for tag in self.list_attempts(job_id):
+            if tag != keep:
+                self.storage.delete_prefix(f"{attempts_prefix(job_id)}{tag}/")
 
     def save(self, record: JobRecord) -> None:
         self.storage.put_json(job_prefix(record.job_id) + "job.json",

@@ -18,6 +18,8 @@ message from a worker killed with SIGKILL; Redis (production) can, through its v
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -26,6 +28,49 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "CGIDM_"
+_KEY_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+def is_loopback_host(host: str | None) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if not host:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_api_keys(value: str | None) -> dict[str, str]:
+    """``name:<sha256 hex>,name2:<...>`` as {name: hash}; ValueError names the bad entry.
+
+    Only hashes are configured, so the settings (environment, compose files, process listings)
+    never hold a usable key.
+    """
+    keys: dict[str, str] = {}
+    for raw in (value or "").split(","):
+        entry = raw.strip()
+        if not entry:
+            continue
+        name, sep, digest = entry.partition(":")
+        name, digest = name.strip(), digest.strip().lower()
+        if not sep or not _KEY_NAME.match(name):
+            raise ValueError(
+                f"CGIDM_API_KEYS entry {entry[:20]!r}...: expected NAME:SHA256HEX with NAME made "
+                "of letters, digits, '.', '_' or '-' (cgidm keys new NAME prints one)"
+            )
+        if not _SHA256_HEX.match(digest):
+            raise ValueError(
+                f"CGIDM_API_KEYS entry for {name!r}: the part after ':' must be the 64-character "
+                "SHA-256 hex digest of the key, not the key itself (cgidm keys new NAME prints it)"
+            )
+        if name in keys:
+            raise ValueError(f"CGIDM_API_KEYS names {name!r} twice")
+        keys[name] = digest
+    return keys
 
 
 class Settings(BaseSettings):
@@ -97,9 +142,65 @@ class Settings(BaseSettings):
         0.05, gt=0, lt=1, description="Significance level of the controls test and verdicts."
     )
     queue: str = Field("cgidm", pattern=r"^[A-Za-z0-9._-]+$", description="Celery queue name.")
+    routing: Literal["shared", "pair"] = Field(
+        "shared", description="shared: one queue, any free worker takes the next job. pair: "
+        "jobs of a model pair go to the one worker that owns its slot, which keeps it loaded "
+        "(see cgidm/routing.py and docs/SERVICE.md, Scaling out).")
+    routing_slots: int = Field(
+        16, ge=1, le=1024, description="Slot queues pairs are hashed onto with routing=pair; "
+        "at least the number of workers. Gateway and workers must agree.")
+    routing_member_ttl: float = Field(
+        15.0, ge=2, le=600, description="routing=pair: seconds without a heartbeat after which "
+        "a worker counts as gone and the others take over its slots.")
+    api_keys: str | None = Field(
+        None,
+        description="API keys allowed to use the service: NAME:SHA256HEX entries separated by "
+        "commas (`cgidm keys new NAME` prints one). Unset: no keys, and the gateway answers only "
+        "requests from this machine (loopback).",
+    )
+    url_signing_key: str | None = Field(
+        None,
+        min_length=16,
+        description="Secret that signs the artifact URLs handed out in job results (default: "
+        "derived from CGIDM_API_KEYS). Set the same value on every gateway replica.",
+    )
+    artifact_url_ttl: int = Field(
+        3600, ge=10, le=7 * 24 * 3600, description="Seconds a signed artifact URL stays valid."
+    )
+    max_request_bytes: int = Field(
+        256 * 1024**2, ge=1024,
+        description="Largest accepted request body, in bytes (413 above, enforced while "
+        "the body streams in).",
+    )
+    max_queue_depth: int = Field(
+        1000, ge=1,
+        description="Jobs waiting in the queue above which submissions get 429 + Retry-After.",
+    )
+    queue_retry_after: int = Field(
+        30, ge=1, le=3600, description="Retry-After seconds sent with a 429 (queue full)."
+    )
+    visibility_timeout: int | None = Field(
+        None, ge=2,
+        description="Redis broker: seconds after which a job whose worker vanished (SIGKILL, "
+        "OOM, lost machine) is delivered again. Must exceed CGIDM_TASK_TIME_LIMIT, so a job "
+        "still running is never started twice (default: CGIDM_TASK_TIME_LIMIT + 600).",
+    )
+    storage_retries: int = Field(
+        5, ge=0, le=20,
+        description="Times a job is retried (from the start) when storage fails under it, "
+        "before it is marked failed with storage_unavailable.",
+    )
+    storage_retry_backoff: int = Field(
+        2, ge=1, le=600, description="Wait before the first such retry, in seconds; doubles "
+        "with each retry (full jitter: a random wait up to that bound).",
+    )
+    storage_retry_backoff_max: int = Field(
+        120, ge=1, le=3600, description="Longest wait between two such retries, in seconds."
+    )
 
     @field_validator("storage_url", "s3_endpoint_url", "broker_url", "models", "device", "dtype",
-                     "feature_model", mode="before")
+                     "feature_model", "api_keys", "url_signing_key", "visibility_timeout",
+                     mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         # docker-compose passes `${VAR:-}` through as an empty string: treat it as "not set".
@@ -118,7 +219,28 @@ class Settings(BaseSettings):
                 "CGIDM_TASK_TIME_LIMIT must be larger than CGIDM_TASK_SOFT_TIME_LIMIT, so the "
                 "soft limit can end a job cleanly before the hard limit kills it"
             )
+        if self.visibility_timeout is not None and \
+                self.visibility_timeout <= self.task_time_limit:
+            raise ValueError(
+                "CGIDM_VISIBILITY_TIMEOUT must be larger than CGIDM_TASK_TIME_LIMIT: a shorter "
+                "one hands a job that is still running to a second worker"
+            )
         return self
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_well_formed(cls, value: str | None) -> str | None:
+        parse_api_keys(value)
+        return value
+
+    @property
+    def api_key_hashes(self) -> dict[str, str]:
+        """{key name: SHA-256 hex of the key}; empty when no keys are configured."""
+        return parse_api_keys(self.api_keys)
+
+    @property
+    def resolved_visibility_timeout(self) -> int:
+        return self.visibility_timeout or self.task_time_limit + 600
 
     @property
     def resolved_storage_url(self) -> str:

@@ -20,9 +20,18 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings shared by both sides (lowercase Celery 4+ names)."""
     transport_options: dict[str, Any] = {}
     if settings.resolved_broker_url.startswith(("redis://", "rediss://")):
-        # With late acks, Redis redelivers a message not acked within the visibility timeout;
-        # it must outlast the longest job or a running job would be started a second time.
-        transport_options["visibility_timeout"] = settings.task_time_limit + 600
+        # With late acks, Redis redelivers a message not acked within the visibility timeout:
+        # that is how a job survives a worker killed outright (SIGKILL, OOM, lost machine). It
+        # must outlast the longest job (the settings enforce > CGIDM_TASK_TIME_LIMIT), or a job
+        # still running would be handed to a second worker. kombu looks for such messages every
+        # interval x throttle seconds (100 s by default); scanning at a tenth of the timeout
+        # (1 to 10 s, one cheap ZRANGE) keeps redelivery close to the timeout itself.
+        timeout = settings.resolved_visibility_timeout
+        transport_options.update(
+            visibility_timeout=timeout,
+            unacked_restore_interval=max(1, min(10, timeout // 10)),
+            unacked_restore_throttle=1,
+        )
     return {
         "broker_url": settings.resolved_broker_url,
         "broker_transport_options": transport_options,

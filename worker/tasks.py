@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 
 from celery import Task
 from celery.exceptions import Reject
 from celery.signals import worker_shutting_down
 
 from cgidm.jobs import JobError, JobNotFound
+from cgidm.settings import get_settings
 from cgidm.storage import StorageError, StorageUnavailable
 from cgidm.tasks import AUTHENTICATE_TASK
 from worker.celery_app import celery_app
@@ -17,7 +20,8 @@ from worker.job_runner import SHUTDOWN, JobInterrupted, finish, run_job
 
 log = logging.getLogger("cgidm.worker")
 
-MAX_RETRIES = 5
+_SETTINGS = get_settings()
+MAX_RETRIES = _SETTINGS.storage_retries
 
 
 @worker_shutting_down.connect
@@ -33,14 +37,18 @@ def _on_shutdown(**_: object) -> None:
     name=AUTHENTICATE_TASK,
     bind=True,
     autoretry_for=(StorageUnavailable,),
-    retry_backoff=2,
-    retry_backoff_max=120,
+    retry_backoff=_SETTINGS.storage_retry_backoff,
+    retry_backoff_max=_SETTINGS.storage_retry_backoff_max,
     retry_jitter=True,
     max_retries=MAX_RETRIES,
 )
 def authenticate_job(self: Task, job_id: str) -> str:
-    """Run the job; storage outages are retried with exponential backoff, and when the retries
-    are spent the job is marked failed (if storage lets us write that much)."""
+    """Run the job; storage outages are retried with exponential backoff (the job starts over),
+    and when the retries are spent the job is marked failed with ``storage_unavailable``.
+
+    If even that record cannot be written, the message goes back to the queue after a pause
+    rather than being acknowledged: a job is never left looking queued or running forever.
+    """
     ctx = get_context()
     try:
         return run_job(ctx, job_id)
@@ -48,11 +56,25 @@ def authenticate_job(self: Task, job_id: str) -> str:
         raise Reject(str(exc), requeue=True) from exc
     except StorageUnavailable as exc:
         if self.request.retries < MAX_RETRIES:
+            log.warning("job %s: storage unavailable (%s); retry %d of %d", job_id, exc,
+                        self.request.retries + 1, MAX_RETRIES)
             raise
         log.error("job %s: storage still unavailable after %d retries", job_id, MAX_RETRIES)
         try:
             record = ctx.store.load(job_id)
-            finish(ctx, record, "failed", JobError(code="storage_unavailable", message=str(exc)))
-        except (StorageError, JobNotFound):
-            pass
+            if record.terminal:
+                return record.status
+            finish(ctx, record, "failed", JobError(
+                code="storage_unavailable",
+                message=f"storage failed {MAX_RETRIES + 1} times while the job ran ({exc}); "
+                "submit it again later"))
+        except JobNotFound:
+            return "missing"
+        except StorageError as again:
+            log.error("job %s: the failure cannot be recorded either (%s); requeueing it",
+                      job_id, again)
+            time.sleep(min(_SETTINGS.storage_retry_backoff_max, 30))
+            raise Reject(f"storage unavailable: {again}", requeue=True) from again
+        with contextlib.suppress(StorageError):
+            ctx.store.discard_attempts(job_id)
         return "failed"

@@ -75,12 +75,13 @@ class EmbeddedService:
 
     def _prepare_broker(self) -> None:
         """Create the SQLite broker's tables and queue once, before two processes race to."""
+        from cgidm.routing import declare_queues
         from cgidm.tasks import make_celery
 
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         if self.settings.embedded_broker:
             with make_celery(self.settings).connection_for_write() as conn:
-                conn.default_channel.queue_declare(queue=self.settings.queue)
+                declare_queues(conn, self.settings)  # the plain queue and the slot queues
 
     def start(self) -> EmbeddedService:
         self._prepare_broker()
@@ -140,13 +141,25 @@ def _interrupt(signum: int, frame: object) -> None:
 def run(args: argparse.Namespace) -> int:
     # A process manager stops us with SIGTERM: stop the children too rather than orphan them.
     signal.signal(signal.SIGTERM, _interrupt)
+    from cgidm.settings import is_loopback_host
+
     env = {"CGIDM_DATA_DIR": args.data_dir} if args.data_dir else {}
     service = EmbeddedService(args.host, args.port, env)
+    keys = service.settings.api_key_hashes
+    if not keys and not is_loopback_host(args.host):
+        from cgidm_core.errors import ConfigError
+
+        raise ConfigError(
+            f"refusing to listen on {args.host} without API keys: anyone who can reach it could "
+            "read every job. Make a key with `cgidm keys new NAME` and set CGIDM_API_KEYS, or "
+            "listen on 127.0.0.1 (the default)")
+    access = (f"API keys required ({len(keys)} configured)" if keys else
+              "no API keys: open to this machine only (127.0.0.1)")
     with service:
         try:
             service.wait_ready()
             print(f"cgidm: serving on {service.url} (API docs: {service.url}/docs); "
-                  f"data in {service.settings.data_dir}; Ctrl-C stops", flush=True)
+                  f"data in {service.settings.data_dir}; {access}; Ctrl-C stops", flush=True)
             while True:
                 service.check_alive()
                 time.sleep(0.5)

@@ -55,7 +55,7 @@ def test_job_succeeds_with_artifacts_and_result_in_bucket(worker, client, submit
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET,
                                                  Prefix=f"svc/jobs/{job_id}/")["Contents"]}
     assert f"svc/jobs/{job_id}/inputs/000_cat-one.png" in keys
-    assert f"svc/jobs/{job_id}/artifacts/dog/side_by_side.png" in keys
+    assert f"svc/jobs/{job_id}/attempts/{job['attempt']}/artifacts/dog/side_by_side.png" in keys
 
 
 def test_controls_give_p_values_verdicts_and_set_test(worker, client, submit):
@@ -124,5 +124,6 @@ def test_metrics_readiness_and_models(worker, client):
     assert 'cgidm_jobs{state="succeeded"}' in text
     assert "cgidm_job_duration_seconds_bucket" in text and "cgidm_queue_depth" in text
     models = client.get("/models").json()["models"]
-    assert {m["id"] for m in models} == {"tiny-base", "tiny-ft", "other-base", "other-ft"}
+    assert {m["id"] for m in models} == {"tiny-base", "tiny-ft", "other-base", "other-ft",
+                                         "missing-ft", "corrupt-ft"}
     assert all("path" not in m for m in models)

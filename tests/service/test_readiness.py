@@ -44,12 +44,13 @@ def test_not_ready_without_broker(broken_gateway):
     assert "cgidm_broker_up 0.0" in broken_gateway.get("/metrics").text
 
 
-def test_submission_without_broker_is_503_and_the_job_is_failed(broken_gateway):
+def test_submission_without_broker_is_503_and_stores_nothing(broken_gateway):
     response = broken_gateway.post(
         "/authenticate", data={"pretrained": "tiny-base", "finetuned": "tiny-ft"},
         files=[("images", ("a.png", png_bytes(1), "image/png"))])
     assert response.status_code == 503, response.text
     assert response.json()["detail"][0]["type"] == "broker_unavailable"
-    # the record the gateway wrote before enqueueing is closed as failed, not left queued
-    assert 'cgidm_jobs{state="failed"} 1.0' in broken_gateway.get("/metrics").text
-    assert 'cgidm_jobs{state="queued"} 0.0' in broken_gateway.get("/metrics").text
+    # refused before the body was read: no job record, no input, queued or failed
+    metrics = broken_gateway.get("/metrics").text
+    for state in ("queued", "failed", "running", "succeeded"):
+        assert f'cgidm_jobs{{state="{state}"}} 0.0' in metrics

@@ -82,3 +82,49 @@ def test_redelivered_or_orphan_messages_are_harmless(ctx):
     finished = ctx.store.load(record.job_id)
     assert run_job(ctx, record.job_id) == "cancelled"  # second delivery: nothing rewritten
     assert ctx.store.load(record.job_id) == finished
+
+
+@pytest.fixture(scope="module")
+def sd_registry(tmp_path_factory):
+    """A tiny Stable Diffusion pair (real CLIP tokenizer of 77 tokens) in a registry."""
+    import json
+
+    from tests import tinymodels
+
+    root = tmp_path_factory.mktemp("sd")
+    base = tinymodels.make_tiny_sd(root / "base")
+    tuned = tinymodels.make_full_finetune(base, root / "ft")
+    path = root / "models.json"
+    path.write_text(json.dumps({"models": [
+        {"id": "sd-base", "family": "stable-diffusion", "path": str(base)},
+        {"id": "sd-ft", "family": "stable-diffusion", "path": str(tuned),
+         "finetuned_from": "sd-base", "prompt": "sks style"}]}))
+    return path
+
+
+def test_prompt_longer_than_the_tokenizer_fails_the_job_with_its_code(tmp_path, sd_registry):
+    """The gateway bounds words (75); the worker counts the model's real tokens, because the
+    text encoder would otherwise cut the prompt silently and the evidence would be about a
+    prompt the user never gave."""
+    from worker.context import _load_pair
+
+    settings = Settings(data_dir=tmp_path, models=sd_registry, device="cpu", progress_interval=0)
+    ctx = WorkerContext(settings=settings, store=JobStore(LocalStorage(tmp_path / "store")),
+                        cache=ModelCache(10**9, _load_pair), worker_id="test-worker")
+    long_prompt = " ".join(["antidisestablishmentarianism"] * 20)  # 20 words, hundreds of tokens
+    outcomes = {}
+    for label, prompt in (("long", long_prompt), ("fits", "a painting in sks style")):
+        job_id = new_job_id()
+        key = input_key(job_id, "image", 0, "a")
+        record = JobRecord(job_id=job_id, created_at=utcnow(),
+                           settings=JobSettings(pretrained="sd-base", finetuned="sd-ft", steps=1,
+                                                prompt=prompt),
+                           inputs=[InputFile(name="a", role="image", key=key, width=24,
+                                             height=20)])
+        ctx.store.create(record, [(key, png_bytes(8))])
+        assert run_job(ctx, job_id) in ("failed", "succeeded")
+        outcomes[label] = ctx.store.load(job_id)
+    assert outcomes["long"].status == "failed"
+    assert outcomes["long"].error.code == "prompt_too_long"
+    assert "at most 77" in outcomes["long"].error.message
+    assert outcomes["fits"].status == "succeeded", outcomes["fits"].error

@@ -1,0 +1,217 @@
+"""Refusing submissions early: before the body is read when possible, else while it streams in.
+
+Starlette parses a multipart body completely (spooling files to disk) before the route runs, so
+size limits checked in the route would come after a client had pushed gigabytes at us. This ASGI
+middleware sits in front of the app and, for ``POST /authenticate``:
+
+1. refuses a declared ``Content-Length`` above ``CGIDM_MAX_REQUEST_BYTES`` without reading it;
+2. authenticates the caller (401/403) before reading the body;
+3. answers 429 + ``Retry-After`` when the queue already holds ``CGIDM_MAX_QUEUE_DEPTH`` jobs,
+   and 503 when the broker cannot be asked;
+4. watches the body as it streams: a file part past ``CGIDM_MAX_UPLOAD_BYTES``, more than
+   ``CGIDM_MAX_FILES`` files, or a body past ``CGIDM_MAX_REQUEST_BYTES`` stops the read at once
+   and answers 413 (422 for too many files), whatever the client declared.
+
+Every other route only gets the total body limit. The route itself stores nothing until all
+inputs are validated, so a refusal here leaves nothing in storage.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
+from starlette.requests import Request
+
+from app.auth import caller_of
+from app.errors import ApiError
+
+log = logging.getLogger("cgidm.gateway")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+SUBMIT_PATH = "/authenticate"
+FILE_FIELDS = ("images", "controls")
+#: Text fields (model ids, numbers, the prompt) are small; anything larger is not a setting.
+MAX_FIELD_BYTES = 16 * 1024
+
+
+class PartCounter:
+    """Counts the bytes of each multipart part as the body streams through ``feed``."""
+
+    def __init__(self, content_type: str, max_file_bytes: int, max_files: int):
+        self.max_file_bytes, self.max_files = max_file_bytes, max_files
+        self.error: ApiError | None = None
+        self.files = 0
+        self._field = b""
+        self._value = b""
+        self._headers: dict[bytes, bytes] = {}
+        self._name = ""
+        self._filename: str | None = None
+        self._size = 0
+        _, params = parse_options_header(content_type)
+        boundary = params.get(b"boundary")
+        self.parser: MultipartParser | None = None
+        if boundary:
+            self.parser = MultipartParser(boundary, {
+                "on_part_begin": self._part_begin,
+                "on_header_field": self._header_field,
+                "on_header_value": self._header_value,
+                "on_header_end": self._header_end,
+                "on_headers_finished": self._headers_finished,
+                "on_part_data": self._part_data,
+            })
+
+    def feed(self, chunk: bytes) -> None:
+        """Raise the first :class:`ApiError` the bytes seen so far justify."""
+        if self.parser is None or self.error is not None or not chunk:
+            return
+        try:
+            self.parser.write(chunk)
+        except ApiError as exc:
+            self.error = exc
+        except Exception:  # a malformed body: Starlette's own parser will say so (400/422)
+            self.parser = None
+        if self.error is not None:
+            raise self.error
+
+    def _part_begin(self) -> None:
+        self._headers, self._size, self._name, self._filename = {}, 0, "", None
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._field += data[start:end]
+
+    def _header_value(self, data: bytes, start: int, end: int) -> None:
+        self._value += data[start:end]
+
+    def _header_end(self) -> None:
+        self._headers[self._field.lower()] = self._value
+        self._field = self._value = b""
+
+    def _headers_finished(self) -> None:
+        _, params = parse_options_header(self._headers.get(b"content-disposition", b""))
+        self._name = params.get(b"name", b"").decode("latin-1")
+        filename = params.get(b"filename")
+        self._filename = filename.decode("utf-8", "replace") if filename is not None else None
+        if self._filename is not None:
+            self.files += 1
+            if self.files > self.max_files:
+                field = self._name if self._name in FILE_FIELDS else "images"
+                raise ApiError(422, ["body", field], "too_many_files",
+                               f"more than {self.max_files} files; at most {self.max_files} "
+                               "images + controls per job (CGIDM_MAX_FILES)")
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        self._size += end - start
+        if self._filename is not None and self._size > self.max_file_bytes:
+            raise ApiError(413, ["body", self._name], "file_too_large",
+                           f"{self._filename}: larger than {self.max_file_bytes} bytes "
+                           "(CGIDM_MAX_UPLOAD_BYTES)", file=self._filename)
+        if self._filename is None and self._size > MAX_FIELD_BYTES:
+            raise ApiError(413, ["body", self._name], "field_too_large",
+                           f"field {self._name!r} is larger than {MAX_FIELD_BYTES} bytes")
+
+
+class SubmissionGate:
+    """ASGI middleware applying the limits above; see the module docstring."""
+
+    def __init__(self, app: Any, services: Any):
+        self.app = app
+        self.services = services
+        self.settings = services.settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        settings = self.settings
+        headers = Headers(scope=scope)
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > settings.max_request_bytes:
+            response = ApiError(413, ["body"], "request_too_large",
+                                f"request body of {length} bytes exceeds "
+                                f"{settings.max_request_bytes} bytes (CGIDM_MAX_REQUEST_BYTES)"
+                                ).response()
+            response.headers["Connection"] = "close"
+            await response(scope, receive, send)
+            return
+        counter = None
+        if scope["method"] == "POST" and scope["path"] == SUBMIT_PATH:
+            try:
+                caller_of(settings, Request(scope))
+                await self._check_queue()
+            except ApiError as exc:
+                await exc.response()(scope, receive, send)
+                return
+            content_type = headers.get("content-type", "")
+            if content_type.lower().startswith("multipart/form-data"):
+                counter = PartCounter(content_type, settings.max_upload_bytes,
+                                      settings.max_files)
+        await self._guarded(scope, receive, send, counter)
+
+    async def _check_queue(self) -> None:
+        try:
+            depth = await run_in_threadpool(self.services.queue_depth)
+        except Exception as exc:  # any broker failure: we cannot promise to run the job
+            log.warning("queue depth unknown, refusing the submission: %s", exc)
+            raise ApiError(503, [], "broker_unavailable",
+                           "the job queue is unavailable, try again later") from exc
+        limit = self.settings.max_queue_depth
+        if depth >= limit:
+            retry = self.settings.queue_retry_after
+            raise ApiError(429, [], "queue_full",
+                           f"{depth} jobs are waiting (limit {limit}, CGIDM_MAX_QUEUE_DEPTH); "
+                           f"try again in {retry} s", headers={"Retry-After": str(retry)})
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send,
+                       counter: PartCounter | None) -> None:
+        limit = self.settings.max_request_bytes
+        received = 0
+        refused: ApiError | None = None
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received, refused
+            if refused is not None:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                body = message.get("body", b"")
+                received += len(body)
+                try:
+                    if received > limit:
+                        raise ApiError(413, ["body"], "request_too_large",
+                                       f"request body exceeds {limit} bytes "
+                                       "(CGIDM_MAX_REQUEST_BYTES)")
+                    if counter is not None:
+                        counter.feed(body)
+                except ApiError as exc:
+                    refused = exc
+                    # The app sees the client go away and stops reading; nothing was stored.
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if refused is not None and not started:
+                return  # whatever the app answers to the cut body, ours replaces it
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if refused is None or started:
+                raise
+        if refused is not None and not started:
+            response = refused.response()
+            response.headers["Connection"] = "close"
+            await response(scope, receive, send)

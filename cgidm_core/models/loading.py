@@ -41,6 +41,7 @@ from cgidm_core.models.sd_loading import (
     loading_errors,
     place,
     same_weights,
+    text_encoder_reloader,
 )
 from cgidm_core.models.stable_diffusion import StableDiffusionLoraPair, StableDiffusionPair
 from cgidm_core.pair import ModelPair
@@ -60,6 +61,7 @@ def load_pair(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     allow_network: bool = False,
+    keep_text_encoders: bool = False,
 ) -> ModelPair:
     """Load a pretrained model and its suspected fine-tune as one pair, frozen, in eval mode.
 
@@ -67,7 +69,8 @@ def load_pair(
     ``finetuned`` is any format :func:`detect_finetuned_kind` recognises (``finetuned_kind``
     overrides the detection). ``device``/``dtype`` default to CUDA+float16 when a GPU exists,
     else CPU+float32. Without ``allow_network`` nothing is downloaded: Hub ids must already be in
-    the local cache.
+    the local cache. Stable Diffusion pairs drop their text encoders after encoding each new
+    prompt and read them back from disk for the next new one, unless ``keep_text_encoders``.
     """
     target = resolve_device(device)
     opts = LoadOptions(
@@ -90,13 +93,15 @@ def load_pair(
         raise describe_family_mismatch(family, kind, ft_path)
     if family == DDPM_FAMILY:
         return load_ddpm_pair(pre_path, ft_path, opts)
-    return load_sd_pair(pre_path, ft_path, kind, opts)
+    return load_sd_pair(pre_path, ft_path, kind, opts, keep_text_encoders=keep_text_encoders)
 
 
 # -- Stable Diffusion ----------------------------------------------------------------------------
 
 
-def load_sd_pair(pre_path: Path, ft_path: Path, kind: str, opts: LoadOptions) -> ModelPair:
+def load_sd_pair(
+    pre_path: Path, ft_path: Path, kind: str, opts: LoadOptions, *, keep_text_encoders: bool = False
+) -> ModelPair:
     base = load_sd_base(pre_path, opts)
     shared = {
         "vae": place(base.vae, opts, torch.float32),
@@ -109,7 +114,13 @@ def load_sd_pair(pre_path: Path, ft_path: Path, kind: str, opts: LoadOptions) ->
     if kind == "lora":
         attach_lora(ft_path, base, opts)
         return StableDiffusionLoraPair(
-            unet=place(base.unet, opts), text_encoder=place(base.text_encoder, opts), **shared
+            unet=place(base.unet, opts),
+            text_encoder=place(base.text_encoder, opts),
+            keep_text_encoders=keep_text_encoders,
+            text_encoder_reloader=text_encoder_reloader(
+                kind, pre_path, ft_path, opts, unet_config=base.unet.config
+            ),
+            **shared,
         )
 
     loaders = {
@@ -131,10 +142,18 @@ def load_sd_pair(pre_path: Path, ft_path: Path, kind: str, opts: LoadOptions) ->
             raise IncompatiblePairError(_IDENTICAL.format(ft=ft_path, pre=pre_path))
         unet = base.unet
     unet_pretrained = place(base.unet, opts)
+    unet_finetuned = unet_pretrained if unet is base.unet else place(unet, opts)
     text_encoder_pretrained = place(base.text_encoder, opts)
+    # Only the text encoder is converted again from a single file: the rest is the pair's own.
+    components = {"unet": unet_finetuned, "vae": shared["vae"], "tokenizer": base.tokenizer,
+                  "scheduler": base.scheduler}
     return StableDiffusionPair(
         unet_pretrained=unet_pretrained,
-        unet_finetuned=unet_pretrained if unet is base.unet else place(unet, opts),
+        unet_finetuned=unet_finetuned,
+        keep_text_encoders=keep_text_encoders,
+        text_encoder_reloader=text_encoder_reloader(
+            kind, pre_path, ft_path, opts, single_file_components=components
+        ),
         text_encoder_pretrained=text_encoder_pretrained,
         text_encoder_finetuned=(
             text_encoder_pretrained

@@ -8,7 +8,7 @@ remote code.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -284,16 +284,11 @@ def load_single_file(file: Path, base: SDBase, opts: LoadOptions) -> SDFinetune:
     return SDFinetune(unet=pipe.unet, text_encoder=pipe.text_encoder if has_text_encoder else None)
 
 
-def attach_lora(path: Path, base: SDBase, opts: LoadOptions) -> int:
-    """Load a LoRA into the base UNet (and text encoder) as one named adapter.
-
-    Goes through diffusers' LoRA loader, which also converts kohya/A1111 key names and reads the
-    adapter's rank/alpha metadata. Returns the number of adapted layers.
-    """
+def _read_lora(weights: Path, unet_config: Any) -> tuple[dict, Any, Any]:
+    """A LoRA file's state dict in diffusers' naming (kohya/A1111 keys converted), with its
+    network alphas and rank/alpha metadata."""
     from diffusers import StableDiffusionPipeline
-    from peft.tuners.tuners_utils import BaseTunerLayer
 
-    weights = lora_weights_file(path)
     keys = safetensors_keys(weights)
     if is_sdxl_lora(keys):
         raise UnsupportedModelFamilyError(f"{weights} is an SDXL LoRA. {SDXL_REFUSAL}")
@@ -304,10 +299,46 @@ def attach_lora(path: Path, base: SDBase, opts: LoadOptions) -> int:
             use_safetensors=True,
             local_files_only=True,
             return_lora_metadata=True,
-            unet_config=base.unet.config,
+            unet_config=unet_config,
         )
-        if not state_dict or not all("lora" in key for key in state_dict):
-            raise ModelFormatError(f"{weights} is not a LoRA that diffusers can load")
+    if not state_dict or not all("lora" in key for key in state_dict):
+        raise ModelFormatError(f"{weights} is not a LoRA that diffusers can load")
+    return state_dict, network_alphas, metadata
+
+
+def _lora_has_text_encoder(state_dict: dict) -> bool:
+    return any(key.startswith("text_encoder.") for key in state_dict)
+
+
+def _attach_lora_to_text_encoder(
+    lora: tuple[dict, Any, Any], text_encoder: Any, weights: Path
+) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    state_dict, network_alphas, metadata = lora
+    with loading_errors("the LoRA", weights, mismatch_is_incompatible=True):
+        StableDiffusionPipeline.load_lora_into_text_encoder(
+            state_dict,
+            network_alphas,
+            text_encoder=text_encoder,
+            adapter_name=LORA_ADAPTER_NAME,
+            metadata=metadata,
+        )
+
+
+def attach_lora(path: Path, base: SDBase, opts: LoadOptions) -> int:
+    """Load a LoRA into the base UNet (and text encoder) as one named adapter.
+
+    Goes through diffusers' LoRA loader, which also converts kohya/A1111 key names and reads the
+    adapter's rank/alpha metadata. Returns the number of adapted layers.
+    """
+    from diffusers import StableDiffusionPipeline
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    weights = lora_weights_file(path)
+    lora = _read_lora(weights, base.unet.config)
+    state_dict, network_alphas, metadata = lora
+    with loading_errors("the LoRA", weights, mismatch_is_incompatible=True):
         StableDiffusionPipeline.load_lora_into_unet(
             state_dict,
             network_alphas,
@@ -315,14 +346,8 @@ def attach_lora(path: Path, base: SDBase, opts: LoadOptions) -> int:
             adapter_name=LORA_ADAPTER_NAME,
             metadata=metadata,
         )
-        if any(key.startswith("text_encoder.") for key in state_dict):
-            StableDiffusionPipeline.load_lora_into_text_encoder(
-                state_dict,
-                network_alphas,
-                text_encoder=base.text_encoder,
-                adapter_name=LORA_ADAPTER_NAME,
-                metadata=metadata,
-            )
+    if _lora_has_text_encoder(state_dict):
+        _attach_lora_to_text_encoder(lora, base.text_encoder, weights)
     layers = sum(
         isinstance(module, BaseTunerLayer)
         for network in (base.unet, base.text_encoder)
@@ -331,6 +356,69 @@ def attach_lora(path: Path, base: SDBase, opts: LoadOptions) -> int:
     if layers == 0:
         raise ModelFormatError(f"{weights} holds no LoRA weights that fit this base model")
     return layers
+
+
+# -- reloading text encoders -------------------------------------------------------------------
+
+
+def text_encoder_reloader(
+    kind: str,
+    base_folder: Path,
+    finetuned_path: Path,
+    opts: LoadOptions,
+    *,
+    unet_config: Any = None,
+    single_file_components: dict[str, Any] | None = None,
+) -> Callable[[bool], tuple[Any, Any]]:
+    """A function that builds a pair's text encoders again, as :func:`load_sd_pair` built them.
+
+    A pair that released its text encoders calls it for a prompt it has not encoded yet. It reads
+    the same files as the first load: the base folder's ``text_encoder/``, and for the fine-tune
+    its ``text_encoder/`` (pipeline, DreamBooth), the encoder inside its single file, or the
+    base encoder with the LoRA's text-encoder layers attached. ``single_file_components`` are the
+    pair's own UNet, VAE, tokenizer and scheduler, handed to diffusers so that only the text
+    encoder is converted from the checkpoint. ``unet_config`` is the base UNet's config, which
+    diffusers needs to convert kohya-style LoRA names.
+    """
+
+    def reload(finetuned: bool) -> tuple[Any, Any]:
+        pretrained = load_text_encoder(base_folder, opts)
+        if kind == "lora":
+            weights = lora_weights_file(finetuned_path)
+            lora = _read_lora(weights, unet_config)
+            if _lora_has_text_encoder(lora[0]):
+                _attach_lora_to_text_encoder(lora, pretrained, weights)
+        pretrained = place(pretrained, opts)
+        if not finetuned:
+            return pretrained, None
+        if kind == "single_file":
+            encoder = _single_file_text_encoder(finetuned_path, base_folder, opts,
+                                                single_file_components or {})
+        elif kind in ("pipeline", "dreambooth"):
+            encoder = load_text_encoder(finetuned_path, opts)
+        else:
+            raise ModelFormatError(f"a {kind} fine-tune has no text encoder of its own to reload")
+        return pretrained, place(encoder, opts)
+
+    return reload
+
+
+def _single_file_text_encoder(
+    file: Path, base_folder: Path, opts: LoadOptions, components: dict[str, Any]
+) -> Any:
+    from diffusers import StableDiffusionPipeline
+
+    with loading_errors("the single-file checkpoint", file, mismatch_is_incompatible=True):
+        pipe = StableDiffusionPipeline.from_single_file(
+            str(file),
+            config=str(base_folder),
+            local_files_only=True,
+            torch_dtype=opts.dtype,
+            safety_checker=None,
+            feature_extractor=None,
+            **components,
+        )
+    return pipe.text_encoder
 
 
 # -- checks and placement ----------------------------------------------------------------------

@@ -4,17 +4,87 @@ What the reference code loads twice is held once here: one VAE, one tokenizer, o
 schedule; the fine-tuned text encoder only when the fine-tune changed it; and for a LoRA
 fine-tune a single UNet whose adapter is switched on for the fine-tuned model and off for the
 pretrained one.
+
+Text encoders are needed once per prompt, and the inversion then runs for minutes on the cached
+embeddings. A pair can therefore drop their weights after a new prompt is encoded
+(``keep_text_encoders=False``, what :func:`cgidm_core.models.load_pair` does by default) and read
+them again from disk when a prompt it has not seen arrives. That is what brings a DreamBooth pair
+below the memory of the reference's two pipelines; see docs/PERFORMANCE.md.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from cgidm_core.errors import ConfigError
 from cgidm_core.models.devices import unique_modules
 from cgidm_core.models.predictions import expand_timesteps, output_to_eps
 from cgidm_core.pair import Conditioning, ModelPair
+
+#: Builds fresh copies of a pair's text encoders, exactly as loading built them, on the pair's
+#: device and dtype: ``(pretrained, finetuned)``, the second ``None`` when ``finetuned`` is False
+#: (the fine-tune uses the pretrained encoder). See ``sd_loading.text_encoder_reloader``.
+TextEncoderReloader = Callable[[bool], tuple[torch.nn.Module, torch.nn.Module | None]]
+
+
+def _release_weights(module: torch.nn.Module) -> None:
+    """Replace every parameter and buffer by a storage-less meta tensor, keeping the module.
+
+    The module object survives (with its hooks, peft layers and any outside reference to it), so
+    reloading puts tensors back into the same object instead of swapping in a new one.
+    """
+    module.to("meta")
+
+
+def _adopt_weights(target: torch.nn.Module, source: torch.nn.Module) -> None:
+    """Move the parameters and buffers of ``source`` into ``target`` (same architecture).
+
+    Both are walked in module order; names must match one to one, which holds because the
+    reloader builds ``source`` exactly as ``target`` was built (peft adapter layers included).
+    Non-persistent buffers (CLIP's ``position_ids``) travel too, which ``load_state_dict`` would
+    leave on the meta device.
+    """
+    targets = dict(target.named_modules(remove_duplicate=False))
+    sources = dict(source.named_modules(remove_duplicate=False))
+    if targets.keys() != sources.keys():
+        raise ConfigError(
+            "the reloaded text encoder does not have the architecture of the released one; was "
+            "the model folder changed on disk since the pair was loaded? Load the pair again"
+        )
+    for name, module in targets.items():
+        donor = sources[name]
+        for key in list(module._parameters):
+            module._parameters[key] = donor._parameters[key]
+        for key in list(module._buffers):
+            module._buffers[key] = donor._buffers[key]
+
+
+def return_freed_memory(device: torch.device) -> None:
+    """Hand memory of dropped tensors back to the system, so it shows in RSS / nvidia-smi.
+
+    glibc keeps freed medium-sized blocks in its heap (only huge blocks are unmapped at once);
+    ``malloc_trim`` returns them. On CUDA the caching allocator keeps freed blocks for reuse by
+    this process, which is what the inversion wants, so they are left cached.
+    """
+    gc.collect()
+    if device.type != "cpu":
+        return
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        return
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)
 
 
 class StableDiffusionPair(ModelPair):
@@ -43,7 +113,17 @@ class StableDiffusionPair(ModelPair):
         dtype: torch.dtype,
         finetuned_kind: str = "pipeline",
         default_prompt: str | None = None,
+        keep_text_encoders: bool = True,
+        text_encoder_reloader: TextEncoderReloader | None = None,
     ) -> None:
+        """``keep_text_encoders=False`` drops the text encoders' weights after every prompt the
+        pair has not encoded before; it needs ``text_encoder_reloader`` to read them back."""
+        if not keep_text_encoders and text_encoder_reloader is None:
+            raise ConfigError(
+                "keep_text_encoders=False needs a text_encoder_reloader to read the encoders "
+                "back for a new prompt; pass one, or keep them and call release_text_encoders() "
+                "yourself once every prompt is encoded"
+            )
         self.vae = vae
         self.tokenizer = tokenizer
         self.tokenizer_finetuned = tokenizer if tokenizer_finetuned is None else tokenizer_finetuned
@@ -68,6 +148,9 @@ class StableDiffusionPair(ModelPair):
         shift = getattr(vae.config, "shift_factor", None)
         self.shift_factor = float(shift) if shift is not None else 0.0
         self._cache: dict[str, Conditioning] = {}
+        self.keep_text_encoders = keep_text_encoders
+        self._text_encoder_reloader = text_encoder_reloader
+        self._text_encoders_released = False
 
     # -- codec ---------------------------------------------------------------------------------
 
@@ -115,11 +198,62 @@ class StableDiffusionPair(ModelPair):
         text = prompt if prompt is not None else (self.default_prompt or "")
         cached = self._cache.get(text)
         if cached is None:
+            self.load_text_encoders()
             pretrained = self._embed_pretrained(text)
             finetuned = pretrained if self._shares_text_encoder() else self._embed_finetuned(text)
             cached = Conditioning(finetuned=finetuned, pretrained=pretrained)
             self._cache[text] = cached
+            if not self.keep_text_encoders:
+                self.release_text_encoders()
         return cached
+
+    # -- text encoder lifetime -----------------------------------------------------------------
+
+    @property
+    def text_encoders_loaded(self) -> bool:
+        return not self._text_encoders_released
+
+    def _text_encoder_modules(self) -> list[torch.nn.Module]:
+        return unique_modules([self.text_encoder_pretrained, self.text_encoder_finetuned])
+
+    def release_text_encoders(self) -> int:
+        """Drop the text encoders' weights; cached prompt embeddings stay usable.
+
+        Returns the bytes of weights dropped (0 if they were already released). A prompt that is
+        not cached afterwards reloads them (see :meth:`load_text_encoders`).
+        """
+        if self._text_encoders_released:
+            return 0
+        before = self.memory_bytes()
+        for module in self._text_encoder_modules():
+            _release_weights(module)
+        self._text_encoders_released = True
+        self._after_text_encoders_changed()
+        return_freed_memory(self.device)
+        return before - self.memory_bytes()
+
+    def load_text_encoders(self) -> None:
+        """Read released text encoders back (from the model files) into the same modules."""
+        if not self._text_encoders_released:
+            return
+        if self._text_encoder_reloader is None:
+            raise ConfigError(
+                "this pair's text encoders were released and it has no way to reload them (it "
+                "was built in memory without a text_encoder_reloader); encode every prompt "
+                "before calling release_text_encoders(), or load the pair with load_pair()"
+            )
+        need_finetuned = self.text_encoder_finetuned is not self.text_encoder_pretrained
+        pretrained, finetuned = self._text_encoder_reloader(need_finetuned)
+        _adopt_weights(self.text_encoder_pretrained, pretrained)
+        if need_finetuned:
+            if finetuned is None:
+                raise ConfigError("the text encoder reloader gave no fine-tuned text encoder")
+            _adopt_weights(self.text_encoder_finetuned, finetuned)
+        self._text_encoders_released = False
+        self._after_text_encoders_changed()
+
+    def _after_text_encoders_changed(self) -> None:
+        """Hook for subclasses that keep references into the text encoders' layers."""
 
     # -- noise predictions ---------------------------------------------------------------------
 
@@ -153,15 +287,9 @@ class StableDiffusionPair(ModelPair):
     # -- bookkeeping ---------------------------------------------------------------------------
 
     def modules(self) -> list[torch.nn.Module]:
-        return unique_modules(
-            [
-                self.unet_pretrained,
-                self.unet_finetuned,
-                self.vae,
-                self.text_encoder_pretrained,
-                self.text_encoder_finetuned,
-            ]
-        )
+        """Networks holding weights now: released text encoders hold none and are left out."""
+        text_encoders = [] if self._text_encoders_released else self._text_encoder_modules()
+        return unique_modules([self.unet_pretrained, self.unet_finetuned, self.vae, *text_encoders])
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -169,6 +297,7 @@ class StableDiffusionPair(ModelPair):
             "finetuned_kind": self.finetuned_kind,
             "prediction_type": self.prediction_type,
             "shared_text_encoder": self._shares_text_encoder(),
+            "keep_text_encoders": self.keep_text_encoders,
         }
 
 
@@ -231,6 +360,10 @@ class StableDiffusionLoraPair(StableDiffusionPair):
     def _shares_text_encoder(self) -> bool:
         # Same module, but with a text-encoder LoRA it computes two different things.
         return len(self.text_encoder_adapter) == 0
+
+    def _after_text_encoders_changed(self) -> None:
+        # The switch holds the adapter's parameter objects, which a release or reload replaced.
+        self.text_encoder_adapter = AdapterSwitch([self.text_encoder_pretrained])
 
     def _embed_finetuned(self, prompt: str) -> torch.Tensor:
         self.text_encoder_adapter.set(True)

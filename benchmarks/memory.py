@@ -1,0 +1,229 @@
+#!/usr/bin/env python
+"""Resident memory of a loaded Stable Diffusion 1.5 pair: the reference layout against cgidm's.
+
+Every layout is built with the real SD 1.5 architecture (``benchmarks/sd15.py``), random weights,
+float32 on the CPU, in a FRESH process, and measured as resident memory (VmRSS) once built:
+
+- ``reference``: the authors' two pipelines as ``from_pretrained`` gives them (each with its own
+  UNet, VAE, text encoder, tokenizer; the pretrained one also with SD's safety checker);
+- ``reference-no-safety``: the same without the safety checker (two pipelines of UNet + VAE +
+  text encoder + tokenizer): the stricter baseline, used for the targets;
+- ``cgidm-dreambooth``: ``StableDiffusionPair`` of a full DreamBooth fine-tune with its own text
+  encoder (two UNets, one VAE), after its prompt is encoded and the text encoders released
+  (``load_pair``'s default); the row "(text encoders kept)" is the same pair before the release;
+- ``cgidm-lora-rN``: ``StableDiffusionLoraPair``: one UNet with a rank-N adapter, one VAE.
+
+    python benchmarks/memory.py                      # all layouts, markdown table
+    python benchmarks/memory.py --json memory.json --lora-ranks 4 64
+
+Takes about 3 minutes on a 2-core CPU and needs about 10 GiB of free memory (the reference
+layout holds 2.4 G parameters).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import machine  # noqa: E402
+
+PROMPT = "sks style"
+TARGETS = {"cgidm-dreambooth": 0.85, "cgidm-lora": 0.5}
+
+
+# -- one layout, in the child process ----------------------------------------------------------
+
+
+def _frozen(module: Any) -> Any:
+    return module.eval().requires_grad_(False)
+
+
+def _cgidm_dreambooth() -> Any:
+    import torch
+
+    from benchmarks import sd15
+    from cgidm_core.models import StableDiffusionPair
+
+    tokenizer = sd15.build_tokenizer()
+    return StableDiffusionPair(
+        vae=_frozen(sd15.build_vae(1)),
+        tokenizer=tokenizer,
+        alphas_cumprod=sd15.build_scheduler().alphas_cumprod,
+        unet_pretrained=_frozen(sd15.build_unet(0)),
+        unet_finetuned=_frozen(sd15.build_unet(10)),
+        text_encoder_pretrained=_frozen(sd15.build_text_encoder(tokenizer, 2)),
+        text_encoder_finetuned=_frozen(sd15.build_text_encoder(tokenizer, 12)),
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        finetuned_kind="dreambooth",
+        default_prompt=PROMPT,
+    )
+
+
+def _cgidm_lora(rank: int) -> Any:
+    import torch
+
+    from benchmarks import sd15
+    from cgidm_core.models import StableDiffusionLoraPair
+
+    tokenizer = sd15.build_tokenizer()
+    unet = sd15.build_unet(0)
+    sd15.add_lora(unet, rank)
+    return StableDiffusionLoraPair(
+        unet=_frozen(unet),
+        text_encoder=_frozen(sd15.build_text_encoder(tokenizer, 2)),
+        vae=_frozen(sd15.build_vae(1)),
+        tokenizer=tokenizer,
+        alphas_cumprod=sd15.build_scheduler().alphas_cumprod,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        default_prompt=PROMPT,
+    )
+
+
+def measure(layout: str, threads: int | None) -> dict[str, Any]:
+    """Build one layout in this (fresh) process and report its resident memory."""
+    machine.set_threads(threads)
+    import diffusers  # noqa: F401  (imported before the baseline: libraries are not the layout)
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+
+    import cgidm_core.models  # noqa: F401
+    from benchmarks import reference_layout
+
+    machine.trim_heap()
+    baseline = machine.rss_bytes()
+    out: dict[str, Any] = {"layout": layout, "baseline_rss": baseline}
+    if layout.startswith("reference"):
+        ref = reference_layout.build_sd15_reference_layout(
+            with_safety_checker=layout == "reference"
+        )
+        machine.trim_heap()
+        out.update(rss=machine.rss_bytes(), weight_bytes=ref.parameter_bytes(),
+                   parameters=sum(p.numel() for pipe in (ref.finetuned, ref.pretrained)
+                                  for m in pipe.modules() for p in m.parameters()))
+    else:
+        pair = _cgidm_dreambooth() if layout == "cgidm-dreambooth" else _cgidm_lora(
+            int(layout.rsplit("-r", 1)[1])
+        )
+        pair.conditioning(PROMPT)
+        machine.trim_heap()
+        out.update(rss_kept=machine.rss_bytes(), weight_bytes_kept=pair.memory_bytes())
+        freed = pair.release_text_encoders()
+        machine.trim_heap()
+        # The cached prompt still works without the encoders (the service's steady state).
+        pair.conditioning(PROMPT)
+        out.update(rss=machine.rss_bytes(), weight_bytes=pair.memory_bytes(), freed_bytes=freed,
+                   parameters=sum(p.numel() for m in pair.modules() for p in m.parameters()))
+    out["peak_rss"] = machine.peak_rss_bytes()
+    return out
+
+
+# -- the table, in the parent process ----------------------------------------------------------
+
+
+def _ratio(value: float, reference: float) -> str:
+    return f"{value / reference:.3f}"
+
+
+def render(rows: list[dict[str, Any]], facts: dict[str, Any], command: str) -> str:
+    by_name = {r["layout"]: r for r in rows}
+    strict = by_name.get("reference-no-safety")
+    faithful = by_name.get("reference")
+    lines = [
+        f"Measured {facts['date']} on {facts['cpu_count']}-core CPU ({facts['cpu']}), "
+        f"{facts.get('memory_total_gib', '?')} GiB, torch {facts['torch']}, float32, load "
+        f"average {facts['load_average']}. Command: `{command}`",
+        "",
+        "| layout | parameters (M) | weights (GiB) | RSS (GiB) | RSS above libraries (GiB) "
+        "| RSS / reference without safety checker | RSS / reference (authors', with safety "
+        "checker) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def row(name: str, params: float | None, weights: int, rss: int, baseline: int) -> str:
+        strict_ratio = _ratio(rss, strict["rss"]) if strict else "-"
+        faithful_ratio = _ratio(rss, faithful["rss"]) if faithful else "-"
+        above = rss - baseline
+        if strict:
+            strict_ratio += f" ({above / (strict['rss'] - strict['baseline_rss']):.3f})"
+        if faithful:
+            faithful_ratio += f" ({above / (faithful['rss'] - faithful['baseline_rss']):.3f})"
+        p = f"{params / 1e6:,.0f}" if params is not None else "-"
+        return (f"| {name} | {p} | {machine.gib(weights)} | {machine.gib(rss)} | "
+                f"{machine.gib(above)} | {strict_ratio} | {faithful_ratio} |")
+
+    for r in rows:
+        if "rss_kept" in r:
+            lines.append(row(r["layout"] + " (text encoders kept)", None, r["weight_bytes_kept"],
+                             r["rss_kept"], r["baseline_rss"]))
+        lines.append(row(r["layout"], r["parameters"], r["weight_bytes"], r["rss"],
+                         r["baseline_rss"]))
+    lines += [
+        "",
+        "Ratios in parentheses compare memory above the imported libraries (RSS minus the "
+        "process's RSS before any network was built).",
+    ]
+    return "\n".join(lines)
+
+
+def verdicts(rows: list[dict[str, Any]]) -> list[str]:
+    by_name = {r["layout"]: r for r in rows}
+    strict = by_name.get("reference-no-safety")
+    if strict is None:
+        return []
+    out = []
+    for r in rows:
+        key = "cgidm-lora" if r["layout"].startswith("cgidm-lora") else r["layout"]
+        if key in TARGETS:
+            ratio = r["rss"] / strict["rss"]
+            met = "met" if ratio <= TARGETS[key] else "NOT met"
+            out.append(f"{r['layout']}: {ratio:.3f}x the reference without safety checker "
+                       f"(target <= {TARGETS[key]}): {met}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layouts", nargs="+",
+                        default=["reference", "reference-no-safety", "cgidm-dreambooth"])
+    parser.add_argument("--lora-ranks", nargs="*", type=int, default=[4, 64])
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: os.cpu_count())")
+    parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--measure", help=argparse.SUPPRESS)  # child mode: one layout
+    args = parser.parse_args(argv)
+
+    if args.measure:
+        print(json.dumps(measure(args.measure, args.threads)))
+        return 0
+
+    layouts = list(args.layouts) + [f"cgidm-lora-r{r}" for r in args.lora_ranks]
+    command = "python benchmarks/memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    rows = []
+    for layout in layouts:
+        extra = ["--threads", str(args.threads)] if args.threads else []
+        print(f"measuring {layout} ...", file=sys.stderr, flush=True)
+        rows.append(machine.run_child(["benchmarks/memory.py", "--measure", layout, *extra]))
+    machine.set_threads(args.threads)
+    facts = machine.machine_facts()
+    print(render(rows, facts, command.strip()))
+    for line in verdicts(rows):
+        print("- " + line)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": facts, "command": command.strip(),
+                                               "rows": rows, "verdicts": verdicts(rows)},
+                                              indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,214 @@
+"""What a loaded Stable Diffusion pair holds in memory, and the text-encoder release.
+
+The issue's memory targets rest on two facts checked here on tiny models: a LoRA pair holds ONE
+UNet, and a pair can drop its text encoders once a prompt is encoded and still answer any prompt
+(cached ones from memory, new ones by reading the encoders back from disk) with exactly the
+embeddings it would have given without the release.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from transformers import CLIPTextModel
+
+from cgidm_core.errors import ConfigError
+from cgidm_core.models import StableDiffusionLoraPair, StableDiffusionPair, load_pair
+from tests import tinymodels
+
+PROMPT = "sks style"
+OTHER_PROMPT = "a photo of a dog"
+CPU = {"device": "cpu"}
+
+
+def _param_bytes(module: torch.nn.Module, skip_lora: bool = False) -> int:
+    return sum(
+        p.numel() * p.element_size()
+        for name, p in module.named_parameters()
+        if not (skip_lora and "lora_" in name)
+    )
+
+
+@pytest.fixture(scope="module")
+def finetunes(tiny_sd_pair, tmp_path_factory) -> dict[str, Path]:
+    base, full = tiny_sd_pair
+    root = tmp_path_factory.mktemp("memory")
+    # A full pipeline whose text encoder was fine-tuned too, and its single-file checkpoint.
+    with_text_encoder = root / "pipeline_te"
+    shutil.copytree(base, with_text_encoder)
+    tinymodels.make_dreambooth_folder(base, root / "db_parts", seed=7)
+    shutil.rmtree(with_text_encoder / "unet")
+    shutil.rmtree(with_text_encoder / "text_encoder")
+    shutil.copytree(root / "db_parts" / "unet", with_text_encoder / "unet")
+    shutil.copytree(root / "db_parts" / "text_encoder", with_text_encoder / "text_encoder")
+    return {
+        "base": base,
+        "pipeline": full,
+        "dreambooth": tinymodels.make_dreambooth_folder(base, root / "db"),
+        "lora": tinymodels.make_lora(base, root / "lora", rank=4),
+        "lora_te": tinymodels.make_lora(
+            base, root / "lora_te", as_file=True, with_text_encoder=True
+        ),
+        "single_file_te": tinymodels.make_single_file(
+            base, root / "single_te.safetensors", source=with_text_encoder
+        ),
+    }
+
+
+def test_lora_pair_holds_one_unet(finetunes):
+    lora = load_pair(finetunes["base"], finetunes["lora"], keep_text_encoders=True, **CPU)
+    full = load_pair(finetunes["base"], finetunes["pipeline"], keep_text_encoders=True, **CPU)
+    assert isinstance(lora, StableDiffusionLoraPair)
+    unets = [m for m in lora.modules() if isinstance(m, UNet2DConditionModel)]
+    assert len(unets) == 1
+    unet_bytes = _param_bytes(unets[0], skip_lora=True)
+    adapter_bytes = _param_bytes(unets[0]) - unet_bytes
+    assert 0 < adapter_bytes < 0.2 * unet_bytes
+    # The full pair pays a second UNet; the LoRA pair only its adapter.
+    two_unets = full.memory_bytes()
+    assert lora.memory_bytes() == pytest.approx(two_unets - unet_bytes + adapter_bytes, rel=0.01)
+    assert lora.memory_bytes() < two_unets - 0.8 * unet_bytes
+
+
+@pytest.mark.parametrize("kind", ["dreambooth", "lora_te", "single_file_te", "pipeline"])
+def test_released_text_encoders_give_the_same_embeddings(finetunes, kind):
+    kept = load_pair(finetunes["base"], finetunes[kind], keep_text_encoders=True, **CPU)
+    expected = {p: kept.conditioning(p) for p in (PROMPT, OTHER_PROMPT)}
+    encoders = kept._text_encoder_modules()
+    text_encoder_bytes = sum(_param_bytes(m) for m in encoders)
+    if kind != "pipeline":  # these fine-tunes changed the text encoder: two different embeddings
+        assert not torch.equal(expected[PROMPT].finetuned, expected[PROMPT].pretrained)
+
+    pair = load_pair(finetunes["base"], finetunes[kind], **CPU)  # the default: release
+    assert pair.text_encoders_loaded and pair.memory_bytes() == kept.memory_bytes()
+    first = pair.conditioning(PROMPT)
+    assert not pair.text_encoders_loaded
+    assert pair.memory_bytes() <= kept.memory_bytes() - text_encoder_bytes
+    assert all(not isinstance(m, CLIPTextModel) for m in pair.modules())
+
+    # The cached prompt needs no encoder: same object, nothing reloaded.
+    assert pair.conditioning(PROMPT) is first
+    assert not pair.text_encoders_loaded
+    # A new prompt reads the encoders back, encodes, and releases them again.
+    other = pair.conditioning(OTHER_PROMPT)
+    assert not pair.text_encoders_loaded
+    for prompt, cond in ((PROMPT, first), (OTHER_PROMPT, other)):
+        torch.testing.assert_close(cond.pretrained, expected[prompt].pretrained, rtol=0, atol=0)
+        torch.testing.assert_close(cond.finetuned, expected[prompt].finetuned, rtol=0, atol=0)
+
+    # The noise predictions use the cached embeddings exactly as before.
+    z = torch.randn((2, *pair.latent_shape), generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([10, 600])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            pair.eps_finetuned(z, t, first), kept.eps_finetuned(z, t, expected[PROMPT])
+        )
+        torch.testing.assert_close(
+            pair.eps_pretrained(z, t, first), kept.eps_pretrained(z, t, expected[PROMPT])
+        )
+
+
+def test_lora_text_encoder_adapter_still_switches_after_reload(finetunes):
+    pair = load_pair(finetunes["base"], finetunes["lora_te"], **CPU)
+    pair.conditioning(PROMPT)
+    pair.load_text_encoders()
+    assert pair.text_encoders_loaded and len(pair.text_encoder_adapter) > 0
+    encoder = pair.text_encoder_pretrained
+    assert all(p.device.type == "cpu" and not p.requires_grad for p in encoder.parameters())
+    # Embedding directly with the reloaded weights: adapter on and off still differ.
+    on = pair._embed_finetuned("x")
+    off = pair._embed_pretrained("x")
+    assert not torch.equal(on, off)
+
+
+def test_keep_text_encoders_keeps_them(finetunes):
+    pair = load_pair(finetunes["base"], finetunes["dreambooth"], keep_text_encoders=True, **CPU)
+    before = pair.memory_bytes()
+    pair.conditioning(PROMPT)
+    assert pair.text_encoders_loaded and pair.memory_bytes() == before
+    freed = pair.release_text_encoders()
+    assert freed > 0 and pair.memory_bytes() == before - freed
+    assert pair.release_text_encoders() == 0  # releasing twice frees nothing more
+    pair.conditioning(OTHER_PROMPT)  # reloads, and keeps them, as asked
+    assert pair.text_encoders_loaded and pair.memory_bytes() == before
+
+
+def _in_memory_pair(keep_text_encoders: bool = True) -> StableDiffusionPair:
+    parts = tinymodels.tiny_sd_components()
+    finetuned_unet = tinymodels.perturb_(tinymodels.tiny_sd_components()["unet"], seed=3)
+    return StableDiffusionPair(
+        vae=parts["vae"].eval(),
+        tokenizer=parts["tokenizer"],
+        alphas_cumprod=parts["scheduler"].alphas_cumprod,
+        unet_pretrained=parts["unet"].eval().requires_grad_(False),
+        unet_finetuned=finetuned_unet.eval().requires_grad_(False),
+        text_encoder_pretrained=parts["text_encoder"],
+        text_encoder_finetuned=parts["text_encoder"],
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        keep_text_encoders=keep_text_encoders,
+    )
+
+
+def test_in_memory_pair_without_reloader_explains_itself():
+    with pytest.raises(ConfigError, match="text_encoder_reloader"):
+        _in_memory_pair(keep_text_encoders=False)
+    pair = _in_memory_pair()
+    cond = pair.conditioning(PROMPT)
+    assert pair.release_text_encoders() > 0
+    assert pair.conditioning(PROMPT) is cond  # cached prompts keep working
+    with pytest.raises(ConfigError, match="encode every prompt before"):
+        pair.conditioning(OTHER_PROMPT)
+
+
+# -- the GPU benchmark's CPU-side logic (benchmarks/gpu.py --dry-run) ------------------------------
+
+
+def test_gpu_benchmark_dry_run_measures_every_configuration(tmp_path):
+    import json
+
+    from benchmarks import gpu
+
+    docs = tmp_path / "PERFORMANCE.md"
+    docs.write_text("# Performance\n")
+    out = tmp_path / "gpu.json"
+    args = ["--dry-run", "--dtypes", "float32", "--batches", "1", "2", "--steps", "4",
+            "--budget", "120", "--config-seconds", "60", "--json", str(out), "--docs", str(docs)]
+    assert gpu.main(args) == 0
+    report = json.loads(out.read_text())
+    configs = [(r["config"]["batch"], r["config"]["channels_last"]) for r in report["results"]]
+    assert configs == [(1, True), (2, True), (2, False)]  # + the contiguous comparison point
+    for r in report["results"]:
+        assert r["status"] == "ok", r
+        assert r["steps_timed"] == 2 and r["seconds_per_step"] > 0
+        # images/hour at the default steps follows from the step time and the overhead
+        per_batch = report["machine"]["default_steps"] * r["seconds_per_step"]
+        expected = 3600 * r["config"]["batch"] / (per_batch + r["overhead_seconds"])
+        assert r["images_per_hour"] == pytest.approx(expected)
+    assert report["machine"]["attention_processors"] == ["AttnProcessor2_0"]
+    text = docs.read_text()
+    assert text.startswith("# Performance\n") and "### CPU (dry run, tiny models)" in text
+    assert "| float32 | 2 | contiguous |" in text
+
+
+def test_gpu_benchmark_respects_its_time_budget(tmp_path):
+    import json
+
+    from benchmarks import gpu
+
+    out = tmp_path / "gpu.json"
+    # A per-configuration budget far below one step: invert is cancelled, nothing hangs.
+    started = __import__("time").perf_counter()
+    gpu.main(["--dry-run", "--dtypes", "float32", "--batches", "1", "--steps", "50",
+              "--config-seconds", "0.05", "--min-config-seconds", "0.05", "--json", str(out)])
+    assert __import__("time").perf_counter() - started < 60
+    statuses = [r["status"] for r in json.loads(out.read_text())["results"]]
+    assert statuses and all(s == "budget" for s in statuses)
+    # No whole-run budget left: every configuration is skipped, none is started.
+    gpu.main(["--dry-run", "--dtypes", "float32", "--batches", "1", "--budget", "0",
+              "--json", str(out)])
+    assert {r["status"] for r in json.loads(out.read_text())["results"]} == {"skipped"}

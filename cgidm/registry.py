@@ -11,8 +11,10 @@ open an arbitrary file or fetch remote code. The operator controls the registry 
     ]}
 
 Relative paths are resolved against the registry file's folder. Without a file the registry
-holds the demo pair that ships with the package (their ``path`` is the demo name, which
-``cgidm_core.load_pair`` resolves to the packaged folders).
+holds the demo models that ship with the package (their ``path`` is the demo name, which
+``cgidm_core.load_pair`` resolves to the packaged folders). They are listed here by hand rather
+than read from ``cgidm_core.demo``: the gateway imports this module, and importing
+``cgidm_core`` would import torch; a test keeps the two lists equal.
 """
 
 from __future__ import annotations
@@ -79,6 +81,13 @@ DEMO_ENTRIES = (
         path="demo-vangogh",
         finetuned_from="demo-base",
         description="Demo fine-tune of demo-base on the 10 Van Gogh 'membership' paintings.",
+    ),
+    ModelEntry(
+        id="demo-vangogh-light",
+        family="ddpm",
+        path="demo-vangogh-light",
+        finetuned_from="demo-base",
+        description="Light demo fine-tune of demo-base on the same 10 paintings (harder case).",
     ),
 )
 

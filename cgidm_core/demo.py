@@ -5,6 +5,10 @@ Stable Diffusion pairs are gigabytes and need a GPU; this pair is a few megabyte
 and was fine-tuned on the ten Van Gogh "membership" paintings of the authors' demo data, so
 ``cgidm`` can show a real, reproducible result right after ``pip install``. Both models are
 retrained by ``scripts/train_demo_pair.py``.
+
+Why a second, light fine-tune: ``demo-vangogh`` memorised its members so thoroughly that every
+membership method scores them perfectly, which shows the tool works but cannot compare methods.
+``demo-vangogh-light`` is the same recipe stopped early, closer to what a rights holder meets.
 """
 
 from __future__ import annotations
@@ -26,10 +30,18 @@ DEMO_MODELS: dict[str, str] = {
         "demo-base fully fine-tuned on 10 Van Gogh paintings "
         "(wikiart-vangogh/membership; the 'fine-tuned' model)"
     ),
+    "demo-vangogh-light": (
+        "demo-base lightly fine-tuned on the same 10 Van Gogh paintings (200 steps instead of "
+        "1500): a harder case, on which the membership methods differ"
+    ),
 }
 
 #: Demo name -> the demo it was fine-tuned from (None for a base model).
-DEMO_BASES: dict[str, str | None] = {"demo-base": None, "demo-vangogh": "demo-base"}
+DEMO_BASES: dict[str, str | None] = {
+    "demo-base": None,
+    "demo-vangogh": "demo-base",
+    "demo-vangogh-light": "demo-base",
+}
 
 #: Family of every demo model, as ``ModelPair.family`` names it.
 DEMO_FAMILY = "ddpm"

@@ -166,6 +166,8 @@ def train_finetune(
         "base": base_label or str(base), "members": str(members), "member_files": names,
         "steps": steps,
         "batch_size": batch_size, "learning_rate": lr, "seed": seed,
+        # training.train warms up for at most a tenth of the run.
+        "warmup_steps": min(config.warmup_steps, steps // 10),
         "epochs": steps * batch_size / len(names),
         "final_loss": training.smoothed_final_loss(losses),
         "first_loss": training.smoothed_final_loss(losses[:100]),
@@ -193,8 +195,8 @@ def train_finetune(
 - **Model**: {_architecture(unet)}. Weights: safetensors, float32,
   {_weights_size(out) / 1e6:.1f} MB.
 - **Training**: {steps} steps, batch {batch_size} ({facts['epochs']:.0f} epochs), AdamW lr {lr}
-  (constant after 100 warm-up steps), gradient clipping 1.0, DDPM epsilon loss at uniform t;
-  seed {seed}; data order seeded.
+  (constant after {facts['warmup_steps']} warm-up steps), gradient clipping 1.0, DDPM epsilon
+  loss at uniform t; seed {seed}; data order seeded.
 - **Loss** (mean of 100 steps): first {facts['first_loss']:.4f}, final {facts['final_loss']:.4f}.
 - **Training time**: {_format_seconds(clock.seconds)} on {_machine()}.
 {load}{check}- **Command**: `{_command_line()}`

@@ -20,7 +20,9 @@ from cgidm.settings import Settings, setting_env_names
 
 def test_default_registry_is_the_demo_pair():
     registry = load_registry(None)
-    assert [m.id for m in registry.public()] == ["demo-base", "demo-vangogh"]
+    ids = [m.id for m in registry.public()]
+    assert ids[:2] == ["demo-base", "demo-vangogh"]  # more demo fine-tunes may follow
+    assert all(registry.get(i).finetuned_from == "demo-base" for i in ids[1:])
     base, tuned = registry.check_pair("demo-base", "demo-vangogh")
     assert tuned.finetuned_from == base.id == "demo-base"
 
@@ -107,3 +109,17 @@ def test_bad_settings_are_refused(monkeypatch):
     monkeypatch.setenv("CGIDM_TASK_TIME_LIMIT", "50")
     with pytest.raises(ValidationError, match="CGIDM_TASK_TIME_LIMIT"):
         Settings()
+
+
+def test_visibility_timeout_must_outlast_the_hard_limit():
+    with pytest.raises(ValidationError, match="CGIDM_VISIBILITY_TIMEOUT"):
+        Settings(task_soft_time_limit=5, task_time_limit=10, visibility_timeout=10)
+    from cgidm.tasks import celery_config
+
+    settings = Settings(broker_url="redis://x:6379/0", task_soft_time_limit=5,
+                        task_time_limit=10, visibility_timeout=30)
+    # kombu scans for expired messages every 3 s instead of its default 100 s
+    assert celery_config(settings)["broker_transport_options"] == {
+        "visibility_timeout": 30, "unacked_restore_interval": 3, "unacked_restore_throttle": 1}
+    default = Settings(broker_url="redis://x:6379/0")
+    assert default.resolved_visibility_timeout == default.task_time_limit + 600

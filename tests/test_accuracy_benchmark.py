@@ -1,0 +1,70 @@
+"""benchmarks/accuracy.py: one run over several fine-tunes, the report and the README snippet."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from tests.paths import REPO_ROOT, SHARED_DATA
+
+VANGOGH = SHARED_DATA / "wikiart-vangogh"
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location(
+        "accuracy_benchmark", REPO_ROOT / "benchmarks" / "accuracy.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_default_run_covers_both_demo_fine_tunes_and_labels_cut_reference():
+    bench = _load_benchmark()
+    args = bench.parse_args([])
+    assert args.finetuned == ["demo-vangogh", "demo-vangogh-light"]
+    assert args.reference_steps == 1000
+    assert bench.reference_label(1000) == "CGI-DM, reference settings"
+    assert "100 steps" in bench.reference_label(100)
+
+
+@pytest.mark.skipif(not (VANGOGH / "membership").is_dir(),
+                    reason="../shared/data/wikiart-vangogh is absent")
+def test_one_run_scores_every_fine_tune_and_writes_table_snippet(tmp_path, capsys):
+    bench = _load_benchmark()
+    out, table, raw = tmp_path / "ACCURACY.md", tmp_path / "table.md", tmp_path / "acc.json"
+    assert bench.main(["--methods", "loss", "pia", "--n-bootstrap", "0",
+                       "--out", str(out), "--table-out", str(table), "--json", str(raw)]) == 0
+    capsys.readouterr()
+    runs = json.loads(raw.read_text())["finetunes"]
+    assert [r["finetuned"] for r in runs] == ["demo-vangogh", "demo-vangogh-light"]
+    auc = {(r["finetuned"], row["method"]): row["auc"] for r in runs for row in r["rows"]}
+    # The heavy fine-tune is easy for the loss attack; the light one is not.
+    assert auc["demo-vangogh", "loss"] == 1.0
+    assert auc["demo-vangogh-light", "loss"] < 0.9
+
+    snippet = table.read_text()
+    header = snippet.splitlines()[0]
+    assert "`demo-vangogh` (1500 fine-tuning steps)" in header
+    assert "`demo-vangogh-light` (200 fine-tuning steps)" in header
+    assert "python benchmarks/accuracy.py --methods loss pia" in snippet
+    report = out.read_text()
+    assert snippet.splitlines()[2] in report  # the same main table heads the full report
+    # PIA ranks members last on the heavy fine-tune and mostly first on the light one.
+    assert auc["demo-vangogh", "pia"] < 0.2 and auc["demo-vangogh-light", "pia"] > 0.6
+
+
+def test_report_flags_a_method_whose_direction_flips_between_fine_tunes():
+    bench = _load_benchmark()
+
+    def run(name: str, ci: list[float | None]) -> dict:
+        return {"finetuned": name, "rows": [{"method": "pia", "auc_ci": ci},
+                                            {"method": "loss", "auc_ci": [0.6, 1.0]}]}
+
+    notes = [n for n in bench.across_finetunes([run("a", [0.0, 0.1]), run("b", [0.55, 0.95])])
+             if n.startswith("- ")]
+    assert len(notes) == 1 and notes[0].startswith("- pia: clearly above chance")
+    assert bench.across_finetunes([run("a", [0.0, 0.1]), run("b", [0.45, 0.95])]) == []
+    assert bench.across_finetunes([run("a", [None, None]), run("b", [0.55, 0.95])]) == []

@@ -26,9 +26,11 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikiart-vangog
 
 VARIANTS: dict[str, dict[str, object]] = {
     "default": {},
+    "unbounded": {"bounded": False},
     "independent-noise": {"common_random_numbers": False},
     "mc2": {"mc_samples": 2},
     "alpha1": {"alpha": 1.0},
+    "alpha2": {"alpha": 2.0},
     "alpha4": {"alpha": 4.0},
     "alpha8": {"alpha": 8.0},
     "alpha4-tlow": {"alpha": 4.0, "t_max": 499},

@@ -51,6 +51,9 @@ class ModelPair(ABC):
     alphas_cumprod: torch.Tensor
     #: Prompt used when the caller gives none (the instance prompt of the fine-tune, if known).
     default_prompt: str | None = None
+    #: Valid value range of a latent entry, when the space has one (pixels live in [-1, 1]): the
+    #: inversion keeps its recovery inside it. ``None`` for unbounded latents (SD's VAE space).
+    latent_bounds: tuple[float, float] | None = None
     #: Images per PGD batch when the caller does not say: small pixel models run a whole set
     #: at once; latent models are bounded by accelerator memory.
     preferred_batch_size: int = 8

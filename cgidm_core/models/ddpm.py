@@ -18,6 +18,7 @@ class DDPMPair(ModelPair):
 
     family = "ddpm"
     preferred_batch_size = 32
+    latent_bounds = (-1.0, 1.0)
 
     def __init__(
         self,

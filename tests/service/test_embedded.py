@@ -90,7 +90,7 @@ def test_serve_runs_jobs_without_servers_and_requeues_on_ctrl_c(tmp_path, regist
     serve = _serve(tmp_path, env, port, "serve2")
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            again = wait_for_job(client, long_job, timeout=60,
+            again = wait_for_job(client, long_job, timeout=180,
                                  until=lambda j: j["attempts"] >= 2 and j["status"] == "running")
             assert again["status"] == "running"
             assert client.delete(f"/jobs/{long_job}").status_code == 202

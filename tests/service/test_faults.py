@@ -61,7 +61,7 @@ class Stack:
         proc = start_worker({**self.env, "CGIDM_S3_ENDPOINT_URL": self.proxy.url},
                             self.root / "workers.log")
         self.workers.append(proc)
-        warm = wait_for_job(self.client, self.submit(steps=1), timeout=90)
+        warm = wait_for_job(self.client, self.submit(steps=1), timeout=180)
         # A cold start on a busy machine may itself pass the soft limit; it warms all the same.
         assert warm["status"] == "succeeded" or warm["error"]["code"] == "time_limit", warm
         return proc
@@ -153,7 +153,7 @@ def test_bad_models_and_time_limit_fail_only_their_job(stack):
             "corrupt": stack.submit(finetuned="corrupt-ft"),
             "slow": stack.submit(steps=10_000),
             "good": stack.submit(steps=2)}
-    done = {name: wait_for_job(stack.client, job_id, timeout=60) for name, job_id in jobs.items()}
+    done = {name: wait_for_job(stack.client, job_id, timeout=180) for name, job_id in jobs.items()}
     assert done["missing"]["status"] == "failed"
     assert done["missing"]["error"]["code"] == "model_not_found"
     assert done["corrupt"]["status"] == "failed"
@@ -178,7 +178,7 @@ def test_storage_erroring_on_picture_writes_fails_the_job_cleanly(stack):
     stack.proxy.fail(artifact_puts, "503")
     try:
         job_id = stack.submit()
-        job = wait_for_job(stack.client, job_id, timeout=90)
+        job = wait_for_job(stack.client, job_id, timeout=180)
     finally:
         stack.proxy.heal()
     assert job["status"] == "failed", job
@@ -188,7 +188,7 @@ def test_storage_erroring_on_picture_writes_fails_the_job_cleanly(stack):
     assert "result.json" not in stack.keys(job_id)
     name = job["inputs"][0]["name"]
     assert stack.client.get(f"/jobs/{job_id}/artifacts/{name}/recovered.png").status_code == 404
-    again = wait_for_job(stack.client, stack.submit(), timeout=60)
+    again = wait_for_job(stack.client, stack.submit(), timeout=180)
     assert again["status"] == "succeeded"
     _published(stack, again)
 
@@ -201,10 +201,10 @@ def test_connection_lost_mid_write_is_retried_and_published_once(stack):
     rule = stack.proxy.fail(artifact_puts, "drop")
     try:
         job_id = stack.submit(steps=100)
-        wait_for_job(stack.client, job_id, timeout=60, until=lambda j: j["attempts"] >= 2)
+        wait_for_job(stack.client, job_id, timeout=180, until=lambda j: j["attempts"] >= 2)
     finally:
         stack.proxy.heal()
-    job = wait_for_job(stack.client, job_id, timeout=60)
+    job = wait_for_job(stack.client, job_id, timeout=180)
     assert rule.hits >= 2
     assert job["status"] == "succeeded" and job["attempts"] == 2, job
     _published(stack, job)
@@ -213,7 +213,7 @@ def test_connection_lost_mid_write_is_retried_and_published_once(stack):
 def test_worker_killed_mid_job_is_redelivered_and_succeeds_once(stack):
     worker = stack.worker()
     job_id = stack.submit(steps=150)
-    wait_for_job(stack.client, job_id, timeout=60,
+    wait_for_job(stack.client, job_id, timeout=180,
                  until=lambda j: j["status"] == "running" and j["progress"]["steps_done"] > 0)
     kill_process(worker)  # SIGKILL: no ack, no clean-up, the record says "running"
     assert stack.client.get(f"/jobs/{job_id}").json()["status"] == "running"
@@ -229,7 +229,7 @@ def test_redis_killed_with_jobs_queued_loses_none(stack):
     ends succeeded, exactly once."""
     stack.worker()
     jobs = [stack.submit(steps=100, seed=40)] + [stack.submit(seed=41 + i) for i in range(4)]
-    wait_for_job(stack.client, jobs[0], timeout=60, until=lambda j: j["status"] == "running")
+    wait_for_job(stack.client, jobs[0], timeout=180, until=lambda j: j["status"] == "running")
     assert stack.queue_length() >= 3
     before = bucket_keys(stack.s3, f"{PREFIX}/jobs/")
 
@@ -253,7 +253,7 @@ def test_redis_killed_with_jobs_queued_loses_none(stack):
         {k.split("/")[2] for k in before}
     assert new == set()  # the refused submission stored nothing
     assert stack.client.get("/readyz").status_code == 200
-    late = wait_for_job(stack.client, stack.submit(), timeout=60)  # the queue works again
+    late = wait_for_job(stack.client, stack.submit(), timeout=180)  # the queue works again
     assert late["status"] == "succeeded"
 
 

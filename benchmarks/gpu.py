@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import gc
 import json
 import statistics
 import sys
@@ -221,11 +222,13 @@ def measure(pair: Any, config: Config, *, device: str, steps: int, default_steps
 
 
 def configurations(dtypes: list[str], batches: list[int], compile_too: bool) -> list[Config]:
-    configs = [Config(d, b) for d in dtypes for b in batches]
-    # One contiguous-layout point shows what channels-last buys.
+    """Every dtype x batch with channels-last; for the first dtype (while its pair is loaded)
+    also one contiguous point, to show what channels-last buys, and optionally a compiled one."""
+    configs = [Config(dtypes[0], b) for b in batches]
     configs.append(Config(dtypes[0], max(batches), channels_last=False))
     if compile_too:
         configs.append(Config(dtypes[0], max(batches), compile=True))
+    configs += [Config(d, b) for d in dtypes[1:] for b in batches]
     return configs
 
 
@@ -255,38 +258,51 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "model": "tiny SD test models" if args.dry_run else "SD 1.5 architecture at 512 px",
     }
     configs = configurations(args.dtypes, args.batches, args.compile)
-    pairs_by_dtype: dict[str, Any] = {}
+    loaded: tuple[str, Any, dict] | None = None  # (dtype, pair, original UNets): one at a time
+    build_estimate = 0.0
     for index, config in enumerate(configs):
-        remaining = deadline - time.perf_counter()
-        left = len(configs) - index
-        if remaining < args.min_config_seconds:
+        now = time.perf_counter()
+        pending = configs[index:]
+        # Time held back for a compiled configuration still to come (compilation takes minutes).
+        reserve = args.compile_seconds if any(c.compile for c in pending[1:]) else 0.0
+        needs_build = loaded is None or loaded[0] != config.dtype
+        available = deadline - now - (build_estimate if needs_build else 0.0)
+        if available < args.min_config_seconds or (
+            not config.compile and available - reserve < args.min_config_seconds
+        ):
             results.append(Measurement(config=config, status="skipped",
                                        note="whole-run budget spent"))
             continue
-        if config.compile and remaining < args.compile_seconds:
+        if config.compile and available < args.compile_seconds:
             results.append(Measurement(config=config, status="skipped",
                                        note=f"needs {args.compile_seconds:.0f} s to compile"))
             continue
         try:
-            if config.dtype not in pairs_by_dtype:
-                pairs_by_dtype.clear()  # one pair at a time on the device
+            if needs_build:
+                loaded = pair = originals = None  # drop the previous pair before the next
+                gc.collect()
                 if device == "cuda":
                     torch.cuda.empty_cache()
                 built = time.perf_counter()
                 pair = build_pair(config.dtype, device, tiny=args.dry_run)
                 originals = {n: getattr(pair, n) for n in ("unet_pretrained", "unet_finetuned")}
-                pairs_by_dtype[config.dtype] = (pair, originals)
-                facts.setdefault("build_seconds", {})[config.dtype] = time.perf_counter() - built
+                loaded = (config.dtype, pair, originals)
+                build_estimate = time.perf_counter() - built
+                facts.setdefault("build_seconds", {})[config.dtype] = build_estimate
                 facts.setdefault("weights_bytes", {})[config.dtype] = pair.memory_bytes()
                 facts["attention_processors"] = attention_processors(pair)
-            pair, originals = pairs_by_dtype[config.dtype]
+                del pair, originals
+            _, pair, originals = loaded
             set_layout(pair, config.channels_last, config.compile, originals)
-            share = (deadline - time.perf_counter()) / left
-            budget = max(args.min_config_seconds, min(args.config_seconds, share))
             if config.compile:
-                budget = max(budget, min(args.compile_seconds, deadline - time.perf_counter()))
+                budget = min(args.compile_seconds, deadline - time.perf_counter())
+            else:
+                plain_left = sum(1 for c in pending if not c.compile)
+                share = (deadline - time.perf_counter() - reserve) / plain_left
+                budget = max(args.min_config_seconds, min(args.config_seconds, share))
             measurement = measure(pair, config, device=device, steps=args.steps,
                                   default_steps=default_steps, seconds_budget=budget)
+            del pair, originals
         except (RuntimeError, ValueError) as exc:  # e.g. a dtype the device cannot do
             measurement = Measurement(config=config, status="error", note=str(exc)[:200])
         results.append(measurement)

@@ -101,6 +101,31 @@ def _load_tiny_tokenizer(folder: Path):
 # pixel-space DDPM
 
 
+def tiny_tokenizer_and_text_config():
+    """A tiny CLIP tokenizer (files written to a temp dir, loaded, removed) and a text config
+    that fits it; SD and SDXL test pipelines share both."""
+    from transformers import CLIPTextConfig
+
+    tokenizer_dir = Path(tempfile.mkdtemp(prefix="cgidm-tok-"))
+    try:
+        tokenizer = _load_tiny_tokenizer(write_tiny_clip_tokenizer(tokenizer_dir))
+    finally:
+        shutil.rmtree(tokenizer_dir, ignore_errors=True)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=32,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return tokenizer, config
+
+
 def tiny_ddpm_unet(seed: int = 0, sample_size: int = 16):
     from diffusers import UNet2DModel
 
@@ -151,7 +176,7 @@ def make_tiny_ddpm_pair(
 def tiny_sd_components(seed: int = 0, sample_size: int = 8, prediction_type: str = "epsilon"):
     """The components of a tiny SD pipeline (not saved); the tokenizer lives in a temp folder."""
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -179,26 +204,9 @@ def tiny_sd_components(seed: int = 0, sample_size: int = 8, prediction_type: str
         sample_size=sample_size * 2,
         scaling_factor=0.18215,
     )
-    tokenizer_dir = Path(tempfile.mkdtemp(prefix="cgidm-tok-"))
-    try:
-        tokenizer = _load_tiny_tokenizer(write_tiny_clip_tokenizer(tokenizer_dir))
-    finally:
-        shutil.rmtree(tokenizer_dir, ignore_errors=True)
+    tokenizer, text_config = tiny_tokenizer_and_text_config()
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            projection_dim=32,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = CLIPTextModel(text_config)
     scheduler = PNDMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
@@ -518,7 +526,7 @@ def make_tiny_sdxl(path: str | Path, seed: int = 0) -> Path:
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     path = Path(path)
     torch.manual_seed(seed)
@@ -547,23 +555,7 @@ def make_tiny_sdxl(path: str | Path, seed: int = 0) -> Path:
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
     )
-    tokenizer_dir = Path(tempfile.mkdtemp(prefix="cgidm-tok-"))
-    try:
-        tokenizer = _load_tiny_tokenizer(write_tiny_clip_tokenizer(tokenizer_dir))
-    finally:
-        shutil.rmtree(tokenizer_dir, ignore_errors=True)
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        projection_dim=32,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    tokenizer, text_config = tiny_tokenizer_and_text_config()
     pipe = StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=CLIPTextModel(text_config),

@@ -82,7 +82,7 @@ def test_serve_runs_jobs_without_servers_and_requeues_on_ctrl_c(tmp_path, regist
         children = set(_service_pids(data_dir)) - {serve.pid}
         assert len(children) == 2  # the gateway and the worker
         serve.send_signal(signal.SIGINT)
-        assert serve.wait(timeout=40) == 0
+        assert serve.wait(timeout=120) == 0
         assert _service_pids(data_dir) == []
     finally:
         stop_process(serve)
@@ -97,7 +97,7 @@ def test_serve_runs_jobs_without_servers_and_requeues_on_ctrl_c(tmp_path, regist
             assert wait_for_job(client, long_job)["status"] == "cancelled"
     finally:
         serve.send_signal(signal.SIGINT)
-        serve.wait(timeout=40)
+        serve.wait(timeout=120)
         stop_process(serve)
 
 

@@ -155,6 +155,16 @@ def run(args: argparse.Namespace) -> int:
             "listen on 127.0.0.1 (the default)")
     access = (f"API keys required ({len(keys)} configured)" if keys else
               "no API keys: open to this machine only (127.0.0.1)")
+    code = _serve_until_stopped(service, access)
+    # The children are stopped (or killed) by now. Exit at once: in the test suite under load the
+    # serve process was seen outliving its stopped children by minutes after Ctrl-C (cause not
+    # found; a library thread is the suspect), and a stopped service must never linger.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _serve_until_stopped(service: EmbeddedService, access: str) -> int:
     with service:
         try:
             service.wait_ready()

@@ -15,7 +15,7 @@ Each layout runs in its own fresh process (peak memory must not mix), one after 
 the same torch thread count. The reference's similarity is cgidm's ``compute_metrics``, so the
 AUCs compare. Prints a markdown table; ``--json FILE`` writes every figure.
 
-    python benchmarks/speed.py                           # about 12 minutes on 2 CPU cores
+    python benchmarks/speed.py                           # 6-7 minutes on 2 quiet CPU cores
     python benchmarks/speed.py --steps 50 --curve 10 25 50 --json speed.json
     python benchmarks/speed.py --family sd --steps 20 --curve 10 20   # tiny random SD pair
 """

@@ -77,8 +77,9 @@ def test_serve_runs_jobs_without_servers_and_requeues_on_ctrl_c(tmp_path, regist
             assert (data_dir / "broker.sqlite").is_file()
 
             # Ctrl-C while a job runs: both processes stop, the job goes back to the queue.
-            long_job = _submit(client, steps=5000)
-            wait_for_job(client, long_job, until=lambda j: j["progress"]["steps_done"] > 0)
+            long_job = _submit(client, steps=10_000)  # the most allowed: outlasts the wait
+            wait_for_job(client, long_job, timeout=180,
+                         until=lambda j: j["status"] == "running")
         children = set(_service_pids(data_dir)) - {serve.pid}
         assert len(children) == 2  # the gateway and the worker
         serve.send_signal(signal.SIGINT)

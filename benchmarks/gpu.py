@@ -13,10 +13,19 @@ progress callback (each step ends with a device sync). What invert spends outsid
 (VAE encode and two decodes) is the "overhead" per batch. Images per hour at the default step
 count = 3600 * batch / (steps * s_per_step + overhead).
 
+For the comparison with the authors' code on the same GPU it also times the reference layout
+(``benchmarks/reference_layout.py``: two complete float32 pipelines, SD's safety checker, networks
+not frozen, one image at a time, decode and re-encode of the partial image), built with the same
+random SD 1.5 weights, and cgidm in float32 too, so that the ratios at equal dtype and at the
+dtypes each would use are both in one table. The reference's step time is the difference of two
+runs (2 and 2 + k steps) divided by k; its per-image overhead is what remains of the short run.
+
 Every configuration runs under a time budget (invert's cancel hook stops it), and the whole run
-stays under ``--budget`` seconds (default 420, so with start-up it ends within 8 minutes).
-Prints a markdown table, writes JSON, and appends the table to docs/PERFORMANCE.md with the date
-and GPU name.
+stays under ``--budget`` seconds (default 420, so with start-up it ends within 8 minutes). The
+compiled configuration comes last: compilation cannot be interrupted, and every figure before it
+is already written. The JSON is rewritten after every configuration, so a run stopped from
+outside keeps what it measured. Prints a markdown table, writes JSON, and appends the table to
+docs/PERFORMANCE.md with the date and GPU name.
 
     python benchmarks/gpu.py                       # on a CUDA machine
     python benchmarks/gpu.py --compile             # also torch.compile (costs minutes)
@@ -32,6 +41,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,10 +61,12 @@ class Config:
     batch: int
     channels_last: bool = True
     compile: bool = False
+    layout: str = "cgidm"  # "cgidm" or "reference" (the authors' layout, one image at a time)
 
     @property
     def label(self) -> str:
-        parts = [self.dtype, f"batch {self.batch}"]
+        parts = ["reference layout"] if self.layout == "reference" else []
+        parts += [self.dtype, f"batch {self.batch}"]
         parts.append("channels-last" if self.channels_last else "contiguous")
         if self.compile:
             parts.append("torch.compile")
@@ -69,6 +81,7 @@ class Measurement:
     seconds_per_step: float | None = None
     overhead_seconds: float | None = None
     peak_bytes: int | None = None
+    resident_bytes: int | None = None  # allocated before the run: weights, caches, buffers
     images_per_hour: float | None = None
     seconds: float = 0.0
     note: str = ""
@@ -132,6 +145,26 @@ def build_pair(dtype_name: str, device: str, tiny: bool) -> Any:
     return pair
 
 
+def build_reference(device: str, tiny: bool) -> Any:
+    """The authors' layout in memory: two complete float32 pipelines, nothing frozen."""
+    from benchmarks import reference_layout
+
+    if not tiny:
+        return reference_layout.build_sd15_reference_layout(with_safety_checker=True,
+                                                            device=device)
+    from tests import tinymodels
+
+    def pipe(seed: int) -> Any:
+        parts = tinymodels.tiny_sd_components(sample_size=8)
+        unet = parts["unet"] if seed == 0 else tinymodels.perturb_(parts["unet"], seed=seed)
+        return reference_layout.ReferencePipeline(
+            unet=unet.to(device), scheduler=parts["scheduler"], vae=parts["vae"].to(device),
+            text_encoder=parts["text_encoder"].to(device), tokenizer=parts["tokenizer"])
+
+    return reference_layout.ReferenceLayout(finetuned=pipe(5), pretrained=pipe(0),
+                                            family="stable-diffusion")
+
+
 def attention_processors(pair: Any) -> list[str]:
     return sorted({type(p).__name__ for p in pair.unet_pretrained.attn_processors.values()})
 
@@ -184,6 +217,7 @@ def measure(pair: Any, config: Config, *, device: str, steps: int, default_steps
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        result.resident_bytes = int(torch.cuda.memory_allocated())
     _sync(device)
     try:
         invert(pair, images, cond, InversionConfig(steps=steps), seeds=list(range(config.batch)),
@@ -225,21 +259,84 @@ def measure(pair: Any, config: Config, *, device: str, steps: int, default_steps
     return result
 
 
+def measure_reference(layout: Any, config: Config, *, device: str, steps: int,
+                      default_steps: int, seconds_budget: float) -> Measurement:
+    """Time the reference loop on one image: a one-step warm-up, then 2 and 2 + k steps.
+
+    ``reference_recover`` has no progress hook (it is the authors' loop), so the step time is
+    the difference of the two timed runs over k; k shrinks to fit the budget.
+    """
+    import torch
+
+    from benchmarks.reference_layout import reference_recover
+
+    result = Measurement(config=config)
+    size = layout.image_size
+    image = torch.rand((1, 3, size, size), generator=torch.Generator().manual_seed(1)) * 2 - 1
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        result.resident_bytes = int(torch.cuda.memory_allocated())
+    started = time.perf_counter()
+
+    def timed(n: int) -> float:
+        _sync(device)
+        began = time.perf_counter()
+        reference_recover(layout, image, steps=n, seed=0, prompt=PROMPT)
+        _sync(device)
+        return time.perf_counter() - began
+
+    try:
+        warm = timed(1)  # kernel selection, allocator growth
+        left = seconds_budget - (time.perf_counter() - started)
+        extra = int(min(steps, max(0.0, left - 2 * warm) / max(warm, 1e-6) - 2))
+        if extra < 1:
+            result.status, result.note = "budget", "too few steps inside the time budget"
+        else:
+            short, long_ = timed(2), timed(2 + extra)
+            result.steps_timed = extra
+            result.seconds_per_step = max((long_ - short) / extra, 1e-9)
+            result.overhead_seconds = max(0.0, short - 2 * result.seconds_per_step)
+            per_image = default_steps * result.seconds_per_step + result.overhead_seconds
+            result.images_per_hour = 3600.0 / per_image
+            own = 1000 * result.seconds_per_step + result.overhead_seconds
+            result.note = (f"{3600.0 / own:,.0f} images/hour at the reference's own 1000 "
+                           "steps; weight gradients on, as there")
+    except torch.cuda.OutOfMemoryError:
+        result.status, result.note = "OOM", "out of GPU memory"
+    finally:
+        result.seconds = time.perf_counter() - started
+        if device.startswith("cuda"):
+            result.peak_bytes = int(torch.cuda.max_memory_allocated())
+        for pipe in (layout.finetuned, layout.pretrained):
+            for module in pipe.modules():
+                module.zero_grad(set_to_none=True)  # its accumulated weight gradients
+    return result
+
+
 # -- the run -----------------------------------------------------------------------------------
 
 
-def configurations(dtypes: list[str], batches: list[int], compile_too: bool) -> list[Config]:
+def configurations(dtypes: list[str], batches: list[int], compile_too: bool,
+                   reference: bool = False) -> list[Config]:
     """Every dtype x batch with channels-last; for the first dtype (while its pair is loaded)
-    also one contiguous point, to show what channels-last buys, and optionally a compiled one."""
+    also one contiguous point, to show what channels-last buys. With ``reference``: cgidm in
+    float32 (the reference's dtype) at batch 1 and the largest batch, then the reference layout.
+    The compiled point, if asked for, comes last (see the module docstring)."""
     configs = [Config(dtypes[0], b) for b in batches]
     configs.append(Config(dtypes[0], max(batches), channels_last=False))
+    configs += [Config(d, b) for d in dtypes[1:] for b in batches]
+    if reference:
+        if "float32" not in dtypes:
+            configs += [Config("float32", b) for b in sorted({1, max(batches)})]
+        configs.append(Config("float32", 1, channels_last=False, layout="reference"))
     if compile_too:
         configs.append(Config(dtypes[0], max(batches), compile=True))
-    configs += [Config(d, b) for d in dtypes[1:] for b in batches]
     return configs
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace,
+        on_result: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     import torch
 
     from cgidm_core.inversion import InversionConfig
@@ -264,15 +361,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "dry_run": args.dry_run,
         "model": "tiny SD test models" if args.dry_run else "SD 1.5 architecture at 512 px",
     }
-    configs = configurations(args.dtypes, args.batches, args.compile)
-    loaded: tuple[str, Any, dict] | None = None  # (dtype, pair, original UNets): one at a time
+    configs = configurations(args.dtypes, args.batches, args.compile, args.reference)
+    # (what, model, original UNets): one model in memory at a time; what = (layout, dtype)
+    loaded: tuple[tuple[str, str], Any, dict | None] | None = None
+
+    def report() -> dict[str, Any]:
+        facts["wall_seconds"] = time.perf_counter() - started
+        out = {"machine": facts, "results": [asdict(r) for r in results],
+               "command": "python benchmarks/gpu.py " + " ".join(args.argv)}
+        out["summary"] = summarize(out)
+        return out
+
     build_estimate = 0.0
     for index, config in enumerate(configs):
         now = time.perf_counter()
         pending = configs[index:]
         # Time held back for a compiled configuration still to come (compilation takes minutes).
-        reserve = args.compile_seconds if any(c.compile for c in pending[1:]) else 0.0
-        needs_build = loaded is None or loaded[0] != config.dtype
+        # If the whole run cannot hold it, the compiled point gives way to the plain ones.
+        reserve = args.compile_seconds if (
+            any(c.compile for c in pending[1:])
+            and deadline - now > args.compile_seconds + args.min_config_seconds) else 0.0
+        what = (config.layout, config.dtype)
+        needs_build = loaded is None or loaded[0] != what
         available = deadline - now - (build_estimate if needs_build else 0.0)
         if available < args.min_config_seconds or (
             not config.compile and available - reserve < args.min_config_seconds
@@ -291,15 +401,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if device == "cuda":
                     torch.cuda.empty_cache()
                 built = time.perf_counter()
-                pair = build_pair(config.dtype, device, tiny=args.dry_run)
-                originals = {n: getattr(pair, n) for n in ("unet_pretrained", "unet_finetuned")}
-                loaded = (config.dtype, pair, originals)
+                name = f"{config.layout} {config.dtype}"
+                if config.layout == "reference":
+                    pair = build_reference(device, tiny=args.dry_run)
+                    originals = None
+                    weights = pair.parameter_bytes()
+                else:
+                    pair = build_pair(config.dtype, device, tiny=args.dry_run)
+                    originals = {n: getattr(pair, n)
+                                 for n in ("unet_pretrained", "unet_finetuned")}
+                    weights = pair.memory_bytes()
+                    facts["attention_processors"] = attention_processors(pair)
+                loaded = (what, pair, originals)
                 build_estimate = time.perf_counter() - built
-                facts.setdefault("build_seconds", {})[config.dtype] = build_estimate
-                facts.setdefault("weights_bytes", {})[config.dtype] = pair.memory_bytes()
-                facts["attention_processors"] = attention_processors(pair)
+                facts.setdefault("build_seconds", {})[name] = build_estimate
+                facts.setdefault("weights_bytes", {})[name] = weights
                 del pair, originals
             _, pair, originals = loaded
+            if config.layout == "reference":
+                measurement = measure_reference(
+                    pair, config, device=device, steps=args.steps, default_steps=default_steps,
+                    seconds_budget=max(args.min_config_seconds,
+                                       min(args.config_seconds,
+                                           deadline - time.perf_counter() - reserve)))
+                del pair, originals
+                results.append(measurement)
+                _progress(measurement, on_result, report)
+                continue
             set_layout(pair, config.channels_last, config.compile, originals)
             if config.compile:
                 budget = min(args.compile_seconds, deadline - time.perf_counter())
@@ -313,15 +441,55 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                   default_steps=default_steps, seconds_budget=budget,
                                   overhead_hint=plain[0] if plain else None)
             del pair, originals
-        except (RuntimeError, ValueError) as exc:  # e.g. a dtype the device cannot do
-            measurement = Measurement(config=config, status="error", note=str(exc)[:200])
+        except Exception as exc:  # noqa: BLE001 - one broken configuration must not lose the rest
+            loaded = None  # it may have left the model half-changed
+            measurement = Measurement(config=config, status="error",
+                                      note=f"{type(exc).__name__}: {exc}"[:300])
         results.append(measurement)
-        print(f"{config.label}: {measurement.status} "
-              f"{measurement.seconds_per_step or float('nan'):.3f} s/step", file=sys.stderr,
-              flush=True)
-    facts["wall_seconds"] = time.perf_counter() - started
-    return {"machine": facts, "results": [asdict(r) for r in results],
-            "command": "python benchmarks/gpu.py " + " ".join(args.argv)}
+        _progress(measurement, on_result, report)
+    return report()
+
+
+def _progress(measurement: Measurement, on_result: Callable | None, report: Callable) -> None:
+    print(f"{measurement.config.label}: {measurement.status} "
+          f"{measurement.seconds_per_step or float('nan'):.3f} s/step {measurement.note}",
+          file=sys.stderr, flush=True)
+    if on_result is not None:
+        on_result(report())
+
+
+def summarize(report: dict[str, Any]) -> dict[str, Any]:
+    """Ratios against the reference layout: images per hour at equal steps, at the reference's
+    own 1000 steps, and memory (resident before the run, and peak during it)."""
+    rows = [r for r in report["results"] if r["images_per_hour"]]
+    ref = next((r for r in rows if r["config"]["layout"] == "reference"), None)
+    ours = [r for r in rows if r["config"]["layout"] == "cgidm"]
+    if ref is None or not ours:
+        return {}
+    default_steps = report["machine"]["default_steps"]
+    ref_own = 3600.0 / (1000 * ref["seconds_per_step"] + (ref["overhead_seconds"] or 0.0))
+    summary: dict[str, Any] = {"reference_images_per_hour_at_default_steps":
+                               ref["images_per_hour"],
+                               "reference_images_per_hour_at_1000_steps": ref_own}
+    for name, candidates in (("best", ours),
+                             ("float32", [r for r in ours if r["config"]["dtype"] == "float32"])):
+        if not candidates:
+            continue
+        best = max(candidates, key=lambda r: r["images_per_hour"])
+        entry = {"config": best["config"], "images_per_hour": best["images_per_hour"],
+                 f"vs_reference_at_{default_steps}_steps":
+                     best["images_per_hour"] / ref["images_per_hour"],
+                 "vs_reference_at_1000_steps": best["images_per_hour"] / ref_own}
+        summary[name] = entry
+    fp32 = [r for r in ours if r["config"]["dtype"] == "float32" and r["resident_bytes"]]
+    if fp32 and ref["resident_bytes"]:
+        summary["resident_memory_ratio_float32"] = (
+            min(r["resident_bytes"] for r in fp32) / ref["resident_bytes"])
+        same_batch = [r for r in fp32 if r["config"]["batch"] == 1 and r["peak_bytes"]]
+        if same_batch and ref["peak_bytes"]:
+            summary["peak_memory_ratio_float32_batch_1"] = (
+                same_batch[0]["peak_bytes"] / ref["peak_bytes"])
+    return summary
 
 
 def render(report: dict[str, Any]) -> str:
@@ -336,25 +504,56 @@ def render(report: dict[str, Any]) -> str:
         f"{facts['wall_seconds']:.0f} s. Command: `{report['command'].strip()}`",
         "",
         "| dtype | batch | layout | s / PGD step | steps timed | overhead / batch (s) "
-        "| peak memory (GiB) | images / hour | status |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| resident (GiB) | peak memory (GiB) | images / hour | status |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         c = r["config"]
-        layout = ("channels-last" if c["channels_last"] else "contiguous") + (
-            " + compile" if c["compile"] else "")
+        if c.get("layout") == "reference":
+            layout = "**reference layout** (two full pipelines, one image)"
+        else:
+            layout = ("channels-last" if c["channels_last"] else "contiguous") + (
+                " + compile" if c["compile"] else "")
 
         def fmt(value: float | None, spec: str) -> str:
             return "-" if value is None else format(value, spec)
 
         peak = None if r["peak_bytes"] is None else r["peak_bytes"] / 2**30
+        resident = None if r.get("resident_bytes") is None else r["resident_bytes"] / 2**30
         status = r["status"] + (f" ({r['note']})" if r["note"] else "")
         lines.append(
             f"| {c['dtype']} | {c['batch']} | {layout} | {fmt(r['seconds_per_step'], '.3f')} | "
-            f"{r['steps_timed']} | {fmt(r['overhead_seconds'], '.2f')} | {fmt(peak, '.1f')} | "
+            f"{r['steps_timed']} | {fmt(r['overhead_seconds'], '.2f')} | "
+            f"{fmt(resident, '.2f')} | {fmt(peak, '.1f')} | "
             f"{fmt(r['images_per_hour'], ',.0f')} | {status} |"
         )
+    lines += render_summary(report.get("summary") or {}, facts["default_steps"])
     return "\n".join(lines)
+
+
+def render_summary(summary: dict[str, Any], default_steps: int) -> list[str]:
+    if not summary:
+        return []
+    lines = ["", "Against the reference layout on the same machine:"]
+    for name, what in (("best", "cgidm's fastest configuration"),
+                       ("float32", "cgidm in float32 (the reference's dtype)")):
+        entry = summary.get(name)
+        if not entry:
+            continue
+        c = entry["config"]
+        lines.append(
+            f"- {what} ({c['dtype']}, batch {c['batch']}): {entry['images_per_hour']:,.0f} "
+            f"images/hour = **{entry[f'vs_reference_at_{default_steps}_steps']:.1f}x** the "
+            f"reference at equal steps ({default_steps}), "
+            f"**{entry['vs_reference_at_1000_steps']:.0f}x** the reference at its own 1000 steps")
+    if "resident_memory_ratio_float32" in summary:
+        lines.append(f"- memory held by the loaded float32 pair: "
+                     f"**{summary['resident_memory_ratio_float32']:.3f}x** the reference's")
+    if "peak_memory_ratio_float32_batch_1" in summary:
+        lines.append(f"- peak memory during the run, float32, one image: "
+                     f"**{summary['peak_memory_ratio_float32_batch_1']:.3f}x** the reference's "
+                     "(which also keeps weight gradients)")
+    return lines
 
 
 def append_to_docs(markdown: str, docs: Path) -> None:
@@ -374,13 +573,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=12,
                         help="PGD steps per configuration (the first two are warm-up)")
     parser.add_argument("--compile", action="store_true", help="add a torch.compile point")
+    parser.add_argument("--no-reference", dest="reference", action="store_false",
+                        help="leave out the reference layout and the float32 comparison points")
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds for all configurations (default 420; dry run 60)")
     parser.add_argument("--config-seconds", type=float, default=45.0,
                         help="at most this long per configuration")
     parser.add_argument("--min-config-seconds", type=float, default=5.0)
-    parser.add_argument("--compile-seconds", type=float, default=180.0,
+    parser.add_argument("--compile-seconds", type=float, default=240.0,
                         help="time a compiled configuration may take (compilation included)")
+    parser.add_argument("--from-json", default=None, metavar="FILE",
+                        help="measure nothing: render FILE (written by an earlier run, perhaps "
+                             "stopped from outside) and append it to --docs")
     parser.add_argument("--dry-run", action="store_true",
                         help="tiny models on the CPU: checks the script in seconds")
     parser.add_argument("--json", default=None,
@@ -402,13 +606,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         args.config_seconds = min(args.config_seconds, 10.0)
         args.min_config_seconds = min(args.min_config_seconds, 1.0)
+        args.compile_seconds = min(args.compile_seconds, 30.0)
     json_path = args.json or (None if args.dry_run else "gpu-benchmark.json")
     docs = args.docs or (None if args.dry_run else str(DOCS))
 
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    report = run(args)
+    if args.from_json:
+        report = json.loads(Path(args.from_json).read_text())
+        report["summary"] = summarize(report)
+        markdown = render(report)
+        print(markdown)
+        if args.docs:
+            append_to_docs(markdown, Path(args.docs))
+        return 0
+
+    def save(partial: dict[str, Any]) -> None:
+        if json_path:
+            Path(json_path).write_text(json.dumps(partial, indent=2) + "\n")
+
+    report = run(args, on_result=save)
     markdown = render(report)
     print(markdown)
     if json_path:

@@ -166,7 +166,7 @@ def build_text_encoder(tokenizer, seed: int = 2, dtype: torch.dtype = torch.floa
     return _cast(encoder, dtype).eval()
 
 
-def build_safety_checker(seed: int = 3, dtype: torch.dtype = torch.float32):
+def build_safety_checker(seed: int = 3, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPConfig
 
@@ -176,7 +176,9 @@ def build_safety_checker(seed: int = 3, dtype: torch.dtype = torch.float32):
         vision_config=dict(SAFETY_CHECKER_VISION_CONFIG),
         projection_dim=768,
     )
-    return _cast(StableDiffusionSafetyChecker(config), dtype).eval()
+    with torch.device(device):
+        checker = StableDiffusionSafetyChecker(config)
+    return _cast(checker, dtype).eval()
 
 
 def build_scheduler():

@@ -180,15 +180,32 @@ def test_gpu_benchmark_dry_run_measures_every_configuration(tmp_path):
             "--budget", "120", "--config-seconds", "60", "--json", str(out), "--docs", str(docs)]
     assert gpu.main(args) == 0
     report = json.loads(out.read_text())
-    configs = [(r["config"]["batch"], r["config"]["channels_last"]) for r in report["results"]]
-    assert configs == [(1, True), (2, True), (2, False)]  # + the contiguous comparison point
+    configs = [(r["config"]["batch"], r["config"]["channels_last"], r["config"]["layout"])
+               for r in report["results"]]
+    # + the contiguous comparison point, then the reference layout (one image at a time)
+    assert configs == [(1, True, "cgidm"), (2, True, "cgidm"), (2, False, "cgidm"),
+                       (1, False, "reference")]
     for r in report["results"]:
         assert r["status"] == "ok", r
-        assert r["steps_timed"] == 2 and r["seconds_per_step"] > 0
+        assert r["seconds_per_step"] > 0
+        assert r["steps_timed"] == (2 if r["config"]["layout"] == "cgidm" else 4)
         # images/hour at the default steps follows from the step time and the overhead
         per_batch = report["machine"]["default_steps"] * r["seconds_per_step"]
         expected = 3600 * r["config"]["batch"] / (per_batch + r["overhead_seconds"])
         assert r["images_per_hour"] == pytest.approx(expected)
+    # the ratios against the reference come from the same rows
+    summary = report["summary"]
+    ref = report["results"][-1]
+    best = max(report["results"][:3], key=lambda r: r["images_per_hour"])
+    assert summary["best"]["images_per_hour"] == pytest.approx(best["images_per_hour"])
+    steps = report["machine"]["default_steps"]
+    assert summary["best"][f"vs_reference_at_{steps}_steps"] == pytest.approx(
+        best["images_per_hour"] / ref["images_per_hour"])
+    assert "Against the reference layout" in docs.read_text()
+    # a report saved by an earlier (perhaps interrupted) run renders the same table again
+    again = tmp_path / "again.md"
+    assert gpu.main(["--from-json", str(out), "--docs", str(again)]) == 0
+    assert gpu.render(report) in again.read_text()
     assert report["machine"]["attention_processors"] == ["AttnProcessor2_0"]
     text = docs.read_text()
     assert text.startswith("# Performance\n") and "### CPU (dry run, tiny models)" in text
@@ -204,7 +221,8 @@ def test_gpu_benchmark_respects_its_time_budget(tmp_path):
     # A per-configuration budget far below one step: invert is cancelled, nothing hangs.
     started = __import__("time").perf_counter()
     gpu.main(["--dry-run", "--dtypes", "float32", "--batches", "1", "--steps", "50",
-              "--config-seconds", "0.05", "--min-config-seconds", "0.05", "--json", str(out)])
+              "--no-reference", "--config-seconds", "0.05", "--min-config-seconds", "0.05",
+              "--json", str(out)])
     assert __import__("time").perf_counter() - started < 60
     statuses = [r["status"] for r in json.loads(out.read_text())["results"]]
     assert statuses and all(s == "budget" for s in statuses)

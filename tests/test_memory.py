@@ -165,6 +165,36 @@ def test_in_memory_pair_without_reloader_explains_itself():
         pair.conditioning(OTHER_PROMPT)
 
 
+# -- batch size on a GPU: sized from free memory --------------------------------------------------
+
+
+def test_gpu_batch_size_follows_free_memory_dtype_and_latent_area():
+    from cgidm_core.models.devices import MAX_GPU_BATCH, SD_BYTES_PER_IMAGE, gpu_batch_size
+
+    gib = 2**30
+    sd15 = 64 * 64
+    # An H200 with a float16 pair loaded (~135 GiB free): the cap, not the memory, decides.
+    assert gpu_batch_size(135 * gib, sd15, torch.float16) == MAX_GPU_BATCH
+    # A 24 GiB card with a float16 pair (3.6 GiB) loaded: ~20 GiB free -> 10 images of 1.6 GiB.
+    assert gpu_batch_size(20 * gib, sd15, torch.float16) == int(0.85 * 20 * gib
+                                                                 // SD_BYTES_PER_IMAGE)
+    # float32 activations are twice as wide; bfloat16 the same as float16
+    assert gpu_batch_size(20 * gib, sd15, torch.float32) == gpu_batch_size(
+        10 * gib, sd15, torch.float16)
+    assert gpu_batch_size(20 * gib, sd15, torch.bfloat16) == gpu_batch_size(
+        20 * gib, sd15, torch.float16)
+    # SD 2.x at 768 px has 96x96 latents: 2.25x the activations of 512 px
+    assert gpu_batch_size(20 * gib, 96 * 96, torch.float16) < gpu_batch_size(
+        20 * gib, sd15, torch.float16)
+    # never zero: a nearly full card still runs one image at a time
+    assert gpu_batch_size(0, sd15, torch.float16) == 1
+
+
+def test_sd_pair_keeps_batch_8_on_the_cpu(finetunes):
+    pair = load_pair(finetunes["base"], finetunes["dreambooth"], device="cpu")
+    assert pair.preferred_batch_size == 8
+
+
 # -- the GPU benchmark's CPU-side logic (benchmarks/gpu.py --dry-run) ------------------------------
 
 

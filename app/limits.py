@@ -7,7 +7,8 @@ middleware sits in front of the app and, for ``POST /authenticate``:
 1. refuses a declared ``Content-Length`` above ``CGIDM_MAX_REQUEST_BYTES`` without reading it;
 2. authenticates the caller (401/403) before reading the body;
 3. answers 429 + ``Retry-After`` when the queue already holds ``CGIDM_MAX_QUEUE_DEPTH`` jobs,
-   and 503 when the broker cannot be asked;
+   counting submissions admitted but not yet enqueued (``app/admission.py``), and 503 when the
+   broker cannot be asked;
 4. watches the body as it streams: a file part past ``CGIDM_MAX_UPLOAD_BYTES``, more than
    ``CGIDM_MAX_FILES`` files, or a body past ``CGIDM_MAX_REQUEST_BYTES`` stops the read at once
    and answers 413 (422 for too many files), whatever the client declared.
@@ -27,6 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.requests import Request
 
+from app.admission import QueueFull
 from app.auth import caller_of
 from app.errors import ApiError
 
@@ -143,10 +145,11 @@ class SubmissionGate:
             await response(scope, receive, send)
             return
         counter = None
+        reservation = None
         if scope["method"] == "POST" and scope["path"] == SUBMIT_PATH:
             try:
                 caller_of(settings, Request(scope))
-                await self._check_queue()
+                reservation = await self._admit()
             except ApiError as exc:
                 await exc.response()(scope, receive, send)
                 return
@@ -154,21 +157,34 @@ class SubmissionGate:
             if content_type.lower().startswith("multipart/form-data"):
                 counter = PartCounter(content_type, settings.max_upload_bytes,
                                       settings.max_files)
-        await self._guarded(scope, receive, send, counter)
-
-    async def _check_queue(self) -> None:
         try:
-            depth = await run_in_threadpool(self.services.queue_depth)
+            await self._guarded(scope, receive, send, counter)
+        finally:
+            if reservation is not None:  # the job is in the queue by now, or was refused
+                await run_in_threadpool(self._release, reservation)
+
+    async def _admit(self) -> str:
+        """Reserve a place in the queue for this submission (429 when there is none)."""
+        limit = self.settings.max_queue_depth
+        try:
+            return await run_in_threadpool(self.services.admission.reserve,
+                                           self.services.queue_depth, limit)
+        except QueueFull as full:
+            retry = self.settings.queue_retry_after
+            raise ApiError(429, [], "queue_full",
+                           f"{full.waiting} jobs are waiting or being submitted (limit {limit}, "
+                           f"CGIDM_MAX_QUEUE_DEPTH); try again in {retry} s",
+                           headers={"Retry-After": str(retry)}) from full
         except Exception as exc:  # any broker failure: we cannot promise to run the job
             log.warning("queue depth unknown, refusing the submission: %s", exc)
             raise ApiError(503, [], "broker_unavailable",
                            "the job queue is unavailable, try again later") from exc
-        limit = self.settings.max_queue_depth
-        if depth >= limit:
-            retry = self.settings.queue_retry_after
-            raise ApiError(429, [], "queue_full",
-                           f"{depth} jobs are waiting (limit {limit}, CGIDM_MAX_QUEUE_DEPTH); "
-                           f"try again in {retry} s", headers={"Retry-After": str(retry)})
+
+    def _release(self, reservation: str) -> None:
+        try:
+            self.services.admission.release(reservation)
+        except Exception as exc:  # the reservation expires by itself (RESERVATION_TTL)
+            log.warning("could not release queue reservation %s: %s", reservation, exc)
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send,
                        counter: PartCounter | None) -> None:

@@ -121,6 +121,14 @@ class ServiceCollector(Collector):
         yield up
         yield GaugeMetricFamily("cgidm_queue_depth", "Jobs waiting in the broker queue",
                                 value=depth)
+        try:
+            pending = self.services.admission.pending()
+        except Exception as exc:  # noqa: BLE001 - a scrape must not fail on one gauge
+            log.warning("metrics: admissions unknown: %s", exc)
+            return
+        yield GaugeMetricFamily("cgidm_submissions_in_flight",
+                                "Submissions admitted against CGIDM_MAX_QUEUE_DEPTH whose "
+                                "request has not ended yet", value=pending)
 
     def _worker_metrics(self) -> Iterator[Metric]:
         try:

@@ -7,6 +7,7 @@ from typing import Any
 
 from fastapi import Request
 
+from app.admission import Admission, admission_for
 from app.auth import UrlSigner
 from cgidm.jobs import JobStore
 from cgidm.registry import Registry, load_registry
@@ -25,12 +26,14 @@ class Services:
     store: JobStore
     celery: Any
     signer: UrlSigner
+    admission: Admission
 
     @classmethod
     def create(cls, settings: Settings) -> Services:
         load_registry(settings.models)  # a broken registry stops the gateway at start-up
         return cls(settings, JobStore(storage_from_settings(settings)),
-                   make_celery(settings, main="gateway"), UrlSigner(settings))
+                   make_celery(settings, main="gateway"), UrlSigner(settings),
+                   admission_for(settings.resolved_broker_url, settings.queue))
 
     def registry(self) -> Registry:
         return load_registry(self.settings.models)

@@ -94,7 +94,7 @@ def score(pretrained: Path, finetuned: Path, device: str, dtype: str, steps: int
     }
     if hasattr(pair, "text_encoders_loaded"):
         out["text_encoders_loaded_after"] = bool(pair.text_encoders_loaded)
-        if prompt is None and pair.default_prompt is not None:
+        if prompt is None:
             # a prompt the pair has not seen: the released encoders are read back on the device
             again = authenticate(pair, images, config=InversionConfig(steps=2),
                                  prompt="a painting of a dog")

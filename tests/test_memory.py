@@ -260,3 +260,22 @@ def test_gpu_benchmark_respects_its_time_budget(tmp_path):
     gpu.main(["--dry-run", "--dtypes", "float32", "--batches", "1", "--budget", "0",
               "--json", str(out)])
     assert {r["status"] for r in json.loads(out.read_text())["results"]} == {"skipped"}
+
+
+def test_cuda_check_runs_every_layout_and_dtype_on_the_cpu(tmp_path):
+    """benchmarks/cuda_check.py is run by hand on a GPU machine; here its logic runs on the CPU
+    (device "cpu"), so a GPU session does not discover a broken script."""
+    from benchmarks import cuda_check
+
+    rows = cuda_check.check_layouts("cpu", steps=2)
+    assert {(r["layout"], r["dtype"]) for r in rows} == {
+        (layout, dtype) for layout in ("pipeline", "dreambooth", "lora", "single_file", "ddpm")
+        for dtype in cuda_check.DTYPES}
+    assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
+    for row in rows:
+        if row["dtype"] == "float32":
+            # the same device twice: CPU kernels are deterministic
+            assert row["cpu_max_diff"] == 0 and row["rerun_max_diff"] == 0
+        if row["layout"] != "ddpm":
+            assert row["text_encoders_loaded_after"] is False
+            assert len(row["new_prompt_scores"]) == 2  # the released encoders were read back

@@ -39,16 +39,19 @@ from tests.service.procs import (  # noqa: E402 - after the path set-up
     BUCKET,
     TERMINAL,
     bucket_keys,
-    child_env,
     make_registry,
     png_bytes,
     s3_client,
+    stack_env,
     start_gateway,
     start_moto,
     start_redis,
     start_worker,
     stop_process,
 )
+
+#: Storage prefix of the load test's jobs in the test bucket.
+PREFIX = "load"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -154,7 +157,7 @@ class Load:
 
 def check_storage(endpoint: str, jobs: dict[str, dict], accepted: list[str]) -> dict[str, int]:
     """One record per accepted job; succeeded jobs have one run's full pictures + result."""
-    keys = bucket_keys(endpoint, "load/jobs/")
+    keys = bucket_keys(endpoint, f"{PREFIX}/jobs/")
     by_job: dict[str, list[str]] = {}
     for key in keys:
         job_id, rest = key.split("/")[2], "/".join(key.split("/")[3:])
@@ -167,7 +170,7 @@ def check_storage(endpoint: str, jobs: dict[str, dict], accepted: list[str]) -> 
             counts["no_record"] += 1
             continue
         record = json.loads(s3.get_object(Bucket=BUCKET,
-                                          Key=f"load/jobs/{job_id}/job.json")["Body"].read())
+                                          Key=f"{PREFIX}/jobs/{job_id}/job.json")["Body"].read())
         if record["attempts"] != 1:
             counts["more_than_one_run"] += 1
         runs = {k.split("/")[1] for k in stored if k.startswith("attempts/")}
@@ -207,14 +210,13 @@ def main() -> int:
         procs.append(redis_proc)
         moto_proc, s3 = start_moto(root)
         procs.append(moto_proc)
-        env = child_env({
-            "CGIDM_BROKER_URL": args.redis_url, "CGIDM_STORAGE_URL": f"s3://{BUCKET}/load",
-            "CGIDM_S3_ENDPOINT_URL": s3, "CGIDM_MODELS": str(registry),
-            "CGIDM_DATA_DIR": str(root / "data"), "CGIDM_PROGRESS_INTERVAL": "1",
-            "CGIDM_CANCEL_CHECK_INTERVAL": "1",
-            "CGIDM_MAX_QUEUE_DEPTH": str(args.max_queue_depth),
-            "CGIDM_QUEUE_RETRY_AFTER": str(args.retry_after),
-        })
+        env = stack_env(broker_url=args.redis_url, s3_endpoint=s3, prefix=PREFIX,
+                        registry=registry, data_dir=root / "data", extra={
+                            "CGIDM_PROGRESS_INTERVAL": "1",
+                            "CGIDM_CANCEL_CHECK_INTERVAL": "1",
+                            "CGIDM_MAX_QUEUE_DEPTH": str(args.max_queue_depth),
+                            "CGIDM_QUEUE_RETRY_AFTER": str(args.retry_after),
+                        })
         gateway, url = start_gateway(env, root / "gateway.log", extra_args=("--log-level",
                                                                               "warning"))
         procs.append(gateway)

@@ -57,6 +57,46 @@ class ModelPair(ABC):
     #: Images per PGD batch when the caller does not say: small pixel models run a whole set
     #: at once; latent models are bounded by accelerator memory.
     preferred_batch_size: int = 8
+    #: What each network predicts ("epsilon", "v_prediction", "sample"); the fine-tune may
+    #: differ from its base, e.g. a v-prediction fine-tune of an epsilon model.
+    prediction_type: str
+    prediction_type_finetuned: str
+    #: Format the fine-tune was loaded from ("dreambooth", "lora", "ddpm", ...).
+    finetuned_kind: str
+
+    def __init__(
+        self,
+        *,
+        denoiser_config: Any,
+        pixels_per_latent: int,
+        alphas_cumprod: torch.Tensor,
+        prediction_type: str,
+        prediction_type_finetuned: str | None,
+        device: torch.device,
+        dtype: torch.dtype,
+        finetuned_kind: str,
+        default_prompt: str | None = None,
+    ) -> None:
+        """Set the state every adapter shares, so that each family states it in one place.
+
+        ``denoiser_config`` is the config of the pretrained denoiser (a diffusers UNet's
+        ``config``): its ``sample_size`` and ``in_channels`` give the latent shape, and with
+        ``pixels_per_latent`` the image size. The schedule is kept as float32 on ``device``
+        whatever the compute dtype, because the inversion's step arithmetic needs the precision.
+        A fine-tune without its own ``prediction_type_finetuned`` predicts what its base does.
+        """
+        self.device = device
+        self.dtype = dtype
+        self.alphas_cumprod = alphas_cumprod.to(device=device, dtype=torch.float32)
+        self.prediction_type = prediction_type
+        self.prediction_type_finetuned = prediction_type_finetuned or prediction_type
+        self.finetuned_kind = finetuned_kind
+        self.default_prompt = default_prompt
+        size = denoiser_config.sample_size
+        size = int(size if isinstance(size, int) else size[0])
+        self.pixels_per_latent = pixels_per_latent
+        self.latent_shape = (int(denoiser_config.in_channels), size, size)
+        self.image_size = size * pixels_per_latent
 
     @property
     def num_train_timesteps(self) -> int:
@@ -95,18 +135,36 @@ class ModelPair(ABC):
         }
 
     def memory_bytes(self) -> int:
-        """Bytes held by the pair's parameters and buffers, each shared tensor counted once."""
-        seen: set[int] = set()
-        total = 0
-        for module in self.modules():
-            for tensor in list(module.parameters()) + list(module.buffers()):
-                key = tensor.untyped_storage().data_ptr()
-                if key in seen:
-                    continue
-                seen.add(key)
-                total += tensor.untyped_storage().nbytes()
-        return total
+        """Bytes held by the pair's parameters and buffers now, each shared tensor counted once."""
+        return storage_bytes(self.modules())
+
+    def resident_bytes(self) -> int:
+        """Bytes the pair keeps between uses: what a cache holding it for later jobs budgets.
+
+        The same as :meth:`memory_bytes` unless the pair drops weights after each use (a Stable
+        Diffusion pair's text encoders once a prompt is encoded): right after loading those are
+        still in memory, but a cache that counted them would overstate every pair it keeps.
+        """
+        return self.memory_bytes()
 
     def modules(self) -> list[torch.nn.Module]:
         """Every network the pair holds (shared ones once); used for memory accounting."""
         return []
+
+
+def storage_bytes(modules: list[torch.nn.Module]) -> int:
+    """Bytes of the parameters and buffers of ``modules``, each storage counted once.
+
+    Counting storages rather than tensors keeps tied weights and modules shared between the two
+    models from being counted twice; meta tensors (released weights) have no storage to count.
+    """
+    seen: set[int] = set()
+    total = 0
+    for module in modules:
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            key = tensor.untyped_storage().data_ptr()
+            if key in seen:
+                continue
+            seen.add(key)
+            total += tensor.untyped_storage().nbytes()
+    return total

@@ -32,19 +32,18 @@ class DDPMPair(ModelPair):
         dtype: torch.dtype,
         finetuned_kind: str = "ddpm",
     ) -> None:
+        super().__init__(
+            denoiser_config=unet_pretrained.config,
+            pixels_per_latent=1,
+            alphas_cumprod=alphas_cumprod,
+            prediction_type=prediction_type,
+            prediction_type_finetuned=prediction_type_finetuned,
+            device=device,
+            dtype=dtype,
+            finetuned_kind=finetuned_kind,
+        )
         self.unet_pretrained = unet_pretrained
         self.unet_finetuned = unet_finetuned
-        self.device = device
-        self.dtype = dtype
-        self.alphas_cumprod = alphas_cumprod.to(device=device, dtype=torch.float32)
-        self.prediction_type = prediction_type
-        self.prediction_type_finetuned = prediction_type_finetuned or prediction_type
-        self.finetuned_kind = finetuned_kind
-        size = unet_pretrained.config.sample_size
-        size = int(size if isinstance(size, int) else size[0])
-        self.image_size = size
-        self.pixels_per_latent = 1
-        self.latent_shape = (int(unet_pretrained.config.in_channels), size, size)
         self._unconditional = Conditioning()
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch
 from cgidm_core.errors import ConfigError
 from cgidm_core.models.devices import available_gpu_bytes, gpu_batch_size, unique_modules
 from cgidm_core.models.predictions import expand_timesteps, output_to_eps
-from cgidm_core.pair import Conditioning, ModelPair
+from cgidm_core.pair import Conditioning, ModelPair, storage_bytes
 
 #: Builds fresh copies of a pair's text encoders, exactly as loading built them, on the pair's
 #: device and dtype: ``(pretrained, finetuned)``, the second ``None`` when ``finetuned`` is False
@@ -131,19 +131,18 @@ class StableDiffusionPair(ModelPair):
         self.unet_finetuned = unet_finetuned
         self.text_encoder_pretrained = text_encoder_pretrained
         self.text_encoder_finetuned = text_encoder_finetuned
-        self.device = device
-        self.dtype = dtype
-        self.alphas_cumprod = alphas_cumprod.to(device=device, dtype=torch.float32)
-        self.prediction_type = prediction_type
-        self.prediction_type_finetuned = prediction_type_finetuned or prediction_type
-        self.finetuned_kind = finetuned_kind
-        self.default_prompt = default_prompt
-
-        self.pixels_per_latent = 2 ** (len(vae.config.block_out_channels) - 1)
-        size = unet_pretrained.config.sample_size
-        size = int(size if isinstance(size, int) else size[0])
-        self.latent_shape = (int(unet_pretrained.config.in_channels), size, size)
-        self.image_size = size * self.pixels_per_latent
+        super().__init__(
+            denoiser_config=unet_pretrained.config,
+            # Each VAE down block but the last halves the side.
+            pixels_per_latent=2 ** (len(vae.config.block_out_channels) - 1),
+            alphas_cumprod=alphas_cumprod,
+            prediction_type=prediction_type,
+            prediction_type_finetuned=prediction_type_finetuned,
+            device=device,
+            dtype=dtype,
+            finetuned_kind=finetuned_kind,
+            default_prompt=default_prompt,
+        )
         self.scaling_factor = float(vae.config.scaling_factor)
         shift = getattr(vae.config, "shift_factor", None)
         self.shift_factor = float(shift) if shift is not None else 0.0
@@ -212,12 +211,17 @@ class StableDiffusionPair(ModelPair):
         cached = self._cache.get(text)
         if cached is None:
             self.load_text_encoders()
-            pretrained = self._embed_pretrained(text)
-            finetuned = pretrained if self._shares_text_encoder() else self._embed_finetuned(text)
+            try:
+                pretrained = self._embed_pretrained(text)
+                finetuned = (pretrained if self._shares_text_encoder()
+                             else self._embed_finetuned(text))
+            finally:
+                # also when encoding fails (out of memory, say): a cached pair must not keep
+                # weights its cache entry does not count (resident_bytes)
+                if not self.keep_text_encoders:
+                    self.release_text_encoders()
             cached = Conditioning(finetuned=finetuned, pretrained=pretrained)
             self._cache[text] = cached
-            if not self.keep_text_encoders:
-                self.release_text_encoders()
         return cached
 
     # -- text encoder lifetime -----------------------------------------------------------------
@@ -299,10 +303,24 @@ class StableDiffusionPair(ModelPair):
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
+    def _kept_modules(self) -> list[torch.nn.Module]:
+        """Networks that hold their weights for the pair's whole life (all but text encoders)."""
+        return [self.unet_pretrained, self.unet_finetuned, self.vae]
+
     def modules(self) -> list[torch.nn.Module]:
         """Networks holding weights now: released text encoders hold none and are left out."""
         text_encoders = [] if self._text_encoders_released else self._text_encoder_modules()
-        return unique_modules([self.unet_pretrained, self.unet_finetuned, self.vae, *text_encoders])
+        return unique_modules([*self._kept_modules(), *text_encoders])
+
+    def resident_bytes(self) -> int:
+        """Without ``keep_text_encoders`` the text encoders are left out even while loaded.
+
+        They are in memory from loading until the first prompt is encoded, and again only while
+        a new prompt is encoded; between jobs the pair holds the UNets and the VAE alone.
+        """
+        if self.keep_text_encoders:
+            return self.memory_bytes()
+        return storage_bytes(unique_modules(self._kept_modules()))
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -27,12 +27,14 @@ from tests.service.procs import (  # noqa: F401 - re-exported for the test modul
     make_registry,
     png_bytes,
     s3_client,
+    stack_env,
     start_gateway,
     start_logged,
     start_moto,
     start_redis,
     start_worker,
     stop_process,
+    url_port,
     wait_for_job,
     wait_until,
 )
@@ -72,18 +74,14 @@ def s3_endpoint(service_root: Path) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def service_env(service_root, redis_url, s3_endpoint, registry_file) -> dict[str, str]:
     """The production-like settings: Redis broker, S3 storage, a registry file."""
-    return child_env({
-        "CGIDM_BROKER_URL": redis_url,
-        "CGIDM_STORAGE_URL": f"s3://{BUCKET}/svc",
-        "CGIDM_S3_ENDPOINT_URL": s3_endpoint,
-        "CGIDM_MODELS": str(registry_file),
-        "CGIDM_DATA_DIR": str(service_root / "data"),
-        "CGIDM_MAX_FILES": "6",
-        "CGIDM_MAX_UPLOAD_BYTES": "200000",
-        "CGIDM_MAX_REQUEST_BYTES": "1500000",
-        "CGIDM_MAX_IMAGE_PIXELS": "4000000",
-        "CGIDM_MODEL_CACHE_BYTES": str(10 * 1024**2),
-    })
+    return stack_env(broker_url=redis_url, s3_endpoint=s3_endpoint, prefix="svc",
+                     registry=registry_file, data_dir=service_root / "data", extra={
+                         "CGIDM_MAX_FILES": "6",
+                         "CGIDM_MAX_UPLOAD_BYTES": "200000",
+                         "CGIDM_MAX_REQUEST_BYTES": "1500000",
+                         "CGIDM_MAX_IMAGE_PIXELS": "4000000",
+                         "CGIDM_MODEL_CACHE_BYTES": str(10 * 1024**2),
+                     })
 
 
 @pytest.fixture(scope="session")

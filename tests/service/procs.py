@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -180,6 +181,33 @@ def start_gateway(env: dict[str, str], log: Path, port: int | None = None,
     wait_until(lambda: httpx.get(f"{url}/healthz", timeout=2).status_code == 200, 60,
                "gateway", proc, log)
     return proc, url
+
+
+def stack_env(*, broker_url: str, s3_endpoint: str, prefix: str, registry: Path,
+              data_dir: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Settings for a gateway or worker of one stack: its broker, its storage (``prefix`` in the
+    test bucket, so stacks sharing one S3 server keep apart), its registry and data folder.
+
+    Every stack needs these five; building them here keeps the test stacks and the load
+    benchmark configured alike. ``extra`` adds or overrides ``CGIDM_*`` settings.
+    """
+    return child_env({
+        "CGIDM_BROKER_URL": broker_url,
+        "CGIDM_STORAGE_URL": f"s3://{BUCKET}/{prefix}",
+        "CGIDM_S3_ENDPOINT_URL": s3_endpoint,
+        "CGIDM_MODELS": str(registry),
+        "CGIDM_DATA_DIR": str(data_dir),
+        **(extra or {}),
+    })
+
+
+def url_port(url: str) -> int:
+    """The port of a ``redis://`` or ``http://`` URL a start_* helper returned, to start a
+    server again where its clients already point."""
+    port = urlsplit(url).port
+    if port is None:
+        raise ValueError(f"no port in {url!r}")
+    return port
 
 
 def make_registry(root: Path) -> Path:

@@ -21,18 +21,19 @@ import httpx
 import pytest
 import redis
 
-from tests.service.conftest import (
+from tests.service.procs import (
     BUCKET,
     bucket_keys,
-    child_env,
     kill_process,
     png_bytes,
     s3_client,
+    stack_env,
     start_gateway,
     start_moto,
     start_redis,
     start_worker,
     stop_process,
+    url_port,
     wait_for_job,
     wait_until,
 )
@@ -97,25 +98,20 @@ def stack(tmp_path_factory, registry_file) -> Iterator[Stack]:
     redis_proc, redis_url = start_redis(root / "redis", appendonly=True)
     moto_proc, s3 = start_moto(root)
     proxy = FaultProxy(s3).start()
-    env = child_env({
-        "CGIDM_BROKER_URL": redis_url,
-        "CGIDM_STORAGE_URL": f"s3://{BUCKET}/{PREFIX}",
-        "CGIDM_S3_ENDPOINT_URL": s3,
-        "CGIDM_S3_MAX_ATTEMPTS": "2",
-        "CGIDM_MODELS": str(registry_file),
-        "CGIDM_DATA_DIR": str(root / "data"),
-        "CGIDM_QUEUE": "faults",
-        "CGIDM_TASK_SOFT_TIME_LIMIT": str(SOFT),
-        "CGIDM_TASK_TIME_LIMIT": str(HARD),
-        "CGIDM_VISIBILITY_TIMEOUT": str(VISIBILITY),
-        "CGIDM_STORAGE_RETRIES": "2",
-        "CGIDM_STORAGE_RETRY_BACKOFF": "1",
-        "CGIDM_STORAGE_RETRY_BACKOFF_MAX": "2",
-    })
+    env = stack_env(broker_url=redis_url, s3_endpoint=s3, prefix=PREFIX,
+                    registry=registry_file, data_dir=root / "data", extra={
+                        "CGIDM_S3_MAX_ATTEMPTS": "2",
+                        "CGIDM_QUEUE": "faults",
+                        "CGIDM_TASK_SOFT_TIME_LIMIT": str(SOFT),
+                        "CGIDM_TASK_TIME_LIMIT": str(HARD),
+                        "CGIDM_VISIBILITY_TIMEOUT": str(VISIBILITY),
+                        "CGIDM_STORAGE_RETRIES": "2",
+                        "CGIDM_STORAGE_RETRY_BACKOFF": "1",
+                        "CGIDM_STORAGE_RETRY_BACKOFF_MAX": "2",
+                    })
     gateway, url = start_gateway(env, root / "gateway.log")
-    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
     with httpx.Client(base_url=url, timeout=30) as client:
-        stack = Stack(root, port, redis_proc, s3, proxy, env, client)
+        stack = Stack(root, url_port(redis_url), redis_proc, s3, proxy, env, client)
         yield stack
         stack.stop_workers()
     stop_process(gateway)
@@ -262,10 +258,8 @@ def test_gateway_is_503_while_s3_is_down_and_recovers(tmp_path, registry_file):
     stored, nothing is enqueued); started again, the gateway serves at once."""
     redis_proc, redis_url = start_redis(tmp_path / "redis")
     moto_proc, s3 = start_moto(tmp_path)
-    port = int(s3.rsplit(":", 1)[1])
-    env = child_env({"CGIDM_BROKER_URL": redis_url, "CGIDM_STORAGE_URL": f"s3://{BUCKET}/x",
-                     "CGIDM_S3_ENDPOINT_URL": s3, "CGIDM_S3_MAX_ATTEMPTS": "2",
-                     "CGIDM_MODELS": str(registry_file), "CGIDM_DATA_DIR": str(tmp_path)})
+    env = stack_env(broker_url=redis_url, s3_endpoint=s3, prefix="x", registry=registry_file,
+                    data_dir=tmp_path, extra={"CGIDM_S3_MAX_ATTEMPTS": "2"})
     gateway, url = start_gateway(env, tmp_path / "gateway.log")
     queue = redis.Redis.from_url(redis_url)
     try:
@@ -286,7 +280,7 @@ def test_gateway_is_503_while_s3_is_down_and_recovers(tmp_path, registry_file):
             assert queue.llen("cgidm") == 0  # nothing was enqueued
             assert "cgidm_storage_up 0.0" in client.get("/metrics").text
 
-            moto_proc, _ = start_moto(tmp_path, port=port, name="moto-restarted")
+            moto_proc, _ = start_moto(tmp_path, port=url_port(s3), name="moto-restarted")
             wait_until(lambda: client.get("/readyz").status_code == 200, 30, "readyz")
             assert submit().status_code == 202 and queue.llen("cgidm") == 1
     finally:

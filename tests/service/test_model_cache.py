@@ -58,3 +58,36 @@ def test_budget_for_one_and_a_half_pairs_keeps_recent_one(two_pairs):
     cache.get("b")  # evicts a before loading b (b may be as large as a)
     cache.get("b")
     assert loads == ["a", "b"] and cache.hits == 2 and cache.evictions == 1
+
+
+def test_sd_pair_is_sized_as_held_between_jobs(tmp_path):
+    """A Stable Diffusion pair loaded with default settings drops its text encoders once its
+    first prompt is encoded. The cache counts the released size from the moment it loads the
+    pair (not the size right after loading, encoders included), and a job with a new prompt
+    (encoders read back, then released again) leaves that size right."""
+    from cgidm_core import load_pair
+
+    base = tinymodels.make_tiny_sd(tmp_path / "base")
+    dreambooth = tinymodels.make_dreambooth_folder(base, tmp_path / "dreambooth")
+    cache = ModelCache(10**9, lambda key: load_pair(base, dreambooth, device="cpu"))
+    pair, _ = cache.get("a")
+    assert pair.text_encoders_loaded
+    loaded = pair.memory_bytes()
+    pair.conditioning("sks style")  # the first job's prompt: encoded, then the release
+    released = pair.memory_bytes()
+    assert not pair.text_encoders_loaded and released < loaded
+    assert cache.stats().bytes == released
+    pair.conditioning("another prompt")  # a new prompt: read back, encoded, released again
+    assert not pair.text_encoders_loaded and pair.memory_bytes() == released
+    assert cache.stats().bytes == released
+
+    # Two released pairs fit a budget that two pairs sized with their encoders would not.
+    cache = ModelCache(2 * released + 1, lambda key: load_pair(base, dreambooth, device="cpu"))
+    cache.get("a")
+    cache.get("b")
+    assert cache.stats().entries == 2 and cache.stats().evictions == 0
+
+    # A pair that keeps its encoders is sized with them.
+    kept = load_pair(base, dreambooth, device="cpu", keep_text_encoders=True)
+    kept.conditioning("sks style")
+    assert kept.resident_bytes() == kept.memory_bytes() == loaded

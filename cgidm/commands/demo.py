@@ -124,6 +124,9 @@ def _download(client: Any, result: dict[str, Any], out: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cgidm.commands.serve import install_stop_signals
+
+    install_stop_signals()  # Ctrl-C / SIGTERM stop the demo's service too, however it was started
     dataset = find_dataset(args.data)
     images, controls = _images(dataset / "membership"), _images(dataset / "hold_out")
     out = Path(args.out).resolve()
@@ -138,6 +141,9 @@ def run(args: argparse.Namespace) -> int:
     except (RuntimeError, TimeoutError) as exc:  # a service process died or never got ready
         print(f"cgidm demo: error: {exc} (see {out / 'service.log'})", file=sys.stderr)
         status = 1
+    except KeyboardInterrupt:  # the service was stopped on the way out of EmbeddedService
+        print("cgidm demo: interrupted; the service is stopped", file=sys.stderr)
+        status = 130
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     if status == 0:

@@ -138,9 +138,20 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def install_stop_signals() -> None:
+    """Make Ctrl-C (SIGINT) and a process manager's SIGTERM stop the service, children included.
+
+    SIGINT is installed explicitly too: Python turns it into KeyboardInterrupt only if it was not
+    ignored when the interpreter started, and a shell without job control starts every
+    background command (``cgidm serve &`` in a script, or a backgrounded ``make test`` and all
+    it runs) with SIGINT ignored. Left alone, ``kill -INT`` would then do nothing at all.
+    """
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
+
+
 def run(args: argparse.Namespace) -> int:
-    # A process manager stops us with SIGTERM: stop the children too rather than orphan them.
-    signal.signal(signal.SIGTERM, _interrupt)
+    install_stop_signals()
     from cgidm.settings import is_loopback_host
 
     env = {"CGIDM_DATA_DIR": args.data_dir} if args.data_dir else {}
@@ -155,13 +166,7 @@ def run(args: argparse.Namespace) -> int:
             "listen on 127.0.0.1 (the default)")
     access = (f"API keys required ({len(keys)} configured)" if keys else
               "no API keys: open to this machine only (127.0.0.1)")
-    code = _serve_until_stopped(service, access)
-    # The children are stopped (or killed) by now. Exit at once: in the test suite under load the
-    # serve process was seen outliving its stopped children by minutes after Ctrl-C (cause not
-    # found; a library thread is the suspect), and a stopped service must never linger.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    return _serve_until_stopped(service, access)
 
 
 def _serve_until_stopped(service: EmbeddedService, access: str) -> int:

@@ -7,12 +7,14 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.service.conftest import (
+    TERMINAL,
     child_env,
     free_port,
     png_bytes,
@@ -39,31 +41,55 @@ def _service_pids(data_dir: Path) -> list[int]:
     return pids
 
 
-def _serve(tmp_path: Path, env: dict[str, str], port: int, name: str) -> subprocess.Popen:
+def _as_background_job() -> None:
+    """SIGINT as a shell without job control leaves it for a command started with ``&`` (and for
+    everything that command starts, a backgrounded ``make test`` included): ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _as_foreground_job() -> None:
+    """SIGINT as a terminal leaves it: the default action."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _serve(tmp_path: Path, env: dict[str, str], port: int, name: str,
+           sigint: Callable[[], None] = _as_foreground_job) -> subprocess.Popen:
+    """``cgidm serve``, started with SIGINT as ``sigint`` sets it, whatever the test runner has."""
     log = tmp_path / f"{name}.log"
     proc = start_logged([sys.executable, "-m", "cgidm.cli", "serve", "--port", str(port)],
-                        env, log)
+                        env, log, preexec_fn=sigint)
     url = f"http://127.0.0.1:{port}"
     wait_until(lambda: httpx.get(f"{url}/readyz", timeout=2).status_code == 200, 90,
                "cgidm serve", proc, log)
     return proc
 
 
-def _submit(client: httpx.Client, steps: int) -> str:
+def _submit(client: httpx.Client, steps: int, **fields: str) -> str:
     response = client.post(
         "/authenticate", data={"pretrained": "tiny-base", "finetuned": "tiny-ft",
-                               "steps": str(steps)},
+                               "steps": str(steps), **fields},
         files=[("images", ("x.png", png_bytes(5), "image/png")),
                ("controls", ("y.png", png_bytes(6), "image/png"))])
     assert response.status_code == 202, response.text
     return response.json()["job_id"]
 
 
-def test_serve_runs_jobs_without_servers(tmp_path, registry_file):
+def _job_file(data_dir: Path, job_id: str) -> dict:
+    return json.loads((data_dir / "storage" / "jobs" / job_id / "job.json").read_text())
+
+
+def _running_past(steps: int) -> Callable[[dict], bool]:
+    """Until the job has run more than ``steps`` steps, or has ended (then the asserts say how)."""
+    return lambda job: job["status"] in TERMINAL or (
+        job["status"] == "running" and job["progress"]["steps_done"] > steps)
+
+
+def test_serve_runs_jobs_without_servers_and_requeues_on_ctrl_c(tmp_path, registry_file):
     data_dir = tmp_path / "data"
     env = child_env({"CGIDM_DATA_DIR": str(data_dir), "CGIDM_MODELS": str(registry_file)})
     port = free_port()
-    serve = _serve(tmp_path, env, port, "serve1")
+    # Started as a background job would be, with SIGINT ignored: Ctrl-C must still stop it.
+    serve = _serve(tmp_path, env, port, "serve1", sigint=_as_background_job)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
             job_id = _submit(client, steps=4)
@@ -76,9 +102,42 @@ def test_serve_runs_jobs_without_servers(tmp_path, registry_file):
                 .startswith(b"\x89PNG")
             assert (data_dir / "broker.sqlite").is_file()
 
-    finally:
+            # A long job (two batches of the most steps allowed: minutes even on a fast CPU) is
+            # seen running through the gateway, its progress moving.
+            long_job = _submit(client, steps=10_000, batch_size="1")
+            first = wait_for_job(client, long_job, timeout=180, until=_running_past(0))
+            assert (first["status"], first["attempts"]) == ("running", 1), first
+            assert first["progress"]["steps_total"] == 20_000
+            moved = wait_for_job(client, long_job, timeout=180,
+                                 until=_running_past(first["progress"]["steps_done"]))
+            assert moved["status"] == "running", moved
+            assert moved["progress"]["steps_done"] < moved["progress"]["steps_total"]
+
+        # Ctrl-C while it runs: serve stops the gateway and the worker, and the worker puts
+        # the job back in the queue (docs/SERVICE.md, "Late acks").
+        children = set(_service_pids(data_dir)) - {serve.pid}
+        assert len(children) == 2  # the gateway and the worker
         serve.send_signal(signal.SIGINT)
-        serve.wait(timeout=120)
+        assert serve.wait(timeout=120) == 0
+        assert _service_pids(data_dir) == []
+        record = _job_file(data_dir, long_job)
+        assert (record["status"], record["attempts"], record["progress"]["steps_done"]) == \
+            ("queued", 1, 0), record
+    finally:
+        stop_process(serve)
+
+    # The next start runs it again, from the start.
+    serve = _serve(tmp_path, env, port, "serve2")
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            again = wait_for_job(client, long_job, timeout=180, until=_running_past(0))
+            assert (again["status"], again["attempts"]) == ("running", 2), again
+            assert client.delete(f"/jobs/{long_job}").status_code == 202
+            assert wait_for_job(client, long_job)["status"] == "cancelled"
+        serve.send_signal(signal.SIGINT)
+        assert serve.wait(timeout=120) == 0
+        assert _service_pids(data_dir) == []
+    finally:
         stop_process(serve)
 
 

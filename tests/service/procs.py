@@ -163,12 +163,27 @@ def start_moto(root: Path, port: int | None = None, bucket: str | None = BUCKET,
     return proc, endpoint
 
 
-def start_worker(env: dict[str, str], log: Path, timeout: float = 90) -> subprocess.Popen:
-    proc = start_logged([sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
-                         "--pool=solo", "-c", "1", "-l", "info"], env, log)
-    start = log.stat().st_size if log.exists() else 0
+def launch_worker(env: dict[str, str], log: Path, node: str | None = None) -> subprocess.Popen:
+    """A Celery worker process, not waited for (see :func:`wait_worker_ready`), so that several
+    can start at once. ``node`` names it (``-n``); several on one host need distinct names."""
+    cmd = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool=solo",
+           "-c", "1", "-l", "info"]
+    if node:
+        cmd += ["-n", node]
+    return start_logged(cmd, env, log)
+
+
+def wait_worker_ready(proc: subprocess.Popen, log: Path, timeout: float = 90,
+                      start: int = 0) -> None:
+    """Until the worker logs "ready." (after byte ``start`` of its log, for a restarted one)."""
     wait_until(lambda: b"ready." in log.read_bytes()[start:], timeout, "celery worker", proc,
                log)
+
+
+def start_worker(env: dict[str, str], log: Path, timeout: float = 90) -> subprocess.Popen:
+    start = log.stat().st_size if log.exists() else 0
+    proc = launch_worker(env, log)
+    wait_worker_ready(proc, log, timeout, start)
     return proc
 
 

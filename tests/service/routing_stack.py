@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,14 +20,14 @@ from typing import Any
 import httpx
 
 from tests.service.procs import (
-    BUCKET,
-    child_env,
+    launch_worker,
     png_bytes,
+    stack_env,
     start_gateway,
-    start_logged,
     stop_process,
     wait_for_job,
     wait_until,
+    wait_worker_ready,
 )
 
 _ROUTING_LINE = re.compile(rb"cgidm routing: worker (\S+) consumes slots \[([\d,]*)\] of \d+ "
@@ -190,35 +189,27 @@ def routing_stack(
     would fit): a budget of one pair per worker.
     """
     root.mkdir(parents=True, exist_ok=True)
-    env = child_env({
-        "CGIDM_BROKER_URL": redis_url,
-        "CGIDM_STORAGE_URL": f"s3://{BUCKET}/{name}",
-        "CGIDM_S3_ENDPOINT_URL": s3_endpoint,
-        "CGIDM_MODELS": str(registry),
-        "CGIDM_DATA_DIR": str(root / "data"),
-        "CGIDM_QUEUE": name,
-        "CGIDM_ROUTING": routing,
-        "CGIDM_ROUTING_SLOTS": str(slots),
-        "CGIDM_MODEL_CACHE_BYTES": str(cache_bytes),
-        **(extra_env or {}),
-    })
+    env = stack_env(broker_url=redis_url, s3_endpoint=s3_endpoint, prefix=name,
+                    registry=registry, data_dir=root / "data", extra={
+                        "CGIDM_QUEUE": name,
+                        "CGIDM_ROUTING": routing,
+                        "CGIDM_ROUTING_SLOTS": str(slots),
+                        "CGIDM_MODEL_CACHE_BYTES": str(cache_bytes),
+                        **(extra_env or {}),
+                    })
     logs = [root / f"{name}-worker{i}.log" for i in range(workers)]
     procs: list[Any] = []
     clients: dict[str, httpx.Client] = {}
     try:
         # All workers start at once; each imports torch only with its first job.
-        procs = [start_logged([sys.executable, "-m", "celery", "-A", "worker.celery_app",
-                               "worker", "--pool=solo", "-c", "1", "-l", "info",
-                               "-n", f"w{i}-{name}@%h"], env, log)
-                 for i, log in enumerate(logs)]
+        procs = [launch_worker(env, log, node=f"w{i}-{name}@%h") for i, log in enumerate(logs)]
         for mode in gateways or (routing,):
             gateway, url = start_gateway({**env, "CGIDM_ROUTING": mode},
                                          root / f"{name}-gateway-{mode}.log")
             procs.append(gateway)
             clients[mode] = httpx.Client(base_url=url, timeout=60)
         for proc, log in zip(procs, logs, strict=False):
-            wait_until(lambda log=log: b"ready." in log.read_bytes(), 90, "celery worker",
-                       proc, log)
+            wait_worker_ready(proc, log)
         # In pair mode, wait until every worker counts all the others: before that, two
         # workers can briefly consume the same slot.
         wait_until(lambda: routing_settled(logs, workers if routing == "pair" else None), 30,

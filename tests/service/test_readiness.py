@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import sys
-
 import httpx
 import pytest
 
-from tests.service.conftest import (
+from tests.service.procs import (
     child_env,
     free_port,
     png_bytes,
-    start_logged,
+    start_gateway,
     stop_process,
-    wait_until,
 )
 
 pytestmark = pytest.mark.slow  # starts servers and processes
@@ -22,15 +19,9 @@ pytestmark = pytest.mark.slow  # starts servers and processes
 @pytest.fixture(scope="module")
 def broken_gateway(tmp_path_factory, registry_file):
     root = tmp_path_factory.mktemp("broken")
-    port = free_port()
     env = child_env({"CGIDM_DATA_DIR": str(root), "CGIDM_MODELS": str(registry_file),
                      "CGIDM_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0"})
-    log = root / "gateway.log"
-    proc = start_logged([sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1",
-                         "--port", str(port)], env, log)
-    url = f"http://127.0.0.1:{port}"
-    wait_until(lambda: httpx.get(f"{url}/healthz", timeout=2).status_code == 200, 30, "gateway",
-               proc, log)
+    proc, url = start_gateway(env, root / "gateway.log")
     with httpx.Client(base_url=url, timeout=30) as client:
         yield client
     stop_process(proc)

@@ -57,18 +57,19 @@ class Admission(Protocol):
         """Reservations held now (for /metrics)."""
 
 
-class LocalAdmission:
-    """Reservations of one gateway process (the embedded broker allows only one gateway)."""
+class _Reservations:
+    """Reserve-then-count, shared by both stores; a store says how to add and drop one."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._held: set[str] = set()
+    def _add(self, token: str) -> int:
+        """Add ``token`` and return how many reservations are held, atomically."""
+        raise NotImplementedError
+
+    def release(self, token: str) -> None:
+        raise NotImplementedError
 
     def reserve(self, depth: DepthFn, limit: int) -> str:
         token = uuid.uuid4().hex
-        with self._lock:
-            self._held.add(token)
-            pending = len(self._held)
+        pending = self._add(token)  # this one included
         try:
             waiting = depth()
         except BaseException:
@@ -78,6 +79,19 @@ class LocalAdmission:
             self.release(token)
             raise QueueFull(waiting + pending - 1, limit)
         return token
+
+
+class LocalAdmission(_Reservations):
+    """Reservations of one gateway process (the embedded broker allows only one gateway)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: set[str] = set()
+
+    def _add(self, token: str) -> int:
+        with self._lock:
+            self._held.add(token)
+            return len(self._held)
 
     def release(self, token: str) -> None:
         with self._lock:
@@ -88,7 +102,7 @@ class LocalAdmission:
             return len(self._held)
 
 
-class RedisAdmission:
+class RedisAdmission(_Reservations):
     """Reservations shared by every gateway through the broker's Redis (see the module doc)."""
 
     def __init__(self, client: object, key: str, ttl: float = RESERVATION_TTL) -> None:
@@ -96,24 +110,14 @@ class RedisAdmission:
         self.key = key
         self.ttl = ttl
 
-    def reserve(self, depth: DepthFn, limit: int) -> str:
-        token = uuid.uuid4().hex
+    def _add(self, token: str) -> int:
         now = time.time()
         pipe = self.client.pipeline(transaction=True)  # type: ignore[attr-defined]
         pipe.zremrangebyscore(self.key, "-inf", now)  # reservations of gateways that died
         pipe.zadd(self.key, {token: now + self.ttl})
         pipe.expire(self.key, int(self.ttl) + 60)
         pipe.zcard(self.key)
-        pending = int(pipe.execute()[-1])
-        try:
-            waiting = depth()
-        except BaseException:
-            self.release(token)
-            raise
-        if waiting + pending > limit:
-            self.release(token)
-            raise QueueFull(waiting + pending - 1, limit)
-        return token
+        return int(pipe.execute()[-1])
 
     def release(self, token: str) -> None:
         self.client.zrem(self.key, token)  # type: ignore[attr-defined]

@@ -4,7 +4,7 @@
 Builds the real SD 1.5 architecture with random weights directly on the GPU (no download:
 ``benchmarks/sd15.py``), as a ``StableDiffusionPair`` of a DreamBooth fine-tune (two UNets, one
 float32 VAE, text encoders released after the prompt is encoded), and times cgidm's own
-``inversion.invert`` for every configuration: float16 and bfloat16, batch 1, 4 and 8, SDPA
+``inversion.invert`` for every configuration: float16 and bfloat16, batch 1, 4, 8, 16 and 32, SDPA
 attention (diffusers' default ``AttnProcessor2_0``), channels-last UNets, and with ``--compile``
 also ``torch.compile``. One PGD step is one forward and one backward through both UNets.
 
@@ -569,7 +569,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", nargs="+", default=None,
                         help="default: float16 bfloat16 (dry run: float32 bfloat16)")
     parser.add_argument("--batches", nargs="+", type=int, default=None,
-                        help="default: 1 4 8 (dry run: 1 2)")
+                        help="default: 1 4 8 16 32 (dry run: 1 2); a batch that does not fit "
+                             "is recorded as OOM and the run goes on")
     parser.add_argument("--steps", type=int, default=12,
                         help="PGD steps per configuration (the first two are warm-up)")
     parser.add_argument("--compile", action="store_true", help="add a torch.compile point")
@@ -598,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dtypes is None:
         args.dtypes = ["float32", "bfloat16"] if args.dry_run else ["float16", "bfloat16"]
     if args.batches is None:
-        args.batches = [1, 2] if args.dry_run else [1, 4, 8]
+        args.batches = [1, 2] if args.dry_run else [1, 4, 8, 16, 32]
     if args.budget is None:
         args.budget = 60.0 if args.dry_run else 420.0
     if args.dry_run and args.steps == parser.get_default("steps"):

@@ -26,7 +26,10 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import redis
 
 #: Seconds after which a reservation whose gateway never released it stops counting. Longer
 #: than any upload the body limits allow on a slow link; short enough that a crashed gateway
@@ -105,14 +108,14 @@ class LocalAdmission(_Reservations):
 class RedisAdmission(_Reservations):
     """Reservations shared by every gateway through the broker's Redis (see the module doc)."""
 
-    def __init__(self, client: object, key: str, ttl: float = RESERVATION_TTL) -> None:
+    def __init__(self, client: redis.Redis, key: str, ttl: float = RESERVATION_TTL) -> None:
         self.client = client
         self.key = key
         self.ttl = ttl
 
     def _add(self, token: str) -> int:
         now = time.time()
-        pipe = self.client.pipeline(transaction=True)  # type: ignore[attr-defined]
+        pipe = self.client.pipeline(transaction=True)
         pipe.zremrangebyscore(self.key, "-inf", now)  # reservations of gateways that died
         pipe.zadd(self.key, {token: now + self.ttl})
         pipe.expire(self.key, int(self.ttl) + 60)
@@ -120,10 +123,10 @@ class RedisAdmission(_Reservations):
         return int(pipe.execute()[-1])
 
     def release(self, token: str) -> None:
-        self.client.zrem(self.key, token)  # type: ignore[attr-defined]
+        self.client.zrem(self.key, token)
 
     def pending(self) -> int:
-        return int(self.client.zcount(self.key, time.time(), "+inf"))  # type: ignore[attr-defined]
+        return int(self.client.zcount(self.key, time.time(), "+inf"))
 
 
 def admission_for(broker_url: str, queue: str) -> Admission:

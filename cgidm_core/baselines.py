@@ -73,20 +73,11 @@ def _seeds_for(z0: torch.Tensor, seed: int, seeds: Sequence[int] | None) -> list
     return [image_seed(z, seed) for z in z0]
 
 
-def _expand(cond: Conditioning, batch: int) -> Conditioning:
-    def grow(value: object) -> object:
-        if isinstance(value, torch.Tensor) and value.shape[0] == 1 and batch != 1:
-            return value.expand(batch, *value.shape[1:])
-        return value
-
-    return Conditioning(finetuned=grow(cond.finetuned), pretrained=grow(cond.pretrained))
-
-
 def _eps_ft(pair: ModelPair, z: torch.Tensor, t: int | torch.Tensor, cond: Conditioning):
     """Fine-tuned model's noise prediction for a batch, at one timestep or per-row timesteps."""
     if not isinstance(t, torch.Tensor):
         t = torch.full((z.shape[0],), int(t), dtype=torch.long)
-    return pair.eps_finetuned(z, t.to(pair.device), _expand(cond, z.shape[0])).float()
+    return pair.eps_finetuned(z, t.to(pair.device), cond).float()  # adapters expand cond
 
 
 def _in_chunks(

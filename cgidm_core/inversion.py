@@ -147,15 +147,6 @@ class _NoiseSource:
         return torch.cat(draws)
 
 
-def _expand_cond(cond: Conditioning, batch: int) -> Conditioning:
-    def grow(value: object) -> object:
-        if isinstance(value, torch.Tensor) and value.shape[0] == 1 and batch != 1:
-            return value.expand(batch, *value.shape[1:])
-        return value
-
-    return Conditioning(finetuned=grow(cond.finetuned), pretrained=grow(cond.pretrained))
-
-
 def contrast_loss(
     pair: ModelPair,
     z: torch.Tensor,
@@ -177,11 +168,10 @@ def contrast_loss(
     noise_ft = noise_ft.to(pair.device)
     noise_pre = noise_pre.to(pair.device)
     t_dev = t.to(pair.device)
-    cond_b = _expand_cond(cond, n * samples)
     z_t_ft = sqrt_ab * z_rep + sqrt_1mab * noise_ft
     z_t_pre = z_t_ft if noise_pre is noise_ft else sqrt_ab * z_rep + sqrt_1mab * noise_pre
-    eps_ft = pair.eps_finetuned(z_t_ft, t_dev, cond_b)
-    eps_pre = pair.eps_pretrained(z_t_pre, t_dev, cond_b)
+    eps_ft = pair.eps_finetuned(z_t_ft, t_dev, cond)  # adapters expand cond
+    eps_pre = pair.eps_pretrained(z_t_pre, t_dev, cond)
     err_ft = (eps_ft.float() - noise_ft).pow(2).flatten(1).mean(1)
     err_pre = (eps_pre.float() - noise_pre).pow(2).flatten(1).mean(1)
     return (err_ft - err_pre).view(n, samples).mean(1)

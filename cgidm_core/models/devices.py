@@ -86,6 +86,6 @@ def available_gpu_bytes(device: torch.device) -> int:
 def gpu_batch_size(available_bytes: int, latent_pixels: int, dtype: torch.dtype,
                    bytes_per_image: int = SD_BYTES_PER_IMAGE) -> int:
     """How many images fit one PGD batch: activations scale with latent area and dtype width."""
-    width = torch.empty((), dtype=dtype).element_size()
-    per_image = bytes_per_image * (latent_pixels / SD_REFERENCE_LATENT_PIXELS) * (width / 2)
+    area = latent_pixels / SD_REFERENCE_LATENT_PIXELS
+    per_image = bytes_per_image * area * (dtype.itemsize / 2)
     return max(1, min(MAX_GPU_BATCH, int(GPU_MEMORY_SHARE * available_bytes // per_image)))

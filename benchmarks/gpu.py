@@ -418,28 +418,23 @@ def run(args: argparse.Namespace,
                 facts.setdefault("weights_bytes", {})[name] = weights
                 del pair, originals
             _, pair, originals = loaded
-            if config.layout == "reference":
-                measurement = measure_reference(
-                    pair, config, device=device, steps=args.steps, default_steps=default_steps,
-                    seconds_budget=max(args.min_config_seconds,
-                                       min(args.config_seconds,
-                                           deadline - time.perf_counter() - reserve)))
-                del pair, originals
-                results.append(measurement)
-                _progress(measurement, on_result, report)
-                continue
-            set_layout(pair, config.channels_last, config.compile, originals)
             if config.compile:
                 budget = min(args.compile_seconds, deadline - time.perf_counter())
             else:
                 plain_left = sum(1 for c in pending if not c.compile)
                 share = (deadline - time.perf_counter() - reserve) / plain_left
                 budget = max(args.min_config_seconds, min(args.config_seconds, share))
-            plain = [r.overhead_seconds for r in results
-                     if r.config == Config(config.dtype, config.batch, config.channels_last)]
-            measurement = measure(pair, config, device=device, steps=args.steps,
-                                  default_steps=default_steps, seconds_budget=budget,
-                                  overhead_hint=plain[0] if plain else None)
+            if config.layout == "reference":
+                measurement = measure_reference(pair, config, device=device, steps=args.steps,
+                                                default_steps=default_steps,
+                                                seconds_budget=budget)
+            else:
+                set_layout(pair, config.channels_last, config.compile, originals)
+                plain = [r.overhead_seconds for r in results
+                         if r.config == Config(config.dtype, config.batch, config.channels_last)]
+                measurement = measure(pair, config, device=device, steps=args.steps,
+                                      default_steps=default_steps, seconds_budget=budget,
+                                      overhead_hint=plain[0] if plain else None)
             del pair, originals
         except Exception as exc:  # noqa: BLE001 - one broken configuration must not lose the rest
             loaded = None  # it may have left the model half-changed

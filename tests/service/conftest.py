@@ -58,8 +58,9 @@ def registry_file(service_root: Path) -> Path:
 def redis_url(service_root: Path) -> Iterator[str]:
     try:
         proc, url = start_redis(service_root)
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
+    except FileNotFoundError as exc:  # a missing real part is a failure, not a skip
+        pytest.fail(f"{exc}: the service tests need redis-server; `make test` installs it "
+                    "(Debian package redis-server)")
     yield url
     stop_process(proc)
 

@@ -74,8 +74,7 @@ def build_layouts(root: Path) -> dict[str, tuple[Path, Path]]:
     return layouts
 
 
-def score(pretrained: Path, finetuned: Path, device: str, dtype: str, steps: int,
-          prompt: str | None = None) -> dict[str, Any]:
+def score(pretrained: Path, finetuned: Path, device: str, dtype: str, steps: int) -> dict[str, Any]:
     import torch
 
     from cgidm_core.api import authenticate, load_pair
@@ -85,7 +84,7 @@ def score(pretrained: Path, finetuned: Path, device: str, dtype: str, steps: int
     pair = load_pair(pretrained, finetuned, device=device, dtype=dtype)
     loaded = time.perf_counter() - started
     images = synthetic_images(2, pair.image_size)
-    results = authenticate(pair, images, config=InversionConfig(steps=steps), prompt=prompt)
+    results = authenticate(pair, images, config=InversionConfig(steps=steps))
     out: dict[str, Any] = {
         "scores": [float(r.score) for r in results],
         "load_seconds": loaded,
@@ -94,11 +93,10 @@ def score(pretrained: Path, finetuned: Path, device: str, dtype: str, steps: int
     }
     if hasattr(pair, "text_encoders_loaded"):
         out["text_encoders_loaded_after"] = bool(pair.text_encoders_loaded)
-        if prompt is None:
-            # a prompt the pair has not seen: the released encoders are read back on the device
-            again = authenticate(pair, images, config=InversionConfig(steps=2),
-                                 prompt="a painting of a dog")
-            out["new_prompt_scores"] = [float(r.score) for r in again]
+        # a prompt the pair has not seen: the released encoders are read back on the device
+        again = authenticate(pair, images, config=InversionConfig(steps=2),
+                             prompt="a painting of a dog")
+        out["new_prompt_scores"] = [float(r.score) for r in again]
     if device.startswith("cuda"):
         out["peak_bytes"] = int(torch.cuda.max_memory_allocated())
     del pair

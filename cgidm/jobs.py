@@ -180,7 +180,7 @@ class ImageScore(BaseModel):
     score: float
     metrics: dict[str, float]
     p_value: float | None = None
-    verdict: str | None = Field(None, examples=["member_evidence", "no_evidence"])
+    verdict: str | None = Field(None, examples=["member_evidence", "no_evidence", "inconclusive"])
     artifacts: ArtifactLinks
 
 

@@ -33,6 +33,10 @@ from cgidm_core.errors import ConfigError
 
 MEMBER_EVIDENCE = "member_evidence"
 NO_EVIDENCE = "no_evidence"
+#: Per-image verdict when the controls given cannot reach the significance level at all (fewer
+#: than ``1/alpha - 1`` of them): saying "no evidence" would blame the image for a missing control.
+INCONCLUSIVE = "inconclusive"
+VERDICTS = (MEMBER_EVIDENCE, NO_EVIDENCE, INCONCLUSIVE)
 
 #: Above this many scores in total the exact Mann-Whitney distribution gets slow (seconds) and the
 #: normal approximation is accurate to the third digit, so we switch to it.
@@ -117,8 +121,11 @@ def controls_test(
     """Per-image empirical p-values and a one-sided Mann-Whitney U test of suspects vs controls.
 
     A verdict is ``"member_evidence"`` when the image's p-value is at most ``alpha``, else
-    ``"no_evidence"`` ("no evidence" is not "evidence of non-membership"). The per-image p-values
-    are not corrected for multiple images; the set-level U test is the one-number answer for a set.
+    ``"no_evidence"`` ("no evidence" is not "evidence of non-membership"). When there are too few
+    controls for any p-value to reach ``alpha`` (``1 / (n + 1) > alpha``) every image's verdict is
+    ``"inconclusive"``: the controls, not the image, decided it. The per-image p-values are not
+    corrected for multiple images; the set-level U test is the one-number answer for a set and
+    still decides there.
 
     The U statistic is scipy's U of the suspects (pairs where a suspect beats a control, ties
     counting one half), so ``auc = U / (n_suspect * n_controls)`` is the probability that a random
@@ -131,7 +138,12 @@ def controls_test(
     n1, n0 = suspects.size, controls.size
 
     p_values = [float((1 + np.count_nonzero(controls >= s)) / (n0 + 1)) for s in suspects]
-    verdicts = [MEMBER_EVIDENCE if p <= alpha else NO_EVIDENCE for p in p_values]
+    min_p = 1.0 / (n0 + 1)
+    reachable = min_p <= alpha + 1e-12
+    verdicts = [
+        (MEMBER_EVIDENCE if p <= alpha else NO_EVIDENCE) if reachable else INCONCLUSIVE
+        for p in p_values
+    ]
 
     pooled = np.concatenate([suspects, controls])
     has_ties = np.unique(pooled).size < pooled.size
@@ -139,12 +151,12 @@ def controls_test(
     result = sps.mannwhitneyu(suspects, controls, alternative="greater", method=method)
     u = float(result.statistic)
 
-    min_p = 1.0 / (n0 + 1)
     need = math.ceil(1.0 / alpha - 1e-9) - 1  # smallest n with 1 / (n + 1) <= alpha
-    if min_p > alpha + 1e-12:
+    if not reachable:
         explanation = (
             f"With {n0} control(s) the smallest possible per-image p-value is 1/({n0}+1) = "
-            f"{min_p:.3g}, above alpha = {alpha:g}: no single image can show member evidence. "
+            f"{min_p:.3g}, above alpha = {alpha:g}: no single image can show member evidence, "
+            "so every per-image verdict is 'inconclusive'. "
             f"Use at least {need} known non-member images ({need - n0} more) to decide per "
             "image; the set-level Mann-Whitney test still applies."
         )

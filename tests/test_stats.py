@@ -9,6 +9,7 @@ from scipy import stats as sps
 
 from cgidm_core.errors import ConfigError
 from cgidm_core.stats import (
+    INCONCLUSIVE,
     MEMBER_EVIDENCE,
     NO_EVIDENCE,
     calibrated_split,
@@ -77,9 +78,20 @@ def test_controls_test_u_p_value_equals_scipys_exact_value():
 def test_few_controls_cannot_give_member_evidence_and_say_so():
     test = controls_test([100.0, 200.0], [1.0, 2.0, 3.0, 4.0, 5.0], alpha=0.05)
     assert test.p_values == pytest.approx([1 / 6, 1 / 6])
-    assert test.verdicts == [NO_EVIDENCE, NO_EVIDENCE]
+    assert test.verdicts == [INCONCLUSIVE, INCONCLUSIVE]
     assert "1/(5+1)" in test.explanation
+    assert "inconclusive" in test.explanation
     assert "no single image" in test.explanation
+
+
+def test_verdicts_decide_from_exactly_enough_controls():
+    # 19 controls at alpha 0.05: 1/(19+1) = 0.05 is reachable, so verdicts are decided; 18 are not.
+    controls = [float(c) for c in range(19)]
+    decided = controls_test([100.0, 5.0], controls, alpha=0.05)
+    assert decided.verdicts == [MEMBER_EVIDENCE, NO_EVIDENCE]
+    undecided = controls_test([100.0, 5.0], controls[:18], alpha=0.05)
+    assert undecided.verdicts == [INCONCLUSIVE, INCONCLUSIVE]
+    assert "19 known non-member images (1 more)" in undecided.explanation
 
 
 def test_controls_test_mixed_verdicts_and_ties():

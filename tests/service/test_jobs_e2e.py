@@ -69,7 +69,7 @@ def test_controls_give_p_values_verdicts_and_set_test(worker, client, submit):
     assert len(result["images"]) == 2 and len(result["controls"]) == 3
     for item in result["images"]:
         assert 0 < item["p_value"] <= 1
-        assert item["verdict"] in ("member_evidence", "no_evidence")
+        assert item["verdict"] == "inconclusive"  # 3 controls cannot reach alpha
     for item in result["controls"]:
         assert item["role"] == "control" and isinstance(item["score"], float)
         assert client.get(item["artifacts"]["recovered"]).status_code == 200

@@ -188,3 +188,17 @@ def test_common_noise_builds_one_noisy_latent_even_when_to_copies(ddpm, monkeypa
     run(ddpm, images, replace(CONFIG, common_random_numbers=False))
     assert len(seen) == CONFIG.steps
     assert all(a is not b and not torch.equal(a, b) for a, b in seen)
+
+
+def test_the_service_result_carries_the_count(ddpm, monkeypatch):
+    """The worker builds each image's entry as ``ImageScore(**result.to_dict(), ...)``."""
+    from cgidm.jobs import ImageScore, artifact_links
+
+    monkeypatch.setattr(ddpm, "eps_finetuned", PoisonOneImage(ddpm.eps_finetuned, 0, at=2))
+    (result,) = authenticate(ddpm, to_pil(smooth_images(1, ddpm.image_size)), config=CONFIG,
+                             names=["x"])
+    entry = ImageScore(**result.to_dict(), role="image", artifacts=artifact_links("job", "x"))
+    document = entry.model_dump(mode="json")
+    assert document["nonfinite_gradient_steps"] == 1
+    assert isinstance(document["final_loss"], float)
+    assert "nonfinite_gradient_steps" in ImageScore.model_json_schema()["properties"]

@@ -45,3 +45,12 @@ def test_weight_gradients_of_both_unets_and_text_encoders_are_made(layout, recov
 def test_the_recovery_keeps_the_kept_half_and_is_finite(recovered):
     assert torch.isfinite(recovered["recovered"]).all()
     assert recovered["recovered"].shape == recovered["original"].shape
+
+
+def test_flop_count_of_the_correction_runs_on_the_meta_device():
+    """benchmarks/reference_flops.py: SD 1.5 shapes, no weights; the figures docs quote."""
+    from benchmarks.reference_flops import count
+
+    figures = count()
+    assert figures["vae_encoder_backward"] > figures["vae_encoder_forward"] > 0
+    assert 0.6 < figures["new_over_old"] < 0.75  # 0.683 for SD 1.5 at 512 px

@@ -78,11 +78,11 @@ class InversionConfig:
         noise per model, one Monte Carlo sample, latents sampled from the VAE posterior, the
         partial image decoded, rounded to 8-bit pixels and re-encoded, no box constraint.
 
-        What still differs from their code (README, "The reference preset"): every draw comes
-        from a per-image seeded generator (theirs are unseeded), the networks run in the pair's
-        dtype (they run float16 on a GPU), and the score is computed per image (theirs is each
-        original's best match over all recoveries of its split; ``cgidm eval --protocol paper``
-        reports that too).
+        What still differs from their code (README, on ``InversionConfig.reference()``): every
+        draw comes from a per-image seeded generator (theirs are unseeded), the networks run in
+        the pair's dtype (they run float16 on a GPU), and the score is computed per image (theirs
+        is each original's best match over all recoveries of its split; ``cgidm eval --protocol
+        paper`` reports that too).
         """
         base = cls(
             steps=1000,

@@ -76,7 +76,10 @@ def _inversion_settings(config: Any) -> str:
     parts = [f"{config.steps} steps", f"alpha {config.alpha:g} / eps {config.epsilon:g} (SD scale)",
              noise, f"{config.mc_samples} MC sample(s)"]
     if config.reencode_partial:
-        parts.append("re-encoded partial")
+        parts.append("re-encoded 8-bit partial" if config.quantize_partial
+                     else "re-encoded partial")
+    if config.sample_latent:
+        parts.append("sampled VAE latent")
     return ", ".join(parts)
 
 

@@ -2,29 +2,41 @@
 re-created for measurement only. Nothing in cgidm uses this module.
 
 What is kept from the reference because it is what makes it slow or big (METHOD.md, "Known
-weaknesses"):
+weaknesses"); each point was checked against the authors' code and the libraries it calls:
 - two complete pipelines: the fine-tuned one (its UNet and text encoder, the base's VAE and
   tokenizer, no safety checker) and the pretrained one as ``from_pretrained`` gives it (its own
   VAE, text encoder, tokenizer and, for real SD checkpoints, the safety checker);
-- networks NOT frozen: ``from_pretrained`` leaves ``requires_grad=True``, so every backward pass
-  also computes (and accumulates) weight gradients of both UNets;
+- networks NOT frozen: neither diffusers' nor transformers' ``from_pretrained`` touches
+  ``requires_grad`` and ``Extractor.py`` never does, so every backward pass also computes (and
+  accumulates: only ``delta.grad`` is ever zeroed) weight gradients of both UNets;
+- the prompt embeddings come from ``pipe._encode_prompt`` outside any ``no_grad`` (only the
+  pipelines' ``__call__`` is decorated), so they carry the text encoders' graph and each
+  ``loss.backward(retain_graph=True)`` also runs back through both text encoders, making their
+  weight gradients too;
 - one image at a time, one Monte Carlo sample per step, one ``t`` shared by both models but an
   independent noise draw for each model;
-- the VAE latent is *sampled*, the partial image is decoded to 8-bit pixels and re-encoded, and
-  that re-encoding (like the prompt embeddings) is computed with gradients on, so each
-  ``loss.backward(retain_graph=True)`` also runs back through the VAE encoder and both text
-  encoders, as in the original;
-- the L2 PGD of advertorch: step ``alpha * g / ||g||``, clamp to [-100, 100], project onto the
-  ``epsilon`` ball (whole tensor).
+- the VAE latent is *sampled* (``latent_dist.sample()``), the partial image is decoded to 8-bit
+  pixels (``numpy_to_pil``) and re-encoded, again sampled;
+- that re-encoding runs outside ``no_grad``, so the latent the script holds keeps the VAE
+  encoder's graph (its saved activations stay in memory for the whole loop), BUT the PGD does not
+  backpropagate into it: advertorch's ``perturb`` starts with ``replicate_input``
+  (``x.detach().clone()``), so the gradient stops at the latent. (Until 2026-11-30 this file
+  backpropagated through the VAE encoder at every step, more work than the authors' loop does;
+  every ratio against an SD reference measured before then is flattering to cgidm.)
+- the L2 PGD of advertorch as modified in ``PGD.py``: step ``alpha * g / ||g||`` (no small
+  constant), the whole normalised gradient zeroed when it holds a NaN, clamp to [-100, 100],
+  project onto the ``epsilon`` ball (whole tensor, norm clamped at 1e-4); ``loss.backward`` with
+  ``retain_graph=True``, so the previous step's graph is still alive while the next is built.
 
 What is deliberately made equal to cgidm so that speed and AUC compare like with like: the
 image preprocessing (``images.to_tensor``), the checkerboard geometry (``masks.default_cell``),
 ``alpha``/``epsilon`` scaled to the latent size exactly as ``InversionConfig`` scales them (the
 reference's 2.0/70.0 are stated for a 4x64x64 latent), the similarity metric (``compute_metrics``
-on the float recovery), and seeds (the reference has none; here each image seeds Python's and
-torch's global generators, so runs repeat). The reference's per-image diagnostic pass (10
-timesteps x 2 models, no gradient) is skipped by default (``diagnostics=True`` adds it); leaving
-it out only makes the reference look faster.
+on the float recovery; the authors score the saved 8-bit PNG with CLIP/DINO), the dtype (the
+pair's; the authors run float16 on a GPU) and seeds (the reference has none; here each image
+seeds Python's and torch's global generators, so runs repeat). The reference's per-image
+diagnostic pass (10 timesteps x 2 models, no gradient) is skipped by default
+(``diagnostics=True`` adds it); leaving it out only makes the reference look faster.
 """
 
 from __future__ import annotations
@@ -269,8 +281,12 @@ def reference_recover(
         pixels = 1 if ft.vae is None else 2 ** (len(ft.vae.config.block_out_channels) - 1)
         keep = checkerboard_mask(latent_shape, default_cell(latent_shape, pixels)).to(device)
         partial = _to_8bit_and_back(_decode(ft, ori_latents * keep))
-    # Outside no_grad, as in Extractor.py: with a VAE this latent carries the encoder's graph.
+    # Outside no_grad, as in Extractor.py: with a VAE this latent carries the encoder's graph,
+    # which stays referenced (memory) for the whole loop ...
     latents = _encode_sampled(ft, partial).float()
+    # ... but advertorch's perturb() detaches its input (replicate_input): the PGD works on a
+    # copy without history, so no backward pass reaches the VAE encoder.
+    xvar = latents.detach().clone()
 
     conditional = ft.text_encoder is not None
     embeds_ft = _prompt_embeds(ft, prompt, device) if conditional else None
@@ -284,12 +300,12 @@ def reference_recover(
 
     if diagnostics:
         with torch.no_grad():
-            fixed = torch.randn(latents.shape, device=device)
+            fixed = torch.randn(xvar.shape, device=device)
             for i in range(10):
                 t = i * 100 + 1
                 for pipe, emb in ((ft, embeds_ft), (pre, embeds_pre)):
                     abar = alphas[t]
-                    noisy = abar.sqrt() * latents + (1 - abar).sqrt() * fixed
+                    noisy = abar.sqrt() * xvar + (1 - abar).sqrt() * fixed
                     kwargs = {} if emb is None else {"encoder_hidden_states": emb}
                     pipe.unet(noisy.to(pipe.unet.dtype), t, **kwargs)
 
@@ -302,24 +318,25 @@ def reference_recover(
         return loss1 - loss2
 
     # advertorch perturb_iterative, ord=2, targeted (minimise), rand_init=False
-    delta = torch.nn.Parameter(torch.zeros_like(latents))
+    delta = torch.nn.Parameter(torch.zeros_like(xvar))
     for _ in range(steps):
-        loss = -contrast(latents + delta)
+        loss = -contrast(xvar + delta)
         loss.backward(retain_graph=True)
         grad = delta.grad.data
         grad = grad / torch.norm(grad)
         if torch.isnan(grad).any():
             grad = torch.zeros_like(grad)
         delta.data = delta.data + alpha * grad
-        delta.data = (latents.data + delta.data).clamp(*CLIP_RANGE) - latents.data
+        delta.data = (xvar + delta.data).clamp(*CLIP_RANGE) - xvar
         norm = delta.data.abs().pow(2).reshape(1, -1).sum(dim=1).pow(0.5).clamp(min=1e-4)
         delta.data = delta.data * torch.min(epsilon / norm, torch.ones_like(norm))
         delta.grad.data.zero_()
 
     with torch.no_grad():
-        adv = (latents + delta).clamp(*CLIP_RANGE)
+        adv = (xvar + delta).clamp(*CLIP_RANGE)
         attacked = ori_latents * keep + adv * (1 - keep)
         recovered = _decode(ft, attacked)
+    del latents  # held until here, as the authors' script holds it
     return {
         "original": image.float().cpu(),
         "recovered": recovered.float().cpu(),

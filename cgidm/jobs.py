@@ -181,6 +181,9 @@ class ImageScore(BaseModel):
     metrics: dict[str, float]
     p_value: float | None = None
     verdict: str | None = Field(None, examples=["member_evidence", "no_evidence", "inconclusive"])
+    nonfinite_gradient_steps: int = Field(
+        0, description="PGD steps skipped for this image because its gradient was not finite "
+        "(float16 overflow); 0 normally")
     artifacts: ArtifactLinks
 
 

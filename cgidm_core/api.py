@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -143,7 +144,19 @@ def authenticate(
                     original=originals[j],
                     partial=partials[j],
                     recovered=recovered[j],
-                    extra={"final_loss": float(out.losses[j, -1])},
+                    extra={
+                        "final_loss": _finite_or_none(float(out.losses[j, -1])),
+                        "nonfinite_gradient_steps": _count(out.nonfinite_steps, j),
+                    },
                 )
             )
     return results
+
+
+def _finite_or_none(value: float) -> float | None:
+    """JSON has no NaN: a step whose loss was not finite reports ``None`` (null)."""
+    return value if math.isfinite(value) else None
+
+
+def _count(counts: torch.Tensor | None, index: int) -> int:
+    return 0 if counts is None else int(counts[index])

@@ -287,7 +287,7 @@ def contrast(
         drawn = [draw(s) for s in per_image[idx]]
         t = torch.cat([d[0] for d in drawn])
         noise = torch.cat([d[1] for d in drawn]).to(pair.device)
-        loss = contrast_loss(pair, chunk.to(pair.device).float(), cond, t, noise, noise, samples)
+        loss = contrast_loss(pair, chunk.to(pair.device).float(), cond, t, noise, None, samples)
         return -loss
 
     return _in_chunks(z0, batch_size, run)

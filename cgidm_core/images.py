@@ -83,6 +83,17 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in array]
 
 
+def quantize_8bit(images: torch.Tensor) -> torch.Tensor:
+    """Round a batch in [-1, 1] to the nearest 8-bit pixel values, staying a float tensor.
+
+    The reference code turns its decoded partial image into a PIL picture (``numpy_to_pil``:
+    ``round(x * 255)`` as uint8) and reads it back before re-encoding it; this is that round trip
+    without leaving the device.
+    """
+    levels = ((images.float().clamp(-1, 1) + 1.0) * 127.5).round()
+    return levels / 127.5 - 1.0
+
+
 def image_seed(image: torch.Tensor, seed: int) -> int:
     """A seed for one image from its content and the global seed.
 

@@ -7,6 +7,11 @@ The whole batch is one computation: each image's loss is summed, so the gradient
 free latent depends only on its own loss, and every normalisation and projection is per image.
 Randomness comes from one generator per image (seeded from its content), so an image's result
 does not depend on the other images in its batch.
+
+A step whose gradient for an image is not finite (a float16 overflow on a GPU) is skipped for that
+image only, as the authors' PGD skips it (it zeroes the whole gradient when any entry is NaN), and
+counted in ``InversionOutput.nonfinite_steps``: one bad step must not turn the image's recovery
+into NaN for good.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from .errors import Cancelled, ConfigError
+from .images import quantize_8bit
 from .masks import checkerboard_mask, default_cell, upsample_mask
 from .pair import Conditioning, ModelPair
 
@@ -53,6 +59,13 @@ class InversionConfig:
     mc_samples: int = 1
     common_random_numbers: bool = True
     reencode_partial: bool = False
+    #: Sample the VAE latent from its posterior (``latent_dist.sample()``, from the image's
+    #: seeded generator) as the reference does, instead of taking the mean. No effect on pixel
+    #: models.
+    sample_latent: bool = False
+    #: Round the decoded partial image to 8-bit pixels before re-encoding it, as the reference's
+    #: PIL round trip does. Needs ``reencode_partial``.
+    quantize_partial: bool = False
     cell: int | None = None  # latent pixels per mask square; None: see masks.default_cell
     seed: int = 0
     #: Keep the recovery inside the latent space's valid range (pixel pairs: [-1, 1]) after each
@@ -61,8 +74,16 @@ class InversionConfig:
 
     @classmethod
     def reference(cls, **overrides: object) -> InversionConfig:
-        """The authors' settings: 1000 steps, alpha 2, epsilon 70, independent noise per model,
-        one Monte Carlo sample, decode and re-encode of the partial image."""
+        """The authors' path wherever it is a choice: 1000 steps, alpha 2, epsilon 70, independent
+        noise per model, one Monte Carlo sample, latents sampled from the VAE posterior, the
+        partial image decoded, rounded to 8-bit pixels and re-encoded, no box constraint.
+
+        What still differs from their code (README, on ``InversionConfig.reference()``): every
+        draw comes from a per-image seeded generator (theirs are unseeded), the networks run in
+        the pair's dtype (they run float16 on a GPU), and the score is computed per image (theirs
+        is each original's best match over all recoveries of its split; ``cgidm eval --protocol
+        paper`` reports that too).
+        """
         base = cls(
             steps=1000,
             alpha=2.0,
@@ -72,6 +93,8 @@ class InversionConfig:
             mc_samples=1,
             common_random_numbers=False,
             reencode_partial=True,
+            sample_latent=True,
+            quantize_partial=True,
             bounded=False,
         )
         return replace(base, **overrides)  # type: ignore[arg-type]
@@ -85,6 +108,11 @@ class InversionConfig:
             raise ConfigError(f"epsilon must be a positive number, got {self.epsilon}")
         if not 1 <= self.mc_samples <= 64:
             raise ConfigError(f"mc_samples must be between 1 and 64, got {self.mc_samples}")
+        if self.quantize_partial and not self.reencode_partial:
+            raise ConfigError(
+                "quantize_partial rounds the partial image before it is re-encoded; it needs "
+                "reencode_partial=True"
+            )
         if self.cell is not None and self.cell < 1:
             raise ConfigError(f"cell must be >= 1, got {self.cell}")
         t_max = self.resolved_t_max(num_train_timesteps or 1000)
@@ -118,6 +146,8 @@ class InversionOutput:
     latent_recovered: torch.Tensor
     latent_mask: torch.Tensor  # (1, 1, h, w), 1 = kept
     epsilon: float  # the radius actually used (after scaling to the latent size)
+    #: (N,) int: steps at which the image's gradient was not finite and its step was skipped.
+    nonfinite_steps: torch.Tensor | None = None
 
 
 def scaled_radius(config: InversionConfig, free_entries: int) -> tuple[float, float]:
@@ -153,23 +183,32 @@ def contrast_loss(
     cond: Conditioning,
     t: torch.Tensor,
     noise_ft: torch.Tensor,
-    noise_pre: torch.Tensor,
+    noise_pre: torch.Tensor | None,
     samples: int,
 ) -> torch.Tensor:
     """Per-image contrast loss ``(N,)``, averaged over ``samples`` draws per image.
 
-    ``t`` and the noises are image-major ``(N*samples, ...)``. Shared by the inversion and by the
+    ``t`` and the noises are image-major ``(N*samples, ...)``. ``noise_pre=None`` means common
+    random numbers: both models see the same noisy latent, built once. Passing the very tensor
+    given as ``noise_ft`` means the same; that is decided here, before the tensors move to the
+    pair's device (two ``.to(device)`` calls make two tensors, so identity after the move would
+    say "independent" and build the noisy latent twice). Shared by the inversion and by the
     ``contrast`` baseline, which evaluates the same objective at the original image.
     """
     n = z.shape[0]
+    shared = noise_pre is None or noise_pre is noise_ft
     z_rep = z.repeat_interleave(samples, dim=0)
     abar = pair.alphas_cumprod[t.to(pair.device)].view(-1, 1, 1, 1)
     sqrt_ab, sqrt_1mab = abar.sqrt(), (1.0 - abar).sqrt()
     noise_ft = noise_ft.to(pair.device)
-    noise_pre = noise_pre.to(pair.device)
     t_dev = t.to(pair.device)
     z_t_ft = sqrt_ab * z_rep + sqrt_1mab * noise_ft
-    z_t_pre = z_t_ft if noise_pre is noise_ft else sqrt_ab * z_rep + sqrt_1mab * noise_pre
+    if shared:
+        noise_pre, z_t_pre = noise_ft, z_t_ft
+    else:
+        assert noise_pre is not None
+        noise_pre = noise_pre.to(pair.device)
+        z_t_pre = sqrt_ab * z_rep + sqrt_1mab * noise_pre
     eps_ft = pair.eps_finetuned(z_t_ft, t_dev, cond)  # adapters expand cond
     eps_pre = pair.eps_pretrained(z_t_pre, t_dev, cond)
     err_ft = (eps_ft.float() - noise_ft).pow(2).flatten(1).mean(1)
@@ -201,8 +240,15 @@ def invert(
     if len(seeds) != images.shape[0]:
         raise ConfigError(f"need one seed per image: {len(seeds)} seeds for {images.shape[0]}")
     device = pair.device
+    t_range = (config.t_min, config.resolved_t_max(pair.num_train_timesteps))
+    source = _NoiseSource(seeds, pair.latent_shape, t_range)
     with torch.no_grad():
-        z0 = pair.encode(images.to(device)).float()
+        if config.sample_latent:
+            # The posterior draws come first from each image's generator, then the PGD's.
+            z0 = pair.encode_sampled(images.to(device), source.generators).float()
+        else:
+            z0 = pair.encode(images.to(device)).float()
+    source.shape = tuple(z0.shape[1:])  # type: ignore[assignment]
     latent_shape = tuple(z0.shape[1:])
     cell = config.cell or default_cell(latent_shape, pair.pixels_per_latent)  # type: ignore[arg-type]
     keep = checkerboard_mask(latent_shape, cell).to(device)  # type: ignore[arg-type]
@@ -213,25 +259,32 @@ def invert(
     with torch.no_grad():
         z_start = z0 * keep
         if config.reencode_partial:
-            z_start = pair.encode(pair.decode(z_start)).float()
+            partial_pixels = pair.decode(z_start)
+            if config.quantize_partial:
+                partial_pixels = quantize_8bit(partial_pixels)
+            if config.sample_latent:
+                z_start = pair.encode_sampled(partial_pixels, source.generators).float()
+            else:
+                z_start = pair.encode(partial_pixels).float()
 
-    t_range = (config.t_min, config.resolved_t_max(pair.num_train_timesteps))
-    source = _NoiseSource(seeds, latent_shape, t_range)  # type: ignore[arg-type]
     delta = torch.zeros_like(z0)
     bounds = pair.latent_bounds if config.bounded else None
     losses = torch.zeros(z0.shape[0], config.steps)
     samples = config.mc_samples
+    nonfinite = torch.zeros(z0.shape[0], dtype=torch.long, device=device)
 
     for step in range(config.steps):
         if should_cancel is not None and step % cancel_every == 0 and should_cancel():
             raise Cancelled(f"cancelled after {step} of {config.steps} steps")
         t, noise_ft = source.draw(samples)
-        noise_pre = noise_ft if config.common_random_numbers else source.draw_noise(samples)
+        noise_pre = None if config.common_random_numbers else source.draw_noise(samples)
         delta.requires_grad_(True)
         z_in = z0 * keep + (z_start + delta) * free
         loss = contrast_loss(pair, z_in, cond, t, noise_ft, noise_pre, samples)
         (grad,) = torch.autograd.grad(loss.sum(), delta)
         with torch.no_grad():
+            grad, skipped = _skip_nonfinite(grad)
+            nonfinite += skipped
             delta = delta.detach() - alpha * grad / _per_image_norm(grad).clamp_min(1e-12)
             norm = _per_image_norm(delta)
             delta = delta * (epsilon / norm.clamp_min(1e-12)).clamp(max=1.0)
@@ -259,4 +312,18 @@ def invert(
         latent_recovered=recovered_latent.float().cpu(),
         latent_mask=keep.cpu(),
         epsilon=epsilon,
+        nonfinite_steps=nonfinite.cpu(),
     )
+
+
+def _skip_nonfinite(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero the gradient of every image that has a non-finite entry; returns it and a 0/1 mask.
+
+    The authors' PGD (``PGD.py``, L2 branch) replaces the whole normalised gradient by zeros when
+    it holds any NaN (an infinite entry becomes NaN in their normalisation), so the step leaves
+    delta where it was. Per image is the batched equivalent: only the poisoned image skips.
+    """
+    bad = ~torch.isfinite(grad).flatten(1).all(dim=1)
+    mask = bad.view(-1, *([1] * (grad.dim() - 1)))
+    # Always the same ops (no data-dependent branch): no extra device synchronisation per step.
+    return torch.where(mask, torch.zeros_like(grad), grad), bad.long()

@@ -7,7 +7,8 @@ model family is one new adapter in ``cgidm_core.models`` and never a change to t
 Conventions every adapter follows:
 - images are float32 tensors ``(N, 3, S, S)`` in ``[-1, 1]``;
 - ``encode`` is deterministic (the VAE's latent *mean*, times the scaling factor), so that results
-  are reproducible; pixel-space models encode with the identity;
+  are reproducible; pixel-space models encode with the identity. ``encode_sampled`` draws from
+  the posterior with the caller's per-image generators instead (the reference preset);
 - ``eps_finetuned``/``eps_pretrained`` take a float32 latent batch and integer timesteps ``(N,)``
   and return float32 predictions of the same shape (adapters cast to their compute dtype inside);
 - conditioning is computed once per prompt and cached by the adapter.
@@ -105,6 +106,17 @@ class ModelPair(ABC):
     @abstractmethod
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Map images in [-1, 1] to latents (deterministically)."""
+
+    def encode_sampled(
+        self, images: torch.Tensor, generators: list[torch.Generator]
+    ) -> torch.Tensor:
+        """Latents *sampled* from the encoder's posterior, one CPU generator per image.
+
+        What the reference code does (``latent_dist.sample()``); cgidm's default is the mean
+        (:meth:`encode`). Codecs without a posterior (pixel space) have nothing to sample and
+        return :meth:`encode`, leaving the generators untouched.
+        """
+        return self.encode(images)
 
     @abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

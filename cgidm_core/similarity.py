@@ -63,14 +63,55 @@ def masked_ssim(original: Tensor, recovered: Tensor, keep: Tensor) -> Tensor:
     return _region_mean(ssim_map, 1.0 - keep)
 
 
+#: The DINO evaluation convention the paper's code uses (``dino_distance.py``, after BK-SDM):
+#: the CLS tokens of the last four blocks, each after the final layer norm, concatenated.
+DINO_LAST_BLOCKS = 4
+#: DINO's evaluation resize: 256 then a centre crop of 224, i.e. resize to 8/7 of the input size.
+DINO_RESIZE_RATIO = 256 / 224
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _resize_short_side_and_centre_crop(picture: Any, resize: int, crop: int) -> Any:
+    """torchvision's ``Resize(resize, BICUBIC)`` + ``CenterCrop(crop)`` on a PIL picture."""
+    from PIL import Image
+
+    width, height = picture.size
+    if width <= height:
+        size = (resize, int(resize * height / width))
+    else:
+        size = (int(resize * width / height), resize)
+    picture = picture.convert("RGB").resize(size, Image.Resampling.BICUBIC)
+    width, height = picture.size
+    top, left = int(round((height - crop) / 2.0)), int(round((width - crop) / 2.0))
+    return picture.crop((left, top, left + crop, top + crop))
+
+
 class FeatureModel:
     """An image embedding network from a local folder (or a hub id when the network is allowed).
 
-    CLIP checkpoints give their projected image embedding; ViT/DINO-style models give the CLS
-    token. Loading goes through transformers with safetensors only and no remote code.
+    Embeddings follow the paper's evaluation code (Revelio ``Validator.py``/``dino_distance.py``):
+
+    - CLIP (the paper: ViT-B/32): the projected image embedding, ``encode_image`` of OpenAI's
+      package, with the folder's own processor (for the OpenAI checkpoints: shortest side 224,
+      bicubic, centre crop 224, CLIP's mean/std, as ``clip.load``'s transform);
+    - DINO-style ViTs (the paper: ViT-S/16): the CLS tokens of the last ``dino_last_blocks``
+      blocks after the final layer norm, concatenated (1536 values for ViT-S), from a bicubic
+      resize to 8/7 of the model's input size and a centre crop to it (256 and 224 for the real
+      model), ImageNet mean/std. ``dino_last_blocks=1`` is the plain CLS token.
+
+    Pictures are embedded as 8-bit RGB, as the paper scores saved PNG files. Loading goes through
+    transformers with safetensors only and no remote code.
     """
 
-    def __init__(self, reference: str | Path, *, allow_network: bool = False, device: str = "cpu"):
+    def __init__(
+        self,
+        reference: str | Path,
+        *,
+        allow_network: bool = False,
+        device: str = "cpu",
+        dino_last_blocks: int = DINO_LAST_BLOCKS,
+    ):
         from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
         ref = str(reference)
@@ -100,17 +141,65 @@ class FeatureModel:
             raise ModelFormatError(f"cannot load feature model {ref!r}: {exc}") from exc
         self.model.eval().requires_grad_(False).to(device)
         self.device = device
+        self.reference = ref
+        self.dino_last_blocks = dino_last_blocks
+        if self.kind != "clip":
+            layers = getattr(self.model.config, "num_hidden_layers", None)
+            if not 1 <= dino_last_blocks <= (layers or dino_last_blocks):
+                raise ConfigError(
+                    f"dino_last_blocks={dino_last_blocks} but {ref!r} has {layers} blocks; "
+                    "use a value between 1 and the number of blocks"
+                )
+            size = getattr(self.model.config, "image_size", 224)
+            self.crop = int(size if isinstance(size, int) else size[0])
+            self.resize = int(round(self.crop * DINO_RESIZE_RATIO))
+
+    def describe(self) -> dict[str, Any]:
+        """What the embedding is, for reports that compare with the paper."""
+        if self.kind == "clip":
+            cfg = self.model.config
+            return {"model": self.reference, "kind": "clip",
+                    "embedding": f"projected image embedding ({cfg.projection_dim} values)",
+                    "patch_size": cfg.patch_size, "preprocessing": "the folder's processor"}
+        return {"model": self.reference, "kind": self.kind,
+                "embedding": f"CLS tokens of the last {self.dino_last_blocks} blocks after the "
+                             "final layer norm, concatenated",
+                "preprocessing": f"bicubic resize {self.resize}, centre crop {self.crop}"}
+
+    def _dino_pixels(self, pictures: Sequence[Any]) -> torch.Tensor:
+        import numpy as np
+
+        mean = torch.tensor(getattr(self.processor, "image_mean", None) or IMAGENET_MEAN)
+        std = torch.tensor(getattr(self.processor, "image_std", None) or IMAGENET_STD)
+        arrays = [
+            np.asarray(_resize_short_side_and_centre_crop(p, self.resize, self.crop),
+                       dtype=np.float32) / 255.0
+            for p in pictures
+        ]
+        batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+        return (batch - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
 
     @torch.inference_mode()
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        pixels = self.processor(
-            images=list(_unit(images).cpu()), return_tensors="pt", do_rescale=False
-        )["pixel_values"].to(self.device)
-        output = self.model(pixel_values=pixels)
-        # CLIP: the projected embedding it was trained to compare; ViT/DINO: the CLS token.
-        clip = self.kind == "clip"
-        features = output.image_embeds if clip else output.last_hidden_state[:, 0]
+    def embed_pictures(self, pictures: Sequence[Any]) -> torch.Tensor:
+        """L2-normalised embeddings ``(N, D)`` of PIL pictures (any size), on the CPU."""
+        if self.kind == "clip":
+            pixels = self.processor(
+                images=[p.convert("RGB") for p in pictures], return_tensors="pt"
+            )["pixel_values"].to(self.device)
+            features = self.model(pixel_values=pixels).image_embeds
+        else:
+            pixels = self._dino_pixels(pictures).to(self.device)
+            output = self.model(pixel_values=pixels, output_hidden_states=True)
+            norm = getattr(self.model, "layernorm", None) or torch.nn.Identity()
+            blocks = output.hidden_states[-self.dino_last_blocks:]
+            features = torch.cat([norm(h)[:, 0] for h in blocks], dim=-1)
         return torch.nn.functional.normalize(features.float(), dim=-1).cpu()
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Embeddings of a batch in [-1, 1], seen as 8-bit pictures (as the paper's PNGs)."""
+        from .images import to_pil
+
+        return self.embed_pictures(to_pil(images))
 
     def cosine(self, original: torch.Tensor, recovered: torch.Tensor) -> torch.Tensor:
         return (self.embed(original) * self.embed(recovered)).sum(-1)

@@ -40,10 +40,11 @@ def run(pair, images, config=CONFIG, **kw):
     return invert(pair, images, cond, config, seeds=seeds, **kw)
 
 
-def test_reference_settings_are_exact():
+def test_reference_settings_are_the_authors():
     ref = InversionConfig.reference()
     assert (ref.steps, ref.alpha, ref.epsilon, ref.t_min) == (1000, 2.0, 70.0, 1)
     assert ref.mc_samples == 1 and not ref.common_random_numbers and ref.reencode_partial
+    assert ref.sample_latent and ref.quantize_partial and not ref.bounded
     assert ref.resolved_t_max(1000) == 999
     assert scaled_radius(ref, REFERENCE_FREE_ENTRIES) == (2.0, 70.0)
     alpha, eps = scaled_radius(ref, 4 * REFERENCE_FREE_ENTRIES)
@@ -146,6 +147,7 @@ def test_cancel_hook_stops_within_a_few_steps(pair, images):
         {"t_min": 500, "t_max": 100},
         {"t_max": 5000},
         {"cell": 3},
+        {"quantize_partial": True},
     ],
 )
 def test_invalid_settings_are_refused(pair, images, bad):

@@ -74,13 +74,13 @@ def _tiny_clip(path):
     return path
 
 
-def _tiny_dino(path):
+def _tiny_dino(path, image_size=32):
     from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
     torch.manual_seed(0)
     config = ViTConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        image_size=32, patch_size=8,
+        hidden_size=16, intermediate_size=32, num_hidden_layers=5, num_attention_heads=2,
+        image_size=image_size, patch_size=8,
     )
     ViTModel(config, add_pooling_layer=False).save_pretrained(path, safe_serialization=True)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)

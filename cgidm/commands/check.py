@@ -111,6 +111,11 @@ def run(args: argparse.Namespace) -> int:
 
     (out_dir / "results.json").write_text(json.dumps(document, indent=2))
     _print_table(records, document.get("set_test"))
+    for result in results:
+        skipped = result.extra.get("nonfinite_gradient_steps", 0)
+        if skipped:
+            print(f"note: {result.name}: {skipped} of {config.steps} PGD steps skipped because "
+                  "the gradient was not finite (float16 overflow?); --dtype float32 avoids it")
     print(f"wrote {out_dir / 'results.json'} and {2 * len(records)} pictures in {elapsed:.1f} s")
     return 0
 

@@ -39,7 +39,9 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
         "--preset",
         choices=["default", "reference"],
         default="default",
-        help="'reference' reproduces the authors' settings (1000 steps, independent noise)",
+        help="'reference' follows the authors' path (1000 steps, step 2, independent noise, "
+        "sampled VAE latent, partial image rounded to 8 bits and re-encoded); seeded, unlike "
+        "theirs",
     )
     group.add_argument("--steps", type=int, help="PGD steps (overrides the preset)")
     group.add_argument("--seed", type=int, default=0)

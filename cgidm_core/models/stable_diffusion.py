@@ -172,6 +172,26 @@ class StableDiffusionPair(ModelPair):
         mean = self.vae.encode(x).latent_dist.mean
         return ((mean.float() - self.shift_factor) * self.scaling_factor).float()
 
+    def encode_sampled(
+        self, images: torch.Tensor, generators: list[torch.Generator]
+    ) -> torch.Tensor:
+        """``latent_dist.sample()`` as the reference draws it, but from each image's generator.
+
+        The draw is ``mean + std * n`` with ``n`` standard normal, drawn on the CPU from image
+        i's generator so that it does not depend on the device or on the rest of the batch.
+        """
+        if len(generators) != images.shape[0]:
+            raise ConfigError(f"need one generator per image: {len(generators)} for "
+                              f"{images.shape[0]} images")
+        x = images.to(self.device, self.vae.dtype)
+        dist = self.vae.encode(x).latent_dist
+        mean, std = dist.mean.float(), dist.std.float()
+        noise = torch.stack(
+            [torch.randn(tuple(mean.shape[1:]), generator=g) for g in generators]
+        ).to(mean.device)
+        sample = mean + std * noise
+        return ((sample - self.shift_factor) * self.scaling_factor).float()
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         z = latents.to(self.device, torch.float32) / self.scaling_factor + self.shift_factor
         return self.vae.decode(z.to(self.vae.dtype)).sample.float().clamp(-1.0, 1.0)

@@ -39,6 +39,7 @@ def test_job_succeeds_with_artifacts_and_result_in_bucket(worker, client, submit
     for item in result["images"]:
         assert isinstance(item["score"], float) and "ssim" in item["metrics"]
         assert item["p_value"] is None and item["verdict"] is None
+        assert item["nonfinite_gradient_steps"] == 0  # no PGD step skipped on a healthy pair
         for kind, url in item["artifacts"].items():
             picture = client.get(url)
             assert picture.status_code == 200, (kind, picture.text)

@@ -54,8 +54,10 @@ def _storage_down(exc: Exception) -> ApiError:
     return ApiError(503, [], "storage_unavailable", f"storage is unavailable: {exc}")
 
 
-def _check_models(services: Services, settings: JobSettings) -> None:
-    registry = services.registry()
+def _check_models(services: Services, settings: JobSettings, caller: Caller) -> None:
+    """Registry ids, and for ``finetuned`` also the caller's own uploads (another key's upload
+    is an unknown id, the same answer as for one that does not exist)."""
+    registry = services.resolver(caller.name)
     for field in ("pretrained", "finetuned"):
         try:
             registry.get(getattr(settings, field))
@@ -63,6 +65,8 @@ def _check_models(services: Services, settings: JobSettings) -> None:
             raise ApiError(422, ["body", field], "invalid_model_reference", str(exc)) from None
         except UnknownModel as exc:
             raise ApiError(422, ["body", field], "unknown_model", str(exc)) from None
+        except StorageError as exc:
+            raise _storage_down(exc) from exc
     try:
         registry.check_pair(settings.pretrained, settings.finetuned)
     except UnknownModel as exc:
@@ -120,7 +124,7 @@ async def authenticate(
         raise ApiError(422, ["body", "images"], "too_many_files",
                        f"{len(images) + len(controls)} files; at most {limits.max_files} "
                        "images + controls per job (CGIDM_MAX_FILES)")
-    _check_models(services, settings)
+    await run_in_threadpool(_check_models, services, settings, caller)
 
     job_id = new_job_id()
     taken: set[str] = set()

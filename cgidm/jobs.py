@@ -87,7 +87,8 @@ class JobSettings(BaseModel):
 
     pretrained: str = Field(max_length=128, description="Registry id of the pretrained model.",
                             examples=["demo-base"])
-    finetuned: str = Field(max_length=128, description="Registry id of the suspect fine-tune.",
+    finetuned: str = Field(max_length=128, description="Registry id of the suspect fine-tune, "
+                           "or the id of your own upload (POST /models).",
                            examples=["demo-vangogh"])
     prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS,
                                description="Prompt for conditional models (default: the "

@@ -308,7 +308,7 @@ def _authenticate(ctx: WorkerContext, record: JobRecord, watch: Watch,
 
     started = time.monotonic()
     settings = record.settings
-    pre, ft = ctx.registry().check_pair(settings.pretrained, settings.finetuned)
+    pre, ft = ctx.resolver(record.owner).check_pair(settings.pretrained, settings.finetuned)
     load_start = time.monotonic()
     pair, hit = ctx.cache.get(ctx.pair_key(pre, ft))
     record.worker = {

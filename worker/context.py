@@ -73,16 +73,19 @@ class WorkerContext:
         )
 
 
-def _load_pair(ctx: WorkerContext, key: PairKey) -> Any:
+def _load_pair(key: PairKey, ctx: WorkerContext | None = None) -> Any:
+    """Load the pair of a cache key; an uploaded fine-tune comes through the disk cache of
+    ``ctx``."""
     from cgidm_core import load_pair
 
-    settings = ctx.settings
+    settings = ctx.settings if ctx is not None else get_settings()
     if key[0] != UPLOAD:
         _, _, pre_path, ft_path, kind = key
         return load_pair(pre_path, ft_path, finetuned_kind=kind, device=settings.device,
                          dtype=settings.dtype)
     _, _, pre_path, sha256, kind = key
-    assert ctx.disk is not None
+    if ctx is None or ctx.disk is None:
+        raise RuntimeError("uploaded models need a worker context with a disk cache")
     key_in_storage, size = ctx.sources[sha256]
     blob = ctx.disk.fetch(sha256, ctx.store.storage, key_in_storage, size)  # verified, pinned
     try:
@@ -109,7 +112,7 @@ def get_context() -> WorkerContext:
     ctx = WorkerContext(
         settings=settings,
         store=JobStore(storage_from_settings(settings)),
-        cache=ModelCache(settings.model_cache_bytes, lambda key: _load_pair(ctx, key),
+        cache=ModelCache(settings.model_cache_bytes, lambda key: _load_pair(key, ctx),
                          on_evict=lambda key: _evicted(ctx, key)),
         worker_id=worker_id,
         disk=DiskCache(settings.resolved_model_cache_dir, settings.model_disk_bytes),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Annotated
 
@@ -142,7 +143,8 @@ async def authenticate(
             key = input_key(job_id, role, index, name)
             inputs.append(InputFile(name=name, role=role, key=key, filename=upload.filename,
                                     width=decoded.width, height=decoded.height,
-                                    frames=decoded.frames))
+                                    frames=decoded.frames,
+                                    sha256=hashlib.sha256(data).hexdigest()))
             files.append((key, decoded.png))
             notes.extend(decoded.warnings)
 

@@ -161,6 +161,8 @@ class InputFile(BaseModel):
     width: int
     height: int
     frames: int = Field(1, description="Frames in the upload; only the first one is used.")
+    sha256: str | None = Field(None, description="SHA-256 of the file as uploaded, before the "
+                               "gateway re-encoded it (the provenance of the evidence).")
 
 
 class ArtifactLinks(BaseModel):
@@ -208,6 +210,10 @@ class JobResult(BaseModel):
     config: dict[str, Any] = {}
     pair: dict[str, Any] = {}
     elapsed_seconds: float | None = None
+    provenance: dict[str, Any] = Field(
+        default_factory=dict, description="What the result was computed from: sha256 of every "
+        "image as uploaded and of every model file, prompt and its source, all settings, "
+        "versions, device and dtype (`cgidm verify` re-runs it).")
 
 
 class JobRecord(BaseModel):

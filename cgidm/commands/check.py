@@ -15,6 +15,7 @@ from .common import (
     load_pair_from_args,
     progress_bar,
 )
+from .report import print_table
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -97,6 +98,9 @@ def run(args: argparse.Namespace) -> int:
             "pair": pair.describe(),
         },
         "seconds": round(elapsed, 2),
+        # what the evidence was computed from: hashes of every image and model file, settings,
+        # versions, device and dtype (`cgidm verify` re-runs it from this)
+        "provenance": results.provenance,
     }
     if controls:
         from cgidm_core.stats import controls_test
@@ -110,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         document["set_test"] = test.to_dict()
 
     (out_dir / "results.json").write_text(json.dumps(document, indent=2))
-    _print_table(records, document.get("set_test"))
+    print_table(records, document.get("set_test"))
     print(f"wrote {out_dir / 'results.json'} and {2 * len(records)} pictures in {elapsed:.1f} s")
     return 0
 
@@ -119,22 +123,3 @@ def _default_metric() -> str:
     from cgidm_core.similarity import DEFAULT_METRIC
 
     return DEFAULT_METRIC
-
-
-def _print_table(records: list[dict], set_test: object) -> None:
-    width = max(len("image"), *(len(r["name"]) for r in records))
-    with_p = "p_value" in records[0]
-    header = f"{'image':<{width}}  {'score':>9}" + ("  p-value  verdict" if with_p else "")
-    print(header)
-    print("-" * len(header))
-    for r in records:
-        line = f"{r['name']:<{width}}  {r['score']:>9.4f}"
-        if with_p:
-            line += f"  {r['p_value']:>7.3f}  {r['verdict']}"
-        print(line)
-    if isinstance(set_test, dict):
-        print(
-            f"\nset test (one-sided Mann-Whitney U, suspects > controls): "
-            f"U={set_test['u_statistic']:.1f}, p={set_test['p_value']:.4g}, "
-            f"AUC={set_test['auc']:.3f}"
-        )

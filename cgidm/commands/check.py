@@ -57,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     control_paths = expand_images([args.controls]) if args.controls else []
     everything = image_paths + control_paths
     # Read every image before loading models: a bad file should fail in a second, not a minute.
-    pictures = [load_image(path) for path in everything]
+    for path in everything:
+        load_image(path)
     config = inversion_config(args)
     out_dir = Path(args.out)
     pair = load_pair_from_args(args)
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     with progress_bar("cgidm check") as update:
         results = authenticate(
             pair,
-            pictures,
+            everything,  # the files themselves: provenance hashes them as received
             names=[p.name for p in everything],
             prompt=args.prompt,
             config=config,

@@ -388,3 +388,42 @@ def test_disk_cache_detects_tampering_and_evicts_least_recently_used(
     assert final["evictions"] >= after["evictions"] + 1
     assert final["bytes"] <= int(models["lora1"].stat().st_size * 2.5)
     assert not list((byom_root / "cache" / "tmp").iterdir())  # no half-written file left
+
+
+def test_client_says_what_went_wrong(byom_url, byom_env, byom_root, keys, models):
+    """The Python client (and so `cgidm submit`) against the real gateway: 401, 404 and 413
+    are one readable line; a full queue is retried after Retry-After, then reported."""
+    from cgidm.client import CgidmClient, ServiceError
+
+    with CgidmClient(byom_url, key="not-a-key") as wrong, pytest.raises(ServiceError) as err:
+        wrong.models()
+    assert err.value.status == 401 and "API key" in str(err.value)
+    with CgidmClient(byom_url, key=keys["alice"]) as service:
+        with pytest.raises(ServiceError) as err:
+            service.delete_model("up-" + "0" * 24)
+        assert err.value.status == 404
+        header, _ = _header({"unet.x.lora_A.weight": ("F32", [3 * 1024 * 1024])})  # 12 MiB
+        big = byom_root / "big.safetensors"
+        with big.open("wb") as handle:
+            handle.write(header)
+            handle.truncate(len(header) + 12 * 1024 * 1024)  # sparse
+        with pytest.raises(ServiceError) as err:
+            service.upload_model(big, "sd-base")
+        assert err.value.status == 413 and "CGIDM_MAX_MODEL_BYTES" in str(err.value)
+
+    # a gateway whose queue nobody reads, with room for one job
+    env = {**byom_env, "CGIDM_QUEUE": "byom-full", "CGIDM_MAX_QUEUE_DEPTH": "1",
+           "CGIDM_QUEUE_RETRY_AFTER": "7"}
+    proc, url = start_gateway(env, byom_root / "gateway-full.log")
+    waits: list[float] = []
+    try:
+        with CgidmClient(url, key=keys["alice"], busy_retries=2, sleep=waits.append) as full:
+            image = byom_root / "one.png"
+            image.write_bytes(png_bytes(5))
+            full.submit("sd-base", "sd-base", [image])  # takes the only place
+            with pytest.raises(ServiceError) as err:
+                full.submit("sd-base", "sd-base", [image])
+    finally:
+        stop_process(proc)
+    assert waits == [7.0, 7.0]  # retried twice, each after the service's Retry-After
+    assert err.value.status == 429 and "queue_full" in str(err.value)

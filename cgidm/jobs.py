@@ -96,6 +96,10 @@ class JobSettings(BaseModel):
                                f"{MAX_PROMPT_WORDS} words; the worker fails a job whose prompt "
                                "is longer than the model's tokenizer takes (77 tokens for "
                                "Stable Diffusion) with `prompt_too_long`.")
+    preset: Literal["default", "reference"] | None = Field(
+        None, description="reference: the authors' settings (1000 steps, alpha 2, independent "
+        "noise, re-encoded partial, unbounded latents), as `cgidm check --preset reference`; "
+        "the other settings override it.")
     metric: Literal["ssim", "psnr", "mse", "clip", "dino"] | None = Field(
         None, description="Similarity used as the score (clip/dino need CGIDM_FEATURE_MODEL).")
     batch_size: int | None = Field(None, ge=1, le=64, description="Images per PGD batch.")

@@ -412,13 +412,15 @@ class S3Storage(Storage):
 
 
 class _S3MultipartWriter(ObjectWriter):
-    """An S3 multipart upload: parts of :data:`S3_PART_BYTES` are sent as they fill, so memory
-    stays at one part whatever the object's size. Until ``complete_multipart_upload`` no object
+    """An S3 multipart upload. Each full part of :data:`S3_PART_BYTES` is sent by one background
+    thread while the next part fills, so reading the client and writing to S3 overlap; memory
+    stays at two parts whatever the object's size. Until ``complete_multipart_upload`` no object
     exists; ``abort`` deletes the parts already sent (an upload nobody completes or aborts, from
-    a process that died, is removed by the bucket's AbortIncompleteMultipartUpload lifecycle
-    rule, see docs/SERVICE.md)."""
+    a process that died, is removed by the bucket's stale-upload expiry, see docs/SERVICE.md)."""
 
     def __init__(self, storage: S3Storage, key: str, content_type: str | None):
+        from concurrent.futures import ThreadPoolExecutor
+
         self.storage, self.key, self.size = storage, key, 0
         self.full_key = storage._key(key)
         extra = {"ContentType": content_type} if content_type else {}
@@ -426,6 +428,8 @@ class _S3MultipartWriter(ObjectWriter):
         self.upload_id: str | None = created["UploadId"]
         self.parts: list[dict[str, Any]] = []
         self.buffer = bytearray()
+        self.sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="s3-part")
+        self.in_flight: Any = None
 
     def write(self, data: bytes) -> None:
         self.buffer += data
@@ -433,21 +437,35 @@ class _S3MultipartWriter(ObjectWriter):
         while len(self.buffer) >= S3_PART_BYTES:
             part = bytes(self.buffer[:S3_PART_BYTES])
             del self.buffer[:S3_PART_BYTES]
-            self._send(part)
+            self._wait()  # at most one part in flight
+            self.in_flight = self.sender.submit(self._upload, len(self.parts) + 1, part)
+            self.parts.append({"PartNumber": len(self.parts) + 1, "ETag": None})
 
-    def _send(self, part: bytes) -> None:
-        number = len(self.parts) + 1
+    def _upload(self, number: int, part: bytes) -> None:
+        answer = self.storage._call(self.key, "upload_part", Key=self.full_key,
+                                    UploadId=self.upload_id, PartNumber=number, Body=part)
+        self.parts[number - 1]["ETag"] = answer["ETag"]
+
+    def _wait(self) -> None:
+        future, self.in_flight = self.in_flight, None
+        if future is None:
+            return
         try:
-            answer = self.storage._call(self.key, "upload_part", Key=self.full_key,
-                                        UploadId=self.upload_id, PartNumber=number, Body=part)
+            future.result()
         except StorageError:
             self.abort()
             raise
-        self.parts.append({"PartNumber": number, "ETag": answer["ETag"]})
 
     def commit(self) -> None:
+        self._wait()
         if self.buffer or not self.parts:  # the last part may be small (or the only one empty)
-            self._send(bytes(self.buffer))
+            number = len(self.parts) + 1
+            self.parts.append({"PartNumber": number, "ETag": None})
+            try:
+                self._upload(number, bytes(self.buffer))
+            except StorageError:
+                self.abort()
+                raise
             self.buffer.clear()
         try:
             self.storage._call(self.key, "complete_multipart_upload", Key=self.full_key,
@@ -456,9 +474,15 @@ class _S3MultipartWriter(ObjectWriter):
             self.abort()
             raise
         self.upload_id = None
+        self.sender.shutdown(wait=False)
 
     def abort(self) -> None:
         self.buffer = bytearray()
+        future, self.in_flight = self.in_flight, None
+        if future is not None:  # let the part in flight land, so the abort removes it too
+            with contextlib.suppress(Exception):
+                future.result()
+        self.sender.shutdown(wait=False)
         if self.upload_id is None:
             return
         upload_id, self.upload_id = self.upload_id, None

@@ -323,7 +323,9 @@ def _authenticate(ctx: WorkerContext, record: JobRecord, watch: Watch,
     prompt_source = "request" if settings.prompt is not None else \
         (getattr(ft, "prompt_source", "registry") if ft.prompt is not None else None)
     check_prompt_length(pair, prompt)
-    config = InversionConfig(**settings.inversion_overrides())
+    overrides = settings.inversion_overrides()
+    config = (InversionConfig.reference(**overrides) if settings.preset == "reference"
+              else InversionConfig(**overrides))
     feature_model = None
     if settings.metric in FEATURE_METRICS:
         feature_model = ctx.settings.feature_model

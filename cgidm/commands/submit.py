@@ -66,13 +66,11 @@ def _expand(paths: list[str]) -> list[Path]:
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     from cgidm.client import ServiceError
 
-    if args.preset != "default":
-        raise ServiceError("--preset reference is not available through the service (it "
-                           "changes settings jobs cannot set); run `cgidm check` locally for it")
     if args.feature_model:
         raise ServiceError("--feature-model is the service's own (CGIDM_FEATURE_MODEL); pass "
                            "--metric clip or dino if the service has one")
-    return {"prompt": args.prompt, "steps": args.steps, "seed": args.seed,
+    return {"preset": None if args.preset == "default" else args.preset,
+            "prompt": args.prompt, "steps": args.steps, "seed": args.seed,
             "batch_size": args.batch_size, "mc_samples": args.mc_samples, "metric": args.metric}
 
 

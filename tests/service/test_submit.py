@@ -107,10 +107,13 @@ def test_submit_uploads_waits_downloads_and_verifies(serve, setup):
         refused.stdout
 
     again = cgidm("submit", "--server", serve, "--pretrained", "sd-base", "--finetuned",
-                  result["finetuned"], "--steps", "2", "--out", str(setup["root"] / "out2"),
-                  str(setup["images"]))  # the upload's id works as --finetuned too
+                  result["finetuned"], "--preset", "reference", "--steps", "2", "--out",
+                  str(setup["root"] / "out2"), str(setup["images"]))  # the upload's id
     assert again.returncode == 0, again.stderr[-2000:]
     assert "uploaded" not in again.stderr
+    config = json.loads((setup["root"] / "out2" / "result.json").read_text())["config"]
+    assert config["steps"] == 2 and config["alpha"] == 2.0  # the reference preset, overridden
+    assert config["common_random_numbers"] is False and config["bounded"] is False
 
 
 @pytest.mark.parametrize("finetuned, code, words", [

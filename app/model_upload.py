@@ -18,6 +18,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import ValidationError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
@@ -311,9 +312,9 @@ class ModelUpload:
             try:
                 JobSettings.model_validate({"pretrained": "x", "finetuned": "x",
                                             "prompt": prompt[:MAX_PROMPT_CHARS + 1]})
-            except ValueError as exc:
-                msg = str(exc).splitlines()[-1].strip() if str(exc) else "invalid prompt"
-                raise _field_error(422, "prompt", "invalid_prompt", msg) from None
+            except ValidationError as exc:
+                msg = exc.errors()[0].get("msg", "invalid prompt")
+                raise _field_error(422, "prompt", "invalid_prompt", f"prompt: {msg}") from None
             return prompt, "upload"
         found = prompt_from_metadata(header.metadata)
         return (found, "file_metadata") if found else (None, "none")

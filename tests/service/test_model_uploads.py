@@ -347,6 +347,13 @@ def test_headers_that_lie_or_do_not_fit_are_refused(bob, s3_endpoint):
     lora, size = _header(LORA_NAMES)
     assert upload(bob, lora + bytes(size), finetuned_from="nope").status_code == 422
     assert upload(bob, lora + bytes(size), finetuned_from="../x").status_code == 422
+    bad_prompt = upload(bob, lora + bytes(size), prompt="sks\x01style")
+    assert bad_prompt.status_code == 422 and bad_prompt.json()["detail"][0]["type"] == \
+        "invalid_prompt"
+    unknown = bob.post("/models", data={"finetuned_from": "sd-base", "colour": "red"},
+                       files={"file": ("a.safetensors", lora + bytes(size))})
+    assert unknown.status_code == 422 and unknown.json()["detail"][0]["loc"] == \
+        ["body", "colour"]
     no_auth = httpx.post(f"{bob.base_url}/models", files={"file": ("a.safetensors", lora)})
     assert no_auth.status_code == 401
     assert stored(s3_endpoint, "bob", "blobs") == [] and pending_multipart(s3_endpoint) == []

@@ -20,7 +20,7 @@ from cgidm.registry import ModelEntry, Registry, load_registry
 from cgidm.settings import Settings, get_settings
 from cgidm.storage import storage_from_settings
 from cgidm.uploaded_models import ModelResolver, UploadedModel, UploadStore
-from worker.disk_cache import DiskCache
+from worker.disk_cache import CachedFileCorrupt, DiskCache
 from worker.model_cache import ModelCache
 
 #: Registry pairs: (pretrained id, fine-tuned id, their paths, kind). Uploads: ("upload",
@@ -86,8 +86,13 @@ def _load_pair(key: PairKey, ctx: WorkerContext | None = None) -> Any:
     _, _, pre_path, sha256, kind = key
     if ctx is None or ctx.disk is None:
         raise RuntimeError("uploaded models need a worker context with a disk cache")
+    from cgidm_core.errors import ModelFormatError
+
     key_in_storage, size = ctx.sources[sha256]
-    blob = ctx.disk.fetch(sha256, ctx.store.storage, key_in_storage, size)  # verified, pinned
+    try:
+        blob = ctx.disk.fetch(sha256, ctx.store.storage, key_in_storage, size)  # verified, pinned
+    except CachedFileCorrupt as exc:  # storage holds other bytes than were uploaded
+        raise ModelFormatError(str(exc)) from exc
     try:
         if kind == "unet":  # bare UNet weights: a folder with the base's config, kind detected
             path, loader_kind = ctx.disk.unet_view(sha256, blob, Path(pre_path)), None

@@ -179,6 +179,22 @@ def test_uploaded_lora_is_checked_by_the_worker(byom_worker, alice, models, s3_e
     assert alice.get(result["images"][0]["artifacts"]["side_by_side"]).status_code == 200
 
 
+def test_a_file_changed_in_storage_fails_its_job_clearly(byom_worker, bob, models,
+                                                       s3_endpoint):
+    data = models["lora3"].read_bytes()
+    model = upload(bob, data, prompt="sks style").json()
+    [blob] = stored(s3_endpoint, "bob", "blobs")
+    changed = bytearray(data)
+    changed[-1] ^= 0xFF  # same size, valid header: only the hash can tell
+    s3_client(s3_endpoint).put_object(Bucket=BUCKET, Key=blob, Body=bytes(changed))
+    job = run_job(bob, model["id"])
+    assert job["status"] == "failed" and job["error"]["code"] == "model_format", job
+    assert model["sha256"] in job["error"]["message"] and "upload it again" in \
+        job["error"]["message"]
+    assert bob.delete(f"/models/{model['id']}").status_code == 204
+    assert stored(s3_endpoint, "bob", "blobs") == []
+
+
 def test_uploaded_unet_weights_of_a_ddpm_fine_tune(byom_worker, alice, models):
     weights = next((models["ddpm-ft"] / "unet").glob("*.safetensors")).read_bytes()
     refused = upload(alice, weights)  # a pixel UNet is not a Stable Diffusion fine-tune

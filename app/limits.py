@@ -13,7 +13,10 @@ middleware sits in front of the app and, for ``POST /authenticate``:
    ``CGIDM_MAX_FILES`` files, or a body past ``CGIDM_MAX_REQUEST_BYTES`` stops the read at once
    and answers 413 (422 for too many files), whatever the client declared.
 
-Every other route only gets the total body limit. The route itself stores nothing until all
+``POST /models`` (a model upload, up to gigabytes) is authenticated before its body is read and
+gets ``CGIDM_MAX_MODEL_BYTES`` plus room for its form fields as its total limit; the route itself
+counts the file while streaming it to storage (``app/model_upload.py``). Every other route only
+gets the total body limit. The route itself stores nothing until all
 inputs are validated, so a refusal here leaves nothing in storage.
 """
 
@@ -40,6 +43,9 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 SUBMIT_PATH = "/authenticate"
+MODELS_PATH = "/models"
+#: Room for the text fields and multipart framing around a model file of the largest size.
+MODEL_FORM_OVERHEAD = 1024 * 1024
 FILE_FIELDS = ("images", "controls")
 #: Text fields (model ids, numbers, the prompt) are small; anything larger is not a setting.
 MAX_FIELD_BYTES = 16 * 1024
@@ -136,16 +142,25 @@ class SubmissionGate:
         settings = self.settings
         headers = Headers(scope=scope)
         length = headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > settings.max_request_bytes:
+        upload = scope["method"] == "POST" and scope["path"] == MODELS_PATH
+        limit, setting = ((settings.max_model_bytes + MODEL_FORM_OVERHEAD,
+                           "CGIDM_MAX_MODEL_BYTES + 1 MiB of form fields") if upload else
+                          (settings.max_request_bytes, "CGIDM_MAX_REQUEST_BYTES"))
+        if length is not None and length.isdigit() and int(length) > limit:
             response = ApiError(413, ["body"], "request_too_large",
                                 f"request body of {length} bytes exceeds "
-                                f"{settings.max_request_bytes} bytes (CGIDM_MAX_REQUEST_BYTES)"
-                                ).response()
+                                f"{limit} bytes ({setting})").response()
             response.headers["Connection"] = "close"
             await response(scope, receive, send)
             return
         counter = None
         reservation = None
+        if upload:  # a model upload: who is calling, before gigabytes are read
+            try:
+                caller_of(settings, Request(scope))
+            except ApiError as exc:
+                await exc.response()(scope, receive, send)
+                return
         if scope["method"] == "POST" and scope["path"] == SUBMIT_PATH:
             try:
                 caller_of(settings, Request(scope))
@@ -158,7 +173,7 @@ class SubmissionGate:
                 counter = PartCounter(content_type, settings.max_upload_bytes,
                                       settings.max_files)
         try:
-            await self._guarded(scope, receive, send, counter)
+            await self._guarded(scope, receive, send, counter, limit, setting)
         finally:
             if reservation is not None:  # the job is in the queue by now, or was refused
                 await run_in_threadpool(self._release, reservation)
@@ -187,8 +202,7 @@ class SubmissionGate:
             log.warning("could not release queue reservation %s: %s", reservation, exc)
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send,
-                       counter: PartCounter | None) -> None:
-        limit = self.settings.max_request_bytes
+                       counter: PartCounter | None, limit: int, setting: str) -> None:
         received = 0
         refused: ApiError | None = None
         started = False
@@ -204,8 +218,7 @@ class SubmissionGate:
                 try:
                     if received > limit:
                         raise ApiError(413, ["body"], "request_too_large",
-                                       f"request body exceeds {limit} bytes "
-                                       "(CGIDM_MAX_REQUEST_BYTES)")
+                                       f"request body exceeds {limit} bytes ({setting})")
                     if counter is not None:
                         counter.feed(body)
                 except ApiError as exc:

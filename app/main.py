@@ -11,6 +11,7 @@ from app.auth import describe_mode, install_log_redaction
 from app.errors import install_error_handlers
 from app.limits import SubmissionGate
 from app.routes_jobs import router as jobs_router
+from app.routes_models import router as models_router
 from app.routes_ops import metrics_registry
 from app.routes_ops import router as ops_router
 from app.services import Services
@@ -43,6 +44,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics_registry = metrics_registry(services)
     install_error_handlers(app)
     app.include_router(jobs_router)
+    app.include_router(models_router)
     app.include_router(ops_router)
     # Size limits, authentication and the queue-depth check before the body is read.
     app.add_middleware(SubmissionGate, services=services)

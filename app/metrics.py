@@ -136,9 +136,12 @@ class ServiceCollector(Collector):
         except StorageError:
             return
         totals: Counter[str] = Counter()
+        disk: Counter[str] = Counter()
         for report in reports:
             for key, value in (report.get("model_cache") or {}).items():
                 totals[key] += int(value)
+            for key, value in (report.get("disk_cache") or {}).items():
+                disk[key] += int(value)
         yield GaugeMetricFamily("cgidm_worker_reports", "Worker processes that wrote counters",
                                 value=len(reports))
         for key, help_text in (("hits", "Jobs whose model pair was already loaded"),
@@ -149,6 +152,14 @@ class ServiceCollector(Collector):
         yield GaugeMetricFamily("cgidm_model_cache_bytes",
                                 "Bytes of model pairs held by the latest report of each worker",
                                 value=totals.get("bytes", 0))
+        for key, help_text in (("hits", "Uploaded model files found verified in a worker's disk "
+                                "cache"),
+                               ("downloads", "Uploaded model files fetched from storage"),
+                               ("evictions", "Files removed from worker disk caches (budget)"),
+                               ("corrupt", "Cached files whose sha256 no longer matched "
+                                "(fetched again)")):
+            yield CounterMetricFamily(f"cgidm_model_disk_cache_{key}", help_text,
+                                      value=disk.get(key, 0))
 
 
 def _le(bound: float) -> str:

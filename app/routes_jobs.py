@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Annotated
 
@@ -54,8 +55,12 @@ def _storage_down(exc: Exception) -> ApiError:
     return ApiError(503, [], "storage_unavailable", f"storage is unavailable: {exc}")
 
 
-def _check_models(services: Services, settings: JobSettings) -> None:
-    registry = services.registry()
+def _check_models(services: Services, settings: JobSettings, caller: Caller) -> str:
+    """Registry ids, and for ``finetuned`` also the caller's own uploads (another key's upload
+    is an unknown id, the same answer as for one that does not exist). Returns what the job is
+    routed by: the fine-tune's id, or an upload's content hash (the same bytes uploaded by two
+    keys go to the worker that has them loaded)."""
+    registry = services.resolver(caller.name)
     for field in ("pretrained", "finetuned"):
         try:
             registry.get(getattr(settings, field))
@@ -63,14 +68,19 @@ def _check_models(services: Services, settings: JobSettings) -> None:
             raise ApiError(422, ["body", field], "invalid_model_reference", str(exc)) from None
         except UnknownModel as exc:
             raise ApiError(422, ["body", field], "unknown_model", str(exc)) from None
+        except StorageError as exc:
+            raise _storage_down(exc) from exc
     try:
-        registry.check_pair(settings.pretrained, settings.finetuned)
+        _, tuned = registry.check_pair(settings.pretrained, settings.finetuned)
     except UnknownModel as exc:
         raise ApiError(422, ["body", "finetuned"], "incompatible_pair", str(exc)) from None
+    except StorageError as exc:
+        raise _storage_down(exc) from exc
     if settings.metric in FEATURE_METRICS and services.settings.feature_model is None:
         raise ApiError(422, ["body", "metric"], "metric_unavailable",
                        f"metric {settings.metric!r} needs a feature model, and this service has "
                        "none configured (CGIDM_FEATURE_MODEL); use ssim, psnr or mse")
+    return getattr(tuned, "sha256", None) or settings.finetuned
 
 
 async def _read_limited(field: str, upload: UploadFile, limit: int) -> bytes:
@@ -120,7 +130,7 @@ async def authenticate(
         raise ApiError(422, ["body", "images"], "too_many_files",
                        f"{len(images) + len(controls)} files; at most {limits.max_files} "
                        "images + controls per job (CGIDM_MAX_FILES)")
-    _check_models(services, settings)
+    route_by = await run_in_threadpool(_check_models, services, settings, caller)
 
     job_id = new_job_id()
     taken: set[str] = set()
@@ -138,7 +148,8 @@ async def authenticate(
             key = input_key(job_id, role, index, name)
             inputs.append(InputFile(name=name, role=role, key=key, filename=upload.filename,
                                     width=decoded.width, height=decoded.height,
-                                    frames=decoded.frames))
+                                    frames=decoded.frames,
+                                    sha256=hashlib.sha256(data).hexdigest()))
             files.append((key, decoded.png))
             notes.extend(decoded.warnings)
 
@@ -149,7 +160,7 @@ async def authenticate(
     except StorageError as exc:  # create() removed what it had written
         raise _storage_down(exc) from exc
     try:
-        await run_in_threadpool(services.enqueue, job_id, settings.pretrained, settings.finetuned)
+        await run_in_threadpool(services.enqueue, job_id, settings.pretrained, route_by)
     except Exception as exc:  # the broker is down: the job never reached a worker
         log.error("job %s could not be enqueued (%s); removing it", job_id, type(exc).__name__)
         await run_in_threadpool(services.store.delete_job_quietly, job_id)

@@ -1,4 +1,4 @@
-"""Models, health, readiness and metrics."""
+"""Health, readiness and metrics (models: app/routes_models.py)."""
 
 from __future__ import annotations
 
@@ -6,20 +6,12 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from app.auth import Caller, get_caller
 from app.metrics import ServiceCollector
-from app.schemas import Health, ModelList
+from app.schemas import Health
 from app.services import Services, get_services
 from cgidm.storage import StorageError
 
 router = APIRouter(tags=["operations"])
-
-
-@router.get("/models", response_model=ModelList, summary="Models jobs may reference, by id")
-def list_models(services: Services = Depends(get_services),
-                caller: Caller = Depends(get_caller)) -> ModelList:
-    """Needs an API key like the job routes; health, readiness, metrics and the docs do not."""
-    return ModelList(models=services.registry().public())
 
 
 @router.get("/healthz", response_model=Health, summary="The gateway process is up")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -63,8 +64,42 @@ class JobView(JobRecord):
     cancel_requested: bool = False
 
 
+class ModelView(PublicModel):
+    """A model jobs may name: a registry entry, or (``uploaded``) one of the caller's uploads."""
+
+    uploaded: bool = False
+    sha256: str | None = Field(None, description="Uploads: SHA-256 of the file as received.")
+    size_bytes: int | None = None
+    prompt_source: str | None = Field(None, description="Uploads: upload, file_metadata or "
+                                      "none.")
+    name: str | None = None
+    created_at: datetime | None = None
+
+
+class UploadedModelView(ModelView):
+    """What ``POST /models`` answers, and how ``GET /models`` lists an upload."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "id": "up-3f0c6a9e2b7d4c1e8a5f9b0d", "sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b"
+        "2b0b822cd15d6c15b0f00a08", "kind": "lora", "family": "stable-diffusion",
+        "finetuned_from": "sd15", "size_bytes": 3227336, "prompt": "sks style",
+        "prompt_source": "upload", "name": "suspect.safetensors", "uploaded": True}]})
+
+    id: str
+    sha256: str
+    kind: str
+    family: str
+    finetuned_from: str
+    size_bytes: int
+    prompt_source: str
+    uploaded: bool = True
+    filename: str | None = None
+    tensors: int = 0
+    dtypes: dict[str, int] = {}
+
+
 class ModelList(BaseModel):
-    models: list[PublicModel]
+    models: list[ModelView | UploadedModelView]
 
 
 class Health(BaseModel):

@@ -15,6 +15,7 @@ from cgidm.routing import queue_depth, queue_for_pair
 from cgidm.settings import Settings
 from cgidm.storage import storage_from_settings
 from cgidm.tasks import AUTHENTICATE_TASK, make_celery
+from cgidm.uploaded_models import ModelResolver, UploadStore
 
 #: Publishing to a broker that is down should fail fast (the client gets a 503), not hang.
 PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
@@ -37,6 +38,15 @@ class Services:
 
     def registry(self) -> Registry:
         return load_registry(self.settings.models)
+
+    @property
+    def uploads(self) -> UploadStore:
+        """Uploaded models, in the same storage as the jobs."""
+        return UploadStore(self.store.storage)
+
+    def resolver(self, owner: str | None) -> ModelResolver:
+        """Model ids as ``owner`` sees them: the registry and their own uploads."""
+        return ModelResolver(self.registry(), self.uploads, owner)
 
     def enqueue(self, job_id: str, pretrained: str = "", finetuned: str = "") -> None:
         """Send the job by task name; the gateway never imports the worker's code. The queue

@@ -12,7 +12,7 @@ import importlib
 import os
 import sys
 
-COMMANDS = ("check", "eval", "models", "serve", "demo", "keys")
+COMMANDS = ("check", "verify", "submit", "eval", "models", "serve", "demo", "keys")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
         print("cgidm: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - the CLI's contract is one clear line, no traceback
+        from cgidm.client import ServiceError
+
+        if isinstance(exc, ServiceError):  # before cgidm_core: `submit` runs without torch
+            print(f"cgidm: error: {exc}", file=sys.stderr)
+            return 1
         from cgidm_core.errors import CGIDMError
 
         if isinstance(exc, CGIDMError):

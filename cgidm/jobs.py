@@ -87,7 +87,8 @@ class JobSettings(BaseModel):
 
     pretrained: str = Field(max_length=128, description="Registry id of the pretrained model.",
                             examples=["demo-base"])
-    finetuned: str = Field(max_length=128, description="Registry id of the suspect fine-tune.",
+    finetuned: str = Field(max_length=128, description="Registry id of the suspect fine-tune, "
+                           "or the id of your own upload (POST /models).",
                            examples=["demo-vangogh"])
     prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS,
                                description="Prompt for conditional models (default: the "
@@ -95,6 +96,10 @@ class JobSettings(BaseModel):
                                f"{MAX_PROMPT_WORDS} words; the worker fails a job whose prompt "
                                "is longer than the model's tokenizer takes (77 tokens for "
                                "Stable Diffusion) with `prompt_too_long`.")
+    preset: Literal["default", "reference"] | None = Field(
+        None, description="reference: the authors' settings (1000 steps, alpha 2, independent "
+        "noise, re-encoded partial, unbounded latents), as `cgidm check --preset reference`; "
+        "the other settings override it.")
     metric: Literal["ssim", "psnr", "mse", "clip", "dino"] | None = Field(
         None, description="Similarity used as the score (clip/dino need CGIDM_FEATURE_MODEL).")
     batch_size: int | None = Field(None, ge=1, le=64, description="Images per PGD batch.")
@@ -160,6 +165,8 @@ class InputFile(BaseModel):
     width: int
     height: int
     frames: int = Field(1, description="Frames in the upload; only the first one is used.")
+    sha256: str | None = Field(None, description="SHA-256 of the file as uploaded, before the "
+                               "gateway re-encoded it (the provenance of the evidence).")
 
 
 class ArtifactLinks(BaseModel):
@@ -210,6 +217,10 @@ class JobResult(BaseModel):
     config: dict[str, Any] = {}
     pair: dict[str, Any] = {}
     elapsed_seconds: float | None = None
+    provenance: dict[str, Any] = Field(
+        default_factory=dict, description="What the result was computed from: sha256 of every "
+        "image as uploaded and of every model file, prompt and its source, all settings, "
+        "versions, device and dtype (`cgidm verify` re-runs it).")
 
 
 class JobRecord(BaseModel):

@@ -119,6 +119,22 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(
         20 * 1024**2, ge=1, description="Largest accepted image file, in bytes."
     )
+    max_model_bytes: int = Field(
+        8 * 1024**3, ge=1024,
+        description="Largest accepted model upload (POST /models), in bytes; 413 above, "
+        "enforced while the file streams in. The default takes an SDXL-sized single-file "
+        "checkpoint (about 7 GB).",
+    )
+    model_cache_dir: Path | None = Field(
+        None,
+        description="Worker: folder of the content-addressed disk cache of uploaded models "
+        "(default: <CGIDM_DATA_DIR>/model-cache). Worker processes on one machine may share it.",
+    )
+    model_disk_bytes: int = Field(
+        50 * 1024**3, ge=0,
+        description="Worker: byte budget of that disk cache; least recently used files are "
+        "removed to stay under it (a file in use is kept).",
+    )
     max_files: int = Field(64, ge=1, description="Most files (images + controls) per job.")
     max_image_pixels: int = Field(
         50_000_000, ge=1, description="Largest accepted image, in pixels (width x height)."
@@ -199,8 +215,8 @@ class Settings(BaseSettings):
     )
 
     @field_validator("storage_url", "s3_endpoint_url", "broker_url", "models", "device", "dtype",
-                     "feature_model", "api_keys", "url_signing_key", "visibility_timeout",
-                     mode="before")
+                     "feature_model", "api_keys", "model_cache_dir", "url_signing_key",
+                     "visibility_timeout", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         # docker-compose passes `${VAR:-}` through as an empty string: treat it as "not set".
@@ -241,6 +257,10 @@ class Settings(BaseSettings):
     @property
     def resolved_visibility_timeout(self) -> int:
         return self.visibility_timeout or self.task_time_limit + 600
+
+    @property
+    def resolved_model_cache_dir(self) -> Path:
+        return (self.model_cache_dir or self.data_dir / "model-cache").expanduser().resolve()
 
     @property
     def resolved_storage_url(self) -> str:

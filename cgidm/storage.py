@@ -8,6 +8,7 @@ read ``job.json`` while the worker rewrites it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -20,6 +21,9 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 CHUNK_SIZE = 64 * 1024
+#: Size of each part of an S3 multipart upload (S3 wants >= 5 MiB for all parts but the last);
+#: the most a streaming upload holds in memory.
+S3_PART_BYTES = 8 * 1024 * 1024
 _TMP_PREFIX = ".tmp-"
 _SEGMENT = re.compile(r"^[A-Za-z0-9._=+@,-]+$")
 
@@ -55,6 +59,31 @@ def check_key(key: str, *, prefix: bool = False) -> str:
     return key
 
 
+class ObjectWriter(ABC):
+    """Streams one object into storage; nobody sees it before :meth:`commit`."""
+
+    #: bytes written so far
+    size: int = 0
+
+    @abstractmethod
+    def write(self, data: bytes) -> None: ...
+
+    @abstractmethod
+    def commit(self) -> None:
+        """Publish the object (atomically: readers never see part of it)."""
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Drop everything written; safe to call more than once, and after a failed write."""
+
+    def __enter__(self) -> ObjectWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
 class Storage(ABC):
     """The operations the service needs; keys are ``/``-separated relative paths."""
 
@@ -72,6 +101,11 @@ class Storage(ABC):
     def open_stream(self, key: str, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
         """Chunks of an object, for streaming large artifacts; raises :class:`ObjectNotFound`
         before the first chunk, so callers can answer 404 before starting a response."""
+
+    @abstractmethod
+    def open_writer(self, key: str, content_type: str | None = None) -> ObjectWriter:
+        """A writer for an object too large to hold in memory: ``write`` chunks, then
+        ``commit`` (the object appears whole) or ``abort`` (nothing is left behind)."""
 
     @abstractmethod
     def exists(self, key: str) -> bool: ...
@@ -158,6 +192,9 @@ class LocalStorage(Storage):
 
         return chunks()
 
+    def open_writer(self, key: str, content_type: str | None = None) -> ObjectWriter:
+        return _LocalWriter(self, key, self._path(key))
+
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
@@ -200,6 +237,43 @@ class LocalStorage(Storage):
             raise StorageUnavailable(f"cannot create storage folder {self.root}: {exc}") from exc
         if not os.access(self.root, os.W_OK | os.X_OK):
             raise StorageUnavailable(f"storage folder {self.root} is not writable")
+
+
+class _LocalWriter(ObjectWriter):
+    """A temp file beside the object, renamed over it on commit."""
+
+    def __init__(self, storage: LocalStorage, key: str, path: Path):
+        self.key, self.path, self.size = key, path, 0
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=path.parent)
+        except OSError as exc:
+            raise StorageError(f"cannot write {key!r} under {storage.root}: {exc}") from exc
+        self.tmp = Path(tmp)
+        self.handle: Any = os.fdopen(fd, "wb")
+
+    def write(self, data: bytes) -> None:
+        try:
+            self.handle.write(data)
+        except OSError as exc:
+            self.abort()
+            raise StorageError(f"cannot write {self.key!r}: {exc}") from exc
+        self.size += len(data)
+
+    def commit(self) -> None:
+        try:
+            self.handle.flush()
+            os.fsync(self.handle.fileno())
+            self.handle.close()
+            os.replace(self.tmp, self.path)
+        except OSError as exc:
+            self.abort()
+            raise StorageError(f"cannot write {self.key!r}: {exc}") from exc
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            self.handle.close()
+        self.tmp.unlink(missing_ok=True)
 
 
 class S3Storage(Storage):
@@ -283,6 +357,9 @@ class S3Storage(Storage):
 
         return chunks()
 
+    def open_writer(self, key: str, content_type: str | None = None) -> ObjectWriter:
+        return _S3MultipartWriter(self, key, content_type)
+
     def exists(self, key: str) -> bool:
         try:
             self._call(key, "head_object", Key=self._key(key))
@@ -332,6 +409,86 @@ class S3Storage(Storage):
             raise
         except StorageError as exc:
             raise StorageUnavailable(f"bucket {self.bucket!r} is not usable: {exc}") from exc
+
+
+class _S3MultipartWriter(ObjectWriter):
+    """An S3 multipart upload. Each full part of :data:`S3_PART_BYTES` is sent by one background
+    thread while the next part fills, so reading the client and writing to S3 overlap; memory
+    stays at two parts whatever the object's size. Until ``complete_multipart_upload`` no object
+    exists; ``abort`` deletes the parts already sent (an upload nobody completes or aborts, from
+    a process that died, is removed by the bucket's stale-upload expiry, see docs/SERVICE.md)."""
+
+    def __init__(self, storage: S3Storage, key: str, content_type: str | None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.storage, self.key, self.size = storage, key, 0
+        self.full_key = storage._key(key)
+        extra = {"ContentType": content_type} if content_type else {}
+        created = storage._call(key, "create_multipart_upload", Key=self.full_key, **extra)
+        self.upload_id: str | None = created["UploadId"]
+        self.parts: list[dict[str, Any]] = []
+        self.buffer = bytearray()
+        self.sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="s3-part")
+        self.in_flight: Any = None
+
+    def write(self, data: bytes) -> None:
+        self.buffer += data
+        self.size += len(data)
+        while len(self.buffer) >= S3_PART_BYTES:
+            part = bytes(self.buffer[:S3_PART_BYTES])
+            del self.buffer[:S3_PART_BYTES]
+            self._wait()  # at most one part in flight
+            self.in_flight = self.sender.submit(self._upload, len(self.parts) + 1, part)
+            self.parts.append({"PartNumber": len(self.parts) + 1, "ETag": None})
+
+    def _upload(self, number: int, part: bytes) -> None:
+        answer = self.storage._call(self.key, "upload_part", Key=self.full_key,
+                                    UploadId=self.upload_id, PartNumber=number, Body=part)
+        self.parts[number - 1]["ETag"] = answer["ETag"]
+
+    def _wait(self) -> None:
+        future, self.in_flight = self.in_flight, None
+        if future is None:
+            return
+        try:
+            future.result()
+        except StorageError:
+            self.abort()
+            raise
+
+    def commit(self) -> None:
+        self._wait()
+        if self.buffer or not self.parts:  # the last part may be small (or the only one empty)
+            number = len(self.parts) + 1
+            self.parts.append({"PartNumber": number, "ETag": None})
+            try:
+                self._upload(number, bytes(self.buffer))
+            except StorageError:
+                self.abort()
+                raise
+            self.buffer.clear()
+        try:
+            self.storage._call(self.key, "complete_multipart_upload", Key=self.full_key,
+                               UploadId=self.upload_id, MultipartUpload={"Parts": self.parts})
+        except StorageError:
+            self.abort()
+            raise
+        self.upload_id = None
+        self.sender.shutdown(wait=False)
+
+    def abort(self) -> None:
+        self.buffer = bytearray()
+        future, self.in_flight = self.in_flight, None
+        if future is not None:  # let the part in flight land, so the abort removes it too
+            with contextlib.suppress(Exception):
+                future.result()
+        self.sender.shutdown(wait=False)
+        if self.upload_id is None:
+            return
+        upload_id, self.upload_id = self.upload_id, None
+        with contextlib.suppress(StorageError):
+            self.storage._call(self.key, "abort_multipart_upload", Key=self.full_key,
+                               UploadId=upload_id)
 
 
 def open_storage(

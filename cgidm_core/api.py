@@ -11,13 +11,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from . import provenance
 from .errors import ConfigError
 from .images import ImageSource, image_seed, load_image, to_pil, to_tensor
 from .inversion import CancelFn, InversionConfig, invert
 from .pair import ModelPair
+from .provenance import default_prompt_source
 from .results import ImageResult
 from .similarity import (
     DEFAULT_METRIC,
@@ -46,16 +49,35 @@ def load_pair(
     """
     from .demo import resolve_model_reference
     from .models import load_pair as load_model_pair
+    from .models.loading import resolve_model_path
+    from .provenance import describe_model
 
-    return load_model_pair(
-        resolve_model_reference(pretrained),
-        resolve_model_reference(finetuned),
+    pre_path = resolve_model_reference(pretrained)
+    ft_path = resolve_model_reference(finetuned)
+    pair = load_model_pair(
+        pre_path,
+        ft_path,
         finetuned_kind=finetuned_kind,
         device=device,
         dtype=dtype,
         allow_network=allow_network,
         keep_text_encoders=keep_text_encoders,
     )
+    # What was loaded, file by file, for the provenance of every result of this pair.
+    pair.sources = {
+        "pretrained": describe_model(pretrained, resolve_model_path(pre_path, allow_network)),
+        "finetuned": describe_model(finetuned, resolve_model_path(ft_path, allow_network)),
+    }
+    return pair
+
+
+class AuthenticationResults(list):
+    """The per-image results (a plain list of :class:`ImageResult`), plus ``provenance``: what
+    they were computed from (``cgidm_core.provenance``)."""
+
+    def __init__(self, results: Sequence[ImageResult], provenance: dict[str, Any]):
+        super().__init__(results)
+        self.provenance = provenance
 
 
 def image_names(images: Sequence[ImageSource], names: Sequence[str] | None) -> list[str]:
@@ -96,8 +118,13 @@ def authenticate(
     batch_size: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     should_cancel: CancelFn | None = None,
-) -> list[ImageResult]:
+    prompt_source: str | None = None,
+) -> AuthenticationResults:
     """Recover every image's removed half and score the recovery against the original.
+
+    Returns the results in input order, with ``.provenance``: the sha256 of every image as
+    given and of every model file, the prompt (``prompt_source`` says where the caller got it;
+    default ``argument``, or ``pair_default``), all settings, versions, device and dtype.
 
     Images run in batches of ``batch_size`` (default: the pair's ``preferred_batch_size``) as one
     computation each. ``progress(done, total)``
@@ -111,7 +138,12 @@ def authenticate(
     validate_metrics(wanted, feature_model)
     labels = image_names(images, names)
     pictures = [load_image(src, name=label) for src, label in zip(images, labels, strict=True)]
-    cond = pair.conditioning(prompt if prompt is not None else pair.default_prompt)
+    source = prompt_source or default_prompt_source(prompt, pair)
+    prompt = prompt if prompt is not None else pair.default_prompt
+    record = provenance.build(pair, images, labels, prompt=prompt, prompt_source=source,
+                              config=config, score_metric=score_metric, metrics=wanted,
+                              batch_size=batch_size)
+    cond = pair.conditioning(prompt)
 
     batches = [
         list(range(start, min(start + batch_size, len(pictures))))
@@ -147,10 +179,11 @@ def authenticate(
                     extra={
                         "final_loss": _finite_or_none(float(out.losses[j, -1])),
                         "nonfinite_gradient_steps": _count(out.nonfinite_steps, j),
+                        "input_sha256": record["inputs"][i]["sha256"],
                     },
                 )
             )
-    return results
+    return AuthenticationResults(results, record)
 
 
 def _finite_or_none(value: float) -> float | None:

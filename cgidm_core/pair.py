@@ -64,6 +64,9 @@ class ModelPair(ABC):
     prediction_type_finetuned: str
     #: Format the fine-tune was loaded from ("dreambooth", "lora", "ddpm", ...).
     finetuned_kind: str
+    #: Which files the pair was loaded from, with their sha256 (``cgidm_core.provenance``):
+    #: {"pretrained": {...}, "finetuned": {...}}; set by ``cgidm_core.load_pair``.
+    sources: dict[str, Any] | None = None
 
     def __init__(
         self,

@@ -12,15 +12,22 @@ import socket
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from cgidm.jobs import JobStore, utcnow
 from cgidm.registry import ModelEntry, Registry, load_registry
 from cgidm.settings import Settings, get_settings
 from cgidm.storage import storage_from_settings
+from cgidm.uploaded_models import ModelResolver, UploadedModel, UploadStore
+from worker.disk_cache import CachedFileCorrupt, DiskCache
 from worker.model_cache import ModelCache
 
+#: Registry pairs: (pretrained id, fine-tuned id, their paths, kind). Uploads: ("upload",
+#: pretrained id, pretrained path, sha256 of the file, kind): keyed on content, so the same file
+#: uploaded by two keys is one cached pair.
 PairKey = tuple[str, str, str, str, str | None]
+UPLOAD = "upload"
 
 
 @dataclass
@@ -30,11 +37,23 @@ class WorkerContext:
     cache: ModelCache
     worker_id: str
     outcomes: Counter[str] = field(default_factory=Counter)
+    disk: DiskCache | None = None
+    #: sha256 -> (storage key, size) of an uploaded file, for the loader of a pair keyed on
+    #: content
+    sources: dict[str, tuple[str, int]] = field(default_factory=dict)
 
     def registry(self) -> Registry:
         return load_registry(self.settings.models)
 
-    def pair_key(self, pretrained: ModelEntry, finetuned: ModelEntry) -> PairKey:
+    def resolver(self, owner: str | None) -> ModelResolver:
+        """Model ids as the job's owner sees them: the registry and the owner's uploads."""
+        return ModelResolver(self.registry(), UploadStore(self.store.storage), owner)
+
+    def pair_key(self, pretrained: ModelEntry,
+                 finetuned: ModelEntry | UploadedModel) -> PairKey:
+        if isinstance(finetuned, UploadedModel):
+            self.sources[finetuned.sha256] = (finetuned.blob_key, finetuned.size_bytes)
+            return (UPLOAD, pretrained.id, pretrained.path, finetuned.sha256, finetuned.kind)
         # Paths are part of the key: an operator who repoints an id gets the new weights.
         return (pretrained.id, finetuned.id, pretrained.path, finetuned.path, finetuned.kind)
 
@@ -48,27 +67,59 @@ class WorkerContext:
                 "pid": os.getpid(),
                 "updated_at": utcnow().isoformat(),
                 "model_cache": self.cache.stats().to_dict(),
+                "disk_cache": self.disk.stats().to_dict() if self.disk else {},
                 "jobs": dict(self.outcomes),
             },
         )
 
 
-def _load_pair(key: PairKey) -> Any:
+def _load_pair(key: PairKey, ctx: WorkerContext | None = None) -> Any:
+    """Load the pair of a cache key; an uploaded fine-tune comes through the disk cache of
+    ``ctx``."""
     from cgidm_core import load_pair
 
-    settings = get_settings()
-    _, _, pre_path, ft_path, kind = key
-    return load_pair(pre_path, ft_path, finetuned_kind=kind, device=settings.device,
-                     dtype=settings.dtype)
+    settings = ctx.settings if ctx is not None else get_settings()
+    if key[0] != UPLOAD:
+        _, _, pre_path, ft_path, kind = key
+        return load_pair(pre_path, ft_path, finetuned_kind=kind, device=settings.device,
+                         dtype=settings.dtype)
+    _, _, pre_path, sha256, kind = key
+    if ctx is None or ctx.disk is None:
+        raise RuntimeError("uploaded models need a worker context with a disk cache")
+    from cgidm_core.errors import ModelFormatError
+
+    key_in_storage, size = ctx.sources[sha256]
+    try:
+        blob = ctx.disk.fetch(sha256, ctx.store.storage, key_in_storage, size)  # verified, pinned
+    except CachedFileCorrupt as exc:  # storage holds other bytes than were uploaded
+        raise ModelFormatError(str(exc)) from exc
+    try:
+        if kind == "unet":  # bare UNet weights: a folder with the base's config, kind detected
+            path, loader_kind = ctx.disk.unet_view(sha256, blob, Path(pre_path)), None
+        else:
+            path, loader_kind = blob, kind
+        return load_pair(pre_path, path, finetuned_kind=loader_kind, device=settings.device,
+                         dtype=settings.dtype)
+    except BaseException:
+        ctx.disk.unpin(sha256)
+        raise
+
+
+def _evicted(ctx: WorkerContext, key: PairKey) -> None:
+    if key[0] == UPLOAD and ctx.disk is not None:
+        ctx.disk.unpin(key[3])  # its file may leave the disk cache again
 
 
 @lru_cache(maxsize=1)
 def get_context() -> WorkerContext:
     settings = get_settings()
     worker_id = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{socket.gethostname()}-{os.getpid()}")
-    return WorkerContext(
+    ctx = WorkerContext(
         settings=settings,
         store=JobStore(storage_from_settings(settings)),
-        cache=ModelCache(settings.model_cache_bytes, _load_pair),
+        cache=ModelCache(settings.model_cache_bytes, lambda key: _load_pair(key, ctx),
+                         on_evict=lambda key: _evicted(ctx, key)),
         worker_id=worker_id,
+        disk=DiskCache(settings.resolved_model_cache_dir, settings.model_disk_bytes),
     )
+    return ctx

@@ -308,7 +308,7 @@ def _authenticate(ctx: WorkerContext, record: JobRecord, watch: Watch,
 
     started = time.monotonic()
     settings = record.settings
-    pre, ft = ctx.registry().check_pair(settings.pretrained, settings.finetuned)
+    pre, ft = ctx.resolver(record.owner).check_pair(settings.pretrained, settings.finetuned)
     load_start = time.monotonic()
     pair, hit = ctx.cache.get(ctx.pair_key(pre, ft))
     record.worker = {
@@ -320,8 +320,12 @@ def _authenticate(ctx: WorkerContext, record: JobRecord, watch: Watch,
     ctx.publish_stats()
 
     prompt = settings.prompt if settings.prompt is not None else ft.prompt
+    prompt_source = "request" if settings.prompt is not None else \
+        (getattr(ft, "prompt_source", "registry") if ft.prompt is not None else None)
     check_prompt_length(pair, prompt)
-    config = InversionConfig(**settings.inversion_overrides())
+    overrides = settings.inversion_overrides()
+    config = (InversionConfig.reference(**overrides) if settings.preset == "reference"
+              else InversionConfig(**overrides))
     feature_model = None
     if settings.metric in FEATURE_METRICS:
         feature_model = ctx.settings.feature_model
@@ -337,6 +341,7 @@ def _authenticate(ctx: WorkerContext, record: JobRecord, watch: Watch,
         batch_size=settings.batch_size,
         progress=watch.progress,
         should_cancel=watch.should_cancel,
+        prompt_source=prompt_source,
     )
 
     roles = {item.name: item.role for item in record.inputs}
@@ -369,8 +374,29 @@ def _authenticate(ctx: WorkerContext, record: JobRecord, watch: Watch,
         config=config.to_dict(),
         pair=pair.describe(),
         elapsed_seconds=round(time.monotonic() - started, 3),
+        provenance=service_provenance(results.provenance, record, pre, ft),
     )
     return result
+
+
+def service_provenance(library: dict[str, Any], record: JobRecord, pre: Any,
+                       ft: Any) -> dict[str, Any]:
+    """The library's provenance, as a service result shows it: each input's hash as the client
+    uploaded it (the gateway's), model ids instead of the operator's paths."""
+    document = dict(library)
+    document["inputs"] = [
+        {"name": item.name, "role": item.role, "filename": item.filename,
+         "sha256": item.sha256 or computed["sha256"],
+         "of": "upload" if item.sha256 else "stored_png", "stored_sha256": computed["sha256"]}
+        for item, computed in zip(record.inputs, library["inputs"], strict=True)]
+    models: dict[str, Any] = {}
+    for role, entry in (("pretrained", pre), ("finetuned", ft)):
+        loaded = (library.get("models") or {}).get(role) or {}
+        models[role] = {"id": entry.id, "files": loaded.get("files", [])}
+        if getattr(entry, "sha256", None):  # an upload: the file the client sent
+            models[role].update(uploaded=True, sha256=entry.sha256, kind=entry.kind)
+    document["models"] = models
+    return document
 
 
 def _default_metric() -> str:

@@ -37,9 +37,11 @@ class CacheStats:
 class ModelCache:
     """``get(key)`` returns ``(pair, hit)``; ``loader(key)`` builds a pair on a miss."""
 
-    def __init__(self, budget_bytes: int, loader: Callable[[Any], Any]):
+    def __init__(self, budget_bytes: int, loader: Callable[[Any], Any],
+                 on_evict: Callable[[Any], None] | None = None):
         self.budget_bytes = budget_bytes
         self.loader = loader
+        self.on_evict = on_evict  # e.g. let the disk cache remove the pair's files again
         self._pairs: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
         self._largest = 0
         self._lock = threading.Lock()
@@ -74,6 +76,8 @@ class ModelCache:
                 break  # a pair larger than the budget still has to be usable for its job
             self._pairs.pop(oldest)
             self.evictions += 1
+            if self.on_evict is not None:
+                self.on_evict(oldest)
             evicted = True
             log.info("evicted model pair %s from the cache", oldest)
         if evicted:

@@ -15,6 +15,7 @@ from .common import (
     load_pair_from_args,
     progress_bar,
 )
+from .report import print_table
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -56,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     control_paths = expand_images([args.controls]) if args.controls else []
     everything = image_paths + control_paths
     # Read every image before loading models: a bad file should fail in a second, not a minute.
-    pictures = [load_image(path) for path in everything]
+    for path in everything:
+        load_image(path)
     config = inversion_config(args)
     out_dir = Path(args.out)
     pair = load_pair_from_args(args)
@@ -66,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     with progress_bar("cgidm check") as update:
         results = authenticate(
             pair,
-            pictures,
+            everything,  # the files themselves: provenance hashes them as received
             names=[p.name for p in everything],
             prompt=args.prompt,
             config=config,
@@ -97,6 +99,9 @@ def run(args: argparse.Namespace) -> int:
             "pair": pair.describe(),
         },
         "seconds": round(elapsed, 2),
+        # what the evidence was computed from: hashes of every image and model file, settings,
+        # versions, device and dtype (`cgidm verify` re-runs it from this)
+        "provenance": results.provenance,
     }
     if controls:
         from cgidm_core.stats import controls_test
@@ -110,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         document["set_test"] = test.to_dict()
 
     (out_dir / "results.json").write_text(json.dumps(document, indent=2))
-    _print_table(records, document.get("set_test"))
+    print_table(records, document.get("set_test"))
     for result in results:
         skipped = result.extra.get("nonfinite_gradient_steps", 0)
         if skipped:
@@ -124,22 +129,3 @@ def _default_metric() -> str:
     from cgidm_core.similarity import DEFAULT_METRIC
 
     return DEFAULT_METRIC
-
-
-def _print_table(records: list[dict], set_test: object) -> None:
-    width = max(len("image"), *(len(r["name"]) for r in records))
-    with_p = "p_value" in records[0]
-    header = f"{'image':<{width}}  {'score':>9}" + ("  p-value  verdict" if with_p else "")
-    print(header)
-    print("-" * len(header))
-    for r in records:
-        line = f"{r['name']:<{width}}  {r['score']:>9.4f}"
-        if with_p:
-            line += f"  {r['p_value']:>7.3f}  {r['verdict']}"
-        print(line)
-    if isinstance(set_test, dict):
-        print(
-            f"\nset test (one-sided Mann-Whitney U, suspects > controls): "
-            f"U={set_test['u_statistic']:.1f}, p={set_test['p_value']:.4g}, "
-            f"AUC={set_test['auc']:.3f}"
-        )

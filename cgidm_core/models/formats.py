@@ -10,6 +10,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from cgidm.model_files import (  # noqa: F401 - the name rules are shared with the gateway
+    is_sdxl_lora,
+    is_sdxl_single_file,
+    looks_like_lora,
+    looks_like_single_file,
+)
 from cgidm_core.errors import ModelFormatError, ModelNotFoundError, UnsupportedModelFamilyError
 
 #: What ``detect_finetuned_kind`` can answer.
@@ -37,8 +43,6 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 _PIXEL_PIPELINES = {"DDPMPipeline", "DDIMPipeline"}
 _PIXEL_UNETS = {"UNet2DModel"}
 _PICKLE_SUFFIXES = {".bin", ".ckpt", ".pt", ".pth", ".pkl"}
-_LDM_UNET_PREFIX = "model.diffusion_model."
-_SDXL_SINGLE_FILE_PREFIX = "conditioner.embedders."
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -63,24 +67,6 @@ def safetensors_keys(path: Path) -> list[str]:
         raise ModelFormatError(
             f"{path} is not a readable safetensors file ({exc}); it may be truncated or corrupt"
         ) from exc
-
-
-def looks_like_lora(keys: list[str]) -> bool:
-    """LoRA files (diffusers, peft or kohya naming) name every weight with ``lora``."""
-    weights = [k for k in keys if not k.endswith(".alpha")]
-    return bool(weights) and all("lora" in k.lower() for k in weights)
-
-
-def looks_like_single_file(keys: list[str]) -> bool:
-    return any(k.startswith(_LDM_UNET_PREFIX) for k in keys)
-
-
-def is_sdxl_single_file(keys: list[str]) -> bool:
-    return any(k.startswith(_SDXL_SINGLE_FILE_PREFIX) for k in keys)
-
-
-def is_sdxl_lora(keys: list[str]) -> bool:
-    return any(k.startswith(("text_encoder_2.", "lora_te2_")) for k in keys)
 
 
 def _refuse_pickle_file(path: Path) -> None:

@@ -97,3 +97,35 @@ def test_storage_urls(tmp_path):
     for bad in ("ftp://x/y", "file://host/path", "s3:///nobucket", "relative/path"):
         with pytest.raises(StorageError):
             open_storage(bad)
+
+
+def test_streaming_writer_commits_whole_or_leaves_nothing(storage):
+    """Objects larger than one S3 part (8 MiB), written in odd chunks: readers see nothing
+    until commit, the whole object after; an aborted writer leaves no object (and, on S3, no
+    pending multipart upload)."""
+    import hashlib
+    import os
+
+    data = os.urandom(17 * 1024 * 1024 + 123)  # three parts on S3
+    writer = storage.open_writer("models/a/blob.safetensors")
+    for start in range(0, len(data), 1_000_003):
+        writer.write(data[start:start + 1_000_003])
+        assert not storage.exists("models/a/blob.safetensors")
+    writer.commit()
+    assert writer.size == len(data)
+    stored = b"".join(storage.open_stream("models/a/blob.safetensors", chunk_size=1 << 20))
+    assert hashlib.sha256(stored).digest() == hashlib.sha256(data).digest()
+
+    with storage.open_writer("models/a/broken.safetensors") as broken:
+        broken.write(data[: 9 * 1024 * 1024])
+        broken.abort()
+    with pytest.raises(RuntimeError), storage.open_writer("models/a/raised.safetensors") as w:
+        w.write(b"x" * 100)
+        raise RuntimeError("client went away")
+    assert storage.list("models/") == ["models/a/blob.safetensors"]
+    empty = storage.open_writer("models/a/empty.safetensors")
+    empty.commit()
+    assert storage.get_bytes("models/a/empty.safetensors") == b""
+    if isinstance(storage, S3Storage):
+        pending = storage.client.list_multipart_uploads(Bucket=BUCKET, Prefix=storage.prefix)
+        assert pending.get("Uploads", []) == []

@@ -1,0 +1,222 @@
+"""``cgidm verify``: re-run a stored check and say whether it gives the recorded numbers.
+
+A third party (the other side's expert, a court's) holds the result document and the files.
+``verify`` first proves the files are the ones the record names: every input image must have
+the recorded sha256 and every model file the recorded sha256; any difference is a refusal
+(exit 2) naming the file. Then it runs the method again with the recorded settings, seed and
+prompt, and prints each score next to the recorded one. On the recorded device and dtype the
+scores must agree within 1e-4 (exit 1 otherwise); on another device or dtype (a GPU result
+checked on a CPU) floating-point order and float16 arithmetic change the numbers slightly, so
+the differences are reported but judged only with ``--tolerance``.
+
+Works with ``results.json`` of ``cgidm check``, a service ``result.json`` (as ``cgidm submit``
+saves it) and a whole job document from ``GET /jobs/{id}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from .common import IMAGE_SUFFIXES
+
+SAME_SETUP_TOLERANCE = 1e-4
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "verify",
+        help="re-run a stored check from its provenance and compare the scores",
+        description="Check that the images and models have the recorded sha256 (refuse if any "
+        "differs), re-run the method with the recorded settings and report each score's "
+        "difference from the record.",
+    )
+    parser.add_argument("result", help="results.json (cgidm check) or result.json (service)")
+    parser.add_argument("--images", action="append", required=True, metavar="DIR",
+                        help="folder (or file) holding the images and controls; repeatable")
+    parser.add_argument("--pretrained", help="base model folder or demo name (default: the "
+                        "recorded one, where it is a path or demo name)")
+    parser.add_argument("--finetuned", help="suspect model file/folder (default: the recorded "
+                        "one, where it is a path or demo name)")
+    parser.add_argument("--device", help="default: the recorded device if available, else cpu")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                        help="default: the recorded dtype")
+    parser.add_argument("--tolerance", type=float, help="largest accepted score difference "
+                        f"(default {SAME_SETUP_TOLERANCE} on the recorded device and dtype; "
+                        "elsewhere differences are only reported)")
+    parser.set_defaults(func=run)
+
+
+class VerificationRefused(Exception):
+    """A file differs from the record: re-running would not check the recorded evidence."""
+
+
+def load_record(path: Path) -> dict[str, Any]:
+    from cgidm_core.errors import ConfigError
+
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read it as JSON ({exc})") from exc
+    if isinstance(document, dict) and isinstance(document.get("result"), dict):
+        document = document["result"]  # a whole job from GET /jobs/{id}
+    if not isinstance(document, dict) or not document.get("provenance"):
+        raise ConfigError(f"{path} has no provenance (it was made by a cgidm without it, or is "
+                          "not a cgidm result); it cannot be verified")
+    return document
+
+
+def recorded_scores(document: dict[str, Any]) -> dict[str, float]:
+    rows = [*document.get("images", []), *document.get("controls", [])]
+    return {row["name"]: float(row["score"]) for row in rows}
+
+
+def _files(paths: list[str]) -> list[Path]:
+    out: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            out.extend(p for p in sorted(path.rglob("*"))
+                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            out.append(path)
+        else:
+            raise VerificationRefused(f"{path}: no such file or folder")
+    return out
+
+
+def match_inputs(inputs: list[dict[str, Any]], paths: list[str]) -> list[Path]:
+    """The file of each recorded input, found by its sha256; refuses naming every mismatch."""
+    from cgidm_core.provenance import file_sha256
+
+    by_hash: dict[str, Path] = {}
+    by_name: dict[str, Path] = {}
+    for path in _files(paths):
+        by_hash.setdefault(file_sha256(path), path)
+        by_name.setdefault(path.name, path)
+        by_name.setdefault(path.stem, path)
+    found, problems = [], []
+    for item in inputs:
+        path = by_hash.get(item["sha256"])
+        if path is None:
+            same_name = by_name.get(item.get("filename") or item["name"]) or \
+                by_name.get(item["name"])
+            if same_name is not None:
+                problems.append(f"{same_name}: sha256 {file_sha256(same_name)} differs from the "
+                                f"recorded {item['sha256']} of input {item['name']!r}")
+            else:
+                problems.append(f"input {item['name']!r} (sha256 {item['sha256']}): no file "
+                                "with this hash")
+        found.append(path)
+    if problems:
+        raise VerificationRefused("the images differ from the record:\n  " +
+                                  "\n  ".join(problems))
+    return found  # type: ignore[return-value]
+
+
+def check_model(role: str, recorded: dict[str, Any], reference: str) -> Path:
+    """The model's path, after checking its files' sha256 against the record."""
+    from cgidm_core.demo import resolve_model_reference
+    from cgidm_core.provenance import model_files
+
+    path = resolve_model_reference(reference)
+    files = model_files(path)
+    have = sorted(f["sha256"] for f in files)
+    want = sorted(f["sha256"] for f in recorded.get("files", []))
+    if have == want:
+        return path
+    if recorded.get("sha256") and len(files) == 1 and files[0]["sha256"] == recorded["sha256"]:
+        return path  # the uploaded file itself (the service loaded it through a cache view)
+    missing = [f for f in recorded.get("files", []) if f["sha256"] not in have]
+    extra = [f for f in files if f["sha256"] not in want]
+    lines = [f"recorded {f['path']} (sha256 {f['sha256']}) is not in {path}" for f in missing]
+    lines += [f"{path}/{f['path']} (sha256 {f['sha256']}) is not in the record" for f in extra]
+    raise VerificationRefused(f"the {role} model differs from the record:\n  " +
+                              "\n  ".join(lines or ["the files differ"]))
+
+
+def _default_reference(document: dict[str, Any], role: str) -> str:
+    from cgidm_core.errors import ConfigError
+
+    models = document["provenance"].get("models") or {}
+    recorded = models.get(role) or {}
+    for candidate in (recorded.get("reference"), (document.get("settings") or {}).get(role),
+                      recorded.get("id"), document.get(role)):
+        if not candidate:
+            continue
+        from cgidm_core.demo import DEMO_MODELS
+
+        if candidate in DEMO_MODELS or Path(candidate).exists():
+            return str(candidate)
+    raise ConfigError(f"the {role} model of this record is not a local path or demo model; "
+                      f"pass --{role} with its file or folder")
+
+
+def _device(recorded: str | None, requested: str | None) -> str:
+    if requested:
+        return requested
+    import torch
+
+    if recorded and recorded.startswith("cuda") and torch.cuda.is_available():
+        return recorded
+    return "cpu"
+
+
+def run(args: argparse.Namespace) -> int:
+    from cgidm_core.api import authenticate, load_pair
+    from cgidm_core.inversion import InversionConfig
+
+    document = load_record(Path(args.result))
+    record = document["provenance"]
+    try:
+        paths = match_inputs(record["inputs"], args.images)
+        models = record.get("models") or {}
+        pre = check_model("pretrained", models.get("pretrained") or {},
+                          args.pretrained or _default_reference(document, "pretrained"))
+        ft = check_model("finetuned", models.get("finetuned") or {},
+                         args.finetuned or _default_reference(document, "finetuned"))
+    except VerificationRefused as exc:
+        print(f"cgidm verify: REFUSED: {exc}")
+        return 2
+    print(f"cgidm verify: all {len(paths)} input images and every model file match the record")
+
+    device = _device(record.get("device"), args.device)
+    dtype = args.dtype or (record.get("dtype") if device == record.get("device") else None)
+    pair = load_pair(pre, ft, device=device, dtype=dtype)
+    method = record["method"]
+    results = authenticate(
+        pair, paths, names=[item["name"] for item in record["inputs"]],
+        prompt=record.get("prompt"), prompt_source=record.get("prompt_source"),
+        config=InversionConfig(**method["inversion"]), score_metric=method["score_metric"],
+        metrics=method.get("metrics"), batch_size=method.get("batch_size"))
+    same = str(pair.device) == record.get("device") and \
+        str(pair.dtype).replace("torch.", "") == record.get("dtype")
+    tolerance = args.tolerance if args.tolerance is not None else (
+        SAME_SETUP_TOLERANCE if same else None)
+    recorded = recorded_scores(document)
+    width = max(len("image"), *(len(r.name) for r in results))
+    print(f"\n{'image':<{width}}  {'recorded':>10}  {'re-run':>10}  {'difference':>11}")
+    worst = 0.0
+    for result in results:
+        before = recorded.get(result.name)
+        if before is None:
+            print(f"{result.name:<{width}}  {'-':>10}  {result.score:>10.6f}  (not in record)")
+            continue
+        difference = result.score - before
+        worst = max(worst, abs(difference))
+        print(f"{result.name:<{width}}  {before:>10.6f}  {result.score:>10.6f}  "
+              f"{difference:>+11.2e}")
+    setup = f"{pair.device}/{str(pair.dtype).replace('torch.', '')}"
+    if tolerance is None:
+        print(f"\nre-run on {setup}, recorded on {record.get('device')}/{record.get('dtype')}: "
+              f"largest difference {worst:.2e}. Scores from another device or dtype differ "
+              "slightly (summation order, float16 arithmetic); pass --tolerance to judge them.")
+        return 0
+    if worst <= tolerance:
+        print(f"\nVERIFIED on {setup}: every score within {tolerance:g} of the record "
+              f"(largest difference {worst:.2e})")
+        return 0
+    print(f"\nNOT REPRODUCED on {setup}: largest difference {worst:.2e} exceeds {tolerance:g}")
+    return 1

@@ -1,0 +1,258 @@
+"""Checking an uploaded model file without torch: the safetensors header and its tensor names.
+
+The gateway validates a suspect model while it streams in, and it never imports torch, so this
+module reads the safetensors format itself (it is simple and documented: an 8-byte little-endian
+header length, a JSON header, then the raw tensor bytes):
+
+- the header length must be sane (at least ``{}``, at most :data:`MAX_HEADER_BYTES`);
+- every tensor entry must name a known dtype, a shape of non-negative integers and
+  ``data_offsets`` that match ``prod(shape) * itemsize``; the entries must tile the data area
+  exactly (no gap, no overlap), and the file must end where the last tensor ends;
+- the tensor NAMES say what the file holds (:func:`classify`): a LoRA (diffusers, peft or kohya
+  naming), a single-file checkpoint in the original LDM layout, or the weights of a fine-tuned
+  UNet in diffusers naming; SDXL, Flux/SD3 transformers and pickle files are refused with a
+  message that says why.
+
+The name rules also serve ``cgidm_core.models.formats`` (one place for them), which detects the
+same kinds on disk for the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+#: safetensors refuses headers above 100 MB; real checkpoints have a few hundred KB of header.
+MAX_HEADER_BYTES = 64 * 1024 * 1024
+#: bytes per element of every dtype safetensors defines.
+DTYPE_BYTES: dict[str, int] = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}
+#: What an upload may be: LoRA weights, an LDM single-file checkpoint, or fine-tuned UNet weights.
+UPLOAD_KINDS = ("lora", "single_file", "unet")
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
+_LDM_UNET_PREFIX = "model.diffusion_model."
+_SDXL_SINGLE_FILE_PREFIX = "conditioner.embedders."
+_TRANSFORMER_MARKERS = ("transformer_blocks.", "single_transformer_blocks.", "double_blocks.",
+                        "single_blocks.", "x_embedder.", "context_embedder.")
+SD_FAMILY = "stable-diffusion"
+DDPM_FAMILY = "ddpm"
+PICKLE_REFUSAL = (
+    "pickle checkpoints (.ckpt, .bin, .pt) can run code when they are opened, so cgidm accepts "
+    "only .safetensors files; convert the model once in a trusted environment (e.g. "
+    "`safetensors.torch.save_file(torch.load(path, weights_only=True), 'model.safetensors')`)"
+)
+
+
+class ModelFileError(ValueError):
+    """The file is not an acceptable model: ``code`` says why in one word, the message how to
+    fix it."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class SafetensorsHeader:
+    """The parsed header of a safetensors file."""
+
+    header_bytes: int
+    tensors: dict[str, dict[str, Any]]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def data_bytes(self) -> int:
+        return max((t["data_offsets"][1] for t in self.tensors.values()), default=0)
+
+    @property
+    def file_bytes(self) -> int:
+        """The exact size a file with this header must have."""
+        return 8 + self.header_bytes + self.data_bytes
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def dtypes(self) -> dict[str, int]:
+        """How many tensors of each dtype (for the model's description)."""
+        counts: dict[str, int] = {}
+        for tensor in self.tensors.values():
+            counts[tensor["dtype"]] = counts.get(tensor["dtype"], 0) + 1
+        return counts
+
+
+def looks_like_pickle(first_bytes: bytes) -> bool:
+    """A torch checkpoint: a zip archive (torch >= 1.6) or a raw pickle stream."""
+    return first_bytes.startswith(b"PK\x03\x04") or (
+        len(first_bytes) >= 2 and first_bytes[0] == 0x80 and 2 <= first_bytes[1] <= 5)
+
+
+def header_length(prefix: bytes) -> int:
+    """The header length from a file's first 8 bytes, refusing impossible values."""
+    if looks_like_pickle(prefix):
+        raise ModelFileError("pickle_checkpoint", "this is a pickle checkpoint, not a "
+                             "safetensors file: " + PICKLE_REFUSAL)
+    (length,) = struct.unpack("<Q", prefix[:8])
+    if length < 2 or length > MAX_HEADER_BYTES:
+        raise ModelFileError("corrupt_safetensors", f"the safetensors header length is {length} "
+                             f"bytes (must be 2..{MAX_HEADER_BYTES}); the file is not a "
+                             "safetensors file or is corrupt")
+    return length
+
+
+def parse_header(raw: bytes) -> SafetensorsHeader:
+    """Validate a header (the JSON after the 8 length bytes) as far as it can be without the
+    file's size; :meth:`SafetensorsHeader.file_bytes` is the size the file must then have."""
+
+    def bad(message: str) -> ModelFileError:
+        return ModelFileError("corrupt_safetensors", f"invalid safetensors header: {message}")
+
+    try:
+        document = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise bad(f"not JSON ({exc})") from None
+    if not isinstance(document, dict):
+        raise bad("not a JSON object")
+    metadata = document.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise bad("__metadata__ must map strings to strings")
+    if not document:
+        raise bad("the file holds no tensors")
+    spans: list[tuple[int, int, str]] = []
+    for name, info in document.items():
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise bad(f"tensor {name[:80]!r} must have exactly dtype, shape and data_offsets")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype not in DTYPE_BYTES:
+            raise bad(f"tensor {name[:80]!r} has unknown dtype {str(dtype)[:20]!r}")
+        if not isinstance(shape, list) or not all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise bad(f"tensor {name[:80]!r} has an invalid shape")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(
+                isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)):
+            raise bad(f"tensor {name[:80]!r} has invalid data_offsets")
+        begin, end = offsets
+        if end - begin != math.prod(shape) * DTYPE_BYTES[dtype]:
+            raise bad(f"tensor {name[:80]!r}: data_offsets span {end - begin} bytes but "
+                      f"{dtype}{shape} needs {math.prod(shape) * DTYPE_BYTES[dtype]}")
+        spans.append((begin, end, name))
+    position = 0
+    for begin, end, name in sorted(spans):
+        if begin != position:
+            raise bad(f"tensor {name[:80]!r} starts at {begin}, expected {position} (tensors "
+                      "must tile the data without gaps or overlaps)")
+        position = end
+    return SafetensorsHeader(len(raw), document, metadata)
+
+
+def read_header(path: str) -> SafetensorsHeader:
+    """Validate a safetensors file on disk, its size included."""
+    import os
+
+    with open(path, "rb") as handle:
+        length = header_length(handle.read(8))
+        header = parse_header(handle.read(length))
+    check_size(header, os.path.getsize(path))
+    return header
+
+
+def check_size(header: SafetensorsHeader, size: int) -> None:
+    if size != header.file_bytes:
+        raise ModelFileError("corrupt_safetensors", f"the file has {size} bytes but its header "
+                             f"describes {header.file_bytes}; it is truncated or corrupt")
+
+
+# ------------------------------------------------------------------------------------------
+# what the tensor names say
+
+
+def looks_like_lora(keys: list[str]) -> bool:
+    """LoRA files (diffusers, peft or kohya naming) name every weight with ``lora``."""
+    weights = [k for k in keys if not k.endswith(".alpha")]
+    return bool(weights) and all("lora" in k.lower() for k in weights)
+
+
+def looks_like_single_file(keys: list[str]) -> bool:
+    return any(k.startswith(_LDM_UNET_PREFIX) for k in keys)
+
+
+def is_sdxl_single_file(keys: list[str]) -> bool:
+    return any(k.startswith(_SDXL_SINGLE_FILE_PREFIX) for k in keys)
+
+
+def is_sdxl_lora(keys: list[str]) -> bool:
+    return any(k.startswith(("text_encoder_2.", "lora_te2_")) for k in keys)
+
+
+def looks_like_transformer(keys: list[str]) -> bool:
+    return any(k.startswith(_TRANSFORMER_MARKERS) for k in keys)
+
+
+def looks_like_diffusers_unet(keys: list[str]) -> bool:
+    names = set(keys)
+    return "conv_in.weight" in names and any(k.startswith("down_blocks.") for k in keys) \
+        and any(k.startswith("time_embedding.") for k in keys)
+
+
+def is_conditional_unet(keys: list[str]) -> bool:
+    """A text-conditioned UNet (Stable Diffusion) has cross-attention (``attn2``) layers."""
+    return any(".attn2." in k for k in keys)
+
+
+def classify(keys: list[str], family: str, kind: str | None = None) -> str:
+    """The upload kind (:data:`UPLOAD_KINDS`) of a file with these tensor names, for a base of
+    ``family``; ``kind`` is what the client said, checked against the names."""
+    if kind is not None and kind not in UPLOAD_KINDS:
+        raise ModelFileError("unknown_kind", f"kind {kind!r} is not one of "
+                             f"{', '.join(UPLOAD_KINDS)} (leave it out to detect it)")
+    if is_sdxl_lora(keys) or is_sdxl_single_file(keys) or any(
+            k.startswith("add_embedding.") for k in keys):
+        raise ModelFileError("unsupported_family", "this is a Stable Diffusion XL model; cgidm "
+                             "supports Stable Diffusion 1.x/2.x and pixel-space DDPM")
+    if looks_like_lora(keys):
+        found = "lora"
+    elif looks_like_single_file(keys):
+        found = "single_file"
+    elif looks_like_transformer(keys):
+        raise ModelFileError("unsupported_family", "this holds a diffusion transformer (Flux/SD3 "
+                             "naming); cgidm supports Stable Diffusion 1.x/2.x and pixel DDPM")
+    elif looks_like_diffusers_unet(keys):
+        found = "unet"
+    else:
+        raise ModelFileError("unknown_model_file", "the tensor names are neither a LoRA, nor a "
+                             "single-file checkpoint (model.diffusion_model.*), nor a diffusers "
+                             "UNet (conv_in, down_blocks, time_embedding)")
+    if kind is not None and kind != found:
+        raise ModelFileError("kind_mismatch", f"kind is {kind!r} but the file holds {found} "
+                             "weights (leave kind out to detect it)")
+    if family == DDPM_FAMILY:
+        if found != "unet" or is_conditional_unet(keys):
+            raise ModelFileError("family_mismatch", f"the base is a pixel-space DDPM, but this "
+                                 f"is a Stable Diffusion {found.replace('_', '-')} file; upload "
+                                 "the fine-tuned UNet2DModel weights, or pick a Stable Diffusion "
+                                 "base")
+    elif family == SD_FAMILY:
+        if found == "unet" and not is_conditional_unet(keys):
+            raise ModelFileError("family_mismatch", "the base is Stable Diffusion, but this UNet "
+                                 "has no cross-attention (a pixel-space DDPM UNet)")
+    else:
+        raise ModelFileError("unsupported_family", f"uploads for {family!r} bases are not "
+                             "supported")
+    return found
+
+
+def prompt_from_metadata(metadata: dict[str, str]) -> str | None:
+    """An instance prompt some trainers store in the file's ``__metadata__``."""
+    for key in ("cgidm_prompt", "instance_prompt", "ss_instance_prompt", "prompt"):
+        value = metadata.get(key)
+        if value and value.strip():
+            return value.strip()[:1000]
+    return None

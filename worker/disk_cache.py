@@ -1,0 +1,228 @@
+"""A content-addressed disk cache of uploaded model files, shared by the workers of a machine.
+
+Uploaded models live in object storage; the loaders need local files. A worker fetches a model
+into ``CGIDM_MODEL_CACHE_DIR/blobs/<sha256>.safetensors`` the first time a job needs it, and later
+jobs (any worker process on the machine) read the same file. Rules:
+
+- **Verified.** A download is hashed as it is written and published only if its sha256 is the one
+  recorded at upload; a cached file is hashed again every time it is handed to a loader (a model
+  is loaded from disk only when the in-memory pair cache misses, and hashing costs a fraction of
+  loading), so a file changed on disk, by a bad disk or a person, is detected, removed and
+  fetched again.
+- **Atomic.** A download goes to ``tmp/`` and is renamed into ``blobs/`` when complete and
+  verified, so no process ever opens half a file. An exclusive ``flock`` per hash makes a second
+  process wait for the first one's download instead of fetching the same file twice.
+- **Bounded.** ``CGIDM_MODEL_DISK_BYTES`` caps the blobs' total size; before a download the least
+  recently used blobs are removed until the new file fits. A blob whose model is loaded (in this
+  or another process) is *pinned* by a shared ``flock`` on its lock file and is never removed;
+  as with the memory cache, one file larger than the budget is still used for its job.
+
+Views: a fine-tuned UNet uploaded as a bare weights file needs its base's ``config.json`` beside
+it to load; :meth:`DiskCache.unet_view` builds ``views/<sha256>/unet/`` with the base's config
+and a link to the blob, so the file goes through the loaders as a DreamBooth or DDPM folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from cgidm.storage import Storage
+
+log = logging.getLogger("cgidm.worker.disk_cache")
+
+HASH_CHUNK = 4 * 1024 * 1024
+
+
+class CachedFileCorrupt(Exception):
+    """Storage handed us bytes whose sha256 is not the one recorded at upload."""
+
+
+@dataclass
+class DiskCacheStats:
+    hits: int = 0
+    downloads: int = 0
+    evictions: int = 0
+    corrupt: int = 0
+    bytes: int = 0
+    files: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(HASH_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class DiskCache:
+    """See the module docstring. Thread-safe; process-safe through ``flock``."""
+
+    def __init__(self, root: Path, budget_bytes: int):
+        self.root = Path(root)
+        self.budget_bytes = budget_bytes
+        self.blobs, self.tmp, self.locks, self.views = (
+            self.root / name for name in ("blobs", "tmp", "locks", "views"))
+        for folder in (self.blobs, self.tmp, self.locks, self.views):
+            folder.mkdir(parents=True, exist_ok=True)
+        self._pins: dict[str, list[IO[bytes]]] = {}
+        self._lock = threading.Lock()
+        self.hits = self.downloads = self.evictions = self.corrupt = 0
+
+    # -- paths and locks -----------------------------------------------------------------------
+
+    def blob_path(self, sha256: str) -> Path:
+        return self.blobs / f"{sha256}.safetensors"
+
+    def _lock_file(self, sha256: str) -> IO[bytes]:
+        return (self.locks / f"{sha256}.lock").open("a+b")
+
+    def pin(self, sha256: str) -> None:
+        """Keep the blob on disk while this process uses it (shared lock, until :meth:`unpin`)."""
+        handle = self._lock_file(sha256)
+        fcntl.flock(handle, fcntl.LOCK_SH)
+        with self._lock:
+            self._pins.setdefault(sha256, []).append(handle)
+
+    def unpin(self, sha256: str) -> None:
+        with self._lock:
+            handles = self._pins.get(sha256) or []
+            handle = handles.pop() if handles else None
+            if not handles:
+                self._pins.pop(sha256, None)
+        if handle is not None:
+            handle.close()  # releases the shared lock
+
+    # -- fetching ------------------------------------------------------------------------------
+
+    def fetch(self, sha256: str, storage: Storage, key: str, size: int | None = None,
+              pin: bool = True) -> Path:
+        """A verified local copy of the object ``key`` whose content hash is ``sha256``."""
+        path = self.blob_path(sha256)
+        handle = self._lock_file(sha256)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # one download per file, whatever the process
+            if path.is_file() and sha256_file(path) == sha256:
+                os.utime(path)  # most recently used
+                self.hits += 1
+            else:
+                if path.is_file():
+                    self.corrupt += 1
+                    log.warning("cached model %s does not match its sha256 (changed on disk); "
+                                "fetching it again", sha256)
+                    path.unlink(missing_ok=True)
+                self._evict(reserve=size or 0, keep=sha256)
+                self._download(sha256, storage, key, path)
+                self.downloads += 1
+                self._evict(reserve=0, keep=sha256)  # in case the size was not known
+            if pin:  # the exclusive lock becomes the pin's shared one: no gap to evict in
+                fcntl.flock(handle, fcntl.LOCK_SH)
+                with self._lock:
+                    self._pins.setdefault(sha256, []).append(handle)
+                handle = None
+        finally:
+            if handle is not None:
+                handle.close()
+        return path
+
+    def _download(self, sha256: str, storage: Storage, key: str, path: Path) -> None:
+        part = self.tmp / f"{sha256}.{uuid.uuid4().hex}.part"
+        digest = hashlib.sha256()
+        try:
+            with part.open("wb") as handle:
+                for block in storage.open_stream(key, chunk_size=HASH_CHUNK):
+                    digest.update(block)
+                    handle.write(block)
+                handle.flush()
+                os.fsync(handle.fileno())
+            if digest.hexdigest() != sha256:
+                raise CachedFileCorrupt(
+                    f"the uploaded model in storage ({key}) has sha256 {digest.hexdigest()}, not "
+                    f"the {sha256} recorded when it was uploaded; upload it again")
+            os.replace(part, path)
+        finally:
+            part.unlink(missing_ok=True)
+        log.info("fetched model %s into the disk cache (%d bytes)", sha256, path.stat().st_size)
+
+    # -- eviction ------------------------------------------------------------------------------
+
+    def _entries(self) -> list[tuple[float, int, Path]]:
+        out = []
+        for path in self.blobs.glob("*.safetensors"):
+            with contextlib.suppress(FileNotFoundError):
+                stat = path.stat()
+                out.append((stat.st_mtime, stat.st_size, path))
+        return sorted(out)
+
+    def total_bytes(self) -> int:
+        return sum(size for _, size, _ in self._entries())
+
+    def _evict(self, reserve: int, keep: str) -> None:
+        entries = self._entries()
+        total = sum(size for _, size, _ in entries)
+        for _, size, path in entries:  # least recently used first
+            if total + reserve <= self.budget_bytes:
+                break
+            sha = path.name.removesuffix(".safetensors")
+            if sha == keep or not self._try_remove(sha, path):
+                continue
+            total -= size
+            self.evictions += 1
+            log.info("evicted model %s from the disk cache (%d bytes)", sha, size)
+
+    def _try_remove(self, sha256: str, path: Path) -> bool:
+        """Remove a blob nobody has pinned or is downloading (non-blocking)."""
+        with self._lock_file(sha256) as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            try:
+                path.unlink(missing_ok=True)
+                shutil.rmtree(self.views / sha256, ignore_errors=True)
+                return True
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    # -- views ---------------------------------------------------------------------------------
+
+    def unet_view(self, sha256: str, blob: Path, base_folder: Path) -> Path:
+        """``views/<sha256>/unet/{config.json, diffusion_pytorch_model.safetensors}``: the
+        uploaded UNet weights with the base's UNet config, loadable as a folder."""
+        config = base_folder / "unet" / "config.json"
+        if not config.is_file():
+            config = base_folder / "config.json"
+        view = self.views / sha256
+        target = view / "unet"
+        weights = target / "diffusion_pytorch_model.safetensors"
+        if weights.is_symlink() and weights.resolve() == blob.resolve() and \
+                (target / "config.json").read_bytes() == config.read_bytes():
+            return view
+        staging = self.views / f".{sha256}.{uuid.uuid4().hex}"
+        (staging / "unet").mkdir(parents=True)
+        shutil.copyfile(config, staging / "unet" / "config.json")
+        (staging / "unet" / "diffusion_pytorch_model.safetensors").symlink_to(blob.resolve())
+        shutil.rmtree(view, ignore_errors=True)
+        try:
+            os.rename(staging, view)
+        except OSError:  # another process built it at the same moment
+            shutil.rmtree(staging, ignore_errors=True)
+        return view
+
+    def stats(self) -> DiskCacheStats:
+        entries = self._entries()
+        return DiskCacheStats(self.hits, self.downloads, self.evictions, self.corrupt,
+                              sum(size for _, size, _ in entries), len(entries))

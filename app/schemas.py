@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -61,6 +62,25 @@ class JobView(JobRecord):
     status: JobStatus
     status_url: str
     cancel_requested: bool = False
+
+
+class JobSummary(BaseModel):
+    """One line of the caller's recent jobs."""
+
+    job_id: str
+    status: JobStatus
+    created_at: datetime
+    finished_at: datetime | None = None
+    pretrained: str
+    finetuned: str
+    images: int
+    controls: int
+    fraction: float = Field(description="Progress, 0 to 1.")
+    status_url: str
+
+
+class JobList(BaseModel):
+    jobs: list[JobSummary]
 
 
 class ModelList(BaseModel):

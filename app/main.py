@@ -31,7 +31,8 @@ Poll `GET /jobs/{job_id}` for progress and the result; fetch the pictures from t
 `cgidm keys new NAME`). A key sees only its own jobs. Artifact URLs in results are signed and
 expire, so they work in `<img>` tags without the key. `/healthz`, `/readyz`, `/metrics`, these
 docs and the web app's pages at `/` are public (the pages hold no data; they ask the API with the
-key the person signs in with). A service with no keys configured answers only requests from its own machine.
+key the person signs in with). A service with no keys configured answers only requests from its
+own machine.
 """
 
 log = logging.getLogger("cgidm.gateway")

@@ -10,16 +10,19 @@ them; a Content-Security-Policy keeps the pages from loading anything from elsew
 from __future__ import annotations
 
 import base64
+import functools
 import importlib.resources
+import io
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from app.auth import Caller, get_caller
@@ -134,12 +137,34 @@ def evidence_fragment(request: Request, job_id: str,
     return response
 
 
-def _data_uri(services: Services, key: str) -> str:
+#: Longest side of an original embedded in the report: enough to judge on a page, while a
+#: report of twenty photographs stays a few MB (the model saw them far smaller anyway).
+REPORT_ORIGINAL_SIDE = 768
+
+
+def _data_uri(services: Services, key: str, shrink: bool = False) -> str:
     try:
         data = services.store.storage.get_bytes(key)
     except ObjectNotFound:
         return ""
-    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+    mime = "image/png"
+    if shrink:
+        data, mime = _reduced(data)
+    return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
+
+
+def _reduced(png: bytes) -> tuple[bytes, str]:
+    """A large upload as a smaller JPEG (PNG when it has transparency) for the report."""
+    with Image.open(io.BytesIO(png)) as image:
+        if max(image.size) <= REPORT_ORIGINAL_SIDE:
+            return png, "image/png"
+        image.thumbnail((REPORT_ORIGINAL_SIDE, REPORT_ORIGINAL_SIDE), Image.Resampling.LANCZOS)
+        out = io.BytesIO()
+        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+            image.save(out, format="PNG")
+            return out.getvalue(), "image/png"
+        image.convert("RGB").save(out, format="JPEG", quality=90)
+        return out.getvalue(), "image/jpeg"
 
 
 def _embedded_pictures(services: Services, record: JobRecord) -> dict[str, dict[str, str]]:
@@ -148,7 +173,7 @@ def _embedded_pictures(services: Services, record: JobRecord) -> dict[str, dict[
     out: dict[str, dict[str, str]] = {}
     for item in (*record.result.images, *record.result.controls):
         out[item.name] = {
-            "original": _data_uri(services, keys[item.name]),
+            "original": _data_uri(services, keys[item.name], shrink=True),
             "partial": _data_uri(services, artifact_key(record.job_id, item.name, "partial",
                                                         record.attempt)),
             "recovered": _data_uri(services, artifact_key(record.job_id, item.name,
@@ -195,10 +220,26 @@ def _docs_assets() -> Path:
     return Path(str(importlib.resources.files("fastapi_offline") / "static"))
 
 
+#: The one remote URL ReDoc's bundle loads by itself: the Redocly logo in its menu. ReDoc drops
+#: the image when it fails to load, so it gets an empty data URI instead of a CDN request.
+REDOC_LOGO = b"https://cdn.redoc.ly/redoc/logo-mini.svg"
+
+
+@functools.lru_cache(maxsize=1)
+def _redoc_script() -> bytes:
+    return (_docs_assets() / "redoc.standalone.js").read_bytes().replace(REDOC_LOGO, b"data:,")
+
+
 def install_web(app: FastAPI) -> None:
     """Mount the web app, its assets and the offline API docs on ``app`` (created with
     ``docs_url=None, redoc_url=None``)."""
     app.mount(STATIC_URL + "/app", StaticFiles(directory=HERE / "static"), name="web-static")
+
+    @app.get(f"{DOCS_ASSETS_URL}/redoc.standalone.js", include_in_schema=False)
+    def redoc_script() -> Response:  # before the mount below, which would serve the original
+        return Response(_redoc_script(), media_type="text/javascript",
+                        headers={"Cache-Control": "public, max-age=86400"})
+
     app.mount(DOCS_ASSETS_URL, StaticFiles(directory=_docs_assets()), name="docs-static")
     app.include_router(router)
     app.include_router(report_router)

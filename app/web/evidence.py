@@ -178,7 +178,7 @@ def _plot(result: JobResult, cards: list[Card], controls: list[Card]) -> Plot | 
     everything = cards + controls
     if not everything:
         return None
-    width, height, left, right = 640, 150, 110.0, 620.0
+    width, height, left, right = 640, 175, 110.0, 620.0
     scores = [c.score for c in everything]
     low, high = min(scores), max(scores)
     pad = (high - low) * 0.08 or abs(high) * 0.05 or 0.05
@@ -199,7 +199,7 @@ def _plot(result: JobResult, cards: list[Card], controls: list[Card]) -> Plot | 
     label = (f"Scores ({result.metric}, higher means recovered better) of "
              f"{_plural(len(cards), 'image')}" +
              (f" and {_plural(len(controls), 'control')}" if controls else ""))
-    return Plot(width, height, points, ticks, rows, 120.0, left, right, label, result.metric)
+    return Plot(width, height, points, ticks, rows, 125.0, left, right, label, result.metric)
 
 
 def _plain(value: Any) -> Any:
@@ -209,30 +209,24 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def build(record: JobRecord, alpha: float,
-          picture_url: dict[str, dict[str, str]] | None = None) -> Evidence:
-    """The evidence of a succeeded job. ``picture_url[name][kind]`` replaces the result's
-    artifact URLs (the report embeds data URIs); kinds: original, partial, recovered."""
+def build(record: JobRecord, alpha: float, picture_url: dict[str, dict[str, str]]) -> Evidence:
+    """The evidence of a succeeded job. ``picture_url[name][kind]`` is where each picture is
+    (signed URLs on the page, data URIs in the report); kinds: original, partial, recovered."""
     result = record.result
     if result is None:
         raise ValueError(f"job {record.job_id} has no result")
     test = result.controls_test
     alpha = test.alpha if test is not None else alpha
     control_scores = [c.score for c in result.controls]
-    original = {item.name: f"/jobs/{record.job_id}/artifacts/{item.name}/original.png"
-                for item in record.inputs}
 
     def pictures(item: Any) -> list[Picture]:
-        urls = {"original": getattr(item.artifacts, "original", None) or original[item.name],
-                "partial": item.artifacts.partial, "recovered": item.artifacts.recovered}
-        if picture_url is not None:
-            urls = picture_url.get(item.name, urls)
+        urls = picture_url.get(item.name, {})
         labels = {"original": "Original", "partial": "Half removed",
                   "recovered": "Recovered by the suspect model"}
         alts = {"original": f"{item.name}: your original image",
                 "partial": f"{item.name}: with half of it removed",
                 "recovered": f"{item.name}: as the suspect model recovered it"}
-        return [Picture(kind, labels[kind], urls[kind], alts[kind])
+        return [Picture(kind, labels[kind], urls.get(kind, ""), alts[kind])
                 for kind in ("original", "partial", "recovered")]
 
     cards = []

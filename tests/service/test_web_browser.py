@@ -138,6 +138,7 @@ def _shot(driver, shots: Path, name: str, size: tuple[int, int] = DESKTOP,
         height = driver.execute_script("return document.documentElement.scrollHeight")
         height = max(size[1], min(int(height), 6000))
     driver.set_window_size(size[0], height)
+    driver.execute_script("window.scrollTo(0, 0)")
     time.sleep(0.3)
     path = shots / f"{name}.png"
     driver.save_screenshot(str(path))
@@ -263,19 +264,20 @@ def test_check_with_controls_shows_progress_evidence_and_report(browser, service
     # Progress is followed live: the status moves through the steps until done.
     _wait(browser, lambda d: "Running" in _css(d, "#job-status")[0].text
           or "Done" in _css(d, "#job-status")[0].text, 120, "the job running")
-    seen_steps = ""
+    seen_steps, progress_shot = "", False
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         steps = _css(browser, "#job-steps")[0].text
         seen_steps = steps if "step" in steps else seen_steps
         if "Done" in _css(browser, "#job-status")[0].text:
             break
-        if "step" in steps and "left" in steps and not (shots / "job-progress.png").exists():
+        if "step" in steps and "left" in steps and not progress_shot:
             _shot(browser, shots, "job-progress", full=False)
+            progress_shot = True
         time.sleep(0.2)
     assert "Done" in _css(browser, "#job-status")[0].text, _css(browser, "#job-error")[0].text
     assert f"of {STEPS}" in seen_steps, seen_steps
-    if not (shots / "job-progress.png").exists():  # too quick to catch running
+    if not progress_shot:  # too quick to catch running
         _shot(browser, shots, "job-progress", full=False)
 
     # The evidence: one card per image and per control, every picture loaded.

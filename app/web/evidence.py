@@ -178,7 +178,7 @@ def _plot(result: JobResult, cards: list[Card], controls: list[Card]) -> Plot | 
     everything = cards + controls
     if not everything:
         return None
-    width, height, left, right = 640, 175, 110.0, 620.0
+    width, height, left, right = 640, 150, 110.0, 620.0
     scores = [c.score for c in everything]
     low, high = min(scores), max(scores)
     pad = (high - low) * 0.08 or abs(high) * 0.05 or 0.05
@@ -187,7 +187,7 @@ def _plot(result: JobResult, cards: list[Card], controls: list[Card]) -> Plot | 
     def x_of(value: float) -> float:
         return round(left + (value - low) / (high - low) * (right - left), 1)
 
-    rows = [(45.0, "Your images"), (90.0, "Controls")] if controls else [(60.0, "Your images")]
+    rows = [(20.0, "Your images"), (65.0, "Controls")] if controls else [(40.0, "Your images")]
     points = [PlotPoint(c.name, c.score, x_of(c.score), rows[0][0], c.verdict) for c in cards]
     if controls:
         points += [PlotPoint(c.name, c.score, x_of(c.score), rows[1][0], CONTROL)
@@ -199,7 +199,7 @@ def _plot(result: JobResult, cards: list[Card], controls: list[Card]) -> Plot | 
     label = (f"Scores ({result.metric}, higher means recovered better) of "
              f"{_plural(len(cards), 'image')}" +
              (f" and {_plural(len(controls), 'control')}" if controls else ""))
-    return Plot(width, height, points, ticks, rows, 125.0, left, right, label, result.metric)
+    return Plot(width, height, points, ticks, rows, 100.0, left, right, label, result.metric)
 
 
 def _plain(value: Any) -> Any:

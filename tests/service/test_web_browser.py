@@ -136,7 +136,7 @@ def _shot(driver, shots: Path, name: str, size: tuple[int, int] = DESKTOP,
     if full:
         driver.set_window_size(size[0], size[1])
         height = driver.execute_script("return document.documentElement.scrollHeight")
-        height = max(size[1], min(int(height), 6000))
+        height = max(size[1], min(int(height), 3200))  # the top of long pages
     driver.set_window_size(size[0], height)
     driver.execute_script("window.scrollTo(0, 0)")
     time.sleep(0.3)

@@ -146,6 +146,38 @@ def _shot(driver, shots: Path, name: str, size: tuple[int, int] = DESKTOP,
     return path
 
 
+#: WCAG 2.1 AA contrast of every piece of visible text against the background behind it.
+CONTRAST_PROBE = """
+const lum = (c) => { const [r, g, b] = c.map(v => { v /= 255;
+  return v <= 0.03928 ? v / 12.92 : Math.pow((v + 0.055) / 1.055, 2.4); });
+  return 0.2126 * r + 0.7152 * g + 0.0722 * b; };
+const rgba = (s) => (s.match(/[\\d.]+/g) || []).map(Number);
+const background = (el) => { for (; el; el = el.parentElement) {
+  const c = rgba(getComputedStyle(el).backgroundColor);
+  if (c.length === 3 || (c.length === 4 && c[3] > 0.5)) return c.slice(0, 3); }
+  return [255, 255, 255]; };
+const low = [];
+for (const el of document.querySelectorAll('body *')) {
+  if (!el.offsetParent || el.closest('svg')) continue;
+  const own = [...el.childNodes].some(n => n.nodeType === 3 && n.textContent.trim());
+  if (!own) continue;
+  const style = getComputedStyle(el);
+  const fg = rgba(style.color).slice(0, 3), bg = background(el);
+  const [a, b] = [lum(fg), lum(bg)].sort((x, y) => y - x);
+  const ratio = (a + 0.05) / (b + 0.05);
+  const size = parseFloat(style.fontSize), bold = Number(style.fontWeight) >= 700;
+  const need = (size >= 24 || (bold && size >= 18.66)) ? 3 : 4.5;
+  if (ratio < need) low.push(`${el.tagName}.${el.className}: ${ratio.toFixed(2)} ` +
+                             `"${el.textContent.trim().slice(0, 40)}"`);
+}
+return low;
+"""
+
+
+def _low_contrast(driver) -> list[str]:
+    return driver.execute_script(CONTRAST_PROBE)
+
+
 def _foreign_resources(driver, base: str) -> list[str]:
     urls = driver.execute_script(
         "return performance.getEntriesByType('resource').map(e => e.name)"
@@ -154,11 +186,14 @@ def _foreign_resources(driver, base: str) -> list[str]:
 
 
 def _sign_in(driver, base: str, key: str = KEY) -> None:
+    """With the keyboard: the key, then Enter."""
+    from selenium.webdriver.common.keys import Keys
+
     driver.get(base + "/")
     field = _visible(driver, "#api-key")
+    assert driver.switch_to.active_element == field  # focus starts in the key field
     field.clear()
-    field.send_keys(key)
-    _css(driver, "#sign-in-form button[type=submit]")[0].click()
+    field.send_keys(key + Keys.ENTER)
 
 
 def _with_key(driver, base: str) -> None:
@@ -257,6 +292,7 @@ def test_check_with_controls_shows_progress_evidence_and_report(browser, service
     _fill_new_check(browser, images, controls, STEPS)
     _wait(browser, lambda d: len(_css(d, "#images-list li img")) == 3, 10, "thumbnails")
     _shot(browser, shots, "new-check")
+    assert _low_contrast(browser) == []
     _css(browser, "#submit")[0].click()
     _wait(browser, lambda d: "/checks/" in d.current_url, 60, "the job page")
     job_id = browser.current_url.rsplit("/", 1)[-1]
@@ -307,6 +343,7 @@ def test_check_with_controls_shows_progress_evidence_and_report(browser, service
     assert _foreign_resources(browser, service) == []
     _css(browser, "#provenance summary")[0].click()
     assert "demo-vangogh" in _css(browser, "#provenance")[0].text
+    assert _low_contrast(browser) == []
     _shot(browser, shots, "evidence")
     _shot(browser, shots, "phone", size=PHONE)
     assert browser.execute_script(  # nothing wider than a phone's screen

@@ -269,7 +269,24 @@ def test_sign_in_refuses_a_wrong_key_then_accepts_the_right_one(browser, service
     assert browser.execute_script("return localStorage.length") == 0  # this tab only
 
 
-def test_form_is_labelled(browser, service):
+#: A picture dropped on the images zone, as a drag from the desktop delivers it.
+DROP_A_PICTURE = """
+const done = arguments[arguments.length - 1];
+const zone = document.querySelector('.drop[data-for=images]');
+const canvas = document.createElement('canvas');
+canvas.width = canvas.height = 16;
+canvas.getContext('2d').fillRect(0, 0, 8, 8);
+canvas.toBlob(blob => {
+  const files = new DataTransfer();
+  files.items.add(new File([blob], 'dropped.png', {type: 'image/png'}));
+  zone.dispatchEvent(new DragEvent('drop', {dataTransfer: files, bubbles: true,
+                                           cancelable: true}));
+  done(document.querySelector('input[name=images]').files.length);
+}, 'image/png');
+"""
+
+
+def test_form_is_labelled_and_takes_dropped_files(browser, service):
     _with_key(browser, service)
     browser.get(service + "/")
     _visible(browser, "#check-form")
@@ -282,6 +299,8 @@ def test_form_is_labelled(browser, service):
     assert _css(browser, "input[type=file][name=controls][multiple]")
     assert "never published" in _css(browser, "label[for=controls]")[0].text
     assert "Why controls matter" in _css(browser, "#controls-help")[0].text
+    assert browser.execute_async_script(DROP_A_PICTURE) == 1
+    assert "dropped.png" in _css(browser, "#images-list")[0].text
 
 
 def test_check_with_controls_shows_progress_evidence_and_report(browser, service, shots,
@@ -382,9 +401,18 @@ def test_check_with_controls_shows_progress_evidence_and_report(browser, service
                                  for a in _css(d, "#recent-table a")), 30, "recent checks")
 
 
-def test_cancel_a_running_check(browser, service):
+def test_cancel_a_running_check(browser, service, tmp_path):
+    from PIL import Image
+
+    # An animated GIF of a painting: accepted with its first frame, and the page says so.
+    with Image.open(_images("membership", 1)[0]) as painting:
+        frame = painting.convert("RGB").resize((128, 128))
+    animated = tmp_path / "animated-painting.gif"
+    frame.save(animated, save_all=True, append_images=[frame.rotate(90)], duration=200)
     _with_key(browser, service)
-    job_id = _submit_check(browser, service, _images("membership", 1), [], "10000")
+    job_id = _submit_check(browser, service, [animated], [], "10000")
+    note = _visible(browser, "#job-notes")
+    assert "only the first frame is used" in note.text
     _wait(browser, lambda d: "Running" in _css(d, "#job-status")[0].text, 120, "running")
     cancel = _visible(browser, "#cancel")
     cancel.click()

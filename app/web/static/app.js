@@ -43,7 +43,7 @@ async function api(path, options = {}) {
 
 function show(el, visible) { if (el) el.hidden = !visible; }
 
-function setError(box, problem) {
+function setError(box, problem, leadText = "Please fix these:") {
   if (!box) return;
   box.replaceChildren();
   if (!problem) { box.hidden = true; return; }
@@ -52,7 +52,7 @@ function setError(box, problem) {
     box.textContent = details[0].msg;
   } else {
     const lead = document.createElement("p");
-    lead.textContent = "Please fix these:";
+    lead.textContent = leadText;
     const list = document.createElement("ul");
     for (const d of details) {
       const li = document.createElement("li");
@@ -372,8 +372,10 @@ async function loadEvidence(jobId) {
 
 async function followJob(jobId) {
   const warnings = sessionStorage.getItem(`cgidm-warnings-${jobId}`);
+  sessionStorage.removeItem(`cgidm-warnings-${jobId}`);  // said once, after the submission
   if (warnings) {
-    setError($("#job-error"), { details: JSON.parse(warnings).map((msg) => ({ msg })) });
+    setError($("#job-notes"), { details: JSON.parse(warnings).map((msg) => ({ msg })) },
+             "Accepted with these changes:");
   }
   for (;;) {
     let job;

@@ -133,6 +133,9 @@ def test_pages_load_nothing_from_elsewhere(client):
         assert "'self'" in response.headers["content-security-policy"]
     page = client.get("/").text
     assert 'name="images"' in page and 'name="controls"' in page
+    # Local mode (no keys): nothing to sign in to, the form shows at once.
+    assert 'data-keys-required="false"' in page
+    assert re.search(r'<div id="app-content"\s*>', page)
     for asset in ("/static/app/app.js", "/static/app/app.css", "/static/app/evidence.css",
                   "/static/api-docs/swagger-ui-bundle.js", "/static/api-docs/swagger-ui.css"):
         assert client.get(asset).status_code == 200, asset
@@ -143,7 +146,7 @@ def test_pages_load_nothing_from_elsewhere(client):
 @pytest.mark.slow
 def test_report_evidence_and_recent_jobs_of_a_finished_job(client, submit, worker):
     response = submit(images=[("sunflowers.png", png_bytes(11, (40, 40)))],
-                      controls=[("unpublished.png", png_bytes(12, (40, 40)))])
+                      controls=[("<b>unpublished</b>.png", png_bytes(12, (40, 40)))])
     job_id = response.json()["job_id"]
     early = client.get(f"/jobs/{job_id}/report.html")
     assert early.status_code in (200, 409)  # 409 until it has succeeded
@@ -159,6 +162,8 @@ def test_report_evidence_and_recent_jobs_of_a_finished_job(client, submit, worke
     assert 'data-image-name="sunflowers"' in html and 'data-verdict="inconclusive"' in html
     assert "only 1 control: too few to reach significance" in html
     assert "@media print" in html
+    # The upload's file name is shown (provenance) but never as markup.
+    assert "&lt;b&gt;unpublished&lt;/b&gt;.png" in html and "<b>unpublished" not in html
     assert report.headers["content-security-policy"].startswith("default-src 'none'")
 
     fragment = client.get(f"/jobs/{job_id}/evidence.html").text

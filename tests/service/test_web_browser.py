@@ -12,8 +12,10 @@ Screenshots of the main screens go to ``$CGIDM_SCREENSHOTS`` (``make screenshots
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -388,6 +390,12 @@ def test_check_with_controls_shows_progress_evidence_and_report(browser, service
         "report pictures")
     assert len(_css(browser, ".card[data-verdict]")) == 6
     _shot(browser, shots, "report")
+    # Printed to PDF (A4) by the same browser: a few pages, every card on one page.
+    pdf = base64.b64decode(browser.execute_cdp_cmd("Page.printToPDF", {
+        "paperWidth": 8.27, "paperHeight": 11.69, "printBackground": True})["data"])
+    (downloads / "report.pdf").write_bytes(pdf)
+    pages = len(re.findall(rb"/Type\s*/Page(?!s)", pdf))
+    assert pdf.startswith(b"%PDF") and 2 <= pages <= 10, pages
 
     # The same report straight from the API, beside the result JSON.
     headers = {"Authorization": f"Bearer {KEY}"}

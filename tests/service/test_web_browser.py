@@ -34,6 +34,8 @@ KEY = "web-test-key-0123456789"
 VANGOGH = SHARED_DATA / "wikiart-vangogh"
 #: Few PGD steps: the browser is under test here, not the method (docs/ACCURACY.md is).
 STEPS = "4"
+#: Small enough for a test picture to pass it; the paintings are under 100 kB.
+MAX_UPLOAD = 1_000_000
 DESKTOP = (1280, 900)
 PHONE = (390, 844)
 
@@ -61,6 +63,7 @@ def service(tmp_path_factory) -> Iterator[str]:
     env: dict[str, str | None] = {**child_env({
         "CGIDM_DATA_DIR": str(root / "data"),
         "CGIDM_API_KEYS": f"artist:{digest}",
+        "CGIDM_MAX_UPLOAD_BYTES": str(MAX_UPLOAD),
     })}
     for name in ("CGIDM_STORAGE_URL", "CGIDM_BROKER_URL", "CGIDM_MODELS"):
         env[name] = None
@@ -452,3 +455,20 @@ def test_a_file_that_is_not_an_image_gets_a_clear_message(browser, service, tmp_
     assert "painting.png: not an image file" in error.text
     assert "/checks/" not in browser.current_url
     assert browser.switch_to.active_element.get_attribute("name") == "images"
+
+
+def test_a_file_too_large_gets_a_clear_message(browser, service, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    noise = np.random.default_rng(0).integers(0, 256, (700, 800, 3), dtype=np.uint8)
+    big = tmp_path / "huge-scan.png"
+    Image.fromarray(noise).save(big)
+    assert big.stat().st_size > MAX_UPLOAD
+    _with_key(browser, service)
+    browser.get(service + "/")
+    _fill_new_check(browser, [big], [], STEPS)
+    _css(browser, "#submit")[0].click()
+    error = _visible(browser, "#form-error", timeout=60)
+    assert f"huge-scan.png: larger than {MAX_UPLOAD} bytes" in error.text
+    assert "/checks/" not in browser.current_url

@@ -41,6 +41,34 @@ async function api(path, options = {}) {
   throw new ApiProblem(response.status, details);
 }
 
+/* POST with upload progress (fetch cannot report it); errors as api() reports them. */
+function upload(path, body, onProgress) {
+  return new Promise((resolve, reject) => {
+    const xhr = new XMLHttpRequest();
+    xhr.open("POST", path);
+    if (apiKey()) xhr.setRequestHeader("Authorization", `Bearer ${apiKey()}`);
+    xhr.upload.addEventListener("progress", (event) => {
+      if (event.lengthComputable) onProgress(event.loaded / event.total);
+    });
+    xhr.addEventListener("load", () => {
+      let answer = null;
+      try { answer = JSON.parse(xhr.responseText); } catch (_) { answer = null; }
+      if (xhr.status >= 200 && xhr.status < 300) { resolve(answer); return; }
+      const details = answer && Array.isArray(answer.detail) ? answer.detail
+        : [{ msg: `the service answered ${xhr.status} ${xhr.statusText}` }];
+      if (xhr.status === 401 && keysRequired()) {
+        sessionStorage.removeItem(KEY_STORE);
+        showSignIn("Your API key was not accepted (unknown, revoked or expired). Sign in again.");
+      }
+      reject(new ApiProblem(xhr.status, details));
+    });
+    xhr.addEventListener("error", () => reject(new ApiProblem(0, [{
+      msg: "The upload was cut off before the service answered. If your files are large, the " +
+           "service may refuse them as too large: try fewer or smaller files, or try again." }])));
+    xhr.send(body);
+  });
+}
+
 function show(el, visible) { if (el) el.hidden = !visible; }
 
 function setError(box, problem, leadText = "Please fix these:") {
@@ -260,8 +288,10 @@ function setUpForm() {
     button.disabled = true;
     status.textContent = "Uploading\u2026";
     try {
-      const response = await api("/authenticate", { method: "POST", body });
-      const accepted = await response.json();
+      const accepted = await upload("/authenticate", body, (fraction) => {
+        status.textContent = fraction < 1 ? `Uploading\u2026 ${Math.round(fraction * 100)}%`
+          : "Uploaded; checking the files\u2026";
+      });
       if (accepted.warnings && accepted.warnings.length) {
         sessionStorage.setItem(`cgidm-warnings-${accepted.job_id}`, JSON.stringify(accepted.warnings));
       }

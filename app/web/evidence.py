@@ -144,6 +144,9 @@ def _image_card_words(score: float, p_value: float | None, verdict: str | None,
         return INCONCLUSIVE, (f"{compared}{p_text}, but only {_plural(n, 'control')}: too few to "
                               f"reach significance (at least {need} are needed for "
                               f"p \u2264 {alpha:g}).")
+    if verdict not in (MEMBER, NO_EVIDENCE, None):  # e.g. a worker that says inconclusive itself
+        return INCONCLUSIVE, (f"{compared}{p_text}; the service could not reach a verdict "
+                              f"({verdict.replace('_', ' ')}).")
     if verdict == MEMBER or (verdict is None and p_value is not None and p_value <= alpha):
         return MEMBER, (f"{compared}{p_text}: significant at \u03b1 = {alpha:g}. This is evidence "
                         "that the suspect model was trained on this image.")

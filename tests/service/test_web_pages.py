@@ -81,6 +81,13 @@ def test_enough_controls_give_evidence_or_no_evidence_in_plain_words():
     assert "not proof" in plain.detail
 
 
+def test_a_verdict_the_worker_could_not_reach_stays_inconclusive():
+    controls = [i / 100 for i in range(19)]
+    card = _cards(_record([0.9], controls, p_values=[0.05], verdicts=["inconclusive"]))[0]
+    assert card.verdict == "inconclusive"
+    assert "could not reach a verdict" in card.detail
+
+
 def test_set_sentence_says_when_the_set_test_cannot_reach_significance():
     # Two images and two controls: even a perfect separation has p = 1/6 > 0.05.
     view = evidence.build(_record([0.9, 0.8], [0.1, 0.2], set_p=1 / 6), 0.05, {})

@@ -8,7 +8,7 @@ STAMP := $(VENV)/.cgidm-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: venv demo test lint bench clean system-deps
+.PHONY: venv demo test lint bench clean system-deps screenshots
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,17 +19,27 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# Services the end-to-end tests start for real: redis-server comes from Debian.
+# Real parts the end-to-end tests start, all Debian packages: redis-server, and the headless
+# browser of the web tests (chromium driven through chromium-driver; never a downloaded one).
+SYSTEM_PACKAGES := redis-server:/usr/bin/redis-server chromium:/usr/bin/chromium \
+	chromium-driver:/usr/bin/chromedriver
 system-deps:
-	@command -v redis-server >/dev/null 2>&1 || { \
-	  echo "installing redis-server (Debian package)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+	@missing=""; for entry in $(SYSTEM_PACKAGES); do \
+	  test -x "$${entry#*:}" || missing="$$missing $${entry%%:*}"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
 
 demo: $(STAMP)
 	$(VENV)/bin/cgidm demo
 
 test: $(STAMP) system-deps
 	$(PY) -m pytest
+
+# Re-make the screenshots in docs/screenshots (README) with the browser tests.
+screenshots: $(STAMP) system-deps
+	CGIDM_SCREENSHOTS=docs/screenshots $(PY) -m pytest tests/service/test_web_browser.py -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,4 +1,4 @@
-"""The ASGI app: ``uvicorn app.main:app``. Interactive API docs at ``/docs``."""
+"""The ASGI app: ``uvicorn app.main:app``. The web app at ``/``, API docs at ``/docs``."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from app.routes_models import router as models_router
 from app.routes_ops import metrics_registry
 from app.routes_ops import router as ops_router
 from app.services import Services
+from app.web.routes import install_web
 from cgidm import __version__
 from cgidm.settings import Settings, get_settings
 
@@ -29,8 +30,10 @@ Poll `GET /jobs/{job_id}` for progress and the result; fetch the pictures from t
 
 **Authentication.** Send `Authorization: Bearer <key>` (the operator makes keys with
 `cgidm keys new NAME`). A key sees only its own jobs. Artifact URLs in results are signed and
-expire, so they work in `<img>` tags without the key. `/healthz`, `/readyz`, `/metrics` and these
-docs are public. A service with no keys configured answers only requests from its own machine.
+expire, so they work in `<img>` tags without the key. `/healthz`, `/readyz`, `/metrics`, these
+docs and the web app's pages at `/` are public (the pages hold no data; they ask the API with the
+key the person signs in with). A service with no keys configured answers only requests from its
+own machine.
 """
 
 log = logging.getLogger("cgidm.gateway")
@@ -39,13 +42,16 @@ log = logging.getLogger("cgidm.gateway")
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     services = Services.create(settings)
-    app = FastAPI(title="cgidm", version=__version__, description=DESCRIPTION)
+    # /docs and /redoc are served by app.web with assets from the package (no CDN).
+    app = FastAPI(title="cgidm", version=__version__, description=DESCRIPTION, docs_url=None,
+                  redoc_url=None)
     app.state.services = services
     app.state.metrics_registry = metrics_registry(services)
     install_error_handlers(app)
     app.include_router(jobs_router)
     app.include_router(models_router)
     app.include_router(ops_router)
+    install_web(app)  # the web app at /, the report, offline /docs and /redoc
     # Size limits, authentication and the queue-depth check before the body is read.
     app.add_middleware(SubmissionGate, services=services)
 

@@ -6,13 +6,13 @@ import hashlib
 import logging
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.auth import Caller, caller_of, get_caller
 from app.errors import ApiError
-from app.schemas import ErrorBody, JobAccepted, JobView
+from app.schemas import ErrorBody, JobAccepted, JobList, JobSummary, JobView
 from app.services import Services, get_services
 from app.uploads import decode_image
 from cgidm.jobs import (
@@ -24,6 +24,7 @@ from cgidm.jobs import (
     JobRecord,
     JobSettings,
     artifact_key,
+    artifact_url,
     input_key,
     is_job_id,
     new_job_id,
@@ -167,6 +168,10 @@ async def authenticate(
         raise ApiError(503, [], "broker_unavailable",
                        "the job queue is unavailable, try again later; nothing was "
                        "stored") from exc
+    try:  # the caller's recent-jobs list; the job itself is accepted either way
+        await run_in_threadpool(services.store.index_job, record)
+    except StorageError as exc:
+        log.warning("job %s: not added to the recent-jobs index (%s)", job_id, exc)
     status_url = f"/jobs/{job_id}"
     response.headers["Location"] = status_url
     log.info("job %s accepted for %s: %d images, %d controls", job_id, caller.name or "local",
@@ -174,10 +179,20 @@ async def authenticate(
     return JobAccepted(job_id=job_id, status_url=status_url, warnings=notes)
 
 
+#: Pictures of an image: the worker's artifacts and the upload itself (``original``).
+PICTURE_KINDS = (*ARTIFACT_KINDS, "original")
+
+
 def _signed_links(services: Services, record: JobRecord, links: ArtifactLinks) -> ArtifactLinks:
     sign = services.signer.sign
     return ArtifactLinks(**{kind: sign(getattr(links, kind), record.owner)
                             for kind in ARTIFACT_KINDS})
+
+
+def original_url(services: Services, record: JobRecord, name: str) -> str:
+    """The (signed) URL of an uploaded image as stored; the web page shows it beside the
+    recovery. Not in the result document, whose shape the worker owns."""
+    return services.signer.sign(artifact_url(record.job_id, name, "original"), record.owner)
 
 
 def _view(services: Services, record: JobRecord) -> JobView:
@@ -205,6 +220,36 @@ def _load(services: Services, job_id: str, caller: Caller | None) -> JobRecord:
     if caller is not None and record.owner != caller.name:
         raise _not_found(job_id)  # the same answer as for a job that does not exist
     return record
+
+
+@router.get("/jobs", response_model=JobList, responses=_ERRORS,
+            summary="The caller's recent jobs, newest first")
+def list_jobs(services: Services = Depends(get_services), caller: Caller = Depends(get_caller),
+              limit: Annotated[int, Query(ge=1, le=100)] = 20) -> JobList:
+    """Jobs submitted with the caller's key (in local mode: every local job)."""
+    try:
+        ids = services.store.recent_job_ids(caller.name, limit)
+    except StorageError as exc:
+        raise _storage_down(exc) from exc
+    jobs = []
+    for job_id in ids:
+        try:
+            record = services.store.load(job_id)
+        except JobNotFound:  # removed since
+            continue
+        except StorageError as exc:
+            raise _storage_down(exc) from exc
+        if record.owner != caller.name:
+            continue
+        view = _view(services, record)
+        jobs.append(JobSummary(
+            job_id=record.job_id, status=view.status, created_at=record.created_at,
+            finished_at=record.finished_at, pretrained=record.settings.pretrained,
+            finetuned=record.settings.finetuned,
+            images=sum(1 for i in record.inputs if i.role == "image"),
+            controls=sum(1 for i in record.inputs if i.role == "control"),
+            fraction=record.progress.fraction, status_url=view.status_url))
+    return JobList(jobs=jobs)
 
 
 @router.get("/jobs/{job_id}", response_model=JobView, responses=_ERRORS,
@@ -246,7 +291,7 @@ def cancel_job(job_id: str, services: Services = Depends(get_services),
     "/jobs/{job_id}/artifacts/{name}/{filename}",
     response_class=StreamingResponse,
     responses={200: {"content": {"image/png": {}}}, **_ERRORS},
-    summary="A picture of a finished job: recovered.png, partial.png or side_by_side.png",
+    summary="A picture of a job: recovered.png, partial.png, side_by_side.png or original.png",
 )
 def get_artifact(request: Request, job_id: str, name: str, filename: str,
                  expires: str | None = None, signature: str | None = None,
@@ -256,10 +301,10 @@ def get_artifact(request: Request, job_id: str, name: str, filename: str,
     signed = services.signer.enabled and signature is not None and expires is not None \
         and "authorization" not in request.headers
     caller = None if signed else caller_of(services.settings, request)
-    if filename not in {f"{kind}.png" for kind in ARTIFACT_KINDS}:
+    if filename not in {f"{kind}.png" for kind in PICTURE_KINDS}:
         raise ApiError(404, ["path", "filename"], "not_found",
                        f"no artifact {filename!r}; artifacts are "
-                       + ", ".join(f"{k}.png" for k in ARTIFACT_KINDS))
+                       + ", ".join(f"{k}.png" for k in PICTURE_KINDS))
     path = f"/jobs/{job_id}/artifacts/{name}/{filename}"
     try:
         record = _load(services, job_id, caller)
@@ -269,11 +314,21 @@ def get_artifact(request: Request, job_id: str, name: str, filename: str,
         raise
     if signed:
         services.signer.verify(path, record.owner, expires or "", signature or "")
+    if filename == "original.png":  # the upload as stored, available from submission on
+        upload = next((item for item in record.inputs if item.name == name), None)
+        if upload is None:
+            raise ApiError(404, ["path", "name"], "not_found",
+                           f"job {job_id} has no image named {name!r}")
+        return _stream(services, upload.key)
     if record.status != "succeeded" or record.attempt is None or \
             name not in {item.name for item in record.inputs}:
         raise ApiError(404, ["path", "name"], "not_found",
                        f"job {job_id} has no artifacts for {name!r} (status {record.status})")
-    key = artifact_key(job_id, name, filename.removesuffix(".png"), record.attempt)
+    return _stream(services, artifact_key(job_id, name, filename.removesuffix(".png"),
+                                          record.attempt))
+
+
+def _stream(services: Services, key: str) -> StreamingResponse:
     try:
         chunks = services.store.storage.open_stream(key)
     except ObjectNotFound:

@@ -98,6 +98,25 @@ class UploadedModelView(ModelView):
     dtypes: dict[str, int] = {}
 
 
+class JobSummary(BaseModel):
+    """One line of the caller's recent jobs."""
+
+    job_id: str
+    status: JobStatus
+    created_at: datetime
+    finished_at: datetime | None = None
+    pretrained: str
+    finetuned: str
+    images: int
+    controls: int
+    fraction: float = Field(description="Progress, 0 to 1.")
+    status_url: str
+
+
+class JobList(BaseModel):
+    jobs: list[JobSummary]
+
+
 class ModelList(BaseModel):
     models: list[ModelView | UploadedModelView]
 

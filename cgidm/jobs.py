@@ -357,6 +357,23 @@ class JobStore:
     def read_input(self, key: str) -> bytes:
         return self.storage.get_bytes(key)
 
+    # Each owner's jobs, newest first, without reading every job.json: the gateway adds one
+    # empty marker per accepted job, named so that a plain (lexicographic) listing is newest
+    # first. Jobs accepted before this index existed are not listed.
+    @staticmethod
+    def _index_prefix(owner: str | None) -> str:
+        return f"index/{_UNSAFE.sub('-', owner) if owner else '_local'}/"
+
+    def index_job(self, record: JobRecord) -> None:
+        newest_first = 10**13 - int(record.created_at.timestamp() * 1000)
+        self.storage.put_bytes(f"{self._index_prefix(record.owner)}{newest_first:013d}-"
+                               f"{record.job_id}", b"")
+
+    def recent_job_ids(self, owner: str | None, limit: int) -> list[str]:
+        keys = sorted(self.storage.list(self._index_prefix(owner)))
+        ids = [key.rsplit("-", 1)[-1] for key in keys]
+        return [job_id for job_id in ids if is_job_id(job_id)][:limit]
+
     def list_job_ids(self) -> list[str]:
         return [name for name in self.storage.list_children("jobs/") if is_job_id(name)]
 

@@ -36,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", default="cgidm-out/demo", help="output folder")
     parser.add_argument("--steps", type=int, help="PGD steps (default: the library's)")
     parser.add_argument("--timeout", type=float, default=1800, help="give up after seconds")
+    parser.add_argument("--keep-serving", action="store_true",
+                        help="after the result, keep the service (and the job's web page) "
+                        "running until Ctrl-C")
     parser.set_defaults(func=run)
 
 
@@ -176,6 +179,7 @@ def _run_demo(images: list[Path], controls: list[Path], dataset: Path, out: Path
             job_id = response.json()["job_id"]
             print(f"cgidm demo: job {job_id}: {len(images)} images from {dataset}/membership, "
                   f"{len(controls)} controls from hold_out", flush=True)
+            print(f"cgidm demo: watch it in a browser: {svc.url}/checks/{job_id}", flush=True)
             job = _follow(client, job_id, args.timeout)
             if job["status"] != "succeeded":
                 error = job.get("error") or {}
@@ -184,4 +188,17 @@ def _run_demo(images: list[Path], controls: list[Path], dataset: Path, out: Path
                 return 1
             _print_result(job["result"])
             _download(client, job["result"], out)
+            if args.keep_serving:
+                _serve_page(svc, job_id)
     return 0
+
+
+def _serve_page(svc: Any, job_id: str) -> None:
+    print(f"\ncgidm demo: the evidence page is {svc.url}/checks/{job_id} (new checks: "
+          f"{svc.url}/); Ctrl-C stops the service", flush=True)
+    try:
+        while True:
+            svc.check_alive()
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("cgidm demo: stopping the service", file=sys.stderr, flush=True)

@@ -175,6 +175,7 @@ def _serve_until_stopped(service: EmbeddedService, access: str) -> int:
             service.wait_ready()
             print(f"cgidm: serving on {service.url} (API docs: {service.url}/docs); "
                   f"data in {service.settings.data_dir}; {access}; Ctrl-C stops", flush=True)
+            print(f"cgidm: open {service.url}/ in a browser to run a check", flush=True)
             while True:
                 service.check_alive()
                 time.sleep(0.5)

@@ -173,8 +173,8 @@ def _closure(requirements: list[str]) -> set[str]:
 #: Imported here but optional in the image (each import sits in a try/except ImportError):
 #: setuptools' ``_distutils_hack`` comes from a .pth file at interpreter start; billiard tries
 #: cffi (falls back to ctypes), botocore tries certifi (has its own CA bundle), redis-py tries
-#: cryptography.
-OPTIONAL_IMPORTS = {"setuptools", "cffi", "certifi", "cryptography"}
+#: cryptography, anyio tries sniffio (here because selenium's trio needs it).
+OPTIONAL_IMPORTS = {"setuptools", "cffi", "certifi", "cryptography", "sniffio"}
 
 
 def test_gateway_requirements_cover_every_module_the_gateway_imports():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -95,6 +96,8 @@ def test_serve_runs_jobs_without_servers_and_requeues_on_ctrl_c(tmp_path, regist
             job_id = _submit(client, steps=4)
             job = wait_for_job(client, job_id)
             assert job["status"] == "succeeded", job
+            assert f"open http://127.0.0.1:{port}/ in a browser" in \
+                (tmp_path / "serve1.log").read_text()
             stored = json.loads((data_dir / "storage" / "jobs" / job_id / "result.json")
                                 .read_text())
             assert stored == job["result"]
@@ -165,11 +168,26 @@ def test_demo_command_end_to_end(tmp_path):
     if not (SHARED_DATA / "wikiart-vangogh" / "membership").is_dir():
         pytest.skip(f"demo images not found under {SHARED_DATA}")
     out_dir = tmp_path / "out"
-    out = subprocess.run(
+    log = tmp_path / "demo.log"
+    # --keep-serving: the job's web page stays up after the result, until Ctrl-C.
+    demo = start_logged(
         [sys.executable, "-m", "cgidm.cli", "demo", "--steps", "2", "--out", str(out_dir),
-         "--data", str(SHARED_DATA)],
-        env=child_env({}), capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert out.returncode == 0, out.stdout + out.stderr
+         "--data", str(SHARED_DATA), "--keep-serving"], child_env({}), log,
+        preexec_fn=_as_foreground_job)
+    try:
+        page = wait_until(lambda: re.search(r"the evidence page is (http://127\.0\.0\.1:\d+)"
+                                            r"/checks/([0-9a-f]{32})", log.read_text()),
+                          300, "the demo's result", demo, log)
+        base, job_id = page.group(1), page.group(2)
+        assert f"watch it in a browser: {base}/checks/{job_id}" in log.read_text()
+        assert httpx.get(f"{base}/checks/{job_id}", timeout=10).status_code == 200
+        evidence = httpx.get(f"{base}/jobs/{job_id}/evidence.html", timeout=30).text
+        assert evidence.count('data-verdict="control"') == 10
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(timeout=60) == 0
+    finally:
+        stop_process(demo)
+    out = subprocess.CompletedProcess(demo.args, 0, log.read_text(), "")
     assert "Set-level test (one-sided Mann-Whitney U" in out.stdout
     assert sorted(p.name for p in (out_dir / "images").iterdir()) == sorted(
         p.stem + ".png" for p in (SHARED_DATA / "wikiart-vangogh" / "membership").iterdir())

@@ -1,0 +1,277 @@
+"""What a finished job's evidence says, in plain words: one place for the verdict wording.
+
+The worker's verdicts are ``member_evidence`` (p <= alpha) and ``no_evidence``. A verdict the
+controls cannot support is shown as ``inconclusive``: with no controls there is no p-value at
+all, and with fewer than ``1/alpha - 1`` controls even an image recovered better than every
+control has p = 1/(n+1) > alpha, so "no evidence" would be a claim the data cannot make. The
+same holds for the set-level test when there are too few images and controls for its smallest
+possible p-value to reach alpha.
+
+Nothing here imports torch: the gateway renders these for the page and the report.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from cgidm.jobs import JobRecord, JobResult
+
+#: Display verdicts (``data-verdict`` on each result card).
+MEMBER = "member_evidence"
+NO_EVIDENCE = "no_evidence"
+INCONCLUSIVE = "inconclusive"
+CONTROL = "control"
+
+HEADLINES = {
+    MEMBER: "Evidence of training",
+    NO_EVIDENCE: "No evidence",
+    INCONCLUSIVE: "Inconclusive",
+    CONTROL: "Control (never published)",
+}
+
+#: Library defaults the new-check form shows (cgidm_core.InversionConfig and DEFAULT_METRIC;
+#: the gateway cannot import them without torch, and tests/service/test_web_pages.py pins them).
+SHOWN_DEFAULTS: dict[str, Any] = {
+    "metric": "ssim",
+    "steps": 100,
+    "alpha": 4.0,
+    "epsilon": 70.0,
+    "t_min": 1,
+    "t_max": "last timestep - 1",
+    "mc_samples": 1,
+    "seed": 0,
+    "batch_size": "as the pair prefers",
+    "cell": "by image size",
+    "common_random_numbers": True,
+    "reencode_partial": False,
+}
+
+
+@dataclass
+class Picture:
+    kind: str
+    label: str
+    url: str
+    alt: str
+
+
+@dataclass
+class Card:
+    name: str
+    role: str
+    score: float
+    p_value: float | None
+    verdict: str
+    headline: str
+    detail: str
+    pictures: list[Picture]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class PlotPoint:
+    name: str
+    score: float
+    x: float
+    y: float
+    verdict: str
+
+
+@dataclass
+class Plot:
+    width: int
+    height: int
+    points: list[PlotPoint]
+    ticks: list[tuple[float, str]]
+    rows: list[tuple[float, str]]
+    axis_y: float
+    left: float
+    right: float
+    label: str
+    metric: str
+
+
+@dataclass
+class Evidence:
+    job_id: str
+    pretrained: str
+    finetuned: str
+    metric: str
+    cards: list[Card]
+    control_cards: list[Card]
+    summary: str
+    set_sentence: str
+    set_verdict: str
+    plot: Plot | None
+    settings: dict[str, Any]
+    provenance: dict[str, Any]
+    counts: dict[str, int]
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _fmt_p(p: float) -> str:
+    return f"{p:.2g}" if p < 0.01 else f"{p:.3f}".rstrip("0").rstrip(".")
+
+
+def controls_needed(alpha: float) -> int:
+    """Fewest controls with which one image can reach p <= alpha: 1/(n+1) <= alpha."""
+    return max(1, math.ceil(1.0 / alpha - 1e-9) - 1)
+
+
+def _image_card_words(score: float, p_value: float | None, verdict: str | None,
+                      control_scores: list[float], alpha: float) -> tuple[str, str]:
+    n = len(control_scores)
+    if n == 0:
+        return INCONCLUSIVE, ("No controls were given, so there is nothing to compare this score "
+                              "with. Add images of yours that were never published to get a "
+                              "verdict.")
+    beaten = sum(1 for c in control_scores if c < score)
+    if beaten == n:
+        compared = f"Recovered better than all {n} of your controls"
+    elif beaten == 0:
+        compared = f"Recovered no better than any of your {n} controls"
+    else:
+        compared = f"Recovered better than {beaten} of your {n} controls"
+    p_text = f" (p = {_fmt_p(p_value)})" if p_value is not None else ""
+    min_p = 1.0 / (n + 1)
+    if min_p > alpha + 1e-12:
+        need = controls_needed(alpha)
+        return INCONCLUSIVE, (f"{compared}{p_text}, but only {_plural(n, 'control')}: too few to "
+                              f"reach significance (at least {need} are needed for "
+                              f"p \u2264 {alpha:g}).")
+    if verdict not in (MEMBER, NO_EVIDENCE, None):  # e.g. a worker that says inconclusive itself
+        return INCONCLUSIVE, (f"{compared}{p_text}; the service could not reach a verdict "
+                              f"({verdict.replace('_', ' ')}).")
+    if verdict == MEMBER or (verdict is None and p_value is not None and p_value <= alpha):
+        return MEMBER, (f"{compared}{p_text}: significant at \u03b1 = {alpha:g}. This is evidence "
+                        "that the suspect model was trained on this image.")
+    return NO_EVIDENCE, (f"{compared}{p_text}: not distinguishable from images the model never "
+                         "saw. That is not proof that it was not trained on it.")
+
+
+def _set_words(result: JobResult, alpha: float) -> tuple[str, str]:
+    test = result.controls_test
+    if test is None:
+        return INCONCLUSIVE, ("No controls were given, so the set as a whole cannot be tested; "
+                              f"add at least {controls_needed(alpha)} images of yours that were "
+                              "never published.")
+    n1, n0 = test.n_suspect, test.n_controls
+    pairs = f"{round(test.auc * 100)}% of image\u2013control pairs"
+    head = (f"Taken together, your {_plural(n1, 'image')} were recovered better than your "
+            f"{_plural(n0, 'control')} in {pairs} (one-sided Mann\u2013Whitney U test, "
+            f"p = {_fmt_p(test.p_value)})")
+    smallest = 1.0 / math.comb(n1 + n0, n1)  # every image above every control, no ties
+    if test.p_value <= test.alpha:
+        return MEMBER, (f"{head}: significant at \u03b1 = {test.alpha:g}, evidence that the "
+                        "suspect model was trained on this set.")
+    if smallest > test.alpha:
+        return INCONCLUSIVE, (f"{head}. With this few images and controls the test cannot reach "
+                              f"significance at \u03b1 = {test.alpha:g} whatever the scores: "
+                              "inconclusive; add controls.")
+    return NO_EVIDENCE, (f"{head}: not significant at \u03b1 = {test.alpha:g}, no evidence from "
+                         "the set as a whole.")
+
+
+def _plot(result: JobResult, cards: list[Card], controls: list[Card]) -> Plot | None:
+    everything = cards + controls
+    if not everything:
+        return None
+    width, height, left, right = 640, 150, 110.0, 620.0
+    scores = [c.score for c in everything]
+    low, high = min(scores), max(scores)
+    pad = (high - low) * 0.08 or abs(high) * 0.05 or 0.05
+    low, high = low - pad, high + pad
+
+    def x_of(value: float) -> float:
+        return round(left + (value - low) / (high - low) * (right - left), 1)
+
+    rows = [(20.0, "Your images"), (65.0, "Controls")] if controls else [(40.0, "Your images")]
+    points = [PlotPoint(c.name, c.score, x_of(c.score), rows[0][0], c.verdict) for c in cards]
+    if controls:
+        points += [PlotPoint(c.name, c.score, x_of(c.score), rows[1][0], CONTROL)
+                   for c in controls]
+    ticks = []
+    for i in range(5):
+        value = low + (high - low) * i / 4
+        ticks.append((x_of(value), f"{value:.3g}"))
+    label = (f"Scores ({result.metric}, higher means recovered better) of "
+             f"{_plural(len(cards), 'image')}" +
+             (f" and {_plural(len(controls), 'control')}" if controls else ""))
+    return Plot(width, height, points, ticks, rows, 100.0, left, right, label, result.metric)
+
+
+def _plain(value: Any) -> Any:
+    """Settings and provenance as nested dicts/lists of scalars, for the generic renderer."""
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json")
+    return value
+
+
+def build(record: JobRecord, alpha: float, picture_url: dict[str, dict[str, str]]) -> Evidence:
+    """The evidence of a succeeded job. ``picture_url[name][kind]`` is where each picture is
+    (signed URLs on the page, data URIs in the report); kinds: original, partial, recovered."""
+    result = record.result
+    if result is None:
+        raise ValueError(f"job {record.job_id} has no result")
+    test = result.controls_test
+    alpha = test.alpha if test is not None else alpha
+    control_scores = [c.score for c in result.controls]
+
+    def pictures(item: Any) -> list[Picture]:
+        urls = picture_url.get(item.name, {})
+        labels = {"original": "Original", "partial": "Half removed",
+                  "recovered": "Recovered by the suspect model"}
+        alts = {"original": f"{item.name}: your original image",
+                "partial": f"{item.name}: with half of it removed",
+                "recovered": f"{item.name}: as the suspect model recovered it"}
+        return [Picture(kind, labels[kind], urls.get(kind, ""), alts[kind])
+                for kind in ("original", "partial", "recovered")]
+
+    cards = []
+    for item in result.images:
+        verdict, detail = _image_card_words(item.score, item.p_value, item.verdict,
+                                            control_scores, alpha)
+        cards.append(Card(item.name, "image", item.score, item.p_value, verdict,
+                          HEADLINES[verdict], detail, pictures(item), dict(item.metrics)))
+    controls = []
+    for item in result.controls:
+        detail = "An image of yours that was never published: it shows how well the suspect " \
+                 "model recovers images it cannot have seen."
+        controls.append(Card(item.name, "control", item.score, None, CONTROL,
+                             HEADLINES[CONTROL], detail, pictures(item), dict(item.metrics)))
+
+    set_verdict, set_sentence = _set_words(result, alpha)
+    counts = {v: sum(1 for c in cards if c.verdict == v) for v in (MEMBER, NO_EVIDENCE,
+                                                                   INCONCLUSIVE)}
+    parts = []
+    if counts[MEMBER]:
+        parts.append(f"{counts[MEMBER]} with evidence of training")
+    if counts[NO_EVIDENCE]:
+        parts.append(f"{counts[NO_EVIDENCE]} without evidence")
+    if counts[INCONCLUSIVE]:
+        parts.append(f"{counts[INCONCLUSIVE]} inconclusive")
+    summary = f"{_plural(len(cards), 'image')} checked: " + ", ".join(parts) + "."
+
+    settings = {k: v for k, v in record.settings.model_dump(mode="json").items()
+                if v is not None}
+    # Everything the result carries besides the per-image rows, generically: keys added later
+    # (hashes, versions) appear without a template change.
+    known = {"images", "controls"}
+    provenance: dict[str, Any] = {k: _plain(v) for k, v in result.model_dump(mode="json").items()
+                                  if k not in known and v not in (None, {}, [])}
+    provenance.update({k: v for k, v in (result.model_extra or {}).items()
+                       if k not in known and v not in (None, {}, [])})
+    job_facts = {"job_id": record.job_id, "created_at": record.created_at,
+                 "started_at": record.started_at, "finished_at": record.finished_at,
+                 "attempts": record.attempts, "worker": record.worker,
+                 "inputs": [{"name": i.name, "role": i.role, "filename": i.filename,
+                             "size": f"{i.width}\u00d7{i.height}"} for i in record.inputs]}
+    provenance["job"] = {k: _plain(v) for k, v in job_facts.items() if v not in (None, {}, [])}
+    return Evidence(record.job_id, result.pretrained, result.finetuned, result.metric, cards,
+                    controls, summary, set_sentence, set_verdict,
+                    _plot(result, cards, controls), settings, provenance, counts)

@@ -1,0 +1,267 @@
+"""Routes of the web app: the pages, the evidence fragment, the report and offline API docs.
+
+Pages (``/``, ``/checks/{job_id}``) are the same for everyone and hold no job data: the key
+lives in the browser, which asks the JSON API and the evidence fragment with it. The fragment
+and the report need the key like every job route. Every asset comes from this package
+(``static/``) or, for Swagger UI and ReDoc, from the ``fastapi-offline`` package, which bundles
+them; a Content-Security-Policy keeps the pages from loading anything from elsewhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import importlib.resources
+import io
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+
+from app.auth import Caller, get_caller
+from app.errors import ApiError
+from app.routes_jobs import _ERRORS, _load, _view, original_url
+from app.services import Services, get_services
+from app.web import evidence
+from cgidm import __version__
+from cgidm.jobs import JobRecord, artifact_key
+from cgidm.storage import ObjectNotFound, StorageError
+
+HERE = Path(__file__).resolve().parent
+STATIC_URL = "/static"
+DOCS_ASSETS_URL = "/static/api-docs"
+#: Pages load only from this origin; pictures may also be data URIs (the report).
+PAGE_CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; "
+            "script-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'; "
+            "frame-ancestors 'none'; form-action 'self'")
+#: The report is one file: its stylesheet is inline, its pictures data URIs, and no script.
+REPORT_CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
+              "base-uri 'none'; frame-ancestors 'none'")
+#: Swagger UI and ReDoc start from an inline script that FastAPI writes.
+DOCS_CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+            "script-src 'self' 'unsafe-inline'; worker-src 'self' blob:; connect-src 'self'")
+
+router = APIRouter(include_in_schema=False)
+report_router = APIRouter(tags=["jobs"])
+
+
+def _fmt_time(value: Any) -> str:
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return value
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S UTC")
+    return str(value)
+
+
+def _fmt_number(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "\u2013"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def _label(key: Any) -> str:
+    return str(key).replace("_", " ")
+
+
+templates = Jinja2Templates(directory=str(HERE / "templates"))
+templates.env.filters.update(time=_fmt_time, num=_fmt_number, label=_label)
+templates.env.globals.update(version=__version__, headlines=evidence.HEADLINES)
+
+
+def _page(request: Request, name: str, **context: Any) -> HTMLResponse:
+    response = templates.TemplateResponse(request, name, context)
+    response.headers["Content-Security-Policy"] = PAGE_CSP
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def _keys_required(request: Request) -> bool:
+    services: Services = request.app.state.services
+    return bool(services.settings.api_key_hashes)
+
+
+@router.get("/", response_class=HTMLResponse)
+def new_check_page(request: Request) -> HTMLResponse:
+    return _page(request, "index.html", keys_required=_keys_required(request),
+                 defaults=evidence.SHOWN_DEFAULTS, controls_needed=_controls_needed(request))
+
+
+@router.get("/checks/{job_id}", response_class=HTMLResponse)
+def check_page(request: Request, job_id: str) -> HTMLResponse:
+    """The job page; the id in the URL brings a reload or a shared link back to the job."""
+    return _page(request, "check.html", keys_required=_keys_required(request), job_id=job_id)
+
+
+def _controls_needed(request: Request) -> int:
+    services: Services = request.app.state.services
+    return evidence.controls_needed(services.settings.controls_alpha)
+
+
+def _succeeded(services: Services, job_id: str, caller: Caller) -> JobRecord:
+    record = _load(services, job_id, caller)
+    if record.status != "succeeded" or record.result is None:
+        raise ApiError(409, ["path", "job_id"], "not_finished",
+                       f"job {job_id} is {record.status}; the evidence exists once it has "
+                       "succeeded")
+    return record
+
+
+@router.get("/jobs/{job_id}/evidence.html", response_class=HTMLResponse)
+def evidence_fragment(request: Request, job_id: str,
+                      services: Services = Depends(get_services),
+                      caller: Caller = Depends(get_caller)) -> HTMLResponse:
+    """The evidence as an HTML fragment for the job page (pictures by signed URL)."""
+    record = _succeeded(services, job_id, caller)
+    signed = _view(services, record).result  # artifact URLs signed when keys are in use
+    assert signed is not None
+    urls = {item.name: {"original": original_url(services, record, item.name),
+                        "partial": item.artifacts.partial,
+                        "recovered": item.artifacts.recovered}
+            for item in (*signed.images, *signed.controls)}
+    view = evidence.build(record, services.settings.controls_alpha, urls)
+    response = templates.TemplateResponse(request, "evidence_fragment.html",
+                                          {"ev": view, "report": False})
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+#: Longest side of an original embedded in the report: enough to judge on a page, while a
+#: report of twenty photographs stays a few MB (the model saw them far smaller anyway).
+REPORT_ORIGINAL_SIDE = 768
+
+
+def _data_uri(services: Services, key: str, shrink: bool = False) -> str:
+    try:
+        data = services.store.storage.get_bytes(key)
+    except ObjectNotFound:
+        return ""
+    mime = "image/png"
+    if shrink:
+        data, mime = _reduced(data)
+    return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
+
+
+def _reduced(png: bytes) -> tuple[bytes, str]:
+    """A large upload as a smaller JPEG (PNG when it has transparency) for the report."""
+    with Image.open(io.BytesIO(png)) as image:
+        if max(image.size) <= REPORT_ORIGINAL_SIDE:
+            return png, "image/png"
+        image.thumbnail((REPORT_ORIGINAL_SIDE, REPORT_ORIGINAL_SIDE), Image.Resampling.LANCZOS)
+        out = io.BytesIO()
+        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+            image.save(out, format="PNG")
+            return out.getvalue(), "image/png"
+        image.convert("RGB").save(out, format="JPEG", quality=90)
+        return out.getvalue(), "image/jpeg"
+
+
+def _embedded_pictures(services: Services, record: JobRecord) -> dict[str, dict[str, str]]:
+    assert record.result is not None and record.attempt is not None
+    keys = {item.name: item.key for item in record.inputs}
+    out: dict[str, dict[str, str]] = {}
+    for item in (*record.result.images, *record.result.controls):
+        out[item.name] = {
+            "original": _data_uri(services, keys[item.name], shrink=True),
+            "partial": _data_uri(services, artifact_key(record.job_id, item.name, "partial",
+                                                        record.attempt)),
+            "recovered": _data_uri(services, artifact_key(record.job_id, item.name,
+                                                          "recovered", record.attempt)),
+        }
+    return out
+
+
+@report_router.get(
+    "/jobs/{job_id}/report.html",
+    response_class=HTMLResponse,
+    responses={**_ERRORS, 200: {"content": {"text/html": {}},
+                                "description": "One self-contained HTML file."},
+               409: {"description": "The job has not succeeded (yet)."}},
+    summary="The evidence report: one self-contained HTML file that prints well to PDF",
+)
+async def evidence_report(request: Request, job_id: str,
+                          services: Services = Depends(get_services),
+                          caller: Caller = Depends(get_caller)) -> HTMLResponse:
+    """Every picture is embedded (data URIs) and the file loads nothing else, so it can be
+    mailed, archived or printed as it is."""
+    record = await run_in_threadpool(_succeeded, services, job_id, caller)
+    try:
+        pictures = await run_in_threadpool(_embedded_pictures, services, record)
+    except StorageError as exc:
+        raise ApiError(503, [], "storage_unavailable", f"storage is unavailable: {exc}") from exc
+    view = evidence.build(record, services.settings.controls_alpha, pictures)
+    css = "\n".join((HERE / "static" / name).read_text()
+                    for name in ("evidence.css", "report.css"))
+    response = templates.TemplateResponse(
+        request, "report.html", {"ev": view, "report": True, "css": css, "record": record,
+                                 "generated": datetime.now().astimezone()})
+    response.headers["Content-Security-Policy"] = REPORT_CSP
+    response.headers["Content-Disposition"] = f'inline; filename="cgidm-report-{job_id}.html"'
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+# ------------------------------------------------------------------------------------------
+# API docs without a CDN
+
+
+def _docs_assets() -> Path:
+    return Path(str(importlib.resources.files("fastapi_offline") / "static"))
+
+
+#: The one remote URL ReDoc's bundle loads by itself: the Redocly logo in its menu. ReDoc drops
+#: the image when it fails to load, so it gets an empty data URI instead of a CDN request.
+REDOC_LOGO = b"https://cdn.redoc.ly/redoc/logo-mini.svg"
+
+
+@functools.lru_cache(maxsize=1)
+def _redoc_script() -> bytes:
+    return (_docs_assets() / "redoc.standalone.js").read_bytes().replace(REDOC_LOGO, b"data:,")
+
+
+def install_web(app: FastAPI) -> None:
+    """Mount the web app, its assets and the offline API docs on ``app`` (created with
+    ``docs_url=None, redoc_url=None``)."""
+    app.mount(STATIC_URL + "/app", StaticFiles(directory=HERE / "static"), name="web-static")
+
+    @app.get(f"{DOCS_ASSETS_URL}/redoc.standalone.js", include_in_schema=False)
+    def redoc_script() -> Response:  # before the mount below, which would serve the original
+        return Response(_redoc_script(), media_type="text/javascript",
+                        headers={"Cache-Control": "public, max-age=86400"})
+
+    app.mount(DOCS_ASSETS_URL, StaticFiles(directory=_docs_assets()), name="docs-static")
+    app.include_router(router)
+    app.include_router(report_router)
+    openapi_url = app.openapi_url or "/openapi.json"
+
+    @app.get("/docs", include_in_schema=False)
+    def swagger_ui() -> HTMLResponse:
+        page = get_swagger_ui_html(
+            openapi_url=openapi_url, title=f"{app.title} - API docs",
+            swagger_js_url=f"{DOCS_ASSETS_URL}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS_URL}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS_URL}/favicon.png",
+            # No validator badge: it would send the spec to a public validator.
+            swagger_ui_parameters={"validatorUrl": None})
+        page.headers["Content-Security-Policy"] = DOCS_CSP
+        return page
+
+    @app.get("/redoc", include_in_schema=False)
+    def redoc() -> HTMLResponse:
+        page = get_redoc_html(openapi_url=openapi_url, title=f"{app.title} - API reference",
+                              redoc_js_url=f"{DOCS_ASSETS_URL}/redoc.standalone.js",
+                              redoc_favicon_url=f"{DOCS_ASSETS_URL}/favicon.png",
+                              with_google_fonts=False)
+        page.headers["Content-Security-Policy"] = DOCS_CSP
+        return page

@@ -1,0 +1,194 @@
+"""The web app's pages, report and offline docs over HTTP, and the verdict wording they share.
+
+The browser itself is exercised in test_web_browser.py; these check what the server sends.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+
+import pytest
+import tomllib
+
+from app.web import evidence
+from cgidm.jobs import ArtifactLinks, ImageScore, JobRecord, JobResult, JobSettings, SetTest
+from tests.service.conftest import REPO_ROOT, png_bytes, wait_for_job
+
+#: src/href values that would leave the service (a CDN, external fonts).
+EXTERNAL = re.compile(r"""(?:src|href)\s*=\s*["']?(?:https?:)?//""", re.IGNORECASE)
+
+
+# ------------------------------------------------------------------------------------------
+# verdict wording (no server)
+
+
+def _record(images: list[float], controls: list[float], alpha: float = 0.05,
+            p_values: list[float] | None = None, verdicts: list[str] | None = None,
+            set_p: float = 0.5) -> JobRecord:
+    def score(name: str, role: str, value: float, p=None, verdict=None) -> ImageScore:
+        links = ArtifactLinks(**{k: f"/x/{name}/{k}.png"
+                                 for k in ("recovered", "partial", "side_by_side")})
+        return ImageScore(name=name, role=role, score=value, metrics={"ssim": value},
+                          p_value=p, verdict=verdict, artifacts=links)
+
+    n1, n0 = len(images), len(controls)
+    p_values = p_values or [None] * n1
+    verdicts = verdicts or [None] * n1
+    test = SetTest(u_statistic=0, p_value=set_p, auc=0.5, alpha=alpha, n_suspect=n1,
+                   n_controls=n0) if controls else None
+    result = JobResult(
+        pretrained="base", finetuned="suspect", metric="ssim",
+        images=[score(f"img{i}", "image", v, p_values[i], verdicts[i])
+                for i, v in enumerate(images)],
+        controls=[score(f"ctl{i}", "control", v) for i, v in enumerate(controls)],
+        controls_test=test, config={"steps": 100}, pair={"family": "ddpm"},
+        elapsed_seconds=1.0)
+    return JobRecord(job_id="0" * 32, status="succeeded", created_at=datetime.now(timezone.utc),
+                     settings=JobSettings(pretrained="base", finetuned="suspect"),
+                     result=result)
+
+
+def _cards(record: JobRecord) -> list[evidence.Card]:
+    return evidence.build(record, 0.05, {}).cards
+
+
+def test_no_controls_is_inconclusive_not_no_evidence():
+    view = evidence.build(_record([0.9], []), 0.05, {})
+    assert view.cards[0].verdict == "inconclusive"
+    assert "No controls" in view.cards[0].detail
+    assert view.set_verdict == "inconclusive"
+    assert "add at least 19" in view.set_sentence
+
+
+def test_too_few_controls_is_inconclusive_even_above_every_control():
+    card = _cards(_record([0.9], [0.1, 0.2, 0.3], p_values=[0.25],
+                          verdicts=["no_evidence"]))[0]
+    assert card.verdict == "inconclusive"
+    assert card.detail.startswith("Recovered better than all 3 of your controls (p = 0.25)")
+    assert "only 3 controls: too few to reach significance" in card.detail
+    assert "at least 19" in card.detail
+
+
+def test_enough_controls_give_evidence_or_no_evidence_in_plain_words():
+    controls = [i / 100 for i in range(19)]
+    member, plain = _cards(_record([0.9, 0.05], controls, p_values=[0.05, 0.7],
+                                   verdicts=["member_evidence", "no_evidence"]))
+    assert member.verdict == "member_evidence"
+    assert member.detail.startswith("Recovered better than all 19 of your controls (p = 0.05)")
+    assert plain.verdict == "no_evidence"
+    assert plain.detail.startswith("Recovered better than 5 of your 19 controls (p = 0.7)")
+    assert "not proof" in plain.detail
+
+
+def test_a_verdict_the_worker_could_not_reach_stays_inconclusive():
+    controls = [i / 100 for i in range(19)]
+    card = _cards(_record([0.9], controls, p_values=[0.05], verdicts=["inconclusive"]))[0]
+    assert card.verdict == "inconclusive"
+    assert "could not reach a verdict" in card.detail
+
+
+def test_set_sentence_says_when_the_set_test_cannot_reach_significance():
+    # Two images and two controls: even a perfect separation has p = 1/6 > 0.05.
+    view = evidence.build(_record([0.9, 0.8], [0.1, 0.2], set_p=1 / 6), 0.05, {})
+    assert view.set_verdict == "inconclusive"
+    assert "cannot reach significance" in view.set_sentence
+    strong = evidence.build(_record([0.9] * 10, [0.1] * 10, set_p=1e-5), 0.05, {})
+    assert strong.set_verdict == "member_evidence"
+    assert "significant at \u03b1 = 0.05" in strong.set_sentence
+
+
+def test_provenance_shows_every_key_the_result_carries():
+    record = _record([0.9], [])
+    view = evidence.build(record, 0.05, {})
+    assert {"config", "pair", "metric", "elapsed_seconds", "job"} <= set(view.provenance)
+
+
+def test_defaults_shown_in_the_form_are_the_librarys():
+    from cgidm_core import InversionConfig
+    from cgidm_core.similarity import DEFAULT_METRIC
+
+    config = InversionConfig()
+    shown = evidence.SHOWN_DEFAULTS
+    assert shown["metric"] == DEFAULT_METRIC
+    for name in ("steps", "alpha", "epsilon", "t_min", "mc_samples", "seed",
+                 "common_random_numbers", "reencode_partial"):
+        assert shown[name] == getattr(config, name), name
+    assert config.t_max is None and config.cell is None  # shown as words
+
+
+def test_templates_and_assets_ship_in_the_package():
+    config = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    patterns = config["tool"]["setuptools"]["package-data"]["app.web"]
+    shipped = {p for pattern in patterns for p in (REPO_ROOT / "app" / "web").glob(pattern)}
+    needed = {*(REPO_ROOT / "app/web/templates").iterdir(), *(REPO_ROOT / "app/web/static")
+              .iterdir()}
+    assert needed <= shipped
+
+
+# ------------------------------------------------------------------------------------------
+# over HTTP (the session's Redis + S3 + worker + gateway stack, local mode)
+
+
+@pytest.mark.slow
+def test_pages_load_nothing_from_elsewhere(client):
+    for path in ("/", "/checks/" + "a" * 32, "/docs", "/redoc"):
+        response = client.get(path)
+        assert response.status_code == 200, path
+        assert response.headers["content-type"].startswith("text/html")
+        assert not EXTERNAL.search(response.text), (path, EXTERNAL.findall(response.text))
+        assert "'self'" in response.headers["content-security-policy"]
+    page = client.get("/").text
+    assert 'name="images"' in page and 'name="controls"' in page
+    # Local mode (no keys): nothing to sign in to, the form shows at once.
+    assert 'data-keys-required="false"' in page
+    assert re.search(r'<div id="app-content"\s*>', page)
+    for asset in ("/static/app/app.js", "/static/app/app.css", "/static/app/evidence.css",
+                  "/static/api-docs/swagger-ui-bundle.js", "/static/api-docs/swagger-ui.css"):
+        assert client.get(asset).status_code == 200, asset
+    redoc = client.get("/static/api-docs/redoc.standalone.js")
+    assert redoc.status_code == 200 and b"cdn.redoc.ly" not in redoc.content
+
+
+@pytest.mark.slow
+def test_report_evidence_and_recent_jobs_of_a_finished_job(client, submit, worker):
+    response = submit(images=[("sunflowers.png", png_bytes(11, (40, 40)))],
+                      controls=[("<b>unpublished</b>.png", png_bytes(12, (40, 40)))])
+    job_id = response.json()["job_id"]
+    early = client.get(f"/jobs/{job_id}/report.html")
+    assert early.status_code in (200, 409)  # 409 until it has succeeded
+    job = wait_for_job(client, job_id)
+    assert job["status"] == "succeeded", job
+
+    report = client.get(f"/jobs/{job_id}/report.html")
+    assert report.status_code == 200
+    html = report.text
+    sources = re.findall(r'<img[^>]*\bsrc="([^"]*)"', html)
+    assert len(sources) == 6 and all(s.startswith("data:image/") for s in sources)
+    assert not EXTERNAL.search(html) and "<script" not in html
+    assert 'data-image-name="sunflowers"' in html and 'data-verdict="inconclusive"' in html
+    assert "only 1 control: too few to reach significance" in html
+    assert "@media print" in html
+    # The upload's file name is shown (provenance) but never as markup.
+    assert "&lt;b&gt;unpublished&lt;/b&gt;.png" in html and "<b>unpublished" not in html
+    assert report.headers["content-security-policy"].startswith("default-src 'none'")
+
+    fragment = client.get(f"/jobs/{job_id}/evidence.html").text
+    assert f"/jobs/{job_id}/artifacts/sunflowers/original.png" in fragment
+    original = client.get(f"/jobs/{job_id}/artifacts/sunflowers/original.png")
+    assert original.status_code == 200 and original.content.startswith(b"\x89PNG")
+
+    listed = client.get("/jobs", params={"limit": 100}).json()["jobs"]
+    assert job_id in [j["job_id"] for j in listed]
+    mine = next(j for j in listed if j["job_id"] == job_id)
+    assert (mine["images"], mine["controls"], mine["status"]) == (1, 1, "succeeded")
+    created = [j["created_at"] for j in listed]
+    assert created == sorted(created, reverse=True)  # newest first
+
+
+@pytest.mark.slow
+def test_report_of_an_unknown_job_is_404(client):
+    response = client.get("/jobs/" + "f" * 32 + "/report.html")
+    assert response.status_code == 404
+    assert response.json()["detail"][0]["type"] == "not_found"
+

@@ -15,6 +15,7 @@ from functools import lru_cache
 from typing import Any
 
 from cgidm.jobs import JobStore, utcnow
+from cgidm.leases import LeaseStore, leases_from_settings
 from cgidm.registry import ModelEntry, Registry, load_registry
 from cgidm.settings import Settings, get_settings
 from cgidm.storage import storage_from_settings
@@ -30,6 +31,8 @@ class WorkerContext:
     cache: ModelCache
     worker_id: str
     outcomes: Counter[str] = field(default_factory=Counter)
+    #: Job leases (cgidm/leases.py); None: no fencing, the broker's redelivery alone.
+    leases: LeaseStore | None = None
 
     def registry(self) -> Registry:
         return load_registry(self.settings.models)
@@ -71,4 +74,5 @@ def get_context() -> WorkerContext:
         store=JobStore(storage_from_settings(settings)),
         cache=ModelCache(settings.model_cache_bytes, _load_pair),
         worker_id=worker_id,
+        leases=leases_from_settings(settings),
     )

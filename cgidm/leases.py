@@ -158,7 +158,10 @@ def _held_by(lease: Lease | None, attempt: int, worker: str, states: tuple[str, 
         lease.state in states
 
 
-def renew_step(lease: Lease | None, attempt: int, worker: str, ttl: float, now: float) -> Step:
+def renew_step(lease: Lease | None, job_id: str, attempt: int, worker: str, ttl: float,
+               now: float) -> Step:
+    if lease is None:  # the store lost its data (Redis restarted empty): hold it again
+        return Step(Lease(job_id, attempt, "running", worker, now + ttl), True)
     if not _held_by(lease, attempt, worker, ("running", "committing")):
         return Step(None, False)
     assert lease is not None
@@ -279,7 +282,7 @@ class LeaseStore:
 
     def renew(self, job_id: str, attempt: int, worker: str) -> bool:
         return self._call(job_id, lambda lease, now: renew_step(
-            lease, attempt, worker, self.ttl, now)).answer
+            lease, job_id, attempt, worker, self.ttl, now)).answer
 
     def commit(self, job_id: str, attempt: int, worker: str) -> bool:
         return self._call(job_id, lambda lease, now: commit_step(

@@ -13,7 +13,9 @@ without taking the writer's lock, so a worker can claim a half-written (empty) m
 transport publishes in one transaction and claims a message inside ``BEGIN IMMEDIATE``, so each
 message is seen whole by exactly one consumer. Both keep unacknowledged messages in the worker's
 memory and put them back when the worker shuts down (warm or cold); neither can recover a
-message from a worker killed with SIGKILL; Redis (production) can, through its visibility timeout.
+message from a worker killed with SIGKILL. Job leases do, with either broker (cgidm/leases.py:
+a SQLite file next to the broker's here, the broker's Redis in production), long before Redis's
+own visibility timeout would.
 """
 
 from __future__ import annotations

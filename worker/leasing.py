@@ -35,7 +35,12 @@ class LeaseKeeper:
     def claim(self, pair: tuple[str, str]) -> Claim:
         if self.leases is None:
             return Claim("claimed", self.job_id, self.attempt, 0, self.attempt)
-        return self.leases.claim(self.job_id, self.attempt, self.worker, pair)
+        try:
+            return self.leases.claim(self.job_id, self.attempt, self.worker, pair)
+        except LeaseUnavailable as exc:  # retried by the task like a storage outage
+            from cgidm.storage import StorageUnavailable
+
+            raise StorageUnavailable(f"cannot claim the job's attempt: {exc}") from exc
 
     def start(self) -> LeaseKeeper:
         if self.leases is not None:
@@ -59,7 +64,7 @@ class LeaseKeeper:
                 failing = True
                 continue
             failing = False
-            if not held:
+            if not held and not self._stopped.is_set():
                 log.warning("job %s: attempt %d is no longer this worker's (its lease lapsed "
                             "and the job was handed out again); stopping it", self.job_id,
                             self.attempt)
@@ -82,6 +87,7 @@ class LeaseKeeper:
         return held
 
     def done(self) -> None:
+        self._stopped.set()  # no renewal after the end
         self._quietly("done", lambda s: s.done(self.job_id, self.attempt))
 
     def release(self) -> None:

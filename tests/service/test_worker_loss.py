@@ -91,6 +91,7 @@ def test_worker_killed_mid_job_new_worker_finishes_it_once(stack):
     assert view["status"] == "queued" and view["recovering"] is True
     assert view["recovery"]["attempt"] == 2 and view["progress"]["steps_done"] == 0
     assert "lost 1 time" in view["recovery"]["message"]
+    assert "cgidm_jobs_recovering 1.0" in stack.client.get("/metrics").text
     stack.start_worker()
     line = stack.follow(job_id, killed, timeout=120)
     line.recovering = waiting.recovering

@@ -65,7 +65,7 @@ class LossStack:
     def start_worker(self, env: dict[str, str] | None = None) -> subprocess.Popen:
         log = self.root / "workers.log"
         start = log.stat().st_size if log.exists() else 0
-        proc = launch_worker(env or self.env, log, node=f"w{len(self.workers)}@%h")
+        proc = launch_worker(env or self.env, log, node=f"w{len(self.workers)}-{self.prefix}@%h")
         self.workers.append(proc)
         wait_worker_ready(proc, log, timeout=120, start=start)
         return proc

@@ -15,7 +15,9 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -28,11 +30,40 @@ LEASE_TTL = 60  # the default; asserted below so a changed default is noticed he
 STEPS = 120  # a few seconds per run on the tiny pair
 
 
-@pytest.fixture
-def stack(tmp_path, redis_url, s3_endpoint, registry_file) -> Iterator[LossStack]:
-    stack = LossStack.start(tmp_path, redis_url, s3_endpoint, registry_file)
-    yield stack
-    stack.stop()
+def _on_own_stack(scenario: Callable[[LossStack], None], root: Path, redis_url: str,
+                  s3_endpoint: str, registry: Path, extra: dict[str, str]) -> None:
+    stack = LossStack.start(root, redis_url, s3_endpoint, registry, extra)
+    try:
+        scenario(stack)
+    finally:
+        stack.stop()
+
+
+@pytest.fixture(scope="module")
+def scenarios(tmp_path_factory, redis_url, s3_endpoint,
+              registry_file) -> Iterator[dict[str, Future]]:
+    """The three scenarios run at once, each on a stack of its own (queue, storage prefix,
+    gateway, workers), since each mostly waits out a real 60 s lease: about 3 minutes for the
+    module instead of 7. A test re-raises its scenario's failure (asserts included)."""
+    plan = {"new_worker": (_new_worker_after_the_lapse, {}),
+            "second_worker": (_second_worker_takes_over, {}),
+            "poison": (_poison_job_fails_after_max_attempts, {"CGIDM_MAX_ATTEMPTS": "2"})}
+    with ThreadPoolExecutor(len(plan)) as pool:
+        yield {name: pool.submit(_on_own_stack, scenario, tmp_path_factory.mktemp(name),
+                                 redis_url, s3_endpoint, registry_file, extra)
+               for name, (scenario, extra) in plan.items()}
+
+
+def test_worker_killed_mid_job_new_worker_finishes_it_once(scenarios):
+    scenarios["new_worker"].result(timeout=900)
+
+
+def test_worker_killed_mid_job_other_running_worker_takes_over(scenarios):
+    scenarios["second_worker"].result(timeout=900)
+
+
+def test_job_that_kills_every_worker_ends_failed_after_max_attempts(scenarios):
+    scenarios["poison"].result(timeout=900)
 
 
 def _report(name: str, line: Timeline) -> None:
@@ -69,7 +100,7 @@ def _recovery_was_visible(line: Timeline) -> None:
     assert again[0]["attempts"] == 2 and again[0]["recovering"] is False
 
 
-def test_worker_killed_mid_job_new_worker_finishes_it_once(stack):
+def _new_worker_after_the_lapse(stack: LossStack) -> None:
     """The only worker is SIGKILLed; the gateway's reaper alone notices the lapsed lease and
     hands the job out again (the client sees it waiting, recovering, progress back to 0); a new
     worker, started once that shows, runs it to success within 2 minutes of the kill."""
@@ -102,7 +133,8 @@ def test_worker_killed_mid_job_new_worker_finishes_it_once(stack):
     _succeeded_once(stack, job_id)
 
 
-def test_worker_killed_mid_job_other_running_worker_takes_over(stack):
+def _second_worker_takes_over(stack: LossStack) -> None:
+    """Two warm workers; the one running the job is SIGKILLed; the other runs attempt 2."""
     stack.start_worker()
     stack.start_worker()
     stack.warm(count=2)
@@ -118,15 +150,12 @@ def test_worker_killed_mid_job_other_running_worker_takes_over(stack):
     assert stack.worker_of(job) is survivor
 
 
-def test_job_that_kills_every_worker_ends_failed_after_max_attempts(tmp_path, redis_url,
-                                                                    s3_endpoint,
-                                                                    registry_file):
+def _poison_job_fails_after_max_attempts(stack: LossStack) -> None:
     """Every worker here SIGKILLs itself at PGD step 2 (the test-only CGIDM_TEST_FAULTS hook),
     and a supervisor starts a new one whenever one dies, as docker-compose's restart policy
     does. With CGIDM_MAX_ATTEMPTS=2 the job ends failed / worker_lost after its second lost
     attempt, and nothing runs it again."""
-    stack = LossStack.start(tmp_path, redis_url, s3_endpoint, registry_file,
-                            extra={"CGIDM_MAX_ATTEMPTS": "2"})
+    assert stack.env["CGIDM_MAX_ATTEMPTS"] == "2"
     poison_env = {**stack.env, "CGIDM_TEST_FAULTS": "sigkill_at_step=2"}
     stopping = threading.Event()
     deaths: list[int] = []
@@ -162,5 +191,4 @@ def test_job_that_kills_every_worker_ends_failed_after_max_attempts(tmp_path, re
     finally:
         stopping.set()
         supervisor.join(150)
-        stack.stop()
 

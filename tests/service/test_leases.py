@@ -169,3 +169,28 @@ def test_reapers_racing_enqueue_each_lapsed_job_once(tmp_path, redis_url):
         assert record.recovery.attempt == 2 and record.recovery.lost_attempts == 1
         assert setup.get(job).state in ("queued", "reaping") and setup.get(job).attempt == 2
     assert setup.lapsed() == []
+
+
+def test_reaper_ends_a_poison_job_and_settles_a_finished_one(tmp_path):
+    """Embedded store: a job whose last allowed attempt lapsed ends failed / worker_lost, its
+    lost runs' pictures removed; a lapsed job whose record is already final is only settled."""
+    settings = _settings(tmp_path, None, max_attempts=1)
+    store = JobStore(LocalStorage(tmp_path / "store"))
+    leases = SqliteLeases(settings)
+    poison, finished = _queued_job(store), _queued_job(store)
+    store.storage.put_bytes(f"jobs/{poison}/attempts/a1-0123abcd/artifacts/a/partial.png", b"x")
+    record = store.load(finished)
+    record.status = "succeeded"
+    store.save(record)
+    for job in (poison, finished):
+        assert leases.claim(job, 1, "dead-worker").ok
+    _lapse()
+    reaper = Reaper(settings, leases, store, make_celery(settings), "test")
+    assert sorted(r.job_id for r in reaper.sweep()) == sorted([poison, finished])
+    failed = store.load(poison)
+    assert failed.status == "failed" and failed.error.code == "worker_lost"
+    assert "lost 1 time" in failed.error.message and "CGIDM_MAX_ATTEMPTS=1" in failed.error.message
+    assert store.list_attempts(poison) == []
+    assert store.load(finished).status == "succeeded"
+    assert leases.get(poison).state == leases.get(finished).state == "done"
+    assert leases.lapsed() == [] and reaper.sweep() == []

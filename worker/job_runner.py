@@ -390,7 +390,8 @@ def _authenticate(ctx: WorkerContext, record: JobRecord, watch: Watch,
         "model_cache": "hit" if hit else "miss",
         "load_seconds": round(time.monotonic() - load_start, 3),
     }
-    ctx.store.save(record)
+    if not watch.keeper.lost.is_set():  # a superseded attempt writes nothing
+        ctx.store.save(record)
     ctx.publish_stats()
 
     prompt = settings.prompt if settings.prompt is not None else ft.prompt

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -42,9 +44,23 @@ log = logging.getLogger("cgidm.gateway")
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     services = Services.create(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # Gateways also hand out again the jobs of lost workers (cgidm/reaper.py), so a job is
+        # recovered even while no worker is idle or every worker was restarted.
+        from cgidm.reaper import start_reaper
+
+        reaper = start_reaper(settings, services.store, "gateway")
+        try:
+            yield
+        finally:
+            if reaper is not None:
+                reaper.stop()
+
     # /docs and /redoc are served by app.web with assets from the package (no CDN).
     app = FastAPI(title="cgidm", version=__version__, description=DESCRIPTION, docs_url=None,
-                  redoc_url=None)
+                  redoc_url=None, lifespan=lifespan)
     app.state.services = services
     app.state.metrics_registry = metrics_registry(services)
     install_error_handlers(app)

@@ -43,12 +43,15 @@ class JobScan:
         self.services = services
         self._final: dict[str, tuple[str, float | None]] = {}
         self._lock = threading.Lock()
+        #: Jobs waiting to run again after their worker was lost (at the last scan).
+        self.recovering = 0
 
     def scan(self) -> tuple[Counter[str], list[tuple[str, float]]]:
         store = self.services.store
         with self._lock:
             states: Counter[str] = Counter()
             durations: list[tuple[str, float]] = []
+            recovering = 0
             ids = store.list_job_ids()
             for job_id in ids:
                 if job_id not in self._final:
@@ -63,6 +66,7 @@ class JobScan:
                         if state == "queued" and store.cancel_requested(job_id):
                             state = "cancelled"
                         states[state] += 1
+                        recovering += record.recovering
                         continue
                 status, duration = self._final[job_id]
                 states[status] += 1
@@ -70,6 +74,7 @@ class JobScan:
                     durations.append((status, duration))
             for gone in set(self._final) - set(ids):
                 del self._final[gone]
+            self.recovering = recovering
             return states, durations
 
 
@@ -99,6 +104,9 @@ class ServiceCollector(Collector):
         for state in STATES:
             jobs.add_metric([state], states.get(state, 0))
         yield jobs
+        yield GaugeMetricFamily("cgidm_jobs_recovering", "Queued jobs waiting to run again "
+                                "after their worker was lost (lease lapsed)",
+                                value=self.jobs.recovering)
         hist = HistogramMetricFamily(
             "cgidm_job_duration_seconds", "Run time of finished jobs (started to finished)",
             labels=["status"])

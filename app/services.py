@@ -11,14 +11,11 @@ from app.admission import Admission, admission_for
 from app.auth import UrlSigner
 from cgidm.jobs import JobStore
 from cgidm.registry import Registry, load_registry
-from cgidm.routing import queue_depth, queue_for_pair
+from cgidm.routing import queue_depth
 from cgidm.settings import Settings
 from cgidm.storage import storage_from_settings
-from cgidm.tasks import AUTHENTICATE_TASK, make_celery
+from cgidm.tasks import enqueue_job, make_celery
 from cgidm.uploaded_models import ModelResolver, UploadStore
-
-#: Publishing to a broker that is down should fail fast (the client gets a 503), not hang.
-PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
 
 
 @dataclass
@@ -51,10 +48,7 @@ class Services:
     def enqueue(self, job_id: str, pretrained: str = "", finetuned: str = "") -> None:
         """Send the job by task name; the gateway never imports the worker's code. The queue
         depends on the pair with CGIDM_ROUTING=pair (cgidm/routing.py)."""
-        self.celery.send_task(AUTHENTICATE_TASK, args=[job_id], task_id=job_id,
-                              queue=queue_for_pair(pretrained, finetuned, self.settings),
-                              retry=True,
-                              retry_policy=PUBLISH_RETRY)
+        enqueue_job(self.celery, self.settings, job_id, 1, pretrained, finetuned)
 
     def queue_depth(self) -> int:
         """Messages waiting in the job queues (plain and slots); raises if the broker cannot

@@ -221,6 +221,22 @@ class JobResult(BaseModel):
         default_factory=dict, description="What the result was computed from: sha256 of every "
         "image as uploaded and of every model file, prompt and its source, all settings, "
         "versions, device and dtype (`cgidm verify` re-runs it).")
+    batch_size_used: int | None = Field(
+        None, description="Images per PGD batch the run ended with: the requested (or the "
+        "pair's preferred) batch size, halved after each GPU out-of-memory error.")
+    oom_halvings: int = Field(0, description="Times the batch was halved after the GPU ran out "
+                              "of memory (0: the first batch size fitted).")
+
+
+class Recovery(BaseModel):
+    """Why a job runs again: the worker of an earlier attempt was lost (its lease lapsed)."""
+
+    attempt: int = Field(description="The attempt now due (1 is the first delivery).")
+    lost_attempts: int = Field(description="Attempts whose worker was lost so far.")
+    max_attempts: int = Field(description="Lost attempts after which the job ends failed "
+                              "(CGIDM_MAX_ATTEMPTS).")
+    lost_at: datetime
+    message: str
 
 
 class JobRecord(BaseModel):
@@ -242,6 +258,12 @@ class JobRecord(BaseModel):
     attempt: str | None = Field(
         None, description="Which run of the job produced the artifacts (a job that is run again "
         "after a worker died writes each run's pictures apart and publishes one run's).")
+    recovering: bool = Field(
+        False, description="True while a job whose worker was lost (lease lapsed: killed, out "
+        "of memory, machine gone) waits for a worker to run it again; its progress restarts.")
+    recovery: Recovery | None = Field(
+        None, description="Set once a worker running the job was lost: which attempt is due, "
+        "how many were lost, and what happened.")
 
     @property
     def terminal(self) -> bool:

@@ -13,7 +13,9 @@ without taking the writer's lock, so a worker can claim a half-written (empty) m
 transport publishes in one transaction and claims a message inside ``BEGIN IMMEDIATE``, so each
 message is seen whole by exactly one consumer. Both keep unacknowledged messages in the worker's
 memory and put them back when the worker shuts down (warm or cold); neither can recover a
-message from a worker killed with SIGKILL; Redis (production) can, through its visibility timeout.
+message from a worker killed with SIGKILL. Job leases do, with either broker (cgidm/leases.py:
+a SQLite file next to the broker's here, the broker's Redis in production), long before Redis's
+own visibility timeout would.
 """
 
 from __future__ import annotations
@@ -201,6 +203,27 @@ class Settings(BaseSettings):
         "OOM, lost machine) is delivered again. Must exceed CGIDM_TASK_TIME_LIMIT, so a job "
         "still running is never started twice (default: CGIDM_TASK_TIME_LIMIT + 600).",
     )
+    lease_ttl: float = Field(
+        60.0, ge=2, le=3600,
+        description="Seconds a running job's lease lasts without a heartbeat. A job whose "
+        "worker vanished (SIGKILL, OOM killer, lost machine) is handed out again this long "
+        "after the last heartbeat (plus up to CGIDM_REAPER_INTERVAL), whatever the job's length.",
+    )
+    lease_heartbeat: float = Field(
+        10.0, gt=0, le=600,
+        description="Seconds between two renewals of a running job's lease, by a thread of the "
+        "worker that does not wait for PGD progress; must be under half of CGIDM_LEASE_TTL.",
+    )
+    reaper_interval: float = Field(
+        5.0, gt=0, le=600,
+        description="Seconds between two looks for lapsed leases, by the reaper that runs in "
+        "every worker and gateway process.",
+    )
+    max_attempts: int = Field(
+        3, ge=1, le=100,
+        description="Lapsed attempts (the worker lost while running the job) after which a job "
+        "ends failed with code worker_lost instead of being handed out again.",
+    )
     storage_retries: int = Field(
         5, ge=0, le=20,
         description="Times a job is retried (from the start) when storage fails under it, "
@@ -240,6 +263,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 "CGIDM_VISIBILITY_TIMEOUT must be larger than CGIDM_TASK_TIME_LIMIT: a shorter "
                 "one hands a job that is still running to a second worker"
+            )
+        if self.lease_heartbeat * 2 > self.lease_ttl:
+            raise ValueError(
+                "CGIDM_LEASE_HEARTBEAT must be at most half of CGIDM_LEASE_TTL, so one late or "
+                "lost heartbeat does not make a running job look abandoned"
             )
         return self
 

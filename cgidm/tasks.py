@@ -11,8 +11,9 @@ from typing import Any
 
 from cgidm.settings import Settings
 
-#: The one task: authenticate the images of a job. Its only argument is the job id; everything
-#: else is read from storage, so messages stay tiny and a redelivered message is harmless.
+#: The one task: authenticate the images of a job. Its arguments are the job id and the attempt
+#: number (keyword ``attempt``); everything else is read from storage, so messages stay tiny and
+#: a redelivered message is harmless.
 AUTHENTICATE_TASK = "cgidm.authenticate"
 
 
@@ -51,6 +52,26 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_enable_remote_control": not settings.embedded_broker,
         "worker_send_task_events": False,
     }
+
+
+#: Publishing to a broker that is down should fail fast (the client gets a 503), not hang.
+PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
+
+
+def enqueue_job(celery: Any, settings: Settings, job_id: str, attempt: int = 1,
+                pretrained: str = "", finetuned: str = "") -> None:
+    """Send one attempt of a job by task name (the gateway never imports the worker's code).
+
+    The message carries the attempt number, which fences deliveries (:mod:`cgidm.leases`): the
+    gateway sends attempt 1, the reaper ``n + 1`` after attempt ``n`` was lost. The queue depends
+    on the pair with ``CGIDM_ROUTING=pair`` (:mod:`cgidm.routing`).
+    """
+    from cgidm.routing import queue_for_pair
+
+    celery.send_task(AUTHENTICATE_TASK, args=[job_id], kwargs={"attempt": attempt},
+                     task_id=job_id if attempt == 1 else f"{job_id}-a{attempt}",
+                     queue=queue_for_pair(pretrained, finetuned, settings),
+                     retry=True, retry_policy=PUBLISH_RETRY)
 
 
 def make_celery(settings: Settings, main: str = "cgidm") -> Any:

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 
 from . import provenance
-from .errors import ConfigError
+from .errors import ConfigError, OutOfMemory
 from .images import ImageSource, image_seed, load_image, to_pil, to_tensor
 from .inversion import CancelFn, InversionConfig, invert
 from .pair import ModelPair
@@ -92,6 +93,20 @@ def image_names(images: Sequence[ImageSource], names: Sequence[str] | None) -> l
     return out
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for the device running out of memory raised as an exception (not a process kill):
+    ``torch.cuda.OutOfMemoryError``, or the plain RuntimeError other backends raise."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def release_device_memory() -> None:
+    """Give the allocator's cached blocks back after an out-of-memory error."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def checked_batch_size(
     pair: ModelPair, images: Sequence[ImageSource], batch_size: int | None
 ) -> int:
@@ -119,6 +134,7 @@ def authenticate(
     progress: Callable[[int, int], None] | None = None,
     should_cancel: CancelFn | None = None,
     prompt_source: str | None = None,
+    on_batch_halved: Callable[[int], None] | None = None,
 ) -> AuthenticationResults:
     """Recover every image's removed half and score the recovery against the original.
 
@@ -129,6 +145,12 @@ def authenticate(
     Images run in batches of ``batch_size`` (default: the pair's ``preferred_batch_size``) as one
     computation each. ``progress(done, total)``
     counts PGD steps over all batches; ``should_cancel()`` is polled every few steps.
+
+    If the device runs out of memory inside a batch (``torch.cuda.OutOfMemoryError``, raised as
+    an exception), that batch and the rest are split into batches of half its size and the
+    batch is run again; ``on_batch_halved(new_size)`` is told. Each image has its own seeds, so
+    its result does not depend on the batch it ran in. A single image that does not fit raises
+    :class:`OutOfMemory`.
     """
     batch_size = checked_batch_size(pair, images, batch_size)
     config = config or InversionConfig()
@@ -145,23 +167,46 @@ def authenticate(
                               batch_size=batch_size)
     cond = pair.conditioning(prompt)
 
-    batches = [
+    pending = deque(
         list(range(start, min(start + batch_size, len(pictures))))
         for start in range(0, len(pictures), batch_size)
-    ]
-    total = config.steps * len(batches)
+    )
+    offset = 0  # PGD steps of the batches already done
     results: list[ImageResult] = []
-    for b, indices in enumerate(batches):
+    while pending:
+        indices = pending.popleft()
+        total = offset + config.steps * (1 + len(pending))
         tensor = to_tensor([pictures[i] for i in indices], pair.image_size)
         seeds = [image_seed(img, config.seed) for img in tensor]
 
-        def report(done: int, _steps: int, offset: int = b * config.steps) -> None:
+        def report(done: int, _steps: int, start: int = offset, total: int = total) -> None:
             if progress is not None:
-                progress(offset + done, total)
+                progress(start + done, total)
 
-        out = invert(
-            pair, tensor, cond, config, seeds=seeds, progress=report, should_cancel=should_cancel
-        )
+        out = None
+        try:
+            out = invert(
+                pair, tensor, cond, config, seeds=seeds, progress=report,
+                should_cancel=should_cancel,
+            )
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            if len(indices) == 1:
+                raise OutOfMemory(
+                    f"the device ran out of memory on one image ({labels[indices[0]]}) at "
+                    "batch size 1; use smaller images or a device with more memory"
+                ) from exc
+        if out is None:  # out of memory; outside the except block, whose traceback holds tensors
+            del tensor
+            release_device_memory()
+            half = len(indices) // 2
+            rest = indices + [i for chunk in pending for i in chunk]
+            pending = deque(rest[start : start + half] for start in range(0, len(rest), half))
+            if on_batch_halved is not None:
+                on_batch_halved(half)
+            continue
+        offset += config.steps
         values = compute_metrics(out.original, out.recovered, out.mask, wanted, feature_model)
         originals, partials, recovered = to_pil(out.original), to_pil(out.partial), to_pil(
             out.recovered

@@ -54,3 +54,9 @@ class Cancelled(CGIDMError):
     """The caller's cancel hook asked the inversion to stop."""
 
     code = "cancelled"
+
+
+class OutOfMemory(CGIDMError):
+    """The device ran out of memory even at batch size 1."""
+
+    code = "out_of_memory"

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cgidm.jobs import JobStore, utcnow
+from cgidm.leases import LeaseStore, leases_from_settings
 from cgidm.registry import ModelEntry, Registry, load_registry
 from cgidm.settings import Settings, get_settings
 from cgidm.storage import storage_from_settings
@@ -41,6 +42,8 @@ class WorkerContext:
     #: sha256 -> (storage key, size) of an uploaded file, for the loader of a pair keyed on
     #: content
     sources: dict[str, tuple[str, int]] = field(default_factory=dict)
+    #: Job leases (cgidm/leases.py); None: no fencing, the broker's redelivery alone.
+    leases: LeaseStore | None = None
 
     def registry(self) -> Registry:
         return load_registry(self.settings.models)
@@ -121,5 +124,6 @@ def get_context() -> WorkerContext:
                          on_evict=lambda key: _evicted(ctx, key)),
         worker_id=worker_id,
         disk=DiskCache(settings.resolved_model_cache_dir, settings.model_disk_bytes),
+        leases=leases_from_settings(settings),
     )
     return ctx

@@ -32,7 +32,9 @@ from cgidm.jobs import (
 )
 from cgidm.registry import InvalidModelReference, UnknownModel
 from cgidm.storage import StorageError, StorageUnavailable
+from worker import faults
 from worker.context import WorkerContext
+from worker.leasing import LeaseKeeper
 
 log = logging.getLogger("cgidm.worker")
 
@@ -44,6 +46,10 @@ class JobInterrupted(Exception):
     """The worker is shutting down: the job was put back to ``queued`` and must be requeued."""
 
 
+class AttemptSuperseded(Exception):
+    """This attempt's lease lapsed and the job was handed out again: stop, write nothing."""
+
+
 class Watch:
     """The progress and cancel hooks handed to the method, both throttled.
 
@@ -53,8 +59,9 @@ class Watch:
     shutdown of the worker interrupts the job so that it goes back to the queue at once.
     """
 
-    def __init__(self, ctx: WorkerContext, record: JobRecord):
+    def __init__(self, ctx: WorkerContext, record: JobRecord, keeper: LeaseKeeper | None = None):
         self.ctx, self.record = ctx, record
+        self.keeper = keeper or LeaseKeeper(None, ctx.settings, record.job_id, 1, ctx.worker_id)
         self.start = time.monotonic()
         self.deadline = self.start + ctx.settings.task_soft_time_limit
         self._last_write = self._last_check = float("-inf")
@@ -62,6 +69,9 @@ class Watch:
         self.reason: str | None = None
 
     def progress(self, done: int, total: int) -> None:
+        faults.on_progress(done)
+        if self.keeper.lost.is_set():  # no longer this worker's attempt: write nothing
+            return
         now = time.monotonic()
         if done < total and now - self._last_write < self.ctx.settings.progress_interval:
             return
@@ -86,6 +96,9 @@ class Watch:
         now = time.monotonic()
         if SHUTDOWN.is_set():
             self.reason = "shutdown"
+            return True
+        if self.keeper.lost.is_set():
+            self.reason = "superseded"
             return True
         if now > self.deadline:
             self.reason = "time_limit"
@@ -113,8 +126,9 @@ class HardLimit:
 
     EXIT_CODE = 70
 
-    def __init__(self, ctx: WorkerContext, record: JobRecord, exit: Any = os._exit):
-        self.ctx, self.record, self.exit = ctx, record, exit
+    def __init__(self, ctx: WorkerContext, record: JobRecord, exit: Any = os._exit,
+                 keeper: LeaseKeeper | None = None):
+        self.ctx, self.record, self.exit, self.keeper = ctx, record, exit, keeper
         self.timer = threading.Timer(ctx.settings.task_time_limit, self._expire)
         self.timer.daemon = True
 
@@ -130,9 +144,12 @@ class HardLimit:
         log.critical("job %s ran past the hard limit (%s s); ending the worker process",
                      self.record.job_id, limit)
         try:
-            finish(self.ctx, self.record.model_copy(deep=True), "failed", JobError(
-                code="time_limit", message=f"the job was stopped by CGIDM_TASK_TIME_LIMIT "
-                f"({limit} s) without reaching a PGD step; the worker was restarted"))
+            if self.keeper is None or self.keeper.commit():
+                finish(self.ctx, self.record.model_copy(deep=True), "failed", JobError(
+                    code="time_limit", message=f"the job was stopped by CGIDM_TASK_TIME_LIMIT "
+                    f"({limit} s) without reaching a PGD step; the worker was restarted"))
+                if self.keeper is not None:
+                    self.keeper.done()
         except Exception:  # noqa: BLE001 - exiting matters more than the record here
             log.exception("job %s: could not record the hard limit", self.record.job_id)
         self.exit(self.EXIT_CODE)
@@ -157,41 +174,81 @@ def finish(ctx: WorkerContext, record: JobRecord, status: str, error: JobError |
     return status
 
 
-def run_job(ctx: WorkerContext, job_id: str) -> str:
-    """Process one job to its end; returns the final status. Raises only for transient storage
-    errors (the Celery task retries those)."""
+def run_job(ctx: WorkerContext, job_id: str, attempt: int | None = None) -> str:
+    """Process one attempt of a job to its end; returns the final status, or ``stale`` for a
+    delivery that must do nothing (its attempt was superseded, another worker holds it, or the
+    job has finished). Raises only for transient storage errors (the Celery task retries those)
+    and for a warm shutdown (the message goes back to the queue)."""
     if SHUTDOWN.is_set():  # a message delivered while the worker stops: straight back
         raise JobInterrupted(f"job {job_id} not started: the worker is shutting down")
+    attempt = attempt or 1
     try:
         record = ctx.store.load(job_id)
     except JobNotFound:
         log.error("job %s has no job.json; dropping the message", job_id)
         return "missing"
+    keeper = LeaseKeeper(ctx.leases, ctx.settings, job_id, attempt, ctx.worker_id)
     if record.terminal:
         log.info("job %s is already %s (redelivered message); skipping", job_id, record.status)
+        keeper.done()
         return record.status
+    claim = keeper.claim((record.settings.pretrained, record.settings.finetuned))
+    if not claim.ok:
+        log.warning("job %s: delivery of attempt %d dropped: %s (current attempt %d)", job_id,
+                    attempt, claim.verdict, claim.current)
+        return "stale"
+    keeper.start()
+    try:
+        return _run_claimed(ctx, record, keeper)
+    finally:
+        keeper.stop()
+
+
+def _run_claimed(ctx: WorkerContext, record: JobRecord, keeper: LeaseKeeper) -> str:
+    job_id = record.job_id
+    watch = Watch(ctx, record, keeper)
     if ctx.store.cancel_requested(job_id):
-        return finish(ctx, record, "cancelled",
+        return _close(ctx, record, watch, "cancelled",
                       JobError(code="cancelled", message="cancelled before it started"))
 
     record.status = "running"
     record.started_at = utcnow()
+    record.finished_at = None
     record.attempts += 1
-    attempt = new_attempt_tag(record.attempts)
-    record.worker = {"worker_id": ctx.worker_id, "attempt": attempt}
+    record.recovering = False
+    tag = new_attempt_tag(record.attempts)
+    record.worker = {"worker_id": ctx.worker_id, "attempt": tag, "delivery": keeper.attempt}
     ctx.store.save(record)
-    watch = Watch(ctx, record)
     try:
-        with HardLimit(ctx, record):
-            result = _authenticate(ctx, record, watch, attempt)
+        with HardLimit(ctx, record, keeper=keeper):
+            result = _authenticate(ctx, record, watch, tag)
+    except AttemptSuperseded:
+        return _step_back(ctx, record, tag)
     except StorageUnavailable:
-        raise  # retried from the start; this run's pictures go when a later run ends
+        # Retried from the start by the task (same attempt); this run's pictures go when a later
+        # run ends. The lease is held until the retry is delivered.
+        keeper.hold(ctx.settings.storage_retry_backoff_max + ctx.settings.lease_ttl)
+        raise
     except Exception as exc:  # every failure ends the job with a readable error
-        return _fail(ctx, record, watch, exc)
-    return _publish(ctx, record, result, attempt)
+        try:
+            return _fail(ctx, record, watch, exc)
+        except AttemptSuperseded:
+            return _step_back(ctx, record, tag)
+    return _publish(ctx, record, watch, result, tag)
 
 
-def _publish(ctx: WorkerContext, record: JobRecord, result: JobResult, attempt: str) -> str:
+def _step_back(ctx: WorkerContext, record: JobRecord, tag: str) -> str:
+    """A superseded attempt: remove its own pictures, leave the record to the current one."""
+    log.warning("job %s: run %s stopped, its attempt was superseded", record.job_id, tag)
+    try:
+        ctx.store.storage.delete_prefix(f"{attempts_prefix(record.job_id)}{tag}/")
+    except StorageError as exc:
+        log.warning("job %s: pictures of run %s not removed: %s", record.job_id, tag, exc)
+    return "stale"
+
+
+def _publish(ctx: WorkerContext, record: JobRecord, watch: Watch, result: JobResult,
+             attempt: str) -> str:
     """Make this run's result the job's, exactly once, and only with all of its pictures.
 
     ``job.json`` is the commit point: it is written last and names the run (``attempt``) whose
@@ -206,11 +263,14 @@ def _publish(ctx: WorkerContext, record: JobRecord, result: JobResult, attempt: 
     if not expected <= present:  # never "succeeded" with pictures missing
         raise StorageUnavailable(f"job {job_id}: {len(expected - present)} of {len(expected)} "
                                  "pictures are missing from storage after writing them")
+    if not watch.keeper.commit():  # a reaper handed the job out again: that attempt publishes
+        return _step_back(ctx, record, attempt)
     current = ctx.store.load(job_id)
     if current.terminal:
         log.warning("job %s was already %s by another run; discarding run %s",
                     job_id, current.status, attempt)
         ctx.store.storage.delete_prefix(f"{attempts_prefix(job_id)}{attempt}/")
+        watch.keeper.done()
         return current.status
     ctx.store.save_result(job_id, result)
     record.result = result
@@ -218,6 +278,7 @@ def _publish(ctx: WorkerContext, record: JobRecord, result: JobResult, attempt: 
     record.progress = Progress(fraction=1.0, steps_done=record.progress.steps_total or 0,
                                steps_total=record.progress.steps_total, eta_seconds=0.0)
     status = finish(ctx, record, "succeeded", None)
+    watch.keeper.done()
     _discard_runs(ctx, job_id, keep=attempt)
     return status
 
@@ -230,23 +291,30 @@ def _discard_runs(ctx: WorkerContext, job_id: str, keep: str | None) -> None:
         log.warning("job %s: pictures of earlier runs not removed: %s", job_id, exc)
 
 
-def _close(ctx: WorkerContext, record: JobRecord, status: str, error: JobError) -> str:
-    """End the job without a result, unless another run of it has already ended it."""
+def _close(ctx: WorkerContext, record: JobRecord, watch: Watch, status: str,
+           error: JobError) -> str:
+    """End the job without a result, unless another run of it has already ended it or its
+    attempt was superseded."""
+    if not watch.keeper.commit():
+        tag = (record.worker or {}).get("attempt")
+        return _step_back(ctx, record, tag) if tag else "stale"
     try:
         current = ctx.store.load(record.job_id)
     except JobNotFound:
         current = None
     if current is not None and current.terminal:
         _discard_runs(ctx, record.job_id, keep=current.attempt)
+        watch.keeper.done()
         return current.status
     status = finish(ctx, record, status, error)
+    watch.keeper.done()
     _discard_runs(ctx, record.job_id, keep=None)
     return status
 
 
 def _fail(ctx: WorkerContext, record: JobRecord, watch: Watch, exc: Exception) -> str:
     status, error = _classify(ctx, record, watch, exc)
-    return _close(ctx, record, status, error)
+    return _close(ctx, record, watch, status, error)
 
 
 def _classify(ctx: WorkerContext, record: JobRecord, watch: Watch,
@@ -257,10 +325,14 @@ def _classify(ctx: WorkerContext, record: JobRecord, watch: Watch,
     from cgidm_core.errors import Cancelled, CGIDMError
 
     limit = ctx.settings.task_soft_time_limit
+    if isinstance(exc, Cancelled) and watch.reason == "superseded":
+        raise AttemptSuperseded(f"job {record.job_id}: attempt {watch.keeper.attempt} lost its "
+                                "lease") from exc
     if isinstance(exc, Cancelled) and watch.reason == "shutdown":
         record.status, record.started_at, record.worker = "queued", None, None
         record.progress = Progress()
         ctx.store.save(record)
+        watch.keeper.release()
         raise JobInterrupted(f"job {record.job_id} interrupted by a worker shutdown") from exc
     if isinstance(exc, Cancelled) and watch.reason != "time_limit":
         return "cancelled", JobError(code="cancelled", message=str(exc))
@@ -304,6 +376,7 @@ def check_prompt_length(pair: Any, prompt: str | None) -> None:
 def _authenticate(ctx: WorkerContext, record: JobRecord, watch: Watch,
                   attempt: str) -> JobResult:
     from cgidm_core import InversionConfig, authenticate
+    from cgidm_core.api import checked_batch_size
     from cgidm_core.stats import controls_test
 
     started = time.monotonic()
@@ -312,11 +385,13 @@ def _authenticate(ctx: WorkerContext, record: JobRecord, watch: Watch,
     load_start = time.monotonic()
     pair, hit = ctx.cache.get(ctx.pair_key(pre, ft))
     record.worker = {
+        **(record.worker or {}),
         "worker_id": ctx.worker_id,
         "model_cache": "hit" if hit else "miss",
         "load_seconds": round(time.monotonic() - load_start, 3),
     }
-    ctx.store.save(record)
+    if not watch.keeper.lost.is_set():  # a superseded attempt writes nothing
+        ctx.store.save(record)
     ctx.publish_stats()
 
     prompt = settings.prompt if settings.prompt is not None else ft.prompt
@@ -330,6 +405,14 @@ def _authenticate(ctx: WorkerContext, record: JobRecord, watch: Watch,
     if settings.metric in FEATURE_METRICS:
         feature_model = ctx.settings.feature_model
     images = [ctx.store.read_input(item.key) for item in record.inputs]
+    batch_size = checked_batch_size(pair, images, settings.batch_size)
+    halvings: list[int] = []
+
+    def halved(size: int) -> None:
+        halvings.append(size)
+        log.warning("job %s: the device ran out of memory; batch size halved to %d",
+                    record.job_id, size)
+
     results = authenticate(
         pair,
         images,
@@ -342,6 +425,7 @@ def _authenticate(ctx: WorkerContext, record: JobRecord, watch: Watch,
         progress=watch.progress,
         should_cancel=watch.should_cancel,
         prompt_source=prompt_source,
+        on_batch_halved=halved,
     )
 
     roles = {item.name: item.role for item in record.inputs}
@@ -375,6 +459,8 @@ def _authenticate(ctx: WorkerContext, record: JobRecord, watch: Watch,
         pair=pair.describe(),
         elapsed_seconds=round(time.monotonic() - started, 3),
         provenance=service_provenance(results.provenance, record, pre, ft),
+        batch_size_used=halvings[-1] if halvings else min(batch_size, len(images)),
+        oom_halvings=len(halvings),
     )
     return result
 

@@ -1,4 +1,6 @@
-"""The Celery task: one task per job, its only argument the job id."""
+"""The Celery task: one task per attempt of a job; its arguments the job id and the attempt
+number (which fences deliveries, see cgidm/leases.py). This module also starts the worker's
+reaper thread (cgidm/reaper.py) when the worker is ready, and stops it when it shuts down."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import time
 
 from celery import Task
 from celery.exceptions import Reject
-from celery.signals import worker_shutting_down
+from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
 from cgidm.jobs import JobError, JobNotFound
 from cgidm.settings import get_settings
@@ -17,6 +19,7 @@ from cgidm.tasks import AUTHENTICATE_TASK
 from worker.celery_app import celery_app
 from worker.context import get_context
 from worker.job_runner import SHUTDOWN, JobInterrupted, finish, run_job
+from worker.leasing import LeaseKeeper
 
 log = logging.getLogger("cgidm.worker")
 
@@ -33,6 +36,25 @@ def _on_shutdown(**_: object) -> None:
     SHUTDOWN.set()
 
 
+_REAPER: list[object] = []
+
+
+@worker_ready.connect
+def _start_reaper(**_: object) -> None:
+    """Every worker also hands out again the jobs of workers that were lost (cgidm/reaper.py)."""
+    from cgidm.reaper import start_reaper
+
+    reaper = start_reaper(_SETTINGS, get_context().store, "worker")
+    if reaper is not None:
+        _REAPER.append(reaper)
+
+
+@worker_shutdown.connect
+def _stop_reaper(**_: object) -> None:
+    for reaper in _REAPER:
+        reaper.stop()  # type: ignore[attr-defined]
+
+
 @celery_app.task(
     name=AUTHENTICATE_TASK,
     bind=True,
@@ -42,7 +64,7 @@ def _on_shutdown(**_: object) -> None:
     retry_jitter=True,
     max_retries=MAX_RETRIES,
 )
-def authenticate_job(self: Task, job_id: str) -> str:
+def authenticate_job(self: Task, job_id: str, attempt: int | None = None) -> str:
     """Run the job; storage outages are retried with exponential backoff (the job starts over),
     and when the retries are spent the job is marked failed with ``storage_unavailable``.
 
@@ -51,7 +73,7 @@ def authenticate_job(self: Task, job_id: str) -> str:
     """
     ctx = get_context()
     try:
-        return run_job(ctx, job_id)
+        return run_job(ctx, job_id, attempt)
     except JobInterrupted as exc:
         raise Reject(str(exc), requeue=True) from exc
     except StorageUnavailable as exc:
@@ -62,12 +84,17 @@ def authenticate_job(self: Task, job_id: str) -> str:
         log.error("job %s: storage still unavailable after %d retries", job_id, MAX_RETRIES)
         try:
             record = ctx.store.load(job_id)
+            keeper = LeaseKeeper(ctx.leases, ctx.settings, job_id, attempt or 1, ctx.worker_id)
             if record.terminal:
+                keeper.done()
                 return record.status
+            if not keeper.commit():  # the attempt was handed out again meanwhile
+                return "stale"
             finish(ctx, record, "failed", JobError(
                 code="storage_unavailable",
                 message=f"storage failed {MAX_RETRIES + 1} times while the job ran ({exc}); "
                 "submit it again later"))
+            keeper.done()
         except JobNotFound:
             return "missing"
         except StorageError as again:

@@ -196,3 +196,45 @@ def test_demo_command_end_to_end(tmp_path):
     # 10 controls cannot reach alpha = 0.05 (1/11 > 0.05): per-image verdicts are inconclusive.
     assert all(row["verdict"] == "inconclusive" for row in result["images"])
     assert not (tmp_path / "cgidm-data").exists()  # the demo keeps its service data private
+
+
+def test_serve_started_again_after_its_worker_was_killed_runs_the_job_again(tmp_path,
+                                                                            registry_file):
+    """The embedded service's leases (a SQLite file next to the broker's): a worker SIGKILLed
+    mid-job stops ``cgidm serve``; started again on the same data folder, its reapers find the
+    lapsed lease (default settings: 60 s) and the job runs again, once."""
+    import time
+
+    data_dir = tmp_path / "data"
+    env = child_env({"CGIDM_DATA_DIR": str(data_dir), "CGIDM_MODELS": str(registry_file)})
+    port = free_port()
+    serve = _serve(tmp_path, env, port, "serve-killed")
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            job_id = _submit(client, steps=120)
+            running = wait_for_job(client, job_id, timeout=180, until=_running_past(0))
+            assert running["status"] == "running", running
+        worker_pid = int(running["worker"]["worker_id"].rsplit("-", 1)[1])
+        os.kill(worker_pid, signal.SIGKILL)
+        killed = time.monotonic()
+        assert serve.wait(timeout=60) == 1  # serve stops when a child dies
+    finally:
+        stop_process(serve)
+    assert _job_file(data_dir, job_id)["status"] == "running"  # stale, as the worker left it
+    assert (data_dir / "leases.sqlite").is_file()
+
+    serve = _serve(tmp_path, env, port, "serve-again")
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            job = wait_for_job(client, job_id, timeout=150)
+            elapsed = time.monotonic() - killed
+            assert job["status"] == "succeeded", job
+            assert job["attempts"] == 2 and job["recovery"]["attempt"] == 2
+            assert job["worker"]["delivery"] == 2
+            assert elapsed < 120, elapsed
+            print(f"\n[embedded] SIGKILL -> succeeded after a restart: {elapsed:.1f} s")
+        folder = data_dir / "storage" / "jobs" / job_id
+        assert [p.name for p in (folder / "attempts").iterdir()] == [job["attempt"]]
+        assert json.loads((folder / "result.json").read_text()) == job["result"]
+    finally:
+        stop_process(serve)

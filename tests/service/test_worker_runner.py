@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import pytest
 
 from cgidm.jobs import InputFile, JobRecord, JobSettings, JobStore, input_key, new_job_id, utcnow
+from cgidm.leases import Step
 from cgidm.settings import Settings
 from cgidm.storage import LocalStorage
 from tests.service.conftest import png_bytes
@@ -128,3 +130,82 @@ def test_prompt_longer_than_the_tokenizer_fails_the_job_with_its_code(tmp_path, 
     assert outcomes["long"].error.code == "prompt_too_long"
     assert "at most 77" in outcomes["long"].error.message
     assert outcomes["fits"].status == "succeeded", outcomes["fits"].error
+
+
+def _job_with_images(ctx: WorkerContext, count: int, **settings: object) -> JobRecord:
+    job_id = new_job_id()
+    inputs, files = [], []
+    for i in range(count):
+        key = input_key(job_id, "image", i, f"p{i}")
+        inputs.append(InputFile(name=f"p{i}", role="image", key=key, width=24, height=20))
+        files.append((key, png_bytes(20 + i)))
+    record = JobRecord(job_id=job_id, created_at=utcnow(), inputs=inputs,
+                       settings=JobSettings(pretrained="tiny-base", finetuned="tiny-ft",
+                                            **settings))
+    ctx.store.create(record, files)
+    return record
+
+
+@pytest.fixture
+def leased_ctx(tmp_path, registry_file) -> WorkerContext:
+    """A worker context with the embedded service's lease store (SQLite) and room for jobs."""
+    from cgidm.leases import SqliteLeases
+    from worker.context import _load_pair
+
+    settings = Settings(data_dir=tmp_path, models=registry_file, device="cpu",
+                        task_soft_time_limit=300, task_time_limit=600, progress_interval=0)
+    return WorkerContext(settings=settings, store=JobStore(LocalStorage(tmp_path / "store")),
+                         cache=ModelCache(10**9, _load_pair), worker_id="test-worker",
+                         leases=SqliteLeases(settings))
+
+
+def test_out_of_memory_in_a_job_halves_the_batch_and_records_it(leased_ctx, monkeypatch):
+    """CUDA's out-of-memory error injected for batches above one image: the job succeeds and
+    its result says which batch size it ended with."""
+    import torch
+
+    import cgidm_core.api
+
+    real = cgidm_core.api.invert
+
+    def invert(pair, tensor, *args, **kwargs):
+        if tensor.shape[0] > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(pair, tensor, *args, **kwargs)
+
+    monkeypatch.setattr(cgidm_core.api, "invert", invert)
+    record = _job_with_images(leased_ctx, 4, steps=2, batch_size=4)
+    assert run_job(leased_ctx, record.job_id, 1) == "succeeded"
+    job = leased_ctx.store.load(record.job_id)
+    assert job.result.batch_size_used == 1 and job.result.oom_halvings == 2
+    assert len(job.result.images) == 4
+    assert leased_ctx.store.load_result(record.job_id)["batch_size_used"] == 1
+
+
+def test_batch_size_used_without_out_of_memory(leased_ctx):
+    record = _job_with_images(leased_ctx, 3, steps=1, batch_size=2)
+    assert run_job(leased_ctx, record.job_id, 1) == "succeeded"
+    result = leased_ctx.store.load(record.job_id).result
+    assert (result.batch_size_used, result.oom_halvings) == (2, 0)
+
+
+def test_superseded_and_duplicate_deliveries_do_nothing(leased_ctx):
+    """Attempt 1 was lost and attempt 2 handed out: a late delivery of attempt 1 is dropped
+    without touching the record; attempt 2 runs; a duplicate of attempt 2 afterwards is
+    dropped too (the job has finished). One result, one run folder."""
+    leases = leased_ctx.leases
+    record = _job_with_images(leased_ctx, 1, steps=1)
+    job_id = record.job_id
+    assert leases.claim(job_id, 1, "lost-worker").ok
+    leases._apply(job_id, lambda lease, now: Step(replace(lease, deadline=now - 1)))  # lapsed
+    reaped = leases.reap(job_id, "reaper")
+    assert reaped.attempt == 2 and leases.settle(reaped, "reaper")
+    before = leased_ctx.store.load(job_id)
+    assert run_job(leased_ctx, job_id, 1) == "stale"
+    assert leased_ctx.store.load(job_id) == before
+    assert run_job(leased_ctx, job_id, 2) == "succeeded"
+    assert run_job(leased_ctx, job_id, 2) == "succeeded"  # finished: skipped
+    job = leased_ctx.store.load(job_id)
+    assert job.attempts == 1 and job.worker["delivery"] == 2
+    assert leased_ctx.store.list_attempts(job_id) == [job.attempt]
+    assert leases.get(job_id).state == "done"

@@ -23,6 +23,7 @@ from cgidm_core.models.devices import resolve_device, resolve_dtype
 from cgidm_core.models.formats import (
     DDPM_FAMILY,
     FINETUNED_KINDS,
+    SDXL_FAMILY,
     detect_finetuned_kind,
     pipeline_family,
     read_json,
@@ -65,7 +66,8 @@ def load_pair(
 ) -> ModelPair:
     """Load a pretrained model and its suspected fine-tune as one pair, frozen, in eval mode.
 
-    ``pretrained`` is a diffusers pipeline folder (Stable Diffusion 1.x/2.x or pixel DDPM);
+    ``pretrained`` is a diffusers pipeline folder (Stable Diffusion 1.x/2.x, SDXL base or pixel
+    DDPM);
     ``finetuned`` is any format :func:`detect_finetuned_kind` recognises (``finetuned_kind``
     overrides the detection). ``device``/``dtype`` default to CUDA+float16 when a GPU exists,
     else CPU+float32. Without ``allow_network`` nothing is downloaded: Hub ids must already be in
@@ -93,6 +95,10 @@ def load_pair(
         raise describe_family_mismatch(family, kind, ft_path)
     if family == DDPM_FAMILY:
         return load_ddpm_pair(pre_path, ft_path, opts)
+    if family == SDXL_FAMILY:
+        from cgidm_core.models.sdxl_loading import load_sdxl_pair
+
+        return load_sdxl_pair(pre_path, ft_path, kind, opts, keep_text_encoders=keep_text_encoders)
     return load_sd_pair(pre_path, ft_path, kind, opts, keep_text_encoders=keep_text_encoders)
 
 

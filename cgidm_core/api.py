@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from .errors import ConfigError
 from .images import ImageSource, image_seed, load_image, to_pil, to_tensor
 from .inversion import CancelFn, InversionConfig, invert
 from .pair import ModelPair
+from .prompts import EmptyPromptWarning, choose_prompt
 from .results import ImageResult
 from .similarity import (
     DEFAULT_METRIC,
@@ -99,9 +101,12 @@ def authenticate(
 ) -> list[ImageResult]:
     """Recover every image's removed half and score the recovery against the original.
 
-    Images run in batches of ``batch_size`` (default: the pair's ``preferred_batch_size``) as one
-    computation each. ``progress(done, total)``
-    counts PGD steps over all batches; ``should_cancel()`` is polled every few steps.
+    ``prompt`` defaults to the fine-tune's instance prompt found in its metadata at loading
+    (:func:`cgidm_core.prompts.choose_prompt`); with none, the empty prompt is used and an
+    :class:`~cgidm_core.prompts.EmptyPromptWarning` is issued. ``config.resolution`` overrides the
+    pair's native image size. Images run in batches of ``batch_size`` (default: the pair's
+    ``preferred_batch_size``) as one computation each. ``progress(done, total)`` counts PGD
+    steps over all batches; ``should_cancel()`` is polled every few steps.
     """
     batch_size = checked_batch_size(pair, images, batch_size)
     config = config or InversionConfig()
@@ -109,9 +114,13 @@ def authenticate(
     score_metric = score_metric or DEFAULT_METRIC
     wanted = list(dict.fromkeys([*(metrics or PIXEL_METRICS), score_metric]))
     validate_metrics(wanted, feature_model)
+    size = pair.run_size(config.resolution)
     labels = image_names(images, names)
     pictures = [load_image(src, name=label) for src, label in zip(images, labels, strict=True)]
-    cond = pair.conditioning(prompt if prompt is not None else pair.default_prompt)
+    choice = choose_prompt(prompt, pair)
+    if choice.warning:
+        warnings.warn(choice.warning, EmptyPromptWarning, stacklevel=2)
+    cond = pair.conditioning(choice.text)
 
     batches = [
         list(range(start, min(start + batch_size, len(pictures))))
@@ -120,7 +129,7 @@ def authenticate(
     total = config.steps * len(batches)
     results: list[ImageResult] = []
     for b, indices in enumerate(batches):
-        tensor = to_tensor([pictures[i] for i in indices], pair.image_size)
+        tensor = to_tensor([pictures[i] for i in indices], size)
         seeds = [image_seed(img, config.seed) for img in tensor]
 
         def report(done: int, _steps: int, offset: int = b * config.steps) -> None:

@@ -23,6 +23,7 @@ from .errors import ConfigError, ImageInputError
 from .images import ImageSource, image_seed, load_image, to_tensor
 from .inversion import InversionConfig
 from .pair import ModelPair
+from .prompts import choose_prompt
 
 #: Every method :func:`score_images` knows. "cgidm" is the paper's method (inversion +
 #: similarity); "combined" adds the z-scored similarity and contrast scores.
@@ -121,7 +122,7 @@ def _baseline_scores(
 ) -> list[float]:
     """Encode and score in batches; the baseline gets per-image seeds taken from the pixels."""
     fn = BASELINES[method]
-    cond = pair.conditioning(prompt if prompt is not None else pair.default_prompt)
+    cond = pair.conditioning(choose_prompt(prompt, pair).text)
     total = progress_total if progress_total is not None else len(pictures)
     out: list[float] = []
     for start in range(0, len(pictures), batch_size):

@@ -319,7 +319,10 @@ def _authenticate(ctx: WorkerContext, record: JobRecord, watch: Watch,
     ctx.store.save(record)
     ctx.publish_stats()
 
-    prompt = settings.prompt if settings.prompt is not None else ft.prompt
+    from cgidm_core.prompts import choose_prompt
+
+    choice = choose_prompt(settings.prompt, pair, registry_prompt=ft.prompt)
+    prompt = choice.text
     check_prompt_length(pair, prompt)
     config = InversionConfig(**settings.inversion_overrides())
     feature_model = None
@@ -369,6 +372,7 @@ def _authenticate(ctx: WorkerContext, record: JobRecord, watch: Watch,
         config=config.to_dict(),
         pair=pair.describe(),
         elapsed_seconds=round(time.monotonic() - started, 3),
+        **choice.to_settings(),
     )
     return result
 

@@ -25,6 +25,7 @@ from cgidm_core.models.formats import (
     FINETUNED_KINDS,
     SDXL_FAMILY,
     detect_finetuned_kind,
+    lora_weights_file,
     pipeline_family,
     read_json,
     weights_variant,
@@ -98,8 +99,21 @@ def load_pair(
     if family == SDXL_FAMILY:
         from cgidm_core.models.sdxl_loading import load_sdxl_pair
 
-        return load_sdxl_pair(pre_path, ft_path, kind, opts, keep_text_encoders=keep_text_encoders)
-    return load_sd_pair(pre_path, ft_path, kind, opts, keep_text_encoders=keep_text_encoders)
+        pair = load_sdxl_pair(pre_path, ft_path, kind, opts, keep_text_encoders=keep_text_encoders)
+    else:
+        pair = load_sd_pair(pre_path, ft_path, kind, opts, keep_text_encoders=keep_text_encoders)
+    _read_instance_prompt(pair, ft_path, kind)
+    return pair
+
+
+def _read_instance_prompt(pair: ModelPair, ft_path: Path, kind: str) -> None:
+    """The fine-tune's instance prompt from its own files, as the pair's default prompt."""
+    from cgidm_core.prompts import finetune_prompt
+
+    weights = lora_weights_file(ft_path) if kind == "lora" else None
+    found = finetune_prompt(ft_path, weights=weights)
+    if found is not None:
+        pair.default_prompt, pair.default_prompt_source, pair.default_prompt_origin = found
 
 
 # -- Stable Diffusion ----------------------------------------------------------------------------

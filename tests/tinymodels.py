@@ -641,6 +641,7 @@ def _sdxl_lora_layers(base: Path, seed: int, rank: int) -> dict[str, dict[str, t
     from peft import LoraConfig, inject_adapter_in_model
     from peft.utils import get_peft_model_state_dict
 
+    torch.manual_seed(seed)  # peft draws lora_A from the global generator
     generator = torch.Generator().manual_seed(seed)
     unet = _load_sdxl_model(base, "unet")
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,

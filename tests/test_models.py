@@ -19,7 +19,6 @@ from cgidm_core.errors import (
     IncompatiblePairError,
     ModelFormatError,
     ModelNotFoundError,
-    UnsupportedModelFamilyError,
 )
 from cgidm_core.models import (
     DDPMPair,

@@ -27,6 +27,7 @@ from cgidm_core.models.formats import (
     SD_FAMILY,
     SUPPORTED_HINT,
     check_unet_family,
+    family_name,
     is_sdxl_lora,
     is_sdxl_single_file,
     lora_weights_file,
@@ -485,7 +486,7 @@ def describe_family_mismatch(
             f"fine-tune ({kind}); both models must be of the same family"
         )
     return IncompatiblePairError(
-        f"the pretrained model is Stable Diffusion but {where} is a pixel-space DDPM; both models "
-        "must be of the same family"
+        f"the pretrained model is {family_name(pretrained_family)} but {where} is a pixel-space "
+        "DDPM; both models must be of the same family"
     )
 

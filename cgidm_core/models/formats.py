@@ -42,6 +42,11 @@ PICKLE_HINT = (
     "`DiffusionPipeline.from_pretrained(path).save_pretrained(out, safe_serialization=True)`"
 )
 
+IDENTICAL_MODELS = (
+    "the fine-tuned model {ft} has exactly the weights of the pretrained model {pre}: there is "
+    "nothing to contrast; check that the two paths point to different models"
+)
+
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 _PIXEL_PIPELINES = {"DDPMPipeline", "DDIMPipeline"}
 _PIXEL_UNETS = {"UNet2DModel"}

@@ -23,6 +23,7 @@ from cgidm_core.models.devices import resolve_device, resolve_dtype
 from cgidm_core.models.formats import (
     DDPM_FAMILY,
     FINETUNED_KINDS,
+    IDENTICAL_MODELS,
     SDXL_FAMILY,
     detect_finetuned_kind,
     lora_weights_file,
@@ -49,10 +50,6 @@ from cgidm_core.models.stable_diffusion import StableDiffusionLoraPair, StableDi
 from cgidm_core.pair import ModelPair
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_IDENTICAL = (
-    "the fine-tuned model {ft} has exactly the weights of the pretrained model {pre}: there is "
-    "nothing to contrast; check that the two paths point to different models"
-)
 
 
 def load_pair(
@@ -159,7 +156,7 @@ def load_sd_pair(
     unet = finetune.unet
     if same_weights(unet, base.unet):
         if text_encoder is base.text_encoder:
-            raise IncompatiblePairError(_IDENTICAL.format(ft=ft_path, pre=pre_path))
+            raise IncompatiblePairError(IDENTICAL_MODELS.format(ft=ft_path, pre=pre_path))
         unet = base.unet
     unet_pretrained = place(base.unet, opts)
     unet_finetuned = unet_pretrained if unet is base.unet else place(unet, opts)
@@ -251,7 +248,7 @@ def load_ddpm_pair(pre_path: Path, ft_path: Path, opts: LoadOptions) -> DDPMPair
                 f"pretrained one has {getattr(unet_pre.config, name)}"
             )
     if same_weights(unet_pre, unet_ft):
-        raise IncompatiblePairError(_IDENTICAL.format(ft=ft_path, pre=pre_path))
+        raise IncompatiblePairError(IDENTICAL_MODELS.format(ft=ft_path, pre=pre_path))
     return DDPMPair(
         place(unet_pre, opts),
         place(unet_ft, opts),

@@ -11,7 +11,6 @@ checkpoint names).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 
 from cgidm_core.errors import IncompatiblePairError, ModelFormatError, UnsupportedModelFamilyError
 from cgidm_core.models.formats import (
+    IDENTICAL_MODELS,
     SDXL_FAMILY,
     SDXL_TIME_IDS,
     SUPPORTED_HINT,
@@ -45,6 +45,7 @@ from cgidm_core.models.sdxl import (
     StableDiffusionXLLoraPair,
     StableDiffusionXLPair,
 )
+from cgidm_core.models.stable_diffusion import TextEncoderReloader
 
 _TEXT_ENCODERS = {
     "text_encoder": ("CLIPTextModel", "tokenizer"),
@@ -55,10 +56,6 @@ _SINGLE_FILE_TEXT_PREFIXES = {
     "text_encoder": "conditioner.embedders.0.",
     "text_encoder_2": "conditioner.embedders.1.",
 }
-_IDENTICAL = (
-    "the fine-tuned model {ft} has exactly the weights of the pretrained model {pre}: there is "
-    "nothing to contrast; check that the two paths point to different models"
-)
 
 
 @dataclass
@@ -351,14 +348,11 @@ def _kept_or_shared(own: Any, base_module: Any) -> Any:
     return own
 
 
-ReloadFn = Callable[[bool], tuple[torch.nn.Module, torch.nn.Module | None]]
-
-
 def sdxl_text_encoder_reloader(
     kind: str, base_folder: Path, finetuned_path: Path, opts: LoadOptions, *,
     own: tuple[str, ...], unet_config: Any = None, single_file_components: dict[str, Any] | None
     = None,
-) -> ReloadFn:
+) -> TextEncoderReloader:
     """Builds the pair's text encoders again as :func:`load_sdxl_pair` built them.
 
     ``own`` names the encoders the fine-tune has of its own (the others are the base's, shared
@@ -435,7 +429,7 @@ def load_sdxl_pair(
                 if module is not getattr(base, name))
     unet = base.unet if same_weights(finetune.unet, base.unet) else finetune.unet
     if unet is base.unet and not own:
-        raise IncompatiblePairError(_IDENTICAL.format(ft=ft_path, pre=pre_path))
+        raise IncompatiblePairError(IDENTICAL_MODELS.format(ft=ft_path, pre=pre_path))
     unet_pretrained = place(base.unet, opts)
     unet_finetuned = unet_pretrained if unet is base.unet else place(unet, opts)
     encoders_pretrained = place(SDXLTextEncoders(base.text_encoder, base.text_encoder_2), opts)

@@ -317,3 +317,16 @@ def test_mixed_families_are_incompatible(xl, tiny_sd_pair, tmp_path):
         load_pair(xl["base"], sd_db, **CPU)
     with pytest.raises(IncompatiblePairError, match="nothing to contrast"):
         load_pair(xl["base"], xl["base"], **CPU)
+
+
+def test_eval_baselines_run_at_the_chosen_resolution(xl):
+    from cgidm_core.evaluation import score_images_detailed
+
+    pair = load_pair(xl["base"], xl["kohya"], **CPU)
+    seen: list[tuple[int, ...]] = []
+    encode = pair.encode
+    pair.encode = lambda images: (seen.append(tuple(images.shape)), encode(images))[1]
+    scored = score_images_detailed(pair, _pictures(2), "loss",
+                                   config=InversionConfig(resolution=32), batch_size=2)
+    assert seen == [(2, 3, 32, 32)] and len(scored.scores) == 2
+    assert scored.settings["prompt_source"] == "safetensors_metadata"

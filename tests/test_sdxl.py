@@ -17,7 +17,12 @@ from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
 from cgidm.cli import main
 from cgidm_core import InversionConfig, authenticate
-from cgidm_core.errors import ConfigError, IncompatiblePairError, UnsupportedModelFamilyError
+from cgidm_core.errors import (
+    ConfigError,
+    IncompatiblePairError,
+    ModelFormatError,
+    UnsupportedModelFamilyError,
+)
 from cgidm_core.models import detect_finetuned_kind, load_pair
 from cgidm_core.models.formats import SDXL_FAMILY, pipeline_family
 from cgidm_core.models.sdxl import StableDiffusionXLLoraPair, StableDiffusionXLPair
@@ -330,3 +335,59 @@ def test_eval_baselines_run_at_the_chosen_resolution(xl):
                                    config=InversionConfig(resolution=32), batch_size=2)
     assert seen == [(2, 3, 32, 32)] and len(scored.scores) == 2
     assert scored.settings["prompt_source"] == "safetensors_metadata"
+
+
+def _fake_hub_snapshot(hub: Path, repo: str, source: Path) -> None:
+    """What a Hugging Face cache holds after diffusers fetched a repo's configs (no weights)."""
+    commit = "0" * 40
+    root = hub / ("models--" + repo.replace("/", "--"))
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(commit)
+    snapshot = root / "snapshots" / commit
+    for file in source.rglob("*"):
+        if file.suffix in (".json", ".txt"):
+            (snapshot / file.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(file, snapshot / file.relative_to(source))
+
+
+def test_single_file_sdxl_base_is_converted_once_and_predicts_like_its_folder(
+    tmp_path, monkeypatch
+):
+    import huggingface_hub.constants
+
+    base = tinymodels.make_tiny_sdxl(tmp_path / "base", text_encoder_2_layers=10)
+    single = tinymodels.sdxl_pipeline_to_single_file(base, tmp_path / "sd_xl_base.safetensors")
+    finetuned = tinymodels.make_sdxl_dreambooth_folder(base, tmp_path / "db", ())
+    monkeypatch.setenv("CGIDM_CACHE_DIR", str(tmp_path / "cgidm-cache"))
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    with pytest.raises(ModelFormatError, match="allow_network"):
+        load_pair(single, finetuned, **CPU)  # offline, no configs in the cache
+
+    _fake_hub_snapshot(hub, "stabilityai/stable-diffusion-xl-base-1.0", base)
+    pair = load_pair(single, finetuned, **CPU)
+    converted = list((tmp_path / "cgidm-cache" / "converted").iterdir())
+    assert len(converted) == 1 and (converted[0] / "model_index.json").is_file()
+    reference = load_pair(base, finetuned, **CPU)
+    z, t = _inputs(pair.latent_shape)
+    for ours, theirs in zip(_eps(pair, z, t), _eps(reference, z, t), strict=True):
+        torch.testing.assert_close(ours, theirs)
+    stamp = (converted[0] / "model_index.json").stat().st_mtime_ns
+    load_pair(single, finetuned, **CPU)  # the cached conversion is reused
+    assert (converted[0] / "model_index.json").stat().st_mtime_ns == stamp
+
+
+def test_single_file_base_family_is_read_from_the_keys(tmp_path):
+    from cgidm_core.models.single_file_base import single_file_base_family
+
+    unet, vae = "model.diffusion_model.x", "first_stage_model.x"
+    xl_keys = [unet, vae, "conditioner.embedders.1.model.x"]
+    assert single_file_base_family(xl_keys, tmp_path) == SDXL_FAMILY
+    sd_keys = [unet, vae, "cond_stage_model.x"]
+    assert single_file_base_family(sd_keys, tmp_path) == "stable-diffusion"
+    with pytest.raises(UnsupportedModelFamilyError, match="refiner"):
+        single_file_base_family([unet, vae, "conditioner.embedders.0.model.x"], tmp_path)
+    with pytest.raises(ModelFormatError, match="no VAE"):
+        single_file_base_family([unet, "conditioner.embedders.1.model.x"], tmp_path)
+    with pytest.raises(ModelFormatError, match="no UNet"):
+        single_file_base_family(["lora_unet_x.lora_down.weight"], tmp_path)

@@ -522,13 +522,16 @@ def make_single_file(
 
 
 def make_tiny_sdxl(
-    path: str | Path, seed: int = 0, prediction_type: str = "epsilon", sample_size: int = 8
+    path: str | Path, seed: int = 0, prediction_type: str = "epsilon", sample_size: int = 8,
+    text_encoder_2_layers: int = 2,
 ) -> Path:
     """Save a random ``StableDiffusionXLPipeline`` folder.
 
     The UNet's first block has no attention, as SDXL's; the text encoders (hidden 32 and 48) give
     80-dim cross-attention features, and the added embedding takes 6 time ids x 8 + the second
     encoder's 32-dim projection. Latents are ``(4, sample_size, sample_size)``, images twice that.
+    diffusers recognises an SDXL base single file by its second encoder's 10th layer: a base to
+    be written as one file needs ``text_encoder_2_layers >= 10``.
     """
     from diffusers import (
         AutoencoderKL,
@@ -576,7 +579,8 @@ def make_tiny_sdxl(
     # A wider second encoder, as SDXL's (1280 vs 768): diffusers tells the two apart by width
     # when it converts a single-file checkpoint.
     text_config_2 = text_config.__class__(**{**text_config.to_dict(), "hidden_size": 48,
-                                             "intermediate_size": 64})
+                                             "intermediate_size": 64,
+                                             "num_hidden_layers": text_encoder_2_layers})
     text_encoder_2 = CLIPTextModelWithProjection(text_config_2).eval()
     pipe = StableDiffusionXLPipeline(
         vae=vae,
@@ -752,6 +756,28 @@ def open_clip_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch
                     name = name.replace(new, old)
                 out[f"transformer.resblocks.{index}.{name}"] = value
     return out
+
+
+def sdxl_pipeline_to_single_file(folder: str | Path, out_file: str | Path) -> Path:
+    """A complete SDXL pipeline folder (UNet, VAE, both text encoders) as one SGM-layout file."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+
+    folder, out_file = Path(folder), Path(out_file)
+    unet = _load_sdxl_model(folder, "unet")
+    tensors = unet_state_dict_to_ldm(unet.state_dict(), unet.config)
+    vae = AutoencoderKL.from_pretrained(folder / "vae")
+    tensors.update(vae_state_dict_to_ldm(vae.state_dict(), vae.config))
+    for key, value in _load_sdxl_model(folder, "text_encoder").state_dict().items():
+        key = key if key.startswith("text_model.") else "text_model." + key
+        if not key.endswith("position_ids"):
+            tensors["conditioner.embedders.0.transformer." + key] = value
+    second = _load_sdxl_model(folder, "text_encoder_2").state_dict()
+    for key, value in open_clip_state_dict(second).items():
+        tensors["conditioner.embedders.1.model." + key] = value
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_file))
+    return out_file
 
 
 def make_sdxl_single_file(base: str | Path, out_file: str | Path, seed: int = 1,

@@ -24,6 +24,7 @@ from cgidm_core.models.formats import (
     DDPM_FAMILY,
     FINETUNED_KINDS,
     IDENTICAL_MODELS,
+    PICKLE_HINT,
     SDXL_FAMILY,
     detect_finetuned_kind,
     lora_weights_file,
@@ -65,7 +66,7 @@ def load_pair(
     """Load a pretrained model and its suspected fine-tune as one pair, frozen, in eval mode.
 
     ``pretrained`` is a diffusers pipeline folder (Stable Diffusion 1.x/2.x, SDXL base or pixel
-    DDPM);
+    DDPM), or a complete single-file checkpoint (converted once, see ``single_file_base``);
     ``finetuned`` is any format :func:`detect_finetuned_kind` recognises (``finetuned_kind``
     overrides the detection). ``device``/``dtype`` default to CUDA+float16 when a GPU exists,
     else CPU+float32. Without ``allow_network`` nothing is downloaded: Hub ids must already be in
@@ -80,6 +81,15 @@ def load_pair(
     )
     pre_path = resolve_model_path(pretrained, allow_network)
     ft_path = resolve_model_path(finetuned, allow_network)
+    if pre_path.is_file():
+        if pre_path.suffix.lower() != ".safetensors":
+            raise ModelFormatError(
+                f"{pre_path}: a pretrained model file must be a .safetensors checkpoint. "
+                + PICKLE_HINT
+            )
+        from cgidm_core.models.single_file_base import converted_base_folder
+
+        pre_path = converted_base_folder(pre_path, allow_network=allow_network)
     family = pipeline_family(pre_path)
     if finetuned_kind is None:
         kind = detect_finetuned_kind(ft_path)

@@ -391,3 +391,19 @@ def test_single_file_base_family_is_read_from_the_keys(tmp_path):
         single_file_base_family([unet, "conditioner.embedders.1.model.x"], tmp_path)
     with pytest.raises(ModelFormatError, match="no UNet"):
         single_file_base_family(["lora_unet_x.lora_down.weight"], tmp_path)
+
+
+def test_single_file_sd_base_is_converted_too(tmp_path, monkeypatch, tiny_sd_pair):
+    import huggingface_hub.constants
+
+    base, full = tiny_sd_pair
+    single = tinymodels.pipeline_to_single_file(base, tmp_path / "v1-5.safetensors")
+    monkeypatch.setenv("CGIDM_CACHE_DIR", str(tmp_path / "cgidm-cache"))
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    _fake_hub_snapshot(hub, "stable-diffusion-v1-5/stable-diffusion-v1-5", base)
+    pair = load_pair(single, full, **CPU)
+    reference = load_pair(base, full, **CPU)
+    z, t = _inputs(pair.latent_shape)
+    for ours, theirs in zip(_eps(pair, z, t), _eps(reference, z, t), strict=True):
+        torch.testing.assert_close(ours, theirs)

@@ -116,6 +116,10 @@ class JobSettings(BaseModel):
     reencode_partial: bool | None = Field(
         None, description="Decode and re-encode the partial image, as the reference code does.")
     cell: int | None = Field(None, ge=1, le=1024, description="Latent pixels per mask square.")
+    resolution: int | None = Field(
+        None, ge=8, le=4096, description="Pixel side the images are run at (default: the "
+        "model's native size, e.g. 1024 for SDXL); smaller is cheaper. A multiple of 32 for "
+        "SD/SDXL models.")
 
     @field_validator("prompt")
     @classmethod
@@ -141,7 +145,7 @@ class JobSettings(BaseModel):
     def inversion_overrides(self) -> dict[str, Any]:
         """The InversionConfig fields the client set (the rest keep the library defaults)."""
         fields = ("steps", "seed", "alpha", "epsilon", "t_min", "t_max", "mc_samples",
-                  "common_random_numbers", "reencode_partial", "cell")
+                  "common_random_numbers", "reencode_partial", "cell", "resolution")
         return {k: getattr(self, k) for k in fields if getattr(self, k) is not None}
 
 
@@ -226,6 +230,14 @@ class JobResult(BaseModel):
         "pair's preferred) batch size, halved after each GPU out-of-memory error.")
     oom_halvings: int = Field(0, description="Times the batch was halved after the GPU ran out "
                               "of memory (0: the first batch size fitted).")
+    prompt: str | None = Field(None, description="Prompt both models were conditioned on "
+                               "(null for models without text).")
+    prompt_source: str | None = Field(
+        None, description="Where the prompt came from: given, registry, safetensors_metadata "
+        "(kohya ss_* keys), model_card (README.md), upload or file_metadata (an uploaded model's "
+        "prompt), empty (nothing found: see prompt_warning) or unconditional.")
+    prompt_origin: str | None = Field(None, description="File and key the prompt was read from.")
+    prompt_warning: str | None = Field(None, description="Set when the empty prompt was used.")
 
 
 class Recovery(BaseModel):

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ from .errors import ConfigError, OutOfMemory
 from .images import ImageSource, image_seed, load_image, to_pil, to_tensor
 from .inversion import CancelFn, InversionConfig, invert
 from .pair import ModelPair
-from .provenance import default_prompt_source
+from .prompts import EmptyPromptWarning, choose_prompt
 from .results import ImageResult
 from .similarity import (
     DEFAULT_METRIC,
@@ -139,12 +140,18 @@ def authenticate(
     """Recover every image's removed half and score the recovery against the original.
 
     Returns the results in input order, with ``.provenance``: the sha256 of every image as
-    given and of every model file, the prompt (``prompt_source`` says where the caller got it;
-    default ``argument``, or ``pair_default``), all settings, versions, device and dtype.
+    given and of every model file, the prompt and where it came from, all settings, versions,
+    device and dtype.
+
+    ``prompt`` defaults to the fine-tune's instance prompt found in its metadata at loading
+    (:func:`cgidm_core.prompts.choose_prompt`); with none, the empty prompt is used and an
+    :class:`~cgidm_core.prompts.EmptyPromptWarning` is issued. ``prompt_source`` overrides the
+    recorded source when the caller knows better (the service: ``registry``, ``upload``).
+    ``config.resolution`` overrides the pair's native image size.
 
     Images run in batches of ``batch_size`` (default: the pair's ``preferred_batch_size``) as one
-    computation each. ``progress(done, total)``
-    counts PGD steps over all batches; ``should_cancel()`` is polled every few steps.
+    computation each. ``progress(done, total)`` counts PGD steps over all batches;
+    ``should_cancel()`` is polled every few steps.
 
     If the device runs out of memory inside a batch (``torch.cuda.OutOfMemoryError``, raised as
     an exception), that batch and the rest are split into batches of half its size and the
@@ -158,14 +165,16 @@ def authenticate(
     score_metric = score_metric or DEFAULT_METRIC
     wanted = list(dict.fromkeys([*(metrics or PIXEL_METRICS), score_metric]))
     validate_metrics(wanted, feature_model)
+    size = pair.run_size(config.resolution)
     labels = image_names(images, names)
     pictures = [load_image(src, name=label) for src, label in zip(images, labels, strict=True)]
-    source = prompt_source or default_prompt_source(prompt, pair)
-    prompt = prompt if prompt is not None else pair.default_prompt
-    record = provenance.build(pair, images, labels, prompt=prompt, prompt_source=source,
-                              config=config, score_metric=score_metric, metrics=wanted,
-                              batch_size=batch_size)
-    cond = pair.conditioning(prompt)
+    choice = choose_prompt(prompt, pair)
+    if choice.warning:
+        warnings.warn(choice.warning, EmptyPromptWarning, stacklevel=2)
+    record = provenance.build(pair, images, labels, prompt=choice.text,
+                              prompt_source=prompt_source or choice.source, config=config,
+                              score_metric=score_metric, metrics=wanted, batch_size=batch_size)
+    cond = pair.conditioning(choice.text)
 
     pending = deque(
         list(range(start, min(start + batch_size, len(pictures))))
@@ -176,7 +185,7 @@ def authenticate(
     while pending:
         indices = pending.popleft()
         total = offset + config.steps * (1 + len(pending))
-        tensor = to_tensor([pictures[i] for i in indices], pair.image_size)
+        tensor = to_tensor([pictures[i] for i in indices], size)
         seeds = [image_seed(img, config.seed) for img in tensor]
 
         def report(done: int, _steps: int, start: int = offset, total: int = total) -> None:

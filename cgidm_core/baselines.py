@@ -55,9 +55,11 @@ def scale_timestep(t: int, num_train_timesteps: int) -> int:
 def _check_inputs(pair: ModelPair, z0: torch.Tensor, batch_size: int) -> None:
     if z0.dim() != 4 or z0.shape[0] == 0:
         raise ConfigError(f"latents must be a non-empty (N, C, H, W) batch, got {tuple(z0.shape)}")
-    if tuple(z0.shape[1:]) != tuple(pair.latent_shape):
+    # Any side the denoiser can halve is fine: a check may run below the native size.
+    multiple = getattr(pair, "latent_multiple", 1)
+    if z0.shape[1] != pair.latent_shape[0] or z0.shape[2] % multiple or z0.shape[3] % multiple:
         raise ConfigError(
-            f"latents of shape {tuple(z0.shape[1:])} do not match the pair's latent shape "
+            f"latents of shape {tuple(z0.shape[1:])} do not fit the pair's latent shape "
             f"{tuple(pair.latent_shape)}; encode the images with pair.encode first"
         )
     if batch_size < 1:

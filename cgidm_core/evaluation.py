@@ -23,6 +23,7 @@ from .errors import ConfigError, ImageInputError
 from .images import ImageSource, image_seed, load_image, to_tensor
 from .inversion import InversionConfig
 from .pair import ModelPair
+from .prompts import choose_prompt
 
 #: Every method :func:`score_images` knows. "cgidm" is the paper's method (inversion +
 #: similarity); "combined" adds the z-scored similarity and contrast scores.
@@ -118,15 +119,19 @@ def _baseline_scores(
     progress: ProgressFn | None,
     progress_offset: int = 0,
     progress_total: int | None = None,
+    size: int | None = None,
 ) -> list[float]:
-    """Encode and score in batches; the baseline gets per-image seeds taken from the pixels."""
+    """Encode and score in batches; the baseline gets per-image seeds taken from the pixels.
+
+    ``size`` is the pixel side to run at (default: the pair's native size)."""
     fn = BASELINES[method]
-    cond = pair.conditioning(prompt if prompt is not None else pair.default_prompt)
+    size = size or pair.image_size
+    cond = pair.conditioning(choose_prompt(prompt, pair).text)
     total = progress_total if progress_total is not None else len(pictures)
     out: list[float] = []
     for start in range(0, len(pictures), batch_size):
         chunk = pictures[start : start + batch_size]
-        tensor = to_tensor(chunk, pair.image_size)
+        tensor = to_tensor(chunk, size)
         seeds = [image_seed(img, seed) for img in tensor]
         with torch.no_grad():
             z0 = pair.encode(tensor.to(pair.device)).float()
@@ -158,11 +163,12 @@ def score_images_detailed(
     pictures = [load_image(src, name=label) for src, label in zip(images, labels, strict=True)]
     started = time.perf_counter()
     settings: dict[str, Any] = {"method": method, "seed": seed, "batch_size": batch_size,
-                                "prompt": prompt}
+                                **choose_prompt(prompt, pair).to_settings()}
+    size = pair.run_size(config.resolution if config is not None else None)
 
     if method in BASELINES:
         scores = _baseline_scores(pair, pictures, method, prompt=prompt, seed=seed,
-                                  batch_size=batch_size, progress=progress)
+                                  batch_size=batch_size, progress=progress, size=size)
         settings["model_evaluations_per_image"] = EVALUATIONS_PER_IMAGE[method]
         return ScoredImages(
             method=method,
@@ -199,6 +205,7 @@ def score_images_detailed(
         contrast = _baseline_scores(
             pair, pictures, "contrast", prompt=prompt, seed=config.seed, batch_size=batch_size,
             progress=progress, progress_offset=inversion_units, progress_total=total_units,
+            size=size,
         )
         scores = combine_scores(similarity, contrast)
         for record, sim, con, score in zip(details, similarity, contrast, scores, strict=True):

@@ -71,6 +71,11 @@ class InversionConfig:
     #: Keep the recovery inside the latent space's valid range (pixel pairs: [-1, 1]) after each
     #: step, so the PGD cannot "recover" values no image has. No effect on unbounded latents.
     bounded: bool = True
+    #: Pixel side the images are resized and centre-cropped to; ``None``: the model's native size
+    #: (SD 1.x 512, SD 2.x-768 768, SDXL 1024, read from the model). A smaller side makes a
+    #: cheaper check; the mask cells and the PGD step and radius scale with the latent size as
+    #: they do for every model (``masks.default_cell``, :func:`scaled_radius`).
+    resolution: int | None = None
 
     @classmethod
     def reference(cls, **overrides: object) -> InversionConfig:
@@ -115,6 +120,9 @@ class InversionConfig:
             )
         if self.cell is not None and self.cell < 1:
             raise ConfigError(f"cell must be >= 1, got {self.cell}")
+        if self.resolution is not None and not 8 <= self.resolution <= 4096:
+            raise ConfigError(f"resolution must be between 8 and 4096 pixels, got "
+                              f"{self.resolution}")
         t_max = self.resolved_t_max(num_train_timesteps or 1000)
         if not 0 <= self.t_min <= t_max:
             raise ConfigError(

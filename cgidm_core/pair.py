@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from .errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Conditioning:
@@ -52,6 +54,12 @@ class ModelPair(ABC):
     alphas_cumprod: torch.Tensor
     #: Prompt used when the caller gives none (the instance prompt of the fine-tune, if known).
     default_prompt: str | None = None
+    #: Where ``default_prompt`` was found (``prompts.PROMPT_SOURCES``) and in which file/key;
+    #: the loader reads the fine-tune's own metadata (``prompts.finetune_prompt``).
+    default_prompt_source: str | None = None
+    default_prompt_origin: str | None = None
+    #: Whether the models take a text prompt at all (pixel DDPMs do not).
+    conditional: bool = True
     #: Valid value range of a latent entry, when the space has one (pixels live in [-1, 1]): the
     #: inversion keeps its recovery inside it. ``None`` for unbounded latents (SD's VAE space).
     latent_bounds: tuple[float, float] | None = None
@@ -101,6 +109,27 @@ class ModelPair(ABC):
         self.pixels_per_latent = pixels_per_latent
         self.latent_shape = (int(denoiser_config.in_channels), size, size)
         self.image_size = size * pixels_per_latent
+        # A UNet halves its input once per down block but the last: the latent side must divide.
+        blocks = len(getattr(denoiser_config, "block_out_channels", None) or (0,))
+        self.latent_multiple = 2 ** max(0, blocks - 1)
+
+    def run_size(self, resolution: int | None) -> int:
+        """The pixel side to run at: ``resolution`` if given (checked), else :attr:`image_size`.
+
+        A side must be a whole number of latent pixels that the denoiser's down blocks can halve
+        (a multiple of 8 x 4 = 32 for SD/SDXL at full size); the error names the nearest ones.
+        """
+        if resolution is None:
+            return self.image_size
+        step = self.pixels_per_latent * self.latent_multiple
+        if resolution < step or resolution % step:
+            lower = max(step, resolution // step * step)
+            raise ConfigError(
+                f"resolution {resolution} does not fit this {self.family} model: it must be a "
+                f"multiple of {step} pixels (e.g. {lower} or {lower + step}); its native size is "
+                f"{self.image_size}"
+            )
+        return int(resolution)
 
     @property
     def num_train_timesteps(self) -> int:

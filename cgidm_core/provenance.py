@@ -125,13 +125,7 @@ def software() -> dict[str, Any]:
     return out
 
 
-def default_prompt_source(prompt: str | None, pair: Any) -> str:
-    if prompt is not None:
-        return "argument"
-    return "pair_default" if getattr(pair, "default_prompt", None) else "none"
-
-
-def build(pair: Any, images: Sequence[Any], names: Sequence[str], *, prompt: str,
+def build(pair: Any, images: Sequence[Any], names: Sequence[str], *, prompt: str | None,
           prompt_source: str, config: Any, score_metric: str, metrics: Sequence[str],
           batch_size: int) -> dict[str, Any]:
     """The provenance document of one ``authenticate`` call."""

@@ -115,7 +115,9 @@ def test_schedule_scaling_of_timesteps():
 def test_bad_inputs_are_config_errors(ddpm):
     pair, z0, cond, _ = ddpm
     with pytest.raises(ConfigError, match="latent shape"):
-        loss_attack(pair, z0[:, :, :8, :8], cond)
+        loss_attack(pair, z0[:, :2], cond)  # wrong channel count
+    with pytest.raises(ConfigError, match="latent shape"):
+        loss_attack(pair, z0[:, :, :7, :7], cond)  # a side the UNet cannot halve
     with pytest.raises(ConfigError, match="one seed per image"):
         loss_attack(pair, z0, cond, seeds=[1])
     with pytest.raises(ConfigError, match="t_sec"):

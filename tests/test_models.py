@@ -19,7 +19,6 @@ from cgidm_core.errors import (
     IncompatiblePairError,
     ModelFormatError,
     ModelNotFoundError,
-    UnsupportedModelFamilyError,
 )
 from cgidm_core.models import (
     DDPMPair,
@@ -261,16 +260,6 @@ def test_bfloat16_pair_returns_float32(tiny_ddpm_pair):
 
 
 # -- refusals --------------------------------------------------------------------------------------
-
-
-def test_sdxl_is_refused(tmp_path, sd_models):
-    sdxl = tinymodels.make_tiny_sdxl(tmp_path / "sdxl")
-    with pytest.raises(UnsupportedModelFamilyError, match="SDXL"):
-        load_pair(sdxl, sd_models["dreambooth"], **CPU)
-    shutil.copytree(sdxl / "unet", tmp_path / "xl_dreambooth" / "unet")
-    with pytest.raises(UnsupportedModelFamilyError, match="SDXL") as info:
-        load_pair(sd_models["base"], tmp_path / "xl_dreambooth", **CPU)
-    assert "Stable Diffusion 1.x/2.x" in str(info.value)
 
 
 def test_missing_paths(tmp_path, sd_models):

@@ -42,7 +42,8 @@ def test_results_carry_provenance(tiny_ddpm_pair, tmp_path):
     assert tuned["unet/diffusion_pytorch_model.safetensors"] == \
         hashlib.sha256(weights.read_bytes()).hexdigest()
     assert "unet/config.json" in tuned and record["models"]["pretrained"]["path"] == str(pre)
-    assert record["prompt"] == "ignored by pixel models" and record["prompt_source"] == "argument"
+    # pixel models have no text: the prompt given is ignored and recorded as such
+    assert record["prompt"] is None and record["prompt_source"] == "unconditional"
     assert record["method"]["seed"] == 5 and record["method"]["inversion"]["steps"] == 3
     assert record["device"] == "cpu" and record["dtype"] == "float32"
     software = record["software"]

@@ -372,6 +372,9 @@ _UNET_TOP_TO_LDM = {
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
+    # SDXL's added (text + time) embedding
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
 }
 
 
@@ -515,11 +518,21 @@ def make_single_file(
 
 
 # --------------------------------------------------------------------------------------------
-# SDXL (only to check that it is refused clearly)
+# SDXL (base 1.0 layout: two text encoders, the second with projection, ``text_time`` embedding)
 
 
-def make_tiny_sdxl(path: str | Path, seed: int = 0) -> Path:
-    """Save a random ``StableDiffusionXLPipeline`` (two text encoders, ``text_time`` embedding)."""
+def make_tiny_sdxl(
+    path: str | Path, seed: int = 0, prediction_type: str = "epsilon", sample_size: int = 8,
+    text_encoder_2_layers: int = 2,
+) -> Path:
+    """Save a random ``StableDiffusionXLPipeline`` folder.
+
+    The UNet's first block has no attention, as SDXL's; the text encoders (hidden 32 and 48) give
+    80-dim cross-attention features, and the added embedding takes 6 time ids x 8 + the second
+    encoder's 32-dim projection. Latents are ``(4, sample_size, sample_size)``, images twice that.
+    diffusers recognises an SDXL base single file by its second encoder's 10th layer: a base to
+    be written as one file needs ``text_encoder_2_layers >= 10``.
+    """
     from diffusers import (
         AutoencoderKL,
         EulerDiscreteScheduler,
@@ -531,7 +544,7 @@ def make_tiny_sdxl(path: str | Path, seed: int = 0) -> Path:
     path = Path(path)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=8,
+        sample_size=sample_size,
         in_channels=4,
         out_channels=4,
         block_out_channels=(16, 32),
@@ -542,11 +555,12 @@ def make_tiny_sdxl(path: str | Path, seed: int = 0) -> Path:
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
         transformer_layers_per_block=(1, 1),
-        projection_class_embeddings_input_dim=80,  # 6 time ids * 8 + text_encoder_2 dim 32
-        cross_attention_dim=64,
+        projection_class_embeddings_input_dim=80,  # 6 time ids * 8 + text_encoder_2 pooled 32
+        cross_attention_dim=80,  # hidden sizes 32 + 48 of the two text encoders
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
     )
+    torch.manual_seed(seed + 1)
     vae = AutoencoderKL(
         block_out_channels=(8, 16),
         layers_per_block=1,
@@ -554,18 +568,244 @@ def make_tiny_sdxl(path: str | Path, seed: int = 0) -> Path:
         latent_channels=4,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        sample_size=sample_size * 2,
+        scaling_factor=0.13025,
+        force_upcast=True,
     )
     tokenizer, text_config = tiny_tokenizer_and_text_config()
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(text_config).eval()
+    torch.manual_seed(seed + 3)
+    # A wider second encoder, as SDXL's (1280 vs 768): diffusers tells the two apart by width
+    # when it converts a single-file checkpoint.
+    text_config_2 = text_config.__class__(**{**text_config.to_dict(), "hidden_size": 48,
+                                             "intermediate_size": 64,
+                                             "num_hidden_layers": text_encoder_2_layers})
+    text_encoder_2 = CLIPTextModelWithProjection(text_config_2).eval()
     pipe = StableDiffusionXLPipeline(
         vae=vae,
-        text_encoder=CLIPTextModel(text_config),
-        text_encoder_2=CLIPTextModelWithProjection(text_config),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
         tokenizer=tokenizer,
         tokenizer_2=tokenizer,
         unet=unet,
         scheduler=EulerDiscreteScheduler(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            prediction_type=prediction_type,
         ),
     )
     pipe.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def _load_sdxl_model(base: Path, subfolder: str):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    classes = {
+        "unet": UNet2DConditionModel,
+        "text_encoder": CLIPTextModel,
+        "text_encoder_2": CLIPTextModelWithProjection,
+    }
+    return classes[subfolder].from_pretrained(
+        base, subfolder=subfolder, use_safetensors=True, local_files_only=True
+    )
+
+
+def make_sdxl_dreambooth_folder(
+    base: str | Path, out: str | Path, text_encoders: tuple[str, ...] = ("text_encoder",),
+    seed: int = 1,
+) -> Path:
+    """``unet/`` plus the named text encoder folders, each perturbed, without model_index.json."""
+    base, out = Path(base), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    perturb_(_load_sdxl_model(base, "unet"), seed=seed).save_pretrained(
+        out / "unet", safe_serialization=True
+    )
+    for offset, name in enumerate(text_encoders, start=1):
+        encoder = perturb_(_load_sdxl_model(base, name), seed=seed + offset)
+        encoder.save_pretrained(out / name, safe_serialization=True)
+    return out
+
+
+def make_sdxl_full_finetune(base: str | Path, out: str | Path, seed: int = 1) -> Path:
+    """A complete SDXL pipeline folder: a copy of ``base`` whose UNet is perturbed."""
+    base, out = Path(base), Path(out)
+    shutil.copytree(base, out, dirs_exist_ok=True)
+    unet = perturb_(_load_sdxl_model(base, "unet"), seed=seed)
+    shutil.rmtree(out / "unet")
+    unet.save_pretrained(out / "unet", safe_serialization=True)
+    return out
+
+
+def _sdxl_lora_layers(base: Path, seed: int, rank: int) -> dict[str, dict[str, torch.Tensor]]:
+    """peft LoRA state dicts (random ``lora_B``) for the UNet and both text encoders."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed)  # peft draws lora_A from the global generator
+    generator = torch.Generator().manual_seed(seed)
+    unet = _load_sdxl_model(base, "unet")
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    _randomize_lora_b(unet, generator)
+    layers = {"unet": get_peft_model_state_dict(unet)}
+    for name in ("text_encoder", "text_encoder_2"):
+        encoder = _load_sdxl_model(base, name)
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
+                                           target_modules=["q_proj", "k_proj", "v_proj",
+                                                           "out_proj"]), encoder)
+        _randomize_lora_b(encoder, generator)
+        layers[name] = {
+            (k if k.startswith("text_model.") else "text_model." + k): v
+            for k, v in get_peft_model_state_dict(encoder).items()
+        }
+    return layers
+
+
+def make_sdxl_lora(base: str | Path, out: str | Path, seed: int = 1, rank: int = 4) -> Path:
+    """A diffusers-format SDXL LoRA folder (UNet + both text encoders)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    out = Path(out)
+    layers = _sdxl_lora_layers(Path(base), seed, rank)
+    StableDiffusionXLPipeline.save_lora_weights(
+        out,
+        unet_lora_layers=layers["unet"],
+        text_encoder_lora_layers=layers["text_encoder"],
+        text_encoder_2_lora_layers=layers["text_encoder_2"],
+        safe_serialization=True,
+    )
+    return out
+
+
+def make_sdxl_kohya_lora(
+    base: str | Path, out_file: str | Path, seed: int = 1, rank: int = 4, alpha: float = 2.0,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """The same kind of LoRA in kohya-ss / Civitai naming, as sd-scripts writes SDXL LoRAs.
+
+    UNet modules get their original (SGM) names (``lora_unet_input_blocks_4_1_transformer_...``),
+    text encoders the ``lora_te1_`` / ``lora_te2_`` prefixes; each module has ``lora_down``,
+    ``lora_up`` and an ``alpha`` (scale alpha / rank). ``metadata`` goes into the safetensors
+    header, as kohya's ``ss_*`` training metadata does.
+    """
+    from safetensors.torch import save_file
+
+    base, out_file = Path(base), Path(out_file)
+    layers = _sdxl_lora_layers(base, seed, rank)
+    unet_config = json.loads((base / "unet" / "config.json").read_text())
+    tensors: dict[str, torch.Tensor] = {}
+
+    def add(prefix: str, module: str, state: dict[str, torch.Tensor]) -> None:
+        name = prefix + module.replace(".", "_")
+        tensors[f"{name}.lora_down.weight"] = state[f"{module}.lora_A.weight"]
+        # diffusers scales by alpha / rank; peft's state already holds the plain B matrix
+        tensors[f"{name}.lora_up.weight"] = state[f"{module}.lora_B.weight"] * (rank / alpha)
+        tensors[f"{name}.alpha"] = torch.tensor(alpha)
+
+    unet_state = layers["unet"]
+    for module in sorted({k.rsplit(".lora_", 1)[0] for k in unet_state}):
+        ldm = next(iter(unet_state_dict_to_ldm({module + ".weight": torch.zeros(1)},
+                                               unet_config)))
+        sgm = ldm[len("model.diffusion_model."):-len(".weight")]
+        add("lora_unet_", sgm, {k.replace(module, sgm): v for k, v in unet_state.items()
+                                if k.startswith(module + ".")})
+    for prefix, name in (("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2")):
+        state = layers[name]
+        for module in sorted({k.rsplit(".lora_", 1)[0] for k in state}):
+            add(prefix, module, state)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_file),
+              metadata=metadata or {})
+    return out_file
+
+
+def open_clip_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A ``CLIPTextModelWithProjection`` state dict in OpenCLIP naming, as SDXL checkpoints store
+    their second text encoder (the reverse of diffusers' ``convert_open_clip_checkpoint``): the
+    q/k/v projections concatenated into ``in_proj``, the text projection transposed."""
+    top = {
+        "text_model.embeddings.position_embedding.weight": "positional_embedding",
+        "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+        "text_model.final_layer_norm.weight": "ln_final.weight",
+        "text_model.final_layer_norm.bias": "ln_final.bias",
+    }
+    renames = [("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"),
+               ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")]
+    state = {(k if k.startswith(("text_model.", "text_projection")) else "text_model." + k): v
+             for k, v in state_dict.items()}
+    out: dict[str, torch.Tensor] = {"text_projection": state["text_projection.weight"].T}
+    for key, value in state.items():
+        if key in top:
+            out[top[key]] = value
+        elif key.startswith("text_model.encoder.layers."):
+            rest = key[len("text_model.encoder.layers."):]
+            index, name = rest.split(".", 1)
+            if name.startswith("self_attn.q_proj."):
+                leaf = name.rsplit(".", 1)[1]
+                qkv = [state[f"text_model.encoder.layers.{index}.self_attn.{p}_proj.{leaf}"]
+                       for p in "qkv"]
+                out[f"transformer.resblocks.{index}.attn.in_proj_{leaf}"] = torch.cat(qkv)
+            elif name.startswith(("self_attn.k_proj.", "self_attn.v_proj.")):
+                continue
+            else:
+                for new, old in renames:
+                    name = name.replace(new, old)
+                out[f"transformer.resblocks.{index}.{name}"] = value
+    return out
+
+
+def sdxl_pipeline_to_single_file(folder: str | Path, out_file: str | Path) -> Path:
+    """A complete SDXL pipeline folder (UNet, VAE, both text encoders) as one SGM-layout file."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+
+    folder, out_file = Path(folder), Path(out_file)
+    unet = _load_sdxl_model(folder, "unet")
+    tensors = unet_state_dict_to_ldm(unet.state_dict(), unet.config)
+    vae = AutoencoderKL.from_pretrained(folder / "vae")
+    tensors.update(vae_state_dict_to_ldm(vae.state_dict(), vae.config))
+    for key, value in _load_sdxl_model(folder, "text_encoder").state_dict().items():
+        key = key if key.startswith("text_model.") else "text_model." + key
+        if not key.endswith("position_ids"):
+            tensors["conditioner.embedders.0.transformer." + key] = value
+    second = _load_sdxl_model(folder, "text_encoder_2").state_dict()
+    for key, value in open_clip_state_dict(second).items():
+        tensors["conditioner.embedders.1.model." + key] = value
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_file))
+    return out_file
+
+
+def make_sdxl_single_file(base: str | Path, out_file: str | Path, seed: int = 1,
+                          text_encoders: bool = True) -> Path:
+    """An original-layout (SGM) SDXL checkpoint of a fine-tune of ``base``: the perturbed UNet as
+    ``model.diffusion_model.*`` and, with ``text_encoders``, both (perturbed) text encoders as
+    ``conditioner.embedders.0.transformer.*`` (CLIP) and ``conditioner.embedders.1.model.*``
+    (OpenCLIP). The fine-tune is also written as a pipeline folder ``<stem>_diffusers/`` (the
+    UNet, and the text encoders when included) for tests to compare with.
+    """
+    from safetensors.torch import save_file
+
+    base, out_file = Path(base), Path(out_file)
+    source = make_sdxl_full_finetune(base, out_file.parent / f"{out_file.stem}_diffusers", seed)
+    unet = _load_sdxl_model(source, "unet")
+    tensors = unet_state_dict_to_ldm(unet.state_dict(), unet.config)
+    if text_encoders:
+        for offset, name in enumerate(("text_encoder", "text_encoder_2"), start=1):
+            encoder = perturb_(_load_sdxl_model(base, name), seed=seed + offset)
+            shutil.rmtree(source / name)
+            encoder.save_pretrained(source / name, safe_serialization=True)
+        for key, value in _load_sdxl_model(source, "text_encoder").state_dict().items():
+            key = key if key.startswith("text_model.") else "text_model." + key
+            if not key.endswith("position_ids"):
+                tensors["conditioner.embedders.0.transformer." + key] = value
+        second = _load_sdxl_model(source, "text_encoder_2").state_dict()
+        for key, value in open_clip_state_dict(second).items():
+            tensors["conditioner.embedders.1.model." + key] = value
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_file))
+    return out_file

@@ -7,6 +7,7 @@ final record: ``succeeded`` with a result, ``failed`` with ``error {code, messag
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import os
@@ -394,9 +395,13 @@ def _authenticate(ctx: WorkerContext, record: JobRecord, watch: Watch,
         ctx.store.save(record)
     ctx.publish_stats()
 
-    prompt = settings.prompt if settings.prompt is not None else ft.prompt
-    prompt_source = "request" if settings.prompt is not None else \
-        (getattr(ft, "prompt_source", "registry") if ft.prompt is not None else None)
+    from cgidm_core.prompts import choose_prompt
+
+    choice = choose_prompt(settings.prompt, pair, registry_prompt=ft.prompt)
+    upload_source = getattr(ft, "prompt_source", None)
+    if choice.source == "registry" and upload_source:  # an upload's prompt: say where it came from
+        choice = dataclasses.replace(choice, source=upload_source)
+    prompt = choice.text
     check_prompt_length(pair, prompt)
     overrides = settings.inversion_overrides()
     config = (InversionConfig.reference(**overrides) if settings.preset == "reference"
@@ -424,7 +429,7 @@ def _authenticate(ctx: WorkerContext, record: JobRecord, watch: Watch,
         batch_size=settings.batch_size,
         progress=watch.progress,
         should_cancel=watch.should_cancel,
-        prompt_source=prompt_source,
+        prompt_source=choice.source,
         on_batch_halved=halved,
     )
 
@@ -461,6 +466,7 @@ def _authenticate(ctx: WorkerContext, record: JobRecord, watch: Watch,
         provenance=service_provenance(results.provenance, record, pre, ft),
         batch_size_used=halvings[-1] if halvings else min(batch_size, len(images)),
         oom_halvings=len(halvings),
+        **choice.to_settings(),
     )
     return result
 

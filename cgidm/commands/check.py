@@ -63,6 +63,14 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     pair = load_pair_from_args(args)
     out_dir.mkdir(parents=True, exist_ok=True)
+    from cgidm_core.prompts import choose_prompt
+
+    prompt = choose_prompt(args.prompt, pair)
+    if prompt.warning:
+        print(f"warning: {prompt.warning}")
+    elif prompt.source not in ("given", "unconditional"):
+        print(f"prompt: {prompt.text!r} (from the {prompt.source.replace('_', ' ')}: "
+              f"{prompt.origin})")
 
     started = time.perf_counter()
     with progress_bar("cgidm check") as update:
@@ -70,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
             pair,
             everything,  # the files themselves: provenance hashes them as received
             names=[p.name for p in everything],
-            prompt=args.prompt,
+            prompt=prompt.text,
             config=config,
             score_metric=args.metric,
             feature_model=args.feature_model,
@@ -92,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         "settings": {
             "pretrained": str(args.pretrained),
             "finetuned": str(args.finetuned),
-            "prompt": args.prompt,
+            **prompt.to_settings(),
             "metric": args.metric or _default_metric(),
             "batch_size": args.batch_size,
             "inversion": config.to_dict(),

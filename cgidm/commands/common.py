@@ -49,6 +49,12 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch-size", type=int, help="images per PGD batch (default: 32 pixel, 8 SD)"
     )
     group.add_argument("--mc-samples", type=int, help="Monte Carlo samples per PGD step")
+    group.add_argument(
+        "--resolution",
+        type=int,
+        help="pixel side to run at (default: the model's native size: 512 SD 1.x, 768 SD 2.x-768, "
+        "1024 SDXL); smaller is a cheaper check, a multiple of 32 for SD/SDXL",
+    )
     group.add_argument("--metric", help="score metric: ssim, psnr, mse, clip, dino")
     group.add_argument("--feature-model", help="local folder of a CLIP/DINO model for clip/dino")
 
@@ -62,6 +68,8 @@ def inversion_config(args: argparse.Namespace) -> Any:
         overrides["steps"] = args.steps
     if args.mc_samples is not None:
         overrides["mc_samples"] = args.mc_samples
+    if getattr(args, "resolution", None) is not None:
+        overrides["resolution"] = args.resolution
     from dataclasses import replace
 
     return replace(config, **overrides)

@@ -327,10 +327,12 @@ def _paper_comparison(args, pair, config, sets, scored, report, split) -> dict[s
     metric = scored.settings.get("metric") or DEFAULT_METRIC
     feature_model = None
     keep = None
+    size = pair.run_size(config.resolution)
     if metric in FEATURE_METRICS:
         feature_model = load_feature_model(str(args.feature_model))
     else:
-        shape = pair.latent_shape
+        side = size // pair.pixels_per_latent
+        shape = (pair.latent_shape[0], side, side)
         cell = config.cell or default_cell(shape, pair.pixels_per_latent)
         keep = upsample_mask(checkerboard_mask(shape, cell), pair.pixels_per_latent)
     best: dict[str, list[float]] = {}
@@ -343,7 +345,7 @@ def _paper_comparison(args, pair, config, sets, scored, report, split) -> dict[s
             continue
         values, index = best_match_scores(
             pictures, [r.recovered for r in results], metric, feature_model=feature_model,
-            keep=keep, size=pair.image_size,
+            keep=keep, size=size,
         )
         best[label] = values
         for i, (value, j) in enumerate(zip(values, index, strict=True)):

@@ -17,6 +17,7 @@ class DDPMPair(ModelPair):
     """Two unconditional pixel-space UNets sharing one noise schedule."""
 
     family = "ddpm"
+    conditional = False
     preferred_batch_size = 32
     latent_bounds = (-1.0, 1.0)
 

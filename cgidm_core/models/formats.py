@@ -1,7 +1,8 @@
 """Recognising model formats and families from files on disk, before any weights are loaded.
 
 Detection reads only JSON configs and safetensors headers, so refusing an unsupported model
-(SDXL, pickle weights, a corrupt file) is instant and never runs code from the model.
+(the SDXL refiner, Flux, pickle weights, a corrupt file) is instant and never runs code from
+the model.
 """
 
 from __future__ import annotations
@@ -16,27 +17,40 @@ from cgidm.model_files import (  # noqa: F401 - the name rules are shared with t
     looks_like_lora,
     looks_like_single_file,
 )
-from cgidm_core.errors import ModelFormatError, ModelNotFoundError, UnsupportedModelFamilyError
+from cgidm_core.errors import (
+    IncompatiblePairError,
+    ModelFormatError,
+    ModelNotFoundError,
+    UnsupportedModelFamilyError,
+)
 
 #: What ``detect_finetuned_kind`` can answer.
 FINETUNED_KINDS = ("pipeline", "dreambooth", "lora", "single_file", "ddpm")
 
 SD_FAMILY = "stable-diffusion"
+SDXL_FAMILY = "stable-diffusion-xl"
 DDPM_FAMILY = "ddpm"
 
 SUPPORTED_HINT = (
-    "cgidm supports Stable Diffusion 1.x/2.x (StableDiffusionPipeline folders, with fine-tunes as "
-    "pipeline folders, DreamBooth unet/+text_encoder/ folders, LoRA .safetensors or single-file "
-    ".safetensors checkpoints) and pixel-space DDPM (DDPMPipeline folders)"
+    "cgidm supports Stable Diffusion 1.x/2.x and SDXL base 1.0 (StableDiffusionPipeline / "
+    "StableDiffusionXLPipeline folders, with fine-tunes as pipeline folders, DreamBooth unet/ "
+    "(+text_encoder/, text_encoder_2/) folders, LoRA .safetensors or single-file .safetensors "
+    "checkpoints) and pixel-space DDPM (DDPMPipeline folders)"
 )
-SDXL_REFUSAL = (
-    "Stable Diffusion XL (SDXL) is not supported: it has two text encoders and extra "
-    "size/crop conditioning that the CGI-DM pair does not model. " + SUPPORTED_HINT
+SDXL_REFINER_REFUSAL = (
+    "the SDXL refiner is not supported: it is an image-to-image model conditioned on an "
+    "aesthetic score and one text encoder, not the base a fine-tune is made from; give the SDXL "
+    "base 1.0 pipeline (or a fine-tune of it) instead. " + SUPPORTED_HINT
 )
 PICKLE_HINT = (
     "cgidm loads safetensors weights only, because pickle files (.bin/.ckpt/.pt) can run code "
     "when opened. Convert the model once in a trusted environment, e.g. "
     "`DiffusionPipeline.from_pretrained(path).save_pretrained(out, safe_serialization=True)`"
+)
+
+IDENTICAL_MODELS = (
+    "the fine-tuned model {ft} has exactly the weights of the pretrained model {pre}: there is "
+    "nothing to contrast; check that the two paths point to different models"
 )
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -150,13 +164,64 @@ def detect_finetuned_kind(path: str | Path) -> str:
     )
 
 
-def refuse_if_sdxl_unet(unet_config: dict[str, Any], where: Path) -> None:
-    if unet_config.get("addition_embed_type") == "text_time":
-        raise UnsupportedModelFamilyError(f"{where}: {SDXL_REFUSAL}")
+#: SDXL base 1.0 conditions on 6 added time ids (original size, crop, target size); the refiner
+#: on 5 (original size, crop, aesthetic score).
+SDXL_TIME_IDS = 6
+
+
+def unet_family(unet_config: dict[str, Any], where: Path) -> str:
+    """``stable-diffusion`` or ``stable-diffusion-xl`` from a UNet config; refuses the rest."""
+    embed = unet_config.get("addition_embed_type")
+    if embed is None:
+        return SD_FAMILY
+    if embed != "text_time":
+        raise UnsupportedModelFamilyError(
+            f"{where}: a UNet with addition_embed_type={embed!r} (not SD 1.x/2.x or SDXL base). "
+            + SUPPORTED_HINT
+        )
+    time_dim = unet_config.get("addition_time_embed_dim")
+    text_dim = unet_config.get("projection_class_embeddings_input_dim")
+    cross = unet_config.get("cross_attention_dim")
+    # The refiner's one text encoder gives both the cross-attention features and the pooled
+    # feature, next to 5 time ids (2560 = 5 * 256 + 1280 with cross_attention_dim 1280); the
+    # base's pooled feature comes from its second encoder only (2816 = 6 * 256 + 1280, 2048).
+    numbers = all(isinstance(v, int) for v in (time_dim, text_dim, cross))
+    if numbers and text_dim - (SDXL_TIME_IDS - 1) * time_dim == cross:
+        raise UnsupportedModelFamilyError(f"{where}: {SDXL_REFINER_REFUSAL}")
+    return SDXL_FAMILY
+
+
+def check_unet_family(unet_config: dict[str, Any], where: Path, family: str) -> None:
+    """A UNet of another family than the pair's is an incompatible pair, said in plain words."""
+    found = unet_family(unet_config, where)
+    if found != family:
+        raise IncompatiblePairError(
+            f"{where} holds a {_FAMILY_NAMES[found]} UNet but the pretrained model is "
+            f"{_FAMILY_NAMES[family]}; both models must be of the same family"
+        )
+
+
+_FAMILY_NAMES = {SD_FAMILY: "Stable Diffusion 1.x/2.x", SDXL_FAMILY: "SDXL",
+                 DDPM_FAMILY: "pixel-space DDPM"}
+
+
+def family_name(family: str) -> str:
+    return _FAMILY_NAMES.get(family, family)
+
+
+def _refuse_variant(folder: Path, name: str, unet_config: dict[str, Any]) -> None:
+    if unet_config.get("in_channels", 4) != 4 or unet_config.get("class_embed_type"):
+        raise UnsupportedModelFamilyError(
+            f"{folder} ({name}) is an inpainting/upscaling variant whose UNet takes extra "
+            "inputs. " + SUPPORTED_HINT
+        )
 
 
 def pipeline_family(folder: Path) -> str:
-    """Family of a pipeline folder: ``stable-diffusion`` or ``ddpm``; refuses everything else."""
+    """Family of a pipeline folder: ``stable-diffusion``, ``stable-diffusion-xl`` or ``ddpm``.
+
+    Refuses everything else (the SDXL refiner, Flux, SD3, inpainting variants...) by name.
+    """
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         raise ModelFormatError(
@@ -165,21 +230,35 @@ def pipeline_family(folder: Path) -> str:
         )
     index = read_json(index_file)
     name = str(index.get("_class_name", ""))
-    if "XL" in name or "text_encoder_2" in index:
-        raise UnsupportedModelFamilyError(f"{folder} is a {name or 'SDXL'} model. {SDXL_REFUSAL}")
     if name in _PIXEL_PIPELINES:
         return DDPM_FAMILY
+    unet_config_file = folder / "unet" / "config.json"
+    unet_config = read_json(unet_config_file) if unet_config_file.is_file() else {}
+    if name.startswith("StableDiffusionXL") or "text_encoder_2" in index:
+        te1 = index.get("text_encoder")
+        if index.get("requires_aesthetics_score") or not te1 or te1[0] is None:
+            raise UnsupportedModelFamilyError(f"{folder} ({name}): {SDXL_REFINER_REFUSAL}")
+        if unet_config:
+            if unet_family(unet_config, folder) != SDXL_FAMILY:
+                raise UnsupportedModelFamilyError(
+                    f"{folder} ({name}) has a UNet without SDXL's size conditioning. "
+                    + SUPPORTED_HINT
+                )
+            _refuse_variant(folder, name, unet_config)
+        parts = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+        missing = [part for part in parts if part not in index]
+        if missing:
+            raise ModelFormatError(f"{folder} ({name}) lacks {', '.join(missing)}")
+        return SDXL_FAMILY
     has_sd_parts = all(part in index for part in ("unet", "vae", "text_encoder", "tokenizer"))
     if name.startswith("StableDiffusion") and has_sd_parts and "transformer" not in index:
-        unet_config_file = folder / "unet" / "config.json"
-        if unet_config_file.is_file():
-            unet_config = read_json(unet_config_file)
-            refuse_if_sdxl_unet(unet_config, folder)
-            if unet_config.get("in_channels", 4) != 4 or unet_config.get("class_embed_type"):
+        if unet_config:
+            if unet_family(unet_config, folder) != SD_FAMILY:
                 raise UnsupportedModelFamilyError(
-                    f"{folder} ({name}) is an inpainting/upscaling variant whose UNet takes extra "
-                    "inputs. " + SUPPORTED_HINT
+                    f"{folder} ({name}) has a UNet with SDXL conditioning but one text encoder. "
+                    + SUPPORTED_HINT
                 )
+            _refuse_variant(folder, name, unet_config)
         return SD_FAMILY
     raise UnsupportedModelFamilyError(f"{folder} is a {name or 'unknown'} model. " + SUPPORTED_HINT)
 

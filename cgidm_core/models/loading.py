@@ -23,7 +23,11 @@ from cgidm_core.models.devices import resolve_device, resolve_dtype
 from cgidm_core.models.formats import (
     DDPM_FAMILY,
     FINETUNED_KINDS,
+    IDENTICAL_MODELS,
+    PICKLE_HINT,
+    SDXL_FAMILY,
     detect_finetuned_kind,
+    lora_weights_file,
     pipeline_family,
     read_json,
     weights_variant,
@@ -47,10 +51,6 @@ from cgidm_core.models.stable_diffusion import StableDiffusionLoraPair, StableDi
 from cgidm_core.pair import ModelPair
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_IDENTICAL = (
-    "the fine-tuned model {ft} has exactly the weights of the pretrained model {pre}: there is "
-    "nothing to contrast; check that the two paths point to different models"
-)
 
 
 def load_pair(
@@ -65,7 +65,8 @@ def load_pair(
 ) -> ModelPair:
     """Load a pretrained model and its suspected fine-tune as one pair, frozen, in eval mode.
 
-    ``pretrained`` is a diffusers pipeline folder (Stable Diffusion 1.x/2.x or pixel DDPM);
+    ``pretrained`` is a diffusers pipeline folder (Stable Diffusion 1.x/2.x, SDXL base or pixel
+    DDPM), or a complete single-file checkpoint (converted once, see ``single_file_base``);
     ``finetuned`` is any format :func:`detect_finetuned_kind` recognises (``finetuned_kind``
     overrides the detection). ``device``/``dtype`` default to CUDA+float16 when a GPU exists,
     else CPU+float32. Without ``allow_network`` nothing is downloaded: Hub ids must already be in
@@ -80,6 +81,15 @@ def load_pair(
     )
     pre_path = resolve_model_path(pretrained, allow_network)
     ft_path = resolve_model_path(finetuned, allow_network)
+    if pre_path.is_file():
+        if pre_path.suffix.lower() != ".safetensors":
+            raise ModelFormatError(
+                f"{pre_path}: a pretrained model file must be a .safetensors checkpoint. "
+                + PICKLE_HINT
+            )
+        from cgidm_core.models.single_file_base import converted_base_folder
+
+        pre_path = converted_base_folder(pre_path, allow_network=allow_network)
     family = pipeline_family(pre_path)
     if finetuned_kind is None:
         kind = detect_finetuned_kind(ft_path)
@@ -93,7 +103,24 @@ def load_pair(
         raise describe_family_mismatch(family, kind, ft_path)
     if family == DDPM_FAMILY:
         return load_ddpm_pair(pre_path, ft_path, opts)
-    return load_sd_pair(pre_path, ft_path, kind, opts, keep_text_encoders=keep_text_encoders)
+    if family == SDXL_FAMILY:
+        from cgidm_core.models.sdxl_loading import load_sdxl_pair
+
+        pair = load_sdxl_pair(pre_path, ft_path, kind, opts, keep_text_encoders=keep_text_encoders)
+    else:
+        pair = load_sd_pair(pre_path, ft_path, kind, opts, keep_text_encoders=keep_text_encoders)
+    _read_instance_prompt(pair, ft_path, kind)
+    return pair
+
+
+def _read_instance_prompt(pair: ModelPair, ft_path: Path, kind: str) -> None:
+    """The fine-tune's instance prompt from its own files, as the pair's default prompt."""
+    from cgidm_core.prompts import finetune_prompt
+
+    weights = lora_weights_file(ft_path) if kind == "lora" else None
+    found = finetune_prompt(ft_path, weights=weights)
+    if found is not None:
+        pair.default_prompt, pair.default_prompt_source, pair.default_prompt_origin = found
 
 
 # -- Stable Diffusion ----------------------------------------------------------------------------
@@ -139,7 +166,7 @@ def load_sd_pair(
     unet = finetune.unet
     if same_weights(unet, base.unet):
         if text_encoder is base.text_encoder:
-            raise IncompatiblePairError(_IDENTICAL.format(ft=ft_path, pre=pre_path))
+            raise IncompatiblePairError(IDENTICAL_MODELS.format(ft=ft_path, pre=pre_path))
         unet = base.unet
     unet_pretrained = place(base.unet, opts)
     unet_finetuned = unet_pretrained if unet is base.unet else place(unet, opts)
@@ -231,7 +258,7 @@ def load_ddpm_pair(pre_path: Path, ft_path: Path, opts: LoadOptions) -> DDPMPair
                 f"pretrained one has {getattr(unet_pre.config, name)}"
             )
     if same_weights(unet_pre, unet_ft):
-        raise IncompatiblePairError(_IDENTICAL.format(ft=ft_path, pre=pre_path))
+        raise IncompatiblePairError(IDENTICAL_MODELS.format(ft=ft_path, pre=pre_path))
     return DDPMPair(
         place(unet_pre, opts),
         place(unet_ft, opts),

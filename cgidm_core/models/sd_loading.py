@@ -25,14 +25,14 @@ from cgidm_core.errors import (
 from cgidm_core.models.formats import (
     DDPM_FAMILY,
     SD_FAMILY,
-    SDXL_REFUSAL,
     SUPPORTED_HINT,
+    check_unet_family,
+    family_name,
     is_sdxl_lora,
     is_sdxl_single_file,
     lora_weights_file,
     pipeline_family,
     read_json,
-    refuse_if_sdxl_unet,
     safetensors_keys,
     weights_variant,
 )
@@ -120,11 +120,14 @@ def _freeze(module: Any) -> Any:
     return module
 
 
-def load_unet(folder: Path, subfolder: str | None, opts: LoadOptions) -> Any:
+def load_unet(
+    folder: Path, subfolder: str | None, opts: LoadOptions, family: str = SD_FAMILY
+) -> Any:
+    """A ``UNet2DConditionModel`` of ``family`` (a UNet of another family is refused first)."""
     from diffusers import UNet2DConditionModel
 
     component = folder / subfolder if subfolder else folder
-    refuse_if_sdxl_unet(read_json(component / "config.json"), component)
+    check_unet_family(read_json(component / "config.json"), component, family)
     with loading_errors("the UNet", component):
         return UNet2DConditionModel.from_pretrained(
             folder,
@@ -262,7 +265,10 @@ def load_single_file(file: Path, base: SDBase, opts: LoadOptions) -> SDFinetune:
 
     keys = safetensors_keys(file)
     if is_sdxl_single_file(keys):
-        raise UnsupportedModelFamilyError(f"{file} is an SDXL checkpoint. {SDXL_REFUSAL}")
+        raise IncompatiblePairError(
+            f"{file} is an SDXL checkpoint but the pretrained model is Stable Diffusion 1.x/2.x; "
+            "compare it with the SDXL base it was fine-tuned from"
+        )
     has_text_encoder = any(k.startswith("cond_stage_model.") for k in keys)
     components: dict[str, Any] = {
         "vae": base.vae,
@@ -291,7 +297,10 @@ def _read_lora(weights: Path, unet_config: Any) -> tuple[dict, Any, Any]:
 
     keys = safetensors_keys(weights)
     if is_sdxl_lora(keys):
-        raise UnsupportedModelFamilyError(f"{weights} is an SDXL LoRA. {SDXL_REFUSAL}")
+        raise IncompatiblePairError(
+            f"{weights} is an SDXL LoRA but the pretrained model is Stable Diffusion 1.x/2.x; "
+            "compare it with the SDXL base it was trained on"
+        )
     with loading_errors("the LoRA", weights, mismatch_is_incompatible=True):
         state_dict, network_alphas, metadata = StableDiffusionPipeline.lora_state_dict(
             str(weights.parent),
@@ -477,7 +486,7 @@ def describe_family_mismatch(
             f"fine-tune ({kind}); both models must be of the same family"
         )
     return IncompatiblePairError(
-        f"the pretrained model is Stable Diffusion but {where} is a pixel-space DDPM; both models "
-        "must be of the same family"
+        f"the pretrained model is {family_name(pretrained_family)} but {where} is a pixel-space "
+        "DDPM; both models must be of the same family"
     )
 

@@ -138,7 +138,8 @@ NUMERIC = [
     ("alpha", "0"), ("alpha", "-1"), ("alpha", "nan"), ("alpha", "inf"), ("alpha", "1001"),
     ("epsilon", "0"), ("epsilon", "nan"), ("epsilon", "-inf"), ("epsilon", "1e7"),
     ("t_min", "-1"), ("t_min", "1000"), ("t_max", "1000"), ("mc_samples", "0"),
-    ("mc_samples", "65"), ("cell", "0"), ("cell", "1025"),
+    ("mc_samples", "65"), ("cell", "0"), ("cell", "1025"), ("resolution", "7"),
+    ("resolution", "4097"), ("resolution", "512.5"),
 ]
 
 

@@ -209,3 +209,60 @@ def test_superseded_and_duplicate_deliveries_do_nothing(leased_ctx):
     assert job.attempts == 1 and job.worker["delivery"] == 2
     assert leased_ctx.store.list_attempts(job_id) == [job.attempt]
     assert leases.get(job_id).state == "done"
+
+
+@pytest.fixture(scope="module")
+def sdxl_registry(tmp_path_factory):
+    """A tiny SDXL base, a kohya LoRA with ss_* metadata and a plain DreamBooth folder."""
+    import json
+
+    from tests import tinymodels
+
+    root = tmp_path_factory.mktemp("sdxl")
+    base = tinymodels.make_tiny_sdxl(root / "base")
+    lora = tinymodels.make_sdxl_kohya_lora(
+        base, root / "lora.safetensors",
+        metadata={"ss_tag_frequency": json.dumps({"5_zzvg": {"zzvg": 5, "tree": 1}})})
+    plain = tinymodels.make_sdxl_dreambooth_folder(base, root / "db", ())
+    path = root / "models.json"
+    path.write_text(json.dumps({"models": [
+        {"id": "xl-base", "family": "stable-diffusion-xl", "path": str(base)},
+        {"id": "xl-lora", "family": "stable-diffusion-xl", "path": str(lora),
+         "finetuned_from": "xl-base", "kind": "lora"},
+        {"id": "xl-db", "family": "stable-diffusion-xl", "path": str(plain),
+         "finetuned_from": "xl-base", "kind": "dreambooth", "prompt": "sks style"},
+        {"id": "xl-db-plain", "family": "stable-diffusion-xl", "path": str(plain),
+         "finetuned_from": "xl-base", "kind": "dreambooth"}]}))
+    return path
+
+
+def test_sdxl_jobs_record_the_prompt_and_its_source(tmp_path, sdxl_registry):
+    """The API result says which prompt was used and where it came from (given > registry >
+    the fine-tune's metadata > empty with a warning)."""
+    from worker.context import _load_pair
+
+    settings = Settings(data_dir=tmp_path, models=sdxl_registry, device="cpu",
+                        progress_interval=0)
+    ctx = WorkerContext(settings=settings, store=JobStore(LocalStorage(tmp_path / "store")),
+                        cache=ModelCache(10**9, _load_pair), worker_id="test-worker")
+    cases = {
+        "metadata": ("xl-lora", None, ("zzvg", "safetensors_metadata")),
+        "given": ("xl-lora", "a tree", ("a tree", "given")),
+        "registry": ("xl-db", None, ("sks style", "registry")),
+        "empty": ("xl-db-plain", None, ("", "empty")),
+    }
+    for finetuned, prompt, expected in cases.values():
+        job_id = new_job_id()
+        key = input_key(job_id, "image", 0, "a")
+        record = JobRecord(job_id=job_id, created_at=utcnow(),
+                           settings=JobSettings(pretrained="xl-base", finetuned=finetuned,
+                                                steps=1, prompt=prompt, resolution=32),
+                           inputs=[InputFile(name="a", role="image", key=key, width=24,
+                                             height=20)])
+        ctx.store.create(record, [(key, png_bytes(8))])
+        assert run_job(ctx, job_id) == "succeeded", ctx.store.load(job_id).error
+        result = ctx.store.load(job_id).result
+        assert (result.prompt, result.prompt_source) == expected
+        assert result.pair["family"] == "stable-diffusion-xl"
+        assert result.config["resolution"] == 32
+        assert (result.prompt_warning is not None) == (expected[1] == "empty")

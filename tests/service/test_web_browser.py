@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import re
+import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +39,8 @@ VANGOGH = SHARED_DATA / "wikiart-vangogh"
 STEPS = "4"
 #: Small enough for a test picture to pass it; the paintings are under 100 kB.
 MAX_UPLOAD = 1_000_000
+#: Model uploads: room for the demo UNet (4.3 MB) but not for a test's 9 MB file.
+MAX_MODEL = 6_000_000
 DESKTOP = (1280, 900)
 PHONE = (390, 844)
 
@@ -65,6 +69,7 @@ def service(tmp_path_factory) -> Iterator[str]:
         "CGIDM_DATA_DIR": str(root / "data"),
         "CGIDM_API_KEYS": f"artist:{digest}",
         "CGIDM_MAX_UPLOAD_BYTES": str(MAX_UPLOAD),
+        "CGIDM_MAX_MODEL_BYTES": str(MAX_MODEL),
     })}
     for name in ("CGIDM_STORAGE_URL", "CGIDM_BROKER_URL", "CGIDM_MODELS"):
         env[name] = None
@@ -521,6 +526,31 @@ def test_upload_a_suspect_model_file_then_check_with_it(browser, service, shots,
     _upload_model(browser, fake)
     _wait(browser, lambda d: said.json()["detail"][0]["msg"] in _css(d, "#form-error")[0].text,
           30, "the service's message for a corrupt file")
+
+    # Too large (413, refused by its size before the body is read): the file is named.
+    big = tmp_path / "huge-checkpoint.safetensors"
+    big.write_bytes(bytes(9_000_000))
+    said = httpx.post(f"{service}/models", headers=headers, data={"finetuned_from": "demo-base"},
+                      files={"file": (big.name, big.read_bytes())})
+    assert said.status_code == 413, said.text
+    assert "CGIDM_MAX_MODEL_BYTES" in said.json()["detail"][0]["msg"]
+    _upload_model(browser, big)
+    _wait(browser, lambda d: "huge-checkpoint.safetensors is too large to upload here" in
+          _css(d, "#form-error")[0].text, 60, "the too-large message")
+    # the service's words (the multipart framing, hence the byte count, differs from httpx's)
+    limit_words = said.json()["detail"][0]["msg"].split(" bytes exceeds ")[1]
+    assert limit_words in _css(browser, "#form-error")[0].text
+    assert browser.switch_to.active_element.get_attribute("id") == "model-file"
+
+    # Just over the limit: refused by the route as it streams in (its header gives the size).
+    header = json.dumps({"w": {"dtype": "U8", "shape": [MAX_MODEL + 1],
+                               "data_offsets": [0, MAX_MODEL + 1]}}).encode()
+    over = tmp_path / "just-over.safetensors"
+    over.write_bytes(struct.pack("<Q", len(header)) + header + bytes(MAX_MODEL + 1))
+    _upload_model(browser, over)
+    _wait(browser, lambda d: "just-over.safetensors: its header describes" in
+          _css(d, "#form-error")[0].text, 60, "the streamed too-large message")
+    assert f"more than {MAX_MODEL} (CGIDM_MAX_MODEL_BYTES)" in _css(browser, "#form-error")[0].text
 
     # A real fine-tune of demo-base: its UNet weights, the architecture the ddpm family takes.
     weights = tmp_path / "my-suspect.safetensors"

@@ -41,8 +41,11 @@ async function api(path, options = {}) {
   throw new ApiProblem(response.status, details);
 }
 
+const CUT_OFF = "The upload was cut off before the service answered. If your files are large, the " +
+  "service may refuse them as too large: try fewer or smaller files, or try again.";
+
 /* POST with upload progress (fetch cannot report it); errors as api() reports them. */
-function upload(path, body, onProgress) {
+function upload(path, body, onProgress, cutOff = CUT_OFF) {
   return new Promise((resolve, reject) => {
     const xhr = new XMLHttpRequest();
     xhr.open("POST", path);
@@ -62,9 +65,7 @@ function upload(path, body, onProgress) {
       }
       reject(new ApiProblem(xhr.status, details));
     });
-    xhr.addEventListener("error", () => reject(new ApiProblem(0, [{
-      msg: "The upload was cut off before the service answered. If your files are large, the " +
-           "service may refuse them as too large: try fewer or smaller files, or try again." }])));
+    xhr.addEventListener("error", () => reject(new ApiProblem(0, [{ msg: cutOff }])));
     xhr.send(body);
   });
 }
@@ -314,7 +315,9 @@ function setUpModelUpload() {
         status.textContent = fraction < 1
           ? `Uploading ${file.name}\u2026 ${Math.round(fraction * 100)}%`
           : "Uploaded; the service is checking the file\u2026";
-      });
+      }, `The upload of ${file.name} was cut off before the service answered: the file may be ` +
+         "larger than this service accepts, or the connection dropped. Try again, or ask the " +
+         "operator about the model size limit (CGIDM_MAX_MODEL_BYTES).");
       const entry = { ...model, uploaded: true };
       const again = knownModels.some((m) => m.id === entry.id);
       knownModels = [...knownModels.filter((m) => m.id !== entry.id), entry];
@@ -329,6 +332,9 @@ function setUpModelUpload() {
     } catch (problem) {
       status.textContent = problem.status === 401 ? "" : "Not uploaded: the reason is below the form.";
       if (problem.status !== 401) {
+        for (const d of problem.details || []) {  // refused by its Content-Length: name the file
+          if (d.type === "request_too_large") d.msg = `${file.name} is too large to upload here: ${d.msg}`;
+        }
         setError(errorBox, problem);
         const field = (problem.details || []).map((d) => Array.isArray(d.loc) ? d.loc[1] : null)
           .find((name) => name in UPLOAD_FIELDS);

@@ -12,7 +12,6 @@ import socket
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 from cgidm.jobs import JobStore, utcnow
@@ -98,7 +97,11 @@ def _load_pair(key: PairKey, ctx: WorkerContext | None = None) -> Any:
         raise ModelFormatError(str(exc)) from exc
     try:
         if kind == "unet":  # bare UNet weights: a folder with the base's config, kind detected
-            path, loader_kind = ctx.disk.unet_view(sha256, blob, Path(pre_path)), None
+            from cgidm_core.demo import resolve_model_reference
+
+            # the registry's path may be a demo name (the built-in registry's demo-base)
+            base_folder = resolve_model_reference(pre_path)
+            path, loader_kind = ctx.disk.unet_view(sha256, blob, base_folder), None
         else:
             path, loader_kind = blob, kind
         return load_pair(pre_path, path, finetuned_kind=loader_kind, device=settings.device,

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import re
+import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cgidm_core.demo import DEMO_MODELS_DIR
 from tests.paths import SHARED_DATA
 from tests.service.conftest import child_env, free_port
 
@@ -36,6 +39,8 @@ VANGOGH = SHARED_DATA / "wikiart-vangogh"
 STEPS = "4"
 #: Small enough for a test picture to pass it; the paintings are under 100 kB.
 MAX_UPLOAD = 1_000_000
+#: Model uploads: room for the demo UNet (4.3 MB) but not for a test's 9 MB file.
+MAX_MODEL = 6_000_000
 DESKTOP = (1280, 900)
 PHONE = (390, 844)
 
@@ -64,6 +69,7 @@ def service(tmp_path_factory) -> Iterator[str]:
         "CGIDM_DATA_DIR": str(root / "data"),
         "CGIDM_API_KEYS": f"artist:{digest}",
         "CGIDM_MAX_UPLOAD_BYTES": str(MAX_UPLOAD),
+        "CGIDM_MAX_MODEL_BYTES": str(MAX_MODEL),
     })}
     for name in ("CGIDM_STORAGE_URL", "CGIDM_BROKER_URL", "CGIDM_MODELS"):
         env[name] = None
@@ -218,14 +224,15 @@ def _choose(driver, name: str, files: list[Path]) -> None:
     field.send_keys("\n".join(str(p) for p in files))
 
 
-def _fill_new_check(driver, images: list[Path], controls: list[Path], steps: str) -> None:
+def _fill_new_check(driver, images: list[Path], controls: list[Path], steps: str,
+                    finetuned: str = "demo-vangogh") -> None:
     from selenium.webdriver.support.ui import Select
 
     _wait(driver, lambda d: d.execute_script(
         "return [...document.querySelectorAll('#finetuned option')].some("
-        "o => o.value === 'demo-vangogh')"), 30, "models listed")
+        "o => o.value === arguments[0])", finetuned), 30, "models listed")
     Select(_css(driver, "#pretrained")[0]).select_by_value("demo-base")
-    Select(_css(driver, "#finetuned")[0]).select_by_value("demo-vangogh")
+    Select(_css(driver, "#finetuned")[0]).select_by_value(finetuned)
     _choose(driver, "images", images)
     if controls:
         _choose(driver, "controls", controls)
@@ -472,3 +479,119 @@ def test_a_file_too_large_gets_a_clear_message(browser, service, tmp_path):
     error = _visible(browser, "#form-error", timeout=60)
     assert f"huge-scan.png: larger than {MAX_UPLOAD} bytes" in error.text
     assert "/checks/" not in browser.current_url
+
+
+def _upload_model(driver, path: Path, prompt: str = "") -> None:
+    """Through the form's model-upload section, opened and sent from the keyboard."""
+    from selenium.webdriver.common.keys import Keys
+
+    section = _css(driver, "#model-upload")[0]
+    if section.get_attribute("open") is None:
+        _css(driver, "#model-upload summary")[0].send_keys(Keys.ENTER)
+    _visible(driver, "#model-file").send_keys(str(path))
+    field = _visible(driver, "#model-prompt")
+    field.clear()
+    field.send_keys(prompt + Keys.ENTER)  # Enter in the prompt uploads; it does not start a check
+
+
+def test_upload_a_suspect_model_file_then_check_with_it(browser, service, shots, tmp_path):
+    from selenium.webdriver.support.ui import Select
+
+    headers = {"Authorization": f"Bearer {KEY}"}
+    _with_key(browser, service)
+    browser.get(service + "/")
+    _fill_new_check(browser, _images("membership", 1), [], "2")
+    assert _css(browser, "#model-file[accept='.safetensors']")
+    assert browser.execute_script(  # the upload's inputs are not part of the check's body
+        "return document.querySelector('#model-file').name + "
+        "document.querySelector('#model-prompt').name") == ""
+
+    # A pickle checkpoint: refused by the service (415), its message shown, focus on the file.
+    pickle = tmp_path / "suspect.ckpt"
+    pickle.write_bytes(b"\x80\x02}q\x00." + bytes(64))
+    _upload_model(browser, pickle)
+    error = _visible(browser, "#form-error")
+    assert "pickle checkpoints (.ckpt, .bin, .pt) can run code" in error.text
+    assert error.get_attribute("role") == "alert"
+    assert browser.switch_to.active_element.get_attribute("id") == "model-file"
+    assert "Not uploaded" in _css(browser, "#model-upload-status")[0].text
+    assert "/checks/" not in browser.current_url
+
+    # Text named .safetensors: refused (422) with the service's own words.
+    fake = tmp_path / "notes.safetensors"
+    fake.write_text("these are notes, not a model")
+    said = httpx.post(f"{service}/models", headers=headers, data={"finetuned_from": "demo-base"},
+                      files={"file": (fake.name, fake.read_bytes())})
+    assert said.status_code == 422, said.text
+    _upload_model(browser, fake)
+    _wait(browser, lambda d: said.json()["detail"][0]["msg"] in _css(d, "#form-error")[0].text,
+          30, "the service's message for a corrupt file")
+
+    # Too large (413, refused by its size before the body is read): the file is named.
+    big = tmp_path / "huge-checkpoint.safetensors"
+    big.write_bytes(bytes(9_000_000))
+    said = httpx.post(f"{service}/models", headers=headers, data={"finetuned_from": "demo-base"},
+                      files={"file": (big.name, big.read_bytes())})
+    assert said.status_code == 413, said.text
+    assert "CGIDM_MAX_MODEL_BYTES" in said.json()["detail"][0]["msg"]
+    _upload_model(browser, big)
+    _wait(browser, lambda d: "huge-checkpoint.safetensors is too large to upload here" in
+          _css(d, "#form-error")[0].text, 60, "the too-large message")
+    # the service's words (the multipart framing, hence the byte count, differs from httpx's)
+    limit_words = said.json()["detail"][0]["msg"].split(" bytes exceeds ")[1]
+    assert limit_words in _css(browser, "#form-error")[0].text
+    assert browser.switch_to.active_element.get_attribute("id") == "model-file"
+
+    # Just over the limit: refused by the route as it streams in (its header gives the size).
+    header = json.dumps({"w": {"dtype": "U8", "shape": [MAX_MODEL + 1],
+                               "data_offsets": [0, MAX_MODEL + 1]}}).encode()
+    over = tmp_path / "just-over.safetensors"
+    over.write_bytes(struct.pack("<Q", len(header)) + header + bytes(MAX_MODEL + 1))
+    _upload_model(browser, over)
+    _wait(browser, lambda d: "just-over.safetensors: its header describes" in
+          _css(d, "#form-error")[0].text, 60, "the streamed too-large message")
+    assert f"more than {MAX_MODEL} (CGIDM_MAX_MODEL_BYTES)" in _css(browser, "#form-error")[0].text
+
+    # A real fine-tune of demo-base: its UNet weights, the architecture the ddpm family takes.
+    weights = tmp_path / "my-suspect.safetensors"
+    weights.write_bytes((DEMO_MODELS_DIR / "demo-vangogh-light" / "unet"
+                         / "diffusion_pytorch_model.safetensors").read_bytes())
+    _upload_model(browser, weights, prompt="a painting")
+    _wait(browser, lambda d: (d.execute_script("return document.querySelector('#finetuned').value")
+                              or "").startswith("up-"), 60, "the upload chosen as the suspect")
+    assert not _css(browser, "#form-error")[0].is_displayed()
+    chosen = Select(_css(browser, "#finetuned")[0]).first_selected_option
+    upload_id = chosen.get_attribute("value")
+    assert "my-suspect.safetensors" in chosen.text and "yours" in chosen.text
+    status = _css(browser, "#model-upload-status")[0].text
+    assert "chosen as the suspect model" in status and "a painting" in status, status
+    assert browser.switch_to.active_element.get_attribute("id") == "finetuned"
+    listed = {m["id"]: m for m in httpx.get(f"{service}/models", headers=headers).json()["models"]}
+    assert listed[upload_id]["uploaded"] is True
+    assert (listed[upload_id]["kind"], listed[upload_id]["finetuned_from"],
+            listed[upload_id]["prompt"]) == ("unet", "demo-base", "a painting")
+    assert _low_contrast(browser) == []
+    _shot(browser, shots, "model-upload", full=False)
+    browser.set_window_size(*PHONE)
+    assert browser.execute_script(
+        "return document.documentElement.scrollWidth <= window.innerWidth") is True
+    browser.set_window_size(*DESKTOP)
+
+    # After a reload, GET /models lists it as yours under its base.
+    browser.get(service + "/")
+    _wait(browser, lambda d: any(o.get_attribute("value") == upload_id and "yours" in o.text
+                                 for o in _css(d, "#finetuned option")), 30, "the upload listed")
+    assert "1 uploaded by you" in _css(browser, "#model-source")[0].text
+
+    # A check with it, run to the end (one image, two steps).
+    _fill_new_check(browser, _images("membership", 1), [], "2", finetuned=upload_id)
+    _css(browser, "#submit")[0].click()
+    _wait(browser, lambda d: "/checks/" in d.current_url, 60, "the job page")
+    job_id = browser.current_url.rsplit("/", 1)[-1]
+    _wait(browser, lambda d: any(word in _css(d, "#job-status")[0].text
+                                 for word in ("Done", "Failed")), 240, "the check finished")
+    assert "Done" in _css(browser, "#job-status")[0].text, _css(browser, "#job-error")[0].text
+    assert upload_id in _css(browser, "#job-models")[0].text
+    _wait(browser, lambda d: len(_css(d, ".card[data-image-name]")) == 1, 30, "the result card")
+    job = httpx.get(f"{service}/jobs/{job_id}", headers=headers).json()
+    assert job["settings"]["finetuned"] == upload_id

@@ -140,6 +140,10 @@ def test_pages_load_nothing_from_elsewhere(client):
         assert "'self'" in response.headers["content-security-policy"]
     page = client.get("/").text
     assert 'name="images"' in page and 'name="controls"' in page
+    # The model upload (POST /models by the script) is not part of the check's form body.
+    upload_inputs = re.findall(r'<input id="model-(?:file|prompt)"[^>]*>', page)
+    assert len(upload_inputs) == 2 and not any(" name=" in i for i in upload_inputs)
+    assert 'accept=".safetensors"' in upload_inputs[0]
     # Local mode (no keys): nothing to sign in to, the form shows at once.
     assert 'data-keys-required="false"' in page
     assert re.search(r'<div id="app-content"\s*>', page)

@@ -266,3 +266,30 @@ def test_sdxl_jobs_record_the_prompt_and_its_source(tmp_path, sdxl_registry):
         assert result.pair["family"] == "stable-diffusion-xl"
         assert result.config["resolution"] == 32
         assert (result.prompt_warning is not None) == (expected[1] == "empty")
+
+
+def test_uploaded_unet_weights_load_on_a_demo_base(tmp_path):
+    """The built-in registry's base path is a demo name ("demo-base"), not a folder: the UNet
+    config the upload's view needs comes from the packaged model (was FileNotFoundError)."""
+    import hashlib
+
+    from cgidm.registry import DEMO_ENTRIES
+    from cgidm.uploaded_models import UploadedModel
+    from cgidm_core.demo import DEMO_MODELS_DIR
+    from worker.context import _load_pair
+    from worker.disk_cache import DiskCache
+
+    data = (DEMO_MODELS_DIR / "demo-vangogh-light" / "unet"
+            / "diffusion_pytorch_model.safetensors").read_bytes()
+    sha256 = hashlib.sha256(data).hexdigest()
+    storage = LocalStorage(tmp_path / "store")
+    storage.put_bytes("uploads/suspect.safetensors", data)
+    ctx = WorkerContext(settings=Settings(data_dir=tmp_path, device="cpu"),
+                        store=JobStore(storage), cache=ModelCache(10**9, _load_pair),
+                        worker_id="test-worker", disk=DiskCache(tmp_path / "disk", 10**9))
+    base = next(e for e in DEMO_ENTRIES if e.id == "demo-base")
+    upload = UploadedModel(id="up-" + "0" * 24, sha256=sha256, kind="unet", family="ddpm",
+                           finetuned_from="demo-base", size_bytes=len(data), prompt_source="none",
+                           created_at=utcnow(), blob_key="uploads/suspect.safetensors")
+    pair = _load_pair(ctx.pair_key(base, upload), ctx)
+    assert pair.family == "ddpm" and pair.image_size == 32

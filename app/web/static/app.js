@@ -41,8 +41,11 @@ async function api(path, options = {}) {
   throw new ApiProblem(response.status, details);
 }
 
+const CUT_OFF = "The upload was cut off before the service answered. If your files are large, the " +
+  "service may refuse them as too large: try fewer or smaller files, or try again.";
+
 /* POST with upload progress (fetch cannot report it); errors as api() reports them. */
-function upload(path, body, onProgress) {
+function upload(path, body, onProgress, cutOff = CUT_OFF) {
   return new Promise((resolve, reject) => {
     const xhr = new XMLHttpRequest();
     xhr.open("POST", path);
@@ -62,9 +65,7 @@ function upload(path, body, onProgress) {
       }
       reject(new ApiProblem(xhr.status, details));
     });
-    xhr.addEventListener("error", () => reject(new ApiProblem(0, [{
-      msg: "The upload was cut off before the service answered. If your files are large, the " +
-           "service may refuse them as too large: try fewer or smaller files, or try again." }])));
+    xhr.addEventListener("error", () => reject(new ApiProblem(0, [{ msg: cutOff }])));
     xhr.send(body);
   });
 }
@@ -210,32 +211,141 @@ function setUpDrop(zone) {
   });
 }
 
-function fillModels(models) {
+/* The models jobs may name: the registry's and this key's uploads (GET /models), kept so that an
+ * upload made on this page joins the suspect list without asking the service again. */
+let knownModels = [];
+
+function modelLabel(m) {
+  if (m.uploaded) {
+    const size = m.size_bytes ? `, ${formatBytes(m.size_bytes)}` : "";
+    return `${m.name || m.filename || m.id} \u2013 yours (uploaded ${m.kind}${size})`;
+  }
+  return m.description ? `${m.id} \u2013 ${m.description}` : m.id;
+}
+
+function fillSuspects() {
   const base = $("#pretrained");
   const suspect = $("#finetuned");
-  const bases = models.filter((m) => !m.finetuned_from);
+  const previous = suspect.value;
   const option = (m) => {
     const o = document.createElement("option");
     o.value = m.id;
-    o.textContent = m.description ? `${m.id} \u2013 ${m.description}` : m.id;
+    o.textContent = modelLabel(m);
     return o;
   };
-  base.replaceChildren(...(bases.length ? bases : models).map(option));
-  const fillSuspects = () => {
-    const tuned = models.filter((m) => m.finetuned_from === base.value);
-    const choices = tuned.length ? tuned : models.filter((m) => m.finetuned_from);
-    suspect.replaceChildren(...choices.map(option));
-    if (!choices.length) {
-      const none = document.createElement("option");
-      none.value = "";
-      none.textContent = "No fine-tuned model of this base is registered";
-      suspect.append(none);
-    }
-  };
+  const tuned = knownModels.filter((m) => m.finetuned_from === base.value);
+  const choices = tuned.length ? tuned : knownModels.filter((m) => m.finetuned_from);
+  suspect.replaceChildren(...choices.map(option));
+  if (!choices.length) {
+    const none = document.createElement("option");
+    none.value = "";
+    none.textContent = "No fine-tuned model of this base is registered";
+    suspect.append(none);
+  }
+  if (choices.some((m) => m.id === previous)) suspect.value = previous;
+  const yours = knownModels.filter((m) => m.uploaded).length;
+  $("#model-source").textContent =
+    `${knownModels.length - yours} models registered on this service` +
+    (yours ? ` and ${yours} uploaded by you` : "") +
+    "; the suspect list shows the fine-tunes of the chosen base.";
+}
+
+function fillModels(models) {
+  knownModels = models;
+  const base = $("#pretrained");
+  const bases = models.filter((m) => !m.finetuned_from);
+  base.replaceChildren(...(bases.length ? bases : models).map((m) => {
+    const o = document.createElement("option");
+    o.value = m.id;
+    o.textContent = modelLabel(m);
+    return o;
+  }));
   base.addEventListener("change", fillSuspects);
   fillSuspects();
-  $("#model-source").textContent =
-    `${models.length} models registered on this service; the suspect list shows the fine-tunes of the chosen base.`;
+}
+
+function formatBytes(bytes) {
+  if (bytes < 1024) return `${bytes} B`;
+  const units = ["kB", "MB", "GB", "TB"];
+  let value = bytes;
+  let unit = -1;
+  do { value /= 1024; unit += 1; } while (value >= 1024 && unit < units.length - 1);
+  return `${value.toFixed(value < 10 ? 1 : 0)} ${units[unit]}`;
+}
+
+/* Where the service's answer about an upload field points on this page. */
+const UPLOAD_FIELDS = { file: "model-file", prompt: "model-prompt", finetuned_from: "pretrained",
+                        kind: "model-file", name: "model-file" };
+
+/* The suspect model's own file: POST /models with progress, then chosen as the suspect. */
+function setUpModelUpload() {
+  const fileInput = $("#model-file");
+  const promptInput = $("#model-prompt");
+  const button = $("#model-upload-button");
+  const bar = $("#model-upload-progress");
+  const status = $("#model-upload-status");
+  const errorBox = $("#form-error");
+  fileInput.addEventListener("change", () => { setError(errorBox, null); status.textContent = ""; });
+  promptInput.addEventListener("keydown", (event) => {
+    if (event.key === "Enter") { event.preventDefault(); button.click(); }  // not the check's submit
+  });
+  button.addEventListener("click", async () => {
+    const file = fileInput.files[0];
+    const base = $("#pretrained").value;
+    if (!file || !base) {
+      const msg = !file ? "Choose the suspect model's .safetensors file to upload."
+        : "Choose the base model the suspect model was fine-tuned from.";
+      setError(errorBox, { details: [{ msg }] });
+      (file ? $("#pretrained") : fileInput).focus();
+      return;
+    }
+    setError(errorBox, null);
+    const body = new FormData();
+    body.append("finetuned_from", base);  // before the file: a wrong base is refused at once
+    if (promptInput.value.trim()) body.append("prompt", promptInput.value.trim());
+    body.append("file", file, file.name);
+    button.disabled = true;
+    $("#submit").disabled = true;
+    bar.value = 0;
+    bar.hidden = false;
+    status.textContent = `Uploading ${file.name}\u2026`;
+    try {
+      const model = await upload("/models", body, (fraction) => {
+        bar.value = fraction;
+        status.textContent = fraction < 1
+          ? `Uploading ${file.name}\u2026 ${Math.round(fraction * 100)}%`
+          : "Uploaded; the service is checking the file\u2026";
+      }, `The upload of ${file.name} was cut off before the service answered: the file may be ` +
+         "larger than this service accepts, or the connection dropped. Try again, or ask the " +
+         "operator about the model size limit (CGIDM_MAX_MODEL_BYTES).");
+      const entry = { ...model, uploaded: true };
+      const again = knownModels.some((m) => m.id === entry.id);
+      knownModels = [...knownModels.filter((m) => m.id !== entry.id), entry];
+      $("#pretrained").value = entry.finetuned_from;
+      fillSuspects();
+      $("#finetuned").value = entry.id;
+      const prompt = entry.prompt ? ` Prompt: \u201c${entry.prompt}\u201d.` : "";
+      status.textContent = `${entry.name || file.name} ${again ? "was uploaded before" : "uploaded"} (${entry.kind}, ` +
+        `${formatBytes(entry.size_bytes)}) and chosen as the suspect model.${prompt}`;
+      fileInput.value = "";
+      $("#finetuned").focus();
+    } catch (problem) {
+      status.textContent = problem.status === 401 ? "" : "Not uploaded: the reason is below the form.";
+      if (problem.status !== 401) {
+        for (const d of problem.details || []) {  // refused by its Content-Length: name the file
+          if (d.type === "request_too_large") d.msg = `${file.name} is too large to upload here: ${d.msg}`;
+        }
+        setError(errorBox, problem);
+        const field = (problem.details || []).map((d) => Array.isArray(d.loc) ? d.loc[1] : null)
+          .find((name) => name in UPLOAD_FIELDS);
+        document.getElementById(UPLOAD_FIELDS[field] || "model-file").focus();
+      }
+    } finally {
+      bar.hidden = true;
+      button.disabled = false;
+      $("#submit").disabled = false;
+    }
+  });
 }
 
 const FIELD_LABELS = { images: "Your images", controls: "Controls" };
@@ -264,6 +374,7 @@ function focusField(details) {
 function setUpForm() {
   const form = $("#check-form");
   for (const zone of document.querySelectorAll(".drop")) setUpDrop(zone);
+  setUpModelUpload();
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     const errorBox = $("#form-error");

@@ -155,7 +155,7 @@ async def authenticate(
             notes.extend(decoded.warnings)
 
     record = JobRecord(job_id=job_id, created_at=utcnow(), settings=settings, inputs=inputs,
-                       owner=caller.name)
+                       owner=caller.name, queue_key=route_by)
     try:
         await run_in_threadpool(services.store.create, record, files)
     except StorageError as exc:  # create() removed what it had written

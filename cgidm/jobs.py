@@ -276,6 +276,10 @@ class JobRecord(BaseModel):
     recovery: Recovery | None = Field(
         None, description="Set once a worker running the job was lost: which attempt is due, "
         "how many were lost, and what happened.")
+    queue_key: str | None = Field(
+        None, description="What the job's queue was chosen by: the fine-tune's id, or an "
+        "uploaded model's content hash. A reaper sends a lost job's next attempt by the same "
+        "key, so with CGIDM_ROUTING=pair it reaches the worker that holds the pair.")
 
     @property
     def terminal(self) -> bool:

@@ -124,7 +124,7 @@ class Reaper(threading.Thread):
         record.progress = Progress()
         self.store.save(record)
         enqueue_job(self.celery, self.settings, record.job_id, reaped.attempt,
-                    record.settings.pretrained, record.settings.finetuned)
+                    record.settings.pretrained, record.queue_key or record.settings.finetuned)
         log.warning("job %s: attempt %d lost; attempt %d handed out again (reaper %s)",
                     record.job_id, reaped.attempt - 1, reaped.attempt, self.reaper)
 

@@ -194,3 +194,27 @@ def test_reaper_ends_a_poison_job_and_settles_a_finished_one(tmp_path):
     assert store.load(finished).status == "succeeded"
     assert leases.get(poison).state == leases.get(finished).state == "done"
     assert leases.lapsed() == [] and reaper.sweep() == []
+
+
+def test_reaper_resends_an_upload_job_to_the_queue_its_content_hash_chose(tmp_path, redis_url):
+    """With pair routing the gateway queues a job on an uploaded model by the file's sha256 (two
+    ids of the same bytes share a cached pair); the reaper must send the next attempt by the
+    same key, not by the upload's id, or it lands on a worker that does not hold the pair."""
+    from cgidm.routing import queue_for_pair
+
+    settings = _settings(tmp_path, redis_url, routing="pair", routing_slots=64)
+    store = JobStore(LocalStorage(tmp_path / "store"))
+    job = _queued_job(store)
+    record = store.load(job)
+    record.queue_key = "ab" * 32  # what the gateway routed an upload's job by
+    store.save(record)
+    by_hash = queue_for_pair("tiny-base", record.queue_key, settings)
+    by_id = queue_for_pair("tiny-base", "tiny-ft", settings)
+    assert by_hash != by_id  # the test would prove nothing if both keys chose one queue
+    leases = RedisLeases(settings)
+    assert leases.claim(job, 1, "dead-worker", ("tiny-base", "tiny-ft")).ok
+    _lapse()
+    reaper = Reaper(settings, leases, store, make_celery(settings, main="r-hash"), "test")
+    assert [r.job_id for r in reaper.sweep()] == [job]
+    client = redis.Redis.from_url(redis_url)
+    assert client.llen(by_hash) == 1 and client.llen(by_id) == 0

@@ -12,8 +12,8 @@ does not depend on the other images in its batch.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -58,6 +58,9 @@ class InversionConfig:
     #: Keep the recovery inside the latent space's valid range (pixel pairs: [-1, 1]) after each
     #: step, so the PGD cannot "recover" values no image has. No effect on unbounded latents.
     bounded: bool = True
+    #: Keep each channel of the recovered cells inside the range that channel takes in the kept
+    #: cells of the same image (its "palette"). Off by default; see docs/ACCURACY.md, "Pictures".
+    palette_bounds: bool = False
 
     @classmethod
     def reference(cls, **overrides: object) -> InversionConfig:
@@ -118,6 +121,9 @@ class InversionOutput:
     latent_recovered: torch.Tensor
     latent_mask: torch.Tensor  # (1, 1, h, w), 1 = kept
     epsilon: float  # the radius actually used (after scaling to the latent size)
+    #: Extra recoveries asked for with ``record_steps`` / ``average_from`` (decoded, like
+    #: ``recovered``): ``"step<n>"`` after n steps, ``"average"`` the mean of the iterates.
+    recovered_at: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def scaled_radius(config: InversionConfig, free_entries: int) -> tuple[float, float]:
@@ -191,11 +197,16 @@ def invert(
     progress: ProgressFn | None = None,
     should_cancel: CancelFn | None = None,
     cancel_every: int = 5,
+    record_steps: Sequence[int] = (),
+    average_from: int | None = None,
 ) -> InversionOutput:
     """Run the L2 PGD for a batch of images; see the module docstring for the objective.
 
     ``seeds`` holds one seed per image (``images.image_seed``). ``should_cancel`` is polled every
     ``cancel_every`` steps and raises :class:`Cancelled` so a service can stop a job promptly.
+    ``record_steps`` and ``average_from`` cost no model passes: the recovery after each listed
+    step count, and the mean of the iterates after step ``average_from`` (benchmarks use them to
+    compare step counts and an averaged recovery within one run).
     """
     config.validate(pair.num_train_timesteps)
     if len(seeds) != images.shape[0]:
@@ -219,6 +230,16 @@ def invert(
     source = _NoiseSource(seeds, latent_shape, t_range)  # type: ignore[arg-type]
     delta = torch.zeros_like(z0)
     bounds = pair.latent_bounds if config.bounded else None
+    if config.palette_bounds:
+        big = torch.finfo(z0.dtype).max
+        kept = keep.bool().expand_as(z0)
+        low = torch.where(kept, z0, big).amin(dim=(2, 3), keepdim=True)
+        high = torch.where(kept, z0, -big).amax(dim=(2, 3), keepdim=True)
+        if bounds is not None:
+            low, high = low.clamp(*bounds), high.clamp(*bounds)
+        bounds = (low, high)  # per image and channel
+    recorded: dict[str, torch.Tensor] = {}
+    delta_sum = torch.zeros_like(z0) if average_from is not None else None
     losses = torch.zeros(z0.shape[0], config.steps)
     samples = config.mc_samples
 
@@ -239,6 +260,10 @@ def invert(
                 # Projecting onto the box after the ball keeps delta inside both: the box only
                 # shrinks entries towards z_start, which lowers the norm.
                 delta = (z_start + delta).clamp(*bounds) - z_start
+            if delta_sum is not None and step + 1 > average_from:  # type: ignore[operator]
+                delta_sum += delta
+            if step + 1 in record_steps:
+                recorded[f"step{step + 1}"] = pair.decode(z0 * keep + (z_start + delta) * free)
         losses[:, step] = loss.detach().float().cpu()
         if progress is not None:
             progress(step + 1, config.steps)
@@ -247,6 +272,9 @@ def invert(
         recovered_latent = z0 * keep + (z_start + delta) * free
         recovered = pair.decode(recovered_latent).float().cpu()
         partial = pair.decode(z_start).float().cpu()
+        if delta_sum is not None and config.steps > average_from:  # type: ignore[operator]
+            mean_delta = delta_sum / (config.steps - average_from)  # type: ignore[operator]
+            recorded["average"] = pair.decode(z0 * keep + (z_start + mean_delta) * free)
     pixel_keep = upsample_mask(keep, pair.pixels_per_latent).cpu()
     return InversionOutput(
         original=images.float().cpu(),
@@ -259,4 +287,5 @@ def invert(
         latent_recovered=recovered_latent.float().cpu(),
         latent_mask=keep.cpu(),
         epsilon=epsilon,
+        recovered_at={k: v.float().cpu() for k, v in recorded.items()},
     )

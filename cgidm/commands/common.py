@@ -11,12 +11,13 @@ from typing import Any
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    """``required=False`` lets a command fill the models in another way (``eval --suite-pair``)."""
     group = parser.add_argument_group("models")
-    group.add_argument("--pretrained", required=True, help="base model folder or demo name")
+    group.add_argument("--pretrained", required=required, help="base model folder or demo name")
     group.add_argument(
         "--finetuned",
-        required=True,
+        required=required,
         help="suspect model: pipeline folder, DreamBooth unet/ folder, LoRA file/folder, "
         "single-file .safetensors, or demo name",
     )

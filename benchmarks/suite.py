@@ -1,7 +1,7 @@
 """The accuracy benchmark suite: many pixel pairs, every verdict score, worst case and mean.
 
     .venv/bin/python benchmarks/suite.py                 # train what is missing, evaluate what is
-                                                         # missing, write docs/SUITE.md
+                                                         # missing, write docs/ACCURACY.md
     .venv/bin/python benchmarks/suite.py --list          # the pairs and where they are cached
     .venv/bin/python benchmarks/suite.py --train-only    # just make the fine-tunes
     .venv/bin/python benchmarks/suite.py --datasets vangogh-a --strengths strong --seeds 0
@@ -59,9 +59,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-only", action="store_true")
     parser.add_argument("--no-train", action="store_true",
                         help="evaluate only pairs whose fine-tune is already cached")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "SUITE.md")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "ACCURACY.md",
+                        help="the full report (markdown)")
+    parser.add_argument("--table-out", type=Path, default=REPO_ROOT / "docs" / "accuracy_table.md",
+                        help="the README's accuracy table (markdown snippet; '' to skip)")
     parser.add_argument("--json", type=Path, default=None, help="also write every number as JSON")
     parser.add_argument("--n-bootstrap", type=int, default=2000)
+    parser.add_argument("--grid", type=Path, default=REPO_ROOT / "docs" / "images" /
+                        "suite_grid_vangogh_strong.png",
+                        help="members-vs-controls picture grid of --grid-pair ('' to skip)")
+    parser.add_argument("--grid-pair", default="vangogh-a/strong/s0/holdout")
+    parser.add_argument(
+        "--wait", action="store_true",
+        help="evaluate fine-tunes as another process finishes them (polls until all exist); "
+        "several evaluating processes share the work through lock files in the cache",
+    )
     return parser.parse_args(argv)
 
 
@@ -118,10 +130,11 @@ def eval_key(pair) -> str:
 
 def variants_for(pair) -> dict[str, dict[str, object]]:
     """Inversions run on a pair: the default everywhere; the display variant (palette bounds) on
-    the strong pairs only, where the pictures matter most, to fit the CPU budget."""
+    the strong seed-0 pairs only, where the pictures matter most, to fit the CPU budget."""
     from cgidm_core.suite_scores import VARIANTS
 
-    return dict(VARIANTS) if pair.strength == "strong" else {"default": VARIANTS["default"]}
+    full = pair.strength == "strong" and pair.seed == 0
+    return dict(VARIANTS) if full else {"default": VARIANTS["default"]}
 
 
 def model_images(pair) -> list[Path]:
@@ -132,8 +145,44 @@ def model_images(pair) -> list[Path]:
     return files
 
 
-def model_results(args: argparse.Namespace, pair) -> dict:
-    """Raw values of every image of a fine-tune, from the cache or computed now (and cached)."""
+def results_path(args: argparse.Namespace, pair) -> Path:
+    model = pair.model_dir(args.cache)
+    return args.cache / "results" / f"{model.parent.name}-{model.name}-{eval_key(pair)}.json"
+
+
+def model_results(args: argparse.Namespace, pair) -> dict | None:
+    """Raw values of every image of a fine-tune, from the cache or computed now (and cached).
+
+    ``None`` when another process holds the model's lock (it is computing the same values).
+    """
+    out = results_path(args, pair)
+    if out.is_file():
+        return with_derived(json.loads(out.read_text()), out.with_suffix(".pt"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = out.with_suffix(".lock")
+    try:
+        lock.open("x").write(str(os.getpid()))
+    except FileExistsError:
+        log(f"{lock} exists: another process is evaluating this model (delete it if not)")
+        return None
+    try:
+        return _compute_results(args, pair, out)
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def with_derived(document: dict, pictures_file: Path) -> dict:
+    """Add the values computed from the saved pictures (palette-clamped recoveries)."""
+    import torch
+
+    from cgidm_core.suite_scores import derived_values
+
+    if pictures_file.is_file():
+        document["values"].update(derived_values(torch.load(pictures_file)))
+    return document
+
+
+def _compute_results(args: argparse.Namespace, pair, out: Path) -> dict:
     import torch
 
     from cgidm_core.api import load_pair
@@ -141,9 +190,6 @@ def model_results(args: argparse.Namespace, pair) -> dict:
     from cgidm_core.suite_scores import raw_values
 
     model = pair.model_dir(args.cache)
-    out = args.cache / "results" / f"{model.parent.name}-{model.name}-{eval_key(pair)}.json"
-    if out.is_file():
-        return json.loads(out.read_text())
     files = model_images(pair)
     log(f"evaluating {model.parent.name}/{model.name}: {len(files)} images")
     load = os.getloadavg()[0]
@@ -161,13 +207,12 @@ def model_results(args: argparse.Namespace, pair) -> dict:
         "inversion": raw["inversion"], "variants": raw["variants"],
         "training": json.loads((model / "training.json").read_text()),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(raw["pictures"], out.with_suffix(".pt"))
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(document))
     tmp.replace(out)
     log(f"  done in {document['seconds_total']:.0f} s")
-    return document
+    return with_derived(document, out.with_suffix(".pt"))
 
 
 RECIPE_BASE = "demo-base"
@@ -203,7 +248,8 @@ def evaluate_pair(document: dict, pair, n_bootstrap: int) -> dict:
                       "tpr": tpr.tpr, "fpr": tpr.achieved_fpr, "target_fpr": fpr,
                       "cost": cand.evaluations, "description": cand.description}
     looks = {}
-    for key in ("default/final", "default/average", "palette/final", "palette/average"):
+    for key in ("default/final", "default/average", "default/clamped", "palette/final",
+                "palette/average", "palette/clamped"):
         for metric in ("ssim", "colour"):
             vals = values.get(f"{key}/{metric}")
             if vals:
@@ -213,11 +259,68 @@ def evaluate_pair(document: dict, pair, n_bootstrap: int) -> dict:
             "looks": looks}
 
 
+#: Rows of the picture grid: the recoveries compared (label, key in the cached pictures).
+GRID_ROWS = (
+    ("original", "original"),
+    ("recovered, default inversion (verdict)", "default/final"),
+    ("recovered, palette-bounded (display)", "palette/final"),
+)
+
+
+def write_grid(pictures_file: Path, pair, out: Path, columns: int = 5) -> None:
+    """Members (left) and controls (right) of one pair, one row per recovery, 4x enlarged."""
+    import torch
+    from PIL import Image, ImageDraw
+
+    from cgidm_core.images import to_pil
+
+    pictures = torch.load(pictures_file)
+    n1 = len(pair.split.members)
+    members = list(range(min(columns, n1)))
+    controls = list(range(n1, n1 + min(columns, len(pair.holdout_files))))
+    rows = [(label, key) for label, key in GRID_ROWS if key in pictures]
+    scale, gap, label_h = 4, 16, 14
+    size = pictures["original"].shape[-1] * scale
+    width = 2 * columns * (size + 2) + gap
+    canvas = Image.new("RGB", (width, label_h + len(rows) * (size + label_h + 2)), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((0, 0), "members (in the fine-tuning set)", fill="black")
+    draw.text((columns * (size + 2) + gap, 0), "controls (hold-out)", fill="black")
+    for r, (label, key) in enumerate(rows):
+        top = label_h + r * (size + label_h + 2)
+        draw.text((0, top), label, fill="black")
+        images = to_pil(pictures[key])
+        for c, i in enumerate(members + controls):
+            left = c * (size + 2) + (gap if c >= len(members) else 0)
+            image = images[i].resize((size, size), Image.Resampling.NEAREST)
+            canvas.paste(image, (left, top + label_h))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out)
+    log(f"wrote {out}")
+
+
+def wait_and_evaluate(args: argparse.Namespace, pairs) -> None:
+    """Evaluate each fine-tune once it exists, until every one is evaluated (or locked)."""
+    while True:
+        pending = [p for p in pairs if not results_path(args, p).is_file()
+                   and not results_path(args, p).with_suffix(".lock").exists()]
+        ready = [p for p in pending if (p.model_dir(args.cache) / "training.json").is_file()]
+        ready.sort(key=lambda p: (p.seed, p.strength != "strong"))  # the grid's pair early
+        if ready:
+            model_results(args, ready[0])
+        elif pending:
+            time.sleep(20)
+        else:
+            return
+
+
 def run_suite(args: argparse.Namespace, pairs) -> int:
     from render_suite import render  # benchmarks/ is on sys.path when this runs as a script
 
     started = time.perf_counter()
     load = os.getloadavg()[0]
+    if args.wait:
+        wait_and_evaluate(args, pairs)
     documents: dict[str, dict] = {}
     results = []
     for pair in pairs:
@@ -226,7 +329,11 @@ def run_suite(args: argparse.Namespace, pairs) -> int:
             log(f"skipping {pair.pair_id}: no fine-tune (run without --no-train)")
             continue
         if str(model) not in documents:
-            documents[str(model)] = model_results(args, pair)
+            document = model_results(args, pair)
+            if document is None:
+                log(f"skipping {pair.pair_id}: still being evaluated elsewhere")
+                continue
+            documents[str(model)] = document
         results.append(evaluate_pair(documents[str(model)], pair, args.n_bootstrap))
     if not results:
         log("nothing to report")
@@ -243,6 +350,11 @@ def run_suite(args: argparse.Namespace, pairs) -> int:
     }
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))
+    if str(args.grid) not in ("", "."):
+        grid_pair = next((p for p in pairs if p.pair_id == args.grid_pair), None)
+        if grid_pair is not None and results_path(args, grid_pair).with_suffix(".pt").is_file():
+            write_grid(results_path(args, grid_pair).with_suffix(".pt"), grid_pair, args.grid)
+            summary["grid"] = str(args.grid)
     render(summary, args)
     return 0
 

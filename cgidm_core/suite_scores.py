@@ -66,6 +66,34 @@ def colour_distance(original: torch.Tensor, recovered: torch.Tensor,
     return [float((d * f).sum() / max(f.sum(), 1.0)) for d, f in zip(dist, free, strict=True)]
 
 
+def palette_clamp(original: torch.Tensor, recovered: torch.Tensor,
+                  keep: torch.Tensor) -> torch.Tensor:
+    """Clamp each channel of the recovered region into the range that channel takes in the kept
+    region of the same image: a colour the image's visible half never shows is cut back to the
+    nearest one it does. Kept pixels are untouched. Costs no model pass.
+    """
+    kept = keep.bool().expand_as(original)
+    big = torch.finfo(original.dtype).max
+    low = torch.where(kept, original, big).amin(dim=(2, 3), keepdim=True)
+    high = torch.where(kept, original, -big).amax(dim=(2, 3), keepdim=True)
+    clamped = torch.minimum(torch.maximum(recovered, low), high)
+    return torch.where(kept, recovered, clamped)
+
+
+def derived_values(pictures: dict[str, torch.Tensor]) -> dict[str, list[float]]:
+    """Values of recoveries derived after the fact from saved pictures (no model pass):
+    ``<variant>/clamped/<metric>`` = the final recovery passed through :func:`palette_clamp`."""
+    out: dict[str, list[float]] = {}
+    original, keep = pictures["original"], pictures["mask"]
+    for key in list(pictures):
+        if key.endswith("/final"):
+            variant = key.split("/")[0]
+            clamped = palette_clamp(original, pictures[key], keep)
+            for metric, vals in _recovery_values(original, clamped, keep).items():
+                out[f"{variant}/clamped/{metric}"] = vals
+    return out
+
+
 def _recovery_values(original: torch.Tensor, recovered: torch.Tensor,
                      keep: torch.Tensor) -> dict[str, list[float]]:
     return {

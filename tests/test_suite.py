@@ -158,3 +158,40 @@ def test_ranking_is_worst_case_then_mean_then_cost():
     aucs = {"a": [0.9, 1.0], "b": [0.95, 0.95], "c": [0.9, 1.0], "d": [0.8, 1.0]}
     costs = {"a": 600, "b": 900, "c": 3, "d": 1}
     assert [r[0] for r in rank_candidates(aucs, costs)] == ["b", "c", "a", "d"]
+
+
+@needs_data
+def test_cgidm_eval_runs_one_suite_pair_from_its_cache(tmp_path, capsys):
+    """`cgidm eval --suite-pair` finds the pair's models and images; here its cached fine-tune
+    is the shipped light demo fine-tune (also demo-base fine-tuned on split A's members), so the
+    test trains nothing."""
+    import json
+    import shutil
+
+    from cgidm.cli import main
+    from cgidm_core.demo import demo_model_path
+
+    pair = find_pair("vangogh-a/light/s0", SHARED_DATA)
+    model = pair.model_dir(tmp_path)
+    shutil.copytree(demo_model_path("demo-vangogh-light"), model)
+    (model / "training.json").write_text("{}")
+    out = tmp_path / "r.json"
+    code = main(["eval", "--suite-pair", "vangogh-a/light/s0", "--suite-cache", str(tmp_path),
+                 "--method", "loss", "--n-bootstrap", "100", "--json", str(out)])
+    assert code == 0
+    doc = json.loads(out.read_text())
+    assert (doc["n_members"], doc["n_holdout"]) == (10, 10)
+    assert doc["settings"]["finetuned"] == str(model)
+    assert doc["settings"]["members"] == "suite:vangogh-a/light/s0/holdout:members"
+    assert 0.0 <= doc["auc"] <= 1.0
+
+
+def test_cgidm_eval_needs_models_and_folders_or_a_suite_pair(tmp_path, capsys):
+    from cgidm.cli import main
+
+    assert main(["eval", "--members", str(tmp_path)]) != 0
+    assert "--suite-pair" in capsys.readouterr().err
+    assert main(["eval", "--suite-pair", "vangogh-a/light/s0", "--members", str(tmp_path)]) != 0
+    assert "names its own models" in capsys.readouterr().err
+    assert main(["eval", "--suite-pair", "vangogh-a/nope/s0"]) != 0
+    assert "suite pair" in capsys.readouterr().err

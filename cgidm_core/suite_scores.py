@@ -80,17 +80,31 @@ def palette_clamp(original: torch.Tensor, recovered: torch.Tensor,
     return torch.where(kept, recovered, clamped)
 
 
+def saturated_fraction(recovered: torch.Tensor, keep: torch.Tensor,
+                       margin: float = 0.02) -> list[float]:
+    """Share of the recovered region's channel values pinned at the ends of the pixel range
+    (within ``margin`` of -1 or 1): how much of the recovery sits on the box's corners."""
+    free = (1.0 - keep.float()).expand_as(recovered)
+    pinned = (recovered.abs() >= 1.0 - margin).float()
+    return [float(v) for v in (pinned * free).flatten(1).sum(1) / free.flatten(1).sum(1)]
+
+
 def derived_values(pictures: dict[str, torch.Tensor]) -> dict[str, list[float]]:
     """Values of recoveries derived after the fact from saved pictures (no model pass):
     ``<variant>/clamped/<metric>`` = the final recovery passed through :func:`palette_clamp`."""
     out: dict[str, list[float]] = {}
-    original, keep = pictures["original"], pictures["mask"]
+    n = pictures["default/final"].shape[0]
+    # Files written before originals were saved once per run hold one copy per variant.
+    original, keep = pictures["original"][:n], pictures["mask"][:n]
     for key in list(pictures):
+        if "/" in key:
+            out[f"{key}/saturated"] = saturated_fraction(pictures[key], keep)
         if key.endswith("/final"):
             variant = key.split("/")[0]
             clamped = palette_clamp(original, pictures[key], keep)
             for metric, vals in _recovery_values(original, clamped, keep).items():
                 out[f"{variant}/clamped/{metric}"] = vals
+            out[f"{variant}/clamped/saturated"] = saturated_fraction(clamped, keep)
     return out
 
 
@@ -145,7 +159,7 @@ def raw_values(
                     values.setdefault(f"{name}/{recovery}/{metric}", []).extend(vals)
                 if keep_pictures:
                     kept_pictures.setdefault(f"{name}/{recovery}", []).append(images)
-            if keep_pictures:
+            if keep_pictures and name == next(iter(variants)):  # originals once, not per variant
                 kept_pictures.setdefault("original", []).append(out.original)
                 masks = out.mask.expand(len(tensor), -1, -1, -1)
                 kept_pictures.setdefault("mask", []).append(masks)
@@ -222,16 +236,21 @@ def candidate_scores(values: dict[str, Sequence[float]],
         "fuse:objective+contrast": ("default/objective/second_half", "contrast"),
         "fuse:loss+contrast": ("loss", "contrast"),
         "fuse:psnr+loss": ("default/final/psnr", "loss"),
+        "fuse:ssim+loss": ("default/final/ssim", "loss"),
         "fuse:objective+loss": ("default/objective/second_half", "loss"),
+        "fuse:psnr+loss+contrast": ("default/final/psnr", "loss", "contrast"),
     }
-    for name, (a, b) in fusions.items():
-        if a in v and b in v:
-            sa = -v[a] if "objective" in a else v[a]
-            inversion = "/" in a
-            cost = (steps * INVERSION_STEP_COST if inversion else EVALUATIONS_PER_IMAGE[a]) + (
-                EVALUATIONS_PER_IMAGE[b])
-            add(name, f"z({a}) + z({b}), pooled over the images compared", cost,
-                _z(sa) + _z(v[b]))
+    for name, parts in fusions.items():
+        if not all(p in v for p in parts):
+            continue
+        total = np.zeros(len(v[parts[0]]))
+        cost = 0
+        for p in parts:
+            total += _z(-v[p] if "objective" in p else v[p])
+            inversion = "/" in p
+            cost += steps * INVERSION_STEP_COST if inversion else EVALUATIONS_PER_IMAGE[p]
+        add(name, " + ".join(f"z({p})" for p in parts) + ", pooled over the images compared",
+            cost, total)
     return out
 
 

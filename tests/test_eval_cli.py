@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from cgidm.cli import main
+from cgidm_core.similarity import DEFAULT_METRIC
 
 
 def write_images(folder, count: int, seed: int, size: int = 24):
@@ -53,7 +54,7 @@ def test_eval_cgidm_writes_json_with_auc_and_a_png_plot(tiny_ddpm_pair, folders,
     assert [r["name"] for r in doc["images"][:3]] == ["img00.png", "img01.png", "img02.png"]
     for record in doc["images"]:
         assert set(record["metrics"]) >= {"ssim", "psnr", "mse"}
-        assert record["score"] == pytest.approx(record["metrics"]["ssim"])
+        assert record["score"] == pytest.approx(record["metrics"][DEFAULT_METRIC])
     report = doc["report"]
     assert report["auc"] == doc["auc"]
     assert all(item["tpr"] is None for item in report["tpr_at_fpr"])  # only 3 hold-out images

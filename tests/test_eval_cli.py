@@ -111,6 +111,24 @@ def test_eval_combined_is_the_sum_of_pooled_z_scores(tiny_ddpm_pair, folders, tm
     assert [r["score"] for r in records] == pytest.approx(expected.tolist())
 
 
+def test_eval_fused_adds_the_pooled_z_scored_loss_attack(tiny_ddpm_pair, folders, tmp_path):
+    members, holdout, _ = folders
+    out_json = tmp_path / "fused.json"
+    code = main([
+        "eval", *model_args(tiny_ddpm_pair), "--members", str(members), "--holdout",
+        str(holdout), "--method", "fused", "--steps", "2", "--n-bootstrap", "50",
+        "--json", str(out_json),
+    ])
+    assert code == 0
+    doc = json.loads(out_json.read_text())
+    records = doc["images"]
+    sim = np.array([r["cgidm_score"] for r in records])
+    loss = np.array([r["loss_score"] for r in records])
+    expected = (sim - sim.mean()) / sim.std() + (loss - loss.mean()) / loss.std()
+    assert [r["score"] for r in records] == pytest.approx(expected.tolist())
+    assert "loss" in doc["settings"]["combination"]
+
+
 @pytest.mark.parametrize("problem", ["missing", "empty", "file"])
 def test_bad_folder_fails_with_one_clear_line(tiny_ddpm_pair, folders, tmp_path, capsys, problem):
     members, _, _ = folders

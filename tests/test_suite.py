@@ -195,3 +195,14 @@ def test_cgidm_eval_needs_models_and_folders_or_a_suite_pair(tmp_path, capsys):
     assert "names its own models" in capsys.readouterr().err
     assert main(["eval", "--suite-pair", "vangogh-a/nope/s0"]) != 0
     assert "suite pair" in capsys.readouterr().err
+
+
+def test_palette_bounds_flag_reaches_the_inversion_config():
+    import argparse
+
+    from cgidm.commands.common import add_method_arguments, inversion_config
+
+    parser = argparse.ArgumentParser()
+    add_method_arguments(parser)
+    assert inversion_config(parser.parse_args(["--palette-bounds"])).palette_bounds
+    assert not inversion_config(parser.parse_args([])).palette_bounds

@@ -48,7 +48,13 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch-size", type=int, help="images per PGD batch (default: 32 pixel, 8 SD)"
     )
     group.add_argument("--mc-samples", type=int, help="Monte Carlo samples per PGD step")
-    group.add_argument("--metric", help="score metric: ssim, psnr, mse, clip, dino")
+    group.add_argument("--metric", help="score metric: psnr (default), ssim, mse, clip, dino")
+    group.add_argument(
+        "--palette-bounds", action="store_true",
+        help="keep each channel of the recovered cells inside the range it takes in the kept "
+        "half of the same image: recoveries that look like the image, not saturated colours "
+        "(measured on one strong pair only; see docs/ACCURACY.md, Pictures)",
+    )
     group.add_argument("--feature-model", help="local folder of a CLIP/DINO model for clip/dino")
 
 
@@ -61,6 +67,8 @@ def inversion_config(args: argparse.Namespace) -> Any:
         overrides["steps"] = args.steps
     if args.mc_samples is not None:
         overrides["mc_samples"] = args.mc_samples
+    if getattr(args, "palette_bounds", False):
+        overrides["palette_bounds"] = True
     from dataclasses import replace
 
     return replace(config, **overrides)

@@ -26,7 +26,7 @@ from .common import (
 
 #: The methods of ``cgidm_core.evaluation.METHODS``, spelled out here so that building the parser
 #: never imports torch (``cgidm --help`` stays instant); a test keeps the two lists equal.
-METHODS = ("cgidm", "loss", "pia", "secmi", "contrast", "combined")
+METHODS = ("cgidm", "loss", "pia", "secmi", "contrast", "combined", "fused")
 METHOD_HELP = {
     "cgidm": "contrasting gradient inversion + similarity of the recovery (the paper)",
     "loss": "fine-tuned model's denoising error at t in {50, 100, 200}",
@@ -34,6 +34,7 @@ METHOD_HELP = {
     "secmi": "SecMI_stat, t_sec=100, interval 10 (Duan et al. 2023)",
     "contrast": "CGI-DM's objective at the original image, no inversion",
     "combined": "z-scored cgidm similarity + z-scored contrast score",
+    "fused": "z-scored cgidm similarity + z-scored loss attack (best worst case of the suite)",
 }
 
 
@@ -96,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         sets.append(("control", *load_image_folder(args.controls)))
     _check_settings(args, n_members=len(sets[0][1]), n_holdout=len(sets[1][1]))
     config = inversion_config(args)
-    if args.method in ("cgidm", "combined"):
+    if args.method in ("cgidm", "combined", "fused"):
         config.validate()
     pair = load_pair_from_args(args)
 
@@ -170,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
         **scored.settings,
         "pair": pair.describe(),
     }
-    if args.method not in ("cgidm", "combined"):
+    if args.method not in ("cgidm", "combined", "fused"):
         settings.pop("inversion", None)
 
     _print_report(args, scored, report, split, controls, records, elapsed)
@@ -261,7 +262,7 @@ def _check_settings(args: argparse.Namespace, *, n_members: int, n_holdout: int)
 
 
 def _method_label(args: argparse.Namespace, scored: Any) -> str:
-    if args.method in ("cgidm", "combined"):
+    if args.method in ("cgidm", "combined", "fused"):
         inv = scored.settings.get("inversion", {})
         return f"{args.method} (metric {scored.settings.get('metric')}, {inv.get('steps')} steps)"
     return args.method

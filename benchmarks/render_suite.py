@@ -207,7 +207,8 @@ def render_snippet(summary: dict[str, Any], columns: list[str]) -> str:
 def render(summary: dict[str, Any], args: Any) -> str:
     ranked = ranking(summary)
     best = ranked[0][0]
-    columns = [best, *[c for c in KEY_CANDIDATES if c != best]]
+    columns = [c for c in [best, *[c for c in KEY_CANDIDATES if c != best]]
+               if any(c in p["rows"] for p in summary["pairs"])]
     lo, hi = summary["load_average"]
     lines = [
         "# Benchmark suite: verdict scores across pairs",
@@ -265,6 +266,14 @@ def render(summary: dict[str, Any], args: Any) -> str:
         "only.",
         "",
     ]
+    for pair in summary["pairs"]:
+        rows = pair["rows"]
+        if "palette:psnr@final" in rows:
+            cells = [f"`{k}` {rows[k]['auc']:.2f}" for k in (
+                "default:psnr@final", "palette:psnr@final", "default:ssim@final",
+                "palette:ssim@final", "default:psnr@clamped") if k in rows]
+            lines += [f"Verdict AUC on `{pair['pair']}`, the only pair run with both inversions: "
+                      + ", ".join(cells) + ".", ""]
     if summary.get("grid"):
         lines += [
             "Members (left) and controls (right) of the strong Van Gogh pair "

@@ -206,3 +206,41 @@ def test_palette_bounds_flag_reaches_the_inversion_config():
     add_method_arguments(parser)
     assert inversion_config(parser.parse_args(["--palette-bounds"])).palette_bounds
     assert not inversion_config(parser.parse_args([])).palette_bounds
+
+
+def test_suite_report_ranks_by_worst_case_and_writes_both_tables(tmp_path):
+    """The report renders from a summary alone (what `--report-only` and `--json` give)."""
+    import sys
+    from types import SimpleNamespace
+
+    from tests.paths import REPO_ROOT
+
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    from render_suite import render
+
+    def row(auc, cost):
+        return {"auc": auc, "ci": [auc - 0.1, min(1.0, auc + 0.1)], "tpr": 0.5, "fpr": 0.1,
+                "target_fpr": 0.1, "cost": cost, "description": ""}
+
+    pairs = [
+        {"pair": "vangogh-a/light/s0/holdout", "n_members": 10, "n_holdout": 10,
+         "rows": {"loss": row(0.6, 3), "default:psnr@final": row(0.9, 600)},
+         "looks": {"default/final/ssim": [0.3, 0.1], "default/final/colour": [20.0, 30.0],
+                   "default/final/saturated": [0.2, 0.3]}},
+        {"pair": "dreambooth/strong/s1/easy", "n_members": 10, "n_holdout": 10,
+         "rows": {"loss": row(1.0, 3), "default:psnr@final": row(0.8, 600)}, "looks": {}},
+    ]
+    training = {"split": "vangogh-a", "seed": 0, "seconds": 60.0, "load_average": 1.0}
+    summary = {"pairs": pairs, "run_seconds": 1.0, "load_average": [1.0, 1.0],
+               "command": "python benchmarks/suite.py",
+               "models": {"m": {"seconds": {}, "seconds_total": 120.0, "load_average": [1, 2],
+                                "training": training, "files": ["a"] * 20,
+                                "variants": {"default": {}}}}}
+    args = SimpleNamespace(out=tmp_path / "ACCURACY.md", table_out=tmp_path / "table.md")
+    text = render(summary, args)
+    ranking = text[text.index("## Ranking"):text.index("## Summary")]
+    # psnr: worst 0.8, mean 0.85; loss: worst 0.6 -> psnr ranks first despite costing more
+    assert ranking.index("default:psnr@final") < ranking.index("`loss`")
+    assert "| worst case | | **0.80** | **0.60** |" in text
+    assert "0.300 | 0.100 | 20.0 | 30.0 | 20% | 30% |" in text
+    assert (tmp_path / "table.md").read_text().startswith("| score |")

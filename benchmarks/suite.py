@@ -10,8 +10,8 @@ Pairs (``cgidm_core/suite_pairs.py``): ``demo-base`` fully fine-tuned with one r
 were not tuned on (lr 2e-4 constant, random flips, batch 10) on
 
 - Van Gogh split A (the authors' 10 members / 10 hold-out) and split B (swapped);
-- DreamBooth photos: 2 photos each of 5 subjects; hard hold-out = the other photos of those
-  subjects (18), easy hold-out = 2 photos each of 5 other subjects (10);
+- DreamBooth photos: 2 photos each of 5 subjects; hard hold-out = 2 other photos of each of
+  those subjects (10), easy hold-out = 2 photos each of 5 other subjects (10);
 
 at three strengths (200 / 500 / 1000 steps, checkpoints of one run) and two seeds. Fine-tunes
 and per-pair results are cached under ``--cache`` (default ``~/.cache/cgidm/suite``), keyed by
@@ -22,6 +22,14 @@ PGD step counts, the CGI-DM objective's own values, the contrast loss, the loss 
 SecMI and fusions); the table gives per pair AUC with a bootstrap 95 % interval and TPR at the
 lowest FPR the pair's hold-out supports (1 / number of non-members), then the worst case and the
 mean over pairs. Scores are ranked worst case first, then mean, then cost.
+
+    .venv/bin/python benchmarks/suite.py --no-train --wait &   # extra evaluating processes
+    .venv/bin/python benchmarks/suite.py --report-only         # the report from cached values
+
+Several processes can evaluate at once (``--wait``; each takes a fine-tune under a lock file in
+the cache, ``<cache>/results/*.lock``: delete a lock left by a killed process). The report
+also writes the README's table (``--table-out``) and the members-vs-controls picture grid of
+``--grid-pair`` (``--grid``).
 """
 
 from __future__ import annotations

@@ -33,6 +33,9 @@ METHODS: tuple[str, ...] = ("cgidm", "loss", "pia", "secmi", "contrast", "combin
 #: had the best worst-case AUC of the benchmark suite's single scores and fusions
 #: (docs/ACCURACY.md) for 3 model evaluations per image on top of the inversion.
 FUSIONS: dict[str, str] = {"combined": "contrast", "fused": "loss"}
+#: The similarity metric a fusion uses when none is given (else the verdict's DEFAULT_METRIC):
+#: chosen on the suite by the same rule as the default (worst case, then mean).
+FUSION_METRICS: dict[str, str] = {"fused": "ssim"}
 
 #: One line per method for help texts and tables.
 METHOD_DESCRIPTIONS: dict[str, str] = {
@@ -184,7 +187,7 @@ def score_images_detailed(
     from .similarity import DEFAULT_METRIC
 
     config = config or InversionConfig(seed=seed)
-    metric = metric or DEFAULT_METRIC
+    metric = metric or FUSION_METRICS.get(method) or DEFAULT_METRIC
     n_batches = -(-len(pictures) // batch_size)
     inversion_units = config.steps * n_batches
     extra_units = len(pictures) if method in FUSIONS else 0

@@ -61,7 +61,8 @@ class InversionConfig:
     #: Keep each channel of the recovered cells inside the range that channel takes in the kept
     #: cells of the same image (its "palette"): recoveries for looking at. Off by default: on the
     #: suite's strong Van Gogh pair it made members' recoveries much closer to the originals
-    #: but lowered the PSNR verdict's AUC from 1.00 to 0.88 (docs/ACCURACY.md, "Pictures").
+    #: (SSIM AUC stayed 1.00, PSNR's fell to 0.88); weaker pairs were not measured with it
+    #: (docs/ACCURACY.md, "Pictures").
     palette_bounds: bool = False
 
     @classmethod

@@ -331,6 +331,19 @@ def wait_and_evaluate(args: argparse.Namespace, pairs) -> None:
             return
 
 
+def _shown_arguments(argv: list[str]) -> list[str]:
+    """The command line for the report, without where the JSON copy went (a local path)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--json":
+            skip = True
+        elif not arg.startswith("--json="):
+            out.append(arg)
+    return out
+
+
 def run_suite(args: argparse.Namespace, pairs) -> int:
     from render_suite import render  # benchmarks/ is on sys.path when this runs as a script
 
@@ -366,7 +379,7 @@ def run_suite(args: argparse.Namespace, pairs) -> int:
                    for k, v in documents.items()},
         "run_seconds": time.perf_counter() - started,
         "load_average": [load, os.getloadavg()[0]],
-        "command": "python benchmarks/suite.py " + " ".join(sys.argv[1:]),
+        "command": "python benchmarks/suite.py " + " ".join(_shown_arguments(sys.argv[1:])),
     }
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))

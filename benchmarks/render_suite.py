@@ -294,8 +294,10 @@ def render(summary: dict[str, Any], args: Any) -> str:
             "Members (left) and controls (right) of the strong Van Gogh pair "
             "(`vangogh-a/strong/s0`), 4x enlarged. Looked at: the members' recoveries carry the "
             "paintings' structure (the factory's chimneys and the horizon, tree lines, the light "
-            "of the sky) and the bounded inversion (last row) gives them the paintings' colours; "
-            "the controls' recovered cells stay a checkerboard of saturated blocks in every row. "
+            "of the sky); the bounded inversion (last row) removes the cyan, magenta and blue "
+            "blocks but keeps saturated greens and yellows that lie inside each painting's channel "
+            "ranges, so they are closer in colour, not faithful; the controls' recovered cells "
+            "stay a checkerboard of saturated blocks in every row. "
             "On light pairs members and controls both look like the controls here.",
             "",
             f"![members vs controls](images/{Path(summary['grid']).name})",

@@ -99,12 +99,12 @@ def cost_lines(summary: dict[str, Any]) -> list[str]:
     return [
         f"- Fine-tuning: {len(runs)} runs (each saves the light, medium and strong checkpoints "
         f"of its split and seed), {train_total / 60:.0f} min in all "
-        f"({min(runs.values()) / 60:.1f}-{max(runs.values()) / 60:.1f} min per run, the runs "
-        "two at a time).",
+        f"({min(runs.values()) / 60:.1f}-{max(runs.values()) / 60:.1f} min per run, longest "
+        "checkpoint of each; runs two or three at a time).",
         f"- Evaluation: {len(evals)} fine-tunes ({images} image inversions of 100 steps plus the "
         f"cheap scores), {sum(evals) / 60:.0f} min of process time in all "
-        f"({min(evals) / 60:.1f}-{max(evals) / 60:.1f} min per fine-tune, two processes at a "
-        f"time); this report from the cached values took {summary['run_seconds']:.0f} s.",
+        f"({min(evals) / 60:.1f}-{max(evals) / 60:.1f} min per fine-tune, two to four processes "
+        f"at a time); this report from the cached values took {summary['run_seconds']:.0f} s.",
         f"- Conditions: one torch thread per process, `nice -n 19`, on 2 cores shared with other "
         f"engineers' jobs (1-min load average {min(loads):.1f}-{max(loads):.1f} at the samples "
         "taken), so these are upper bounds: each process got 12-40 % of a core. On an idle "

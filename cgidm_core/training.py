@@ -252,11 +252,14 @@ def train(
     progress: bool = True,
     description: str = "training",
     log_every: int = 50,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Train ``unet`` in place with AdamW; returns the loss of every step.
 
     ``batches(n)`` returns the next ``n`` images in [-1, 1]. All randomness (noise, timesteps)
     comes from one generator seeded with ``config.seed``; the caller seeds the data source.
+    ``on_step(steps_done, loss)`` runs after every optimiser step (e.g. to save checkpoints; it
+    may switch the model to eval mode and must switch it back to train mode).
     """
     from tqdm.auto import tqdm
 
@@ -287,6 +290,8 @@ def train(
         losses.append(float(loss.detach()))
         if not math.isfinite(losses[-1]):
             raise FloatingPointError(f"loss became {losses[-1]} at step {step}; lower the lr")
+        if on_step is not None:
+            on_step(step + 1, losses[-1])
         if (step + 1) % log_every == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-log_every:]):.4f}")
     unet.eval()

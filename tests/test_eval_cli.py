@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from cgidm.cli import main
+from cgidm_core.similarity import DEFAULT_METRIC
 
 
 def write_images(folder, count: int, seed: int, size: int = 24):
@@ -53,7 +54,7 @@ def test_eval_cgidm_writes_json_with_auc_and_a_png_plot(tiny_ddpm_pair, folders,
     assert [r["name"] for r in doc["images"][:3]] == ["img00.png", "img01.png", "img02.png"]
     for record in doc["images"]:
         assert set(record["metrics"]) >= {"ssim", "psnr", "mse"}
-        assert record["score"] == pytest.approx(record["metrics"]["ssim"])
+        assert record["score"] == pytest.approx(record["metrics"][DEFAULT_METRIC])
     report = doc["report"]
     assert report["auc"] == doc["auc"]
     assert all(item["tpr"] is None for item in report["tpr_at_fpr"])  # only 3 hold-out images
@@ -108,6 +109,24 @@ def test_eval_combined_is_the_sum_of_pooled_z_scores(tiny_ddpm_pair, folders, tm
     con = np.array([r["contrast_score"] for r in records])
     expected = (sim - sim.mean()) / sim.std() + (con - con.mean()) / con.std()
     assert [r["score"] for r in records] == pytest.approx(expected.tolist())
+
+
+def test_eval_fused_adds_the_pooled_z_scored_loss_attack(tiny_ddpm_pair, folders, tmp_path):
+    members, holdout, _ = folders
+    out_json = tmp_path / "fused.json"
+    code = main([
+        "eval", *model_args(tiny_ddpm_pair), "--members", str(members), "--holdout",
+        str(holdout), "--method", "fused", "--steps", "2", "--n-bootstrap", "50",
+        "--json", str(out_json),
+    ])
+    assert code == 0
+    doc = json.loads(out_json.read_text())
+    records = doc["images"]
+    sim = np.array([r["cgidm_score"] for r in records])
+    loss = np.array([r["loss_score"] for r in records])
+    expected = (sim - sim.mean()) / sim.std() + (loss - loss.mean()) / loss.std()
+    assert [r["score"] for r in records] == pytest.approx(expected.tolist())
+    assert "loss" in doc["settings"]["combination"]
 
 
 @pytest.mark.parametrize("problem", ["missing", "empty", "file"])

@@ -29,7 +29,7 @@ from .common import (
 
 #: The methods of ``cgidm_core.evaluation.METHODS``, spelled out here so that building the parser
 #: never imports torch (``cgidm --help`` stays instant); a test keeps the two lists equal.
-METHODS = ("cgidm", "loss", "pia", "secmi", "contrast", "combined")
+METHODS = ("cgidm", "loss", "pia", "secmi", "contrast", "combined", "fused")
 METHOD_HELP = {
     "cgidm": "contrasting gradient inversion + similarity of the recovery (the paper)",
     "loss": "fine-tuned model's denoising error at t in {50, 100, 200}",
@@ -37,6 +37,7 @@ METHOD_HELP = {
     "secmi": "SecMI_stat, t_sec=100, interval 10 (Duan et al. 2023)",
     "contrast": "CGI-DM's objective at the original image, no inversion",
     "combined": "z-scored cgidm similarity + z-scored contrast score",
+    "fused": "z-scored cgidm similarity + z-scored loss attack (best worst case of the suite)",
 }
 
 
@@ -49,11 +50,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="methods:\n" + "\n".join(f"  {m:<9} {d}" for m, d in METHOD_HELP.items()),
     )
-    add_model_arguments(parser)
+    add_model_arguments(parser, required=False)
     add_method_arguments(parser)
     data = parser.add_argument_group("data and report")
-    data.add_argument("--members", required=True, help="folder of images known to be members")
-    data.add_argument("--holdout", required=True, help="folder of images known NOT to be members")
+    data.add_argument("--members", help="folder of images known to be members")
+    data.add_argument("--holdout", help="folder of images known NOT to be members")
+    data.add_argument(
+        "--suite-pair",
+        help="run one pair of the benchmark suite instead (e.g. vangogh-a/strong/s0 or "
+        "dreambooth/medium/s1/hard; list: python benchmarks/suite.py --list): its models and "
+        "images, fine-tuning it first (cached) when missing; needs ../shared/data",
+    )
+    data.add_argument("--suite-cache", help="suite cache folder (default ~/.cache/cgidm/suite)")
     data.add_argument("--method", choices=METHODS, default="cgidm")
     data.add_argument(
         "--controls",
@@ -90,15 +98,19 @@ def run(args: argparse.Namespace) -> int:
     from cgidm_core.stats import calibrated_split, controls_test, evaluate_scores, plot_report
 
     # Read every folder before loading models: a typo should fail in a second, not a minute.
-    sets: list[tuple[str, list[str], list[Any]]] = [
-        ("member", *load_image_folder(args.members)),
-        ("holdout", *load_image_folder(args.holdout)),
-    ]
+    if args.suite_pair:
+        sets = _suite_pair_sets(args)
+    else:
+        _require_folders(args)
+        sets = [
+            ("member", *load_image_folder(args.members)),
+            ("holdout", *load_image_folder(args.holdout)),
+        ]
     if args.controls:
         sets.append(("control", *load_image_folder(args.controls)))
     _check_settings(args, n_members=len(sets[0][1]), n_holdout=len(sets[1][1]))
     config = inversion_config(args)
-    if args.method in ("cgidm", "combined"):
+    if args.method in ("cgidm", "combined", "fused"):
         config.validate()
     pair = load_pair_from_args(args)
 
@@ -184,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
         **scored.settings,
         "pair": pair.describe(),
     }
-    if args.method not in ("cgidm", "combined"):
+    if args.method not in ("cgidm", "combined", "fused"):
         settings.pop("inversion", None)
 
     _print_report(args, scored, report, split, controls, records, elapsed)
@@ -222,6 +234,44 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _require_folders(args: argparse.Namespace) -> None:
+    from cgidm_core.errors import ConfigError
+
+    missing = [f"--{n}" for n in ("pretrained", "finetuned", "members", "holdout")
+               if not getattr(args, n)]
+    if missing:
+        raise ConfigError(
+            f"missing {', '.join(missing)}: give the two models and the member and hold-out "
+            "folders, or --suite-pair to run one pair of the benchmark suite"
+        )
+
+
+def _suite_pair_sets(args: argparse.Namespace) -> list[tuple[str, list[str], list[Any]]]:
+    """Models and images of one suite pair; fine-tunes it (cached) when it is missing."""
+    from cgidm_core.errors import ConfigError
+    from cgidm_core.images import load_image
+    from cgidm_core.suite_pairs import RECIPE, default_cache, find_pair, train_run
+
+    if args.pretrained or args.finetuned or args.members or args.holdout:
+        raise ConfigError("--suite-pair names its own models and images; drop --pretrained, "
+                          "--finetuned, --members and --holdout")
+    pair = find_pair(args.suite_pair)
+    cache = Path(args.suite_cache) if args.suite_cache else default_cache()
+    model = pair.model_dir(cache)
+    if not (model / "training.json").is_file():
+        print(f"fine-tuning {pair.pair_id} into {model.parent} (cached for next time)")
+        train_run(pair.split, pair.seed, model.parent, log=print)
+    args.pretrained, args.finetuned = str(RECIPE["base"]), str(model)
+    args.members = f"suite:{pair.pair_id}:members"
+    args.holdout = f"suite:{pair.pair_id}:{pair.holdout}"
+    return [
+        ("member", [p.name for p in pair.split.members],
+         [load_image(p) for p in pair.split.members]),
+        ("holdout", [p.name for p in pair.holdout_files],
+         [load_image(p) for p in pair.holdout_files]),
+    ]
+
+
 def _check_settings(args: argparse.Namespace, *, n_members: int, n_holdout: int) -> None:
     """Reject settings that would only fail after all the scoring work."""
     from cgidm_core.errors import ConfigError
@@ -249,7 +299,7 @@ def _check_settings(args: argparse.Namespace, *, n_members: int, n_holdout: int)
 
 
 def _method_label(args: argparse.Namespace, scored: Any) -> str:
-    if args.method in ("cgidm", "combined"):
+    if args.method in ("cgidm", "combined", "fused"):
         inv = scored.settings.get("inversion", {})
         return f"{args.method} (metric {scored.settings.get('metric')}, {inv.get('steps')} steps)"
     return args.method

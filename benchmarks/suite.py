@@ -1,0 +1,416 @@
+"""The accuracy benchmark suite: many pixel pairs, every verdict score, worst case and mean.
+
+    .venv/bin/python benchmarks/suite.py                 # train what is missing, evaluate what is
+                                                         # missing, write docs/ACCURACY.md
+    .venv/bin/python benchmarks/suite.py --list          # the pairs and where they are cached
+    .venv/bin/python benchmarks/suite.py --train-only    # just make the fine-tunes
+    .venv/bin/python benchmarks/suite.py --datasets vangogh-a --strengths strong --seeds 0
+
+Pairs (``cgidm_core/suite_pairs.py``): ``demo-base`` fully fine-tuned with one recipe the defaults
+were not tuned on (lr 2e-4 constant, random flips, batch 10) on
+
+- Van Gogh split A (the authors' 10 members / 10 hold-out) and split B (swapped);
+- DreamBooth photos: 2 photos each of 5 subjects; hard hold-out = 2 other photos of each of
+  those subjects (10), easy hold-out = 2 photos each of 5 other subjects (10);
+
+at three strengths (200 / 500 / 1000 steps, checkpoints of one run) and two seeds. Fine-tunes
+and per-pair results are cached under ``--cache`` (default ``~/.cache/cgidm/suite``), keyed by
+a hash of recipe, data and evaluation settings: a rerun computes only what is missing.
+
+Every pair is scored by every candidate verdict score (CGI-DM's similarity metrics at several
+PGD step counts, the CGI-DM objective's own values, the contrast loss, the loss attack, PIA,
+SecMI and fusions); the table gives per pair AUC with a bootstrap 95 % interval and TPR at the
+lowest FPR the pair's hold-out supports (1 / number of non-members), then the worst case and the
+mean over pairs. Scores are ranked worst case first, then mean, then cost.
+
+    .venv/bin/python benchmarks/suite.py --no-train --wait &   # extra evaluating processes
+    .venv/bin/python benchmarks/suite.py --report-only         # the report from cached values
+
+Several processes can evaluate at once (``--wait``; each takes a fine-tune under a lock file in
+the cache, ``<cache>/results/*.lock``: delete a lock left by a killed process). The report
+also writes the README's table (``--table-out``) and the members-vs-controls picture grid of
+``--grid-pair`` (``--grid``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from cgidm_core.suite_pairs import SEEDS, STRENGTHS, default_cache
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", type=Path, default=default_cache(),
+                        help="fine-tunes and per-pair results (default ~/.cache/cgidm/suite)")
+    parser.add_argument("--data", type=Path, default=None, help="default: ../shared/data")
+    parser.add_argument("--datasets", nargs="+", default=None,
+                        help="vangogh-a vangogh-b dreambooth (default: all)")
+    parser.add_argument("--strengths", nargs="+", default=None, choices=list(STRENGTHS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=None,
+                        help=f"default: {' '.join(map(str, SEEDS))}")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--list", action="store_true", help="list the pairs and exit")
+    parser.add_argument("--train-only", action="store_true")
+    parser.add_argument("--no-train", action="store_true",
+                        help="evaluate only pairs whose fine-tune is already cached")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train and evaluate nothing: report the pairs already evaluated")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "ACCURACY.md",
+                        help="the full report (markdown)")
+    parser.add_argument("--table-out", type=Path, default=REPO_ROOT / "docs" / "accuracy_table.md",
+                        help="the README's accuracy table (markdown snippet; '' to skip)")
+    parser.add_argument("--json", type=Path, default=None, help="also write every number as JSON")
+    parser.add_argument("--n-bootstrap", type=int, default=2000)
+    parser.add_argument("--grid", type=Path, default=REPO_ROOT / "docs" / "images" /
+                        "suite_grid_vangogh_strong.png",
+                        help="members-vs-controls picture grid of --grid-pair ('' to skip)")
+    parser.add_argument("--grid-pair", default="vangogh-a/strong/s0/holdout")
+    parser.add_argument(
+        "--wait", action="store_true",
+        help="evaluate fine-tunes as another process finishes them (polls until all exist); "
+        "several evaluating processes share the work through lock files in the cache",
+    )
+    return parser.parse_args(argv)
+
+
+def selected_pairs(args: argparse.Namespace):
+    from cgidm_core.suite_pairs import suite_pairs
+
+    return suite_pairs(
+        args.data,
+        datasets=tuple(args.datasets) if args.datasets else None,
+        strengths=tuple(args.strengths) if args.strengths else None,
+        seeds=tuple(args.seeds) if args.seeds else None,
+    )
+
+
+def train_missing(args: argparse.Namespace, pairs) -> dict[str, float]:
+    """Make every missing fine-tune; returns seconds per training run made now."""
+    from cgidm_core.suite_pairs import STRENGTHS, train_run
+
+    runs: dict[tuple[str, int], object] = {}
+    for pair in pairs:
+        runs.setdefault((pair.split.name, pair.seed), pair)
+    made: dict[str, float] = {}
+    for (split_name, seed), pair in runs.items():
+        out_root = pair.model_dir(args.cache).parent  # type: ignore[attr-defined]
+        # One run saves every strength up to the largest one asked for.
+        top = max(STRENGTHS[s] for s in (args.strengths or STRENGTHS))
+        wanted = {s: n for s, n in STRENGTHS.items() if n <= top}
+        if all((out_root / s / "training.json").is_file() for s in wanted):
+            continue
+        log(f"fine-tuning {split_name} seed {seed} -> {out_root}")
+        started = time.perf_counter()
+        train_run(pair.split, seed, out_root, strengths=wanted, threads=args.threads, log=log)  # type: ignore[attr-defined]
+        made[f"{split_name}/s{seed}"] = time.perf_counter() - started
+        log(f"fine-tuned {split_name} seed {seed} in {made[f'{split_name}/s{seed}']:.0f} s")
+    return made
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+
+def eval_key(pair) -> str:
+    """Hash of what a model's cached raw values depend on (settings, candidates, images)."""
+    import hashlib
+
+    from cgidm_core.inversion import InversionConfig
+    from cgidm_core.suite_scores import CHEAP_METHODS, RECORD_STEPS
+
+    files = [f"{p.parent.name}/{p.name}:{p.stat().st_size}" for p in model_images(pair)]
+    blob = json.dumps({"config": InversionConfig().to_dict(), "variants": variants_for(pair),
+                       "record": RECORD_STEPS, "cheap": CHEAP_METHODS, "files": files,
+                       "version": 1}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def variants_for(pair) -> dict[str, dict[str, object]]:
+    """Inversions run on a pair: the default everywhere; the display variant (palette bounds)
+    only on the pair of the picture grid (strong Van Gogh split A, seed 0), to fit the CPU
+    budget of a shared 2-core machine."""
+    from cgidm_core.suite_scores import VARIANTS
+
+    full = (pair.split.name, pair.strength, pair.seed) == ("vangogh-a", "strong", 0)
+    return dict(VARIANTS) if full else {"default": VARIANTS["default"]}
+
+
+def model_images(pair) -> list[Path]:
+    """Every image scored with a fine-tune: its members, then each hold-out set in turn."""
+    files = list(pair.split.members)
+    for holdout in pair.split.holdouts.values():
+        files += list(holdout)
+    return files
+
+
+def results_path(args: argparse.Namespace, pair) -> Path:
+    model = pair.model_dir(args.cache)
+    return args.cache / "results" / f"{model.parent.name}-{model.name}-{eval_key(pair)}.json"
+
+
+def model_results(args: argparse.Namespace, pair) -> dict | None:
+    """Raw values of every image of a fine-tune, from the cache or computed now (and cached).
+
+    ``None`` when another process holds the model's lock (it is computing the same values).
+    """
+    out = results_path(args, pair)
+    if out.is_file():
+        return with_derived(json.loads(out.read_text()), out.with_suffix(".pt"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = out.with_suffix(".lock")
+    try:
+        lock.open("x").write(str(os.getpid()))
+    except FileExistsError:
+        log(f"{lock} exists: another process is evaluating this model (delete it if not)")
+        return None
+    try:
+        return _compute_results(args, pair, out)
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def with_derived(document: dict, pictures_file: Path) -> dict:
+    """Add the values computed from the saved pictures (palette-clamped recoveries)."""
+    import torch
+
+    from cgidm_core.suite_scores import derived_values
+
+    if pictures_file.is_file():
+        document["values"].update(derived_values(torch.load(pictures_file)))
+    return document
+
+
+def _compute_results(args: argparse.Namespace, pair, out: Path) -> dict:
+    import torch
+
+    from cgidm_core.api import load_pair
+    from cgidm_core.images import load_image
+    from cgidm_core.suite_scores import raw_values
+
+    model = pair.model_dir(args.cache)
+    files = model_images(pair)
+    log(f"evaluating {model.parent.name}/{model.name}: {len(files)} images")
+    load = os.getloadavg()[0]
+    started = time.perf_counter()
+    loaded = load_pair(str(RECIPE_BASE), str(model))
+    raw = raw_values(loaded, [load_image(p) for p in files], variants=variants_for(pair),
+                     keep_pictures=True, log=log)
+    document = {
+        "model": str(model), "files": [f"{p.parent.name}/{p.name}" for p in files],
+        "n_members": len(pair.split.members),
+        "holdouts": {k: len(v) for k, v in pair.split.holdouts.items()},
+        "values": raw["values"], "seconds": raw["seconds"],
+        "seconds_total": time.perf_counter() - started,
+        "load_average": [load, os.getloadavg()[0]], "torch_threads": torch.get_num_threads(),
+        "inversion": raw["inversion"], "variants": raw["variants"],
+        "training": json.loads((model / "training.json").read_text()),
+    }
+    torch.save(raw["pictures"], out.with_suffix(".pt"))
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(document))
+    tmp.replace(out)
+    log(f"  done in {document['seconds_total']:.0f} s")
+    return with_derived(document, out.with_suffix(".pt"))
+
+
+RECIPE_BASE = "demo-base"
+
+
+def pair_slice(document: dict, holdout: str) -> tuple[dict[str, list[float]], int, int]:
+    """Raw values of the members and one hold-out set, and the two counts."""
+    n1 = document["n_members"]
+    start = n1
+    for name, count in document["holdouts"].items():
+        if name == holdout:
+            break
+        start += count
+    n0 = document["holdouts"][holdout]
+    idx = list(range(n1)) + list(range(start, start + n0))
+    return {k: [v[i] for i in idx] for k, v in document["values"].items()}, n1, n0
+
+
+def evaluate_pair(document: dict, pair, n_bootstrap: int) -> dict:
+    """AUC [CI] and TPR at FPR = 1/n_holdout of every candidate on one pair."""
+    from cgidm_core.inversion import InversionConfig
+    from cgidm_core.stats import evaluate_scores
+    from cgidm_core.suite_scores import candidate_scores
+
+    values, n1, n0 = pair_slice(document, pair.holdout)
+    fpr = 1.0 / n0
+    rows = {}
+    for name, (cand, scores) in candidate_scores(values, InversionConfig().steps).items():
+        report = evaluate_scores(scores[:n1], scores[n1:], n_bootstrap=n_bootstrap, seed=0,
+                                 target_fprs=(fpr,))
+        tpr = report.tpr_at_fpr[0]
+        rows[name] = {"auc": report.auc, "ci": [report.auc_ci_low, report.auc_ci_high],
+                      "tpr": tpr.tpr, "fpr": tpr.achieved_fpr, "target_fpr": fpr,
+                      "cost": cand.evaluations, "description": cand.description}
+    looks = {}
+    for key in ("default/final", "default/average", "default/clamped", "palette/final",
+                "palette/average", "palette/clamped"):
+        for metric in ("ssim", "colour", "saturated"):
+            vals = values.get(f"{key}/{metric}")
+            if vals:
+                looks[f"{key}/{metric}"] = [float(sum(vals[:n1]) / n1),
+                                            float(sum(vals[n1:]) / n0)]
+    return {"pair": pair.pair_id, "n_members": n1, "n_holdout": n0, "rows": rows,
+            "looks": looks}
+
+
+#: Rows of the picture grid: the recoveries compared (label, key in the cached pictures).
+GRID_ROWS = (
+    ("original", "original"),
+    ("recovered, default inversion (verdict)", "default/final"),
+    ("the same, colours clamped to the kept half's range per channel", "default/clamped"),
+    ("recovered by an inversion bounded to that range (palette_bounds)", "palette/final"),
+)
+
+
+def write_grid(pictures_file: Path, pair, out: Path, columns: int = 5) -> None:
+    """Members (left) and controls (right) of one pair, one row per recovery, 4x enlarged."""
+    import torch
+    from PIL import Image, ImageDraw
+
+    from cgidm_core.images import to_pil
+    from cgidm_core.suite_scores import palette_clamp
+
+    pictures = torch.load(pictures_file)
+    n = pictures["default/final"].shape[0]
+    pictures["original"], pictures["mask"] = pictures["original"][:n], pictures["mask"][:n]
+    pictures["default/clamped"] = palette_clamp(pictures["original"], pictures["default/final"],
+                                                pictures["mask"])
+    n1 = len(pair.split.members)
+    members = list(range(min(columns, n1)))
+    controls = list(range(n1, n1 + min(columns, len(pair.holdout_files))))
+    rows = [(label, key) for label, key in GRID_ROWS if key in pictures]
+    scale, gap, label_h = 4, 16, 14
+    size = pictures["original"].shape[-1] * scale
+    width = 2 * columns * (size + 2) + gap
+    canvas = Image.new("RGB", (width, label_h + len(rows) * (size + label_h + 2)), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((0, 0), "members (in the fine-tuning set)", fill="black")
+    draw.text((columns * (size + 2) + gap, 0), "controls (hold-out)", fill="black")
+    for r, (label, key) in enumerate(rows):
+        top = label_h + r * (size + label_h + 2)
+        draw.text((0, top), label, fill="black")
+        images = to_pil(pictures[key])
+        for c, i in enumerate(members + controls):
+            left = c * (size + 2) + (gap if c >= len(members) else 0)
+            image = images[i].resize((size, size), Image.Resampling.NEAREST)
+            canvas.paste(image, (left, top + label_h))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out)
+    log(f"wrote {out}")
+
+
+def wait_and_evaluate(args: argparse.Namespace, pairs) -> None:
+    """Evaluate each fine-tune once it exists, until every one is evaluated (or locked)."""
+    while True:
+        pending = [p for p in pairs if not results_path(args, p).is_file()
+                   and not results_path(args, p).with_suffix(".lock").exists()]
+        ready = [p for p in pending if (p.model_dir(args.cache) / "training.json").is_file()]
+        ready.sort(key=lambda p: (p.seed, p.strength != "strong"))  # the grid's pair early
+        if ready:
+            model_results(args, ready[0])
+        elif pending:
+            time.sleep(20)
+        else:
+            return
+
+
+def _shown_arguments(argv: list[str]) -> list[str]:
+    """The command line for the report, without where the JSON copy went (a local path)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--json":
+            skip = True
+        elif not arg.startswith("--json="):
+            out.append(arg)
+    return out
+
+
+def run_suite(args: argparse.Namespace, pairs) -> int:
+    from render_suite import render  # benchmarks/ is on sys.path when this runs as a script
+
+    started = time.perf_counter()
+    load = os.getloadavg()[0]
+    if args.wait:
+        wait_and_evaluate(args, pairs)
+    documents: dict[str, dict] = {}
+    results = []
+    for pair in pairs:
+        model = pair.model_dir(args.cache)
+        if not (model / "training.json").is_file():
+            log(f"skipping {pair.pair_id}: no fine-tune (run without --no-train)")
+            continue
+        if args.report_only and not results_path(args, pair).is_file():
+            log(f"skipping {pair.pair_id}: not evaluated yet (--report-only)")
+            continue
+        if str(model) not in documents:
+            document = model_results(args, pair)
+            if document is None:
+                log(f"skipping {pair.pair_id}: still being evaluated elsewhere")
+                continue
+            documents[str(model)] = document
+        results.append(evaluate_pair(documents[str(model)], pair, args.n_bootstrap))
+    if not results:
+        log("nothing to report")
+        return 1
+    summary = {
+        "pairs": results,
+        "models": {k: {"seconds": v["seconds"], "seconds_total": v["seconds_total"],
+                       "load_average": v["load_average"], "training": v["training"],
+                       "files": v["files"]}
+                   for k, v in documents.items()},
+        "run_seconds": time.perf_counter() - started,
+        "load_average": [load, os.getloadavg()[0]],
+        "command": "python benchmarks/suite.py " + " ".join(_shown_arguments(sys.argv[1:])),
+    }
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2))
+    if str(args.grid) not in ("", "."):
+        grid_pair = next((p for p in pairs if p.pair_id == args.grid_pair), None)
+        if grid_pair is not None and results_path(args, grid_pair).with_suffix(".pt").is_file():
+            write_grid(results_path(args, grid_pair).with_suffix(".pt"), grid_pair, args.grid)
+            summary["grid"] = str(args.grid)
+    render(summary, args)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    pairs = selected_pairs(args)
+    if args.list:
+        for pair in pairs:
+            model = pair.model_dir(args.cache)
+            state = "cached" if (model / "training.json").is_file() else "missing"
+            print(f"{pair.pair_id:<36} {len(pair.split.members)} members / "
+                  f"{len(pair.holdout_files)} hold-out  {state}  {model}")
+        return 0
+    if not (args.no_train or args.report_only):
+        train_missing(args, pairs)
+    if args.train_only:
+        return 0
+    return run_suite(args, pairs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""Every candidate verdict score of one fine-tuned pair, from one pass of work, and their ranking.
+
+Why one module: the defaults are chosen by comparing candidate scores across many pairs, so each
+pair must be scored by all of them on the same images, with the same inversions, and the choice
+rule (worst case first, then mean, then cost) must be one function that the benchmark, the docs
+and the tests share.
+
+Per image, :func:`raw_values` records
+
+- for each inversion variant (``default``: the shipped settings; ``palette``: the same with the
+  recovery bounded to each channel's range in the kept cells): masked SSIM and PSNR of the
+  recovery after 25, 50 and 100 PGD steps and of the mean of the iterates after step 50, the
+  CIEDE2000 colour distance of the recovered region, and the CGI-DM objective along the way
+  (mean over all steps and over the second half);
+- the cheap scores: loss attack, PIA, SecMI, and the contrast loss at the original.
+
+:func:`candidate_scores` turns those into scores (higher = member) for one set of images, fusions
+included; fusions z-score over the images scored together (no labels enter).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .images import image_seed, to_tensor
+from .inversion import InversionConfig, invert
+from .pair import ModelPair
+from .similarity import masked_psnr, masked_ssim
+
+#: Inversion variants run per pair (each costs one full inversion).
+VARIANTS: dict[str, dict[str, object]] = {
+    "default": {},
+    "palette": {"palette_bounds": True},
+}
+#: Recoveries scored per variant: after n steps, and the iterate mean after half the steps.
+RECORD_STEPS: tuple[int, ...] = (25, 50)
+CHEAP_METHODS: tuple[str, ...] = ("loss", "pia", "secmi", "contrast")
+
+#: Model evaluations per image of each family of candidate, for "ties go to the cheaper".
+#: An inversion step is one forward+backward through each model (counted as 2 x 3 = 6
+#: forward-equivalents); the cheap ones are taken from ``baselines.EVALUATIONS_PER_IMAGE``.
+INVERSION_STEP_COST = 6
+
+
+def colour_distance(original: torch.Tensor, recovered: torch.Tensor,
+                    keep: torch.Tensor) -> list[float]:
+    """Mean CIEDE2000 distance (CIELAB) over the recovered region, per image.
+
+    Images are ``(N, 3, H, W)`` in [-1, 1]; ``keep`` is 1 on kept pixels. 2.3 is a "just
+    noticeable difference"; saturated primaries on a muted painting are 30 and more.
+    """
+    from skimage.color import deltaE_ciede2000, rgb2lab
+
+    def lab(x: torch.Tensor) -> np.ndarray:
+        return rgb2lab(((x.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy())
+
+    dist = deltaE_ciede2000(lab(original), lab(recovered))  # (N, H, W)
+    free = (1.0 - keep.float()).expand(original.shape[0], 1, *original.shape[-2:])[:, 0].numpy()
+    return [float((d * f).sum() / max(f.sum(), 1.0)) for d, f in zip(dist, free, strict=True)]
+
+
+def palette_clamp(original: torch.Tensor, recovered: torch.Tensor,
+                  keep: torch.Tensor) -> torch.Tensor:
+    """Clamp each channel of the recovered region into the range that channel takes in the kept
+    region of the same image: a colour the image's visible half never shows is cut back to the
+    nearest one it does. Kept pixels are untouched. Costs no model pass.
+    """
+    kept = keep.bool().expand_as(original)
+    big = torch.finfo(original.dtype).max
+    low = torch.where(kept, original, big).amin(dim=(2, 3), keepdim=True)
+    high = torch.where(kept, original, -big).amax(dim=(2, 3), keepdim=True)
+    clamped = torch.minimum(torch.maximum(recovered, low), high)
+    return torch.where(kept, recovered, clamped)
+
+
+def saturated_fraction(recovered: torch.Tensor, keep: torch.Tensor,
+                       margin: float = 0.02) -> list[float]:
+    """Share of the recovered region's channel values pinned at the ends of the pixel range
+    (within ``margin`` of -1 or 1): how much of the recovery sits on the box's corners."""
+    free = (1.0 - keep.float()).expand_as(recovered)
+    pinned = (recovered.abs() >= 1.0 - margin).float()
+    return [float(v) for v in (pinned * free).flatten(1).sum(1) / free.flatten(1).sum(1)]
+
+
+def derived_values(pictures: dict[str, torch.Tensor]) -> dict[str, list[float]]:
+    """Values of recoveries derived after the fact from saved pictures (no model pass):
+    ``<variant>/clamped/<metric>`` = the final recovery passed through :func:`palette_clamp`."""
+    out: dict[str, list[float]] = {}
+    n = pictures["default/final"].shape[0]
+    # Files written before originals were saved once per run hold one copy per variant.
+    original, keep = pictures["original"][:n], pictures["mask"][:n]
+    for key in list(pictures):
+        if "/" in key:
+            out[f"{key}/saturated"] = saturated_fraction(pictures[key], keep)
+        if key.endswith("/final"):
+            variant = key.split("/")[0]
+            clamped = palette_clamp(original, pictures[key], keep)
+            for metric, vals in _recovery_values(original, clamped, keep).items():
+                out[f"{variant}/clamped/{metric}"] = vals
+            out[f"{variant}/clamped/saturated"] = saturated_fraction(clamped, keep)
+    return out
+
+
+def _recovery_values(original: torch.Tensor, recovered: torch.Tensor,
+                     keep: torch.Tensor) -> dict[str, list[float]]:
+    return {
+        "ssim": [float(v) for v in masked_ssim(original, recovered, keep)],
+        "psnr": [float(v) for v in masked_psnr(original, recovered, keep)],
+        "colour": colour_distance(original, recovered, keep),
+    }
+
+
+def raw_values(
+    pair: ModelPair,
+    pictures: Sequence[Image.Image],
+    *,
+    config: InversionConfig | None = None,
+    variants: dict[str, dict[str, object]] | None = None,
+    cheap: Sequence[str] = CHEAP_METHODS,
+    batch_size: int = 20,
+    keep_pictures: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Everything the candidates need, per image, plus the seconds each part took.
+
+    Returns ``{"values": {key: [per image]}, "seconds": {part: s}, "pictures": {...}}``; keys are
+    ``<variant>/<recovery>/<metric>`` (recovery ``step25``, ``step50``, ``final``, ``average``),
+    ``<variant>/objective/<mean|second_half>`` and the cheap methods' names.
+    ``pictures`` (only with ``keep_pictures``) holds originals and recoveries as tensors.
+    """
+    from .evaluation import score_images_detailed
+
+    config = config or InversionConfig()
+    variants = variants if variants is not None else VARIANTS
+    values: dict[str, list[float]] = {}
+    seconds: dict[str, float] = {}
+    kept_pictures: dict[str, list[torch.Tensor]] = {}
+    cond = pair.conditioning(pair.default_prompt)
+    half = config.steps // 2
+    for name, overrides in variants.items():
+        variant = replace(config, **overrides)  # type: ignore[arg-type]
+        started = time.perf_counter()
+        for start in range(0, len(pictures), batch_size):
+            tensor = to_tensor(list(pictures[start:start + batch_size]), pair.image_size)
+            seeds = [image_seed(img, variant.seed) for img in tensor]
+            out = invert(pair, tensor, cond, variant, seeds=seeds,
+                         record_steps=[s for s in RECORD_STEPS if s < variant.steps],
+                         average_from=half)
+            recoveries = {**out.recovered_at, "final": out.recovered}
+            for recovery, images in recoveries.items():
+                for metric, vals in _recovery_values(out.original, images, out.mask).items():
+                    values.setdefault(f"{name}/{recovery}/{metric}", []).extend(vals)
+                if keep_pictures:
+                    kept_pictures.setdefault(f"{name}/{recovery}", []).append(images)
+            if keep_pictures and name == next(iter(variants)):  # originals once, not per variant
+                kept_pictures.setdefault("original", []).append(out.original)
+                masks = out.mask.expand(len(tensor), -1, -1, -1)
+                kept_pictures.setdefault("mask", []).append(masks)
+            values.setdefault(f"{name}/objective/mean", []).extend(
+                out.losses.mean(1).tolist())
+            values.setdefault(f"{name}/objective/second_half", []).extend(
+                out.losses[:, half:].mean(1).tolist())
+        seconds[f"inversion:{name}"] = time.perf_counter() - started
+        if log:
+            log(f"  inversion {name}: {seconds[f'inversion:{name}']:.0f} s")
+    for method in cheap:
+        scored = score_images_detailed(pair, list(pictures), method, seed=config.seed,
+                                       batch_size=batch_size)
+        values[method] = [float(v) for v in scored.scores]
+        seconds[method] = scored.seconds
+    result: dict[str, Any] = {"values": values, "seconds": seconds,
+                              "inversion": config.to_dict(), "variants": variants}
+    if keep_pictures:
+        result["pictures"] = {k: torch.cat(v) for k, v in kept_pictures.items()}
+    return result
+
+
+def _z(values: np.ndarray) -> np.ndarray:
+    std = values.std()
+    return np.zeros_like(values) if std == 0 or not np.isfinite(std) else (
+        values - values.mean()) / std
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A verdict score: how to compute it from raw values and what it costs per image."""
+
+    name: str
+    description: str
+    evaluations: int  # model evaluations (forward-equivalents) per image
+
+
+def candidate_scores(values: dict[str, Sequence[float]],
+                     steps: int) -> dict[str, tuple[Candidate, np.ndarray]]:
+    """Candidate name -> (candidate, scores for the given images; higher = member).
+
+    ``values`` holds the raw values of exactly the images to compare (members and one hold-out
+    set): fusions standardise over them.
+    """
+    from .baselines import EVALUATIONS_PER_IMAGE
+
+    v = {k: np.asarray(x, dtype=np.float64) for k, x in values.items()}
+    out: dict[str, tuple[Candidate, np.ndarray]] = {}
+
+    def add(name: str, description: str, cost: int, scores: np.ndarray) -> None:
+        out[name] = (Candidate(name, description, cost), scores)
+
+    for method in CHEAP_METHODS:
+        if method in v:
+            add(method, f"{method} (no inversion)", EVALUATIONS_PER_IMAGE[method], v[method])
+    for key in v:
+        parts = key.split("/")
+        if len(parts) != 3:
+            continue
+        variant, what, metric = parts
+        if what == "objective":
+            cost = steps * INVERSION_STEP_COST
+            add(f"{variant}:objective-{metric}",
+                f"minus the CGI-DM objective, {metric.replace('_', ' ')} of the steps "
+                f"({variant} inversion)", cost, -v[key])
+        elif metric in ("ssim", "psnr"):
+            n = int(what[4:]) if what.startswith("step") else steps
+            add(f"{variant}:{metric}@{what}", f"masked {metric} of the recovery ({what}, "
+                f"{variant} inversion)", n * INVERSION_STEP_COST, v[key])
+    # Fusions: z-scores over the images compared, summed.
+    fusions = {
+        "fuse:ssim+contrast": ("default/final/ssim", "contrast"),
+        "fuse:psnr+contrast": ("default/final/psnr", "contrast"),
+        "fuse:objective+contrast": ("default/objective/second_half", "contrast"),
+        "fuse:loss+contrast": ("loss", "contrast"),
+        "fuse:psnr+loss": ("default/final/psnr", "loss"),
+        "fuse:ssim+loss": ("default/final/ssim", "loss"),
+        "fuse:objective+loss": ("default/objective/second_half", "loss"),
+        "fuse:psnr+loss+contrast": ("default/final/psnr", "loss", "contrast"),
+    }
+    for name, parts in fusions.items():
+        if not all(p in v for p in parts):
+            continue
+        total = np.zeros(len(v[parts[0]]))
+        cost = 0
+        for p in parts:
+            total += _z(-v[p] if "objective" in p else v[p])
+            inversion = "/" in p
+            cost += steps * INVERSION_STEP_COST if inversion else EVALUATIONS_PER_IMAGE[p]
+        add(name, " + ".join(f"z({p})" for p in parts) + ", pooled over the images compared",
+            cost, total)
+    return out
+
+
+def rank_candidates(per_pair_auc: dict[str, list[float]],
+                    costs: dict[str, int]) -> list[tuple[str, float, float, int]]:
+    """(name, worst AUC, mean AUC, cost), best first: worst case, then mean, then cheaper.
+
+    AUCs are rounded to 3 decimals before comparing, so differences below the resolution of a
+    10 + 10 pair (1/100) do not decide a tie against the cheaper score.
+    """
+    rows = [(name, round(min(aucs), 3), round(float(np.mean(aucs)), 3), costs[name])
+            for name, aucs in per_pair_auc.items() if aucs]
+    return sorted(rows, key=lambda r: (-r[1], -r[2], r[3]))

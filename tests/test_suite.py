@@ -1,0 +1,246 @@
+"""The benchmark suite's pieces: splits, checkpointed fine-tunes, candidate scores, ranking, and
+the inversion's recording options. Tiny settings, seeded; nothing here times anything."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from cgidm_core.errors import ConfigError
+from cgidm_core.images import image_seed
+from cgidm_core.inversion import InversionConfig, invert
+from cgidm_core.models import load_pair
+from cgidm_core.suite_pairs import find_pair, splits, suite_pairs
+from cgidm_core.suite_scores import candidate_scores, colour_distance, rank_candidates
+from tests.paths import SHARED_DATA
+
+needs_data = pytest.mark.skipif(not (SHARED_DATA / "dreambooth-subjects").is_dir(),
+                                reason="../shared/data is not here")
+
+
+@needs_data
+def test_splits_keep_members_out_of_every_holdout():
+    all_splits = splits(SHARED_DATA)
+    assert set(all_splits) == {"vangogh-a", "vangogh-b", "dreambooth"}
+    for split in all_splits.values():
+        members = set(split.members)
+        assert len(members) == 10
+        for holdout in split.holdouts.values():
+            assert len(holdout) == 10
+            assert not members & set(holdout)
+    a, b = all_splits["vangogh-a"], all_splits["vangogh-b"]
+    assert a.members == b.holdouts["holdout"] and b.members == a.holdouts["holdout"]
+    db = all_splits["dreambooth"]
+    member_subjects = {p.parent.name for p in db.members}
+    assert {p.parent.name for p in db.holdouts["hard"]} == member_subjects  # same objects
+    assert not {p.parent.name for p in db.holdouts["easy"]} & member_subjects  # other objects
+
+
+@needs_data
+def test_suite_has_three_strengths_two_seeds_and_named_pairs():
+    pairs = suite_pairs(SHARED_DATA)
+    # 2 Van Gogh splits x 3 strengths x 2 seeds + DreamBooth x 3 x 2 x (hard, easy)
+    assert len(pairs) == 12 + 12
+    assert len({p.pair_id for p in pairs}) == len(pairs)
+    pair = find_pair("dreambooth/medium/s1/easy", SHARED_DATA)
+    assert (pair.split.name, pair.strength, pair.seed, pair.holdout) == (
+        "dreambooth", "medium", 1, "easy")
+    assert find_pair("vangogh-b/strong/s0", SHARED_DATA).holdout == "holdout"
+    # strengths of one run share its folder; seeds do not
+    light, strong = find_pair("vangogh-a/light/s0"), find_pair("vangogh-a/strong/s0")
+    assert light.model_dir(SHARED_DATA).parent == strong.model_dir(SHARED_DATA).parent
+    assert find_pair("vangogh-a/light/s1").run_key != light.run_key
+    for bad in ("vangogh-a/strong", "vangogh-a/extreme/s0", "nope/light/s0"):
+        with pytest.raises(ConfigError):
+            find_pair(bad, SHARED_DATA)
+
+
+@needs_data
+def test_checkpoint_of_a_long_run_equals_a_short_run(tmp_path):
+    """The light pair is a checkpoint of the strong pair's run: it must be the same weights a
+    run of that length alone gives (constant lr, fixed warm-up), or the strengths would not be
+    what their names say."""
+    from safetensors.torch import load_file
+
+    from cgidm_core.suite_pairs import train_run
+
+    split = splits(SHARED_DATA)["vangogh-a"]
+    train_run(split, 0, tmp_path / "long", strengths={"a": 2, "b": 3}, threads=1,
+              log=lambda _m: None)
+    train_run(split, 0, tmp_path / "short", strengths={"a": 2}, threads=1, log=lambda _m: None)
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    long_a = load_file(tmp_path / "long" / "a" / weights)
+    short_a = load_file(tmp_path / "short" / "a" / weights)
+    long_b = load_file(tmp_path / "long" / "b" / weights)
+    assert all(torch.equal(long_a[k], short_a[k]) for k in long_a)
+    assert any(not torch.equal(long_a[k], long_b[k]) for k in long_a)
+    # cached: a second call trains nothing and returns the folders
+    done = train_run(split, 0, tmp_path / "long", strengths={"a": 2, "b": 3},
+                     log=lambda _m: pytest.fail("retrained a cached checkpoint"))
+    assert set(done) == {"a", "b"}
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_ddpm_pair):
+    return load_pair(*tiny_ddpm_pair, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def images(pair):
+    gen = torch.Generator().manual_seed(0)
+    size = pair.image_size
+    low = torch.rand(2, 3, size // 4, size // 4, generator=gen) * 0.6 - 0.5  # a muted palette
+    return torch.nn.functional.interpolate(low, size=(size, size), mode="bilinear")
+
+
+def _invert(pair, images, config, **kw):
+    seeds = [image_seed(img, config.seed) for img in images]
+    return invert(pair, images, pair.conditioning(None), config, seeds=seeds, **kw)
+
+
+def test_recorded_steps_and_average_cost_nothing_and_match(pair, images):
+    config = InversionConfig(steps=6, seed=1, cell=4)
+    plain = _invert(pair, images, config)
+    out = _invert(pair, images, config, record_steps=(3, 6), average_from=3)
+    assert torch.equal(out.recovered, plain.recovered)  # recording does not change the run
+    assert torch.equal(out.recovered_at["step6"], out.recovered)
+    short = _invert(pair, images, replace(config, steps=3))
+    assert torch.allclose(out.recovered_at["step3"], short.recovered, atol=1e-6)
+    assert set(out.recovered_at) == {"step3", "step6", "average"}
+    keep = out.mask
+    assert torch.allclose(out.recovered_at["average"] * keep, out.recovered * keep)
+
+
+def test_palette_bounds_keep_each_channel_in_the_kept_range(pair, images):
+    config = InversionConfig(steps=8, seed=1, cell=4, alpha=40.0, palette_bounds=True)
+    out = _invert(pair, images, config)
+    keep = out.mask.bool().expand_as(out.original)
+    for i in range(images.shape[0]):
+        for c in range(3):
+            kept = out.original[i, c][keep[i, c]]
+            free = out.recovered[i, c][~keep[i, c]]
+            assert free.min() >= kept.min() - 1e-5 and free.max() <= kept.max() + 1e-5
+    unbounded = _invert(pair, images, replace(config, palette_bounds=False))
+    assert unbounded.recovered.abs().max() > out.recovered.abs().max()
+
+
+def test_colour_distance_is_zero_for_the_original_and_grows_with_the_change(images):
+    keep = torch.zeros(1, 1, *images.shape[-2:])
+    keep[..., ::2, :] = 1
+    assert colour_distance(images, images, keep) == pytest.approx([0.0, 0.0], abs=1e-6)
+    small = colour_distance(images, images + 0.05, keep)
+    large = colour_distance(images, (images + 0.5).clamp(-1, 1), keep)
+    assert all(0 < s < g for s, g in zip(small, large, strict=True))
+
+
+def test_candidates_orient_every_score_so_higher_means_member():
+    rng = np.random.default_rng(0)
+    n = 6
+    member = np.r_[np.ones(n), np.zeros(n)]
+    values = {
+        "default/final/ssim": list(member + rng.normal(0, 0.1, 2 * n)),
+        "default/final/psnr": list(member + rng.normal(0, 0.1, 2 * n)),
+        "default/objective/second_half": list(-member + rng.normal(0, 0.1, 2 * n)),
+        "contrast": list(member + rng.normal(0, 0.1, 2 * n)),
+        "loss": list(member + rng.normal(0, 0.1, 2 * n)),
+    }
+    scores = candidate_scores(values, steps=100)
+    for name, (cand, s) in scores.items():
+        assert s[:n].min() > s[n:].max(), name
+        assert cand.evaluations > 0
+    assert scores["default:ssim@final"][0].evaluations > scores["loss"][0].evaluations
+
+
+def test_ranking_is_worst_case_then_mean_then_cost():
+    aucs = {"a": [0.9, 1.0], "b": [0.95, 0.95], "c": [0.9, 1.0], "d": [0.8, 1.0]}
+    costs = {"a": 600, "b": 900, "c": 3, "d": 1}
+    assert [r[0] for r in rank_candidates(aucs, costs)] == ["b", "c", "a", "d"]
+
+
+@needs_data
+def test_cgidm_eval_runs_one_suite_pair_from_its_cache(tmp_path, capsys):
+    """`cgidm eval --suite-pair` finds the pair's models and images; here its cached fine-tune
+    is the shipped light demo fine-tune (also demo-base fine-tuned on split A's members), so the
+    test trains nothing."""
+    import json
+    import shutil
+
+    from cgidm.cli import main
+    from cgidm_core.demo import demo_model_path
+
+    pair = find_pair("vangogh-a/light/s0", SHARED_DATA)
+    model = pair.model_dir(tmp_path)
+    shutil.copytree(demo_model_path("demo-vangogh-light"), model)
+    (model / "training.json").write_text("{}")
+    out = tmp_path / "r.json"
+    code = main(["eval", "--suite-pair", "vangogh-a/light/s0", "--suite-cache", str(tmp_path),
+                 "--method", "loss", "--n-bootstrap", "100", "--json", str(out)])
+    assert code == 0
+    doc = json.loads(out.read_text())
+    assert (doc["n_members"], doc["n_holdout"]) == (10, 10)
+    assert doc["settings"]["finetuned"] == str(model)
+    assert doc["settings"]["members"] == "suite:vangogh-a/light/s0/holdout:members"
+    assert 0.0 <= doc["auc"] <= 1.0
+
+
+def test_cgidm_eval_needs_models_and_folders_or_a_suite_pair(tmp_path, capsys):
+    from cgidm.cli import main
+
+    assert main(["eval", "--members", str(tmp_path)]) != 0
+    assert "--suite-pair" in capsys.readouterr().err
+    assert main(["eval", "--suite-pair", "vangogh-a/light/s0", "--members", str(tmp_path)]) != 0
+    assert "names its own models" in capsys.readouterr().err
+    assert main(["eval", "--suite-pair", "vangogh-a/nope/s0"]) != 0
+    assert "suite pair" in capsys.readouterr().err
+
+
+def test_palette_bounds_flag_reaches_the_inversion_config():
+    import argparse
+
+    from cgidm.commands.common import add_method_arguments, inversion_config
+
+    parser = argparse.ArgumentParser()
+    add_method_arguments(parser)
+    assert inversion_config(parser.parse_args(["--palette-bounds"])).palette_bounds
+    assert not inversion_config(parser.parse_args([])).palette_bounds
+
+
+def test_suite_report_ranks_by_worst_case_and_writes_both_tables(tmp_path):
+    """The report renders from a summary alone (what `--report-only` and `--json` give)."""
+    import sys
+    from types import SimpleNamespace
+
+    from tests.paths import REPO_ROOT
+
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    from render_suite import render
+
+    def row(auc, cost):
+        return {"auc": auc, "ci": [auc - 0.1, min(1.0, auc + 0.1)], "tpr": 0.5, "fpr": 0.1,
+                "target_fpr": 0.1, "cost": cost, "description": ""}
+
+    pairs = [
+        {"pair": "vangogh-a/light/s0/holdout", "n_members": 10, "n_holdout": 10,
+         "rows": {"loss": row(0.6, 3), "default:psnr@final": row(0.9, 600)},
+         "looks": {"default/final/ssim": [0.3, 0.1], "default/final/colour": [20.0, 30.0],
+                   "default/final/saturated": [0.2, 0.3]}},
+        {"pair": "dreambooth/strong/s1/easy", "n_members": 10, "n_holdout": 10,
+         "rows": {"loss": row(1.0, 3), "default:psnr@final": row(0.8, 600)}, "looks": {}},
+    ]
+    training = {"split": "vangogh-a", "seed": 0, "seconds": 60.0, "load_average": 1.0}
+    summary = {"pairs": pairs, "run_seconds": 1.0, "load_average": [1.0, 1.0],
+               "command": "python benchmarks/suite.py",
+               "models": {"m": {"seconds": {}, "seconds_total": 120.0, "load_average": [1, 2],
+                                "training": training, "files": ["a"] * 20,
+                                "variants": {"default": {}}}}}
+    args = SimpleNamespace(out=tmp_path / "ACCURACY.md", table_out=tmp_path / "table.md")
+    text = render(summary, args)
+    ranking = text[text.index("## Ranking"):text.index("## Summary")]
+    # psnr: worst 0.8, mean 0.85; loss: worst 0.6 -> psnr ranks first despite costing more
+    assert ranking.index("default:psnr@final") < ranking.index("`loss`")
+    assert "| worst case | | **0.80** | **0.60** |" in text
+    assert "0.300 | 0.100 | 20.0 | 30.0 | 20% | 30% |" in text
+    assert (tmp_path / "table.md").read_text().startswith("| score |")

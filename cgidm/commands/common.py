@@ -98,9 +98,15 @@ def load_pair_from_args(args: argparse.Namespace) -> Any:
     )
 
 
-def expand_images(paths: list[str]) -> list[Path]:
-    """Files as given; folders expand to the images inside them, sorted by name."""
-    from cgidm_core.errors import ImageInputError
+def expand_images(paths: list[str], error: type[Exception] | None = None) -> list[Path]:
+    """Files as given; folders expand to the images inside them, sorted by name.
+
+    ``error`` is the exception to raise for a missing path or an empty folder: the library's
+    ``ImageInputError`` by default, the client's own for ``cgidm submit``, which must run where
+    torch (and so ``cgidm_core``) is not installed.
+    """
+    if error is None:
+        from cgidm_core.errors import ImageInputError as error
 
     out: list[Path] = []
     for raw in paths:
@@ -108,12 +114,12 @@ def expand_images(paths: list[str]) -> list[Path]:
         if path.is_dir():
             found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
-                raise ImageInputError(f"{path}: no images (.png, .jpg, ...) in this folder")
+                raise error(f"{path}: no images (.png, .jpg, ...) in this folder")
             out.extend(found)
         elif path.is_file():
             out.append(path)
         else:
-            raise ImageInputError(f"{path}: no such file or folder")
+            raise error(f"{path}: no such file or folder")
     return out
 
 

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import IMAGE_SUFFIXES, add_method_arguments
+from .common import add_method_arguments, expand_images
 from .report import print_table
 
 
@@ -43,24 +43,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("images", nargs="+", help="image files or folders")
     parser.set_defaults(func=run)
-
-
-def _expand(paths: list[str]) -> list[Path]:
-    from cgidm.client import ServiceError
-
-    out: list[Path] = []
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise ServiceError(f"{path}: no images (.png, .jpg, ...) in this folder")
-            out.extend(found)
-        elif path.is_file():
-            out.append(path)
-        else:
-            raise ServiceError(f"{path}: no such file or folder")
-    return out
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -96,10 +78,10 @@ class _Progress:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cgidm.client import CgidmClient
+    from cgidm.client import CgidmClient, ServiceError
 
-    images = _expand(args.images)
-    controls = _expand([args.controls]) if args.controls else []
+    images = expand_images(args.images, error=ServiceError)
+    controls = expand_images([args.controls], error=ServiceError) if args.controls else []
     settings = _settings(args)
     out = Path(args.out)
     key = args.key or os.environ.get("CGIDM_API_KEY")

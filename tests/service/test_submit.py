@@ -86,7 +86,7 @@ def test_submit_uploads_waits_downloads_and_verifies(serve, setup):
             assert (out / f"{name}.{kind}.png").read_bytes().startswith(b"\x89PNG")
     provenance = result["provenance"]
     assert provenance["models"]["finetuned"]["uploaded"] is True
-    assert provenance["prompt"] == "sks style" and provenance["prompt_source"] == "request"
+    assert provenance["prompt"] == "sks style" and provenance["prompt_source"] == "given"
     assert "path" not in provenance["models"]["pretrained"]  # no operator paths in results
     assert all(item["of"] == "upload" for item in provenance["inputs"])
 

@@ -160,12 +160,13 @@ def load_text_encoder(folder: Path, opts: LoadOptions) -> Any:
         )
 
 
-def load_tokenizer(folder: Path, opts: LoadOptions) -> Any:
+def load_tokenizer(folder: Path, opts: LoadOptions, subfolder: str = "tokenizer") -> Any:
+    """A CLIP tokenizer (SDXL has a second one in ``tokenizer_2``)."""
     from transformers import CLIPTokenizer
 
-    with loading_errors("the tokenizer", folder / "tokenizer"):
+    with loading_errors("the tokenizer", folder / subfolder):
         return CLIPTokenizer.from_pretrained(
-            folder, subfolder="tokenizer", local_files_only=opts.local_files_only
+            folder, subfolder=subfolder, local_files_only=opts.local_files_only
         )
 
 
@@ -178,12 +179,13 @@ def _scheduler_of(folder: Path) -> tuple[Any, str]:
     return scheduler, prediction
 
 
-def load_sd_base(folder: Path, opts: LoadOptions) -> SDBase:
+def load_vae(folder: Path, opts: LoadOptions) -> Any:
+    """The base's VAE (SD and SDXL), float32 whatever ``opts.dtype``: the SDXL VAE overflows in
+    float16 (its config says ``force_upcast``)."""
     from diffusers import AutoencoderKL
 
-    scheduler, prediction_type = _scheduler_of(folder)
     with loading_errors("the VAE", folder / "vae"):
-        vae = AutoencoderKL.from_pretrained(
+        return AutoencoderKL.from_pretrained(
             folder,
             subfolder="vae",
             use_safetensors=True,
@@ -191,10 +193,14 @@ def load_sd_base(folder: Path, opts: LoadOptions) -> SDBase:
             torch_dtype=torch.float32,
             variant=weights_variant(folder / "vae", _UNET_WEIGHTS),
         )
+
+
+def load_sd_base(folder: Path, opts: LoadOptions) -> SDBase:
+    scheduler, prediction_type = _scheduler_of(folder)
     return SDBase(
         folder=folder,
         unet=load_unet(folder, "unet", opts),
-        vae=vae,
+        vae=load_vae(folder, opts),
         text_encoder=load_text_encoder(folder, opts),
         tokenizer=load_tokenizer(folder, opts),
         scheduler=scheduler,

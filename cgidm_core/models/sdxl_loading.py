@@ -35,7 +35,9 @@ from cgidm_core.models.sd_loading import (
     LoadOptions,
     _scheduler_of,
     _transformers_dtype_kwargs,
+    load_tokenizer,
     load_unet,
+    load_vae,
     loading_errors,
     place,
     same_weights,
@@ -108,37 +110,16 @@ def load_sdxl_text_encoder(folder: Path, name: str, opts: LoadOptions) -> Any:
         )
 
 
-def _load_tokenizer(folder: Path, subfolder: str, opts: LoadOptions) -> Any:
-    from transformers import CLIPTokenizer
-
-    with loading_errors("the tokenizer", folder / subfolder):
-        return CLIPTokenizer.from_pretrained(
-            folder, subfolder=subfolder, local_files_only=opts.local_files_only
-        )
-
-
 def load_sdxl_base(folder: Path, opts: LoadOptions) -> SDXLBase:
-    from diffusers import AutoencoderKL
-
     scheduler, prediction_type = _scheduler_of(folder)
-    with loading_errors("the VAE", folder / "vae"):
-        # float32 always: the SDXL VAE overflows in float16 (its config says force_upcast)
-        vae = AutoencoderKL.from_pretrained(
-            folder,
-            subfolder="vae",
-            use_safetensors=True,
-            local_files_only=opts.local_files_only,
-            torch_dtype=torch.float32,
-            variant=weights_variant(folder / "vae", ("diffusion_pytorch_model",)),
-        )
     base = SDXLBase(
         folder=folder,
         unet=load_unet(folder, "unet", opts, SDXL_FAMILY),
-        vae=vae,
+        vae=load_vae(folder, opts),  # float32 always: the SDXL VAE overflows in float16
         text_encoder=load_sdxl_text_encoder(folder, "text_encoder", opts),
         text_encoder_2=load_sdxl_text_encoder(folder, "text_encoder_2", opts),
-        tokenizer=_load_tokenizer(folder, "tokenizer", opts),
-        tokenizer_2=_load_tokenizer(folder, "tokenizer_2", opts),
+        tokenizer=load_tokenizer(folder, opts),
+        tokenizer_2=load_tokenizer(folder, opts, "tokenizer_2"),
         scheduler=scheduler,
         alphas_cumprod=alphas_cumprod_of(scheduler),
         prediction_type=prediction_type,

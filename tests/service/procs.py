@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -258,3 +258,38 @@ def bucket_keys(endpoint: str, prefix: str) -> list[str]:
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
         keys.extend(item["Key"] for item in page.get("Contents", []))
     return sorted(keys)
+
+
+def send_unfinished_chunked(url: str, head: str, body_chunks: Iterable[bytes],
+                            until: bytes | None = None) -> tuple[bytes, int]:
+    """Send a chunked request whose body is never finished; return (response, body bytes sent
+    before it arrived), so a response proves the server answered mid-stream. The response is
+    read until the server closes the connection, or until ``until`` has arrived."""
+    host, port = url.removeprefix("http://").split(":")
+    sent = 0
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(head.encode())
+        sock.settimeout(0.05)
+        response = b""
+        for chunk in body_chunks:
+            try:
+                sock.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+                sent += len(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            try:
+                response += sock.recv(65536)
+            except (TimeoutError, BlockingIOError):
+                continue
+            if response:
+                break
+        sock.settimeout(10)
+        while until is None or until not in response:
+            try:
+                more = sock.recv(65536)
+            except (ConnectionResetError, TimeoutError):
+                break
+            if not more:
+                break
+            response += more
+    return response, sent

@@ -23,6 +23,7 @@ from tests.service.conftest import (
     stop_process,
     wait_for_job,
 )
+from tests.service.procs import send_unfinished_chunked
 
 pytestmark = pytest.mark.slow  # starts servers and processes
 
@@ -172,39 +173,6 @@ def test_hostile_requests_are_4xx_and_store_nothing(client, s3_endpoint):
     assert _job_ids(s3_endpoint) == before  # not one object written by a refused request
 
 
-def _raw_request(url: str, head: str, body_chunks: Iterator[bytes]) -> tuple[bytes, int]:
-    """Send a chunked POST and return (response, body bytes sent before it arrived); the body
-    is never finished, so a response proves the server answered mid-stream."""
-    host, port = url.removeprefix("http://").split(":")
-    sent = 0
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(head.encode())
-        sock.settimeout(0.05)
-        response = b""
-        for chunk in body_chunks:
-            try:
-                sock.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
-                sent += len(chunk)
-            except (BrokenPipeError, ConnectionResetError):
-                break
-            try:
-                response += sock.recv(65536)
-            except (TimeoutError, BlockingIOError):
-                continue
-            if response:
-                break
-        sock.settimeout(10)
-        while True:  # the gateway closes the connection after its answer
-            try:
-                more = sock.recv(65536)
-            except (ConnectionResetError, TimeoutError):
-                break
-            if not more:
-                break
-            response += more
-    return response, sent
-
-
 def _multipart_head(url: str, boundary: str) -> str:
     host = url.removeprefix("http://")
     return (f"POST /authenticate HTTP/1.1\r\nHost: {host}\r\n"
@@ -225,7 +193,8 @@ def test_oversized_upload_is_refused_while_it_streams(gateway_url, s3_endpoint):
         for _ in range(20 * 1024 * 1024 // 16384):
             yield bytes(16384)
 
-    response, sent = _raw_request(gateway_url, _multipart_head(gateway_url, boundary), body())
+    head = _multipart_head(gateway_url, boundary)
+    response, sent = send_unfinished_chunked(gateway_url, head, body())
     assert response.startswith(b"HTTP/1.1 413"), response[:200]
     assert b"file_too_large" in response and b"CGIDM_MAX_UPLOAD_BYTES" in response
     assert sent < 4 * MAX_UPLOAD, f"the server read {sent} bytes before refusing"
@@ -235,7 +204,8 @@ def test_oversized_upload_is_refused_while_it_streams(gateway_url, s3_endpoint):
             yield (f"--{boundary}\r\nContent-Disposition: form-data; name=\"f{i}\"\r\n\r\n"
                    + "x" * 8000 + "\r\n").encode()
 
-    response, sent = _raw_request(gateway_url, _multipart_head(gateway_url, boundary), fields())
+    head = _multipart_head(gateway_url, boundary)
+    response, sent = send_unfinished_chunked(gateway_url, head, fields())
     assert response.startswith(b"HTTP/1.1 413") and b"request_too_large" in response
     assert sent < 2_500_000
     host = gateway_url.removeprefix("http://")

@@ -33,6 +33,7 @@ from tests.service.conftest import (
     stop_process,
     wait_for_job,
 )
+from tests.service.procs import send_unfinished_chunked
 
 pytestmark = pytest.mark.slow  # starts servers and processes
 
@@ -239,36 +240,11 @@ def test_two_keys_never_see_each_others_uploads(byom_worker, alice, bob, models,
 
 def _raw_upload(url: str, key: str, chunks: Iterator[bytes]) -> tuple[bytes, int]:
     """A chunked multipart POST /models that never ends by itself: (answer, bytes sent)."""
-    host, port = url.removeprefix("http://").split(":")
+    host = url.removeprefix("http://").split(":")[0]
     head = (f"POST /models HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {key}\r\n"
             "Content-Type: multipart/form-data; boundary=BOUNDARY\r\n"
             "Transfer-Encoding: chunked\r\n\r\n")
-    sent, answer = 0, b""
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(head.encode())
-        sock.settimeout(0.05)
-        for chunk in chunks:
-            try:
-                sock.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
-                sent += len(chunk)
-            except (BrokenPipeError, ConnectionResetError):
-                break
-            try:
-                answer += sock.recv(65536)
-            except (TimeoutError, BlockingIOError):
-                continue
-            if answer:
-                break
-        sock.settimeout(10)
-        while b"}]}" not in answer:
-            try:
-                more = sock.recv(65536)
-            except (ConnectionResetError, TimeoutError):
-                break
-            if not more:
-                break
-            answer += more
-    return answer, sent
+    return send_unfinished_chunked(url, head, chunks, until=b"}]}")
 
 
 def _header(tensors: dict[str, tuple[str, list[int]]]) -> tuple[bytes, int]:

@@ -17,8 +17,16 @@ from cgidm_core.suite_pairs import find_pair, splits, suite_pairs
 from cgidm_core.suite_scores import candidate_scores, colour_distance, rank_candidates
 from tests.paths import SHARED_DATA
 
-needs_data = pytest.mark.skipif(not (SHARED_DATA / "dreambooth-subjects").is_dir(),
-                                reason="../shared/data is not here")
+
+@pytest.fixture
+def shared_data() -> None:
+    """A missing ../shared/data is a broken set-up, reported as a failure, never a skip."""
+    if not (SHARED_DATA / "dreambooth-subjects").is_dir():
+        pytest.fail(f"{SHARED_DATA} is missing: the suite's splits are read from the shared "
+                    "data next to the repository (../shared/data)")
+
+
+needs_data = pytest.mark.usefixtures("shared_data")
 
 
 @needs_data

@@ -215,21 +215,21 @@ def contrast_loss(
     n = z.shape[0]
     shared = noise_pre is None or noise_pre is noise_ft
     z_rep = z.repeat_interleave(samples, dim=0)
-    abar = pair.alphas_cumprod[t.to(pair.device)].view(-1, 1, 1, 1)
-    sqrt_ab, sqrt_1mab = abar.sqrt(), (1.0 - abar).sqrt()
     noise_ft = noise_ft.to(pair.device)
     t_dev = t.to(pair.device)
-    z_t_ft = sqrt_ab * z_rep + sqrt_1mab * noise_ft
+    z_t_ft = pair.add_noise(z_rep, noise_ft, t_dev)
+    target_ft = pair.loss_target(z_rep, noise_ft, t_dev)
     if shared:
-        noise_pre, z_t_pre = noise_ft, z_t_ft
+        z_t_pre, target_pre = z_t_ft, target_ft
     else:
         assert noise_pre is not None
         noise_pre = noise_pre.to(pair.device)
-        z_t_pre = sqrt_ab * z_rep + sqrt_1mab * noise_pre
-    eps_ft = pair.eps_finetuned(z_t_ft, t_dev, cond)  # adapters expand cond
-    eps_pre = pair.eps_pretrained(z_t_pre, t_dev, cond)
-    err_ft = (eps_ft.float() - noise_ft).pow(2).flatten(1).mean(1)
-    err_pre = (eps_pre.float() - noise_pre).pow(2).flatten(1).mean(1)
+        z_t_pre = pair.add_noise(z_rep, noise_pre, t_dev)
+        target_pre = pair.loss_target(z_rep, noise_pre, t_dev)
+    pred_ft = pair.eps_finetuned(z_t_ft, t_dev, cond)  # adapters expand cond
+    pred_pre = pair.eps_pretrained(z_t_pre, t_dev, cond)
+    err_ft = (pred_ft.float() - target_ft).pow(2).flatten(1).mean(1)
+    err_pre = (pred_pre.float() - target_pre).pow(2).flatten(1).mean(1)
     return (err_ft - err_pre).view(n, samples).mean(1)
 
 

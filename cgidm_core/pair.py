@@ -10,7 +10,10 @@ Conventions every adapter follows:
   are reproducible; pixel-space models encode with the identity. ``encode_sampled`` draws from
   the posterior with the caller's per-image generators instead (the reference preset);
 - ``eps_finetuned``/``eps_pretrained`` take a float32 latent batch and integer timesteps ``(N,)``
-  and return float32 predictions of the same shape (adapters cast to their compute dtype inside);
+  and return float32 predictions of the same shape (adapters cast to their compute dtype inside),
+  in the space of :meth:`ModelPair.loss_target`: the noise for DDPM-style families, the velocity
+  ``noise - x0`` for flow-matching families (which override :meth:`ModelPair.add_noise` and
+  :meth:`ModelPair.loss_target`);
 - conditioning is computed once per prompt and cached by the adapter.
 """
 
@@ -134,6 +137,24 @@ class ModelPair(ABC):
     @property
     def num_train_timesteps(self) -> int:
         return int(self.alphas_cumprod.shape[0])
+
+    def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The noised latent the models are trained to denoise at integer timesteps ``t``.
+
+        The forward process is the family's, not the algorithm's: DDPM-style models (this
+        default) see ``sqrt(abar_t) z0 + sqrt(1 - abar_t) noise``; a flow-matching family
+        overrides this with its interpolation. ``t`` is on :attr:`device`, one per row.
+        """
+        abar = self.alphas_cumprod[t].view(-1, *([1] * (z0.ndim - 1)))
+        return abar.sqrt() * z0 + (1.0 - abar).sqrt() * noise
+
+    def loss_target(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What ``eps_*`` predictions are compared with in the denoising loss.
+
+        The noise for DDPM-style families (predictions of other kinds are converted to noise by
+        the adapters); a flow-matching family returns the velocity ``noise - z0``.
+        """
+        return noise
 
     @abstractmethod
     def encode(self, images: torch.Tensor) -> torch.Tensor:

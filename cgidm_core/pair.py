@@ -53,8 +53,9 @@ class ModelPair(ABC):
     #: Device and compute dtype of the networks.
     device: torch.device
     dtype: torch.dtype
-    #: Cumulative product of alphas of the training noise schedule, float32 on ``device``.
-    alphas_cumprod: torch.Tensor
+    #: Cumulative product of alphas of the training noise schedule, float32 on ``device``;
+    #: ``None`` for flow-matching families (``cgidm_core.models.flow``), which have no alphas.
+    alphas_cumprod: torch.Tensor | None
     #: Prompt used when the caller gives none (the instance prompt of the fine-tune, if known).
     default_prompt: str | None = None
     #: Where ``default_prompt`` was found (``prompts.PROMPT_SOURCES``) and in which file/key;
@@ -84,13 +85,14 @@ class ModelPair(ABC):
         *,
         denoiser_config: Any,
         pixels_per_latent: int,
-        alphas_cumprod: torch.Tensor,
+        alphas_cumprod: torch.Tensor | None,
         prediction_type: str,
         prediction_type_finetuned: str | None,
         device: torch.device,
         dtype: torch.dtype,
         finetuned_kind: str,
         default_prompt: str | None = None,
+        num_train_timesteps: int = 1000,
     ) -> None:
         """Set the state every adapter shares, so that each family states it in one place.
 
@@ -99,10 +101,19 @@ class ModelPair(ABC):
         ``pixels_per_latent`` the image size. The schedule is kept as float32 on ``device``
         whatever the compute dtype, because the inversion's step arithmetic needs the precision.
         A fine-tune without its own ``prediction_type_finetuned`` predicts what its base does.
+        ``num_train_timesteps`` counts the timesteps when there is no ``alphas_cumprod`` (flow
+        matching); otherwise the schedule's length decides.
         """
         self.device = device
         self.dtype = dtype
-        self.alphas_cumprod = alphas_cumprod.to(device=device, dtype=torch.float32)
+        self.alphas_cumprod = (
+            None if alphas_cumprod is None
+            else alphas_cumprod.to(device=device, dtype=torch.float32)
+        )
+        self._num_train_timesteps = (
+            int(alphas_cumprod.shape[0]) if alphas_cumprod is not None
+            else int(num_train_timesteps)
+        )
         self.prediction_type = prediction_type
         self.prediction_type_finetuned = prediction_type_finetuned or prediction_type
         self.finetuned_kind = finetuned_kind
@@ -136,7 +147,7 @@ class ModelPair(ABC):
 
     @property
     def num_train_timesteps(self) -> int:
-        return int(self.alphas_cumprod.shape[0])
+        return self._num_train_timesteps
 
     def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The noised latent the models are trained to denoise at integer timesteps ``t``.
@@ -145,6 +156,7 @@ class ModelPair(ABC):
         default) see ``sqrt(abar_t) z0 + sqrt(1 - abar_t) noise``; a flow-matching family
         overrides this with its interpolation. ``t`` is on :attr:`device`, one per row.
         """
+        assert self.alphas_cumprod is not None, "flow families override add_noise"
         abar = self.alphas_cumprod[t].view(-1, *([1] * (z0.ndim - 1)))
         return abar.sqrt() * z0 + (1.0 - abar).sqrt() * noise
 

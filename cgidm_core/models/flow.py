@@ -1,0 +1,49 @@
+"""The rectified-flow forward process (Flux.1, SD3, the flow demo pair), shared by its adapters.
+
+Flow-matching models are trained on ``x_s = (1 - s) x0 + s noise`` for ``s`` in ``[0, 1]`` and
+predict the velocity ``v = noise - x0``. CGI-DM carries over unchanged with these in place of
+DDPM's noising and noise target: the contrast is
+``E||v_ft(x_s) - v||^2 - E||v_pre(x_s) - v||^2`` with both models seeing the same ``x_s``.
+
+The inversion draws integer timesteps ``t`` in ``[t_min, t_max]`` of ``num_train_timesteps``
+(the shared, seeded noise source); a flow family maps them to ``s = t / num_train_timesteps``
+and then through the time shift ``s' = shift s / (1 + (shift - 1) s)`` (``shift = 1``: uniform
+``s``; Flux.1-dev trains with larger shifts, which spend more draws at high noise).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cgidm_core.pair import ModelPair
+
+
+def shifted_sigmas(t: torch.Tensor, num_train_timesteps: int, shift: float) -> torch.Tensor:
+    """Float32 noise levels ``s`` in ``(0, 1)`` for integer timesteps ``t`` (any shape)."""
+    s = t.float() / float(num_train_timesteps)
+    if shift != 1.0:
+        s = shift * s / (1.0 + (shift - 1.0) * s)
+    return s
+
+
+class FlowMatchingPair(ModelPair):
+    """A :class:`ModelPair` whose models were trained by flow matching.
+
+    Subclasses pass ``alphas_cumprod=None`` to :class:`ModelPair` and return *velocity*
+    predictions from ``eps_finetuned``/``eps_pretrained`` (the names are the interface's; the
+    space is :meth:`loss_target`'s). ``flow_shift`` is the time shift applied to the drawn
+    timesteps (see the module docstring).
+    """
+
+    prediction_type = "flow"
+    flow_shift: float = 1.0
+
+    def sigmas(self, t: torch.Tensor) -> torch.Tensor:
+        return shifted_sigmas(t, self.num_train_timesteps, self.flow_shift).to(self.device)
+
+    def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        s = self.sigmas(t).view(-1, *([1] * (z0.ndim - 1)))
+        return (1.0 - s) * z0 + s * noise
+
+    def loss_target(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return noise - z0

@@ -24,6 +24,7 @@ used for the fine-tuned model, its T5 is not read (a T5 fine-tune is not support
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -297,12 +298,41 @@ def read_flux_lora(weights: Path) -> tuple[dict, Any, Any]:
     return state_dict, network_alphas, metadata
 
 
+_OLD_TEXT_ENCODER_LORA = re.compile(
+    r"\.(?:(to_q|to_k|to_v|to_out)_lora|lora_linear_layer)\.(down|up)\.weight$"
+)
+
+
+def peft_text_encoder_keys(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """CLIP LoRA keys in peft naming (``q_proj.lora_A.weight``).
+
+    diffusers' kohya Flux converter (0.42) emits the text-encoder layers in its old naming
+    (``to_q_lora.down.weight``, ``mlp.fc1.lora_linear_layer.down.weight``, alpha already folded
+    in), which its own text-encoder loader no longer recognises: ``FluxPipeline.load_lora_weights``
+    fails on every kohya LoRA that trained CLIP. Renaming them is all that is missing.
+    """
+    projections = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+
+    def rename(key: str) -> str:
+        match = _OLD_TEXT_ENCODER_LORA.search(key)
+        if match is None:
+            return key
+        module = key[: match.start()]
+        if match.group(1):
+            module += "." + projections[match.group(1)]
+        return f"{module}.lora_{'A' if match.group(2) == 'down' else 'B'}.weight"
+
+    return {rename(key): value for key, value in state_dict.items()}
+
+
 def _attach_to_clip(lora: tuple[dict, Any, Any], clip: Any, weights: Path) -> None:
     from diffusers import FluxPipeline
 
     state_dict, network_alphas, metadata = lora
     if not any(key.startswith("text_encoder.") for key in state_dict):
         return
+    state_dict = peft_text_encoder_keys(
+        {k: v for k, v in state_dict.items() if k.startswith("text_encoder.")})
     with loading_errors("the LoRA", weights, mismatch_is_incompatible=True):
         FluxPipeline.load_lora_into_text_encoder(
             state_dict,

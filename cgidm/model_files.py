@@ -249,6 +249,11 @@ def classify(keys: list[str], family: str, kind: str | None = None) -> str:
             k.startswith("add_embedding.") for k in keys):
         raise ModelFileError("unsupported_family", "this is a Stable Diffusion XL model; cgidm "
                              "supports Stable Diffusion 1.x/2.x and pixel-space DDPM")
+    if is_flux_lora(keys) or transformer_family(keys) == FLUX_FAMILY:
+        raise ModelFileError("unsupported_family", "this is a Flux.1 model (LoRA or transformer);"
+                             " the service takes uploads for Stable Diffusion 1.x/2.x and pixel "
+                             "DDPM bases; check it locally with `cgidm check --pretrained "
+                             "<Flux.1 pipeline folder>`")
     if looks_like_lora(keys):
         found = "lora"
     elif looks_like_single_file(keys):

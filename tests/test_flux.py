@@ -39,6 +39,8 @@ KOHYA_METADATA = {
     "ss_output_name": "vangogh_flux",
     "ss_tag_frequency": json.dumps({"10_sks style": {"sks style": 10, "painting": 4}}),
     "ss_guidance_scale": "1.0",
+    "ss_timestep_sampling": "shift",
+    "ss_discrete_flow_shift": "3.1582",
 }
 VANGOGH = SHARED_DATA / "wikiart-vangogh"
 LORAS = ("lora", "kohya", "xlabs")
@@ -113,10 +115,14 @@ def _load_kohya_reference(pipe: FluxPipeline, file: Path) -> None:
             linear.weight += tensors[f"{name}.lora_up.weight"] @ down * scale
 
 
-def _reference_sigmas(pipe: FluxPipeline, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``s`` for integer ``t`` as FluxPipeline shifts its sigmas at this image size."""
+def _reference_sigmas(pipe: FluxPipeline, z: torch.Tensor, t: torch.Tensor,
+                      shift: float | None = None) -> torch.Tensor:
+    """``s`` for integer ``t`` as FluxPipeline shifts its sigmas at this image size (or with a
+    fixed ``shift``)."""
     s = t.float() / 1000
     config = pipe.scheduler.config
+    if shift is not None:
+        return shift * s / (1 + (shift - 1) * s)
     if config.use_dynamic_shifting:
         tokens = (z.shape[-2] // 2) * (z.shape[-1] // 2)
         mu = calculate_shift(tokens, config.base_image_seq_len, config.max_image_seq_len,
@@ -125,7 +131,7 @@ def _reference_sigmas(pipe: FluxPipeline, z: torch.Tensor, t: torch.Tensor) -> t
     return config.shift * s / (1 + (config.shift - 1) * s)
 
 
-def _reference_velocity(pipe: FluxPipeline, z, t, prompt=PROMPT, guidance=3.5):
+def _reference_velocity(pipe: FluxPipeline, z, t, prompt=PROMPT, guidance=3.5, shift=None):
     batch, channels, height, width = z.shape
     length = 512 if pipe.transformer.config.guidance_embeds else 256
     with torch.no_grad():
@@ -137,7 +143,7 @@ def _reference_velocity(pipe: FluxPipeline, z, t, prompt=PROMPT, guidance=3.5):
         if pipe.transformer.config.guidance_embeds:
             guide = torch.full((batch,), guidance, dtype=torch.float32)
         out = pipe.transformer(
-            hidden_states=packed, timestep=_reference_sigmas(pipe, z, t), guidance=guide,
+            hidden_states=packed, timestep=_reference_sigmas(pipe, z, t, shift), guidance=guide,
             pooled_projections=pooled.expand(batch, -1),
             encoder_hidden_states=embeds.expand(batch, -1, -1), txt_ids=text_ids, img_ids=ids,
         ).sample
@@ -188,14 +194,16 @@ def test_dev_layouts_predict_like_diffusers(dev, kind):
     assert type(pair) is (FluxLoraPair if kind in LORAS else FluxPair)
     assert pair.family == FLUX_FAMILY and pair.vae.dtype == torch.float32
     assert pair.latent_shape == (16, 16, 16) and pair.image_size == 32
-    guidance = 1.0 if kind == "kohya" else 3.5  # kohya's ss_guidance_scale is honoured
-    assert pair.guidance == guidance
+    # kohya's recorded training settings are honoured: ss_guidance_scale, and the fixed shift
+    # of ss_timestep_sampling=shift / ss_discrete_flow_shift instead of the dynamic one
+    guidance, shift = (1.0, 3.1582) if kind == "kohya" else (3.5, None)
+    assert pair.guidance == guidance and pair.flow_shift_override == shift
     z, t = _inputs(pair.latent_shape)
     v_ft, v_pre = _velocities(pair, z, t)
-    torch.testing.assert_close(
-        v_pre, _reference_velocity(_reference_pipeline(dev, "base"), z, t, guidance=guidance))
-    torch.testing.assert_close(
-        v_ft, _reference_velocity(_reference_pipeline(dev, kind), z, t, guidance=guidance))
+    torch.testing.assert_close(v_pre, _reference_velocity(
+        _reference_pipeline(dev, "base"), z, t, guidance=guidance, shift=shift))
+    torch.testing.assert_close(v_ft, _reference_velocity(
+        _reference_pipeline(dev, kind), z, t, guidance=guidance, shift=shift))
     assert (v_ft - v_pre).abs().max() > 1e-3
     if kind in LORAS:  # ONE transformer, adapter switched on and off
         assert pair.unet_finetuned is pair.unet_pretrained
@@ -308,6 +316,8 @@ def test_check_cli_on_a_tiny_flux_pair(dev, tmp_path, capsys):
     assert settings["pair"]["family"] == FLUX_FAMILY
     assert settings["pair"]["finetuned_kind"] == "lora"
     assert settings["pair"]["variant"] == "dev" and settings["pair"]["guidance"] == 1.0
+    assert settings["pair"]["time_shift_at_native_size"] == pytest.approx(3.1582)
+    assert "ss_timestep_sampling" in settings["pair"]["time_shift_source"]
     assert (settings["prompt"], settings["prompt_source"]) == ("sks style",
                                                                "safetensors_metadata")
     assert len(doc["images"]) == 2

@@ -145,8 +145,10 @@ class _FluxConditioning:
         self.guidance_source = guidance_source if self.guidance_embeds else None
         default_length = T5_TOKENS_DEV if self.guidance_embeds else T5_TOKENS_SCHNELL
         self.max_sequence_length = int(max_sequence_length or default_length)
-        #: ``None``: the scheduler config's shift at the side being run; a number fixes it.
+        #: ``None``: the scheduler config's shift at the side being run; a number fixes it (the
+        #: loader sets the one a kohya-ss fine-tune recorded, see ``flux_loading``).
         self.flow_shift_override: float | None = None
+        self.time_shift_source = "scheduler_config"
 
     @property
     def transformer_pretrained(self) -> torch.nn.Module:
@@ -234,6 +236,7 @@ class _FluxConditioning:
                 "fixed" if self.flow_shift_override is not None
                 else "dynamic" if self.scheduler_config.get("use_dynamic_shifting") else "fixed"
             ),
+            "time_shift_source": self.time_shift_source,
             "time_shift_at_native_size": self.shift_for(
                 torch.empty(0, 0, *self.latent_shape[1:])  # type: ignore[attr-defined]
             ),

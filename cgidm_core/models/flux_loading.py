@@ -400,21 +400,54 @@ def flux_text_encoder_reloader(
     return reload
 
 
-def guidance_from_metadata(path: Path, kind: str) -> tuple[float | None, str]:
-    """The guidance value a kohya-ss Flux fine-tune recorded (``ss_guidance_scale``), if any."""
+@dataclass(frozen=True)
+class TrainingSettings:
+    """What a kohya-ss Flux fine-tune recorded about its training in its safetensors header."""
+
+    guidance: float | None = None
+    guidance_source: str = "default"
+    #: A fixed time shift (``None``: the base scheduler config's, dynamic for dev).
+    shift: float | None = None
+    shift_source: str = "scheduler_config"
+
+
+#: kohya-ss ``--timestep_sampling`` values that draw ``s`` without a shift (uniform, or a
+#: sigmoid of a normal centred on 0.5): the inversion's uniform draws, unshifted, are closest.
+_UNSHIFTED_SAMPLING = ("uniform", "sigmoid", "sigma")
+
+
+def _number(raw: str | None, low: float, high: float) -> float | None:
+    try:
+        value = float(raw) if raw is not None else None
+    except ValueError:
+        return None
+    return value if value is not None and low <= value <= high else None
+
+
+def training_settings(path: Path, kind: str) -> TrainingSettings:
+    """Guidance and time shift from kohya-ss's ``ss_guidance_scale``, ``ss_timestep_sampling``
+    and ``ss_discrete_flow_shift`` (``flux_train_network.py`` writes them), when present."""
     from cgidm_core.prompts import safetensors_metadata
 
     file = lora_weights_file(path) if kind == "lora" else path if path.is_file() else None
     if file is None:
-        return None, "default"
-    raw = safetensors_metadata(file).get("ss_guidance_scale")
-    try:
-        value = float(raw) if raw is not None else None
-    except ValueError:
-        value = None
-    if value is None or not 0.0 <= value <= 100.0:
-        return None, "default"
-    return value, f"{file.name}: ss_guidance_scale"
+        return TrainingSettings()
+    metadata = safetensors_metadata(file)
+    guidance = _number(metadata.get("ss_guidance_scale"), 0.0, 100.0)
+    sampling = metadata.get("ss_timestep_sampling")
+    shift, shift_source = None, "scheduler_config"
+    if sampling == "shift":
+        shift = _number(metadata.get("ss_discrete_flow_shift"), 0.01, 100.0)
+    elif sampling in _UNSHIFTED_SAMPLING:
+        shift = 1.0
+    if shift is not None:
+        shift_source = f"{file.name}: ss_timestep_sampling={sampling}"
+    return TrainingSettings(
+        guidance=guidance,
+        guidance_source=f"{file.name}: ss_guidance_scale" if guidance is not None else "default",
+        shift=shift,
+        shift_source=shift_source,
+    )
 
 
 def load_flux_pair(
@@ -424,7 +457,7 @@ def load_flux_pair(
     """A Flux.1 pair from a base pipeline folder (optionally with its transformer from
     ``pretrained_transformer``, one file) and a fine-tune in any supported layout."""
     base = load_flux_base(pre_path, opts, pretrained_transformer)
-    guidance, guidance_source = guidance_from_metadata(ft_path, kind)
+    trained = training_settings(ft_path, kind)
     native = int(getattr(base.vae.config, "sample_size", None) or FLUX_NATIVE_SIZE)
     vae_scale = 2 ** (len(base.vae.config.block_out_channels) - 1)
     shared: dict[str, Any] = {
@@ -432,8 +465,8 @@ def load_flux_pair(
         "tokenizer": base.tokenizer,
         "tokenizer_2": base.tokenizer_2,
         "scheduler_config": base.scheduler_config,
-        "guidance": guidance,
-        "guidance_source": guidance_source,
+        "guidance": trained.guidance,
+        "guidance_source": trained.guidance_source,
         "alphas_cumprod": None,
         "prediction_type": "flow",
         "device": opts.device,
@@ -449,13 +482,13 @@ def load_flux_pair(
     }
     if kind == "lora":
         attach_flux_lora(ft_path, base)
-        return FluxLoraPair(
+        return _with_shift(trained, FluxLoraPair(
             unet=place(base.transformer, opts),
             text_encoder=place(FluxTextEncoders(base.text_encoder, base.text_encoder_2), opts),
             text_encoder_reloader=flux_text_encoder_reloader(kind, pre_path, ft_path, opts,
                                                              own_clip=False),
             **shared,
-        )
+        ))
     transformer, clip = load_flux_finetuned_transformer(ft_path, kind, base, opts)
     if clip is not None and same_weights(clip, base.text_encoder):
         clip = None
@@ -472,7 +505,7 @@ def load_flux_pair(
         encoders_finetuned = place(
             FluxTextEncoders(clip, encoders_pretrained.text_encoder_2), opts
         )
-    return FluxPair(
+    return _with_shift(trained, FluxPair(
         unet_pretrained=transformer_pretrained,
         unet_finetuned=transformer_finetuned,
         text_encoder_pretrained=encoders_pretrained,
@@ -481,4 +514,10 @@ def load_flux_pair(
                                                          own_clip=clip is not None),
         finetuned_kind=kind,
         **shared,
-    )
+    ))
+
+
+def _with_shift(trained: TrainingSettings, pair: FluxPair) -> FluxPair:
+    pair.flow_shift_override = trained.shift
+    pair.time_shift_source = trained.shift_source
+    return pair

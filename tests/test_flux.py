@@ -279,6 +279,46 @@ def test_pretrained_single_file_transformer_takes_the_rest_from_a_folder(dev, tm
         torch.testing.assert_close(ours, theirs)
     with pytest.raises(ConfigError, match="pretrained_config"):
         load_pair(dev["base"], dev["transformer"], pretrained_config=dev["base"], **CPU)
+    out = tmp_path / "out"  # the same from the command line, recorded in the provenance
+    assert main(["check", "--pretrained", str(file), "--pretrained-config", str(dev["base"]),
+                 "--finetuned", str(dev["transformer"]), "--prompt", PROMPT, "--steps", "1",
+                 "--out", str(out), str(_pictures(1)[0])]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    models = doc["provenance"]["models"]
+    assert models["pretrained"]["files"] and models["pretrained_config"]["files"]
+
+
+def test_a_full_size_flux_dev_pair_builds_on_the_meta_device():
+    """FLUX.1-dev's architecture (diffusers' defaults are its config), built without memory: the
+    pair needs no weights to be constructed, so its parameters can be counted."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from cgidm_core.models.flux import FluxTextEncoders
+
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel(guidance_embeds=True)
+        vae = AutoencoderKL(latent_channels=16, block_out_channels=(128, 256, 512, 512),
+                            down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2,
+                            sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159,
+                            use_quant_conv=False, use_post_quant_conv=False)
+        clip = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072,
+                                            num_hidden_layers=12, num_attention_heads=12))
+        t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240,
+                                     num_layers=24, num_heads=64,
+                                     feed_forward_proj="gated-gelu"))
+    encoders = FluxTextEncoders(clip, t5)
+    pair = FluxPair(vae=vae, tokenizer=None, tokenizer_2=None, guidance=None,
+                    scheduler_config={"use_dynamic_shifting": True}, alphas_cumprod=None,
+                    unet_pretrained=transformer, unet_finetuned=transformer,
+                    text_encoder_pretrained=encoders, text_encoder_finetuned=encoders,
+                    prediction_type="flow", device=torch.device("cpu"), dtype=torch.bfloat16)
+    assert (pair.image_size, pair.latent_shape, pair.guidance) == (1024, (16, 128, 128), 3.5)
+    assert pair.shift_for(torch.empty(0, *pair.latent_shape)) == pytest.approx(3.158, abs=1e-3)
+    count = sum(p.numel() for p in transformer.parameters())
+    assert 11.8e9 < count < 12.0e9  # FLUX.1's "12B"
+    assert 4.7e9 < sum(p.numel() for p in t5.parameters()) < 4.8e9
 
 
 # -- the method on a Flux pair -------------------------------------------------------------------

@@ -24,6 +24,7 @@ and sampled by diffusers' ``FluxPipeline``:
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -38,6 +39,8 @@ DEFAULT_FLUX_GUIDANCE = 3.5
 #: T5 tokens per prompt, as Black Forest Labs' reference code encodes them.
 T5_TOKENS_DEV = 512
 T5_TOKENS_SCHNELL = 256
+#: Native side when the VAE config does not state one: Flux.1 is trained and sampled at 1024 px.
+FLUX_NATIVE_SIZE = 1024
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -107,6 +110,17 @@ def time_shift(config: dict[str, Any], image_tokens: int) -> float:
     return math.exp(mu)
 
 
+def flux_latent_config(vae_config: Any) -> SimpleNamespace:
+    """The latent a Flux pair works on, for :class:`~cgidm_core.pair.ModelPair`: 16 channels of
+    side ``native / 8`` at full size, the native side from the VAE config (1024 when it does not
+    say); the packing's 2x2 patches make the side a multiple of 2 latent pixels (16 px)."""
+    scale = 2 ** (len(vae_config.block_out_channels) - 1)
+    native = int(getattr(vae_config, "sample_size", None) or FLUX_NATIVE_SIZE)
+    return SimpleNamespace(sample_size=native // scale,
+                           in_channels=int(vae_config.latent_channels),
+                           block_out_channels=(0, 0))
+
+
 class _FluxConditioning:
     """What a Flux pair does differently from an SD pair: text embedding and transformer inputs.
 
@@ -133,7 +147,12 @@ class _FluxConditioning:
         max_sequence_length: int | None = None,
         **kwargs: Any,
     ) -> None:
-        """``guidance`` is used only when the transformers take a guidance embedding (dev)."""
+        """``guidance`` is used only when the transformers take a guidance embedding (dev).
+
+        Nothing here reads weights, so a pair of full-size networks built on the meta device
+        (parameter accounting) is built the same way as a loaded one.
+        """
+        kwargs.setdefault("denoiser_config", flux_latent_config(kwargs["vae"].config))
         self.tokenizer_2 = tokenizer_2
         self.scheduler_config = dict(scheduler_config)
         super().__init__(**kwargs)  # type: ignore[call-arg]

@@ -27,7 +27,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -62,8 +61,6 @@ from cgidm_core.models.stable_diffusion import TextEncoderReloader
 
 _TRANSFORMER_WEIGHTS = ("diffusion_pytorch_model",)
 _SCHEDULER_CLASS = "FlowMatchEulerDiscreteScheduler"
-#: Native side when the VAE config does not state one: Flux.1 is trained and sampled at 1024 px.
-FLUX_NATIVE_SIZE = 1024
 
 
 @dataclass
@@ -458,8 +455,6 @@ def load_flux_pair(
     ``pretrained_transformer``, one file) and a fine-tune in any supported layout."""
     base = load_flux_base(pre_path, opts, pretrained_transformer)
     trained = training_settings(ft_path, kind)
-    native = int(getattr(base.vae.config, "sample_size", None) or FLUX_NATIVE_SIZE)
-    vae_scale = 2 ** (len(base.vae.config.block_out_channels) - 1)
     shared: dict[str, Any] = {
         "vae": place(base.vae, opts, torch.float32),
         "tokenizer": base.tokenizer,
@@ -472,13 +467,6 @@ def load_flux_pair(
         "device": opts.device,
         "dtype": opts.dtype,
         "keep_text_encoders": keep_text_encoders,
-        # The latent the inversion works on: 16 x (S/8) x (S/8); the packing's 2x2 patches make
-        # the side a multiple of 2 latent pixels (16 px at full size).
-        "denoiser_config": SimpleNamespace(
-            sample_size=native // vae_scale,
-            in_channels=int(base.vae.config.latent_channels),
-            block_out_channels=(0, 0),
-        ),
     }
     if kind == "lora":
         attach_flux_lora(ft_path, base)

@@ -286,6 +286,7 @@ def test_pretrained_single_file_transformer_takes_the_rest_from_a_folder(dev, tm
     doc = json.loads((out / "results.json").read_text())
     models = doc["provenance"]["models"]
     assert models["pretrained"]["files"] and models["pretrained_config"]["files"]
+    assert main(["verify", str(out / "results.json"), "--images", str(_pictures(1)[0])]) == 0
 
 
 def test_a_full_size_flux_dev_pair_builds_on_the_meta_device():

@@ -77,10 +77,11 @@ def load_pair(
     (VAE, text encoders, tokenizers, scheduler) come from the Flux pipeline folder
     ``pretrained_config``;
     ``finetuned`` is any format :func:`detect_finetuned_kind` recognises (``finetuned_kind``
-    overrides the detection). ``device``/``dtype`` default to CUDA+float16 when a GPU exists,
-    else CPU+float32. Without ``allow_network`` nothing is downloaded: Hub ids must already be in
-    the local cache. Stable Diffusion pairs drop their text encoders after encoding each new
-    prompt and read them back from disk for the next new one, unless ``keep_text_encoders``.
+    overrides the detection). ``device``/``dtype`` default to CUDA+float16 when a GPU exists
+    (bfloat16 for Flux.1), else CPU+float32. Without ``allow_network`` nothing is downloaded:
+    Hub ids must already be in the local cache. Stable Diffusion, SDXL and Flux pairs drop their
+    text encoders after encoding each new prompt and read them back from disk for the next new
+    one, unless ``keep_text_encoders``.
     """
     target = resolve_device(device)
     opts = LoadOptions(
@@ -125,6 +126,12 @@ def load_pair(
     _refuse_flux_mismatch(family, kind, ft_path)
     if family == FLUX_FAMILY:
         from cgidm_core.models.flux_loading import load_flux_pair
+
+        if target.type == "cuda" and (dtype is None or str(dtype).strip().lower() == "auto"):
+            # Flux.1 is trained and released in bfloat16; its T5 and transformer activations
+            # overflow float16 (the GPU default for the other families)
+            opts = LoadOptions(device=target, dtype=torch.bfloat16,
+                               local_files_only=opts.local_files_only)
 
         pair = load_flux_pair(pre_path, ft_path, kind, opts,
                               keep_text_encoders=keep_text_encoders,

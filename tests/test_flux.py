@@ -347,6 +347,19 @@ def test_resolution_overrides_the_native_size(dev):
         authenticate(pair, _pictures(1), config=InversionConfig(steps=1, resolution=18))
 
 
+def test_prompt_from_a_model_card_next_to_a_transformer_folder(dev, tmp_path):
+    card = tmp_path / "db_card"
+    shutil.copytree(dev["transformer"], card)
+    (card / "README.md").write_text(
+        "---\nbase_model: black-forest-labs/FLUX.1-dev\ninstance_prompt: a photo of sks dog\n"
+        "---\n# Flux DreamBooth\n", encoding="utf-8")
+    pair = load_pair(dev["base"], card, **CPU)
+    assert (pair.default_prompt, pair.default_prompt_source) == ("a photo of sks dog",
+                                                                 "model_card")
+    plain = load_pair(dev["base"], dev["transformer"], **CPU)
+    assert plain.default_prompt is None
+
+
 def test_check_cli_on_a_tiny_flux_pair(dev, tmp_path, capsys):
     out = tmp_path / "out"
     code = main(["check", "--pretrained", str(dev["base"]), "--finetuned", str(dev["kohya"]),

@@ -264,6 +264,32 @@ def test_text_encoders_are_released_and_reloaded_exactly(dev):
     torch.testing.assert_close(first.finetuned[0], first.pretrained[0])
 
 
+def test_a_pipeline_fine_tune_with_its_own_clip_uses_it_and_shares_t5(dev, tmp_path):
+    from transformers import CLIPTextModel
+
+    folder = tinymodels.make_flux_full_finetune(dev["base"], tmp_path / "full_clip", seed=21)
+    clip = tinymodels.perturb_(CLIPTextModel.from_pretrained(folder / "text_encoder"), seed=22)
+    shutil.rmtree(folder / "text_encoder")
+    clip.save_pretrained(folder / "text_encoder", safe_serialization=True)
+    kept = load_pair(dev["base"], folder, **CPU, keep_text_encoders=True)
+    assert kept.text_encoder_finetuned is not kept.text_encoder_pretrained
+    assert kept.text_encoder_finetuned.text_encoder_2 is kept.text_encoder_pretrained.text_encoder_2
+    released = load_pair(dev["base"], folder, **CPU)
+    released.conditioning(PROMPT)
+    cond = released.conditioning("a painting")  # read back from disk, own CLIP included
+    expected = kept.conditioning("a painting")
+    for ours, theirs in zip((*cond.finetuned, *cond.pretrained),
+                            (*expected.finetuned, *expected.pretrained), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    assert not torch.equal(cond.finetuned[1], cond.pretrained[1])  # CLIP pooled differs
+    pipe = _reference_pipeline(dev, "pipeline")
+    pipe.transformer = FluxTransformer2DModel.from_pretrained(folder / "transformer")
+    pipe.text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")
+    z, t = _inputs(kept.latent_shape)
+    v_ft, _ = _velocities(kept, z, t)
+    torch.testing.assert_close(v_ft, _reference_velocity(pipe, z, t))
+
+
 def test_pretrained_single_file_transformer_takes_the_rest_from_a_folder(dev, tmp_path):
     from safetensors.torch import save_file
 

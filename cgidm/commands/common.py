@@ -18,8 +18,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool = Tru
     group.add_argument(
         "--finetuned",
         required=required,
-        help="suspect model: pipeline folder, DreamBooth unet/ folder, LoRA file/folder, "
-        "single-file .safetensors, or demo name",
+        help="suspect model: pipeline folder, DreamBooth unet/ (Flux: transformer/) folder, "
+        "LoRA file/folder, single-file .safetensors, or demo name",
     )
     group.add_argument(
         "--pretrained-config",

@@ -426,6 +426,17 @@ def test_sd3_and_flux_variants_are_refused_by_name(dev, tmp_path):
         json.dumps({"_class_name": "SD3Transformer2DModel"}))
     with pytest.raises(UnsupportedModelFamilyError, match="Stable Diffusion 3"):
         load_pair(dev["base"], sd3_transformer, **CPU)
+    from safetensors.torch import save_file
+
+    sd3_file = tmp_path / "sd3.5_large.safetensors"  # Stability's naming, as shared on Civitai
+    save_file({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(2),
+               "first_stage_model.decoder.conv_in.weight": torch.zeros(2)}, str(sd3_file))
+    with pytest.raises(UnsupportedModelFamilyError, match="Stable Diffusion 3"):
+        detect_finetuned_kind(sd3_file)
+    with pytest.raises(UnsupportedModelFamilyError, match="Stable Diffusion 3"):
+        load_pair(dev["base"], sd3_file, **CPU)
+    with pytest.raises(UnsupportedModelFamilyError, match="Stable Diffusion 3"):
+        load_pair(sd3_file, dev["transformer"], **CPU)
     fill = _with_index(dev["base"], tmp_path / "fill", _class_name="FluxFillPipeline")
     with pytest.raises(UnsupportedModelFamilyError, match="FluxFillPipeline"):
         load_pair(fill, dev["transformer"], **CPU)

@@ -196,6 +196,38 @@ def looks_like_transformer(keys: list[str]) -> bool:
     return any(k.startswith(_TRANSFORMER_MARKERS) for k in keys)
 
 
+_FLUX_LORA_PREFIXES = ("transformer.", "lora_unet_double_blocks_", "lora_unet_single_blocks_",
+                       "lora_transformer_", "double_blocks.", "single_blocks.",
+                       "diffusion_model.double_blocks.", "diffusion_model.single_blocks.")
+FLUX_FAMILY = "flux"
+SD3_FAMILY = "sd3"
+
+
+def is_flux_lora(keys: list[str]) -> bool:
+    """A LoRA of a Flux.1 transformer, in any naming diffusers' Flux loader converts: diffusers/
+    peft (``transformer.*``), kohya-ss (``lora_unet_double_blocks_*``, ``..._single_blocks_*``)
+    or XLabs (``double_blocks.N.processor.*``)."""
+    return any(k.startswith(_FLUX_LORA_PREFIXES) for k in keys)
+
+
+def transformer_family(keys: list[str]) -> str | None:
+    """``flux`` or ``sd3`` for a single-file diffusion transformer, ``None`` for anything else.
+
+    Flux.1 in Black Forest Labs' naming (``double_blocks.*``, ``single_blocks.*``, optionally
+    under ``model.diffusion_model.``) or diffusers' (``single_transformer_blocks.*``); SD3 in
+    Stability's (``joint_blocks.*``) or diffusers' (``transformer_blocks.*`` with ``pos_embed``).
+    """
+    names = [k[len(_LDM_UNET_PREFIX):] if k.startswith(_LDM_UNET_PREFIX) else k for k in keys]
+    if any(k.startswith(("double_blocks.", "single_blocks.", "single_transformer_blocks."))
+           for k in names):
+        return FLUX_FAMILY
+    if any(k.startswith("joint_blocks.") for k in names) or (
+            "pos_embed.proj.weight" in names and any(k.startswith("transformer_blocks.")
+                                                     for k in names)):
+        return SD3_FAMILY
+    return None
+
+
 def looks_like_diffusers_unet(keys: list[str]) -> bool:
     names = set(keys)
     return "conv_in.weight" in names and any(k.startswith("down_blocks.") for k in keys) \
@@ -217,6 +249,11 @@ def classify(keys: list[str], family: str, kind: str | None = None) -> str:
             k.startswith("add_embedding.") for k in keys):
         raise ModelFileError("unsupported_family", "this is a Stable Diffusion XL model; cgidm "
                              "supports Stable Diffusion 1.x/2.x and pixel-space DDPM")
+    if is_flux_lora(keys) or transformer_family(keys) == FLUX_FAMILY:
+        raise ModelFileError("unsupported_family", "this is a Flux.1 model (LoRA or transformer);"
+                             " the service takes uploads for Stable Diffusion 1.x/2.x and pixel "
+                             "DDPM bases; check it locally with `cgidm check --pretrained "
+                             "<Flux.1 pipeline folder>`")
     if looks_like_lora(keys):
         found = "lora"
     elif looks_like_single_file(keys):

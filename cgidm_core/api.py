@@ -43,8 +43,12 @@ def load_pair(
     dtype: torch.dtype | str | None = None,
     allow_network: bool = False,
     keep_text_encoders: bool = False,
+    pretrained_config: str | Path | None = None,
 ) -> ModelPair:
     """Load a pretrained model and its suspected fine-tune; demo names are accepted.
+
+    ``pretrained_config`` is the Flux.1 pipeline folder that completes a pretrained Flux
+    transformer given as one ``.safetensors`` file (``cgidm_core.models.load_pair``).
 
     Stable Diffusion pairs free their text encoders once a new prompt is encoded (they are read
     back from disk for the next new prompt); ``keep_text_encoders=True`` keeps them in memory.
@@ -64,12 +68,17 @@ def load_pair(
         dtype=dtype,
         allow_network=allow_network,
         keep_text_encoders=keep_text_encoders,
+        pretrained_config=pretrained_config,
     )
     # What was loaded, file by file, for the provenance of every result of this pair.
     pair.sources = {
         "pretrained": describe_model(pretrained, resolve_model_path(pre_path, allow_network)),
         "finetuned": describe_model(finetuned, resolve_model_path(ft_path, allow_network)),
     }
+    if pretrained_config is not None:
+        pair.sources["pretrained_config"] = describe_model(
+            pretrained_config, resolve_model_path(pretrained_config, allow_network)
+        )
     return pair
 
 

@@ -303,12 +303,12 @@ def test_refiner_and_unknown_families_are_refused_by_name(xl, tmp_path):
     with pytest.raises(UnsupportedModelFamilyError, match="refiner"):
         load_pair(refiner_unet, xl["dreambooth"], **CPU)
 
-    flux = tmp_path / "flux"
-    flux.mkdir()
-    (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline",
-                                                        "transformer": ["diffusers", "x"]}))
-    with pytest.raises(UnsupportedModelFamilyError, match="FluxPipeline"):
-        load_pair(flux, xl["dreambooth"], **CPU)
+    other = tmp_path / "auraflow"
+    other.mkdir()
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "AuraFlowPipeline",
+                                                         "transformer": ["diffusers", "x"]}))
+    with pytest.raises(UnsupportedModelFamilyError, match="AuraFlowPipeline"):
+        load_pair(other, xl["dreambooth"], **CPU)
 
 
 def test_mixed_families_are_incompatible(xl, tiny_sd_pair, tmp_path):

@@ -809,3 +809,238 @@ def make_sdxl_single_file(base: str | Path, out_file: str | Path, seed: int = 1,
     out_file.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_file))
     return out_file
+
+
+# --------------------------------------------------------------------------------------------
+# Flux.1 (dev with a guidance embedding, schnell without): a FluxTransformer2DModel over packed
+# 2x2 patches of a 16-channel latent, CLIP (pooled) + T5 (sequence) text encoders
+
+
+def write_tiny_t5_tokenizer(folder: str | Path, model_max_length: int = 512) -> Path:
+    """A working T5-style tokenizer (``tokenizer.json``) built with the ``tokenizers`` library:
+    a Unigram model over single characters with SentencePiece's ``▁`` word marker, ``</s>``
+    appended, ``<pad>`` = 0 as T5's; so no sentencepiece model file is needed."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    specials = ["<pad>", "</s>", "<unk>"]
+    pieces = ["▁"] + [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789,.'-")
+    pieces += ["▁sks", "▁style", "▁dog", "▁a", "▁painting"]
+    vocab = [(token, 0.0) for token in specials] + [(p, -float(len(pieces) - i) / 10)
+                                                    for i, p in enumerate(pieces)]
+    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁")
+    tokenizer.decoder = decoders.Metaspace(replacement="▁")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", 1)]
+    )
+    tokenizer.save(str(folder / "tokenizer.json"))
+    config = {"tokenizer_class": "T5Tokenizer", "model_max_length": model_max_length,
+              "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>",
+              "extra_ids": 0}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return folder
+
+
+def tiny_t5_tokenizer_and_encoder(seed: int):
+    from transformers import AutoTokenizer, T5Config, T5EncoderModel
+
+    folder = Path(tempfile.mkdtemp(prefix="cgidm-t5tok-"))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(write_tiny_t5_tokenizer(folder)))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    config = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2,
+                      num_heads=4, relative_attention_num_buckets=8,
+                      feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
+                      decoder_start_token_id=0)
+    torch.manual_seed(seed)
+    return tokenizer, T5EncoderModel(config).eval()
+
+
+def tiny_flux_transformer(seed: int = 0, guidance_embeds: bool = True):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,  # 16 latent channels x a 2x2 patch
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,  # the tiny T5's width
+        pooled_projection_dim=32,  # the tiny CLIP's width
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 6, 6),
+    )
+
+
+def make_tiny_flux(path: str | Path, seed: int = 0, variant: str = "dev",
+                   sample_size: int = 32) -> Path:
+    """Save a random ``FluxPipeline`` folder: ``variant`` "dev" (guidance embedding, dynamic
+    time shift as FLUX.1-dev's scheduler config) or "schnell" (neither). The VAE has two blocks,
+    so a latent pixel is 2x2 image pixels and a packed token 4x4: images are ``sample_size``
+    (the VAE config's, the native size) and latents ``16 x sample_size/2``."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    path = Path(path)
+    dev = variant == "dev"
+    transformer = tiny_flux_transformer(seed, guidance_embeds=dev)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        latent_channels=16,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        sample_size=sample_size,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    tokenizer, text_config = tiny_tokenizer_and_text_config()
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(text_config).eval()
+    tokenizer_2, text_encoder_2 = tiny_t5_tokenizer_and_encoder(seed + 3)
+    scheduler = (
+        FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                        max_shift=1.15, base_image_seq_len=256,
+                                        max_image_seq_len=4096)
+        if dev else FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+    )
+    FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                 text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+                 transformer=transformer).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def load_flux_transformer(folder: str | Path, subfolder: str | None = "transformer"):
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel.from_pretrained(folder, subfolder=subfolder,
+                                                  use_safetensors=True, local_files_only=True)
+
+
+def make_flux_transformer_folder(base: str | Path, out: str | Path, seed: int = 1) -> Path:
+    """What diffusers' Flux DreamBooth script leaves: ``transformer/`` only, perturbed."""
+    out = Path(out)
+    perturb_(load_flux_transformer(base), seed=seed).save_pretrained(
+        out / "transformer", safe_serialization=True)
+    return out
+
+
+def make_flux_full_finetune(base: str | Path, out: str | Path, seed: int = 1) -> Path:
+    """A complete Flux pipeline folder: a copy of ``base`` whose transformer is perturbed."""
+    base, out = Path(base), Path(out)
+    shutil.copytree(base, out, dirs_exist_ok=True)
+    transformer = perturb_(load_flux_transformer(base), seed=seed)
+    shutil.rmtree(out / "transformer")
+    transformer.save_pretrained(out / "transformer", safe_serialization=True)
+    return out
+
+
+def make_flux_single_file(base: str | Path, out_file: str | Path, seed: int = 1) -> Path:
+    """A fine-tuned transformer as one ``.safetensors`` file in diffusers naming; the same
+    transformer is also written as ``<stem>_diffusers/transformer`` for tests to compare with.
+
+    (diffusers' converter for Black Forest Labs' naming hard-codes FLUX.1's width of 3072, so a
+    tiny transformer can only be written in diffusers naming.)"""
+    from safetensors.torch import save_file
+
+    out_file = Path(out_file)
+    folder = make_flux_transformer_folder(base, out_file.parent / f"{out_file.stem}_diffusers",
+                                          seed)
+    state = load_flux_transformer(folder).state_dict()
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out_file))
+    return out_file
+
+
+def make_flux_lora(base: str | Path, out: str | Path, seed: int = 1, rank: int = 4) -> Path:
+    """A diffusers/peft-format Flux LoRA folder (attention projections of every block)."""
+    from diffusers import FluxPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    transformer = load_flux_transformer(base)
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
+                                       target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    _randomize_lora_b(transformer, torch.Generator().manual_seed(seed))
+    FluxPipeline.save_lora_weights(out, transformer_lora_layers=get_peft_model_state_dict(
+        transformer), safe_serialization=True)
+    return Path(out)
+
+
+def _lora_pair(generator: torch.Generator, rank: int, fan_in: int, fan_out: int):
+    down = torch.randn((rank, fan_in), generator=generator) * 0.2
+    up = torch.randn((fan_out, rank), generator=generator) * 0.2
+    return down, up
+
+
+def make_flux_kohya_lora(base: str | Path, out_file: str | Path, seed: int = 1, rank: int = 4,
+                         alpha: float = 2.0, metadata: dict[str, str] | None = None,
+                         with_clip: bool = True) -> Path:
+    """A Flux LoRA in kohya-ss naming, as sd-scripts' ``flux_train_network.py`` writes it:
+    Black Forest Labs' module names (``lora_unet_double_blocks_0_img_attn_qkv`` with q, k and v
+    fused, ``..._txt_attn_proj``, ``lora_unet_single_blocks_0_linear2``), ``lora_down`` /
+    ``lora_up`` / ``alpha`` per module, and with ``with_clip`` ``lora_te1_*`` CLIP layers.
+    ``metadata`` goes into the header as kohya's ``ss_*`` training metadata does."""
+    from safetensors.torch import save_file
+
+    config = json.loads((Path(base) / "transformer" / "config.json").read_text())
+    dim = config["num_attention_heads"] * config["attention_head_dim"]
+    generator = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+
+    def add(name: str, fan_in: int, fan_out: int) -> None:
+        down, up = _lora_pair(generator, rank, fan_in, fan_out)
+        tensors[f"{name}.lora_down.weight"] = down
+        tensors[f"{name}.lora_up.weight"] = up
+        tensors[f"{name}.alpha"] = torch.tensor(alpha)
+
+    for i in range(config["num_layers"]):
+        for stream in ("img", "txt"):
+            add(f"lora_unet_double_blocks_{i}_{stream}_attn_qkv", dim, 3 * dim)
+            add(f"lora_unet_double_blocks_{i}_{stream}_attn_proj", dim, dim)
+    for i in range(config["num_single_layers"]):
+        add(f"lora_unet_single_blocks_{i}_linear2", dim * 5, dim)  # attention + 4x MLP in
+    if with_clip:
+        clip = json.loads((Path(base) / "text_encoder" / "config.json").read_text())
+        width = clip["hidden_size"]
+        for layer in range(clip["num_hidden_layers"]):
+            for proj in ("q_proj", "v_proj"):
+                add(f"lora_te1_text_model_encoder_layers_{layer}_self_attn_{proj}", width, width)
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_file), metadata=metadata or {})
+    return out_file
+
+
+def make_flux_xlabs_lora(base: str | Path, out_file: str | Path, seed: int = 1,
+                         rank: int = 4) -> Path:
+    """A Flux LoRA in XLabs-AI's naming (``double_blocks.N.processor.qkv_lora1.down.weight``,
+    ``proj_lora1`` for the image stream, ``..._lora2`` for the text stream; no alphas)."""
+    from safetensors.torch import save_file
+
+    config = json.loads((Path(base) / "transformer" / "config.json").read_text())
+    dim = config["num_attention_heads"] * config["attention_head_dim"]
+    generator = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for i in range(config["num_layers"]):
+        for stream in ("1", "2"):
+            for kind, fan_out in (("qkv", 3 * dim), ("proj", dim)):
+                down, up = _lora_pair(generator, rank, dim, fan_out)
+                prefix = f"double_blocks.{i}.processor.{kind}_lora{stream}"
+                tensors[f"{prefix}.down.weight"] = down
+                tensors[f"{prefix}.up.weight"] = up
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_file))
+    return out_file

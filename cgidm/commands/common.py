@@ -18,8 +18,13 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool = Tru
     group.add_argument(
         "--finetuned",
         required=required,
-        help="suspect model: pipeline folder, DreamBooth unet/ folder, LoRA file/folder, "
-        "single-file .safetensors, or demo name",
+        help="suspect model: pipeline folder, DreamBooth unet/ (Flux: transformer/) folder, "
+        "LoRA file/folder, single-file .safetensors, or demo name",
+    )
+    group.add_argument(
+        "--pretrained-config",
+        help="Flux.1 pipeline folder completing a --pretrained Flux transformer given as one "
+        ".safetensors file (its config, VAE, text encoders, scheduler)",
     )
     group.add_argument(
         "--finetuned-kind",
@@ -54,7 +59,8 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
         "--resolution",
         type=int,
         help="pixel side to run at (default: the model's native size: 512 SD 1.x, 768 SD 2.x-768, "
-        "1024 SDXL); smaller is a cheaper check, a multiple of 32 for SD/SDXL",
+        "1024 SDXL and Flux.1); smaller is a cheaper check, a multiple of 32 for SD/SDXL, of 16 "
+        "for Flux.1",
     )
     group.add_argument("--metric", help="score metric: ssim (default), psnr, mse, clip, dino")
     group.add_argument(
@@ -95,6 +101,7 @@ def load_pair_from_args(args: argparse.Namespace) -> Any:
         device=args.device,
         dtype=args.dtype,
         allow_network=args.allow_network,
+        pretrained_config=getattr(args, "pretrained_config", None),
     )
 
 

@@ -177,6 +177,11 @@ def run(args: argparse.Namespace) -> int:
                           args.pretrained or _default_reference(document, "pretrained"))
         ft = check_model("finetuned", models.get("finetuned") or {},
                          args.finetuned or _default_reference(document, "finetuned"))
+        # a pretrained Flux transformer file was completed by a pipeline folder: check it too
+        pre_config = None
+        if models.get("pretrained_config"):
+            pre_config = check_model("pretrained_config", models["pretrained_config"],
+                                     _default_reference(document, "pretrained_config"))
     except VerificationRefused as exc:
         print(f"cgidm verify: REFUSED: {exc}")
         return 2
@@ -184,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
 
     device = _device(record.get("device"), args.device)
     dtype = args.dtype or (record.get("dtype") if device == record.get("device") else None)
-    pair = load_pair(pre, ft, device=device, dtype=dtype)
+    pair = load_pair(pre, ft, device=device, dtype=dtype, pretrained_config=pre_config)
     method = record["method"]
     results = authenticate(
         pair, paths, names=[item["name"] for item in record["inputs"]],

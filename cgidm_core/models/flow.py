@@ -38,11 +38,22 @@ class FlowMatchingPair(ModelPair):
     prediction_type = "flow"
     flow_shift: float = 1.0
 
-    def sigmas(self, t: torch.Tensor) -> torch.Tensor:
-        return shifted_sigmas(t, self.num_train_timesteps, self.flow_shift).to(self.device)
+    def shift_for(self, latent: torch.Tensor) -> float:
+        """The time shift for latents shaped like ``latent``: :attr:`flow_shift` here.
+
+        A family whose training shift depends on the image size (Flux.1-dev shifts more at
+        larger sides) overrides this; the shape is all it needs, so ``add_noise`` and the
+        adapter's prediction (which must give the model the same ``s``) agree by construction.
+        """
+        return self.flow_shift
+
+    def sigmas(self, t: torch.Tensor, latent: torch.Tensor | None = None) -> torch.Tensor:
+        """Float32 ``s`` on :attr:`device` for integer ``t`` (shift of ``latent``'s size)."""
+        shift = self.flow_shift if latent is None else self.shift_for(latent)
+        return shifted_sigmas(t, self.num_train_timesteps, shift).to(self.device)
 
     def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        s = self.sigmas(t).view(-1, *([1] * (z0.ndim - 1)))
+        s = self.sigmas(t, z0).view(-1, *([1] * (z0.ndim - 1)))
         return (1.0 - s) * z0 + s * noise
 
     def loss_target(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

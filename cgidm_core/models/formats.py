@@ -1,7 +1,7 @@
 """Recognising model formats and families from files on disk, before any weights are loaded.
 
 Detection reads only JSON configs and safetensors headers, so refusing an unsupported model
-(the SDXL refiner, Flux, pickle weights, a corrupt file) is instant and never runs code from
+(the SDXL refiner, SD3, pickle weights, a corrupt file) is instant and never runs code from
 the model.
 """
 
@@ -12,10 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from cgidm.model_files import (  # noqa: F401 - the name rules are shared with the gateway
+    FLUX_FAMILY,
+    SD3_FAMILY,
+    is_flux_lora,
     is_sdxl_lora,
     is_sdxl_single_file,
     looks_like_lora,
     looks_like_single_file,
+    transformer_family,
 )
 from cgidm_core.errors import (
     IncompatiblePairError,
@@ -35,7 +39,15 @@ SUPPORTED_HINT = (
     "cgidm supports Stable Diffusion 1.x/2.x and SDXL base 1.0 (StableDiffusionPipeline / "
     "StableDiffusionXLPipeline folders, with fine-tunes as pipeline folders, DreamBooth unet/ "
     "(+text_encoder/, text_encoder_2/) folders, LoRA .safetensors or single-file .safetensors "
-    "checkpoints) and pixel-space DDPM (DDPMPipeline folders)"
+    "checkpoints), Flux.1 dev and schnell (FluxPipeline folders, with fine-tunes as pipeline "
+    "folders, transformer/ folders, LoRA .safetensors or single-file transformers) and "
+    "pixel-space DDPM (DDPMPipeline folders)"
+)
+SD3_REFUSAL = (
+    "Stable Diffusion 3 / 3.5 is not supported yet: it is a flow-matching transformer like "
+    "Flux.1, but with three text encoders (CLIP-L, CLIP-G, T5), a patch embedding instead of "
+    "packed latents and its own timestep scale, which need an adapter of their own. Check a "
+    "Flux.1, SDXL or Stable Diffusion 1.x/2.x pair instead"
 )
 SDXL_REFINER_REFUSAL = (
     "the SDXL refiner is not supported: it is an image-to-image model conditioned on an "
@@ -108,6 +120,15 @@ def lora_weights_file(path: Path) -> Path:
     return found
 
 
+#: The diffusers class of a Flux.1 transformer (``transformer/config.json``).
+FLUX_TRANSFORMER = "FluxTransformer2DModel"
+
+
+def _refuse_sd3_transformer(class_name: str, where: Path) -> None:
+    if class_name.startswith("SD3"):
+        raise UnsupportedModelFamilyError(f"{where} ({class_name}): {SD3_REFUSAL}")
+
+
 def _class_name(config_file: Path) -> str:
     return str(read_json(config_file).get("_class_name", ""))
 
@@ -118,10 +139,12 @@ def detect_finetuned_kind(path: str | Path) -> str:
     - ``pipeline``: a full diffusers folder (``model_index.json``) of Stable Diffusion;
     - ``ddpm``: a pixel-space pipeline folder, or a ``UNet2DModel`` (alone or in ``unet/``);
     - ``dreambooth``: ``unet/`` and optionally ``text_encoder/`` without ``model_index.json``
-      (or a bare ``UNet2DConditionModel`` folder);
+      (or a bare ``UNet2DConditionModel`` folder); for Flux a ``transformer/`` folder (or a bare
+      ``FluxTransformer2DModel`` folder);
     - ``lora``: a LoRA ``.safetensors`` file, or a folder holding
       ``pytorch_lora_weights.safetensors``;
-    - ``single_file``: one ``.safetensors`` checkpoint in the original LDM key layout.
+    - ``single_file``: one ``.safetensors`` checkpoint in the original LDM key layout, or a
+      Flux.1 transformer as one file (Black Forest Labs' or diffusers' naming).
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -136,6 +159,10 @@ def detect_finetuned_kind(path: str | Path) -> str:
         keys = safetensors_keys(path)
         if looks_like_lora(keys):
             return "lora"
+        if transformer_family(keys) == SD3_FAMILY:
+            raise UnsupportedModelFamilyError(f"{path}: {SD3_REFUSAL}")
+        if transformer_family(keys) == FLUX_FAMILY:
+            return "single_file"
         if looks_like_single_file(keys) or is_sdxl_single_file(keys):
             return "single_file"
         raise ModelFormatError(
@@ -148,12 +175,16 @@ def detect_finetuned_kind(path: str | Path) -> str:
     if (path / "unet" / "config.json").is_file():
         pixel = _class_name(path / "unet" / "config.json") in _PIXEL_UNETS
         return "ddpm" if pixel else "dreambooth"
+    if (path / "transformer" / "config.json").is_file():
+        _refuse_sd3_transformer(_class_name(path / "transformer" / "config.json"), path)
+        return "dreambooth"
     if (path / "config.json").is_file():
         name = _class_name(path / "config.json")
         if name in _PIXEL_UNETS:
             return "ddpm"
-        if name == "UNet2DConditionModel":
+        if name in ("UNet2DConditionModel", FLUX_TRANSFORMER):
             return "dreambooth"
+        _refuse_sd3_transformer(name, path)
     if (path / LORA_WEIGHT_NAME.replace(".safetensors", ".bin")).is_file():
         raise ModelFormatError(f"{path} holds a pickle LoRA (.bin). {PICKLE_HINT}")
     if _lora_file_in(path) is not None:
@@ -202,7 +233,7 @@ def check_unet_family(unet_config: dict[str, Any], where: Path, family: str) -> 
 
 
 _FAMILY_NAMES = {SD_FAMILY: "Stable Diffusion 1.x/2.x", SDXL_FAMILY: "SDXL",
-                 DDPM_FAMILY: "pixel-space DDPM"}
+                 DDPM_FAMILY: "pixel-space DDPM", FLUX_FAMILY: "Flux.1"}
 
 
 def family_name(family: str) -> str:
@@ -220,7 +251,8 @@ def _refuse_variant(folder: Path, name: str, unet_config: dict[str, Any]) -> Non
 def pipeline_family(folder: Path) -> str:
     """Family of a pipeline folder: ``stable-diffusion``, ``stable-diffusion-xl`` or ``ddpm``.
 
-    Refuses everything else (the SDXL refiner, Flux, SD3, inpainting variants...) by name.
+    Refuses everything else (the SDXL refiner, SD3, Flux Fill/control, inpainting variants...) by
+    name.
     """
     index_file = folder / "model_index.json"
     if not index_file.is_file():
@@ -232,6 +264,10 @@ def pipeline_family(folder: Path) -> str:
     name = str(index.get("_class_name", ""))
     if name in _PIXEL_PIPELINES:
         return DDPM_FAMILY
+    if name.startswith("StableDiffusion3"):
+        raise UnsupportedModelFamilyError(f"{folder} ({name}): {SD3_REFUSAL}")
+    if name.startswith("Flux"):
+        return _flux_pipeline_family(folder, name, index)
     unet_config_file = folder / "unet" / "config.json"
     unet_config = read_json(unet_config_file) if unet_config_file.is_file() else {}
     if name.startswith("StableDiffusionXL") or "text_encoder_2" in index:
@@ -261,6 +297,34 @@ def pipeline_family(folder: Path) -> str:
             _refuse_variant(folder, name, unet_config)
         return SD_FAMILY
     raise UnsupportedModelFamilyError(f"{folder} is a {name or 'unknown'} model. " + SUPPORTED_HINT)
+
+
+def _flux_pipeline_family(folder: Path, name: str, index: dict[str, Any]) -> str:
+    """Flux.1 dev or schnell (``FluxPipeline``); Fill, Canny/Depth control, Kontext and Flux.2
+    variants are refused by name: their transformer takes extra image channels or another
+    architecture, not the text-to-image model a fine-tune is made from."""
+    config_file = folder / "transformer" / "config.json"
+    transformer = read_json(config_file) if config_file.is_file() else {}
+    if name != "FluxPipeline" or transformer.get("_class_name", FLUX_TRANSFORMER) != (
+            FLUX_TRANSFORMER):
+        raise UnsupportedModelFamilyError(
+            f"{folder} is a {name} model ({transformer.get('_class_name', 'unknown transformer')})"
+            ": of the Flux family cgidm supports the Flux.1 dev and schnell text-to-image "
+            "pipelines (FluxPipeline). " + SUPPORTED_HINT
+        )
+    missing = [part for part in ("transformer", "vae", "text_encoder", "text_encoder_2",
+                                 "tokenizer", "tokenizer_2", "scheduler") if part not in index]
+    if missing:
+        raise ModelFormatError(f"{folder} ({name}) lacks {', '.join(missing)}")
+    vae_file = folder / "vae" / "config.json"
+    latent_channels = read_json(vae_file).get("latent_channels", 16) if vae_file.is_file() else 16
+    if transformer and transformer.get("in_channels") != 4 * latent_channels:
+        raise UnsupportedModelFamilyError(
+            f"{folder} ({name}) has a transformer taking {transformer.get('in_channels')} input "
+            f"features, not the {4 * latent_channels} of packed {latent_channels}-channel latents:"
+            " a Fill/control variant, not Flux.1 dev or schnell. " + SUPPORTED_HINT
+        )
+    return FLUX_FAMILY
 
 
 def weights_variant(component_dir: Path, stems: tuple[str, ...]) -> str | None:

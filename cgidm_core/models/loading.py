@@ -23,13 +23,18 @@ from cgidm_core.models.devices import resolve_device, resolve_dtype
 from cgidm_core.models.formats import (
     DDPM_FAMILY,
     FINETUNED_KINDS,
+    FLUX_FAMILY,
     IDENTICAL_MODELS,
     PICKLE_HINT,
     SDXL_FAMILY,
     detect_finetuned_kind,
+    family_name,
+    is_flux_lora,
     lora_weights_file,
     pipeline_family,
     read_json,
+    safetensors_keys,
+    transformer_family,
     weights_variant,
 )
 from cgidm_core.models.predictions import alphas_cumprod_of, build_scheduler, check_prediction_type
@@ -62,16 +67,21 @@ def load_pair(
     dtype: str | torch.dtype | None = None,
     allow_network: bool = False,
     keep_text_encoders: bool = False,
+    pretrained_config: str | Path | None = None,
 ) -> ModelPair:
     """Load a pretrained model and its suspected fine-tune as one pair, frozen, in eval mode.
 
-    ``pretrained`` is a diffusers pipeline folder (Stable Diffusion 1.x/2.x, SDXL base or pixel
-    DDPM), or a complete single-file checkpoint (converted once, see ``single_file_base``);
+    ``pretrained`` is a diffusers pipeline folder (Stable Diffusion 1.x/2.x, SDXL base, Flux.1
+    dev/schnell or pixel DDPM), a complete single-file checkpoint (converted once, see
+    ``single_file_base``), or a single-file Flux.1 transformer, whose config and other parts
+    (VAE, text encoders, tokenizers, scheduler) come from the Flux pipeline folder
+    ``pretrained_config``;
     ``finetuned`` is any format :func:`detect_finetuned_kind` recognises (``finetuned_kind``
-    overrides the detection). ``device``/``dtype`` default to CUDA+float16 when a GPU exists,
-    else CPU+float32. Without ``allow_network`` nothing is downloaded: Hub ids must already be in
-    the local cache. Stable Diffusion pairs drop their text encoders after encoding each new
-    prompt and read them back from disk for the next new one, unless ``keep_text_encoders``.
+    overrides the detection). ``device``/``dtype`` default to CUDA+float16 when a GPU exists
+    (bfloat16 for Flux.1), else CPU+float32. Without ``allow_network`` nothing is downloaded:
+    Hub ids must already be in the local cache. Stable Diffusion, SDXL and Flux pairs drop their
+    text encoders after encoding each new prompt and read them back from disk for the next new
+    one, unless ``keep_text_encoders``.
     """
     target = resolve_device(device)
     opts = LoadOptions(
@@ -81,6 +91,16 @@ def load_pair(
     )
     pre_path = resolve_model_path(pretrained, allow_network)
     ft_path = resolve_model_path(finetuned, allow_network)
+    pretrained_transformer = None
+    if pre_path.is_file() and pre_path.suffix.lower() == ".safetensors" and transformer_family(
+            safetensors_keys(pre_path)) == FLUX_FAMILY:
+        pretrained_transformer, pre_path = pre_path, _flux_config_folder(
+            pre_path, pretrained_config, allow_network)
+    elif pretrained_config is not None:
+        raise ConfigError(
+            "pretrained_config (--pretrained-config) is for a pretrained Flux.1 transformer given "
+            f"as one file; {pre_path} is not one"
+        )
     if pre_path.is_file():
         if pre_path.suffix.lower() != ".safetensors":
             raise ModelFormatError(
@@ -103,7 +123,20 @@ def load_pair(
         raise describe_family_mismatch(family, kind, ft_path)
     if family == DDPM_FAMILY:
         return load_ddpm_pair(pre_path, ft_path, opts)
-    if family == SDXL_FAMILY:
+    _refuse_flux_mismatch(family, kind, ft_path)
+    if family == FLUX_FAMILY:
+        from cgidm_core.models.flux_loading import load_flux_pair
+
+        if target.type == "cuda" and (dtype is None or str(dtype).strip().lower() == "auto"):
+            # Flux.1 is trained and released in bfloat16; its T5 and transformer activations
+            # overflow float16 (the GPU default for the other families)
+            opts = LoadOptions(device=target, dtype=torch.bfloat16,
+                               local_files_only=opts.local_files_only)
+
+        pair = load_flux_pair(pre_path, ft_path, kind, opts,
+                              keep_text_encoders=keep_text_encoders,
+                              pretrained_transformer=pretrained_transformer)
+    elif family == SDXL_FAMILY:
         from cgidm_core.models.sdxl_loading import load_sdxl_pair
 
         pair = load_sdxl_pair(pre_path, ft_path, kind, opts, keep_text_encoders=keep_text_encoders)
@@ -111,6 +144,46 @@ def load_pair(
         pair = load_sd_pair(pre_path, ft_path, kind, opts, keep_text_encoders=keep_text_encoders)
     _read_instance_prompt(pair, ft_path, kind)
     return pair
+
+
+def _flux_config_folder(file: Path, config: str | Path | None, allow_network: bool) -> Path:
+    if config is None:
+        raise ConfigError(
+            f"{file} is a Flux.1 transformer on its own: give the Flux pipeline folder it belongs "
+            "to for its config, VAE, text encoders and scheduler (pretrained_config=..., CLI "
+            "--pretrained-config DIR)"
+        )
+    folder = resolve_model_path(config, allow_network)
+    if pipeline_family(folder) != FLUX_FAMILY:
+        raise IncompatiblePairError(f"{folder} is not a Flux.1 pipeline folder, so it cannot "
+                                    f"supply the parts of the Flux transformer {file}")
+    return folder
+
+
+def _refuse_flux_mismatch(family: str, kind: str, ft_path: Path) -> None:
+    """A Flux fine-tune on a Stable Diffusion base (or the reverse) is refused before loading."""
+    flux_files = None
+    if kind == "lora":
+        flux_files = is_flux_lora(safetensors_keys(lora_weights_file(ft_path)))
+    elif kind == "single_file":
+        flux_files = transformer_family(safetensors_keys(ft_path)) == FLUX_FAMILY
+    elif kind == "dreambooth":
+        flux_files = (ft_path / "transformer").is_dir() or (
+            (ft_path / "config.json").is_file()
+            and read_json(ft_path / "config.json").get("_class_name") == "FluxTransformer2DModel")
+    if flux_files is None or flux_files == (family == FLUX_FAMILY):
+        return
+    what = {"lora": "LoRA", "single_file": "single-file checkpoint",
+            "dreambooth": "fine-tuned denoiser folder"}[kind]
+    if flux_files:
+        raise IncompatiblePairError(
+            f"{ft_path} is a Flux.1 {what} but the pretrained model is {family_name(family)}; "
+            "compare it with the Flux.1 pipeline it was trained from"
+        )
+    raise IncompatiblePairError(
+        f"{ft_path} is a Stable Diffusion / SDXL {what} but the pretrained model is Flux.1; "
+        "compare it with the base it was trained from"
+    )
 
 
 def _read_instance_prompt(pair: ModelPair, ft_path: Path, kind: str) -> None:

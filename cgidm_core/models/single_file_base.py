@@ -19,16 +19,21 @@ from pathlib import Path
 
 from cgidm_core.errors import ModelFormatError, UnsupportedModelFamilyError
 from cgidm_core.models.formats import (
+    SD3_FAMILY,
+    SD3_REFUSAL,
     SD_FAMILY,
     SDXL_FAMILY,
     SDXL_REFINER_REFUSAL,
     SUPPORTED_HINT,
     safetensors_keys,
+    transformer_family,
 )
 
 
 def single_file_base_family(keys: list[str], where: Path) -> str:
     """The family of a complete original-layout checkpoint; refuses the refiner and the rest."""
+    if transformer_family(keys) == SD3_FAMILY:
+        raise UnsupportedModelFamilyError(f"{where}: {SD3_REFUSAL}")
     if not any(k.startswith("model.diffusion_model.") for k in keys):
         raise ModelFormatError(
             f"{where} holds no UNet ('model.diffusion_model.*'): a pretrained single file must be "

@@ -101,7 +101,7 @@ class StableDiffusionPair(ModelPair):
         *,
         vae: torch.nn.Module,
         tokenizer: Any,
-        alphas_cumprod: torch.Tensor,
+        alphas_cumprod: torch.Tensor | None,
         unet_pretrained: torch.nn.Module,
         unet_finetuned: torch.nn.Module,
         text_encoder_pretrained: torch.nn.Module,
@@ -115,9 +115,14 @@ class StableDiffusionPair(ModelPair):
         default_prompt: str | None = None,
         keep_text_encoders: bool = True,
         text_encoder_reloader: TextEncoderReloader | None = None,
+        denoiser_config: Any = None,
     ) -> None:
         """``keep_text_encoders=False`` drops the text encoders' weights after every prompt the
-        pair has not encoded before; it needs ``text_encoder_reloader`` to read them back."""
+        pair has not encoded before; it needs ``text_encoder_reloader`` to read them back.
+
+        ``denoiser_config`` gives the latent shape when the denoiser's own config does not (a
+        Flux transformer works on packed tokens); by default it is ``unet_pretrained.config``.
+        """
         if not keep_text_encoders and text_encoder_reloader is None:
             raise ConfigError(
                 "keep_text_encoders=False needs a text_encoder_reloader to read the encoders "
@@ -132,7 +137,9 @@ class StableDiffusionPair(ModelPair):
         self.text_encoder_pretrained = text_encoder_pretrained
         self.text_encoder_finetuned = text_encoder_finetuned
         super().__init__(
-            denoiser_config=unet_pretrained.config,
+            denoiser_config=(
+                unet_pretrained.config if denoiser_config is None else denoiser_config
+            ),
             # Each VAE down block but the last halves the side.
             pixels_per_latent=2 ** (len(vae.config.block_out_channels) - 1),
             alphas_cumprod=alphas_cumprod,

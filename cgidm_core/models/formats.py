@@ -14,6 +14,7 @@ from typing import Any
 from cgidm.model_files import (  # noqa: F401 - the name rules are shared with the gateway
     is_sdxl_lora,
     is_sdxl_single_file,
+    looks_like_diffusers_unet,
     looks_like_lora,
     looks_like_single_file,
 )
@@ -25,7 +26,7 @@ from cgidm_core.errors import (
 )
 
 #: What ``detect_finetuned_kind`` can answer.
-FINETUNED_KINDS = ("pipeline", "dreambooth", "lora", "single_file", "ddpm")
+FINETUNED_KINDS = ("pipeline", "dreambooth", "lora", "single_file", "ddpm", "unet")
 
 SD_FAMILY = "stable-diffusion"
 SDXL_FAMILY = "stable-diffusion-xl"
@@ -121,7 +122,9 @@ def detect_finetuned_kind(path: str | Path) -> str:
       (or a bare ``UNet2DConditionModel`` folder);
     - ``lora``: a LoRA ``.safetensors`` file, or a folder holding
       ``pytorch_lora_weights.safetensors``;
-    - ``single_file``: one ``.safetensors`` checkpoint in the original LDM key layout.
+    - ``single_file``: one ``.safetensors`` checkpoint in the original LDM key layout;
+    - ``unet``: one ``.safetensors`` file of bare UNet weights in diffusers naming, built with
+      the base's UNet config (see ``unet_file``).
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -138,9 +141,11 @@ def detect_finetuned_kind(path: str | Path) -> str:
             return "lora"
         if looks_like_single_file(keys) or is_sdxl_single_file(keys):
             return "single_file"
+        if looks_like_diffusers_unet(keys):
+            return "unet"
         raise ModelFormatError(
-            f"{path} holds neither LoRA weights nor a Stable Diffusion checkpoint "
-            "(no 'model.diffusion_model.*' tensors)"
+            f"{path} holds neither LoRA weights, nor a Stable Diffusion checkpoint (no "
+            "'model.diffusion_model.*' tensors), nor bare UNet weights (conv_in, down_blocks)"
         )
     if (path / "model_index.json").is_file():
         name = _class_name(path / "model_index.json")

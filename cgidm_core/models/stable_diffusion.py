@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from cgidm_core.errors import ConfigError
-from cgidm_core.models.devices import available_gpu_bytes, gpu_batch_size, unique_modules
+from cgidm_core.models.devices import available_gpu_bytes, family_batch_size, unique_modules
 from cgidm_core.models.predictions import expand_timesteps, output_to_eps
 from cgidm_core.pair import Conditioning, ModelPair, storage_bytes
 
@@ -159,10 +159,19 @@ class StableDiffusionPair(ModelPair):
         so a fixed 8 left most of an H200 idle; the batch is sized each time it is asked for,
         so a worker holding several cached pairs plans around the memory they already take.
         """
+        return self.batch_size_at(self.image_size)
+
+    def batch_size_at(self, side: int) -> int:
+        """8 on a CPU; on a GPU from free memory and the family's activation bytes per image
+        at ``side`` pixels (``devices.image_activation_bytes``, smaller with checkpointing)."""
         if self.device.type != "cuda":
             return 8
-        _, height, width = self.latent_shape
-        return gpu_batch_size(available_gpu_bytes(self.device), height * width, self.dtype)
+        latent = side // self.pixels_per_latent
+        return family_batch_size(available_gpu_bytes(self.device), self.family, latent * latent,
+                                 self.dtype, self.gradient_checkpointing)
+
+    def denoisers(self) -> list[torch.nn.Module]:
+        return unique_modules([self.unet_pretrained, self.unet_finetuned])
 
     # -- codec ---------------------------------------------------------------------------------
 

@@ -19,11 +19,12 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool = Tru
         "--finetuned",
         required=required,
         help="suspect model: pipeline folder, DreamBooth unet/ folder, LoRA file/folder, "
-        "single-file .safetensors, or demo name",
+        "single-file .safetensors, bare UNet weights .safetensors (with the base for its config), "
+        "or demo name",
     )
     group.add_argument(
         "--finetuned-kind",
-        choices=["pipeline", "dreambooth", "lora", "single_file", "ddpm"],
+        choices=["pipeline", "dreambooth", "lora", "single_file", "ddpm", "unet"],
         help="format of --finetuned (detected when omitted)",
     )
     group.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")

@@ -188,3 +188,24 @@ def test_the_api_and_the_cli_take_the_option():
     args = parser.parse_args(["--gradient-checkpointing", "on"])
     assert inversion_config(args).gradient_checkpointing == "on"
     assert inversion_config(parser.parse_args([])).gradient_checkpointing == "auto"
+
+
+# -- benchmarks/memory.py for SDXL and Flux (weights counted on the meta device) ---------------
+
+
+def test_memory_benchmark_counts_sdxl_and_flux_layouts():
+    from benchmarks import memory
+
+    sdxl = {r["layout"]: r for r in memory.run_accounting("sdxl", "bfloat16", [4])["rows"]}
+    reference = sdxl["reference-sdxl"]["weight_bytes"]
+    assert sdxl["reference-sdxl"]["parameters"] == 2 * sum(sdxl_arch.EXPECTED_PARAMETERS.values())
+    # the real pair classes: two UNets + a float32 VAE; one UNet with its adapter + the VAE
+    unet, vae = sdxl_arch.EXPECTED_PARAMETERS["unet"], sdxl_arch.EXPECTED_PARAMETERS["vae"]
+    assert sdxl["cgidm-sdxl-dreambooth"]["weight_bytes"] == 2 * unet * 2 + vae * 4
+    assert sdxl["cgidm-sdxl-dreambooth"]["weight_bytes"] / reference <= 0.85
+    assert sdxl["cgidm-sdxl-lora-r4"]["weight_bytes"] / reference <= 0.5
+    flux = memory.run_accounting("flux", "bfloat16", [4])
+    assert len(flux["verdicts"]) == 2 and all(v.endswith(": met") for v in flux["verdicts"])
+    rows = {r["layout"]: r for r in flux["rows"]}
+    assert rows["reference-flux-dev"]["parameters"] == 2 * sum(
+        flux_arch.EXPECTED_PARAMETERS.values())

@@ -140,6 +140,13 @@ class ModelPair(ABC):
         """
         return []
 
+    def checkpoint_function(self) -> Any:
+        """The function the denoisers checkpoint their blocks with (``None``: diffusers'
+        default, non-reentrant ``torch.utils.checkpoint``). A pair whose two models share one
+        network in two states overrides it so that a block is recomputed in the state it ran in.
+        """
+        return None
+
     def batch_size_at(self, side: int) -> int:
         """Images per PGD batch at ``side`` pixels when the caller does not say."""
         return self.preferred_batch_size
@@ -169,7 +176,7 @@ class ModelPair(ABC):
                               "checkpointing; use gradient_checkpointing 'off' or 'auto'")
         for network in networks:
             if on:
-                network.enable_gradient_checkpointing()
+                network.enable_gradient_checkpointing(self.checkpoint_function())
             else:
                 network.disable_gradient_checkpointing()
         self.gradient_checkpointing = on

@@ -160,6 +160,24 @@ def test_gradient_checkpointing_is_enabled_and_changes_no_score(xl_pair):
     assert _block_calls(pair.unet_finetuned, step) == 1
 
 
+def test_checkpointing_a_lora_pair_recomputes_each_pass_with_its_adapter_state(tmp_path):
+    """One UNet serves both models: a block recomputed in the backward pass must see the
+    adapter state it ran in, not the one the pair switched to afterwards."""
+    base = tinymodels.make_tiny_sdxl(tmp_path / "base")
+    pair = load_pair(base, tinymodels.make_sdxl_lora(base, tmp_path / "lora", seed=5),
+                     device="cpu")
+    assert len(pair.denoisers()) == 1
+    config = InversionConfig(steps=3, seed=1)
+    pictures = _pictures(2)
+    off = authenticate(pair, pictures, prompt=PROMPT, batch_size=2,
+                       config=dataclasses.replace(config, gradient_checkpointing="off"))
+    on = authenticate(pair, pictures, prompt=PROMPT, batch_size=2,
+                      config=dataclasses.replace(config, gradient_checkpointing="on"))
+    assert pair.unet_finetuned.is_gradient_checkpointing
+    for a, b in zip(off, on, strict=True):
+        assert a.score == pytest.approx(b.score, abs=1e-6)
+
+
 def test_auto_stays_off_on_a_cpu_and_bad_modes_are_refused(xl_pair):
     pair = load_pair(*xl_pair, device="cpu")
     assert pair.set_gradient_checkpointing("auto") is False
@@ -209,3 +227,23 @@ def test_memory_benchmark_counts_sdxl_and_flux_layouts():
     rows = {r["layout"]: r for r in flux["rows"]}
     assert rows["reference-flux-dev"]["parameters"] == 2 * sum(
         flux_arch.EXPECTED_PARAMETERS.values())
+
+
+# -- the GPU scripts' SDXL and Flux paths, run on the CPU so they do not rot -----------------------
+
+
+def test_cuda_check_sdxl_layouts_and_flux_step_on_the_cpu():
+    from benchmarks import cuda_check
+
+    rows = cuda_check.check_layouts("cpu", steps=2, families=("sdxl",))
+    assert {r["layout"] for r in rows} == {"sdxl-pipeline", "sdxl-kohya-lora",
+                                           "sdxl-single-file", "sdxl-unet-file"}
+    assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
+    for row in rows:
+        if row["dtype"] == "float32":
+            assert row["checkpointed_max_diff"] <= cuda_check.CHECKPOINTING_TOLERANCE
+    flux = cuda_check.check_flux_step("cpu")
+    assert [r["dtype"] for r in flux] == list(cuda_check.DTYPES)
+    assert all(r["ok"] for r in flux), flux
+    assert flux[0]["checkpointed_max_diff"] <= cuda_check.CHECKPOINTING_TOLERANCE
+    assert flux[0]["gradient_norm"] > 0

@@ -373,6 +373,8 @@ class AdapterSwitch:
     def __init__(self, networks: list[torch.nn.Module]) -> None:
         from peft.tuners.tuners_utils import BaseTunerLayer
 
+        #: The state the last :meth:`set` asked for (None before the first).
+        self.current: bool | None = None
         self.layers = [
             module
             for network in networks
@@ -393,6 +395,7 @@ class AdapterSwitch:
         return bool(self.layers) and not any(layer.disable_adapters for layer in self.layers)
 
     def set(self, enabled: bool) -> None:
+        self.current = enabled
         # Reading every layer's flag is cheap and catches anyone else having toggled them.
         if all(bool(layer.disable_adapters) != enabled for layer in self.layers):
             return
@@ -402,8 +405,40 @@ class AdapterSwitch:
             param.requires_grad_(False)
 
 
+def adapter_state_checkpoint(switch: AdapterSwitch) -> Callable[..., Any]:
+    """A gradient-checkpointing function for a network shared by two models through an adapter.
+
+    Checkpointing recomputes a block during the backward pass, by which time the pair has
+    switched the adapter for the other model: the fine-tuned pass would be recomputed without
+    its LoRA (torch refuses it when the saved tensors differ, and would compute a wrong gradient
+    when they do not). Each block therefore remembers the adapter state it ran in and is
+    recomputed in that state, the current state being restored afterwards.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    def run(module: torch.nn.Module, *args: Any) -> Any:
+        state = switch.current
+
+        def segment(*inputs: Any) -> Any:
+            now = switch.current
+            if state is None or now == state:
+                return module(*inputs)
+            switch.set(state)  # a recomputation in the backward pass
+            try:
+                return module(*inputs)
+            finally:
+                switch.set(now)
+
+        return checkpoint(segment, *args, use_reentrant=False)
+
+    return run
+
+
 class StableDiffusionLoraPair(StableDiffusionPair):
     """A base and a LoRA fine-tune of it: ONE UNet (and text encoder) with a switchable adapter."""
+
+    def checkpoint_function(self) -> Callable[..., Any]:
+        return adapter_state_checkpoint(self.unet_adapter)
 
     def __init__(self, *, unet: torch.nn.Module, text_encoder: torch.nn.Module, **kwargs: Any):
         super().__init__(

@@ -247,3 +247,25 @@ def test_cuda_check_sdxl_layouts_and_flux_step_on_the_cpu():
     assert all(r["ok"] for r in flux), flux
     assert flux[0]["checkpointed_max_diff"] <= cuda_check.CHECKPOINTING_TOLERANCE
     assert flux[0]["gradient_norm"] > 0
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_gpu_benchmark_dry_run_for_sdxl_and_flux(family, tmp_path):
+    """benchmarks/gpu.py --family sdxl|flux, at a tiny scale on the CPU: every configuration
+    (dtype x checkpointing x batch) runs and gets a step time; no GPU was lent to measure it."""
+    import json
+
+    from benchmarks import gpu
+
+    out = tmp_path / "gpu.json"
+    assert gpu.main(["--family", family, "--dry-run", "--batches", "1", "2", "--steps", "4",
+                     "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    configs = [(r["config"]["dtype"], r["config"]["checkpointing"], r["config"]["batch"])
+               for r in report["results"]]
+    assert configs == [(d, c, b) for d in ("float32", "bfloat16") for c in (False, True)
+                       for b in (1, 2)]
+    for row in report["results"]:
+        assert row["status"] == "ok", row
+        assert row["seconds_per_step"] > 0 and row["images_per_hour"] > 0
+    assert report["machine"]["family"] == family

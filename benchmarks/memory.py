@@ -106,6 +106,10 @@ def measure(layout: str, threads: int | None) -> dict[str, Any]:
     machine.trim_heap()
     baseline = machine.rss_bytes()
     out: dict[str, Any] = {"layout": layout, "baseline_rss": baseline}
+    if layout.startswith("sdxl-"):
+        out.update(_sdxl_real_pair(layout))
+        out["peak_rss"] = machine.peak_rss_bytes()
+        return out
     if layout.startswith("reference"):
         ref = reference_layout.build_sd15_reference_layout(
             with_safety_checker=layout == "reference"
@@ -313,6 +317,49 @@ def flux_accounting(
     return rows
 
 
+def _sdxl_real_pair(layout: str) -> dict[str, Any]:
+    """``sdxl-lora-rN`` / ``sdxl-dreambooth``: the SDXL pair with REAL random bfloat16 weights
+    (VAE float32), prompt encoded, text encoders released: its resident memory, to check the
+    meta-device count against what a process really holds."""
+    import torch
+
+    from benchmarks import sd15, sdxl_arch
+    from cgidm_core.models.sdxl import (
+        SDXLTextEncoders,
+        StableDiffusionXLLoraPair,
+        StableDiffusionXLPair,
+    )
+
+    tokenizer = sd15.build_tokenizer()
+    vae = _frozen(sdxl_arch.build_vae(dtype=torch.float32))
+    torch.set_default_dtype(torch.bfloat16)  # built in bfloat16: no float32 copy on the way
+    try:
+        encoders = _frozen(SDXLTextEncoders(*sdxl_arch.build_text_encoders(
+            tokenizer, dtype=torch.bfloat16)))
+        shared = {"tokenizer": tokenizer, "tokenizer_2": tokenizer, "vae": vae,
+                  "device": torch.device("cpu"), "dtype": torch.bfloat16,
+                  "alphas_cumprod": sd15.build_scheduler().alphas_cumprod.float(),
+                  "default_prompt": PROMPT}
+        if layout == "sdxl-dreambooth":
+            pair: Any = StableDiffusionXLPair(
+                unet_pretrained=_frozen(sdxl_arch.build_unet(0, dtype=torch.bfloat16)),
+                unet_finetuned=_frozen(sdxl_arch.build_unet(10, dtype=torch.bfloat16)),
+                text_encoder_pretrained=encoders, text_encoder_finetuned=encoders,
+                finetuned_kind="dreambooth", **shared)
+        else:
+            unet = sdxl_arch.build_unet(0, dtype=torch.bfloat16)
+            sdxl_arch.add_lora(unet, int(layout.rsplit("-r", 1)[1]))
+            pair = StableDiffusionXLLoraPair(unet=_frozen(unet), text_encoder=encoders,
+                                             **shared)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    pair.conditioning(PROMPT)
+    pair.release_text_encoders()
+    machine.trim_heap()
+    return {"rss": machine.rss_bytes(), "weight_bytes": pair.memory_bytes(),
+            "parameters": sum(p.numel() for m in pair.modules() for p in m.parameters())}
+
+
 def render_accounting(rows: list[dict[str, Any]], title: str) -> tuple[str, list[str]]:
     reference = rows[0]
     lines = [title, "", "| layout | parameters (M) | weights (GiB) | / reference | with text "
@@ -366,15 +413,32 @@ def main(argv: list[str] | None = None) -> int:
                         "counted on the meta device (they do not fit this machine twice)")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                         default="bfloat16", help="networks' dtype for --family sdxl/flux")
+    parser.add_argument("--rss", nargs="*", metavar="LAYOUT",
+                        help="with --family sdxl: also build these layouts with real random "
+                        "bfloat16 weights in a fresh process each and report resident memory "
+                        "(sdxl-lora-r4 needs ~6 GiB free, sdxl-dreambooth ~12 GiB)")
     args = parser.parse_args(argv)
     if args.family != "sd15":
         out = run_accounting(args.family, args.dtype, args.lora_ranks)
         print(out["table"])
         for line in out["verdicts"]:
             print("- " + line)
+        if args.family == "sdxl" and args.rss:
+            out["rss"] = []
+            for layout in args.rss:
+                print(f"measuring {layout} (real weights) ...", file=sys.stderr, flush=True)
+                row = machine.run_child(["benchmarks/memory.py", "--measure", layout])
+                out["rss"].append(row)
+                above = row["rss"] - row["baseline_rss"]
+                print(f"- {layout}, real random bfloat16 weights: RSS {machine.gib(row['rss'])} "
+                      f"GiB, {machine.gib(above)} GiB above the libraries; its weights "
+                      f"{machine.gib(row['weight_bytes'])} GiB; peak RSS while loading "
+                      f"{machine.gib(row['peak_rss'])} GiB")
+            out["machine"] = machine.machine_facts()
         if args.json:
-            Path(args.json).write_text(json.dumps({k: out[k] for k in ("rows", "verdicts")},
-                                                  indent=2) + "\n")
+            Path(args.json).write_text(json.dumps(
+                {k: out[k] for k in ("rows", "verdicts", "rss", "machine") if k in out},
+                indent=2) + "\n")
         return 0
 
     if args.measure:

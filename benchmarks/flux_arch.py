@@ -93,8 +93,14 @@ def build_transformer(variant: str = "dev", seed: int = 0, dtype: torch.dtype = 
     from diffusers import FluxTransformer2DModel
 
     sd15.seeded(seed)
-    with torch.device(device):
-        model = FluxTransformer2DModel(**transformer_config(variant, scale))
+    # Built in ``dtype`` directly: at full size a float32 copy on the way would be 48 GB.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = FluxTransformer2DModel(**transformer_config(variant, scale))
+    finally:
+        torch.set_default_dtype(previous)
     return model.to(dtype=dtype)
 
 

@@ -12,7 +12,14 @@ device) is exercised here, on a machine with one, in about a minute:
    two images. Scores must be finite and in range; the float32 scores are compared with the same
    run on the CPU and with a second GPU run (reproducibility). A new prompt after the release
    checks the lazy reload of the text encoders on the device.
-2. the bundled demo pairs scored on the real Van Gogh members and hold-out images with the
+   SDXL layouts too (pipeline, kohya LoRA with ``ss_*`` metadata, single file, bare UNet
+   weights file), each also with gradient checkpointing forced on: the float32 scores must
+   equal those without it (``CHECKPOINTING_TOLERANCE``) and the UNets must report it enabled.
+2. Flux: no Flux pair exists on this branch yet (its adapter is written elsewhere), so a tiny
+   random ``FluxTransformer2DModel`` pair takes the PGD's step by hand (the contrast of two
+   velocity losses, its gradient with respect to the packed latent) in every dtype, with and
+   without gradient checkpointing: finite gradients, equal within tolerance.
+3. the bundled demo pairs scored on the real Van Gogh members and hold-out images with the
    default settings (``--data``: the folder holding ``wikiart-vangogh/``), giving the AUC on the
    GPU next to the time it took.
 
@@ -42,6 +49,10 @@ DTYPES = ("float32", "float16", "bfloat16")
 #: so kernel-level rounding differences grow a little over the steps, but stay far below the
 #: spread between members and non-members.
 CPU_GPU_TOLERANCE = 0.02
+#: Recomputing activations runs the same kernels on the same inputs; on a GPU the backward
+#: kernels may still pick another (non-deterministic) algorithm, hence not exactly 0.
+CHECKPOINTING_TOLERANCE = 1e-4
+FAMILIES = ("sd", "sdxl")
 
 
 def synthetic_images(count: int, side: int, seed: int = 0) -> list[Any]:
@@ -57,24 +68,46 @@ def synthetic_images(count: int, side: int, seed: int = 0) -> list[Any]:
     return pictures
 
 
-def build_layouts(root: Path) -> dict[str, tuple[Path, Path]]:
+def build_layouts(root: Path, families: tuple[str, ...] = FAMILIES
+                  ) -> dict[str, tuple[Path, Path]]:
     """(pretrained, fine-tuned) paths for every layout the loader accepts, tiny and random."""
+    import shutil
+
     from tests import tinymodels
 
-    base = tinymodels.make_tiny_sd(root / "sd_base", sample_size=8)
-    layouts = {
-        "pipeline": (base, tinymodels.make_full_finetune(base, root / "sd_full", seed=1)),
-        "dreambooth": (base, tinymodels.make_dreambooth_folder(base, root / "sd_db", seed=2)),
-        "lora": (base, tinymodels.make_lora(base, root / "sd_lora", as_file=True, seed=3,
-                                            with_text_encoder=True)),
-        "single_file": (base, tinymodels.make_single_file(base, root / "sd_single.safetensors",
-                                                          seed=4)),
-    }
-    layouts["ddpm"] = tinymodels.make_tiny_ddpm_pair(root / "ddpm", sample_size=16)
+    layouts: dict[str, tuple[Path, Path]] = {}
+    if "sd" in families:
+        base = tinymodels.make_tiny_sd(root / "sd_base", sample_size=8)
+        layouts.update({
+            "pipeline": (base, tinymodels.make_full_finetune(base, root / "sd_full", seed=1)),
+            "dreambooth": (base, tinymodels.make_dreambooth_folder(base, root / "sd_db",
+                                                                   seed=2)),
+            "lora": (base, tinymodels.make_lora(base, root / "sd_lora", as_file=True, seed=3,
+                                                with_text_encoder=True)),
+            "single_file": (base, tinymodels.make_single_file(
+                base, root / "sd_single.safetensors", seed=4)),
+        })
+        layouts["ddpm"] = tinymodels.make_tiny_ddpm_pair(root / "ddpm", sample_size=16)
+    if "sdxl" in families:
+        xl = tinymodels.make_tiny_sdxl(root / "xl_base")
+        unet_only = tinymodels.make_sdxl_dreambooth_folder(xl, root / "xl_db", (), seed=6)
+        bare = root / "xl_unet.safetensors"
+        shutil.copy(unet_only / "unet" / "diffusion_pytorch_model.safetensors", bare)
+        layouts.update({
+            "sdxl-pipeline": (xl, tinymodels.make_sdxl_full_finetune(xl, root / "xl_full")),
+            "sdxl-kohya-lora": (xl, tinymodels.make_sdxl_kohya_lora(
+                xl, root / "xl_kohya.safetensors", seed=5,
+                metadata={"ss_output_name": "check", "ss_tag_frequency":
+                          json.dumps({"10_sks style": {"sks style": 10}})})),
+            "sdxl-single-file": (xl, tinymodels.make_sdxl_single_file(
+                xl, root / "xl_single.safetensors", seed=7)),
+            "sdxl-unet-file": (xl, bare),
+        })
     return layouts
 
 
-def score(pretrained: Path, finetuned: Path, device: str, dtype: str, steps: int) -> dict[str, Any]:
+def score(pretrained: Path, finetuned: Path, device: str, dtype: str, steps: int,
+          checkpointing: str = "auto") -> dict[str, Any]:
     import torch
 
     from cgidm_core.api import authenticate, load_pair
@@ -84,8 +117,12 @@ def score(pretrained: Path, finetuned: Path, device: str, dtype: str, steps: int
     pair = load_pair(pretrained, finetuned, device=device, dtype=dtype)
     loaded = time.perf_counter() - started
     images = synthetic_images(2, pair.image_size)
-    results = authenticate(pair, images, config=InversionConfig(steps=steps))
+    results = authenticate(pair, images, config=InversionConfig(
+        steps=steps, gradient_checkpointing=checkpointing))
     out: dict[str, Any] = {
+        "gradient_checkpointing": pair.gradient_checkpointing,
+        "checkpointing_enabled_on_unets": all(
+            getattr(u, "is_gradient_checkpointing", False) for u in pair.denoisers()),
         "scores": [float(r.score) for r in results],
         "load_seconds": loaded,
         "seconds": time.perf_counter() - started,
@@ -109,10 +146,11 @@ def max_diff(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) for x, y in zip(a, b, strict=True))
 
 
-def check_layouts(device: str, steps: int) -> list[dict[str, Any]]:
+def check_layouts(device: str, steps: int, families: tuple[str, ...] = FAMILIES
+                  ) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="cgidm-cuda-check-") as tmp:
-        layouts = build_layouts(Path(tmp))
+        layouts = build_layouts(Path(tmp), families)
         for name, (pre, ft) in layouts.items():
             cpu: list[float] | None = None
             try:
@@ -136,6 +174,15 @@ def check_layouts(device: str, steps: int) -> list[dict[str, Any]]:
                             if row["cpu_max_diff"] > CPU_GPU_TOLERANCE:
                                 problems.append(f"float32 GPU scores differ from the CPU's by "
                                                 f"{row['cpu_max_diff']:.4f}")
+                        if name.startswith("sdxl"):
+                            ckpt = score(pre, ft, device, dtype, steps, checkpointing="on")
+                            row["checkpointed_max_diff"] = max_diff(ckpt["scores"],
+                                                                    row["scores"])
+                            if not ckpt["checkpointing_enabled_on_unets"]:
+                                problems.append("gradient checkpointing not enabled on the UNets")
+                            if row["checkpointed_max_diff"] > CHECKPOINTING_TOLERANCE:
+                                problems.append("gradient checkpointing changed the scores by "
+                                                f"{row['checkpointed_max_diff']:.2e}")
                     if row.get("text_encoders_loaded_after"):
                         problems.append("text encoders still loaded after the prompt")
                     row["ok"] = not problems
@@ -146,6 +193,55 @@ def check_layouts(device: str, steps: int) -> list[dict[str, Any]]:
                 print(f"{name:12s} {dtype:9s} {'ok' if row['ok'] else 'FAILED'} "
                       f"{row.get('scores')} {row.get('problems') or row.get('error') or ''}",
                       file=sys.stderr, flush=True)
+    return rows
+
+
+def check_flux_step(device: str) -> list[dict[str, Any]]:
+    """One CGI-DM step for flow matching on a tiny random Flux transformer pair, by hand.
+
+    The loss is the contrast of the two velocity losses on the same x_s (issue 12, point 2);
+    its gradient with respect to the packed latent must be finite in every dtype and the same
+    with gradient checkpointing (float32: within ``CHECKPOINTING_TOLERANCE``).
+    """
+    import torch
+
+    from benchmarks import flux_arch
+
+    rows = []
+    for dtype_name in DTYPES:
+        dtype = getattr(torch, dtype_name)
+        row: dict[str, Any] = {"layout": "flux-transformer-step", "device": device,
+                               "dtype": dtype_name}
+        try:
+            nets = [flux_arch.build_transformer("dev", seed=s, dtype=dtype, device=device,
+                                                scale=0.05).requires_grad_(False)
+                    for s in (0, 1)]
+            grads = []
+            for checkpointing in (False, True):
+                for net in nets:
+                    (net.enable_gradient_checkpointing if checkpointing
+                     else net.disable_gradient_checkpointing)()
+                torch.manual_seed(0)
+                inputs = flux_arch.packed_inputs(2, 64, dtype, device, scale=0.05,
+                                                 text_tokens=8)
+                x = inputs.pop("hidden_states").detach().requires_grad_(True)
+                target = torch.randn_like(x)
+                ft, pre = (net(hidden_states=x, **inputs).sample.float() for net in nets)
+                loss = (ft - target).square().mean() - (pre - target).square().mean()
+                grads.append(torch.autograd.grad(loss, x)[0].float())
+            difference = float((grads[0] - grads[1]).abs().max())
+            finite = all(bool(torch.isfinite(g).all()) for g in grads)
+            row.update(gradient_norm=float(grads[0].norm()), checkpointed_max_diff=difference,
+                       ok=finite and (dtype_name != "float32"
+                                      or difference <= CHECKPOINTING_TOLERANCE))
+            if not row["ok"]:
+                row["problems"] = ["non-finite gradient" if not finite else
+                                   f"checkpointing changed the gradient by {difference:.2e}"]
+        except Exception:  # noqa: BLE001
+            row.update(ok=False, error=traceback.format_exc(limit=5))
+        rows.append(row)
+        print(f"flux step    {dtype_name:9s} {'ok' if row['ok'] else 'FAILED'}",
+              file=sys.stderr, flush=True)
     return rows
 
 
@@ -198,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
         "torch": torch.__version__,
-        "layouts": check_layouts(args.device, args.steps),
+        "layouts": check_layouts(args.device, args.steps) + check_flux_step(args.device),
     }
     if (args.data / "wikiart-vangogh").is_dir():
         report["demo"] = check_demo(args.device, args.data)

@@ -30,6 +30,11 @@ docs/PERFORMANCE.md with the date and GPU name.
     python benchmarks/gpu.py                       # on a CUDA machine
     python benchmarks/gpu.py --compile             # also torch.compile (costs minutes)
     python benchmarks/gpu.py --dry-run             # tiny models on the CPU, seconds: checks logic
+    python benchmarks/gpu.py --family sdxl         # SDXL at 1024 px, checkpointing off and on
+    python benchmarks/gpu.py --family flux         # two Flux.1-dev transformers at 1024 px
+    python benchmarks/gpu.py --family sdxl --dry-run
+
+SDXL and Flux: see ``benchmarks/gpu_families.py`` (their own table; no reference layout).
 """
 
 from __future__ import annotations
@@ -62,14 +67,19 @@ class Config:
     channels_last: bool = True
     compile: bool = False
     layout: str = "cgidm"  # "cgidm" or "reference" (the authors' layout, one image at a time)
+    family: str = "sd15"  # sd15 | sdxl | flux (benchmarks/gpu_families.py)
+    checkpointing: bool = False  # gradient checkpointing of the denoisers
 
     @property
     def label(self) -> str:
-        parts = ["reference layout"] if self.layout == "reference" else []
+        parts = [] if self.family == "sd15" else [self.family]
+        parts += ["reference layout"] if self.layout == "reference" else []
         parts += [self.dtype, f"batch {self.batch}"]
         parts.append("channels-last" if self.channels_last else "contiguous")
         if self.compile:
             parts.append("torch.compile")
+        if self.checkpointing:
+            parts.append("gradient checkpointing")
         return ", ".join(parts)
 
 
@@ -581,6 +591,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-json", default=None, metavar="FILE",
                         help="measure nothing: render FILE (written by an earlier run, perhaps "
                              "stopped from outside) and append it to --docs")
+    parser.add_argument("--family", choices=["sd15", "sdxl", "flux"], default="sd15",
+                        help="sdxl/flux: benchmarks/gpu_families.py (default batches 1 2 4 8 "
+                        "SDXL, 1 2 4 Flux; dtypes float16 bfloat16 SDXL, bfloat16 Flux)")
     parser.add_argument("--dry-run", action="store_true",
                         help="tiny models on the CPU: checks the script in seconds")
     parser.add_argument("--json", default=None,
@@ -591,6 +604,8 @@ def main(argv: list[str] | None = None) -> int:
                              "docs/PERFORMANCE.md; not in a dry run unless given)")
     args = parser.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
+    if args.family != "sd15":
+        return _main_family(args)
     if args.dtypes is None:
         args.dtypes = ["float32", "bfloat16"] if args.dry_run else ["float16", "bfloat16"]
     if args.batches is None:
@@ -627,6 +642,37 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown)
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+    if docs:
+        append_to_docs(markdown, Path(docs))
+    return 0
+
+
+def _main_family(args: argparse.Namespace) -> int:
+    """SDXL or Flux (benchmarks/gpu_families.py): their own defaults, table and JSON."""
+    import os
+
+    from benchmarks import gpu_families
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.dtypes is None:
+        args.dtypes = (["float32", "bfloat16"] if args.dry_run else
+                       ["bfloat16"] if args.family == "flux" else ["float16", "bfloat16"])
+    if args.batches is None:
+        args.batches = [1, 2] if args.dry_run else (
+            [1, 2, 4] if args.family == "flux" else [1, 2, 4, 8])
+    if args.budget is None:
+        args.budget = 60.0 if args.dry_run else 420.0
+    if args.dry_run:
+        args.steps = min(args.steps, 4)
+        args.config_seconds = min(args.config_seconds, 10.0)
+        args.min_config_seconds = min(args.min_config_seconds, 1.0)
+    report = gpu_families.run(args)
+    markdown = gpu_families.render(report)
+    print(markdown)
+    json_path = args.json or (None if args.dry_run else f"gpu-{args.family}.json")
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+    docs = args.docs or (None if args.dry_run else str(DOCS))
     if docs:
         append_to_docs(markdown, Path(docs))
     return 0

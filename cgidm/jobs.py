@@ -120,6 +120,10 @@ class JobSettings(BaseModel):
         None, ge=8, le=4096, description="Pixel side the images are run at (default: the "
         "model's native size, e.g. 1024 for SDXL); smaller is cheaper. A multiple of 32 for "
         "SD/SDXL models.")
+    gradient_checkpointing: Literal["auto", "on", "off"] | None = Field(
+        None, description="Recompute the denoisers' activations in the backward pass (less GPU "
+        "memory, more compute, the same scores); auto (default): only where one image would "
+        "not fit the worker's GPU otherwise.")
 
     @field_validator("prompt")
     @classmethod
@@ -145,7 +149,8 @@ class JobSettings(BaseModel):
     def inversion_overrides(self) -> dict[str, Any]:
         """The InversionConfig fields the client set (the rest keep the library defaults)."""
         fields = ("steps", "seed", "alpha", "epsilon", "t_min", "t_max", "mc_samples",
-                  "common_random_numbers", "reencode_partial", "cell", "resolution")
+                  "common_random_numbers", "reencode_partial", "cell", "resolution",
+                  "gradient_checkpointing")
         return {k: getattr(self, k) for k in fields if getattr(self, k) is not None}
 
 

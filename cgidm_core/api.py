@@ -118,13 +118,15 @@ def release_device_memory() -> None:
 
 
 def checked_batch_size(
-    pair: ModelPair, images: Sequence[ImageSource], batch_size: int | None
+    pair: ModelPair, images: Sequence[ImageSource], batch_size: int | None,
+    side: int | None = None,
 ) -> int:
-    """The batch size to use (the pair's preferred one by default), after checking the inputs."""
+    """The batch size to use (the pair's preferred one at ``side`` pixels by default), after
+    checking the inputs."""
     if not images:
         raise ConfigError("no images given; pass at least one image")
     if batch_size is None:
-        batch_size = pair.preferred_batch_size
+        batch_size = pair.preferred_batch_size if side is None else pair.batch_size_at(side)
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     return batch_size
@@ -168,13 +170,15 @@ def authenticate(
     its result does not depend on the batch it ran in. A single image that does not fit raises
     :class:`OutOfMemory`.
     """
-    batch_size = checked_batch_size(pair, images, batch_size)
     config = config or InversionConfig()
     config.validate(pair.num_train_timesteps)
+    size = pair.run_size(config.resolution)
+    # Decided before the batch size, which is planned with or without it.
+    pair.set_gradient_checkpointing(config.gradient_checkpointing, size)
+    batch_size = checked_batch_size(pair, images, batch_size, side=size)
     score_metric = score_metric or DEFAULT_METRIC
     wanted = list(dict.fromkeys([*(metrics or PIXEL_METRICS), score_metric]))
     validate_metrics(wanted, feature_model)
-    size = pair.run_size(config.resolution)
     labels = image_names(images, names)
     pictures = [load_image(src, name=label) for src, label in zip(images, labels, strict=True)]
     choice = choose_prompt(prompt, pair)
@@ -210,7 +214,12 @@ def authenticate(
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
-            if len(indices) == 1:
+            retry_checkpointed = (len(indices) == 1 and not pair.gradient_checkpointing
+                                  and config.gradient_checkpointing == "auto"
+                                  and bool(pair.denoisers()))
+            if retry_checkpointed:  # the estimate was optimistic: recompute instead of keeping
+                pair.set_gradient_checkpointing("on")
+            elif len(indices) == 1:
                 raise OutOfMemory(
                     f"the device ran out of memory on one image ({labels[indices[0]]}) at "
                     "batch size 1; use smaller images or a device with more memory"
@@ -218,6 +227,9 @@ def authenticate(
         if out is None:  # out of memory; outside the except block, whose traceback holds tensors
             del tensor
             release_device_memory()
+            if len(indices) == 1:  # one image again, now with gradient checkpointing
+                pending.appendleft(indices)
+                continue
             half = len(indices) // 2
             rest = indices + [i for chunk in pending for i in chunk]
             pending = deque(rest[start : start + half] for start in range(0, len(rest), half))

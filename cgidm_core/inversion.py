@@ -34,6 +34,10 @@ ProgressFn = Callable[[int, int], None]
 CancelFn = Callable[[], bool]
 
 
+#: ``InversionConfig.gradient_checkpointing`` values.
+GRADIENT_CHECKPOINTING_MODES = ("auto", "on", "off")
+
+
 @dataclass(frozen=True)
 class InversionConfig:
     """Settings of the PGD; ``alpha`` and ``epsilon`` are given for a 4x64x64 latent.
@@ -82,6 +86,13 @@ class InversionConfig:
     #: (SSIM AUC stayed 1.00, PSNR's fell to 0.88); weaker pairs were not measured with it
     #: (docs/ACCURACY.md, "Pictures").
     palette_bounds: bool = False
+    #: Recompute the denoisers' activations in the backward pass instead of keeping them:
+    #: "auto" switches it on only where one image would not fit the GPU's free memory without it
+    #: (``devices.checkpointing_needed``: an SDXL full pair at 1024 px in float16 on a 24 GB
+    #: card; a Flux pair everywhere but the largest cards), "on"/"off" force it. It trades about
+    #: a third more denoiser compute for ~10x less activation memory and changes no number
+    #: (tests/test_family_memory.py).
+    gradient_checkpointing: str = "auto"
 
     @classmethod
     def reference(cls, **overrides: object) -> InversionConfig:
@@ -123,6 +134,11 @@ class InversionConfig:
             raise ConfigError(
                 "quantize_partial rounds the partial image before it is re-encoded; it needs "
                 "reencode_partial=True"
+            )
+        if self.gradient_checkpointing not in GRADIENT_CHECKPOINTING_MODES:
+            raise ConfigError(
+                f"gradient_checkpointing must be one of {', '.join(GRADIENT_CHECKPOINTING_MODES)}"
+                f", got {self.gradient_checkpointing!r}"
             )
         if self.cell is not None and self.cell < 1:
             raise ConfigError(f"cell must be >= 1, got {self.cell}")

@@ -127,6 +127,61 @@ class ModelPair(ABC):
         blocks = len(getattr(denoiser_config, "block_out_channels", None) or (0,))
         self.latent_multiple = 2 ** max(0, blocks - 1)
 
+    #: Whether the denoisers recompute activations in the backward pass (set by
+    #: :meth:`set_gradient_checkpointing`, which ``authenticate`` calls for every run).
+    gradient_checkpointing: bool = False
+
+    def denoisers(self) -> list[torch.nn.Module]:
+        """The networks the PGD differentiates through, each once (a LoRA pair's one UNet).
+
+        An adapter lists its denoisers here (diffusers models with
+        ``enable_gradient_checkpointing``) to get gradient checkpointing; the memory estimate per
+        image comes from ``devices.ACTIVATION_COUNTS[family]``.
+        """
+        return []
+
+    def checkpoint_function(self) -> Any:
+        """The function the denoisers checkpoint their blocks with (``None``: diffusers'
+        default, non-reentrant ``torch.utils.checkpoint``). A pair whose two models share one
+        network in two states overrides it so that a block is recomputed in the state it ran in.
+        """
+        return None
+
+    def batch_size_at(self, side: int) -> int:
+        """Images per PGD batch at ``side`` pixels when the caller does not say."""
+        return self.preferred_batch_size
+
+    def set_gradient_checkpointing(self, mode: str = "auto", side: int | None = None) -> bool:
+        """Switch activation checkpointing of the denoisers; returns whether it is on.
+
+        ``mode`` "on"/"off" forces it; "auto" turns it on only on a GPU where one image at
+        ``side`` pixels (default: the native size) would not fit the free memory without it.
+        Recomputation runs the same operations on the same inputs, so scores do not change.
+        """
+        from cgidm_core.models.devices import available_gpu_bytes, checkpointing_needed
+
+        if mode not in ("auto", "on", "off"):
+            raise ConfigError(f"gradient checkpointing must be auto, on or off, got {mode!r}")
+        networks = [m for m in self.denoisers()
+                    if getattr(m, "_supports_gradient_checkpointing", False)]
+        if mode == "auto":
+            latent_side = (side or self.image_size) // self.pixels_per_latent
+            on = bool(networks) and self.device.type == "cuda" and checkpointing_needed(
+                available_gpu_bytes(self.device), self.family, latent_side * latent_side,
+                self.dtype)
+        else:
+            on = mode == "on"
+        if on and not networks:
+            raise ConfigError(f"this {self.family} pair's denoisers do not support gradient "
+                              "checkpointing; use gradient_checkpointing 'off' or 'auto'")
+        for network in networks:
+            if on:
+                network.enable_gradient_checkpointing(self.checkpoint_function())
+            else:
+                network.disable_gradient_checkpointing()
+        self.gradient_checkpointing = on
+        return on
+
     def run_size(self, resolution: int | None) -> int:
         """The pixel side to run at: ``resolution`` if given (checked), else :attr:`image_size`.
 
@@ -209,6 +264,7 @@ class ModelPair(ABC):
             "latent_shape": list(self.latent_shape),
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
+            "gradient_checkpointing": self.gradient_checkpointing,
         }
 
     def memory_bytes(self) -> int:

@@ -56,3 +56,31 @@ def test_one_image_that_does_not_fit_is_a_clear_error(tiny_ddpm_pair, monkeypatc
     with pytest.raises(OutOfMemory, match="batch size 1"):
         authenticate(pair, [png_bytes(1), png_bytes(2)], config=InversionConfig(**CONFIG),
                      batch_size=2)
+
+
+def test_one_image_is_retried_with_gradient_checkpointing_under_auto(tiny_ddpm_pair,
+                                                                     monkeypatch):
+    """The estimate said one image fits without checkpointing, the device disagreed: under
+    "auto" the image runs again with it on (same scores); "off" keeps the clear error."""
+    pair = load_pair(*map(str, tiny_ddpm_pair), device="cpu")
+    images = [png_bytes(1), png_bytes(2)]
+    reference = authenticate(pair, images, config=InversionConfig(**CONFIG), batch_size=1)
+    real = cgidm_core.api.invert
+    tried: list[bool] = []
+
+    def invert(pair, tensor, *args, **kwargs):
+        tried.append(pair.gradient_checkpointing)
+        if not pair.gradient_checkpointing:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return real(pair, tensor, *args, **kwargs)
+
+    monkeypatch.setattr(cgidm_core.api, "invert", invert)
+    results = authenticate(pair, images, config=InversionConfig(**CONFIG), batch_size=1)
+    assert tried == [False, True, True]  # the first image retried, the second already on
+    assert pair.gradient_checkpointing and all(u.is_gradient_checkpointing
+                                               for u in pair.denoisers())
+    for got, want in zip(results, reference, strict=True):
+        assert got.score == pytest.approx(want.score, abs=1e-6)
+    with pytest.raises(OutOfMemory, match="batch size 1"):
+        authenticate(pair, images, batch_size=1,
+                     config=InversionConfig(**CONFIG, gradient_checkpointing="off"))

@@ -96,15 +96,9 @@ def _load_pair(key: PairKey, ctx: WorkerContext | None = None) -> Any:
     except CachedFileCorrupt as exc:  # storage holds other bytes than were uploaded
         raise ModelFormatError(str(exc)) from exc
     try:
-        if kind == "unet":  # bare UNet weights: a folder with the base's config, kind detected
-            from cgidm_core.demo import resolve_model_reference
-
-            # the registry's path may be a demo name (the built-in registry's demo-base)
-            base_folder = resolve_model_reference(pre_path)
-            path, loader_kind = ctx.disk.unet_view(sha256, blob, base_folder), None
-        else:
-            path, loader_kind = blob, kind
-        return load_pair(pre_path, path, finetuned_kind=loader_kind, device=settings.device,
+        # kind "unet" (bare UNet weights) is a library kind too: the loader builds the network
+        # from the base's UNet config, as `cgidm verify` does when it re-runs the result.
+        return load_pair(pre_path, blob, finetuned_kind=kind, device=settings.device,
                          dtype=settings.dtype)
     except BaseException:
         ctx.disk.unpin(sha256)

@@ -17,9 +17,8 @@ jobs (any worker process on the machine) read the same file. Rules:
   or another process) is *pinned* by a shared ``flock`` on its lock file and is never removed;
   as with the memory cache, one file larger than the budget is still used for its job.
 
-Views: a fine-tuned UNet uploaded as a bare weights file needs its base's ``config.json`` beside
-it to load; :meth:`DiskCache.unet_view` builds ``views/<sha256>/unet/`` with the base's config
-and a link to the blob, so the file goes through the loaders as a DreamBooth or DDPM folder.
+A bare UNet weights file is loaded from its blob by the library's ``unet`` kind
+(``cgidm_core.models.unet_file``), which takes the architecture from the base folder's config.
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ import fcntl
 import hashlib
 import logging
 import os
-import shutil
 import threading
 import uuid
 from dataclasses import dataclass
@@ -74,9 +72,9 @@ class DiskCache:
     def __init__(self, root: Path, budget_bytes: int):
         self.root = Path(root)
         self.budget_bytes = budget_bytes
-        self.blobs, self.tmp, self.locks, self.views = (
-            self.root / name for name in ("blobs", "tmp", "locks", "views"))
-        for folder in (self.blobs, self.tmp, self.locks, self.views):
+        self.blobs, self.tmp, self.locks = (
+            self.root / name for name in ("blobs", "tmp", "locks"))
+        for folder in (self.blobs, self.tmp, self.locks):
             folder.mkdir(parents=True, exist_ok=True)
         self._pins: dict[str, list[IO[bytes]]] = {}
         self._lock = threading.Lock()
@@ -192,35 +190,9 @@ class DiskCache:
                 return False
             try:
                 path.unlink(missing_ok=True)
-                shutil.rmtree(self.views / sha256, ignore_errors=True)
                 return True
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
-
-    # -- views ---------------------------------------------------------------------------------
-
-    def unet_view(self, sha256: str, blob: Path, base_folder: Path) -> Path:
-        """``views/<sha256>/unet/{config.json, diffusion_pytorch_model.safetensors}``: the
-        uploaded UNet weights with the base's UNet config, loadable as a folder."""
-        config = base_folder / "unet" / "config.json"
-        if not config.is_file():
-            config = base_folder / "config.json"
-        view = self.views / sha256
-        target = view / "unet"
-        weights = target / "diffusion_pytorch_model.safetensors"
-        if weights.is_symlink() and weights.resolve() == blob.resolve() and \
-                (target / "config.json").read_bytes() == config.read_bytes():
-            return view
-        staging = self.views / f".{sha256}.{uuid.uuid4().hex}"
-        (staging / "unet").mkdir(parents=True)
-        shutil.copyfile(config, staging / "unet" / "config.json")
-        (staging / "unet" / "diffusion_pytorch_model.safetensors").symlink_to(blob.resolve())
-        shutil.rmtree(view, ignore_errors=True)
-        try:
-            os.rename(staging, view)
-        except OSError:  # another process built it at the same moment
-            shutil.rmtree(staging, ignore_errors=True)
-        return view
 
     def stats(self) -> DiskCacheStats:
         entries = self._entries()

@@ -19,7 +19,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool = Tru
         "--finetuned",
         required=required,
         help="suspect model: pipeline folder, DreamBooth unet/ (Flux: transformer/) folder, "
-        "LoRA file/folder, single-file .safetensors, or demo name",
+        "LoRA file/folder, single-file .safetensors, bare UNet weights .safetensors (with the "
+        "base for its config), or demo name",
     )
     group.add_argument(
         "--pretrained-config",
@@ -28,7 +29,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool = Tru
     )
     group.add_argument(
         "--finetuned-kind",
-        choices=["pipeline", "dreambooth", "lora", "single_file", "ddpm"],
+        choices=["pipeline", "dreambooth", "lora", "single_file", "ddpm", "unet"],
         help="format of --finetuned (detected when omitted)",
     )
     group.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -62,6 +63,12 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
         "1024 SDXL and Flux.1); smaller is a cheaper check, a multiple of 32 for SD/SDXL, of 16 "
         "for Flux.1",
     )
+    group.add_argument(
+        "--gradient-checkpointing", choices=["auto", "on", "off"],
+        help="recompute the denoisers' activations in the backward pass: less GPU memory, about "
+        "a third more compute, the same scores. auto (default): on only where one image would "
+        "not fit the GPU without it (e.g. an SDXL full pair at 1024 px on a 24 GB card)",
+    )
     group.add_argument("--metric", help="score metric: ssim (default), psnr, mse, clip, dino")
     group.add_argument(
         "--palette-bounds", action="store_true",
@@ -84,6 +91,8 @@ def inversion_config(args: argparse.Namespace) -> Any:
         overrides["mc_samples"] = args.mc_samples
     if getattr(args, "resolution", None) is not None:
         overrides["resolution"] = args.resolution
+    if getattr(args, "gradient_checkpointing", None):
+        overrides["gradient_checkpointing"] = args.gradient_checkpointing
     if getattr(args, "palette_bounds", False):
         overrides["palette_bounds"] = True
     from dataclasses import replace

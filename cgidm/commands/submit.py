@@ -53,7 +53,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
                            "--metric clip or dino if the service has one")
     return {"preset": None if args.preset == "default" else args.preset,
             "prompt": args.prompt, "steps": args.steps, "seed": args.seed,
-            "batch_size": args.batch_size, "mc_samples": args.mc_samples, "metric": args.metric}
+            "batch_size": args.batch_size, "mc_samples": args.mc_samples, "metric": args.metric,
+            "gradient_checkpointing": args.gradient_checkpointing}
 
 
 class _Progress:

@@ -10,7 +10,8 @@ checked on a CPU) floating-point order and float16 arithmetic change the numbers
 the differences are reported but judged only with ``--tolerance``.
 
 Works with ``results.json`` of ``cgidm check``, a service ``result.json`` (as ``cgidm submit``
-saves it) and a whole job document from ``GET /jobs/{id}``.
+saves it) and a whole job document from ``GET /jobs/{id}``, including results on an uploaded
+LoRA, single-file checkpoint or bare UNet weights file (``--finetuned`` the downloaded file).
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ def check_model(role: str, recorded: dict[str, Any], reference: str) -> Path:
     if have == want:
         return path
     if recorded.get("sha256") and len(files) == 1 and files[0]["sha256"] == recorded["sha256"]:
-        return path  # the uploaded file itself (the service loaded it through a cache view)
+        return path  # the uploaded file itself (an older worker loaded it through a view)
     missing = [f for f in recorded.get("files", []) if f["sha256"] not in have]
     extra = [f for f in files if f["sha256"] not in want]
     lines = [f"recorded {f['path']} (sha256 {f['sha256']}) is not in {path}" for f in missing]
@@ -189,7 +190,11 @@ def run(args: argparse.Namespace) -> int:
 
     device = _device(record.get("device"), args.device)
     dtype = args.dtype or (record.get("dtype") if device == record.get("device") else None)
-    pair = load_pair(pre, ft, device=device, dtype=dtype, pretrained_config=pre_config)
+    # An uploaded file is loaded as the worker loaded it: with its recorded kind (a bare UNet
+    # weights file is kind "unet", built with the base's UNet config).
+    kind = (models.get("finetuned") or {}).get("kind") if ft.is_file() else None
+    pair = load_pair(pre, ft, finetuned_kind=kind, device=device, dtype=dtype,
+                     pretrained_config=pre_config)
     method = record["method"]
     results = authenticate(
         pair, paths, names=[item["name"] for item in record["inputs"]],

@@ -71,6 +71,9 @@ class DDPMPair(ModelPair):
     ) -> torch.Tensor:
         return self._predict(self.unet_pretrained, z_t, t, self.prediction_type)
 
+    def denoisers(self) -> list[torch.nn.Module]:
+        return unique_modules([self.unet_pretrained, self.unet_finetuned])
+
     def modules(self) -> list[torch.nn.Module]:
         return unique_modules([self.unet_pretrained, self.unet_finetuned])
 

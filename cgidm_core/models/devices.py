@@ -89,3 +89,65 @@ def gpu_batch_size(available_bytes: int, latent_pixels: int, dtype: torch.dtype,
     area = latent_pixels / SD_REFERENCE_LATENT_PIXELS
     per_image = bytes_per_image * area * (dtype.itemsize / 2)
     return max(1, min(MAX_GPU_BATCH, int(GPU_MEMORY_SHARE * available_bytes // per_image)))
+
+
+# -- memory per image, per family --------------------------------------------------------------
+
+#: Saved-for-backward bytes of ONE denoiser pass of one image in a 2-byte dtype, counted on the
+#: meta device by ``benchmarks/activations.py`` (fused attention, weights frozen) at the family's
+#: native side and at half of it: ``{family: {(side, checkpointing): bytes}}``. The count for SD
+#: 1.5 (2 x 0.72 GiB per image) matches what benchmarks/gpu.py measured on an H200 (1.47-1.54
+#: GiB per image in float16); ``tests/test_family_memory.py`` re-counts every entry. A new family
+#: (the Flux adapter) adds its two rows here and gets batch sizing and the checkpointing decision
+#: with no code of its own.
+ACTIVATION_COUNTS: dict[str, dict[tuple[int, bool], int]] = {
+    "stable-diffusion": {(512, False): 774_828_928, (512, True): 154_657_152,
+                         (256, False): 196_595_968, (256, True): 38_756_736},
+    "stable-diffusion-xl": {(1024, False): 5_336_636_160, (1024, True): 503_767_296,
+                            (512, False): 1_353_382_656, (512, True): 126_181_632},
+    "flux": {(1024, False): 21_615_259_648, (1024, True): 1_642_115_072,
+             (512, False): 7_196_397_568, (512, True): 547_377_152},
+}
+#: Latent pixels (height x width of the VAE latent) of each family at its native side.
+NATIVE_LATENT_PIXELS = {"stable-diffusion": 64 * 64, "stable-diffusion-xl": 128 * 128,
+                        "flux": 128 * 128}
+#: Denoiser passes per image and PGD step: the fine-tuned and the pretrained model.
+PASSES_PER_IMAGE = 2
+#: Allocator rounding, cuBLAS/cuDNN workspaces and the recomputed segment under checkpointing.
+ACTIVATION_OVERHEAD = 1.1
+
+
+def image_activation_bytes(family: str, latent_pixels: int, dtype: torch.dtype,
+                           checkpointing: bool = False) -> int:
+    """GPU memory one image adds to a PGD batch of ``family`` at ``latent_pixels``.
+
+    Each family's count is a fixed part (text tokens: Flux attends over 512 T5 tokens whatever
+    the image size) plus a part linear in the latent area (convolutions, and attention over
+    image tokens with a fused kernel), fitted through the two counted sides. A family without
+    counts falls back on Stable Diffusion's, scaled by area.
+    """
+    counts = ACTIVATION_COUNTS.get(family, ACTIVATION_COUNTS["stable-diffusion"])
+    native_pixels = NATIVE_LATENT_PIXELS.get(family, NATIVE_LATENT_PIXELS["stable-diffusion"])
+    sides = sorted({side for side, _ in counts})
+    small_side, big_side = sides[0], sides[-1]
+    big, small = counts[(big_side, checkpointing)], counts[(small_side, checkpointing)]
+    shrink = (small_side / big_side) ** 2
+    per_area = (big - small) / (1.0 - shrink)
+    fixed = max(0.0, big - per_area)
+    area = latent_pixels / native_pixels
+    per_pass = fixed + per_area * area
+    return int(PASSES_PER_IMAGE * per_pass * ACTIVATION_OVERHEAD * dtype.itemsize / 2)
+
+
+def family_batch_size(available_bytes: int, family: str, latent_pixels: int, dtype: torch.dtype,
+                      checkpointing: bool = False) -> int:
+    """How many images of ``family`` fit one PGD batch in ``available_bytes`` (at least 1)."""
+    per_image = image_activation_bytes(family, latent_pixels, dtype, checkpointing)
+    return max(1, min(MAX_GPU_BATCH, int(GPU_MEMORY_SHARE * available_bytes // per_image)))
+
+
+def checkpointing_needed(available_bytes: int, family: str, latent_pixels: int,
+                         dtype: torch.dtype) -> bool:
+    """True when not even one image fits without gradient checkpointing (what "auto" asks)."""
+    per_image = image_activation_bytes(family, latent_pixels, dtype, checkpointing=False)
+    return per_image > GPU_MEMORY_SHARE * available_bytes

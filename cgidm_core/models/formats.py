@@ -17,6 +17,7 @@ from cgidm.model_files import (  # noqa: F401 - the name rules are shared with t
     is_flux_lora,
     is_sdxl_lora,
     is_sdxl_single_file,
+    looks_like_diffusers_unet,
     looks_like_lora,
     looks_like_single_file,
     transformer_family,
@@ -29,7 +30,7 @@ from cgidm_core.errors import (
 )
 
 #: What ``detect_finetuned_kind`` can answer.
-FINETUNED_KINDS = ("pipeline", "dreambooth", "lora", "single_file", "ddpm")
+FINETUNED_KINDS = ("pipeline", "dreambooth", "lora", "single_file", "ddpm", "unet")
 
 SD_FAMILY = "stable-diffusion"
 SDXL_FAMILY = "stable-diffusion-xl"
@@ -144,7 +145,9 @@ def detect_finetuned_kind(path: str | Path) -> str:
     - ``lora``: a LoRA ``.safetensors`` file, or a folder holding
       ``pytorch_lora_weights.safetensors``;
     - ``single_file``: one ``.safetensors`` checkpoint in the original LDM key layout, or a
-      Flux.1 transformer as one file (Black Forest Labs' or diffusers' naming).
+      Flux.1 transformer as one file (Black Forest Labs' or diffusers' naming);
+    - ``unet``: one ``.safetensors`` file of bare UNet weights in diffusers naming, built with
+      the base's UNet config (see ``unet_file``).
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -165,9 +168,11 @@ def detect_finetuned_kind(path: str | Path) -> str:
             return "single_file"
         if looks_like_single_file(keys) or is_sdxl_single_file(keys):
             return "single_file"
+        if looks_like_diffusers_unet(keys):
+            return "unet"
         raise ModelFormatError(
-            f"{path} holds neither LoRA weights nor a Stable Diffusion checkpoint "
-            "(no 'model.diffusion_model.*' tensors)"
+            f"{path} holds neither LoRA weights, nor a Stable Diffusion checkpoint (no "
+            "'model.diffusion_model.*' tensors), nor bare UNet weights (conv_in, down_blocks)"
         )
     if (path / "model_index.json").is_file():
         name = _class_name(path / "model_index.json")

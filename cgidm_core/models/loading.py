@@ -26,6 +26,7 @@ from cgidm_core.models.formats import (
     FLUX_FAMILY,
     IDENTICAL_MODELS,
     PICKLE_HINT,
+    SD_FAMILY,
     SDXL_FAMILY,
     detect_finetuned_kind,
     family_name,
@@ -40,6 +41,7 @@ from cgidm_core.models.formats import (
 from cgidm_core.models.predictions import alphas_cumprod_of, build_scheduler, check_prediction_type
 from cgidm_core.models.sd_loading import (
     LoadOptions,
+    SDFinetune,
     attach_lora,
     check_compatible,
     describe_family_mismatch,
@@ -53,6 +55,7 @@ from cgidm_core.models.sd_loading import (
     text_encoder_reloader,
 )
 from cgidm_core.models.stable_diffusion import StableDiffusionLoraPair, StableDiffusionPair
+from cgidm_core.models.unet_file import load_unet_file
 from cgidm_core.pair import ModelPair
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -119,10 +122,10 @@ def load_pair(
         raise ConfigError(
             f"unknown fine-tuned kind {finetuned_kind!r}; use one of {', '.join(FINETUNED_KINDS)}"
         )
-    if (family == DDPM_FAMILY) != (kind == "ddpm"):
+    if kind != "unet" and (family == DDPM_FAMILY) != (kind == "ddpm"):
         raise describe_family_mismatch(family, kind, ft_path)
     if family == DDPM_FAMILY:
-        return load_ddpm_pair(pre_path, ft_path, opts)
+        return load_ddpm_pair(pre_path, ft_path, opts, kind=kind)
     _refuse_flux_mismatch(family, kind, ft_path)
     if family == FLUX_FAMILY:
         from cgidm_core.models.flux_loading import load_flux_pair
@@ -227,6 +230,8 @@ def load_sd_pair(
         "pipeline": load_finetuned_pipeline,
         "dreambooth": load_dreambooth,
         "single_file": load_single_file,
+        "unet": lambda file, base, opts: SDFinetune(
+            unet=load_unet_file(file, base.folder, opts.dtype, SD_FAMILY)),
     }
     finetune = loaders[kind](ft_path, base, opts)
     check_compatible(base, finetune, ft_path)
@@ -312,7 +317,10 @@ def _ddpm_schedule(folder: Path) -> tuple[torch.Tensor, str] | None:
     return alphas, prediction
 
 
-def load_ddpm_pair(pre_path: Path, ft_path: Path, opts: LoadOptions) -> DDPMPair:
+def load_ddpm_pair(
+    pre_path: Path, ft_path: Path, opts: LoadOptions, kind: str = "ddpm"
+) -> DDPMPair:
+    """Two pixel UNets; ``kind="unet"``: the fine-tune is a bare weights file (``unet_file``)."""
     schedule = _ddpm_schedule(pre_path)
     if schedule is None:
         raise ModelFormatError(f"{pre_path} has no scheduler/scheduler_config.json")
@@ -323,7 +331,10 @@ def load_ddpm_pair(pre_path: Path, ft_path: Path, opts: LoadOptions) -> DDPMPair
             f"{ft_path} was trained with a different noise schedule than {pre_path}"
         )
     unet_pre = _load_ddpm_unet(pre_path, opts)
-    unet_ft = _load_ddpm_unet(ft_path, opts)
+    if kind == "unet":
+        unet_ft = load_unet_file(ft_path, pre_path, opts.dtype)
+    else:
+        unet_ft = _load_ddpm_unet(ft_path, opts)
     for name in ("in_channels", "sample_size"):
         if getattr(unet_pre.config, name) != getattr(unet_ft.config, name):
             raise IncompatiblePairError(

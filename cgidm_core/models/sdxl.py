@@ -14,9 +14,11 @@ switchable adapter for a LoRA) and changes two things, as SDXL was trained:
 The two text encoders of each model are held in one :class:`SDXLTextEncoders` module, so that
 release, reload, adapter switching and memory accounting treat them like SD's one encoder.
 
-Not measured yet (no GPU was lent when this was written): the GPU batch size still comes from SD
-1.5's measured memory per image scaled by latent area (``devices.gpu_batch_size``), so an SDXL
-pair at 1024 px plans about 6.4 GiB per image in float16; gradient checkpointing is not wired.
+GPU memory: the batch size comes from SDXL's own activation memory per image
+(``devices.ACTIVATION_COUNTS``, counted on the meta device by ``benchmarks/activations.py``:
+~10.9 GiB per image at 1024 px in float16, ~1 GiB with gradient checkpointing, which
+``InversionConfig.gradient_checkpointing="auto"`` turns on where one image would not fit, e.g.
+a full pair on a 24 GB card). Not yet measured on a GPU (none was lent).
 """
 
 from __future__ import annotations

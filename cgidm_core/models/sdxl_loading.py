@@ -48,6 +48,7 @@ from cgidm_core.models.sdxl import (
     StableDiffusionXLPair,
 )
 from cgidm_core.models.stable_diffusion import TextEncoderReloader
+from cgidm_core.models.unet_file import load_unet_file
 
 _TEXT_ENCODERS = {
     "text_encoder": ("CLIPTextModel", "tokenizer"),
@@ -396,6 +397,8 @@ def load_sdxl_pair(
         "pipeline": load_sdxl_pipeline_finetune,
         "dreambooth": load_sdxl_dreambooth,
         "single_file": load_sdxl_single_file,
+        "unet": lambda file, base, opts: SDXLFinetune(
+            unet=load_unet_file(file, base.folder, opts.dtype, SDXL_FAMILY)),
     }
     if kind not in loaders:
         raise IncompatiblePairError(

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from cgidm_core.errors import ConfigError
-from cgidm_core.models.devices import available_gpu_bytes, gpu_batch_size, unique_modules
+from cgidm_core.models.devices import available_gpu_bytes, family_batch_size, unique_modules
 from cgidm_core.models.predictions import expand_timesteps, output_to_eps
 from cgidm_core.pair import Conditioning, ModelPair, storage_bytes
 
@@ -166,10 +166,19 @@ class StableDiffusionPair(ModelPair):
         so a fixed 8 left most of an H200 idle; the batch is sized each time it is asked for,
         so a worker holding several cached pairs plans around the memory they already take.
         """
+        return self.batch_size_at(self.image_size)
+
+    def batch_size_at(self, side: int) -> int:
+        """8 on a CPU; on a GPU from free memory and the family's activation bytes per image
+        at ``side`` pixels (``devices.image_activation_bytes``, smaller with checkpointing)."""
         if self.device.type != "cuda":
             return 8
-        _, height, width = self.latent_shape
-        return gpu_batch_size(available_gpu_bytes(self.device), height * width, self.dtype)
+        latent = side // self.pixels_per_latent
+        return family_batch_size(available_gpu_bytes(self.device), self.family, latent * latent,
+                                 self.dtype, self.gradient_checkpointing)
+
+    def denoisers(self) -> list[torch.nn.Module]:
+        return unique_modules([self.unet_pretrained, self.unet_finetuned])
 
     # -- codec ---------------------------------------------------------------------------------
 
@@ -371,6 +380,8 @@ class AdapterSwitch:
     def __init__(self, networks: list[torch.nn.Module]) -> None:
         from peft.tuners.tuners_utils import BaseTunerLayer
 
+        #: The state the last :meth:`set` asked for (None before the first).
+        self.current: bool | None = None
         self.layers = [
             module
             for network in networks
@@ -391,6 +402,7 @@ class AdapterSwitch:
         return bool(self.layers) and not any(layer.disable_adapters for layer in self.layers)
 
     def set(self, enabled: bool) -> None:
+        self.current = enabled
         # Reading every layer's flag is cheap and catches anyone else having toggled them.
         if all(bool(layer.disable_adapters) != enabled for layer in self.layers):
             return
@@ -400,8 +412,40 @@ class AdapterSwitch:
             param.requires_grad_(False)
 
 
+def adapter_state_checkpoint(switch: AdapterSwitch) -> Callable[..., Any]:
+    """A gradient-checkpointing function for a network shared by two models through an adapter.
+
+    Checkpointing recomputes a block during the backward pass, by which time the pair has
+    switched the adapter for the other model: the fine-tuned pass would be recomputed without
+    its LoRA (torch refuses it when the saved tensors differ, and would compute a wrong gradient
+    when they do not). Each block therefore remembers the adapter state it ran in and is
+    recomputed in that state, the current state being restored afterwards.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    def run(module: torch.nn.Module, *args: Any) -> Any:
+        state = switch.current
+
+        def segment(*inputs: Any) -> Any:
+            now = switch.current
+            if state is None or now == state:
+                return module(*inputs)
+            switch.set(state)  # a recomputation in the backward pass
+            try:
+                return module(*inputs)
+            finally:
+                switch.set(now)
+
+        return checkpoint(segment, *args, use_reentrant=False)
+
+    return run
+
+
 class StableDiffusionLoraPair(StableDiffusionPair):
     """A base and a LoRA fine-tune of it: ONE UNet (and text encoder) with a switchable adapter."""
+
+    def checkpoint_function(self) -> Callable[..., Any]:
+        return adapter_state_checkpoint(self.unet_adapter)
 
     def __init__(self, *, unet: torch.nn.Module, text_encoder: torch.nn.Module, **kwargs: Any):
         super().__init__(

@@ -196,7 +196,8 @@ def test_a_file_changed_in_storage_fails_its_job_clearly(byom_worker, bob, model
     assert stored(s3_endpoint, "bob", "blobs") == []
 
 
-def test_uploaded_unet_weights_of_a_ddpm_fine_tune(byom_worker, alice, models):
+def test_uploaded_unet_weights_of_a_ddpm_fine_tune(byom_worker, alice, models, tmp_path,
+                                                   capsys):
     weights = next((models["ddpm-ft"] / "unet").glob("*.safetensors")).read_bytes()
     refused = upload(alice, weights)  # a pixel UNet is not a Stable Diffusion fine-tune
     assert refused.json()["detail"][0]["type"] == "family_mismatch"
@@ -206,6 +207,34 @@ def test_uploaded_unet_weights_of_a_ddpm_fine_tune(byom_worker, alice, models):
     job = run_job(alice, response.json()["id"], pretrained="ddpm-base")
     assert job["status"] == "succeeded", job
     assert job["result"]["pair"]["family"] == "ddpm"
+    finetuned = job["result"]["provenance"]["models"]["finetuned"]
+    assert finetuned["kind"] == "unet" and finetuned["sha256"] == hashlib.sha256(
+        weights).hexdigest()
+
+    # A third party re-runs the result from the bare file it downloaded (library kind "unet",
+    # the loader the worker used), and a changed file is refused before anything runs.
+    from cgidm.cli import main
+
+    record = tmp_path / "job.json"
+    record.write_text(json.dumps(job))
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "img1.png").write_bytes(png_bytes(1, (20, 20)))  # the bytes the job was sent
+    suspect = tmp_path / "downloaded.safetensors"
+    suspect.write_bytes(weights)
+    verify = ["verify", str(record), "--images", str(images), "--pretrained",
+              str(models["ddpm-base"]), "--finetuned", str(suspect)]
+    capsys.readouterr()
+    assert main(verify) == 0
+    printed = capsys.readouterr().out
+    assert "every model file match the record" in printed
+    assert "VERIFIED on cpu/float32" in printed and "img1" in printed
+    changed = bytearray(weights)
+    changed[-1] ^= 0x01  # one bit of one weight: same size, valid header
+    suspect.write_bytes(bytes(changed))
+    assert main(verify) == 2
+    printed = capsys.readouterr().out
+    assert "REFUSED" in printed and "finetuned model differs from the record" in printed
 
 
 def test_two_keys_never_see_each_others_uploads(byom_worker, alice, bob, models, s3_endpoint):

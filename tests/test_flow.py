@@ -16,6 +16,7 @@ import torch
 from cgidm.cli import main
 from cgidm_core import baselines, training
 from cgidm_core.api import authenticate
+from cgidm_core.api import load_pair as load_named_pair
 from cgidm_core.demo import DEMO_BASES, DEMO_FAMILIES, demo_model_path
 from cgidm_core.errors import ConfigError, IncompatiblePairError, ModelFormatError
 from cgidm_core.images import image_seed
@@ -227,7 +228,7 @@ def test_training_a_tiny_flow_model_lowers_its_velocity_loss(tmp_path):
 def test_demo_flow_models_are_listed_and_load_by_name():
     assert DEMO_BASES["demo-flow-vangogh"] == "demo-flow-base"
     assert DEMO_FAMILIES["demo-flow-base"] == DEMO_FAMILIES["demo-flow-vangogh"] == "pixel-flow"
-    pair = load_pair("demo-flow-base", "demo-flow-vangogh", **CPU)
+    pair = load_named_pair("demo-flow-base", "demo-flow-vangogh", **CPU)
     assert isinstance(pair, PixelFlowPair) and pair.image_size == 32
     facts = json.loads((demo_model_path("demo-flow-vangogh") / "training.json").read_text())
     assert facts["objective"] == "flow_matching" and facts["base"] == "demo-flow-base"
@@ -240,9 +241,9 @@ def test_demo_flow_models_are_listed_and_load_by_name():
 
 def test_demo_flow_pair_and_ddpm_demo_models_do_not_mix():
     with pytest.raises(IncompatiblePairError, match="flow-matching"):
-        load_pair("demo-flow-base", "demo-vangogh", **CPU)
+        load_named_pair("demo-flow-base", "demo-vangogh", **CPU)
     with pytest.raises(IncompatiblePairError, match="flow-matching"):
-        load_pair("demo-base", "demo-flow-vangogh", **CPU)
+        load_named_pair("demo-base", "demo-flow-vangogh", **CPU)
 
 
 @pytest.mark.skipif(not (VANGOGH / "membership").is_dir(), reason="../shared/data is absent")

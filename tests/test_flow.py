@@ -260,3 +260,13 @@ def test_cgidm_check_runs_on_the_demo_flow_pair(tmp_path, capsys):
     for record in doc["images"]:
         assert isinstance(record["score"], float)
         assert (out / record["recovered"]).is_file() and (out / record["side_by_side"]).is_file()
+
+
+@pytest.mark.skipif(not (VANGOGH / "membership").is_dir(), reason="../shared/data is absent")
+def test_cgidm_eval_refuses_a_ddim_baseline_on_the_flow_pair_in_one_line(capsys):
+    code = main(["eval", "--pretrained", "demo-flow-base", "--finetuned", "demo-flow-vangogh",
+                 "--members", str(VANGOGH / "membership"), "--holdout",
+                 str(VANGOGH / "hold_out"), "--method", "secmi"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "SecMI" in err and "loss attack" in err

@@ -1,4 +1,5 @@
-"""Training of small pixel-space DDPMs: the packaged demo pair and fine-tunes of it.
+"""Training of small pixel-space DDPMs and flow-matching UNets: the packaged demo pairs and
+fine-tunes of them (the scheduler saved with a model says which objective it learns).
 
 Why this lives in the library: the demo pair has to be reproducible from the installed package
 alone (seeded, trained on sample photos that ship inside scikit-image and matplotlib), and the
@@ -29,6 +30,9 @@ from diffusers.optimization import get_scheduler
 from PIL import Image
 
 from cgidm_core.errors import ImageInputError, ModelFormatError, ModelNotFoundError
+
+#: The two training objectives of the demo models: DDPM (noise) and flow matching (velocity).
+Schedule = DDPMScheduler | FlowMatchEulerDiscreteScheduler
 
 #: Side length of the demo models, in pixels.
 DEMO_IMAGE_SIZE = 32
@@ -91,7 +95,7 @@ def is_flow_scheduler(scheduler: object) -> bool:
 
 
 def noised_and_target(
-    scheduler: DDPMScheduler | FlowMatchEulerDiscreteScheduler,
+    scheduler: Schedule,
     x0: torch.Tensor,
     noise: torch.Tensor,
     t: torch.Tensor,
@@ -270,7 +274,7 @@ class TrainConfig:
 
 def ddpm_loss(
     unet: UNet2DModel,
-    scheduler: DDPMScheduler | FlowMatchEulerDiscreteScheduler,
+    scheduler: Schedule,
     x0: torch.Tensor,
     generator: torch.Generator,
 ) -> torch.Tensor:
@@ -283,7 +287,7 @@ def ddpm_loss(
 
 def train(
     unet: UNet2DModel,
-    scheduler: DDPMScheduler,
+    scheduler: Schedule,
     batches: Callable[[int], torch.Tensor],
     config: TrainConfig,
     *,
@@ -345,7 +349,7 @@ def smoothed_final_loss(losses: Sequence[float], window: int = 100) -> float:
 @torch.no_grad()
 def denoising_losses(
     unet: UNet2DModel,
-    scheduler: DDPMScheduler,
+    scheduler: Schedule,
     images: torch.Tensor,
     *,
     samples: int = 64,
@@ -385,7 +389,7 @@ def denoising_losses(
 
 def save_pipeline(
     unet: UNet2DModel,
-    scheduler: DDPMScheduler,
+    scheduler: Schedule,
     out_dir: str | Path,
     *,
     dtype: torch.dtype = torch.float32,
@@ -409,7 +413,7 @@ def save_pipeline(
 
 def load_pipeline_parts(
     folder: str | Path,
-) -> tuple[UNet2DModel, DDPMScheduler | FlowMatchEulerDiscreteScheduler]:
+) -> tuple[UNet2DModel, Schedule]:
     """UNet (float32, eval mode) and scheduler of a ``DDPMPipeline`` folder, safetensors only.
 
     The scheduler is the saved one's kind: a flow-matching folder gets its

@@ -7,6 +7,7 @@ The defaults are chosen on the many pairs of ``benchmarks/suite.py`` (docs/ACCUR
 script compares methods, the reference settings included, on the two shipped demo pairs.
     .venv/bin/python benchmarks/accuracy.py --reference-steps 200 --json acc.json
     .venv/bin/python benchmarks/accuracy.py --finetuned demo-vangogh-light --methods loss cgidm
+    .venv/bin/python benchmarks/accuracy.py --no-flow      # the DDPM fine-tunes only
 
 Every method scores the same images with the same pairs through ``cgidm_core.evaluation``: the
 pretrained model is ``demo-base``; the fine-tunes are ``demo-vangogh`` (1500 steps, memorised its
@@ -15,6 +16,11 @@ the dose of a usual DreamBooth run, where the methods differ). Members are the 1
 paintings both were fine-tuned on, non-members the 10 hold-out paintings of the authors' demo
 data. With 10 non-members TPR at 5 % FPR cannot be measured (it needs at least 20), so the
 tables say so instead of printing a number.
+
+The flow-matching demo pair (``demo-flow-base`` vs ``demo-flow-vangogh``, ``--flow-pair``) is
+scored in the same run as one more column: CGI-DM in its flow form (velocity contrast) against
+the baselines that follow the pair's forward process (loss attack and contrast on velocities);
+PIA and SecMI are DDIM-based, refuse a flow pair, and are reported as refused.
 """
 
 from __future__ import annotations
@@ -45,6 +51,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--finetuned", nargs="+", default=["demo-vangogh", "demo-vangogh-light"],
         help="one or more fine-tunes of --pretrained (demo names or folders), each scored in turn",
     )
+    parser.add_argument(
+        "--flow-pair", nargs=2, metavar=("BASE", "FINETUNED"),
+        default=["demo-flow-base", "demo-flow-vangogh"],
+        help="a flow-matching pair scored as one more column (default: the flow demo pair)",
+    )
+    parser.add_argument("--no-flow", action="store_true", help="skip --flow-pair")
     parser.add_argument("--members", default=str(DEFAULT_DATA / "membership"))
     parser.add_argument("--holdout", default=str(DEFAULT_DATA / "hold_out"))
     parser.add_argument(
@@ -93,25 +105,35 @@ def reference_label(steps: int) -> str:
     return f"CGI-DM, reference settings cut to {steps} steps"
 
 
-def describe_finetune(ref: str) -> str:
-    """A short label of a fine-tune: its name and, where its training.json says, its dose."""
+def describe_finetune(ref: str, pretrained: str | None = None) -> str:
+    """A short label of a fine-tune: its name and, where its training.json says, its dose (and
+    its base, when it is not the run's ``--pretrained``)."""
     from cgidm_core.demo import resolve_model_reference
     from cgidm_core.errors import CGIDMError
 
+    against = f", vs `{pretrained}`" if pretrained else ""
     try:
         facts = json.loads((resolve_model_reference(ref) / "training.json").read_text())
     except (OSError, ValueError, CGIDMError):  # not a demo-style folder: the name is all we know
-        return f"`{ref}`"
+        return f"`{ref}`" + (f" (vs `{pretrained}`)" if pretrained else "")
     if "steps" in facts and "member_files" in facts:
-        return f"`{ref}` ({facts['steps']} fine-tuning steps)"
-    return f"`{ref}`"
+        kind = "flow matching, " if facts.get("objective") == "flow_matching" else ""
+        return f"`{ref}` ({kind}{facts['steps']} fine-tuning steps{against})"
+    return f"`{ref}`" + (f" (vs `{pretrained}`)" if pretrained else "")
 
 
 def evaluate_finetune(args: argparse.Namespace, finetuned: str, pictures: list[Any],
-                      names: list[str], n_members: int) -> dict[str, Any]:
-    """Every requested method on one pair; returns its rows and the time the pair took."""
+                      names: list[str], n_members: int,
+                      pretrained: str | None = None) -> dict[str, Any]:
+    """Every requested method on one pair; returns its rows and the time the pair took.
+
+    ``pretrained`` overrides ``args.pretrained`` (the flow pair has its own base). A baseline
+    that refuses the pair (PIA and SecMI on a flow-matching pair) is recorded in ``refused``
+    with its message instead of a row.
+    """
     from cgidm_core.api import load_pair
     from cgidm_core.baselines import EVALUATIONS_PER_IMAGE
+    from cgidm_core.errors import ConfigError
     from cgidm_core.evaluation import combine_scores, score_images_detailed
     from cgidm_core.inversion import InversionConfig
     from cgidm_core.similarity import DEFAULT_METRIC, score_from_metric
@@ -119,7 +141,8 @@ def evaluate_finetune(args: argparse.Namespace, finetuned: str, pictures: list[A
 
     started = time.perf_counter()
     load_before = os.getloadavg()[0]
-    pair = load_pair(args.pretrained, finetuned, device=args.device)
+    base = pretrained or args.pretrained
+    pair = load_pair(base, finetuned, device=args.device)
     reference = InversionConfig.reference(steps=args.reference_steps, seed=args.seed)
     ours = InversionConfig(seed=args.seed)
     if args.default_steps is not None:
@@ -128,6 +151,7 @@ def evaluate_finetune(args: argparse.Namespace, finetuned: str, pictures: list[A
 
     rows: list[dict[str, Any]] = []
     raw: dict[str, Any] = {}
+    refused: dict[str, str] = {}
 
     def add_row(method: str, settings: str, scores: list[float], seconds: float) -> None:
         report = evaluate_scores(
@@ -172,19 +196,28 @@ def evaluate_finetune(args: argparse.Namespace, finetuned: str, pictures: list[A
             add_row("combined", f"z(cgidm {DEFAULT_METRIC}) + z(contrast), pooled",
                     combine_scores(sim.scores, con.scores), sim.seconds + con.seconds)
         else:
-            scored = score_images_detailed(
-                pair, pictures, method, names=names, seed=args.seed, batch_size=args.batch_size
-            )
+            try:
+                scored = score_images_detailed(
+                    pair, pictures, method, names=names, seed=args.seed,
+                    batch_size=args.batch_size,
+                )
+            except ConfigError as exc:  # a method that does not apply to this family
+                refused[method] = str(exc)
+                print(f"[{finetuned}] {method:<34} refused: {exc}", file=sys.stderr, flush=True)
+                continue
             raw[method] = scored
             add_row(method, f"{EVALUATIONS_PER_IMAGE[method]} model evaluations per image",
                     scored.scores, scored.seconds)
     return {
         "finetuned": finetuned,
-        "label": describe_finetune(finetuned),
+        "pretrained": base,
+        "family": pair.family,
+        "label": describe_finetune(finetuned, pretrained if base != args.pretrained else None),
         "device": str(pair.device),
         "seconds": time.perf_counter() - started,
         "load_average": [load_before, os.getloadavg()[0]],
         "rows": rows,
+        "refused": refused,
     }
 
 
@@ -206,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     pictures = members + holdout
 
     runs = [evaluate_finetune(args, ft, pictures, names, len(members)) for ft in args.finetuned]
+    if not args.no_flow:
+        flow_base, flow_ft = args.flow_pair
+        runs.append(evaluate_finetune(args, flow_ft, pictures, names, len(members),
+                                      pretrained=flow_base))
     seconds = time.perf_counter() - started
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
                f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
@@ -255,14 +292,22 @@ def main_table(runs: list[dict[str, Any]]) -> list[str]:
         f"AUC [95% CI], {run['label']}" for run in runs
     ) + " | s / image |"
     lines = [header, "|---|---|" + "---|" * len(runs) + "---|"]
+    for run in runs:
+        for method in run.get("refused", {}):
+            if method not in settings:
+                methods.append(method)
+                settings[method] = "-"
+                times.setdefault(method, [])
     for method in methods:
         cells = []
         for run in runs:
             match = next((r for r in run["rows"] if r["method"] == method), None)
-            cells.append(_auc_cell(match))
-        mean_time = sum(times[method]) / len(times[method])
+            refused = method in run.get("refused", {})
+            cells.append("refused (DDPM-only)" if refused and match is None else _auc_cell(match))
+        mean_time = (f"{sum(times[method]) / len(times[method]):.3f}" if times[method]
+                     else "-")
         lines.append(f"| {method} | {settings[method]} | " + " | ".join(cells)
-                     + f" | {mean_time:.3f} |")
+                     + f" | {mean_time} |")
     return lines
 
 
@@ -271,8 +316,9 @@ def render_snippet(runs: list[dict[str, Any]], args: argparse.Namespace, command
     return "\n".join([
         *main_table(runs),
         "",
-        f"Members: the 10 paintings both fine-tunes were trained on; non-members: 10 hold-out "
-        f"paintings by the same artist; pretrained model `{args.pretrained}`. AUC with a "
+        f"Members: the 10 paintings every fine-tune was trained on; non-members: 10 hold-out "
+        f"paintings by the same artist; pretrained model `{args.pretrained}` unless the column "
+        "names another. AUC with a "
         "percentile-bootstrap 95 % interval over images; s / image is CPU wall clock, mean over "
         "the fine-tunes. Details and caveats: [docs/DEMO_ACCURACY.md](docs/DEMO_ACCURACY.md). "
         "Produced by:",
@@ -330,6 +376,8 @@ def render_markdown(runs: list[dict[str, Any]], args: argparse.Namespace, n_memb
                 f"| {row['method']} | {row['settings']} | {_auc_cell(row)} | "
                 f"{row['oracle_best_accuracy']:.2f} | {tpr} | {row['seconds_per_image']:.3f} |"
             )
+        for method, reason in run.get("refused", {}).items():
+            lines.append(f"| {method} | refused: {reason} | - | - | - | - |")
         lines.append("")
         lines += observations(run["rows"])
     lines += [

@@ -89,6 +89,21 @@ DEMO_ENTRIES = (
         finetuned_from="demo-base",
         description="Light demo fine-tune of demo-base on the same 10 paintings (harder case).",
     ),
+    ModelEntry(
+        id="demo-flow-base",
+        family="pixel-flow",
+        path="demo-flow-base",
+        description="Demo pretrained flow-matching model: a 32x32 pixel-space UNet predicting "
+        "velocities (ships with cgidm).",
+    ),
+    ModelEntry(
+        id="demo-flow-vangogh",
+        family="pixel-flow",
+        path="demo-flow-vangogh",
+        finetuned_from="demo-flow-base",
+        description="Demo flow-matching fine-tune of demo-flow-base on the 10 Van Gogh "
+        "'membership' paintings.",
+    ),
 )
 
 

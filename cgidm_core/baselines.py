@@ -15,7 +15,12 @@ Conventions (shared by every function):
   content and the global seed (:func:`cgidm_core.images.image_seed`), so an image scores the same
   alone or in any batch, in any position;
 - errors are means over latent entries (a monotone rescaling of the papers' sums, so rankings and
-  AUCs are identical, but values are comparable across image sizes).
+  AUCs are identical, but values are comparable across image sizes);
+- the forward process and the regression target are the pair's (``pair.add_noise``,
+  ``pair.loss_target``): noise for DDPM-style pairs, the velocity ``noise - x0`` at
+  ``x_s = (1 - s) x0 + s noise`` for flow-matching pairs (``s = t / 1000``). ``loss`` and
+  ``contrast`` therefore run on both; ``pia`` and ``secmi`` step a deterministic DDIM sampler on
+  the DDPM schedule and refuse a flow-matching pair (:func:`require_ddpm_schedule`).
 """
 
 from __future__ import annotations
@@ -93,7 +98,19 @@ def _in_chunks(
     return torch.cat(out)
 
 
+def require_ddpm_schedule(pair: ModelPair, method: str) -> None:
+    """Refuse a flow-matching pair for a method defined on the DDPM noise schedule."""
+    if pair.alphas_cumprod is None:
+        raise ConfigError(
+            f"{method} is defined on a DDPM noise schedule (it runs deterministic DDIM steps "
+            f"with alphas_cumprod) and this {pair.family} pair is flow-matching (velocity "
+            "prediction, no alphas); use the loss attack or the contrast score, which follow the "
+            "pair's own forward process"
+        )
+
+
 def _abar(pair: ModelPair, t: int) -> torch.Tensor:
+    assert pair.alphas_cumprod is not None, "require_ddpm_schedule first"
     return pair.alphas_cumprod[t].float()
 
 
@@ -125,6 +142,9 @@ def loss_attack(
     """The loss attack (Matsumoto et al. 2023; Carlini et al. 2023): minus the fine-tuned model's
     denoising error, averaged over a few fixed timesteps with fixed, seeded noise.
 
+    On a flow-matching pair the error is the velocity error at ``x_s`` with ``s = t / 1000``
+    (0.05, 0.1, 0.2 by default: the same low-noise end of the process).
+
     Why t in {50, 100, 200}: the denoising error separates members best at small-to-moderate
     noise (Carlini et al. found t around 100 the most discriminative for DDPMs); at t near 0 the
     task is trivial for every image, at large t the noise swamps the image. One noise draw per
@@ -144,11 +164,11 @@ def loss_attack(
             torch.randn((k, *shape), generator=torch.Generator().manual_seed(s))
             for s in per_image[idx]
         ]).to(pair.device)
-        t = torch.tensor(ts * n, dtype=torch.long)
-        abar = pair.alphas_cumprod[t.to(pair.device)].float().view(-1, 1, 1, 1)
+        t = torch.tensor(ts * n, dtype=torch.long, device=pair.device)
         z = chunk.to(pair.device).float().repeat_interleave(k, dim=0)
-        z_t = abar.sqrt() * z + (1 - abar).sqrt() * noise
-        err = (_eps_ft(pair, z_t, t, cond) - noise).pow(2).flatten(1).mean(1)
+        z_t = pair.add_noise(z, noise, t)
+        target = pair.loss_target(z, noise, t)
+        err = (_eps_ft(pair, z_t, t, cond) - target).pow(2).flatten(1).mean(1)
         return -err.view(n, k).mean(1)
 
     return _in_chunks(z0, batch_size, run)
@@ -183,6 +203,7 @@ def pia(
     """
     del seed, seeds
     _check_inputs(pair, z0, batch_size)
+    require_ddpm_schedule(pair, "PIA")
     if p < 1:
         raise ConfigError(f"PIA's norm p must be >= 1, got {p}")
     t_att = scale_timestep(t, pair.num_train_timesteps)
@@ -223,6 +244,7 @@ def secmi(
     """
     del seed, seeds
     _check_inputs(pair, z0, batch_size)
+    require_ddpm_schedule(pair, "SecMI")
     big_t = pair.num_train_timesteps
     k = max(1, scale_timestep(interval, big_t))
     top = scale_timestep(t_sec, big_t)

@@ -9,6 +9,11 @@ retrained by ``scripts/train_demo_pair.py``.
 Why a second, light fine-tune: ``demo-vangogh`` memorised its members so thoroughly that every
 membership method scores them perfectly, which shows the tool works but cannot compare methods.
 ``demo-vangogh-light`` is the same recipe stopped early, closer to what a rights holder meets.
+
+Why a flow-matching pair: Flux.1 and SD3 are trained by flow matching, where CGI-DM contrasts
+velocity predictions instead of noise predictions. ``demo-flow-base``/``demo-flow-vangogh`` are
+the same UNet, data and fine-tune as the DDPM pair, trained by flow matching, so the flow form of
+the method runs on real paintings on a CPU.
 """
 
 from __future__ import annotations
@@ -34,6 +39,14 @@ DEMO_MODELS: dict[str, str] = {
         "demo-base lightly fine-tuned on the same 10 Van Gogh paintings (200 steps instead of "
         "1500): a harder case, on which the membership methods differ"
     ),
+    "demo-flow-base": (
+        "32x32 pixel-space flow-matching UNet (velocity prediction) trained on the same "
+        "public-domain sample photos, starting from demo-base's weights (the 'pretrained' model)"
+    ),
+    "demo-flow-vangogh": (
+        "demo-flow-base fully fine-tuned by flow matching on the 10 Van Gogh paintings "
+        "(wikiart-vangogh/membership; the 'fine-tuned' model)"
+    ),
 }
 
 #: Demo name -> the demo it was fine-tuned from (None for a base model).
@@ -41,10 +54,16 @@ DEMO_BASES: dict[str, str | None] = {
     "demo-base": None,
     "demo-vangogh": "demo-base",
     "demo-vangogh-light": "demo-base",
+    "demo-flow-base": None,
+    "demo-flow-vangogh": "demo-flow-base",
 }
 
-#: Family of every demo model, as ``ModelPair.family`` names it.
+#: Family of the DDPM demo models, as ``ModelPair.family`` names it.
 DEMO_FAMILY = "ddpm"
+#: Family of each demo model.
+DEMO_FAMILIES: dict[str, str] = {
+    name: "pixel-flow" if name.startswith("demo-flow-") else DEMO_FAMILY for name in DEMO_MODELS
+}
 
 
 def demo_model_path(name: str) -> Path:
@@ -85,7 +104,7 @@ def list_demo_models() -> list[dict[str, str | None]]:
         {
             "name": name,
             "path": str(DEMO_MODELS_DIR / name),
-            "family": DEMO_FAMILY,
+            "family": DEMO_FAMILIES[name],
             "finetuned_from": DEMO_BASES[name],
             "description": description,
         }

@@ -1,4 +1,5 @@
-"""Training of small pixel-space DDPMs: the packaged demo pair and fine-tunes of it.
+"""Training of small pixel-space DDPMs and flow-matching UNets: the packaged demo pairs and
+fine-tunes of them (the scheduler saved with a model says which objective it learns).
 
 Why this lives in the library: the demo pair has to be reproducible from the installed package
 alone (seeded, trained on sample photos that ship inside scikit-image and matplotlib), and the
@@ -24,11 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDPMPipeline, DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
 from PIL import Image
 
 from cgidm_core.errors import ImageInputError, ModelFormatError, ModelNotFoundError
+
+#: The two training objectives of the demo models: DDPM (noise) and flow matching (velocity).
+Schedule = DDPMScheduler | FlowMatchEulerDiscreteScheduler
 
 #: Side length of the demo models, in pixels.
 DEMO_IMAGE_SIZE = 32
@@ -74,6 +78,44 @@ def build_demo_scheduler() -> DDPMScheduler:
         prediction_type="epsilon",
         clip_sample=True,
     )
+
+
+def build_flow_scheduler(shift: float = 1.0) -> FlowMatchEulerDiscreteScheduler:
+    """A rectified-flow schedule: ``x_s = (1 - s) x0 + s noise``, velocity target, 1000 steps.
+
+    Saving it as the pipeline's scheduler is what marks a ``UNet2DModel`` folder as a
+    flow-matching model for the loader (``cgidm_core.models.pixel_flow``).
+    """
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+
+
+def is_flow_scheduler(scheduler: object) -> bool:
+    """Whether a model trained with ``scheduler`` predicts flow-matching velocities."""
+    return isinstance(scheduler, FlowMatchEulerDiscreteScheduler)
+
+
+def noised_and_target(
+    scheduler: Schedule,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(noised input, regression target, timestep fed to the UNet)`` at integer ``t``.
+
+    One place for both training objectives so that training, the membership check and the
+    inversion agree: DDPM noises with ``alphas_cumprod`` and regresses the noise; flow matching
+    interpolates ``(1 - s) x0 + s noise`` with ``s = t / N`` (then the scheduler's time shift,
+    as :func:`cgidm_core.models.flow.shifted_sigmas` does for the inversion) and regresses the
+    velocity ``noise - x0``; the UNet sees ``s * N`` as its timestep (the diffusers convention).
+    """
+    if is_flow_scheduler(scheduler):
+        from cgidm_core.models.flow import shifted_sigmas
+
+        total = scheduler.config.num_train_timesteps
+        s = shifted_sigmas(t, total, float(scheduler.config.shift))
+        s_b = s.view(-1, *([1] * (x0.ndim - 1)))
+        return (1.0 - s_b) * x0 + s_b * noise, noise - x0, s * total
+    return scheduler.add_noise(x0, noise, t), noise, t
 
 
 # ----------------------------------------------------------------------------------- data
@@ -232,20 +274,20 @@ class TrainConfig:
 
 def ddpm_loss(
     unet: UNet2DModel,
-    scheduler: DDPMScheduler,
+    scheduler: Schedule,
     x0: torch.Tensor,
     generator: torch.Generator,
 ) -> torch.Tensor:
-    """The DDPM "simple" loss: MSE between true and predicted noise at a uniform random t."""
+    """The "simple" loss at a uniform random t: MSE to the noise (DDPM) or velocity (flow)."""
     noise = torch.randn(x0.shape, generator=generator)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=generator)
-    noisy = scheduler.add_noise(x0, noise, t)
-    return F.mse_loss(unet(noisy, t).sample, noise)
+    noisy, target, steps = noised_and_target(scheduler, x0, noise, t)
+    return F.mse_loss(unet(noisy, steps).sample, target)
 
 
 def train(
     unet: UNet2DModel,
-    scheduler: DDPMScheduler,
+    scheduler: Schedule,
     batches: Callable[[int], torch.Tensor],
     config: TrainConfig,
     *,
@@ -307,7 +349,7 @@ def smoothed_final_loss(losses: Sequence[float], window: int = 100) -> float:
 @torch.no_grad()
 def denoising_losses(
     unet: UNet2DModel,
-    scheduler: DDPMScheduler,
+    scheduler: Schedule,
     images: torch.Tensor,
     *,
     samples: int = 64,
@@ -336,8 +378,8 @@ def denoising_losses(
         i_idx = torch.tensor([i for _, i in chunk])
         noise = noise_all[s_idx, i_idx]
         t = t_all[s_idx]
-        noisy = scheduler.add_noise(images[i_idx], noise, t)
-        err = (unet(noisy, t).sample - noise).pow(2).mean(dim=(1, 2, 3))
+        noisy, target, steps = noised_and_target(scheduler, images[i_idx], noise, t)
+        err = (unet(noisy, steps).sample - target).pow(2).mean(dim=(1, 2, 3))
         losses.index_add_(0, i_idx, err)
     return losses / samples
 
@@ -347,7 +389,7 @@ def denoising_losses(
 
 def save_pipeline(
     unet: UNet2DModel,
-    scheduler: DDPMScheduler,
+    scheduler: Schedule,
     out_dir: str | Path,
     *,
     dtype: torch.dtype = torch.float32,
@@ -369,8 +411,14 @@ def save_pipeline(
     return out_dir
 
 
-def load_pipeline_parts(folder: str | Path) -> tuple[UNet2DModel, DDPMScheduler]:
-    """UNet (float32, eval mode) and scheduler of a ``DDPMPipeline`` folder, safetensors only."""
+def load_pipeline_parts(
+    folder: str | Path,
+) -> tuple[UNet2DModel, Schedule]:
+    """UNet (float32, eval mode) and scheduler of a ``DDPMPipeline`` folder, safetensors only.
+
+    The scheduler is the saved one's kind: a flow-matching folder gets its
+    ``FlowMatchEulerDiscreteScheduler`` back, anything else the DDPM schedule.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelNotFoundError(f"model folder {folder} does not exist")
@@ -380,7 +428,11 @@ def load_pipeline_parts(folder: str | Path) -> tuple[UNet2DModel, DDPMScheduler]
             "(expected unet/diffusion_pytorch_model.safetensors)"
         )
     unet = UNet2DModel.from_pretrained(folder / "unet", use_safetensors=True)
-    scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    if config.get("_class_name") == FlowMatchEulerDiscreteScheduler.__name__:
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler")
+    else:
+        scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
     return unet.float().eval(), scheduler
 
 

@@ -4,6 +4,14 @@
     python scripts/train_demo_pair.py all                  # both models into cgidm_core/demo_models
     python scripts/train_demo_pair.py base --out DIR       # the "pretrained" base only
     python scripts/train_demo_pair.py finetune --members DIR --out DIR [--holdout DIR]
+    python scripts/train_demo_pair.py all --flow           # demo-flow-base, demo-flow-vangogh
+    python scripts/train_demo_pair.py base --flow --init-from demo-base --out DIR
+
+``--flow`` trains by flow matching (``x_s = (1 - s) x0 + s noise``, velocity target ``noise -
+x0``; the saved scheduler is a ``FlowMatchEulerDiscreteScheduler``) instead of DDPM; a fine-tune
+always uses its base's objective. ``--init-from`` starts the base from another demo model's
+weights (the flow base starts from demo-base: same architecture, only the output's meaning
+changes, so it needs far fewer steps than training from scratch).
 
 Everything is seeded; a rerun with the same arguments on the same torch build gives the same
 weights. The base sees only public-domain photos that ship inside scikit-image and matplotlib,
@@ -36,6 +44,9 @@ DEFAULT_OUT = ROOT / "cgidm_core" / "demo_models"
 
 BASE_DEFAULTS = {"steps": 1500, "batch_size": 24, "lr": 1e-3, "seed": 0}
 FINETUNE_DEFAULTS = {"steps": 1500, "batch_size": 10, "lr": 2e-4, "seed": 0}
+#: The flow base starts from demo-base's weights, so it trains for fewer steps at a lower lr.
+FLOW_BASE_DEFAULTS = {"steps": 500, "batch_size": 24, "lr": 5e-4, "seed": 0,
+                      "init_from": "demo-base"}
 
 
 def _command_line() -> str:
@@ -77,30 +88,50 @@ def _card_header(name: str, summary: str) -> str:
     return f"# {name}\n\n{summary}\n"
 
 
-def _architecture(unet) -> str:
+def _architecture(unet, scheduler=None) -> str:
+    from cgidm_core import training
+
     cfg = unet.config
     params = sum(p.numel() for p in unet.parameters())
+    if scheduler is not None and training.is_flow_scheduler(scheduler):
+        objective = (f"`FlowMatchEulerDiscreteScheduler` (1000 steps, shift "
+                     f"{scheduler.config.shift:g}), flow matching: x_s = (1-s) x0 + s noise, "
+                     "velocity prediction (noise - x0)")
+    else:
+        objective = "`DDPMScheduler` 1000 linear betas (1e-4..0.02), epsilon prediction"
     return (f"`UNet2DModel` (diffusers), {cfg.sample_size}x{cfg.sample_size} RGB, "
             f"block_out_channels={tuple(cfg.block_out_channels)}, "
             f"layers_per_block={cfg.layers_per_block}, blocks {tuple(cfg.down_block_types)}, "
-            f"{params:,} parameters; `DDPMScheduler` 1000 linear betas (1e-4..0.02), "
-            "epsilon prediction")
+            f"{params:,} parameters; {objective}")
+
+
+def _loss_name(scheduler) -> str:
+    from cgidm_core import training
+
+    if training.is_flow_scheduler(scheduler):
+        return "flow-matching velocity loss at s = t/1000, t uniform"
+    return "DDPM epsilon loss at uniform t"
 
 
 def _weights_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
 
 
-def train_base(out: Path, steps: int, batch_size: int, lr: float, seed: int) -> dict:
+def train_base(out: Path, steps: int, batch_size: int, lr: float, seed: int, *,
+               flow: bool = False, init_from: str | None = None) -> dict:
     import torch
 
     from cgidm_core import training
+    from cgidm_core.demo import resolve_model_reference
 
     torch.manual_seed(seed)
     photos = training.sample_photos()
     crops = training.RandomCrops([p for _, p in photos], training.DEMO_IMAGE_SIZE, seed=seed)
-    unet = training.build_demo_unet()
-    scheduler = training.build_demo_scheduler()
+    if init_from:
+        unet, _ = training.load_pipeline_parts(resolve_model_reference(init_from))
+    else:
+        unet = training.build_demo_unet()
+    scheduler = training.build_flow_scheduler() if flow else training.build_demo_scheduler()
     config = training.TrainConfig(steps=steps, batch_size=batch_size, learning_rate=lr, seed=seed)
     load_start = os.getloadavg()[0]
     with training.Stopwatch() as clock:
@@ -114,20 +145,28 @@ def train_base(out: Path, steps: int, batch_size: int, lr: float, seed: int) -> 
         "first_loss": training.smoothed_final_loss(losses[:100]),
         "seconds": clock.seconds, "fwd_bwd_batch20_seconds": fwd_bwd,
     }
+    if flow:
+        facts["objective"] = "flow_matching"
+    if init_from:
+        facts["init_from"] = init_from
     sources = ", ".join(name for name, _ in photos)
+    kind = "flow-matching model" if flow else "DDPM"
+    init = (f" Its weights start from `{init_from}` (same architecture and data; only the "
+            "training objective differs), which shortens training." if init_from else "")
     card = _card_header(
         out.name,
-        "The \"pretrained\" model of cgidm's demo pair: a small pixel-space DDPM that has seen "
-        "only public-domain photos, never a painting of the membership test.",
+        f"The \"pretrained\" model of cgidm's demo pair: a small pixel-space {kind} that has "
+        f"seen only public-domain photos, never a painting of the membership test.{init}",
     ) + f"""
 - **Data**: {len(photos)} public-domain / CC0 photos stored inside installed packages
   ({sources}); every training image is a fresh random crop (log-uniform scale 20-100 % of the
   short side, random position, horizontal flip with p=0.5) resized bilinear to
   {training.DEMO_IMAGE_SIZE}x{training.DEMO_IMAGE_SIZE}. Nothing from `../shared/data` is used.
-- **Model**: {_architecture(unet)}. Weights: safetensors, float32,
+- **Model**: {_architecture(unet, scheduler)}. Weights: safetensors, float32,
   {_weights_size(out) / 1e6:.1f} MB.
 - **Training**: {steps} steps, batch {batch_size}, AdamW lr {lr} (cosine decay, 100 warm-up
-  steps), gradient clipping 1.0, DDPM epsilon loss at uniform t; seed {seed}.
+  steps), gradient clipping 1.0, {_loss_name(scheduler)}; seed {seed}{
+  f"; initialised from `{init_from}`" if init_from else ""}.
 - **Loss** (mean of 100 steps): first {facts['first_loss']:.4f}, final {facts['final_loss']:.4f}.
 - **Training time**: {_format_seconds(clock.seconds)} on {_machine()}.
 {load}- **Cost of one forward+backward, batch 20**: {fwd_bwd * 1000:.0f} ms
@@ -173,10 +212,13 @@ def train_finetune(
         "first_loss": training.smoothed_final_loss(losses[:100]),
         "seconds": clock.seconds,
     }
+    if training.is_flow_scheduler(scheduler):
+        facts["objective"] = "flow_matching"
     check = ""
     if holdout is not None:
         facts.update(membership_check(pretrained, unet, scheduler, images, holdout, size))
-        check = f"""- **Sanity check of the membership signal**: per-image denoising loss of the
+        check = f"""- **Sanity check of the membership signal**: per-image {
+  "flow (velocity)" if training.is_flow_scheduler(scheduler) else "denoising"} loss of the
   fine-tune minus that of the base, averaged over {facts['check_samples']} (t, noise) draws
   (stratified t, the same draws for both models): members {facts['member_diff_mean']:+.4f},
   hold-outs ({facts['holdout_dir']}) {facts['holdout_diff_mean']:+.4f}; ROC AUC of members
@@ -192,11 +234,11 @@ def train_finetune(
 - **Data**: {len(names)} images from `{data_name.parent.name}/{data_name.name}`
   ({', '.join(names)}), preprocessed exactly as cgidm preprocesses its inputs (short side resized
   bilinear to {size}, centre crop); no flips, crops or scales.
-- **Model**: {_architecture(unet)}. Weights: safetensors, float32,
+- **Model**: {_architecture(unet, scheduler)}. Weights: safetensors, float32,
   {_weights_size(out) / 1e6:.1f} MB.
 - **Training**: {steps} steps, batch {batch_size} ({facts['epochs']:.0f} epochs), AdamW lr {lr}
-  (constant after {facts['warmup_steps']} warm-up steps), gradient clipping 1.0, DDPM epsilon
-  loss at uniform t; seed {seed}; data order seeded.
+  (constant after {facts['warmup_steps']} warm-up steps), gradient clipping 1.0,
+  {_loss_name(scheduler)}; seed {seed}; data order seeded.
 - **Loss** (mean of 100 steps): first {facts['first_loss']:.4f}, final {facts['final_loss']:.4f}.
 - **Training time**: {_format_seconds(clock.seconds)} on {_machine()}.
 {load}{check}- **Command**: `{_command_line()}`
@@ -250,6 +292,10 @@ def main(argv: list[str] | None = None) -> int:
 
     base = sub.add_parser("base", help="train the 'pretrained' base on sample photos")
     base.add_argument("--out", type=Path, default=DEFAULT_OUT / "demo-base")
+    base.add_argument("--flow", action="store_true",
+                      help="train by flow matching (velocity target) instead of DDPM")
+    base.add_argument("--init-from", default=None,
+                      help="demo name or DDPMPipeline folder whose UNet weights to start from")
     _add_common(base, BASE_DEFAULTS)
 
     ft = sub.add_parser("finetune", help="fine-tune a base on a folder of images")
@@ -265,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     both.add_argument("--members", type=Path, default=DEFAULT_DATA / "membership")
     both.add_argument("--holdout", type=Path, default=DEFAULT_DATA / "hold_out")
     both.add_argument("--seed", type=int, default=0)
+    both.add_argument("--flow", action="store_true",
+                      help="train demo-flow-base (from demo-base's weights) and "
+                      "demo-flow-vangogh instead")
 
     args = parser.parse_args(argv)
     if args.threads:
@@ -272,18 +321,22 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     if args.phase == "base":
-        facts = train_base(args.out, args.steps, args.batch_size, args.lr, args.seed)
+        facts = train_base(args.out, args.steps, args.batch_size, args.lr, args.seed,
+                           flow=args.flow, init_from=args.init_from)
     elif args.phase == "finetune":
         facts = train_finetune(args.base, args.members, args.out, args.steps, args.batch_size,
                                args.lr, args.seed, args.holdout)
     else:
-        base_out = args.out_root / "demo-base"
-        facts = {"base": train_base(base_out, BASE_DEFAULTS["steps"], BASE_DEFAULTS["batch_size"],
-                                    BASE_DEFAULTS["lr"], args.seed)}
+        prefix = "demo-flow-" if args.flow else "demo-"
+        base_out = args.out_root / f"{prefix}base"
+        base_defaults = FLOW_BASE_DEFAULTS if args.flow else BASE_DEFAULTS
+        facts = {"base": train_base(base_out, base_defaults["steps"], base_defaults["batch_size"],
+                                    base_defaults["lr"], args.seed, flow=args.flow,
+                                    init_from=base_defaults.get("init_from"))}
         facts["finetune"] = train_finetune(
-            str(base_out), args.members, args.out_root / "demo-vangogh",
+            str(base_out), args.members, args.out_root / f"{prefix}vangogh",
             FINETUNE_DEFAULTS["steps"], FINETUNE_DEFAULTS["batch_size"], FINETUNE_DEFAULTS["lr"],
-            args.seed, args.holdout, base_label="demo-base",
+            args.seed, args.holdout, base_label=f"{prefix}base",
         )
     print(json.dumps(facts, indent=2))
     return 0

@@ -35,7 +35,7 @@ def test_default_run_covers_both_demo_fine_tunes_and_labels_cut_reference():
 def test_one_run_scores_every_fine_tune_and_writes_table_snippet(tmp_path, capsys):
     bench = _load_benchmark()
     out, table, raw = tmp_path / "ACCURACY.md", tmp_path / "table.md", tmp_path / "acc.json"
-    assert bench.main(["--methods", "loss", "pia", "--n-bootstrap", "0",
+    assert bench.main(["--methods", "loss", "pia", "--n-bootstrap", "0", "--no-flow",
                        "--out", str(out), "--table-out", str(table), "--json", str(raw)]) == 0
     capsys.readouterr()
     runs = json.loads(raw.read_text())["finetunes"]
@@ -49,11 +49,37 @@ def test_one_run_scores_every_fine_tune_and_writes_table_snippet(tmp_path, capsy
     header = snippet.splitlines()[0]
     assert "`demo-vangogh` (1500 fine-tuning steps)" in header
     assert "`demo-vangogh-light` (200 fine-tuning steps)" in header
-    assert "python benchmarks/accuracy.py --methods loss pia" in snippet
+    assert "python benchmarks/accuracy.py --methods loss pia --n-bootstrap 0 --no-flow" in snippet
     report = out.read_text()
     assert snippet.splitlines()[2] in report  # the same main table heads the full report
     # PIA ranks members last on the heavy fine-tune and mostly first on the light one.
     assert auc["demo-vangogh", "pia"] < 0.2 and auc["demo-vangogh-light", "pia"] > 0.6
+
+
+@pytest.mark.skipif(not (VANGOGH / "membership").is_dir(),
+                    reason="../shared/data/wikiart-vangogh is absent")
+def test_the_flow_demo_pair_is_a_column_with_velocity_baselines(tmp_path, capsys):
+    bench = _load_benchmark()
+    assert bench.parse_args([]).flow_pair == ["demo-flow-base", "demo-flow-vangogh"]
+    out, table, raw = tmp_path / "ACCURACY.md", tmp_path / "table.md", tmp_path / "acc.json"
+    assert bench.main(["--finetuned", "demo-vangogh", "--methods", "loss", "secmi",
+                       "--n-bootstrap", "0", "--out", str(out), "--table-out", str(table),
+                       "--json", str(raw)]) == 0
+    capsys.readouterr()
+    runs = json.loads(raw.read_text())["finetunes"]
+    assert [(r["pretrained"], r["finetuned"], r["family"]) for r in runs] == [
+        ("demo-base", "demo-vangogh", "ddpm"),
+        ("demo-flow-base", "demo-flow-vangogh", "pixel-flow"),
+    ]
+    flow = runs[1]
+    assert [row["method"] for row in flow["rows"]] == ["loss"]
+    assert 0.5 < flow["rows"][0]["auc"] <= 1.0  # the velocity loss attack sees the fine-tune
+    assert "flow-matching" in flow["refused"]["secmi"]
+    header, _, _, secmi_row = table.read_text().splitlines()[:4]
+    assert "`demo-flow-vangogh` (flow matching, 1500 fine-tuning steps, vs `demo-flow-base`)" \
+        in header
+    assert secmi_row.startswith("| secmi |") and secmi_row.count("refused") == 1
+    assert "refused: SecMI is defined on a DDPM noise schedule" in out.read_text()
 
 
 def test_report_flags_a_method_whose_direction_flips_between_fine_tunes():

@@ -17,6 +17,7 @@ from cgidm.cli import main
 from cgidm_core import training
 from cgidm_core.demo import (
     DEMO_BASES,
+    DEMO_FAMILIES,
     DEMO_MODELS,
     DEMO_MODELS_DIR,
     demo_model_path,
@@ -38,10 +39,13 @@ def demo_parts() -> dict[str, tuple[UNet2DModel, DDPMScheduler]]:
 
 
 FINETUNES = ("demo-vangogh", "demo-vangogh-light")
+#: The flow-matching demo pair (tests/test_flow.py covers its method).
+FLOW_MODELS = ("demo-flow-base", "demo-flow-vangogh")
+DDPM_MODELS = ("demo-base", *FINETUNES)
 
 
 def test_every_demo_model_is_a_complete_safetensors_pipeline():
-    assert set(DEMO_MODELS) == {"demo-base", *FINETUNES}
+    assert set(DEMO_MODELS) == {*DDPM_MODELS, *FLOW_MODELS}
     for name in DEMO_MODELS:
         folder = demo_model_path(name)
         assert folder == DEMO_MODELS_DIR / name
@@ -54,8 +58,13 @@ def test_every_demo_model_is_a_complete_safetensors_pipeline():
 
 
 def test_demo_models_fit_the_size_budget():
-    total = sum(p.stat().st_size for p in DEMO_MODELS_DIR.rglob("*") if p.is_file())
-    assert total <= 20 * 1024 * 1024
+    def size(names: tuple[str, ...]) -> int:
+        return sum(p.stat().st_size for name in names
+                   for p in (DEMO_MODELS_DIR / name).rglob("*") if p.is_file())
+
+    assert size(DDPM_MODELS) <= 20 * 1024 * 1024
+    assert size(FLOW_MODELS) <= 10 * 1000 * 1000  # the flow pair's allowance (issue 12)
+    assert {p.name for p in DEMO_MODELS_DIR.iterdir() if p.is_dir()} <= set(DEMO_MODELS)
 
 
 def test_model_cards_state_data_settings_and_results():
@@ -64,10 +73,12 @@ def test_model_cards_state_data_settings_and_results():
         for fact in ("Data", "steps", "seed", "final", "Training time", "Command", "32x32"):
             assert fact in card, f"{name} model card lacks {fact!r}"
     assert "skimage.data" in (demo_model_path("demo-base") / "README.md").read_text()
-    for name in FINETUNES:
+    for name in (*FINETUNES, "demo-flow-vangogh"):
         card = (demo_model_path(name) / "README.md").read_text()
         assert "wikiart-vangogh/membership" in card
         assert "ROC AUC" in card
+    flow_base = (demo_model_path("demo-flow-base") / "README.md").read_text()
+    assert "FlowMatchEulerDiscreteScheduler" in flow_base and "demo-base" in flow_base
 
 
 def test_light_fine_tune_is_the_same_recipe_stopped_early():
@@ -82,7 +93,8 @@ def test_light_fine_tune_is_the_same_recipe_stopped_early():
 
 def test_demo_models_load_as_unet_and_ddpm_scheduler(demo_parts):
     base = demo_parts["demo-base"][0]
-    for unet, scheduler in demo_parts.values():
+    for name in DDPM_MODELS:
+        unet, scheduler = demo_parts[name]
         assert isinstance(unet, UNet2DModel) and isinstance(scheduler, DDPMScheduler)
         assert unet.config.sample_size == training.DEMO_IMAGE_SIZE
         assert scheduler.config.num_train_timesteps == 1000
@@ -131,8 +143,10 @@ def test_list_demo_models_records():
     assert records["demo-base"]["finetuned_from"] is None
     for name in FINETUNES:
         assert records[name]["finetuned_from"] == "demo-base"
+    assert records["demo-flow-vangogh"]["finetuned_from"] == "demo-flow-base"
     for record in records.values():
-        assert record["family"] == "ddpm"
+        family = "pixel-flow" if record["name"] in FLOW_MODELS else "ddpm"
+        assert record["family"] == family == DEMO_FAMILIES[record["name"]]
         assert (DEMO_MODELS_DIR / record["name"]).samefile(record["path"])
 
 
@@ -143,6 +157,8 @@ def test_cgidm_models_lists_names_and_paths(capsys):
         assert name in out
         assert str(DEMO_MODELS_DIR / name) in out
     assert "fine-tuned from demo-base" in out
+    assert "demo-flow-vangogh pixel-flow, fine-tuned from demo-flow-base" in [
+        " ".join(line.split()) for line in out.splitlines()]
     assert main(["models", "--json"]) == 0
     assert {r["name"] for r in json.loads(capsys.readouterr().out)} == set(DEMO_MODELS)
 
@@ -156,6 +172,8 @@ def test_service_registry_lists_every_demo_model():
     assert all(entry.path == entry.id for entry in registry.entries.values())
     for name in FINETUNES:
         registry.check_pair("demo-base", name)
+    registry.check_pair("demo-flow-base", "demo-flow-vangogh")
+    assert {e.id: e.family for e in registry.entries.values()} == DEMO_FAMILIES
 
 
 def test_cgidm_reports_an_unknown_demo_name_in_one_line(capsys, tmp_path):

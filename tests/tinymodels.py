@@ -169,6 +169,24 @@ def make_tiny_ddpm_pair(
     return pre_dir, ft_dir
 
 
+def make_tiny_pixel_flow_pair(
+    root: str | Path, seed: int = 0, sample_size: int = 16, shift: float = 1.0
+) -> tuple[Path, Path]:
+    """A pixel flow-matching base and a fine-tune of it: the tiny DDPM UNet saved with a
+    ``FlowMatchEulerDiscreteScheduler``, which is what marks a folder as flow matching."""
+    from diffusers import DDPMPipeline, FlowMatchEulerDiscreteScheduler
+
+    root = Path(root)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    unet = tiny_ddpm_unet(seed, sample_size)
+    pre_dir = root / "flow_pretrained"
+    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(pre_dir, safe_serialization=True)
+    perturb_(unet, seed=seed + 1000)
+    ft_dir = root / "flow_finetuned"
+    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(ft_dir, safe_serialization=True)
+    return pre_dir, ft_dir
+
+
 # --------------------------------------------------------------------------------------------
 # Stable Diffusion 1.x layout
 

@@ -37,4 +37,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"{'':<{width}}  {model['description']}")
     print("\nExample: cgidm check --pretrained demo-base --finetuned demo-vangogh --out OUT "
           "IMAGES...")
+    print("Flow matching: cgidm check --pretrained demo-flow-base --finetuned demo-flow-vangogh "
+          "--out OUT IMAGES...")
     return 0

@@ -8,18 +8,15 @@ from __future__ import annotations
 
 import torch
 
-from cgidm_core.models.devices import unique_modules
+from cgidm_core.models.pixel import PixelSpaceMixin
 from cgidm_core.models.predictions import expand_timesteps, output_to_eps
 from cgidm_core.pair import Conditioning, ModelPair
 
 
-class DDPMPair(ModelPair):
+class DDPMPair(PixelSpaceMixin, ModelPair):
     """Two unconditional pixel-space UNets sharing one noise schedule."""
 
     family = "ddpm"
-    conditional = False
-    preferred_batch_size = 32
-    latent_bounds = (-1.0, 1.0)
 
     def __init__(
         self,
@@ -45,17 +42,6 @@ class DDPMPair(ModelPair):
         )
         self.unet_pretrained = unet_pretrained
         self.unet_finetuned = unet_finetuned
-        self._unconditional = Conditioning()
-
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return images.to(self.device, torch.float32)
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return latents.to(self.device, torch.float32).clamp(-1.0, 1.0)
-
-    def conditioning(self, prompt: str | None) -> Conditioning:
-        # Unconditional models: every prompt gets the same (empty) conditioning.
-        return self._unconditional
 
     def _predict(self, unet: torch.nn.Module, z_t: torch.Tensor, t, prediction_type: str):
         z_t = z_t.to(self.device, torch.float32)
@@ -70,13 +56,4 @@ class DDPMPair(ModelPair):
         self, z_t: torch.Tensor, t: torch.Tensor, cond: Conditioning
     ) -> torch.Tensor:
         return self._predict(self.unet_pretrained, z_t, t, self.prediction_type)
-
-    def denoisers(self) -> list[torch.nn.Module]:
-        return unique_modules([self.unet_pretrained, self.unet_finetuned])
-
-    def modules(self) -> list[torch.nn.Module]:
-        return unique_modules([self.unet_pretrained, self.unet_finetuned])
-
-    def describe(self) -> dict:
-        return {**super().describe(), "finetuned_kind": self.finetuned_kind}
 

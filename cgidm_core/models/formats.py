@@ -35,6 +35,12 @@ FINETUNED_KINDS = ("pipeline", "dreambooth", "lora", "single_file", "ddpm", "une
 SD_FAMILY = "stable-diffusion"
 SDXL_FAMILY = "stable-diffusion-xl"
 DDPM_FAMILY = "ddpm"
+#: Pixel-space UNets trained by flow matching (a pixel pipeline whose scheduler is
+#: ``FlowMatchEulerDiscreteScheduler``): the flow demo pair.
+PIXEL_FLOW_FAMILY = "pixel-flow"
+#: Families stored as pixel pipeline folders (fine-tune kind ``ddpm``: a DDPMPipeline folder).
+PIXEL_FAMILIES = (DDPM_FAMILY, PIXEL_FLOW_FAMILY)
+FLOW_SCHEDULERS = frozenset({"FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"})
 
 SUPPORTED_HINT = (
     "cgidm supports Stable Diffusion 1.x/2.x and SDXL base 1.0 (StableDiffusionPipeline / "
@@ -238,7 +244,8 @@ def check_unet_family(unet_config: dict[str, Any], where: Path, family: str) -> 
 
 
 _FAMILY_NAMES = {SD_FAMILY: "Stable Diffusion 1.x/2.x", SDXL_FAMILY: "SDXL",
-                 DDPM_FAMILY: "pixel-space DDPM", FLUX_FAMILY: "Flux.1"}
+                 DDPM_FAMILY: "pixel-space DDPM", FLUX_FAMILY: "Flux.1",
+                 PIXEL_FLOW_FAMILY: "pixel-space flow-matching model"}
 
 
 def family_name(family: str) -> str:
@@ -268,7 +275,7 @@ def pipeline_family(folder: Path) -> str:
     index = read_json(index_file)
     name = str(index.get("_class_name", ""))
     if name in _PIXEL_PIPELINES:
-        return DDPM_FAMILY
+        return PIXEL_FLOW_FAMILY if pixel_objective(folder) == "flow" else DDPM_FAMILY
     if name.startswith("StableDiffusion3"):
         raise UnsupportedModelFamilyError(f"{folder} ({name}): {SD3_REFUSAL}")
     if name.startswith("Flux"):
@@ -330,6 +337,19 @@ def _flux_pipeline_family(folder: Path, name: str, index: dict[str, Any]) -> str
             " a Fill/control variant, not Flux.1 dev or schnell. " + SUPPORTED_HINT
         )
     return FLUX_FAMILY
+
+
+def pixel_objective(folder: Path) -> str | None:
+    """``"flow"`` or ``"ddpm"``: how a pixel pipeline folder (or bare UNet folder) was trained.
+
+    Read from its saved scheduler's class, the one thing that tells a flow-matching
+    ``UNet2DModel`` from a DDPM one; ``None`` when the folder has no scheduler config (a bare
+    UNet fine-tune, which then follows its base).
+    """
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    if not config_file.is_file():
+        return None
+    return "flow" if read_json(config_file).get("_class_name") in FLOW_SCHEDULERS else "ddpm"
 
 
 def weights_variant(component_dir: Path, stems: tuple[str, ...]) -> str | None:

@@ -26,6 +26,8 @@ from cgidm_core.models.formats import (
     FLUX_FAMILY,
     IDENTICAL_MODELS,
     PICKLE_HINT,
+    PIXEL_FAMILIES,
+    PIXEL_FLOW_FAMILY,
     SD_FAMILY,
     SDXL_FAMILY,
     detect_finetuned_kind,
@@ -33,11 +35,13 @@ from cgidm_core.models.formats import (
     is_flux_lora,
     lora_weights_file,
     pipeline_family,
+    pixel_objective,
     read_json,
     safetensors_keys,
     transformer_family,
     weights_variant,
 )
+from cgidm_core.models.pixel_flow import PixelFlowPair
 from cgidm_core.models.predictions import alphas_cumprod_of, build_scheduler, check_prediction_type
 from cgidm_core.models.sd_loading import (
     LoadOptions,
@@ -122,10 +126,12 @@ def load_pair(
         raise ConfigError(
             f"unknown fine-tuned kind {finetuned_kind!r}; use one of {', '.join(FINETUNED_KINDS)}"
         )
-    if kind != "unet" and (family == DDPM_FAMILY) != (kind == "ddpm"):
+    if kind != "unet" and (family in PIXEL_FAMILIES) != (kind == "ddpm"):
         raise describe_family_mismatch(family, kind, ft_path)
     if family == DDPM_FAMILY:
         return load_ddpm_pair(pre_path, ft_path, opts, kind=kind)
+    if family == PIXEL_FLOW_FAMILY:
+        return load_pixel_flow_pair(pre_path, ft_path, opts, kind=kind)
     _refuse_flux_mismatch(family, kind, ft_path)
     if family == FLUX_FAMILY:
         from cgidm_core.models.flux_loading import load_flux_pair
@@ -272,7 +278,7 @@ def load_sd_pair(
     )
 
 
-# -- pixel-space DDPM ----------------------------------------------------------------------------
+# -- pixel-space DDPM and flow matching ----------------------------------------------------------
 
 
 def _ddpm_unet_location(folder: Path) -> tuple[Path, str | None]:
@@ -317,10 +323,99 @@ def _ddpm_schedule(folder: Path) -> tuple[torch.Tensor, str] | None:
     return alphas, prediction
 
 
+def _refuse_mixed_objectives(pre_path: Path, ft_path: Path, base_objective: str) -> None:
+    """A DDPM and a flow-matching model predict different things at different inputs: no pair.
+
+    Checked from the saved schedulers before any weights are read. A fine-tune without a
+    scheduler (a bare UNet folder) is taken to follow its base.
+    """
+    found = pixel_objective(ft_path)
+    if found is None or found == base_objective:
+        return
+    names = {"ddpm": "a DDPM (noise prediction)", "flow": "a flow-matching model (velocity "
+             "prediction, FlowMatchEulerDiscreteScheduler)"}
+    raise IncompatiblePairError(
+        f"the pretrained model {pre_path} is {names[base_objective]} but the fine-tune {ft_path} "
+        f"is {names[found]}: a fine-tune keeps its base's training objective, so these two are "
+        "not a base and its fine-tune; give the base the fine-tune was trained from"
+    )
+
+
+def _shared_unet_checks(pre_path: Path, ft_path: Path, unet_pre, unet_ft) -> None:
+    for name in ("in_channels", "sample_size"):
+        if getattr(unet_pre.config, name) != getattr(unet_ft.config, name):
+            raise IncompatiblePairError(
+                f"the fine-tuned UNet has {name}={getattr(unet_ft.config, name)} but the "
+                f"pretrained one has {getattr(unet_pre.config, name)}"
+            )
+    if same_weights(unet_pre, unet_ft):
+        raise IncompatiblePairError(IDENTICAL_MODELS.format(ft=ft_path, pre=pre_path))
+
+
+def _flow_schedule(folder: Path) -> tuple[int, float] | None:
+    """``(num_train_timesteps, shift)`` of a flow-matching pixel folder's scheduler."""
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    if not config_file.is_file():
+        return None
+    config = read_json(config_file)
+    if config.get("use_dynamic_shifting"):
+        raise ModelFormatError(
+            f"{config_file}: dynamic (resolution-dependent) time shifting is not supported for "
+            "pixel flow models; save the scheduler with a fixed `shift`"
+        )
+    steps, shift = config.get("num_train_timesteps", 1000), config.get("shift", 1.0)
+    if not isinstance(steps, int) or steps < 2 or not isinstance(shift, int | float) or shift <= 0:
+        raise ModelFormatError(f"{config_file}: num_train_timesteps {steps!r} / shift {shift!r} "
+                               "are not a usable flow schedule")
+    return steps, float(shift)
+
+
+def load_pixel_flow_pair(
+    pre_path: Path, ft_path: Path, opts: LoadOptions, kind: str = "ddpm"
+) -> PixelFlowPair:
+    """Two flow-matching ``UNet2DModel`` (velocity prediction) as one pair.
+
+    The inversion's draws of ``s`` follow :data:`PIXEL_FLOW_INVERSION_SHIFT` (measured), not the
+    sampler's ``shift``, which only says how the model is sampled; both fine-tune and base must
+    agree on the number of training timesteps, which maps the drawn t to ``s``. ``kind="unet"``:
+    the fine-tune is a bare weights file (``unet_file``), which follows its base's objective.
+    """
+    if kind != "unet":
+        _refuse_mixed_objectives(pre_path, ft_path, "flow")
+    schedule = _flow_schedule(pre_path)
+    assert schedule is not None  # pipeline_family read it
+    ft_schedule = None if kind == "unet" else _flow_schedule(ft_path)
+    if ft_schedule is not None and ft_schedule[0] != schedule[0]:
+        raise IncompatiblePairError(
+            f"{ft_path} was trained with {ft_schedule[0]} flow timesteps but {pre_path} with "
+            f"{schedule[0]}"
+        )
+    unet_pre = _load_ddpm_unet(pre_path, opts)
+    unet_ft = _load_pixel_finetuned_unet(pre_path, ft_path, opts, kind)
+    _shared_unet_checks(pre_path, ft_path, unet_pre, unet_ft)
+    return PixelFlowPair(
+        place(unet_pre, opts),
+        place(unet_ft, opts),
+        num_train_timesteps=schedule[0],
+        device=opts.device,
+        dtype=opts.dtype,
+    )
+
+
+def _load_pixel_finetuned_unet(pre_path: Path, ft_path: Path, opts: LoadOptions, kind: str):
+    """The fine-tuned pixel UNet: a folder, or (``kind="unet"``) a bare weights file built with
+    the base's UNet config (``unet_file``)."""
+    if kind == "unet":
+        return load_unet_file(ft_path, pre_path, opts.dtype)
+    return _load_ddpm_unet(ft_path, opts)
+
+
 def load_ddpm_pair(
     pre_path: Path, ft_path: Path, opts: LoadOptions, kind: str = "ddpm"
 ) -> DDPMPair:
     """Two pixel UNets; ``kind="unet"``: the fine-tune is a bare weights file (``unet_file``)."""
+    if kind != "unet":
+        _refuse_mixed_objectives(pre_path, ft_path, "ddpm")
     schedule = _ddpm_schedule(pre_path)
     if schedule is None:
         raise ModelFormatError(f"{pre_path} has no scheduler/scheduler_config.json")
@@ -331,18 +426,8 @@ def load_ddpm_pair(
             f"{ft_path} was trained with a different noise schedule than {pre_path}"
         )
     unet_pre = _load_ddpm_unet(pre_path, opts)
-    if kind == "unet":
-        unet_ft = load_unet_file(ft_path, pre_path, opts.dtype)
-    else:
-        unet_ft = _load_ddpm_unet(ft_path, opts)
-    for name in ("in_channels", "sample_size"):
-        if getattr(unet_pre.config, name) != getattr(unet_ft.config, name):
-            raise IncompatiblePairError(
-                f"the fine-tuned UNet has {name}={getattr(unet_ft.config, name)} but the "
-                f"pretrained one has {getattr(unet_pre.config, name)}"
-            )
-    if same_weights(unet_pre, unet_ft):
-        raise IncompatiblePairError(IDENTICAL_MODELS.format(ft=ft_path, pre=pre_path))
+    unet_ft = _load_pixel_finetuned_unet(pre_path, ft_path, opts, kind)
+    _shared_unet_checks(pre_path, ft_path, unet_pre, unet_ft)
     return DDPMPair(
         place(unet_pre, opts),
         place(unet_ft, opts),

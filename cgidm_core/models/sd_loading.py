@@ -23,7 +23,7 @@ from cgidm_core.errors import (
     UnsupportedModelFamilyError,
 )
 from cgidm_core.models.formats import (
-    DDPM_FAMILY,
+    PIXEL_FAMILIES,
     SD_FAMILY,
     SUPPORTED_HINT,
     check_unet_family,
@@ -486,10 +486,10 @@ def place(module: Any, opts: LoadOptions, dtype: torch.dtype | None = None) -> A
 def describe_family_mismatch(
     pretrained_family: str, kind: str, where: Path
 ) -> IncompatiblePairError:
-    if pretrained_family == DDPM_FAMILY:
+    if pretrained_family in PIXEL_FAMILIES:
         return IncompatiblePairError(
-            f"the pretrained model is a pixel-space DDPM but {where} is a Stable Diffusion "
-            f"fine-tune ({kind}); both models must be of the same family"
+            f"the pretrained model is a {family_name(pretrained_family)} but {where} is a Stable "
+            f"Diffusion fine-tune ({kind}); both models must be of the same family"
         )
     return IncompatiblePairError(
         f"the pretrained model is {family_name(pretrained_family)} but {where} is a pixel-space "

@@ -22,9 +22,15 @@ def test_default_registry_is_the_demo_pair():
     registry = load_registry(None)
     ids = [m.id for m in registry.public()]
     assert ids[:2] == ["demo-base", "demo-vangogh"]  # more demo fine-tunes may follow
-    assert all(registry.get(i).finetuned_from == "demo-base" for i in ids[1:])
+    ddpm = [i for i in ids if registry.get(i).family == "ddpm"]
+    assert all(registry.get(i).finetuned_from == "demo-base" for i in ddpm[1:])
     base, tuned = registry.check_pair("demo-base", "demo-vangogh")
     assert tuned.finetuned_from == base.id == "demo-base"
+    # The flow-matching demo pair is its own family, with its own base.
+    assert registry.get("demo-flow-vangogh").finetuned_from == "demo-flow-base"
+    assert {registry.get(i).family for i in ids} == {"ddpm", "pixel-flow"}
+    with pytest.raises(UnknownModel, match="fine-tuned from 'demo-flow-base'"):
+        registry.check_pair("demo-base", "demo-flow-vangogh")
 
 
 def test_registry_file_resolves_relative_paths_and_reloads(tmp_path: Path):

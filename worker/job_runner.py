@@ -378,7 +378,7 @@ def _authenticate(ctx: WorkerContext, record: JobRecord, watch: Watch,
                   attempt: str) -> JobResult:
     from cgidm_core import InversionConfig, authenticate
     from cgidm_core.api import checked_batch_size
-    from cgidm_core.stats import controls_test
+    from cgidm_core.evidence import build_evidence
 
     started = time.monotonic()
     settings = record.settings
@@ -434,24 +434,24 @@ def _authenticate(ctx: WorkerContext, record: JobRecord, watch: Watch,
     )
 
     roles = {item.name: item.role for item in record.inputs}
-    scores: list[ImageScore] = []
+    records: list[dict[str, Any]] = []
     for res in results:
         for kind, picture in zip(
             ARTIFACT_KINDS, (res.recovered, res.partial, res.side_by_side()), strict=True
         ):
             ctx.store.storage.put_bytes(artifact_key(record.job_id, res.name, kind, attempt),
                                         _png(picture), content_type="image/png")
-        scores.append(ImageScore(**res.to_dict(), role=roles[res.name],
-                                 artifacts=artifact_links(record.job_id, res.name)))
-    suspects = [s for s in scores if s.role == "image"]
-    controls = [s for s in scores if s.role == "control"]
+        records.append({**res.to_dict(), "role": roles[res.name],
+                        "artifacts": artifact_links(record.job_id, res.name)})
+    evidence = build_evidence([r for r in records if r["role"] == "image"],
+                              [r for r in records if r["role"] == "control"],
+                              alpha=ctx.settings.controls_alpha)
+    suspects = [ImageScore(**r) for r in evidence["images"]]
+    controls = [ImageScore(**r) for r in evidence["controls"]]
     set_test = None
-    if controls:
-        test = controls_test([s.score for s in suspects], [s.score for s in controls],
-                             alpha=ctx.settings.controls_alpha)
-        for item, p_value, verdict in zip(suspects, test.p_values, test.verdicts, strict=True):
-            item.p_value, item.verdict = p_value, verdict
-        summary = {k: v for k, v in test.to_dict().items() if k not in ("p_values", "verdicts")}
+    if evidence["set_test"] is not None:
+        summary = {k: v for k, v in evidence["set_test"].items()
+                   if k not in ("p_values", "verdicts")}
         set_test = SetTest(**summary)
     result = JobResult(
         pretrained=pre.id,
@@ -460,6 +460,7 @@ def _authenticate(ctx: WorkerContext, record: JobRecord, watch: Watch,
         images=suspects,
         controls=controls,
         controls_test=set_test,
+        evidence=evidence["evidence"],
         config=config.to_dict(),
         pair=pair.describe(),
         elapsed_seconds=round(time.monotonic() - started, 3),

@@ -177,6 +177,13 @@ def _set_words(result: JobResult, alpha: float) -> tuple[str, str]:
                          "the set as a whole.")
 
 
+def _verdict_score(item: Any) -> float:
+    """The number an image's verdict was computed from: its ``evidence_score`` when the result
+    has one (the fused evidence, cgidm_core.evidence), else its similarity ``score``."""
+    value = getattr(item, "evidence_score", None)
+    return item.score if value is None else value
+
+
 def _plot(result: JobResult, cards: list[Card], controls: list[Card]) -> Plot | None:
     everything = cards + controls
     if not everything:
@@ -199,7 +206,9 @@ def _plot(result: JobResult, cards: list[Card], controls: list[Card]) -> Plot | 
     for i in range(5):
         value = low + (high - low) * i / 4
         ticks.append((x_of(value), f"{value:.3g}"))
-    label = (f"Scores ({result.metric}, higher means recovered better) of "
+    what = (result.evidence or {}).get("score") if result.controls_test is not None else None
+    what = f"evidence {what}" if what and what != "similarity" else result.metric
+    label = (f"Scores ({what}, higher means recovered better) of "
              f"{_plural(len(cards), 'image')}" +
              (f" and {_plural(len(controls), 'control')}" if controls else ""))
     return Plot(width, height, points, ticks, rows, 100.0, left, right, label, result.metric)
@@ -220,7 +229,7 @@ def build(record: JobRecord, alpha: float, picture_url: dict[str, dict[str, str]
         raise ValueError(f"job {record.job_id} has no result")
     test = result.controls_test
     alpha = test.alpha if test is not None else alpha
-    control_scores = [c.score for c in result.controls]
+    control_scores = [_verdict_score(c) for c in result.controls]
 
     def pictures(item: Any) -> list[Picture]:
         urls = picture_url.get(item.name, {})
@@ -234,15 +243,15 @@ def build(record: JobRecord, alpha: float, picture_url: dict[str, dict[str, str]
 
     cards = []
     for item in result.images:
-        verdict, detail = _image_card_words(item.score, item.p_value, item.verdict,
+        verdict, detail = _image_card_words(_verdict_score(item), item.p_value, item.verdict,
                                             control_scores, alpha)
-        cards.append(Card(item.name, "image", item.score, item.p_value, verdict,
+        cards.append(Card(item.name, "image", _verdict_score(item), item.p_value, verdict,
                           HEADLINES[verdict], detail, pictures(item), dict(item.metrics)))
     controls = []
     for item in result.controls:
         detail = "An image of yours that was never published: it shows how well the suspect " \
                  "model recovers images it cannot have seen."
-        controls.append(Card(item.name, "control", item.score, None, CONTROL,
+        controls.append(Card(item.name, "control", _verdict_score(item), None, CONTROL,
                              HEADLINES[CONTROL], detail, pictures(item), dict(item.metrics)))
 
     set_verdict, set_sentence = _set_words(result, alpha)

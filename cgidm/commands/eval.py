@@ -29,7 +29,9 @@ from .common import (
 
 #: The methods of ``cgidm_core.evaluation.METHODS``, spelled out here so that building the parser
 #: never imports torch (``cgidm --help`` stays instant); a test keeps the two lists equal.
-METHODS = ("cgidm", "loss", "pia", "secmi", "contrast", "combined", "fused")
+METHODS = ("cgidm", "loss", "pia", "secmi", "contrast", "combined", "fused", "evidence")
+#: The methods that run the inversion (cgidm_core.evaluation.INVERSION_METHODS).
+INVERSION_METHODS = ("cgidm", "combined", "fused", "evidence")
 METHOD_HELP = {
     "cgidm": "contrasting gradient inversion + similarity of the recovery (the paper)",
     "loss": "fine-tuned model's denoising error at t in {50, 100, 200}",
@@ -37,7 +39,8 @@ METHOD_HELP = {
     "secmi": "SecMI_stat, t_sec=100, interval 10 (Duan et al. 2023)",
     "contrast": "CGI-DM's objective at the original image, no inversion",
     "combined": "z-scored cgidm similarity + z-scored contrast score",
-    "fused": "z-scored cgidm similarity + z-scored loss attack (best worst case of the suite)",
+    "fused": "z-scored cgidm similarity + z-scored loss attack",
+    "evidence": "the verdict's score (cgidm check, service): z(SSIM)+z(PSNR)+z(loss)+z(contrast)",
 }
 
 
@@ -95,7 +98,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cgidm_core.evaluation import load_image_folder, score_images_detailed
-    from cgidm_core.stats import calibrated_split, controls_test, evaluate_scores, plot_report
+    from cgidm_core.stats import calibrated_split, evaluate_scores, plot_report
 
     # Read every folder before loading models: a typo should fail in a second, not a minute.
     if args.suite_pair:
@@ -110,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         sets.append(("control", *load_image_folder(args.controls)))
     _check_settings(args, n_members=len(sets[0][1]), n_holdout=len(sets[1][1]))
     config = inversion_config(args)
-    if args.method in ("cgidm", "combined", "fused"):
+    if args.method in INVERSION_METHODS:
         config.validate()
     pair = load_pair_from_args(args)
 
@@ -156,16 +159,7 @@ def run(args: argparse.Namespace) -> int:
     comparison = (
         _paper_comparison(args, pair, config, sets, scored, report, split) if paper else None
     )
-    controls: dict[str, Any] | None = None
-    if args.controls:
-        controls = {
-            "members_vs_controls": controls_test(
-                by_set["member"], by_set["control"], alpha=args.alpha
-            ),
-            "holdout_vs_controls": controls_test(
-                by_set["holdout"], by_set["control"], alpha=args.alpha
-            ),
-        }
+    controls = _controls_tests(args, by_set) if args.controls else None
 
     records = []
     best_matches = comparison["best_matches"] if comparison else None
@@ -173,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
     if controls:
         for label, key in (("member", "members_vs_controls"), ("holdout", "holdout_vs_controls")):
             test = controls[key]
-            for i, (p, v) in enumerate(zip(test.p_values, test.verdicts, strict=True)):
+            for i, (p, v) in enumerate(zip(test["p_values"], test["verdicts"], strict=True)):
                 p_lookup[(label, i)] = (p, v)
     counters = {"member": 0, "holdout": 0, "control": 0}
     for label, detail in zip(labels, scored.details, strict=True):
@@ -196,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
         **scored.settings,
         "pair": pair.describe(),
     }
-    if args.method not in ("cgidm", "combined", "fused"):
+    if args.method not in INVERSION_METHODS:
         settings.pop("inversion", None)
 
     _print_report(args, scored, report, split, controls, records, elapsed)
@@ -214,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
             "seconds_per_image": round(elapsed / max(1, len(records)), 4),
             "report": report.to_dict(),
             "calibrated_split": split.to_dict() if split else None,
-            "controls_test": {k: v.to_dict() for k, v in controls.items()} if controls else None,
+            "controls_test": controls,
             "protocol": args.protocol,
             "protocol_comparison": (
                 {k: v for k, v in comparison.items() if k != "best_matches"}
@@ -232,6 +226,21 @@ def run(args: argparse.Namespace) -> int:
         plot_report(report, by_set["member"], by_set["holdout"], args.plot, title=title)
         print(f"wrote {args.plot}")
     return 0
+
+
+def _controls_tests(args: argparse.Namespace,
+                    by_set: dict[str, list[float]]) -> dict[str, dict[str, Any]]:
+    """Members, and the hold-out as a sanity check, against the controls: each is the set test
+    of the evidence document ``cgidm check`` and the service write (cgidm_core.evidence), on the
+    scores of the method asked for (already pooled over every image scored)."""
+    from cgidm_core.evidence import build_evidence
+
+    control_records = [{"score": s} for s in by_set["control"]]
+    return {
+        key: build_evidence([{"score": s} for s in by_set[label]], control_records,
+                            alpha=args.alpha, evidence="given")["set_test"]
+        for label, key in (("member", "members_vs_controls"), ("holdout", "holdout_vs_controls"))
+    }
 
 
 def _require_folders(args: argparse.Namespace) -> None:
@@ -299,7 +308,7 @@ def _check_settings(args: argparse.Namespace, *, n_members: int, n_holdout: int)
 
 
 def _method_label(args: argparse.Namespace, scored: Any) -> str:
-    if args.method in ("cgidm", "combined", "fused"):
+    if args.method in INVERSION_METHODS:
         inv = scored.settings.get("inversion", {})
         return f"{args.method} (metric {scored.settings.get('metric')}, {inv.get('steps')} steps)"
     return args.method
@@ -350,14 +359,14 @@ def _print_report(args, scored, report, split, controls, records, elapsed) -> No
         for key, label in (("members_vs_controls", "members vs controls"),
                            ("holdout_vs_controls", "hold-out vs controls")):
             test = controls[key]
-            hits = test.verdicts.count("member_evidence")
+            hits = test["verdicts"].count("member_evidence")
             rows.append((
                 label,
-                f"Mann-Whitney U={test.u_statistic:.1f}, one-sided p={test.p_value:.4g} "
-                f"({test.test_method}), AUC={test.auc:.3f}; {hits}/{test.n_suspect} images with "
-                f"p <= {test.alpha:g}",
+                f"Mann-Whitney U={test['u_statistic']:.1f}, one-sided p={test['p_value']:.4g} "
+                f"({test['test_method']}), AUC={test['auc']:.3f}; {hits}/{test['n_suspect']} "
+                f"images with p <= {test['alpha']:g}",
             ))
-        rows.append(("", controls["members_vs_controls"].explanation))
+        rows.append(("", controls["members_vs_controls"]["explanation"]))
 
     print()
     print(f"method: {_method_label(args, scored)}; members: {report.n_members}, "

@@ -11,11 +11,16 @@ def print_table(records: list[dict[str, Any]], set_test: object) -> None:
     test. ``records`` are the per-image documents of results.json or of a service result."""
     width = max(len("image"), *(len(r["name"]) for r in records))
     with_p = records[0].get("p_value") is not None
-    header = f"{'image':<{width}}  {'score':>9}" + ("  p-value  verdict" if with_p else "")
+    # The verdict's own score, when it is not the similarity (results since the fused evidence).
+    with_e = with_p and records[0].get("evidence_score") is not None
+    header = (f"{'image':<{width}}  {'score':>9}" + (f"  {'evidence':>8}" if with_e else "")
+              + ("  p-value  verdict" if with_p else ""))
     print(header)
     print("-" * len(header))
     for r in records:
         line = f"{r['name']:<{width}}  {r['score']:>9.4f}"
+        if with_e:
+            line += f"  {r['evidence_score']:>8.3f}"
         if with_p:
             line += f"  {r['p_value']:>7.3f}  {r['verdict']}"
         print(line)

@@ -75,6 +75,12 @@ def _zscores(values: np.ndarray) -> np.ndarray:
     return (values - values.mean()) / std
 
 
+def _check_evidence(evidence: str) -> None:
+    if evidence not in EVIDENCE_CHOICES:
+        raise ConfigError(f"unknown evidence {evidence!r}; choose from "
+                          f"{', '.join(EVIDENCE_CHOICES)}")
+
+
 def evidence_scores(records: Sequence[Mapping[str, Any]], evidence: str = DEFAULT_EVIDENCE
                     ) -> list[float]:
     """The verdict's score of every record, standardised over exactly these records.
@@ -82,9 +88,7 @@ def evidence_scores(records: Sequence[Mapping[str, Any]], evidence: str = DEFAUL
     ``records`` are per-image dicts as :meth:`ImageResult.to_dict` writes them (``score``,
     ``metrics``, ``attack_scores``); pass suspects and controls together.
     """
-    if evidence not in EVIDENCE_CHOICES:
-        raise ConfigError(f"unknown evidence {evidence!r}; choose from "
-                          f"{', '.join(EVIDENCE_CHOICES)}")
+    _check_evidence(evidence)
     if evidence in ("similarity", "given"):
         return [float(r["score"]) for r in records]
     total = np.zeros(len(records))
@@ -123,6 +127,7 @@ def build_evidence(
     """
     from .stats import controls_test
 
+    _check_evidence(evidence)
     suspects = [dict(r) for r in images]
     references = [dict(r) for r in controls]
     document: dict[str, Any] = {

@@ -13,7 +13,7 @@ from typing import Any
 
 #: Columns of the per-pair table besides the chosen score (the shipped and the cheap ones).
 KEY_CANDIDATES = (
-    "default:ssim@final", "default:psnr@final", "default:objective-second_half",
+    "fuse:ssim+loss", "default:ssim@final", "default:psnr@final", "default:objective-second_half",
     "contrast", "loss", "pia", "secmi",
 )
 

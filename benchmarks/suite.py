@@ -124,6 +124,13 @@ def train_missing(args: argparse.Namespace, pairs) -> dict[str, float]:
 # ------------------------------------------------------------------------------ evaluation
 
 
+#: Inversion options added after the cache's version 1 whose default leaves the default inversion
+#: unchanged (the reference preset's switches, the run size): left out of the key at that default, so adding
+#: an option does not throw away hours of cached inversions.
+NEUTRAL_SINCE_V1: dict[str, object] = {"quantize_partial": False, "sample_latent": False,
+                                      "resolution": None}
+
+
 def eval_key(pair) -> str:
     """Hash of what a model's cached raw values depend on (settings, candidates, images)."""
     import hashlib
@@ -132,7 +139,9 @@ def eval_key(pair) -> str:
     from cgidm_core.suite_scores import CHEAP_METHODS, RECORD_STEPS
 
     files = [f"{p.parent.name}/{p.name}:{p.stat().st_size}" for p in model_images(pair)]
-    blob = json.dumps({"config": InversionConfig().to_dict(), "variants": variants_for(pair),
+    config = {k: v for k, v in InversionConfig().to_dict().items()
+              if NEUTRAL_SINCE_V1.get(k, object()) != v}
+    blob = json.dumps({"config": config, "variants": variants_for(pair),
                        "record": RECORD_STEPS, "cheap": CHEAP_METHODS, "files": files,
                        "version": 1}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]

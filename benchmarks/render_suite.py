@@ -18,6 +18,10 @@ KEY_CANDIDATES = (
 )
 
 
+#: The candidate that is the verdict's score (cgidm_core.evidence.EVIDENCE_COMPONENTS["fused"]).
+VERDICT_CANDIDATE = "fuse:ssim+psnr+loss+contrast"
+
+
 def ranking(summary: dict[str, Any]) -> list[tuple[str, float, float, int]]:
     from cgidm_core.suite_scores import rank_candidates
 
@@ -237,6 +241,11 @@ def render(summary: dict[str, Any], args: Any) -> str:
         "",
         f"{len(summary['pairs'])} pairs. Cost = model evaluations per image (an inversion step "
         "is counted as 6: a forward and a backward pass through each model).",
+        "",
+        f"The verdict of `cgidm check`, the service and the library (`cgidm_core.evidence`) "
+        f"rests on `{VERDICT_CANDIDATE}`"
+        + (" (rank 1 here)." if best == VERDICT_CANDIDATE else
+           f"; rank 1 here is `{best}`: the verdict's score is behind the suite's best."),
         "",
         "| rank | score | worst AUC | mean AUC | cost |",
         "|---|---|---|---|---|",

@@ -125,8 +125,8 @@ def train_missing(args: argparse.Namespace, pairs) -> dict[str, float]:
 
 
 #: Inversion options added after the cache's version 1 whose default leaves the default inversion
-#: unchanged (the reference preset's switches, the run size): left out of the key at that default, so adding
-#: an option does not throw away hours of cached inversions.
+#: unchanged (the reference preset's switches, the run size): left out of the key at that
+#: default, so adding an option does not throw away hours of cached inversions.
 NEUTRAL_SINCE_V1: dict[str, object] = {"quantize_partial": False, "sample_latent": False,
                                       "resolution": None}
 

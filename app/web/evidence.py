@@ -179,7 +179,9 @@ def _set_words(result: JobResult, alpha: float) -> tuple[str, str]:
 
 def _verdict_score(item: Any) -> float:
     """The number an image's verdict was computed from: its ``evidence_score`` when the result
-    has one (the fused evidence, cgidm_core.evidence), else its similarity ``score``."""
+    has one (the fused evidence, cgidm_core.evidence), else its similarity ``score``. The
+    sentence "recovered better than n of your controls" counts on it, so that it agrees with
+    the p-value; the card and the plot show the similarity."""
     value = getattr(item, "evidence_score", None)
     return item.score if value is None else value
 
@@ -206,9 +208,7 @@ def _plot(result: JobResult, cards: list[Card], controls: list[Card]) -> Plot | 
     for i in range(5):
         value = low + (high - low) * i / 4
         ticks.append((x_of(value), f"{value:.3g}"))
-    what = (result.evidence or {}).get("score") if result.controls_test is not None else None
-    what = f"evidence {what}" if what and what != "similarity" else result.metric
-    label = (f"Scores ({what}, higher means recovered better) of "
+    label = (f"Scores ({result.metric}, higher means recovered better) of "
              f"{_plural(len(cards), 'image')}" +
              (f" and {_plural(len(controls), 'control')}" if controls else ""))
     return Plot(width, height, points, ticks, rows, 100.0, left, right, label, result.metric)
@@ -245,13 +245,13 @@ def build(record: JobRecord, alpha: float, picture_url: dict[str, dict[str, str]
     for item in result.images:
         verdict, detail = _image_card_words(_verdict_score(item), item.p_value, item.verdict,
                                             control_scores, alpha)
-        cards.append(Card(item.name, "image", _verdict_score(item), item.p_value, verdict,
+        cards.append(Card(item.name, "image", item.score, item.p_value, verdict,
                           HEADLINES[verdict], detail, pictures(item), dict(item.metrics)))
     controls = []
     for item in result.controls:
         detail = "An image of yours that was never published: it shows how well the suspect " \
                  "model recovers images it cannot have seen."
-        controls.append(Card(item.name, "control", _verdict_score(item), None, CONTROL,
+        controls.append(Card(item.name, "control", item.score, None, CONTROL,
                              HEADLINES[CONTROL], detail, pictures(item), dict(item.metrics)))
 
     set_verdict, set_sentence = _set_words(result, alpha)

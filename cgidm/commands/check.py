@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         document["set_test"] = evidence["set_test"]
 
     (out_dir / "results.json").write_text(json.dumps(document, indent=2))
-    print_table(records, document.get("set_test"))
+    print_table(records, document.get("set_test"), evidence["evidence"])
     for result in results:
         skipped = result.extra.get("nonfinite_gradient_steps", 0)
         if skipped:

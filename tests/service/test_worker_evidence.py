@@ -50,3 +50,33 @@ def test_worker_result_is_the_evidence_document(ctx):
         assert item["evidence_score"] is not None
     expected = {k: v for k, v in again["set_test"].items() if k not in ("p_values", "verdicts")}
     assert result.controls_test.model_dump() == pytest.approx(expected)
+
+
+def test_web_sentence_counts_controls_on_the_score_the_p_value_used():
+    """"Recovered better than n of your controls" must agree with the p-value: with the fused
+    evidence it counts on evidence_score, not on the similarity shown on the card."""
+    from datetime import datetime, timezone
+
+    from app.web import evidence
+    from cgidm.jobs import ArtifactLinks, ImageScore, JobResult, SetTest
+
+    links = ArtifactLinks(**{k: f"/x/{k}.png" for k in ("recovered", "partial", "side_by_side")})
+
+    def item(name: str, role: str, similarity: float, fused: float, **kw) -> ImageScore:
+        return ImageScore(name=name, role=role, score=similarity, metrics={"ssim": similarity},
+                          evidence_score=fused, artifacts=links, **kw)
+
+    # the image's similarity is the lowest, but its evidence beats all 19 controls
+    controls = [item(f"c{i}", "control", 0.5 + i / 100, -1.0 - i / 100) for i in range(19)]
+    image = item("img", "image", 0.1, 3.0, p_value=0.05, verdict="member_evidence")
+    result = JobResult(pretrained="b", finetuned="f", metric="ssim", images=[image],
+                       controls=controls, evidence={"score": "fused"},
+                       controls_test=SetTest(u_statistic=19, p_value=0.05, auc=1.0, alpha=0.05,
+                                             n_suspect=1, n_controls=19))
+    record = JobRecord(job_id="0" * 32, status="succeeded",
+                       created_at=datetime.now(timezone.utc),
+                       settings=JobSettings(pretrained="b", finetuned="f"), result=result)
+    card = evidence.build(record, 0.05, {}).cards[0]
+    assert card.verdict == "member_evidence"
+    assert card.detail.startswith("Recovered better than all 19 of your controls")
+    assert card.score == 0.1  # the card still shows the similarity

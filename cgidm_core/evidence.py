@@ -21,7 +21,9 @@ metric alone) and ``"given"`` uses each record's ``score`` as it is (``cgidm eva
 already scored its images with the method asked for).
 
 Without controls there is nothing to standardise against or to compare with: the document has
-the scores, no verdicts and no ``evidence_score``.
+the scores, no verdicts and no ``evidence_score``. When an image lacks a finite value the fusion
+needs (a float16 overflow on a GPU), :func:`build_evidence` falls back to the similarity alone
+and says so in ``evidence.fallback_reason``, rather than failing the check.
 """
 
 from __future__ import annotations
@@ -56,15 +58,20 @@ EVIDENCE_DESCRIPTIONS: dict[str, str] = {
 }
 
 
+class MissingEvidence(ConfigError):
+    """An image lacks a value the fused score needs (not computed, or not finite)."""
+
+
 def _component(record: Mapping[str, Any], component: str) -> float:
     kind, name = component.split(":", 1)
     source = record.get("metrics" if kind == "metric" else "attack_scores") or {}
     value = source.get(name)
-    if value is None:
-        raise ConfigError(
-            f"image {record.get('name')!r} has no {name!r} value, which the {component!r} part of "
-            "the verdict's score needs; score it with cgidm_core.authenticate (metrics ssim and "
-            "psnr, attack scores loss and contrast) or ask for evidence='similarity'")
+    if value is None or not np.isfinite(float(value)):
+        raise MissingEvidence(
+            f"image {record.get('name')!r} has no finite {name!r} value, which the "
+            f"{component!r} part of the verdict's score needs; score it with "
+            "cgidm_core.authenticate (metrics ssim and psnr, attack scores loss and contrast) or "
+            "ask for evidence='similarity'")
     return float(value)
 
 
@@ -141,7 +148,15 @@ def build_evidence(
         return document
     if not suspects:
         raise ConfigError("no images to judge against the controls; give at least one image")
-    scores = evidence_scores([*suspects, *references], evidence)
+    try:
+        scores = evidence_scores([*suspects, *references], evidence)
+    except MissingEvidence as exc:
+        # A value that overflowed (float16 on a GPU) must not cost the user the whole check:
+        # the verdict falls back to the similarity alone and the document says why.
+        evidence = "similarity"
+        scores = evidence_scores([*suspects, *references], evidence)
+        document["evidence"] = {**evidence_settings(evidence, alpha=alpha),
+                                "fallback_from": DEFAULT_EVIDENCE, "fallback_reason": str(exc)}
     for record, value in zip([*suspects, *references], scores, strict=True):
         record["evidence_score"] = value
     test = controls_test(scores[: len(suspects)], scores[len(suspects):], alpha=alpha)

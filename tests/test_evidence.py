@@ -86,14 +86,21 @@ def test_similarity_evidence_is_the_former_verdict():
     assert all(r["verdict"] == "inconclusive" for r in doc["images"])  # 3 controls
 
 
-def test_a_missing_component_names_the_image_and_what_to_do():
+def test_a_missing_component_names_the_image_and_falls_back_to_the_similarity():
     rng = np.random.default_rng(5)
     broken = _record("no-loss", rng)
-    del broken["attack_scores"]["loss"]
+    broken["attack_scores"]["loss"] = None  # not finite in float16: JSON null
+    controls = [_record("c", rng)]
     with pytest.raises(ConfigError, match="no-loss.*'loss'.*evidence='similarity'"):
-        build_evidence([broken], [_record("c", rng)])
+        evidence_scores([broken, *controls])
+    doc = build_evidence([broken], controls)
+    assert doc["evidence"]["score"] == "similarity"
+    assert doc["evidence"]["fallback_from"] == "fused"
+    assert "no-loss" in doc["evidence"]["fallback_reason"]
+    expected = controls_test([broken["score"]], [controls[0]["score"]])
+    assert doc["images"][0]["p_value"] == expected.p_values[0]
     with pytest.raises(ConfigError, match="unknown evidence"):
-        build_evidence([broken], [_record("c", rng)], evidence="clip")
+        build_evidence([broken], controls, evidence="clip")
 
 
 def test_authenticate_records_the_attack_scores_eval_computes(tiny_ddpm_pair):

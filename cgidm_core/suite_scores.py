@@ -243,6 +243,9 @@ def candidate_scores(values: dict[str, Sequence[float]],
         # the verdict's score (cgidm_core.evidence.EVIDENCE_COMPONENTS["fused"])
         "fuse:ssim+psnr+loss+contrast": ("default/final/ssim", "default/final/psnr", "loss",
                                          "contrast"),
+        # the same on the palette-bounded inversion (only where that variant was run)
+        "palette-fuse:ssim+psnr+loss+contrast": ("palette/final/ssim", "palette/final/psnr",
+                                                 "loss", "contrast"),
     }
     for name, parts in fusions.items():
         if not all(p in v for p in parts):

@@ -196,6 +196,10 @@ class ImageScore(BaseModel):
     score: float
     metrics: dict[str, float]
     p_value: float | None = None
+    evidence_score: float | None = Field(
+        None, description="The score the p-value and verdict are computed from (with controls): "
+        "by default z(SSIM) + z(PSNR) + z(loss attack) + z(contrast) over images and controls "
+        "together; see the result's `evidence`.")
     verdict: str | None = Field(None, examples=["member_evidence", "no_evidence", "inconclusive"])
     nonfinite_gradient_steps: int = Field(
         0, description="PGD steps skipped for this image because its gradient was not finite "
@@ -223,6 +227,10 @@ class JobResult(BaseModel):
     images: list[ImageScore]
     controls: list[ImageScore] = []
     controls_test: SetTest | None = None
+    evidence: dict[str, Any] | None = Field(
+        None, description="What the verdicts rest on (cgidm_core.evidence): the score's name, "
+        "description and components; each image's `evidence_score` is that score, its p-value "
+        "is computed from it against the controls'.")
     config: dict[str, Any] = {}
     pair: dict[str, Any] = {}
     elapsed_seconds: float | None = None

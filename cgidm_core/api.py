@@ -147,6 +147,7 @@ def authenticate(
     should_cancel: CancelFn | None = None,
     prompt_source: str | None = None,
     on_batch_halved: Callable[[int], None] | None = None,
+    attack_scores: Sequence[str] | None = None,
 ) -> AuthenticationResults:
     """Recover every image's removed half and score the recovery against the original.
 
@@ -169,7 +170,16 @@ def authenticate(
     batch is run again; ``on_batch_halved(new_size)`` is told. Each image has its own seeds, so
     its result does not depend on the batch it ran in. A single image that does not fit raises
     :class:`OutOfMemory`.
+
+    ``attack_scores`` (default :data:`cgidm_core.evidence.ATTACK_SCORES`: the loss attack and
+    the contrast at the original, 19 model evaluations per image next to the inversion's 600)
+    are computed on the same image and recorded as ``extra["attack_scores"]``: the verdict's
+    score (:mod:`cgidm_core.evidence`) fuses them with the recovery's similarity. ``()`` skips
+    them.
     """
+    from .evidence import ATTACK_SCORES
+
+    attacks = tuple(ATTACK_SCORES if attack_scores is None else attack_scores)
     config = config or InversionConfig()
     config.validate(pair.num_train_timesteps)
     size = pair.run_size(config.resolution)
@@ -238,6 +248,8 @@ def authenticate(
             continue
         offset += config.steps
         values = compute_metrics(out.original, out.recovered, out.mask, wanted, feature_model)
+        attack_values = _attack_scores(pair, tensor, cond, attacks, seeds, config.seed,
+                                       len(indices))
         originals, partials, recovered = to_pil(out.original), to_pil(out.partial), to_pil(
             out.recovered
         )
@@ -255,10 +267,33 @@ def authenticate(
                         "final_loss": _finite_or_none(float(out.losses[j, -1])),
                         "nonfinite_gradient_steps": _count(out.nonfinite_steps, j),
                         "input_sha256": record["inputs"][i]["sha256"],
+                        **({"attack_scores": {name: vals[j] for name, vals in
+                                              attack_values.items()}} if attack_values else {}),
                     },
                 )
             )
     return AuthenticationResults(results, record)
+
+
+def _attack_scores(pair: ModelPair, tensor: torch.Tensor, cond: Any, attacks: Sequence[str],
+                   seeds: Sequence[int], seed: int, batch_size: int) -> dict[str, list[float]]:
+    """The cheap membership scores of one batch (``cgidm_core.baselines``), seeded per image
+    exactly as ``cgidm eval`` and the benchmark suite seed them, so the values agree."""
+    from .baselines import BASELINES
+
+    # Every attack here goes through the pair's own forward process (pair.add_noise and
+    # pair.loss_target), so flow-matching families get the velocity versions.
+    if not attacks:
+        return {}
+
+    with torch.no_grad():
+        z0 = pair.encode(tensor.to(pair.device)).float()
+    out: dict[str, list[float]] = {}
+    for name in attacks:
+        values = BASELINES[name](pair, z0, cond, seed=seed, seeds=list(seeds),
+                                 batch_size=batch_size)
+        out[name] = [_finite_or_none(float(v)) for v in values]
+    return out
 
 
 def _finite_or_none(value: float) -> float | None:

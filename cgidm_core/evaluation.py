@@ -28,7 +28,10 @@ from .prompts import choose_prompt
 #: Every method :func:`score_images` knows. "cgidm" is the paper's method (inversion +
 #: similarity); "combined" and "fused" add the z-scored similarity to the z-scored contrast or
 #: loss-attack score.
-METHODS: tuple[str, ...] = ("cgidm", "loss", "pia", "secmi", "contrast", "combined", "fused")
+METHODS: tuple[str, ...] = ("cgidm", "loss", "pia", "secmi", "contrast", "combined", "fused",
+                            "evidence")
+#: The methods that run the inversion (and so take the inversion settings and a metric).
+INVERSION_METHODS: tuple[str, ...] = ("cgidm", "combined", "fused", "evidence")
 
 #: The cheap score each fusion adds to CGI-DM's similarity. "fused" (similarity + loss attack)
 #: had the best worst-case AUC of the benchmark suite's single scores and fusions
@@ -47,6 +50,8 @@ METHOD_DESCRIPTIONS: dict[str, str] = {
     "contrast": "CGI-DM objective at the original, 8 stratified samples, no inversion",
     "combined": "z(cgidm similarity) + z(contrast), standardised over the images scored",
     "fused": "z(cgidm similarity) + z(loss attack), standardised over the images scored",
+    "evidence": "the verdict's score of cgidm check and the service (cgidm_core.evidence): "
+                "z(SSIM) + z(PSNR) + z(loss attack) + z(contrast), over the images scored",
 }
 
 #: Suffixes :func:`load_image_folder` reads.
@@ -206,12 +211,20 @@ def score_images_detailed(
     results = authenticate(
         pair, pictures, names=labels, prompt=prompt, config=config, score_metric=metric,
         feature_model=feature_model, batch_size=batch_size, progress=inversion_progress,
+        attack_scores=None if method == "evidence" else (),
     )
     similarity = [float(r.score) for r in results]
     details = [r.to_dict() for r in results]
     settings.update({"metric": metric, "inversion": config.to_dict()})
     if method == "cgidm":
         scores = similarity
+    elif method == "evidence":
+        from .evidence import DEFAULT_EVIDENCE, evidence_scores, evidence_settings
+
+        scores = evidence_scores(details, DEFAULT_EVIDENCE)
+        for record, sim, score in zip(details, similarity, scores, strict=True):
+            record.update({"score": score, "cgidm_score": sim})
+        settings["evidence"] = evidence_settings(DEFAULT_EVIDENCE)
     else:
         other = FUSIONS[method]
         cheap = _baseline_scores(

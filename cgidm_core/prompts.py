@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
+
 #: Where a prompt came from, in order of precedence.
 PROMPT_SOURCES = (
     "given",  # --prompt, the API field, the Python argument
@@ -182,3 +184,32 @@ def finetune_prompt(path: str | Path, weights: Path | None = None) -> tuple[str,
         if prompt is not None:
             return prompt, "model_card", str(card.name)
     return None
+
+
+class PromptTooLong(ConfigError):
+    """The prompt has more tokens than the model's text encoder takes."""
+
+    code = "prompt_too_long"
+
+
+def check_prompt_length(pair: Any, prompt: str | None) -> None:
+    """Refuse a prompt the text encoder would silently cut: evidence computed on a truncated
+    prompt would not be about the prompt the user gave.
+
+    It asks the pair's own tokenizers (a Stable Diffusion adapter's ``tokenizer`` and, when the
+    fine-tune brought its own, ``tokenizer_finetuned``); models without one (pixel DDPMs) ignore
+    prompts and pass.
+    """
+    if not prompt:
+        return
+    seen: set[int] = set()
+    for tokenizer in (getattr(pair, "tokenizer", None), getattr(pair, "tokenizer_finetuned", None)):
+        if tokenizer is None or id(tokenizer) in seen:
+            continue
+        seen.add(id(tokenizer))
+        count = len(tokenizer(prompt, truncation=False)["input_ids"])
+        limit = int(tokenizer.model_max_length)
+        if count > limit:
+            raise PromptTooLong(
+                f"the prompt is {count} tokens long but the model's text encoder takes at most "
+                f"{limit} (start and end markers included); shorten it")

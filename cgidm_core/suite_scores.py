@@ -239,19 +239,35 @@ def candidate_scores(values: dict[str, Sequence[float]],
         "fuse:ssim+loss": ("default/final/ssim", "loss"),
         "fuse:objective+loss": ("default/objective/second_half", "loss"),
         "fuse:psnr+loss+contrast": ("default/final/psnr", "loss", "contrast"),
+        "fuse:ssim+psnr+loss": ("default/final/ssim", "default/final/psnr", "loss"),
+        # the verdict's score (cgidm_core.evidence.EVIDENCE_COMPONENTS["fused"])
+        "fuse:ssim+psnr+loss+contrast": ("default/final/ssim", "default/final/psnr", "loss",
+                                         "contrast"),
+        # the same on the palette-bounded inversion (only where that variant was run)
+        "palette-fuse:ssim+psnr+loss+contrast": ("palette/final/ssim", "palette/final/psnr",
+                                                 "loss", "contrast"),
     }
     for name, parts in fusions.items():
         if not all(p in v for p in parts):
             continue
         total = np.zeros(len(v[parts[0]]))
-        cost = 0
+        # values of one inversion (the default one) cost its steps once, however many are used
+        cost = steps * INVERSION_STEP_COST if any("/" in p for p in parts) else 0
         for p in parts:
             total += _z(-v[p] if "objective" in p else v[p])
-            inversion = "/" in p
-            cost += steps * INVERSION_STEP_COST if inversion else EVALUATIONS_PER_IMAGE[p]
+            cost += 0 if "/" in p else EVALUATIONS_PER_IMAGE[p]
         add(name, " + ".join(f"z({p})" for p in parts) + ", pooled over the images compared",
             cost, total)
+        if name == "fuse:ssim+psnr+loss+contrast":  # the same parts fused by mean rank instead
+            ranks = sum(_ranks(-v[p] if "objective" in p else v[p]) for p in parts)
+            add("rank:ssim+psnr+loss+contrast", "mean rank of " + ", ".join(parts), cost, ranks)
     return out
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    from scipy.stats import rankdata
+
+    return rankdata(values) / len(values)
 
 
 def rank_candidates(per_pair_auc: dict[str, list[float]],

@@ -343,44 +343,36 @@ def _classify(ctx: WorkerContext, record: JobRecord, watch: Watch,
         return "failed", JobError(code="time_limit", message=message)
     if isinstance(exc, UnknownModel | InvalidModelReference):
         return "failed", JobError(code="unknown_model", message=str(exc))
-    if isinstance(exc, PromptTooLong):
-        return "failed", JobError(code="prompt_too_long", message=str(exc))
     if isinstance(exc, CGIDMError):
         return "failed", JobError(code=exc.code, message=str(exc))
     log.exception("job %s failed unexpectedly", record.job_id)
     return "failed", JobError(code="internal_error", message=f"{type(exc).__name__}: {exc}")
 
 
-class PromptTooLong(ValueError):
-    """The prompt has more tokens than the model's text encoder takes."""
-
-
-def check_prompt_length(pair: Any, prompt: str | None) -> None:
-    """Refuse a prompt the text encoder would silently cut: evidence computed on a truncated
-    prompt would not be about the prompt the user gave. Models without a tokenizer (pixel DDPMs)
-    ignore prompts."""
-    if not prompt:
-        return
-    seen: set[int] = set()
-    for tokenizer in (getattr(pair, "tokenizer", None), getattr(pair, "tokenizer_finetuned", None)):
-        if tokenizer is None or id(tokenizer) in seen:
-            continue
-        seen.add(id(tokenizer))
-        count = len(tokenizer(prompt, truncation=False)["input_ids"])
-        limit = int(tokenizer.model_max_length)
-        if count > limit:
-            raise PromptTooLong(
-                f"the prompt is {count} tokens long but the model's text encoder takes at most "
-                f"{limit} (start and end markers included); shorten it")
-
-
 def _authenticate(ctx: WorkerContext, record: JobRecord, watch: Watch,
                   attempt: str) -> JobResult:
-    from cgidm_core import InversionConfig, authenticate
-    from cgidm_core.api import checked_batch_size
-    from cgidm_core.stats import controls_test
+    """Run the method on the job's images and return its result: load the pair, choose the
+    prompt and settings, invert, store the pictures, build the evidence document."""
+    from cgidm_core.prompts import check_prompt_length
 
     started = time.monotonic()
+    pre, ft, pair = _load_pair(ctx, record, watch)
+    choice = _prompt_choice(record.settings, pair, ft)
+    check_prompt_length(pair, choice.text)
+    config = _inversion_config(record.settings)
+    images = [ctx.store.read_input(item.key) for item in record.inputs]
+    results, batch_size, halvings = _run_method(ctx, record, watch, pair, images, choice, config)
+    records = _store_pictures(ctx, record, results, attempt)
+    return _job_result(ctx, record, records, results, pair, pre, ft, choice, config,
+                       elapsed=time.monotonic() - started,
+                       batch_size_used=halvings[-1] if halvings else min(batch_size,
+                                                                         len(images)),
+                       oom_halvings=len(halvings))
+
+
+def _load_pair(ctx: WorkerContext, record: JobRecord, watch: Watch) -> tuple[Any, Any, Any]:
+    """The job's (pretrained entry, fine-tuned entry, loaded pair), from the worker's cache;
+    records whether the cache held it and how long loading took."""
     settings = record.settings
     pre, ft = ctx.resolver(record.owner).check_pair(settings.pretrained, settings.finetuned)
     load_start = time.monotonic()
@@ -394,22 +386,38 @@ def _authenticate(ctx: WorkerContext, record: JobRecord, watch: Watch,
     if not watch.keeper.lost.is_set():  # a superseded attempt writes nothing
         ctx.store.save(record)
     ctx.publish_stats()
+    return pre, ft, pair
 
+
+def _prompt_choice(settings: Any, pair: Any, ft: Any) -> Any:
+    """The prompt both models are conditioned on and its source; an uploaded model's prompt
+    says it came from the upload rather than the registry."""
     from cgidm_core.prompts import choose_prompt
 
     choice = choose_prompt(settings.prompt, pair, registry_prompt=ft.prompt)
     upload_source = getattr(ft, "prompt_source", None)
-    if choice.source == "registry" and upload_source:  # an upload's prompt: say where it came from
+    if choice.source == "registry" and upload_source:
         choice = dataclasses.replace(choice, source=upload_source)
-    prompt = choice.text
-    check_prompt_length(pair, prompt)
+    return choice
+
+
+def _inversion_config(settings: Any) -> Any:
+    from cgidm_core import InversionConfig
+
     overrides = settings.inversion_overrides()
-    config = (InversionConfig.reference(**overrides) if settings.preset == "reference"
-              else InversionConfig(**overrides))
-    feature_model = None
-    if settings.metric in FEATURE_METRICS:
-        feature_model = ctx.settings.feature_model
-    images = [ctx.store.read_input(item.key) for item in record.inputs]
+    return (InversionConfig.reference(**overrides) if settings.preset == "reference"
+            else InversionConfig(**overrides))
+
+
+def _run_method(ctx: WorkerContext, record: JobRecord, watch: Watch, pair: Any,
+                images: list[Any], choice: Any, config: Any) -> tuple[Any, int, list[int]]:
+    """``authenticate`` with the job's hooks; returns its results, the batch size it started
+    with and every batch size it was halved to after the device ran out of memory."""
+    from cgidm_core import authenticate
+    from cgidm_core.api import checked_batch_size
+
+    settings = record.settings
+    feature_model = ctx.settings.feature_model if settings.metric in FEATURE_METRICS else None
     batch_size = checked_batch_size(pair, images, settings.batch_size)
     halvings: list[int] = []
 
@@ -422,7 +430,7 @@ def _authenticate(ctx: WorkerContext, record: JobRecord, watch: Watch,
         pair,
         images,
         names=[item.name for item in record.inputs],
-        prompt=prompt,
+        prompt=choice.text,
         config=config,
         score_metric=settings.metric,
         feature_model=feature_model,
@@ -432,43 +440,55 @@ def _authenticate(ctx: WorkerContext, record: JobRecord, watch: Watch,
         prompt_source=choice.source,
         on_batch_halved=halved,
     )
+    return results, batch_size, halvings
 
+
+def _store_pictures(ctx: WorkerContext, record: JobRecord, results: Any,
+                    attempt: str) -> list[dict[str, Any]]:
+    """Write every image's pictures under this run's prefix; returns the per-image records
+    (the library's values, the image's role and its artifact links)."""
     roles = {item.name: item.role for item in record.inputs}
-    scores: list[ImageScore] = []
+    records: list[dict[str, Any]] = []
     for res in results:
         for kind, picture in zip(
             ARTIFACT_KINDS, (res.recovered, res.partial, res.side_by_side()), strict=True
         ):
             ctx.store.storage.put_bytes(artifact_key(record.job_id, res.name, kind, attempt),
                                         _png(picture), content_type="image/png")
-        scores.append(ImageScore(**res.to_dict(), role=roles[res.name],
-                                 artifacts=artifact_links(record.job_id, res.name)))
-    suspects = [s for s in scores if s.role == "image"]
-    controls = [s for s in scores if s.role == "control"]
+        records.append({**res.to_dict(), "role": roles[res.name],
+                        "artifacts": artifact_links(record.job_id, res.name)})
+    return records
+
+
+def _job_result(ctx: WorkerContext, record: JobRecord, records: list[dict[str, Any]],
+                results: Any, pair: Any, pre: Any, ft: Any, choice: Any, config: Any, *,
+                elapsed: float, batch_size_used: int, oom_halvings: int) -> JobResult:
+    """The service's result: the evidence document (cgidm_core.evidence) in the API's shape."""
+    from cgidm_core.evidence import build_evidence
+
+    evidence = build_evidence([r for r in records if r["role"] == "image"],
+                              [r for r in records if r["role"] == "control"],
+                              alpha=ctx.settings.controls_alpha)
     set_test = None
-    if controls:
-        test = controls_test([s.score for s in suspects], [s.score for s in controls],
-                             alpha=ctx.settings.controls_alpha)
-        for item, p_value, verdict in zip(suspects, test.p_values, test.verdicts, strict=True):
-            item.p_value, item.verdict = p_value, verdict
-        summary = {k: v for k, v in test.to_dict().items() if k not in ("p_values", "verdicts")}
-        set_test = SetTest(**summary)
-    result = JobResult(
+    if evidence["set_test"] is not None:
+        set_test = SetTest(**{k: v for k, v in evidence["set_test"].items()
+                              if k not in ("p_values", "verdicts")})
+    return JobResult(
         pretrained=pre.id,
         finetuned=ft.id,
-        metric=settings.metric or _default_metric(),
-        images=suspects,
-        controls=controls,
+        metric=record.settings.metric or _default_metric(),
+        images=[ImageScore(**r) for r in evidence["images"]],
+        controls=[ImageScore(**r) for r in evidence["controls"]],
         controls_test=set_test,
+        evidence=evidence["evidence"],
         config=config.to_dict(),
         pair=pair.describe(),
-        elapsed_seconds=round(time.monotonic() - started, 3),
+        elapsed_seconds=round(elapsed, 3),
         provenance=service_provenance(results.provenance, record, pre, ft),
-        batch_size_used=halvings[-1] if halvings else min(batch_size, len(images)),
-        oom_halvings=len(halvings),
+        batch_size_used=batch_size_used,
+        oom_halvings=oom_halvings,
         **choice.to_settings(),
     )
-    return result
 
 
 def service_provenance(library: dict[str, Any], record: JobRecord, pre: Any,

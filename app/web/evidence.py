@@ -177,6 +177,15 @@ def _set_words(result: JobResult, alpha: float) -> tuple[str, str]:
                          "the set as a whole.")
 
 
+def _verdict_score(item: Any) -> float:
+    """The number an image's verdict was computed from: its ``evidence_score`` when the result
+    has one (the fused evidence, cgidm_core.evidence), else its similarity ``score``. The
+    sentence "recovered better than n of your controls" counts on it, so that it agrees with
+    the p-value; the card and the plot show the similarity."""
+    value = getattr(item, "evidence_score", None)
+    return item.score if value is None else value
+
+
 def _plot(result: JobResult, cards: list[Card], controls: list[Card]) -> Plot | None:
     everything = cards + controls
     if not everything:
@@ -220,7 +229,7 @@ def build(record: JobRecord, alpha: float, picture_url: dict[str, dict[str, str]
         raise ValueError(f"job {record.job_id} has no result")
     test = result.controls_test
     alpha = test.alpha if test is not None else alpha
-    control_scores = [c.score for c in result.controls]
+    control_scores = [_verdict_score(c) for c in result.controls]
 
     def pictures(item: Any) -> list[Picture]:
         urls = picture_url.get(item.name, {})
@@ -234,7 +243,7 @@ def build(record: JobRecord, alpha: float, picture_url: dict[str, dict[str, str]
 
     cards = []
     for item in result.images:
-        verdict, detail = _image_card_words(item.score, item.p_value, item.verdict,
+        verdict, detail = _image_card_words(_verdict_score(item), item.p_value, item.verdict,
                                             control_scores, alpha)
         cards.append(Card(item.name, "image", item.score, item.p_value, verdict,
                           HEADLINES[verdict], detail, pictures(item), dict(item.metrics)))

@@ -113,6 +113,10 @@ def _print_result(result: dict[str, Any]) -> None:
               f"AUC = {test['auc']:.3f} (alpha = {test['alpha']})")
         if test.get("explanation"):
             print(test["explanation"])
+        evidence = result.get("evidence") or {}
+        if evidence.get("score") not in (None, "similarity"):
+            print(f"p-values and the set test rest on the evidence score: "
+                  f"{evidence['description']}.")
 
 
 def _download(client: Any, result: dict[str, Any], out: Path) -> None:

@@ -29,7 +29,9 @@ from .common import (
 
 #: The methods of ``cgidm_core.evaluation.METHODS``, spelled out here so that building the parser
 #: never imports torch (``cgidm --help`` stays instant); a test keeps the two lists equal.
-METHODS = ("cgidm", "loss", "pia", "secmi", "contrast", "combined", "fused")
+METHODS = ("cgidm", "loss", "pia", "secmi", "contrast", "combined", "fused", "evidence")
+#: The methods that run the inversion (cgidm_core.evaluation.INVERSION_METHODS).
+INVERSION_METHODS = ("cgidm", "combined", "fused", "evidence")
 METHOD_HELP = {
     "cgidm": "contrasting gradient inversion + similarity of the recovery (the paper)",
     "loss": "fine-tuned model's denoising error at t in {50, 100, 200}",
@@ -37,7 +39,8 @@ METHOD_HELP = {
     "secmi": "SecMI_stat, t_sec=100, interval 10 (Duan et al. 2023)",
     "contrast": "CGI-DM's objective at the original image, no inversion",
     "combined": "z-scored cgidm similarity + z-scored contrast score",
-    "fused": "z-scored cgidm similarity + z-scored loss attack (best worst case of the suite)",
+    "fused": "z-scored cgidm similarity + z-scored loss attack",
+    "evidence": "the verdict's score (cgidm check, service): z(SSIM)+z(PSNR)+z(loss)+z(contrast)",
 }
 
 
@@ -94,10 +97,48 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cgidm_core.evaluation import load_image_folder, score_images_detailed
-    from cgidm_core.stats import calibrated_split, controls_test, evaluate_scores, plot_report
+    """Read the images, score them all in one call, measure how the scores separate the sets,
+    print the report and write what was asked for."""
+    sets = _read_sets(args)
+    config = inversion_config(args)
+    if args.method in INVERSION_METHODS:
+        config.validate()
+    pair = load_pair_from_args(args)
+    scored, elapsed = _score(args, pair, config, sets)
+    labels = [label for label, ns, _ in sets for _ in ns]
+    by_set: dict[str, list[float]] = {"member": [], "holdout": [], "control": []}
+    for label, score in zip(labels, scored.scores, strict=True):
+        by_set[label].append(score)
 
-    # Read every folder before loading models: a typo should fail in a second, not a minute.
+    report, split = _measure(args, by_set)
+    paper = args.protocol == "paper"
+    comparison = (
+        _paper_comparison(args, pair, config, sets, scored, report, split) if paper else None
+    )
+    controls = _controls_tests(args, by_set) if args.controls else None
+    records = _records(labels, scored, controls, comparison)
+
+    _print_report(args, scored, report, split, controls, records, elapsed)
+    if comparison is not None:
+        _print_comparison(comparison)
+    if args.json:
+        _write_json(args, pair, scored, report, split, controls, comparison, records, elapsed)
+    if args.plot:
+        from cgidm_core.stats import plot_report
+
+        title = f"{args.method}: {Path(args.finetuned).name} vs {Path(args.pretrained).name}"
+        plot_report(report, by_set["member"], by_set["holdout"], args.plot, title=title)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _read_sets(args: argparse.Namespace) -> list[tuple[str, list[str], list[Any]]]:
+    """(label, names, pictures) of the members, the hold-out and the controls, checked.
+
+    Every folder is read before models load: a typo should fail in a second, not a minute.
+    """
+    from cgidm_core.evaluation import load_image_folder
+
     if args.suite_pair:
         sets = _suite_pair_sets(args)
     else:
@@ -109,21 +150,22 @@ def run(args: argparse.Namespace) -> int:
     if args.controls:
         sets.append(("control", *load_image_folder(args.controls)))
     _check_settings(args, n_members=len(sets[0][1]), n_holdout=len(sets[1][1]))
-    config = inversion_config(args)
-    if args.method in ("cgidm", "combined", "fused"):
-        config.validate()
-    pair = load_pair_from_args(args)
+    return sets
 
-    names = [n for _, ns, _ in sets for n in ns]
-    pictures = [p for _, _, ps in sets for p in ps]
-    labels = [label for label, ns, _ in sets for _ in ns]
+
+def _score(args: argparse.Namespace, pair: Any, config: Any,
+           sets: list[tuple[str, list[str], list[Any]]]) -> tuple[Any, float]:
+    """Every image of every set scored in ONE call (fusions standardise over the call), with a
+    progress bar; returns the scores and the seconds they took."""
+    from cgidm_core.evaluation import score_images_detailed
+
     started = time.perf_counter()
     with progress_bar(f"cgidm eval ({args.method})") as update:
         scored = score_images_detailed(
             pair,
-            pictures,
+            [p for _, _, ps in sets for p in ps],
             args.method,
-            names=names,
+            names=[n for _, ns, _ in sets for n in ns],
             prompt=args.prompt,
             config=config,
             metric=args.metric,
@@ -132,18 +174,20 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             progress=update,
         )
-    elapsed = time.perf_counter() - started
+    return scored, time.perf_counter() - started
 
-    by_set: dict[str, list[float]] = {"member": [], "holdout": [], "control": []}
-    for label, score in zip(labels, scored.scores, strict=True):
-        by_set[label].append(score)
+
+def _measure(args: argparse.Namespace, by_set: dict[str, list[float]]) -> tuple[Any, Any]:
+    """AUC with its interval, TPR at low FPR, and (when asked, or for the paper comparison) the
+    calibrated split of members vs hold-out."""
+    from cgidm_core.stats import calibrated_split, evaluate_scores
+
     report = evaluate_scores(
         by_set["member"], by_set["holdout"], n_bootstrap=args.n_bootstrap, seed=args.seed
     )
-    paper = args.protocol == "paper"
     # The paper comparison sets our calibrated figures beside theirs whenever they can be made.
     want_split = args.calibrate_split or (
-        paper and min(len(by_set["member"]), len(by_set["holdout"])) >= 2
+        args.protocol == "paper" and min(len(by_set["member"]), len(by_set["holdout"])) >= 2
     )
     split = (
         calibrated_split(
@@ -153,28 +197,21 @@ def run(args: argparse.Namespace) -> int:
         if want_split
         else None
     )
-    comparison = (
-        _paper_comparison(args, pair, config, sets, scored, report, split) if paper else None
-    )
-    controls: dict[str, Any] | None = None
-    if args.controls:
-        controls = {
-            "members_vs_controls": controls_test(
-                by_set["member"], by_set["control"], alpha=args.alpha
-            ),
-            "holdout_vs_controls": controls_test(
-                by_set["holdout"], by_set["control"], alpha=args.alpha
-            ),
-        }
+    return report, split
 
-    records = []
+
+def _records(labels: list[str], scored: Any, controls: dict[str, dict[str, Any]] | None,
+             comparison: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """One record per image: its set, the method's evidence, and its p-value and verdict
+    against the controls (and its paper-protocol best match) when there are any."""
     best_matches = comparison["best_matches"] if comparison else None
     p_lookup: dict[tuple[str, int], tuple[float, str]] = {}
     if controls:
         for label, key in (("member", "members_vs_controls"), ("holdout", "holdout_vs_controls")):
             test = controls[key]
-            for i, (p, v) in enumerate(zip(test.p_values, test.verdicts, strict=True)):
+            for i, (p, v) in enumerate(zip(test["p_values"], test["verdicts"], strict=True)):
                 p_lookup[(label, i)] = (p, v)
+    records = []
     counters = {"member": 0, "holdout": 0, "control": 0}
     for label, detail in zip(labels, scored.details, strict=True):
         record = {"set": label, **detail}
@@ -186,7 +223,13 @@ def run(args: argparse.Namespace) -> int:
             record["paper_best_match_score"], record["paper_best_match"] = best_matches[
                 (label, index)]
         records.append(record)
+    return records
 
+
+def _write_json(args: argparse.Namespace, pair: Any, scored: Any, report: Any, split: Any,
+                controls: dict[str, dict[str, Any]] | None, comparison: dict[str, Any] | None,
+                records: list[dict[str, Any]], elapsed: float) -> None:
+    """Every per-image score and every figure, with the settings that produced them."""
     settings = {
         "pretrained": str(args.pretrained),
         "finetuned": str(args.finetuned),
@@ -196,42 +239,46 @@ def run(args: argparse.Namespace) -> int:
         **scored.settings,
         "pair": pair.describe(),
     }
-    if args.method not in ("cgidm", "combined", "fused"):
+    if args.method not in INVERSION_METHODS:
         settings.pop("inversion", None)
+    document = {
+        "auc": report.auc,
+        "auc_ci": [report.auc_ci_low, report.auc_ci_high],
+        "method": args.method,
+        "n_members": report.n_members,
+        "n_holdout": report.n_nonmembers,
+        "seconds": round(elapsed, 3),
+        "seconds_per_image": round(elapsed / max(1, len(records)), 4),
+        "report": report.to_dict(),
+        "calibrated_split": split.to_dict() if split else None,
+        "controls_test": controls,
+        "protocol": args.protocol,
+        "protocol_comparison": (
+            {k: v for k, v in comparison.items() if k != "best_matches"}
+            if comparison else None
+        ),
+        "settings": settings,
+        "images": records,
+    }
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2))
+    print(f"wrote {path}")
 
-    _print_report(args, scored, report, split, controls, records, elapsed)
-    if comparison is not None:
-        _print_comparison(comparison)
 
-    if args.json:
-        document = {
-            "auc": report.auc,
-            "auc_ci": [report.auc_ci_low, report.auc_ci_high],
-            "method": args.method,
-            "n_members": report.n_members,
-            "n_holdout": report.n_nonmembers,
-            "seconds": round(elapsed, 3),
-            "seconds_per_image": round(elapsed / max(1, len(records)), 4),
-            "report": report.to_dict(),
-            "calibrated_split": split.to_dict() if split else None,
-            "controls_test": {k: v.to_dict() for k, v in controls.items()} if controls else None,
-            "protocol": args.protocol,
-            "protocol_comparison": (
-                {k: v for k, v in comparison.items() if k != "best_matches"}
-                if comparison else None
-            ),
-            "settings": settings,
-            "images": records,
-        }
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(document, indent=2))
-        print(f"wrote {path}")
-    if args.plot:
-        title = f"{args.method}: {Path(args.finetuned).name} vs {Path(args.pretrained).name}"
-        plot_report(report, by_set["member"], by_set["holdout"], args.plot, title=title)
-        print(f"wrote {args.plot}")
-    return 0
+def _controls_tests(args: argparse.Namespace,
+                    by_set: dict[str, list[float]]) -> dict[str, dict[str, Any]]:
+    """Members, and the hold-out as a sanity check, against the controls: each is the set test
+    of the evidence document ``cgidm check`` and the service write (cgidm_core.evidence), on the
+    scores of the method asked for (already pooled over every image scored)."""
+    from cgidm_core.evidence import build_evidence
+
+    control_records = [{"score": s} for s in by_set["control"]]
+    return {
+        key: build_evidence([{"score": s} for s in by_set[label]], control_records,
+                            alpha=args.alpha, evidence="given")["set_test"]
+        for label, key in (("member", "members_vs_controls"), ("holdout", "holdout_vs_controls"))
+    }
 
 
 def _require_folders(args: argparse.Namespace) -> None:
@@ -299,7 +346,7 @@ def _check_settings(args: argparse.Namespace, *, n_members: int, n_holdout: int)
 
 
 def _method_label(args: argparse.Namespace, scored: Any) -> str:
-    if args.method in ("cgidm", "combined", "fused"):
+    if args.method in INVERSION_METHODS:
         inv = scored.settings.get("inversion", {})
         return f"{args.method} (metric {scored.settings.get('metric')}, {inv.get('steps')} steps)"
     return args.method
@@ -350,14 +397,14 @@ def _print_report(args, scored, report, split, controls, records, elapsed) -> No
         for key, label in (("members_vs_controls", "members vs controls"),
                            ("holdout_vs_controls", "hold-out vs controls")):
             test = controls[key]
-            hits = test.verdicts.count("member_evidence")
+            hits = test["verdicts"].count("member_evidence")
             rows.append((
                 label,
-                f"Mann-Whitney U={test.u_statistic:.1f}, one-sided p={test.p_value:.4g} "
-                f"({test.test_method}), AUC={test.auc:.3f}; {hits}/{test.n_suspect} images with "
-                f"p <= {test.alpha:g}",
+                f"Mann-Whitney U={test['u_statistic']:.1f}, one-sided p={test['p_value']:.4g} "
+                f"({test['test_method']}), AUC={test['auc']:.3f}; {hits}/{test['n_suspect']} "
+                f"images with p <= {test['alpha']:g}",
             ))
-        rows.append(("", controls["members_vs_controls"].explanation))
+        rows.append(("", controls["members_vs_controls"]["explanation"]))
 
     print()
     print(f"method: {_method_label(args, scored)}; members: {report.n_members}, "

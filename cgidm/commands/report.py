@@ -6,9 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 
-def print_table(records: list[dict[str, Any]], set_test: object) -> None:
+def print_table(records: list[dict[str, Any]], set_test: object,
+                evidence: dict[str, Any] | None = None) -> None:
     """One line per image (score; p-value and verdict when there were controls), then the set
-    test. ``records`` are the per-image documents of results.json or of a service result."""
+    test and what the verdicts rest on (``evidence``, the document's entry). ``records`` are the
+    per-image documents of results.json or of a service result."""
     width = max(len("image"), *(len(r["name"]) for r in records))
     with_p = records[0].get("p_value") is not None
     header = f"{'image':<{width}}  {'score':>9}" + ("  p-value  verdict" if with_p else "")
@@ -25,3 +27,6 @@ def print_table(records: list[dict[str, Any]], set_test: object) -> None:
             f"U={set_test['u_statistic']:.1f}, p={set_test['p_value']:.4g}, "
             f"AUC={set_test['auc']:.3f}"
         )
+    if isinstance(set_test, dict) and evidence and evidence.get("score") != "similarity":
+        print(f"p-values and verdicts rest on the evidence score: {evidence['description']} "
+              "(results.json: evidence_score)")

@@ -367,7 +367,9 @@ def test_check_with_controls_shows_progress_evidence_and_report(browser, service
     assert [cards[p.stem] for p in controls] == ["control"] * 3
     card_text = _css(browser, f'.card[data-image-name="{images[0].stem}"]')[0].text
     assert "only 3 controls: too few to reach significance" in card_text
-    assert "of your 3 controls" in card_text
+    # how many controls it beat, on the score the p-value used (the fused evidence: with it the
+    # demo's member beats all three, with the similarity alone some of them)
+    assert "of your 3 controls" in card_text or "all 3 of your controls" in card_text
     summary = _css(browser, "#summary")[0].text
     assert "Mann" in summary and "3 images" in summary
     assert _css(browser, ".plot svg circle")

@@ -1,0 +1,166 @@
+"""The evidence document: per-image scores, p-values against controls, verdicts, the set test.
+
+Why one module: ``cgidm check`` (results.json), the service worker (result.json, the API result)
+and ``cgidm eval`` all turn per-image values into the same evidence. Built in one place, the
+verdict rests on the same score everywhere and a change of that score (chosen on the benchmark
+suite, docs/ACCURACY.md) reaches every surface at once.
+
+The verdict's score (:data:`DEFAULT_EVIDENCE`, "fused") is the suite's choice by its rule
+(worst-case AUC first, then the mean, ties to the cheaper): the sum of the z-scores of four
+values of each image,
+
+- masked SSIM and masked PSNR of the recovery (CGI-DM's inversion),
+- the loss attack (minus the fine-tuned model's denoising error, 3 evaluations) and
+- the contrast score (minus CGI-DM's objective at the original, 16 evaluations),
+
+each standardised over the images judged together: the suspects and the controls. That pooling is
+a symmetric function of all the images, so swapping a suspect with a control changes no one's
+score: the empirical p-value of an image that is exchangeable with the controls stays exactly
+valid, as it is for a single similarity. ``"similarity"`` is the former verdict (the similarity
+metric alone) and ``"given"`` uses each record's ``score`` as it is (``cgidm eval``, which has
+already scored its images with the method asked for).
+
+Without controls there is nothing to standardise against or to compare with: the document has
+the scores, no verdicts and no ``evidence_score``. When an image lacks a finite value the fusion
+needs (a float16 overflow on a GPU), :func:`build_evidence` falls back to the similarity alone
+and says so in ``evidence.fallback_reason``, rather than failing the check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError
+
+#: The cheap scores the verdict's fusion adds to the recovery's similarity; computed by
+#: :func:`cgidm_core.api.authenticate` for every image (19 model evaluations on top of 600).
+ATTACK_SCORES: tuple[str, ...] = ("loss", "contrast")
+
+#: Evidence name -> the per-image values summed as z-scores (all "higher = member").
+#: ``metric:<name>`` is ``metrics[name]``; ``attack:<name>`` is ``attack_scores[name]``.
+EVIDENCE_COMPONENTS: dict[str, tuple[str, ...]] = {
+    "fused": ("metric:ssim", "metric:psnr", "attack:loss", "attack:contrast"),
+}
+#: Every evidence a caller may ask for: the fusions, the similarity alone, the records' own score.
+EVIDENCE_CHOICES: tuple[str, ...] = (*EVIDENCE_COMPONENTS, "similarity", "given")
+#: The verdict's score unless the caller asks for another (chosen on the benchmark suite).
+DEFAULT_EVIDENCE = "fused"
+
+#: One sentence per evidence, written into every document under ``evidence.description``.
+EVIDENCE_DESCRIPTIONS: dict[str, str] = {
+    "fused": "z(masked SSIM) + z(masked PSNR) of the recovery + z(loss attack) + z(contrast at "
+             "the original), each standardised over the images and controls judged together",
+    "similarity": "the recovery's similarity to its original (the score metric) alone",
+    "given": "each image's score as computed by the method asked for",
+}
+
+
+class MissingEvidence(ConfigError):
+    """An image lacks a value the fused score needs (not computed, or not finite)."""
+
+
+def _component(record: Mapping[str, Any], component: str) -> float:
+    kind, name = component.split(":", 1)
+    source = record.get("metrics" if kind == "metric" else "attack_scores") or {}
+    value = source.get(name)
+    if value is None or not np.isfinite(float(value)):
+        raise MissingEvidence(
+            f"image {record.get('name')!r} has no finite {name!r} value, which the "
+            f"{component!r} part of the verdict's score needs; score it with "
+            "cgidm_core.authenticate (metrics ssim and psnr, attack scores loss and contrast) or "
+            "ask for evidence='similarity'")
+    return float(value)
+
+
+def _zscores(values: np.ndarray) -> np.ndarray:
+    std = values.std()
+    if values.size < 2 or std == 0 or not np.isfinite(std):
+        return np.zeros_like(values)
+    return (values - values.mean()) / std
+
+
+def _check_evidence(evidence: str) -> None:
+    if evidence not in EVIDENCE_CHOICES:
+        raise ConfigError(f"unknown evidence {evidence!r}; choose from "
+                          f"{', '.join(EVIDENCE_CHOICES)}")
+
+
+def evidence_scores(records: Sequence[Mapping[str, Any]], evidence: str = DEFAULT_EVIDENCE
+                    ) -> list[float]:
+    """The verdict's score of every record, standardised over exactly these records.
+
+    ``records`` are per-image dicts as :meth:`ImageResult.to_dict` writes them (``score``,
+    ``metrics``, ``attack_scores``); pass suspects and controls together.
+    """
+    _check_evidence(evidence)
+    if evidence in ("similarity", "given"):
+        return [float(r["score"]) for r in records]
+    total = np.zeros(len(records))
+    for component in EVIDENCE_COMPONENTS[evidence]:
+        total += _zscores(np.array([_component(r, component) for r in records], dtype=float))
+    return [float(v) for v in total]
+
+
+def evidence_settings(evidence: str, *, alpha: float | None = None) -> dict[str, Any]:
+    """What the verdict rested on, as the ``evidence`` entry of every document."""
+    out: dict[str, Any] = {"score": evidence, "description": EVIDENCE_DESCRIPTIONS[evidence]}
+    if evidence in EVIDENCE_COMPONENTS:
+        out["components"] = list(EVIDENCE_COMPONENTS[evidence])
+        out["standardised_over"] = "images and controls together"
+    if alpha is not None:
+        out["alpha"] = alpha
+    return out
+
+
+def build_evidence(
+    images: Sequence[Mapping[str, Any]],
+    controls: Sequence[Mapping[str, Any]] = (),
+    *,
+    alpha: float = 0.05,
+    evidence: str = DEFAULT_EVIDENCE,
+    settings: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The evidence document of one check: what results.json, the service and eval all write.
+
+    Returns ``{"images", "controls", "set_test", "evidence", "settings"}``: copies of the records
+    in the order given; with controls each image gains ``p_value``, ``verdict`` and
+    ``evidence_score`` (the number its p-value is computed from), each control its
+    ``evidence_score``, and ``set_test`` is :func:`cgidm_core.stats.controls_test`'s dict
+    (``p_values`` and ``verdicts`` included); without controls ``set_test`` is None and no
+    image has a verdict.
+    """
+    from .stats import controls_test
+
+    _check_evidence(evidence)
+    suspects = [dict(r) for r in images]
+    references = [dict(r) for r in controls]
+    document: dict[str, Any] = {
+        "images": suspects,
+        "controls": references,
+        "set_test": None,
+        "evidence": evidence_settings(evidence, alpha=alpha if references else None),
+        "settings": dict(settings or {}),
+    }
+    if not references:
+        return document
+    if not suspects:
+        raise ConfigError("no images to judge against the controls; give at least one image")
+    try:
+        scores = evidence_scores([*suspects, *references], evidence)
+    except MissingEvidence as exc:
+        # A value that overflowed (float16 on a GPU) must not cost the user the whole check:
+        # the verdict falls back to the similarity alone and the document says why.
+        evidence = "similarity"
+        scores = evidence_scores([*suspects, *references], evidence)
+        document["evidence"] = {**evidence_settings(evidence, alpha=alpha),
+                                "fallback_from": DEFAULT_EVIDENCE, "fallback_reason": str(exc)}
+    for record, value in zip([*suspects, *references], scores, strict=True):
+        record["evidence_score"] = value
+    test = controls_test(scores[: len(suspects)], scores[len(suspects):], alpha=alpha)
+    for record, p_value, verdict in zip(suspects, test.p_values, test.verdicts, strict=True):
+        record["p_value"], record["verdict"] = p_value, verdict
+    document["set_test"] = test.to_dict()
+    return document

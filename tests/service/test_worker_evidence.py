@@ -1,0 +1,82 @@
+"""The worker writes the same evidence document as `cgidm check` (cgidm_core.evidence)."""
+
+from __future__ import annotations
+
+import pytest
+
+from cgidm.jobs import InputFile, JobRecord, JobSettings, JobStore, input_key, new_job_id, utcnow
+from cgidm.settings import Settings
+from cgidm.storage import LocalStorage
+from cgidm_core.evidence import build_evidence
+from tests.service.conftest import png_bytes
+from worker.context import WorkerContext
+from worker.job_runner import run_job
+from worker.model_cache import ModelCache
+
+
+@pytest.fixture
+def ctx(tmp_path, registry_file) -> WorkerContext:
+    from worker.context import _load_pair
+
+    settings = Settings(data_dir=tmp_path, models=registry_file, device="cpu",
+                        progress_interval=0)
+    return WorkerContext(settings=settings, store=JobStore(LocalStorage(tmp_path / "store")),
+                         cache=ModelCache(10**9, _load_pair), worker_id="test-worker")
+
+
+def test_worker_result_is_the_evidence_document(ctx):
+    job_id = new_job_id()
+    inputs, files = [], []
+    for i, role in enumerate(["image", "image", "control", "control", "control"]):
+        name = f"{role}{i}"
+        key = input_key(job_id, role, i, name)
+        inputs.append(InputFile(name=name, role=role, key=key, width=24, height=20))
+        files.append((key, png_bytes(i + 1)))
+    record = JobRecord(job_id=job_id, created_at=utcnow(),
+                       settings=JobSettings(pretrained="tiny-base", finetuned="tiny-ft", steps=2),
+                       inputs=inputs)
+    ctx.store.create(record, files)
+    assert run_job(ctx, job_id) == "succeeded"
+    result = ctx.store.load(job_id).result
+    assert result.evidence["score"] == "fused"
+    images = [i.model_dump() for i in result.images]
+    controls = [c.model_dump() for c in result.controls]
+    # the document the library builds from the same per-image values is the one served
+    again = build_evidence(images, controls, alpha=ctx.settings.controls_alpha)
+    assert [i["p_value"] for i in images] == [i["p_value"] for i in again["images"]]
+    assert [i["verdict"] for i in images] == ["inconclusive", "inconclusive"]
+    for item in images + controls:
+        assert set(item["attack_scores"]) == {"loss", "contrast"}
+        assert item["evidence_score"] is not None
+    expected = {k: v for k, v in again["set_test"].items() if k not in ("p_values", "verdicts")}
+    assert result.controls_test.model_dump() == pytest.approx(expected)
+
+
+def test_web_sentence_counts_controls_on_the_score_the_p_value_used():
+    """"Recovered better than n of your controls" must agree with the p-value: with the fused
+    evidence it counts on evidence_score, not on the similarity shown on the card."""
+    from datetime import datetime, timezone
+
+    from app.web import evidence
+    from cgidm.jobs import ArtifactLinks, ImageScore, JobResult, SetTest
+
+    links = ArtifactLinks(**{k: f"/x/{k}.png" for k in ("recovered", "partial", "side_by_side")})
+
+    def item(name: str, role: str, similarity: float, fused: float, **kw) -> ImageScore:
+        return ImageScore(name=name, role=role, score=similarity, metrics={"ssim": similarity},
+                          evidence_score=fused, artifacts=links, **kw)
+
+    # the image's similarity is the lowest, but its evidence beats all 19 controls
+    controls = [item(f"c{i}", "control", 0.5 + i / 100, -1.0 - i / 100) for i in range(19)]
+    image = item("img", "image", 0.1, 3.0, p_value=0.05, verdict="member_evidence")
+    result = JobResult(pretrained="b", finetuned="f", metric="ssim", images=[image],
+                       controls=controls, evidence={"score": "fused"},
+                       controls_test=SetTest(u_statistic=19, p_value=0.05, auc=1.0, alpha=0.05,
+                                             n_suspect=1, n_controls=19))
+    record = JobRecord(job_id="0" * 32, status="succeeded",
+                       created_at=datetime.now(timezone.utc),
+                       settings=JobSettings(pretrained="b", finetuned="f"), result=result)
+    card = evidence.build(record, 0.05, {}).cards[0]
+    assert card.verdict == "member_evidence"
+    assert card.detail.startswith("Recovered better than all 19 of your controls")
+    assert card.score == 0.1  # the card still shows the similarity

@@ -114,7 +114,8 @@ def evaluate_finetune(args: argparse.Namespace, finetuned: str, pictures: list[A
     from cgidm_core.baselines import EVALUATIONS_PER_IMAGE
     from cgidm_core.evaluation import combine_scores, score_images_detailed
     from cgidm_core.inversion import InversionConfig
-    from cgidm_core.similarity import DEFAULT_METRIC, score_from_metric
+    from cgidm_core.names import DEFAULT_METRIC
+    from cgidm_core.similarity import score_from_metric
     from cgidm_core.stats import evaluate_scores
 
     started = time.perf_counter()

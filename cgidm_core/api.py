@@ -21,12 +21,11 @@ from . import provenance
 from .errors import ConfigError, OutOfMemory
 from .images import ImageSource, image_seed, load_image, to_pil, to_tensor
 from .inversion import CancelFn, InversionConfig, invert
+from .names import DEFAULT_METRIC, PIXEL_METRICS
 from .pair import ModelPair
 from .prompts import EmptyPromptWarning, choose_prompt
 from .results import ImageResult
 from .similarity import (
-    DEFAULT_METRIC,
-    PIXEL_METRICS,
     FeatureModel,
     compute_metrics,
     score_from_metric,

@@ -22,13 +22,9 @@ from .baselines import BASELINES, EVALUATIONS_PER_IMAGE
 from .errors import ConfigError, ImageInputError
 from .images import ImageSource, image_seed, load_image, to_tensor
 from .inversion import InversionConfig
+from .names import DEFAULT_METRIC, METHODS
 from .pair import ModelPair
 from .prompts import choose_prompt
-
-#: Every method :func:`score_images` knows. "cgidm" is the paper's method (inversion +
-#: similarity); "combined" and "fused" add the z-scored similarity to the z-scored contrast or
-#: loss-attack score.
-METHODS: tuple[str, ...] = ("cgidm", "loss", "pia", "secmi", "contrast", "combined", "fused")
 
 #: The cheap score each fusion adds to CGI-DM's similarity. "fused" (similarity + loss attack)
 #: had the best worst-case AUC of the benchmark suite's single scores and fusions
@@ -37,17 +33,6 @@ FUSIONS: dict[str, str] = {"combined": "contrast", "fused": "loss"}
 #: The similarity metric a fusion uses when none is given (else the verdict's DEFAULT_METRIC):
 #: chosen on the suite by the same rule as the default (worst case, then mean).
 FUSION_METRICS: dict[str, str] = {"fused": "ssim"}
-
-#: One line per method for help texts and tables.
-METHOD_DESCRIPTIONS: dict[str, str] = {
-    "cgidm": "contrasting gradient inversion + similarity of the recovery (the paper)",
-    "loss": "fine-tuned model's denoising error at t in {50, 100, 200} (loss attack)",
-    "pia": "Proximal Initialization Attack, t=200, l4 (Kong et al. 2024)",
-    "secmi": "SecMI_stat, t_sec=100, interval 10 (Duan et al. 2023)",
-    "contrast": "CGI-DM objective at the original, 8 stratified samples, no inversion",
-    "combined": "z(cgidm similarity) + z(contrast), standardised over the images scored",
-    "fused": "z(cgidm similarity) + z(loss attack), standardised over the images scored",
-}
 
 #: Suffixes :func:`load_image_folder` reads.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -190,7 +175,6 @@ def score_images_detailed(
         )
 
     from .api import authenticate
-    from .similarity import DEFAULT_METRIC
 
     config = config or InversionConfig(seed=seed)
     metric = metric or FUSION_METRICS.get(method) or DEFAULT_METRIC

@@ -23,13 +23,7 @@ from cgidm_core.errors import (
     ModelNotFoundError,
     UnsupportedModelFamilyError,
 )
-
-#: What ``detect_finetuned_kind`` can answer.
-FINETUNED_KINDS = ("pipeline", "dreambooth", "lora", "single_file", "ddpm")
-
-SD_FAMILY = "stable-diffusion"
-SDXL_FAMILY = "stable-diffusion-xl"
-DDPM_FAMILY = "ddpm"
+from cgidm_core.names import DDPM_FAMILY, SD_FAMILY, SDXL_FAMILY
 
 SUPPORTED_HINT = (
     "cgidm supports Stable Diffusion 1.x/2.x and SDXL base 1.0 (StableDiffusionPipeline / "
@@ -113,7 +107,7 @@ def _class_name(config_file: Path) -> str:
 
 
 def detect_finetuned_kind(path: str | Path) -> str:
-    """Say how a fine-tuned model is stored: one of :data:`FINETUNED_KINDS`.
+    """Say how a fine-tuned model is stored: one of :data:`cgidm_core.names.FINETUNED_KINDS`.
 
     - ``pipeline``: a full diffusers folder (``model_index.json``) of Stable Diffusion;
     - ``ddpm``: a pixel-space pipeline folder, or a ``UNet2DModel`` (alone or in ``unet/``);

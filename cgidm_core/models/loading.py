@@ -22,7 +22,6 @@ from cgidm_core.models.ddpm import DDPMPair
 from cgidm_core.models.devices import resolve_device, resolve_dtype
 from cgidm_core.models.formats import (
     DDPM_FAMILY,
-    FINETUNED_KINDS,
     IDENTICAL_MODELS,
     PICKLE_HINT,
     SDXL_FAMILY,
@@ -48,6 +47,7 @@ from cgidm_core.models.sd_loading import (
     text_encoder_reloader,
 )
 from cgidm_core.models.stable_diffusion import StableDiffusionLoraPair, StableDiffusionPair
+from cgidm_core.names import FINETUNED_KINDS
 from cgidm_core.pair import ModelPair
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

@@ -25,6 +25,7 @@ import torch
 from cgidm_core.errors import ConfigError
 from cgidm_core.models.devices import available_gpu_bytes, gpu_batch_size, unique_modules
 from cgidm_core.models.predictions import expand_timesteps, output_to_eps
+from cgidm_core.names import SD_FAMILY
 from cgidm_core.pair import Conditioning, ModelPair, storage_bytes
 
 #: Builds fresh copies of a pair's text encoders, exactly as loading built them, on the pair's
@@ -94,7 +95,7 @@ class StableDiffusionPair(ModelPair):
     decoder can overflow in float16. A pair is not meant for concurrent use from several threads.
     """
 
-    family = "stable-diffusion"
+    family = SD_FAMILY
 
     def __init__(
         self,

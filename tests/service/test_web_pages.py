@@ -106,7 +106,7 @@ def test_provenance_shows_every_key_the_result_carries():
 
 def test_defaults_shown_in_the_form_are_the_librarys():
     from cgidm_core import InversionConfig
-    from cgidm_core.similarity import DEFAULT_METRIC
+    from cgidm_core.names import DEFAULT_METRIC
 
     config = InversionConfig()
     shown = evidence.SHOWN_DEFAULTS

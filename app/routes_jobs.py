@@ -17,7 +17,6 @@ from app.services import Services, get_services
 from app.uploads import decode_image
 from cgidm.jobs import (
     ARTIFACT_KINDS,
-    FEATURE_METRICS,
     ArtifactLinks,
     InputFile,
     JobNotFound,
@@ -33,6 +32,7 @@ from cgidm.jobs import (
 )
 from cgidm.registry import InvalidModelReference, UnknownModel
 from cgidm.storage import ObjectNotFound, StorageError
+from cgidm_core.names import FEATURE_METRICS
 
 log = logging.getLogger("cgidm.gateway")
 router = APIRouter(tags=["jobs"])

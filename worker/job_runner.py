@@ -17,7 +17,6 @@ from typing import Any
 
 from cgidm.jobs import (
     ARTIFACT_KINDS,
-    FEATURE_METRICS,
     ImageScore,
     JobError,
     JobNotFound,
@@ -33,6 +32,7 @@ from cgidm.jobs import (
 )
 from cgidm.registry import InvalidModelReference, UnknownModel
 from cgidm.storage import StorageError, StorageUnavailable
+from cgidm_core.names import DEFAULT_METRIC, FEATURE_METRICS
 from worker import faults
 from worker.context import WorkerContext
 from worker.leasing import LeaseKeeper
@@ -456,7 +456,7 @@ def _authenticate(ctx: WorkerContext, record: JobRecord, watch: Watch,
     result = JobResult(
         pretrained=pre.id,
         finetuned=ft.id,
-        metric=settings.metric or _default_metric(),
+        metric=settings.metric or DEFAULT_METRIC,
         images=suspects,
         controls=controls,
         controls_test=set_test,
@@ -490,8 +490,3 @@ def service_provenance(library: dict[str, Any], record: JobRecord, pre: Any,
     document["models"] = models
     return document
 
-
-def _default_metric() -> str:
-    from cgidm_core.similarity import DEFAULT_METRIC
-
-    return DEFAULT_METRIC

@@ -8,6 +8,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from cgidm_core.names import FINETUNED_KINDS
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
@@ -23,7 +25,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool = Tru
     )
     group.add_argument(
         "--finetuned-kind",
-        choices=["pipeline", "dreambooth", "lora", "single_file", "ddpm"],
+        choices=FINETUNED_KINDS,
         help="format of --finetuned (detected when omitted)",
     )
     group.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")

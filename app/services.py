@@ -9,12 +9,12 @@ from fastapi import Request
 
 from app.admission import Admission, admission_for
 from app.auth import UrlSigner
+from cgidm.job_queue import enqueue_job, make_celery
 from cgidm.jobs import JobStore
 from cgidm.registry import Registry, load_registry
 from cgidm.routing import queue_depth
 from cgidm.settings import Settings
 from cgidm.storage import storage_from_settings
-from cgidm.tasks import enqueue_job, make_celery
 from cgidm.uploaded_models import ModelResolver, UploadStore
 
 

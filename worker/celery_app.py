@@ -1,13 +1,13 @@
 """The worker's Celery app: ``celery -A worker.celery_app worker --pool=solo -c 1``.
 
-Configuration comes from :func:`cgidm.tasks.celery_config` (late acks, prefetch 1, reject on
+Configuration comes from :func:`cgidm.job_queue.celery_config` (late acks, prefetch 1, reject on
 worker loss, time limits from the settings), the same function the gateway uses.
 """
 
 from __future__ import annotations
 
+from cgidm.job_queue import make_celery
 from cgidm.settings import get_settings
-from cgidm.tasks import make_celery
 from worker.routing import install as install_routing
 
 celery_app = make_celery(get_settings(), main="worker")

@@ -53,7 +53,7 @@ def test_gateway_does_not_import_torch():
 
 def test_shared_package_imports_neither_torch_nor_fastapi():
     loaded = _imported("cgidm.settings", "cgidm.storage", "cgidm.jobs", "cgidm.registry",
-                       "cgidm.tasks", "cgidm.cli", "cgidm.model_files", "cgidm.uploaded_models",
+                       "cgidm.job_queue", "cgidm.cli", "cgidm.model_files", "cgidm.uploaded_models",
                        "cgidm.client", "cgidm.commands.submit", "cgidm.commands.report")
     assert "torch" not in loaded and "fastapi" not in loaded
     assert {m for m in loaded if m.startswith("cgidm_core")} <= TORCH_FREE_CORE

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import redis
 
+from cgidm.job_queue import make_celery
 from cgidm.jobs import InputFile, JobRecord, JobSettings, JobStore, input_key, new_job_id, utcnow
 from cgidm.leases import LeaseStore, RedisLeases, SqliteLeases
 from cgidm.reaper import Reaper
 from cgidm.settings import Settings
 from cgidm.storage import LocalStorage
-from cgidm.tasks import make_celery
 from tests.service.procs import png_bytes
 
 TTL = 2.0  # unit level: short leases so a lapse takes seconds (the process tests use defaults)

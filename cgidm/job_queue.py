@@ -1,4 +1,6 @@
-"""What the gateway and the worker must agree on about Celery: task names and configuration.
+"""The job queue (Celery) as the gateway and the worker must agree on it: the task's name, the
+Celery configuration, and how a job is enqueued. No task is defined here (``worker/tasks.py``
+defines it).
 
 The gateway enqueues by task NAME (``send_task``), so it never imports worker code (or torch);
 both sides build their Celery app from :func:`make_celery`, so broker, queue and serializer

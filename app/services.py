@@ -11,8 +11,8 @@ from app.admission import Admission, admission_for
 from app.auth import UrlSigner
 from cgidm.job_queue import enqueue_job, make_celery
 from cgidm.jobs import JobStore
+from cgidm.queue_routing import queue_depth
 from cgidm.registry import Registry, load_registry
-from cgidm.routing import queue_depth
 from cgidm.settings import Settings
 from cgidm.storage import storage_from_settings
 from cgidm.uploaded_models import ModelResolver, UploadStore
@@ -47,7 +47,7 @@ class Services:
 
     def enqueue(self, job_id: str, pretrained: str = "", finetuned: str = "") -> None:
         """Send the job by task name; the gateway never imports the worker's code. The queue
-        depends on the pair with CGIDM_ROUTING=pair (cgidm/routing.py)."""
+        depends on the pair with CGIDM_ROUTING=pair (cgidm/queue_routing.py)."""
         enqueue_job(self.celery, self.settings, job_id, 1, pretrained, finetuned)
 
     def queue_depth(self) -> int:

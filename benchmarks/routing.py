@@ -33,7 +33,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from cgidm.routing import slot_for_pair  # noqa: E402
+from cgidm.queue_routing import slot_for_pair  # noqa: E402
 from tests.service.procs import make_registry, start_moto, start_redis, stop_process  # noqa: E402
 from tests.service.routing_stack import RoutingRun, alias_registry, routing_stack  # noqa: E402
 

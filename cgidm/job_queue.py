@@ -66,9 +66,9 @@ def enqueue_job(celery: Any, settings: Settings, job_id: str, attempt: int = 1,
 
     The message carries the attempt number, which fences deliveries (:mod:`cgidm.leases`): the
     gateway sends attempt 1, the reaper ``n + 1`` after attempt ``n`` was lost. The queue depends
-    on the pair with ``CGIDM_ROUTING=pair`` (:mod:`cgidm.routing`).
+    on the pair with ``CGIDM_ROUTING=pair`` (:mod:`cgidm.queue_routing`).
     """
-    from cgidm.routing import queue_for_pair
+    from cgidm.queue_routing import queue_for_pair
 
     celery.send_task(AUTHENTICATE_TASK, args=[job_id], kwargs={"attempt": attempt},
                      task_id=job_id if attempt == 1 else f"{job_id}-a{attempt}",

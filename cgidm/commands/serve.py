@@ -76,7 +76,7 @@ class EmbeddedService:
     def _prepare_broker(self) -> None:
         """Create the SQLite broker's tables and queue once, before two processes race to."""
         from cgidm.job_queue import make_celery
-        from cgidm.routing import declare_queues
+        from cgidm.queue_routing import declare_queues
 
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         if self.settings.embedded_broker:

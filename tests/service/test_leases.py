@@ -200,7 +200,7 @@ def test_reaper_resends_an_upload_job_to_the_queue_its_content_hash_chose(tmp_pa
     """With pair routing the gateway queues a job on an uploaded model by the file's sha256 (two
     ids of the same bytes share a cached pair); the reaper must send the next attempt by the
     same key, not by the upload's id, or it lands on a worker that does not hold the pair."""
-    from cgidm.routing import queue_for_pair
+    from cgidm.queue_routing import queue_for_pair
 
     settings = _settings(tmp_path, redis_url, routing="pair", routing_slots=64)
     store = JobStore(LocalStorage(tmp_path / "store"))

@@ -1,4 +1,4 @@
-"""Cache-aware routing (cgidm/routing.py, worker/routing.py).
+"""Cache-aware routing (cgidm/queue_routing.py, worker/routing.py).
 
 Pure tests of the rule (stable slots, one owner per slot), then real processes: Redis, an S3
 server, two Celery workers and the gateway, tiny model pairs, one PGD step per job, a model
@@ -20,7 +20,7 @@ import redis
 import yaml
 from pydantic import ValidationError
 
-from cgidm.routing import (
+from cgidm.queue_routing import (
     all_queues,
     owned_slots,
     queue_for_pair,
@@ -63,7 +63,7 @@ def test_slot_of_a_pair_is_the_same_in_every_process():
     worker; the slot must not."""
     pairs = [PAIR_A, PAIR_B, ("demo-base", "demo-vangogh"), ("sd15", "sd15-vangogh")]
     here = [slot_for_pair(*pair, 16) for pair in pairs]
-    code = ("import json, sys; from cgidm.routing import slot_for_pair; "
+    code = ("import json, sys; from cgidm.queue_routing import slot_for_pair; "
             f"print(json.dumps([slot_for_pair(a, b, 16) for a, b in {pairs!r}]))")
     for seed in ("1", "4242"):
         env = child_env({"PYTHONHASHSEED": seed})

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from cgidm.job_queue import make_celery
 from cgidm.settings import get_settings
-from worker.routing import install as install_routing
+from worker.slot_consumer import install as install_routing
 
 celery_app = make_celery(get_settings(), main="worker")
 celery_app.conf.imports = ("worker.tasks",)
-install_routing(celery_app)  # which slot queues this worker consumes (worker/routing.py)
+install_routing(celery_app)  # which slot queues this worker consumes (worker/slot_consumer.py)
 
 #: ``celery -A worker.celery_app`` looks for an attribute named ``app``.
 app = celery_app

@@ -1,8 +1,7 @@
 """The worker's side of cache-aware routing: which slot queues this process consumes.
 
 The rule itself is in :mod:`cgidm.queue_routing`; this module keeps it true while workers come
-and go.
-A Celery consumer bootstep, :class:`PairRouting`:
+and go. A Celery consumer bootstep, :class:`PairRouting`:
 
 - in ``pair`` mode with a Redis broker, it adds this worker to a Redis sorted set of live
   workers (score: expiry in Redis server time, so the clocks of different machines never

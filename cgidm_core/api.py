@@ -49,13 +49,13 @@ def load_pair(
     back from disk for the next new prompt); ``keep_text_encoders=True`` keeps them in memory.
     """
     from .demo import resolve_model_reference
-    from .models import load_pair as load_model_pair
+    from .models import load_pair_from_paths
     from .models.loading import resolve_model_path
     from .provenance import describe_model
 
     pre_path = resolve_model_reference(pretrained)
     ft_path = resolve_model_reference(finetuned)
-    pair = load_model_pair(
+    pair = load_pair_from_paths(
         pre_path,
         ft_path,
         finetuned_kind=finetuned_kind,

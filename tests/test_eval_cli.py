@@ -154,9 +154,9 @@ def test_score_images_matches_the_baseline_on_encoded_pixels(tiny_ddpm_pair, fol
     from cgidm_core.errors import ConfigError
     from cgidm_core.evaluation import load_image_folder, score_images
     from cgidm_core.images import image_seed, to_tensor
-    from cgidm_core.models import load_pair
+    from cgidm_core.models import load_pair_from_paths
 
-    pair = load_pair(*tiny_ddpm_pair, device="cpu")
+    pair = load_pair_from_paths(*tiny_ddpm_pair, device="cpu")
     names, pictures = load_image_folder(folders[0])
     assert names == ["img00.png", "img01.png", "img02.png"]
     scores = score_images(pair, pictures, "loss", seed=4, batch_size=2)

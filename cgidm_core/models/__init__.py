@@ -2,7 +2,7 @@
 
 from cgidm_core.models.ddpm import DDPMPair
 from cgidm_core.models.formats import detect_finetuned_kind
-from cgidm_core.models.loading import load_pair
+from cgidm_core.models.loading import load_pair_from_paths
 from cgidm_core.models.stable_diffusion import StableDiffusionLoraPair, StableDiffusionPair
 from cgidm_core.names import FINETUNED_KINDS
 
@@ -12,5 +12,5 @@ __all__ = [
     "StableDiffusionLoraPair",
     "StableDiffusionPair",
     "detect_finetuned_kind",
-    "load_pair",
+    "load_pair_from_paths",
 ]

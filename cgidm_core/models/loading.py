@@ -53,7 +53,7 @@ from cgidm_core.pair import ModelPair
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def load_pair(
+def load_pair_from_paths(
     pretrained: str | Path,
     finetuned: str | Path,
     *,
@@ -64,6 +64,9 @@ def load_pair(
     keep_text_encoders: bool = False,
 ) -> ModelPair:
     """Load a pretrained model and its suspected fine-tune as one pair, frozen, in eval mode.
+
+    From paths (or cached Hub ids) only: :func:`cgidm_core.load_pair` is the public entry point,
+    which also accepts the demo names and records each model's provenance.
 
     ``pretrained`` is a diffusers pipeline folder (Stable Diffusion 1.x/2.x, SDXL base or pixel
     DDPM), or a complete single-file checkpoint (converted once, see ``single_file_base``);

@@ -7,7 +7,8 @@ pretrained one.
 
 Text encoders are needed once per prompt, and the inversion then runs for minutes on the cached
 embeddings. A pair can therefore drop their weights after a new prompt is encoded
-(``keep_text_encoders=False``, what :func:`cgidm_core.models.load_pair` does by default) and read
+(``keep_text_encoders=False``, what :func:`cgidm_core.models.load_pair_from_paths` does by
+default) and read
 them again from disk when a prompt it has not seen arrives. That is what brings a DreamBooth pair
 below the memory of the reference's two pipelines; see docs/PERFORMANCE.md.
 """

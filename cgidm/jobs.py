@@ -382,9 +382,6 @@ class JobStore:
     def save_result(self, job_id: str, result: JobResult) -> None:
         self.storage.put_json(job_prefix(job_id) + "result.json", result.model_dump(mode="json"))
 
-    def load_result(self, job_id: str) -> dict[str, Any]:
-        return self.storage.get_json(job_prefix(job_id) + "result.json")
-
     def request_cancel(self, job_id: str) -> None:
         self.storage.put_bytes(job_prefix(job_id) + "cancel", utcnow().isoformat().encode())
 

@@ -382,9 +382,6 @@ class AdapterSwitch:
     def __len__(self) -> int:
         return len(self.layers)
 
-    def is_enabled(self) -> bool:
-        return bool(self.layers) and not any(layer.disable_adapters for layer in self.layers)
-
     def set(self, enabled: bool) -> None:
         # Reading every layer's flag is cheap and catches anyone else having toggled them.
         if all(bool(layer.disable_adapters) != enabled for layer in self.layers):

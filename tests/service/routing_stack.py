@@ -124,11 +124,6 @@ class RoutingStack:
     def client(self) -> httpx.Client:
         return next(iter(self.clients.values()))
 
-    def worker_ids(self) -> list[str]:
-        """Each worker's id (host-pid), in the order of ``workers``."""
-        states = [routing_state(log) for log in self.logs]
-        return [state[0] if state else "" for state in states]
-
     def owner_of(self, slot: int) -> int:
         """Index in ``workers`` of the live worker whose latest routing line lists ``slot``."""
         owners = [i for i, log in enumerate(self.logs)

@@ -8,7 +8,7 @@ STAMP := $(VENV)/.cgidm-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: venv demo test lint bench clean system-deps screenshots
+.PHONY: venv demo test lint clean system-deps screenshots
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

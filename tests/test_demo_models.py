@@ -23,12 +23,19 @@ from cgidm_core.demo import (
 )
 from cgidm_core.errors import ImageInputError, ModelNotFoundError
 from cgidm_core.names import DEMO_MODELS
-from tests.paths import REPO_ROOT, SHARED_DATA
+from tests.paths import REPO_ROOT, SHARED_DATA, require_shared_data
 
 VANGOGH = SHARED_DATA / "wikiart-vangogh"
-needs_vangogh = pytest.mark.skipif(
-    not (VANGOGH / "membership").is_dir(), reason="../shared/data/wikiart-vangogh is absent"
-)
+
+
+@pytest.fixture
+def vangogh() -> None:
+    """The Van Gogh paintings of ../shared/data: missing, the test fails with a message."""
+    for split in ("membership", "hold_out"):
+        require_shared_data("wikiart-vangogh", split)
+
+
+needs_vangogh = pytest.mark.usefixtures("vangogh")
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from .baselines import BASELINES, EVALUATIONS_PER_IMAGE
 from .errors import ConfigError, ImageInputError
 from .images import ImageSource, image_seed, load_image, to_tensor
 from .inversion import InversionConfig
-from .names import DEFAULT_METRIC, METHODS
+from .names import DEFAULT_METRIC, IMAGE_SUFFIXES, METHODS
 from .pair import ModelPair
 from .prompts import choose_prompt
 
@@ -33,9 +33,6 @@ FUSIONS: dict[str, str] = {"combined": "contrast", "fused": "loss"}
 #: The similarity metric a fusion uses when none is given (else the verdict's DEFAULT_METRIC):
 #: chosen on the suite by the same rule as the default (worst case, then mean).
 FUSION_METRICS: dict[str, str] = {"fused": "ssim"}
-
-#: Suffixes :func:`load_image_folder` reads.
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 ProgressFn = Callable[[int, int], None]
 

@@ -29,6 +29,14 @@ METHOD_DESCRIPTIONS: dict[str, str] = {
 }
 
 # ------------------------------------------------------------------------------------------
+# image files
+
+#: The file suffixes read from a folder of images, everywhere a folder is accepted (the CLI,
+#: ``cgidm eval``, the benchmark suite's splits, demo-pair training). Case-insensitive.
+IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif",
+                                   ".tiff")
+
+# ------------------------------------------------------------------------------------------
 # similarity metrics (``cgidm_core.similarity``)
 
 PIXEL_METRICS: tuple[str, ...] = ("ssim", "psnr", "mse")

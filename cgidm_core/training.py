@@ -29,12 +29,10 @@ from diffusers.optimization import get_scheduler
 from PIL import Image
 
 from cgidm_core.errors import ImageInputError, ModelFormatError, ModelNotFoundError
+from cgidm_core.names import IMAGE_SUFFIXES
 
 #: Side length of the demo models, in pixels.
 DEMO_IMAGE_SIZE = 32
-
-#: File suffixes read from an image folder.
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
 #: Photos that ship inside installed packages and carry no copyright restriction (public domain
 #: or CC0, per the docstrings of ``skimage.data``; Grace Hopper's portrait is a US Navy photo).

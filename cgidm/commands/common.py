@@ -8,9 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from cgidm_core.names import FINETUNED_KINDS
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+from cgidm_core.names import FINETUNED_KINDS, IMAGE_SUFFIXES
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:

@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .common import IMAGE_SUFFIXES
+from cgidm_core.names import IMAGE_SUFFIXES
 
 SAME_SETUP_TOLERANCE = 1e-4
 

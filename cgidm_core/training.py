@@ -115,7 +115,7 @@ def list_image_files(folder: str | Path) -> list[Path]:
     return files
 
 
-def load_image_folder(folder: str | Path, size: int) -> tuple[list[str], torch.Tensor]:
+def load_images_as_tensor(folder: str | Path, size: int) -> tuple[list[str], torch.Tensor]:
     """Names and tensors ``(N, 3, size, size)`` in [-1, 1] of every image in a folder.
 
     The images go through exactly the preprocessing CGI-DM applies to its inputs (short side

@@ -179,7 +179,7 @@ def test_fine_tune_memorised_its_members(demo_parts):
     (base, scheduler), (tuned, _) = demo_parts["demo-base"], demo_parts["demo-vangogh"]
     diffs = []
     for split in ("membership", "hold_out"):
-        _, images = training.load_image_folder(VANGOGH / split, 32)
+        _, images = training.load_images_as_tensor(VANGOGH / split, 32)
         ft = training.denoising_losses(tuned, scheduler, images, samples=12, seed=7)
         pre = training.denoising_losses(base, scheduler, images, samples=12, seed=7)
         diffs.append(ft - pre)
@@ -191,7 +191,7 @@ def test_fine_tune_memorised_its_members(demo_parts):
 def test_light_fine_tune_moved_its_members_less(demo_parts):
     """The light fine-tune learnt its members, but less: the hard case the benchmark needs."""
     base, scheduler = demo_parts["demo-base"]
-    _, members = training.load_image_folder(VANGOGH / "membership", 32)
+    _, members = training.load_images_as_tensor(VANGOGH / "membership", 32)
     before = training.denoising_losses(base, scheduler, members, samples=8, seed=7)
     gain = {  # measured: about 0.034 (demo-vangogh) and 0.012 (demo-vangogh-light)
         name: float((before - training.denoising_losses(demo_parts[name][0], scheduler, members,
@@ -218,7 +218,7 @@ def test_training_loop_writes_a_loadable_pipeline(tmp_path):
     folder.mkdir()
     for path in sorted((VANGOGH / "membership").glob("*.jpg"))[:2]:
         shutil.copy(path, folder / path.name)
-    names, images = training.load_image_folder(folder, 32)
+    names, images = training.load_images_as_tensor(folder, 32)
     assert len(names) == 2 and images.shape == (2, 3, 32, 32)
     assert images.min() >= -1 and images.max() <= 1
 
@@ -275,9 +275,9 @@ def test_fixed_images_cover_every_image_each_epoch():
 
 def test_image_folder_errors_are_specific(tmp_path):
     with pytest.raises(ImageInputError):
-        training.load_image_folder(tmp_path / "missing", 32)
+        training.load_images_as_tensor(tmp_path / "missing", 32)
     with pytest.raises(ImageInputError, match="no images"):
-        training.load_image_folder(tmp_path, 32)
+        training.load_images_as_tensor(tmp_path, 32)
 
 
 @needs_vangogh

@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
 
-    from cgidm_core.evaluation import load_image_folder
+    from cgidm_core.images import load_image_folder
 
     member_names, members = load_image_folder(args.members)
     holdout_names, holdout = load_image_folder(args.holdout)

@@ -45,7 +45,7 @@ PROMPT = "sks style"
 
 
 def _images(members: str, holdout: str, limit: int | None) -> tuple[list, list[str], list[int]]:
-    from cgidm_core.evaluation import load_image_folder
+    from cgidm_core.images import load_image_folder
 
     m_names, m_images = load_image_folder(members)
     h_names, h_images = load_image_folder(holdout)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,10 +18,10 @@ from PIL import Image
 
 from .api import checked_batch_size, image_names
 from .baselines import BASELINES, EVALUATIONS_PER_IMAGE
-from .errors import ConfigError, ImageInputError
+from .errors import ConfigError
 from .images import ImageSource, image_seed, load_image, to_tensor
 from .inversion import InversionConfig
-from .names import DEFAULT_METRIC, IMAGE_SUFFIXES, METHODS
+from .names import DEFAULT_METRIC, METHODS
 from .pair import ModelPair
 from .prompts import choose_prompt
 
@@ -54,21 +53,6 @@ class ScoredImages:
     @property
     def seconds_per_image(self) -> float:
         return self.seconds / max(1, len(self.scores))
-
-
-def load_image_folder(folder: str | Path) -> tuple[list[str], list[Image.Image]]:
-    """File names and RGB pictures of every image in ``folder`` (not recursive), sorted by name."""
-    path = Path(folder).expanduser()
-    if not path.exists():
-        raise ImageInputError(f"{path}: no such folder; give a folder of .png/.jpg images")
-    if not path.is_dir():
-        raise ImageInputError(f"{path}: is not a folder; give a folder of .png/.jpg images")
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise ImageInputError(
-            f"{path}: no images in this folder (looked for {', '.join(IMAGE_SUFFIXES)})"
-        )
-    return [p.name for p in files], [load_image(p) for p in files]
 
 
 def zscores(values: Sequence[float]) -> np.ndarray:

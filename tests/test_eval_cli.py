@@ -152,8 +152,8 @@ def test_score_images_matches_the_baseline_on_encoded_pixels(tiny_ddpm_pair, fol
 
     from cgidm_core.baselines import loss_attack
     from cgidm_core.errors import ConfigError
-    from cgidm_core.evaluation import load_image_folder, score_images
-    from cgidm_core.images import image_seed, to_tensor
+    from cgidm_core.evaluation import score_images
+    from cgidm_core.images import image_seed, load_image_folder, to_tensor
     from cgidm_core.models import load_pair_from_paths
 
     pair = load_pair_from_paths(*tiny_ddpm_pair, device="cpu")

@@ -83,7 +83,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cgidm_core.evaluation import load_image_folder, score_images_detailed
+    from cgidm_core.evaluation import score_images_detailed
+    from cgidm_core.images import load_image_folder
     from cgidm_core.stats import calibrated_split, controls_test, evaluate_scores, plot_report
 
     # Read every folder before loading models: a typo should fail in a second, not a minute.

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from app.metrics import ServiceCollector
 from app.schemas import Health
-from app.services import Services, get_services
+from app.services import Services, ServicesDep
 from cgidm.storage import StorageError
 
 router = APIRouter(tags=["operations"])
@@ -22,7 +22,7 @@ def healthz() -> Health:
 @router.get("/readyz", response_model=Health,
             responses={503: {"model": Health, "description": "Broker or storage unreachable."}},
             summary="Broker and storage are reachable")
-def readyz(services: Services = Depends(get_services)) -> JSONResponse:
+def readyz(services: ServicesDep) -> JSONResponse:
     checks: dict[str, str] = {}
     try:
         services.store.storage.ping()

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import Request
+from fastapi import Depends, Request
 
 from app.admission import Admission, admission_for
 from app.auth import UrlSigner
@@ -60,3 +60,7 @@ class Services:
 
 def get_services(request: Request) -> Services:
     return request.app.state.services
+
+
+#: A route's parameter ``services: ServicesDep`` receives the app's :class:`Services`.
+ServicesDep = Annotated[Services, Depends(get_services)]

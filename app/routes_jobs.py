@@ -15,6 +15,7 @@ from app.errors import ApiError
 from app.schemas import ErrorBody, JobAccepted, JobList, JobSummary, JobView
 from app.services import Services, ServicesDep
 from app.uploads import decode_image
+from cgidm.job_queue import BrokerUnavailable
 from cgidm.jobs import (
     ARTIFACT_KINDS,
     ArtifactLinks,
@@ -162,8 +163,8 @@ async def authenticate(
         raise _storage_down(exc) from exc
     try:
         await run_in_threadpool(services.enqueue, job_id, settings.pretrained, route_by)
-    except Exception as exc:  # the broker is down: the job never reached a worker
-        log.error("job %s could not be enqueued (%s); removing it", job_id, type(exc).__name__)
+    except BrokerUnavailable as exc:  # the job never reached a worker
+        log.error("job %s could not be enqueued (%s); removing it", job_id, exc)
         await run_in_threadpool(services.store.delete_job_quietly, job_id)
         raise ApiError(503, [], "broker_unavailable",
                        "the job queue is unavailable, try again later; nothing was "

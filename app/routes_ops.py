@@ -9,6 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from app.metrics import ServiceCollector
 from app.schemas import Health
 from app.services import Services, ServicesDep
+from cgidm.job_queue import BrokerUnavailable
 from cgidm.storage import StorageError
 
 router = APIRouter(tags=["operations"])
@@ -32,8 +33,8 @@ def readyz(services: ServicesDep) -> JSONResponse:
     try:
         services.queue_depth()
         checks["broker"] = "ok"
-    except Exception as exc:  # any failure to reach the broker means "not ready"
-        checks["broker"] = f"unavailable: {type(exc).__name__}: {exc}"
+    except BrokerUnavailable as exc:
+        checks["broker"] = f"unavailable: {exc}"
     ready = all(value == "ok" for value in checks.values())
     body = Health(status="ok" if ready else "unavailable", checks=checks)
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)

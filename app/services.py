@@ -9,9 +9,8 @@ from fastapi import Depends, Request
 
 from app.admission import Admission, admission_for
 from app.auth import UrlSigner
-from cgidm.job_queue import enqueue_job, make_celery
+from cgidm.job_queue import enqueue_job, make_celery, waiting_jobs
 from cgidm.jobs import JobStore
-from cgidm.queue_routing import queue_depth
 from cgidm.registry import Registry, load_registry
 from cgidm.settings import Settings
 from cgidm.storage import storage_from_settings
@@ -51,11 +50,9 @@ class Services:
         enqueue_job(self.celery, self.settings, job_id, 1, pretrained, finetuned)
 
     def queue_depth(self) -> int:
-        """Messages waiting in the job queues (plain and slots); raises if the broker cannot
-        be reached."""
-        with self.celery.connection_for_read() as conn:
-            conn.ensure_connection(max_retries=1, timeout=3)
-            return queue_depth(conn, self.settings)
+        """Messages waiting in the job queues (plain and slots); raises
+        :class:`~cgidm.job_queue.BrokerUnavailable` if the broker cannot be reached."""
+        return waiting_jobs(self.celery, self.settings)
 
 
 def get_services(request: Request) -> Services:

@@ -15,28 +15,15 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.service.procs import (  # noqa: F401 - re-exported for the test modules
-    AWS_ENV,
-    BUCKET,
-    REPO_ROOT,
-    TERMINAL,
-    bucket_keys,
-    child_env,
-    free_port,
-    kill_process,
+from tests.service.procs import (
     make_registry,
     png_bytes,
-    s3_client,
     stack_env,
     start_gateway,
-    start_logged,
     start_moto,
     start_redis,
     start_worker,
     stop_process,
-    url_port,
-    wait_for_job,
-    wait_until,
 )
 
 # ------------------------------------------------------------------------------------------

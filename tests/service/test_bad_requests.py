@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.service.conftest import png_bytes
+from tests.service.procs import png_bytes
 
 pytestmark = pytest.mark.slow  # starts servers and processes
 

@@ -29,7 +29,7 @@ from cgidm.queue_routing import (
     slot_for_pair,
 )
 from cgidm.settings import Settings
-from tests.service.conftest import (
+from tests.service.procs import (
     REPO_ROOT,
     child_env,
     kill_process,

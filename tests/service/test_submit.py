@@ -15,7 +15,7 @@ import pytest
 
 from tests import tinymodels
 from tests.paths import SHARED_DATA
-from tests.service.conftest import REPO_ROOT, child_env, free_port, wait_until
+from tests.service.procs import REPO_ROOT, child_env, free_port, wait_until
 
 pytestmark = pytest.mark.slow  # starts servers and processes
 

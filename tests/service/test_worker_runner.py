@@ -20,7 +20,7 @@ from cgidm.jobs import (
 from cgidm.leases import Step
 from cgidm.settings import Settings
 from cgidm.storage import LocalStorage
-from tests.service.conftest import png_bytes
+from tests.service.procs import png_bytes
 from worker.context import WorkerContext
 from worker.job_runner import SHUTDOWN, HardLimit, JobInterrupted, run_job
 from worker.model_cache import ModelCache

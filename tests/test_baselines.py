@@ -163,6 +163,7 @@ def memorised(tmp_path_factory):
     return load_pair_from_paths(base, finetuned, device="cpu"), images
 
 
+@pytest.mark.slow  # trains a tiny net to memorise an image: ~20 s
 def test_loss_attack_ranks_the_training_image_first(memorised):
     pair, images = memorised
     scores = loss_attack(pair, pair.encode(images), pair.conditioning(None), seed=0)
@@ -170,6 +171,7 @@ def test_loss_attack_ranks_the_training_image_first(memorised):
     assert scores[0] > scores[1:].max() + 0.1  # by a wide margin, not by luck
 
 
+@pytest.mark.slow  # shares the memorised net above
 def test_contrast_ranks_the_training_image_first(memorised):
     pair, images = memorised
     scores = contrast(pair, pair.encode(images), pair.conditioning(None), seed=0)

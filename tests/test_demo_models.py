@@ -174,6 +174,7 @@ def test_cgidm_reports_an_unknown_demo_name_in_one_line(capsys, tmp_path):
 
 
 @needs_vangogh
+@pytest.mark.slow  # denoising losses over 20 paintings: ~9 s
 def test_fine_tune_memorised_its_members(demo_parts):
     """Members lose more denoising loss under the fine-tune than hold-outs of the same artist."""
     (base, scheduler), (tuned, _) = demo_parts["demo-base"], demo_parts["demo-vangogh"]
@@ -188,6 +189,7 @@ def test_fine_tune_memorised_its_members(demo_parts):
 
 
 @needs_vangogh
+@pytest.mark.slow  # denoising losses of three models: ~5 s
 def test_light_fine_tune_moved_its_members_less(demo_parts):
     """The light fine-tune learnt its members, but less: the hard case the benchmark needs."""
     base, scheduler = demo_parts["demo-base"]

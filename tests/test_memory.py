@@ -265,6 +265,7 @@ def test_gpu_benchmark_respects_its_time_budget(tmp_path):
     assert {r["status"] for r in json.loads(out.read_text())["results"]} == {"skipped"}
 
 
+@pytest.mark.slow  # every loader layout x dtype: ~45 s on 2 cores
 def test_cuda_check_runs_every_layout_and_dtype_on_the_cpu(tmp_path):
     """benchmarks/cuda_check.py is run by hand on a GPU machine; here its logic runs on the CPU
     (device "cpu"), so a GPU session does not discover a broken script."""

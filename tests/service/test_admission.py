@@ -124,6 +124,7 @@ def _slow_multipart(png: bytes, boundary: str, pause: float) -> Iterator[bytes]:
     yield png + f"\r\n--{boundary}--\r\n".encode()
 
 
+@pytest.mark.slow  # starts a gateway; uploads paced over seconds
 def test_concurrent_slow_uploads_queue_exactly_the_limit(race_gateway):
     import io
 

@@ -58,6 +58,7 @@ def test_claim_renew_commit_done(store_settings):
     assert leases.lapsed() == []
 
 
+@pytest.mark.slow  # waits out real leases: ~7 s per store
 def test_lapsed_attempt_is_superseded_then_poison_after_max_attempts(store_settings):
     leases, settings = store_settings
     job = new_job_id()
@@ -86,6 +87,7 @@ def test_lapsed_attempt_is_superseded_then_poison_after_max_attempts(store_setti
     assert leases.get(job).state == "done" and leases.lapsed() == []
 
 
+@pytest.mark.slow  # a reaper process killed mid-pass: ~4 s per store
 def test_reaper_that_dies_half_way_is_finished_by_another(store_settings, monkeypatch):
     import cgidm.leases
 

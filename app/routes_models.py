@@ -17,6 +17,7 @@ from app.errors import ApiError
 from app.model_upload import FILE_FIELD, TEXT_FIELDS, ModelUpload
 from app.schemas import ErrorBody, ModelList, ModelView, UploadedModelView
 from app.services import Services, ServicesDep
+from cgidm.model_files import UPLOAD_KINDS
 from cgidm.registry import UnknownModel
 from cgidm.storage import StorageError
 from cgidm.uploaded_models import UploadedModel, is_upload_id
@@ -38,7 +39,7 @@ _UPLOAD_BODY = {
             "finetuned_from": {"type": "string", "maxLength": 128, "description":
                                "Registry id of the base model it was fine-tuned from."},
             "name": {"type": "string", "maxLength": 200, "description": "A label for you."},
-            "kind": {"type": "string", "enum": ["lora", "single_file", "unet"],
+            "kind": {"type": "string", "enum": list(UPLOAD_KINDS),
                      "description": "What the file holds (detected when omitted)."},
             "prompt": {"type": "string", "maxLength": 1000, "description":
                        "Instance prompt used when a job gives none (default: the file's "

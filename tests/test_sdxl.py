@@ -28,7 +28,7 @@ from cgidm_core.models.formats import SDXL_FAMILY, pipeline_family
 from cgidm_core.models.sdxl import StableDiffusionXLLoraPair, StableDiffusionXLPair
 from cgidm_core.prompts import EmptyPromptWarning
 from tests import tinymodels
-from tests.paths import SHARED_DATA
+from tests.paths import require_shared_data
 
 PROMPT = "sks style"
 CPU = {"device": "cpu"}
@@ -36,7 +36,6 @@ KOHYA_METADATA = {
     "ss_output_name": "vangogh_xl",
     "ss_tag_frequency": json.dumps({"10_sks style": {"sks style": 10, "painting": 4, "sky": 2}}),
 }
-VANGOGH = SHARED_DATA / "wikiart-vangogh"
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +112,7 @@ def _eps(pair, z, t, prompt=PROMPT):
 
 
 def _pictures(n: int) -> list[Path]:
-    return sorted((VANGOGH / "membership").glob("*.jpg"))[:n]
+    return sorted(require_shared_data("wikiart-vangogh", "membership").glob("*.jpg"))[:n]
 
 
 # -- detection ---------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests import tinymodels
-from tests.paths import SHARED_DATA
+from tests.paths import SHARED_DATA, require_shared_data
 from tests.service.procs import REPO_ROOT, child_env, free_port, wait_until
 
 pytestmark = pytest.mark.slow  # starts servers and processes
@@ -24,6 +24,8 @@ VANGOGH = SHARED_DATA / "wikiart-vangogh"
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict[str, Path]:
+    for split in ("membership", "hold_out"):
+        require_shared_data("wikiart-vangogh", split)
     root = tmp_path_factory.mktemp("submit")
     base = tinymodels.make_tiny_sd(root / "sd-base", seed=0)
     lora = tinymodels.make_lora(base, root / "lora", as_file=True, seed=7)

@@ -8,7 +8,7 @@ STAMP := $(VENV)/.cgidm-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: venv demo test lint bench clean system-deps screenshots
+.PHONY: venv demo test test-fast lint clean system-deps screenshots
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ demo: $(STAMP)
 
 test: $(STAMP) system-deps
 	$(PY) -m pytest
+
+# The quick loop while editing: everything but the tests marked slow (servers, processes,
+# training); under 2 minutes on 2 cores. `make test` runs them all.
+test-fast: $(STAMP) system-deps
+	$(PY) -m pytest -m "not slow" -q
 
 # Re-make the screenshots in docs/screenshots (README) with the browser tests.
 screenshots: $(STAMP) system-deps

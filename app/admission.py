@@ -28,6 +28,8 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
+from cgidm.job_queue import broker_errors
+
 if TYPE_CHECKING:
     import redis
 
@@ -115,18 +117,21 @@ class RedisAdmission(_Reservations):
 
     def _add(self, token: str) -> int:
         now = time.time()
-        pipe = self.client.pipeline(transaction=True)
-        pipe.zremrangebyscore(self.key, "-inf", now)  # reservations of gateways that died
-        pipe.zadd(self.key, {token: now + self.ttl})
-        pipe.expire(self.key, int(self.ttl) + 60)
-        pipe.zcard(self.key)
-        return int(pipe.execute()[-1])
+        with broker_errors():
+            pipe = self.client.pipeline(transaction=True)
+            pipe.zremrangebyscore(self.key, "-inf", now)  # reservations of gateways that died
+            pipe.zadd(self.key, {token: now + self.ttl})
+            pipe.expire(self.key, int(self.ttl) + 60)
+            pipe.zcard(self.key)
+            return int(pipe.execute()[-1])
 
     def release(self, token: str) -> None:
-        self.client.zrem(self.key, token)
+        with broker_errors():
+            self.client.zrem(self.key, token)
 
     def pending(self) -> int:
-        return int(self.client.zcount(self.key, time.time(), "+inf"))
+        with broker_errors():
+            return int(self.client.zcount(self.key, time.time(), "+inf"))
 
 
 def admission_for(broker_url: str, queue: str) -> Admission:

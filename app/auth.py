@@ -27,9 +27,9 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import Request
+from fastapi import Depends, Request
 
 from app.errors import ApiError
 from cgidm.settings import Settings, is_loopback_host
@@ -92,6 +92,11 @@ def caller_of(settings: Settings, request: Request) -> Caller:
 def get_caller(request: Request) -> Caller:
     """FastAPI dependency: the authenticated caller of this request."""
     return caller_of(request.app.state.services.settings, request)
+
+
+#: A route's parameter ``caller: CallerDep`` receives the authenticated :class:`Caller` (or the
+#: request is refused with 401 before the route runs).
+CallerDep = Annotated[Caller, Depends(get_caller)]
 
 
 # ------------------------------------------------------------------------------------------

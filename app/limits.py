@@ -34,6 +34,7 @@ from starlette.requests import Request
 from app.admission import QueueFull
 from app.auth import caller_of
 from app.errors import ApiError
+from cgidm.job_queue import BrokerUnavailable
 
 log = logging.getLogger("cgidm.gateway")
 
@@ -190,7 +191,7 @@ class SubmissionGate:
                            f"{full.waiting} jobs are waiting or being submitted (limit {limit}, "
                            f"CGIDM_MAX_QUEUE_DEPTH); try again in {retry} s",
                            headers={"Retry-After": str(retry)}) from full
-        except Exception as exc:  # any broker failure: we cannot promise to run the job
+        except BrokerUnavailable as exc:  # we cannot promise to run the job
             log.warning("queue depth unknown, refusing the submission: %s", exc)
             raise ApiError(503, [], "broker_unavailable",
                            "the job queue is unavailable, try again later") from exc
@@ -198,7 +199,7 @@ class SubmissionGate:
     def _release(self, reservation: str) -> None:
         try:
             self.services.admission.release(reservation)
-        except Exception as exc:  # the reservation expires by itself (RESERVATION_TTL)
+        except BrokerUnavailable as exc:  # the reservation expires by itself (RESERVATION_TTL)
             log.warning("could not release queue reservation %s: %s", reservation, exc)
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send,

@@ -27,6 +27,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from app.services import Services
+from cgidm.job_queue import BrokerUnavailable
 from cgidm.jobs import JobNotFound
 from cgidm.storage import StorageError
 
@@ -120,7 +121,7 @@ class ServiceCollector(Collector):
         up = GaugeMetricFamily("cgidm_broker_up", "1 if the broker answered this scrape")
         try:
             depth = self.services.queue_depth()
-        except Exception as exc:  # any broker failure means "down" for monitoring
+        except BrokerUnavailable as exc:
             log.warning("metrics: broker unavailable: %s", exc)
             up.add_metric([], 0)
             yield up
@@ -131,7 +132,7 @@ class ServiceCollector(Collector):
                                 value=depth)
         try:
             pending = self.services.admission.pending()
-        except Exception as exc:  # noqa: BLE001 - a scrape must not fail on one gauge
+        except BrokerUnavailable as exc:
             log.warning("metrics: admissions unknown: %s", exc)
             return
         yield GaugeMetricFamily("cgidm_submissions_in_flight",

@@ -6,18 +6,18 @@ import hashlib
 import logging
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
+from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from app.auth import Caller, caller_of, get_caller
+from app.auth import Caller, CallerDep, caller_of
 from app.errors import ApiError
 from app.schemas import ErrorBody, JobAccepted, JobList, JobSummary, JobView
-from app.services import Services, get_services
+from app.services import Services, ServicesDep
 from app.uploads import decode_image
+from cgidm.job_queue import BrokerUnavailable
 from cgidm.jobs import (
     ARTIFACT_KINDS,
-    FEATURE_METRICS,
     ArtifactLinks,
     InputFile,
     JobNotFound,
@@ -33,6 +33,7 @@ from cgidm.jobs import (
 )
 from cgidm.registry import InvalidModelReference, UnknownModel
 from cgidm.storage import ObjectNotFound, StorageError
+from cgidm_core.names import FEATURE_METRICS
 
 log = logging.getLogger("cgidm.gateway")
 router = APIRouter(tags=["jobs"])
@@ -111,13 +112,13 @@ async def authenticate(
     response: Response,
     settings: Annotated[JobSettings, Form()],
     images: Annotated[list[UploadFile], File(description="Suspect images (1 or more).")],
+    services: ServicesDep,
+    caller: CallerDep,
     controls: Annotated[
         list[UploadFile] | None,
         File(description="Known non-members of the same kind (0 or more): they give each "
              "image a p-value and the set a Mann-Whitney U test."),
     ] = None,
-    services: Services = Depends(get_services),
-    caller: Caller = Depends(get_caller),
 ) -> JobAccepted:
     """Everything is validated before anything is stored: a refused request leaves no object
     behind. Animated images are accepted with their first frame (see `warnings`)."""
@@ -162,8 +163,8 @@ async def authenticate(
         raise _storage_down(exc) from exc
     try:
         await run_in_threadpool(services.enqueue, job_id, settings.pretrained, route_by)
-    except Exception as exc:  # the broker is down: the job never reached a worker
-        log.error("job %s could not be enqueued (%s); removing it", job_id, type(exc).__name__)
+    except BrokerUnavailable as exc:  # the job never reached a worker
+        log.error("job %s could not be enqueued (%s); removing it", job_id, exc)
         await run_in_threadpool(services.store.delete_job_quietly, job_id)
         raise ApiError(503, [], "broker_unavailable",
                        "the job queue is unavailable, try again later; nothing was "
@@ -224,7 +225,7 @@ def _load(services: Services, job_id: str, caller: Caller | None) -> JobRecord:
 
 @router.get("/jobs", response_model=JobList, responses=_ERRORS,
             summary="The caller's recent jobs, newest first")
-def list_jobs(services: Services = Depends(get_services), caller: Caller = Depends(get_caller),
+def list_jobs(services: ServicesDep, caller: CallerDep,
               limit: Annotated[int, Query(ge=1, le=100)] = 20) -> JobList:
     """Jobs submitted with the caller's key (in local mode: every local job)."""
     try:
@@ -254,8 +255,8 @@ def list_jobs(services: Services = Depends(get_services), caller: Caller = Depen
 
 @router.get("/jobs/{job_id}", response_model=JobView, responses=_ERRORS,
             summary="Status, progress and (when done) the result of a job")
-def get_job(job_id: str, services: Services = Depends(get_services),
-            caller: Caller = Depends(get_caller)) -> JobView:
+def get_job(job_id: str, services: ServicesDep,
+            caller: CallerDep) -> JobView:
     """Artifact URLs in the result are signed and expire (`CGIDM_ARTIFACT_URL_TTL`) when the
     service uses API keys; fetch the job again for fresh ones."""
     return _view(services, _load(services, job_id, caller))
@@ -268,8 +269,8 @@ def get_job(job_id: str, services: Services = Depends(get_services),
                409: {"model": ErrorBody, "description": "Already finished."}},
     summary="Cancel a job",
 )
-def cancel_job(job_id: str, services: Services = Depends(get_services),
-               caller: Caller = Depends(get_caller)) -> JSONResponse:
+def cancel_job(job_id: str, services: ServicesDep,
+               caller: CallerDep) -> JSONResponse:
     """A queued job is cancelled at once (200); a running job stops within a few PGD steps and
     ends ``cancelled`` (202 now, poll to see it end)."""
     record = _load(services, job_id, caller)
@@ -294,8 +295,8 @@ def cancel_job(job_id: str, services: Services = Depends(get_services),
     summary="A picture of a job: recovered.png, partial.png, side_by_side.png or original.png",
 )
 def get_artifact(request: Request, job_id: str, name: str, filename: str,
-                 expires: str | None = None, signature: str | None = None,
-                 services: Services = Depends(get_services)) -> StreamingResponse:
+                 services: ServicesDep, expires: str | None = None,
+                 signature: str | None = None) -> StreamingResponse:
     """Authorised by the owner's key, or by the `expires` + `signature` of a URL taken from the
     job's result (no key needed: usable in `<img>` tags until it expires)."""
     signed = services.signer.enabled and signature is not None and expires is not None \

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Request
+from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse, Response
 
-from app.auth import Caller, get_caller
+from app.auth import Caller, CallerDep
 from app.errors import ApiError
 from app.model_upload import FILE_FIELD, TEXT_FIELDS, ModelUpload
 from app.schemas import ErrorBody, ModelList, ModelView, UploadedModelView
-from app.services import Services, get_services
+from app.services import Services, ServicesDep
+from cgidm.model_files import UPLOAD_KINDS
 from cgidm.registry import UnknownModel
 from cgidm.storage import StorageError
 from cgidm.uploaded_models import UploadedModel, is_upload_id
@@ -38,7 +39,7 @@ _UPLOAD_BODY = {
             "finetuned_from": {"type": "string", "maxLength": 128, "description":
                                "Registry id of the base model it was fine-tuned from."},
             "name": {"type": "string", "maxLength": 200, "description": "A label for you."},
-            "kind": {"type": "string", "enum": ["lora", "single_file", "unet"],
+            "kind": {"type": "string", "enum": list(UPLOAD_KINDS),
                      "description": "What the file holds (detected when omitted)."},
             "prompt": {"type": "string", "maxLength": 1000, "description":
                        "Instance prompt used when a job gives none (default: the file's "
@@ -91,8 +92,8 @@ def _own_upload(services: Services, caller: Caller, model_id: str) -> UploadedMo
                503: {"model": ErrorBody, "description": "Storage unavailable; nothing stored."}},
     summary="Upload a suspect model (.safetensors) to check it against a registered base",
 )
-async def upload_model(request: Request, services: Services = Depends(get_services),
-                       caller: Caller = Depends(get_caller)) -> JSONResponse:
+async def upload_model(request: Request, services: ServicesDep,
+                       caller: CallerDep) -> JSONResponse:
     """The file streams to storage as it arrives (never held in memory), is hashed, and is
     validated without loading it: a well-formed safetensors header whose tensor names fit the
     base's family and the kind. The answer's `id` works as `finetuned` in `POST /authenticate`,
@@ -108,8 +109,8 @@ async def upload_model(request: Request, services: Services = Depends(get_servic
 
 @router.get("/models", response_model=ModelList, responses=_ERRORS,
             summary="Models jobs may reference: the registry and your uploads")
-def list_models(services: Services = Depends(get_services),
-                caller: Caller = Depends(get_caller)) -> ModelList:
+def list_models(services: ServicesDep,
+                caller: CallerDep) -> ModelList:
     """Needs an API key like the job routes; health, readiness, metrics and the docs do not."""
     models = [ModelView(**m.model_dump()) for m in services.registry().public()]
     try:
@@ -126,8 +127,8 @@ ModelId = Annotated[str, Path(max_length=128)]
             responses={**_ERRORS, 404: {"model": ErrorBody, "description": "No such model "
                                         "(or another key's upload)."}},
             summary="One model: a registry entry or one of your uploads")
-def get_model(model_id: ModelId, services: Services = Depends(get_services),
-              caller: Caller = Depends(get_caller)) -> ModelView:
+def get_model(model_id: ModelId, services: ServicesDep,
+              caller: CallerDep) -> ModelView:
     entry = services.registry().entries.get(model_id)
     if entry is not None:
         return ModelView(**entry.model_dump(exclude={"path"}))
@@ -141,8 +142,8 @@ def get_model(model_id: ModelId, services: Services = Depends(get_services),
                           404: {"model": ErrorBody, "description": "No such upload (or another "
                                 "key's)."}},
                summary="Delete one of your uploads (finished jobs keep their records)")
-def delete_model(model_id: ModelId, services: Services = Depends(get_services),
-                 caller: Caller = Depends(get_caller)) -> Response:
+def delete_model(model_id: ModelId, services: ServicesDep,
+                 caller: CallerDep) -> Response:
     if model_id in services.registry().entries:
         raise ApiError(403, ["path", "model_id"], "registry_model",
                        f"{model_id!r} is a registry model; only uploads can be deleted")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from app.metrics import ServiceCollector
 from app.schemas import Health
-from app.services import Services, get_services
+from app.services import Services, ServicesDep
+from cgidm.job_queue import BrokerUnavailable
 from cgidm.storage import StorageError
 
 router = APIRouter(tags=["operations"])
@@ -22,7 +23,7 @@ def healthz() -> Health:
 @router.get("/readyz", response_model=Health,
             responses={503: {"model": Health, "description": "Broker or storage unreachable."}},
             summary="Broker and storage are reachable")
-def readyz(services: Services = Depends(get_services)) -> JSONResponse:
+def readyz(services: ServicesDep) -> JSONResponse:
     checks: dict[str, str] = {}
     try:
         services.store.storage.ping()
@@ -32,8 +33,8 @@ def readyz(services: Services = Depends(get_services)) -> JSONResponse:
     try:
         services.queue_depth()
         checks["broker"] = "ok"
-    except Exception as exc:  # any failure to reach the broker means "not ready"
-        checks["broker"] = f"unavailable: {type(exc).__name__}: {exc}"
+    except BrokerUnavailable as exc:
+        checks["broker"] = f"unavailable: {exc}"
     ready = all(value == "ok" for value in checks.values())
     body = Health(status="ok" if ready else "unavailable", checks=checks)
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import Request
+from fastapi import Depends, Request
 
 from app.admission import Admission, admission_for
 from app.auth import UrlSigner
+from cgidm.job_queue import enqueue_job, make_celery, waiting_jobs
 from cgidm.jobs import JobStore
 from cgidm.registry import Registry, load_registry
-from cgidm.routing import queue_depth
 from cgidm.settings import Settings
 from cgidm.storage import storage_from_settings
-from cgidm.tasks import enqueue_job, make_celery
 from cgidm.uploaded_models import ModelResolver, UploadStore
 
 
@@ -47,16 +46,18 @@ class Services:
 
     def enqueue(self, job_id: str, pretrained: str = "", finetuned: str = "") -> None:
         """Send the job by task name; the gateway never imports the worker's code. The queue
-        depends on the pair with CGIDM_ROUTING=pair (cgidm/routing.py)."""
+        depends on the pair with CGIDM_ROUTING=pair (cgidm/queue_routing.py)."""
         enqueue_job(self.celery, self.settings, job_id, 1, pretrained, finetuned)
 
     def queue_depth(self) -> int:
-        """Messages waiting in the job queues (plain and slots); raises if the broker cannot
-        be reached."""
-        with self.celery.connection_for_read() as conn:
-            conn.ensure_connection(max_retries=1, timeout=3)
-            return queue_depth(conn, self.settings)
+        """Messages waiting in the job queues (plain and slots); raises
+        :class:`~cgidm.job_queue.BrokerUnavailable` if the broker cannot be reached."""
+        return waiting_jobs(self.celery, self.settings)
 
 
 def get_services(request: Request) -> Services:
     return request.app.state.services
+
+
+#: A route's parameter ``services: ServicesDep`` receives the app's :class:`Services`.
+ServicesDep = Annotated[Services, Depends(get_services)]

@@ -136,7 +136,8 @@ def evaluate_finetune(args: argparse.Namespace, finetuned: str, pictures: list[A
     from cgidm_core.errors import ConfigError
     from cgidm_core.evaluation import combine_scores, score_images_detailed
     from cgidm_core.inversion import InversionConfig
-    from cgidm_core.similarity import DEFAULT_METRIC, score_from_metric
+    from cgidm_core.names import DEFAULT_METRIC
+    from cgidm_core.similarity import score_from_metric
     from cgidm_core.stats import evaluate_scores
 
     started = time.perf_counter()
@@ -231,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
 
-    from cgidm_core.evaluation import load_image_folder
+    from cgidm_core.images import load_image_folder
 
     member_names, members = load_image_folder(args.members)
     holdout_names, holdout = load_image_folder(args.holdout)

@@ -48,14 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from cgidm_core.inversion import contrast_loss
-    from cgidm_core.models import load_pair
+    from cgidm_core.models import load_pair_from_paths
     from tests import tinymodels
 
     machine.set_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="cgidm-crn-") as tmp:
         base = tinymodels.make_tiny_sd(Path(tmp) / "base", sample_size=args.sample_size)
         finetuned = tinymodels.make_dreambooth_folder(base, Path(tmp) / "ft")
-        pair = load_pair(base, finetuned, device=args.device)
+        pair = load_pair_from_paths(base, finetuned, device=args.device)
     cond = pair.conditioning("sks style")
     gen = torch.Generator().manual_seed(0)
     shape = (args.batch, *pair.latent_shape)

@@ -248,7 +248,8 @@ def check_flux_step(device: str) -> list[dict[str, Any]]:
 def check_demo(device: str, data: Path) -> list[dict[str, Any]]:
     """AUC of the bundled demo pairs on the Van Gogh set, default settings, on ``device``."""
     from cgidm_core.api import load_pair
-    from cgidm_core.evaluation import load_image_folder, score_images_detailed
+    from cgidm_core.evaluation import score_images_detailed
+    from cgidm_core.images import load_image_folder
     from cgidm_core.stats import evaluate_scores
 
     folder = data / "wikiart-vangogh"

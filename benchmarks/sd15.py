@@ -102,10 +102,6 @@ SCHEDULER_CONFIG: dict[str, Any] = {
     "steps_offset": 1,
 }
 
-#: Parameter counts of the real SD 1.5 networks, to check that the configs above are right.
-EXPECTED_PARAMETERS = {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}
-
-
 def seeded(seed: int) -> None:
     torch.manual_seed(seed)
 
@@ -209,7 +205,3 @@ def add_lora(unet, rank: int, seed: int = 4) -> int:
                 param.normal_(0.0, 0.01)
                 count += param.numel()
     return count
-
-
-def count_parameters(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

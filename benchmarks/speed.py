@@ -45,7 +45,7 @@ PROMPT = "sks style"
 
 
 def _images(members: str, holdout: str, limit: int | None) -> tuple[list, list[str], list[int]]:
-    from cgidm_core.evaluation import load_image_folder
+    from cgidm_core.images import load_image_folder
 
     m_names, m_images = load_image_folder(members)
     h_names, h_images = load_image_folder(holdout)
@@ -95,7 +95,8 @@ def run_reference(args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks.reference_layout import load_reference_layout, reference_recover
     from cgidm_core.demo import resolve_model_reference
     from cgidm_core.images import image_seed, to_tensor
-    from cgidm_core.similarity import DEFAULT_METRIC, PIXEL_METRICS, compute_metrics
+    from cgidm_core.names import DEFAULT_METRIC, PIXEL_METRICS
+    from cgidm_core.similarity import compute_metrics
 
     machine.set_threads(args.threads)
     images, names, labels = _images(args.members, args.holdout, args.images)
@@ -146,7 +147,7 @@ def run_cgidm(args: argparse.Namespace) -> dict[str, Any]:
 
     from cgidm_core.api import authenticate, load_pair
     from cgidm_core.inversion import InversionConfig
-    from cgidm_core.similarity import DEFAULT_METRIC
+    from cgidm_core.names import DEFAULT_METRIC
 
     machine.set_threads(args.threads)
     images, names, labels = _images(args.members, args.holdout, args.images)

@@ -18,9 +18,10 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from cgidm_core.api import authenticate, load_pair
-from cgidm_core.evaluation import load_image_folder
+from cgidm_core.images import load_image_folder
 from cgidm_core.inversion import InversionConfig
-from cgidm_core.similarity import PIXEL_METRICS, score_from_metric
+from cgidm_core.names import PIXEL_METRICS
+from cgidm_core.similarity import score_from_metric
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikiart-vangogh"
 

@@ -42,6 +42,14 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, ServiceError):  # before cgidm_core: `submit` runs without torch
             print(f"cgidm: error: {exc}", file=sys.stderr)
             return 1
+        if isinstance(exc, ModuleNotFoundError) and exc.name:
+            # The gateway image installs the torch-free commands' packages only (keys, models,
+            # submit); the commands that run the method need torch and diffusers.
+            print(f"cgidm: error: `cgidm {args.command}` needs the Python package "
+                  f"{exc.name.split('.')[0]!r}, which this installation lacks (the gateway "
+                  "image has no torch); run it where cgidm is installed with its dependencies",
+                  file=sys.stderr)
+            return 1
         from cgidm_core.errors import CGIDMError
 
         if isinstance(exc, CGIDMError):

@@ -28,13 +28,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from cgidm.storage import ObjectNotFound, Storage, StorageError
+from cgidm_core.names import ALL_METRICS
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 Role = Literal["image", "control"]
 ARTIFACT_KINDS = ("recovered", "partial", "side_by_side")
-METRICS = ("ssim", "psnr", "mse", "clip", "dino")
-FEATURE_METRICS = ("clip", "dino")
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 _ATTEMPT = re.compile(r"^a[0-9]{1,4}-[0-9a-f]{8}$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -100,7 +99,7 @@ class JobSettings(BaseModel):
         None, description="reference: the authors' settings (1000 steps, alpha 2, independent "
         "noise, re-encoded partial, unbounded latents), as `cgidm check --preset reference`; "
         "the other settings override it.")
-    metric: Literal["ssim", "psnr", "mse", "clip", "dino"] | None = Field(
+    metric: Literal[ALL_METRICS] | None = Field(  # type: ignore[valid-type]
         None, description="Similarity used as the score (clip/dino need CGIDM_FEATURE_MODEL).")
     batch_size: int | None = Field(None, ge=1, le=64, description="Images per PGD batch.")
     steps: int | None = Field(None, ge=1, le=10_000, description="PGD iterations.")
@@ -395,9 +394,6 @@ class JobStore:
 
     def save_result(self, job_id: str, result: JobResult) -> None:
         self.storage.put_json(job_prefix(job_id) + "result.json", result.model_dump(mode="json"))
-
-    def load_result(self, job_id: str) -> dict[str, Any]:
-        return self.storage.get_json(job_prefix(job_id) + "result.json")
 
     def request_cancel(self, job_id: str) -> None:
         self.storage.put_bytes(job_prefix(job_id) + "cancel", utcnow().isoformat().encode())

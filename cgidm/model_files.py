@@ -25,6 +25,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
+from cgidm_core.names import DDPM_FAMILY, FLUX_FAMILY, SD3_FAMILY, SD_FAMILY
+
 #: safetensors refuses headers above 100 MB; real checkpoints have a few hundred KB of header.
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 #: bytes per element of every dtype safetensors defines.
@@ -41,8 +43,6 @@ _LDM_UNET_PREFIX = "model.diffusion_model."
 _SDXL_SINGLE_FILE_PREFIX = "conditioner.embedders."
 _TRANSFORMER_MARKERS = ("transformer_blocks.", "single_transformer_blocks.", "double_blocks.",
                         "single_blocks.", "x_embedder.", "context_embedder.")
-SD_FAMILY = "stable-diffusion"
-DDPM_FAMILY = "ddpm"
 PICKLE_REFUSAL = (
     "pickle checkpoints (.ckpt, .bin, .pt) can run code when they are opened, so cgidm accepts "
     "only .safetensors files; convert the model once in a trusted environment (e.g. "
@@ -199,8 +199,6 @@ def looks_like_transformer(keys: list[str]) -> bool:
 _FLUX_LORA_PREFIXES = ("transformer.", "lora_unet_double_blocks_", "lora_unet_single_blocks_",
                        "lora_transformer_", "double_blocks.", "single_blocks.",
                        "diffusion_model.double_blocks.", "diffusion_model.single_blocks.")
-FLUX_FAMILY = "flux"
-SD3_FAMILY = "sd3"
 
 
 def is_flux_lora(keys: list[str]) -> bool:

@@ -28,11 +28,11 @@ import threading
 from datetime import datetime, timezone
 from typing import Any
 
+from cgidm.job_queue import enqueue_job, make_celery
 from cgidm.jobs import JobError, JobNotFound, JobRecord, JobStore, Progress, Recovery, utcnow
 from cgidm.leases import LeaseStore, Reaped, leases_from_settings
 from cgidm.settings import Settings
 from cgidm.storage import StorageError
-from cgidm.tasks import enqueue_job, make_celery
 
 log = logging.getLogger("cgidm.reaper")
 

@@ -12,9 +12,8 @@ open an arbitrary file or fetch remote code. The operator controls the registry 
 
 Relative paths are resolved against the registry file's folder. Without a file the registry
 holds the demo models that ship with the package (their ``path`` is the demo name, which
-``cgidm_core.load_pair`` resolves to the packaged folders). They are listed here by hand rather
-than read from ``cgidm_core.demo``: the gateway imports this module, and importing
-``cgidm_core`` would import torch; a test keeps the two lists equal.
+``cgidm_core.load_pair`` resolves to the packaged folders), read from the torch-free
+``cgidm_core.names``.
 """
 
 from __future__ import annotations
@@ -25,6 +24,8 @@ from functools import lru_cache
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cgidm_core.names import DEMO_BASES, DEMO_FAMILIES, DEMO_MODELS
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -68,42 +69,11 @@ class PublicModel(BaseModel):
     description: str | None = None
 
 
-DEMO_ENTRIES = (
-    ModelEntry(
-        id="demo-base",
-        family="ddpm",
-        path="demo-base",
-        description="Demo pretrained model: a 32x32 pixel-space DDPM (ships with cgidm).",
-    ),
-    ModelEntry(
-        id="demo-vangogh",
-        family="ddpm",
-        path="demo-vangogh",
-        finetuned_from="demo-base",
-        description="Demo fine-tune of demo-base on the 10 Van Gogh 'membership' paintings.",
-    ),
-    ModelEntry(
-        id="demo-vangogh-light",
-        family="ddpm",
-        path="demo-vangogh-light",
-        finetuned_from="demo-base",
-        description="Light demo fine-tune of demo-base on the same 10 paintings (harder case).",
-    ),
-    ModelEntry(
-        id="demo-flow-base",
-        family="pixel-flow",
-        path="demo-flow-base",
-        description="Demo pretrained flow-matching model: a 32x32 pixel-space UNet predicting "
-        "velocities (ships with cgidm).",
-    ),
-    ModelEntry(
-        id="demo-flow-vangogh",
-        family="pixel-flow",
-        path="demo-flow-vangogh",
-        finetuned_from="demo-flow-base",
-        description="Demo flow-matching fine-tune of demo-flow-base on the 10 Van Gogh "
-        "'membership' paintings.",
-    ),
+#: The demo models that ship with the package, from the library's torch-free table.
+DEMO_ENTRIES = tuple(
+    ModelEntry(id=name, family=DEMO_FAMILIES[name], path=name, finetuned_from=DEMO_BASES[name],
+               description=description)
+    for name, description in DEMO_MODELS.items()
 )
 
 

@@ -163,7 +163,7 @@ class Settings(BaseSettings):
     routing: Literal["shared", "pair"] = Field(
         "shared", description="shared: one queue, any free worker takes the next job. pair: "
         "jobs of a model pair go to the one worker that owns its slot, which keeps it loaded "
-        "(see cgidm/routing.py and docs/SERVICE.md, Scaling out).")
+        "(see cgidm/queue_routing.py and docs/SERVICE.md, Scaling out).")
     routing_slots: int = Field(
         16, ge=1, le=1024, description="Slot queues pairs are hashed onto with routing=pair; "
         "at least the number of workers. Gateway and workers must agree.")

@@ -21,12 +21,11 @@ from . import provenance
 from .errors import ConfigError, OutOfMemory
 from .images import ImageSource, image_seed, load_image, to_pil, to_tensor
 from .inversion import CancelFn, InversionConfig, invert
+from .names import DEFAULT_METRIC, PIXEL_METRICS
 from .pair import ModelPair
 from .prompts import EmptyPromptWarning, choose_prompt
 from .results import ImageResult
 from .similarity import (
-    DEFAULT_METRIC,
-    PIXEL_METRICS,
     FeatureModel,
     compute_metrics,
     score_from_metric,
@@ -54,13 +53,13 @@ def load_pair(
     back from disk for the next new prompt); ``keep_text_encoders=True`` keeps them in memory.
     """
     from .demo import resolve_model_reference
-    from .models import load_pair as load_model_pair
+    from .models import load_pair_from_paths
     from .models.loading import resolve_model_path
     from .provenance import describe_model
 
     pre_path = resolve_model_reference(pretrained)
     ft_path = resolve_model_reference(finetuned)
-    pair = load_model_pair(
+    pair = load_pair_from_paths(
         pre_path,
         ft_path,
         finetuned_kind=finetuned_kind,

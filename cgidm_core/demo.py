@@ -1,5 +1,8 @@
 """The demo model pair that ships inside the package, and resolution of model references.
 
+The table of demo names, bases and descriptions is in :mod:`cgidm_core.names` (torch-free, read
+by the gateway's registry too); this module finds their folders.
+
 Why ship models: the method needs a pretrained model *and* a fine-tune with known members. Real
 Stable Diffusion pairs are gigabytes and need a GPU; this pair is a few megabytes, runs on a CPU,
 and was fine-tuned on the ten Van Gogh "membership" paintings of the authors' demo data, so
@@ -21,49 +24,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from cgidm_core.errors import ModelNotFoundError
+from cgidm_core.names import DEMO_BASES, DEMO_FAMILIES, DEMO_MODELS
 
 #: Folder holding the packaged models (package data).
 DEMO_MODELS_DIR = Path(__file__).resolve().parent / "demo_models"
 
-#: Demo name -> one-line description.
-DEMO_MODELS: dict[str, str] = {
-    "demo-base": (
-        "32x32 pixel-space DDPM trained on public-domain sample photos from scikit-image and "
-        "matplotlib (the 'pretrained' model)"
-    ),
-    "demo-vangogh": (
-        "demo-base fully fine-tuned on 10 Van Gogh paintings "
-        "(wikiart-vangogh/membership; the 'fine-tuned' model)"
-    ),
-    "demo-vangogh-light": (
-        "demo-base lightly fine-tuned on the same 10 Van Gogh paintings (200 steps instead of "
-        "1500): a harder case, on which the membership methods differ"
-    ),
-    "demo-flow-base": (
-        "32x32 pixel-space flow-matching UNet (velocity prediction) trained on the same "
-        "public-domain sample photos, starting from demo-base's weights (the 'pretrained' model)"
-    ),
-    "demo-flow-vangogh": (
-        "demo-flow-base fully fine-tuned by flow matching on the 10 Van Gogh paintings "
-        "(wikiart-vangogh/membership; the 'fine-tuned' model)"
-    ),
-}
-
-#: Demo name -> the demo it was fine-tuned from (None for a base model).
-DEMO_BASES: dict[str, str | None] = {
-    "demo-base": None,
-    "demo-vangogh": "demo-base",
-    "demo-vangogh-light": "demo-base",
-    "demo-flow-base": None,
-    "demo-flow-vangogh": "demo-flow-base",
-}
-
-#: Family of the DDPM demo models, as ``ModelPair.family`` names it.
-DEMO_FAMILY = "ddpm"
-#: Family of each demo model.
-DEMO_FAMILIES: dict[str, str] = {
-    name: "pixel-flow" if name.startswith("demo-flow-") else DEMO_FAMILY for name in DEMO_MODELS
-}
 
 
 def demo_model_path(name: str) -> Path:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,19 +18,12 @@ from PIL import Image
 
 from .api import checked_batch_size, image_names
 from .baselines import BASELINES, EVALUATIONS_PER_IMAGE
-from .errors import ConfigError, ImageInputError
+from .errors import ConfigError
 from .images import ImageSource, image_seed, load_image, to_tensor
 from .inversion import InversionConfig
+from .names import DEFAULT_METRIC, METHODS
 from .pair import ModelPair
 from .prompts import choose_prompt
-
-#: Every method :func:`score_images` knows. "cgidm" is the paper's method (inversion +
-#: similarity); "combined" and "fused" add the z-scored similarity to the z-scored contrast or
-#: loss-attack score.
-METHODS: tuple[str, ...] = ("cgidm", "loss", "pia", "secmi", "contrast", "combined", "fused",
-                            "evidence")
-#: The methods that run the inversion (and so take the inversion settings and a metric).
-INVERSION_METHODS: tuple[str, ...] = ("cgidm", "combined", "fused", "evidence")
 
 #: The cheap score each fusion adds to CGI-DM's similarity. "fused" (similarity + loss attack)
 #: had the best worst-case AUC of the benchmark suite's single scores and fusions
@@ -40,22 +32,6 @@ FUSIONS: dict[str, str] = {"combined": "contrast", "fused": "loss"}
 #: The similarity metric a fusion uses when none is given (else the verdict's DEFAULT_METRIC):
 #: chosen on the suite by the same rule as the default (worst case, then mean).
 FUSION_METRICS: dict[str, str] = {"fused": "ssim"}
-
-#: One line per method for help texts and tables.
-METHOD_DESCRIPTIONS: dict[str, str] = {
-    "cgidm": "contrasting gradient inversion + similarity of the recovery (the paper)",
-    "loss": "fine-tuned model's denoising error at t in {50, 100, 200} (loss attack)",
-    "pia": "Proximal Initialization Attack, t=200, l4 (Kong et al. 2024)",
-    "secmi": "SecMI_stat, t_sec=100, interval 10 (Duan et al. 2023)",
-    "contrast": "CGI-DM objective at the original, 8 stratified samples, no inversion",
-    "combined": "z(cgidm similarity) + z(contrast), standardised over the images scored",
-    "fused": "z(cgidm similarity) + z(loss attack), standardised over the images scored",
-    "evidence": "the verdict's score of cgidm check and the service (cgidm_core.evidence): "
-                "z(SSIM) + z(PSNR) + z(loss attack) + z(contrast), over the images scored",
-}
-
-#: Suffixes :func:`load_image_folder` reads.
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 ProgressFn = Callable[[int, int], None]
 
@@ -77,21 +53,6 @@ class ScoredImages:
     @property
     def seconds_per_image(self) -> float:
         return self.seconds / max(1, len(self.scores))
-
-
-def load_image_folder(folder: str | Path) -> tuple[list[str], list[Image.Image]]:
-    """File names and RGB pictures of every image in ``folder`` (not recursive), sorted by name."""
-    path = Path(folder).expanduser()
-    if not path.exists():
-        raise ImageInputError(f"{path}: no such folder; give a folder of .png/.jpg images")
-    if not path.is_dir():
-        raise ImageInputError(f"{path}: is not a folder; give a folder of .png/.jpg images")
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise ImageInputError(
-            f"{path}: no images in this folder (looked for {', '.join(IMAGE_SUFFIXES)})"
-        )
-    return [p.name for p in files], [load_image(p) for p in files]
 
 
 def zscores(values: Sequence[float]) -> np.ndarray:
@@ -195,7 +156,6 @@ def score_images_detailed(
         )
 
     from .api import authenticate
-    from .similarity import DEFAULT_METRIC
 
     config = config or InversionConfig(seed=seed)
     metric = metric or FUSION_METRICS.get(method) or DEFAULT_METRIC

@@ -12,6 +12,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageInputError
+from .names import IMAGE_SUFFIXES
 
 ImageSource = str | Path | bytes | Image.Image
 
@@ -45,6 +46,21 @@ def load_image(source: ImageSource, *, name: str | None = None) -> Image.Image:
         raise ImageInputError(
             f"{label}: cannot read this file as an image ({exc}); upload a PNG or JPEG image"
         ) from exc
+
+
+def load_image_folder(folder: str | Path) -> tuple[list[str], list[Image.Image]]:
+    """File names and RGB pictures of every image in ``folder`` (not recursive), sorted by name."""
+    path = Path(folder).expanduser()
+    if not path.exists():
+        raise ImageInputError(f"{path}: no such folder; give a folder of .png/.jpg images")
+    if not path.is_dir():
+        raise ImageInputError(f"{path}: is not a folder; give a folder of .png/.jpg images")
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ImageInputError(
+            f"{path}: no images in this folder (looked for {', '.join(IMAGE_SUFFIXES)})"
+        )
+    return [p.name for p in files], [load_image(p) for p in files]
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

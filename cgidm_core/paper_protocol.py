@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from .images import to_tensor
-from .similarity import FEATURE_METRICS, FeatureModel, compute_metrics, score_from_metric
+from .names import FEATURE_METRICS
+from .similarity import FeatureModel, compute_metrics, score_from_metric
 
 #: Thresholds of the paper's accuracy search and AUC grid (``find_threshold``,
 #: ``calculate_auc_asr_stat``).

@@ -17,16 +17,7 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError, ModelFormatError, ModelNotFoundError
-
-PIXEL_METRICS = ("ssim", "psnr", "mse")
-FEATURE_METRICS = ("clip", "dino")
-ALL_METRICS = PIXEL_METRICS + FEATURE_METRICS
-
-#: Checked on the benchmark suite (``benchmarks/suite.py``, docs/ACCURACY.md), worst case first:
-#: SSIM 0.58 worst / 0.82 mean AUC over 24 pairs, PSNR 0.55 / 0.90. PSNR's higher mean does not
-#: outweigh its lower worst case under that rule, so SSIM stays; both are beaten by the contrast
-#: score and by the fusion with the loss attack (``evaluation.FUSIONS``, README "Defaults").
-DEFAULT_METRIC = "ssim"
+from .names import ALL_METRICS, FEATURE_METRICS
 
 
 def _unit(images: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError, ImageInputError
+from .names import IMAGE_SUFFIXES
 
 #: Fine-tuning steps of each strength (checkpoints of one run).
 STRENGTHS: dict[str, int] = {"light": 200, "medium": 500, "strong": 1000}
@@ -50,8 +51,6 @@ DREAMBOOTH_PHOTOS_PER_OTHER_SUBJECT = 2
 #: Photos per member subject in the hard hold-out (the next ones by file name): 10 in all, the
 #: size of the other hold-out sets, which keeps the suite inside its CPU budget.
 DREAMBOOTH_HARD_PER_SUBJECT = 2
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
 def default_data_root() -> Path:

@@ -30,15 +30,13 @@ from diffusers.optimization import get_scheduler
 from PIL import Image
 
 from cgidm_core.errors import ImageInputError, ModelFormatError, ModelNotFoundError
+from cgidm_core.names import IMAGE_SUFFIXES
 
 #: The two training objectives of the demo models: DDPM (noise) and flow matching (velocity).
 Schedule = DDPMScheduler | FlowMatchEulerDiscreteScheduler
 
 #: Side length of the demo models, in pixels.
 DEMO_IMAGE_SIZE = 32
-
-#: File suffixes read from an image folder.
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
 #: Photos that ship inside installed packages and carry no copyright restriction (public domain
 #: or CC0, per the docstrings of ``skimage.data``; Grace Hopper's portrait is a US Navy photo).
@@ -159,7 +157,7 @@ def list_image_files(folder: str | Path) -> list[Path]:
     return files
 
 
-def load_image_folder(folder: str | Path, size: int) -> tuple[list[str], torch.Tensor]:
+def load_images_as_tensor(folder: str | Path, size: int) -> tuple[list[str], torch.Tensor]:
     """Names and tensors ``(N, 3, size, size)`` in [-1, 1] of every image in a folder.
 
     The images go through exactly the preprocessing CGI-DM applies to its inputs (short side

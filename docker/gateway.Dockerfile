@@ -12,9 +12,12 @@ WORKDIR /srv/cgidm
 COPY docker/gateway-requirements.txt /tmp/gateway-requirements.txt
 RUN pip install -r /tmp/gateway-requirements.txt
 
-# Only the shared package and the gateway; --no-deps keeps torch and diffusers out.
+# The shared package, the gateway and the method library, whose torch-free modules (names,
+# errors, demo) the gateway and the CLI import; --no-deps keeps torch and diffusers out, and
+# tests/service/test_deployment.py runs the gateway and every torch-free command without them.
 COPY pyproject.toml README.md ./
 COPY cgidm ./cgidm
+COPY cgidm_core ./cgidm_core
 COPY app ./app
 RUN pip install --no-deps . && useradd --uid 10001 --no-create-home cgidm
 

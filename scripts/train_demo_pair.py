@@ -192,7 +192,7 @@ def train_finetune(
     unet, scheduler = training.load_pipeline_parts(base_path)
     pretrained, _ = training.load_pipeline_parts(base_path)
     size = unet.config.sample_size
-    names, images = training.load_image_folder(members, size)
+    names, images = training.load_images_as_tensor(members, size)
     data = training.FixedImages(images, seed=seed, flip=False)
     config = training.TrainConfig(steps=steps, batch_size=batch_size, learning_rate=lr, seed=seed,
                                   lr_schedule="constant_with_warmup")
@@ -256,7 +256,7 @@ def membership_check(pretrained, finetuned, scheduler, members, holdout: Path, s
 
     from cgidm_core import training
 
-    holdout_names, holdout_images = training.load_image_folder(holdout, size)
+    holdout_names, holdout_images = training.load_images_as_tensor(holdout, size)
     diffs = []
     for images in (members, holdout_images):
         ft = training.denoising_losses(finetuned, scheduler, images, samples=samples, seed=seed)

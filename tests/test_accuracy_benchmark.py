@@ -5,11 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 
-import pytest
-
-from tests.paths import REPO_ROOT, SHARED_DATA
-
-VANGOGH = SHARED_DATA / "wikiart-vangogh"
+from tests.paths import REPO_ROOT, require_shared_data
 
 
 def _load_benchmark():
@@ -30,9 +26,8 @@ def test_default_run_covers_both_demo_fine_tunes_and_labels_cut_reference():
     assert "100 steps" in bench.reference_label(100)
 
 
-@pytest.mark.skipif(not (VANGOGH / "membership").is_dir(),
-                    reason="../shared/data/wikiart-vangogh is absent")
 def test_one_run_scores_every_fine_tune_and_writes_table_snippet(tmp_path, capsys):
+    require_shared_data("wikiart-vangogh", "membership")
     bench = _load_benchmark()
     out, table, raw = tmp_path / "ACCURACY.md", tmp_path / "table.md", tmp_path / "acc.json"
     assert bench.main(["--methods", "loss", "pia", "--n-bootstrap", "0", "--no-flow",
@@ -56,9 +51,8 @@ def test_one_run_scores_every_fine_tune_and_writes_table_snippet(tmp_path, capsy
     assert auc["demo-vangogh", "pia"] < 0.2 and auc["demo-vangogh-light", "pia"] > 0.6
 
 
-@pytest.mark.skipif(not (VANGOGH / "membership").is_dir(),
-                    reason="../shared/data/wikiart-vangogh is absent")
 def test_the_flow_demo_pair_is_a_column_with_velocity_baselines(tmp_path, capsys):
+    require_shared_data("wikiart-vangogh", "membership")
     bench = _load_benchmark()
     assert bench.parse_args([]).flow_pair == ["demo-flow-base", "demo-flow-vangogh"]
     out, table, raw = tmp_path / "ACCURACY.md", tmp_path / "table.md", tmp_path / "acc.json"

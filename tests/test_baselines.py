@@ -16,7 +16,7 @@ from cgidm_core.baselines import (
 )
 from cgidm_core.errors import ConfigError
 from cgidm_core.images import image_seed
-from cgidm_core.models import DDPMPair, load_pair
+from cgidm_core.models import DDPMPair, load_pair_from_paths
 
 NAMES = sorted(BASELINES)
 
@@ -30,14 +30,14 @@ def smooth_images(n: int, size: int, seed: int) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def ddpm(tiny_ddpm_pair):
-    pair = load_pair(*tiny_ddpm_pair, device="cpu")
+    pair = load_pair_from_paths(*tiny_ddpm_pair, device="cpu")
     images = smooth_images(3, pair.image_size, seed=0)
     return pair, pair.encode(images), pair.conditioning(None), images
 
 
 @pytest.fixture(scope="module")
 def sd(tiny_sd_pair):
-    pair = load_pair(*tiny_sd_pair, device="cpu")
+    pair = load_pair_from_paths(*tiny_sd_pair, device="cpu")
     images = smooth_images(3, pair.image_size, seed=1)
     with torch.no_grad():
         z0 = pair.encode(images)
@@ -95,7 +95,8 @@ def test_an_image_scores_the_same_alone_and_in_a_batch(setup, name):
 
 def test_contrast_is_exactly_zero_for_the_same_model(ddpm):
     loaded = ddpm[0]
-    # load_pair refuses identical weights (nothing to contrast), so build the pair directly.
+    # load_pair_from_paths refuses identical weights (nothing to contrast), so build the pair
+    # directly.
     pair = DDPMPair(
         loaded.unet_pretrained, loaded.unet_pretrained, loaded.alphas_cumprod,
         device=torch.device("cpu"), dtype=torch.float32,
@@ -159,9 +160,10 @@ def memorised(tmp_path_factory):
     with one_thread():
         train(unet, scheduler, FixedImages(images[:1], seed=0), config, progress=False)
     finetuned = save_pipeline(unet, scheduler, root / "finetuned")
-    return load_pair(base, finetuned, device="cpu"), images
+    return load_pair_from_paths(base, finetuned, device="cpu"), images
 
 
+@pytest.mark.slow  # trains a tiny net to memorise an image: ~20 s
 def test_loss_attack_ranks_the_training_image_first(memorised):
     pair, images = memorised
     scores = loss_attack(pair, pair.encode(images), pair.conditioning(None), seed=0)
@@ -169,6 +171,7 @@ def test_loss_attack_ranks_the_training_image_first(memorised):
     assert scores[0] > scores[1:].max() + 0.1  # by a wide margin, not by luck
 
 
+@pytest.mark.slow  # shares the memorised net above
 def test_contrast_ranks_the_training_image_first(memorised):
     pair, images = memorised
     scores = contrast(pair, pair.encode(images), pair.conditioning(None), seed=0)

@@ -6,9 +6,16 @@ import pytest
 from PIL import Image
 
 from cgidm.cli import main
-from tests.paths import SHARED_DATA
+from tests.paths import SHARED_DATA, require_shared_data
 
 VANGOGH = SHARED_DATA / "wikiart-vangogh"
+
+
+@pytest.fixture(autouse=True)
+def _vangogh() -> None:
+    """The tests run on the real paintings: missing, they fail with a message."""
+    for split in ("membership", "hold_out"):
+        require_shared_data("wikiart-vangogh", split)
 
 
 def test_check_writes_results_and_pictures(tiny_ddpm_pair, tmp_path, capsys):

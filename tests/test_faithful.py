@@ -14,19 +14,19 @@ from cgidm_core.errors import ConfigError
 from cgidm_core.images import image_seed, quantize_8bit, to_pil, to_tensor
 from cgidm_core.inversion import InversionConfig, invert
 from cgidm_core.masks import checkerboard_mask, default_cell
-from cgidm_core.models import load_pair
+from cgidm_core.models import load_pair_from_paths
 
 CONFIG = InversionConfig(steps=6, seed=3, cell=4)
 
 
 @pytest.fixture(scope="module")
 def ddpm(tiny_ddpm_pair):
-    return load_pair(*tiny_ddpm_pair, device="cpu")
+    return load_pair_from_paths(*tiny_ddpm_pair, device="cpu")
 
 
 @pytest.fixture(scope="module")
 def sd(tiny_sd_pair):
-    return load_pair(*tiny_sd_pair, device="cpu", keep_text_encoders=True)
+    return load_pair_from_paths(*tiny_sd_pair, device="cpu", keep_text_encoders=True)
 
 
 def smooth_images(n: int, size: int, seed: int = 0) -> torch.Tensor:

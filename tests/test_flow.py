@@ -25,7 +25,7 @@ from cgidm_core.models import load_pair
 from cgidm_core.models.flow import shifted_sigmas
 from cgidm_core.models.pixel_flow import PixelFlowPair
 from tests import tinymodels
-from tests.paths import SHARED_DATA
+from tests.paths import SHARED_DATA, require_shared_data
 
 VANGOGH = SHARED_DATA / "wikiart-vangogh"
 CPU = {"device": "cpu", "dtype": "float32"}
@@ -246,8 +246,8 @@ def test_demo_flow_pair_and_ddpm_demo_models_do_not_mix():
         load_named_pair("demo-base", "demo-flow-vangogh", **CPU)
 
 
-@pytest.mark.skipif(not (VANGOGH / "membership").is_dir(), reason="../shared/data is absent")
 def test_cgidm_check_runs_on_the_demo_flow_pair(tmp_path, capsys):
+    require_shared_data("wikiart-vangogh", "membership")
     members = sorted((VANGOGH / "membership").glob("*.jpg"))[:2]
     out = tmp_path / "out"
     code = main(["check", "--pretrained", "demo-flow-base", "--finetuned", "demo-flow-vangogh",
@@ -262,8 +262,8 @@ def test_cgidm_check_runs_on_the_demo_flow_pair(tmp_path, capsys):
         assert (out / record["recovered"]).is_file() and (out / record["side_by_side"]).is_file()
 
 
-@pytest.mark.skipif(not (VANGOGH / "membership").is_dir(), reason="../shared/data is absent")
 def test_cgidm_eval_refuses_a_ddim_baseline_on_the_flow_pair_in_one_line(capsys):
+    require_shared_data("wikiart-vangogh", "membership")
     code = main(["eval", "--pretrained", "demo-flow-base", "--finetuned", "demo-flow-vangogh",
                  "--members", str(VANGOGH / "membership"), "--holdout",
                  str(VANGOGH / "hold_out"), "--method", "secmi"])

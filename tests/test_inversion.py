@@ -15,14 +15,14 @@ from cgidm_core.inversion import (
     invert,
     scaled_radius,
 )
-from cgidm_core.models import load_pair
+from cgidm_core.models import load_pair_from_paths
 
 CONFIG = InversionConfig(steps=12, seed=3, cell=4)
 
 
 @pytest.fixture(scope="module")
 def pair(tiny_ddpm_pair):
-    return load_pair(*tiny_ddpm_pair, device="cpu")
+    return load_pair_from_paths(*tiny_ddpm_pair, device="cpu")
 
 
 @pytest.fixture(scope="module")

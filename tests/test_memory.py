@@ -17,7 +17,7 @@ from diffusers import UNet2DConditionModel
 from transformers import CLIPTextModel
 
 from cgidm_core.errors import ConfigError
-from cgidm_core.models import StableDiffusionLoraPair, StableDiffusionPair, load_pair
+from cgidm_core.models import StableDiffusionLoraPair, StableDiffusionPair, load_pair_from_paths
 from tests import tinymodels
 
 PROMPT = "sks style"
@@ -60,8 +60,10 @@ def finetunes(tiny_sd_pair, tmp_path_factory) -> dict[str, Path]:
 
 
 def test_lora_pair_holds_one_unet(finetunes):
-    lora = load_pair(finetunes["base"], finetunes["lora"], keep_text_encoders=True, **CPU)
-    full = load_pair(finetunes["base"], finetunes["pipeline"], keep_text_encoders=True, **CPU)
+    lora = load_pair_from_paths(finetunes["base"], finetunes["lora"], keep_text_encoders=True,
+                                **CPU)
+    full = load_pair_from_paths(finetunes["base"], finetunes["pipeline"],
+                                keep_text_encoders=True, **CPU)
     assert isinstance(lora, StableDiffusionLoraPair)
     unets = [m for m in lora.modules() if isinstance(m, UNet2DConditionModel)]
     assert len(unets) == 1
@@ -76,14 +78,14 @@ def test_lora_pair_holds_one_unet(finetunes):
 
 @pytest.mark.parametrize("kind", ["dreambooth", "lora_te", "single_file_te", "pipeline"])
 def test_released_text_encoders_give_the_same_embeddings(finetunes, kind):
-    kept = load_pair(finetunes["base"], finetunes[kind], keep_text_encoders=True, **CPU)
+    kept = load_pair_from_paths(finetunes["base"], finetunes[kind], keep_text_encoders=True, **CPU)
     expected = {p: kept.conditioning(p) for p in (PROMPT, OTHER_PROMPT)}
     encoders = kept._text_encoder_modules()
     text_encoder_bytes = sum(_param_bytes(m) for m in encoders)
     if kind != "pipeline":  # these fine-tunes changed the text encoder: two different embeddings
         assert not torch.equal(expected[PROMPT].finetuned, expected[PROMPT].pretrained)
 
-    pair = load_pair(finetunes["base"], finetunes[kind], **CPU)  # the default: release
+    pair = load_pair_from_paths(finetunes["base"], finetunes[kind], **CPU)  # the default: release
     assert pair.text_encoders_loaded and pair.memory_bytes() == kept.memory_bytes()
     first = pair.conditioning(PROMPT)
     assert not pair.text_encoders_loaded
@@ -113,7 +115,7 @@ def test_released_text_encoders_give_the_same_embeddings(finetunes, kind):
 
 
 def test_lora_text_encoder_adapter_still_switches_after_reload(finetunes):
-    pair = load_pair(finetunes["base"], finetunes["lora_te"], **CPU)
+    pair = load_pair_from_paths(finetunes["base"], finetunes["lora_te"], **CPU)
     pair.conditioning(PROMPT)
     pair.load_text_encoders()
     assert pair.text_encoders_loaded and len(pair.text_encoder_adapter) > 0
@@ -126,7 +128,8 @@ def test_lora_text_encoder_adapter_still_switches_after_reload(finetunes):
 
 
 def test_keep_text_encoders_keeps_them(finetunes):
-    pair = load_pair(finetunes["base"], finetunes["dreambooth"], keep_text_encoders=True, **CPU)
+    pair = load_pair_from_paths(finetunes["base"], finetunes["dreambooth"],
+                                keep_text_encoders=True, **CPU)
     before = pair.memory_bytes()
     pair.conditioning(PROMPT)
     assert pair.text_encoders_loaded and pair.memory_bytes() == before
@@ -191,7 +194,7 @@ def test_gpu_batch_size_follows_free_memory_dtype_and_latent_area():
 
 
 def test_sd_pair_keeps_batch_8_on_the_cpu(finetunes):
-    pair = load_pair(finetunes["base"], finetunes["dreambooth"], device="cpu")
+    pair = load_pair_from_paths(finetunes["base"], finetunes["dreambooth"], device="cpu")
     assert pair.preferred_batch_size == 8
 
 
@@ -262,6 +265,7 @@ def test_gpu_benchmark_respects_its_time_budget(tmp_path):
     assert {r["status"] for r in json.loads(out.read_text())["results"]} == {"skipped"}
 
 
+@pytest.mark.slow  # every loader layout x dtype: ~45 s on 2 cores
 def test_cuda_check_runs_every_layout_and_dtype_on_the_cpu(tmp_path):
     """benchmarks/cuda_check.py is run by hand on a GPU machine; here its logic runs on the CPU
     (device "cpu"), so a GPU session does not discover a broken script."""

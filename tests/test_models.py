@@ -25,7 +25,7 @@ from cgidm_core.models import (
     StableDiffusionLoraPair,
     StableDiffusionPair,
     detect_finetuned_kind,
-    load_pair,
+    load_pair_from_paths,
 )
 from tests import tinymodels
 
@@ -103,7 +103,7 @@ def test_detects_every_format(sd_models, tiny_ddpm_pair):
 @pytest.mark.parametrize("kind", ["pipeline", "dreambooth", "dreambooth_unet_only", "single_file"])
 def test_finetuned_formats_predict_like_their_models(sd_models, kind):
     base = sd_models["base"]
-    pair = load_pair(base, sd_models[kind], **CPU)
+    pair = load_pair_from_paths(base, sd_models[kind], **CPU)
     assert isinstance(pair, StableDiffusionPair)
     assert pair.finetuned_kind == kind.replace("_unet_only", "")
     z, t = _inputs(pair.latent_shape)
@@ -121,15 +121,15 @@ def test_finetuned_formats_predict_like_their_models(sd_models, kind):
 
 
 def test_text_encoder_is_shared_only_when_the_finetune_has_none(sd_models):
-    unet_only = load_pair(sd_models["base"], sd_models["dreambooth_unet_only"], **CPU)
+    unet_only = load_pair_from_paths(sd_models["base"], sd_models["dreambooth_unet_only"], **CPU)
     assert unet_only.text_encoder_finetuned is unet_only.text_encoder_pretrained
-    with_encoder = load_pair(sd_models["base"], sd_models["dreambooth"], **CPU)
+    with_encoder = load_pair_from_paths(sd_models["base"], sd_models["dreambooth"], **CPU)
     assert with_encoder.text_encoder_finetuned is not with_encoder.text_encoder_pretrained
     cond = with_encoder.conditioning(PROMPT)
     assert not torch.equal(cond.finetuned, cond.pretrained)
     # An unchanged text encoder in a full pipeline or a single file is kept once, too.
     for kind in ("pipeline", "single_file"):
-        pair = load_pair(sd_models["base"], sd_models[kind], **CPU)
+        pair = load_pair_from_paths(sd_models["base"], sd_models[kind], **CPU)
         assert pair.text_encoder_finetuned is pair.text_encoder_pretrained
         assert len(pair.modules()) == 4  # two UNets, one VAE, one text encoder
 
@@ -137,7 +137,7 @@ def test_text_encoder_is_shared_only_when_the_finetune_has_none(sd_models):
 @pytest.mark.parametrize("kind", ["lora_folder", "lora_file"])
 def test_lora_pair_switches_one_unet(sd_models, kind):
     base, lora = sd_models["base"], sd_models[kind]
-    pair = load_pair(base, lora, **CPU)
+    pair = load_pair_from_paths(base, lora, **CPU)
     assert isinstance(pair, StableDiffusionLoraPair)
     unets = [m for m in pair.modules() if isinstance(m, UNet2DConditionModel)]
     assert len(unets) == 1 and pair.unet_finetuned is pair.unet_pretrained
@@ -145,7 +145,8 @@ def test_lora_pair_switches_one_unet(sd_models, kind):
     unet_bytes = sum(
         p.numel() * p.element_size() for n, p in unets[0].named_parameters() if "lora_" not in n
     )
-    full = load_pair(base, sd_models["pipeline"], **CPU)  # two UNets, one VAE, one text encoder
+    # two UNets, one VAE, one text encoder
+    full = load_pair_from_paths(base, sd_models["pipeline"], **CPU)
     assert full.memory_bytes() - pair.memory_bytes() > 0.8 * unet_bytes
 
     z, t = _inputs(pair.latent_shape)
@@ -171,7 +172,7 @@ def test_lora_pair_switches_one_unet(sd_models, kind):
 
 
 def test_gradients_flow_to_the_input_only(sd_models):
-    pair = load_pair(sd_models["base"], sd_models["lora_folder"], **CPU)
+    pair = load_pair_from_paths(sd_models["base"], sd_models["lora_folder"], **CPU)
     z, t = _inputs(pair.latent_shape)
     z.requires_grad_(True)
     cond = pair.conditioning(PROMPT)
@@ -185,7 +186,7 @@ def test_gradients_flow_to_the_input_only(sd_models):
 def test_v_prediction_is_converted_to_eps(tmp_path):
     base = tinymodels.make_tiny_sd(tmp_path / "v_base", prediction_type="v_prediction")
     finetuned = tinymodels.make_dreambooth_folder(base, tmp_path / "v_ft", with_text_encoder=False)
-    pair = load_pair(base, finetuned, **CPU)
+    pair = load_pair_from_paths(base, finetuned, **CPU)
     assert pair.prediction_type == "v_prediction"
     z, t = _inputs(pair.latent_shape)
     _, eps_pre = _eps(pair, z, t)
@@ -198,7 +199,7 @@ def test_v_prediction_is_converted_to_eps(tmp_path):
 
 
 def test_encode_decode_shapes_and_determinism(sd_models):
-    pair = load_pair(sd_models["base"], sd_models["dreambooth_unet_only"], **CPU)
+    pair = load_pair_from_paths(sd_models["base"], sd_models["dreambooth_unet_only"], **CPU)
     assert pair.pixels_per_latent == 2 and pair.image_size == 16
     assert pair.latent_shape == (4, 8, 8)
     assert pair.alphas_cumprod.dtype == torch.float32 and pair.num_train_timesteps == 1000
@@ -216,7 +217,7 @@ def test_encode_decode_shapes_and_determinism(sd_models):
 
 def test_conditioning_runs_each_text_encoder_once_per_prompt(sd_models):
     for kind, calls_per_prompt in (("dreambooth_unet_only", 1), ("dreambooth", 2)):
-        pair = load_pair(sd_models["base"], sd_models[kind], **CPU)
+        pair = load_pair_from_paths(sd_models["base"], sd_models[kind], **CPU)
         calls: list[int] = []
         encoders = {id(m): m for m in (pair.text_encoder_pretrained, pair.text_encoder_finetuned)}
         for encoder in encoders.values():
@@ -234,7 +235,7 @@ def test_conditioning_runs_each_text_encoder_once_per_prompt(sd_models):
 
 def test_ddpm_pair(tiny_ddpm_pair):
     pre_dir, ft_dir = tiny_ddpm_pair
-    pair = load_pair(pre_dir, ft_dir, **CPU)
+    pair = load_pair_from_paths(pre_dir, ft_dir, **CPU)
     assert isinstance(pair, DDPMPair) and pair.family == "ddpm"
     assert (pair.image_size, pair.pixels_per_latent, pair.latent_shape) == (16, 1, (3, 16, 16))
     assert pair.dtype == torch.float32 and pair.device.type == "cpu"
@@ -252,7 +253,7 @@ def test_ddpm_pair(tiny_ddpm_pair):
 
 
 def test_bfloat16_pair_returns_float32(tiny_ddpm_pair):
-    pair = load_pair(*tiny_ddpm_pair, device="cpu", dtype="bfloat16")
+    pair = load_pair_from_paths(*tiny_ddpm_pair, device="cpu", dtype="bfloat16")
     assert pair.dtype == torch.bfloat16
     z, t = _inputs(pair.latent_shape)
     eps_ft, _ = _eps(pair, z, t)
@@ -264,11 +265,11 @@ def test_bfloat16_pair_returns_float32(tiny_ddpm_pair):
 
 def test_missing_paths(tmp_path, sd_models):
     with pytest.raises(ModelNotFoundError):
-        load_pair(tmp_path / "nope", sd_models["dreambooth"], **CPU)
+        load_pair_from_paths(tmp_path / "nope", sd_models["dreambooth"], **CPU)
     with pytest.raises(ModelNotFoundError):
-        load_pair(sd_models["base"], tmp_path / "nope.safetensors", **CPU)
+        load_pair_from_paths(sd_models["base"], tmp_path / "nope.safetensors", **CPU)
     with pytest.raises(ModelNotFoundError, match="allow_network"):
-        load_pair("nobody-here/not-a-cached-model", sd_models["dreambooth"], **CPU)
+        load_pair_from_paths("nobody-here/not-a-cached-model", sd_models["dreambooth"], **CPU)
 
 
 def test_pickle_weights_are_refused(tmp_path, sd_models):
@@ -279,9 +280,9 @@ def test_pickle_weights_are_refused(tmp_path, sd_models):
     unet.save_pretrained(base / "unet", safe_serialization=False)
     assert not list((base / "unet").glob("*.safetensors"))
     with pytest.raises(ModelFormatError, match="safetensors"):
-        load_pair(base, sd_models["dreambooth"], **CPU)
+        load_pair_from_paths(base, sd_models["dreambooth"], **CPU)
     with pytest.raises(ModelFormatError, match="safetensors"):
-        load_pair(sd_models["base"], base / "unet", finetuned_kind="dreambooth", **CPU)
+        load_pair_from_paths(sd_models["base"], base / "unet", finetuned_kind="dreambooth", **CPU)
     (tmp_path / "model.ckpt").write_bytes(b"not even a pickle")
     with pytest.raises(ModelFormatError, match="pickle"):
         detect_finetuned_kind(tmp_path / "model.ckpt")
@@ -295,25 +296,26 @@ def test_corrupt_files_are_refused(tmp_path, sd_models):
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(sd_models["single_file"].read_bytes()[:5000])
     with pytest.raises(ModelFormatError):
-        load_pair(sd_models["base"], truncated, finetuned_kind="single_file", **CPU)
+        load_pair_from_paths(sd_models["base"], truncated, finetuned_kind="single_file", **CPU)
     broken = tmp_path / "broken_db"
     shutil.copytree(sd_models["dreambooth_unet_only"], broken)
     weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-4096])
     with pytest.raises(ModelFormatError):
-        load_pair(sd_models["base"], broken, **CPU)
+        load_pair_from_paths(sd_models["base"], broken, **CPU)
 
 
 def test_incompatible_pairs(tmp_path, sd_models, tiny_ddpm_pair):
     with pytest.raises(IncompatiblePairError):
-        load_pair(sd_models["base"], tiny_ddpm_pair[1], **CPU)
+        load_pair_from_paths(sd_models["base"], tiny_ddpm_pair[1], **CPU)
     with pytest.raises(IncompatiblePairError):
-        load_pair(tiny_ddpm_pair[0], sd_models["dreambooth"], **CPU)
+        load_pair_from_paths(tiny_ddpm_pair[0], sd_models["dreambooth"], **CPU)
     other = tinymodels.make_tiny_sd(tmp_path / "bigger", sample_size=16)
     bigger = tinymodels.make_dreambooth_folder(other, tmp_path / "bigger_db")
     with pytest.raises(IncompatiblePairError, match="latent"):
-        load_pair(sd_models["base"], bigger, **CPU)
+        load_pair_from_paths(sd_models["base"], bigger, **CPU)
     with pytest.raises(IncompatiblePairError, match="nothing to contrast"):
-        load_pair(sd_models["base"], sd_models["base"], **CPU)
+        load_pair_from_paths(sd_models["base"], sd_models["base"], **CPU)
     with pytest.raises(ConfigError):
-        load_pair(sd_models["base"], sd_models["dreambooth"], finetuned_kind="ckpt", **CPU)
+        load_pair_from_paths(sd_models["base"], sd_models["dreambooth"], finetuned_kind="ckpt",
+                             **CPU)

@@ -23,12 +23,12 @@ from cgidm_core.errors import (
     ModelFormatError,
     UnsupportedModelFamilyError,
 )
-from cgidm_core.models import detect_finetuned_kind, load_pair
+from cgidm_core.models import detect_finetuned_kind, load_pair_from_paths
 from cgidm_core.models.formats import SDXL_FAMILY, pipeline_family
 from cgidm_core.models.sdxl import StableDiffusionXLLoraPair, StableDiffusionXLPair
 from cgidm_core.prompts import EmptyPromptWarning
 from tests import tinymodels
-from tests.paths import SHARED_DATA
+from tests.paths import require_shared_data
 
 PROMPT = "sks style"
 CPU = {"device": "cpu"}
@@ -36,7 +36,6 @@ KOHYA_METADATA = {
     "ss_output_name": "vangogh_xl",
     "ss_tag_frequency": json.dumps({"10_sks style": {"sks style": 10, "painting": 4, "sky": 2}}),
 }
-VANGOGH = SHARED_DATA / "wikiart-vangogh"
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +112,7 @@ def _eps(pair, z, t, prompt=PROMPT):
 
 
 def _pictures(n: int) -> list[Path]:
-    return sorted((VANGOGH / "membership").glob("*.jpg"))[:n]
+    return sorted(require_shared_data("wikiart-vangogh", "membership").glob("*.jpg"))[:n]
 
 
 # -- detection ---------------------------------------------------------------------------------
@@ -137,7 +136,7 @@ def test_detects_sdxl_and_every_layout(xl):
     "single_file", "single_file_unet",
 ])
 def test_layouts_predict_like_diffusers(xl, kind):
-    pair = load_pair(xl["base"], xl[kind], **CPU)
+    pair = load_pair_from_paths(xl["base"], xl[kind], **CPU)
     lora = kind in ("lora", "kohya")
     assert type(pair) is (StableDiffusionXLLoraPair if lora else StableDiffusionXLPair)
     assert pair.family == SDXL_FAMILY
@@ -156,15 +155,15 @@ def test_layouts_predict_like_diffusers(xl, kind):
 def test_kohya_lora_equals_the_same_lora_in_diffusers_format(xl):
     """Same weights written both ways (kohya SGM names + alpha, and peft/diffusers names)."""
     z, t = _inputs((4, 8, 8))
-    eps_kohya, _ = _eps(load_pair(xl["base"], xl["kohya"], **CPU), z, t)
-    eps_diffusers, _ = _eps(load_pair(xl["base"], xl["lora"], **CPU), z, t)
+    eps_kohya, _ = _eps(load_pair_from_paths(xl["base"], xl["kohya"], **CPU), z, t)
+    eps_diffusers, _ = _eps(load_pair_from_paths(xl["base"], xl["lora"], **CPU), z, t)
     torch.testing.assert_close(eps_kohya, eps_diffusers, rtol=1e-4, atol=1e-5)
 
 
 def test_unchanged_text_encoders_are_shared(xl):
-    pair = load_pair(xl["base"], xl["pipeline"], **CPU, keep_text_encoders=True)
+    pair = load_pair_from_paths(xl["base"], xl["pipeline"], **CPU, keep_text_encoders=True)
     assert pair.text_encoder_finetuned is pair.text_encoder_pretrained
-    te1 = load_pair(xl["base"], xl["dreambooth_te1"], **CPU, keep_text_encoders=True)
+    te1 = load_pair_from_paths(xl["base"], xl["dreambooth_te1"], **CPU, keep_text_encoders=True)
     assert te1.text_encoder_finetuned is not te1.text_encoder_pretrained
     assert te1.text_encoder_finetuned.text_encoder_2 is te1.text_encoder_pretrained.text_encoder_2
     assert len(te1.modules()) == 5  # two UNets, VAE, two encoder pairs (sharing text_encoder_2)
@@ -172,8 +171,8 @@ def test_unchanged_text_encoders_are_shared(xl):
 
 @pytest.mark.parametrize("kind", ["dreambooth_te1", "kohya", "single_file"])
 def test_text_encoders_are_released_and_reloaded_exactly(xl, kind):
-    kept = load_pair(xl["base"], xl[kind], **CPU, keep_text_encoders=True)
-    released = load_pair(xl["base"], xl[kind], **CPU)
+    kept = load_pair_from_paths(xl["base"], xl[kind], **CPU, keep_text_encoders=True)
+    released = load_pair_from_paths(xl["base"], xl[kind], **CPU)
     first = released.conditioning(PROMPT)
     assert not released.text_encoders_loaded
     assert released.resident_bytes() < kept.resident_bytes()
@@ -188,7 +187,7 @@ def test_text_encoders_are_released_and_reloaded_exactly(xl, kind):
 def test_v_prediction_is_converted_to_eps(tmp_path):
     base = tinymodels.make_tiny_sdxl(tmp_path / "v_base", prediction_type="v_prediction")
     finetuned = tinymodels.make_sdxl_dreambooth_folder(base, tmp_path / "v_ft", ())
-    pair = load_pair(base, finetuned, **CPU)
+    pair = load_pair_from_paths(base, finetuned, **CPU)
     assert pair.prediction_type == "v_prediction"
     z, t = _inputs(pair.latent_shape)
     _, eps_pre = _eps(pair, z, t)
@@ -202,7 +201,7 @@ def test_v_prediction_is_converted_to_eps(tmp_path):
 
 
 def test_native_size_is_read_from_the_model_and_resolution_overrides_it(xl):
-    pair = load_pair(xl["base"], xl["kohya"], **CPU)
+    pair = load_pair_from_paths(xl["base"], xl["kohya"], **CPU)
     assert (pair.image_size, pair.latent_shape) == (16, (4, 8, 8))
     z = torch.zeros(1, 4, 16, 16)
     assert pair.time_ids(z).tolist() == [[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]]
@@ -217,7 +216,7 @@ def test_native_size_is_read_from_the_model_and_resolution_overrides_it(xl):
 
 
 def test_batch_independence_and_same_seed_reproducibility(xl):
-    pair = load_pair(xl["base"], xl["dreambooth_te1"], **CPU)
+    pair = load_pair_from_paths(xl["base"], xl["dreambooth_te1"], **CPU)
     config = InversionConfig(steps=3, seed=2)
     pictures = _pictures(3)
     together = authenticate(pair, pictures, prompt=PROMPT, config=config, batch_size=3)
@@ -234,7 +233,7 @@ def test_batch_independence_and_same_seed_reproducibility(xl):
 
 
 def test_prompt_comes_from_kohya_metadata_and_model_cards(xl, tmp_path):
-    kohya = load_pair(xl["base"], xl["kohya"], **CPU)
+    kohya = load_pair_from_paths(xl["base"], xl["kohya"], **CPU)
     assert kohya.default_prompt == "sks style"
     assert kohya.default_prompt_source == "safetensors_metadata"
     card = tmp_path / "db_card"
@@ -243,10 +242,10 @@ def test_prompt_comes_from_kohya_metadata_and_model_cards(xl, tmp_path):
         "---\nlicense: openrail++\nbase_model: stabilityai/stable-diffusion-xl-base-1.0\n"
         "instance_prompt: a photo of sks dog\n---\n# DreamBooth\n", encoding="utf-8"
     )
-    pair = load_pair(xl["base"], card, **CPU)
+    pair = load_pair_from_paths(xl["base"], card, **CPU)
     assert (pair.default_prompt, pair.default_prompt_source) == ("a photo of sks dog",
                                                                  "model_card")
-    plain = load_pair(xl["base"], xl["dreambooth_unet_only"], **CPU)
+    plain = load_pair_from_paths(xl["base"], xl["dreambooth_unet_only"], **CPU)
     assert plain.default_prompt is None
     with pytest.warns(EmptyPromptWarning, match="empty prompt"):
         authenticate(plain, _pictures(1), config=InversionConfig(steps=1))
@@ -291,7 +290,7 @@ def test_refiner_and_unknown_families_are_refused_by_name(xl, tmp_path):
                   "requires_aesthetics_score": True})
     (refiner / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(UnsupportedModelFamilyError, match="refiner"):
-        load_pair(refiner, xl["dreambooth"], **CPU)
+        load_pair_from_paths(refiner, xl["dreambooth"], **CPU)
 
     refiner_unet = tmp_path / "refiner_unet"
     shutil.copytree(xl["base"], refiner_unet)
@@ -301,33 +300,33 @@ def test_refiner_and_unknown_families_are_refused_by_name(xl, tmp_path):
     config.update({"projection_class_embeddings_input_dim": 5 * 8 + 80})
     config_file.write_text(json.dumps(config))
     with pytest.raises(UnsupportedModelFamilyError, match="refiner"):
-        load_pair(refiner_unet, xl["dreambooth"], **CPU)
+        load_pair_from_paths(refiner_unet, xl["dreambooth"], **CPU)
 
     other = tmp_path / "auraflow"
     other.mkdir()
     (other / "model_index.json").write_text(json.dumps({"_class_name": "AuraFlowPipeline",
                                                          "transformer": ["diffusers", "x"]}))
     with pytest.raises(UnsupportedModelFamilyError, match="AuraFlowPipeline"):
-        load_pair(other, xl["dreambooth"], **CPU)
+        load_pair_from_paths(other, xl["dreambooth"], **CPU)
 
 
 def test_mixed_families_are_incompatible(xl, tiny_sd_pair, tmp_path):
     sd_base, _ = tiny_sd_pair
     with pytest.raises(IncompatiblePairError, match="SDXL"):
-        load_pair(sd_base, xl["dreambooth"], **CPU)
+        load_pair_from_paths(sd_base, xl["dreambooth"], **CPU)
     with pytest.raises(IncompatiblePairError, match="SDXL LoRA"):
-        load_pair(sd_base, xl["kohya"], **CPU)
+        load_pair_from_paths(sd_base, xl["kohya"], **CPU)
     sd_db = tinymodels.make_dreambooth_folder(sd_base, tmp_path / "sd_db")
     with pytest.raises(IncompatiblePairError, match="Stable Diffusion 1.x/2.x"):
-        load_pair(xl["base"], sd_db, **CPU)
+        load_pair_from_paths(xl["base"], sd_db, **CPU)
     with pytest.raises(IncompatiblePairError, match="nothing to contrast"):
-        load_pair(xl["base"], xl["base"], **CPU)
+        load_pair_from_paths(xl["base"], xl["base"], **CPU)
 
 
 def test_eval_baselines_run_at_the_chosen_resolution(xl):
     from cgidm_core.evaluation import score_images_detailed
 
-    pair = load_pair(xl["base"], xl["kohya"], **CPU)
+    pair = load_pair_from_paths(xl["base"], xl["kohya"], **CPU)
     seen: list[tuple[int, ...]] = []
     encode = pair.encode
     pair.encode = lambda images: (seen.append(tuple(images.shape)), encode(images))[1]
@@ -362,18 +361,18 @@ def test_single_file_sdxl_base_is_converted_once_and_predicts_like_its_folder(
     hub = tmp_path / "hub"
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
     with pytest.raises(ModelFormatError, match="allow_network"):
-        load_pair(single, finetuned, **CPU)  # offline, no configs in the cache
+        load_pair_from_paths(single, finetuned, **CPU)  # offline, no configs in the cache
 
     _fake_hub_snapshot(hub, "stabilityai/stable-diffusion-xl-base-1.0", base)
-    pair = load_pair(single, finetuned, **CPU)
+    pair = load_pair_from_paths(single, finetuned, **CPU)
     converted = list((tmp_path / "cgidm-cache" / "converted").iterdir())
     assert len(converted) == 1 and (converted[0] / "model_index.json").is_file()
-    reference = load_pair(base, finetuned, **CPU)
+    reference = load_pair_from_paths(base, finetuned, **CPU)
     z, t = _inputs(pair.latent_shape)
     for ours, theirs in zip(_eps(pair, z, t), _eps(reference, z, t), strict=True):
         torch.testing.assert_close(ours, theirs)
     stamp = (converted[0] / "model_index.json").stat().st_mtime_ns
-    load_pair(single, finetuned, **CPU)  # the cached conversion is reused
+    load_pair_from_paths(single, finetuned, **CPU)  # the cached conversion is reused
     assert (converted[0] / "model_index.json").stat().st_mtime_ns == stamp
 
 
@@ -402,8 +401,8 @@ def test_single_file_sd_base_is_converted_too(tmp_path, monkeypatch, tiny_sd_pai
     hub = tmp_path / "hub"
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
     _fake_hub_snapshot(hub, "stable-diffusion-v1-5/stable-diffusion-v1-5", base)
-    pair = load_pair(single, full, **CPU)
-    reference = load_pair(base, full, **CPU)
+    pair = load_pair_from_paths(single, full, **CPU)
+    reference = load_pair_from_paths(base, full, **CPU)
     z, t = _inputs(pair.latent_shape)
     for ours, theirs in zip(_eps(pair, z, t), _eps(reference, z, t), strict=True):
         torch.testing.assert_close(ours, theirs)

@@ -12,18 +12,17 @@ import torch
 from cgidm_core.errors import ConfigError
 from cgidm_core.images import image_seed
 from cgidm_core.inversion import InversionConfig, invert
-from cgidm_core.models import load_pair
+from cgidm_core.models import load_pair_from_paths
 from cgidm_core.suite_pairs import find_pair, splits, suite_pairs
 from cgidm_core.suite_scores import candidate_scores, colour_distance, rank_candidates
-from tests.paths import SHARED_DATA
+from tests.paths import SHARED_DATA, require_shared_data
 
 
 @pytest.fixture
 def shared_data() -> None:
-    """A missing ../shared/data is a broken set-up, reported as a failure, never a skip."""
-    if not (SHARED_DATA / "dreambooth-subjects").is_dir():
-        pytest.fail(f"{SHARED_DATA} is missing: the suite's splits are read from the shared "
-                    "data next to the repository (../shared/data)")
+    """The suite's splits are read from ../shared/data."""
+    for name in ("wikiart-vangogh", "dreambooth-subjects"):
+        require_shared_data(name)
 
 
 needs_data = pytest.mark.usefixtures("shared_data")
@@ -93,7 +92,7 @@ def test_checkpoint_of_a_long_run_equals_a_short_run(tmp_path):
 
 @pytest.fixture(scope="module")
 def pair(tiny_ddpm_pair):
-    return load_pair(*tiny_ddpm_pair, device="cpu")
+    return load_pair_from_paths(*tiny_ddpm_pair, device="cpu")
 
 
 @pytest.fixture(scope="module")

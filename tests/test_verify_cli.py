@@ -7,12 +7,14 @@ import json
 import shutil
 
 from cgidm.cli import main
-from tests.paths import SHARED_DATA
+from tests.paths import SHARED_DATA, require_shared_data
 
 VANGOGH = SHARED_DATA / "wikiart-vangogh"
 
 
 def _record(tiny_ddpm_pair, tmp_path):
+    for split in ("membership", "hold_out"):
+        require_shared_data("wikiart-vangogh", split)
     pre, ft = tiny_ddpm_pair
     images = tmp_path / "images"
     images.mkdir()

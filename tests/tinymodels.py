@@ -20,7 +20,6 @@ import torch
 # A shared prefix keeps the special-token ids where the tiny text encoder config expects them.
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
-DEFAULT_TINY_PROMPT = "sks style"
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ from typing import Any
 
 from cgidm.jobs import (
     ARTIFACT_KINDS,
-    FEATURE_METRICS,
     ImageScore,
     JobError,
     JobNotFound,
@@ -33,6 +32,7 @@ from cgidm.jobs import (
 )
 from cgidm.registry import InvalidModelReference, UnknownModel
 from cgidm.storage import StorageError, StorageUnavailable
+from cgidm_core.names import DEFAULT_METRIC, FEATURE_METRICS
 from worker import faults
 from worker.context import WorkerContext
 from worker.leasing import LeaseKeeper
@@ -476,7 +476,7 @@ def _job_result(ctx: WorkerContext, record: JobRecord, records: list[dict[str, A
     return JobResult(
         pretrained=pre.id,
         finetuned=ft.id,
-        metric=record.settings.metric or _default_metric(),
+        metric=record.settings.metric or DEFAULT_METRIC,
         images=[ImageScore(**r) for r in evidence["images"]],
         controls=[ImageScore(**r) for r in evidence["controls"]],
         controls_test=set_test,
@@ -510,8 +510,3 @@ def service_provenance(library: dict[str, Any], record: JobRecord, pre: Any,
     document["models"] = models
     return document
 
-
-def _default_metric() -> str:
-    from cgidm_core.similarity import DEFAULT_METRIC
-
-    return DEFAULT_METRIC

@@ -12,10 +12,10 @@ from celery import Task
 from celery.exceptions import Reject
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
+from cgidm.job_queue import AUTHENTICATE_TASK
 from cgidm.jobs import JobError, JobNotFound
 from cgidm.settings import get_settings
 from cgidm.storage import StorageError, StorageUnavailable
-from cgidm.tasks import AUTHENTICATE_TASK
 from worker.celery_app import celery_app
 from worker.context import get_context
 from worker.job_runner import SHUTDOWN, JobInterrupted, finish, run_job

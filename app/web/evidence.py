@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cgidm.jobs import JobRecord, JobResult
+from cgidm_core.names import DEFAULT_METRIC
 
 #: Display verdicts (``data-verdict`` on each result card).
 MEMBER = "member_evidence"
@@ -31,10 +32,11 @@ HEADLINES = {
     CONTROL: "Control (never published)",
 }
 
-#: Library defaults the new-check form shows (cgidm_core.InversionConfig and DEFAULT_METRIC;
-#: the gateway cannot import them without torch, and tests/service/test_web_pages.py pins them).
+#: Library defaults the new-check form shows. The metric comes from the torch-free
+#: ``cgidm_core.names``; the inversion settings are ``cgidm_core.InversionConfig``'s, which the
+#: gateway cannot import without torch, so tests/service/test_web_pages.py pins them.
 SHOWN_DEFAULTS: dict[str, Any] = {
-    "metric": "ssim",
+    "metric": DEFAULT_METRIC,
     "steps": 100,
     "alpha": 4.0,
     "epsilon": 70.0,

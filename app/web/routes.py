@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -25,10 +25,10 @@ from fastapi.templating import Jinja2Templates
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
-from app.auth import Caller, get_caller
+from app.auth import Caller, CallerDep
 from app.errors import ApiError
 from app.routes_jobs import _ERRORS, _load, _view, original_url
-from app.services import Services, get_services
+from app.services import Services, ServicesDep
 from app.web import evidence
 from cgidm import __version__
 from cgidm.jobs import JobRecord, artifact_key
@@ -120,8 +120,8 @@ def _succeeded(services: Services, job_id: str, caller: Caller) -> JobRecord:
 
 @router.get("/jobs/{job_id}/evidence.html", response_class=HTMLResponse)
 def evidence_fragment(request: Request, job_id: str,
-                      services: Services = Depends(get_services),
-                      caller: Caller = Depends(get_caller)) -> HTMLResponse:
+                      services: ServicesDep,
+                      caller: CallerDep) -> HTMLResponse:
     """The evidence as an HTML fragment for the job page (pictures by signed URL)."""
     record = _succeeded(services, job_id, caller)
     signed = _view(services, record).result  # artifact URLs signed when keys are in use
@@ -191,8 +191,8 @@ def _embedded_pictures(services: Services, record: JobRecord) -> dict[str, dict[
     summary="The evidence report: one self-contained HTML file that prints well to PDF",
 )
 async def evidence_report(request: Request, job_id: str,
-                          services: Services = Depends(get_services),
-                          caller: Caller = Depends(get_caller)) -> HTMLResponse:
+                          services: ServicesDep,
+                          caller: CallerDep) -> HTMLResponse:
     """Every picture is embedded (data URIs) and the file loads nothing else, so it can be
     mailed, archived or printed as it is."""
     record = await run_in_threadpool(_succeeded, services, job_id, caller)

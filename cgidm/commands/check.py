@@ -7,6 +7,8 @@ import json
 import time
 from pathlib import Path
 
+from cgidm_core.names import DEFAULT_METRIC
+
 from .common import (
     add_method_arguments,
     add_model_arguments,
@@ -114,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
             "pretrained": str(args.pretrained),
             "finetuned": str(args.finetuned),
             **prompt.to_settings(),
-            "metric": args.metric or _default_metric(),
+            "metric": args.metric or DEFAULT_METRIC,
             "batch_size": args.batch_size,
             "inversion": config.to_dict(),
             "pair": pair.describe(),
@@ -144,8 +146,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {out_dir / 'results.json'} and {2 * len(records)} pictures in {elapsed:.1f} s")
     return 0
 
-
-def _default_metric() -> str:
-    from cgidm_core.similarity import DEFAULT_METRIC
-
-    return DEFAULT_METRIC

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+from cgidm_core.names import FINETUNED_KINDS, IMAGE_SUFFIXES
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -29,7 +29,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool = Tru
     )
     group.add_argument(
         "--finetuned-kind",
-        choices=["pipeline", "dreambooth", "lora", "single_file", "ddpm", "unet"],
+        choices=FINETUNED_KINDS,
         help="format of --finetuned (detected when omitted)",
     )
     group.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cgidm.commands.common import IMAGE_SUFFIXES
+from cgidm_core.names import IMAGE_SUFFIXES
 
 DATASET = "wikiart-vangogh"
 POLL_SECONDS = 0.5

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cgidm_core.names import INVERSION_METHODS, METHOD_DESCRIPTIONS, METHODS
+
 from .common import (
     add_method_arguments,
     add_model_arguments,
@@ -26,22 +28,6 @@ from .common import (
     load_pair_from_args,
     progress_bar,
 )
-
-#: The methods of ``cgidm_core.evaluation.METHODS``, spelled out here so that building the parser
-#: never imports torch (``cgidm --help`` stays instant); a test keeps the two lists equal.
-METHODS = ("cgidm", "loss", "pia", "secmi", "contrast", "combined", "fused", "evidence")
-#: The methods that run the inversion (cgidm_core.evaluation.INVERSION_METHODS).
-INVERSION_METHODS = ("cgidm", "combined", "fused", "evidence")
-METHOD_HELP = {
-    "cgidm": "contrasting gradient inversion + similarity of the recovery (the paper)",
-    "loss": "fine-tuned model's denoising error at t in {50, 100, 200}",
-    "pia": "Proximal Initialization Attack, t=200, l4 (Kong et al. 2024)",
-    "secmi": "SecMI_stat, t_sec=100, interval 10 (Duan et al. 2023)",
-    "contrast": "CGI-DM's objective at the original image, no inversion",
-    "combined": "z-scored cgidm similarity + z-scored contrast score",
-    "fused": "z-scored cgidm similarity + z-scored loss attack",
-    "evidence": "the verdict's score (cgidm check, service): z(SSIM)+z(PSNR)+z(loss)+z(contrast)",
-}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -51,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Score known members and known non-members (hold-out) with one method and "
         "report how well the scores separate them.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="methods:\n" + "\n".join(f"  {m:<9} {d}" for m, d in METHOD_HELP.items()),
+        epilog="methods:\n" + "\n".join(f"  {m:<9} {d}" for m, d in METHOD_DESCRIPTIONS.items()),
     )
     add_model_arguments(parser, required=False)
     add_method_arguments(parser)
@@ -137,7 +123,7 @@ def _read_sets(args: argparse.Namespace) -> list[tuple[str, list[str], list[Any]
 
     Every folder is read before models load: a typo should fail in a second, not a minute.
     """
-    from cgidm_core.evaluation import load_image_folder
+    from cgidm_core.images import load_image_folder
 
     if args.suite_pair:
         sets = _suite_pair_sets(args)
@@ -418,8 +404,9 @@ def _print_report(args, scored, report, split, controls, records, elapsed) -> No
 def _paper_comparison(args, pair, config, sets, scored, report, split) -> dict[str, Any]:
     """The paper's protocol on the same recoveries, and ours, as one comparable record."""
     from cgidm_core.masks import checkerboard_mask, default_cell, upsample_mask
+    from cgidm_core.names import DEFAULT_METRIC, FEATURE_METRICS
     from cgidm_core.paper_protocol import best_match_scores, paper_protocol
-    from cgidm_core.similarity import DEFAULT_METRIC, FEATURE_METRICS, load_feature_model
+    from cgidm_core.similarity import load_feature_model
 
     metric = scored.settings.get("metric") or DEFAULT_METRIC
     feature_model = None

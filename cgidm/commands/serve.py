@@ -75,8 +75,8 @@ class EmbeddedService:
 
     def _prepare_broker(self) -> None:
         """Create the SQLite broker's tables and queue once, before two processes race to."""
-        from cgidm.routing import declare_queues
-        from cgidm.tasks import make_celery
+        from cgidm.job_queue import make_celery
+        from cgidm.queue_routing import declare_queues
 
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         if self.settings.embedded_broker:

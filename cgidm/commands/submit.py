@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cgidm.model_files import UPLOAD_KINDS
+
 from .common import add_method_arguments, expand_images
 from .report import print_table
 
@@ -35,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--finetuned", required=True,
                         help="the suspect model: a .safetensors file (uploaded first) or a "
                         "model id (registry, or one of your uploads)")
-    parser.add_argument("--kind", choices=["lora", "single_file", "unet"],
+    parser.add_argument("--kind", choices=UPLOAD_KINDS,
                         help="what an uploaded file holds (detected when omitted)")
     parser.add_argument("--controls", help="folder of known non-members (p-values, set test)")
     add_method_arguments(parser)

@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .common import IMAGE_SUFFIXES
+from cgidm_core.names import IMAGE_SUFFIXES
 
 SAME_SETUP_TOLERANCE = 1e-4
 
@@ -147,7 +147,7 @@ def _default_reference(document: dict[str, Any], role: str) -> str:
                       recorded.get("id"), document.get(role)):
         if not candidate:
             continue
-        from cgidm_core.demo import DEMO_MODELS
+        from cgidm_core.names import DEMO_MODELS
 
         if candidate in DEMO_MODELS or Path(candidate).exists():
             return str(candidate)

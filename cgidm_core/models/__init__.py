@@ -1,9 +1,10 @@
 """Model families behind the :class:`~cgidm_core.pair.ModelPair` interface, and their loading."""
 
 from cgidm_core.models.ddpm import DDPMPair
-from cgidm_core.models.formats import FINETUNED_KINDS, detect_finetuned_kind
-from cgidm_core.models.loading import load_pair
+from cgidm_core.models.formats import detect_finetuned_kind
+from cgidm_core.models.loading import load_pair_from_paths
 from cgidm_core.models.stable_diffusion import StableDiffusionLoraPair, StableDiffusionPair
+from cgidm_core.names import FINETUNED_KINDS
 
 __all__ = [
     "FINETUNED_KINDS",
@@ -11,5 +12,5 @@ __all__ = [
     "StableDiffusionLoraPair",
     "StableDiffusionPair",
     "detect_finetuned_kind",
-    "load_pair",
+    "load_pair_from_paths",
 ]

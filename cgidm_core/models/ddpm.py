@@ -10,13 +10,14 @@ import torch
 
 from cgidm_core.models.pixel import PixelSpaceMixin
 from cgidm_core.models.predictions import expand_timesteps, output_to_eps
+from cgidm_core.names import DDPM_FAMILY
 from cgidm_core.pair import Conditioning, ModelPair
 
 
 class DDPMPair(PixelSpaceMixin, ModelPair):
     """Two unconditional pixel-space UNets sharing one noise schedule."""
 
-    family = "ddpm"
+    family = DDPM_FAMILY
 
     def __init__(
         self,

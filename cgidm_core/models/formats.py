@@ -28,18 +28,15 @@ from cgidm_core.errors import (
     ModelNotFoundError,
     UnsupportedModelFamilyError,
 )
+from cgidm_core.names import (  # noqa: F401 - re-exported for the loaders next to the rules
+    DDPM_FAMILY,
+    FINETUNED_KINDS,
+    PIXEL_FAMILIES,
+    PIXEL_FLOW_FAMILY,
+    SD_FAMILY,
+    SDXL_FAMILY,
+)
 
-#: What ``detect_finetuned_kind`` can answer.
-FINETUNED_KINDS = ("pipeline", "dreambooth", "lora", "single_file", "ddpm", "unet")
-
-SD_FAMILY = "stable-diffusion"
-SDXL_FAMILY = "stable-diffusion-xl"
-DDPM_FAMILY = "ddpm"
-#: Pixel-space UNets trained by flow matching (a pixel pipeline whose scheduler is
-#: ``FlowMatchEulerDiscreteScheduler``): the flow demo pair.
-PIXEL_FLOW_FAMILY = "pixel-flow"
-#: Families stored as pixel pipeline folders (fine-tune kind ``ddpm``: a DDPMPipeline folder).
-PIXEL_FAMILIES = (DDPM_FAMILY, PIXEL_FLOW_FAMILY)
 FLOW_SCHEDULERS = frozenset({"FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"})
 
 SUPPORTED_HINT = (
@@ -141,7 +138,7 @@ def _class_name(config_file: Path) -> str:
 
 
 def detect_finetuned_kind(path: str | Path) -> str:
-    """Say how a fine-tuned model is stored: one of :data:`FINETUNED_KINDS`.
+    """Say how a fine-tuned model is stored: one of :data:`cgidm_core.names.FINETUNED_KINDS`.
 
     - ``pipeline``: a full diffusers folder (``model_index.json``) of Stable Diffusion;
     - ``ddpm``: a pixel-space pipeline folder, or a ``UNet2DModel`` (alone or in ``unet/``);

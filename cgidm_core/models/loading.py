@@ -21,15 +21,8 @@ from cgidm_core.errors import (
 from cgidm_core.models.ddpm import DDPMPair
 from cgidm_core.models.devices import resolve_device, resolve_dtype
 from cgidm_core.models.formats import (
-    DDPM_FAMILY,
-    FINETUNED_KINDS,
-    FLUX_FAMILY,
     IDENTICAL_MODELS,
     PICKLE_HINT,
-    PIXEL_FAMILIES,
-    PIXEL_FLOW_FAMILY,
-    SD_FAMILY,
-    SDXL_FAMILY,
     detect_finetuned_kind,
     family_name,
     is_flux_lora,
@@ -60,12 +53,21 @@ from cgidm_core.models.sd_loading import (
 )
 from cgidm_core.models.stable_diffusion import StableDiffusionLoraPair, StableDiffusionPair
 from cgidm_core.models.unet_file import load_unet_file
+from cgidm_core.names import (
+    DDPM_FAMILY,
+    FINETUNED_KINDS,
+    FLUX_FAMILY,
+    PIXEL_FAMILIES,
+    PIXEL_FLOW_FAMILY,
+    SD_FAMILY,
+    SDXL_FAMILY,
+)
 from cgidm_core.pair import ModelPair
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def load_pair(
+def load_pair_from_paths(
     pretrained: str | Path,
     finetuned: str | Path,
     *,
@@ -77,6 +79,9 @@ def load_pair(
     pretrained_config: str | Path | None = None,
 ) -> ModelPair:
     """Load a pretrained model and its suspected fine-tune as one pair, frozen, in eval mode.
+
+    From paths (or cached Hub ids) only: :func:`cgidm_core.load_pair` is the public entry point,
+    which also accepts the demo names and records each model's provenance.
 
     ``pretrained`` is a diffusers pipeline folder (Stable Diffusion 1.x/2.x, SDXL base, Flux.1
     dev/schnell or pixel DDPM), a complete single-file checkpoint (converted once, see

@@ -29,6 +29,7 @@ import torch
 
 from cgidm_core.models.predictions import expand_timesteps, output_to_eps
 from cgidm_core.models.stable_diffusion import StableDiffusionLoraPair, StableDiffusionPair
+from cgidm_core.names import SDXL_FAMILY
 
 
 class SDXLTextEncoders(torch.nn.Module):
@@ -61,7 +62,7 @@ class _SDXLConditioning:
     A mixin placed before the SD pair classes, so that the full and the LoRA pair share it.
     """
 
-    family = "stable-diffusion-xl"
+    family = SDXL_FAMILY
     tokenizer: Any
     tokenizer_2: Any
     device: torch.device

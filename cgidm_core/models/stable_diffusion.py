@@ -7,7 +7,8 @@ pretrained one.
 
 Text encoders are needed once per prompt, and the inversion then runs for minutes on the cached
 embeddings. A pair can therefore drop their weights after a new prompt is encoded
-(``keep_text_encoders=False``, what :func:`cgidm_core.models.load_pair` does by default) and read
+(``keep_text_encoders=False``, what :func:`cgidm_core.models.load_pair_from_paths` does by
+default) and read
 them again from disk when a prompt it has not seen arrives. That is what brings a DreamBooth pair
 below the memory of the reference's two pipelines; see docs/PERFORMANCE.md.
 """
@@ -25,6 +26,7 @@ import torch
 from cgidm_core.errors import ConfigError
 from cgidm_core.models.devices import available_gpu_bytes, family_batch_size, unique_modules
 from cgidm_core.models.predictions import expand_timesteps, output_to_eps
+from cgidm_core.names import SD_FAMILY
 from cgidm_core.pair import Conditioning, ModelPair, storage_bytes
 
 #: Builds fresh copies of a pair's text encoders, exactly as loading built them, on the pair's
@@ -94,7 +96,7 @@ class StableDiffusionPair(ModelPair):
     decoder can overflow in float16. A pair is not meant for concurrent use from several threads.
     """
 
-    family = "stable-diffusion"
+    family = SD_FAMILY
 
     def __init__(
         self,
@@ -397,9 +399,6 @@ class AdapterSwitch:
 
     def __len__(self) -> int:
         return len(self.layers)
-
-    def is_enabled(self) -> bool:
-        return bool(self.layers) and not any(layer.disable_adapters for layer in self.layers)
 
     def set(self, enabled: bool) -> None:
         self.current = enabled

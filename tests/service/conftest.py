@@ -15,29 +15,21 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.service.procs import (  # noqa: F401 - re-exported for the test modules
-    AWS_ENV,
-    BUCKET,
-    REPO_ROOT,
-    TERMINAL,
-    bucket_keys,
-    child_env,
-    free_port,
-    kill_process,
+from tests.service.procs import (
     make_registry,
     png_bytes,
-    s3_client,
     stack_env,
     start_gateway,
-    start_logged,
     start_moto,
     start_redis,
     start_worker,
     stop_process,
-    url_port,
-    wait_for_job,
-    wait_until,
 )
+
+#: The gateway's limits in the service tests, in-process (``app_client``) or over HTTP
+#: (``service_env``).
+LIMITS = {"max_files": 6, "max_upload_bytes": 200_000, "max_request_bytes": 1_500_000,
+          "max_image_pixels": 4_000_000}
 
 # ------------------------------------------------------------------------------------------
 
@@ -77,10 +69,7 @@ def service_env(service_root, redis_url, s3_endpoint, registry_file) -> dict[str
     """The production-like settings: Redis broker, S3 storage, a registry file."""
     return stack_env(broker_url=redis_url, s3_endpoint=s3_endpoint, prefix="svc",
                      registry=registry_file, data_dir=service_root / "data", extra={
-                         "CGIDM_MAX_FILES": "6",
-                         "CGIDM_MAX_UPLOAD_BYTES": "200000",
-                         "CGIDM_MAX_REQUEST_BYTES": "1500000",
-                         "CGIDM_MAX_IMAGE_PIXELS": "4000000",
+                         **{f"CGIDM_{name.upper()}": str(value) for name, value in LIMITS.items()},
                          "CGIDM_MODEL_CACHE_BYTES": str(10 * 1024**2),
                      })
 
@@ -108,7 +97,10 @@ def client(gateway_url) -> Iterator[httpx.Client]:
 @pytest.fixture
 def submit(client) -> Callable[..., httpx.Response]:
     """POST /authenticate with tiny-base/tiny-ft and generated images unless told otherwise."""
+    return _poster(client)
 
+
+def _poster(client: Any) -> Callable[..., httpx.Response]:
     def post(images: list[tuple[str, bytes]] | None = None,
              controls: list[tuple[str, bytes]] | None = None, **fields: Any) -> httpx.Response:
         data = {"pretrained": "tiny-base", "finetuned": "tiny-ft", "steps": "4", **fields}
@@ -119,3 +111,30 @@ def submit(client) -> Callable[..., httpx.Response]:
         return client.post("/authenticate", data=data, files=files)
 
     return post
+
+
+# ------------------------------------------------------------------------------------------
+# the gateway in-process, for route tests where no real server is the point
+
+
+@pytest.fixture(scope="module")
+def app_client(tmp_path_factory, registry_file) -> Iterator[Any]:
+    """The gateway app through FastAPI's TestClient: embedded storage and broker in a temporary
+    folder, the tiny registry, ``LIMITS``; requests come from 127.0.0.1 (local mode, no key).
+    No worker runs, so jobs stay queued."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from cgidm.settings import Settings
+
+    settings = Settings(data_dir=tmp_path_factory.mktemp("app"), models=str(registry_file),
+                        **LIMITS)
+    with TestClient(create_app(settings), client=("127.0.0.1", 50000),
+                    raise_server_exceptions=False) as http:
+        yield http
+
+
+@pytest.fixture
+def app_submit(app_client) -> Callable[..., Any]:
+    """:func:`submit` against the in-process gateway."""
+    return _poster(app_client)

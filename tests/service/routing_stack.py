@@ -1,9 +1,9 @@
 """One routing experiment with real processes: N Celery workers, the gateway, a burst of jobs.
 
-Shared by ``tests/service/test_routing.py`` and ``benchmarks/routing.py``, so the benchmark
-measures exactly what the test asserts. Each run gets its own queue name and storage prefix, so
-several runs can share one Redis and one S3 server without seeing each other's messages,
-worker entries or counters.
+Shared by ``tests/service/test_routing.py`` and ``benchmarks/routing_cache_hits.py``, so the
+benchmark measures exactly what the test asserts. Each run gets its own queue name and storage
+prefix, so several runs can share one Redis and one S3 server without seeing each other's
+messages, worker entries or counters.
 """
 
 from __future__ import annotations
@@ -123,11 +123,6 @@ class RoutingStack:
     @property
     def client(self) -> httpx.Client:
         return next(iter(self.clients.values()))
-
-    def worker_ids(self) -> list[str]:
-        """Each worker's id (host-pid), in the order of ``workers``."""
-        states = [routing_state(log) for log in self.logs]
-        return [state[0] if state else "" for state in states]
 
     def owner_of(self, slot: int) -> int:
         """Index in ``workers`` of the live worker whose latest routing line lists ``slot``."""

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from app.admission import LocalAdmission, QueueFull, RedisAdmission
-from tests.service.conftest import BUCKET, start_gateway, stop_process
+from tests.service.procs import BUCKET, start_gateway, stop_process
 
 
 def _race(admission, depth: int, limit: int, contenders: int) -> list[str]:
@@ -124,6 +124,7 @@ def _slow_multipart(png: bytes, boundary: str, pause: float) -> Iterator[bytes]:
     yield png + f"\r\n--{boundary}--\r\n".encode()
 
 
+@pytest.mark.slow  # starts a gateway; uploads paced over seconds
 def test_concurrent_slow_uploads_queue_exactly_the_limit(race_gateway):
     import io
 

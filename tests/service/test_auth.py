@@ -15,7 +15,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from cgidm.settings import Settings
-from tests.service.conftest import (
+from tests.service.procs import (
     child_env,
     png_bytes,
     start_gateway,

@@ -1,12 +1,13 @@
-"""Every kind of bad request is a 4xx with a JSON body that names the field, never a 500."""
+"""Every kind of bad request is a 4xx with a JSON body that names the field, never a 500.
+
+The gateway runs in-process (FastAPI's TestClient, ``app_client``): validation is the point
+here, not sockets; tests/service/test_hostile_input.py and the end-to-end tests go over HTTP."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests.service.conftest import png_bytes
-
-pytestmark = pytest.mark.slow  # starts servers and processes
+from tests.service.procs import png_bytes
 
 GOOD = png_bytes(3)
 
@@ -51,37 +52,38 @@ def _field(response) -> list:
          "file_too_large"),
     ],
 )
-def test_bad_submission_is_a_4xx_naming_the_field(submit, kwargs, status, loc, kind):
-    response = submit(**kwargs)
+def test_bad_submission_is_a_4xx_naming_the_field(app_submit, kwargs, status, loc, kind):
+    response = app_submit(**kwargs)
     assert response.status_code == status, response.text
     assert _field(response) == loc
     assert response.json()["detail"][0]["type"] == kind
 
 
-def test_missing_model_fields_are_named(client):
-    response = client.post("/authenticate", files=[("images", ("a.png", GOOD, "image/png"))])
+def test_missing_model_fields_are_named(app_client):
+    response = app_client.post("/authenticate", files=[("images", ("a.png", GOOD, "image/png"))])
     assert response.status_code == 422
     assert {tuple(d["loc"]) for d in response.json()["detail"]} == {
         ("body", "pretrained"), ("body", "finetuned")}
 
 
 @pytest.mark.parametrize("job_id", ["0" * 32, "not-a-job", "..%2F..%2Fetc"])
-def test_unknown_job_is_404_json(client, job_id):
-    for response in (client.get(f"/jobs/{job_id}"), client.delete(f"/jobs/{job_id}")):
+def test_unknown_job_is_404_json(app_client, job_id):
+    for response in (app_client.get(f"/jobs/{job_id}"),
+                     app_client.delete(f"/jobs/{job_id}")):
         assert response.status_code == 404
         # an encoded slash never reaches the job route; it is a plain JSON 404
         assert _field(response) == ([] if "%2F" in job_id else ["path", "job_id"])
 
 
-def test_unknown_artifact_is_404(client, submit):
-    job_id = submit().json()["job_id"]
-    response = client.get(f"/jobs/{job_id}/artifacts/a/secret.txt")
+def test_unknown_artifact_is_404(app_client, app_submit):
+    job_id = app_submit().json()["job_id"]
+    response = app_client.get(f"/jobs/{job_id}/artifacts/a/secret.txt")
     assert response.status_code == 404 and _field(response) == ["path", "filename"]
 
 
-def test_openapi_documents_the_contract(client):
-    assert client.get("/docs").status_code == 200
-    spec = client.get("/openapi.json").json()
+def test_openapi_documents_the_contract(app_client):
+    assert app_client.get("/docs").status_code == 200
+    spec = app_client.get("/openapi.json").json()
     schemas = spec["components"]["schemas"]
     body_ref = spec["paths"]["/authenticate"]["post"]["requestBody"]["content"][
         "multipart/form-data"]["schema"]["$ref"].rsplit("/", 1)[-1]

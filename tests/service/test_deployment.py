@@ -11,9 +11,9 @@ import sys
 import pytest
 import yaml
 
+from cgidm.job_queue import AUTHENTICATE_TASK
 from cgidm.settings import Settings, setting_env_names
-from cgidm.tasks import AUTHENTICATE_TASK
-from tests.service.conftest import REPO_ROOT, child_env
+from tests.service.procs import REPO_ROOT, child_env, png_bytes, start_gateway, stop_process
 
 COMPOSE = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
@@ -120,7 +120,6 @@ def test_dockerfiles_keep_torch_out_of_the_gateway():
     assert "torch" not in instructions.lower()
     assert not any("torch" in r.lower() or "diffusers" in r.lower() for r in GATEWAY_REQUIREMENTS)
     assert "pip install --no-deps ." in GATEWAY_DOCKERFILE
-    assert "COPY cgidm_core" not in GATEWAY_DOCKERFILE
     assert re.search(r"^FROM nvidia/cuda:\S+-runtime", WORKER_DOCKERFILE, re.MULTILINE)
     assert re.search(r'pip install --index-url "\$TORCH_INDEX_URL" "torch', WORKER_DOCKERFILE)
     for path in re.findall(r"^COPY (\S+) ", GATEWAY_DOCKERFILE + WORKER_DOCKERFILE, re.MULTILINE):
@@ -195,3 +194,148 @@ def test_every_setting_is_documented(doc):
     text = (REPO_ROOT / doc).read_text()
     documented = set(re.findall(r"^\| `(CGIDM_\w+)`", text, re.MULTILINE))
     assert documented == setting_env_names()
+
+
+# ------------------------------------------------------------------------------------------
+# the gateway image: every command it offers runs with what the image installs, without torch
+
+#: Installed in a child's ``sitecustomize`` (found through PYTHONPATH): any top-level module the
+#: gateway image would not have fails to import, torch first among them.
+GATEWAY_IMAGE_HOOK = '''
+import importlib.abc
+import sys
+
+NOT_IN_IMAGE = frozenset({blocked!r})
+
+
+class NotInGatewayImage(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname in NOT_IN_IMAGE:
+            raise ModuleNotFoundError(f"No module named {{fullname!r}} (not in the gateway "
+                                      "image)", name=fullname)
+        return None
+
+
+sys.meta_path.insert(0, NotInGatewayImage())
+'''
+
+
+def _copied_packages() -> set[str]:
+    """The project's top-level packages the gateway Dockerfile COPYs into the image."""
+    copied = re.findall(r"^COPY (\S+) ", GATEWAY_DOCKERFILE, re.MULTILINE)
+    return {path.rstrip("/") for path in copied if (REPO_ROOT / path / "__init__.py").is_file()}
+
+
+def _not_in_gateway_image() -> set[str]:
+    """Top-level modules installed here that the gateway image lacks: those of distributions
+    outside its requirements' closure, and the project's packages its Dockerfile does not COPY."""
+    from importlib.metadata import packages_distributions
+
+    from packaging.utils import canonicalize_name
+
+    installed = _closure(GATEWAY_REQUIREMENTS)
+    blocked = {
+        module for module, dists in packages_distributions().items()
+        if "cgidm" not in dists and not any(canonicalize_name(d) in installed for d in dists)
+    }
+    project = {p.name for p in REPO_ROOT.iterdir() if (p / "__init__.py").is_file()}
+    return (blocked - project) | (project - _copied_packages())
+
+
+@pytest.fixture(scope="module")
+def gateway_image_env(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("gateway-image")
+    (root / "sitecustomize.py").write_text(
+        GATEWAY_IMAGE_HOOK.format(blocked=sorted(_not_in_gateway_image())))
+    return child_env({"PYTHONPATH": f"{root}:{REPO_ROOT}", "CGIDM_DATA_DIR": str(root / "data")})
+
+
+def _cgidm(env: dict[str, str], *args: str, stdin: str | None = None
+           ) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cgidm.cli", *args], env=env, cwd=REPO_ROOT,
+                          input=stdin, capture_output=True, text=True, timeout=120)
+
+
+def test_the_gateway_image_has_no_torch_and_its_packages(gateway_image_env):
+    assert _copied_packages() == {"app", "cgidm", "cgidm_core"}
+    probe = ("import importlib, json\nout = {}\nfor name in ('torch', 'numpy', 'diffusers', "
+             "'worker', 'cgidm_core.names', 'fastapi', 'httpx', 'tqdm'):\n"
+             "    try:\n        importlib.import_module(name); out[name] = True\n"
+             "    except ModuleNotFoundError:\n        out[name] = False\nprint(json.dumps(out))")
+    out = subprocess.run([sys.executable, "-c", probe], env=gateway_image_env, cwd=REPO_ROOT,
+                         capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == {"torch": False, "numpy": False, "diffusers": False,
+                                      "worker": False, "cgidm_core.names": True,
+                                      "fastapi": True, "httpx": True, "tqdm": True}
+
+
+def test_every_command_has_help_in_the_gateway_image(gateway_image_env):
+    from cgidm.cli import COMMANDS
+
+    for args in ([], *([name] for name in COMMANDS), ["keys", "new"], ["keys", "hash"]):
+        run = _cgidm(gateway_image_env, *args, "--help")
+        assert run.returncode == 0, (args, run.stderr)
+        assert "usage: cgidm" in run.stdout
+
+
+def test_keys_work_in_the_gateway_image(gateway_image_env):
+    import hashlib
+
+    made = _cgidm(gateway_image_env, "keys", "new", "alice")
+    assert made.returncode == 0, made.stderr
+    key = made.stdout.splitlines()[1].strip()
+    entry = f"alice:{hashlib.sha256(key.encode()).hexdigest()}"
+    assert f"  {entry}" in made.stdout.splitlines()
+    hashed = _cgidm(gateway_image_env, "keys", "hash", "alice", stdin=key)
+    assert (hashed.returncode, hashed.stdout.strip()) == (0, entry)
+    bad = _cgidm(gateway_image_env, "keys", "new", "not a name")
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("cgidm: error: key name 'not a name'")
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_models_lists_the_demo_models_in_the_gateway_image(gateway_image_env):
+    from cgidm_core.names import DEMO_MODELS
+
+    listed = _cgidm(gateway_image_env, "models", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [m["name"] for m in json.loads(listed.stdout)] == list(DEMO_MODELS)
+    table = _cgidm(gateway_image_env, "models")
+    assert table.returncode == 0 and "fine-tuned from demo-base" in table.stdout
+
+
+def test_method_commands_say_in_one_line_that_they_need_torch(gateway_image_env, tmp_path):
+    picture = tmp_path / "a.png"
+    picture.write_bytes(png_bytes(0))
+    for args in (["check", "--pretrained", "demo-base", "--finetuned", "demo-vangogh",
+                  "--out", str(tmp_path / "out"), str(picture)],
+                 ["eval", "--pretrained", "demo-base", "--finetuned", "demo-vangogh",
+                  "--members", str(tmp_path), "--holdout", str(tmp_path)]):
+        run = _cgidm(gateway_image_env, *args)
+        assert run.returncode == 1, run.stderr
+        lines = run.stderr.strip().splitlines()
+        assert len(lines) == 1 and re.fullmatch(
+            rf"cgidm: error: `cgidm {args[0]}` needs the Python package '(torch|numpy)', which "
+            r"this installation lacks \(the gateway image has no torch\); run it where cgidm "
+            "is installed with its dependencies", lines[0]), lines
+
+
+@pytest.mark.slow  # starts the gateway
+def test_submit_reaches_a_gateway_running_in_the_gateway_image(gateway_image_env, tmp_path):
+    """The gateway itself and `cgidm submit` run with the image's packages only. No worker runs,
+    so the job stays queued and submit gives up after --timeout, in one line."""
+    made = _cgidm(gateway_image_env, "keys", "new", "alice")
+    key, entry = made.stdout.splitlines()[1].strip(), made.stdout.splitlines()[3].strip()
+    env = {**gateway_image_env, "CGIDM_API_KEYS": entry}
+    proc, url = start_gateway(env, tmp_path / "gateway.log")
+    try:
+        picture = tmp_path / "a.png"
+        picture.write_bytes(png_bytes(0))
+        run = _cgidm(env, "submit", "--server", url, "--key", key, "--pretrained", "demo-base",
+                     "--finetuned", "demo-vangogh", "--timeout", "1", "--out",
+                     str(tmp_path / "out"), str(picture))
+    finally:
+        stop_process(proc)
+    assert run.returncode == 1, run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("cgidm: error: job ") and "did not finish within 1 s" in last

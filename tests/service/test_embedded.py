@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service.conftest import (
+from tests.service.procs import (
     TERMINAL,
     child_env,
     free_port,
@@ -163,10 +163,9 @@ def test_serve_reports_a_busy_port_and_stops_its_worker(tmp_path):
 
 def test_demo_command_end_to_end(tmp_path):
     """``cgidm demo`` with few steps: real data, the packaged demo pair, the real HTTP path."""
-    from tests.paths import SHARED_DATA
+    from tests.paths import SHARED_DATA, require_shared_data
 
-    if not (SHARED_DATA / "wikiart-vangogh" / "membership").is_dir():
-        pytest.skip(f"demo images not found under {SHARED_DATA}")
+    require_shared_data("wikiart-vangogh", "membership")
     out_dir = tmp_path / "out"
     log = tmp_path / "demo.log"
     # --keep-serving: the job's web page stays up after the result, until Ctrl-C.

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis.generation import GenerationMode
 
-from tests.service.conftest import BUCKET, png_bytes, start_gateway, stop_process
+from tests.service.procs import BUCKET, png_bytes, start_gateway, stop_process
 
 pytestmark = pytest.mark.slow  # starts servers and processes
 

@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.service.conftest import (
+from tests.service.procs import (
     BUCKET,
     png_bytes,
     s3_client,
+    send_unfinished_chunked,
     start_gateway,
     stop_process,
     wait_for_job,
 )
-from tests.service.procs import send_unfinished_chunked
 
 pytestmark = pytest.mark.slow  # starts servers and processes
 
@@ -369,7 +369,7 @@ def small_queue_gateway(service_env, service_root):
 
 
 def test_full_queue_answers_429_with_retry_after(small_queue_gateway, s3_endpoint):
-    from tests.service.conftest import bucket_keys
+    from tests.service.procs import bucket_keys
 
     with httpx.Client(base_url=small_queue_gateway, timeout=30) as client:
         accepted = [_post(client, {}, None) for _ in range(2)]

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import redis
 
+from cgidm.job_queue import make_celery
 from cgidm.jobs import InputFile, JobRecord, JobSettings, JobStore, input_key, new_job_id, utcnow
 from cgidm.leases import LeaseStore, RedisLeases, SqliteLeases
 from cgidm.reaper import Reaper
 from cgidm.settings import Settings
 from cgidm.storage import LocalStorage
-from cgidm.tasks import make_celery
 from tests.service.procs import png_bytes
 
 TTL = 2.0  # unit level: short leases so a lapse takes seconds (the process tests use defaults)
@@ -58,6 +58,7 @@ def test_claim_renew_commit_done(store_settings):
     assert leases.lapsed() == []
 
 
+@pytest.mark.slow  # waits out real leases: ~7 s per store
 def test_lapsed_attempt_is_superseded_then_poison_after_max_attempts(store_settings):
     leases, settings = store_settings
     job = new_job_id()
@@ -86,6 +87,7 @@ def test_lapsed_attempt_is_superseded_then_poison_after_max_attempts(store_setti
     assert leases.get(job).state == "done" and leases.lapsed() == []
 
 
+@pytest.mark.slow  # a reaper process killed mid-pass: ~4 s per store
 def test_reaper_that_dies_half_way_is_finished_by_another(store_settings, monkeypatch):
     import cgidm.leases
 
@@ -200,7 +202,7 @@ def test_reaper_resends_an_upload_job_to_the_queue_its_content_hash_chose(tmp_pa
     """With pair routing the gateway queues a job on an uploaded model by the file's sha256 (two
     ids of the same bytes share a cached pair); the reaper must send the next attempt by the
     same key, not by the upload's id, or it lands on a worker that does not hold the pair."""
-    from cgidm.routing import queue_for_pair
+    from cgidm.queue_routing import queue_for_pair
 
     settings = _settings(tmp_path, redis_url, routing="pair", routing_slots=64)
     store = JobStore(LocalStorage(tmp_path / "store"))

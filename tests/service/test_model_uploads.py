@@ -22,18 +22,18 @@ import httpx
 import pytest
 
 from tests import tinymodels
-from tests.service.conftest import (
+from tests.service.procs import (
     BUCKET,
     bucket_keys,
     png_bytes,
     s3_client,
+    send_unfinished_chunked,
     stack_env,
     start_gateway,
     start_worker,
     stop_process,
     wait_for_job,
 )
-from tests.service.procs import send_unfinished_chunked
 
 pytestmark = pytest.mark.slow  # starts servers and processes
 

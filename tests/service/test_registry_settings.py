@@ -102,7 +102,7 @@ def test_settings_from_environment(monkeypatch):
     monkeypatch.setenv("CGIDM_MAX_FILES", "3")
     settings = Settings()
     assert not settings.embedded_broker and settings.max_files == 3
-    from cgidm.tasks import celery_config
+    from cgidm.job_queue import celery_config
 
     config = celery_config(settings)
     assert config["task_acks_late"] and config["task_reject_on_worker_lost"]
@@ -120,7 +120,7 @@ def test_bad_settings_are_refused(monkeypatch):
 def test_visibility_timeout_must_outlast_the_hard_limit():
     with pytest.raises(ValidationError, match="CGIDM_VISIBILITY_TIMEOUT"):
         Settings(task_soft_time_limit=5, task_time_limit=10, visibility_timeout=10)
-    from cgidm.tasks import celery_config
+    from cgidm.job_queue import celery_config
 
     settings = Settings(broker_url="redis://x:6379/0", task_soft_time_limit=5,
                         task_time_limit=10, visibility_timeout=30)

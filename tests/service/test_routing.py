@@ -1,4 +1,4 @@
-"""Cache-aware routing (cgidm/routing.py, worker/routing.py).
+"""Cache-aware routing (cgidm/queue_routing.py, worker/slot_consumer.py).
 
 Pure tests of the rule (stable slots, one owner per slot), then real processes: Redis, an S3
 server, two Celery workers and the gateway, tiny model pairs, one PGD step per job, a model
@@ -20,7 +20,7 @@ import redis
 import yaml
 from pydantic import ValidationError
 
-from cgidm.routing import (
+from cgidm.queue_routing import (
     all_queues,
     owned_slots,
     queue_for_pair,
@@ -29,7 +29,7 @@ from cgidm.routing import (
     slot_for_pair,
 )
 from cgidm.settings import Settings
-from tests.service.conftest import (
+from tests.service.procs import (
     REPO_ROOT,
     child_env,
     kill_process,
@@ -63,7 +63,7 @@ def test_slot_of_a_pair_is_the_same_in_every_process():
     worker; the slot must not."""
     pairs = [PAIR_A, PAIR_B, ("demo-base", "demo-vangogh"), ("sd15", "sd15-vangogh")]
     here = [slot_for_pair(*pair, 16) for pair in pairs]
-    code = ("import json, sys; from cgidm.routing import slot_for_pair; "
+    code = ("import json, sys; from cgidm.queue_routing import slot_for_pair; "
             f"print(json.dumps([slot_for_pair(a, b, 16) for a, b in {pairs!r}]))")
     for seed in ("1", "4242"):
         env = child_env({"PYTHONHASHSEED": seed})
@@ -124,7 +124,7 @@ def test_queues_for_member_depend_on_the_set_not_its_order():
 
 
 def test_sticky_queue_order_keeps_the_loaded_pair_then_yields():
-    from worker.routing import STICKY_STREAK, sticky_cycle
+    from worker.slot_consumer import STICKY_STREAK, sticky_cycle
 
     cycle = sticky_cycle(["q", "q.slot1", "q.slot3"])
     cycle.rotate("q.slot3")  # the job just taken came from slot 3: look there first next time
@@ -150,11 +150,11 @@ def test_worker_app_uses_the_sticky_order_only_with_pair_routing_on_redis():
         out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO_ROOT, check=True,
                              capture_output=True, text=True).stdout
         found[routing, broker.split(":")[0]] = json.loads(out)
-    assert found == {("pair", "redis"): "worker.routing:sticky_cycle",
+    assert found == {("pair", "redis"): "worker.slot_consumer:sticky_cycle",
                      ("shared", "redis"): None, ("pair", "sqla+sqlite"): None}
     from kombu.utils.scheduling import cycle_by_name
 
-    from worker.routing import sticky_cycle
+    from worker.slot_consumer import sticky_cycle
 
     assert cycle_by_name(found["pair", "redis"]) is sticky_cycle  # what kombu will load
 

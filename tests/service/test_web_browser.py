@@ -27,7 +27,7 @@ import pytest
 
 from cgidm_core.demo import DEMO_MODELS_DIR
 from tests.paths import SHARED_DATA
-from tests.service.conftest import child_env, free_port
+from tests.service.procs import child_env, free_port
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ import tomllib
 
 from app.web import evidence
 from cgidm.jobs import ArtifactLinks, ImageScore, JobRecord, JobResult, JobSettings, SetTest
-from tests.service.conftest import REPO_ROOT, png_bytes, wait_for_job
+from tests.service.procs import REPO_ROOT, png_bytes, wait_for_job
 
 #: src/href values that would leave the service (a CDN, external fonts).
 EXTERNAL = re.compile(r"""(?:src|href)\s*=\s*["']?(?:https?:)?//""", re.IGNORECASE)
@@ -106,7 +106,7 @@ def test_provenance_shows_every_key_the_result_carries():
 
 def test_defaults_shown_in_the_form_are_the_librarys():
     from cgidm_core import InversionConfig
-    from cgidm_core.similarity import DEFAULT_METRIC
+    from cgidm_core.names import DEFAULT_METRIC
 
     config = InversionConfig()
     shown = evidence.SHOWN_DEFAULTS
@@ -127,11 +127,13 @@ def test_templates_and_assets_ship_in_the_package():
 
 
 # ------------------------------------------------------------------------------------------
-# over HTTP (the session's Redis + S3 + worker + gateway stack, local mode)
+# the pages in-process (app_client, local mode); a finished job over HTTP (the session's Redis +
+# S3 + worker + gateway stack)
 
 
-@pytest.mark.slow
-def test_pages_load_nothing_from_elsewhere(client):
+def test_pages_load_nothing_from_elsewhere(app_client):
+    """In-process (TestClient): what the pages reference is the point, not the sockets."""
+    client = app_client
     for path in ("/", "/checks/" + "a" * 32, "/docs", "/redoc"):
         response = client.get(path)
         assert response.status_code == 200, path
@@ -190,9 +192,8 @@ def test_report_evidence_and_recent_jobs_of_a_finished_job(client, submit, worke
     assert created == sorted(created, reverse=True)  # newest first
 
 
-@pytest.mark.slow
-def test_report_of_an_unknown_job_is_404(client):
-    response = client.get("/jobs/" + "f" * 32 + "/report.html")
+def test_report_of_an_unknown_job_is_404(app_client):
+    response = app_client.get("/jobs/" + "f" * 32 + "/report.html")
     assert response.status_code == 404
     assert response.json()["detail"][0]["type"] == "not_found"
 

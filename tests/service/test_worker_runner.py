@@ -7,11 +7,20 @@ from dataclasses import replace
 
 import pytest
 
-from cgidm.jobs import InputFile, JobRecord, JobSettings, JobStore, input_key, new_job_id, utcnow
+from cgidm.jobs import (
+    InputFile,
+    JobRecord,
+    JobSettings,
+    JobStore,
+    input_key,
+    job_prefix,
+    new_job_id,
+    utcnow,
+)
 from cgidm.leases import Step
 from cgidm.settings import Settings
 from cgidm.storage import LocalStorage
-from tests.service.conftest import png_bytes
+from tests.service.procs import png_bytes
 from worker.context import WorkerContext
 from worker.job_runner import SHUTDOWN, HardLimit, JobInterrupted, run_job
 from worker.model_cache import ModelCache
@@ -179,7 +188,8 @@ def test_out_of_memory_in_a_job_halves_the_batch_and_records_it(leased_ctx, monk
     job = leased_ctx.store.load(record.job_id)
     assert job.result.batch_size_used == 1 and job.result.oom_halvings == 2
     assert len(job.result.images) == 4
-    assert leased_ctx.store.load_result(record.job_id)["batch_size_used"] == 1
+    published = leased_ctx.store.storage.get_json(job_prefix(record.job_id) + "result.json")
+    assert published["batch_size_used"] == 1
 
 
 def test_batch_size_used_without_out_of_memory(leased_ctx):

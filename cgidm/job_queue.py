@@ -1,4 +1,6 @@
-"""What the gateway and the worker must agree on about Celery: task names and configuration.
+"""The job queue (Celery) as the gateway and the worker must agree on it: the task's name, the
+Celery configuration, and how a job is enqueued. No task is defined here (``worker/tasks.py``
+defines it).
 
 The gateway enqueues by task NAME (``send_task``), so it never imports worker code (or torch);
 both sides build their Celery app from :func:`make_celery`, so broker, queue and serializer
@@ -7,9 +9,36 @@ cannot drift apart.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from cgidm.settings import Settings
+
+
+class BrokerUnavailable(Exception):
+    """The job queue's broker (Redis, or the embedded SQLite file) could not be reached or
+    refused an operation: nothing was enqueued, counted or reserved. Worth retrying later; the
+    gateway answers 503 ``broker_unavailable``. Its message is the transport's error, as
+    ``TypeName: message``."""
+
+
+@contextmanager
+def broker_errors() -> Iterator[None]:
+    """The one place where the transports' exceptions (kombu, redis-py, SQLAlchemy, sockets)
+    become :class:`BrokerUnavailable`, as ``cgidm.storage`` does for storage errors.
+
+    Every exception is translated, not a list of known ones: each transport raises its own
+    classes, and whatever fails while talking to the broker means the same to a caller, that the
+    queue cannot be used right now.
+    """
+    try:
+        yield
+    except BrokerUnavailable:
+        raise
+    except Exception as exc:
+        raise BrokerUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
 
 #: The one task: authenticate the images of a job. Its arguments are the job id and the attempt
 #: number (keyword ``attempt``); everything else is read from storage, so messages stay tiny and
@@ -62,16 +91,28 @@ def enqueue_job(celery: Any, settings: Settings, job_id: str, attempt: int = 1,
                 pretrained: str = "", finetuned: str = "") -> None:
     """Send one attempt of a job by task name (the gateway never imports the worker's code).
 
-    The message carries the attempt number, which fences deliveries (:mod:`cgidm.leases`): the
+    Raises :class:`BrokerUnavailable` when the broker cannot take it. The message carries the
+    attempt number, which fences deliveries (:mod:`cgidm.leases`): the
     gateway sends attempt 1, the reaper ``n + 1`` after attempt ``n`` was lost. The queue depends
-    on the pair with ``CGIDM_ROUTING=pair`` (:mod:`cgidm.routing`).
+    on the pair with ``CGIDM_ROUTING=pair`` (:mod:`cgidm.queue_routing`).
     """
-    from cgidm.routing import queue_for_pair
+    from cgidm.queue_routing import queue_for_pair
 
-    celery.send_task(AUTHENTICATE_TASK, args=[job_id], kwargs={"attempt": attempt},
-                     task_id=job_id if attempt == 1 else f"{job_id}-a{attempt}",
-                     queue=queue_for_pair(pretrained, finetuned, settings),
-                     retry=True, retry_policy=PUBLISH_RETRY)
+    with broker_errors():
+        celery.send_task(AUTHENTICATE_TASK, args=[job_id], kwargs={"attempt": attempt},
+                         task_id=job_id if attempt == 1 else f"{job_id}-a{attempt}",
+                         queue=queue_for_pair(pretrained, finetuned, settings),
+                         retry=True, retry_policy=PUBLISH_RETRY)
+
+
+def waiting_jobs(celery: Any, settings: Settings) -> int:
+    """Messages waiting in the job queues (plain and slots), read from the broker; raises
+    :class:`BrokerUnavailable` when it cannot be asked."""
+    from cgidm.queue_routing import queue_depth
+
+    with broker_errors(), celery.connection_for_read() as conn:
+        conn.ensure_connection(max_retries=1, timeout=3)
+        return queue_depth(conn, settings)
 
 
 def make_celery(settings: Settings, main: str = "cgidm") -> Any:

@@ -10,7 +10,7 @@ pair. ``CGIDM_ROUTING=pair`` sends every job of a pair to the same place instead
   queues ``<CGIDM_QUEUE>.slot<k>`` (:func:`queue_for_pair`);
 - each slot is consumed by exactly one live worker: slot ``k`` goes to the worker at position
   ``k mod n`` in the sorted list of the ``n`` live workers (:func:`queues_for_worker`). Workers
-  find each other through a heartbeat set in Redis (``worker/routing.py``), so identical
+  find each other through a heartbeat set in Redis (``worker/slot_consumer.py``), so identical
   replicas (``docker compose up --scale worker=4``) need no per-worker configuration, and the
   slots of a worker that dies go to the survivors once its heartbeat expires.
 

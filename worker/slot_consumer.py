@@ -1,7 +1,7 @@
 """The worker's side of cache-aware routing: which slot queues this process consumes.
 
-The rule itself is in :mod:`cgidm.routing`; this module keeps it true while workers come and go.
-A Celery consumer bootstep, :class:`PairRouting`:
+The rule itself is in :mod:`cgidm.queue_routing`; this module keeps it true while workers come
+and go. A Celery consumer bootstep, :class:`PairRouting`:
 
 - in ``pair`` mode with a Redis broker, it adds this worker to a Redis sorted set of live
   workers (score: expiry in Redis server time, so the clocks of different machines never
@@ -9,7 +9,7 @@ A Celery consumer bootstep, :class:`PairRouting`:
   ``CGIDM_ROUTING_MEMBER_TTL``. A thread, because the solo pool runs a job in the event loop's
   own thread and a job may last an hour. Every :data:`REFRESH_SECONDS` the event loop re-reads
   the live workers and adds or cancels slot queues on the consumer to match
-  :func:`cgidm.routing.queues_for_member`; the loop owns the consumer, so changes are made in
+  :func:`cgidm.queue_routing.queues_for_member`; the loop owns the consumer, so changes are made in
   its thread, between jobs;
 - otherwise (``shared`` mode, or a broker without that set, such as the embedded SQLite file)
   it consumes every queue: the plain one and all slots.
@@ -36,7 +36,7 @@ from celery import bootsteps
 from celery.utils.log import get_logger
 from kombu.utils.scheduling import round_robin_cycle
 
-from cgidm.routing import SLOT_INFIX, all_queues, members_key, queues_for_member, slot_queues
+from cgidm.queue_routing import SLOT_INFIX, all_queues, members_key, queues_for_member, slot_queues
 from cgidm.settings import Settings, get_settings
 
 #: A child of Celery's logger, so its INFO lines appear with the worker's ``-l info``.

@@ -1,0 +1,118 @@
+"""The vocabulary the library shares with the CLI and the gateway, without importing torch.
+
+The gateway image has no torch, and ``cgidm --help`` must stay instant, yet both need the names
+the method knows: its membership methods, similarity metrics, fine-tune storage kinds, model
+families and the packaged demo models. They are defined here, once, in a module that imports
+nothing but the standard library, so that ``cgidm/`` and ``app/`` import them instead of keeping
+copies. The error classes live in the equally torch-free :mod:`cgidm_core.errors`.
+"""
+
+from __future__ import annotations
+
+# ------------------------------------------------------------------------------------------
+# membership methods (``cgidm eval --method``, ``cgidm_core.evaluation.score_images``)
+
+#: Every method ``score_images`` knows. "cgidm" is the paper's method (inversion + similarity);
+#: "combined" and "fused" add the z-scored similarity to the z-scored contrast or loss-attack
+#: score.
+METHODS: tuple[str, ...] = ("cgidm", "loss", "pia", "secmi", "contrast", "combined", "fused",
+                            "evidence")
+#: The methods that run the inversion (and so take the inversion settings and a metric).
+INVERSION_METHODS: tuple[str, ...] = ("cgidm", "combined", "fused", "evidence")
+
+#: One line per method, for help texts and tables.
+METHOD_DESCRIPTIONS: dict[str, str] = {
+    "cgidm": "contrasting gradient inversion + similarity of the recovery (the paper)",
+    "loss": "fine-tuned model's denoising error at t in {50, 100, 200}",
+    "pia": "Proximal Initialization Attack, t=200, l4 (Kong et al. 2024)",
+    "secmi": "SecMI_stat, t_sec=100, interval 10 (Duan et al. 2023)",
+    "contrast": "CGI-DM's objective at the original image, no inversion",
+    "combined": "z-scored cgidm similarity + z-scored contrast score",
+    "fused": "z-scored cgidm similarity + z-scored loss attack",
+    "evidence": "the verdict's score of cgidm check and the service (cgidm_core.evidence): "
+                "z(SSIM) + z(PSNR) + z(loss attack) + z(contrast), over the images scored",
+}
+
+# ------------------------------------------------------------------------------------------
+# image files
+
+#: The file suffixes read from a folder of images, everywhere a folder is accepted (the CLI,
+#: ``cgidm eval``, the benchmark suite's splits, demo-pair training). Case-insensitive.
+IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif",
+                                   ".tiff")
+
+# ------------------------------------------------------------------------------------------
+# similarity metrics (``cgidm_core.similarity``)
+
+PIXEL_METRICS: tuple[str, ...] = ("ssim", "psnr", "mse")
+#: Feature metrics embed whole images with a local CLIP or DINO model folder.
+FEATURE_METRICS: tuple[str, ...] = ("clip", "dino")
+ALL_METRICS: tuple[str, ...] = PIXEL_METRICS + FEATURE_METRICS
+
+#: Checked on the benchmark suite (``benchmarks/suite.py``, docs/ACCURACY.md), worst case first:
+#: SSIM 0.58 worst / 0.82 mean AUC over 24 pairs, PSNR 0.55 / 0.90. PSNR's higher mean does not
+#: outweigh its lower worst case under that rule, so SSIM stays; both are beaten by the contrast
+#: score and by the fusion with the loss attack (``evaluation.FUSIONS``, README "Defaults").
+DEFAULT_METRIC = "ssim"
+
+# ------------------------------------------------------------------------------------------
+# model families and how a fine-tune is stored (``cgidm_core.models``)
+
+#: ``ModelPair.family`` of each supported family.
+SD_FAMILY = "stable-diffusion"
+SDXL_FAMILY = "stable-diffusion-xl"
+DDPM_FAMILY = "ddpm"
+#: Pixel-space UNets trained by flow matching (the flow demo pair).
+PIXEL_FLOW_FAMILY = "pixel-flow"
+#: The pixel-space families (identity codec, no text).
+PIXEL_FAMILIES: tuple[str, ...] = (DDPM_FAMILY, PIXEL_FLOW_FAMILY)
+FLUX_FAMILY = "flux"
+#: Recognised in order to be refused by name (not supported yet).
+SD3_FAMILY = "sd3"
+
+#: What ``cgidm_core.models.formats.detect_finetuned_kind`` can answer (``--finetuned-kind``);
+#: ``unet`` is a bare UNet weights file built with the base's UNet config.
+FINETUNED_KINDS: tuple[str, ...] = ("pipeline", "dreambooth", "lora", "single_file", "ddpm",
+                                    "unet")
+
+# ------------------------------------------------------------------------------------------
+# the packaged demo models (``cgidm_core.demo`` resolves them to folders)
+
+#: Demo name -> one-line description.
+DEMO_MODELS: dict[str, str] = {
+    "demo-base": (
+        "32x32 pixel-space DDPM trained on public-domain sample photos from scikit-image and "
+        "matplotlib (the 'pretrained' model)"
+    ),
+    "demo-vangogh": (
+        "demo-base fully fine-tuned on 10 Van Gogh paintings "
+        "(wikiart-vangogh/membership; the 'fine-tuned' model)"
+    ),
+    "demo-vangogh-light": (
+        "demo-base lightly fine-tuned on the same 10 Van Gogh paintings (200 steps instead of "
+        "1500): a harder case, on which the membership methods differ"
+    ),
+    "demo-flow-base": (
+        "32x32 pixel-space flow-matching UNet (velocity prediction) trained on the same "
+        "public-domain sample photos, starting from demo-base's weights (the 'pretrained' model)"
+    ),
+    "demo-flow-vangogh": (
+        "demo-flow-base fully fine-tuned by flow matching on the 10 Van Gogh paintings "
+        "(wikiart-vangogh/membership; the 'fine-tuned' model)"
+    ),
+}
+
+#: Demo name -> the demo it was fine-tuned from (None for a base model).
+DEMO_BASES: dict[str, str | None] = {
+    "demo-base": None,
+    "demo-vangogh": "demo-base",
+    "demo-vangogh-light": "demo-base",
+    "demo-flow-base": None,
+    "demo-flow-vangogh": "demo-flow-base",
+}
+
+#: Family of each demo model.
+DEMO_FAMILIES: dict[str, str] = {
+    name: PIXEL_FLOW_FAMILY if name.startswith("demo-flow-") else DDPM_FAMILY
+    for name in DEMO_MODELS
+}

@@ -16,7 +16,7 @@ import torch
 from benchmarks import activations, flux_arch, sd15, sdxl_arch
 from cgidm_core import InversionConfig, authenticate
 from cgidm_core.errors import ConfigError
-from cgidm_core.models import load_pair
+from cgidm_core.models import load_pair_from_paths
 from cgidm_core.models.devices import (
     ACTIVATION_COUNTS,
     GPU_MEMORY_SHARE,
@@ -130,7 +130,7 @@ def _block_calls(unet: torch.nn.Module, run) -> int:
 
 def test_gradient_checkpointing_is_enabled_and_changes_no_score(xl_pair):
     base, finetuned = xl_pair
-    pair = load_pair(base, finetuned, device="cpu")
+    pair = load_pair_from_paths(base, finetuned, device="cpu")
     config = InversionConfig(steps=3, seed=4)
     pictures = _pictures(2)
 
@@ -164,7 +164,7 @@ def test_checkpointing_a_lora_pair_recomputes_each_pass_with_its_adapter_state(t
     """One UNet serves both models: a block recomputed in the backward pass must see the
     adapter state it ran in, not the one the pair switched to afterwards."""
     base = tinymodels.make_tiny_sdxl(tmp_path / "base")
-    pair = load_pair(base, tinymodels.make_sdxl_lora(base, tmp_path / "lora", seed=5),
+    pair = load_pair_from_paths(base, tinymodels.make_sdxl_lora(base, tmp_path / "lora", seed=5),
                      device="cpu")
     assert len(pair.denoisers()) == 1
     config = InversionConfig(steps=3, seed=1)
@@ -179,7 +179,7 @@ def test_checkpointing_a_lora_pair_recomputes_each_pass_with_its_adapter_state(t
 
 
 def test_auto_stays_off_on_a_cpu_and_bad_modes_are_refused(xl_pair):
-    pair = load_pair(*xl_pair, device="cpu")
+    pair = load_pair_from_paths(*xl_pair, device="cpu")
     assert pair.set_gradient_checkpointing("auto") is False
     with pytest.raises(ConfigError, match="auto, on or off"):
         pair.set_gradient_checkpointing("yes")

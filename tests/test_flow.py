@@ -21,7 +21,7 @@ from cgidm_core.demo import DEMO_BASES, DEMO_FAMILIES, demo_model_path
 from cgidm_core.errors import ConfigError, IncompatiblePairError, ModelFormatError
 from cgidm_core.images import image_seed
 from cgidm_core.inversion import InversionConfig, contrast_loss
-from cgidm_core.models import load_pair
+from cgidm_core.models import load_pair_from_paths
 from cgidm_core.models.flow import shifted_sigmas
 from cgidm_core.models.pixel_flow import PixelFlowPair
 from tests import tinymodels
@@ -38,7 +38,7 @@ def flow_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pair(flow_dirs) -> PixelFlowPair:
-    return load_pair(*flow_dirs, **CPU)
+    return load_pair_from_paths(*flow_dirs, **CPU)
 
 
 def _images(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:
@@ -95,7 +95,7 @@ def test_training_and_inversion_use_the_same_forward_process(pair):
 
 
 def test_the_unet_is_told_the_shifted_noise_level(flow_dirs):
-    pair = load_pair(*flow_dirs, **CPU)
+    pair = load_pair_from_paths(*flow_dirs, **CPU)
     pair.flow_shift = 3.0
     z, t = _images(1), torch.tensor([500])
     with torch.no_grad():
@@ -184,20 +184,20 @@ def test_batch_independence_and_same_seed_reproducibility(pair):
 
 def test_flow_base_with_a_ddpm_finetune_is_refused(flow_dirs, tiny_ddpm_pair):
     with pytest.raises(IncompatiblePairError, match="flow-matching model.*DDPM") as err:
-        load_pair(flow_dirs[0], tiny_ddpm_pair[1], **CPU)
+        load_pair_from_paths(flow_dirs[0], tiny_ddpm_pair[1], **CPU)
     assert "give the base the fine-tune was trained from" in str(err.value)
     with pytest.raises(IncompatiblePairError, match="is a DDPM.*flow-matching"):
-        load_pair(tiny_ddpm_pair[0], flow_dirs[1], **CPU)
+        load_pair_from_paths(tiny_ddpm_pair[0], flow_dirs[1], **CPU)
 
 
 def test_flow_base_with_a_stable_diffusion_finetune_is_refused(flow_dirs, tiny_sd_pair):
     with pytest.raises(IncompatiblePairError, match="pixel-space flow-matching model"):
-        load_pair(flow_dirs[0], tiny_sd_pair[1], **CPU)
+        load_pair_from_paths(flow_dirs[0], tiny_sd_pair[1], **CPU)
 
 
 def test_identical_flow_models_and_dynamic_shifting_are_refused(flow_dirs, tmp_path):
     with pytest.raises(IncompatiblePairError, match="exactly the weights"):
-        load_pair(flow_dirs[0], flow_dirs[0], **CPU)
+        load_pair_from_paths(flow_dirs[0], flow_dirs[0], **CPU)
     dynamic = tmp_path / "dynamic"
     shutil.copytree(flow_dirs[0], dynamic)
     config_file = dynamic / "scheduler" / "scheduler_config.json"
@@ -205,7 +205,7 @@ def test_identical_flow_models_and_dynamic_shifting_are_refused(flow_dirs, tmp_p
     config["use_dynamic_shifting"] = True
     config_file.write_text(json.dumps(config))
     with pytest.raises(ModelFormatError, match="dynamic"):
-        load_pair(dynamic, flow_dirs[1], **CPU)
+        load_pair_from_paths(dynamic, flow_dirs[1], **CPU)
 
 
 def test_training_a_tiny_flow_model_lowers_its_velocity_loss(tmp_path):

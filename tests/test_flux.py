@@ -27,7 +27,7 @@ from cgidm_core.errors import (
     ModelFormatError,
     UnsupportedModelFamilyError,
 )
-from cgidm_core.models import detect_finetuned_kind, load_pair
+from cgidm_core.models import detect_finetuned_kind, load_pair_from_paths
 from cgidm_core.models.flux import FluxLoraPair, FluxPair, pack_latents, unpack_latents
 from cgidm_core.models.formats import FLUX_FAMILY, pipeline_family, transformer_family
 from tests import tinymodels
@@ -190,7 +190,7 @@ def test_detects_flux_and_every_layout(dev, schnell, tmp_path):
 
 @pytest.mark.parametrize("kind", ["pipeline", "transformer", "single_file", *LORAS])
 def test_dev_layouts_predict_like_diffusers(dev, kind):
-    pair = load_pair(dev["base"], dev[kind], **CPU)
+    pair = load_pair_from_paths(dev["base"], dev[kind], **CPU)
     assert type(pair) is (FluxLoraPair if kind in LORAS else FluxPair)
     assert pair.family == FLUX_FAMILY and pair.vae.dtype == torch.float32
     assert pair.latent_shape == (16, 16, 16) and pair.image_size == 32
@@ -213,7 +213,7 @@ def test_dev_layouts_predict_like_diffusers(dev, kind):
 
 @pytest.mark.parametrize("kind", ["transformer", "lora"])
 def test_schnell_has_no_guidance_and_uniform_time(schnell, kind):
-    pair = load_pair(schnell["base"], schnell[kind], **CPU)
+    pair = load_pair_from_paths(schnell["base"], schnell[kind], **CPU)
     assert pair.guidance is None and pair.max_sequence_length == 256
     z, t = _inputs(pair.latent_shape)
     assert pair.shift_for(z) == 1.0
@@ -232,7 +232,7 @@ def test_packing_round_trips_and_matches_diffusers():
 
 
 def test_flow_forward_process_uses_the_shift_of_the_run_size(dev):
-    pair = load_pair(dev["base"], dev["transformer"], **CPU)
+    pair = load_pair_from_paths(dev["base"], dev["transformer"], **CPU)
     pipe = _reference_pipeline(dev, "base")
     for side in (16, 24):  # native latent side, and a larger run
         z0, t = _inputs((16, side, side))
@@ -248,8 +248,8 @@ def test_flow_forward_process_uses_the_shift_of_the_run_size(dev):
 
 
 def test_text_encoders_are_released_and_reloaded_exactly(dev):
-    kept = load_pair(dev["base"], dev["kohya"], **CPU, keep_text_encoders=True)
-    released = load_pair(dev["base"], dev["kohya"], **CPU)
+    kept = load_pair_from_paths(dev["base"], dev["kohya"], **CPU, keep_text_encoders=True)
+    released = load_pair_from_paths(dev["base"], dev["kohya"], **CPU)
     first = released.conditioning(PROMPT)
     assert not released.text_encoders_loaded
     assert released.resident_bytes() < kept.resident_bytes()
@@ -271,10 +271,10 @@ def test_a_pipeline_fine_tune_with_its_own_clip_uses_it_and_shares_t5(dev, tmp_p
     clip = tinymodels.perturb_(CLIPTextModel.from_pretrained(folder / "text_encoder"), seed=22)
     shutil.rmtree(folder / "text_encoder")
     clip.save_pretrained(folder / "text_encoder", safe_serialization=True)
-    kept = load_pair(dev["base"], folder, **CPU, keep_text_encoders=True)
+    kept = load_pair_from_paths(dev["base"], folder, **CPU, keep_text_encoders=True)
     assert kept.text_encoder_finetuned is not kept.text_encoder_pretrained
     assert kept.text_encoder_finetuned.text_encoder_2 is kept.text_encoder_pretrained.text_encoder_2
-    released = load_pair(dev["base"], folder, **CPU)
+    released = load_pair_from_paths(dev["base"], folder, **CPU)
     released.conditioning(PROMPT)
     cond = released.conditioning("a painting")  # read back from disk, own CLIP included
     expected = kept.conditioning("a painting")
@@ -297,14 +297,14 @@ def test_pretrained_single_file_transformer_takes_the_rest_from_a_folder(dev, tm
     state = tinymodels.load_flux_transformer(dev["base"]).state_dict()
     save_file({k: v.contiguous() for k, v in state.items()}, str(file))
     with pytest.raises(ConfigError, match="--pretrained-config"):
-        load_pair(file, dev["transformer"], **CPU)
-    pair = load_pair(file, dev["transformer"], pretrained_config=dev["base"], **CPU)
-    reference = load_pair(dev["base"], dev["transformer"], **CPU)
+        load_pair_from_paths(file, dev["transformer"], **CPU)
+    pair = load_pair_from_paths(file, dev["transformer"], pretrained_config=dev["base"], **CPU)
+    reference = load_pair_from_paths(dev["base"], dev["transformer"], **CPU)
     z, t = _inputs(pair.latent_shape)
     for ours, theirs in zip(_velocities(pair, z, t), _velocities(reference, z, t), strict=True):
         torch.testing.assert_close(ours, theirs)
     with pytest.raises(ConfigError, match="pretrained_config"):
-        load_pair(dev["base"], dev["transformer"], pretrained_config=dev["base"], **CPU)
+        load_pair_from_paths(dev["base"], dev["transformer"], pretrained_config=dev["base"], **CPU)
     out = tmp_path / "out"  # the same from the command line, recorded in the provenance
     assert main(["check", "--pretrained", str(file), "--pretrained-config", str(dev["base"]),
                  "--finetuned", str(dev["transformer"]), "--prompt", PROMPT, "--steps", "1",
@@ -352,7 +352,7 @@ def test_a_full_size_flux_dev_pair_builds_on_the_meta_device():
 
 
 def test_batch_independence_and_same_seed_reproducibility(dev):
-    pair = load_pair(dev["base"], dev["kohya"], **CPU)
+    pair = load_pair_from_paths(dev["base"], dev["kohya"], **CPU)
     config = InversionConfig(steps=3, seed=2)
     pictures = _pictures(3)
     together = authenticate(pair, pictures, config=config, batch_size=3)
@@ -364,8 +364,30 @@ def test_batch_independence_and_same_seed_reproducibility(dev):
     assert len({round(r.score, 6) for r in together}) == 3
 
 
+@pytest.mark.parametrize("kind", ["transformer", "kohya"])
+def test_gradient_checkpointing_switches_on_the_transformers_and_changes_no_score(dev, kind):
+    # Flux is the family that needs it most (40 GiB of activations per 1024 px image without
+    # it, devices.ACTIVATION_COUNTS["flux"]); a LoRA pair's one transformer must be recomputed
+    # in the adapter state it ran in, or its gradient would be the other model's.
+    import dataclasses
+
+    pair = load_pair_from_paths(dev["base"], dev[kind], **CPU)
+    assert pair.family == "flux" and pair.denoisers()
+    config = InversionConfig(steps=3, seed=5)
+    pictures = _pictures(2)
+    off = authenticate(pair, pictures, config=dataclasses.replace(
+        config, gradient_checkpointing="off"), batch_size=2)
+    on = authenticate(pair, pictures, config=dataclasses.replace(
+        config, gradient_checkpointing="on"), batch_size=2)
+    assert pair.gradient_checkpointing
+    assert all(t.is_gradient_checkpointing for t in pair.denoisers())
+    for a, b in zip(off, on, strict=True):
+        assert a.score == pytest.approx(b.score, abs=1e-5)
+        assert a.metrics == pytest.approx(b.metrics, abs=1e-5)
+
+
 def test_resolution_overrides_the_native_size(dev):
-    pair = load_pair(dev["base"], dev["lora"], **CPU)
+    pair = load_pair_from_paths(dev["base"], dev["lora"], **CPU)
     results = authenticate(pair, _pictures(1), prompt=PROMPT,
                            config=InversionConfig(steps=2, resolution=48), batch_size=1)
     assert results[0].recovered.size == (48, 48)
@@ -379,10 +401,10 @@ def test_prompt_from_a_model_card_next_to_a_transformer_folder(dev, tmp_path):
     (card / "README.md").write_text(
         "---\nbase_model: black-forest-labs/FLUX.1-dev\ninstance_prompt: a photo of sks dog\n"
         "---\n# Flux DreamBooth\n", encoding="utf-8")
-    pair = load_pair(dev["base"], card, **CPU)
+    pair = load_pair_from_paths(dev["base"], card, **CPU)
     assert (pair.default_prompt, pair.default_prompt_source) == ("a photo of sks dog",
                                                                  "model_card")
-    plain = load_pair(dev["base"], dev["transformer"], **CPU)
+    plain = load_pair_from_paths(dev["base"], dev["transformer"], **CPU)
     assert plain.default_prompt is None
 
 
@@ -419,13 +441,13 @@ def test_sd3_and_flux_variants_are_refused_by_name(dev, tmp_path):
     sd3 = _with_index(dev["base"], tmp_path / "sd3", _class_name="StableDiffusion3Pipeline")
     with pytest.raises(UnsupportedModelFamilyError, match="Stable Diffusion 3 / 3.5 is not "
                                                           "supported yet"):
-        load_pair(sd3, dev["transformer"], **CPU)
+        load_pair_from_paths(sd3, dev["transformer"], **CPU)
     sd3_transformer = tmp_path / "sd3_ft"
     (sd3_transformer / "transformer").mkdir(parents=True)
     (sd3_transformer / "transformer" / "config.json").write_text(
         json.dumps({"_class_name": "SD3Transformer2DModel"}))
     with pytest.raises(UnsupportedModelFamilyError, match="Stable Diffusion 3"):
-        load_pair(dev["base"], sd3_transformer, **CPU)
+        load_pair_from_paths(dev["base"], sd3_transformer, **CPU)
     from safetensors.torch import save_file
 
     sd3_file = tmp_path / "sd3.5_large.safetensors"  # Stability's naming, as shared on Civitai
@@ -434,46 +456,46 @@ def test_sd3_and_flux_variants_are_refused_by_name(dev, tmp_path):
     with pytest.raises(UnsupportedModelFamilyError, match="Stable Diffusion 3"):
         detect_finetuned_kind(sd3_file)
     with pytest.raises(UnsupportedModelFamilyError, match="Stable Diffusion 3"):
-        load_pair(dev["base"], sd3_file, **CPU)
+        load_pair_from_paths(dev["base"], sd3_file, **CPU)
     with pytest.raises(UnsupportedModelFamilyError, match="Stable Diffusion 3"):
-        load_pair(sd3_file, dev["transformer"], **CPU)
+        load_pair_from_paths(sd3_file, dev["transformer"], **CPU)
     fill = _with_index(dev["base"], tmp_path / "fill", _class_name="FluxFillPipeline")
     with pytest.raises(UnsupportedModelFamilyError, match="FluxFillPipeline"):
-        load_pair(fill, dev["transformer"], **CPU)
+        load_pair_from_paths(fill, dev["transformer"], **CPU)
     control = tmp_path / "control"
     shutil.copytree(dev["base"], control)
     config_file = control / "transformer" / "config.json"
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()),
                                        "in_channels": 128}))
     with pytest.raises(UnsupportedModelFamilyError, match="Fill/control"):
-        load_pair(control, dev["transformer"], **CPU)
+        load_pair_from_paths(control, dev["transformer"], **CPU)
 
 
 def test_mismatched_pairs_are_incompatible(dev, schnell, tiny_sd_pair, tmp_path):
     with pytest.raises(IncompatiblePairError, match="Flux.1-schnell"):
-        load_pair(dev["base"], schnell["transformer"], **CPU)
+        load_pair_from_paths(dev["base"], schnell["transformer"], **CPU)
     sd_base, _ = tiny_sd_pair
     with pytest.raises(IncompatiblePairError, match="Flux.1 LoRA but the pretrained model is "
                                                     "Stable Diffusion"):
-        load_pair(sd_base, dev["kohya"], **CPU)
+        load_pair_from_paths(sd_base, dev["kohya"], **CPU)
     with pytest.raises(IncompatiblePairError, match="Flux.1 single-file"):
-        load_pair(sd_base, dev["single_file"], **CPU)
+        load_pair_from_paths(sd_base, dev["single_file"], **CPU)
     with pytest.raises(IncompatiblePairError, match="Flux.1 fine-tuned denoiser folder"):
-        load_pair(sd_base, dev["transformer"], **CPU)
+        load_pair_from_paths(sd_base, dev["transformer"], **CPU)
     sd_lora = tinymodels.make_lora(sd_base, tmp_path / "sd_lora")
     with pytest.raises(IncompatiblePairError, match="pretrained model is Flux.1"):
-        load_pair(dev["base"], sd_lora, **CPU)
+        load_pair_from_paths(dev["base"], sd_lora, **CPU)
     sd_db = tinymodels.make_dreambooth_folder(sd_base, tmp_path / "sd_db")
     with pytest.raises(IncompatiblePairError, match="pretrained model is Flux.1"):
-        load_pair(dev["base"], sd_db, **CPU)
+        load_pair_from_paths(dev["base"], sd_db, **CPU)
     with pytest.raises(IncompatiblePairError, match="Stable Diffusion 1.x/2.x pipeline"):
-        load_pair(dev["base"], tiny_sd_pair[1], **CPU)
+        load_pair_from_paths(dev["base"], tiny_sd_pair[1], **CPU)
     with pytest.raises(IncompatiblePairError, match="nothing to contrast"):
-        load_pair(dev["base"], dev["base"], **CPU)
+        load_pair_from_paths(dev["base"], dev["base"], **CPU)
 
 
 def test_a_corrupt_single_file_is_a_format_error(dev, tmp_path):
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(dev["single_file"].read_bytes()[:1000])
     with pytest.raises(ModelFormatError):
-        load_pair(dev["base"], broken, **CPU)
+        load_pair_from_paths(dev["base"], broken, **CPU)

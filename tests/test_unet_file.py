@@ -15,7 +15,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cgidm_core.errors import IncompatiblePairError, ModelFormatError
-from cgidm_core.models import DDPMPair, StableDiffusionPair, detect_finetuned_kind, load_pair
+from cgidm_core.models import (
+    DDPMPair,
+    StableDiffusionPair,
+    detect_finetuned_kind,
+    load_pair_from_paths,
+)
 from cgidm_core.models.sdxl import StableDiffusionXLPair
 from tests import tinymodels
 
@@ -50,10 +55,10 @@ def sd_unet(tiny_sd_pair, tmp_path_factory) -> dict[str, Path]:
 
 def test_stable_diffusion_unet_file_predicts_like_its_folder(sd_unet):
     assert detect_finetuned_kind(sd_unet["file"]) == "unet"
-    pair = load_pair(sd_unet["base"], sd_unet["file"], **CPU)
+    pair = load_pair_from_paths(sd_unet["base"], sd_unet["file"], **CPU)
     assert isinstance(pair, StableDiffusionPair) and pair.finetuned_kind == "unet"
     assert pair.text_encoder_finetuned is pair.text_encoder_pretrained  # the base's, shared
-    reference = load_pair(sd_unet["base"], sd_unet["folder"], **CPU)
+    reference = load_pair_from_paths(sd_unet["base"], sd_unet["folder"], **CPU)
     z, t = _inputs(pair.latent_shape)
     eps_ft, eps_pre = _eps(pair, z, t)
     ref_ft, ref_pre = _eps(reference, z, t)
@@ -63,7 +68,7 @@ def test_stable_diffusion_unet_file_predicts_like_its_folder(sd_unet):
 
 
 def test_bfloat16_unet_file(sd_unet):
-    pair = load_pair(sd_unet["base"], sd_unet["file"], device="cpu", dtype="bfloat16")
+    pair = load_pair_from_paths(sd_unet["base"], sd_unet["file"], device="cpu", dtype="bfloat16")
     assert {p.dtype for p in pair.unet_finetuned.parameters()} == {torch.bfloat16}
 
 
@@ -71,20 +76,21 @@ def test_sdxl_unet_file_predicts_like_its_folder(tmp_path):
     base = tinymodels.make_tiny_sdxl(tmp_path / "base")
     folder = tinymodels.make_sdxl_dreambooth_folder(base, tmp_path / "db", ())
     file = _bare(folder, tmp_path / "suspect_xl.safetensors")
-    pair = load_pair(base, file, **CPU)
+    pair = load_pair_from_paths(base, file, **CPU)
     assert isinstance(pair, StableDiffusionXLPair) and pair.finetuned_kind == "unet"
     z, t = _inputs(pair.latent_shape)
     eps_ft, eps_pre = _eps(pair, z, t)
-    ref_ft, ref_pre = _eps(load_pair(base, folder, **CPU), z, t)
+    ref_ft, ref_pre = _eps(load_pair_from_paths(base, folder, **CPU), z, t)
     assert torch.equal(eps_ft, ref_ft) and torch.equal(eps_pre, ref_pre)
 
 
 def test_pixel_ddpm_unet_file(tiny_ddpm_pair, tmp_path):
     pre, ft = tiny_ddpm_pair
     file = _bare(ft, tmp_path / "ddpm_unet.safetensors")
-    pair = load_pair(pre, file, finetuned_kind="unet", **CPU)  # the service passes its kind
+    # the service passes its kind
+    pair = load_pair_from_paths(pre, file, finetuned_kind="unet", **CPU)
     assert isinstance(pair, DDPMPair)
-    reference = load_pair(pre, ft, **CPU)
+    reference = load_pair_from_paths(pre, ft, **CPU)
     z, t = _inputs(pair.latent_shape)
     eps_ft, _ = _eps(pair, z, t)
     ref_ft, _ = _eps(reference, z, t)
@@ -95,19 +101,19 @@ def test_a_unet_file_of_another_base_is_refused(sd_unet, tiny_ddpm_pair, tmp_pat
     pre_ddpm, ft_ddpm = tiny_ddpm_pair
     pixel = _bare(ft_ddpm, tmp_path / "pixel.safetensors")
     with pytest.raises(IncompatiblePairError, match="do not fit the architecture"):
-        load_pair(sd_unet["base"], pixel, finetuned_kind="unet", **CPU)
+        load_pair_from_paths(sd_unet["base"], pixel, finetuned_kind="unet", **CPU)
     with pytest.raises(IncompatiblePairError, match="fine-tuned from this base"):
-        load_pair(pre_ddpm, sd_unet["file"], finetuned_kind="unet", **CPU)
+        load_pair_from_paths(pre_ddpm, sd_unet["file"], finetuned_kind="unet", **CPU)
     # one tensor missing: refused, never loaded with a random layer
     state = load_file(str(sd_unet["file"]))
     state.pop(sorted(state)[0])
     save_file(state, str(tmp_path / "partial.safetensors"))
     with pytest.raises(IncompatiblePairError, match="1 missing tensors"):
-        load_pair(sd_unet["base"], tmp_path / "partial.safetensors", **CPU)
+        load_pair_from_paths(sd_unet["base"], tmp_path / "partial.safetensors", **CPU)
 
 
 def test_a_corrupt_unet_file_is_refused(sd_unet, tmp_path):
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(sd_unet["file"].read_bytes()[:1000])
     with pytest.raises(ModelFormatError):
-        load_pair(sd_unet["base"], broken, finetuned_kind="unet", **CPU)
+        load_pair_from_paths(sd_unet["base"], broken, finetuned_kind="unet", **CPU)

@@ -50,7 +50,7 @@ from cgidm_core.models.formats import (
 from cgidm_core.models.sd_loading import (
     LORA_ADAPTER_NAME,
     LoadOptions,
-    _transformers_dtype_kwargs,
+    load_text_encoder,
     load_tokenizer,
     load_vae,
     loading_errors,
@@ -138,26 +138,8 @@ def load_flux_single_file_transformer(file: Path, config_folder: Path, opts: Loa
 
 def load_flux_text_encoder(folder: Path, name: str, opts: LoadOptions) -> Any:
     """``text_encoder`` (``CLIPTextModel``) or ``text_encoder_2`` (``T5EncoderModel``)."""
-    import transformers
-
     class_name = {"text_encoder": "CLIPTextModel", "text_encoder_2": "T5EncoderModel"}[name]
-    component = folder / name
-    config = read_json(component / "config.json")
-    architectures = set(config.get("architectures") or [class_name])
-    if class_name not in architectures:
-        raise UnsupportedModelFamilyError(
-            f"{component} is a {', '.join(sorted(architectures))}, not the {class_name} Flux.1 "
-            "uses. " + SUPPORTED_HINT
-        )
-    with loading_errors(f"the text encoder {name}", component):
-        return getattr(transformers, class_name).from_pretrained(
-            folder,
-            subfolder=name,
-            use_safetensors=True,
-            local_files_only=opts.local_files_only,
-            variant=weights_variant(component, ("model",)),
-            **_transformers_dtype_kwargs(opts.dtype),
-        )
+    return load_text_encoder(folder, opts, name, class_name, "Flux.1")
 
 
 def load_t5_tokenizer(folder: Path, opts: LoadOptions) -> Any:

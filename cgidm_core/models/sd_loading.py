@@ -41,7 +41,6 @@ from cgidm_core.models.predictions import alphas_cumprod_of, build_scheduler, ch
 LORA_ADAPTER_NAME = "cgidm_finetuned"
 _UNET_WEIGHTS = ("diffusion_pytorch_model",)
 _TEXT_ENCODER_WEIGHTS = ("model",)
-_SUPPORTED_TEXT_ENCODERS = {"CLIPTextModel"}
 
 
 @dataclass(frozen=True)
@@ -139,20 +138,33 @@ def load_unet(
         )
 
 
-def load_text_encoder(folder: Path, opts: LoadOptions) -> Any:
-    from transformers import CLIPTextModel
+def load_text_encoder(
+    folder: Path,
+    opts: LoadOptions,
+    name: str = "text_encoder",
+    class_name: str = "CLIPTextModel",
+    family: str = "Stable Diffusion",
+) -> Any:
+    """The transformers text encoder ``folder/name`` of class ``class_name``, safetensors only.
 
-    component = folder / "text_encoder"
+    Every family loads its encoders here (SD's CLIP, SDXL's second OpenCLIP with projection,
+    Flux's T5), so an encoder of another architecture is refused with the same message naming
+    what the ``family`` expects.
+    """
+    import transformers
+
+    component = folder / name
     config = read_json(component / "config.json")
-    architectures = set(config.get("architectures") or ["CLIPTextModel"])
-    if not architectures & _SUPPORTED_TEXT_ENCODERS:
+    architectures = set(config.get("architectures") or [class_name])
+    if class_name not in architectures:
         raise UnsupportedModelFamilyError(
-            f"{component} is a {', '.join(sorted(architectures))}; " + SUPPORTED_HINT
+            f"{component} is a {', '.join(sorted(architectures))}, not the {class_name} "
+            f"{family} uses; " + SUPPORTED_HINT
         )
-    with loading_errors("the text encoder", component):
-        return CLIPTextModel.from_pretrained(
+    with loading_errors(f"the text encoder {name}", component):
+        return getattr(transformers, class_name).from_pretrained(
             folder,
-            subfolder="text_encoder",
+            subfolder=name,
             use_safetensors=True,
             local_files_only=opts.local_files_only,
             variant=weights_variant(component, _TEXT_ENCODER_WEIGHTS),

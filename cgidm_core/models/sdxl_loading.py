@@ -25,16 +25,14 @@ from cgidm_core.models.formats import (
     SUPPORTED_HINT,
     lora_weights_file,
     pipeline_family,
-    read_json,
     safetensors_keys,
-    weights_variant,
 )
 from cgidm_core.models.predictions import alphas_cumprod_of
 from cgidm_core.models.sd_loading import (
     LORA_ADAPTER_NAME,
     LoadOptions,
     _scheduler_of,
-    _transformers_dtype_kwargs,
+    load_text_encoder,
     load_tokenizer,
     load_unet,
     load_vae,
@@ -89,26 +87,7 @@ class SDXLFinetune:
 
 def load_sdxl_text_encoder(folder: Path, name: str, opts: LoadOptions) -> Any:
     """``text_encoder`` (CLIPTextModel) or ``text_encoder_2`` (CLIPTextModelWithProjection)."""
-    import transformers
-
-    class_name, _ = _TEXT_ENCODERS[name]
-    component = folder / name
-    config = read_json(component / "config.json")
-    architectures = set(config.get("architectures") or [class_name])
-    if class_name not in architectures:
-        raise UnsupportedModelFamilyError(
-            f"{component} is a {', '.join(sorted(architectures))}, not the {class_name} SDXL "
-            "uses; " + SUPPORTED_HINT
-        )
-    with loading_errors(f"the text encoder {name}", component):
-        return getattr(transformers, class_name).from_pretrained(
-            folder,
-            subfolder=name,
-            use_safetensors=True,
-            local_files_only=opts.local_files_only,
-            variant=weights_variant(component, ("model",)),
-            **_transformers_dtype_kwargs(opts.dtype),
-        )
+    return load_text_encoder(folder, opts, name, _TEXT_ENCODERS[name][0], "SDXL")
 
 
 def load_sdxl_base(folder: Path, opts: LoadOptions) -> SDXLBase:

@@ -6,12 +6,12 @@ UNets, float32 VAE, both text encoders released after the prompt), timed through
 ``inversion.invert`` at the native 1024 px, for float16 and bfloat16, each batch size, with
 gradient checkpointing off and on. Same timing rules as SD (``gpu.measure``).
 
-Flux: there is no Flux pair on this branch yet (its adapter is written on another one), so the
+Flux: this was written before the Flux pair (``cgidm_core.models.flux``) was merged, so the
 PGD's step is timed by hand on two random Flux.1-dev transformers (12 B parameters each,
 bfloat16, ``benchmarks/flux_arch.py``): the contrast of the two velocity losses on the same
 packed latent and its gradient with respect to that latent, at 1024 px (4096 image tokens + 512
 T5 tokens). Images per hour count these steps only (VAE and T5 encoding are per batch, not per
-step, and not included); rerun through ``invert`` once the Flux pair exists.
+step, and not included); timing it through ``invert`` with a full-size FluxPair is still to do.
 
 ``--dry-run`` runs both at a tiny scale on the CPU (seconds), as a test does.
 """
@@ -131,7 +131,7 @@ def measure_flux(nets: list[Any], config: gpu.Config, *, device: str, steps: int
     result.steps_timed = len(timed)
     result.seconds_per_step = statistics.median(timed)
     result.overhead_seconds = None
-    result.note = result.note or "transformer steps only (no VAE/T5; no Flux pair yet)"
+    result.note = result.note or "transformer steps only (no VAE/T5)"
     result.images_per_hour = 3600.0 * config.batch / (default_steps * result.seconds_per_step)
     return result
 

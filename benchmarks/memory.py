@@ -206,8 +206,8 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
 # built on the meta device (shapes and dtypes, no storage, seconds) and its weights are counted.
 # For SD 1.5, where both could be measured, weight bytes and RSS gave the same ratios within
 # 0.01 (docs/PERFORMANCE.md). The cgidm rows are the real pair classes (SDXL: the pair object's
-# ``modules()`` after ``release_text_encoders()``); Flux's adapter is on another branch, so its
-# rows count the layout that adapter holds by design (issue 12, point 2): two transformers (or
+# ``modules()`` after ``release_text_encoders()``); the Flux rows were written before the Flux
+# adapter merged and count the layout ``FluxPair``/``FluxLoraPair`` hold: two transformers (or
 # one with the LoRA), one VAE in float32, T5-XXL and CLIP-L released after encoding.
 
 

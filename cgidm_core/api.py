@@ -19,7 +19,15 @@ import torch
 
 from . import provenance
 from .errors import ConfigError, OutOfMemory
-from .images import ImageSource, image_seed, load_image, to_pil, to_tensor
+from .images import (
+    DISPLAY_MODES,
+    ImageSource,
+    image_seed,
+    load_image,
+    palette_clamp,
+    to_pil,
+    to_tensor,
+)
 from .inversion import CancelFn, InversionConfig, invert
 from .names import DEFAULT_METRIC, PIXEL_METRICS
 from .pair import ModelPair
@@ -147,6 +155,7 @@ def authenticate(
     prompt_source: str | None = None,
     on_batch_halved: Callable[[int], None] | None = None,
     attack_scores: Sequence[str] | None = None,
+    display: str = "palette_clamp",
 ) -> AuthenticationResults:
     """Recover every image's removed half and score the recovery against the original.
 
@@ -175,10 +184,18 @@ def authenticate(
     are computed on the same image and recorded as ``extra["attack_scores"]``: the verdict's
     score (:mod:`cgidm_core.evidence`) fuses them with the recovery's similarity. ``()`` skips
     them.
+
+    ``display`` makes the recovered picture a person looks at (``ImageResult.recovered``):
+    ``"palette_clamp"`` (default) cuts its off-palette colours back into each channel's range in
+    the kept half (:func:`cgidm_core.images.palette_clamp`, no model pass), ``"raw"`` shows the
+    recovery as is. Every score is measured on the raw recovery (``ImageResult.recovered_raw``
+    when the two differ); the choice is recorded as ``provenance["method"]["display"]``.
     """
     from .evidence import ATTACK_SCORES
 
     attacks = tuple(ATTACK_SCORES if attack_scores is None else attack_scores)
+    if display not in DISPLAY_MODES:
+        raise ConfigError(f"display must be one of {', '.join(DISPLAY_MODES)}, got {display!r}")
     config = config or InversionConfig()
     config.validate(pair.num_train_timesteps)
     size = pair.run_size(config.resolution)
@@ -196,6 +213,7 @@ def authenticate(
     record = provenance.build(pair, images, labels, prompt=choice.text,
                               prompt_source=prompt_source or choice.source, config=config,
                               score_metric=score_metric, metrics=wanted, batch_size=batch_size)
+    record["method"]["display"] = display
     cond = pair.conditioning(choice.text)
 
     pending = deque(
@@ -249,9 +267,11 @@ def authenticate(
         values = compute_metrics(out.original, out.recovered, out.mask, wanted, feature_model)
         attack_values = _attack_scores(pair, tensor, cond, attacks, seeds, config.seed,
                                        len(indices))
-        originals, partials, recovered = to_pil(out.original), to_pil(out.partial), to_pil(
+        originals, partials, raw = to_pil(out.original), to_pil(out.partial), to_pil(
             out.recovered
         )
+        shown = (to_pil(palette_clamp(out.original, out.recovered, out.mask))
+                 if display == "palette_clamp" else raw)
         for j, i in enumerate(indices):
             image_metrics = {name: values[name][j] for name in wanted}
             results.append(
@@ -261,7 +281,8 @@ def authenticate(
                     metrics=image_metrics,
                     original=originals[j],
                     partial=partials[j],
-                    recovered=recovered[j],
+                    recovered=shown[j],
+                    recovered_raw=raw[j] if shown is not raw else None,
                     extra={
                         "final_loss": _finite_or_none(float(out.losses[j, -1])),
                         "nonfinite_gradient_steps": _count(out.nonfinite_steps, j),

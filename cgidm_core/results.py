@@ -20,8 +20,12 @@ class ImageResult:
     metrics: dict[str, float]
     original: Image.Image
     partial: Image.Image
+    #: The recovered picture shown to a person (``authenticate(display=...)``; by default the
+    #: palette-clamped recovery, ``cgidm_core.images.palette_clamp``).
     recovered: Image.Image
     extra: dict[str, Any] = field(default_factory=dict)
+    #: The recovery the scores were measured on, when the picture shown differs from it.
+    recovered_raw: Image.Image | None = None
 
     def side_by_side(self) -> Image.Image:
         """original | partial | recovered, enlarged with nearest-neighbour so small pixel-model

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .images import image_seed, to_tensor
+from .images import image_seed, palette_clamp, to_tensor
 from .inversion import InversionConfig, invert
 from .pair import ModelPair
 from .similarity import masked_psnr, masked_ssim
@@ -64,20 +64,6 @@ def colour_distance(original: torch.Tensor, recovered: torch.Tensor,
     dist = deltaE_ciede2000(lab(original), lab(recovered))  # (N, H, W)
     free = (1.0 - keep.float()).expand(original.shape[0], 1, *original.shape[-2:])[:, 0].numpy()
     return [float((d * f).sum() / max(f.sum(), 1.0)) for d, f in zip(dist, free, strict=True)]
-
-
-def palette_clamp(original: torch.Tensor, recovered: torch.Tensor,
-                  keep: torch.Tensor) -> torch.Tensor:
-    """Clamp each channel of the recovered region into the range that channel takes in the kept
-    region of the same image: a colour the image's visible half never shows is cut back to the
-    nearest one it does. Kept pixels are untouched. Costs no model pass.
-    """
-    kept = keep.bool().expand_as(original)
-    big = torch.finfo(original.dtype).max
-    low = torch.where(kept, original, big).amin(dim=(2, 3), keepdim=True)
-    high = torch.where(kept, original, -big).amax(dim=(2, 3), keepdim=True)
-    clamped = torch.minimum(torch.maximum(recovered, low), high)
-    return torch.where(kept, recovered, clamped)
 
 
 def saturated_fraction(recovered: torch.Tensor, keep: torch.Tensor,

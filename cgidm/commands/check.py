@@ -43,6 +43,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "benchmark suite) = z(SSIM) + z(PSNR) of the recovery + z(loss attack) + z(contrast), "
         "standardised over images and controls together; 'similarity' = --metric alone",
     )
+    parser.add_argument(
+        "--display",
+        choices=["palette_clamp", "raw"],
+        default="palette_clamp",
+        help="the recovered picture written: 'palette_clamp' (default) cuts off-palette colours "
+        "back into each channel's range in the image's kept half; 'raw' writes the recovery as "
+        "scored. Scores and verdicts always use the raw recovery",
+    )
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("images", nargs="+", help="image files or folders")
     parser.set_defaults(func=run)
@@ -94,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
             feature_model=args.feature_model,
             batch_size=args.batch_size,
             progress=update,
+            display=args.display,
         )
     elapsed = time.perf_counter() - started
     suspects, controls = results[: len(image_paths)], results[len(image_paths) :]

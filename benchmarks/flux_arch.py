@@ -112,7 +112,10 @@ def _built_in(dtype: torch.dtype, device: str, make):
             model = make()
     finally:
         torch.set_default_dtype(previous)
-    return model if next(model.parameters()).dtype == dtype else model.to(dtype=dtype)
+    # a module that pins its own parameter dtype is cast too (a no-op when none does)
+    if any(p.dtype != dtype for p in model.parameters()):
+        model = model.to(dtype=dtype)
+    return model
 
 
 def build_transformer(variant: str = "dev", seed: int = 0, dtype: torch.dtype = torch.bfloat16,

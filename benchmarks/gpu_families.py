@@ -180,6 +180,10 @@ def run(args: Any) -> dict[str, Any]:
             measurement = gpu.measure(model, config, device=device, steps=args.steps,
                                       default_steps=default_steps, seconds_budget=budget)
             del model
+        except torch.cuda.OutOfMemoryError:  # building the pair itself (the weights)
+            loaded = None
+            measurement = gpu.Measurement(config=config, status="OOM",
+                                          note="out of GPU memory while building the pair")
         except Exception as exc:  # noqa: BLE001 - one broken configuration must not lose the rest
             loaded = None
             measurement = gpu.Measurement(config=config, status="error",

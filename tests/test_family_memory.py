@@ -294,3 +294,33 @@ def test_gpu_benchmark_dry_run_for_sdxl_and_flux(family, tmp_path):
         assert all(v > 0 for v in facts["text_encoder_bytes"].values())
         assert facts["image_size"] == 32
         assert "FluxPair" in facts["model"]
+
+
+def test_the_full_size_flux_benchmark_pair_is_consistent_on_the_meta_device():
+    """What ``gpu.py --family flux`` builds on a GPU, built on the meta device (no memory): the
+    released FLUX.1-dev parameter counts, T5's 512 x 4096 and CLIP's 768 features reaching a
+    full-size transformer, and a velocity of the 16x128x128 latent at 1024 px (shapes only:
+    no GPU was lent to run it for real)."""
+    from benchmarks import gpu_families
+
+    pair, encoding = gpu_families.build_flux_pair("bfloat16", "meta", tiny=False)
+
+    def params(module: torch.nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    assert params(pair.unet_pretrained) == params(pair.unet_finetuned) == \
+        flux_arch.EXPECTED_PARAMETERS["transformer"]
+    assert pair.unet_pretrained is not pair.unet_finetuned
+    encoders = pair.text_encoder_pretrained
+    assert params(encoders.text_encoder_2) == flux_arch.EXPECTED_PARAMETERS["text_encoder_2"]
+    assert params(encoders.text_encoder) == flux_arch.EXPECTED_PARAMETERS["text_encoder"]
+    assert params(pair.vae) == flux_arch.EXPECTED_PARAMETERS["vae"]
+    assert pair.vae.dtype == torch.float32 and pair.unet_finetuned.dtype == torch.bfloat16
+    assert (pair.image_size, pair.latent_shape, pair.guidance) == (1024, (16, 128, 128), 3.5)
+    assert pair.shift_for(torch.empty(1, *pair.latent_shape)) == pytest.approx(3.158, abs=1e-3)
+    assert encoding["encode_seconds"] >= 0 and not pair.text_encoders_loaded
+    cond = pair.conditioning(gpu_families.gpu.PROMPT)  # cached before the release
+    assert [c.shape for c in cond.finetuned] == [(1, 512, 4096), (1, 768)]
+    z = torch.zeros(2, *pair.latent_shape, device="meta")
+    velocity = pair.eps_finetuned(z, torch.tensor([500, 900]), cond)
+    assert velocity.shape == (2, 16, 128, 128) and velocity.dtype == torch.float32

@@ -274,6 +274,7 @@ def test_a_pipeline_fine_tune_with_its_own_clip_uses_it_and_shares_t5(dev, tmp_p
     kept = load_pair_from_paths(dev["base"], folder, **CPU, keep_text_encoders=True)
     assert kept.text_encoder_finetuned is not kept.text_encoder_pretrained
     assert kept.text_encoder_finetuned.text_encoder_2 is kept.text_encoder_pretrained.text_encoder_2
+    assert kept.describe()["finetuned_own_text_encoders"] == ["text_encoder"]
     released = load_pair_from_paths(dev["base"], folder, **CPU)
     released.conditioning(PROMPT)
     cond = released.conditioning("a painting")  # read back from disk, own CLIP included
@@ -302,6 +303,7 @@ def test_a_pipeline_fine_tune_with_its_own_t5_is_conditioned_with_it(dev, tmp_pa
     own, base = kept.text_encoder_finetuned, kept.text_encoder_pretrained
     assert own is not base and own.text_encoder is base.text_encoder  # CLIP identical: shared
     assert own.text_encoder_2 is not base.text_encoder_2
+    assert kept.describe()["finetuned_own_text_encoders"] == ["text_encoder_2"]
     released = load_pair_from_paths(dev["base"], folder, **CPU)
     first = released.conditioning(PROMPT)
     assert not released.text_encoders_loaded
@@ -330,6 +332,7 @@ def test_a_pipeline_fine_tune_with_its_own_t5_is_conditioned_with_it(dev, tmp_pa
     # the usual pipeline fine-tune carries the base's T5 unchanged: one copy serves both
     usual = load_pair_from_paths(dev["base"], dev["pipeline"], **CPU, keep_text_encoders=True)
     assert usual.text_encoder_finetuned is usual.text_encoder_pretrained
+    assert usual.describe()["finetuned_own_text_encoders"] == []
 
 
 def test_pretrained_single_file_transformer_takes_the_rest_from_a_folder(dev, tmp_path):

@@ -15,10 +15,12 @@ device) is exercised here, on a machine with one, in about a minute:
    SDXL layouts too (pipeline, kohya LoRA with ``ss_*`` metadata, single file, bare UNet
    weights file), each also with gradient checkpointing forced on: the float32 scores must
    equal those without it (``CHECKPOINTING_TOLERANCE``) and the UNets must report it enabled.
-2. Flux: no Flux pair exists on this branch yet (its adapter is written elsewhere), so a tiny
-   random ``FluxTransformer2DModel`` pair takes the PGD's step by hand (the contrast of two
-   velocity losses, its gradient with respect to the packed latent) in every dtype, with and
-   without gradient checkpointing: finite gradients, equal within tolerance.
+2. Flux.1 layouts the same way, through ``load_pair`` and ``authenticate`` (the FluxPair: packed
+   latents, CLIP + T5 conditioning released after encoding, the float32 VAE, guidance and time
+   shift): a dev pipeline fine-tune carrying its own T5, a ``transformer/`` folder, a kohya LoRA
+   with ``ss_*`` metadata (CLIP layers too), a single-file transformer and a schnell
+   ``transformer/`` folder, in every dtype, the float32 ones also against the CPU, rerun, and
+   with gradient checkpointing forced on.
 3. the bundled demo pairs scored on the real Van Gogh members and hold-out images with the
    default settings (``--data``: the folder holding ``wikiart-vangogh/``), giving the AUC on the
    GPU next to the time it took.
@@ -52,7 +54,7 @@ CPU_GPU_TOLERANCE = 0.02
 #: Recomputing activations runs the same kernels on the same inputs; on a GPU the backward
 #: kernels may still pick another (non-deterministic) algorithm, hence not exactly 0.
 CHECKPOINTING_TOLERANCE = 1e-4
-FAMILIES = ("sd", "sdxl")
+FAMILIES = ("sd", "sdxl", "flux")
 
 
 def synthetic_images(count: int, side: int, seed: int = 0) -> list[Any]:
@@ -103,6 +105,23 @@ def build_layouts(root: Path, families: tuple[str, ...] = FAMILIES
                 xl, root / "xl_single.safetensors", seed=7)),
             "sdxl-unet-file": (xl, bare),
         })
+    if "flux" in families:
+        dev = tinymodels.make_tiny_flux(root / "flux_base", variant="dev")
+        schnell = tinymodels.make_tiny_flux(root / "schnell_base", variant="schnell", seed=10)
+        layouts.update({
+            "flux-pipeline-own-t5": (dev, tinymodels.make_flux_full_finetune(
+                dev, root / "flux_full", seed=1, t5_seed=2)),
+            "flux-transformer": (dev, tinymodels.make_flux_transformer_folder(
+                dev, root / "flux_db", seed=3)),
+            "flux-kohya-lora": (dev, tinymodels.make_flux_kohya_lora(
+                dev, root / "flux_kohya" / "check.safetensors", seed=4,
+                metadata={"ss_output_name": "check", "ss_guidance_scale": "1.0",
+                          "ss_tag_frequency": json.dumps({"10_sks style": {"sks style": 10}})})),
+            "flux-single-file": (dev, tinymodels.make_flux_single_file(
+                dev, root / "flux_single.safetensors", seed=5)),
+            "flux-schnell-transformer": (schnell, tinymodels.make_flux_transformer_folder(
+                schnell, root / "schnell_db", seed=11)),
+        })
     return layouts
 
 
@@ -146,12 +165,15 @@ def max_diff(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) for x, y in zip(a, b, strict=True))
 
 
-def check_layouts(device: str, steps: int, families: tuple[str, ...] = FAMILIES
-                  ) -> list[dict[str, Any]]:
+def check_layouts(device: str, steps: int, families: tuple[str, ...] = FAMILIES,
+                  only: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+    """Every layout of ``families`` (or the ``only`` ones) scored in every dtype."""
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="cgidm-cuda-check-") as tmp:
         layouts = build_layouts(Path(tmp), families)
         for name, (pre, ft) in layouts.items():
+            if only is not None and name not in only:
+                continue
             cpu: list[float] | None = None
             try:
                 cpu = score(pre, ft, "cpu", "float32", steps)["scores"]
@@ -174,7 +196,7 @@ def check_layouts(device: str, steps: int, families: tuple[str, ...] = FAMILIES
                             if row["cpu_max_diff"] > CPU_GPU_TOLERANCE:
                                 problems.append(f"float32 GPU scores differ from the CPU's by "
                                                 f"{row['cpu_max_diff']:.4f}")
-                        if name.startswith("sdxl"):
+                        if name.startswith(("sdxl", "flux")):
                             ckpt = score(pre, ft, device, dtype, steps, checkpointing="on")
                             row["checkpointed_max_diff"] = max_diff(ckpt["scores"],
                                                                     row["scores"])
@@ -193,55 +215,6 @@ def check_layouts(device: str, steps: int, families: tuple[str, ...] = FAMILIES
                 print(f"{name:12s} {dtype:9s} {'ok' if row['ok'] else 'FAILED'} "
                       f"{row.get('scores')} {row.get('problems') or row.get('error') or ''}",
                       file=sys.stderr, flush=True)
-    return rows
-
-
-def check_flux_step(device: str) -> list[dict[str, Any]]:
-    """One CGI-DM step for flow matching on a tiny random Flux transformer pair, by hand.
-
-    The loss is the contrast of the two velocity losses on the same x_s (issue 12, point 2);
-    its gradient with respect to the packed latent must be finite in every dtype and the same
-    with gradient checkpointing (float32: within ``CHECKPOINTING_TOLERANCE``).
-    """
-    import torch
-
-    from benchmarks import flux_arch
-
-    rows = []
-    for dtype_name in DTYPES:
-        dtype = getattr(torch, dtype_name)
-        row: dict[str, Any] = {"layout": "flux-transformer-step", "device": device,
-                               "dtype": dtype_name}
-        try:
-            nets = [flux_arch.build_transformer("dev", seed=s, dtype=dtype, device=device,
-                                                scale=0.05).requires_grad_(False)
-                    for s in (0, 1)]
-            grads = []
-            for checkpointing in (False, True):
-                for net in nets:
-                    (net.enable_gradient_checkpointing if checkpointing
-                     else net.disable_gradient_checkpointing)()
-                torch.manual_seed(0)
-                inputs = flux_arch.packed_inputs(2, 64, dtype, device, scale=0.05,
-                                                 text_tokens=8)
-                x = inputs.pop("hidden_states").detach().requires_grad_(True)
-                target = torch.randn_like(x)
-                ft, pre = (net(hidden_states=x, **inputs).sample.float() for net in nets)
-                loss = (ft - target).square().mean() - (pre - target).square().mean()
-                grads.append(torch.autograd.grad(loss, x)[0].float())
-            difference = float((grads[0] - grads[1]).abs().max())
-            finite = all(bool(torch.isfinite(g).all()) for g in grads)
-            row.update(gradient_norm=float(grads[0].norm()), checkpointed_max_diff=difference,
-                       ok=finite and (dtype_name != "float32"
-                                      or difference <= CHECKPOINTING_TOLERANCE))
-            if not row["ok"]:
-                row["problems"] = ["non-finite gradient" if not finite else
-                                   f"checkpointing changed the gradient by {difference:.2e}"]
-        except Exception:  # noqa: BLE001
-            row.update(ok=False, error=traceback.format_exc(limit=5))
-        rows.append(row)
-        print(f"flux step    {dtype_name:9s} {'ok' if row['ok'] else 'FAILED'}",
-              file=sys.stderr, flush=True)
     return rows
 
 
@@ -295,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
         "torch": torch.__version__,
-        "layouts": check_layouts(args.device, args.steps) + check_flux_step(args.device),
+        "layouts": check_layouts(args.device, args.steps),
     }
     if (args.data / "wikiart-vangogh").is_dir():
         report["demo"] = check_demo(args.device, args.data)

@@ -31,7 +31,7 @@ docs/PERFORMANCE.md with the date and GPU name.
     python benchmarks/gpu.py --compile             # also torch.compile (costs minutes)
     python benchmarks/gpu.py --dry-run             # tiny models on the CPU, seconds: checks logic
     python benchmarks/gpu.py --family sdxl         # SDXL at 1024 px, checkpointing off and on
-    python benchmarks/gpu.py --family flux         # two Flux.1-dev transformers at 1024 px
+    python benchmarks/gpu.py --family flux         # FLUX.1-dev FluxPair (VAE, T5, CLIP) at 1024 px
     python benchmarks/gpu.py --family sdxl --dry-run
 
 SDXL and Flux: see ``benchmarks/gpu_families.py`` (their own table; no reference layout).

@@ -6,12 +6,15 @@ UNets, float32 VAE, both text encoders released after the prompt), timed through
 ``inversion.invert`` at the native 1024 px, for float16 and bfloat16, each batch size, with
 gradient checkpointing off and on. Same timing rules as SD (``gpu.measure``).
 
-Flux: this was written before the Flux pair (``cgidm_core.models.flux``) was merged, so the
-PGD's step is timed by hand on two random Flux.1-dev transformers (12 B parameters each,
-bfloat16, ``benchmarks/flux_arch.py``): the contrast of the two velocity losses on the same
-packed latent and its gradient with respect to that latent, at 1024 px (4096 image tokens + 512
-T5 tokens). Images per hour count these steps only (VAE and T5 encoding are per batch, not per
-step, and not included); timing it through ``invert`` with a full-size FluxPair is still to do.
+Flux: the FLUX.1-dev architecture (``benchmarks/flux_arch.py``) with random weights, built on
+the GPU in bfloat16 (no download), as a ``FluxPair`` of a DreamBooth fine-tune exactly as
+``load_pair`` holds one: two 12 B-parameter transformers, the 16-channel VAE in float32, T5-XXL
+(4.7 B) and CLIP-L encoding the prompt once (512 T5 tokens; its time and peak memory are in
+the report's machine facts) and then released. Timed through the same ``inversion.invert`` as
+SDXL at the native 1024 px (a 16x128x128 latent, 4096 packed tokens), each batch size, with
+gradient checkpointing off and on; an out-of-memory configuration is recorded as OOM and the
+run goes on. Per-step time, the per-batch overhead (VAE encode and decodes) and images per hour
+come out as for SD and SDXL.
 
 ``--dry-run`` runs both at a tiny scale on the CPU (seconds), as a test does.
 """
@@ -19,7 +22,6 @@ step, and not included); timing it through ``invert`` with a full-size FluxPair 
 from __future__ import annotations
 
 import gc
-import statistics
 import sys
 import time
 from dataclasses import asdict
@@ -69,71 +71,51 @@ def build_sdxl_pair(dtype_name: str, device: str, tiny: bool) -> Any:
     return pair
 
 
-def build_flux_transformers(dtype_name: str, device: str, tiny: bool) -> list[Any]:
-    from benchmarks import flux_arch
-
-    dtype = gpu._torch_dtype(dtype_name)
-    return [flux_arch.build_transformer("dev", seed=seed, dtype=dtype, device=device,
-                                       scale=TINY if tiny else 1.0).eval().requires_grad_(False)
-            for seed in (0, 10)]
-
-
-def measure_flux(nets: list[Any], config: gpu.Config, *, device: str, steps: int,
-                 default_steps: int, seconds_budget: float, tiny: bool) -> gpu.Measurement:
-    """Time ``steps`` PGD steps of the flow contrast on two transformers (see the docstring)."""
+def build_flux_pair(dtype_name: str, device: str, tiny: bool) -> Any:
+    """A FLUX.1-dev pair of a DreamBooth fine-tune in memory, as ``load_pair`` builds one from
+    folders: two random transformers (12 B parameters each at full size) in ``dtype``, the
+    16-channel VAE in float32, T5-XXL and CLIP-L in ``dtype`` with locally built tokenizers, the
+    scheduler config of FLUX.1-dev (dynamic time shift), guidance 3.5. Full size on the GPU
+    (about 58 GB of weights in bfloat16 until the prompt is encoded, 48 GB after), or tiny for
+    --dry-run. The prompt is encoded (512 T5 tokens) and the text encoders released, as
+    ``load_pair`` does by default; the seconds and peak memory of that are returned with it."""
     import torch
 
-    from benchmarks import flux_arch
+    from benchmarks import flux_arch, sd15
+    from cgidm_core.models.flux import FluxPair, FluxTextEncoders
 
-    result = gpu.Measurement(config=config)
-    dtype = gpu._torch_dtype(config.dtype)
-    side = 64 if tiny else flux_arch.NATIVE_SIDE
-    for net in nets:
-        (net.enable_gradient_checkpointing if config.checkpointing
-         else net.disable_gradient_checkpointing)()
-    torch.manual_seed(config.batch)
-    inputs = flux_arch.packed_inputs(config.batch, side, dtype, device,
-                                     scale=TINY if tiny else 1.0,
-                                     text_tokens=8 if tiny else flux_arch.T5_TOKENS)
-    x = inputs.pop("hidden_states").detach()
-    target = torch.randn_like(x)
+    dtype = gpu._torch_dtype(dtype_name)
+    scale = TINY if tiny else 1.0
+    tokenizer = sd15.build_tokenizer()
+
+    def ready(module: Any) -> Any:
+        return module.to(device=device).eval().requires_grad_(False)
+
+    encoders = ready(FluxTextEncoders(
+        flux_arch.build_clip(dtype, device, scale=scale, tokenizer=tokenizer),
+        flux_arch.build_t5(dtype, device, scale=scale)))
+    pair = FluxPair(
+        vae=ready(flux_arch.build_vae(torch.float32, device, scale=scale)),
+        tokenizer=tokenizer, tokenizer_2=flux_arch.build_t5_tokenizer(),
+        scheduler_config=flux_arch.SCHEDULER_CONFIG, guidance=None,
+        alphas_cumprod=None, prediction_type="flow",
+        unet_pretrained=ready(flux_arch.build_transformer("dev", 0, dtype, device, scale)),
+        unet_finetuned=ready(flux_arch.build_transformer("dev", 10, dtype, device, scale)),
+        text_encoder_pretrained=encoders, text_encoder_finetuned=encoders,
+        device=torch.device(device), dtype=dtype, finetuned_kind="dreambooth",
+        default_prompt=gpu.PROMPT,
+    )
     if device.startswith("cuda"):
-        torch.cuda.empty_cache()
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        result.resident_bytes = int(torch.cuda.memory_allocated())
-    marks = [time.perf_counter()]
-    started = marks[0]
-    try:
-        for _ in range(steps):
-            delta = x.clone().requires_grad_(True)
-            ft, pre = (net(hidden_states=delta, **inputs).sample.float() for net in nets)
-            loss = (ft - target).square().mean() - (pre - target).square().mean()
-            (grad,) = torch.autograd.grad(loss, delta)
-            float(grad.norm())  # syncs, as invert's loss read does
-            marks.append(time.perf_counter())
-            if marks[-1] - started > seconds_budget:
-                result.status = "budget"
-                break
-    except torch.cuda.OutOfMemoryError:
-        result.status, result.note = "OOM", "out of GPU memory"
-    finally:
-        result.seconds = time.perf_counter() - started
-        if device.startswith("cuda"):
-            result.peak_bytes = int(torch.cuda.max_memory_allocated())
-    durations = [b - a for a, b in zip(marks, marks[1:], strict=False)]
-    timed = durations[gpu.WARMUP_STEPS:]
-    result.step_seconds = durations
-    if not timed:
-        result.note = result.note or "too few steps inside the time budget"
-        if result.status == "ok":
-            result.status = "budget"
-        return result
-    result.steps_timed = len(timed)
-    result.seconds_per_step = statistics.median(timed)
-    result.overhead_seconds = None
-    result.note = result.note or "transformer steps only (no VAE/T5)"
-    result.images_per_hour = 3600.0 * config.batch / (default_steps * result.seconds_per_step)
-    return result
+    started = time.perf_counter()
+    pair.conditioning(gpu.PROMPT)  # CLIP pooled + T5 hidden states, once per prompt
+    gpu._sync(device)
+    encoding = {"encode_seconds": time.perf_counter() - started,
+                "text_encoder_bytes": pair.release_text_encoders()}
+    if device.startswith("cuda"):
+        encoding["encode_peak_bytes"] = int(torch.cuda.max_memory_allocated())
+    return pair, encoding
 
 
 def configurations(family: str, dtypes: list[str], batches: list[int]) -> list[gpu.Config]:
@@ -162,7 +144,8 @@ def run(args: Any) -> dict[str, Any]:
         "budget_seconds": args.budget, "dry_run": args.dry_run, "family": args.family,
         "model": ("tiny " if args.dry_run else "") + (
             "SDXL base 1.0 architecture at 1024 px" if args.family == "sdxl"
-            else "two Flux.1-dev transformers at 1024 px (PGD step by hand)"),
+            else "FLUX.1-dev architecture (FluxPair: two transformers, VAE, T5-XXL + CLIP-L "
+            "released after encoding) at 1024 px"),
     }
     results: list[gpu.Measurement] = []
     loaded: tuple[str, Any] | None = None
@@ -182,23 +165,25 @@ def run(args: Any) -> dict[str, Any]:
                 built = time.perf_counter()
                 if args.family == "sdxl":
                     model = build_sdxl_pair(config.dtype, device, args.dry_run)
-                    facts.setdefault("weights_bytes", {})[config.dtype] = model.memory_bytes()
                 else:
-                    model = build_flux_transformers(config.dtype, device, args.dry_run)
+                    model, encoding = build_flux_pair(config.dtype, device, args.dry_run)
+                    for key, value in encoding.items():
+                        facts.setdefault(key, {})[config.dtype] = value
+                facts.setdefault("weights_bytes", {})[config.dtype] = model.memory_bytes()
+                facts["image_size"] = model.image_size
                 facts.setdefault("build_seconds", {})[config.dtype] = \
                     time.perf_counter() - built
                 loaded = (config.dtype, model)
                 del model
             model = loaded[1]
-            if args.family == "sdxl":
-                model.set_gradient_checkpointing("on" if config.checkpointing else "off")
-                measurement = gpu.measure(model, config, device=device, steps=args.steps,
-                                          default_steps=default_steps, seconds_budget=budget)
-            else:
-                measurement = measure_flux(model, config, device=device, steps=args.steps,
-                                           default_steps=default_steps, seconds_budget=budget,
-                                           tiny=args.dry_run)
+            model.set_gradient_checkpointing("on" if config.checkpointing else "off")
+            measurement = gpu.measure(model, config, device=device, steps=args.steps,
+                                      default_steps=default_steps, seconds_budget=budget)
             del model
+        except torch.cuda.OutOfMemoryError:  # building the pair itself (the weights)
+            loaded = None
+            measurement = gpu.Measurement(config=config, status="OOM",
+                                          note="out of GPU memory while building the pair")
         except Exception as exc:  # noqa: BLE001 - one broken configuration must not lose the rest
             loaded = None
             measurement = gpu.Measurement(config=config, status="error",
@@ -220,6 +205,7 @@ def render(report: dict[str, Any]) -> str:
         f"torch {facts['torch']} (CUDA {facts['cuda']}), random weights, images per hour at the "
         f"default {facts['default_steps']} steps. Command: `{report['command'].strip()}`",
         "",
+        *_encoding_lines(facts),
         "| dtype | gradient checkpointing | batch | s / PGD step | resident (GiB) | peak memory "
         "(GiB) | images / hour | status |",
         "|---|---|---|---|---|---|---|---|",
@@ -237,3 +223,19 @@ def render(report: dict[str, Any]) -> str:
                      f"| {fmt(r['seconds_per_step'], '.3f')} | {fmt(resident, '.2f')} | "
                      f"{fmt(peak, '.1f')} | {fmt(r['images_per_hour'], ',.0f')} | {status} |")
     return "\n".join(lines)
+
+
+def _encoding_lines(facts: dict[str, Any]) -> list[str]:
+    """Flux: what encoding the prompt once cost before the text encoders were released."""
+    if "encode_seconds" not in facts:
+        return []
+    parts = []
+    for dtype, seconds in facts["encode_seconds"].items():
+        freed = facts.get("text_encoder_bytes", {}).get(dtype, 0) / 2**30
+        peak = facts.get("encode_peak_bytes", {}).get(dtype)
+        weights = facts.get("weights_bytes", {}).get(dtype, 0) / 2**30
+        parts.append(f"{dtype}: prompt encoded (CLIP + T5, 512 tokens) in {seconds:.2f} s"
+                     + (f", peak {peak / 2**30:.1f} GiB" if peak is not None else "")
+                     + f", text encoders released ({freed:.2f} GiB), {weights:.2f} GiB of "
+                     "weights left for the inversion")
+    return ["; ".join(parts) + f". Image side {facts.get('image_size')} px.", ""]

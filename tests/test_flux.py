@@ -274,6 +274,7 @@ def test_a_pipeline_fine_tune_with_its_own_clip_uses_it_and_shares_t5(dev, tmp_p
     kept = load_pair_from_paths(dev["base"], folder, **CPU, keep_text_encoders=True)
     assert kept.text_encoder_finetuned is not kept.text_encoder_pretrained
     assert kept.text_encoder_finetuned.text_encoder_2 is kept.text_encoder_pretrained.text_encoder_2
+    assert kept.describe()["finetuned_own_text_encoders"] == ["text_encoder"]
     released = load_pair_from_paths(dev["base"], folder, **CPU)
     released.conditioning(PROMPT)
     cond = released.conditioning("a painting")  # read back from disk, own CLIP included
@@ -288,6 +289,50 @@ def test_a_pipeline_fine_tune_with_its_own_clip_uses_it_and_shares_t5(dev, tmp_p
     z, t = _inputs(kept.latent_shape)
     v_ft, _ = _velocities(kept, z, t)
     torch.testing.assert_close(v_ft, _reference_velocity(pipe, z, t))
+
+
+def test_a_pipeline_fine_tune_with_its_own_t5_is_conditioned_with_it(dev, tmp_path):
+    """A fine-tune whose ``text_encoder_2/`` differs from the base's: the fine-tuned model sees
+    its own T5 (and the base's CLIP), the pretrained one the base's T5; both are released after
+    encoding and read back from their own folders for a new prompt."""
+    from transformers import T5EncoderModel
+
+    folder = tinymodels.make_flux_full_finetune(dev["base"], tmp_path / "full_t5", seed=23,
+                                                t5_seed=24)
+    kept = load_pair_from_paths(dev["base"], folder, **CPU, keep_text_encoders=True)
+    own, base = kept.text_encoder_finetuned, kept.text_encoder_pretrained
+    assert own is not base and own.text_encoder is base.text_encoder  # CLIP identical: shared
+    assert own.text_encoder_2 is not base.text_encoder_2
+    assert kept.describe()["finetuned_own_text_encoders"] == ["text_encoder_2"]
+    released = load_pair_from_paths(dev["base"], folder, **CPU)
+    first = released.conditioning(PROMPT)
+    assert not released.text_encoders_loaded
+    again = released.conditioning("a painting")  # both T5s read back from their folders
+    for prompt, cond in ((PROMPT, first), ("a painting", again)):
+        expected = kept.conditioning(prompt)
+        for ours, theirs in zip((*cond.finetuned, *cond.pretrained),
+                                (*expected.finetuned, *expected.pretrained), strict=True):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    assert not torch.equal(first.finetuned[0], first.pretrained[0])  # T5 hidden states differ
+    torch.testing.assert_close(first.finetuned[1], first.pretrained[1])  # CLIP pooled shared
+    pipe = _reference_pipeline(dev, "base")
+    pipe.transformer = FluxTransformer2DModel.from_pretrained(folder / "transformer")
+    pipe.text_encoder_2 = T5EncoderModel.from_pretrained(folder / "text_encoder_2")
+    z, t = _inputs(kept.latent_shape)
+    for pair in (kept, released):
+        v_ft, v_pre = _velocities(pair, z, t)
+        torch.testing.assert_close(v_ft, _reference_velocity(pipe, z, t))
+        torch.testing.assert_close(v_pre, _reference_velocity(_reference_pipeline(dev, "base"),
+                                                              z, t))
+    # a fine-tune whose only change is its T5 is a real pair, not "identical models"
+    shutil.rmtree(folder / "transformer")
+    shutil.copytree(dev["base"] / "transformer", folder / "transformer")
+    t5_only = load_pair_from_paths(dev["base"], folder, **CPU)
+    assert t5_only.unet_finetuned is t5_only.unet_pretrained
+    # the usual pipeline fine-tune carries the base's T5 unchanged: one copy serves both
+    usual = load_pair_from_paths(dev["base"], dev["pipeline"], **CPU, keep_text_encoders=True)
+    assert usual.text_encoder_finetuned is usual.text_encoder_pretrained
+    assert usual.describe()["finetuned_own_text_encoders"] == []
 
 
 def test_pretrained_single_file_transformer_takes_the_rest_from_a_folder(dev, tmp_path):

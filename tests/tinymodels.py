@@ -952,13 +952,21 @@ def make_flux_transformer_folder(base: str | Path, out: str | Path, seed: int = 
     return out
 
 
-def make_flux_full_finetune(base: str | Path, out: str | Path, seed: int = 1) -> Path:
-    """A complete Flux pipeline folder: a copy of ``base`` whose transformer is perturbed."""
+def make_flux_full_finetune(base: str | Path, out: str | Path, seed: int = 1,
+                            t5_seed: int | None = None) -> Path:
+    """A complete Flux pipeline folder: a copy of ``base`` whose transformer is perturbed (and
+    its T5, ``text_encoder_2/``, too when ``t5_seed`` is given)."""
+    from transformers import T5EncoderModel
+
     base, out = Path(base), Path(out)
     shutil.copytree(base, out, dirs_exist_ok=True)
     transformer = perturb_(load_flux_transformer(base), seed=seed)
     shutil.rmtree(out / "transformer")
     transformer.save_pretrained(out / "transformer", safe_serialization=True)
+    if t5_seed is not None:
+        t5 = perturb_(T5EncoderModel.from_pretrained(base / "text_encoder_2"), seed=t5_seed)
+        shutil.rmtree(out / "text_encoder_2")
+        t5.save_pretrained(out / "text_encoder_2", safe_serialization=True)
     return out
 
 

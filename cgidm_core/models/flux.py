@@ -260,7 +260,17 @@ class _FluxConditioning:
                 torch.empty(0, 0, *self.latent_shape[1:])  # type: ignore[attr-defined]
             ),
             "t5_tokens": self.max_sequence_length,
+            "finetuned_own_text_encoders": self.own_text_encoders(),
         }
+
+    def own_text_encoders(self) -> list[str]:
+        """Which text encoders the fine-tuned model has of its own (a pipeline fine-tune's
+        ``text_encoder`` CLIP and/or ``text_encoder_2`` T5 that differ from the base's)."""
+        pre, ft = self.text_encoder_pretrained, self.text_encoder_finetuned  # type: ignore[attr-defined]
+        if ft is pre:
+            return []
+        return [name for name in ("text_encoder", "text_encoder_2")
+                if getattr(ft, name) is not getattr(pre, name)]
 
 
 class FluxPair(_FluxConditioning, FlowMatchingPair, StableDiffusionPair):

@@ -17,9 +17,11 @@ Layouts:
   (diffusers/peft, kohya-ss ``lora_unet_*``/``lora_te1_*``, XLabs ``double_blocks.*``).
 
 Text encoders: a Flux fine-tune rarely trains them (T5-XXL almost never; kohya can train CLIP
-through a LoRA, which is supported). A full pipeline folder fine-tune is compared on its
-transformer with the base's text encoders; if its CLIP encoder differs from the base's it is
-used for the fine-tuned model, its T5 is not read (a T5 fine-tune is not supported).
+through a LoRA, which is supported). A full pipeline folder fine-tune carries both, and each is
+read: its CLIP encoder (``text_encoder/``) and its T5 (``text_encoder_2/``) condition the
+fine-tuned model where they differ from the base's, and are shared with the base where they are
+identical (one copy). Like the base's, they are released after the prompt is encoded and read
+back from the fine-tune's folder for a new prompt.
 """
 
 from __future__ import annotations
@@ -212,9 +214,10 @@ def _check_transformer_fits(base: FluxBase, transformer: Any, where: Path) -> No
 
 
 def load_flux_finetuned_transformer(path: Path, kind: str, base: FluxBase,
-                                    opts: LoadOptions) -> tuple[Any, Any]:
-    """``(transformer, own CLIP or None)`` of a pipeline, ``transformer/`` or single file."""
-    clip = None
+                                    opts: LoadOptions) -> tuple[Any, Any, Any]:
+    """``(transformer, own CLIP or None, own T5 or None)`` of a pipeline, ``transformer/`` or
+    single file (only a pipeline folder carries text encoders)."""
+    clip = t5 = None
     if kind == "pipeline":
         family = pipeline_family(path)
         if family != FLUX_FAMILY:
@@ -225,6 +228,9 @@ def load_flux_finetuned_transformer(path: Path, kind: str, base: FluxBase,
         transformer = load_flux_transformer(path, "transformer", opts)
         if (path / "text_encoder" / "config.json").is_file():
             clip = load_flux_text_encoder(path, "text_encoder", opts)
+        if (path / "text_encoder_2" / "config.json").is_file():
+            t5 = load_flux_text_encoder(path, "text_encoder_2", opts)
+            _check_t5_fits(base, t5, path)
     elif kind == "dreambooth":
         if (path / "unet").is_dir() and not (path / "transformer").is_dir():
             raise IncompatiblePairError(
@@ -246,7 +252,17 @@ def load_flux_finetuned_transformer(path: Path, kind: str, base: FluxBase,
             "of the same family"
         )
     _check_transformer_fits(base, transformer, path)
-    return transformer, clip
+    return transformer, clip, t5
+
+
+def _check_t5_fits(base: FluxBase, t5: Any, where: Path) -> None:
+    """A fine-tune's own T5 must give the features the transformers take from the base's."""
+    pre, ft = base.text_encoder_2.config.d_model, t5.config.d_model
+    if pre != ft:
+        raise IncompatiblePairError(
+            f"the fine-tuned T5 encoder in {where}/text_encoder_2 gives {ft}-dim features but the"
+            f" pretrained one {pre}; was it fine-tuned from this base?"
+        )
 
 
 def read_flux_lora(weights: Path) -> tuple[dict, Any, Any]:
@@ -357,10 +373,12 @@ def attach_flux_lora(path: Path, base: FluxBase) -> int:
 
 
 def flux_text_encoder_reloader(
-    kind: str, base_folder: Path, finetuned_path: Path, opts: LoadOptions, *, own_clip: bool
+    kind: str, base_folder: Path, finetuned_path: Path, opts: LoadOptions, *,
+    own_clip: bool, own_t5: bool = False,
 ) -> TextEncoderReloader:
     """Builds the pair's text encoders again as :func:`load_flux_pair` built them (the base's
-    CLIP and T5; the LoRA's CLIP layers attached; a pipeline fine-tune's own CLIP)."""
+    CLIP and T5; the LoRA's CLIP layers attached; a pipeline fine-tune's own CLIP and/or T5,
+    the base's where the fine-tune's is identical)."""
 
     def reload(finetuned: bool) -> tuple[torch.nn.Module, torch.nn.Module | None]:
         clip = load_flux_text_encoder(base_folder, "text_encoder", opts)
@@ -371,10 +389,15 @@ def flux_text_encoder_reloader(
         pretrained = place(FluxTextEncoders(clip, t5), opts)
         if not finetuned:
             return pretrained, None
-        if not own_clip:
+        if not (own_clip or own_t5):
             raise ModelFormatError(f"a {kind} fine-tune has no text encoder of its own to reload")
-        mine = load_flux_text_encoder(finetuned_path, "text_encoder", opts)
-        return pretrained, place(FluxTextEncoders(mine, pretrained.text_encoder_2), opts)
+        own = FluxTextEncoders(
+            load_flux_text_encoder(finetuned_path, "text_encoder", opts) if own_clip
+            else pretrained.text_encoder,
+            load_flux_text_encoder(finetuned_path, "text_encoder_2", opts) if own_t5
+            else pretrained.text_encoder_2,
+        )
+        return pretrained, place(own, opts)
 
     return reload
 
@@ -459,11 +482,13 @@ def load_flux_pair(
                                                              own_clip=False),
             **shared,
         ))
-    transformer, clip = load_flux_finetuned_transformer(ft_path, kind, base, opts)
+    transformer, clip, t5 = load_flux_finetuned_transformer(ft_path, kind, base, opts)
     if clip is not None and same_weights(clip, base.text_encoder):
         clip = None
+    if t5 is not None and same_weights(t5, base.text_encoder_2):
+        t5 = None  # the usual case: one copy of the 4.7B-parameter T5 serves both models
     if same_weights(transformer, base.transformer):
-        if clip is None:
+        if clip is None and t5 is None:
             raise IncompatiblePairError(IDENTICAL_MODELS.format(ft=ft_path, pre=pre_path))
         transformer = base.transformer
     transformer_pretrained = place(base.transformer, opts)
@@ -471,17 +496,19 @@ def load_flux_pair(
                              else place(transformer, opts))
     encoders_pretrained = place(FluxTextEncoders(base.text_encoder, base.text_encoder_2), opts)
     encoders_finetuned = encoders_pretrained
-    if clip is not None:
-        encoders_finetuned = place(
-            FluxTextEncoders(clip, encoders_pretrained.text_encoder_2), opts
-        )
+    if clip is not None or t5 is not None:
+        encoders_finetuned = place(FluxTextEncoders(
+            encoders_pretrained.text_encoder if clip is None else clip,
+            encoders_pretrained.text_encoder_2 if t5 is None else t5,
+        ), opts)
     return _with_shift(trained, FluxPair(
         unet_pretrained=transformer_pretrained,
         unet_finetuned=transformer_finetuned,
         text_encoder_pretrained=encoders_pretrained,
         text_encoder_finetuned=encoders_finetuned,
         text_encoder_reloader=flux_text_encoder_reloader(kind, pre_path, ft_path, opts,
-                                                         own_clip=clip is not None),
+                                                         own_clip=clip is not None,
+                                                         own_t5=t5 is not None),
         finetuned_kind=kind,
         **shared,
     ))

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.service.inprocess import LIMITS, gateway_in_process
 from tests.service.procs import (
     make_registry,
     png_bytes,
@@ -25,11 +26,6 @@ from tests.service.procs import (
     start_worker,
     stop_process,
 )
-
-#: The gateway's limits in the service tests, in-process (``app_client``) or over HTTP
-#: (``service_env``).
-LIMITS = {"max_files": 6, "max_upload_bytes": 200_000, "max_request_bytes": 1_500_000,
-          "max_image_pixels": 4_000_000}
 
 # ------------------------------------------------------------------------------------------
 
@@ -122,15 +118,7 @@ def app_client(tmp_path_factory, registry_file) -> Iterator[Any]:
     """The gateway app through FastAPI's TestClient: embedded storage and broker in a temporary
     folder, the tiny registry, ``LIMITS``; requests come from 127.0.0.1 (local mode, no key).
     No worker runs, so jobs stay queued."""
-    from fastapi.testclient import TestClient
-
-    from app.main import create_app
-    from cgidm.settings import Settings
-
-    settings = Settings(data_dir=tmp_path_factory.mktemp("app"), models=str(registry_file),
-                        **LIMITS)
-    with TestClient(create_app(settings), client=("127.0.0.1", 50000),
-                    raise_server_exceptions=False) as http:
+    with gateway_in_process(tmp_path_factory.mktemp("app"), registry_file) as http:
         yield http
 
 

@@ -1,20 +1,31 @@
-"""API keys: who may see which job, signed artifact URLs, public routes, local mode."""
+"""API keys: who may see which job, signed artifact URLs, public routes, local mode.
+
+The route rules (401 with a challenge, public routes) run in-process (FastAPI's TestClient).
+A real gateway process is kept where it is the point: a key's own job and its signed picture
+links need a real worker to make the pictures, and the gateway's log is checked for leaked keys;
+local mode's refusal of a forwarded remote client depends on uvicorn trusting X-Forwarded-For
+from 127.0.0.1; `cgidm keys new` and `cgidm serve` are the real commands.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import re
+import secrets
 import subprocess
 import sys
 import time
+from typing import Any
 
 import httpx
 import pytest
 from PIL import Image
 from pydantic import ValidationError
 
+from cgidm.commands.keys import KEY_BYTES, entry
 from cgidm.settings import Settings
+from tests.service.inprocess import gateway_in_process
 from tests.service.procs import (
     child_env,
     png_bytes,
@@ -22,8 +33,6 @@ from tests.service.procs import (
     stop_process,
     wait_for_job,
 )
-
-pytestmark = pytest.mark.slow  # starts servers and processes
 
 
 def _new_key(name: str) -> tuple[str, str]:
@@ -37,7 +46,17 @@ def _new_key(name: str) -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def keys() -> dict[str, tuple[str, str]]:
+    """Keys made by the real command, for the tests that run a real gateway."""
     return {name: _new_key(name) for name in ("alice", "bob")}
+
+
+@pytest.fixture(scope="module")
+def keyed_app(tmp_path_factory, registry_file):
+    """The gateway in-process with one key configured; requests come from 127.0.0.1."""
+    key = secrets.token_urlsafe(KEY_BYTES)
+    with gateway_in_process(tmp_path_factory.mktemp("keyed"), registry_file,
+                            api_keys=entry("alice", key)) as http:
+        yield http
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +74,13 @@ def _client(url: str, key: str | None = None) -> httpx.Client:
     return httpx.Client(base_url=url, headers=headers, timeout=30)
 
 
-def _submit(client: httpx.Client) -> httpx.Response:
-    return client.post("/authenticate",
+def _submit(client: Any, headers: dict[str, str] | None = None) -> Any:
+    return client.post("/authenticate", headers=headers,
                        data={"pretrained": "tiny-base", "finetuned": "tiny-ft", "steps": "2"},
                        files=[("images", ("mine.png", png_bytes(31), "image/png"))])
 
 
+@pytest.mark.slow  # runs the command twice
 def test_cli_key_entry_is_the_sha256_of_the_key(keys):
     key, entry = keys["alice"]
     assert len(key) >= 40 and entry == f"alice:{hashlib.sha256(key.encode()).hexdigest()}"
@@ -68,24 +88,25 @@ def test_cli_key_entry_is_the_sha256_of_the_key(keys):
 
 
 @pytest.mark.parametrize("header", [None, "Bearer wrong-key", "Basic YWxpY2U6eA==", "Bearer"])
-def test_missing_or_wrong_key_is_401_with_challenge(keyed_url, header):
+def test_missing_or_wrong_key_is_401_with_challenge(keyed_app, header):
     headers = {"Authorization": header} if header else {}
-    with httpx.Client(base_url=keyed_url, headers=headers, timeout=30) as client:
-        responses = [client.get("/jobs/" + "0" * 32), client.delete("/jobs/" + "0" * 32),
-                     client.get("/models"), _submit(client),
-                     client.get(f"/jobs/{'0' * 32}/artifacts/a/recovered.png")]
+    responses = [keyed_app.get("/jobs/" + "0" * 32, headers=headers),
+                 keyed_app.delete("/jobs/" + "0" * 32, headers=headers),
+                 keyed_app.get("/models", headers=headers), _submit(keyed_app, headers),
+                 keyed_app.get(f"/jobs/{'0' * 32}/artifacts/a/recovered.png",
+                               headers=headers)]
     for response in responses:
         assert response.status_code == 401, (response.request.url, response.text)
         assert response.headers["www-authenticate"].startswith("Bearer")
         assert response.json()["detail"][0]["loc"] == ["header", "authorization"]
 
 
-def test_public_routes_need_no_key(keyed_url):
-    with _client(keyed_url) as client:
-        for path in ("/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"):
-            assert client.get(path).status_code == 200, path
+def test_public_routes_need_no_key(keyed_app):
+    for path in ("/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"):
+        assert keyed_app.get(path).status_code == 200, path
 
 
+@pytest.mark.slow  # a real worker makes the pictures; the real gateway's log is read
 def test_a_key_sees_only_its_own_jobs_and_pictures(worker, keyed_url, keys, service_root):
     alice, bob, anonymous = (_client(keyed_url, keys["alice"][0]),
                              _client(keyed_url, keys["bob"][0]), _client(keyed_url))
@@ -138,6 +159,7 @@ def test_a_key_sees_only_its_own_jobs_and_pictures(worker, keyed_url, keys, serv
     assert signature not in log and "signature=[redacted]" in log
 
 
+@pytest.mark.slow  # uvicorn's trust of X-Forwarded-For is the point
 def test_local_mode_refuses_clients_from_other_machines(client):
     """No keys configured: only loopback clients. A proxy on this machine forwarding a remote
     client (X-Forwarded-For, trusted from 127.0.0.1 by uvicorn) does not open it up."""
@@ -147,6 +169,7 @@ def test_local_mode_refuses_clients_from_other_machines(client):
     assert client.get("/healthz", headers={"X-Forwarded-For": "203.0.113.9"}).status_code == 200
 
 
+@pytest.mark.slow  # the real command
 def test_serve_refuses_a_public_address_without_keys(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "cgidm.cli", "serve", "--host", "0.0.0.0", "--data-dir",

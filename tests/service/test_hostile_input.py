@@ -1,5 +1,11 @@
 """Hostile and broken input: every refusal is a 4xx JSON error that leaves nothing in storage;
-odd but valid pictures are stored with exactly the pixels the library reads from the original."""
+odd but valid pictures are stored with exactly the pixels the library reads from the original.
+
+Refusals and stored pictures are the route's contract: they run in-process (FastAPI's TestClient,
+``app_client``, embedded storage). A real gateway process is kept where it is the point: an upload
+refused while it streams in (raw sockets, chunked bodies, uvicorn reading them), pictures rendered
+by a real worker, and a full queue counted on the real Redis broker.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +15,14 @@ import struct
 import time
 import zlib
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
+from tests.service.inprocess import LIMITS
 from tests.service.procs import (
     BUCKET,
     png_bytes,
@@ -25,9 +33,7 @@ from tests.service.procs import (
     wait_for_job,
 )
 
-pytestmark = pytest.mark.slow  # starts servers and processes
-
-MAX_UPLOAD = 200_000  # CGIDM_MAX_UPLOAD_BYTES of the session's gateway (conftest)
+MAX_UPLOAD = LIMITS["max_upload_bytes"]  # the session's gateways, in-process or over HTTP
 
 
 # ------------------------------------------------------------------------------------------
@@ -77,7 +83,13 @@ PNG = png_bytes(3)
 # refusals
 
 
-def _job_ids(endpoint: str) -> set[str]:
+def _job_ids(app_client: Any) -> set[str]:
+    """The jobs in the in-process gateway's (embedded) storage."""
+    return set(app_client.app.state.services.store.storage.list_children("jobs/"))
+
+
+def _s3_job_ids(endpoint: str) -> set[str]:
+    """The jobs in the session's S3 bucket (the real gateway's storage)."""
     client = s3_client(endpoint)
     pages = client.get_paginator("list_objects_v2").paginate(
         Bucket=BUCKET, Prefix="svc/jobs/", Delimiter="/")
@@ -144,7 +156,7 @@ NUMERIC = [
 ]
 
 
-def _post(client: httpx.Client, fields: dict, files: list | None) -> httpx.Response:
+def _post(client: Any, fields: dict, files: list | None) -> Any:
     data = {"pretrained": "tiny-base", "finetuned": "tiny-ft", "steps": "1", **fields}
     files = files if files is not None else [("images", "a.png", PNG)]
     return client.post("/authenticate", data=data,
@@ -152,8 +164,9 @@ def _post(client: httpx.Client, fields: dict, files: list | None) -> httpx.Respo
                               for field, name, body in files])
 
 
-def test_hostile_requests_are_4xx_and_store_nothing(client, s3_endpoint):
-    before = _job_ids(s3_endpoint)
+def test_hostile_requests_are_4xx_and_store_nothing(app_client):
+    client = app_client
+    before = _job_ids(client)
     failures = []
     for description, fields, files, status, loc, kind in HOSTILE:
         started = time.monotonic()
@@ -170,7 +183,7 @@ def test_hostile_requests_are_4xx_and_store_nothing(client, s3_endpoint):
         if response.status_code != 422 or detail[0]["loc"] != ["body", field]:
             failures.append((f"{field}={value}", response.status_code, detail))
     assert not failures, failures
-    assert _job_ids(s3_endpoint) == before  # not one object written by a refused request
+    assert _job_ids(client) == before  # not one object written by a refused request
 
 
 def _multipart_head(url: str, boundary: str) -> str:
@@ -180,10 +193,11 @@ def _multipart_head(url: str, boundary: str) -> str:
             "Transfer-Encoding: chunked\r\n\r\n")
 
 
+@pytest.mark.slow  # raw sockets against a real gateway: how uvicorn streams the body is the point
 def test_oversized_upload_is_refused_while_it_streams(gateway_url, s3_endpoint):
     """No Content-Length (chunked): the gateway counts the file's bytes as they arrive and
     answers 413 once the limit is crossed, long before the 20 MB the client means to send."""
-    before = _job_ids(s3_endpoint)
+    before = _s3_job_ids(s3_endpoint)
     boundary = "xyzBOUNDARYxyz"
 
     def body() -> Iterator[bytes]:
@@ -216,20 +230,21 @@ def test_oversized_upload_is_refused_while_it_streams(gateway_url, s3_endpoint):
         while b"}]}" not in answer and (more := sock.recv(65536)):
             answer += more
     assert answer.startswith(b"HTTP/1.1 413") and b"request_too_large" in answer
-    assert _job_ids(s3_endpoint) == before
+    assert _s3_job_ids(s3_endpoint) == before
 
 
 # ------------------------------------------------------------------------------------------
 # odd but valid pictures
 
 
-def _stored_input(client: httpx.Client, s3_endpoint: str, job_id: str, index: int = 0) -> bytes:
-    job = client.get(f"/jobs/{job_id}").json()
+def _stored_input(app_client: Any, job_id: str, index: int = 0) -> bytes:
+    """The picture the in-process gateway stored for a job's input, as the worker reads it."""
+    job = app_client.get(f"/jobs/{job_id}").json()
     key = job["inputs"][index]["key"]
-    return s3_client(s3_endpoint).get_object(Bucket=BUCKET, Key=f"svc/{key}")["Body"].read()
+    return app_client.app.state.services.store.storage.get_bytes(key)
 
 
-def _accept(client: httpx.Client, files: list) -> dict:
+def _accept(client: Any, files: list) -> dict:
     response = _post(client, {}, files)
     assert response.status_code == 202, response.text
     return response.json()
@@ -267,7 +282,8 @@ ODD_MODES = {
 }
 
 
-def test_odd_modes_are_stored_as_the_library_reads_them(client, s3_endpoint):
+def test_odd_modes_are_stored_as_the_library_reads_them(app_client):
+    client = app_client
     """The worker reads the stored PNG with load_image: it must see exactly the pixels that
     load_image gives for the original file (what `cgidm check` on that file would see)."""
     from cgidm_core.images import load_image
@@ -275,14 +291,15 @@ def test_odd_modes_are_stored_as_the_library_reads_them(client, s3_endpoint):
     for name, make in ODD_MODES.items():
         original = make()
         job_id = _accept(client, [("images", name, original)])["job_id"]
-        stored = _stored_input(client, s3_endpoint, job_id)
+        stored = _stored_input(client, job_id)
         assert stored.startswith(b"\x89PNG"), name
         expected = np.asarray(load_image(original))
         got = np.asarray(load_image(stored))
         assert got.shape == expected.shape and np.array_equal(got, expected), name
 
 
-def test_cmyk_round_trip_keeps_colours(client, s3_endpoint):
+def test_cmyk_round_trip_keeps_colours(app_client):
+    client = app_client
     from cgidm_core.images import load_image
 
     rgb = _noise((24, 20), 11)
@@ -291,12 +308,13 @@ def test_cmyk_round_trip_keeps_colours(client, s3_endpoint):
         job_id = _accept(client, [("images", f"c.{fmt.lower()}",
                                    _encode(_cmyk(rgb if fmt == "TIFF" else _smooth((24, 20))),
                                            fmt, **params))])["job_id"]
-        stored = np.asarray(load_image(_stored_input(client, s3_endpoint, job_id)), dtype=int)
+        stored = np.asarray(load_image(_stored_input(client, job_id)), dtype=int)
         source = np.asarray(rgb if fmt == "TIFF" else _smooth((24, 20)), dtype=int)
         assert np.abs(stored - source).max() <= tolerance, fmt  # TIFF: exact
 
 
-def test_exif_rotated_jpeg_is_stored_upright(client, s3_endpoint):
+def test_exif_rotated_jpeg_is_stored_upright(app_client):
+    client = app_client
     from cgidm_core.images import load_image
 
     upright = _smooth((48, 32))
@@ -308,15 +326,16 @@ def test_exif_rotated_jpeg_is_stored_upright(client, s3_endpoint):
     first = _accept(client, [("images", "up.jpg", _encode(upright, "JPEG", **params))])
     second = _accept(client, [("images", "turned.jpg",
                                _encode(sideways, "JPEG", exif=exif, **params))])
-    a = np.asarray(load_image(_stored_input(client, s3_endpoint, first["job_id"])), dtype=int)
-    b = np.asarray(load_image(_stored_input(client, s3_endpoint, second["job_id"])), dtype=int)
+    a = np.asarray(load_image(_stored_input(client, first["job_id"])), dtype=int)
+    b = np.asarray(load_image(_stored_input(client, second["job_id"])), dtype=int)
     assert a.shape == b.shape == (32, 48, 3)
     assert np.abs(a - b).max() <= 3  # the same picture, up to JPEG rounding
-    stored = Image.open(io.BytesIO(_stored_input(client, s3_endpoint, second["job_id"])))
+    stored = Image.open(io.BytesIO(_stored_input(client, second["job_id"])))
     assert stored.getexif().get(0x0112) in (None, 1)  # nothing left to rotate it twice
 
 
-def test_animated_gif_uses_the_first_frame_and_says_so(client, s3_endpoint):
+def test_animated_gif_uses_the_first_frame_and_says_so(app_client):
+    client = app_client
     frames = [Image.new("RGB", (20, 16), colour) for colour in ("red", "green", "blue")]
     buffer = io.BytesIO()
     frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=100)
@@ -325,10 +344,11 @@ def test_animated_gif_uses_the_first_frame_and_says_so(client, s3_endpoint):
                                     "is used"]
     job = client.get(f"/jobs/{accepted['job_id']}").json()
     assert job["inputs"][0]["frames"] == 3
-    stored = Image.open(io.BytesIO(_stored_input(client, s3_endpoint, accepted["job_id"])))
+    stored = Image.open(io.BytesIO(_stored_input(client, accepted["job_id"])))
     assert stored.convert("RGB").getpixel((5, 5)) == (255, 0, 0)
 
 
+@pytest.mark.slow  # a real worker renders the pictures
 def test_worker_renders_cmyk_and_palette_uploads_in_the_right_colours(worker, client):
     """Through the whole stack: the kept half of `partial.png` (pixel-space model: the original
     itself) matches the library's reading of the original file, for a CMYK JPEG and a palette
@@ -368,6 +388,7 @@ def small_queue_gateway(service_env, service_root):
     stop_process(proc)
 
 
+@pytest.mark.slow  # the depth is counted on the real Redis broker
 def test_full_queue_answers_429_with_retry_after(small_queue_gateway, s3_endpoint):
     from tests.service.procs import bucket_keys
 

@@ -5,6 +5,10 @@ server, with its own queue and storage prefix. The suspect models are built here
 Diffusion base with LoRA fine-tunes (diffusers' own ``save_lora_weights``), and the UNet weights
 of a tiny DDPM fine-tune. The model size limit is 8 MiB instead of the 8 GiB default (a test
 cannot stream gigabytes); ``benchmarks/upload.py`` streams 2 GB through the same code.
+
+The refusals stay on the real gateway and S3 server too, although they are route contracts:
+uploads stream into S3 multipart uploads, and each refusal is checked to leave no blob and no
+unfinished multipart upload on the real server.
 """
 
 from __future__ import annotations

@@ -1,30 +1,21 @@
-"""A gateway whose broker is down: not ready (503), and submissions fail cleanly with 503."""
+"""A gateway whose broker is down: not ready (503), and submissions fail cleanly with 503.
+
+The gateway runs in-process (FastAPI's TestClient): the answers are the route's contract, and
+the broker it cannot reach is a closed port on this machine, whoever asks."""
 
 from __future__ import annotations
 
-import httpx
 import pytest
 
-from tests.service.procs import (
-    child_env,
-    free_port,
-    png_bytes,
-    start_gateway,
-    stop_process,
-)
-
-pytestmark = pytest.mark.slow  # starts servers and processes
+from tests.service.inprocess import gateway_in_process
+from tests.service.procs import free_port, png_bytes
 
 
 @pytest.fixture(scope="module")
 def broken_gateway(tmp_path_factory, registry_file):
-    root = tmp_path_factory.mktemp("broken")
-    env = child_env({"CGIDM_DATA_DIR": str(root), "CGIDM_MODELS": str(registry_file),
-                     "CGIDM_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0"})
-    proc, url = start_gateway(env, root / "gateway.log")
-    with httpx.Client(base_url=url, timeout=30) as client:
+    with gateway_in_process(tmp_path_factory.mktemp("broken"), registry_file,
+                            broker_url=f"redis://127.0.0.1:{free_port()}/0") as client:
         yield client
-    stop_process(proc)
 
 
 def test_not_ready_without_broker(broken_gateway):

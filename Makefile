@@ -40,7 +40,7 @@ test: $(STAMP) system-deps
 # The quick loop while editing: everything but the tests marked slow (servers, processes,
 # training); under 2 minutes on 2 cores. `make test` runs them all.
 test-fast: $(STAMP) system-deps
-	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m pytest -m "not slow" -q -n 2
 
 # Re-make the screenshots in docs/screenshots (README) with the browser tests.
 screenshots: $(STAMP) system-deps

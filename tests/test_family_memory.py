@@ -36,6 +36,7 @@ PROMPT = "sks style"
 # -- the estimates -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # GPU scripts/accounting run on the CPU: seconds to a minute
 @pytest.mark.parametrize("family", sorted(ACTIVATION_COUNTS))
 def test_activation_counts_are_what_the_meta_device_counts(family):
     dtype = torch.bfloat16 if family == "flux" else torch.float16
@@ -211,6 +212,7 @@ def test_the_api_and_the_cli_take_the_option():
 # -- benchmarks/memory.py for SDXL and Flux (weights counted on the meta device) ---------------
 
 
+@pytest.mark.slow  # GPU scripts/accounting run on the CPU: seconds to a minute
 def test_memory_benchmark_counts_sdxl_and_flux_layouts():
     from benchmarks import memory
 
@@ -232,6 +234,7 @@ def test_memory_benchmark_counts_sdxl_and_flux_layouts():
 # -- the GPU scripts' SDXL and Flux paths, run on the CPU so they do not rot -----------------------
 
 
+@pytest.mark.slow  # GPU scripts/accounting run on the CPU: seconds to a minute
 def test_cuda_check_sdxl_layouts_on_the_cpu():
     from benchmarks import cuda_check
 
@@ -244,6 +247,7 @@ def test_cuda_check_sdxl_layouts_on_the_cpu():
             assert row["checkpointed_max_diff"] <= cuda_check.CHECKPOINTING_TOLERANCE
 
 
+@pytest.mark.slow  # GPU scripts/accounting run on the CPU: seconds to a minute
 def test_cuda_check_flux_layouts_run_authenticate_in_every_dtype_on_the_cpu(tmp_path):
     """The Flux part of the GPU check: tiny Flux pairs in each layout through load_pair and
     authenticate (not a bare transformer step), every dtype, checkpointing compared. Three of
@@ -267,6 +271,7 @@ def test_cuda_check_flux_layouts_run_authenticate_in_every_dtype_on_the_cpu(tmp_
             assert row["rerun_max_diff"] == 0.0
 
 
+@pytest.mark.slow  # GPU scripts/accounting run on the CPU: seconds to a minute
 @pytest.mark.parametrize("family", ["sdxl", "flux"])
 def test_gpu_benchmark_dry_run_for_sdxl_and_flux(family, tmp_path):
     """benchmarks/gpu.py --family sdxl|flux, at a tiny scale on the CPU: every configuration

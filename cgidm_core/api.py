@@ -265,8 +265,11 @@ def authenticate(
             continue
         offset += config.steps
         values = compute_metrics(out.original, out.recovered, out.mask, wanted, feature_model)
+        # The inversion already encoded the batch; its deterministic latent (the posterior mean)
+        # is what the attacks score, so it is reused rather than encoded a second time.
+        z0 = None if config.sample_latent else out.latent_original
         attack_values = _attack_scores(pair, tensor, cond, attacks, seeds, config.seed,
-                                       len(indices))
+                                       len(indices), z0=z0)
         originals, partials, raw = to_pil(out.original), to_pil(out.partial), to_pil(
             out.recovered
         )
@@ -296,7 +299,8 @@ def authenticate(
 
 
 def _attack_scores(pair: ModelPair, tensor: torch.Tensor, cond: Any, attacks: Sequence[str],
-                   seeds: Sequence[int], seed: int, batch_size: int) -> dict[str, list[float]]:
+                   seeds: Sequence[int], seed: int, batch_size: int,
+                   z0: torch.Tensor | None = None) -> dict[str, list[float]]:
     """The cheap membership scores of one batch (``cgidm_core.baselines``), seeded per image
     exactly as ``cgidm eval`` and the benchmark suite seed them, so the values agree."""
     from .baselines import BASELINES
@@ -306,8 +310,9 @@ def _attack_scores(pair: ModelPair, tensor: torch.Tensor, cond: Any, attacks: Se
     if not attacks:
         return {}
 
-    with torch.no_grad():
-        z0 = pair.encode(tensor.to(pair.device)).float()
+    if z0 is None:  # the inversion sampled its latent (reference preset): the attacks take the mean
+        with torch.no_grad():
+            z0 = pair.encode(tensor.to(pair.device)).float()
     out: dict[str, list[float]] = {}
     for name in attacks:
         values = BASELINES[name](pair, z0, cond, seed=seed, seeds=list(seeds),

@@ -31,6 +31,7 @@ import torch
 
 from cgidm_core.models.flow import FlowMatchingPair
 from cgidm_core.models.stable_diffusion import StableDiffusionLoraPair, StableDiffusionPair
+from cgidm_core.names import FLUX_FAMILY
 
 #: Guidance value for Flux.1-dev when the fine-tune does not say what it was trained with: the
 #: default of diffusers' ``FluxPipeline``, of its Flux DreamBooth/LoRA training scripts and of
@@ -129,7 +130,7 @@ class _FluxConditioning:
     pair's).
     """
 
-    family = "flux"
+    family = FLUX_FAMILY
     tokenizer: Any
     tokenizer_2: Any
     device: torch.device

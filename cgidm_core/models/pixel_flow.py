@@ -14,6 +14,7 @@ import torch
 from cgidm_core.models.flow import FlowMatchingPair
 from cgidm_core.models.pixel import PixelSpaceMixin
 from cgidm_core.models.predictions import expand_timesteps
+from cgidm_core.names import PIXEL_FLOW_FAMILY
 from cgidm_core.pair import Conditioning
 
 #: Time shift of the inversion's draws of ``s`` for pixel flow pairs, chosen by measurement on
@@ -24,7 +25,7 @@ PIXEL_FLOW_INVERSION_SHIFT = 1.0
 class PixelFlowPair(PixelSpaceMixin, FlowMatchingPair):
     """Two unconditional pixel-space UNets trained by flow matching (velocity predictions)."""
 
-    family = "pixel-flow"
+    family = PIXEL_FLOW_FAMILY
 
     def __init__(
         self,

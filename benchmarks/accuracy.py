@@ -1,13 +1,13 @@
 """Accuracy of CGI-DM and the baselines on the demo fine-tunes, in one run on this machine.
 
-    .venv/bin/python benchmarks/accuracy.py      # both demo fine-tunes; writes
+    .venv/bin/python -m benchmarks.accuracy      # both demo fine-tunes; writes
                                                  # docs/DEMO_ACCURACY.md
 
 The defaults are chosen on the many pairs of ``benchmarks/suite.py`` (docs/ACCURACY.md); this
 script compares methods, the reference settings included, on the two shipped demo pairs.
-    .venv/bin/python benchmarks/accuracy.py --reference-steps 200 --json acc.json
-    .venv/bin/python benchmarks/accuracy.py --finetuned demo-vangogh-light --methods loss cgidm
-    .venv/bin/python benchmarks/accuracy.py --no-flow      # the DDPM fine-tunes only
+    .venv/bin/python -m benchmarks.accuracy --reference-steps 200 --json acc.json
+    .venv/bin/python -m benchmarks.accuracy --finetuned demo-vangogh-light --methods loss cgidm
+    .venv/bin/python -m benchmarks.accuracy --no-flow      # the DDPM fine-tunes only
 
 Every method scores the same images with the same pairs through ``cgidm_core.evaluation``: the
 pretrained model is ``demo-base``; the fine-tunes are ``demo-vangogh`` (1500 steps, memorised its
@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "wikiart-vangogh"
 
 #: Steps of the authors' CGI-DM settings; a smaller ``--reference-steps`` is labelled as such.
@@ -249,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
                f"device {runs[0]['device']}; 1-min load average {load_before:.1f} at the start, "
                f"{os.getloadavg()[0]:.1f} at the end; {seconds / 60:.1f} min in all")
-    command = "python benchmarks/accuracy.py " + shlex.join(argv if argv is not None
+    command = "python -m benchmarks.accuracy " + shlex.join(argv if argv is not None
                                                             else sys.argv[1:])
     report = render_markdown(runs, args, len(members), len(holdout), machine, command.strip())
     print(report)

@@ -16,15 +16,14 @@ constants in ``cgidm_core/models/devices.py`` (``ACTIVATIONS``) come from this s
 ``ACTIVATION_OVERHEAD`` (10%) for the allocator and workspaces; ``tests/test_family_memory.py``
 checks them against the count, so a diffusers change that moves them fails.
 
-    python benchmarks/activations.py            # table + what fits a 24 GB card
-    python benchmarks/activations.py --json activations.json
+    python -m benchmarks.activations            # table + what fits a 24 GB card
+    python -m benchmarks.activations --json activations.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +31,6 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 GIB = 2**30
 
@@ -99,24 +96,24 @@ def _unet_inputs(side: int, dtype: torch.dtype, context: int, xl: bool) -> dict[
 
 def denoiser(family: str, dtype: torch.dtype) -> torch.nn.Module:
     """The family's full-size denoiser on the meta device, frozen."""
-    from benchmarks import flux_arch, sd15, sdxl_arch
+    from cgidm_testkit.full_size import flux, sd15, sdxl
 
     if family == "stable-diffusion":
         model = sd15.build_unet(dtype=dtype, device="meta")
     elif family == "stable-diffusion-xl":
-        model = sdxl_arch.build_unet(dtype=dtype, device="meta")
+        model = sdxl.build_unet(dtype=dtype, device="meta")
     elif family == "flux":
-        model = flux_arch.build_transformer(dtype=dtype, device="meta")
+        model = flux.build_transformer(dtype=dtype, device="meta")
     else:
         raise ValueError(f"unknown family {family!r}")
     return model.requires_grad_(False)
 
 
 def inputs_for(family: str, side: int, dtype: torch.dtype) -> dict[str, Any]:
-    from benchmarks import flux_arch
+    from cgidm_testkit.full_size import flux
 
     if family == "flux":
-        return flux_arch.packed_inputs(1, side, dtype, "meta")
+        return flux.packed_inputs(1, side, dtype, "meta")
     return _unet_inputs(side, dtype, 2048 if family == "stable-diffusion-xl" else 768,
                         family == "stable-diffusion-xl")
 

@@ -13,8 +13,8 @@ built once (``noise_pre=None``, what the inversion does now) and twice (an equal
 noise, what the old code did on a GPU). The two variants alternate step by step so that a load
 change on a shared machine hits both alike; the medians and their ratio are printed.
 
-    python benchmarks/crn_step.py                        # tiny SD pair (16x16 latent), CPU
-    python benchmarks/crn_step.py --sample-size 32 --batch 4 --steps 30
+    python -m benchmarks.crn_step                        # tiny SD pair (16x16 latent), CPU
+    python -m benchmarks.crn_step --sample-size 32 --batch 4 --steps 30
 """
 
 from __future__ import annotations
@@ -22,16 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from benchmarks import machine
 
-from benchmarks import machine  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from cgidm_core.inversion import contrast_loss
     from cgidm_core.models import load_pair_from_paths
-    from tests import tinymodels
+    from cgidm_testkit import tinymodels
 
     machine.set_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="cgidm-crn-") as tmp:

@@ -6,8 +6,8 @@ VAE stays float32, the text-encoder release and lazy reload on the device, LoRA 
 device) is exercised here, on a machine with one, in about a minute:
 
 1. every model layout the loader accepts, as tiny random models written to a temporary folder
-   (``tests/tinymodels.py``): a complete pipeline fine-tune, a DreamBooth folder with its text
-   encoder, a LoRA file with text-encoder layers, a single-file checkpoint, a pixel DDPM pair;
+   (``cgidm_testkit/tinymodels.py``): a complete pipeline fine-tune, a DreamBooth folder with its
+   text encoder, a LoRA file with text-encoder layers, a single-file checkpoint, a pixel DDPM pair;
    each loaded on the GPU in float32, float16 and bfloat16 and run through ``authenticate`` on
    two images. Scores must be finite and in range; the float32 scores are compared with the same
    run on the CPU and with a second GPU run (reproducibility). A new prompt after the release
@@ -25,7 +25,7 @@ device) is exercised here, on a machine with one, in about a minute:
    default settings (``--data``: the folder holding ``wikiart-vangogh/``), giving the AUC on the
    GPU next to the time it took.
 
-    python benchmarks/cuda_check.py --data ../shared/data --json cuda-check.json
+    python -m benchmarks.cuda_check --data ../shared/data --json cuda-check.json
 
 Exit status 1 if any check failed; the JSON holds every figure either way.
 """
@@ -43,8 +43,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 DTYPES = ("float32", "float16", "bfloat16")
 #: How far a float32 score on the GPU may sit from the CPU's: PGD follows normalised gradients,
@@ -75,7 +73,7 @@ def build_layouts(root: Path, families: tuple[str, ...] = FAMILIES
     """(pretrained, fine-tuned) paths for every layout the loader accepts, tiny and random."""
     import shutil
 
-    from tests import tinymodels
+    from cgidm_testkit import tinymodels
 
     layouts: dict[str, tuple[Path, Path]] = {}
     if "sd" in families:

@@ -1,6 +1,6 @@
 """Which noise levels should flow-matching CGI-DM draw? Measured on pixel flow pairs.
 
-    .venv/bin/python benchmarks/flow_schedule.py --threads 1 \
+    .venv/bin/python -m benchmarks.flow_schedule --threads 1 \
         --finetuned demo-flow-vangogh /tmp/demo-flow-vangogh-light --json flow_schedule.json
 
 A flow pair sees ``x_s = (1 - s) x0 + s noise``; the inversion draws an integer t uniform in
@@ -23,7 +23,6 @@ from pathlib import Path
 from statistics import mean, pstdev
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "wikiart-vangogh"
 
 #: (label, shift, t_min, t_max): uniform s, shifts towards high and low noise, and halves.

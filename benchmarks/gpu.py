@@ -2,8 +2,8 @@
 """Per-step time, peak memory and images per hour of CGI-DM on one GPU, SD 1.5 at 512 px.
 
 Builds the real SD 1.5 architecture with random weights directly on the GPU (no download:
-``benchmarks/sd15.py``), as a ``StableDiffusionPair`` of a DreamBooth fine-tune (two UNets, one
-float32 VAE, text encoders released after the prompt is encoded), and times cgidm's own
+``cgidm_testkit/full_size/sd15.py``), as a ``StableDiffusionPair`` of a DreamBooth fine-tune (two
+UNets, one float32 VAE, text encoders released after the prompt is encoded), and times cgidm's own
 ``inversion.invert`` for every configuration: float16 and bfloat16, batch 1, 4, 8, 16 and 32, SDPA
 attention (diffusers' default ``AttnProcessor2_0``), channels-last UNets, and with ``--compile``
 also ``torch.compile``. One PGD step is one forward and one backward through both UNets.
@@ -14,10 +14,10 @@ progress callback (each step ends with a device sync). What invert spends outsid
 count = 3600 * batch / (steps * s_per_step + overhead).
 
 For the comparison with the authors' code on the same GPU it also times the reference layout
-(``benchmarks/reference_layout.py``: two complete float32 pipelines, SD's safety checker, networks
-not frozen, one image at a time, decode and re-encode of the partial image), built with the same
-random SD 1.5 weights, and cgidm in float32 too, so that the ratios at equal dtype and at the
-dtypes each would use are both in one table. The reference's step time is the difference of two
+(``cgidm_testkit/reference_layout.py``: two complete float32 pipelines, SD's safety checker,
+networks not frozen, one image at a time, decode and re-encode of the partial image), built with
+the same random SD 1.5 weights, and cgidm in float32 too, so that the ratios at equal dtype and at
+the dtypes each would use are both in one table. The reference's step time is the difference of two
 runs (2 and 2 + k steps) divided by k; its per-image overhead is what remains of the short run.
 
 Every configuration runs under a time budget (invert's cancel hook stops it), and the whole run
@@ -27,12 +27,12 @@ is already written. The JSON is rewritten after every configuration, so a run st
 outside keeps what it measured. Prints a markdown table, writes JSON, and appends the table to
 docs/PERFORMANCE.md with the date and GPU name.
 
-    python benchmarks/gpu.py                       # on a CUDA machine
-    python benchmarks/gpu.py --compile             # also torch.compile (costs minutes)
-    python benchmarks/gpu.py --dry-run             # tiny models on the CPU, seconds: checks logic
-    python benchmarks/gpu.py --family sdxl         # SDXL at 1024 px, checkpointing off and on
-    python benchmarks/gpu.py --family flux         # FLUX.1-dev FluxPair (VAE, T5, CLIP) at 1024 px
-    python benchmarks/gpu.py --family sdxl --dry-run
+    python -m benchmarks.gpu                       # on a CUDA machine
+    python -m benchmarks.gpu --compile             # also torch.compile (costs minutes)
+    python -m benchmarks.gpu --dry-run             # tiny models on the CPU, seconds: checks logic
+    python -m benchmarks.gpu --family sdxl         # SDXL at 1024 px, checkpointing off and on
+    python -m benchmarks.gpu --family flux         # FLUX.1-dev FluxPair (VAE, T5, CLIP) at 1024 px
+    python -m benchmarks.gpu --family sdxl --dry-run
 
 SDXL and Flux: see ``benchmarks/gpu_families.py`` (their own table; no reference layout).
 """
@@ -52,8 +52,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 PROMPT = "sks style"
 DOCS = ROOT / "docs" / "PERFORMANCE.md"
@@ -115,7 +113,7 @@ def build_pair(dtype_name: str, device: str, tiny: bool) -> Any:
 
     dtype = _torch_dtype(dtype_name)
     if tiny:
-        from tests import tinymodels
+        from cgidm_testkit import tinymodels
 
         parts = tinymodels.tiny_sd_components(sample_size=8)
         other = tinymodels.perturb_(tinymodels.tiny_sd_components(sample_size=8)["unet"], seed=5)
@@ -123,7 +121,7 @@ def build_pair(dtype_name: str, device: str, tiny: bool) -> Any:
         unet_pre, unet_ft, vae = parts["unet"], other, parts["vae"]
         encoder = parts["text_encoder"]
     else:
-        from benchmarks import sd15
+        from cgidm_testkit.full_size import sd15
 
         tokenizer, scheduler = sd15.build_tokenizer(), sd15.build_scheduler()
         unet_pre = sd15.build_unet(0, device=device)
@@ -157,12 +155,12 @@ def build_pair(dtype_name: str, device: str, tiny: bool) -> Any:
 
 def build_reference(device: str, tiny: bool) -> Any:
     """The authors' layout in memory: two complete float32 pipelines, nothing frozen."""
-    from benchmarks import reference_layout
+    from cgidm_testkit import reference_layout
 
     if not tiny:
         return reference_layout.build_sd15_reference_layout(with_safety_checker=True,
                                                             device=device)
-    from tests import tinymodels
+    from cgidm_testkit import tinymodels
 
     def pipe(seed: int) -> Any:
         parts = tinymodels.tiny_sd_components(sample_size=8)
@@ -278,7 +276,7 @@ def measure_reference(layout: Any, config: Config, *, device: str, steps: int,
     """
     import torch
 
-    from benchmarks.reference_layout import reference_recover
+    from cgidm_testkit.reference_layout import reference_recover
 
     result = Measurement(config=config)
     size = layout.image_size
@@ -378,7 +376,7 @@ def run(args: argparse.Namespace,
     def report() -> dict[str, Any]:
         facts["wall_seconds"] = time.perf_counter() - started
         out = {"machine": facts, "results": [asdict(r) for r in results],
-               "command": "python benchmarks/gpu.py " + " ".join(args.argv)}
+               "command": "python -m benchmarks.gpu " + " ".join(args.argv)}
         out["summary"] = summarize(out)
         return out
 

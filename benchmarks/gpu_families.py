@@ -1,13 +1,13 @@
 """``benchmarks/gpu.py --family sdxl|flux``: images per hour and peak memory of the big families.
 
-SDXL: the real SDXL base 1.0 architecture (``benchmarks/sdxl_arch.py``) with random weights,
-built on the GPU (no download), as a ``StableDiffusionXLPair`` of a DreamBooth fine-tune (two
-UNets, float32 VAE, both text encoders released after the prompt), timed through cgidm's own
+SDXL: the real SDXL base 1.0 architecture (``cgidm_testkit/full_size/sdxl.py``) with random
+weights, built on the GPU (no download), as a ``StableDiffusionXLPair`` of a DreamBooth fine-tune
+(two UNets, float32 VAE, both text encoders released after the prompt), timed through cgidm's own
 ``inversion.invert`` at the native 1024 px, for float16 and bfloat16, each batch size, with
 gradient checkpointing off and on. Same timing rules as SD (``gpu.measure``).
 
-Flux: the FLUX.1-dev architecture (``benchmarks/flux_arch.py``) with random weights, built on
-the GPU in bfloat16 (no download), as a ``FluxPair`` of a DreamBooth fine-tune exactly as
+Flux: the FLUX.1-dev architecture (``cgidm_testkit/full_size/flux.py``) with random weights,
+built on the GPU in bfloat16 (no download), as a ``FluxPair`` of a DreamBooth fine-tune exactly as
 ``load_pair`` holds one: two 12 B-parameter transformers, the 16-channel VAE in float32, T5-XXL
 (4.7 B) and CLIP-L encoding the prompt once (512 T5 tokens; its time and peak memory are in
 the report's machine facts) and then released. Timed through the same ``inversion.invert`` as
@@ -28,11 +28,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from benchmarks import gpu
 
-from benchmarks import gpu  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = 0.1
 
@@ -41,8 +39,8 @@ def build_sdxl_pair(dtype_name: str, device: str, tiny: bool) -> Any:
     """A DreamBooth-shaped SDXL pair in memory: full size on the GPU, or tiny for --dry-run."""
     import torch
 
-    from benchmarks import sd15, sdxl_arch
     from cgidm_core.models.sdxl import SDXLTextEncoders, StableDiffusionXLPair
+    from cgidm_testkit.full_size import sd15, sdxl
 
     dtype = gpu._torch_dtype(dtype_name)
     scale = TINY if tiny else 1.0
@@ -54,14 +52,14 @@ def build_sdxl_pair(dtype_name: str, device: str, tiny: bool) -> Any:
             module = module.to(dtype=module_dtype)
         return module.eval().requires_grad_(False)
 
-    encoders = ready(SDXLTextEncoders(*sdxl_arch.build_text_encoders(
+    encoders = ready(SDXLTextEncoders(*sdxl.build_text_encoders(
         tokenizer, device=device, scale=scale)), dtype)
     pair = StableDiffusionXLPair(
-        vae=ready(sdxl_arch.build_vae(1, device=device, scale=scale), torch.float32),
+        vae=ready(sdxl.build_vae(1, device=device, scale=scale), torch.float32),
         tokenizer=tokenizer, tokenizer_2=tokenizer,
         alphas_cumprod=sd15.build_scheduler().alphas_cumprod,
-        unet_pretrained=ready(sdxl_arch.build_unet(0, device=device, scale=scale), dtype),
-        unet_finetuned=ready(sdxl_arch.build_unet(10, device=device, scale=scale), dtype),
+        unet_pretrained=ready(sdxl.build_unet(0, device=device, scale=scale), dtype),
+        unet_finetuned=ready(sdxl.build_unet(10, device=device, scale=scale), dtype),
         text_encoder_pretrained=encoders, text_encoder_finetuned=encoders,
         device=torch.device(device), dtype=dtype, finetuned_kind="dreambooth",
         default_prompt=gpu.PROMPT,
@@ -81,8 +79,8 @@ def build_flux_pair(dtype_name: str, device: str, tiny: bool) -> Any:
     ``load_pair`` does by default; the seconds and peak memory of that are returned with it."""
     import torch
 
-    from benchmarks import flux_arch, sd15
     from cgidm_core.models.flux import FluxPair, FluxTextEncoders
+    from cgidm_testkit.full_size import flux, sd15
 
     dtype = gpu._torch_dtype(dtype_name)
     scale = TINY if tiny else 1.0
@@ -92,15 +90,15 @@ def build_flux_pair(dtype_name: str, device: str, tiny: bool) -> Any:
         return module.to(device=device).eval().requires_grad_(False)
 
     encoders = ready(FluxTextEncoders(
-        flux_arch.build_clip(dtype, device, scale=scale, tokenizer=tokenizer),
-        flux_arch.build_t5(dtype, device, scale=scale)))
+        flux.build_clip(dtype, device, scale=scale, tokenizer=tokenizer),
+        flux.build_t5(dtype, device, scale=scale)))
     pair = FluxPair(
-        vae=ready(flux_arch.build_vae(torch.float32, device, scale=scale)),
-        tokenizer=tokenizer, tokenizer_2=flux_arch.build_t5_tokenizer(),
-        scheduler_config=flux_arch.SCHEDULER_CONFIG, guidance=None,
+        vae=ready(flux.build_vae(torch.float32, device, scale=scale)),
+        tokenizer=tokenizer, tokenizer_2=flux.build_t5_tokenizer(),
+        scheduler_config=flux.SCHEDULER_CONFIG, guidance=None,
         alphas_cumprod=None, prediction_type="flow",
-        unet_pretrained=ready(flux_arch.build_transformer("dev", 0, dtype, device, scale)),
-        unet_finetuned=ready(flux_arch.build_transformer("dev", 10, dtype, device, scale)),
+        unet_pretrained=ready(flux.build_transformer("dev", 0, dtype, device, scale)),
+        unet_finetuned=ready(flux.build_transformer("dev", 10, dtype, device, scale)),
         text_encoder_pretrained=encoders, text_encoder_finetuned=encoders,
         device=torch.device(device), dtype=dtype, finetuned_kind="dreambooth",
         default_prompt=gpu.PROMPT,
@@ -194,7 +192,7 @@ def run(args: Any) -> dict[str, Any]:
               file=sys.stderr, flush=True)
     facts["wall_seconds"] = time.perf_counter() - started
     return {"machine": facts, "results": [asdict(r) for r in results],
-            "command": "python benchmarks/gpu.py " + " ".join(args.argv)}
+            "command": "python -m benchmarks.gpu " + " ".join(args.argv)}
 
 
 def render(report: dict[str, Any]) -> str:

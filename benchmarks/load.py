@@ -1,6 +1,6 @@
 """Load test: hundreds of submissions from concurrent clients against the real stack.
 
-Starts, on 127.0.0.1 only, the same processes the service tests start (tests/service/procs.py):
+Starts, on 127.0.0.1 only, the same processes the service tests start (cgidm_testkit/processes.py):
 redis-server, an S3 server (moto), the gateway (uvicorn) and N Celery workers, with tiny random
 DDPM pairs and 1-2 PGD steps per job. Then:
 
@@ -15,7 +15,7 @@ DDPM pairs and 1-2 PGD steps per job. Then:
 It prints a table and exits 0 when no accepted job was lost or duplicated, else 1. Everything
 stops by itself within ``--timeout`` seconds (default 240).
 
-    .venv/bin/python benchmarks/load.py --jobs 300 --clients 16 --workers 2
+    .venv/bin/python -m benchmarks.load --jobs 300 --clients 16 --workers 2
 """
 
 from __future__ import annotations
@@ -32,10 +32,7 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from tests.service.procs import (  # noqa: E402 - after the path set-up
+from cgidm_testkit.processes import (
     BUCKET,
     TERMINAL,
     bucket_keys,
@@ -49,6 +46,8 @@ from tests.service.procs import (  # noqa: E402 - after the path set-up
     start_worker,
     stop_process,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 #: Storage prefix of the load test's jobs in the test bucket.
 PREFIX = "load"

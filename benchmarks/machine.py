@@ -92,12 +92,13 @@ def run_child(args: list[str], timeout: float | None = None) -> dict[str, Any]:
     """Run ``python <args>`` in a fresh process and parse the JSON it prints on its last line.
 
     A fresh process per measurement keeps one layout's memory from leaking into the next one's
-    figures (freed memory is not always returned to the system).
+    figures (freed memory is not always returned to the system). ``args`` start with
+    ``-m benchmarks.NAME``: run from the repository root, the child imports the packages the way
+    its parent did.
     """
     import json
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.run(
         [sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env,
         cwd=ROOT,

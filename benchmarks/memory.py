@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Resident memory of a loaded Stable Diffusion 1.5 pair: the reference layout against cgidm's.
 
-Every layout is built with the real SD 1.5 architecture (``benchmarks/sd15.py``), random weights,
-float32 on the CPU, in a FRESH process, and measured as resident memory (VmRSS) once built:
+Every layout is built with the real SD 1.5 architecture (``cgidm_testkit/full_size/sd15.py``),
+random weights, float32 on the CPU, in a FRESH process, and measured as resident memory
+(VmRSS) once built:
 
 - ``reference``: the authors' two pipelines as ``from_pretrained`` gives them (each with its own
   UNet, VAE, text encoder, tokenizer; the pretrained one also with SD's safety checker);
@@ -13,14 +14,14 @@ float32 on the CPU, in a FRESH process, and measured as resident memory (VmRSS) 
   (``load_pair``'s default); the row "(text encoders kept)" is the same pair before the release;
 - ``cgidm-lora-rN``: ``StableDiffusionLoraPair``: one UNet with a rank-N adapter, one VAE.
 
-    python benchmarks/memory.py                      # all layouts, markdown table
-    python benchmarks/memory.py --json memory.json --lora-ranks 4 64
+    python -m benchmarks.memory                      # all layouts, markdown table
+    python -m benchmarks.memory --json memory.json --lora-ranks 4 64
 
 Takes about 3 minutes on a 2-core CPU and needs about 10 GiB of free memory (the reference
 layout holds 2.4 G parameters).
 
-    python benchmarks/memory.py --family sdxl [--dtype bfloat16]   # SDXL, by accounting
-    python benchmarks/memory.py --family flux                        # Flux.1-dev, by accounting
+    python -m benchmarks.memory --family sdxl [--dtype bfloat16]   # SDXL, by accounting
+    python -m benchmarks.memory --family flux                        # Flux.1-dev, by accounting
 
 SDXL and Flux are counted on the meta device (seconds, no memory): see "SDXL and Flux" below.
 """
@@ -33,11 +34,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from benchmarks import machine
 
-from benchmarks import machine  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PROMPT = "sks style"
 TARGETS = {"cgidm-dreambooth": 0.85, "cgidm-lora": 0.5}
@@ -53,8 +52,8 @@ def _frozen(module: Any) -> Any:
 def _cgidm_dreambooth() -> Any:
     import torch
 
-    from benchmarks import sd15
     from cgidm_core.models import StableDiffusionPair
+    from cgidm_testkit.full_size import sd15
 
     tokenizer = sd15.build_tokenizer()
     return StableDiffusionPair(
@@ -75,8 +74,8 @@ def _cgidm_dreambooth() -> Any:
 def _cgidm_lora(rank: int) -> Any:
     import torch
 
-    from benchmarks import sd15
     from cgidm_core.models import StableDiffusionLoraPair
+    from cgidm_testkit.full_size import sd15
 
     tokenizer = sd15.build_tokenizer()
     unet = sd15.build_unet(0)
@@ -101,7 +100,7 @@ def measure(layout: str, threads: int | None) -> dict[str, Any]:
     import transformers  # noqa: F401
 
     import cgidm_core.models  # noqa: F401
-    from benchmarks import reference_layout
+    from cgidm_testkit import reference_layout
 
     machine.trim_heap()
     baseline = machine.rss_bytes()
@@ -236,23 +235,23 @@ def sdxl_accounting(dtype: Any, lora_ranks: list[int]) -> list[dict[str, Any]]:
     """Weights of the SDXL reference layout (two pipelines) and of cgidm's SDXL pairs."""
     import torch
 
-    from benchmarks import sd15, sdxl_arch
     from cgidm_core.models.sdxl import (
         SDXLTextEncoders,
         StableDiffusionXLLoraPair,
         StableDiffusionXLPair,
     )
+    from cgidm_testkit.full_size import sd15, sdxl
 
     tokenizer = sd15.build_tokenizer()
     meta = torch.device("meta")
 
     def pipeline() -> list[Any]:
-        te1, te2 = sdxl_arch.build_text_encoders(tokenizer, dtype=dtype, device="meta")
-        return [sdxl_arch.build_unet(dtype=dtype, device="meta"),
-                sdxl_arch.build_vae(dtype=dtype, device="meta"), te1, te2]
+        te1, te2 = sdxl.build_text_encoders(tokenizer, dtype=dtype, device="meta")
+        return [sdxl.build_unet(dtype=dtype, device="meta"),
+                sdxl.build_vae(dtype=dtype, device="meta"), te1, te2]
 
     def encoders() -> Any:
-        return SDXLTextEncoders(*sdxl_arch.build_text_encoders(tokenizer, dtype=dtype,
+        return SDXLTextEncoders(*sdxl.build_text_encoders(tokenizer, dtype=dtype,
                                                                device="meta"))
 
     shared = {"tokenizer": tokenizer, "tokenizer_2": tokenizer, "device": meta, "dtype": dtype,
@@ -263,17 +262,17 @@ def sdxl_accounting(dtype: Any, lora_ranks: list[int]) -> list[dict[str, Any]]:
     rows.append({"layout": "reference-sdxl", "weight_bytes": _meta_bytes(reference),
                  "parameters": _meta_params(reference)})
     pairs: list[tuple[str, Any]] = [("cgidm-sdxl-dreambooth", StableDiffusionXLPair(
-        vae=sdxl_arch.build_vae(dtype=torch.float32, device="meta"),
-        unet_pretrained=sdxl_arch.build_unet(dtype=dtype, device="meta"),
-        unet_finetuned=sdxl_arch.build_unet(dtype=dtype, device="meta"),
+        vae=sdxl.build_vae(dtype=torch.float32, device="meta"),
+        unet_pretrained=sdxl.build_unet(dtype=dtype, device="meta"),
+        unet_finetuned=sdxl.build_unet(dtype=dtype, device="meta"),
         text_encoder_pretrained=encoders(), text_encoder_finetuned=encoders(),
         finetuned_kind="dreambooth", **shared))]
     for rank in lora_ranks:
-        unet = sdxl_arch.build_unet(dtype=dtype, device="meta")
-        sdxl_arch.add_lora(unet, rank)
+        unet = sdxl.build_unet(dtype=dtype, device="meta")
+        sdxl.add_lora(unet, rank)
         pairs.append((f"cgidm-sdxl-lora-r{rank}", StableDiffusionXLLoraPair(
             unet=unet, text_encoder=encoders(),
-            vae=sdxl_arch.build_vae(dtype=torch.float32, device="meta"), **shared)))
+            vae=sdxl.build_vae(dtype=torch.float32, device="meta"), **shared)))
     for name, pair in pairs:
         kept = pair.modules()
         pair.release_text_encoders()
@@ -290,25 +289,25 @@ def flux_accounting(
     cgidm's Flux pairs hold (see the section comment)."""
     import torch
 
-    from benchmarks import flux_arch
+    from cgidm_testkit.full_size import flux
 
     def encoders() -> list[Any]:
-        return [flux_arch.build_t5(dtype), flux_arch.build_clip(dtype)]
+        return [flux.build_t5(dtype), flux.build_clip(dtype)]
 
     rows = []
     reference = [m for _ in range(2) for m in (
-        flux_arch.build_transformer(variant, dtype=dtype), flux_arch.build_vae(dtype), *encoders())]
+        flux.build_transformer(variant, dtype=dtype), flux.build_vae(dtype), *encoders())]
     rows.append({"layout": f"reference-flux-{variant}", "weight_bytes": _meta_bytes(reference),
                  "parameters": _meta_params(reference)})
-    vae = flux_arch.build_vae(torch.float32)
-    full = [flux_arch.build_transformer(variant, dtype=dtype),
-            flux_arch.build_transformer(variant, dtype=dtype), vae]
+    vae = flux.build_vae(torch.float32)
+    full = [flux.build_transformer(variant, dtype=dtype),
+            flux.build_transformer(variant, dtype=dtype), vae]
     text = encoders() + encoders()  # a full fine-tune may bring its own encoders
     rows.append({"layout": f"cgidm-flux-{variant}-full", "weight_bytes": _meta_bytes(full),
                  "weight_bytes_kept": _meta_bytes(full + text), "parameters": _meta_params(full)})
     for rank in lora_ranks:
-        transformer = flux_arch.build_transformer(variant, dtype=dtype)
-        flux_arch.add_lora(transformer, rank)
+        transformer = flux.build_transformer(variant, dtype=dtype)
+        flux.add_lora(transformer, rank)
         lora = [transformer, vae]
         rows.append({"layout": f"cgidm-flux-{variant}-lora-r{rank}",
                      "weight_bytes": _meta_bytes(lora),
@@ -323,18 +322,18 @@ def _sdxl_real_pair(layout: str) -> dict[str, Any]:
     meta-device count against what a process really holds."""
     import torch
 
-    from benchmarks import sd15, sdxl_arch
     from cgidm_core.models.sdxl import (
         SDXLTextEncoders,
         StableDiffusionXLLoraPair,
         StableDiffusionXLPair,
     )
+    from cgidm_testkit.full_size import sd15, sdxl
 
     tokenizer = sd15.build_tokenizer()
-    vae = _frozen(sdxl_arch.build_vae(dtype=torch.float32))
+    vae = _frozen(sdxl.build_vae(dtype=torch.float32))
     torch.set_default_dtype(torch.bfloat16)  # built in bfloat16: no float32 copy on the way
     try:
-        encoders = _frozen(SDXLTextEncoders(*sdxl_arch.build_text_encoders(
+        encoders = _frozen(SDXLTextEncoders(*sdxl.build_text_encoders(
             tokenizer, dtype=torch.bfloat16)))
         shared = {"tokenizer": tokenizer, "tokenizer_2": tokenizer, "vae": vae,
                   "device": torch.device("cpu"), "dtype": torch.bfloat16,
@@ -342,13 +341,13 @@ def _sdxl_real_pair(layout: str) -> dict[str, Any]:
                   "default_prompt": PROMPT}
         if layout == "sdxl-dreambooth":
             pair: Any = StableDiffusionXLPair(
-                unet_pretrained=_frozen(sdxl_arch.build_unet(0, dtype=torch.bfloat16)),
-                unet_finetuned=_frozen(sdxl_arch.build_unet(10, dtype=torch.bfloat16)),
+                unet_pretrained=_frozen(sdxl.build_unet(0, dtype=torch.bfloat16)),
+                unet_finetuned=_frozen(sdxl.build_unet(10, dtype=torch.bfloat16)),
                 text_encoder_pretrained=encoders, text_encoder_finetuned=encoders,
                 finetuned_kind="dreambooth", **shared)
         else:
-            unet = sdxl_arch.build_unet(0, dtype=torch.bfloat16)
-            sdxl_arch.add_lora(unet, int(layout.rsplit("-r", 1)[1]))
+            unet = sdxl.build_unet(0, dtype=torch.bfloat16)
+            sdxl.add_lora(unet, int(layout.rsplit("-r", 1)[1]))
             pair = StableDiffusionXLLoraPair(unet=_frozen(unet), text_encoder=encoders,
                                              **shared)
     finally:
@@ -427,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
             out["rss"] = []
             for layout in args.rss:
                 print(f"measuring {layout} (real weights) ...", file=sys.stderr, flush=True)
-                row = machine.run_child(["benchmarks/memory.py", "--measure", layout])
+                row = machine.run_child(["-m", "benchmarks.memory", "--measure", layout])
                 out["rss"].append(row)
                 above = row["rss"] - row["baseline_rss"]
                 print(f"- {layout}, real random bfloat16 weights: RSS {machine.gib(row['rss'])} "
@@ -446,12 +445,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     layouts = list(args.layouts) + [f"cgidm-lora-r{r}" for r in args.lora_ranks]
-    command = "python benchmarks/memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.memory " + " ".join(argv if argv is not None else sys.argv[1:])
     rows = []
     for layout in layouts:
         extra = ["--threads", str(args.threads)] if args.threads else []
         print(f"measuring {layout} ...", file=sys.stderr, flush=True)
-        rows.append(machine.run_child(["benchmarks/memory.py", "--measure", layout, *extra]))
+        rows.append(machine.run_child(["-m", "benchmarks.memory", "--measure", layout, *extra]))
     machine.set_threads(args.threads)
     facts = machine.machine_facts()
     print(render(rows, facts, command.strip()))

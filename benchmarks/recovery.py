@@ -14,7 +14,7 @@ Prints, per run, the seconds from the SIGKILL until the job was seen running its
 and until it succeeded, then the median and the worst, and the bound the design gives
 (lease + reaper interval). Exits 1 if a job did not succeed exactly once with attempt 2.
 
-    .venv/bin/python benchmarks/recovery.py --repeats 2
+    .venv/bin/python -m benchmarks.recovery --repeats 2
 """
 
 from __future__ import annotations
@@ -26,12 +26,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from cgidm.settings import Settings
+from cgidm_testkit.processes import make_registry, start_moto, start_redis, stop_process
+from cgidm_testkit.worker_loss import LossStack, kill_and_time
 
-from cgidm.settings import Settings  # noqa: E402 - after the path set-up
-from tests.service.procs import make_registry, start_moto, start_redis, stop_process  # noqa: E402
-from tests.service.recovery import LossStack, kill_and_time  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_once(stack: LossStack, scenario: str, steps: int, seed: int) -> dict:

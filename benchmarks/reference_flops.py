@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Floating-point operations of one reference PGD step at SD 1.5 scale, counted, not timed.
 
-The reference loop (``benchmarks/reference_layout.py``) was corrected on 2026-11-30: it had
+The reference loop (``cgidm_testkit/reference_layout.py``) was corrected on 2026-11-30: it had
 backpropagated through the VAE encoder at every step, which the authors' loop does not. The GPU
 figures of docs/PERFORMANCE.md were measured before that and no GPU was available after it, so
 this script says how much work per step the correction removes, with the real SD 1.5 UNet and VAE
@@ -14,24 +14,21 @@ encoder's backward at 512 px (its forward ran once, before the loop). The text e
 step time also depends on kernel launches and memory traffic, so the ratio is an estimate of the
 change, not a measurement of it.
 
-    python benchmarks/reference_flops.py
+    python -m benchmarks.reference_flops
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 def count() -> dict[str, float]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from benchmarks import sd15
+    from cgidm_testkit.full_size import sd15
 
     unet = sd15.build_unet(0, device="meta")
     vae = sd15.build_vae(1, device="meta")

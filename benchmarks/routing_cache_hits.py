@@ -13,8 +13,8 @@ cache budget (pairs a worker can keep) and each routing mode, a fresh stack:
 3. hits and misses from ``GET /metrics`` (this burst's share), the wall time from the first
    submission to the last job finished, and the seconds the workers spent loading pairs.
 
-    python benchmarks/routing_cache_hits.py            # 24 jobs, 3 pairs, 2 workers, budgets 1, 2
-    python benchmarks/routing_cache_hits.py --jobs 48 --budgets 1
+    python -m benchmarks.routing_cache_hits            # 24 jobs, 3 pairs, 2 workers, budgets 1, 2
+    python -m benchmarks.routing_cache_hits --jobs 48 --budgets 1
 
 Takes about four minutes on a 2-core CPU.
 """
@@ -29,13 +29,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from cgidm.queue_routing import slot_for_pair
+from cgidm_testkit.processes import make_registry, start_moto, start_redis, stop_process
+from cgidm_testkit.routing_stack import RoutingRun, alias_registry, routing_stack
 
-from cgidm.queue_routing import slot_for_pair  # noqa: E402
-from tests.service.procs import make_registry, start_moto, start_redis, stop_process  # noqa: E402
-from tests.service.routing_stack import RoutingRun, alias_registry, routing_stack  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SLOTS = 16
 WORKERS = 2

@@ -4,7 +4,7 @@
 One run measures, on the Van Gogh demo set (10 members + 10 hold-outs from
 ``../shared/data/wikiart-vangogh``) and one model pair (default: the packaged demo pair):
 
-1. the reference layout and loop (``benchmarks/reference_layout.py``): one image at a time, two
+1. the reference layout and loop (``cgidm_testkit/reference_layout.py``): one image at a time, two
    separately loaded pipelines, independent noise per model, one sample per step, partial image
    decoded and re-encoded, networks not frozen, at ``--steps`` PGD steps;
 2. cgidm (``cgidm_core.authenticate`` with ``InversionConfig()`` and batching) at the same
@@ -15,9 +15,9 @@ Each layout runs in its own fresh process (peak memory must not mix), one after 
 the same torch thread count. The reference's similarity is cgidm's ``compute_metrics``, so the
 AUCs compare. Prints a markdown table; ``--json FILE`` writes every figure.
 
-    python benchmarks/speed.py                           # 6-7 minutes on 2 quiet CPU cores
-    python benchmarks/speed.py --steps 50 --curve 10 25 50 --json speed.json
-    python benchmarks/speed.py --family sd --steps 20 --curve 10 20   # tiny random SD pair
+    python -m benchmarks.speed                           # 6-7 minutes on 2 quiet CPU cores
+    python -m benchmarks.speed --steps 50 --curve 10 25 50 --json speed.json
+    python -m benchmarks.speed --family sd --steps 20 --curve 10 20   # tiny random SD pair
 """
 
 from __future__ import annotations
@@ -31,11 +31,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from benchmarks import machine
 
-from benchmarks import machine  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DATA = ROOT.parent / "shared" / "data" / "wikiart-vangogh"
 PROMPT = "sks style"
@@ -92,11 +90,11 @@ def run_reference(args: argparse.Namespace) -> dict[str, Any]:
     """The reference loop over every image, one at a time."""
     import torch
 
-    from benchmarks.reference_layout import load_reference_layout, reference_recover
     from cgidm_core.demo import resolve_model_reference
     from cgidm_core.images import image_seed, to_tensor
     from cgidm_core.names import DEFAULT_METRIC, PIXEL_METRICS
     from cgidm_core.similarity import compute_metrics
+    from cgidm_testkit.reference_layout import load_reference_layout, reference_recover
 
     machine.set_threads(args.threads)
     images, names, labels = _images(args.members, args.holdout, args.images)
@@ -193,7 +191,7 @@ def run_cgidm(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _tiny_sd_pair(root: Path) -> tuple[Path, Path]:
-    from tests import tinymodels
+    from cgidm_testkit import tinymodels
 
     base = tinymodels.make_tiny_sd(root / "sd_base", sample_size=16)
     return base, tinymodels.make_dreambooth_folder(base, root / "sd_dreambooth")
@@ -322,7 +320,7 @@ def verdict(result: dict[str, Any]) -> list[str]:
 
 
 def _child_args(args: argparse.Namespace, pretrained: str, finetuned: str) -> list[str]:
-    out = ["benchmarks/speed.py", "--pretrained", pretrained, "--finetuned", finetuned,
+    out = ["-m", "benchmarks.speed", "--pretrained", pretrained, "--finetuned", finetuned,
            "--members", args.members, "--holdout", args.holdout, "--steps", str(args.steps),
            "--seed", str(args.seed), "--batch-size", str(args.batch_size),
            "--device", args.device, "--threads", str(args.threads)]
@@ -370,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_cgidm(args)))
         return 0
 
-    command = "python benchmarks/speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.speed " + " ".join(argv if argv is not None else sys.argv[1:])
     from cgidm_core.inversion import InversionConfig
 
     default_steps = InversionConfig().steps

@@ -1,10 +1,10 @@
 """The accuracy benchmark suite: many pixel pairs, every verdict score, worst case and mean.
 
-    .venv/bin/python benchmarks/suite.py                 # train what is missing, evaluate what is
+    .venv/bin/python -m benchmarks.suite                 # train what is missing, evaluate what is
                                                          # missing, write docs/ACCURACY.md
-    .venv/bin/python benchmarks/suite.py --list          # the pairs and where they are cached
-    .venv/bin/python benchmarks/suite.py --train-only    # just make the fine-tunes
-    .venv/bin/python benchmarks/suite.py --datasets vangogh-a --strengths strong --seeds 0
+    .venv/bin/python -m benchmarks.suite --list          # the pairs and where they are cached
+    .venv/bin/python -m benchmarks.suite --train-only    # just make the fine-tunes
+    .venv/bin/python -m benchmarks.suite --datasets vangogh-a --strengths strong --seeds 0
 
 Pairs (``cgidm_core/suite_pairs.py``): ``demo-base`` fully fine-tuned with one recipe the defaults
 were not tuned on (lr 2e-4 constant, random flips, batch 10) on
@@ -23,8 +23,8 @@ SecMI and fusions); the table gives per pair AUC with a bootstrap 95 % interval 
 lowest FPR the pair's hold-out supports (1 / number of non-members), then the worst case and the
 mean over pairs. Scores are ranked worst case first, then mean, then cost.
 
-    .venv/bin/python benchmarks/suite.py --no-train --wait &   # extra evaluating processes
-    .venv/bin/python benchmarks/suite.py --report-only         # the report from cached values
+    .venv/bin/python -m benchmarks.suite --no-train --wait &   # extra evaluating processes
+    .venv/bin/python -m benchmarks.suite --report-only         # the report from cached values
 
 Several processes can evaluate at once (``--wait``; each takes a fine-tune under a lock file in
 the cache, ``<cache>/results/*.lock``: delete a lock left by a killed process). The report
@@ -42,7 +42,6 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -406,7 +405,7 @@ def _shown_arguments(argv: list[str]) -> list[str]:
 
 
 def run_suite(args: argparse.Namespace, pairs) -> int:
-    from render_suite import render  # benchmarks/ is on sys.path when this runs as a script
+    from benchmarks.render_suite import render
 
     started = time.perf_counter()
     load = os.getloadavg()[0]
@@ -440,7 +439,7 @@ def run_suite(args: argparse.Namespace, pairs) -> int:
                    for k, v in documents.items()},
         "run_seconds": time.perf_counter() - started,
         "load_average": [load, os.getloadavg()[0]],
-        "command": "python benchmarks/suite.py " + " ".join(_shown_arguments(sys.argv[1:])),
+        "command": "python -m benchmarks.suite " + " ".join(_shown_arguments(sys.argv[1:])),
     }
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))

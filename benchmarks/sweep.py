@@ -3,7 +3,7 @@
 Runs the inversion on a member and a hold-out folder once per setting (all metrics are scored in
 the same run) and prints a markdown table: setting, steps, AUC per metric, seconds per image.
 
-    python benchmarks/sweep.py --steps 25 50 100 200 --variants default reference-noise
+    python -m benchmarks.sweep --steps 25 50 100 200 --variants default reference-noise
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Model upload benchmark: throughput of POST /models and the gateway's memory while it streams.
 
 Starts, on 127.0.0.1 only, an S3 server (moto) and the real gateway (uvicorn ``app.main:app``)
-as the tests do (tests/service/procs.py), then streams a generated safetensors file of
+as the tests do (cgidm_testkit/processes.py), then streams a generated safetensors file of
 ``--size`` bytes from the client: a valid header announcing one tensor, then zeros produced on
 the fly, so neither the client nor this script ever holds the file. The same upload goes to S3
 (multipart upload) and to local folder storage. While each upload runs, the gateway's resident
@@ -12,7 +12,7 @@ Prints a table (seconds, MB/s, gateway RSS before / peak / after, peak growth as
 the file) and, for S3, moto's own peak (moto keeps objects in memory; a real S3 or MinIO does
 not). Exit code 1 when the gateway's peak grew by more than ``--max-growth`` of the file.
 
-    .venv/bin/python benchmarks/upload.py --size 2GiB
+    .venv/bin/python -m benchmarks.upload --size 2GiB
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import contextlib
 import json
 import os
 import struct
-import sys
 import tempfile
 import threading
 import time
@@ -31,10 +30,7 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from tests.service.procs import (  # noqa: E402 - after the path set-up
+from cgidm_testkit.processes import (
     BUCKET,
     child_env,
     s3_client,
@@ -42,6 +38,8 @@ from tests.service.procs import (  # noqa: E402 - after the path set-up
     start_moto,
     stop_process,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 BOUNDARY = "cgidmUploadBenchmark"
 CHUNK = 1024 * 1024

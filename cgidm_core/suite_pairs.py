@@ -205,7 +205,7 @@ def find_pair(pair_id: str, data_root: Path | None = None) -> SuitePair:
         name = pair.pair_id.split("/")
         if name[:3] == parts[:3] and (len(parts) == 3 or name[3] == parts[3]):
             return pair
-    raise ConfigError(f"no suite pair {pair_id!r}; run `python benchmarks/suite.py --list`")
+    raise ConfigError(f"no suite pair {pair_id!r}; run `python -m benchmarks.suite --list`")
 
 
 def train_run(

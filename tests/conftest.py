@@ -21,7 +21,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_ddpm_pair(tmp_path_factory) -> tuple[Path, Path]:
     """(pretrained_dir, finetuned_dir) of two tiny pixel-space DDPM pipelines."""
-    from tests import tinymodels  # imports torch: only for the tests that use models
+    from cgidm_testkit import tinymodels  # imports torch: only for the tests that use models
 
     return tinymodels.make_tiny_ddpm_pair(tmp_path_factory.mktemp("ddpm"))
 
@@ -29,7 +29,7 @@ def tiny_ddpm_pair(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def tiny_sd_pair(tmp_path_factory) -> tuple[Path, Path]:
     """(pretrained_dir, finetuned_dir): a tiny SD pipeline and a full fine-tuned copy of it."""
-    from tests import tinymodels
+    from cgidm_testkit import tinymodels
 
     root = tmp_path_factory.mktemp("sd")
     base = tinymodels.make_tiny_sd(root / "base")

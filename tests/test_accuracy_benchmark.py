@@ -44,7 +44,7 @@ def test_one_run_scores_every_fine_tune_and_writes_table_snippet(tmp_path, capsy
     header = snippet.splitlines()[0]
     assert "`demo-vangogh` (1500 fine-tuning steps)" in header
     assert "`demo-vangogh-light` (200 fine-tuning steps)" in header
-    assert "python benchmarks/accuracy.py --methods loss pia --n-bootstrap 0 --no-flow" in snippet
+    assert "python -m benchmarks.accuracy --methods loss pia --n-bootstrap 0 --no-flow" in snippet
     report = out.read_text()
     assert snippet.splitlines()[2] in report  # the same main table heads the full report
     # PIA ranks members last on the heavy fine-tune and mostly first on the light one.

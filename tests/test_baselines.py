@@ -149,7 +149,7 @@ def memorised(tmp_path_factory):
     from diffusers import DDPMScheduler
 
     from cgidm_core.training import FixedImages, TrainConfig, save_pipeline, train
-    from tests.tinymodels import make_tiny_ddpm, tiny_ddpm_unet
+    from cgidm_testkit.tinymodels import make_tiny_ddpm, tiny_ddpm_unet
 
     root = tmp_path_factory.mktemp("memorised")
     base = make_tiny_ddpm(root / "base", seed=0)

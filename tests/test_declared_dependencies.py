@@ -13,7 +13,8 @@ from packaging.utils import canonicalize_name
 
 from tests.paths import REPO_ROOT
 
-PROJECT_PACKAGES = {"app", "benchmarks", "cgidm", "cgidm_core", "scripts", "tests", "worker"}
+PROJECT_PACKAGES = {"app", "benchmarks", "cgidm", "cgidm_core", "cgidm_testkit", "scripts", "tests",
+                    "worker"}
 
 
 def _imported_top_level(folder: str) -> set[str]:
@@ -24,11 +25,7 @@ def _imported_top_level(folder: str) -> set[str]:
                 names.update(alias.name.split(".")[0] for alias in node.names)
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 names.add(node.module.split(".")[0])
-    return names - set(sys.stdlib_module_names) - PROJECT_PACKAGES - _BENCHMARK_MODULES
-
-
-#: Benchmark scripts import each other by file name (the script's folder is on sys.path).
-_BENCHMARK_MODULES = {p.stem for p in (REPO_ROOT / "benchmarks").glob("*.py")}
+    return names - set(sys.stdlib_module_names) - PROJECT_PACKAGES
 
 
 def test_every_package_the_tests_import_is_declared():
@@ -37,7 +34,8 @@ def test_every_package_the_tests_import_is_declared():
     declared = {canonicalize_name(r.name) for r in requirements
                 if r.marker is None or r.marker.evaluate({"extra": "test"})}
     distributions = packages_distributions()
-    imported = _imported_top_level("tests") | _imported_top_level("benchmarks")
+    imported = (_imported_top_level("tests") | _imported_top_level("benchmarks")
+                | _imported_top_level("cgidm_testkit"))
     undeclared = {
         module: distributions.get(module)
         for module in imported

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import activations, flux_arch, sd15, sdxl_arch
+from benchmarks import activations
 from cgidm_core import InversionConfig, authenticate
 from cgidm_core.errors import ConfigError
 from cgidm_core.models import load_pair_from_paths
@@ -26,7 +26,8 @@ from cgidm_core.models.devices import (
     family_batch_size,
     image_activation_bytes,
 )
-from tests import tinymodels
+from cgidm_testkit import tinymodels
+from cgidm_testkit.full_size import flux, sd15, sdxl
 from tests.paths import SHARED_DATA
 
 GIB = 2**30
@@ -56,9 +57,9 @@ def test_sd_estimate_matches_the_gpu_measurement_and_scales():
     assert 9 * GIB < xl < 12 * GIB  # not SD scaled by area (6.4 GiB): SDXL keeps more per pixel
     xl_ckpt = image_activation_bytes("stable-diffusion-xl", 128 * 128, torch.float16, True)
     assert xl_ckpt < xl / 8
-    flux = image_activation_bytes("flux", 128 * 128, torch.bfloat16)
+    flux_bytes = image_activation_bytes("flux", 128 * 128, torch.bfloat16)
     flux_half = image_activation_bytes("flux", 64 * 64, torch.bfloat16)
-    assert flux > 40 * GIB and flux_half > flux / 4  # the 512 T5 tokens do not shrink
+    assert flux_bytes > 40 * GIB and flux_half > flux_bytes / 4  # the 512 T5 tokens do not shrink
     # an unknown family falls back on SD's count scaled by area
     assert image_activation_bytes("other", 64 * 64, torch.float16) == sd
 
@@ -88,16 +89,16 @@ def test_architecture_configs_have_the_released_sizes():
         return sum(p.numel() for p in module.parameters())
 
     tokenizer = sd15.build_tokenizer()
-    te1, te2 = sdxl_arch.build_text_encoders(tokenizer, device="meta")
-    assert {"unet": params(sdxl_arch.build_unet(device="meta")),
-            "vae": params(sdxl_arch.build_vae(device="meta")),
+    te1, te2 = sdxl.build_text_encoders(tokenizer, device="meta")
+    assert {"unet": params(sdxl.build_unet(device="meta")),
+            "vae": params(sdxl.build_vae(device="meta")),
             "text_encoder": params(te1), "text_encoder_2": params(te2)} == \
-        sdxl_arch.EXPECTED_PARAMETERS
-    assert {"transformer": params(flux_arch.build_transformer()),
-            "text_encoder_2": params(flux_arch.build_t5()),
-            "text_encoder": params(flux_arch.build_clip()),
-            "vae": params(flux_arch.build_vae())} == flux_arch.EXPECTED_PARAMETERS
-    schnell = flux_arch.build_transformer("schnell")
+        sdxl.EXPECTED_PARAMETERS
+    assert {"transformer": params(flux.build_transformer()),
+            "text_encoder_2": params(flux.build_t5()),
+            "text_encoder": params(flux.build_clip()),
+            "vae": params(flux.build_vae())} == flux.EXPECTED_PARAMETERS
+    schnell = flux.build_transformer("schnell")
     assert params(schnell) == 11_891_178_560 and not schnell.config.guidance_embeds
 
 
@@ -216,19 +217,19 @@ def test_the_api_and_the_cli_take_the_option():
 def test_memory_benchmark_counts_sdxl_and_flux_layouts():
     from benchmarks import memory
 
-    sdxl = {r["layout"]: r for r in memory.run_accounting("sdxl", "bfloat16", [4])["rows"]}
-    reference = sdxl["reference-sdxl"]["weight_bytes"]
-    assert sdxl["reference-sdxl"]["parameters"] == 2 * sum(sdxl_arch.EXPECTED_PARAMETERS.values())
+    sdxl_rows = {r["layout"]: r for r in memory.run_accounting("sdxl", "bfloat16", [4])["rows"]}
+    reference = sdxl_rows["reference-sdxl"]["weight_bytes"]
+    assert sdxl_rows["reference-sdxl"]["parameters"] == 2 * sum(sdxl.EXPECTED_PARAMETERS.values())
     # the real pair classes: two UNets + a float32 VAE; one UNet with its adapter + the VAE
-    unet, vae = sdxl_arch.EXPECTED_PARAMETERS["unet"], sdxl_arch.EXPECTED_PARAMETERS["vae"]
-    assert sdxl["cgidm-sdxl-dreambooth"]["weight_bytes"] == 2 * unet * 2 + vae * 4
-    assert sdxl["cgidm-sdxl-dreambooth"]["weight_bytes"] / reference <= 0.85
-    assert sdxl["cgidm-sdxl-lora-r4"]["weight_bytes"] / reference <= 0.5
-    flux = memory.run_accounting("flux", "bfloat16", [4])
-    assert len(flux["verdicts"]) == 2 and all(v.endswith(": met") for v in flux["verdicts"])
-    rows = {r["layout"]: r for r in flux["rows"]}
+    unet, vae = sdxl.EXPECTED_PARAMETERS["unet"], sdxl.EXPECTED_PARAMETERS["vae"]
+    assert sdxl_rows["cgidm-sdxl-dreambooth"]["weight_bytes"] == 2 * unet * 2 + vae * 4
+    assert sdxl_rows["cgidm-sdxl-dreambooth"]["weight_bytes"] / reference <= 0.85
+    assert sdxl_rows["cgidm-sdxl-lora-r4"]["weight_bytes"] / reference <= 0.5
+    flux_run = memory.run_accounting("flux", "bfloat16", [4])
+    assert len(flux_run["verdicts"]) == 2 and all(v.endswith(": met") for v in flux_run["verdicts"])
+    rows = {r["layout"]: r for r in flux_run["rows"]}
     assert rows["reference-flux-dev"]["parameters"] == 2 * sum(
-        flux_arch.EXPECTED_PARAMETERS.values())
+        flux.EXPECTED_PARAMETERS.values())
 
 
 # -- the GPU scripts' SDXL and Flux paths, run on the CPU so they do not rot -----------------------
@@ -314,12 +315,12 @@ def test_the_full_size_flux_benchmark_pair_is_consistent_on_the_meta_device():
         return sum(p.numel() for p in module.parameters())
 
     assert params(pair.unet_pretrained) == params(pair.unet_finetuned) == \
-        flux_arch.EXPECTED_PARAMETERS["transformer"]
+        flux.EXPECTED_PARAMETERS["transformer"]
     assert pair.unet_pretrained is not pair.unet_finetuned
     encoders = pair.text_encoder_pretrained
-    assert params(encoders.text_encoder_2) == flux_arch.EXPECTED_PARAMETERS["text_encoder_2"]
-    assert params(encoders.text_encoder) == flux_arch.EXPECTED_PARAMETERS["text_encoder"]
-    assert params(pair.vae) == flux_arch.EXPECTED_PARAMETERS["vae"]
+    assert params(encoders.text_encoder_2) == flux.EXPECTED_PARAMETERS["text_encoder_2"]
+    assert params(encoders.text_encoder) == flux.EXPECTED_PARAMETERS["text_encoder"]
+    assert params(pair.vae) == flux.EXPECTED_PARAMETERS["vae"]
     assert pair.vae.dtype == torch.float32 and pair.unet_finetuned.dtype == torch.bfloat16
     assert (pair.image_size, pair.latent_shape, pair.guidance) == (1024, (16, 128, 128), 3.5)
     assert pair.shift_for(torch.empty(1, *pair.latent_shape)) == pytest.approx(3.158, abs=1e-3)

@@ -24,7 +24,7 @@ from cgidm_core.inversion import InversionConfig, contrast_loss
 from cgidm_core.models import load_pair_from_paths
 from cgidm_core.models.flow import shifted_sigmas
 from cgidm_core.models.pixel_flow import PixelFlowPair
-from tests import tinymodels
+from cgidm_testkit import tinymodels
 from tests.paths import SHARED_DATA, require_shared_data
 
 VANGOGH = SHARED_DATA / "wikiart-vangogh"

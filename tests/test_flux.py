@@ -30,7 +30,7 @@ from cgidm_core.errors import (
 from cgidm_core.models import detect_finetuned_kind, load_pair_from_paths
 from cgidm_core.models.flux import FluxLoraPair, FluxPair, pack_latents, unpack_latents
 from cgidm_core.models.formats import FLUX_FAMILY, pipeline_family, transformer_family
-from tests import tinymodels
+from cgidm_testkit import tinymodels
 from tests.paths import SHARED_DATA
 
 PROMPT = "sks style"

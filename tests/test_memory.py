@@ -18,7 +18,7 @@ from transformers import CLIPTextModel
 
 from cgidm_core.errors import ConfigError
 from cgidm_core.models import StableDiffusionLoraPair, StableDiffusionPair, load_pair_from_paths
-from tests import tinymodels
+from cgidm_testkit import tinymodels
 
 PROMPT = "sks style"
 OTHER_PROMPT = "a photo of a dog"

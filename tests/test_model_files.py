@@ -104,7 +104,7 @@ def test_names_must_fit_the_family_and_kind(names, family, kind, expected):
 
 
 def test_real_lora_file_is_a_lora(tiny_sd_pair, tmp_path):
-    from tests import tinymodels
+    from cgidm_testkit import tinymodels
 
     lora = tinymodels.make_lora(tiny_sd_pair[0], tmp_path / "lora", as_file=True,
                                 with_text_encoder=True)

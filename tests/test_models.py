@@ -27,7 +27,7 @@ from cgidm_core.models import (
     detect_finetuned_kind,
     load_pair_from_paths,
 )
-from tests import tinymodels
+from cgidm_testkit import tinymodels
 
 PROMPT = "sks style"
 CPU = {"device": "cpu"}

@@ -9,7 +9,7 @@ import torch
 import cgidm_core.api
 from cgidm_core import InversionConfig, authenticate, load_pair
 from cgidm_core.errors import OutOfMemory
-from tests.service.procs import png_bytes
+from cgidm_testkit.processes import png_bytes
 
 CONFIG = dict(steps=2, seed=3)
 

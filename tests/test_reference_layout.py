@@ -1,6 +1,6 @@
 """The benchmarks' re-creation of the authors' loop does the work their loop does, no more.
 
-Every speed-up we publish is measured against ``benchmarks/reference_layout.py``; these tests pin
+Every speed-up we publish is measured against ``cgidm_testkit/reference_layout.py``; these tests pin
 the claims in its docstring that decide its cost, on a tiny random Stable Diffusion pair.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.reference_layout import load_reference_layout, reference_recover
+from cgidm_testkit.reference_layout import load_reference_layout, reference_recover
 
 
 @pytest.fixture(scope="module")

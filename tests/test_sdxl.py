@@ -27,7 +27,7 @@ from cgidm_core.models import detect_finetuned_kind, load_pair_from_paths
 from cgidm_core.models.formats import SDXL_FAMILY, pipeline_family
 from cgidm_core.models.sdxl import StableDiffusionXLLoraPair, StableDiffusionXLPair
 from cgidm_core.prompts import EmptyPromptWarning
-from tests import tinymodels
+from cgidm_testkit import tinymodels
 from tests.paths import require_shared_data
 
 PROMPT = "sks style"

@@ -217,13 +217,9 @@ def test_palette_bounds_flag_reaches_the_inversion_config():
 
 def test_suite_report_ranks_by_worst_case_and_writes_both_tables(tmp_path):
     """The report renders from a summary alone (what `--report-only` and `--json` give)."""
-    import sys
     from types import SimpleNamespace
 
-    from tests.paths import REPO_ROOT
-
-    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-    from render_suite import render
+    from benchmarks.render_suite import render
 
     def row(auc, cost):
         return {"auc": auc, "ci": [auc - 0.1, min(1.0, auc + 0.1)], "tpr": 0.5, "fpr": 0.1,
@@ -239,7 +235,7 @@ def test_suite_report_ranks_by_worst_case_and_writes_both_tables(tmp_path):
     ]
     training = {"split": "vangogh-a", "seed": 0, "seconds": 60.0, "load_average": 1.0}
     summary = {"pairs": pairs, "run_seconds": 1.0, "load_average": [1.0, 1.0],
-               "command": "python benchmarks/suite.py",
+               "command": "python -m benchmarks.suite",
                "models": {"m": {"seconds": {}, "seconds_total": 120.0, "load_average": [1, 2],
                                 "training": training, "files": ["a"] * 20,
                                 "variants": {"default": {}}}}}

@@ -22,7 +22,7 @@ from cgidm_core.models import (
     load_pair_from_paths,
 )
 from cgidm_core.models.sdxl import StableDiffusionXLPair
-from tests import tinymodels
+from cgidm_testkit import tinymodels
 
 CPU = {"device": "cpu"}
 PROMPT = "sks style"

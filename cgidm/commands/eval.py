@@ -47,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     data.add_argument(
         "--suite-pair",
         help="run one pair of the benchmark suite instead (e.g. vangogh-a/strong/s0 or "
-        "dreambooth/medium/s1/hard; list: python benchmarks/suite.py --list): its models and "
+        "dreambooth/medium/s1/hard; list: python -m benchmarks.suite --list): its models and "
         "images, fine-tuning it first (cached) when missing; needs ../shared/data",
     )
     data.add_argument("--suite-cache", help="suite cache folder (default ~/.cache/cgidm/suite)")

@@ -15,8 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.service.inprocess import LIMITS, gateway_in_process
-from tests.service.procs import (
+from cgidm_testkit.processes import (
     make_registry,
     png_bytes,
     stack_env,
@@ -26,6 +25,7 @@ from tests.service.procs import (
     start_worker,
     stop_process,
 )
+from tests.service.inprocess import LIMITS, gateway_in_process
 
 # ------------------------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from app.admission import LocalAdmission, QueueFull, RedisAdmission
-from tests.service.procs import BUCKET, start_gateway, stop_process
+from cgidm_testkit.processes import BUCKET, start_gateway, stop_process
 
 
 def _race(admission, depth: int, limit: int, contenders: int) -> list[str]:

@@ -25,14 +25,14 @@ from pydantic import ValidationError
 
 from cgidm.commands.keys import KEY_BYTES, entry
 from cgidm.settings import Settings
-from tests.service.inprocess import gateway_in_process
-from tests.service.procs import (
+from cgidm_testkit.processes import (
     child_env,
     png_bytes,
     start_gateway,
     stop_process,
     wait_for_job,
 )
+from tests.service.inprocess import gateway_in_process
 
 
 def _new_key(name: str) -> tuple[str, str]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.service.procs import png_bytes
+from cgidm_testkit.processes import png_bytes
 
 GOOD = png_bytes(3)
 

@@ -9,7 +9,7 @@ import pytest
 from app.admission import admission_for
 from cgidm.job_queue import BrokerUnavailable, enqueue_job, make_celery, waiting_jobs
 from cgidm.settings import Settings
-from tests.service.procs import free_port
+from cgidm_testkit.processes import free_port
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import yaml
 
 from cgidm.job_queue import AUTHENTICATE_TASK
 from cgidm.settings import Settings, setting_env_names
-from tests.service.procs import REPO_ROOT, child_env, png_bytes, start_gateway, stop_process
+from cgidm_testkit.processes import REPO_ROOT, child_env, png_bytes, start_gateway, stop_process
 
 COMPOSE = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service.procs import (
+from cgidm_testkit.processes import (
     TERMINAL,
     child_env,
     free_port,

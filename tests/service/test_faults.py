@@ -21,7 +21,7 @@ import httpx
 import pytest
 import redis
 
-from tests.service.procs import (
+from cgidm_testkit.processes import (
     BUCKET,
     bucket_keys,
     png_bytes,

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis.generation import GenerationMode
 
-from tests.service.procs import png_bytes
+from cgidm_testkit.processes import png_bytes
 
 pytestmark = pytest.mark.slow  # hundreds of generated requests: ~20 s on 2 cores
 

@@ -22,8 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.service.inprocess import LIMITS
-from tests.service.procs import (
+from cgidm_testkit.processes import (
     BUCKET,
     png_bytes,
     s3_client,
@@ -32,6 +31,7 @@ from tests.service.procs import (
     stop_process,
     wait_for_job,
 )
+from tests.service.inprocess import LIMITS
 
 MAX_UPLOAD = LIMITS["max_upload_bytes"]  # the session's gateways, in-process or over HTTP
 
@@ -390,7 +390,7 @@ def small_queue_gateway(service_env, service_root):
 
 @pytest.mark.slow  # the depth is counted on the real Redis broker
 def test_full_queue_answers_429_with_retry_after(small_queue_gateway, s3_endpoint):
-    from tests.service.procs import bucket_keys
+    from cgidm_testkit.processes import bucket_keys
 
     with httpx.Client(base_url=small_queue_gateway, timeout=30) as client:
         accepted = [_post(client, {}, None) for _ in range(2)]

@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-from tests.service.procs import REPO_ROOT, child_env
+from cgidm_testkit.processes import REPO_ROOT, child_env
 
 PROBE = """
 import json, sys

@@ -8,7 +8,7 @@ import re
 import pytest
 from PIL import Image
 
-from tests.service.procs import BUCKET, png_bytes, s3_client, wait_for_job
+from cgidm_testkit.processes import BUCKET, png_bytes, s3_client, wait_for_job
 
 pytestmark = pytest.mark.slow  # starts servers and processes
 

@@ -18,7 +18,7 @@ from cgidm.leases import LeaseStore, RedisLeases, SqliteLeases
 from cgidm.reaper import Reaper
 from cgidm.settings import Settings
 from cgidm.storage import LocalStorage
-from tests.service.procs import png_bytes
+from cgidm_testkit.processes import png_bytes
 
 TTL = 2.0  # unit level: short leases so a lapse takes seconds (the process tests use defaults)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import tinymodels
+from cgidm_testkit import tinymodels
 from worker.model_cache import ModelCache
 
 

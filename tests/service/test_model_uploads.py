@@ -25,8 +25,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests import tinymodels
-from tests.service.procs import (
+from cgidm_testkit import tinymodels
+from cgidm_testkit.processes import (
     BUCKET,
     bucket_keys,
     png_bytes,

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
+from cgidm_testkit.processes import free_port, png_bytes
 from tests.service.inprocess import gateway_in_process
-from tests.service.procs import free_port, png_bytes
 
 
 @pytest.fixture(scope="module")

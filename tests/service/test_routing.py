@@ -29,7 +29,7 @@ from cgidm.queue_routing import (
     slot_for_pair,
 )
 from cgidm.settings import Settings
-from tests.service.procs import (
+from cgidm_testkit.processes import (
     REPO_ROOT,
     child_env,
     kill_process,
@@ -39,7 +39,7 @@ from tests.service.procs import (
     wait_for_job,
     wait_until,
 )
-from tests.service.routing_stack import (
+from cgidm_testkit.routing_stack import (
     alias_registry,
     metric,
     routing_stack,

@@ -15,7 +15,7 @@ from cgidm.storage import (
     StorageUnavailable,
     open_storage,
 )
-from tests.service.procs import AWS_ENV, BUCKET, free_port
+from cgidm_testkit.processes import AWS_ENV, BUCKET, free_port
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -13,9 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests import tinymodels
+from cgidm_testkit import tinymodels
+from cgidm_testkit.processes import REPO_ROOT, child_env, free_port, wait_until
 from tests.paths import SHARED_DATA, require_shared_data
-from tests.service.procs import REPO_ROOT, child_env, free_port, wait_until
 
 pytestmark = pytest.mark.slow  # starts servers and processes
 

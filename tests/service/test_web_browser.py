@@ -26,8 +26,8 @@ import httpx
 import pytest
 
 from cgidm_core.demo import DEMO_MODELS_DIR
+from cgidm_testkit.processes import child_env, free_port
 from tests.paths import SHARED_DATA
-from tests.service.procs import child_env, free_port
 
 pytestmark = pytest.mark.slow
 

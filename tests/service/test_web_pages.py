@@ -13,7 +13,7 @@ import tomllib
 
 from app.web import evidence
 from cgidm.jobs import ArtifactLinks, ImageScore, JobRecord, JobResult, JobSettings, SetTest
-from tests.service.procs import REPO_ROOT, png_bytes, wait_for_job
+from cgidm_testkit.processes import REPO_ROOT, png_bytes, wait_for_job
 
 #: src/href values that would leave the service (a CDN, external fonts).
 EXTERNAL = re.compile(r"""(?:src|href)\s*=\s*["']?(?:https?:)?//""", re.IGNORECASE)

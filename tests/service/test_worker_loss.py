@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.service.procs import BUCKET, s3_client
-from tests.service.recovery import LossStack, Timeline, kill_and_time
+from cgidm_testkit.processes import BUCKET, s3_client
+from cgidm_testkit.worker_loss import LossStack, Timeline, kill_and_time
 
 pytestmark = pytest.mark.slow  # each scenario waits out a real 60 s lease
 

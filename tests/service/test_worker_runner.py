@@ -20,7 +20,7 @@ from cgidm.jobs import (
 from cgidm.leases import Step
 from cgidm.settings import Settings
 from cgidm.storage import LocalStorage
-from tests.service.procs import png_bytes
+from cgidm_testkit.processes import png_bytes
 from worker.context import WorkerContext
 from worker.job_runner import SHUTDOWN, HardLimit, JobInterrupted, run_job
 from worker.model_cache import ModelCache
@@ -100,7 +100,7 @@ def sd_registry(tmp_path_factory):
     """A tiny Stable Diffusion pair (real CLIP tokenizer of 77 tokens) in a registry."""
     import json
 
-    from tests import tinymodels
+    from cgidm_testkit import tinymodels
 
     root = tmp_path_factory.mktemp("sd")
     base = tinymodels.make_tiny_sd(root / "base")
@@ -226,7 +226,7 @@ def sdxl_registry(tmp_path_factory):
     """A tiny SDXL base, a kohya LoRA with ss_* metadata and a plain DreamBooth folder."""
     import json
 
-    from tests import tinymodels
+    from cgidm_testkit import tinymodels
 
     root = tmp_path_factory.mktemp("sdxl")
     base = tinymodels.make_tiny_sdxl(root / "base")

@@ -12,17 +12,11 @@ and ``benchmarks/cuda_check.py`` (``--dry-run``), which must not rot while no GP
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks import sd15  # noqa: E402
+from cgidm_testkit.full_size import sd15
 
 UNET_CONFIG: dict[str, Any] = {
     "act_fn": "silu",

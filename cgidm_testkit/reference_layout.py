@@ -155,7 +155,7 @@ def _sd_parts(pipe: Any) -> ReferencePipeline:
 def build_sd15_reference_layout(
     with_safety_checker: bool = True, device: str = "cpu"
 ) -> ReferenceLayout:
-    """The reference layout for SD 1.5 in memory, random weights (see ``benchmarks/sd15.py``).
+    """The reference layout for SD 1.5 in memory, random weights (``full_size/sd15.py``).
 
     The fine-tuned pipeline is a full DreamBooth fine-tune (own UNet and text encoder), the
     paper's setting. ``with_safety_checker`` reproduces ``from_pretrained`` of the pretrained
@@ -166,7 +166,7 @@ def build_sd15_reference_layout(
     from diffusers import StableDiffusionImg2ImgPipeline
     from transformers import CLIPImageProcessor
 
-    from benchmarks import sd15
+    from cgidm_testkit.full_size import sd15
 
     def pipeline(seed: int, safety: bool) -> Any:
         tokenizer = sd15.build_tokenizer()

@@ -25,7 +25,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "cgidm-test"
 AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -228,7 +228,7 @@ def url_port(url: str) -> int:
 def make_registry(root: Path) -> Path:
     """A registry with two tiny pairs (tiny-base/tiny-ft, other-base/other-ft) and two broken
     fine-tunes of tiny-base: one whose folder is missing, one whose weights are corrupt."""
-    from tests import tinymodels
+    from cgidm_testkit import tinymodels
 
     pre, ft = tinymodels.make_tiny_ddpm_pair(root / "models", seed=0)
     pre2, ft2 = tinymodels.make_tiny_ddpm_pair(root / "models2", seed=1)

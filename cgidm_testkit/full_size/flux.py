@@ -15,17 +15,12 @@ with real random weights for the CPU dry runs.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks import sd15  # noqa: E402
+from cgidm_testkit.full_size import sd15
 
 TRANSFORMER_CONFIG: dict[str, Any] = {
     "attention_head_dim": 128,
@@ -189,7 +184,7 @@ def build_t5_tokenizer(model_max_length: int = T5_TOKENS):
 
     from transformers import AutoTokenizer
 
-    from tests.tinymodels import write_tiny_t5_tokenizer
+    from cgidm_testkit.tinymodels import write_tiny_t5_tokenizer
 
     folder = Path(tempfile.mkdtemp(prefix="cgidm-flux-t5tok-"))
     try:

@@ -9,16 +9,11 @@ Weight VALUES do not matter for memory or speed, only shapes and dtypes do.
 from __future__ import annotations
 
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 UNET_CONFIG: dict[str, Any] = {
     "act_fn": "silu",
@@ -137,7 +132,7 @@ def build_tokenizer():
     """
     from transformers import CLIPTokenizer
 
-    from tests.tinymodels import write_tiny_clip_tokenizer
+    from cgidm_testkit.tinymodels import write_tiny_clip_tokenizer
 
     folder = Path(tempfile.mkdtemp(prefix="cgidm-sd15-tok-"))
     try:

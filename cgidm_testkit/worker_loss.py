@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.service.procs import (
+from cgidm_testkit.processes import (
     bucket_keys,
     kill_process,
     launch_worker,

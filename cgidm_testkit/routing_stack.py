@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from tests.service.procs import (
+from cgidm_testkit.processes import (
     launch_worker,
     png_bytes,
     stack_env,

@@ -31,6 +31,7 @@ import torch
 
 from cgidm_core.models.flow import FlowMatchingPair
 from cgidm_core.models.stable_diffusion import StableDiffusionLoraPair, StableDiffusionPair
+from cgidm_core.models.text_encoders import TwoTextEncoders, tokenize
 from cgidm_core.names import FLUX_FAMILY
 
 #: Guidance value for Flux.1-dev when the fine-tune does not say what it was trained with: the
@@ -67,19 +68,9 @@ def image_ids(height: int, width: int, device: torch.device, dtype: torch.dtype)
     return ids.to(device=device, dtype=dtype)
 
 
-class FluxTextEncoders(torch.nn.Module):
+class FluxTextEncoders(TwoTextEncoders):
     """A Flux model's two text encoders: ``text_encoder`` (CLIP ViT-L, pooled output) and
-    ``text_encoder_2`` (T5-XXL encoder, 4.7B parameters at full size), held as one module so
-    that release, reload, adapter switching and memory accounting treat them as one."""
-
-    def __init__(self, text_encoder: torch.nn.Module, text_encoder_2: torch.nn.Module) -> None:
-        super().__init__()
-        self.text_encoder = text_encoder
-        self.text_encoder_2 = text_encoder_2
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+    ``text_encoder_2`` (T5-XXL encoder, 4.7B parameters at full size)."""
 
     def encode(
         self, clip_ids: torch.Tensor, t5_ids: torch.Tensor
@@ -189,13 +180,7 @@ class _FluxConditioning:
     # -- text ----------------------------------------------------------------------------------
 
     def _tokens(self, tokenizer: Any, prompt: str, length: int) -> torch.Tensor:
-        return tokenizer(
-            prompt,
-            padding="max_length",
-            max_length=length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
+        return tokenize(tokenizer, prompt, length).input_ids.to(self.device)
 
     def _embed(
         self, tokenizer: Any, text_encoder: torch.nn.Module, prompt: str

@@ -52,11 +52,13 @@ from cgidm_core.models.formats import (
 from cgidm_core.models.sd_loading import (
     LORA_ADAPTER_NAME,
     LoadOptions,
+    count_adapted_layers,
     load_text_encoder,
     load_tokenizer,
     load_vae,
     loading_errors,
     place,
+    read_lora_state_dict,
     same_weights,
 )
 from cgidm_core.models.stable_diffusion import TextEncoderReloader
@@ -276,21 +278,11 @@ def read_flux_lora(weights: Path) -> tuple[dict, Any, Any]:
             f"{weights} is a Stable Diffusion / SDXL LoRA (no Flux transformer keys) but the "
             "pretrained model is Flux.1; compare it with the base it was trained on"
         )
-    with loading_errors("the LoRA", weights, mismatch_is_incompatible=True):
-        state_dict, network_alphas, metadata = FluxPipeline.lora_state_dict(
-            str(weights.parent),
-            weight_name=weights.name,
-            use_safetensors=True,
-            local_files_only=True,
-            return_alphas=True,
-            return_lora_metadata=True,
-        )
-    if not state_dict or not all("lora" in key for key in state_dict):
-        raise ModelFormatError(
-            f"{weights} is not a Flux LoRA that diffusers can load (control LoRAs with norm or "
-            "input-expansion weights are not supported)"
-        )
-    return state_dict, network_alphas, metadata
+    return read_lora_state_dict(
+        FluxPipeline, weights, return_alphas=True,
+        not_a_lora="is not a Flux LoRA that diffusers can load (control LoRAs with norm or "
+                   "input-expansion weights are not supported)",
+    )
 
 
 _OLD_TEXT_ENCODER_LORA = re.compile(
@@ -343,7 +335,6 @@ def attach_flux_lora(path: Path, base: FluxBase) -> int:
     """Load a LoRA into the base transformer (and CLIP) as one named adapter; returns the number
     of adapted layers (0 is refused: the file fits nothing in this base)."""
     from diffusers import FluxPipeline
-    from peft.tuners.tuners_utils import BaseTunerLayer
 
     weights = lora_weights_file(path)
     lora = read_flux_lora(weights)
@@ -359,14 +350,7 @@ def attach_flux_lora(path: Path, base: FluxBase) -> int:
                 metadata=metadata,
             )
     _attach_to_clip(lora, base.text_encoder, weights)
-    layers = sum(
-        isinstance(module, BaseTunerLayer)
-        for network in (base.transformer, base.text_encoder)
-        for module in network.modules()
-    )
-    if layers == 0:
-        raise ModelFormatError(f"{weights} holds no LoRA weights that fit this Flux.1 base model")
-    return layers
+    return count_adapted_layers(weights, "Flux.1 base model", base.transformer, base.text_encoder)
 
 
 # -- the pair ---------------------------------------------------------------------------------

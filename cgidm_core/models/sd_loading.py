@@ -308,29 +308,56 @@ def load_single_file(file: Path, base: SDBase, opts: LoadOptions) -> SDFinetune:
     return SDFinetune(unet=pipe.unet, text_encoder=pipe.text_encoder if has_text_encoder else None)
 
 
-def _read_lora(weights: Path, unet_config: Any) -> tuple[dict, Any, Any]:
-    """A LoRA file's state dict in diffusers' naming (kohya/A1111 keys converted), with its
-    network alphas and rank/alpha metadata."""
-    from diffusers import StableDiffusionPipeline
+def read_lora_state_dict(
+    pipeline_class: Any,
+    weights: Path,
+    *,
+    not_a_lora: str = "is not a LoRA that diffusers can load",
+    **options: Any,
+) -> tuple[dict, Any, Any]:
+    """A LoRA file's state dict in diffusers' naming, its network alphas and its rank/alpha
+    metadata, read by the family pipeline's own ``lora_state_dict`` (which converts kohya, A1111
+    and XLabs key names; ``options`` are that loader's family-specific arguments).
 
-    keys = safetensors_keys(weights)
-    if is_sdxl_lora(keys):
-        raise IncompatiblePairError(
-            f"{weights} is an SDXL LoRA but the pretrained model is Stable Diffusion 1.x/2.x; "
-            "compare it with the SDXL base it was trained on"
-        )
+    A file whose keys are not all LoRA weights (a control LoRA, a full checkpoint) is refused
+    with ``f"{weights} {not_a_lora}"`` rather than half-loaded."""
     with loading_errors("the LoRA", weights, mismatch_is_incompatible=True):
-        state_dict, network_alphas, metadata = StableDiffusionPipeline.lora_state_dict(
+        state_dict, network_alphas, metadata = pipeline_class.lora_state_dict(
             str(weights.parent),
             weight_name=weights.name,
             use_safetensors=True,
             local_files_only=True,
             return_lora_metadata=True,
-            unet_config=unet_config,
+            **options,
         )
     if not state_dict or not all("lora" in key for key in state_dict):
-        raise ModelFormatError(f"{weights} is not a LoRA that diffusers can load")
+        raise ModelFormatError(f"{weights} {not_a_lora}")
     return state_dict, network_alphas, metadata
+
+
+def count_adapted_layers(weights: Path, model: str, *networks: torch.nn.Module) -> int:
+    """How many layers of ``networks`` carry the attached adapter; 0 is refused, since it means
+    the file fits nothing in this ``model`` (a LoRA for another base)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = sum(isinstance(module, BaseTunerLayer)
+                 for network in networks for module in network.modules())
+    if layers == 0:
+        raise ModelFormatError(f"{weights} holds no LoRA weights that fit this {model}")
+    return layers
+
+
+def _read_lora(weights: Path, unet_config: Any) -> tuple[dict, Any, Any]:
+    """An SD 1.x/2.x LoRA (kohya/A1111 keys converted given the UNet config); an SDXL LoRA is
+    refused as incompatible before diffusers fails on its shapes."""
+    from diffusers import StableDiffusionPipeline
+
+    if is_sdxl_lora(safetensors_keys(weights)):
+        raise IncompatiblePairError(
+            f"{weights} is an SDXL LoRA but the pretrained model is Stable Diffusion 1.x/2.x; "
+            "compare it with the SDXL base it was trained on"
+        )
+    return read_lora_state_dict(StableDiffusionPipeline, weights, unet_config=unet_config)
 
 
 def _lora_has_text_encoder(state_dict: dict) -> bool:
@@ -360,7 +387,6 @@ def attach_lora(path: Path, base: SDBase, opts: LoadOptions) -> int:
     adapter's rank/alpha metadata. Returns the number of adapted layers.
     """
     from diffusers import StableDiffusionPipeline
-    from peft.tuners.tuners_utils import BaseTunerLayer
 
     weights = lora_weights_file(path)
     lora = _read_lora(weights, base.unet.config)
@@ -375,14 +401,7 @@ def attach_lora(path: Path, base: SDBase, opts: LoadOptions) -> int:
         )
     if _lora_has_text_encoder(state_dict):
         _attach_lora_to_text_encoder(lora, base.text_encoder, weights)
-    layers = sum(
-        isinstance(module, BaseTunerLayer)
-        for network in (base.unet, base.text_encoder)
-        for module in network.modules()
-    )
-    if layers == 0:
-        raise ModelFormatError(f"{weights} holds no LoRA weights that fit this base model")
-    return layers
+    return count_adapted_layers(weights, "base model", base.unet, base.text_encoder)
 
 
 # -- reloading text encoders -------------------------------------------------------------------

@@ -29,22 +29,13 @@ import torch
 
 from cgidm_core.models.predictions import expand_timesteps, output_to_eps
 from cgidm_core.models.stable_diffusion import StableDiffusionLoraPair, StableDiffusionPair
+from cgidm_core.models.text_encoders import TwoTextEncoders, tokenize
 from cgidm_core.names import SDXL_FAMILY
 
 
-class SDXLTextEncoders(torch.nn.Module):
+class SDXLTextEncoders(TwoTextEncoders):
     """A model's two text encoders: ``text_encoder`` (CLIP ViT-L) and ``text_encoder_2``
-    (OpenCLIP ViT-bigG with projection). A fine-tune that changed only one of them shares the
-    other module with its base."""
-
-    def __init__(self, text_encoder: torch.nn.Module, text_encoder_2: torch.nn.Module) -> None:
-        super().__init__()
-        self.text_encoder = text_encoder
-        self.text_encoder_2 = text_encoder_2
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+    (OpenCLIP ViT-bigG with projection)."""
 
     def encode(
         self, ids: torch.Tensor, ids_2: torch.Tensor
@@ -75,13 +66,7 @@ class _SDXLConditioning:
         super().__init__(**kwargs)  # type: ignore[call-arg]
 
     def _tokens(self, tokenizer: Any, prompt: str) -> torch.Tensor:
-        return tokenizer(
-            prompt,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
+        return tokenize(tokenizer, prompt).input_ids.to(self.device)
 
     def _embed(
         self, tokenizer: Any, text_encoder: torch.nn.Module, prompt: str

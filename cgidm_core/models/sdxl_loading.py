@@ -32,12 +32,14 @@ from cgidm_core.models.sd_loading import (
     LORA_ADAPTER_NAME,
     LoadOptions,
     _scheduler_of,
+    count_adapted_layers,
     load_text_encoder,
     load_tokenizer,
     load_unet,
     load_vae,
     loading_errors,
     place,
+    read_lora_state_dict,
     same_weights,
 )
 from cgidm_core.models.sdxl import (
@@ -225,18 +227,7 @@ def _read_sdxl_lora(weights: Path, unet_config: Any) -> tuple[dict, Any, Any]:
     ``lora_te2_*`` keys are converted by diffusers' SDXL loader (given the UNet config)."""
     from diffusers import StableDiffusionXLPipeline
 
-    with loading_errors("the LoRA", weights, mismatch_is_incompatible=True):
-        state_dict, network_alphas, metadata = StableDiffusionXLPipeline.lora_state_dict(
-            str(weights.parent),
-            weight_name=weights.name,
-            use_safetensors=True,
-            local_files_only=True,
-            return_lora_metadata=True,
-            unet_config=unet_config,
-        )
-    if not state_dict or not all("lora" in key for key in state_dict):
-        raise ModelFormatError(f"{weights} is not a LoRA that diffusers can load")
-    return state_dict, network_alphas, metadata
+    return read_lora_state_dict(StableDiffusionXLPipeline, weights, unet_config=unet_config)
 
 
 def _attach_to_text_encoders(lora: tuple[dict, Any, Any], encoders: dict[str, Any],
@@ -262,7 +253,6 @@ def attach_sdxl_lora(path: Path, base: SDXLBase) -> int:
     """Load a LoRA into the base UNet and text encoders as one named adapter; returns the number
     of adapted layers (0 is refused: the file fits nothing in this base)."""
     from diffusers import StableDiffusionXLPipeline
-    from peft.tuners.tuners_utils import BaseTunerLayer
 
     weights = lora_weights_file(path)
     lora = _read_sdxl_lora(weights, base.unet.config)
@@ -277,14 +267,7 @@ def attach_sdxl_lora(path: Path, base: SDXLBase) -> int:
         )
     encoders = {"text_encoder": base.text_encoder, "text_encoder_2": base.text_encoder_2}
     _attach_to_text_encoders(lora, encoders, weights)
-    layers = sum(
-        isinstance(module, BaseTunerLayer)
-        for network in (base.unet, *encoders.values())
-        for module in network.modules()
-    )
-    if layers == 0:
-        raise ModelFormatError(f"{weights} holds no LoRA weights that fit this SDXL base model")
-    return layers
+    return count_adapted_layers(weights, "SDXL base model", base.unet, *encoders.values())
 
 
 # -- the pair ----------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import torch
 from cgidm_core.errors import ConfigError
 from cgidm_core.models.devices import available_gpu_bytes, family_batch_size, unique_modules
 from cgidm_core.models.predictions import expand_timesteps, output_to_eps
+from cgidm_core.models.text_encoders import tokenize
 from cgidm_core.names import SD_FAMILY
 from cgidm_core.pair import Conditioning, ModelPair, storage_bytes
 
@@ -217,13 +218,7 @@ class StableDiffusionPair(ModelPair):
     # -- conditioning --------------------------------------------------------------------------
 
     def _embed(self, tokenizer: Any, text_encoder: torch.nn.Module, prompt: str) -> torch.Tensor:
-        tokens = tokenizer(
-            prompt,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
+        tokens = tokenize(tokenizer, prompt)
         mask = None
         if getattr(text_encoder.config, "use_attention_mask", False):
             mask = tokens.attention_mask.to(self.device)

@@ -54,6 +54,14 @@ def test_shared_helpers_and_benchmarks_never_import_the_tests():
     assert not offenders, f"move what both need into cgidm_testkit: {offenders}"
 
 
+def test_no_test_imports_from_a_conftest():
+    """A conftest holds fixtures; a helper imported from one is a re-export with two homes."""
+    offenders = [str(path.relative_to(REPO_ROOT)) for path in _python_files("tests")
+                 if any(name.split(".")[-1] == "conftest"
+                        for name in _imports_of(ast.parse(path.read_text(), str(path))))]
+    assert not offenders, f"import helpers from cgidm_testkit, not from a conftest: {offenders}"
+
+
 @pytest.mark.parametrize("module", sorted(
     ".".join(path.relative_to(REPO_ROOT).with_suffix("").parts).removesuffix(".__init__")
     for path in _python_files("benchmarks", "cgidm_testkit")))

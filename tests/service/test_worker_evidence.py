@@ -8,7 +8,7 @@ from cgidm.jobs import InputFile, JobRecord, JobSettings, JobStore, input_key, n
 from cgidm.settings import Settings
 from cgidm.storage import LocalStorage
 from cgidm_core.evidence import build_evidence
-from tests.service.conftest import png_bytes
+from cgidm_testkit.processes import png_bytes
 from worker.context import WorkerContext
 from worker.job_runner import run_job
 from worker.model_cache import ModelCache

@@ -90,11 +90,11 @@ def build_layouts(root: Path, families: tuple[str, ...] = FAMILIES
         layouts["ddpm"] = tinymodels.make_tiny_ddpm_pair(root / "ddpm", sample_size=16)
     if "sdxl" in families:
         xl = tinymodels.make_tiny_sdxl(root / "xl_base")
-        unet_only = tinymodels.make_sdxl_dreambooth_folder(xl, root / "xl_db", (), seed=6)
+        unet_only = tinymodels.make_dreambooth_folder(xl, root / "xl_db", (), seed=6)
         bare = root / "xl_unet.safetensors"
         shutil.copy(unet_only / "unet" / "diffusion_pytorch_model.safetensors", bare)
         layouts.update({
-            "sdxl-pipeline": (xl, tinymodels.make_sdxl_full_finetune(xl, root / "xl_full")),
+            "sdxl-pipeline": (xl, tinymodels.make_full_finetune(xl, root / "xl_full")),
             "sdxl-kohya-lora": (xl, tinymodels.make_sdxl_kohya_lora(
                 xl, root / "xl_kohya.safetensors", seed=5,
                 metadata={"ss_output_name": "check", "ss_tag_frequency":

@@ -265,35 +265,43 @@ def make_tiny_sd(
     return path
 
 
-def _load_sd_model(base: Path, subfolder: str):
+def _load_component(base: Path, subfolder: str):
+    """One network of a tiny SD or SDXL pipeline folder, by its subfolder name."""
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    cls = UNet2DConditionModel if subfolder == "unet" else CLIPTextModel
-    return cls.from_pretrained(
+    classes = {
+        "unet": UNet2DConditionModel,
+        "text_encoder": CLIPTextModel,
+        "text_encoder_2": CLIPTextModelWithProjection,
+    }
+    return classes[subfolder].from_pretrained(
         base, subfolder=subfolder, use_safetensors=True, local_files_only=True
     )
 
 
 def make_dreambooth_folder(
-    base: str | Path, out: str | Path, with_text_encoder: bool = True, seed: int = 1
+    base: str | Path, out: str | Path, text_encoders: tuple[str, ...] = ("text_encoder",),
+    seed: int = 1,
 ) -> Path:
-    """Write what DreamBooth training leaves: ``unet/`` (and ``text_encoder/``), no model_index."""
+    """What DreamBooth training leaves (SD or SDXL): ``unet/`` plus the named text encoder
+    folders, each perturbed, without model_index.json."""
     base, out = Path(base), Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    unet = perturb_(_load_sd_model(base, "unet"), seed=seed)
-    unet.save_pretrained(out / "unet", safe_serialization=True)
-    if with_text_encoder:
-        text_encoder = perturb_(_load_sd_model(base, "text_encoder"), seed=seed + 1)
-        text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
+    perturb_(_load_component(base, "unet"), seed=seed).save_pretrained(
+        out / "unet", safe_serialization=True
+    )
+    for offset, name in enumerate(text_encoders, start=1):
+        encoder = perturb_(_load_component(base, name), seed=seed + offset)
+        encoder.save_pretrained(out / name, safe_serialization=True)
     return out
 
 
 def make_full_finetune(base: str | Path, out: str | Path, seed: int = 1) -> Path:
-    """A complete pipeline folder: a copy of ``base`` whose UNet is perturbed."""
+    """A complete SD or SDXL pipeline folder: a copy of ``base`` whose UNet is perturbed."""
     base, out = Path(base), Path(out)
     shutil.copytree(base, out, dirs_exist_ok=True)
-    unet = perturb_(_load_sd_model(base, "unet"), seed=seed)
+    unet = perturb_(_load_component(base, "unet"), seed=seed)
     shutil.rmtree(out / "unet")
     unet.save_pretrained(out / "unet", safe_serialization=True)
     return out
@@ -326,7 +334,7 @@ def make_lora(
     from peft.utils import get_peft_model_state_dict
 
     base, out = Path(base), Path(out)
-    unet = _load_sd_model(base, "unet")
+    unet = _load_component(base, "unet")
     unet.add_adapter(
         LoraConfig(
             r=rank,
@@ -340,7 +348,7 @@ def make_lora(
     text_encoder_layers = None
     if with_text_encoder:
         # peft directly: transformers' own add_adapter may demand a newer peft than diffusers
-        text_encoder = _load_sd_model(base, "text_encoder")
+        text_encoder = _load_component(base, "text_encoder")
         inject_adapter_in_model(
             LoraConfig(
                 r=rank,
@@ -617,46 +625,6 @@ def make_tiny_sdxl(
     return path
 
 
-def _load_sdxl_model(base: Path, subfolder: str):
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    classes = {
-        "unet": UNet2DConditionModel,
-        "text_encoder": CLIPTextModel,
-        "text_encoder_2": CLIPTextModelWithProjection,
-    }
-    return classes[subfolder].from_pretrained(
-        base, subfolder=subfolder, use_safetensors=True, local_files_only=True
-    )
-
-
-def make_sdxl_dreambooth_folder(
-    base: str | Path, out: str | Path, text_encoders: tuple[str, ...] = ("text_encoder",),
-    seed: int = 1,
-) -> Path:
-    """``unet/`` plus the named text encoder folders, each perturbed, without model_index.json."""
-    base, out = Path(base), Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    perturb_(_load_sdxl_model(base, "unet"), seed=seed).save_pretrained(
-        out / "unet", safe_serialization=True
-    )
-    for offset, name in enumerate(text_encoders, start=1):
-        encoder = perturb_(_load_sdxl_model(base, name), seed=seed + offset)
-        encoder.save_pretrained(out / name, safe_serialization=True)
-    return out
-
-
-def make_sdxl_full_finetune(base: str | Path, out: str | Path, seed: int = 1) -> Path:
-    """A complete SDXL pipeline folder: a copy of ``base`` whose UNet is perturbed."""
-    base, out = Path(base), Path(out)
-    shutil.copytree(base, out, dirs_exist_ok=True)
-    unet = perturb_(_load_sdxl_model(base, "unet"), seed=seed)
-    shutil.rmtree(out / "unet")
-    unet.save_pretrained(out / "unet", safe_serialization=True)
-    return out
-
-
 def _sdxl_lora_layers(base: Path, seed: int, rank: int) -> dict[str, dict[str, torch.Tensor]]:
     """peft LoRA state dicts (random ``lora_B``) for the UNet and both text encoders."""
     from peft import LoraConfig, inject_adapter_in_model
@@ -664,13 +632,13 @@ def _sdxl_lora_layers(base: Path, seed: int, rank: int) -> dict[str, dict[str, t
 
     torch.manual_seed(seed)  # peft draws lora_A from the global generator
     generator = torch.Generator().manual_seed(seed)
-    unet = _load_sdxl_model(base, "unet")
+    unet = _load_component(base, "unet")
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     _randomize_lora_b(unet, generator)
     layers = {"unet": get_peft_model_state_dict(unet)}
     for name in ("text_encoder", "text_encoder_2"):
-        encoder = _load_sdxl_model(base, name)
+        encoder = _load_component(base, name)
         inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
                                            target_modules=["q_proj", "k_proj", "v_proj",
                                                            "out_proj"]), encoder)
@@ -781,20 +749,28 @@ def sdxl_pipeline_to_single_file(folder: str | Path, out_file: str | Path) -> Pa
     from safetensors.torch import save_file
 
     folder, out_file = Path(folder), Path(out_file)
-    unet = _load_sdxl_model(folder, "unet")
+    unet = _load_component(folder, "unet")
     tensors = unet_state_dict_to_ldm(unet.state_dict(), unet.config)
     vae = AutoencoderKL.from_pretrained(folder / "vae")
     tensors.update(vae_state_dict_to_ldm(vae.state_dict(), vae.config))
-    for key, value in _load_sdxl_model(folder, "text_encoder").state_dict().items():
-        key = key if key.startswith("text_model.") else "text_model." + key
-        if not key.endswith("position_ids"):
-            tensors["conditioner.embedders.0.transformer." + key] = value
-    second = _load_sdxl_model(folder, "text_encoder_2").state_dict()
-    for key, value in open_clip_state_dict(second).items():
-        tensors["conditioner.embedders.1.model." + key] = value
+    tensors.update(_sgm_text_encoder_tensors(folder))
     out_file.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_file))
     return out_file
+
+
+def _sgm_text_encoder_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """A pipeline folder's two text encoders in the original (SGM) checkpoint's naming: CLIP as
+    ``conditioner.embedders.0.transformer.*``, OpenCLIP as ``conditioner.embedders.1.model.*``."""
+    tensors = {}
+    for key, value in _load_component(folder, "text_encoder").state_dict().items():
+        key = key if key.startswith("text_model.") else "text_model." + key
+        if not key.endswith("position_ids"):
+            tensors["conditioner.embedders.0.transformer." + key] = value
+    second = _load_component(folder, "text_encoder_2").state_dict()
+    for key, value in open_clip_state_dict(second).items():
+        tensors["conditioner.embedders.1.model." + key] = value
+    return tensors
 
 
 def make_sdxl_single_file(base: str | Path, out_file: str | Path, seed: int = 1,
@@ -808,21 +784,15 @@ def make_sdxl_single_file(base: str | Path, out_file: str | Path, seed: int = 1,
     from safetensors.torch import save_file
 
     base, out_file = Path(base), Path(out_file)
-    source = make_sdxl_full_finetune(base, out_file.parent / f"{out_file.stem}_diffusers", seed)
-    unet = _load_sdxl_model(source, "unet")
+    source = make_full_finetune(base, out_file.parent / f"{out_file.stem}_diffusers", seed)
+    unet = _load_component(source, "unet")
     tensors = unet_state_dict_to_ldm(unet.state_dict(), unet.config)
     if text_encoders:
         for offset, name in enumerate(("text_encoder", "text_encoder_2"), start=1):
-            encoder = perturb_(_load_sdxl_model(base, name), seed=seed + offset)
+            encoder = perturb_(_load_component(base, name), seed=seed + offset)
             shutil.rmtree(source / name)
             encoder.save_pretrained(source / name, safe_serialization=True)
-        for key, value in _load_sdxl_model(source, "text_encoder").state_dict().items():
-            key = key if key.startswith("text_model.") else "text_model." + key
-            if not key.endswith("position_ids"):
-                tensors["conditioner.embedders.0.transformer." + key] = value
-        second = _load_sdxl_model(source, "text_encoder_2").state_dict()
-        for key, value in open_clip_state_dict(second).items():
-            tensors["conditioner.embedders.1.model." + key] = value
+        tensors.update(_sgm_text_encoder_tensors(source))
     out_file.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_file))
     return out_file

@@ -109,7 +109,7 @@ def test_architecture_configs_have_the_released_sizes():
 def xl_pair(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("xl_ckpt")
     base = tinymodels.make_tiny_sdxl(root / "base")
-    return base, tinymodels.make_sdxl_dreambooth_folder(base, root / "db", ())
+    return base, tinymodels.make_dreambooth_folder(base, root / "db", ())
 
 
 def _pictures(n: int) -> list[Path]:

@@ -43,7 +43,7 @@ def sd_models(tiny_sd_pair, tmp_path_factory) -> dict[str, Path]:
         "pipeline": full,
         "dreambooth": tinymodels.make_dreambooth_folder(base, root / "db"),
         "dreambooth_unet_only": tinymodels.make_dreambooth_folder(
-            base, root / "db_unet", with_text_encoder=False
+            base, root / "db_unet", text_encoders=()
         ),
         "lora_folder": tinymodels.make_lora(base, root / "lora"),
         "lora_file": tinymodels.make_lora(
@@ -185,7 +185,7 @@ def test_gradients_flow_to_the_input_only(sd_models):
 
 def test_v_prediction_is_converted_to_eps(tmp_path):
     base = tinymodels.make_tiny_sd(tmp_path / "v_base", prediction_type="v_prediction")
-    finetuned = tinymodels.make_dreambooth_folder(base, tmp_path / "v_ft", with_text_encoder=False)
+    finetuned = tinymodels.make_dreambooth_folder(base, tmp_path / "v_ft", text_encoders=())
     pair = load_pair_from_paths(base, finetuned, **CPU)
     assert pair.prediction_type == "v_prediction"
     z, t = _inputs(pair.latent_shape)

@@ -44,12 +44,12 @@ def xl(tmp_path_factory) -> dict[str, Path]:
     base = tinymodels.make_tiny_sdxl(root / "base")
     return {
         "base": base,
-        "pipeline": tinymodels.make_sdxl_full_finetune(base, root / "full"),
-        "dreambooth": tinymodels.make_sdxl_dreambooth_folder(
+        "pipeline": tinymodels.make_full_finetune(base, root / "full"),
+        "dreambooth": tinymodels.make_dreambooth_folder(
             base, root / "db", ("text_encoder", "text_encoder_2")
         ),
-        "dreambooth_te1": tinymodels.make_sdxl_dreambooth_folder(base, root / "db_te1"),
-        "dreambooth_unet_only": tinymodels.make_sdxl_dreambooth_folder(base, root / "db_unet", ()),
+        "dreambooth_te1": tinymodels.make_dreambooth_folder(base, root / "db_te1"),
+        "dreambooth_unet_only": tinymodels.make_dreambooth_folder(base, root / "db_unet", ()),
         "lora": tinymodels.make_sdxl_lora(base, root / "lora", seed=5),
         "kohya": tinymodels.make_sdxl_kohya_lora(
             base, root / "kohya" / "vangogh_xl.safetensors", seed=5, metadata=KOHYA_METADATA
@@ -186,7 +186,7 @@ def test_text_encoders_are_released_and_reloaded_exactly(xl, kind):
 
 def test_v_prediction_is_converted_to_eps(tmp_path):
     base = tinymodels.make_tiny_sdxl(tmp_path / "v_base", prediction_type="v_prediction")
-    finetuned = tinymodels.make_sdxl_dreambooth_folder(base, tmp_path / "v_ft", ())
+    finetuned = tinymodels.make_dreambooth_folder(base, tmp_path / "v_ft", ())
     pair = load_pair_from_paths(base, finetuned, **CPU)
     assert pair.prediction_type == "v_prediction"
     z, t = _inputs(pair.latent_shape)
@@ -356,7 +356,7 @@ def test_single_file_sdxl_base_is_converted_once_and_predicts_like_its_folder(
 
     base = tinymodels.make_tiny_sdxl(tmp_path / "base", text_encoder_2_layers=10)
     single = tinymodels.sdxl_pipeline_to_single_file(base, tmp_path / "sd_xl_base.safetensors")
-    finetuned = tinymodels.make_sdxl_dreambooth_folder(base, tmp_path / "db", ())
+    finetuned = tinymodels.make_dreambooth_folder(base, tmp_path / "db", ())
     monkeypatch.setenv("CGIDM_CACHE_DIR", str(tmp_path / "cgidm-cache"))
     hub = tmp_path / "hub"
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))

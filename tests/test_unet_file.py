@@ -49,7 +49,7 @@ def _inputs(shape):
 def sd_unet(tiny_sd_pair, tmp_path_factory) -> dict[str, Path]:
     base, _ = tiny_sd_pair
     root = tmp_path_factory.mktemp("unet_file")
-    folder = tinymodels.make_dreambooth_folder(base, root / "db", with_text_encoder=False)
+    folder = tinymodels.make_dreambooth_folder(base, root / "db", text_encoders=())
     return {"base": base, "folder": folder, "file": _bare(folder, root / "suspect.safetensors")}
 
 
@@ -74,7 +74,7 @@ def test_bfloat16_unet_file(sd_unet):
 
 def test_sdxl_unet_file_predicts_like_its_folder(tmp_path):
     base = tinymodels.make_tiny_sdxl(tmp_path / "base")
-    folder = tinymodels.make_sdxl_dreambooth_folder(base, tmp_path / "db", ())
+    folder = tinymodels.make_dreambooth_folder(base, tmp_path / "db", ())
     file = _bare(folder, tmp_path / "suspect_xl.safetensors")
     pair = load_pair_from_paths(base, file, **CPU)
     assert isinstance(pair, StableDiffusionXLPair) and pair.finetuned_kind == "unet"

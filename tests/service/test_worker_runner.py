@@ -233,7 +233,7 @@ def sdxl_registry(tmp_path_factory):
     lora = tinymodels.make_sdxl_kohya_lora(
         base, root / "lora.safetensors",
         metadata={"ss_tag_frequency": json.dumps({"5_zzvg": {"zzvg": 5, "tree": 1}})})
-    plain = tinymodels.make_sdxl_dreambooth_folder(base, root / "db", ())
+    plain = tinymodels.make_dreambooth_folder(base, root / "db", ())
     path = root / "models.json"
     path.write_text(json.dumps({"models": [
         {"id": "xl-base", "family": "stable-diffusion-xl", "path": str(base)},

@@ -34,11 +34,10 @@ system-deps:
 demo: $(STAMP)
 	$(VENV)/bin/cgidm demo
 
-# All the tests: the quick ones on two pytest-xdist workers, then the slow ones (real servers,
+# All the tests: the quick ones as test-fast runs them, then the slow ones (real servers,
 # workers and browsers, production lease timings) one at a time, so none of them races another
 # for the two cores.
-test: $(STAMP) system-deps
-	$(PY) -m pytest -m "not slow" -q -n 2
+test: test-fast
 	$(PY) -m pytest -m slow
 
 # The quick loop while editing: everything but the tests marked slow (servers, processes,

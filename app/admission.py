@@ -11,7 +11,9 @@ Adding a reservation and counting the reservations is one atomic step (a Redis t
 a lock), so concurrent submissions are ordered: each counts those before it and itself, and of n
 submissions racing for k free places exactly k get in. A job that is already enqueued but whose
 request has not yet ended counts twice for a moment, which can only refuse a submission at the
-border, never admit one past it.
+border, never admit one past it. The gateway gives the place back when its answer starts
+(``app/limits.py``), so only a submission racing that instant can meet the double count; a
+client that waits for its 202 before sending the next one never does.
 
 Where reservations live depends on the broker, because every gateway process must see them:
 - Redis (the deployed service, any number of gateways): a sorted set in the broker's Redis, one

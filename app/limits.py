@@ -173,11 +173,27 @@ class SubmissionGate:
             if content_type.lower().startswith("multipart/form-data"):
                 counter = PartCounter(content_type, settings.max_upload_bytes,
                                       settings.max_files)
-        try:
+        if reservation is None:
             await self._guarded(scope, receive, send, counter, limit, setting)
+            return
+        held = [reservation]
+
+        async def release() -> None:
+            if held:
+                await run_in_threadpool(self._release, held.pop())
+
+        async def answer(message: Message) -> None:
+            # When the answer starts, the job is in the queue or was refused: the place is given
+            # back BEFORE the client can read the answer, so its next submission does not meet
+            # this one counted twice (once queued, once reserved) and get a 429 at the border.
+            if message["type"] == "http.response.start":
+                await release()
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, answer, counter, limit, setting)
         finally:
-            if reservation is not None:  # the job is in the queue by now, or was refused
-                await run_in_threadpool(self._release, reservation)
+            await release()  # no answer was started (the client went away, the app failed)
 
     async def _admit(self) -> str:
         """Reserve a place in the queue for this submission (429 when there is none)."""

@@ -167,3 +167,37 @@ def test_concurrent_slow_uploads_queue_exactly_the_limit(race_gateway):
         in_flight = next(line for line in metrics.splitlines()
                          if line.startswith("cgidm_submissions_in_flight "))
         assert float(in_flight.split()[1]) == 0  # every request ended: nothing stays reserved
+
+
+def test_a_submission_gives_its_place_back_before_the_client_reads_the_answer(tmp_path,
+                                                                              registry_file):
+    """A client that sends its next job as soon as the 202 arrives must not meet its previous
+    job counted twice (queued, and still reserved) and get a 429 below the limit: the gateway
+    releases the reservation when the answer starts, not after it has been sent."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from cgidm.settings import Settings
+    from cgidm_testkit.processes import png_bytes
+    from tests.service.inprocess import LIMITS
+
+    app = create_app(Settings(data_dir=tmp_path, models=str(registry_file), max_queue_depth=2,
+                              **LIMITS))
+    held_when_answered: list[int] = []
+
+    async def watched(scope, receive, send):
+        async def watched_send(message):
+            if message["type"] == "http.response.start" and scope.get("path") == "/authenticate":
+                held_when_answered.append(app.state.services.admission.pending())
+            await send(message)
+
+        await app(scope, receive, watched_send)
+
+    with TestClient(watched, client=("127.0.0.1", 50000)) as http:
+        def submit() -> int:
+            return http.post("/authenticate", data={"pretrained": "tiny-base",
+                                                    "finetuned": "tiny-ft"},
+                             files=[("images", ("p.png", png_bytes(1), "image/png"))]).status_code
+
+        assert [submit(), submit(), submit()] == [202, 202, 429]
+    assert held_when_answered == [0, 0, 0]

@@ -4,7 +4,7 @@ SDXL: the real SDXL base 1.0 architecture (``cgidm_testkit/full_size/sdxl.py``) 
 weights, built on the GPU (no download), as a ``StableDiffusionXLPair`` of a DreamBooth fine-tune
 (two UNets, float32 VAE, both text encoders released after the prompt), timed through cgidm's own
 ``inversion.invert`` at the native 1024 px, for float16 and bfloat16, each batch size, with
-gradient checkpointing off and on. Same timing rules as SD (``gpu.measure``).
+gradient checkpointing off and on. Same timing rules as SD (``gpu_measure.measure``).
 
 Flux: the FLUX.1-dev architecture (``cgidm_testkit/full_size/flux.py``) with random weights,
 built on the GPU in bfloat16 (no download), as a ``FluxPair`` of a DreamBooth fine-tune exactly as
@@ -21,6 +21,7 @@ come out as for SD and SDXL.
 
 from __future__ import annotations
 
+import datetime as _dt
 import gc
 import sys
 import time
@@ -28,7 +29,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks import gpu
+from benchmarks import gpu_measure
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +43,7 @@ def build_sdxl_pair(dtype_name: str, device: str, tiny: bool) -> Any:
     from cgidm_core.models.sdxl import SDXLTextEncoders, StableDiffusionXLPair
     from cgidm_testkit.full_size import sd15, sdxl
 
-    dtype = gpu._torch_dtype(dtype_name)
+    dtype = gpu_measure._torch_dtype(dtype_name)
     scale = TINY if tiny else 1.0
     tokenizer = sd15.build_tokenizer()
 
@@ -62,9 +63,9 @@ def build_sdxl_pair(dtype_name: str, device: str, tiny: bool) -> Any:
         unet_finetuned=ready(sdxl.build_unet(10, device=device, scale=scale), dtype),
         text_encoder_pretrained=encoders, text_encoder_finetuned=encoders,
         device=torch.device(device), dtype=dtype, finetuned_kind="dreambooth",
-        default_prompt=gpu.PROMPT,
+        default_prompt=gpu_measure.PROMPT,
     )
-    pair.conditioning(gpu.PROMPT)
+    pair.conditioning(gpu_measure.PROMPT)
     pair.release_text_encoders()
     return pair
 
@@ -82,7 +83,7 @@ def build_flux_pair(dtype_name: str, device: str, tiny: bool) -> Any:
     from cgidm_core.models.flux import FluxPair, FluxTextEncoders
     from cgidm_testkit.full_size import flux, sd15
 
-    dtype = gpu._torch_dtype(dtype_name)
+    dtype = gpu_measure._torch_dtype(dtype_name)
     scale = TINY if tiny else 1.0
     tokenizer = sd15.build_tokenizer()
 
@@ -101,14 +102,14 @@ def build_flux_pair(dtype_name: str, device: str, tiny: bool) -> Any:
         unet_finetuned=ready(flux.build_transformer("dev", 10, dtype, device, scale)),
         text_encoder_pretrained=encoders, text_encoder_finetuned=encoders,
         device=torch.device(device), dtype=dtype, finetuned_kind="dreambooth",
-        default_prompt=gpu.PROMPT,
+        default_prompt=gpu_measure.PROMPT,
     )
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    pair.conditioning(gpu.PROMPT)  # CLIP pooled + T5 hidden states, once per prompt
-    gpu._sync(device)
+    pair.conditioning(gpu_measure.PROMPT)  # CLIP pooled + T5 hidden states, once per prompt
+    gpu_measure._sync(device)
     encoding = {"encode_seconds": time.perf_counter() - started,
                 "text_encoder_bytes": pair.release_text_encoders()}
     if device.startswith("cuda"):
@@ -116,8 +117,8 @@ def build_flux_pair(dtype_name: str, device: str, tiny: bool) -> Any:
     return pair, encoding
 
 
-def configurations(family: str, dtypes: list[str], batches: list[int]) -> list[gpu.Config]:
-    return [gpu.Config(dtype, batch, channels_last=False, family=family,
+def configurations(family: str, dtypes: list[str], batches: list[int]) -> list[gpu_measure.Config]:
+    return [gpu_measure.Config(dtype, batch, channels_last=False, family=family,
                        checkpointing=checkpointing)
             for dtype in dtypes for checkpointing in (False, True) for batch in batches]
 
@@ -134,7 +135,7 @@ def run(args: Any) -> dict[str, Any]:
         raise SystemExit("no CUDA GPU here; use --dry-run to check the script on the CPU")
     default_steps = InversionConfig().steps
     facts: dict[str, Any] = {
-        "date": gpu._dt.datetime.now(gpu._dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "gpu": torch.cuda.get_device_name(0) if device == "cuda" else
         "CPU (dry run, tiny models)",
         "torch": torch.__version__, "cuda": torch.version.cuda, "device": device,
@@ -145,12 +146,12 @@ def run(args: Any) -> dict[str, Any]:
             else "FLUX.1-dev architecture (FluxPair: two transformers, VAE, T5-XXL + CLIP-L "
             "released after encoding) at 1024 px"),
     }
-    results: list[gpu.Measurement] = []
+    results: list[gpu_measure.Measurement] = []
     loaded: tuple[str, Any] | None = None
     for config in configurations(args.family, args.dtypes, args.batches):
         left = deadline - time.perf_counter()
         if left < args.min_config_seconds:
-            results.append(gpu.Measurement(config=config, status="skipped",
+            results.append(gpu_measure.Measurement(config=config, status="skipped",
                                            note="whole-run budget spent"))
             continue
         budget = max(args.min_config_seconds, min(args.config_seconds, left))
@@ -175,16 +176,16 @@ def run(args: Any) -> dict[str, Any]:
                 del model
             model = loaded[1]
             model.set_gradient_checkpointing("on" if config.checkpointing else "off")
-            measurement = gpu.measure(model, config, device=device, steps=args.steps,
+            measurement = gpu_measure.measure(model, config, device=device, steps=args.steps,
                                       default_steps=default_steps, seconds_budget=budget)
             del model
         except torch.cuda.OutOfMemoryError:  # building the pair itself (the weights)
             loaded = None
-            measurement = gpu.Measurement(config=config, status="OOM",
+            measurement = gpu_measure.Measurement(config=config, status="OOM",
                                           note="out of GPU memory while building the pair")
         except Exception as exc:  # noqa: BLE001 - one broken configuration must not lose the rest
             loaded = None
-            measurement = gpu.Measurement(config=config, status="error",
+            measurement = gpu_measure.Measurement(config=config, status="error",
                                           note=f"{type(exc).__name__}: {exc}"[:300])
         results.append(measurement)
         print(f"{config.label}: {measurement.status} "

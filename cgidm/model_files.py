@@ -13,8 +13,9 @@ header length, a JSON header, then the raw tensor bytes):
   UNet in diffusers naming; SDXL, Flux/SD3 transformers and pickle files are refused with a
   message that says why.
 
-The name rules also serve ``cgidm_core.models.formats`` (one place for them), which detects the
-same kinds on disk for the command line.
+The name rules themselves live in the library (:mod:`cgidm_core.key_signatures`, torch-free), which
+``cgidm_core.models.formats`` also reads to detect the same kinds on disk: the library stands
+alone and the gateway borrows its vocabulary, never the other way round.
 """
 
 from __future__ import annotations
@@ -25,7 +26,18 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from cgidm_core.names import DDPM_FAMILY, FLUX_FAMILY, SD3_FAMILY, SD_FAMILY
+from cgidm_core.key_signatures import (  # noqa: F401 - re-exported: the gateway's name rules
+    is_conditional_unet,
+    is_flux_lora,
+    is_sdxl_lora,
+    is_sdxl_single_file,
+    looks_like_diffusers_unet,
+    looks_like_lora,
+    looks_like_single_file,
+    looks_like_transformer,
+    transformer_family,
+)
+from cgidm_core.names import DDPM_FAMILY, FLUX_FAMILY, SD_FAMILY
 
 #: safetensors refuses headers above 100 MB; real checkpoints have a few hundred KB of header.
 MAX_HEADER_BYTES = 64 * 1024 * 1024
@@ -39,10 +51,6 @@ DTYPE_BYTES: dict[str, int] = {
 #: What an upload may be: LoRA weights, an LDM single-file checkpoint, or fine-tuned UNet weights.
 UPLOAD_KINDS = ("lora", "single_file", "unet")
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
-_LDM_UNET_PREFIX = "model.diffusion_model."
-_SDXL_SINGLE_FILE_PREFIX = "conditioner.embedders."
-_TRANSFORMER_MARKERS = ("transformer_blocks.", "single_transformer_blocks.", "double_blocks.",
-                        "single_blocks.", "x_embedder.", "context_embedder.")
 PICKLE_REFUSAL = (
     "pickle checkpoints (.ckpt, .bin, .pt) can run code when they are opened, so cgidm accepts "
     "only .safetensors files; convert the model once in a trusted environment (e.g. "
@@ -172,69 +180,6 @@ def check_size(header: SafetensorsHeader, size: int) -> None:
 
 # ------------------------------------------------------------------------------------------
 # what the tensor names say
-
-
-def looks_like_lora(keys: list[str]) -> bool:
-    """LoRA files (diffusers, peft or kohya naming) name every weight with ``lora``."""
-    weights = [k for k in keys if not k.endswith(".alpha")]
-    return bool(weights) and all("lora" in k.lower() for k in weights)
-
-
-def looks_like_single_file(keys: list[str]) -> bool:
-    return any(k.startswith(_LDM_UNET_PREFIX) for k in keys)
-
-
-def is_sdxl_single_file(keys: list[str]) -> bool:
-    return any(k.startswith(_SDXL_SINGLE_FILE_PREFIX) for k in keys)
-
-
-def is_sdxl_lora(keys: list[str]) -> bool:
-    return any(k.startswith(("text_encoder_2.", "lora_te2_")) for k in keys)
-
-
-def looks_like_transformer(keys: list[str]) -> bool:
-    return any(k.startswith(_TRANSFORMER_MARKERS) for k in keys)
-
-
-_FLUX_LORA_PREFIXES = ("transformer.", "lora_unet_double_blocks_", "lora_unet_single_blocks_",
-                       "lora_transformer_", "double_blocks.", "single_blocks.",
-                       "diffusion_model.double_blocks.", "diffusion_model.single_blocks.")
-
-
-def is_flux_lora(keys: list[str]) -> bool:
-    """A LoRA of a Flux.1 transformer, in any naming diffusers' Flux loader converts: diffusers/
-    peft (``transformer.*``), kohya-ss (``lora_unet_double_blocks_*``, ``..._single_blocks_*``)
-    or XLabs (``double_blocks.N.processor.*``)."""
-    return any(k.startswith(_FLUX_LORA_PREFIXES) for k in keys)
-
-
-def transformer_family(keys: list[str]) -> str | None:
-    """``flux`` or ``sd3`` for a single-file diffusion transformer, ``None`` for anything else.
-
-    Flux.1 in Black Forest Labs' naming (``double_blocks.*``, ``single_blocks.*``, optionally
-    under ``model.diffusion_model.``) or diffusers' (``single_transformer_blocks.*``); SD3 in
-    Stability's (``joint_blocks.*``) or diffusers' (``transformer_blocks.*`` with ``pos_embed``).
-    """
-    names = [k[len(_LDM_UNET_PREFIX):] if k.startswith(_LDM_UNET_PREFIX) else k for k in keys]
-    if any(k.startswith(("double_blocks.", "single_blocks.", "single_transformer_blocks."))
-           for k in names):
-        return FLUX_FAMILY
-    if any(k.startswith("joint_blocks.") for k in names) or (
-            "pos_embed.proj.weight" in names and any(k.startswith("transformer_blocks.")
-                                                     for k in names)):
-        return SD3_FAMILY
-    return None
-
-
-def looks_like_diffusers_unet(keys: list[str]) -> bool:
-    names = set(keys)
-    return "conv_in.weight" in names and any(k.startswith("down_blocks.") for k in keys) \
-        and any(k.startswith("time_embedding.") for k in keys)
-
-
-def is_conditional_unet(keys: list[str]) -> bool:
-    """A text-conditioned UNet (Stable Diffusion) has cross-attention (``attn2``) layers."""
-    return any(".attn2." in k for k in keys)
 
 
 def classify(keys: list[str], family: str, kind: str | None = None) -> str:

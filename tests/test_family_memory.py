@@ -325,7 +325,7 @@ def test_the_full_size_flux_benchmark_pair_is_consistent_on_the_meta_device():
     assert (pair.image_size, pair.latent_shape, pair.guidance) == (1024, (16, 128, 128), 3.5)
     assert pair.shift_for(torch.empty(1, *pair.latent_shape)) == pytest.approx(3.158, abs=1e-3)
     assert encoding["encode_seconds"] >= 0 and not pair.text_encoders_loaded
-    cond = pair.conditioning(gpu_families.gpu.PROMPT)  # cached before the release
+    cond = pair.conditioning(gpu_families.gpu_measure.PROMPT)  # cached before the release
     assert [c.shape for c in cond.finetuned] == [(1, 512, 4096), (1, 768)]
     z = torch.zeros(2, *pair.latent_shape, device="meta")
     velocity = pair.eps_finetuned(z, torch.tensor([500, 900]), cond)

@@ -11,9 +11,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cgidm.model_files import (  # noqa: F401 - the name rules are shared with the gateway
-    FLUX_FAMILY,
-    SD3_FAMILY,
+from cgidm_core.errors import (
+    IncompatiblePairError,
+    ModelFormatError,
+    ModelNotFoundError,
+    UnsupportedModelFamilyError,
+)
+from cgidm_core.key_signatures import (  # noqa: F401 - the name rules are shared with the gateway
     is_flux_lora,
     is_sdxl_lora,
     is_sdxl_single_file,
@@ -22,17 +26,13 @@ from cgidm.model_files import (  # noqa: F401 - the name rules are shared with t
     looks_like_single_file,
     transformer_family,
 )
-from cgidm_core.errors import (
-    IncompatiblePairError,
-    ModelFormatError,
-    ModelNotFoundError,
-    UnsupportedModelFamilyError,
-)
 from cgidm_core.names import (  # noqa: F401 - re-exported for the loaders next to the rules
     DDPM_FAMILY,
     FINETUNED_KINDS,
+    FLUX_FAMILY,
     PIXEL_FAMILIES,
     PIXEL_FLOW_FAMILY,
+    SD3_FAMILY,
     SD_FAMILY,
     SDXL_FAMILY,
 )

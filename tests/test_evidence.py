@@ -144,6 +144,9 @@ def test_check_verdicts_rest_on_the_evidence_score(tiny_ddpm_pair, tmp_path, cap
     assert doc["set_test"]["p_values"] == [r["p_value"] for r in doc["images"]]
     printed = capsys.readouterr().out
     assert "evidence score the p-values and verdicts rest on" in printed
+    # 2 images and 3 controls cannot decide: the power table's advice, printed and recorded
+    assert "too few to decide (2 images, 3 controls" in doc["evidence"]["too_small_to_decide"]
+    assert "note: too few to decide (2 images, 3 controls" in printed
     # the table's score column is the evidence score (one score everywhere), similarity beside
     for record in doc["images"] + doc["controls"]:
         row = next(line for line in printed.splitlines() if line.startswith(record["name"]))

@@ -69,3 +69,24 @@ def print_table(records: list[dict[str, Any]], set_test: object,
             f"U={set_test['u_statistic']:.1f}, p={set_test['p_value']:.4g}, "
             f"AUC={set_test['auc']:.3f}"
         )
+    too_small = size_advice(records, controls, set_test, evidence)
+    if too_small:
+        print(f"note: {too_small}")
+
+
+def size_advice(records: list[dict[str, Any]], controls: list[dict[str, Any]] | None,
+                set_test: object, evidence: dict[str, Any] | None) -> str | None:
+    """The power table's advice when the set is too small to decide (cgidm_core.power_table):
+    the document's own sentence when it carries one (a service result), else computed here."""
+    if evidence and evidence.get("too_small_to_decide"):
+        return str(evidence["too_small_to_decide"])
+    from cgidm_core.power_table import advice
+
+    n_controls = (set_test.get("n_controls") if isinstance(set_test, dict) else None)
+    if n_controls is None:
+        n_controls = len(controls or [])
+    p_value = set_test.get("p_value") if isinstance(set_test, dict) else None
+    try:
+        return advice(len(records), int(n_controls), p_value)
+    except (OSError, ValueError, KeyError):  # an installation without the table: no advice
+        return None

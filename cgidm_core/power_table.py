@@ -62,7 +62,9 @@ def advice(n_images: int, n_controls: int, set_p: float | None,
     tail = (f"; for a {', '.join(unreached)} fine-tune no size in the table reached it"
             if unreached else "")
     shown = "no set test" if set_p is None else f"set-level p = {set_p:.3g}"
-    return (f"too few to decide ({n_images} images, {n_controls} controls, {shown}): "
+    images = f"{n_images} image" + ("" if n_images == 1 else "s")
+    controls = f"{n_controls} control" + ("" if n_controls == 1 else "s")
+    return (f"too few to decide ({images}, {controls}, {shown}): "
             f"for a set-level p < {alpha:g} with {power} % power the power table "
             f"(docs/ACCURACY.md, measured on {table['measured_on']}) needs, for a "
             + "; ".join(parts) + tail + ".")

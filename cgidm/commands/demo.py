@@ -99,9 +99,9 @@ def _print_result(result: dict[str, Any]) -> None:
     from .report import print_table
 
     print(f"\nMembership images (fine-tuned on) vs {len(result['controls'])} hold-out controls\n")
-    print_table(result["images"], None, result.get("evidence"), metric=result.get("metric"),
-                controls=result["controls"])
     test = result.get("controls_test")
+    print_table(result["images"], test, result.get("evidence"), metric=result.get("metric"),
+                controls=result["controls"], show_set_test=False)
     if test:
         print(f"\nSet-level test (one-sided Mann-Whitney U, images > controls): "
               f"U = {test['u_statistic']:.1f}, p = {test['p_value']:.4g}, "

@@ -27,7 +27,7 @@ def score_legend(records: list[dict[str, Any]], evidence: dict[str, Any] | None,
     if any(r.get("evidence_score") is not None for r in records):
         what = (evidence or {}).get("description") or "the verdict's score"
         return (f"score = the evidence score the p-values and verdicts rest on: {what} "
-                f"(results.json: evidence_score; the recovery's {similarity}: score)")
+                f"(evidence_score in the result; the recovery's {similarity}: score)")
     return (f"score = {similarity} of the recovery vs its original (higher = more member-like); "
             "no controls, so no evidence score, p-values or verdicts: the verdict's score is "
             "standardised over images and controls together")
@@ -35,7 +35,8 @@ def score_legend(records: list[dict[str, Any]], evidence: dict[str, Any] | None,
 
 def print_table(records: list[dict[str, Any]], set_test: object,
                 evidence: dict[str, Any] | None = None, *, metric: str | None = None,
-                controls: list[dict[str, Any]] | None = None) -> None:
+                controls: list[dict[str, Any]] | None = None,
+                show_set_test: bool = True) -> None:
     """One line per image (score; the similarity beside it and p-value and verdict when there
     were controls), the controls' scores when given, then the set test. ``records`` are the
     per-image documents of results.json or of a service result."""
@@ -63,7 +64,7 @@ def print_table(records: list[dict[str, Any]], set_test: object,
         for r in controls:
             print(f"{r['name']:<{width}}  {shown_score(r):>9.4f}"
                   + (f"  {float(r['score']):>10.4f}" if with_evidence else ""))
-    if isinstance(set_test, dict):
+    if isinstance(set_test, dict) and show_set_test:
         print(
             f"\nset test (one-sided Mann-Whitney U, suspects > controls): "
             f"U={set_test['u_statistic']:.1f}, p={set_test['p_value']:.4g}, "

@@ -68,7 +68,8 @@ def _fused(values: np.ndarray) -> np.ndarray:
 
 
 def power_grid(members: np.ndarray, controls: np.ndarray, *, fuse: bool, reps: int,
-               seed: int) -> list[dict[str, Any]]:
+               seed: int, images: tuple[int, ...] = IMAGES,
+               control_counts: tuple[int, ...] = CONTROLS) -> list[dict[str, Any]]:
     """Share of draws with set-level p < ALPHA for every (images, controls) cell."""
     from cgidm_core.stats import controls_test
 
@@ -76,8 +77,8 @@ def power_grid(members: np.ndarray, controls: np.ndarray, *, fuse: bool, reps: i
     pooled = np.concatenate([members, controls])
     scale = JITTER * pooled.std(axis=0)
     grid = []
-    for n in IMAGES:
-        for m in CONTROLS:
+    for n in images:
+        for m in control_counts:
             hits = 0
             for _ in range(reps):
                 a = members[rng.integers(0, len(members), n)]

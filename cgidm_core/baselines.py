@@ -330,7 +330,9 @@ def pian(pair: ModelPair, z0: torch.Tensor, cond: Conditioning, **kwargs) -> tor
     """PIAN (Kong et al., ICLR 2024): PIA with ``eps0`` normalised to look like Gaussian noise
     (mean ``|value|`` sqrt(2/pi)); two model evaluations per image. Why it is offered next to
     PIA: on fine-tunes that memorise their members PIA's ``eps0`` is small for members and PIA
-    ranks them below the hold-out (see :func:`pia`); the normalisation removes that."""
+    ranks them below the hold-out (see :func:`pia`); the normalisation removes that. Measured
+    here on pixel fine-tunes only; the authors report PIAN weaker than PIA on latent diffusion
+    models, where the latent noise guess is not Gaussian-like."""
     return pia(pair, z0, cond, normalize=True, **kwargs)
 
 

@@ -329,7 +329,8 @@ BASELINE_DIRECTIONS_TEXT = [
     "= member) and SecMI (deterministic DDIM inversion to t_sec - 10 in steps of 10, one step "
     "up and one down, t-error, lower = member) are implemented as defined, with the sign the "
     "papers use; the round trip in the paper's order (down then up) gives the same AUC to two "
-    "decimals. Both fall below chance for a reason of these fine-tunes, measured:",
+    "decimals. No sign error was found; both fall below chance for reasons of these "
+    "fine-tunes:",
     "",
     "- **PIA**: a fine-tune that memorised its members predicts a *smaller* noise at a clean "
     "member (demo-vangogh: mean |eps0| 0.30 vs 0.56 on the hold-out; -|eps0| alone separates "
@@ -339,13 +340,13 @@ BASELINE_DIRECTIONS_TEXT = [
     "standard normal's mean |value|; `pian`, 2 evaluations) removes that: 0.02 -> 0.91 on "
     "demo-vangogh, 0.79 -> 0.98 on demo-vangogh-light, 0.32 -> 0.89 and 0.49 -> 0.71 on "
     "dreambooth/light/s1 easy / hard.",
-    "- **SecMI**: the same small start makes a member's inverted x_t less noisy than a training "
-    "sample (implied noise RMS at t = 90 on dreambooth/light/s1/easy: members 0.66, hold-out "
-    "0.79, AUC 1.00 of that alone), and the t-error's direction then depends on the pair and on "
-    "t_sec: on demo-vangogh AUC 1.00 at t_sec = 100, 0.81 at 200, 0.02 at 400; on "
-    "dreambooth/light/s1/easy 0.00 / 0.25 / 0.10. Its statistic uses the fine-tuned model "
-    "alone, so nothing removes how easy an image is; it stays in the tables as the paper "
-    "defines it and is not a candidate anyone should use on fine-tunes.",
+    "- **SecMI**: its direction is not stable, and only partly explained: it flips with t_sec "
+    "on the same pair (demo-vangogh: AUC 1.00 at t_sec = 100, 0.81 at 200, 0.02 at 400; "
+    "dreambooth/light/s1/easy: 0.00 / 0.25 / 0.10). Its inversion starts from the same small "
+    "noise guess (implied noise RMS at t = 90 on dreambooth/light/s1/easy: members 0.66, "
+    "hold-out 0.79), but it does so on demo-vangogh too, where SecMI is perfect. It scores the "
+    "fine-tuned model alone, with nothing removing how easy an image is; it stays in the tables "
+    "as the paper defines it and should not be used on fine-tunes.",
 ]
 
 

@@ -328,8 +328,8 @@ BASELINE_DIRECTIONS_TEXT = [
     "authors' code: PIA (`eps0 = eps(x0, 0)` used as the noise for t = 200, l4 distance, lower "
     "= member) and SecMI (deterministic DDIM inversion to t_sec - 10 in steps of 10, one step "
     "up and one down, t-error, lower = member) are implemented as defined, with the sign the "
-    "papers use; the round trip in the paper's order (down then up) gives the same AUC to two "
-    "decimals. No sign error was found; both fall below chance for reasons of these "
+    "papers use; the round trip in the paper's order (down then up) gives AUCs within 0.01 "
+    "of these (4 pairs). No sign error was found; both fall below chance for reasons of these "
     "fine-tunes:",
     "",
     "- **PIA**: a fine-tune that memorised its members predicts a *smaller* noise at a clean "

@@ -133,18 +133,24 @@ NEUTRAL_SINCE_V1: dict[str, object] = {"quantize_partial": False, "sample_latent
                                       "resolution": None}
 
 
+#: The cheap scores of the cache's version 1, kept in the key as they were: a cheap score added
+#: since (PIAN) is computed for a cached model when missing (:func:`with_missing_cheap`, seconds
+#: per model) instead of throwing away its hours of inversions.
+CHEAP_IN_KEY: tuple[str, ...] = ("loss", "pia", "secmi", "contrast")
+
+
 def eval_key(pair) -> str:
     """Hash of what a model's cached raw values depend on (settings, candidates, images)."""
     import hashlib
 
     from cgidm_core.inversion import InversionConfig
-    from cgidm_core.suite_scores import CHEAP_METHODS, RECORD_STEPS
+    from cgidm_core.suite_scores import RECORD_STEPS
 
     files = [f"{p.parent.name}/{p.name}:{p.stat().st_size}" for p in model_images(pair)]
     config = {k: v for k, v in InversionConfig().to_dict().items()
               if NEUTRAL_SINCE_V1.get(k, object()) != v}
     blob = json.dumps({"config": config, "variants": variants_for(pair),
-                       "record": RECORD_STEPS, "cheap": CHEAP_METHODS, "files": files,
+                       "record": RECORD_STEPS, "cheap": CHEAP_IN_KEY, "files": files,
                        "version": 1}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
@@ -179,6 +185,7 @@ def model_results(args: argparse.Namespace, pair) -> dict | None:
     """
     out = results_path(args, pair)
     if out.is_file():
+        with_missing_cheap(pair, out)
         document = with_derived(json.loads(out.read_text()), out.with_suffix(".pt"))
         return with_display_variant(document, display_path(out))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -192,6 +199,33 @@ def model_results(args: argparse.Namespace, pair) -> dict | None:
         return _compute_results(args, pair, out)
     finally:
         lock.unlink(missing_ok=True)
+
+
+def with_missing_cheap(pair, out: Path) -> None:
+    """Score a cached model's images with the cheap methods added since it was evaluated and
+    write them into its cached values (the inversions stay as they were)."""
+    from cgidm_core.api import load_pair
+    from cgidm_core.evaluation import score_images_detailed
+    from cgidm_core.images import load_image
+    from cgidm_core.inversion import InversionConfig
+    from cgidm_core.suite_scores import CHEAP_METHODS
+
+    document = json.loads(out.read_text())
+    missing = [m for m in CHEAP_METHODS if m not in document["values"]]
+    if not missing:
+        return
+    model = pair.model_dir(out.parents[1])
+    log(f"cheap scores {', '.join(missing)} for {model.parent.name}/{model.name}")
+    loaded = load_pair(str(RECIPE_BASE), str(model))
+    pictures = [load_image(p) for p in model_images(pair)]
+    for method in missing:
+        scored = score_images_detailed(loaded, pictures, method, seed=InversionConfig().seed,
+                                       batch_size=20)
+        document["values"][method] = [float(v) for v in scored.scores]
+        document["seconds"][method] = scored.seconds
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(document))
+    tmp.replace(out)
 
 
 def with_derived(document: dict, pictures_file: Path) -> dict:
@@ -311,6 +345,7 @@ def evaluate_pair(document: dict, pair, n_bootstrap: int) -> dict:
     values, n1, n0 = pair_slice(document, pair.holdout)
     fpr = 1.0 / n0
     rows = {}
+    scores_of: dict[str, list[list[float]]] = {}
     for name, (cand, scores) in candidate_scores(values, InversionConfig().steps).items():
         report = evaluate_scores(scores[:n1], scores[n1:], n_bootstrap=n_bootstrap, seed=0,
                                  target_fprs=(fpr,))
@@ -318,6 +353,7 @@ def evaluate_pair(document: dict, pair, n_bootstrap: int) -> dict:
         rows[name] = {"auc": report.auc, "ci": [report.auc_ci_low, report.auc_ci_high],
                       "tpr": tpr.tpr, "fpr": tpr.achieved_fpr, "target_fpr": fpr,
                       "cost": cand.evaluations, "description": cand.description}
+        scores_of[name] = [[float(v) for v in scores[:n1]], [float(v) for v in scores[n1:]]]
     looks = {}
     for key in ("default/final", "default/average", "default/clamped", "palette/final",
                 "palette/average", "palette/clamped"):
@@ -327,7 +363,8 @@ def evaluate_pair(document: dict, pair, n_bootstrap: int) -> dict:
                 looks[f"{key}/{metric}"] = [float(sum(vals[:n1]) / n1),
                                             float(sum(vals[n1:]) / n0)]
     return {"pair": pair.pair_id, "n_members": n1, "n_holdout": n0, "rows": rows,
-            "looks": looks}
+            "looks": looks, "group": pair.recipe_group, "family": pair.family,
+            "strength": pair.strength, "scores": scores_of}
 
 
 #: Rows of the picture grid: the recoveries compared (label, key in the cached pictures).

@@ -229,7 +229,8 @@ class JobResult(BaseModel):
     evidence: dict[str, Any] | None = Field(
         None, description="What the verdicts rest on (cgidm_core.evidence): the score's name, "
         "description and components; each image's `evidence_score` is that score, its p-value "
-        "is computed from it against the controls'.")
+        "is computed from it against the controls'. `too_small_to_decide`, when present: how "
+        "many images and controls the power table says a set-level p < 0.01 needs.")
     config: dict[str, Any] = {}
     pair: dict[str, Any] = {}
     elapsed_seconds: float | None = None

@@ -145,6 +145,7 @@ def build_evidence(
         "settings": dict(settings or {}),
     }
     if not references:
+        _add_size_advice(document, len(suspects), 0, None)
         return document
     if not suspects:
         raise ConfigError("no images to judge against the controls; give at least one image")
@@ -163,4 +164,16 @@ def build_evidence(
     for record, p_value, verdict in zip(suspects, test.p_values, test.verdicts, strict=True):
         record["p_value"], record["verdict"] = p_value, verdict
     document["set_test"] = test.to_dict()
+    _add_size_advice(document, len(suspects), len(references), test.p_value)
     return document
+
+
+def _add_size_advice(document: dict[str, Any], n_images: int, n_controls: int,
+                     p_value: float | None) -> None:
+    """``evidence.too_small_to_decide``: how many images and controls the power table
+    (cgidm_core.power_table) says a set-level p < 0.01 needs, when this set is too small."""
+    from .power_table import advice
+
+    sentence = advice(n_images, n_controls, p_value)
+    if sentence:
+        document["evidence"]["too_small_to_decide"] = sentence

@@ -15,8 +15,8 @@ from __future__ import annotations
 #: Every method ``score_images`` knows. "cgidm" is the paper's method (inversion + similarity);
 #: "combined" and "fused" add the z-scored similarity to the z-scored contrast or loss-attack
 #: score.
-METHODS: tuple[str, ...] = ("cgidm", "loss", "pia", "secmi", "contrast", "combined", "fused",
-                            "evidence")
+METHODS: tuple[str, ...] = ("cgidm", "loss", "pia", "pian", "secmi", "contrast", "combined",
+                            "fused", "evidence")
 #: The methods that run the inversion (and so take the inversion settings and a metric).
 INVERSION_METHODS: tuple[str, ...] = ("cgidm", "combined", "fused", "evidence")
 
@@ -25,6 +25,7 @@ METHOD_DESCRIPTIONS: dict[str, str] = {
     "cgidm": "contrasting gradient inversion + similarity of the recovery (the paper)",
     "loss": "fine-tuned model's denoising error at t in {50, 100, 200}",
     "pia": "Proximal Initialization Attack, t=200, l4 (Kong et al. 2024)",
+    "pian": "PIA with eps0 normalised to Gaussian scale (the authors' PIAN), t=200, l4",
     "secmi": "SecMI_stat, t_sec=100, interval 10 (Duan et al. 2023)",
     "contrast": "CGI-DM's objective at the original image, no inversion",
     "combined": "z-scored cgidm similarity + z-scored contrast score",

@@ -130,14 +130,33 @@ def splits(data_root: Path | None = None) -> dict[str, Split]:
     }
 
 
+def recipe_group(split: str, holdout: str) -> str:
+    """The recipe group of a pixel pair of this module: its data split, and for a split with
+    several hold-out sets the hold-out too (``vangogh-a``, ``vangogh-b``, ``dreambooth-hard``,
+    ``dreambooth-easy``). Held-out numbers (:mod:`cgidm_core.held_out`) leave one group out
+    at a time, so pairs that share images and recipe never sit on both sides of a fold."""
+    return split if split.startswith("vangogh") else f"{split}-{holdout}"
+
+
 @dataclass(frozen=True)
 class SuitePair:
-    """One fine-tune of the suite and the hold-out set it is evaluated against."""
+    """One fine-tune of the suite and the hold-out set it is evaluated against.
+
+    ``group`` is the pair's recipe group for leave-one-group-out choices (set by whoever
+    defines the pair: :func:`suite_pairs` uses :func:`recipe_group`; pairs of other recipes,
+    LoRA or DreamBooth ones, name their own); ``family`` is the model family the suite reports
+    apart (``pixel`` here)."""
 
     split: Split
     strength: str
     seed: int
     holdout: str
+    group: str = ""
+    family: str = "pixel"
+
+    @property
+    def recipe_group(self) -> str:
+        return self.group or recipe_group(self.split.name, self.holdout)
 
     @property
     def steps(self) -> int:
@@ -189,7 +208,8 @@ def suite_pairs(
         for strength in strengths or tuple(STRENGTHS):
             for seed in seeds or SEEDS:
                 for holdout in split.holdouts:
-                    out.append(SuitePair(split, strength, seed, holdout))
+                    out.append(SuitePair(split, strength, seed, holdout,
+                                         group=recipe_group(name, holdout)))
     return out
 
 
@@ -287,6 +307,6 @@ def recipe_summary() -> dict[str, object]:
 
 
 __all__ = [
-    "RECIPE", "STRENGTHS", "SEEDS", "Split", "SuitePair", "splits", "suite_pairs", "find_pair",
-    "train_run", "default_cache", "default_data_root", "recipe_summary",
+    "RECIPE", "STRENGTHS", "SEEDS", "Split", "SuitePair", "recipe_group", "splits",
+    "suite_pairs", "find_pair", "train_run", "default_cache", "default_data_root", "recipe_summary",
 ]

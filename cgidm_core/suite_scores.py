@@ -12,7 +12,7 @@ Per image, :func:`raw_values` records
   recovery after 25, 50 and 100 PGD steps and of the mean of the iterates after step 50, the
   CIEDE2000 colour distance of the recovered region, and the CGI-DM objective along the way
   (mean over all steps and over the second half);
-- the cheap scores: loss attack, PIA, SecMI, and the contrast loss at the original.
+- the cheap scores: loss attack, PIA, PIAN, SecMI, and the contrast loss at the original.
 
 :func:`candidate_scores` turns those into scores (higher = member) for one set of images, fusions
 included; fusions z-score over the images scored together (no labels enter).
@@ -41,7 +41,7 @@ VARIANTS: dict[str, dict[str, object]] = {
 }
 #: Recoveries scored per variant: after n steps, and the iterate mean after half the steps.
 RECORD_STEPS: tuple[int, ...] = (25, 50)
-CHEAP_METHODS: tuple[str, ...] = ("loss", "pia", "secmi", "contrast")
+CHEAP_METHODS: tuple[str, ...] = ("loss", "pia", "pian", "secmi", "contrast")
 
 #: Model evaluations per image of each family of candidate, for "ties go to the cheaper".
 #: An inversion step is one forward+backward through each model (counted as 2 x 3 = 6

@@ -110,7 +110,7 @@ def test_schedule_scaling_of_timesteps():
     assert scale_timestep(200, 1000) == 200
     assert scale_timestep(200, 100) == 20
     assert scale_timestep(999, 50) == 49
-    assert EVALUATIONS_PER_IMAGE == {"loss": 3, "pia": 2, "secmi": 11, "contrast": 16}
+    assert EVALUATIONS_PER_IMAGE == {"loss": 3, "pia": 2, "pian": 2, "secmi": 11, "contrast": 16}
 
 
 def test_bad_inputs_are_config_errors(ddpm):

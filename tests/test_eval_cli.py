@@ -42,8 +42,8 @@ def test_eval_cgidm_writes_json_with_auc_and_a_png_plot(tiny_ddpm_pair, folders,
     out_json, out_png = tmp_path / "r" / "eval.json", tmp_path / "roc.png"
     code = main([
         "eval", *model_args(tiny_ddpm_pair), "--members", str(members), "--holdout",
-        str(holdout), "--steps", "2", "--seed", "1", "--batch-size", "4", "--n-bootstrap",
-        "200", "--json", str(out_json), "--plot", str(out_png),
+        str(holdout), "--method", "cgidm", "--steps", "2", "--seed", "1", "--batch-size", "4",
+        "--n-bootstrap", "200", "--json", str(out_json), "--plot", str(out_png),
     ])
     assert code == 0
     doc = json.loads(out_json.read_text())
@@ -65,6 +65,20 @@ def test_eval_cgidm_writes_json_with_auc_and_a_png_plot(tiny_ddpm_pair, folders,
     assert "AUC" in printed and "oracle best accuracy" in printed
     assert "chosen on these same scores" in printed
     assert "needs at least 20 non-members" in printed
+
+
+def test_eval_measures_the_verdicts_score_unless_asked_otherwise(tiny_ddpm_pair, folders,
+                                                                 tmp_path, capsys):
+    """One score everywhere: `cgidm eval` without --method measures the score cgidm check and the
+    service decide by (evidence), not the recovery's similarity."""
+    members, holdout, _ = folders
+    out_json = tmp_path / "default.json"
+    assert main(["eval", *model_args(tiny_ddpm_pair), "--members", str(members), "--holdout",
+                 str(holdout), "--steps", "2", "--n-bootstrap", "20", "--json",
+                 str(out_json)]) == 0
+    doc = json.loads(out_json.read_text())
+    assert doc["method"] == "evidence" and doc["settings"]["evidence"]["score"] == "fused"
+    assert "method: evidence" in capsys.readouterr().out
 
 
 def test_eval_baseline_with_calibrated_split_and_controls(tiny_ddpm_pair, folders, tmp_path):

@@ -142,7 +142,17 @@ def test_check_verdicts_rest_on_the_evidence_score(tiny_ddpm_pair, tmp_path, cap
         expected = (1 + sum(c >= record["evidence_score"] for c in control_scores)) / 4
         assert record["p_value"] == pytest.approx(expected)
     assert doc["set_test"]["p_values"] == [r["p_value"] for r in doc["images"]]
-    assert "evidence" in capsys.readouterr().out  # the table shows the verdict's score
+    printed = capsys.readouterr().out
+    assert "evidence score the p-values and verdicts rest on" in printed
+    # 2 images and 3 controls cannot decide: the power table's advice, printed and recorded
+    assert "too few to decide (2 images, 3 controls" in doc["evidence"]["too_small_to_decide"]
+    assert "note: too few to decide (2 images, 3 controls" in printed
+    # the table's score column is the evidence score (one score everywhere), similarity beside
+    for record in doc["images"] + doc["controls"]:
+        row = next(line for line in printed.splitlines() if line.startswith(record["name"]))
+        shown, similarity = (float(v) for v in row.split()[1:3])
+        assert shown == pytest.approx(record["evidence_score"], abs=1e-4)
+        assert similarity == pytest.approx(record["score"], abs=1e-4)
 
 
 def test_eval_evidence_method_scores_like_the_verdict(tiny_ddpm_pair, tmp_path):

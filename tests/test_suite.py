@@ -56,6 +56,10 @@ def test_suite_has_three_strengths_two_seeds_and_named_pairs():
     assert (pair.split.name, pair.strength, pair.seed, pair.holdout) == (
         "dreambooth", "medium", 1, "easy")
     assert find_pair("vangogh-b/strong/s0", SHARED_DATA).holdout == "holdout"
+    # every pair carries its recipe group (leave-one-group-out, cgidm_core.held_out)
+    assert {p.group for p in pairs} == {"vangogh-a", "vangogh-b", "dreambooth-hard",
+                                        "dreambooth-easy"}
+    assert pair.recipe_group == "dreambooth-easy" and pair.family == "pixel"
     # strengths of one run share its folder; seeds do not
     light, strong = find_pair("vangogh-a/light/s0"), find_pair("vangogh-a/strong/s0")
     assert light.model_dir(SHARED_DATA).parent == strong.model_dir(SHARED_DATA).parent
@@ -247,3 +251,40 @@ def test_suite_report_ranks_by_worst_case_and_writes_both_tables(tmp_path):
     assert "| worst case | | **0.80** | **0.60** |" in text
     assert "0.300 | 0.100 | 20.0 | 30.0 | 20% | 30% |" in text
     assert (tmp_path / "table.md").read_text().startswith("| score |")
+    # held out: leaving Van Gogh out, DreamBooth chooses the loss attack (1.0 > 0.8), which
+    # scores 0.6 on Van Gogh; leaving DreamBooth out, Van Gogh chooses PSNR (0.8 there)
+    held = text[text.index("## Held out"):text.index("## Summary")]
+    assert "| vangogh-a | 1 | `loss` | 1.00 / 1.000 | 0.60 | 0.600 |" in held
+    assert "| dreambooth-easy | 1 | `default:psnr@final` | 0.90 / 0.900 | 0.80 | 0.800 |" in held
+    assert "**0.60 / 0.700**" in held and "`default:psnr@final` chosen and measured" in held
+
+
+
+@pytest.mark.slow  # loads a pair and scores 20 images
+@needs_data
+def test_a_cached_model_gains_a_cheap_score_added_since_without_new_inversions(tmp_path):
+    """PIAN joined the suite's cheap scores after hours of cached inversions: the cache key keeps
+    version 1's cheap scores and the missing one is computed into the cached values."""
+    import json
+    import shutil
+    from types import SimpleNamespace
+
+    from benchmarks import suite
+    from cgidm_core.demo import demo_model_path
+
+    pair = find_pair("vangogh-a/light/s0", SHARED_DATA)
+    model = pair.model_dir(tmp_path)
+    shutil.copytree(demo_model_path("demo-vangogh-light"), model)
+    args = SimpleNamespace(cache=tmp_path)
+    out = suite.results_path(args, pair)
+    out.parent.mkdir(parents=True)
+    n = len(suite.model_images(pair))
+    cached = {"values": {**{m: [0.0] * n for m in suite.CHEAP_IN_KEY},
+                         "default/final/ssim": [0.5] * n},
+              "seconds": {}, "n_members": 10, "holdouts": {"holdout": 10}}
+    out.write_text(json.dumps(cached))
+    document = suite.model_results(args, pair)
+    assert suite.results_path(args, pair) == out  # the key did not move
+    assert document["values"]["loss"] == [0.0] * n  # cached values kept as they were
+    assert len(document["values"]["pian"]) == n and "pian" in json.loads(out.read_text())["values"]
+    assert len(set(document["values"]["pian"])) == n  # scored, one value per image

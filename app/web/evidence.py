@@ -70,6 +70,8 @@ class Card:
     detail: str
     pictures: list[Picture]
     metrics: dict[str, float] = field(default_factory=dict)
+    #: The number the p-value rests on (the fused evidence), when there were controls.
+    evidence_score: float | None = None
 
 
 @dataclass
@@ -93,6 +95,8 @@ class Plot:
     right: float
     label: str
     metric: str
+    #: What the axis shows: "evidence score" with controls, else the similarity metric.
+    axis: str = ""
 
 
 @dataclass
@@ -110,6 +114,8 @@ class Evidence:
     settings: dict[str, Any]
     provenance: dict[str, Any]
     counts: dict[str, int]
+    #: One sentence saying which score the plot and the cards' first number show.
+    score_sentence: str = ""
 
 
 def _plural(n: int, word: str) -> str:
@@ -182,10 +188,30 @@ def _set_words(result: JobResult, alpha: float) -> tuple[str, str]:
 def _verdict_score(item: Any) -> float:
     """The number an image's verdict was computed from: its ``evidence_score`` when the result
     has one (the fused evidence, cgidm_core.evidence), else its similarity ``score``. The
-    sentence "recovered better than n of your controls" counts on it, so that it agrees with
-    the p-value; the card and the plot show the similarity."""
+    sentence "recovered better than n of your controls", the dot plot and each card's first
+    number use it, so that what the page shows agrees with the p-value."""
     value = getattr(item, "evidence_score", None)
     return item.score if value is None else value
+
+
+def _has_evidence_score(result: JobResult) -> bool:
+    return any(getattr(i, "evidence_score", None) is not None
+               for i in [*result.images, *result.controls])
+
+
+def score_sentence(result: JobResult) -> str:
+    """Which score the page shows, in words (the plot's axis and the cards' first number)."""
+    if _has_evidence_score(result):
+        description = (result.evidence or {}).get("description")
+        what = f" ({description})" if description else ""
+        return ("The score shown is the evidence score the p-values and verdicts rest on"
+                f"{what}; higher means more like an image the model was trained on. The "
+                f"{result.metric} similarity between your original and what the suspect model "
+                "recovered is shown beside it on each card.")
+    return (f"The score shown is the {result.metric} similarity between your original and what "
+            "the suspect model recovered (higher: recovered better). With no controls there is "
+            "no evidence score: the verdict's score is standardised over your images and "
+            "controls together.")
 
 
 def _plot(result: JobResult, cards: list[Card], controls: list[Card]) -> Plot | None:
@@ -193,7 +219,12 @@ def _plot(result: JobResult, cards: list[Card], controls: list[Card]) -> Plot | 
     if not everything:
         return None
     width, height, left, right = 640, 150, 110.0, 620.0
-    scores = [c.score for c in everything]
+    fused = _has_evidence_score(result)
+
+    def shown(card: Card) -> float:
+        return card.evidence_score if card.evidence_score is not None else card.score
+
+    scores = [shown(c) for c in everything]
     low, high = min(scores), max(scores)
     pad = (high - low) * 0.08 or abs(high) * 0.05 or 0.05
     low, high = low - pad, high + pad
@@ -202,18 +233,22 @@ def _plot(result: JobResult, cards: list[Card], controls: list[Card]) -> Plot | 
         return round(left + (value - low) / (high - low) * (right - left), 1)
 
     rows = [(20.0, "Your images"), (65.0, "Controls")] if controls else [(40.0, "Your images")]
-    points = [PlotPoint(c.name, c.score, x_of(c.score), rows[0][0], c.verdict) for c in cards]
+    points = [PlotPoint(c.name, shown(c), x_of(shown(c)), rows[0][0], c.verdict) for c in cards]
     if controls:
-        points += [PlotPoint(c.name, c.score, x_of(c.score), rows[1][0], CONTROL)
+        points += [PlotPoint(c.name, shown(c), x_of(shown(c)), rows[1][0], CONTROL)
                    for c in controls]
     ticks = []
     for i in range(5):
         value = low + (high - low) * i / 4
         ticks.append((x_of(value), f"{value:.3g}"))
-    label = (f"Scores ({result.metric}, higher means recovered better) of "
-             f"{_plural(len(cards), 'image')}" +
-             (f" and {_plural(len(controls), 'control')}" if controls else ""))
-    return Plot(width, height, points, ticks, rows, 100.0, left, right, label, result.metric)
+    axis = "evidence score" if fused else f"{result.metric} similarity"
+    meaning = "higher means more member-like" if fused else "higher means recovered better"
+    label = (f"Scores ({axis} the p-values rest on, {meaning}) of " if fused else
+             f"Scores ({axis}, {meaning}; no evidence score without controls) of ") + \
+        _plural(len(cards), 'image') + \
+        (f" and {_plural(len(controls), 'control')}" if controls else "")
+    return Plot(width, height, points, ticks, rows, 100.0, left, right, label, result.metric,
+                axis)
 
 
 def _plain(value: Any) -> Any:
@@ -248,13 +283,15 @@ def build(record: JobRecord, alpha: float, picture_url: dict[str, dict[str, str]
         verdict, detail = _image_card_words(_verdict_score(item), item.p_value, item.verdict,
                                             control_scores, alpha)
         cards.append(Card(item.name, "image", item.score, item.p_value, verdict,
-                          HEADLINES[verdict], detail, pictures(item), dict(item.metrics)))
+                          HEADLINES[verdict], detail, pictures(item), dict(item.metrics),
+                          getattr(item, "evidence_score", None)))
     controls = []
     for item in result.controls:
         detail = "An image of yours that was never published: it shows how well the suspect " \
                  "model recovers images it cannot have seen."
         controls.append(Card(item.name, "control", item.score, None, CONTROL,
-                             HEADLINES[CONTROL], detail, pictures(item), dict(item.metrics)))
+                             HEADLINES[CONTROL], detail, pictures(item), dict(item.metrics),
+                             getattr(item, "evidence_score", None)))
 
     set_verdict, set_sentence = _set_words(result, alpha)
     counts = {v: sum(1 for c in cards if c.verdict == v) for v in (MEMBER, NO_EVIDENCE,
@@ -285,4 +322,5 @@ def build(record: JobRecord, alpha: float, picture_url: dict[str, dict[str, str]
     provenance["job"] = {k: _plain(v) for k, v in job_facts.items() if v not in (None, {}, [])}
     return Evidence(record.job_id, result.pretrained, result.finetuned, result.metric, cards,
                     controls, summary, set_sentence, set_verdict,
-                    _plot(result, cards, controls), settings, provenance, counts)
+                    _plot(result, cards, controls), settings, provenance, counts,
+                    score_sentence(result))

@@ -146,7 +146,8 @@ def run(args: argparse.Namespace) -> int:
         document["set_test"] = evidence["set_test"]
 
     (out_dir / "results.json").write_text(json.dumps(document, indent=2))
-    print_table(records, document.get("set_test"), evidence["evidence"])
+    print_table(records, document.get("set_test"), evidence["evidence"],
+                metric=args.metric or DEFAULT_METRIC, controls=evidence["controls"])
     for result in results:
         skipped = result.extra.get("nonfinite_gradient_steps", 0)
         if skipped:

@@ -94,29 +94,20 @@ def _follow(client: Any, job_id: str, timeout: float) -> dict[str, Any]:
 
 
 def _print_result(result: dict[str, Any]) -> None:
-    rows = result["images"]
-    width = max(len(r["name"]) for r in rows + result["controls"]) + 2
-    print(f"\nMembership images (fine-tuned on) vs {len(result['controls'])} hold-out controls, "
-          f"score = {result['metric']} of recovery vs original (higher = more member-like)\n")
-    print(f"{'image':<{width}}{'score':>8}{'p-value':>10}  verdict")
-    for row in rows:
-        p_value = f"{row['p_value']:.3f}" if row["p_value"] is not None else "-"
-        print(f"{row['name']:<{width}}{row['score']:>8.4f}{p_value:>10}  {row['verdict'] or '-'}")
-    if result["controls"]:
-        print(f"\n{'control (hold-out)':<{width}}{'score':>8}")
-        for row in result["controls"]:
-            print(f"{row['name']:<{width}}{row['score']:>8.4f}")
+    """The evidence as ``cgidm check`` prints it: the score column is the one the p-values rest
+    on (the evidence score with controls), the similarity beside it."""
+    from .report import print_table
+
+    print(f"\nMembership images (fine-tuned on) vs {len(result['controls'])} hold-out controls\n")
     test = result.get("controls_test")
+    print_table(result["images"], test, result.get("evidence"), metric=result.get("metric"),
+                controls=result["controls"], show_set_test=False)
     if test:
         print(f"\nSet-level test (one-sided Mann-Whitney U, images > controls): "
               f"U = {test['u_statistic']:.1f}, p = {test['p_value']:.4g}, "
               f"AUC = {test['auc']:.3f} (alpha = {test['alpha']})")
         if test.get("explanation"):
             print(test["explanation"])
-        evidence = result.get("evidence") or {}
-        if evidence.get("score") not in (None, "similarity"):
-            print(f"p-values and the set test rest on the evidence score: "
-                  f"{evidence['description']}.")
 
 
 def _download(client: Any, result: dict[str, Any], out: Path) -> None:

@@ -51,7 +51,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "images, fine-tuning it first (cached) when missing; needs ../shared/data",
     )
     data.add_argument("--suite-cache", help="suite cache folder (default ~/.cache/cgidm/suite)")
-    data.add_argument("--method", choices=METHODS, default="cgidm")
+    data.add_argument(
+        "--method", choices=METHODS, default=None,
+        help="default: evidence, the verdict's score that cgidm check and the service decide "
+        "by (cgidm_core.evidence); with --protocol paper: cgidm (the recovery's similarity, the "
+        "paper's score)",
+    )
     data.add_argument(
         "--controls",
         help="folder of further known non-members: per-image p-values and a Mann-Whitney U "
@@ -85,6 +90,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Read the images, score them all in one call, measure how the scores separate the sets,
     print the report and write what was asked for."""
+    args.method = default_method(args)
     sets = _read_sets(args)
     config = inversion_config(args)
     if args.method in INVERSION_METHODS:
@@ -116,6 +122,15 @@ def run(args: argparse.Namespace) -> int:
         plot_report(report, by_set["member"], by_set["holdout"], args.plot, title=title)
         print(f"wrote {args.plot}")
     return 0
+
+
+def default_method(args: argparse.Namespace) -> str:
+    """The method asked for, else the verdict's score (``evidence``): what ``cgidm eval``
+    measures unasked is what ``cgidm check`` decides by. The paper's protocol compares the
+    recoveries' similarity, so there the default is ``cgidm``."""
+    if args.method:
+        return str(args.method)
+    return "cgidm" if args.protocol == "paper" else "evidence"
 
 
 def _read_sets(args: argparse.Namespace) -> list[tuple[str, list[str], list[Any]]]:

@@ -1,32 +1,93 @@
-"""The evidence table that ``cgidm check`` and ``cgidm submit`` print (torch-free: ``submit`` is a
-client that runs where torch is not installed)."""
+"""The evidence table that ``cgidm check``, ``cgidm submit`` and ``cgidm demo`` print (torch-free:
+``submit`` is a client that runs where torch is not installed).
+
+One score everywhere: the table's ``score`` column is the number the p-values and verdicts were
+computed from (``evidence_score``, cgidm_core.evidence) whenever there were controls; the
+recovery's similarity stands beside it. Without controls there is no evidence score (it is
+standardised over images and controls together) and the table says that its score is the
+similarity.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 
+def shown_score(record: dict[str, Any]) -> float:
+    """The score to show for one image: its ``evidence_score`` when the document has one (the
+    number its p-value rests on), else its similarity ``score``."""
+    value = record.get("evidence_score")
+    return float(record["score"] if value is None else value)
+
+
+def score_legend(records: list[dict[str, Any]], evidence: dict[str, Any] | None,
+                 metric: str | None) -> str:
+    """One sentence saying which score the table's ``score`` column holds."""
+    similarity = f"{metric} similarity" if metric else "similarity"
+    if any(r.get("evidence_score") is not None for r in records):
+        what = (evidence or {}).get("description") or "the verdict's score"
+        return (f"score = the evidence score the p-values and verdicts rest on: {what} "
+                f"(evidence_score in the result; the recovery's {similarity}: score)")
+    return (f"score = {similarity} of the recovery vs its original (higher = more member-like); "
+            "no controls, so no evidence score, p-values or verdicts: the verdict's score is "
+            "standardised over images and controls together")
+
+
 def print_table(records: list[dict[str, Any]], set_test: object,
-                evidence: dict[str, Any] | None = None) -> None:
-    """One line per image (score; p-value and verdict when there were controls), then the set
-    test and what the verdicts rest on (``evidence``, the document's entry). ``records`` are the
+                evidence: dict[str, Any] | None = None, *, metric: str | None = None,
+                controls: list[dict[str, Any]] | None = None,
+                show_set_test: bool = True) -> None:
+    """One line per image (score; the similarity beside it and p-value and verdict when there
+    were controls), the controls' scores when given, then the set test. ``records`` are the
     per-image documents of results.json or of a service result."""
-    width = max(len("image"), *(len(r["name"]) for r in records))
+    width = max(len("image"), *(len(r["name"]) for r in records + (controls or [])))
     with_p = records[0].get("p_value") is not None
-    header = f"{'image':<{width}}  {'score':>9}" + ("  p-value  verdict" if with_p else "")
+    with_evidence = any(r.get("evidence_score") is not None for r in records)
+    sim = (metric or "similarity")[:10]
+    print(score_legend(records, evidence, metric))
+    header = f"{'image':<{width}}  {'score':>9}"
+    if with_evidence:
+        header += f"  {sim:>10}"
+    if with_p:
+        header += "  p-value  verdict"
     print(header)
     print("-" * len(header))
     for r in records:
-        line = f"{r['name']:<{width}}  {r['score']:>9.4f}"
+        line = f"{r['name']:<{width}}  {shown_score(r):>9.4f}"
+        if with_evidence:
+            line += f"  {float(r['score']):>10.4f}"
         if with_p:
             line += f"  {r['p_value']:>7.3f}  {r['verdict']}"
         print(line)
-    if isinstance(set_test, dict):
+    if controls:
+        print(f"\n{'control':<{width}}  {'score':>9}" + (f"  {sim:>10}" if with_evidence else ""))
+        for r in controls:
+            print(f"{r['name']:<{width}}  {shown_score(r):>9.4f}"
+                  + (f"  {float(r['score']):>10.4f}" if with_evidence else ""))
+    if isinstance(set_test, dict) and show_set_test:
         print(
             f"\nset test (one-sided Mann-Whitney U, suspects > controls): "
             f"U={set_test['u_statistic']:.1f}, p={set_test['p_value']:.4g}, "
             f"AUC={set_test['auc']:.3f}"
         )
-    if isinstance(set_test, dict) and evidence and evidence.get("score") != "similarity":
-        print(f"p-values and verdicts rest on the evidence score: {evidence['description']} "
-              "(results.json: evidence_score)")
+    too_small = size_advice(records, controls, set_test, evidence)
+    if too_small:
+        print(f"note: {too_small}")
+
+
+def size_advice(records: list[dict[str, Any]], controls: list[dict[str, Any]] | None,
+                set_test: object, evidence: dict[str, Any] | None) -> str | None:
+    """The power table's advice when the set is too small to decide (cgidm_core.power_table):
+    the document's own sentence when it carries one (a service result), else computed here."""
+    if evidence and evidence.get("too_small_to_decide"):
+        return str(evidence["too_small_to_decide"])
+    from cgidm_core.power_table import advice
+
+    n_controls = (set_test.get("n_controls") if isinstance(set_test, dict) else None)
+    if n_controls is None:
+        n_controls = len(controls or [])
+    p_value = set_test.get("p_value") if isinstance(set_test, dict) else None
+    try:
+        return advice(len(records), int(n_controls), p_value)
+    except (OSError, ValueError, KeyError):  # an installation without the table: no advice
+        return None

@@ -112,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         for name, kind, data in service.artifacts(result):
             (out / f"{name}.{kind}.png").write_bytes(data)
             count += 1
-    print_table(result["images"], result.get("controls_test"), result.get("evidence"))
+    print_table(result["images"], result.get("controls_test"), result.get("evidence"),
+                metric=result.get("metric"))
     print(f"wrote {out / 'result.json'} and {count} pictures (job {job['job_id']})")
     return 0

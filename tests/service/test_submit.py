@@ -78,7 +78,10 @@ def test_submit_uploads_waits_downloads_and_verifies(serve, setup):
     assert "uploaded" in run.stderr and "sha256" in run.stderr
     assert "cgidm submit" in run.stderr  # the progress bar
     lines = run.stdout.splitlines()
-    assert lines[0].split() == ["image", "score", "p-value", "verdict"]  # cgidm check's table
+    # cgidm check's table: the score column is the evidence score (one score everywhere), said
+    # in the line above it, the similarity beside it
+    assert lines[0].startswith("score = the evidence score the p-values and verdicts rest on")
+    assert lines[1].split() == ["image", "score", "ssim", "p-value", "verdict"]
     assert "set test (one-sided Mann-Whitney U" in run.stdout
     result = json.loads((out / "result.json").read_text())
     names = [row["name"] for row in result["images"] + result["controls"]]

@@ -174,6 +174,7 @@ def test_report_evidence_and_recent_jobs_of_a_finished_job(client, submit, worke
     assert not EXTERNAL.search(html) and "<script" not in html
     assert 'data-image-name="sunflowers"' in html and 'data-verdict="inconclusive"' in html
     assert "only 1 control: too few to reach significance" in html
+    assert "evidence score the p-values and verdicts rest on" in html  # one score everywhere
     assert "@media print" in html
     # The upload's file name is shown (provenance) but never as markup.
     assert "&lt;b&gt;unpublished&lt;/b&gt;.png" in html and "<b>unpublished" not in html
@@ -197,3 +198,35 @@ def test_report_of_an_unknown_job_is_404(app_client):
     assert response.status_code == 404
     assert response.json()["detail"][0]["type"] == "not_found"
 
+
+
+def test_plot_and_cards_show_the_score_the_p_values_rest_on():
+    """One score everywhere: with controls the dot plot places each picture at its evidence
+    score (the number its p-value is computed from) and says so; the similarity stays beside
+    it on the card. Without controls the page says that it shows the similarity and why."""
+    record = _record([0.1], [0.5 + i / 100 for i in range(19)], p_values=[0.05],
+                     verdicts=["member_evidence"])
+    result = record.result
+    result.images[0].evidence_score = 3.0
+    for i, control in enumerate(result.controls):
+        control.evidence_score = -1.0 - i / 100
+    result.evidence = {"score": "fused", "description": "z(SSIM) + z(PSNR) + z(loss) + z(contrast)"}
+    view = evidence.build(record, 0.05, {})
+    assert view.plot.axis == "evidence score" and "p-values rest on" in view.plot.label
+    assert [p.score for p in view.plot.points] == [3.0, *[-1.0 - i / 100 for i in range(19)]]
+    assert view.plot.points[0].x == max(p.x for p in view.plot.points)  # ranked by evidence
+    assert "evidence score the p-values and verdicts rest on" in view.score_sentence
+    assert view.cards[0].evidence_score == 3.0 and view.cards[0].score == 0.1
+    from app.web.routes import templates
+
+    html = templates.env.from_string(
+        '{% import "_evidence.html" as e with context %}{{ e.evidence(ev) }}'
+    ).render(ev=view, report=True)
+    assert "evidence score &rarr; higher: more member-like" in html
+    assert "Evidence score <strong>3</strong>" in html
+    assert "evidence score the p-values and verdicts rest on" in html
+
+    bare = evidence.build(_record([0.9, 0.4], []), 0.05, {})
+    assert bare.plot.axis == "ssim similarity"
+    assert [p.score for p in bare.plot.points] == [0.9, 0.4]
+    assert "no evidence score" in bare.score_sentence and "no evidence score" in bare.plot.label

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,11 @@ from cgidm_core.names import DDPM_FAMILY, FLUX_FAMILY, SD3_FAMILY, SD_FAMILY
 
 #: safetensors refuses headers above 100 MB; real checkpoints have a few hundred KB of header.
 MAX_HEADER_BYTES = 64 * 1024 * 1024
+#: A safetensors header nests three deep at most: the top object, a tensor's object, its shape
+#: or data_offsets list (``__metadata__`` maps strings to strings). Deeper JSON is refused before
+#: it is decoded: Python's decoder recurses once per level, so 10,001 nested arrays would end in
+#: a RecursionError instead of a refusal.
+MAX_HEADER_NESTING = 3
 #: bytes per element of every dtype safetensors defines.
 DTYPE_BYTES: dict[str, int] = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
@@ -107,17 +113,50 @@ def header_length(prefix: bytes) -> int:
     return length
 
 
+_JSON_ESCAPE = re.compile(rb"\\.", re.DOTALL)
+_JSON_STRING = re.compile(rb'"[^"]*"')
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+_INNERMOST_PAIR = re.compile(rb"[\[{][\]}]")
+
+
+def nests_deeper_than(raw: bytes, levels: int) -> bool:
+    """Whether the JSON text ``raw`` has brackets nested deeper than ``levels`` (or brackets
+    that do not balance), found without decoding it and in time linear in its size.
+
+    Escapes go first (so a string holds no backslash and no escaped quote), then strings
+    (brackets inside them do not count), then everything but the brackets; each pass that
+    deletes every adjacent opener-closer pair lowers every nesting by one level, so ``levels``
+    passes leave nothing exactly when the brackets balance within that depth."""
+    text = _JSON_STRING.sub(b"", _JSON_ESCAPE.sub(b"", raw))
+    brackets = text.translate(None, _NOT_BRACKETS)
+    for _ in range(levels):
+        brackets = _INNERMOST_PAIR.sub(b"", brackets)
+        if not brackets:
+            return False
+    return bool(brackets)
+
+
 def parse_header(raw: bytes) -> SafetensorsHeader:
     """Validate a header (the JSON after the 8 length bytes) as far as it can be without the
-    file's size; :meth:`SafetensorsHeader.file_bytes` is the size the file must then have."""
+    file's size; :meth:`SafetensorsHeader.file_bytes` is the size the file must then have.
+
+    Raises only :class:`ModelFileError` (code ``corrupt_safetensors``), whatever the bytes:
+    the gateway turns it into a 422, and ``tests/test_model_file_fuzz.py`` holds it to that."""
 
     def bad(message: str) -> ModelFileError:
         return ModelFileError("corrupt_safetensors", f"invalid safetensors header: {message}")
 
+    if nests_deeper_than(raw, MAX_HEADER_NESTING):
+        raise bad(f"its JSON nests deeper than {MAX_HEADER_NESTING} levels or its brackets do "
+                  "not balance (a safetensors header is an object of tensor entries, each with "
+                  "a shape and data_offsets list)")
     try:
         document = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise bad(f"not JSON ({exc})") from None
+        # a lone surrogate (``"\\ud800"``) decodes but cannot be stored or answered as UTF-8
+        json.dumps(document, ensure_ascii=False).encode("utf-8")
+    except (UnicodeError, ValueError, RecursionError) as exc:
+        # ValueError: JSONDecodeError, and an integer literal past Python's digit limit
+        raise bad(f"not JSON ({str(exc)[:200]})") from None
     if not isinstance(document, dict):
         raise bad("not a JSON object")
     metadata = document.pop("__metadata__", None) or {}

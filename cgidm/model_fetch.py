@@ -571,12 +571,14 @@ def _fetch_hf(ref: ModelReference, config: FetchConfig,
     if store is not None:  # into the worker's content-addressed cache
 
         def copy(part: Path) -> None:
+            blob = local.resolve()  # the snapshot entry is a symlink into the HF cache's blobs
+            part.unlink(missing_ok=True)
             with contextlib.suppress(OSError):
-                os.link(local, part)
+                os.link(blob, part)  # same file system: no second copy on disk
                 return
             import shutil
 
-            shutil.copyfile(local, part)
+            shutil.copyfile(blob, part)
 
         path, hit = store(sha, local.stat().st_size, copy)
     return FetchedModel(

@@ -303,7 +303,21 @@ def test_cgidm_check_on_civitai_and_hf_references(sd_lora, hub, tmp_path, monkey
     assert source["pretrained_from"] == {"base_model": "SD 1.5", "registry_id": "sd15"}
     assert doc["provenance"]["models"]["finetuned"]["files"][0]["sha256"] == source["sha256"]
 
+    # verify fetches the suspect again by its pinned version and re-runs the check
     monkeypatch.delenv("HF_HUB_OFFLINE")  # main() set it for its model loads
+    record = str(tmp_path / "civitai" / "results.json")
+    image_args = [arg for image in images for arg in ("--images", image)]
+    assert main(["verify", record, *image_args, "--pretrained", str(base)]) == 0
+    assert "VERIFIED" in capsys.readouterr().out
+    # ... and refuses when the hub now serves another file for that version
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(_weights(33))
+    hub.add_civitai_file(42, other, base_model="SD 1.5")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert main(["verify", record, *image_args, "--pretrained", str(base)]) == 2
+    assert "now serves something else for civitai:42" in capsys.readouterr().out
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
     assert main(["check", "--finetuned", "https://huggingface.co/alice/sks-lora",
                  "--prompt", "sks", "--out", str(tmp_path / "hf"), *common]) == 0
     doc = json.loads((tmp_path / "hf" / "results.json").read_text())

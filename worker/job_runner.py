@@ -495,11 +495,22 @@ def _job_result(ctx: WorkerContext, record: JobRecord, records: list[dict[str, A
         config=config.to_dict(),
         pair=pair.describe(),
         elapsed_seconds=round(elapsed, 3),
-        provenance=service_provenance(results.provenance, record, pre, ft),
+        provenance=_with_civitai_lookup(ctx, service_provenance(results.provenance, record,
+                                                                pre, ft), ft),
         batch_size_used=batch_size_used,
         oom_halvings=oom_halvings,
         **choice.to_settings(),
     )
+
+
+def _with_civitai_lookup(ctx: WorkerContext, provenance: dict[str, Any],
+                         ft: Any) -> dict[str, Any]:
+    from worker.remote_models import civitai_lookup
+
+    found = civitai_lookup(ctx, ft)
+    if found is not None:
+        provenance["models"]["finetuned"]["civitai"] = found
+    return provenance
 
 
 def service_provenance(library: dict[str, Any], record: JobRecord, pre: Any,

@@ -78,3 +78,22 @@ def fetch_remote(ctx: Any, reference: str, base: ModelEntry, owner: str | None) 
     return RemoteModel(id=reference, sha256=fetched.sha256, kind=kind, family=base.family,
                        finetuned_from=base.id, size_bytes=fetched.size, prompt=prompt,
                        prompt_source=source, hub=fetched.record())
+
+
+def civitai_lookup(ctx: Any, finetuned: Any) -> dict[str, Any] | None:
+    """For an uploaded suspect, which Civitai version its file is (by sha256), where the
+    operator allows the lookup (CGIDM_CIVITAI_HASH_LOOKUP). Best effort: an unreachable API is
+    recorded as such and never fails the job."""
+    from cgidm.uploaded_models import UploadedModel
+
+    if not (ctx.settings.civitai_hash_lookup and isinstance(finetuned, UploadedModel)):
+        return None
+    from cgidm.model_fetch import civitai_by_hash
+
+    config = FetchConfig.from_settings(ctx.settings)
+    try:
+        found = civitai_by_hash(config, finetuned.sha256)
+    except ModelFetchError as exc:
+        log.warning("Civitai lookup of %s failed: %s", finetuned.sha256, exc)
+        return {"looked_up": True, "error": exc.code}
+    return {"looked_up": True, "found": found is not None, **(found or {})}

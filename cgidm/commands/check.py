@@ -67,14 +67,16 @@ def _stem_names(paths: list[Path]) -> list[str]:
     return out
 
 
-def _with_hub_source(provenance: dict, source: dict | None) -> dict:
+def _with_hub_source(provenance: dict, source: dict | None, civitai: dict | None) -> dict:
     """The provenance, with where a suspect named by a hub reference came from: the reference as
     given, the pinned revision or version, file name, size, sha256 and the time it was fetched
-    (``cgidm verify`` fetches it again from this)."""
-    if source is None:
+    (``cgidm verify`` fetches it again from this); for a local file, the Civitai version its
+    hash belongs to when that was looked up (CGIDM_CIVITAI_HASH_LOOKUP)."""
+    extra = {k: v for k, v in (("hub", source), ("civitai", civitai)) if v is not None}
+    if not extra:
         return provenance
     models = dict(provenance.get("models") or {})
-    models["finetuned"] = {**(models.get("finetuned") or {}), "hub": source}
+    models["finetuned"] = {**(models.get("finetuned") or {}), **extra}
     return {**provenance, "models": models}
 
 
@@ -150,8 +152,9 @@ def run(args: argparse.Namespace) -> int:
         "seconds": round(elapsed, 2),
         # what the evidence was computed from: hashes of every image and model file, settings,
         # versions, device and dtype (`cgidm verify` re-runs it from this)
-        "provenance": _with_hub_source(results.provenance, getattr(args, "suspect_source",
-                                                                   None)),
+        "provenance": _with_hub_source(results.provenance,
+                                       getattr(args, "suspect_source", None),
+                                       getattr(args, "suspect_civitai", None)),
     }
     if controls:
         document["controls"] = evidence["controls"]

@@ -131,6 +131,7 @@ def resolve_suspect(args: argparse.Namespace) -> dict[str, Any] | None:
 
             raise ConfigError("--pretrained is required (it may be left out only when "
                               "--finetuned is a hub reference whose base is registered)")
+        args.suspect_civitai = _civitai_lookup(args.finetuned)
         return None
     from cgidm.model_fetch import FetchConfig, fetch
     from cgidm.model_files import read_header
@@ -163,6 +164,30 @@ def resolve_suspect(args: argparse.Namespace) -> dict[str, Any] | None:
     args.finetuned_reference, args.finetuned = args.finetuned, str(fetched.path)
     args.suspect_source = record
     return record
+
+
+def _civitai_lookup(finetuned: str | None) -> dict[str, Any] | None:
+    """Which Civitai version a local suspect file is, by its sha256, when
+    CGIDM_CIVITAI_HASH_LOOKUP is set (it sends the file's hash to Civitai, nothing else)."""
+    from cgidm.settings import Settings
+
+    settings = Settings()
+    path = Path(finetuned or "")
+    if not settings.civitai_hash_lookup or not path.is_file():
+        return None
+    from cgidm.model_fetch import FetchConfig, ModelFetchError, civitai_by_hash, sha256_file
+
+    config = FetchConfig(cache_dir=cli_cache_dir(), civitai_url=settings.civitai_url,
+                         civitai_token=settings.civitai_token)
+    try:
+        found = civitai_by_hash(config, sha256_file(path))
+    except ModelFetchError as exc:
+        print(f"note: Civitai lookup by hash failed: {exc}")
+        return {"looked_up": True, "error": exc.code}
+    if found is not None:
+        print(f"suspect file is Civitai version {found['version_id']} "
+              f"(base model {found.get('base_model')!r})")
+    return {"looked_up": True, "found": found is not None, **(found or {})}
 
 
 def user_hub_offline() -> bool | None:

@@ -78,6 +78,7 @@ def env(root, models, keys, hub, redis_url, s3_endpoint) -> dict[str, str]:
                          "HF_ENDPOINT": hub.url,
                          "HF_HUB_OFFLINE": "0",  # the worker fetches (from 127.0.0.1 only)
                          "CGIDM_MODEL_CACHE_DIR": str(root / "cache"),
+                         "CGIDM_CIVITAI_HASH_LOOKUP": "true",
                      })
 
 
@@ -130,6 +131,19 @@ def test_civitai_and_hf_suspects_run_and_are_recorded(stack, keys, hub, models, 
         assert any(f"/resolve/{COMMIT}/" in path for _, path, _ in hub.requests)
     blobs = sorted(p.name for p in (root / "cache" / "blobs").iterdir())
     assert f"{sha}.safetensors" in blobs
+
+
+def test_an_uploaded_file_is_looked_up_on_civitai_by_its_hash(stack, keys, models, hub):
+    """CGIDM_CIVITAI_HASH_LOOKUP: the upload's sha256 is that of version 42 (and 43, 44)."""
+    with _client(stack, keys["bob"]) as bob:
+        upload = bob.post("/models", data={"finetuned_from": "sd15"},
+                          files={"file": ("mine.safetensors", models["lora"].read_bytes())})
+        assert upload.status_code == 201, upload.text
+        job = _run(bob, upload.json()["id"], prompt="sks")
+    assert job["status"] == "succeeded", job.get("error")
+    found = job["result"]["provenance"]["models"]["finetuned"]["civitai"]
+    assert found["found"] and found["version_id"] in (42, 43, 44)
+    assert found["base_model"] and any("/by-hash/" in p for _, p, _ in hub.requests)
 
 
 def test_wrong_hash_and_refused_token_fail_the_job_and_cache_nothing(stack, keys, root):

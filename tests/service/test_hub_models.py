@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cgidm.client import CgidmClient, ServiceError
 from cgidm_testkit import tinymodels
 from cgidm_testkit.hub_servers import HubServer
 from cgidm_testkit.processes import (
@@ -121,8 +122,12 @@ def test_civitai_and_hf_suspects_run_and_are_recorded(stack, keys, hub, models, 
                                             models["lora"].name)
         assert hub_record["fetched_at"] and hub_record["reference"] == result["finetuned"]
 
-        again = _run(alice, "civitai:42")  # the same model named another way
-        assert again["status"] == "succeeded", again.get("error")
+        # the same model named another way, through the Python client (as `cgidm submit`)
+        image = root / "a.png"
+        image.write_bytes(png_bytes(1, (16, 16)))
+        with CgidmClient(stack, keys["alice"]) as client:
+            again = client.check("sd15", "civitai:42", [image], steps=1, seed=0)
+        assert again["result"]["finetuned"] == "civitai:42"
         assert hub.downloads("/files/42/") == 1  # downloaded once, then the disk cache
 
         hf = _run(alice, "hf:alice/sks-lora", prompt="sks")
@@ -165,6 +170,10 @@ def test_gateway_checks_references_and_hosts_without_fetching(stack, keys, hub):
         refused = _submit(bob, "civitai:42")
         assert refused.status_code == 403
         assert refused.json()["detail"][0]["type"] == "remote_model_not_allowed"
+        with CgidmClient(stack, keys["alice"]) as client, \
+                pytest.raises(ServiceError, match="not a number") as err:
+            client.submit("sd15", "civitai:abc", [__file__])  # refused before sending
+        assert err.value.code == "invalid_model_reference"
         malformed = _submit(alice, "civitai:abc")
         assert malformed.status_code == 422
         assert malformed.json()["detail"][0]["type"] == "invalid_model_reference"

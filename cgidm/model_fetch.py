@@ -341,8 +341,12 @@ def plain_cache_store(root: Path) -> CacheStore:
             part = root / "tmp" / f"{sha256}.part"
             part.parent.mkdir(parents=True, exist_ok=True)
             final.parent.mkdir(parents=True, exist_ok=True)
-            download(part)
-            os.replace(part, final)
+            try:
+                download(part)
+                os.replace(part, final)
+            except BaseException:
+                part.unlink(missing_ok=True)  # nothing half-cached
+                raise
             return final, False
 
     return store
@@ -504,6 +508,7 @@ def _fetch_hf(ref: ModelReference, config: FetchConfig,
     revision = ref.revision or "main"
     base_model = None
     expected: str | None = None
+    size_of: int | None = None
     try:
         if config.is_offline:
             folder = Path(snapshot_download(ref.repo_id, revision=revision, cache_dir=cache,
@@ -533,8 +538,8 @@ def _fetch_hf(ref: ModelReference, config: FetchConfig,
                 sibling = siblings[filename]
                 lfs = sibling.lfs
                 expected = lfs.sha256 if lfs is not None else None
-                _check_size(lfs.size if lfs is not None else sibling.size, config,
-                            f"{what}: {filename}")
+                size_of = lfs.size if lfs is not None else sibling.size
+                _check_size(size_of, config, f"{what}: {filename}")
         if filename is None:
             if not config.allow_snapshot:
                 raise ModelFetchError("unsupported_model_file", f"{what} is a diffusers "
@@ -551,36 +556,60 @@ def _fetch_hf(ref: ModelReference, config: FetchConfig,
                 base_model=base_model, source_url=f"{config.endpoint}/{ref.repo_id}",
                 fetched_at=_now(), from_cache=config.is_offline)
         _check_safetensors_name(filename, what)
-        local = Path(hf_hub_download(ref.repo_id, filename, revision=commit, cache_dir=cache,
-                                     endpoint=config.endpoint,
-                                     local_files_only=config.is_offline))
+        if store is not None and expected is not None:
+            # The worker: its content-addressed cache is the cache (bounded by
+            # CGIDM_MODEL_DISK_BYTES), keyed by the sha256 the Hub lists, so a file cached
+            # before is not downloaded again, and no second copy stays in the HF cache.
+            def download(part: Path) -> None:
+                staging = part.with_name(part.name + ".hf")
+                try:
+                    got = Path(hf_hub_download(ref.repo_id, filename, revision=commit,
+                                               local_dir=staging, endpoint=config.endpoint))
+                    if sha256_file(got) != expected:
+                        raise ModelFetchError("model_hash_mismatch", f"{what}: {filename} is "
+                                              f"not the file the Hub lists for commit {commit} "
+                                              f"(sha256 {expected}); nothing was cached")
+                    os.replace(got, part)
+                finally:
+                    import shutil
+
+                    shutil.rmtree(staging, ignore_errors=True)
+
+            path, hit = store(expected, size_of, download)
+            sha = expected  # the store hashed the file and refuses any other content
+            local = None
+        else:
+            local = Path(hf_hub_download(ref.repo_id, filename, revision=commit,
+                                         cache_dir=cache, endpoint=config.endpoint,
+                                         local_files_only=config.is_offline))
         if not config.is_offline:
             _remember_revision(cache, ref.repo_id, revision, commit)
-            if "README.md" in siblings:  # the card, so base_model is known offline too
+            if "README.md" in siblings and local is not None:  # the card, for offline runs
                 hf_hub_download(ref.repo_id, "README.md", revision=commit, cache_dir=cache,
                                 endpoint=config.endpoint)
     except ModelFetchError:
         raise
     except Exception as exc:  # huggingface_hub's HTTP and cache errors
         raise _hf_error(exc, what) from exc
-    sha = sha256_file(local)
-    if expected is not None and sha != expected:
-        raise ModelFetchError("model_hash_mismatch", f"{what}: {filename} has sha256 {sha}, not "
-                              f"the {expected} the Hub lists for commit {commit}")
-    path, hit = local, config.is_offline
-    if store is not None:  # into the worker's content-addressed cache
+    if local is not None:
+        sha = sha256_file(local)
+        if expected is not None and sha != expected:
+            raise ModelFetchError("model_hash_mismatch", f"{what}: {filename} has sha256 "
+                                  f"{sha}, not the {expected} the Hub lists for commit {commit}")
+        path, hit = local, config.is_offline
+        if store is not None:  # offline, or a file the Hub lists no sha256 for
 
-        def copy(part: Path) -> None:
-            blob = local.resolve()  # the snapshot entry is a symlink into the HF cache's blobs
-            part.unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                os.link(blob, part)  # same file system: no second copy on disk
-                return
-            import shutil
+            def copy(part: Path) -> None:
+                blob = local.resolve()  # the snapshot entry is a symlink into the HF blobs
+                part.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    os.link(blob, part)  # same file system: no second copy on disk
+                    return
+                import shutil
 
-            shutil.copyfile(blob, part)
+                shutil.copyfile(blob, part)
 
-        path, hit = store(sha, local.stat().st_size, copy)
+            path, hit = store(sha, local.stat().st_size, copy)
     return FetchedModel(
         reference=ref.given, canonical=f"hf:{ref.repo_id}@{commit}:{filename}", site="hf",
         path=path, filename=filename, size=path.stat().st_size, sha256=sha, revision=commit,

@@ -227,6 +227,31 @@ def test_hf_file_is_pinned_to_the_commit_and_loads_offline(hub, tmp_path):
     assert err.value.code == "model_not_cached"
 
 
+def test_hf_into_a_content_addressed_store_downloads_once_and_checks_the_listed_hash(
+        hub, tmp_path):
+    """The worker's way (its disk cache is the store): keyed by the sha256 the Hub lists, no
+    copy left in the HF cache, a file that is not the listed one refused."""
+    from cgidm.model_fetch import plain_cache_store
+
+    data = _weights(20)
+    hub.add_hf_repo("alice/lora", {"w.safetensors": data})
+    hub.add_hf_repo("alice/liar", {"w.safetensors": data},
+                    listed_sha256={"w.safetensors": "ab" * 32})
+    store = plain_cache_store(tmp_path / "store")
+    first = fetch(parse_reference("hf:alice/lora"), _config(hub, tmp_path), store=store)
+    assert first.path == tmp_path / "store" / "blobs" / f"{first.sha256}.safetensors"
+    assert not first.from_cache and first.path.read_bytes() == data
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))  # no second copy
+    downloads = hub.downloads("/alice/lora/resolve/")
+    again = fetch(parse_reference("hf:alice/lora"), _config(hub, tmp_path), store=store)
+    assert again.from_cache and hub.downloads("/alice/lora/resolve/") == downloads
+    with pytest.raises(ModelFetchError) as err:
+        fetch(parse_reference("hf:alice/liar"), _config(hub, tmp_path), store=store)
+    assert err.value.code == "model_hash_mismatch"
+    assert sorted(p.name for p in (tmp_path / "store").rglob("*") if p.is_file()
+                  and p.suffix != ".lock") == [f"{first.sha256}.safetensors"]
+
+
 def test_hf_repos_with_several_weights_files_or_pickles_ask_for_one(hub, tmp_path):
     hub.add_hf_repo("alice/two", {"a.safetensors": _weights(3), "b.safetensors": _weights(4)})
     hub.add_hf_repo("alice/pickle", {"model.ckpt": b"\x80\x04" + bytes(10)})

@@ -42,7 +42,15 @@ def root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def models(root) -> dict[str, Path]:
     base = tinymodels.make_tiny_sd(root / "sd-base", seed=0)
-    return {"base": base, "lora": tinymodels.make_lora(base, root / "lora", as_file=True, seed=1)}
+    lora = tinymodels.make_lora(base, root / "lora", as_file=True, seed=1)
+    # the same weights with other metadata: other bytes (fetched, cached and loaded on their
+    # own) at the cost of a LoRA load, not of another fine-tune
+    from safetensors.numpy import load_file, save_file
+
+    copy = root / "hf" / "pytorch_lora_weights.safetensors"
+    copy.parent.mkdir()
+    save_file(load_file(str(lora)), str(copy), metadata={"source": "hub copy"})
+    return {"base": base, "lora": lora, "hf_lora": copy}
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +60,8 @@ def hub(models) -> Iterator[HubServer]:
                                 trained_words=["sks style"])
         server.add_civitai_file(43, models["lora"], published_sha256="00" * 32)
         server.add_civitai_file(44, models["lora"], token="needs-one")
-        # the same bytes on the Hub: its job reuses the pair loaded for the Civitai one (keyed on
-        # content), which keeps this test short; the fetch itself is the Hub's
         server.add_hf_repo("alice/sks-lora", {
-            "pytorch_lora_weights.safetensors": models["lora"].read_bytes()}, commit=COMMIT)
+            "pytorch_lora_weights.safetensors": models["hf_lora"].read_bytes()}, commit=COMMIT)
         yield server
 
 
@@ -133,7 +139,7 @@ def test_civitai_and_hf_suspects_run_and_are_recorded(stack, keys, hub, models, 
         hf = _run(alice, "hf:alice/sks-lora", prompt="sks")
         assert hf["status"] == "succeeded", hf.get("error")
         assert hf["result"]["provenance"]["models"]["finetuned"]["hub"]["revision"] == COMMIT
-        assert any(f"/resolve/{COMMIT}/" in path for _, path, _ in hub.requests)
+        assert hub.downloads(f"/alice/sks-lora/resolve/{COMMIT}/") == 1  # by commit, once
     blobs = sorted(p.name for p in (root / "cache" / "blobs").iterdir())
     assert f"{sha}.safetensors" in blobs
 

@@ -6,6 +6,7 @@ Hugging Face (point ``HF_ENDPOINT`` at :attr:`HubServer.url`):
 
 - ``GET /api/models/{owner}/{name}[/revision/{rev}]``: ``{"id", "sha", "siblings": [{
   "rfilename", "size", "lfs": {"sha256", "size"}}], "cardData": {"base_model"}}``;
+- ``GET /api/models/{owner}/{name}/tree/{rev}?recursive=true`` (snapshot_download's listing);
 - ``HEAD``/``GET /{owner}/{name}/resolve/{rev}/{file}`` with ``X-Repo-Commit``, ``ETag`` and
   ``X-Linked-Etag`` (the LFS sha256), ``X-Linked-Size`` and ranged GETs.
 
@@ -193,8 +194,32 @@ def _handler(server: HubServer) -> type[BaseHTTPRequestHandler]:
 
         # -- Hugging Face --------------------------------------------------------------------
 
+        def _hf_tree(self, repo: HfRepo, revision: str) -> None:
+            """``GET /api/models/{repo}/tree/{rev}?recursive=true`` (what snapshot_download
+            lists): every file and folder at the revision."""
+            commit = repo.resolve(revision)
+            if commit is None:
+                return self._json(404, {"error": f"Invalid rev id: {revision}"},
+                                  {"X-Error-Code": "RevisionNotFound"})
+            files = repo.files_at(commit) or {}
+            folders = sorted({"/".join(name.split("/")[:i]) for name in files
+                              for i in range(1, name.count("/") + 1)})
+            entries: list[dict[str, Any]] = [
+                {"type": "directory", "path": f, "oid": _git_sha1(f.encode()), "size": 0}
+                for f in folders]
+            for name, data in sorted(files.items()):
+                entry: dict[str, Any] = {"type": "file", "path": name, "size": len(data),
+                                         "oid": _git_sha1(data)}
+                if name.endswith(".safetensors"):
+                    entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data),
+                                    "pointerSize": 134}
+                entries.append(entry)
+            self._json(200, entries, {"X-Repo-Commit": commit})
+
         def _hf_api(self, rest: str) -> None:
             parts = rest.split("/")
+            if len(parts) >= 4 and parts[2] == "tree" and "/".join(parts[:2]) in server.hf:
+                return self._hf_tree(server.hf["/".join(parts[:2])], "/".join(parts[3:]))
             repo_id, revision = "/".join(parts[:2]), "main"
             if len(parts) >= 4 and parts[2] == "revision":
                 revision = "/".join(parts[3:])

@@ -252,6 +252,24 @@ def test_hf_into_a_content_addressed_store_downloads_once_and_checks_the_listed_
                   and p.suffix != ".lock") == [f"{first.sha256}.safetensors"]
 
 
+def test_hf_pipeline_repo_is_a_snapshot_for_the_cli_and_refused_by_the_service(hub, tmp_path):
+    hub.add_hf_repo("alice/full-ft", {
+        "model_index.json": b'{"_class_name": "StableDiffusionPipeline"}',
+        "unet/config.json": b"{}",
+        "unet/diffusion_pytorch_model.safetensors": _weights(5),
+        "unet/diffusion_pytorch_model.bin": b"\x80\x04 a pickle",
+    })
+    fetched = fetch(parse_reference("hf:alice/full-ft"), _config(hub, tmp_path))
+    assert fetched.path.is_dir() and fetched.revision == COMMIT and fetched.sha256 is None
+    files = sorted(str(p.relative_to(fetched.path)) for p in fetched.path.rglob("*")
+                   if p.is_file())
+    assert files == ["model_index.json", "unet/config.json",
+                     "unet/diffusion_pytorch_model.safetensors"]  # never the pickle
+    with pytest.raises(ModelFetchError, match="single .safetensors files") as err:
+        fetch(parse_reference("hf:alice/full-ft"), _config(hub, tmp_path, allow_snapshot=False))
+    assert err.value.code == "unsupported_model_file"
+
+
 def test_hf_repos_with_several_weights_files_or_pickles_ask_for_one(hub, tmp_path):
     hub.add_hf_repo("alice/two", {"a.safetensors": _weights(3), "b.safetensors": _weights(4)})
     hub.add_hf_repo("alice/pickle", {"model.ckpt": b"\x80\x04" + bytes(10)})

@@ -219,6 +219,8 @@ def _write_json(args: argparse.Namespace, pair: Any, scored: Any, report: Any, s
     settings = {
         "pretrained": str(args.pretrained),
         "finetuned": str(getattr(args, "finetuned_reference", None) or args.finetuned),
+        **({"finetuned_hub": args.suspect_source} if getattr(args, "suspect_source", None)
+           else {}),
         "members": str(args.members),
         "holdout": str(args.holdout),
         "controls": args.controls,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import struct
+import sys
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from hypothesis import strategies as st
 
 from cgidm.model_files import (
     MAX_HEADER_NESTING,
+    SAFE_RECURSION_LIMIT,
     ModelFileError,
     SafetensorsHeader,
     classify,
@@ -55,6 +57,19 @@ def test_deeply_nested_headers_are_refused_not_crashed(raw):
         parse_header(raw)
 
 
+@pytest.mark.parametrize("raw", [b"[" * 10_001 + b"]" * 10_001, b"[" * 50_001, b"{}}"])
+def test_with_a_raised_recursion_limit_the_exact_scan_refuses_first(raw):
+    """Something in the process raised the recursion limit: the decoder would no longer stop
+    deep input in time, so the scan refuses it before decoding."""
+    before = sys.getrecursionlimit()
+    sys.setrecursionlimit(SAFE_RECURSION_LIMIT + 1)
+    try:
+        with pytest.raises(ModelFileError, match="nests deeper than 3"):
+            parse_header(raw)
+    finally:
+        sys.setrecursionlimit(before)
+
+
 def test_brackets_inside_strings_do_not_count():
     name = "a[[[[[{{{{\\\"]]]]"  # an escaped quote too: the string must not end early
     raw = json.dumps({name: {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
@@ -69,7 +84,7 @@ def test_brackets_inside_strings_do_not_count():
     (b"\xff\xfe{}", "not JSON"),
     (b"[]", "not a JSON object"),
     (b"5", "not a JSON object"),
-    (b"{}}", "do not balance"),
+    (b"{}}", "not JSON"),
 ])
 def test_odd_json_is_a_model_file_error(raw, words):
     with pytest.raises(ModelFileError, match=words):

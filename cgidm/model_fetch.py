@@ -199,7 +199,7 @@ def download_verified(client: httpx.Client, url: str, part: Path, sha256: str, *
             try:
                 if _stream_into(client, url, part, have, request_headers, max_bytes, what):
                     break
-            except (httpx.TransportError, httpx.DecodingError) as exc:
+            except (httpx.TransportError, httpx.DecodingError) as exc:  # dropped: resume it
                 log.warning("%s: download interrupted after %d bytes (%s); attempt %d of %d",
                             what, part.stat().st_size if part.exists() else 0, exc, attempt,
                             attempts)
@@ -208,6 +208,8 @@ def download_verified(client: httpx.Client, url: str, part: Path, sha256: str, *
                                           f"off {attempts} times ({exc}); nothing was cached, "
                                           "try again later") from exc
                 time.sleep(min(0.2 * attempt, 1.0))
+            except httpx.HTTPError as exc:  # too many redirects, a bad URL...
+                raise ModelFetchError("hub_unavailable", f"{what}: {exc}") from exc
         got = sha256_file(part)
         if got != sha256:
             raise ModelFetchError("model_hash_mismatch", f"{what}: the downloaded file has "
@@ -264,7 +266,7 @@ def civitai_version(client: httpx.Client, version_id: int) -> dict[str, Any]:
     what = f"Civitai model version {version_id}"
     try:
         response = client.get(f"/api/v1/model-versions/{version_id}", follow_redirects=True)
-    except httpx.TransportError as exc:
+    except httpx.HTTPError as exc:
         raise ModelFetchError("hub_unavailable", f"{what}: {client.base_url} cannot be "
                               f"reached ({exc}); check CGIDM_CIVITAI_URL") from exc
     if response.status_code != 200:
@@ -311,13 +313,19 @@ def civitai_by_hash(config: FetchConfig, sha256: str) -> dict[str, Any] | None:
     with _civitai_client(config) as client:
         try:
             response = client.get(f"/api/v1/model-versions/by-hash/{sha256.upper()}")
-        except httpx.TransportError as exc:
+        except httpx.HTTPError as exc:
             raise ModelFetchError("hub_unavailable", f"Civitai by-hash lookup: {exc}") from exc
         if response.status_code == 404:
             return None
         if response.status_code != 200:
             raise _status_error(response, "Civitai by-hash lookup", "CGIDM_CIVITAI_TOKEN")
-        document = response.json()
+        try:
+            document = response.json()
+        except ValueError:
+            document = None
+    if not isinstance(document, dict):
+        raise ModelFetchError("hub_unavailable", "Civitai by-hash lookup: the API answered "
+                              "something that is not a model version")
     return {"version_id": document.get("id"), "model_id": document.get("modelId"),
             "base_model": document.get("baseModel"), "air": document.get("air")}
 

@@ -93,7 +93,7 @@ def civitai_lookup(ctx: Any, finetuned: Any) -> dict[str, Any] | None:
     config = FetchConfig.from_settings(ctx.settings)
     try:
         found = civitai_by_hash(config, finetuned.sha256)
-    except ModelFetchError as exc:
+    except Exception as exc:  # noqa: BLE001 - a lookup never fails the job
         log.warning("Civitai lookup of %s failed: %s", finetuned.sha256, exc)
-        return {"looked_up": True, "error": exc.code}
+        return {"looked_up": True, "error": getattr(exc, "code", type(exc).__name__)}
     return {"looked_up": True, "found": found is not None, **(found or {})}

@@ -88,6 +88,11 @@ def _check_models(services: Services, settings: JobSettings, caller: Caller) -> 
     return getattr(tuned, "sha256", None) or settings.finetuned
 
 
+#: ``pretrained`` value for a hub-referenced suspect: the base its hub page records (the
+#: registry's base-model table), resolved by the worker once it has the page.
+AUTO_BASE = "auto"
+
+
 def _check_reference(services: Services, settings: JobSettings, caller: Caller) -> str:
     """A suspect named by hub reference: the gateway checks its syntax and that the caller may
     name models on its host (CGIDM_MODEL_HOSTS), and that ``pretrained`` is a registered base;
@@ -104,6 +109,8 @@ def _check_reference(services: Services, settings: JobSettings, caller: Caller) 
         raise ApiError(403, ["body", "finetuned"], "remote_model_not_allowed",
                        f"{hint} (operator setting CGIDM_MODEL_HOSTS); upload the file instead "
                        "(POST /models)")
+    if settings.pretrained == AUTO_BASE:  # the worker takes the base the hub page records
+        return ref.canonical
     try:
         base = services.resolver(caller.name).get(settings.pretrained)
     except InvalidModelReference as exc:

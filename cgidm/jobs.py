@@ -84,7 +84,9 @@ class JobSettings(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    pretrained: str = Field(max_length=128, description="Registry id of the pretrained model.",
+    pretrained: str = Field(max_length=128, description="Registry id of the pretrained model; "
+                            "`auto` with a hub reference as `finetuned`: the registered base its "
+                            "hub page records (Civitai's baseModel, the model card's base_model).",
                             examples=["demo-base"])
     finetuned: str = Field(max_length=1000, description="Registry id of the suspect fine-tune, "
                            "the id of your own upload (POST /models), or a hub reference the "

@@ -378,12 +378,15 @@ def _load_pair(ctx: WorkerContext, record: JobRecord, watch: Watch) -> tuple[Any
     records whether the cache held it and how long loading took."""
     settings = record.settings
     if looks_like_reference(settings.finetuned):  # a hub reference: fetched here, not before
-        from worker.remote_models import fetch_remote
+        from worker.remote_models import AUTO_BASE, fetch_remote
 
-        pre = ctx.registry().get(settings.pretrained)
-        if pre.finetuned_from is not None:
-            raise UnknownModel(f"{pre.id!r} is a fine-tune; name the base model as pretrained")
-        ft = fetch_remote(ctx, settings.finetuned, pre, record.owner)
+        base = None
+        if settings.pretrained != AUTO_BASE:
+            base = ctx.registry().get(settings.pretrained)
+            if base.finetuned_from is not None:
+                raise UnknownModel(f"{base.id!r} is a fine-tune; name the base model as "
+                                   "pretrained")
+        pre, ft = fetch_remote(ctx, settings.finetuned, base, record.owner)
     else:
         pre, ft = ctx.resolver(record.owner).check_pair(settings.pretrained, settings.finetuned)
     load_start = time.monotonic()

@@ -44,8 +44,15 @@ class RemoteModel:
         return f"hub:{self.hub.get('canonical', self.id)}"
 
 
-def fetch_remote(ctx: Any, reference: str, base: ModelEntry, owner: str | None) -> RemoteModel:
-    """Fetch, verify and check the suspect ``reference`` names, for a job of ``owner``."""
+#: ``pretrained`` value that asks for the base the suspect's hub page records.
+AUTO_BASE = "auto"
+
+
+def fetch_remote(ctx: Any, reference: str, base: ModelEntry | None,
+                 owner: str | None) -> tuple[ModelEntry, RemoteModel]:
+    """Fetch, verify and check the suspect ``reference`` names, for a job of ``owner``; with
+    ``base`` None, the base is the registered one its hub page names (Civitai's ``baseModel``,
+    the model card's ``base_model``, through the registry's base-model table)."""
     try:
         ref = parse_reference(reference)
     except ModelReferenceError as exc:
@@ -59,6 +66,8 @@ def fetch_remote(ctx: Any, reference: str, base: ModelEntry, owner: str | None) 
     config = FetchConfig.from_settings(ctx.settings, allow_snapshot=False)
     fetched = fetch(ref, config, store=ctx.disk.store)
     assert fetched.sha256 is not None  # single files only (allow_snapshot=False)
+    if base is None:
+        base = ctx.registry().base_for(fetched.base_model)
     try:
         header = read_header(str(fetched.path))
         if header.file_bytes > ctx.settings.max_model_bytes:
@@ -75,9 +84,12 @@ def fetch_remote(ctx: Any, reference: str, base: ModelEntry, owner: str | None) 
         prompt, source = found, "file_metadata"
     log.info("suspect %s: %s (%s, %d bytes, sha256 %s%s)", reference, fetched.canonical, kind,
              fetched.size, fetched.sha256, ", cached" if fetched.from_cache else "")
-    return RemoteModel(id=reference, sha256=fetched.sha256, kind=kind, family=base.family,
-                       finetuned_from=base.id, size_bytes=fetched.size, prompt=prompt,
-                       prompt_source=source, hub=fetched.record())
+    record = fetched.record()
+    if fetched.base_model:
+        record["base_model"] = fetched.base_model
+    return base, RemoteModel(id=reference, sha256=fetched.sha256, kind=kind, family=base.family,
+                             finetuned_from=base.id, size_bytes=fetched.size, prompt=prompt,
+                             prompt_source=source, hub=record)
 
 
 def civitai_lookup(ctx: Any, finetuned: Any) -> dict[str, Any] | None:

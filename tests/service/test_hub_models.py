@@ -140,6 +140,14 @@ def test_civitai_and_hf_suspects_run_and_are_recorded(stack, keys, hub, models, 
         assert hf["status"] == "succeeded", hf.get("error")
         assert hf["result"]["provenance"]["models"]["finetuned"]["hub"]["revision"] == COMMIT
         assert hub.downloads(f"/alice/sks-lora/resolve/{COMMIT}/") == 1  # by commit, once
+
+        # pretrained "auto": the base the hub page records ("SD 1.5" -> sd15 in the table)
+        auto = _run(alice, "civitai:42", pretrained="auto")
+        assert auto["status"] == "succeeded", auto.get("error")
+        assert auto["result"]["pretrained"] == "sd15"
+        no_base = _run(alice, "hf:alice/sks-lora", pretrained="auto", prompt="sks")
+        assert no_base["status"] == "failed" and no_base["error"]["code"] == "unknown_model"
+        assert "does not record its base model" in no_base["error"]["message"]
     blobs = sorted(p.name for p in (root / "cache" / "blobs").iterdir())
     assert f"{sha}.safetensors" in blobs
 

@@ -471,6 +471,45 @@ def _card_base_model(card: Any) -> str | None:
     return str(value) if value else None
 
 
+def _hf_index(config: FetchConfig, repo_id: str, revision: str, filename: str | None) -> Path:
+    key = hashlib.sha256(f"{repo_id}@{revision}:{filename or ''}".encode()).hexdigest()[:32]
+    return config.cache_dir / "remote" / "hf" / f"{key}.json"
+
+
+def _remember_hf_file(config: FetchConfig, ref: ModelReference, revision: str,
+                      entry: dict[str, Any]) -> None:
+    """What a store-backed fetch found (commit, file, sha256), so an offline run finds the
+    file in the content-addressed store, under the revision as given and under its commit."""
+    for rev in {revision, entry["commit"]}:
+        for name in {ref.filename, entry["filename"]}:
+            index = _hf_index(config, ref.repo_id or "", rev, name)
+            index.parent.mkdir(parents=True, exist_ok=True)
+            index.write_text(json.dumps(entry))
+
+
+def _stored_hf_file(config: FetchConfig, store: CacheStore, ref: ModelReference,
+                    revision: str) -> FetchedModel | None:
+    """Offline: the file an earlier store-backed fetch put in the store, if it is still there."""
+    try:
+        entry = json.loads(_hf_index(config, ref.repo_id or "", revision,
+                                     ref.filename).read_text())
+    except (OSError, ValueError):
+        return None
+
+    def missing(part: Path) -> None:
+        raise ModelFetchError("model_not_cached", f"Hugging Face model {ref.repo_id}: "
+                              f"{entry['filename']} left the cache and HF_HUB_OFFLINE is set")
+
+    path, _ = store(entry["sha256"], entry.get("size"), missing)
+    commit = entry["commit"]
+    return FetchedModel(
+        reference=ref.given, canonical=f"hf:{ref.repo_id}@{commit}:{entry['filename']}",
+        site="hf", path=path, filename=entry["filename"], size=path.stat().st_size,
+        sha256=entry["sha256"], revision=commit, base_model=entry.get("base_model"),
+        source_url=f"{config.endpoint}/{ref.repo_id}/resolve/{commit}/{entry['filename']}",
+        fetched_at=_now(), from_cache=True)
+
+
 def _remember_revision(cache: Path, repo_id: str, revision: str, commit: str) -> None:
     """Record in the cache's ``refs/`` which commit a branch or tag named when it was fetched
     (files are downloaded by commit, which records no branch), so that an offline run
@@ -517,6 +556,10 @@ def _fetch_hf(ref: ModelReference, config: FetchConfig,
     base_model = None
     expected: str | None = None
     size_of: int | None = None
+    if config.is_offline and store is not None:
+        known = _stored_hf_file(config, store, ref, revision)
+        if known is not None:
+            return known
     try:
         if config.is_offline:
             folder = Path(snapshot_download(ref.repo_id, revision=revision, cache_dir=cache,
@@ -586,6 +629,9 @@ def _fetch_hf(ref: ModelReference, config: FetchConfig,
             path, hit = store(expected, size_of, download)
             sha = expected  # the store hashed the file and refuses any other content
             local = None
+            _remember_hf_file(config, ref, revision, {
+                "commit": commit, "filename": filename, "sha256": sha, "size": size_of,
+                "base_model": base_model})
         else:
             local = Path(hf_hub_download(ref.repo_id, filename, revision=commit,
                                          cache_dir=cache, endpoint=config.endpoint,

@@ -245,6 +245,11 @@ def test_hf_into_a_content_addressed_store_downloads_once_and_checks_the_listed_
     downloads = hub.downloads("/alice/lora/resolve/")
     again = fetch(parse_reference("hf:alice/lora"), _config(hub, tmp_path), store=store)
     assert again.from_cache and hub.downloads("/alice/lora/resolve/") == downloads
+    offline = FetchConfig(cache_dir=tmp_path / "cache", hf_endpoint="http://127.0.0.1:9",
+                          offline=True)
+    for text in ("hf:alice/lora", f"hf:alice/lora@{COMMIT}:w.safetensors"):
+        cached = fetch(parse_reference(text), offline, store=store)  # no request at all
+        assert cached.from_cache and cached.path == first.path and cached.revision == COMMIT
     with pytest.raises(ModelFetchError) as err:
         fetch(parse_reference("hf:alice/liar"), _config(hub, tmp_path), store=store)
     assert err.value.code == "model_hash_mismatch"

@@ -297,12 +297,12 @@ def test_hf_repos_with_several_weights_files_or_pickles_ask_for_one(hub, tmp_pat
 
 
 @pytest.fixture(scope="module")
-def sd_lora(tmp_path_factory) -> tuple[Path, Path]:
-    """A tiny SD base and a LoRA file of it (diffusers' own save_lora_weights)."""
+def sd_lora(tmp_path_factory, tiny_sd_pair) -> tuple[Path, Path]:
+    """The session's tiny SD base and a LoRA file of it (diffusers' own save_lora_weights)."""
     from cgidm_testkit import tinymodels
 
+    base = tiny_sd_pair[0]
     root = tmp_path_factory.mktemp("hub-sd")
-    base = tinymodels.make_tiny_sd(root / "base", seed=0)
     return base, tinymodels.make_lora(base, root / "lora", as_file=True, seed=1)
 
 

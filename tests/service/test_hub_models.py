@@ -40,8 +40,8 @@ def root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def models(root) -> dict[str, Path]:
-    base = tinymodels.make_tiny_sd(root / "sd-base", seed=0)
+def models(root, tiny_sd_pair) -> dict[str, Path]:
+    base = tiny_sd_pair[0]  # the session's tiny SD base (tests/conftest.py)
     lora = tinymodels.make_lora(base, root / "lora", as_file=True, seed=1)
     # the same weights with other metadata: other bytes (fetched, cached and loaded on their
     # own) at the cost of a LoRA load, not of another fine-tune

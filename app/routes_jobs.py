@@ -31,6 +31,7 @@ from cgidm.jobs import (
     safe_name,
     utcnow,
 )
+from cgidm.model_refs import ModelReferenceError, looks_like_reference, parse_reference
 from cgidm.registry import InvalidModelReference, UnknownModel
 from cgidm.storage import ObjectNotFound, StorageError
 from cgidm_core.names import FEATURE_METRICS
@@ -61,7 +62,13 @@ def _check_models(services: Services, settings: JobSettings, caller: Caller) -> 
     """Registry ids, and for ``finetuned`` also the caller's own uploads (another key's upload
     is an unknown id, the same answer as for one that does not exist). Returns what the job is
     routed by: the fine-tune's id, or an upload's content hash (the same bytes uploaded by two
-    keys go to the worker that has them loaded)."""
+    keys go to the worker that has them loaded), or a hub reference's canonical form."""
+    if settings.metric in FEATURE_METRICS and services.settings.feature_model is None:
+        raise ApiError(422, ["body", "metric"], "metric_unavailable",
+                       f"metric {settings.metric!r} needs a feature model, and this service has "
+                       "none configured (CGIDM_FEATURE_MODEL); use ssim, psnr or mse")
+    if looks_like_reference(settings.finetuned):
+        return _check_reference(services, settings, caller)
     registry = services.resolver(caller.name)
     for field in ("pretrained", "finetuned"):
         try:
@@ -78,11 +85,44 @@ def _check_models(services: Services, settings: JobSettings, caller: Caller) -> 
         raise ApiError(422, ["body", "finetuned"], "incompatible_pair", str(exc)) from None
     except StorageError as exc:
         raise _storage_down(exc) from exc
-    if settings.metric in FEATURE_METRICS and services.settings.feature_model is None:
-        raise ApiError(422, ["body", "metric"], "metric_unavailable",
-                       f"metric {settings.metric!r} needs a feature model, and this service has "
-                       "none configured (CGIDM_FEATURE_MODEL); use ssim, psnr or mse")
     return getattr(tuned, "sha256", None) or settings.finetuned
+
+
+#: ``pretrained`` value for a hub-referenced suspect: the base its hub page records (the
+#: registry's base-model table), resolved by the worker once it has the page.
+AUTO_BASE = "auto"
+
+
+def _check_reference(services: Services, settings: JobSettings, caller: Caller) -> str:
+    """A suspect named by hub reference: the gateway checks its syntax and that the caller may
+    name models on its host (CGIDM_MODEL_HOSTS), and that ``pretrained`` is a registered base;
+    the worker fetches it (the gateway never downloads weights). Routed by the canonical form,
+    so the same model named two ways goes to the worker that has it."""
+    try:
+        ref = parse_reference(settings.finetuned)
+    except ModelReferenceError as exc:
+        raise ApiError(422, ["body", "finetuned"], "invalid_model_reference", str(exc)) from None
+    allowed = services.settings.hosts_for(caller.name)
+    if ref.host not in allowed:
+        hint = (f"this service lets you name models on {', '.join(sorted(allowed))} only"
+                if allowed else "this service accepts no hub references from your key")
+        raise ApiError(403, ["body", "finetuned"], "remote_model_not_allowed",
+                       f"{hint} (operator setting CGIDM_MODEL_HOSTS); upload the file instead "
+                       "(POST /models)")
+    if settings.pretrained == AUTO_BASE:  # the worker takes the base the hub page records
+        return ref.canonical
+    try:
+        base = services.resolver(caller.name).get(settings.pretrained)
+    except InvalidModelReference as exc:
+        raise ApiError(422, ["body", "pretrained"], "invalid_model_reference", str(exc)) from None
+    except UnknownModel as exc:
+        raise ApiError(422, ["body", "pretrained"], "unknown_model", str(exc)) from None
+    except StorageError as exc:
+        raise _storage_down(exc) from exc
+    if getattr(base, "finetuned_from", None) is not None or getattr(base, "sha256", None):
+        raise ApiError(422, ["body", "pretrained"], "not_a_base", f"{settings.pretrained!r} is "
+                       "a fine-tune; name the registered base model the suspect was made from")
+    return ref.canonical
 
 
 async def _read_limited(field: str, upload: UploadFile, limit: int) -> bytes:

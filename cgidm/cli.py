@@ -12,6 +12,10 @@ import importlib
 import os
 import sys
 
+#: HF_HUB_OFFLINE as the user set it (None: unset), before main() defaults it to 1: a hub
+#: reference (`--finetuned hf:...`) is fetched online unless the user asked for offline.
+USER_HF_HUB_OFFLINE: str | None = os.environ.get("HF_HUB_OFFLINE")
+
 COMMANDS = ("check", "verify", "submit", "eval", "models", "serve", "demo", "keys")
 
 
@@ -28,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     # Models load from local files only unless the user explicitly allows the network.
+    global USER_HF_HUB_OFFLINE
+    USER_HF_HUB_OFFLINE = os.environ.get("HF_HUB_OFFLINE")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     args = build_parser().parse_args(argv)
@@ -50,6 +56,14 @@ def main(argv: list[str] | None = None) -> int:
                   "image has no torch); run it where cgidm is installed with its dependencies",
                   file=sys.stderr)
             return 1
+        from cgidm.model_fetch import ModelFetchError
+        from cgidm.model_files import ModelFileError
+        from cgidm.model_refs import ModelReferenceError
+        from cgidm.registry import UnknownModel
+
+        if isinstance(exc, ModelFetchError | ModelFileError | ModelReferenceError | UnknownModel):
+            print(f"cgidm: error: {exc}", file=sys.stderr)
+            return 2
         from cgidm_core.errors import CGIDMError
 
         if isinstance(exc, CGIDMError):

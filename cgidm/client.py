@@ -28,6 +28,19 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 ARTIFACTS = ("recovered", "partial", "side_by_side")
 
 
+def _check_reference(finetuned: str) -> None:
+    """A hub reference (hf:..., civitai:..., a model page URL) goes to the service as written,
+    and the service's worker fetches it; a malformed one is refused here, before the images are
+    sent, with the same message the service would give."""
+    from cgidm.model_refs import ModelReferenceError, looks_like_reference, parse_reference
+
+    if looks_like_reference(finetuned):
+        try:
+            parse_reference(finetuned)
+        except ModelReferenceError as exc:
+            raise ServiceError(str(exc), code="invalid_model_reference") from None
+
+
 class ServiceError(Exception):
     """The service refused or failed a request (``status`` is the HTTP status, 0 when it
     could not be reached), or a job did not succeed."""
@@ -132,6 +145,7 @@ class CgidmClient:
         metric, batch_size, ...). Returns the 202 answer (job_id, status_url, warnings)."""
         if not images:
             raise ServiceError("no images to submit")
+        _check_reference(finetuned)
         fields = {"pretrained": pretrained, "finetuned": finetuned}
         fields.update({k: str(v).lower() if isinstance(v, bool) else str(v)
                        for k, v in settings.items() if v is not None})

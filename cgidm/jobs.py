@@ -84,10 +84,15 @@ class JobSettings(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    pretrained: str = Field(max_length=128, description="Registry id of the pretrained model.",
+    pretrained: str = Field(max_length=128, description="Registry id of the pretrained model; "
+                            "`auto` with a hub reference as `finetuned`: the registered base its "
+                            "hub page records (Civitai's baseModel, the model card's base_model).",
                             examples=["demo-base"])
-    finetuned: str = Field(max_length=128, description="Registry id of the suspect fine-tune, "
-                           "or the id of your own upload (POST /models).",
+    finetuned: str = Field(max_length=1000, description="Registry id of the suspect fine-tune, "
+                           "the id of your own upload (POST /models), or a hub reference the "
+                           "worker fetches where the operator allows it (CGIDM_MODEL_HOSTS): "
+                           "hf:OWNER/NAME[@REVISION][:FILE], civitai:VERSION_ID, a huggingface.co "
+                           "or civitai.com model page URL, urn:air:...:civitai:MODEL@VERSION.",
                            examples=["demo-vangogh"])
     prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS,
                                description="Prompt for conditional models (default: the "

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,11 @@ from cgidm_core.names import DDPM_FAMILY, FLUX_FAMILY, SD_FAMILY
 
 #: safetensors refuses headers above 100 MB; real checkpoints have a few hundred KB of header.
 MAX_HEADER_BYTES = 64 * 1024 * 1024
+#: A safetensors header nests three deep at most: the top object, a tensor's object, its shape
+#: or data_offsets list (``__metadata__`` maps strings to strings). Python's decoder recurses
+#: once per level, so 10,001 nested arrays ended in a RecursionError (a 500) instead of a
+#: refusal; see parse_header for how deeper JSON is refused now.
+MAX_HEADER_NESTING = 3
 #: bytes per element of every dtype safetensors defines.
 DTYPE_BYTES: dict[str, int] = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
@@ -115,17 +121,63 @@ def header_length(prefix: bytes) -> int:
     return length
 
 
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+_ONE_KIND = bytes.maketrans(b"{}", b"[]")
+#: Python's JSON decoder recurses once per nesting level and raises RecursionError at the
+#: interpreter's recursion limit (1,000 by default), which parse_header turns into a refusal.
+#: Should anything in the process raise the limit past this, a deep header could exhaust the C
+#: stack instead, so the exact scan below runs first.
+SAFE_RECURSION_LIMIT = 10_000
+
+
+def nests_deeper_than(raw: bytes, levels: int) -> bool:
+    """Whether the JSON text ``raw`` has brackets nested deeper than ``levels`` (or brackets
+    that do not balance), found without decoding it, in time linear in its size.
+
+    Escapes go first (so a string holds no backslash pair and no escaped quote), then the
+    strings (every other piece between quotes: brackets inside them do not count), then all but
+    the brackets, with ``{}`` written as ``[]``; each pass that deletes every adjacent ``[]``
+    lowers every nesting by exactly one level (replacement does not rescan what it joins), so
+    ``levels`` passes leave nothing exactly when the brackets balance within that depth."""
+    text = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    outside = b"".join(text.split(b'"')[0::2])
+    brackets = outside.translate(_ONE_KIND, _NOT_BRACKETS)
+    for _ in range(levels):
+        brackets = brackets.replace(b"[]", b"")
+        if not brackets:
+            return False
+    return bool(brackets)
+
+
 def parse_header(raw: bytes) -> SafetensorsHeader:
     """Validate a header (the JSON after the 8 length bytes) as far as it can be without the
-    file's size; :meth:`SafetensorsHeader.file_bytes` is the size the file must then have."""
+    file's size; :meth:`SafetensorsHeader.file_bytes` is the size the file must then have.
+
+    Raises only :class:`ModelFileError` (code ``corrupt_safetensors``), whatever the bytes:
+    the gateway turns it into a 422, and ``tests/test_model_file_fuzz.py`` holds it to that."""
 
     def bad(message: str) -> ModelFileError:
         return ModelFileError("corrupt_safetensors", f"invalid safetensors header: {message}")
 
+    too_deep = bad(f"its JSON nests deeper than {MAX_HEADER_NESTING} levels or its brackets do "
+                   "not balance (a safetensors header is an object of tensor entries, each with "
+                   "a shape and data_offsets list)")
+    # The exact scan costs seconds on a hostile 64 MiB header; the decoder refuses most such
+    # headers at their first bytes and bounds the nesting itself (RecursionError), so the scan
+    # runs only where that bound is not safe. Deeper-than-3 JSON that decodes is refused by the
+    # structure checks below: nothing in a valid header nests deeper.
+    if sys.getrecursionlimit() > SAFE_RECURSION_LIMIT and \
+            nests_deeper_than(raw, MAX_HEADER_NESTING):
+        raise too_deep
     try:
         document = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise bad(f"not JSON ({exc})") from None
+        # a lone surrogate (``"\\ud800"``) decodes but cannot be stored or answered as UTF-8
+        json.dumps(document, ensure_ascii=False).encode("utf-8")
+    except RecursionError:
+        raise too_deep from None
+    except (UnicodeError, ValueError) as exc:
+        # ValueError: JSONDecodeError, and an integer literal past Python's digit limit
+        raise bad(f"not JSON ({str(exc)[:200]})") from None
     if not isinstance(document, dict):
         raise bad("not a JSON object")
     metadata = document.pop("__metadata__", None) or {}

@@ -10,10 +10,13 @@ open an arbitrary file or fetch remote code. The operator controls the registry 
        "finetuned_from": "sd15", "kind": "dreambooth", "prompt": "sks style"}
     ]}
 
-Relative paths are resolved against the registry file's folder. Without a file the registry
-holds the demo models that ship with the package (their ``path`` is the demo name, which
-``cgidm_core.load_pair`` resolves to the packaged folders), read from the torch-free
-``cgidm_core.names``.
+Relative paths are resolved against the registry file's folder. A suspect named by a hub
+reference (``cgidm.model_refs``) brings the name of its base (Civitai's ``baseModel``, a Hugging
+Face model card's ``base_model``); :data:`BASE_MODEL_NAMES` maps those names to registry ids, and
+the file's optional ``"base_models": {"<name>": "<registry id>"}`` adds or overrides entries.
+Without a file the registry holds the demo models that ship with the package (their ``path``
+is the demo name, which ``cgidm_core.load_pair`` resolves to the packaged folders), read from
+the torch-free ``cgidm_core.names``.
 """
 
 from __future__ import annotations
@@ -58,6 +61,28 @@ class ModelEntry(BaseModel):
     description: str | None = None
 
 
+#: Base-model names as the hubs record them -> the registry id a deployment conventionally gives
+#: that base. Civitai's ``baseModel`` values (model-version API) and the Hugging Face repositories
+#: model cards name as ``base_model``. Matched case-insensitively; a name whose id is not in the
+#: registry is reported, not guessed. Operators extend or override it in the registry file.
+BASE_MODEL_NAMES: dict[str, str] = {
+    "SD 1.4": "sd14", "SD 1.5": "sd15", "SD 1.5 LCM": "sd15", "SD 1.5 Hyper": "sd15",
+    "SD 2.0": "sd20", "SD 2.0 768": "sd20-768", "SD 2.1": "sd21", "SD 2.1 768": "sd21-768",
+    "SDXL 1.0": "sdxl", "SDXL 0.9": "sdxl", "SDXL Lightning": "sdxl", "SDXL Hyper": "sdxl",
+    "SDXL Turbo": "sdxl-turbo", "Pony": "pony", "Illustrious": "illustrious",
+    "NoobAI": "noobai", "SD 3": "sd3-medium", "SD 3.5": "sd35-large",
+    "SD 3.5 Medium": "sd35-medium", "SD 3.5 Large": "sd35-large", "Flux.1 D": "flux1-dev",
+    "Flux.1 S": "flux1-schnell",
+    "CompVis/stable-diffusion-v1-4": "sd14",
+    "runwayml/stable-diffusion-v1-5": "sd15",
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd15",
+    "stabilityai/stable-diffusion-2-1-base": "sd21", "stabilityai/stable-diffusion-2-1": "sd21-768",
+    "stabilityai/stable-diffusion-xl-base-1.0": "sdxl",
+    "black-forest-labs/FLUX.1-dev": "flux1-dev",
+    "black-forest-labs/FLUX.1-schnell": "flux1-schnell",
+}
+
+
 class PublicModel(BaseModel):
     """What ``GET /models`` shows of an entry: everything but the operator's file path."""
 
@@ -97,8 +122,11 @@ def check_reference(ref: str) -> str:
 class Registry:
     """The entries of one registry file, by id."""
 
-    def __init__(self, entries: list[ModelEntry] | tuple[ModelEntry, ...], source: str):
+    def __init__(self, entries: list[ModelEntry] | tuple[ModelEntry, ...], source: str,
+                 base_models: dict[str, str] | None = None):
         self.source = source
+        self.base_models = {k.lower(): v for k, v in
+                            {**BASE_MODEL_NAMES, **(base_models or {})}.items()}
         self.entries: dict[str, ModelEntry] = {}
         for entry in entries:
             if entry.id in self.entries:
@@ -129,6 +157,25 @@ class Registry:
             )
         return base, tuned
 
+    def base_for(self, name: str | None) -> ModelEntry:
+        """The registered base a hub calls ``name`` (``SD 1.5``, ``org/stable-diffusion-v1-5``).
+
+        :class:`UnknownModel` when the name is not in the table or its id is not registered: the
+        message says how to name the base instead."""
+        if not name:
+            raise UnknownModel("the suspect does not record its base model; name the base "
+                               "(--pretrained, or the pretrained field)")
+        ref = self.base_models.get(name.strip().lower())
+        if ref is None:
+            raise UnknownModel(f"the suspect's base model {name!r} maps to no registered base; "
+                               "name the base (--pretrained), or add it to the registry file's "
+                               f'"base_models": {{"{name}": "<registry id>"}}')
+        if ref not in self.entries:
+            raise UnknownModel(f"the suspect's base model {name!r} is {ref!r}, which is not in "
+                               f"the registry ({self.source}); register it or name the base "
+                               "(--pretrained)")
+        return self.entries[ref]
+
     def public(self) -> list[PublicModel]:
         return [
             PublicModel(**entry.model_dump(exclude={"path"})) for entry in self.entries.values()
@@ -145,6 +192,11 @@ def _load_file(path: Path) -> Registry:
     items = document.get("models") if isinstance(document, dict) else document
     if not isinstance(items, list):
         raise RegistryError(f"model registry {path} must hold {{\"models\": [...]}}")
+    base_models = document.get("base_models") if isinstance(document, dict) else None
+    if base_models is not None and not (isinstance(base_models, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in base_models.items())):
+        raise RegistryError(f"model registry {path}: \"base_models\" must map hub base-model "
+                            "names to registry ids")
     entries = []
     for i, item in enumerate(items):
         try:
@@ -155,7 +207,7 @@ def _load_file(path: Path) -> Registry:
         if not model_path.is_absolute() and (path.parent / model_path).exists():
             entry = entry.model_copy(update={"path": str((path.parent / model_path).resolve())})
         entries.append(entry)
-    return Registry(entries, str(path))
+    return Registry(entries, str(path), base_models)
 
 
 @lru_cache(maxsize=8)

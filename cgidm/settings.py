@@ -75,6 +75,33 @@ def parse_api_keys(value: str | None) -> dict[str, str]:
     return keys
 
 
+#: The hosts a hub reference can name (cgidm.model_refs.SITE_HOSTS).
+REFERENCE_HOSTS = ("huggingface.co", "civitai.com")
+
+
+def parse_model_hosts(value: str | None) -> dict[str, frozenset[str]]:
+    """``TENANT=HOST+HOST,...`` as {tenant: hosts}; ValueError names the bad entry."""
+    table: dict[str, frozenset[str]] = {}
+    for raw in (value or "").split(","):
+        entry = raw.strip()
+        if not entry:
+            continue
+        tenant, sep, hosts = entry.partition("=")
+        tenant = tenant.strip()
+        names = frozenset(h.strip().lower() for h in hosts.split("+") if h.strip())
+        if not sep or not (tenant == "*" or _KEY_NAME.match(tenant)):
+            raise ValueError(f"CGIDM_MODEL_HOSTS entry {entry[:40]!r}: expected TENANT=HOST[+HOST] "
+                             "with TENANT a key name, `local` or `*`")
+        unknown = names - set(REFERENCE_HOSTS)
+        if unknown or not names:
+            raise ValueError(f"CGIDM_MODEL_HOSTS entry {entry[:40]!r}: hosts must be among "
+                             f"{', '.join(REFERENCE_HOSTS)}")
+        if tenant in table:
+            raise ValueError(f"CGIDM_MODEL_HOSTS names {tenant!r} twice")
+        table[tenant] = names
+    return table
+
+
 class Settings(BaseSettings):
     """Service settings; each field is the environment variable ``CGIDM_<FIELD NAME>``."""
 
@@ -136,6 +163,29 @@ class Settings(BaseSettings):
         50 * 1024**3, ge=0,
         description="Worker: byte budget of that disk cache; least recently used files are "
         "removed to stay under it (a file in use is kept).",
+    )
+    civitai_url: str = Field(
+        "https://civitai.com", pattern=r"^https?://[^\s]+$",
+        description="Base URL of the Civitai API that civitai: references are fetched from "
+        "(GET /api/v1/model-versions/{id}, then the file's downloadUrl).",
+    )
+    civitai_token: str | None = Field(
+        None, repr=False,
+        description="Civitai API token, sent as `Authorization: Bearer`; needed for models that "
+        "require a login to download (create one under civitai.com, Account settings, API Keys). "
+        "Hugging Face reads its own HF_TOKEN, HF_ENDPOINT and HF_HUB_OFFLINE.",
+    )
+    model_hosts: str | None = Field(
+        None,
+        description="Which callers may name suspect models by hub reference (hf:..., civitai:..., "
+        "a model page URL), and from which hosts: TENANT=HOST[+HOST] entries separated by commas, "
+        "TENANT a key name, `local` (keyless local mode) or `*` (everyone), HOST huggingface.co "
+        "or civitai.com. Unset: no references are accepted; workers fetch, the gateway never "
+        "does. Example: `*=huggingface.co+civitai.com`.",
+    )
+    civitai_hash_lookup: bool = Field(
+        False, description="Look local and uploaded suspect files up on Civitai by sha256 "
+        "(GET /api/v1/model-versions/by-hash) and record the version found in the result.",
     )
     max_files: int = Field(64, ge=1, description="Most files (images + controls) per job.")
     max_image_pixels: int = Field(
@@ -239,7 +289,7 @@ class Settings(BaseSettings):
 
     @field_validator("storage_url", "s3_endpoint_url", "broker_url", "models", "device", "dtype",
                      "feature_model", "api_keys", "model_cache_dir", "url_signing_key",
-                     "visibility_timeout", mode="before")
+                     "visibility_timeout", "civitai_token", "model_hosts", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         # docker-compose passes `${VAR:-}` through as an empty string: treat it as "not set".
@@ -276,6 +326,18 @@ class Settings(BaseSettings):
     def _keys_well_formed(cls, value: str | None) -> str | None:
         parse_api_keys(value)
         return value
+
+    @field_validator("model_hosts")
+    @classmethod
+    def _hosts_well_formed(cls, value: str | None) -> str | None:
+        parse_model_hosts(value)
+        return value
+
+    def hosts_for(self, tenant: str | None) -> frozenset[str]:
+        """The hosts ``tenant`` (a key name; None in the keyless local mode) may name suspect
+        models on."""
+        table = parse_model_hosts(self.model_hosts)
+        return table.get("local" if tenant is None else tenant, table.get("*", frozenset()))
 
     @property
     def api_key_hashes(self) -> dict[str, str]:

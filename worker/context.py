@@ -22,6 +22,7 @@ from cgidm.storage import storage_from_settings
 from cgidm.uploaded_models import ModelResolver, UploadedModel, UploadStore
 from worker.disk_cache import CachedFileCorrupt, DiskCache
 from worker.model_cache import ModelCache
+from worker.remote_models import RemoteModel
 
 #: Registry pairs: (pretrained id, fine-tuned id, their paths, kind). Uploads: ("upload",
 #: pretrained id, pretrained path, sha256 of the file, kind): keyed on content, so the same file
@@ -39,8 +40,8 @@ class WorkerContext:
     outcomes: Counter[str] = field(default_factory=Counter)
     disk: DiskCache | None = None
     #: sha256 -> (storage key, size) of an uploaded file, for the loader of a pair keyed on
-    #: content
-    sources: dict[str, tuple[str, int]] = field(default_factory=dict)
+    #: content; the key is None for a file fetched from a hub (already in the disk cache)
+    sources: dict[str, tuple[str | None, int]] = field(default_factory=dict)
     #: Job leases (cgidm/leases.py); None: no fencing, the broker's redelivery alone.
     leases: LeaseStore | None = None
 
@@ -52,9 +53,10 @@ class WorkerContext:
         return ModelResolver(self.registry(), UploadStore(self.store.storage), owner)
 
     def pair_key(self, pretrained: ModelEntry,
-                 finetuned: ModelEntry | UploadedModel) -> PairKey:
-        if isinstance(finetuned, UploadedModel):
-            self.sources[finetuned.sha256] = (finetuned.blob_key, finetuned.size_bytes)
+                 finetuned: ModelEntry | UploadedModel | RemoteModel) -> PairKey:
+        if isinstance(finetuned, UploadedModel | RemoteModel):
+            key = finetuned.blob_key if isinstance(finetuned, UploadedModel) else None
+            self.sources[finetuned.sha256] = (key, finetuned.size_bytes)
             return (UPLOAD, pretrained.id, pretrained.path, finetuned.sha256, finetuned.kind)
         # Paths are part of the key: an operator who repoints an id gets the new weights.
         return (pretrained.id, finetuned.id, pretrained.path, finetuned.path, finetuned.kind)
@@ -92,7 +94,10 @@ def _load_pair(key: PairKey, ctx: WorkerContext | None = None) -> Any:
 
     key_in_storage, size = ctx.sources[sha256]
     try:
-        blob = ctx.disk.fetch(sha256, ctx.store.storage, key_in_storage, size)  # verified, pinned
+        if key_in_storage is None:  # fetched from a hub moments ago by this job
+            blob = ctx.disk.fetch_with(sha256, _left_the_cache, size)[0]
+        else:
+            blob = ctx.disk.fetch(sha256, ctx.store.storage, key_in_storage, size)  # verified
     except CachedFileCorrupt as exc:  # storage holds other bytes than were uploaded
         raise ModelFormatError(str(exc)) from exc
     try:
@@ -103,6 +108,14 @@ def _load_pair(key: PairKey, ctx: WorkerContext | None = None) -> Any:
     except BaseException:
         ctx.disk.unpin(sha256)
         raise
+
+
+def _left_the_cache(part: Any) -> None:
+    from cgidm_core.errors import ModelFormatError
+
+    raise ModelFormatError("the model fetched for this job left the disk cache before it was "
+                           "loaded (CGIDM_MODEL_DISK_BYTES too small for the models in use?); "
+                           "submit the job again")
 
 
 def _evicted(ctx: WorkerContext, key: PairKey) -> None:

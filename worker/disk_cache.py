@@ -29,7 +29,7 @@ import hashlib
 import logging
 import os
 import threading
-import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -109,11 +109,31 @@ class DiskCache:
     def fetch(self, sha256: str, storage: Storage, key: str, size: int | None = None,
               pin: bool = True) -> Path:
         """A verified local copy of the object ``key`` whose content hash is ``sha256``."""
+        return self.fetch_with(sha256, lambda part: self._download(sha256, storage, key, part),
+                               size, pin)[0]
+
+    def fetch_with(self, sha256: str, download: Callable[[Path], None],
+                   size: int | None = None, pin: bool = True) -> tuple[Path, bool]:
+        """The blob ``sha256``, from the cache or written by ``download(part)`` into a ``.part``
+        file under ``tmp/`` (which must hold exactly those bytes when it returns: it is hashed
+        again here before it is published); returns (path, whether it was cached). Used for
+        uploads (from storage) and for models fetched from a hub (``cgidm.model_fetch``); a
+        download that raises leaves nothing behind."""
         path = self.blob_path(sha256)
         handle = self._lock_file(sha256)
+        hit = False
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX)  # one download per file, whatever the process
+            # A shared lock first: it is compatible with the pins of processes (this one
+            # included) that have the file loaded, so a cached file is handed out while others
+            # use it. Only a missing or damaged file takes the exclusive lock, one download per
+            # file whatever the process (a pinned file is never missing: pins keep it).
+            fcntl.flock(handle, fcntl.LOCK_SH)
             if path.is_file() and sha256_file(path) == sha256:
+                hit = True
+            else:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+                hit = path.is_file() and sha256_file(path) == sha256  # fetched meanwhile?
+            if hit:
                 os.utime(path)  # most recently used
                 self.hits += 1
             else:
@@ -123,10 +143,21 @@ class DiskCache:
                                 "fetching it again", sha256)
                     path.unlink(missing_ok=True)
                 self._evict(reserve=size or 0, keep=sha256)
-                self._download(sha256, storage, key, path)
+                part = self.tmp / f"{sha256}.part"  # one name per file: a later try resumes it
+                try:
+                    download(part)
+                    got = sha256_file(part)
+                    if got != sha256:
+                        raise CachedFileCorrupt(f"the model file fetched for {sha256} has "
+                                                f"sha256 {got}; it was not cached")
+                    os.replace(part, path)
+                finally:
+                    part.unlink(missing_ok=True)
+                log.info("fetched model %s into the disk cache (%d bytes)", sha256,
+                         path.stat().st_size)
                 self.downloads += 1
                 self._evict(reserve=0, keep=sha256)  # in case the size was not known
-            if pin:  # the exclusive lock becomes the pin's shared one: no gap to evict in
+            if pin:  # the lock becomes (or stays) the pin's shared one: no gap to evict in
                 fcntl.flock(handle, fcntl.LOCK_SH)
                 with self._lock:
                     self._pins.setdefault(sha256, []).append(handle)
@@ -134,26 +165,29 @@ class DiskCache:
         finally:
             if handle is not None:
                 handle.close()
-        return path
+        return path, hit
 
-    def _download(self, sha256: str, storage: Storage, key: str, path: Path) -> None:
-        part = self.tmp / f"{sha256}.{uuid.uuid4().hex}.part"
+    def store(self, sha256: str, size: int | None, download: Callable[[Path], None]
+              ) -> tuple[Path, bool]:
+        """``cgidm.model_fetch.CacheStore``: a hub model into the cache, unpinned."""
+        return self.fetch_with(sha256, download, size, pin=False)
+
+    def remove(self, sha256: str) -> None:
+        """Drop a blob that turned out unusable (a hub file that fails the safety checks)."""
+        self._try_remove(sha256, self.blob_path(sha256))
+
+    def _download(self, sha256: str, storage: Storage, key: str, part: Path) -> None:
         digest = hashlib.sha256()
-        try:
-            with part.open("wb") as handle:
-                for block in storage.open_stream(key, chunk_size=HASH_CHUNK):
-                    digest.update(block)
-                    handle.write(block)
-                handle.flush()
-                os.fsync(handle.fileno())
-            if digest.hexdigest() != sha256:
-                raise CachedFileCorrupt(
-                    f"the uploaded model in storage ({key}) has sha256 {digest.hexdigest()}, not "
-                    f"the {sha256} recorded when it was uploaded; upload it again")
-            os.replace(part, path)
-        finally:
-            part.unlink(missing_ok=True)
-        log.info("fetched model %s into the disk cache (%d bytes)", sha256, path.stat().st_size)
+        with part.open("wb") as handle:
+            for block in storage.open_stream(key, chunk_size=HASH_CHUNK):
+                digest.update(block)
+                handle.write(block)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if digest.hexdigest() != sha256:
+            raise CachedFileCorrupt(
+                f"the uploaded model in storage ({key}) has sha256 {digest.hexdigest()}, not "
+                f"the {sha256} recorded when it was uploaded; upload it again")
 
     # -- eviction ------------------------------------------------------------------------------
 

@@ -30,6 +30,9 @@ from cgidm.jobs import (
     new_attempt_tag,
     utcnow,
 )
+from cgidm.model_fetch import ModelFetchError
+from cgidm.model_files import ModelFileError
+from cgidm.model_refs import looks_like_reference
 from cgidm.registry import InvalidModelReference, UnknownModel
 from cgidm.storage import StorageError, StorageUnavailable
 from cgidm_core.names import DEFAULT_METRIC, FEATURE_METRICS
@@ -343,7 +346,7 @@ def _classify(ctx: WorkerContext, record: JobRecord, watch: Watch,
         return "failed", JobError(code="time_limit", message=message)
     if isinstance(exc, UnknownModel | InvalidModelReference):
         return "failed", JobError(code="unknown_model", message=str(exc))
-    if isinstance(exc, CGIDMError):
+    if isinstance(exc, CGIDMError | ModelFetchError | ModelFileError):
         return "failed", JobError(code=exc.code, message=str(exc))
     log.exception("job %s failed unexpectedly", record.job_id)
     return "failed", JobError(code="internal_error", message=f"{type(exc).__name__}: {exc}")
@@ -374,7 +377,18 @@ def _load_pair(ctx: WorkerContext, record: JobRecord, watch: Watch) -> tuple[Any
     """The job's (pretrained entry, fine-tuned entry, loaded pair), from the worker's cache;
     records whether the cache held it and how long loading took."""
     settings = record.settings
-    pre, ft = ctx.resolver(record.owner).check_pair(settings.pretrained, settings.finetuned)
+    if looks_like_reference(settings.finetuned):  # a hub reference: fetched here, not before
+        from worker.remote_models import AUTO_BASE, fetch_remote
+
+        base = None
+        if settings.pretrained != AUTO_BASE:
+            base = ctx.registry().get(settings.pretrained)
+            if base.finetuned_from is not None:
+                raise UnknownModel(f"{base.id!r} is a fine-tune; name the base model as "
+                                   "pretrained")
+        pre, ft = fetch_remote(ctx, settings.finetuned, base, record.owner)
+    else:
+        pre, ft = ctx.resolver(record.owner).check_pair(settings.pretrained, settings.finetuned)
     load_start = time.monotonic()
     pair, hit = ctx.cache.get(ctx.pair_key(pre, ft))
     record.worker = {
@@ -484,11 +498,22 @@ def _job_result(ctx: WorkerContext, record: JobRecord, records: list[dict[str, A
         config=config.to_dict(),
         pair=pair.describe(),
         elapsed_seconds=round(elapsed, 3),
-        provenance=service_provenance(results.provenance, record, pre, ft),
+        provenance=_with_civitai_lookup(ctx, service_provenance(results.provenance, record,
+                                                                pre, ft), ft),
         batch_size_used=batch_size_used,
         oom_halvings=oom_halvings,
         **choice.to_settings(),
     )
+
+
+def _with_civitai_lookup(ctx: WorkerContext, provenance: dict[str, Any],
+                         ft: Any) -> dict[str, Any]:
+    from worker.remote_models import civitai_lookup
+
+    found = civitai_lookup(ctx, ft)
+    if found is not None:
+        provenance["models"]["finetuned"]["civitai"] = found
+    return provenance
 
 
 def service_provenance(library: dict[str, Any], record: JobRecord, pre: Any,
@@ -505,7 +530,10 @@ def service_provenance(library: dict[str, Any], record: JobRecord, pre: Any,
     for role, entry in (("pretrained", pre), ("finetuned", ft)):
         loaded = (library.get("models") or {}).get(role) or {}
         models[role] = {"id": entry.id, "files": loaded.get("files", [])}
-        if getattr(entry, "sha256", None):  # an upload: the file the client sent
+        hub = getattr(entry, "hub", None)
+        if hub:  # fetched from a hub: where from, which revision or version, when
+            models[role].update(sha256=entry.sha256, kind=entry.kind, hub=hub)
+        elif getattr(entry, "sha256", None):  # an upload: the file the client sent
             models[role].update(uploaded=True, sha256=entry.sha256, kind=entry.kind)
     document["models"] = models
     return document

@@ -67,6 +67,19 @@ def _stem_names(paths: list[Path]) -> list[str]:
     return out
 
 
+def _with_hub_source(provenance: dict, source: dict | None, civitai: dict | None) -> dict:
+    """The provenance, with where a suspect named by a hub reference came from: the reference as
+    given, the pinned revision or version, file name, size, sha256 and the time it was fetched
+    (``cgidm verify`` fetches it again from this); for a local file, the Civitai version its
+    hash belongs to when that was looked up (CGIDM_CIVITAI_HASH_LOOKUP)."""
+    extra = {k: v for k, v in (("hub", source), ("civitai", civitai)) if v is not None}
+    if not extra:
+        return provenance
+    models = dict(provenance.get("models") or {})
+    models["finetuned"] = {**(models.get("finetuned") or {}), **extra}
+    return {**provenance, "models": models}
+
+
 def run(args: argparse.Namespace) -> int:
     from cgidm_core.api import authenticate
     from cgidm_core.images import load_image
@@ -123,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
         evidence=args.evidence,
         settings={
             "pretrained": str(args.pretrained),
-            "finetuned": str(args.finetuned),
+            "finetuned": str(getattr(args, "finetuned_reference", None) or args.finetuned),
             **prompt.to_settings(),
             "metric": args.metric or DEFAULT_METRIC,
             "batch_size": args.batch_size,
@@ -139,7 +152,9 @@ def run(args: argparse.Namespace) -> int:
         "seconds": round(elapsed, 2),
         # what the evidence was computed from: hashes of every image and model file, settings,
         # versions, device and dtype (`cgidm verify` re-runs it from this)
-        "provenance": results.provenance,
+        "provenance": _with_hub_source(results.provenance,
+                                       getattr(args, "suspect_source", None),
+                                       getattr(args, "suspect_civitai", None)),
     }
     if controls:
         document["controls"] = evidence["controls"]

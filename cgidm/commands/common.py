@@ -14,13 +14,17 @@ from cgidm_core.names import FINETUNED_KINDS, IMAGE_SUFFIXES
 def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
     """``required=False`` lets a command fill the models in another way (``eval --suite-pair``)."""
     group = parser.add_argument_group("models")
-    group.add_argument("--pretrained", required=required, help="base model folder or demo name")
+    group.add_argument("--pretrained", help="base model folder or demo name (default, for a "
+                       "suspect named by a hub reference: the registered base its hub page "
+                       "records, through CGIDM_MODELS' base-model table)")
     group.add_argument(
         "--finetuned",
         required=required,
         help="suspect model: pipeline folder, DreamBooth unet/ (Flux: transformer/) folder, "
         "LoRA file/folder, single-file .safetensors, bare UNet weights .safetensors (with the "
-        "base for its config), or demo name",
+        "base for its config), demo name, or a hub reference fetched into the cache: "
+        "hf:OWNER/NAME[@REVISION][:FILE], civitai:VERSION_ID, a huggingface.co or civitai.com "
+        "model page URL, urn:air:...:civitai:MODEL@VERSION",
     )
     group.add_argument(
         "--pretrained-config",
@@ -100,9 +104,106 @@ def inversion_config(args: argparse.Namespace) -> Any:
     return replace(config, **overrides)
 
 
+def cli_cache_dir() -> Path:
+    """The command line's model cache: CGIDM_MODEL_CACHE_DIR, else ~/.cache/cgidm."""
+    import os
+
+    configured = os.environ.get("CGIDM_MODEL_CACHE_DIR")
+    if configured:
+        return Path(configured).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "cgidm"
+
+
+def resolve_suspect(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Fetch ``--finetuned`` when it is a hub reference, and fill in what its hub page records.
+
+    The file is fetched (or found in the cache) and checked like an upload (safetensors, a
+    consistent header); ``--finetuned`` then names the local file. Without ``--pretrained``, the
+    base is the registered one the page names (Civitai's ``baseModel``, the model card's
+    ``base_model``; ``cgidm.registry.BASE_MODEL_NAMES`` and the registry file's
+    ``base_models``); without ``--prompt``, Civitai's trained words are the prompt. Returns the
+    provenance record of the fetch (None for a local model)."""
+    from cgidm.model_refs import looks_like_reference
+
+    if not (args.finetuned and looks_like_reference(args.finetuned)):
+        if not args.pretrained:
+            from cgidm_core.errors import ConfigError
+
+            raise ConfigError("--pretrained is required (it may be left out only when "
+                              "--finetuned is a hub reference whose base is registered)")
+        args.suspect_civitai = _civitai_lookup(args.finetuned)
+        return None
+    from cgidm.model_fetch import FetchConfig, fetch
+    from cgidm.model_files import read_header
+    from cgidm.model_refs import parse_reference
+    from cgidm.settings import Settings
+
+    settings = Settings()
+    ref = parse_reference(args.finetuned)
+    config = FetchConfig(cache_dir=cli_cache_dir(), civitai_url=settings.civitai_url,
+                         civitai_token=settings.civitai_token,
+                         max_bytes=settings.max_model_bytes, offline=user_hub_offline())
+    print(f"fetching {ref.canonical} ...", flush=True)
+    fetched = fetch(ref, config)
+    if fetched.sha256 is not None:
+        read_header(str(fetched.path))  # a hostile or broken file is refused before loading
+    print(f"suspect: {fetched.canonical} ({fetched.filename or 'pipeline folder'}, "
+          f"{fetched.size} bytes{', from the cache' if fetched.from_cache else ''})")
+    record = fetched.record()
+    if not args.pretrained:
+        from cgidm.registry import load_registry
+
+        base = load_registry(settings.models).base_for(fetched.base_model)
+        args.pretrained = base.path
+        record["pretrained_from"] = {"base_model": fetched.base_model, "registry_id": base.id}
+        print(f"base: {base.id} (the suspect's base model is {fetched.base_model!r})")
+    if getattr(args, "prompt", None) is None and fetched.trained_words:
+        args.prompt = ", ".join(fetched.trained_words)
+        record["prompt_from"] = "trained_words"
+        print(f"prompt: {args.prompt!r} (the version's trained words on Civitai)")
+    args.finetuned_reference, args.finetuned = args.finetuned, str(fetched.path)
+    args.suspect_source = record
+    return record
+
+
+def _civitai_lookup(finetuned: str | None) -> dict[str, Any] | None:
+    """Which Civitai version a local suspect file is, by its sha256, when
+    CGIDM_CIVITAI_HASH_LOOKUP is set (it sends the file's hash to Civitai, nothing else)."""
+    from cgidm.settings import Settings
+
+    settings = Settings()
+    path = Path(finetuned or "")
+    if not settings.civitai_hash_lookup or not path.is_file():
+        return None
+    from cgidm.model_fetch import FetchConfig, ModelFetchError, civitai_by_hash, sha256_file
+
+    config = FetchConfig(cache_dir=cli_cache_dir(), civitai_url=settings.civitai_url,
+                         civitai_token=settings.civitai_token)
+    try:
+        found = civitai_by_hash(config, sha256_file(path))
+    except ModelFetchError as exc:
+        print(f"note: Civitai lookup by hash failed: {exc}")
+        return {"looked_up": True, "error": exc.code}
+    if found is not None:
+        print(f"suspect file is Civitai version {found['version_id']} "
+              f"(base model {found.get('base_model')!r})")
+    return {"looked_up": True, "found": found is not None, **(found or {})}
+
+
+def user_hub_offline() -> bool | None:
+    """HF_HUB_OFFLINE as the user set it before ``cgidm`` defaulted it to 1 for model loads."""
+    from cgidm import cli
+
+    value = cli.USER_HF_HUB_OFFLINE
+    if value is None:
+        return False  # a hub reference is the request to fetch
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
 def load_pair_from_args(args: argparse.Namespace) -> Any:
     from cgidm_core.api import load_pair
 
+    resolve_suspect(args)
     return load_pair(
         args.pretrained,
         args.finetuned,

@@ -233,7 +233,9 @@ def _write_json(args: argparse.Namespace, pair: Any, scored: Any, report: Any, s
     """Every per-image score and every figure, with the settings that produced them."""
     settings = {
         "pretrained": str(args.pretrained),
-        "finetuned": str(args.finetuned),
+        "finetuned": str(getattr(args, "finetuned_reference", None) or args.finetuned),
+        **({"finetuned_hub": args.suspect_source} if getattr(args, "suspect_source", None)
+           else {}),
         "members": str(args.members),
         "holdout": str(args.holdout),
         "controls": args.controls,
@@ -283,10 +285,13 @@ def _controls_tests(args: argparse.Namespace,
 
 
 def _require_folders(args: argparse.Namespace) -> None:
+    from cgidm.model_refs import looks_like_reference
     from cgidm_core.errors import ConfigError
 
-    missing = [f"--{n}" for n in ("pretrained", "finetuned", "members", "holdout")
-               if not getattr(args, n)]
+    needed = ("finetuned", "members", "holdout")
+    if not (args.finetuned and looks_like_reference(args.finetuned)):
+        needed = ("pretrained", *needed)  # a hub reference's base can come from its page
+    missing = [f"--{n}" for n in needed if not getattr(args, n)]
     if missing:
         raise ConfigError(
             f"missing {', '.join(missing)}: give the two models and the member and hold-out "

@@ -35,8 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--key", help="API key (default: $CGIDM_API_KEY)")
     parser.add_argument("--pretrained", required=True, help="registry id of the base model")
     parser.add_argument("--finetuned", required=True,
-                        help="the suspect model: a .safetensors file (uploaded first) or a "
-                        "model id (registry, or one of your uploads)")
+                        help="the suspect model: a .safetensors file (uploaded first), a "
+                        "model id (registry, or one of your uploads), or a hub reference the "
+                        "service fetches where its operator allows it (hf:OWNER/NAME[@REV][:FILE], "
+                        "civitai:VERSION_ID, a huggingface.co or civitai.com model page URL)")
     parser.add_argument("--kind", choices=UPLOAD_KINDS,
                         help="what an uploaded file holds (detected when omitted)")
     parser.add_argument("--controls", help="folder of known non-members (p-values, set test)")

@@ -138,6 +138,48 @@ def check_model(role: str, recorded: dict[str, Any], reference: str) -> Path:
                               "\n  ".join(lines or ["the files differ"]))
 
 
+def refetch_hub_model(hub: dict[str, Any]) -> str:
+    """The suspect a result fetched from a hub, fetched again by its pinned form (a commit hash,
+    a Civitai version; from the cache when it is there) and checked against the recorded sha256:
+    :class:`VerificationRefused` says what the hub serves now if it is something else. For a
+    reference given by branch, also says where that branch points now."""
+    from cgidm.commands.common import cli_cache_dir, user_hub_offline
+    from cgidm.model_fetch import FetchConfig, ModelFetchError, fetch
+    from cgidm.model_refs import parse_reference
+    from cgidm.settings import Settings
+
+    settings = Settings()
+    config = FetchConfig(cache_dir=cli_cache_dir(), civitai_url=settings.civitai_url,
+                         civitai_token=settings.civitai_token,
+                         max_bytes=settings.max_model_bytes, offline=user_hub_offline())
+    pinned = parse_reference(hub["canonical"])
+    print(f"cgidm verify: fetching the suspect {hub['canonical']} (recorded from "
+          f"{hub['reference']!r} on {hub.get('fetched_at')})")
+    try:
+        fetched = fetch(pinned, config)
+    except ModelFetchError as exc:
+        raise VerificationRefused(f"the suspect {hub['canonical']} cannot be fetched again: "
+                                  f"{exc}") from None
+    if fetched.sha256 != hub.get("sha256"):
+        raise VerificationRefused(
+            f"the hub now serves something else for {hub['canonical']}: "
+            f"{fetched.filename} has sha256 {fetched.sha256}, the record {hub.get('sha256')}")
+    given = parse_reference(hub["reference"])
+    if given.site == "hf" and not given.pinned and not config.is_offline:
+        try:
+            now = fetch(given, config)
+        except ModelFetchError as exc:
+            print(f"note: {hub['reference']!r} cannot be resolved now: {exc}")
+        else:
+            if now.revision != fetched.revision:
+                print(f"note: {hub['reference']!r} now points to commit {now.revision}, not the "
+                      f"recorded {fetched.revision} (sha256 {now.sha256}); verifying the "
+                      "recorded commit")
+    print(f"cgidm verify: the hub still serves the recorded file ({fetched.filename}, sha256 "
+          f"{fetched.sha256})")
+    return str(fetched.path)
+
+
 def _default_reference(document: dict[str, Any], role: str) -> str:
     from cgidm_core.errors import ConfigError
 
@@ -176,8 +218,12 @@ def run(args: argparse.Namespace) -> int:
         models = record.get("models") or {}
         pre = check_model("pretrained", models.get("pretrained") or {},
                           args.pretrained or _default_reference(document, "pretrained"))
-        ft = check_model("finetuned", models.get("finetuned") or {},
-                         args.finetuned or _default_reference(document, "finetuned"))
+        hub = (models.get("finetuned") or {}).get("hub")
+        if args.finetuned is None and hub:
+            ft_reference = refetch_hub_model(hub)
+        else:
+            ft_reference = args.finetuned or _default_reference(document, "finetuned")
+        ft = check_model("finetuned", models.get("finetuned") or {}, ft_reference)
         # a pretrained Flux transformer file was completed by a pipeline folder: check it too
         pre_config = None
         if models.get("pretrained_config"):

@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 from cgidm_core.demo import DEMO_MODELS_DIR
-from cgidm_testkit.processes import child_env, free_port
+from cgidm_testkit.processes import child_env, free_port, png_bytes
 from tests.paths import SHARED_DATA
 
 pytestmark = pytest.mark.slow
@@ -464,6 +464,22 @@ def test_a_file_that_is_not_an_image_gets_a_clear_message(browser, service, tmp_
     assert "painting.png: not an image file" in error.text
     assert "/checks/" not in browser.current_url
     assert browser.switch_to.active_element.get_attribute("name") == "images"
+
+
+def test_a_hub_address_is_sent_as_the_suspect(browser, service, tmp_path):
+    """The address field replaces the list's choice; this service allows no hub references
+    (CGIDM_MODEL_HOSTS unset), so the gateway's 403 is shown and the field gets the focus."""
+    image = tmp_path / "a.png"
+    image.write_bytes(png_bytes(1))
+    _with_key(browser, service)
+    browser.get(service + "/")
+    _fill_new_check(browser, [image], [], STEPS)
+    _css(browser, "#finetuned-ref")[0].send_keys("https://civitai.com/models/1?modelVersionId=2")
+    _css(browser, "#submit")[0].click()
+    error = _visible(browser, "#form-error")
+    assert "accepts no hub references" in error.text and "CGIDM_MODEL_HOSTS" in error.text
+    assert "/checks/" not in browser.current_url
+    assert browser.switch_to.active_element.get_attribute("id") == "finetuned-ref"
 
 
 def test_a_file_too_large_gets_a_clear_message(browser, service, tmp_path):

@@ -367,7 +367,10 @@ function formProblems(form) {
 
 function focusField(details) {
   const field = details.find((d) => Array.isArray(d.loc) && d.loc.length > 1);
-  const el = field && document.getElementById(String(field.loc[1]));
+  const reference = $("#finetuned-ref");
+  const id = field && field.loc[1] === "finetuned" && reference && reference.value.trim()
+    ? "finetuned-ref" : field && String(field.loc[1]);
+  const el = id && document.getElementById(id);
   if (el) el.focus();
 }
 
@@ -394,6 +397,8 @@ function setUpForm() {
         body.append(el.name, el.value.trim());
       }
     }
+    const reference = $("#finetuned-ref");  // a hub address, when given, is the suspect
+    if (reference && reference.value.trim()) body.set("finetuned", reference.value.trim());
     const button = $("#submit");
     const status = $("#submit-status");
     button.disabled = true;

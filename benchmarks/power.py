@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def suite_strengths(path: Path, reps: int, seed: int) -> list[dict[str, Any]]:
     """Per strength of the suite: the verdict's per-image scores of every pair, pooled."""
-    from benchmarks.render_suite import VERDICT_CANDIDATE
+    from cgidm_core.names import VERDICT_CANDIDATE
 
     summary = json.loads(path.read_text())
     by_strength: dict[str, tuple[list[float], list[float], list[float]]] = {}

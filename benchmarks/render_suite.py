@@ -11,15 +11,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cgidm_core.names import VERDICT_CANDIDATE
+
 #: Columns of the per-pair table besides the chosen score (the shipped and the cheap ones).
 KEY_CANDIDATES = (
     "fuse:ssim+loss", "default:ssim@final", "default:psnr@final", "default:objective-second_half",
     "contrast", "loss", "pia", "pian", "secmi",
 )
-
-
-#: The candidate that is the verdict's score (cgidm_core.evidence.EVIDENCE_COMPONENTS["fused"]).
-VERDICT_CANDIDATE = "fuse:ssim+psnr+loss+contrast"
 
 
 def ranking(summary: dict[str, Any]) -> list[tuple[str, float, float, int]]:

@@ -34,6 +34,11 @@ METHOD_DESCRIPTIONS: dict[str, str] = {
                 "z(SSIM) + z(PSNR) + z(loss attack) + z(contrast), over the images scored",
 }
 
+#: The benchmark suite's name for the verdict's score (``EVIDENCE_COMPONENTS["fused"]`` in
+#: :mod:`cgidm_core.evidence`): suite reports and the power table read its per-pair numbers
+#: under it.
+VERDICT_CANDIDATE = "fuse:ssim+psnr+loss+contrast"
+
 # ------------------------------------------------------------------------------------------
 # image files
 

@@ -250,6 +250,10 @@ class JobResult(BaseModel):
         "prompt), empty (nothing found: see prompt_warning) or unconditional.")
     prompt_origin: str | None = Field(None, description="File and key the prompt was read from.")
     prompt_warning: str | None = Field(None, description="Set when the empty prompt was used.")
+    signature: dict[str, Any] | None = Field(
+        None, description="Ed25519 signature of the service over the canonical JSON of this "
+        "result less the artifact links (docs/EVIDENCE.md): scheme, key_id, digest, value. "
+        "Public keys: GET /.well-known/cgidm-signing-keys.json; `cgidm verify` checks it.")
 
 
 class Recovery(BaseModel):

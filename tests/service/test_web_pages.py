@@ -192,6 +192,19 @@ def test_report_evidence_and_recent_jobs_of_a_finished_job(client, submit, worke
     assert created == sorted(created, reverse=True)  # newest first
 
 
+def test_signing_keys_are_published_without_a_key(app_client):
+    from cgidm import result_signing as rs
+
+    response = app_client.get("/.well-known/cgidm-signing-keys.json")
+    assert response.status_code == 200
+    published = response.json()
+    assert published["scheme"] == rs.SCHEME and published["keys"][0]["status"] == "current"
+    ids = rs.keys_of_set(published)
+    assert list(ids) == [published["keys"][0]["key_id"]]
+    # no private material is ever served
+    assert "PRIVATE" not in response.text
+
+
 def test_report_of_an_unknown_job_is_404(app_client):
     response = app_client.get("/jobs/" + "f" * 32 + "/report.html")
     assert response.status_code == 404

@@ -12,7 +12,7 @@ import importlib
 import os
 import sys
 
-COMMANDS = ("check", "verify", "submit", "eval", "models", "serve", "demo", "keys")
+COMMANDS = ("check", "verify", "report", "submit", "eval", "models", "serve", "demo", "keys")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -229,6 +229,20 @@ def build(record: JobRecord, alpha: float, picture_url: dict[str, dict[str, str]
     result = record.result
     if result is None:
         raise ValueError(f"job {record.job_id} has no result")
+    settings = {k: v for k, v in record.settings.model_dump(mode="json").items()
+                if v is not None}
+    job_facts = {"job_id": record.job_id, "created_at": record.created_at,
+                 "started_at": record.started_at, "finished_at": record.finished_at,
+                 "attempts": record.attempts, "worker": record.worker,
+                 "inputs": [{"name": i.name, "role": i.role, "filename": i.filename,
+                             "size": f"{i.width}\u00d7{i.height}"} for i in record.inputs]}
+    return build_result(record.job_id, result, alpha, picture_url, settings, job_facts)
+
+
+def build_result(job_id: str, result: JobResult, alpha: float,
+                 picture_url: dict[str, dict[str, str]], settings: dict[str, Any],
+                 job_facts: dict[str, Any] | None) -> Evidence:
+    """The evidence of a result, a job's or one of ``cgidm check`` (``cgidm report``)."""
     test = result.controls_test
     alpha = test.alpha if test is not None else alpha
     control_scores = [_verdict_score(c) for c in result.controls]
@@ -268,8 +282,6 @@ def build(record: JobRecord, alpha: float, picture_url: dict[str, dict[str, str]
         parts.append(f"{counts[INCONCLUSIVE]} inconclusive")
     summary = f"{_plural(len(cards), 'image')} checked: " + ", ".join(parts) + "."
 
-    settings = {k: v for k, v in record.settings.model_dump(mode="json").items()
-                if v is not None}
     # Everything the result carries besides the per-image rows, generically: keys added later
     # (hashes, versions) appear without a template change.
     known = {"images", "controls"}
@@ -277,12 +289,9 @@ def build(record: JobRecord, alpha: float, picture_url: dict[str, dict[str, str]
                                   if k not in known and v not in (None, {}, [])}
     provenance.update({k: v for k, v in (result.model_extra or {}).items()
                        if k not in known and v not in (None, {}, [])})
-    job_facts = {"job_id": record.job_id, "created_at": record.created_at,
-                 "started_at": record.started_at, "finished_at": record.finished_at,
-                 "attempts": record.attempts, "worker": record.worker,
-                 "inputs": [{"name": i.name, "role": i.role, "filename": i.filename,
-                             "size": f"{i.width}\u00d7{i.height}"} for i in record.inputs]}
-    provenance["job"] = {k: _plain(v) for k, v in job_facts.items() if v not in (None, {}, [])}
-    return Evidence(record.job_id, result.pretrained, result.finetuned, result.metric, cards,
+    if job_facts:
+        provenance["job"] = {k: _plain(v) for k, v in job_facts.items()
+                             if v not in (None, {}, [])}
+    return Evidence(job_id, result.pretrained, result.finetuned, result.metric, cards,
                     controls, summary, set_sentence, set_verdict,
                     _plot(result, cards, controls), settings, provenance, counts)

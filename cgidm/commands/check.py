@@ -111,16 +111,19 @@ def run(args: argparse.Namespace) -> int:
     records = []
     for result, stem in zip(suspects, _stem_names(image_paths), strict=True):
         recovered, side = f"{stem}.recovered.png", f"{stem}.side_by_side.png"
-        partial = f"{stem}.partial.png"
+        # the original as the method saw it (resized, centre-cropped) and the half it kept:
+        # the report shows them beside the recovery
+        partial, original = f"{stem}.partial.png", f"{stem}.original.png"
         result.recovered.save(out_dir / recovered)
         result.side_by_side().save(out_dir / side)
         result.partial.save(out_dir / partial)
-        records.append({**result.to_dict(), "recovered": recovered, "side_by_side": side,
-                        "partial": partial,
+        result.original.save(out_dir / original)
+        names = {"recovered": recovered, "partial": partial, "side_by_side": side,
+                 "original": original}
+        records.append({**result.to_dict(), **names,
                         # the pictures are evidence too: the signature covers their hashes
-                        "picture_sha256": {kind: file_sha256(out_dir / name) for kind, name in
-                                           (("recovered", recovered), ("partial", partial),
-                                            ("side_by_side", side))}})
+                        "picture_sha256": {kind: file_sha256(out_dir / name)
+                                           for kind, name in names.items()}})
 
     from cgidm_core.evidence import build_evidence
 
@@ -161,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         if skipped:
             print(f"note: {result.name}: {skipped} of {config.steps} PGD steps skipped because "
                   "the gradient was not finite (float16 overflow?); --dtype float32 avoids it")
-    print(f"wrote {out_dir / 'results.json'} and {3 * len(records)} pictures in {elapsed:.1f} s")
+    print(f"wrote {out_dir / 'results.json'} and {4 * len(records)} pictures in {elapsed:.1f} s")
     if "signature" in signed:
         print(f"signed with key {signed['signature']['key_id']} ({signed['signature']['digest']}); "
               "`cgidm keys public` prints the public key that verifies it")

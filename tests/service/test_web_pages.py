@@ -6,6 +6,7 @@ The browser itself is exercised in test_web_browser.py; these check what the ser
 from __future__ import annotations
 
 import re
+import subprocess
 from datetime import datetime, timezone
 
 import pytest
@@ -178,6 +179,23 @@ def test_report_evidence_and_recent_jobs_of_a_finished_job(client, submit, worke
     # The upload's file name is shown (provenance) but never as markup.
     assert "&lt;b&gt;unpublished&lt;/b&gt;.png" in html and "<b>unpublished" not in html
     assert report.headers["content-security-policy"].startswith("default-src 'none'")
+
+    # the PDF is the same document, printed: one page per image, the words of the HTML
+    pdf = client.get(f"/jobs/{job_id}/report.pdf")
+    assert pdf.status_code == 200 and pdf.headers["content-type"] == "application/pdf"
+    assert pdf.content.startswith(b"%PDF")
+    text = " ".join(subprocess.run(["pdftotext", "-", "-"], input=pdf.content, check=True,
+                                   capture_output=True).stdout.decode().split())
+    assert "sunflowers" in text and "only 1 control: too few to reach significance" in text
+    assert "Recovery by the base model alone: not computed" in text
+    # the result served in the job verifies with the keys the gateway publishes
+    from cgidm import result_signing
+
+    keys = result_signing.keys_of_set(
+        client.get("/.well-known/cgidm-signing-keys.json").json())
+    check = result_signing.check_signature(job["result"], keys)
+    assert check.ok, check.message
+    assert f"key {check.key_id}" in text.replace("key id", "key")
 
     fragment = client.get(f"/jobs/{job_id}/evidence.html").text
     assert f"/jobs/{job_id}/artifacts/sunflowers/original.png" in fragment

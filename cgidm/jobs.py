@@ -175,6 +175,10 @@ class InputFile(BaseModel):
     frames: int = Field(1, description="Frames in the upload; only the first one is used.")
     sha256: str | None = Field(None, description="SHA-256 of the file as uploaded, before the "
                                "gateway re-encoded it (the provenance of the evidence).")
+    content_credentials: dict[str, Any] | None = Field(
+        None, description="The upload's own C2PA Content Credentials as the gateway read them "
+        "before re-encoding (cgidm/content_credentials.py): signer, claim generator, "
+        "training/data-mining assertions and validation state.")
 
 
 class ArtifactLinks(BaseModel):

@@ -12,6 +12,7 @@ import subprocess
 import pytest
 
 from cgidm.cli import main
+from cgidm_testkit.content_credentials import sign_image
 from tests.paths import SHARED_DATA, require_shared_data
 
 VANGOGH = SHARED_DATA / "wikiart-vangogh"
@@ -26,6 +27,9 @@ def _check(tiny_ddpm_pair, tmp_path):
     controls.mkdir()
     for path in sorted((VANGOGH / "membership").glob("*.jpg"))[:2]:
         shutil.copy(path, images / path.name)
+    # the first painting carries its artist's C2PA credentials: "AI training not allowed"
+    first = sorted(images.iterdir())[0]
+    first.write_bytes(sign_image(first.read_bytes(), title=first.name))
     for path in sorted((VANGOGH / "hold_out").glob("*.jpg"))[:3]:
         shutil.copy(path, controls / path.name)
     out = tmp_path / "out"
@@ -60,6 +64,16 @@ def test_report_pdf_has_a_cover_a_page_per_image_and_the_method(tiny_ddpm_pair, 
     assert "The finding" in cover and "2 images checked" in cover
     assert "Error rate" in cover and "Calibrated on 3 controls" in cover
     assert document["signature"]["key_id"] in cover and "signature valid" in cover
+    # the images' own credentials: in the signed result, on the cover and on the image's page
+    credentials = document["images"][0]["content_credentials"]
+    assert credentials["state"] == "valid_untrusted"
+    assert {"label": "cawg.training-mining", "use": "cawg.ai_training",
+            "value": "notAllowed"} in credentials["training_mining"]
+    assert document["images"][1]["content_credentials"]["state"] == "none"
+    assert "signed by Test Artist (Test Artist Studio), say: ai generative training not " \
+        "allowed" in cover and "valid but untrusted" in cover
+    assert "ai training not allowed" in _text(pdf, 3)
+    assert "Content Credentials" not in _text(pdf, 4)
     for number, name in enumerate(names, start=3):  # page 3 on: one image per page
         page = _text(pdf, number)
         assert name in page and "Recovery by the base model alone: not computed" in page

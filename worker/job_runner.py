@@ -457,6 +457,7 @@ def _store_pictures(ctx: WorkerContext, record: JobRecord, results: Any,
     """Write every image's pictures under this run's prefix; returns the per-image records
     (the library's values, the image's role and its artifact links)."""
     roles = {item.name: item.role for item in record.inputs}
+    credentials = {item.name: item.content_credentials for item in record.inputs}
     records: list[dict[str, Any]] = []
     for res in results:
         hashes: dict[str, str] = {}
@@ -470,7 +471,11 @@ def _store_pictures(ctx: WorkerContext, record: JobRecord, results: Any,
         # the signature covers the pictures through these hashes (cgidm.result_signing)
         records.append({**res.to_dict(), "role": roles[res.name],
                         "artifacts": artifact_links(record.job_id, res.name),
-                        "picture_sha256": hashes})
+                        "picture_sha256": hashes,
+                        # the upload's own C2PA credentials, as the gateway read them: signed
+                        # into the result with everything else
+                        **({"content_credentials": credentials[res.name]}
+                           if credentials.get(res.name) else {})})
     return records
 
 

@@ -70,6 +70,8 @@ class Card:
     detail: str
     pictures: list[Picture]
     metrics: dict[str, float] = field(default_factory=dict)
+    #: the image's own C2PA Content Credentials (cgidm/content_credentials.py), when it has any
+    credentials: dict[str, Any] | None = None
 
 
 @dataclass
@@ -223,6 +225,13 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _credentials(item: Any) -> dict[str, Any] | None:
+    """The image's Content Credentials to show: only a manifest that is there (valid or not:
+    an invalid one is shown as invalid); "none" and unreadable ones stay in the provenance."""
+    value = (getattr(item, "model_extra", None) or {}).get("content_credentials")
+    return value if isinstance(value, dict) and value.get("present") else None
+
+
 def build(record: JobRecord, alpha: float, picture_url: dict[str, dict[str, str]]) -> Evidence:
     """The evidence of a succeeded job. ``picture_url[name][kind]`` is where each picture is
     (signed URLs on the page, data URIs in the report); kinds: original, partial, recovered."""
@@ -262,13 +271,15 @@ def build_result(job_id: str, result: JobResult, alpha: float,
         verdict, detail = _image_card_words(_verdict_score(item), item.p_value, item.verdict,
                                             control_scores, alpha)
         cards.append(Card(item.name, "image", item.score, item.p_value, verdict,
-                          HEADLINES[verdict], detail, pictures(item), dict(item.metrics)))
+                          HEADLINES[verdict], detail, pictures(item), dict(item.metrics),
+                          _credentials(item)))
     controls = []
     for item in result.controls:
         detail = "An image of yours that was never published: it shows how well the suspect " \
                  "model recovers images it cannot have seen."
         controls.append(Card(item.name, "control", item.score, None, CONTROL,
-                             HEADLINES[CONTROL], detail, pictures(item), dict(item.metrics)))
+                             HEADLINES[CONTROL], detail, pictures(item), dict(item.metrics),
+                             _credentials(item)))
 
     set_verdict, set_sentence = _set_words(result, alpha)
     counts = {v: sum(1 for c in cards if c.verdict == v) for v in (MEMBER, NO_EVIDENCE,

@@ -195,7 +195,8 @@ def report_parts(document: dict[str, Any], result: JobResult, alpha: float,
     test = result.controls_test
     credentials = {row["name"]: row.get("content_credentials")
                    for row in [*document.get("images", []), *document.get("controls", [])]
-                   if isinstance(row, dict) and row.get("content_credentials")}
+                   if isinstance(row, dict) and isinstance(row.get("content_credentials"), dict)
+                   and row["content_credentials"].get("present")}
     return ReportParts(title_facts, test.alpha if test is not None else alpha,
                        [c.name for c in result.controls], signature_facts(document, public_keys),
                        method_facts(document), verify_command(document, result_name),

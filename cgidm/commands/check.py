@@ -125,11 +125,17 @@ def run(args: argparse.Namespace) -> int:
                         "picture_sha256": {kind: file_sha256(out_dir / name)
                                            for kind, name in names.items()}})
 
+    from cgidm.content_credentials import read as read_credentials
     from cgidm_core.evidence import build_evidence
 
+    # each image's own C2PA Content Credentials, read from the file as given
+    for record, path in zip(records, image_paths, strict=True):
+        record["content_credentials"] = read_credentials(path.read_bytes())
+    control_records = [{**r.to_dict(), "content_credentials": read_credentials(p.read_bytes())}
+                       for r, p in zip(controls, control_paths, strict=True)]
     evidence = build_evidence(
         records,
-        [r.to_dict() for r in controls],
+        control_records,
         alpha=args.alpha,
         evidence=args.evidence,
         settings={

@@ -159,7 +159,11 @@ def test_pages_load_nothing_from_elsewhere(app_client):
 
 @pytest.mark.slow
 def test_report_evidence_and_recent_jobs_of_a_finished_job(client, submit, worker):
-    response = submit(images=[("sunflowers.png", png_bytes(11, (40, 40)))],
+    from cgidm_testkit.content_credentials import sign_image
+
+    # the painting carries its artist's C2PA credentials ("AI training not allowed")
+    signed_png = sign_image(png_bytes(11, (40, 40)), "image/png")
+    response = submit(images=[("sunflowers.png", signed_png)],
                       controls=[("<b>unpublished</b>.png", png_bytes(12, (40, 40)))])
     job_id = response.json()["job_id"]
     early = client.get(f"/jobs/{job_id}/report.html")
@@ -196,8 +200,15 @@ def test_report_evidence_and_recent_jobs_of_a_finished_job(client, submit, worke
     check = result_signing.check_signature(job["result"], keys)
     assert check.ok, check.message
     assert f"key {check.key_id}" in text.replace("key id", "key")
+    credentials = job["result"]["images"][0]["content_credentials"]
+    assert credentials["state"] == "valid_untrusted" and credentials["signer"].startswith(
+        "Test Artist")
+    assert job["result"]["controls"][0]["content_credentials"]["state"] == "none"
+    assert "ai training not allowed" in text and "valid but untrusted" in text
+    assert 'data-credentials="valid_untrusted"' in html
 
     fragment = client.get(f"/jobs/{job_id}/evidence.html").text
+    assert 'data-credentials="valid_untrusted"' in fragment
     assert f"/jobs/{job_id}/artifacts/sunflowers/original.png" in fragment
     original = client.get(f"/jobs/{job_id}/artifacts/sunflowers/original.png")
     assert original.status_code == 200 and original.content.startswith(b"\x89PNG")

@@ -25,7 +25,8 @@ COPY pyproject.toml README.md ./
 COPY cgidm ./cgidm
 COPY cgidm_core ./cgidm_core
 COPY app ./app
-RUN pip install --no-deps . && useradd --uid 10001 --no-create-home cgidm
+RUN pip install --no-deps . && useradd --uid 10001 --no-create-home cgidm \
+ && mkdir -p /keys && chown cgidm /keys
 
 USER cgidm
 EXPOSE 8000

@@ -158,7 +158,7 @@ def test_pages_load_nothing_from_elsewhere(app_client):
 
 
 @pytest.mark.slow
-def test_report_evidence_and_recent_jobs_of_a_finished_job(client, submit, worker):
+def test_report_evidence_and_recent_jobs_of_a_finished_job(client, submit, worker, tmp_path):
     from cgidm_testkit.content_credentials import sign_image
 
     # the painting carries its artist's C2PA credentials ("AI training not allowed")
@@ -206,6 +206,28 @@ def test_report_evidence_and_recent_jobs_of_a_finished_job(client, submit, worke
     assert job["result"]["controls"][0]["content_credentials"]["state"] == "none"
     assert "ai training not allowed" in text and "valid but untrusted" in text
     assert 'data-credentials="valid_untrusted"' in html
+
+    # `cgidm submit`'s folder (result.json and the pictures): verifiable and reportable offline
+    import json
+
+    from cgidm.cli import main
+
+    folder = tmp_path / "submitted"
+    folder.mkdir()
+    (folder / "result.json").write_text(json.dumps(job["result"], indent=2))
+    for row in job["result"]["images"] + job["result"]["controls"]:
+        for kind in ("recovered", "partial"):
+            (folder / f"{row['name']}.{kind}.png").write_bytes(
+                client.get(row["artifacts"][kind]).content)
+    keys = tmp_path / "keys.json"
+    keys.write_text(client.get("/.well-known/cgidm-signing-keys.json").text)
+    assert main(["verify", str(folder / "result.json"), "--public-key", str(keys),
+                 "--signature-only"]) == 0
+    assert main(["report", str(folder), "--public-key", str(keys), "--html",
+                 str(tmp_path / "r.html")]) == 0
+    offline = (tmp_path / "r.html").read_text()
+    assert "picture(s) shown have the sha256 recorded in the signed result" in offline
+    assert "signature valid" in offline and 'data-credentials="valid_untrusted"' in offline
 
     fragment = client.get(f"/jobs/{job_id}/evidence.html").text
     assert 'data-credentials="valid_untrusted"' in fragment

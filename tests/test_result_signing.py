@@ -118,3 +118,11 @@ def test_keys_commands_make_print_and_rotate(tmp_path, capsys):
     assert f"retired key {first}" in capsys.readouterr().out
     assert main(["keys", "public", "--key", str(path)]) == 0
     assert len(json.loads(capsys.readouterr().out)["keys"]) == 2
+
+
+def test_verify_without_a_key_for_the_signature_says_it_did_not_check(key, tmp_path, capsys,
+                                                                      monkeypatch):
+    monkeypatch.setenv("CGIDM_SIGNING_KEY", str(tmp_path / "no-local-key.pem"))
+    result = _write(tmp_path / "results.json", rs.sign_document(DOCUMENT, key, signer="test"))
+    assert main(["verify", str(result), "--signature-only"]) == 2
+    assert "--signature-only needs a public key" in capsys.readouterr().err

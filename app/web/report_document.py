@@ -134,6 +134,7 @@ def method_facts(document: dict[str, Any]) -> dict[str, Any]:
             "files": files,
         })
     method = provenance.get("method") or {}
+    controls = {c.get("name") for c in document.get("controls") or [] if isinstance(c, dict)}
     inversion = dict(method.get("inversion") or {})
     return {
         "models": models,
@@ -146,6 +147,11 @@ def method_facts(document: dict[str, Any]) -> dict[str, Any]:
         "score_metric": method.get("score_metric"),
         "inversion": inversion,
         "created": provenance.get("created") or provenance.get("created_at"),
+        "inputs": [{"name": i.get("name"),
+                    "role": i.get("role") or ("control" if i.get("name") in controls
+                                              else "image"),
+                    "filename": i.get("filename") or i.get("name"), "sha256": i.get("sha256")}
+                   for i in provenance.get("inputs") or [] if isinstance(i, dict)],
     }
 
 
@@ -203,9 +209,26 @@ def report_parts(document: dict[str, Any], result: JobResult, alpha: float,
                        picture_notes, credentials)
 
 
+#: Parts of the result the "Method and reproduction" pages show already; the generic record
+#: after them leaves them out so that the document stays a few pages.
+SHOWN_IN_METHOD = {"signature", "config"}
+SHOWN_IN_METHOD_PROVENANCE = {"models", "software", "method", "inputs"}
+
+
+def recorded_rest(ev: evidence.Evidence) -> dict[str, Any]:
+    rest = {k: v for k, v in ev.provenance.items() if k not in SHOWN_IN_METHOD}
+    if isinstance(rest.get("provenance"), dict):
+        rest["provenance"] = {k: v for k, v in rest["provenance"].items()
+                              if k not in SHOWN_IN_METHOD_PROVENANCE}
+    if isinstance(rest.get("job"), dict):  # the inputs' file names are in the inputs table
+        rest["job"] = {k: v for k, v in rest["job"].items() if k != "inputs"}
+    return rest
+
+
 def render_html(ev: evidence.Evidence, parts: ReportParts) -> str:
     return _env.get_template("report.html").render(
-        ev=ev, report=True, css=stylesheet(), parts=parts, generated=parts.generated)
+        ev=ev, report=True, css=stylesheet(), parts=parts, generated=parts.generated,
+        recorded=recorded_rest(ev))
 
 
 def render_pdf(html: str) -> bytes:

@@ -195,22 +195,22 @@ def _device(recorded: str | None, requested: str | None) -> str:
     return "cpu"
 
 
-def _public_keys(paths: list[str] | None) -> dict[str, Any]:
-    """The keys a signature may be by: the files given, else the local key and its retired
-    ones (the key `cgidm check` signs with on this machine)."""
-    from cgidm_core.errors import ConfigError
-
-    keys: dict[str, Any] = {}
+def _public_keys(paths: list[str] | None, document: dict[str, Any]) -> dict[str, Any] | None:
+    """The keys to check the signature with: the files given (strict), else the local key of
+    `cgidm keys` and its retired ones when one of them made the signature (a result of `cgidm
+    check` on this machine). None: no key at hand, the signature cannot be checked."""
     if paths:
+        keys: dict[str, Any] = {}
         for path in paths:
             keys.update(read_public_keys(Path(path)))
         return keys
     local = existing_key()
     if local is None:
-        raise ConfigError("no public key to check the signature with: pass --public-key (the "
-                          f"service's {WELL_KNOWN_PATH} saved to a file, or `cgidm keys public` "
-                          "output from the machine that ran the check), or --no-signature")
-    return keys_of_set(key_set(local))
+        return None
+    keys = keys_of_set(key_set(local))
+    block = document.get("signature")
+    signed_by = block.get("key_id") if isinstance(block, dict) else None
+    return keys if signed_by in keys else None
 
 
 def picture_problems(document: dict[str, Any], folder: Path) -> list[str]:
@@ -244,23 +244,32 @@ def run(args: argparse.Namespace) -> int:
     from cgidm_core.errors import ConfigError
 
     document = load_record(Path(args.result))
-    signed = False
-    if not args.no_signature:
-        check = check_signature(document, _public_keys(args.public_key))
+    signed: bool | None = None  # None: not checked
+    keys = None if args.no_signature else _public_keys(args.public_key, document)
+    if keys is not None:
+        check = check_signature(document, keys)
         status, line = signature_verdict(check, picture_problems(document,
                                                                  Path(args.result).parent))
         print(line)
         if status:
             return status
         signed = True
+    elif not args.no_signature:
+        block = document.get("signature")
+        by = f"signed with key {block.get('key_id')}" if isinstance(block, dict) else \
+            "it carries no signature"
+        print(f"cgidm verify: signature NOT checked ({by}; no public key for it was given): "
+              f"pass --public-key with the service's {WELL_KNOWN_PATH} to check it")
     if args.signature_only:
+        if signed is None:
+            raise ConfigError("--signature-only needs a public key: pass --public-key")
         return 0
     if not args.images:
         raise ConfigError("--images is needed to re-run the check (or pass --signature-only)")
     return _rerun(args, document, signed)
 
 
-def _rerun(args: argparse.Namespace, document: dict[str, Any], signed: bool) -> int:
+def _rerun(args: argparse.Namespace, document: dict[str, Any], signed: bool | None) -> int:
     from cgidm_core.api import authenticate, load_pair
     from cgidm_core.inversion import InversionConfig
 
@@ -319,8 +328,9 @@ def _rerun(args: argparse.Namespace, document: dict[str, Any], signed: bool) -> 
               "slightly (summation order, float16 arithmetic); pass --tolerance to judge them.")
         return 0
     if worst <= tolerance:
+        unchecked = " (signature not checked)" if signed is None else ""
         print(f"\nVERIFIED on {setup}: every score within {tolerance:g} of the record "
-              f"(largest difference {worst:.2e})")
+              f"(largest difference {worst:.2e}){unchecked}")
         return 0
     head = "SIGNED BUT DOES NOT REPRODUCE" if signed else "NOT REPRODUCED"
     print(f"\n{head} on {setup}: largest difference {worst:.2e} exceeds {tolerance:g}")

@@ -458,13 +458,18 @@ def _store_pictures(ctx: WorkerContext, record: JobRecord, results: Any,
     (the library's values, the image's role and its artifact links)."""
     roles = {item.name: item.role for item in record.inputs}
     credentials = {item.name: item.content_credentials for item in record.inputs}
+    uploads = {item.name: item.sha256 for item in record.inputs}
+    key = _signing_key(str(ctx.settings.resolved_signing_key))
     records: list[dict[str, Any]] = []
     for res in results:
         hashes: dict[str, str] = {}
+        labelled = True
         for kind, picture in zip(
             ARTIFACT_KINDS, (res.recovered, res.partial, res.side_by_side()), strict=True
         ):
-            data = _png(picture)
+            data, signed = _with_credentials(_png(picture), key, record.job_id, res.name, kind,
+                                             uploads.get(res.name))
+            labelled = labelled and signed
             hashes[kind] = hashlib.sha256(data).hexdigest()
             ctx.store.storage.put_bytes(artifact_key(record.job_id, res.name, kind, attempt),
                                         data, content_type="image/png")
@@ -472,11 +477,27 @@ def _store_pictures(ctx: WorkerContext, record: JobRecord, results: Any,
         records.append({**res.to_dict(), "role": roles[res.name],
                         "artifacts": artifact_links(record.job_id, res.name),
                         "picture_sha256": hashes,
+                        # the pictures carry their own C2PA manifest (cgidm.picture_credentials)
+                        "picture_credentials": "c2pa" if labelled else None,
                         # the upload's own C2PA credentials, as the gateway read them: signed
                         # into the result with everything else
                         **({"content_credentials": credentials[res.name]}
                            if credentials.get(res.name) else {})})
     return records
+
+
+def _with_credentials(png: bytes, key: Any, job_id: str, name: str, kind: str,
+                      derived_from: str | None) -> tuple[bytes, bool]:
+    """The picture with its C2PA manifest; the picture alone (and a warning in the log) when
+    the manifest cannot be made: the signed result covers the picture's hash either way."""
+    from cgidm.picture_credentials import sign_picture
+
+    try:
+        return sign_picture(png, key, job_id=job_id, kind=kind, name=name,
+                            derived_from_sha256=derived_from), True
+    except Exception as exc:  # noqa: BLE001 - c2pa raises many kinds; the job goes on
+        log.warning("job %s: %s %s stored without C2PA credentials: %s", job_id, name, kind, exc)
+        return png, False
 
 
 def _job_result(ctx: WorkerContext, record: JobRecord, records: list[dict[str, Any]],

@@ -64,8 +64,10 @@ def test_worker_signs_the_result_and_hashes_its_pictures(ctx):
     inputs, files = [], []
     for i, role in enumerate(["image", "control"]):
         key = input_key(job_id, role, i, f"{role}{i}")
-        inputs.append(InputFile(name=f"{role}{i}", role=role, key=key, width=24, height=20))
-        files.append((key, png_bytes(i + 1)))
+        data = png_bytes(i + 1)
+        inputs.append(InputFile(name=f"{role}{i}", role=role, key=key, width=24, height=20,
+                                sha256=hashlib.sha256(data).hexdigest()))
+        files.append((key, data))
     record = JobRecord(job_id=job_id, created_at=utcnow(),
                        settings=JobSettings(pretrained="tiny-base", finetuned="tiny-ft", steps=1),
                        inputs=inputs)
@@ -84,6 +86,26 @@ def test_worker_signs_the_result_and_hashes_its_pictures(ctx):
             data = ctx.store.storage.get_bytes(artifact_key(job_id, row["name"], kind,
                                                             loaded.attempt))
             assert hashlib.sha256(data).hexdigest() == digest
+    # the pictures carry their own C2PA manifest: made by cgidm for this job, from this upload,
+    # under a certificate chain whose root key is the published result signing key
+    import io
+
+    import c2pa
+
+    assert stored["images"][0]["picture_credentials"] == "c2pa"
+    recovered = ctx.store.storage.get_bytes(artifact_key(job_id, "image0", "recovered",
+                                                         loaded.attempt))
+    with c2pa.Reader("image/png", io.BytesIO(recovered)) as reader:
+        manifest = reader.get_active_manifest()
+        assert reader.get_validation_state() == "Valid"  # untrusted chain: never "Trusted"
+    evidence = next(a["data"] for a in manifest["assertions"]
+                    if a["label"] == "org.cgidm.evidence")
+    assert evidence == {"job_id": job_id, "picture": "recovered", "image": "image0",
+                        "result_signing_key_id": check.key_id,
+                        "derived_from_sha256": hashlib.sha256(files[0][1]).hexdigest()}
+    assert manifest["claim_generator_info"][0]["name"] == "cgidm"
+    assert check.key_id in manifest["signature_info"]["common_name"]
+
     stored["controls"][0]["score"] += 1e-9
     assert rs.check_signature(stored, published).outcome == rs.EDITED
 

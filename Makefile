@@ -21,11 +21,16 @@ venv: $(STAMP)
 
 # Real parts the end-to-end tests start, all Debian packages: redis-server, and the headless
 # browser of the web tests (chromium driven through chromium-driver; never a downloaded one).
+# The PDF report: WeasyPrint lays it out with Pango (and a font); the tests read it back with
+# poppler-utils (pdftoppm, pdftotext, pdfimages).
+LIBDIR := /usr/lib/$(shell uname -m)-linux-gnu
 SYSTEM_PACKAGES := redis-server:/usr/bin/redis-server chromium:/usr/bin/chromium \
-	chromium-driver:/usr/bin/chromedriver
+	chromium-driver:/usr/bin/chromedriver poppler-utils:/usr/bin/pdftoppm \
+	libpango-1.0-0:$(LIBDIR)/libpango-1.0.so.0 libpangoft2-1.0-0:$(LIBDIR)/libpangoft2-1.0.so.0 \
+	fonts-dejavu-core:/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
 system-deps:
 	@missing=""; for entry in $(SYSTEM_PACKAGES); do \
-	  test -x "$${entry#*:}" || missing="$$missing $${entry%%:*}"; done; \
+	  test -e "$${entry#*:}" || missing="$$missing $${entry%%:*}"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \

@@ -32,7 +32,8 @@ Poll `GET /jobs/{job_id}` for progress and the result; fetch the pictures from t
 
 **Authentication.** Send `Authorization: Bearer <key>` (the operator makes keys with
 `cgidm keys new NAME`). A key sees only its own jobs. Artifact URLs in results are signed and
-expire, so they work in `<img>` tags without the key. `/healthz`, `/readyz`, `/metrics`, these
+expire, so they work in `<img>` tags without the key. `/healthz`, `/readyz`, `/metrics`,
+`/.well-known/cgidm-signing-keys.json` (the keys that verify results), these
 docs and the web app's pages at `/` are public (the pages hold no data; they ask the API with the
 key the person signs in with). A service with no keys configured answers only requests from its
 own machine.

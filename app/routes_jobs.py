@@ -15,6 +15,7 @@ from app.errors import ApiError
 from app.schemas import ErrorBody, JobAccepted, JobList, JobSummary, JobView
 from app.services import Services, ServicesDep
 from app.uploads import decode_image
+from cgidm import content_credentials
 from cgidm.job_queue import BrokerUnavailable
 from cgidm.jobs import (
     ARTIFACT_KINDS,
@@ -186,12 +187,15 @@ async def authenticate(
             data = await _read_limited(field, upload, limits.max_upload_bytes)
             decoded = await run_in_threadpool(
                 decode_image, field, filename, data, limits.max_image_pixels)
+            # read here: the stored PNG no longer carries the upload's C2PA manifest
+            credentials = await run_in_threadpool(content_credentials.read, data)
             name = safe_name(upload.filename, taken)
             key = input_key(job_id, role, index, name)
             inputs.append(InputFile(name=name, role=role, key=key, filename=upload.filename,
                                     width=decoded.width, height=decoded.height,
                                     frames=decoded.frames,
-                                    sha256=hashlib.sha256(data).hexdigest()))
+                                    sha256=hashlib.sha256(data).hexdigest(),
+                                    content_credentials=credentials))
             files.append((key, decoded.png))
             notes.extend(decoded.warnings)
 

@@ -1,4 +1,5 @@
-"""Health, readiness and metrics (models: app/routes_models.py)."""
+"""Health, readiness, metrics and the public keys that verify results (models:
+app/routes_models.py)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from app.errors import ApiError
 from app.metrics import ServiceCollector
 from app.schemas import Health
 from app.services import Services, ServicesDep
 from cgidm.job_queue import BrokerUnavailable
+from cgidm.result_signing import WELL_KNOWN_PATH, SigningKeyError, key_set, load_or_create_key
 from cgidm.storage import StorageError
 
 router = APIRouter(tags=["operations"])
@@ -38,6 +41,20 @@ def readyz(services: ServicesDep) -> JSONResponse:
     ready = all(value == "ok" for value in checks.values())
     body = Health(status="ok" if ready else "unavailable", checks=checks)
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+
+
+@router.get(WELL_KNOWN_PATH, summary="The public keys that verify this service's results",
+            responses={503: {"description": "The signing key cannot be read."}})
+def signing_keys(services: ServicesDep) -> JSONResponse:
+    """Ed25519 public keys (current and retired, by key id) of the signatures in job results;
+    no API key needed. Save it to a file and give it to `cgidm verify --public-key`."""
+    settings = services.settings
+    try:
+        keys = key_set(load_or_create_key(settings.resolved_signing_key),
+                       settings.retired_public_keys)
+    except SigningKeyError as exc:
+        raise ApiError(503, [], "signing_key_unavailable", str(exc)) from exc
+    return JSONResponse(keys, headers={"Cache-Control": "public, max-age=300"})
 
 
 @router.get("/metrics", response_class=Response, summary="Prometheus metrics")

@@ -180,6 +180,10 @@ class InputFile(BaseModel):
     frames: int = Field(1, description="Frames in the upload; only the first one is used.")
     sha256: str | None = Field(None, description="SHA-256 of the file as uploaded, before the "
                                "gateway re-encoded it (the provenance of the evidence).")
+    content_credentials: dict[str, Any] | None = Field(
+        None, description="The upload's own C2PA Content Credentials as the gateway read them "
+        "before re-encoding (cgidm/content_credentials.py): signer, claim generator, "
+        "training/data-mining assertions and validation state.")
 
 
 class ArtifactLinks(BaseModel):
@@ -256,6 +260,10 @@ class JobResult(BaseModel):
         "prompt), empty (nothing found: see prompt_warning) or unconditional.")
     prompt_origin: str | None = Field(None, description="File and key the prompt was read from.")
     prompt_warning: str | None = Field(None, description="Set when the empty prompt was used.")
+    signature: dict[str, Any] | None = Field(
+        None, description="Ed25519 signature of the service over the canonical JSON of this "
+        "result less the artifact links (docs/EVIDENCE.md): scheme, key_id, digest, value. "
+        "Public keys: GET /.well-known/cgidm-signing-keys.json; `cgidm verify` checks it.")
 
 
 class Recovery(BaseModel):

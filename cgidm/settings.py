@@ -232,6 +232,18 @@ class Settings(BaseSettings):
         description="Secret that signs the artifact URLs handed out in job results (default: "
         "derived from CGIDM_API_KEYS). Set the same value on every gateway replica.",
     )
+    signing_key: Path | None = Field(
+        None,
+        description="Ed25519 private key (PEM) the workers sign every result with; the gateway "
+        "publishes its public key at /.well-known/cgidm-signing-keys.json (default: "
+        "<CGIDM_DATA_DIR>/signing-key.pem, made on first use). Give every worker and gateway "
+        "the same file (a mounted secret); `cgidm keys signing --key PATH` makes one.",
+    )
+    signing_public_keys: str | None = Field(
+        None,
+        description="PEM public key files of retired signing keys, separated by commas: still "
+        "published, so results signed before a rotation keep verifying.",
+    )
     artifact_url_ttl: int = Field(
         3600, ge=10, le=7 * 24 * 3600, description="Seconds a signed artifact URL stays valid."
     )
@@ -289,7 +301,8 @@ class Settings(BaseSettings):
 
     @field_validator("storage_url", "s3_endpoint_url", "broker_url", "models", "device", "dtype",
                      "feature_model", "api_keys", "model_cache_dir", "url_signing_key",
-                     "visibility_timeout", "civitai_token", "model_hosts", mode="before")
+                     "visibility_timeout", "civitai_token", "model_hosts", "signing_key",
+                     "signing_public_keys", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         # docker-compose passes `${VAR:-}` through as an empty string: treat it as "not set".
@@ -351,6 +364,14 @@ class Settings(BaseSettings):
     @property
     def resolved_model_cache_dir(self) -> Path:
         return (self.model_cache_dir or self.data_dir / "model-cache").expanduser().resolve()
+
+    @property
+    def resolved_signing_key(self) -> Path:
+        return (self.signing_key or self.data_dir / "signing-key.pem").expanduser().resolve()
+
+    @property
+    def retired_public_keys(self) -> list[Path]:
+        return [Path(p.strip()) for p in (self.signing_public_keys or "").split(",") if p.strip()]
 
     @property
     def resolved_storage_url(self) -> str:

@@ -8,6 +8,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# Pango and a font for WeasyPrint, which prints the PDF report
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libpango-1.0-0 libpangoft2-1.0-0 \
+    fonts-dejavu-core \
+ && rm -rf /var/lib/apt/lists/*
+
 WORKDIR /srv/cgidm
 COPY docker/gateway-requirements.txt /tmp/gateway-requirements.txt
 RUN pip install -r /tmp/gateway-requirements.txt
@@ -19,7 +25,8 @@ COPY pyproject.toml README.md ./
 COPY cgidm ./cgidm
 COPY cgidm_core ./cgidm_core
 COPY app ./app
-RUN pip install --no-deps . && useradd --uid 10001 --no-create-home cgidm
+RUN pip install --no-deps . && useradd --uid 10001 --no-create-home cgidm \
+ && mkdir -p /keys && chown cgidm /keys
 
 USER cgidm
 EXPOSE 8000

@@ -30,7 +30,7 @@ COPY app ./app
 COPY worker ./worker
 RUN pip install . \
  && useradd --uid 10001 --create-home cgidm \
- && mkdir -p /cache/huggingface && chown cgidm /cache/huggingface
+ && mkdir -p /cache/huggingface /keys && chown cgidm /cache/huggingface /keys
 
 USER cgidm
 # Solo pool: the job runs in this process, so a warm shutdown (docker stop) interrupts it within

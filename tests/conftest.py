@@ -7,11 +7,16 @@ the test machine's cores are shared); set OMP_NUM_THREADS to override.
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Results are signed (cgidm.result_signing): the tests' processes share one throwaway key
+# instead of making one in the user's ~/.config. Made on first use, atomically.
+os.environ.setdefault("CGIDM_SIGNING_KEY", os.path.join(
+    tempfile.gettempdir(), f"cgidm-tests-{os.getuid()}", "signing-key.pem"))
 
 from pathlib import Path  # noqa: E402
 

@@ -83,3 +83,30 @@ def test_verify_refuses_a_changed_image_or_model(tiny_ddpm_pair, tmp_path, capsy
                  "--finetuned", str(copy)]) == 2
     printed = capsys.readouterr().out
     assert "finetuned model differs" in printed and "unet/config.json" in printed
+
+
+def test_verify_checks_the_signature_before_re_running(tiny_ddpm_pair, tmp_path, capsys):
+    """A signed `cgidm check` result: a one-byte edit is "edited after signing" (exit 4) and
+    another service's key "not signed by this service" (exit 3), both before any model loads."""
+    from cgidm import result_signing
+
+    results, images, controls = _record(tiny_ddpm_pair, tmp_path)
+    signature = json.loads(results.read_text())["signature"]
+    assert signature["key_id"] == result_signing.load_or_create_key().key_id
+    capsys.readouterr()
+    assert main(["keys", "public"]) == 0
+    keys = tmp_path / "keys.json"
+    keys.write_text(capsys.readouterr().out)
+    text = results.read_text()
+    at = text.index('"seconds": ') + len('"seconds": ')
+    edited = text[:at] + ("9" if text[at] != "9" else "8") + text[at + 1:]  # one byte
+    results.write_text(edited)
+    assert main(["verify", str(results), "--public-key", str(keys), "--images", str(images),
+                 "--images", str(controls)]) == 4
+    assert capsys.readouterr().out.startswith("cgidm verify: EDITED AFTER SIGNING")
+    results.write_text(text)
+    stranger = tmp_path / "stranger.pem"
+    result_signing.load_or_create_key(stranger)
+    assert main(["verify", str(results), "--public-key", str(stranger), "--signature-only"]) == 3
+    assert "NOT SIGNED BY THIS SERVICE: signed with key" in capsys.readouterr().out
+    assert main(["verify", str(results), "--public-key", str(keys), "--signature-only"]) == 0

@@ -8,11 +8,14 @@ final record: ``succeeded`` with a result, ``failed`` with ``error {code, messag
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import io
 import logging
 import os
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from cgidm.jobs import (
@@ -348,6 +351,12 @@ def _classify(ctx: WorkerContext, record: JobRecord, watch: Watch,
         return "failed", JobError(code="unknown_model", message=str(exc))
     if isinstance(exc, CGIDMError | ModelFetchError | ModelFileError):
         return "failed", JobError(code=exc.code, message=str(exc))
+    from cgidm.result_signing import SigningKeyError
+
+    if isinstance(exc, SigningKeyError):
+        log.error("job %s: %s", record.job_id, exc)
+        return "failed", JobError(code="signing_key", message=f"the service cannot sign "
+                                  f"results: {exc}")
     log.exception("job %s failed unexpectedly", record.job_id)
     return "failed", JobError(code="internal_error", message=f"{type(exc).__name__}: {exc}")
 
@@ -462,16 +471,47 @@ def _store_pictures(ctx: WorkerContext, record: JobRecord, results: Any,
     """Write every image's pictures under this run's prefix; returns the per-image records
     (the library's values, the image's role and its artifact links)."""
     roles = {item.name: item.role for item in record.inputs}
+    credentials = {item.name: item.content_credentials for item in record.inputs}
+    uploads = {item.name: item.sha256 for item in record.inputs}
+    key = _signing_key(str(ctx.settings.resolved_signing_key))
     records: list[dict[str, Any]] = []
     for res in results:
+        hashes: dict[str, str] = {}
+        labelled = True
         for kind, picture in zip(
             ARTIFACT_KINDS, (res.recovered, res.partial, res.side_by_side()), strict=True
         ):
+            data, signed = _with_credentials(_png(picture), key, record.job_id, res.name, kind,
+                                             uploads.get(res.name))
+            labelled = labelled and signed
+            hashes[kind] = hashlib.sha256(data).hexdigest()
             ctx.store.storage.put_bytes(artifact_key(record.job_id, res.name, kind, attempt),
-                                        _png(picture), content_type="image/png")
+                                        data, content_type="image/png")
+        # the signature covers the pictures through these hashes (cgidm.result_signing)
         records.append({**res.to_dict(), "role": roles[res.name],
-                        "artifacts": artifact_links(record.job_id, res.name)})
+                        "artifacts": artifact_links(record.job_id, res.name),
+                        "picture_sha256": hashes,
+                        # the pictures carry their own C2PA manifest (cgidm.picture_credentials)
+                        "picture_credentials": "c2pa" if labelled else None,
+                        # the upload's own C2PA credentials, as the gateway read them: signed
+                        # into the result with everything else
+                        **({"content_credentials": credentials[res.name]}
+                           if credentials.get(res.name) else {})})
     return records
+
+
+def _with_credentials(png: bytes, key: Any, job_id: str, name: str, kind: str,
+                      derived_from: str | None) -> tuple[bytes, bool]:
+    """The picture with its C2PA manifest; the picture alone (and a warning in the log) when
+    the manifest cannot be made: the signed result covers the picture's hash either way."""
+    from cgidm.picture_credentials import sign_picture
+
+    try:
+        return sign_picture(png, key, job_id=job_id, kind=kind, name=name,
+                            derived_from_sha256=derived_from), True
+    except Exception as exc:  # noqa: BLE001 - c2pa raises many kinds; the job goes on
+        log.warning("job %s: %s %s stored without C2PA credentials: %s", job_id, name, kind, exc)
+        return png, False
 
 
 def _job_result(ctx: WorkerContext, record: JobRecord, records: list[dict[str, Any]],
@@ -487,7 +527,7 @@ def _job_result(ctx: WorkerContext, record: JobRecord, records: list[dict[str, A
     if evidence["set_test"] is not None:
         set_test = SetTest(**{k: v for k, v in evidence["set_test"].items()
                               if k not in ("p_values", "verdicts")})
-    return JobResult(
+    result = JobResult(
         pretrained=pre.id,
         finetuned=ft.id,
         metric=record.settings.metric or DEFAULT_METRIC,
@@ -504,6 +544,26 @@ def _job_result(ctx: WorkerContext, record: JobRecord, records: list[dict[str, A
         oom_halvings=oom_halvings,
         **choice.to_settings(),
     )
+    return sign_result(ctx, result)
+
+
+@functools.lru_cache(maxsize=4)
+def _signing_key(path: str) -> Any:
+    from cgidm.result_signing import load_or_create_key
+
+    return load_or_create_key(Path(path))
+
+
+def sign_result(ctx: WorkerContext, result: JobResult) -> JobResult:
+    """The result with the service's signature block (CGIDM_SIGNING_KEY). A key that cannot be
+    read or made fails the job with that message: an unsigned result would look like a forgery
+    to everyone who checks it."""
+    from cgidm.result_signing import sign_document
+
+    key = _signing_key(str(ctx.settings.resolved_signing_key))
+    signed = sign_document(result.model_dump(mode="json"), key, signer="cgidm service")
+    result.signature = signed["signature"]
+    return result
 
 
 def _with_civitai_lookup(ctx: WorkerContext, provenance: dict[str, Any],
@@ -536,5 +596,6 @@ def service_provenance(library: dict[str, Any], record: JobRecord, pre: Any,
         elif getattr(entry, "sha256", None):  # an upload: the file the client sent
             models[role].update(uploaded=True, sha256=entry.sha256, kind=entry.kind)
     document["models"] = models
+    document["job_id"] = record.job_id  # binds the signed result to its job
     return document
 

@@ -72,6 +72,8 @@ class Card:
     metrics: dict[str, float] = field(default_factory=dict)
     #: The number the p-value rests on (the fused evidence), when there were controls.
     evidence_score: float | None = None
+    #: the image's own C2PA Content Credentials (cgidm/content_credentials.py), when it has any
+    credentials: dict[str, Any] | None = None
 
 
 @dataclass
@@ -258,12 +260,33 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _credentials(item: Any) -> dict[str, Any] | None:
+    """The image's Content Credentials to show: only a manifest that is there (valid or not:
+    an invalid one is shown as invalid); "none" and unreadable ones stay in the provenance."""
+    value = (getattr(item, "model_extra", None) or {}).get("content_credentials")
+    return value if isinstance(value, dict) and value.get("present") else None
+
+
 def build(record: JobRecord, alpha: float, picture_url: dict[str, dict[str, str]]) -> Evidence:
     """The evidence of a succeeded job. ``picture_url[name][kind]`` is where each picture is
     (signed URLs on the page, data URIs in the report); kinds: original, partial, recovered."""
     result = record.result
     if result is None:
         raise ValueError(f"job {record.job_id} has no result")
+    settings = {k: v for k, v in record.settings.model_dump(mode="json").items()
+                if v is not None}
+    job_facts = {"job_id": record.job_id, "created_at": record.created_at,
+                 "started_at": record.started_at, "finished_at": record.finished_at,
+                 "attempts": record.attempts, "worker": record.worker,
+                 "inputs": [{"name": i.name, "role": i.role, "filename": i.filename,
+                             "size": f"{i.width}\u00d7{i.height}"} for i in record.inputs]}
+    return build_result(record.job_id, result, alpha, picture_url, settings, job_facts)
+
+
+def build_result(job_id: str, result: JobResult, alpha: float,
+                 picture_url: dict[str, dict[str, str]], settings: dict[str, Any],
+                 job_facts: dict[str, Any] | None) -> Evidence:
+    """The evidence of a result, a job's or one of ``cgidm check`` (``cgidm report``)."""
     test = result.controls_test
     alpha = test.alpha if test is not None else alpha
     control_scores = [_verdict_score(c) for c in result.controls]
@@ -284,14 +307,14 @@ def build(record: JobRecord, alpha: float, picture_url: dict[str, dict[str, str]
                                             control_scores, alpha)
         cards.append(Card(item.name, "image", item.score, item.p_value, verdict,
                           HEADLINES[verdict], detail, pictures(item), dict(item.metrics),
-                          getattr(item, "evidence_score", None)))
+                          getattr(item, "evidence_score", None), _credentials(item)))
     controls = []
     for item in result.controls:
         detail = "An image of yours that was never published: it shows how well the suspect " \
                  "model recovers images it cannot have seen."
         controls.append(Card(item.name, "control", item.score, None, CONTROL,
                              HEADLINES[CONTROL], detail, pictures(item), dict(item.metrics),
-                             getattr(item, "evidence_score", None)))
+                             getattr(item, "evidence_score", None), _credentials(item)))
 
     set_verdict, set_sentence = _set_words(result, alpha)
     counts = {v: sum(1 for c in cards if c.verdict == v) for v in (MEMBER, NO_EVIDENCE,
@@ -305,8 +328,6 @@ def build(record: JobRecord, alpha: float, picture_url: dict[str, dict[str, str]
         parts.append(f"{counts[INCONCLUSIVE]} inconclusive")
     summary = f"{_plural(len(cards), 'image')} checked: " + ", ".join(parts) + "."
 
-    settings = {k: v for k, v in record.settings.model_dump(mode="json").items()
-                if v is not None}
     # Everything the result carries besides the per-image rows, generically: keys added later
     # (hashes, versions) appear without a template change.
     known = {"images", "controls"}
@@ -314,13 +335,10 @@ def build(record: JobRecord, alpha: float, picture_url: dict[str, dict[str, str]
                                   if k not in known and v not in (None, {}, [])}
     provenance.update({k: v for k, v in (result.model_extra or {}).items()
                        if k not in known and v not in (None, {}, [])})
-    job_facts = {"job_id": record.job_id, "created_at": record.created_at,
-                 "started_at": record.started_at, "finished_at": record.finished_at,
-                 "attempts": record.attempts, "worker": record.worker,
-                 "inputs": [{"name": i.name, "role": i.role, "filename": i.filename,
-                             "size": f"{i.width}\u00d7{i.height}"} for i in record.inputs]}
-    provenance["job"] = {k: _plain(v) for k, v in job_facts.items() if v not in (None, {}, [])}
-    return Evidence(record.job_id, result.pretrained, result.finetuned, result.metric, cards,
+    if job_facts:
+        provenance["job"] = {k: _plain(v) for k, v in job_facts.items()
+                             if v not in (None, {}, [])}
+    return Evidence(job_id, result.pretrained, result.finetuned, result.metric, cards,
                     controls, summary, set_sentence, set_verdict,
                     _plot(result, cards, controls), settings, provenance, counts,
                     score_sentence(result))

@@ -9,11 +9,9 @@ them; a Content-Security-Policy keeps the pages from loading anything from elsew
 
 from __future__ import annotations
 
-import base64
 import functools
 import importlib.resources
 import io
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +27,8 @@ from app.auth import Caller, CallerDep
 from app.errors import ApiError
 from app.routes_jobs import _ERRORS, _load, _view, original_url
 from app.services import Services, ServicesDep
-from app.web import evidence
-from cgidm import __version__
+from app.web import evidence, report_document
+from cgidm import result_signing
 from cgidm.jobs import JobRecord, artifact_key
 from cgidm.storage import ObjectNotFound, StorageError
 
@@ -52,32 +50,8 @@ router = APIRouter(include_in_schema=False)
 report_router = APIRouter(tags=["jobs"])
 
 
-def _fmt_time(value: Any) -> str:
-    if isinstance(value, str):
-        try:
-            value = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            return value
-    if isinstance(value, datetime):
-        return value.strftime("%Y-%m-%d %H:%M:%S UTC")
-    return str(value)
-
-
-def _fmt_number(value: Any, digits: int = 4) -> str:
-    if value is None:
-        return "\u2013"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}"
-    return str(value)
-
-
-def _label(key: Any) -> str:
-    return str(key).replace("_", " ")
-
-
 templates = Jinja2Templates(directory=str(HERE / "templates"))
-templates.env.filters.update(time=_fmt_time, num=_fmt_number, label=_label)
-templates.env.globals.update(version=__version__, headlines=evidence.HEADLINES)
+report_document.install_filters(templates.env)
 
 
 def _page(request: Request, name: str, **context: Any) -> HTMLResponse:
@@ -143,14 +117,20 @@ REPORT_ORIGINAL_SIDE = 768
 
 
 def _data_uri(services: Services, key: str, shrink: bool = False) -> str:
-    try:
-        data = services.store.storage.get_bytes(key)
-    except ObjectNotFound:
+    data = _stored(services, key)
+    if data is None:
         return ""
     mime = "image/png"
     if shrink:
         data, mime = _reduced(data)
-    return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
+    return report_document.data_uri(data, mime)
+
+
+def _stored(services: Services, key: str) -> bytes | None:
+    try:
+        return services.store.storage.get_bytes(key)
+    except ObjectNotFound:
+        return None
 
 
 def _reduced(png: bytes) -> tuple[bytes, str]:
@@ -167,19 +147,53 @@ def _reduced(png: bytes) -> tuple[bytes, str]:
         return out.getvalue(), "image/jpeg"
 
 
-def _embedded_pictures(services: Services, record: JobRecord) -> dict[str, dict[str, str]]:
+def _embedded_pictures(services: Services, record: JobRecord
+                       ) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
+    """Data URIs of every picture, and per image whether they have the signed hashes."""
     assert record.result is not None and record.attempt is not None
     keys = {item.name: item.key for item in record.inputs}
     out: dict[str, dict[str, str]] = {}
+    notes: dict[str, str] = {}
     for item in (*record.result.images, *record.result.controls):
+        found = {kind: data for kind in ("partial", "recovered")
+                 if (data := _stored(services, artifact_key(record.job_id, item.name, kind,
+                                                             record.attempt))) is not None}
         out[item.name] = {
             "original": _data_uri(services, keys[item.name], shrink=True),
-            "partial": _data_uri(services, artifact_key(record.job_id, item.name, "partial",
-                                                        record.attempt)),
-            "recovered": _data_uri(services, artifact_key(record.job_id, item.name,
-                                                          "recovered", record.attempt)),
+            **{kind: report_document.data_uri(data) for kind, data in found.items()},
         }
-    return out
+        notes[item.name] = report_document.picture_note(item.model_dump(mode="json"), found)
+    return out, notes
+
+
+def _report_html(services: Services, record: JobRecord) -> str:
+    """The report of a succeeded job, from the stored result and pictures (no torch)."""
+    assert record.result is not None
+    pictures, notes = _embedded_pictures(services, record)
+    view = evidence.build(record, services.settings.controls_alpha, pictures)
+    settings = services.settings
+    try:
+        keys = result_signing.keys_of_set(result_signing.key_set(
+            result_signing.load_or_create_key(settings.resolved_signing_key),
+            settings.retired_public_keys))
+    except result_signing.SigningKeyError:
+        keys = None  # the report says the signature was not checked
+    facts = [("Job", record.job_id), ("Submitted", report_document.fmt_time(record.created_at)),
+             ("Finished", report_document.fmt_time(record.finished_at)
+              if record.finished_at else "\u2013")]
+    parts = report_document.report_parts(
+        record.result.model_dump(mode="json"), record.result, settings.controls_alpha, facts,
+        keys, "result.json", notes)
+    return report_document.render_html(view, parts)
+
+
+async def _report_of(services: Services, job_id: str, caller: Caller) -> tuple[JobRecord, str]:
+    record = await run_in_threadpool(_succeeded, services, job_id, caller)
+    try:
+        html = await run_in_threadpool(_report_html, services, record)
+    except StorageError as exc:
+        raise ApiError(503, [], "storage_unavailable", f"storage is unavailable: {exc}") from exc
+    return record, html
 
 
 @report_router.get(
@@ -190,26 +204,34 @@ def _embedded_pictures(services: Services, record: JobRecord) -> dict[str, dict[
                409: {"description": "The job has not succeeded (yet)."}},
     summary="The evidence report: one self-contained HTML file that prints well to PDF",
 )
-async def evidence_report(request: Request, job_id: str,
-                          services: ServicesDep,
+async def evidence_report(job_id: str, services: ServicesDep,
                           caller: CallerDep) -> HTMLResponse:
     """Every picture is embedded (data URIs) and the file loads nothing else, so it can be
-    mailed, archived or printed as it is."""
-    record = await run_in_threadpool(_succeeded, services, job_id, caller)
-    try:
-        pictures = await run_in_threadpool(_embedded_pictures, services, record)
-    except StorageError as exc:
-        raise ApiError(503, [], "storage_unavailable", f"storage is unavailable: {exc}") from exc
-    view = evidence.build(record, services.settings.controls_alpha, pictures)
-    css = "\n".join((HERE / "static" / name).read_text()
-                    for name in ("evidence.css", "report.css"))
-    response = templates.TemplateResponse(
-        request, "report.html", {"ev": view, "report": True, "css": css, "record": record,
-                                 "generated": datetime.now().astimezone()})
-    response.headers["Content-Security-Policy"] = REPORT_CSP
-    response.headers["Content-Disposition"] = f'inline; filename="cgidm-report-{job_id}.html"'
-    response.headers["Cache-Control"] = "no-store"
-    return response
+    mailed, archived or printed as it is. The same document as report.pdf."""
+    _, html = await _report_of(services, job_id, caller)
+    return HTMLResponse(html, headers={
+        "Content-Security-Policy": REPORT_CSP,
+        "Content-Disposition": f'inline; filename="cgidm-report-{job_id}.html"',
+        "Cache-Control": "no-store"})
+
+
+@report_router.get(
+    "/jobs/{job_id}/report.pdf",
+    response_class=Response,
+    responses={**_ERRORS, 200: {"content": {"application/pdf": {}},
+                                "description": "The report as a PDF document."},
+               409: {"description": "The job has not succeeded (yet)."}},
+    summary="The evidence report as PDF: cover page, one page per image, method and "
+            "reproduction",
+)
+async def evidence_report_pdf(job_id: str, services: ServicesDep,
+                              caller: CallerDep) -> Response:
+    """report.html printed by WeasyPrint: the two documents never disagree."""
+    _, html = await _report_of(services, job_id, caller)
+    pdf = await run_in_threadpool(report_document.render_pdf, html)
+    return Response(pdf, media_type="application/pdf", headers={
+        "Content-Disposition": f'attachment; filename="cgidm-report-{job_id}.pdf"',
+        "Cache-Control": "no-store"})
 
 
 # ------------------------------------------------------------------------------------------

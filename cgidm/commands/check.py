@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+from cgidm.result_signing import file_sha256
 from cgidm_core.names import DEFAULT_METRIC
 
 from .common import (
@@ -123,15 +124,31 @@ def run(args: argparse.Namespace) -> int:
     records = []
     for result, stem in zip(suspects, _stem_names(image_paths), strict=True):
         recovered, side = f"{stem}.recovered.png", f"{stem}.side_by_side.png"
+        # the original as the method saw it (resized, centre-cropped) and the half it kept:
+        # the report shows them beside the recovery
+        partial, original = f"{stem}.partial.png", f"{stem}.original.png"
         result.recovered.save(out_dir / recovered)
         result.side_by_side().save(out_dir / side)
-        records.append({**result.to_dict(), "recovered": recovered, "side_by_side": side})
+        result.partial.save(out_dir / partial)
+        result.original.save(out_dir / original)
+        names = {"recovered": recovered, "partial": partial, "side_by_side": side,
+                 "original": original}
+        records.append({**result.to_dict(), **names,
+                        # the pictures are evidence too: the signature covers their hashes
+                        "picture_sha256": {kind: file_sha256(out_dir / name)
+                                           for kind, name in names.items()}})
 
+    from cgidm.content_credentials import read as read_credentials
     from cgidm_core.evidence import build_evidence
 
+    # each image's own C2PA Content Credentials, read from the file as given
+    for record, path in zip(records, image_paths, strict=True):
+        record["content_credentials"] = read_credentials(path.read_bytes())
+    control_records = [{**r.to_dict(), "content_credentials": read_credentials(p.read_bytes())}
+                       for r, p in zip(controls, control_paths, strict=True)]
     evidence = build_evidence(
         records,
-        [r.to_dict() for r in controls],
+        control_records,
         alpha=args.alpha,
         evidence=args.evidence,
         settings={
@@ -160,7 +177,8 @@ def run(args: argparse.Namespace) -> int:
         document["controls"] = evidence["controls"]
         document["set_test"] = evidence["set_test"]
 
-    (out_dir / "results.json").write_text(json.dumps(document, indent=2))
+    signed = _signed(document)
+    (out_dir / "results.json").write_text(json.dumps(signed, indent=2))
     print_table(records, document.get("set_test"), evidence["evidence"],
                 metric=args.metric or DEFAULT_METRIC, controls=evidence["controls"])
     for result in results:
@@ -168,6 +186,21 @@ def run(args: argparse.Namespace) -> int:
         if skipped:
             print(f"note: {result.name}: {skipped} of {config.steps} PGD steps skipped because "
                   "the gradient was not finite (float16 overflow?); --dtype float32 avoids it")
-    print(f"wrote {out_dir / 'results.json'} and {2 * len(records)} pictures in {elapsed:.1f} s")
+    print(f"wrote {out_dir / 'results.json'} and {4 * len(records)} pictures in {elapsed:.1f} s")
+    if "signature" in signed:
+        print(f"signed with key {signed['signature']['key_id']} ({signed['signature']['digest']}); "
+              "`cgidm keys public` prints the public key that verifies it")
     return 0
+
+
+def _signed(document: dict[str, object]) -> dict[str, object]:
+    """The document with its signature by the local key (made on first use). A result that
+    cannot be signed (an unwritable key folder) is still written, unsigned, with a warning."""
+    from cgidm.result_signing import SigningKeyError, load_or_create_key, sign_document
+
+    try:
+        return sign_document(document, load_or_create_key(), signer="cgidm check")
+    except (SigningKeyError, ValueError) as exc:
+        print(f"warning: results.json is NOT signed: {exc}")
+        return document
 

@@ -1,5 +1,7 @@
-"""The evidence table that ``cgidm check``, ``cgidm submit`` and ``cgidm demo`` print (torch-free:
-``submit`` is a client that runs where torch is not installed).
+"""``cgidm report``: the evidence report as PDF or HTML, and the evidence table that ``cgidm
+check``, ``cgidm submit`` and ``cgidm demo`` print (torch-free: ``submit`` is a client that runs
+where torch is not installed, and a report is made from a stored result without re-running
+anything).
 
 One score everywhere: the table's ``score`` column is the number the p-values and verdicts were
 computed from (``evidence_score``, cgidm_core.evidence) whenever there were controls; the
@@ -10,6 +12,8 @@ similarity.
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
 from typing import Any
 
 
@@ -31,6 +35,65 @@ def score_legend(records: list[dict[str, Any]], evidence: dict[str, Any] | None,
     return (f"score = {similarity} of the recovery vs its original (higher = more member-like); "
             "no controls, so no evidence score, p-values or verdicts: the verdict's score is "
             "standardised over images and controls together")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "report",
+        help="make the evidence report (PDF and/or HTML) of a stored result",
+        description="The report the service serves at /jobs/{id}/report.pdf, made from a `cgidm "
+        "check` output folder (or its results.json) or a `cgidm submit` result.json: a cover "
+        "page with the finding and its error rate, one page per image, then the method and "
+        "the exact `cgidm verify` command. Nothing is re-run.",
+    )
+    parser.add_argument("result", help="cgidm check output folder or results.json, or a "
+                        "service result.json")
+    parser.add_argument("--pdf", metavar="FILE", help="write the PDF here")
+    parser.add_argument("--html", metavar="FILE", help="write the self-contained HTML here")
+    parser.add_argument("--public-key", action="append", metavar="FILE",
+                        help="check the signature with these public keys (default: the local "
+                        "key of `cgidm keys`, if there is one); the report says the outcome")
+    parser.add_argument("--alpha", type=float, default=0.05,
+                        help="significance level shown when the result has no set test")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from app.web import evidence, report_document
+    from cgidm import result_signing
+    from cgidm_core.errors import ConfigError
+
+    if not args.pdf and not args.html:
+        raise ConfigError("say what to write: --pdf FILE and/or --html FILE")
+    try:
+        local = report_document.load_local_result(Path(args.result))
+    except report_document.ReportInputError as exc:
+        raise ConfigError(str(exc)) from exc
+    keys: dict[str, Any] = {}
+    for path in args.public_key or []:
+        keys.update(result_signing.read_public_keys(Path(path)))
+    if not args.public_key and (mine := result_signing.existing_key()) is not None:
+        keys = result_signing.keys_of_set(result_signing.key_set(mine))
+    result, pictures, notes = report_document.local_job_result(local)
+    job_id = str((local.document.get("provenance") or {}).get("job_id") or "local check")
+    settings = {k: v for k, v in (local.document.get("settings") or {}).items()
+                if v is not None and k not in ("pair", "inversion")}
+    view = evidence.build_result(job_id, result, args.alpha, pictures, settings, None)
+    facts = [("Result file", str(local.path))]
+    if job_id != "local check":
+        facts.insert(0, ("Job", job_id))
+    parts = report_document.report_parts(local.document, result, args.alpha, facts, keys or None,
+                                          local.path.name, notes)
+    html = report_document.render_html(view, parts)
+    if args.html:
+        Path(args.html).write_text(html)
+        print(f"wrote {args.html}")
+    if args.pdf:
+        Path(args.pdf).write_bytes(report_document.render_pdf(html))
+        print(f"wrote {args.pdf}")
+    if parts.signature.state not in ("valid", "not checked"):
+        print(f"warning: signature {parts.signature.state}: {parts.signature.message}")
+    return 0
 
 
 def print_table(records: list[dict[str, Any]], set_test: object,

@@ -1,13 +1,18 @@
-"""``cgidm verify``: re-run a stored check and say whether it gives the recorded numbers.
+"""``cgidm verify``: check a result's signature, re-run it and say whether it gives its numbers.
 
 A third party (the other side's expert, a court's) holds the result document and the files.
-``verify`` first proves the files are the ones the record names: every input image must have
+``verify`` first checks the result's Ed25519 signature offline against the public key it is
+given (``--public-key``; cgidm/result_signing.py) and stops with one line if it fails: "NOT SIGNED
+BY THIS SERVICE" (exit 3: no signature, an unknown key or a forged one) or "EDITED AFTER SIGNING"
+(exit 4: a genuine signature over content, or pictures beside results.json, that has since
+changed). Then it proves the files are the ones the record names: every input image must have
 the recorded sha256 and every model file the recorded sha256; any difference is a refusal
 (exit 2) naming the file. Then it runs the method again with the recorded settings, seed and
 prompt, and prints each score next to the recorded one. On the recorded device and dtype the
 scores must agree within 1e-4 (exit 1 otherwise); on another device or dtype (a GPU result
 checked on a CPU) floating-point order and float16 arithmetic change the numbers slightly, so
-the differences are reported but judged only with ``--tolerance``.
+the differences are reported but judged only with ``--tolerance``. A signed result whose
+numbers do not come back is "SIGNED BUT DOES NOT REPRODUCE" (exit 1).
 
 Works with ``results.json`` of ``cgidm check``, a service ``result.json`` (as ``cgidm submit``
 saves it) and a whole job document from ``GET /jobs/{id}``, including results on an uploaded
@@ -21,9 +26,24 @@ import json
 from pathlib import Path
 from typing import Any
 
+from cgidm.result_signing import (
+    EDITED,
+    NOT_OURS,
+    UNSIGNED,
+    WELL_KNOWN_PATH,
+    SignatureCheck,
+    check_signature,
+    existing_key,
+    file_sha256,
+    key_set,
+    keys_of_set,
+    read_public_keys,
+)
 from cgidm_core.names import IMAGE_SUFFIXES
 
 SAME_SETUP_TOLERANCE = 1e-4
+#: exit statuses, one per answer (0: verified)
+NOT_REPRODUCED, REFUSED, NOT_SIGNED_BY_US, EDITED_AFTER_SIGNING = 1, 2, 3, 4
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,8 +55,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         "difference from the record.",
     )
     parser.add_argument("result", help="results.json (cgidm check) or result.json (service)")
-    parser.add_argument("--images", action="append", required=True, metavar="DIR",
-                        help="folder (or file) holding the images and controls; repeatable")
+    parser.add_argument("--images", action="append", metavar="DIR",
+                        help="folder (or file) holding the images and controls; repeatable "
+                        "(needed unless --signature-only)")
+    parser.add_argument("--public-key", action="append", metavar="FILE",
+                        help="public key(s) to check the signature with: the service's "
+                        f"{WELL_KNOWN_PATH} saved to a file, `cgidm keys public` output or a "
+                        "PEM public key; repeatable (default: the local key of `cgidm keys`)")
+    parser.add_argument("--signature-only", action="store_true",
+                        help="check the signature (and the pictures beside a results.json) and "
+                        "stop: no models or images needed")
+    parser.add_argument("--no-signature", action="store_true",
+                        help="skip the signature check (results made before signing existed)")
     parser.add_argument("--pretrained", help="base model folder or demo name (default: the "
                         "recorded one, where it is a path or demo name)")
     parser.add_argument("--finetuned", help="suspect model file/folder (default: the recorded "
@@ -207,11 +237,84 @@ def _device(recorded: str | None, requested: str | None) -> str:
     return "cpu"
 
 
+def _public_keys(paths: list[str] | None, document: dict[str, Any]) -> dict[str, Any] | None:
+    """The keys to check the signature with: the files given (strict), else the local key of
+    `cgidm keys` and its retired ones when one of them made the signature (a result of `cgidm
+    check` on this machine). None: no key at hand, the signature cannot be checked."""
+    if paths:
+        keys: dict[str, Any] = {}
+        for path in paths:
+            keys.update(read_public_keys(Path(path)))
+        return keys
+    local = existing_key()
+    if local is None:
+        return None
+    keys = keys_of_set(key_set(local))
+    block = document.get("signature")
+    signed_by = block.get("key_id") if isinstance(block, dict) else None
+    return keys if signed_by in keys else None
+
+
+def picture_problems(document: dict[str, Any], folder: Path) -> list[str]:
+    """Pictures next to a ``cgidm check`` results.json whose sha256 differs from the signed one
+    (service results name no local files: their pictures are checked by `cgidm report`)."""
+    problems = []
+    for row in [*document.get("images", []), *document.get("controls", [])]:
+        for kind, digest in (row.get("picture_sha256") or {}).items():
+            name = row.get(kind)
+            if not isinstance(name, str) or not (folder / name).is_file():
+                continue
+            if file_sha256(folder / name) != digest:
+                problems.append(f"{name} (the {kind.replace('_', ' ')} picture of "
+                                f"{row.get('name')!r}) differs from its signed sha256")
+    return problems
+
+
+def signature_verdict(check: SignatureCheck, pictures: list[str]) -> tuple[int, str]:
+    """The exit status and the one line that says what the signature check found."""
+    if check.outcome in (UNSIGNED, NOT_OURS):
+        return NOT_SIGNED_BY_US, f"cgidm verify: NOT SIGNED BY THIS SERVICE: {check.message}"
+    if check.outcome == EDITED:
+        return EDITED_AFTER_SIGNING, f"cgidm verify: EDITED AFTER SIGNING: {check.message}"
+    if pictures:
+        return EDITED_AFTER_SIGNING, ("cgidm verify: EDITED AFTER SIGNING: " +
+                                      "; ".join(pictures))
+    return 0, f"cgidm verify: signature valid: {check.message}"
+
+
 def run(args: argparse.Namespace) -> int:
+    from cgidm_core.errors import ConfigError
+
+    document = load_record(Path(args.result))
+    signed: bool | None = None  # None: not checked
+    keys = None if args.no_signature else _public_keys(args.public_key, document)
+    if keys is not None:
+        check = check_signature(document, keys)
+        status, line = signature_verdict(check, picture_problems(document,
+                                                                 Path(args.result).parent))
+        print(line)
+        if status:
+            return status
+        signed = True
+    elif not args.no_signature:
+        block = document.get("signature")
+        by = f"signed with key {block.get('key_id')}" if isinstance(block, dict) else \
+            "it carries no signature"
+        print(f"cgidm verify: signature NOT checked ({by}; no public key for it was given): "
+              f"pass --public-key with the service's {WELL_KNOWN_PATH} to check it")
+    if args.signature_only:
+        if signed is None:
+            raise ConfigError("--signature-only needs a public key: pass --public-key")
+        return 0
+    if not args.images:
+        raise ConfigError("--images is needed to re-run the check (or pass --signature-only)")
+    return _rerun(args, document, signed)
+
+
+def _rerun(args: argparse.Namespace, document: dict[str, Any], signed: bool | None) -> int:
     from cgidm_core.api import authenticate, load_pair
     from cgidm_core.inversion import InversionConfig
 
-    document = load_record(Path(args.result))
     record = document["provenance"]
     try:
         paths = match_inputs(record["inputs"], args.images)
@@ -231,7 +334,7 @@ def run(args: argparse.Namespace) -> int:
                                      _default_reference(document, "pretrained_config"))
     except VerificationRefused as exc:
         print(f"cgidm verify: REFUSED: {exc}")
-        return 2
+        return REFUSED
     print(f"cgidm verify: all {len(paths)} input images and every model file match the record")
 
     device = _device(record.get("device"), args.device)
@@ -271,8 +374,10 @@ def run(args: argparse.Namespace) -> int:
               "slightly (summation order, float16 arithmetic); pass --tolerance to judge them.")
         return 0
     if worst <= tolerance:
+        unchecked = " (signature not checked)" if signed is None else ""
         print(f"\nVERIFIED on {setup}: every score within {tolerance:g} of the record "
-              f"(largest difference {worst:.2e})")
+              f"(largest difference {worst:.2e}){unchecked}")
         return 0
-    print(f"\nNOT REPRODUCED on {setup}: largest difference {worst:.2e} exceeds {tolerance:g}")
-    return 1
+    head = "SIGNED BUT DOES NOT REPRODUCE" if signed else "NOT REPRODUCED"
+    print(f"\n{head} on {setup}: largest difference {worst:.2e} exceeds {tolerance:g}")
+    return NOT_REPRODUCED

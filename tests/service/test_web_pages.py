@@ -6,6 +6,7 @@ The browser itself is exercised in test_web_browser.py; these check what the ser
 from __future__ import annotations
 
 import re
+import subprocess
 from datetime import datetime, timezone
 
 import pytest
@@ -157,8 +158,12 @@ def test_pages_load_nothing_from_elsewhere(app_client):
 
 
 @pytest.mark.slow
-def test_report_evidence_and_recent_jobs_of_a_finished_job(client, submit, worker):
-    response = submit(images=[("sunflowers.png", png_bytes(11, (40, 40)))],
+def test_report_evidence_and_recent_jobs_of_a_finished_job(client, submit, worker, tmp_path):
+    from cgidm_testkit.content_credentials import sign_image
+
+    # the painting carries its artist's C2PA credentials ("AI training not allowed")
+    signed_png = sign_image(png_bytes(11, (40, 40)), "image/png")
+    response = submit(images=[("sunflowers.png", signed_png)],
                       controls=[("<b>unpublished</b>.png", png_bytes(12, (40, 40)))])
     job_id = response.json()["job_id"]
     early = client.get(f"/jobs/{job_id}/report.html")
@@ -180,7 +185,53 @@ def test_report_evidence_and_recent_jobs_of_a_finished_job(client, submit, worke
     assert "&lt;b&gt;unpublished&lt;/b&gt;.png" in html and "<b>unpublished" not in html
     assert report.headers["content-security-policy"].startswith("default-src 'none'")
 
+    # the PDF is the same document, printed: one page per image, the words of the HTML
+    pdf = client.get(f"/jobs/{job_id}/report.pdf")
+    assert pdf.status_code == 200 and pdf.headers["content-type"] == "application/pdf"
+    assert pdf.content.startswith(b"%PDF")
+    text = " ".join(subprocess.run(["pdftotext", "-", "-"], input=pdf.content, check=True,
+                                   capture_output=True).stdout.decode().split())
+    assert "sunflowers" in text and "only 1 control: too few to reach significance" in text
+    assert "Recovery by the base model alone: not computed" in text
+    # the result served in the job verifies with the keys the gateway publishes
+    from cgidm import result_signing
+
+    keys = result_signing.keys_of_set(
+        client.get("/.well-known/cgidm-signing-keys.json").json())
+    check = result_signing.check_signature(job["result"], keys)
+    assert check.ok, check.message
+    assert f"key {check.key_id}" in text.replace("key id", "key")
+    credentials = job["result"]["images"][0]["content_credentials"]
+    assert credentials["state"] == "valid_untrusted" and credentials["signer"].startswith(
+        "Test Artist")
+    assert job["result"]["controls"][0]["content_credentials"]["state"] == "none"
+    assert "ai training not allowed" in text and "valid but untrusted" in text
+    assert 'data-credentials="valid_untrusted"' in html
+
+    # `cgidm submit`'s folder (result.json and the pictures): verifiable and reportable offline
+    import json
+
+    from cgidm.cli import main
+
+    folder = tmp_path / "submitted"
+    folder.mkdir()
+    (folder / "result.json").write_text(json.dumps(job["result"], indent=2))
+    for row in job["result"]["images"] + job["result"]["controls"]:
+        for kind in ("recovered", "partial"):
+            (folder / f"{row['name']}.{kind}.png").write_bytes(
+                client.get(row["artifacts"][kind]).content)
+    keys = tmp_path / "keys.json"
+    keys.write_text(client.get("/.well-known/cgidm-signing-keys.json").text)
+    assert main(["verify", str(folder / "result.json"), "--public-key", str(keys),
+                 "--signature-only"]) == 0
+    assert main(["report", str(folder), "--public-key", str(keys), "--html",
+                 str(tmp_path / "r.html")]) == 0
+    offline = (tmp_path / "r.html").read_text()
+    assert "picture(s) shown have the sha256 recorded in the signed result" in offline
+    assert "signature valid" in offline and 'data-credentials="valid_untrusted"' in offline
+
     fragment = client.get(f"/jobs/{job_id}/evidence.html").text
+    assert 'data-credentials="valid_untrusted"' in fragment
     assert f"/jobs/{job_id}/artifacts/sunflowers/original.png" in fragment
     original = client.get(f"/jobs/{job_id}/artifacts/sunflowers/original.png")
     assert original.status_code == 200 and original.content.startswith(b"\x89PNG")
@@ -191,6 +242,19 @@ def test_report_evidence_and_recent_jobs_of_a_finished_job(client, submit, worke
     assert (mine["images"], mine["controls"], mine["status"]) == (1, 1, "succeeded")
     created = [j["created_at"] for j in listed]
     assert created == sorted(created, reverse=True)  # newest first
+
+
+def test_signing_keys_are_published_without_a_key(app_client):
+    from cgidm import result_signing as rs
+
+    response = app_client.get("/.well-known/cgidm-signing-keys.json")
+    assert response.status_code == 200
+    published = response.json()
+    assert published["scheme"] == rs.SCHEME and published["keys"][0]["status"] == "current"
+    ids = rs.keys_of_set(published)
+    assert list(ids) == [published["keys"][0]["key_id"]]
+    # no private material is ever served
+    assert "PRIVATE" not in response.text
 
 
 def test_report_of_an_unknown_job_is_404(app_client):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
 from cgidm.jobs import InputFile, JobRecord, JobSettings, JobStore, input_key, new_job_id, utcnow
@@ -50,6 +52,62 @@ def test_worker_result_is_the_evidence_document(ctx):
         assert item["evidence_score"] is not None
     expected = {k: v for k, v in again["set_test"].items() if k not in ("p_values", "verdicts")}
     assert result.controls_test.model_dump() == pytest.approx(expected)
+
+
+def test_worker_signs_the_result_and_hashes_its_pictures(ctx):
+    """The stored result.json and the job's result verify with the published key set; the
+    pictures in storage have the signed hashes (docs/EVIDENCE.md)."""
+    from cgidm import result_signing as rs
+    from cgidm.jobs import artifact_key, job_prefix
+
+    job_id = new_job_id()
+    inputs, files = [], []
+    for i, role in enumerate(["image", "control"]):
+        key = input_key(job_id, role, i, f"{role}{i}")
+        data = png_bytes(i + 1)
+        inputs.append(InputFile(name=f"{role}{i}", role=role, key=key, width=24, height=20,
+                                sha256=hashlib.sha256(data).hexdigest()))
+        files.append((key, data))
+    record = JobRecord(job_id=job_id, created_at=utcnow(),
+                       settings=JobSettings(pretrained="tiny-base", finetuned="tiny-ft", steps=1),
+                       inputs=inputs)
+    ctx.store.create(record, files)
+    assert run_job(ctx, job_id) == "succeeded"
+    published = rs.keys_of_set(rs.key_set(rs.load_or_create_key(
+        ctx.settings.resolved_signing_key)))
+    stored = ctx.store.storage.get_json(job_prefix(job_id) + "result.json")
+    check = rs.check_signature(stored, published)
+    assert check.ok, check.message
+    assert stored["provenance"]["job_id"] == job_id
+    loaded = ctx.store.load(job_id)
+    assert rs.check_signature(loaded.result.model_dump(mode="json"), published).ok
+    for row in stored["images"] + stored["controls"]:
+        for kind, digest in row["picture_sha256"].items():
+            data = ctx.store.storage.get_bytes(artifact_key(job_id, row["name"], kind,
+                                                            loaded.attempt))
+            assert hashlib.sha256(data).hexdigest() == digest
+    # the pictures carry their own C2PA manifest: made by cgidm for this job, from this upload,
+    # under a certificate chain whose root key is the published result signing key
+    import io
+
+    import c2pa
+
+    assert stored["images"][0]["picture_credentials"] == "c2pa"
+    recovered = ctx.store.storage.get_bytes(artifact_key(job_id, "image0", "recovered",
+                                                         loaded.attempt))
+    with c2pa.Reader("image/png", io.BytesIO(recovered)) as reader:
+        manifest = reader.get_active_manifest()
+        assert reader.get_validation_state() == "Valid"  # untrusted chain: never "Trusted"
+    evidence = next(a["data"] for a in manifest["assertions"]
+                    if a["label"] == "org.cgidm.evidence")
+    assert evidence == {"job_id": job_id, "picture": "recovered", "image": "image0",
+                        "result_signing_key_id": check.key_id,
+                        "derived_from_sha256": hashlib.sha256(files[0][1]).hexdigest()}
+    assert manifest["claim_generator_info"][0]["name"] == "cgidm"
+    assert check.key_id in manifest["signature_info"]["common_name"]
+
+    stored["controls"][0]["score"] += 1e-9
+    assert rs.check_signature(stored, published).outcome == rs.EDITED
 
 
 def test_web_sentence_counts_controls_on_the_score_the_p_value_used():

@@ -142,7 +142,8 @@ import sys
 from cgidm.cli import main
 code = main(["submit", "--server", "http://127.0.0.1:{port}", "--pretrained", "b",
              "--finetuned", "f", "--out", "{out}", "{image}"])
-core = {{"cgidm_core", "cgidm_core.names", "cgidm_core.errors", "cgidm_core.demo"}}
+core = {{"cgidm_core", "cgidm_core.names", "cgidm_core.errors", "cgidm_core.demo",
+        "cgidm_core.key_signatures"}}
 print(code, "torch" in sys.modules,
       any(m.startswith("cgidm_core") and m not in core for m in sys.modules))
 """

@@ -117,6 +117,11 @@ build_one() {  # build_one LOGFILE DOCKER-BUILD-ARGS...
 
 stage "install docker.io, docker-compose, debootstrap" install_engine
 stage "start dockerd" start_dockerd
+check_compose_files() {  # docker-compose 1.29 reads the users' file set and CI's
+  docker-compose -f docker-compose.yml -f docker-compose.override.yml config -q
+  docker-compose -f docker-compose.yml -f docker-compose.cpu.yml -f docker-compose.ci.yml config -q
+}
+stage "docker-compose config (users' files, CI's files)" check_compose_files
 stage "base image (debootstrap + import; skipped if present)" make_base_image
 fetch_torch_wheel
 cold=$(docker image inspect cgidm-worker >/dev/null 2>&1 && echo "build (images existed)" \

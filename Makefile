@@ -8,7 +8,7 @@ STAMP := $(VENV)/.cgidm-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: venv demo test test-fast lint clean system-deps screenshots
+.PHONY: venv demo test test-fast lint clean system-deps screenshots compose-test
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,12 @@ test-fast: $(STAMP) system-deps
 # Re-make the screenshots in docs/screenshots (README) with the browser tests.
 screenshots: $(STAMP) system-deps
 	CGIDM_SCREENSHOTS=docs/screenshots $(PY) -m pytest tests/service/test_web_browser.py -q
+
+# The docker-compose stack built and run for real, as root (CI runs it after `make test`):
+# installs Docker from Debian, builds the images from a locally made Debian base, starts the
+# stack and checks it as a user would (scripts/compose_test.sh; README, Run with Docker).
+compose-test: $(STAMP)
+	bash scripts/compose_test.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

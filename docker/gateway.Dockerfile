@@ -1,12 +1,18 @@
 # The HTTP gateway: validates requests, stores inputs, enqueues jobs. No torch, so the image is
-# small and starts in a second. Build from the repository root:
+# small and starts in a second. Build from the repository root (BuildKit, the default of
+# `docker compose` v2 and of Docker 23+):
 #   docker build -f docker/gateway.Dockerfile -t cgidm-gateway .
-FROM python:3.11-slim
+# BASE_IMAGE: any Debian-like image with Python >= 3.10 and its venv module. CI builds from a
+# Debian bookworm made locally with debootstrap (python3, python3-venv), because its network
+# reaches no image registry (scripts/compose_test.sh); users get the public image below.
+ARG BASE_IMAGE=python:3.11-slim
+FROM ${BASE_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/venv/bin:$PATH
 
 # Pango and a font for WeasyPrint, which prints the PDF report
 RUN apt-get update \
@@ -16,7 +22,13 @@ RUN apt-get update \
 
 WORKDIR /srv/cgidm
 COPY docker/gateway-requirements.txt /tmp/gateway-requirements.txt
-RUN pip install -r /tmp/gateway-requirements.txt
+# pip-cert: an optional build secret, the CA bundle of a network that intercepts TLS
+# (`docker build --secret id=pip-cert,src=/etc/ssl/certs/ca-certificates.crt`). It is mounted
+# for this step only and never written into a layer; without it pip uses its own CAs.
+RUN --mount=type=secret,id=pip-cert \
+    if [ -s /run/secrets/pip-cert ]; then export PIP_CERT=/run/secrets/pip-cert; fi \
+ && python3 -m venv /opt/venv \
+ && pip install -r /tmp/gateway-requirements.txt
 
 # The shared package, the gateway and the method library, whose torch-free modules (names,
 # errors, demo) the gateway and the CLI import; --no-deps keeps torch and diffusers out, and
@@ -25,7 +37,10 @@ COPY pyproject.toml README.md ./
 COPY cgidm ./cgidm
 COPY cgidm_core ./cgidm_core
 COPY app ./app
-RUN pip install --no-deps . && useradd --uid 10001 --no-create-home cgidm \
+RUN --mount=type=secret,id=pip-cert \
+    if [ -s /run/secrets/pip-cert ]; then export PIP_CERT=/run/secrets/pip-cert; fi \
+ && pip install --no-deps . \
+ && useradd --uid 10001 --no-create-home cgidm \
  && mkdir -p /keys && chown cgidm /keys
 
 USER cgidm

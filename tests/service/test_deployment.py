@@ -1,4 +1,7 @@
-"""docker-compose.yml, the Dockerfiles and the docs agree with the code (no Docker needed)."""
+"""docker-compose.yml, the Dockerfiles and the docs agree with the code (no Docker needed).
+
+`make compose-test` builds the images and runs the stack for real (scripts/compose_test.sh);
+these tests keep the files honest without an engine."""
 
 from __future__ import annotations
 
@@ -17,6 +20,12 @@ from cgidm_testkit.processes import REPO_ROOT, child_env, png_bytes, start_gatew
 
 COMPOSE = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
+#: Read with docker-compose.yml when no -f is given: the worker's GPU.
+GPU_OVERRIDE = yaml.safe_load((REPO_ROOT / "docker-compose.override.yml").read_text())
+CPU_OVERRIDE = yaml.safe_load((REPO_ROOT / "docker-compose.cpu.yml").read_text())
+CI_OVERRIDE = yaml.safe_load((REPO_ROOT / "docker-compose.ci.yml").read_text())
+CI_DOCKERFILES = {name: (REPO_ROOT / "docker" / "ci" / f"{name}.Dockerfile").read_text()
+                  for name in ("redis", "s3")}
 GATEWAY_DOCKERFILE = (REPO_ROOT / "docker" / "gateway.Dockerfile").read_text()
 WORKER_DOCKERFILE = (REPO_ROOT / "docker" / "worker.Dockerfile").read_text()
 GATEWAY_REQUIREMENTS = [
@@ -98,8 +107,10 @@ def test_worker_service_runs_the_celery_app_with_a_gpu():
     assert command[:4] == ["celery", "-A", "worker.celery_app", "worker"]
     assert "--pool=solo" in command
     assert _dockerfile_cmd(WORKER_DOCKERFILE) == command
-    devices = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert "deploy" not in worker  # the GPU comes from docker-compose.override.yml
+    devices = GPU_OVERRIDE["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+    assert set(GPU_OVERRIDE["services"]["worker"]) == {"deploy"}
     hf_home = worker["environment"]["HF_HOME"]
     assert any(v.split(":")[1] == hf_home for v in worker["volumes"])
     assert worker["build"]["dockerfile"] == "docker/worker.Dockerfile"
@@ -114,17 +125,53 @@ def test_celery_app_path_in_compose_is_real():
 
 
 def test_dockerfiles_keep_torch_out_of_the_gateway():
-    assert re.search(r"^FROM python:[\d.]+-slim", GATEWAY_DOCKERFILE, re.MULTILINE)
+    assert re.search(r"^ARG BASE_IMAGE=python:[\d.]+-slim$", GATEWAY_DOCKERFILE, re.MULTILINE)
     instructions = "\n".join(line for line in GATEWAY_DOCKERFILE.splitlines()
                              if not line.lstrip().startswith("#"))
     assert "torch" not in instructions.lower()
     assert not any("torch" in r.lower() or "diffusers" in r.lower() for r in GATEWAY_REQUIREMENTS)
     assert "pip install --no-deps ." in GATEWAY_DOCKERFILE
-    assert re.search(r"^FROM nvidia/cuda:\S+-runtime", WORKER_DOCKERFILE, re.MULTILINE)
-    assert re.search(r'pip install --index-url "\$TORCH_INDEX_URL" "torch', WORKER_DOCKERFILE)
+    assert re.search(r"^ARG BASE_IMAGE=nvidia/cuda:\S+-runtime\S*$", WORKER_DOCKERFILE,
+                     re.MULTILINE)
+    assert re.search(r'^ARG TORCH_SPEC="torch>=2.2,<3"$', WORKER_DOCKERFILE, re.MULTILINE)
+    assert re.search(r'pip install --find-links /wheels --index-url "\$TORCH_INDEX_URL" '
+                     r'"\$TORCH_SPEC"', WORKER_DOCKERFILE)
     for path in re.findall(r"^COPY (\S+) ", GATEWAY_DOCKERFILE + WORKER_DOCKERFILE, re.MULTILINE):
         if path != "README.md":  # written by the project's README task
             assert (REPO_ROOT / path).exists(), path
+
+
+def test_ci_changes_only_what_its_network_forces():
+    """docker-compose.ci.yml swaps the images CI cannot pull (Redis, MinIO and its `mc`) for
+    local builds and leaves the gateway and the worker, the project's own images, as users get
+    them; docker-compose.cpu.yml only switches the worker to the CPU."""
+    assert set(CI_OVERRIDE["services"]) == {"redis", "minio", "create-bucket"}
+    for name, service in CI_OVERRIDE["services"].items():
+        assert set(service) <= {"image", "command", "entrypoint", "healthcheck"}, name
+        assert service["image"].startswith("cgidm-ci-"), name
+    assert CI_OVERRIDE["services"]["minio"]["command"][:1] == ["moto_server"]
+    assert "--appendonly" in CI_OVERRIDE["services"]["redis"]["command"]
+    bucket = re.search(r'create_bucket\(Bucket="([\w.-]+)"\)',
+                       CI_OVERRIDE["services"]["create-bucket"]["command"][0]).group(1)
+    assert _env("gateway")["CGIDM_STORAGE_URL"].startswith(f"s3://{bucket}/")
+    assert CPU_OVERRIDE == {"services": {"worker": {"environment": {"CGIDM_DEVICE": "cpu"}}}}
+
+
+def test_images_run_as_non_root_and_keep_the_build_secret_out():
+    """Every Dockerfile ends as a non-root user; the CA bundle of a TLS-intercepting network
+    reaches pip only as a build secret (a mount for one step), never COPYed into a layer."""
+    for name, text in {"gateway": GATEWAY_DOCKERFILE, "worker": WORKER_DOCKERFILE,
+                       **CI_DOCKERFILES}.items():
+        users = re.findall(r"^USER (\S+)$", text, re.MULTILINE)
+        assert users and users[-1] not in ("root", "0"), name
+        assert re.search(r"^ARG BASE_IMAGE=\S+$", text, re.MULTILINE), name
+        assert re.search(r"^FROM \$\{BASE_IMAGE\}$", text, re.MULTILINE), name
+        for line in re.findall(r"^(?:COPY|ADD) .*$", text, re.MULTILINE):
+            assert not re.search(r"\.(crt|pem)\b|ssl|cert", line), (name, line)
+        for match in re.finditer(r"PIP_CERT=([^\s;]+)", text):
+            assert match.group(1) == "/run/secrets/pip-cert", name
+        if "pip install" in text:
+            assert "--mount=type=secret,id=pip-cert" in text, name
 
 
 PROBE = """

@@ -5,13 +5,15 @@
         --pgd-steps 30
 
 Each pair (``cgidm_core.latent_suite_pairs``) is fine-tuned once into
-``~/.cache/cgidm/suite/latent/<recipe>-s<seed>-<hash>/<steps>/`` and scored once by
-``cgidm eval --method evidence --json`` (the verdict's score) as a user would run it: the LoRA or
-pipeline loaded from its file, its prompt read from its own metadata. The same per-image JSON
-holds every component of the verdict's score, so one inversion run gives the AUC of the verdict
-(``evidence``), of CGI-DM's similarity alone (``cgidm``: masked SSIM of the recovery), and of
-the cheap scores (``loss``: the loss attack, ``contrast``: CGI-DM's objective at the original),
-each with a stratified bootstrap 95 % interval. The table also gives each pair's recipe group
+``~/.cache/cgidm/suite/latent/<recipe>-s<seed>-<hash>/<steps>/`` and scored once, loaded as a
+user's file is (``load_pair``: the LoRA unmerged, its prompt read from its own metadata), with
+the raw values ``benchmarks.suite`` records per image (``cgidm_core.suite_scores.raw_values``:
+one inversion, the loss attack, the contrast), saved as ``values-<pgd steps>.json`` with the
+recovered pictures (``.pt``). From them: the AUC of the verdict's score (``evidence``, the
+fusion ``cgidm eval --method evidence`` and ``cgidm check`` compute), of CGI-DM's similarity
+alone (``cgidm``: masked SSIM of the recovery) and of the cheap scores (``loss``: the loss
+attack; ``contrast``: CGI-DM's objective at the original), each with a stratified bootstrap
+95 % interval. The table also gives each pair's recipe group
 (for leave-one-group-out selection), its training steps and the drop of the members' loss.
 """
 
@@ -20,57 +22,107 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 from cgidm_core import latent_suite_pairs as lsp
 from cgidm_core.stats import evaluate_scores
 
-#: The per-image values each column's AUC is computed from (higher = member).
+#: Table column -> the candidate of ``cgidm_core.suite_scores.candidate_scores`` it shows.
 COLUMNS = {
-    "evidence": lambda row: row["score"],
-    "cgidm": lambda row: row["metrics"]["ssim"],
-    "loss": lambda row: row["attack_scores"]["loss"],
-    "contrast": lambda row: row["attack_scores"]["contrast"],
+    "evidence": "fuse:ssim+psnr+loss+contrast",  # the verdict's score (cgidm check, eval)
+    "cgidm": "default:ssim@final",  # CGI-DM's similarity of the recovery alone
+    "loss": "loss",
+    "contrast": "contrast",
 }
 
 
 def results_file(pair: lsp.LatentSuitePair, cache: Path, pgd_steps: int) -> Path:
-    return pair.run_dir(cache) / str(pair.steps) / f"evidence-{pgd_steps}.json"
+    return pair.run_dir(cache) / str(pair.steps) / f"values-{pgd_steps}.json"
 
 
-def evaluate(pair: lsp.LatentSuitePair, cache: Path, pgd_steps: int, threads: int) -> Path:
-    """Run ``cgidm eval --method evidence`` on the pair (cached by PGD steps)."""
+def evaluate(pair: lsp.LatentSuitePair, cache: Path, pgd_steps: int) -> Path:
+    """Raw values of members then hold-out, as ``benchmarks.suite`` records them (one default
+    inversion, the loss attack and the contrast), cached by PGD steps; pictures beside them."""
+    import time
+
+    import torch
+
+    from cgidm_core.api import load_pair
+    from cgidm_core.images import load_image
+    from cgidm_core.inversion import InversionConfig
+    from cgidm_core.suite_scores import raw_values
+
     out = results_file(pair, cache, pgd_steps)
     if out.is_file():
         return out
-    members, holdout = pair.members[0].parent, pair.holdout_files[0].parent
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
-    subprocess.run([sys.executable, "-m", "cgidm.cli", "eval", "--pretrained", pair.base,
-                    "--finetuned", str(pair.model_dir(cache)), "--device", "cpu",
-                    "--members", str(members), "--holdout", str(holdout),
-                    "--method", "evidence", "--steps", str(pgd_steps), "--json", str(out)],
-                   check=True, env=env)
+    files = [*pair.members, *pair.holdout_files]
+    started = time.perf_counter()
+    loaded = load_pair(pair.base, str(pair.model_dir(cache)), device="cpu")
+    raw = raw_values(loaded, [load_image(p) for p in files],
+                     config=InversionConfig(steps=pgd_steps), variants={"default": {}},
+                     cheap=("loss", "contrast"), keep_pictures=True)
+    document = {"model": str(pair.model_dir(cache)), "pair": pair.pair_id, "group": pair.group,
+                "files": [f"{p.parent.name}/{p.name}" for p in files],
+                "n_members": len(pair.members), "holdouts": {"holdout": len(pair.holdout_files)},
+                "prompt": loaded.default_prompt, "values": raw["values"],
+                "seconds": raw["seconds"], "seconds_total": time.perf_counter() - started,
+                "load_average": os.getloadavg()[0], "torch_threads": torch.get_num_threads(),
+                "inversion": raw["inversion"],
+                "training": json.loads(pair.facts_file(cache).read_text())}
+    torch.save(raw["pictures"], out.with_suffix(".pt"))
+    out.write_text(json.dumps(document, indent=2) + "\n")
     return out
 
 
 def summarise(pair: lsp.LatentSuitePair, cache: Path, results: Path) -> dict:
     """One table row: group, strength, and AUC [CI] of each column."""
+    from cgidm_core.suite_scores import candidate_scores
+
     doc = json.loads(results.read_text())
-    facts = json.loads(pair.facts_file(cache).read_text())
+    facts = doc["training"]
+    scores = candidate_scores(doc["values"], doc["inversion"]["steps"])
+    n1 = doc["n_members"]
     row = {"pair": pair.pair_id, "group": pair.group, "steps": pair.steps,
            "members_loss_drop": facts["members_loss_drop"],
            "members_loss_drop_relative": facts["members_loss_drop_relative"],
-           "pgd_steps": doc["settings"]["inversion"]["steps"], "auc": {}}
-    for name, value in COLUMNS.items():
-        members = [value(r) for r in doc["images"] if r["set"] == "member"]
-        holdout = [value(r) for r in doc["images"] if r["set"] == "holdout"]
-        report = evaluate_scores(members, holdout, n_bootstrap=2000, seed=0)
-        row["auc"][name] = ([round(report.auc, 3), round(report.auc_ci_low, 3),
-                             round(report.auc_ci_high, 3)]
-                            if report.auc_ci_low is not None else [round(report.auc, 3)])
+           "pgd_steps": doc["inversion"]["steps"], "seconds": doc["seconds_total"], "auc": {}}
+    for column, candidate in COLUMNS.items():
+        values = scores[candidate][1]
+        report = evaluate_scores(values[:n1], values[n1:], n_bootstrap=2000, seed=0)
+        row["auc"][column] = ([round(report.auc, 3), round(report.auc_ci_low, 3),
+                               round(report.auc_ci_high, 3)]
+                              if report.auc_ci_low is not None else [round(report.auc, 3)])
     return row
+
+
+def write_pictures(pictures_file: Path, n_members: int, out: Path, columns: int = 5,
+                   scale: int = 4) -> Path:
+    """Members' and hold-out's originals and recoveries (the masked half recovered, the kept
+    half the original's) side by side: the evidence a person sees, at ``scale`` x."""
+    import torch
+    from PIL import Image, ImageDraw
+
+    pictures = torch.load(pictures_file)
+    original, recovered = pictures["original"], pictures["default/final"]
+    side = original.shape[-1] * scale
+    rows = [("members", range(columns)), ("hold-out", range(n_members, n_members + columns))]
+    label_w = 120
+    sheet = Image.new("RGB", (label_w + columns * side, 4 * side + 8), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (label, indices) in enumerate(rows):
+        for kind, images in ((0, original), (1, recovered)):
+            y = (2 * r + kind) * side + 8 * r
+            draw.text((4, y + side // 2 - 6),
+                      f"{label}: {'original' if kind == 0 else 'recovered'}", fill="black")
+            for c, i in enumerate(indices):
+                array = ((images[i].permute(1, 2, 0).float() + 1) * 127.5).round().clamp(0, 255)
+                tile = Image.fromarray(array.to(torch.uint8).numpy()).resize(
+                    (side, side), Image.Resampling.NEAREST)
+                sheet.paste(tile, (label_w + c * side, y))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out)
+    return out
 
 
 def table(rows: list[dict]) -> str:
@@ -98,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--no-eval", action="store_true", help="only fine-tune")
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
+    parser.add_argument("--pictures", type=Path, default=None,
+                        help="PNG of the first pair's members' and hold-out's recoveries")
     args = parser.parse_args(argv)
     pairs = lsp.latent_suite_pairs(recipes=tuple(args.recipes or ()) or None,
                                    steps=tuple(args.steps or ()) or None,
@@ -117,10 +171,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.no_eval:
             continue
         rows.append(summarise(pair, args.cache,
-                              evaluate(pair, args.cache, args.pgd_steps, args.threads)))
+                              evaluate(pair, args.cache, args.pgd_steps)))
         print(table(rows[-1:]).splitlines()[-1], flush=True)
     if rows:
         print(table(rows))
+    if args.pictures and rows:
+        first = results_file(pairs[0], args.cache, args.pgd_steps).with_suffix(".pt")
+        print("wrote", write_pictures(first, len(pairs[0].members), args.pictures))
     if args.json and rows:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return 0

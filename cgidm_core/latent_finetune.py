@@ -110,7 +110,8 @@ def add_lora(unet, recipe: LatentRecipe) -> list[torch.nn.Parameter]:
 
 
 def finetune(base: str | Path, members: Sequence[Path], recipe: LatentRecipe, seed: int,
-             checkpoints: dict[int, Path], *, log: Callable[[str], None] = print) -> dict:
+             checkpoints: dict[int, Path], *, log: Callable[[str], None] = print,
+             loss_samples: int = 64) -> dict:
     """Fine-tune the base on ``members`` with ``recipe``; save at each step count in
     ``checkpoints`` (steps -> output path). Returns facts for training.json (also written next
     to each output), including the members' loss drop measured with common random numbers."""
@@ -129,7 +130,7 @@ def finetune(base: str | Path, members: Sequence[Path], recipe: LatentRecipe, se
     if recipe.prior_preservation:
         class_mean, class_std = _class_latents(parts, recipe.class_images, seed + 1000)
     unet = parts.unet
-    before = _loss_of(unet, parts.scheduler, member_latents, hidden)
+    before = _loss_of(unet, parts.scheduler, member_latents, hidden, loss_samples)
     params = add_lora(unet, recipe) if recipe.kind == "lora" else list(unet.parameters())
     unet.train()
     n = len(members)
@@ -153,7 +154,7 @@ def finetune(base: str | Path, members: Sequence[Path], recipe: LatentRecipe, se
         if done not in checkpoints:
             return
         unet.eval()
-        after = _loss_of(unet, parts.scheduler, member_latents, hidden)
+        after = _loss_of(unet, parts.scheduler, member_latents, hidden, loss_samples)
         facts = {
             "recipe": recipe.to_dict(), "seed": seed, "steps": done,
             "members": [p.name for p in members], "captions": sorted(set(captions)),

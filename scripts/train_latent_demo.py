@@ -28,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 DEFAULT_OUT = ROOT / "cgidm_core" / "demo_models"
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "wikiart-vangogh"
-BASE_DEFAULTS = {"vae_steps": 1500, "unet_steps": 3000, "vae_batch": 32, "unet_batch": 32,
+BASE_DEFAULTS = {"vae_steps": 800, "unet_steps": 2000, "vae_batch": 16, "unet_batch": 32,
                  "vae_lr": 1e-3, "unet_lr": 5e-4, "seed": 0}
 
 
@@ -132,7 +132,8 @@ loading, prompt encoding, VAE encode/decode, the mask in latent space, LoRA load
   {unet['batch_size']}, AdamW lr {unet['learning_rate']} (cosine, 100 warm-up steps), gradient
   clipping 1.0, epsilon loss on a posterior sample of the latent; loss {unet['first_loss']:.4f}
   -> {unet['final_loss']:.4f}; {unet['seconds'] / 60:.1f} min; seed {facts['seed']}.
-- **Weights**: safetensors, float32, {size:.1f} MB in all.
+- **Weights**: safetensors, stored in float16 after float32 training ({size:.1f} MB in all;
+  cgidm computes in float32); fine-tunes are trained from these stored weights.
 - **Machine**: x86_64 CPU, {facts['threads']} torch thread(s), torch {facts['torch']}, 2 cores
   shared with other jobs (1-min load average 6-13 during training); times are wall clock.
 - **Sample grid**: docs/images/latent_base_samples.png.
@@ -159,6 +160,19 @@ def train_shipped_lora(base: Path, members: Path, out: Path) -> dict:
     facts["command"] = _command_line()
     (out / "training.json").write_text(json.dumps(facts, indent=2) + "\n")
     return facts
+
+
+def store_half(base: Path) -> None:
+    """Rewrite the folder's weights in float16 (halves the shipped size; cgidm loads them as
+    float32). Fine-tunes are trained from the float16 weights so they match what ships."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    for file in base.rglob("*.safetensors"):
+        tensors = {k: (v.to(torch.float16) if v.is_floating_point() else v)
+                   for k, v in load_file(str(file)).items()}
+        save_file(tensors, str(file), metadata={"format": "pt"})
+        file.chmod(0o644)
 
 
 def sample_grid(base: Path, out_png: Path, seed: int = 0) -> Path:
@@ -213,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
                       default=ROOT / "docs" / "images" / "latent_base_samples.png")
     card = sub.add_parser("card", help="rewrite the base's model card from its training.json")
     card.add_argument("--base", type=Path, default=DEFAULT_OUT / "demo-latent-base")
+    half = sub.add_parser("half", help="store the base's weights in float16")
+    half.add_argument("--base", type=Path, default=DEFAULT_OUT / "demo-latent-base")
     args = parser.parse_args(argv)
     import torch
 
@@ -222,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
                            args.unet_batch, args.vae_lr, args.unet_lr, args.seed)
     elif args.phase == "lora":
         facts = train_shipped_lora(args.base, args.members, args.out)
+    elif args.phase == "half":
+        store_half(args.base)
+        facts = {"float16": str(args.base)}
     elif args.phase == "grid":
         facts = {"grid": str(sample_grid(args.base, args.out))}
     else:

@@ -149,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--no-eval", action="store_true", help="only fine-tune")
+    parser.add_argument("--report-only", action="store_true",
+                        help="tabulate the pairs already evaluated at --pgd-steps; train nothing")
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
     parser.add_argument("--pictures", type=Path, default=None,
                         help="PNG of the first pair's members' and hold-out's recoveries")
@@ -165,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     rows = []
+    if args.report_only:
+        pairs = [p for p in pairs if results_file(p, args.cache, args.pgd_steps).is_file()]
     for pair in pairs:
         if not pair.facts_file(args.cache).is_file():
             lsp.train_run(pair, args.cache)

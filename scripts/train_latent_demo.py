@@ -154,6 +154,9 @@ def train_shipped_lora(base: Path, members: Path, out: Path) -> dict:
     recipe = lsp.RECIPES["lora-attn-r16"][1]
     work = out.parent / (out.name + ".tmp")
     facts = lf.finetune(base, files, recipe, 0, {recipe.steps: work})[recipe.steps]
+    card = out / "README.md"
+    if card.is_file():  # the packaged model card (with the measured result) is kept
+        shutil.copy(card, work / "README.md")
     if out.exists():
         shutil.rmtree(out)
     work.rename(out)

@@ -13,6 +13,11 @@ Why a second, light fine-tune: ``demo-vangogh`` memorised its members so thoroug
 membership method scores them perfectly, which shows the tool works but cannot compare methods.
 ``demo-vangogh-light`` is the same recipe stopped early, closer to what a rights holder meets.
 
+Why a latent family (``demo-latent-base`` and its LoRA): the models people share are LoRAs and
+DreamBooth fine-tunes of latent, text-conditioned pipelines; a Stable Diffusion folder small
+enough for a CPU takes ``cgidm check`` through the real SD code (prompt encoding, VAE, latent
+mask, LoRA loading). Trained by ``scripts/train_latent_demo.py``.
+
 Why a flow-matching pair: Flux.1 and SD3 are trained by flow matching, where CGI-DM contrasts
 velocity predictions instead of noise predictions. ``demo-flow-base``/``demo-flow-vangogh`` are
 the same UNet, data and fine-tune as the DDPM pair, trained by flow matching, so the flow form of
@@ -32,13 +37,16 @@ DEMO_MODELS_DIR = Path(__file__).resolve().parent / "demo_models"
 
 
 def demo_model_path(name: str) -> Path:
-    """Folder of a packaged demo model (a ``DDPMPipeline`` folder)."""
+    """Folder of a packaged demo model: a pipeline folder (``DDPMPipeline`` for the pixel
+    models, ``StableDiffusionPipeline`` for demo-latent-base) or, for a LoRA, the folder of its
+    ``pytorch_lora_weights.safetensors`` as diffusers' trainers leave it."""
     if name not in DEMO_MODELS:
         raise ModelNotFoundError(
             f"unknown demo model {name!r}; the demo models are: {', '.join(DEMO_MODELS)}"
         )
     path = DEMO_MODELS_DIR / name
-    if not (path / "model_index.json").is_file():
+    if not ((path / "model_index.json").is_file()
+            or (path / "pytorch_lora_weights.safetensors").is_file()):
         raise ModelNotFoundError(
             f"demo model {name!r} is missing from the installation ({path}); reinstall cgidm or "
             "retrain it with scripts/train_demo_pair.py"

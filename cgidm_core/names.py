@@ -106,6 +106,15 @@ DEMO_MODELS: dict[str, str] = {
         "demo-flow-base fully fine-tuned by flow matching on the 10 Van Gogh paintings "
         "(wikiart-vangogh/membership; the 'fine-tuned' model)"
     ),
+    "demo-latent-base": (
+        "32x32 latent, text-conditioned Stable Diffusion pipeline (AutoencoderKL with a factor-4 "
+        "latent, CLIP text encoder with its own tokenizer, cross-attention UNet) trained on "
+        "captioned public-domain photos and drawn shape scenes (the 'pretrained' model)"
+    ),
+    "demo-latent-vangogh-lora": (
+        "a rank-16 LoRA (UNet attention, diffusers' LoRA format) of demo-latent-base on the 10 "
+        "Van Gogh paintings with the trigger 'a painting in sks style' (the 'fine-tuned' model)"
+    ),
 }
 
 #: Demo name -> the demo it was fine-tuned from (None for a base model).
@@ -115,10 +124,13 @@ DEMO_BASES: dict[str, str | None] = {
     "demo-vangogh-light": "demo-base",
     "demo-flow-base": None,
     "demo-flow-vangogh": "demo-flow-base",
+    "demo-latent-base": None,
+    "demo-latent-vangogh-lora": "demo-latent-base",
 }
 
 #: Family of each demo model.
 DEMO_FAMILIES: dict[str, str] = {
-    name: PIXEL_FLOW_FAMILY if name.startswith("demo-flow-") else DDPM_FAMILY
+    name: PIXEL_FLOW_FAMILY if name.startswith("demo-flow-")
+    else SD_FAMILY if name.startswith("demo-latent-") else DDPM_FAMILY
     for name in DEMO_MODELS
 }

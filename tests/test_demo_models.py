@@ -40,18 +40,21 @@ needs_vangogh = pytest.mark.usefixtures("vangogh")
 
 @pytest.fixture(scope="module")
 def demo_parts() -> dict[str, tuple[UNet2DModel, DDPMScheduler]]:
-    return {name: training.load_pipeline_parts(demo_model_path(name)) for name in DEMO_MODELS}
+    return {name: training.load_pipeline_parts(demo_model_path(name)) for name in PIXEL_MODELS}
 
 
 FINETUNES = ("demo-vangogh", "demo-vangogh-light")
 #: The flow-matching demo pair (tests/test_flow.py covers its method).
 FLOW_MODELS = ("demo-flow-base", "demo-flow-vangogh")
 DDPM_MODELS = ("demo-base", *FINETUNES)
+#: The latent, text-conditioned family (tests/test_latent_family.py covers it).
+LATENT_MODELS = ("demo-latent-base", "demo-latent-vangogh-lora")
+PIXEL_MODELS = (*DDPM_MODELS, *FLOW_MODELS)
 
 
 def test_every_demo_model_is_a_complete_safetensors_pipeline():
-    assert set(DEMO_MODELS) == {*DDPM_MODELS, *FLOW_MODELS}
-    for name in DEMO_MODELS:
+    assert set(DEMO_MODELS) == {*DDPM_MODELS, *FLOW_MODELS, *LATENT_MODELS}
+    for name in PIXEL_MODELS:
         folder = demo_model_path(name)
         assert folder == DEMO_MODELS_DIR / name
         index = json.loads((folder / "model_index.json").read_text())
@@ -73,7 +76,7 @@ def test_demo_models_fit_the_size_budget():
 
 
 def test_model_cards_state_data_settings_and_results():
-    for name in DEMO_MODELS:
+    for name in PIXEL_MODELS:
         card = (demo_model_path(name) / "README.md").read_text()
         for fact in ("Data", "steps", "seed", "final", "Training time", "Command", "32x32"):
             assert fact in card, f"{name} model card lacks {fact!r}"
@@ -149,8 +152,10 @@ def test_list_demo_models_records():
     for name in FINETUNES:
         assert records[name]["finetuned_from"] == "demo-base"
     assert records["demo-flow-vangogh"]["finetuned_from"] == "demo-flow-base"
+    assert records["demo-latent-vangogh-lora"]["finetuned_from"] == "demo-latent-base"
     for record in records.values():
-        family = "pixel-flow" if record["name"] in FLOW_MODELS else "ddpm"
+        family = ("pixel-flow" if record["name"] in FLOW_MODELS else
+                  "stable-diffusion" if record["name"] in LATENT_MODELS else "ddpm")
         assert record["family"] == family == DEMO_FAMILIES[record["name"]]
         assert (DEMO_MODELS_DIR / record["name"]).samefile(record["path"])
 
@@ -177,6 +182,7 @@ def test_service_registry_offers_every_demo_pair():
     for name in FINETUNES:
         registry.check_pair("demo-base", name)
     registry.check_pair("demo-flow-base", "demo-flow-vangogh")
+    registry.check_pair("demo-latent-base", "demo-latent-vangogh-lora")
     assert {e.id: e.family for e in registry.entries.values()} == DEMO_FAMILIES
 
 

@@ -39,4 +39,6 @@ def run(args: argparse.Namespace) -> int:
           "IMAGES...")
     print("Flow matching: cgidm check --pretrained demo-flow-base --finetuned demo-flow-vangogh "
           "--out OUT IMAGES...")
+    print("Latent, text-conditioned (a LoRA): cgidm check --pretrained demo-latent-base "
+          "--finetuned demo-latent-vangogh-lora --out OUT IMAGES...")
     return 0

@@ -1,0 +1,191 @@
+"""The latent family's recipe pairs: fine-tune (cached) and measure members vs hold-out.
+
+    python -m benchmarks.latent_suite --list
+    python -m benchmarks.latent_suite --recipes lora-attn-r16 --steps 1000 --seeds 0 \\
+        --pgd-steps 30
+
+Each pair (``cgidm_core.latent_suite_pairs``) is fine-tuned once into
+``~/.cache/cgidm/suite/latent/<recipe>-s<seed>-<hash>/<steps>/`` and scored once, loaded as a
+user's file is (``load_pair``: the LoRA unmerged, its prompt read from its own metadata), with
+the raw values ``benchmarks.suite`` records per image (``cgidm_core.suite_scores.raw_values``:
+one inversion, the loss attack, the contrast), saved as ``values-<pgd steps>.json`` with the
+recovered pictures (``.pt``). From them: the AUC of the verdict's score (``evidence``, the
+fusion ``cgidm eval --method evidence`` and ``cgidm check`` compute), of CGI-DM's similarity
+alone (``cgidm``: masked SSIM of the recovery) and of the cheap scores (``loss``: the loss
+attack; ``contrast``: CGI-DM's objective at the original), each with a stratified bootstrap
+95 % interval. The table also gives each pair's recipe group
+(for leave-one-group-out selection), its training steps and the drop of the members' loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from cgidm_core import latent_suite_pairs as lsp
+from cgidm_core.stats import evaluate_scores
+
+#: Table column -> the candidate of ``cgidm_core.suite_scores.candidate_scores`` it shows.
+COLUMNS = {
+    "evidence": "fuse:ssim+psnr+loss+contrast",  # the verdict's score (cgidm check, eval)
+    "cgidm": "default:ssim@final",  # CGI-DM's similarity of the recovery alone
+    "loss": "loss",
+    "contrast": "contrast",
+}
+
+
+def results_file(pair: lsp.LatentSuitePair, cache: Path, pgd_steps: int) -> Path:
+    return pair.run_dir(cache) / str(pair.steps) / f"values-{pgd_steps}.json"
+
+
+def evaluate(pair: lsp.LatentSuitePair, cache: Path, pgd_steps: int) -> Path:
+    """Raw values of members then hold-out, as ``benchmarks.suite`` records them (one default
+    inversion, the loss attack and the contrast), cached by PGD steps; pictures beside them."""
+    import time
+
+    import torch
+
+    from cgidm_core.api import load_pair
+    from cgidm_core.images import load_image
+    from cgidm_core.inversion import InversionConfig
+    from cgidm_core.suite_scores import raw_values
+
+    out = results_file(pair, cache, pgd_steps)
+    if out.is_file():
+        return out
+    files = [*pair.members, *pair.holdout_files]
+    started = time.perf_counter()
+    loaded = load_pair(pair.base, str(pair.model_dir(cache)), device="cpu")
+    raw = raw_values(loaded, [load_image(p) for p in files],
+                     config=InversionConfig(steps=pgd_steps), variants={"default": {}},
+                     cheap=("loss", "contrast"), keep_pictures=True)
+    document = {"model": str(pair.model_dir(cache)), "pair": pair.pair_id, "group": pair.group,
+                "files": [f"{p.parent.name}/{p.name}" for p in files],
+                "n_members": len(pair.members), "holdouts": {"holdout": len(pair.holdout_files)},
+                "prompt": loaded.default_prompt, "values": raw["values"],
+                "seconds": raw["seconds"], "seconds_total": time.perf_counter() - started,
+                "load_average": os.getloadavg()[0], "torch_threads": torch.get_num_threads(),
+                "inversion": raw["inversion"],
+                "training": json.loads(pair.facts_file(cache).read_text())}
+    torch.save(raw["pictures"], out.with_suffix(".pt"))
+    out.write_text(json.dumps(document, indent=2) + "\n")
+    return out
+
+
+def summarise(pair: lsp.LatentSuitePair, cache: Path, results: Path) -> dict:
+    """One table row: group, strength, and AUC [CI] of each column."""
+    from cgidm_core.suite_scores import candidate_scores
+
+    doc = json.loads(results.read_text())
+    facts = doc["training"]
+    scores = candidate_scores(doc["values"], doc["inversion"]["steps"])
+    n1 = doc["n_members"]
+    row = {"pair": pair.pair_id, "group": pair.group, "steps": pair.steps,
+           "members_loss_drop": facts["members_loss_drop"],
+           "members_loss_drop_relative": facts["members_loss_drop_relative"],
+           "pgd_steps": doc["inversion"]["steps"], "seconds": doc["seconds_total"], "auc": {}}
+    for column, candidate in COLUMNS.items():
+        values = scores[candidate][1]
+        report = evaluate_scores(values[:n1], values[n1:], n_bootstrap=2000, seed=0)
+        row["auc"][column] = ([round(report.auc, 3), round(report.auc_ci_low, 3),
+                               round(report.auc_ci_high, 3)]
+                              if report.auc_ci_low is not None else [round(report.auc, 3)])
+    return row
+
+
+def write_pictures(pictures_file: Path, n_members: int, out: Path, columns: int = 5,
+                   scale: int = 4) -> Path:
+    """Members' and hold-out's originals and recoveries (the masked half recovered, the kept
+    half the original's) side by side: the evidence a person sees, at ``scale`` x."""
+    import torch
+    from PIL import Image, ImageDraw
+
+    pictures = torch.load(pictures_file)
+    original, recovered = pictures["original"], pictures["default/final"]
+    side = original.shape[-1] * scale
+    rows = [("members", range(columns)), ("hold-out", range(n_members, n_members + columns))]
+    label_w = 120
+    sheet = Image.new("RGB", (label_w + columns * side, 4 * side + 8), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (label, indices) in enumerate(rows):
+        for kind, images in ((0, original), (1, recovered)):
+            y = (2 * r + kind) * side + 8 * r
+            draw.text((4, y + side // 2 - 6),
+                      f"{label}: {'original' if kind == 0 else 'recovered'}", fill="black")
+            for c, i in enumerate(indices):
+                array = ((images[i].permute(1, 2, 0).float() + 1) * 127.5).round().clamp(0, 255)
+                tile = Image.fromarray(array.to(torch.uint8).numpy()).resize(
+                    (side, side), Image.Resampling.NEAREST)
+                sheet.paste(tile, (label_w + c * side, y))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out)
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| pair | group | steps | members' loss drop | " + " | ".join(COLUMNS) + " |\n|"
+            + "---|" * (4 + len(COLUMNS)) + "\n")
+    lines = []
+    for r in rows:
+        cells = [f"{a[0]:.2f} [{a[1]:.2f}, {a[2]:.2f}]" if len(a) == 3 else f"{a[0]:.2f}"
+                 for a in (r["auc"][c] for c in COLUMNS)]
+        lines.append(f"| {r['pair']} | {r['group']} | {r['steps']} | "
+                     f"{r['members_loss_drop']:.4f} ({100 * r['members_loss_drop_relative']:.1f} %)"
+                     f" | " + " | ".join(cells) + " |")
+    return head + "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipes", nargs="*", default=None, choices=list(lsp.RECIPES))
+    parser.add_argument("--steps", nargs="*", type=int, default=None)
+    parser.add_argument("--seeds", nargs="*", type=int, default=None)
+    parser.add_argument("--pgd-steps", type=int, default=100,
+                        help="CGI-DM inversion steps (the default preset's 100 unless CPU-bound)")
+    parser.add_argument("--cache", type=Path, default=lsp.default_cache())
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--list", action="store_true")
+    parser.add_argument("--no-eval", action="store_true", help="only fine-tune")
+    parser.add_argument("--report-only", action="store_true",
+                        help="tabulate the pairs already evaluated at --pgd-steps; train nothing")
+    parser.add_argument("--json", type=Path, default=None, help="write the rows here")
+    parser.add_argument("--pictures", type=Path, default=None,
+                        help="PNG of the first pair's members' and hold-out's recoveries")
+    args = parser.parse_args(argv)
+    pairs = lsp.latent_suite_pairs(recipes=tuple(args.recipes or ()) or None,
+                                   steps=tuple(args.steps or ()) or None,
+                                   seeds=tuple(args.seeds or ()) or None)
+    if args.list:
+        for pair in pairs:
+            state = "trained" if pair.facts_file(args.cache).is_file() else "not trained"
+            print(f"{pair.pair_id:<40} {pair.group:<18} {state}  {pair.model_dir(args.cache)}")
+        return 0
+    import torch
+
+    torch.set_num_threads(args.threads)
+    rows = []
+    if args.report_only:
+        pairs = [p for p in pairs if results_file(p, args.cache, args.pgd_steps).is_file()]
+    for pair in pairs:
+        if not pair.facts_file(args.cache).is_file():
+            lsp.train_run(pair, args.cache)
+        if args.no_eval:
+            continue
+        rows.append(summarise(pair, args.cache,
+                              evaluate(pair, args.cache, args.pgd_steps)))
+        print(table(rows[-1:]).splitlines()[-1], flush=True)
+    if rows:
+        print(table(rows))
+    if args.pictures and rows:
+        first = results_file(pairs[0], args.cache, args.pgd_steps).with_suffix(".pt")
+        print("wrote", write_pictures(first, len(pairs[0].members), args.pictures))
+    if args.json and rows:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

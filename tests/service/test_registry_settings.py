@@ -28,7 +28,9 @@ def test_default_registry_is_the_demo_pair():
     assert tuned.finetuned_from == base.id == "demo-base"
     # The flow-matching demo pair is its own family, with its own base.
     assert registry.get("demo-flow-vangogh").finetuned_from == "demo-flow-base"
-    assert {registry.get(i).family for i in ids} == {"ddpm", "pixel-flow"}
+    # The latent demo family is Stable Diffusion in layout, with its own base.
+    assert registry.get("demo-latent-vangogh-lora").finetuned_from == "demo-latent-base"
+    assert {registry.get(i).family for i in ids} == {"ddpm", "pixel-flow", "stable-diffusion"}
     with pytest.raises(UnknownModel, match="fine-tuned from 'demo-flow-base'"):
         registry.check_pair("demo-base", "demo-flow-vangogh")
 

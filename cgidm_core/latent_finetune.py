@@ -175,7 +175,8 @@ def finetune(base: str | Path, members: Sequence[Path], recipe: LatentRecipe, se
     config = training.TrainConfig(max(checkpoints), recipe.batch_size, recipe.learning_rate,
                                   seed=seed, warmup_steps=recipe.warmup_steps,
                                   lr_schedule=recipe.lr_schedule, grad_clip=recipe.grad_clip)
-    lt._loop(config, params, step_loss, f"{recipe.kind}", progress=False, on_step=on_step)
+    training.optimise(params, config, step_loss, description=recipe.kind, progress=False,
+                      on_step=on_step)
     return facts_by_steps
 
 

@@ -20,7 +20,6 @@ Everything is seeded: the same arguments on the same torch build give the same w
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -275,48 +274,6 @@ def build_scheduler():
 # ------------------------------------------------------------------------------- training
 
 
-def _optimizer(params, config: training.TrainConfig):
-    from diffusers.optimization import get_scheduler
-
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate,
-                                  weight_decay=config.weight_decay)
-    lr_scheduler = get_scheduler(config.lr_schedule, optimizer=optimizer,
-                                 num_warmup_steps=min(config.warmup_steps, config.steps // 10),
-                                 num_training_steps=config.steps)
-    return optimizer, lr_scheduler
-
-
-def _loop(config: training.TrainConfig, params: list[torch.nn.Parameter],
-          loss_of_step: Callable[[int], torch.Tensor], description: str,
-          progress: bool = True,
-          on_step: Callable[[int, list[float]], None] | None = None) -> list[float]:
-    """The shared AdamW loop: clip, step, record; raises on a non-finite loss.
-
-    ``on_step(steps_done, losses)`` runs after every optimiser step (checkpoints).
-    """
-    from tqdm.auto import tqdm
-
-    optimizer, lr_scheduler = _optimizer(params, config)
-    losses: list[float] = []
-    bar = tqdm(range(config.steps), desc=description, disable=not progress, mininterval=5.0)
-    for step in bar:
-        loss = loss_of_step(step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-        optimizer.step()
-        lr_scheduler.step()
-        losses.append(float(loss.detach()))
-        if not math.isfinite(losses[-1]):
-            raise FloatingPointError(f"loss became {losses[-1]} at step {step}; lower the lr")
-        if on_step is not None:
-            on_step(step + 1, losses)
-        if (step + 1) % 50 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-    return losses
-
-
 def train_vae(vae, batches: Callable[[int], tuple[torch.Tensor, list[str]]],
               config: training.TrainConfig, *, kl_weight: float = 1e-6,
               progress: bool = True) -> list[float]:
@@ -334,7 +291,8 @@ def train_vae(vae, batches: Callable[[int], tuple[torch.Tensor, list[str]]],
         return (F.l1_loss(recon, x) + F.mse_loss(recon, x)
                 + kl_weight * posterior.kl().mean())
 
-    losses = _loop(config, list(vae.parameters()), step_loss, "vae", progress)
+    losses = training.optimise(list(vae.parameters()), config, step_loss, description="vae",
+                               progress=progress)
     vae.eval()
     return losses
 
@@ -395,7 +353,8 @@ def train_text_to_image(unet, text_encoder, tokenizer, vae, scheduler,
         return latent_denoising_loss(unet, scheduler, latents, hidden, generator)
 
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    losses = _loop(config, params, step_loss, "unet+text", progress)
+    losses = training.optimise(params, config, step_loss, description="unet+text",
+                               progress=progress)
     unet.eval()
     text_encoder.eval()
     return losses

@@ -283,6 +283,53 @@ def ddpm_loss(
     return F.mse_loss(unet(noisy, steps).sample, target)
 
 
+def optimise(
+    params: list[torch.nn.Parameter],
+    config: TrainConfig,
+    loss_of_step: Callable[[int], torch.Tensor],
+    *,
+    description: str = "training",
+    progress: bool = True,
+    log_every: int = 50,
+    mininterval: float = 5.0,
+    on_step: Callable[[int, list[float]], None] | None = None,
+) -> list[float]:
+    """The one AdamW loop every trainer here uses (pixel demo pairs, the latent family and its
+    fine-tunes): learning-rate schedule with warm-up, gradient clipping, a loss per step, and a
+    refusal of a non-finite loss. ``loss_of_step(step)`` computes the step's loss (the caller owns
+    data and randomness); ``on_step(steps_done, losses)`` runs after every optimiser step
+    (checkpoints)."""
+    from tqdm.auto import tqdm
+
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate,
+                                  weight_decay=config.weight_decay)
+    lr_scheduler = get_scheduler(
+        config.lr_schedule,
+        optimizer=optimizer,
+        num_warmup_steps=min(config.warmup_steps, config.steps // 10),
+        num_training_steps=config.steps,
+    )
+    losses: list[float] = []
+    bar = tqdm(range(config.steps), desc=description, disable=not progress,
+               mininterval=mininterval)
+    for step in bar:
+        loss = loss_of_step(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        optimizer.step()
+        lr_scheduler.step()
+        losses.append(float(loss.detach()))
+        if not math.isfinite(losses[-1]):
+            raise FloatingPointError(f"loss became {losses[-1]} at step {step}; lower the lr")
+        if on_step is not None:
+            on_step(step + 1, losses)
+        if (step + 1) % log_every == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-log_every:]):.4f}")
+    return losses
+
+
 def train(
     unet: UNet2DModel,
     scheduler: Schedule,
@@ -301,39 +348,17 @@ def train(
     ``on_step(steps_done, loss)`` runs after every optimiser step (e.g. to save checkpoints; it
     may switch the model to eval mode and must switch it back to train mode).
     """
-    from tqdm.auto import tqdm
-
     if config.steps < 1 or config.batch_size < 1:
         raise ValueError("steps and batch_size must be at least 1")
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    optimizer = torch.optim.AdamW(
-        unet.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
-    )
-    lr_scheduler = get_scheduler(
-        config.lr_schedule,
-        optimizer=optimizer,
-        num_warmup_steps=min(config.warmup_steps, config.steps // 10),
-        num_training_steps=config.steps,
-    )
     unet.train()
-    losses: list[float] = []
-    bar = tqdm(range(config.steps), desc=description, disable=not progress, mininterval=2.0)
-    for step in bar:
-        loss = ddpm_loss(unet, scheduler, batches(config.batch_size), generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), config.grad_clip)
-        optimizer.step()
-        lr_scheduler.step()
-        losses.append(float(loss.detach()))
-        if not math.isfinite(losses[-1]):
-            raise FloatingPointError(f"loss became {losses[-1]} at step {step}; lower the lr")
-        if on_step is not None:
-            on_step(step + 1, losses[-1])
-        if (step + 1) % log_every == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-log_every:]):.4f}")
+    losses = optimise(
+        list(unet.parameters()), config,
+        lambda _step: ddpm_loss(unet, scheduler, batches(config.batch_size), generator),
+        description=description, progress=progress, log_every=log_every, mininterval=2.0,
+        on_step=None if on_step is None else lambda done, seen: on_step(done, seen[-1]),
+    )
     unet.eval()
     return losses
 

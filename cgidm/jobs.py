@@ -20,9 +20,11 @@ pictures from two runs.
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import uuid
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -450,3 +452,20 @@ class JobStore:
             except ObjectNotFound:
                 continue
         return out
+
+
+class ResultFileError(ValueError):
+    """A file given as a result (``cgidm verify``, ``cgidm report``) is not readable JSON."""
+
+
+def read_result_file(path: Path) -> Any:
+    """The JSON of a result file, with a whole job document (``GET /jobs/{id}``, as ``cgidm
+    submit`` saves it) unwrapped to its ``result``: one reading for every command that takes a
+    result, so they accept the same files. The caller checks what the document must hold."""
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ResultFileError(f"{path}: cannot read it as JSON ({exc})") from exc
+    if isinstance(document, dict) and isinstance(document.get("result"), dict):
+        document = document["result"]
+    return document

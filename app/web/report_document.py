@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -25,7 +24,14 @@ import jinja2
 from app.web import evidence
 from cgidm import __version__
 from cgidm import result_signing as rs
-from cgidm.jobs import ArtifactLinks, ImageScore, JobResult, SetTest
+from cgidm.jobs import (
+    ArtifactLinks,
+    ImageScore,
+    JobResult,
+    ResultFileError,
+    SetTest,
+    read_result_file,
+)
 
 HERE = Path(__file__).resolve().parent
 TEMPLATES = HERE / "templates"
@@ -270,11 +276,9 @@ def load_local_result(path: Path) -> LocalResult:
             raise ReportInputError(f"{path}: no results.json (cgidm check) or result.json (cgidm "
                                    "submit) in this folder")
     try:
-        document = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ReportInputError(f"{path}: cannot read it as JSON ({exc})") from exc
-    if isinstance(document, dict) and isinstance(document.get("result"), dict):
-        document = document["result"]  # a whole job from GET /jobs/{id}
+        document = read_result_file(path)
+    except ResultFileError as exc:
+        raise ReportInputError(str(exc)) from exc
     if not isinstance(document, dict) or not isinstance(document.get("images"), list):
         raise ReportInputError(f"{path} is not a cgidm result (no 'images')")
     return LocalResult(document, path.parent, path, service="pretrained" in document)

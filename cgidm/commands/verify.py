@@ -22,7 +22,6 @@ LoRA, single-file checkpoint or bare UNet weights file (``--finetuned`` the down
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -85,14 +84,13 @@ class VerificationRefused(Exception):
 
 
 def load_record(path: Path) -> dict[str, Any]:
+    from cgidm.jobs import ResultFileError, read_result_file
     from cgidm_core.errors import ConfigError
 
     try:
-        document = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read it as JSON ({exc})") from exc
-    if isinstance(document, dict) and isinstance(document.get("result"), dict):
-        document = document["result"]  # a whole job from GET /jobs/{id}
+        document = read_result_file(path)
+    except ResultFileError as exc:
+        raise ConfigError(str(exc)) from exc
     if not isinstance(document, dict) or not document.get("provenance"):
         raise ConfigError(f"{path} has no provenance (it was made by a cgidm without it, or is "
                           "not a cgidm result); it cannot be verified")

@@ -482,6 +482,26 @@ def test_a_hub_address_is_sent_as_the_suspect(browser, service, tmp_path):
     assert browser.switch_to.active_element.get_attribute("id") == "finetuned-ref"
 
 
+def test_an_images_own_credentials_show_on_its_card(browser, service, tmp_path):
+    """A painting signed with C2PA Content Credentials saying "AI training: not allowed" (a
+    throwaway chain, so valid but untrusted) is checked through the form; its card says so in
+    words, the control's card carries no credentials block of that kind."""
+    from cgidm_testkit.content_credentials import sign_image
+
+    painting, control = _images("membership", 1)[0], _images("hold_out", 1)[0]
+    signed = tmp_path / painting.name
+    signed.write_bytes(sign_image(painting.read_bytes(), "image/jpeg"))
+    job_id = _submit_check(browser, service, [signed], [control], STEPS)
+    _wait(browser, lambda d: "Done" in _css(d, "#job-status")[0].text, 240, "the job done")
+    _wait(browser, lambda d: len(_css(d, ".card[data-image-name]")) == 2, 30, "result cards")
+    block = _css(browser, f'.card[data-image-name="{signed.stem}"] .credentials')
+    assert block and block[0].get_attribute("data-credentials") == "valid_untrusted", job_id
+    text = block[0].text.lower()
+    assert "not allowed" in text and "untrusted" in text and "test artist" in text, text
+    assert all(b.get_attribute("data-credentials") == "none" for b in
+               _css(browser, f'.card[data-image-name="{control.stem}"] .credentials'))
+
+
 def test_a_file_too_large_gets_a_clear_message(browser, service, tmp_path):
     import numpy as np
     from PIL import Image

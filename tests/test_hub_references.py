@@ -7,6 +7,7 @@ No test reaches the internet: HF_ENDPOINT and CGIDM_CIVITAI_URL point at the loc
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -370,6 +371,27 @@ def test_cgidm_check_on_civitai_and_hf_references(sd_lora, hub, tmp_path, monkey
                  "--prompt", "sks", "--out", str(tmp_path / "hf"), *common]) == 0
     doc = json.loads((tmp_path / "hf" / "results.json").read_text())
     assert doc["provenance"]["models"]["finetuned"]["hub"]["revision"] == COMMIT
+    capsys.readouterr()
+
+    # cgidm eval takes the same reference (the fetched file, now from the cache)
+    members, holdout = tmp_path / "members", tmp_path / "holdout"
+    for folder, image in ((members, images[0]), (holdout, images[1])):
+        folder.mkdir()
+        shutil.copy(image, folder)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert main(["eval", "--pretrained", str(base), "--finetuned", "hf:alice/sks-lora",
+                 "--prompt", "sks", "--method", "loss", "--device", "cpu",
+                 "--members", str(members), "--holdout", str(holdout),
+                 "--json", str(tmp_path / "eval.json")]) == 0
+    evaluated = json.loads((tmp_path / "eval.json").read_text())
+    assert evaluated["n_members"] == evaluated["n_holdout"] == 1
+    assert evaluated["settings"]["finetuned_hub"]["revision"] == COMMIT
+
+    # verify fetches an hf: suspect again by its pinned commit and re-runs the check
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert main(["verify", str(tmp_path / "hf" / "results.json"), *image_args,
+                 "--pretrained", str(base)]) == 0
+    assert "VERIFIED" in capsys.readouterr().out
 
     # a published hash that is not the file's: refused, one line, exit 2, nothing cached
     hub.add_civitai_file(43, lora, published_sha256="00" * 32)

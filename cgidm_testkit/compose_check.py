@@ -198,8 +198,9 @@ def worker_killed_mid_job(stack: Stack, client: CgidmClient, images: list[Path],
                           steps: int) -> dict:
     """SIGKILL the worker while a job runs, start it again: the job's lease expires (60 s,
     production), the reaper hands the job out again, and it ends succeeded with one run's
-    pictures."""
-    job_id = submit(client, images, steps)
+    pictures. The job runs the default 100 PGD steps (not the short demo job's): a 10-step job on
+    a warm worker can finish before `docker compose kill` reaches the container."""
+    job_id = submit(client, images, max(steps, 100))
     wait_job(client, job_id, lambda j: j["status"] == "running"
              and (j.get("progress") or {}).get("steps_done", 0) >= 1)
     stack.compose("kill", "worker")

@@ -149,10 +149,11 @@ def file_lock(path: Path) -> Iterator[None]:
 
 def _check_safetensors_name(name: str, where: str) -> None:
     from cgidm.model_files import PICKLE_REFUSAL
+    from cgidm_core.names import PICKLE_SUFFIXES
 
     if not name.lower().endswith(".safetensors"):
         raise ModelFetchError("pickle_checkpoint" if name.lower().endswith(
-            (".ckpt", ".bin", ".pt", ".pth", ".pkl")) else "unsupported_model_file",
+            PICKLE_SUFFIXES) else "unsupported_model_file",
             f"{where}: {name!r} is not a .safetensors file; {PICKLE_REFUSAL}")
 
 

@@ -425,11 +425,9 @@ def _prompt_choice(settings: Any, pair: Any, ft: Any) -> Any:
 
 
 def _inversion_config(settings: Any) -> Any:
-    from cgidm_core import InversionConfig
+    from cgidm_core.inversion_config import preset_config
 
-    overrides = settings.inversion_overrides()
-    return (InversionConfig.reference(**overrides) if settings.preset == "reference"
-            else InversionConfig(**overrides))
+    return preset_config(settings.preset, settings.inversion_overrides())
 
 
 def _run_method(ctx: WorkerContext, record: JobRecord, watch: Watch, pair: Any,

@@ -8,7 +8,13 @@ import time
 from pathlib import Path
 
 from cgidm.result_signing import file_sha256
-from cgidm_core.names import DEFAULT_METRIC
+from cgidm_core.names import (
+    CHECK_EVIDENCE_MODES,
+    DEFAULT_DISPLAY,
+    DEFAULT_EVIDENCE,
+    DEFAULT_METRIC,
+    DISPLAY_MODES,
+)
 
 from .common import (
     add_method_arguments,
@@ -38,16 +44,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--alpha", type=float, default=0.05, help="significance level")
     parser.add_argument(
         "--evidence",
-        choices=["fused", "similarity"],
-        default="fused",
+        choices=CHECK_EVIDENCE_MODES,
+        default=DEFAULT_EVIDENCE,
         help="the score verdicts rest on (with --controls): 'fused' (default, chosen on the "
         "benchmark suite) = z(SSIM) + z(PSNR) of the recovery + z(loss attack) + z(contrast), "
         "standardised over images and controls together; 'similarity' = --metric alone",
     )
     parser.add_argument(
         "--display",
-        choices=["palette_clamp", "raw"],
-        default="palette_clamp",
+        choices=DISPLAY_MODES,
+        default=DEFAULT_DISPLAY,
         help="the recovered picture written: 'palette_clamp' (default) cuts off-palette colours "
         "back into each channel's range in the image's kept half; 'raw' writes the recovery as "
         "scored. Scores and verdicts always use the raw recovery",

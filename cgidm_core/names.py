@@ -60,6 +60,8 @@ VERDICTS: tuple[str, ...] = (MEMBER_EVIDENCE, NO_EVIDENCE, INCONCLUSIVE)
 PRESETS: tuple[str, ...] = ("default", "reference")
 #: ``InversionConfig.gradient_checkpointing`` / ``--gradient-checkpointing``.
 GRADIENT_CHECKPOINTING_MODES: tuple[str, ...] = ("auto", "on", "off")
+#: ``--dtype`` / ``CGIDM_DTYPE``: the precision the pair runs in (``models.devices`` maps them).
+DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
 #: ``authenticate(display=...)`` / ``cgidm check --display``: the recovered picture a person
 #: looks at (scores always use the raw recovery).
 DISPLAY_MODES: tuple[str, ...] = ("palette_clamp", "raw")

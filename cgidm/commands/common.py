@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from cgidm_core.names import (
+    ALL_METRICS,
+    DEFAULT_METRIC,
+    DTYPES,
     FINETUNED_KINDS,
     GRADIENT_CHECKPOINTING_MODES,
     IMAGE_SUFFIXES,
@@ -42,7 +45,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool = Tru
         help="format of --finetuned (detected when omitted)",
     )
     group.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    group.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    group.add_argument("--dtype", choices=DTYPES)
     group.add_argument(
         "--allow-network", action="store_true", help="allow fetching models from a hub"
     )
@@ -78,7 +81,8 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
         "a third more compute, the same scores. auto (default): on only where one image would "
         "not fit the GPU without it (e.g. an SDXL full pair at 1024 px on a 24 GB card)",
     )
-    group.add_argument("--metric", help="score metric: ssim (default), psnr, mse, clip, dino")
+    group.add_argument("--metric", help=f"score metric: {', '.join(ALL_METRICS)} (default "
+                       f"{DEFAULT_METRIC})")
     group.add_argument(
         "--palette-bounds", action="store_true",
         help="keep each channel of the recovered cells inside the range it takes in the kept "

@@ -30,7 +30,7 @@ from .images import (
     to_tensor,
 )
 from .inversion import CancelFn, InversionConfig, invert
-from .names import DEFAULT_METRIC, PIXEL_METRICS
+from .names import DEFAULT_DISPLAY, DEFAULT_METRIC, PIXEL_METRICS
 from .pair import ModelPair
 from .prompts import EmptyPromptWarning, choose_prompt
 from .results import ImageResult
@@ -156,7 +156,7 @@ def authenticate(
     prompt_source: str | None = None,
     on_batch_halved: Callable[[int], None] | None = None,
     attack_scores: Sequence[str] | None = None,
-    display: str = "palette_clamp",
+    display: str = DEFAULT_DISPLAY,
 ) -> AuthenticationResults:
     """Recover every image's removed half and score the recovery against the original.
 

@@ -55,8 +55,8 @@ VERDICTS: tuple[str, ...] = (MEMBER_EVIDENCE, NO_EVIDENCE, INCONCLUSIVE)
 # the choices a check offers (the CLI's ``choices``, the API schema's ``Literal``s, the library's
 # checks all read these)
 
-#: ``InversionConfig.preset_config`` / ``--preset`` / the API's ``preset``: ``reference`` is the
-#: authors' path (``InversionConfig.reference``).
+#: ``cgidm_core.inversion_config.preset_config`` / ``--preset`` / the API's ``preset``:
+#: ``reference`` is the authors' path (``InversionConfig.reference``).
 PRESETS: tuple[str, ...] = ("default", "reference")
 #: ``InversionConfig.gradient_checkpointing`` / ``--gradient-checkpointing``.
 GRADIENT_CHECKPOINTING_MODES: tuple[str, ...] = ("auto", "on", "off")

@@ -15,6 +15,7 @@ enough (so the list only shrinks).
 from __future__ import annotations
 
 import ast
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,9 @@ def _functions(path: Path) -> list[tuple[str, int, int]]:
             and node.end_lineno is not None]
 
 
+@cache
 def _long_functions() -> dict[str, int]:
+    """"path:function" -> lines, of every function over the limit (read once per session)."""
     found = {}
     for package in PACKAGES:
         for path in sorted((REPO_ROOT / package).rglob("*.py")):

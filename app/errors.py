@@ -30,6 +30,11 @@ class ApiError(Exception):
         return {"detail": [{"loc": self.loc, "msg": self.msg, "type": self.kind, **self.extra}]}
 
 
+def storage_unavailable(exc: Exception) -> ApiError:
+    """The 503 of every route whose storage (S3 or the local folder) could not be reached."""
+    return ApiError(503, [], "storage_unavailable", f"storage is unavailable: {exc}")
+
+
 def _plain(value: Any) -> bool:
     return isinstance(value, str | int | float | bool) or value is None
 

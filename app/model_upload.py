@@ -23,7 +23,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 
-from app.errors import ApiError
+from app.errors import ApiError, storage_unavailable
 from cgidm.jobs import MAX_PROMPT_CHARS, JobSettings, utcnow
 from cgidm.model_files import (
     PICKLE_REFUSAL,
@@ -202,8 +202,7 @@ class ModelUpload:
             self.writer = await run_in_threadpool(
                 self.store.storage.open_writer, self.blob_key, "application/octet-stream")
         except StorageError as exc:
-            raise ApiError(503, [], "storage_unavailable",
-                           f"storage is unavailable: {exc}") from exc
+            raise storage_unavailable(exc) from exc
 
     async def _part_data(self, data: bytes) -> None:
         part = self.part

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from typing import Annotated
 
@@ -11,31 +10,21 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.auth import Caller, CallerDep, caller_of
-from app.errors import ApiError
+from app.errors import ApiError, storage_unavailable
 from app.schemas import ErrorBody, JobAccepted, JobList, JobSummary, JobView
 from app.services import Services, ServicesDep
-from app.uploads import decode_image
-from cgidm import content_credentials
-from cgidm.job_queue import BrokerUnavailable
+from app.submissions import SubmittedFile, submit_check
 from cgidm.jobs import (
     ARTIFACT_KINDS,
     ArtifactLinks,
-    InputFile,
     JobNotFound,
     JobRecord,
     JobSettings,
     artifact_key,
     artifact_url,
-    input_key,
     is_job_id,
-    new_job_id,
-    safe_name,
-    utcnow,
 )
-from cgidm.model_refs import ModelReferenceError, looks_like_reference, parse_reference
-from cgidm.registry import InvalidModelReference, UnknownModel
 from cgidm.storage import ObjectNotFound, StorageError
-from cgidm_core.names import FEATURE_METRICS
 
 log = logging.getLogger("cgidm.gateway")
 router = APIRouter(tags=["jobs"])
@@ -53,77 +42,6 @@ _FILE_FIELDS = {"images", "controls"}
 
 def _not_found(job_id: str) -> ApiError:
     return ApiError(404, ["path", "job_id"], "not_found", f"no job with id {job_id!r}")
-
-
-def _storage_down(exc: Exception) -> ApiError:
-    return ApiError(503, [], "storage_unavailable", f"storage is unavailable: {exc}")
-
-
-def _check_models(services: Services, settings: JobSettings, caller: Caller) -> str:
-    """Registry ids, and for ``finetuned`` also the caller's own uploads (another key's upload
-    is an unknown id, the same answer as for one that does not exist). Returns what the job is
-    routed by: the fine-tune's id, or an upload's content hash (the same bytes uploaded by two
-    keys go to the worker that has them loaded), or a hub reference's canonical form."""
-    if settings.metric in FEATURE_METRICS and services.settings.feature_model is None:
-        raise ApiError(422, ["body", "metric"], "metric_unavailable",
-                       f"metric {settings.metric!r} needs a feature model, and this service has "
-                       "none configured (CGIDM_FEATURE_MODEL); use ssim, psnr or mse")
-    if looks_like_reference(settings.finetuned):
-        return _check_reference(services, settings, caller)
-    registry = services.resolver(caller.name)
-    for field in ("pretrained", "finetuned"):
-        try:
-            registry.get(getattr(settings, field))
-        except InvalidModelReference as exc:
-            raise ApiError(422, ["body", field], "invalid_model_reference", str(exc)) from None
-        except UnknownModel as exc:
-            raise ApiError(422, ["body", field], "unknown_model", str(exc)) from None
-        except StorageError as exc:
-            raise _storage_down(exc) from exc
-    try:
-        _, tuned = registry.check_pair(settings.pretrained, settings.finetuned)
-    except UnknownModel as exc:
-        raise ApiError(422, ["body", "finetuned"], "incompatible_pair", str(exc)) from None
-    except StorageError as exc:
-        raise _storage_down(exc) from exc
-    return getattr(tuned, "sha256", None) or settings.finetuned
-
-
-#: ``pretrained`` value for a hub-referenced suspect: the base its hub page records (the
-#: registry's base-model table), resolved by the worker once it has the page.
-AUTO_BASE = "auto"
-
-
-def _check_reference(services: Services, settings: JobSettings, caller: Caller) -> str:
-    """A suspect named by hub reference: the gateway checks its syntax and that the caller may
-    name models on its host (CGIDM_MODEL_HOSTS), and that ``pretrained`` is a registered base;
-    the worker fetches it (the gateway never downloads weights). Routed by the canonical form,
-    so the same model named two ways goes to the worker that has it."""
-    try:
-        ref = parse_reference(settings.finetuned)
-    except ModelReferenceError as exc:
-        raise ApiError(422, ["body", "finetuned"], "invalid_model_reference", str(exc)) from None
-    allowed = services.settings.hosts_for(caller.name)
-    if ref.host not in allowed:
-        hint = (f"this service lets you name models on {', '.join(sorted(allowed))} only"
-                if allowed else "this service accepts no hub references from your key")
-        raise ApiError(403, ["body", "finetuned"], "remote_model_not_allowed",
-                       f"{hint} (operator setting CGIDM_MODEL_HOSTS); upload the file instead "
-                       "(POST /models)")
-    if settings.pretrained == AUTO_BASE:  # the worker takes the base the hub page records
-        return ref.canonical
-    try:
-        base = services.resolver(caller.name).get(settings.pretrained)
-    except InvalidModelReference as exc:
-        raise ApiError(422, ["body", "pretrained"], "invalid_model_reference", str(exc)) from None
-    except UnknownModel as exc:
-        raise ApiError(422, ["body", "pretrained"], "unknown_model", str(exc)) from None
-    except StorageError as exc:
-        raise _storage_down(exc) from exc
-    if getattr(base, "finetuned_from", None) is not None or getattr(base, "sha256", None):
-        raise ApiError(422, ["body", "pretrained"], "not_a_base", f"{settings.pretrained!r} is "
-                       "a fine-tune; name the registered base model the suspect was made from")
-    return ref.canonical
 
 
 async def _read_limited(field: str, upload: UploadFile, limit: int) -> bytes:
@@ -163,65 +81,21 @@ async def authenticate(
 ) -> JobAccepted:
     """Everything is validated before anything is stored: a refused request leaves no object
     behind. Animated images are accepted with their first frame (see `warnings`)."""
-    controls = controls or []
-    form = await request.form()
-    for key in form:
+    # 1. A form field the schema does not know is refused, not ignored.
+    for key in await request.form():
         if key not in _FILE_FIELDS and key not in JobSettings.model_fields:
             raise ApiError(422, ["body", key], "unknown_field", f"unknown field {key!r}")
-    limits = services.settings
-    if len(images) + len(controls) > limits.max_files:
-        raise ApiError(422, ["body", "images"], "too_many_files",
-                       f"{len(images) + len(controls)} files; at most {limits.max_files} "
-                       "images + controls per job (CGIDM_MAX_FILES)")
-    route_by = await run_in_threadpool(_check_models, services, settings, caller)
-
-    job_id = new_job_id()
-    taken: set[str] = set()
-    inputs: list[InputFile] = []
-    files: list[tuple[str, bytes]] = []
-    notes: list[str] = []
-    for field, uploads in (("images", images), ("controls", controls)):
-        role = "image" if field == "images" else "control"
-        for index, upload in enumerate(uploads):
-            filename = upload.filename or f"{field}[{index}]"
-            data = await _read_limited(field, upload, limits.max_upload_bytes)
-            decoded = await run_in_threadpool(
-                decode_image, field, filename, data, limits.max_image_pixels)
-            # read here: the stored PNG no longer carries the upload's C2PA manifest
-            credentials = await run_in_threadpool(content_credentials.read, data)
-            name = safe_name(upload.filename, taken)
-            key = input_key(job_id, role, index, name)
-            inputs.append(InputFile(name=name, role=role, key=key, filename=upload.filename,
-                                    width=decoded.width, height=decoded.height,
-                                    frames=decoded.frames,
-                                    sha256=hashlib.sha256(data).hexdigest(),
-                                    content_credentials=credentials))
-            files.append((key, decoded.png))
-            notes.extend(decoded.warnings)
-
-    record = JobRecord(job_id=job_id, created_at=utcnow(), settings=settings, inputs=inputs,
-                       owner=caller.name, queue_key=route_by)
-    try:
-        await run_in_threadpool(services.store.create, record, files)
-    except StorageError as exc:  # create() removed what it had written
-        raise _storage_down(exc) from exc
-    try:
-        await run_in_threadpool(services.enqueue, job_id, settings.pretrained, route_by)
-    except BrokerUnavailable as exc:  # the job never reached a worker
-        log.error("job %s could not be enqueued (%s); removing it", job_id, exc)
-        await run_in_threadpool(services.store.delete_job_quietly, job_id)
-        raise ApiError(503, [], "broker_unavailable",
-                       "the job queue is unavailable, try again later; nothing was "
-                       "stored") from exc
-    try:  # the caller's recent-jobs list; the job itself is accepted either way
-        await run_in_threadpool(services.store.index_job, record)
-    except StorageError as exc:
-        log.warning("job %s: not added to the recent-jobs index (%s)", job_id, exc)
-    status_url = f"/jobs/{job_id}"
-    response.headers["Location"] = status_url
-    log.info("job %s accepted for %s: %d images, %d controls", job_id, caller.name or "local",
-             len(images), len(controls))
-    return JobAccepted(job_id=job_id, status_url=status_url, warnings=notes)
+    # 2. Read every file within CGIDM_MAX_UPLOAD_BYTES (413 past it).
+    limit = services.settings.max_upload_bytes
+    files = {field: [SubmittedFile(field, index, upload.filename,
+                                   await _read_limited(field, upload, limit))
+                     for index, upload in enumerate(uploads)]
+             for field, uploads in (("images", images), ("controls", controls or []))}
+    # 3. Validate, store and queue the job (app.submissions.submit_check).
+    accepted = await run_in_threadpool(submit_check, services, caller, settings,
+                                       files["images"], files["controls"])
+    response.headers["Location"] = accepted.status_url
+    return accepted
 
 
 #: Pictures of an image: the worker's artifacts and the upload itself (``original``).
@@ -261,7 +135,7 @@ def _load(services: Services, job_id: str, caller: Caller | None) -> JobRecord:
     except JobNotFound:
         raise _not_found(job_id) from None
     except StorageError as exc:
-        raise _storage_down(exc) from exc
+        raise storage_unavailable(exc) from exc
     if caller is not None and record.owner != caller.name:
         raise _not_found(job_id)  # the same answer as for a job that does not exist
     return record
@@ -275,7 +149,7 @@ def list_jobs(services: ServicesDep, caller: CallerDep,
     try:
         ids = services.store.recent_job_ids(caller.name, limit)
     except StorageError as exc:
-        raise _storage_down(exc) from exc
+        raise storage_unavailable(exc) from exc
     jobs = []
     for job_id in ids:
         try:
@@ -283,7 +157,7 @@ def list_jobs(services: ServicesDep, caller: CallerDep,
         except JobNotFound:  # removed since
             continue
         except StorageError as exc:
-            raise _storage_down(exc) from exc
+            raise storage_unavailable(exc) from exc
         if record.owner != caller.name:
             continue
         view = _view(services, record)
@@ -326,7 +200,7 @@ def cancel_job(job_id: str, services: ServicesDep,
         try:
             services.store.request_cancel(job_id)
         except StorageError as exc:
-            raise _storage_down(exc) from exc
+            raise storage_unavailable(exc) from exc
     view = _view(services, record)
     code = 202 if record.status == "running" else 200
     return JSONResponse(view.model_dump(mode="json"), status_code=code)
@@ -379,6 +253,6 @@ def _stream(services: Services, key: str) -> StreamingResponse:
     except ObjectNotFound:
         raise ApiError(404, ["path", "name"], "not_found", f"artifact {key} is missing") from None
     except StorageError as exc:
-        raise _storage_down(exc) from exc
+        raise storage_unavailable(exc) from exc
     cache = "private, max-age=300" if services.signer.enabled else "no-store"
     return StreamingResponse(chunks, media_type="image/png", headers={"Cache-Control": cache})

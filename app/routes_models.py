@@ -13,7 +13,7 @@ from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse, Response
 
 from app.auth import Caller, CallerDep
-from app.errors import ApiError
+from app.errors import ApiError, storage_unavailable
 from app.model_upload import FILE_FIELD, TEXT_FIELDS, ModelUpload
 from app.schemas import ErrorBody, ModelList, ModelView, UploadedModelView
 from app.services import Services, ServicesDep
@@ -54,10 +54,6 @@ def _view(model: UploadedModel) -> UploadedModelView:
     return UploadedModelView(**model.model_dump(), uploaded=True)
 
 
-def _storage_down(exc: Exception) -> ApiError:
-    return ApiError(503, [], "storage_unavailable", f"storage is unavailable: {exc}")
-
-
 def _not_found(model_id: str) -> ApiError:
     return ApiError(404, ["path", "model_id"], "not_found", f"no model with id {model_id!r}")
 
@@ -70,7 +66,7 @@ def _own_upload(services: Services, caller: Caller, model_id: str) -> UploadedMo
     except UnknownModel:
         raise _not_found(model_id) from None
     except StorageError as exc:
-        raise _storage_down(exc) from exc
+        raise storage_unavailable(exc) from exc
 
 
 @router.post(
@@ -116,7 +112,7 @@ def list_models(services: ServicesDep,
     try:
         models += [_view(m) for m in services.uploads.list(caller.name)]
     except StorageError as exc:
-        raise _storage_down(exc) from exc
+        raise storage_unavailable(exc) from exc
     return ModelList(models=models)
 
 
@@ -151,5 +147,5 @@ def delete_model(model_id: ModelId, services: ServicesDep,
     try:
         services.uploads.delete(model)
     except StorageError as exc:
-        raise _storage_down(exc) from exc
+        raise storage_unavailable(exc) from exc
     return Response(status_code=204)

@@ -7,12 +7,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cgidm.jobs import JobRecord, JobStatus
+from cgidm.jobs import ARTIFACT_KINDS, JobRecord, JobStatus
 from cgidm.registry import PublicModel
 
 _JOB = "3f0c6a9e2b7d4c1e8a5f9b0d2c4e6a81"
 _ARTS = {k: f"/jobs/{_JOB}/artifacts/olive-picking-1889/{k}.png"
-         for k in ("recovered", "partial", "side_by_side")}
+         for k in ARTIFACT_KINDS}
 
 JOB_EXAMPLE: dict[str, Any] = {
     "job_id": _JOB,

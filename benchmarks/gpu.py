@@ -236,15 +236,58 @@ def run(args: argparse.Namespace,
 
     from cgidm_core.inversion import InversionConfig
 
+    # 1. The device, and what the run records about the machine.
     started = time.perf_counter()
     deadline = started + args.budget
     device = "cpu" if args.dry_run else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU here; use --dry-run to check the script on the CPU")
     default_steps = InversionConfig().steps
-    gpu = torch.cuda.get_device_name(0) if device == "cuda" else "CPU (dry run, tiny models)"
+    facts = _machine_facts(args, device, default_steps)
     results: list[Measurement] = []
-    facts: dict[str, Any] = {
+    configs = configurations(args.dtypes, args.batches, args.compile, args.reference)
+
+    def report() -> dict[str, Any]:
+        facts["wall_seconds"] = time.perf_counter() - started
+        out = {"machine": facts, "results": [asdict(r) for r in results],
+               "command": "python -m benchmarks.gpu " + " ".join(args.argv)}
+        out["summary"] = summarize(out)
+        return out
+
+    # 2. Each configuration in turn, in its share of the budget, one model in memory at a time:
+    #    (what, model, original UNets) with what = (layout, dtype).
+    loaded: tuple[tuple[str, str], Any, dict | None] | None = None
+    build_estimate = 0.0
+    for index, config in enumerate(configs):
+        pending = configs[index:]
+        reserve, skipped = _reserve_or_skip(args, config, pending, deadline, loaded,
+                                            build_estimate)
+        if skipped is not None:
+            results.append(skipped)
+            continue
+        try:
+            if loaded is None or loaded[0] != (config.layout, config.dtype):
+                loaded = None  # drop the previous pair before the next
+                loaded, build_estimate = _build_for(config, device, args, facts)
+            budget = _config_budget(args, config, pending, deadline, reserve)
+            measurement = _measure_config(loaded, config, results, device=device,
+                                          steps=args.steps, default_steps=default_steps,
+                                          budget=budget)
+        except Exception as exc:  # noqa: BLE001 - one broken configuration must not lose the rest
+            loaded = None  # it may have left the model half-changed
+            measurement = Measurement(config=config, status="error",
+                                      note=f"{type(exc).__name__}: {exc}"[:300])
+        results.append(measurement)
+        _progress(measurement, on_result, report)
+    return report()
+
+
+def _machine_facts(args: argparse.Namespace, device: str, default_steps: int) -> dict[str, Any]:
+    """The machine, versions and run settings every report starts with."""
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if device == "cuda" else "CPU (dry run, tiny models)"
+    return {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "gpu": gpu,
         "torch": torch.__version__,
@@ -256,88 +299,82 @@ def run(args: argparse.Namespace,
         "dry_run": args.dry_run,
         "model": "tiny SD test models" if args.dry_run else "SD 1.5 architecture at 512 px",
     }
-    configs = configurations(args.dtypes, args.batches, args.compile, args.reference)
-    # (what, model, original UNets): one model in memory at a time; what = (layout, dtype)
-    loaded: tuple[tuple[str, str], Any, dict | None] | None = None
 
-    def report() -> dict[str, Any]:
-        facts["wall_seconds"] = time.perf_counter() - started
-        out = {"machine": facts, "results": [asdict(r) for r in results],
-               "command": "python -m benchmarks.gpu " + " ".join(args.argv)}
-        out["summary"] = summarize(out)
-        return out
 
-    build_estimate = 0.0
-    for index, config in enumerate(configs):
-        now = time.perf_counter()
-        pending = configs[index:]
-        # Time held back for a compiled configuration still to come (compilation takes minutes).
-        # If the whole run cannot hold it, the compiled point gives way to the plain ones.
-        reserve = args.compile_seconds if (
-            any(c.compile for c in pending[1:])
-            and deadline - now > args.compile_seconds + args.min_config_seconds) else 0.0
-        what = (config.layout, config.dtype)
-        needs_build = loaded is None or loaded[0] != what
-        available = deadline - now - (build_estimate if needs_build else 0.0)
-        if available < args.min_config_seconds or (
-            not config.compile and available - reserve < args.min_config_seconds
-        ):
-            results.append(Measurement(config=config, status="skipped",
-                                       note="whole-run budget spent"))
-            continue
-        if config.compile and available < args.compile_seconds:
-            results.append(Measurement(config=config, status="skipped",
-                                       note=f"needs {args.compile_seconds:.0f} s to compile"))
-            continue
-        try:
-            if needs_build:
-                loaded = pair = originals = None  # drop the previous pair before the next
-                gc.collect()
-                if device == "cuda":
-                    torch.cuda.empty_cache()
-                built = time.perf_counter()
-                name = f"{config.layout} {config.dtype}"
-                if config.layout == "reference":
-                    pair = build_reference(device, tiny=args.dry_run)
-                    originals = None
-                    weights = pair.parameter_bytes()
-                else:
-                    pair = build_pair(config.dtype, device, tiny=args.dry_run)
-                    originals = {n: getattr(pair, n)
-                                 for n in ("unet_pretrained", "unet_finetuned")}
-                    weights = pair.memory_bytes()
-                    facts["attention_processors"] = attention_processors(pair)
-                loaded = (what, pair, originals)
-                build_estimate = time.perf_counter() - built
-                facts.setdefault("build_seconds", {})[name] = build_estimate
-                facts.setdefault("weights_bytes", {})[name] = weights
-                del pair, originals
-            _, pair, originals = loaded
-            if config.compile:
-                budget = min(args.compile_seconds, deadline - time.perf_counter())
-            else:
-                plain_left = sum(1 for c in pending if not c.compile)
-                share = (deadline - time.perf_counter() - reserve) / plain_left
-                budget = max(args.min_config_seconds, min(args.config_seconds, share))
-            if config.layout == "reference":
-                measurement = measure_reference(pair, config, device=device, steps=args.steps,
-                                                default_steps=default_steps,
-                                                seconds_budget=budget)
-            else:
-                set_layout(pair, config.channels_last, config.compile, originals)
-                plain = [r.overhead_seconds for r in results
-                         if r.config == Config(config.dtype, config.batch, config.channels_last)]
-                measurement = measure(pair, config, device=device, steps=args.steps,
-                                      default_steps=default_steps, seconds_budget=budget,
-                                      overhead_hint=plain[0] if plain else None)
-            del pair, originals
-        except Exception as exc:  # noqa: BLE001 - one broken configuration must not lose the rest
-            loaded = None  # it may have left the model half-changed
-            measurement = Measurement(config=config, status="error",
-                                      note=f"{type(exc).__name__}: {exc}"[:300])
-        results.append(measurement)
-        _progress(measurement, on_result, report)
-    return report()
+def _reserve_or_skip(args: argparse.Namespace, config: Config, pending: list[Config],
+                     deadline: float, loaded: Any, build_estimate: float
+                     ) -> tuple[float, Measurement | None]:
+    """The time held back for a compiled configuration still to come (compilation takes
+    minutes; if the whole run cannot hold it, the compiled point gives way to the plain ones),
+    and a skipped measurement when this configuration no longer fits the budget."""
+    now = time.perf_counter()
+    reserve = args.compile_seconds if (
+        any(c.compile for c in pending[1:])
+        and deadline - now > args.compile_seconds + args.min_config_seconds) else 0.0
+    needs_build = loaded is None or loaded[0] != (config.layout, config.dtype)
+    available = deadline - now - (build_estimate if needs_build else 0.0)
+    if available < args.min_config_seconds or (
+        not config.compile and available - reserve < args.min_config_seconds
+    ):
+        return reserve, Measurement(config=config, status="skipped",
+                                    note="whole-run budget spent")
+    if config.compile and available < args.compile_seconds:
+        return reserve, Measurement(config=config, status="skipped",
+                                    note=f"needs {args.compile_seconds:.0f} s to compile")
+    return reserve, None
+
+
+def _build_for(config: Config, device: str, args: argparse.Namespace, facts: dict[str, Any]
+               ) -> tuple[tuple[tuple[str, str], Any, dict | None], float]:
+    """Build the pair a configuration runs on (after freeing the previous one's memory);
+    records its build time and weight bytes. Returns (loaded, seconds it took)."""
+    import torch
+
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    built = time.perf_counter()
+    name = f"{config.layout} {config.dtype}"
+    if config.layout == "reference":
+        pair = build_reference(device, tiny=args.dry_run)
+        originals = None
+        weights = pair.parameter_bytes()
+    else:
+        pair = build_pair(config.dtype, device, tiny=args.dry_run)
+        originals = {n: getattr(pair, n) for n in ("unet_pretrained", "unet_finetuned")}
+        weights = pair.memory_bytes()
+        facts["attention_processors"] = attention_processors(pair)
+    seconds = time.perf_counter() - built
+    facts.setdefault("build_seconds", {})[name] = seconds
+    facts.setdefault("weights_bytes", {})[name] = weights
+    return ((config.layout, config.dtype), pair, originals), seconds
+
+
+def _config_budget(args: argparse.Namespace, config: Config, pending: list[Config],
+                   deadline: float, reserve: float) -> float:
+    """Seconds for this configuration: a compiled one gets its compile allowance; a plain one
+    an equal share of what is left (less the reserve), within the per-config limits."""
+    if config.compile:
+        return min(args.compile_seconds, deadline - time.perf_counter())
+    plain_left = sum(1 for c in pending if not c.compile)
+    share = (deadline - time.perf_counter() - reserve) / plain_left
+    return max(args.min_config_seconds, min(args.config_seconds, share))
+
+
+def _measure_config(loaded: tuple[tuple[str, str], Any, dict | None], config: Config,
+                    results: list[Measurement], *, device: str, steps: int, default_steps: int,
+                    budget: float) -> Measurement:
+    """Measure one configuration on the loaded pair; a plain configuration passes the overhead
+    measured for its plain twin as a hint to the compiled one."""
+    _, pair, originals = loaded
+    if config.layout == "reference":
+        return measure_reference(pair, config, device=device, steps=steps,
+                                 default_steps=default_steps, seconds_budget=budget)
+    set_layout(pair, config.channels_last, config.compile, originals)
+    plain = [r.overhead_seconds for r in results
+             if r.config == Config(config.dtype, config.batch, config.channels_last)]
+    return measure(pair, config, device=device, steps=steps, default_steps=default_steps,
+                   seconds_budget=budget, overhead_hint=plain[0] if plain else None)
 
 
 def _progress(measurement: Measurement, on_result: Callable | None, report: Callable) -> None:

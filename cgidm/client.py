@@ -24,8 +24,10 @@ from typing import Any
 
 import httpx
 
+from cgidm_core.names import ARTIFACT_KINDS
+
 TERMINAL = ("succeeded", "failed", "cancelled")
-ARTIFACTS = ("recovered", "partial", "side_by_side")
+ARTIFACTS = ARTIFACT_KINDS  # the pictures of one image, as the service names them
 
 
 def _check_reference(finetuned: str) -> None:

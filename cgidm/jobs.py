@@ -20,6 +20,7 @@ pictures from two runs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
 import uuid
@@ -30,12 +31,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from cgidm.storage import ObjectNotFound, Storage, StorageError
-from cgidm_core.names import ALL_METRICS
+from cgidm_core.inversion_config import InversionConfig
+from cgidm_core.names import ALL_METRICS, GRADIENT_CHECKPOINTING_MODES, PRESETS
+from cgidm_core.names import ARTIFACT_KINDS as ARTIFACT_KINDS
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 Role = Literal["image", "control"]
-ARTIFACT_KINDS = ("recovered", "partial", "side_by_side")
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 _ATTEMPT = re.compile(r"^a[0-9]{1,4}-[0-9a-f]{8}$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -46,6 +48,8 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 #: worker counts real tokens with the model's tokenizer (the gateway has none).
 MAX_PROMPT_WORDS = 75
 MAX_PROMPT_CHARS = 1000
+#: The settings of the inversion (the library's one definition, torch-free).
+INVERSION_FIELDS: frozenset[str] = frozenset(f.name for f in dataclasses.fields(InversionConfig))
 
 
 class JobNotFound(LookupError):
@@ -102,7 +106,7 @@ class JobSettings(BaseModel):
                                f"{MAX_PROMPT_WORDS} words; the worker fails a job whose prompt "
                                "is longer than the model's tokenizer takes (77 tokens for "
                                "Stable Diffusion) with `prompt_too_long`.")
-    preset: Literal["default", "reference"] | None = Field(
+    preset: Literal[PRESETS] | None = Field(  # type: ignore[valid-type]
         None, description="reference: the authors' settings (1000 steps, alpha 2, independent "
         "noise, re-encoded partial, unbounded latents), as `cgidm check --preset reference`; "
         "the other settings override it.")
@@ -126,7 +130,8 @@ class JobSettings(BaseModel):
         None, ge=8, le=4096, description="Pixel side the images are run at (default: the "
         "model's native size, e.g. 1024 for SDXL); smaller is cheaper. A multiple of 32 for "
         "SD/SDXL models.")
-    gradient_checkpointing: Literal["auto", "on", "off"] | None = Field(
+    gradient_checkpointing: Literal[  # type: ignore[valid-type]
+        GRADIENT_CHECKPOINTING_MODES] | None = Field(
         None, description="Recompute the denoisers' activations in the backward pass (less GPU "
         "memory, more compute, the same scores); auto (default): only where one image would "
         "not fit the worker's GPU otherwise.")
@@ -153,11 +158,10 @@ class JobSettings(BaseModel):
         return t_max
 
     def inversion_overrides(self) -> dict[str, Any]:
-        """The InversionConfig fields the client set (the rest keep the library defaults)."""
-        fields = ("steps", "seed", "alpha", "epsilon", "t_min", "t_max", "mc_samples",
-                  "common_random_numbers", "reencode_partial", "cell", "resolution",
-                  "gradient_checkpointing")
-        return {k: getattr(self, k) for k in fields if getattr(self, k) is not None}
+        """The InversionConfig fields the client set (the rest keep the library defaults): every
+        field of this schema that :class:`~cgidm_core.inversion_config.InversionConfig` has."""
+        return {k: getattr(self, k) for k in INVERSION_FIELDS & set(type(self).model_fields)
+                if getattr(self, k) is not None}
 
 
 class Progress(BaseModel):

@@ -149,10 +149,11 @@ def file_lock(path: Path) -> Iterator[None]:
 
 def _check_safetensors_name(name: str, where: str) -> None:
     from cgidm.model_files import PICKLE_REFUSAL
+    from cgidm_core.names import PICKLE_SUFFIXES
 
     if not name.lower().endswith(".safetensors"):
         raise ModelFetchError("pickle_checkpoint" if name.lower().endswith(
-            (".ckpt", ".bin", ".pt", ".pth", ".pkl")) else "unsupported_model_file",
+            PICKLE_SUFFIXES) else "unsupported_model_file",
             f"{where}: {name!r} is not a .safetensors file; {PICKLE_REFUSAL}")
 
 
@@ -545,131 +546,192 @@ def fetch_hf(ref: ModelReference, config: FetchConfig,
         return _fetch_hf(ref, config, store)
 
 
+@dataclass
+class _HfListing:
+    """What the Hub (or, offline, the local snapshot) says of a reference: the commit its
+    revision is, the file to fetch (``None``: the whole pipeline folder), the card's base model,
+    and for an LFS file its sha256 and size as listed."""
+
+    commit: str
+    filename: str | None
+    base_model: str | None
+    expected: str | None = None
+    size: int | None = None
+    files: frozenset[str] = frozenset()
+
+
 def _fetch_hf(ref: ModelReference, config: FetchConfig,
               store: CacheStore | None = None) -> FetchedModel:
-    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+    from huggingface_hub import hf_hub_download
 
     assert ref.repo_id is not None
     cache = config.cache_dir / "huggingface"
     what = f"Hugging Face model {ref.repo_id}"
     revision = ref.revision or "main"
-    base_model = None
-    expected: str | None = None
-    size_of: int | None = None
+    # 1. Offline, a file this worker fetched before is served from its own cache.
     if config.is_offline and store is not None:
         known = _stored_hf_file(config, store, ref, revision)
         if known is not None:
             return known
     try:
-        if config.is_offline:
-            folder = Path(snapshot_download(ref.repo_id, revision=revision, cache_dir=cache,
-                                            local_files_only=True))
-            commit = folder.name
-            names = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()]
-            filename = ref.filename or _pick_file(names, what)
-            readme = folder / "README.md"
-            if readme.is_file():
-                from huggingface_hub import ModelCard
-
-                base_model = _card_base_model(ModelCard.load(readme).data)
-        else:
-            info = HfApi(endpoint=config.endpoint).model_info(
-                ref.repo_id, revision=revision, files_metadata=True, timeout=config.timeout)
-            commit = info.sha
-            if not commit:
-                raise ModelFetchError("hub_unavailable", f"{what}: the Hub did not say which "
-                                      "commit the revision is")
-            siblings = {s.rfilename: s for s in info.siblings or []}
-            filename = ref.filename or _pick_file(list(siblings), what)
-            if filename is not None and filename not in siblings:
-                raise ModelFetchError("model_not_found", f"{what}: no file {filename!r} at "
-                                      f"{revision} ({commit[:12]})")
-            base_model = _card_base_model(info.card_data)
-            if filename is not None:
-                sibling = siblings[filename]
-                lfs = sibling.lfs
-                expected = lfs.sha256 if lfs is not None else None
-                size_of = lfs.size if lfs is not None else sibling.size
-                _check_size(size_of, config, f"{what}: {filename}")
-        if filename is None:
-            if not config.allow_snapshot:
-                raise ModelFetchError("unsupported_model_file", f"{what} is a diffusers "
-                                      "pipeline folder; the service takes single .safetensors "
-                                      "files (a LoRA, a single-file checkpoint): name one with "
-                                      "hf:REPO[@REV]:FILE, or check the folder with the CLI")
-            folder = Path(snapshot_download(
-                ref.repo_id, revision=commit, cache_dir=cache, allow_patterns=SNAPSHOT_PATTERNS,
-                endpoint=config.endpoint, local_files_only=config.is_offline))
-            size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-            return FetchedModel(
-                reference=ref.given, canonical=f"hf:{ref.repo_id}@{commit}", site="hf",
-                path=folder, filename="", size=size, sha256=None, revision=commit,
-                base_model=base_model, source_url=f"{config.endpoint}/{ref.repo_id}",
-                fetched_at=_now(), from_cache=config.is_offline)
+        # 2. Pin the revision to a commit and pick the file (or take the pipeline folder).
+        listing = _hf_listing(ref, config, cache, what, revision)
+        if listing.filename is None:
+            return _hf_snapshot(ref, config, cache, what, listing)
+        filename, commit = listing.filename, listing.commit
         _check_safetensors_name(filename, what)
-        if store is not None and expected is not None:
-            # The worker: its content-addressed cache is the cache (bounded by
-            # CGIDM_MODEL_DISK_BYTES), keyed by the sha256 the Hub lists, so a file cached
-            # before is not downloaded again, and no second copy stays in the HF cache.
-            def download(part: Path) -> None:
-                staging = part.with_name(part.name + ".hf")
-                try:
-                    got = Path(hf_hub_download(ref.repo_id, filename, revision=commit,
-                                               local_dir=staging, endpoint=config.endpoint))
-                    if sha256_file(got) != expected:
-                        raise ModelFetchError("model_hash_mismatch", f"{what}: {filename} is "
-                                              f"not the file the Hub lists for commit {commit} "
-                                              f"(sha256 {expected}); nothing was cached")
-                    os.replace(got, part)
-                finally:
-                    import shutil
-
-                    shutil.rmtree(staging, ignore_errors=True)
-
-            path, hit = store(expected, size_of, download)
-            sha = expected  # the store hashed the file and refuses any other content
-            local = None
+        # 3. Download it: into the worker's content-addressed store when the Hub lists its
+        #    sha256, else into the Hugging Face cache (checked and stored below).
+        local: Path | None = None
+        if store is not None and listing.expected is not None:
+            path, hit = _hf_download_to_store(ref, config, store, what, listing)
+            sha = listing.expected  # the store hashed the file and refuses any other content
             _remember_hf_file(config, ref, revision, {
-                "commit": commit, "filename": filename, "sha256": sha, "size": size_of,
-                "base_model": base_model})
+                "commit": commit, "filename": filename, "sha256": sha, "size": listing.size,
+                "base_model": listing.base_model})
         else:
             local = Path(hf_hub_download(ref.repo_id, filename, revision=commit,
                                          cache_dir=cache, endpoint=config.endpoint,
                                          local_files_only=config.is_offline))
+        # 4. Online, remember the revision's commit (and the card) for offline runs.
         if not config.is_offline:
             _remember_revision(cache, ref.repo_id, revision, commit)
-            if "README.md" in siblings and local is not None:  # the card, for offline runs
+            if "README.md" in listing.files and local is not None:
                 hf_hub_download(ref.repo_id, "README.md", revision=commit, cache_dir=cache,
                                 endpoint=config.endpoint)
     except ModelFetchError:
         raise
     except Exception as exc:  # huggingface_hub's HTTP and cache errors
         raise _hf_error(exc, what) from exc
+    # 5. A file in the Hugging Face cache: check its hash, then hand it to the store.
     if local is not None:
         sha = sha256_file(local)
-        if expected is not None and sha != expected:
+        if listing.expected is not None and sha != listing.expected:
             raise ModelFetchError("model_hash_mismatch", f"{what}: {filename} has sha256 "
-                                  f"{sha}, not the {expected} the Hub lists for commit {commit}")
+                                  f"{sha}, not the {listing.expected} the Hub lists for commit "
+                                  f"{commit}")
         path, hit = local, config.is_offline
         if store is not None:  # offline, or a file the Hub lists no sha256 for
-
-            def copy(part: Path) -> None:
-                blob = local.resolve()  # the snapshot entry is a symlink into the HF blobs
-                part.unlink(missing_ok=True)
-                with contextlib.suppress(OSError):
-                    os.link(blob, part)  # same file system: no second copy on disk
-                    return
-                import shutil
-
-                shutil.copyfile(blob, part)
-
-            path, hit = store(sha, local.stat().st_size, copy)
+            path, hit = store(sha, local.stat().st_size, _linked_copy(local))
     return FetchedModel(
         reference=ref.given, canonical=f"hf:{ref.repo_id}@{commit}:{filename}", site="hf",
         path=path, filename=filename, size=path.stat().st_size, sha256=sha, revision=commit,
-        base_model=base_model,
+        base_model=listing.base_model,
         source_url=f"{config.endpoint}/{ref.repo_id}/resolve/{commit}/{filename}",
         fetched_at=_now(), from_cache=hit)
+
+
+def _hf_listing(ref: ModelReference, config: FetchConfig, cache: Path, what: str,
+                revision: str) -> _HfListing:
+    """The commit, file and card of the reference: offline from the local snapshot, online from
+    the Hub's model info (which also lists the file's LFS sha256 and size, checked against
+    the size limit before anything is downloaded)."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    assert ref.repo_id is not None
+    if config.is_offline:
+        folder = Path(snapshot_download(ref.repo_id, revision=revision, cache_dir=cache,
+                                        local_files_only=True))
+        names = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()]
+        filename = ref.filename or _pick_file(names, what)
+        base_model = None
+        readme = folder / "README.md"
+        if readme.is_file():
+            from huggingface_hub import ModelCard
+
+            base_model = _card_base_model(ModelCard.load(readme).data)
+        return _HfListing(commit=folder.name, filename=filename, base_model=base_model)
+    info = HfApi(endpoint=config.endpoint).model_info(
+        ref.repo_id, revision=revision, files_metadata=True, timeout=config.timeout)
+    commit = info.sha
+    if not commit:
+        raise ModelFetchError("hub_unavailable", f"{what}: the Hub did not say which "
+                              "commit the revision is")
+    siblings = {s.rfilename: s for s in info.siblings or []}
+    filename = ref.filename or _pick_file(list(siblings), what)
+    if filename is not None and filename not in siblings:
+        raise ModelFetchError("model_not_found", f"{what}: no file {filename!r} at "
+                              f"{revision} ({commit[:12]})")
+    listing = _HfListing(commit=commit, filename=filename,
+                         base_model=_card_base_model(info.card_data),
+                         files=frozenset(siblings))
+    if filename is not None:
+        sibling = siblings[filename]
+        lfs = sibling.lfs
+        listing.expected = lfs.sha256 if lfs is not None else None
+        listing.size = lfs.size if lfs is not None else sibling.size
+        _check_size(listing.size, config, f"{what}: {filename}")
+    return listing
+
+
+def _hf_snapshot(ref: ModelReference, config: FetchConfig, cache: Path, what: str,
+                 listing: _HfListing) -> FetchedModel:
+    """A reference to a whole diffusers pipeline folder: the CLI fetches its snapshot (weights
+    as safetensors only); the service refuses it (it takes single files)."""
+    from huggingface_hub import snapshot_download
+
+    assert ref.repo_id is not None
+    if not config.allow_snapshot:
+        raise ModelFetchError("unsupported_model_file", f"{what} is a diffusers "
+                              "pipeline folder; the service takes single .safetensors "
+                              "files (a LoRA, a single-file checkpoint): name one with "
+                              "hf:REPO[@REV]:FILE, or check the folder with the CLI")
+    commit = listing.commit
+    folder = Path(snapshot_download(
+        ref.repo_id, revision=commit, cache_dir=cache, allow_patterns=SNAPSHOT_PATTERNS,
+        endpoint=config.endpoint, local_files_only=config.is_offline))
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    return FetchedModel(
+        reference=ref.given, canonical=f"hf:{ref.repo_id}@{commit}", site="hf",
+        path=folder, filename="", size=size, sha256=None, revision=commit,
+        base_model=listing.base_model, source_url=f"{config.endpoint}/{ref.repo_id}",
+        fetched_at=_now(), from_cache=config.is_offline)
+
+
+def _hf_download_to_store(ref: ModelReference, config: FetchConfig, store: CacheStore,
+                          what: str, listing: _HfListing) -> tuple[Path, bool]:
+    """The worker: its content-addressed cache is the cache (bounded by
+    CGIDM_MODEL_DISK_BYTES), keyed by the sha256 the Hub lists, so a file cached before is not
+    downloaded again, and no second copy stays in the HF cache. Returns (path, cache hit)."""
+    from huggingface_hub import hf_hub_download
+
+    assert ref.repo_id is not None and listing.filename is not None
+    filename, commit, expected = listing.filename, listing.commit, listing.expected
+
+    def download(part: Path) -> None:
+        staging = part.with_name(part.name + ".hf")
+        try:
+            got = Path(hf_hub_download(ref.repo_id, filename, revision=commit,
+                                       local_dir=staging, endpoint=config.endpoint))
+            if sha256_file(got) != expected:
+                raise ModelFetchError("model_hash_mismatch", f"{what}: {filename} is "
+                                      f"not the file the Hub lists for commit {commit} "
+                                      f"(sha256 {expected}); nothing was cached")
+            os.replace(got, part)
+        finally:
+            import shutil
+
+            shutil.rmtree(staging, ignore_errors=True)
+
+    assert expected is not None
+    return store(expected, listing.size, download)
+
+
+def _linked_copy(local: Path) -> Callable[[Path], None]:
+    """A store filler that hard-links the Hugging Face cache's blob (no second copy on disk on
+    the same file system), or copies it."""
+
+    def copy(part: Path) -> None:
+        blob = local.resolve()  # the snapshot entry is a symlink into the HF blobs
+        part.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            os.link(blob, part)  # same file system: no second copy on disk
+            return
+        import shutil
+
+        shutil.copyfile(blob, part)
+
+    return copy
 
 
 def fetch(ref: ModelReference, config: FetchConfig,

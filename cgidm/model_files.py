@@ -39,6 +39,7 @@ from cgidm_core.key_signatures import (  # noqa: F401 - re-exported: the gateway
     transformer_family,
 )
 from cgidm_core.names import DDPM_FAMILY, FLUX_FAMILY, SD_FAMILY
+from cgidm_core.names import PICKLE_SUFFIXES as PICKLE_SUFFIXES  # the upload check's refusal
 
 #: safetensors refuses headers above 100 MB; real checkpoints have a few hundred KB of header.
 MAX_HEADER_BYTES = 64 * 1024 * 1024
@@ -56,7 +57,6 @@ DTYPE_BYTES: dict[str, int] = {
 }
 #: What an upload may be: LoRA weights, an LDM single-file checkpoint, or fine-tuned UNet weights.
 UPLOAD_KINDS = ("lora", "single_file", "unet")
-PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
 PICKLE_REFUSAL = (
     "pickle checkpoints (.ckpt, .bin, .pt) can run code when they are opened, so cgidm accepts "
     "only .safetensors files; convert the model once in a trusted environment (e.g. "

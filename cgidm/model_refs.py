@@ -32,6 +32,11 @@ Site = Literal["hf", "civitai"]
 #: The host each site's references name (a mirror set by HF_ENDPOINT or CGIDM_CIVITAI_URL serves
 #: the same references; allow-lists name these hosts).
 SITE_HOSTS: dict[str, str] = {"hf": "huggingface.co", "civitai": "civitai.com"}
+#: ``pretrained`` value for a suspect named by hub reference: the base its hub page records (the
+#: registry's base-model table), resolved by the worker once it has the page; the gateway only
+#: lets it through.
+AUTO_BASE = "auto"
+
 _HF_HOSTS = {"huggingface.co", "www.huggingface.co", "hf.co"}
 _CIVITAI_HOSTS = {"civitai.com", "www.civitai.com"}
 #: Hugging Face repository names: letters, digits, '-', '_', '.', at most 96 characters each part.

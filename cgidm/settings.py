@@ -29,6 +29,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from cgidm_core.names import DTYPES
+
 ENV_PREFIX = "CGIDM_"
 _KEY_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
@@ -138,7 +140,7 @@ class Settings(BaseSettings):
     device: str | None = Field(
         None, description="Torch device of the worker: cuda, cuda:1, cpu (default: cuda if any)."
     )
-    dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
+    dtype: Literal[DTYPES] | None = Field(  # type: ignore[valid-type]
         None, description="Compute dtype of the models (default: float16 on GPU, float32 on CPU)."
     )
     feature_model: Path | None = Field(

@@ -2,7 +2,8 @@
 
 ``import cgidm_core`` is cheap and does not import torch: the names below load their module on
 first use (PEP 562), so the gateway and the CLI can import the torch-free
-:mod:`cgidm_core.names` and :mod:`cgidm_core.errors` from a machine without torch.
+:mod:`cgidm_core.names`, :mod:`cgidm_core.errors` and :mod:`cgidm_core.inversion_config`
+(``InversionConfig``) from a machine without torch.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ _EXPORTS = {
     "CGIDMError": "errors",
     "Conditioning": "pair",
     "ImageResult": "results",
-    "InversionConfig": "inversion",
+    "InversionConfig": "inversion_config",
     "ModelPair": "pair",
     "authenticate": "api",
     "invert": "inversion",
@@ -36,7 +37,8 @@ __all__ = [
 if TYPE_CHECKING:
     from .api import authenticate, load_pair
     from .errors import CGIDMError
-    from .inversion import InversionConfig, invert
+    from .inversion import invert
+    from .inversion_config import InversionConfig
     from .pair import Conditioning, ModelPair
     from .results import ImageResult
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 import warnings
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from .images import (
     to_tensor,
 )
 from .inversion import CancelFn, InversionConfig, invert
-from .names import DEFAULT_METRIC, PIXEL_METRICS
+from .names import DEFAULT_DISPLAY, DEFAULT_METRIC, PIXEL_METRICS
 from .pair import ModelPair
 from .prompts import EmptyPromptWarning, choose_prompt
 from .results import ImageResult
@@ -155,7 +156,7 @@ def authenticate(
     prompt_source: str | None = None,
     on_batch_halved: Callable[[int], None] | None = None,
     attack_scores: Sequence[str] | None = None,
-    display: str = "palette_clamp",
+    display: str = DEFAULT_DISPLAY,
 ) -> AuthenticationResults:
     """Recover every image's removed half and score the recovery against the original.
 
@@ -191,6 +192,63 @@ def authenticate(
     recovery as is. Every score is measured on the raw recovery (``ImageResult.recovered_raw``
     when the two differ); the choice is recorded as ``provenance["method"]["display"]``.
     """
+    # 1. Check every setting and read every image before any model pass.
+    run = _prepare_run(pair, images, names=names, config=config, metrics=metrics,
+                       score_metric=score_metric, feature_model=feature_model,
+                       batch_size=batch_size, attack_scores=attack_scores, display=display)
+    # 2. The prompt both models are conditioned on; with none, the empty prompt and a warning.
+    choice = choose_prompt(prompt, pair)
+    if choice.warning:
+        warnings.warn(choice.warning, EmptyPromptWarning, stacklevel=2)
+    # 3. What the results are computed from (hashes, settings, versions), recorded up front.
+    record = provenance.build(pair, images, run.labels, prompt=choice.text,
+                              prompt_source=prompt_source or choice.source, config=run.config,
+                              score_metric=run.score_metric, metrics=run.wanted,
+                              batch_size=run.batch_size)
+    record["method"]["display"] = display
+    cond = pair.conditioning(choice.text)
+    # 4. Invert batch by batch (halving a batch the device has no memory for), then score each
+    #    batch's recoveries and attacks into one result per image, in input order.
+    results: list[ImageResult] = []
+    for batch in _inverted_batches(pair, run, cond, progress, should_cancel, on_batch_halved):
+        results.extend(_batch_results(pair, run, record, cond, batch))
+    return AuthenticationResults(results, record)
+
+
+@dataclass
+class _Run:
+    """What :func:`authenticate` checked and read before its first model pass."""
+
+    config: InversionConfig
+    size: int  # pixel side the images run at
+    batch_size: int
+    score_metric: str
+    wanted: list[str]  # every metric computed, the score's included
+    feature_model: FeatureModel | str | Path | None
+    labels: list[str]
+    pictures: list[Any]  # the images as read (PIL)
+    attacks: tuple[str, ...]
+    display: str
+
+
+@dataclass
+class _Batch:
+    """One inverted batch: the images' indices, their tensor, seeds and the inversion's output."""
+
+    indices: list[int]
+    tensor: torch.Tensor
+    seeds: list[int]
+    out: Any  # cgidm_core.inversion.InversionOutput
+
+
+def _prepare_run(pair: ModelPair, images: Sequence[ImageSource], *,
+                 names: Sequence[str] | None, config: InversionConfig | None,
+                 metrics: Sequence[str] | None, score_metric: str | None,
+                 feature_model: FeatureModel | str | Path | None, batch_size: int | None,
+                 attack_scores: Sequence[str] | None, display: str) -> _Run:
+    """Check the settings against the pair and read the images (a bad one fails here, in
+    seconds); decides gradient checkpointing before the batch size, which is planned with or
+    without it."""
     from .evidence import ATTACK_SCORES
 
     attacks = tuple(ATTACK_SCORES if attack_scores is None else attack_scores)
@@ -199,7 +257,6 @@ def authenticate(
     config = config or InversionConfig()
     config.validate(pair.num_train_timesteps)
     size = pair.run_size(config.resolution)
-    # Decided before the batch size, which is planned with or without it.
     pair.set_gradient_checkpointing(config.gradient_checkpointing, size)
     batch_size = checked_batch_size(pair, images, batch_size, side=size)
     score_metric = score_metric or DEFAULT_METRIC
@@ -207,25 +264,29 @@ def authenticate(
     validate_metrics(wanted, feature_model)
     labels = image_names(images, names)
     pictures = [load_image(src, name=label) for src, label in zip(images, labels, strict=True)]
-    choice = choose_prompt(prompt, pair)
-    if choice.warning:
-        warnings.warn(choice.warning, EmptyPromptWarning, stacklevel=2)
-    record = provenance.build(pair, images, labels, prompt=choice.text,
-                              prompt_source=prompt_source or choice.source, config=config,
-                              score_metric=score_metric, metrics=wanted, batch_size=batch_size)
-    record["method"]["display"] = display
-    cond = pair.conditioning(choice.text)
+    return _Run(config=config, size=size, batch_size=batch_size, score_metric=score_metric,
+                wanted=wanted, feature_model=feature_model, labels=labels, pictures=pictures,
+                attacks=attacks, display=display)
 
+
+def _inverted_batches(pair: ModelPair, run: _Run, cond: Any,
+                      progress: Callable[[int, int], None] | None,
+                      should_cancel: CancelFn | None,
+                      on_batch_halved: Callable[[int], None] | None) -> Iterator[_Batch]:
+    """Invert the images batch by batch, in order. ``progress`` counts PGD steps over all
+    batches. A batch the device runs out of memory on is retried: a single image once more with
+    gradient checkpointing (where "auto" had left it off), else it and every batch after it are
+    split in half; a single image that still does not fit raises :class:`OutOfMemory`."""
+    config, pictures = run.config, run.pictures
     pending = deque(
-        list(range(start, min(start + batch_size, len(pictures))))
-        for start in range(0, len(pictures), batch_size)
+        list(range(start, min(start + run.batch_size, len(pictures))))
+        for start in range(0, len(pictures), run.batch_size)
     )
     offset = 0  # PGD steps of the batches already done
-    results: list[ImageResult] = []
     while pending:
         indices = pending.popleft()
         total = offset + config.steps * (1 + len(pending))
-        tensor = to_tensor([pictures[i] for i in indices], size)
+        tensor = to_tensor([pictures[i] for i in indices], run.size)
         seeds = [image_seed(img, config.seed) for img in tensor]
 
         def report(done: int, _steps: int, start: int = offset, total: int = total) -> None:
@@ -234,23 +295,12 @@ def authenticate(
 
         out = None
         try:
-            out = invert(
-                pair, tensor, cond, config, seeds=seeds, progress=report,
-                should_cancel=should_cancel,
-            )
+            out = invert(pair, tensor, cond, config, seeds=seeds, progress=report,
+                         should_cancel=should_cancel)
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
-            retry_checkpointed = (len(indices) == 1 and not pair.gradient_checkpointing
-                                  and config.gradient_checkpointing == "auto"
-                                  and bool(pair.denoisers()))
-            if retry_checkpointed:  # the estimate was optimistic: recompute instead of keeping
-                pair.set_gradient_checkpointing("on")
-            elif len(indices) == 1:
-                raise OutOfMemory(
-                    f"the device ran out of memory on one image ({labels[indices[0]]}) at "
-                    "batch size 1; use smaller images or a device with more memory"
-                ) from exc
+            _after_out_of_memory(pair, config, indices, run.labels, exc)
         if out is None:  # out of memory; outside the except block, whose traceback holds tensors
             del tensor
             release_device_memory()
@@ -264,38 +314,63 @@ def authenticate(
                 on_batch_halved(half)
             continue
         offset += config.steps
-        values = compute_metrics(out.original, out.recovered, out.mask, wanted, feature_model)
-        # The inversion already encoded the batch; its deterministic latent (the posterior mean)
-        # is what the attacks score, so it is reused rather than encoded a second time.
-        z0 = None if config.sample_latent else out.latent_original
-        attack_values = _attack_scores(pair, tensor, cond, attacks, seeds, config.seed,
-                                       len(indices), z0=z0)
-        originals, partials, raw = to_pil(out.original), to_pil(out.partial), to_pil(
-            out.recovered
-        )
-        shown = (to_pil(palette_clamp(out.original, out.recovered, out.mask))
-                 if display == "palette_clamp" else raw)
-        for j, i in enumerate(indices):
-            image_metrics = {name: values[name][j] for name in wanted}
-            results.append(
-                ImageResult(
-                    name=labels[i],
-                    score=score_from_metric(score_metric, image_metrics[score_metric]),
-                    metrics=image_metrics,
-                    original=originals[j],
-                    partial=partials[j],
-                    recovered=shown[j],
-                    recovered_raw=raw[j] if shown is not raw else None,
-                    extra={
-                        "final_loss": _finite_or_none(float(out.losses[j, -1])),
-                        "nonfinite_gradient_steps": _count(out.nonfinite_steps, j),
-                        "input_sha256": record["inputs"][i]["sha256"],
-                        **({"attack_scores": {name: vals[j] for name, vals in
-                                              attack_values.items()}} if attack_values else {}),
-                    },
-                )
+        yield _Batch(indices=indices, tensor=tensor, seeds=seeds, out=out)
+
+
+def _after_out_of_memory(pair: ModelPair, config: InversionConfig, indices: list[int],
+                         labels: list[str], exc: BaseException) -> None:
+    """Decide what a batch that ran out of memory does next: one image with checkpointing left
+    off by "auto" turns it on (the estimate was optimistic: recompute instead of keeping); one
+    image that cannot be helped raises :class:`OutOfMemory`; a larger batch is split later."""
+    retry_checkpointed = (len(indices) == 1 and not pair.gradient_checkpointing
+                          and config.gradient_checkpointing == "auto"
+                          and bool(pair.denoisers()))
+    if retry_checkpointed:
+        pair.set_gradient_checkpointing("on")
+    elif len(indices) == 1:
+        raise OutOfMemory(
+            f"the device ran out of memory on one image ({labels[indices[0]]}) at "
+            "batch size 1; use smaller images or a device with more memory"
+        ) from exc
+
+
+def _batch_results(pair: ModelPair, run: _Run, record: dict[str, Any], cond: Any,
+                   batch: _Batch) -> list[ImageResult]:
+    """Score one inverted batch: the recovery's similarity metrics, the attacks on the same
+    images, and the pictures (the shown recovery clamped to the palette unless ``raw``)."""
+    out, indices, config = batch.out, batch.indices, run.config
+    values = compute_metrics(out.original, out.recovered, out.mask, run.wanted,
+                             run.feature_model)
+    # The inversion already encoded the batch; its deterministic latent (the posterior mean)
+    # is what the attacks score, so it is reused rather than encoded a second time.
+    z0 = None if config.sample_latent else out.latent_original
+    attack_values = _attack_scores(pair, batch.tensor, cond, run.attacks, batch.seeds,
+                                   config.seed, len(indices), z0=z0)
+    originals, partials, raw = to_pil(out.original), to_pil(out.partial), to_pil(out.recovered)
+    shown = (to_pil(palette_clamp(out.original, out.recovered, out.mask))
+             if run.display == "palette_clamp" else raw)
+    results = []
+    for j, i in enumerate(indices):
+        image_metrics = {name: values[name][j] for name in run.wanted}
+        results.append(
+            ImageResult(
+                name=run.labels[i],
+                score=score_from_metric(run.score_metric, image_metrics[run.score_metric]),
+                metrics=image_metrics,
+                original=originals[j],
+                partial=partials[j],
+                recovered=shown[j],
+                recovered_raw=raw[j] if shown is not raw else None,
+                extra={
+                    "final_loss": _finite_or_none(float(out.losses[j, -1])),
+                    "nonfinite_gradient_steps": _count(out.nonfinite_steps, j),
+                    "input_sha256": record["inputs"][i]["sha256"],
+                    **({"attack_scores": {name: vals[j] for name, vals in
+                                          attack_values.items()}} if attack_values else {}),
+                },
             )
-    return AuthenticationResults(results, record)
+        )
+    return results
 
 
 def _attack_scores(pair: ModelPair, tensor: torch.Tensor, cond: Any, attacks: Sequence[str],

@@ -27,7 +27,8 @@ class ModelFormatError(CGIDMError):
 
 
 class UnsupportedModelFamilyError(ModelFormatError):
-    """The model belongs to a family cgidm refuses (for example SDXL)."""
+    """The model belongs to a family cgidm does not support (Stable Diffusion 3, the SDXL
+    refiner, an unknown pipeline class); SDXL base and Flux.1 are supported."""
 
     code = "unsupported_family"
 

@@ -173,29 +173,11 @@ def score_images_detailed(
         feature_model=feature_model, batch_size=batch_size, progress=inversion_progress,
         attack_scores=None if method == "evidence" else (),
     )
-    similarity = [float(r.score) for r in results]
-    details = [r.to_dict() for r in results]
     settings.update({"metric": metric, "inversion": config.to_dict()})
-    if method == "cgidm":
-        scores = similarity
-    elif method == "evidence":
-        from .evidence import DEFAULT_EVIDENCE, evidence_scores, evidence_settings
-
-        scores = evidence_scores(details, DEFAULT_EVIDENCE)
-        for record, sim, score in zip(details, similarity, scores, strict=True):
-            record.update({"score": score, "cgidm_score": sim})
-        settings["evidence"] = evidence_settings(DEFAULT_EVIDENCE)
-    else:
-        other = FUSIONS[method]
-        cheap = _baseline_scores(
-            pair, pictures, other, prompt=prompt, seed=config.seed, batch_size=batch_size,
-            progress=progress, progress_offset=inversion_units, progress_total=total_units,
-            size=size,
-        )
-        scores = combine_scores(similarity, cheap)
-        for record, sim, con, score in zip(details, similarity, cheap, scores, strict=True):
-            record.update({"score": score, "cgidm_score": sim, f"{other}_score": con})
-        settings["combination"] = f"zscore(cgidm) + zscore({other}), pooled over scored images"
+    scores, details = _scores_from_recoveries(
+        pair, pictures, method, results, settings, prompt=prompt, seed=config.seed,
+        batch_size=batch_size, progress=progress, progress_offset=inversion_units,
+        progress_total=total_units, size=size)
     return ScoredImages(
         method=method,
         scores=scores,
@@ -204,6 +186,39 @@ def score_images_detailed(
         settings=settings,
         results=results,
     )
+
+
+def _scores_from_recoveries(pair: ModelPair, pictures: list[Any], method: str, results: Any,
+                            settings: dict[str, Any], *, prompt: str | None, seed: int,
+                            batch_size: int, progress: ProgressFn | None, progress_offset: int,
+                            progress_total: int, size: int) -> tuple[list[float], list[dict]]:
+    """The scores of an inversion method from its results: the recovery's similarity
+    (``cgidm``), the verdict's fused evidence (``evidence``), or the similarity z-scored with a
+    cheap attack run now (``combined``, ``fused``). Returns the scores and per-image details and
+    records how they were made in ``settings``."""
+    similarity = [float(r.score) for r in results]
+    details = [r.to_dict() for r in results]
+    if method == "cgidm":
+        return similarity, details
+    if method == "evidence":
+        from .evidence import DEFAULT_EVIDENCE, evidence_scores, evidence_settings
+
+        scores = evidence_scores(details, DEFAULT_EVIDENCE)
+        for record, sim, score in zip(details, similarity, scores, strict=True):
+            record.update({"score": score, "cgidm_score": sim})
+        settings["evidence"] = evidence_settings(DEFAULT_EVIDENCE)
+        return scores, details
+    other = FUSIONS[method]
+    cheap = _baseline_scores(
+        pair, pictures, other, prompt=prompt, seed=seed, batch_size=batch_size,
+        progress=progress, progress_offset=progress_offset, progress_total=progress_total,
+        size=size,
+    )
+    scores = combine_scores(similarity, cheap)
+    for record, sim, con, score in zip(details, similarity, cheap, scores, strict=True):
+        record.update({"score": score, "cgidm_score": sim, f"{other}_score": con})
+    settings["combination"] = f"zscore(cgidm) + zscore({other}), pooled over scored images"
+    return scores, details
 
 
 def score_images(

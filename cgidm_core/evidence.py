@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError
+from .names import DEFAULT_EVIDENCE  # the verdict's default score, shared with the CLI
 
 #: The cheap scores the verdict's fusion adds to the recovery's similarity; computed by
 #: :func:`cgidm_core.api.authenticate` for every image (19 model evaluations on top of 600).
@@ -46,9 +47,6 @@ EVIDENCE_COMPONENTS: dict[str, tuple[str, ...]] = {
 }
 #: Every evidence a caller may ask for: the fusions, the similarity alone, the records' own score.
 EVIDENCE_CHOICES: tuple[str, ...] = (*EVIDENCE_COMPONENTS, "similarity", "given")
-#: The verdict's score unless the caller asks for another (chosen on the benchmark suite).
-DEFAULT_EVIDENCE = "fused"
-
 #: One sentence per evidence, written into every document under ``evidence.description``.
 EVIDENCE_DESCRIPTIONS: dict[str, str] = {
     "fused": "z(masked SSIM) + z(masked PSNR) of the recovery + z(loss attack) + z(contrast at "

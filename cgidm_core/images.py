@@ -12,6 +12,10 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageInputError
+
+# DISPLAY_MODES: how the recovered picture a person looks at is made from the recovery the
+# scores are measured on (``palette_clamp``, :func:`palette_clamp`; ``raw``: as is).
+from .names import DISPLAY_MODES as DISPLAY_MODES
 from .names import IMAGE_SUFFIXES
 
 ImageSource = str | Path | bytes | Image.Image
@@ -120,12 +124,6 @@ def image_seed(image: torch.Tensor, seed: int) -> int:
     digest = hashlib.blake2b(quantised.numpy().tobytes(), digest_size=8)
     digest.update(int(seed).to_bytes(8, "little", signed=True))
     return int.from_bytes(digest.digest(), "little") & 0x7FFF_FFFF_FFFF_FFFF
-
-
-#: How the recovered picture a person looks at is made from the recovery the scores are
-#: measured on: ``palette_clamp`` (default) cuts each channel of the recovered cells back into
-#: the range that channel takes in the kept cells of the same image; ``raw`` shows it as is.
-DISPLAY_MODES: tuple[str, ...] = ("palette_clamp", "raw")
 
 
 def palette_clamp(original: torch.Tensor, recovered: torch.Tensor,

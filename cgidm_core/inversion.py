@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
 from .errors import Cancelled, ConfigError
 from .images import quantize_8bit
+from .inversion_config import GRADIENT_CHECKPOINTING_MODES as GRADIENT_CHECKPOINTING_MODES
+from .inversion_config import InversionConfig as InversionConfig
+from .inversion_config import preset_config as preset_config
 from .masks import checkerboard_mask, default_cell, upsample_mask
 from .pair import Conditioning, ModelPair
 
@@ -32,134 +35,6 @@ REFERENCE_FREE_ENTRIES = 4 * 64 * 64 // 2
 
 ProgressFn = Callable[[int, int], None]
 CancelFn = Callable[[], bool]
-
-
-#: ``InversionConfig.gradient_checkpointing`` values.
-GRADIENT_CHECKPOINTING_MODES = ("auto", "on", "off")
-
-
-@dataclass(frozen=True)
-class InversionConfig:
-    """Settings of the PGD; ``alpha`` and ``epsilon`` are given for a 4x64x64 latent.
-
-    For other latent sizes both are scaled by sqrt(free entries / 8192), which keeps the per-entry
-    step and radius of the reference, so one setting means the same thing for SD and pixel models.
-
-    Our defaults were chosen by measurement (``benchmarks/sweep.py``, Van Gogh 10 members vs 10
-    hold-outs; table in README "Defaults"). On the strongly fine-tuned demo pair a step of 4.0
-    reaches AUC 1.0 on every pixel metric by 25 steps where the reference step 2.0 needs ~50.
-    On the lightly fine-tuned pair (demo-vangogh-light) SSIM AUC rises from 0.86 at 50 steps to
-    0.90 at 100, equal to the reference settings cut to 100 steps and above the full 1000-step
-    reference (0.84), so the default is 100 steps: 10x fewer than the reference. Common random
-    numbers beat independent noise at every step count measured; a second Monte Carlo sample
-    helped less than it cost.
-    """
-
-    steps: int = 100
-    alpha: float = 4.0
-    epsilon: float = 70.0
-    t_min: int = 1
-    t_max: int | None = None  # None: the last training timestep - 1 (999 for 1000 steps)
-    mc_samples: int = 1
-    common_random_numbers: bool = True
-    reencode_partial: bool = False
-    #: Sample the VAE latent from its posterior (``latent_dist.sample()``, from the image's
-    #: seeded generator) as the reference does, instead of taking the mean. No effect on pixel
-    #: models.
-    sample_latent: bool = False
-    #: Round the decoded partial image to 8-bit pixels before re-encoding it, as the reference's
-    #: PIL round trip does. Needs ``reencode_partial``.
-    quantize_partial: bool = False
-    cell: int | None = None  # latent pixels per mask square; None: see masks.default_cell
-    seed: int = 0
-    #: Keep the recovery inside the latent space's valid range (pixel pairs: [-1, 1]) after each
-    #: step, so the PGD cannot "recover" values no image has. No effect on unbounded latents.
-    bounded: bool = True
-    #: Pixel side the images are resized and centre-cropped to; ``None``: the model's native size
-    #: (SD 1.x 512, SD 2.x-768 768, SDXL 1024, read from the model). A smaller side makes a
-    #: cheaper check; the mask cells and the PGD step and radius scale with the latent size as
-    #: they do for every model (``masks.default_cell``, :func:`scaled_radius`).
-    resolution: int | None = None
-    #: Keep each channel of the recovered cells inside the range that channel takes in the kept
-    #: cells of the same image (its "palette"): recoveries for looking at. Off by default: on the
-    #: suite's strong Van Gogh pair it made members' recoveries much closer to the originals
-    #: (SSIM AUC stayed 1.00, PSNR's fell to 0.88); weaker pairs were not measured with it
-    #: (docs/ACCURACY.md, "Pictures").
-    palette_bounds: bool = False
-    #: Recompute the denoisers' activations in the backward pass instead of keeping them:
-    #: "auto" switches it on only where one image would not fit the GPU's free memory without it
-    #: (``devices.checkpointing_needed``: an SDXL full pair at 1024 px in float16 on a 24 GB
-    #: card; a Flux pair everywhere but the largest cards), "on"/"off" force it. It trades about
-    #: a third more denoiser compute for ~10x less activation memory and changes no number
-    #: (tests/test_family_memory.py).
-    gradient_checkpointing: str = "auto"
-
-    @classmethod
-    def reference(cls, **overrides: object) -> InversionConfig:
-        """The authors' path wherever it is a choice: 1000 steps, alpha 2, epsilon 70, independent
-        noise per model, one Monte Carlo sample, latents sampled from the VAE posterior, the
-        partial image decoded, rounded to 8-bit pixels and re-encoded, no box constraint.
-
-        What still differs from their code (README, on ``InversionConfig.reference()``): every
-        draw comes from a per-image seeded generator (theirs are unseeded), the networks run in
-        the pair's dtype (they run float16 on a GPU), and the score is computed per image (theirs
-        is each original's best match over all recoveries of its split; ``cgidm eval --protocol
-        paper`` reports that too).
-        """
-        base = cls(
-            steps=1000,
-            alpha=2.0,
-            epsilon=70.0,
-            t_min=1,
-            t_max=None,
-            mc_samples=1,
-            common_random_numbers=False,
-            reencode_partial=True,
-            sample_latent=True,
-            quantize_partial=True,
-            bounded=False,
-        )
-        return replace(base, **overrides)  # type: ignore[arg-type]
-
-    def validate(self, num_train_timesteps: int | None = None) -> None:
-        if not 1 <= self.steps <= 100_000:
-            raise ConfigError(f"steps must be between 1 and 100000, got {self.steps}")
-        if not (math.isfinite(self.alpha) and self.alpha > 0):
-            raise ConfigError(f"alpha must be a positive number, got {self.alpha}")
-        if not (math.isfinite(self.epsilon) and self.epsilon > 0):
-            raise ConfigError(f"epsilon must be a positive number, got {self.epsilon}")
-        if not 1 <= self.mc_samples <= 64:
-            raise ConfigError(f"mc_samples must be between 1 and 64, got {self.mc_samples}")
-        if self.quantize_partial and not self.reencode_partial:
-            raise ConfigError(
-                "quantize_partial rounds the partial image before it is re-encoded; it needs "
-                "reencode_partial=True"
-            )
-        if self.gradient_checkpointing not in GRADIENT_CHECKPOINTING_MODES:
-            raise ConfigError(
-                f"gradient_checkpointing must be one of {', '.join(GRADIENT_CHECKPOINTING_MODES)}"
-                f", got {self.gradient_checkpointing!r}"
-            )
-        if self.cell is not None and self.cell < 1:
-            raise ConfigError(f"cell must be >= 1, got {self.cell}")
-        if self.resolution is not None and not 8 <= self.resolution <= 4096:
-            raise ConfigError(f"resolution must be between 8 and 4096 pixels, got "
-                              f"{self.resolution}")
-        t_max = self.resolved_t_max(num_train_timesteps or 1000)
-        if not 0 <= self.t_min <= t_max:
-            raise ConfigError(
-                f"timestep range [{self.t_min}, {t_max}] is empty; need 0 <= t_min <= t_max"
-            )
-        if num_train_timesteps is not None and t_max >= num_train_timesteps:
-            raise ConfigError(
-                f"t_max {t_max} is beyond the model's {num_train_timesteps} training timesteps"
-            )
-
-    def resolved_t_max(self, num_train_timesteps: int) -> int:
-        return self.t_max if self.t_max is not None else num_train_timesteps - 1
-
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
 
 
 @dataclass
@@ -274,12 +149,77 @@ def invert(
     step count, and the mean of the iterates after step ``average_from`` (benchmarks use them to
     compare step counts and an averaged recovery within one run).
     """
+    # 1. Check the settings; one seeded noise source per image.
     config.validate(pair.num_train_timesteps)
     if len(seeds) != images.shape[0]:
         raise ConfigError(f"need one seed per image: {len(seeds)} seeds for {images.shape[0]}")
-    device = pair.device
     t_range = (config.t_min, config.resolved_t_max(pair.num_train_timesteps))
     source = _NoiseSource(seeds, pair.latent_shape, t_range)
+    # 2. Encode the images, split each latent into kept and free cells, start from the kept half.
+    start = _starting_point(pair, images, config, source)
+    z0, keep, free, z_start = start.z0, start.keep, start.free, start.z_start
+    alpha, epsilon = scaled_radius(config, int(free.sum().item()) * z0.shape[1])
+    bounds = _latent_box(pair, config, z0, keep)
+    # 3. Projected gradient descent on the contrast loss, over the free cells only.
+    delta = torch.zeros_like(z0)
+    recorded: dict[str, torch.Tensor] = {}
+    delta_sum = torch.zeros_like(z0) if average_from is not None else None
+    losses = torch.zeros(z0.shape[0], config.steps)
+    nonfinite = torch.zeros(z0.shape[0], dtype=torch.long, device=pair.device)
+    for step in range(config.steps):
+        if should_cancel is not None and step % cancel_every == 0 and should_cancel():
+            raise Cancelled(f"cancelled after {step} of {config.steps} steps")
+        delta, loss, skipped = _pgd_step(pair, cond, config, source, start, delta, alpha,
+                                         epsilon, bounds)
+        nonfinite += skipped
+        with torch.no_grad():
+            if delta_sum is not None and step + 1 > average_from:  # type: ignore[operator]
+                delta_sum += delta
+            if step + 1 in record_steps:
+                recorded[f"step{step + 1}"] = pair.decode(z0 * keep + (z_start + delta) * free)
+        losses[:, step] = loss.detach().float().cpu()
+        if progress is not None:
+            progress(step + 1, config.steps)
+    # 4. Decode the recovery (and the extras asked for); everything goes back on the CPU.
+    with torch.no_grad():
+        recovered_latent = z0 * keep + (z_start + delta) * free
+        recovered = pair.decode(recovered_latent).float().cpu()
+        partial = pair.decode(z_start).float().cpu()
+        if delta_sum is not None and config.steps > average_from:  # type: ignore[operator]
+            mean_delta = delta_sum / (config.steps - average_from)  # type: ignore[operator]
+            recorded["average"] = pair.decode(z0 * keep + (z_start + mean_delta) * free)
+    return InversionOutput(
+        original=images.float().cpu(),
+        partial=partial,
+        recovered=recovered,
+        mask=upsample_mask(keep, pair.pixels_per_latent).cpu(),
+        losses=losses,
+        delta_norm=_per_image_norm(delta).flatten().cpu(),
+        latent_original=z0.cpu(),
+        latent_recovered=recovered_latent.float().cpu(),
+        latent_mask=keep.cpu(),
+        epsilon=epsilon,
+        nonfinite_steps=nonfinite.cpu(),
+        recovered_at={k: v.float().cpu() for k, v in recorded.items()},
+    )
+
+
+@dataclass
+class _Start:
+    """The encoded images (``z0``), the kept/free cell masks (1 = kept) and the latent the PGD
+    starts from (``z_start``: the kept half, re-encoded when the config asks)."""
+
+    z0: torch.Tensor
+    keep: torch.Tensor
+    free: torch.Tensor
+    z_start: torch.Tensor
+
+
+def _starting_point(pair: ModelPair, images: torch.Tensor, config: InversionConfig,
+                    source: _NoiseSource) -> _Start:
+    """Encode the batch (the posterior mean, or a draw from it as the reference does), mask it
+    with the checkerboard and build the starting latent."""
+    device = pair.device
     with torch.no_grad():
         if config.sample_latent:
             # The posterior draws come first from each image's generator, then the PGD's.
@@ -290,10 +230,6 @@ def invert(
     latent_shape = tuple(z0.shape[1:])
     cell = config.cell or default_cell(latent_shape, pair.pixels_per_latent)  # type: ignore[arg-type]
     keep = checkerboard_mask(latent_shape, cell).to(device)  # type: ignore[arg-type]
-    free = 1.0 - keep
-    free_entries = int(free.sum().item()) * latent_shape[0]
-    alpha, epsilon = scaled_radius(config, free_entries)
-
     with torch.no_grad():
         z_start = z0 * keep
         if config.reencode_partial:
@@ -304,8 +240,13 @@ def invert(
                 z_start = pair.encode_sampled(partial_pixels, source.generators).float()
             else:
                 z_start = pair.encode(partial_pixels).float()
+    return _Start(z0=z0, keep=keep, free=1.0 - keep, z_start=z_start)
 
-    delta = torch.zeros_like(z0)
+
+def _latent_box(pair: ModelPair, config: InversionConfig, z0: torch.Tensor,
+                keep: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | float] | None:
+    """The box the recovery is kept in: the latent space's valid range (``bounded``), narrowed
+    per image and channel to the kept cells' range (``palette_bounds``); ``None``: no box."""
     bounds = pair.latent_bounds if config.bounded else None
     if config.palette_bounds:
         big = torch.finfo(z0.dtype).max
@@ -315,61 +256,34 @@ def invert(
         if bounds is not None:
             low, high = low.clamp(*bounds), high.clamp(*bounds)
         bounds = (low, high)  # per image and channel
-    recorded: dict[str, torch.Tensor] = {}
-    delta_sum = torch.zeros_like(z0) if average_from is not None else None
-    losses = torch.zeros(z0.shape[0], config.steps)
+    return bounds
+
+
+def _pgd_step(pair: ModelPair, cond: Conditioning, config: InversionConfig,
+              source: _NoiseSource, start: _Start, delta: torch.Tensor, alpha: float,
+              epsilon: float, bounds: tuple[torch.Tensor | float, torch.Tensor | float] | None,
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One L2 PGD step: draw the timesteps and noise, take the contrast loss's gradient with
+    respect to the free cells' perturbation, step along its per-image normalised direction,
+    project onto the L2 ball and the box. Returns the new perturbation, the loss and the 0/1
+    per image whose gradient was not finite (its step skipped)."""
     samples = config.mc_samples
-    nonfinite = torch.zeros(z0.shape[0], dtype=torch.long, device=device)
-
-    for step in range(config.steps):
-        if should_cancel is not None and step % cancel_every == 0 and should_cancel():
-            raise Cancelled(f"cancelled after {step} of {config.steps} steps")
-        t, noise_ft = source.draw(samples)
-        noise_pre = None if config.common_random_numbers else source.draw_noise(samples)
-        delta.requires_grad_(True)
-        z_in = z0 * keep + (z_start + delta) * free
-        loss = contrast_loss(pair, z_in, cond, t, noise_ft, noise_pre, samples)
-        (grad,) = torch.autograd.grad(loss.sum(), delta)
-        with torch.no_grad():
-            grad, skipped = _skip_nonfinite(grad)
-            nonfinite += skipped
-            delta = delta.detach() - alpha * grad / _per_image_norm(grad).clamp_min(1e-12)
-            norm = _per_image_norm(delta)
-            delta = delta * (epsilon / norm.clamp_min(1e-12)).clamp(max=1.0)
-            if bounds is not None:
-                # Projecting onto the box after the ball keeps delta inside both: the box only
-                # shrinks entries towards z_start, which lowers the norm.
-                delta = (z_start + delta).clamp(*bounds) - z_start
-            if delta_sum is not None and step + 1 > average_from:  # type: ignore[operator]
-                delta_sum += delta
-            if step + 1 in record_steps:
-                recorded[f"step{step + 1}"] = pair.decode(z0 * keep + (z_start + delta) * free)
-        losses[:, step] = loss.detach().float().cpu()
-        if progress is not None:
-            progress(step + 1, config.steps)
-
+    t, noise_ft = source.draw(samples)
+    noise_pre = None if config.common_random_numbers else source.draw_noise(samples)
+    delta.requires_grad_(True)
+    z_in = start.z0 * start.keep + (start.z_start + delta) * start.free
+    loss = contrast_loss(pair, z_in, cond, t, noise_ft, noise_pre, samples)
+    (grad,) = torch.autograd.grad(loss.sum(), delta)
     with torch.no_grad():
-        recovered_latent = z0 * keep + (z_start + delta) * free
-        recovered = pair.decode(recovered_latent).float().cpu()
-        partial = pair.decode(z_start).float().cpu()
-        if delta_sum is not None and config.steps > average_from:  # type: ignore[operator]
-            mean_delta = delta_sum / (config.steps - average_from)  # type: ignore[operator]
-            recorded["average"] = pair.decode(z0 * keep + (z_start + mean_delta) * free)
-    pixel_keep = upsample_mask(keep, pair.pixels_per_latent).cpu()
-    return InversionOutput(
-        original=images.float().cpu(),
-        partial=partial,
-        recovered=recovered,
-        mask=pixel_keep,
-        losses=losses,
-        delta_norm=_per_image_norm(delta).flatten().cpu(),
-        latent_original=z0.cpu(),
-        latent_recovered=recovered_latent.float().cpu(),
-        latent_mask=keep.cpu(),
-        epsilon=epsilon,
-        nonfinite_steps=nonfinite.cpu(),
-        recovered_at={k: v.float().cpu() for k, v in recorded.items()},
-    )
+        grad, skipped = _skip_nonfinite(grad)
+        delta = delta.detach() - alpha * grad / _per_image_norm(grad).clamp_min(1e-12)
+        norm = _per_image_norm(delta)
+        delta = delta * (epsilon / norm.clamp_min(1e-12)).clamp(max=1.0)
+        if bounds is not None:
+            # Projecting onto the box after the ball keeps delta inside both: the box only
+            # shrinks entries towards z_start, which lowers the norm.
+            delta = (start.z_start + delta).clamp(*bounds) - start.z_start
+    return delta, loss, skipped
 
 
 def _skip_nonfinite(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

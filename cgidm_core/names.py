@@ -40,6 +40,46 @@ METHOD_DESCRIPTIONS: dict[str, str] = {
 VERDICT_CANDIDATE = "fuse:ssim+psnr+loss+contrast"
 
 # ------------------------------------------------------------------------------------------
+# verdicts (``cgidm_core.stats``, ``cgidm_core.evidence``; shown by ``app/web/evidence.py``)
+
+#: p <= alpha against the controls: the image (or the set) was likely in the fine-tuning set.
+MEMBER_EVIDENCE = "member_evidence"
+#: p > alpha with enough controls to reach alpha at all.
+NO_EVIDENCE = "no_evidence"
+#: The controls given cannot reach the significance level at all (fewer than ``1/alpha - 1`` of
+#: them): saying "no evidence" would blame the image for a missing control.
+INCONCLUSIVE = "inconclusive"
+VERDICTS: tuple[str, ...] = (MEMBER_EVIDENCE, NO_EVIDENCE, INCONCLUSIVE)
+
+# ------------------------------------------------------------------------------------------
+# the choices a check offers (the CLI's ``choices``, the API schema's ``Literal``s, the library's
+# checks all read these)
+
+#: ``cgidm_core.inversion_config.preset_config`` / ``--preset`` / the API's ``preset``:
+#: ``reference`` is the authors' path (``InversionConfig.reference``).
+PRESETS: tuple[str, ...] = ("default", "reference")
+#: ``InversionConfig.gradient_checkpointing`` / ``--gradient-checkpointing``.
+GRADIENT_CHECKPOINTING_MODES: tuple[str, ...] = ("auto", "on", "off")
+#: ``--dtype`` / ``CGIDM_DTYPE``: the precision the pair runs in (``models.devices`` maps them).
+DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
+#: ``authenticate(display=...)`` / ``cgidm check --display``: the recovered picture a person
+#: looks at (scores always use the raw recovery).
+DISPLAY_MODES: tuple[str, ...] = ("palette_clamp", "raw")
+DEFAULT_DISPLAY = "palette_clamp"
+#: ``cgidm check --evidence``: the score verdicts rest on; ``cgidm_core.evidence`` also accepts
+#: its internal ``given`` and the other component sets of ``EVIDENCE_COMPONENTS``.
+CHECK_EVIDENCE_MODES: tuple[str, ...] = ("fused", "similarity")
+#: The verdicts' score by default (``cgidm_core.evidence.EVIDENCE_COMPONENTS["fused"]``).
+DEFAULT_EVIDENCE = "fused"
+
+# ------------------------------------------------------------------------------------------
+# stored pictures of a result (``ImageResult.recovered``, ``.partial``, ``.side_by_side()``)
+
+#: The pictures the worker stores per image, and the service's artifact URLs name
+#: (``/jobs/{id}/artifacts/{name}/{kind}.png``).
+ARTIFACT_KINDS: tuple[str, ...] = ("recovered", "partial", "side_by_side")
+
+# ------------------------------------------------------------------------------------------
 # image files
 
 #: The file suffixes read from a folder of images, everywhere a folder is accepted (the CLI,
@@ -75,6 +115,10 @@ PIXEL_FAMILIES: tuple[str, ...] = (DDPM_FAMILY, PIXEL_FLOW_FAMILY)
 FLUX_FAMILY = "flux"
 #: Recognised in order to be refused by name (not supported yet).
 SD3_FAMILY = "sd3"
+
+#: Suffixes of pickled PyTorch checkpoints: never loaded (unpickling runs code); the upload
+#: check, the hub fetch and the format detection all refuse them by these names.
+PICKLE_SUFFIXES: tuple[str, ...] = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
 
 #: What ``cgidm_core.models.formats.detect_finetuned_kind`` can answer (``--finetuned-kind``);
 #: ``unet`` is a bare UNet weights file built with the base's UNet config.

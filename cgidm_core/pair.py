@@ -159,8 +159,9 @@ class ModelPair(ABC):
         Recomputation runs the same operations on the same inputs, so scores do not change.
         """
         from cgidm_core.models.devices import available_gpu_bytes, checkpointing_needed
+        from cgidm_core.names import GRADIENT_CHECKPOINTING_MODES
 
-        if mode not in ("auto", "on", "off"):
+        if mode not in GRADIENT_CHECKPOINTING_MODES:
             raise ConfigError(f"gradient checkpointing must be auto, on or off, got {mode!r}")
         networks = [m for m in self.denoisers()
                     if getattr(m, "_supports_gradient_checkpointing", False)]

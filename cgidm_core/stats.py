@@ -31,12 +31,11 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from cgidm_core.errors import ConfigError
 
-MEMBER_EVIDENCE = "member_evidence"
-NO_EVIDENCE = "no_evidence"
-#: Per-image verdict when the controls given cannot reach the significance level at all (fewer
-#: than ``1/alpha - 1`` of them): saying "no evidence" would blame the image for a missing control.
-INCONCLUSIVE = "inconclusive"
-VERDICTS = (MEMBER_EVIDENCE, NO_EVIDENCE, INCONCLUSIVE)
+# The verdict names live in the torch-free vocabulary the gateway shares; re-exported here.
+from cgidm_core.names import INCONCLUSIVE as INCONCLUSIVE
+from cgidm_core.names import MEMBER_EVIDENCE as MEMBER_EVIDENCE
+from cgidm_core.names import NO_EVIDENCE as NO_EVIDENCE
+from cgidm_core.names import VERDICTS as VERDICTS
 
 #: Above this many scores in total the exact Mann-Whitney distribution gets slow (seconds) and the
 #: normal approximation is accurate to the third digit, so we switch to it.
@@ -275,59 +274,23 @@ def evaluate_scores(
     confidence_level = _check_fraction(confidence_level, "confidence_level")
     n1, n0 = members.size, nonmembers.size
 
+    # 1. The AUC itself (members labelled 1).
     labels = np.concatenate([np.ones(n1), np.zeros(n0)])
     scores = np.concatenate([members, nonmembers])
     auc = float(roc_auc_score(labels, scores))
 
-    ci_low = ci_high = None
-    ci_note = None
-    if n_bootstrap == 0:
-        ci_note = "bootstrap disabled (n_bootstrap=0)"
-    elif n1 < 2 or n0 < 2:
-        ci_note = "no interval: the bootstrap needs at least 2 members and 2 non-members"
-    else:
-        res = sps.bootstrap(
-            (members, nonmembers),
-            _auc_statistic,
-            n_resamples=n_bootstrap,
-            vectorized=True,
-            paired=False,
-            confidence_level=confidence_level,
-            method="percentile",
-            batch=max(1, 2_000_000 // (n1 + n0)),
-            rng=np.random.default_rng(seed),
-        )
-        ci_low = float(res.confidence_interval.low)
-        ci_high = float(res.confidence_interval.high)
-        if n1 + n0 < 40:
-            ci_note = (
-                f"only {n1}+{n0} images: the bootstrap interval is rough and tends to be too "
-                "narrow for sets this small"
-            )
+    # 2. The AUC's bootstrap interval over images (or a note saying why there is none).
+    ci_low, ci_high, ci_note = _auc_interval(members, nonmembers, n_bootstrap=n_bootstrap,
+                                             seed=seed, confidence_level=confidence_level)
 
+    # 3. The ROC curve, and the accuracy of the rule "score >= threshold means member" at every
+    #    ROC point (the oracle's best is optimistic: see the note).
     fpr, tpr, thr = roc_curve(labels, scores, drop_intermediate=False)
-    # Accuracy of the rule "score >= threshold means member" at every ROC point.
     acc = (tpr * n1 + (1.0 - fpr) * n0) / (n1 + n0)
     best = int(np.argmax(acc))
 
-    tpr_items: list[TprAtFpr] = []
-    for target in target_fprs:
-        target = _check_fraction(target, "target FPR")
-        need = min_nonmembers_for_fpr(target)
-        if n0 < need:
-            tpr_items.append(TprAtFpr(
-                target_fpr=target, tpr=None, achieved_fpr=None, threshold=None,
-                reason=(f"TPR at {target:.0%} FPR needs at least {need} "
-                        f"non-members, there are {n0} (one false positive is already "
-                        f"{1 / n0:.0%} FPR)"),
-            ))
-            continue
-        ok = np.flatnonzero(fpr <= target + 1e-12)
-        i = int(ok[np.argmax(tpr[ok])])
-        tpr_items.append(TprAtFpr(
-            target_fpr=target, tpr=float(tpr[i]), achieved_fpr=float(fpr[i]),
-            threshold=None if not np.isfinite(thr[i]) else float(thr[i]),
-        ))
+    # 4. TPR at each low FPR the number of non-members can resolve.
+    tpr_items = _tpr_at_fprs(fpr, tpr, thr, n0, target_fprs)
 
     notes = [
         "oracle_best_accuracy uses the threshold that is best ON THESE SAME SCORES: an optimistic "
@@ -351,6 +314,64 @@ def evaluate_scores(
         ci_note=ci_note,
         notes=notes,
     )
+
+
+def _auc_interval(members: np.ndarray, nonmembers: np.ndarray, *, n_bootstrap: int, seed: int,
+                  confidence_level: float) -> tuple[float | None, float | None, str | None]:
+    """The AUC's percentile bootstrap interval (low, high) and a note on it: why there is none,
+    or that it is rough for small sets."""
+    n1, n0 = members.size, nonmembers.size
+    ci_low: float | None = None
+    ci_high: float | None = None
+    ci_note: str | None = None
+    if n_bootstrap == 0:
+        ci_note = "bootstrap disabled (n_bootstrap=0)"
+    elif n1 < 2 or n0 < 2:
+        ci_note = "no interval: the bootstrap needs at least 2 members and 2 non-members"
+    else:
+        res = sps.bootstrap(
+            (members, nonmembers),
+            _auc_statistic,
+            n_resamples=n_bootstrap,
+            vectorized=True,
+            paired=False,
+            confidence_level=confidence_level,
+            method="percentile",
+            batch=max(1, 2_000_000 // (n1 + n0)),
+            rng=np.random.default_rng(seed),
+        )
+        ci_low = float(res.confidence_interval.low)
+        ci_high = float(res.confidence_interval.high)
+        if n1 + n0 < 40:
+            ci_note = (
+                f"only {n1}+{n0} images: the bootstrap interval is rough and tends to be too "
+                "narrow for sets this small"
+            )
+    return ci_low, ci_high, ci_note
+
+
+def _tpr_at_fprs(fpr: np.ndarray, tpr: np.ndarray, thr: np.ndarray, n0: int,
+                 target_fprs: Sequence[float]) -> list[TprAtFpr]:
+    """The best TPR at each target FPR, or why it cannot be resolved with ``n0`` non-members."""
+    tpr_items: list[TprAtFpr] = []
+    for target in target_fprs:
+        target = _check_fraction(target, "target FPR")
+        need = min_nonmembers_for_fpr(target)
+        if n0 < need:
+            tpr_items.append(TprAtFpr(
+                target_fpr=target, tpr=None, achieved_fpr=None, threshold=None,
+                reason=(f"TPR at {target:.0%} FPR needs at least {need} "
+                        f"non-members, there are {n0} (one false positive is already "
+                        f"{1 / n0:.0%} FPR)"),
+            ))
+            continue
+        ok = np.flatnonzero(fpr <= target + 1e-12)
+        i = int(ok[np.argmax(tpr[ok])])
+        tpr_items.append(TprAtFpr(
+            target_fpr=target, tpr=float(tpr[i]), achieved_fpr=float(fpr[i]),
+            threshold=None if not np.isfinite(thr[i]) else float(thr[i]),
+        ))
+    return tpr_items
 
 
 # --------------------------------------------------------------------------------------------

@@ -228,7 +228,7 @@ def _run_claimed(ctx: WorkerContext, record: JobRecord, keeper: LeaseKeeper) -> 
     ctx.store.save(record)
     try:
         with HardLimit(ctx, record, keeper=keeper):
-            result = _authenticate(ctx, record, watch, tag)
+            result = _check_job_images(ctx, record, watch, tag)
     except AttemptSuperseded:
         return _step_back(ctx, record, tag)
     except StorageUnavailable:
@@ -361,8 +361,8 @@ def _classify(ctx: WorkerContext, record: JobRecord, watch: Watch,
     return "failed", JobError(code="internal_error", message=f"{type(exc).__name__}: {exc}")
 
 
-def _authenticate(ctx: WorkerContext, record: JobRecord, watch: Watch,
-                  attempt: str) -> JobResult:
+def _check_job_images(ctx: WorkerContext, record: JobRecord, watch: Watch,
+                      attempt: str) -> JobResult:
     """Run the method on the job's images and return its result: load the pair, choose the
     prompt and settings, invert, store the pictures, build the evidence document."""
     from cgidm_core.prompts import check_prompt_length
@@ -425,11 +425,9 @@ def _prompt_choice(settings: Any, pair: Any, ft: Any) -> Any:
 
 
 def _inversion_config(settings: Any) -> Any:
-    from cgidm_core import InversionConfig
+    from cgidm_core.inversion_config import preset_config
 
-    overrides = settings.inversion_overrides()
-    return (InversionConfig.reference(**overrides) if settings.preset == "reference"
-            else InversionConfig(**overrides))
+    return preset_config(settings.preset, settings.inversion_overrides())
 
 
 def _run_method(ctx: WorkerContext, record: JobRecord, watch: Watch, pair: Any,

@@ -19,6 +19,7 @@ from typing import Any
 
 from cgidm.model_fetch import FetchConfig, ModelFetchError, fetch
 from cgidm.model_files import ModelFileError, classify, prompt_from_metadata, read_header
+from cgidm.model_refs import AUTO_BASE as AUTO_BASE  # the one definition, shared
 from cgidm.model_refs import ModelReferenceError, parse_reference
 from cgidm.registry import ModelEntry
 
@@ -42,10 +43,6 @@ class RemoteModel:
     @property
     def path(self) -> str:
         return f"hub:{self.hub.get('canonical', self.id)}"
-
-
-#: ``pretrained`` value that asks for the base the suspect's hub page records.
-AUTO_BASE = "auto"
 
 
 def fetch_remote(ctx: Any, reference: str, base: ModelEntry | None,

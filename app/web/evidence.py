@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cgidm.jobs import JobRecord, JobResult
-from cgidm_core.names import DEFAULT_METRIC
+from cgidm_core.inversion_config import InversionConfig
+from cgidm_core.names import DEFAULT_METRIC, INCONCLUSIVE, NO_EVIDENCE
+from cgidm_core.names import MEMBER_EVIDENCE as MEMBER
 
-#: Display verdicts (``data-verdict`` on each result card).
-MEMBER = "member_evidence"
-NO_EVIDENCE = "no_evidence"
-INCONCLUSIVE = "inconclusive"
+#: Display verdicts (``data-verdict`` on each result card): the library's verdicts
+#: (``cgidm_core.names``) and the page's own for a control image.
 CONTROL = "control"
 
 HEADLINES = {
@@ -32,22 +32,23 @@ HEADLINES = {
     CONTROL: "Control (never published)",
 }
 
-#: Library defaults the new-check form shows. The metric comes from the torch-free
-#: ``cgidm_core.names``; the inversion settings are ``cgidm_core.InversionConfig``'s, which the
-#: gateway cannot import without torch, so tests/service/test_web_pages.py pins them.
+_DEFAULTS = InversionConfig()
+#: Library defaults the new-check form shows, read from the torch-free
+#: ``cgidm_core.inversion_config.InversionConfig`` and ``cgidm_core.names`` (never copied);
+#: a default that depends on the model is said in words.
 SHOWN_DEFAULTS: dict[str, Any] = {
     "metric": DEFAULT_METRIC,
-    "steps": 100,
-    "alpha": 4.0,
-    "epsilon": 70.0,
-    "t_min": 1,
-    "t_max": "last timestep - 1",
-    "mc_samples": 1,
-    "seed": 0,
+    "steps": _DEFAULTS.steps,
+    "alpha": _DEFAULTS.alpha,
+    "epsilon": _DEFAULTS.epsilon,
+    "t_min": _DEFAULTS.t_min,
+    "t_max": "last timestep - 1" if _DEFAULTS.t_max is None else _DEFAULTS.t_max,
+    "mc_samples": _DEFAULTS.mc_samples,
+    "seed": _DEFAULTS.seed,
     "batch_size": "as the pair prefers",
-    "cell": "by image size",
-    "common_random_numbers": True,
-    "reencode_partial": False,
+    "cell": "by image size" if _DEFAULTS.cell is None else _DEFAULTS.cell,
+    "common_random_numbers": _DEFAULTS.common_random_numbers,
+    "reencode_partial": _DEFAULTS.reencode_partial,
 }
 
 

@@ -24,7 +24,7 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from app.auth import Caller, CallerDep
-from app.errors import ApiError
+from app.errors import ApiError, storage_unavailable
 from app.routes_jobs import _ERRORS, _load, _view, original_url
 from app.services import Services, ServicesDep
 from app.web import evidence, report_document
@@ -192,7 +192,7 @@ async def _report_of(services: Services, job_id: str, caller: Caller) -> tuple[J
     try:
         html = await run_in_threadpool(_report_html, services, record)
     except StorageError as exc:
-        raise ApiError(503, [], "storage_unavailable", f"storage is unavailable: {exc}") from exc
+        raise storage_unavailable(exc) from exc
     return record, html
 
 

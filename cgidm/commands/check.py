@@ -5,10 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from cgidm.result_signing import file_sha256
-from cgidm_core.names import DEFAULT_METRIC
+from cgidm_core.names import (
+    CHECK_EVIDENCE_MODES,
+    DEFAULT_DISPLAY,
+    DEFAULT_EVIDENCE,
+    DEFAULT_METRIC,
+    DISPLAY_MODES,
+)
 
 from .common import (
     add_method_arguments,
@@ -38,16 +46,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--alpha", type=float, default=0.05, help="significance level")
     parser.add_argument(
         "--evidence",
-        choices=["fused", "similarity"],
-        default="fused",
+        choices=CHECK_EVIDENCE_MODES,
+        default=DEFAULT_EVIDENCE,
         help="the score verdicts rest on (with --controls): 'fused' (default, chosen on the "
         "benchmark suite) = z(SSIM) + z(PSNR) of the recovery + z(loss attack) + z(contrast), "
         "standardised over images and controls together; 'similarity' = --metric alone",
     )
     parser.add_argument(
         "--display",
-        choices=["palette_clamp", "raw"],
-        default="palette_clamp",
+        choices=DISPLAY_MODES,
+        default=DEFAULT_DISPLAY,
         help="the recovered picture written: 'palette_clamp' (default) cuts off-palette colours "
         "back into each channel's range in the image's kept half; 'raw' writes the recovery as "
         "scored. Scores and verdicts always use the raw recovery",
@@ -82,28 +90,24 @@ def _with_hub_source(provenance: dict, source: dict | None, civitai: dict | None
 
 
 def run(args: argparse.Namespace) -> int:
+    """``cgidm check``: read the images, run the method, write pictures and the signed
+    results.json, print the table."""
     from cgidm_core.api import authenticate
     from cgidm_core.images import load_image
 
+    # 1. Read every image before loading models: a bad file should fail in a second, not a minute.
     image_paths = expand_images(args.images)
     control_paths = expand_images([args.controls]) if args.controls else []
     everything = image_paths + control_paths
-    # Read every image before loading models: a bad file should fail in a second, not a minute.
     for path in everything:
         load_image(path)
     config = inversion_config(args)
     out_dir = Path(args.out)
+    # 2. Load the pair and choose the prompt (saying where it came from).
     pair = load_pair_from_args(args)
     out_dir.mkdir(parents=True, exist_ok=True)
-    from cgidm_core.prompts import choose_prompt
-
-    prompt = choose_prompt(args.prompt, pair)
-    if prompt.warning:
-        print(f"warning: {prompt.warning}")
-    elif prompt.source not in ("given", "unconditional"):
-        print(f"prompt: {prompt.text!r} (from the {prompt.source.replace('_', ' ')}: "
-              f"{prompt.origin})")
-
+    prompt = _announced_prompt(args, pair)
+    # 3. Run the method on the images and the controls together.
     started = time.perf_counter()
     with progress_bar("cgidm check") as update:
         results = authenticate(
@@ -120,7 +124,44 @@ def run(args: argparse.Namespace) -> int:
         )
     elapsed = time.perf_counter() - started
     suspects, controls = results[: len(image_paths)], results[len(image_paths) :]
+    # 4. Write each suspect's pictures; build the evidence (p-values, verdicts, set test).
+    records = _write_pictures(suspects, image_paths, out_dir)
+    document, evidence = _evidence_document(args, records, controls, control_paths,
+                                            image_paths, prompt, config, pair, results, elapsed)
+    # 5. Sign and write results.json, then tell the user what was found and written.
+    signed = _signed(document)
+    (out_dir / "results.json").write_text(json.dumps(signed, indent=2))
+    print_table(evidence["images"], document.get("set_test"), evidence["evidence"],
+                metric=args.metric or DEFAULT_METRIC, controls=evidence["controls"])
+    for result in results:
+        skipped = result.extra.get("nonfinite_gradient_steps", 0)
+        if skipped:
+            print(f"note: {result.name}: {skipped} of {config.steps} PGD steps skipped because "
+                  "the gradient was not finite (float16 overflow?); --dtype float32 avoids it")
+    print(f"wrote {out_dir / 'results.json'} and {4 * len(records)} pictures in {elapsed:.1f} s")
+    if "signature" in signed:
+        print(f"signed with key {signed['signature']['key_id']} ({signed['signature']['digest']}); "
+              "`cgidm keys public` prints the public key that verifies it")
+    return 0
 
+
+def _announced_prompt(args: argparse.Namespace, pair: Any) -> Any:
+    """The prompt (``cgidm_core.prompts.choose_prompt``), printed with where it came from, or
+    the warning when there is none."""
+    from cgidm_core.prompts import choose_prompt
+
+    prompt = choose_prompt(args.prompt, pair)
+    if prompt.warning:
+        print(f"warning: {prompt.warning}")
+    elif prompt.source not in ("given", "unconditional"):
+        print(f"prompt: {prompt.text!r} (from the {prompt.source.replace('_', ' ')}: "
+              f"{prompt.origin})")
+    return prompt
+
+
+def _write_pictures(suspects: Sequence[Any], image_paths: list[Path],
+                    out_dir: Path) -> list[dict[str, Any]]:
+    """Save each suspect's four pictures; returns its record with their names and hashes."""
     records = []
     for result, stem in zip(suspects, _stem_names(image_paths), strict=True):
         recovered, side = f"{stem}.recovered.png", f"{stem}.side_by_side.png"
@@ -137,11 +178,19 @@ def run(args: argparse.Namespace) -> int:
                         # the pictures are evidence too: the signature covers their hashes
                         "picture_sha256": {kind: file_sha256(out_dir / name)
                                            for kind, name in names.items()}})
+    return records
 
+
+def _evidence_document(args: argparse.Namespace, records: list[dict[str, Any]],
+                       controls: Sequence[Any], control_paths: list[Path],
+                       image_paths: list[Path], prompt: Any, config: Any, pair: Any,
+                       results: Any, elapsed: float) -> tuple[dict[str, object], dict[str, Any]]:
+    """results.json before signing, and the evidence it was built from: every image's C2PA
+    Content Credentials (read from the file as given), the p-values and verdicts against the
+    controls, the settings and the provenance."""
     from cgidm.content_credentials import read as read_credentials
     from cgidm_core.evidence import build_evidence
 
-    # each image's own C2PA Content Credentials, read from the file as given
     for record, path in zip(records, image_paths, strict=True):
         record["content_credentials"] = read_credentials(path.read_bytes())
     control_records = [{**r.to_dict(), "content_credentials": read_credentials(p.read_bytes())}
@@ -161,9 +210,8 @@ def run(args: argparse.Namespace) -> int:
             "pair": pair.describe(),
         },
     )
-    records = evidence["images"]
     document: dict[str, object] = {
-        "images": records,
+        "images": evidence["images"],
         "settings": evidence["settings"],
         "evidence": evidence["evidence"],
         "seconds": round(elapsed, 2),
@@ -176,21 +224,7 @@ def run(args: argparse.Namespace) -> int:
     if controls:
         document["controls"] = evidence["controls"]
         document["set_test"] = evidence["set_test"]
-
-    signed = _signed(document)
-    (out_dir / "results.json").write_text(json.dumps(signed, indent=2))
-    print_table(records, document.get("set_test"), evidence["evidence"],
-                metric=args.metric or DEFAULT_METRIC, controls=evidence["controls"])
-    for result in results:
-        skipped = result.extra.get("nonfinite_gradient_steps", 0)
-        if skipped:
-            print(f"note: {result.name}: {skipped} of {config.steps} PGD steps skipped because "
-                  "the gradient was not finite (float16 overflow?); --dtype float32 avoids it")
-    print(f"wrote {out_dir / 'results.json'} and {4 * len(records)} pictures in {elapsed:.1f} s")
-    if "signature" in signed:
-        print(f"signed with key {signed['signature']['key_id']} ({signed['signature']['digest']}); "
-              "`cgidm keys public` prints the public key that verifies it")
-    return 0
+    return document, evidence
 
 
 def _signed(document: dict[str, object]) -> dict[str, object]:

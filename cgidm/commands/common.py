@@ -8,7 +8,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from cgidm_core.names import FINETUNED_KINDS, IMAGE_SUFFIXES
+from cgidm_core.names import (
+    ALL_METRICS,
+    DEFAULT_METRIC,
+    DTYPES,
+    FINETUNED_KINDS,
+    GRADIENT_CHECKPOINTING_MODES,
+    IMAGE_SUFFIXES,
+    PRESETS,
+)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -37,7 +45,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool = Tru
         help="format of --finetuned (detected when omitted)",
     )
     group.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    group.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    group.add_argument("--dtype", choices=DTYPES)
     group.add_argument(
         "--allow-network", action="store_true", help="allow fetching models from a hub"
     )
@@ -48,7 +56,7 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--prompt", help="instance prompt of the fine-tune (e.g. 'sks style')")
     group.add_argument(
         "--preset",
-        choices=["default", "reference"],
+        choices=PRESETS,
         default="default",
         help="'reference' follows the authors' path (1000 steps, step 2, independent noise, "
         "sampled VAE latent, partial image rounded to 8 bits and re-encoded); seeded, unlike "
@@ -68,12 +76,13 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
         "for Flux.1",
     )
     group.add_argument(
-        "--gradient-checkpointing", choices=["auto", "on", "off"],
+        "--gradient-checkpointing", choices=GRADIENT_CHECKPOINTING_MODES,
         help="recompute the denoisers' activations in the backward pass: less GPU memory, about "
         "a third more compute, the same scores. auto (default): on only where one image would "
         "not fit the GPU without it (e.g. an SDXL full pair at 1024 px on a 24 GB card)",
     )
-    group.add_argument("--metric", help="score metric: ssim (default), psnr, mse, clip, dino")
+    group.add_argument("--metric", help=f"score metric: {', '.join(ALL_METRICS)} (default "
+                       f"{DEFAULT_METRIC})")
     group.add_argument(
         "--palette-bounds", action="store_true",
         help="keep each channel of the recovered cells inside the range it takes in the kept "
@@ -85,9 +94,10 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def inversion_config(args: argparse.Namespace) -> Any:
-    from cgidm_core.inversion import InversionConfig
+    """The ``--preset`` with the flags given on top (``preset_config``, as the worker builds a
+    job's settings)."""
+    from cgidm_core.inversion_config import preset_config
 
-    config = InversionConfig.reference() if args.preset == "reference" else InversionConfig()
     overrides: dict[str, Any] = {"seed": args.seed}
     if args.steps is not None:
         overrides["steps"] = args.steps
@@ -99,9 +109,7 @@ def inversion_config(args: argparse.Namespace) -> Any:
         overrides["gradient_checkpointing"] = args.gradient_checkpointing
     if getattr(args, "palette_bounds", False):
         overrides["palette_bounds"] = True
-    from dataclasses import replace
-
-    return replace(config, **overrides)
+    return preset_config(args.preset, overrides)
 
 
 def cli_cache_dir() -> Path:

@@ -38,7 +38,7 @@ from cgidm.result_signing import (
     keys_of_set,
     read_public_keys,
 )
-from cgidm_core.names import IMAGE_SUFFIXES
+from cgidm_core.names import DTYPES, IMAGE_SUFFIXES
 
 SAME_SETUP_TOLERANCE = 1e-4
 #: exit statuses, one per answer (0: verified)
@@ -71,7 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--finetuned", help="suspect model file/folder (default: the recorded "
                         "one, where it is a path or demo name)")
     parser.add_argument("--device", help="default: the recorded device if available, else cpu")
-    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+    parser.add_argument("--dtype", choices=DTYPES,
                         help="default: the recorded dtype")
     parser.add_argument("--tolerance", type=float, help="largest accepted score difference "
                         f"(default {SAME_SETUP_TOLERANCE} on the recorded device and dtype; "

@@ -36,6 +36,7 @@ from cgidm_core.names import (  # noqa: F401 - re-exported for the loaders next 
     SD_FAMILY,
     SDXL_FAMILY,
 )
+from cgidm_core.names import PICKLE_SUFFIXES as PICKLE_SUFFIXES
 
 FLOW_SCHEDULERS = frozenset({"FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"})
 
@@ -72,7 +73,7 @@ IDENTICAL_MODELS = (
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 _PIXEL_PIPELINES = {"DDPMPipeline", "DDIMPipeline"}
 _PIXEL_UNETS = {"UNet2DModel"}
-_PICKLE_SUFFIXES = {".bin", ".ckpt", ".pt", ".pth", ".pkl"}
+_PICKLE_SUFFIXES = frozenset(PICKLE_SUFFIXES)
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """One entry point that turns two model references into a :class:`~cgidm_core.pair.ModelPair`.
 
 The pretrained model fixes the family (from its ``model_index.json``); the fine-tuned model's
-storage format is detected from its files. Refusals (missing path, pickle weights, SDXL, two
-models that cannot be compared) happen before weights are read wherever the files allow it.
+storage format is detected from its files. Refusals (missing path, pickle weights, Stable
+Diffusion 3 or the SDXL refiner, two models that cannot be compared) happen before weights are
+read wherever the files allow it.
 """
 
 from __future__ import annotations

@@ -20,9 +20,10 @@ print(json.dumps(sorted(m for m in sys.modules
 
 #: What the gateway and the shared package may load of ``cgidm_core``: no module of it imports
 #: anything but the standard library (``demo`` finds the packaged folders for ``cgidm models``;
-#: ``key_signatures`` holds the tensor-name rules the upload check shares with the library).
+#: ``key_signatures`` holds the tensor-name rules the upload check shares with the library;
+#: ``inversion_config`` the one InversionConfig and its presets, shared with the job schema).
 TORCH_FREE_CORE = {"cgidm_core", "cgidm_core.names", "cgidm_core.errors", "cgidm_core.demo",
-                   "cgidm_core.key_signatures"}
+                   "cgidm_core.key_signatures", "cgidm_core.inversion_config"}
 
 
 def _imported(*modules: str) -> set[str]:
@@ -40,10 +41,19 @@ def test_the_library_loads_torch_when_a_public_name_is_used():
     loaded = _imported("cgidm_core")
     assert "torch" not in loaded
     out = subprocess.run([sys.executable, "-c", "import sys, cgidm_core\n"
+                          "print(cgidm_core.ModelPair.__module__, 'torch' in sys.modules)"],
+                         env=child_env({}), cwd=REPO_ROOT, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.split() == ["cgidm_core.pair", "True"]
+
+
+def test_the_inversion_settings_load_no_torch():
+    """The gateway validates and shows the same InversionConfig the library runs."""
+    out = subprocess.run([sys.executable, "-c", "import sys, cgidm_core\n"
                           "print(cgidm_core.InversionConfig.__module__, 'torch' in sys.modules)"],
                          env=child_env({}), cwd=REPO_ROOT, capture_output=True, text=True,
                          check=True)
-    assert out.stdout.split() == ["cgidm_core.inversion", "True"]
+    assert out.stdout.split() == ["cgidm_core.inversion_config", "False"]
 
 
 def test_gateway_does_not_import_torch():

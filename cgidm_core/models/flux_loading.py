@@ -1,4 +1,5 @@
-"""Loading a Flux.1 pair from each layout (the Flux counterpart of ``sd_loading``/``sdxl_loading``).
+"""The Flux.1 adapter (registry entry ``flux``): loading a Flux.1 pair from each layout (the Flux
+counterpart of ``sd_loading``/``sdxl_loading``).
 
 The same rules as for Stable Diffusion: every network is built on the CPU first, safetensors only,
 local files only unless the caller allowed the network, no remote code; identical networks are
@@ -34,10 +35,10 @@ from typing import Any
 import torch
 
 from cgidm_core.errors import IncompatiblePairError, ModelFormatError, UnsupportedModelFamilyError
+from cgidm_core.models.adapter import PairRequest
 from cgidm_core.models.flux import FluxLoraPair, FluxPair, FluxTextEncoders
 from cgidm_core.models.formats import (
     FLUX_FAMILY,
-    FLUX_TRANSFORMER,
     IDENTICAL_MODELS,
     SUPPORTED_HINT,
     family_name,
@@ -64,6 +65,8 @@ from cgidm_core.models.sd_loading import (
 from cgidm_core.models.stable_diffusion import TextEncoderReloader
 
 _TRANSFORMER_WEIGHTS = ("diffusion_pytorch_model",)
+#: The diffusers class of a Flux.1 transformer (``transformer/config.json``).
+FLUX_TRANSFORMER = "FluxTransformer2DModel"
 _SCHEDULER_CLASS = "FlowMatchEulerDiscreteScheduler"
 
 
@@ -502,3 +505,42 @@ def _with_shift(trained: TrainingSettings, pair: FluxPair) -> FluxPair:
     pair.flow_shift_override = trained.shift
     pair.time_shift_source = trained.shift_source
     return pair
+
+
+# -- the adapter interface (cgidm_core.families.FamilyAdapter) ---------------------------------
+
+
+def check_pipeline_folder(folder: Path, index: dict[str, Any]) -> None:
+    """Flux.1 dev or schnell (``FluxPipeline``) only; Fill, Canny/Depth control, Kontext and Flux.2
+    variants are refused by name: their transformer takes extra image channels or another
+    architecture, not the text-to-image model a fine-tune is made from."""
+    name = str(index.get("_class_name", ""))
+    config_file = folder / "transformer" / "config.json"
+    transformer = read_json(config_file) if config_file.is_file() else {}
+    if name != "FluxPipeline" or transformer.get("_class_name", FLUX_TRANSFORMER) != (
+            FLUX_TRANSFORMER):
+        raise UnsupportedModelFamilyError(
+            f"{folder} is a {name} model ({transformer.get('_class_name', 'unknown transformer')})"
+            ": of the Flux family cgidm supports the Flux.1 dev and schnell text-to-image "
+            "pipelines (FluxPipeline). " + SUPPORTED_HINT
+        )
+    missing = [part for part in ("transformer", "vae", "text_encoder", "text_encoder_2",
+                                 "tokenizer", "tokenizer_2", "scheduler") if part not in index]
+    if missing:
+        raise ModelFormatError(f"{folder} ({name}) lacks {', '.join(missing)}")
+    vae_file = folder / "vae" / "config.json"
+    latent_channels = read_json(vae_file).get("latent_channels", 16) if vae_file.is_file() else 16
+    if transformer and transformer.get("in_channels") != 4 * latent_channels:
+        raise UnsupportedModelFamilyError(
+            f"{folder} ({name}) has a transformer taking {transformer.get('in_channels')} input "
+            f"features, not the {4 * latent_channels} of packed {latent_channels}-channel latents:"
+            " a Fill/control variant, not Flux.1 dev or schnell. " + SUPPORTED_HINT
+        )
+
+
+def load_pair(request: PairRequest) -> FluxPair:
+    """``request.pretrained_file``: a pretrained transformer given as one file, completed by the
+    pipeline folder ``request.pretrained``."""
+    return load_flux_pair(request.pretrained, request.finetuned, request.kind, request.opts,
+                          keep_text_encoders=request.keep_text_encoders,
+                          pretrained_transformer=request.pretrained_file)

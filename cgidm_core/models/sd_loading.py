@@ -1,4 +1,6 @@
-"""Loading the pieces of a Stable Diffusion pair from each fine-tune format.
+"""The Stable Diffusion 1.x/2.x adapter (registry entry ``stable-diffusion``), and the loading
+helpers every latent family shares (``loading_errors``, ``place``, ``same_weights``,
+``load_text_encoder``, ``load_vae``, ``read_lora_state_dict``...).
 
 Every network is loaded on the CPU first (so a LoRA can be attached and identical networks
 detected before anything reaches the GPU), then frozen and moved. Weights are read as safetensors
@@ -22,12 +24,11 @@ from cgidm_core.errors import (
     ModelFormatError,
     UnsupportedModelFamilyError,
 )
+from cgidm_core.models.adapter import LoadOptions, PairRequest
 from cgidm_core.models.formats import (
-    PIXEL_FAMILIES,
+    IDENTICAL_MODELS,
     SD_FAMILY,
     SUPPORTED_HINT,
-    check_unet_family,
-    family_name,
     is_sdxl_lora,
     is_sdxl_single_file,
     lora_weights_file,
@@ -37,17 +38,13 @@ from cgidm_core.models.formats import (
     weights_variant,
 )
 from cgidm_core.models.predictions import alphas_cumprod_of, build_scheduler, check_prediction_type
+from cgidm_core.models.stable_diffusion import StableDiffusionLoraPair, StableDiffusionPair
+from cgidm_core.models.unet_configs import check_unet_family, refuse_variant, unet_family
+from cgidm_core.models.unet_file import load_unet_file
 
 LORA_ADAPTER_NAME = "cgidm_finetuned"
 _UNET_WEIGHTS = ("diffusion_pytorch_model",)
 _TEXT_ENCODER_WEIGHTS = ("model",)
-
-
-@dataclass(frozen=True)
-class LoadOptions:
-    device: torch.device
-    dtype: torch.dtype
-    local_files_only: bool
 
 
 @dataclass
@@ -514,16 +511,101 @@ def place(module: Any, opts: LoadOptions, dtype: torch.dtype | None = None) -> A
     return module.to(device=opts.device, dtype=dtype)
 
 
-def describe_family_mismatch(
-    pretrained_family: str, kind: str, where: Path
-) -> IncompatiblePairError:
-    if pretrained_family in PIXEL_FAMILIES:
-        return IncompatiblePairError(
-            f"the pretrained model is a {family_name(pretrained_family)} but {where} is a Stable "
-            f"Diffusion fine-tune ({kind}); both models must be of the same family"
-        )
-    return IncompatiblePairError(
-        f"the pretrained model is {family_name(pretrained_family)} but {where} is a pixel-space "
-        "DDPM; both models must be of the same family"
-    )
+def check_pipeline_folder(folder: Path, index: dict[str, Any]) -> None:
+    """Refuse an SD-class folder whose UNet has SDXL conditioning, or an inpainting/upscaling
+    variant (extra UNet inputs)."""
+    name = str(index.get("_class_name", ""))
+    unet_config_file = folder / "unet" / "config.json"
+    unet_config = read_json(unet_config_file) if unet_config_file.is_file() else {}
+    if unet_config:
+        if unet_family(unet_config, folder) != SD_FAMILY:
+            raise UnsupportedModelFamilyError(
+                f"{folder} ({name}) has a UNet with SDXL conditioning but one text encoder. "
+                + SUPPORTED_HINT
+            )
+        refuse_variant(folder, name, unet_config)
 
+
+def convert_single_file_base(file: Path, *, allow_network: bool) -> Path:
+    """A complete LDM checkpoint as a pipeline folder (converted once, cached)."""
+    from cgidm_core.models.single_file_base import converted_base_folder
+
+    return converted_base_folder(file, allow_network=allow_network)
+
+
+def load_pair(request: PairRequest) -> StableDiffusionPair:
+    return load_sd_pair(request.pretrained, request.finetuned, request.kind, request.opts,
+                        keep_text_encoders=request.keep_text_encoders)
+
+
+# -- the adapter of the Stable Diffusion 1.x/2.x family (registry entry ``stable-diffusion``) --
+
+
+def load_sd_pair(
+    pre_path: Path, ft_path: Path, kind: str, opts: LoadOptions, *, keep_text_encoders: bool = False
+) -> StableDiffusionPair:
+    base = load_sd_base(pre_path, opts)
+    shared = {
+        "vae": place(base.vae, opts, torch.float32),
+        "tokenizer": base.tokenizer,
+        "alphas_cumprod": base.alphas_cumprod,
+        "prediction_type": base.prediction_type,
+        "device": opts.device,
+        "dtype": opts.dtype,
+    }
+    if kind == "lora":
+        attach_lora(ft_path, base, opts)
+        return StableDiffusionLoraPair(
+            unet=place(base.unet, opts),
+            text_encoder=place(base.text_encoder, opts),
+            keep_text_encoders=keep_text_encoders,
+            text_encoder_reloader=text_encoder_reloader(
+                kind, pre_path, ft_path, opts, unet_config=base.unet.config
+            ),
+            **shared,
+        )
+
+    loaders = {
+        "pipeline": load_finetuned_pipeline,
+        "dreambooth": load_dreambooth,
+        "single_file": load_single_file,
+        "unet": lambda file, base, opts: SDFinetune(
+            unet=load_unet_file(file, base.folder, opts.dtype, SD_FAMILY)),
+    }
+    finetune = loaders[kind](ft_path, base, opts)
+    check_compatible(base, finetune, ft_path)
+    # Identical networks are kept once: a UNet-only fine-tune shares the base text encoder.
+    text_encoder = finetune.text_encoder
+    if text_encoder is None or (
+        finetune.tokenizer is None and same_weights(text_encoder, base.text_encoder)
+    ):
+        text_encoder = base.text_encoder
+    unet = finetune.unet
+    if same_weights(unet, base.unet):
+        if text_encoder is base.text_encoder:
+            raise IncompatiblePairError(IDENTICAL_MODELS.format(ft=ft_path, pre=pre_path))
+        unet = base.unet
+    unet_pretrained = place(base.unet, opts)
+    unet_finetuned = unet_pretrained if unet is base.unet else place(unet, opts)
+    text_encoder_pretrained = place(base.text_encoder, opts)
+    # Only the text encoder is converted again from a single file: the rest is the pair's own.
+    components = {"unet": unet_finetuned, "vae": shared["vae"], "tokenizer": base.tokenizer,
+                  "scheduler": base.scheduler}
+    return StableDiffusionPair(
+        unet_pretrained=unet_pretrained,
+        unet_finetuned=unet_finetuned,
+        keep_text_encoders=keep_text_encoders,
+        text_encoder_reloader=text_encoder_reloader(
+            kind, pre_path, ft_path, opts, single_file_components=components
+        ),
+        text_encoder_pretrained=text_encoder_pretrained,
+        text_encoder_finetuned=(
+            text_encoder_pretrained
+            if text_encoder is base.text_encoder
+            else place(text_encoder, opts)
+        ),
+        tokenizer_finetuned=finetune.tokenizer,
+        prediction_type_finetuned=finetune.prediction_type,
+        finetuned_kind=kind,
+        **shared,
+    )

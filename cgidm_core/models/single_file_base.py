@@ -23,11 +23,11 @@ from cgidm_core.models.formats import (
     SD3_REFUSAL,
     SD_FAMILY,
     SDXL_FAMILY,
-    SDXL_REFINER_REFUSAL,
     SUPPORTED_HINT,
     safetensors_keys,
     transformer_family,
 )
+from cgidm_core.models.unet_configs import SDXL_REFINER_REFUSAL
 
 
 def single_file_base_family(keys: list[str], where: Path) -> str:

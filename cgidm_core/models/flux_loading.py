@@ -41,10 +41,8 @@ from cgidm_core.models.formats import (
     FLUX_FAMILY,
     IDENTICAL_MODELS,
     SUPPORTED_HINT,
-    family_name,
     is_flux_lora,
     lora_weights_file,
-    pipeline_family,
     read_json,
     safetensors_keys,
     transformer_family,
@@ -224,12 +222,6 @@ def load_flux_finetuned_transformer(path: Path, kind: str, base: FluxBase,
     single file (only a pipeline folder carries text encoders)."""
     clip = t5 = None
     if kind == "pipeline":
-        family = pipeline_family(path)
-        if family != FLUX_FAMILY:
-            raise IncompatiblePairError(
-                f"the fine-tuned model {path} is a {family_name(family)} pipeline but the "
-                "pretrained one is Flux.1"
-            )
         transformer = load_flux_transformer(path, "transformer", opts)
         if (path / "text_encoder" / "config.json").is_file():
             clip = load_flux_text_encoder(path, "text_encoder", opts)

@@ -32,7 +32,6 @@ from cgidm_core.models.formats import (
     is_sdxl_lora,
     is_sdxl_single_file,
     lora_weights_file,
-    pipeline_family,
     read_json,
     safetensors_keys,
     weights_variant,
@@ -236,13 +235,8 @@ def _tokenizer_for(text_encoder: Any, folder: Path, base: SDBase, opts: LoadOpti
 
 
 def load_finetuned_pipeline(folder: Path, base: SDBase, opts: LoadOptions) -> SDFinetune:
-    """A full pipeline folder. Its VAE is not loaded: both models run in the base's latent space."""
-    family = pipeline_family(folder)
-    if family != SD_FAMILY:
-        raise IncompatiblePairError(
-            f"the fine-tuned model {folder} is a {family} pipeline but the pretrained one is "
-            "Stable Diffusion"
-        )
+    """A full pipeline folder (its family checked by the registry before the adapter was called).
+    Its VAE is not loaded: both models run in the base's latent space."""
     text_encoder = load_text_encoder(folder, opts) if (folder / "text_encoder").is_dir() else None
     prediction_type = None
     if (folder / "scheduler" / "scheduler_config.json").is_file():

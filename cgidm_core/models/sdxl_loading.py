@@ -25,7 +25,6 @@ from cgidm_core.models.formats import (
     SDXL_FAMILY,
     SUPPORTED_HINT,
     lora_weights_file,
-    pipeline_family,
     read_json,
     safetensors_keys,
 )
@@ -155,11 +154,6 @@ def _own_text_encoders(folder: Path, base: SDXLBase, opts: LoadOptions) -> dict[
 
 def load_sdxl_pipeline_finetune(folder: Path, base: SDXLBase, opts: LoadOptions) -> SDXLFinetune:
     """A full SDXL pipeline folder; its VAE is not loaded (both models use the base's)."""
-    family = pipeline_family(folder)
-    if family != SDXL_FAMILY:
-        raise IncompatiblePairError(
-            f"the fine-tuned model {folder} is a {family} pipeline but the pretrained one is SDXL"
-        )
     prediction_type = None
     if (folder / "scheduler" / "scheduler_config.json").is_file():
         scheduler, prediction_type = _scheduler_of(folder)

@@ -248,3 +248,15 @@ def test_families_doc_lists_every_registered_family_and_adapter():
     text = (REPO_ROOT / "docs" / "FAMILIES.md").read_text(encoding="utf-8")
     for family in families.FAMILIES:
         assert f"`{family.name}`" in text and f"`{family.adapter}`" in text
+
+
+def test_the_service_registry_accepts_only_registered_families(tmp_path):
+    from cgidm.registry import RegistryError, load_registry
+
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"models": [{"id": "b", "family": SDXL, "path": "x"}]}))
+    assert load_registry(good).get("b").family == SDXL
+    typo = tmp_path / "typo.json"
+    typo.write_text(json.dumps({"models": [{"id": "b", "family": "sdxl", "path": "x"}]}))
+    with pytest.raises(RegistryError, match="unknown model family 'sdxl'.*stable-diffusion-xl"):
+        load_registry(typo)

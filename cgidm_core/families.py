@@ -395,6 +395,12 @@ def pipeline_claim(class_name: str, index: dict[str, Any],
     return None
 
 
+def pipeline_class_claims(class_name: str) -> list[Family]:
+    """The families whose pipeline class patterns match ``class_name`` (both pixel families
+    share ``DDPMPipeline``), without reading the folder."""
+    return [f for f in FAMILIES if _matches(class_name, f.recognition.pipeline_classes)]
+
+
 def denoiser_claims(class_name: str) -> list[Family]:
     """The families whose denoiser has this config class (SD and SDXL share one)."""
     return [f for f in FAMILIES if _matches(class_name, f.recognition.denoiser_classes)]

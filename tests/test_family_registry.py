@@ -228,6 +228,17 @@ def test_upload_check_reads_the_table():
     assert err.value.code == "unsupported_family"
 
 
+def test_the_gpu_dtype_when_the_caller_says_auto_is_the_familys():
+    from cgidm_core.models.loading import _default_dtype
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert _default_dtype(families.get(FLUX), None, cuda) == "bfloat16"
+    assert _default_dtype(families.get(FLUX), "auto", cuda) == "bfloat16"
+    assert _default_dtype(families.get(SD), None, cuda) == "float16"
+    assert _default_dtype(families.get(FLUX), None, cpu) is None  # float32 on a CPU
+    assert _default_dtype(families.get(FLUX), "float16", cuda) == "float16"  # the caller's
+
+
 # -- what users and the docs read -------------------------------------------------------------
 
 

@@ -157,9 +157,7 @@ def detect_finetuned_kind(path: str | Path) -> str:
         )
     if (path / "model_index.json").is_file():
         name = _class_name(path / "model_index.json")
-        claims = [f for f in families.FAMILIES if families._matches(
-            name, f.recognition.pipeline_classes)]
-        return "ddpm" if _pixel_claim(claims) else "pipeline"
+        return "ddpm" if _pixel_claim(families.pipeline_class_claims(name)) else "pipeline"
     if (path / "unet" / "config.json").is_file():
         claims = families.denoiser_claims(_class_name(path / "unet" / "config.json"))
         return "ddpm" if _pixel_claim(claims) else "dreambooth"

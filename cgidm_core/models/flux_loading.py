@@ -35,7 +35,18 @@ from typing import Any
 import torch
 
 from cgidm_core.errors import IncompatiblePairError, ModelFormatError, UnsupportedModelFamilyError
-from cgidm_core.models.adapter import PairRequest
+from cgidm_core.models.adapter import LoadOptions, PairRequest
+from cgidm_core.models.components import (
+    LORA_ADAPTER_NAME,
+    count_adapted_layers,
+    load_text_encoder,
+    load_tokenizer,
+    load_vae,
+    loading_errors,
+    place,
+    read_lora_state_dict,
+    same_weights,
+)
 from cgidm_core.models.flux import FluxLoraPair, FluxPair, FluxTextEncoders
 from cgidm_core.models.formats import (
     FLUX_FAMILY,
@@ -47,18 +58,6 @@ from cgidm_core.models.formats import (
     safetensors_keys,
     transformer_family,
     weights_variant,
-)
-from cgidm_core.models.sd_loading import (
-    LORA_ADAPTER_NAME,
-    LoadOptions,
-    count_adapted_layers,
-    load_text_encoder,
-    load_tokenizer,
-    load_vae,
-    loading_errors,
-    place,
-    read_lora_state_dict,
-    same_weights,
 )
 from cgidm_core.models.stable_diffusion import TextEncoderReloader
 

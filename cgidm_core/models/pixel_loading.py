@@ -14,11 +14,11 @@ import torch
 
 from cgidm_core.errors import IncompatiblePairError, ModelFormatError
 from cgidm_core.models.adapter import LoadOptions
+from cgidm_core.models.components import loading_errors, place, same_weights
 from cgidm_core.models.ddpm import DDPMPair
 from cgidm_core.models.formats import IDENTICAL_MODELS, pixel_objective, read_json, weights_variant
 from cgidm_core.models.pixel_flow import PixelFlowPair
 from cgidm_core.models.predictions import alphas_cumprod_of, build_scheduler, check_prediction_type
-from cgidm_core.models.sd_loading import loading_errors, place, same_weights
 from cgidm_core.models.unet_file import load_unet_file
 
 # -- pixel-space DDPM and flow matching ----------------------------------------------------------

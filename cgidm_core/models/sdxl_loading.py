@@ -19,20 +19,9 @@ from typing import Any
 import torch
 
 from cgidm_core.errors import IncompatiblePairError, ModelFormatError, UnsupportedModelFamilyError
-from cgidm_core.models.adapter import PairRequest
-from cgidm_core.models.formats import (
-    IDENTICAL_MODELS,
-    SDXL_FAMILY,
-    SUPPORTED_HINT,
-    lora_weights_file,
-    read_json,
-    safetensors_keys,
-)
-from cgidm_core.models.predictions import alphas_cumprod_of
-from cgidm_core.models.sd_loading import (
+from cgidm_core.models.adapter import LoadOptions, PairRequest
+from cgidm_core.models.components import (
     LORA_ADAPTER_NAME,
-    LoadOptions,
-    _scheduler_of,
     count_adapted_layers,
     load_text_encoder,
     load_tokenizer,
@@ -42,7 +31,17 @@ from cgidm_core.models.sd_loading import (
     place,
     read_lora_state_dict,
     same_weights,
+    scheduler_of,
 )
+from cgidm_core.models.formats import (
+    IDENTICAL_MODELS,
+    SDXL_FAMILY,
+    SUPPORTED_HINT,
+    lora_weights_file,
+    read_json,
+    safetensors_keys,
+)
+from cgidm_core.models.predictions import alphas_cumprod_of
 from cgidm_core.models.sdxl import (
     SDXLTextEncoders,
     StableDiffusionXLLoraPair,
@@ -100,7 +99,7 @@ def load_sdxl_text_encoder(folder: Path, name: str, opts: LoadOptions) -> Any:
 
 
 def load_sdxl_base(folder: Path, opts: LoadOptions) -> SDXLBase:
-    scheduler, prediction_type = _scheduler_of(folder)
+    scheduler, prediction_type = scheduler_of(folder)
     base = SDXLBase(
         folder=folder,
         unet=load_unet(folder, "unet", opts, SDXL_FAMILY),
@@ -156,7 +155,7 @@ def load_sdxl_pipeline_finetune(folder: Path, base: SDXLBase, opts: LoadOptions)
     """A full SDXL pipeline folder; its VAE is not loaded (both models use the base's)."""
     prediction_type = None
     if (folder / "scheduler" / "scheduler_config.json").is_file():
-        scheduler, prediction_type = _scheduler_of(folder)
+        scheduler, prediction_type = scheduler_of(folder)
         if not torch.allclose(alphas_cumprod_of(scheduler), base.alphas_cumprod, atol=1e-5):
             raise IncompatiblePairError(
                 f"{folder} was trained with a different noise schedule than the pretrained model"

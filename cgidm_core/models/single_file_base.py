@@ -63,7 +63,7 @@ def converted_base_folder(file: Path, *, allow_network: bool, root: Path | None 
     """The diffusers folder of a single-file base, converting it on first use."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from cgidm_core.models.sd_loading import loading_errors
+    from cgidm_core.models.components import loading_errors
 
     file = file.resolve()
     family = single_file_base_family(safetensors_keys(file), file)

@@ -141,7 +141,9 @@ class Family:
     finetuned_layouts: tuple[str, ...]
     #: Pretrained layouts, for the docs ("pipeline folder", "single file", ...).
     pretrained_layouts: tuple[str, ...]
-    #: Upload kinds the service accepts against a base of this family (``() ``: none yet).
+    #: The LoRA namings its adapter converts (what trainers publish), for users and the docs.
+    lora_formats: tuple[str, ...] = ()
+    #: Upload kinds the service accepts against a base of this family (``()``: none yet).
     upload_kinds: tuple[str, ...] = ()
     defaults: Defaults = field(default_factory=Defaults)
     memory: MemoryModel | None = None
@@ -249,6 +251,8 @@ FAMILIES: tuple[Family, ...] = (
                            "ss_timestep_sampling", "ss_discrete_flow_shift"),
         ),
         finetuned_layouts=("pipeline", "dreambooth", "lora", "single_file"),
+        lora_formats=("diffusers/peft (transformer.*)", "kohya-ss (lora_unet_double_blocks_*, "
+                      "lora_te1_*)", "XLabs (double_blocks.N.processor.*)"),
         pretrained_layouts=("FluxPipeline folder (dev, schnell)",
                             "single-file transformer + --pretrained-config pipeline folder"),
         defaults=Defaults(
@@ -284,6 +288,8 @@ FAMILIES: tuple[Family, ...] = (
             metadata_keys=("ss_tag_frequency", "ss_output_name"),
         ),
         finetuned_layouts=LATENT_LAYOUTS,
+        lora_formats=("diffusers/peft", "kohya-ss (lora_unet_* SGM names, lora_te1_*, "
+                      "lora_te2_*)"),
         pretrained_layouts=("StableDiffusionXLPipeline folder (base 1.0)",
                             "complete single-file checkpoint (SGM layout)"),
         defaults=Defaults(gpu_dtype="float16", resolution=1024, prompt_source=_KOHYA_PROMPT),
@@ -313,6 +319,7 @@ FAMILIES: tuple[Family, ...] = (
             metadata_keys=("ss_tag_frequency", "ss_output_name"),
         ),
         finetuned_layouts=LATENT_LAYOUTS,
+        lora_formats=("diffusers/peft", "kohya-ss / A1111 (lora_unet_*, lora_te_*)"),
         pretrained_layouts=("StableDiffusionPipeline folder",
                             "complete single-file checkpoint (LDM layout)"),
         upload_kinds=("lora", "single_file", "unet"),
@@ -453,6 +460,7 @@ def describe() -> list[dict[str, Any]]:
             "denoiser_classes": list(rule.denoiser_classes),
             "pretrained_layouts": list(family.pretrained_layouts),
             "finetuned_layouts": list(family.finetuned_layouts),
+            "lora_formats": list(family.lora_formats),
             "upload_kinds": list(family.upload_kinds),
             "metadata_keys": list(rule.metadata_keys),
             "gpu_dtype": family.defaults.gpu_dtype,

@@ -120,6 +120,7 @@ def test_every_entry_is_complete_and_points_at_a_working_adapter(family):
     assert set(family.finetuned_layouts) <= set(FINETUNED_KINDS)
     assert set(family.upload_kinds) <= set(UPLOAD_KINDS) & set(family.finetuned_layouts)
     assert family.pretrained_layouts
+    assert bool(family.lora_formats) == ("lora" in family.finetuned_layouts)
     adapter = families.adapter(family)
     assert callable(adapter.check_pipeline_folder) and callable(adapter.load_pair)
     rule = family.recognition

@@ -69,6 +69,8 @@ def print_families(as_json: bool) -> int:
               f"resolution: {row['resolution']}")
         print(f"  pretrained: {'; '.join(row['pretrained_layouts'])}")
         print(f"  fine-tuned layouts: {', '.join(row['finetuned_layouts'])}")
+        if row["lora_formats"]:
+            print(f"  LoRA formats: {'; '.join(row['lora_formats'])}")
         uploads = ", ".join(row["upload_kinds"]) or "none yet (check it with cgidm check)"
         print(f"  service uploads: {uploads}")
         for label, key in (("time shift", "time_shift"), ("guidance", "guidance"),

@@ -336,7 +336,8 @@ def convert_single_file_base(file: Path, *, allow_network: bool) -> Path:
     """A complete LDM checkpoint as a pipeline folder (converted once, cached)."""
     from cgidm_core.models.single_file_base import converted_base_folder
 
-    return converted_base_folder(file, allow_network=allow_network)
+    return converted_base_folder(file, "StableDiffusionPipeline", allow_network=allow_network,
+                                 safety_checker=None, feature_extractor=None)
 
 
 def load_pair(request: PairRequest) -> StableDiffusionPair:

@@ -431,7 +431,7 @@ def convert_single_file_base(file: Path, *, allow_network: bool) -> Path:
     """A complete SGM checkpoint (``sd_xl_base_1.0.safetensors``) as a pipeline folder."""
     from cgidm_core.models.single_file_base import converted_base_folder
 
-    return converted_base_folder(file, allow_network=allow_network)
+    return converted_base_folder(file, "StableDiffusionXLPipeline", allow_network=allow_network)
 
 
 def load_pair(request: PairRequest) -> StableDiffusionXLPair:

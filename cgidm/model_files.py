@@ -269,8 +269,8 @@ def classify(keys: list[str], family: str, kind: str | None = None) -> str:
     taking = families.families_taking_uploads()
     if claims and not any(claim.upload_kinds for claim in claims):
         names = " or ".join(claim.title for claim in claims)
-        raise ModelFileError("unsupported_family", f"this is a {names} model ({found}); the "
-                             "service takes uploads for "
+        raise ModelFileError("unsupported_family", f"the tensor names say {names} ({found}); "
+                             "the service takes uploads for "
                              f"{' and '.join(f.title for f in taking)} bases; check it locally "
                              "with `cgidm check --pretrained <its base>`")
     if kind is not None and kind != found:
@@ -281,9 +281,9 @@ def classify(keys: list[str], family: str, kind: str | None = None) -> str:
         raise ModelFileError("unsupported_family", f"uploads for {family!r} bases are not "
                              "supported")
     if found not in base.upload_kinds or base not in claims:
-        names = " or ".join(claim.title for claim in claims) or "another family's"
-        raise ModelFileError("family_mismatch", f"the base is {base.title}, but this is a "
-                             f"{names} {found.replace('_', '-')} file; upload a "
+        names = " or ".join(claim.title for claim in claims) or "another family"
+        raise ModelFileError("family_mismatch", f"the base is {base.title}, but the tensor names "
+                             f"say {names} ({found.replace('_', '-')}); upload a "
                              f"{'/'.join(base.upload_kinds)} fine-tune of a {base.title} base, "
                              "or pick a base of the file's family")
     return found

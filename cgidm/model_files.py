@@ -10,7 +10,8 @@ header length, a JSON header, then the raw tensor bytes):
   exactly (no gap, no overlap), and the file must end where the last tensor ends;
 - the tensor NAMES say what the file holds (:func:`classify`): a LoRA (diffusers, peft or kohya
   naming), a single-file checkpoint in the original LDM layout, or the weights of a fine-tuned
-  UNet in diffusers naming; SDXL, Flux/SD3 transformers and pickle files are refused with a
+  UNet in diffusers naming, and which registered families (:mod:`cgidm_core.families`) such
+  names belong to; a family that takes no uploads yet, SD3 and pickle files are refused with a
   message that says why.
 
 The name rules themselves live in the library (:mod:`cgidm_core.key_signatures`, torch-free), which
@@ -27,6 +28,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from cgidm_core import families
 from cgidm_core.key_signatures import (  # noqa: F401 - re-exported: the gateway's name rules
     is_conditional_unet,
     is_flux_lora,
@@ -38,7 +40,6 @@ from cgidm_core.key_signatures import (  # noqa: F401 - re-exported: the gateway
     looks_like_transformer,
     transformer_family,
 )
-from cgidm_core.names import DDPM_FAMILY, FLUX_FAMILY, SD_FAMILY
 from cgidm_core.names import PICKLE_SUFFIXES as PICKLE_SUFFIXES  # the upload check's refusal
 
 #: safetensors refuses headers above 100 MB; real checkpoints have a few hundred KB of header.
@@ -234,50 +235,57 @@ def check_size(header: SafetensorsHeader, size: int) -> None:
 # what the tensor names say
 
 
+def _upload_layout(keys: list[str]) -> str:
+    """``lora``, ``single_file`` or ``unet`` from the tensor names (the registry's rules)."""
+    if looks_like_lora(keys):
+        return "lora"
+    refused = families.refused_file(keys)
+    if refused is not None:
+        raise ModelFileError("unsupported_family", f"this is a {refused.title} model: "
+                             f"{refused.message}")
+    if families.file_claims(keys, "single_file"):
+        return "single_file"
+    if looks_like_transformer(keys):
+        raise ModelFileError("unsupported_family", "this holds a diffusion transformer of no "
+                             "registered family (see `cgidm models --families`)")
+    if families.file_claims(keys, "unet"):
+        return "unet"
+    raise ModelFileError("unknown_model_file", "the tensor names are neither a LoRA, nor a "
+                         "single-file checkpoint (model.diffusion_model.*), nor a diffusers "
+                         "UNet (conv_in, down_blocks, time_embedding)")
+
+
 def classify(keys: list[str], family: str, kind: str | None = None) -> str:
     """The upload kind (:data:`UPLOAD_KINDS`) of a file with these tensor names, for a base of
-    ``family``; ``kind`` is what the client said, checked against the names."""
+    ``family``; ``kind`` is what the client said, checked against the names.
+
+    Which families the names can belong to, and which layouts each family takes as uploads
+    (``Family.upload_kinds``), is the family registry's (:mod:`cgidm_core.families`)."""
     if kind is not None and kind not in UPLOAD_KINDS:
         raise ModelFileError("unknown_kind", f"kind {kind!r} is not one of "
                              f"{', '.join(UPLOAD_KINDS)} (leave it out to detect it)")
-    if is_sdxl_lora(keys) or is_sdxl_single_file(keys) or any(
-            k.startswith("add_embedding.") for k in keys):
-        raise ModelFileError("unsupported_family", "this is a Stable Diffusion XL model; cgidm "
-                             "supports Stable Diffusion 1.x/2.x and pixel-space DDPM")
-    if is_flux_lora(keys) or transformer_family(keys) == FLUX_FAMILY:
-        raise ModelFileError("unsupported_family", "this is a Flux.1 model (LoRA or transformer);"
-                             " the service takes uploads for Stable Diffusion 1.x/2.x and pixel "
-                             "DDPM bases; check it locally with `cgidm check --pretrained "
-                             "<Flux.1 pipeline folder>`")
-    if looks_like_lora(keys):
-        found = "lora"
-    elif looks_like_single_file(keys):
-        found = "single_file"
-    elif looks_like_transformer(keys):
-        raise ModelFileError("unsupported_family", "this holds a diffusion transformer (Flux/SD3 "
-                             "naming); cgidm supports Stable Diffusion 1.x/2.x and pixel DDPM")
-    elif looks_like_diffusers_unet(keys):
-        found = "unet"
-    else:
-        raise ModelFileError("unknown_model_file", "the tensor names are neither a LoRA, nor a "
-                             "single-file checkpoint (model.diffusion_model.*), nor a diffusers "
-                             "UNet (conv_in, down_blocks, time_embedding)")
+    found = _upload_layout(keys)
+    claims = families.file_claims(keys, found)
+    taking = families.families_taking_uploads()
+    if claims and not any(claim.upload_kinds for claim in claims):
+        names = " or ".join(claim.title for claim in claims)
+        raise ModelFileError("unsupported_family", f"the tensor names say {names} ({found}); "
+                             "the service takes uploads for "
+                             f"{' and '.join(f.title for f in taking)} bases; check it locally "
+                             "with `cgidm check --pretrained <its base>`")
     if kind is not None and kind != found:
         raise ModelFileError("kind_mismatch", f"kind is {kind!r} but the file holds {found} "
                              "weights (leave kind out to detect it)")
-    if family == DDPM_FAMILY:
-        if found != "unet" or is_conditional_unet(keys):
-            raise ModelFileError("family_mismatch", f"the base is a pixel-space DDPM, but this "
-                                 f"is a Stable Diffusion {found.replace('_', '-')} file; upload "
-                                 "the fine-tuned UNet2DModel weights, or pick a Stable Diffusion "
-                                 "base")
-    elif family == SD_FAMILY:
-        if found == "unet" and not is_conditional_unet(keys):
-            raise ModelFileError("family_mismatch", "the base is Stable Diffusion, but this UNet "
-                                 "has no cross-attention (a pixel-space DDPM UNet)")
-    else:
+    base = families.find(family)
+    if base is None or not base.upload_kinds:
         raise ModelFileError("unsupported_family", f"uploads for {family!r} bases are not "
                              "supported")
+    if found not in base.upload_kinds or base not in claims:
+        names = " or ".join(claim.title for claim in claims) or "another family"
+        raise ModelFileError("family_mismatch", f"the base is {base.title}, but the tensor names "
+                             f"say {names} ({found.replace('_', '-')}); upload a "
+                             f"{'/'.join(base.upload_kinds)} fine-tune of a {base.title} base, "
+                             "or pick a base of the file's family")
     return found
 
 

@@ -26,8 +26,9 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from cgidm_core import families
 from cgidm_core.names import DEMO_BASES, DEMO_FAMILIES, DEMO_MODELS
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -59,6 +60,16 @@ class ModelEntry(BaseModel):
     )
     prompt: str | None = Field(None, description="Instance prompt used when a job gives none.")
     description: str | None = None
+
+    @field_validator("family")
+    @classmethod
+    def _registered_family(cls, family: str) -> str:
+        """A family the registry (``cgidm models --families``) knows: a typo would otherwise
+        surface only as a refused upload or a failed job."""
+        if families.find(family) is None:
+            known = ", ".join(f.name for f in families.FAMILIES)
+            raise ValueError(f"unknown model family {family!r}; the registered ones are {known}")
+        return family
 
 
 #: Base-model names as the hubs record them -> the registry id a deployment conventionally gives

@@ -77,3 +77,80 @@ def looks_like_diffusers_unet(keys: list[str]) -> bool:
 def is_conditional_unet(keys: list[str]) -> bool:
     """A text-conditioned UNet (Stable Diffusion) has cross-attention (``attn2``) layers."""
     return any(".attn2." in k for k in keys)
+
+
+# -- rules the family registry (:mod:`cgidm_core.families`) points at -----------------------
+
+_LDM_VAE_PREFIX = "first_stage_model."
+
+
+def is_sdxl_unet(keys: list[str]) -> bool:
+    """SDXL's UNet in diffusers naming: its size conditioning (``add_embedding.*``)."""
+    return any(k.startswith("add_embedding.") for k in keys)
+
+
+def is_sd_single_file(keys: list[str]) -> bool:
+    """An SD 1.x/2.x (or UNet-only SDXL) checkpoint in the LDM layout, not a transformer."""
+    return looks_like_single_file(keys) and not is_sdxl_single_file(keys) \
+        and transformer_family(keys) is None
+
+
+def is_sdxl_file(keys: list[str]) -> bool:
+    """Any file that only SDXL has: its SGM single file, a LoRA of its second text encoder, or
+    its UNet's size conditioning."""
+    return is_sdxl_single_file(keys) or is_sdxl_lora(keys) or is_sdxl_unet(keys)
+
+
+def is_flux_file(keys: list[str]) -> bool:
+    """A Flux.1 transformer (any naming) or a LoRA of one."""
+    return transformer_family(keys) == FLUX_FAMILY or is_flux_lora(keys)
+
+
+def is_sd3_file(keys: list[str]) -> bool:
+    return transformer_family(keys) == SD3_FAMILY
+
+
+def is_unet_lora(keys: list[str]) -> bool:
+    """A LoRA of an SD 1.x/2.x or SDXL UNet: any LoRA but a Flux one (an SDXL LoRA without
+    second-encoder layers has no name that tells it from an SD one)."""
+    return looks_like_lora(keys) and not is_flux_lora(keys)
+
+
+def is_sd_lora(keys: list[str]) -> bool:
+    """A LoRA that may be of SD 1.x/2.x: a UNet LoRA without SDXL's second-encoder layers."""
+    return is_unet_lora(keys) and not is_sdxl_lora(keys)
+
+
+def is_ldm_single_file(keys: list[str]) -> bool:
+    """A UNet checkpoint in the LDM/SGM layout (SD 1.x/2.x or SDXL), not a transformer."""
+    return looks_like_single_file(keys) and transformer_family(keys) is None
+
+
+def is_sd_unet_file(keys: list[str]) -> bool:
+    """Bare text-conditioned UNet weights without SDXL's size conditioning."""
+    return is_text_conditioned_unet_file(keys) and not is_sdxl_unet(keys)
+
+
+def is_complete_sd_checkpoint(keys: list[str]) -> bool:
+    """A complete SD 1.x/2.x single file: LDM UNet, VAE and the one text encoder."""
+    return (looks_like_single_file(keys) and any(k.startswith(_LDM_VAE_PREFIX) for k in keys)
+            and any(k.startswith("cond_stage_model.") for k in keys)
+            and not any(k.startswith(_SDXL_SINGLE_FILE_PREFIX) for k in keys)
+            and transformer_family(keys) is None)
+
+
+def is_complete_sdxl_checkpoint(keys: list[str]) -> bool:
+    """A complete SDXL base single file: LDM UNet, VAE and the second (OpenCLIP-G) encoder."""
+    return (looks_like_single_file(keys) and any(k.startswith(_LDM_VAE_PREFIX) for k in keys)
+            and any(k.startswith(_SDXL_SINGLE_FILE_PREFIX + "1.") for k in keys)
+            and transformer_family(keys) is None)
+
+
+def is_text_conditioned_unet_file(keys: list[str]) -> bool:
+    """Bare UNet weights in diffusers naming with cross-attention (SD 1.x/2.x, SDXL)."""
+    return looks_like_diffusers_unet(keys) and is_conditional_unet(keys)
+
+
+def is_pixel_unet_file(keys: list[str]) -> bool:
+    """Bare UNet weights in diffusers naming without cross-attention (a pixel UNet2DModel)."""
+    return looks_like_diffusers_unet(keys) and not is_conditional_unet(keys)

@@ -104,7 +104,9 @@ DEFAULT_METRIC = "ssim"
 # ------------------------------------------------------------------------------------------
 # model families and how a fine-tune is stored (``cgidm_core.models``)
 
-#: ``ModelPair.family`` of each supported family.
+#: ``ModelPair.family`` of each supported family: the registry names. Everything else about a
+#: family (recognition, layouts, defaults, memory, its adapter) is its entry in
+#: :mod:`cgidm_core.families`, the one table the code reads.
 SD_FAMILY = "stable-diffusion"
 SDXL_FAMILY = "stable-diffusion-xl"
 DDPM_FAMILY = "ddpm"

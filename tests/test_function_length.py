@@ -26,11 +26,7 @@ MAX_LINES = 80
 PACKAGES = ("cgidm_core", "cgidm", "app", "worker")
 
 #: "path:function" -> why it is still long. Only shrinks.
-KNOWN_LONG: dict[str, str] = {
-    "cgidm_core/models/loading.py:load_pair_from_paths": (
-        "the family dispatch (an if/elif chain per family), which the family registry replaces "
-        "(issue #23, docs/FAMILIES.md)"),
-}
+KNOWN_LONG: dict[str, str] = {}
 
 
 def _functions(path: Path) -> list[tuple[str, int, int]]:

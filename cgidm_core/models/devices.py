@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from cgidm_core.errors import ConfigError
+from cgidm_core.families import FAMILIES
 
 _DTYPE_NAMES = {
     "float32": torch.float32,
@@ -95,22 +96,19 @@ def gpu_batch_size(available_bytes: int, latent_pixels: int, dtype: torch.dtype,
 
 #: Saved-for-backward bytes of ONE denoiser pass of one image in a 2-byte dtype, counted on the
 #: meta device by ``benchmarks/activations.py`` (fused attention, weights frozen) at the family's
-#: native side and at half of it: ``{family: {(side, checkpointing): bytes}}``. The count for SD
+#: native side and at half of it: ``{family: {(side, checkpointing): bytes}}``, read from each
+#: family's registry entry (``Family.memory``, :mod:`cgidm_core.families`). The count for SD
 #: 1.5 (2 x 0.72 GiB per image) matches what benchmarks/gpu.py measured on an H200 (1.47-1.54
 #: GiB per image in float16); ``tests/test_family_memory.py`` re-counts every entry. A new family
-#: (the Flux adapter) adds its two rows here and gets batch sizing and the checkpointing decision
+#: adds its counts to its registry entry and gets batch sizing and the checkpointing decision
 #: with no code of its own.
 ACTIVATION_COUNTS: dict[str, dict[tuple[int, bool], int]] = {
-    "stable-diffusion": {(512, False): 774_828_928, (512, True): 154_657_152,
-                         (256, False): 196_595_968, (256, True): 38_756_736},
-    "stable-diffusion-xl": {(1024, False): 5_336_636_160, (1024, True): 503_767_296,
-                            (512, False): 1_353_382_656, (512, True): 126_181_632},
-    "flux": {(1024, False): 21_615_259_648, (1024, True): 1_642_115_072,
-             (512, False): 7_196_397_568, (512, True): 547_377_152},
+    family.name: dict(family.memory.activation_counts)
+    for family in FAMILIES if family.memory is not None
 }
 #: Latent pixels (height x width of the VAE latent) of each family at its native side.
-NATIVE_LATENT_PIXELS = {"stable-diffusion": 64 * 64, "stable-diffusion-xl": 128 * 128,
-                        "flux": 128 * 128}
+NATIVE_LATENT_PIXELS = {family.name: family.memory.native_latent_pixels
+                        for family in FAMILIES if family.memory is not None}
 #: Denoiser passes per image and PGD step: the fine-tuned and the pretrained model.
 PASSES_PER_IMAGE = 2
 #: Allocator rounding, cuBLAS/cuDNN workspaces and the recomputed segment under checkpointing.

@@ -1,4 +1,5 @@
-"""Loading a Flux.1 pair from each layout (the Flux counterpart of ``sd_loading``/``sdxl_loading``).
+"""The Flux.1 adapter (registry entry ``flux``): loading a Flux.1 pair from each layout (the Flux
+counterpart of ``sd_loading``/``sdxl_loading``).
 
 The same rules as for Stable Diffusion: every network is built on the CPU first, safetensors only,
 local files only unless the caller allowed the network, no remote code; identical networks are
@@ -34,24 +35,9 @@ from typing import Any
 import torch
 
 from cgidm_core.errors import IncompatiblePairError, ModelFormatError, UnsupportedModelFamilyError
-from cgidm_core.models.flux import FluxLoraPair, FluxPair, FluxTextEncoders
-from cgidm_core.models.formats import (
-    FLUX_FAMILY,
-    FLUX_TRANSFORMER,
-    IDENTICAL_MODELS,
-    SUPPORTED_HINT,
-    family_name,
-    is_flux_lora,
-    lora_weights_file,
-    pipeline_family,
-    read_json,
-    safetensors_keys,
-    transformer_family,
-    weights_variant,
-)
-from cgidm_core.models.sd_loading import (
+from cgidm_core.models.adapter import LoadOptions, PairRequest
+from cgidm_core.models.components import (
     LORA_ADAPTER_NAME,
-    LoadOptions,
     count_adapted_layers,
     load_text_encoder,
     load_tokenizer,
@@ -61,9 +47,23 @@ from cgidm_core.models.sd_loading import (
     read_lora_state_dict,
     same_weights,
 )
+from cgidm_core.models.flux import FluxLoraPair, FluxPair, FluxTextEncoders
+from cgidm_core.models.formats import (
+    FLUX_FAMILY,
+    IDENTICAL_MODELS,
+    SUPPORTED_HINT,
+    is_flux_lora,
+    lora_weights_file,
+    read_json,
+    safetensors_keys,
+    transformer_family,
+    weights_variant,
+)
 from cgidm_core.models.stable_diffusion import TextEncoderReloader
 
 _TRANSFORMER_WEIGHTS = ("diffusion_pytorch_model",)
+#: The diffusers class of a Flux.1 transformer (``transformer/config.json``).
+FLUX_TRANSFORMER = "FluxTransformer2DModel"
 _SCHEDULER_CLASS = "FlowMatchEulerDiscreteScheduler"
 
 
@@ -221,12 +221,6 @@ def load_flux_finetuned_transformer(path: Path, kind: str, base: FluxBase,
     single file (only a pipeline folder carries text encoders)."""
     clip = t5 = None
     if kind == "pipeline":
-        family = pipeline_family(path)
-        if family != FLUX_FAMILY:
-            raise IncompatiblePairError(
-                f"the fine-tuned model {path} is a {family_name(family)} pipeline but the "
-                "pretrained one is Flux.1"
-            )
         transformer = load_flux_transformer(path, "transformer", opts)
         if (path / "text_encoder" / "config.json").is_file():
             clip = load_flux_text_encoder(path, "text_encoder", opts)
@@ -502,3 +496,42 @@ def _with_shift(trained: TrainingSettings, pair: FluxPair) -> FluxPair:
     pair.flow_shift_override = trained.shift
     pair.time_shift_source = trained.shift_source
     return pair
+
+
+# -- the adapter interface (cgidm_core.families.FamilyAdapter) ---------------------------------
+
+
+def check_pipeline_folder(folder: Path, index: dict[str, Any]) -> None:
+    """Flux.1 dev or schnell (``FluxPipeline``) only; Fill, Canny/Depth control, Kontext and Flux.2
+    variants are refused by name: their transformer takes extra image channels or another
+    architecture, not the text-to-image model a fine-tune is made from."""
+    name = str(index.get("_class_name", ""))
+    config_file = folder / "transformer" / "config.json"
+    transformer = read_json(config_file) if config_file.is_file() else {}
+    if name != "FluxPipeline" or transformer.get("_class_name", FLUX_TRANSFORMER) != (
+            FLUX_TRANSFORMER):
+        raise UnsupportedModelFamilyError(
+            f"{folder} is a {name} model ({transformer.get('_class_name', 'unknown transformer')})"
+            ": of the Flux family cgidm supports the Flux.1 dev and schnell text-to-image "
+            "pipelines (FluxPipeline). " + SUPPORTED_HINT
+        )
+    missing = [part for part in ("transformer", "vae", "text_encoder", "text_encoder_2",
+                                 "tokenizer", "tokenizer_2", "scheduler") if part not in index]
+    if missing:
+        raise ModelFormatError(f"{folder} ({name}) lacks {', '.join(missing)}")
+    vae_file = folder / "vae" / "config.json"
+    latent_channels = read_json(vae_file).get("latent_channels", 16) if vae_file.is_file() else 16
+    if transformer and transformer.get("in_channels") != 4 * latent_channels:
+        raise UnsupportedModelFamilyError(
+            f"{folder} ({name}) has a transformer taking {transformer.get('in_channels')} input "
+            f"features, not the {4 * latent_channels} of packed {latent_channels}-channel latents:"
+            " a Fill/control variant, not Flux.1 dev or schnell. " + SUPPORTED_HINT
+        )
+
+
+def load_pair(request: PairRequest) -> FluxPair:
+    """``request.pretrained_file``: a pretrained transformer given as one file, completed by the
+    pipeline folder ``request.pretrained``."""
+    return load_flux_pair(request.pretrained, request.finetuned, request.kind, request.opts,
+                          keep_text_encoders=request.keep_text_encoders,
+                          pretrained_transformer=request.pretrained_file)

@@ -2,7 +2,9 @@
 
 Detection reads only JSON configs and safetensors headers, so refusing an unsupported model
 (the SDXL refiner, SD3, pickle weights, a corrupt file) is instant and never runs code from
-the model.
+the model. Which family a file or folder belongs to is the family registry's answer
+(:mod:`cgidm_core.families`): this module reads the files and asks the table, and names no
+family itself.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from cgidm_core import families
 from cgidm_core.errors import (
     IncompatiblePairError,
     ModelFormatError,
     ModelNotFoundError,
     UnsupportedModelFamilyError,
 )
+from cgidm_core.families import SD3_REFUSAL, Family  # noqa: F401 - SD3_REFUSAL re-exported
 from cgidm_core.key_signatures import (  # noqa: F401 - the name rules are shared with the gateway
     is_flux_lora,
     is_sdxl_lora,
@@ -40,25 +44,8 @@ from cgidm_core.names import PICKLE_SUFFIXES as PICKLE_SUFFIXES
 
 FLOW_SCHEDULERS = frozenset({"FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"})
 
-SUPPORTED_HINT = (
-    "cgidm supports Stable Diffusion 1.x/2.x and SDXL base 1.0 (StableDiffusionPipeline / "
-    "StableDiffusionXLPipeline folders, with fine-tunes as pipeline folders, DreamBooth unet/ "
-    "(+text_encoder/, text_encoder_2/) folders, LoRA .safetensors or single-file .safetensors "
-    "checkpoints), Flux.1 dev and schnell (FluxPipeline folders, with fine-tunes as pipeline "
-    "folders, transformer/ folders, LoRA .safetensors or single-file transformers) and "
-    "pixel-space DDPM (DDPMPipeline folders)"
-)
-SD3_REFUSAL = (
-    "Stable Diffusion 3 / 3.5 is not supported yet: it is a flow-matching transformer like "
-    "Flux.1, but with three text encoders (CLIP-L, CLIP-G, T5), a patch embedding instead of "
-    "packed latents and its own timestep scale, which need an adapter of their own. Check a "
-    "Flux.1, SDXL or Stable Diffusion 1.x/2.x pair instead"
-)
-SDXL_REFINER_REFUSAL = (
-    "the SDXL refiner is not supported: it is an image-to-image model conditioned on an "
-    "aesthetic score and one text encoder, not the base a fine-tune is made from; give the SDXL "
-    "base 1.0 pipeline (or a fine-tune of it) instead. " + SUPPORTED_HINT
-)
+#: What the registry loads, for refusals (built from the table).
+SUPPORTED_HINT = families.supported_hint()
 PICKLE_HINT = (
     "cgidm loads safetensors weights only, because pickle files (.bin/.ckpt/.pt) can run code "
     "when opened. Convert the model once in a trusted environment, e.g. "
@@ -71,9 +58,11 @@ IDENTICAL_MODELS = (
 )
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-_PIXEL_PIPELINES = {"DDPMPipeline", "DDIMPipeline"}
-_PIXEL_UNETS = {"UNet2DModel"}
 _PICKLE_SUFFIXES = frozenset(PICKLE_SUFFIXES)
+#: What each fine-tune layout is called in messages.
+LAYOUT_NAMES = {"lora": "LoRA", "single_file": "single-file checkpoint",
+                "dreambooth": "fine-tuned denoiser folder", "pipeline": "pipeline",
+                "unet": "bare UNet weights file", "ddpm": "pixel-space model folder"}
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -125,35 +114,25 @@ def lora_weights_file(path: Path) -> Path:
     return found
 
 
-#: The diffusers class of a Flux.1 transformer (``transformer/config.json``).
-FLUX_TRANSFORMER = "FluxTransformer2DModel"
-
-
-def _refuse_sd3_transformer(class_name: str, where: Path) -> None:
-    if class_name.startswith("SD3"):
-        raise UnsupportedModelFamilyError(f"{where} ({class_name}): {SD3_REFUSAL}")
-
-
 def _class_name(config_file: Path) -> str:
     return str(read_json(config_file).get("_class_name", ""))
 
 
-def detect_finetuned_kind(path: str | Path) -> str:
-    """Say how a fine-tuned model is stored: one of :data:`cgidm_core.names.FINETUNED_KINDS`.
+def _refuse_refused_denoiser(class_name: str, where: Path) -> None:
+    refused = families.refused_denoiser(class_name)
+    if refused is not None:
+        raise UnsupportedModelFamilyError(f"{where} ({class_name}): {refused.message}")
 
-    - ``pipeline``: a full diffusers folder (``model_index.json``) of Stable Diffusion;
-    - ``ddpm``: a pixel-space pipeline folder, or a ``UNet2DModel`` (alone or in ``unet/``);
-    - ``dreambooth``: ``unet/`` and optionally ``text_encoder/`` without ``model_index.json``
-      (or a bare ``UNet2DConditionModel`` folder); for Flux a ``transformer/`` folder (or a bare
-      ``FluxTransformer2DModel`` folder);
-    - ``lora``: a LoRA ``.safetensors`` file, or a folder holding
-      ``pytorch_lora_weights.safetensors``;
-    - ``single_file``: one ``.safetensors`` checkpoint in the original LDM key layout, or a
-      Flux.1 transformer as one file (Black Forest Labs' or diffusers' naming);
-    - ``unet``: one ``.safetensors`` file of bare UNet weights in diffusers naming, built with
-      the base's UNet config (see ``unet_file``).
-    """
-    path = Path(path).expanduser()
+
+def _pixel_claim(claims: list[Family]) -> bool:
+    """Whether the claiming families store fine-tunes as pixel model folders (layout ``ddpm``)."""
+    return any("ddpm" in family.finetuned_layouts for family in claims)
+
+
+def detect_finetuned_kind(path: str | Path) -> str:
+    """The fine-tune's layout: ``pipeline``, ``dreambooth``, ``lora``, ``single_file``, ``ddpm``
+    or ``unet``, from its files and the registry's recognition rules (no weights are read)."""
+    path = Path(path)
     if not path.exists():
         raise ModelNotFoundError(f"model path {path} does not exist")
     if path.is_file():
@@ -166,13 +145,12 @@ def detect_finetuned_kind(path: str | Path) -> str:
         keys = safetensors_keys(path)
         if looks_like_lora(keys):
             return "lora"
-        if transformer_family(keys) == SD3_FAMILY:
-            raise UnsupportedModelFamilyError(f"{path}: {SD3_REFUSAL}")
-        if transformer_family(keys) == FLUX_FAMILY:
+        refused = families.refused_file(keys)
+        if refused is not None:
+            raise UnsupportedModelFamilyError(f"{path}: {refused.message}")
+        if families.file_claims(keys, "single_file"):
             return "single_file"
-        if looks_like_single_file(keys) or is_sdxl_single_file(keys):
-            return "single_file"
-        if looks_like_diffusers_unet(keys):
+        if families.file_claims(keys, "unet"):
             return "unet"
         raise ModelFormatError(
             f"{path} holds neither LoRA weights, nor a Stable Diffusion checkpoint (no "
@@ -180,20 +158,19 @@ def detect_finetuned_kind(path: str | Path) -> str:
         )
     if (path / "model_index.json").is_file():
         name = _class_name(path / "model_index.json")
-        return "ddpm" if name in _PIXEL_PIPELINES else "pipeline"
+        return "ddpm" if _pixel_claim(families.pipeline_class_claims(name)) else "pipeline"
     if (path / "unet" / "config.json").is_file():
-        pixel = _class_name(path / "unet" / "config.json") in _PIXEL_UNETS
-        return "ddpm" if pixel else "dreambooth"
+        claims = families.denoiser_claims(_class_name(path / "unet" / "config.json"))
+        return "ddpm" if _pixel_claim(claims) else "dreambooth"
     if (path / "transformer" / "config.json").is_file():
-        _refuse_sd3_transformer(_class_name(path / "transformer" / "config.json"), path)
+        _refuse_refused_denoiser(_class_name(path / "transformer" / "config.json"), path)
         return "dreambooth"
     if (path / "config.json").is_file():
         name = _class_name(path / "config.json")
-        if name in _PIXEL_UNETS:
-            return "ddpm"
-        if name in ("UNet2DConditionModel", FLUX_TRANSFORMER):
-            return "dreambooth"
-        _refuse_sd3_transformer(name, path)
+        claims = families.denoiser_claims(name)
+        if claims:
+            return "ddpm" if _pixel_claim(claims) else "dreambooth"
+        _refuse_refused_denoiser(name, path)
     if (path / LORA_WEIGHT_NAME.replace(".safetensors", ".bin")).is_file():
         raise ModelFormatError(f"{path} holds a pickle LoRA (.bin). {PICKLE_HINT}")
     if _lora_file_in(path) is not None:
@@ -204,66 +181,20 @@ def detect_finetuned_kind(path: str | Path) -> str:
     )
 
 
-#: SDXL base 1.0 conditions on 6 added time ids (original size, crop, target size); the refiner
-#: on 5 (original size, crop, aesthetic score).
-SDXL_TIME_IDS = 6
-
-
-def unet_family(unet_config: dict[str, Any], where: Path) -> str:
-    """``stable-diffusion`` or ``stable-diffusion-xl`` from a UNet config; refuses the rest."""
-    embed = unet_config.get("addition_embed_type")
-    if embed is None:
-        return SD_FAMILY
-    if embed != "text_time":
-        raise UnsupportedModelFamilyError(
-            f"{where}: a UNet with addition_embed_type={embed!r} (not SD 1.x/2.x or SDXL base). "
-            + SUPPORTED_HINT
-        )
-    time_dim = unet_config.get("addition_time_embed_dim")
-    text_dim = unet_config.get("projection_class_embeddings_input_dim")
-    cross = unet_config.get("cross_attention_dim")
-    # The refiner's one text encoder gives both the cross-attention features and the pooled
-    # feature, next to 5 time ids (2560 = 5 * 256 + 1280 with cross_attention_dim 1280); the
-    # base's pooled feature comes from its second encoder only (2816 = 6 * 256 + 1280, 2048).
-    numbers = all(isinstance(v, int) for v in (time_dim, text_dim, cross))
-    if numbers and text_dim - (SDXL_TIME_IDS - 1) * time_dim == cross:
-        raise UnsupportedModelFamilyError(f"{where}: {SDXL_REFINER_REFUSAL}")
-    return SDXL_FAMILY
-
-
-def check_unet_family(unet_config: dict[str, Any], where: Path, family: str) -> None:
-    """A UNet of another family than the pair's is an incompatible pair, said in plain words."""
-    found = unet_family(unet_config, where)
-    if found != family:
-        raise IncompatiblePairError(
-            f"{where} holds a {_FAMILY_NAMES[found]} UNet but the pretrained model is "
-            f"{_FAMILY_NAMES[family]}; both models must be of the same family"
-        )
-
-
-_FAMILY_NAMES = {SD_FAMILY: "Stable Diffusion 1.x/2.x", SDXL_FAMILY: "SDXL",
-                 DDPM_FAMILY: "pixel-space DDPM", FLUX_FAMILY: "Flux.1",
-                 PIXEL_FLOW_FAMILY: "pixel-space flow-matching model"}
-
-
 def family_name(family: str) -> str:
-    return _FAMILY_NAMES.get(family, family)
+    """A family's name for users ("Stable Diffusion 1.x/2.x"), from the registry."""
+    return families.title(family)
 
 
-def _refuse_variant(folder: Path, name: str, unet_config: dict[str, Any]) -> None:
-    if unet_config.get("in_channels", 4) != 4 or unet_config.get("class_embed_type"):
-        raise UnsupportedModelFamilyError(
-            f"{folder} ({name}) is an inpainting/upscaling variant whose UNet takes extra "
-            "inputs. " + SUPPORTED_HINT
-        )
+def scheduler_objective(folder: Path) -> str:
+    """``"flow"`` or ``"noise"``: the objective a pipeline folder's saved scheduler says."""
+    return "flow" if pixel_objective(folder) == "flow" else "noise"
 
 
-def pipeline_family(folder: Path) -> str:
-    """Family of a pipeline folder: ``stable-diffusion``, ``stable-diffusion-xl`` or ``ddpm``.
-
-    Refuses everything else (the SDXL refiner, SD3, Flux Fill/control, inpainting variants...) by
-    name.
-    """
+def pipeline_entry(folder: Path) -> Family:
+    """The registry entry of a pipeline folder (its ``model_index.json`` class, and for pixel
+    pipelines its scheduler), after the family's adapter has refused the variants it cannot
+    load; families that are recognised only to be refused are refused by name."""
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         raise ModelFormatError(
@@ -272,69 +203,95 @@ def pipeline_family(folder: Path) -> str:
         )
     index = read_json(index_file)
     name = str(index.get("_class_name", ""))
-    if name in _PIXEL_PIPELINES:
-        return PIXEL_FLOW_FAMILY if pixel_objective(folder) == "flow" else DDPM_FAMILY
-    if name.startswith("StableDiffusion3"):
-        raise UnsupportedModelFamilyError(f"{folder} ({name}): {SD3_REFUSAL}")
-    if name.startswith("Flux"):
-        return _flux_pipeline_family(folder, name, index)
-    unet_config_file = folder / "unet" / "config.json"
-    unet_config = read_json(unet_config_file) if unet_config_file.is_file() else {}
-    if name.startswith("StableDiffusionXL") or "text_encoder_2" in index:
-        te1 = index.get("text_encoder")
-        if index.get("requires_aesthetics_score") or not te1 or te1[0] is None:
-            raise UnsupportedModelFamilyError(f"{folder} ({name}): {SDXL_REFINER_REFUSAL}")
-        if unet_config:
-            if unet_family(unet_config, folder) != SDXL_FAMILY:
-                raise UnsupportedModelFamilyError(
-                    f"{folder} ({name}) has a UNet without SDXL's size conditioning. "
-                    + SUPPORTED_HINT
-                )
-            _refuse_variant(folder, name, unet_config)
-        parts = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
-        missing = [part for part in parts if part not in index]
-        if missing:
-            raise ModelFormatError(f"{folder} ({name}) lacks {', '.join(missing)}")
-        return SDXL_FAMILY
-    has_sd_parts = all(part in index for part in ("unet", "vae", "text_encoder", "tokenizer"))
-    if name.startswith("StableDiffusion") and has_sd_parts and "transformer" not in index:
-        if unet_config:
-            if unet_family(unet_config, folder) != SD_FAMILY:
-                raise UnsupportedModelFamilyError(
-                    f"{folder} ({name}) has a UNet with SDXL conditioning but one text encoder. "
-                    + SUPPORTED_HINT
-                )
-            _refuse_variant(folder, name, unet_config)
-        return SD_FAMILY
-    raise UnsupportedModelFamilyError(f"{folder} is a {name or 'unknown'} model. " + SUPPORTED_HINT)
+    refused = families.refused_pipeline(name)
+    if refused is not None:
+        raise UnsupportedModelFamilyError(f"{folder} ({name}): {refused.message}")
+    family = families.pipeline_claim(name, index, lambda: scheduler_objective(folder))
+    if family is None:
+        raise UnsupportedModelFamilyError(
+            f"{folder} is a {name or 'unknown'} model. " + SUPPORTED_HINT)
+    families.adapter(family).check_pipeline_folder(folder, index)
+    return family
 
 
-def _flux_pipeline_family(folder: Path, name: str, index: dict[str, Any]) -> str:
-    """Flux.1 dev or schnell (``FluxPipeline``); Fill, Canny/Depth control, Kontext and Flux.2
-    variants are refused by name: their transformer takes extra image channels or another
-    architecture, not the text-to-image model a fine-tune is made from."""
-    config_file = folder / "transformer" / "config.json"
-    transformer = read_json(config_file) if config_file.is_file() else {}
-    if name != "FluxPipeline" or transformer.get("_class_name", FLUX_TRANSFORMER) != (
-            FLUX_TRANSFORMER):
-        raise UnsupportedModelFamilyError(
-            f"{folder} is a {name} model ({transformer.get('_class_name', 'unknown transformer')})"
-            ": of the Flux family cgidm supports the Flux.1 dev and schnell text-to-image "
-            "pipelines (FluxPipeline). " + SUPPORTED_HINT
+def pipeline_family(folder: Path) -> str:
+    """The registry name of a pipeline folder's family (see :func:`pipeline_entry`)."""
+    return pipeline_entry(folder).name
+
+
+def base_file_family(file: Path) -> Family:
+    """The family of a pretrained model given as one ``.safetensors`` file, by its tensor names.
+
+    A file no entry claims is explained by the LDM checkpoint rules (no UNet, no VAE, the SDXL
+    refiner...), the layout every complete single file shared so far uses."""
+    keys = safetensors_keys(file)
+    refused = families.refused_file(keys)
+    if refused is not None:
+        raise UnsupportedModelFamilyError(f"{file}: {refused.message}")
+    family = families.base_file_claim(keys)
+    if family is not None:
+        return family
+    from cgidm_core.models.single_file_base import single_file_base_family
+
+    single_file_base_family(keys, file)  # raises, saying what the file lacks
+    raise UnsupportedModelFamilyError(f"{file}: no registered family's single-file layout. "
+                                      + SUPPORTED_HINT)
+
+
+def finetune_claims(kind: str, path: Path) -> list[Family] | None:
+    """The families whose files the fine-tune's could be, or ``None`` when its layout does not
+    say (bare weights, pixel folders: the adapter checks those against the base's config)."""
+    if kind in ("lora", "single_file"):
+        weights = lora_weights_file(path) if kind == "lora" else path
+        return families.file_claims(safetensors_keys(weights), kind)
+    if kind == "pipeline":
+        return [pipeline_entry(path)]
+    if kind == "dreambooth":
+        for config in (path / "transformer" / "config.json", path / "unet" / "config.json",
+                       path / "config.json"):
+            if config.is_file():
+                return families.denoiser_claims(_class_name(config)) or None
+    return None
+
+
+def _article(title: str) -> str:
+    return "an" if title.startswith(("SDXL", "A", "E", "I", "O", "U")) else "a"
+
+
+def _described(family: Family) -> str:
+    """"a pixel-space DDPM", but "Flux.1" (a model, not a kind of model)."""
+    return f"a {family.title}" if family.space == "pixel" else family.title
+
+
+def check_finetune_family(family: Family, kind: str, path: Path) -> None:
+    """Refuse, before any weight is read, a fine-tune that cannot be of the base's family: a
+    layout the family has no use for (a pixel UNet for a latent base), or files the registry
+    gives to other families only (a Flux LoRA for an SDXL base)."""
+    if kind not in family.finetuned_layouts:
+        if "ddpm" in family.finetuned_layouts:
+            what = f"a latent, text-conditioned fine-tune ({kind})"
+        elif kind == "ddpm":
+            what = "a pixel-space DDPM or flow model (UNet2DModel)"
+        else:
+            layout = LAYOUT_NAMES[kind]
+            what = f"{_article(layout)} {layout}, a layout this family has no use for"
+        raise IncompatiblePairError(
+            f"the pretrained model is {_described(family)} but {path} is "
+            f"{what}; both models must be of the same family"
         )
-    missing = [part for part in ("transformer", "vae", "text_encoder", "text_encoder_2",
-                                 "tokenizer", "tokenizer_2", "scheduler") if part not in index]
-    if missing:
-        raise ModelFormatError(f"{folder} ({name}) lacks {', '.join(missing)}")
-    vae_file = folder / "vae" / "config.json"
-    latent_channels = read_json(vae_file).get("latent_channels", 16) if vae_file.is_file() else 16
-    if transformer and transformer.get("in_channels") != 4 * latent_channels:
-        raise UnsupportedModelFamilyError(
-            f"{folder} ({name}) has a transformer taking {transformer.get('in_channels')} input "
-            f"features, not the {4 * latent_channels} of packed {latent_channels}-channel latents:"
-            " a Fill/control variant, not Flux.1 dev or schnell. " + SUPPORTED_HINT
+    claims = finetune_claims(kind, path)
+    if not claims or family in claims:  # the files do not say: the adapter checks them
+        return
+    if kind == "pipeline":
+        raise IncompatiblePairError(
+            f"the fine-tuned model {path} is {_article(claims[0].title)} {claims[0].title} "
+            f"pipeline but the pretrained one is {family.title}"
         )
-    return FLUX_FAMILY
+    found = " or ".join(claim.title for claim in claims)
+    raise IncompatiblePairError(
+        f"{path} is {_article(found)} {found} {LAYOUT_NAMES[kind]} but the pretrained model is "
+        f"{family.title}; compare it with the base it was trained from"
+    )
 
 
 def pixel_objective(folder: Path) -> str | None:

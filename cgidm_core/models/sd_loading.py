@@ -1,4 +1,6 @@
-"""Loading the pieces of a Stable Diffusion pair from each fine-tune format.
+"""The Stable Diffusion 1.x/2.x adapter (registry entry ``stable-diffusion``): loading the
+pieces of an SD pair from each fine-tune format. The helpers every family shares are in
+:mod:`cgidm_core.models.components` (re-exported here for older imports).
 
 Every network is loaded on the CPU first (so a LoRA can be attached and identical networks
 detected before anything reaches the GPU), then frozen and moved. Weights are read as safetensors
@@ -8,8 +10,7 @@ remote code.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,37 +18,38 @@ from typing import Any
 import torch
 
 from cgidm_core.errors import (
-    CGIDMError,
     IncompatiblePairError,
     ModelFormatError,
     UnsupportedModelFamilyError,
 )
+from cgidm_core.models.adapter import LoadOptions, PairRequest
+from cgidm_core.models.components import (  # noqa: F401 - re-exported for older imports
+    LORA_ADAPTER_NAME,
+    count_adapted_layers,
+    load_text_encoder,
+    load_tokenizer,
+    load_unet,
+    load_vae,
+    loading_errors,
+    place,
+    read_lora_state_dict,
+    same_weights,
+)
+from cgidm_core.models.components import scheduler_of as _scheduler_of
 from cgidm_core.models.formats import (
-    PIXEL_FAMILIES,
+    IDENTICAL_MODELS,
     SD_FAMILY,
     SUPPORTED_HINT,
-    check_unet_family,
-    family_name,
     is_sdxl_lora,
     is_sdxl_single_file,
     lora_weights_file,
-    pipeline_family,
     read_json,
     safetensors_keys,
-    weights_variant,
 )
-from cgidm_core.models.predictions import alphas_cumprod_of, build_scheduler, check_prediction_type
-
-LORA_ADAPTER_NAME = "cgidm_finetuned"
-_UNET_WEIGHTS = ("diffusion_pytorch_model",)
-_TEXT_ENCODER_WEIGHTS = ("model",)
-
-
-@dataclass(frozen=True)
-class LoadOptions:
-    device: torch.device
-    dtype: torch.dtype
-    local_files_only: bool
+from cgidm_core.models.predictions import alphas_cumprod_of
+from cgidm_core.models.stable_diffusion import StableDiffusionLoraPair, StableDiffusionPair
+from cgidm_core.models.unet_configs import refuse_variant, unet_family
+from cgidm_core.models.unet_file import load_unet_file
 
 
 @dataclass
@@ -72,139 +74,6 @@ class SDFinetune:
     text_encoder: Any = None
     tokenizer: Any = None
     prediction_type: str | None = None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
-@contextmanager
-def loading_errors(
-    what: str, where: Path, *, mismatch_is_incompatible: bool = False
-) -> Iterator[None]:
-    """Turn library errors while loading into errors that say which model and what to do."""
-    from safetensors import SafetensorError
-
-    try:
-        yield
-    except (CGIDMError, torch.cuda.OutOfMemoryError):
-        raise
-    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
-        message = str(exc)
-        if mismatch_is_incompatible and ("size mismatch" in message or "shape" in message.lower()):
-            raise IncompatiblePairError(
-                f"{what} in {where} does not fit the pretrained model ({_first_line(exc)}); "
-                "was it fine-tuned from this base?"
-            ) from exc
-        raise ModelFormatError(f"could not load {what} from {where}: {_first_line(exc)}") from exc
-    except Exception as exc:  # diffusers' own error classes (e.g. SingleFileComponentError)
-        if type(exc).__module__.split(".")[0] not in {"diffusers", "transformers", "peft"}:
-            raise
-        raise ModelFormatError(f"could not load {what} from {where}: {_first_line(exc)}") from exc
-
-
-def _transformers_dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
-    import transformers
-    from packaging.version import Version
-
-    if Version(transformers.__version__) >= Version("4.56"):
-        return {"dtype": dtype}
-    return {"torch_dtype": dtype}
-
-
-def _freeze(module: Any) -> Any:
-    module.eval()
-    module.requires_grad_(False)
-    return module
-
-
-def load_unet(
-    folder: Path, subfolder: str | None, opts: LoadOptions, family: str = SD_FAMILY
-) -> Any:
-    """A ``UNet2DConditionModel`` of ``family`` (a UNet of another family is refused first)."""
-    from diffusers import UNet2DConditionModel
-
-    component = folder / subfolder if subfolder else folder
-    check_unet_family(read_json(component / "config.json"), component, family)
-    with loading_errors("the UNet", component):
-        return UNet2DConditionModel.from_pretrained(
-            folder,
-            subfolder=subfolder,
-            use_safetensors=True,
-            local_files_only=opts.local_files_only,
-            torch_dtype=opts.dtype,
-            variant=weights_variant(component, _UNET_WEIGHTS),
-        )
-
-
-def load_text_encoder(
-    folder: Path,
-    opts: LoadOptions,
-    name: str = "text_encoder",
-    class_name: str = "CLIPTextModel",
-    family: str = "Stable Diffusion",
-) -> Any:
-    """The transformers text encoder ``folder/name`` of class ``class_name``, safetensors only.
-
-    Every family loads its encoders here (SD's CLIP, SDXL's second OpenCLIP with projection,
-    Flux's T5), so an encoder of another architecture is refused with the same message naming
-    what the ``family`` expects.
-    """
-    import transformers
-
-    component = folder / name
-    config = read_json(component / "config.json")
-    architectures = set(config.get("architectures") or [class_name])
-    if class_name not in architectures:
-        raise UnsupportedModelFamilyError(
-            f"{component} is a {', '.join(sorted(architectures))}, not the {class_name} "
-            f"{family} uses; " + SUPPORTED_HINT
-        )
-    with loading_errors(f"the text encoder {name}", component):
-        return getattr(transformers, class_name).from_pretrained(
-            folder,
-            subfolder=name,
-            use_safetensors=True,
-            local_files_only=opts.local_files_only,
-            variant=weights_variant(component, _TEXT_ENCODER_WEIGHTS),
-            **_transformers_dtype_kwargs(opts.dtype),
-        )
-
-
-def load_tokenizer(folder: Path, opts: LoadOptions, subfolder: str = "tokenizer") -> Any:
-    """A CLIP tokenizer (SDXL has a second one in ``tokenizer_2``)."""
-    from transformers import CLIPTokenizer
-
-    with loading_errors("the tokenizer", folder / subfolder):
-        return CLIPTokenizer.from_pretrained(
-            folder, subfolder=subfolder, local_files_only=opts.local_files_only
-        )
-
-
-def _scheduler_of(folder: Path) -> tuple[Any, str]:
-    config_file = folder / "scheduler" / "scheduler_config.json"
-    config = read_json(config_file)
-    with loading_errors("the scheduler", config_file):
-        scheduler = build_scheduler(config)
-    prediction = check_prediction_type(config.get("prediction_type", "epsilon"), config_file)
-    return scheduler, prediction
-
-
-def load_vae(folder: Path, opts: LoadOptions) -> Any:
-    """The base's VAE (SD and SDXL), float32 whatever ``opts.dtype``: the SDXL VAE overflows in
-    float16 (its config says ``force_upcast``)."""
-    from diffusers import AutoencoderKL
-
-    with loading_errors("the VAE", folder / "vae"):
-        return AutoencoderKL.from_pretrained(
-            folder,
-            subfolder="vae",
-            use_safetensors=True,
-            local_files_only=opts.local_files_only,
-            torch_dtype=torch.float32,
-            variant=weights_variant(folder / "vae", _UNET_WEIGHTS),
-        )
 
 
 def load_sd_base(folder: Path, opts: LoadOptions) -> SDBase:
@@ -239,13 +108,8 @@ def _tokenizer_for(text_encoder: Any, folder: Path, base: SDBase, opts: LoadOpti
 
 
 def load_finetuned_pipeline(folder: Path, base: SDBase, opts: LoadOptions) -> SDFinetune:
-    """A full pipeline folder. Its VAE is not loaded: both models run in the base's latent space."""
-    family = pipeline_family(folder)
-    if family != SD_FAMILY:
-        raise IncompatiblePairError(
-            f"the fine-tuned model {folder} is a {family} pipeline but the pretrained one is "
-            "Stable Diffusion"
-        )
+    """A full pipeline folder (its family checked by the registry before the adapter was called).
+    Its VAE is not loaded: both models run in the base's latent space."""
     text_encoder = load_text_encoder(folder, opts) if (folder / "text_encoder").is_dir() else None
     prediction_type = None
     if (folder / "scheduler" / "scheduler_config.json").is_file():
@@ -306,45 +170,6 @@ def load_single_file(file: Path, base: SDBase, opts: LoadOptions) -> SDFinetune:
             **components,
         )
     return SDFinetune(unet=pipe.unet, text_encoder=pipe.text_encoder if has_text_encoder else None)
-
-
-def read_lora_state_dict(
-    pipeline_class: Any,
-    weights: Path,
-    *,
-    not_a_lora: str = "is not a LoRA that diffusers can load",
-    **options: Any,
-) -> tuple[dict, Any, Any]:
-    """A LoRA file's state dict in diffusers' naming, its network alphas and its rank/alpha
-    metadata, read by the family pipeline's own ``lora_state_dict`` (which converts kohya, A1111
-    and XLabs key names; ``options`` are that loader's family-specific arguments).
-
-    A file whose keys are not all LoRA weights (a control LoRA, a full checkpoint) is refused
-    with ``f"{weights} {not_a_lora}"`` rather than half-loaded."""
-    with loading_errors("the LoRA", weights, mismatch_is_incompatible=True):
-        state_dict, network_alphas, metadata = pipeline_class.lora_state_dict(
-            str(weights.parent),
-            weight_name=weights.name,
-            use_safetensors=True,
-            local_files_only=True,
-            return_lora_metadata=True,
-            **options,
-        )
-    if not state_dict or not all("lora" in key for key in state_dict):
-        raise ModelFormatError(f"{weights} {not_a_lora}")
-    return state_dict, network_alphas, metadata
-
-
-def count_adapted_layers(weights: Path, model: str, *networks: torch.nn.Module) -> int:
-    """How many layers of ``networks`` carry the attached adapter; 0 is refused, since it means
-    the file fits nothing in this ``model`` (a LoRA for another base)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = sum(isinstance(module, BaseTunerLayer)
-                 for network in networks for module in network.modules())
-    if layers == 0:
-        raise ModelFormatError(f"{weights} holds no LoRA weights that fit this {model}")
-    return layers
 
 
 def _read_lora(weights: Path, unet_config: Any) -> tuple[dict, Any, Any]:
@@ -470,19 +295,6 @@ def _single_file_text_encoder(
 # -- checks and placement ----------------------------------------------------------------------
 
 
-def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    """Whether two networks hold identical tensors (so one copy can serve both models)."""
-    state_a, state_b = a.state_dict(), b.state_dict()
-    if state_a.keys() != state_b.keys():
-        return False
-    return all(
-        state_a[k].shape == state_b[k].shape
-        and state_a[k].dtype == state_b[k].dtype
-        and torch.equal(state_a[k], state_b[k])
-        for k in state_a
-    )
-
-
 def check_compatible(base: SDBase, finetune: SDFinetune, where: Path) -> None:
     """The fine-tune must work in the base's latent space with a text encoder it understands."""
     pre, ft = base.unet.config, finetune.unet.config
@@ -505,25 +317,102 @@ def check_compatible(base: SDBase, finetune: SDFinetune, where: Path) -> None:
         )
 
 
-def place(module: Any, opts: LoadOptions, dtype: torch.dtype | None = None) -> Any:
-    """Freeze a network and move it to the pair's device (and dtype, if it is not there yet)."""
-    dtype = dtype or opts.dtype
-    module = _freeze(module)
-    if module.dtype == dtype:
-        return module.to(opts.device)
-    return module.to(device=opts.device, dtype=dtype)
+def check_pipeline_folder(folder: Path, index: dict[str, Any]) -> None:
+    """Refuse an SD-class folder whose UNet has SDXL conditioning, or an inpainting/upscaling
+    variant (extra UNet inputs)."""
+    name = str(index.get("_class_name", ""))
+    unet_config_file = folder / "unet" / "config.json"
+    unet_config = read_json(unet_config_file) if unet_config_file.is_file() else {}
+    if unet_config:
+        if unet_family(unet_config, folder) != SD_FAMILY:
+            raise UnsupportedModelFamilyError(
+                f"{folder} ({name}) has a UNet with SDXL conditioning but one text encoder. "
+                + SUPPORTED_HINT
+            )
+        refuse_variant(folder, name, unet_config)
 
 
-def describe_family_mismatch(
-    pretrained_family: str, kind: str, where: Path
-) -> IncompatiblePairError:
-    if pretrained_family in PIXEL_FAMILIES:
-        return IncompatiblePairError(
-            f"the pretrained model is a {family_name(pretrained_family)} but {where} is a Stable "
-            f"Diffusion fine-tune ({kind}); both models must be of the same family"
+def convert_single_file_base(file: Path, *, allow_network: bool) -> Path:
+    """A complete LDM checkpoint as a pipeline folder (converted once, cached)."""
+    from cgidm_core.models.single_file_base import converted_base_folder
+
+    return converted_base_folder(file, "StableDiffusionPipeline", allow_network=allow_network,
+                                 safety_checker=None, feature_extractor=None)
+
+
+def load_pair(request: PairRequest) -> StableDiffusionPair:
+    return load_sd_pair(request.pretrained, request.finetuned, request.kind, request.opts,
+                        keep_text_encoders=request.keep_text_encoders)
+
+
+# -- the adapter of the Stable Diffusion 1.x/2.x family (registry entry ``stable-diffusion``) --
+
+
+def load_sd_pair(
+    pre_path: Path, ft_path: Path, kind: str, opts: LoadOptions, *, keep_text_encoders: bool = False
+) -> StableDiffusionPair:
+    base = load_sd_base(pre_path, opts)
+    shared = {
+        "vae": place(base.vae, opts, torch.float32),
+        "tokenizer": base.tokenizer,
+        "alphas_cumprod": base.alphas_cumprod,
+        "prediction_type": base.prediction_type,
+        "device": opts.device,
+        "dtype": opts.dtype,
+    }
+    if kind == "lora":
+        attach_lora(ft_path, base, opts)
+        return StableDiffusionLoraPair(
+            unet=place(base.unet, opts),
+            text_encoder=place(base.text_encoder, opts),
+            keep_text_encoders=keep_text_encoders,
+            text_encoder_reloader=text_encoder_reloader(
+                kind, pre_path, ft_path, opts, unet_config=base.unet.config
+            ),
+            **shared,
         )
-    return IncompatiblePairError(
-        f"the pretrained model is {family_name(pretrained_family)} but {where} is a pixel-space "
-        "DDPM; both models must be of the same family"
-    )
 
+    loaders = {
+        "pipeline": load_finetuned_pipeline,
+        "dreambooth": load_dreambooth,
+        "single_file": load_single_file,
+        "unet": lambda file, base, opts: SDFinetune(
+            unet=load_unet_file(file, base.folder, opts.dtype, SD_FAMILY)),
+    }
+    finetune = loaders[kind](ft_path, base, opts)
+    check_compatible(base, finetune, ft_path)
+    # Identical networks are kept once: a UNet-only fine-tune shares the base text encoder.
+    text_encoder = finetune.text_encoder
+    if text_encoder is None or (
+        finetune.tokenizer is None and same_weights(text_encoder, base.text_encoder)
+    ):
+        text_encoder = base.text_encoder
+    unet = finetune.unet
+    if same_weights(unet, base.unet):
+        if text_encoder is base.text_encoder:
+            raise IncompatiblePairError(IDENTICAL_MODELS.format(ft=ft_path, pre=pre_path))
+        unet = base.unet
+    unet_pretrained = place(base.unet, opts)
+    unet_finetuned = unet_pretrained if unet is base.unet else place(unet, opts)
+    text_encoder_pretrained = place(base.text_encoder, opts)
+    # Only the text encoder is converted again from a single file: the rest is the pair's own.
+    components = {"unet": unet_finetuned, "vae": shared["vae"], "tokenizer": base.tokenizer,
+                  "scheduler": base.scheduler}
+    return StableDiffusionPair(
+        unet_pretrained=unet_pretrained,
+        unet_finetuned=unet_finetuned,
+        keep_text_encoders=keep_text_encoders,
+        text_encoder_reloader=text_encoder_reloader(
+            kind, pre_path, ft_path, opts, single_file_components=components
+        ),
+        text_encoder_pretrained=text_encoder_pretrained,
+        text_encoder_finetuned=(
+            text_encoder_pretrained
+            if text_encoder is base.text_encoder
+            else place(text_encoder, opts)
+        ),
+        tokenizer_finetuned=finetune.tokenizer,
+        prediction_type_finetuned=finetune.prediction_type,
+        finetuned_kind=kind,
+        **shared,
+    )

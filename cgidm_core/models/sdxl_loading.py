@@ -1,4 +1,5 @@
-"""Loading an SDXL pair from each fine-tune format (the SDXL counterpart of ``sd_loading``).
+"""The SDXL adapter (registry entry ``stable-diffusion-xl``): loading an SDXL pair from each
+fine-tune format (the SDXL counterpart of ``sd_loading``).
 
 The same rules as for SD 1.x/2.x: every network is built on the CPU first, safetensors only, local
 files only unless the caller allowed the network, no remote code; identical networks are kept
@@ -18,20 +19,9 @@ from typing import Any
 import torch
 
 from cgidm_core.errors import IncompatiblePairError, ModelFormatError, UnsupportedModelFamilyError
-from cgidm_core.models.formats import (
-    IDENTICAL_MODELS,
-    SDXL_FAMILY,
-    SDXL_TIME_IDS,
-    SUPPORTED_HINT,
-    lora_weights_file,
-    pipeline_family,
-    safetensors_keys,
-)
-from cgidm_core.models.predictions import alphas_cumprod_of
-from cgidm_core.models.sd_loading import (
+from cgidm_core.models.adapter import LoadOptions, PairRequest
+from cgidm_core.models.components import (
     LORA_ADAPTER_NAME,
-    LoadOptions,
-    _scheduler_of,
     count_adapted_layers,
     load_text_encoder,
     load_tokenizer,
@@ -41,13 +31,29 @@ from cgidm_core.models.sd_loading import (
     place,
     read_lora_state_dict,
     same_weights,
+    scheduler_of,
 )
+from cgidm_core.models.formats import (
+    IDENTICAL_MODELS,
+    SDXL_FAMILY,
+    SUPPORTED_HINT,
+    lora_weights_file,
+    read_json,
+    safetensors_keys,
+)
+from cgidm_core.models.predictions import alphas_cumprod_of
 from cgidm_core.models.sdxl import (
     SDXLTextEncoders,
     StableDiffusionXLLoraPair,
     StableDiffusionXLPair,
 )
 from cgidm_core.models.stable_diffusion import TextEncoderReloader
+from cgidm_core.models.unet_configs import (
+    SDXL_REFINER_REFUSAL,
+    SDXL_TIME_IDS,
+    refuse_variant,
+    unet_family,
+)
 from cgidm_core.models.unet_file import load_unet_file
 
 _TEXT_ENCODERS = {
@@ -93,7 +99,7 @@ def load_sdxl_text_encoder(folder: Path, name: str, opts: LoadOptions) -> Any:
 
 
 def load_sdxl_base(folder: Path, opts: LoadOptions) -> SDXLBase:
-    scheduler, prediction_type = _scheduler_of(folder)
+    scheduler, prediction_type = scheduler_of(folder)
     base = SDXLBase(
         folder=folder,
         unet=load_unet(folder, "unet", opts, SDXL_FAMILY),
@@ -147,14 +153,9 @@ def _own_text_encoders(folder: Path, base: SDXLBase, opts: LoadOptions) -> dict[
 
 def load_sdxl_pipeline_finetune(folder: Path, base: SDXLBase, opts: LoadOptions) -> SDXLFinetune:
     """A full SDXL pipeline folder; its VAE is not loaded (both models use the base's)."""
-    family = pipeline_family(folder)
-    if family != SDXL_FAMILY:
-        raise IncompatiblePairError(
-            f"the fine-tuned model {folder} is a {family} pipeline but the pretrained one is SDXL"
-        )
     prediction_type = None
     if (folder / "scheduler" / "scheduler_config.json").is_file():
-        scheduler, prediction_type = _scheduler_of(folder)
+        scheduler, prediction_type = scheduler_of(folder)
         if not torch.allclose(alphas_cumprod_of(scheduler), base.alphas_cumprod, atol=1e-5):
             raise IncompatiblePairError(
                 f"{folder} was trained with a different noise schedule than the pretrained model"
@@ -399,3 +400,40 @@ def load_sdxl_pair(
         finetuned_kind=kind,
         **shared,
     )
+
+
+# -- the adapter interface (cgidm_core.families.FamilyAdapter) ---------------------------------
+
+
+def check_pipeline_folder(folder: Path, index: dict[str, Any]) -> None:
+    """Refuse the refiner (one text encoder, aesthetic score), a UNet without SDXL's size
+    conditioning, inpainting variants, and a folder missing one of SDXL's parts."""
+    name = str(index.get("_class_name", ""))
+    te1 = index.get("text_encoder")
+    if index.get("requires_aesthetics_score") or not te1 or te1[0] is None:
+        raise UnsupportedModelFamilyError(f"{folder} ({name}): {SDXL_REFINER_REFUSAL}")
+    unet_config_file = folder / "unet" / "config.json"
+    unet_config = read_json(unet_config_file) if unet_config_file.is_file() else {}
+    if unet_config:
+        if unet_family(unet_config, folder) != SDXL_FAMILY:
+            raise UnsupportedModelFamilyError(
+                f"{folder} ({name}) has a UNet without SDXL's size conditioning. "
+                + SUPPORTED_HINT
+            )
+        refuse_variant(folder, name, unet_config)
+    parts = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+    missing = [part for part in parts if part not in index]
+    if missing:
+        raise ModelFormatError(f"{folder} ({name}) lacks {', '.join(missing)}")
+
+
+def convert_single_file_base(file: Path, *, allow_network: bool) -> Path:
+    """A complete SGM checkpoint (``sd_xl_base_1.0.safetensors``) as a pipeline folder."""
+    from cgidm_core.models.single_file_base import converted_base_folder
+
+    return converted_base_folder(file, "StableDiffusionXLPipeline", allow_network=allow_network)
+
+
+def load_pair(request: PairRequest) -> StableDiffusionXLPair:
+    return load_sdxl_pair(request.pretrained, request.finetuned, request.kind, request.opts,
+                          keep_text_encoders=request.keep_text_encoders)

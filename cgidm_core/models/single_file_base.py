@@ -16,6 +16,7 @@ import hashlib
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from cgidm_core.errors import ModelFormatError, UnsupportedModelFamilyError
 from cgidm_core.models.formats import (
@@ -23,11 +24,11 @@ from cgidm_core.models.formats import (
     SD3_REFUSAL,
     SD_FAMILY,
     SDXL_FAMILY,
-    SDXL_REFINER_REFUSAL,
     SUPPORTED_HINT,
     safetensors_keys,
     transformer_family,
 )
+from cgidm_core.models.unet_configs import SDXL_REFINER_REFUSAL
 
 
 def single_file_base_family(keys: list[str], where: Path) -> str:
@@ -59,25 +60,27 @@ def cache_root() -> Path:
     return Path(os.environ.get("CGIDM_CACHE_DIR", "~/.cache/cgidm")).expanduser() / "converted"
 
 
-def converted_base_folder(file: Path, *, allow_network: bool, root: Path | None = None) -> Path:
-    """The diffusers folder of a single-file base, converting it on first use."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+def converted_base_folder(file: Path, pipeline_class: str, *, allow_network: bool,
+                          root: Path | None = None, **components: Any) -> Path:
+    """The diffusers folder of a single-file base, converting it on first use with the family
+    adapter's diffusers pipeline class (``components``: parts it should not build, e.g. SD's
+    ``safety_checker=None``)."""
+    import diffusers
 
-    from cgidm_core.models.sd_loading import loading_errors
+    from cgidm_core.models.components import loading_errors
 
     file = file.resolve()
-    family = single_file_base_family(safetensors_keys(file), file)
+    single_file_base_family(safetensors_keys(file), file)  # refuses what is not a complete file
     stat = file.stat()
     key = hashlib.sha256(f"{file}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     target = (root or cache_root()) / f"{file.stem}-{key}"
     if (target / "model_index.json").is_file():
         return target
-    pipeline = StableDiffusionXLPipeline if family == SDXL_FAMILY else StableDiffusionPipeline
-    extra = {} if family == SDXL_FAMILY else {"safety_checker": None, "feature_extractor": None}
+    pipeline = getattr(diffusers, pipeline_class)
     try:
         with loading_errors("the single-file base", file):
             pipe = pipeline.from_single_file(str(file), local_files_only=not allow_network,
-                                             **extra)
+                                             **components)
     except ModelFormatError as exc:
         hint = ("" if allow_network else
                 " Converting it needs diffusers' configs for this model type from the Hugging "

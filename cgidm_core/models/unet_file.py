@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from cgidm_core.errors import IncompatiblePairError, ModelFormatError
-from cgidm_core.models.formats import check_unet_family, read_json, safetensors_keys
+from cgidm_core.models.formats import read_json, safetensors_keys
+from cgidm_core.models.unet_configs import check_unet_family
 
 #: The UNet classes a base's config may name, and the families they serve.
 _CONDITIONAL = "UNet2DConditionModel"

@@ -21,9 +21,11 @@ print(json.dumps(sorted(m for m in sys.modules
 #: What the gateway and the shared package may load of ``cgidm_core``: no module of it imports
 #: anything but the standard library (``demo`` finds the packaged folders for ``cgidm models``;
 #: ``key_signatures`` holds the tensor-name rules the upload check shares with the library;
-#: ``inversion_config`` the one InversionConfig and its presets, shared with the job schema).
+#: ``inversion_config`` the one InversionConfig and its presets, shared with the job schema;
+#: ``families`` is the family registry the upload check and ``cgidm models --families`` read).
 TORCH_FREE_CORE = {"cgidm_core", "cgidm_core.names", "cgidm_core.errors", "cgidm_core.demo",
-                   "cgidm_core.key_signatures", "cgidm_core.inversion_config"}
+                   "cgidm_core.key_signatures", "cgidm_core.inversion_config",
+                   "cgidm_core.families"}
 
 
 def _imported(*modules: str) -> set[str]:

@@ -1,0 +1,274 @@
+"""The family registry (cgidm_core/families.py): every entry complete, every existing family's
+layouts recognised by the table alone, and `cgidm models --families` printing it.
+
+Detection reads only JSON configs and safetensors headers, so the layouts here are configs and
+one-element tensors named as each family's files name them: no model is built.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from cgidm.cli import main
+from cgidm.model_files import UPLOAD_KINDS, ModelFileError, classify
+from cgidm_core import families
+from cgidm_core.demo import demo_model_path
+from cgidm_core.errors import IncompatiblePairError, UnsupportedModelFamilyError
+from cgidm_core.models.flow import FlowMatchingPair
+from cgidm_core.models.formats import (
+    base_file_family,
+    check_finetune_family,
+    detect_finetuned_kind,
+    pipeline_entry,
+)
+from cgidm_core.names import DEMO_BASES, DEMO_FAMILIES, FINETUNED_KINDS
+from tests.paths import REPO_ROOT
+
+SD, SDXL, FLUX, DDPM, FLOW = ("stable-diffusion", "stable-diffusion-xl", "flux", "ddpm",
+                              "pixel-flow")
+
+# -- tensor names as each family's trainers and converters write them -------------------------
+
+SD_LORA = ["unet.down_blocks.0.attentions.0.proj_in.lora_A.weight",
+           "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"]
+SDXL_LORA = ["lora_unet_input_blocks_4_1_proj_in.lora_down.weight",
+             "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"]
+FLUX_LORA = ["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight",
+             "lora_unet_double_blocks_0_img_attn_qkv.alpha"]
+SD_FILE = ["model.diffusion_model.input_blocks.0.0.weight", "first_stage_model.decoder.x",
+           "cond_stage_model.transformer.x"]
+SDXL_FILE = ["model.diffusion_model.input_blocks.0.0.weight", "first_stage_model.decoder.x",
+             "conditioner.embedders.0.transformer.x", "conditioner.embedders.1.model.x"]
+FLUX_FILE = ["double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight"]
+SD_UNET = ["conv_in.weight", "time_embedding.linear_1.weight",
+           "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"]
+SDXL_UNET = [*SD_UNET, "add_embedding.linear_1.weight"]
+PIXEL_UNET = ["conv_in.weight", "time_embedding.linear_1.weight",
+              "down_blocks.0.resnets.0.conv1.weight"]
+SD3_FILE = ["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"]
+
+#: (family, layout, tensor names): each family's files, as the table must recognise them.
+FILES = [
+    (SD, "lora", SD_LORA), (SD, "single_file", SD_FILE), (SD, "unet", SD_UNET),
+    (SDXL, "lora", SDXL_LORA), (SDXL, "single_file", SDXL_FILE), (SDXL, "unet", SDXL_UNET),
+    (FLUX, "lora", FLUX_LORA), (FLUX, "single_file", FLUX_FILE),
+    (DDPM, "unet", PIXEL_UNET), (FLOW, "unet", PIXEL_UNET),
+]
+
+
+def _file(folder: Path, name: str, keys: list[str]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.safetensors"
+    save_file({key: torch.zeros(1) for key in keys}, str(path))
+    return path
+
+
+def _write(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+def _pipeline(root: Path, family: str) -> Path:
+    """A pipeline folder of ``family`` as diffusers saves it, configs only."""
+    part = ["diffusers", "x"]
+    folder = root / family
+    if family in (DDPM, FLOW):
+        scheduler = "FlowMatchEulerDiscreteScheduler" if family == FLOW else "DDPMScheduler"
+        _write(folder / "model_index.json", {"_class_name": "DDPMPipeline", "unet": part,
+                                             "scheduler": part})
+        _write(folder / "scheduler" / "scheduler_config.json", {"_class_name": scheduler})
+        _write(folder / "unet" / "config.json", {"_class_name": "UNet2DModel"})
+        return folder
+    if family == FLUX:
+        parts = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer",
+                 "tokenizer_2", "scheduler")
+        _write(folder / "model_index.json", {"_class_name": "FluxPipeline",
+                                             **dict.fromkeys(parts, part)})
+        _write(folder / "transformer" / "config.json",
+               {"_class_name": "FluxTransformer2DModel", "in_channels": 64})
+        _write(folder / "vae" / "config.json", {"latent_channels": 16})
+        return folder
+    parts = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
+    unet = {"_class_name": "UNet2DConditionModel", "in_channels": 4, "cross_attention_dim": 32}
+    name = "StableDiffusionPipeline"
+    if family == SDXL:
+        parts += ["text_encoder_2", "tokenizer_2"]
+        unet.update(addition_embed_type="text_time", addition_time_embed_dim=8,
+                    projection_class_embeddings_input_dim=6 * 8 + 64, cross_attention_dim=96)
+        name = "StableDiffusionXLPipeline"
+    _write(folder / "model_index.json", {"_class_name": name, **dict.fromkeys(parts, part)})
+    _write(folder / "unet" / "config.json", unet)
+    return folder
+
+
+# -- every entry complete ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", families.FAMILIES, ids=lambda f: f.name)
+def test_every_entry_is_complete_and_points_at_a_working_adapter(family):
+    assert family.name and family.title and family.summary
+    assert families.get(family.name) is family
+    assert family.objective in ("noise", "flow")
+    assert family.conditioning in ("text", "none")
+    assert family.space in ("latent", "pixel")
+    assert set(family.finetuned_layouts) <= set(FINETUNED_KINDS)
+    assert set(family.upload_kinds) <= set(UPLOAD_KINDS) & set(family.finetuned_layouts)
+    assert family.pretrained_layouts
+    assert bool(family.lora_formats) == ("lora" in family.finetuned_layouts)
+    adapter = families.adapter(family)
+    assert callable(adapter.check_pipeline_folder) and callable(adapter.load_pair)
+    rule = family.recognition
+    assert rule.pipeline_classes and rule.denoiser_classes
+    if rule.base_file is not None:
+        assert rule.base_file_layout in ("complete", "denoiser")
+        if rule.base_file_layout == "complete":
+            assert callable(adapter.convert_single_file_base)
+    for dotted in family.pair_classes:
+        module, name = dotted.rsplit(".", 1)
+        pair_class = getattr(importlib.import_module(module), name)
+        assert pair_class.family == family.name
+        assert issubclass(pair_class, FlowMatchingPair) == (family.objective == "flow")
+    assert getattr(torch, family.defaults.gpu_dtype) in (torch.float16, torch.bfloat16)
+    assert family.defaults.resolution > 0
+    assert bool(family.defaults.prompt_source) == (family.conditioning == "text")
+    if family.objective == "flow":
+        assert family.defaults.time_shift
+    if family.space == "latent":
+        memory = family.memory
+        assert memory is not None and memory.native_latent_pixels > 0
+        sides = {side for side, _ in memory.activation_counts}
+        assert len(sides) == 2 and all((side, ckpt) in memory.activation_counts
+                                       for side in sides for ckpt in (False, True))
+
+
+def test_names_are_unique_and_refused_families_are_not_loadable():
+    names = [family.name for family in families.FAMILIES]
+    assert len(names) == len(set(names))
+    for refused in families.REFUSED:
+        assert refused.name not in names and refused.message
+        assert families.title(refused.name) == refused.title
+
+
+# -- recognition by the table -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", [SD, SDXL, FLUX, DDPM, FLOW])
+def test_pipeline_folders_are_recognised_by_the_table(tmp_path, family):
+    assert pipeline_entry(_pipeline(tmp_path, family)) is families.get(family)
+
+
+@pytest.mark.parametrize("family, kind, keys", FILES, ids=[f"{f}-{k}" for f, k, _ in FILES])
+def test_finetune_files_are_recognised_by_the_table(tmp_path, family, kind, keys):
+    path = _file(tmp_path, kind, keys)
+    assert detect_finetuned_kind(path) == kind
+    assert families.get(family) in families.file_claims(keys, kind)
+    check_finetune_family(families.get(family), kind, path)  # accepted for its own family
+
+
+@pytest.mark.parametrize("base, kind, keys", [
+    (SD, "lora", FLUX_LORA), (SD, "lora", SDXL_LORA), (SD, "single_file", SDXL_FILE),
+    (SD, "single_file", FLUX_FILE), (SDXL, "lora", FLUX_LORA), (FLUX, "lora", SD_LORA),
+    (FLUX, "single_file", SD_FILE), (FLUX, "unet", SD_UNET), (DDPM, "lora", SD_LORA),
+    (SD, "ddpm", None),
+])
+def test_files_of_another_family_are_refused_before_loading(tmp_path, base, kind, keys):
+    path = _pipeline(tmp_path, DDPM) if keys is None else _file(tmp_path, "ft", keys)
+    with pytest.raises(IncompatiblePairError, match="same family|compare it with the base"):
+        check_finetune_family(families.get(base), kind, path)
+
+
+@pytest.mark.parametrize("family, keys", [(SD, SD_FILE), (SDXL, SDXL_FILE), (FLUX, FLUX_FILE)])
+def test_pretrained_single_files_are_recognised_by_the_table(tmp_path, family, keys):
+    found = base_file_family(_file(tmp_path, "base", keys))
+    assert found is families.get(family)
+    expected = "denoiser" if family == FLUX else "complete"
+    assert found.recognition.base_file_layout == expected
+
+
+def test_refused_and_unknown_families_are_refused_by_name(tmp_path):
+    with pytest.raises(UnsupportedModelFamilyError, match="Stable Diffusion 3"):
+        base_file_family(_file(tmp_path, "sd3", SD3_FILE))
+    with pytest.raises(UnsupportedModelFamilyError, match="Stable Diffusion 3"):
+        detect_finetuned_kind(_file(tmp_path, "sd3", SD3_FILE))
+    sd3 = tmp_path / "sd3"
+    _write(sd3 / "model_index.json", {"_class_name": "StableDiffusion3Pipeline"})
+    with pytest.raises(UnsupportedModelFamilyError, match="Stable Diffusion 3"):
+        pipeline_entry(sd3)
+    other = tmp_path / "other"
+    _write(other / "model_index.json", {"_class_name": "KandinskyPipeline"})
+    with pytest.raises(UnsupportedModelFamilyError, match="KandinskyPipeline.*models --families"):
+        pipeline_entry(other)
+
+
+def test_the_demo_models_are_recognised_as_their_registered_family():
+    for name, base in DEMO_BASES.items():
+        if base is None:
+            assert pipeline_entry(demo_model_path(name)).name == DEMO_FAMILIES[name]
+        else:
+            family = families.get(DEMO_FAMILIES[base])
+            kind = detect_finetuned_kind(demo_model_path(name))
+            assert kind in family.finetuned_layouts
+            check_finetune_family(family, kind, demo_model_path(name))
+
+
+def test_upload_check_reads_the_table():
+    assert classify(SD_LORA, SD) == "lora"
+    assert classify(PIXEL_UNET, DDPM) == "unet"
+    for keys in (FLUX_LORA, SDXL_LORA, FLUX_FILE):  # families that take no uploads yet
+        with pytest.raises(ModelFileError) as err:
+            classify(keys, SD)
+        assert err.value.code == "unsupported_family"
+    with pytest.raises(ModelFileError) as err:
+        classify(SD_LORA, FLOW)
+    assert err.value.code == "unsupported_family"
+
+
+def test_the_gpu_dtype_when_the_caller_says_auto_is_the_familys():
+    from cgidm_core.models.loading import _default_dtype
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert _default_dtype(families.get(FLUX), None, cuda) == "bfloat16"
+    assert _default_dtype(families.get(FLUX), "auto", cuda) == "bfloat16"
+    assert _default_dtype(families.get(SD), None, cuda) == "float16"
+    assert _default_dtype(families.get(FLUX), None, cpu) is None  # float32 on a CPU
+    assert _default_dtype(families.get(FLUX), "float16", cuda) == "float16"  # the caller's
+
+
+# -- what users and the docs read -------------------------------------------------------------
+
+
+def test_cgidm_models_families_prints_the_table(capsys):
+    assert main(["models", "--families"]) == 0
+    text = capsys.readouterr().out
+    for family in families.FAMILIES:
+        assert f"{family.name}  {family.title}" in text
+        assert family.adapter in text
+    assert "Stable Diffusion 3" in text
+    assert main(["models", "--families", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [row["name"] for row in rows] == [family.name for family in families.FAMILIES]
+    assert rows == families.describe()
+
+
+def test_families_doc_lists_every_registered_family_and_adapter():
+    text = (REPO_ROOT / "docs" / "FAMILIES.md").read_text(encoding="utf-8")
+    for family in families.FAMILIES:
+        assert f"`{family.name}`" in text and f"`{family.adapter}`" in text
+
+
+def test_the_service_registry_accepts_only_registered_families(tmp_path):
+    from cgidm.registry import RegistryError, load_registry
+
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"models": [{"id": "b", "family": SDXL, "path": "x"}]}))
+    assert load_registry(good).get("b").family == SDXL
+    typo = tmp_path / "typo.json"
+    typo.write_text(json.dumps({"models": [{"id": "b", "family": "sdxl", "path": "x"}]}))
+    with pytest.raises(RegistryError, match="unknown model family 'sdxl'.*stable-diffusion-xl"):
+        load_registry(typo)

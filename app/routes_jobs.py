@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.auth import Caller, CallerDep, caller_of
 from app.errors import ApiError
+from app.openapi import PNG_RESPONSE
 from app.schemas import ErrorBody, JobAccepted, JobList, JobSummary, JobView
 from app.services import Services, ServicesDep
 from app.uploads import decode_image
@@ -335,7 +336,7 @@ def cancel_job(job_id: str, services: ServicesDep,
 @router.get(
     "/jobs/{job_id}/artifacts/{name}/{filename}",
     response_class=StreamingResponse,
-    responses={200: {"content": {"image/png": {}}}, **_ERRORS},
+    responses={200: {**PNG_RESPONSE, "description": "The picture (PNG)."}, **_ERRORS},
     summary="A picture of a job: recovered.png, partial.png, side_by_side.png or original.png",
 )
 def get_artifact(request: Request, job_id: str, name: str, filename: str,

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from app.errors import ApiError
+from cgidm.errors import CgidmServiceError
 
 log = logging.getLogger("cgidm.gateway")
 
@@ -94,8 +95,10 @@ def decode_image(field: str, filename: str, data: bytes, max_pixels: int) -> Dec
     return DecodedImage(buffer.getvalue(), image.width, image.height, frames, notes)
 
 
-class UnsupportedMode(ValueError):
+class UnsupportedMode(CgidmServiceError, ValueError):
     """A pixel format with no faithful 8-bit rendering (float images)."""
+
+    code, http_status = "unsupported_image", 422
 
 
 def _storable(image: Image.Image) -> Image.Image:

@@ -24,6 +24,8 @@ from typing import Any
 
 import httpx
 
+from cgidm.errors import CgidmServiceError
+
 TERMINAL = ("succeeded", "failed", "cancelled")
 ARTIFACTS = ("recovered", "partial", "side_by_side")
 
@@ -41,13 +43,13 @@ def _check_reference(finetuned: str) -> None:
             raise ServiceError(str(exc), code="invalid_model_reference") from None
 
 
-class ServiceError(Exception):
+class ServiceError(CgidmServiceError):
     """The service refused or failed a request (``status`` is the HTTP status, 0 when it
     could not be reached), or a job did not succeed."""
 
     def __init__(self, message: str, status: int = 0, code: str | None = None):
         super().__init__(message)
-        self.status, self.code = status, code
+        self.status, self.code = status, code or "service_error"
 
 
 def _explain(response: httpx.Response) -> ServiceError:

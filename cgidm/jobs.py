@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from cgidm.errors import CgidmServiceError
 from cgidm.storage import ObjectNotFound, Storage, StorageError
 from cgidm_core.names import ALL_METRICS
 
@@ -48,8 +49,10 @@ MAX_PROMPT_WORDS = 75
 MAX_PROMPT_CHARS = 1000
 
 
-class JobNotFound(LookupError):
+class JobNotFound(CgidmServiceError, LookupError):
     """No job with this id (or not a well-formed job id)."""
+
+    code, http_status = "not_found", 404
 
 
 def utcnow() -> datetime:
@@ -454,8 +457,10 @@ class JobStore:
         return out
 
 
-class ResultFileError(ValueError):
+class ResultFileError(CgidmServiceError, ValueError):
     """A file given as a result (``cgidm verify``, ``cgidm report``) is not readable JSON."""
+
+    code = "bad_result_file"
 
 
 def read_result_file(path: Path) -> Any:

@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from cgidm.errors import CgidmServiceError
 from cgidm.settings import Settings
 
 log = logging.getLogger("cgidm.leases")
@@ -57,8 +58,10 @@ DONE_TTL = 7 * 24 * 3600
 RETRY_SECONDS = 20.0
 
 
-class LeaseUnavailable(Exception):
+class LeaseUnavailable(CgidmServiceError):
     """The lease store (Redis, or the SQLite file) could not be reached for a while."""
+
+    code = "lease_unavailable"
 
 
 @dataclass

@@ -24,6 +24,7 @@ import jinja2
 from app.web import evidence
 from cgidm import __version__
 from cgidm import result_signing as rs
+from cgidm.errors import CgidmServiceError
 from cgidm.jobs import (
     ArtifactLinks,
     ImageScore,
@@ -40,8 +41,10 @@ STYLESHEETS = ("evidence.css", "report.css")
 SHOWN_KINDS = ("original", "partial", "recovered")
 
 
-class ReportInputError(ValueError):
+class ReportInputError(CgidmServiceError, ValueError):
     """The given path is not a result cgidm can make a report of; the message says why."""
+
+    code = "bad_result_file"
 
 
 def fmt_time(value: Any) -> str:

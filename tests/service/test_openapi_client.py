@@ -9,23 +9,15 @@ check runs through that client with files, polled to its result, pictures downlo
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import re
-import subprocess
-import sys
-import time
 from io import BytesIO
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
-import yaml
 
 from cgidm.jobs import JobSettings
+from cgidm_testkit.generated_client import generated_client, submodule, wait_for_job
 from cgidm_testkit.processes import png_bytes
-from tests.paths import REPO_ROOT
 
 #: What a generated client calls each operation; renaming one breaks every client made before.
 OPERATIONS = {
@@ -46,7 +38,6 @@ OPERATIONS = {
     ("get", "/.well-known/cgidm-signing-keys.json"): "signing_keys",
 }
 BINARY = {"type": "string", "format": "binary"}
-GENERATOR_CONFIG = REPO_ROOT / "docs" / "openapi-python-client.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -113,77 +104,38 @@ def test_every_response_body_has_a_schema(spec):
 
 
 # ------------------------------------------------------------------------------------------
-# a client generated from the live spec
-
-
-def _generate(url: str, folder: Path, package: str) -> ModuleType:
-    """openapi-python-client run as a user runs it, with the shipped config (plus: no
-    formatting hooks, a package name of the test's own); every warning fails it."""
-    config = yaml.safe_load(GENERATOR_CONFIG.read_text())
-    config.update(post_hooks=[], package_name_override=package)
-    config_file = folder / "config.yaml"
-    config_file.write_text(yaml.safe_dump(config))
-    run = subprocess.run(
-        [sys.executable, "-m", "openapi_python_client", "generate", "--url",
-         f"{url}/openapi.json", "--meta", "none", "--config", str(config_file),
-         "--output-path", str(folder / package), "--fail-on-warning"],
-        capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0 and "WARNING" not in run.stdout, run.stdout + run.stderr
-    root = folder / package
-    spec = importlib.util.spec_from_file_location(package, root / "__init__.py",
-                                                  submodule_search_locations=[str(root)])
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[package] = module
-    spec.loader.exec_module(module)
-    return module
+# a client generated from the live spec (with keys and the demo pair: test_web_browser.py)
 
 
 @pytest.mark.slow
 def test_a_generated_client_runs_a_check_with_files(worker, gateway_url, tmp_path):
-    package = "cgidm_generated_client"
-    client_module = _generate(gateway_url, tmp_path, package)
-    try:
-        _check_through(client_module, package, gateway_url)
-    finally:
-        for name in [n for n in sys.modules if n == package or n.startswith(package + ".")]:
-            del sys.modules[name]
+    with generated_client(gateway_url, tmp_path) as package:
+        models, types = submodule(package, "models"), submodule(package, "types")
+        authenticate = submodule(package, "api.jobs.authenticate")
+        get_artifact = submodule(package, "api.jobs.get_artifact")
+        client = package.Client(base_url=gateway_url, raise_on_unexpected_status=True,
+                                timeout=30)
 
+        def picture(name: str, seed: int) -> Any:
+            return types.File(payload=BytesIO(png_bytes(seed)), file_name=name,
+                              mime_type="image/png")
 
-def _check_through(client_module: ModuleType, package: str, url: str) -> None:
-    def api(name: str) -> Any:
-        return importlib.import_module(f"{package}.{name}")
+        # a refusal comes back as the documented error body, naming the field
+        refused = authenticate.sync_detailed(client=client, body=models.BodyAuthenticate(
+            pretrained="tiny-base", finetuned="no-such-model", images=[picture("a.png", 1)]))
+        assert refused.status_code == 422 and isinstance(refused.parsed, models.ErrorBody)
+        assert refused.parsed.detail[0].type_ == "unknown_model"
 
-    models, types = api("models"), api("types")
-    authenticate, get_job, get_artifact = (api(f"api.jobs.{name}") for name in
-                                           ("authenticate", "get_job", "get_artifact"))
-    client = client_module.Client(base_url=url, raise_on_unexpected_status=True, timeout=30)
+        accepted = authenticate.sync(client=client, body=models.BodyAuthenticate(
+            pretrained="tiny-base", finetuned="tiny-ft", steps=4, seed=3,
+            images=[picture("mine.png", 1)], controls=[picture("control.png", 5)]))
+        assert isinstance(accepted, models.JobAccepted), accepted
+        job = wait_for_job(package, client, accepted.job_id)
+        assert job.status.value == "succeeded", job.to_dict()
+        assert [item.name for item in job.result.images] == ["mine"]
+        assert [item.name for item in job.result.controls] == ["control"]
+        assert 0 < job.result.images[0].p_value <= 1
 
-    def picture(name: str, seed: int) -> Any:
-        return types.File(payload=BytesIO(png_bytes(seed)), file_name=name,
-                          mime_type="image/png")
-
-    # a refusal comes back as the documented error body, naming the field
-    refused = authenticate.sync_detailed(client=client, body=models.BodyAuthenticate(
-        pretrained="tiny-base", finetuned="no-such-model", images=[picture("a.png", 1)]))
-    assert refused.status_code == 422 and isinstance(refused.parsed, models.ErrorBody)
-    assert refused.parsed.detail[0].type_ == "unknown_model"
-
-    accepted = authenticate.sync(client=client, body=models.BodyAuthenticate(
-        pretrained="tiny-base", finetuned="tiny-ft", steps=4, seed=3,
-        images=[picture("mine.png", 1)], controls=[picture("control.png", 5)]))
-    assert isinstance(accepted, models.JobAccepted), accepted
-    job = get_job.sync(accepted.job_id, client=client)
-    deadline = time.monotonic() + 120  # a few seconds on 2 cores; a hung job fails, not hangs
-    while job.status.value in ("queued", "running") and time.monotonic() < deadline:
-        time.sleep(0.5)
-        job = get_job.sync(accepted.job_id, client=client)
-    assert job.status.value == "succeeded", job.to_dict()
-    result = job.result
-    assert [item.name for item in result.images] == ["mine"]
-    assert [item.name for item in result.controls] == ["control"]
-    assert all(0 < item.p_value <= 1 for item in result.images)
-
-    recovered = get_artifact.sync(accepted.job_id, "mine", "recovered.png", client=client)
-    assert isinstance(recovered, types.File)
-    assert recovered.payload.read().startswith(b"\x89PNG\r\n\x1a\n")
+        recovered = get_artifact.sync(accepted.job_id, "mine", "recovered.png", client=client)
+        assert isinstance(recovered, types.File)
+        assert recovered.payload.read().startswith(b"\x89PNG\r\n\x1a\n")

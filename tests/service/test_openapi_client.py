@@ -1,23 +1,23 @@
 """The HTTP contract as client generators read it (app/openapi.py).
 
-The quick tests read the document of the in-process gateway: operations named by their route
+These tests read the document of the in-process gateway: operations named by their route
 functions, multipart bodies flat with binary file arrays, and a schema for every response that
-is not JSON. The slow test is the user's path: openapi-python-client generates a client from the
-live gateway's /openapi.json (over real HTTP, into a temporary folder; never committed), and a
-check runs through that client with files, polled to its result, pictures downloaded.
+is not JSON. The user's path, a client that openapi-python-client generates from the live
+service's /openapi.json (over real HTTP, into a temporary folder; never committed) running a
+check of the demo pair with files, is test_web_browser.py's
+``test_a_client_generated_from_the_spec_checks_the_demo_pair_with_a_key``: it reuses that
+module's ``cgidm serve`` with API keys and the built-in demo registry, which the stack of
+conftest.py (tiny models only) does not have.
 """
 
 from __future__ import annotations
 
 import re
-from io import BytesIO
 from typing import Any
 
 import pytest
 
 from cgidm.jobs import JobSettings
-from cgidm_testkit.generated_client import generated_client, submodule, wait_for_job
-from cgidm_testkit.processes import png_bytes
 
 #: What a generated client calls each operation; renaming one breaks every client made before.
 OPERATIONS = {
@@ -101,41 +101,3 @@ def test_every_response_body_has_a_schema(spec):
                 assert content.get("schema"), (method, path, status, media)
                 if media in ("image/png", "application/pdf"):
                     assert content["schema"] == BINARY, (method, path, status, media)
-
-
-# ------------------------------------------------------------------------------------------
-# a client generated from the live spec (with keys and the demo pair: test_web_browser.py)
-
-
-@pytest.mark.slow
-def test_a_generated_client_runs_a_check_with_files(worker, gateway_url, tmp_path):
-    with generated_client(gateway_url, tmp_path) as package:
-        models, types = submodule(package, "models"), submodule(package, "types")
-        authenticate = submodule(package, "api.jobs.authenticate")
-        get_artifact = submodule(package, "api.jobs.get_artifact")
-        client = package.Client(base_url=gateway_url, raise_on_unexpected_status=True,
-                                timeout=30)
-
-        def picture(name: str, seed: int) -> Any:
-            return types.File(payload=BytesIO(png_bytes(seed)), file_name=name,
-                              mime_type="image/png")
-
-        # a refusal comes back as the documented error body, naming the field
-        refused = authenticate.sync_detailed(client=client, body=models.BodyAuthenticate(
-            pretrained="tiny-base", finetuned="no-such-model", images=[picture("a.png", 1)]))
-        assert refused.status_code == 422 and isinstance(refused.parsed, models.ErrorBody)
-        assert refused.parsed.detail[0].type_ == "unknown_model"
-
-        accepted = authenticate.sync(client=client, body=models.BodyAuthenticate(
-            pretrained="tiny-base", finetuned="tiny-ft", steps=4, seed=3,
-            images=[picture("mine.png", 1)], controls=[picture("control.png", 5)]))
-        assert isinstance(accepted, models.JobAccepted), accepted
-        job = wait_for_job(package, client, accepted.job_id)
-        assert job.status.value == "succeeded", job.to_dict()
-        assert [item.name for item in job.result.images] == ["mine"]
-        assert [item.name for item in job.result.controls] == ["control"]
-        assert 0 < job.result.images[0].p_value <= 1
-
-        recovered = get_artifact.sync(accepted.job_id, "mine", "recovered.png", client=client)
-        assert isinstance(recovered, types.File)
-        assert recovered.payload.read().startswith(b"\x89PNG\r\n\x1a\n")

@@ -670,6 +670,7 @@ def test_a_client_generated_from_the_spec_checks_the_demo_pair_with_a_key(servic
         assert job.result.finetuned == "demo-vangogh"
         assert [item.name for item in job.result.images] == [painting.stem]
         assert [item.name for item in job.result.controls] == [control.stem]
+        assert 0 < job.result.images[0].p_value <= 1
         picture = get_artifact.sync(accepted.job_id, painting.stem, "side_by_side.png",
                                     client=client)
         assert picture.payload.read().startswith(b"\x89PNG\r\n\x1a\n")

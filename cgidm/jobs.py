@@ -109,7 +109,7 @@ class JobSettings(BaseModel):
         None, description="reference: the authors' settings (1000 steps, alpha 2, independent "
         "noise, re-encoded partial, unbounded latents), as `cgidm check --preset reference`; "
         "the other settings override it.")
-    metric: Literal[ALL_METRICS] | None = Field(  # type: ignore[valid-type]
+    metric: Literal[ALL_METRICS] | None = Field(  # type: ignore[valid-type]  # runtime tuple
         None, description="Similarity used as the score (clip/dino need CGIDM_FEATURE_MODEL).")
     batch_size: int | None = Field(None, ge=1, le=64, description="Images per PGD batch.")
     steps: int | None = Field(None, ge=1, le=10_000, description="PGD iterations.")

@@ -88,7 +88,7 @@ class Lease:
     @classmethod
     def from_fields(cls, job_id: str, fields: dict[str, str]) -> Lease:
         return cls(job_id=job_id, attempt=int(fields.get("attempt", 1)),
-                   state=fields.get("state", "queued"),  # type: ignore[arg-type]
+                   state=fields.get("state", "queued"),  # type: ignore[arg-type]  # written by to_fields
                    owner=fields.get("owner", ""), deadline=float(fields.get("deadline", 0)),
                    lapses=int(fields.get("lapses", 0)), pretrained=fields.get("pretrained", ""),
                    finetuned=fields.get("finetuned", ""),

@@ -119,7 +119,7 @@ class InversionConfig:
             quantize_partial=True,
             bounded=False,
         )
-        return replace(base, **overrides)  # type: ignore[arg-type]
+        return replace(base, **overrides)  # type: ignore[arg-type]  # InversionConfig field names
 
     def validate(self, num_train_timesteps: int | None = None) -> None:
         if not 1 <= self.steps <= 100_000:
@@ -286,10 +286,10 @@ def invert(
             z0 = pair.encode_sampled(images.to(device), source.generators).float()
         else:
             z0 = pair.encode(images.to(device)).float()
-    source.shape = tuple(z0.shape[1:])  # type: ignore[assignment]
+    source.shape = tuple(z0.shape[1:])  # type: ignore[assignment]  # torch.Size of ints
     latent_shape = tuple(z0.shape[1:])
-    cell = config.cell or default_cell(latent_shape, pair.pixels_per_latent)  # type: ignore[arg-type]
-    keep = checkerboard_mask(latent_shape, cell).to(device)  # type: ignore[arg-type]
+    cell = config.cell or default_cell(latent_shape, pair.pixels_per_latent)  # type: ignore[arg-type]  # (C, H, W)
+    keep = checkerboard_mask(latent_shape, cell).to(device)  # type: ignore[arg-type]  # (C, H, W)
     free = 1.0 - keep
     free_entries = int(free.sum().item()) * latent_shape[0]
     alpha, epsilon = scaled_radius(config, free_entries)
@@ -340,7 +340,7 @@ def invert(
                 # Projecting onto the box after the ball keeps delta inside both: the box only
                 # shrinks entries towards z_start, which lowers the norm.
                 delta = (z_start + delta).clamp(*bounds) - z_start
-            if delta_sum is not None and step + 1 > average_from:  # type: ignore[operator]
+            if delta_sum is not None and step + 1 > average_from:  # type: ignore[operator]  # set with delta_sum
                 delta_sum += delta
             if step + 1 in record_steps:
                 recorded[f"step{step + 1}"] = pair.decode(z0 * keep + (z_start + delta) * free)
@@ -352,8 +352,8 @@ def invert(
         recovered_latent = z0 * keep + (z_start + delta) * free
         recovered = pair.decode(recovered_latent).float().cpu()
         partial = pair.decode(z_start).float().cpu()
-        if delta_sum is not None and config.steps > average_from:  # type: ignore[operator]
-            mean_delta = delta_sum / (config.steps - average_from)  # type: ignore[operator]
+        if delta_sum is not None and config.steps > average_from:  # type: ignore[operator]  # set with delta_sum
+            mean_delta = delta_sum / (config.steps - average_from)  # type: ignore[operator]  # as above
             recorded["average"] = pair.decode(z0 * keep + (z_start + mean_delta) * free)
     pixel_keep = upsample_mask(keep, pair.pixels_per_latent).cpu()
     return InversionOutput(

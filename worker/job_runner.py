@@ -174,7 +174,7 @@ def _png(image: Any) -> bytes:
 
 
 def finish(ctx: WorkerContext, record: JobRecord, status: str, error: JobError | None) -> str:
-    record.status = status  # type: ignore[assignment]
+    record.status = status  # type: ignore[assignment]  # callers pass JobStatus values
     record.finished_at = utcnow()
     record.error = error
     ctx.store.save(record)

@@ -1,7 +1,8 @@
 """The OpenAPI document as client generators read it (``/openapi.json``).
 
 FastAPI's own document is right for its docs pages but loses things a generated client needs
-(openapi-python-client is the one the tests run; docs/SERVICE.md, Clients):
+(openapi-python-client is the one the tests run; docs/SERVICE.md, "A client generated from
+the OpenAPI document"):
 
 - a form body that mixes a settings model with files is an ``allOf`` of the model plus the file
   fields, which generators collapse to the model alone, so the client cannot send images;

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -41,7 +41,8 @@ from cgidm_core.names import FEATURE_METRICS
 log = logging.getLogger("cgidm.gateway")
 router = APIRouter(tags=["jobs"])
 
-_ERRORS = {
+#: The error answers every job route documents (FastAPI's ``responses`` shape).
+_ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "No API key, or an unknown one "
           "(`WWW-Authenticate: Bearer`)."},
     403: {"model": ErrorBody, "description": "No keys are configured and the caller is not on "

@@ -52,7 +52,7 @@ def fmt_time(value: Any) -> str:
         try:
             value = datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError:
-            return value
+            return str(value)
     if isinstance(value, datetime):
         return value.strftime("%Y-%m-%d %H:%M:%S UTC")
     return str(value)
@@ -253,7 +253,8 @@ def render_pdf(html: str) -> bytes:
 
     # data: URIs only; anything else would be a request from the server, refused
     fetcher = URLFetcher(allowed_protocols={"data"}, fail_on_errors=True)
-    return weasyprint.HTML(string=html, url_fetcher=fetcher).write_pdf()
+    pdf: bytes = weasyprint.HTML(string=html, url_fetcher=fetcher).write_pdf()
+    return pdf
 
 
 # ------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
+from cgidm.errors import CgidmServiceError
 from cgidm.job_queue import broker_errors
 
 if TYPE_CHECKING:
@@ -43,8 +44,10 @@ RESERVATION_TTL = 900
 DepthFn = Callable[[], int]
 
 
-class QueueFull(Exception):
+class QueueFull(CgidmServiceError):
     """The queue holds (or is about to hold) ``limit`` jobs; the caller should retry later."""
+
+    code, http_status = "queue_full", 429
 
     def __init__(self, waiting: int, limit: int) -> None:
         super().__init__(f"{waiting} jobs are waiting or being submitted (limit {limit})")

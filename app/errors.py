@@ -13,14 +13,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cgidm.errors import CgidmServiceError
 
-class ApiError(Exception):
-    """A client-visible error about one field (``loc``) of the request."""
+
+class ApiError(CgidmServiceError):
+    """A client-visible error about one field (``loc``) of the request. ``kind`` is its code
+    (the body's ``type``; docs/ERRORS.md lists them all)."""
 
     def __init__(self, status: int, loc: list[str | int], kind: str, msg: str, *,
                  headers: dict[str, str] | None = None, **extra: Any):
         super().__init__(msg)
         self.status, self.loc, self.kind, self.msg, self.extra = status, loc, kind, msg, extra
+        self.code, self.http_status = kind, status
         self.headers = headers or {}
 
     def response(self) -> JSONResponse:

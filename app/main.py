@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from app.auth import describe_mode, install_log_redaction
 from app.errors import install_error_handlers
 from app.limits import SubmissionGate
+from app.openapi import install_client_ready_openapi, operation_id
 from app.routes_jobs import router as jobs_router
 from app.routes_models import router as models_router
 from app.routes_ops import metrics_registry
@@ -60,8 +61,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 reaper.stop()
 
     # /docs and /redoc are served by app.web with assets from the package (no CDN).
+    # Operations are named by their route functions, and multipart bodies are described flat,
+    # so that a client generated from /openapi.json reads well and sends files (app/openapi.py).
     app = FastAPI(title="cgidm", version=__version__, description=DESCRIPTION, docs_url=None,
-                  redoc_url=None, lifespan=lifespan)
+                  redoc_url=None, lifespan=lifespan, generate_unique_id_function=operation_id)
+    install_client_ready_openapi(app)
     app.state.services = services
     app.state.metrics_registry = metrics_registry(services)
     install_error_handlers(app)

@@ -143,7 +143,8 @@ class ModelUpload:
                            "send the model as multipart/form-data with a `file` part and a "
                            "`finetuned_from` field")
         events = _Events()
-        parser = MultipartParser(params[b"boundary"], events.callbacks())
+        parser = MultipartParser(params[b"boundary"],
+                                 events.callbacks())  # type: ignore[arg-type]  # its callback TypedDict
         try:
             try:
                 async for chunk in request.stream():

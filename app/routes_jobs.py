@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.auth import Caller, CallerDep, caller_of
 from app.errors import ApiError, storage_unavailable
+from app.openapi import PNG_RESPONSE
 from app.schemas import ErrorBody, JobAccepted, JobList, JobSummary, JobView
 from app.services import Services, ServicesDep
 from app.submissions import SubmittedFile, submit_check
@@ -29,7 +30,8 @@ from cgidm.storage import ObjectNotFound, StorageError
 log = logging.getLogger("cgidm.gateway")
 router = APIRouter(tags=["jobs"])
 
-_ERRORS = {
+#: The error answers every job route documents (FastAPI's ``responses`` shape).
+_ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "No API key, or an unknown one "
           "(`WWW-Authenticate: Bearer`)."},
     403: {"model": ErrorBody, "description": "No keys are configured and the caller is not on "
@@ -209,7 +211,7 @@ def cancel_job(job_id: str, services: ServicesDep,
 @router.get(
     "/jobs/{job_id}/artifacts/{name}/{filename}",
     response_class=StreamingResponse,
-    responses={200: {"content": {"image/png": {}}}, **_ERRORS},
+    responses={200: {**PNG_RESPONSE, "description": "The picture (PNG)."}, **_ERRORS},
     summary="A picture of a job: recovered.png, partial.png, side_by_side.png or original.png",
 )
 def get_artifact(request: Request, job_id: str, name: str, filename: str,

@@ -7,7 +7,7 @@ exactly as for an id that does not exist. ``POST /authenticate`` accepts an uplo
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse, Response
@@ -24,12 +24,12 @@ from cgidm.uploaded_models import UploadedModel, is_upload_id
 
 router = APIRouter(tags=["models"])
 
-_ERRORS = {
+_ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "No API key, or an unknown one."},
     403: {"model": ErrorBody, "description": "No keys are configured and the caller is not on "
           "this machine."},
 }
-_UPLOAD_BODY = {
+_UPLOAD_BODY: dict[str, Any] = {
     "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
         "type": "object", "required": [FILE_FIELD, "finetuned_from"],
         "properties": {

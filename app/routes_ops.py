@@ -9,7 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from app.errors import ApiError
 from app.metrics import ServiceCollector
-from app.schemas import Health
+from app.schemas import ErrorBody, Health, SigningKeySet
 from app.services import Services, ServicesDep
 from cgidm.job_queue import BrokerUnavailable
 from cgidm.result_signing import WELL_KNOWN_PATH, SigningKeyError, key_set, load_or_create_key
@@ -44,7 +44,8 @@ def readyz(services: ServicesDep) -> JSONResponse:
 
 
 @router.get(WELL_KNOWN_PATH, summary="The public keys that verify this service's results",
-            responses={503: {"description": "The signing key cannot be read."}})
+            responses={200: {"model": SigningKeySet},
+                       503: {"model": ErrorBody, "description": "The signing key cannot be read."}})
 def signing_keys(services: ServicesDep) -> JSONResponse:
     """Ed25519 public keys (current and retired, by key id) of the signatures in job results;
     no API key needed. Save it to a file and give it to `cgidm verify --public-key`."""
@@ -57,7 +58,9 @@ def signing_keys(services: ServicesDep) -> JSONResponse:
     return JSONResponse(keys, headers={"Cache-Control": "public, max-age=300"})
 
 
-@router.get("/metrics", response_class=Response, summary="Prometheus metrics")
+@router.get("/metrics", response_class=Response, summary="Prometheus metrics",
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                             "description": "The Prometheus text format."}})
 def metrics(request: Request) -> Response:
     registry: CollectorRegistry = request.app.state.metrics_registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

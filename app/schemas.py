@@ -126,6 +126,23 @@ class Health(BaseModel):
     checks: dict[str, str] = {}
 
 
+class SigningKey(BaseModel):
+    """One public key of ``/.well-known/cgidm-signing-keys.json`` (cgidm.result_signing)."""
+
+    key_id: str
+    algorithm: str
+    status: Literal["current", "retired"]
+    public_key: str = Field(description="The raw Ed25519 public key, base64.")
+    pem: str
+
+
+class SigningKeySet(BaseModel):
+    """The keys that verify this service's signed results, current and retired."""
+
+    scheme: str
+    keys: list[SigningKey]
+
+
 class ErrorItem(BaseModel):
     model_config = ConfigDict(extra="allow")
 

@@ -56,7 +56,8 @@ class Services:
 
 
 def get_services(request: Request) -> Services:
-    return request.app.state.services
+    services: Services = request.app.state.services
+    return services
 
 
 #: A route's parameter ``services: ServicesDep`` receives the app's :class:`Services`.

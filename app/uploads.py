@@ -24,10 +24,12 @@ import io
 import logging
 import warnings
 from dataclasses import dataclass, field
+from typing import cast
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from app.errors import ApiError
+from cgidm.errors import CgidmServiceError
 
 log = logging.getLogger("cgidm.gateway")
 
@@ -60,7 +62,7 @@ def decode_image(field: str, filename: str, data: bytes, max_pixels: int) -> Dec
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=FORMATS)
+            image: Image.Image = Image.open(io.BytesIO(data), formats=FORMATS)
             width, height = image.size
             if width < 1 or height < 1:
                 raise bad("corrupt_image", f"the image is {width}x{height} pixels")
@@ -94,8 +96,10 @@ def decode_image(field: str, filename: str, data: bytes, max_pixels: int) -> Dec
     return DecodedImage(buffer.getvalue(), image.width, image.height, frames, notes)
 
 
-class UnsupportedMode(ValueError):
+class UnsupportedMode(CgidmServiceError, ValueError):
     """A pixel format with no faithful 8-bit rendering (float images)."""
+
+    code, http_status = "unsupported_image", 422
 
 
 def _storable(image: Image.Image) -> Image.Image:
@@ -106,7 +110,8 @@ def _storable(image: Image.Image) -> Image.Image:
     if mode in _TO_RGBA:
         return image.convert("RGBA")
     if mode in _INT_MODES:
-        low, high = image.getextrema() if mode == "I" else (0, 65535)
+        # an "I" image has one band, so its extrema are one (min, max) pair
+        low, high = cast("tuple[int, int]", image.getextrema()) if mode == "I" else (0, 65535)
         if low < 0 or high > 65535:
             raise UnsupportedMode(f"{mode} image with values {low}..{high}; only 8- and 16-bit "
                                   "images are supported")

@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 
+from cgidm.errors import CgidmServiceError
 from cgidm_core.names import ARTIFACT_KINDS
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -43,13 +44,13 @@ def _check_reference(finetuned: str) -> None:
             raise ServiceError(str(exc), code="invalid_model_reference") from None
 
 
-class ServiceError(Exception):
+class ServiceError(CgidmServiceError):
     """The service refused or failed a request (``status`` is the HTTP status, 0 when it
     could not be reached), or a job did not succeed."""
 
     def __init__(self, message: str, status: int = 0, code: str | None = None):
         super().__init__(message)
-        self.status, self.code = status, code
+        self.status, self.code = status, code or "service_error"
 
 
 def _explain(response: httpx.Response) -> ServiceError:

@@ -13,14 +13,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from cgidm.errors import CgidmServiceError
 from cgidm.settings import Settings
 
 
-class BrokerUnavailable(Exception):
+class BrokerUnavailable(CgidmServiceError):
     """The job queue's broker (Redis, or the embedded SQLite file) could not be reached or
     refused an operation: nothing was enqueued, counted or reserved. Worth retrying later; the
     gateway answers 503 ``broker_unavailable``. Its message is the transport's error, as
     ``TypeName: message``."""
+
+    code, http_status = "broker_unavailable", 503
 
 
 @contextmanager

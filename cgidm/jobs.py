@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from cgidm.errors import CgidmServiceError
 from cgidm.storage import ObjectNotFound, Storage, StorageError
 from cgidm_core.inversion_config import InversionConfig
 from cgidm_core.names import ALL_METRICS, GRADIENT_CHECKPOINTING_MODES, PRESETS
@@ -52,8 +53,10 @@ MAX_PROMPT_CHARS = 1000
 INVERSION_FIELDS: frozenset[str] = frozenset(f.name for f in dataclasses.fields(InversionConfig))
 
 
-class JobNotFound(LookupError):
+class JobNotFound(CgidmServiceError, LookupError):
     """No job with this id (or not a well-formed job id)."""
+
+    code, http_status = "not_found", 404
 
 
 def utcnow() -> datetime:
@@ -110,7 +113,7 @@ class JobSettings(BaseModel):
         None, description="reference: the authors' settings (1000 steps, alpha 2, independent "
         "noise, re-encoded partial, unbounded latents), as `cgidm check --preset reference`; "
         "the other settings override it.")
-    metric: Literal[ALL_METRICS] | None = Field(  # type: ignore[valid-type]
+    metric: Literal[ALL_METRICS] | None = Field(  # type: ignore[valid-type]  # runtime tuple
         None, description="Similarity used as the score (clip/dino need CGIDM_FEATURE_MODEL).")
     batch_size: int | None = Field(None, ge=1, le=64, description="Images per PGD batch.")
     steps: int | None = Field(None, ge=1, le=10_000, description="PGD iterations.")
@@ -458,8 +461,10 @@ class JobStore:
         return out
 
 
-class ResultFileError(ValueError):
+class ResultFileError(CgidmServiceError, ValueError):
     """A file given as a result (``cgidm verify``, ``cgidm report``) is not readable JSON."""
+
+    code = "bad_result_file"
 
 
 def read_result_file(path: Path) -> Any:

@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from cgidm.errors import CgidmServiceError
 from cgidm.settings import Settings
 
 log = logging.getLogger("cgidm.leases")
@@ -57,8 +58,10 @@ DONE_TTL = 7 * 24 * 3600
 RETRY_SECONDS = 20.0
 
 
-class LeaseUnavailable(Exception):
+class LeaseUnavailable(CgidmServiceError):
     """The lease store (Redis, or the SQLite file) could not be reached for a while."""
+
+    code = "lease_unavailable"
 
 
 @dataclass
@@ -85,7 +88,7 @@ class Lease:
     @classmethod
     def from_fields(cls, job_id: str, fields: dict[str, str]) -> Lease:
         return cls(job_id=job_id, attempt=int(fields.get("attempt", 1)),
-                   state=fields.get("state", "queued"),  # type: ignore[arg-type]
+                   state=fields.get("state", "queued"),  # type: ignore[arg-type]  # written by to_fields
                    owner=fields.get("owner", ""), deadline=float(fields.get("deadline", 0)),
                    lapses=int(fields.get("lapses", 0)), pretrained=fields.get("pretrained", ""),
                    finetuned=fields.get("finetuned", ""),

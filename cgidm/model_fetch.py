@@ -43,6 +43,7 @@ from typing import Any
 
 import httpx
 
+from cgidm.errors import CodedError
 from cgidm.model_refs import ModelReference
 
 log = logging.getLogger("cgidm.model_fetch")
@@ -55,13 +56,9 @@ DEFAULT_CIVITAI_URL = "https://civitai.com"
 SNAPSHOT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.md"]
 
 
-class ModelFetchError(Exception):
+class ModelFetchError(CodedError):
     """A reference could not be fetched: ``code`` names the cause in one word (it becomes the
     job's error code), the message what to do."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass

@@ -28,6 +28,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from cgidm.errors import CodedError
 from cgidm_core import families
 from cgidm_core.key_signatures import (  # noqa: F401 - re-exported: the gateway's name rules
     is_conditional_unet,
@@ -65,13 +66,12 @@ PICKLE_REFUSAL = (
 )
 
 
-class ModelFileError(ValueError):
+class ModelFileError(CodedError, ValueError):
     """The file is not an acceptable model: ``code`` says why in one word, the message how to
-    fix it."""
+    fix it. The gateway answers it with 422 (415 for ``pickle_checkpoint``); a worker fails the
+    job with its code."""
 
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
+    http_status = 422
 
 
 @dataclass

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from cgidm.errors import CgidmServiceError
+
 Site = Literal["hf", "civitai"]
 
 #: The host each site's references name (a mirror set by HF_ENDPOINT or CGIDM_CIVITAI_URL serves
@@ -55,8 +57,10 @@ _PREFIXES = ("hf:", "civitai:", "urn:air:", "http://", "https://", "huggingface.
              "hf.co/", "civitai.com/", "www.civitai.com/")
 
 
-class ModelReferenceError(ValueError):
+class ModelReferenceError(CgidmServiceError, ValueError):
     """A model reference that cannot be parsed; the message shows the accepted forms."""
+
+    code, http_status = "invalid_model_reference", 422
 
 
 @dataclass(frozen=True)

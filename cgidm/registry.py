@@ -28,22 +28,29 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from cgidm.errors import CgidmServiceError
 from cgidm_core import families
 from cgidm_core.names import DEMO_BASES, DEMO_FAMILIES, DEMO_MODELS
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
-class RegistryError(Exception):
+class RegistryError(CgidmServiceError):
     """The registry file is missing or malformed: an operator error, reported at start-up."""
 
+    code = "registry_error"
 
-class InvalidModelReference(ValueError):
+
+class InvalidModelReference(CgidmServiceError, ValueError):
     """A request named a model by something other than a plain registry id."""
 
+    code, http_status = "invalid_model_reference", 422
 
-class UnknownModel(LookupError):
+
+class UnknownModel(CgidmServiceError, LookupError):
     """A request named a registry id that does not exist."""
+
+    code, http_status = "unknown_model", 422
 
 
 class ModelEntry(BaseModel):

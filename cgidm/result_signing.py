@@ -42,6 +42,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from cgidm.errors import CgidmServiceError
+
 SCHEME = "cgidm-result-v1"
 ALGORITHM = "Ed25519"
 SIGNATURE_FIELD = "signature"
@@ -58,8 +60,10 @@ NOT_OURS = "not_signed_by_this_service"
 EDITED = "edited_after_signing"
 
 
-class SigningKeyError(ValueError):
+class SigningKeyError(CgidmServiceError, ValueError):
     """A key file cannot be read or made; the message says which file and what to do."""
+
+    code, http_status = "signing_key", 503
 
 
 # ------------------------------------------------------------------------------------------

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from cgidm.errors import CgidmServiceError
+
 CHUNK_SIZE = 64 * 1024
 #: Size of each part of an S3 multipart upload (S3 wants >= 5 MiB for all parts but the last);
 #: the most a streaming upload holds in memory.
@@ -28,8 +30,10 @@ _TMP_PREFIX = ".tmp-"
 _SEGMENT = re.compile(r"^[A-Za-z0-9._=+@,-]+$")
 
 
-class StorageError(Exception):
+class StorageError(CgidmServiceError):
     """Storage refused or failed an operation in a way retrying will not fix."""
+
+    code, http_status = "storage_unavailable", 503
 
 
 class StorageUnavailable(StorageError):
@@ -38,6 +42,8 @@ class StorageUnavailable(StorageError):
 
 class ObjectNotFound(StorageError, KeyError):
     """No object under this key."""
+
+    code, http_status = "not_found", 404
 
     def __str__(self) -> str:  # KeyError would print the repr of the key
         return str(self.args[0]) if self.args else "object not found"

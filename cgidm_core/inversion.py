@@ -226,7 +226,7 @@ def _starting_point(pair: ModelPair, images: torch.Tensor, config: InversionConf
             z0 = pair.encode_sampled(images.to(device), source.generators).float()
         else:
             z0 = pair.encode(images.to(device)).float()
-    source.shape = tuple(z0.shape[1:])  # type: ignore[assignment]
+    source.shape = tuple(z0.shape[1:])  # type: ignore[assignment]  # torch.Size of ints
     latent_shape = tuple(z0.shape[1:])
     cell = config.cell or default_cell(latent_shape, pair.pixels_per_latent)  # type: ignore[arg-type]
     keep = checkerboard_mask(latent_shape, cell).to(device)  # type: ignore[arg-type]

@@ -131,7 +131,7 @@ def raw_values(
     cond = pair.conditioning(pair.default_prompt)
     half = config.steps // 2
     for name, overrides in variants.items():
-        variant = replace(config, **overrides)  # type: ignore[arg-type]
+        variant = replace(config, **overrides)  # type: ignore[arg-type]  # field names: variants
         started = time.perf_counter()
         for start in range(0, len(pictures), batch_size):
             tensor = to_tensor(list(pictures[start:start + batch_size]), pair.image_size)

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from cgidm.errors import CgidmServiceError
 from cgidm.storage import Storage
 
 log = logging.getLogger("cgidm.worker.disk_cache")
@@ -41,8 +42,10 @@ log = logging.getLogger("cgidm.worker.disk_cache")
 HASH_CHUNK = 4 * 1024 * 1024
 
 
-class CachedFileCorrupt(Exception):
+class CachedFileCorrupt(CgidmServiceError):
     """Storage handed us bytes whose sha256 is not the one recorded at upload."""
+
+    code = "model_format"  # the worker fails the job as the library's ModelFormatError
 
 
 @dataclass

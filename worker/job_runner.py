@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cgidm.errors import CgidmServiceError
 from cgidm.jobs import (
     ARTIFACT_KINDS,
     ImageScore,
@@ -49,12 +50,16 @@ log = logging.getLogger("cgidm.worker")
 SHUTDOWN = threading.Event()
 
 
-class JobInterrupted(Exception):
+class JobInterrupted(CgidmServiceError):
     """The worker is shutting down: the job was put back to ``queued`` and must be requeued."""
 
+    code = "job_interrupted"
 
-class AttemptSuperseded(Exception):
+
+class AttemptSuperseded(CgidmServiceError):
     """This attempt's lease lapsed and the job was handed out again: stop, write nothing."""
+
+    code = "attempt_superseded"
 
 
 class Watch:
@@ -169,7 +174,7 @@ def _png(image: Any) -> bytes:
 
 
 def finish(ctx: WorkerContext, record: JobRecord, status: str, error: JobError | None) -> str:
-    record.status = status  # type: ignore[assignment]
+    record.status = status  # type: ignore[assignment]  # callers pass JobStatus values
     record.finished_at = utcnow()
     record.error = error
     ctx.store.save(record)

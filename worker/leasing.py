@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 from cgidm.leases import Claim, LeaseStore, LeaseUnavailable
 from cgidm.settings import Settings
@@ -96,12 +97,12 @@ class LeaseKeeper:
     def hold(self, seconds: float) -> None:
         self._quietly("hold", lambda s: s.hold(self.job_id, self.attempt, self.worker, seconds))
 
-    def _quietly(self, what: str, call: object) -> None:
+    def _quietly(self, what: str, call: Callable[[LeaseStore], object]) -> None:
         """Best effort: if it fails, the lease lapses and a reaper sorts the job out."""
         if self.leases is None:
             return
         try:
-            call(self.leases)  # type: ignore[operator]
+            call(self.leases)
         except Exception as exc:  # noqa: BLE001
             log.warning("job %s: lease %s failed (%s); the reaper will settle it", self.job_id,
                         what, exc)

@@ -52,7 +52,7 @@ def _start_reaper(**_: object) -> None:
 @worker_shutdown.connect
 def _stop_reaper(**_: object) -> None:
     for reaper in _REAPER:
-        reaper.stop()  # type: ignore[attr-defined]
+        reaper.stop()  # type: ignore[attr-defined]  # start_reaper's Reaper; cgidm.reaper loads lazily
 
 
 @celery_app.task(

@@ -194,7 +194,8 @@ def _verdict_score(item: Any) -> float:
     sentence "recovered better than n of your controls", the dot plot and each card's first
     number use it, so that what the page shows agrees with the p-value."""
     value = getattr(item, "evidence_score", None)
-    return item.score if value is None else value
+    score: float = item.score if value is None else value
+    return score
 
 
 def _has_evidence_score(result: JobResult) -> bool:

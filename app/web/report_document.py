@@ -24,6 +24,7 @@ import jinja2
 from app.web import evidence
 from cgidm import __version__
 from cgidm import result_signing as rs
+from cgidm.errors import CgidmServiceError
 from cgidm.jobs import (
     ArtifactLinks,
     ImageScore,
@@ -40,8 +41,10 @@ STYLESHEETS = ("evidence.css", "report.css")
 SHOWN_KINDS = ("original", "partial", "recovered")
 
 
-class ReportInputError(ValueError):
+class ReportInputError(CgidmServiceError, ValueError):
     """The given path is not a result cgidm can make a report of; the message says why."""
+
+    code = "bad_result_file"
 
 
 def fmt_time(value: Any) -> str:
@@ -49,7 +52,7 @@ def fmt_time(value: Any) -> str:
         try:
             value = datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError:
-            return value
+            return str(value)
     if isinstance(value, datetime):
         return value.strftime("%Y-%m-%d %H:%M:%S UTC")
     return str(value)
@@ -250,7 +253,8 @@ def render_pdf(html: str) -> bytes:
 
     # data: URIs only; anything else would be a request from the server, refused
     fetcher = URLFetcher(allowed_protocols={"data"}, fail_on_errors=True)
-    return weasyprint.HTML(string=html, url_fetcher=fetcher).write_pdf()
+    pdf: bytes = weasyprint.HTML(string=html, url_fetcher=fetcher).write_pdf()
+    return pdf
 
 
 # ------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.auth import Caller, CallerDep
 from app.errors import ApiError, storage_unavailable
+from app.openapi import PDF_RESPONSE
 from app.routes_jobs import _ERRORS, _load, _view, original_url
 from app.services import Services, ServicesDep
 from app.web import evidence, report_document
@@ -218,7 +219,7 @@ async def evidence_report(job_id: str, services: ServicesDep,
 @report_router.get(
     "/jobs/{job_id}/report.pdf",
     response_class=Response,
-    responses={**_ERRORS, 200: {"content": {"application/pdf": {}},
+    responses={**_ERRORS, 200: {**PDF_RESPONSE,
                                 "description": "The report as a PDF document."},
                409: {"description": "The job has not succeeded (yet)."}},
     summary="The evidence report as PDF: cover page, one page per image, method and "

@@ -25,6 +25,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from cgidm.errors import CgidmServiceError
 from cgidm.result_signing import (
     EDITED,
     NOT_OURS,
@@ -79,8 +80,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-class VerificationRefused(Exception):
+class VerificationRefused(CgidmServiceError):
     """A file differs from the record: re-running would not check the recorded evidence."""
+
+    code = "verification_refused"
 
 
 def load_record(path: Path) -> dict[str, Any]:
@@ -142,7 +145,7 @@ def match_inputs(inputs: list[dict[str, Any]], paths: list[str]) -> list[Path]:
     if problems:
         raise VerificationRefused("the images differ from the record:\n  " +
                                   "\n  ".join(problems))
-    return found  # type: ignore[return-value]
+    return found  # type: ignore[return-value]  # no None left: each one added a problem
 
 
 def check_model(role: str, recorded: dict[str, Any], reference: str) -> Path:

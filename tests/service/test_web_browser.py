@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import os
 import re
@@ -26,6 +27,7 @@ import httpx
 import pytest
 
 from cgidm_core.demo import DEMO_MODELS_DIR
+from cgidm_testkit.generated_client import generated_client, submodule, wait_for_job
 from cgidm_testkit.processes import child_env, free_port, png_bytes
 from tests.paths import SHARED_DATA
 
@@ -633,3 +635,42 @@ def test_upload_a_suspect_model_file_then_check_with_it(browser, service, shots,
     _wait(browser, lambda d: len(_css(d, ".card[data-image-name]")) == 1, 30, "the result card")
     job = httpx.get(f"{service}/jobs/{job_id}", headers=headers).json()
     assert job["settings"]["finetuned"] == upload_id
+
+
+def test_a_client_generated_from_the_spec_checks_the_demo_pair_with_a_key(service, tmp_path):
+    """The user's path without the web app (docs/SERVICE.md, generated client): a client that
+    openapi-python-client generates from this service's /openapi.json, the API key as its token,
+    a painting and a control sent as files to the demo pair, polled to the result, the picture
+    downloaded; a wrong key gets the documented 401 body."""
+    painting, control = _images("membership", 1)[0], _images("hold_out", 1)[0]
+    with generated_client(service, tmp_path) as package:
+        models, types = submodule(package, "models"), submodule(package, "types")
+        authenticate = submodule(package, "api.jobs.authenticate")
+        get_artifact = submodule(package, "api.jobs.get_artifact")
+
+        def body() -> object:  # files are read as they are sent: a fresh body per request
+            def file_of(path: Path) -> object:
+                return types.File(payload=io.BytesIO(path.read_bytes()), file_name=path.name,
+                                  mime_type="image/jpeg")
+
+            return models.BodyAuthenticate(pretrained="demo-base", finetuned="demo-vangogh",
+                                           steps=int(STEPS), seed=0, images=[file_of(painting)],
+                                           controls=[file_of(control)])
+
+        wrong = package.AuthenticatedClient(base_url=service, token="not-the-key", timeout=30)
+        refused = authenticate.sync_detailed(client=wrong, body=body())
+        assert refused.status_code == 401 and refused.parsed.detail[0].type_ == "unauthorized"
+
+        client = package.AuthenticatedClient(base_url=service, token=KEY, timeout=30,
+                                             raise_on_unexpected_status=True)
+        accepted = authenticate.sync(client=client, body=body())
+        assert isinstance(accepted, models.JobAccepted), accepted
+        job = wait_for_job(package, client, accepted.job_id, timeout=240)
+        assert job.status.value == "succeeded", job.to_dict()
+        assert job.result.finetuned == "demo-vangogh"
+        assert [item.name for item in job.result.images] == [painting.stem]
+        assert [item.name for item in job.result.controls] == [control.stem]
+        assert 0 < job.result.images[0].p_value <= 1
+        picture = get_artifact.sync(accepted.job_id, painting.stem, "side_by_side.png",
+                                    client=client)
+        assert picture.payload.read().startswith(b"\x89PNG\r\n\x1a\n")

@@ -16,7 +16,8 @@ import sys
 #: reference (`--finetuned hf:...`) is fetched online unless the user asked for offline.
 USER_HF_HUB_OFFLINE: str | None = os.environ.get("HF_HUB_OFFLINE")
 
-COMMANDS = ("check", "verify", "report", "submit", "eval", "models", "serve", "demo", "keys")
+COMMANDS = ("check", "verify", "report", "submit", "eval", "models", "serve", "demo", "keys",
+            "audit")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from app.auth import describe_mode, install_log_redaction
 from app.errors import install_error_handlers
 from app.limits import SubmissionGate
+from app.routes_audits import router as audits_router
 from app.routes_jobs import router as jobs_router
 from app.routes_models import router as models_router
 from app.routes_ops import metrics_registry
@@ -66,6 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics_registry = metrics_registry(services)
     install_error_handlers(app)
     app.include_router(jobs_router)
+    app.include_router(audits_router)
     app.include_router(models_router)
     app.include_router(ops_router)
     install_web(app)  # the web app at /, the report, offline /docs and /redoc

@@ -223,13 +223,17 @@ def run_audit(models: Sequence[AuditModel], images: Sequence[Image.Image],
               on_model: Callable[[ModelOutcome], None] | None = None,
               progress: Callable[[int, int, int], None] | None = None,
               should_cancel: Callable[[], bool] | None = None,
-              stats: dict[str, int] | None = None) -> list[dict[str, Any]]:
+              stats: dict[str, int] | None = None,
+              on_error: Callable[[int, Exception], dict[str, Any] | None] | None = None,
+              ) -> list[dict[str, Any]]:
     """Audit ``models`` (or those at ``indices``), group by group, and return one entry per model
     in input order. Models in ``done`` (index -> entry, from an earlier, interrupted run) are
     not run again. ``stats`` (if given) gains ``base_pass_hits``/``base_pass_misses``: batches
     of base predictions reused from the group's memo or computed. ``on_model(outcome)`` is
     called as each model finishes (store it there); ``progress(index, done, total)`` follows
-    the inversion of the model being run."""
+    the inversion of the model being run. ``on_error(index, exc)`` may turn a model that cannot
+    be loaded or run into an entry (the service records it and goes on with the others); it
+    returns None to let the error end the audit (the CLI)."""
     if not images:
         raise ConfigError("an audit needs at least one image")
     if not controls:
@@ -247,7 +251,16 @@ def run_audit(models: Sequence[AuditModel], images: Sequence[Image.Image],
         for i in members:
             if should_cancel is not None and should_cancel():
                 raise Cancelled("the audit was cancelled")
-            pair = load(models[i])
+            try:
+                pair = load(models[i])
+            except Cancelled:
+                raise
+            except Exception as exc:
+                failed = None if on_error is None else on_error(i, exc)
+                if failed is None:
+                    raise
+                entries[i] = failed
+                continue
 
             def report(step: int, total: int, index: int = i) -> None:
                 if progress is not None:

@@ -1,0 +1,134 @@
+"""Audit benchmark: models per hour of ``cgidm audit`` (screen + full verdict where needed) on the
+demo family, against running the full verdict (``cgidm check``) once per model; what the screen
+would have dropped, and the false discovery rate realised.
+
+    python -m benchmarks.audit [--steps 100] [--models N] [--check-samples 2] [--build-only]
+
+The family: the shipped member fine-tunes of demo-base (demo-vangogh, demo-vangogh-light), short
+full fine-tunes of demo-base on the portfolio (wikiart-vangogh/membership) and on other images
+(DreamBooth subjects), and copies of demo-base with noise on their weights (trained on nothing);
+made with cgidm_core.training and cached in ~/.cache/cgidm/audit-family. Portfolio: the ten member
+paintings; controls: the ten hold-out paintings.
+
+Timing: the audit runs every model; the one-by-one baseline times the full verdict (every image
+and control inverted, as ``cgidm check --controls`` does) on ``--check-samples`` models and
+multiplies (each such check costs the same on this family: same images, same model size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+
+from cgidm_testkit.audit_family import FinetuneRecipe, make_finetune, make_perturbed
+from tests.paths import SHARED_DATA
+
+VANGOGH = SHARED_DATA / "wikiart-vangogh"
+SUBJECTS = SHARED_DATA / "dreambooth-subjects"
+#: (label, how to make it). Members were trained on the portfolio; the rest never saw it.
+MEMBER_STEPS = (150, 300)
+OTHER_SUBJECTS = ("dog", "cat", "backpack", "clock", "can", "bear_plushie")
+OTHER_STEPS = 60
+PERTURBED = tuple(range(12))
+
+
+def family(limit: int | None = None) -> list[tuple[str, str, bool]]:
+    """(name, finetuned reference, member?) of every model of the family, made if missing."""
+    out: list[tuple[str, str, bool]] = [("demo-vangogh", "demo-vangogh", True),
+                                        ("demo-vangogh-light", "demo-vangogh-light", True)]
+    for steps in MEMBER_STEPS:
+        path = make_finetune(FinetuneRecipe(images=str(VANGOGH / "membership"), steps=steps))
+        out.append((f"vangogh-{steps}", str(path), True))
+    for subject in OTHER_SUBJECTS:
+        path = make_finetune(FinetuneRecipe(images=str(SUBJECTS / subject), steps=OTHER_STEPS))
+        out.append((f"{subject}-{OTHER_STEPS}", str(path), False))
+    for seed in PERTURBED:
+        out.append((f"noise-{seed}", str(make_perturbed(seed, scale=0.02 + 0.01 * (seed % 4))),
+                    False))
+    return out[:limit] if limit else out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=100, help="PGD steps of the full verdict")
+    parser.add_argument("--models", type=int, help="audit only the first N models")
+    parser.add_argument("--check-samples", type=int, default=2,
+                        help="models the one-by-one full check is timed on")
+    parser.add_argument("--build-only", action="store_true", help="make the family and stop")
+    args = parser.parse_args()
+
+    from cgidm_core.api import load_pair
+    from cgidm_core.audit import SCREEN_CLEAR_P, AuditModel, decide_models
+    from cgidm_core.audit_run import AuditSettings, audit_model, run_audit
+    from cgidm_core.images import load_image
+    from cgidm_core.inversion import InversionConfig
+
+    started = time.perf_counter()
+    models = family(args.models)
+    print(f"family: {len(models)} models ({sum(m[2] for m in models)} members), made/found in "
+          f"{time.perf_counter() - started:.0f} s")
+    if args.build_only:
+        return
+    image_files = sorted((VANGOGH / "membership").iterdir())
+    control_files = sorted((VANGOGH / "hold_out").iterdir())
+    images = [load_image(p) for p in image_files]
+    controls = [load_image(p) for p in control_files]
+    names = [p.name for p in image_files]
+    control_names = [p.name for p in control_files]
+    specs = [AuditModel("demo-base", ref) for _, ref, _ in models]
+    settings = AuditSettings(inversion=InversionConfig(steps=args.steps))
+
+    def load(model: AuditModel):
+        return load_pair(model.pretrained, model.finetuned)
+
+    stats: dict[str, int] = {}
+    t0 = time.perf_counter()
+    entries = run_audit(specs, images, controls, names, control_names, load, settings,
+                        stats=stats)
+    audit_seconds = time.perf_counter() - t0
+    ranked = decide_models(entries)
+    member = {ref: is_member for _, ref, is_member in models}
+    label = {ref: name for name, ref, _ in models}
+
+    # the one-by-one baseline: the full verdict of a model, as `cgidm check --controls` runs it
+    full_settings = replace(settings, clear_p=1.0)
+    t1 = time.perf_counter()
+    for spec in specs[: args.check_samples]:
+        audit_model(load(spec), spec, 0, images, controls, names, control_names, full_settings)
+    check_each = (time.perf_counter() - t1) / max(1, min(args.check_samples, len(specs)))
+    screen_each = sum(e["screen_seconds"] for e in entries) / len(entries)
+
+    print(f"\n{'rank':>4} {'model':<22} {'member':>6} {'screen p':>9} {'tier':>6} "
+          f"{'p':>9} {'q':>9} {'flagged':>7}")
+    for m in ranked:
+        is_member = "yes" if member[m["finetuned"]] else "no"
+        print(f"{m['rank']:>4} {label[m['finetuned']]:<22} {is_member:>6} "
+              f"{m['screen_p_value']:>9.3g} {m['tier']:>6} {m['p_value']:>9.3g} "
+              f"{m['q_value']:>9.3g} {'yes' if m['flagged'] else 'no':>7}")
+    n = len(ranked)
+    members = [m for m in ranked if member[m["finetuned"]]]
+    dropped = [m for m in members if m["screen_p_value"] > SCREEN_CLEAR_P]
+    flagged = [m for m in ranked if m["flagged"]]
+    false_hits = [m for m in flagged if not member[m["finetuned"]]]
+    full = sum(m["tier"] == "full" for m in ranked)
+    print(f"\nmember models dropped by the screen (screen p > {SCREEN_CLEAR_P}): "
+          f"{len(dropped)} of {len(members)}")
+    print(f"flagged: {len(flagged)} ({len(flagged) - len(false_hits)} members), false hits "
+          f"{len(false_hits)}: realised FDR {len(false_hits) / max(1, len(flagged)):.2f}; "
+          f"members missed {len(members) - (len(flagged) - len(false_hits))}")
+    print(f"base passes shared: {stats.get('base_pass_hits', 0)} batches reused, "
+          f"{stats.get('base_pass_misses', 0)} computed")
+    print(f"\n{'how':<36} {'models':>6} {'seconds':>9} {'models/hour':>12}")
+    rows = [("screen only (every model)", n, screen_each * n),
+            (f"audit: screen + {full} full verdicts", n, audit_seconds),
+            (f"cgidm check per model ({args.steps} steps)", n, check_each * n)]
+    for name, count, seconds in rows:
+        print(f"{name:<36} {count:>6} {seconds:>9.1f} {3600 * count / seconds:>12.0f}")
+    print(f"\naudit vs one check per model: {check_each * n / audit_seconds:.1f}x more models "
+          f"per hour; measured on this CPU ({n} models, 10 images + 10 controls, "
+          f"{args.steps} PGD steps)")
+
+
+if __name__ == "__main__":
+    main()

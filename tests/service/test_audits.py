@@ -1,0 +1,116 @@
+"""Audits through the service: the 4xx answers (in-process gateway) and one audit through the real
+stack (gateway -> Redis -> worker -> S3), including its resumption after a lost subtask."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cgidm_testkit.processes import BUCKET, png_bytes, s3_client, wait_until
+
+IMAGES = [("images", (f"i{k}.png", png_bytes(k), "image/png")) for k in (1, 2, 3)]
+CONTROLS = [("controls", (f"c{k}.png", png_bytes(k), "image/png")) for k in (11, 12, 13)]
+GOOD_MODELS = [{"pretrained": "tiny-base", "finetuned": "tiny-ft"}]
+
+
+def _post(http, models, files=None, **fields):
+    data = {"models": models if isinstance(models, str) else json.dumps(models), "steps": "2",
+            **{k: str(v) for k, v in fields.items()}}
+    return http.post("/audits", data=data, files=files if files is not None else
+                     IMAGES + CONTROLS)
+
+
+@pytest.mark.parametrize(("models", "files", "fields", "loc", "kind"), [
+    ("[not json", None, {}, ["body", "models"], "invalid_json"),
+    ([], None, {}, ["body", "models"], "invalid_models"),
+    ([{"pretrained": "tiny-base"}], None, {}, ["body", "models"], "invalid_models"),
+    (GOOD_MODELS + [{"pretrained": "tiny-base", "finetuned": "nope"}], None, {},
+     ["body", "models", 1, "finetuned"], "unknown_model"),
+    (GOOD_MODELS, IMAGES, {}, ["body", "controls"], "missing"),
+    (GOOD_MODELS, None, {"fdr": "1.5"}, ["body", "fdr"], "less_than"),
+    (GOOD_MODELS, None, {"family_wise": "sidak"}, ["body", "family_wise"], "invalid_choice"),
+    (GOOD_MODELS, None, {"colour": "red"}, ["body", "colour"], "unknown_field"),
+])
+def test_bad_audit_requests_are_4xx_naming_the_field(app_client, models, files, fields, loc,
+                                                      kind):
+    response = _post(app_client, models, files, **fields)
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"][0]
+    assert detail["loc"] == loc and detail["type"] == kind, detail
+
+
+def test_unknown_audit_is_404(app_client):
+    for method, path in (("GET", "/audits/" + "0" * 32), ("GET", "/audits/not-an-id"),
+                         ("DELETE", "/audits/" + "1" * 32)):
+        response = app_client.request(method, path)
+        assert response.status_code == 404, response.text
+        assert response.json()["detail"][0]["type"] == "not_found"
+
+
+@pytest.mark.slow  # starts servers and processes
+def test_audit_through_the_stack_and_resumed_without_redoing_models(
+        worker, client, s3_endpoint, service_env, monkeypatch):
+    models = [{"pretrained": "tiny-base", "finetuned": "tiny-ft"},
+              {"pretrained": "other-base", "finetuned": "other-ft"},
+              {"pretrained": "tiny-base", "finetuned": "corrupt-ft"}]
+    # screen_clear_p 1: every model gets the full verdict, so pictures are made and stored
+    response = _post(client, models, screen_clear_p=1)
+    assert response.status_code == 202, response.text
+    audit_id = response.json()["audit_id"]
+    assert response.headers["location"] == f"/audits/{audit_id}"
+
+    def finished():
+        audit = client.get(f"/audits/{audit_id}").json()
+        return audit if audit["status"] in ("succeeded", "failed", "cancelled") else None
+
+    audit = wait_until(finished, 120, f"audit {audit_id}")
+    assert audit["status"] == "succeeded", audit
+    assert audit["progress"]["models_done"] == 3 and audit["progress"]["fraction"] == 1.0
+    result = audit["result"]
+    assert [m["rank"] for m in result["models"]] == [1, 2, 3]
+    by_model = {m["finetuned"]: m for m in result["models"]}
+    broken = by_model["corrupt-ft"]
+    assert broken["tier"] == "error" and broken["p_value"] == 1.0 and not broken["flagged"]
+    assert "corrupt-ft" not in [m["finetuned"] for m in result["models"][:2]]
+    for name in ("tiny-ft", "other-ft"):
+        model = by_model[name]
+        assert model["tier"] == "full" and 0 < model["p_value"] <= 1
+        assert len(model["images"]) == 3 and "evidence_score" in model["images"][0]
+    assert result["counts"] == {"models": 3, "full_verdicts": 2, "cleared_by_screen": 0,
+                                "errors": 1, "flagged": 0}
+    assert result["decision"]["correction"] == "bh"
+    # pictures of every full-verdict model are stored and served, listed for flagged ones only
+    picture = client.get(f"/audits/{audit_id}/pictures/0/i1/side_by_side.png")
+    assert picture.status_code == 200 and picture.headers["content-type"] == "image/png"
+    assert client.delete(f"/audits/{audit_id}").status_code == 409
+
+    # A subtask lost before it stored model 1: its result and that model's entry are gone, and
+    # the audit's message is delivered again. Model 0 and 2 are not redone, model 1 is.
+    s3 = s3_client(s3_endpoint)
+    prefix = f"svc/audits/{audit_id}/"
+
+    def stored(key):
+        return json.loads(s3.get_object(Bucket=BUCKET, Key=prefix + key)["Body"].read())
+
+    before = {i: stored(f"models/{i:04d}.json") for i in range(3)}
+    s3.delete_object(Bucket=BUCKET, Key=prefix + "result.json")
+    s3.delete_object(Bucket=BUCKET, Key=prefix + "models/0001.json")
+    for key, value in service_env.items():
+        monkeypatch.setenv(key, value)
+    from cgidm.audits import AUDIT_TASK
+    from cgidm.job_queue import make_celery
+    from cgidm.queue_routing import queue_for_pair
+    from cgidm.settings import Settings
+
+    settings = Settings()
+    make_celery(settings).send_task(AUDIT_TASK, args=[audit_id],
+                                    queue=queue_for_pair("audit", audit_id, settings))
+    again = wait_until(lambda: (lambda a: a if a["status"] == "succeeded" else None)(
+        client.get(f"/audits/{audit_id}").json()), 120, f"audit {audit_id} resumed")
+    after = {i: stored(f"models/{i:04d}.json") for i in range(3)}
+    assert after[0] == before[0] and after[2] == before[2]  # not redone: the same objects
+    assert after[1]["finished_at"] > before[1]["finished_at"]  # redone
+    assert after[1]["p_value"] == pytest.approx(before[1]["p_value"])  # seeded: same verdict
+    assert [m["finetuned"] for m in again["result"]["models"]] == \
+        [m["finetuned"] for m in result["models"]]

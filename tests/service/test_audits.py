@@ -84,6 +84,8 @@ def test_audit_through_the_stack_and_resumed_without_redoing_models(
     picture = client.get(f"/audits/{audit_id}/pictures/0/i1/side_by_side.png")
     assert picture.status_code == 200 and picture.headers["content-type"] == "image/png"
     assert client.delete(f"/audits/{audit_id}").status_code == 409
+    page = client.get(f"/audits/{audit_id}/page")
+    assert page.status_code == 200 and "corrupt-ft" in page.text
 
     # A subtask lost before it stored model 1: its result and that model's entry are gone, and
     # the audit's message is delivered again. Model 0 and 2 are not redone, model 1 is.
@@ -114,3 +116,39 @@ def test_audit_through_the_stack_and_resumed_without_redoing_models(
     assert after[1]["p_value"] == pytest.approx(before[1]["p_value"])  # seeded: same verdict
     assert [m["finetuned"] for m in again["result"]["models"]] == \
         [m["finetuned"] for m in result["models"]]
+
+
+def test_audit_page_ranks_models_and_shows_the_top_hits_pictures(app_client):
+    """The page renders a stored audit (as the workers leave it): the ranked table, and the
+    pictures of the flagged model only."""
+    from datetime import datetime, timezone
+
+    from cgidm.audits import AuditInput, AuditModelSpec, AuditRequest, AuditStore, new_audit_id
+    from cgidm_core.audit import decide_models
+
+    store = AuditStore(app_client.app.state.services.store.storage)
+    audit_id = new_audit_id()
+    specs = [AuditModelSpec(pretrained="tiny-base", finetuned=name)
+             for name in ("quiet-model", "copying-model")]
+    store.create(AuditRequest(audit_id=audit_id, created_at=datetime.now(timezone.utc),
+                              models=specs, images=[AuditInput(name="i1", key="k", sha256="0")],
+                              controls=[AuditInput(name="c1", key="k2", sha256="0")]), [])
+    entries = [{"index": 0, "pretrained": "tiny-base", "finetuned": "quiet-model",
+                "tier": "screen", "screen_p_value": 0.7, "p_value": 1.0, "images": []},
+               {"index": 1, "pretrained": "tiny-base", "finetuned": "copying-model",
+                "tier": "full", "screen_p_value": 0.001, "p_value": 0.001,
+                "images": [{"name": "i1", "evidence_score": 3.0, "p_value": 0.01}]}]
+    for entry in entries:
+        store.save_model(audit_id, entry["index"], entry)
+    store.storage.put_bytes(store.picture_key(audit_id, 1, "i1", "side_by_side"), png_bytes(5))
+    ranked = decide_models(entries)
+    store.save_result(audit_id, {"models": ranked, "counts": {
+        "models": 2, "flagged": 1, "full_verdicts": 1, "cleared_by_screen": 1},
+        "decision": {"level": 0.05, "controls": "false discovery rate",
+                     "screen": {"rule": "screen rule"}}})
+    page = app_client.get(f"/audits/{audit_id}/page")
+    assert page.status_code == 200, page.text
+    html = page.text
+    assert html.index("copying-model") < html.index("quiet-model")  # ranked
+    assert html.count("<img src=\"data:image/png;base64,") == 1  # the flagged model's picture
+    assert "1 of 2 models flagged" in html

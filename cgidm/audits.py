@@ -83,13 +83,22 @@ class AuditRequest(BaseModel):
     controls: list[AuditInput]
 
 
-def model_groups(models: list[AuditModelSpec]) -> dict[str, list[int]]:
-    """Model indices by base: one subtask per base, routed by it, so its worker keeps the base
-    loaded and shares the base's passes across the group's models."""
-    groups: dict[str, list[int]] = {}
+#: Most models in one subtask: a subtask must end within the task time limit that a job has
+#: (CGIDM_TASK_TIME_LIMIT), and a lost one should cost little; many models on one base are
+#: split into several subtasks, all routed by that base.
+GROUP_SIZE = 8
+
+
+def model_groups(models: list[AuditModelSpec], size: int = GROUP_SIZE
+                 ) -> list[tuple[str, list[int]]]:
+    """(base, model indices) of each subtask: models grouped by base, routed by it, so its
+    worker keeps the base loaded and shares the base's passes across the group's models; at
+    most ``size`` models per subtask."""
+    by_base: dict[str, list[int]] = {}
     for i, model in enumerate(models):
-        groups.setdefault(model.pretrained, []).append(i)
-    return groups
+        by_base.setdefault(model.pretrained, []).append(i)
+    return [(base, indices[start:start + size]) for base, indices in by_base.items()
+            for start in range(0, len(indices), size)]
 
 
 class AuditStore:

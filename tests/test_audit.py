@@ -105,3 +105,11 @@ def test_model_list_is_validated_with_the_entry_named():
                        ([{"pretrained": "a", "finetuned": "b"}] * 3, "at most 2")):
         with pytest.raises(ConfigError, match=match):
             parse_models(raw, max_models=2)
+
+
+def test_service_groups_models_by_base_in_bounded_subtasks():
+    from cgidm.audits import AuditModelSpec, model_groups
+
+    specs = [AuditModelSpec(pretrained=base, finetuned=f"m{i}")
+             for i, base in enumerate(["a", "b", "a", "a", "b", "a"])]
+    assert model_groups(specs, size=3) == [("a", [0, 2, 3]), ("a", [5]), ("b", [1, 4])]

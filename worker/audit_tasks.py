@@ -57,7 +57,7 @@ def start_audit(audit_id: str) -> str:
         return "finished"
     done = store.done_models(audit_id)
     sent = 0
-    for base, indices in model_groups(request.models).items():
+    for base, indices in model_groups(request.models):
         todo = [i for i in indices if i not in done]
         if todo:
             celery_app.send_task(AUDIT_GROUP_TASK, args=[audit_id, todo],

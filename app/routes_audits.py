@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Request, Response, UploadFile
@@ -42,6 +43,8 @@ _ERRORS = {
 _FIELDS = {"images", "controls", "models", "fdr", "family_wise", "screen_clear_p", "steps",
            "seed"}
 PICTURE_KINDS = ("side_by_side", "recovered")
+#: Image names as the gateway stores them (cgidm.jobs.safe_name): nothing else is looked up.
+_PICTURE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
 def _store(services: Services) -> AuditStore:
@@ -227,7 +230,8 @@ def get_audit_picture(audit_id: str, index: int, name: str, filename: str,
                       services: ServicesDep, caller: CallerDep) -> StreamingResponse:
     load_audit(services, audit_id, caller)
     kind = filename.removesuffix(".png")
-    if kind not in PICTURE_KINDS or not filename.endswith(".png") or "/" in name:
+    if kind not in PICTURE_KINDS or not filename.endswith(".png") or index < 0 or \
+            not _PICTURE_NAME.match(name):
         raise ApiError(404, ["path", "filename"], "not_found",
                        f"no picture {filename!r}; pictures are side_by_side.png, recovered.png")
     key = AuditStore.picture_key(audit_id, index, name, kind)

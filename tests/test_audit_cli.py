@@ -23,8 +23,12 @@ def audited(tmp_path_factory):
         {"pretrained": "demo-base", "finetuned": str(other)},
         {"pretrained": "demo-base", "finetuned": "demo-vangogh"},  # fine-tuned on the members
     ]))
-    code = main(["audit", "--images", str(vangogh / "membership"),
-                 "--controls", str(vangogh / "hold_out"), "--models", str(models),
+    # five members and five hold-outs keep it quick; the decision still has room (below)
+    images = [a for p in sorted((vangogh / "membership").iterdir())[:5]
+              for a in ("--images", str(p))]
+    controls = [a for p in sorted((vangogh / "hold_out").iterdir())[:5]
+                for a in ("--controls", str(p))]
+    code = main(["audit", *images, *controls, "--models", str(models),
                  "--out", str(out / "out"), "--steps", "4", "--seed", "0"])
     assert code == 0
     return out / "out", json.loads((out / "out" / "audit.json").read_text())
@@ -35,9 +39,10 @@ def test_member_model_is_flagged_first_and_the_base_is_not(audited):
     first, second = doc["models"]
     assert first["finetuned"] == "demo-vangogh" and first["rank"] == 1
     assert first["flagged"] and first["tier"] == "full"
-    # 10 members all above 10 hold-outs: exact Mann-Whitney p = 1 / C(20, 10)
-    assert first["p_value"] == pytest.approx(1 / 184756)
-    assert first["q_value"] == pytest.approx(2 / 184756)
+    # 5 members all above 5 hold-outs: exact Mann-Whitney p = 1 / C(10, 5) = 1 / 252; BH over
+    # two models with the other p = 1: q = 2 p
+    assert first["p_value"] == pytest.approx(1 / 252)
+    assert first["q_value"] == pytest.approx(2 / 252)
     assert second["finetuned"].endswith("perturbed-s1-x0.05") and not second["flagged"]
     assert second["q_value"] > 0.05
     assert doc["decision"]["correction"] == "bh" and doc["decision"]["level"] == 0.05
@@ -47,7 +52,7 @@ def test_member_model_is_flagged_first_and_the_base_is_not(audited):
 def test_flagged_model_has_per_image_scores_and_pictures(audited):
     out, doc = audited
     first = doc["models"][0]
-    assert len(first["images"]) == 10
+    assert len(first["images"]) == 5
     for record in first["images"]:
         assert {"evidence_score", "p_value", "screen_score", "attack_scores"} <= set(record)
         pictures = first["pictures"][record["name"]]

@@ -232,8 +232,9 @@ def run_audit(models: Sequence[AuditModel], images: Sequence[Image.Image],
     of base predictions reused from the group's memo or computed. ``on_model(outcome)`` is
     called as each model finishes (store it there); ``progress(index, done, total)`` follows
     the inversion of the model being run. ``on_error(index, exc)`` may turn a model that cannot
-    be loaded or run into an entry (the service records it and goes on with the others); it
-    returns None to let the error end the audit (the CLI)."""
+    be loaded or fails while it runs (an unreadable file, a prompt too long) into an entry (the
+    service records it and goes on with the others); it returns None to let the error end the
+    audit (the CLI)."""
     if not images:
         raise ConfigError("an audit needs at least one image")
     if not controls:
@@ -266,10 +267,19 @@ def run_audit(models: Sequence[AuditModel], images: Sequence[Image.Image],
                 if progress is not None:
                     progress(index, step, total)
 
-            with shared.attached(pair):
-                outcome = audit_model(pair, models[i], i, images, controls, image_names,
-                                      control_names, settings, progress=report,
-                                      should_cancel=should_cancel)
+            try:
+                with shared.attached(pair):
+                    outcome = audit_model(pair, models[i], i, images, controls, image_names,
+                                          control_names, settings, progress=report,
+                                          should_cancel=should_cancel)
+            except Cancelled:
+                raise
+            except Exception as exc:
+                failed = None if on_error is None else on_error(i, exc)
+                if failed is None:
+                    raise
+                entries[i] = failed
+                continue
             entries[i] = outcome.entry
             if on_model is not None:
                 on_model(outcome)

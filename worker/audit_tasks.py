@@ -25,11 +25,14 @@ from cgidm.audits import (
     model_groups,
 )
 from cgidm.queue_routing import queue_for_pair
+from cgidm.settings import get_settings
+from cgidm.storage import StorageError, StorageUnavailable
 from worker.celery_app import celery_app
 from worker.context import WorkerContext, get_context
 
 log = logging.getLogger("cgidm.worker.audit")
 
+_SETTINGS = get_settings()
 #: Seconds between progress writes and between looks for the cancel marker.
 PROGRESS_INTERVAL = 1.0
 CANCEL_INTERVAL = 2.0
@@ -68,8 +71,13 @@ def start_audit(audit_id: str) -> str:
     return f"sent {sent} group(s)"
 
 
-@celery_app.task(name=AUDIT_GROUP_TASK)
+@celery_app.task(name=AUDIT_GROUP_TASK, autoretry_for=(StorageUnavailable,),
+                 retry_backoff=_SETTINGS.storage_retry_backoff,
+                 retry_backoff_max=_SETTINGS.storage_retry_backoff_max, retry_jitter=True,
+                 max_retries=_SETTINGS.storage_retries)
 def audit_group(audit_id: str, indices: list[int]) -> str:
+    """Run one group; a storage outage retries the subtask (the models stored are skipped), any
+    other failure ends the audit ``failed`` with its message rather than leaving it running."""
     ctx = get_context()
     store = _store(ctx)
     try:
@@ -85,6 +93,12 @@ def audit_group(audit_id: str, indices: list[int]) -> str:
     except Cancelled:
         log.info("audit %s cancelled", audit_id)
         return "cancelled"
+    except StorageError:
+        raise
+    except Exception as exc:
+        log.exception("audit %s failed", audit_id)
+        store.save_error(audit_id, getattr(exc, "code", None) or type(exc).__name__, str(exc))
+        return "failed"
     assemble(store, request)
     return "done"
 

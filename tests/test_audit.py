@@ -113,3 +113,34 @@ def test_service_groups_models_by_base_in_bounded_subtasks():
     specs = [AuditModelSpec(pretrained=base, finetuned=f"m{i}")
              for i, base in enumerate(["a", "b", "a", "a", "b", "a"])]
     assert model_groups(specs, size=3) == [("a", [0, 2, 3]), ("a", [5]), ("b", [1, 4])]
+
+
+def test_shared_base_passes_change_no_score_and_are_reused(tiny_ddpm_pair):
+    """The second model on a base reuses the base's screen passes (memo hits), and every value is
+    exactly what the screen computes without the memo; the pair is given back unpatched."""
+    from PIL import Image
+
+    from cgidm_core.api import load_pair
+    from cgidm_core.audit import AuditModel
+    from cgidm_core.audit_run import AuditSettings, run_audit, screen_records
+
+    pre, ft = tiny_ddpm_pair
+    pictures = [Image.new("RGB", (16, 16), (40 * k, 255 - 30 * k, 90)) for k in range(6)]
+    names = [f"p{k}" for k in range(6)]
+    model = AuditModel(str(pre), str(ft))
+    pairs = []
+
+    def load(spec):
+        pairs.append(load_pair(spec.pretrained, spec.finetuned))
+        return pairs[-1]
+
+    stats: dict[str, int] = {}
+    entries = run_audit([model, model], pictures[:3], pictures[3:], names[:3], names[3:], load,
+                        AuditSettings(clear_p=0.0), stats=stats)
+    assert stats["base_pass_hits"] >= 1 and stats["base_pass_misses"] >= 1
+    assert "eps_pretrained" not in vars(pairs[0])  # the memo was detached
+    alone = screen_records(pairs[0], pictures, names, None, seed=0)
+    for entry in entries:
+        assert entry["tier"] == "screen" and entry["p_value"] == 1.0  # clear_p 0 clears all
+        assert [r["attack_scores"] for r in entry["images"]] == \
+            [r["attack_scores"] for r in alone[:3]]

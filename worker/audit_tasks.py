@@ -24,6 +24,7 @@ from cgidm.audits import (
     AuditStore,
     model_groups,
 )
+from cgidm.model_refs import looks_like_reference
 from cgidm.queue_routing import queue_for_pair
 from cgidm.settings import get_settings
 from cgidm.storage import StorageError, StorageUnavailable
@@ -137,7 +138,13 @@ def run_group(ctx: WorkerContext, store: AuditStore, request: AuditRequest,
               for i, m in enumerate(request.models)]
 
     def load(model: AuditModel) -> Any:
-        pre, ft = resolver.check_pair(model.pretrained, model.finetuned)
+        if looks_like_reference(model.finetuned):  # fetched here, as for a job
+            from worker.remote_models import AUTO_BASE, fetch_remote
+
+            base = None if model.pretrained == AUTO_BASE else ctx.registry().get(model.pretrained)
+            pre, ft = fetch_remote(ctx, model.finetuned, base, request.owner)
+        else:
+            pre, ft = resolver.check_pair(model.pretrained, model.finetuned)
         pair, _hit = ctx.cache.get(ctx.pair_key(pre, ft))
         return pair
 

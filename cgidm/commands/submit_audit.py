@@ -35,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--fdr", "--level", dest="level", type=float, default=0.05)
     parser.add_argument("--family-wise", nargs="?", const="holm", choices=["holm", "bonferroni"])
+    parser.add_argument("--screen-clear-p", type=float,
+                        help="clear a model without the inversion when its screen p-value is "
+                        "above this (default: the service's, 0.2); 1 runs every full verdict")
     parser.add_argument("--steps", type=int, help="PGD steps of the full verdict")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
@@ -71,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     with CgidmClient(args.server, key) as client:
         accepted = client.submit_audit(models, images, controls, fdr=args.level,
                                        family_wise=args.family_wise, steps=args.steps,
-                                       seed=args.seed)
+                                       seed=args.seed, screen_clear_p=args.screen_clear_p)
         print(f"audit {accepted['audit_id']}: {accepted['models']} models", flush=True)
         audit = client.wait_audit(accepted["audit_id"], timeout=args.timeout, progress=progress)
         result = audit["result"]

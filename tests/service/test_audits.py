@@ -50,21 +50,26 @@ def test_unknown_audit_is_404(app_client):
 
 @pytest.mark.slow  # starts servers and processes
 def test_audit_through_the_stack_and_resumed_without_redoing_models(
-        worker, client, s3_endpoint, service_env, monkeypatch):
+        worker, client, gateway_url, s3_endpoint, service_env, monkeypatch, tmp_path):
     models = [{"pretrained": "tiny-base", "finetuned": "tiny-ft"},
               {"pretrained": "other-base", "finetuned": "other-ft"},
               {"pretrained": "tiny-base", "finetuned": "corrupt-ft"}]
-    # screen_clear_p 1: every model gets the full verdict, so pictures are made and stored
-    response = _post(client, models, screen_clear_p=1)
-    assert response.status_code == 202, response.text
-    audit_id = response.json()["audit_id"]
-    assert response.headers["location"] == f"/audits/{audit_id}"
+    # through `cgidm submit-audit` (the client): it submits, follows and downloads the result
+    from cgidm.cli import main
 
-    def finished():
-        audit = client.get(f"/audits/{audit_id}").json()
-        return audit if audit["status"] in ("succeeded", "failed", "cancelled") else None
-
-    audit = wait_until(finished, 120, f"audit {audit_id}")
+    for role, seeds in (("images", (1, 2, 3)), ("controls", (11, 12, 13))):
+        (tmp_path / role).mkdir()
+        for k in seeds:
+            (tmp_path / role / f"{role[0]}{k}.png").write_bytes(png_bytes(k))
+    (tmp_path / "models.json").write_text(json.dumps(models))
+    code = main(["submit-audit", "--server", gateway_url, "--images", str(tmp_path / "images"),
+                 "--controls", str(tmp_path / "controls"), "--models",
+                 str(tmp_path / "models.json"), "--out", str(tmp_path / "out"), "--steps", "2",
+                 "--screen-clear-p", "1", "--timeout", "120"])  # 1: every model gets the full
+    # verdict, so pictures are made and stored
+    assert code == 0
+    audit_id = json.loads((tmp_path / "out" / "audit.json").read_text())["audit_id"]
+    audit = client.get(f"/audits/{audit_id}").json()
     assert audit["status"] == "succeeded", audit
     assert audit["progress"]["models_done"] == 3 and audit["progress"]["fraction"] == 1.0
     result = audit["result"]

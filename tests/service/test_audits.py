@@ -48,6 +48,19 @@ def test_unknown_audit_is_404(app_client):
         assert response.json()["detail"][0]["type"] == "not_found"
 
 
+def test_a_queued_audit_is_accepted_then_cancelled(app_client):
+    """No worker runs here: the audit stays queued, shows every model queued, and is cancelled."""
+    response = _post(app_client, GOOD_MODELS * 2)
+    assert response.status_code == 202, response.text
+    audit_id = response.json()["audit_id"]
+    assert response.headers["location"] == f"/audits/{audit_id}"
+    audit = app_client.get(f"/audits/{audit_id}").json()
+    assert audit["status"] == "queued" and audit["progress"]["models_total"] == 2
+    assert [m["state"] for m in audit["progress"]["models"]] == ["queued", "queued"]
+    cancelled = app_client.delete(f"/audits/{audit_id}")
+    assert cancelled.status_code == 202 and cancelled.json()["status"] == "cancelled"
+
+
 @pytest.mark.slow  # starts servers and processes
 def test_audit_through_the_stack_and_resumed_without_redoing_models(
         worker, client, gateway_url, s3_endpoint, service_env, monkeypatch, tmp_path):

@@ -21,8 +21,10 @@ import argparse
 import time
 from dataclasses import replace
 
+from cgidm_core.suite_pairs import default_data_root
 from cgidm_testkit.audit_family import FinetuneRecipe, make_finetune, make_perturbed
-from tests.paths import SHARED_DATA
+
+SHARED_DATA = default_data_root()
 
 VANGOGH = SHARED_DATA / "wikiart-vangogh"
 SUBJECTS = SHARED_DATA / "dreambooth-subjects"
@@ -118,12 +120,17 @@ def main() -> None:
 
     stats: dict[str, int] = {}
     t0 = time.perf_counter()
+    def show(outcome) -> None:
+        e = outcome.entry
+        print(f"  {label[e['finetuned']]:<22} screen p {e['screen_p_value']:.3g} -> {e['tier']} "
+              f"({e['seconds']:.1f} s)", flush=True)
+
+    label = {ref: name for name, ref, _ in models}
     entries = run_audit(specs, images, controls, names, control_names, load, settings,
-                        stats=stats)
+                        stats=stats, on_model=show)
     audit_seconds = time.perf_counter() - t0
     ranked = decide_models(entries)
     member = {ref: is_member for _, ref, is_member in models}
-    label = {ref: name for name, ref, _ in models}
 
     # the one-by-one baseline: the full verdict of a model, as `cgidm check --controls` runs it
     full_settings = replace(settings, clear_p=1.0)

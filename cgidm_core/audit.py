@@ -19,8 +19,9 @@ full verdict, and ``P(audit p <= a) <= P(full p <= a) <= a`` for every level a, 
 p-value stays valid and BH/Holm keep their guarantee (a screen can only make an audit miss a
 member, never accuse a non-member). The screen p-value is reported next to it.
 
-This module is plain Python with numpy/scipy (no torch): the gateway validates model lists with
-:func:`parse_models`. Running the tiers on real models is :mod:`cgidm_core.audit_run`.
+This module imports no torch, and numpy/scipy only inside the functions that compute: the
+gateway image (which has neither) validates model lists with :func:`parse_models`. Running the
+tiers on real models is :mod:`cgidm_core.audit_run`.
 """
 
 from __future__ import annotations
@@ -29,8 +30,6 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
-
-import numpy as np
 
 from .errors import ConfigError
 
@@ -132,6 +131,8 @@ def adjust_p_values(p_values: Sequence[float], correction: str = DEFAULT_CORRECT
     """Adjusted p-values across models: BH q-values (scipy's ``false_discovery_control``) or
     Holm/Bonferroni adjusted p-values (statsmodels' ``multipletests``). A model is flagged at
     level ``a`` exactly when its adjusted value is at most ``a``."""
+    import numpy as np
+
     check_correction(correction)
     p = np.asarray(p_values, dtype=float).reshape(-1)
     if p.size == 0:
@@ -152,6 +153,8 @@ def screen_scores(records: Sequence[Mapping[str, Any]]) -> list[float]:
     z-scores of :data:`SCREEN_ATTACKS`, standardised over exactly these records (as the verdict's
     fused score is, :mod:`cgidm_core.evidence`). A constant value (a model identical to its base
     has contrast 0 everywhere) contributes nothing."""
+    import numpy as np
+
     total = np.zeros(len(records))
     for name in SCREEN_ATTACKS:
         values = []

@@ -144,3 +144,15 @@ def test_shared_base_passes_change_no_score_and_are_reused(tiny_ddpm_pair):
         assert entry["tier"] == "screen" and entry["p_value"] == 1.0  # clear_p 0 clears all
         assert [r["attack_scores"] for r in entry["images"]] == \
             [r["attack_scores"] for r in alone[:3]]
+
+
+def test_model_lists_are_validated_without_numpy():
+    """The gateway image has no numpy: what POST /audits calls must not need it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, cgidm_core.audit as a\n"
+            "a.parse_models([{'pretrained': 'b', 'finetuned': 'f'}]); a.check_level(0.05)\n"
+            "a.decision_settings(0.05, 'bh', a.SCREEN_CLEAR_P)\n"
+            "assert 'numpy' not in sys.modules, 'numpy was imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -80,6 +80,39 @@ def screen_member_pairs() -> None:
               f"{'YES' if test['p_value'] > SCREEN_CLEAR_P else 'no':>8}")
 
 
+def cost_ratio(steps: int) -> None:
+    """One model (demo-vangogh), back to back: the screen alone, then the full verdict at
+    ``steps`` PGD steps (what one `cgidm check --controls` costs), and the audit's cost per model
+    for a share of members (the models that need the full verdict)."""
+    from cgidm_core.api import load_pair
+    from cgidm_core.audit import AuditModel
+    from cgidm_core.audit_run import AuditSettings, audit_model, screen_records
+    from cgidm_core.images import load_image
+    from cgidm_core.inversion import InversionConfig
+
+    files = sorted((VANGOGH / "membership").iterdir()) + sorted((VANGOGH / "hold_out").iterdir())
+    pictures = [load_image(p) for p in files]
+    names = [p.name for p in files]
+    pair = load_pair("demo-base", "demo-vangogh")
+    screen_records(pair, pictures[:2], names[:2], None, seed=0)  # warm-up
+    t0 = time.perf_counter()
+    screen_records(pair, pictures, names, None, seed=0)
+    screen = time.perf_counter() - t0
+    settings = AuditSettings(clear_p=1.0, inversion=InversionConfig(steps=steps))
+    t1 = time.perf_counter()
+    audit_model(pair, AuditModel("demo-base", "demo-vangogh"), 0, pictures[:10], pictures[10:],
+                names[:10], names[10:], settings)
+    full = time.perf_counter() - t1
+    print(f"one model, 10 images + 10 controls: screen {screen:.1f} s, full verdict "
+          f"({steps} steps) {full:.1f} s, ratio {full / screen:.0f}x")
+    print(f"{'share needing the full verdict':<32} {'audit s/model':>13} {'models/hour':>12} "
+          f"{'vs check':>9}")
+    for share in (1.0, 0.25, 0.1, 0.06, 0.02):
+        per_model = screen + share * (full - screen)
+        print(f"{share:<32.2f} {per_model:>13.1f} {3600 / per_model:>12.0f} "
+              f"{full / per_model:>8.1f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=100, help="PGD steps of the full verdict")
@@ -87,11 +120,17 @@ def main() -> None:
     parser.add_argument("--check-samples", type=int, default=2,
                         help="models the one-by-one full check is timed on")
     parser.add_argument("--build-only", action="store_true", help="make the family and stop")
+    parser.add_argument("--cost-ratio", action="store_true",
+                        help="only time the screen and the full verdict of one model, back to "
+                        "back, and print the audit's models/hour for several member shares")
     parser.add_argument("--member-pairs", action="store_true",
                         help="only screen every shipped member pair and stop")
     args = parser.parse_args()
     if args.member_pairs:
         screen_member_pairs()
+        return
+    if args.cost_ratio:
+        cost_ratio(args.steps)
         return
 
     from cgidm_core.api import load_pair

@@ -47,10 +47,12 @@ CORRECTION_DESCRIPTIONS: dict[str, str] = {
                   "not trained on the images is at most the level",
 }
 DEFAULT_LEVEL = 0.05
-#: A model whose screen p-value is above this is cleared without the inversion. Chosen on the
-#: demo family (docs/AUDITS.md): every member model there screens below 0.01, every model of the
-#: same base trained on other images above 0.1; 0.2 leaves a wide margin on the member side,
-#: since a member dropped here is a miss the full verdict can never repair.
+#: A model whose screen p-value is above this is cleared without the inversion. Measured on the
+#: demo family (docs/AUDITS.md, benchmarks/audit.py): the member models screened at 5.4e-6 to
+#: 0.045 (the latent LoRA pair 0.001, the flow pair 5.4e-6), the 12 non-member models of the same
+#: base at 0.315 to 0.876. 0.2 was set before that measurement and falls between them, 4x above
+#: the weakest member (a member cleared here is a miss the full verdict can never repair).
+#: Measured on one family, not on the benchmark suite.
 SCREEN_CLEAR_P = 0.2
 #: The per-image values the screen fuses (``attack_scores`` names, all "higher = member").
 SCREEN_ATTACKS: tuple[str, ...] = ("loss", "contrast")

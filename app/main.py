@@ -13,11 +13,13 @@ from app.auth import describe_mode, install_log_redaction
 from app.errors import install_error_handlers
 from app.limits import SubmissionGate
 from app.openapi import install_client_ready_openapi, operation_id
+from app.routes_audits import router as audits_router
 from app.routes_jobs import router as jobs_router
 from app.routes_models import router as models_router
 from app.routes_ops import metrics_registry
 from app.routes_ops import router as ops_router
 from app.services import Services
+from app.web.audit_page import router as audit_page_router
 from app.web.routes import install_web
 from cgidm import __version__
 from cgidm.settings import Settings, get_settings
@@ -70,6 +72,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics_registry = metrics_registry(services)
     install_error_handlers(app)
     app.include_router(jobs_router)
+    app.include_router(audits_router)
+    app.include_router(audit_page_router)
     app.include_router(models_router)
     app.include_router(ops_router)
     install_web(app)  # the web app at /, the report, offline /docs and /redoc

@@ -16,7 +16,8 @@ import sys
 #: reference (`--finetuned hf:...`) is fetched online unless the user asked for offline.
 USER_HF_HUB_OFFLINE: str | None = os.environ.get("HF_HUB_OFFLINE")
 
-COMMANDS = ("check", "verify", "report", "submit", "eval", "models", "serve", "demo", "keys")
+COMMANDS = ("check", "verify", "report", "submit", "eval", "models", "serve", "demo", "keys",
+            "audit", "submit-audit")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
-        importlib.import_module(f"cgidm.commands.{name}").register(sub)
+        importlib.import_module(f"cgidm.commands.{name.replace('-', '_')}").register(sub)
     return parser
 
 

@@ -17,6 +17,7 @@ queue (429) is retried after the ``Retry-After`` the service sends.
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -204,3 +205,54 @@ class CgidmClient:
         """Submit and wait: the finished job (its ``result`` holds the evidence)."""
         accepted = self.submit(pretrained, finetuned, images, controls, **settings)
         return self.wait(accepted["job_id"], timeout=timeout)
+
+    # -- audits --------------------------------------------------------------------------------
+
+    def submit_audit(self, models: Sequence[dict[str, Any]], images: Sequence[str | Path],
+                     controls: Sequence[str | Path], *, fdr: float = 0.05,
+                     family_wise: str | None = None, **settings: Any) -> dict[str, Any]:
+        """Enqueue an audit of ``images`` against every model of ``models`` (``{"pretrained",
+        "finetuned", "prompt"?}`` each). Returns the 202 answer (audit_id, status_url)."""
+        if not images or not controls:
+            raise ServiceError("an audit needs images and known non-member controls")
+        fields = {"models": json.dumps(list(models)), "fdr": str(fdr)}
+        if family_wise:
+            fields["family_wise"] = family_wise
+        fields.update({k: str(v) for k, v in settings.items() if v is not None})
+
+        def body() -> dict[str, Any]:
+            handles, files = [], []
+            for field, paths in (("images", images), ("controls", controls)):
+                for item in paths:
+                    handle = Path(item).open("rb")  # noqa: SIM115 - closed by _request
+                    handles.append(handle)
+                    files.append((field, (Path(item).name, handle)))
+            return {"data": fields, "files": files, "_close": handles}
+
+        return self._request("POST", "/audits", ok=(202,), body=body).json()
+
+    def audit(self, audit_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/audits/{audit_id}").json()
+
+    def cancel_audit(self, audit_id: str) -> dict[str, Any]:
+        return self._request("DELETE", f"/audits/{audit_id}", ok=(202,)).json()
+
+    def wait_audit(self, audit_id: str, *, poll: float = 1.0, timeout: float | None = None,
+                   progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Poll until the audit ends; raises ServiceError unless it succeeded."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            audit = self.audit(audit_id)
+            if progress is not None:
+                progress(audit)
+            if audit["status"] in TERMINAL:
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                raise ServiceError(f"audit {audit_id} did not finish within {timeout:.0f} s "
+                                   "(still running on the service)")
+            self.sleep(poll)
+        if audit["status"] != "succeeded":
+            error = audit.get("error") or {}
+            raise ServiceError(f"audit {audit_id} {audit['status']}: {error.get('code')}: "
+                               f"{error.get('message')}", code=error.get("code"))
+        return audit

@@ -11,7 +11,7 @@ from cgidm.settings import get_settings
 from worker.slot_consumer import install as install_routing
 
 celery_app = make_celery(get_settings(), main="worker")
-celery_app.conf.imports = ("worker.tasks",)
+celery_app.conf.imports = ("worker.tasks", "worker.audit_tasks")
 install_routing(celery_app)  # which slot queues this worker consumes (worker/slot_consumer.py)
 
 #: ``celery -A worker.celery_app`` looks for an attribute named ``app``.

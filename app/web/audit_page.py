@@ -1,0 +1,59 @@
+"""The audit page: an audit as a ranked table, with the evidence pictures of the top hits.
+
+Server-rendered (no script): the gateway reads the audit's stored result and embeds the pictures
+of the flagged models as data URIs, so the page needs no further authorised requests. It answers
+the owner's key like the API (in local mode, any request from this machine).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse
+
+from app.auth import CallerDep
+from app.routes_audits import audit_view, load_audit
+from app.services import ServicesDep
+from app.web.report_document import data_uri
+from app.web.routes import PAGE_CSP, templates
+from cgidm.audits import AuditStore
+from cgidm.storage import ObjectNotFound, StorageError
+
+router = APIRouter(include_in_schema=False)
+
+#: How many flagged models show their pictures, and how many images each.
+TOP_HITS = 5
+PICTURES_PER_HIT = 6
+
+
+def _pictures(services: Any, audit_id: str, model: dict[str, Any]) -> list[dict[str, str]]:
+    """The side-by-side pictures (original | partial | recovered) of one flagged model's most
+    member-like images, as data URIs."""
+    images = sorted(model.get("images") or [], key=lambda r: -(r.get("evidence_score") or 0.0))
+    out = []
+    for record in images[:PICTURES_PER_HIT]:
+        key = AuditStore.picture_key(audit_id, model["index"], record["name"], "side_by_side")
+        try:
+            data = services.store.storage.get_bytes(key)
+        except (ObjectNotFound, StorageError):
+            continue
+        out.append({"name": record["name"], "src": data_uri(data),
+                    "p_value": record.get("p_value")})
+    return out
+
+
+@router.get("/audits/{audit_id}/page", response_class=HTMLResponse,
+            operation_id="audit_page")
+def audit_page(request: Request, audit_id: str, services: ServicesDep,
+               caller: CallerDep) -> HTMLResponse:
+    view = audit_view(services, load_audit(services, audit_id, caller))
+    result = view.get("result") or {}
+    hits = [m for m in result.get("models", []) if m.get("flagged")][:TOP_HITS]
+    pictures = {m["index"]: _pictures(services, audit_id, m) for m in hits}
+    response = templates.TemplateResponse(request, "audit.html", {
+        "audit": view, "result": result, "hits": hits, "pictures": pictures,
+        "keys_required": False})
+    response.headers["Content-Security-Policy"] = PAGE_CSP
+    response.headers["Cache-Control"] = "no-store"
+    return response

@@ -1,0 +1,172 @@
+"""Audits through the service: the 4xx answers (in-process gateway) and one audit through the real
+stack (gateway -> Redis -> worker -> S3), including its resumption after a lost subtask."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cgidm_testkit.processes import BUCKET, png_bytes, s3_client, wait_until
+
+IMAGES = [("images", (f"i{k}.png", png_bytes(k), "image/png")) for k in (1, 2, 3)]
+CONTROLS = [("controls", (f"c{k}.png", png_bytes(k), "image/png")) for k in (11, 12, 13)]
+GOOD_MODELS = [{"pretrained": "tiny-base", "finetuned": "tiny-ft"}]
+
+
+def _post(http, models, files=None, **fields):
+    data = {"models": models if isinstance(models, str) else json.dumps(models), "steps": "2",
+            **{k: str(v) for k, v in fields.items()}}
+    return http.post("/audits", data=data, files=files if files is not None else
+                     IMAGES + CONTROLS)
+
+
+@pytest.mark.parametrize(("models", "files", "fields", "loc", "kind"), [
+    ("[not json", None, {}, ["body", "models"], "invalid_json"),
+    ([], None, {}, ["body", "models"], "invalid_models"),
+    ([{"pretrained": "tiny-base"}], None, {}, ["body", "models"], "invalid_models"),
+    (GOOD_MODELS + [{"pretrained": "tiny-base", "finetuned": "nope"}], None, {},
+     ["body", "models", 1, "finetuned"], "unknown_model"),
+    (GOOD_MODELS, IMAGES, {}, ["body", "controls"], "missing"),
+    (GOOD_MODELS, None, {"fdr": "1.5"}, ["body", "fdr"], "less_than"),
+    (GOOD_MODELS, None, {"family_wise": "sidak"}, ["body", "family_wise"], "invalid_choice"),
+    (GOOD_MODELS, None, {"colour": "red"}, ["body", "colour"], "unknown_field"),
+])
+def test_bad_audit_requests_are_4xx_naming_the_field(app_client, models, files, fields, loc,
+                                                      kind):
+    response = _post(app_client, models, files, **fields)
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"][0]
+    assert detail["loc"] == loc and detail["type"] == kind, detail
+
+
+def test_unknown_audit_is_404(app_client):
+    for method, path in (("GET", "/audits/" + "0" * 32), ("GET", "/audits/not-an-id"),
+                         ("DELETE", "/audits/" + "1" * 32)):
+        response = app_client.request(method, path)
+        assert response.status_code == 404, response.text
+        assert response.json()["detail"][0]["type"] == "not_found"
+
+
+def test_a_queued_audit_is_accepted_then_cancelled(app_client):
+    """No worker runs here: the audit stays queued, shows every model queued, and is cancelled."""
+    response = _post(app_client, GOOD_MODELS * 2)
+    assert response.status_code == 202, response.text
+    audit_id = response.json()["audit_id"]
+    assert response.headers["location"] == f"/audits/{audit_id}"
+    audit = app_client.get(f"/audits/{audit_id}").json()
+    assert audit["status"] == "queued" and audit["progress"]["models_total"] == 2
+    assert [m["state"] for m in audit["progress"]["models"]] == ["queued", "queued"]
+    cancelled = app_client.delete(f"/audits/{audit_id}")
+    assert cancelled.status_code == 202 and cancelled.json()["status"] == "cancelled"
+
+
+@pytest.mark.slow  # starts servers and processes
+def test_audit_through_the_stack_and_resumed_without_redoing_models(
+        worker, client, gateway_url, s3_endpoint, service_env, monkeypatch, tmp_path):
+    models = [{"pretrained": "tiny-base", "finetuned": "tiny-ft"},
+              {"pretrained": "other-base", "finetuned": "other-ft"},
+              {"pretrained": "tiny-base", "finetuned": "corrupt-ft"}]
+    # through `cgidm submit-audit` (the client): it submits, follows and downloads the result
+    from cgidm.cli import main
+
+    for role, seeds in (("images", (1, 2, 3)), ("controls", (11, 12, 13))):
+        (tmp_path / role).mkdir()
+        for k in seeds:
+            (tmp_path / role / f"{role[0]}{k}.png").write_bytes(png_bytes(k))
+    (tmp_path / "models.json").write_text(json.dumps(models))
+    code = main(["submit-audit", "--server", gateway_url, "--images", str(tmp_path / "images"),
+                 "--controls", str(tmp_path / "controls"), "--models",
+                 str(tmp_path / "models.json"), "--out", str(tmp_path / "out"), "--steps", "2",
+                 "--screen-clear-p", "1", "--timeout", "120"])  # 1: every model gets the full
+    # verdict, so pictures are made and stored
+    assert code == 0
+    audit_id = json.loads((tmp_path / "out" / "audit.json").read_text())["audit_id"]
+    audit = client.get(f"/audits/{audit_id}").json()
+    assert audit["status"] == "succeeded", audit
+    assert audit["progress"]["models_done"] == 3 and audit["progress"]["fraction"] == 1.0
+    result = audit["result"]
+    assert [m["rank"] for m in result["models"]] == [1, 2, 3]
+    by_model = {m["finetuned"]: m for m in result["models"]}
+    broken = by_model["corrupt-ft"]
+    assert broken["tier"] == "error" and broken["p_value"] == 1.0 and not broken["flagged"]
+    assert "corrupt-ft" not in [m["finetuned"] for m in result["models"][:2]]
+    for name in ("tiny-ft", "other-ft"):
+        model = by_model[name]
+        assert model["tier"] == "full" and 0 < model["p_value"] <= 1
+        assert len(model["images"]) == 3 and "evidence_score" in model["images"][0]
+    assert result["counts"] == {"models": 3, "full_verdicts": 2, "cleared_by_screen": 0,
+                                "errors": 1, "flagged": 0}
+    assert result["decision"]["correction"] == "bh"
+    # pictures of every full-verdict model are stored and served, listed for flagged ones only
+    picture = client.get(f"/audits/{audit_id}/pictures/0/i1/side_by_side.png")
+    assert picture.status_code == 200 and picture.headers["content-type"] == "image/png"
+    assert client.delete(f"/audits/{audit_id}").status_code == 409
+    page = client.get(f"/audits/{audit_id}/page")
+    assert page.status_code == 200 and "corrupt-ft" in page.text
+
+    # A subtask lost before it stored model 1: its result and that model's entry are gone, and
+    # the audit's message is delivered again. Model 0 and 2 are not redone, model 1 is.
+    s3 = s3_client(s3_endpoint)
+    prefix = f"svc/audits/{audit_id}/"
+
+    def stored(key):
+        return json.loads(s3.get_object(Bucket=BUCKET, Key=prefix + key)["Body"].read())
+
+    before = {i: stored(f"models/{i:04d}.json") for i in range(3)}
+    s3.delete_object(Bucket=BUCKET, Key=prefix + "result.json")
+    s3.delete_object(Bucket=BUCKET, Key=prefix + "models/0001.json")
+    for key, value in service_env.items():
+        monkeypatch.setenv(key, value)
+    from cgidm.audits import AUDIT_TASK
+    from cgidm.job_queue import make_celery
+    from cgidm.queue_routing import queue_for_pair
+    from cgidm.settings import Settings
+
+    settings = Settings()
+    make_celery(settings).send_task(AUDIT_TASK, args=[audit_id],
+                                    queue=queue_for_pair("audit", audit_id, settings))
+    again = wait_until(lambda: (lambda a: a if a["status"] == "succeeded" else None)(
+        client.get(f"/audits/{audit_id}").json()), 120, f"audit {audit_id} resumed")
+    after = {i: stored(f"models/{i:04d}.json") for i in range(3)}
+    assert after[0] == before[0] and after[2] == before[2]  # not redone: the same objects
+    assert after[1]["finished_at"] > before[1]["finished_at"]  # redone
+    assert after[1]["p_value"] == pytest.approx(before[1]["p_value"])  # seeded: same verdict
+    assert [m["finetuned"] for m in again["result"]["models"]] == \
+        [m["finetuned"] for m in result["models"]]
+
+
+def test_audit_page_ranks_models_and_shows_the_top_hits_pictures(app_client):
+    """The page renders a stored audit (as the workers leave it): the ranked table, and the
+    pictures of the flagged model only."""
+    from datetime import datetime, timezone
+
+    from cgidm.audits import AuditInput, AuditModelSpec, AuditRequest, AuditStore, new_audit_id
+    from cgidm_core.audit import decide_models
+
+    store = AuditStore(app_client.app.state.services.store.storage)
+    audit_id = new_audit_id()
+    specs = [AuditModelSpec(pretrained="tiny-base", finetuned=name)
+             for name in ("quiet-model", "copying-model")]
+    store.create(AuditRequest(audit_id=audit_id, created_at=datetime.now(timezone.utc),
+                              models=specs, images=[AuditInput(name="i1", key="k", sha256="0")],
+                              controls=[AuditInput(name="c1", key="k2", sha256="0")]), [])
+    entries = [{"index": 0, "pretrained": "tiny-base", "finetuned": "quiet-model",
+                "tier": "screen", "screen_p_value": 0.7, "p_value": 1.0, "images": []},
+               {"index": 1, "pretrained": "tiny-base", "finetuned": "copying-model",
+                "tier": "full", "screen_p_value": 0.001, "p_value": 0.001,
+                "images": [{"name": "i1", "evidence_score": 3.0, "p_value": 0.01}]}]
+    for entry in entries:
+        store.save_model(audit_id, entry["index"], entry)
+    store.storage.put_bytes(store.picture_key(audit_id, 1, "i1", "side_by_side"), png_bytes(5))
+    ranked = decide_models(entries)
+    store.save_result(audit_id, {"models": ranked, "counts": {
+        "models": 2, "flagged": 1, "full_verdicts": 1, "cleared_by_screen": 1},
+        "decision": {"level": 0.05, "controls": "false discovery rate",
+                     "screen": {"rule": "screen rule"}}})
+    page = app_client.get(f"/audits/{audit_id}/page")
+    assert page.status_code == 200, page.text
+    html = page.text
+    assert html.index("copying-model") < html.index("quiet-model")  # ranked
+    assert html.count("<img src=\"data:image/png;base64,") == 1  # the flagged model's picture
+    assert "1 of 2 models flagged" in html

@@ -1,0 +1,235 @@
+"""The audit tasks: one orchestrating task per audit, one subtask per group of models on one base.
+
+``cgidm.audit`` reads the request and sends one ``cgidm.audit_group`` per base, routed like a
+job of that base (cgidm.queue_routing), so the worker that has the base loaded gets its models.
+Each subtask audits its models one by one (cgidm_core.audit_run: screen, full verdict where the
+screen cannot clear), stores each model's entry and pictures as soon as it is done, and the
+subtask that stores the last model assembles the ranked, decided result. The tasks keep Celery's
+late acknowledgement: a subtask whose worker is lost is redelivered and skips the models already
+stored (cgidm/audits.py), so a lost worker costs only the model it was running.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from typing import Any
+
+from cgidm.audits import (
+    AUDIT_GROUP_TASK,
+    AUDIT_TASK,
+    AuditNotFound,
+    AuditRequest,
+    AuditStore,
+    model_groups,
+)
+from cgidm.model_refs import looks_like_reference
+from cgidm.queue_routing import queue_for_pair
+from cgidm.settings import get_settings
+from cgidm.storage import StorageError, StorageUnavailable
+from worker.celery_app import celery_app
+from worker.context import WorkerContext, get_context
+
+log = logging.getLogger("cgidm.worker.audit")
+
+_SETTINGS = get_settings()
+#: Seconds between progress writes and between looks for the cancel marker.
+PROGRESS_INTERVAL = 1.0
+CANCEL_INTERVAL = 2.0
+
+
+def picture_url(audit_id: str, index: int, name: str, kind: str) -> str:
+    return f"/audits/{audit_id}/pictures/{index}/{name}/{kind}.png"
+
+
+def _store(ctx: WorkerContext) -> AuditStore:
+    return AuditStore(ctx.store.storage)
+
+
+@celery_app.task(name=AUDIT_TASK)
+def start_audit(audit_id: str) -> str:
+    """Send one group subtask per base (only the models not yet stored), or assemble at once
+    when every model is already done (a redelivered message after the last one finished)."""
+    ctx = get_context()
+    store = _store(ctx)
+    try:
+        request = store.load_request(audit_id)
+    except AuditNotFound:
+        return "missing"
+    if store.result(audit_id) is not None or store.cancelled(audit_id):
+        return "finished"
+    done = store.done_models(audit_id)
+    sent = 0
+    for base, indices in model_groups(request.models):
+        todo = [i for i in indices if i not in done]
+        if todo:
+            celery_app.send_task(AUDIT_GROUP_TASK, args=[audit_id, todo],
+                                 queue=queue_for_pair(base, base, ctx.settings))
+            sent += 1
+    if not sent:
+        assemble(store, request)
+    return f"sent {sent} group(s)"
+
+
+@celery_app.task(name=AUDIT_GROUP_TASK, autoretry_for=(StorageUnavailable,),
+                 retry_backoff=_SETTINGS.storage_retry_backoff,
+                 retry_backoff_max=_SETTINGS.storage_retry_backoff_max, retry_jitter=True,
+                 max_retries=_SETTINGS.storage_retries)
+def audit_group(audit_id: str, indices: list[int]) -> str:
+    """Run one group; a storage outage retries the subtask (the models stored are skipped), any
+    other failure ends the audit ``failed`` with its message rather than leaving it running."""
+    ctx = get_context()
+    store = _store(ctx)
+    try:
+        request = store.load_request(audit_id)
+    except AuditNotFound:
+        return "missing"
+    if store.result(audit_id) is not None or store.cancelled(audit_id):
+        return "finished"
+    from cgidm_core.errors import Cancelled
+
+    try:
+        run_group(ctx, store, request, indices)
+    except Cancelled:
+        log.info("audit %s cancelled", audit_id)
+        return "cancelled"
+    except StorageError:
+        raise
+    except Exception as exc:
+        log.exception("audit %s failed", audit_id)
+        store.save_error(audit_id, getattr(exc, "code", None) or type(exc).__name__, str(exc))
+        return "failed"
+    assemble(store, request)
+    return "done"
+
+
+def run_group(ctx: WorkerContext, store: AuditStore, request: AuditRequest,
+              indices: list[int]) -> None:
+    """Audit the models at ``indices`` that are not stored yet, storing each as it finishes."""
+    from cgidm_core.audit import AuditModel
+    from cgidm_core.audit_run import AuditSettings, run_audit
+    from cgidm_core.images import load_image
+    from cgidm_core.inversion import InversionConfig
+
+    audit_id = request.audit_id
+    done = store.done_models(audit_id)
+    todo = [i for i in indices if i not in done]
+    if not todo:
+        return
+    images = [load_image(ctx.store.read_input(item.key), name=item.name)
+              for item in request.images]
+    controls = [load_image(ctx.store.read_input(item.key), name=item.name)
+                for item in request.controls]
+    resolver = ctx.resolver(request.owner)
+    entries: dict[int, Any] = {}
+
+    def spec(i: int) -> AuditModel:
+        model = request.models[i]
+        prompt = model.prompt
+        if prompt is None:  # the registry's instance prompt of the fine-tune, if it has one
+            try:
+                prompt = getattr(resolver.get(model.finetuned), "prompt", None)
+            except Exception:  # noqa: BLE001 - an unknown model fails at loading, with its message
+                prompt = None
+        return AuditModel(model.pretrained, model.finetuned, prompt)
+
+    models = [spec(i) if i in todo else AuditModel(m.pretrained, m.finetuned, m.prompt)
+              for i, m in enumerate(request.models)]
+
+    def load(model: AuditModel) -> Any:
+        if looks_like_reference(model.finetuned):  # fetched here, as for a job
+            from worker.remote_models import AUTO_BASE, fetch_remote
+
+            base = None if model.pretrained == AUTO_BASE else ctx.registry().get(model.pretrained)
+            pre, ft = fetch_remote(ctx, model.finetuned, base, request.owner)
+        else:
+            pre, ft = resolver.check_pair(model.pretrained, model.finetuned)
+        pair, _hit = ctx.cache.get(ctx.pair_key(pre, ft))
+        return pair
+
+    def on_model(outcome: Any) -> None:
+        entry = dict(outcome.entry)
+        index = entry["index"]
+        if outcome.results:
+            pictures: dict[str, dict[str, str]] = {}
+            for result in outcome.results:
+                for kind, picture in (("side_by_side", result.side_by_side()),
+                                      ("recovered", result.recovered)):
+                    buffer = io.BytesIO()
+                    picture.save(buffer, format="PNG")
+                    store.storage.put_bytes(store.picture_key(audit_id, index, result.name, kind),
+                                            buffer.getvalue(), content_type="image/png")
+                pictures[result.name] = {
+                    kind: picture_url(audit_id, index, result.name, kind)
+                    for kind in ("side_by_side", "recovered")}
+            entry["pictures"] = pictures
+        entry["worker_id"] = ctx.worker_id
+        entry["finished_at"] = time.time()
+        store.save_model(audit_id, index, entry)
+        entries[index] = entry
+
+    def on_error(index: int, exc: Exception) -> dict[str, Any]:
+        code = getattr(exc, "code", None) or type(exc).__name__
+        entry = {"index": index, **models[index].to_dict(), "tier": "error",
+                 "error": {"code": str(code), "message": str(exc)}, "p_value": 1.0,
+                 "screen_p_value": None, "cleared_by_screen": False,
+                 "finished_at": time.time()}
+        log.warning("audit %s: model %d failed: %s", audit_id, index, exc)
+        store.save_model(audit_id, index, entry)
+        return entry
+
+    last = {"progress": 0.0, "cancel": 0.0, "cancelled": False}
+
+    def progress(index: int, step: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last["progress"] >= PROGRESS_INTERVAL or step == total:
+            last["progress"] = now
+            store.save_progress(audit_id, index, step, total)
+
+    def should_cancel() -> bool:
+        now = time.monotonic()
+        if now - last["cancel"] >= CANCEL_INTERVAL:
+            last["cancel"] = now
+            last["cancelled"] = store.cancelled(audit_id)
+        return bool(last["cancelled"])
+
+    config = InversionConfig(seed=request.seed, **({"steps": request.steps}
+                                                   if request.steps else {}))
+    settings = AuditSettings(level=request.level, correction=request.correction,
+                             clear_p=request.clear_p, inversion=config)
+    run_audit(models, images, controls, [i.name for i in request.images],
+              [i.name for i in request.controls], load, settings, indices=todo,
+              on_model=on_model, progress=progress, should_cancel=should_cancel,
+              on_error=on_error)
+
+
+def assemble(store: AuditStore, request: AuditRequest) -> bool:
+    """Write ``result.json`` when every model is stored (any subtask may: the document depends
+    only on the stored entries, so two subtasks finishing together write the same bytes)."""
+    from cgidm_core.audit import decide_models, decision_settings
+
+    audit_id = request.audit_id
+    done = store.done_models(audit_id)
+    if len(done) < len(request.models) or store.result(audit_id) is not None:
+        return False
+    ranked = decide_models([done[i] for i in range(len(request.models))],
+                           level=request.level, correction=request.correction)
+    for model in ranked:
+        if not model["flagged"]:
+            model.pop("pictures", None)  # evidence pictures are shown for flagged models
+    document = {
+        "models": ranked,
+        "decision": decision_settings(request.level, request.correction, request.clear_p),
+        "counts": {"models": len(ranked),
+                   "full_verdicts": sum(m.get("tier") == "full" for m in ranked),
+                   "cleared_by_screen": sum(bool(m.get("cleared_by_screen")) for m in ranked),
+                   "errors": sum(m.get("tier") == "error" for m in ranked),
+                   "flagged": sum(m["flagged"] for m in ranked)},
+        "images": [i.name for i in request.images],
+        "controls": [i.name for i in request.controls],
+    }
+    store.save_result(audit_id, document)
+    log.info("audit %s assembled: %d models, %d flagged", audit_id, len(ranked),
+             document["counts"]["flagged"])
+    return True

@@ -10,11 +10,12 @@ import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Request, Response, UploadFile
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.auth import Caller, CallerDep
 from app.errors import ApiError, storage_unavailable
+from app.openapi import PNG_RESPONSE
 from app.routes_jobs import _read_limited
 from app.schemas import ErrorBody
 from app.services import Services, ServicesDep
@@ -82,7 +83,7 @@ def _parse_models(services: Services, raw: str, caller: Caller) -> list[AuditMod
             if exc.status >= 500:
                 raise
             field = exc.loc[-1] if exc.loc else "finetuned"
-            raise ApiError(exc.status, ["body", "models", i, field], exc.kind,
+            raise ApiError(exc.status, ["body", "models", i, field], exc.code,
                            f"models[{i}]: {exc.msg}") from None
         out.append(AuditModelSpec(**model.to_dict()))
     return out
@@ -206,10 +207,10 @@ def get_audit(audit_id: str, services: ServicesDep, caller: CallerDep) -> dict[s
     return audit_view(services, load_audit(services, audit_id, caller))
 
 
-@router.delete("/audits/{audit_id}", operation_id="cancel_audit",
+@router.delete("/audits/{audit_id}", operation_id="cancel_audit", status_code=202,
                responses={**_ERRORS, 409: {"model": ErrorBody, "description": "Finished."}},
                summary="Cancel an audit")
-def cancel_audit(audit_id: str, services: ServicesDep, caller: CallerDep) -> JSONResponse:
+def cancel_audit(audit_id: str, services: ServicesDep, caller: CallerDep) -> dict[str, Any]:
     """Models already done stay stored; the running one stops within a few PGD steps."""
     record = load_audit(services, audit_id, caller)
     view = audit_view(services, record)
@@ -220,12 +221,12 @@ def cancel_audit(audit_id: str, services: ServicesDep, caller: CallerDep) -> JSO
         _store(services).request_cancel(audit_id)
     except StorageError as exc:
         raise storage_unavailable(exc) from exc
-    return JSONResponse(audit_view(services, record), status_code=202)
+    return audit_view(services, record)
 
 
 @router.get("/audits/{audit_id}/pictures/{index}/{name}/{filename}",
             operation_id="get_audit_picture", response_class=StreamingResponse,
-            responses={200: {"content": {"image/png": {}}}, **_ERRORS},
+            responses={200: {**PNG_RESPONSE, "description": "The picture (PNG)."}, **_ERRORS},
             summary="An evidence picture of one model of an audit")
 def get_audit_picture(audit_id: str, index: int, name: str, filename: str,
                       services: ServicesDep, caller: CallerDep) -> StreamingResponse:

@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from cgidm.errors import CgidmServiceError
 from cgidm.storage import ObjectNotFound, Storage, StorageError
 
 #: The orchestrating task (argument: the audit id): sends one group subtask per base.
@@ -39,8 +40,10 @@ AuditStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 _AUDIT_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
-class AuditNotFound(LookupError):
-    """No audit with this id."""
+class AuditNotFound(CgidmServiceError, LookupError):
+    """No audit with this id (or another key's audit)."""
+
+    code, http_status = "not_found", 404
 
 
 def new_audit_id() -> str:

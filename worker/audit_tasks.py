@@ -104,104 +104,125 @@ def audit_group(audit_id: str, indices: list[int]) -> str:
     return "done"
 
 
-def run_group(ctx: WorkerContext, store: AuditStore, request: AuditRequest,
-              indices: list[int]) -> None:
-    """Audit the models at ``indices`` that are not stored yet, storing each as it finishes."""
-    from cgidm_core.audit import AuditModel
-    from cgidm_core.audit_run import AuditSettings, run_audit
-    from cgidm_core.images import load_image
-    from cgidm_core.inversion import InversionConfig
+class _GroupCallbacks:
+    """What :func:`cgidm_core.audit_run.run_audit` calls back into while it audits one group:
+    the worker's model loading (registry, uploads, hub references, the pair cache), storing each
+    finished model with its pictures as soon as it is done (what makes a redelivered subtask
+    skip it), progress writes and cancel looks, both throttled so storage is not hammered."""
 
-    audit_id = request.audit_id
-    done = store.done_models(audit_id)
-    todo = [i for i in indices if i not in done]
-    if not todo:
-        return
-    images = [load_image(ctx.store.read_input(item.key), name=item.name)
-              for item in request.images]
-    controls = [load_image(ctx.store.read_input(item.key), name=item.name)
-                for item in request.controls]
-    resolver = ctx.resolver(request.owner)
-    entries: dict[int, Any] = {}
+    def __init__(self, ctx: WorkerContext, store: AuditStore, request: AuditRequest,
+                 todo: list[int]):
+        from cgidm_core.audit import AuditModel
 
-    def spec(i: int) -> AuditModel:
-        model = request.models[i]
+        self.ctx, self.store, self.request = ctx, store, request
+        self.resolver = ctx.resolver(request.owner)
+        self.models = [self._spec(i) if i in todo
+                       else AuditModel(m.pretrained, m.finetuned, m.prompt)
+                       for i, m in enumerate(request.models)]
+        self.entries: dict[int, Any] = {}
+        self._last = {"progress": 0.0, "cancel": 0.0}
+        self._cancelled = False
+
+    def _spec(self, i: int) -> Any:
+        """Model ``i`` as the audit runs it; without a prompt, the registry's instance prompt
+        of the fine-tune, if it has one."""
+        from cgidm_core.audit import AuditModel
+
+        model = self.request.models[i]
         prompt = model.prompt
-        if prompt is None:  # the registry's instance prompt of the fine-tune, if it has one
+        if prompt is None:
             try:
-                prompt = getattr(resolver.get(model.finetuned), "prompt", None)
+                prompt = getattr(self.resolver.get(model.finetuned), "prompt", None)
             except Exception:  # noqa: BLE001 - an unknown model fails at loading, with its message
                 prompt = None
         return AuditModel(model.pretrained, model.finetuned, prompt)
 
-    models = [spec(i) if i in todo else AuditModel(m.pretrained, m.finetuned, m.prompt)
-              for i, m in enumerate(request.models)]
-
-    def load(model: AuditModel) -> Any:
+    def load(self, model: Any) -> Any:
+        ctx = self.ctx
         if looks_like_reference(model.finetuned):  # fetched here, as for a job
             from worker.remote_models import AUTO_BASE, fetch_remote
 
             base = None if model.pretrained == AUTO_BASE else ctx.registry().get(model.pretrained)
-            pre, ft = fetch_remote(ctx, model.finetuned, base, request.owner)
+            pre, ft = fetch_remote(ctx, model.finetuned, base, self.request.owner)
         else:
-            pre, ft = resolver.check_pair(model.pretrained, model.finetuned)
+            pre, ft = self.resolver.check_pair(model.pretrained, model.finetuned)
         pair, _hit = ctx.cache.get(ctx.pair_key(pre, ft))
         return pair
 
-    def on_model(outcome: Any) -> None:
+    def on_model(self, outcome: Any) -> None:
+        audit_id = self.request.audit_id
         entry = dict(outcome.entry)
         index = entry["index"]
         if outcome.results:
-            pictures: dict[str, dict[str, str]] = {}
-            for result in outcome.results:
-                for kind, picture in (("side_by_side", result.side_by_side()),
-                                      ("recovered", result.recovered)):
-                    buffer = io.BytesIO()
-                    picture.save(buffer, format="PNG")
-                    store.storage.put_bytes(store.picture_key(audit_id, index, result.name, kind),
-                                            buffer.getvalue(), content_type="image/png")
-                pictures[result.name] = {
-                    kind: picture_url(audit_id, index, result.name, kind)
-                    for kind in ("side_by_side", "recovered")}
-            entry["pictures"] = pictures
-        entry["worker_id"] = ctx.worker_id
+            entry["pictures"] = {result.name: self._store_pictures(index, result)
+                                 for result in outcome.results}
+        entry["worker_id"] = self.ctx.worker_id
         entry["finished_at"] = time.time()
-        store.save_model(audit_id, index, entry)
-        entries[index] = entry
+        self.store.save_model(audit_id, index, entry)
+        self.entries[index] = entry
 
-    def on_error(index: int, exc: Exception) -> dict[str, Any]:
+    def _store_pictures(self, index: int, result: Any) -> dict[str, str]:
+        audit_id = self.request.audit_id
+        for kind, picture in (("side_by_side", result.side_by_side()),
+                              ("recovered", result.recovered)):
+            buffer = io.BytesIO()
+            picture.save(buffer, format="PNG")
+            self.store.storage.put_bytes(self.store.picture_key(audit_id, index, result.name, kind),
+                                         buffer.getvalue(), content_type="image/png")
+        return {kind: picture_url(audit_id, index, result.name, kind)
+                for kind in ("side_by_side", "recovered")}
+
+    def on_error(self, index: int, exc: Exception) -> dict[str, Any]:
         code = getattr(exc, "code", None) or type(exc).__name__
-        entry = {"index": index, **models[index].to_dict(), "tier": "error",
+        entry = {"index": index, **self.models[index].to_dict(), "tier": "error",
                  "error": {"code": str(code), "message": str(exc)}, "p_value": 1.0,
                  "screen_p_value": None, "cleared_by_screen": False,
                  "finished_at": time.time()}
-        log.warning("audit %s: model %d failed: %s", audit_id, index, exc)
-        store.save_model(audit_id, index, entry)
+        log.warning("audit %s: model %d failed: %s", self.request.audit_id, index, exc)
+        self.store.save_model(self.request.audit_id, index, entry)
         return entry
 
-    last = {"progress": 0.0, "cancel": 0.0, "cancelled": False}
-
-    def progress(index: int, step: int, total: int) -> None:
+    def progress(self, index: int, step: int, total: int) -> None:
         now = time.monotonic()
-        if now - last["progress"] >= PROGRESS_INTERVAL or step == total:
-            last["progress"] = now
-            store.save_progress(audit_id, index, step, total)
+        if now - self._last["progress"] >= PROGRESS_INTERVAL or step == total:
+            self._last["progress"] = now
+            self.store.save_progress(self.request.audit_id, index, step, total)
 
-    def should_cancel() -> bool:
+    def should_cancel(self) -> bool:
         now = time.monotonic()
-        if now - last["cancel"] >= CANCEL_INTERVAL:
-            last["cancel"] = now
-            last["cancelled"] = store.cancelled(audit_id)
-        return bool(last["cancelled"])
+        if now - self._last["cancel"] >= CANCEL_INTERVAL:
+            self._last["cancel"] = now
+            self._cancelled = self.store.cancelled(self.request.audit_id)
+        return self._cancelled
 
+
+def run_group(ctx: WorkerContext, store: AuditStore, request: AuditRequest,
+              indices: list[int]) -> None:
+    """Audit the models at ``indices`` that are not stored yet, storing each as it finishes."""
+    from cgidm_core.audit_run import AuditSettings, run_audit
+    from cgidm_core.images import load_image
+    from cgidm_core.inversion import InversionConfig
+
+    # 1. Only the models no earlier delivery of this subtask stored.
+    done = store.done_models(request.audit_id)
+    todo = [i for i in indices if i not in done]
+    if not todo:
+        return
+    # 2. The portfolio and the controls, read once for the whole group.
+    images = [load_image(ctx.store.read_input(item.key), name=item.name)
+              for item in request.images]
+    controls = [load_image(ctx.store.read_input(item.key), name=item.name)
+                for item in request.controls]
+    # 3. Screen and (where the screen cannot clear) invert each model, storing it as it ends.
+    calls = _GroupCallbacks(ctx, store, request, todo)
     config = InversionConfig(seed=request.seed, **({"steps": request.steps}
                                                    if request.steps else {}))
     settings = AuditSettings(level=request.level, correction=request.correction,
                              clear_p=request.clear_p, inversion=config)
-    run_audit(models, images, controls, [i.name for i in request.images],
-              [i.name for i in request.controls], load, settings, indices=todo,
-              on_model=on_model, progress=progress, should_cancel=should_cancel,
-              on_error=on_error)
+    run_audit(calls.models, images, controls, [i.name for i in request.images],
+              [i.name for i in request.controls], calls.load, settings, indices=todo,
+              on_model=calls.on_model, progress=calls.progress,
+              should_cancel=calls.should_cancel, on_error=calls.on_error)
 
 
 def assemble(store: AuditStore, request: AuditRequest) -> bool:

@@ -93,19 +93,45 @@ def make_loader(args: argparse.Namespace) -> Any:
     return load
 
 
-def run(args: argparse.Namespace) -> int:
+def _audit_settings(args: argparse.Namespace, level: float) -> Any:
+    """The decision (level, correction, screen threshold) and the inversion's settings, checked
+    before any model loads."""
     from dataclasses import replace
 
+    from cgidm_core.audit import SCREEN_CLEAR_P
+    from cgidm_core.audit_run import AuditSettings
+    from cgidm_core.inversion import InversionConfig
+
+    overrides = {k: v for k, v in (("steps", args.steps), ("resolution", args.resolution))
+                 if v is not None}
+    config = replace(InversionConfig(seed=args.seed), **overrides)
+    config.validate()
+    clear_p = SCREEN_CLEAR_P if args.screen_clear_p is None else args.screen_clear_p
+    return AuditSettings(level=level, correction=args.family_wise or "bh", clear_p=clear_p,
+                         inversion=config, batch_size=args.batch_size)
+
+
+def _print_ranking(ranked: list[dict[str, Any]], counts: dict[str, int], correction: str,
+                   level: float, wrote: str) -> None:
+    print(f"{'rank':>4}  {'p':>9}  {'q':>9}  {'screen p':>9}  flagged  model")
+    for m in ranked:
+        print(f"{m['rank']:>4}  {m['p_value']:>9.3g}  {m['q_value']:>9.3g}  "
+              f"{m['screen_p_value']:>9.3g}  {'yes' if m['flagged'] else 'no':>7}  "
+              f"{m['finetuned']}")
+    print(f"{counts['flagged']} of {counts['models']} model(s) flagged at "
+          f"{'FDR' if correction == 'bh' else 'FWER'} {level:g}; {counts['full_verdicts']} "
+          f"needed the full verdict; {wrote}")
+
+
+def run(args: argparse.Namespace) -> int:
     from cgidm_core.audit import (
-        SCREEN_CLEAR_P,
         check_level,
         decide_models,
         decision_settings,
         parse_models,
     )
-    from cgidm_core.audit_run import AuditSettings, run_audit
+    from cgidm_core.audit_run import run_audit
     from cgidm_core.images import load_image
-    from cgidm_core.inversion import InversionConfig
 
     level = check_level(args.level)
     models = parse_models(read_model_list(args.models))
@@ -116,15 +142,8 @@ def run(args: argparse.Namespace) -> int:
     controls = [load_image(p) for p in control_paths]
     image_names = [p.name for p in image_paths]
     control_names = [p.name for p in control_paths]
-    config = InversionConfig(seed=args.seed)
-    overrides = {k: v for k, v in (("steps", args.steps), ("resolution", args.resolution))
-                 if v is not None}
-    config = replace(config, **overrides)
-    config.validate()
-    correction = args.family_wise or "bh"
-    clear_p = SCREEN_CLEAR_P if args.screen_clear_p is None else args.screen_clear_p
-    settings = AuditSettings(level=level, correction=correction, clear_p=clear_p,
-                             inversion=config, batch_size=args.batch_size)
+    settings = _audit_settings(args, level)
+    config, correction, clear_p = settings.inversion, settings.correction, settings.clear_p
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     stems = _stems(image_paths)
@@ -170,13 +189,6 @@ def run(args: argparse.Namespace) -> int:
         "seconds": round(elapsed, 2),
     }
     (out_dir / "audit.json").write_text(json.dumps(document, indent=2))
-    print(f"{'rank':>4}  {'p':>9}  {'q':>9}  {'screen p':>9}  flagged  model")
-    for m in ranked:
-        print(f"{m['rank']:>4}  {m['p_value']:>9.3g}  {m['q_value']:>9.3g}  "
-              f"{m['screen_p_value']:>9.3g}  {'yes' if m['flagged'] else 'no':>7}  "
-              f"{m['finetuned']}")
-    counts = document["counts"]
-    print(f"{counts['flagged']} of {counts['models']} model(s) flagged at "
-          f"{'FDR' if correction == 'bh' else 'FWER'} {level:g}; {counts['full_verdicts']} "
-          f"needed the full verdict; wrote {out_dir / 'audit.json'} in {elapsed:.1f} s")
+    _print_ranking(ranked, document["counts"], correction, level,
+                   f"wrote {out_dir / 'audit.json'} in {elapsed:.1f} s")
     return 0

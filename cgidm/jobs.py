@@ -7,6 +7,7 @@ Everything about one job lives under ``jobs/<job_id>/``::
     controls/000_<name>.png       known non-members, if any
     cancel                        marker written by the gateway when a client cancels
     attempts/<tag>/artifacts/<name>/recovered.png | partial.png | side_by_side.png
+                                        | base_recovered.png (when computed)
     result.json                   the same document GET /jobs/{id} returns as ``result``
 
 One writer per object keeps this free of races: the gateway writes ``job.json`` once (queued)
@@ -20,6 +21,7 @@ pictures from two runs.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import re
 import uuid
@@ -27,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator
 
 from cgidm.storage import ObjectNotFound, Storage, StorageError
 from cgidm_core.names import ALL_METRICS
@@ -36,6 +38,10 @@ JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 Role = Literal["image", "control"]
 ARTIFACT_KINDS = ("recovered", "partial", "side_by_side")
+#: The base model's own recovery (cgidm_core.base_recovery): stored when the job computed it.
+BASE_RECOVERED = "base_recovered"
+#: Every kind of picture the worker may store for an image.
+STORED_KINDS = (*ARTIFACT_KINDS, BASE_RECOVERED)
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 _ATTEMPT = re.compile(r"^a[0-9]{1,4}-[0-9a-f]{8}$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -121,6 +127,11 @@ class JobSettings(BaseModel):
         None, description="Same timestep and noise for both models (lower variance).")
     reencode_partial: bool | None = Field(
         None, description="Decode and re-encode the partial image, as the reference code does.")
+    base_recovery: bool | None = Field(
+        None, description="Also recover each image with the base model alone (the same PGD on "
+        "its own denoising loss), stored as the `base_recovered` picture and shown beside the "
+        "suspect's recovery in the report (default: on; about half the job's time again; no "
+        "score changes).")
     cell: int | None = Field(None, ge=1, le=1024, description="Latent pixels per mask square.")
     resolution: int | None = Field(
         None, ge=8, le=4096, description="Pixel side the images are run at (default: the "
@@ -156,7 +167,7 @@ class JobSettings(BaseModel):
         """The InversionConfig fields the client set (the rest keep the library defaults)."""
         fields = ("steps", "seed", "alpha", "epsilon", "t_min", "t_max", "mc_samples",
                   "common_random_numbers", "reencode_partial", "cell", "resolution",
-                  "gradient_checkpointing")
+                  "gradient_checkpointing", "base_recovery")
         return {k: getattr(self, k) for k in fields if getattr(self, k) is not None}
 
 
@@ -194,6 +205,9 @@ class ArtifactLinks(BaseModel):
     recovered: str
     partial: str
     side_by_side: str
+    base_recovered: str | None = Field(
+        None, description="The same masked image recovered by the base model alone, when the "
+        "job computed it (`base_recovery`, on by default).")
 
 
 class ImageScore(BaseModel):
@@ -309,6 +323,18 @@ class JobRecord(BaseModel):
         "uploaded model's content hash. A reaper sends a lost job's next attempt by the same "
         "key, so with CGIDM_ROUTING=pair it reaches the worker that holds the pair.")
 
+    #: The result exactly as ``job.json`` holds it (set by :meth:`JobStore.load`): the document
+    #: the worker signed. Served and checked as it is, never re-serialised through
+    #: :class:`JobResult`, which would add every field the model gained since it was signed.
+    _stored_result: dict[str, Any] | None = PrivateAttr(default=None)
+
+    def result_document(self) -> dict[str, Any] | None:
+        """The signed result as stored (a copy), or this process's own result as JSON when the
+        record was not read from storage."""
+        if self._stored_result is not None:
+            return copy.deepcopy(self._stored_result)
+        return None if self.result is None else self.result.model_dump(mode="json")
+
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL
@@ -361,8 +387,9 @@ def artifact_url(job_id: str, name: str, kind: str) -> str:
     return f"/jobs/{job_id}/artifacts/{name}/{kind}.png"
 
 
-def artifact_links(job_id: str, name: str) -> ArtifactLinks:
-    return ArtifactLinks(**{kind: artifact_url(job_id, name, kind) for kind in ARTIFACT_KINDS})
+def artifact_links(job_id: str, name: str, base_recovered: bool = False) -> ArtifactLinks:
+    kinds = STORED_KINDS if base_recovered else ARTIFACT_KINDS
+    return ArtifactLinks(**{kind: artifact_url(job_id, name, kind) for kind in kinds})
 
 
 class JobStore:
@@ -406,7 +433,10 @@ class JobStore:
             document = self.storage.get_json(job_prefix(job_id) + "job.json")
         except ObjectNotFound:
             raise JobNotFound(job_id) from None
-        return JobRecord.model_validate(document)
+        record = JobRecord.model_validate(document)
+        if isinstance(document.get("result"), dict):
+            record._stored_result = document["result"]
+        return record
 
     def save_result(self, job_id: str, result: JobResult) -> None:
         self.storage.put_json(job_prefix(job_id) + "result.json", result.model_dump(mode="json"))

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from . import provenance
+from .base_recovery import base_recovery_evidence
 from .errors import ConfigError, OutOfMemory
 from .images import (
     DISPLAY_MODES,
@@ -270,6 +271,8 @@ def authenticate(
         z0 = None if config.sample_latent else out.latent_original
         attack_values = _attack_scores(pair, tensor, cond, attacks, seeds, config.seed,
                                        len(indices), z0=z0)
+        base = base_recovery_evidence(pair, tensor, cond, config, seeds, out, wanted,
+                                      feature_model, should_cancel, display)
         originals, partials, raw = to_pil(out.original), to_pil(out.partial), to_pil(
             out.recovered
         )
@@ -286,10 +289,12 @@ def authenticate(
                     partial=partials[j],
                     recovered=shown[j],
                     recovered_raw=raw[j] if shown is not raw else None,
+                    base_recovered=base[0][j] if base else None,
                     extra={
                         "final_loss": _finite_or_none(float(out.losses[j, -1])),
                         "nonfinite_gradient_steps": _count(out.nonfinite_steps, j),
                         "input_sha256": record["inputs"][i]["sha256"],
+                        **({"base_recovery": base[1][j]} if base else {}),
                         **({"attack_scores": {name: vals[j] for name, vals in
                                               attack_values.items()}} if attack_values else {}),
                     },

@@ -93,6 +93,11 @@ class InversionConfig:
     #: a third more denoiser compute for ~10x less activation memory and changes no number
     #: (tests/test_family_memory.py).
     gradient_checkpointing: str = "auto"
+    #: Also recover each image with the base model alone (``cgidm_core.base_recovery``): the
+    #: same PGD on the pretrained model's denoising loss, shown beside the contrast recovery in
+    #: the report. Changes no score; costs about half the contrast's time again. Off in the
+    #: library; ``cgidm check`` and the service switch it on.
+    base_recovery: bool = False
 
     @classmethod
     def reference(cls, **overrides: object) -> InversionConfig:
@@ -265,6 +270,7 @@ def invert(
     cancel_every: int = 5,
     record_steps: Sequence[int] = (),
     average_from: int | None = None,
+    objective: Callable[..., torch.Tensor] | None = None,
 ) -> InversionOutput:
     """Run the L2 PGD for a batch of images; see the module docstring for the objective.
 
@@ -272,7 +278,8 @@ def invert(
     ``cancel_every`` steps and raises :class:`Cancelled` so a service can stop a job promptly.
     ``record_steps`` and ``average_from`` cost no model passes: the recovery after each listed
     step count, and the mean of the iterates after step ``average_from`` (benchmarks use them to
-    compare step counts and an averaged recovery within one run).
+    compare step counts and an averaged recovery within one run). ``objective`` replaces
+    :func:`contrast_loss` (same signature): ``cgidm_core.base_recovery`` runs the base alone.
     """
     config.validate(pair.num_train_timesteps)
     if len(seeds) != images.shape[0]:
@@ -328,7 +335,7 @@ def invert(
         noise_pre = None if config.common_random_numbers else source.draw_noise(samples)
         delta.requires_grad_(True)
         z_in = z0 * keep + (z_start + delta) * free
-        loss = contrast_loss(pair, z_in, cond, t, noise_ft, noise_pre, samples)
+        loss = (objective or contrast_loss)(pair, z_in, cond, t, noise_ft, noise_pre, samples)
         (grad,) = torch.autograd.grad(loss.sum(), delta)
         with torch.no_grad():
             grad, skipped = _skip_nonfinite(grad)

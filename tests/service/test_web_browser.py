@@ -354,7 +354,8 @@ def test_check_with_controls_shows_progress_evidence_and_report(browser, service
     pictures = browser.execute_script(
         "return [...document.querySelectorAll('#evidence img')].map(i => "
         "[i.getAttribute('alt'), i.naturalWidth])")
-    assert len(pictures) == 18  # original, half removed, recovered for six pictures
+    # original, half removed, recovered by the suspect and by the base alone, for six pictures
+    assert len(pictures) == 24
     assert all(width > 0 for _, width in pictures), pictures
     names = {p.stem for p in images + controls}
     for alt, _ in pictures:
@@ -394,7 +395,7 @@ def test_check_with_controls_shows_progress_evidence_and_report(browser, service
                                             if p.stat().st_size > 0), None), 30, "the report")
     html = report.read_text()
     assert job_id in report.name
-    assert html.count('src="data:image/') == 18
+    assert html.count('src="data:image/') == 24
     assert "http://" not in html.replace("http://www.w3.org/2000/svg", "")
     browser.get(report.as_uri())
     _wait(browser, lambda d: d.execute_script(
@@ -412,7 +413,7 @@ def test_check_with_controls_shows_progress_evidence_and_report(browser, service
     # The same report straight from the API, beside the result JSON.
     headers = {"Authorization": f"Bearer {KEY}"}
     assert httpx.get(f"{service}/jobs/{job_id}/report.html", headers=headers).text.count(
-        'src="data:image/') == 18
+        'src="data:image/') == 24
     assert httpx.get(f"{service}/jobs/{job_id}/report.html").status_code == 401
 
     # Recent checks list it.

@@ -10,6 +10,12 @@ recovery (CGI-DM: the contrast of the two models) beside the base model's own re
 masked input (``cgidm_core.base_recovery``), when the check computed it (the default); for a
 result without it (older results, ``--no-base-recovery``) the page says it was not computed
 instead of showing a picture that never existed.
+
+Where another kind of result gets its own report (one per audit, once audits exist), the seam is
+the three calls the gateway and ``cgidm report`` make: ``evidence.build_result`` (the cards, from
+a :class:`JobResult`-shaped result and its pictures), :func:`report_parts` (cover facts, the
+signature checked on the stored signed document, method facts) and :func:`render_html` /
+:func:`render_pdf`; nothing below them knows about jobs.
 """
 
 from __future__ import annotations

@@ -54,6 +54,31 @@ def _cards(record: JobRecord) -> list[evidence.Card]:
     return evidence.build(record, 0.05, {}).cards
 
 
+def test_report_shows_the_base_recovery_beside_the_suspects_or_says_it_was_not_computed():
+    from app.web import report_document
+
+    record = _record([0.9], [0.4])
+    assert record.result is not None
+    record.result.images[0].base_recovery = {"ssim": 0.31}  # as the worker records it
+    dot = report_document.data_uri(png_bytes(1, (4, 4)))
+    pictures = {"img0": dict.fromkeys(("original", "partial", "recovered", "base_recovered"),
+                                      dot),
+                "ctl0": dict.fromkeys(("original", "partial", "recovered"), dot)}
+    view = evidence.build(record, 0.05, pictures)
+    assert [p.kind for p in view.cards[0].pictures][-1] == "base_recovered"
+    assert len(view.control_cards[0].pictures) == 3  # a result without it: three pictures
+    parts = report_document.ReportParts([], 0.05, ["ctl0"], report_document.SignatureFacts(
+        False), report_document.method_facts({}), "cgidm verify result.json")
+    html = report_document.render_html(view, parts)
+    assert html.count("<img ") == 7
+    assert "Recovered by the base model alone</figcaption>" in html
+    assert "Base model alone: ssim 0.31" in html and "pictures-4" in html
+    record.result.images[0].base_recovery = None
+    del pictures["img0"]["base_recovered"]
+    html = report_document.render_html(evidence.build(record, 0.05, pictures), parts)
+    assert "Recovery by the base model alone:</strong> not computed" in html
+
+
 def test_no_controls_is_inconclusive_not_no_evidence():
     view = evidence.build(_record([0.9], []), 0.05, {})
     assert view.cards[0].verdict == "inconclusive"

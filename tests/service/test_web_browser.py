@@ -18,6 +18,7 @@ import json
 import os
 import re
 import struct
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -316,8 +317,15 @@ def test_form_is_labelled_and_takes_dropped_files(browser, service):
 
 
 def test_check_with_controls_shows_progress_evidence_and_report(browser, service, shots,
-                                                                  downloads):
+                                                                  downloads, tmp_path):
+    from cgidm_testkit.content_credentials import sign_image
+
     images, controls = _images("membership", 3), _images("hold_out", 3)
+    # the first painting carries C2PA credentials: a list on the report's cover and a block on
+    # its page, within the same page budget
+    signed = tmp_path / images[0].name
+    signed.write_bytes(sign_image(images[0].read_bytes(), "image/jpeg"))
+    images[0] = signed
     _with_key(browser, service)
     browser.get(service + "/")
     _fill_new_check(browser, images, controls, STEPS)
@@ -409,6 +417,9 @@ def test_check_with_controls_shows_progress_evidence_and_report(browser, service
     (downloads / "report.pdf").write_bytes(pdf)
     pages = len(re.findall(rb"/Type\s*/Page(?!s)", pdf))
     assert pdf.startswith(b"%PDF") and 2 <= pages <= 10, pages
+    first = subprocess.run(["pdftotext", "-f", "1", "-l", "1", "-", "-"], input=pdf,
+                           check=True, capture_output=True).stdout.decode()
+    assert "The finding" in first and "own credentials" in first, first  # on page 1
 
     # The same report straight from the API, beside the result JSON.
     headers = {"Authorization": f"Bearer {KEY}"}

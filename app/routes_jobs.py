@@ -16,7 +16,7 @@ from app.schemas import ErrorBody, JobAccepted, JobList, JobSummary, JobView
 from app.services import Services, ServicesDep
 from app.submissions import SubmittedFile, submit_check
 from cgidm.jobs import (
-    ARTIFACT_KINDS,
+    STORED_KINDS,
     ArtifactLinks,
     JobNotFound,
     JobRecord,
@@ -101,13 +101,13 @@ async def authenticate(
 
 
 #: Pictures of an image: the worker's artifacts and the upload itself (``original``).
-PICTURE_KINDS = (*ARTIFACT_KINDS, "original")
+PICTURE_KINDS = (*STORED_KINDS, "original")
 
 
 def _signed_links(services: Services, record: JobRecord, links: ArtifactLinks) -> ArtifactLinks:
     sign = services.signer.sign
     return ArtifactLinks(**{kind: sign(getattr(links, kind), record.owner)
-                            for kind in ARTIFACT_KINDS})
+                            for kind in STORED_KINDS if getattr(links, kind) is not None})
 
 
 def original_url(services: Services, record: JobRecord, name: str) -> str:
@@ -126,6 +126,25 @@ def _view(services: Services, record: JobRecord) -> JobView:
         record = record.model_copy(update={"result": result})
     return JobView(**{**record.model_dump(), "status": status},
                    status_url=f"/jobs/{record.job_id}", cancel_requested=cancel)
+
+
+def _view_document(services: Services, record: JobRecord) -> dict[str, Any]:
+    """The job as served: :func:`_view`, with the result exactly as the worker signed and stored
+    it (only its artifact links replaced by the signed delivery URLs, which the signature does
+    not cover), so a result signed before the models gained a field still verifies."""
+    view = _view(services, record)
+    body = view.model_dump(mode="json")
+    stored = record.result_document()
+    if stored is not None and view.result is not None:
+        for section, items in (("images", view.result.images),
+                               ("controls", view.result.controls)):
+            links = {item.name: item.artifacts.model_dump(mode="json", exclude_none=True)
+                     for item in items}
+            for row in stored.get(section) or []:
+                if isinstance(row, dict) and row.get("name") in links:
+                    row["artifacts"] = links[row["name"]]
+        body["result"] = stored
+    return body
 
 
 def _load(services: Services, job_id: str, caller: Caller | None) -> JobRecord:
@@ -176,10 +195,11 @@ def list_jobs(services: ServicesDep, caller: CallerDep,
 @router.get("/jobs/{job_id}", response_model=JobView, responses=_ERRORS,
             summary="Status, progress and (when done) the result of a job")
 def get_job(job_id: str, services: ServicesDep,
-            caller: CallerDep) -> JobView:
+            caller: CallerDep) -> JSONResponse:
     """Artifact URLs in the result are signed and expire (`CGIDM_ARTIFACT_URL_TTL`) when the
-    service uses API keys; fetch the job again for fresh ones."""
-    return _view(services, _load(services, job_id, caller))
+    service uses API keys; fetch the job again for fresh ones. The result is the document the
+    worker signed, byte for byte in content."""
+    return JSONResponse(_view_document(services, _load(services, job_id, caller)))
 
 
 @router.delete(
@@ -203,9 +223,8 @@ def cancel_job(job_id: str, services: ServicesDep,
             services.store.request_cancel(job_id)
         except StorageError as exc:
             raise storage_unavailable(exc) from exc
-    view = _view(services, record)
     code = 202 if record.status == "running" else 200
-    return JSONResponse(view.model_dump(mode="json"), status_code=code)
+    return JSONResponse(_view_document(services, record), status_code=code)
 
 
 @router.get(

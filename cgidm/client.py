@@ -195,7 +195,9 @@ class CgidmClient:
     def artifacts(self, result: dict[str, Any]) -> Iterator[tuple[str, str, bytes]]:
         """(image name, picture kind, PNG bytes) of every picture of a result."""
         for row in [*result["images"], *result.get("controls", [])]:
-            for kind in ARTIFACTS:
+            for kind in (*ARTIFACTS, "base_recovered"):
+                if not row["artifacts"].get(kind):  # the base recovery, when not computed
+                    continue
                 data = self._request("GET", row["artifacts"][kind]).content
                 yield row["name"], kind, data
 

@@ -7,6 +7,7 @@ Everything about one job lives under ``jobs/<job_id>/``::
     controls/000_<name>.png       known non-members, if any
     cancel                        marker written by the gateway when a client cancels
     attempts/<tag>/artifacts/<name>/recovered.png | partial.png | side_by_side.png
+                                        | base_recovered.png (when computed)
     result.json                   the same document GET /jobs/{id} returns as ``result``
 
 One writer per object keeps this free of races: the gateway writes ``job.json`` once (queued)
@@ -20,6 +21,7 @@ pictures from two runs.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import re
@@ -28,13 +30,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator
 
 from cgidm.errors import CgidmServiceError
 from cgidm.storage import ObjectNotFound, Storage, StorageError
 from cgidm_core.inversion_config import InversionConfig
 from cgidm_core.names import ALL_METRICS, GRADIENT_CHECKPOINTING_MODES, PRESETS
 from cgidm_core.names import ARTIFACT_KINDS as ARTIFACT_KINDS
+from cgidm_core.names import BASE_RECOVERED as BASE_RECOVERED
+from cgidm_core.names import STORED_KINDS as STORED_KINDS
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
@@ -128,6 +132,11 @@ class JobSettings(BaseModel):
         None, description="Same timestep and noise for both models (lower variance).")
     reencode_partial: bool | None = Field(
         None, description="Decode and re-encode the partial image, as the reference code does.")
+    base_recovery: bool | None = Field(
+        None, description="Also recover each image with the base model alone (the same PGD on "
+        "its own denoising loss), stored as the `base_recovered` picture and shown beside the "
+        "suspect's recovery in the report (default: on; about half the job's time again; no "
+        "score changes).")
     cell: int | None = Field(None, ge=1, le=1024, description="Latent pixels per mask square.")
     resolution: int | None = Field(
         None, ge=8, le=4096, description="Pixel side the images are run at (default: the "
@@ -201,6 +210,9 @@ class ArtifactLinks(BaseModel):
     recovered: str
     partial: str
     side_by_side: str
+    base_recovered: str | None = Field(
+        None, description="The same masked image recovered by the base model alone, when the "
+        "job computed it (`base_recovery`, on by default).")
 
 
 class ImageScore(BaseModel):
@@ -316,6 +328,18 @@ class JobRecord(BaseModel):
         "uploaded model's content hash. A reaper sends a lost job's next attempt by the same "
         "key, so with CGIDM_ROUTING=pair it reaches the worker that holds the pair.")
 
+    #: The result exactly as ``job.json`` holds it (set by :meth:`JobStore.load`): the document
+    #: the worker signed. Served and checked as it is, never re-serialised through
+    #: :class:`JobResult`, which would add every field the model gained since it was signed.
+    _stored_result: dict[str, Any] | None = PrivateAttr(default=None)
+
+    def result_document(self) -> dict[str, Any] | None:
+        """The signed result as stored (a copy), or this process's own result as JSON when the
+        record was not read from storage."""
+        if self._stored_result is not None:
+            return copy.deepcopy(self._stored_result)
+        return None if self.result is None else self.result.model_dump(mode="json")
+
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL
@@ -368,8 +392,9 @@ def artifact_url(job_id: str, name: str, kind: str) -> str:
     return f"/jobs/{job_id}/artifacts/{name}/{kind}.png"
 
 
-def artifact_links(job_id: str, name: str) -> ArtifactLinks:
-    return ArtifactLinks(**{kind: artifact_url(job_id, name, kind) for kind in ARTIFACT_KINDS})
+def artifact_links(job_id: str, name: str, base_recovered: bool = False) -> ArtifactLinks:
+    kinds = STORED_KINDS if base_recovered else ARTIFACT_KINDS
+    return ArtifactLinks(**{kind: artifact_url(job_id, name, kind) for kind in kinds})
 
 
 class JobStore:
@@ -413,7 +438,10 @@ class JobStore:
             document = self.storage.get_json(job_prefix(job_id) + "job.json")
         except ObjectNotFound:
             raise JobNotFound(job_id) from None
-        return JobRecord.model_validate(document)
+        record = JobRecord.model_validate(document)
+        if isinstance(document.get("result"), dict):
+            record._stored_result = document["result"]
+        return record
 
     def save_result(self, job_id: str, result: JobResult) -> None:
         self.storage.put_json(job_prefix(job_id) + "result.json", result.model_dump(mode="json"))

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from . import provenance
+from .base_recovery import base_recovery_evidence
 from .errors import ConfigError, OutOfMemory
 from .images import (
     DISPLAY_MODES,
@@ -211,7 +212,7 @@ def authenticate(
     #    batch's recoveries and attacks into one result per image, in input order.
     results: list[ImageResult] = []
     for batch in _inverted_batches(pair, run, cond, progress, should_cancel, on_batch_halved):
-        results.extend(_batch_results(pair, run, record, cond, batch))
+        results.extend(_batch_results(pair, run, record, cond, batch, should_cancel))
     return AuthenticationResults(results, record)
 
 
@@ -335,7 +336,7 @@ def _after_out_of_memory(pair: ModelPair, config: InversionConfig, indices: list
 
 
 def _batch_results(pair: ModelPair, run: _Run, record: dict[str, Any], cond: Any,
-                   batch: _Batch) -> list[ImageResult]:
+                   batch: _Batch, should_cancel: CancelFn | None) -> list[ImageResult]:
     """Score one inverted batch: the recovery's similarity metrics, the attacks on the same
     images, and the pictures (the shown recovery clamped to the palette unless ``raw``)."""
     out, indices, config = batch.out, batch.indices, run.config
@@ -346,6 +347,9 @@ def _batch_results(pair: ModelPair, run: _Run, record: dict[str, Any], cond: Any
     z0 = None if config.sample_latent else out.latent_original
     attack_values = _attack_scores(pair, batch.tensor, cond, run.attacks, batch.seeds,
                                    config.seed, len(indices), z0=z0)
+    # The base model's own recovery of the same masked images, when the config asks (unscored).
+    base = base_recovery_evidence(pair, batch.tensor, cond, config, batch.seeds, out, run.wanted,
+                                  run.feature_model, should_cancel, run.display)
     originals, partials, raw = to_pil(out.original), to_pil(out.partial), to_pil(out.recovered)
     shown = (to_pil(palette_clamp(out.original, out.recovered, out.mask))
              if run.display == "palette_clamp" else raw)
@@ -361,10 +365,12 @@ def _batch_results(pair: ModelPair, run: _Run, record: dict[str, Any], cond: Any
                 partial=partials[j],
                 recovered=shown[j],
                 recovered_raw=raw[j] if shown is not raw else None,
+                base_recovered=base[0][j] if base else None,
                 extra={
                     "final_loss": _finite_or_none(float(out.losses[j, -1])),
                     "nonfinite_gradient_steps": _count(out.nonfinite_steps, j),
                     "input_sha256": record["inputs"][i]["sha256"],
+                    **({"base_recovery": base[1][j]} if base else {}),
                     **({"attack_scores": {name: vals[j] for name, vals in
                                           attack_values.items()}} if attack_values else {}),
                 },

@@ -140,6 +140,7 @@ def invert(
     cancel_every: int = 5,
     record_steps: Sequence[int] = (),
     average_from: int | None = None,
+    objective: Callable[..., torch.Tensor] | None = None,
 ) -> InversionOutput:
     """Run the L2 PGD for a batch of images; see the module docstring for the objective.
 
@@ -147,7 +148,8 @@ def invert(
     ``cancel_every`` steps and raises :class:`Cancelled` so a service can stop a job promptly.
     ``record_steps`` and ``average_from`` cost no model passes: the recovery after each listed
     step count, and the mean of the iterates after step ``average_from`` (benchmarks use them to
-    compare step counts and an averaged recovery within one run).
+    compare step counts and an averaged recovery within one run). ``objective`` replaces
+    :func:`contrast_loss` (same signature): ``cgidm_core.base_recovery`` runs the base alone.
     """
     # 1. Check the settings; one seeded noise source per image.
     config.validate(pair.num_train_timesteps)
@@ -170,7 +172,7 @@ def invert(
         if should_cancel is not None and step % cancel_every == 0 and should_cancel():
             raise Cancelled(f"cancelled after {step} of {config.steps} steps")
         delta, loss, skipped = _pgd_step(pair, cond, config, source, start, delta, alpha,
-                                         epsilon, bounds)
+                                         epsilon, bounds, objective or contrast_loss)
         nonfinite += skipped
         with torch.no_grad():
             if delta_sum is not None and step + 1 > average_from:  # type: ignore[operator]
@@ -262,8 +264,10 @@ def _latent_box(pair: ModelPair, config: InversionConfig, z0: torch.Tensor,
 def _pgd_step(pair: ModelPair, cond: Conditioning, config: InversionConfig,
               source: _NoiseSource, start: _Start, delta: torch.Tensor, alpha: float,
               epsilon: float, bounds: tuple[torch.Tensor | float, torch.Tensor | float] | None,
+              objective: Callable[..., torch.Tensor],
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One L2 PGD step: draw the timesteps and noise, take the contrast loss's gradient with
+    """One L2 PGD step: draw the timesteps and noise, take the objective's gradient (the contrast
+    loss, or the base model's own loss for its recovery) with
     respect to the free cells' perturbation, step along its per-image normalised direction,
     project onto the L2 ball and the box. Returns the new perturbation, the loss and the 0/1
     per image whose gradient was not finite (its step skipped)."""
@@ -272,7 +276,7 @@ def _pgd_step(pair: ModelPair, cond: Conditioning, config: InversionConfig,
     noise_pre = None if config.common_random_numbers else source.draw_noise(samples)
     delta.requires_grad_(True)
     z_in = start.z0 * start.keep + (start.z_start + delta) * start.free
-    loss = contrast_loss(pair, z_in, cond, t, noise_ft, noise_pre, samples)
+    loss = objective(pair, z_in, cond, t, noise_ft, noise_pre, samples)
     (grad,) = torch.autograd.grad(loss.sum(), delta)
     with torch.no_grad():
         grad, skipped = _skip_nonfinite(grad)

@@ -72,6 +72,11 @@ class InversionConfig:
     #: a third more denoiser compute for ~10x less activation memory and changes no number
     #: (tests/test_family_memory.py).
     gradient_checkpointing: str = "auto"
+    #: Also recover each image with the base model alone (``cgidm_core.base_recovery``): the
+    #: same PGD on the pretrained model's denoising loss, shown beside the contrast recovery in
+    #: the report. Changes no score; costs about half the contrast's time again. Off in the
+    #: library; ``cgidm check`` and the service switch it on.
+    base_recovery: bool = False
 
     @classmethod
     def reference(cls, **overrides: object) -> InversionConfig:

@@ -78,6 +78,10 @@ DEFAULT_EVIDENCE = "fused"
 #: The pictures the worker stores per image, and the service's artifact URLs name
 #: (``/jobs/{id}/artifacts/{name}/{kind}.png``).
 ARTIFACT_KINDS: tuple[str, ...] = ("recovered", "partial", "side_by_side")
+#: The base model's own recovery (cgidm_core.base_recovery): stored when the check computed it.
+BASE_RECOVERED = "base_recovered"
+#: Every kind of picture a check may store for an image.
+STORED_KINDS: tuple[str, ...] = (*ARTIFACT_KINDS, BASE_RECOVERED)
 
 # ------------------------------------------------------------------------------------------
 # image files

@@ -9,6 +9,7 @@ from PIL import Image, ImageDraw
 
 PANEL_MIN_SIDE = 256
 LABELS = ("original", "partial", "recovered")
+BASE_LABEL = "base model alone"
 
 
 @dataclass
@@ -26,19 +27,29 @@ class ImageResult:
     extra: dict[str, Any] = field(default_factory=dict)
     #: The recovery the scores were measured on, when the picture shown differs from it.
     recovered_raw: Image.Image | None = None
+    #: The same masked image recovered by the base model alone (``cgidm_core.base_recovery``),
+    #: when ``InversionConfig.base_recovery`` asked for it; its similarity to the original is in
+    #: ``extra["base_recovery"]``.
+    base_recovered: Image.Image | None = None
 
     def side_by_side(self) -> Image.Image:
-        """original | partial | recovered, enlarged with nearest-neighbour so small pixel-model
-        images stay crisp, with a caption under each panel."""
+        """original | partial | recovered (| base alone, when computed), enlarged with
+        nearest-neighbour so small pixel-model images stay crisp, with a caption under each
+        panel."""
         side = self.original.width
         scale = max(1, -(-PANEL_MIN_SIDE // side))
         panel = side * scale
         gap, caption = 8, 18
-        canvas = Image.new("RGB", (3 * panel + 4 * gap, panel + 2 * gap + caption), "white")
+        panels = [self.original, self.partial, self.recovered]
+        labels = list(LABELS)
+        if self.base_recovered is not None:
+            panels.append(self.base_recovered)
+            labels.append(BASE_LABEL)
+        count = len(panels)
+        canvas = Image.new("RGB", (count * panel + (count + 1) * gap, panel + 2 * gap + caption),
+                           "white")
         draw = ImageDraw.Draw(canvas)
-        for i, (label, image) in enumerate(
-            zip(LABELS, (self.original, self.partial, self.recovered), strict=True)
-        ):
+        for i, (label, image) in enumerate(zip(labels, panels, strict=True)):
             x = gap + i * (panel + gap)
             canvas.paste(image.resize((panel, panel), Image.Resampling.NEAREST), (x, gap))
             draw.text((x, gap + panel + 3), label, fill="black")

@@ -57,8 +57,9 @@ def test_report_pdf_has_a_cover_a_page_per_image_and_the_method(tiny_ddpm_pair, 
                           text=True).stdout
     pages = int(next(line.split()[-1] for line in info.splitlines()
                      if line.startswith("Pages:")))
-    # cover, how to read, one page per image, controls, method (and its provenance)
-    assert pages >= 2 + len(names) + 2
+    # cover, how to read, one page per image, controls, method (and its provenance); the
+    # page budget holds with an image's credentials on the cover and its page
+    assert 2 + len(names) + 2 <= pages <= 10
 
     cover = _text(pdf, 1)
     assert "The finding" in cover and "2 images checked" in cover
@@ -76,7 +77,8 @@ def test_report_pdf_has_a_cover_a_page_per_image_and_the_method(tiny_ddpm_pair, 
     assert "Content Credentials" not in _text(pdf, 4)
     for number, name in enumerate(names, start=3):  # page 3 on: one image per page
         page = _text(pdf, number)
-        assert name in page and "Recovery by the base model alone: not computed" in page
+        assert name in page and "Recovered by the base model alone" in page
+        assert "Base model alone: ssim" in page
         assert "have the sha256 recorded in the signed result" in page
     everything = _text(pdf)
     assert "cgidm verify results.json --public-key cgidm-signing-keys.json" in \
@@ -94,7 +96,13 @@ def test_report_pdf_has_a_cover_a_page_per_image_and_the_method(tiny_ddpm_pair, 
     per_page: dict[int, int] = {}
     for line in listing:
         per_page[int(line.split()[0])] = per_page.get(int(line.split()[0]), 0) + 1
-    assert all(per_page.get(page) == 3 for page in range(3, 3 + len(names)))
+    # ... and the base model's own recovery of the same masked input beside the suspect's
+    assert all(per_page.get(page) == 4 for page in range(3, 3 + len(names))), per_page
+    for row in document["images"]:
+        assert (out / row["base_recovered"]).is_file()
+        assert set(row["picture_sha256"]) >= {"recovered", "base_recovered"}
+        assert set(row["base_recovery"]) == set(row["metrics"])
+    assert document["provenance"]["method"]["inversion"]["base_recovery"] is True
     subprocess.run(["pdftoppm", "-r", "30", "-png", "-f", "3", "-l", "3", str(pdf),
                     str(tmp_path / "page")], check=True)
     rendered = list(tmp_path.glob("page-*3.png"))  # page-3.png or page-03.png
@@ -102,10 +110,10 @@ def test_report_pdf_has_a_cover_a_page_per_image_and_the_method(tiny_ddpm_pair, 
 
     # the HTML is the same document: self-contained, the same words
     text = html.read_text()
-    assert text.count("<img ") == 3 * len(names)
+    assert text.count("<img ") == 4 * len(names)
     assert all(src.startswith("data:image/png") for src in re.findall(r'<img[^>]*src="([^"]*)"',
                                                                      text))
-    assert "Recovery by the base model alone" in text
+    assert "Recovered by the base model alone" in text
 
 
 def test_report_flags_a_picture_changed_after_signing(tiny_ddpm_pair, tmp_path, capsys):

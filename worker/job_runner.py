@@ -21,6 +21,7 @@ from typing import Any
 from cgidm.errors import CgidmServiceError
 from cgidm.jobs import (
     ARTIFACT_KINDS,
+    BASE_RECOVERED,
     ImageScore,
     JobError,
     JobNotFound,
@@ -271,6 +272,8 @@ def _publish(ctx: WorkerContext, record: JobRecord, watch: Watch, result: JobRes
     job_id = record.job_id
     expected = {artifact_key(job_id, item.name, kind, attempt)
                 for item in record.inputs for kind in ARTIFACT_KINDS}
+    expected |= {artifact_key(job_id, row.name, BASE_RECOVERED, attempt)
+                 for row in (*result.images, *result.controls) if row.artifacts.base_recovered}
     present = set(ctx.store.storage.list(f"{attempts_prefix(job_id)}{attempt}/"))
     if not expected <= present:  # never "succeeded" with pictures missing
         raise StorageUnavailable(f"job {job_id}: {len(expected - present)} of {len(expected)} "
@@ -432,7 +435,9 @@ def _prompt_choice(settings: Any, pair: Any, ft: Any) -> Any:
 def _inversion_config(settings: Any) -> Any:
     from cgidm_core.inversion_config import preset_config
 
-    return preset_config(settings.preset, settings.inversion_overrides())
+    overrides = settings.inversion_overrides()
+    overrides.setdefault("base_recovery", True)  # the report shows it beside the recovery
+    return preset_config(settings.preset, overrides)
 
 
 def _run_method(ctx: WorkerContext, record: JobRecord, watch: Watch, pair: Any,
@@ -481,9 +486,11 @@ def _store_pictures(ctx: WorkerContext, record: JobRecord, results: Any,
     for res in results:
         hashes: dict[str, str] = {}
         labelled = True
-        for kind, picture in zip(
-            ARTIFACT_KINDS, (res.recovered, res.partial, res.side_by_side()), strict=True
-        ):
+        pictures = dict(zip(ARTIFACT_KINDS, (res.recovered, res.partial, res.side_by_side()),
+                            strict=True))
+        if res.base_recovered is not None:
+            pictures[BASE_RECOVERED] = res.base_recovered
+        for kind, picture in pictures.items():
             data, signed = _with_credentials(_png(picture), key, record.job_id, res.name, kind,
                                              uploads.get(res.name))
             labelled = labelled and signed
@@ -492,7 +499,8 @@ def _store_pictures(ctx: WorkerContext, record: JobRecord, results: Any,
                                         data, content_type="image/png")
         # the signature covers the pictures through these hashes (cgidm.result_signing)
         records.append({**res.to_dict(), "role": roles[res.name],
-                        "artifacts": artifact_links(record.job_id, res.name),
+                        "artifacts": artifact_links(record.job_id, res.name,
+                                                    res.base_recovered is not None),
                         "picture_sha256": hashes,
                         # the pictures carry their own C2PA manifest (cgidm.picture_credentials)
                         "picture_credentials": "c2pa" if labelled else None,

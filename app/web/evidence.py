@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from cgidm.jobs import JobRecord, JobResult
+from cgidm.jobs import BASE_RECOVERED, JobRecord, JobResult
 from cgidm_core.inversion_config import InversionConfig
 from cgidm_core.names import DEFAULT_METRIC, INCONCLUSIVE, NO_EVIDENCE
 from cgidm_core.names import MEMBER_EVIDENCE as MEMBER
@@ -75,6 +75,9 @@ class Card:
     evidence_score: float | None = None
     #: the image's own C2PA Content Credentials (cgidm/content_credentials.py), when it has any
     credentials: dict[str, Any] | None = None
+    #: the base model's own recovery's similarity to the original (cgidm_core.base_recovery),
+    #: when it was computed: shown beside the suspect's recovery, never part of the verdict
+    base_metrics: dict[str, float] | None = None
 
 
 @dataclass
@@ -269,9 +272,18 @@ def _credentials(item: Any) -> dict[str, Any] | None:
     return value if isinstance(value, dict) and value.get("present") else None
 
 
+def _base_metrics(item: Any) -> dict[str, float] | None:
+    """The base model's own recovery's similarity to the original, when it was computed."""
+    value = getattr(item, "base_recovery", None)
+    if value is None:
+        value = (getattr(item, "model_extra", None) or {}).get("base_recovery")
+    return value if isinstance(value, dict) else None
+
+
 def build(record: JobRecord, alpha: float, picture_url: dict[str, dict[str, str]]) -> Evidence:
     """The evidence of a succeeded job. ``picture_url[name][kind]`` is where each picture is
-    (signed URLs on the page, data URIs in the report); kinds: original, partial, recovered."""
+    (signed URLs on the page, data URIs in the report); kinds: original, partial, recovered
+    and, when computed, base_recovered."""
     result = record.result
     if result is None:
         raise ValueError(f"job {record.job_id} has no result")
@@ -296,12 +308,16 @@ def build_result(job_id: str, result: JobResult, alpha: float,
     def pictures(item: Any) -> list[Picture]:
         urls = picture_url.get(item.name, {})
         labels = {"original": "Original", "partial": "Half removed",
-                  "recovered": "Recovered by the suspect model"}
+                  "recovered": "Recovered by the suspect model",
+                  BASE_RECOVERED: "Recovered by the base model alone"}
         alts = {"original": f"{item.name}: your original image",
                 "partial": f"{item.name}: with half of it removed",
-                "recovered": f"{item.name}: as the suspect model recovered it"}
-        return [Picture(kind, labels[kind], urls.get(kind, ""), alts[kind])
-                for kind in ("original", "partial", "recovered")]
+                "recovered": f"{item.name}: as the suspect model recovered it",
+                BASE_RECOVERED: f"{item.name}: as the base model alone recovered it"}
+        kinds = ["original", "partial", "recovered"]
+        if _base_metrics(item) is not None or urls.get(BASE_RECOVERED):
+            kinds.append(BASE_RECOVERED)  # computed: shown beside the suspect's recovery
+        return [Picture(kind, labels[kind], urls.get(kind, ""), alts[kind]) for kind in kinds]
 
     cards = []
     for item in result.images:
@@ -309,14 +325,16 @@ def build_result(job_id: str, result: JobResult, alpha: float,
                                             control_scores, alpha)
         cards.append(Card(item.name, "image", item.score, item.p_value, verdict,
                           HEADLINES[verdict], detail, pictures(item), dict(item.metrics),
-                          getattr(item, "evidence_score", None), _credentials(item)))
+                          getattr(item, "evidence_score", None), _credentials(item),
+                          _base_metrics(item)))
     controls = []
     for item in result.controls:
         detail = "An image of yours that was never published: it shows how well the suspect " \
                  "model recovers images it cannot have seen."
         controls.append(Card(item.name, "control", item.score, None, CONTROL,
                              HEADLINES[CONTROL], detail, pictures(item), dict(item.metrics),
-                             getattr(item, "evidence_score", None), _credentials(item)))
+                             getattr(item, "evidence_score", None), _credentials(item),
+                             _base_metrics(item)))
 
     set_verdict, set_sentence = _set_words(result, alpha)
     counts = {v: sum(1 for c in cards if c.verdict == v) for v in (MEMBER, NO_EVIDENCE,

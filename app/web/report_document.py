@@ -5,9 +5,17 @@ result and pictures; ``cgidm report`` renders it from a ``cgidm check`` output f
 service ``result.json`` saved by ``cgidm submit``. The PDF is the HTML printed by WeasyPrint, so
 the two can never disagree. Torch-free: nothing here runs the method, it only shows a result.
 
-The report states what the result holds and nothing more: the recovery by the base model alone
-is not part of the method today (CGI-DM recovers with the contrast of the two models), so the
-report says so instead of showing a picture that was never computed.
+The report states what the result holds and nothing more. Each image page shows the suspect's
+recovery (CGI-DM: the contrast of the two models) beside the base model's own recovery of the same
+masked input (``cgidm_core.base_recovery``), when the check computed it (the default); for a
+result without it (older results, ``--no-base-recovery``) the page says it was not computed
+instead of showing a picture that never existed.
+
+Where another kind of result gets its own report (one per audit, once audits exist), the seam is
+the three calls the gateway and ``cgidm report`` make: ``evidence.build_result`` (the cards, from
+a :class:`JobResult`-shaped result and its pictures), :func:`report_parts` (cover facts, the
+signature checked on the stored signed document, method facts) and :func:`render_html` /
+:func:`render_pdf`; nothing below them knows about jobs.
 """
 
 from __future__ import annotations
@@ -37,8 +45,8 @@ from cgidm.jobs import (
 HERE = Path(__file__).resolve().parent
 TEMPLATES = HERE / "templates"
 STYLESHEETS = ("evidence.css", "report.css")
-#: The picture kinds shown per image, in order; "base_recovered" is not computed today.
-SHOWN_KINDS = ("original", "partial", "recovered")
+#: The picture kinds shown per image, in order ("base_recovered": when the check computed it).
+SHOWN_KINDS = ("original", "partial", "recovered", "base_recovered")
 
 
 class ReportInputError(CgidmServiceError, ValueError):

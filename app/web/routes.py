@@ -30,7 +30,7 @@ from app.routes_jobs import _ERRORS, _load, _view, original_url
 from app.services import Services, ServicesDep
 from app.web import evidence, report_document
 from cgidm import result_signing
-from cgidm.jobs import JobRecord, artifact_key
+from cgidm.jobs import BASE_RECOVERED, JobRecord, artifact_key
 from cgidm.storage import ObjectNotFound, StorageError
 
 HERE = Path(__file__).resolve().parent
@@ -103,7 +103,9 @@ def evidence_fragment(request: Request, job_id: str,
     assert signed is not None
     urls = {item.name: {"original": original_url(services, record, item.name),
                         "partial": item.artifacts.partial,
-                        "recovered": item.artifacts.recovered}
+                        "recovered": item.artifacts.recovered,
+                        **({BASE_RECOVERED: item.artifacts.base_recovered}
+                           if item.artifacts.base_recovered else {})}
             for item in (*signed.images, *signed.controls)}
     view = evidence.build(record, services.settings.controls_alpha, urls)
     response = templates.TemplateResponse(request, "evidence_fragment.html",
@@ -156,7 +158,7 @@ def _embedded_pictures(services: Services, record: JobRecord
     out: dict[str, dict[str, str]] = {}
     notes: dict[str, str] = {}
     for item in (*record.result.images, *record.result.controls):
-        found = {kind: data for kind in ("partial", "recovered")
+        found = {kind: data for kind in ("partial", "recovered", BASE_RECOVERED)
                  if (data := _stored(services, artifact_key(record.job_id, item.name, kind,
                                                              record.attempt))) is not None}
         out[item.name] = {
@@ -183,7 +185,7 @@ def _report_html(services: Services, record: JobRecord) -> str:
              ("Finished", report_document.fmt_time(record.finished_at)
               if record.finished_at else "\u2013")]
     parts = report_document.report_parts(
-        record.result.model_dump(mode="json"), record.result, settings.controls_alpha, facts,
+        record.result_document() or {}, record.result, settings.controls_alpha, facts,
         keys, "result.json", notes)
     return report_document.render_html(view, parts)
 

@@ -22,6 +22,7 @@ LoRA, single-file checkpoint or bare UNet weights file (``--finetuned`` the down
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -349,7 +350,9 @@ def _rerun(args: argparse.Namespace, document: dict[str, Any], signed: bool | No
     results = authenticate(
         pair, paths, names=[item["name"] for item in record["inputs"]],
         prompt=record.get("prompt"), prompt_source=record.get("prompt_source"),
-        config=InversionConfig(**method["inversion"]), score_metric=method["score_metric"],
+        # the base model's own recovery is shown, never scored: re-running it would check nothing
+        config=replace(InversionConfig(**method["inversion"]), base_recovery=False),
+        score_metric=method["score_metric"],
         metrics=method.get("metrics"), batch_size=method.get("batch_size"))
     same = str(pair.device) == record.get("device") and \
         str(pair.dtype).replace("torch.", "") == record.get("dtype")

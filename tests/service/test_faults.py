@@ -140,7 +140,7 @@ def _published(stack: Stack, job: dict) -> None:
     names = [item["name"] for item in job["inputs"]]
     assert {k for k in keys if k.startswith("attempts/")} == {
         f"attempts/{job['attempt']}/artifacts/{n}/{kind}.png"
-        for n in names for kind in ("recovered", "partial", "side_by_side")}
+        for n in names for kind in ("recovered", "partial", "side_by_side", "base_recovered")}
     stored = s3_client(stack.s3).get_object(Bucket=BUCKET,
                                             Key=f"{PREFIX}/jobs/{job_id}/result.json")
     assert json.loads(stored["Body"].read()) == job["result"]

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import struct
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -318,8 +319,15 @@ def test_form_is_labelled_and_takes_dropped_files(browser, service):
 
 
 def test_check_with_controls_shows_progress_evidence_and_report(browser, service, shots,
-                                                                  downloads):
+                                                                  downloads, tmp_path):
+    from cgidm_testkit.content_credentials import sign_image
+
     images, controls = _images("membership", 3), _images("hold_out", 3)
+    # the first painting carries C2PA credentials: a list on the report's cover and a block on
+    # its page, within the same page budget
+    signed = tmp_path / images[0].name
+    signed.write_bytes(sign_image(images[0].read_bytes(), "image/jpeg"))
+    images[0] = signed
     _with_key(browser, service)
     browser.get(service + "/")
     _fill_new_check(browser, images, controls, STEPS)
@@ -356,7 +364,8 @@ def test_check_with_controls_shows_progress_evidence_and_report(browser, service
     pictures = browser.execute_script(
         "return [...document.querySelectorAll('#evidence img')].map(i => "
         "[i.getAttribute('alt'), i.naturalWidth])")
-    assert len(pictures) == 18  # original, half removed, recovered for six pictures
+    # original, half removed, recovered by the suspect and by the base alone, for six pictures
+    assert len(pictures) == 24
     assert all(width > 0 for _, width in pictures), pictures
     names = {p.stem for p in images + controls}
     for alt, _ in pictures:
@@ -396,7 +405,7 @@ def test_check_with_controls_shows_progress_evidence_and_report(browser, service
                                             if p.stat().st_size > 0), None), 30, "the report")
     html = report.read_text()
     assert job_id in report.name
-    assert html.count('src="data:image/') == 18
+    assert html.count('src="data:image/') == 24
     assert "http://" not in html.replace("http://www.w3.org/2000/svg", "")
     browser.get(report.as_uri())
     _wait(browser, lambda d: d.execute_script(
@@ -410,11 +419,14 @@ def test_check_with_controls_shows_progress_evidence_and_report(browser, service
     (downloads / "report.pdf").write_bytes(pdf)
     pages = len(re.findall(rb"/Type\s*/Page(?!s)", pdf))
     assert pdf.startswith(b"%PDF") and 2 <= pages <= 10, pages
+    first = subprocess.run(["pdftotext", "-f", "1", "-l", "1", "-", "-"], input=pdf,
+                           check=True, capture_output=True).stdout.decode()
+    assert "The finding" in first and "own credentials" in first, first  # on page 1
 
     # The same report straight from the API, beside the result JSON.
     headers = {"Authorization": f"Bearer {KEY}"}
     assert httpx.get(f"{service}/jobs/{job_id}/report.html", headers=headers).text.count(
-        'src="data:image/') == 18
+        'src="data:image/') == 24
     assert httpx.get(f"{service}/jobs/{job_id}/report.html").status_code == 401
 
     # Recent checks list it.

@@ -54,6 +54,31 @@ def _cards(record: JobRecord) -> list[evidence.Card]:
     return evidence.build(record, 0.05, {}).cards
 
 
+def test_report_shows_the_base_recovery_beside_the_suspects_or_says_it_was_not_computed():
+    from app.web import report_document
+
+    record = _record([0.9], [0.4])
+    assert record.result is not None
+    record.result.images[0].base_recovery = {"ssim": 0.31}  # as the worker records it
+    dot = report_document.data_uri(png_bytes(1, (4, 4)))
+    pictures = {"img0": dict.fromkeys(("original", "partial", "recovered", "base_recovered"),
+                                      dot),
+                "ctl0": dict.fromkeys(("original", "partial", "recovered"), dot)}
+    view = evidence.build(record, 0.05, pictures)
+    assert [p.kind for p in view.cards[0].pictures][-1] == "base_recovered"
+    assert len(view.control_cards[0].pictures) == 3  # a result without it: three pictures
+    parts = report_document.ReportParts([], 0.05, ["ctl0"], report_document.SignatureFacts(
+        False), report_document.method_facts({}), "cgidm verify result.json")
+    html = report_document.render_html(view, parts)
+    assert html.count("<img ") == 7
+    assert "Recovered by the base model alone</figcaption>" in html
+    assert "Base model alone: ssim 0.31" in html and "pictures-4" in html
+    record.result.images[0].base_recovery = None
+    del pictures["img0"]["base_recovered"]
+    html = report_document.render_html(evidence.build(record, 0.05, pictures), parts)
+    assert "Recovery by the base model alone:</strong> not computed" in html
+
+
 def test_no_controls_is_inconclusive_not_no_evidence():
     view = evidence.build(_record([0.9], []), 0.05, {})
     assert view.cards[0].verdict == "inconclusive"
@@ -175,7 +200,8 @@ def test_report_evidence_and_recent_jobs_of_a_finished_job(client, submit, worke
     assert report.status_code == 200
     html = report.text
     sources = re.findall(r'<img[^>]*\bsrc="([^"]*)"', html)
-    assert len(sources) == 6 and all(s.startswith("data:image/") for s in sources)
+    # original, half removed, the suspect's and the base model's recovery, for both pictures
+    assert len(sources) == 8 and all(s.startswith("data:image/") for s in sources)
     assert not EXTERNAL.search(html) and "<script" not in html
     assert 'data-image-name="sunflowers"' in html and 'data-verdict="inconclusive"' in html
     assert "only 1 control: too few to reach significance" in html
@@ -192,7 +218,7 @@ def test_report_evidence_and_recent_jobs_of_a_finished_job(client, submit, worke
     text = " ".join(subprocess.run(["pdftotext", "-", "-"], input=pdf.content, check=True,
                                    capture_output=True).stdout.decode().split())
     assert "sunflowers" in text and "only 1 control: too few to reach significance" in text
-    assert "Recovery by the base model alone: not computed" in text
+    assert "Recovered by the base model alone" in text and "Base model alone: ssim" in text
     # the result served in the job verifies with the keys the gateway publishes
     from cgidm import result_signing
 

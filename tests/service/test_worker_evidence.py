@@ -82,6 +82,11 @@ def test_worker_signs_the_result_and_hashes_its_pictures(ctx):
     loaded = ctx.store.load(job_id)
     assert rs.check_signature(loaded.result.model_dump(mode="json"), published).ok
     for row in stored["images"] + stored["controls"]:
+        # the base model's own recovery is stored (on by default) and signed like the others
+        assert set(row["picture_sha256"]) == {"recovered", "partial", "side_by_side",
+                                              "base_recovered"}
+        assert row["artifacts"]["base_recovered"].endswith("/base_recovered.png")
+        assert set(row["base_recovery"]) == set(row["metrics"])
         for kind, digest in row["picture_sha256"].items():
             data = ctx.store.storage.get_bytes(artifact_key(job_id, row["name"], kind,
                                                             loaded.attempt))

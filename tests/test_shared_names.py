@@ -52,4 +52,4 @@ def test_a_preset_and_overrides_are_built_one_way():
     assert INVERSION_FIELDS & set(JobSettings.model_fields) == {
         "steps", "seed", "alpha", "epsilon", "t_min", "t_max", "mc_samples",
         "common_random_numbers", "reencode_partial", "cell", "resolution",
-        "gradient_checkpointing"}
+        "gradient_checkpointing", "base_recovery"}

@@ -44,14 +44,15 @@ SUPPORTED_HINT = (
     "StableDiffusionXLPipeline folders, with fine-tunes as pipeline folders, DreamBooth unet/ "
     "(+text_encoder/, text_encoder_2/) folders, LoRA .safetensors or single-file .safetensors "
     "checkpoints), Flux.1 dev and schnell (FluxPipeline folders, with fine-tunes as pipeline "
-    "folders, transformer/ folders, LoRA .safetensors or single-file transformers) and "
-    "pixel-space DDPM (DDPMPipeline folders)"
+    "folders, transformer/ folders, LoRA .safetensors or single-file transformers), "
+    "Stable Diffusion 3 / 3.5 medium and large (StableDiffusion3Pipeline folders, with the same "
+    "fine-tune layouts as Flux.1) and pixel-space DDPM (DDPMPipeline folders)"
 )
 SD3_REFUSAL = (
-    "Stable Diffusion 3 / 3.5 is not supported yet: it is a flow-matching transformer like "
-    "Flux.1, but with three text encoders (CLIP-L, CLIP-G, T5), a patch embedding instead of "
-    "packed latents and its own timestep scale, which need an adapter of their own. Check a "
-    "Flux.1, SDXL or Stable Diffusion 1.x/2.x pair instead"
+    "a Stable Diffusion 3 / 3.5 checkpoint as one file is a transformer (its VAE and text "
+    "encoders are published apart): give the StableDiffusion3Pipeline folder it belongs to for "
+    "its config, VAE, text encoders and scheduler (pretrained_config=..., CLI "
+    "--pretrained-config DIR)"
 )
 SDXL_REFINER_REFUSAL = (
     "the SDXL refiner is not supported: it is an image-to-image model conditioned on an "
@@ -128,9 +129,8 @@ def lora_weights_file(path: Path) -> Path:
 FLUX_TRANSFORMER = "FluxTransformer2DModel"
 
 
-def _refuse_sd3_transformer(class_name: str, where: Path) -> None:
-    if class_name.startswith("SD3"):
-        raise UnsupportedModelFamilyError(f"{where} ({class_name}): {SD3_REFUSAL}")
+#: The diffusers class of a Stable Diffusion 3.x transformer (adapter: ``models.sd3``).
+SD3_TRANSFORMER = "SD3Transformer2DModel"
 
 
 def _class_name(config_file: Path) -> str:
@@ -165,9 +165,7 @@ def detect_finetuned_kind(path: str | Path) -> str:
         keys = safetensors_keys(path)
         if looks_like_lora(keys):
             return "lora"
-        if transformer_family(keys) == SD3_FAMILY:
-            raise UnsupportedModelFamilyError(f"{path}: {SD3_REFUSAL}")
-        if transformer_family(keys) == FLUX_FAMILY:
+        if transformer_family(keys) in (FLUX_FAMILY, SD3_FAMILY):
             return "single_file"
         if looks_like_single_file(keys) or is_sdxl_single_file(keys):
             return "single_file"
@@ -184,15 +182,13 @@ def detect_finetuned_kind(path: str | Path) -> str:
         pixel = _class_name(path / "unet" / "config.json") in _PIXEL_UNETS
         return "ddpm" if pixel else "dreambooth"
     if (path / "transformer" / "config.json").is_file():
-        _refuse_sd3_transformer(_class_name(path / "transformer" / "config.json"), path)
         return "dreambooth"
     if (path / "config.json").is_file():
         name = _class_name(path / "config.json")
         if name in _PIXEL_UNETS:
             return "ddpm"
-        if name in ("UNet2DConditionModel", FLUX_TRANSFORMER):
+        if name in ("UNet2DConditionModel", FLUX_TRANSFORMER, SD3_TRANSFORMER):
             return "dreambooth"
-        _refuse_sd3_transformer(name, path)
     if (path / LORA_WEIGHT_NAME.replace(".safetensors", ".bin")).is_file():
         raise ModelFormatError(f"{path} holds a pickle LoRA (.bin). {PICKLE_HINT}")
     if _lora_file_in(path) is not None:
@@ -242,7 +238,8 @@ def check_unet_family(unet_config: dict[str, Any], where: Path, family: str) -> 
 
 _FAMILY_NAMES = {SD_FAMILY: "Stable Diffusion 1.x/2.x", SDXL_FAMILY: "SDXL",
                  DDPM_FAMILY: "pixel-space DDPM", FLUX_FAMILY: "Flux.1",
-                 PIXEL_FLOW_FAMILY: "pixel-space flow-matching model"}
+                 PIXEL_FLOW_FAMILY: "pixel-space flow-matching model",
+                 SD3_FAMILY: "Stable Diffusion 3.x"}
 
 
 def family_name(family: str) -> str:
@@ -274,7 +271,9 @@ def pipeline_family(folder: Path) -> str:
     if name in _PIXEL_PIPELINES:
         return PIXEL_FLOW_FAMILY if pixel_objective(folder) == "flow" else DDPM_FAMILY
     if name.startswith("StableDiffusion3"):
-        raise UnsupportedModelFamilyError(f"{folder} ({name}): {SD3_REFUSAL}")
+        from cgidm_core.models.sd3 import sd3_pipeline_family
+
+        return sd3_pipeline_family(folder, name, index)
     if name.startswith("Flux"):
         return _flux_pipeline_family(folder, name, index)
     unet_config_file = folder / "unet" / "config.json"

@@ -59,6 +59,7 @@ from cgidm_core.names import (
     FLUX_FAMILY,
     PIXEL_FAMILIES,
     PIXEL_FLOW_FAMILY,
+    SD3_FAMILY,
     SD_FAMILY,
     SDXL_FAMILY,
 )
@@ -104,10 +105,12 @@ def load_pair_from_paths(
     pre_path = resolve_model_path(pretrained, allow_network)
     ft_path = resolve_model_path(finetuned, allow_network)
     pretrained_transformer = None
-    if pre_path.is_file() and pre_path.suffix.lower() == ".safetensors" and transformer_family(
-            safetensors_keys(pre_path)) == FLUX_FAMILY:
+    transformer_file_family = (
+        transformer_family(safetensors_keys(pre_path))
+        if pre_path.is_file() and pre_path.suffix.lower() == ".safetensors" else None)
+    if transformer_file_family in (FLUX_FAMILY, SD3_FAMILY):
         pretrained_transformer, pre_path = pre_path, _flux_config_folder(
-            pre_path, pretrained_config, allow_network)
+            pre_path, pretrained_config, allow_network, transformer_file_family)
     elif pretrained_config is not None:
         raise ConfigError(
             "pretrained_config (--pretrained-config) is for a pretrained Flux.1 transformer given "
@@ -137,6 +140,14 @@ def load_pair_from_paths(
         return load_ddpm_pair(pre_path, ft_path, opts, kind=kind)
     if family == PIXEL_FLOW_FAMILY:
         return load_pixel_flow_pair(pre_path, ft_path, opts, kind=kind)
+    if family == SD3_FAMILY:  # one adapter module (models/sd3.py): recognition to pair
+        from cgidm_core.models.sd3 import load_sd3_pair
+
+        pair = load_sd3_pair(pre_path, ft_path, kind, _bfloat16_on_gpu(opts, dtype),
+                             keep_text_encoders=keep_text_encoders,
+                             pretrained_transformer=pretrained_transformer)
+        _read_instance_prompt(pair, ft_path, kind)
+        return pair
     _refuse_flux_mismatch(family, kind, ft_path)
     if family == FLUX_FAMILY:
         from cgidm_core.models.flux_loading import load_flux_pair
@@ -160,22 +171,41 @@ def load_pair_from_paths(
     return pair
 
 
-def _flux_config_folder(file: Path, config: str | Path | None, allow_network: bool) -> Path:
+def _flux_config_folder(file: Path, config: str | Path | None, allow_network: bool,
+                        family: str = FLUX_FAMILY) -> Path:
+    """The pipeline folder that supplies a one-file transformer's config and other parts
+    (Flux.1, and SD 3.x, whose published single files hold the MMDiT alone)."""
+    name = family_name(family)
     if config is None:
         raise ConfigError(
-            f"{file} is a Flux.1 transformer on its own: give the Flux pipeline folder it belongs "
-            "to for its config, VAE, text encoders and scheduler (pretrained_config=..., CLI "
-            "--pretrained-config DIR)"
+            f"{file} is a {name} transformer on its own: give the {name} pipeline folder it "
+            "belongs to for its config, VAE, text encoders and scheduler (pretrained_config=..., "
+            "CLI --pretrained-config DIR)"
         )
     folder = resolve_model_path(config, allow_network)
-    if pipeline_family(folder) != FLUX_FAMILY:
-        raise IncompatiblePairError(f"{folder} is not a Flux.1 pipeline folder, so it cannot "
-                                    f"supply the parts of the Flux transformer {file}")
+    if pipeline_family(folder) != family:
+        raise IncompatiblePairError(f"{folder} is not a {name} pipeline folder, so it cannot "
+                                    f"supply the parts of the {name} transformer {file}")
     return folder
+
+
+def _bfloat16_on_gpu(opts: LoadOptions, dtype: str | torch.dtype | None) -> LoadOptions:
+    """bfloat16 instead of the float16 GPU default, for the families released in bfloat16
+    whose T5 / transformer activations overflow float16 (Flux.1, SD 3.5)."""
+    if opts.device.type == "cuda" and (dtype is None or str(dtype).strip().lower() == "auto"):
+        return LoadOptions(device=opts.device, dtype=torch.bfloat16,
+                           local_files_only=opts.local_files_only)
+    return opts
 
 
 def _refuse_flux_mismatch(family: str, kind: str, ft_path: Path) -> None:
     """A Flux fine-tune on a Stable Diffusion base (or the reverse) is refused before loading."""
+    from cgidm_core.models.sd3 import is_sd3_finetune
+
+    if is_sd3_finetune(kind, ft_path):
+        raise IncompatiblePairError(
+            f"{ft_path} is a Stable Diffusion 3.x fine-tune but the pretrained model is "
+            f"{family_name(family)}; compare it with the SD 3.x pipeline it was trained from")
     flux_files = None
     if kind == "lora":
         flux_files = is_flux_lora(safetensors_keys(lora_weights_file(ft_path)))

@@ -1,0 +1,251 @@
+"""Tiny random models of the newer families (issue #23), built on the fly for tests.
+
+Small configs of the real architectures (diffusers' own classes, a layer or two, widths of 8-64),
+saved in the layouts their users publish, with tokenizers written locally (``tinymodels``'
+byte-level CLIP and ``tokenizers``-built T5 tokenizers): nothing is downloaded. A "fine-tune" is
+the base with seeded noise added to its weights, as in :mod:`cgidm_testkit.tinymodels`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from cgidm_testkit.tinymodels import (
+    _randomize_lora_b,
+    perturb_,
+    tiny_t5_tokenizer_and_encoder,
+    tiny_tokenizer_and_text_config,
+)
+
+# --------------------------------------------------------------------------------------------
+# Stable Diffusion 3 / 3.5: SD3Transformer2DModel (MMDiT; 3.5 medium = MMDiT-X with dual
+# attention in its first blocks and qk RMS norm, 3.5 large = qk RMS norm), CLIP-L + CLIP-G
+# (with projection) + T5, a 16-channel VAE with scaling and shift factors.
+
+#: Transformer settings of each SD 3.x layout, on top of the tiny sizes.
+SD3_LAYOUTS = {
+    "3.5-medium": {"dual_attention_layers": (0,), "qk_norm": "rms_norm"},
+    "3.5-large": {"qk_norm": "rms_norm"},
+    "3.0": {},
+}
+
+
+def tiny_sd3_transformer(seed: int = 0, layout: str = "3.5-large"):
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+        caption_projection_dim=16, pooled_projection_dim=24, pos_embed_max_size=16,
+        **SD3_LAYOUTS[layout])
+
+
+def _clip_with_projection(tokenizer, hidden: int, seed: int):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden,
+                            intermediate_size=2 * hidden, num_hidden_layers=2,
+                            num_attention_heads=2, max_position_embeddings=77,
+                            projection_dim=hidden, bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    return CLIPTextModelWithProjection(config).eval()
+
+
+def make_tiny_sd3(path: str | Path, seed: int = 0, layout: str = "3.5-large",
+                  with_t5: bool = True) -> Path:
+    """A random ``StableDiffusion3Pipeline`` folder of ``layout``: CLIP-L 8 wide, CLIP-G 16 wide
+    (their penultimate states concatenated, 24, are zero-padded to T5's 32), pooled 8 + 16 = 24;
+    a two-block VAE, so 32 px images have 16 x 16 latents (8 x 8 patches). ``with_t5=False``
+    saves the pipeline without T5, as ``save_pretrained`` writes one loaded with
+    ``text_encoder_3=None`` (Stability's documented way to run SD3 without its 4.7B T5)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    path = Path(path)
+    transformer = tiny_sd3_transformer(seed, layout)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                        latent_channels=16,
+                        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), sample_size=32,
+                        scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+                        use_post_quant_conv=False)
+    tokenizer, _ = tiny_tokenizer_and_text_config()
+    tokenizer_3, t5 = tiny_t5_tokenizer_and_encoder(seed + 4)
+    StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=_clip_with_projection(tokenizer, 8, seed + 2), tokenizer=tokenizer,
+        text_encoder_2=_clip_with_projection(tokenizer, 16, seed + 3), tokenizer_2=tokenizer,
+        text_encoder_3=t5 if with_t5 else None, tokenizer_3=tokenizer_3 if with_t5 else None,
+    ).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def load_sd3_transformer(folder: str | Path, subfolder: str | None = "transformer"):
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel.from_pretrained(folder, subfolder=subfolder,
+                                                 use_safetensors=True, local_files_only=True)
+
+
+def make_sd3_transformer_folder(base: str | Path, out: str | Path, seed: int = 1) -> Path:
+    """``transformer/`` only, perturbed: what diffusers' SD3 DreamBooth script leaves."""
+    out = Path(out)
+    perturb_(load_sd3_transformer(base), seed=seed).save_pretrained(
+        out / "transformer", safe_serialization=True)
+    return out
+
+
+def make_sd3_full_finetune(base: str | Path, out: str | Path, seed: int = 1,
+                           clip_seed: int | None = None) -> Path:
+    """A copy of the pipeline with its transformer perturbed (and CLIP-L with ``clip_seed``)."""
+    from transformers import CLIPTextModelWithProjection
+
+    base, out = Path(base), Path(out)
+    shutil.copytree(base, out, dirs_exist_ok=True)
+    shutil.rmtree(out / "transformer")
+    perturb_(load_sd3_transformer(base), seed=seed).save_pretrained(out / "transformer",
+                                                                   safe_serialization=True)
+    if clip_seed is not None:
+        clip = perturb_(CLIPTextModelWithProjection.from_pretrained(base / "text_encoder"),
+                        seed=clip_seed)
+        shutil.rmtree(out / "text_encoder")
+        clip.save_pretrained(out / "text_encoder", safe_serialization=True)
+    return out
+
+
+def _swap_scale_shift(weight: torch.Tensor) -> torch.Tensor:
+    first, second = weight.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
+
+
+def sd3_transformer_to_stability(state: dict[str, torch.Tensor], num_layers: int
+                                 ) -> dict[str, torch.Tensor]:
+    """A diffusers SD3 transformer state dict in Stability's MMDiT naming (``joint_blocks.N.
+    x_block.attn.qkv``...), the inverse of diffusers' ``convert_sd3_transformer_checkpoint_to_
+    diffusers``, so that a test can write the single files Stability and Civitai publish."""
+    state = dict(state)
+    out: dict[str, torch.Tensor] = {}
+
+    def take(source: str, target: str, swap: bool = False) -> None:
+        for suffix in (".weight", ".bias"):
+            if source + suffix in state:
+                tensor = state.pop(source + suffix)
+                out[target + suffix] = _swap_scale_shift(tensor) if swap else tensor
+
+    def fuse(sources: list[str], target: str) -> None:
+        for suffix in (".weight", ".bias"):
+            out[target + suffix] = torch.cat([state.pop(s + suffix) for s in sources])
+
+    out["pos_embed"] = state.pop("pos_embed.pos_embed")
+    take("pos_embed.proj", "x_embedder.proj")
+    take("time_text_embed.timestep_embedder.linear_1", "t_embedder.mlp.0")
+    take("time_text_embed.timestep_embedder.linear_2", "t_embedder.mlp.2")
+    take("time_text_embed.text_embedder.linear_1", "y_embedder.mlp.0")
+    take("time_text_embed.text_embedder.linear_2", "y_embedder.mlp.2")
+    take("context_embedder", "context_embedder")
+    for i in range(num_layers):
+        d, s = f"transformer_blocks.{i}", f"joint_blocks.{i}"
+        last = i == num_layers - 1
+        fuse([f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v"], f"{s}.x_block.attn.qkv")
+        fuse([f"{d}.attn.add_q_proj", f"{d}.attn.add_k_proj", f"{d}.attn.add_v_proj"],
+             f"{s}.context_block.attn.qkv")
+        for ours, theirs in (("norm_q", "x_block.attn.ln_q"), ("norm_k", "x_block.attn.ln_k"),
+                             ("norm_added_q", "context_block.attn.ln_q"),
+                             ("norm_added_k", "context_block.attn.ln_k")):
+            take(f"{d}.attn.{ours}", f"{s}.{theirs}")
+        take(f"{d}.attn.to_out.0", f"{s}.x_block.attn.proj")
+        take(f"{d}.attn.to_add_out", f"{s}.context_block.attn.proj")
+        if f"{d}.attn2.to_q.weight" in state:
+            fuse([f"{d}.attn2.to_q", f"{d}.attn2.to_k", f"{d}.attn2.to_v"],
+                 f"{s}.x_block.attn2.qkv")
+            take(f"{d}.attn2.norm_q", f"{s}.x_block.attn2.ln_q")
+            take(f"{d}.attn2.norm_k", f"{s}.x_block.attn2.ln_k")
+            take(f"{d}.attn2.to_out.0", f"{s}.x_block.attn2.proj")
+        take(f"{d}.norm1.linear", f"{s}.x_block.adaLN_modulation.1")
+        take(f"{d}.norm1_context.linear", f"{s}.context_block.adaLN_modulation.1", swap=last)
+        take(f"{d}.ff.net.0.proj", f"{s}.x_block.mlp.fc1")
+        take(f"{d}.ff.net.2", f"{s}.x_block.mlp.fc2")
+        take(f"{d}.ff_context.net.0.proj", f"{s}.context_block.mlp.fc1")
+        take(f"{d}.ff_context.net.2", f"{s}.context_block.mlp.fc2")
+    take("proj_out", "final_layer.linear")
+    take("norm_out.linear", "final_layer.adaLN_modulation.1", swap=True)
+    if state:
+        raise ValueError(f"unmapped SD3 transformer tensors: {sorted(state)[:5]}")
+    return out
+
+
+def make_sd3_single_file(base: str | Path, out_file: str | Path, seed: int = 1) -> Path:
+    """A fine-tuned transformer as one file in Stability's naming under
+    ``model.diffusion_model.`` (as ``sd3.5_large.safetensors`` is published); the same
+    transformer is also written as ``<stem>_diffusers/transformer`` for tests to compare with."""
+    from safetensors.torch import save_file
+
+    out_file = Path(out_file)
+    folder = make_sd3_transformer_folder(base, out_file.parent / f"{out_file.stem}_diffusers",
+                                         seed)
+    transformer = load_sd3_transformer(folder)
+    state = sd3_transformer_to_stability(transformer.state_dict(),
+                                         transformer.config.num_layers)
+    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in state.items()},
+              str(out_file))
+    return out_file
+
+
+def make_sd3_lora(base: str | Path, out: str | Path, seed: int = 1, rank: int = 4,
+                  with_clip: bool = False, card_prompt: str | None = None) -> Path:
+    """A diffusers/peft SD3 LoRA folder as ``train_dreambooth_lora_sd3.py`` saves it: the
+    transformer's attention projections and, with ``with_clip``, CLIP-L's (``text_encoder.*``);
+    ``card_prompt`` writes the model card the script leaves next to it."""
+    from diffusers import StableDiffusion3Pipeline
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+    from transformers import CLIPTextModelWithProjection
+
+    generator = torch.Generator().manual_seed(seed)
+    transformer = load_sd3_transformer(base)
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
+                                       target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    _randomize_lora_b(transformer, generator)
+    layers = {"transformer_lora_layers": get_peft_model_state_dict(transformer)}
+    if with_clip:
+        clip = CLIPTextModelWithProjection.from_pretrained(Path(base) / "text_encoder")
+        # peft directly: transformers' own add_adapter demands a newer peft than diffusers
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
+                                           target_modules=["q_proj", "k_proj", "v_proj",
+                                                           "out_proj"]), clip)
+        _randomize_lora_b(clip, generator)
+        layers["text_encoder_lora_layers"] = {
+            (k if k.startswith("text_model.") else "text_model." + k): v
+            for k, v in get_peft_model_state_dict(clip).items()}
+    StableDiffusion3Pipeline.save_lora_weights(out, safe_serialization=True, **layers)
+    if card_prompt is not None:
+        (Path(out) / "README.md").write_text(
+            "---\nbase_model: stabilityai/stable-diffusion-3.5-medium\ninstance_prompt: "
+            f"{card_prompt}\ntags:\n- sd3\n- lora\n---\n# SD3 DreamBooth LoRA\n",
+            encoding="utf-8")
+    return Path(out)
+
+
+def make_sd3_kohya_lora(out_file: str | Path) -> Path:
+    """A minimal sd-scripts SD3 LoRA header (``lora_unet_joint_blocks_*``): enough to be
+    recognised and refused."""
+    from safetensors.torch import save_file
+
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    name = "lora_unet_joint_blocks_0_x_block_attn_qkv"
+    save_file({f"{name}.lora_down.weight": torch.zeros(4, 16),
+               f"{name}.lora_up.weight": torch.zeros(48, 4), f"{name}.alpha": torch.tensor(4.0)},
+              str(out_file), metadata={"ss_base_model_version": "sd3"})
+    return out_file
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data), encoding="utf-8")

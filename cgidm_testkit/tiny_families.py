@@ -249,3 +249,31 @@ def make_sd3_kohya_lora(out_file: str | Path) -> Path:
 
 def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data), encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------------
+# SDXL v-prediction with zero terminal SNR (NoobAI-XL v-pred's scheduler settings)
+
+
+def make_tiny_sdxl_vpred(path: str | Path, seed: int = 0, zero_terminal_snr: bool = True) -> Path:
+    """A random SDXL pipeline folder whose scheduler says ``v_prediction`` and (by default)
+    ``rescale_betas_zero_snr`` with trailing timesteps, as v-pred SDXL models are published."""
+    from cgidm_testkit.tinymodels import make_tiny_sdxl
+
+    path = make_tiny_sdxl(path, seed=seed, prediction_type="v_prediction")
+    config_file = path / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config.update(rescale_betas_zero_snr=zero_terminal_snr, timestep_spacing="trailing")
+    write_json(config_file, config)
+    return path
+
+
+def add_tensors(file: Path, extra: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+                ) -> Path:
+    """Rewrite a safetensors file with ``extra`` tensors (and header metadata) added, as v-pred
+    checkpoints carry their empty ``v_pred`` / ``ztsnr`` marker tensors."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(file))
+    save_file({**tensors, **extra}, str(file), metadata=metadata)
+    return file

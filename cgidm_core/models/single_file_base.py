@@ -28,6 +28,7 @@ from cgidm_core.models.formats import (
     safetensors_keys,
     transformer_family,
 )
+from cgidm_core.models.vpred import mark_converted_base
 
 
 def single_file_base_family(keys: list[str], where: Path) -> str:
@@ -66,11 +67,13 @@ def converted_base_folder(file: Path, *, allow_network: bool, root: Path | None 
     from cgidm_core.models.sd_loading import loading_errors
 
     file = file.resolve()
-    family = single_file_base_family(safetensors_keys(file), file)
+    keys = safetensors_keys(file)
+    family = single_file_base_family(keys, file)
     stat = file.stat()
     key = hashlib.sha256(f"{file}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     target = (root or cache_root()) / f"{file.stem}-{key}"
     if (target / "model_index.json").is_file():
+        mark_converted_base(target, keys)
         return target
     pipeline = StableDiffusionXLPipeline if family == SDXL_FAMILY else StableDiffusionPipeline
     extra = {} if family == SDXL_FAMILY else {"safety_checker": None, "feature_extractor": None}
@@ -92,4 +95,5 @@ def converted_base_folder(file: Path, *, allow_network: bool, root: Path | None 
         os.replace(staging, target)
     except OSError:  # another process converted it first
         shutil.rmtree(staging, ignore_errors=True)
+    mark_converted_base(target, keys)  # v-pred / zero-terminal-SNR markers (models.vpred)
     return target

@@ -73,8 +73,10 @@ PIXEL_FLOW_FAMILY = "pixel-flow"
 #: The pixel-space families (identity codec, no text).
 PIXEL_FAMILIES: tuple[str, ...] = (DDPM_FAMILY, PIXEL_FLOW_FAMILY)
 FLUX_FAMILY = "flux"
-#: Recognised in order to be refused by name (not supported yet).
+#: Stable Diffusion 3 / 3.5 (adapter: ``cgidm_core.models.sd3``).
 SD3_FAMILY = "sd3"
+#: Chroma (adapter: ``cgidm_core.models.chroma``).
+CHROMA_FAMILY = "chroma"
 
 #: What ``cgidm_core.models.formats.detect_finetuned_kind`` can answer (``--finetuned-kind``);
 #: ``unet`` is a bare UNet weights file built with the base's UNet config.

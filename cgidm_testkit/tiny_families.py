@@ -277,3 +277,93 @@ def add_tensors(file: Path, extra: dict[str, torch.Tensor], metadata: dict[str, 
     tensors = load_file(str(file))
     save_file({**tensors, **extra}, str(file), metadata=metadata)
     return file
+
+
+# --------------------------------------------------------------------------------------------
+# Chroma: ChromaTransformer2DModel (Flux.1's blocks, modulated by a small "distilled guidance"
+# MLP of the timestep) over packed 2x2 patches of a 16-channel latent; T5 alone
+
+
+def tiny_chroma_transformer(seed: int = 0):
+    from diffusers import ChromaTransformer2DModel
+
+    torch.manual_seed(seed)
+    return ChromaTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6),
+        approximator_num_channels=8, approximator_hidden_dim=32, approximator_layers=1)
+
+
+def make_tiny_chroma(path: str | Path, seed: int = 0) -> Path:
+    """A random ``ChromaPipeline`` folder: 32 px images, 16 x 16 latents (8 x 8 tokens), T5 32
+    wide, Chroma1-HD's scheduler settings (dynamic shift, base 0.5 at 256 tokens, max 1.15)."""
+    from diffusers import AutoencoderKL, ChromaPipeline, FlowMatchEulerDiscreteScheduler
+
+    path = Path(path)
+    transformer = tiny_chroma_transformer(seed)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                        latent_channels=16,
+                        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), sample_size=32,
+                        scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                        use_post_quant_conv=False)
+    tokenizer, t5 = tiny_t5_tokenizer_and_encoder(seed + 2)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    ChromaPipeline(scheduler=scheduler, vae=vae, text_encoder=t5, tokenizer=tokenizer,
+                   transformer=transformer).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def load_chroma_transformer(folder: str | Path, subfolder: str | None = "transformer"):
+    from diffusers import ChromaTransformer2DModel
+
+    return ChromaTransformer2DModel.from_pretrained(folder, subfolder=subfolder,
+                                                    use_safetensors=True, local_files_only=True)
+
+
+def make_chroma_transformer_folder(base: str | Path, out: str | Path, seed: int = 1) -> Path:
+    out = Path(out)
+    perturb_(load_chroma_transformer(base), seed=seed).save_pretrained(
+        out / "transformer", safe_serialization=True)
+    return out
+
+
+def make_chroma_full_finetune(base: str | Path, out: str | Path, seed: int = 1) -> Path:
+    base, out = Path(base), Path(out)
+    shutil.copytree(base, out, dirs_exist_ok=True)
+    shutil.rmtree(out / "transformer")
+    perturb_(load_chroma_transformer(base), seed=seed).save_pretrained(out / "transformer",
+                                                                      safe_serialization=True)
+    return out
+
+
+def make_chroma_single_file(base: str | Path, out_file: str | Path, seed: int = 1) -> Path:
+    """A fine-tuned transformer as one file in diffusers naming (diffusers' converter for
+    lodestones' BFL naming hard-codes Chroma's width of 3072, so a tiny one cannot be written in
+    it); also written as ``<stem>_diffusers/transformer`` for tests to compare with."""
+    from safetensors.torch import save_file
+
+    out_file = Path(out_file)
+    folder = make_chroma_transformer_folder(base, out_file.parent / f"{out_file.stem}_diffusers",
+                                            seed)
+    state = load_chroma_transformer(folder).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out_file))
+    return out_file
+
+
+def make_chroma_lora(base: str | Path, out: str | Path, seed: int = 1, rank: int = 4) -> Path:
+    """A diffusers/peft Chroma LoRA folder (attention projections of every block)."""
+    from diffusers import ChromaPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    transformer = load_chroma_transformer(base)
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
+                                       target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    _randomize_lora_b(transformer, torch.Generator().manual_seed(seed))
+    ChromaPipeline.save_lora_weights(out, transformer_lora_layers=get_peft_model_state_dict(
+        transformer), safe_serialization=True)
+    return Path(out)

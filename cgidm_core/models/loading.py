@@ -7,6 +7,7 @@ models that cannot be compared) happen before weights are read wherever the file
 
 from __future__ import annotations
 
+import importlib
 import re
 from pathlib import Path
 
@@ -54,6 +55,7 @@ from cgidm_core.models.sd_loading import (
 from cgidm_core.models.stable_diffusion import StableDiffusionLoraPair, StableDiffusionPair
 from cgidm_core.models.unet_file import load_unet_file
 from cgidm_core.names import (
+    CHROMA_FAMILY,
     DDPM_FAMILY,
     FINETUNED_KINDS,
     FLUX_FAMILY,
@@ -108,7 +110,7 @@ def load_pair_from_paths(
     transformer_file_family = (
         transformer_family(safetensors_keys(pre_path))
         if pre_path.is_file() and pre_path.suffix.lower() == ".safetensors" else None)
-    if transformer_file_family in (FLUX_FAMILY, SD3_FAMILY):
+    if transformer_file_family in (FLUX_FAMILY, *_ADAPTERS):
         pretrained_transformer, pre_path = pre_path, _flux_config_folder(
             pre_path, pretrained_config, allow_network, transformer_file_family)
     elif pretrained_config is not None:
@@ -140,12 +142,12 @@ def load_pair_from_paths(
         return load_ddpm_pair(pre_path, ft_path, opts, kind=kind)
     if family == PIXEL_FLOW_FAMILY:
         return load_pixel_flow_pair(pre_path, ft_path, opts, kind=kind)
-    if family == SD3_FAMILY:  # one adapter module (models/sd3.py): recognition to pair
-        from cgidm_core.models.sd3 import load_sd3_pair
-
-        pair = load_sd3_pair(pre_path, ft_path, kind, _bfloat16_on_gpu(opts, dtype),
-                             keep_text_encoders=keep_text_encoders,
-                             pretrained_transformer=pretrained_transformer)
+    _refuse_adapter_mismatch(family, kind, ft_path)
+    if family in _ADAPTERS:  # one adapter module each (models/sd3.py, models/chroma.py)
+        module = importlib.import_module(_ADAPTERS[family][0])
+        pair = getattr(module, _ADAPTERS[family][1])(
+            pre_path, ft_path, kind, _bfloat16_on_gpu(opts, dtype),
+            keep_text_encoders=keep_text_encoders, pretrained_transformer=pretrained_transformer)
         _read_instance_prompt(pair, ft_path, kind)
         return pair
     _refuse_flux_mismatch(family, kind, ft_path)
@@ -198,14 +200,31 @@ def _bfloat16_on_gpu(opts: LoadOptions, dtype: str | torch.dtype | None) -> Load
     return opts
 
 
+#: Families loaded by one self-contained adapter module each: family -> (module, loader,
+#: recogniser of a fine-tune's files by their names). The family registry (issue #23) takes
+#: these over.
+_ADAPTERS = {
+    SD3_FAMILY: ("cgidm_core.models.sd3", "load_sd3_pair", "is_sd3_finetune"),
+    CHROMA_FAMILY: ("cgidm_core.models.chroma", "load_chroma_pair", "is_chroma_finetune"),
+}
+
+
+def _refuse_adapter_mismatch(family: str, kind: str, ft_path: Path) -> None:
+    """A fine-tune whose file names say it is of an adapter family other than the base's is
+    refused before loading (a LoRA's names are often shared by several families: those are
+    refused by the loader, from their shapes)."""
+    for other, (module_name, _, recogniser) in _ADAPTERS.items():
+        if other == family or kind not in ("single_file", "dreambooth", "lora"):
+            continue
+        if getattr(importlib.import_module(module_name), recogniser)(kind, ft_path):
+            raise IncompatiblePairError(
+                f"{ft_path} is a {family_name(other)} fine-tune but the pretrained model is "
+                f"{family_name(family)}; compare it with the {family_name(other)} pipeline it "
+                "was trained from")
+
+
 def _refuse_flux_mismatch(family: str, kind: str, ft_path: Path) -> None:
     """A Flux fine-tune on a Stable Diffusion base (or the reverse) is refused before loading."""
-    from cgidm_core.models.sd3 import is_sd3_finetune
-
-    if is_sd3_finetune(kind, ft_path):
-        raise IncompatiblePairError(
-            f"{ft_path} is a Stable Diffusion 3.x fine-tune but the pretrained model is "
-            f"{family_name(family)}; compare it with the SD 3.x pipeline it was trained from")
     flux_files = None
     if kind == "lora":
         flux_files = is_flux_lora(safetensors_keys(lora_weights_file(ft_path)))

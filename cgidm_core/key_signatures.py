@@ -8,7 +8,7 @@ library, so the torch-free gateway can use them.
 
 from __future__ import annotations
 
-from cgidm_core.names import CHROMA_FAMILY, FLUX_FAMILY, SD3_FAMILY
+from cgidm_core.names import CHROMA_FAMILY, FLUX_FAMILY, SD3_FAMILY, ZIMAGE_FAMILY
 
 _LDM_UNET_PREFIX = "model.diffusion_model."
 _SDXL_SINGLE_FILE_PREFIX = "conditioner.embedders."
@@ -51,14 +51,18 @@ def is_flux_lora(keys: list[str]) -> bool:
 
 
 def transformer_family(keys: list[str]) -> str | None:
-    """``flux``, ``chroma`` or ``sd3`` for a single-file diffusion transformer, ``None`` for
-    anything else.
+    """``flux``, ``chroma``, ``z-image`` or ``sd3`` for a single-file diffusion transformer,
+    ``None`` for anything else.
 
     Flux.1 in Black Forest Labs' naming (``double_blocks.*``, ``single_blocks.*``, optionally
     under ``model.diffusion_model.``) or diffusers' (``single_transformer_blocks.*``); SD3 in
     Stability's (``joint_blocks.*``) or diffusers' (``transformer_blocks.*`` with ``pos_embed``).
     """
     names = [k[len(_LDM_UNET_PREFIX):] if k.startswith(_LDM_UNET_PREFIX) else k for k in keys]
+    if any(k.startswith("noise_refiner.") for k in names) and any(
+            k.startswith("context_refiner.") for k in names) and any(
+            k.startswith("cap_embedder.") for k in names):
+        return ZIMAGE_FAMILY  # the NextDiT layout (Lumina-Image 2.0's too: told apart by shape)
     if any(k.startswith("distilled_guidance_layer.") for k in names):
         return CHROMA_FAMILY  # Flux.1's blocks, modulated by Chroma's guidance approximator
     if any(k.startswith(("double_blocks.", "single_blocks.", "single_transformer_blocks."))

@@ -77,6 +77,8 @@ FLUX_FAMILY = "flux"
 SD3_FAMILY = "sd3"
 #: Chroma (adapter: ``cgidm_core.models.chroma``).
 CHROMA_FAMILY = "chroma"
+#: Z-Image (adapter: ``cgidm_core.models.zimage``).
+ZIMAGE_FAMILY = "z-image"
 
 #: What ``cgidm_core.models.formats.detect_finetuned_kind`` can answer (``--finetuned-kind``);
 #: ``unet`` is a bare UNet weights file built with the base's UNet config.

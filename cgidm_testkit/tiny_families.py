@@ -367,3 +367,180 @@ def make_chroma_lora(base: str | Path, out: str | Path, seed: int = 1, rank: int
     ChromaPipeline.save_lora_weights(out, transformer_lora_layers=get_peft_model_state_dict(
         transformer), safe_serialization=True)
     return Path(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Z-Image: ZImageTransformer2DModel (single-stream S3-DiT, NextDiT layout) on a 16-channel
+# latent, conditioned on a Qwen3 encoder's second-to-last hidden states of a chat-templated prompt
+
+#: A Qwen-style chat template (user turn, assistant generation prompt; the thinking switch is
+#: accepted as Qwen3's template accepts it). What matters for the tests is that the pipeline and
+#: the pair apply the SAME template, which they read from the tokenizer.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n"
+    "{% endif %}{% endif %}"
+)
+
+
+def write_tiny_chat_tokenizer(folder: str | Path, model_max_length: int = 512) -> Path:
+    """A working Qwen-style tokenizer (``tokenizer.json`` built with the ``tokenizers`` library:
+    a character-level Unigram model with Qwen's special tokens, ``<|endoftext|>`` as padding) and
+    a chat template; no downloaded vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
+    pieces = ["▁", "\n"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    pieces += list("0123456789,.'-<>/|") + ["▁sks", "▁style", "▁a", "▁painting", "user",
+                                            "assistant", "think"]
+    vocab = [(token, 0.0) for token in specials] + [(p, -float(len(pieces) - i) / 10)
+                                                    for i, p in enumerate(pieces)]
+    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=3))
+    tokenizer.add_special_tokens(specials[:3])
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁")
+    tokenizer.decoder = decoders.Metaspace(replacement="▁")
+    tokenizer.save(str(folder / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
+              "pad_token": "<|endoftext|>", "eos_token": "<|im_end|>", "unk_token": "<unk>",
+              "padding_side": "right", "chat_template": CHAT_TEMPLATE}
+    write_json(folder / "tokenizer_config.json", config)
+    return folder
+
+
+def tiny_qwen3_tokenizer_and_encoder(seed: int, hidden: int = 32):
+    import tempfile
+
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3Model
+
+    folder = Path(tempfile.mkdtemp(prefix="cgidm-qwentok-"))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(write_tiny_chat_tokenizer(folder)))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=8, max_position_embeddings=1024,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    return tokenizer, Qwen3Model(config).eval()
+
+
+def tiny_zimage_transformer(seed: int = 0):
+    from diffusers import ZImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    return ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32, n_layers=2,
+        n_refiner_layers=1, n_heads=2, n_kv_heads=2, qk_norm=True, cap_feat_dim=32,
+        axes_dims=[4, 6, 6], axes_lens=[1024, 32, 32])
+
+
+def make_tiny_zimage(path: str | Path, seed: int = 0) -> Path:
+    """A random ``ZImagePipeline`` folder: 32 px images, 16 x 16 latents (8 x 8 patches), a
+    Qwen3 encoder 32 wide, Z-Image-Turbo's scheduler (fixed shift 3.0)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline
+
+    path = Path(path)
+    transformer = tiny_zimage_transformer(seed)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                        latent_channels=16,
+                        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), sample_size=32,
+                        scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                        use_post_quant_conv=False)
+    tokenizer, encoder = tiny_qwen3_tokenizer_and_encoder(seed + 2)
+    ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+                   text_encoder=encoder, tokenizer=tokenizer,
+                   transformer=transformer).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def load_zimage_transformer(folder: str | Path, subfolder: str | None = "transformer"):
+    from diffusers import ZImageTransformer2DModel
+
+    return ZImageTransformer2DModel.from_pretrained(folder, subfolder=subfolder,
+                                                    use_safetensors=True, local_files_only=True)
+
+
+def make_zimage_transformer_folder(base: str | Path, out: str | Path, seed: int = 1) -> Path:
+    out = Path(out)
+    perturb_(load_zimage_transformer(base), seed=seed).save_pretrained(
+        out / "transformer", safe_serialization=True)
+    return out
+
+
+def zimage_state_to_comfy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers' Z-Image names -> the single-file (ComfyUI) names diffusers converts back:
+    fused ``attention.qkv``, ``attention.out``, ``q_norm``/``k_norm``, ``x_embedder.`` and
+    ``final_layer.`` for patch 2."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if ".attention.to_k." in key or ".attention.to_v." in key:
+            continue
+        if ".attention.to_q.weight" in key:
+            stem = key[: -len(".attention.to_q.weight")]
+            out[f"{stem}.attention.qkv.weight"] = torch.cat(
+                [state[f"{stem}.attention.{n}.weight"] for n in ("to_q", "to_k", "to_v")])
+            continue
+        new = (key.replace("all_final_layer.2-1.", "final_layer.")
+               .replace("all_x_embedder.2-1.", "x_embedder.")
+               .replace(".attention.to_out.0.", ".attention.out.")
+               .replace(".attention.norm_k.", ".attention.k_norm.")
+               .replace(".attention.norm_q.", ".attention.q_norm."))
+        out[new] = value
+    return out
+
+
+def make_zimage_single_file(base: str | Path, out_file: str | Path, seed: int = 1) -> Path:
+    """A fine-tuned transformer as one file in ComfyUI's naming under
+    ``model.diffusion_model.`` (how Z-Image checkpoints circulate); the same transformer is also
+    written as ``<stem>_diffusers/transformer`` for tests to compare with."""
+    from safetensors.torch import save_file
+
+    out_file = Path(out_file)
+    folder = make_zimage_transformer_folder(base, out_file.parent / f"{out_file.stem}_diffusers",
+                                            seed)
+    state = zimage_state_to_comfy(load_zimage_transformer(folder).state_dict())
+    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in state.items()},
+              str(out_file))
+    return out_file
+
+
+def make_zimage_lora(base: str | Path, out: str | Path, seed: int = 1, rank: int = 4,
+                     naming: str = "diffusers", metadata: dict[str, str] | None = None) -> Path:
+    """A Z-Image LoRA of the attention projections: ``naming`` "diffusers" (a folder with
+    ``pytorch_lora_weights.safetensors``, ``transformer.*``) or "comfy" (one file, the same
+    layers as ``diffusion_model.*``, as ComfyUI / ai-toolkit share them)."""
+    from diffusers import ZImagePipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    transformer = load_zimage_transformer(base)
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
+                                       target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    _randomize_lora_b(transformer, torch.Generator().manual_seed(seed))
+    layers = get_peft_model_state_dict(transformer)
+    out = Path(out)
+    if naming == "diffusers":
+        ZImagePipeline.save_lora_weights(out, transformer_lora_layers=layers,
+                                         safe_serialization=True)
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({f"diffusion_model.{k}": v.contiguous() for k, v in layers.items()}, str(out),
+              metadata=metadata)
+    return out
+
+
+def make_zimage_full_finetune(base: str | Path, out: str | Path, seed: int = 1) -> Path:
+    """A copy of the Z-Image pipeline folder with its transformer perturbed."""
+    base, out = Path(base), Path(out)
+    shutil.copytree(base, out, dirs_exist_ok=True)
+    shutil.rmtree(out / "transformer")
+    perturb_(load_zimage_transformer(base), seed=seed).save_pretrained(out / "transformer",
+                                                                      safe_serialization=True)
+    return out

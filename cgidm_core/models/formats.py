@@ -36,6 +36,7 @@ from cgidm_core.names import (  # noqa: F401 - re-exported for the loaders next 
     SD3_FAMILY,
     SD_FAMILY,
     SDXL_FAMILY,
+    ZIMAGE_FAMILY,
 )
 
 FLOW_SCHEDULERS = frozenset({"FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"})
@@ -46,9 +47,9 @@ SUPPORTED_HINT = (
     "(+text_encoder/, text_encoder_2/) folders, LoRA .safetensors or single-file .safetensors "
     "checkpoints), Flux.1 dev and schnell (FluxPipeline folders, with fine-tunes as pipeline "
     "folders, transformer/ folders, LoRA .safetensors or single-file transformers), "
-    "Stable Diffusion 3 / 3.5 medium and large (StableDiffusion3Pipeline folders) and Chroma "
-    "(ChromaPipeline folders), with the same fine-tune layouts as Flux.1, and pixel-space DDPM "
-    "(DDPMPipeline folders)"
+    "Stable Diffusion 3 / 3.5 medium and large (StableDiffusion3Pipeline folders), Chroma "
+    "(ChromaPipeline) and Z-Image (ZImagePipeline), with the same fine-tune layouts as Flux.1, "
+    "and pixel-space DDPM (DDPMPipeline folders)"
 )
 SD3_REFUSAL = (
     "a Stable Diffusion 3 / 3.5 checkpoint as one file is a transformer (its VAE and text "
@@ -167,7 +168,7 @@ def detect_finetuned_kind(path: str | Path) -> str:
         keys = safetensors_keys(path)
         if looks_like_lora(keys):
             return "lora"
-        if transformer_family(keys) in (FLUX_FAMILY, SD3_FAMILY, CHROMA_FAMILY):
+        if transformer_family(keys) in (FLUX_FAMILY, SD3_FAMILY, CHROMA_FAMILY, ZIMAGE_FAMILY):
             return "single_file"
         if looks_like_single_file(keys) or is_sdxl_single_file(keys):
             return "single_file"
@@ -190,7 +191,7 @@ def detect_finetuned_kind(path: str | Path) -> str:
         if name in _PIXEL_UNETS:
             return "ddpm"
         if name in ("UNet2DConditionModel", FLUX_TRANSFORMER, SD3_TRANSFORMER,
-                    "ChromaTransformer2DModel"):
+                    "ChromaTransformer2DModel", "ZImageTransformer2DModel"):
             return "dreambooth"
     if (path / LORA_WEIGHT_NAME.replace(".safetensors", ".bin")).is_file():
         raise ModelFormatError(f"{path} holds a pickle LoRA (.bin). {PICKLE_HINT}")
@@ -242,7 +243,8 @@ def check_unet_family(unet_config: dict[str, Any], where: Path, family: str) -> 
 _FAMILY_NAMES = {SD_FAMILY: "Stable Diffusion 1.x/2.x", SDXL_FAMILY: "SDXL",
                  DDPM_FAMILY: "pixel-space DDPM", FLUX_FAMILY: "Flux.1",
                  PIXEL_FLOW_FAMILY: "pixel-space flow-matching model",
-                 SD3_FAMILY: "Stable Diffusion 3.x", CHROMA_FAMILY: "Chroma"}
+                 SD3_FAMILY: "Stable Diffusion 3.x", CHROMA_FAMILY: "Chroma",
+                 ZIMAGE_FAMILY: "Z-Image"}
 
 
 def family_name(family: str) -> str:
@@ -283,6 +285,10 @@ def pipeline_family(folder: Path) -> str:
         from cgidm_core.models.chroma import chroma_pipeline_family
 
         return chroma_pipeline_family(folder, name, index)
+    if name.startswith("ZImage"):
+        from cgidm_core.models.zimage import zimage_pipeline_family
+
+        return zimage_pipeline_family(folder, name, index)
     unet_config_file = folder / "unet" / "config.json"
     unet_config = read_json(unet_config_file) if unet_config_file.is_file() else {}
     if name.startswith("StableDiffusionXL") or "text_encoder_2" in index:

@@ -64,6 +64,7 @@ from cgidm_core.names import (
     SD3_FAMILY,
     SD_FAMILY,
     SDXL_FAMILY,
+    ZIMAGE_FAMILY,
 )
 from cgidm_core.pair import ModelPair
 
@@ -143,7 +144,7 @@ def load_pair_from_paths(
     if family == PIXEL_FLOW_FAMILY:
         return load_pixel_flow_pair(pre_path, ft_path, opts, kind=kind)
     _refuse_adapter_mismatch(family, kind, ft_path)
-    if family in _ADAPTERS:  # one adapter module each (models/sd3.py, models/chroma.py)
+    if family in _ADAPTERS:  # one adapter module each (sd3.py, chroma.py, zimage.py)
         module = importlib.import_module(_ADAPTERS[family][0])
         pair = getattr(module, _ADAPTERS[family][1])(
             pre_path, ft_path, kind, _bfloat16_on_gpu(opts, dtype),
@@ -206,6 +207,7 @@ def _bfloat16_on_gpu(opts: LoadOptions, dtype: str | torch.dtype | None) -> Load
 _ADAPTERS = {
     SD3_FAMILY: ("cgidm_core.models.sd3", "load_sd3_pair", "is_sd3_finetune"),
     CHROMA_FAMILY: ("cgidm_core.models.chroma", "load_chroma_pair", "is_chroma_finetune"),
+    ZIMAGE_FAMILY: ("cgidm_core.models.zimage", "load_zimage_pair", "is_zimage_finetune"),
 }
 
 

@@ -99,7 +99,9 @@ def test_detects_chroma_and_every_layout(chroma):
     assert transformer_family(bfl[:1]) == "flux"
 
 
-@pytest.mark.parametrize("kind", ["pipeline", "transformer", "single_file", "lora", "kohya"])
+#: The quick suite runs the kohya LoRA (converted by diffusers, adapter on/off); the rest is slow.
+@pytest.mark.parametrize("kind", [pytest.param(k, marks=pytest.mark.slow) for k in
+                                  ("pipeline", "transformer", "single_file", "lora")] + ["kohya"])
 def test_layouts_predict_like_diffusers(chroma, kind):
     pair = load_pair_from_paths(chroma["base"], chroma[kind], **CPU)
     assert type(pair) is (ChromaLoraPair if kind in ("lora", "kohya") else ChromaPair)
@@ -119,6 +121,7 @@ def test_layouts_predict_like_diffusers(chroma, kind):
         assert pair.unet_finetuned is pair.unet_pretrained and len(pair.unet_adapter) > 0
 
 
+@pytest.mark.slow
 def test_chroma_and_flux_files_do_not_mix(chroma, tmp_path):
     flux = tinymodels.make_tiny_flux(tmp_path / "flux", variant="schnell")
     with pytest.raises(IncompatiblePairError, match="Chroma fine-tune"):

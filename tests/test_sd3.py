@@ -93,7 +93,10 @@ def test_detects_sd3_and_every_layout(medium, tmp_path):
     assert detect_finetuned_kind(bare) == "dreambooth"
 
 
-@pytest.mark.parametrize("kind", ["pipeline", "transformer", "single_file", "lora"])
+#: The quick suite runs the LoRA layout (one transformer, adapter on/off, CLIP LoRA layers); the
+#: other layouts run with the slow tests.
+@pytest.mark.parametrize("kind", [pytest.param(k, marks=pytest.mark.slow) for k in
+                                  ("pipeline", "transformer", "single_file")] + ["lora"])
 def test_medium_layouts_predict_like_diffusers(medium, kind):
     pair = load_pair_from_paths(medium["base"], medium[kind], **CPU)
     assert type(pair) is (SD3LoraPair if kind == "lora" else SD3Pair)
@@ -113,6 +116,7 @@ def test_medium_layouts_predict_like_diffusers(medium, kind):
                                                                      "model_card")
 
 
+@pytest.mark.slow
 def test_large_layout_and_a_pipeline_without_t5(tmp_path):
     """3.5 large's layout (qk norm, no dual attention); a base saved without T5 gets zeros in
     T5's place, as the pipeline does."""
@@ -146,6 +150,7 @@ def test_forward_process_and_latent_codec_match_the_pipeline(medium):
         torch.testing.assert_close(pair.encode(x), (mean - 0.0609) * 1.5305)
 
 
+@pytest.mark.slow
 def test_lora_text_encoders_are_released_and_reloaded_exactly(medium):
     kept = load_pair_from_paths(medium["base"], medium["lora"], **CPU, keep_text_encoders=True)
     released = load_pair_from_paths(medium["base"], medium["lora"], **CPU)
@@ -160,6 +165,7 @@ def test_lora_text_encoders_are_released_and_reloaded_exactly(medium):
     assert not torch.equal(first.finetuned[1], first.pretrained[1])  # CLIP-L LoRA: pooled differs
 
 
+@pytest.mark.slow
 def test_pipeline_fine_tune_with_its_own_clip(medium, tmp_path):
     from transformers import CLIPTextModelWithProjection
 
@@ -175,6 +181,7 @@ def test_pipeline_fine_tune_with_its_own_clip(medium, tmp_path):
     torch.testing.assert_close(v_ft, _reference_velocity(pipe, z, t, prompt="a painting"))
 
 
+@pytest.mark.slow
 def test_pretrained_single_file_takes_the_rest_from_a_folder(medium, tmp_path):
     from safetensors.torch import save_file
 
@@ -192,6 +199,7 @@ def test_pretrained_single_file_takes_the_rest_from_a_folder(medium, tmp_path):
         torch.testing.assert_close(ours, theirs)
 
 
+@pytest.mark.slow
 def test_refusals_name_the_problem(medium, tmp_path):
     kohya = tiny_families.make_sd3_kohya_lora(tmp_path / "kohya" / "sd3_lora.safetensors")
     with pytest.raises(ModelFormatError, match="kohya-ss naming"):

@@ -75,6 +75,7 @@ def test_zero_terminal_snr_v_pred_single_file_predicts_the_noise_diffusers_impli
     torch.testing.assert_close(eps_ft, abar.sqrt() * v_out + (1 - abar).sqrt() * x0)
 
 
+@pytest.mark.slow
 def test_v_pred_marker_on_an_epsilon_base_and_ztsnr_mismatch(vpred, tmp_path):
     # a v-pred conversion fine-tune of an epsilon base (no ztsnr): each model keeps its objective
     single = tinymodels.make_sdxl_single_file(vpred["eps_base"], tmp_path / "v.safetensors",
@@ -93,6 +94,7 @@ def test_v_pred_marker_on_an_epsilon_base_and_ztsnr_mismatch(vpred, tmp_path):
     assert pair.prediction_type_finetuned == "epsilon"
 
 
+@pytest.mark.slow
 def test_kohya_lora_metadata_must_agree_with_the_base(vpred, tmp_path):
     meta = {"ss_v_parameterization": "True", "ss_zero_terminal_snr": "True",
             "ss_output_name": "noob_style"}

@@ -76,12 +76,16 @@ def _inputs(shape, batch: int = 2):
 
 def test_detects_zimage_and_every_layout(zimage):
     assert pipeline_family(zimage["base"]) == ZIMAGE_FAMILY
-    expected = {"pipeline": "pipeline", "transformer": "dreambooth", "single_file": "single_file", "lora": "lora",
-                "comfy_lora": "lora"}
+    expected = {"pipeline": "pipeline", "transformer": "dreambooth",
+                "single_file": "single_file", "lora": "lora", "comfy_lora": "lora"}
     assert {k: detect_finetuned_kind(zimage[k]) for k in expected} == expected
 
 
-@pytest.mark.parametrize("kind", ["pipeline", "transformer", "single_file", *LORAS])
+#: The quick suite runs the ComfyUI-named LoRA (converted by diffusers, trigger from metadata);
+#: the rest is slow.
+@pytest.mark.parametrize("kind", [pytest.param(k, marks=pytest.mark.slow) for k in
+                                  ("pipeline", "transformer", "single_file", "lora")]
+                         + ["comfy_lora"])
 def test_layouts_predict_like_diffusers(zimage, kind):
     pair = load_pair_from_paths(zimage["base"], zimage[kind], **CPU)
     assert type(pair) is (ZImageLoraPair if kind in LORAS else ZImagePair)
@@ -101,6 +105,7 @@ def test_layouts_predict_like_diffusers(zimage, kind):
                                                                      "safetensors_metadata")
 
 
+@pytest.mark.slow
 def test_zimage_files_on_another_base_are_refused(zimage, tmp_path):
     chroma = tiny_families.make_tiny_chroma(tmp_path / "chroma")
     with pytest.raises(IncompatiblePairError, match="Z-Image fine-tune"):

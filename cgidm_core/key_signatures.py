@@ -8,7 +8,13 @@ library, so the torch-free gateway can use them.
 
 from __future__ import annotations
 
-from cgidm_core.names import CHROMA_FAMILY, FLUX_FAMILY, SD3_FAMILY, ZIMAGE_FAMILY
+from cgidm_core.names import (
+    CHROMA_FAMILY,
+    FLUX_FAMILY,
+    QWEN_IMAGE_FAMILY,
+    SD3_FAMILY,
+    ZIMAGE_FAMILY,
+)
 
 _LDM_UNET_PREFIX = "model.diffusion_model."
 _SDXL_SINGLE_FILE_PREFIX = "conditioner.embedders."
@@ -51,7 +57,7 @@ def is_flux_lora(keys: list[str]) -> bool:
 
 
 def transformer_family(keys: list[str]) -> str | None:
-    """``flux``, ``chroma``, ``z-image`` or ``sd3`` for a single-file diffusion transformer,
+    """``flux``, ``chroma``, ``z-image``, ``qwen-image`` or ``sd3`` for a single-file transformer,
     ``None`` for anything else.
 
     Flux.1 in Black Forest Labs' naming (``double_blocks.*``, ``single_blocks.*``, optionally
@@ -59,6 +65,9 @@ def transformer_family(keys: list[str]) -> str | None:
     Stability's (``joint_blocks.*``) or diffusers' (``transformer_blocks.*`` with ``pos_embed``).
     """
     names = [k[len(_LDM_UNET_PREFIX):] if k.startswith(_LDM_UNET_PREFIX) else k for k in keys]
+    if any(k.startswith("txt_norm.") for k in names) and any(k.startswith("img_in.")
+                                                             for k in names):
+        return QWEN_IMAGE_FAMILY  # Qwen-Image's MMDiT: RMS-normed Qwen2.5-VL text input
     if any(k.startswith("noise_refiner.") for k in names) and any(
             k.startswith("context_refiner.") for k in names) and any(
             k.startswith("cap_embedder.") for k in names):

@@ -79,6 +79,8 @@ SD3_FAMILY = "sd3"
 CHROMA_FAMILY = "chroma"
 #: Z-Image (adapter: ``cgidm_core.models.zimage``).
 ZIMAGE_FAMILY = "z-image"
+#: Qwen-Image (adapter: ``cgidm_core.models.qwen_image``).
+QWEN_IMAGE_FAMILY = "qwen-image"
 
 #: What ``cgidm_core.models.formats.detect_finetuned_kind`` can answer (``--finetuned-kind``);
 #: ``unet`` is a bare UNet weights file built with the base's UNet config.

@@ -544,3 +544,122 @@ def make_zimage_full_finetune(base: str | Path, out: str | Path, seed: int = 1) 
     perturb_(load_zimage_transformer(base), seed=seed).save_pretrained(out / "transformer",
                                                                       safe_serialization=True)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Qwen-Image: QwenImageTransformer2DModel (MMDiT) over packed 2x2 patches of the per-channel
+# normalised latent of AutoencoderKLQwenImage (3-D, one frame); Qwen2.5-VL's language model
+
+
+def tiny_qwen_vl(tokenizer, seed: int, hidden: int = 32):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = Qwen2_5_VLConfig(
+        text_config={"vocab_size": len(tokenizer), "hidden_size": hidden,
+                     "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                     "num_key_value_heads": 2, "max_position_embeddings": 1024,
+                     "bos_token_id": tokenizer.pad_token_id,
+                     "eos_token_id": tokenizer.eos_token_id,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                         "mrope_section": [1, 1, 2]}},
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2,
+                       "out_hidden_size": hidden, "in_chans": 3, "patch_size": 14,
+                       "spatial_merge_size": 2, "temporal_patch_size": 2,
+                       "fullatt_block_indexes": [0], "window_size": 28},
+        pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def make_tiny_qwen_image(path: str | Path, seed: int = 0) -> Path:
+    """A random ``QwenImagePipeline`` folder: a 2-level Qwen VAE (factor 4; 32 px images have
+    16 x 8 x 8 latents, 4 x 4 tokens), Qwen2.5-VL 32 wide, Qwen-Image's scheduler settings
+    (dynamic shift, base 0.5 at 256 tokens, max 0.9 at 8192)."""
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6))
+    torch.manual_seed(seed + 1)
+    generator = torch.Generator().manual_seed(seed + 1)
+    vae = AutoencoderKLQwenImage(
+        base_dim=16, z_dim=16, dim_mult=[1, 2, 2], num_res_blocks=1,
+        temperal_downsample=[False, True],
+        latents_mean=(torch.randn(16, generator=generator) * 0.3).tolist(),
+        latents_std=(torch.rand(16, generator=generator) + 0.5).tolist())
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    folder = Path(tempfile.mkdtemp(prefix="cgidm-qwentok-"))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(write_tiny_chat_tokenizer(folder)))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+        base_image_seq_len=256, max_image_seq_len=8192, time_shift_type="exponential")
+    QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=tiny_qwen_vl(tokenizer, seed + 2),
+                      tokenizer=tokenizer, transformer=transformer).save_pretrained(
+        path, safe_serialization=True)
+    return path
+
+
+def load_qwen_image_transformer(folder: str | Path, subfolder: str | None = "transformer"):
+    from diffusers import QwenImageTransformer2DModel
+
+    return QwenImageTransformer2DModel.from_pretrained(folder, subfolder=subfolder,
+                                                       use_safetensors=True,
+                                                       local_files_only=True)
+
+
+def make_qwen_image_transformer_folder(base: str | Path, out: str | Path, seed: int = 1) -> Path:
+    out = Path(out)
+    perturb_(load_qwen_image_transformer(base), seed=seed).save_pretrained(
+        out / "transformer", safe_serialization=True)
+    return out
+
+
+def make_qwen_image_single_file(base: str | Path, out_file: str | Path, seed: int = 1) -> Path:
+    """A fine-tuned transformer as one file under ``model.diffusion_model.`` (also written as
+    ``<stem>_diffusers/transformer``)."""
+    from safetensors.torch import save_file
+
+    out_file = Path(out_file)
+    folder = make_qwen_image_transformer_folder(
+        base, out_file.parent / f"{out_file.stem}_diffusers", seed)
+    state = load_qwen_image_transformer(folder).state_dict()
+    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in state.items()},
+              str(out_file))
+    return out_file
+
+
+def make_qwen_image_lora(base: str | Path, out: str | Path, seed: int = 1, rank: int = 4,
+                         naming: str = "diffusers") -> Path:
+    """A Qwen-Image LoRA of the attention projections, ``naming`` "diffusers" (folder) or
+    "comfy" (one file, ``diffusion_model.*``)."""
+    from diffusers import QwenImagePipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    transformer = load_qwen_image_transformer(base)
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
+                                       target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    _randomize_lora_b(transformer, torch.Generator().manual_seed(seed))
+    layers = get_peft_model_state_dict(transformer)
+    out = Path(out)
+    if naming == "diffusers":
+        QwenImagePipeline.save_lora_weights(out, transformer_lora_layers=layers,
+                                            safe_serialization=True)
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({f"diffusion_model.{k}": v.contiguous() for k, v in layers.items()}, str(out))
+    return out

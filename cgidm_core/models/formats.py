@@ -33,6 +33,7 @@ from cgidm_core.names import (  # noqa: F401 - re-exported for the loaders next 
     FLUX_FAMILY,
     PIXEL_FAMILIES,
     PIXEL_FLOW_FAMILY,
+    QWEN_IMAGE_FAMILY,
     SD3_FAMILY,
     SD_FAMILY,
     SDXL_FAMILY,
@@ -48,7 +49,8 @@ SUPPORTED_HINT = (
     "checkpoints), Flux.1 dev and schnell (FluxPipeline folders, with fine-tunes as pipeline "
     "folders, transformer/ folders, LoRA .safetensors or single-file transformers), "
     "Stable Diffusion 3 / 3.5 medium and large (StableDiffusion3Pipeline folders), Chroma "
-    "(ChromaPipeline) and Z-Image (ZImagePipeline), with the same fine-tune layouts as Flux.1, "
+    "(ChromaPipeline), Z-Image (ZImagePipeline) and Qwen-Image (QwenImagePipeline), with the "
+    "same fine-tune layouts as Flux.1, "
     "and pixel-space DDPM (DDPMPipeline folders)"
 )
 SD3_REFUSAL = (
@@ -168,7 +170,8 @@ def detect_finetuned_kind(path: str | Path) -> str:
         keys = safetensors_keys(path)
         if looks_like_lora(keys):
             return "lora"
-        if transformer_family(keys) in (FLUX_FAMILY, SD3_FAMILY, CHROMA_FAMILY, ZIMAGE_FAMILY):
+        if transformer_family(keys) in (FLUX_FAMILY, SD3_FAMILY, CHROMA_FAMILY, ZIMAGE_FAMILY,
+                                        QWEN_IMAGE_FAMILY):
             return "single_file"
         if looks_like_single_file(keys) or is_sdxl_single_file(keys):
             return "single_file"
@@ -191,7 +194,8 @@ def detect_finetuned_kind(path: str | Path) -> str:
         if name in _PIXEL_UNETS:
             return "ddpm"
         if name in ("UNet2DConditionModel", FLUX_TRANSFORMER, SD3_TRANSFORMER,
-                    "ChromaTransformer2DModel", "ZImageTransformer2DModel"):
+                    "ChromaTransformer2DModel", "ZImageTransformer2DModel",
+                    "QwenImageTransformer2DModel"):
             return "dreambooth"
     if (path / LORA_WEIGHT_NAME.replace(".safetensors", ".bin")).is_file():
         raise ModelFormatError(f"{path} holds a pickle LoRA (.bin). {PICKLE_HINT}")
@@ -244,7 +248,7 @@ _FAMILY_NAMES = {SD_FAMILY: "Stable Diffusion 1.x/2.x", SDXL_FAMILY: "SDXL",
                  DDPM_FAMILY: "pixel-space DDPM", FLUX_FAMILY: "Flux.1",
                  PIXEL_FLOW_FAMILY: "pixel-space flow-matching model",
                  SD3_FAMILY: "Stable Diffusion 3.x", CHROMA_FAMILY: "Chroma",
-                 ZIMAGE_FAMILY: "Z-Image"}
+                 ZIMAGE_FAMILY: "Z-Image", QWEN_IMAGE_FAMILY: "Qwen-Image"}
 
 
 def family_name(family: str) -> str:
@@ -285,6 +289,10 @@ def pipeline_family(folder: Path) -> str:
         from cgidm_core.models.chroma import chroma_pipeline_family
 
         return chroma_pipeline_family(folder, name, index)
+    if name.startswith("QwenImage"):
+        from cgidm_core.models.qwen_image import qwen_image_pipeline_family
+
+        return qwen_image_pipeline_family(folder, name, index)
     if name.startswith("ZImage"):
         from cgidm_core.models.zimage import zimage_pipeline_family
 

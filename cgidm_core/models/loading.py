@@ -61,6 +61,7 @@ from cgidm_core.names import (
     FLUX_FAMILY,
     PIXEL_FAMILIES,
     PIXEL_FLOW_FAMILY,
+    QWEN_IMAGE_FAMILY,
     SD3_FAMILY,
     SD_FAMILY,
     SDXL_FAMILY,
@@ -208,6 +209,8 @@ _ADAPTERS = {
     SD3_FAMILY: ("cgidm_core.models.sd3", "load_sd3_pair", "is_sd3_finetune"),
     CHROMA_FAMILY: ("cgidm_core.models.chroma", "load_chroma_pair", "is_chroma_finetune"),
     ZIMAGE_FAMILY: ("cgidm_core.models.zimage", "load_zimage_pair", "is_zimage_finetune"),
+    QWEN_IMAGE_FAMILY: ("cgidm_core.models.qwen_image", "load_qwen_image_pair",
+                        "is_qwen_image_finetune"),
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from cgidm_core.names import (
     CHROMA_FAMILY,
+    FLUX2_FAMILY,
     FLUX_FAMILY,
     QWEN_IMAGE_FAMILY,
     SD3_FAMILY,
@@ -57,7 +58,8 @@ def is_flux_lora(keys: list[str]) -> bool:
 
 
 def transformer_family(keys: list[str]) -> str | None:
-    """``flux``, ``chroma``, ``z-image``, ``qwen-image`` or ``sd3`` for a single-file transformer,
+    """``flux``, ``flux2``, ``chroma``, ``z-image``, ``qwen-image`` or ``sd3`` for a single-file
+    transformer,
     ``None`` for anything else.
 
     Flux.1 in Black Forest Labs' naming (``double_blocks.*``, ``single_blocks.*``, optionally
@@ -65,6 +67,9 @@ def transformer_family(keys: list[str]) -> str | None:
     Stability's (``joint_blocks.*``) or diffusers' (``transformer_blocks.*`` with ``pos_embed``).
     """
     names = [k[len(_LDM_UNET_PREFIX):] if k.startswith(_LDM_UNET_PREFIX) else k for k in keys]
+    if any(k.startswith(("single_stream_modulation.", "double_stream_modulation_img."))
+           for k in names):
+        return FLUX2_FAMILY  # Flux.2's shared modulation (BFL and diffusers naming)
     if any(k.startswith("txt_norm.") for k in names) and any(k.startswith("img_in.")
                                                              for k in names):
         return QWEN_IMAGE_FAMILY  # Qwen-Image's MMDiT: RMS-normed Qwen2.5-VL text input

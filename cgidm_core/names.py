@@ -81,6 +81,8 @@ CHROMA_FAMILY = "chroma"
 ZIMAGE_FAMILY = "z-image"
 #: Qwen-Image (adapter: ``cgidm_core.models.qwen_image``).
 QWEN_IMAGE_FAMILY = "qwen-image"
+#: Flux.2 Klein (adapter: ``cgidm_core.models.flux2``).
+FLUX2_FAMILY = "flux2"
 
 #: What ``cgidm_core.models.formats.detect_finetuned_kind`` can answer (``--finetuned-kind``);
 #: ``unet`` is a bare UNet weights file built with the base's UNet config.

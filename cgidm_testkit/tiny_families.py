@@ -663,3 +663,86 @@ def make_qwen_image_lora(base: str | Path, out: str | Path, seed: int = 1, rank:
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({f"diffusion_model.{k}": v.contiguous() for k, v in layers.items()}, str(out))
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Flux.2 Klein: Flux2Transformer2DModel over the VAE latent patchified 2x2 and normalised by the
+# VAE's batch-norm statistics; Qwen3 hidden states of layers 9, 18, 27 stacked
+
+
+def make_tiny_flux2_klein(path: str | Path, seed: int = 0) -> Path:
+    """A random ``Flux2KleinPipeline`` folder: a two-block ``AutoencoderKLFlux2`` with 4 latent
+    channels (16 after patchifying; 32 px images have 16 x 8 x 8 latents, 64 tokens) whose
+    batch-norm statistics are set to non-trivial values, a Qwen3 of 28 layers 16 wide (layers
+    9, 18, 27 stacked: 48-dim text features), FLUX.2's dynamic-shift scheduler settings."""
+    import tempfile
+
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=48, timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+        norm_num_groups=4, sample_size=32)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        vae.bn.running_mean.copy_(torch.randn(16, generator=generator) * 0.3)
+        vae.bn.running_var.copy_(torch.rand(16, generator=generator) + 0.5)
+    folder = Path(tempfile.mkdtemp(prefix="cgidm-qwentok-"))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(write_tiny_chat_tokenizer(folder)))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=28, num_attention_heads=2, num_key_value_heads=1,
+                         head_dim=8, max_position_embeddings=1024,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed + 2)
+    encoder = Qwen3ForCausalLM(config).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096, time_shift_type="exponential")
+    Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=encoder, tokenizer=tokenizer,
+                       transformer=transformer).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def load_flux2_transformer(folder: str | Path, subfolder: str | None = "transformer"):
+    from diffusers import Flux2Transformer2DModel
+
+    return Flux2Transformer2DModel.from_pretrained(folder, subfolder=subfolder,
+                                                   use_safetensors=True, local_files_only=True)
+
+
+def make_flux2_transformer_folder(base: str | Path, out: str | Path, seed: int = 1) -> Path:
+    out = Path(out)
+    perturb_(load_flux2_transformer(base), seed=seed).save_pretrained(
+        out / "transformer", safe_serialization=True)
+    return out
+
+
+def make_flux2_lora(base: str | Path, out: str | Path, seed: int = 1, rank: int = 4) -> Path:
+    """A diffusers/peft Flux.2 LoRA folder (attention projections)."""
+    from diffusers import Flux2KleinPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    transformer = load_flux2_transformer(base)
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
+                                       target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    _randomize_lora_b(transformer, torch.Generator().manual_seed(seed))
+    Flux2KleinPipeline.save_lora_weights(out, transformer_lora_layers=get_peft_model_state_dict(
+        transformer), safe_serialization=True)
+    return Path(out)

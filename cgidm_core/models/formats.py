@@ -30,6 +30,7 @@ from cgidm_core.names import (  # noqa: F401 - re-exported for the loaders next 
     CHROMA_FAMILY,
     DDPM_FAMILY,
     FINETUNED_KINDS,
+    FLUX2_FAMILY,
     FLUX_FAMILY,
     PIXEL_FAMILIES,
     PIXEL_FLOW_FAMILY,
@@ -49,8 +50,8 @@ SUPPORTED_HINT = (
     "checkpoints), Flux.1 dev and schnell (FluxPipeline folders, with fine-tunes as pipeline "
     "folders, transformer/ folders, LoRA .safetensors or single-file transformers), "
     "Stable Diffusion 3 / 3.5 medium and large (StableDiffusion3Pipeline folders), Chroma "
-    "(ChromaPipeline), Z-Image (ZImagePipeline) and Qwen-Image (QwenImagePipeline), with the "
-    "same fine-tune layouts as Flux.1, "
+    "(ChromaPipeline), Z-Image (ZImagePipeline), Qwen-Image (QwenImagePipeline) and Flux.2 Klein "
+    "(Flux2KleinPipeline), with the same fine-tune layouts as Flux.1, "
     "and pixel-space DDPM (DDPMPipeline folders)"
 )
 SD3_REFUSAL = (
@@ -171,7 +172,7 @@ def detect_finetuned_kind(path: str | Path) -> str:
         if looks_like_lora(keys):
             return "lora"
         if transformer_family(keys) in (FLUX_FAMILY, SD3_FAMILY, CHROMA_FAMILY, ZIMAGE_FAMILY,
-                                        QWEN_IMAGE_FAMILY):
+                                        QWEN_IMAGE_FAMILY, FLUX2_FAMILY):
             return "single_file"
         if looks_like_single_file(keys) or is_sdxl_single_file(keys):
             return "single_file"
@@ -195,7 +196,7 @@ def detect_finetuned_kind(path: str | Path) -> str:
             return "ddpm"
         if name in ("UNet2DConditionModel", FLUX_TRANSFORMER, SD3_TRANSFORMER,
                     "ChromaTransformer2DModel", "ZImageTransformer2DModel",
-                    "QwenImageTransformer2DModel"):
+                    "QwenImageTransformer2DModel", "Flux2Transformer2DModel"):
             return "dreambooth"
     if (path / LORA_WEIGHT_NAME.replace(".safetensors", ".bin")).is_file():
         raise ModelFormatError(f"{path} holds a pickle LoRA (.bin). {PICKLE_HINT}")
@@ -248,7 +249,8 @@ _FAMILY_NAMES = {SD_FAMILY: "Stable Diffusion 1.x/2.x", SDXL_FAMILY: "SDXL",
                  DDPM_FAMILY: "pixel-space DDPM", FLUX_FAMILY: "Flux.1",
                  PIXEL_FLOW_FAMILY: "pixel-space flow-matching model",
                  SD3_FAMILY: "Stable Diffusion 3.x", CHROMA_FAMILY: "Chroma",
-                 ZIMAGE_FAMILY: "Z-Image", QWEN_IMAGE_FAMILY: "Qwen-Image"}
+                 ZIMAGE_FAMILY: "Z-Image", QWEN_IMAGE_FAMILY: "Qwen-Image",
+                 FLUX2_FAMILY: "Flux.2 Klein"}
 
 
 def family_name(family: str) -> str:
@@ -283,6 +285,10 @@ def pipeline_family(folder: Path) -> str:
         from cgidm_core.models.sd3 import sd3_pipeline_family
 
         return sd3_pipeline_family(folder, name, index)
+    if name.startswith("Flux2"):
+        from cgidm_core.models.flux2 import flux2_pipeline_family
+
+        return flux2_pipeline_family(folder, name, index)
     if name.startswith("Flux"):
         return _flux_pipeline_family(folder, name, index)
     if name.startswith("Chroma"):

@@ -58,6 +58,7 @@ from cgidm_core.names import (
     CHROMA_FAMILY,
     DDPM_FAMILY,
     FINETUNED_KINDS,
+    FLUX2_FAMILY,
     FLUX_FAMILY,
     PIXEL_FAMILIES,
     PIXEL_FLOW_FAMILY,
@@ -211,6 +212,7 @@ _ADAPTERS = {
     ZIMAGE_FAMILY: ("cgidm_core.models.zimage", "load_zimage_pair", "is_zimage_finetune"),
     QWEN_IMAGE_FAMILY: ("cgidm_core.models.qwen_image", "load_qwen_image_pair",
                         "is_qwen_image_finetune"),
+    FLUX2_FAMILY: ("cgidm_core.models.flux2", "load_flux2_pair", "is_flux2_finetune"),
 }
 
 

@@ -249,6 +249,12 @@ def classify(keys: list[str], family: str, kind: str | None = None) -> str:
                              " the service takes uploads for Stable Diffusion 1.x/2.x and pixel "
                              "DDPM bases; check it locally with `cgidm check --pretrained "
                              "<Flux.1 pipeline folder>`")
+    other = transformer_family(keys)
+    if other is not None:  # SD3, Chroma, Z-Image, Qwen-Image, Flux.2: library-only for now
+        raise ModelFileError("unsupported_family", f"this is a {other} diffusion transformer; "
+                             "the service takes uploads for Stable Diffusion 1.x/2.x and pixel "
+                             "DDPM bases; check it locally with `cgidm check --pretrained "
+                             f"<{other} pipeline folder>`")
     if looks_like_lora(keys):
         found = "lora"
     elif looks_like_single_file(keys):

@@ -112,3 +112,21 @@ def test_zimage_files_on_another_base_are_refused(zimage, tmp_path):
         load_pair_from_paths(chroma, zimage["single_file"], **CPU)
     with pytest.raises(IncompatiblePairError):
         load_pair_from_paths(chroma, zimage["lora"], **CPU)
+
+
+def test_the_registry_interface_loads_the_same_pair(zimage):
+    """``check_pipeline_folder`` / ``load_pair(PairRequest)``: the shape of the family registry's
+    adapter interface (issue #23), which every new adapter module provides."""
+    from types import SimpleNamespace
+
+    from cgidm_core.models import zimage as adapter
+    from cgidm_core.models.sd_loading import LoadOptions
+
+    adapter.check_pipeline_folder(zimage["base"],
+                                  json.loads((zimage["base"] / "model_index.json").read_text()))
+    opts = LoadOptions(device=torch.device("cpu"), dtype=torch.float32, local_files_only=True)
+    request = SimpleNamespace(pretrained=zimage["base"], finetuned=zimage["transformer"],
+                              kind="dreambooth", opts=opts, keep_text_encoders=False,
+                              pretrained_file=None)
+    pair = adapter.load_pair(request)
+    assert type(pair) is ZImagePair and pair.finetuned_kind == "dreambooth"

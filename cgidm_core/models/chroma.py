@@ -376,3 +376,21 @@ def load_chroma_pair(pre_path: Path, ft_path: Path, kind: str, opts: LoadOptions
         text_encoder_reloader=chroma_text_encoder_reloader(pre_path, ft_path, opts,
                                                            t5 is not None),
         finetuned_kind=kind, **shared)
+
+
+# -- the family registry's adapter interface (``cgidm_core.families.FamilyAdapter``, #23) ---------
+
+
+def check_pipeline_folder(folder: Path, index: dict[str, Any]) -> None:
+    """Refuse, before any weight is read, a pipeline folder this adapter cannot load."""
+    chroma_pipeline_family(folder, str(index.get("_class_name", "")), index)
+
+
+def load_pair(request: Any) -> ChromaPair:
+    """Load a pair from the registry's ``PairRequest`` (``pretrained``, ``finetuned``, ``kind``,
+    ``opts``, ``keep_text_encoders``, ``pretrained_file``: a one-file transformer whose other parts
+    come from the ``pretrained`` folder)."""
+    return load_chroma_pair(
+        request.pretrained, request.finetuned, request.kind, request.opts,
+        keep_text_encoders=request.keep_text_encoders,
+        pretrained_transformer=request.pretrained_file)

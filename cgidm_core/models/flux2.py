@@ -416,3 +416,21 @@ def load_flux2_pair(pre_path: Path, ft_path: Path, kind: str, opts: LoadOptions,
     return Flux2Pair(unet_pretrained=place(base.transformer, opts),
                      unet_finetuned=place(transformer, opts), text_encoder_pretrained=encoder,
                      text_encoder_finetuned=encoder, finetuned_kind=kind, **shared)
+
+
+# -- the family registry's adapter interface (``cgidm_core.families.FamilyAdapter``, #23) ---------
+
+
+def check_pipeline_folder(folder: Path, index: dict[str, Any]) -> None:
+    """Refuse, before any weight is read, a pipeline folder this adapter cannot load."""
+    flux2_pipeline_family(folder, str(index.get("_class_name", "")), index)
+
+
+def load_pair(request: Any) -> Flux2Pair:
+    """Load a pair from the registry's ``PairRequest`` (``pretrained``, ``finetuned``, ``kind``,
+    ``opts``, ``keep_text_encoders``, ``pretrained_file``: a one-file transformer whose other parts
+    come from the ``pretrained`` folder)."""
+    return load_flux2_pair(
+        request.pretrained, request.finetuned, request.kind, request.opts,
+        keep_text_encoders=request.keep_text_encoders,
+        pretrained_transformer=request.pretrained_file)

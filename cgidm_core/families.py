@@ -339,7 +339,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         name=SD3_FAMILY,
-        title="Stable Diffusion 3 / 3.5",
+        title="Stable Diffusion 3.x",
         adapter="cgidm_core.models.sd3",
         objective="flow", conditioning="text", space="latent",
         pair_classes=("cgidm_core.models.sd3.SD3Pair", "cgidm_core.models.sd3.SD3LoraPair"),

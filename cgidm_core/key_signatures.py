@@ -166,14 +166,21 @@ def is_sd3_lora(keys: list[str]) -> bool:
 
 
 #: Namings of the LoRAs diffusers' Z-Image and Qwen-Image loaders convert: diffusers/peft,
-#: ComfyUI / ai-toolkit (``diffusion_model.*``) and musubi-tuner / kohya (``lora_unet_*``).
-_DIT_LORA_PREFIXES = ("transformer.", "diffusion_model.", "lora_unet_")
+#: ComfyUI / ai-toolkit (``diffusion_model.*``) and musubi-tuner / kohya (``lora_unet_*`` with
+#: their own block names: Z-Image's ``layers`` and refiners, Qwen-Image's
+#: ``transformer_blocks``; SD's ``lora_unet_down_blocks_*`` and Flux.1's
+#: ``lora_unet_double_blocks_*`` are not theirs).
+_DIT_LORA_PREFIXES = ("transformer.", "diffusion_model.", "lora_unet_layers_",
+                      "lora_unet_noise_refiner_", "lora_unet_context_refiner_",
+                      "lora_unet_transformer_blocks_")
+_FLUX_BLOCK_LORA_PREFIXES = ("diffusion_model.double_blocks.", "diffusion_model.single_blocks.")
 
 
 def is_dit_lora(keys: list[str]) -> bool:
     """A LoRA of a diffusion transformer in a naming that does not say which one (Z-Image,
-    Qwen-Image, Flux.2): the adapter's loader checks its layers against the base."""
+    Qwen-Image): the adapter's loader checks its layers against the base."""
     return looks_like_lora(keys) and any(k.startswith(_DIT_LORA_PREFIXES) for k in keys) \
+        and not any(k.startswith(_FLUX_BLOCK_LORA_PREFIXES) for k in keys) \
         and not is_sd3_own_lora(keys)
 
 

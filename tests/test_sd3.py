@@ -224,7 +224,7 @@ def test_check_cli_on_a_tiny_sd35_lora(medium, tmp_path):
     pictures = sorted((SHARED_DATA / "wikiart-vangogh" / "membership").glob("*.jpg"))[:1]
     out = tmp_path / "out"
     assert main(["check", "--pretrained", str(medium["base"]), "--finetuned",
-                 str(medium["lora"]), "--steps", "2", "--out", str(out),
+                 str(medium["lora"]), "--steps", "1", "--out", str(out),
                  *map(str, pictures)]) == 0
     doc = json.loads((out / "results.json").read_text())
     assert doc["settings"]["pair"]["family"] == SD3_FAMILY

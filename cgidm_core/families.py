@@ -277,7 +277,7 @@ FAMILIES: tuple[Family, ...] = (
         memory=_borrowed_flux_memory(
             64 * 64, "Flux.1's counts (4096 image tokens at 1024 px, as Klein's 2x2-patchified "
                      "latent); Klein's 4B/9B transformer is smaller than Flux.1's 12B, so this "
-                     "over-estimates"),
+                     "likely over-estimates"),
         summary="Flux.2 Klein; fine-tunes as pipeline folders, transformer/ folders, LoRAs "
                 "(diffusers/peft); single files recognised and refused",
     ),

@@ -32,12 +32,16 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from cgidm_core import key_signatures as keys_
 from cgidm_core.names import (
+    CHROMA_FAMILY,
     DDPM_FAMILY,
+    FLUX2_FAMILY,
     FLUX_FAMILY,
     PIXEL_FLOW_FAMILY,
+    QWEN_IMAGE_FAMILY,
     SD3_FAMILY,
     SD_FAMILY,
     SDXL_FAMILY,
+    ZIMAGE_FAMILY,
 )
 
 if TYPE_CHECKING:
@@ -116,6 +120,11 @@ class MemoryModel:
 
     activation_counts: dict[tuple[int, bool], int]
     native_latent_pixels: int
+    #: ``""``: counted for this family's own denoiser. Otherwise the family whose counts stand
+    #: in, NOT counted for this one (``benchmarks/activations.py`` has no full-size builder for
+    #: it yet); ``note`` says how far off the stand-in may be.
+    borrowed_from: str = ""
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -181,23 +190,29 @@ class FamilyAdapter(Protocol):
         """Load both models (frozen, eval mode, on ``request.opts.device``) as one pair."""
 
 
-#: Stable Diffusion 3 / 3.5: recognised so that its refusal names it (issue #23 adds it).
-SD3_REFUSAL = (
-    "Stable Diffusion 3 / 3.5 is not supported yet: it is a flow-matching transformer like "
-    "Flux.1, but with three text encoders (CLIP-L, CLIP-G, T5), a patch embedding instead of "
-    "packed latents and its own timestep scale, which need an adapter of their own. Check a "
-    "Flux.1, SDXL or Stable Diffusion 1.x/2.x pair instead"
-)
+#: Families recognised only to be refused by name, with what to do instead (none at present:
+#: Stable Diffusion 3 / 3.5 was here until its adapter, ``cgidm_core.models.sd3``, came; the
+#: variants an adapter cannot load, e.g. Flux.2 dev, are refused by that adapter).
+REFUSED: tuple[RefusedFamily, ...] = ()
 
-REFUSED: tuple[RefusedFamily, ...] = (
-    RefusedFamily(
-        name=SD3_FAMILY, title="Stable Diffusion 3 / 3.5", message=SD3_REFUSAL,
-        recognition=Recognition(
-            pipeline_classes=("StableDiffusion3*",), denoiser_classes=("SD3*",),
-            single_file=keys_.is_sd3_file, base_file=keys_.is_sd3_file,
-        ),
-    ),
-)
+#: Flux.1's counted activations (benchmarks/activations.py, bfloat16, 512 T5 tokens).
+_FLUX_COUNTS = {(1024, False): 21_615_259_648, (1024, True): 1_642_115_072,
+                (512, False): 7_196_397_568, (512, True): 547_377_152}
+
+
+def _borrowed_flux_memory(native_latent_pixels: int, note: str) -> MemoryModel:
+    """Flux.1's counts standing in for a diffusion transformer not counted yet: the same number
+    of image tokens at the native side (4096 at 1024 px) and a text sequence of the same order,
+    so the same order of activation memory, but NOT a count of this family's own blocks."""
+    return MemoryModel(activation_counts=_FLUX_COUNTS, native_latent_pixels=native_latent_pixels,
+                       borrowed_from=FLUX_FAMILY, note=note)
+
+
+#: Fine-tune layouts of the diffusion-transformer families (no bare-weights ``unet`` layout).
+TRANSFORMER_LAYOUTS: tuple[str, ...] = ("pipeline", "dreambooth", "lora", "single_file")
+_FROM_CONFIG_SHIFT = "the scheduler config's (fixed, or mu from the token count where it asks " \
+                     "for dynamic shifting)"
+_ONE_FILE = "single-file transformer + --pretrained-config pipeline folder"
 
 _KOHYA_PROMPT = ("kohya-ss ss_tag_frequency / ss_output_name in the safetensors header, else "
                  "instance_prompt or trigger words in a README.md model card")
@@ -238,6 +253,35 @@ FAMILIES: tuple[Family, ...] = (
         summary="unconditional pixel UNet2DModel trained by flow matching (the flow demo pair)",
     ),
     Family(
+        name=FLUX2_FAMILY,
+        title="Flux.2 Klein",
+        adapter="cgidm_core.models.flux2",
+        objective="flow", conditioning="text", space="latent",
+        pair_classes=("cgidm_core.models.flux2.Flux2Pair", "cgidm_core.models.flux2.Flux2LoraPair"),
+        recognition=Recognition(
+            pipeline_classes=("Flux2*",), denoiser_classes=("Flux2Transformer2DModel",),
+            single_file=keys_.is_flux2_file, lora=keys_.is_flux2_lora,
+            base_file=keys_.is_flux2_file, base_file_layout="denoiser",
+            metadata_keys=("ss_tag_frequency", "ss_output_name"),
+        ),
+        # single files are recognised (so they are refused by name), not loaded
+        finetuned_layouts=("pipeline", "dreambooth", "lora"),
+        lora_formats=("diffusers/peft (transformer.*)",),
+        pretrained_layouts=("Flux2KleinPipeline folder (Flux.2 dev's Flux2Pipeline is refused)",),
+        defaults=Defaults(
+            gpu_dtype="bfloat16", resolution=1024,
+            time_shift="exp(compute_empirical_mu(tokens, 50)): Flux2KleinPipeline's rule at its "
+                       "default 50 steps",
+            prompt_source=_KOHYA_PROMPT,
+        ),
+        memory=_borrowed_flux_memory(
+            64 * 64, "Flux.1's counts (4096 image tokens at 1024 px, as Klein's 2x2-patchified "
+                     "latent); Klein's 4B/9B transformer is smaller than Flux.1's 12B, so this "
+                     "likely over-estimates"),
+        summary="Flux.2 Klein; fine-tunes as pipeline folders, transformer/ folders, LoRAs "
+                "(diffusers/peft); single files recognised and refused",
+    ),
+    Family(
         name=FLUX_FAMILY,
         title="Flux.1",
         adapter="cgidm_core.models.flux_loading",
@@ -263,14 +307,118 @@ FAMILIES: tuple[Family, ...] = (
                      "schnell",
             prompt_source=_KOHYA_PROMPT,
         ),
-        memory=MemoryModel(
-            activation_counts={(1024, False): 21_615_259_648, (1024, True): 1_642_115_072,
-                               (512, False): 7_196_397_568, (512, True): 547_377_152},
-            native_latent_pixels=128 * 128,
-        ),
+        memory=MemoryModel(activation_counts=_FLUX_COUNTS, native_latent_pixels=128 * 128),
         summary="Flux.1 dev/schnell; fine-tunes as pipeline folders, transformer/ folders, "
                 "single-file transformers (BFL or diffusers naming), LoRAs (diffusers/peft, "
                 "kohya-ss, XLabs)",
+    ),
+    Family(
+        name=CHROMA_FAMILY,
+        title="Chroma",
+        adapter="cgidm_core.models.chroma",
+        objective="flow", conditioning="text", space="latent",
+        pair_classes=("cgidm_core.models.chroma.ChromaPair",
+                      "cgidm_core.models.chroma.ChromaLoraPair"),
+        recognition=Recognition(
+            pipeline_classes=("Chroma*",), denoiser_classes=("ChromaTransformer2DModel",),
+            single_file=keys_.is_chroma_file, lora=keys_.is_flux_lora,
+            base_file=keys_.is_chroma_file, base_file_layout="denoiser",
+            metadata_keys=("ss_tag_frequency", "ss_output_name"),
+        ),
+        finetuned_layouts=TRANSFORMER_LAYOUTS,
+        lora_formats=("diffusers/peft (transformer.*)", "kohya-ss (lora_unet_double_blocks_*), "
+                      "through diffusers' Flux.1 loader"),
+        pretrained_layouts=("ChromaPipeline folder", _ONE_FILE),
+        defaults=Defaults(gpu_dtype="bfloat16", resolution=1024, time_shift=_FROM_CONFIG_SHIFT,
+                          prompt_source=_KOHYA_PROMPT),
+        memory=_borrowed_flux_memory(
+            128 * 128, "Flux.1's counts: Chroma is Flux.1-schnell's blocks (8.9B, the modulation "
+                       "layers replaced by a small approximator), so close"),
+        summary="Chroma; fine-tunes as pipeline folders, transformer/ folders, single-file "
+                "transformers (distilled_guidance_layer.*), LoRAs (diffusers/peft, kohya-ss)",
+    ),
+    Family(
+        name=SD3_FAMILY,
+        title="Stable Diffusion 3.x",
+        adapter="cgidm_core.models.sd3",
+        objective="flow", conditioning="text", space="latent",
+        pair_classes=("cgidm_core.models.sd3.SD3Pair", "cgidm_core.models.sd3.SD3LoraPair"),
+        recognition=Recognition(
+            pipeline_classes=("StableDiffusion3*",), denoiser_classes=("SD3Transformer2DModel",),
+            single_file=keys_.is_sd3_file, lora=keys_.is_sd3_lora,
+            base_file=keys_.is_sd3_file, base_file_layout="denoiser",
+            metadata_keys=("ss_tag_frequency", "ss_output_name"),
+        ),
+        finetuned_layouts=TRANSFORMER_LAYOUTS,
+        lora_formats=("diffusers/peft (transformer.*, text_encoder.*, text_encoder_2.*); "
+                      "kohya-ss SD3 LoRAs are recognised and refused (no diffusers converter)",),
+        pretrained_layouts=("StableDiffusion3Pipeline folder (3.0, 3.5 medium, 3.5 large)",
+                            _ONE_FILE),
+        defaults=Defaults(gpu_dtype="bfloat16", resolution=1024,
+                          time_shift="the scheduler config's (3.0 for SD 3.5, fixed)",
+                          prompt_source=_KOHYA_PROMPT),
+        memory=_borrowed_flux_memory(
+            128 * 128, "Flux.1's counts (4096 image tokens at 1024 px; SD 3.5 large's 38 joint "
+                       "blocks at 8B against Flux.1's 57 blocks at 12B, 333 text tokens against "
+                       "512), so likely an over-estimate"),
+        summary="Stable Diffusion 3 / 3.5 medium and large; fine-tunes as pipeline folders, "
+                "transformer/ folders, single-file transformers (Stability or diffusers "
+                "naming), LoRAs (diffusers/peft)",
+    ),
+    Family(
+        name=ZIMAGE_FAMILY,
+        title="Z-Image",
+        adapter="cgidm_core.models.zimage",
+        objective="flow", conditioning="text", space="latent",
+        pair_classes=("cgidm_core.models.zimage.ZImagePair",
+                      "cgidm_core.models.zimage.ZImageLoraPair"),
+        recognition=Recognition(
+            pipeline_classes=("ZImage*",), denoiser_classes=("ZImageTransformer2DModel",),
+            single_file=keys_.is_zimage_file, lora=keys_.is_dit_lora,
+            base_file=keys_.is_zimage_file, base_file_layout="denoiser",
+            metadata_keys=("ss_tag_frequency", "ss_output_name"),
+        ),
+        finetuned_layouts=TRANSFORMER_LAYOUTS,
+        lora_formats=("diffusers/peft (transformer.*)", "ComfyUI / ai-toolkit (diffusion_model.*)",
+                      "musubi-tuner / kohya (lora_unet_*; diffusers' converter, untested)"),
+        pretrained_layouts=("ZImagePipeline folder (Turbo)", _ONE_FILE),
+        defaults=Defaults(gpu_dtype="bfloat16", resolution=1024,
+                          time_shift=_FROM_CONFIG_SHIFT + "; 3.0 fixed for Z-Image-Turbo",
+                          prompt_source=_KOHYA_PROMPT),
+        memory=_borrowed_flux_memory(
+            128 * 128, "Flux.1's counts (4096 image tokens at 1024 px; Z-Image's 6B single-stream "
+                       "transformer is half Flux.1's size), so likely an over-estimate"),
+        summary="Z-Image (Turbo); fine-tunes as pipeline folders, transformer/ folders, "
+                "single-file transformers (ComfyUI naming), LoRAs (diffusers/peft, ComfyUI, "
+                "ai-toolkit)",
+    ),
+    Family(
+        name=QWEN_IMAGE_FAMILY,
+        title="Qwen-Image",
+        adapter="cgidm_core.models.qwen_image",
+        objective="flow", conditioning="text", space="latent",
+        pair_classes=("cgidm_core.models.qwen_image.QwenImagePair",
+                      "cgidm_core.models.qwen_image.QwenImageLoraPair"),
+        recognition=Recognition(
+            pipeline_classes=("QwenImage*",), denoiser_classes=("QwenImageTransformer2DModel",),
+            single_file=keys_.is_qwen_image_file, lora=keys_.is_dit_lora,
+            base_file=keys_.is_qwen_image_file, base_file_layout="denoiser",
+            metadata_keys=("ss_tag_frequency", "ss_output_name"),
+        ),
+        finetuned_layouts=TRANSFORMER_LAYOUTS,
+        lora_formats=("diffusers/peft (transformer.*)", "ComfyUI / ai-toolkit (diffusion_model.*)",
+                      "kohya (lora_unet_*; diffusers' converter, untested)"),
+        pretrained_layouts=("QwenImagePipeline folder (and 2512)", _ONE_FILE),
+        defaults=Defaults(gpu_dtype="bfloat16", resolution=1024,
+                          time_shift="the scheduler config's dynamic shift (mu from the token "
+                                     "count, base 0.5, max 0.9)",
+                          prompt_source=_KOHYA_PROMPT),
+        memory=_borrowed_flux_memory(
+            128 * 128, "Flux.1's counts (4096 image tokens at 1024 px); Qwen-Image's 60-block 20B "
+                       "transformer is larger than Flux.1's 12B, so this likely UNDER-estimates: "
+                       "set the batch size by hand on a small GPU"),
+        summary="Qwen-Image; fine-tunes as pipeline folders, transformer/ folders, single-file "
+                "transformers, LoRAs (diffusers/peft, ComfyUI, ai-toolkit)",
     ),
     Family(
         name=SDXL_FAMILY,
@@ -469,6 +617,8 @@ def describe() -> list[dict[str, Any]]:
             "guidance": family.defaults.guidance,
             "prompt_source": family.defaults.prompt_source,
             "memory_model": family.memory is not None,
+            "memory_borrowed_from": family.memory.borrowed_from if family.memory else "",
+            "memory_note": family.memory.note if family.memory else "",
             "summary": family.summary,
         })
     return rows

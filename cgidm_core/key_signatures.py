@@ -8,7 +8,14 @@ library, so the torch-free gateway can use them.
 
 from __future__ import annotations
 
-from cgidm_core.names import FLUX_FAMILY, SD3_FAMILY
+from cgidm_core.names import (
+    CHROMA_FAMILY,
+    FLUX2_FAMILY,
+    FLUX_FAMILY,
+    QWEN_IMAGE_FAMILY,
+    SD3_FAMILY,
+    ZIMAGE_FAMILY,
+)
 
 _LDM_UNET_PREFIX = "model.diffusion_model."
 _SDXL_SINGLE_FILE_PREFIX = "conditioner.embedders."
@@ -47,17 +54,31 @@ def is_flux_lora(keys: list[str]) -> bool:
     """A LoRA of a Flux.1 transformer, in any naming diffusers' Flux loader converts: diffusers/
     peft (``transformer.*``), kohya-ss (``lora_unet_double_blocks_*``, ``..._single_blocks_*``)
     or XLabs (``double_blocks.N.processor.*``)."""
-    return any(k.startswith(_FLUX_LORA_PREFIXES) for k in keys)
+    return any(k.startswith(_FLUX_LORA_PREFIXES) for k in keys) and not is_sd3_own_lora(keys)
 
 
 def transformer_family(keys: list[str]) -> str | None:
-    """``flux`` or ``sd3`` for a single-file diffusion transformer, ``None`` for anything else.
+    """``flux``, ``flux2``, ``chroma``, ``z-image``, ``qwen-image`` or ``sd3`` for a single-file
+    transformer,
+    ``None`` for anything else.
 
     Flux.1 in Black Forest Labs' naming (``double_blocks.*``, ``single_blocks.*``, optionally
     under ``model.diffusion_model.``) or diffusers' (``single_transformer_blocks.*``); SD3 in
     Stability's (``joint_blocks.*``) or diffusers' (``transformer_blocks.*`` with ``pos_embed``).
     """
     names = [k[len(_LDM_UNET_PREFIX):] if k.startswith(_LDM_UNET_PREFIX) else k for k in keys]
+    if any(k.startswith(("single_stream_modulation.", "double_stream_modulation_img."))
+           for k in names):
+        return FLUX2_FAMILY  # Flux.2's shared modulation (BFL and diffusers naming)
+    if any(k.startswith("txt_norm.") for k in names) and any(k.startswith("img_in.")
+                                                             for k in names):
+        return QWEN_IMAGE_FAMILY  # Qwen-Image's MMDiT: RMS-normed Qwen2.5-VL text input
+    if any(k.startswith("noise_refiner.") for k in names) and any(
+            k.startswith("context_refiner.") for k in names) and any(
+            k.startswith("cap_embedder.") for k in names):
+        return ZIMAGE_FAMILY  # the NextDiT layout (Lumina-Image 2.0's too: told apart by shape)
+    if any(k.startswith("distilled_guidance_layer.") for k in names):
+        return CHROMA_FAMILY  # Flux.1's blocks, modulated by Chroma's guidance approximator
     if any(k.startswith(("double_blocks.", "single_blocks.", "single_transformer_blocks."))
            for k in names):
         return FLUX_FAMILY
@@ -102,12 +123,72 @@ def is_sdxl_file(keys: list[str]) -> bool:
 
 
 def is_flux_file(keys: list[str]) -> bool:
-    """A Flux.1 transformer (any naming) or a LoRA of one."""
-    return transformer_family(keys) == FLUX_FAMILY or is_flux_lora(keys)
+    """A Flux.1 transformer in any naming (not Chroma's, which shares its blocks: a LoRA-name
+    rule would claim Chroma's and XLabs-style ``double_blocks.*`` files alike)."""
+    return transformer_family(keys) == FLUX_FAMILY
 
 
 def is_sd3_file(keys: list[str]) -> bool:
     return transformer_family(keys) == SD3_FAMILY
+
+
+def is_chroma_file(keys: list[str]) -> bool:
+    return transformer_family(keys) == CHROMA_FAMILY
+
+
+def is_zimage_file(keys: list[str]) -> bool:
+    return transformer_family(keys) == ZIMAGE_FAMILY
+
+
+def is_qwen_image_file(keys: list[str]) -> bool:
+    return transformer_family(keys) == QWEN_IMAGE_FAMILY
+
+
+def is_flux2_file(keys: list[str]) -> bool:
+    return transformer_family(keys) == FLUX2_FAMILY
+
+
+def is_sd3_own_lora(keys: list[str]) -> bool:
+    """A LoRA only SD 3.x has: sd-scripts' ``lora_unet_joint_blocks_*``, or diffusers'
+    ``transformer.*`` next to a second CLIP (``text_encoder_2.*``, CLIP-G), which Flux.1's
+    trainers never write."""
+    return looks_like_lora(keys) and (
+        any(k.startswith("lora_unet_joint_blocks_") for k in keys)
+        or (any(k.startswith("text_encoder_2.") for k in keys)
+            and any(k.startswith("transformer.") for k in keys)))
+
+
+def is_sd3_lora(keys: list[str]) -> bool:
+    """A LoRA that may be of SD 3.x: its own namings, or a diffusers ``transformer.*`` one
+    (the same names as any diffusion transformer's; the adapter checks the layers exist)."""
+    return is_sd3_own_lora(keys) or (looks_like_lora(keys) and any(
+        k.startswith("transformer.") for k in keys))
+
+
+#: Namings of the LoRAs diffusers' Z-Image and Qwen-Image loaders convert: diffusers/peft,
+#: ComfyUI / ai-toolkit (``diffusion_model.*``) and musubi-tuner / kohya (``lora_unet_*`` with
+#: their own block names: Z-Image's ``layers`` and refiners, Qwen-Image's
+#: ``transformer_blocks``; SD's ``lora_unet_down_blocks_*`` and Flux.1's
+#: ``lora_unet_double_blocks_*`` are not theirs).
+_DIT_LORA_PREFIXES = ("transformer.", "diffusion_model.", "lora_unet_layers_",
+                      "lora_unet_noise_refiner_", "lora_unet_context_refiner_",
+                      "lora_unet_transformer_blocks_")
+_FLUX_BLOCK_LORA_PREFIXES = ("diffusion_model.double_blocks.", "diffusion_model.single_blocks.")
+
+
+def is_dit_lora(keys: list[str]) -> bool:
+    """A LoRA of a diffusion transformer in a naming that does not say which one (Z-Image,
+    Qwen-Image): the adapter's loader checks its layers against the base."""
+    return looks_like_lora(keys) and any(k.startswith(_DIT_LORA_PREFIXES) for k in keys) \
+        and not any(k.startswith(_FLUX_BLOCK_LORA_PREFIXES) for k in keys) \
+        and not is_sd3_own_lora(keys)
+
+
+def is_flux2_lora(keys: list[str]) -> bool:
+    """A Flux.2 LoRA as diffusers saves it (``transformer.*``); the BFL / kohya namings its
+    loader also converts are not tested."""
+    return looks_like_lora(keys) and any(k.startswith("transformer.") for k in keys) \
+        and not is_sd3_own_lora(keys)
 
 
 def is_unet_lora(keys: list[str]) -> bool:

@@ -119,8 +119,16 @@ PIXEL_FLOW_FAMILY = "pixel-flow"
 #: The pixel-space families (identity codec, no text).
 PIXEL_FAMILIES: tuple[str, ...] = (DDPM_FAMILY, PIXEL_FLOW_FAMILY)
 FLUX_FAMILY = "flux"
-#: Recognised in order to be refused by name (not supported yet).
+#: Stable Diffusion 3 / 3.5 (adapter: ``cgidm_core.models.sd3``).
 SD3_FAMILY = "sd3"
+#: Chroma (adapter: ``cgidm_core.models.chroma``).
+CHROMA_FAMILY = "chroma"
+#: Z-Image (adapter: ``cgidm_core.models.zimage``).
+ZIMAGE_FAMILY = "z-image"
+#: Qwen-Image (adapter: ``cgidm_core.models.qwen_image``).
+QWEN_IMAGE_FAMILY = "qwen-image"
+#: Flux.2 Klein (adapter: ``cgidm_core.models.flux2``).
+FLUX2_FAMILY = "flux2"
 
 #: Suffixes of pickled PyTorch checkpoints: never loaded (unpickling runs code); the upload
 #: check, the hub fetch and the format detection all refuse them by these names.

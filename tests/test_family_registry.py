@@ -19,12 +19,17 @@ from cgidm.cli import main
 from cgidm.model_files import UPLOAD_KINDS, ModelFileError, classify
 from cgidm_core import families
 from cgidm_core.demo import demo_model_path
-from cgidm_core.errors import IncompatiblePairError, UnsupportedModelFamilyError
+from cgidm_core.errors import (
+    IncompatiblePairError,
+    ModelFormatError,
+    UnsupportedModelFamilyError,
+)
 from cgidm_core.models.flow import FlowMatchingPair
 from cgidm_core.models.formats import (
     base_file_family,
     check_finetune_family,
     detect_finetuned_kind,
+    finetune_claims,
     pipeline_entry,
 )
 from cgidm_core.names import DEMO_BASES, DEMO_FAMILIES, FINETUNED_KINDS
@@ -32,6 +37,7 @@ from tests.paths import REPO_ROOT
 
 SD, SDXL, FLUX, DDPM, FLOW = ("stable-diffusion", "stable-diffusion-xl", "flux", "ddpm",
                               "pixel-flow")
+SD3, CHROMA, ZIMAGE, QWEN, FLUX2 = "sd3", "chroma", "z-image", "qwen-image", "flux2"
 
 # -- tensor names as each family's trainers and converters write them -------------------------
 
@@ -52,6 +58,19 @@ SDXL_UNET = [*SD_UNET, "add_embedding.linear_1.weight"]
 PIXEL_UNET = ["conv_in.weight", "time_embedding.linear_1.weight",
               "down_blocks.0.resnets.0.conv1.weight"]
 SD3_FILE = ["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"]
+SD3_LORA = ["transformer.transformer_blocks.0.attn.to_q.lora_A.weight",
+            "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"]
+SD3_KOHYA_LORA = ["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight"]
+CHROMA_FILE = [*FLUX_FILE, "distilled_guidance_layer.in_proj.weight"]
+CHROMA_LORA = ["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"]
+ZIMAGE_FILE = ["model.diffusion_model.noise_refiner.0.attention.qkv.weight",
+               "model.diffusion_model.context_refiner.0.attention.qkv.weight",
+               "model.diffusion_model.cap_embedder.1.weight"]
+DIT_COMFY_LORA = ["diffusion_model.layers.0.attention.to_q.lora_A.weight"]
+QWEN_FILE = ["img_in.weight", "txt_norm.weight", "txt_in.weight",
+             "transformer_blocks.0.attn.to_q.weight"]
+FLUX2_FILE = ["double_stream_modulation_img.linear.weight", "single_stream_modulation.lin.weight"]
+FLUX2_LORA = ["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"]
 
 #: (family, layout, tensor names): each family's files, as the table must recognise them.
 FILES = [
@@ -59,7 +78,34 @@ FILES = [
     (SDXL, "lora", SDXL_LORA), (SDXL, "single_file", SDXL_FILE), (SDXL, "unet", SDXL_UNET),
     (FLUX, "lora", FLUX_LORA), (FLUX, "single_file", FLUX_FILE),
     (DDPM, "unet", PIXEL_UNET), (FLOW, "unet", PIXEL_UNET),
+    (SD3, "lora", SD3_LORA), (SD3, "lora", SD3_KOHYA_LORA), (SD3, "single_file", SD3_FILE),
+    (CHROMA, "lora", CHROMA_LORA), (CHROMA, "lora", FLUX_LORA),
+    (CHROMA, "single_file", CHROMA_FILE),
+    (ZIMAGE, "lora", DIT_COMFY_LORA), (ZIMAGE, "single_file", ZIMAGE_FILE),
+    (QWEN, "lora", DIT_COMFY_LORA), (QWEN, "single_file", QWEN_FILE),
+    (FLUX2, "lora", FLUX2_LORA),
 ]
+
+#: Pretrained single files: (family, tensor names); the transformer families' hold the
+#: denoiser alone.
+BASE_FILES = [(SD, SD_FILE), (SDXL, SDXL_FILE), (FLUX, FLUX_FILE), (SD3, SD3_FILE),
+              (CHROMA, CHROMA_FILE), (ZIMAGE, ZIMAGE_FILE), (QWEN, QWEN_FILE),
+              (FLUX2, FLUX2_FILE)]
+
+#: The new transformer families' pipeline folders: (class, parts, transformer class).
+_TRANSFORMER_PIPELINES = {
+    SD3: ("StableDiffusion3Pipeline", ("transformer", "vae", "text_encoder", "text_encoder_2",
+                                       "text_encoder_3", "tokenizer", "tokenizer_2",
+                                       "tokenizer_3", "scheduler"), "SD3Transformer2DModel"),
+    CHROMA: ("ChromaPipeline", ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"),
+             "ChromaTransformer2DModel"),
+    ZIMAGE: ("ZImagePipeline", ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"),
+             "ZImageTransformer2DModel"),
+    QWEN: ("QwenImagePipeline", ("transformer", "vae", "text_encoder", "tokenizer",
+                                 "scheduler"), "QwenImageTransformer2DModel"),
+    FLUX2: ("Flux2KleinPipeline", ("transformer", "vae", "text_encoder", "tokenizer",
+                                   "scheduler"), "Flux2Transformer2DModel"),
+}
 
 
 def _file(folder: Path, name: str, keys: list[str]) -> Path:
@@ -84,6 +130,11 @@ def _pipeline(root: Path, family: str) -> Path:
                                              "scheduler": part})
         _write(folder / "scheduler" / "scheduler_config.json", {"_class_name": scheduler})
         _write(folder / "unet" / "config.json", {"_class_name": "UNet2DModel"})
+        return folder
+    if family in _TRANSFORMER_PIPELINES:
+        name, parts, transformer = _TRANSFORMER_PIPELINES[family]
+        _write(folder / "model_index.json", {"_class_name": name, **dict.fromkeys(parts, part)})
+        _write(folder / "transformer" / "config.json", {"_class_name": transformer})
         return folder
     if family == FLUX:
         parts = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer",
@@ -158,9 +209,13 @@ def test_names_are_unique_and_refused_families_are_not_loadable():
 # -- recognition by the table -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", [SD, SDXL, FLUX, DDPM, FLOW])
+@pytest.mark.parametrize("family", [SD, SDXL, FLUX, DDPM, FLOW, *_TRANSFORMER_PIPELINES])
 def test_pipeline_folders_are_recognised_by_the_table(tmp_path, family):
-    assert pipeline_entry(_pipeline(tmp_path, family)) is families.get(family)
+    folder = _pipeline(tmp_path, family)
+    assert pipeline_entry(folder) is families.get(family)
+    if family in _TRANSFORMER_PIPELINES:  # a fine-tuned transformer/ folder of the family
+        assert detect_finetuned_kind(folder / "transformer") == "dreambooth"
+        assert finetune_claims("dreambooth", folder / "transformer") == [families.get(family)]
 
 
 @pytest.mark.parametrize("family, kind, keys", FILES, ids=[f"{f}-{k}" for f, k, _ in FILES])
@@ -175,7 +230,11 @@ def test_finetune_files_are_recognised_by_the_table(tmp_path, family, kind, keys
     (SD, "lora", FLUX_LORA), (SD, "lora", SDXL_LORA), (SD, "single_file", SDXL_FILE),
     (SD, "single_file", FLUX_FILE), (SDXL, "lora", FLUX_LORA), (FLUX, "lora", SD_LORA),
     (FLUX, "single_file", SD_FILE), (FLUX, "unet", SD_UNET), (DDPM, "lora", SD_LORA),
-    (SD, "ddpm", None),
+    (SD, "ddpm", None), (FLUX, "single_file", CHROMA_FILE), (CHROMA, "single_file", FLUX_FILE),
+    (FLUX, "single_file", SD3_FILE), (SD3, "single_file", ZIMAGE_FILE),
+    (ZIMAGE, "single_file", QWEN_FILE), (QWEN, "lora", SD3_KOHYA_LORA),
+    (FLUX, "lora", SD3_LORA), (SD, "single_file", ZIMAGE_FILE), (SDXL, "single_file", QWEN_FILE),
+    (FLUX2, "lora", DIT_COMFY_LORA), (SD3, "lora", DIT_COMFY_LORA),
 ])
 def test_files_of_another_family_are_refused_before_loading(tmp_path, base, kind, keys):
     path = _pipeline(tmp_path, DDPM) if keys is None else _file(tmp_path, "ft", keys)
@@ -183,23 +242,30 @@ def test_files_of_another_family_are_refused_before_loading(tmp_path, base, kind
         check_finetune_family(families.get(base), kind, path)
 
 
-@pytest.mark.parametrize("family, keys", [(SD, SD_FILE), (SDXL, SDXL_FILE), (FLUX, FLUX_FILE)])
+@pytest.mark.parametrize("family, keys", BASE_FILES, ids=[f for f, _ in BASE_FILES])
 def test_pretrained_single_files_are_recognised_by_the_table(tmp_path, family, keys):
     found = base_file_family(_file(tmp_path, "base", keys))
     assert found is families.get(family)
-    expected = "denoiser" if family == FLUX else "complete"
+    expected = "complete" if family in (SD, SDXL) else "denoiser"
     assert found.recognition.base_file_layout == expected
 
 
-def test_refused_and_unknown_families_are_refused_by_name(tmp_path):
-    with pytest.raises(UnsupportedModelFamilyError, match="Stable Diffusion 3"):
-        base_file_family(_file(tmp_path, "sd3", SD3_FILE))
-    with pytest.raises(UnsupportedModelFamilyError, match="Stable Diffusion 3"):
-        detect_finetuned_kind(_file(tmp_path, "sd3", SD3_FILE))
-    sd3 = tmp_path / "sd3"
-    _write(sd3 / "model_index.json", {"_class_name": "StableDiffusion3Pipeline"})
-    with pytest.raises(UnsupportedModelFamilyError, match="Stable Diffusion 3"):
+def test_a_recognised_layout_the_family_does_not_load_is_refused_by_name(tmp_path):
+    path = _file(tmp_path, "flux2", FLUX2_FILE)
+    assert detect_finetuned_kind(path) == "single_file"
+    with pytest.raises(ModelFormatError, match="Flux.2 Klein single-file.*does not load"):
+        check_finetune_family(families.get(FLUX2), "single_file", path)
+
+
+def test_refused_variants_and_unknown_families_are_refused_by_name(tmp_path):
+    sd3 = tmp_path / "sd3"  # a variant the family's adapter does not load
+    _write(sd3 / "model_index.json", {"_class_name": "StableDiffusion3ControlNetPipeline"})
+    with pytest.raises(UnsupportedModelFamilyError, match="text-to-image StableDiffusion3"):
         pipeline_entry(sd3)
+    dev = tmp_path / "flux2-dev"
+    _write(dev / "model_index.json", {"_class_name": "Flux2Pipeline"})
+    with pytest.raises(UnsupportedModelFamilyError, match="Flux.2 dev"):
+        pipeline_entry(dev)
     other = tmp_path / "other"
     _write(other / "model_index.json", {"_class_name": "KandinskyPipeline"})
     with pytest.raises(UnsupportedModelFamilyError, match="KandinskyPipeline.*models --families"):
@@ -220,7 +286,8 @@ def test_the_demo_models_are_recognised_as_their_registered_family():
 def test_upload_check_reads_the_table():
     assert classify(SD_LORA, SD) == "lora"
     assert classify(PIXEL_UNET, DDPM) == "unet"
-    for keys in (FLUX_LORA, SDXL_LORA, FLUX_FILE):  # families that take no uploads yet
+    for keys in (FLUX_LORA, SDXL_LORA, FLUX_FILE, SD3_FILE, CHROMA_FILE, ZIMAGE_FILE, QWEN_FILE,
+                 FLUX2_FILE):  # families that take no uploads yet
         with pytest.raises(ModelFileError) as err:
             classify(keys, SD)
         assert err.value.code == "unsupported_family"
@@ -236,6 +303,8 @@ def test_the_gpu_dtype_when_the_caller_says_auto_is_the_familys():
     assert _default_dtype(families.get(FLUX), None, cuda) == "bfloat16"
     assert _default_dtype(families.get(FLUX), "auto", cuda) == "bfloat16"
     assert _default_dtype(families.get(SD), None, cuda) == "float16"
+    for name in (SD3, CHROMA, ZIMAGE, QWEN, FLUX2):  # released in bfloat16, as Flux.1
+        assert _default_dtype(families.get(name), None, cuda) == "bfloat16"
     assert _default_dtype(families.get(FLUX), None, cpu) is None  # float32 on a CPU
     assert _default_dtype(families.get(FLUX), "float16", cuda) == "float16"  # the caller's
 
@@ -249,7 +318,7 @@ def test_cgidm_models_families_prints_the_table(capsys):
     for family in families.FAMILIES:
         assert f"{family.name}  {family.title}" in text
         assert family.adapter in text
-    assert "Stable Diffusion 3" in text
+    assert "Adding a family" in text
     assert main(["models", "--families", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [row["name"] for row in rows] == [family.name for family in families.FAMILIES]

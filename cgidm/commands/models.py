@@ -77,8 +77,11 @@ def print_families(as_json: bool) -> int:
                            ("trigger prompt", "prompt_source")):
             if row[key]:
                 print(f"  {label}: {row[key]}")
+        if row["memory_borrowed_from"]:
+            print(f"  memory model: NOT counted; {row['memory_note']}")
         print(f"  adapter: {row['adapter']}")
     refused = ", ".join(r.title for r in families.REFUSED)
-    print(f"\nRecognised and refused by name: {refused}. "
-          "Adding a family: docs/FAMILIES.md.")
+    if refused:
+        print(f"\nRecognised and refused by name: {refused}.")
+    print("\nAdding a family: docs/FAMILIES.md.")
     return 0

@@ -49,7 +49,9 @@ def loading_errors(
         raise
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
         message = str(exc)
-        if mismatch_is_incompatible and ("size mismatch" in message or "shape" in message.lower()):
+        # peft's "Target modules ... not found in the base model": a LoRA of another network
+        mismatch = ("size mismatch", "shape", "not found in the base model")
+        if mismatch_is_incompatible and any(m in message.lower() for m in mismatch):
             raise IncompatiblePairError(
                 f"{what} in {where} does not fit the pretrained model ({_first_line(exc)}); "
                 "was it fine-tuned from this base?"

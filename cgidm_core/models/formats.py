@@ -1,7 +1,7 @@
 """Recognising model formats and families from files on disk, before any weights are loaded.
 
 Detection reads only JSON configs and safetensors headers, so refusing an unsupported model
-(the SDXL refiner, SD3, pickle weights, a corrupt file) is instant and never runs code from
+(the SDXL refiner, Flux.2 dev, pickle weights, a corrupt file) is instant and never runs code from
 the model. Which family a file or folder belongs to is the family registry's answer
 (:mod:`cgidm_core.families`): this module reads the files and asks the table, and names no
 family itself.
@@ -20,7 +20,7 @@ from cgidm_core.errors import (
     ModelNotFoundError,
     UnsupportedModelFamilyError,
 )
-from cgidm_core.families import SD3_REFUSAL, Family  # noqa: F401 - SD3_REFUSAL re-exported
+from cgidm_core.families import Family
 from cgidm_core.key_signatures import (  # noqa: F401 - the name rules are shared with the gateway
     is_flux_lora,
     is_sdxl_lora,
@@ -36,7 +36,6 @@ from cgidm_core.names import (  # noqa: F401 - re-exported for the loaders next 
     FLUX_FAMILY,
     PIXEL_FAMILIES,
     PIXEL_FLOW_FAMILY,
-    SD3_FAMILY,
     SD_FAMILY,
     SDXL_FAMILY,
 )
@@ -268,6 +267,12 @@ def check_finetune_family(family: Family, kind: str, path: Path) -> None:
     layout the family has no use for (a pixel UNet for a latent base), or files the registry
     gives to other families only (a Flux LoRA for an SDXL base)."""
     if kind not in family.finetuned_layouts:
+        if kind in ("single_file", "lora") and family in (finetune_claims(kind, path) or []):
+            raise ModelFormatError(
+                f"{path} is {_article(family.title)} {family.title} {LAYOUT_NAMES[kind]}, a "
+                "layout cgidm recognises but does not load for this family yet (it loads: "
+                f"{', '.join(family.finetuned_layouts)}); save it as a diffusers folder first, "
+                "e.g. with the denoiser class's from_single_file(...).save_pretrained(...)")
         if "ddpm" in family.finetuned_layouts:
             what = f"a latent, text-conditioned fine-tune ({kind})"
         elif kind == "ddpm":

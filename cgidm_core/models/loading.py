@@ -57,14 +57,14 @@ def load_pair_from_paths(
 
     ``pretrained`` is a diffusers pipeline folder of a registered family (``cgidm models
     --families``), a complete single-file checkpoint (converted once, see
-    ``single_file_base``), or a single-file denoiser (a Flux.1 transformer), whose config and
+    ``single_file_base``), or a single-file denoiser (a diffusion transformer), whose config and
     other parts come from the pipeline folder ``pretrained_config``; ``finetuned`` is any
     layout :func:`detect_finetuned_kind` recognises (``finetuned_kind`` overrides the
     detection). ``device``/``dtype`` default to CUDA and the family's GPU dtype (float16,
-    bfloat16 for Flux.1) when a GPU exists, else CPU+float32. Without ``allow_network`` nothing
-    is downloaded: Hub ids must already be in the local cache. Text-conditioned pairs drop their
-    text encoders after encoding each new prompt and read them back from disk for the next new
-    one, unless ``keep_text_encoders``.
+    bfloat16 for the diffusion transformers) when a GPU exists, else CPU+float32. Without
+    ``allow_network`` nothing is downloaded: Hub ids must already be in the local cache.
+    Text-conditioned pairs drop their text encoders after encoding each new prompt and read them
+    back from disk for the next new one, unless ``keep_text_encoders``.
     """
     target = resolve_device(device)
     resolve_dtype(dtype, target)  # an unknown dtype is refused before anything is read

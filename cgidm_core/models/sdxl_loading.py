@@ -55,6 +55,12 @@ from cgidm_core.models.unet_configs import (
     unet_family,
 )
 from cgidm_core.models.unet_file import load_unet_file
+from cgidm_core.models.vpred import (
+    check_finetune_objective,
+    check_lora_objective,
+    single_file_objective,
+)
+from cgidm_core.prompts import safetensors_metadata
 
 _TEXT_ENCODERS = {
     "text_encoder": ("CLIPTextModel", "tokenizer"),
@@ -219,8 +225,11 @@ def load_sdxl_single_file(file: Path, base: SDXLBase, opts: LoadOptions) -> SDXL
     for name in _TEXT_ENCODERS:
         if name not in own:
             components[name] = getattr(base, name)
+    objective = single_file_objective(keys, file)  # v-pred / zero-terminal-SNR markers
+    check_finetune_objective(objective, base.scheduler.config, file)
     pipe = _single_file_pipeline(file, base.folder, opts, components)
-    return SDXLFinetune(unet=pipe.unet, **{name: getattr(pipe, name) for name in own})
+    return SDXLFinetune(unet=pipe.unet, prediction_type=objective.prediction_type,
+                        **{name: getattr(pipe, name) for name in own})
 
 
 def _read_sdxl_lora(weights: Path, unet_config: Any) -> tuple[dict, Any, Any]:
@@ -346,6 +355,8 @@ def load_sdxl_pair(
         "keep_text_encoders": keep_text_encoders,
     }
     if kind == "lora":
+        check_lora_objective(safetensors_metadata(lora_weights_file(ft_path)),
+                             base.prediction_type, base.scheduler.config, ft_path)
         attach_sdxl_lora(ft_path, base)
         encoders = SDXLTextEncoders(base.text_encoder, base.text_encoder_2)
         return StableDiffusionXLLoraPair(

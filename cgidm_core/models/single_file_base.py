@@ -18,10 +18,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from cgidm_core import families
 from cgidm_core.errors import ModelFormatError, UnsupportedModelFamilyError
 from cgidm_core.models.formats import (
-    SD3_FAMILY,
-    SD3_REFUSAL,
     SD_FAMILY,
     SDXL_FAMILY,
     SUPPORTED_HINT,
@@ -29,12 +28,17 @@ from cgidm_core.models.formats import (
     transformer_family,
 )
 from cgidm_core.models.unet_configs import SDXL_REFINER_REFUSAL
+from cgidm_core.models.vpred import mark_converted_base
 
 
 def single_file_base_family(keys: list[str], where: Path) -> str:
     """The family of a complete original-layout checkpoint; refuses the refiner and the rest."""
-    if transformer_family(keys) == SD3_FAMILY:
-        raise UnsupportedModelFamilyError(f"{where}: {SD3_REFUSAL}")
+    transformer = transformer_family(keys)
+    if transformer is not None:  # a denoiser alone: its family's entry says what completes it
+        raise UnsupportedModelFamilyError(
+            f"{where} is a {families.title(transformer)} transformer on its own, not a complete "
+            "checkpoint: give its pipeline folder (pretrained_config=..., CLI "
+            "--pretrained-config DIR)")
     if not any(k.startswith("model.diffusion_model.") for k in keys):
         raise ModelFormatError(
             f"{where} holds no UNet ('model.diffusion_model.*'): a pretrained single file must be "
@@ -70,11 +74,13 @@ def converted_base_folder(file: Path, pipeline_class: str, *, allow_network: boo
     from cgidm_core.models.components import loading_errors
 
     file = file.resolve()
-    single_file_base_family(safetensors_keys(file), file)  # refuses what is not a complete file
+    keys = safetensors_keys(file)
+    single_file_base_family(keys, file)  # refuses what is not a complete file
     stat = file.stat()
     key = hashlib.sha256(f"{file}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     target = (root or cache_root()) / f"{file.stem}-{key}"
     if (target / "model_index.json").is_file():
+        mark_converted_base(target, keys)
         return target
     pipeline = getattr(diffusers, pipeline_class)
     try:
@@ -95,4 +101,5 @@ def converted_base_folder(file: Path, pipeline_class: str, *, allow_network: boo
         os.replace(staging, target)
     except OSError:  # another process converted it first
         shutil.rmtree(staging, ignore_errors=True)
+    mark_converted_base(target, keys)  # v-pred / zero-terminal-SNR markers (models.vpred)
     return target

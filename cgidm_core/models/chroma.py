@@ -1,0 +1,384 @@
+"""Chroma (lodestones' Chroma1, a de-distilled, pruned Flux.1-schnell): one adapter module,
+recognition to pair.
+
+Chroma keeps Flux.1's latent (16-channel VAE with scaling and shift, packed 2x2 into tokens with
+``(0, row, col)`` position ids), its double/single-stream blocks and its rectified-flow objective,
+so the pair reuses :mod:`cgidm_core.models.flux`'s packing and time shift and the SD adapter's
+machinery (one float32 VAE, cached prompts, text encoder released and read back, ONE transformer
+with a switchable adapter for a LoRA). What differs, as diffusers' ``ChromaPipeline`` runs it:
+
+- the text: T5 alone (no CLIP, no pooled feature), encoded WITH its attention mask; the
+  transformer's attention mask keeps the prompt's tokens and the first padding token and masks
+  the rest, then all image tokens;
+- no guidance embedding (Chroma is de-distilled: it is sampled with real classifier-free
+  guidance, which the inversion does not use, as for every family);
+- the modulation comes from a small "distilled guidance" MLP on the timestep (inside the
+  transformer; nothing to feed);
+- the time: ``s`` in ``[0, 1]``, shifted by ``calculate_shift``'s ``mu`` at the run's token
+  count (``time_shift`` of the scheduler config).
+
+Layouts: ``ChromaPipeline`` folder (pretrained and fine-tuned), ``transformer/`` folder, single
+file (lodestones publish Chroma as one file in Black Forest Labs' naming with the
+``distilled_guidance_layer.*`` tensors that tell it from Flux.1; converted offline by diffusers'
+``ChromaTransformer2DModel.from_single_file`` with the base folder as config, also as the
+pretrained model with ``pretrained_config``), LoRAs through diffusers' Flux LoRA loader (which
+``ChromaPipeline`` uses): diffusers/peft ``transformer.*`` and kohya-style ``lora_unet_*``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cgidm_core.errors import IncompatiblePairError, ModelFormatError, UnsupportedModelFamilyError
+from cgidm_core.models.flow import FlowMatchingPair
+from cgidm_core.models.flux import (
+    flux_latent_config,
+    image_ids,
+    pack_latents,
+    time_shift,
+    unpack_latents,
+)
+from cgidm_core.models.formats import (
+    IDENTICAL_MODELS,
+    SUPPORTED_HINT,
+    family_name,
+    lora_weights_file,
+    read_json,
+    safetensors_keys,
+    transformer_family,
+    weights_variant,
+)
+from cgidm_core.models.sd_loading import (
+    LORA_ADAPTER_NAME,
+    LoadOptions,
+    count_adapted_layers,
+    load_text_encoder,
+    load_vae,
+    loading_errors,
+    place,
+    read_lora_state_dict,
+    same_weights,
+)
+from cgidm_core.models.stable_diffusion import (
+    StableDiffusionLoraPair,
+    StableDiffusionPair,
+    TextEncoderReloader,
+)
+from cgidm_core.models.text_encoders import tokenize
+from cgidm_core.names import CHROMA_FAMILY
+
+# -- recognition (no weights read) ---------------------------------------------------------------
+
+PIPELINE_CLASS = "ChromaPipeline"
+TRANSFORMER_CLASS = "ChromaTransformer2DModel"
+#: T5 tokens per prompt: ``ChromaPipeline``'s default ``max_sequence_length``.
+T5_TOKENS = 512
+_SCHEDULER_CLASS = "FlowMatchEulerDiscreteScheduler"
+
+
+def is_chroma_single_file(keys: list[str]) -> bool:
+    """A Chroma transformer as one file (``distilled_guidance_layer.*``, BFL or diffusers
+    naming, optionally under ``model.diffusion_model.``)."""
+    return transformer_family(keys) == CHROMA_FAMILY
+
+
+def chroma_pipeline_family(folder: Path, name: str, index: dict[str, Any]) -> str:
+    """``chroma`` for a ``ChromaPipeline`` folder; img2img/inpainting variants are refused."""
+    config_file = folder / "transformer" / "config.json"
+    transformer = read_json(config_file) if config_file.is_file() else {}
+    if name != PIPELINE_CLASS or transformer.get("_class_name", TRANSFORMER_CLASS) != (
+            TRANSFORMER_CLASS):
+        raise UnsupportedModelFamilyError(
+            f"{folder} is a {name} model: of Chroma cgidm supports the text-to-image "
+            f"{PIPELINE_CLASS}. " + SUPPORTED_HINT)
+    missing = [p for p in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+               if p not in index]
+    if missing:
+        raise ModelFormatError(f"{folder} ({name}) lacks {', '.join(missing)}")
+    return CHROMA_FAMILY
+
+
+# -- the pair ------------------------------------------------------------------------------------
+
+
+def text_attention_mask(tokens_mask: torch.Tensor) -> torch.Tensor:
+    """The prompt tokens and the FIRST padding token, as ``ChromaPipeline`` masks the text."""
+    lengths = tokens_mask.sum(dim=1)
+    positions = torch.arange(tokens_mask.shape[1], device=tokens_mask.device).unsqueeze(0)
+    return positions <= lengths.unsqueeze(1)
+
+
+class _ChromaConditioning:
+    """What a Chroma pair does differently from an SD pair (mixin before FlowMatchingPair)."""
+
+    family = CHROMA_FAMILY
+    tokenizer: Any
+    device: torch.device
+    dtype: torch.dtype
+    unet_pretrained: torch.nn.Module
+
+    def __init__(self, *, scheduler_config: dict[str, Any],
+                 max_sequence_length: int | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault("denoiser_config", flux_latent_config(kwargs["vae"].config))
+        self.scheduler_config = dict(scheduler_config)
+        self.max_sequence_length = int(max_sequence_length or T5_TOKENS)
+        super().__init__(**kwargs)  # type: ignore[call-arg]
+
+    def shift_for(self, latent: torch.Tensor) -> float:
+        return time_shift(self.scheduler_config, (latent.shape[-2] // 2) * (latent.shape[-1] // 2))
+
+    def _embed(self, tokenizer: Any, text_encoder: torch.nn.Module, prompt: str
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        del tokenizer  # both models read the base's tokenizer
+        tokens = tokenize(self.tokenizer, prompt, self.max_sequence_length)
+        mask = tokens.attention_mask.to(self.device)
+        with torch.no_grad():
+            hidden = text_encoder(tokens.input_ids.to(self.device), attention_mask=mask)[0]
+        return hidden.to(self.dtype), text_attention_mask(mask)
+
+    def _predict(self, unet: torch.nn.Module, z_t: torch.Tensor, t: torch.Tensor,
+                 context: tuple[torch.Tensor, torch.Tensor], prediction_type: str
+                 ) -> torch.Tensor:
+        """The velocity ``noise - x0`` at ``z_t``, unpacked, float32."""
+        del prediction_type
+        z_t = z_t.to(self.device, torch.float32)
+        batch, _, height, width = z_t.shape
+        steps = torch.as_tensor(t, device=self.device).long().reshape(-1)
+        if steps.numel() == 1:
+            steps = steps.expand(batch)
+        s = self.sigmas(steps, z_t)  # type: ignore[attr-defined]
+        hidden, text_mask = context
+        hidden = hidden.to(self.device, self.dtype)
+        text_mask = text_mask.to(self.device)
+        if hidden.shape[0] != batch:
+            hidden = hidden.expand(batch, *hidden.shape[1:])
+            text_mask = text_mask.expand(batch, *text_mask.shape[1:])
+        image_tokens = (height // 2) * (width // 2)
+        mask = torch.cat([text_mask.to(self.dtype),
+                          torch.ones(batch, image_tokens, device=self.device, dtype=self.dtype)],
+                         dim=1)
+        output = unet(hidden_states=pack_latents(z_t).to(self.dtype), timestep=s.to(self.dtype),
+                      encoder_hidden_states=hidden,
+                      txt_ids=torch.zeros(hidden.shape[1], 3, device=self.device,
+                                          dtype=self.dtype),
+                      img_ids=image_ids(height, width, self.device, self.dtype),
+                      attention_mask=mask, return_dict=False)[0]
+        return unpack_latents(output.float(), height, width)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(),  # type: ignore[misc]
+                "t5_tokens": self.max_sequence_length,
+                "time_shift_at_native_size": self.shift_for(
+                    torch.empty(0, 0, *self.latent_shape[1:]))}  # type: ignore[attr-defined]
+
+
+class ChromaPair(_ChromaConditioning, FlowMatchingPair, StableDiffusionPair):
+    """A Chroma base and a fine-tune (pipeline folder, ``transformer/`` folder or single file)."""
+
+
+class ChromaLoraPair(_ChromaConditioning, FlowMatchingPair, StableDiffusionLoraPair):
+    """A Chroma base and a LoRA of it: ONE transformer, adapter on and off."""
+
+
+# -- loading -------------------------------------------------------------------------------------
+
+
+@dataclass
+class ChromaBase:
+    folder: Path
+    transformer: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler_config: dict[str, Any]
+
+
+def load_chroma_transformer(folder: Path, subfolder: str | None, opts: LoadOptions) -> Any:
+    from diffusers import ChromaTransformer2DModel
+
+    component = folder / subfolder if subfolder else folder
+    name = read_json(component / "config.json").get("_class_name")
+    if name != TRANSFORMER_CLASS:
+        raise IncompatiblePairError(f"{component} holds a {name}, not the {TRANSFORMER_CLASS} "
+                                    "of the Chroma base")
+    with loading_errors("the transformer", component):
+        return ChromaTransformer2DModel.from_pretrained(
+            folder, subfolder=subfolder, use_safetensors=True,
+            local_files_only=opts.local_files_only, torch_dtype=opts.dtype,
+            variant=weights_variant(component, ("diffusion_pytorch_model",)))
+
+
+def load_chroma_single_file_transformer(file: Path, config_folder: Path, opts: LoadOptions
+                                        ) -> Any:
+    from diffusers import ChromaTransformer2DModel
+
+    if not is_chroma_single_file(safetensors_keys(file)):
+        raise IncompatiblePairError(f"{file} holds no Chroma transformer (no "
+                                    "distilled_guidance_layer.* tensors); the base is Chroma")
+    with loading_errors("the single-file transformer", file, mismatch_is_incompatible=True):
+        return ChromaTransformer2DModel.from_single_file(
+            str(file), config=str(config_folder), subfolder="transformer",
+            local_files_only=True, torch_dtype=opts.dtype)
+
+
+def _scheduler_config(folder: Path) -> dict[str, Any]:
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    config = read_json(config_file)
+    if config.get("_class_name", _SCHEDULER_CLASS) != _SCHEDULER_CLASS or int(
+            config.get("num_train_timesteps", 1000)) != 1000:
+        raise ModelFormatError(f"{config_file}: Chroma samples with a 1000-step "
+                               f"{_SCHEDULER_CLASS}, whose config holds the time shift")
+    return config
+
+
+def load_t5(folder: Path, opts: LoadOptions) -> Any:
+    return load_text_encoder(folder, opts, "text_encoder", "T5EncoderModel", "Chroma")
+
+
+def load_chroma_base(folder: Path, opts: LoadOptions, transformer_file: Path | None = None
+                     ) -> ChromaBase:
+    from transformers import AutoTokenizer
+
+    transformer = (load_chroma_transformer(folder, "transformer", opts)
+                   if transformer_file is None
+                   else load_chroma_single_file_transformer(transformer_file, folder, opts))
+    with loading_errors("the tokenizer", folder / "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(folder, subfolder="tokenizer",
+                                                  local_files_only=opts.local_files_only)
+    base = ChromaBase(folder=folder, transformer=transformer, vae=load_vae(folder, opts),
+                      text_encoder=load_t5(folder, opts), tokenizer=tokenizer,
+                      scheduler_config=_scheduler_config(folder))
+    config = base.transformer.config
+    t5, latent = base.text_encoder.config.d_model, 4 * int(base.vae.config.latent_channels)
+    if (config.joint_attention_dim, config.in_channels) != (t5, latent):
+        raise UnsupportedModelFamilyError(
+            f"{folder}: the transformer expects {config.joint_attention_dim}-dim T5 features and "
+            f"{config.in_channels} packed latent features, but T5 gives {t5} and the VAE "
+            f"{latent}: not a Chroma layout")
+    return base
+
+
+_ARCHITECTURE = ("in_channels", "num_layers", "num_single_layers", "attention_head_dim",
+                 "num_attention_heads", "joint_attention_dim", "patch_size")
+
+
+def load_chroma_finetuned(path: Path, kind: str, base: ChromaBase, opts: LoadOptions
+                          ) -> tuple[Any, Any]:
+    """``(transformer, own T5 or None)``."""
+    from cgidm_core.models.formats import pipeline_family
+
+    t5 = None
+    if kind == "pipeline":
+        family = pipeline_family(path)
+        if family != CHROMA_FAMILY:
+            raise IncompatiblePairError(f"the fine-tuned model {path} is a "
+                                        f"{family_name(family)} pipeline but the pretrained one "
+                                        "is Chroma")
+        transformer = load_chroma_transformer(path, "transformer", opts)
+        if (path / "text_encoder" / "config.json").is_file():
+            t5 = load_t5(path, opts)
+    elif kind == "dreambooth":
+        subfolder = "transformer" if (path / "transformer").is_dir() else None
+        transformer = load_chroma_transformer(path, subfolder, opts)
+    elif kind == "single_file":
+        transformer = load_chroma_single_file_transformer(path, base.folder, opts)
+    else:
+        raise IncompatiblePairError(f"the pretrained model is Chroma but {path} is a {kind} "
+                                    "model; both models must be of the same family")
+    for name in _ARCHITECTURE:
+        a, b = getattr(base.transformer.config, name), getattr(transformer.config, name)
+        if a != b:
+            raise IncompatiblePairError(f"the fine-tuned transformer in {path} has {name}={b} "
+                                        f"but the pretrained one has {a}; was it fine-tuned "
+                                        "from this base?")
+    return transformer, t5
+
+
+def attach_chroma_lora(path: Path, base: ChromaBase) -> int:
+    """A LoRA through diffusers' Flux LoRA loader (``ChromaPipeline``'s): diffusers/peft and
+    kohya names; attached to the transformer as one named adapter."""
+    from diffusers import ChromaPipeline
+
+    weights = lora_weights_file(path)
+    state_dict, network_alphas, metadata = read_lora_state_dict(
+        ChromaPipeline, weights, return_alphas=True,
+        not_a_lora="is not a Chroma/Flux LoRA that diffusers can load")
+    transformer_keys = {k: v for k, v in state_dict.items() if k.startswith("transformer.")}
+    if not transformer_keys:
+        raise IncompatiblePairError(f"{weights} holds no transformer LoRA layers for Chroma")
+    with loading_errors("the LoRA", weights, mismatch_is_incompatible=True):
+        ChromaPipeline.load_lora_into_transformer(
+            transformer_keys, network_alphas, transformer=base.transformer,
+            adapter_name=LORA_ADAPTER_NAME, metadata=metadata)
+    return count_adapted_layers(weights, "Chroma base model", base.transformer)
+
+
+def chroma_text_encoder_reloader(base_folder: Path, finetuned_path: Path, opts: LoadOptions,
+                                 own_t5: bool) -> TextEncoderReloader:
+    def reload(finetuned: bool) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+        pretrained = place(load_t5(base_folder, opts), opts)
+        if not finetuned:
+            return pretrained, None
+        if not own_t5:
+            raise ModelFormatError("this Chroma fine-tune has no T5 of its own to reload")
+        return pretrained, place(load_t5(finetuned_path, opts), opts)
+
+    return reload
+
+
+def load_chroma_pair(pre_path: Path, ft_path: Path, kind: str, opts: LoadOptions, *,
+                     keep_text_encoders: bool, pretrained_transformer: Path | None = None
+                     ) -> ChromaPair:
+    base = load_chroma_base(pre_path, opts, pretrained_transformer)
+    shared: dict[str, Any] = {
+        "vae": place(base.vae, opts, torch.float32), "tokenizer": base.tokenizer,
+        "scheduler_config": base.scheduler_config, "alphas_cumprod": None,
+        "prediction_type": "flow", "device": opts.device, "dtype": opts.dtype,
+        "keep_text_encoders": keep_text_encoders,
+    }
+    if kind == "lora":
+        attach_chroma_lora(ft_path, base)
+        return ChromaLoraPair(
+            unet=place(base.transformer, opts), text_encoder=place(base.text_encoder, opts),
+            text_encoder_reloader=chroma_text_encoder_reloader(pre_path, ft_path, opts, False),
+            **shared)
+    transformer, t5 = load_chroma_finetuned(ft_path, kind, base, opts)
+    if t5 is not None and same_weights(t5, base.text_encoder):
+        t5 = None
+    if same_weights(transformer, base.transformer):
+        if t5 is None:
+            raise IncompatiblePairError(IDENTICAL_MODELS.format(ft=ft_path, pre=pre_path))
+        transformer = base.transformer
+    pretrained = place(base.transformer, opts)
+    encoder = place(base.text_encoder, opts)
+    return ChromaPair(
+        unet_pretrained=pretrained,
+        unet_finetuned=pretrained if transformer is base.transformer
+        else place(transformer, opts),
+        text_encoder_pretrained=encoder,
+        text_encoder_finetuned=encoder if t5 is None else place(t5, opts),
+        text_encoder_reloader=chroma_text_encoder_reloader(pre_path, ft_path, opts,
+                                                           t5 is not None),
+        finetuned_kind=kind, **shared)
+
+
+# -- the family registry's adapter interface (``cgidm_core.families.FamilyAdapter``, #23) ---------
+
+
+def check_pipeline_folder(folder: Path, index: dict[str, Any]) -> None:
+    """Refuse, before any weight is read, a pipeline folder this adapter cannot load."""
+    chroma_pipeline_family(folder, str(index.get("_class_name", "")), index)
+
+
+def load_pair(request: Any) -> ChromaPair:
+    """Load a pair from the registry's ``PairRequest`` (``pretrained``, ``finetuned``, ``kind``,
+    ``opts``, ``keep_text_encoders``, ``pretrained_file``: a one-file transformer whose other parts
+    come from the ``pretrained`` folder)."""
+    return load_chroma_pair(
+        request.pretrained, request.finetuned, request.kind, request.opts,
+        keep_text_encoders=request.keep_text_encoders,
+        pretrained_transformer=request.pretrained_file)

@@ -1,0 +1,424 @@
+"""Flux.2 Klein (Black Forest Labs' 4B/9B Flux.2 with a Qwen3 text encoder): one adapter module,
+recognition to pair. Flux.2 dev (Mistral-3 encoder behind a Pixtral processor) is recognised and
+refused by name.
+
+A rectified-flow transformer, so the forward process and the target are
+:class:`~cgidm_core.models.flow.FlowMatchingPair`'s; the pair reuses the SD adapter's machinery.
+As diffusers' ``Flux2KleinPipeline`` runs it:
+
+- the latent: the diffusion runs on the VAE latent PATCHIFIED into 2x2 patches (4 x 32 = 128
+  channels at 1/16 of the image side) and normalised by the VAE's batch-norm running statistics
+  (``vae.bn``). :class:`Flux2VAE2D` presents exactly that space as a 2-D VAE (an affine map of
+  the posterior: mean ``(patchify(m) - mu) / sigma``, std ``patchify(s) / sigma``), so the
+  inversion, the mask and the SD codec run unchanged; each latent pixel is one token (``(t, h,
+  w, l)`` = ``(0, row, col, 0)`` position ids);
+- the text: the prompt in the tokenizer's chat template (``enable_thinking=False``), padded to
+  512 tokens, Qwen3's hidden states of layers 9, 18 and 27 stacked along the features (all
+  tokens), text ids ``(0, 0, 0, position)``;
+- the time: ``s`` (the pipeline passes ``timestep / 1000``), shifted by ``exp(mu)`` with
+  ``mu = compute_empirical_mu(tokens, 50)``: the pipeline's own rule at its default 50 steps
+  (Flux.2's shift depends on the step count; the inversion has none, so the default is used);
+- no guidance embedding in Klein (``guidance_embeds`` false; a transformer with one is Flux.2
+  dev's, refused with the dev pipeline).
+
+Layouts: ``Flux2KleinPipeline`` folders, ``transformer/`` folders, LoRAs through diffusers'
+Flux.2 loader (diffusers/peft names tested; its converters for BFL / kohya names are not).
+Single files are recognised (``single_stream_modulation.*``) but not loaded: not tested at tiny
+size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from cgidm_core.errors import IncompatiblePairError, ModelFormatError, UnsupportedModelFamilyError
+from cgidm_core.models.flow import FlowMatchingPair
+from cgidm_core.models.formats import (
+    IDENTICAL_MODELS,
+    SUPPORTED_HINT,
+    family_name,
+    lora_weights_file,
+    read_json,
+    weights_variant,
+)
+from cgidm_core.models.sd_loading import (
+    LORA_ADAPTER_NAME,
+    LoadOptions,
+    count_adapted_layers,
+    loading_errors,
+    place,
+    same_weights,
+)
+from cgidm_core.models.stable_diffusion import (
+    StableDiffusionLoraPair,
+    StableDiffusionPair,
+    TextEncoderReloader,
+)
+from cgidm_core.names import FLUX2_FAMILY
+
+# -- recognition (no weights read) ---------------------------------------------------------------
+
+PIPELINE_CLASS = "Flux2KleinPipeline"
+TRANSFORMER_CLASS = "Flux2Transformer2DModel"
+TEXT_TOKENS = 512
+#: Qwen3 layers whose hidden states Klein stacks (``Flux2KleinPipeline.encode_prompt``).
+TEXT_LAYERS = (9, 18, 27)
+#: The step count Flux.2's time shift is computed for (the pipeline's default).
+SHIFT_STEPS = 50
+_SCHEDULER_CLASS = "FlowMatchEulerDiscreteScheduler"
+FLUX2_DEV_REFUSAL = (
+    "Flux.2 dev (Flux2Pipeline) is not supported yet: its Mistral-3 text encoder is read through "
+    "a Pixtral processor and system prompt that cgidm does not reproduce yet; Flux.2 Klein "
+    "(Flux2KleinPipeline) is supported"
+)
+
+
+def flux2_pipeline_family(folder: Path, name: str, index: dict[str, Any]) -> str:
+    """``flux2`` for a ``Flux2KleinPipeline`` folder; dev and the edit/inpaint/KV variants are
+    refused by name."""
+    if name == "Flux2Pipeline":
+        raise UnsupportedModelFamilyError(f"{folder}: {FLUX2_DEV_REFUSAL}. " + SUPPORTED_HINT)
+    config_file = folder / "transformer" / "config.json"
+    transformer = read_json(config_file) if config_file.is_file() else {}
+    if name != PIPELINE_CLASS or transformer.get("_class_name", TRANSFORMER_CLASS) != (
+            TRANSFORMER_CLASS) or transformer.get("guidance_embeds"):
+        raise UnsupportedModelFamilyError(
+            f"{folder} is a {name} model: of Flux.2 cgidm supports the text-to-image "
+            f"{PIPELINE_CLASS} (Klein). " + SUPPORTED_HINT)
+    missing = [p for p in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+               if p not in index]
+    if missing:
+        raise ModelFormatError(f"{folder} ({name}) lacks {', '.join(missing)}")
+    return FLUX2_FAMILY
+
+
+# -- the codec -----------------------------------------------------------------------------------
+
+
+def patchify(latents: torch.Tensor) -> torch.Tensor:
+    """``(N, C, H, W)`` -> ``(N, 4C, H/2, W/2)``, as ``Flux2KleinPipeline._patchify_latents``."""
+    n, c, h, w = latents.shape
+    patches = latents.view(n, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)
+    return patches.reshape(n, c * 4, h // 2, w // 2)
+
+
+def unpatchify(latents: torch.Tensor) -> torch.Tensor:
+    n, c, h, w = latents.shape
+    patches = latents.reshape(n, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
+    return patches.reshape(n, c // 4, h * 2, w * 2)
+
+
+class Flux2VAE2D(torch.nn.Module):
+    """``AutoencoderKLFlux2`` in the space the transformer works in: patchified, normalised by
+    the VAE's batch-norm statistics (see the module docstring)."""
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+        config = vae.config
+        std = torch.sqrt(vae.bn.running_var.float() + float(config.batch_norm_eps))
+        self.register_buffer("bn_mean", vae.bn.running_mean.float().view(1, -1, 1, 1).clone(),
+                             persistent=False)
+        self.register_buffer("bn_std", std.view(1, -1, 1, 1).clone(), persistent=False)
+        self.config = SimpleNamespace(
+            scaling_factor=1.0, shift_factor=0.0, latent_channels=4 * int(config.latent_channels),
+            block_out_channels=(0,) * (len(config.block_out_channels) + 1),
+            sample_size=config.sample_size)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    def encode(self, x: torch.Tensor) -> SimpleNamespace:
+        dist = self.vae.encode(x).latent_dist
+        mean = (patchify(dist.mean.float()) - self.bn_mean) / self.bn_std
+        std = patchify(dist.std.float()) / self.bn_std
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=mean, std=std))
+
+    def decode(self, z: torch.Tensor) -> SimpleNamespace:
+        latents = unpatchify(z.float() * self.bn_std + self.bn_mean)
+        return SimpleNamespace(sample=self.vae.decode(latents.to(self.dtype)).sample)
+
+
+# -- the pair ------------------------------------------------------------------------------------
+
+
+def flux2_shift(config: dict[str, Any], tokens: int) -> float:
+    """``exp(mu)`` of ``compute_empirical_mu(tokens, 50)`` where the scheduler shifts
+    dynamically (Flux.2's configs), else the config's fixed ``shift``."""
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+    if not config.get("use_dynamic_shifting", False):
+        return float(config.get("shift", 1.0))
+    mu = compute_empirical_mu(image_seq_len=tokens, num_steps=SHIFT_STEPS)
+    return float(mu) if config.get("time_shift_type", "exponential") == "linear" else math.exp(mu)
+
+
+class _Flux2Conditioning:
+    """What a Flux.2 Klein pair does differently from an SD pair (mixin before FlowMatchingPair)."""
+
+    family = FLUX2_FAMILY
+    tokenizer: Any
+    device: torch.device
+    dtype: torch.dtype
+
+    def __init__(self, *, scheduler_config: dict[str, Any], **kwargs: Any) -> None:
+        vae = kwargs["vae"]
+        scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        kwargs.setdefault("denoiser_config", SimpleNamespace(
+            sample_size=int(vae.config.sample_size) // scale,
+            in_channels=vae.config.latent_channels, block_out_channels=(0,)))
+        self.scheduler_config = dict(scheduler_config)
+        super().__init__(**kwargs)  # type: ignore[call-arg]
+
+    def shift_for(self, latent: torch.Tensor) -> float:
+        return flux2_shift(self.scheduler_config, latent.shape[-2] * latent.shape[-1])
+
+    def _embed(self, tokenizer: Any, text_encoder: torch.nn.Module, prompt: str) -> torch.Tensor:
+        del tokenizer  # both models read the base's tokenizer
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True,
+            enable_thinking=False)
+        tokens = self.tokenizer(text, return_tensors="pt", padding="max_length", truncation=True,
+                                max_length=TEXT_TOKENS)
+        with torch.no_grad():
+            out = text_encoder(input_ids=tokens.input_ids.to(self.device),
+                               attention_mask=tokens.attention_mask.to(self.device),
+                               output_hidden_states=True, use_cache=False)
+        stacked = torch.stack([out.hidden_states[k] for k in TEXT_LAYERS], dim=1)
+        batch, layers, length, width = stacked.shape
+        return stacked.permute(0, 2, 1, 3).reshape(batch, length, layers * width).to(self.dtype)
+
+    def _predict(self, unet: torch.nn.Module, z_t: torch.Tensor, t: torch.Tensor,
+                 context: torch.Tensor, prediction_type: str) -> torch.Tensor:
+        """The velocity ``noise - x0`` at ``z_t`` (one token per latent pixel), float32."""
+        del prediction_type
+        z_t = z_t.to(self.device, torch.float32)
+        batch, channels, height, width = z_t.shape
+        steps = torch.as_tensor(t, device=self.device).long().reshape(-1)
+        if steps.numel() == 1:
+            steps = steps.expand(batch)
+        s = self.sigmas(steps, z_t)  # type: ignore[attr-defined]
+        hidden = context.to(self.device, self.dtype)
+        if hidden.shape[0] != batch:
+            hidden = hidden.expand(batch, *hidden.shape[1:])
+        zero = torch.arange(1)
+        img_ids = torch.cartesian_prod(zero, torch.arange(height), torch.arange(width), zero)
+        txt_ids = torch.cartesian_prod(zero, zero, zero, torch.arange(hidden.shape[1]))
+        tokens = z_t.reshape(batch, channels, height * width).permute(0, 2, 1)
+        output = unet(hidden_states=tokens.to(self.dtype),
+                      timestep=(s * 1000).to(self.dtype) / 1000,  # the pipeline's arithmetic
+                      guidance=None, encoder_hidden_states=hidden,
+                      txt_ids=txt_ids.to(self.device).expand(batch, -1, -1),
+                      img_ids=img_ids.to(self.device).expand(batch, -1, -1),
+                      return_dict=False)[0]
+        return output.float().permute(0, 2, 1).reshape(batch, channels, height, width)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(),  # type: ignore[misc]
+                "variant": "klein", "text_layers": list(TEXT_LAYERS),
+                "time_shift_at_native_size": self.shift_for(
+                    torch.empty(0, 0, *self.latent_shape[1:]))}  # type: ignore[attr-defined]
+
+
+class Flux2Pair(_Flux2Conditioning, FlowMatchingPair, StableDiffusionPair):
+    """A Flux.2 Klein base and a fine-tune (pipeline or ``transformer/`` folder)."""
+
+
+class Flux2LoraPair(_Flux2Conditioning, FlowMatchingPair, StableDiffusionLoraPair):
+    """A Flux.2 Klein base and a LoRA of it: ONE transformer, adapter on and off."""
+
+
+# -- loading -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Flux2Base:
+    folder: Path
+    transformer: Any
+    vae: Flux2VAE2D
+    text_encoder: Any
+    tokenizer: Any
+    scheduler_config: dict[str, Any]
+
+
+def load_flux2_transformer(folder: Path, subfolder: str | None, opts: LoadOptions) -> Any:
+    from diffusers import Flux2Transformer2DModel
+
+    component = folder / subfolder if subfolder else folder
+    name = read_json(component / "config.json").get("_class_name")
+    if name != TRANSFORMER_CLASS:
+        raise IncompatiblePairError(f"{component} holds a {name}, not the {TRANSFORMER_CLASS} "
+                                    "of the Flux.2 base")
+    with loading_errors("the transformer", component):
+        return Flux2Transformer2DModel.from_pretrained(
+            folder, subfolder=subfolder, use_safetensors=True,
+            local_files_only=opts.local_files_only, torch_dtype=opts.dtype,
+            variant=weights_variant(component, ("diffusion_pytorch_model",)))
+
+
+def load_qwen3_lm(folder: Path, opts: LoadOptions) -> Any:
+    import transformers
+
+    component = folder / "text_encoder"
+    config = read_json(component / "config.json")
+    if config.get("model_type") != "qwen3":
+        raise UnsupportedModelFamilyError(f"{component} is a {config.get('model_type')} model, "
+                                          "not the Qwen3 encoder Flux.2 Klein uses")
+    with loading_errors("the text encoder", component):
+        return transformers.Qwen3ForCausalLM.from_pretrained(
+            folder, subfolder="text_encoder", use_safetensors=True,
+            local_files_only=opts.local_files_only, dtype=opts.dtype,
+            variant=weights_variant(component, ("model",)))
+
+
+def load_flux2_vae(folder: Path, opts: LoadOptions) -> Flux2VAE2D:
+    from diffusers import AutoencoderKLFlux2
+
+    with loading_errors("the VAE", folder / "vae"):
+        vae = AutoencoderKLFlux2.from_pretrained(
+            folder, subfolder="vae", use_safetensors=True,
+            local_files_only=opts.local_files_only, torch_dtype=torch.float32)
+    return Flux2VAE2D(vae.eval())
+
+
+def load_flux2_base(folder: Path, opts: LoadOptions, transformer_file: Path | None = None
+                    ) -> Flux2Base:
+    from transformers import AutoTokenizer
+
+    if transformer_file is not None:
+        raise ModelFormatError(f"{transformer_file}: a Flux.2 transformer as one file is not "
+                               "supported yet; give the Flux2KleinPipeline folder")
+    with loading_errors("the tokenizer", folder / "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(folder, subfolder="tokenizer",
+                                                  local_files_only=opts.local_files_only)
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    scheduler = read_json(config_file)
+    if scheduler.get("_class_name", _SCHEDULER_CLASS) != _SCHEDULER_CLASS:
+        raise ModelFormatError(f"{config_file}: Flux.2 samples with {_SCHEDULER_CLASS}")
+    base = Flux2Base(folder=folder, transformer=load_flux2_transformer(folder, "transformer", opts),
+                     vae=load_flux2_vae(folder, opts), text_encoder=load_qwen3_lm(folder, opts),
+                     tokenizer=tokenizer, scheduler_config=scheduler)
+    config = base.transformer.config
+    layers = base.text_encoder.config.num_hidden_layers
+    width = len(TEXT_LAYERS) * base.text_encoder.config.hidden_size
+    latent = int(base.vae.config.latent_channels)
+    if layers < max(TEXT_LAYERS) or (config.joint_attention_dim, config.in_channels) != (
+            width, latent):
+        raise UnsupportedModelFamilyError(
+            f"{folder}: the transformer expects {config.joint_attention_dim}-dim text features "
+            f"and {config.in_channels} latent channels, but Qwen3 ({layers} layers) gives "
+            f"{width} from layers {TEXT_LAYERS} and the VAE {latent}: not a Flux.2 Klein layout")
+    return base
+
+
+_ARCHITECTURE = ("in_channels", "num_layers", "num_single_layers", "attention_head_dim",
+                 "num_attention_heads", "joint_attention_dim", "guidance_embeds")
+
+
+def load_flux2_finetuned(path: Path, kind: str, base: Flux2Base, opts: LoadOptions) -> Any:
+    from cgidm_core.models.formats import pipeline_family
+
+    if kind == "pipeline":
+        family = pipeline_family(path)
+        if family != FLUX2_FAMILY:
+            raise IncompatiblePairError(f"the fine-tuned model {path} is a "
+                                        f"{family_name(family)} pipeline but the pretrained one "
+                                        "is Flux.2 Klein")
+        transformer = load_flux2_transformer(path, "transformer", opts)
+    elif kind == "dreambooth":
+        subfolder = "transformer" if (path / "transformer").is_dir() else None
+        transformer = load_flux2_transformer(path, subfolder, opts)
+    elif kind == "single_file":
+        raise ModelFormatError(f"{path}: a Flux.2 transformer as one file is not supported yet; "
+                               "give it as a transformer/ folder (diffusers' "
+                               "Flux2Transformer2DModel.from_single_file(...).save_pretrained)")
+    else:
+        raise IncompatiblePairError(f"the pretrained model is Flux.2 Klein but {path} is a {kind}"
+                                    " model; both models must be of the same family")
+    for name in _ARCHITECTURE:
+        a, b = getattr(base.transformer.config, name), getattr(transformer.config, name)
+        if a != b:
+            raise IncompatiblePairError(f"the fine-tuned transformer in {path} has {name}={b} "
+                                        f"but the pretrained one has {a}; was it fine-tuned "
+                                        "from this base?")
+    return transformer
+
+
+def attach_flux2_lora(path: Path, base: Flux2Base) -> int:
+    from diffusers import Flux2KleinPipeline
+
+    weights = lora_weights_file(path)
+    with loading_errors("the LoRA", weights, mismatch_is_incompatible=True):
+        state_dict, metadata = Flux2KleinPipeline.lora_state_dict(
+            str(weights.parent), weight_name=weights.name, use_safetensors=True,
+            local_files_only=True, return_lora_metadata=True)
+    if not state_dict or not all("lora" in key for key in state_dict):
+        raise ModelFormatError(f"{weights} is not a Flux.2 LoRA that diffusers can load")
+    keys = {k: v for k, v in state_dict.items() if k.startswith("transformer.")}
+    if not keys:
+        raise IncompatiblePairError(f"{weights} holds no Flux.2 transformer LoRA layers")
+    with loading_errors("the LoRA", weights, mismatch_is_incompatible=True):
+        Flux2KleinPipeline.load_lora_into_transformer(
+            keys, transformer=base.transformer, adapter_name=LORA_ADAPTER_NAME,
+            metadata=metadata)
+    return count_adapted_layers(weights, "Flux.2 Klein base model", base.transformer)
+
+
+def flux2_text_encoder_reloader(base_folder: Path, opts: LoadOptions) -> TextEncoderReloader:
+    def reload(finetuned: bool) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+        if finetuned:
+            raise ModelFormatError("a Flux.2 fine-tune has no text encoder of its own here")
+        return place(load_qwen3_lm(base_folder, opts), opts), None
+
+    return reload
+
+
+def load_flux2_pair(pre_path: Path, ft_path: Path, kind: str, opts: LoadOptions, *,
+                    keep_text_encoders: bool, pretrained_transformer: Path | None = None
+                    ) -> Flux2Pair:
+    """Fine-tuned text encoders are not read: both models are conditioned by the base's Qwen3
+    (Klein fine-tunes train the transformer)."""
+    base = load_flux2_base(pre_path, opts, pretrained_transformer)
+    shared: dict[str, Any] = {
+        "vae": place(base.vae, opts, torch.float32), "tokenizer": base.tokenizer,
+        "scheduler_config": base.scheduler_config, "alphas_cumprod": None,
+        "prediction_type": "flow", "device": opts.device, "dtype": opts.dtype,
+        "keep_text_encoders": keep_text_encoders,
+        "text_encoder_reloader": flux2_text_encoder_reloader(pre_path, opts),
+    }
+    if kind == "lora":
+        attach_flux2_lora(ft_path, base)
+        return Flux2LoraPair(unet=place(base.transformer, opts),
+                             text_encoder=place(base.text_encoder, opts), **shared)
+    transformer = load_flux2_finetuned(ft_path, kind, base, opts)
+    if same_weights(transformer, base.transformer):
+        raise IncompatiblePairError(IDENTICAL_MODELS.format(ft=ft_path, pre=pre_path))
+    encoder = place(base.text_encoder, opts)
+    return Flux2Pair(unet_pretrained=place(base.transformer, opts),
+                     unet_finetuned=place(transformer, opts), text_encoder_pretrained=encoder,
+                     text_encoder_finetuned=encoder, finetuned_kind=kind, **shared)
+
+
+# -- the family registry's adapter interface (``cgidm_core.families.FamilyAdapter``, #23) ---------
+
+
+def check_pipeline_folder(folder: Path, index: dict[str, Any]) -> None:
+    """Refuse, before any weight is read, a pipeline folder this adapter cannot load."""
+    flux2_pipeline_family(folder, str(index.get("_class_name", "")), index)
+
+
+def load_pair(request: Any) -> Flux2Pair:
+    """Load a pair from the registry's ``PairRequest`` (``pretrained``, ``finetuned``, ``kind``,
+    ``opts``, ``keep_text_encoders``, ``pretrained_file``: a one-file transformer whose other parts
+    come from the ``pretrained`` folder)."""
+    return load_flux2_pair(
+        request.pretrained, request.finetuned, request.kind, request.opts,
+        keep_text_encoders=request.keep_text_encoders,
+        pretrained_transformer=request.pretrained_file)

@@ -1,0 +1,748 @@
+"""Tiny random models of the newer families (issue #23), built on the fly for tests.
+
+Small configs of the real architectures (diffusers' own classes, a layer or two, widths of 8-64),
+saved in the layouts their users publish, with tokenizers written locally (``tinymodels``'
+byte-level CLIP and ``tokenizers``-built T5 tokenizers): nothing is downloaded. A "fine-tune" is
+the base with seeded noise added to its weights, as in :mod:`cgidm_testkit.tinymodels`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from cgidm_testkit.tinymodels import (
+    _randomize_lora_b,
+    perturb_,
+    tiny_t5_tokenizer_and_encoder,
+    tiny_tokenizer_and_text_config,
+)
+
+# --------------------------------------------------------------------------------------------
+# Stable Diffusion 3 / 3.5: SD3Transformer2DModel (MMDiT; 3.5 medium = MMDiT-X with dual
+# attention in its first blocks and qk RMS norm, 3.5 large = qk RMS norm), CLIP-L + CLIP-G
+# (with projection) + T5, a 16-channel VAE with scaling and shift factors.
+
+#: Transformer settings of each SD 3.x layout, on top of the tiny sizes.
+SD3_LAYOUTS = {
+    "3.5-medium": {"dual_attention_layers": (0,), "qk_norm": "rms_norm"},
+    "3.5-large": {"qk_norm": "rms_norm"},
+    "3.0": {},
+}
+
+
+def tiny_sd3_transformer(seed: int = 0, layout: str = "3.5-large"):
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+        caption_projection_dim=16, pooled_projection_dim=24, pos_embed_max_size=16,
+        **SD3_LAYOUTS[layout])
+
+
+def _clip_with_projection(tokenizer, hidden: int, seed: int):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden,
+                            intermediate_size=2 * hidden, num_hidden_layers=2,
+                            num_attention_heads=2, max_position_embeddings=77,
+                            projection_dim=hidden, bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    return CLIPTextModelWithProjection(config).eval()
+
+
+def make_tiny_sd3(path: str | Path, seed: int = 0, layout: str = "3.5-large",
+                  with_t5: bool = True) -> Path:
+    """A random ``StableDiffusion3Pipeline`` folder of ``layout``: CLIP-L 8 wide, CLIP-G 16 wide
+    (their penultimate states concatenated, 24, are zero-padded to T5's 32), pooled 8 + 16 = 24;
+    a two-block VAE, so 32 px images have 16 x 16 latents (8 x 8 patches). ``with_t5=False``
+    saves the pipeline without T5, as ``save_pretrained`` writes one loaded with
+    ``text_encoder_3=None`` (Stability's documented way to run SD3 without its 4.7B T5)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    path = Path(path)
+    transformer = tiny_sd3_transformer(seed, layout)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                        latent_channels=16,
+                        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), sample_size=32,
+                        scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+                        use_post_quant_conv=False)
+    tokenizer, _ = tiny_tokenizer_and_text_config()
+    tokenizer_3, t5 = tiny_t5_tokenizer_and_encoder(seed + 4)
+    StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=_clip_with_projection(tokenizer, 8, seed + 2), tokenizer=tokenizer,
+        text_encoder_2=_clip_with_projection(tokenizer, 16, seed + 3), tokenizer_2=tokenizer,
+        text_encoder_3=t5 if with_t5 else None, tokenizer_3=tokenizer_3 if with_t5 else None,
+    ).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def load_sd3_transformer(folder: str | Path, subfolder: str | None = "transformer"):
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel.from_pretrained(folder, subfolder=subfolder,
+                                                 use_safetensors=True, local_files_only=True)
+
+
+def make_sd3_transformer_folder(base: str | Path, out: str | Path, seed: int = 1) -> Path:
+    """``transformer/`` only, perturbed: what diffusers' SD3 DreamBooth script leaves."""
+    out = Path(out)
+    perturb_(load_sd3_transformer(base), seed=seed).save_pretrained(
+        out / "transformer", safe_serialization=True)
+    return out
+
+
+def make_sd3_full_finetune(base: str | Path, out: str | Path, seed: int = 1,
+                           clip_seed: int | None = None) -> Path:
+    """A copy of the pipeline with its transformer perturbed (and CLIP-L with ``clip_seed``)."""
+    from transformers import CLIPTextModelWithProjection
+
+    base, out = Path(base), Path(out)
+    shutil.copytree(base, out, dirs_exist_ok=True)
+    shutil.rmtree(out / "transformer")
+    perturb_(load_sd3_transformer(base), seed=seed).save_pretrained(out / "transformer",
+                                                                   safe_serialization=True)
+    if clip_seed is not None:
+        clip = perturb_(CLIPTextModelWithProjection.from_pretrained(base / "text_encoder"),
+                        seed=clip_seed)
+        shutil.rmtree(out / "text_encoder")
+        clip.save_pretrained(out / "text_encoder", safe_serialization=True)
+    return out
+
+
+def _swap_scale_shift(weight: torch.Tensor) -> torch.Tensor:
+    first, second = weight.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
+
+
+def sd3_transformer_to_stability(state: dict[str, torch.Tensor], num_layers: int
+                                 ) -> dict[str, torch.Tensor]:
+    """A diffusers SD3 transformer state dict in Stability's MMDiT naming (``joint_blocks.N.
+    x_block.attn.qkv``...), the inverse of diffusers' ``convert_sd3_transformer_checkpoint_to_
+    diffusers``, so that a test can write the single files Stability and Civitai publish."""
+    state = dict(state)
+    out: dict[str, torch.Tensor] = {}
+
+    def take(source: str, target: str, swap: bool = False) -> None:
+        for suffix in (".weight", ".bias"):
+            if source + suffix in state:
+                tensor = state.pop(source + suffix)
+                out[target + suffix] = _swap_scale_shift(tensor) if swap else tensor
+
+    def fuse(sources: list[str], target: str) -> None:
+        for suffix in (".weight", ".bias"):
+            out[target + suffix] = torch.cat([state.pop(s + suffix) for s in sources])
+
+    out["pos_embed"] = state.pop("pos_embed.pos_embed")
+    take("pos_embed.proj", "x_embedder.proj")
+    take("time_text_embed.timestep_embedder.linear_1", "t_embedder.mlp.0")
+    take("time_text_embed.timestep_embedder.linear_2", "t_embedder.mlp.2")
+    take("time_text_embed.text_embedder.linear_1", "y_embedder.mlp.0")
+    take("time_text_embed.text_embedder.linear_2", "y_embedder.mlp.2")
+    take("context_embedder", "context_embedder")
+    for i in range(num_layers):
+        d, s = f"transformer_blocks.{i}", f"joint_blocks.{i}"
+        last = i == num_layers - 1
+        fuse([f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v"], f"{s}.x_block.attn.qkv")
+        fuse([f"{d}.attn.add_q_proj", f"{d}.attn.add_k_proj", f"{d}.attn.add_v_proj"],
+             f"{s}.context_block.attn.qkv")
+        for ours, theirs in (("norm_q", "x_block.attn.ln_q"), ("norm_k", "x_block.attn.ln_k"),
+                             ("norm_added_q", "context_block.attn.ln_q"),
+                             ("norm_added_k", "context_block.attn.ln_k")):
+            take(f"{d}.attn.{ours}", f"{s}.{theirs}")
+        take(f"{d}.attn.to_out.0", f"{s}.x_block.attn.proj")
+        take(f"{d}.attn.to_add_out", f"{s}.context_block.attn.proj")
+        if f"{d}.attn2.to_q.weight" in state:
+            fuse([f"{d}.attn2.to_q", f"{d}.attn2.to_k", f"{d}.attn2.to_v"],
+                 f"{s}.x_block.attn2.qkv")
+            take(f"{d}.attn2.norm_q", f"{s}.x_block.attn2.ln_q")
+            take(f"{d}.attn2.norm_k", f"{s}.x_block.attn2.ln_k")
+            take(f"{d}.attn2.to_out.0", f"{s}.x_block.attn2.proj")
+        take(f"{d}.norm1.linear", f"{s}.x_block.adaLN_modulation.1")
+        take(f"{d}.norm1_context.linear", f"{s}.context_block.adaLN_modulation.1", swap=last)
+        take(f"{d}.ff.net.0.proj", f"{s}.x_block.mlp.fc1")
+        take(f"{d}.ff.net.2", f"{s}.x_block.mlp.fc2")
+        take(f"{d}.ff_context.net.0.proj", f"{s}.context_block.mlp.fc1")
+        take(f"{d}.ff_context.net.2", f"{s}.context_block.mlp.fc2")
+    take("proj_out", "final_layer.linear")
+    take("norm_out.linear", "final_layer.adaLN_modulation.1", swap=True)
+    if state:
+        raise ValueError(f"unmapped SD3 transformer tensors: {sorted(state)[:5]}")
+    return out
+
+
+def make_sd3_single_file(base: str | Path, out_file: str | Path, seed: int = 1) -> Path:
+    """A fine-tuned transformer as one file in Stability's naming under
+    ``model.diffusion_model.`` (as ``sd3.5_large.safetensors`` is published); the same
+    transformer is also written as ``<stem>_diffusers/transformer`` for tests to compare with."""
+    from safetensors.torch import save_file
+
+    out_file = Path(out_file)
+    folder = make_sd3_transformer_folder(base, out_file.parent / f"{out_file.stem}_diffusers",
+                                         seed)
+    transformer = load_sd3_transformer(folder)
+    state = sd3_transformer_to_stability(transformer.state_dict(),
+                                         transformer.config.num_layers)
+    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in state.items()},
+              str(out_file))
+    return out_file
+
+
+def make_sd3_lora(base: str | Path, out: str | Path, seed: int = 1, rank: int = 4,
+                  with_clip: bool = False, card_prompt: str | None = None) -> Path:
+    """A diffusers/peft SD3 LoRA folder as ``train_dreambooth_lora_sd3.py`` saves it: the
+    transformer's attention projections and, with ``with_clip``, CLIP-L's (``text_encoder.*``);
+    ``card_prompt`` writes the model card the script leaves next to it."""
+    from diffusers import StableDiffusion3Pipeline
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+    from transformers import CLIPTextModelWithProjection
+
+    generator = torch.Generator().manual_seed(seed)
+    transformer = load_sd3_transformer(base)
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
+                                       target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    _randomize_lora_b(transformer, generator)
+    layers = {"transformer_lora_layers": get_peft_model_state_dict(transformer)}
+    if with_clip:
+        clip = CLIPTextModelWithProjection.from_pretrained(Path(base) / "text_encoder")
+        # peft directly: transformers' own add_adapter demands a newer peft than diffusers
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
+                                           target_modules=["q_proj", "k_proj", "v_proj",
+                                                           "out_proj"]), clip)
+        _randomize_lora_b(clip, generator)
+        layers["text_encoder_lora_layers"] = {
+            (k if k.startswith("text_model.") else "text_model." + k): v
+            for k, v in get_peft_model_state_dict(clip).items()}
+    StableDiffusion3Pipeline.save_lora_weights(out, safe_serialization=True, **layers)
+    if card_prompt is not None:
+        (Path(out) / "README.md").write_text(
+            "---\nbase_model: stabilityai/stable-diffusion-3.5-medium\ninstance_prompt: "
+            f"{card_prompt}\ntags:\n- sd3\n- lora\n---\n# SD3 DreamBooth LoRA\n",
+            encoding="utf-8")
+    return Path(out)
+
+
+def make_sd3_kohya_lora(out_file: str | Path) -> Path:
+    """A minimal sd-scripts SD3 LoRA header (``lora_unet_joint_blocks_*``): enough to be
+    recognised and refused."""
+    from safetensors.torch import save_file
+
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    name = "lora_unet_joint_blocks_0_x_block_attn_qkv"
+    save_file({f"{name}.lora_down.weight": torch.zeros(4, 16),
+               f"{name}.lora_up.weight": torch.zeros(48, 4), f"{name}.alpha": torch.tensor(4.0)},
+              str(out_file), metadata={"ss_base_model_version": "sd3"})
+    return out_file
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data), encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------------
+# SDXL v-prediction with zero terminal SNR (NoobAI-XL v-pred's scheduler settings)
+
+
+def make_tiny_sdxl_vpred(path: str | Path, seed: int = 0, zero_terminal_snr: bool = True) -> Path:
+    """A random SDXL pipeline folder whose scheduler says ``v_prediction`` and (by default)
+    ``rescale_betas_zero_snr`` with trailing timesteps, as v-pred SDXL models are published."""
+    from cgidm_testkit.tinymodels import make_tiny_sdxl
+
+    path = make_tiny_sdxl(path, seed=seed, prediction_type="v_prediction")
+    config_file = path / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config.update(rescale_betas_zero_snr=zero_terminal_snr, timestep_spacing="trailing")
+    write_json(config_file, config)
+    return path
+
+
+def add_tensors(file: Path, extra: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+                ) -> Path:
+    """Rewrite a safetensors file with ``extra`` tensors (and header metadata) added, as v-pred
+    checkpoints carry their empty ``v_pred`` / ``ztsnr`` marker tensors."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(file))
+    save_file({**tensors, **extra}, str(file), metadata=metadata)
+    return file
+
+
+# --------------------------------------------------------------------------------------------
+# Chroma: ChromaTransformer2DModel (Flux.1's blocks, modulated by a small "distilled guidance"
+# MLP of the timestep) over packed 2x2 patches of a 16-channel latent; T5 alone
+
+
+def tiny_chroma_transformer(seed: int = 0):
+    from diffusers import ChromaTransformer2DModel
+
+    torch.manual_seed(seed)
+    return ChromaTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6),
+        approximator_num_channels=8, approximator_hidden_dim=32, approximator_layers=1)
+
+
+def make_tiny_chroma(path: str | Path, seed: int = 0) -> Path:
+    """A random ``ChromaPipeline`` folder: 32 px images, 16 x 16 latents (8 x 8 tokens), T5 32
+    wide, Chroma1-HD's scheduler settings (dynamic shift, base 0.5 at 256 tokens, max 1.15)."""
+    from diffusers import AutoencoderKL, ChromaPipeline, FlowMatchEulerDiscreteScheduler
+
+    path = Path(path)
+    transformer = tiny_chroma_transformer(seed)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                        latent_channels=16,
+                        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), sample_size=32,
+                        scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                        use_post_quant_conv=False)
+    tokenizer, t5 = tiny_t5_tokenizer_and_encoder(seed + 2)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    ChromaPipeline(scheduler=scheduler, vae=vae, text_encoder=t5, tokenizer=tokenizer,
+                   transformer=transformer).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def load_chroma_transformer(folder: str | Path, subfolder: str | None = "transformer"):
+    from diffusers import ChromaTransformer2DModel
+
+    return ChromaTransformer2DModel.from_pretrained(folder, subfolder=subfolder,
+                                                    use_safetensors=True, local_files_only=True)
+
+
+def make_chroma_transformer_folder(base: str | Path, out: str | Path, seed: int = 1) -> Path:
+    out = Path(out)
+    perturb_(load_chroma_transformer(base), seed=seed).save_pretrained(
+        out / "transformer", safe_serialization=True)
+    return out
+
+
+def make_chroma_full_finetune(base: str | Path, out: str | Path, seed: int = 1) -> Path:
+    base, out = Path(base), Path(out)
+    shutil.copytree(base, out, dirs_exist_ok=True)
+    shutil.rmtree(out / "transformer")
+    perturb_(load_chroma_transformer(base), seed=seed).save_pretrained(out / "transformer",
+                                                                      safe_serialization=True)
+    return out
+
+
+def make_chroma_single_file(base: str | Path, out_file: str | Path, seed: int = 1) -> Path:
+    """A fine-tuned transformer as one file in diffusers naming (diffusers' converter for
+    lodestones' BFL naming hard-codes Chroma's width of 3072, so a tiny one cannot be written in
+    it); also written as ``<stem>_diffusers/transformer`` for tests to compare with."""
+    from safetensors.torch import save_file
+
+    out_file = Path(out_file)
+    folder = make_chroma_transformer_folder(base, out_file.parent / f"{out_file.stem}_diffusers",
+                                            seed)
+    state = load_chroma_transformer(folder).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out_file))
+    return out_file
+
+
+def make_chroma_lora(base: str | Path, out: str | Path, seed: int = 1, rank: int = 4) -> Path:
+    """A diffusers/peft Chroma LoRA folder (attention projections of every block)."""
+    from diffusers import ChromaPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    transformer = load_chroma_transformer(base)
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
+                                       target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    _randomize_lora_b(transformer, torch.Generator().manual_seed(seed))
+    ChromaPipeline.save_lora_weights(out, transformer_lora_layers=get_peft_model_state_dict(
+        transformer), safe_serialization=True)
+    return Path(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Z-Image: ZImageTransformer2DModel (single-stream S3-DiT, NextDiT layout) on a 16-channel
+# latent, conditioned on a Qwen3 encoder's second-to-last hidden states of a chat-templated prompt
+
+#: A Qwen-style chat template (user turn, assistant generation prompt; the thinking switch is
+#: accepted as Qwen3's template accepts it). What matters for the tests is that the pipeline and
+#: the pair apply the SAME template, which they read from the tokenizer.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n"
+    "{% endif %}{% endif %}"
+)
+
+
+def write_tiny_chat_tokenizer(folder: str | Path, model_max_length: int = 512) -> Path:
+    """A working Qwen-style tokenizer (``tokenizer.json`` built with the ``tokenizers`` library:
+    a character-level Unigram model with Qwen's special tokens, ``<|endoftext|>`` as padding) and
+    a chat template; no downloaded vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
+    pieces = ["▁", "\n"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    pieces += list("0123456789,.'-<>/|") + ["▁sks", "▁style", "▁a", "▁painting", "user",
+                                            "assistant", "think"]
+    vocab = [(token, 0.0) for token in specials] + [(p, -float(len(pieces) - i) / 10)
+                                                    for i, p in enumerate(pieces)]
+    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=3))
+    tokenizer.add_special_tokens(specials[:3])
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁")
+    tokenizer.decoder = decoders.Metaspace(replacement="▁")
+    tokenizer.save(str(folder / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
+              "pad_token": "<|endoftext|>", "eos_token": "<|im_end|>", "unk_token": "<unk>",
+              "padding_side": "right", "chat_template": CHAT_TEMPLATE}
+    write_json(folder / "tokenizer_config.json", config)
+    return folder
+
+
+def tiny_qwen3_tokenizer_and_encoder(seed: int, hidden: int = 32):
+    import tempfile
+
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3Model
+
+    folder = Path(tempfile.mkdtemp(prefix="cgidm-qwentok-"))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(write_tiny_chat_tokenizer(folder)))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=8, max_position_embeddings=1024,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    return tokenizer, Qwen3Model(config).eval()
+
+
+def tiny_zimage_transformer(seed: int = 0):
+    from diffusers import ZImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    return ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32, n_layers=2,
+        n_refiner_layers=1, n_heads=2, n_kv_heads=2, qk_norm=True, cap_feat_dim=32,
+        axes_dims=[4, 6, 6], axes_lens=[1024, 32, 32])
+
+
+def make_tiny_zimage(path: str | Path, seed: int = 0) -> Path:
+    """A random ``ZImagePipeline`` folder: 32 px images, 16 x 16 latents (8 x 8 patches), a
+    Qwen3 encoder 32 wide, Z-Image-Turbo's scheduler (fixed shift 3.0)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline
+
+    path = Path(path)
+    transformer = tiny_zimage_transformer(seed)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                        latent_channels=16,
+                        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), sample_size=32,
+                        scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                        use_post_quant_conv=False)
+    tokenizer, encoder = tiny_qwen3_tokenizer_and_encoder(seed + 2)
+    ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+                   text_encoder=encoder, tokenizer=tokenizer,
+                   transformer=transformer).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def load_zimage_transformer(folder: str | Path, subfolder: str | None = "transformer"):
+    from diffusers import ZImageTransformer2DModel
+
+    return ZImageTransformer2DModel.from_pretrained(folder, subfolder=subfolder,
+                                                    use_safetensors=True, local_files_only=True)
+
+
+def make_zimage_transformer_folder(base: str | Path, out: str | Path, seed: int = 1) -> Path:
+    out = Path(out)
+    perturb_(load_zimage_transformer(base), seed=seed).save_pretrained(
+        out / "transformer", safe_serialization=True)
+    return out
+
+
+def zimage_state_to_comfy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers' Z-Image names -> the single-file (ComfyUI) names diffusers converts back:
+    fused ``attention.qkv``, ``attention.out``, ``q_norm``/``k_norm``, ``x_embedder.`` and
+    ``final_layer.`` for patch 2."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if ".attention.to_k." in key or ".attention.to_v." in key:
+            continue
+        if ".attention.to_q.weight" in key:
+            stem = key[: -len(".attention.to_q.weight")]
+            out[f"{stem}.attention.qkv.weight"] = torch.cat(
+                [state[f"{stem}.attention.{n}.weight"] for n in ("to_q", "to_k", "to_v")])
+            continue
+        new = (key.replace("all_final_layer.2-1.", "final_layer.")
+               .replace("all_x_embedder.2-1.", "x_embedder.")
+               .replace(".attention.to_out.0.", ".attention.out.")
+               .replace(".attention.norm_k.", ".attention.k_norm.")
+               .replace(".attention.norm_q.", ".attention.q_norm."))
+        out[new] = value
+    return out
+
+
+def make_zimage_single_file(base: str | Path, out_file: str | Path, seed: int = 1) -> Path:
+    """A fine-tuned transformer as one file in ComfyUI's naming under
+    ``model.diffusion_model.`` (how Z-Image checkpoints circulate); the same transformer is also
+    written as ``<stem>_diffusers/transformer`` for tests to compare with."""
+    from safetensors.torch import save_file
+
+    out_file = Path(out_file)
+    folder = make_zimage_transformer_folder(base, out_file.parent / f"{out_file.stem}_diffusers",
+                                            seed)
+    state = zimage_state_to_comfy(load_zimage_transformer(folder).state_dict())
+    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in state.items()},
+              str(out_file))
+    return out_file
+
+
+def make_zimage_lora(base: str | Path, out: str | Path, seed: int = 1, rank: int = 4,
+                     naming: str = "diffusers", metadata: dict[str, str] | None = None) -> Path:
+    """A Z-Image LoRA of the attention projections: ``naming`` "diffusers" (a folder with
+    ``pytorch_lora_weights.safetensors``, ``transformer.*``) or "comfy" (one file, the same
+    layers as ``diffusion_model.*``, as ComfyUI / ai-toolkit share them)."""
+    from diffusers import ZImagePipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    transformer = load_zimage_transformer(base)
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
+                                       target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    _randomize_lora_b(transformer, torch.Generator().manual_seed(seed))
+    layers = get_peft_model_state_dict(transformer)
+    out = Path(out)
+    if naming == "diffusers":
+        ZImagePipeline.save_lora_weights(out, transformer_lora_layers=layers,
+                                         safe_serialization=True)
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({f"diffusion_model.{k}": v.contiguous() for k, v in layers.items()}, str(out),
+              metadata=metadata)
+    return out
+
+
+def make_zimage_full_finetune(base: str | Path, out: str | Path, seed: int = 1) -> Path:
+    """A copy of the Z-Image pipeline folder with its transformer perturbed."""
+    base, out = Path(base), Path(out)
+    shutil.copytree(base, out, dirs_exist_ok=True)
+    shutil.rmtree(out / "transformer")
+    perturb_(load_zimage_transformer(base), seed=seed).save_pretrained(out / "transformer",
+                                                                      safe_serialization=True)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Qwen-Image: QwenImageTransformer2DModel (MMDiT) over packed 2x2 patches of the per-channel
+# normalised latent of AutoencoderKLQwenImage (3-D, one frame); Qwen2.5-VL's language model
+
+
+def tiny_qwen_vl(tokenizer, seed: int, hidden: int = 32):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = Qwen2_5_VLConfig(
+        text_config={"vocab_size": len(tokenizer), "hidden_size": hidden,
+                     "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                     "num_key_value_heads": 2, "max_position_embeddings": 1024,
+                     "bos_token_id": tokenizer.pad_token_id,
+                     "eos_token_id": tokenizer.eos_token_id,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                         "mrope_section": [1, 1, 2]}},
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2,
+                       "out_hidden_size": hidden, "in_chans": 3, "patch_size": 14,
+                       "spatial_merge_size": 2, "temporal_patch_size": 2,
+                       "fullatt_block_indexes": [0], "window_size": 28},
+        pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def make_tiny_qwen_image(path: str | Path, seed: int = 0) -> Path:
+    """A random ``QwenImagePipeline`` folder: a 2-level Qwen VAE (factor 4; 32 px images have
+    16 x 8 x 8 latents, 4 x 4 tokens), Qwen2.5-VL 32 wide, Qwen-Image's scheduler settings
+    (dynamic shift, base 0.5 at 256 tokens, max 0.9 at 8192)."""
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6))
+    torch.manual_seed(seed + 1)
+    generator = torch.Generator().manual_seed(seed + 1)
+    vae = AutoencoderKLQwenImage(
+        base_dim=16, z_dim=16, dim_mult=[1, 2, 2], num_res_blocks=1,
+        temperal_downsample=[False, True],
+        latents_mean=(torch.randn(16, generator=generator) * 0.3).tolist(),
+        latents_std=(torch.rand(16, generator=generator) + 0.5).tolist())
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    folder = Path(tempfile.mkdtemp(prefix="cgidm-qwentok-"))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(write_tiny_chat_tokenizer(folder)))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+        base_image_seq_len=256, max_image_seq_len=8192, time_shift_type="exponential")
+    QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=tiny_qwen_vl(tokenizer, seed + 2),
+                      tokenizer=tokenizer, transformer=transformer).save_pretrained(
+        path, safe_serialization=True)
+    return path
+
+
+def load_qwen_image_transformer(folder: str | Path, subfolder: str | None = "transformer"):
+    from diffusers import QwenImageTransformer2DModel
+
+    return QwenImageTransformer2DModel.from_pretrained(folder, subfolder=subfolder,
+                                                       use_safetensors=True,
+                                                       local_files_only=True)
+
+
+def make_qwen_image_transformer_folder(base: str | Path, out: str | Path, seed: int = 1) -> Path:
+    out = Path(out)
+    perturb_(load_qwen_image_transformer(base), seed=seed).save_pretrained(
+        out / "transformer", safe_serialization=True)
+    return out
+
+
+def make_qwen_image_single_file(base: str | Path, out_file: str | Path, seed: int = 1) -> Path:
+    """A fine-tuned transformer as one file under ``model.diffusion_model.`` (also written as
+    ``<stem>_diffusers/transformer``)."""
+    from safetensors.torch import save_file
+
+    out_file = Path(out_file)
+    folder = make_qwen_image_transformer_folder(
+        base, out_file.parent / f"{out_file.stem}_diffusers", seed)
+    state = load_qwen_image_transformer(folder).state_dict()
+    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in state.items()},
+              str(out_file))
+    return out_file
+
+
+def make_qwen_image_lora(base: str | Path, out: str | Path, seed: int = 1, rank: int = 4,
+                         naming: str = "diffusers") -> Path:
+    """A Qwen-Image LoRA of the attention projections, ``naming`` "diffusers" (folder) or
+    "comfy" (one file, ``diffusion_model.*``)."""
+    from diffusers import QwenImagePipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    transformer = load_qwen_image_transformer(base)
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
+                                       target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    _randomize_lora_b(transformer, torch.Generator().manual_seed(seed))
+    layers = get_peft_model_state_dict(transformer)
+    out = Path(out)
+    if naming == "diffusers":
+        QwenImagePipeline.save_lora_weights(out, transformer_lora_layers=layers,
+                                            safe_serialization=True)
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({f"diffusion_model.{k}": v.contiguous() for k, v in layers.items()}, str(out))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Flux.2 Klein: Flux2Transformer2DModel over the VAE latent patchified 2x2 and normalised by the
+# VAE's batch-norm statistics; Qwen3 hidden states of layers 9, 18, 27 stacked
+
+
+def make_tiny_flux2_klein(path: str | Path, seed: int = 0) -> Path:
+    """A random ``Flux2KleinPipeline`` folder: a two-block ``AutoencoderKLFlux2`` with 4 latent
+    channels (16 after patchifying; 32 px images have 16 x 8 x 8 latents, 64 tokens) whose
+    batch-norm statistics are set to non-trivial values, a Qwen3 of 28 layers 16 wide (layers
+    9, 18, 27 stacked: 48-dim text features), FLUX.2's dynamic-shift scheduler settings."""
+    import tempfile
+
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=48, timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+        norm_num_groups=4, sample_size=32)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        vae.bn.running_mean.copy_(torch.randn(16, generator=generator) * 0.3)
+        vae.bn.running_var.copy_(torch.rand(16, generator=generator) + 0.5)
+    folder = Path(tempfile.mkdtemp(prefix="cgidm-qwentok-"))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(write_tiny_chat_tokenizer(folder)))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=28, num_attention_heads=2, num_key_value_heads=1,
+                         head_dim=8, max_position_embeddings=1024,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed + 2)
+    encoder = Qwen3ForCausalLM(config).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096, time_shift_type="exponential")
+    Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=encoder, tokenizer=tokenizer,
+                       transformer=transformer).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def load_flux2_transformer(folder: str | Path, subfolder: str | None = "transformer"):
+    from diffusers import Flux2Transformer2DModel
+
+    return Flux2Transformer2DModel.from_pretrained(folder, subfolder=subfolder,
+                                                   use_safetensors=True, local_files_only=True)
+
+
+def make_flux2_transformer_folder(base: str | Path, out: str | Path, seed: int = 1) -> Path:
+    out = Path(out)
+    perturb_(load_flux2_transformer(base), seed=seed).save_pretrained(
+        out / "transformer", safe_serialization=True)
+    return out
+
+
+def make_flux2_lora(base: str | Path, out: str | Path, seed: int = 1, rank: int = 4) -> Path:
+    """A diffusers/peft Flux.2 LoRA folder (attention projections)."""
+    from diffusers import Flux2KleinPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    transformer = load_flux2_transformer(base)
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
+                                       target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    _randomize_lora_b(transformer, torch.Generator().manual_seed(seed))
+    Flux2KleinPipeline.save_lora_weights(out, transformer_lora_layers=get_peft_model_state_dict(
+        transformer), safe_serialization=True)
+    return Path(out)

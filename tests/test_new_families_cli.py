@@ -1,0 +1,37 @@
+"""``cgidm check`` end to end on a tiny LoRA pair of each new family (Chroma, Z-Image,
+Qwen-Image, Flux.2 Klein; SD 3.5's is in test_sd3.py): detection, loading, the inversion at 32 px
+and results.json, from the command line as a user runs it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cgidm.cli import main
+from cgidm_testkit import tiny_families
+from tests.paths import SHARED_DATA
+
+FAMILIES = {
+    "chroma": (tiny_families.make_tiny_chroma, tiny_families.make_chroma_lora),
+    "z-image": (tiny_families.make_tiny_zimage, tiny_families.make_zimage_lora),
+    "qwen-image": (tiny_families.make_tiny_qwen_image, tiny_families.make_qwen_image_lora),
+    "flux2": (tiny_families.make_tiny_flux2_klein, tiny_families.make_flux2_lora),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_check_cli_on_a_tiny_lora_pair(family, tmp_path, capsys):
+    make_base, make_lora = FAMILIES[family]
+    base = make_base(tmp_path / "base")
+    lora = make_lora(base, tmp_path / "lora", seed=5)
+    picture = sorted((SHARED_DATA / "wikiart-vangogh" / "membership").glob("*.jpg"))[0]
+    out = tmp_path / "out"
+    code = main(["check", "--pretrained", str(base), "--finetuned", str(lora), "--steps", "1",
+                 "--resolution", "32", "--prompt", "sks style", "--out", str(out), str(picture)])
+    assert code == 0, capsys.readouterr()
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["settings"]["pair"]["family"] == family
+    assert doc["settings"]["pair"]["finetuned_kind"] == "lora"
+    assert len(doc["images"]) == 1

@@ -61,14 +61,20 @@ def continuum_table(rows: Sequence[dict]) -> str:
 
 
 def limits_table(rows: Sequence[dict], target: float = TARGET_AUC) -> str:
+    control = [r for r in rows if r["pair"].startswith("latent-continuum/")
+               and r["steps"] == 0]
     lines = [f"| method | holds (AUC >= {target}) down to a members' loss drop of | "
-             "at chance (CI reaches 0.5) up to a drop of |", "|---|---|---|"]
+             "at chance (CI reaches 0.5) up to a drop of | AUC with no fine-tune (0 steps) |",
+             "|---|---|---|---|"]
     for method in ls.COLUMNS:
         holds, fails = strength_limits(rows, method, target)
+        zero = control[0]["auc"][method] if control else None
         lines.append(f"| {method} | "
                      + (f"{100 * holds:.1f} %" if holds is not None else "never")
                      + " | " + (f"{100 * fails:.1f} %" if fails is not None else "never")
-                     + " |")
+                     + " | " + (f"{zero[0]:.2f}" + (f" [{zero[1]:.2f}, {zero[2]:.2f}]"
+                                                    if len(zero) == 3 else "")
+                                if zero else "not measured") + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -110,10 +116,51 @@ def plot(rows: Sequence[dict], out: Path, target: float = TARGET_AUC) -> Path:
     return out
 
 
+#: Raw values that the base alone already gives an image (no fine-tune needed): subtracting the
+#: 0-step control's value of the same image removes what the image itself contributes.
+CALIBRATED = ("default/final/ssim", "default/final/psnr", "loss")
+
+
+def calibrated_table(pairs: Sequence[lsp.LatentSuitePair], control: Path, cache: Path,
+                     pgd_steps: int) -> str:
+    """AUC of each raw value minus the same image's value under the 0-step control (the base
+    against itself), and of their z-fusion with the contrast (which is 0 there by
+    construction): how much of each score is the fine-tune and how much the image."""
+    import numpy as np
+
+    from cgidm_core.held_out import _auc
+    from cgidm_core.suite_scores import _z
+
+    base = json.loads(control.read_text())
+    n1 = base["n_members"]
+    head = ("| pair | members' loss drop | " + " | ".join(f"{k} - control" for k in CALIBRATED)
+            + " | fused, calibrated | evidence (as shipped) | contrast |\n|"
+            + "---|" * (5 + len(CALIBRATED)) + "\n")
+    lines = []
+    for pair in pairs:
+        out = ls.results_file(pair, cache, pgd_steps)
+        if not out.is_file():
+            continue
+        doc = json.loads(out.read_text())
+        if doc["files"] != base["files"]:
+            continue
+        v = {k: np.asarray(doc["values"][k], float) for k in (*CALIBRATED, "contrast")}
+        diff = {k: v[k] - np.asarray(base["values"][k], float) for k in CALIBRATED}
+        fused = sum(_z(d) for d in diff.values()) + _z(v["contrast"])
+        shipped = sum(_z(v[k]) for k in (*CALIBRATED, "contrast"))
+        cells = [_auc(x[:n1], x[n1:]) for x in (*diff.values(), fused, shipped, v["contrast"])]
+        lines.append((doc["training"]["members_loss_drop_relative"], f"| {pair.pair_id} | "
+                      f"{100 * doc['training']['members_loss_drop_relative']:.1f} % | "
+                      + " | ".join(f"{c:.2f}" for c in cells) + " |"))
+    return head + "\n".join(line for _d, line in sorted(lines)) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipes", nargs="*", default=None, choices=list(lsp.RECIPES))
     parser.add_argument("--seeds", nargs="*", type=int, default=[0])
+    parser.add_argument("--steps", nargs="*", type=int, default=None,
+                        help="only these checkpoints, evaluated in this order")
     parser.add_argument("--pgd-steps", type=int, default=100)
     parser.add_argument("--cache", type=Path, default=lsp.default_cache())
     parser.add_argument("--threads", type=int, default=1)
@@ -129,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     pairs = lsp.continuum_pairs(recipes=tuple(args.recipes or ()) or None,
-                                seeds=tuple(args.seeds))
+                                steps=tuple(args.steps or ()) or None, seeds=tuple(args.seeds))
     if not args.no_suite:
         pairs += lsp.latent_suite_pairs()
     rows = []
@@ -147,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(continuum_table(rows))
     print(limits_table(rows, args.target))
+    control = [p for p in pairs if p.continuum and p.steps == 0]
+    if control and ls.results_file(control[0], args.cache, args.pgd_steps).is_file():
+        print("Each score minus the same image's score under the 0-step control (AUC):\n")
+        print(calibrated_table(pairs, ls.results_file(control[0], args.cache, args.pgd_steps),
+                               args.cache, args.pgd_steps))
     if args.plot:
         print("wrote", plot(rows, args.plot, args.target))
     if args.json:

@@ -115,7 +115,7 @@ def test_strength_limits_are_read_off_the_sorted_points(tmp_path):
     assert lc.strength_limits(rows[:1], "evidence") == (None, 0.0)
     assert lc.strength_limits(rows[2:], "loss") == (0.08, None)
     table = lc.limits_table(rows)
-    assert "| evidence | 8.0 % | 2.0 % |" in table
+    assert "| evidence | 8.0 % | 2.0 % | 0.50 [0.25, 0.70] |" in table
     assert lc.continuum_table(rows[::-1]).index("/0/s0") < lc.continuum_table(rows).index(
         "/1000/s0")
     out = lc.plot(rows, tmp_path / "c.png")

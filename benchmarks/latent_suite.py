@@ -141,18 +141,75 @@ def table(rows: list[dict]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def held_out(rows: list[dict]) -> str:
-    """Leave one recipe group out (``cgidm_core.held_out``): the score chosen among the columns on
-    all groups but one, measured on the group left out; the headline, with in-sample beside it."""
+def pair_scores(results: Path) -> tuple[dict[str, tuple[list[float], list[float]]],
+                                         dict[str, int]]:
+    """Every candidate score of one evaluated pair (``cgidm_core.suite_scores.
+    candidate_scores``: the inversion's similarities at each step, its objective, the cheap
+    scores and their fusions) as (members' scores, hold-out's scores), and each one's cost in
+    model evaluations per image."""
+    from cgidm_core.suite_scores import candidate_scores
+
+    doc = json.loads(results.read_text())
+    n1 = doc["n_members"]
+    scores = candidate_scores(doc["values"], doc["inversion"]["steps"])
+    return ({name: (list(map(float, v[:n1])), list(map(float, v[n1:])))
+             for name, (_c, v) in scores.items()},
+            {name: c.evaluations for name, (c, _v) in scores.items()})
+
+
+def _auc(members: list[float], others: list[float]) -> float:
+    import numpy as np
+
+    from cgidm_core.held_out import _auc as auc
+
+    return auc(np.asarray(members), np.asarray(others))
+
+
+#: Which candidates a selection may choose from: the table's columns, every candidate, or only
+#: those that need no inversion (is CGI-DM's inversion worth its 600 evaluations per image?).
+POOLS = ("columns", "all", "no-inversion")
+
+
+def held_out(rows: list[dict], scores: dict[str, dict] | None = None,
+             pool: str = "columns", n_bootstrap: int = 1000) -> str:
+    """Leave one recipe group out (``cgidm_core.held_out``): the score chosen among the pool on
+    all groups but one, measured on the group left out; the headline, with in-sample beside it.
+
+    ``scores[pair_id]`` (from :func:`pair_scores`) gives the held-out worst and mean their
+    bootstrap intervals and, for pools other than ``columns``, the candidates to choose from.
+    """
     from cgidm_core.held_out import leave_one_group_out
 
-    aucs = {c: {r["pair"]: r["auc"][c][0] for r in rows} for c in COLUMNS}
-    report = leave_one_group_out(aucs, {r["pair"]: r["group"] for r in rows}, costs=COSTS)
-    lines = ["| group left out | chosen on the others | held-out worst | held-out mean |",
+    groups = {r["pair"]: r["group"] for r in rows}
+    if pool == "columns":
+        aucs = {c: {r["pair"]: r["auc"][c][0] for r in rows} for c in COLUMNS}
+        costs = COSTS
+        per_image = ({c: {p: scores[p][0][cand] for p in groups}
+                      for c, cand in COLUMNS.items()} if scores else None)
+    else:
+        if not scores:
+            raise ValueError(f"pool {pool!r} needs the per-image scores")
+        names = set.intersection(*(set(scores[p][0]) for p in groups))
+        if pool == "no-inversion":
+            names = {n for n in names
+                     if ("/" not in n and ":" not in n) or n == "fuse:loss+contrast"}
+        names = sorted(names)
+        per_image = {n: {p: scores[p][0][n] for p in groups} for n in names}
+        aucs = {n: {p: _auc(*per_image[n][p]) for p in groups} for n in names}
+        costs = {n: scores[next(iter(groups))][1][n] for n in names}
+    report = leave_one_group_out(aucs, groups, costs=costs, scores=per_image,
+                                 n_bootstrap=n_bootstrap if per_image else 0)
+    lines = [f"choosing among {len(report.candidates)} candidate(s) ({pool}):", "",
+             "| group left out | chosen on the others | held-out worst | held-out mean |",
              "|---|---|---|---|"]
     lines += [f"| {f.group} | {f.chosen} | {f.worst:.2f} | {f.mean:.3f} |" for f in report.folds]
-    lines.append(f"\nheld-out worst / mean {report.held_out_worst:.2f} / "
-                 f"{report.held_out_mean:.3f}; in-sample ({report.in_sample_choice}) "
+
+    def ci(interval: tuple[float, float] | None) -> str:
+        return f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else ""
+
+    lines.append(f"\nheld-out worst / mean {report.held_out_worst:.2f}"
+                 f"{ci(report.held_out_worst_ci)} / {report.held_out_mean:.3f}"
+                 f"{ci(report.held_out_mean_ci)}; in-sample ({report.in_sample_choice}) "
                  f"{report.in_sample_worst:.2f} / {report.in_sample_mean:.3f}")
     return "\n".join(lines) + "\n"
 
@@ -199,7 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     if rows:
         print(table(rows))
         if len({r["group"] for r in rows}) > 1:
-            print(held_out(rows))
+            scores = {pair.pair_id: pair_scores(results_file(pair, args.cache, args.pgd_steps))
+                      for pair in pairs if pair.pair_id in {r["pair"] for r in rows}}
+            for pool in POOLS:
+                print(held_out(rows, scores, pool))
     if args.pictures and rows:
         first = results_file(pairs[0], args.cache, args.pgd_steps).with_suffix(".pt")
         print("wrote", write_pictures(first, len(pairs[0].members), args.pictures))

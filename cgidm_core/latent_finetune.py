@@ -159,10 +159,13 @@ def finetune(base: str | Path, members: Sequence[Path], recipe: LatentRecipe, se
             "recipe": recipe.to_dict(), "seed": seed, "steps": done,
             "members": [p.name for p in members], "captions": sorted(set(captions)),
             "instance_prompt": lt.TRIGGER_PROMPT,
+            # DreamBooth's prior preservation: what the class term of the loss trained on
+            "class_prompt": lt.CLASS_PROMPT if recipe.prior_preservation else None,
+            "class_images": len(class_mean) if recipe.prior_preservation else 0,
             "members_loss_before": before, "members_loss_after": after,
             "members_loss_drop": before - after,
             "members_loss_drop_relative": (before - after) / before,
-            "final_train_loss": float(np.mean(losses[-50:])),
+            "final_train_loss": float(np.mean(losses[-50:])) if losses else None,
             "seconds": time.perf_counter() - started,
             "torch_threads": torch.get_num_threads(),
         }
@@ -172,6 +175,10 @@ def finetune(base: str | Path, members: Sequence[Path], recipe: LatentRecipe, se
             f"{before:.4f} -> {after:.4f} ({facts['seconds']:.0f} s)")
         unet.train()
 
+    if 0 in checkpoints:
+        # The untrained fine-tune (a LoRA's B matrices are zero: the base itself): the control
+        # of the strength continuum, where every membership score must be at chance.
+        on_step(0, [])
     config = training.TrainConfig(max(checkpoints), recipe.batch_size, recipe.learning_rate,
                                   seed=seed, warmup_steps=recipe.warmup_steps,
                                   lr_schedule=recipe.lr_schedule, grad_clip=recipe.grad_clip)

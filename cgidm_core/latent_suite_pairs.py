@@ -19,6 +19,7 @@ train_dreambooth README), 1e-5 for a captioned fine-tune (train_text_to_image RE
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Callable
@@ -34,6 +35,12 @@ LATENT_BASE = "demo-latent-base"
 #: Step counts saved by every run (the strength continuum).
 CHECKPOINTS: tuple[int, ...] = (100, 300, 1000)
 SEEDS: tuple[int, ...] = (0, 1)
+#: Step counts of the strength continuum's runs (``continuum_pairs``): dense, from 0 (a LoRA
+#: whose B matrices are still zero, i.e. the base itself: the control where every method must
+#: give 0.5) to twice the suite's longest run.
+CONTINUUM_CHECKPOINTS: tuple[int, ...] = (0, 25, 50, 100, 200, 300, 500, 1000, 2000)
+#: The recipes run densely: the weakest LoRA placement of the suite (attention only, rank 16).
+CONTINUUM_RECIPES: tuple[str, ...] = ("lora-attn-r16",)
 
 
 def _lora(rank: int, targets: str, **kw) -> LatentRecipe:
@@ -78,6 +85,12 @@ class LatentSuitePair:
     seed: int
     members: tuple[Path, ...]
     holdout_files: tuple[Path, ...]
+    #: The step counts the run saves; the suite's ``CHECKPOINTS`` unless a continuum run.
+    checkpoints: tuple[int, ...] = CHECKPOINTS
+
+    @property
+    def continuum(self) -> bool:
+        return self.checkpoints != CHECKPOINTS
 
     @property
     def group(self) -> str:
@@ -85,7 +98,10 @@ class LatentSuitePair:
 
     @property
     def recipe(self) -> LatentRecipe:
-        return RECIPES[self.recipe_name][1]
+        recipe = RECIPES[self.recipe_name][1]
+        # a continuum run trains as long as its last checkpoint (same lr, constant schedule)
+        return (dataclasses.replace(recipe, steps=max(self.checkpoints)) if self.continuum
+                else recipe)
 
     @property
     def base(self) -> str:
@@ -93,20 +109,23 @@ class LatentSuitePair:
 
     @property
     def pair_id(self) -> str:
-        """Stable name, e.g. ``latent/lora-attn-r16/300/s0``."""
-        return f"latent/{self.recipe_name}/{self.steps}/s{self.seed}"
+        """Stable name, e.g. ``latent/lora-attn-r16/300/s0`` (``latent-continuum/...`` for a
+        checkpoint of a continuum run)."""
+        family = "latent-continuum" if self.continuum else "latent"
+        return f"{family}/{self.recipe_name}/{self.steps}/s{self.seed}"
 
     @property
     def run_key(self) -> str:
         """Hash of the recipe, data, seed and base: the cache folder of the run."""
         blob = json.dumps({"recipe": self.recipe.to_dict(), "seed": self.seed,
                            "data": [f"{p.name}:{p.stat().st_size}" for p in self.members],
-                           "checkpoints": CHECKPOINTS, "base": _base_fingerprint()},
+                           "checkpoints": self.checkpoints, "base": _base_fingerprint()},
                           sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
     def run_dir(self, cache: Path) -> Path:
-        return cache / "latent" / f"{self.recipe_name}-s{self.seed}-{self.run_key}"
+        kind = "-continuum" if self.continuum else ""
+        return cache / "latent" / f"{self.recipe_name}{kind}-s{self.seed}-{self.run_key}"
 
     def model_dir(self, cache: Path) -> Path:
         """What ``--finetuned`` gets: a folder (diffusers LoRA, pipeline) or a kohya file."""
@@ -136,6 +155,21 @@ def latent_suite_pairs(data_root: Path | None = None, *, recipes: tuple[str, ...
             for seed in seeds or SEEDS]
 
 
+def continuum_pairs(data_root: Path | None = None, *, recipes: tuple[str, ...] | None = None,
+                    steps: tuple[int, ...] | None = None,
+                    seeds: tuple[int, ...] = (0,)) -> list[LatentSuitePair]:
+    """The strength continuum: every checkpoint of one run per recipe and seed, from the
+    untrained adapter (0 steps) to ``max(CONTINUUM_CHECKPOINTS)``. Not part of the
+    leave-one-group-out table (its pairs would count one run many times)."""
+    for s in steps or ():
+        if s not in CONTINUUM_CHECKPOINTS:
+            raise ConfigError(f"unknown step count {s}; choose from {CONTINUUM_CHECKPOINTS}")
+    base = latent_suite_pairs(data_root, recipes=recipes or CONTINUUM_RECIPES,
+                              steps=(CHECKPOINTS[0],), seeds=seeds)
+    return [dataclasses.replace(p, steps=n, checkpoints=CONTINUUM_CHECKPOINTS)
+            for p in base for n in steps or CONTINUUM_CHECKPOINTS]
+
+
 def train_run(pair: LatentSuitePair, cache: Path | None = None, *,
               log: Callable[[str], None] = print) -> dict[int, Path]:
     """Train the run of ``pair`` (its recipe and seed), saving every missing checkpoint."""
@@ -144,8 +178,7 @@ def train_run(pair: LatentSuitePair, cache: Path | None = None, *,
 
     cache = cache or default_cache()
     run = pair.run_dir(cache)
-    outs = {n: LatentSuitePair(pair.recipe_name, n, pair.seed, pair.members,
-                               pair.holdout_files).model_dir(cache) for n in CHECKPOINTS}
+    outs = {n: dataclasses.replace(pair, steps=n).model_dir(cache) for n in pair.checkpoints}
     missing = {n: out for n, out in outs.items()
                if not (run / str(n) / "training.json").is_file()}
     if missing:
@@ -155,5 +188,6 @@ def train_run(pair: LatentSuitePair, cache: Path | None = None, *,
     return outs
 
 
-__all__ = ["LATENT_BASE", "CHECKPOINTS", "SEEDS", "RECIPES", "LatentSuitePair",
-           "latent_suite_pairs", "train_run", "default_cache"]
+__all__ = ["LATENT_BASE", "CHECKPOINTS", "CONTINUUM_CHECKPOINTS", "CONTINUUM_RECIPES", "SEEDS",
+           "RECIPES", "LatentSuitePair", "latent_suite_pairs", "continuum_pairs", "train_run",
+           "default_cache"]

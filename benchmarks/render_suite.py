@@ -96,27 +96,42 @@ def looks_table(summary: dict[str, Any]) -> list[str]:
 
 def cost_lines(summary: dict[str, Any]) -> list[str]:
     runs: dict[str, float] = {}
+    lora_runs: dict[str, float] = {}
     evals, loads, images = [], [], 0
     for doc in summary["models"].values():
         training = doc["training"]
-        key = f"{training['split']}/s{training['seed']}"
-        runs[key] = max(runs.get(key, 0.0), training["seconds"])
+        if "split" in training:
+            key = f"{training['split']}/s{training['seed']}"
+            runs[key] = max(runs.get(key, 0.0), training["seconds"])
+        else:  # a pixel LoRA checkpoint (cgidm_core.pixel_lora)
+            recipe = training["recipe"]
+            key = f"r{recipe['rank']}-{recipe['targets']}/s{training['seed']}"
+            lora_runs[key] = max(lora_runs.get(key, 0.0), training["seconds"])
         evals.append(doc["seconds_total"])
         loads += [*doc["load_average"], training.get("load_average", 0.0)]
         images += len(doc["files"]) * len(doc.get("variants") or {"default": 0})
     train_total = sum(runs.values())
-    return [
+    lines = [
         f"- Fine-tuning: {len(runs)} runs (each saves the light, medium and strong checkpoints "
         f"of its split and seed), {train_total / 60:.0f} min in all "
         f"({min(runs.values()) / 60:.1f}-{max(runs.values()) / 60:.1f} min per run, longest "
-        "checkpoint of each; runs two or three at a time).",
+        "checkpoint of each; runs two or three at a time)." if runs else
+        "- Fine-tuning: no full fine-tune in the cache.",
+    ]
+    if lora_runs:
+        lines.append(
+            f"- LoRA training: {len(lora_runs)} runs, {sum(lora_runs.values()) / 60:.0f} min in "
+            "all (" + ", ".join(f"{k} {v / 60:.1f} min" for k, v in sorted(lora_runs.items()))
+            + "; to the evaluated checkpoint, nice 5, two at a time).")
+    return lines + [
         f"- Evaluation: {len(evals)} fine-tunes ({images} image inversions of 100 steps plus the "
         f"cheap scores), {sum(evals) / 60:.0f} min of process time in all "
         f"({min(evals) / 60:.1f}-{max(evals) / 60:.1f} min per fine-tune, two to four processes "
         f"at a time); this report from the cached values took {summary['run_seconds']:.0f} s.",
-        f"- Conditions: one torch thread per process, `nice -n 19`, on 2 cores shared with other "
+        f"- Conditions: one torch thread per process, niced (5 to 19), on 2 cores shared "
+        f"with other "
         f"engineers' jobs (1-min load average {min(loads):.1f}-{max(loads):.1f} at the samples "
-        "taken), so these are upper bounds: each process got 12-40 % of a core. On an idle "
+        "taken), so these are upper bounds: each process got 10-40 % of a core. On an idle "
         "core an inversion of a 32 px image costs about 2.5 s at 100 steps.",
     ]
 

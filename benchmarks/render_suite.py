@@ -108,7 +108,9 @@ def cost_lines(summary: dict[str, Any]) -> list[str]:
             key = f"r{recipe['rank']}-{recipe['targets']}/s{training['seed']}"
             lora_runs[key] = max(lora_runs.get(key, 0.0), training["seconds"])
         evals.append(doc["seconds_total"])
-        loads += [*doc["load_average"], training.get("load_average", 0.0)]
+        loads += doc["load_average"]
+        if "load_average" in training:  # LoRA runs do not record it
+            loads.append(training["load_average"])
         images += len(doc["files"]) * len(doc.get("variants") or {"default": 0})
     train_total = sum(runs.values())
     lines = [
@@ -212,6 +214,29 @@ def lora_lines() -> list[str]:
         "Stable Diffusion, SDXL and Flux models only, not to a pixel `UNet2DModel`. The kohya "
         "file merges to the same weights as the diffusers one (tests/test_pixel_lora.py).",
     ]
+
+
+def lora_table(summary: dict[str, Any]) -> list[str]:
+    """Per pixel LoRA pair: what it trained, how much the members' loss fell (how much it
+    learned), its times, and the verdict's AUC."""
+    rows = [p for p in summary["pairs"] if len(p["pair"].split("/")) == 5]
+    if not rows:
+        return ["No pixel LoRA pair is cached."]
+    lines = ["| pair | trainable parameters | members' loss drop | training (s) | evaluation (s) "
+             f"| `{VERDICT_CANDIDATE}` AUC | `loss` AUC | `contrast` AUC |",
+             "|---|---|---|---|---|---|---|---|"]
+    for pair in rows:
+        model = summary["models"].get(pair.get("model", ""), {})
+        facts = model.get("training", {})
+        cells = [_cell(pair["rows"].get(c)).rsplit(" / ", 1)[0]
+                 for c in (VERDICT_CANDIDATE, "loss", "contrast")]
+        drop = facts.get("members_loss_drop_relative")
+        lines.append(
+            f"| {pair['pair']} | {facts.get('trainable_parameters', '-')} | "
+            + (f"{100 * drop:.1f} %" if drop is not None else "-")
+            + f" | {facts.get('seconds', float('nan')):.0f} | "
+            f"{model.get('seconds_total', float('nan')):.0f} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def headline(summary: dict[str, Any]) -> list[str]:
@@ -529,6 +554,14 @@ def render(summary: dict[str, Any], args: Any) -> str:
         "## The pairs",
         "",
         *pairs_lines(summary),
+        "",
+        "### Pixel LoRA pairs",
+        "",
+        "Members' loss drop: the relative fall of the members' denoising loss (64 fixed (t, "
+        "noise) draws per image, the same before and after), the measure of how much a LoRA "
+        "learned; times are wall-clock on the shared 2-core machine (upper bounds).",
+        "",
+        *lora_table(summary),
         "",
         "## Cost",
         "",

@@ -553,7 +553,8 @@ def run_suite(args: argparse.Namespace, pairs) -> int:
                 missing["pixel"].append(f"{pair.pair_id} (being evaluated)")
                 continue
             documents[str(model)] = document
-        results.append(evaluate_pair(documents[str(model)], pair, args.n_bootstrap))
+        results.append({**evaluate_pair(documents[str(model)], pair, args.n_bootstrap),
+                        "model": str(model)})
     latent: list[dict] = []
     if not args.no_latent:
         latent, missing["latent"] = latent_results(args)

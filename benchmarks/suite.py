@@ -13,7 +13,14 @@ were not tuned on (lr 2e-4 constant, random flips, batch 10) on
 - DreamBooth photos: 2 photos each of 5 subjects; hard hold-out = 2 other photos of each of
   those subjects (10), easy hold-out = 2 photos each of 5 other subjects (10);
 
-at three strengths (200 / 500 / 1000 steps, checkpoints of one run) and two seeds. Fine-tunes
+at three strengths (200 / 500 / 1000 steps, checkpoints of one run) and two seeds; and peft
+LoRAs of ``demo-base`` on Van Gogh split A (``cgidm_core/pixel_lora_pairs.py``: attention only
+or attention + convolutions, ranks 4-64, merged into the base for evaluation; ``--lora``).
+The latent family's pairs are read from ``benchmarks.latent_suite``'s cache (``--no-latent`` to
+leave them out; that command makes them). The headline is the leave-one-recipe-group-out table
+per family (``cgidm_core.held_out``, bootstrap intervals), and the report names every pair the
+suite defines that is missing from the cache. ``--out`` is written only between its
+``<!-- BEGIN/END generated ... -->`` markers: hand-written text around them is kept. Fine-tunes
 and per-pair results are cached under ``--cache`` (default ``~/.cache/cgidm/suite``), keyed by
 a hash of recipe, data and evaluation settings: a rerun computes only what is missing.
 

@@ -516,7 +516,9 @@ def render_snippet(summary: dict[str, Any], columns: list[str]) -> str:
 def render(summary: dict[str, Any], args: Any) -> str:
     ranked = ranking(summary)
     best = ranked[0][0]
-    columns = [c for c in [best, *[c for c in KEY_CANDIDATES if c != best]]
+    # the verdict's own score always has a column, then the suite's best, then the key ones
+    first = [VERDICT_CANDIDATE] + ([best] if best != VERDICT_CANDIDATE else [])
+    columns = [c for c in [*first, *[c for c in KEY_CANDIDATES if c not in first]]
                if any(c in p["rows"] for p in summary["pairs"])]
     lo, hi = summary["load_average"]
     lines = [

@@ -96,39 +96,60 @@ def looks_table(summary: dict[str, Any]) -> list[str]:
 
 def cost_lines(summary: dict[str, Any]) -> list[str]:
     runs: dict[str, float] = {}
+    lora_runs: dict[str, float] = {}
     evals, loads, images = [], [], 0
     for doc in summary["models"].values():
         training = doc["training"]
-        key = f"{training['split']}/s{training['seed']}"
-        runs[key] = max(runs.get(key, 0.0), training["seconds"])
+        if "split" in training:
+            key = f"{training['split']}/s{training['seed']}"
+            runs[key] = max(runs.get(key, 0.0), training["seconds"])
+        else:  # a pixel LoRA checkpoint (cgidm_core.pixel_lora)
+            recipe = training["recipe"]
+            key = f"r{recipe['rank']}-{recipe['targets']}/s{training['seed']}"
+            lora_runs[key] = max(lora_runs.get(key, 0.0), training["seconds"])
         evals.append(doc["seconds_total"])
-        loads += [*doc["load_average"], training.get("load_average", 0.0)]
+        loads += doc["load_average"]
+        if "load_average" in training:  # LoRA runs do not record it
+            loads.append(training["load_average"])
         images += len(doc["files"]) * len(doc.get("variants") or {"default": 0})
     train_total = sum(runs.values())
-    return [
+    lines = [
         f"- Fine-tuning: {len(runs)} runs (each saves the light, medium and strong checkpoints "
         f"of its split and seed), {train_total / 60:.0f} min in all "
         f"({min(runs.values()) / 60:.1f}-{max(runs.values()) / 60:.1f} min per run, longest "
-        "checkpoint of each; runs two or three at a time).",
+        "checkpoint of each; runs two or three at a time)." if runs else
+        "- Fine-tuning: no full fine-tune in the cache.",
+    ]
+    if lora_runs:
+        lines.append(
+            f"- LoRA training: {len(lora_runs)} runs, {sum(lora_runs.values()) / 60:.0f} min in "
+            "all (" + ", ".join(f"{k} {v / 60:.1f} min" for k, v in sorted(lora_runs.items()))
+            + "; to the evaluated checkpoint, nice 5, two at a time).")
+    return lines + [
         f"- Evaluation: {len(evals)} fine-tunes ({images} image inversions of 100 steps plus the "
         f"cheap scores), {sum(evals) / 60:.0f} min of process time in all "
         f"({min(evals) / 60:.1f}-{max(evals) / 60:.1f} min per fine-tune, two to four processes "
         f"at a time); this report from the cached values took {summary['run_seconds']:.0f} s.",
-        f"- Conditions: one torch thread per process, `nice -n 19`, on 2 cores shared with other "
+        f"- Conditions: one torch thread per process, niced (5 to 19), on 2 cores shared "
+        f"with other "
         f"engineers' jobs (1-min load average {min(loads):.1f}-{max(loads):.1f} at the samples "
-        "taken), so these are upper bounds: each process got 12-40 % of a core. On an idle "
+        "taken), so these are upper bounds: each process got 10-40 % of a core. On an idle "
         "core an inversion of a 32 px image costs about 2.5 s at 100 steps.",
     ]
 
 
 def _groups(pair_id: str) -> list[str]:
-    split, strength, _seed, holdout = pair_id.split("/")
+    parts = pair_id.split("/")
+    if len(parts) != 4:  # a pixel LoRA pair: split/recipe/steps/seed/holdout
+        return ["LoRA"]
+    split, strength, _seed, holdout = parts
     groups = [strength]
     groups.append("DreamBooth " + holdout if split == "dreambooth" else "Van Gogh")
     return groups
 
 
-GROUP_ORDER = ("light", "medium", "strong", "Van Gogh", "DreamBooth hard", "DreamBooth easy")
+GROUP_ORDER = ("light", "medium", "strong", "Van Gogh", "DreamBooth hard", "DreamBooth easy",
+               "LoRA")
 
 
 PICTURES_TEXT = [
@@ -168,9 +189,139 @@ def pairs_lines(summary: dict[str, Any]) -> list[str]:
             lines.append(f"- `{split.name}`: {split.description}.")
     except Exception:  # noqa: BLE001  (data not here: the report still renders)
         pass
+    lines += ["", *lora_lines()]
     done = sorted({p["pair"] for p in summary["pairs"]})
     lines += ["", f"Pairs evaluated ({len(done)}): " + ", ".join(f"`{d}`" for d in done) + "."]
     return lines
+
+
+def lora_lines() -> list[str]:
+    """How the pixel LoRA pairs are made and loaded (``cgidm_core/pixel_lora_pairs.py``)."""
+    from cgidm_core.pixel_lora_pairs import CHECKPOINTS, EVALUATED_STEPS, RECIPES, SPLIT
+
+    recipe = next(iter(RECIPES.values()))[1]
+    return [
+        f"LoRA pairs (`<split>/<recipe>/<steps>/s<seed>/holdout`): a peft LoRA of `demo-base` "
+        f"on `{SPLIT}`'s members, AdamW lr {recipe.learning_rate} constant, no warm-up, batch "
+        f"{recipe.batch_size}, alpha = rank (the usual LoRA trainers' defaults, and the latent "
+        f"family's LoRA recipe), checkpoints at {', '.join(map(str, CHECKPOINTS))} steps, "
+        f"evaluated at {EVALUATED_STEPS}; recipes "
+        + ", ".join(f"`{name}` ({group})" for name, (group, _r) in RECIPES.items())
+        + ". `attn`: the 4 attention projections of the UNet's only attention layer (its mid "
+        "block); `attn-conv`: those and every ResNet convolution. Saved in diffusers' format "
+        "and as a kohya file; **merged** into `demo-base`'s weights for the evaluation "
+        "(`cgidm_core.pixel_lora.merge_lora_file`), because cgidm's loaders attach a LoRA to "
+        "Stable Diffusion, SDXL and Flux models only, not to a pixel `UNet2DModel`. The kohya "
+        "file merges to the same weights as the diffusers one (tests/test_pixel_lora.py).",
+    ]
+
+
+def lora_table(summary: dict[str, Any]) -> list[str]:
+    """Per pixel LoRA pair: what it trained, how much the members' loss fell (how much it
+    learned), its times, and the verdict's AUC."""
+    rows = [p for p in summary["pairs"] if len(p["pair"].split("/")) == 5]
+    if not rows:
+        return ["No pixel LoRA pair is cached."]
+    lines = ["| pair | trainable parameters | members' loss drop | training (s) | evaluation (s) "
+             f"| `{VERDICT_CANDIDATE}` AUC | `loss` AUC | `contrast` AUC |",
+             "|---|---|---|---|---|---|---|---|"]
+    for pair in rows:
+        model = summary["models"].get(pair.get("model", ""), {})
+        facts = model.get("training", {})
+        cells = [_cell(pair["rows"].get(c)).rsplit(" / ", 1)[0]
+                 for c in (VERDICT_CANDIDATE, "loss", "contrast")]
+        drop = facts.get("members_loss_drop_relative")
+        lines.append(
+            f"| {pair['pair']} | {facts.get('trainable_parameters', '-')} | "
+            + (f"{100 * drop:.1f} %" if drop is not None else "-")
+            + f" | {facts.get('seconds', float('nan')):.0f} | "
+            f"{model.get('seconds_total', float('nan')):.0f} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def headline(summary: dict[str, Any]) -> list[str]:
+    """Per family: the held-out worst, then mean (recipe groups left out in turn), with their
+    intervals, the in-sample numbers beside them, and how many pairs they rest on."""
+    reports = held_out_reports(summary)
+    lines = ["| family | pairs (groups) | held-out worst | held-out mean | in-sample worst / mean "
+             "(chosen on all) |", "|---|---|---|---|---|"]
+    for family, by_label in reports.items():
+        report = by_label.get("recipe group")
+        if report is None:
+            continue
+        n = sum(len(f.pairs) for f in report.folds)
+        groups = ", ".join(f.group for f in report.folds)
+        lines.append(
+            f"| {family} | {n} ({groups}) | **{report.held_out_worst:.2f}**"
+            f"{_ci(report.held_out_worst_ci)} | {report.held_out_mean:.3f}"
+            f"{_ci(report.held_out_mean_ci)} | {report.in_sample_worst:.2f} / "
+            f"{report.in_sample_mean:.3f} (`{report.in_sample_choice}`) |")
+    return lines
+
+
+def missing_lines(summary: dict[str, Any]) -> list[str]:
+    """The pairs the suite defines that are not in the cache: said, never silently dropped."""
+    missing = summary.get("missing") or {}
+    lines = []
+    for family, ids in missing.items():
+        if not ids:
+            lines.append(f"- {family}: none missing.")
+            continue
+        lines.append(f"- {family}: **{len(ids)} pairs missing** from the cache "
+                     f"(`{summary.get('cache', '~/.cache/cgidm/suite')}`), not in any number "
+                     "here: " + ", ".join(f"`{i}`" for i in ids) + ".")
+    return lines
+
+
+def latent_table(summary: dict[str, Any]) -> list[str]:
+    """Per latent pair: AUC [interval] of the latent suite's columns."""
+    from benchmarks.latent_suite import COLUMNS
+
+    pairs = summary.get("latent_pairs") or []
+    if not pairs:
+        return ["No latent pair is cached (`python -m benchmarks.latent_suite` makes them)."]
+    lines = ["| pair | group | " + " | ".join(f"{k} (`{v}`)" for k, v in COLUMNS.items())
+             + " |", "|---|---|" + "---|" * len(COLUMNS)]
+    for pair in pairs:
+        cells = []
+        for candidate in COLUMNS.values():
+            row = pair["rows"].get(candidate)
+            cells.append("-" if row is None else
+                         f"{row['auc']:.2f} [{row['ci'][0]:.2f}, {row['ci'][1]:.2f}]")
+        lines.append(f"| {pair['pair']} | {pair.get('group', '')} | " + " | ".join(cells) + " |")
+    return lines
+
+
+#: The 2026-11-30 report of the 24 full fine-tune pairs, kept beside ACCURACY.md (docs/).
+STORED_FULL_REPORT = "ACCURACY_full_finetunes_2026-11-30.md"
+
+#: The generated part of docs/ACCURACY.md lies between these lines; what is outside them is
+#: written by hand and kept when the suite regenerates the report.
+BEGIN_MARK = "<!-- BEGIN generated by `python -m benchmarks.suite`: edits here are overwritten -->"
+END_MARK = "<!-- END generated by `python -m benchmarks.suite` -->"
+
+
+class HandWrittenReportError(RuntimeError):
+    """The report file exists but has no generated-part markers: writing would lose text."""
+
+
+def write_generated(out: Path, text: str) -> None:
+    """Put ``text`` between the markers of ``out``, keeping everything outside them; a new file
+    gets the markers; a file without them is refused (it is someone's hand-written text)."""
+    block = f"{BEGIN_MARK}\n{text.rstrip()}\n{END_MARK}"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(block + "\n")
+        return
+    current = out.read_text()
+    if current.count(BEGIN_MARK) != 1 or current.count(END_MARK) != 1 or \
+            current.index(BEGIN_MARK) > current.index(END_MARK):
+        raise HandWrittenReportError(
+            f"{out} has no (or broken) generated-part markers; add the lines\n{BEGIN_MARK}\n"
+            f"{END_MARK}\nwhere the generated report goes (or pass --out to a new file)")
+    head, rest = current.split(BEGIN_MARK, 1)
+    _old, tail = rest.split(END_MARK, 1)
+    out.write_text(head + block + tail)
 
 
 def summary_table(summary: dict[str, Any], columns: list[str]) -> list[str]:
@@ -245,7 +396,7 @@ def held_out_reports(summary: dict[str, Any], n_bootstrap: int = 1000) -> dict[s
 
     out: dict[str, Any] = {}
     families: dict[str, list[dict[str, Any]]] = {}
-    for pair in summary["pairs"]:
+    for pair in [*summary["pairs"], *summary.get("latent_pairs", [])]:
         families.setdefault(pair.get("family", "pixel"), []).append(pair)
     for family, pairs in families.items():
         aucs: dict[str, dict[str, float]] = {}
@@ -365,7 +516,9 @@ def render_snippet(summary: dict[str, Any], columns: list[str]) -> str:
 def render(summary: dict[str, Any], args: Any) -> str:
     ranked = ranking(summary)
     best = ranked[0][0]
-    columns = [c for c in [best, *[c for c in KEY_CANDIDATES if c != best]]
+    # the verdict's own score always has a column, then the suite's best, then the key ones
+    first = [VERDICT_CANDIDATE] + ([best] if best != VERDICT_CANDIDATE else [])
+    columns = [c for c in [*first, *[c for c in KEY_CANDIDATES if c not in first]]
                if any(c in p["rows"] for p in summary["pairs"])]
     lo, hi = summary["load_average"]
     lines = [
@@ -383,9 +536,34 @@ def render(summary: dict[str, Any], args: Any) -> str:
         "fine-tunes and `--no-train --wait` evaluation workers; one plain `python "
         "benchmarks/suite.py` trains, evaluates and reports in one go.)",
         "",
+        "## Headline: held out by recipe group, per family",
+        "",
+        "The verdict's score chosen on all recipe groups but one and measured on the one left "
+        "out, every group in turn (details: *Held out* below); 95 % bootstrap intervals over "
+        "images where every pair's per-image scores are cached. Pixel pairs from this report's "
+        "cache; latent pairs from `benchmarks.latent_suite`'s (its columns: "
+        "evidence / cgidm / loss / contrast).",
+        "",
+        *headline(summary),
+        "",
+        "Pairs the suite defines that these numbers do NOT rest on:",
+        "",
+        *missing_lines(summary),
+        "",
+        f"The last report that had all 24 pixel full fine-tune pairs cached (per-pair AUCs, "
+        f"no held-out intervals): [{STORED_FULL_REPORT}]({STORED_FULL_REPORT}).",
+        "",
         "## The pairs",
         "",
         *pairs_lines(summary),
+        "",
+        "### Pixel LoRA pairs",
+        "",
+        "Members' loss drop: the relative fall of the members' denoising loss (64 fixed (t, "
+        "noise) draws per image, the same before and after), the measure of how much a LoRA "
+        "learned; times are wall-clock on the shared 2-core machine (upper bounds).",
+        "",
+        *lora_table(summary),
         "",
         "## Cost",
         "",
@@ -414,9 +592,18 @@ def render(summary: dict[str, Any], args: Any) -> str:
         "every recipe group but one and the choice is measured on the group left out, for "
         "every group (`cgidm_core.held_out.leave_one_group_out`); the held-out worst and mean "
         "are the headline, in-sample numbers only beside them. Groups come from the pair "
-        "definitions (`SuitePair.group`; pixel pairs: their data split and hold-out).",
+        "definitions (`SuitePair.group`; pixel full fine-tunes: their data split and hold-out; "
+        "pixel LoRAs: their placement, `lora-attn` or `lora-attn-conv`; latent pairs: "
+        "`cgidm_core.latent_suite_pairs.RECIPES`).",
         "",
         *held_out_lines(summary),
+        "### Latent family, per pair",
+        "",
+        "Values of `python -m benchmarks.latent_suite` (the LoRA loaded unmerged, as a user's "
+        "file), read from its cache; AUC [95 % bootstrap interval].",
+        "",
+        *latent_table(summary),
+        "",
         "## Baselines' directions: PIA and SecMI below chance",
         "",
         *BASELINE_DIRECTIONS_TEXT,
@@ -468,8 +655,6 @@ def render(summary: dict[str, Any], args: Any) -> str:
     text = "\n".join(lines)
     if str(getattr(args, "table_out", "")) not in ("", "."):
         Path(args.table_out).write_text(render_snippet(summary, columns))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    write_generated(Path(args.out), text)
     print(text)
     return text

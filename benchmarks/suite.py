@@ -13,7 +13,14 @@ were not tuned on (lr 2e-4 constant, random flips, batch 10) on
 - DreamBooth photos: 2 photos each of 5 subjects; hard hold-out = 2 other photos of each of
   those subjects (10), easy hold-out = 2 photos each of 5 other subjects (10);
 
-at three strengths (200 / 500 / 1000 steps, checkpoints of one run) and two seeds. Fine-tunes
+at three strengths (200 / 500 / 1000 steps, checkpoints of one run) and two seeds; and peft
+LoRAs of ``demo-base`` on Van Gogh split A (``cgidm_core/pixel_lora_pairs.py``: attention only
+or attention + convolutions, ranks 4-64, merged into the base for evaluation; ``--lora``).
+The latent family's pairs are read from ``benchmarks.latent_suite``'s cache (``--no-latent`` to
+leave them out; that command makes them). The headline is the leave-one-recipe-group-out table
+per family (``cgidm_core.held_out``, bootstrap intervals), and the report names every pair the
+suite defines that is missing from the cache. ``--out`` is written only between its
+``<!-- BEGIN/END generated ... -->`` markers: hand-written text around them is kept. Fine-tunes
 and per-pair results are cached under ``--cache`` (default ``~/.cache/cgidm/suite``), keyed by
 a hash of recipe, data and evaluation settings: a rerun computes only what is missing.
 
@@ -39,6 +46,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -62,6 +70,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", nargs="+", type=int, default=None,
                         help=f"default: {' '.join(map(str, SEEDS))}")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--lora", nargs="*", default=None, metavar="RECIPE:SEED",
+                        help="pixel LoRA runs (cgidm_core/pixel_lora_pairs.py), e.g. "
+                        "lora-attn-r16:0; default: its DEFAULT_SET; give --lora alone for none")
+    parser.add_argument("--lora-only", action="store_true",
+                        help="of the pixel pairs, only the LoRA ones (e.g. for a --wait worker)")
+    parser.add_argument("--no-latent", action="store_true",
+                        help="leave the latent family (benchmarks.latent_suite's cache) out")
+    parser.add_argument("--latent-pgd-steps", type=int, default=100,
+                        help="the latent pairs' values evaluated at this many PGD steps")
     parser.add_argument("--list", action="store_true", help="list the pairs and exit")
     parser.add_argument("--train-only", action="store_true")
     parser.add_argument("--no-train", action="store_true",
@@ -90,24 +107,56 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def selected_pairs(args: argparse.Namespace):
+    """The pixel family's pairs: the full fine-tunes, then the LoRA pairs."""
+    from cgidm_core.pixel_lora_pairs import pixel_lora_pairs
     from cgidm_core.suite_pairs import suite_pairs
 
-    return suite_pairs(
+    full = [] if getattr(args, "lora_only", False) else suite_pairs(
         args.data,
         datasets=tuple(args.datasets) if args.datasets else None,
         strengths=tuple(args.strengths) if args.strengths else None,
         seeds=tuple(args.seeds) if args.seeds else None,
     )
+    return [*full, *pixel_lora_pairs(args.data, runs=lora_runs(args))]
+
+
+def lora_runs(args: argparse.Namespace) -> tuple[tuple[str, int], ...] | None:
+    """``--lora recipe:seed ...`` as (recipe, seed) pairs; None = the default set."""
+    from cgidm_core.errors import ConfigError
+
+    if getattr(args, "lora", None) is None:
+        return None
+    runs = []
+    for item in args.lora:
+        name, _, seed = item.partition(":")
+        if not seed.isdigit():
+            raise ConfigError(f"--lora {item!r}: give RECIPE:SEED, e.g. lora-attn-r16:0")
+        runs.append((name, int(seed)))
+    return tuple(runs)
+
+
+def is_lora(pair) -> bool:
+    from cgidm_core.pixel_lora_pairs import PixelLoraPair
+
+    return isinstance(pair, PixelLoraPair)
 
 
 def train_missing(args: argparse.Namespace, pairs) -> dict[str, float]:
     """Make every missing fine-tune; returns seconds per training run made now."""
+    from cgidm_core import pixel_lora_pairs
     from cgidm_core.suite_pairs import STRENGTHS, train_run
 
     runs: dict[tuple[str, int], object] = {}
-    for pair in pairs:
-        runs.setdefault((pair.split.name, pair.seed), pair)
     made: dict[str, float] = {}
+    for pair in pairs:
+        if is_lora(pair):
+            if not (pair.model_dir(args.cache) / "training.json").is_file():
+                log(f"training the LoRA of {pair.pair_id}")
+                started = time.perf_counter()
+                pixel_lora_pairs.train_run(pair, args.cache, log=log)
+                made[pair.pair_id] = time.perf_counter() - started
+            continue
+        runs.setdefault((pair.split.name, pair.seed), pair)
     for (split_name, seed), pair in runs.items():
         out_root = pair.model_dir(args.cache).parent  # type: ignore[attr-defined]
         # One run saves every strength up to the largest one asked for.
@@ -175,7 +224,10 @@ def model_images(pair) -> list[Path]:
 
 def results_path(args: argparse.Namespace, pair) -> Path:
     model = pair.model_dir(args.cache)
-    return args.cache / "results" / f"{model.parent.name}-{model.name}-{eval_key(pair)}.json"
+    # a LoRA's merged folder is <run>/<steps>/merged: its run folder names it
+    name = (f"{pair.run_dir(args.cache).name}-{pair.steps}" if is_lora(pair)
+            else f"{model.parent.name}-{model.name}")
+    return args.cache / "results" / f"{name}-{eval_key(pair)}.json"
 
 
 def model_results(args: argparse.Namespace, pair) -> dict | None:
@@ -336,8 +388,10 @@ def pair_slice(document: dict, holdout: str) -> tuple[dict[str, list[float]], in
     return {k: [v[i] for i in idx] for k, v in document["values"].items()}, n1, n0
 
 
-def evaluate_pair(document: dict, pair, n_bootstrap: int) -> dict:
-    """AUC [CI] and TPR at FPR = 1/n_holdout of every candidate on one pair."""
+def evaluate_pair(document: dict, pair, n_bootstrap: int,
+                  candidates: tuple[str, ...] | None = None) -> dict:
+    """AUC [CI] and TPR at FPR = 1/n_holdout of every candidate (or of ``candidates``) on one
+    pair; the inversion's step count is the one the values were recorded with."""
     from cgidm_core.inversion import InversionConfig
     from cgidm_core.stats import evaluate_scores
     from cgidm_core.suite_scores import candidate_scores
@@ -346,7 +400,10 @@ def evaluate_pair(document: dict, pair, n_bootstrap: int) -> dict:
     fpr = 1.0 / n0
     rows = {}
     scores_of: dict[str, list[list[float]]] = {}
-    for name, (cand, scores) in candidate_scores(values, InversionConfig().steps).items():
+    steps = int((document.get("inversion") or {}).get("steps") or InversionConfig().steps)
+    for name, (cand, scores) in candidate_scores(values, steps).items():
+        if candidates is not None and name not in candidates:
+            continue
         report = evaluate_scores(scores[:n1], scores[n1:], n_bootstrap=n_bootstrap, seed=0,
                                  target_fprs=(fpr,))
         tpr = report.tpr_at_fpr[0]
@@ -441,6 +498,41 @@ def _shown_arguments(argv: list[str]) -> list[str]:
     return out
 
 
+@dataclass(frozen=True)
+class LatentPairView:
+    """A latent suite pair (``cgidm_core.latent_suite_pairs``) as :func:`evaluate_pair` reads a
+    pair: one hold-out set, its recipe group, its family, its strength (training steps)."""
+
+    pair_id: str
+    recipe_group: str
+    steps: int
+    holdout: str = "holdout"
+    family: str = "latent"
+
+    @property
+    def strength(self) -> str:
+        return str(self.steps)
+
+
+def latent_results(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
+    """The latent family's pairs from ``benchmarks.latent_suite``'s cache (its pair list, its
+    result files, its score columns), and the ids of those not evaluated there yet."""
+    from benchmarks import latent_suite
+    from cgidm_core import latent_suite_pairs as lsp
+
+    results, missing = [], []
+    candidates = tuple(latent_suite.COLUMNS.values())
+    for pair in lsp.latent_suite_pairs(args.data):
+        out = latent_suite.results_file(pair, args.cache, args.latent_pgd_steps)
+        if not out.is_file():
+            missing.append(pair.pair_id)
+            continue
+        view = LatentPairView(pair.pair_id, pair.group, pair.steps)
+        results.append(evaluate_pair(json.loads(out.read_text()), view, args.n_bootstrap,
+                                     candidates=candidates))
+    return results, missing
+
+
 def run_suite(args: argparse.Namespace, pairs) -> int:
     from benchmarks.render_suite import render
 
@@ -450,26 +542,40 @@ def run_suite(args: argparse.Namespace, pairs) -> int:
         wait_and_evaluate(args, pairs)
     documents: dict[str, dict] = {}
     results = []
+    missing: dict[str, list[str]] = {"pixel": []}
     for pair in pairs:
         model = pair.model_dir(args.cache)
         if not (model / "training.json").is_file():
-            log(f"skipping {pair.pair_id}: no fine-tune (run without --no-train)")
+            log(f"missing {pair.pair_id}: no fine-tune in the cache (run without --no-train)")
+            missing["pixel"].append(f"{pair.pair_id} (not trained)")
             continue
         if args.report_only and not results_path(args, pair).is_file():
-            log(f"skipping {pair.pair_id}: not evaluated yet (--report-only)")
+            log(f"missing {pair.pair_id}: not evaluated yet (--report-only)")
+            missing["pixel"].append(f"{pair.pair_id} (trained, not evaluated)")
             continue
         if str(model) not in documents:
             document = model_results(args, pair)
             if document is None:
-                log(f"skipping {pair.pair_id}: still being evaluated elsewhere")
+                log(f"missing {pair.pair_id}: still being evaluated elsewhere")
+                missing["pixel"].append(f"{pair.pair_id} (being evaluated)")
                 continue
             documents[str(model)] = document
-        results.append(evaluate_pair(documents[str(model)], pair, args.n_bootstrap))
+        results.append({**evaluate_pair(documents[str(model)], pair, args.n_bootstrap),
+                        "model": str(model)})
+    latent: list[dict] = []
+    if not args.no_latent:
+        latent, missing["latent"] = latent_results(args)
+    for family, ids in missing.items():
+        if ids:
+            log(f"{family}: {len(ids)} pairs missing from the cache {args.cache}")
     if not results:
-        log("nothing to report")
+        log("no pixel pair is cached; nothing to report")
         return 1
     summary = {
         "pairs": results,
+        "latent_pairs": latent,
+        "missing": missing,
+        "cache": str(args.cache),
         "models": {k: {"seconds": v["seconds"], "seconds_total": v["seconds_total"],
                        "load_average": v["load_average"], "training": v["training"],
                        "files": v["files"]}

@@ -179,7 +179,7 @@ def train_missing(args: argparse.Namespace, pairs) -> dict[str, float]:
 #: unchanged (the reference preset's switches, the run size): left out of the key at that
 #: default, so adding an option does not throw away hours of cached inversions.
 NEUTRAL_SINCE_V1: dict[str, object] = {"quantize_partial": False, "sample_latent": False,
-                                      "resolution": None}
+                                      "resolution": None, "base_recovery": False}
 
 
 #: The cheap scores of the cache's version 1, kept in the key as they were: a cheap score added

@@ -111,6 +111,9 @@ def test_audit_is_signed_and_verify_audit_says_when_it_was_edited(audited, tmp_p
     other.write_bytes(public_pem(Ed25519PrivateKey.generate().public_key()))
     assert main(["verify-audit", str(out), "--public-key", str(other)]) == 3
     assert "NOT SIGNED BY THIS SERVICE" in capsys.readouterr().out
+    # `cgidm verify` on an audit points to verify-audit instead of failing on the format
+    assert main(["verify", str(out / "audit.json"), "--signature-only"]) == 2
+    assert "cgidm verify-audit" in capsys.readouterr().err
 
 
 def test_audit_report_pdf_names_the_flagged_model_and_shows_its_pictures(audited, tmp_path):

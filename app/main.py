@@ -20,6 +20,7 @@ from app.routes_ops import metrics_registry
 from app.routes_ops import router as ops_router
 from app.services import Services
 from app.web.audit_page import router as audit_page_router
+from app.web.audit_report_routes import router as audit_report_router
 from app.web.routes import install_web
 from cgidm import __version__
 from cgidm.settings import Settings, get_settings
@@ -74,6 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs_router)
     app.include_router(audits_router)
     app.include_router(audit_page_router)
+    app.include_router(audit_report_router)
     app.include_router(models_router)
     app.include_router(ops_router)
     install_web(app)  # the web app at /, the report, offline /docs and /redoc

@@ -17,7 +17,7 @@ import sys
 USER_HF_HUB_OFFLINE: str | None = os.environ.get("HF_HUB_OFFLINE")
 
 COMMANDS = ("check", "verify", "report", "submit", "eval", "models", "serve", "demo", "keys",
-            "audit", "submit-audit")
+            "audit", "submit-audit", "verify-audit")
 
 
 def build_parser() -> argparse.ArgumentParser:

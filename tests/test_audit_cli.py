@@ -67,3 +67,77 @@ def test_bad_model_list_is_one_clear_line(tmp_path, capsys):
                  "--models", '[{"pretrained": "demo-base"}]', "--out", str(tmp_path)])
     assert code == 2
     assert "models[0].finetuned must be a non-empty string" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------
+# the signed audit and its report (issue #28)
+
+
+def test_audit_is_signed_and_verify_audit_says_when_it_was_edited(audited, tmp_path, capsys):
+    import shutil
+
+    from cgidm.audit_signing import SIGNER_CLI
+    from cgidm.result_signing import existing_key, public_pem
+
+    out, doc = audited
+    key = existing_key()  # the tests' throwaway key (tests/conftest.py), as `cgidm check` uses
+    assert doc["signature"]["signer"] == SIGNER_CLI and doc["signature"]["key_id"] == key.key_id
+    first = doc["models"][0]
+    assert set(first["picture_sha256"]) == set(first["pictures"])
+    assert "torch" in doc["software"] and doc["settings"]["inversion"]["seed"] == 0
+    assert main(["verify-audit", str(out)]) == 0
+    assert "signature valid" in capsys.readouterr().out
+
+    # one byte of the signed document changed: edited after signing (exit 4)
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    text = (copy / "audit.json").read_text()
+    assert text.count('"demo-vangogh"') == 1
+    (copy / "audit.json").write_text(text.replace('"demo-vangogh"', '"demo-vangogi"'))
+    assert main(["verify-audit", str(copy / "audit.json")]) == 4
+    assert "EDITED AFTER SIGNING" in capsys.readouterr().out
+    # the document intact but one byte of a flagged model's picture changed: also exit 4
+    (copy / "audit.json").write_text(text)
+    picture = copy / next(iter(first["pictures"].values()))["side_by_side"]
+    data = bytearray(picture.read_bytes())
+    data[-20] ^= 1
+    picture.write_bytes(bytes(data))
+    assert main(["verify-audit", str(copy)]) == 4
+    assert "differs from its signed sha256" in capsys.readouterr().out
+    # another key: not signed by this service (exit 3)
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    other = tmp_path / "other.pem"
+    other.write_bytes(public_pem(Ed25519PrivateKey.generate().public_key()))
+    assert main(["verify-audit", str(out), "--public-key", str(other)]) == 3
+    assert "NOT SIGNED BY THIS SERVICE" in capsys.readouterr().out
+    # `cgidm verify` on an audit points to verify-audit instead of failing on the format
+    assert main(["verify", str(out / "audit.json"), "--signature-only"]) == 2
+    assert "cgidm verify-audit" in capsys.readouterr().err
+
+
+def test_audit_report_pdf_names_the_flagged_model_and_shows_its_pictures(audited, tmp_path):
+    import re
+    import subprocess
+
+    out, doc = audited
+    pdf, html = tmp_path / "audit.pdf", tmp_path / "audit.html"
+    assert main(["report", str(out), "--pdf", str(pdf), "--html", str(html)]) == 0
+    assert pdf.read_bytes().startswith(b"%PDF")
+    subprocess.run(["pdftoppm", "-r", "20", "-png", str(pdf), str(tmp_path / "page")],
+                   check=True)
+    pages = sorted(tmp_path.glob("page-*.png"))
+    # cover, the ranked table, the flagged model's pictures, method and reproduction
+    assert len(pages) >= 3 and all(p.stat().st_size > 500 for p in pages)
+    text = " ".join(subprocess.run(["pdftotext", str(pdf), "-"], check=True,
+                                   capture_output=True, text=True).stdout.split())
+    assert "1 of 2 suspect models was flagged" in text and "demo-vangogh" in text
+    assert "Benjamini-Hochberg" in text and "0.05" in text
+    assert doc["signature"]["digest"] in text.replace(" ", "") or \
+        doc["signature"]["key_id"] in text
+    assert "signature valid" in text and "cgidm verify-audit audit.json" in text
+    # the HTML: self-contained, one picture per image of the one flagged model
+    page = html.read_text()
+    sources = re.findall(r'<img[^>]*src="([^"]*)"', page)
+    assert len(sources) == 5 and all(s.startswith("data:image/png") for s in sources)
+    assert page.count("has the sha256 recorded in the signed audit") == 5

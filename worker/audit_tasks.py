@@ -11,6 +11,7 @@ stored (cgidm/audits.py), so a lost worker costs only the model it was running.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import time
@@ -154,23 +155,29 @@ class _GroupCallbacks:
         entry = dict(outcome.entry)
         index = entry["index"]
         if outcome.results:
-            entry["pictures"] = {result.name: self._store_pictures(index, result)
-                                 for result in outcome.results}
+            stored = {result.name: self._store_pictures(index, result)
+                      for result in outcome.results}
+            entry["pictures"] = {name: urls for name, (urls, _) in stored.items()}
+            # the pictures are evidence too: the signed result covers their hashes
+            entry["picture_sha256"] = {name: digests for name, (_, digests) in stored.items()}
         entry["worker_id"] = self.ctx.worker_id
         entry["finished_at"] = time.time()
         self.store.save_model(audit_id, index, entry)
         self.entries[index] = entry
 
-    def _store_pictures(self, index: int, result: Any) -> dict[str, str]:
+    def _store_pictures(self, index: int, result: Any) -> tuple[dict[str, str], dict[str, str]]:
+        """(kind -> URL, kind -> sha256) of one image's stored pictures."""
         audit_id = self.request.audit_id
+        digests = {}
         for kind, picture in (("side_by_side", result.side_by_side()),
                               ("recovered", result.recovered)):
             buffer = io.BytesIO()
             picture.save(buffer, format="PNG")
             self.store.storage.put_bytes(self.store.picture_key(audit_id, index, result.name, kind),
                                          buffer.getvalue(), content_type="image/png")
-        return {kind: picture_url(audit_id, index, result.name, kind)
-                for kind in ("side_by_side", "recovered")}
+            digests[kind] = hashlib.sha256(buffer.getvalue()).hexdigest()
+        return ({kind: picture_url(audit_id, index, result.name, kind)
+                 for kind in ("side_by_side", "recovered")}, digests)
 
     def on_error(self, index: int, exc: Exception) -> dict[str, Any]:
         code = getattr(exc, "code", None) or type(exc).__name__
@@ -225,10 +232,24 @@ def run_group(ctx: WorkerContext, store: AuditStore, request: AuditRequest,
               should_cancel=calls.should_cancel, on_error=calls.on_error)
 
 
+def sign_audit(document: dict[str, Any]) -> dict[str, Any]:
+    """The assembled audit with the service's signature block: the key and signer of a job's
+    result (CGIDM_SIGNING_KEY; worker/job_runner.py), so one published key set verifies both."""
+    from cgidm.audit_signing import SIGNER_SERVICE
+    from cgidm.result_signing import sign_document
+    from worker.job_runner import _signing_key
+
+    key = _signing_key(str(get_context().settings.resolved_signing_key))
+    return sign_document(document, key, signer=SIGNER_SERVICE)
+
+
 def assemble(store: AuditStore, request: AuditRequest) -> bool:
     """Write ``result.json`` when every model is stored (any subtask may: the document depends
     only on the stored entries, so two subtasks finishing together write the same bytes)."""
+    from cgidm.result_signing import SigningKeyError
     from cgidm_core.audit import decide_models, decision_settings
+    from cgidm_core.inversion import InversionConfig
+    from cgidm_core.provenance import software
 
     audit_id = request.audit_id
     done = store.done_models(audit_id)
@@ -239,6 +260,7 @@ def assemble(store: AuditStore, request: AuditRequest) -> bool:
     for model in ranked:
         if not model["flagged"]:
             model.pop("pictures", None)  # evidence pictures are shown for flagged models
+            model.pop("picture_sha256", None)
     document = {
         "models": ranked,
         "decision": decision_settings(request.level, request.correction, request.clear_p),
@@ -249,7 +271,17 @@ def assemble(store: AuditStore, request: AuditRequest) -> bool:
                    "flagged": sum(m["flagged"] for m in ranked)},
         "images": [i.name for i in request.images],
         "controls": [i.name for i in request.controls],
+        "settings": {"inversion": InversionConfig(seed=request.seed, **(
+            {"steps": request.steps} if request.steps else {})).to_dict()},
+        "audit_id": audit_id,  # binds the signed result to its audit
+        "software": software(),
     }
+    try:
+        document = sign_audit(document)
+    except SigningKeyError as exc:
+        log.error("audit %s: %s", audit_id, exc)
+        store.save_error(audit_id, "signing_key", f"the service cannot sign results: {exc}")
+        return False
     store.save_result(audit_id, document)
     log.info("audit %s assembled: %d models, %d flagged", audit_id, len(ranked),
              document["counts"]["flagged"])

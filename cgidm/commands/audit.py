@@ -123,7 +123,25 @@ def _print_ranking(ranked: list[dict[str, Any]], counts: dict[str, int], correct
           f"needed the full verdict; {wrote}")
 
 
+def _signed(document: dict[str, Any]) -> dict[str, Any]:
+    """The audit with its signature by the local key, as `cgidm check` signs results.json (the
+    same key, made on first use). An audit that cannot be signed is still written, unsigned,
+    with a warning."""
+    from cgidm.audit_signing import SIGNER_CLI
+    from cgidm.result_signing import SigningKeyError, load_or_create_key, sign_document
+
+    try:
+        signed = sign_document(document, load_or_create_key(), signer=SIGNER_CLI)
+    except (SigningKeyError, ValueError) as exc:  # ValueError: a NaN cannot be canonicalised
+        print(f"warning: audit.json is NOT signed: {exc}")
+        return document
+    print(f"signed with key {signed['signature']['key_id']} ({signed['signature']['digest']}); "
+          "`cgidm verify-audit` checks it")
+    return signed
+
+
 def run(args: argparse.Namespace) -> int:
+    from cgidm.result_signing import file_sha256
     from cgidm_core.audit import (
         check_level,
         decide_models,
@@ -132,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from cgidm_core.audit_run import run_audit
     from cgidm_core.images import load_image
+    from cgidm_core.provenance import software
 
     level = check_level(args.level)
     models = parse_models(read_model_list(args.models))
@@ -148,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     stems = _stems(image_paths)
     pictures: dict[int, dict[str, dict[str, str]]] = {}
+    hashes: dict[int, dict[str, dict[str, str]]] = {}
 
     def save(outcome: Any) -> None:
         entry = outcome.entry
@@ -158,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
             return
         folder = out_dir / "models" / f"{entry['index']:03d}"
         folder.mkdir(parents=True, exist_ok=True)
-        saved = {}
+        saved, digests = {}, {}
         for result, stem in zip(outcome.results, stems, strict=True):
             names = {"side_by_side": f"{stem}.side_by_side.png",
                      "recovered": f"{stem}.recovered.png"}
@@ -166,7 +186,9 @@ def run(args: argparse.Namespace) -> int:
             result.recovered.save(folder / names["recovered"])
             saved[result.name] = {k: str((folder / v).relative_to(out_dir))
                                   for k, v in names.items()}
+            digests[result.name] = {k: file_sha256(folder / v) for k, v in names.items()}
         pictures[entry["index"]] = saved
+        hashes[entry["index"]] = digests
 
     started = time.perf_counter()
     entries = run_audit(models, images, controls, image_names, control_names,
@@ -175,6 +197,8 @@ def run(args: argparse.Namespace) -> int:
     for model in ranked:
         if model["flagged"] and model["index"] in pictures:
             model["pictures"] = pictures[model["index"]]
+            # the pictures are evidence too: the signature covers their hashes
+            model["picture_sha256"] = hashes[model["index"]]
     elapsed = time.perf_counter() - started
     document = {
         "models": ranked,
@@ -186,8 +210,10 @@ def run(args: argparse.Namespace) -> int:
         "images": image_names,
         "controls": control_names,
         "settings": {"inversion": config.to_dict(), "batch_size": args.batch_size},
+        "software": software(),
         "seconds": round(elapsed, 2),
     }
+    document = _signed(document)
     (out_dir / "audit.json").write_text(json.dumps(document, indent=2))
     _print_ranking(ranked, document["counts"], correction, level,
                    f"wrote {out_dir / 'audit.json'} in {elapsed:.1f} s")

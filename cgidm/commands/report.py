@@ -47,7 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "the exact `cgidm verify` command. Nothing is re-run.",
     )
     parser.add_argument("result", help="cgidm check output folder or results.json, or a "
-                        "service result.json")
+                        "service result.json; or an audit: a cgidm audit / submit-audit output "
+                        "folder or its audit.json (the per-audit report)")
     parser.add_argument("--pdf", metavar="FILE", help="write the PDF here")
     parser.add_argument("--html", metavar="FILE", help="write the self-contained HTML here")
     parser.add_argument("--public-key", action="append", metavar="FILE",
@@ -65,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.pdf and not args.html:
         raise ConfigError("say what to write: --pdf FILE and/or --html FILE")
+    if _is_audit(Path(args.result)):
+        return _audit_report(args)
     try:
         local = report_document.load_local_result(Path(args.result))
     except report_document.ReportInputError as exc:
@@ -93,6 +96,59 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {args.pdf}")
     if parts.signature.state not in ("valid", "not checked"):
         print(f"warning: signature {parts.signature.state}: {parts.signature.message}")
+    return 0
+
+
+def _is_audit(path: Path) -> bool:
+    """An audit output folder (audit.json) or an audit.json, rather than a check's result."""
+    import json
+
+    from cgidm.audit_signing import AUDIT_FILE, is_audit_document
+
+    if path.is_dir():
+        return (path / AUDIT_FILE).is_file()
+    try:
+        return path.is_file() and is_audit_document(json.loads(path.read_text()))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False  # the check report's loader says what is wrong with it
+
+
+def _public_keys(paths: list[str] | None) -> dict[str, Any]:
+    """The keys given, else the local key of `cgidm keys` (and its retired ones), if any."""
+    from cgidm import result_signing
+
+    keys: dict[str, Any] = {}
+    for path in paths or []:
+        keys.update(result_signing.read_public_keys(Path(path)))
+    if not paths and (mine := result_signing.existing_key()) is not None:
+        keys = result_signing.keys_of_set(result_signing.key_set(mine))
+    return keys
+
+
+def _audit_report(args: argparse.Namespace) -> int:
+    """The audit report (app/web/audit_report.py) of an audit output folder or audit.json."""
+    from app.web import audit_report, report_document
+    from cgidm.audit_signing import AuditFileError, load_local_audit
+    from cgidm_core.errors import ConfigError
+
+    try:
+        local = load_local_audit(Path(args.result))
+    except AuditFileError as exc:
+        raise ConfigError(str(exc)) from exc
+    facts = [("Audit file", str(local.path))]
+    if local.audit_id:
+        facts.insert(0, ("Audit", local.audit_id))
+    report = audit_report.build_report(local.document, audit_report.local_pictures(local), facts,
+                                       _public_keys(args.public_key) or None, local.path.name)
+    html = audit_report.render_html(report)
+    if args.html:
+        Path(args.html).write_text(html)
+        print(f"wrote {args.html}")
+    if args.pdf:
+        Path(args.pdf).write_bytes(report_document.render_pdf(html))
+        print(f"wrote {args.pdf}")
+    if report.signature.state not in ("valid", "not checked"):
+        print(f"warning: signature {report.signature.state}: {report.signature.message}")
     return 0
 
 

@@ -95,6 +95,11 @@ def load_record(path: Path) -> dict[str, Any]:
         document = read_result_file(path)
     except ResultFileError as exc:
         raise ConfigError(str(exc)) from exc
+    from cgidm.audit_signing import is_audit_document
+
+    if is_audit_document(document):
+        raise ConfigError(f"{path} is an audit: check its signature with `cgidm verify-audit "
+                          f"{path}` (an audit's models are re-run one by one with `cgidm check`)")
     if not isinstance(document, dict) or not document.get("provenance"):
         raise ConfigError(f"{path} has no provenance (it was made by a cgidm without it, or is "
                           "not a cgidm result); it cannot be verified")

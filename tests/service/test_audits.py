@@ -98,6 +98,15 @@ def test_audit_through_the_stack_and_resumed_without_redoing_models(
     assert result["counts"] == {"models": 3, "full_verdicts": 2, "cleared_by_screen": 0,
                                 "errors": 1, "flagged": 0}
     assert result["decision"]["correction"] == "bh"
+    # signed by the service's key, like a job's result, and checked offline from the saved file
+    from cgidm.result_signing import check_signature, keys_of_set
+
+    published = client.get("/.well-known/cgidm-signing-keys.json").json()
+    assert check_signature(result, keys_of_set(published)).ok
+    assert result["signature"]["signer"] == "cgidm service" and result["audit_id"] == audit_id
+    (tmp_path / "keys.json").write_text(json.dumps(published))
+    assert main(["verify-audit", str(tmp_path / "out"), "--public-key",
+                 str(tmp_path / "keys.json")]) == 0
     # pictures of every full-verdict model are stored and served, listed for flagged ones only
     picture = client.get(f"/audits/{audit_id}/pictures/0/i1/side_by_side.png")
     assert picture.status_code == 200 and picture.headers["content-type"] == "image/png"
@@ -170,3 +179,67 @@ def test_audit_page_ranks_models_and_shows_the_top_hits_pictures(app_client):
     assert html.index("copying-model") < html.index("quiet-model")  # ranked
     assert html.count("<img src=\"data:image/png;base64,") == 1  # the flagged model's picture
     assert "1 of 2 models flagged" in html
+
+
+def test_audit_report_pdf_of_a_signed_stored_audit(app_client, tmp_path):
+    """GET /audits/{id}/report.pdf and .html from a stored audit signed with the service's key
+    (as worker/audit_tasks.py assembles it): the flagged model named on a rendered page, its
+    picture checked against its signed hash, the signature valid; one changed byte of the
+    stored result makes the report say so. An unfinished audit has no report (409)."""
+    import hashlib
+    import subprocess
+    from datetime import datetime, timezone
+
+    from cgidm.audit_signing import SIGNER_SERVICE
+    from cgidm.audits import AuditInput, AuditModelSpec, AuditRequest, AuditStore, new_audit_id
+    from cgidm.result_signing import load_or_create_key, sign_document
+    from cgidm_core.audit import decide_models, decision_settings
+
+    services = app_client.app.state.services
+    store = AuditStore(services.store.storage)
+    audit_id = new_audit_id()
+    specs = [AuditModelSpec(pretrained="tiny-base", finetuned=name)
+             for name in ("quiet-model", "copying-model")]
+    store.create(AuditRequest(audit_id=audit_id, created_at=datetime.now(timezone.utc),
+                              models=specs, images=[AuditInput(name="i1", key="k", sha256="0")],
+                              controls=[AuditInput(name="c1", key="k2", sha256="0")]), [])
+    assert app_client.get(f"/audits/{audit_id}/report.pdf").status_code == 409  # queued
+    picture = png_bytes(5)
+    entries = [{"index": 0, "pretrained": "tiny-base", "finetuned": "quiet-model",
+                "tier": "screen", "screen_p_value": 0.7, "p_value": 1.0, "images": []},
+               {"index": 1, "pretrained": "tiny-base", "finetuned": "copying-model",
+                "tier": "full", "screen_p_value": 0.001, "p_value": 0.001,
+                "images": [{"name": "i1", "evidence_score": 3.0, "p_value": 0.01}],
+                "picture_sha256": {"i1": {"side_by_side": hashlib.sha256(picture).hexdigest()}}}]
+    for entry in entries:
+        store.save_model(audit_id, entry["index"], entry)
+    store.storage.put_bytes(store.picture_key(audit_id, 1, "i1", "side_by_side"), picture)
+    document = {"models": decide_models(entries), "decision": decision_settings(0.05, "bh", 0.2),
+                "counts": {"models": 2, "flagged": 1, "full_verdicts": 1,
+                           "cleared_by_screen": 1},
+                "images": ["i1"], "controls": ["c1"], "audit_id": audit_id}
+    key = load_or_create_key(services.settings.resolved_signing_key)
+    store.save_result(audit_id, sign_document(document, key, signer=SIGNER_SERVICE))
+
+    response = app_client.get(f"/audits/{audit_id}/report.pdf")
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/pdf"
+    pdf = tmp_path / "audit.pdf"
+    pdf.write_bytes(response.content)
+    subprocess.run(["pdftoppm", "-r", "20", "-png", "-f", "1", "-l", "1", str(pdf),
+                    str(tmp_path / "page")], check=True)
+    assert len(list(tmp_path.glob("page-*.png"))) == 1
+    text = " ".join(subprocess.run(["pdftotext", str(pdf), "-"], check=True,
+                                   capture_output=True, text=True).stdout.split())
+    assert "1 of 2 suspect models was flagged" in text and "copying-model" in text
+    assert "signature valid" in text and key.key_id in text
+    html = app_client.get(f"/audits/{audit_id}/report.html").text
+    assert html.count('<img src="data:image/png;base64,') == 1
+    assert "has the sha256 recorded in the signed audit" in html
+
+    # one byte of the stored result changed after signing
+    stored = store.result(audit_id)
+    stored["models"][0]["finetuned"] = "copying-modem"
+    store.save_result(audit_id, stored)
+    html = app_client.get(f"/audits/{audit_id}/report.html").text
+    assert "EDITED AFTER SIGNING" in html

@@ -28,6 +28,8 @@ OPERATIONS = {
     ("get", "/jobs/{job_id}/artifacts/{name}/{filename}"): "get_artifact",
     ("get", "/jobs/{job_id}/report.html"): "evidence_report",
     ("get", "/jobs/{job_id}/report.pdf"): "evidence_report_pdf",
+    ("get", "/audits/{audit_id}/report.html"): "audit_report_html",
+    ("get", "/audits/{audit_id}/report.pdf"): "audit_report_pdf",
     ("get", "/models"): "list_models",
     ("post", "/models"): "upload_model",
     ("get", "/models/{model_id}"): "get_model",

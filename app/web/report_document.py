@@ -253,8 +253,13 @@ def render_pdf(html: str) -> bytes:
     import logging
 
     import weasyprint
+    from PIL import ImageFile
     from weasyprint.urls import URLFetcher
 
+    # Importing WeasyPrint sets PIL's process-wide ImageFile.LOAD_TRUNCATED_IMAGES = True: after
+    # the gateway's first PDF report every truncated upload would decode (grey-filled) and be
+    # accepted as a job. Our report pictures are complete PNGs; nothing here needs it.
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
     # the stylesheet's screen-only rules (@media (max-width...), overflow-x) are warned about
     # on every render; they do not apply to print
     logging.getLogger("weasyprint").setLevel(logging.ERROR)

@@ -96,3 +96,21 @@ def test_openapi_documents_the_contract(app_client):
     assert schemas["JobView"]["examples"][0]["result"]["images"][0]["artifacts"]
     assert set(spec["paths"]) >= {"/authenticate", "/jobs/{job_id}", "/models", "/healthz",
                                   "/readyz", "/metrics"}
+
+
+def test_a_truncated_upload_stays_refused_after_a_pdf_report_was_rendered():
+    """Importing WeasyPrint flips PIL's process-wide LOAD_TRUNCATED_IMAGES on; the gateway renders
+    PDF reports in the same process that decodes uploads, so after its first report a truncated
+    image would have been accepted as a job (seen as an order-dependent failure of the case
+    above in a parallel run)."""
+    from PIL import ImageFile
+
+    from app.errors import ApiError
+    from app.uploads import decode_image
+    from app.web.report_document import render_pdf
+
+    assert render_pdf("<p>a report</p>").startswith(b"%PDF")
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+    with pytest.raises(ApiError) as refused:
+        decode_image("images", "cut.png", GOOD[: len(GOOD) // 2], 10**8)
+    assert refused.value.kind == "corrupt_image"

@@ -43,14 +43,11 @@ from cgidm_core.models.flux import (
     unpack_latents,
 )
 from cgidm_core.models.formats import (
-    IDENTICAL_MODELS,
     SUPPORTED_HINT,
-    family_name,
     lora_weights_file,
     read_json,
     safetensors_keys,
     transformer_family,
-    weights_variant,
 )
 from cgidm_core.models.sd_loading import (
     LORA_ADAPTER_NAME,
@@ -59,9 +56,7 @@ from cgidm_core.models.sd_loading import (
     load_text_encoder,
     load_vae,
     loading_errors,
-    place,
     read_lora_state_dict,
-    same_weights,
 )
 from cgidm_core.models.stable_diffusion import (
     StableDiffusionLoraPair,
@@ -69,6 +64,15 @@ from cgidm_core.models.stable_diffusion import (
     TextEncoderReloader,
 )
 from cgidm_core.models.text_encoders import tokenize
+from cgidm_core.models.transformer_adapter import (
+    PairParts,
+    TransformerFamily,
+    assemble_pair,
+    encoder_reloader,
+    flow_scheduler_config,
+    load_finetuned,
+    load_transformer,
+)
 from cgidm_core.names import CHROMA_FAMILY
 
 # -- recognition (no weights read) ---------------------------------------------------------------
@@ -198,18 +202,7 @@ class ChromaBase:
 
 
 def load_chroma_transformer(folder: Path, subfolder: str | None, opts: LoadOptions) -> Any:
-    from diffusers import ChromaTransformer2DModel
-
-    component = folder / subfolder if subfolder else folder
-    name = read_json(component / "config.json").get("_class_name")
-    if name != TRANSFORMER_CLASS:
-        raise IncompatiblePairError(f"{component} holds a {name}, not the {TRANSFORMER_CLASS} "
-                                    "of the Chroma base")
-    with loading_errors("the transformer", component):
-        return ChromaTransformer2DModel.from_pretrained(
-            folder, subfolder=subfolder, use_safetensors=True,
-            local_files_only=opts.local_files_only, torch_dtype=opts.dtype,
-            variant=weights_variant(component, ("diffusion_pytorch_model",)))
+    return load_transformer(SPEC, folder, subfolder, opts)
 
 
 def load_chroma_single_file_transformer(file: Path, config_folder: Path, opts: LoadOptions
@@ -225,18 +218,15 @@ def load_chroma_single_file_transformer(file: Path, config_folder: Path, opts: L
             local_files_only=True, torch_dtype=opts.dtype)
 
 
-def _scheduler_config(folder: Path) -> dict[str, Any]:
-    config_file = folder / "scheduler" / "scheduler_config.json"
-    config = read_json(config_file)
-    if config.get("_class_name", _SCHEDULER_CLASS) != _SCHEDULER_CLASS or int(
-            config.get("num_train_timesteps", 1000)) != 1000:
-        raise ModelFormatError(f"{config_file}: Chroma samples with a 1000-step "
-                               f"{_SCHEDULER_CLASS}, whose config holds the time shift")
-    return config
-
-
 def load_t5(folder: Path, opts: LoadOptions) -> Any:
     return load_text_encoder(folder, opts, "text_encoder", "T5EncoderModel", "Chroma")
+
+
+SPEC = TransformerFamily(
+    family=CHROMA_FAMILY, title="Chroma", pipeline_class=PIPELINE_CLASS,
+    transformer_class=TRANSFORMER_CLASS, load_encoder=load_t5,
+    architecture=("in_channels", "num_layers", "num_single_layers", "attention_head_dim",
+                  "num_attention_heads", "joint_attention_dim", "patch_size"))
 
 
 def load_chroma_base(folder: Path, opts: LoadOptions, transformer_file: Path | None = None
@@ -251,7 +241,7 @@ def load_chroma_base(folder: Path, opts: LoadOptions, transformer_file: Path | N
                                                   local_files_only=opts.local_files_only)
     base = ChromaBase(folder=folder, transformer=transformer, vae=load_vae(folder, opts),
                       text_encoder=load_t5(folder, opts), tokenizer=tokenizer,
-                      scheduler_config=_scheduler_config(folder))
+                      scheduler_config=flow_scheduler_config(folder, "Chroma"))
     config = base.transformer.config
     t5, latent = base.text_encoder.config.d_model, 4 * int(base.vae.config.latent_channels)
     if (config.joint_attention_dim, config.in_channels) != (t5, latent):
@@ -262,40 +252,10 @@ def load_chroma_base(folder: Path, opts: LoadOptions, transformer_file: Path | N
     return base
 
 
-_ARCHITECTURE = ("in_channels", "num_layers", "num_single_layers", "attention_head_dim",
-                 "num_attention_heads", "joint_attention_dim", "patch_size")
-
-
 def load_chroma_finetuned(path: Path, kind: str, base: ChromaBase, opts: LoadOptions
                           ) -> tuple[Any, Any]:
     """``(transformer, own T5 or None)``."""
-    from cgidm_core.models.formats import pipeline_family
-
-    t5 = None
-    if kind == "pipeline":
-        family = pipeline_family(path)
-        if family != CHROMA_FAMILY:
-            raise IncompatiblePairError(f"the fine-tuned model {path} is a "
-                                        f"{family_name(family)} pipeline but the pretrained one "
-                                        "is Chroma")
-        transformer = load_chroma_transformer(path, "transformer", opts)
-        if (path / "text_encoder" / "config.json").is_file():
-            t5 = load_t5(path, opts)
-    elif kind == "dreambooth":
-        subfolder = "transformer" if (path / "transformer").is_dir() else None
-        transformer = load_chroma_transformer(path, subfolder, opts)
-    elif kind == "single_file":
-        transformer = load_chroma_single_file_transformer(path, base.folder, opts)
-    else:
-        raise IncompatiblePairError(f"the pretrained model is Chroma but {path} is a {kind} "
-                                    "model; both models must be of the same family")
-    for name in _ARCHITECTURE:
-        a, b = getattr(base.transformer.config, name), getattr(transformer.config, name)
-        if a != b:
-            raise IncompatiblePairError(f"the fine-tuned transformer in {path} has {name}={b} "
-                                        f"but the pretrained one has {a}; was it fine-tuned "
-                                        "from this base?")
-    return transformer, t5
+    return load_finetuned(SPEC, path, kind, base, opts, load_chroma_single_file_transformer)
 
 
 def attach_chroma_lora(path: Path, base: ChromaBase) -> int:
@@ -319,51 +279,20 @@ def attach_chroma_lora(path: Path, base: ChromaBase) -> int:
 
 def chroma_text_encoder_reloader(base_folder: Path, finetuned_path: Path, opts: LoadOptions,
                                  own_t5: bool) -> TextEncoderReloader:
-    def reload(finetuned: bool) -> tuple[torch.nn.Module, torch.nn.Module | None]:
-        pretrained = place(load_t5(base_folder, opts), opts)
-        if not finetuned:
-            return pretrained, None
-        if not own_t5:
-            raise ModelFormatError("this Chroma fine-tune has no T5 of its own to reload")
-        return pretrained, place(load_t5(finetuned_path, opts), opts)
+    return encoder_reloader(load_t5, base_folder, finetuned_path, opts, own_t5,
+                            "this Chroma fine-tune has no T5 of its own to reload")
 
-    return reload
+
+_PARTS = PairParts(pair=ChromaPair, lora_pair=ChromaLoraPair, attach_lora=attach_chroma_lora,
+                   load_finetuned=load_chroma_finetuned, reloader=chroma_text_encoder_reloader)
 
 
 def load_chroma_pair(pre_path: Path, ft_path: Path, kind: str, opts: LoadOptions, *,
                      keep_text_encoders: bool, pretrained_transformer: Path | None = None
                      ) -> ChromaPair:
     base = load_chroma_base(pre_path, opts, pretrained_transformer)
-    shared: dict[str, Any] = {
-        "vae": place(base.vae, opts, torch.float32), "tokenizer": base.tokenizer,
-        "scheduler_config": base.scheduler_config, "alphas_cumprod": None,
-        "prediction_type": "flow", "device": opts.device, "dtype": opts.dtype,
-        "keep_text_encoders": keep_text_encoders,
-    }
-    if kind == "lora":
-        attach_chroma_lora(ft_path, base)
-        return ChromaLoraPair(
-            unet=place(base.transformer, opts), text_encoder=place(base.text_encoder, opts),
-            text_encoder_reloader=chroma_text_encoder_reloader(pre_path, ft_path, opts, False),
-            **shared)
-    transformer, t5 = load_chroma_finetuned(ft_path, kind, base, opts)
-    if t5 is not None and same_weights(t5, base.text_encoder):
-        t5 = None
-    if same_weights(transformer, base.transformer):
-        if t5 is None:
-            raise IncompatiblePairError(IDENTICAL_MODELS.format(ft=ft_path, pre=pre_path))
-        transformer = base.transformer
-    pretrained = place(base.transformer, opts)
-    encoder = place(base.text_encoder, opts)
-    return ChromaPair(
-        unet_pretrained=pretrained,
-        unet_finetuned=pretrained if transformer is base.transformer
-        else place(transformer, opts),
-        text_encoder_pretrained=encoder,
-        text_encoder_finetuned=encoder if t5 is None else place(t5, opts),
-        text_encoder_reloader=chroma_text_encoder_reloader(pre_path, ft_path, opts,
-                                                           t5 is not None),
-        finetuned_kind=kind, **shared)
+    return assemble_pair(_PARTS, base, pre_path, ft_path, kind, opts,
+                         keep_text_encoders=keep_text_encoders)
 
 
 # -- the family registry's adapter interface (``cgidm_core.families.FamilyAdapter``, #23) ---------

@@ -37,28 +37,30 @@ from typing import Any
 
 import torch
 
-from cgidm_core.errors import IncompatiblePairError, ModelFormatError, UnsupportedModelFamilyError
+from cgidm_core.errors import ModelFormatError, UnsupportedModelFamilyError
 from cgidm_core.models.flow import FlowMatchingPair
 from cgidm_core.models.formats import (
-    IDENTICAL_MODELS,
     SUPPORTED_HINT,
-    family_name,
-    lora_weights_file,
     read_json,
     weights_variant,
 )
 from cgidm_core.models.sd_loading import (
-    LORA_ADAPTER_NAME,
     LoadOptions,
-    count_adapted_layers,
     loading_errors,
-    place,
-    same_weights,
 )
 from cgidm_core.models.stable_diffusion import (
     StableDiffusionLoraPair,
     StableDiffusionPair,
     TextEncoderReloader,
+)
+from cgidm_core.models.transformer_adapter import (
+    PairParts,
+    TransformerFamily,
+    assemble_pair,
+    attach_lora,
+    encoder_reloader,
+    load_finetuned,
+    load_transformer,
 )
 from cgidm_core.names import FLUX2_FAMILY
 
@@ -249,18 +251,7 @@ class Flux2Base:
 
 
 def load_flux2_transformer(folder: Path, subfolder: str | None, opts: LoadOptions) -> Any:
-    from diffusers import Flux2Transformer2DModel
-
-    component = folder / subfolder if subfolder else folder
-    name = read_json(component / "config.json").get("_class_name")
-    if name != TRANSFORMER_CLASS:
-        raise IncompatiblePairError(f"{component} holds a {name}, not the {TRANSFORMER_CLASS} "
-                                    "of the Flux.2 base")
-    with loading_errors("the transformer", component):
-        return Flux2Transformer2DModel.from_pretrained(
-            folder, subfolder=subfolder, use_safetensors=True,
-            local_files_only=opts.local_files_only, torch_dtype=opts.dtype,
-            variant=weights_variant(component, ("diffusion_pytorch_model",)))
+    return load_transformer(SPEC, folder, subfolder, opts)
 
 
 def load_qwen3_lm(folder: Path, opts: LoadOptions) -> Any:
@@ -276,6 +267,13 @@ def load_qwen3_lm(folder: Path, opts: LoadOptions) -> Any:
             folder, subfolder="text_encoder", use_safetensors=True,
             local_files_only=opts.local_files_only, dtype=opts.dtype,
             variant=weights_variant(component, ("model",)))
+
+
+SPEC = TransformerFamily(
+    family=FLUX2_FAMILY, title="Flux.2", base_title="Flux.2 Klein",
+    pipeline_class=PIPELINE_CLASS, transformer_class=TRANSFORMER_CLASS,
+    architecture=("in_channels", "num_layers", "num_single_layers", "attention_head_dim",
+                  "num_attention_heads", "joint_attention_dim", "guidance_embeds"))
 
 
 def load_flux2_vae(folder: Path, opts: LoadOptions) -> Flux2VAE2D:
@@ -318,66 +316,31 @@ def load_flux2_base(folder: Path, opts: LoadOptions, transformer_file: Path | No
     return base
 
 
-_ARCHITECTURE = ("in_channels", "num_layers", "num_single_layers", "attention_head_dim",
-                 "num_attention_heads", "joint_attention_dim", "guidance_embeds")
+def _no_single_file(path: Path, config_folder: Path, opts: LoadOptions) -> Any:
+    raise ModelFormatError(f"{path}: a Flux.2 transformer as one file is not supported yet; "
+                           "give it as a transformer/ folder (diffusers' "
+                           "Flux2Transformer2DModel.from_single_file(...).save_pretrained)")
 
 
-def load_flux2_finetuned(path: Path, kind: str, base: Flux2Base, opts: LoadOptions) -> Any:
-    from cgidm_core.models.formats import pipeline_family
-
-    if kind == "pipeline":
-        family = pipeline_family(path)
-        if family != FLUX2_FAMILY:
-            raise IncompatiblePairError(f"the fine-tuned model {path} is a "
-                                        f"{family_name(family)} pipeline but the pretrained one "
-                                        "is Flux.2 Klein")
-        transformer = load_flux2_transformer(path, "transformer", opts)
-    elif kind == "dreambooth":
-        subfolder = "transformer" if (path / "transformer").is_dir() else None
-        transformer = load_flux2_transformer(path, subfolder, opts)
-    elif kind == "single_file":
-        raise ModelFormatError(f"{path}: a Flux.2 transformer as one file is not supported yet; "
-                               "give it as a transformer/ folder (diffusers' "
-                               "Flux2Transformer2DModel.from_single_file(...).save_pretrained)")
-    else:
-        raise IncompatiblePairError(f"the pretrained model is Flux.2 Klein but {path} is a {kind}"
-                                    " model; both models must be of the same family")
-    for name in _ARCHITECTURE:
-        a, b = getattr(base.transformer.config, name), getattr(transformer.config, name)
-        if a != b:
-            raise IncompatiblePairError(f"the fine-tuned transformer in {path} has {name}={b} "
-                                        f"but the pretrained one has {a}; was it fine-tuned "
-                                        "from this base?")
-    return transformer
+def load_flux2_finetuned(path: Path, kind: str, base: Flux2Base, opts: LoadOptions
+                         ) -> tuple[Any, None]:
+    """``(transformer, None)``: fine-tuned text encoders are not read (Klein fine-tunes train
+    the transformer)."""
+    return load_finetuned(SPEC, path, kind, base, opts, _no_single_file)
 
 
 def attach_flux2_lora(path: Path, base: Flux2Base) -> int:
-    from diffusers import Flux2KleinPipeline
-
-    weights = lora_weights_file(path)
-    with loading_errors("the LoRA", weights, mismatch_is_incompatible=True):
-        state_dict, metadata = Flux2KleinPipeline.lora_state_dict(
-            str(weights.parent), weight_name=weights.name, use_safetensors=True,
-            local_files_only=True, return_lora_metadata=True)
-    if not state_dict or not all("lora" in key for key in state_dict):
-        raise ModelFormatError(f"{weights} is not a Flux.2 LoRA that diffusers can load")
-    keys = {k: v for k, v in state_dict.items() if k.startswith("transformer.")}
-    if not keys:
-        raise IncompatiblePairError(f"{weights} holds no Flux.2 transformer LoRA layers")
-    with loading_errors("the LoRA", weights, mismatch_is_incompatible=True):
-        Flux2KleinPipeline.load_lora_into_transformer(
-            keys, transformer=base.transformer, adapter_name=LORA_ADAPTER_NAME,
-            metadata=metadata)
-    return count_adapted_layers(weights, "Flux.2 Klein base model", base.transformer)
+    return attach_lora(SPEC, path, base.transformer)
 
 
-def flux2_text_encoder_reloader(base_folder: Path, opts: LoadOptions) -> TextEncoderReloader:
-    def reload(finetuned: bool) -> tuple[torch.nn.Module, torch.nn.Module | None]:
-        if finetuned:
-            raise ModelFormatError("a Flux.2 fine-tune has no text encoder of its own here")
-        return place(load_qwen3_lm(base_folder, opts), opts), None
+def flux2_text_encoder_reloader(base_folder: Path, finetuned_path: Path, opts: LoadOptions,
+                                own: bool) -> TextEncoderReloader:
+    return encoder_reloader(load_qwen3_lm, base_folder, finetuned_path, opts, own,
+                            "a Flux.2 fine-tune has no text encoder of its own here")
 
-    return reload
+
+_PARTS = PairParts(pair=Flux2Pair, lora_pair=Flux2LoraPair, attach_lora=attach_flux2_lora,
+                   load_finetuned=load_flux2_finetuned, reloader=flux2_text_encoder_reloader)
 
 
 def load_flux2_pair(pre_path: Path, ft_path: Path, kind: str, opts: LoadOptions, *,
@@ -386,24 +349,8 @@ def load_flux2_pair(pre_path: Path, ft_path: Path, kind: str, opts: LoadOptions,
     """Fine-tuned text encoders are not read: both models are conditioned by the base's Qwen3
     (Klein fine-tunes train the transformer)."""
     base = load_flux2_base(pre_path, opts, pretrained_transformer)
-    shared: dict[str, Any] = {
-        "vae": place(base.vae, opts, torch.float32), "tokenizer": base.tokenizer,
-        "scheduler_config": base.scheduler_config, "alphas_cumprod": None,
-        "prediction_type": "flow", "device": opts.device, "dtype": opts.dtype,
-        "keep_text_encoders": keep_text_encoders,
-        "text_encoder_reloader": flux2_text_encoder_reloader(pre_path, opts),
-    }
-    if kind == "lora":
-        attach_flux2_lora(ft_path, base)
-        return Flux2LoraPair(unet=place(base.transformer, opts),
-                             text_encoder=place(base.text_encoder, opts), **shared)
-    transformer = load_flux2_finetuned(ft_path, kind, base, opts)
-    if same_weights(transformer, base.transformer):
-        raise IncompatiblePairError(IDENTICAL_MODELS.format(ft=ft_path, pre=pre_path))
-    encoder = place(base.text_encoder, opts)
-    return Flux2Pair(unet_pretrained=place(base.transformer, opts),
-                     unet_finetuned=place(transformer, opts), text_encoder_pretrained=encoder,
-                     text_encoder_finetuned=encoder, finetuned_kind=kind, **shared)
+    return assemble_pair(_PARTS, base, pre_path, ft_path, kind, opts,
+                         keep_text_encoders=keep_text_encoders)
 
 
 # -- the family registry's adapter interface (``cgidm_core.families.FamilyAdapter``, #23) ---------

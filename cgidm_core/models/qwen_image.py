@@ -40,27 +40,30 @@ from cgidm_core.errors import IncompatiblePairError, ModelFormatError, Unsupport
 from cgidm_core.models.flow import FlowMatchingPair
 from cgidm_core.models.flux import pack_latents, time_shift, unpack_latents
 from cgidm_core.models.formats import (
-    IDENTICAL_MODELS,
     SUPPORTED_HINT,
-    family_name,
-    lora_weights_file,
     read_json,
     safetensors_keys,
     transformer_family,
     weights_variant,
 )
 from cgidm_core.models.sd_loading import (
-    LORA_ADAPTER_NAME,
     LoadOptions,
-    count_adapted_layers,
     loading_errors,
-    place,
-    same_weights,
 )
 from cgidm_core.models.stable_diffusion import (
     StableDiffusionLoraPair,
     StableDiffusionPair,
     TextEncoderReloader,
+)
+from cgidm_core.models.transformer_adapter import (
+    PairParts,
+    TransformerFamily,
+    assemble_pair,
+    attach_lora,
+    encoder_reloader,
+    flow_scheduler_config,
+    load_finetuned,
+    load_transformer,
 )
 from cgidm_core.names import QWEN_IMAGE_FAMILY
 
@@ -231,19 +234,9 @@ class QwenImageBase:
     scheduler_config: dict[str, Any]
 
 
-def load_qwen_image_transformer(folder: Path, subfolder: str | None, opts: LoadOptions) -> Any:
-    from diffusers import QwenImageTransformer2DModel
-
-    component = folder / subfolder if subfolder else folder
-    name = read_json(component / "config.json").get("_class_name")
-    if name != TRANSFORMER_CLASS:
-        raise IncompatiblePairError(f"{component} holds a {name}, not the {TRANSFORMER_CLASS} "
-                                    "of the Qwen-Image base")
-    with loading_errors("the transformer", component):
-        return QwenImageTransformer2DModel.from_pretrained(
-            folder, subfolder=subfolder, use_safetensors=True,
-            local_files_only=opts.local_files_only, torch_dtype=opts.dtype,
-            variant=weights_variant(component, ("diffusion_pytorch_model",)))
+def load_qwen_image_transformer(folder: Path, subfolder: str | None, opts: LoadOptions
+                                ) -> Any:
+    return load_transformer(SPEC, folder, subfolder, opts)
 
 
 def load_qwen_image_single_file_transformer(file: Path, config_folder: Path, opts: LoadOptions
@@ -281,14 +274,11 @@ def load_qwen_vl(folder: Path, opts: LoadOptions) -> Any:
             variant=weights_variant(component, ("model",)))
 
 
-def _scheduler_config(folder: Path) -> dict[str, Any]:
-    config_file = folder / "scheduler" / "scheduler_config.json"
-    config = read_json(config_file)
-    if config.get("_class_name", _SCHEDULER_CLASS) != _SCHEDULER_CLASS or int(
-            config.get("num_train_timesteps", 1000)) != 1000:
-        raise ModelFormatError(f"{config_file}: Qwen-Image samples with a 1000-step "
-                               f"{_SCHEDULER_CLASS}, whose config holds the time shift")
-    return config
+SPEC = TransformerFamily(
+    family=QWEN_IMAGE_FAMILY, title="Qwen-Image", pipeline_class=PIPELINE_CLASS,
+    transformer_class=TRANSFORMER_CLASS, load_encoder=load_qwen_vl,
+    architecture=("in_channels", "num_layers", "attention_head_dim", "num_attention_heads",
+                  "joint_attention_dim", "patch_size", "guidance_embeds"))
 
 
 def load_qwen_image_vae(folder: Path, opts: LoadOptions) -> QwenImageVAE2D:
@@ -314,7 +304,7 @@ def load_qwen_image_base(folder: Path, opts: LoadOptions, transformer_file: Path
     base = QwenImageBase(folder=folder, transformer=transformer,
                          vae=load_qwen_image_vae(folder, opts),
                          text_encoder=load_qwen_vl(folder, opts), tokenizer=tokenizer,
-                         scheduler_config=_scheduler_config(folder))
+                         scheduler_config=flow_scheduler_config(folder, "Qwen-Image"))
     config = base.transformer.config
     width = base.text_encoder.config.text_config.hidden_size
     latent = 4 * int(base.vae.config.latent_channels)
@@ -326,109 +316,34 @@ def load_qwen_image_base(folder: Path, opts: LoadOptions, transformer_file: Path
     return base
 
 
-_ARCHITECTURE = ("in_channels", "num_layers", "attention_head_dim", "num_attention_heads",
-                 "joint_attention_dim", "patch_size", "guidance_embeds")
-
-
 def load_qwen_image_finetuned(path: Path, kind: str, base: QwenImageBase, opts: LoadOptions
                               ) -> tuple[Any, Any]:
-    from cgidm_core.models.formats import pipeline_family
-
-    encoder = None
-    if kind == "pipeline":
-        family = pipeline_family(path)
-        if family != QWEN_IMAGE_FAMILY:
-            raise IncompatiblePairError(f"the fine-tuned model {path} is a "
-                                        f"{family_name(family)} pipeline but the pretrained one "
-                                        "is Qwen-Image")
-        transformer = load_qwen_image_transformer(path, "transformer", opts)
-        if (path / "text_encoder" / "config.json").is_file():
-            encoder = load_qwen_vl(path, opts)
-    elif kind == "dreambooth":
-        subfolder = "transformer" if (path / "transformer").is_dir() else None
-        transformer = load_qwen_image_transformer(path, subfolder, opts)
-    elif kind == "single_file":
-        transformer = load_qwen_image_single_file_transformer(path, base.folder, opts)
-    else:
-        raise IncompatiblePairError(f"the pretrained model is Qwen-Image but {path} is a {kind} "
-                                    "model; both models must be of the same family")
-    for name in _ARCHITECTURE:
-        a, b = getattr(base.transformer.config, name), getattr(transformer.config, name)
-        if a != b:
-            raise IncompatiblePairError(f"the fine-tuned transformer in {path} has {name}={b} "
-                                        f"but the pretrained one has {a}; was it fine-tuned "
-                                        "from this base?")
-    return transformer, encoder
+    """``(transformer, own Qwen2.5-VL or None)``."""
+    return load_finetuned(SPEC, path, kind, base, opts, load_qwen_image_single_file_transformer)
 
 
 def attach_qwen_image_lora(path: Path, base: QwenImageBase) -> int:
-    from diffusers import QwenImagePipeline
-
-    weights = lora_weights_file(path)
-    with loading_errors("the LoRA", weights, mismatch_is_incompatible=True):
-        state_dict, metadata = QwenImagePipeline.lora_state_dict(
-            str(weights.parent), weight_name=weights.name, use_safetensors=True,
-            local_files_only=True, return_lora_metadata=True)
-    if not state_dict or not all("lora" in key for key in state_dict):
-        raise ModelFormatError(f"{weights} is not a Qwen-Image LoRA that diffusers can load")
-    keys = {k: v for k, v in state_dict.items() if k.startswith("transformer.")}
-    if not keys:
-        raise IncompatiblePairError(f"{weights} holds no Qwen-Image transformer LoRA layers")
-    with loading_errors("the LoRA", weights, mismatch_is_incompatible=True):
-        QwenImagePipeline.load_lora_into_transformer(
-            keys, transformer=base.transformer, adapter_name=LORA_ADAPTER_NAME,
-            metadata=metadata)
-    return count_adapted_layers(weights, "Qwen-Image base model", base.transformer)
+    """A LoRA through diffusers' Qwen-Image loader and its converter, as one named adapter."""
+    return attach_lora(SPEC, path, base.transformer)
 
 
 def qwen_image_text_encoder_reloader(base_folder: Path, finetuned_path: Path, opts: LoadOptions,
                                      own: bool) -> TextEncoderReloader:
-    def reload(finetuned: bool) -> tuple[torch.nn.Module, torch.nn.Module | None]:
-        pretrained = place(load_qwen_vl(base_folder, opts), opts)
-        if not finetuned:
-            return pretrained, None
-        if not own:
-            raise ModelFormatError("this Qwen-Image fine-tune has no text encoder of its own")
-        return pretrained, place(load_qwen_vl(finetuned_path, opts), opts)
+    return encoder_reloader(load_qwen_vl, base_folder, finetuned_path, opts, own,
+                            "this Qwen-Image fine-tune has no text encoder of its own")
 
-    return reload
+
+_PARTS = PairParts(pair=QwenImagePair, lora_pair=QwenImageLoraPair,
+                   attach_lora=attach_qwen_image_lora, load_finetuned=load_qwen_image_finetuned,
+                   reloader=qwen_image_text_encoder_reloader)
 
 
 def load_qwen_image_pair(pre_path: Path, ft_path: Path, kind: str, opts: LoadOptions, *,
                          keep_text_encoders: bool, pretrained_transformer: Path | None = None
                          ) -> QwenImagePair:
     base = load_qwen_image_base(pre_path, opts, pretrained_transformer)
-    shared: dict[str, Any] = {
-        "vae": place(base.vae, opts, torch.float32), "tokenizer": base.tokenizer,
-        "scheduler_config": base.scheduler_config, "alphas_cumprod": None,
-        "prediction_type": "flow", "device": opts.device, "dtype": opts.dtype,
-        "keep_text_encoders": keep_text_encoders,
-    }
-    if kind == "lora":
-        attach_qwen_image_lora(ft_path, base)
-        return QwenImageLoraPair(
-            unet=place(base.transformer, opts), text_encoder=place(base.text_encoder, opts),
-            text_encoder_reloader=qwen_image_text_encoder_reloader(pre_path, ft_path, opts,
-                                                                   False),
-            **shared)
-    transformer, encoder = load_qwen_image_finetuned(ft_path, kind, base, opts)
-    if encoder is not None and same_weights(encoder, base.text_encoder):
-        encoder = None
-    if same_weights(transformer, base.transformer):
-        if encoder is None:
-            raise IncompatiblePairError(IDENTICAL_MODELS.format(ft=ft_path, pre=pre_path))
-        transformer = base.transformer
-    pretrained = place(base.transformer, opts)
-    text_encoder = place(base.text_encoder, opts)
-    return QwenImagePair(
-        unet_pretrained=pretrained,
-        unet_finetuned=pretrained if transformer is base.transformer
-        else place(transformer, opts),
-        text_encoder_pretrained=text_encoder,
-        text_encoder_finetuned=text_encoder if encoder is None else place(encoder, opts),
-        text_encoder_reloader=qwen_image_text_encoder_reloader(pre_path, ft_path, opts,
-                                                               encoder is not None),
-        finetuned_kind=kind, **shared)
+    return assemble_pair(_PARTS, base, pre_path, ft_path, kind, opts,
+                         keep_text_encoders=keep_text_encoders)
 
 
 # -- the family registry's adapter interface (``cgidm_core.families.FamilyAdapter``, #23) ---------

@@ -39,28 +39,31 @@ from cgidm_core.errors import IncompatiblePairError, ModelFormatError, Unsupport
 from cgidm_core.models.flow import FlowMatchingPair
 from cgidm_core.models.flux import time_shift
 from cgidm_core.models.formats import (
-    IDENTICAL_MODELS,
     SUPPORTED_HINT,
-    family_name,
-    lora_weights_file,
     read_json,
     safetensors_keys,
     transformer_family,
     weights_variant,
 )
 from cgidm_core.models.sd_loading import (
-    LORA_ADAPTER_NAME,
     LoadOptions,
-    count_adapted_layers,
     load_vae,
     loading_errors,
-    place,
-    same_weights,
 )
 from cgidm_core.models.stable_diffusion import (
     StableDiffusionLoraPair,
     StableDiffusionPair,
     TextEncoderReloader,
+)
+from cgidm_core.models.transformer_adapter import (
+    PairParts,
+    TransformerFamily,
+    assemble_pair,
+    attach_lora,
+    encoder_reloader,
+    flow_scheduler_config,
+    load_finetuned,
+    load_transformer,
 )
 from cgidm_core.names import ZIMAGE_FAMILY
 
@@ -192,18 +195,7 @@ class ZImageBase:
 
 
 def load_zimage_transformer(folder: Path, subfolder: str | None, opts: LoadOptions) -> Any:
-    from diffusers import ZImageTransformer2DModel
-
-    component = folder / subfolder if subfolder else folder
-    name = read_json(component / "config.json").get("_class_name")
-    if name != TRANSFORMER_CLASS:
-        raise IncompatiblePairError(f"{component} holds a {name}, not the {TRANSFORMER_CLASS} "
-                                    "of the Z-Image base")
-    with loading_errors("the transformer", component):
-        return ZImageTransformer2DModel.from_pretrained(
-            folder, subfolder=subfolder, use_safetensors=True,
-            local_files_only=opts.local_files_only, torch_dtype=opts.dtype,
-            variant=weights_variant(component, ("diffusion_pytorch_model",)))
+    return load_transformer(SPEC, folder, subfolder, opts)
 
 
 def load_zimage_single_file_transformer(file: Path, config_folder: Path, opts: LoadOptions
@@ -235,14 +227,11 @@ def load_qwen3(folder: Path, opts: LoadOptions) -> Any:
             variant=weights_variant(component, ("model",)))
 
 
-def _scheduler_config(folder: Path) -> dict[str, Any]:
-    config_file = folder / "scheduler" / "scheduler_config.json"
-    config = read_json(config_file)
-    if config.get("_class_name", _SCHEDULER_CLASS) != _SCHEDULER_CLASS or int(
-            config.get("num_train_timesteps", 1000)) != 1000:
-        raise ModelFormatError(f"{config_file}: Z-Image samples with a 1000-step "
-                               f"{_SCHEDULER_CLASS}, whose config holds the time shift")
-    return config
+SPEC = TransformerFamily(
+    family=ZIMAGE_FAMILY, title="Z-Image", pipeline_class=PIPELINE_CLASS,
+    transformer_class=TRANSFORMER_CLASS, load_encoder=load_qwen3,
+    architecture=("in_channels", "dim", "n_layers", "n_refiner_layers", "n_heads", "n_kv_heads",
+                  "cap_feat_dim", "all_patch_size"))
 
 
 def load_zimage_base(folder: Path, opts: LoadOptions, transformer_file: Path | None = None
@@ -260,7 +249,7 @@ def load_zimage_base(folder: Path, opts: LoadOptions, transformer_file: Path | N
                                "every prompt in the Qwen3 chat template")
     base = ZImageBase(folder=folder, transformer=transformer, vae=load_vae(folder, opts),
                       text_encoder=load_qwen3(folder, opts), tokenizer=tokenizer,
-                      scheduler_config=_scheduler_config(folder))
+                      scheduler_config=flow_scheduler_config(folder, "Z-Image"))
     config = base.transformer.config
     width, latent = base.text_encoder.config.hidden_size, int(base.vae.config.latent_channels)
     if (config.cap_feat_dim, config.in_channels) != (width, latent):
@@ -271,111 +260,34 @@ def load_zimage_base(folder: Path, opts: LoadOptions, transformer_file: Path | N
     return base
 
 
-_ARCHITECTURE = ("in_channels", "dim", "n_layers", "n_refiner_layers", "n_heads", "n_kv_heads",
-                 "cap_feat_dim", "all_patch_size")
-
-
 def load_zimage_finetuned(path: Path, kind: str, base: ZImageBase, opts: LoadOptions
                           ) -> tuple[Any, Any]:
     """``(transformer, own Qwen3 or None)``."""
-    from cgidm_core.models.formats import pipeline_family
-
-    encoder = None
-    if kind == "pipeline":
-        family = pipeline_family(path)
-        if family != ZIMAGE_FAMILY:
-            raise IncompatiblePairError(f"the fine-tuned model {path} is a "
-                                        f"{family_name(family)} pipeline but the pretrained one "
-                                        "is Z-Image")
-        transformer = load_zimage_transformer(path, "transformer", opts)
-        if (path / "text_encoder" / "config.json").is_file():
-            encoder = load_qwen3(path, opts)
-    elif kind == "dreambooth":
-        subfolder = "transformer" if (path / "transformer").is_dir() else None
-        transformer = load_zimage_transformer(path, subfolder, opts)
-    elif kind == "single_file":
-        transformer = load_zimage_single_file_transformer(path, base.folder, opts)
-    else:
-        raise IncompatiblePairError(f"the pretrained model is Z-Image but {path} is a {kind} "
-                                    "model; both models must be of the same family")
-    for name in _ARCHITECTURE:
-        a, b = getattr(base.transformer.config, name), getattr(transformer.config, name)
-        if (tuple(a) if isinstance(a, list) else a) != (tuple(b) if isinstance(b, list) else b):
-            raise IncompatiblePairError(f"the fine-tuned transformer in {path} has {name}={b} "
-                                        f"but the pretrained one has {a}; was it fine-tuned "
-                                        "from this base?")
-    return transformer, encoder
+    return load_finetuned(SPEC, path, kind, base, opts, load_zimage_single_file_transformer)
 
 
 def attach_zimage_lora(path: Path, base: ZImageBase) -> int:
     """A LoRA through diffusers' Z-Image loader (its converter reads ComfyUI / ai-toolkit
     ``diffusion_model.*`` and musubi/kohya ``lora_unet_*`` names), as one named adapter."""
-    from diffusers import ZImagePipeline
-
-    weights = lora_weights_file(path)
-    with loading_errors("the LoRA", weights, mismatch_is_incompatible=True):
-        state_dict, metadata = ZImagePipeline.lora_state_dict(
-            str(weights.parent), weight_name=weights.name, use_safetensors=True,
-            local_files_only=True, return_lora_metadata=True)
-    if not state_dict or not all("lora" in key for key in state_dict):
-        raise ModelFormatError(f"{weights} is not a Z-Image LoRA that diffusers can load")
-    keys = {k: v for k, v in state_dict.items() if k.startswith("transformer.")}
-    if not keys:
-        raise IncompatiblePairError(f"{weights} holds no Z-Image transformer LoRA layers")
-    with loading_errors("the LoRA", weights, mismatch_is_incompatible=True):
-        ZImagePipeline.load_lora_into_transformer(
-            keys, transformer=base.transformer, adapter_name=LORA_ADAPTER_NAME,
-            metadata=metadata)
-    return count_adapted_layers(weights, "Z-Image base model", base.transformer)
+    return attach_lora(SPEC, path, base.transformer)
 
 
 def zimage_text_encoder_reloader(base_folder: Path, finetuned_path: Path, opts: LoadOptions,
                                  own: bool) -> TextEncoderReloader:
-    def reload(finetuned: bool) -> tuple[torch.nn.Module, torch.nn.Module | None]:
-        pretrained = place(load_qwen3(base_folder, opts), opts)
-        if not finetuned:
-            return pretrained, None
-        if not own:
-            raise ModelFormatError("this Z-Image fine-tune has no text encoder of its own")
-        return pretrained, place(load_qwen3(finetuned_path, opts), opts)
+    return encoder_reloader(load_qwen3, base_folder, finetuned_path, opts, own,
+                            "this Z-Image fine-tune has no text encoder of its own")
 
-    return reload
+
+_PARTS = PairParts(pair=ZImagePair, lora_pair=ZImageLoraPair, attach_lora=attach_zimage_lora,
+                   load_finetuned=load_zimage_finetuned, reloader=zimage_text_encoder_reloader)
 
 
 def load_zimage_pair(pre_path: Path, ft_path: Path, kind: str, opts: LoadOptions, *,
                      keep_text_encoders: bool, pretrained_transformer: Path | None = None
                      ) -> ZImagePair:
     base = load_zimage_base(pre_path, opts, pretrained_transformer)
-    shared: dict[str, Any] = {
-        "vae": place(base.vae, opts, torch.float32), "tokenizer": base.tokenizer,
-        "scheduler_config": base.scheduler_config, "alphas_cumprod": None,
-        "prediction_type": "flow", "device": opts.device, "dtype": opts.dtype,
-        "keep_text_encoders": keep_text_encoders,
-    }
-    if kind == "lora":
-        attach_zimage_lora(ft_path, base)
-        return ZImageLoraPair(
-            unet=place(base.transformer, opts), text_encoder=place(base.text_encoder, opts),
-            text_encoder_reloader=zimage_text_encoder_reloader(pre_path, ft_path, opts, False),
-            **shared)
-    transformer, encoder = load_zimage_finetuned(ft_path, kind, base, opts)
-    if encoder is not None and same_weights(encoder, base.text_encoder):
-        encoder = None
-    if same_weights(transformer, base.transformer):
-        if encoder is None:
-            raise IncompatiblePairError(IDENTICAL_MODELS.format(ft=ft_path, pre=pre_path))
-        transformer = base.transformer
-    pretrained = place(base.transformer, opts)
-    text_encoder = place(base.text_encoder, opts)
-    return ZImagePair(
-        unet_pretrained=pretrained,
-        unet_finetuned=pretrained if transformer is base.transformer
-        else place(transformer, opts),
-        text_encoder_pretrained=text_encoder,
-        text_encoder_finetuned=text_encoder if encoder is None else place(encoder, opts),
-        text_encoder_reloader=zimage_text_encoder_reloader(pre_path, ft_path, opts,
-                                                           encoder is not None),
-        finetuned_kind=kind, **shared)
+    return assemble_pair(_PARTS, base, pre_path, ft_path, kind, opts,
+                         keep_text_encoders=keep_text_encoders)
 
 
 # -- the family registry's adapter interface (``cgidm_core.families.FamilyAdapter``, #23) ---------

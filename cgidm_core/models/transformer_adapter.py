@@ -1,0 +1,226 @@
+"""What the diffusers-transformer families (Z-Image, Qwen-Image, Chroma, Flux.2 Klein, SD 3.x)
+load the same way, parametrised by a :class:`TransformerFamily`.
+
+A model family is one adapter, not a copy: each family module keeps only what differs (its
+recognition, its conditioning and quirks, its encoder and VAE loaders) and hands this module the
+pipeline and transformer class names, the title its messages use and its pair classes. The steps
+here are the ones the families shared line for line: a transformer folder checked against its
+``_class_name`` and read; the scheduler config checked; a fine-tune read per layout kind and
+checked against the base's architecture; a LoRA attached through the pipeline's own loader as one
+named adapter; the text encoder reloaded; the pair assembled from the base and the fine-tune.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cgidm_core.errors import IncompatiblePairError, ModelFormatError
+from cgidm_core.models.formats import (
+    IDENTICAL_MODELS,
+    family_name,
+    lora_weights_file,
+    read_json,
+    weights_variant,
+)
+from cgidm_core.models.sd_loading import (
+    LORA_ADAPTER_NAME,
+    LoadOptions,
+    count_adapted_layers,
+    loading_errors,
+    place,
+    same_weights,
+)
+from cgidm_core.models.stable_diffusion import TextEncoderReloader
+
+_SCHEDULER_CLASS = "FlowMatchEulerDiscreteScheduler"
+
+#: ``(path, base folder, opts) -> transformer``: a one-file transformer read with the base's config.
+SingleFileLoader = Callable[[Path, Path, LoadOptions], Any]
+#: ``(folder, opts) -> text encoder``.
+EncoderLoader = Callable[[Path, LoadOptions], Any]
+
+
+@dataclass(frozen=True)
+class TransformerFamily:
+    """What tells one transformer family's loading apart from another's."""
+
+    family: str
+    #: The family's name in messages ("Z-Image", "Qwen-Image").
+    title: str
+    pipeline_class: str
+    transformer_class: str
+    #: Config fields a fine-tune must share with its base.
+    architecture: tuple[str, ...]
+    #: The text encoder's loader; ``None`` where fine-tuned encoders are never read.
+    load_encoder: EncoderLoader | None = None
+    #: The title in "of the ... base" / "... base model" where it is longer than ``title``.
+    base_title: str | None = None
+
+    @property
+    def base_name(self) -> str:
+        return self.base_title or self.title
+
+
+def load_transformer(spec: TransformerFamily, folder: Path, subfolder: str | None,
+                     opts: LoadOptions) -> Any:
+    """The family's transformer from a diffusers folder, refused if its class is another's."""
+    import diffusers
+
+    component = folder / subfolder if subfolder else folder
+    name = read_json(component / "config.json").get("_class_name")
+    if name != spec.transformer_class:
+        raise IncompatiblePairError(f"{component} holds a {name}, not the "
+                                    f"{spec.transformer_class} of the {spec.title} base")
+    with loading_errors("the transformer", component):
+        return getattr(diffusers, spec.transformer_class).from_pretrained(
+            folder, subfolder=subfolder, use_safetensors=True,
+            local_files_only=opts.local_files_only, torch_dtype=opts.dtype,
+            variant=weights_variant(component, ("diffusion_pytorch_model",)))
+
+
+def flow_scheduler_config(folder: Path, title: str) -> dict[str, Any]:
+    """The scheduler config (it holds the time shift), refused unless a 1000-step flow-matching
+    Euler scheduler's."""
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    config = read_json(config_file)
+    if config.get("_class_name", _SCHEDULER_CLASS) != _SCHEDULER_CLASS or int(
+            config.get("num_train_timesteps", 1000)) != 1000:
+        raise ModelFormatError(f"{config_file}: {title} samples with a 1000-step "
+                               f"{_SCHEDULER_CLASS}, whose config holds the time shift")
+    return config
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def check_architecture(spec: TransformerFamily, base_config: Any, config: Any, path: Path
+                       ) -> None:
+    """Refuse a fine-tuned transformer whose architecture is not its base's."""
+    for name in spec.architecture:
+        a, b = getattr(base_config, name), getattr(config, name)
+        if _as_tuple(a) != _as_tuple(b):
+            raise IncompatiblePairError(f"the fine-tuned transformer in {path} has {name}={b} "
+                                        f"but the pretrained one has {a}; was it fine-tuned "
+                                        "from this base?")
+
+
+def load_finetuned(spec: TransformerFamily, path: Path, kind: str, base: Any, opts: LoadOptions,
+                   single_file: SingleFileLoader) -> tuple[Any, Any]:
+    """``(transformer, own text encoder or None)`` of a fine-tune in a pipeline folder, a
+    ``transformer/`` folder (``dreambooth``) or one file; another layout kind is refused."""
+    from cgidm_core.models.formats import pipeline_family
+
+    encoder = None
+    if kind == "pipeline":
+        family = pipeline_family(path)
+        if family != spec.family:
+            raise IncompatiblePairError(f"the fine-tuned model {path} is a "
+                                        f"{family_name(family)} pipeline but the pretrained one "
+                                        f"is {spec.base_name}")
+        transformer = load_transformer(spec, path, "transformer", opts)
+        if spec.load_encoder is not None and (path / "text_encoder" / "config.json").is_file():
+            encoder = spec.load_encoder(path, opts)
+    elif kind == "dreambooth":
+        subfolder = "transformer" if (path / "transformer").is_dir() else None
+        transformer = load_transformer(spec, path, subfolder, opts)
+    elif kind == "single_file":
+        transformer = single_file(path, base.folder, opts)
+    else:
+        raise IncompatiblePairError(f"the pretrained model is {spec.base_name} but {path} is a "
+                                    f"{kind} model; both models must be of the same family")
+    check_architecture(spec, base.transformer.config, transformer.config, path)
+    return transformer, encoder
+
+
+def attach_lora(spec: TransformerFamily, path: Path, transformer: torch.nn.Module) -> int:
+    """A LoRA through the family pipeline's own loader (its converter reads the community
+    namings it knows), attached to ``transformer`` as one named adapter; returns the number of
+    adapted layers (0 is refused)."""
+    import diffusers
+
+    pipeline = getattr(diffusers, spec.pipeline_class)
+    weights = lora_weights_file(path)
+    with loading_errors("the LoRA", weights, mismatch_is_incompatible=True):
+        state_dict, metadata = pipeline.lora_state_dict(
+            str(weights.parent), weight_name=weights.name, use_safetensors=True,
+            local_files_only=True, return_lora_metadata=True)
+    if not state_dict or not all("lora" in key for key in state_dict):
+        raise ModelFormatError(f"{weights} is not a {spec.title} LoRA that diffusers can load")
+    keys = {k: v for k, v in state_dict.items() if k.startswith("transformer.")}
+    if not keys:
+        raise IncompatiblePairError(f"{weights} holds no {spec.title} transformer LoRA layers")
+    with loading_errors("the LoRA", weights, mismatch_is_incompatible=True):
+        pipeline.load_lora_into_transformer(
+            keys, transformer=transformer, adapter_name=LORA_ADAPTER_NAME, metadata=metadata)
+    return count_adapted_layers(weights, f"{spec.base_name} base model", transformer)
+
+
+def encoder_reloader(load_encoder: EncoderLoader, base_folder: Path, finetuned_path: Path,
+                     opts: LoadOptions, own: bool, no_own: str) -> TextEncoderReloader:
+    """Reads the base's text encoder again (and the fine-tune's own, where it has one; asking
+    for one it lacks raises ``ModelFormatError(no_own)``)."""
+
+    def reload(finetuned: bool) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+        if finetuned and not own:
+            raise ModelFormatError(no_own)
+        pretrained = place(load_encoder(base_folder, opts), opts)
+        if not finetuned:
+            return pretrained, None
+        return pretrained, place(load_encoder(finetuned_path, opts), opts)
+
+    return reload
+
+
+@dataclass(frozen=True)
+class PairParts:
+    """One family's pair classes and the steps :func:`assemble_pair` calls."""
+
+    pair: type
+    lora_pair: type
+    attach_lora: Callable[[Path, Any], int]
+    load_finetuned: Callable[[Path, str, Any, LoadOptions], tuple[Any, Any]]
+    #: ``(base folder, fine-tune path, opts, own encoder?) -> reloader``.
+    reloader: Callable[[Path, Path, LoadOptions, bool], TextEncoderReloader]
+
+
+def assemble_pair(parts: PairParts, base: Any, pre_path: Path, ft_path: Path, kind: str,
+                  opts: LoadOptions, *, keep_text_encoders: bool) -> Any:
+    """The pair of a loaded base (``transformer``, ``vae``, ``text_encoder``, ``tokenizer``,
+    ``scheduler_config``) and a fine-tune: for a LoRA ONE transformer with the adapter attached;
+    otherwise the fine-tune's transformer (the base's where the weights are the same) and its
+    own text encoder where it has one that differs. A fine-tune identical to its base is
+    refused."""
+    shared: dict[str, Any] = {
+        "vae": place(base.vae, opts, torch.float32), "tokenizer": base.tokenizer,
+        "scheduler_config": base.scheduler_config, "alphas_cumprod": None,
+        "prediction_type": "flow", "device": opts.device, "dtype": opts.dtype,
+        "keep_text_encoders": keep_text_encoders,
+    }
+    if kind == "lora":
+        parts.attach_lora(ft_path, base)
+        return parts.lora_pair(
+            unet=place(base.transformer, opts), text_encoder=place(base.text_encoder, opts),
+            text_encoder_reloader=parts.reloader(pre_path, ft_path, opts, False), **shared)
+    transformer, encoder = parts.load_finetuned(ft_path, kind, base, opts)
+    if encoder is not None and same_weights(encoder, base.text_encoder):
+        encoder = None
+    if same_weights(transformer, base.transformer):
+        if encoder is None:
+            raise IncompatiblePairError(IDENTICAL_MODELS.format(ft=ft_path, pre=pre_path))
+        transformer = base.transformer
+    pretrained = place(base.transformer, opts)
+    text_encoder = place(base.text_encoder, opts)
+    return parts.pair(
+        unet_pretrained=pretrained,
+        unet_finetuned=pretrained if transformer is base.transformer
+        else place(transformer, opts),
+        text_encoder_pretrained=text_encoder,
+        text_encoder_finetuned=text_encoder if encoder is None else place(encoder, opts),
+        text_encoder_reloader=parts.reloader(pre_path, ft_path, opts, encoder is not None),
+        finetuned_kind=kind, **shared)

@@ -27,7 +27,6 @@ pretrained model with ``pretrained_config``), LoRAs through diffusers' Flux LoRA
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +45,6 @@ from cgidm_core.models.formats import (
     SUPPORTED_HINT,
     lora_weights_file,
     read_json,
-    safetensors_keys,
     transformer_family,
 )
 from cgidm_core.models.sd_loading import (
@@ -66,12 +64,16 @@ from cgidm_core.models.stable_diffusion import (
 from cgidm_core.models.text_encoders import tokenize
 from cgidm_core.models.transformer_adapter import (
     PairParts,
+    TransformerBase,
     TransformerFamily,
-    assemble_pair,
+    auto_tokenizer,
+    base_transformer,
     encoder_reloader,
     flow_scheduler_config,
     load_finetuned,
+    load_single_file_transformer,
     load_transformer,
+    pair_from_request,
 )
 from cgidm_core.names import CHROMA_FAMILY
 
@@ -191,14 +193,7 @@ class ChromaLoraPair(_ChromaConditioning, FlowMatchingPair, StableDiffusionLoraP
 # -- loading -------------------------------------------------------------------------------------
 
 
-@dataclass
-class ChromaBase:
-    folder: Path
-    transformer: Any
-    vae: Any
-    text_encoder: Any
-    tokenizer: Any
-    scheduler_config: dict[str, Any]
+ChromaBase = TransformerBase
 
 
 def load_chroma_transformer(folder: Path, subfolder: str | None, opts: LoadOptions) -> Any:
@@ -207,15 +202,9 @@ def load_chroma_transformer(folder: Path, subfolder: str | None, opts: LoadOptio
 
 def load_chroma_single_file_transformer(file: Path, config_folder: Path, opts: LoadOptions
                                         ) -> Any:
-    from diffusers import ChromaTransformer2DModel
-
-    if not is_chroma_single_file(safetensors_keys(file)):
-        raise IncompatiblePairError(f"{file} holds no Chroma transformer (no "
-                                    "distilled_guidance_layer.* tensors); the base is Chroma")
-    with loading_errors("the single-file transformer", file, mismatch_is_incompatible=True):
-        return ChromaTransformer2DModel.from_single_file(
-            str(file), config=str(config_folder), subfolder="transformer",
-            local_files_only=True, torch_dtype=opts.dtype)
+    return load_single_file_transformer(
+        SPEC, file, config_folder, opts, recognised=is_chroma_single_file,
+        missing="Chroma transformer (no distilled_guidance_layer.* tensors); the base is Chroma")
 
 
 def load_t5(folder: Path, opts: LoadOptions) -> Any:
@@ -231,14 +220,9 @@ SPEC = TransformerFamily(
 
 def load_chroma_base(folder: Path, opts: LoadOptions, transformer_file: Path | None = None
                      ) -> ChromaBase:
-    from transformers import AutoTokenizer
-
-    transformer = (load_chroma_transformer(folder, "transformer", opts)
-                   if transformer_file is None
-                   else load_chroma_single_file_transformer(transformer_file, folder, opts))
-    with loading_errors("the tokenizer", folder / "tokenizer"):
-        tokenizer = AutoTokenizer.from_pretrained(folder, subfolder="tokenizer",
-                                                  local_files_only=opts.local_files_only)
+    transformer = base_transformer(SPEC, folder, opts, transformer_file,
+                                   load_chroma_single_file_transformer)
+    tokenizer = auto_tokenizer(folder, opts)
     base = ChromaBase(folder=folder, transformer=transformer, vae=load_vae(folder, opts),
                       text_encoder=load_t5(folder, opts), tokenizer=tokenizer,
                       scheduler_config=flow_scheduler_config(folder, "Chroma"))
@@ -287,14 +271,6 @@ _PARTS = PairParts(pair=ChromaPair, lora_pair=ChromaLoraPair, attach_lora=attach
                    load_finetuned=load_chroma_finetuned, reloader=chroma_text_encoder_reloader)
 
 
-def load_chroma_pair(pre_path: Path, ft_path: Path, kind: str, opts: LoadOptions, *,
-                     keep_text_encoders: bool, pretrained_transformer: Path | None = None
-                     ) -> ChromaPair:
-    base = load_chroma_base(pre_path, opts, pretrained_transformer)
-    return assemble_pair(_PARTS, base, pre_path, ft_path, kind, opts,
-                         keep_text_encoders=keep_text_encoders)
-
-
 # -- the family registry's adapter interface (``cgidm_core.families.FamilyAdapter``, #23) ---------
 
 
@@ -304,10 +280,5 @@ def check_pipeline_folder(folder: Path, index: dict[str, Any]) -> None:
 
 
 def load_pair(request: Any) -> ChromaPair:
-    """Load a pair from the registry's ``PairRequest`` (``pretrained``, ``finetuned``, ``kind``,
-    ``opts``, ``keep_text_encoders``, ``pretrained_file``: a one-file transformer whose other parts
-    come from the ``pretrained`` folder)."""
-    return load_chroma_pair(
-        request.pretrained, request.finetuned, request.kind, request.opts,
-        keep_text_encoders=request.keep_text_encoders,
-        pretrained_transformer=request.pretrained_file)
+    """Load a pair from the registry's ``PairRequest``."""
+    return pair_from_request(_PARTS, load_chroma_base, request)

@@ -30,7 +30,6 @@ size.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -55,12 +54,14 @@ from cgidm_core.models.stable_diffusion import (
 )
 from cgidm_core.models.transformer_adapter import (
     PairParts,
+    TransformerBase,
     TransformerFamily,
-    assemble_pair,
     attach_lora,
+    auto_tokenizer,
     encoder_reloader,
     load_finetuned,
     load_transformer,
+    pair_from_request,
 )
 from cgidm_core.names import FLUX2_FAMILY
 
@@ -240,14 +241,7 @@ class Flux2LoraPair(_Flux2Conditioning, FlowMatchingPair, StableDiffusionLoraPai
 # -- loading -------------------------------------------------------------------------------------
 
 
-@dataclass
-class Flux2Base:
-    folder: Path
-    transformer: Any
-    vae: Flux2VAE2D
-    text_encoder: Any
-    tokenizer: Any
-    scheduler_config: dict[str, Any]
+Flux2Base = TransformerBase
 
 
 def load_flux2_transformer(folder: Path, subfolder: str | None, opts: LoadOptions) -> Any:
@@ -288,14 +282,10 @@ def load_flux2_vae(folder: Path, opts: LoadOptions) -> Flux2VAE2D:
 
 def load_flux2_base(folder: Path, opts: LoadOptions, transformer_file: Path | None = None
                     ) -> Flux2Base:
-    from transformers import AutoTokenizer
-
     if transformer_file is not None:
         raise ModelFormatError(f"{transformer_file}: a Flux.2 transformer as one file is not "
                                "supported yet; give the Flux2KleinPipeline folder")
-    with loading_errors("the tokenizer", folder / "tokenizer"):
-        tokenizer = AutoTokenizer.from_pretrained(folder, subfolder="tokenizer",
-                                                  local_files_only=opts.local_files_only)
+    tokenizer = auto_tokenizer(folder, opts)
     config_file = folder / "scheduler" / "scheduler_config.json"
     scheduler = read_json(config_file)
     if scheduler.get("_class_name", _SCHEDULER_CLASS) != _SCHEDULER_CLASS:
@@ -343,16 +333,6 @@ _PARTS = PairParts(pair=Flux2Pair, lora_pair=Flux2LoraPair, attach_lora=attach_f
                    load_finetuned=load_flux2_finetuned, reloader=flux2_text_encoder_reloader)
 
 
-def load_flux2_pair(pre_path: Path, ft_path: Path, kind: str, opts: LoadOptions, *,
-                    keep_text_encoders: bool, pretrained_transformer: Path | None = None
-                    ) -> Flux2Pair:
-    """Fine-tuned text encoders are not read: both models are conditioned by the base's Qwen3
-    (Klein fine-tunes train the transformer)."""
-    base = load_flux2_base(pre_path, opts, pretrained_transformer)
-    return assemble_pair(_PARTS, base, pre_path, ft_path, kind, opts,
-                         keep_text_encoders=keep_text_encoders)
-
-
 # -- the family registry's adapter interface (``cgidm_core.families.FamilyAdapter``, #23) ---------
 
 
@@ -362,10 +342,5 @@ def check_pipeline_folder(folder: Path, index: dict[str, Any]) -> None:
 
 
 def load_pair(request: Any) -> Flux2Pair:
-    """Load a pair from the registry's ``PairRequest`` (``pretrained``, ``finetuned``, ``kind``,
-    ``opts``, ``keep_text_encoders``, ``pretrained_file``: a one-file transformer whose other parts
-    come from the ``pretrained`` folder)."""
-    return load_flux2_pair(
-        request.pretrained, request.finetuned, request.kind, request.opts,
-        keep_text_encoders=request.keep_text_encoders,
-        pretrained_transformer=request.pretrained_file)
+    """Load a pair from the registry's ``PairRequest``."""
+    return pair_from_request(_PARTS, load_flux2_base, request)

@@ -29,7 +29,6 @@ Qwen-Image loader and its converter (diffusers/peft ``transformer.*``, ``diffusi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -57,13 +56,16 @@ from cgidm_core.models.stable_diffusion import (
 )
 from cgidm_core.models.transformer_adapter import (
     PairParts,
+    TransformerBase,
     TransformerFamily,
-    assemble_pair,
     attach_lora,
+    auto_tokenizer,
+    base_transformer,
     encoder_reloader,
     flow_scheduler_config,
     load_finetuned,
     load_transformer,
+    pair_from_request,
 )
 from cgidm_core.names import QWEN_IMAGE_FAMILY
 
@@ -224,14 +226,7 @@ class QwenImageLoraPair(_QwenImageConditioning, FlowMatchingPair, StableDiffusio
 # -- loading -------------------------------------------------------------------------------------
 
 
-@dataclass
-class QwenImageBase:
-    folder: Path
-    transformer: Any
-    vae: QwenImageVAE2D
-    text_encoder: Any
-    tokenizer: Any
-    scheduler_config: dict[str, Any]
+QwenImageBase = TransformerBase
 
 
 def load_qwen_image_transformer(folder: Path, subfolder: str | None, opts: LoadOptions
@@ -293,14 +288,9 @@ def load_qwen_image_vae(folder: Path, opts: LoadOptions) -> QwenImageVAE2D:
 
 def load_qwen_image_base(folder: Path, opts: LoadOptions, transformer_file: Path | None = None
                          ) -> QwenImageBase:
-    from transformers import AutoTokenizer
-
-    transformer = (load_qwen_image_transformer(folder, "transformer", opts)
-                   if transformer_file is None
-                   else load_qwen_image_single_file_transformer(transformer_file, folder, opts))
-    with loading_errors("the tokenizer", folder / "tokenizer"):
-        tokenizer = AutoTokenizer.from_pretrained(folder, subfolder="tokenizer",
-                                                  local_files_only=opts.local_files_only)
+    transformer = base_transformer(SPEC, folder, opts, transformer_file,
+                                   load_qwen_image_single_file_transformer)
+    tokenizer = auto_tokenizer(folder, opts)
     base = QwenImageBase(folder=folder, transformer=transformer,
                          vae=load_qwen_image_vae(folder, opts),
                          text_encoder=load_qwen_vl(folder, opts), tokenizer=tokenizer,
@@ -338,14 +328,6 @@ _PARTS = PairParts(pair=QwenImagePair, lora_pair=QwenImageLoraPair,
                    reloader=qwen_image_text_encoder_reloader)
 
 
-def load_qwen_image_pair(pre_path: Path, ft_path: Path, kind: str, opts: LoadOptions, *,
-                         keep_text_encoders: bool, pretrained_transformer: Path | None = None
-                         ) -> QwenImagePair:
-    base = load_qwen_image_base(pre_path, opts, pretrained_transformer)
-    return assemble_pair(_PARTS, base, pre_path, ft_path, kind, opts,
-                         keep_text_encoders=keep_text_encoders)
-
-
 # -- the family registry's adapter interface (``cgidm_core.families.FamilyAdapter``, #23) ---------
 
 
@@ -355,10 +337,5 @@ def check_pipeline_folder(folder: Path, index: dict[str, Any]) -> None:
 
 
 def load_pair(request: Any) -> QwenImagePair:
-    """Load a pair from the registry's ``PairRequest`` (``pretrained``, ``finetuned``, ``kind``,
-    ``opts``, ``keep_text_encoders``, ``pretrained_file``: a one-file transformer whose other parts
-    come from the ``pretrained`` folder)."""
-    return load_qwen_image_pair(
-        request.pretrained, request.finetuned, request.kind, request.opts,
-        keep_text_encoders=request.keep_text_encoders,
-        pretrained_transformer=request.pretrained_file)
+    """Load a pair from the registry's ``PairRequest``."""
+    return pair_from_request(_PARTS, load_qwen_image_base, request)

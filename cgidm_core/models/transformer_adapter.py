@@ -83,6 +83,41 @@ def load_transformer(spec: TransformerFamily, folder: Path, subfolder: str | Non
             variant=weights_variant(component, ("diffusion_pytorch_model",)))
 
 
+def load_single_file_transformer(spec: TransformerFamily, file: Path, config_folder: Path,
+                                 opts: LoadOptions, *, recognised: Callable[[list[str]], bool],
+                                 missing: str) -> Any:
+    """A one-file transformer converted offline by diffusers' ``from_single_file`` with the
+    base's config; a file whose keys are not the family's is refused as ``{file} holds no
+    {missing}``."""
+    import diffusers
+
+    from cgidm_core.models.formats import safetensors_keys
+
+    if not recognised(safetensors_keys(file)):
+        raise IncompatiblePairError(f"{file} holds no {missing}")
+    with loading_errors("the single-file transformer", file, mismatch_is_incompatible=True):
+        return getattr(diffusers, spec.transformer_class).from_single_file(
+            str(file), config=str(config_folder), subfolder="transformer",
+            local_files_only=True, torch_dtype=opts.dtype)
+
+
+def base_transformer(spec: TransformerFamily, folder: Path, opts: LoadOptions,
+                     transformer_file: Path | None, single_file: SingleFileLoader) -> Any:
+    """The base's transformer: its pipeline folder's, or one file read with its config."""
+    if transformer_file is None:
+        return load_transformer(spec, folder, "transformer", opts)
+    return single_file(transformer_file, folder, opts)
+
+
+def auto_tokenizer(folder: Path, opts: LoadOptions) -> Any:
+    """The pipeline folder's ``tokenizer/``, whatever its class."""
+    from transformers import AutoTokenizer
+
+    with loading_errors("the tokenizer", folder / "tokenizer"):
+        return AutoTokenizer.from_pretrained(folder, subfolder="tokenizer",
+                                             local_files_only=opts.local_files_only)
+
+
 def flow_scheduler_config(folder: Path, title: str) -> dict[str, Any]:
     """The scheduler config (it holds the time shift), refused unless a 1000-step flow-matching
     Euler scheduler's."""
@@ -177,6 +212,18 @@ def encoder_reloader(load_encoder: EncoderLoader, base_folder: Path, finetuned_p
     return reload
 
 
+@dataclass
+class TransformerBase:
+    """A base pipeline's parts, on the CPU until placed."""
+
+    folder: Path
+    transformer: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler_config: dict[str, Any]
+
+
 @dataclass(frozen=True)
 class PairParts:
     """One family's pair classes and the steps :func:`assemble_pair` calls."""
@@ -224,3 +271,14 @@ def assemble_pair(parts: PairParts, base: Any, pre_path: Path, ft_path: Path, ki
         text_encoder_finetuned=text_encoder if encoder is None else place(encoder, opts),
         text_encoder_reloader=parts.reloader(pre_path, ft_path, opts, encoder is not None),
         finetuned_kind=kind, **shared)
+
+
+def pair_from_request(parts: PairParts,
+                      load_base: Callable[[Path, LoadOptions, Path | None], TransformerBase],
+                      request: Any) -> Any:
+    """A pair from the registry's ``PairRequest`` (``pretrained``, ``finetuned``, ``kind``,
+    ``opts``, ``keep_text_encoders``, ``pretrained_file``: a one-file transformer whose other
+    parts come from the ``pretrained`` folder)."""
+    base = load_base(request.pretrained, request.opts, request.pretrained_file)
+    return assemble_pair(parts, base, request.pretrained, request.finetuned, request.kind,
+                         request.opts, keep_text_encoders=request.keep_text_encoders)

@@ -28,20 +28,18 @@ converter: diffusers/peft ``transformer.*``, ``diffusion_model.*`` (ComfyUI / ai
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 
-from cgidm_core.errors import IncompatiblePairError, ModelFormatError, UnsupportedModelFamilyError
+from cgidm_core.errors import ModelFormatError, UnsupportedModelFamilyError
 from cgidm_core.models.flow import FlowMatchingPair
 from cgidm_core.models.flux import time_shift
 from cgidm_core.models.formats import (
     SUPPORTED_HINT,
     read_json,
-    safetensors_keys,
     transformer_family,
     weights_variant,
 )
@@ -57,13 +55,17 @@ from cgidm_core.models.stable_diffusion import (
 )
 from cgidm_core.models.transformer_adapter import (
     PairParts,
+    TransformerBase,
     TransformerFamily,
-    assemble_pair,
     attach_lora,
+    auto_tokenizer,
+    base_transformer,
     encoder_reloader,
     flow_scheduler_config,
     load_finetuned,
+    load_single_file_transformer,
     load_transformer,
+    pair_from_request,
 )
 from cgidm_core.names import ZIMAGE_FAMILY
 
@@ -184,14 +186,7 @@ class ZImageLoraPair(_ZImageConditioning, FlowMatchingPair, StableDiffusionLoraP
 # -- loading -------------------------------------------------------------------------------------
 
 
-@dataclass
-class ZImageBase:
-    folder: Path
-    transformer: Any
-    vae: Any
-    text_encoder: Any
-    tokenizer: Any
-    scheduler_config: dict[str, Any]
+ZImageBase = TransformerBase
 
 
 def load_zimage_transformer(folder: Path, subfolder: str | None, opts: LoadOptions) -> Any:
@@ -200,15 +195,10 @@ def load_zimage_transformer(folder: Path, subfolder: str | None, opts: LoadOptio
 
 def load_zimage_single_file_transformer(file: Path, config_folder: Path, opts: LoadOptions
                                         ) -> Any:
-    from diffusers import ZImageTransformer2DModel
-
-    if not is_zimage_single_file(safetensors_keys(file)):
-        raise IncompatiblePairError(f"{file} holds no Z-Image transformer (no noise_refiner.*, "
-                                    "context_refiner.*, cap_embedder.* tensors)")
-    with loading_errors("the single-file transformer", file, mismatch_is_incompatible=True):
-        return ZImageTransformer2DModel.from_single_file(
-            str(file), config=str(config_folder), subfolder="transformer",
-            local_files_only=True, torch_dtype=opts.dtype)
+    return load_single_file_transformer(
+        SPEC, file, config_folder, opts, recognised=is_zimage_single_file,
+        missing="Z-Image transformer (no noise_refiner.*, context_refiner.*, cap_embedder.* "
+                "tensors)")
 
 
 def load_qwen3(folder: Path, opts: LoadOptions) -> Any:
@@ -236,14 +226,9 @@ SPEC = TransformerFamily(
 
 def load_zimage_base(folder: Path, opts: LoadOptions, transformer_file: Path | None = None
                      ) -> ZImageBase:
-    from transformers import AutoTokenizer
-
-    transformer = (load_zimage_transformer(folder, "transformer", opts)
-                   if transformer_file is None
-                   else load_zimage_single_file_transformer(transformer_file, folder, opts))
-    with loading_errors("the tokenizer", folder / "tokenizer"):
-        tokenizer = AutoTokenizer.from_pretrained(folder, subfolder="tokenizer",
-                                                  local_files_only=opts.local_files_only)
+    transformer = base_transformer(SPEC, folder, opts, transformer_file,
+                                   load_zimage_single_file_transformer)
+    tokenizer = auto_tokenizer(folder, opts)
     if not getattr(tokenizer, "chat_template", None):
         raise ModelFormatError(f"{folder / 'tokenizer'} has no chat template; Z-Image wraps "
                                "every prompt in the Qwen3 chat template")
@@ -282,14 +267,6 @@ _PARTS = PairParts(pair=ZImagePair, lora_pair=ZImageLoraPair, attach_lora=attach
                    load_finetuned=load_zimage_finetuned, reloader=zimage_text_encoder_reloader)
 
 
-def load_zimage_pair(pre_path: Path, ft_path: Path, kind: str, opts: LoadOptions, *,
-                     keep_text_encoders: bool, pretrained_transformer: Path | None = None
-                     ) -> ZImagePair:
-    base = load_zimage_base(pre_path, opts, pretrained_transformer)
-    return assemble_pair(_PARTS, base, pre_path, ft_path, kind, opts,
-                         keep_text_encoders=keep_text_encoders)
-
-
 # -- the family registry's adapter interface (``cgidm_core.families.FamilyAdapter``, #23) ---------
 
 
@@ -299,10 +276,5 @@ def check_pipeline_folder(folder: Path, index: dict[str, Any]) -> None:
 
 
 def load_pair(request: Any) -> ZImagePair:
-    """Load a pair from the registry's ``PairRequest`` (``pretrained``, ``finetuned``, ``kind``,
-    ``opts``, ``keep_text_encoders``, ``pretrained_file``: a one-file transformer whose other parts
-    come from the ``pretrained`` folder)."""
-    return load_zimage_pair(
-        request.pretrained, request.finetuned, request.kind, request.opts,
-        keep_text_encoders=request.keep_text_encoders,
-        pretrained_transformer=request.pretrained_file)
+    """Load a pair from the registry's ``PairRequest``."""
+    return pair_from_request(_PARTS, load_zimage_base, request)

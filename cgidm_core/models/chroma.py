@@ -153,10 +153,7 @@ class _ChromaConditioning:
         del prediction_type
         z_t = z_t.to(self.device, torch.float32)
         batch, _, height, width = z_t.shape
-        steps = torch.as_tensor(t, device=self.device).long().reshape(-1)
-        if steps.numel() == 1:
-            steps = steps.expand(batch)
-        s = self.sigmas(steps, z_t)  # type: ignore[attr-defined]
+        s = self.batch_sigmas(t, z_t)  # type: ignore[attr-defined]
         hidden, text_mask = context
         hidden = hidden.to(self.device, self.dtype)
         text_mask = text_mask.to(self.device)

@@ -41,7 +41,6 @@ from cgidm_core.models.flow import FlowMatchingPair
 from cgidm_core.models.formats import (
     SUPPORTED_HINT,
     read_json,
-    weights_variant,
 )
 from cgidm_core.models.sd_loading import (
     LoadOptions,
@@ -60,6 +59,7 @@ from cgidm_core.models.transformer_adapter import (
     auto_tokenizer,
     encoder_reloader,
     load_finetuned,
+    load_model_type_encoder,
     load_transformer,
     pair_from_request,
 )
@@ -204,10 +204,7 @@ class _Flux2Conditioning:
         del prediction_type
         z_t = z_t.to(self.device, torch.float32)
         batch, channels, height, width = z_t.shape
-        steps = torch.as_tensor(t, device=self.device).long().reshape(-1)
-        if steps.numel() == 1:
-            steps = steps.expand(batch)
-        s = self.sigmas(steps, z_t)  # type: ignore[attr-defined]
+        s = self.batch_sigmas(t, z_t)  # type: ignore[attr-defined]
         hidden = context.to(self.device, self.dtype)
         if hidden.shape[0] != batch:
             hidden = hidden.expand(batch, *hidden.shape[1:])
@@ -249,18 +246,9 @@ def load_flux2_transformer(folder: Path, subfolder: str | None, opts: LoadOption
 
 
 def load_qwen3_lm(folder: Path, opts: LoadOptions) -> Any:
-    import transformers
-
-    component = folder / "text_encoder"
-    config = read_json(component / "config.json")
-    if config.get("model_type") != "qwen3":
-        raise UnsupportedModelFamilyError(f"{component} is a {config.get('model_type')} model, "
-                                          "not the Qwen3 encoder Flux.2 Klein uses")
-    with loading_errors("the text encoder", component):
-        return transformers.Qwen3ForCausalLM.from_pretrained(
-            folder, subfolder="text_encoder", use_safetensors=True,
-            local_files_only=opts.local_files_only, dtype=opts.dtype,
-            variant=weights_variant(component, ("model",)))
+    return load_model_type_encoder(folder, opts, model_type="qwen3",
+                                   class_name="Qwen3ForCausalLM",
+                                   expected="the Qwen3 encoder Flux.2 Klein uses")
 
 
 SPEC = TransformerFamily(

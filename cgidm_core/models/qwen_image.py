@@ -43,7 +43,6 @@ from cgidm_core.models.formats import (
     read_json,
     safetensors_keys,
     transformer_family,
-    weights_variant,
 )
 from cgidm_core.models.sd_loading import (
     LoadOptions,
@@ -64,6 +63,7 @@ from cgidm_core.models.transformer_adapter import (
     encoder_reloader,
     flow_scheduler_config,
     load_finetuned,
+    load_model_type_encoder,
     load_transformer,
     pair_from_request,
 )
@@ -195,10 +195,7 @@ class _QwenImageConditioning:
         del prediction_type
         z_t = z_t.to(self.device, torch.float32)
         batch, _, height, width = z_t.shape
-        steps = torch.as_tensor(t, device=self.device).long().reshape(-1)
-        if steps.numel() == 1:
-            steps = steps.expand(batch)
-        s = self.sigmas(steps, z_t)  # type: ignore[attr-defined]
+        s = self.batch_sigmas(t, z_t)  # type: ignore[attr-defined]
         hidden = context.to(self.device, self.dtype)
         if hidden.shape[0] != batch:
             hidden = hidden.expand(batch, *hidden.shape[1:])
@@ -255,18 +252,9 @@ def load_qwen_image_single_file_transformer(file: Path, config_folder: Path, opt
 
 def load_qwen_vl(folder: Path, opts: LoadOptions) -> Any:
     """Qwen2.5-VL (its language model; the vision tower is loaded but never run)."""
-    import transformers
-
-    component = folder / "text_encoder"
-    config = read_json(component / "config.json")
-    if config.get("model_type") != "qwen2_5_vl":
-        raise UnsupportedModelFamilyError(f"{component} is a {config.get('model_type')} model, "
-                                          "not the Qwen2.5-VL encoder Qwen-Image uses")
-    with loading_errors("the text encoder", component):
-        return transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            folder, subfolder="text_encoder", use_safetensors=True,
-            local_files_only=opts.local_files_only, dtype=opts.dtype,
-            variant=weights_variant(component, ("model",)))
+    return load_model_type_encoder(
+        folder, opts, model_type="qwen2_5_vl", class_name="Qwen2_5_VLForConditionalGeneration",
+        expected="the Qwen2.5-VL encoder Qwen-Image uses")
 
 
 SPEC = TransformerFamily(

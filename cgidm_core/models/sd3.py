@@ -218,10 +218,7 @@ class _SD3Conditioning:
         del prediction_type  # always "flow"
         z_t = z_t.to(self.device, torch.float32)
         batch = z_t.shape[0]
-        steps = torch.as_tensor(t, device=self.device).long().reshape(-1)
-        if steps.numel() == 1:
-            steps = steps.expand(batch)
-        s = self.sigmas(steps, z_t)  # type: ignore[attr-defined]
+        s = self.batch_sigmas(t, z_t)  # type: ignore[attr-defined]
         hidden, pooled = (c.to(self.device, self.dtype) for c in context)
         if hidden.shape[0] != batch:
             hidden = hidden.expand(batch, *hidden.shape[1:])

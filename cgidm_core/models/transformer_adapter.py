@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from cgidm_core.errors import IncompatiblePairError, ModelFormatError
+from cgidm_core.errors import IncompatiblePairError, ModelFormatError, UnsupportedModelFamilyError
 from cgidm_core.models.formats import (
     IDENTICAL_MODELS,
     family_name,
@@ -116,6 +116,25 @@ def auto_tokenizer(folder: Path, opts: LoadOptions) -> Any:
     with loading_errors("the tokenizer", folder / "tokenizer"):
         return AutoTokenizer.from_pretrained(folder, subfolder="tokenizer",
                                              local_files_only=opts.local_files_only)
+
+
+def load_model_type_encoder(folder: Path, opts: LoadOptions, *, model_type: str,
+                            class_name: str, expected: str) -> Any:
+    """The pipeline's ``text_encoder/`` as transformers' ``class_name``, refused unless its
+    config's ``model_type`` is ``model_type`` (``expected`` names it in the message, e.g. "the
+    Qwen3 encoder Z-Image uses")."""
+    import transformers
+
+    component = folder / "text_encoder"
+    config = read_json(component / "config.json")
+    if config.get("model_type") != model_type:
+        raise UnsupportedModelFamilyError(f"{component} is a {config.get('model_type')} model, "
+                                          f"not {expected}")
+    with loading_errors("the text encoder", component):
+        return getattr(transformers, class_name).from_pretrained(
+            folder, subfolder="text_encoder", use_safetensors=True,
+            local_files_only=opts.local_files_only, dtype=opts.dtype,
+            variant=weights_variant(component, ("model",)))
 
 
 def flow_scheduler_config(folder: Path, title: str) -> dict[str, Any]:

@@ -41,12 +41,10 @@ from cgidm_core.models.formats import (
     SUPPORTED_HINT,
     read_json,
     transformer_family,
-    weights_variant,
 )
 from cgidm_core.models.sd_loading import (
     LoadOptions,
     load_vae,
-    loading_errors,
 )
 from cgidm_core.models.stable_diffusion import (
     StableDiffusionLoraPair,
@@ -63,6 +61,7 @@ from cgidm_core.models.transformer_adapter import (
     encoder_reloader,
     flow_scheduler_config,
     load_finetuned,
+    load_model_type_encoder,
     load_single_file_transformer,
     load_transformer,
     pair_from_request,
@@ -158,10 +157,7 @@ class _ZImageConditioning:
         del prediction_type
         z_t = z_t.to(self.device, torch.float32)
         batch = z_t.shape[0]
-        steps = torch.as_tensor(t, device=self.device).long().reshape(-1)
-        if steps.numel() == 1:
-            steps = steps.expand(batch)
-        s = self.sigmas(steps, z_t)  # type: ignore[attr-defined]
+        s = self.batch_sigmas(t, z_t)  # type: ignore[attr-defined]
         timestep = (1000 - s * 1000) / 1000  # the pipeline's arithmetic, to the last bit
         caption = context.to(self.device, self.dtype)
         latents = list(z_t.to(self.dtype).unsqueeze(2).unbind(dim=0))
@@ -203,18 +199,8 @@ def load_zimage_single_file_transformer(file: Path, config_folder: Path, opts: L
 
 def load_qwen3(folder: Path, opts: LoadOptions) -> Any:
     """The Qwen3 text encoder (``Qwen3Model``, or a ``Qwen3ForCausalLM`` checkpoint's body)."""
-    import transformers
-
-    component = folder / "text_encoder"
-    config = read_json(component / "config.json")
-    if config.get("model_type") != "qwen3":
-        raise UnsupportedModelFamilyError(f"{component} is a {config.get('model_type')} model, "
-                                          "not the Qwen3 encoder Z-Image uses")
-    with loading_errors("the text encoder", component):
-        return transformers.Qwen3Model.from_pretrained(
-            folder, subfolder="text_encoder", use_safetensors=True,
-            local_files_only=opts.local_files_only, dtype=opts.dtype,
-            variant=weights_variant(component, ("model",)))
+    return load_model_type_encoder(folder, opts, model_type="qwen3", class_name="Qwen3Model",
+                                   expected="the Qwen3 encoder Z-Image uses")
 
 
 SPEC = TransformerFamily(

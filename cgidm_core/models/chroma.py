@@ -59,7 +59,6 @@ from cgidm_core.models.sd_loading import (
 from cgidm_core.models.stable_diffusion import (
     StableDiffusionLoraPair,
     StableDiffusionPair,
-    TextEncoderReloader,
 )
 from cgidm_core.models.text_encoders import tokenize
 from cgidm_core.models.transformer_adapter import (
@@ -68,11 +67,8 @@ from cgidm_core.models.transformer_adapter import (
     TransformerFamily,
     auto_tokenizer,
     base_transformer,
-    encoder_reloader,
     flow_scheduler_config,
-    load_finetuned,
     load_single_file_transformer,
-    load_transformer,
     pair_from_request,
 )
 from cgidm_core.names import CHROMA_FAMILY
@@ -193,10 +189,6 @@ class ChromaLoraPair(_ChromaConditioning, FlowMatchingPair, StableDiffusionLoraP
 ChromaBase = TransformerBase
 
 
-def load_chroma_transformer(folder: Path, subfolder: str | None, opts: LoadOptions) -> Any:
-    return load_transformer(SPEC, folder, subfolder, opts)
-
-
 def load_chroma_single_file_transformer(file: Path, config_folder: Path, opts: LoadOptions
                                         ) -> Any:
     return load_single_file_transformer(
@@ -210,15 +202,16 @@ def load_t5(folder: Path, opts: LoadOptions) -> Any:
 
 SPEC = TransformerFamily(
     family=CHROMA_FAMILY, title="Chroma", pipeline_class=PIPELINE_CLASS,
-    transformer_class=TRANSFORMER_CLASS, load_encoder=load_t5,
+    transformer_class=TRANSFORMER_CLASS, text_encoder=load_t5,
+    single_file=load_chroma_single_file_transformer,
+    no_own_encoder="this Chroma fine-tune has no T5 of its own to reload",
     architecture=("in_channels", "num_layers", "num_single_layers", "attention_head_dim",
                   "num_attention_heads", "joint_attention_dim", "patch_size"))
 
 
 def load_chroma_base(folder: Path, opts: LoadOptions, transformer_file: Path | None = None
                      ) -> ChromaBase:
-    transformer = base_transformer(SPEC, folder, opts, transformer_file,
-                                   load_chroma_single_file_transformer)
+    transformer = base_transformer(SPEC, folder, opts, transformer_file)
     tokenizer = auto_tokenizer(folder, opts)
     base = ChromaBase(folder=folder, transformer=transformer, vae=load_vae(folder, opts),
                       text_encoder=load_t5(folder, opts), tokenizer=tokenizer,
@@ -231,12 +224,6 @@ def load_chroma_base(folder: Path, opts: LoadOptions, transformer_file: Path | N
             f"{config.in_channels} packed latent features, but T5 gives {t5} and the VAE "
             f"{latent}: not a Chroma layout")
     return base
-
-
-def load_chroma_finetuned(path: Path, kind: str, base: ChromaBase, opts: LoadOptions
-                          ) -> tuple[Any, Any]:
-    """``(transformer, own T5 or None)``."""
-    return load_finetuned(SPEC, path, kind, base, opts, load_chroma_single_file_transformer)
 
 
 def attach_chroma_lora(path: Path, base: ChromaBase) -> int:
@@ -258,14 +245,8 @@ def attach_chroma_lora(path: Path, base: ChromaBase) -> int:
     return count_adapted_layers(weights, "Chroma base model", base.transformer)
 
 
-def chroma_text_encoder_reloader(base_folder: Path, finetuned_path: Path, opts: LoadOptions,
-                                 own_t5: bool) -> TextEncoderReloader:
-    return encoder_reloader(load_t5, base_folder, finetuned_path, opts, own_t5,
-                            "this Chroma fine-tune has no T5 of its own to reload")
-
-
-_PARTS = PairParts(pair=ChromaPair, lora_pair=ChromaLoraPair, attach_lora=attach_chroma_lora,
-                   load_finetuned=load_chroma_finetuned, reloader=chroma_text_encoder_reloader)
+_PARTS = PairParts(SPEC, pair=ChromaPair, lora_pair=ChromaLoraPair,
+                   attach=attach_chroma_lora)
 
 
 # -- the family registry's adapter interface (``cgidm_core.families.FamilyAdapter``, #23) ---------

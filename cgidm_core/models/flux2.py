@@ -49,16 +49,12 @@ from cgidm_core.models.sd_loading import (
 from cgidm_core.models.stable_diffusion import (
     StableDiffusionLoraPair,
     StableDiffusionPair,
-    TextEncoderReloader,
 )
 from cgidm_core.models.transformer_adapter import (
     PairParts,
     TransformerBase,
     TransformerFamily,
-    attach_lora,
     auto_tokenizer,
-    encoder_reloader,
-    load_finetuned,
     load_model_type_encoder,
     load_transformer,
     pair_from_request,
@@ -241,19 +237,25 @@ class Flux2LoraPair(_Flux2Conditioning, FlowMatchingPair, StableDiffusionLoraPai
 Flux2Base = TransformerBase
 
 
-def load_flux2_transformer(folder: Path, subfolder: str | None, opts: LoadOptions) -> Any:
-    return load_transformer(SPEC, folder, subfolder, opts)
-
-
 def load_qwen3_lm(folder: Path, opts: LoadOptions) -> Any:
     return load_model_type_encoder(folder, opts, model_type="qwen3",
                                    class_name="Qwen3ForCausalLM",
                                    expected="the Qwen3 encoder Flux.2 Klein uses")
 
 
+def _no_single_file(path: Path, config_folder: Path, opts: LoadOptions) -> Any:
+    raise ModelFormatError(f"{path}: a Flux.2 transformer as one file is not supported yet; "
+                           "give it as a transformer/ folder (diffusers' "
+                           "Flux2Transformer2DModel.from_single_file(...).save_pretrained)")
+
+
+#: Fine-tuned text encoders are not read: both models are conditioned by the base's Qwen3
+#: (Klein fine-tunes train the transformer).
 SPEC = TransformerFamily(
     family=FLUX2_FAMILY, title="Flux.2", base_title="Flux.2 Klein",
     pipeline_class=PIPELINE_CLASS, transformer_class=TRANSFORMER_CLASS,
+    text_encoder=load_qwen3_lm, single_file=_no_single_file, reads_finetuned_encoder=False,
+    no_own_encoder="a Flux.2 fine-tune has no text encoder of its own here",
     architecture=("in_channels", "num_layers", "num_single_layers", "attention_head_dim",
                   "num_attention_heads", "joint_attention_dim", "guidance_embeds"))
 
@@ -278,7 +280,7 @@ def load_flux2_base(folder: Path, opts: LoadOptions, transformer_file: Path | No
     scheduler = read_json(config_file)
     if scheduler.get("_class_name", _SCHEDULER_CLASS) != _SCHEDULER_CLASS:
         raise ModelFormatError(f"{config_file}: Flux.2 samples with {_SCHEDULER_CLASS}")
-    base = Flux2Base(folder=folder, transformer=load_flux2_transformer(folder, "transformer", opts),
+    base = Flux2Base(folder=folder, transformer=load_transformer(SPEC, folder, "transformer", opts),
                      vae=load_flux2_vae(folder, opts), text_encoder=load_qwen3_lm(folder, opts),
                      tokenizer=tokenizer, scheduler_config=scheduler)
     config = base.transformer.config
@@ -294,31 +296,7 @@ def load_flux2_base(folder: Path, opts: LoadOptions, transformer_file: Path | No
     return base
 
 
-def _no_single_file(path: Path, config_folder: Path, opts: LoadOptions) -> Any:
-    raise ModelFormatError(f"{path}: a Flux.2 transformer as one file is not supported yet; "
-                           "give it as a transformer/ folder (diffusers' "
-                           "Flux2Transformer2DModel.from_single_file(...).save_pretrained)")
-
-
-def load_flux2_finetuned(path: Path, kind: str, base: Flux2Base, opts: LoadOptions
-                         ) -> tuple[Any, None]:
-    """``(transformer, None)``: fine-tuned text encoders are not read (Klein fine-tunes train
-    the transformer)."""
-    return load_finetuned(SPEC, path, kind, base, opts, _no_single_file)
-
-
-def attach_flux2_lora(path: Path, base: Flux2Base) -> int:
-    return attach_lora(SPEC, path, base.transformer)
-
-
-def flux2_text_encoder_reloader(base_folder: Path, finetuned_path: Path, opts: LoadOptions,
-                                own: bool) -> TextEncoderReloader:
-    return encoder_reloader(load_qwen3_lm, base_folder, finetuned_path, opts, own,
-                            "a Flux.2 fine-tune has no text encoder of its own here")
-
-
-_PARTS = PairParts(pair=Flux2Pair, lora_pair=Flux2LoraPair, attach_lora=attach_flux2_lora,
-                   load_finetuned=load_flux2_finetuned, reloader=flux2_text_encoder_reloader)
+_PARTS = PairParts(SPEC, pair=Flux2Pair, lora_pair=Flux2LoraPair)
 
 
 # -- the family registry's adapter interface (``cgidm_core.families.FamilyAdapter``, #23) ---------

@@ -51,20 +51,15 @@ from cgidm_core.models.sd_loading import (
 from cgidm_core.models.stable_diffusion import (
     StableDiffusionLoraPair,
     StableDiffusionPair,
-    TextEncoderReloader,
 )
 from cgidm_core.models.transformer_adapter import (
     PairParts,
     TransformerBase,
     TransformerFamily,
-    attach_lora,
     auto_tokenizer,
     base_transformer,
-    encoder_reloader,
     flow_scheduler_config,
-    load_finetuned,
     load_model_type_encoder,
-    load_transformer,
     pair_from_request,
 )
 from cgidm_core.names import QWEN_IMAGE_FAMILY
@@ -226,11 +221,6 @@ class QwenImageLoraPair(_QwenImageConditioning, FlowMatchingPair, StableDiffusio
 QwenImageBase = TransformerBase
 
 
-def load_qwen_image_transformer(folder: Path, subfolder: str | None, opts: LoadOptions
-                                ) -> Any:
-    return load_transformer(SPEC, folder, subfolder, opts)
-
-
 def load_qwen_image_single_file_transformer(file: Path, config_folder: Path, opts: LoadOptions
                                             ) -> Any:
     """The transformer's own tensor names (``model.diffusion_model.`` stripped), loaded by
@@ -259,7 +249,9 @@ def load_qwen_vl(folder: Path, opts: LoadOptions) -> Any:
 
 SPEC = TransformerFamily(
     family=QWEN_IMAGE_FAMILY, title="Qwen-Image", pipeline_class=PIPELINE_CLASS,
-    transformer_class=TRANSFORMER_CLASS, load_encoder=load_qwen_vl,
+    transformer_class=TRANSFORMER_CLASS, text_encoder=load_qwen_vl,
+    single_file=load_qwen_image_single_file_transformer,
+    no_own_encoder="this Qwen-Image fine-tune has no text encoder of its own",
     architecture=("in_channels", "num_layers", "attention_head_dim", "num_attention_heads",
                   "joint_attention_dim", "patch_size", "guidance_embeds"))
 
@@ -276,8 +268,7 @@ def load_qwen_image_vae(folder: Path, opts: LoadOptions) -> QwenImageVAE2D:
 
 def load_qwen_image_base(folder: Path, opts: LoadOptions, transformer_file: Path | None = None
                          ) -> QwenImageBase:
-    transformer = base_transformer(SPEC, folder, opts, transformer_file,
-                                   load_qwen_image_single_file_transformer)
+    transformer = base_transformer(SPEC, folder, opts, transformer_file)
     tokenizer = auto_tokenizer(folder, opts)
     base = QwenImageBase(folder=folder, transformer=transformer,
                          vae=load_qwen_image_vae(folder, opts),
@@ -294,26 +285,7 @@ def load_qwen_image_base(folder: Path, opts: LoadOptions, transformer_file: Path
     return base
 
 
-def load_qwen_image_finetuned(path: Path, kind: str, base: QwenImageBase, opts: LoadOptions
-                              ) -> tuple[Any, Any]:
-    """``(transformer, own Qwen2.5-VL or None)``."""
-    return load_finetuned(SPEC, path, kind, base, opts, load_qwen_image_single_file_transformer)
-
-
-def attach_qwen_image_lora(path: Path, base: QwenImageBase) -> int:
-    """A LoRA through diffusers' Qwen-Image loader and its converter, as one named adapter."""
-    return attach_lora(SPEC, path, base.transformer)
-
-
-def qwen_image_text_encoder_reloader(base_folder: Path, finetuned_path: Path, opts: LoadOptions,
-                                     own: bool) -> TextEncoderReloader:
-    return encoder_reloader(load_qwen_vl, base_folder, finetuned_path, opts, own,
-                            "this Qwen-Image fine-tune has no text encoder of its own")
-
-
-_PARTS = PairParts(pair=QwenImagePair, lora_pair=QwenImageLoraPair,
-                   attach_lora=attach_qwen_image_lora, load_finetuned=load_qwen_image_finetuned,
-                   reloader=qwen_image_text_encoder_reloader)
+_PARTS = PairParts(SPEC, pair=QwenImagePair, lora_pair=QwenImageLoraPair)
 
 
 # -- the family registry's adapter interface (``cgidm_core.families.FamilyAdapter``, #23) ---------

@@ -56,8 +56,14 @@ class TransformerFamily:
     transformer_class: str
     #: Config fields a fine-tune must share with its base.
     architecture: tuple[str, ...]
-    #: The text encoder's loader; ``None`` where fine-tuned encoders are never read.
-    load_encoder: EncoderLoader | None = None
+    #: The text encoder's loader.
+    text_encoder: EncoderLoader
+    #: The one-file transformer's loader (it may refuse the layout with what to do instead).
+    single_file: SingleFileLoader
+    #: The message when a fine-tune's own text encoder is asked for and it has none.
+    no_own_encoder: str
+    #: Whether a fine-tuned pipeline's own text encoder is read (Flux.2 Klein's are not).
+    reads_finetuned_encoder: bool = True
     #: The title in "of the ... base" / "... base model" where it is longer than ``title``.
     base_title: str | None = None
 
@@ -102,11 +108,11 @@ def load_single_file_transformer(spec: TransformerFamily, file: Path, config_fol
 
 
 def base_transformer(spec: TransformerFamily, folder: Path, opts: LoadOptions,
-                     transformer_file: Path | None, single_file: SingleFileLoader) -> Any:
+                     transformer_file: Path | None) -> Any:
     """The base's transformer: its pipeline folder's, or one file read with its config."""
     if transformer_file is None:
         return load_transformer(spec, folder, "transformer", opts)
-    return single_file(transformer_file, folder, opts)
+    return spec.single_file(transformer_file, folder, opts)
 
 
 def auto_tokenizer(folder: Path, opts: LoadOptions) -> Any:
@@ -164,8 +170,8 @@ def check_architecture(spec: TransformerFamily, base_config: Any, config: Any, p
                                         "from this base?")
 
 
-def load_finetuned(spec: TransformerFamily, path: Path, kind: str, base: Any, opts: LoadOptions,
-                   single_file: SingleFileLoader) -> tuple[Any, Any]:
+def load_finetuned(spec: TransformerFamily, path: Path, kind: str, base: Any, opts: LoadOptions
+                   ) -> tuple[Any, Any]:
     """``(transformer, own text encoder or None)`` of a fine-tune in a pipeline folder, a
     ``transformer/`` folder (``dreambooth``) or one file; another layout kind is refused."""
     from cgidm_core.models.formats import pipeline_family
@@ -178,13 +184,13 @@ def load_finetuned(spec: TransformerFamily, path: Path, kind: str, base: Any, op
                                         f"{family_name(family)} pipeline but the pretrained one "
                                         f"is {spec.base_name}")
         transformer = load_transformer(spec, path, "transformer", opts)
-        if spec.load_encoder is not None and (path / "text_encoder" / "config.json").is_file():
-            encoder = spec.load_encoder(path, opts)
+        if spec.reads_finetuned_encoder and (path / "text_encoder" / "config.json").is_file():
+            encoder = spec.text_encoder(path, opts)
     elif kind == "dreambooth":
         subfolder = "transformer" if (path / "transformer").is_dir() else None
         transformer = load_transformer(spec, path, subfolder, opts)
     elif kind == "single_file":
-        transformer = single_file(path, base.folder, opts)
+        transformer = spec.single_file(path, base.folder, opts)
     else:
         raise IncompatiblePairError(f"the pretrained model is {spec.base_name} but {path} is a "
                                     f"{kind} model; both models must be of the same family")
@@ -215,18 +221,18 @@ def attach_lora(spec: TransformerFamily, path: Path, transformer: torch.nn.Modul
     return count_adapted_layers(weights, f"{spec.base_name} base model", transformer)
 
 
-def encoder_reloader(load_encoder: EncoderLoader, base_folder: Path, finetuned_path: Path,
-                     opts: LoadOptions, own: bool, no_own: str) -> TextEncoderReloader:
+def encoder_reloader(spec: TransformerFamily, base_folder: Path, finetuned_path: Path,
+                     opts: LoadOptions, own: bool) -> TextEncoderReloader:
     """Reads the base's text encoder again (and the fine-tune's own, where it has one; asking
-    for one it lacks raises ``ModelFormatError(no_own)``)."""
+    for one it lacks raises ``ModelFormatError(spec.no_own_encoder)``)."""
 
     def reload(finetuned: bool) -> tuple[torch.nn.Module, torch.nn.Module | None]:
         if finetuned and not own:
-            raise ModelFormatError(no_own)
-        pretrained = place(load_encoder(base_folder, opts), opts)
+            raise ModelFormatError(spec.no_own_encoder)
+        pretrained = place(spec.text_encoder(base_folder, opts), opts)
         if not finetuned:
             return pretrained, None
-        return pretrained, place(load_encoder(finetuned_path, opts), opts)
+        return pretrained, place(spec.text_encoder(finetuned_path, opts), opts)
 
     return reload
 
@@ -245,14 +251,22 @@ class TransformerBase:
 
 @dataclass(frozen=True)
 class PairParts:
-    """One family's pair classes and the steps :func:`assemble_pair` calls."""
+    """One family's loading, its pair classes and, where its LoRAs need their own loader, that
+    loader (``(path, base) -> adapted layers``; :func:`attach_lora` otherwise)."""
 
+    spec: TransformerFamily
     pair: type
     lora_pair: type
-    attach_lora: Callable[[Path, Any], int]
-    load_finetuned: Callable[[Path, str, Any, LoadOptions], tuple[Any, Any]]
-    #: ``(base folder, fine-tune path, opts, own encoder?) -> reloader``.
-    reloader: Callable[[Path, Path, LoadOptions, bool], TextEncoderReloader]
+    attach: Callable[[Path, Any], int] | None = None
+
+    def attach_lora(self, path: Path, base: Any) -> int:
+        if self.attach is not None:
+            return self.attach(path, base)
+        return attach_lora(self.spec, path, base.transformer)
+
+    def reloader(self, pre_path: Path, ft_path: Path, opts: LoadOptions, own: bool
+                 ) -> TextEncoderReloader:
+        return encoder_reloader(self.spec, pre_path, ft_path, opts, own)
 
 
 def assemble_pair(parts: PairParts, base: Any, pre_path: Path, ft_path: Path, kind: str,
@@ -273,7 +287,7 @@ def assemble_pair(parts: PairParts, base: Any, pre_path: Path, ft_path: Path, ki
         return parts.lora_pair(
             unet=place(base.transformer, opts), text_encoder=place(base.text_encoder, opts),
             text_encoder_reloader=parts.reloader(pre_path, ft_path, opts, False), **shared)
-    transformer, encoder = parts.load_finetuned(ft_path, kind, base, opts)
+    transformer, encoder = load_finetuned(parts.spec, ft_path, kind, base, opts)
     if encoder is not None and same_weights(encoder, base.text_encoder):
         encoder = None
     if same_weights(transformer, base.transformer):

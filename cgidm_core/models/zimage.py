@@ -49,21 +49,16 @@ from cgidm_core.models.sd_loading import (
 from cgidm_core.models.stable_diffusion import (
     StableDiffusionLoraPair,
     StableDiffusionPair,
-    TextEncoderReloader,
 )
 from cgidm_core.models.transformer_adapter import (
     PairParts,
     TransformerBase,
     TransformerFamily,
-    attach_lora,
     auto_tokenizer,
     base_transformer,
-    encoder_reloader,
     flow_scheduler_config,
-    load_finetuned,
     load_model_type_encoder,
     load_single_file_transformer,
-    load_transformer,
     pair_from_request,
 )
 from cgidm_core.names import ZIMAGE_FAMILY
@@ -185,10 +180,6 @@ class ZImageLoraPair(_ZImageConditioning, FlowMatchingPair, StableDiffusionLoraP
 ZImageBase = TransformerBase
 
 
-def load_zimage_transformer(folder: Path, subfolder: str | None, opts: LoadOptions) -> Any:
-    return load_transformer(SPEC, folder, subfolder, opts)
-
-
 def load_zimage_single_file_transformer(file: Path, config_folder: Path, opts: LoadOptions
                                         ) -> Any:
     return load_single_file_transformer(
@@ -205,15 +196,16 @@ def load_qwen3(folder: Path, opts: LoadOptions) -> Any:
 
 SPEC = TransformerFamily(
     family=ZIMAGE_FAMILY, title="Z-Image", pipeline_class=PIPELINE_CLASS,
-    transformer_class=TRANSFORMER_CLASS, load_encoder=load_qwen3,
+    transformer_class=TRANSFORMER_CLASS, text_encoder=load_qwen3,
+    single_file=load_zimage_single_file_transformer,
+    no_own_encoder="this Z-Image fine-tune has no text encoder of its own",
     architecture=("in_channels", "dim", "n_layers", "n_refiner_layers", "n_heads", "n_kv_heads",
                   "cap_feat_dim", "all_patch_size"))
 
 
 def load_zimage_base(folder: Path, opts: LoadOptions, transformer_file: Path | None = None
                      ) -> ZImageBase:
-    transformer = base_transformer(SPEC, folder, opts, transformer_file,
-                                   load_zimage_single_file_transformer)
+    transformer = base_transformer(SPEC, folder, opts, transformer_file)
     tokenizer = auto_tokenizer(folder, opts)
     if not getattr(tokenizer, "chat_template", None):
         raise ModelFormatError(f"{folder / 'tokenizer'} has no chat template; Z-Image wraps "
@@ -231,26 +223,7 @@ def load_zimage_base(folder: Path, opts: LoadOptions, transformer_file: Path | N
     return base
 
 
-def load_zimage_finetuned(path: Path, kind: str, base: ZImageBase, opts: LoadOptions
-                          ) -> tuple[Any, Any]:
-    """``(transformer, own Qwen3 or None)``."""
-    return load_finetuned(SPEC, path, kind, base, opts, load_zimage_single_file_transformer)
-
-
-def attach_zimage_lora(path: Path, base: ZImageBase) -> int:
-    """A LoRA through diffusers' Z-Image loader (its converter reads ComfyUI / ai-toolkit
-    ``diffusion_model.*`` and musubi/kohya ``lora_unet_*`` names), as one named adapter."""
-    return attach_lora(SPEC, path, base.transformer)
-
-
-def zimage_text_encoder_reloader(base_folder: Path, finetuned_path: Path, opts: LoadOptions,
-                                 own: bool) -> TextEncoderReloader:
-    return encoder_reloader(load_qwen3, base_folder, finetuned_path, opts, own,
-                            "this Z-Image fine-tune has no text encoder of its own")
-
-
-_PARTS = PairParts(pair=ZImagePair, lora_pair=ZImageLoraPair, attach_lora=attach_zimage_lora,
-                   load_finetuned=load_zimage_finetuned, reloader=zimage_text_encoder_reloader)
+_PARTS = PairParts(SPEC, pair=ZImagePair, lora_pair=ZImageLoraPair)
 
 
 # -- the family registry's adapter interface (``cgidm_core.families.FamilyAdapter``, #23) ---------

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from cgidm_core.errors import IncompatiblePairError, ModelFormatError, UnsupportedModelFamilyError
+from cgidm_core.errors import IncompatiblePairError, UnsupportedModelFamilyError
 from cgidm_core.models.flow import FlowMatchingPair
 from cgidm_core.models.flux import (
     flux_latent_config,
@@ -70,6 +70,7 @@ from cgidm_core.models.transformer_adapter import (
     flow_scheduler_config,
     load_single_file_transformer,
     pair_from_request,
+    require_pipeline_parts,
 )
 from cgidm_core.names import CHROMA_FAMILY
 
@@ -97,10 +98,7 @@ def chroma_pipeline_family(folder: Path, name: str, index: dict[str, Any]) -> st
         raise UnsupportedModelFamilyError(
             f"{folder} is a {name} model: of Chroma cgidm supports the text-to-image "
             f"{PIPELINE_CLASS}. " + SUPPORTED_HINT)
-    missing = [p for p in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
-               if p not in index]
-    if missing:
-        raise ModelFormatError(f"{folder} ({name}) lacks {', '.join(missing)}")
+    require_pipeline_parts(folder, name, index)
     return CHROMA_FAMILY
 
 

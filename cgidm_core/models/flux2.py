@@ -58,6 +58,7 @@ from cgidm_core.models.transformer_adapter import (
     load_model_type_encoder,
     load_transformer,
     pair_from_request,
+    require_pipeline_parts,
 )
 from cgidm_core.names import FLUX2_FAMILY
 
@@ -90,10 +91,7 @@ def flux2_pipeline_family(folder: Path, name: str, index: dict[str, Any]) -> str
         raise UnsupportedModelFamilyError(
             f"{folder} is a {name} model: of Flux.2 cgidm supports the text-to-image "
             f"{PIPELINE_CLASS} (Klein). " + SUPPORTED_HINT)
-    missing = [p for p in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
-               if p not in index]
-    if missing:
-        raise ModelFormatError(f"{folder} ({name}) lacks {', '.join(missing)}")
+    require_pipeline_parts(folder, name, index)
     return FLUX2_FAMILY
 
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from cgidm_core.errors import IncompatiblePairError, ModelFormatError, UnsupportedModelFamilyError
+from cgidm_core.errors import IncompatiblePairError, UnsupportedModelFamilyError
 from cgidm_core.models.flow import FlowMatchingPair
 from cgidm_core.models.flux import pack_latents, time_shift, unpack_latents
 from cgidm_core.models.formats import (
@@ -61,6 +61,7 @@ from cgidm_core.models.transformer_adapter import (
     flow_scheduler_config,
     load_model_type_encoder,
     pair_from_request,
+    require_pipeline_parts,
 )
 from cgidm_core.names import QWEN_IMAGE_FAMILY
 
@@ -98,10 +99,7 @@ def qwen_image_pipeline_family(folder: Path, name: str, index: dict[str, Any]) -
         raise UnsupportedModelFamilyError(
             f"{folder} is a {name} model: of Qwen-Image cgidm supports the text-to-image "
             f"{PIPELINE_CLASS} (Qwen-Image, Qwen-Image-2512). " + SUPPORTED_HINT)
-    missing = [p for p in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
-               if p not in index]
-    if missing:
-        raise ModelFormatError(f"{folder} ({name}) lacks {', '.join(missing)}")
+    require_pipeline_parts(folder, name, index)
     return QWEN_IMAGE_FAMILY
 
 

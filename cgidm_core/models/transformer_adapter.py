@@ -72,6 +72,18 @@ class TransformerFamily:
         return self.base_title or self.title
 
 
+#: The parts every transformer family's pipeline folder has.
+PIPELINE_PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def require_pipeline_parts(folder: Path, name: str, index: dict[str, Any]) -> None:
+    """Refuse, before any weight is read, a pipeline folder whose ``model_index.json`` lacks
+    one of :data:`PIPELINE_PARTS`."""
+    missing = [p for p in PIPELINE_PARTS if p not in index]
+    if missing:
+        raise ModelFormatError(f"{folder} ({name}) lacks {', '.join(missing)}")
+
+
 def load_transformer(spec: TransformerFamily, folder: Path, subfolder: str | None,
                      opts: LoadOptions) -> Any:
     """The family's transformer from a diffusers folder, refused if its class is another's."""

@@ -60,6 +60,7 @@ from cgidm_core.models.transformer_adapter import (
     load_model_type_encoder,
     load_single_file_transformer,
     pair_from_request,
+    require_pipeline_parts,
 )
 from cgidm_core.names import ZIMAGE_FAMILY
 
@@ -91,10 +92,7 @@ def zimage_pipeline_family(folder: Path, name: str, index: dict[str, Any]) -> st
         raise UnsupportedModelFamilyError(
             f"{folder} is a {name} model: of Z-Image cgidm supports the text-to-image "
             f"{PIPELINE_CLASS}. " + SUPPORTED_HINT)
-    missing = [p for p in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
-               if p not in index]
-    if missing:
-        raise ModelFormatError(f"{folder} ({name}) lacks {', '.join(missing)}")
+    require_pipeline_parts(folder, name, index)
     return ZIMAGE_FAMILY
 
 

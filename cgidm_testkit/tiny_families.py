@@ -57,6 +57,37 @@ def make_full_finetune(class_name: str, base: str | Path, out: str | Path,
     return out
 
 
+def make_single_file(class_name: str, base: str | Path, out_file: str | Path, seed: int = 1,
+                     *, prefix: str = "", rename=None) -> Path:
+    """A fine-tuned transformer as one file, its keys through ``rename`` (a state-dict map) and
+    under ``prefix``; the same transformer is also written as ``<stem>_diffusers/transformer``
+    for tests to compare with."""
+    from safetensors.torch import save_file
+
+    out_file = Path(out_file)
+    folder = make_transformer_folder(class_name, base,
+                                     out_file.parent / f"{out_file.stem}_diffusers", seed)
+    state = load_transformer(class_name, folder).state_dict()
+    if rename is not None:
+        state = rename(state)
+    save_file({f"{prefix}{k}": v.contiguous() for k, v in state.items()}, str(out_file))
+    return out_file
+
+
+def tiny_latent16_vae(scaling_factor: float, shift_factor: float):
+    """A two-block 16-channel ``AutoencoderKL`` (32 px images, 16 x 16 latents) with the
+    family's scaling and shift factors; seed torch first."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                         latent_channels=16,
+                         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+                         sample_size=32, scaling_factor=scaling_factor,
+                         shift_factor=shift_factor, use_quant_conv=False,
+                         use_post_quant_conv=False)
+
+
 def attention_lora_layers(transformer: torch.nn.Module, rank: int,
                           generator: torch.Generator) -> dict[str, torch.Tensor]:
     """A random LoRA of ``transformer``'s attention projections, in peft's naming."""
@@ -137,17 +168,12 @@ def make_tiny_sd3(path: str | Path, seed: int = 0, layout: str = "3.5-large",
     a two-block VAE, so 32 px images have 16 x 16 latents (8 x 8 patches). ``with_t5=False``
     saves the pipeline without T5, as ``save_pretrained`` writes one loaded with
     ``text_encoder_3=None`` (Stability's documented way to run SD3 without its 4.7B T5)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     path = Path(path)
     transformer = tiny_sd3_transformer(seed, layout)
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
-                        latent_channels=16,
-                        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), sample_size=32,
-                        scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
-                        use_post_quant_conv=False)
+    vae = tiny_latent16_vae(scaling_factor=1.5305, shift_factor=0.0609)
     tokenizer, _ = tiny_tokenizer_and_text_config()
     tokenizer_3, t5 = tiny_t5_tokenizer_and_encoder(seed + 4)
     StableDiffusion3Pipeline(
@@ -352,17 +378,12 @@ def tiny_chroma_transformer(seed: int = 0):
 def make_tiny_chroma(path: str | Path, seed: int = 0) -> Path:
     """A random ``ChromaPipeline`` folder: 32 px images, 16 x 16 latents (8 x 8 tokens), T5 32
     wide, Chroma1-HD's scheduler settings (dynamic shift, base 0.5 at 256 tokens, max 1.15)."""
-    from diffusers import AutoencoderKL, ChromaPipeline, FlowMatchEulerDiscreteScheduler
+    from diffusers import ChromaPipeline, FlowMatchEulerDiscreteScheduler
 
     path = Path(path)
     transformer = tiny_chroma_transformer(seed)
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
-                        latent_channels=16,
-                        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), sample_size=32,
-                        scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
-                        use_post_quant_conv=False)
+    vae = tiny_latent16_vae(scaling_factor=0.3611, shift_factor=0.1159)
     tokenizer, t5 = tiny_t5_tokenizer_and_encoder(seed + 2)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True,
                                                 base_shift=0.5, max_shift=1.15,
@@ -380,15 +401,8 @@ make_chroma_full_finetune = partial(make_full_finetune, "ChromaTransformer2DMode
 def make_chroma_single_file(base: str | Path, out_file: str | Path, seed: int = 1) -> Path:
     """A fine-tuned transformer as one file in diffusers naming (diffusers' converter for
     lodestones' BFL naming hard-codes Chroma's width of 3072, so a tiny one cannot be written in
-    it); also written as ``<stem>_diffusers/transformer`` for tests to compare with."""
-    from safetensors.torch import save_file
-
-    out_file = Path(out_file)
-    folder = make_chroma_transformer_folder(base, out_file.parent / f"{out_file.stem}_diffusers",
-                                            seed)
-    state = load_chroma_transformer(folder).state_dict()
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out_file))
-    return out_file
+    it); also written as ``<stem>_diffusers/transformer``."""
+    return make_single_file("ChromaTransformer2DModel", base, out_file, seed)
 
 
 def make_chroma_lora(base: str | Path, out: str | Path, seed: int = 1, rank: int = 4) -> Path:
@@ -469,17 +483,12 @@ def tiny_zimage_transformer(seed: int = 0):
 def make_tiny_zimage(path: str | Path, seed: int = 0) -> Path:
     """A random ``ZImagePipeline`` folder: 32 px images, 16 x 16 latents (8 x 8 patches), a
     Qwen3 encoder 32 wide, Z-Image-Turbo's scheduler (fixed shift 3.0)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
 
     path = Path(path)
     transformer = tiny_zimage_transformer(seed)
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
-                        latent_channels=16,
-                        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), sample_size=32,
-                        scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
-                        use_post_quant_conv=False)
+    vae = tiny_latent16_vae(scaling_factor=0.3611, shift_factor=0.1159)
     tokenizer, encoder = tiny_qwen3_tokenizer_and_encoder(seed + 2)
     ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
                    text_encoder=encoder, tokenizer=tokenizer,
@@ -516,17 +525,10 @@ def zimage_state_to_comfy(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 def make_zimage_single_file(base: str | Path, out_file: str | Path, seed: int = 1) -> Path:
     """A fine-tuned transformer as one file in ComfyUI's naming under
-    ``model.diffusion_model.`` (how Z-Image checkpoints circulate); the same transformer is also
-    written as ``<stem>_diffusers/transformer`` for tests to compare with."""
-    from safetensors.torch import save_file
-
-    out_file = Path(out_file)
-    folder = make_zimage_transformer_folder(base, out_file.parent / f"{out_file.stem}_diffusers",
-                                            seed)
-    state = zimage_state_to_comfy(load_zimage_transformer(folder).state_dict())
-    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in state.items()},
-              str(out_file))
-    return out_file
+    ``model.diffusion_model.`` (how Z-Image checkpoints circulate); also written as
+    ``<stem>_diffusers/transformer``."""
+    return make_single_file("ZImageTransformer2DModel", base, out_file, seed,
+                            prefix="model.diffusion_model.", rename=zimage_state_to_comfy)
 
 
 def make_zimage_lora(base: str | Path, out: str | Path, seed: int = 1, rank: int = 4,
@@ -610,15 +612,8 @@ make_qwen_image_transformer_folder = partial(make_transformer_folder,
 def make_qwen_image_single_file(base: str | Path, out_file: str | Path, seed: int = 1) -> Path:
     """A fine-tuned transformer as one file under ``model.diffusion_model.`` (also written as
     ``<stem>_diffusers/transformer``)."""
-    from safetensors.torch import save_file
-
-    out_file = Path(out_file)
-    folder = make_qwen_image_transformer_folder(
-        base, out_file.parent / f"{out_file.stem}_diffusers", seed)
-    state = load_qwen_image_transformer(folder).state_dict()
-    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in state.items()},
-              str(out_file))
-    return out_file
+    return make_single_file("QwenImageTransformer2DModel", base, out_file, seed,
+                            prefix="model.diffusion_model.")
 
 
 def make_qwen_image_lora(base: str | Path, out: str | Path, seed: int = 1, rank: int = 4,

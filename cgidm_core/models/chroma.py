@@ -62,14 +62,13 @@ from cgidm_core.models.stable_diffusion import (
 )
 from cgidm_core.models.text_encoders import tokenize
 from cgidm_core.models.transformer_adapter import (
-    PairParts,
+    TransformerAdapter,
     TransformerBase,
     TransformerFamily,
     auto_tokenizer,
     base_transformer,
     flow_scheduler_config,
     load_single_file_transformer,
-    pair_from_request,
     require_pipeline_parts,
 )
 from cgidm_core.names import CHROMA_FAMILY
@@ -243,18 +242,13 @@ def attach_chroma_lora(path: Path, base: ChromaBase) -> int:
     return count_adapted_layers(weights, "Chroma base model", base.transformer)
 
 
-_PARTS = PairParts(SPEC, pair=ChromaPair, lora_pair=ChromaLoraPair,
-                   attach=attach_chroma_lora)
+ADAPTER = TransformerAdapter(
+    SPEC, pipeline_family=chroma_pipeline_family, load_base=load_chroma_base, pair=ChromaPair,
+    lora_pair=ChromaLoraPair, attach=attach_chroma_lora)
 
 
 # -- the family registry's adapter interface (``cgidm_core.families.FamilyAdapter``, #23) ---------
 
 
-def check_pipeline_folder(folder: Path, index: dict[str, Any]) -> None:
-    """Refuse, before any weight is read, a pipeline folder this adapter cannot load."""
-    chroma_pipeline_family(folder, str(index.get("_class_name", "")), index)
-
-
-def load_pair(request: Any) -> ChromaPair:
-    """Load a pair from the registry's ``PairRequest``."""
-    return pair_from_request(_PARTS, load_chroma_base, request)
+check_pipeline_folder = ADAPTER.check_pipeline_folder
+load_pair = ADAPTER.load_pair

@@ -51,13 +51,12 @@ from cgidm_core.models.stable_diffusion import (
     StableDiffusionPair,
 )
 from cgidm_core.models.transformer_adapter import (
-    PairParts,
+    TransformerAdapter,
     TransformerBase,
     TransformerFamily,
     auto_tokenizer,
     load_model_type_encoder,
     load_transformer,
-    pair_from_request,
     require_pipeline_parts,
 )
 from cgidm_core.names import FLUX2_FAMILY
@@ -294,17 +293,13 @@ def load_flux2_base(folder: Path, opts: LoadOptions, transformer_file: Path | No
     return base
 
 
-_PARTS = PairParts(SPEC, pair=Flux2Pair, lora_pair=Flux2LoraPair)
+ADAPTER = TransformerAdapter(
+    SPEC, pipeline_family=flux2_pipeline_family, load_base=load_flux2_base, pair=Flux2Pair,
+    lora_pair=Flux2LoraPair)
 
 
 # -- the family registry's adapter interface (``cgidm_core.families.FamilyAdapter``, #23) ---------
 
 
-def check_pipeline_folder(folder: Path, index: dict[str, Any]) -> None:
-    """Refuse, before any weight is read, a pipeline folder this adapter cannot load."""
-    flux2_pipeline_family(folder, str(index.get("_class_name", "")), index)
-
-
-def load_pair(request: Any) -> Flux2Pair:
-    """Load a pair from the registry's ``PairRequest``."""
-    return pair_from_request(_PARTS, load_flux2_base, request)
+check_pipeline_folder = ADAPTER.check_pipeline_folder
+load_pair = ADAPTER.load_pair

@@ -53,14 +53,13 @@ from cgidm_core.models.stable_diffusion import (
     StableDiffusionPair,
 )
 from cgidm_core.models.transformer_adapter import (
-    PairParts,
+    TransformerAdapter,
     TransformerBase,
     TransformerFamily,
     auto_tokenizer,
     base_transformer,
     flow_scheduler_config,
     load_model_type_encoder,
-    pair_from_request,
     require_pipeline_parts,
 )
 from cgidm_core.names import QWEN_IMAGE_FAMILY
@@ -283,17 +282,13 @@ def load_qwen_image_base(folder: Path, opts: LoadOptions, transformer_file: Path
     return base
 
 
-_PARTS = PairParts(SPEC, pair=QwenImagePair, lora_pair=QwenImageLoraPair)
+ADAPTER = TransformerAdapter(
+    SPEC, pipeline_family=qwen_image_pipeline_family, load_base=load_qwen_image_base,
+    pair=QwenImagePair, lora_pair=QwenImageLoraPair)
 
 
 # -- the family registry's adapter interface (``cgidm_core.families.FamilyAdapter``, #23) ---------
 
 
-def check_pipeline_folder(folder: Path, index: dict[str, Any]) -> None:
-    """Refuse, before any weight is read, a pipeline folder this adapter cannot load."""
-    qwen_image_pipeline_family(folder, str(index.get("_class_name", "")), index)
-
-
-def load_pair(request: Any) -> QwenImagePair:
-    """Load a pair from the registry's ``PairRequest``."""
-    return pair_from_request(_PARTS, load_qwen_image_base, request)
+check_pipeline_folder = ADAPTER.check_pipeline_folder
+load_pair = ADAPTER.load_pair

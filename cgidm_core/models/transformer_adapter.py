@@ -262,14 +262,33 @@ class TransformerBase:
 
 
 @dataclass(frozen=True)
-class PairParts:
-    """One family's loading, its pair classes and, where its LoRAs need their own loader, that
-    loader (``(path, base) -> adapted layers``; :func:`attach_lora` otherwise)."""
+class TransformerAdapter:
+    """One family's adapter: its loading (``spec``), its recognition of the pipeline folders it
+    loads (``pipeline_family(folder, class name, model_index)``, which raises for the others),
+    its base loader (``load_base(folder, opts, one-file transformer or None)``), its pair
+    classes and, where its LoRAs need their own loader, that loader (``(path, base) -> adapted
+    layers``; :func:`attach_lora` otherwise). Its :meth:`check_pipeline_folder` and
+    :meth:`load_pair` are the family module's registry interface
+    (:class:`cgidm_core.families.FamilyAdapter`)."""
 
     spec: TransformerFamily
+    pipeline_family: Callable[[Path, str, dict[str, Any]], str]
+    load_base: Callable[[Path, LoadOptions, Path | None], TransformerBase]
     pair: type
     lora_pair: type
     attach: Callable[[Path, Any], int] | None = None
+
+    def check_pipeline_folder(self, folder: Path, index: dict[str, Any]) -> None:
+        """Refuse, before any weight is read, a pipeline folder this adapter cannot load."""
+        self.pipeline_family(folder, str(index.get("_class_name", "")), index)
+
+    def load_pair(self, request: Any) -> Any:
+        """A pair from the registry's ``PairRequest`` (``pretrained``, ``finetuned``, ``kind``,
+        ``opts``, ``keep_text_encoders``, ``pretrained_file``: a one-file transformer whose
+        other parts come from the ``pretrained`` folder)."""
+        base = self.load_base(request.pretrained, request.opts, request.pretrained_file)
+        return assemble_pair(self, base, request.pretrained, request.finetuned, request.kind,
+                             request.opts, keep_text_encoders=request.keep_text_encoders)
 
     def attach_lora(self, path: Path, base: Any) -> int:
         if self.attach is not None:
@@ -281,7 +300,7 @@ class PairParts:
         return encoder_reloader(self.spec, pre_path, ft_path, opts, own)
 
 
-def assemble_pair(parts: PairParts, base: Any, pre_path: Path, ft_path: Path, kind: str,
+def assemble_pair(parts: TransformerAdapter, base: Any, pre_path: Path, ft_path: Path, kind: str,
                   opts: LoadOptions, *, keep_text_encoders: bool) -> Any:
     """The pair of a loaded base (``transformer``, ``vae``, ``text_encoder``, ``tokenizer``,
     ``scheduler_config``) and a fine-tune: for a LoRA ONE transformer with the adapter attached;
@@ -316,14 +335,3 @@ def assemble_pair(parts: PairParts, base: Any, pre_path: Path, ft_path: Path, ki
         text_encoder_finetuned=text_encoder if encoder is None else place(encoder, opts),
         text_encoder_reloader=parts.reloader(pre_path, ft_path, opts, encoder is not None),
         finetuned_kind=kind, **shared)
-
-
-def pair_from_request(parts: PairParts,
-                      load_base: Callable[[Path, LoadOptions, Path | None], TransformerBase],
-                      request: Any) -> Any:
-    """A pair from the registry's ``PairRequest`` (``pretrained``, ``finetuned``, ``kind``,
-    ``opts``, ``keep_text_encoders``, ``pretrained_file``: a one-file transformer whose other
-    parts come from the ``pretrained`` folder)."""
-    base = load_base(request.pretrained, request.opts, request.pretrained_file)
-    return assemble_pair(parts, base, request.pretrained, request.finetuned, request.kind,
-                         request.opts, keep_text_encoders=request.keep_text_encoders)

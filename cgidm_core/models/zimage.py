@@ -51,7 +51,7 @@ from cgidm_core.models.stable_diffusion import (
     StableDiffusionPair,
 )
 from cgidm_core.models.transformer_adapter import (
-    PairParts,
+    TransformerAdapter,
     TransformerBase,
     TransformerFamily,
     auto_tokenizer,
@@ -59,7 +59,6 @@ from cgidm_core.models.transformer_adapter import (
     flow_scheduler_config,
     load_model_type_encoder,
     load_single_file_transformer,
-    pair_from_request,
     require_pipeline_parts,
 )
 from cgidm_core.names import ZIMAGE_FAMILY
@@ -221,17 +220,13 @@ def load_zimage_base(folder: Path, opts: LoadOptions, transformer_file: Path | N
     return base
 
 
-_PARTS = PairParts(SPEC, pair=ZImagePair, lora_pair=ZImageLoraPair)
+ADAPTER = TransformerAdapter(
+    SPEC, pipeline_family=zimage_pipeline_family, load_base=load_zimage_base, pair=ZImagePair,
+    lora_pair=ZImageLoraPair)
 
 
 # -- the family registry's adapter interface (``cgidm_core.families.FamilyAdapter``, #23) ---------
 
 
-def check_pipeline_folder(folder: Path, index: dict[str, Any]) -> None:
-    """Refuse, before any weight is read, a pipeline folder this adapter cannot load."""
-    zimage_pipeline_family(folder, str(index.get("_class_name", "")), index)
-
-
-def load_pair(request: Any) -> ZImagePair:
-    """Load a pair from the registry's ``PairRequest``."""
-    return pair_from_request(_PARTS, load_zimage_base, request)
+check_pipeline_folder = ADAPTER.check_pipeline_folder
+load_pair = ADAPTER.load_pair

@@ -168,8 +168,7 @@ class _ChromaConditioning:
     def describe(self) -> dict[str, Any]:
         return {**super().describe(),  # type: ignore[misc]
                 "t5_tokens": self.max_sequence_length,
-                "time_shift_at_native_size": self.shift_for(
-                    torch.empty(0, 0, *self.latent_shape[1:]))}  # type: ignore[attr-defined]
+                "time_shift_at_native_size": self.native_time_shift()}  # type: ignore[attr-defined]
 
 
 class ChromaPair(_ChromaConditioning, FlowMatchingPair, StableDiffusionPair):
@@ -181,9 +180,6 @@ class ChromaLoraPair(_ChromaConditioning, FlowMatchingPair, StableDiffusionLoraP
 
 
 # -- loading -------------------------------------------------------------------------------------
-
-
-ChromaBase = TransformerBase
 
 
 def load_chroma_single_file_transformer(file: Path, config_folder: Path, opts: LoadOptions
@@ -207,12 +203,13 @@ SPEC = TransformerFamily(
 
 
 def load_chroma_base(folder: Path, opts: LoadOptions, transformer_file: Path | None = None
-                     ) -> ChromaBase:
+                     ) -> TransformerBase:
     transformer = base_transformer(SPEC, folder, opts, transformer_file)
     tokenizer = auto_tokenizer(folder, opts)
-    base = ChromaBase(folder=folder, transformer=transformer, vae=load_vae(folder, opts),
-                      text_encoder=load_t5(folder, opts), tokenizer=tokenizer,
-                      scheduler_config=flow_scheduler_config(folder, "Chroma"))
+    base = TransformerBase(
+        folder=folder, transformer=transformer, vae=load_vae(folder, opts),
+        text_encoder=load_t5(folder, opts), tokenizer=tokenizer,
+        scheduler_config=flow_scheduler_config(folder, "Chroma"))
     config = base.transformer.config
     t5, latent = base.text_encoder.config.d_model, 4 * int(base.vae.config.latent_channels)
     if (config.joint_attention_dim, config.in_channels) != (t5, latent):
@@ -223,7 +220,7 @@ def load_chroma_base(folder: Path, opts: LoadOptions, transformer_file: Path | N
     return base
 
 
-def attach_chroma_lora(path: Path, base: ChromaBase) -> int:
+def attach_chroma_lora(path: Path, base: TransformerBase) -> int:
     """A LoRA through diffusers' Flux LoRA loader (``ChromaPipeline``'s): diffusers/peft and
     kohya names; attached to the transformer as one named adapter."""
     from diffusers import ChromaPipeline

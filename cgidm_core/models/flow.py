@@ -52,6 +52,10 @@ class FlowMatchingPair(ModelPair):
         shift = self.flow_shift if latent is None else self.shift_for(latent)
         return shifted_sigmas(t, self.num_train_timesteps, shift).to(self.device)
 
+    def native_time_shift(self) -> float:
+        """The time shift at the pair's native latent size (what ``describe`` reports)."""
+        return self.shift_for(torch.empty(0, 0, *self.latent_shape[1:]))  # type: ignore[attr-defined]
+
     def batch_sigmas(self, t: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
         """:meth:`sigmas` for a prediction on the batch ``z_t``: one ``s`` per image, a single
         ``t`` repeated for all of them."""

@@ -216,8 +216,7 @@ class _Flux2Conditioning:
     def describe(self) -> dict[str, Any]:
         return {**super().describe(),  # type: ignore[misc]
                 "variant": "klein", "text_layers": list(TEXT_LAYERS),
-                "time_shift_at_native_size": self.shift_for(
-                    torch.empty(0, 0, *self.latent_shape[1:]))}  # type: ignore[attr-defined]
+                "time_shift_at_native_size": self.native_time_shift()}  # type: ignore[attr-defined]
 
 
 class Flux2Pair(_Flux2Conditioning, FlowMatchingPair, StableDiffusionPair):
@@ -229,9 +228,6 @@ class Flux2LoraPair(_Flux2Conditioning, FlowMatchingPair, StableDiffusionLoraPai
 
 
 # -- loading -------------------------------------------------------------------------------------
-
-
-Flux2Base = TransformerBase
 
 
 def load_qwen3_lm(folder: Path, opts: LoadOptions) -> Any:
@@ -268,7 +264,7 @@ def load_flux2_vae(folder: Path, opts: LoadOptions) -> Flux2VAE2D:
 
 
 def load_flux2_base(folder: Path, opts: LoadOptions, transformer_file: Path | None = None
-                    ) -> Flux2Base:
+                    ) -> TransformerBase:
     if transformer_file is not None:
         raise ModelFormatError(f"{transformer_file}: a Flux.2 transformer as one file is not "
                                "supported yet; give the Flux2KleinPipeline folder")
@@ -277,9 +273,10 @@ def load_flux2_base(folder: Path, opts: LoadOptions, transformer_file: Path | No
     scheduler = read_json(config_file)
     if scheduler.get("_class_name", _SCHEDULER_CLASS) != _SCHEDULER_CLASS:
         raise ModelFormatError(f"{config_file}: Flux.2 samples with {_SCHEDULER_CLASS}")
-    base = Flux2Base(folder=folder, transformer=load_transformer(SPEC, folder, "transformer", opts),
-                     vae=load_flux2_vae(folder, opts), text_encoder=load_qwen3_lm(folder, opts),
-                     tokenizer=tokenizer, scheduler_config=scheduler)
+    base = TransformerBase(
+        folder=folder, transformer=load_transformer(SPEC, folder, "transformer", opts),
+        vae=load_flux2_vae(folder, opts), text_encoder=load_qwen3_lm(folder, opts),
+        tokenizer=tokenizer, scheduler_config=scheduler)
     config = base.transformer.config
     layers = base.text_encoder.config.num_hidden_layers
     width = len(TEXT_LAYERS) * base.text_encoder.config.hidden_size

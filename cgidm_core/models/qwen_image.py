@@ -200,8 +200,7 @@ class _QwenImageConditioning:
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(),  # type: ignore[misc]
-                "time_shift_at_native_size": self.shift_for(
-                    torch.empty(0, 0, *self.latent_shape[1:]))}  # type: ignore[attr-defined]
+                "time_shift_at_native_size": self.native_time_shift()}  # type: ignore[attr-defined]
 
 
 class QwenImagePair(_QwenImageConditioning, FlowMatchingPair, StableDiffusionPair):
@@ -213,9 +212,6 @@ class QwenImageLoraPair(_QwenImageConditioning, FlowMatchingPair, StableDiffusio
 
 
 # -- loading -------------------------------------------------------------------------------------
-
-
-QwenImageBase = TransformerBase
 
 
 def load_qwen_image_single_file_transformer(file: Path, config_folder: Path, opts: LoadOptions
@@ -264,13 +260,13 @@ def load_qwen_image_vae(folder: Path, opts: LoadOptions) -> QwenImageVAE2D:
 
 
 def load_qwen_image_base(folder: Path, opts: LoadOptions, transformer_file: Path | None = None
-                         ) -> QwenImageBase:
+                         ) -> TransformerBase:
     transformer = base_transformer(SPEC, folder, opts, transformer_file)
     tokenizer = auto_tokenizer(folder, opts)
-    base = QwenImageBase(folder=folder, transformer=transformer,
-                         vae=load_qwen_image_vae(folder, opts),
-                         text_encoder=load_qwen_vl(folder, opts), tokenizer=tokenizer,
-                         scheduler_config=flow_scheduler_config(folder, "Qwen-Image"))
+    base = TransformerBase(
+        folder=folder, transformer=transformer, vae=load_qwen_image_vae(folder, opts),
+        text_encoder=load_qwen_vl(folder, opts), tokenizer=tokenizer,
+        scheduler_config=flow_scheduler_config(folder, "Qwen-Image"))
     config = base.transformer.config
     width = base.text_encoder.config.text_config.hidden_size
     latent = 4 * int(base.vae.config.latent_channels)

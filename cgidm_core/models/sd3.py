@@ -240,8 +240,7 @@ class _SD3Conditioning:
             "variant": sd3_variant(config),
             "time_shift": "dynamic" if self.scheduler_config.get("use_dynamic_shifting")
             else "fixed",
-            "time_shift_at_native_size": self.shift_for(
-                torch.empty(0, 0, *self.latent_shape[1:])),  # type: ignore[attr-defined]
+            "time_shift_at_native_size": self.native_time_shift(),  # type: ignore[attr-defined]
             "t5_tokens": self.max_sequence_length if self.tokenizer_3 is not None else 0,
         }
 

@@ -159,8 +159,7 @@ class _ZImageConditioning:
     def describe(self) -> dict[str, Any]:
         return {**super().describe(),  # type: ignore[misc]
                 "text_tokens": self.max_sequence_length,
-                "time_shift_at_native_size": self.shift_for(
-                    torch.empty(0, 0, *self.latent_shape[1:]))}  # type: ignore[attr-defined]
+                "time_shift_at_native_size": self.native_time_shift()}  # type: ignore[attr-defined]
 
 
 class ZImagePair(_ZImageConditioning, FlowMatchingPair, StableDiffusionPair):
@@ -172,9 +171,6 @@ class ZImageLoraPair(_ZImageConditioning, FlowMatchingPair, StableDiffusionLoraP
 
 
 # -- loading -------------------------------------------------------------------------------------
-
-
-ZImageBase = TransformerBase
 
 
 def load_zimage_single_file_transformer(file: Path, config_folder: Path, opts: LoadOptions
@@ -201,15 +197,16 @@ SPEC = TransformerFamily(
 
 
 def load_zimage_base(folder: Path, opts: LoadOptions, transformer_file: Path | None = None
-                     ) -> ZImageBase:
+                     ) -> TransformerBase:
     transformer = base_transformer(SPEC, folder, opts, transformer_file)
     tokenizer = auto_tokenizer(folder, opts)
     if not getattr(tokenizer, "chat_template", None):
         raise ModelFormatError(f"{folder / 'tokenizer'} has no chat template; Z-Image wraps "
                                "every prompt in the Qwen3 chat template")
-    base = ZImageBase(folder=folder, transformer=transformer, vae=load_vae(folder, opts),
-                      text_encoder=load_qwen3(folder, opts), tokenizer=tokenizer,
-                      scheduler_config=flow_scheduler_config(folder, "Z-Image"))
+    base = TransformerBase(
+        folder=folder, transformer=transformer, vae=load_vae(folder, opts),
+        text_encoder=load_qwen3(folder, opts), tokenizer=tokenizer,
+        scheduler_config=flow_scheduler_config(folder, "Z-Image"))
     config = base.transformer.config
     width, latent = base.text_encoder.config.hidden_size, int(base.vae.config.latent_channels)
     if (config.cap_feat_dim, config.in_channels) != (width, latent):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -20,6 +21,108 @@ from cgidm_testkit.tinymodels import (
     tiny_t5_tokenizer_and_encoder,
     tiny_tokenizer_and_text_config,
 )
+
+# --------------------------------------------------------------------------------------------
+# What every diffusers-transformer family's fixtures do the same way, by class name: read the
+# transformer back, save it perturbed as a ``transformer/`` folder or inside a pipeline copy, and
+# give it a LoRA of its attention projections.
+
+
+def load_transformer(class_name: str, folder: str | Path,
+                     subfolder: str | None = "transformer"):
+    """diffusers' ``class_name`` read from ``folder`` (offline, safetensors)."""
+    import diffusers
+
+    return getattr(diffusers, class_name).from_pretrained(
+        folder, subfolder=subfolder, use_safetensors=True, local_files_only=True)
+
+
+def make_transformer_folder(class_name: str, base: str | Path, out: str | Path,
+                            seed: int = 1) -> Path:
+    """``transformer/`` only, perturbed: what the DreamBooth scripts leave."""
+    out = Path(out)
+    perturb_(load_transformer(class_name, base), seed=seed).save_pretrained(
+        out / "transformer", safe_serialization=True)
+    return out
+
+
+def make_full_finetune(class_name: str, base: str | Path, out: str | Path,
+                       seed: int = 1) -> Path:
+    """A copy of the pipeline folder with its transformer perturbed."""
+    base, out = Path(base), Path(out)
+    shutil.copytree(base, out, dirs_exist_ok=True)
+    shutil.rmtree(out / "transformer")
+    perturb_(load_transformer(class_name, base), seed=seed).save_pretrained(
+        out / "transformer", safe_serialization=True)
+    return out
+
+
+def make_single_file(class_name: str, base: str | Path, out_file: str | Path, seed: int = 1,
+                     *, prefix: str = "", rename=None) -> Path:
+    """A fine-tuned transformer as one file, its keys through ``rename`` (a state-dict map) and
+    under ``prefix``; the same transformer is also written as ``<stem>_diffusers/transformer``
+    for tests to compare with."""
+    from safetensors.torch import save_file
+
+    out_file = Path(out_file)
+    folder = make_transformer_folder(class_name, base,
+                                     out_file.parent / f"{out_file.stem}_diffusers", seed)
+    state = load_transformer(class_name, folder).state_dict()
+    if rename is not None:
+        state = rename(state)
+    save_file({f"{prefix}{k}": v.contiguous() for k, v in state.items()}, str(out_file))
+    return out_file
+
+
+def tiny_latent16_vae(scaling_factor: float, shift_factor: float):
+    """A two-block 16-channel ``AutoencoderKL`` (32 px images, 16 x 16 latents) with the
+    family's scaling and shift factors; seed torch first."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                         latent_channels=16,
+                         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+                         sample_size=32, scaling_factor=scaling_factor,
+                         shift_factor=shift_factor, use_quant_conv=False,
+                         use_post_quant_conv=False)
+
+
+def attention_lora_layers(transformer: torch.nn.Module, rank: int,
+                          generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """A random LoRA of ``transformer``'s attention projections, in peft's naming."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
+                                       target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    _randomize_lora_b(transformer, generator)
+    return get_peft_model_state_dict(transformer)
+
+
+def make_transformer_lora(pipeline_class: str, transformer_class: str, base: str | Path,
+                          out: str | Path, seed: int = 1, rank: int = 4,
+                          naming: str = "diffusers", metadata: dict[str, str] | None = None
+                          ) -> Path:
+    """A LoRA of the base transformer's attention projections: ``naming`` "diffusers" (a
+    folder with ``pytorch_lora_weights.safetensors``, ``transformer.*``, as the pipeline's
+    ``save_lora_weights`` writes it) or "comfy" (one file, the same layers as
+    ``diffusion_model.*``, as ComfyUI / ai-toolkit share them)."""
+    import diffusers
+    from safetensors.torch import save_file
+
+    layers = attention_lora_layers(load_transformer(transformer_class, base), rank,
+                                   torch.Generator().manual_seed(seed))
+    out = Path(out)
+    if naming == "diffusers":
+        getattr(diffusers, pipeline_class).save_lora_weights(
+            out, transformer_lora_layers=layers, safe_serialization=True)
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({f"diffusion_model.{k}": v.contiguous() for k, v in layers.items()}, str(out),
+              metadata=metadata)
+    return out
+
 
 # --------------------------------------------------------------------------------------------
 # Stable Diffusion 3 / 3.5: SD3Transformer2DModel (MMDiT; 3.5 medium = MMDiT-X with dual
@@ -65,17 +168,12 @@ def make_tiny_sd3(path: str | Path, seed: int = 0, layout: str = "3.5-large",
     a two-block VAE, so 32 px images have 16 x 16 latents (8 x 8 patches). ``with_t5=False``
     saves the pipeline without T5, as ``save_pretrained`` writes one loaded with
     ``text_encoder_3=None`` (Stability's documented way to run SD3 without its 4.7B T5)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     path = Path(path)
     transformer = tiny_sd3_transformer(seed, layout)
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
-                        latent_channels=16,
-                        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), sample_size=32,
-                        scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
-                        use_post_quant_conv=False)
+    vae = tiny_latent16_vae(scaling_factor=1.5305, shift_factor=0.0609)
     tokenizer, _ = tiny_tokenizer_and_text_config()
     tokenizer_3, t5 = tiny_t5_tokenizer_and_encoder(seed + 4)
     StableDiffusion3Pipeline(
@@ -87,19 +185,8 @@ def make_tiny_sd3(path: str | Path, seed: int = 0, layout: str = "3.5-large",
     return path
 
 
-def load_sd3_transformer(folder: str | Path, subfolder: str | None = "transformer"):
-    from diffusers import SD3Transformer2DModel
-
-    return SD3Transformer2DModel.from_pretrained(folder, subfolder=subfolder,
-                                                 use_safetensors=True, local_files_only=True)
-
-
-def make_sd3_transformer_folder(base: str | Path, out: str | Path, seed: int = 1) -> Path:
-    """``transformer/`` only, perturbed: what diffusers' SD3 DreamBooth script leaves."""
-    out = Path(out)
-    perturb_(load_sd3_transformer(base), seed=seed).save_pretrained(
-        out / "transformer", safe_serialization=True)
-    return out
+load_sd3_transformer = partial(load_transformer, "SD3Transformer2DModel")
+make_sd3_transformer_folder = partial(make_transformer_folder, "SD3Transformer2DModel")
 
 
 def make_sd3_full_finetune(base: str | Path, out: str | Path, seed: int = 1,
@@ -108,10 +195,7 @@ def make_sd3_full_finetune(base: str | Path, out: str | Path, seed: int = 1,
     from transformers import CLIPTextModelWithProjection
 
     base, out = Path(base), Path(out)
-    shutil.copytree(base, out, dirs_exist_ok=True)
-    shutil.rmtree(out / "transformer")
-    perturb_(load_sd3_transformer(base), seed=seed).save_pretrained(out / "transformer",
-                                                                   safe_serialization=True)
+    make_full_finetune("SD3Transformer2DModel", base, out, seed)
     if clip_seed is not None:
         clip = perturb_(CLIPTextModelWithProjection.from_pretrained(base / "text_encoder"),
                         seed=clip_seed)
@@ -209,11 +293,8 @@ def make_sd3_lora(base: str | Path, out: str | Path, seed: int = 1, rank: int = 
     from transformers import CLIPTextModelWithProjection
 
     generator = torch.Generator().manual_seed(seed)
-    transformer = load_sd3_transformer(base)
-    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
-                                       target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    _randomize_lora_b(transformer, generator)
-    layers = {"transformer_lora_layers": get_peft_model_state_dict(transformer)}
+    layers = {"transformer_lora_layers": attention_lora_layers(load_sd3_transformer(base), rank,
+                                                                generator)}
     if with_clip:
         clip = CLIPTextModelWithProjection.from_pretrained(Path(base) / "text_encoder")
         # peft directly: transformers' own add_adapter demands a newer peft than diffusers
@@ -297,17 +378,12 @@ def tiny_chroma_transformer(seed: int = 0):
 def make_tiny_chroma(path: str | Path, seed: int = 0) -> Path:
     """A random ``ChromaPipeline`` folder: 32 px images, 16 x 16 latents (8 x 8 tokens), T5 32
     wide, Chroma1-HD's scheduler settings (dynamic shift, base 0.5 at 256 tokens, max 1.15)."""
-    from diffusers import AutoencoderKL, ChromaPipeline, FlowMatchEulerDiscreteScheduler
+    from diffusers import ChromaPipeline, FlowMatchEulerDiscreteScheduler
 
     path = Path(path)
     transformer = tiny_chroma_transformer(seed)
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
-                        latent_channels=16,
-                        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), sample_size=32,
-                        scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
-                        use_post_quant_conv=False)
+    vae = tiny_latent16_vae(scaling_factor=0.3611, shift_factor=0.1159)
     tokenizer, t5 = tiny_t5_tokenizer_and_encoder(seed + 2)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True,
                                                 base_shift=0.5, max_shift=1.15,
@@ -317,56 +393,22 @@ def make_tiny_chroma(path: str | Path, seed: int = 0) -> Path:
     return path
 
 
-def load_chroma_transformer(folder: str | Path, subfolder: str | None = "transformer"):
-    from diffusers import ChromaTransformer2DModel
-
-    return ChromaTransformer2DModel.from_pretrained(folder, subfolder=subfolder,
-                                                    use_safetensors=True, local_files_only=True)
-
-
-def make_chroma_transformer_folder(base: str | Path, out: str | Path, seed: int = 1) -> Path:
-    out = Path(out)
-    perturb_(load_chroma_transformer(base), seed=seed).save_pretrained(
-        out / "transformer", safe_serialization=True)
-    return out
-
-
-def make_chroma_full_finetune(base: str | Path, out: str | Path, seed: int = 1) -> Path:
-    base, out = Path(base), Path(out)
-    shutil.copytree(base, out, dirs_exist_ok=True)
-    shutil.rmtree(out / "transformer")
-    perturb_(load_chroma_transformer(base), seed=seed).save_pretrained(out / "transformer",
-                                                                      safe_serialization=True)
-    return out
+load_chroma_transformer = partial(load_transformer, "ChromaTransformer2DModel")
+make_chroma_transformer_folder = partial(make_transformer_folder, "ChromaTransformer2DModel")
+make_chroma_full_finetune = partial(make_full_finetune, "ChromaTransformer2DModel")
 
 
 def make_chroma_single_file(base: str | Path, out_file: str | Path, seed: int = 1) -> Path:
     """A fine-tuned transformer as one file in diffusers naming (diffusers' converter for
     lodestones' BFL naming hard-codes Chroma's width of 3072, so a tiny one cannot be written in
-    it); also written as ``<stem>_diffusers/transformer`` for tests to compare with."""
-    from safetensors.torch import save_file
-
-    out_file = Path(out_file)
-    folder = make_chroma_transformer_folder(base, out_file.parent / f"{out_file.stem}_diffusers",
-                                            seed)
-    state = load_chroma_transformer(folder).state_dict()
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out_file))
-    return out_file
+    it); also written as ``<stem>_diffusers/transformer``."""
+    return make_single_file("ChromaTransformer2DModel", base, out_file, seed)
 
 
 def make_chroma_lora(base: str | Path, out: str | Path, seed: int = 1, rank: int = 4) -> Path:
     """A diffusers/peft Chroma LoRA folder (attention projections of every block)."""
-    from diffusers import ChromaPipeline
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    transformer = load_chroma_transformer(base)
-    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
-                                       target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    _randomize_lora_b(transformer, torch.Generator().manual_seed(seed))
-    ChromaPipeline.save_lora_weights(out, transformer_lora_layers=get_peft_model_state_dict(
-        transformer), safe_serialization=True)
-    return Path(out)
+    return make_transformer_lora("ChromaPipeline", "ChromaTransformer2DModel", base, out, seed,
+                                 rank)
 
 
 # --------------------------------------------------------------------------------------------
@@ -441,17 +483,12 @@ def tiny_zimage_transformer(seed: int = 0):
 def make_tiny_zimage(path: str | Path, seed: int = 0) -> Path:
     """A random ``ZImagePipeline`` folder: 32 px images, 16 x 16 latents (8 x 8 patches), a
     Qwen3 encoder 32 wide, Z-Image-Turbo's scheduler (fixed shift 3.0)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
 
     path = Path(path)
     transformer = tiny_zimage_transformer(seed)
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
-                        latent_channels=16,
-                        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), sample_size=32,
-                        scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
-                        use_post_quant_conv=False)
+    vae = tiny_latent16_vae(scaling_factor=0.3611, shift_factor=0.1159)
     tokenizer, encoder = tiny_qwen3_tokenizer_and_encoder(seed + 2)
     ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
                    text_encoder=encoder, tokenizer=tokenizer,
@@ -459,18 +496,9 @@ def make_tiny_zimage(path: str | Path, seed: int = 0) -> Path:
     return path
 
 
-def load_zimage_transformer(folder: str | Path, subfolder: str | None = "transformer"):
-    from diffusers import ZImageTransformer2DModel
-
-    return ZImageTransformer2DModel.from_pretrained(folder, subfolder=subfolder,
-                                                    use_safetensors=True, local_files_only=True)
-
-
-def make_zimage_transformer_folder(base: str | Path, out: str | Path, seed: int = 1) -> Path:
-    out = Path(out)
-    perturb_(load_zimage_transformer(base), seed=seed).save_pretrained(
-        out / "transformer", safe_serialization=True)
-    return out
+load_zimage_transformer = partial(load_transformer, "ZImageTransformer2DModel")
+make_zimage_transformer_folder = partial(make_transformer_folder, "ZImageTransformer2DModel")
+make_zimage_full_finetune = partial(make_full_finetune, "ZImageTransformer2DModel")
 
 
 def zimage_state_to_comfy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -497,53 +525,17 @@ def zimage_state_to_comfy(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 def make_zimage_single_file(base: str | Path, out_file: str | Path, seed: int = 1) -> Path:
     """A fine-tuned transformer as one file in ComfyUI's naming under
-    ``model.diffusion_model.`` (how Z-Image checkpoints circulate); the same transformer is also
-    written as ``<stem>_diffusers/transformer`` for tests to compare with."""
-    from safetensors.torch import save_file
-
-    out_file = Path(out_file)
-    folder = make_zimage_transformer_folder(base, out_file.parent / f"{out_file.stem}_diffusers",
-                                            seed)
-    state = zimage_state_to_comfy(load_zimage_transformer(folder).state_dict())
-    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in state.items()},
-              str(out_file))
-    return out_file
+    ``model.diffusion_model.`` (how Z-Image checkpoints circulate); also written as
+    ``<stem>_diffusers/transformer``."""
+    return make_single_file("ZImageTransformer2DModel", base, out_file, seed,
+                            prefix="model.diffusion_model.", rename=zimage_state_to_comfy)
 
 
 def make_zimage_lora(base: str | Path, out: str | Path, seed: int = 1, rank: int = 4,
                      naming: str = "diffusers", metadata: dict[str, str] | None = None) -> Path:
-    """A Z-Image LoRA of the attention projections: ``naming`` "diffusers" (a folder with
-    ``pytorch_lora_weights.safetensors``, ``transformer.*``) or "comfy" (one file, the same
-    layers as ``diffusion_model.*``, as ComfyUI / ai-toolkit share them)."""
-    from diffusers import ZImagePipeline
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    transformer = load_zimage_transformer(base)
-    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
-                                       target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    _randomize_lora_b(transformer, torch.Generator().manual_seed(seed))
-    layers = get_peft_model_state_dict(transformer)
-    out = Path(out)
-    if naming == "diffusers":
-        ZImagePipeline.save_lora_weights(out, transformer_lora_layers=layers,
-                                         safe_serialization=True)
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({f"diffusion_model.{k}": v.contiguous() for k, v in layers.items()}, str(out),
-              metadata=metadata)
-    return out
-
-
-def make_zimage_full_finetune(base: str | Path, out: str | Path, seed: int = 1) -> Path:
-    """A copy of the Z-Image pipeline folder with its transformer perturbed."""
-    base, out = Path(base), Path(out)
-    shutil.copytree(base, out, dirs_exist_ok=True)
-    shutil.rmtree(out / "transformer")
-    perturb_(load_zimage_transformer(base), seed=seed).save_pretrained(out / "transformer",
-                                                                      safe_serialization=True)
-    return out
+    """A Z-Image LoRA (:func:`make_transformer_lora`)."""
+    return make_transformer_lora("ZImagePipeline", "ZImageTransformer2DModel", base, out, seed,
+                                 rank, naming, metadata)
 
 
 # --------------------------------------------------------------------------------------------
@@ -612,57 +604,23 @@ def make_tiny_qwen_image(path: str | Path, seed: int = 0) -> Path:
     return path
 
 
-def load_qwen_image_transformer(folder: str | Path, subfolder: str | None = "transformer"):
-    from diffusers import QwenImageTransformer2DModel
-
-    return QwenImageTransformer2DModel.from_pretrained(folder, subfolder=subfolder,
-                                                       use_safetensors=True,
-                                                       local_files_only=True)
-
-
-def make_qwen_image_transformer_folder(base: str | Path, out: str | Path, seed: int = 1) -> Path:
-    out = Path(out)
-    perturb_(load_qwen_image_transformer(base), seed=seed).save_pretrained(
-        out / "transformer", safe_serialization=True)
-    return out
+load_qwen_image_transformer = partial(load_transformer, "QwenImageTransformer2DModel")
+make_qwen_image_transformer_folder = partial(make_transformer_folder,
+                                             "QwenImageTransformer2DModel")
 
 
 def make_qwen_image_single_file(base: str | Path, out_file: str | Path, seed: int = 1) -> Path:
     """A fine-tuned transformer as one file under ``model.diffusion_model.`` (also written as
     ``<stem>_diffusers/transformer``)."""
-    from safetensors.torch import save_file
-
-    out_file = Path(out_file)
-    folder = make_qwen_image_transformer_folder(
-        base, out_file.parent / f"{out_file.stem}_diffusers", seed)
-    state = load_qwen_image_transformer(folder).state_dict()
-    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in state.items()},
-              str(out_file))
-    return out_file
+    return make_single_file("QwenImageTransformer2DModel", base, out_file, seed,
+                            prefix="model.diffusion_model.")
 
 
 def make_qwen_image_lora(base: str | Path, out: str | Path, seed: int = 1, rank: int = 4,
                          naming: str = "diffusers") -> Path:
-    """A Qwen-Image LoRA of the attention projections, ``naming`` "diffusers" (folder) or
-    "comfy" (one file, ``diffusion_model.*``)."""
-    from diffusers import QwenImagePipeline
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    transformer = load_qwen_image_transformer(base)
-    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
-                                       target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    _randomize_lora_b(transformer, torch.Generator().manual_seed(seed))
-    layers = get_peft_model_state_dict(transformer)
-    out = Path(out)
-    if naming == "diffusers":
-        QwenImagePipeline.save_lora_weights(out, transformer_lora_layers=layers,
-                                            safe_serialization=True)
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({f"diffusion_model.{k}": v.contiguous() for k, v in layers.items()}, str(out))
-    return out
+    """A Qwen-Image LoRA (:func:`make_transformer_lora`), "diffusers" or "comfy" naming."""
+    return make_transformer_lora("QwenImagePipeline", "QwenImageTransformer2DModel", base, out,
+                                 seed, rank, naming)
 
 
 # --------------------------------------------------------------------------------------------
@@ -719,30 +677,11 @@ def make_tiny_flux2_klein(path: str | Path, seed: int = 0) -> Path:
     return path
 
 
-def load_flux2_transformer(folder: str | Path, subfolder: str | None = "transformer"):
-    from diffusers import Flux2Transformer2DModel
-
-    return Flux2Transformer2DModel.from_pretrained(folder, subfolder=subfolder,
-                                                   use_safetensors=True, local_files_only=True)
-
-
-def make_flux2_transformer_folder(base: str | Path, out: str | Path, seed: int = 1) -> Path:
-    out = Path(out)
-    perturb_(load_flux2_transformer(base), seed=seed).save_pretrained(
-        out / "transformer", safe_serialization=True)
-    return out
+load_flux2_transformer = partial(load_transformer, "Flux2Transformer2DModel")
+make_flux2_transformer_folder = partial(make_transformer_folder, "Flux2Transformer2DModel")
 
 
 def make_flux2_lora(base: str | Path, out: str | Path, seed: int = 1, rank: int = 4) -> Path:
     """A diffusers/peft Flux.2 LoRA folder (attention projections)."""
-    from diffusers import Flux2KleinPipeline
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    transformer = load_flux2_transformer(base)
-    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
-                                       target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    _randomize_lora_b(transformer, torch.Generator().manual_seed(seed))
-    Flux2KleinPipeline.save_lora_weights(out, transformer_lora_layers=get_peft_model_state_dict(
-        transformer), safe_serialization=True)
-    return Path(out)
+    return make_transformer_lora("Flux2KleinPipeline", "Flux2Transformer2DModel", base, out,
+                                 seed, rank)

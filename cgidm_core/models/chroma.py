@@ -27,13 +27,12 @@ pretrained model with ``pretrained_config``), LoRAs through diffusers' Flux LoRA
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cgidm_core.errors import IncompatiblePairError, ModelFormatError, UnsupportedModelFamilyError
+from cgidm_core.errors import IncompatiblePairError, UnsupportedModelFamilyError
 from cgidm_core.models.flow import FlowMatchingPair
 from cgidm_core.models.flux import (
     flux_latent_config,
@@ -43,14 +42,10 @@ from cgidm_core.models.flux import (
     unpack_latents,
 )
 from cgidm_core.models.formats import (
-    IDENTICAL_MODELS,
     SUPPORTED_HINT,
-    family_name,
     lora_weights_file,
     read_json,
-    safetensors_keys,
     transformer_family,
-    weights_variant,
 )
 from cgidm_core.models.sd_loading import (
     LORA_ADAPTER_NAME,
@@ -59,16 +54,23 @@ from cgidm_core.models.sd_loading import (
     load_text_encoder,
     load_vae,
     loading_errors,
-    place,
     read_lora_state_dict,
-    same_weights,
 )
 from cgidm_core.models.stable_diffusion import (
     StableDiffusionLoraPair,
     StableDiffusionPair,
-    TextEncoderReloader,
 )
 from cgidm_core.models.text_encoders import tokenize
+from cgidm_core.models.transformer_adapter import (
+    TransformerAdapter,
+    TransformerBase,
+    TransformerFamily,
+    auto_tokenizer,
+    base_transformer,
+    flow_scheduler_config,
+    load_single_file_transformer,
+    require_pipeline_parts,
+)
 from cgidm_core.names import CHROMA_FAMILY
 
 # -- recognition (no weights read) ---------------------------------------------------------------
@@ -95,10 +97,7 @@ def chroma_pipeline_family(folder: Path, name: str, index: dict[str, Any]) -> st
         raise UnsupportedModelFamilyError(
             f"{folder} is a {name} model: of Chroma cgidm supports the text-to-image "
             f"{PIPELINE_CLASS}. " + SUPPORTED_HINT)
-    missing = [p for p in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
-               if p not in index]
-    if missing:
-        raise ModelFormatError(f"{folder} ({name}) lacks {', '.join(missing)}")
+    require_pipeline_parts(folder, name, index)
     return CHROMA_FAMILY
 
 
@@ -147,10 +146,7 @@ class _ChromaConditioning:
         del prediction_type
         z_t = z_t.to(self.device, torch.float32)
         batch, _, height, width = z_t.shape
-        steps = torch.as_tensor(t, device=self.device).long().reshape(-1)
-        if steps.numel() == 1:
-            steps = steps.expand(batch)
-        s = self.sigmas(steps, z_t)  # type: ignore[attr-defined]
+        s = self.batch_sigmas(t, z_t)  # type: ignore[attr-defined]
         hidden, text_mask = context
         hidden = hidden.to(self.device, self.dtype)
         text_mask = text_mask.to(self.device)
@@ -172,8 +168,7 @@ class _ChromaConditioning:
     def describe(self) -> dict[str, Any]:
         return {**super().describe(),  # type: ignore[misc]
                 "t5_tokens": self.max_sequence_length,
-                "time_shift_at_native_size": self.shift_for(
-                    torch.empty(0, 0, *self.latent_shape[1:]))}  # type: ignore[attr-defined]
+                "time_shift_at_native_size": self.native_time_shift()}  # type: ignore[attr-defined]
 
 
 class ChromaPair(_ChromaConditioning, FlowMatchingPair, StableDiffusionPair):
@@ -187,71 +182,34 @@ class ChromaLoraPair(_ChromaConditioning, FlowMatchingPair, StableDiffusionLoraP
 # -- loading -------------------------------------------------------------------------------------
 
 
-@dataclass
-class ChromaBase:
-    folder: Path
-    transformer: Any
-    vae: Any
-    text_encoder: Any
-    tokenizer: Any
-    scheduler_config: dict[str, Any]
-
-
-def load_chroma_transformer(folder: Path, subfolder: str | None, opts: LoadOptions) -> Any:
-    from diffusers import ChromaTransformer2DModel
-
-    component = folder / subfolder if subfolder else folder
-    name = read_json(component / "config.json").get("_class_name")
-    if name != TRANSFORMER_CLASS:
-        raise IncompatiblePairError(f"{component} holds a {name}, not the {TRANSFORMER_CLASS} "
-                                    "of the Chroma base")
-    with loading_errors("the transformer", component):
-        return ChromaTransformer2DModel.from_pretrained(
-            folder, subfolder=subfolder, use_safetensors=True,
-            local_files_only=opts.local_files_only, torch_dtype=opts.dtype,
-            variant=weights_variant(component, ("diffusion_pytorch_model",)))
-
-
 def load_chroma_single_file_transformer(file: Path, config_folder: Path, opts: LoadOptions
                                         ) -> Any:
-    from diffusers import ChromaTransformer2DModel
-
-    if not is_chroma_single_file(safetensors_keys(file)):
-        raise IncompatiblePairError(f"{file} holds no Chroma transformer (no "
-                                    "distilled_guidance_layer.* tensors); the base is Chroma")
-    with loading_errors("the single-file transformer", file, mismatch_is_incompatible=True):
-        return ChromaTransformer2DModel.from_single_file(
-            str(file), config=str(config_folder), subfolder="transformer",
-            local_files_only=True, torch_dtype=opts.dtype)
-
-
-def _scheduler_config(folder: Path) -> dict[str, Any]:
-    config_file = folder / "scheduler" / "scheduler_config.json"
-    config = read_json(config_file)
-    if config.get("_class_name", _SCHEDULER_CLASS) != _SCHEDULER_CLASS or int(
-            config.get("num_train_timesteps", 1000)) != 1000:
-        raise ModelFormatError(f"{config_file}: Chroma samples with a 1000-step "
-                               f"{_SCHEDULER_CLASS}, whose config holds the time shift")
-    return config
+    return load_single_file_transformer(
+        SPEC, file, config_folder, opts, recognised=is_chroma_single_file,
+        missing="Chroma transformer (no distilled_guidance_layer.* tensors); the base is Chroma")
 
 
 def load_t5(folder: Path, opts: LoadOptions) -> Any:
     return load_text_encoder(folder, opts, "text_encoder", "T5EncoderModel", "Chroma")
 
 
-def load_chroma_base(folder: Path, opts: LoadOptions, transformer_file: Path | None = None
-                     ) -> ChromaBase:
-    from transformers import AutoTokenizer
+SPEC = TransformerFamily(
+    family=CHROMA_FAMILY, title="Chroma", pipeline_class=PIPELINE_CLASS,
+    transformer_class=TRANSFORMER_CLASS, text_encoder=load_t5,
+    single_file=load_chroma_single_file_transformer,
+    no_own_encoder="this Chroma fine-tune has no T5 of its own to reload",
+    architecture=("in_channels", "num_layers", "num_single_layers", "attention_head_dim",
+                  "num_attention_heads", "joint_attention_dim", "patch_size"))
 
-    transformer = (load_chroma_transformer(folder, "transformer", opts)
-                   if transformer_file is None
-                   else load_chroma_single_file_transformer(transformer_file, folder, opts))
-    with loading_errors("the tokenizer", folder / "tokenizer"):
-        tokenizer = AutoTokenizer.from_pretrained(folder, subfolder="tokenizer",
-                                                  local_files_only=opts.local_files_only)
-    base = ChromaBase(folder=folder, transformer=transformer, vae=load_vae(folder, opts),
-                      text_encoder=load_t5(folder, opts), tokenizer=tokenizer,
-                      scheduler_config=_scheduler_config(folder))
+
+def load_chroma_base(folder: Path, opts: LoadOptions, transformer_file: Path | None = None
+                     ) -> TransformerBase:
+    transformer = base_transformer(SPEC, folder, opts, transformer_file)
+    tokenizer = auto_tokenizer(folder, opts)
+    base = TransformerBase(
+        folder=folder, transformer=transformer, vae=load_vae(folder, opts),
+        text_encoder=load_t5(folder, opts), tokenizer=tokenizer,
+        scheduler_config=flow_scheduler_config(folder, "Chroma"))
     config = base.transformer.config
     t5, latent = base.text_encoder.config.d_model, 4 * int(base.vae.config.latent_channels)
     if (config.joint_attention_dim, config.in_channels) != (t5, latent):
@@ -262,43 +220,7 @@ def load_chroma_base(folder: Path, opts: LoadOptions, transformer_file: Path | N
     return base
 
 
-_ARCHITECTURE = ("in_channels", "num_layers", "num_single_layers", "attention_head_dim",
-                 "num_attention_heads", "joint_attention_dim", "patch_size")
-
-
-def load_chroma_finetuned(path: Path, kind: str, base: ChromaBase, opts: LoadOptions
-                          ) -> tuple[Any, Any]:
-    """``(transformer, own T5 or None)``."""
-    from cgidm_core.models.formats import pipeline_family
-
-    t5 = None
-    if kind == "pipeline":
-        family = pipeline_family(path)
-        if family != CHROMA_FAMILY:
-            raise IncompatiblePairError(f"the fine-tuned model {path} is a "
-                                        f"{family_name(family)} pipeline but the pretrained one "
-                                        "is Chroma")
-        transformer = load_chroma_transformer(path, "transformer", opts)
-        if (path / "text_encoder" / "config.json").is_file():
-            t5 = load_t5(path, opts)
-    elif kind == "dreambooth":
-        subfolder = "transformer" if (path / "transformer").is_dir() else None
-        transformer = load_chroma_transformer(path, subfolder, opts)
-    elif kind == "single_file":
-        transformer = load_chroma_single_file_transformer(path, base.folder, opts)
-    else:
-        raise IncompatiblePairError(f"the pretrained model is Chroma but {path} is a {kind} "
-                                    "model; both models must be of the same family")
-    for name in _ARCHITECTURE:
-        a, b = getattr(base.transformer.config, name), getattr(transformer.config, name)
-        if a != b:
-            raise IncompatiblePairError(f"the fine-tuned transformer in {path} has {name}={b} "
-                                        f"but the pretrained one has {a}; was it fine-tuned "
-                                        "from this base?")
-    return transformer, t5
-
-
-def attach_chroma_lora(path: Path, base: ChromaBase) -> int:
+def attach_chroma_lora(path: Path, base: TransformerBase) -> int:
     """A LoRA through diffusers' Flux LoRA loader (``ChromaPipeline``'s): diffusers/peft and
     kohya names; attached to the transformer as one named adapter."""
     from diffusers import ChromaPipeline
@@ -317,68 +239,13 @@ def attach_chroma_lora(path: Path, base: ChromaBase) -> int:
     return count_adapted_layers(weights, "Chroma base model", base.transformer)
 
 
-def chroma_text_encoder_reloader(base_folder: Path, finetuned_path: Path, opts: LoadOptions,
-                                 own_t5: bool) -> TextEncoderReloader:
-    def reload(finetuned: bool) -> tuple[torch.nn.Module, torch.nn.Module | None]:
-        pretrained = place(load_t5(base_folder, opts), opts)
-        if not finetuned:
-            return pretrained, None
-        if not own_t5:
-            raise ModelFormatError("this Chroma fine-tune has no T5 of its own to reload")
-        return pretrained, place(load_t5(finetuned_path, opts), opts)
-
-    return reload
-
-
-def load_chroma_pair(pre_path: Path, ft_path: Path, kind: str, opts: LoadOptions, *,
-                     keep_text_encoders: bool, pretrained_transformer: Path | None = None
-                     ) -> ChromaPair:
-    base = load_chroma_base(pre_path, opts, pretrained_transformer)
-    shared: dict[str, Any] = {
-        "vae": place(base.vae, opts, torch.float32), "tokenizer": base.tokenizer,
-        "scheduler_config": base.scheduler_config, "alphas_cumprod": None,
-        "prediction_type": "flow", "device": opts.device, "dtype": opts.dtype,
-        "keep_text_encoders": keep_text_encoders,
-    }
-    if kind == "lora":
-        attach_chroma_lora(ft_path, base)
-        return ChromaLoraPair(
-            unet=place(base.transformer, opts), text_encoder=place(base.text_encoder, opts),
-            text_encoder_reloader=chroma_text_encoder_reloader(pre_path, ft_path, opts, False),
-            **shared)
-    transformer, t5 = load_chroma_finetuned(ft_path, kind, base, opts)
-    if t5 is not None and same_weights(t5, base.text_encoder):
-        t5 = None
-    if same_weights(transformer, base.transformer):
-        if t5 is None:
-            raise IncompatiblePairError(IDENTICAL_MODELS.format(ft=ft_path, pre=pre_path))
-        transformer = base.transformer
-    pretrained = place(base.transformer, opts)
-    encoder = place(base.text_encoder, opts)
-    return ChromaPair(
-        unet_pretrained=pretrained,
-        unet_finetuned=pretrained if transformer is base.transformer
-        else place(transformer, opts),
-        text_encoder_pretrained=encoder,
-        text_encoder_finetuned=encoder if t5 is None else place(t5, opts),
-        text_encoder_reloader=chroma_text_encoder_reloader(pre_path, ft_path, opts,
-                                                           t5 is not None),
-        finetuned_kind=kind, **shared)
+ADAPTER = TransformerAdapter(
+    SPEC, pipeline_family=chroma_pipeline_family, load_base=load_chroma_base, pair=ChromaPair,
+    lora_pair=ChromaLoraPair, attach=attach_chroma_lora)
 
 
 # -- the family registry's adapter interface (``cgidm_core.families.FamilyAdapter``, #23) ---------
 
 
-def check_pipeline_folder(folder: Path, index: dict[str, Any]) -> None:
-    """Refuse, before any weight is read, a pipeline folder this adapter cannot load."""
-    chroma_pipeline_family(folder, str(index.get("_class_name", "")), index)
-
-
-def load_pair(request: Any) -> ChromaPair:
-    """Load a pair from the registry's ``PairRequest`` (``pretrained``, ``finetuned``, ``kind``,
-    ``opts``, ``keep_text_encoders``, ``pretrained_file``: a one-file transformer whose other parts
-    come from the ``pretrained`` folder)."""
-    return load_chroma_pair(
-        request.pretrained, request.finetuned, request.kind, request.opts,
-        keep_text_encoders=request.keep_text_encoders,
-        pretrained_transformer=request.pretrained_file)
+check_pipeline_folder = ADAPTER.check_pipeline_folder
+load_pair = ADAPTER.load_pair

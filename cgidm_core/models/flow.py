@@ -52,6 +52,18 @@ class FlowMatchingPair(ModelPair):
         shift = self.flow_shift if latent is None else self.shift_for(latent)
         return shifted_sigmas(t, self.num_train_timesteps, shift).to(self.device)
 
+    def native_time_shift(self) -> float:
+        """The time shift at the pair's native latent size (what ``describe`` reports)."""
+        return self.shift_for(torch.empty(0, 0, *self.latent_shape[1:]))  # type: ignore[attr-defined]
+
+    def batch_sigmas(self, t: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
+        """:meth:`sigmas` for a prediction on the batch ``z_t``: one ``s`` per image, a single
+        ``t`` repeated for all of them."""
+        steps = torch.as_tensor(t, device=self.device).long().reshape(-1)
+        if steps.numel() == 1:
+            steps = steps.expand(z_t.shape[0])
+        return self.sigmas(steps, z_t)
+
     def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         s = self.sigmas(t, z0).view(-1, *([1] * (z0.ndim - 1)))
         return (1.0 - s) * z0 + s * noise

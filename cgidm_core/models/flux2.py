@@ -30,35 +30,34 @@ size.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 
-from cgidm_core.errors import IncompatiblePairError, ModelFormatError, UnsupportedModelFamilyError
+from cgidm_core.errors import ModelFormatError, UnsupportedModelFamilyError
 from cgidm_core.models.flow import FlowMatchingPair
 from cgidm_core.models.formats import (
-    IDENTICAL_MODELS,
     SUPPORTED_HINT,
-    family_name,
-    lora_weights_file,
     read_json,
-    weights_variant,
 )
 from cgidm_core.models.sd_loading import (
-    LORA_ADAPTER_NAME,
     LoadOptions,
-    count_adapted_layers,
     loading_errors,
-    place,
-    same_weights,
 )
 from cgidm_core.models.stable_diffusion import (
     StableDiffusionLoraPair,
     StableDiffusionPair,
-    TextEncoderReloader,
+)
+from cgidm_core.models.transformer_adapter import (
+    TransformerAdapter,
+    TransformerBase,
+    TransformerFamily,
+    auto_tokenizer,
+    load_model_type_encoder,
+    load_transformer,
+    require_pipeline_parts,
 )
 from cgidm_core.names import FLUX2_FAMILY
 
@@ -91,10 +90,7 @@ def flux2_pipeline_family(folder: Path, name: str, index: dict[str, Any]) -> str
         raise UnsupportedModelFamilyError(
             f"{folder} is a {name} model: of Flux.2 cgidm supports the text-to-image "
             f"{PIPELINE_CLASS} (Klein). " + SUPPORTED_HINT)
-    missing = [p for p in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
-               if p not in index]
-    if missing:
-        raise ModelFormatError(f"{folder} ({name}) lacks {', '.join(missing)}")
+    require_pipeline_parts(folder, name, index)
     return FLUX2_FAMILY
 
 
@@ -201,10 +197,7 @@ class _Flux2Conditioning:
         del prediction_type
         z_t = z_t.to(self.device, torch.float32)
         batch, channels, height, width = z_t.shape
-        steps = torch.as_tensor(t, device=self.device).long().reshape(-1)
-        if steps.numel() == 1:
-            steps = steps.expand(batch)
-        s = self.sigmas(steps, z_t)  # type: ignore[attr-defined]
+        s = self.batch_sigmas(t, z_t)  # type: ignore[attr-defined]
         hidden = context.to(self.device, self.dtype)
         if hidden.shape[0] != batch:
             hidden = hidden.expand(batch, *hidden.shape[1:])
@@ -223,8 +216,7 @@ class _Flux2Conditioning:
     def describe(self) -> dict[str, Any]:
         return {**super().describe(),  # type: ignore[misc]
                 "variant": "klein", "text_layers": list(TEXT_LAYERS),
-                "time_shift_at_native_size": self.shift_for(
-                    torch.empty(0, 0, *self.latent_shape[1:]))}  # type: ignore[attr-defined]
+                "time_shift_at_native_size": self.native_time_shift()}  # type: ignore[attr-defined]
 
 
 class Flux2Pair(_Flux2Conditioning, FlowMatchingPair, StableDiffusionPair):
@@ -238,44 +230,27 @@ class Flux2LoraPair(_Flux2Conditioning, FlowMatchingPair, StableDiffusionLoraPai
 # -- loading -------------------------------------------------------------------------------------
 
 
-@dataclass
-class Flux2Base:
-    folder: Path
-    transformer: Any
-    vae: Flux2VAE2D
-    text_encoder: Any
-    tokenizer: Any
-    scheduler_config: dict[str, Any]
-
-
-def load_flux2_transformer(folder: Path, subfolder: str | None, opts: LoadOptions) -> Any:
-    from diffusers import Flux2Transformer2DModel
-
-    component = folder / subfolder if subfolder else folder
-    name = read_json(component / "config.json").get("_class_name")
-    if name != TRANSFORMER_CLASS:
-        raise IncompatiblePairError(f"{component} holds a {name}, not the {TRANSFORMER_CLASS} "
-                                    "of the Flux.2 base")
-    with loading_errors("the transformer", component):
-        return Flux2Transformer2DModel.from_pretrained(
-            folder, subfolder=subfolder, use_safetensors=True,
-            local_files_only=opts.local_files_only, torch_dtype=opts.dtype,
-            variant=weights_variant(component, ("diffusion_pytorch_model",)))
-
-
 def load_qwen3_lm(folder: Path, opts: LoadOptions) -> Any:
-    import transformers
+    return load_model_type_encoder(folder, opts, model_type="qwen3",
+                                   class_name="Qwen3ForCausalLM",
+                                   expected="the Qwen3 encoder Flux.2 Klein uses")
 
-    component = folder / "text_encoder"
-    config = read_json(component / "config.json")
-    if config.get("model_type") != "qwen3":
-        raise UnsupportedModelFamilyError(f"{component} is a {config.get('model_type')} model, "
-                                          "not the Qwen3 encoder Flux.2 Klein uses")
-    with loading_errors("the text encoder", component):
-        return transformers.Qwen3ForCausalLM.from_pretrained(
-            folder, subfolder="text_encoder", use_safetensors=True,
-            local_files_only=opts.local_files_only, dtype=opts.dtype,
-            variant=weights_variant(component, ("model",)))
+
+def _no_single_file(path: Path, config_folder: Path, opts: LoadOptions) -> Any:
+    raise ModelFormatError(f"{path}: a Flux.2 transformer as one file is not supported yet; "
+                           "give it as a transformer/ folder (diffusers' "
+                           "Flux2Transformer2DModel.from_single_file(...).save_pretrained)")
+
+
+#: Fine-tuned text encoders are not read: both models are conditioned by the base's Qwen3
+#: (Klein fine-tunes train the transformer).
+SPEC = TransformerFamily(
+    family=FLUX2_FAMILY, title="Flux.2", base_title="Flux.2 Klein",
+    pipeline_class=PIPELINE_CLASS, transformer_class=TRANSFORMER_CLASS,
+    text_encoder=load_qwen3_lm, single_file=_no_single_file, reads_finetuned_encoder=False,
+    no_own_encoder="a Flux.2 fine-tune has no text encoder of its own here",
+    architecture=("in_channels", "num_layers", "num_single_layers", "attention_head_dim",
+                  "num_attention_heads", "joint_attention_dim", "guidance_embeds"))
 
 
 def load_flux2_vae(folder: Path, opts: LoadOptions) -> Flux2VAE2D:
@@ -289,22 +264,19 @@ def load_flux2_vae(folder: Path, opts: LoadOptions) -> Flux2VAE2D:
 
 
 def load_flux2_base(folder: Path, opts: LoadOptions, transformer_file: Path | None = None
-                    ) -> Flux2Base:
-    from transformers import AutoTokenizer
-
+                    ) -> TransformerBase:
     if transformer_file is not None:
         raise ModelFormatError(f"{transformer_file}: a Flux.2 transformer as one file is not "
                                "supported yet; give the Flux2KleinPipeline folder")
-    with loading_errors("the tokenizer", folder / "tokenizer"):
-        tokenizer = AutoTokenizer.from_pretrained(folder, subfolder="tokenizer",
-                                                  local_files_only=opts.local_files_only)
+    tokenizer = auto_tokenizer(folder, opts)
     config_file = folder / "scheduler" / "scheduler_config.json"
     scheduler = read_json(config_file)
     if scheduler.get("_class_name", _SCHEDULER_CLASS) != _SCHEDULER_CLASS:
         raise ModelFormatError(f"{config_file}: Flux.2 samples with {_SCHEDULER_CLASS}")
-    base = Flux2Base(folder=folder, transformer=load_flux2_transformer(folder, "transformer", opts),
-                     vae=load_flux2_vae(folder, opts), text_encoder=load_qwen3_lm(folder, opts),
-                     tokenizer=tokenizer, scheduler_config=scheduler)
+    base = TransformerBase(
+        folder=folder, transformer=load_transformer(SPEC, folder, "transformer", opts),
+        vae=load_flux2_vae(folder, opts), text_encoder=load_qwen3_lm(folder, opts),
+        tokenizer=tokenizer, scheduler_config=scheduler)
     config = base.transformer.config
     layers = base.text_encoder.config.num_hidden_layers
     width = len(TEXT_LAYERS) * base.text_encoder.config.hidden_size
@@ -318,107 +290,13 @@ def load_flux2_base(folder: Path, opts: LoadOptions, transformer_file: Path | No
     return base
 
 
-_ARCHITECTURE = ("in_channels", "num_layers", "num_single_layers", "attention_head_dim",
-                 "num_attention_heads", "joint_attention_dim", "guidance_embeds")
-
-
-def load_flux2_finetuned(path: Path, kind: str, base: Flux2Base, opts: LoadOptions) -> Any:
-    from cgidm_core.models.formats import pipeline_family
-
-    if kind == "pipeline":
-        family = pipeline_family(path)
-        if family != FLUX2_FAMILY:
-            raise IncompatiblePairError(f"the fine-tuned model {path} is a "
-                                        f"{family_name(family)} pipeline but the pretrained one "
-                                        "is Flux.2 Klein")
-        transformer = load_flux2_transformer(path, "transformer", opts)
-    elif kind == "dreambooth":
-        subfolder = "transformer" if (path / "transformer").is_dir() else None
-        transformer = load_flux2_transformer(path, subfolder, opts)
-    elif kind == "single_file":
-        raise ModelFormatError(f"{path}: a Flux.2 transformer as one file is not supported yet; "
-                               "give it as a transformer/ folder (diffusers' "
-                               "Flux2Transformer2DModel.from_single_file(...).save_pretrained)")
-    else:
-        raise IncompatiblePairError(f"the pretrained model is Flux.2 Klein but {path} is a {kind}"
-                                    " model; both models must be of the same family")
-    for name in _ARCHITECTURE:
-        a, b = getattr(base.transformer.config, name), getattr(transformer.config, name)
-        if a != b:
-            raise IncompatiblePairError(f"the fine-tuned transformer in {path} has {name}={b} "
-                                        f"but the pretrained one has {a}; was it fine-tuned "
-                                        "from this base?")
-    return transformer
-
-
-def attach_flux2_lora(path: Path, base: Flux2Base) -> int:
-    from diffusers import Flux2KleinPipeline
-
-    weights = lora_weights_file(path)
-    with loading_errors("the LoRA", weights, mismatch_is_incompatible=True):
-        state_dict, metadata = Flux2KleinPipeline.lora_state_dict(
-            str(weights.parent), weight_name=weights.name, use_safetensors=True,
-            local_files_only=True, return_lora_metadata=True)
-    if not state_dict or not all("lora" in key for key in state_dict):
-        raise ModelFormatError(f"{weights} is not a Flux.2 LoRA that diffusers can load")
-    keys = {k: v for k, v in state_dict.items() if k.startswith("transformer.")}
-    if not keys:
-        raise IncompatiblePairError(f"{weights} holds no Flux.2 transformer LoRA layers")
-    with loading_errors("the LoRA", weights, mismatch_is_incompatible=True):
-        Flux2KleinPipeline.load_lora_into_transformer(
-            keys, transformer=base.transformer, adapter_name=LORA_ADAPTER_NAME,
-            metadata=metadata)
-    return count_adapted_layers(weights, "Flux.2 Klein base model", base.transformer)
-
-
-def flux2_text_encoder_reloader(base_folder: Path, opts: LoadOptions) -> TextEncoderReloader:
-    def reload(finetuned: bool) -> tuple[torch.nn.Module, torch.nn.Module | None]:
-        if finetuned:
-            raise ModelFormatError("a Flux.2 fine-tune has no text encoder of its own here")
-        return place(load_qwen3_lm(base_folder, opts), opts), None
-
-    return reload
-
-
-def load_flux2_pair(pre_path: Path, ft_path: Path, kind: str, opts: LoadOptions, *,
-                    keep_text_encoders: bool, pretrained_transformer: Path | None = None
-                    ) -> Flux2Pair:
-    """Fine-tuned text encoders are not read: both models are conditioned by the base's Qwen3
-    (Klein fine-tunes train the transformer)."""
-    base = load_flux2_base(pre_path, opts, pretrained_transformer)
-    shared: dict[str, Any] = {
-        "vae": place(base.vae, opts, torch.float32), "tokenizer": base.tokenizer,
-        "scheduler_config": base.scheduler_config, "alphas_cumprod": None,
-        "prediction_type": "flow", "device": opts.device, "dtype": opts.dtype,
-        "keep_text_encoders": keep_text_encoders,
-        "text_encoder_reloader": flux2_text_encoder_reloader(pre_path, opts),
-    }
-    if kind == "lora":
-        attach_flux2_lora(ft_path, base)
-        return Flux2LoraPair(unet=place(base.transformer, opts),
-                             text_encoder=place(base.text_encoder, opts), **shared)
-    transformer = load_flux2_finetuned(ft_path, kind, base, opts)
-    if same_weights(transformer, base.transformer):
-        raise IncompatiblePairError(IDENTICAL_MODELS.format(ft=ft_path, pre=pre_path))
-    encoder = place(base.text_encoder, opts)
-    return Flux2Pair(unet_pretrained=place(base.transformer, opts),
-                     unet_finetuned=place(transformer, opts), text_encoder_pretrained=encoder,
-                     text_encoder_finetuned=encoder, finetuned_kind=kind, **shared)
+ADAPTER = TransformerAdapter(
+    SPEC, pipeline_family=flux2_pipeline_family, load_base=load_flux2_base, pair=Flux2Pair,
+    lora_pair=Flux2LoraPair)
 
 
 # -- the family registry's adapter interface (``cgidm_core.families.FamilyAdapter``, #23) ---------
 
 
-def check_pipeline_folder(folder: Path, index: dict[str, Any]) -> None:
-    """Refuse, before any weight is read, a pipeline folder this adapter cannot load."""
-    flux2_pipeline_family(folder, str(index.get("_class_name", "")), index)
-
-
-def load_pair(request: Any) -> Flux2Pair:
-    """Load a pair from the registry's ``PairRequest`` (``pretrained``, ``finetuned``, ``kind``,
-    ``opts``, ``keep_text_encoders``, ``pretrained_file``: a one-file transformer whose other parts
-    come from the ``pretrained`` folder)."""
-    return load_flux2_pair(
-        request.pretrained, request.finetuned, request.kind, request.opts,
-        keep_text_encoders=request.keep_text_encoders,
-        pretrained_transformer=request.pretrained_file)
+check_pipeline_folder = ADAPTER.check_pipeline_folder
+load_pair = ADAPTER.load_pair

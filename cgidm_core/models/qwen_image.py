@@ -29,38 +29,38 @@ Qwen-Image loader and its converter (diffusers/peft ``transformer.*``, ``diffusi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 
-from cgidm_core.errors import IncompatiblePairError, ModelFormatError, UnsupportedModelFamilyError
+from cgidm_core.errors import IncompatiblePairError, UnsupportedModelFamilyError
 from cgidm_core.models.flow import FlowMatchingPair
 from cgidm_core.models.flux import pack_latents, time_shift, unpack_latents
 from cgidm_core.models.formats import (
-    IDENTICAL_MODELS,
     SUPPORTED_HINT,
-    family_name,
-    lora_weights_file,
     read_json,
     safetensors_keys,
     transformer_family,
-    weights_variant,
 )
 from cgidm_core.models.sd_loading import (
-    LORA_ADAPTER_NAME,
     LoadOptions,
-    count_adapted_layers,
     loading_errors,
-    place,
-    same_weights,
 )
 from cgidm_core.models.stable_diffusion import (
     StableDiffusionLoraPair,
     StableDiffusionPair,
-    TextEncoderReloader,
+)
+from cgidm_core.models.transformer_adapter import (
+    TransformerAdapter,
+    TransformerBase,
+    TransformerFamily,
+    auto_tokenizer,
+    base_transformer,
+    flow_scheduler_config,
+    load_model_type_encoder,
+    require_pipeline_parts,
 )
 from cgidm_core.names import QWEN_IMAGE_FAMILY
 
@@ -98,10 +98,7 @@ def qwen_image_pipeline_family(folder: Path, name: str, index: dict[str, Any]) -
         raise UnsupportedModelFamilyError(
             f"{folder} is a {name} model: of Qwen-Image cgidm supports the text-to-image "
             f"{PIPELINE_CLASS} (Qwen-Image, Qwen-Image-2512). " + SUPPORTED_HINT)
-    missing = [p for p in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
-               if p not in index]
-    if missing:
-        raise ModelFormatError(f"{folder} ({name}) lacks {', '.join(missing)}")
+    require_pipeline_parts(folder, name, index)
     return QWEN_IMAGE_FAMILY
 
 
@@ -190,10 +187,7 @@ class _QwenImageConditioning:
         del prediction_type
         z_t = z_t.to(self.device, torch.float32)
         batch, _, height, width = z_t.shape
-        steps = torch.as_tensor(t, device=self.device).long().reshape(-1)
-        if steps.numel() == 1:
-            steps = steps.expand(batch)
-        s = self.sigmas(steps, z_t)  # type: ignore[attr-defined]
+        s = self.batch_sigmas(t, z_t)  # type: ignore[attr-defined]
         hidden = context.to(self.device, self.dtype)
         if hidden.shape[0] != batch:
             hidden = hidden.expand(batch, *hidden.shape[1:])
@@ -206,8 +200,7 @@ class _QwenImageConditioning:
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(),  # type: ignore[misc]
-                "time_shift_at_native_size": self.shift_for(
-                    torch.empty(0, 0, *self.latent_shape[1:]))}  # type: ignore[attr-defined]
+                "time_shift_at_native_size": self.native_time_shift()}  # type: ignore[attr-defined]
 
 
 class QwenImagePair(_QwenImageConditioning, FlowMatchingPair, StableDiffusionPair):
@@ -219,31 +212,6 @@ class QwenImageLoraPair(_QwenImageConditioning, FlowMatchingPair, StableDiffusio
 
 
 # -- loading -------------------------------------------------------------------------------------
-
-
-@dataclass
-class QwenImageBase:
-    folder: Path
-    transformer: Any
-    vae: QwenImageVAE2D
-    text_encoder: Any
-    tokenizer: Any
-    scheduler_config: dict[str, Any]
-
-
-def load_qwen_image_transformer(folder: Path, subfolder: str | None, opts: LoadOptions) -> Any:
-    from diffusers import QwenImageTransformer2DModel
-
-    component = folder / subfolder if subfolder else folder
-    name = read_json(component / "config.json").get("_class_name")
-    if name != TRANSFORMER_CLASS:
-        raise IncompatiblePairError(f"{component} holds a {name}, not the {TRANSFORMER_CLASS} "
-                                    "of the Qwen-Image base")
-    with loading_errors("the transformer", component):
-        return QwenImageTransformer2DModel.from_pretrained(
-            folder, subfolder=subfolder, use_safetensors=True,
-            local_files_only=opts.local_files_only, torch_dtype=opts.dtype,
-            variant=weights_variant(component, ("diffusion_pytorch_model",)))
 
 
 def load_qwen_image_single_file_transformer(file: Path, config_folder: Path, opts: LoadOptions
@@ -267,28 +235,18 @@ def load_qwen_image_single_file_transformer(file: Path, config_folder: Path, opt
 
 def load_qwen_vl(folder: Path, opts: LoadOptions) -> Any:
     """Qwen2.5-VL (its language model; the vision tower is loaded but never run)."""
-    import transformers
-
-    component = folder / "text_encoder"
-    config = read_json(component / "config.json")
-    if config.get("model_type") != "qwen2_5_vl":
-        raise UnsupportedModelFamilyError(f"{component} is a {config.get('model_type')} model, "
-                                          "not the Qwen2.5-VL encoder Qwen-Image uses")
-    with loading_errors("the text encoder", component):
-        return transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            folder, subfolder="text_encoder", use_safetensors=True,
-            local_files_only=opts.local_files_only, dtype=opts.dtype,
-            variant=weights_variant(component, ("model",)))
+    return load_model_type_encoder(
+        folder, opts, model_type="qwen2_5_vl", class_name="Qwen2_5_VLForConditionalGeneration",
+        expected="the Qwen2.5-VL encoder Qwen-Image uses")
 
 
-def _scheduler_config(folder: Path) -> dict[str, Any]:
-    config_file = folder / "scheduler" / "scheduler_config.json"
-    config = read_json(config_file)
-    if config.get("_class_name", _SCHEDULER_CLASS) != _SCHEDULER_CLASS or int(
-            config.get("num_train_timesteps", 1000)) != 1000:
-        raise ModelFormatError(f"{config_file}: Qwen-Image samples with a 1000-step "
-                               f"{_SCHEDULER_CLASS}, whose config holds the time shift")
-    return config
+SPEC = TransformerFamily(
+    family=QWEN_IMAGE_FAMILY, title="Qwen-Image", pipeline_class=PIPELINE_CLASS,
+    transformer_class=TRANSFORMER_CLASS, text_encoder=load_qwen_vl,
+    single_file=load_qwen_image_single_file_transformer,
+    no_own_encoder="this Qwen-Image fine-tune has no text encoder of its own",
+    architecture=("in_channels", "num_layers", "attention_head_dim", "num_attention_heads",
+                  "joint_attention_dim", "patch_size", "guidance_embeds"))
 
 
 def load_qwen_image_vae(folder: Path, opts: LoadOptions) -> QwenImageVAE2D:
@@ -302,19 +260,13 @@ def load_qwen_image_vae(folder: Path, opts: LoadOptions) -> QwenImageVAE2D:
 
 
 def load_qwen_image_base(folder: Path, opts: LoadOptions, transformer_file: Path | None = None
-                         ) -> QwenImageBase:
-    from transformers import AutoTokenizer
-
-    transformer = (load_qwen_image_transformer(folder, "transformer", opts)
-                   if transformer_file is None
-                   else load_qwen_image_single_file_transformer(transformer_file, folder, opts))
-    with loading_errors("the tokenizer", folder / "tokenizer"):
-        tokenizer = AutoTokenizer.from_pretrained(folder, subfolder="tokenizer",
-                                                  local_files_only=opts.local_files_only)
-    base = QwenImageBase(folder=folder, transformer=transformer,
-                         vae=load_qwen_image_vae(folder, opts),
-                         text_encoder=load_qwen_vl(folder, opts), tokenizer=tokenizer,
-                         scheduler_config=_scheduler_config(folder))
+                         ) -> TransformerBase:
+    transformer = base_transformer(SPEC, folder, opts, transformer_file)
+    tokenizer = auto_tokenizer(folder, opts)
+    base = TransformerBase(
+        folder=folder, transformer=transformer, vae=load_qwen_image_vae(folder, opts),
+        text_encoder=load_qwen_vl(folder, opts), tokenizer=tokenizer,
+        scheduler_config=flow_scheduler_config(folder, "Qwen-Image"))
     config = base.transformer.config
     width = base.text_encoder.config.text_config.hidden_size
     latent = 4 * int(base.vae.config.latent_channels)
@@ -326,124 +278,13 @@ def load_qwen_image_base(folder: Path, opts: LoadOptions, transformer_file: Path
     return base
 
 
-_ARCHITECTURE = ("in_channels", "num_layers", "attention_head_dim", "num_attention_heads",
-                 "joint_attention_dim", "patch_size", "guidance_embeds")
-
-
-def load_qwen_image_finetuned(path: Path, kind: str, base: QwenImageBase, opts: LoadOptions
-                              ) -> tuple[Any, Any]:
-    from cgidm_core.models.formats import pipeline_family
-
-    encoder = None
-    if kind == "pipeline":
-        family = pipeline_family(path)
-        if family != QWEN_IMAGE_FAMILY:
-            raise IncompatiblePairError(f"the fine-tuned model {path} is a "
-                                        f"{family_name(family)} pipeline but the pretrained one "
-                                        "is Qwen-Image")
-        transformer = load_qwen_image_transformer(path, "transformer", opts)
-        if (path / "text_encoder" / "config.json").is_file():
-            encoder = load_qwen_vl(path, opts)
-    elif kind == "dreambooth":
-        subfolder = "transformer" if (path / "transformer").is_dir() else None
-        transformer = load_qwen_image_transformer(path, subfolder, opts)
-    elif kind == "single_file":
-        transformer = load_qwen_image_single_file_transformer(path, base.folder, opts)
-    else:
-        raise IncompatiblePairError(f"the pretrained model is Qwen-Image but {path} is a {kind} "
-                                    "model; both models must be of the same family")
-    for name in _ARCHITECTURE:
-        a, b = getattr(base.transformer.config, name), getattr(transformer.config, name)
-        if a != b:
-            raise IncompatiblePairError(f"the fine-tuned transformer in {path} has {name}={b} "
-                                        f"but the pretrained one has {a}; was it fine-tuned "
-                                        "from this base?")
-    return transformer, encoder
-
-
-def attach_qwen_image_lora(path: Path, base: QwenImageBase) -> int:
-    from diffusers import QwenImagePipeline
-
-    weights = lora_weights_file(path)
-    with loading_errors("the LoRA", weights, mismatch_is_incompatible=True):
-        state_dict, metadata = QwenImagePipeline.lora_state_dict(
-            str(weights.parent), weight_name=weights.name, use_safetensors=True,
-            local_files_only=True, return_lora_metadata=True)
-    if not state_dict or not all("lora" in key for key in state_dict):
-        raise ModelFormatError(f"{weights} is not a Qwen-Image LoRA that diffusers can load")
-    keys = {k: v for k, v in state_dict.items() if k.startswith("transformer.")}
-    if not keys:
-        raise IncompatiblePairError(f"{weights} holds no Qwen-Image transformer LoRA layers")
-    with loading_errors("the LoRA", weights, mismatch_is_incompatible=True):
-        QwenImagePipeline.load_lora_into_transformer(
-            keys, transformer=base.transformer, adapter_name=LORA_ADAPTER_NAME,
-            metadata=metadata)
-    return count_adapted_layers(weights, "Qwen-Image base model", base.transformer)
-
-
-def qwen_image_text_encoder_reloader(base_folder: Path, finetuned_path: Path, opts: LoadOptions,
-                                     own: bool) -> TextEncoderReloader:
-    def reload(finetuned: bool) -> tuple[torch.nn.Module, torch.nn.Module | None]:
-        pretrained = place(load_qwen_vl(base_folder, opts), opts)
-        if not finetuned:
-            return pretrained, None
-        if not own:
-            raise ModelFormatError("this Qwen-Image fine-tune has no text encoder of its own")
-        return pretrained, place(load_qwen_vl(finetuned_path, opts), opts)
-
-    return reload
-
-
-def load_qwen_image_pair(pre_path: Path, ft_path: Path, kind: str, opts: LoadOptions, *,
-                         keep_text_encoders: bool, pretrained_transformer: Path | None = None
-                         ) -> QwenImagePair:
-    base = load_qwen_image_base(pre_path, opts, pretrained_transformer)
-    shared: dict[str, Any] = {
-        "vae": place(base.vae, opts, torch.float32), "tokenizer": base.tokenizer,
-        "scheduler_config": base.scheduler_config, "alphas_cumprod": None,
-        "prediction_type": "flow", "device": opts.device, "dtype": opts.dtype,
-        "keep_text_encoders": keep_text_encoders,
-    }
-    if kind == "lora":
-        attach_qwen_image_lora(ft_path, base)
-        return QwenImageLoraPair(
-            unet=place(base.transformer, opts), text_encoder=place(base.text_encoder, opts),
-            text_encoder_reloader=qwen_image_text_encoder_reloader(pre_path, ft_path, opts,
-                                                                   False),
-            **shared)
-    transformer, encoder = load_qwen_image_finetuned(ft_path, kind, base, opts)
-    if encoder is not None and same_weights(encoder, base.text_encoder):
-        encoder = None
-    if same_weights(transformer, base.transformer):
-        if encoder is None:
-            raise IncompatiblePairError(IDENTICAL_MODELS.format(ft=ft_path, pre=pre_path))
-        transformer = base.transformer
-    pretrained = place(base.transformer, opts)
-    text_encoder = place(base.text_encoder, opts)
-    return QwenImagePair(
-        unet_pretrained=pretrained,
-        unet_finetuned=pretrained if transformer is base.transformer
-        else place(transformer, opts),
-        text_encoder_pretrained=text_encoder,
-        text_encoder_finetuned=text_encoder if encoder is None else place(encoder, opts),
-        text_encoder_reloader=qwen_image_text_encoder_reloader(pre_path, ft_path, opts,
-                                                               encoder is not None),
-        finetuned_kind=kind, **shared)
+ADAPTER = TransformerAdapter(
+    SPEC, pipeline_family=qwen_image_pipeline_family, load_base=load_qwen_image_base,
+    pair=QwenImagePair, lora_pair=QwenImageLoraPair)
 
 
 # -- the family registry's adapter interface (``cgidm_core.families.FamilyAdapter``, #23) ---------
 
 
-def check_pipeline_folder(folder: Path, index: dict[str, Any]) -> None:
-    """Refuse, before any weight is read, a pipeline folder this adapter cannot load."""
-    qwen_image_pipeline_family(folder, str(index.get("_class_name", "")), index)
-
-
-def load_pair(request: Any) -> QwenImagePair:
-    """Load a pair from the registry's ``PairRequest`` (``pretrained``, ``finetuned``, ``kind``,
-    ``opts``, ``keep_text_encoders``, ``pretrained_file``: a one-file transformer whose other parts
-    come from the ``pretrained`` folder)."""
-    return load_qwen_image_pair(
-        request.pretrained, request.finetuned, request.kind, request.opts,
-        keep_text_encoders=request.keep_text_encoders,
-        pretrained_transformer=request.pretrained_file)
+check_pipeline_folder = ADAPTER.check_pipeline_folder
+load_pair = ADAPTER.load_pair

@@ -54,7 +54,6 @@ from cgidm_core.models.formats import (
     read_json,
     safetensors_keys,
     transformer_family,
-    weights_variant,
 )
 from cgidm_core.models.sd_loading import (
     LORA_ADAPTER_NAME,
@@ -73,6 +72,11 @@ from cgidm_core.models.stable_diffusion import (
     TextEncoderReloader,
 )
 from cgidm_core.models.text_encoders import tokenize
+from cgidm_core.models.transformer_adapter import (
+    TransformerFamily,
+    load_single_file_transformer,
+    load_transformer,
+)
 from cgidm_core.names import SD3_FAMILY
 
 # -- recognition (no weights read) ---------------------------------------------------------------
@@ -218,10 +222,7 @@ class _SD3Conditioning:
         del prediction_type  # always "flow"
         z_t = z_t.to(self.device, torch.float32)
         batch = z_t.shape[0]
-        steps = torch.as_tensor(t, device=self.device).long().reshape(-1)
-        if steps.numel() == 1:
-            steps = steps.expand(batch)
-        s = self.sigmas(steps, z_t)  # type: ignore[attr-defined]
+        s = self.batch_sigmas(t, z_t)  # type: ignore[attr-defined]
         hidden, pooled = (c.to(self.device, self.dtype) for c in context)
         if hidden.shape[0] != batch:
             hidden = hidden.expand(batch, *hidden.shape[1:])
@@ -239,8 +240,7 @@ class _SD3Conditioning:
             "variant": sd3_variant(config),
             "time_shift": "dynamic" if self.scheduler_config.get("use_dynamic_shifting")
             else "fixed",
-            "time_shift_at_native_size": self.shift_for(
-                torch.empty(0, 0, *self.latent_shape[1:])),  # type: ignore[attr-defined]
+            "time_shift_at_native_size": self.native_time_shift(),  # type: ignore[attr-defined]
             "t5_tokens": self.max_sequence_length if self.tokenizer_3 is not None else 0,
         }
 
@@ -290,31 +290,15 @@ def sd3_scheduler_config(folder: Path) -> dict[str, Any]:
 
 
 def load_sd3_transformer(folder: Path, subfolder: str | None, opts: LoadOptions) -> Any:
-    from diffusers import SD3Transformer2DModel
-
-    component = folder / subfolder if subfolder else folder
-    name = read_json(component / "config.json").get("_class_name")
-    if name != TRANSFORMER_CLASS:
-        raise IncompatiblePairError(f"{component} holds a {name}, not the {TRANSFORMER_CLASS} "
-                                    "of the Stable Diffusion 3 base")
-    with loading_errors("the transformer", component):
-        return SD3Transformer2DModel.from_pretrained(
-            folder, subfolder=subfolder, use_safetensors=True,
-            local_files_only=opts.local_files_only, torch_dtype=opts.dtype,
-            variant=weights_variant(component, ("diffusion_pytorch_model",)))
+    return load_transformer(SPEC, folder, subfolder, opts)
 
 
 def load_sd3_single_file_transformer(file: Path, config_folder: Path, opts: LoadOptions) -> Any:
     """One-file transformer converted offline with ``config_folder``'s transformer config."""
-    from diffusers import SD3Transformer2DModel
-
-    if not is_sd3_single_file(safetensors_keys(file)):
-        raise IncompatiblePairError(f"{file} holds no Stable Diffusion 3 transformer (no "
-                                    "joint_blocks.* tensors); the pretrained model is SD 3.x")
-    with loading_errors("the single-file transformer", file, mismatch_is_incompatible=True):
-        return SD3Transformer2DModel.from_single_file(
-            str(file), config=str(config_folder), subfolder="transformer",
-            local_files_only=True, torch_dtype=opts.dtype)
+    return load_single_file_transformer(
+        SPEC, file, config_folder, opts, recognised=is_sd3_single_file,
+        missing="Stable Diffusion 3 transformer (no joint_blocks.* tensors); the pretrained "
+                "model is SD 3.x")
 
 
 def load_sd3_encoders(folder: Path, opts: LoadOptions) -> SD3TextEncoders:
@@ -326,6 +310,19 @@ def load_sd3_encoders(folder: Path, opts: LoadOptions) -> SD3TextEncoders:
         load_text_encoder(folder, opts, name, cls, "Stable Diffusion 3")
         if name != "text_encoder_3" or has_t5 else None
         for name, cls in _TEXT_ENCODERS.items()))
+
+
+#: What SD 3.x shares with the other transformer families: its transformer's loading (its text
+#: encoders, three and a LoRA's CLIP layers, are read by :func:`load_sd3_encoders` and
+#: :func:`sd3_text_encoder_reloader`; the fine-tune and the pair are assembled here).
+SPEC = TransformerFamily(
+    family=SD3_FAMILY, title="Stable Diffusion 3", pipeline_class=PIPELINE_CLASS,
+    transformer_class=TRANSFORMER_CLASS, text_encoder=load_sd3_encoders,
+    single_file=load_sd3_single_file_transformer,
+    no_own_encoder="this SD 3.x fine-tune has no text encoders of its own",
+    architecture=("in_channels", "num_layers", "attention_head_dim", "num_attention_heads",
+                  "joint_attention_dim", "pooled_projection_dim", "patch_size",
+                  "dual_attention_layers", "qk_norm"))
 
 
 def load_sd3_base(folder: Path, opts: LoadOptions, transformer_file: Path | None = None
@@ -364,14 +361,9 @@ def _check_conditioning_sizes(base: SD3Base) -> None:
             f"(CLIP) / {t5} (T5) and the VAE {latent}: not a Stable Diffusion 3 layout")
 
 
-_ARCHITECTURE = ("in_channels", "num_layers", "attention_head_dim", "num_attention_heads",
-                 "joint_attention_dim", "pooled_projection_dim", "patch_size",
-                 "dual_attention_layers", "qk_norm")
-
-
 def _check_transformer_fits(base: SD3Base, transformer: Any, where: Path) -> None:
     pre, ft = base.transformer.config, transformer.config
-    for name in _ARCHITECTURE:
+    for name in SPEC.architecture:
         a, b = getattr(pre, name, None), getattr(ft, name, None)
         if (tuple(a) if isinstance(a, list | tuple) else a) != (
                 tuple(b) if isinstance(b, list | tuple) else b):

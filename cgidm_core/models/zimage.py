@@ -28,39 +28,38 @@ converter: diffusers/peft ``transformer.*``, ``diffusion_model.*`` (ComfyUI / ai
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 
-from cgidm_core.errors import IncompatiblePairError, ModelFormatError, UnsupportedModelFamilyError
+from cgidm_core.errors import ModelFormatError, UnsupportedModelFamilyError
 from cgidm_core.models.flow import FlowMatchingPair
 from cgidm_core.models.flux import time_shift
 from cgidm_core.models.formats import (
-    IDENTICAL_MODELS,
     SUPPORTED_HINT,
-    family_name,
-    lora_weights_file,
     read_json,
-    safetensors_keys,
     transformer_family,
-    weights_variant,
 )
 from cgidm_core.models.sd_loading import (
-    LORA_ADAPTER_NAME,
     LoadOptions,
-    count_adapted_layers,
     load_vae,
-    loading_errors,
-    place,
-    same_weights,
 )
 from cgidm_core.models.stable_diffusion import (
     StableDiffusionLoraPair,
     StableDiffusionPair,
-    TextEncoderReloader,
+)
+from cgidm_core.models.transformer_adapter import (
+    TransformerAdapter,
+    TransformerBase,
+    TransformerFamily,
+    auto_tokenizer,
+    base_transformer,
+    flow_scheduler_config,
+    load_model_type_encoder,
+    load_single_file_transformer,
+    require_pipeline_parts,
 )
 from cgidm_core.names import ZIMAGE_FAMILY
 
@@ -92,10 +91,7 @@ def zimage_pipeline_family(folder: Path, name: str, index: dict[str, Any]) -> st
         raise UnsupportedModelFamilyError(
             f"{folder} is a {name} model: of Z-Image cgidm supports the text-to-image "
             f"{PIPELINE_CLASS}. " + SUPPORTED_HINT)
-    missing = [p for p in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
-               if p not in index]
-    if missing:
-        raise ModelFormatError(f"{folder} ({name}) lacks {', '.join(missing)}")
+    require_pipeline_parts(folder, name, index)
     return ZIMAGE_FAMILY
 
 
@@ -153,10 +149,7 @@ class _ZImageConditioning:
         del prediction_type
         z_t = z_t.to(self.device, torch.float32)
         batch = z_t.shape[0]
-        steps = torch.as_tensor(t, device=self.device).long().reshape(-1)
-        if steps.numel() == 1:
-            steps = steps.expand(batch)
-        s = self.sigmas(steps, z_t)  # type: ignore[attr-defined]
+        s = self.batch_sigmas(t, z_t)  # type: ignore[attr-defined]
         timestep = (1000 - s * 1000) / 1000  # the pipeline's arithmetic, to the last bit
         caption = context.to(self.device, self.dtype)
         latents = list(z_t.to(self.dtype).unsqueeze(2).unbind(dim=0))
@@ -166,8 +159,7 @@ class _ZImageConditioning:
     def describe(self) -> dict[str, Any]:
         return {**super().describe(),  # type: ignore[misc]
                 "text_tokens": self.max_sequence_length,
-                "time_shift_at_native_size": self.shift_for(
-                    torch.empty(0, 0, *self.latent_shape[1:]))}  # type: ignore[attr-defined]
+                "time_shift_at_native_size": self.native_time_shift()}  # type: ignore[attr-defined]
 
 
 class ZImagePair(_ZImageConditioning, FlowMatchingPair, StableDiffusionPair):
@@ -181,86 +173,40 @@ class ZImageLoraPair(_ZImageConditioning, FlowMatchingPair, StableDiffusionLoraP
 # -- loading -------------------------------------------------------------------------------------
 
 
-@dataclass
-class ZImageBase:
-    folder: Path
-    transformer: Any
-    vae: Any
-    text_encoder: Any
-    tokenizer: Any
-    scheduler_config: dict[str, Any]
-
-
-def load_zimage_transformer(folder: Path, subfolder: str | None, opts: LoadOptions) -> Any:
-    from diffusers import ZImageTransformer2DModel
-
-    component = folder / subfolder if subfolder else folder
-    name = read_json(component / "config.json").get("_class_name")
-    if name != TRANSFORMER_CLASS:
-        raise IncompatiblePairError(f"{component} holds a {name}, not the {TRANSFORMER_CLASS} "
-                                    "of the Z-Image base")
-    with loading_errors("the transformer", component):
-        return ZImageTransformer2DModel.from_pretrained(
-            folder, subfolder=subfolder, use_safetensors=True,
-            local_files_only=opts.local_files_only, torch_dtype=opts.dtype,
-            variant=weights_variant(component, ("diffusion_pytorch_model",)))
-
-
 def load_zimage_single_file_transformer(file: Path, config_folder: Path, opts: LoadOptions
                                         ) -> Any:
-    from diffusers import ZImageTransformer2DModel
-
-    if not is_zimage_single_file(safetensors_keys(file)):
-        raise IncompatiblePairError(f"{file} holds no Z-Image transformer (no noise_refiner.*, "
-                                    "context_refiner.*, cap_embedder.* tensors)")
-    with loading_errors("the single-file transformer", file, mismatch_is_incompatible=True):
-        return ZImageTransformer2DModel.from_single_file(
-            str(file), config=str(config_folder), subfolder="transformer",
-            local_files_only=True, torch_dtype=opts.dtype)
+    return load_single_file_transformer(
+        SPEC, file, config_folder, opts, recognised=is_zimage_single_file,
+        missing="Z-Image transformer (no noise_refiner.*, context_refiner.*, cap_embedder.* "
+                "tensors)")
 
 
 def load_qwen3(folder: Path, opts: LoadOptions) -> Any:
     """The Qwen3 text encoder (``Qwen3Model``, or a ``Qwen3ForCausalLM`` checkpoint's body)."""
-    import transformers
-
-    component = folder / "text_encoder"
-    config = read_json(component / "config.json")
-    if config.get("model_type") != "qwen3":
-        raise UnsupportedModelFamilyError(f"{component} is a {config.get('model_type')} model, "
-                                          "not the Qwen3 encoder Z-Image uses")
-    with loading_errors("the text encoder", component):
-        return transformers.Qwen3Model.from_pretrained(
-            folder, subfolder="text_encoder", use_safetensors=True,
-            local_files_only=opts.local_files_only, dtype=opts.dtype,
-            variant=weights_variant(component, ("model",)))
+    return load_model_type_encoder(folder, opts, model_type="qwen3", class_name="Qwen3Model",
+                                   expected="the Qwen3 encoder Z-Image uses")
 
 
-def _scheduler_config(folder: Path) -> dict[str, Any]:
-    config_file = folder / "scheduler" / "scheduler_config.json"
-    config = read_json(config_file)
-    if config.get("_class_name", _SCHEDULER_CLASS) != _SCHEDULER_CLASS or int(
-            config.get("num_train_timesteps", 1000)) != 1000:
-        raise ModelFormatError(f"{config_file}: Z-Image samples with a 1000-step "
-                               f"{_SCHEDULER_CLASS}, whose config holds the time shift")
-    return config
+SPEC = TransformerFamily(
+    family=ZIMAGE_FAMILY, title="Z-Image", pipeline_class=PIPELINE_CLASS,
+    transformer_class=TRANSFORMER_CLASS, text_encoder=load_qwen3,
+    single_file=load_zimage_single_file_transformer,
+    no_own_encoder="this Z-Image fine-tune has no text encoder of its own",
+    architecture=("in_channels", "dim", "n_layers", "n_refiner_layers", "n_heads", "n_kv_heads",
+                  "cap_feat_dim", "all_patch_size"))
 
 
 def load_zimage_base(folder: Path, opts: LoadOptions, transformer_file: Path | None = None
-                     ) -> ZImageBase:
-    from transformers import AutoTokenizer
-
-    transformer = (load_zimage_transformer(folder, "transformer", opts)
-                   if transformer_file is None
-                   else load_zimage_single_file_transformer(transformer_file, folder, opts))
-    with loading_errors("the tokenizer", folder / "tokenizer"):
-        tokenizer = AutoTokenizer.from_pretrained(folder, subfolder="tokenizer",
-                                                  local_files_only=opts.local_files_only)
+                     ) -> TransformerBase:
+    transformer = base_transformer(SPEC, folder, opts, transformer_file)
+    tokenizer = auto_tokenizer(folder, opts)
     if not getattr(tokenizer, "chat_template", None):
         raise ModelFormatError(f"{folder / 'tokenizer'} has no chat template; Z-Image wraps "
                                "every prompt in the Qwen3 chat template")
-    base = ZImageBase(folder=folder, transformer=transformer, vae=load_vae(folder, opts),
-                      text_encoder=load_qwen3(folder, opts), tokenizer=tokenizer,
-                      scheduler_config=_scheduler_config(folder))
+    base = TransformerBase(
+        folder=folder, transformer=transformer, vae=load_vae(folder, opts),
+        text_encoder=load_qwen3(folder, opts), tokenizer=tokenizer,
+        scheduler_config=flow_scheduler_config(folder, "Z-Image"))
     config = base.transformer.config
     width, latent = base.text_encoder.config.hidden_size, int(base.vae.config.latent_channels)
     if (config.cap_feat_dim, config.in_channels) != (width, latent):
@@ -271,126 +217,13 @@ def load_zimage_base(folder: Path, opts: LoadOptions, transformer_file: Path | N
     return base
 
 
-_ARCHITECTURE = ("in_channels", "dim", "n_layers", "n_refiner_layers", "n_heads", "n_kv_heads",
-                 "cap_feat_dim", "all_patch_size")
-
-
-def load_zimage_finetuned(path: Path, kind: str, base: ZImageBase, opts: LoadOptions
-                          ) -> tuple[Any, Any]:
-    """``(transformer, own Qwen3 or None)``."""
-    from cgidm_core.models.formats import pipeline_family
-
-    encoder = None
-    if kind == "pipeline":
-        family = pipeline_family(path)
-        if family != ZIMAGE_FAMILY:
-            raise IncompatiblePairError(f"the fine-tuned model {path} is a "
-                                        f"{family_name(family)} pipeline but the pretrained one "
-                                        "is Z-Image")
-        transformer = load_zimage_transformer(path, "transformer", opts)
-        if (path / "text_encoder" / "config.json").is_file():
-            encoder = load_qwen3(path, opts)
-    elif kind == "dreambooth":
-        subfolder = "transformer" if (path / "transformer").is_dir() else None
-        transformer = load_zimage_transformer(path, subfolder, opts)
-    elif kind == "single_file":
-        transformer = load_zimage_single_file_transformer(path, base.folder, opts)
-    else:
-        raise IncompatiblePairError(f"the pretrained model is Z-Image but {path} is a {kind} "
-                                    "model; both models must be of the same family")
-    for name in _ARCHITECTURE:
-        a, b = getattr(base.transformer.config, name), getattr(transformer.config, name)
-        if (tuple(a) if isinstance(a, list) else a) != (tuple(b) if isinstance(b, list) else b):
-            raise IncompatiblePairError(f"the fine-tuned transformer in {path} has {name}={b} "
-                                        f"but the pretrained one has {a}; was it fine-tuned "
-                                        "from this base?")
-    return transformer, encoder
-
-
-def attach_zimage_lora(path: Path, base: ZImageBase) -> int:
-    """A LoRA through diffusers' Z-Image loader (its converter reads ComfyUI / ai-toolkit
-    ``diffusion_model.*`` and musubi/kohya ``lora_unet_*`` names), as one named adapter."""
-    from diffusers import ZImagePipeline
-
-    weights = lora_weights_file(path)
-    with loading_errors("the LoRA", weights, mismatch_is_incompatible=True):
-        state_dict, metadata = ZImagePipeline.lora_state_dict(
-            str(weights.parent), weight_name=weights.name, use_safetensors=True,
-            local_files_only=True, return_lora_metadata=True)
-    if not state_dict or not all("lora" in key for key in state_dict):
-        raise ModelFormatError(f"{weights} is not a Z-Image LoRA that diffusers can load")
-    keys = {k: v for k, v in state_dict.items() if k.startswith("transformer.")}
-    if not keys:
-        raise IncompatiblePairError(f"{weights} holds no Z-Image transformer LoRA layers")
-    with loading_errors("the LoRA", weights, mismatch_is_incompatible=True):
-        ZImagePipeline.load_lora_into_transformer(
-            keys, transformer=base.transformer, adapter_name=LORA_ADAPTER_NAME,
-            metadata=metadata)
-    return count_adapted_layers(weights, "Z-Image base model", base.transformer)
-
-
-def zimage_text_encoder_reloader(base_folder: Path, finetuned_path: Path, opts: LoadOptions,
-                                 own: bool) -> TextEncoderReloader:
-    def reload(finetuned: bool) -> tuple[torch.nn.Module, torch.nn.Module | None]:
-        pretrained = place(load_qwen3(base_folder, opts), opts)
-        if not finetuned:
-            return pretrained, None
-        if not own:
-            raise ModelFormatError("this Z-Image fine-tune has no text encoder of its own")
-        return pretrained, place(load_qwen3(finetuned_path, opts), opts)
-
-    return reload
-
-
-def load_zimage_pair(pre_path: Path, ft_path: Path, kind: str, opts: LoadOptions, *,
-                     keep_text_encoders: bool, pretrained_transformer: Path | None = None
-                     ) -> ZImagePair:
-    base = load_zimage_base(pre_path, opts, pretrained_transformer)
-    shared: dict[str, Any] = {
-        "vae": place(base.vae, opts, torch.float32), "tokenizer": base.tokenizer,
-        "scheduler_config": base.scheduler_config, "alphas_cumprod": None,
-        "prediction_type": "flow", "device": opts.device, "dtype": opts.dtype,
-        "keep_text_encoders": keep_text_encoders,
-    }
-    if kind == "lora":
-        attach_zimage_lora(ft_path, base)
-        return ZImageLoraPair(
-            unet=place(base.transformer, opts), text_encoder=place(base.text_encoder, opts),
-            text_encoder_reloader=zimage_text_encoder_reloader(pre_path, ft_path, opts, False),
-            **shared)
-    transformer, encoder = load_zimage_finetuned(ft_path, kind, base, opts)
-    if encoder is not None and same_weights(encoder, base.text_encoder):
-        encoder = None
-    if same_weights(transformer, base.transformer):
-        if encoder is None:
-            raise IncompatiblePairError(IDENTICAL_MODELS.format(ft=ft_path, pre=pre_path))
-        transformer = base.transformer
-    pretrained = place(base.transformer, opts)
-    text_encoder = place(base.text_encoder, opts)
-    return ZImagePair(
-        unet_pretrained=pretrained,
-        unet_finetuned=pretrained if transformer is base.transformer
-        else place(transformer, opts),
-        text_encoder_pretrained=text_encoder,
-        text_encoder_finetuned=text_encoder if encoder is None else place(encoder, opts),
-        text_encoder_reloader=zimage_text_encoder_reloader(pre_path, ft_path, opts,
-                                                           encoder is not None),
-        finetuned_kind=kind, **shared)
+ADAPTER = TransformerAdapter(
+    SPEC, pipeline_family=zimage_pipeline_family, load_base=load_zimage_base, pair=ZImagePair,
+    lora_pair=ZImageLoraPair)
 
 
 # -- the family registry's adapter interface (``cgidm_core.families.FamilyAdapter``, #23) ---------
 
 
-def check_pipeline_folder(folder: Path, index: dict[str, Any]) -> None:
-    """Refuse, before any weight is read, a pipeline folder this adapter cannot load."""
-    zimage_pipeline_family(folder, str(index.get("_class_name", "")), index)
-
-
-def load_pair(request: Any) -> ZImagePair:
-    """Load a pair from the registry's ``PairRequest`` (``pretrained``, ``finetuned``, ``kind``,
-    ``opts``, ``keep_text_encoders``, ``pretrained_file``: a one-file transformer whose other parts
-    come from the ``pretrained`` folder)."""
-    return load_zimage_pair(
-        request.pretrained, request.finetuned, request.kind, request.opts,
-        keep_text_encoders=request.keep_text_encoders,
-        pretrained_transformer=request.pretrained_file)
+check_pipeline_folder = ADAPTER.check_pipeline_folder
+load_pair = ADAPTER.load_pair

@@ -34,12 +34,14 @@ from typing import Any
 from cgidm.client import CgidmClient
 from cgidm.commands.demo import find_dataset
 from cgidm.queue_routing import slot_for_pair
+from cgidm_core.names import STORED_KINDS
 
 NO_HANG = 900  # seconds: past this a wait is a hang, not a slow machine
 TERMINAL = ("succeeded", "failed", "cancelled")
 BUCKET, PREFIX = "cgidm", "data"  # docker-compose.yml: CGIDM_STORAGE_URL=s3://cgidm/data
 QUEUE = "cgidm"  # CGIDM_QUEUE's default: the slot queues are cgidm.slot<k>
-PICTURE_KINDS = ("recovered", "partial", "side_by_side")
+#: What a job stores per image with the service's defaults (the base model's own recovery on).
+PICTURE_KINDS = STORED_KINDS
 
 
 class ComposeCheckError(AssertionError):

@@ -42,8 +42,12 @@ demo: $(STAMP)
 # All the tests: the quick ones as test-fast runs them, then the slow ones (real servers,
 # workers and browsers, production lease timings) one at a time, so none of them races another
 # for the two cores.
+# The slow tests outside tests/service build and run models without servers: two at a time.
+# Those in tests/service start redis, S3, Celery workers, gateways and browsers, and measure
+# leases and time limits at production settings: one at a time.
 test: test-fast
-	$(PY) -m pytest -m slow
+	$(PY) -m pytest -m slow -q -n 2 --ignore=tests/service
+	$(PY) -m pytest -m slow tests/service
 
 # The quick loop while editing: everything but the tests marked slow (servers, processes,
 # training); under 2 minutes on 2 cores. `make test` runs them all.

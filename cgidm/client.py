@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 
 from cgidm.errors import CgidmServiceError
-from cgidm_core.names import ARTIFACT_KINDS
+from cgidm_core.names import ARTIFACT_KINDS, STORED_KINDS
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 ARTIFACTS = ARTIFACT_KINDS  # the pictures of one image, as the service names them
@@ -175,27 +175,33 @@ class CgidmClient:
              progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Poll until the job ends; ``progress(job)`` sees every poll. Raises ServiceError
         unless it succeeded."""
+        return self._wait_until_done("job", job_id, self.job, poll, timeout, progress)
+
+    def _wait_until_done(self, what: str, ident: str, fetch: Callable[[str], dict[str, Any]],
+                         poll: float, timeout: float | None,
+                         progress: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+        """Poll ``fetch(ident)`` (a job or an audit: the same status words) until it ends."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            job = self.job(job_id)
+            state = fetch(ident)
             if progress is not None:
-                progress(job)
-            if job["status"] in TERMINAL:
+                progress(state)
+            if state["status"] in TERMINAL:
                 break
             if deadline is not None and time.monotonic() > deadline:
-                raise ServiceError(f"job {job_id} did not finish within {timeout:.0f} s "
+                raise ServiceError(f"{what} {ident} did not finish within {timeout:.0f} s "
                                    "(still running on the service)")
             self.sleep(poll)
-        if job["status"] != "succeeded":
-            error = job.get("error") or {}
-            raise ServiceError(f"job {job_id} {job['status']}: {error.get('code')}: "
+        if state["status"] != "succeeded":
+            error = state.get("error") or {}
+            raise ServiceError(f"{what} {ident} {state['status']}: {error.get('code')}: "
                                f"{error.get('message')}", code=error.get("code"))
-        return job
+        return state
 
     def artifacts(self, result: dict[str, Any]) -> Iterator[tuple[str, str, bytes]]:
         """(image name, picture kind, PNG bytes) of every picture of a result."""
         for row in [*result["images"], *result.get("controls", [])]:
-            for kind in (*ARTIFACTS, "base_recovered"):
+            for kind in STORED_KINDS:
                 if not row["artifacts"].get(kind):  # the base recovery, when not computed
                     continue
                 data = self._request("GET", row["artifacts"][kind]).content
@@ -242,19 +248,4 @@ class CgidmClient:
     def wait_audit(self, audit_id: str, *, poll: float = 1.0, timeout: float | None = None,
                    progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Poll until the audit ends; raises ServiceError unless it succeeded."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            audit = self.audit(audit_id)
-            if progress is not None:
-                progress(audit)
-            if audit["status"] in TERMINAL:
-                break
-            if deadline is not None and time.monotonic() > deadline:
-                raise ServiceError(f"audit {audit_id} did not finish within {timeout:.0f} s "
-                                   "(still running on the service)")
-            self.sleep(poll)
-        if audit["status"] != "succeeded":
-            error = audit.get("error") or {}
-            raise ServiceError(f"audit {audit_id} {audit['status']}: {error.get('code')}: "
-                               f"{error.get('message')}", code=error.get("code"))
-        return audit
+        return self._wait_until_done("audit", audit_id, self.audit, poll, timeout, progress)

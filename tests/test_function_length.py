@@ -6,10 +6,8 @@ see which step a line belongs to. Long ones are split into named steps (``cgidm_
 ``authenticate`` calls ``_prepare_run``, ``_inverted_batches`` and ``_batch_results``) or read as
 short numbered steps. The count is of source lines from ``def`` to the function's last line,
 docstring and comments included, read with :mod:`ast`.
-
-``KNOWN_LONG`` lists the functions that were over the limit when the rule came in and belong to
-another piece of work; each entry says which, and the test fails once one of them is short
-enough (so the list only shrinks).
+There are no exceptions: the last long function (the family dispatch in ``models/loading.py``)
+went with the family registry.
 """
 
 from __future__ import annotations
@@ -18,15 +16,11 @@ import ast
 from functools import cache
 from pathlib import Path
 
-import pytest
-
 from tests.paths import REPO_ROOT
 
 MAX_LINES = 80
 PACKAGES = ("cgidm_core", "cgidm", "app", "worker")
 
-#: "path:function" -> why it is still long. Only shrinks.
-KNOWN_LONG: dict[str, str] = {}
 
 
 def _functions(path: Path) -> list[tuple[str, int, int]]:
@@ -52,17 +46,10 @@ def _long_functions() -> dict[str, int]:
 
 
 def test_no_function_is_over_the_limit():
-    too_long = {key: n for key, n in _long_functions().items() if key not in KNOWN_LONG}
+    too_long = _long_functions()
     assert not too_long, (
         f"functions over {MAX_LINES} lines: {too_long}; split them into named steps "
         "(see cgidm_core/api.py authenticate) or number their steps in fewer lines")
-
-
-@pytest.mark.parametrize("key", sorted(KNOWN_LONG))
-def test_known_long_functions_are_still_long(key):
-    """An entry of KNOWN_LONG that got short (or went away) is taken off the list."""
-    assert key in _long_functions(), f"{key} is no longer over {MAX_LINES} lines: remove it " \
-        "from KNOWN_LONG"
 
 
 def test_the_scan_sees_a_long_function(tmp_path):

@@ -34,8 +34,10 @@ from cgidm_core import key_signatures as keys_
 from cgidm_core.names import (
     CHROMA_FAMILY,
     DDPM_FAMILY,
+    FLUX2_DEV_FAMILY,
     FLUX2_FAMILY,
     FLUX_FAMILY,
+    HIDREAM_FAMILY,
     PIXEL_FLOW_FAMILY,
     QWEN_IMAGE_FAMILY,
     SD3_FAMILY,
@@ -190,10 +192,27 @@ class FamilyAdapter(Protocol):
         """Load both models (frozen, eval mode, on ``request.opts.device``) as one pair."""
 
 
-#: Families recognised only to be refused by name, with what to do instead (none at present:
-#: Stable Diffusion 3 / 3.5 was here until its adapter, ``cgidm_core.models.sd3``, came; the
-#: variants an adapter cannot load, e.g. Flux.2 dev, are refused by that adapter).
-REFUSED: tuple[RefusedFamily, ...] = ()
+#: Families recognised only to be refused by name, with what to do instead (Stable Diffusion
+#: 3 / 3.5 was here until its adapter, ``cgidm_core.models.sd3``, came; the variants an adapter
+#: cannot load are refused by that adapter). docs/FAMILIES.md says why each is refused.
+REFUSED: tuple[RefusedFamily, ...] = (
+    RefusedFamily(
+        name=HIDREAM_FAMILY,
+        title="HiDream-I1",
+        message=(
+            "HiDream-I1 is not supported: it is conditioned by four text encoders at once "
+            "(CLIP-L, CLIP-G, T5-XXL and Llama-3.1-8B-Instruct, about 15B parameters of "
+            "encoders next to a 17B sparse mixture-of-experts transformer), which cgidm has "
+            "neither an adapter nor a tested reference for. Check a fine-tune of a supported "
+            "family instead (`cgidm models --families`), or ask for HiDream support with the "
+            "model's name (docs/FAMILIES.md says what it would take)"),
+        recognition=Recognition(
+            pipeline_classes=("HiDreamImage*",),
+            denoiser_classes=("HiDreamImageTransformer2DModel",),
+            single_file=keys_.is_hidream_file, lora=keys_.is_hidream_lora,
+        ),
+    ),
+)
 
 #: Flux.1's counted activations (benchmarks/activations.py, bfloat16, 512 T5 tokens).
 _FLUX_COUNTS = {(1024, False): 21_615_259_648, (1024, True): 1_642_115_072,
@@ -253,6 +272,38 @@ FAMILIES: tuple[Family, ...] = (
         summary="unconditional pixel UNet2DModel trained by flow matching (the flow demo pair)",
     ),
     Family(
+        name=FLUX2_DEV_FAMILY,
+        title="Flux.2 dev",
+        adapter="cgidm_core.models.flux2_dev",
+        objective="flow", conditioning="text", space="latent",
+        pair_classes=("cgidm_core.models.flux2_dev.Flux2DevPair",
+                      "cgidm_core.models.flux2_dev.Flux2DevLoraPair"),
+        recognition=Recognition(
+            pipeline_classes=("Flux2Pipeline",), denoiser_classes=("Flux2Transformer2DModel",),
+            single_file=keys_.is_flux2_dev_file, lora=keys_.is_flux2_lora,
+            base_file=keys_.is_flux2_dev_file, base_file_layout="denoiser",
+            metadata_keys=("ss_tag_frequency", "ss_output_name"),
+        ),
+        finetuned_layouts=TRANSFORMER_LAYOUTS,
+        lora_formats=("diffusers/peft (transformer.*)",),
+        pretrained_layouts=("Flux2Pipeline folder (FLUX.2-dev; its Pixtral processor read as "
+                            "the tokenizer alone)", _ONE_FILE + " (BFL naming)"),
+        defaults=Defaults(
+            gpu_dtype="bfloat16", resolution=1024,
+            time_shift="exp(compute_empirical_mu(tokens, 50)): Flux2Pipeline's rule at its "
+                       "default 50 steps",
+            guidance="4.0, Flux2Pipeline's default guidance_scale (guidance-distilled)",
+            prompt_source=_KOHYA_PROMPT,
+        ),
+        memory=_borrowed_flux_memory(
+            64 * 64, "Flux.1's counts (4096 image tokens at 1024 px, as dev's 2x2-patchified "
+                     "latent); dev's 32B transformer (8 double + 48 single blocks, 6144 wide) "
+                     "is far larger than Flux.1's 12B, so this UNDER-estimates: set the batch "
+                     "size by hand"),
+        summary="Flux.2 dev; fine-tunes as pipeline folders, transformer/ folders, single-file "
+                "transformers (BFL naming), LoRAs (diffusers/peft)",
+    ),
+    Family(
         name=FLUX2_FAMILY,
         title="Flux.2 Klein",
         adapter="cgidm_core.models.flux2",
@@ -260,14 +311,14 @@ FAMILIES: tuple[Family, ...] = (
         pair_classes=("cgidm_core.models.flux2.Flux2Pair", "cgidm_core.models.flux2.Flux2LoraPair"),
         recognition=Recognition(
             pipeline_classes=("Flux2*",), denoiser_classes=("Flux2Transformer2DModel",),
-            single_file=keys_.is_flux2_file, lora=keys_.is_flux2_lora,
-            base_file=keys_.is_flux2_file, base_file_layout="denoiser",
+            single_file=keys_.is_flux2_klein_file, lora=keys_.is_flux2_lora,
+            base_file=keys_.is_flux2_klein_file, base_file_layout="denoiser",
             metadata_keys=("ss_tag_frequency", "ss_output_name"),
         ),
         # single files are recognised (so they are refused by name), not loaded
         finetuned_layouts=("pipeline", "dreambooth", "lora"),
         lora_formats=("diffusers/peft (transformer.*)",),
-        pretrained_layouts=("Flux2KleinPipeline folder (Flux.2 dev's Flux2Pipeline is refused)",),
+        pretrained_layouts=("Flux2KleinPipeline folder",),
         defaults=Defaults(
             gpu_dtype="bfloat16", resolution=1024,
             time_shift="exp(compute_empirical_mu(tokens, 50)): Flux2KleinPipeline's rule at its "
@@ -533,6 +584,13 @@ def refused_denoiser(class_name: str) -> RefusedFamily | None:
 def refused_file(keys: list[str]) -> RefusedFamily | None:
     return next((r for r in REFUSED if r.recognition.single_file is not None
                  and r.recognition.single_file(keys)), None)
+
+
+def refused_lora(keys: list[str]) -> RefusedFamily | None:
+    """The refused family a LoRA file is of, by its tensor names (before the registered
+    families' broader LoRA rules, which may claim its ``transformer.*`` names too)."""
+    return next((r for r in REFUSED if r.recognition.lora is not None
+                 and r.recognition.lora(keys)), None)
 
 
 def pipeline_claim(class_name: str, index: dict[str, Any],

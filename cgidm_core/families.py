@@ -401,8 +401,11 @@ FAMILIES: tuple[Family, ...] = (
             metadata_keys=("ss_tag_frequency", "ss_output_name"),
         ),
         finetuned_layouts=TRANSFORMER_LAYOUTS,
-        lora_formats=("diffusers/peft (transformer.*, text_encoder.*, text_encoder_2.*); "
-                      "kohya-ss SD3 LoRAs are recognised and refused (no diffusers converter)",),
+        lora_formats=("diffusers/peft (transformer.*, text_encoder.*, text_encoder_2.*), as "
+                      "diffusers' DreamBooth-LoRA script, SimpleTuner and ai-toolkit write them",
+                      "kohya-ss sd3_train_network.py (lora_unet_joint_blocks_*, lora_te1_*, "
+                      "lora_te2_*; converted by cgidm_core.models.sd3_kohya_lora, T5 layers "
+                      "refused)"),
         pretrained_layouts=("StableDiffusion3Pipeline folder (3.0, 3.5 medium, 3.5 large)",
                             _ONE_FILE),
         defaults=Defaults(gpu_dtype="bfloat16", resolution=1024,
@@ -414,7 +417,7 @@ FAMILIES: tuple[Family, ...] = (
                        "512), so likely an over-estimate"),
         summary="Stable Diffusion 3 / 3.5 medium and large; fine-tunes as pipeline folders, "
                 "transformer/ folders, single-file transformers (Stability or diffusers "
-                "naming), LoRAs (diffusers/peft)",
+                "naming), LoRAs (diffusers/peft, kohya-ss)",
     ),
     Family(
         name=ZIMAGE_FAMILY,

@@ -314,18 +314,94 @@ def make_sd3_lora(base: str | Path, out: str | Path, seed: int = 1, rank: int = 
     return Path(out)
 
 
-def make_sd3_kohya_lora(out_file: str | Path) -> Path:
-    """A minimal sd-scripts SD3 LoRA header (``lora_unet_joint_blocks_*``): enough to be
-    recognised and refused."""
+#: The SD3 transformer layers sd-scripts' ``sd3_train_network.py`` trains (its joint blocks'
+#: linears; with ``emb_dims`` the embedders and the final layer), in diffusers' names.
+_SD3_KOHYA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
+                      "add_v_proj", "to_add_out", "ff.net.0.proj", "ff.net.2",
+                      "ff_context.net.0.proj", "ff_context.net.2", "norm1.linear",
+                      "norm1_context.linear", "norm_out.linear", "proj_out", "context_embedder",
+                      "timestep_embedder.linear_1", "text_embedder.linear_2")
+#: diffusers' projections that Stability's MMDiT fuses into one ``qkv``: they share one down
+#: matrix in a kohya LoRA, so the diffusers LoRA written next to it shares it too.
+_SHARED_DOWN = {"to_k": "to_q", "to_v": "to_q", "add_k_proj": "add_q_proj",
+                "add_v_proj": "add_q_proj"}
+
+
+def _stability_names(transformer) -> dict[str, tuple[list[str], bool]]:
+    """Stability's module name of each diffusers module -> (the diffusers modules it holds, in
+    order; whether its rows are (shift, scale)-swapped), read off the testkit's own
+    :func:`sd3_transformer_to_stability` run on tagged tensors (so that the kohya files below do
+    not share a name table with the converter they test)."""
+    names = list(transformer.state_dict())
+    tagged = {k: torch.tensor([[i + 1.0], [-(i + 1.0)]]) for i, k in enumerate(names)}
+    out = {}
+    for key, tags in sd3_transformer_to_stability(tagged,
+                                                  transformer.config.num_layers).items():
+        if key.endswith(".weight"):
+            members = [names[int(abs(v)) - 1][: -len(".weight")] for v in tags[0::2, 0]]
+            out[key[: -len(".weight")]] = (members, bool(tags[0, 0] < 0))
+    return out
+
+
+def make_sd3_kohya_lora(base: str | Path, out: str | Path, seed: int = 1, rank: int = 4,
+                        alpha: float = 2.0) -> tuple[Path, Path]:
+    """The same random LoRA written twice: as sd-scripts' ``sd3_train_network.py`` saves it
+    (one file, ``lora_unet_joint_blocks_*`` / embedder / final-layer layers with fused ``qkv``,
+    ``lora_te1_*`` CLIP-L layers, ``lora_down`` / ``lora_up`` / ``alpha``) and as a diffusers
+    LoRA folder (``transformer.*``, ``text_encoder.*``). Returns ``(kohya file, diffusers
+    folder)``."""
+    from diffusers import StableDiffusion3Pipeline
     from safetensors.torch import save_file
 
-    out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    name = "lora_unet_joint_blocks_0_x_block_attn_qkv"
-    save_file({f"{name}.lora_down.weight": torch.zeros(4, 16),
-               f"{name}.lora_up.weight": torch.zeros(48, 4), f"{name}.alpha": torch.tensor(4.0)},
-              str(out_file), metadata={"ss_base_model_version": "sd3"})
-    return out_file
+    out = Path(out)
+    transformer = load_sd3_transformer(base)
+    generator = torch.Generator().manual_seed(seed)
+    downs, ups, shared_downs = {}, {}, {}
+    for name, module in transformer.named_modules():
+        leaf = next((t for t in _SD3_KOHYA_TARGETS if name == t or name.endswith("." + t)), None)
+        if leaf is None or not isinstance(module, torch.nn.Linear):
+            continue
+        owner = name[: -len(leaf)] + _SHARED_DOWN.get(leaf, leaf)  # q's down for k and v
+        if owner not in shared_downs:
+            shared_downs[owner] = torch.randn(rank, module.in_features, generator=generator) * 0.3
+        downs[name] = shared_downs[owner].clone()
+        ups[name] = torch.randn(module.out_features, rank, generator=generator) * 0.3
+    config = json.loads((Path(base) / "text_encoder" / "config.json").read_text())
+    width, inner = config["hidden_size"], config["intermediate_size"]
+    clip = {"text_model.encoder.layers.0.self_attn.q_proj": (width, width),
+            "text_model.encoder.layers.1.mlp.fc1": (inner, width)}
+    clip_layers = {}
+    for name, (rows, cols) in clip.items():
+        clip_layers[name] = (torch.randn(rank, cols, generator=generator) * 0.3,
+                             torch.randn(rows, rank, generator=generator) * 0.3)
+    StableDiffusion3Pipeline.save_lora_weights(
+        out / "diffusers", safe_serialization=True,
+        transformer_lora_layers={f"{m}.lora_{ab}.weight": (downs if ab == "A" else ups)[m]
+                                 for m in downs for ab in "AB"},
+        text_encoder_lora_layers={f"{m}.lora_{ab}.weight": w for m, (a, b) in clip_layers.items()
+                                  for ab, w in (("A", a), ("B", b))})
+    kohya: dict[str, torch.Tensor] = {}
+
+    def put(name: str, down: torch.Tensor, up: torch.Tensor) -> None:
+        kohya[f"{name}.lora_down.weight"] = (down * rank / alpha).contiguous()
+        kohya[f"{name}.lora_up.weight"] = up.contiguous()
+        kohya[f"{name}.alpha"] = torch.tensor(alpha)
+
+    written: list[str] = []
+    for stability, (members, swapped) in _stability_names(transformer).items():
+        if members[0] in downs:
+            up = torch.cat([ups[m] for m in members])
+            put("lora_unet_" + stability.replace(".", "_"), downs[members[0]],
+                _swap_scale_shift(up) if swapped else up)
+            written += members
+    for name, (down, up) in clip_layers.items():
+        put("lora_te1_" + name.replace(".", "_"), down, up)
+    if sorted(written) != sorted(downs):
+        raise AssertionError(f"LoRA layers without a Stability name: {set(downs) - set(written)}")
+    save_file(kohya, str(out / "sd3_kohya_lora.safetensors"),
+              metadata={"ss_base_model_version": "sd3", "ss_network_module": "networks.lora_sd3",
+                        "ss_network_dim": str(rank), "ss_network_alpha": str(alpha)})
+    return out / "sd3_kohya_lora.safetensors", out / "diffusers"
 
 
 def write_json(path: Path, data: dict) -> None:

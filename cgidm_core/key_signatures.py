@@ -219,9 +219,12 @@ def is_dit_lora(keys: list[str]) -> bool:
 
 
 def is_flux2_lora(keys: list[str]) -> bool:
-    """A Flux.2 LoRA as diffusers saves it (``transformer.*``); the BFL / kohya namings its
-    loader also converts are not tested."""
-    return looks_like_lora(keys) and any(k.startswith("transformer.") for k in keys) \
+    """A Flux.2 LoRA as diffusers saves it (``transformer.*``) or as ai-toolkit shares it (BFL
+    names under ``diffusion_model.``, which diffusers' Flux.2 loader converts); Flux.1's LoRAs
+    use the same BFL block names, so the base decides."""
+    return looks_like_lora(keys) and any(
+        k.startswith(("transformer.", "diffusion_model.double_blocks.",
+                      "diffusion_model.single_blocks.")) for k in keys) \
         and not is_sd3_own_lora(keys)
 
 

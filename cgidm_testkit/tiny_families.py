@@ -965,3 +965,34 @@ def make_flux2_dev_single_file(base: str | Path, out_file: str | Path, seed: int
     also written as ``<stem>_diffusers/transformer``."""
     return make_single_file("Flux2Transformer2DModel", base, out_file, seed,
                             rename=flux2_transformer_to_bfl)
+
+
+def make_flux2_lora_pair(pipeline_class: str, base: str | Path, out: str | Path, seed: int = 1,
+                         rank: int = 4) -> tuple[Path, Path]:
+    """The same random Flux.2 attention LoRA written twice: as ai-toolkit shares it (one file,
+    BFL names under ``diffusion_model.``: ``double_blocks.N.img_attn.qkv`` with ONE down matrix
+    for q, k and v, ``img_attn.proj``, ``lora_A`` / ``lora_B``) and as a diffusers LoRA folder
+    (``transformer.*``; its q, k and v share that down matrix). Returns ``(ai-toolkit file,
+    diffusers folder)``."""
+    import diffusers
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    layers = attention_lora_layers(load_transformer("Flux2Transformer2DModel", base), rank,
+                                   torch.Generator().manual_seed(seed))
+    toolkit: dict[str, torch.Tensor] = {}
+    blocks = sorted({int(k.split(".")[1]) for k in layers if k.startswith("transformer_blocks.")})
+    for i in blocks:
+        d = f"transformer_blocks.{i}.attn"
+        for name in ("to_k", "to_v"):  # one down matrix for the fused qkv
+            layers[f"{d}.{name}.lora_A.weight"] = layers[f"{d}.to_q.lora_A.weight"].clone()
+        b = f"diffusion_model.double_blocks.{i}.img_attn"
+        toolkit[f"{b}.qkv.lora_A.weight"] = layers[f"{d}.to_q.lora_A.weight"].clone()
+        toolkit[f"{b}.qkv.lora_B.weight"] = torch.cat(
+            [layers[f"{d}.{n}.lora_B.weight"] for n in ("to_q", "to_k", "to_v")])
+        toolkit[f"{b}.proj.lora_A.weight"] = layers[f"{d}.to_out.0.lora_A.weight"].clone()
+        toolkit[f"{b}.proj.lora_B.weight"] = layers[f"{d}.to_out.0.lora_B.weight"].clone()
+    getattr(diffusers, pipeline_class).save_lora_weights(
+        out / "diffusers", transformer_lora_layers=layers, safe_serialization=True)
+    save_file({k: v.contiguous() for k, v in toolkit.items()}, str(out / "ai_toolkit.safetensors"))
+    return out / "ai_toolkit.safetensors", out / "diffusers"

@@ -163,3 +163,26 @@ def test_layouts_predict_like_diffusers(dev, kind, tmp_path):
         with torch.no_grad():
             again = pair.eps_pretrained(z, t, cond)
         torch.testing.assert_close(again, v_pre, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_ai_toolkit_lora_predicts_like_the_same_diffusers_lora(dev, tmp_path):
+    """ai-toolkit's BFL-named LoRA (``diffusion_model.double_blocks.N.img_attn.qkv``, one down
+    matrix for q, k, v) through cgidm's loader gives the velocity Flux2Pipeline gives with the
+    diffusers LoRA of the same weights."""
+    from cgidm_core.models.flux2_dev import Flux2DevLoraPair
+
+    toolkit, diffusers_lora = tiny_families.make_flux2_lora_pair(
+        "Flux2Pipeline", dev["base"], tmp_path, seed=9)
+    assert detect_finetuned_kind(toolkit) == "lora"
+    pair = load_pair_from_paths(dev["base"], toolkit, **CPU)
+    assert type(pair) is Flux2DevLoraPair
+    z = torch.randn((2, *pair.latent_shape), generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([20, 700])
+    cond = pair.conditioning(PROMPT)
+    with torch.no_grad():
+        v_ft, v_pre = pair.eps_finetuned(z, t, cond), pair.eps_pretrained(z, t, cond)
+    sigma = pair.sigmas(t, z)
+    reference = _reference_pipeline({**dev, "lora": diffusers_lora}, "lora")
+    torch.testing.assert_close(v_ft, _reference_velocity(reference, z, t, sigma))
+    assert (v_ft - v_pre).abs().max() > 1e-3

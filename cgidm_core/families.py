@@ -285,7 +285,9 @@ FAMILIES: tuple[Family, ...] = (
             metadata_keys=("ss_tag_frequency", "ss_output_name"),
         ),
         finetuned_layouts=TRANSFORMER_LAYOUTS,
-        lora_formats=("diffusers/peft (transformer.*)",),
+        lora_formats=("diffusers/peft (transformer.*)",
+                      "ai-toolkit (diffusion_model.double_blocks.*, BFL names)",
+                      "musubi-tuner / sd-scripts (lora_unet_double_blocks_*)"),
         pretrained_layouts=("Flux2Pipeline folder (FLUX.2-dev; its Pixtral processor read as "
                             "the tokenizer alone)", _ONE_FILE + " (BFL naming)"),
         defaults=Defaults(
@@ -301,7 +303,7 @@ FAMILIES: tuple[Family, ...] = (
                      "is far larger than Flux.1's 12B, so this UNDER-estimates: set the batch "
                      "size by hand"),
         summary="Flux.2 dev; fine-tunes as pipeline folders, transformer/ folders, single-file "
-                "transformers (BFL naming), LoRAs (diffusers/peft)",
+                "transformers (BFL naming), LoRAs (diffusers/peft, ai-toolkit, musubi/kohya)",
     ),
     Family(
         name=FLUX2_FAMILY,
@@ -317,7 +319,9 @@ FAMILIES: tuple[Family, ...] = (
         ),
         # single files are recognised (so they are refused by name), not loaded
         finetuned_layouts=("pipeline", "dreambooth", "lora"),
-        lora_formats=("diffusers/peft (transformer.*)",),
+        lora_formats=("diffusers/peft (transformer.*)",
+                      "ai-toolkit / musubi-tuner names (diffusers' Flux.2 converters; tested on "
+                      "Flux.2 dev)"),
         pretrained_layouts=("Flux2KleinPipeline folder",),
         defaults=Defaults(
             gpu_dtype="bfloat16", resolution=1024,

@@ -219,12 +219,14 @@ def is_dit_lora(keys: list[str]) -> bool:
 
 
 def is_flux2_lora(keys: list[str]) -> bool:
-    """A Flux.2 LoRA as diffusers saves it (``transformer.*``) or as ai-toolkit shares it (BFL
-    names under ``diffusion_model.``, which diffusers' Flux.2 loader converts); Flux.1's LoRAs
-    use the same BFL block names, so the base decides."""
+    """A Flux.2 LoRA as diffusers saves it (``transformer.*``), as ai-toolkit shares it (BFL
+    names under ``diffusion_model.``) or as musubi-tuner / sd-scripts name it
+    (``lora_unet_double_blocks_*``), the last two converted by diffusers' Flux.2 loader; Flux.1's
+    LoRAs use the same BFL block names, so the base decides."""
     return looks_like_lora(keys) and any(
         k.startswith(("transformer.", "diffusion_model.double_blocks.",
-                      "diffusion_model.single_blocks.")) for k in keys) \
+                      "diffusion_model.single_blocks.", "lora_unet_double_blocks_",
+                      "lora_unet_single_blocks_")) for k in keys) \
         and not is_sd3_own_lora(keys)
 
 

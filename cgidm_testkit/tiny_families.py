@@ -972,8 +972,9 @@ def make_flux2_lora_pair(pipeline_class: str, base: str | Path, out: str | Path,
     """The same random Flux.2 attention LoRA written twice: as ai-toolkit shares it (one file,
     BFL names under ``diffusion_model.``: ``double_blocks.N.img_attn.qkv`` with ONE down matrix
     for q, k and v, ``img_attn.proj``, ``lora_A`` / ``lora_B``) and as a diffusers LoRA folder
-    (``transformer.*``; its q, k and v share that down matrix). Returns ``(ai-toolkit file,
-    diffusers folder)``."""
+    (``transformer.*``; its q, k and v share that down matrix); also as musubi-tuner /
+    sd-scripts name it, ``kohya.safetensors`` next to them (``lora_unet_double_blocks_*``,
+    ``lora_down`` / ``lora_up`` / ``alpha``). Returns ``(ai-toolkit file, diffusers folder)``."""
     import diffusers
     from safetensors.torch import save_file
 
@@ -995,4 +996,14 @@ def make_flux2_lora_pair(pipeline_class: str, base: str | Path, out: str | Path,
     getattr(diffusers, pipeline_class).save_lora_weights(
         out / "diffusers", transformer_lora_layers=layers, safe_serialization=True)
     save_file({k: v.contiguous() for k, v in toolkit.items()}, str(out / "ai_toolkit.safetensors"))
+    kohya, alpha = {}, rank / 2  # musubi-tuner / sd-scripts: lora_down/lora_up/alpha names
+    for key, tensor in toolkit.items():
+        module, ab = key[len("diffusion_model."):].rsplit(".lora_", 1)
+        name = "lora_unet_" + module.replace(".", "_")
+        if ab == "A.weight":
+            kohya[f"{name}.lora_down.weight"] = (tensor * rank / alpha).contiguous()
+            kohya[f"{name}.alpha"] = torch.tensor(alpha)
+        else:
+            kohya[f"{name}.lora_up.weight"] = tensor.contiguous()
+    save_file(kohya, str(out / "kohya.safetensors"))
     return out / "ai_toolkit.safetensors", out / "diffusers"

@@ -166,16 +166,19 @@ def test_layouts_predict_like_diffusers(dev, kind, tmp_path):
 
 
 @pytest.mark.slow
-def test_ai_toolkit_lora_predicts_like_the_same_diffusers_lora(dev, tmp_path):
+@pytest.mark.parametrize("naming", ["ai_toolkit", "kohya"])
+def test_trainer_loras_predict_like_the_same_diffusers_lora(dev, tmp_path, naming):
     """ai-toolkit's BFL-named LoRA (``diffusion_model.double_blocks.N.img_attn.qkv``, one down
-    matrix for q, k, v) through cgidm's loader gives the velocity Flux2Pipeline gives with the
-    diffusers LoRA of the same weights."""
+    matrix for q, k, v) and musubi-tuner / sd-scripts' (``lora_unet_double_blocks_*`` with
+    ``alpha``) through cgidm's loader give the velocity Flux2Pipeline gives with the diffusers
+    LoRA of the same weights."""
     from cgidm_core.models.flux2_dev import Flux2DevLoraPair
 
     toolkit, diffusers_lora = tiny_families.make_flux2_lora_pair(
         "Flux2Pipeline", dev["base"], tmp_path, seed=9)
-    assert detect_finetuned_kind(toolkit) == "lora"
-    pair = load_pair_from_paths(dev["base"], toolkit, **CPU)
+    lora = toolkit if naming == "ai_toolkit" else toolkit.parent / "kohya.safetensors"
+    assert detect_finetuned_kind(lora) == "lora"
+    pair = load_pair_from_paths(dev["base"], lora, **CPU)
     assert type(pair) is Flux2DevLoraPair
     z = torch.randn((2, *pair.latent_shape), generator=torch.Generator().manual_seed(0))
     t = torch.tensor([20, 700])

@@ -22,7 +22,9 @@ What differs from Klein, as diffusers' ``Flux2Pipeline`` runs it:
 
 Layouts: ``Flux2Pipeline`` folders, ``transformer/`` folders, a one-file transformer in BFL's
 naming (``flux2-dev.safetensors``; diffusers' converter, with the base folder's config), LoRAs
-through diffusers' Flux.2 loader (diffusers/peft naming).
+through diffusers' Flux.2 loader (diffusers/peft, ai-toolkit ``diffusion_model.double_blocks.*``
+and musubi-tuner / sd-scripts ``lora_unet_double_blocks_*`` naming, the last two converted by
+diffusers).
 """
 
 from __future__ import annotations

@@ -130,6 +130,34 @@ def test_prompt_tokens_are_the_processors(dev):
     assert ids.count(tokenizer.bos_token_id) == 1
 
 
+def test_a_legacy_chat_template_json_gives_the_same_tokens(dev, tmp_path):
+    """Processor folders saved by older transformers hold the template as chat_template.json;
+    one without any template is refused by name."""
+    import json
+    import shutil
+
+    from cgidm_core.errors import ModelFormatError
+    from cgidm_core.models.flux2_dev import (
+        LoadOptions,
+        load_mistral_tokenizer,
+        mistral_prompt_tokens,
+    )
+
+    opts = LoadOptions(torch.device("cpu"), torch.float32, True)
+    folder = tmp_path / "legacy"
+    shutil.copytree(dev["base"] / "tokenizer", folder / "tokenizer")
+    template = folder / "tokenizer" / "chat_template.jinja"
+    (folder / "tokenizer" / "chat_template.json").write_text(
+        json.dumps({"chat_template": template.read_text()}))
+    template.unlink()
+    ours = mistral_prompt_tokens(load_mistral_tokenizer(folder, opts), PROMPT)
+    theirs = mistral_prompt_tokens(load_mistral_tokenizer(dev["base"], opts), PROMPT)
+    assert ours.input_ids.tolist() == theirs.input_ids.tolist()
+    (folder / "tokenizer" / "chat_template.json").unlink()
+    with pytest.raises(ModelFormatError, match="no chat template"):
+        load_mistral_tokenizer(folder, opts)
+
+
 #: The quick suite runs the LoRA layout; the pipeline folder and the single file run with the slow
 #: tests. A ``transformer/`` folder goes through the same transformer_adapter code as Klein's
 #: (tested in test_flux2.py), so it is not run again here.

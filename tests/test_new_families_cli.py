@@ -1,6 +1,6 @@
 """``cgidm check`` end to end on a tiny LoRA pair of each new family (Chroma, Z-Image,
-Qwen-Image, Flux.2 Klein and dev; SD 3.5's is in test_sd3.py): detection, loading, the inversion
-at 32 px and results.json, from the command line as a user runs it."""
+Qwen-Image, Flux.2 Klein; SD 3.5's is in test_sd3.py): detection, loading, the inversion at 32 px
+and results.json, from the command line as a user runs it."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ FAMILIES = {
     "z-image": (tiny_families.make_tiny_zimage, tiny_families.make_zimage_lora),
     "qwen-image": (tiny_families.make_tiny_qwen_image, tiny_families.make_qwen_image_lora),
     "flux2": (tiny_families.make_tiny_flux2_klein, tiny_families.make_flux2_lora),
-    "flux2-dev": (tiny_families.make_tiny_flux2_dev, tiny_families.make_flux2_dev_lora),
 }
 
 

@@ -72,12 +72,15 @@ def flux2_dev_pipeline_family(folder: Path, name: str, index: dict[str, Any]) ->
     ``Flux2Transformer2DModel``; anything else the table gave here is refused by name."""
     config_file = folder / "transformer" / "config.json"
     transformer = read_json(config_file) if config_file.is_file() else {}
-    if name != PIPELINE_CLASS or transformer.get("_class_name", TRANSFORMER_CLASS) != (
-            TRANSFORMER_CLASS) or not transformer.get("guidance_embeds", True):
+    found = transformer.get("_class_name", TRANSFORMER_CLASS)
+    problem = (f"is a {name} model" if name != PIPELINE_CLASS else
+               f"holds a {found}, not a {TRANSFORMER_CLASS}" if found != TRANSFORMER_CLASS else
+               f"is a {name} model whose transformer has no guidance embedding (a Klein "
+               "transformer?)" if not transformer.get("guidance_embeds", True) else "")
+    if problem:
         raise UnsupportedModelFamilyError(
-            f"{folder} is a {name} model whose transformer has no guidance embedding: of "
-            f"Flux.2 cgidm supports {PIPELINE_CLASS} (dev, guidance-distilled) and "
-            "Flux2KleinPipeline (Klein). " + SUPPORTED_HINT)
+            f"{folder} {problem}: of Flux.2 cgidm supports {PIPELINE_CLASS} (dev, "
+            "guidance-distilled) and Flux2KleinPipeline (Klein). " + SUPPORTED_HINT)
     require_pipeline_parts(folder, name, index)
     return FLUX2_DEV_FAMILY
 

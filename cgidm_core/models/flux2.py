@@ -22,7 +22,8 @@ As diffusers' ``Flux2KleinPipeline`` runs it:
   dev's).
 
 Layouts: ``Flux2KleinPipeline`` folders, ``transformer/`` folders, LoRAs through diffusers'
-Flux.2 loader (diffusers/peft names tested; its converters for BFL / kohya names are not).
+Flux.2 loader (diffusers/peft names tested on Klein; its converters for ai-toolkit's BFL names and
+musubi / sd-scripts' ``lora_unet_*`` names are tested on Flux.2 dev, ``tests/test_flux2_dev.py``).
 Single files are recognised (``single_stream_modulation.*``) but not loaded: not tested at tiny
 size.
 """

@@ -343,10 +343,11 @@ def _batch_results(pair: ModelPair, run: _Run, record: dict[str, Any], cond: Any
     values = compute_metrics(out.original, out.recovered, out.mask, run.wanted,
                              run.feature_model)
     # Minus CGI-DM's objective along the PGD (fine-tune's loss minus base's: 0 for every image
-    # when the fine-tune is its base): one part of the verdict's paired score.
+    # when the fine-tune is its base): one part of the verdict's paired score. A step skipped
+    # for a non-finite gradient has a non-finite loss; the mean is over the other steps.
     half = config.steps // 2
-    objective = {"objective_mean": (-out.losses.mean(1)).tolist(),
-                 "objective_second_half": (-out.losses[:, half:].mean(1)).tolist()}
+    objective = {"objective_mean": (-out.losses.nanmean(1)).tolist(),
+                 "objective_second_half": (-out.losses[:, half:].nanmean(1)).tolist()}
     # The inversion already encoded the batch; its deterministic latent (the posterior mean)
     # is what the attacks score, so it is reused rather than encoded a second time.
     z0 = None if config.sample_latent else out.latent_original

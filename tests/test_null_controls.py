@@ -99,3 +99,30 @@ def test_fixed_score_worst_and_mean_with_intervals():
     row = fixed_score(scores, n_bootstrap=50)
     assert (row["worst"], row["mean"], row["pairs"]) == (0.5, 0.75, 2)
     assert row["worst_ci"][0] <= row["worst_ci"][1] and row["mean_ci"][0] <= 0.75
+
+
+def test_null_values_use_the_seeds_of_the_checks_own_inversions(tiny_ddpm_pair, tmp_path):
+    """The cached null values (cgidm_core.null_values) are the base recovery `authenticate`
+    makes for the same image: same per-image seeds and noise draws, so a difference between a
+    pair's value and the null value is not noise of other draws. Cached per image: a second
+    call computes nothing."""
+    from dataclasses import replace
+
+    from cgidm_core.api import authenticate, load_pair
+    from cgidm_core.inversion import InversionConfig
+    from cgidm_core.null_values import cached_null_values, compute_null_values
+
+    pre, ft = tiny_ddpm_pair
+    pair = load_pair(pre, ft)
+    files = sorted((VANGOGH / "membership").glob("*.jpg"))[:2]
+    config = InversionConfig(steps=3)
+    results = authenticate(pair, files, config=replace(config, base_recovery=True),
+                           attack_scores=())
+    null = compute_null_values(pair, files, tmp_path / "null", config)
+    assert null["base/ssim"] == pytest.approx(
+        [r.extra["base_recovery"]["ssim"] for r in results], abs=1e-6)
+    assert null["base/psnr"] == pytest.approx(
+        [r.extra["base_recovery"]["psnr"] for r in results], abs=1e-5)
+    assert cached_null_values(tmp_path / "null", files) == null
+    other = compute_null_values(pair, files, tmp_path / "other", replace(config, seed=1))
+    assert other["base/ssim"] != null["base/ssim"]  # the seeds matter: the check is not vacuous

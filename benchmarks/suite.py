@@ -18,8 +18,11 @@ LoRAs of ``demo-base`` on Van Gogh split A (``cgidm_core/pixel_lora_pairs.py``: 
 or attention + convolutions, ranks 4-64, merged into the base for evaluation; ``--lora``).
 The latent family's pairs are read from ``benchmarks.latent_suite``'s cache (``--no-latent`` to
 leave them out; that command makes them). The headline is the leave-one-recipe-group-out table
-per family (``cgidm_core.held_out``, bootstrap intervals), and the report names every pair the
-suite defines that is missing from the cache. ``--out`` is written only between its
+per family and for both families together (``cgidm_core.held_out``, bootstrap intervals), among
+the candidates that pass the null controls (``benchmarks.null_controls``: every candidate scored
+on pairs whose fine-tune is the base itself; their values and the images' null values are
+cached apart, under ``<cache>/null``), and the report names every pair the suite defines that
+is missing from the cache. ``--out`` is written only between its
 ``<!-- BEGIN/END generated ... -->`` markers: hand-written text around them is kept. Fine-tunes
 and per-pair results are cached under ``--cache`` (default ``~/.cache/cgidm/suite``), keyed by
 a hash of recipe, data and evaluation settings: a rerun computes only what is missing.

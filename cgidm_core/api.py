@@ -342,6 +342,12 @@ def _batch_results(pair: ModelPair, run: _Run, record: dict[str, Any], cond: Any
     out, indices, config = batch.out, batch.indices, run.config
     values = compute_metrics(out.original, out.recovered, out.mask, run.wanted,
                              run.feature_model)
+    # Minus CGI-DM's objective along the PGD (fine-tune's loss minus base's: 0 for every image
+    # when the fine-tune is its base): one part of the verdict's paired score. A step skipped
+    # for a non-finite gradient has a non-finite loss; the mean is over the other steps.
+    half = config.steps // 2
+    objective = {"objective_mean": (-out.losses.nanmean(1)).tolist(),
+                 "objective_second_half": (-out.losses[:, half:].nanmean(1)).tolist()}
     # The inversion already encoded the batch; its deterministic latent (the posterior mean)
     # is what the attacks score, so it is reused rather than encoded a second time.
     z0 = None if config.sample_latent else out.latent_original
@@ -370,6 +376,8 @@ def _batch_results(pair: ModelPair, run: _Run, record: dict[str, Any], cond: Any
                     "final_loss": _finite_or_none(float(out.losses[j, -1])),
                     "nonfinite_gradient_steps": _count(out.nonfinite_steps, j),
                     "input_sha256": record["inputs"][i]["sha256"],
+                    "inversion_scores": {name: _finite_or_none(float(vals[j]))
+                                         for name, vals in objective.items()},
                     **({"base_recovery": base[1][j]} if base else {}),
                     **({"attack_scores": {name: vals[j] for name, vals in
                                           attack_values.items()}} if attack_values else {}),

@@ -56,6 +56,11 @@ class InversionOutput:
     #: Extra recoveries asked for with ``record_steps`` / ``average_from`` (decoded, like
     #: ``recovered``): ``"step<n>"`` after n steps, ``"average"`` the mean of the iterates.
     recovered_at: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: The recovery before any step (``z0 * keep + z_start * free``, decoded): what a pair whose
+    #: fine-tune is its base returns (zero contrast, zero gradient), so a recovery's similarity
+    #: minus this one's says what the PGD added (``cgidm_core.null_values``). The same tensor
+    #: as ``partial`` unless the partial image is re-encoded (the reference preset).
+    start: torch.Tensor | None = None
 
 
 def scaled_radius(config: InversionConfig, free_entries: int) -> tuple[float, float]:
@@ -187,6 +192,8 @@ def invert(
         recovered_latent = z0 * keep + (z_start + delta) * free
         recovered = pair.decode(recovered_latent).float().cpu()
         partial = pair.decode(z_start).float().cpu()
+        start_point = (pair.decode(z0 * keep + z_start * free).float().cpu()
+                       if config.reencode_partial else partial)
         if delta_sum is not None and config.steps > average_from:  # type: ignore[operator]
             mean_delta = delta_sum / (config.steps - average_from)  # type: ignore[operator]
             recorded["average"] = pair.decode(z0 * keep + (z_start + mean_delta) * free)
@@ -203,6 +210,7 @@ def invert(
         epsilon=epsilon,
         nonfinite_steps=nonfinite.cpu(),
         recovered_at={k: v.float().cpu() for k, v in recorded.items()},
+        start=start_point,
     )
 
 

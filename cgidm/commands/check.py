@@ -49,9 +49,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--evidence",
         choices=CHECK_EVIDENCE_MODES,
         default=DEFAULT_EVIDENCE,
-        help="the score verdicts rest on (with --controls): 'fused' (default, chosen on the "
-        "benchmark suite) = z(SSIM) + z(PSNR) of the recovery + z(loss attack) + z(contrast), "
-        "standardised over images and controls together; 'similarity' = --metric alone",
+        help="the score verdicts rest on (with --controls): 'paired' (default, chosen on the "
+        "benchmark suite among the scores that pass its null controls) = z(minus CGI-DM's "
+        "objective over the inversion's second half) + z(contrast), standardised over images "
+        "and controls together; 'fused' = the former default, z(SSIM) + z(PSNR) + z(loss "
+        "attack) + z(contrast), which also scores how easy an image is to fill in (false "
+        "positives when images and controls differ that way); 'contrast' = the contrast "
+        "alone; 'similarity' = --metric alone",
     )
     parser.add_argument(
         "--display",

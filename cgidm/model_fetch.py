@@ -694,11 +694,12 @@ def _hf_download_to_store(ref: ModelReference, config: FetchConfig, store: Cache
 
     assert ref.repo_id is not None and listing.filename is not None
     filename, commit, expected = listing.filename, listing.commit, listing.expected
+    repo_id = ref.repo_id  # narrowed to str by the assert, also inside download() below
 
     def download(part: Path) -> None:
         staging = part.with_name(part.name + ".hf")
         try:
-            got = Path(hf_hub_download(ref.repo_id, filename, revision=commit,
+            got = Path(hf_hub_download(repo_id, filename, revision=commit,
                                        local_dir=staging, endpoint=config.endpoint))
             if sha256_file(got) != expected:
                 raise ModelFetchError("model_hash_mismatch", f"{what}: {filename} is "

@@ -8,6 +8,7 @@ read ``job.json`` while the worker rewrites it.
 
 from __future__ import annotations
 
+import builtins  # `list` below is also a method name, so annotations after it say builtins.list
 import contextlib
 import json
 import os
@@ -121,7 +122,7 @@ class Storage(ABC):
         """Every key under ``prefix`` (recursively), sorted."""
 
     @abstractmethod
-    def list_children(self, prefix: str) -> list[str]:
+    def list_children(self, prefix: str) -> builtins.list[str]:
         """Names of the "folders" directly under ``prefix`` (which ends with ``/``), sorted."""
 
     @abstractmethod
@@ -220,7 +221,7 @@ class LocalStorage(Storage):
                     keys.append(key)
         return sorted(keys)
 
-    def list_children(self, prefix: str) -> list[str]:
+    def list_children(self, prefix: str) -> builtins.list[str]:
         base = self._path(prefix, prefix=True)
         if not base.is_dir():
             return []
@@ -384,7 +385,7 @@ class S3Storage(Storage):
                 return sorted(keys)
             token = {"ContinuationToken": page["NextContinuationToken"]}
 
-    def list_children(self, prefix: str) -> list[str]:
+    def list_children(self, prefix: str) -> builtins.list[str]:
         full = self._key(prefix, prefix=True)
         names: list[str] = []
         token: dict[str, str] = {}

@@ -91,7 +91,7 @@ def load_pair(
     return pair
 
 
-class AuthenticationResults(list):
+class AuthenticationResults(list[ImageResult]):
     """The per-image results (a plain list of :class:`ImageResult`), plus ``provenance``: what
     they were computed from (``cgidm_core.provenance``)."""
 
@@ -381,7 +381,7 @@ def _batch_results(pair: ModelPair, run: _Run, record: dict[str, Any], cond: Any
 
 def _attack_scores(pair: ModelPair, tensor: torch.Tensor, cond: Any, attacks: Sequence[str],
                    seeds: Sequence[int], seed: int, batch_size: int,
-                   z0: torch.Tensor | None = None) -> dict[str, list[float]]:
+                   z0: torch.Tensor | None = None) -> dict[str, list[float | None]]:
     """The cheap membership scores of one batch (``cgidm_core.baselines``), seeded per image
     exactly as ``cgidm eval`` and the benchmark suite seed them, so the values agree."""
     from .baselines import BASELINES
@@ -394,7 +394,7 @@ def _attack_scores(pair: ModelPair, tensor: torch.Tensor, cond: Any, attacks: Se
     if z0 is None:  # the inversion sampled its latent (reference preset): the attacks take the mean
         with torch.no_grad():
             z0 = pair.encode(tensor.to(pair.device)).float()
-    out: dict[str, list[float]] = {}
+    out: dict[str, list[float | None]] = {}  # None: a non-finite score
     for name in attacks:
         values = BASELINES[name](pair, z0, cond, seed=seed, seeds=list(seeds),
                                  batch_size=batch_size)

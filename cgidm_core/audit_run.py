@@ -97,6 +97,7 @@ class BasePasses:
             self.memo[key] = out.detach()
             return out
 
+        # wraps this pair instance's method on purpose: the memo answers the repeated calls
         pair.eps_pretrained = eps_pretrained  # type: ignore[method-assign]
         try:
             yield

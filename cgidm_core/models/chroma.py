@@ -125,7 +125,7 @@ class _ChromaConditioning:
         kwargs.setdefault("denoiser_config", flux_latent_config(kwargs["vae"].config))
         self.scheduler_config = dict(scheduler_config)
         self.max_sequence_length = int(max_sequence_length or T5_TOKENS)
-        super().__init__(**kwargs)  # type: ignore[call-arg]
+        super().__init__(**kwargs)
 
     def shift_for(self, latent: torch.Tensor) -> float:
         return time_shift(self.scheduler_config, (latent.shape[-2] // 2) * (latent.shape[-1] // 2))
@@ -146,6 +146,7 @@ class _ChromaConditioning:
         del prediction_type
         z_t = z_t.to(self.device, torch.float32)
         batch, _, height, width = z_t.shape
+        # defined by the pair class this mixin is combined with (below)
         s = self.batch_sigmas(t, z_t)  # type: ignore[attr-defined]
         hidden, text_mask = context
         hidden = hidden.to(self.device, self.dtype)
@@ -166,16 +167,22 @@ class _ChromaConditioning:
         return unpack_latents(output.float(), height, width)
 
     def describe(self) -> dict[str, Any]:
+        # super() is the pair class the mixin is combined with; mypy sees object
         return {**super().describe(),  # type: ignore[misc]
                 "t5_tokens": self.max_sequence_length,
+                # defined by the pair class this mixin is combined with (below)
                 "time_shift_at_native_size": self.native_time_shift()}  # type: ignore[attr-defined]
 
 
-class ChromaPair(_ChromaConditioning, FlowMatchingPair, StableDiffusionPair):
+# the conditioning mixin replaces the SD pair's _embed/_predict with its family's own
+# signatures (LSP by design: only the pair itself calls them)
+class ChromaPair(_ChromaConditioning, FlowMatchingPair, StableDiffusionPair):  # type: ignore[misc]
     """A Chroma base and a fine-tune (pipeline folder, ``transformer/`` folder or single file)."""
 
 
-class ChromaLoraPair(_ChromaConditioning, FlowMatchingPair, StableDiffusionLoraPair):
+# the conditioning mixin replaces the SD pair's _embed/_predict with its family's own
+# signatures (LSP by design: only the pair itself calls them)
+class ChromaLoraPair(_ChromaConditioning, FlowMatchingPair, StableDiffusionLoraPair):  # type: ignore[misc]
     """A Chroma base and a LoRA of it: ONE transformer, adapter on and off."""
 
 

@@ -63,7 +63,7 @@ class _SDXLConditioning:
 
     def __init__(self, *, tokenizer_2: Any, **kwargs: Any) -> None:
         self.tokenizer_2 = tokenizer_2
-        super().__init__(**kwargs)  # type: ignore[call-arg]
+        super().__init__(**kwargs)
 
     def _tokens(self, tokenizer: Any, prompt: str) -> torch.Tensor:
         return tokenize(tokenizer, prompt).input_ids.to(self.device)
@@ -75,6 +75,7 @@ class _SDXLConditioning:
         # that grew a vocabulary); ``tokenizer`` is that first one.
         del tokenizer
         with torch.no_grad():
+            # the pair's text-encoder module defines encode(); Module.__getattr__ hides it
             hidden, pooled = text_encoder.encode(  # type: ignore[operator]
                 self._tokens(self.tokenizer, prompt), self._tokens(self.tokenizer_2, prompt)
             )
@@ -111,9 +112,13 @@ class _SDXLConditioning:
         return output_to_eps(output, z_t, steps, prediction_type, self.alphas_cumprod)
 
 
-class StableDiffusionXLPair(_SDXLConditioning, StableDiffusionPair):
+# the conditioning mixin replaces the SD pair's _embed/_predict with its family's own
+# signatures (LSP by design: only the pair itself calls them)
+class StableDiffusionXLPair(_SDXLConditioning, StableDiffusionPair):  # type: ignore[misc]
     """An SDXL base and a fine-tune of it (full pipeline, DreamBooth folder or single file)."""
 
 
-class StableDiffusionXLLoraPair(_SDXLConditioning, StableDiffusionLoraPair):
+# the conditioning mixin replaces the SD pair's _embed/_predict with its family's own
+# signatures (LSP by design: only the pair itself calls them)
+class StableDiffusionXLLoraPair(_SDXLConditioning, StableDiffusionLoraPair):  # type: ignore[misc]
     """An SDXL base and a LoRA of it: ONE UNet and one pair of text encoders, adapter on/off."""

@@ -19,7 +19,7 @@ import ctypes
 import ctypes.util
 import gc
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -29,6 +29,9 @@ from cgidm_core.models.predictions import expand_timesteps, output_to_eps
 from cgidm_core.models.text_encoders import tokenize
 from cgidm_core.names import SD_FAMILY
 from cgidm_core.pair import Conditioning, ModelPair, storage_bytes
+
+if TYPE_CHECKING:  # annotations only; mypy reads these packages as Any (pyproject.toml)
+    from diffusers import AutoencoderKL
 
 #: Builds fresh copies of a pair's text encoders, exactly as loading built them, on the pair's
 #: device and dtype: ``(pretrained, finetuned)``, the second ``None`` when ``finetuned`` is False
@@ -102,7 +105,7 @@ class StableDiffusionPair(ModelPair):
     def __init__(
         self,
         *,
-        vae: torch.nn.Module,
+        vae: AutoencoderKL,  # or a module read the same way (QwenImageVAE2D, Flux2VAE2D)
         tokenizer: Any,
         alphas_cumprod: torch.Tensor | None,
         unet_pretrained: torch.nn.Module,
@@ -162,6 +165,7 @@ class StableDiffusionPair(ModelPair):
         self._text_encoders_released = False
 
     @property
+    # ModelPair declares a plain int; an SD pair computes it from free memory
     def preferred_batch_size(self) -> int:  # type: ignore[override]
         """8 on a CPU; on a GPU as many images as its free memory holds, up to 32.
 
@@ -322,7 +326,9 @@ class StableDiffusionPair(ModelPair):
         if context.shape[0] != batch:
             context = context.expand(batch, *context.shape[1:])
         output = unet(z_t.to(self.dtype), steps, encoder_hidden_states=context).sample.float()
-        return output_to_eps(output, z_t, steps, prediction_type, self.alphas_cumprod)
+        # alphas_cumprod is None only for flow-matching pairs, which predict elsewhere
+        return output_to_eps(output, z_t, steps, prediction_type,
+                             self.alphas_cumprod)  # type: ignore[arg-type]
 
     def eps_finetuned(self, z_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         return self._predict(
@@ -428,7 +434,8 @@ def adapter_state_checkpoint(switch: AdapterSwitch) -> Callable[..., Any]:
             try:
                 return module(*inputs)
             finally:
-                switch.set(now)
+                # not None: `state` was not None, so a set() had run before `now` was read
+                switch.set(now)  # type: ignore[arg-type]
 
         return checkpoint(segment, *args, use_reentrant=False)
 

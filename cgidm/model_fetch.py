@@ -39,12 +39,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from cgidm.errors import CodedError
 from cgidm.model_refs import ModelReference
+
+if TYPE_CHECKING:  # annotations only
+    from cgidm.settings import Settings
 
 log = logging.getLogger("cgidm.model_fetch")
 
@@ -78,7 +81,7 @@ class FetchConfig:
     offline: bool | None = None
 
     @classmethod
-    def from_settings(cls, settings: Any, cache_dir: Path | None = None,
+    def from_settings(cls, settings: Settings, cache_dir: Path | None = None,
                       **overrides: Any) -> FetchConfig:
         return cls(cache_dir=Path(cache_dir or settings.resolved_model_cache_dir),
                    civitai_url=settings.civitai_url, civitai_token=settings.civitai_token,

@@ -18,10 +18,13 @@ import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
 from cgidm.errors import CgidmServiceError
+
+if TYPE_CHECKING:  # annotations only
+    from cgidm.settings import Settings
 
 CHUNK_SIZE = 64 * 1024
 #: Size of each part of an S3 multipart upload (S3 wants >= 5 MiB for all parts but the last);
@@ -521,7 +524,7 @@ def open_storage(
     )
 
 
-def storage_from_settings(settings: Any) -> Storage:
+def storage_from_settings(settings: Settings) -> Storage:
     """The storage :class:`cgidm.settings.Settings` describe."""
     return open_storage(
         settings.resolved_storage_url,

@@ -83,6 +83,8 @@ if TYPE_CHECKING:  # annotations only; mypy reads these packages as Any (pyproje
     from diffusers import SD3Transformer2DModel
     from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
+    from cgidm_core.models.adapter import PairRequest
+
 # -- recognition (no weights read) ---------------------------------------------------------------
 
 #: ``model_index.json`` class of the text-to-image pipeline this adapter loads.
@@ -552,7 +554,7 @@ def check_pipeline_folder(folder: Path, index: dict[str, Any]) -> None:
     sd3_pipeline_family(folder, str(index.get("_class_name", "")), index)
 
 
-def load_pair(request: Any) -> SD3Pair | SD3LoraPair:
+def load_pair(request: PairRequest) -> SD3Pair | SD3LoraPair:
     """Load a pair from the registry's ``PairRequest`` (``pretrained``, ``finetuned``, ``kind``,
     ``opts``, ``keep_text_encoders``, ``pretrained_file``: a one-file transformer whose other parts
     come from the ``pretrained`` folder)."""

@@ -32,7 +32,7 @@ from .images import (
 )
 from .inversion import CancelFn, InversionConfig, invert
 from .names import DEFAULT_DISPLAY, DEFAULT_METRIC, PIXEL_METRICS
-from .pair import ModelPair
+from .pair import Conditioning, ModelPair
 from .prompts import EmptyPromptWarning, choose_prompt
 from .results import ImageResult
 from .similarity import (
@@ -270,7 +270,7 @@ def _prepare_run(pair: ModelPair, images: Sequence[ImageSource], *,
                 attacks=attacks, display=display)
 
 
-def _inverted_batches(pair: ModelPair, run: _Run, cond: Any,
+def _inverted_batches(pair: ModelPair, run: _Run, cond: Conditioning,
                       progress: Callable[[int, int], None] | None,
                       should_cancel: CancelFn | None,
                       on_batch_halved: Callable[[int], None] | None) -> Iterator[_Batch]:
@@ -335,7 +335,7 @@ def _after_out_of_memory(pair: ModelPair, config: InversionConfig, indices: list
         ) from exc
 
 
-def _batch_results(pair: ModelPair, run: _Run, record: dict[str, Any], cond: Any,
+def _batch_results(pair: ModelPair, run: _Run, record: dict[str, Any], cond: Conditioning,
                    batch: _Batch, should_cancel: CancelFn | None) -> list[ImageResult]:
     """Score one inverted batch: the recovery's similarity metrics, the attacks on the same
     images, and the pictures (the shown recovery clamped to the palette unless ``raw``)."""
@@ -379,7 +379,8 @@ def _batch_results(pair: ModelPair, run: _Run, record: dict[str, Any], cond: Any
     return results
 
 
-def _attack_scores(pair: ModelPair, tensor: torch.Tensor, cond: Any, attacks: Sequence[str],
+def _attack_scores(pair: ModelPair, tensor: torch.Tensor, cond: Conditioning,
+                   attacks: Sequence[str],
                    seeds: Sequence[int], seed: int, batch_size: int,
                    z0: torch.Tensor | None = None) -> dict[str, list[float | None]]:
     """The cheap membership scores of one batch (``cgidm_core.baselines``), seeded per image

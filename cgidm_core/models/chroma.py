@@ -28,7 +28,7 @@ pretrained model with ``pretrained_config``), LoRAs through diffusers' Flux LoRA
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -73,6 +73,9 @@ from cgidm_core.models.transformer_adapter import (
 )
 from cgidm_core.names import CHROMA_FAMILY
 
+if TYPE_CHECKING:  # annotations only; mypy reads transformers as Any (pyproject.toml)
+    from transformers import PreTrainedTokenizerBase
+
 # -- recognition (no weights read) ---------------------------------------------------------------
 
 PIPELINE_CLASS = "ChromaPipeline"
@@ -115,7 +118,7 @@ class _ChromaConditioning:
     """What a Chroma pair does differently from an SD pair (mixin before FlowMatchingPair)."""
 
     family = CHROMA_FAMILY
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     device: torch.device
     dtype: torch.dtype
     unet_pretrained: torch.nn.Module
@@ -130,7 +133,7 @@ class _ChromaConditioning:
     def shift_for(self, latent: torch.Tensor) -> float:
         return time_shift(self.scheduler_config, (latent.shape[-2] // 2) * (latent.shape[-1] // 2))
 
-    def _embed(self, tokenizer: Any, text_encoder: torch.nn.Module, prompt: str
+    def _embed(self, tokenizer: PreTrainedTokenizerBase, text_encoder: torch.nn.Module, prompt: str
                ) -> tuple[torch.Tensor, torch.Tensor]:
         del tokenizer  # both models read the base's tokenizer
         tokens = tokenize(self.tokenizer, prompt, self.max_sequence_length)

@@ -36,6 +36,7 @@ from cgidm_core.names import FLUX_FAMILY
 
 if TYPE_CHECKING:  # annotations only; mypy reads diffusers as Any (pyproject.toml)
     from diffusers import FluxTransformer2DModel
+    from transformers import PreTrainedTokenizerBase
 
 #: Guidance value for Flux.1-dev when the fine-tune does not say what it was trained with: the
 #: default of diffusers' ``FluxPipeline``, of its Flux DreamBooth/LoRA training scripts and of
@@ -125,8 +126,8 @@ class _FluxConditioning:
     """
 
     family = FLUX_FAMILY
-    tokenizer: Any
-    tokenizer_2: Any
+    tokenizer: PreTrainedTokenizerBase
+    tokenizer_2: PreTrainedTokenizerBase
     device: torch.device
     dtype: torch.dtype
     unet_pretrained: FluxTransformer2DModel
@@ -135,7 +136,7 @@ class _FluxConditioning:
     def __init__(
         self,
         *,
-        tokenizer_2: Any,
+        tokenizer_2: PreTrainedTokenizerBase,
         scheduler_config: dict[str, Any],
         guidance: float | None,
         guidance_source: str = "default",
@@ -182,11 +183,11 @@ class _FluxConditioning:
 
     # -- text ----------------------------------------------------------------------------------
 
-    def _tokens(self, tokenizer: Any, prompt: str, length: int) -> torch.Tensor:
+    def _tokens(self, tokenizer: PreTrainedTokenizerBase, prompt: str, length: int) -> torch.Tensor:
         return tokenize(tokenizer, prompt, length).input_ids.to(self.device)
 
     def _embed(
-        self, tokenizer: Any, text_encoder: torch.nn.Module, prompt: str
+        self, tokenizer: PreTrainedTokenizerBase, text_encoder: torch.nn.Module, prompt: str
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # Both models tokenize with the base's tokenizers; ``tokenizer`` is the CLIP one.
         del tokenizer

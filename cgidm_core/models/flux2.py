@@ -63,6 +63,7 @@ from cgidm_core.names import FLUX2_FAMILY
 
 if TYPE_CHECKING:  # annotations only; mypy reads these packages as Any (pyproject.toml)
     from diffusers import AutoencoderKLFlux2
+    from transformers import PreTrainedTokenizerBase
 
 # -- recognition (no weights read) ---------------------------------------------------------------
 
@@ -166,7 +167,7 @@ class _Flux2Conditioning:
     """What a Flux.2 Klein pair does differently from an SD pair (mixin before FlowMatchingPair)."""
 
     family = FLUX2_FAMILY
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     device: torch.device
     dtype: torch.dtype
 
@@ -182,7 +183,8 @@ class _Flux2Conditioning:
     def shift_for(self, latent: torch.Tensor) -> float:
         return flux2_shift(self.scheduler_config, latent.shape[-2] * latent.shape[-1])
 
-    def _embed(self, tokenizer: Any, text_encoder: torch.nn.Module, prompt: str) -> torch.Tensor:
+    def _embed(self, tokenizer: PreTrainedTokenizerBase, text_encoder: torch.nn.Module,
+               prompt: str) -> torch.Tensor:
         del tokenizer  # both models read the base's tokenizer
         text = self.tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True,

@@ -30,7 +30,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -61,6 +61,9 @@ from cgidm_core.models.formats import (
 )
 from cgidm_core.models.stable_diffusion import TextEncoderReloader
 
+if TYPE_CHECKING:  # annotations only; mypy reads transformers as Any (pyproject.toml)
+    from transformers import PreTrainedTokenizerBase
+
 _TRANSFORMER_WEIGHTS = ("diffusion_pytorch_model",)
 #: The diffusers class of a Flux.1 transformer (``transformer/config.json``).
 FLUX_TRANSFORMER = "FluxTransformer2DModel"
@@ -76,8 +79,8 @@ class FluxBase:
     vae: Any
     text_encoder: Any
     text_encoder_2: Any
-    tokenizer: Any
-    tokenizer_2: Any
+    tokenizer: PreTrainedTokenizerBase
+    tokenizer_2: PreTrainedTokenizerBase
     scheduler_config: dict[str, Any]
 
 

@@ -66,6 +66,7 @@ from cgidm_core.names import QWEN_IMAGE_FAMILY
 
 if TYPE_CHECKING:  # annotations only; mypy reads these packages as Any (pyproject.toml)
     from diffusers import AutoencoderKLQwenImage
+    from transformers import PreTrainedTokenizerBase
 
 # -- recognition (no weights read) ---------------------------------------------------------------
 
@@ -158,7 +159,7 @@ class _QwenImageConditioning:
     """What a Qwen-Image pair does differently from an SD pair (mixin before FlowMatchingPair)."""
 
     family = QWEN_IMAGE_FAMILY
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     device: torch.device
     dtype: torch.dtype
     pixels_per_latent: int
@@ -175,7 +176,8 @@ class _QwenImageConditioning:
     def shift_for(self, latent: torch.Tensor) -> float:
         return time_shift(self.scheduler_config, (latent.shape[-2] // 2) * (latent.shape[-1] // 2))
 
-    def _embed(self, tokenizer: Any, text_encoder: torch.nn.Module, prompt: str) -> torch.Tensor:
+    def _embed(self, tokenizer: PreTrainedTokenizerBase, text_encoder: torch.nn.Module,
+               prompt: str) -> torch.Tensor:
         del tokenizer  # both models read the base's tokenizer
         tokens = self.tokenizer([PROMPT_TEMPLATE.format(prompt)],
                                 max_length=TEXT_TOKENS + TEMPLATE_TOKENS, padding=True,

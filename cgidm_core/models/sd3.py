@@ -81,7 +81,7 @@ from cgidm_core.names import SD3_FAMILY
 
 if TYPE_CHECKING:  # annotations only; mypy reads these packages as Any (pyproject.toml)
     from diffusers import SD3Transformer2DModel
-    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+    from transformers import CLIPTextModelWithProjection, PreTrainedTokenizerBase, T5EncoderModel
 
     from cgidm_core.models.adapter import PairRequest
 
@@ -185,12 +185,13 @@ class _SD3Conditioning:
     the SD pair classes (``unet_*`` attributes hold the transformers)."""
 
     family = SD3_FAMILY
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     device: torch.device
     dtype: torch.dtype
     unet_pretrained: SD3Transformer2DModel
 
-    def __init__(self, *, tokenizer_2: Any, tokenizer_3: Any, scheduler_config: dict[str, Any],
+    def __init__(self, *, tokenizer_2: PreTrainedTokenizerBase,
+                 tokenizer_3: PreTrainedTokenizerBase, scheduler_config: dict[str, Any],
                  max_sequence_length: int | None = None, **kwargs: Any) -> None:
         transformer: SD3Transformer2DModel = kwargs.get("unet_pretrained", kwargs.get("unet"))
         kwargs.setdefault("denoiser_config",
@@ -207,7 +208,7 @@ class _SD3Conditioning:
         tokens = (latent.shape[-2] // self.patch_size) * (latent.shape[-1] // self.patch_size)
         return time_shift(self.scheduler_config, tokens)
 
-    def _embed(self, tokenizer: Any, text_encoder: torch.nn.Module, prompt: str
+    def _embed(self, tokenizer: PreTrainedTokenizerBase, text_encoder: torch.nn.Module, prompt: str
                ) -> tuple[torch.Tensor, torch.Tensor]:
         del tokenizer  # both models read the base's three tokenizers
         length = self.tokenizer.model_max_length  # the pipeline's for both CLIPs
@@ -287,9 +288,9 @@ class SD3Base:
     transformer: Any
     vae: Any
     encoders: SD3TextEncoders
-    tokenizer: Any
-    tokenizer_2: Any
-    tokenizer_3: Any
+    tokenizer: PreTrainedTokenizerBase
+    tokenizer_2: PreTrainedTokenizerBase
+    tokenizer_3: PreTrainedTokenizerBase
     scheduler_config: dict[str, Any]
 
 

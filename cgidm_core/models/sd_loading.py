@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -51,6 +51,9 @@ from cgidm_core.models.stable_diffusion import StableDiffusionLoraPair, StableDi
 from cgidm_core.models.unet_configs import refuse_variant, unet_family
 from cgidm_core.models.unet_file import load_unet_file
 
+if TYPE_CHECKING:  # annotations only; mypy reads transformers as Any (pyproject.toml)
+    from transformers import PreTrainedTokenizerBase
+
 
 @dataclass
 class SDBase:
@@ -60,7 +63,7 @@ class SDBase:
     unet: Any
     vae: Any
     text_encoder: Any
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     scheduler: Any
     alphas_cumprod: torch.Tensor
     prediction_type: str
@@ -72,7 +75,7 @@ class SDFinetune:
 
     unet: Any = None
     text_encoder: Any = None
-    tokenizer: Any = None
+    tokenizer: PreTrainedTokenizerBase | None = None
     prediction_type: str | None = None
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -63,6 +63,9 @@ from cgidm_core.models.vpred import (
 )
 from cgidm_core.prompts import safetensors_metadata
 
+if TYPE_CHECKING:  # annotations only; mypy reads transformers as Any (pyproject.toml)
+    from transformers import PreTrainedTokenizerBase
+
 _TEXT_ENCODERS = {
     "text_encoder": ("CLIPTextModel", "tokenizer"),
     "text_encoder_2": ("CLIPTextModelWithProjection", "tokenizer_2"),
@@ -83,8 +86,8 @@ class SDXLBase:
     vae: Any
     text_encoder: Any
     text_encoder_2: Any
-    tokenizer: Any
-    tokenizer_2: Any
+    tokenizer: PreTrainedTokenizerBase
+    tokenizer_2: PreTrainedTokenizerBase
     scheduler: Any
     alphas_cumprod: torch.Tensor
     prediction_type: str

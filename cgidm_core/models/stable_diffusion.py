@@ -32,6 +32,7 @@ from cgidm_core.pair import Conditioning, ModelPair, storage_bytes
 
 if TYPE_CHECKING:  # annotations only; mypy reads these packages as Any (pyproject.toml)
     from diffusers import AutoencoderKL
+    from transformers import PreTrainedTokenizerBase
 
 #: Builds fresh copies of a pair's text encoders, exactly as loading built them, on the pair's
 #: device and dtype: ``(pretrained, finetuned)``, the second ``None`` when ``finetuned`` is False
@@ -106,13 +107,13 @@ class StableDiffusionPair(ModelPair):
         self,
         *,
         vae: AutoencoderKL,  # or a module read the same way (QwenImageVAE2D, Flux2VAE2D)
-        tokenizer: Any,
+        tokenizer: PreTrainedTokenizerBase,
         alphas_cumprod: torch.Tensor | None,
         unet_pretrained: torch.nn.Module,
         unet_finetuned: torch.nn.Module,
         text_encoder_pretrained: torch.nn.Module,
         text_encoder_finetuned: torch.nn.Module,
-        tokenizer_finetuned: Any | None = None,
+        tokenizer_finetuned: PreTrainedTokenizerBase | None = None,
         prediction_type: str = "epsilon",
         prediction_type_finetuned: str | None = None,
         device: torch.device,
@@ -221,7 +222,8 @@ class StableDiffusionPair(ModelPair):
 
     # -- conditioning --------------------------------------------------------------------------
 
-    def _embed(self, tokenizer: Any, text_encoder: torch.nn.Module, prompt: str) -> torch.Tensor:
+    def _embed(self, tokenizer: PreTrainedTokenizerBase, text_encoder: torch.nn.Module,
+               prompt: str) -> torch.Tensor:
         tokens = tokenize(tokenizer, prompt)
         mask = None
         if getattr(text_encoder.config, "use_attention_mask", False):

@@ -38,6 +38,8 @@ from cgidm_core.models.sd_loading import (
 from cgidm_core.models.stable_diffusion import TextEncoderReloader
 
 if TYPE_CHECKING:  # annotations only
+    from transformers import PreTrainedTokenizerBase
+
     from cgidm_core.models.adapter import PairRequest
     from cgidm_core.pair import ModelPair
 
@@ -261,7 +263,7 @@ class TransformerBase:
     transformer: Any
     vae: Any
     text_encoder: Any
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     scheduler_config: dict[str, Any]
 
 

@@ -65,6 +65,7 @@ from cgidm_core.names import ZIMAGE_FAMILY
 
 if TYPE_CHECKING:  # annotations only; mypy reads these packages as Any (pyproject.toml)
     from diffusers import ZImageTransformer2DModel
+    from transformers import PreTrainedTokenizerBase
 
 # -- recognition (no weights read) ---------------------------------------------------------------
 
@@ -114,7 +115,7 @@ class _ZImageConditioning:
     """What a Z-Image pair does differently from an SD pair (mixin before FlowMatchingPair)."""
 
     family = ZIMAGE_FAMILY
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     device: torch.device
     dtype: torch.dtype
     unet_pretrained: ZImageTransformer2DModel
@@ -133,7 +134,8 @@ class _ZImageConditioning:
         tokens = (latent.shape[-2] // self.patch_size) * (latent.shape[-1] // self.patch_size)
         return time_shift(self.scheduler_config, tokens)
 
-    def _embed(self, tokenizer: Any, text_encoder: torch.nn.Module, prompt: str) -> torch.Tensor:
+    def _embed(self, tokenizer: PreTrainedTokenizerBase, text_encoder: torch.nn.Module,
+               prompt: str) -> torch.Tensor:
         del tokenizer  # both models read the base's tokenizer
         text = self.tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True,

@@ -32,7 +32,7 @@ from .images import (
 )
 from .inversion import CancelFn, InversionConfig, invert
 from .names import DEFAULT_DISPLAY, DEFAULT_METRIC, PIXEL_METRICS
-from .pair import ModelPair
+from .pair import Conditioning, ModelPair
 from .prompts import EmptyPromptWarning, choose_prompt
 from .results import ImageResult
 from .similarity import (
@@ -91,7 +91,7 @@ def load_pair(
     return pair
 
 
-class AuthenticationResults(list):
+class AuthenticationResults(list[ImageResult]):
     """The per-image results (a plain list of :class:`ImageResult`), plus ``provenance``: what
     they were computed from (``cgidm_core.provenance``)."""
 
@@ -270,7 +270,7 @@ def _prepare_run(pair: ModelPair, images: Sequence[ImageSource], *,
                 attacks=attacks, display=display)
 
 
-def _inverted_batches(pair: ModelPair, run: _Run, cond: Any,
+def _inverted_batches(pair: ModelPair, run: _Run, cond: Conditioning,
                       progress: Callable[[int, int], None] | None,
                       should_cancel: CancelFn | None,
                       on_batch_halved: Callable[[int], None] | None) -> Iterator[_Batch]:
@@ -335,7 +335,7 @@ def _after_out_of_memory(pair: ModelPair, config: InversionConfig, indices: list
         ) from exc
 
 
-def _batch_results(pair: ModelPair, run: _Run, record: dict[str, Any], cond: Any,
+def _batch_results(pair: ModelPair, run: _Run, record: dict[str, Any], cond: Conditioning,
                    batch: _Batch, should_cancel: CancelFn | None) -> list[ImageResult]:
     """Score one inverted batch: the recovery's similarity metrics, the attacks on the same
     images, and the pictures (the shown recovery clamped to the palette unless ``raw``)."""
@@ -387,9 +387,10 @@ def _batch_results(pair: ModelPair, run: _Run, record: dict[str, Any], cond: Any
     return results
 
 
-def _attack_scores(pair: ModelPair, tensor: torch.Tensor, cond: Any, attacks: Sequence[str],
+def _attack_scores(pair: ModelPair, tensor: torch.Tensor, cond: Conditioning,
+                   attacks: Sequence[str],
                    seeds: Sequence[int], seed: int, batch_size: int,
-                   z0: torch.Tensor | None = None) -> dict[str, list[float]]:
+                   z0: torch.Tensor | None = None) -> dict[str, list[float | None]]:
     """The cheap membership scores of one batch (``cgidm_core.baselines``), seeded per image
     exactly as ``cgidm eval`` and the benchmark suite seed them, so the values agree."""
     from .baselines import BASELINES
@@ -402,7 +403,7 @@ def _attack_scores(pair: ModelPair, tensor: torch.Tensor, cond: Any, attacks: Se
     if z0 is None:  # the inversion sampled its latent (reference preset): the attacks take the mean
         with torch.no_grad():
             z0 = pair.encode(tensor.to(pair.device)).float()
-    out: dict[str, list[float]] = {}
+    out: dict[str, list[float | None]] = {}  # None: a non-finite score
     for name in attacks:
         values = BASELINES[name](pair, z0, cond, seed=seed, seeds=list(seeds),
                                  batch_size=batch_size)

@@ -39,7 +39,7 @@ the contrast alone, still paired; then the similarity alone) and says so in
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -114,7 +114,7 @@ def _zscores(values: np.ndarray) -> np.ndarray:
     std = values.std()
     if values.size < 2 or std == 0 or not np.isfinite(std):
         return np.zeros_like(values)
-    return (values - values.mean()) / std
+    return cast(np.ndarray, (values - values.mean()) / std)  # numpy types std() as Any
 
 
 def _check_evidence(evidence: str) -> None:

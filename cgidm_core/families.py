@@ -571,7 +571,7 @@ def title(name: str) -> str:
 
 def adapter(family: Family) -> FamilyAdapter:
     """The family's adapter module, imported now (it may import torch and diffusers)."""
-    return importlib.import_module(family.adapter)  # type: ignore[return-value]
+    return importlib.import_module(family.adapter)
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:

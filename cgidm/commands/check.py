@@ -245,7 +245,7 @@ def _evidence_document(args: argparse.Namespace, records: list[dict[str, Any]],
     return document, evidence
 
 
-def _signed(document: dict[str, object]) -> dict[str, object]:
+def _signed(document: dict[str, object]) -> dict[str, Any]:
     """The document with its signature by the local key (made on first use). A result that
     cannot be signed (an unwritable key folder) is still written, unsigned, with a warning."""
     from cgidm.result_signing import SigningKeyError, load_or_create_key, sign_document

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(models, indent=2))
         return 0
-    width = max(len(m["name"]) for m in models)
+    width = max(len(m["name"] or "") for m in models)
     for model in models:
         base = model["finetuned_from"]
         lineage = f"fine-tuned from {base}" if base else "base model"

@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -61,6 +61,10 @@ from cgidm_core.models.transformer_adapter import (
     require_pipeline_parts,
 )
 from cgidm_core.names import FLUX2_FAMILY
+
+if TYPE_CHECKING:  # annotations only; mypy reads these packages as Any (pyproject.toml)
+    from diffusers import AutoencoderKLFlux2
+    from transformers import PreTrainedTokenizerBase
 
 # -- recognition (no weights read) ---------------------------------------------------------------
 
@@ -108,7 +112,10 @@ class Flux2VAE2D(torch.nn.Module):
     """``AutoencoderKLFlux2`` in the space the transformer works in: patchified, normalised by
     the VAE's batch-norm statistics (see the module docstring)."""
 
-    def __init__(self, vae: torch.nn.Module) -> None:
+    bn_mean: torch.Tensor  # buffers, registered below
+    bn_std: torch.Tensor
+
+    def __init__(self, vae: AutoencoderKLFlux2) -> None:
         super().__init__()
         self.vae = vae
         config = vae.config
@@ -169,7 +176,7 @@ class _Flux2Conditioning:
     text_layers: tuple[int, ...] = TEXT_LAYERS
     #: The guidance a guidance-distilled transformer is given (``None``: it has no embedding).
     guidance: float | None = None
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     device: torch.device
     dtype: torch.dtype
 
@@ -180,12 +187,13 @@ class _Flux2Conditioning:
             sample_size=int(vae.config.sample_size) // scale,
             in_channels=vae.config.latent_channels, block_out_channels=(0,)))
         self.scheduler_config = dict(scheduler_config)
-        super().__init__(**kwargs)  # type: ignore[call-arg]
+        super().__init__(**kwargs)
 
     def shift_for(self, latent: torch.Tensor) -> float:
         return flux2_shift(self.scheduler_config, latent.shape[-2] * latent.shape[-1])
 
-    def _embed(self, tokenizer: Any, text_encoder: torch.nn.Module, prompt: str) -> torch.Tensor:
+    def _embed(self, tokenizer: PreTrainedTokenizerBase, text_encoder: torch.nn.Module,
+               prompt: str) -> torch.Tensor:
         del tokenizer  # both models read the base's tokenizer
         text = self.tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True,
@@ -204,6 +212,7 @@ class _Flux2Conditioning:
         del prediction_type
         z_t = z_t.to(self.device, torch.float32)
         batch, channels, height, width = z_t.shape
+        # defined by the pair class this mixin is combined with (below)
         s = self.batch_sigmas(t, z_t)  # type: ignore[attr-defined]
         hidden = context.to(self.device, self.dtype)
         if hidden.shape[0] != batch:
@@ -223,9 +232,11 @@ class _Flux2Conditioning:
         return output.float().permute(0, 2, 1).reshape(batch, channels, height, width)
 
     def describe(self) -> dict[str, Any]:
+        # super() is the pair class the mixin is combined with; mypy sees object
         return {**super().describe(),  # type: ignore[misc]
                 "variant": self.variant, "text_layers": list(self.text_layers),
                 "guidance": self.guidance,
+                # defined by the pair class this mixin is combined with (below)
                 "time_shift_at_native_size": self.native_time_shift()}  # type: ignore[attr-defined]
 
 

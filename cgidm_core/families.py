@@ -268,6 +268,7 @@ FAMILIES: tuple[Family, ...] = (
         finetuned_layouts=("pipeline", "dreambooth", "lora"),
         lora_formats=("diffusers/peft (transformer.*)",),
         pretrained_layouts=("Flux2KleinPipeline folder (Flux.2 dev's Flux2Pipeline is refused)",),
+        upload_kinds=("lora",),
         defaults=Defaults(
             gpu_dtype="bfloat16", resolution=1024,
             time_shift="exp(compute_empirical_mu(tokens, 50)): Flux2KleinPipeline's rule at its "
@@ -329,6 +330,7 @@ FAMILIES: tuple[Family, ...] = (
         lora_formats=("diffusers/peft (transformer.*)", "kohya-ss (lora_unet_double_blocks_*), "
                       "through diffusers' Flux.1 loader"),
         pretrained_layouts=("ChromaPipeline folder", _ONE_FILE),
+        upload_kinds=("lora", "single_file"),
         defaults=Defaults(gpu_dtype="bfloat16", resolution=1024, time_shift=_FROM_CONFIG_SHIFT,
                           prompt_source=_KOHYA_PROMPT),
         memory=_borrowed_flux_memory(
@@ -354,6 +356,7 @@ FAMILIES: tuple[Family, ...] = (
                       "kohya-ss SD3 LoRAs are recognised and refused (no diffusers converter)",),
         pretrained_layouts=("StableDiffusion3Pipeline folder (3.0, 3.5 medium, 3.5 large)",
                             _ONE_FILE),
+        upload_kinds=("lora", "single_file"),
         defaults=Defaults(gpu_dtype="bfloat16", resolution=1024,
                           time_shift="the scheduler config's (3.0 for SD 3.5, fixed)",
                           prompt_source=_KOHYA_PROMPT),
@@ -374,7 +377,7 @@ FAMILIES: tuple[Family, ...] = (
                       "cgidm_core.models.zimage.ZImageLoraPair"),
         recognition=Recognition(
             pipeline_classes=("ZImage*",), denoiser_classes=("ZImageTransformer2DModel",),
-            single_file=keys_.is_zimage_file, lora=keys_.is_dit_lora,
+            single_file=keys_.is_zimage_file, lora=keys_.is_zimage_lora,
             base_file=keys_.is_zimage_file, base_file_layout="denoiser",
             metadata_keys=("ss_tag_frequency", "ss_output_name"),
         ),
@@ -382,6 +385,7 @@ FAMILIES: tuple[Family, ...] = (
         lora_formats=("diffusers/peft (transformer.*)", "ComfyUI / ai-toolkit (diffusion_model.*)",
                       "musubi-tuner / kohya (lora_unet_*; diffusers' converter, untested)"),
         pretrained_layouts=("ZImagePipeline folder (Turbo)", _ONE_FILE),
+        upload_kinds=("lora", "single_file"),
         defaults=Defaults(gpu_dtype="bfloat16", resolution=1024,
                           time_shift=_FROM_CONFIG_SHIFT + "; 3.0 fixed for Z-Image-Turbo",
                           prompt_source=_KOHYA_PROMPT),
@@ -401,7 +405,7 @@ FAMILIES: tuple[Family, ...] = (
                       "cgidm_core.models.qwen_image.QwenImageLoraPair"),
         recognition=Recognition(
             pipeline_classes=("QwenImage*",), denoiser_classes=("QwenImageTransformer2DModel",),
-            single_file=keys_.is_qwen_image_file, lora=keys_.is_dit_lora,
+            single_file=keys_.is_qwen_image_file, lora=keys_.is_qwen_image_lora,
             base_file=keys_.is_qwen_image_file, base_file_layout="denoiser",
             metadata_keys=("ss_tag_frequency", "ss_output_name"),
         ),
@@ -409,6 +413,7 @@ FAMILIES: tuple[Family, ...] = (
         lora_formats=("diffusers/peft (transformer.*)", "ComfyUI / ai-toolkit (diffusion_model.*)",
                       "kohya (lora_unet_*; diffusers' converter, untested)"),
         pretrained_layouts=("QwenImagePipeline folder (and 2512)", _ONE_FILE),
+        upload_kinds=("lora", "single_file"),
         defaults=Defaults(gpu_dtype="bfloat16", resolution=1024,
                           time_shift="the scheduler config's dynamic shift (mu from the token "
                                      "count, base 0.5, max 0.9)",
@@ -440,6 +445,7 @@ FAMILIES: tuple[Family, ...] = (
                       "lora_te2_*)"),
         pretrained_layouts=("StableDiffusionXLPipeline folder (base 1.0)",
                             "complete single-file checkpoint (SGM layout)"),
+        upload_kinds=("lora", "single_file", "unet"),
         defaults=Defaults(gpu_dtype="float16", resolution=1024, prompt_source=_KOHYA_PROMPT),
         memory=MemoryModel(
             activation_counts={(1024, False): 5_336_636_160, (1024, True): 503_767_296,

@@ -11,8 +11,10 @@ header length, a JSON header, then the raw tensor bytes):
 - the tensor NAMES say what the file holds (:func:`classify`): a LoRA (diffusers, peft or kohya
   naming), a single-file checkpoint (the LDM layout, or a diffusion transformer's) or the
   weights of a fine-tuned UNet in diffusers naming, and which registered families
-  (:mod:`cgidm_core.families`) such names belong to (their key signatures); a family that takes no uploads yet (its entry's ``upload_kinds`` is empty:
-  ``cgidm models --families``) and pickle files are refused with a message that says why.
+  (:mod:`cgidm_core.families`) such names belong to (their key signatures); a file of another
+  family than the base's (``family_mismatch``), a family or layout that takes no uploads (its
+  entry's ``upload_kinds``: ``cgidm models --families``) and pickle files are refused with a
+  message that says why.
 
 The name rules themselves live in the library (:mod:`cgidm_core.key_signatures`, torch-free), which
 ``cgidm_core.models.formats`` also reads to detect the same kinds on disk: the library stands

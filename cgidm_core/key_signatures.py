@@ -221,7 +221,8 @@ QWEN_IMAGE_NAMES = TransformerNames(
 #: single blocks fuse q, k, v and the MLP input in one ``to_qkv_mlp_proj``.
 FLUX2_NAMES = TransformerNames(
     blocks=(("transformer_blocks", 8), ("single_transformer_blocks", 48)),
-    inner=_JOINT_ATTENTION + r"|attn\.(to_qkv_mlp_proj|to_out)|ff(_context)?\.(linear_in|linear_out)",
+    inner=_JOINT_ATTENTION + r"|attn\.(to_qkv_mlp_proj|to_out)"
+                             r"|ff(_context)?\.(linear_in|linear_out)",
     outer=("x_embedder", "context_embedder", "proj_out", "norm_out.", "time_guidance_embed.",
            "double_stream_modulation_img.", "double_stream_modulation_txt.",
            "single_stream_modulation."),

@@ -121,7 +121,8 @@ def zimage_single_file() -> list[str]:
 
 def qwen_image_single_file() -> list[str]:
     return ["txt_norm.weight", "img_in.weight", "txt_in.weight",
-            "transformer_blocks.0.attn.to_q.weight", "transformer_blocks.0.img_mlp.net.0.proj.weight"]
+            "transformer_blocks.0.attn.to_q.weight",
+            "transformer_blocks.0.img_mlp.net.0.proj.weight"]
 
 
 def flux2_single_file() -> list[str]:

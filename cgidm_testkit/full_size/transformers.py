@@ -6,10 +6,8 @@ Qwen-Image (and 2512, same transformer) and Flux.2 Klein 4B / 9B. ``benchmarks/a
 counts what one PGD pass of one image saves for the backward pass of each, at the family's
 native size, and ``benchmarks/family_memory.py`` turns the counts and the weights into the
 batch that fits a card. :data:`EXPECTED_PARAMETERS` holds the parameter counts these configs
-give (checked by ``tests/test_family_memory.py``, so a config typo or a diffusers change that
-moves a size fails): they match the sizes the releases state (SD 3.5 large 8.1 B, medium 2.5 B
-with its encoders' share elsewhere, Chroma 8.9 B, Z-Image 6.2 B, Qwen-Image 20.4 B, Klein 4B and
-9B).
+give; they match the sizes the releases state (SD 3.5 large 8.1 B, medium 2.2 B, Chroma 8.9 B,
+Z-Image 6.2 B, Qwen-Image 20.4 B, Klein 3.9 B and 9.1 B).
 
 Each :class:`Transformer` also says how its pair calls it at the native size: image tokens
 (4096 at 1024 px for all of them) and text tokens (the pipelines' ``max_sequence_length`` where
@@ -176,9 +174,11 @@ TRANSFORMERS: tuple[Transformer, ...] = (SD35_LARGE, SD35_MEDIUM, CHROMA, ZIMAGE
 SIZING_VARIANT = {"sd3": SD35_LARGE, "chroma": CHROMA, "z-image": ZIMAGE,
                   "qwen-image": QWEN_IMAGE, "flux2": FLUX2_KLEIN_9B}
 
-#: Parameter counts of these configs (diffusers 0.42), checked by tests/test_family_memory.py.
-EXPECTED_PARAMETERS: dict[str, int] = {}
-
-
-def parameters(spec: Transformer) -> int:
-    return sum(p.numel() for p in spec.build(device="meta").parameters())
+#: Parameter counts of these configs (diffusers 0.42, meta device); the sizing variants' are
+#: the registry's ``MemoryModel.denoiser_parameters``, which tests/test_family_memory.py
+#: re-counts.
+EXPECTED_PARAMETERS: dict[str, int] = {
+    "3.5 large": 8_056_627_520, "3.5 medium": 2_243_171_520, "v1": 8_899_983_424,
+    "Turbo": 6_154_908_736, "Qwen-Image": 20_430_401_088, "Klein 4B": 3_875_544_576,
+    "Klein 9B": 9_078_581_248,
+}

@@ -98,7 +98,8 @@ def _qwen_inputs(spec: Transformer, side: int, batch: int, dtype: torch.dtype, d
     gen = {"device": device, "dtype": dtype}
     return {
         "hidden_states": _latent(batch, grid * grid, 64, dtype, device),
-        "encoder_hidden_states": torch.randn(batch, spec.text_tokens, 3584, **gen),
+        "encoder_hidden_states": torch.randn(batch, spec.text_tokens,
+                                             spec.config["joint_attention_dim"], **gen),
         "encoder_hidden_states_mask": torch.ones(batch, spec.text_tokens, device=device,
                                                  dtype=torch.long),
         "timestep": torch.full((batch,), 0.5, **gen),
@@ -113,7 +114,8 @@ def _zimage_inputs(spec: Transformer, side: int, batch: int, dtype: torch.dtype,
         "x": [torch.randn(16, 1, side // 8, side // 8, **gen).requires_grad_(True)
               for _ in range(batch)],
         "t": torch.full((batch,), 0.5, **gen),
-        "cap_feats": [torch.randn(spec.text_tokens, 2560, **gen) for _ in range(batch)],
+        "cap_feats": [torch.randn(spec.text_tokens, spec.config["cap_feat_dim"], **gen)
+                      for _ in range(batch)],
     }
 
 

@@ -270,7 +270,7 @@ FAMILIES: tuple[Family, ...] = (
             activation_counts={(1024, False): 23_937_273_856, (1024, True): 1_245_872_128,
                                (512, False): 7_965_405_184, (512, True): 415_375_360},
             native_latent_pixels=64 * 64, denoiser_parameters=9_078_581_248,
-            note="Klein 9B (Klein 4B: 14.07 GB per pass at 1024 px, 3,875,544,576 parameters)",
+            note="counted for Klein 9B; Klein 4B: 14.07 GB per pass at 1024 px, 3.88 B parameters",
         ),
         summary="Flux.2 Klein; fine-tunes as pipeline folders, transformer/ folders, LoRAs "
                 "(diffusers/peft); single files recognised and refused",
@@ -364,7 +364,7 @@ FAMILIES: tuple[Family, ...] = (
             activation_counts={(1024, False): 13_181_233_552, (1024, True): 839_110_656,
                                (512, False): 4_025_911_696, (512, True): 255_946_752},
             native_latent_pixels=128 * 128, denoiser_parameters=8_056_627_520,
-            note="SD 3.5 large (3.5 medium: 6.91 GB per pass at 1024 px, 2,243,171,520 parameters)",
+            note="counted for SD 3.5 large; 3.5 medium: 6.91 GB per pass at 1024 px, 2.24 B parameters",
         ),
         summary="Stable Diffusion 3 / 3.5 medium and large; fine-tunes as pipeline folders, "
                 "transformer/ folders, single-file transformers (Stability or diffusers "
@@ -395,7 +395,7 @@ FAMILIES: tuple[Family, ...] = (
             activation_counts={(1024, False): 33_833_868_800, (1024, True): 1_172_619_264,
                                (512, False): 11_120_898_560, (512, True): 390_878_208},
             native_latent_pixels=128 * 128, denoiser_parameters=6_154_908_736,
-            note="512 caption tokens, the pipeline's maximum (a shorter prompt saves less)",
+            note="512 caption tokens, the pipeline's maximum: a shorter prompt needs less",
         ),
         summary="Z-Image (Turbo); fine-tunes as pipeline folders, transformer/ folders, "
                 "single-file transformers (ComfyUI naming), LoRAs (diffusers/peft, ComfyUI, "
@@ -427,7 +427,7 @@ FAMILIES: tuple[Family, ...] = (
             activation_counts={(1024, False): 27_276_308_480, (1024, True): 1_723_904_512,
                                (512, False): 9_080_410_112, (512, True): 572_543_488},
             native_latent_pixels=128 * 128, denoiser_parameters=20_430_401_088,
-            note="512 prompt tokens, the pipeline's maximum (a shorter prompt saves less)",
+            note="512 prompt tokens, the pipeline's maximum: a shorter prompt needs less",
         ),
         summary="Qwen-Image; fine-tunes as pipeline folders, transformer/ folders, single-file "
                 "transformers, LoRAs (diffusers/peft, ComfyUI, ai-toolkit)",
@@ -632,6 +632,10 @@ def describe() -> list[dict[str, Any]]:
             "memory_model": family.memory is not None,
             "memory_borrowed_from": family.memory.borrowed_from if family.memory else "",
             "memory_note": family.memory.note if family.memory else "",
+            "memory_pass_bytes": {f"{side}/{'checkpointed' if ckpt else 'plain'}": count
+                                  for (side, ckpt), count in family.memory.activation_counts.items()
+                                  } if family.memory else {},
+            "denoiser_parameters": family.memory.denoiser_parameters if family.memory else 0,
             "summary": family.summary,
         })
     return rows

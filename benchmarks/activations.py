@@ -136,9 +136,10 @@ def count(family: str, side: int, dtype: torch.dtype = torch.float16,
 
 FAMILIES = {"stable-diffusion": (512, 256), "stable-diffusion-xl": (1024, 512),
             "flux": (1024, 512), "sd3": (1024, 512), "chroma": (1024, 512),
-            "z-image": (1024, 512), "qwen-image": (1024, 512), "flux2": (1024, 512)}
+            "z-image": (1024, 512), "qwen-image": (1024, 512), "flux2": (1024, 512),
+            "flux2-dev": (1024, 512)}
 #: Families computed in bfloat16 on a GPU (the rest in float16); counts are per 2-byte dtype.
-BF16_FAMILIES = {"flux", "sd3", "chroma", "z-image", "qwen-image", "flux2"}
+BF16_FAMILIES = {"flux", "sd3", "chroma", "z-image", "qwen-image", "flux2", "flux2-dev"}
 
 
 def measure(only: tuple[str, ...] = ()) -> list[dict[str, Any]]:

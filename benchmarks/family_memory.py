@@ -31,7 +31,8 @@ CUDA_CONTEXT = int(0.5 * GIB)
 #: ``AutoencoderKLQwenImage`` and ``AutoencoderKLFlux2``.
 VAE_PARAMETERS = {"stable-diffusion": 83_653_863, "stable-diffusion-xl": 83_653_863,
                   "flux": 83_819_683, "chroma": 83_819_683, "sd3": 83_819_683,
-                  "z-image": 83_819_683, "qwen-image": 126_892_531, "flux2": 84_046_115}
+                  "z-image": 83_819_683, "qwen-image": 126_892_531, "flux2": 84_046_115,
+                  "flux2-dev": 84_046_115}
 #: A LoRA pair holds one denoiser (the adapter switched on and off), a full fine-tune two.
 LAYOUTS = {"lora": 1, "full": 2}
 

@@ -34,8 +34,10 @@ from cgidm_core import key_signatures as keys_
 from cgidm_core.names import (
     CHROMA_FAMILY,
     DDPM_FAMILY,
+    FLUX2_DEV_FAMILY,
     FLUX2_FAMILY,
     FLUX_FAMILY,
+    HIDREAM_FAMILY,
     PIXEL_FLOW_FAMILY,
     QWEN_IMAGE_FAMILY,
     SD3_FAMILY,
@@ -194,10 +196,27 @@ class FamilyAdapter(Protocol):
         """Load both models (frozen, eval mode, on ``request.opts.device``) as one pair."""
 
 
-#: Families recognised only to be refused by name, with what to do instead (none at present:
-#: Stable Diffusion 3 / 3.5 was here until its adapter, ``cgidm_core.models.sd3``, came; the
-#: variants an adapter cannot load, e.g. Flux.2 dev, are refused by that adapter).
-REFUSED: tuple[RefusedFamily, ...] = ()
+#: Families recognised only to be refused by name, with what to do instead (Stable Diffusion
+#: 3 / 3.5 was here until its adapter, ``cgidm_core.models.sd3``, came; the variants an adapter
+#: cannot load are refused by that adapter). docs/FAMILIES.md says why each is refused.
+REFUSED: tuple[RefusedFamily, ...] = (
+    RefusedFamily(
+        name=HIDREAM_FAMILY,
+        title="HiDream-I1",
+        message=(
+            "HiDream-I1 is not supported: it is conditioned by four text encoders at once "
+            "(CLIP-L, CLIP-G, T5-XXL and Llama-3.1-8B-Instruct, about 15B parameters of "
+            "encoders next to a 17B sparse mixture-of-experts transformer), which cgidm has "
+            "neither an adapter nor a tested reference for. Check a fine-tune of a supported "
+            "family instead (`cgidm models --families`), or ask for HiDream support with the "
+            "model's name (docs/FAMILIES.md says what it would take)"),
+        recognition=Recognition(
+            pipeline_classes=("HiDreamImage*",),
+            denoiser_classes=("HiDreamImageTransformer2DModel",),
+            single_file=keys_.is_hidream_file, lora=keys_.is_hidream_lora,
+        ),
+    ),
+)
 
 #: Fine-tune layouts of the diffusion-transformer families (no bare-weights ``unet`` layout).
 TRANSFORMER_LAYOUTS: tuple[str, ...] = ("pipeline", "dreambooth", "lora", "single_file")
@@ -244,6 +263,41 @@ FAMILIES: tuple[Family, ...] = (
         summary="unconditional pixel UNet2DModel trained by flow matching (the flow demo pair)",
     ),
     Family(
+        name=FLUX2_DEV_FAMILY,
+        title="Flux.2 dev",
+        adapter="cgidm_core.models.flux2_dev",
+        objective="flow", conditioning="text", space="latent",
+        pair_classes=("cgidm_core.models.flux2_dev.Flux2DevPair",
+                      "cgidm_core.models.flux2_dev.Flux2DevLoraPair"),
+        recognition=Recognition(
+            pipeline_classes=("Flux2Pipeline",), denoiser_classes=("Flux2Transformer2DModel",),
+            single_file=keys_.is_flux2_dev_file, lora=keys_.is_flux2_lora,
+            base_file=keys_.is_flux2_dev_file, base_file_layout="denoiser",
+            metadata_keys=("ss_tag_frequency", "ss_output_name"),
+        ),
+        finetuned_layouts=TRANSFORMER_LAYOUTS,
+        lora_formats=("diffusers/peft (transformer.*)",
+                      "ai-toolkit (diffusion_model.double_blocks.*, BFL names)",
+                      "musubi-tuner / sd-scripts (lora_unet_double_blocks_*)"),
+        pretrained_layouts=("Flux2Pipeline folder (FLUX.2-dev; its Pixtral processor read as "
+                            "the tokenizer alone)", _ONE_FILE + " (BFL naming)"),
+        defaults=Defaults(
+            gpu_dtype="bfloat16", resolution=1024,
+            time_shift="exp(compute_empirical_mu(tokens, 50)): Flux2Pipeline's rule at its "
+                       "default 50 steps",
+            guidance="4.0, Flux2Pipeline's default guidance_scale (guidance-distilled)",
+            prompt_source=_KOHYA_PROMPT,
+        ),
+        memory=MemoryModel(
+            activation_counts={(1024, False): 63_146_770_432, (1024, True): 3_227_746_304,
+                               (512, False): 21_028_593_664, (512, True): 1_076_043_776},
+            native_latent_pixels=64 * 64, denoiser_parameters=32_223_281_152,
+            note="512 Mistral-3 tokens, guidance embedding",
+        ),
+        summary="Flux.2 dev; fine-tunes as pipeline folders, transformer/ folders, single-file "
+                "transformers (BFL naming), LoRAs (diffusers/peft, ai-toolkit, musubi/kohya)",
+    ),
+    Family(
         name=FLUX2_FAMILY,
         title="Flux.2 Klein",
         adapter="cgidm_core.models.flux2",
@@ -251,14 +305,16 @@ FAMILIES: tuple[Family, ...] = (
         pair_classes=("cgidm_core.models.flux2.Flux2Pair", "cgidm_core.models.flux2.Flux2LoraPair"),
         recognition=Recognition(
             pipeline_classes=("Flux2*",), denoiser_classes=("Flux2Transformer2DModel",),
-            single_file=keys_.is_flux2_file, lora=keys_.is_flux2_lora,
-            base_file=keys_.is_flux2_file, base_file_layout="denoiser",
+            single_file=keys_.is_flux2_klein_file, lora=keys_.is_flux2_lora,
+            base_file=keys_.is_flux2_klein_file, base_file_layout="denoiser",
             metadata_keys=("ss_tag_frequency", "ss_output_name"),
         ),
         # single files are recognised (so they are refused by name), not loaded
         finetuned_layouts=("pipeline", "dreambooth", "lora"),
-        lora_formats=("diffusers/peft (transformer.*)",),
-        pretrained_layouts=("Flux2KleinPipeline folder (Flux.2 dev's Flux2Pipeline is refused)",),
+        lora_formats=("diffusers/peft (transformer.*)",
+                      "ai-toolkit / musubi-tuner names (diffusers' Flux.2 converters; tested on "
+                      "Flux.2 dev)"),
+        pretrained_layouts=("Flux2KleinPipeline folder",),
         upload_kinds=("lora",),
         defaults=Defaults(
             gpu_dtype="bfloat16", resolution=1024,
@@ -352,8 +408,11 @@ FAMILIES: tuple[Family, ...] = (
             metadata_keys=("ss_tag_frequency", "ss_output_name"),
         ),
         finetuned_layouts=TRANSFORMER_LAYOUTS,
-        lora_formats=("diffusers/peft (transformer.*, text_encoder.*, text_encoder_2.*); "
-                      "kohya-ss SD3 LoRAs are recognised and refused (no diffusers converter)",),
+        lora_formats=("diffusers/peft (transformer.*, text_encoder.*, text_encoder_2.*), as "
+                      "diffusers' DreamBooth-LoRA script, SimpleTuner and ai-toolkit write them",
+                      "kohya-ss sd3_train_network.py (lora_unet_joint_blocks_*, lora_te1_*, "
+                      "lora_te2_*; converted by cgidm_core.models.sd3_kohya_lora, T5 layers "
+                      "refused)"),
         pretrained_layouts=("StableDiffusion3Pipeline folder (3.0, 3.5 medium, 3.5 large)",
                             _ONE_FILE),
         upload_kinds=("lora", "single_file"),
@@ -368,7 +427,7 @@ FAMILIES: tuple[Family, ...] = (
         ),
         summary="Stable Diffusion 3 / 3.5 medium and large; fine-tunes as pipeline folders, "
                 "transformer/ folders, single-file transformers (Stability or diffusers "
-                "naming), LoRAs (diffusers/peft)",
+                "naming), LoRAs (diffusers/peft, kohya-ss)",
     ),
     Family(
         name=ZIMAGE_FAMILY,
@@ -546,6 +605,13 @@ def refused_denoiser(class_name: str) -> RefusedFamily | None:
 def refused_file(keys: list[str]) -> RefusedFamily | None:
     return next((r for r in REFUSED if r.recognition.single_file is not None
                  and r.recognition.single_file(keys)), None)
+
+
+def refused_lora(keys: list[str]) -> RefusedFamily | None:
+    """The refused family a LoRA file is of, by its tensor names (before the registered
+    families' broader LoRA rules, which may claim its ``transformer.*`` names too)."""
+    return next((r for r in REFUSED if r.recognition.lora is not None
+                 and r.recognition.lora(keys)), None)
 
 
 def pipeline_claim(class_name: str, index: dict[str, Any],

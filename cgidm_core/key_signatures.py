@@ -156,6 +156,40 @@ def is_flux2_file(keys: list[str]) -> bool:
     return transformer_family(keys) == FLUX2_FAMILY
 
 
+#: Flux.2 dev's guidance embedding (BFL naming, diffusers naming); Klein has none.
+_FLUX2_GUIDANCE = ("guidance_in.", "time_guidance_embed.guidance_embedder.")
+
+
+def is_flux2_dev_file(keys: list[str]) -> bool:
+    """A Flux.2 transformer with a guidance embedding: dev's (``flux2-dev.safetensors``)."""
+    names = [k[len(_LDM_UNET_PREFIX):] if k.startswith(_LDM_UNET_PREFIX) else k for k in keys]
+    return is_flux2_file(keys) and any(k.startswith(_FLUX2_GUIDANCE) for k in names)
+
+
+def is_flux2_klein_file(keys: list[str]) -> bool:
+    """A Flux.2 transformer without a guidance embedding: Klein's."""
+    return is_flux2_file(keys) and not is_flux2_dev_file(keys)
+
+
+#: HiDream-I1's sparse-MoE transformer blocks: names no other family uses (original and
+#: diffusers naming alike), in files (optionally under ``model.diffusion_model.``) and LoRAs
+#: (``transformer.*``, ComfyUI's ``diffusion_model.*``, kohya-style ``lora_unet_*``).
+_HIDREAM_BLOCKS = ("double_stream_blocks", "single_stream_blocks")
+
+
+def is_hidream_file(keys: list[str]) -> bool:
+    """A HiDream-I1 transformer as one file."""
+    names = [k[len(_LDM_UNET_PREFIX):] if k.startswith(_LDM_UNET_PREFIX) else k for k in keys]
+    return any(k.startswith(tuple(f"{b}." for b in _HIDREAM_BLOCKS)) for k in names)
+
+
+def is_hidream_lora(keys: list[str]) -> bool:
+    """A LoRA of a HiDream-I1 transformer, in any of the namings its trainers write."""
+    return looks_like_lora(keys) and any(
+        k.startswith(("transformer.", "diffusion_model.", "lora_unet_", "lora_transformer_"))
+        and any(block in k for block in _HIDREAM_BLOCKS) for k in keys)
+
+
 def is_sd3_own_lora(keys: list[str]) -> bool:
     """A LoRA only SD 3.x has: sd-scripts' ``lora_unet_joint_blocks_*``, or diffusers'
     ``transformer.*`` next to a second CLIP (``text_encoder_2.*``, CLIP-G), which Flux.1's
@@ -312,9 +346,15 @@ def is_qwen_image_lora(keys: list[str]) -> bool:
 
 
 def is_flux2_lora(keys: list[str]) -> bool:
-    """A Flux.2 LoRA as diffusers saves it (``transformer.*``); the BFL / kohya namings its
-    loader also converts are not tested."""
-    return fits_transformer(keys, FLUX2_NAMES) and not is_sd3_own_lora(keys)
+    """A Flux.2 LoRA as diffusers saves it (``transformer.*`` names of Flux.2's modules:
+    :data:`FLUX2_NAMES`), as ai-toolkit shares it (BFL names under ``diffusion_model.``) or as
+    musubi-tuner / sd-scripts name it (``lora_unet_double_blocks_*``), the last two converted by
+    diffusers' Flux.2 loader; Flux.1's LoRAs use the same BFL block names, so the base decides."""
+    if is_sd3_own_lora(keys):
+        return False
+    return fits_transformer(keys, FLUX2_NAMES) or (looks_like_lora(keys) and any(
+        k.startswith(("diffusion_model.double_blocks.", "diffusion_model.single_blocks.",
+                      "lora_unet_double_blocks_", "lora_unet_single_blocks_")) for k in keys))
 
 
 def is_unet_lora(keys: list[str]) -> bool:

@@ -129,6 +129,10 @@ ZIMAGE_FAMILY = "z-image"
 QWEN_IMAGE_FAMILY = "qwen-image"
 #: Flux.2 Klein (adapter: ``cgidm_core.models.flux2``).
 FLUX2_FAMILY = "flux2"
+#: Flux.2 dev (adapter: ``cgidm_core.models.flux2_dev``).
+FLUX2_DEV_FAMILY = "flux2-dev"
+#: HiDream-I1 (recognised to be refused by name: ``cgidm_core.families.REFUSED``).
+HIDREAM_FAMILY = "hidream"
 
 #: Suffixes of pickled PyTorch checkpoints: never loaded (unpickling runs code); the upload
 #: check, the hub fetch and the format detection all refuse them by these names.

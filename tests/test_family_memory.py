@@ -40,7 +40,7 @@ PROMPT = "sks style"
 
 #: Families whose recount is done at the half side only (the full-size transformers: a pass at
 #: 1024 px costs seconds each on a busy CPU; the half side runs every block all the same).
-_HALF_SIDE_ONLY = {"sd3", "chroma", "z-image", "qwen-image", "flux2"}
+_HALF_SIDE_ONLY = {"sd3", "chroma", "z-image", "qwen-image", "flux2", "flux2-dev"}
 
 
 @pytest.mark.slow  # GPU scripts/accounting run on the CPU: seconds to a minute

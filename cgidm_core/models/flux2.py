@@ -1,6 +1,6 @@
 """Flux.2 Klein (Black Forest Labs' 4B/9B Flux.2 with a Qwen3 text encoder): one adapter module,
-recognition to pair. Flux.2 dev (Mistral-3 encoder behind a Pixtral processor) is recognised and
-refused by name.
+recognition to pair. Flux.2 dev (Mistral-3 encoder behind a Pixtral processor) is its own entry,
+:mod:`cgidm_core.models.flux2_dev`, which reuses this module's codec and pair.
 
 A rectified-flow transformer, so the forward process and the target are
 :class:`~cgidm_core.models.flow.FlowMatchingPair`'s; the pair reuses the SD adapter's machinery.
@@ -19,10 +19,11 @@ As diffusers' ``Flux2KleinPipeline`` runs it:
   ``mu = compute_empirical_mu(tokens, 50)``: the pipeline's own rule at its default 50 steps
   (Flux.2's shift depends on the step count; the inversion has none, so the default is used);
 - no guidance embedding in Klein (``guidance_embeds`` false; a transformer with one is Flux.2
-  dev's, refused with the dev pipeline).
+  dev's).
 
 Layouts: ``Flux2KleinPipeline`` folders, ``transformer/`` folders, LoRAs through diffusers'
-Flux.2 loader (diffusers/peft names tested; its converters for BFL / kohya names are not).
+Flux.2 loader (diffusers/peft names tested on Klein; its converters for ai-toolkit's BFL names and
+musubi / sd-scripts' ``lora_unet_*`` names are tested on Flux.2 dev, ``tests/test_flux2_dev.py``).
 Single files are recognised (``single_stream_modulation.*``) but not loaded: not tested at tiny
 size.
 """
@@ -71,18 +72,11 @@ TEXT_LAYERS = (9, 18, 27)
 #: The step count Flux.2's time shift is computed for (the pipeline's default).
 SHIFT_STEPS = 50
 _SCHEDULER_CLASS = "FlowMatchEulerDiscreteScheduler"
-FLUX2_DEV_REFUSAL = (
-    "Flux.2 dev (Flux2Pipeline) is not supported yet: its Mistral-3 text encoder is read through "
-    "a Pixtral processor and system prompt that cgidm does not reproduce yet; Flux.2 Klein "
-    "(Flux2KleinPipeline) is supported"
-)
-
 
 def flux2_pipeline_family(folder: Path, name: str, index: dict[str, Any]) -> str:
-    """``flux2`` for a ``Flux2KleinPipeline`` folder; dev and the edit/inpaint/KV variants are
-    refused by name."""
-    if name == "Flux2Pipeline":
-        raise UnsupportedModelFamilyError(f"{folder}: {FLUX2_DEV_REFUSAL}. " + SUPPORTED_HINT)
+    """``flux2`` for a ``Flux2KleinPipeline`` folder; the edit/inpaint/KV variants are refused
+    by name (Flux.2 dev's ``Flux2Pipeline`` is its own entry, :mod:`cgidm_core.models.flux2_dev`,
+    above this one in the registry)."""
     config_file = folder / "transformer" / "config.json"
     transformer = read_json(config_file) if config_file.is_file() else {}
     if name != PIPELINE_CLASS or transformer.get("_class_name", TRANSFORMER_CLASS) != (
@@ -156,10 +150,25 @@ def flux2_shift(config: dict[str, Any], tokens: int) -> float:
     return float(mu) if config.get("time_shift_type", "exponential") == "linear" else math.exp(mu)
 
 
+def stack_hidden_states(out: Any, layers: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """The text encoder's hidden states of ``layers`` side by side along the features, as both
+    Flux.2 pipelines stack them (``(B, L, len(layers) * width)``)."""
+    stacked = torch.stack([out.hidden_states[k] for k in layers], dim=1)
+    batch, count, length, width = stacked.shape
+    return stacked.permute(0, 2, 1, 3).reshape(batch, length, count * width).to(dtype)
+
+
 class _Flux2Conditioning:
-    """What a Flux.2 Klein pair does differently from an SD pair (mixin before FlowMatchingPair)."""
+    """What a Flux.2 pair does differently from an SD pair (mixin before FlowMatchingPair).
+    Klein's; Flux.2 dev's (:mod:`cgidm_core.models.flux2_dev`) overrides the text path, the
+    stacked layers and the guidance."""
 
     family = FLUX2_FAMILY
+    variant = "klein"
+    #: The text encoder's layers whose hidden states are stacked.
+    text_layers: tuple[int, ...] = TEXT_LAYERS
+    #: The guidance a guidance-distilled transformer is given (``None``: it has no embedding).
+    guidance: float | None = None
     tokenizer: Any
     device: torch.device
     dtype: torch.dtype
@@ -187,9 +196,7 @@ class _Flux2Conditioning:
             out = text_encoder(input_ids=tokens.input_ids.to(self.device),
                                attention_mask=tokens.attention_mask.to(self.device),
                                output_hidden_states=True, use_cache=False)
-        stacked = torch.stack([out.hidden_states[k] for k in TEXT_LAYERS], dim=1)
-        batch, layers, length, width = stacked.shape
-        return stacked.permute(0, 2, 1, 3).reshape(batch, length, layers * width).to(self.dtype)
+        return stack_hidden_states(out, self.text_layers, self.dtype)
 
     def _predict(self, unet: torch.nn.Module, z_t: torch.Tensor, t: torch.Tensor,
                  context: torch.Tensor, prediction_type: str) -> torch.Tensor:
@@ -205,9 +212,11 @@ class _Flux2Conditioning:
         img_ids = torch.cartesian_prod(zero, torch.arange(height), torch.arange(width), zero)
         txt_ids = torch.cartesian_prod(zero, zero, zero, torch.arange(hidden.shape[1]))
         tokens = z_t.reshape(batch, channels, height * width).permute(0, 2, 1)
+        guidance = None if self.guidance is None else torch.full(
+            (batch,), self.guidance, device=self.device, dtype=torch.float32)
         output = unet(hidden_states=tokens.to(self.dtype),
                       timestep=(s * 1000).to(self.dtype) / 1000,  # the pipeline's arithmetic
-                      guidance=None, encoder_hidden_states=hidden,
+                      guidance=guidance, encoder_hidden_states=hidden,
                       txt_ids=txt_ids.to(self.device).expand(batch, -1, -1),
                       img_ids=img_ids.to(self.device).expand(batch, -1, -1),
                       return_dict=False)[0]
@@ -215,7 +224,8 @@ class _Flux2Conditioning:
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(),  # type: ignore[misc]
-                "variant": "klein", "text_layers": list(TEXT_LAYERS),
+                "variant": self.variant, "text_layers": list(self.text_layers),
+                "guidance": self.guidance,
                 "time_shift_at_native_size": self.native_time_shift()}  # type: ignore[attr-defined]
 
 

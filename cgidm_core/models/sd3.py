@@ -30,8 +30,9 @@ pipeline folder, ``transformer/`` folder, single file (converted by diffusers'
 ``SD3Transformer2DModel.from_single_file`` offline with the base's config), or a LoRA in the
 diffusers/peft naming that diffusers' SD3 DreamBooth-LoRA script, SimpleTuner and ai-toolkit
 write (``transformer.*``, optionally ``text_encoder.*`` / ``text_encoder_2.*`` CLIP layers).
-kohya-ss SD3 LoRAs (``lora_unet_joint_blocks_*``) are refused with a message: diffusers 0.42's
-SD3 loader has no converter for them.
+kohya-ss SD3 LoRAs (``lora_unet_joint_blocks_*``, ``lora_te1_*``, ``lora_te2_*``) are converted
+by :mod:`cgidm_core.models.sd3_kohya_lora` (diffusers 0.42's SD3 loader has no converter for
+them) and then loaded by diffusers' SD3 loader.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from cgidm_core.models.formats import (
     safetensors_keys,
     transformer_family,
 )
+from cgidm_core.models.sd3_kohya_lora import is_kohya_sd3_lora, read_kohya_sd3_lora
 from cgidm_core.models.sd_loading import (
     LORA_ADAPTER_NAME,
     LoadOptions,
@@ -104,11 +106,6 @@ def is_sd3_single_file(keys: list[str]) -> bool:
     """An SD3 transformer as one file: Stability's ``joint_blocks.*`` (under
     ``model.diffusion_model.`` in the released checkpoints) or diffusers' naming."""
     return transformer_family(keys) == SD3_FAMILY
-
-
-def is_kohya_sd3_lora(keys: list[str]) -> bool:
-    """sd-scripts' ``sd3_train_network.py`` naming, which diffusers 0.42 cannot convert."""
-    return any(k.startswith("lora_unet_joint_blocks_") for k in keys)
 
 
 def sd3_pipeline_family(folder: Path, name: str, index: dict[str, Any]) -> str:
@@ -404,22 +401,23 @@ def load_sd3_finetuned(path: Path, kind: str, base: SD3Base, opts: LoadOptions
 
 
 def read_sd3_lora(weights: Path) -> tuple[dict[str, Any], Any]:
-    """A diffusers/peft-named SD3 LoRA's state dict and metadata (kohya's naming refused)."""
+    """An SD3 LoRA's state dict (diffusers/peft naming) and metadata: a diffusers/peft-named
+    file as diffusers reads it, a kohya-ss one converted first
+    (:mod:`cgidm_core.models.sd3_kohya_lora`, which diffusers 0.42 has no converter for)."""
     from diffusers import StableDiffusion3Pipeline
 
     keys = safetensors_keys(weights)
+    source: Any = str(weights.parent)
     if is_kohya_sd3_lora(keys):
-        raise ModelFormatError(
-            f"{weights} is an SD3 LoRA in kohya-ss naming (lora_unet_joint_blocks_*), which "
-            "diffusers 0.42 cannot convert; save it in diffusers naming (transformer.*), e.g. "
-            "with sd-scripts' convert_diffusers... tools, or train with diffusers/SimpleTuner")
-    if not any(k.startswith(("transformer.", "text_encoder.", "text_encoder_2."))
-               for k in keys):
+        source = read_kohya_sd3_lora(weights)
+    elif not any(k.startswith(("transformer.", "text_encoder.", "text_encoder_2."))
+                 for k in keys):
         raise IncompatiblePairError(f"{weights} holds no SD3 transformer or CLIP LoRA layers "
-                                    "(transformer.*, text_encoder.*, text_encoder_2.*)")
+                                    "(transformer.*, text_encoder.*, text_encoder_2.*, or "
+                                    "kohya-ss lora_unet_joint_blocks_*)")
     with loading_errors("the LoRA", weights, mismatch_is_incompatible=True):
         state_dict, metadata = StableDiffusion3Pipeline.lora_state_dict(
-            str(weights.parent), weight_name=weights.name, use_safetensors=True,
+            source, weight_name=weights.name, use_safetensors=True,
             local_files_only=True, return_lora_metadata=True)
     if not state_dict or not all("lora" in key for key in state_dict):
         raise ModelFormatError(f"{weights} is not a LoRA that diffusers' SD3 loader can load")

@@ -2,7 +2,7 @@
 
 Configs written out from the released ``transformer/config.json`` of each model (nothing is
 downloaded): Stable Diffusion 3.5 large and medium, Chroma (v1 / HD), Z-Image (Turbo),
-Qwen-Image (and 2512, same transformer) and Flux.2 Klein 4B / 9B. ``benchmarks/activations.py``
+Qwen-Image (and 2512, same transformer), Flux.2 Klein 4B / 9B and Flux.2 dev. ``benchmarks/activations.py``
 counts what one PGD pass of one image saves for the backward pass of each, at the family's
 native size, and ``benchmarks/family_memory.py`` turns the counts and the weights into the
 batch that fits a card. :data:`EXPECTED_PARAMETERS` holds the parameter counts these configs
@@ -89,6 +89,8 @@ def _flux2_inputs(spec: Transformer, side: int, batch: int, dtype: torch.dtype, 
         "timestep": torch.full((batch,), 0.5, **gen),
         "img_ids": torch.zeros(batch, tokens, 4, device=device),
         "txt_ids": torch.zeros(batch, spec.text_tokens, 4, device=device),
+        **({"guidance": torch.full((batch,), 4.0, **gen)} if spec.config["guidance_embeds"]
+           else {}),
     }
 
 
@@ -168,13 +170,21 @@ FLUX2_KLEIN_9B = Transformer(
      "joint_attention_dim": 12288},
     text_tokens=512, inputs=_flux2_inputs)
 
+#: FLUX.2-dev: 8 double- and 48 single-stream blocks, 6144 wide, Mistral-3 features of three
+#: layers (3 x 5120), guidance-distilled (diffusers' defaults are dev's config).
+FLUX2_DEV = Transformer(
+    "flux2-dev", "dev", "Flux2Transformer2DModel",
+    {**_KLEIN, "num_layers": 8, "num_single_layers": 48, "num_attention_heads": 48,
+     "joint_attention_dim": 15360, "guidance_embeds": True},
+    text_tokens=512, inputs=_flux2_inputs)
+
 #: Every variant counted, in the order the docs list them.
 TRANSFORMERS: tuple[Transformer, ...] = (SD35_LARGE, SD35_MEDIUM, CHROMA, ZIMAGE, QWEN_IMAGE,
-                                         FLUX2_KLEIN_4B, FLUX2_KLEIN_9B)
+                                         FLUX2_KLEIN_4B, FLUX2_KLEIN_9B, FLUX2_DEV)
 #: The variant each family's memory model (its registry entry) is counted for: the largest
 #: one a user is likely to bring, so a batch sized from it fits the smaller ones too.
 SIZING_VARIANT = {"sd3": SD35_LARGE, "chroma": CHROMA, "z-image": ZIMAGE,
-                  "qwen-image": QWEN_IMAGE, "flux2": FLUX2_KLEIN_9B}
+                  "qwen-image": QWEN_IMAGE, "flux2": FLUX2_KLEIN_9B, "flux2-dev": FLUX2_DEV}
 
 #: Parameter counts of these configs (diffusers 0.42, meta device); the sizing variants' are
 #: the registry's ``MemoryModel.denoiser_parameters``, which tests/test_family_memory.py
@@ -182,5 +192,5 @@ SIZING_VARIANT = {"sd3": SD35_LARGE, "chroma": CHROMA, "z-image": ZIMAGE,
 EXPECTED_PARAMETERS: dict[str, int] = {
     "3.5 large": 8_056_627_520, "3.5 medium": 2_243_171_520, "v1": 8_899_983_424,
     "Turbo": 6_154_908_736, "Qwen-Image": 20_430_401_088, "Klein 4B": 3_875_544_576,
-    "Klein 9B": 9_078_581_248,
+    "Klein 9B": 9_078_581_248, "dev": 32_223_281_152,
 }

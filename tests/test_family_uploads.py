@@ -213,9 +213,10 @@ def test_a_layout_the_family_does_not_load_is_refused_by_name(gateway):
 
 
 def test_names_that_cannot_tell_two_families_apart_are_the_documented_ones():
-    """A Chroma LoRA has Flux.1's module names, so both claim it (a Flux.1 base takes no
-    uploads); an attention-only LoRA of SD 3.x's 38 blocks fits Qwen-Image's 60 too. Every
-    other pair of the files above is told apart by the names alone."""
+    """A Chroma LoRA has Flux.1's module names, so both claim it, and a Flux.2 Klein LoRA is
+    named as a Flux.2 dev one (Flux.1 and Flux.2 dev bases take no uploads); an attention-only
+    LoRA of SD 3.x's 38 blocks fits Qwen-Image's 60 too. Every other pair of the files above
+    is told apart by the names alone."""
     chroma = chroma_lora()
     assert {f.name for f in families.file_claims(chroma, "lora")} == {"flux", "chroma"}
     with pytest.raises(Exception, match="uploads for 'flux' bases are not supported"):
@@ -226,5 +227,6 @@ def test_names_that_cannot_tell_two_families_apart_are_the_documented_ones():
         "sd3", "qwen-image"}
     for name, (names, own, kind) in FILES.items():
         claims = {f.name for f in families.file_claims(names(), kind)}
-        expected = {"flux", "chroma"} if name == "chroma-lora" else {BASES[own]}
+        expected = {"chroma-lora": {"flux", "chroma"},  # Flux.2 dev: Klein's module names
+                    "flux2-klein-lora": {"flux2", "flux2-dev"}}.get(name, {BASES[own]})
         assert claims == expected, name

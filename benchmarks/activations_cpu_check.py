@@ -87,10 +87,10 @@ def main(argv: list[str] | None = None) -> int:
           "held / predicted |")
     print("|---|---|---|---|---|")
     for family in SMALL:
-        line = subprocess.run([sys.executable, "-m", "benchmarks.activations_cpu_check",
+        done = subprocess.run([sys.executable, "-m", "benchmarks.activations_cpu_check",
                                "--one", family, "--side", str(args.side)], check=True,
-                              capture_output=True, text=True, env=_ENV).stdout.strip().splitlines()[-1]
-        row = json.loads(line)
+                              capture_output=True, text=True, env=_ENV)
+        row = json.loads(done.stdout.strip().splitlines()[-1])
         print(f"| {family} | {row['side']} | {row['predicted'] / 1e6:.0f} | "
               f"{row['held'] / 1e6:.0f} | {row['ratio']:.2f} |")
     return 0

@@ -423,7 +423,8 @@ FAMILIES: tuple[Family, ...] = (
             activation_counts={(1024, False): 13_181_233_552, (1024, True): 839_110_656,
                                (512, False): 4_025_911_696, (512, True): 255_946_752},
             native_latent_pixels=128 * 128, denoiser_parameters=8_056_627_520,
-            note="counted for SD 3.5 large; 3.5 medium: 6.91 GB per pass at 1024 px, 2.24 B parameters",
+            note="counted for SD 3.5 large; 3.5 medium: 6.91 GB per pass at 1024 px, "
+                 "2.24 B parameters",
         ),
         summary="Stable Diffusion 3 / 3.5 medium and large; fine-tunes as pipeline folders, "
                 "transformer/ folders, single-file transformers (Stability or diffusers "

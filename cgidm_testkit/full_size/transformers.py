@@ -4,8 +4,8 @@ Configs written out from the released ``transformer/config.json`` of each model 
 downloaded): Stable Diffusion 3.5 large and medium, Chroma (v1 / HD), Z-Image (Turbo),
 Qwen-Image (and 2512, same transformer), Flux.2 Klein 4B / 9B and Flux.2 dev.
 ``benchmarks/activations.py`` counts what one PGD pass of one image saves for the backward pass
-of each, at the family's native size, and ``benchmarks/family_memory.py`` turns the counts and the weights into the
-batch that fits a card. :data:`EXPECTED_PARAMETERS` holds the parameter counts these configs
+of each, at the family's native size, and ``benchmarks/family_memory.py`` turns the counts and
+the weights into the batch that fits a card. :data:`EXPECTED_PARAMETERS` holds the parameter counts these configs
 give; they match the sizes the releases state (SD 3.5 large 8.1 B, medium 2.2 B, Chroma 8.9 B,
 Z-Image 6.2 B, Qwen-Image 20.4 B, Klein 3.9 B and 9.1 B).
 

@@ -3,16 +3,18 @@
 Configs written out from the released ``transformer/config.json`` of each model (nothing is
 downloaded): Stable Diffusion 3.5 large and medium, Chroma (v1 / HD), Z-Image (Turbo),
 Qwen-Image (and 2512, same transformer), Flux.2 Klein 4B / 9B and Flux.2 dev.
-``benchmarks/activations.py`` counts what one PGD pass of one image saves for the backward pass
-of each, at the family's native size, and ``benchmarks/family_memory.py`` turns the counts and
-the weights into the batch that fits a card. :data:`EXPECTED_PARAMETERS` holds the parameter counts these configs
-give; they match the sizes the releases state (SD 3.5 large 8.1 B, medium 2.2 B, Chroma 8.9 B,
-Z-Image 6.2 B, Qwen-Image 20.4 B, Klein 3.9 B and 9.1 B).
+``benchmarks/activations.py`` counts what one PGD pass of one image saves for the backward
+pass of each, at the family's native size, and ``benchmarks/family_memory.py`` turns the
+counts and the weights into the batch that fits a card. :data:`EXPECTED_PARAMETERS` holds the
+parameter counts these configs give; they match the sizes the releases state (SD 3.5 large
+8.1 B, medium 2.2 B, Chroma 8.9 B, Z-Image 6.2 B, Qwen-Image 20.4 B, Klein 3.9 B and 9.1 B,
+Flux.2 dev 32.2 B).
 
 Each :class:`Transformer` also says how its pair calls it at the native size: image tokens
-(4096 at 1024 px for all of them) and text tokens (the pipelines' ``max_sequence_length`` where
-they pad to it: T5's 256 + 77 CLIP for SD 3.5, T5's 512 for Chroma, Qwen3's 512 for Klein; Z-Image
-and Qwen-Image keep only the prompt's own tokens, so their count at 512 is an upper bound).
+(4096 at 1024 px for all of them) and text tokens (the pipelines' ``max_sequence_length``
+where they pad to it: T5's 256 + 77 CLIP for SD 3.5, T5's 512 for Chroma, Qwen3's 512 for
+Klein, Mistral-3's 512 for dev; Z-Image and Qwen-Image keep only the prompt's own tokens, so
+their count at 512 is an upper bound).
 """
 
 from __future__ import annotations

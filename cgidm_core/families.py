@@ -116,16 +116,20 @@ class Defaults:
 @dataclass(frozen=True)
 class MemoryModel:
     """Saved-for-backward bytes of ONE denoiser pass of one image in a 2-byte dtype, counted on
-    the meta device by ``benchmarks/activations.py``: ``{(side, checkpointing): bytes}`` at the
-    native side and at half of it, and the latent pixels at the native side. Batch sizes and the
-    checkpointing decision follow from it (:mod:`cgidm_core.models.devices`)."""
+    the meta device by ``benchmarks/activations.py`` for the family's released denoiser (the
+    largest variant users bring: SD 3.5 large, Flux.2 Klein 9B): ``{(side, checkpointing):
+    bytes}`` at the native side and at half of it; the latent pixels at the native side; the
+    denoiser's parameter count (its weights, for ``benchmarks/family_memory.py``'s table of
+    what fits a card). Batch sizes and the checkpointing decision follow from it
+    (:mod:`cgidm_core.models.devices`)."""
 
     activation_counts: dict[tuple[int, bool], int]
     native_latent_pixels: int
+    denoiser_parameters: int = 0
     #: ``""``: counted for this family's own denoiser. Otherwise the family whose counts stand
-    #: in, NOT counted for this one (``benchmarks/activations.py`` has no full-size builder for
-    #: it yet); ``note`` says how far off the stand-in may be.
+    #: in (none does at present: every entry is counted).
     borrowed_from: str = ""
+    #: What the count assumes (variant, text length), for ``cgidm models --families``.
     note: str = ""
 
 
@@ -214,19 +218,6 @@ REFUSED: tuple[RefusedFamily, ...] = (
     ),
 )
 
-#: Flux.1's counted activations (benchmarks/activations.py, bfloat16, 512 T5 tokens).
-_FLUX_COUNTS = {(1024, False): 21_615_259_648, (1024, True): 1_642_115_072,
-                (512, False): 7_196_397_568, (512, True): 547_377_152}
-
-
-def _borrowed_flux_memory(native_latent_pixels: int, note: str) -> MemoryModel:
-    """Flux.1's counts standing in for a diffusion transformer not counted yet: the same number
-    of image tokens at the native side (4096 at 1024 px) and a text sequence of the same order,
-    so the same order of activation memory, but NOT a count of this family's own blocks."""
-    return MemoryModel(activation_counts=_FLUX_COUNTS, native_latent_pixels=native_latent_pixels,
-                       borrowed_from=FLUX_FAMILY, note=note)
-
-
 #: Fine-tune layouts of the diffusion-transformer families (no bare-weights ``unet`` layout).
 TRANSFORMER_LAYOUTS: tuple[str, ...] = ("pipeline", "dreambooth", "lora", "single_file")
 _FROM_CONFIG_SHIFT = "the scheduler config's (fixed, or mu from the token count where it asks " \
@@ -297,11 +288,12 @@ FAMILIES: tuple[Family, ...] = (
             guidance="4.0, Flux2Pipeline's default guidance_scale (guidance-distilled)",
             prompt_source=_KOHYA_PROMPT,
         ),
-        memory=_borrowed_flux_memory(
-            64 * 64, "Flux.1's counts (4096 image tokens at 1024 px, as dev's 2x2-patchified "
-                     "latent); dev's 32B transformer (8 double + 48 single blocks, 6144 wide) "
-                     "is far larger than Flux.1's 12B, so this UNDER-estimates: set the batch "
-                     "size by hand"),
+        memory=MemoryModel(
+            activation_counts={(1024, False): 63_146_770_432, (1024, True): 3_227_746_304,
+                               (512, False): 21_028_593_664, (512, True): 1_076_043_776},
+            native_latent_pixels=64 * 64, denoiser_parameters=32_223_281_152,
+            note="512 Mistral-3 tokens, guidance embedding",
+        ),
         summary="Flux.2 dev; fine-tunes as pipeline folders, transformer/ folders, single-file "
                 "transformers (BFL naming), LoRAs (diffusers/peft, ai-toolkit, musubi/kohya)",
     ),
@@ -323,16 +315,19 @@ FAMILIES: tuple[Family, ...] = (
                       "ai-toolkit / musubi-tuner names (diffusers' Flux.2 converters; tested on "
                       "Flux.2 dev)"),
         pretrained_layouts=("Flux2KleinPipeline folder",),
+        upload_kinds=("lora",),
         defaults=Defaults(
             gpu_dtype="bfloat16", resolution=1024,
             time_shift="exp(compute_empirical_mu(tokens, 50)): Flux2KleinPipeline's rule at its "
                        "default 50 steps",
             prompt_source=_KOHYA_PROMPT,
         ),
-        memory=_borrowed_flux_memory(
-            64 * 64, "Flux.1's counts (4096 image tokens at 1024 px, as Klein's 2x2-patchified "
-                     "latent); Klein's 4B/9B transformer is smaller than Flux.1's 12B, so this "
-                     "likely over-estimates"),
+        memory=MemoryModel(
+            activation_counts={(1024, False): 23_937_273_856, (1024, True): 1_245_872_128,
+                               (512, False): 7_965_405_184, (512, True): 415_375_360},
+            native_latent_pixels=64 * 64, denoiser_parameters=9_078_581_248,
+            note="counted for Klein 9B; Klein 4B: 14.07 GB per pass at 1024 px, 3.88 B parameters",
+        ),
         summary="Flux.2 Klein; fine-tunes as pipeline folders, transformer/ folders, LoRAs "
                 "(diffusers/peft); single files recognised and refused",
     ),
@@ -362,7 +357,12 @@ FAMILIES: tuple[Family, ...] = (
                      "schnell",
             prompt_source=_KOHYA_PROMPT,
         ),
-        memory=MemoryModel(activation_counts=_FLUX_COUNTS, native_latent_pixels=128 * 128),
+        memory=MemoryModel(
+            activation_counts={(1024, False): 21_615_259_648, (1024, True): 1_642_115_072,
+                               (512, False): 7_196_397_568, (512, True): 547_377_152},
+            native_latent_pixels=128 * 128, denoiser_parameters=11_901_408_320,
+            note="FLUX.1-dev, 512 T5 tokens",
+        ),
         summary="Flux.1 dev/schnell; fine-tunes as pipeline folders, transformer/ folders, "
                 "single-file transformers (BFL or diffusers naming), LoRAs (diffusers/peft, "
                 "kohya-ss, XLabs)",
@@ -384,11 +384,14 @@ FAMILIES: tuple[Family, ...] = (
         lora_formats=("diffusers/peft (transformer.*)", "kohya-ss (lora_unet_double_blocks_*), "
                       "through diffusers' Flux.1 loader"),
         pretrained_layouts=("ChromaPipeline folder", _ONE_FILE),
+        upload_kinds=("lora", "single_file"),
         defaults=Defaults(gpu_dtype="bfloat16", resolution=1024, time_shift=_FROM_CONFIG_SHIFT,
                           prompt_source=_KOHYA_PROMPT),
-        memory=_borrowed_flux_memory(
-            128 * 128, "Flux.1's counts: Chroma is Flux.1-schnell's blocks (8.9B, the modulation "
-                       "layers replaced by a small approximator), so close"),
+        memory=MemoryModel(
+            activation_counts={(1024, False): 21_616_672_768, (1024, True): 1_645_623_296,
+                               (512, False): 7_197_810_688, (512, True): 550_885_376},
+            native_latent_pixels=128 * 128, denoiser_parameters=8_899_983_424,
+        ),
         summary="Chroma; fine-tunes as pipeline folders, transformer/ folders, single-file "
                 "transformers (distilled_guidance_layer.*), LoRAs (diffusers/peft, kohya-ss)",
     ),
@@ -412,13 +415,17 @@ FAMILIES: tuple[Family, ...] = (
                       "refused)"),
         pretrained_layouts=("StableDiffusion3Pipeline folder (3.0, 3.5 medium, 3.5 large)",
                             _ONE_FILE),
+        upload_kinds=("lora", "single_file"),
         defaults=Defaults(gpu_dtype="bfloat16", resolution=1024,
                           time_shift="the scheduler config's (3.0 for SD 3.5, fixed)",
                           prompt_source=_KOHYA_PROMPT),
-        memory=_borrowed_flux_memory(
-            128 * 128, "Flux.1's counts (4096 image tokens at 1024 px; SD 3.5 large's 38 joint "
-                       "blocks at 8B against Flux.1's 57 blocks at 12B, 333 text tokens against "
-                       "512), so likely an over-estimate"),
+        memory=MemoryModel(
+            activation_counts={(1024, False): 13_181_233_552, (1024, True): 839_110_656,
+                               (512, False): 4_025_911_696, (512, True): 255_946_752},
+            native_latent_pixels=128 * 128, denoiser_parameters=8_056_627_520,
+            note="counted for SD 3.5 large; 3.5 medium: 6.91 GB per pass at 1024 px, "
+                 "2.24 B parameters",
+        ),
         summary="Stable Diffusion 3 / 3.5 medium and large; fine-tunes as pipeline folders, "
                 "transformer/ folders, single-file transformers (Stability or diffusers "
                 "naming), LoRAs (diffusers/peft, kohya-ss)",
@@ -432,7 +439,7 @@ FAMILIES: tuple[Family, ...] = (
                       "cgidm_core.models.zimage.ZImageLoraPair"),
         recognition=Recognition(
             pipeline_classes=("ZImage*",), denoiser_classes=("ZImageTransformer2DModel",),
-            single_file=keys_.is_zimage_file, lora=keys_.is_dit_lora,
+            single_file=keys_.is_zimage_file, lora=keys_.is_zimage_lora,
             base_file=keys_.is_zimage_file, base_file_layout="denoiser",
             metadata_keys=("ss_tag_frequency", "ss_output_name"),
         ),
@@ -440,12 +447,16 @@ FAMILIES: tuple[Family, ...] = (
         lora_formats=("diffusers/peft (transformer.*)", "ComfyUI / ai-toolkit (diffusion_model.*)",
                       "musubi-tuner / kohya (lora_unet_*; diffusers' converter, untested)"),
         pretrained_layouts=("ZImagePipeline folder (Turbo)", _ONE_FILE),
+        upload_kinds=("lora", "single_file"),
         defaults=Defaults(gpu_dtype="bfloat16", resolution=1024,
                           time_shift=_FROM_CONFIG_SHIFT + "; 3.0 fixed for Z-Image-Turbo",
                           prompt_source=_KOHYA_PROMPT),
-        memory=_borrowed_flux_memory(
-            128 * 128, "Flux.1's counts (4096 image tokens at 1024 px; Z-Image's 6B single-stream "
-                       "transformer is half Flux.1's size), so likely an over-estimate"),
+        memory=MemoryModel(
+            activation_counts={(1024, False): 33_833_868_800, (1024, True): 1_172_619_264,
+                               (512, False): 11_120_898_560, (512, True): 390_878_208},
+            native_latent_pixels=128 * 128, denoiser_parameters=6_154_908_736,
+            note="512 caption tokens, the pipeline's maximum: a shorter prompt needs less",
+        ),
         summary="Z-Image (Turbo); fine-tunes as pipeline folders, transformer/ folders, "
                 "single-file transformers (ComfyUI naming), LoRAs (diffusers/peft, ComfyUI, "
                 "ai-toolkit)",
@@ -459,7 +470,7 @@ FAMILIES: tuple[Family, ...] = (
                       "cgidm_core.models.qwen_image.QwenImageLoraPair"),
         recognition=Recognition(
             pipeline_classes=("QwenImage*",), denoiser_classes=("QwenImageTransformer2DModel",),
-            single_file=keys_.is_qwen_image_file, lora=keys_.is_dit_lora,
+            single_file=keys_.is_qwen_image_file, lora=keys_.is_qwen_image_lora,
             base_file=keys_.is_qwen_image_file, base_file_layout="denoiser",
             metadata_keys=("ss_tag_frequency", "ss_output_name"),
         ),
@@ -467,14 +478,17 @@ FAMILIES: tuple[Family, ...] = (
         lora_formats=("diffusers/peft (transformer.*)", "ComfyUI / ai-toolkit (diffusion_model.*)",
                       "kohya (lora_unet_*; diffusers' converter, untested)"),
         pretrained_layouts=("QwenImagePipeline folder (and 2512)", _ONE_FILE),
+        upload_kinds=("lora", "single_file"),
         defaults=Defaults(gpu_dtype="bfloat16", resolution=1024,
                           time_shift="the scheduler config's dynamic shift (mu from the token "
                                      "count, base 0.5, max 0.9)",
                           prompt_source=_KOHYA_PROMPT),
-        memory=_borrowed_flux_memory(
-            128 * 128, "Flux.1's counts (4096 image tokens at 1024 px); Qwen-Image's 60-block 20B "
-                       "transformer is larger than Flux.1's 12B, so this likely UNDER-estimates: "
-                       "set the batch size by hand on a small GPU"),
+        memory=MemoryModel(
+            activation_counts={(1024, False): 27_276_308_480, (1024, True): 1_723_904_512,
+                               (512, False): 9_080_410_112, (512, True): 572_543_488},
+            native_latent_pixels=128 * 128, denoiser_parameters=20_430_401_088,
+            note="512 prompt tokens, the pipeline's maximum: a shorter prompt needs less",
+        ),
         summary="Qwen-Image; fine-tunes as pipeline folders, transformer/ folders, single-file "
                 "transformers, LoRAs (diffusers/peft, ComfyUI, ai-toolkit)",
     ),
@@ -498,11 +512,12 @@ FAMILIES: tuple[Family, ...] = (
                       "lora_te2_*)"),
         pretrained_layouts=("StableDiffusionXLPipeline folder (base 1.0)",
                             "complete single-file checkpoint (SGM layout)"),
+        upload_kinds=("lora", "single_file", "unet"),
         defaults=Defaults(gpu_dtype="float16", resolution=1024, prompt_source=_KOHYA_PROMPT),
         memory=MemoryModel(
             activation_counts={(1024, False): 5_336_636_160, (1024, True): 503_767_296,
                                (512, False): 1_353_382_656, (512, True): 126_181_632},
-            native_latent_pixels=128 * 128,
+            native_latent_pixels=128 * 128, denoiser_parameters=2_567_463_684,
         ),
         summary="SDXL base 1.0 and its fine-tunes (pipeline, DreamBooth unet/ + text encoders, "
                 "LoRA in diffusers or kohya naming, SGM single file, bare UNet weights)",
@@ -533,7 +548,7 @@ FAMILIES: tuple[Family, ...] = (
         memory=MemoryModel(
             activation_counts={(512, False): 774_828_928, (512, True): 154_657_152,
                                (256, False): 196_595_968, (256, True): 38_756_736},
-            native_latent_pixels=64 * 64,
+            native_latent_pixels=64 * 64, denoiser_parameters=859_520_964,
         ),
         summary="Stable Diffusion 1.x/2.x (and the latent demo pair); fine-tunes as pipeline "
                 "folders, DreamBooth unet/ (+text_encoder/), LoRA (diffusers/peft, kohya, "
@@ -684,6 +699,10 @@ def describe() -> list[dict[str, Any]]:
             "memory_model": family.memory is not None,
             "memory_borrowed_from": family.memory.borrowed_from if family.memory else "",
             "memory_note": family.memory.note if family.memory else "",
+            "memory_pass_bytes": {f"{side}/{'checkpointed' if ckpt else 'plain'}": count
+                                  for (side, ckpt), count in family.memory.activation_counts.items()
+                                  } if family.memory else {},
+            "denoiser_parameters": family.memory.denoiser_parameters if family.memory else 0,
             "summary": family.summary,
         })
     return rows

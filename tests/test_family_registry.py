@@ -68,6 +68,7 @@ ZIMAGE_FILE = ["model.diffusion_model.noise_refiner.0.attention.qkv.weight",
                "model.diffusion_model.context_refiner.0.attention.qkv.weight",
                "model.diffusion_model.cap_embedder.1.weight"]
 DIT_COMFY_LORA = ["diffusion_model.layers.0.attention.to_q.lora_A.weight"]
+QWEN_COMFY_LORA = ["diffusion_model.transformer_blocks.0.attn.to_q.lora_A.weight"]
 QWEN_FILE = ["img_in.weight", "txt_norm.weight", "txt_in.weight",
              "transformer_blocks.0.attn.to_q.weight"]
 FLUX2_FILE = ["double_stream_modulation_img.linear.weight", "single_stream_modulation.lin.weight"]
@@ -94,7 +95,7 @@ FILES = [
     (CHROMA, "lora", CHROMA_LORA), (CHROMA, "lora", FLUX_LORA),
     (CHROMA, "single_file", CHROMA_FILE),
     (ZIMAGE, "lora", DIT_COMFY_LORA), (ZIMAGE, "single_file", ZIMAGE_FILE),
-    (QWEN, "lora", DIT_COMFY_LORA), (QWEN, "single_file", QWEN_FILE),
+    (QWEN, "lora", QWEN_COMFY_LORA), (QWEN, "single_file", QWEN_FILE),
     (FLUX2, "lora", FLUX2_LORA),
     (FLUX2_DEV, "lora", FLUX2_LORA), (FLUX2_DEV, "single_file", FLUX2_DEV_FILE),
 ]
@@ -303,8 +304,12 @@ def test_the_demo_models_are_recognised_as_their_registered_family():
 def test_upload_check_reads_the_table():
     assert classify(SD_LORA, SD) == "lora"
     assert classify(PIXEL_UNET, DDPM) == "unet"
-    for keys in (FLUX_LORA, SDXL_LORA, FLUX_FILE, SD3_FILE, CHROMA_FILE, ZIMAGE_FILE, QWEN_FILE,
-                 FLUX2_FILE, FLUX2_DEV_FILE):  # families that take no uploads yet
+    for keys in (FLUX_LORA, SDXL_LORA, SD3_FILE, CHROMA_FILE, ZIMAGE_FILE, QWEN_FILE,
+                 FLUX2_FILE):  # families that take uploads, but not for an SD base
+        with pytest.raises(ModelFileError) as err:
+            classify(keys, SD)
+        assert err.value.code == "family_mismatch"
+    for keys in (FLUX_FILE, FLUX2_DEV_FILE):  # Flux.1 and Flux.2 dev take no uploads yet
         with pytest.raises(ModelFileError) as err:
             classify(keys, SD)
         assert err.value.code == "unsupported_family"

@@ -217,7 +217,7 @@ def _paired(v: dict[str, np.ndarray], null: dict[str, np.ndarray], part: str
     # Rounded: a difference below 1e-4 is the float32 decoder's noise between batch sizes (a
     # recovery that never left its start differs from a separately decoded start by ~1e-6),
     # and z-scoring would blow that noise up to a full-size score.
-    return np.round(v[raw] - null[subtract], 4)
+    return np.asarray(np.round(v[raw] - null[subtract], 4))
 
 
 def _add_paired(add: Callable[..., None], v: dict[str, np.ndarray],
@@ -238,15 +238,16 @@ def _add_paired(add: Callable[..., None], v: dict[str, np.ndarray],
         add("loss-paired", "loss attack minus the base model's loss attack on the same image",
             2 * EVALUATIONS_PER_IMAGE["loss"], loss)
     for name, parts in PAIRED_FUSIONS.items():
-        columns = [_paired(v, null, p) for p in parts]
-        if any(c is None for c in columns):
+        maybe = [_paired(v, null, p) for p in parts]
+        columns = [c for c in maybe if c is not None]
+        if len(columns) < len(parts):
             continue
         cost = (inversion if any(p.startswith("default/") for p in parts) else 0)
         cost += base_recovery if any(p.endswith("-base/ssim") for p in parts) else 0
         cost += sum(EVALUATIONS_PER_IMAGE[p] for p in parts if "/" not in p)
         cost += 2 * EVALUATIONS_PER_IMAGE["loss"] if "loss-base/loss" in parts else 0
         add(name, " + ".join(f"z({p})" for p in parts) + ", pooled over the images compared",
-            cost, sum(_z(c) for c in columns))  # type: ignore[arg-type]
+            cost, np.sum([_z(c) for c in columns], axis=0))
 
 
 def candidate_scores(values: dict[str, Sequence[float]], steps: int,

@@ -51,7 +51,7 @@ def null_of(doc: dict, cache: Path) -> dict[str, list[float]] | None:
 
 
 def results_file(pair: lsp.LatentSuitePair, cache: Path, pgd_steps: int) -> Path:
-    return pair.run_dir(cache) / str(pair.steps) / f"values-{pgd_steps}.json"
+    return pair.values_file(cache, pgd_steps)
 
 
 def evaluate(pair: lsp.LatentSuitePair, cache: Path, pgd_steps: int) -> Path:

@@ -178,9 +178,7 @@ def _entries(folder: Path) -> dict[str, dict[str, float]]:
 
 
 def latent_control_document(cache: Path, pgd_steps: int) -> dict | None:
-    from benchmarks import latent_suite as ls
-
-    path = ls.results_file(latent_control(cache), cache, pgd_steps)
+    path = latent_control(cache).values_file(cache, pgd_steps)
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -213,7 +211,7 @@ def aligned(lookup: dict[str, dict[str, float]], files: list[str]
 
 @dataclass(frozen=True)
 class NullView:
-    """A null pair as ``benchmarks.suite.evaluate_pair`` reads a pair."""
+    """A null pair as ``benchmarks.pair_evaluation.evaluate_pair`` reads a pair."""
 
     pair_id: str
     family: str
@@ -235,7 +233,7 @@ def _split_document(document: dict, files: list[str], n_members: int) -> dict:
 
 def null_pair_results(cache: Path, n_bootstrap: int, pgd_steps: int = 100) -> list[dict]:
     """Every candidate's AUC on the null pairs of both families (those cached)."""
-    from benchmarks.suite import evaluate_pair
+    from benchmarks.pair_evaluation import evaluate_pair
     from cgidm_core.suite_pairs import splits
 
     results = []

@@ -173,6 +173,7 @@ def invert(
     delta = torch.zeros_like(z0)
     recorded: dict[str, torch.Tensor] = {}
     delta_sum = torch.zeros_like(z0) if average_from is not None else None
+    average_start = average_from or 0  # read only where delta_sum exists, i.e. it was given
     losses = torch.zeros(z0.shape[0], config.steps)
     nonfinite = torch.zeros(z0.shape[0], dtype=torch.long, device=pair.device)
     for step in range(config.steps):
@@ -182,8 +183,7 @@ def invert(
                                          epsilon, bounds, objective or contrast_loss)
         nonfinite += skipped
         with torch.no_grad():
-            # delta_sum is kept only when average_from is set, so average_from is an int here
-            if delta_sum is not None and step + 1 > average_from:  # type: ignore[operator]
+            if delta_sum is not None and step + 1 > average_start:
                 delta_sum += delta
             if step + 1 in record_steps:
                 recorded[f"step{step + 1}"] = pair.decode(z0 * keep + (z_start + delta) * free)
@@ -197,9 +197,8 @@ def invert(
         partial = pair.decode(z_start).float().cpu()
         start_point = (pair.decode(z0 * keep + z_start * free).float().cpu()
                        if config.reencode_partial else partial)
-        if delta_sum is not None and config.steps > average_from:  # type: ignore[operator]
-            # delta_sum is kept only when average_from is set, so average_from is an int here
-            mean_delta = delta_sum / (config.steps - average_from)  # type: ignore[operator]
+        if delta_sum is not None and config.steps > average_start:
+            mean_delta = delta_sum / (config.steps - average_start)
             recorded["average"] = pair.decode(z0 * keep + (z_start + mean_delta) * free)
     return InversionOutput(
         original=images.float().cpu(),

@@ -128,6 +128,10 @@ class LatentSuitePair:
         kind = "-continuum" if self.continuum else ""
         return cache / "latent" / f"{self.recipe_name}{kind}-s{self.seed}-{self.run_key}"
 
+    def values_file(self, cache: Path, pgd_steps: int) -> Path:
+        """Where ``benchmarks.latent_suite`` caches this pair's raw values at ``pgd_steps``."""
+        return self.run_dir(cache) / str(self.steps) / f"values-{pgd_steps}.json"
+
     def model_dir(self, cache: Path) -> Path:
         """What ``--finetuned`` gets: a folder (diffusers LoRA, pipeline) or a kohya file."""
         folder = self.run_dir(cache) / str(self.steps)

@@ -6,7 +6,9 @@ What must hold: the job runs again within a minute or so and succeeds exactly on
 ``result.json``, one run folder, attempt 2) well within 2 minutes of the kill, whether a new
 worker is started or another one is already running; the client sees ``recovering`` and the
 attempt number while it waits; a job that kills every worker it runs on ends ``failed`` /
-``worker_lost`` after ``CGIDM_MAX_ATTEMPTS`` lost attempts. Each scenario prints its timeline
+``worker_lost`` after ``CGIDM_MAX_ATTEMPTS`` lost attempts; an audit's group subtask, whose
+worker is killed between two models, is handed out again the same way and its other worker
+finishes it without redoing the model already stored. Each scenario prints its timeline
 (seconds after the SIGKILL); docs/RELIABILITY.md quotes them.
 """
 

@@ -7,8 +7,8 @@ What must hold: the job runs again within a minute or so and succeeds exactly on
 worker is started or another one is already running; the client sees ``recovering`` and the
 attempt number while it waits; a job that kills every worker it runs on ends ``failed`` /
 ``worker_lost`` after ``CGIDM_MAX_ATTEMPTS`` lost attempts; an audit's group subtask, whose
-worker is killed between two models, is handed out again the same way and its other worker
-finishes it without redoing the model already stored. Each scenario prints its timeline
+worker is killed while it inverts the second model, is handed out again the same way and the
+other worker finishes it without redoing the model already stored. Each scenario prints its timeline
 (seconds after the SIGKILL); docs/RELIABILITY.md quotes them.
 """
 
@@ -45,7 +45,7 @@ def _on_own_stack(scenario: Callable[[LossStack], None], root: Path, redis_url: 
 @pytest.fixture(scope="module")
 def scenarios(tmp_path_factory, redis_url, s3_endpoint,
               registry_file) -> Iterator[dict[str, Future]]:
-    """The three scenarios run at once, each on a stack of its own (queue, storage prefix,
+    """The four scenarios run at once, each on a stack of its own (queue, storage prefix,
     gateway, workers), since each mostly waits out a real 60 s lease: about 3 minutes for the
     module instead of 7. A test re-raises its scenario's failure (asserts included)."""
     plan = {"new_worker": (_new_worker_after_the_lapse, {}),

@@ -32,6 +32,7 @@ from cgidm.settings import get_settings
 from cgidm.storage import StorageError, StorageUnavailable
 from worker.celery_app import celery_app
 from worker.context import WorkerContext, get_context
+from worker.leasing import LeaseKeeper
 
 log = logging.getLogger("cgidm.worker.audit")
 
@@ -88,7 +89,6 @@ def audit_group(audit_id: str, indices: list[int], attempt: int = 1,
     running. A message without a group number (sent before leases) runs without one."""
     from cgidm.audit_leases import group_lease_id
     from cgidm_core.errors import Cancelled
-    from worker.leasing import LeaseKeeper
 
     ctx = get_context()
     store = _store(ctx)
@@ -127,6 +127,8 @@ def audit_group(audit_id: str, indices: list[int], attempt: int = 1,
         keeper.hold(ctx.settings.storage_retry_backoff_max + ctx.settings.lease_ttl)
         raise
     except Exception as exc:
+        if keeper.lost.is_set():  # superseded: the current attempt decides
+            return "stale"
         log.exception("audit %s failed", audit_id)
         store.save_error(audit_id, getattr(exc, "code", None) or type(exc).__name__, str(exc))
         keeper.done()
@@ -155,7 +157,7 @@ class _GroupCallbacks:
     skip it), progress writes and cancel looks, both throttled so storage is not hammered."""
 
     def __init__(self, ctx: WorkerContext, store: AuditStore, request: AuditRequest,
-                 todo: list[int], keeper: Any):
+                 todo: list[int], keeper: LeaseKeeper):
         from cgidm_core.audit import AuditModel
 
         self.ctx, self.store, self.request, self.keeper = ctx, store, request, keeper
@@ -233,7 +235,10 @@ class _GroupCallbacks:
         ranked, not flagged, outside the correction: cgidm_core.audit.decide_models); the
         group goes on with its other models."""
         from cgidm_core.audit import failed_entry
+        from cgidm_core.errors import Cancelled
 
+        if self.keeper.lost.is_set():  # handed out again: the current attempt records it
+            raise Cancelled("this attempt of the audit group was handed out again")
         entry = {**failed_entry(index, self.models[index], exc),
                  "worker_id": self.ctx.worker_id, "attempt": self.attempt,
                  "finished_at": time.time()}
@@ -258,7 +263,7 @@ class _GroupCallbacks:
 
 
 def run_group(ctx: WorkerContext, store: AuditStore, request: AuditRequest,
-              indices: list[int], keeper: Any) -> None:
+              indices: list[int], keeper: LeaseKeeper) -> None:
     """Audit the models at ``indices`` that are not stored yet, storing each as it finishes."""
     from cgidm_core.audit_run import AuditSettings, run_audit
     from cgidm_core.images import load_image

@@ -157,7 +157,6 @@ def _signed(document: dict[str, Any]) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     from cgidm.result_signing import file_sha256
     from cgidm_core.audit import (
-        TIER_ERROR,
         check_level,
         decide_models,
         decision_settings,
@@ -225,24 +224,37 @@ def run(args: argparse.Namespace) -> int:
     document = {
         "models": ranked,
         "decision": decision_settings(level, correction, clear_p),
-        "counts": {"models": len(ranked),
-                   "full_verdicts": sum(m["tier"] == "full" for m in ranked),
-                   "cleared_by_screen": sum(m["cleared_by_screen"] for m in ranked),
-                   "errors": sum(m["tier"] == TIER_ERROR for m in ranked),
-                   "flagged": sum(m["flagged"] for m in ranked)},
+        "counts": _counts(ranked),
         "images": image_names,
         "controls": control_names,
         "settings": {"inversion": config.to_dict(), "batch_size": args.batch_size},
         "software": software(),
         "seconds": round(elapsed, 2),
     }
-    document = _signed(document)
+    return _write(_signed(document), out_dir, correction, level, elapsed)
+
+
+def _counts(ranked: list[dict[str, Any]]) -> dict[str, int]:
+    from cgidm_core.audit import TIER_ERROR
+
+    return {"models": len(ranked),
+            "full_verdicts": sum(m["tier"] == "full" for m in ranked),
+            "cleared_by_screen": sum(m["cleared_by_screen"] for m in ranked),
+            "errors": sum(m["tier"] == TIER_ERROR for m in ranked),
+            "flagged": sum(m["flagged"] for m in ranked)}
+
+
+def _write(document: dict[str, Any], out_dir: Path, correction: str, level: float,
+           elapsed: float) -> int:
+    """Write audit.json, print the ranking; the exit status says whether every model was
+    tested (0) or some failed (:data:`EXIT_PARTIAL`)."""
     (out_dir / "audit.json").write_text(json.dumps(document, indent=2))
-    _print_ranking(ranked, document["counts"], correction, level,
+    counts = document["counts"]
+    _print_ranking(document["models"], counts, correction, level,
                    f"wrote {out_dir / 'audit.json'} in {elapsed:.1f} s")
-    if document["counts"]["errors"]:
-        print(f"cgidm: {document['counts']['errors']} of {len(ranked)} model(s) could not be "
-              f"tested (see their error in audit.json); exit status {EXIT_PARTIAL}: partial",
+    if counts["errors"]:
+        print(f"cgidm: {counts['errors']} of {counts['models']} model(s) could not be tested "
+              f"(see their error in audit.json); exit status {EXIT_PARTIAL}: partial",
               file=sys.stderr)
         return EXIT_PARTIAL
     return 0

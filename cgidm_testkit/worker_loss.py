@@ -86,11 +86,12 @@ class LossStack:
         assert response.status_code == 202, response.text
         return response.json()["job_id"]
 
-    def submit_audit(self, models: list[dict], steps: int) -> str:
-        """An audit of ``models`` (every one gets the full verdict: screen_clear_p 1), three
-        images against three controls."""
-        files = [("images", (f"i{k}.png", png_bytes(k), "image/png")) for k in (1, 2, 3)]
-        files += [("controls", (f"c{k}.png", png_bytes(k), "image/png")) for k in (11, 12, 13)]
+    def submit_audit(self, models: list[dict], steps: int, images: int = 2) -> str:
+        """An audit of ``models`` (every one gets the full verdict: screen_clear_p 1), ``images``
+        generated pictures against as many controls."""
+        files = [("images", (f"i{k}.png", png_bytes(k), "image/png")) for k in range(images)]
+        files += [("controls", (f"c{k}.png", png_bytes(50 + k), "image/png"))
+                  for k in range(images)]
         response = self.client.post("/audits", files=files, data={
             "models": json.dumps(models), "steps": str(steps), "screen_clear_p": "1"})
         assert response.status_code == 202, response.text

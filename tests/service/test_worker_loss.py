@@ -30,7 +30,8 @@ pytestmark = pytest.mark.slow  # each scenario waits out a real 60 s lease
 
 LEASE_TTL = 60  # the default; asserted below so a changed default is noticed here
 STEPS = 120  # a few seconds per run on the tiny pair
-AUDIT_STEPS = 40  # per model of the audit scenario (6 images each): long enough to be killed in
+AUDIT_STEPS = 60  # per model of the audit scenario (2 images, 2 controls): long enough to be
+# killed in, and light, as its CPU competes with the job scenarios' timed recoveries
 
 
 def _on_own_stack(scenario: Callable[[LossStack], None], root: Path, redis_url: str,

@@ -215,13 +215,13 @@ def test_audit_report_pdf_of_a_signed_stored_audit(app_client, tmp_path):
     from cgidm.audit_signing import SIGNER_SERVICE
     from cgidm.audits import AuditInput, AuditModelSpec, AuditRequest, AuditStore, new_audit_id
     from cgidm.result_signing import load_or_create_key, sign_document
-    from cgidm_core.audit import decide_models, decision_settings
+    from cgidm_core.audit import AuditModel, decide_models, decision_settings, failed_entry
 
     services = app_client.app.state.services
     store = AuditStore(services.store.storage)
     audit_id = new_audit_id()
     specs = [AuditModelSpec(pretrained="tiny-base", finetuned=name)
-             for name in ("quiet-model", "copying-model")]
+             for name in ("quiet-model", "copying-model", "broken-model")]
     store.create(AuditRequest(audit_id=audit_id, created_at=datetime.now(timezone.utc),
                               models=specs, images=[AuditInput(name="i1", key="k", sha256="0")],
                               controls=[AuditInput(name="c1", key="k2", sha256="0")]), [])
@@ -232,13 +232,15 @@ def test_audit_report_pdf_of_a_signed_stored_audit(app_client, tmp_path):
                {"index": 1, "pretrained": "tiny-base", "finetuned": "copying-model",
                 "tier": "full", "screen_p_value": 0.001, "p_value": 0.001,
                 "images": [{"name": "i1", "evidence_score": 3.0, "p_value": 0.01}],
-                "picture_sha256": {"i1": {"side_by_side": hashlib.sha256(picture).hexdigest()}}}]
+                "picture_sha256": {"i1": {"side_by_side": hashlib.sha256(picture).hexdigest()}}},
+               failed_entry(2, AuditModel("tiny-base", "broken-model"),
+                            FileNotFoundError("no model files at broken-model"))]
     for entry in entries:
         store.save_model(audit_id, entry["index"], entry)
     store.storage.put_bytes(store.picture_key(audit_id, 1, "i1", "side_by_side"), picture)
     document = {"models": decide_models(entries), "decision": decision_settings(0.05, "bh", 0.2),
-                "counts": {"models": 2, "flagged": 1, "full_verdicts": 1,
-                           "cleared_by_screen": 1},
+                "counts": {"models": 3, "flagged": 1, "full_verdicts": 1,
+                           "cleared_by_screen": 1, "errors": 1},
                 "images": ["i1"], "controls": ["c1"], "audit_id": audit_id}
     key = load_or_create_key(services.settings.resolved_signing_key)
     store.save_result(audit_id, sign_document(document, key, signer=SIGNER_SERVICE))
@@ -253,7 +255,10 @@ def test_audit_report_pdf_of_a_signed_stored_audit(app_client, tmp_path):
     assert len(list(tmp_path.glob("page-*.png"))) == 1
     text = " ".join(subprocess.run(["pdftotext", str(pdf), "-"], check=True,
                                    capture_output=True, text=True).stdout.split())
-    assert "1 of 2 suspect models was flagged" in text and "copying-model" in text
+    assert "1 of 3 suspect models was flagged" in text and "copying-model" in text
+    # the failed model: listed with its error, unranked, outside the 2 models corrected over
+    assert "broken-model" in text and "no model files at broken-model" in text
+    assert "Across the 2 models tested" in text and "1 could not be tested" in text
     assert "signature valid" in text and key.key_id in text
     html = app_client.get(f"/audits/{audit_id}/report.html").text
     assert html.count('<img src="data:image/png;base64,') == 1

@@ -64,8 +64,11 @@ screenshots: $(STAMP) system-deps
 compose-test: $(STAMP)
 	bash scripts/compose_test.sh
 
+# ruff, then mypy as pyproject.toml's [tool.mypy] sets it (strict on cgidm_core and app, the
+# default check on cgidm and worker; cache in .mypy_cache).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) cgidm-out .pytest_cache

@@ -24,17 +24,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.requests import Request
+from starlette.types import ASGIApp
 
 from app.admission import QueueFull
 from app.auth import caller_of
 from app.errors import ApiError
 from cgidm.job_queue import BrokerUnavailable
+
+if TYPE_CHECKING:  # annotations only
+    from app.services import Services
 
 log = logging.getLogger("cgidm.gateway")
 
@@ -131,7 +135,7 @@ class PartCounter:
 class SubmissionGate:
     """ASGI middleware applying the limits above; see the module docstring."""
 
-    def __init__(self, app: Any, services: Any):
+    def __init__(self, app: ASGIApp, services: Services):
         self.app = app
         self.services = services
         self.settings = services.settings

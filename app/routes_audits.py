@@ -37,7 +37,7 @@ from cgidm.storage import ObjectNotFound, StorageError
 log = logging.getLogger("cgidm.gateway")
 router = APIRouter(tags=["audits"])
 
-_ERRORS = {
+_ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "No API key, or an unknown one."},
     404: {"model": ErrorBody, "description": "No such audit (or another key's)."},
     422: {"model": ErrorBody, "description": "A field is invalid; `loc` names it."},

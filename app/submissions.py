@@ -13,6 +13,7 @@ import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from app.auth import Caller
 from app.errors import ApiError, storage_unavailable
@@ -80,7 +81,7 @@ def _decoded_inputs(services: Services, job_id: str, uploads: Sequence[Submitted
     files: list[tuple[str, bytes]] = []
     notes: list[str] = []
     for upload in uploads:
-        role = "image" if upload.field == "images" else "control"
+        role: Literal["image", "control"] = "image" if upload.field == "images" else "control"
         decoded = decode_image(upload.field, upload.filename or f"{upload.field}[{upload.index}]",
                                upload.data, services.settings.max_image_pixels)
         # read here: the stored PNG no longer carries the upload's C2PA manifest

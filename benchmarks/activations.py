@@ -95,8 +95,9 @@ def _unet_inputs(side: int, dtype: torch.dtype, context: int, xl: bool) -> dict[
 
 
 def denoiser(family: str, dtype: torch.dtype) -> torch.nn.Module:
-    """The family's full-size denoiser on the meta device, frozen."""
-    from cgidm_testkit.full_size import flux, sd15, sdxl
+    """The family's full-size denoiser on the meta device, frozen (for the transformer families
+    of ``cgidm_testkit/full_size/transformers.py``: the variant their batch is sized for)."""
+    from cgidm_testkit.full_size import flux, sd15, sdxl, transformers
 
     if family == "stable-diffusion":
         model = sd15.build_unet(dtype=dtype, device="meta")
@@ -104,16 +105,20 @@ def denoiser(family: str, dtype: torch.dtype) -> torch.nn.Module:
         model = sdxl.build_unet(dtype=dtype, device="meta")
     elif family == "flux":
         model = flux.build_transformer(dtype=dtype, device="meta")
+    elif family in transformers.SIZING_VARIANT:
+        model = transformers.SIZING_VARIANT[family].build(dtype, "meta")
     else:
         raise ValueError(f"unknown family {family!r}")
     return model.requires_grad_(False)
 
 
 def inputs_for(family: str, side: int, dtype: torch.dtype) -> dict[str, Any]:
-    from cgidm_testkit.full_size import flux
+    from cgidm_testkit.full_size import flux, transformers
 
     if family == "flux":
         return flux.packed_inputs(1, side, dtype, "meta")
+    if family in transformers.SIZING_VARIANT:
+        return transformers.SIZING_VARIANT[family].call_inputs(side, dtype, "meta")
     return _unet_inputs(side, dtype, 2048 if family == "stable-diffusion-xl" else 768,
                         family == "stable-diffusion-xl")
 
@@ -130,13 +135,19 @@ def count(family: str, side: int, dtype: torch.dtype = torch.float16,
 
 
 FAMILIES = {"stable-diffusion": (512, 256), "stable-diffusion-xl": (1024, 512),
-            "flux": (1024, 512)}
+            "flux": (1024, 512), "sd3": (1024, 512), "chroma": (1024, 512),
+            "z-image": (1024, 512), "qwen-image": (1024, 512), "flux2": (1024, 512),
+            "flux2-dev": (1024, 512)}
+#: Families computed in bfloat16 on a GPU (the rest in float16); counts are per 2-byte dtype.
+BF16_FAMILIES = {"flux", "sd3", "chroma", "z-image", "qwen-image", "flux2", "flux2-dev"}
 
 
-def measure() -> list[dict[str, Any]]:
+def measure(only: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     rows = []
     for family, sides in FAMILIES.items():
-        dtype = torch.bfloat16 if family == "flux" else torch.float16
+        if only and family not in only:
+            continue
+        dtype = torch.bfloat16 if family in BF16_FAMILIES else torch.float16
         model = denoiser(family, dtype)
         for side in sides:
             for checkpointing in (False, True):

@@ -26,18 +26,28 @@ import sys
 from pathlib import Path
 
 from cgidm_core import latent_suite_pairs as lsp
+from cgidm_core.names import VERDICT_CANDIDATE
 from cgidm_core.stats import evaluate_scores
 
 #: Table column -> the candidate of ``cgidm_core.suite_scores.candidate_scores`` it shows.
 COLUMNS = {
-    "evidence": "fuse:ssim+psnr+loss+contrast",  # the verdict's score (cgidm check, eval)
+    "evidence": VERDICT_CANDIDATE,  # the verdict's score (cgidm check, eval)
+    "old evidence": "fuse:ssim+psnr+loss+contrast",  # the verdict's score before #22's nulls
     "cgidm": "default:ssim@final",  # CGI-DM's similarity of the recovery alone
     "loss": "loss",
     "contrast": "contrast",
 }
 #: Model evaluations per image of each column (100 PGD steps: 600; loss attack 3; contrast 16),
 #: the tie-break of the selection rule.
-COSTS = {"evidence": 619, "cgidm": 600, "loss": 3, "contrast": 16}
+COSTS = {"evidence": 616, "old evidence": 619, "cgidm": 600, "loss": 3, "contrast": 16}
+
+
+def null_of(doc: dict, cache: Path) -> dict[str, list[float]] | None:
+    """The null values of a results document's images (``benchmarks.null_controls``; None
+    where they are not cached yet): the paired candidates, the verdict's among them, need them."""
+    from benchmarks.null_controls import aligned, null_lookup
+
+    return aligned(null_lookup(cache, "latent", int(doc["inversion"]["steps"])), doc["files"])
 
 
 def results_file(pair: lsp.LatentSuitePair, cache: Path, pgd_steps: int) -> Path:
@@ -84,13 +94,16 @@ def summarise(pair: lsp.LatentSuitePair, cache: Path, results: Path) -> dict:
 
     doc = json.loads(results.read_text())
     facts = doc["training"]
-    scores = candidate_scores(doc["values"], doc["inversion"]["steps"])
+    scores = candidate_scores(doc["values"], doc["inversion"]["steps"], null_of(doc, cache))
     n1 = doc["n_members"]
     row = {"pair": pair.pair_id, "group": pair.group, "steps": pair.steps,
            "members_loss_drop": facts["members_loss_drop"],
            "members_loss_drop_relative": facts["members_loss_drop_relative"],
            "pgd_steps": doc["inversion"]["steps"], "seconds": doc["seconds_total"], "auc": {}}
     for column, candidate in COLUMNS.items():
+        if candidate not in scores:  # a paired score whose null values are not cached yet
+            row["auc"][column] = [float("nan"), float("nan"), float("nan")]
+            continue
         values = scores[candidate][1]
         report = evaluate_scores(values[:n1], values[n1:], n_bootstrap=2000, seed=0)
         row["auc"][column] = ([round(report.auc, 3), round(report.auc_ci_low, 3),
@@ -141,8 +154,8 @@ def table(rows: list[dict]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def pair_scores(results: Path) -> tuple[dict[str, tuple[list[float], list[float]]],
-                                         dict[str, int]]:
+def pair_scores(results: Path, cache: Path | None = None
+                ) -> tuple[dict[str, tuple[list[float], list[float]]], dict[str, int]]:
     """Every candidate score of one evaluated pair (``cgidm_core.suite_scores.
     candidate_scores``: the inversion's similarities at each step, its objective, the cheap
     scores and their fusions) as (members' scores, hold-out's scores), and each one's cost in
@@ -151,7 +164,8 @@ def pair_scores(results: Path) -> tuple[dict[str, tuple[list[float], list[float]
 
     doc = json.loads(results.read_text())
     n1 = doc["n_members"]
-    scores = candidate_scores(doc["values"], doc["inversion"]["steps"])
+    scores = candidate_scores(doc["values"], doc["inversion"]["steps"],
+                              null_of(doc, cache or lsp.default_cache()))
     return ({name: (list(map(float, v[:n1])), list(map(float, v[n1:])))
              for name, (_c, v) in scores.items()},
             {name: c.evaluations for name, (c, _v) in scores.items()})
@@ -256,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     if rows:
         print(table(rows))
         if len({r["group"] for r in rows}) > 1:
-            scores = {pair.pair_id: pair_scores(results_file(pair, args.cache, args.pgd_steps))
+            scores = {pair.pair_id: pair_scores(results_file(pair, args.cache, args.pgd_steps),
+                                                args.cache)
                       for pair in pairs if pair.pair_id in {r["pair"] for r in rows}}
             for pool in POOLS:
                 print(held_out(rows, scores, pool))

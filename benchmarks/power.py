@@ -8,15 +8,15 @@
     .venv/bin/python -m benchmarks.power --render-only      # docs snippet from the stored table
 
 For each strength: draw n images from the members and m controls from the hold-out (with
-replacement), score them as the verdict does (the four values z-scored over the n + m images
-and summed, ``cgidm_core.evidence``) and run the set test of ``build_evidence`` (one-sided
-Mann-Whitney U, ``cgidm_core.stats.controls_test``); the power of a cell is the share of draws
-with p < 0.01. Resampling 10 + 10 measured images repeats the same values, which would tie
-and push the test onto its normal approximation; a smoothed bootstrap breaks the ties (each
-drawn image's four values get Gaussian noise of ``JITTER`` of that value's standard deviation
-over the pair), so the exact test runs as it does on a user's images. With ``--suite-json``
-(a ``python -m benchmarks.suite --json`` summary) the verdict's per-image scores of every
-suite pair are pooled per strength and resampled as they are (already fused).
+replacement), score them as the verdict does (the values of the verdict's default score z-scored
+over the n + m images and summed, ``cgidm_core.evidence``) and run the set test of
+``build_evidence`` (one-sided Mann-Whitney U, ``cgidm_core.stats.controls_test``); the power of
+a cell is the share of draws with p < 0.01. Resampling 10 + 10 measured images repeats the same
+values, which would tie and push the test onto its normal approximation; a smoothed bootstrap
+breaks the ties (each drawn image's values get Gaussian noise of ``JITTER`` of that value's
+standard deviation over the pair), so the exact test runs as it does on a user's images. With
+``--suite-json`` (a ``python -m benchmarks.suite --json`` summary) the verdict's per-image
+scores of every suite pair are pooled per strength and resampled as they are (already fused).
 
 Writes ``cgidm_core/power_table.json`` (what ``cgidm check`` reads) and
 ``docs/power_table.md`` (the snippet the README and docs/ACCURACY.md show).
@@ -38,19 +38,24 @@ CONTROLS = (5, 10, 20, 40, 80)
 ALPHA = 0.01
 POWER_TARGET = 0.8
 JITTER = 0.1
-COMPONENTS = ("metric:ssim", "metric:psnr", "attack:loss", "attack:contrast")
+
+
+def _components() -> tuple[str, ...]:
+    """The values the verdict's default score fuses (``cgidm_core.evidence``), read from there so
+    the table follows a change of the default instead of keeping its own copy."""
+    from cgidm_core.evidence import DEFAULT_EVIDENCE, EVIDENCE_COMPONENTS
+
+    return EVIDENCE_COMPONENTS[DEFAULT_EVIDENCE]
 
 
 def _values(record: dict[str, Any]) -> list[float]:
-    out = []
-    for component in COMPONENTS:
-        kind, name = component.split(":")
-        out.append(float(record["metrics" if kind == "metric" else "attack_scores"][name]))
-    return out
+    from cgidm_core.evidence import _component
+
+    return [_component(record, component) for component in _components()]
 
 
 def from_eval(path: Path) -> tuple[np.ndarray, np.ndarray, float]:
-    """Members' and hold-out images' four values (rows) from a ``cgidm eval --method
+    """Members' and hold-out images' verdict values (rows) from a ``cgidm eval --method
     evidence --json`` file, and its AUC."""
     document = json.loads(path.read_text())
     rows = {"member": [], "holdout": []}
@@ -170,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             "measured_on": measured,
             "method": (
                 "How: for every cell, n images drawn from the pair's members and m controls "
-                "from its hold-out, with replacement, each drawn image's four values (masked "
-                "SSIM, PSNR, loss attack, contrast) jittered by Gaussian noise of "
+                "from its hold-out, with replacement, each drawn image's values of the "
+                f"verdict's score ({', '.join(_components())}) jittered by Gaussian noise of "
                 f"{JITTER:g} of their standard deviation (a smoothed bootstrap: no repeated "
                 "values), fused as the verdict fuses them (z-scores over the n + m images) and "
                 "tested as `build_evidence` tests them. What it does not show: 10 + 10 "

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cgidm_core.names import VERDICT_CANDIDATE
+from cgidm_core.names import FORMER_VERDICT_CANDIDATE, VERDICT_CANDIDATE
 
 #: Columns of the per-pair table besides the chosen score (the shipped and the cheap ones).
 KEY_CANDIDATES = (
@@ -355,9 +355,10 @@ def display_variant_lines(summary: dict[str, Any]) -> list[str]:
     both = [p for p in summary["pairs"] if "palette:ssim@final" in p["rows"]]
     if not both:
         return []
-    keys = (VERDICT_CANDIDATE, "palette-" + VERDICT_CANDIDATE, "default:ssim@final",
+    # the palette-bounded fusion exists for the former verdict's score only
+    keys = (FORMER_VERDICT_CANDIDATE, "palette-" + FORMER_VERDICT_CANDIDATE, "default:ssim@final",
             "palette:ssim@final", "default:psnr@final", "palette:psnr@final")
-    lines = ["Pairs run with both inversions: AUC of the verdict's score with the default "
+    lines = ["Pairs run with both inversions: AUC of the former verdict's score with the default "
              "inversion's SSIM and PSNR and with the palette-bounded one's, then of each "
              "similarity alone; looks as members / controls.", "",
              "| pair | " + " | ".join(f"`{k}`" for k in keys)
@@ -390,20 +391,44 @@ def _pair_group(pair: dict[str, Any]) -> str:
     return recipe_group(split, holdout)
 
 
-def held_out_reports(summary: dict[str, Any], n_bootstrap: int = 1000) -> dict[str, Any]:
-    """Per family: leave-one-recipe-group-out (the headline) and leave-one-strength-out."""
-    from cgidm_core.held_out import leave_one_group_out
+def eligible(summary: dict[str, Any], name: str) -> bool:
+    """Whether the null controls allow ``name`` (``benchmarks.null_controls.eligibility``): it
+    was measured on at least one null pair and passed on every one. Without any null pair
+    cached, every candidate is allowed (and the report says the rule could not be applied)."""
+    verdicts = summary.get("eligibility")
+    if not verdicts:
+        return True
+    return verdicts.get(name) == ""
 
-    out: dict[str, Any] = {}
+
+def _families(summary: dict[str, Any], with_both: bool = False
+              ) -> dict[str, list[dict[str, Any]]]:
+    """Pairs per family; ``with_both`` adds "both families": every pair, its recipe group
+    prefixed by its family (one score for every family, chosen with each group held out)."""
     families: dict[str, list[dict[str, Any]]] = {}
     for pair in [*summary["pairs"], *summary.get("latent_pairs", [])]:
         families.setdefault(pair.get("family", "pixel"), []).append(pair)
-    for family, pairs in families.items():
+    if with_both and len(families) > 1:
+        families["both families"] = [{**p, "group": f"{family}:{_pair_group(p)}"}
+                                     for family, pairs in list(families.items()) for p in pairs]
+    return families
+
+
+def held_out_reports(summary: dict[str, Any], n_bootstrap: int = 1000,
+                     eligible_only: bool = True) -> dict[str, Any]:
+    """Per family: leave-one-recipe-group-out (the headline) and leave-one-strength-out, among
+    the candidates the null controls allow (``eligible_only``) or among all."""
+    from cgidm_core.held_out import leave_one_group_out
+
+    out: dict[str, Any] = {}
+    for family, pairs in _families(summary, with_both=True).items():
         aucs: dict[str, dict[str, float]] = {}
         scores: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
         costs: dict[str, int] = {}
         for pair in pairs:
             for name, row in pair["rows"].items():
+                if eligible_only and not eligible(summary, name):
+                    continue
                 aucs.setdefault(name, {})[pair["pair"]] = row["auc"]
                 costs[name] = row["cost"]
             for name, (members, others) in (pair.get("scores") or {}).items():
@@ -413,7 +438,8 @@ def held_out_reports(summary: dict[str, Any], n_bootstrap: int = 1000) -> dict[s
                 ("recipe group", {p["pair"]: _pair_group(p) for p in pairs}),
                 ("strength", {p["pair"]: p.get("strength") or p["pair"].split("/")[1]
                               for p in pairs})):
-            if len(set(grouping.values())) < 2:
+            if len(set(grouping.values())) < 2 or (family == "both families"
+                                                   and label == "strength"):
                 continue
             reports[label] = leave_one_group_out(aucs, grouping, costs=costs,
                                                  scores=scores or None,
@@ -421,6 +447,74 @@ def held_out_reports(summary: dict[str, Any], n_bootstrap: int = 1000) -> dict[s
         if reports:
             out[family] = reports
     return out
+
+
+#: Scores whose fixed (not chosen) worst / mean the report gives per family: the verdict's old
+#: score, the shipped one, and the cheap and paired ones they are compared with.
+FIXED_SCORES = ("fuse:ssim+psnr+loss+contrast", "fuse:objective+contrast",
+                "default:objective-mean", "default:objective-second_half", "contrast",
+                "loss-paired", "fuse:gain-start+contrast", "fuse:gain-start+loss-paired+contrast",
+                "fuse:gain-base+contrast", "fuse:ssim+psnr+contrast", "loss", "default:ssim@final")
+
+
+def fixed_lines(summary: dict[str, Any], n_bootstrap: int = 1000) -> list[str]:
+    """Worst / mean AUC of each score of FIXED_SCORES, fixed in advance, per family."""
+    from cgidm_core.held_out import fixed_score
+    from cgidm_core.names import VERDICT_CANDIDATE as shipped
+
+    lines = ["| family | score | eligible (null controls) | pairs | worst AUC | mean AUC |",
+             "|---|---|---|---|---|---|"]
+    for family, pairs in _families(summary, with_both=True).items():
+        for name in FIXED_SCORES:
+            per_pair = {p["pair"]: tuple(p["scores"][name]) for p in pairs
+                        if name in p.get("scores", {})}
+            if len(per_pair) < len(pairs):
+                continue
+            row = fixed_score(per_pair, n_bootstrap)
+            mark = (" (shipped)" if name == shipped else
+                    " (former verdict)" if name == FORMER_VERDICT_CANDIDATE else "")
+            lines.append(f"| {family} | `{name}`{mark} | "
+                         f"{'yes' if eligible(summary, name) else 'no'} | {row['pairs']} | "
+                         f"{row['worst']:.2f}{_ci(row['worst_ci'])} | "
+                         f"{row['mean']:.3f}{_ci(row['mean_ci'])} |")
+    return lines
+
+
+def null_lines(summary: dict[str, Any]) -> list[str]:
+    """Every candidate's AUC on the null pairs (the base against itself) and whether the rule
+    allows it."""
+    from benchmarks.null_controls import NULL_BAND
+
+    results = summary.get("null_pairs") or []
+    if not results:
+        return ["No null pair is cached (`python -m benchmarks.null_controls` makes them): the "
+                "eligibility rule was NOT applied to the choices below."]
+    names = sorted({n for r in results for n in r["rows"]},
+                   key=lambda n: (not eligible(summary, n), n))
+    lines = ["| candidate | " + " | ".join(f"`{r['pair']}`" for r in results)
+             + " | eligible |", "|---|" + "---|" * (len(results) + 1)]
+    for name in names:
+        cells = []
+        for r in results:
+            row = r["rows"].get(name)
+            cells.append("-" if row is None else
+                         f"{row['auc']:.2f} [{row['ci'][0]:.2f}, {row['ci'][1]:.2f}]")
+        lines.append(f"| `{name}` | " + " | ".join(cells)
+                     + f" | {'yes' if eligible(summary, name) else '**no**'} |")
+    lines += ["", f"Rule: a candidate is eligible only if, on every null pair it was measured "
+              f"on, its AUC lies in [{NULL_BAND[0]}, {NULL_BAND[1]}] and its 95 % interval "
+              "contains 0.5; a candidate measured on no null pair is not eligible. Why both: "
+              "with 10 + 10 images an interval excludes 0.5 only beyond about 0.75, far too "
+              "late for a bias that decides verdicts; the band (about one standard deviation "
+              "of an unbiased score's AUC at 10 + 10) is strict on purpose, because a false "
+              "accusation costs more than a lost candidate, and every score that is a "
+              "difference of the fine-tune's and the base's errors (contrast, CGI-DM's "
+              "objective, the gains over the start, the paired loss) passes it trivially: it is "
+              "exactly 0.50 [0.50, 0.50], constant over the images. A score of the fine-tune "
+              "alone can pass by chance (PIAN on the pixel splits): it is not paired by "
+              "construction, and is not measured on the latent family, so it can win no choice "
+              "made for both families."]
+    return lines
 
 
 def power_lines() -> list[str]:
@@ -436,14 +530,16 @@ def _ci(interval: tuple[float, float] | None) -> str:
     return f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else ""
 
 
-def held_out_lines(summary: dict[str, Any]) -> list[str]:
+def held_out_lines(summary: dict[str, Any], eligible_only: bool = True) -> list[str]:
     """The held-out tables: the verdict's score chosen on all groups but one, measured on the
     one left out, per family; the in-sample numbers beside them."""
     lines: list[str] = []
-    for family, reports in held_out_reports(summary).items():
+    pool = ("candidates the null controls allow" if eligible_only
+            else "ALL candidates, biased ones included")
+    for family, reports in held_out_reports(summary, eligible_only=eligible_only).items():
         for label, report in reports.items():
             lines += [
-                f"**{family} family, leaving one {label} out** "
+                f"**{family} family, leaving one {label} out, among {pool}** "
                 f"({len(report.candidates)} candidate scores measured on every pair; rule: "
                 "worst case, then mean, then cost):",
                 "",
@@ -541,10 +637,32 @@ def render(summary: dict[str, Any], args: Any) -> str:
         "The verdict's score chosen on all recipe groups but one and measured on the one left "
         "out, every group in turn (details: *Held out* below); 95 % bootstrap intervals over "
         "images where every pair's per-image scores are cached. Pixel pairs from this report's "
-        "cache; latent pairs from `benchmarks.latent_suite`'s (its columns: "
-        "evidence / cgidm / loss / contrast).",
+        "cache; latent pairs from `benchmarks.latent_suite`'s. \"both families\": one score "
+        "for every model, chosen with each family's recipe groups held out in turn.",
         "",
         *headline(summary),
+        "",
+        "Only candidates that pass the null controls (next section) may be chosen. Each fixed "
+        "score over every pair of its family (no choice made; the same intervals):",
+        "",
+        *fixed_lines(summary),
+        "",
+        "## Null controls: every candidate with NO fine-tune",
+        "",
+        "The base against itself (pixel: `demo-base` as both models, on Van Gogh split A and "
+        "the DreamBooth easy / hard splits; latent: the 0-step checkpoint of "
+        "`benchmarks.latent_continuum`, a LoRA still zero). Nothing was trained, so a score "
+        "that tells members from hold-outs here measures the images (how easy their masked half "
+        "is to fill in, how well the base already denoises them), and would give a rights holder "
+        "false positives whenever their images and controls differ that way. With no fine-tune "
+        "the contrast is zero, its gradient is zero, and the recovery never leaves its starting "
+        "point; the paired scores subtract each image's own value under a null recovery "
+        "(`cgidm_core.null_values`: `gain-start:*` the PGD's starting point, exactly the "
+        "recovery of a null pair; `gain-base:*` the base model's own recovery; `loss-paired` "
+        "the loss attack minus the base's). Computed once per base and image by "
+        "`python -m benchmarks.null_controls` (cache `<suite cache>/null`).",
+        "",
+        *null_lines(summary),
         "",
         "Pairs the suite defines that these numbers do NOT rest on:",
         "",
@@ -597,6 +715,10 @@ def render(summary: dict[str, Any], args: Any) -> str:
         "`cgidm_core.latent_suite_pairs.RECIPES`).",
         "",
         *held_out_lines(summary),
+        "For comparison, the same selection among all candidates, the ones the null controls "
+        "rule out included (what the report chose before the null controls):",
+        "",
+        *held_out_lines(summary, eligible_only=False),
         "### Latent family, per pair",
         "",
         "Values of `python -m benchmarks.latent_suite` (the LoRA loaded unmerged, as a user's "

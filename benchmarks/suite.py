@@ -18,8 +18,11 @@ LoRAs of ``demo-base`` on Van Gogh split A (``cgidm_core/pixel_lora_pairs.py``: 
 or attention + convolutions, ranks 4-64, merged into the base for evaluation; ``--lora``).
 The latent family's pairs are read from ``benchmarks.latent_suite``'s cache (``--no-latent`` to
 leave them out; that command makes them). The headline is the leave-one-recipe-group-out table
-per family (``cgidm_core.held_out``, bootstrap intervals), and the report names every pair the
-suite defines that is missing from the cache. ``--out`` is written only between its
+per family and for both families together (``cgidm_core.held_out``, bootstrap intervals), among
+the candidates that pass the null controls (``benchmarks.null_controls``: every candidate scored
+on pairs whose fine-tune is the base itself; their values and the images' null values are
+cached apart, under ``<cache>/null``), and the report names every pair the suite defines that
+is missing from the cache. ``--out`` is written only between its
 ``<!-- BEGIN/END generated ... -->`` markers: hand-written text around them is kept. Fine-tunes
 and per-pair results are cached under ``--cache`` (default ``~/.cache/cgidm/suite``), keyed by
 a hash of recipe, data and evaluation settings: a rerun computes only what is missing.
@@ -388,6 +391,15 @@ def pair_slice(document: dict, holdout: str) -> tuple[dict[str, list[float]], in
     return {k: [v[i] for i in idx] for k, v in document["values"].items()}, n1, n0
 
 
+def null_slice(document: dict, holdout: str) -> dict[str, list[float]] | None:
+    """The null values (``document["null"]``, aligned with its files; set by the caller from
+    ``benchmarks.null_controls``) of the members and one hold-out set, or None."""
+    if not document.get("null"):
+        return None
+    values, _n1, _n0 = pair_slice({**document, "values": document["null"]}, holdout)
+    return values
+
+
 def evaluate_pair(document: dict, pair, n_bootstrap: int,
                   candidates: tuple[str, ...] | None = None) -> dict:
     """AUC [CI] and TPR at FPR = 1/n_holdout of every candidate (or of ``candidates``) on one
@@ -401,7 +413,8 @@ def evaluate_pair(document: dict, pair, n_bootstrap: int,
     rows = {}
     scores_of: dict[str, list[list[float]]] = {}
     steps = int((document.get("inversion") or {}).get("steps") or InversionConfig().steps)
-    for name, (cand, scores) in candidate_scores(values, steps).items():
+    for name, (cand, scores) in candidate_scores(values, steps,
+                                                 null_slice(document, pair.holdout)).items():
         if candidates is not None and name not in candidates:
             continue
         report = evaluate_scores(scores[:n1], scores[n1:], n_bootstrap=n_bootstrap, seed=0,
@@ -518,18 +531,21 @@ def latent_results(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
     """The latent family's pairs from ``benchmarks.latent_suite``'s cache (its pair list, its
     result files, its score columns), and the ids of those not evaluated there yet."""
     from benchmarks import latent_suite
+    from benchmarks.null_controls import aligned, null_lookup
     from cgidm_core import latent_suite_pairs as lsp
 
     results, missing = [], []
-    candidates = tuple(latent_suite.COLUMNS.values())
+    lookup = null_lookup(args.cache, "latent", args.latent_pgd_steps)
     for pair in lsp.latent_suite_pairs(args.data):
         out = latent_suite.results_file(pair, args.cache, args.latent_pgd_steps)
         if not out.is_file():
             missing.append(pair.pair_id)
             continue
         view = LatentPairView(pair.pair_id, pair.group, pair.steps)
-        results.append(evaluate_pair(json.loads(out.read_text()), view, args.n_bootstrap,
-                                     candidates=candidates))
+        document = json.loads(out.read_text())
+        document["null"] = aligned(lookup, document["files"])
+        # every candidate (not only latent_suite's columns): the selection chooses among them
+        results.append(evaluate_pair(document, view, args.n_bootstrap))
     return results, missing
 
 
@@ -540,6 +556,9 @@ def run_suite(args: argparse.Namespace, pairs) -> int:
     load = os.getloadavg()[0]
     if args.wait:
         wait_and_evaluate(args, pairs)
+    from benchmarks.null_controls import aligned, eligibility, null_lookup, null_pair_results
+
+    pixel_null = null_lookup(args.cache, "pixel")
     documents: dict[str, dict] = {}
     results = []
     missing: dict[str, list[str]] = {"pixel": []}
@@ -559,6 +578,8 @@ def run_suite(args: argparse.Namespace, pairs) -> int:
                 log(f"missing {pair.pair_id}: still being evaluated elsewhere")
                 missing["pixel"].append(f"{pair.pair_id} (being evaluated)")
                 continue
+            # the images' null values (benchmarks.null_controls; a cache of their own)
+            document["null"] = aligned(pixel_null, document["files"])
             documents[str(model)] = document
         results.append({**evaluate_pair(documents[str(model)], pair, args.n_bootstrap),
                         "model": str(model)})
@@ -571,8 +592,11 @@ def run_suite(args: argparse.Namespace, pairs) -> int:
     if not results:
         log("no pixel pair is cached; nothing to report")
         return 1
+    null_results = null_pair_results(args.cache, args.n_bootstrap, args.latent_pgd_steps)
     summary = {
         "pairs": results,
+        "null_pairs": null_results,
+        "eligibility": eligibility(null_results),
         "latent_pairs": latent,
         "missing": missing,
         "cache": str(args.cache),

@@ -113,6 +113,7 @@ class JobSettings(BaseModel):
                                f"{MAX_PROMPT_WORDS} words; the worker fails a job whose prompt "
                                "is longer than the model's tokenizer takes (77 tokens for "
                                "Stable Diffusion) with `prompt_too_long`.")
+    # Literal of a tuple constant: pydantic expands it at run time, mypy cannot
     preset: Literal[PRESETS] | None = Field(  # type: ignore[valid-type]
         None, description="reference: the authors' settings (1000 steps, alpha 2, independent "
         "noise, re-encoded partial, unbounded latents), as `cgidm check --preset reference`; "
@@ -142,6 +143,7 @@ class JobSettings(BaseModel):
         None, ge=8, le=4096, description="Pixel side the images are run at (default: the "
         "model's native size, e.g. 1024 for SDXL); smaller is cheaper. A multiple of 32 for "
         "SD/SDXL models.")
+    # Literal of a tuple constant: pydantic expands it at run time, mypy cannot
     gradient_checkpointing: Literal[  # type: ignore[valid-type]
         GRADIENT_CHECKPOINTING_MODES] | None = Field(
         None, description="Recompute the denoisers' activations in the backward pass (less GPU "
@@ -227,8 +229,8 @@ class ImageScore(BaseModel):
     p_value: float | None = None
     evidence_score: float | None = Field(
         None, description="The score the p-value and verdict are computed from (with controls): "
-        "by default z(SSIM) + z(PSNR) + z(loss attack) + z(contrast) over images and controls "
-        "together; see the result's `evidence`.")
+        "by default z(minus CGI-DM's objective along the inversion) + z(contrast) over images "
+        "and controls together; see the result's `evidence`.")
     verdict: str | None = Field(None, examples=["member_evidence", "no_evidence", "inconclusive"])
     nonfinite_gradient_steps: int = Field(
         0, description="PGD steps skipped for this image because its gradient was not finite "

@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from cgidm.errors import CgidmServiceError
 from cgidm.settings import Settings
@@ -208,7 +208,7 @@ def reap_step(lease: Lease | None, now: float, max_attempts: int, reaper: str) -
     if lease is None or not lease.watched or lease.deadline > now:
         return Step(None, None)
     if lease.state in ("reaping", "failing"):  # a reaper died half-way: finish its work
-        action = "fail" if lease.state == "failing" else "requeue"
+        action: Literal["requeue", "fail"] = "fail" if lease.state == "failing" else "requeue"
         new = replace(lease, owner=reaper, deadline=now + REAP_GRACE)
         return Step(new, Reaped(lease.job_id, action, lease.attempt, lease.lapses,
                                 lease.pretrained, lease.finetuned, lease.lost_at))
@@ -333,8 +333,9 @@ class RedisLeases(LeaseStore):
         return self.prefix + job_id
 
     @staticmethod
-    def _decode(raw: dict[bytes, bytes]) -> dict[str, str]:
-        return {k.decode(): v.decode() for k, v in raw.items()}
+    def _decode(raw: object) -> dict[str, str]:
+        # the client is made without decode_responses, so redis answers a hash as bytes: bytes
+        return {k.decode(): v.decode() for k, v in cast("dict[bytes, bytes]", raw).items()}
 
     def _now(self, pipe: Any) -> float:
         seconds, micros = pipe.time()
@@ -357,7 +358,9 @@ class RedisLeases(LeaseStore):
                     result = step(Lease.from_fields(job_id, raw) if raw else None, now)
                     pipe.multi()
                     if result.lease is not None:
-                        pipe.hset(key, mapping=result.lease.to_fields())
+                        # redis's stubs type the mapping's keys invariantly; str keys are what
+                        # it takes
+                        pipe.hset(key, mapping=result.lease.to_fields())  # type: ignore[arg-type]
                         if result.lease.watched:
                             pipe.zadd(self.index, {job_id: result.lease.deadline})
                             pipe.persist(key)
@@ -373,8 +376,9 @@ class RedisLeases(LeaseStore):
     def lapsed(self, limit: int = 100) -> list[str]:
         seconds, micros = self.client.time()
         now = seconds + micros / 1e6
-        return [m.decode() for m in
-                self.client.zrangebyscore(self.index, "-inf", now, start=0, num=limit)]
+        # members come back as bytes: the client is made without decode_responses
+        return [m.decode() for m in cast("list[bytes]", self.client.zrangebyscore(
+                self.index, "-inf", now, start=0, num=limit))]
 
     def close(self) -> None:
         self.client.close()

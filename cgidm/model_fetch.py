@@ -39,12 +39,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from cgidm.errors import CodedError
 from cgidm.model_refs import ModelReference
+
+if TYPE_CHECKING:  # annotations only
+    from cgidm.settings import Settings
 
 log = logging.getLogger("cgidm.model_fetch")
 
@@ -78,7 +81,7 @@ class FetchConfig:
     offline: bool | None = None
 
     @classmethod
-    def from_settings(cls, settings: Any, cache_dir: Path | None = None,
+    def from_settings(cls, settings: Settings, cache_dir: Path | None = None,
                       **overrides: Any) -> FetchConfig:
         return cls(cache_dir=Path(cache_dir or settings.resolved_model_cache_dir),
                    civitai_url=settings.civitai_url, civitai_token=settings.civitai_token,
@@ -694,11 +697,12 @@ def _hf_download_to_store(ref: ModelReference, config: FetchConfig, store: Cache
 
     assert ref.repo_id is not None and listing.filename is not None
     filename, commit, expected = listing.filename, listing.commit, listing.expected
+    repo_id = ref.repo_id  # narrowed to str by the assert, also inside download() below
 
     def download(part: Path) -> None:
         staging = part.with_name(part.name + ".hf")
         try:
-            got = Path(hf_hub_download(ref.repo_id, filename, revision=commit,
+            got = Path(hf_hub_download(repo_id, filename, revision=commit,
                                        local_dir=staging, endpoint=config.endpoint))
             if sha256_file(got) != expected:
                 raise ModelFetchError("model_hash_mismatch", f"{what}: {filename} is "

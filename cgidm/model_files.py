@@ -9,10 +9,12 @@ header length, a JSON header, then the raw tensor bytes):
   ``data_offsets`` that match ``prod(shape) * itemsize``; the entries must tile the data area
   exactly (no gap, no overlap), and the file must end where the last tensor ends;
 - the tensor NAMES say what the file holds (:func:`classify`): a LoRA (diffusers, peft or kohya
-  naming), a single-file checkpoint in the original LDM layout, or the weights of a fine-tuned
-  UNet in diffusers naming, and which registered families (:mod:`cgidm_core.families`) such
-  names belong to; a family that takes no uploads yet (its entry's ``upload_kinds`` is empty:
-  ``cgidm models --families``) and pickle files are refused with a message that says why.
+  naming), a single-file checkpoint (the LDM layout, or a diffusion transformer's) or the
+  weights of a fine-tuned UNet in diffusers naming, and which registered families
+  (:mod:`cgidm_core.families`) such names belong to (their key signatures); a file of another
+  family than the base's (``family_mismatch``), a family or layout that takes no uploads (its
+  entry's ``upload_kinds``: ``cgidm models --families``) and pickle files are refused with a
+  message that says why.
 
 The name rules themselves live in the library (:mod:`cgidm_core.key_signatures`, torch-free), which
 ``cgidm_core.models.formats`` also reads to detect the same kinds on disk: the library stands
@@ -57,7 +59,8 @@ DTYPE_BYTES: dict[str, int] = {
     "I32": 4, "U32": 4, "F32": 4,
     "I64": 8, "U64": 8, "F64": 8,
 }
-#: What an upload may be: LoRA weights, an LDM single-file checkpoint, or fine-tuned UNet weights.
+#: What an upload may be: LoRA weights, a single-file checkpoint (LDM UNet or diffusion
+#: transformer), or fine-tuned UNet weights.
 UPLOAD_KINDS = ("lora", "single_file", "unet")
 PICKLE_REFUSAL = (
     "pickle checkpoints (.ckpt, .bin, .pt) can run code when they are opened, so cgidm accepts "
@@ -280,12 +283,17 @@ def classify(keys: list[str], family: str, kind: str | None = None) -> str:
     if base is None or not base.upload_kinds:
         raise ModelFileError("unsupported_family", f"uploads for {family!r} bases are not "
                              "supported")
-    if found not in base.upload_kinds or base not in claims:
+    if base not in claims:
         names = " or ".join(claim.title for claim in claims) or "another family"
         raise ModelFileError("family_mismatch", f"the base is {base.title}, but the tensor names "
                              f"say {names} ({found.replace('_', '-')}); upload a "
                              f"{'/'.join(base.upload_kinds)} fine-tune of a {base.title} base, "
                              "or pick a base of the file's family")
+    if found not in base.upload_kinds:
+        raise ModelFileError("unsupported_upload_kind", f"this is a {base.title} "
+                             f"{found.replace('_', '-')}, which the service does not load for "
+                             f"{base.title} bases (it takes {'/'.join(base.upload_kinds)} "
+                             "uploads; `cgidm models --families` lists what each family loads)")
     return found
 
 

@@ -177,7 +177,8 @@ def _url(given: str, text: str) -> ModelReference:
                    "/blob/REVISION/FILE or /resolve/REVISION/FILE URL")
     if host in _CIVITAI_HOSTS:
         query = parse_qs(parts.query)
-        version = (query.get("modelVersionId") or [None])[0]
+        # parse_qs gives lists of str; [None] stands for a missing modelVersionId
+        version: str | None = (query.get("modelVersionId") or [None])[0]  # type: ignore[list-item]
         if len(segments) >= 2 and segments[0] == "models":
             return _civitai(given, version, segments[1])
         if len(segments) == 4 and segments[:3] == ["api", "download", "models"]:

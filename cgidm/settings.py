@@ -140,6 +140,7 @@ class Settings(BaseSettings):
     device: str | None = Field(
         None, description="Torch device of the worker: cuda, cuda:1, cpu (default: cuda if any)."
     )
+    # Literal of a tuple constant: pydantic expands it at run time, mypy cannot
     dtype: Literal[DTYPES] | None = Field(  # type: ignore[valid-type]
         None, description="Compute dtype of the models (default: float16 on GPU, float32 on CPU)."
     )

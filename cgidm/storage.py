@@ -8,6 +8,7 @@ read ``job.json`` while the worker rewrites it.
 
 from __future__ import annotations
 
+import builtins  # `list` below is also a method name, so annotations after it say builtins.list
 import contextlib
 import json
 import os
@@ -17,10 +18,13 @@ import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
 from cgidm.errors import CgidmServiceError
+
+if TYPE_CHECKING:  # annotations only
+    from cgidm.settings import Settings
 
 CHUNK_SIZE = 64 * 1024
 #: Size of each part of an S3 multipart upload (S3 wants >= 5 MiB for all parts but the last);
@@ -121,7 +125,7 @@ class Storage(ABC):
         """Every key under ``prefix`` (recursively), sorted."""
 
     @abstractmethod
-    def list_children(self, prefix: str) -> list[str]:
+    def list_children(self, prefix: str) -> builtins.list[str]:
         """Names of the "folders" directly under ``prefix`` (which ends with ``/``), sorted."""
 
     @abstractmethod
@@ -220,7 +224,7 @@ class LocalStorage(Storage):
                     keys.append(key)
         return sorted(keys)
 
-    def list_children(self, prefix: str) -> list[str]:
+    def list_children(self, prefix: str) -> builtins.list[str]:
         base = self._path(prefix, prefix=True)
         if not base.is_dir():
             return []
@@ -384,7 +388,7 @@ class S3Storage(Storage):
                 return sorted(keys)
             token = {"ContinuationToken": page["NextContinuationToken"]}
 
-    def list_children(self, prefix: str) -> list[str]:
+    def list_children(self, prefix: str) -> builtins.list[str]:
         full = self._key(prefix, prefix=True)
         names: list[str] = []
         token: dict[str, str] = {}
@@ -520,7 +524,7 @@ def open_storage(
     )
 
 
-def storage_from_settings(settings: Any) -> Storage:
+def storage_from_settings(settings: Settings) -> Storage:
     """The storage :class:`cgidm.settings.Settings` describe."""
     return open_storage(
         settings.resolved_storage_url,

@@ -32,7 +32,7 @@ from .images import (
 )
 from .inversion import CancelFn, InversionConfig, invert
 from .names import DEFAULT_DISPLAY, DEFAULT_METRIC, PIXEL_METRICS
-from .pair import ModelPair
+from .pair import Conditioning, ModelPair
 from .prompts import EmptyPromptWarning, choose_prompt
 from .results import ImageResult
 from .similarity import (
@@ -91,7 +91,7 @@ def load_pair(
     return pair
 
 
-class AuthenticationResults(list):
+class AuthenticationResults(list[ImageResult]):
     """The per-image results (a plain list of :class:`ImageResult`), plus ``provenance``: what
     they were computed from (``cgidm_core.provenance``)."""
 
@@ -270,7 +270,7 @@ def _prepare_run(pair: ModelPair, images: Sequence[ImageSource], *,
                 attacks=attacks, display=display)
 
 
-def _inverted_batches(pair: ModelPair, run: _Run, cond: Any,
+def _inverted_batches(pair: ModelPair, run: _Run, cond: Conditioning,
                       progress: Callable[[int, int], None] | None,
                       should_cancel: CancelFn | None,
                       on_batch_halved: Callable[[int], None] | None) -> Iterator[_Batch]:
@@ -335,13 +335,19 @@ def _after_out_of_memory(pair: ModelPair, config: InversionConfig, indices: list
         ) from exc
 
 
-def _batch_results(pair: ModelPair, run: _Run, record: dict[str, Any], cond: Any,
+def _batch_results(pair: ModelPair, run: _Run, record: dict[str, Any], cond: Conditioning,
                    batch: _Batch, should_cancel: CancelFn | None) -> list[ImageResult]:
     """Score one inverted batch: the recovery's similarity metrics, the attacks on the same
     images, and the pictures (the shown recovery clamped to the palette unless ``raw``)."""
     out, indices, config = batch.out, batch.indices, run.config
     values = compute_metrics(out.original, out.recovered, out.mask, run.wanted,
                              run.feature_model)
+    # Minus CGI-DM's objective along the PGD (fine-tune's loss minus base's: 0 for every image
+    # when the fine-tune is its base): one part of the verdict's paired score. A step skipped
+    # for a non-finite gradient has a non-finite loss; the mean is over the other steps.
+    half = config.steps // 2
+    objective = {"objective_mean": (-out.losses.nanmean(1)).tolist(),
+                 "objective_second_half": (-out.losses[:, half:].nanmean(1)).tolist()}
     # The inversion already encoded the batch; its deterministic latent (the posterior mean)
     # is what the attacks score, so it is reused rather than encoded a second time.
     z0 = None if config.sample_latent else out.latent_original
@@ -370,6 +376,8 @@ def _batch_results(pair: ModelPair, run: _Run, record: dict[str, Any], cond: Any
                     "final_loss": _finite_or_none(float(out.losses[j, -1])),
                     "nonfinite_gradient_steps": _count(out.nonfinite_steps, j),
                     "input_sha256": record["inputs"][i]["sha256"],
+                    "inversion_scores": {name: _finite_or_none(float(vals[j]))
+                                         for name, vals in objective.items()},
                     **({"base_recovery": base[1][j]} if base else {}),
                     **({"attack_scores": {name: vals[j] for name, vals in
                                           attack_values.items()}} if attack_values else {}),
@@ -379,9 +387,10 @@ def _batch_results(pair: ModelPair, run: _Run, record: dict[str, Any], cond: Any
     return results
 
 
-def _attack_scores(pair: ModelPair, tensor: torch.Tensor, cond: Any, attacks: Sequence[str],
+def _attack_scores(pair: ModelPair, tensor: torch.Tensor, cond: Conditioning,
+                   attacks: Sequence[str],
                    seeds: Sequence[int], seed: int, batch_size: int,
-                   z0: torch.Tensor | None = None) -> dict[str, list[float]]:
+                   z0: torch.Tensor | None = None) -> dict[str, list[float | None]]:
     """The cheap membership scores of one batch (``cgidm_core.baselines``), seeded per image
     exactly as ``cgidm eval`` and the benchmark suite seed them, so the values agree."""
     from .baselines import BASELINES
@@ -394,7 +403,7 @@ def _attack_scores(pair: ModelPair, tensor: torch.Tensor, cond: Any, attacks: Se
     if z0 is None:  # the inversion sampled its latent (reference preset): the attacks take the mean
         with torch.no_grad():
             z0 = pair.encode(tensor.to(pair.device)).float()
-    out: dict[str, list[float]] = {}
+    out: dict[str, list[float | None]] = {}  # None: a non-finite score
     for name in attacks:
         values = BASELINES[name](pair, z0, cond, seed=seed, seeds=list(seeds),
                                  batch_size=batch_size)

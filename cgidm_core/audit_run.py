@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -43,6 +43,9 @@ from .images import image_seed, to_tensor
 from .inversion import InversionConfig
 from .pair import ModelPair
 from .results import ImageResult
+
+if TYPE_CHECKING:  # annotations only
+    from .pair import Conditioning
 
 PairLoader = Callable[[AuditModel], ModelPair]
 
@@ -80,7 +83,8 @@ class BasePasses:
         serves other jobs afterwards)."""
         original = pair.eps_pretrained
 
-        def eps_pretrained(z_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        def eps_pretrained(z_t: torch.Tensor, t: torch.Tensor, cond: Conditioning
+                           ) -> torch.Tensor:
             if torch.is_grad_enabled() and z_t.requires_grad:
                 return original(z_t, t, cond)
             digest = hashlib.blake2b(z_t.detach().cpu().contiguous().numpy().tobytes(),
@@ -97,6 +101,7 @@ class BasePasses:
             self.memo[key] = out.detach()
             return out
 
+        # wraps this pair instance's method on purpose: the memo answers the repeated calls
         pair.eps_pretrained = eps_pretrained  # type: ignore[method-assign]
         try:
             yield

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -80,7 +81,8 @@ def _seeds_for(z0: torch.Tensor, seed: int, seeds: Sequence[int] | None) -> list
     return [image_seed(z, seed) for z in z0]
 
 
-def _eps_ft(pair: ModelPair, z: torch.Tensor, t: int | torch.Tensor, cond: Conditioning):
+def _eps_ft(pair: ModelPair, z: torch.Tensor, t: int | torch.Tensor, cond: Conditioning
+           ) -> torch.Tensor:
     """Fine-tuned model's noise prediction for a batch, at one timestep or per-row timesteps."""
     if not isinstance(t, torch.Tensor):
         t = torch.full((z.shape[0],), int(t), dtype=torch.long)
@@ -326,7 +328,7 @@ def contrast(
 
 
 @torch.no_grad()
-def pian(pair: ModelPair, z0: torch.Tensor, cond: Conditioning, **kwargs) -> torch.Tensor:
+def pian(pair: ModelPair, z0: torch.Tensor, cond: Conditioning, **kwargs: Any) -> torch.Tensor:
     """PIAN (Kong et al., ICLR 2024): PIA with ``eps0`` normalised to look like Gaussian noise
     (mean ``|value|`` sqrt(2/pi)); two model evaluations per image. Why it is offered next to
     PIA: on fine-tunes that memorise their members PIA's ``eps0`` is small for members and PIA

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -65,7 +65,7 @@ def zscores(values: Sequence[float]) -> np.ndarray:
     std = arr.std()
     if arr.size < 2 or std == 0 or not np.isfinite(std):
         return np.zeros_like(arr)
-    return (arr - arr.mean()) / std
+    return cast(np.ndarray, (arr - arr.mean()) / std)  # numpy types std() as Any
 
 
 def combine_scores(similarity: Sequence[float], contrast: Sequence[float]) -> list[float]:
@@ -191,7 +191,8 @@ def score_images_detailed(
 def _scores_from_recoveries(pair: ModelPair, pictures: list[Any], method: str, results: Any,
                             settings: dict[str, Any], *, prompt: str | None, seed: int,
                             batch_size: int, progress: ProgressFn | None, progress_offset: int,
-                            progress_total: int, size: int) -> tuple[list[float], list[dict]]:
+                            progress_total: int, size: int
+                            ) -> tuple[list[float], list[dict[str, Any]]]:
     """The scores of an inversion method from its results: the recovery's similarity
     (``cgidm``), the verdict's fused evidence (``evidence``), or the similarity z-scored with a
     cheap attack run now (``combined``, ``fused``). Returns the scores and per-image details and
@@ -201,7 +202,8 @@ def _scores_from_recoveries(pair: ModelPair, pictures: list[Any], method: str, r
     if method == "cgidm":
         return similarity, details
     if method == "evidence":
-        from .evidence import DEFAULT_EVIDENCE, evidence_scores, evidence_settings
+        from .evidence import evidence_scores, evidence_settings
+        from .names import DEFAULT_EVIDENCE
 
         scores = evidence_scores(details, DEFAULT_EVIDENCE)
         for record, sim, score in zip(details, similarity, scores, strict=True):

@@ -34,8 +34,10 @@ from cgidm_core import key_signatures as keys_
 from cgidm_core.names import (
     CHROMA_FAMILY,
     DDPM_FAMILY,
+    FLUX2_DEV_FAMILY,
     FLUX2_FAMILY,
     FLUX_FAMILY,
+    HIDREAM_FAMILY,
     PIXEL_FLOW_FAMILY,
     QWEN_IMAGE_FAMILY,
     SD3_FAMILY,
@@ -114,16 +116,20 @@ class Defaults:
 @dataclass(frozen=True)
 class MemoryModel:
     """Saved-for-backward bytes of ONE denoiser pass of one image in a 2-byte dtype, counted on
-    the meta device by ``benchmarks/activations.py``: ``{(side, checkpointing): bytes}`` at the
-    native side and at half of it, and the latent pixels at the native side. Batch sizes and the
-    checkpointing decision follow from it (:mod:`cgidm_core.models.devices`)."""
+    the meta device by ``benchmarks/activations.py`` for the family's released denoiser (the
+    largest variant users bring: SD 3.5 large, Flux.2 Klein 9B): ``{(side, checkpointing):
+    bytes}`` at the native side and at half of it; the latent pixels at the native side; the
+    denoiser's parameter count (its weights, for ``benchmarks/family_memory.py``'s table of
+    what fits a card). Batch sizes and the checkpointing decision follow from it
+    (:mod:`cgidm_core.models.devices`)."""
 
     activation_counts: dict[tuple[int, bool], int]
     native_latent_pixels: int
+    denoiser_parameters: int = 0
     #: ``""``: counted for this family's own denoiser. Otherwise the family whose counts stand
-    #: in, NOT counted for this one (``benchmarks/activations.py`` has no full-size builder for
-    #: it yet); ``note`` says how far off the stand-in may be.
+    #: in (none does at present: every entry is counted).
     borrowed_from: str = ""
+    #: What the count assumes (variant, text length), for ``cgidm models --families``.
     note: str = ""
 
 
@@ -190,23 +196,27 @@ class FamilyAdapter(Protocol):
         """Load both models (frozen, eval mode, on ``request.opts.device``) as one pair."""
 
 
-#: Families recognised only to be refused by name, with what to do instead (none at present:
-#: Stable Diffusion 3 / 3.5 was here until its adapter, ``cgidm_core.models.sd3``, came; the
-#: variants an adapter cannot load, e.g. Flux.2 dev, are refused by that adapter).
-REFUSED: tuple[RefusedFamily, ...] = ()
-
-#: Flux.1's counted activations (benchmarks/activations.py, bfloat16, 512 T5 tokens).
-_FLUX_COUNTS = {(1024, False): 21_615_259_648, (1024, True): 1_642_115_072,
-                (512, False): 7_196_397_568, (512, True): 547_377_152}
-
-
-def _borrowed_flux_memory(native_latent_pixels: int, note: str) -> MemoryModel:
-    """Flux.1's counts standing in for a diffusion transformer not counted yet: the same number
-    of image tokens at the native side (4096 at 1024 px) and a text sequence of the same order,
-    so the same order of activation memory, but NOT a count of this family's own blocks."""
-    return MemoryModel(activation_counts=_FLUX_COUNTS, native_latent_pixels=native_latent_pixels,
-                       borrowed_from=FLUX_FAMILY, note=note)
-
+#: Families recognised only to be refused by name, with what to do instead (Stable Diffusion
+#: 3 / 3.5 was here until its adapter, ``cgidm_core.models.sd3``, came; the variants an adapter
+#: cannot load are refused by that adapter). docs/FAMILIES.md says why each is refused.
+REFUSED: tuple[RefusedFamily, ...] = (
+    RefusedFamily(
+        name=HIDREAM_FAMILY,
+        title="HiDream-I1",
+        message=(
+            "HiDream-I1 is not supported: it is conditioned by four text encoders at once "
+            "(CLIP-L, CLIP-G, T5-XXL and Llama-3.1-8B-Instruct, about 15B parameters of "
+            "encoders next to a 17B sparse mixture-of-experts transformer), which cgidm has "
+            "neither an adapter nor a tested reference for. Check a fine-tune of a supported "
+            "family instead (`cgidm models --families`), or ask for HiDream support with the "
+            "model's name (docs/FAMILIES.md says what it would take)"),
+        recognition=Recognition(
+            pipeline_classes=("HiDreamImage*",),
+            denoiser_classes=("HiDreamImageTransformer2DModel",),
+            single_file=keys_.is_hidream_file, lora=keys_.is_hidream_lora,
+        ),
+    ),
+)
 
 #: Fine-tune layouts of the diffusion-transformer families (no bare-weights ``unet`` layout).
 TRANSFORMER_LAYOUTS: tuple[str, ...] = ("pipeline", "dreambooth", "lora", "single_file")
@@ -253,6 +263,41 @@ FAMILIES: tuple[Family, ...] = (
         summary="unconditional pixel UNet2DModel trained by flow matching (the flow demo pair)",
     ),
     Family(
+        name=FLUX2_DEV_FAMILY,
+        title="Flux.2 dev",
+        adapter="cgidm_core.models.flux2_dev",
+        objective="flow", conditioning="text", space="latent",
+        pair_classes=("cgidm_core.models.flux2_dev.Flux2DevPair",
+                      "cgidm_core.models.flux2_dev.Flux2DevLoraPair"),
+        recognition=Recognition(
+            pipeline_classes=("Flux2Pipeline",), denoiser_classes=("Flux2Transformer2DModel",),
+            single_file=keys_.is_flux2_dev_file, lora=keys_.is_flux2_lora,
+            base_file=keys_.is_flux2_dev_file, base_file_layout="denoiser",
+            metadata_keys=("ss_tag_frequency", "ss_output_name"),
+        ),
+        finetuned_layouts=TRANSFORMER_LAYOUTS,
+        lora_formats=("diffusers/peft (transformer.*)",
+                      "ai-toolkit (diffusion_model.double_blocks.*, BFL names)",
+                      "musubi-tuner / sd-scripts (lora_unet_double_blocks_*)"),
+        pretrained_layouts=("Flux2Pipeline folder (FLUX.2-dev; its Pixtral processor read as "
+                            "the tokenizer alone)", _ONE_FILE + " (BFL naming)"),
+        defaults=Defaults(
+            gpu_dtype="bfloat16", resolution=1024,
+            time_shift="exp(compute_empirical_mu(tokens, 50)): Flux2Pipeline's rule at its "
+                       "default 50 steps",
+            guidance="4.0, Flux2Pipeline's default guidance_scale (guidance-distilled)",
+            prompt_source=_KOHYA_PROMPT,
+        ),
+        memory=MemoryModel(
+            activation_counts={(1024, False): 63_146_770_432, (1024, True): 3_227_746_304,
+                               (512, False): 21_028_593_664, (512, True): 1_076_043_776},
+            native_latent_pixels=64 * 64, denoiser_parameters=32_223_281_152,
+            note="512 Mistral-3 tokens, guidance embedding",
+        ),
+        summary="Flux.2 dev; fine-tunes as pipeline folders, transformer/ folders, single-file "
+                "transformers (BFL naming), LoRAs (diffusers/peft, ai-toolkit, musubi/kohya)",
+    ),
+    Family(
         name=FLUX2_FAMILY,
         title="Flux.2 Klein",
         adapter="cgidm_core.models.flux2",
@@ -260,24 +305,29 @@ FAMILIES: tuple[Family, ...] = (
         pair_classes=("cgidm_core.models.flux2.Flux2Pair", "cgidm_core.models.flux2.Flux2LoraPair"),
         recognition=Recognition(
             pipeline_classes=("Flux2*",), denoiser_classes=("Flux2Transformer2DModel",),
-            single_file=keys_.is_flux2_file, lora=keys_.is_flux2_lora,
-            base_file=keys_.is_flux2_file, base_file_layout="denoiser",
+            single_file=keys_.is_flux2_klein_file, lora=keys_.is_flux2_lora,
+            base_file=keys_.is_flux2_klein_file, base_file_layout="denoiser",
             metadata_keys=("ss_tag_frequency", "ss_output_name"),
         ),
         # single files are recognised (so they are refused by name), not loaded
         finetuned_layouts=("pipeline", "dreambooth", "lora"),
-        lora_formats=("diffusers/peft (transformer.*)",),
-        pretrained_layouts=("Flux2KleinPipeline folder (Flux.2 dev's Flux2Pipeline is refused)",),
+        lora_formats=("diffusers/peft (transformer.*)",
+                      "ai-toolkit / musubi-tuner names (diffusers' Flux.2 converters; tested on "
+                      "Flux.2 dev)"),
+        pretrained_layouts=("Flux2KleinPipeline folder",),
+        upload_kinds=("lora",),
         defaults=Defaults(
             gpu_dtype="bfloat16", resolution=1024,
             time_shift="exp(compute_empirical_mu(tokens, 50)): Flux2KleinPipeline's rule at its "
                        "default 50 steps",
             prompt_source=_KOHYA_PROMPT,
         ),
-        memory=_borrowed_flux_memory(
-            64 * 64, "Flux.1's counts (4096 image tokens at 1024 px, as Klein's 2x2-patchified "
-                     "latent); Klein's 4B/9B transformer is smaller than Flux.1's 12B, so this "
-                     "likely over-estimates"),
+        memory=MemoryModel(
+            activation_counts={(1024, False): 23_937_273_856, (1024, True): 1_245_872_128,
+                               (512, False): 7_965_405_184, (512, True): 415_375_360},
+            native_latent_pixels=64 * 64, denoiser_parameters=9_078_581_248,
+            note="counted for Klein 9B; Klein 4B: 14.07 GB per pass at 1024 px, 3.88 B parameters",
+        ),
         summary="Flux.2 Klein; fine-tunes as pipeline folders, transformer/ folders, LoRAs "
                 "(diffusers/peft); single files recognised and refused",
     ),
@@ -307,7 +357,12 @@ FAMILIES: tuple[Family, ...] = (
                      "schnell",
             prompt_source=_KOHYA_PROMPT,
         ),
-        memory=MemoryModel(activation_counts=_FLUX_COUNTS, native_latent_pixels=128 * 128),
+        memory=MemoryModel(
+            activation_counts={(1024, False): 21_615_259_648, (1024, True): 1_642_115_072,
+                               (512, False): 7_196_397_568, (512, True): 547_377_152},
+            native_latent_pixels=128 * 128, denoiser_parameters=11_901_408_320,
+            note="FLUX.1-dev, 512 T5 tokens",
+        ),
         summary="Flux.1 dev/schnell; fine-tunes as pipeline folders, transformer/ folders, "
                 "single-file transformers (BFL or diffusers naming), LoRAs (diffusers/peft, "
                 "kohya-ss, XLabs)",
@@ -329,11 +384,14 @@ FAMILIES: tuple[Family, ...] = (
         lora_formats=("diffusers/peft (transformer.*)", "kohya-ss (lora_unet_double_blocks_*), "
                       "through diffusers' Flux.1 loader"),
         pretrained_layouts=("ChromaPipeline folder", _ONE_FILE),
+        upload_kinds=("lora", "single_file"),
         defaults=Defaults(gpu_dtype="bfloat16", resolution=1024, time_shift=_FROM_CONFIG_SHIFT,
                           prompt_source=_KOHYA_PROMPT),
-        memory=_borrowed_flux_memory(
-            128 * 128, "Flux.1's counts: Chroma is Flux.1-schnell's blocks (8.9B, the modulation "
-                       "layers replaced by a small approximator), so close"),
+        memory=MemoryModel(
+            activation_counts={(1024, False): 21_616_672_768, (1024, True): 1_645_623_296,
+                               (512, False): 7_197_810_688, (512, True): 550_885_376},
+            native_latent_pixels=128 * 128, denoiser_parameters=8_899_983_424,
+        ),
         summary="Chroma; fine-tunes as pipeline folders, transformer/ folders, single-file "
                 "transformers (distilled_guidance_layer.*), LoRAs (diffusers/peft, kohya-ss)",
     ),
@@ -350,20 +408,27 @@ FAMILIES: tuple[Family, ...] = (
             metadata_keys=("ss_tag_frequency", "ss_output_name"),
         ),
         finetuned_layouts=TRANSFORMER_LAYOUTS,
-        lora_formats=("diffusers/peft (transformer.*, text_encoder.*, text_encoder_2.*); "
-                      "kohya-ss SD3 LoRAs are recognised and refused (no diffusers converter)",),
+        lora_formats=("diffusers/peft (transformer.*, text_encoder.*, text_encoder_2.*), as "
+                      "diffusers' DreamBooth-LoRA script, SimpleTuner and ai-toolkit write them",
+                      "kohya-ss sd3_train_network.py (lora_unet_joint_blocks_*, lora_te1_*, "
+                      "lora_te2_*; converted by cgidm_core.models.sd3_kohya_lora, T5 layers "
+                      "refused)"),
         pretrained_layouts=("StableDiffusion3Pipeline folder (3.0, 3.5 medium, 3.5 large)",
                             _ONE_FILE),
+        upload_kinds=("lora", "single_file"),
         defaults=Defaults(gpu_dtype="bfloat16", resolution=1024,
                           time_shift="the scheduler config's (3.0 for SD 3.5, fixed)",
                           prompt_source=_KOHYA_PROMPT),
-        memory=_borrowed_flux_memory(
-            128 * 128, "Flux.1's counts (4096 image tokens at 1024 px; SD 3.5 large's 38 joint "
-                       "blocks at 8B against Flux.1's 57 blocks at 12B, 333 text tokens against "
-                       "512), so likely an over-estimate"),
+        memory=MemoryModel(
+            activation_counts={(1024, False): 13_181_233_552, (1024, True): 839_110_656,
+                               (512, False): 4_025_911_696, (512, True): 255_946_752},
+            native_latent_pixels=128 * 128, denoiser_parameters=8_056_627_520,
+            note="counted for SD 3.5 large; 3.5 medium: 6.91 GB per pass at 1024 px, "
+                 "2.24 B parameters",
+        ),
         summary="Stable Diffusion 3 / 3.5 medium and large; fine-tunes as pipeline folders, "
                 "transformer/ folders, single-file transformers (Stability or diffusers "
-                "naming), LoRAs (diffusers/peft)",
+                "naming), LoRAs (diffusers/peft, kohya-ss)",
     ),
     Family(
         name=ZIMAGE_FAMILY,
@@ -374,7 +439,7 @@ FAMILIES: tuple[Family, ...] = (
                       "cgidm_core.models.zimage.ZImageLoraPair"),
         recognition=Recognition(
             pipeline_classes=("ZImage*",), denoiser_classes=("ZImageTransformer2DModel",),
-            single_file=keys_.is_zimage_file, lora=keys_.is_dit_lora,
+            single_file=keys_.is_zimage_file, lora=keys_.is_zimage_lora,
             base_file=keys_.is_zimage_file, base_file_layout="denoiser",
             metadata_keys=("ss_tag_frequency", "ss_output_name"),
         ),
@@ -382,12 +447,16 @@ FAMILIES: tuple[Family, ...] = (
         lora_formats=("diffusers/peft (transformer.*)", "ComfyUI / ai-toolkit (diffusion_model.*)",
                       "musubi-tuner / kohya (lora_unet_*; diffusers' converter, untested)"),
         pretrained_layouts=("ZImagePipeline folder (Turbo)", _ONE_FILE),
+        upload_kinds=("lora", "single_file"),
         defaults=Defaults(gpu_dtype="bfloat16", resolution=1024,
                           time_shift=_FROM_CONFIG_SHIFT + "; 3.0 fixed for Z-Image-Turbo",
                           prompt_source=_KOHYA_PROMPT),
-        memory=_borrowed_flux_memory(
-            128 * 128, "Flux.1's counts (4096 image tokens at 1024 px; Z-Image's 6B single-stream "
-                       "transformer is half Flux.1's size), so likely an over-estimate"),
+        memory=MemoryModel(
+            activation_counts={(1024, False): 33_833_868_800, (1024, True): 1_172_619_264,
+                               (512, False): 11_120_898_560, (512, True): 390_878_208},
+            native_latent_pixels=128 * 128, denoiser_parameters=6_154_908_736,
+            note="512 caption tokens, the pipeline's maximum: a shorter prompt needs less",
+        ),
         summary="Z-Image (Turbo); fine-tunes as pipeline folders, transformer/ folders, "
                 "single-file transformers (ComfyUI naming), LoRAs (diffusers/peft, ComfyUI, "
                 "ai-toolkit)",
@@ -401,7 +470,7 @@ FAMILIES: tuple[Family, ...] = (
                       "cgidm_core.models.qwen_image.QwenImageLoraPair"),
         recognition=Recognition(
             pipeline_classes=("QwenImage*",), denoiser_classes=("QwenImageTransformer2DModel",),
-            single_file=keys_.is_qwen_image_file, lora=keys_.is_dit_lora,
+            single_file=keys_.is_qwen_image_file, lora=keys_.is_qwen_image_lora,
             base_file=keys_.is_qwen_image_file, base_file_layout="denoiser",
             metadata_keys=("ss_tag_frequency", "ss_output_name"),
         ),
@@ -409,14 +478,17 @@ FAMILIES: tuple[Family, ...] = (
         lora_formats=("diffusers/peft (transformer.*)", "ComfyUI / ai-toolkit (diffusion_model.*)",
                       "kohya (lora_unet_*; diffusers' converter, untested)"),
         pretrained_layouts=("QwenImagePipeline folder (and 2512)", _ONE_FILE),
+        upload_kinds=("lora", "single_file"),
         defaults=Defaults(gpu_dtype="bfloat16", resolution=1024,
                           time_shift="the scheduler config's dynamic shift (mu from the token "
                                      "count, base 0.5, max 0.9)",
                           prompt_source=_KOHYA_PROMPT),
-        memory=_borrowed_flux_memory(
-            128 * 128, "Flux.1's counts (4096 image tokens at 1024 px); Qwen-Image's 60-block 20B "
-                       "transformer is larger than Flux.1's 12B, so this likely UNDER-estimates: "
-                       "set the batch size by hand on a small GPU"),
+        memory=MemoryModel(
+            activation_counts={(1024, False): 27_276_308_480, (1024, True): 1_723_904_512,
+                               (512, False): 9_080_410_112, (512, True): 572_543_488},
+            native_latent_pixels=128 * 128, denoiser_parameters=20_430_401_088,
+            note="512 prompt tokens, the pipeline's maximum: a shorter prompt needs less",
+        ),
         summary="Qwen-Image; fine-tunes as pipeline folders, transformer/ folders, single-file "
                 "transformers, LoRAs (diffusers/peft, ComfyUI, ai-toolkit)",
     ),
@@ -440,11 +512,12 @@ FAMILIES: tuple[Family, ...] = (
                       "lora_te2_*)"),
         pretrained_layouts=("StableDiffusionXLPipeline folder (base 1.0)",
                             "complete single-file checkpoint (SGM layout)"),
+        upload_kinds=("lora", "single_file", "unet"),
         defaults=Defaults(gpu_dtype="float16", resolution=1024, prompt_source=_KOHYA_PROMPT),
         memory=MemoryModel(
             activation_counts={(1024, False): 5_336_636_160, (1024, True): 503_767_296,
                                (512, False): 1_353_382_656, (512, True): 126_181_632},
-            native_latent_pixels=128 * 128,
+            native_latent_pixels=128 * 128, denoiser_parameters=2_567_463_684,
         ),
         summary="SDXL base 1.0 and its fine-tunes (pipeline, DreamBooth unet/ + text encoders, "
                 "LoRA in diffusers or kohya naming, SGM single file, bare UNet weights)",
@@ -475,7 +548,7 @@ FAMILIES: tuple[Family, ...] = (
         memory=MemoryModel(
             activation_counts={(512, False): 774_828_928, (512, True): 154_657_152,
                                (256, False): 196_595_968, (256, True): 38_756_736},
-            native_latent_pixels=64 * 64,
+            native_latent_pixels=64 * 64, denoiser_parameters=859_520_964,
         ),
         summary="Stable Diffusion 1.x/2.x (and the latent demo pair); fine-tunes as pipeline "
                 "folders, DreamBooth unet/ (+text_encoder/), LoRA (diffusers/peft, kohya, "
@@ -513,7 +586,7 @@ def title(name: str) -> str:
 
 def adapter(family: Family) -> FamilyAdapter:
     """The family's adapter module, imported now (it may import torch and diffusers)."""
-    return importlib.import_module(family.adapter)  # type: ignore[return-value]
+    return importlib.import_module(family.adapter)
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
@@ -533,6 +606,13 @@ def refused_denoiser(class_name: str) -> RefusedFamily | None:
 def refused_file(keys: list[str]) -> RefusedFamily | None:
     return next((r for r in REFUSED if r.recognition.single_file is not None
                  and r.recognition.single_file(keys)), None)
+
+
+def refused_lora(keys: list[str]) -> RefusedFamily | None:
+    """The refused family a LoRA file is of, by its tensor names (before the registered
+    families' broader LoRA rules, which may claim its ``transformer.*`` names too)."""
+    return next((r for r in REFUSED if r.recognition.lora is not None
+                 and r.recognition.lora(keys)), None)
 
 
 def pipeline_claim(class_name: str, index: dict[str, Any],
@@ -619,6 +699,10 @@ def describe() -> list[dict[str, Any]]:
             "memory_model": family.memory is not None,
             "memory_borrowed_from": family.memory.borrowed_from if family.memory else "",
             "memory_note": family.memory.note if family.memory else "",
+            "memory_pass_bytes": {f"{side}/{'checkpointed' if ckpt else 'plain'}": count
+                                  for (side, ckpt), count in family.memory.activation_counts.items()
+                                  } if family.memory else {},
+            "denoiser_parameters": family.memory.denoiser_parameters if family.memory else 0,
             "summary": family.summary,
         })
     return rows

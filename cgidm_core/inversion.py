@@ -19,15 +19,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 
 from .errors import Cancelled, ConfigError
 from .images import quantize_8bit
-from .inversion_config import GRADIENT_CHECKPOINTING_MODES as GRADIENT_CHECKPOINTING_MODES
 from .inversion_config import InversionConfig as InversionConfig
 from .inversion_config import preset_config as preset_config
 from .masks import checkerboard_mask, default_cell, upsample_mask
+from .names import GRADIENT_CHECKPOINTING_MODES as GRADIENT_CHECKPOINTING_MODES
 from .pair import Conditioning, ModelPair
 
 #: The reference step size and radius are stated for a 4x64x64 SD latent with half of it free.
@@ -56,6 +57,11 @@ class InversionOutput:
     #: Extra recoveries asked for with ``record_steps`` / ``average_from`` (decoded, like
     #: ``recovered``): ``"step<n>"`` after n steps, ``"average"`` the mean of the iterates.
     recovered_at: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: The recovery before any step (``z0 * keep + z_start * free``, decoded): what a pair whose
+    #: fine-tune is its base returns (zero contrast, zero gradient), so a recovery's similarity
+    #: minus this one's says what the PGD added (``cgidm_core.null_values``). The same tensor
+    #: as ``partial`` unless the partial image is re-encoded (the reference preset).
+    start: torch.Tensor | None = None
 
 
 def scaled_radius(config: InversionConfig, free_entries: int) -> tuple[float, float]:
@@ -125,7 +131,8 @@ def contrast_loss(
 
 
 def _per_image_norm(x: torch.Tensor) -> torch.Tensor:
-    return x.flatten(1).norm(dim=1).view(-1, *([1] * (x.dim() - 1)))
+    return cast(torch.Tensor, x.flatten(1).norm(dim=1).view(  # torch types norm() as Any
+        -1, *([1] * (x.dim() - 1))))
 
 
 def invert(
@@ -175,6 +182,7 @@ def invert(
                                          epsilon, bounds, objective or contrast_loss)
         nonfinite += skipped
         with torch.no_grad():
+            # delta_sum is kept only when average_from is set, so average_from is an int here
             if delta_sum is not None and step + 1 > average_from:  # type: ignore[operator]
                 delta_sum += delta
             if step + 1 in record_steps:
@@ -187,7 +195,10 @@ def invert(
         recovered_latent = z0 * keep + (z_start + delta) * free
         recovered = pair.decode(recovered_latent).float().cpu()
         partial = pair.decode(z_start).float().cpu()
+        start_point = (pair.decode(z0 * keep + z_start * free).float().cpu()
+                       if config.reencode_partial else partial)
         if delta_sum is not None and config.steps > average_from:  # type: ignore[operator]
+            # delta_sum is kept only when average_from is set, so average_from is an int here
             mean_delta = delta_sum / (config.steps - average_from)  # type: ignore[operator]
             recorded["average"] = pair.decode(z0 * keep + (z_start + mean_delta) * free)
     return InversionOutput(
@@ -203,6 +214,7 @@ def invert(
         epsilon=epsilon,
         nonfinite_steps=nonfinite.cpu(),
         recovered_at={k: v.float().cpu() for k, v in recorded.items()},
+        start=start_point,
     )
 
 
@@ -230,7 +242,9 @@ def _starting_point(pair: ModelPair, images: torch.Tensor, config: InversionConf
             z0 = pair.encode(images.to(device)).float()
     source.shape = tuple(z0.shape[1:])  # type: ignore[assignment]  # torch.Size of ints
     latent_shape = tuple(z0.shape[1:])
+    # tuple(z0.shape[1:]) of a 4-d latent is its (C, H, W)
     cell = config.cell or default_cell(latent_shape, pair.pixels_per_latent)  # type: ignore[arg-type]
+    # tuple(z0.shape[1:]) of a 4-d latent is its (C, H, W)
     keep = checkerboard_mask(latent_shape, cell).to(device)  # type: ignore[arg-type]
     with torch.no_grad():
         z_start = z0 * keep
@@ -249,14 +263,16 @@ def _latent_box(pair: ModelPair, config: InversionConfig, z0: torch.Tensor,
                 keep: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | float] | None:
     """The box the recovery is kept in: the latent space's valid range (``bounded``), narrowed
     per image and channel to the kept cells' range (``palette_bounds``); ``None``: no box."""
-    bounds = pair.latent_bounds if config.bounded else None
+    bounds: tuple[torch.Tensor | float, torch.Tensor | float] | None = (
+        pair.latent_bounds if config.bounded else None)
     if config.palette_bounds:
         big = torch.finfo(z0.dtype).max
         kept = keep.bool().expand_as(z0)
         low = torch.where(kept, z0, big).amin(dim=(2, 3), keepdim=True)
         high = torch.where(kept, z0, -big).amax(dim=(2, 3), keepdim=True)
         if bounds is not None:
-            low, high = low.clamp(*bounds), high.clamp(*bounds)
+            # torch's overloads take both bounds as tensors or both as numbers: a box is one
+            low, high = low.clamp(*bounds), high.clamp(*bounds)  # type: ignore[arg-type]
         bounds = (low, high)  # per image and channel
     return bounds
 
@@ -286,7 +302,8 @@ def _pgd_step(pair: ModelPair, cond: Conditioning, config: InversionConfig,
         if bounds is not None:
             # Projecting onto the box after the ball keeps delta inside both: the box only
             # shrinks entries towards z_start, which lowers the norm.
-            delta = (start.z_start + delta).clamp(*bounds) - start.z_start
+            # torch's overloads take both bounds as tensors or both as numbers: a box is one
+            delta = (start.z_start + delta).clamp(*bounds) - start.z_start  # type: ignore[arg-type]
     return delta, loss, skipped
 
 

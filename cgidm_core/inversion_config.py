@@ -103,6 +103,7 @@ class InversionConfig:
             quantize_partial=True,
             bounded=False,
         )
+        # overrides hold InversionConfig field values; mypy cannot match ** to the fields
         return replace(base, **overrides)  # type: ignore[arg-type]
 
     def validate(self, num_train_timesteps: int | None = None) -> None:

@@ -16,12 +16,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from cgidm_core import latent_training as lt
 from cgidm_core import training
+
+if TYPE_CHECKING:  # annotations only; mypy reads diffusers as Any (pyproject.toml)
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
 #: peft target modules of the two LoRA placements. "attn": the attention projections of every
 #: transformer block (diffusers' train_dreambooth_lora / train_text_to_image_lora default);
@@ -62,7 +66,7 @@ class LatentRecipe:
     warmup_steps: int = 0
     grad_clip: float = 1.0
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @property
@@ -77,7 +81,7 @@ def caption_of(path: Path) -> str:
     return f"a painting of {' '.join(words[:6])} in sks style"
 
 
-def _member_latents(vae, files: Sequence[Path]) -> tuple[torch.Tensor, torch.Tensor]:
+def _member_latents(vae: AutoencoderKL, files: Sequence[Path]) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior mean and std of each member's latent (cgidm's preprocessing), sampled per step
     as diffusers' trainers sample ``latent_dist`` every step."""
     from cgidm_core.images import load_image, to_tensor
@@ -99,7 +103,7 @@ def _class_latents(parts: lt.LatentParts, n: int, seed: int) -> tuple[torch.Tens
     return posterior.mean, posterior.std
 
 
-def add_lora(unet, recipe: LatentRecipe) -> list[torch.nn.Parameter]:
+def add_lora(unet: UNet2DConditionModel, recipe: LatentRecipe) -> list[torch.nn.Parameter]:
     """Attach a peft LoRA (B = 0 at start, as peft initialises it) and freeze everything else."""
     from peft import LoraConfig
 
@@ -111,7 +115,7 @@ def add_lora(unet, recipe: LatentRecipe) -> list[torch.nn.Parameter]:
 
 def finetune(base: str | Path, members: Sequence[Path], recipe: LatentRecipe, seed: int,
              checkpoints: dict[int, Path], *, log: Callable[[str], None] = print,
-             loss_samples: int = 64) -> dict:
+             loss_samples: int = 64) -> dict[int, dict[str, Any]]:
     """Fine-tune the base on ``members`` with ``recipe``; save at each step count in
     ``checkpoints`` (steps -> output path). Returns facts for training.json (also written next
     to each output), including the members' loss drop measured with common random numbers."""
@@ -148,7 +152,7 @@ def finetune(base: str | Path, members: Sequence[Path], recipe: LatentRecipe, se
         return loss
 
     started = time.perf_counter()
-    facts_by_steps: dict[int, dict] = {}
+    facts_by_steps: dict[int, dict[str, Any]] = {}
 
     def on_step(done: int, losses: list[float]) -> None:
         if done not in checkpoints:
@@ -188,7 +192,8 @@ def finetune(base: str | Path, members: Sequence[Path], recipe: LatentRecipe, se
 
 
 @torch.no_grad()
-def _loss_of(unet, scheduler, latents: torch.Tensor, hidden: torch.Tensor,
+def _loss_of(unet: UNet2DConditionModel, scheduler: DDPMScheduler, latents: torch.Tensor,
+             hidden: torch.Tensor,
              samples: int = 64, seed: int = 4321) -> float:
     """Mean epsilon loss of the members over fixed (t, noise) draws: the same draws before and
     after training, so the drop has no Monte Carlo noise of its own."""
@@ -205,7 +210,7 @@ def _loss_of(unet, scheduler, latents: torch.Tensor, hidden: torch.Tensor,
 # ------------------------------------------------------------------------------------ saving
 
 
-def _model_card(recipe: LatentRecipe, facts: dict, fmt: str) -> str:
+def _model_card(recipe: LatentRecipe, facts: dict[str, Any], fmt: str) -> str:
     what = {"lora": f"a rank-{recipe.rank} LoRA ({recipe.targets.replace('_', ' + ')})",
             "full": "a full UNet fine-tune"}[recipe.kind]
     prior = " with prior preservation on class images" if recipe.prior_preservation else ""
@@ -236,7 +241,8 @@ def peft_to_kohya(state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str
     return out
 
 
-def save(parts: lt.LatentParts, unet, recipe: LatentRecipe, out: Path, facts: dict) -> Path:
+def save(parts: lt.LatentParts, unet: UNet2DConditionModel, recipe: LatentRecipe, out: Path,
+         facts: dict[str, Any]) -> Path:
     """Save one checkpoint in the recipe's format; ``out`` is a folder, or for kohya the
     .safetensors file (with training.json and README.md beside it in its folder)."""
     from diffusers import StableDiffusionPipeline

@@ -25,6 +25,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import ConfigError
 from .latent_finetune import LatentRecipe
@@ -43,7 +44,7 @@ CONTINUUM_CHECKPOINTS: tuple[int, ...] = (0, 25, 50, 100, 200, 300, 500, 1000, 2
 CONTINUUM_RECIPES: tuple[str, ...] = ("lora-attn-r16",)
 
 
-def _lora(rank: int, targets: str, **kw) -> LatentRecipe:
+def _lora(rank: int, targets: str, **kw: Any) -> LatentRecipe:
     return LatentRecipe("lora", max(CHECKPOINTS), 1e-4, rank=rank, targets=targets, **kw)
 
 

@@ -24,6 +24,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,6 +32,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from cgidm_core import training
+
+if TYPE_CHECKING:  # annotations only; mypy reads these packages as Any (pyproject.toml)
+    from _typeshed import DataclassInstance
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
 
 #: Side length of the latent demo family's images, in pixels.
 LATENT_IMAGE_SIZE = 32
@@ -215,7 +221,7 @@ def write_clip_tokenizer(folder: str | Path, corpus: Sequence[str]) -> Path:
     return folder
 
 
-def load_tokenizer(folder: str | Path):
+def load_tokenizer(folder: str | Path) -> CLIPTokenizer:
     from transformers import CLIPTokenizer
 
     return CLIPTokenizer.from_pretrained(str(folder))
@@ -224,7 +230,7 @@ def load_tokenizer(folder: str | Path):
 # ------------------------------------------------------------------------------- networks
 
 
-def build_vae(size: int = LATENT_IMAGE_SIZE):
+def build_vae(size: int = LATENT_IMAGE_SIZE) -> AutoencoderKL:
     """A small ``AutoencoderKL``: three blocks (factor 4), 4 latent channels, as SD's VAE has."""
     from diffusers import AutoencoderKL
 
@@ -236,7 +242,7 @@ def build_vae(size: int = LATENT_IMAGE_SIZE):
     )
 
 
-def build_text_encoder(tokenizer):
+def build_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
     """A 3-layer CLIP text transformer (width 64) sized to the tokenizer."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -249,7 +255,7 @@ def build_text_encoder(tokenizer):
     return CLIPTextModel(config)
 
 
-def build_unet(size: int = LATENT_IMAGE_SIZE):
+def build_unet(size: int = LATENT_IMAGE_SIZE) -> UNet2DConditionModel:
     """A ``UNet2DConditionModel`` on the 8x8x4 latents with cross-attention at both levels."""
     from diffusers import UNet2DConditionModel
 
@@ -262,7 +268,7 @@ def build_unet(size: int = LATENT_IMAGE_SIZE):
     )
 
 
-def build_scheduler():
+def build_scheduler() -> DDPMScheduler:
     """SD 1.x's training schedule as a ``DDPMScheduler``: scaled-linear betas, epsilon."""
     from diffusers import DDPMScheduler
 
@@ -274,7 +280,7 @@ def build_scheduler():
 # ------------------------------------------------------------------------------- training
 
 
-def train_vae(vae, batches: Callable[[int], tuple[torch.Tensor, list[str]]],
+def train_vae(vae: AutoencoderKL, batches: Callable[[int], tuple[torch.Tensor, list[str]]],
               config: training.TrainConfig, *, kl_weight: float = 1e-6,
               progress: bool = True) -> list[float]:
     """Reconstruction (L1 + MSE) plus a small KL term, as SD's VAE (without its GAN loss)."""
@@ -298,22 +304,26 @@ def train_vae(vae, batches: Callable[[int], tuple[torch.Tensor, list[str]]],
 
 
 @torch.no_grad()
-def latent_scaling_factor(vae, batches, n: int = 256) -> float:
+def latent_scaling_factor(vae: AutoencoderKL,
+                          batches: Callable[[int], tuple[torch.Tensor, list[str]]],
+                          n: int = 256) -> float:
     """1 / std of the latents (SD's 0.18215 was found the same way)."""
     x, _ = batches(n)
     return float(1.0 / vae.encode(x).latent_dist.mean.std())
 
 
-def tokenize(tokenizer, captions: Sequence[str]) -> torch.Tensor:
+def tokenize(tokenizer: CLIPTokenizer, captions: Sequence[str]) -> torch.Tensor:
     return tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
                      truncation=True, return_tensors="pt").input_ids
 
 
-def encode_text(text_encoder, tokenizer, captions: Sequence[str]) -> torch.Tensor:
+def encode_text(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
+                captions: Sequence[str]) -> torch.Tensor:
     return text_encoder(tokenize(tokenizer, captions))[0]
 
 
-def latent_denoising_loss(unet, scheduler, latents: torch.Tensor, hidden: torch.Tensor,
+def latent_denoising_loss(unet: UNet2DConditionModel, scheduler: DDPMScheduler,
+                          latents: torch.Tensor, hidden: torch.Tensor,
                           generator: torch.Generator, *, reduce: bool = True) -> torch.Tensor:
     """Epsilon MSE at a uniform t on latents, conditioned on text embeddings ``hidden``."""
     noise = torch.randn(latents.shape, generator=generator)
@@ -324,7 +334,7 @@ def latent_denoising_loss(unet, scheduler, latents: torch.Tensor, hidden: torch.
     return err.mean() if reduce else err.mean(dim=(1, 2, 3))
 
 
-def sample_latents(vae, images: torch.Tensor, scaling: float,
+def sample_latents(vae: AutoencoderKL, images: torch.Tensor, scaling: float,
                    generator: torch.Generator | None) -> torch.Tensor:
     """Scaled latents of images: a draw from the posterior (as diffusers' trainers do), or its
     mean when ``generator`` is None."""
@@ -334,7 +344,8 @@ def sample_latents(vae, images: torch.Tensor, scaling: float,
     return z * scaling
 
 
-def train_text_to_image(unet, text_encoder, tokenizer, vae, scheduler,
+def train_text_to_image(unet: UNet2DConditionModel, text_encoder: CLIPTextModel,
+                        tokenizer: CLIPTokenizer, vae: AutoencoderKL, scheduler: DDPMScheduler,
                         batches: Callable[[int], tuple[torch.Tensor, list[str]]],
                         config: training.TrainConfig, *, progress: bool = True) -> list[float]:
     """Train the UNet and the text encoder together (the VAE is frozen), epsilon loss."""
@@ -361,7 +372,8 @@ def train_text_to_image(unet, text_encoder, tokenizer, vae, scheduler,
 
 
 @torch.no_grad()
-def generate(unet, text_encoder, tokenizer, vae, scheduler, prompts: Sequence[str], *,
+def generate(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
+             vae: AutoencoderKL, scheduler: DDPMScheduler, prompts: Sequence[str], *,
              seed: int = 0, steps: int = 50, guidance: float = 3.0) -> torch.Tensor:
     """Images in [-1, 1] from prompts by DDIM with classifier-free guidance (for the sample
     grid and DreamBooth's class images)."""
@@ -383,7 +395,9 @@ def generate(unet, text_encoder, tokenizer, vae, scheduler, prompts: Sequence[st
     return vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1, 1)
 
 
-def save_sd_pipeline(out: str | Path, *, unet, vae, text_encoder, tokenizer, scheduler) -> Path:
+def save_sd_pipeline(out: str | Path, *, unet: UNet2DConditionModel, vae: AutoencoderKL,
+                     text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
+                     scheduler: DDPMScheduler) -> Path:
     """Write a ``StableDiffusionPipeline`` folder (safetensors, no safety checker), without the
     machine-local ``_name_or_path``."""
     from diffusers import StableDiffusionPipeline
@@ -407,11 +421,11 @@ def save_sd_pipeline(out: str | Path, *, unet, vae, text_encoder, tokenizer, sch
 class LatentParts:
     """The networks of a latent demo pipeline folder (float32, eval mode)."""
 
-    unet: object
-    vae: object
-    text_encoder: object
-    tokenizer: object
-    scheduler: object
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler: DDPMScheduler
     folder: Path = field(default_factory=Path)
 
 
@@ -432,5 +446,5 @@ def load_parts(folder: str | Path) -> LatentParts:
     )
 
 
-def to_jsonable(obj) -> dict:
+def to_jsonable(obj: DataclassInstance) -> dict[str, Any]:
     return asdict(obj)

@@ -31,13 +31,16 @@ METHOD_DESCRIPTIONS: dict[str, str] = {
     "combined": "z-scored cgidm similarity + z-scored contrast score",
     "fused": "z-scored cgidm similarity + z-scored loss attack",
     "evidence": "the verdict's score of cgidm check and the service (cgidm_core.evidence): "
-                "z(SSIM) + z(PSNR) + z(loss attack) + z(contrast), over the images scored",
+                "z(minus CGI-DM's objective along the inversion) + z(contrast), over the "
+                "images scored",
 }
 
-#: The benchmark suite's name for the verdict's score (``EVIDENCE_COMPONENTS["fused"]`` in
-#: :mod:`cgidm_core.evidence`): suite reports and the power table read its per-pair numbers
-#: under it.
-VERDICT_CANDIDATE = "fuse:ssim+psnr+loss+contrast"
+#: The benchmark suite's name for the verdict's score (``EVIDENCE_COMPONENTS["paired"]`` in
+#: :mod:`cgidm_core.evidence`): suite reports read its per-pair numbers under it.
+VERDICT_CANDIDATE = "fuse:objective+contrast"
+#: The suite's name for the verdict's score before the null controls of issue #22
+#: (``EVIDENCE_COMPONENTS["fused"]``); the power table was measured on it.
+FORMER_VERDICT_CANDIDATE = "fuse:ssim+psnr+loss+contrast"
 
 # ------------------------------------------------------------------------------------------
 # verdicts (``cgidm_core.stats``, ``cgidm_core.evidence``; shown by ``app/web/evidence.py``)
@@ -67,10 +70,12 @@ DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
 DISPLAY_MODES: tuple[str, ...] = ("palette_clamp", "raw")
 DEFAULT_DISPLAY = "palette_clamp"
 #: ``cgidm check --evidence``: the score verdicts rest on; ``cgidm_core.evidence`` also accepts
-#: its internal ``given`` and the other component sets of ``EVIDENCE_COMPONENTS``.
-CHECK_EVIDENCE_MODES: tuple[str, ...] = ("fused", "similarity")
-#: The verdicts' score by default (``cgidm_core.evidence.EVIDENCE_COMPONENTS["fused"]``).
-DEFAULT_EVIDENCE = "fused"
+#: its internal ``given``.
+CHECK_EVIDENCE_MODES: tuple[str, ...] = ("paired", "fused", "contrast", "similarity")
+#: The verdicts' score by default (``cgidm_core.evidence.EVIDENCE_COMPONENTS["paired"]``): minus
+#: CGI-DM's objective along the inversion and the contrast, the suite's choice among the scores
+#: that pass the null controls (docs/ACCURACY.md).
+DEFAULT_EVIDENCE = "paired"
 
 # ------------------------------------------------------------------------------------------
 # stored pictures of a result (``ImageResult.recovered``, ``.partial``, ``.side_by_side()``)
@@ -129,6 +134,10 @@ ZIMAGE_FAMILY = "z-image"
 QWEN_IMAGE_FAMILY = "qwen-image"
 #: Flux.2 Klein (adapter: ``cgidm_core.models.flux2``).
 FLUX2_FAMILY = "flux2"
+#: Flux.2 dev (adapter: ``cgidm_core.models.flux2_dev``).
+FLUX2_DEV_FAMILY = "flux2-dev"
+#: HiDream-I1 (recognised to be refused by name: ``cgidm_core.families.REFUSED``).
+HIDREAM_FAMILY = "hidream"
 
 #: Suffixes of pickled PyTorch checkpoints: never loaded (unpickling runs code); the upload
 #: check, the hub fetch and the format detection all refuse them by these names.

@@ -176,10 +176,13 @@ class ModelPair(ABC):
             raise ConfigError(f"this {self.family} pair's denoisers do not support gradient "
                               "checkpointing; use gradient_checkpointing 'off' or 'auto'")
         for network in networks:
+            # diffusers' models define these (_supports_gradient_checkpointing, checked above);
+            # torch.nn.Module's __getattr__ types them as a tensor or a module
             if on:
-                network.enable_gradient_checkpointing(self.checkpoint_function())
+                network.enable_gradient_checkpointing(  # type: ignore[operator]
+                    self.checkpoint_function())
             else:
-                network.disable_gradient_checkpointing()
+                network.disable_gradient_checkpointing()  # type: ignore[operator]
         self.gradient_checkpointing = on
         return on
 

@@ -23,12 +23,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from . import training
 from .errors import ModelFormatError
+
+if TYPE_CHECKING:  # annotations only; mypy reads peft as Any (pyproject.toml)
+    from peft import LoraConfig
 
 #: peft target modules of the two placements (the pixel UNet has no proj_in / proj_out).
 PIXEL_LORA_TARGETS: dict[str, tuple[str, ...]] = {
@@ -59,11 +63,11 @@ class PixelLoraRecipe:
     def alpha(self) -> float:
         return self.lora_alpha or float(self.rank)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def lora_config(rank: int, alpha: float, targets: Sequence[str]):
+def lora_config(rank: int, alpha: float, targets: Sequence[str]) -> LoraConfig:
     from peft import LoraConfig
 
     return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True,
@@ -178,12 +182,12 @@ def merge_lora_file(path: Path, base_folder: Path) -> tuple[torch.nn.Module, obj
 def write_merged(path: Path, base_folder: Path, out: Path) -> Path:
     """Merge a pixel LoRA file into the base and save a DDPMPipeline folder cgidm loads."""
     unet, scheduler = merge_lora_file(path, base_folder)
-    return training.save_pipeline(unet, scheduler, out)  # type: ignore[arg-type]
+    return training.save_pipeline(unet, scheduler, out)
 
 
 def finetune(base_folder: Path, members: Sequence[Path], recipe: PixelLoraRecipe, seed: int,
              checkpoints: dict[int, Path], *, log: Callable[[str], None] = print,
-             loss_samples: int = 64) -> dict[int, dict]:
+             loss_samples: int = 64) -> dict[int, dict[str, Any]]:
     """Train a LoRA on ``members``; at each step count of ``checkpoints`` write, in that folder,
     the diffusers and kohya files, the merged pipeline (``merged/``) and ``training.json`` with
     the members' loss before and after (same (t, noise) draws: no Monte Carlo noise in the
@@ -203,7 +207,7 @@ def finetune(base_folder: Path, members: Sequence[Path], recipe: PixelLoraRecipe
                                   seed=seed, warmup_steps=0, lr_schedule="constant",
                                   grad_clip=recipe.grad_clip)
     started = time.perf_counter()
-    facts_by_steps: dict[int, dict] = {}
+    facts_by_steps: dict[int, dict[str, Any]] = {}
 
     def on_step(done: int, losses: list[float]) -> None:
         if done not in checkpoints:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 #: The measured table (written by ``python -m benchmarks.power``).
 TABLE_FILE = Path(__file__).with_name("power_table.json")
@@ -24,7 +24,7 @@ def load_table(path: str | None = None) -> dict[str, Any]:
     """The power table: ``{"alpha", "power_target", "strengths": [{"name", "source",
     "auc", "grid": [{"images", "controls", "power"}], "needed": {"images", "controls"} | None}],
     "method"}``."""
-    return json.loads(Path(path or TABLE_FILE).read_text())
+    return cast("dict[str, Any]", json.loads(Path(path or TABLE_FILE).read_text()))
 
 
 def needed(table: dict[str, Any]) -> list[tuple[str, int | None, int | None]]:

@@ -18,9 +18,12 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:  # annotations only: the pair module imports torch
+    from .pair import ModelPair
 
 #: Where a prompt came from, in order of precedence.
 PROMPT_SOURCES = (
@@ -78,7 +81,7 @@ class PromptChoice:
 
 
 def choose_prompt(
-    given: str | None, pair: Any, *, registry_prompt: str | None = None
+    given: str | None, pair: ModelPair, *, registry_prompt: str | None = None
 ) -> PromptChoice:
     """The prompt for a check of ``pair``, following the order in the module docstring.
 
@@ -192,7 +195,7 @@ class PromptTooLong(ConfigError):
     code = "prompt_too_long"
 
 
-def check_prompt_length(pair: Any, prompt: str | None) -> None:
+def check_prompt_length(pair: ModelPair, prompt: str | None) -> None:
     """Refuse a prompt the text encoder would silently cut: evidence computed on a truncated
     prompt would not be about the prompt the user gave.
 

@@ -28,9 +28,13 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
+
+if TYPE_CHECKING:  # annotations only
+    from .inversion_config import InversionConfig
+    from .pair import ModelPair
 
 CHUNK = 4 * 1024 * 1024
 
@@ -125,8 +129,8 @@ def software() -> dict[str, Any]:
     return out
 
 
-def build(pair: Any, images: Sequence[Any], names: Sequence[str], *, prompt: str | None,
-          prompt_source: str, config: Any, score_metric: str, metrics: Sequence[str],
+def build(pair: ModelPair, images: Sequence[Any], names: Sequence[str], *, prompt: str | None,
+          prompt_source: str, config: InversionConfig, score_metric: str, metrics: Sequence[str],
           batch_size: int) -> dict[str, Any]:
     """The provenance document of one ``authenticate`` call."""
     return {

@@ -23,7 +23,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from scipy import stats as sps
@@ -248,7 +248,7 @@ class EvalReport:
 def _auc_statistic(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
     """AUC = U / (n_x * n_y), vectorised over bootstrap resamples (scipy passes a batch axis)."""
     u = sps.mannwhitneyu(x, y, axis=axis, method="asymptotic").statistic
-    return u / (x.shape[axis] * y.shape[axis])
+    return cast(np.ndarray, u / (x.shape[axis] * y.shape[axis]))  # scipy is untyped here
 
 
 def evaluate_scores(

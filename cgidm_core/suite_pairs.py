@@ -266,9 +266,9 @@ def train_run(
     data = training.FixedImages(images, seed=seed, flip=bool(RECIPE["flip"]))
     last = max(wanted.values())
     config = training.TrainConfig(
-        steps=last, batch_size=int(RECIPE["batch_size"]),  # type: ignore[arg-type]  # RECIPE: literals
+        steps=last, batch_size=int(RECIPE["batch_size"]),  # type: ignore[call-overload]  # RECIPE: literals
         learning_rate=float(RECIPE["learning_rate"]),  # type: ignore[arg-type]  # RECIPE: literals
-        seed=seed, warmup_steps=int(RECIPE["warmup_steps"]),  # type: ignore[arg-type]  # RECIPE: literals
+        seed=seed, warmup_steps=int(RECIPE["warmup_steps"]),  # type: ignore[call-overload]  # RECIPE: literals
         lr_schedule=str(RECIPE["lr_schedule"]), grad_clip=float(RECIPE["grad_clip"]),  # type: ignore[arg-type]  # RECIPE: literals
     )
     checkpoints = {steps: name for name, steps in wanted.items()}

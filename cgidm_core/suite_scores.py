@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -59,9 +59,11 @@ def colour_distance(original: torch.Tensor, recovered: torch.Tensor,
     from skimage.color import deltaE_ciede2000, rgb2lab
 
     def lab(x: torch.Tensor) -> np.ndarray:
-        return rgb2lab(((x.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy())
+        return cast(np.ndarray, rgb2lab(  # skimage's annotations return Any
+            ((x.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()))
 
-    dist = deltaE_ciede2000(lab(original), lab(recovered))  # (N, H, W)
+    # (N, H, W); skimage leaves deltaE_ciede2000 unannotated
+    dist = deltaE_ciede2000(lab(original), lab(recovered))  # type: ignore[no-untyped-call]
     free = (1.0 - keep.float()).expand(original.shape[0], 1, *original.shape[-2:])[:, 0].numpy()
     return [float((d * f).sum() / max(f.sum(), 1.0)) for d, f in zip(dist, free, strict=True)]
 
@@ -183,12 +185,78 @@ class Candidate:
     evaluations: int  # model evaluations (forward-equivalents) per image
 
 
-def candidate_scores(values: dict[str, Sequence[float]],
-                     steps: int) -> dict[str, tuple[Candidate, np.ndarray]]:
+#: Paired (null-corrected) candidates: each image's value minus the same image's value under a
+#: null recovery (``cgidm_core.null_values``; ``start`` = the PGD's starting point, ``base`` = the
+#: base model's own recovery) or, for the loss attack, minus the base model's loss attack.
+#: name -> parts; a part ``a-b`` is raw value a minus null value b.
+PAIRED_FUSIONS: dict[str, tuple[str, ...]] = {
+    "fuse:gain-start+contrast": ("default/final/ssim-start/ssim",
+                                 "default/final/psnr-start/psnr", "contrast"),
+    "fuse:gain-base+contrast": ("default/final/ssim-base/ssim", "default/final/psnr-base/psnr",
+                                "contrast"),
+    "fuse:gain-start+loss-paired+contrast": ("default/final/ssim-start/ssim",
+                                             "default/final/psnr-start/psnr", "loss-base/loss",
+                                             "contrast"),
+    "fuse:gain-base+loss-paired+contrast": ("default/final/ssim-base/ssim",
+                                            "default/final/psnr-base/psnr", "loss-base/loss",
+                                            "contrast"),
+    "fuse:gain-start": ("default/final/ssim-start/ssim", "default/final/psnr-start/psnr"),
+}
+
+
+def _paired(v: dict[str, np.ndarray], null: dict[str, np.ndarray], part: str
+            ) -> np.ndarray | None:
+    """The values of one part of a paired candidate, or None when something is missing."""
+    if part in v:
+        return v[part]
+    raw, _, subtract = part.rpartition("-")
+    if "/" not in subtract:  # "loss-base/loss" splits at the last '-' too
+        return None
+    if raw not in v or subtract not in null:
+        return None
+    # Rounded: a difference below 1e-4 is the float32 decoder's noise between batch sizes (a
+    # recovery that never left its start differs from a separately decoded start by ~1e-6),
+    # and z-scoring would blow that noise up to a full-size score.
+    return np.round(v[raw] - null[subtract], 4)
+
+
+def _add_paired(add: Callable[..., None], v: dict[str, np.ndarray],
+                null: dict[str, np.ndarray], steps: int) -> None:
+    """The paired candidates where the null values are at hand (see PAIRED_FUSIONS)."""
+    from .baselines import EVALUATIONS_PER_IMAGE
+
+    inversion = steps * INVERSION_STEP_COST
+    base_recovery = steps * INVERSION_STEP_COST // 2  # one model's forward + backward per step
+    for metric in ("ssim", "psnr"):
+        for kind, extra in (("start", 0), ("base", base_recovery)):
+            values = _paired(v, null, f"default/final/{metric}-{kind}/{metric}")
+            if values is not None:
+                add(f"gain-{kind}:{metric}", f"masked {metric} of the recovery minus that of "
+                    f"the {kind} null recovery", inversion + extra, values)
+    loss = _paired(v, null, "loss-base/loss")
+    if loss is not None:
+        add("loss-paired", "loss attack minus the base model's loss attack on the same image",
+            2 * EVALUATIONS_PER_IMAGE["loss"], loss)
+    for name, parts in PAIRED_FUSIONS.items():
+        columns = [_paired(v, null, p) for p in parts]
+        if any(c is None for c in columns):
+            continue
+        cost = (inversion if any(p.startswith("default/") for p in parts) else 0)
+        cost += base_recovery if any(p.endswith("-base/ssim") for p in parts) else 0
+        cost += sum(EVALUATIONS_PER_IMAGE[p] for p in parts if "/" not in p)
+        cost += 2 * EVALUATIONS_PER_IMAGE["loss"] if "loss-base/loss" in parts else 0
+        add(name, " + ".join(f"z({p})" for p in parts) + ", pooled over the images compared",
+            cost, sum(_z(c) for c in columns))  # type: ignore[arg-type]
+
+
+def candidate_scores(values: dict[str, Sequence[float]], steps: int,
+                     null: dict[str, Sequence[float]] | None = None,
+                     ) -> dict[str, tuple[Candidate, np.ndarray]]:
     """Candidate name -> (candidate, scores for the given images; higher = member).
 
     ``values`` holds the raw values of exactly the images to compare (members and one hold-out
-    set): fusions standardise over them.
+    set): fusions standardise over them. ``null`` (same images, same order): their null values
+    (``start/<metric>``, ``base/<metric>``, ``base/loss``), which add the paired candidates.
     """
     from .baselines import EVALUATIONS_PER_IMAGE
 
@@ -202,7 +270,7 @@ def candidate_scores(values: dict[str, Sequence[float]],
         if method in v:
             add(method, f"{method} (no inversion)", EVALUATIONS_PER_IMAGE[method], v[method])
     for key in v:
-        parts = key.split("/")
+        parts: Sequence[str] = key.split("/")  # a list here, a tuple in the fusions below
         if len(parts) != 3:
             continue
         variant, what, metric = parts
@@ -245,15 +313,23 @@ def candidate_scores(values: dict[str, Sequence[float]],
         add(name, " + ".join(f"z({p})" for p in parts) + ", pooled over the images compared",
             cost, total)
         if name == "fuse:ssim+psnr+loss+contrast":  # the same parts fused by mean rank instead
-            ranks = sum(_ranks(-v[p] if "objective" in p else v[p]) for p in parts)
+            ranks = cast(np.ndarray, sum(_ranks(-v[p] if "objective" in p else v[p])
+                                         for p in parts))  # parts is never empty: not 0
             add("rank:ssim+psnr+loss+contrast", "mean rank of " + ", ".join(parts), cost, ranks)
+    if "default/final/ssim" in v and "contrast" in v and "default/final/psnr" in v:
+        # the verdict's fusion without its image-biased loss attack (no null values needed)
+        add("fuse:ssim+psnr+contrast", "z(ssim) + z(psnr) + z(contrast), pooled",
+            steps * INVERSION_STEP_COST + EVALUATIONS_PER_IMAGE["contrast"],
+            _z(v["default/final/ssim"]) + _z(v["default/final/psnr"]) + _z(v["contrast"]))
+    if null:
+        _add_paired(add, v, {k: np.asarray(x, dtype=np.float64) for k, x in null.items()}, steps)
     return out
 
 
 def _ranks(values: np.ndarray) -> np.ndarray:
     from scipy.stats import rankdata
 
-    return rankdata(values) / len(values)
+    return cast(np.ndarray, rankdata(values) / len(values))  # scipy is untyped here
 
 
 def rank_candidates(per_pair_auc: dict[str, list[float]],

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeAlias
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ from cgidm_core.errors import ImageInputError, ModelFormatError, ModelNotFoundEr
 from cgidm_core.names import IMAGE_SUFFIXES
 
 #: The two training objectives of the demo models: DDPM (noise) and flow matching (velocity).
-Schedule = DDPMScheduler | FlowMatchEulerDiscreteScheduler
+Schedule: TypeAlias = DDPMScheduler | FlowMatchEulerDiscreteScheduler
 
 #: Side length of the demo models, in pixels.
 DEMO_IMAGE_SIZE = 32
@@ -139,7 +140,8 @@ def sample_photos() -> list[tuple[str, Image.Image]]:
             array = array.astype(np.uint8)
         photos.append((f"skimage.data.{name}", Image.fromarray(array).convert("RGB")))
     for name in MATPLOTLIB_SAMPLES:
-        with matplotlib.cbook.get_sample_data(name) as handle:
+        # asfileobj=True (the default): an open file, never the array the stub also allows
+        with matplotlib.cbook.get_sample_data(name) as handle:  # type: ignore[union-attr]
             photos.append((f"matplotlib:{name}", Image.open(handle).convert("RGB")))
     return photos
 
@@ -315,7 +317,7 @@ def optimise(
     for step in bar:
         loss = loss_of_step(step)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]  # torch leaves backward() unannotated
         if config.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
         optimizer.step()

@@ -314,18 +314,94 @@ def make_sd3_lora(base: str | Path, out: str | Path, seed: int = 1, rank: int = 
     return Path(out)
 
 
-def make_sd3_kohya_lora(out_file: str | Path) -> Path:
-    """A minimal sd-scripts SD3 LoRA header (``lora_unet_joint_blocks_*``): enough to be
-    recognised and refused."""
+#: The SD3 transformer layers sd-scripts' ``sd3_train_network.py`` trains (its joint blocks'
+#: linears; with ``emb_dims`` the embedders and the final layer), in diffusers' names.
+_SD3_KOHYA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
+                      "add_v_proj", "to_add_out", "ff.net.0.proj", "ff.net.2",
+                      "ff_context.net.0.proj", "ff_context.net.2", "norm1.linear",
+                      "norm1_context.linear", "norm_out.linear", "proj_out", "context_embedder",
+                      "timestep_embedder.linear_1", "text_embedder.linear_2")
+#: diffusers' projections that Stability's MMDiT fuses into one ``qkv``: they share one down
+#: matrix in a kohya LoRA, so the diffusers LoRA written next to it shares it too.
+_SHARED_DOWN = {"to_k": "to_q", "to_v": "to_q", "add_k_proj": "add_q_proj",
+                "add_v_proj": "add_q_proj"}
+
+
+def _stability_names(transformer) -> dict[str, tuple[list[str], bool]]:
+    """Stability's module name of each diffusers module -> (the diffusers modules it holds, in
+    order; whether its rows are (shift, scale)-swapped), read off the testkit's own
+    :func:`sd3_transformer_to_stability` run on tagged tensors (so that the kohya files below do
+    not share a name table with the converter they test)."""
+    names = list(transformer.state_dict())
+    tagged = {k: torch.tensor([[i + 1.0], [-(i + 1.0)]]) for i, k in enumerate(names)}
+    out = {}
+    for key, tags in sd3_transformer_to_stability(tagged,
+                                                  transformer.config.num_layers).items():
+        if key.endswith(".weight"):
+            members = [names[int(abs(v)) - 1][: -len(".weight")] for v in tags[0::2, 0]]
+            out[key[: -len(".weight")]] = (members, bool(tags[0, 0] < 0))
+    return out
+
+
+def make_sd3_kohya_lora(base: str | Path, out: str | Path, seed: int = 1, rank: int = 4,
+                        alpha: float = 2.0) -> tuple[Path, Path]:
+    """The same random LoRA written twice: as sd-scripts' ``sd3_train_network.py`` saves it
+    (one file, ``lora_unet_joint_blocks_*`` / embedder / final-layer layers with fused ``qkv``,
+    ``lora_te1_*`` CLIP-L layers, ``lora_down`` / ``lora_up`` / ``alpha``) and as a diffusers
+    LoRA folder (``transformer.*``, ``text_encoder.*``). Returns ``(kohya file, diffusers
+    folder)``."""
+    from diffusers import StableDiffusion3Pipeline
     from safetensors.torch import save_file
 
-    out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    name = "lora_unet_joint_blocks_0_x_block_attn_qkv"
-    save_file({f"{name}.lora_down.weight": torch.zeros(4, 16),
-               f"{name}.lora_up.weight": torch.zeros(48, 4), f"{name}.alpha": torch.tensor(4.0)},
-              str(out_file), metadata={"ss_base_model_version": "sd3"})
-    return out_file
+    out = Path(out)
+    transformer = load_sd3_transformer(base)
+    generator = torch.Generator().manual_seed(seed)
+    downs, ups, shared_downs = {}, {}, {}
+    for name, module in transformer.named_modules():
+        leaf = next((t for t in _SD3_KOHYA_TARGETS if name == t or name.endswith("." + t)), None)
+        if leaf is None or not isinstance(module, torch.nn.Linear):
+            continue
+        owner = name[: -len(leaf)] + _SHARED_DOWN.get(leaf, leaf)  # q's down for k and v
+        if owner not in shared_downs:
+            shared_downs[owner] = torch.randn(rank, module.in_features, generator=generator) * 0.3
+        downs[name] = shared_downs[owner].clone()
+        ups[name] = torch.randn(module.out_features, rank, generator=generator) * 0.3
+    config = json.loads((Path(base) / "text_encoder" / "config.json").read_text())
+    width, inner = config["hidden_size"], config["intermediate_size"]
+    clip = {"text_model.encoder.layers.0.self_attn.q_proj": (width, width),
+            "text_model.encoder.layers.1.mlp.fc1": (inner, width)}
+    clip_layers = {}
+    for name, (rows, cols) in clip.items():
+        clip_layers[name] = (torch.randn(rank, cols, generator=generator) * 0.3,
+                             torch.randn(rows, rank, generator=generator) * 0.3)
+    StableDiffusion3Pipeline.save_lora_weights(
+        out / "diffusers", safe_serialization=True,
+        transformer_lora_layers={f"{m}.lora_{ab}.weight": (downs if ab == "A" else ups)[m]
+                                 for m in downs for ab in "AB"},
+        text_encoder_lora_layers={f"{m}.lora_{ab}.weight": w for m, (a, b) in clip_layers.items()
+                                  for ab, w in (("A", a), ("B", b))})
+    kohya: dict[str, torch.Tensor] = {}
+
+    def put(name: str, down: torch.Tensor, up: torch.Tensor) -> None:
+        kohya[f"{name}.lora_down.weight"] = (down * rank / alpha).contiguous()
+        kohya[f"{name}.lora_up.weight"] = up.contiguous()
+        kohya[f"{name}.alpha"] = torch.tensor(alpha)
+
+    written: list[str] = []
+    for stability, (members, swapped) in _stability_names(transformer).items():
+        if members[0] in downs:
+            up = torch.cat([ups[m] for m in members])
+            put("lora_unet_" + stability.replace(".", "_"), downs[members[0]],
+                _swap_scale_shift(up) if swapped else up)
+            written += members
+    for name, (down, up) in clip_layers.items():
+        put("lora_te1_" + name.replace(".", "_"), down, up)
+    if sorted(written) != sorted(downs):
+        raise AssertionError(f"LoRA layers without a Stability name: {set(downs) - set(written)}")
+    save_file(kohya, str(out / "sd3_kohya_lora.safetensors"),
+              metadata={"ss_base_model_version": "sd3", "ss_network_module": "networks.lora_sd3",
+                        "ss_network_dim": str(rank), "ss_network_alpha": str(alpha)})
+    return out / "sd3_kohya_lora.safetensors", out / "diffusers"
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -685,3 +761,249 @@ def make_flux2_lora(base: str | Path, out: str | Path, seed: int = 1, rank: int 
     """A diffusers/peft Flux.2 LoRA folder (attention projections)."""
     return make_transformer_lora("Flux2KleinPipeline", "Flux2Transformer2DModel", base, out,
                                  seed, rank)
+
+
+# --------------------------------------------------------------------------------------------
+# Flux.2 dev: the Klein transformer with a guidance embedding, conditioned by Mistral-Small-3.x
+# (Mistral3ForConditionalGeneration; hidden states of layers 10, 20, 30 stacked) whose tokenizer
+# folder is a Pixtral PROCESSOR folder (processor_config.json, preprocessor_config.json and the
+# chat template next to the tokenizer files). The pipeline formats the prompt as a system
+# message and a user message with list-of-chunks content.
+
+#: A Mistral-style chat template (``[SYSTEM_PROMPT]...[/SYSTEM_PROMPT][INST]...[/INST]`` after
+#: the BOS, content given as a list of text chunks or a string), the shape of Mistral-Small-3.x's.
+MISTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['content'] is string %}{% set text = message['content'] %}"
+    "{% else %}{% set text = message['content'] | selectattr('type', 'equalto', 'text') "
+    "| map(attribute='text') | join('') %}{% endif %}"
+    "{% if message['role'] == 'system' %}[SYSTEM_PROMPT]{{ text }}[/SYSTEM_PROMPT]"
+    "{% elif message['role'] == 'user' %}[INST]{{ text }}[/INST]"
+    "{% else %}{{ text }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+_MISTRAL_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]",
+                     "[/SYSTEM_PROMPT]", "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+
+
+def write_tiny_pixtral_tokenizer_folder(folder: str | Path) -> Path:
+    """A ``tokenizer/`` folder shaped like FLUX.2-dev's: a ``tokenizers``-built byte-level BPE
+    tokenizer with Mistral's special tokens (``<s>`` as BOS, ``<pad>`` padding on the left, as
+    Mistral's config says), the chat template as ``chat_template.jinja``, and the Pixtral
+    processor's own configs (which transformers reads only with torchvision)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {token: i for i, token in enumerate(_MISTRAL_SPECIALS)}
+    for char in sorted(alphabet):
+        vocab.setdefault(char, len(vocab))
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tokenizer.add_special_tokens(_MISTRAL_SPECIALS)
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    write_json(folder / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "pad_token": "<pad>", "padding_side": "left",
+        "model_max_length": 131072, "processor_class": "PixtralProcessor"})
+    (folder / "chat_template.jinja").write_text(MISTRAL_CHAT_TEMPLATE, encoding="utf-8")
+    write_json(folder / "processor_config.json", {
+        "processor_class": "PixtralProcessor", "patch_size": 14, "spatial_merge_size": 2,
+        "image_token": "[IMG]", "image_break_token": "[IMG_BREAK]",
+        "image_end_token": "[IMG_END]"})
+    write_json(folder / "preprocessor_config.json", {
+        "image_processor_type": "PixtralImageProcessor", "processor_class": "PixtralProcessor",
+        "patch_size": {"height": 14, "width": 14}, "size": {"longest_edge": 1540}})
+    return folder
+
+
+def tiny_flux2_transformer(seed: int, guidance_embeds: bool):
+    from diffusers import Flux2Transformer2DModel
+
+    torch.manual_seed(seed)
+    return Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=48, timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=guidance_embeds)
+
+
+def tiny_mistral3(vocab_size: int, pad_token_id: int, seed: int):
+    """A Mistral3ForConditionalGeneration with a 31-layer, 16-wide Mistral language model
+    (layers 10, 20, 30 stacked: 48-dim text features) and a one-layer Pixtral vision tower."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    config = Mistral3Config(
+        text_config={"model_type": "mistral", "vocab_size": vocab_size, "hidden_size": 16,
+                     "intermediate_size": 32, "num_hidden_layers": 31,
+                     "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8,
+                     "max_position_embeddings": 1024, "pad_token_id": pad_token_id},
+        vision_config={"model_type": "pixtral", "hidden_size": 16, "intermediate_size": 32,
+                       "num_hidden_layers": 1, "num_attention_heads": 2, "head_dim": 8,
+                       "image_size": 28, "patch_size": 14},
+        image_token_index=_MISTRAL_SPECIALS.index("[IMG]"), spatial_merge_size=2)
+    torch.manual_seed(seed)
+    return Mistral3ForConditionalGeneration(config).eval()
+
+
+def make_tiny_flux2_dev(path: str | Path, seed: int = 0) -> Path:
+    """A random ``Flux2Pipeline`` folder as FLUX.2-dev is laid out: Klein's tiny transformer
+    and VAE (:func:`make_tiny_flux2_klein`) with a guidance embedding, a tiny Mistral-3 encoder,
+    a Pixtral processor folder as ``tokenizer/`` (``model_index.json`` says
+    ``PixtralProcessor``), FLUX.2's dynamic-shift scheduler. Saved through a Klein pipeline
+    (whose tokenizer slot takes a plain tokenizer) and the index rewritten, since the processor
+    cannot be built without torchvision."""
+    import tempfile
+
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+    from transformers import PreTrainedTokenizerFast
+
+    path = Path(path)
+    transformer = tiny_flux2_transformer(seed, guidance_embeds=True)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+        norm_num_groups=4, sample_size=32)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        vae.bn.running_mean.copy_(torch.randn(16, generator=generator) * 0.3)
+        vae.bn.running_var.copy_(torch.rand(16, generator=generator) + 0.5)
+    scratch = Path(tempfile.mkdtemp(prefix="cgidm-mistraltok-"))
+    try:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(
+            str(write_tiny_pixtral_tokenizer_folder(scratch)))
+        encoder = tiny_mistral3(len(tokenizer), tokenizer.pad_token_id, seed + 2)
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+            base_image_seq_len=256, max_image_seq_len=4096, time_shift_type="exponential")
+        Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=encoder,
+                           tokenizer=tokenizer, transformer=transformer
+                           ).save_pretrained(path, safe_serialization=True)
+        shutil.rmtree(path / "tokenizer")
+        shutil.copytree(scratch, path / "tokenizer")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    index = json.loads((path / "model_index.json").read_text())
+    index.update({"_class_name": "Flux2Pipeline", "tokenizer": ["transformers", "PixtralProcessor"],
+                  "text_encoder": ["transformers", "Mistral3ForConditionalGeneration"]})
+    index.pop("is_distilled", None)
+    write_json(path / "model_index.json", index)
+    return path
+
+
+def make_flux2_dev_lora(base: str | Path, out: str | Path, seed: int = 1, rank: int = 4) -> Path:
+    """A diffusers/peft Flux.2 dev LoRA folder (attention projections), as
+    ``train_dreambooth_lora_flux2.py`` saves it."""
+    return make_transformer_lora("Flux2Pipeline", "Flux2Transformer2DModel", base, out, seed,
+                                 rank)
+
+
+#: diffusers -> BFL names of Flux.2's non-block tensors (the inverse of diffusers'
+#: ``convert_flux2_transformer_checkpoint_to_diffusers`` rename table).
+_FLUX2_TO_BFL = {
+    "x_embedder": "img_in", "context_embedder": "txt_in",
+    "time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
+    "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer",
+    "time_guidance_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+    "time_guidance_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+    "double_stream_modulation_img.linear": "double_stream_modulation_img.lin",
+    "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
+    "single_stream_modulation.linear": "single_stream_modulation.lin",
+    "proj_out": "final_layer.linear",
+}
+_FLUX2_DOUBLE_TO_BFL = {
+    "attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm",
+    "attn.to_out.0": "img_attn.proj", "ff.linear_in": "img_mlp.0", "ff.linear_out": "img_mlp.2",
+    "attn.norm_added_q": "txt_attn.norm.query_norm",
+    "attn.norm_added_k": "txt_attn.norm.key_norm", "attn.to_add_out": "txt_attn.proj",
+    "ff_context.linear_in": "txt_mlp.0", "ff_context.linear_out": "txt_mlp.2",
+}
+_FLUX2_SINGLE_TO_BFL = {"attn.to_qkv_mlp_proj": "linear1", "attn.to_out": "linear2",
+                        "attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm"}
+
+
+def flux2_transformer_to_bfl(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A diffusers Flux.2 transformer state dict in Black Forest Labs' naming (as
+    ``flux2-dev.safetensors`` is published): fused ``qkv``, ``*.scale`` norms, the final
+    modulation's (shift, scale) order."""
+    state, out = dict(state), {}
+
+    def bfl_param(name: str, param: str) -> str:
+        return "scale" if name.endswith(("query_norm", "key_norm")) else param
+
+    for key in sorted(state):
+        if key not in state:
+            continue
+        module, param = key.rsplit(".", 1)
+        parts = module.split(".")
+        if parts[0] == "transformer_blocks":
+            block, inner = parts[1], ".".join(parts[2:])
+            fused = {"attn.to_q": "img_attn.qkv", "attn.add_q_proj": "txt_attn.qkv"}
+            if inner in fused:
+                names = (["attn.to_q", "attn.to_k", "attn.to_v"] if inner == "attn.to_q" else
+                         ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"])
+                out[f"double_blocks.{block}.{fused[inner]}.{param}"] = torch.cat(
+                    [state.pop(f"transformer_blocks.{block}.{n}.{param}") for n in names])
+            elif inner in _FLUX2_DOUBLE_TO_BFL:
+                target = _FLUX2_DOUBLE_TO_BFL[inner]
+                out[f"double_blocks.{block}.{target}.{bfl_param(target, param)}"] = state.pop(key)
+        elif parts[0] == "single_transformer_blocks":
+            target = _FLUX2_SINGLE_TO_BFL[".".join(parts[2:])]
+            out[f"single_blocks.{parts[1]}.{target}.{bfl_param(target, param)}"] = state.pop(key)
+        elif module == "norm_out.linear":
+            out[f"final_layer.adaLN_modulation.1.{param}"] = _swap_scale_shift(state.pop(key))
+        elif module in _FLUX2_TO_BFL:
+            out[f"{_FLUX2_TO_BFL[module]}.{param}"] = state.pop(key)
+    if state:
+        raise ValueError(f"unmapped Flux.2 transformer tensors: {sorted(state)[:5]}")
+    return out
+
+
+def make_flux2_dev_single_file(base: str | Path, out_file: str | Path, seed: int = 1) -> Path:
+    """A fine-tuned Flux.2 dev transformer as one file in BFL's naming; the same transformer is
+    also written as ``<stem>_diffusers/transformer``."""
+    return make_single_file("Flux2Transformer2DModel", base, out_file, seed,
+                            rename=flux2_transformer_to_bfl)
+
+
+def make_flux2_lora_pair(pipeline_class: str, base: str | Path, out: str | Path, seed: int = 1,
+                         rank: int = 4) -> tuple[Path, Path]:
+    """The same random Flux.2 attention LoRA written twice: as ai-toolkit shares it (one file,
+    BFL names under ``diffusion_model.``: ``double_blocks.N.img_attn.qkv`` with ONE down matrix
+    for q, k and v, ``img_attn.proj``, ``lora_A`` / ``lora_B``) and as a diffusers LoRA folder
+    (``transformer.*``; its q, k and v share that down matrix); also as musubi-tuner /
+    sd-scripts name it, ``kohya.safetensors`` next to them (``lora_unet_double_blocks_*``,
+    ``lora_down`` / ``lora_up`` / ``alpha``). Returns ``(ai-toolkit file, diffusers folder)``."""
+    import diffusers
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    layers = attention_lora_layers(load_transformer("Flux2Transformer2DModel", base), rank,
+                                   torch.Generator().manual_seed(seed))
+    toolkit: dict[str, torch.Tensor] = {}
+    blocks = sorted({int(k.split(".")[1]) for k in layers if k.startswith("transformer_blocks.")})
+    for i in blocks:
+        d = f"transformer_blocks.{i}.attn"
+        for name in ("to_k", "to_v"):  # one down matrix for the fused qkv
+            layers[f"{d}.{name}.lora_A.weight"] = layers[f"{d}.to_q.lora_A.weight"].clone()
+        b = f"diffusion_model.double_blocks.{i}.img_attn"
+        toolkit[f"{b}.qkv.lora_A.weight"] = layers[f"{d}.to_q.lora_A.weight"].clone()
+        toolkit[f"{b}.qkv.lora_B.weight"] = torch.cat(
+            [layers[f"{d}.{n}.lora_B.weight"] for n in ("to_q", "to_k", "to_v")])
+        toolkit[f"{b}.proj.lora_A.weight"] = layers[f"{d}.to_out.0.lora_A.weight"].clone()
+        toolkit[f"{b}.proj.lora_B.weight"] = layers[f"{d}.to_out.0.lora_B.weight"].clone()
+    getattr(diffusers, pipeline_class).save_lora_weights(
+        out / "diffusers", transformer_lora_layers=layers, safe_serialization=True)
+    save_file({k: v.contiguous() for k, v in toolkit.items()}, str(out / "ai_toolkit.safetensors"))
+    kohya, alpha = {}, rank / 2  # musubi-tuner / sd-scripts: lora_down/lora_up/alpha names
+    for key, tensor in toolkit.items():
+        module, ab = key[len("diffusion_model."):].rsplit(".lora_", 1)
+        name = "lora_unet_" + module.replace(".", "_")
+        if ab == "A.weight":
+            kohya[f"{name}.lora_down.weight"] = (tensor * rank / alpha).contiguous()
+            kohya[f"{name}.alpha"] = torch.tensor(alpha)
+        else:
+            kohya[f"{name}.lora_up.weight"] = tensor.contiguous()
+    save_file(kohya, str(out / "kohya.safetensors"))
+    return out / "ai_toolkit.safetensors", out / "diffusers"

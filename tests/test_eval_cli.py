@@ -77,7 +77,7 @@ def test_eval_measures_the_verdicts_score_unless_asked_otherwise(tiny_ddpm_pair,
                  str(holdout), "--steps", "2", "--n-bootstrap", "20", "--json",
                  str(out_json)]) == 0
     doc = json.loads(out_json.read_text())
-    assert doc["method"] == "evidence" and doc["settings"]["evidence"]["score"] == "fused"
+    assert doc["method"] == "evidence" and doc["settings"]["evidence"]["score"] == "paired"
     assert "method: evidence" in capsys.readouterr().out
 
 

@@ -19,7 +19,8 @@ def _record(name: str, rng: np.random.Generator, shift: float = 0.0) -> dict:
             "metrics": {"ssim": float(rng.normal() + shift), "psnr": float(rng.normal() + shift),
                         "mse": 1.0},
             "attack_scores": {"loss": float(rng.normal() + shift),
-                              "contrast": float(rng.normal() + shift)}}
+                              "contrast": float(rng.normal() + shift)},
+            "inversion_scores": {"objective_second_half": float(rng.normal() + shift)}}
 
 
 def _zs(values: list[float]) -> np.ndarray:
@@ -33,6 +34,14 @@ def test_fused_score_is_the_sum_of_pooled_zscores():
     expected = sum(_zs([r[src][key] for r in records]) for src, key in (
         ("metrics", "ssim"), ("metrics", "psnr"), ("attack_scores", "loss"),
         ("attack_scores", "contrast")))
+    assert evidence_scores(records, "fused") == pytest.approx(list(expected))
+
+
+def test_paired_score_is_the_sum_of_pooled_zscores_of_objective_and_contrast():
+    rng = np.random.default_rng(0)
+    records = [_record(f"i{i}", rng) for i in range(7)]
+    expected = (_zs([r["inversion_scores"]["objective_second_half"] for r in records])
+                + _zs([r["attack_scores"]["contrast"] for r in records]))
     assert evidence_scores(records) == pytest.approx(list(expected))
 
 
@@ -47,8 +56,8 @@ def test_document_with_controls_has_p_values_verdicts_and_the_set_test_from_one_
     assert [r["verdict"] for r in doc["images"]] == expected.verdicts
     assert doc["set_test"] == expected.to_dict()
     assert [r["evidence_score"] for r in doc["images"] + doc["controls"]] == pytest.approx(scores)
-    assert doc["evidence"]["score"] == DEFAULT_EVIDENCE == "fused"
-    assert doc["evidence"]["components"] == ["metric:ssim", "metric:psnr", "attack:loss",
+    assert doc["evidence"]["score"] == DEFAULT_EVIDENCE == "paired"
+    assert doc["evidence"]["components"] == ["inversion:objective_second_half",
                                              "attack:contrast"]
     assert doc["settings"] == {"steps": 3}
     # the records given are not changed; the document holds copies with the new keys
@@ -88,15 +97,15 @@ def test_similarity_evidence_is_the_former_verdict():
 
 def test_a_missing_component_names_the_image_and_falls_back_to_the_similarity():
     rng = np.random.default_rng(5)
-    broken = _record("no-loss", rng)
-    broken["attack_scores"]["loss"] = None  # not finite in float16: JSON null
+    broken = _record("no-contrast", rng)
+    broken["attack_scores"]["contrast"] = None  # not finite in float16: JSON null
     controls = [_record("c", rng)]
-    with pytest.raises(ConfigError, match="no-loss.*'loss'.*evidence='similarity'"):
+    with pytest.raises(ConfigError, match="no-contrast.*'contrast'.*evidence='similarity'"):
         evidence_scores([broken, *controls])
-    doc = build_evidence([broken], controls)
+    doc = build_evidence([broken], controls)  # paired, then the contrast alone: both need it
     assert doc["evidence"]["score"] == "similarity"
-    assert doc["evidence"]["fallback_from"] == "fused"
-    assert "no-loss" in doc["evidence"]["fallback_reason"]
+    assert doc["evidence"]["fallback_from"] == "paired"
+    assert "no-contrast" in doc["evidence"]["fallback_reason"]
     expected = controls_test([broken["score"]], [controls[0]["score"]])
     assert doc["images"][0]["p_value"] == expected.p_values[0]
     with pytest.raises(ConfigError, match="unknown evidence"):
@@ -135,7 +144,7 @@ def test_check_verdicts_rest_on_the_evidence_score(tiny_ddpm_pair, tmp_path, cap
     assert main(["check", "--pretrained", str(pre), "--finetuned", str(ft), "--steps", "2",
                  "--controls", str(controls), "--out", str(out), *map(str, members)]) == 0
     doc = json.loads((out / "results.json").read_text())
-    assert doc["evidence"]["score"] == "fused"
+    assert doc["evidence"]["score"] == "paired"
     control_scores = [c["evidence_score"] for c in doc["controls"]]
     for record in doc["images"]:
         assert set(record["attack_scores"]) == {"loss", "contrast"}
@@ -177,7 +186,7 @@ def test_eval_evidence_method_scores_like_the_verdict(tiny_ddpm_pair, tmp_path):
     doc = json.loads(out_json.read_text())
     records = doc["images"]
     assert [r["score"] for r in records] == pytest.approx(evidence_scores(records))
-    assert doc["settings"]["evidence"]["score"] == "fused"
+    assert doc["settings"]["evidence"]["score"] == "paired"
     members = [r for r in records if r["set"] == "member"]
     controls = [r for r in records if r["set"] == "control"]
     expected = controls_test([r["score"] for r in members], [r["score"] for r in controls])

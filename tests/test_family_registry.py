@@ -38,6 +38,7 @@ from tests.paths import REPO_ROOT
 SD, SDXL, FLUX, DDPM, FLOW = ("stable-diffusion", "stable-diffusion-xl", "flux", "ddpm",
                               "pixel-flow")
 SD3, CHROMA, ZIMAGE, QWEN, FLUX2 = "sd3", "chroma", "z-image", "qwen-image", "flux2"
+FLUX2_DEV = "flux2-dev"
 
 # -- tensor names as each family's trainers and converters write them -------------------------
 
@@ -67,10 +68,22 @@ ZIMAGE_FILE = ["model.diffusion_model.noise_refiner.0.attention.qkv.weight",
                "model.diffusion_model.context_refiner.0.attention.qkv.weight",
                "model.diffusion_model.cap_embedder.1.weight"]
 DIT_COMFY_LORA = ["diffusion_model.layers.0.attention.to_q.lora_A.weight"]
+QWEN_COMFY_LORA = ["diffusion_model.transformer_blocks.0.attn.to_q.lora_A.weight"]
 QWEN_FILE = ["img_in.weight", "txt_norm.weight", "txt_in.weight",
              "transformer_blocks.0.attn.to_q.weight"]
 FLUX2_FILE = ["double_stream_modulation_img.linear.weight", "single_stream_modulation.lin.weight"]
 FLUX2_LORA = ["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"]
+FLUX2_DEV_FILE = ["double_blocks.0.img_attn.qkv.weight", "double_stream_modulation_img.lin.weight",
+                  "single_stream_modulation.lin.weight", "guidance_in.in_layer.weight"]
+#: HiDream-I1 (refused by name): ComfyUI's single file, diffusers' and ComfyUI's LoRA names.
+HIDREAM_FILE = ["model.diffusion_model.double_stream_blocks.0.block.attn1.to_q.weight",
+                "model.diffusion_model.single_stream_blocks.0.block.attn1.to_q.weight",
+                "model.diffusion_model.caption_projection.0.linear.weight"]
+HIDREAM_LORAS = [
+    ["transformer.double_stream_blocks.0.block.attn1.to_q.lora_A.weight"],
+    ["diffusion_model.single_stream_blocks.0.block.attn1.to_q.lora_A.weight"],
+    ["lora_unet_double_stream_blocks_0_block_attn1_to_q.lora_down.weight"],
+]
 
 #: (family, layout, tensor names): each family's files, as the table must recognise them.
 FILES = [
@@ -82,15 +95,16 @@ FILES = [
     (CHROMA, "lora", CHROMA_LORA), (CHROMA, "lora", FLUX_LORA),
     (CHROMA, "single_file", CHROMA_FILE),
     (ZIMAGE, "lora", DIT_COMFY_LORA), (ZIMAGE, "single_file", ZIMAGE_FILE),
-    (QWEN, "lora", DIT_COMFY_LORA), (QWEN, "single_file", QWEN_FILE),
+    (QWEN, "lora", QWEN_COMFY_LORA), (QWEN, "single_file", QWEN_FILE),
     (FLUX2, "lora", FLUX2_LORA),
+    (FLUX2_DEV, "lora", FLUX2_LORA), (FLUX2_DEV, "single_file", FLUX2_DEV_FILE),
 ]
 
 #: Pretrained single files: (family, tensor names); the transformer families' hold the
 #: denoiser alone.
 BASE_FILES = [(SD, SD_FILE), (SDXL, SDXL_FILE), (FLUX, FLUX_FILE), (SD3, SD3_FILE),
               (CHROMA, CHROMA_FILE), (ZIMAGE, ZIMAGE_FILE), (QWEN, QWEN_FILE),
-              (FLUX2, FLUX2_FILE)]
+              (FLUX2, FLUX2_FILE), (FLUX2_DEV, FLUX2_DEV_FILE)]
 
 #: The new transformer families' pipeline folders: (class, parts, transformer class).
 _TRANSFORMER_PIPELINES = {
@@ -105,6 +119,8 @@ _TRANSFORMER_PIPELINES = {
                                  "scheduler"), "QwenImageTransformer2DModel"),
     FLUX2: ("Flux2KleinPipeline", ("transformer", "vae", "text_encoder", "tokenizer",
                                    "scheduler"), "Flux2Transformer2DModel"),
+    FLUX2_DEV: ("Flux2Pipeline", ("transformer", "vae", "text_encoder", "tokenizer",
+                                  "scheduler"), "Flux2Transformer2DModel"),
 }
 
 
@@ -215,7 +231,9 @@ def test_pipeline_folders_are_recognised_by_the_table(tmp_path, family):
     assert pipeline_entry(folder) is families.get(family)
     if family in _TRANSFORMER_PIPELINES:  # a fine-tuned transformer/ folder of the family
         assert detect_finetuned_kind(folder / "transformer") == "dreambooth"
-        assert finetune_claims("dreambooth", folder / "transformer") == [families.get(family)]
+        claims = finetune_claims("dreambooth", folder / "transformer")
+        assert families.get(family) in claims  # Flux.2 dev and Klein share their class
+        assert len(claims) == (2 if family in (FLUX2, FLUX2_DEV) else 1)
 
 
 @pytest.mark.parametrize("family, kind, keys", FILES, ids=[f"{f}-{k}" for f, k, _ in FILES])
@@ -262,10 +280,10 @@ def test_refused_variants_and_unknown_families_are_refused_by_name(tmp_path):
     _write(sd3 / "model_index.json", {"_class_name": "StableDiffusion3ControlNetPipeline"})
     with pytest.raises(UnsupportedModelFamilyError, match="text-to-image StableDiffusion3"):
         pipeline_entry(sd3)
-    dev = tmp_path / "flux2-dev"
-    _write(dev / "model_index.json", {"_class_name": "Flux2Pipeline"})
-    with pytest.raises(UnsupportedModelFamilyError, match="Flux.2 dev"):
-        pipeline_entry(dev)
+    klein = tmp_path / "klein-kv"  # Flux2* but neither dev nor Klein text-to-image
+    _write(klein / "model_index.json", {"_class_name": "Flux2KleinKVPipeline"})
+    with pytest.raises(UnsupportedModelFamilyError, match="Flux2KleinPipeline"):
+        pipeline_entry(klein)
     other = tmp_path / "other"
     _write(other / "model_index.json", {"_class_name": "KandinskyPipeline"})
     with pytest.raises(UnsupportedModelFamilyError, match="KandinskyPipeline.*models --families"):
@@ -286,8 +304,12 @@ def test_the_demo_models_are_recognised_as_their_registered_family():
 def test_upload_check_reads_the_table():
     assert classify(SD_LORA, SD) == "lora"
     assert classify(PIXEL_UNET, DDPM) == "unet"
-    for keys in (FLUX_LORA, SDXL_LORA, FLUX_FILE, SD3_FILE, CHROMA_FILE, ZIMAGE_FILE, QWEN_FILE,
-                 FLUX2_FILE):  # families that take no uploads yet
+    for keys in (FLUX_LORA, SDXL_LORA, SD3_FILE, CHROMA_FILE, ZIMAGE_FILE, QWEN_FILE,
+                 FLUX2_FILE):  # families that take uploads, but not for an SD base
+        with pytest.raises(ModelFileError) as err:
+            classify(keys, SD)
+        assert err.value.code == "family_mismatch"
+    for keys in (FLUX_FILE, FLUX2_DEV_FILE):  # Flux.1 and Flux.2 dev take no uploads yet
         with pytest.raises(ModelFileError) as err:
             classify(keys, SD)
         assert err.value.code == "unsupported_family"
@@ -303,7 +325,7 @@ def test_the_gpu_dtype_when_the_caller_says_auto_is_the_familys():
     assert _default_dtype(families.get(FLUX), None, cuda) == "bfloat16"
     assert _default_dtype(families.get(FLUX), "auto", cuda) == "bfloat16"
     assert _default_dtype(families.get(SD), None, cuda) == "float16"
-    for name in (SD3, CHROMA, ZIMAGE, QWEN, FLUX2):  # released in bfloat16, as Flux.1
+    for name in (SD3, CHROMA, ZIMAGE, QWEN, FLUX2, FLUX2_DEV):  # released in bfloat16
         assert _default_dtype(families.get(name), None, cuda) == "bfloat16"
     assert _default_dtype(families.get(FLUX), None, cpu) is None  # float32 on a CPU
     assert _default_dtype(families.get(FLUX), "float16", cuda) == "float16"  # the caller's
@@ -341,3 +363,33 @@ def test_the_service_registry_accepts_only_registered_families(tmp_path):
     typo.write_text(json.dumps({"models": [{"id": "b", "family": "sdxl", "path": "x"}]}))
     with pytest.raises(RegistryError, match="unknown model family 'sdxl'.*stable-diffusion-xl"):
         load_registry(typo)
+
+
+def test_hidream_is_refused_by_name_in_every_layout(tmp_path):
+    """HiDream-I1 (four text encoders incl. Llama-3.1-8B; docs/FAMILIES.md says why) is told
+    apart by its pipeline class, transformer class, single-file and LoRA names, and refused
+    with a message naming it, what makes it heavy and what to do."""
+    why = "HiDream-I1 is not supported: .*Llama-3.1-8B.*`cgidm models --families`"
+    pipe = tmp_path / "hidream"
+    _write(pipe / "model_index.json", {"_class_name": "HiDreamImagePipeline"})
+    with pytest.raises(UnsupportedModelFamilyError, match=why):
+        pipeline_entry(pipe)
+    _write(tmp_path / "db" / "transformer" / "config.json",
+           {"_class_name": "HiDreamImageTransformer2DModel"})
+    with pytest.raises(UnsupportedModelFamilyError, match=why):
+        detect_finetuned_kind(tmp_path / "db")
+    single = _file(tmp_path, "hidream_i1_full", HIDREAM_FILE)
+    for check in (detect_finetuned_kind, base_file_family):
+        with pytest.raises(UnsupportedModelFamilyError, match=why):
+            check(single)
+    with pytest.raises(ModelFileError, match="HiDream-I1") as err:
+        classify(HIDREAM_FILE, SD)
+    assert err.value.code == "unsupported_family"
+    for i, keys in enumerate(HIDREAM_LORAS):  # claimed by Z-Image / Flux.2 names, refused first
+        lora = _file(tmp_path / f"lora{i}", "lora", keys)
+        assert detect_finetuned_kind(lora) == "lora"
+        for base in (ZIMAGE, FLUX2, SD):
+            with pytest.raises(UnsupportedModelFamilyError, match=why):
+                check_finetune_family(families.get(base), "lora", lora)
+    for _, _, keys in FILES:  # no registered family's file is taken for HiDream's
+        assert families.refused_lora(keys) is None and families.refused_file(keys) is None

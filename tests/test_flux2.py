@@ -69,7 +69,9 @@ def _inputs(shape, batch: int = 2):
     return torch.randn((batch, *shape), generator=generator), torch.tensor([20, 700][:batch])
 
 
-def test_detects_klein_and_refuses_dev_by_name(klein, tmp_path):
+def test_detects_klein_and_tells_it_from_dev(klein, tmp_path):
+    """A Klein transformer (no guidance embedding) in a folder that says ``Flux2Pipeline`` is
+    neither: Flux.2 dev's entry refuses it by name."""
     import json
     import shutil
 
@@ -80,7 +82,8 @@ def test_detects_klein_and_refuses_dev_by_name(klein, tmp_path):
     shutil.copytree(klein["base"], dev)
     index = json.loads((dev / "model_index.json").read_text())
     (dev / "model_index.json").write_text(json.dumps({**index, "_class_name": "Flux2Pipeline"}))
-    with pytest.raises(UnsupportedModelFamilyError, match="Flux.2 dev"):
+    with pytest.raises(UnsupportedModelFamilyError, match="Flux2Pipeline model whose "
+                                                          "transformer has no guidance"):
         pipeline_family(dev)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+from safetensors.torch import load_file, save_file
 
 from cgidm.cli import main
 from cgidm_core.errors import IncompatiblePairError, ModelFormatError, UnsupportedModelFamilyError
@@ -117,6 +118,43 @@ def test_medium_layouts_predict_like_diffusers(medium, kind):
                                                                      "model_card")
 
 
+def test_kohya_lora_converts_to_the_diffusers_lora_with_the_same_weights(medium, tmp_path):
+    """sd-scripts' SD3 LoRA (fused qkv with one down matrix, alpha, the pre-only last context
+    modulation and the final layer in Stability's (shift, scale) order, the embedders, CLIP-L
+    layers) becomes exactly the diffusers LoRA of the same weights, and is recognised as an
+    SD 3.x LoRA by the registry alone."""
+    from cgidm_core import families
+    from cgidm_core.models.formats import safetensors_keys
+    from cgidm_core.models.sd3_kohya_lora import convert_kohya_sd3_lora
+
+    kohya, diffusers_lora = tiny_families.make_sd3_kohya_lora(medium["base"], tmp_path, seed=6)
+    assert detect_finetuned_kind(kohya) == "lora"
+    assert families.get(SD3_FAMILY) in families.file_claims(safetensors_keys(kohya), "lora")
+    ours = convert_kohya_sd3_lora(load_file(kohya))
+    theirs = load_file(diffusers_lora / "pytorch_lora_weights.safetensors")
+    assert sorted(ours) == sorted(theirs)
+    for key, tensor in theirs.items():
+        torch.testing.assert_close(ours[key], tensor, rtol=0, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_kohya_lora_predicts_like_the_diffusers_lora_in_the_pipeline(medium, tmp_path):
+    """The kohya file through cgidm's loader gives the velocity StableDiffusion3Pipeline gives
+    with the diffusers LoRA of the same weights (``load_lora_weights``), on both the transformer
+    and CLIP-L; the pretrained side is the base's."""
+    kohya, diffusers_lora = tiny_families.make_sd3_kohya_lora(medium["base"], tmp_path, seed=6)
+    pair = load_pair_from_paths(medium["base"], kohya, **CPU)
+    assert type(pair) is SD3LoraPair and len(pair.text_encoder_adapter) > 0
+    z, t = _inputs(pair.latent_shape)
+    v_ft, v_pre = _velocities(pair, z, t)
+    models = {**medium, "lora": diffusers_lora}
+    torch.testing.assert_close(v_ft, _reference_velocity(_reference_pipeline(models, "lora"), z,
+                                                         t))
+    torch.testing.assert_close(v_pre, _reference_velocity(_reference_pipeline(models, "base"), z,
+                                                          t))
+    assert (v_ft - v_pre).abs().max() > 1e-3
+
+
 @pytest.mark.slow
 def test_large_layout_and_a_pipeline_without_t5(tmp_path):
     """3.5 large's layout (qk norm, no dual attention); a base saved without T5 gets zeros in
@@ -202,9 +240,13 @@ def test_pretrained_single_file_takes_the_rest_from_a_folder(medium, tmp_path):
 
 @pytest.mark.slow
 def test_refusals_name_the_problem(medium, tmp_path):
-    kohya = tiny_families.make_sd3_kohya_lora(tmp_path / "kohya" / "sd3_lora.safetensors")
-    with pytest.raises(ModelFormatError, match="kohya-ss naming"):
-        load_pair_from_paths(medium["base"], kohya, **CPU)
+    kohya, _ = tiny_families.make_sd3_kohya_lora(medium["base"], tmp_path / "kohya", seed=6)
+    t5 = tmp_path / "kohya_t5.safetensors"  # sd-scripts' --train_t5xxl layers
+    layer = "lora_te3_encoder_block_0_layer_0_SelfAttention_q"
+    save_file({**load_file(kohya), f"{layer}.lora_down.weight": torch.zeros(4, 8),
+               f"{layer}.lora_up.weight": torch.zeros(8, 4)}, str(t5))
+    with pytest.raises(ModelFormatError, match="T5 .*lora_te3_.*retrain without --train_t5xxl"):
+        load_pair_from_paths(medium["base"], t5, **CPU)
     large = tiny_families.make_tiny_sd3(tmp_path / "large", layout="3.5-large", seed=11)
     with pytest.raises(IncompatiblePairError, match="dual_attention_layers"):
         load_pair_from_paths(large, medium["transformer"], **CPU)

@@ -17,7 +17,7 @@ import hashlib
 import io
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cgidm.audits import (
     AUDIT_GROUP_TASK,
@@ -33,6 +33,11 @@ from cgidm.storage import StorageError, StorageUnavailable
 from worker.celery_app import celery_app
 from worker.context import WorkerContext, get_context
 from worker.leasing import LeaseKeeper
+
+if TYPE_CHECKING:  # annotations only: remote_models is imported where a reference is fetched
+    from cgidm.registry import ModelEntry
+    from cgidm.uploaded_models import UploadedModel
+    from worker.remote_models import RemoteModel
 
 log = logging.getLogger("cgidm.worker.audit")
 
@@ -190,6 +195,7 @@ class _GroupCallbacks:
             from worker.remote_models import AUTO_BASE, fetch_remote
 
             base = None if model.pretrained == AUTO_BASE else ctx.registry().get(model.pretrained)
+            ft: ModelEntry | UploadedModel | RemoteModel
             pre, ft = fetch_remote(ctx, model.finetuned, base, self.request.owner)
         else:
             pre, ft = self.resolver.check_pair(model.pretrained, model.finetuned)
@@ -281,7 +287,8 @@ def run_group(ctx: WorkerContext, store: AuditStore, request: AuditRequest,
                 for item in request.controls]
     # 3. Screen and (where the screen cannot clear) invert each model, storing it as it ends.
     calls = _GroupCallbacks(ctx, store, request, todo, keeper)
-    config = InversionConfig(seed=request.seed, **({"steps": request.steps}
+    # only "steps" (an int) can be in the mapping, which mypy cannot see through **
+    config = InversionConfig(seed=request.seed, **({"steps": request.steps}  # type: ignore[arg-type]
                                                    if request.steps else {}))
     settings = AuditSettings(level=request.level, correction=request.correction,
                              clear_p=request.clear_p, inversion=config)
@@ -320,7 +327,7 @@ def assemble(store: AuditStore, request: AuditRequest) -> bool:
         if not model["flagged"]:
             model.pop("pictures", None)  # evidence pictures are shown for flagged models
             model.pop("picture_sha256", None)
-    document = {
+    document: dict[str, Any] = {
         "models": ranked,
         "decision": decision_settings(request.level, request.correction, request.clear_p),
         "counts": {"models": len(ranked),
@@ -330,8 +337,9 @@ def assemble(store: AuditStore, request: AuditRequest) -> bool:
                    "flagged": sum(m["flagged"] for m in ranked)},
         "images": [i.name for i in request.images],
         "controls": [i.name for i in request.controls],
+        # only "steps" (an int) can be in the mapping, which mypy cannot see through **
         "settings": {"inversion": InversionConfig(seed=request.seed, **(
-            {"steps": request.steps} if request.steps else {})).to_dict()},
+            {"steps": request.steps} if request.steps else {})).to_dict()},  # type: ignore[arg-type]
         "audit_id": audit_id,  # binds the signed result to its audit
         "software": software(),
     }

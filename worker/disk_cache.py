@@ -123,6 +123,7 @@ class DiskCache:
         uploads (from storage) and for models fetched from a hub (``cgidm.model_fetch``); a
         download that raises leaves nothing behind."""
         path = self.blob_path(sha256)
+        handle: IO[bytes] | None  # None once a pin owns it
         handle = self._lock_file(sha256)
         hit = False
         try:

@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cgidm.errors import CgidmServiceError
 from cgidm.jobs import (
@@ -44,6 +44,11 @@ from cgidm_core.names import DEFAULT_METRIC, FEATURE_METRICS
 from worker import faults
 from worker.context import WorkerContext
 from worker.leasing import LeaseKeeper
+
+if TYPE_CHECKING:  # annotations only: remote_models is imported where a reference is fetched
+    from cgidm.registry import ModelEntry
+    from cgidm.uploaded_models import UploadedModel
+    from worker.remote_models import RemoteModel
 
 log = logging.getLogger("cgidm.worker")
 
@@ -398,6 +403,7 @@ def _load_pair(ctx: WorkerContext, record: JobRecord, watch: Watch) -> tuple[Any
         from worker.remote_models import AUTO_BASE, fetch_remote
 
         base = None
+        ft: ModelEntry | UploadedModel | RemoteModel
         if settings.pretrained != AUTO_BASE:
             base = ctx.registry().get(settings.pretrained)
             if base.finetuned_from is not None:

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cgidm.model_fetch import FetchConfig, ModelFetchError, fetch
 from cgidm.model_files import ModelFileError, classify, prompt_from_metadata, read_header
 from cgidm.model_refs import AUTO_BASE as AUTO_BASE  # the one definition, shared
 from cgidm.model_refs import ModelReferenceError, parse_reference
 from cgidm.registry import ModelEntry
+
+if TYPE_CHECKING:  # annotations only
+    from worker.context import WorkerContext
 
 log = logging.getLogger("cgidm.worker.remote")
 
@@ -45,7 +48,7 @@ class RemoteModel:
         return f"hub:{self.hub.get('canonical', self.id)}"
 
 
-def fetch_remote(ctx: Any, reference: str, base: ModelEntry | None,
+def fetch_remote(ctx: WorkerContext, reference: str, base: ModelEntry | None,
                  owner: str | None) -> tuple[ModelEntry, RemoteModel]:
     """Fetch, verify and check the suspect ``reference`` names, for a job of ``owner``; with
     ``base`` None, the base is the registered one its hub page names (Civitai's ``baseModel``,
@@ -89,7 +92,7 @@ def fetch_remote(ctx: Any, reference: str, base: ModelEntry | None,
                              prompt_source=source, hub=record)
 
 
-def civitai_lookup(ctx: Any, finetuned: Any) -> dict[str, Any] | None:
+def civitai_lookup(ctx: WorkerContext, finetuned: Any) -> dict[str, Any] | None:
     """For an uploaded suspect, which Civitai version its file is (by sha256), where the
     operator allows the lookup (CGIDM_CIVITAI_HASH_LOOKUP). Best effort: an unreachable API is
     recorded as such and never fails the job."""

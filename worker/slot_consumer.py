@@ -30,7 +30,7 @@ import os
 import re
 import socket
 import threading
-from typing import Any
+from typing import Any, cast
 
 from celery import bootsteps
 from celery.utils.log import get_logger
@@ -87,8 +87,9 @@ class Membership:
         pipe.execute()
 
     def live(self) -> list[str]:
-        return sorted(m.decode() for m in
-                      self.client.zrangebyscore(self.key, self._now(), "+inf"))
+        # members come back as bytes: the client is made without decode_responses
+        return sorted(m.decode() for m in cast("list[bytes]", self.client.zrangebyscore(
+                      self.key, self._now(), "+inf")))
 
     def leave(self) -> None:
         self.client.zrem(self.key, self.member)

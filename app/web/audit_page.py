@@ -17,7 +17,7 @@ from fastapi.responses import HTMLResponse
 
 from app.auth import CallerDep
 from app.routes_audits import audit_view, load_audit
-from app.services import ServicesDep
+from app.services import Services, ServicesDep
 from app.web.report_document import data_uri
 from app.web.routes import PAGE_CSP, templates
 from cgidm.audits import AuditStore
@@ -30,7 +30,7 @@ TOP_HITS = 5
 PICTURES_PER_HIT = 6
 
 
-def _pictures(services: Any, audit_id: str, model: dict[str, Any]) -> list[dict[str, str]]:
+def _pictures(services: Services, audit_id: str, model: dict[str, Any]) -> list[dict[str, str]]:
     """The side-by-side pictures (original | partial | recovered) of one flagged model's most
     member-like images, as data URIs."""
     images = sorted(model.get("images") or [], key=lambda r: -(r.get("evidence_score") or 0.0))

@@ -3,6 +3,9 @@ made from the stored signed result and the flagged models' stored pictures."""
 
 from __future__ import annotations
 
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse, Response
 from starlette.concurrency import run_in_threadpool
@@ -19,11 +22,12 @@ from cgidm.audits import AuditStore
 from cgidm.storage import ObjectNotFound, StorageError
 
 router = APIRouter(tags=["audits"])
-_NOT_DONE = {409: {"model": _ERRORS[404]["model"],
-                   "description": "The audit has not succeeded (yet)."}}
+_NOT_DONE: dict[int | str, dict[str, Any]] = {
+    409: {"model": _ERRORS[404]["model"], "description": "The audit has not succeeded (yet)."}}
 
 
-def _pictures(services: Services, audit_id: str, result: dict) -> dict[int, dict[str, bytes]]:
+def _pictures(services: Services, audit_id: str, result: dict[str, Any]
+              ) -> dict[int, dict[str, bytes]]:
     out: dict[int, dict[str, bytes]] = {}
     for model in result.get("models") or []:
         if not model.get("flagged"):
@@ -40,7 +44,7 @@ def _pictures(services: Services, audit_id: str, result: dict) -> dict[int, dict
     return out
 
 
-def _keys(services: Services) -> dict | None:
+def _keys(services: Services) -> dict[str, Ed25519PublicKey] | None:
     settings = services.settings
     try:
         return result_signing.keys_of_set(result_signing.key_set(

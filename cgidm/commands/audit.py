@@ -221,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
             # the pictures are evidence too: the signature covers their hashes
             model["picture_sha256"] = hashes[model["index"]]
     elapsed = time.perf_counter() - started
-    document = {
+    document: dict[str, Any] = {
         "models": ranked,
         "decision": decision_settings(level, correction, clear_p),
         "counts": _counts(ranked),

@@ -49,9 +49,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--evidence",
         choices=CHECK_EVIDENCE_MODES,
         default=DEFAULT_EVIDENCE,
-        help="the score verdicts rest on (with --controls): 'fused' (default, chosen on the "
-        "benchmark suite) = z(SSIM) + z(PSNR) of the recovery + z(loss attack) + z(contrast), "
-        "standardised over images and controls together; 'similarity' = --metric alone",
+        help="the score verdicts rest on (with --controls): 'paired' (default, chosen on the "
+        "benchmark suite among the scores that pass its null controls) = z(minus CGI-DM's "
+        "objective over the inversion's second half) + z(contrast), standardised over images "
+        "and controls together; 'fused' = the former default, z(SSIM) + z(PSNR) + z(loss "
+        "attack) + z(contrast), which also scores how easy an image is to fill in (false "
+        "positives when images and controls differ that way); 'contrast' = the contrast "
+        "alone; 'similarity' = --metric alone",
     )
     parser.add_argument(
         "--display",
@@ -241,7 +245,7 @@ def _evidence_document(args: argparse.Namespace, records: list[dict[str, Any]],
     return document, evidence
 
 
-def _signed(document: dict[str, object]) -> dict[str, object]:
+def _signed(document: dict[str, object]) -> dict[str, Any]:
     """The document with its signature by the local key (made on first use). A result that
     cannot be signed (an unwritable key folder) is still written, unsigned, with a warning."""
     from cgidm.result_signing import SigningKeyError, load_or_create_key, sign_document

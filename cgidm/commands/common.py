@@ -231,7 +231,9 @@ def expand_images(paths: list[str], error: type[Exception] | None = None) -> lis
     torch (and so ``cgidm_core``) is not installed.
     """
     if error is None:
-        from cgidm_core.errors import ImageInputError as error
+        from cgidm_core.errors import ImageInputError
+
+        error = ImageInputError
 
     out: list[Path] = []
     for raw in paths:

@@ -288,7 +288,7 @@ def _require_folders(args: argparse.Namespace) -> None:
     from cgidm.model_refs import looks_like_reference
     from cgidm_core.errors import ConfigError
 
-    needed = ("finetuned", "members", "holdout")
+    needed: tuple[str, ...] = ("finetuned", "members", "holdout")
     if not (args.finetuned and looks_like_reference(args.finetuned)):
         needed = ("pretrained", *needed)  # a hub reference's base can come from its page
     missing = [f"--{n}" for n in needed if not getattr(args, n)]

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(models, indent=2))
         return 0
-    width = max(len(m["name"]) for m in models)
+    width = max(len(m["name"] or "") for m in models)
     for model in models:
         base = model["finetuned_from"]
         lineage = f"fine-tuned from {base}" if base else "base model"
@@ -79,6 +79,14 @@ def print_families(as_json: bool) -> int:
                 print(f"  {label}: {row[key]}")
         if row["memory_borrowed_from"]:
             print(f"  memory model: NOT counted; {row['memory_note']}")
+        elif row["memory_model"]:
+            side = row["resolution"]
+            passes = row["memory_pass_bytes"]
+            print(f"  memory model (meta-device count, not measured on a GPU): "
+                  f"{passes[f'{side}/plain'] / 1e9:.1f} GB saved per denoiser pass at {side} px, "
+                  f"{passes[f'{side}/checkpointed'] / 1e9:.2f} GB checkpointed; "
+                  f"{row['denoiser_parameters'] / 1e9:.2f} B denoiser parameters"
+                  + (f" ({row['memory_note']})" if row["memory_note"] else ""))
         print(f"  adapter: {row['adapter']}")
     refused = ", ".join(r.title for r in families.REFUSED)
     if refused:

@@ -63,7 +63,9 @@ class EmbeddedService:
         prefixed = {k: v for k, v in base.items() if k.startswith("CGIDM_")}
         # Settings are read here once, from the same variables, and handed down resolved, so
         # both children use the same absolute data folder whatever their working directory.
-        self.settings = Settings(**{k[len("CGIDM_"):].lower(): v for k, v in prefixed.items()})
+        # strings from the environment: pydantic-settings parses each one into its field's type
+        self.settings = Settings(**{k[len("CGIDM_"):].lower(): v  # type: ignore[arg-type]
+                                    for k, v in prefixed.items()})
         self.env = {**base, **self.settings.as_environment(), "PYTHONPATH": _python_path()}
         self.log = log
         self.processes: dict[str, subprocess.Popen[bytes]] = {}

@@ -131,11 +131,13 @@ def match_inputs(inputs: list[dict[str, Any]], paths: list[str]) -> list[Path]:
 
     by_hash: dict[str, Path] = {}
     by_name: dict[str, Path] = {}
+    path: Path | None  # a file given, then the file found for each recorded input
     for path in _files(paths):
         by_hash.setdefault(file_sha256(path), path)
         by_name.setdefault(path.name, path)
         by_name.setdefault(path.stem, path)
-    found, problems = [], []
+    found: list[Path | None] = []
+    problems: list[str] = []
     for item in inputs:
         path = by_hash.get(item["sha256"])
         if path is None:

@@ -28,7 +28,7 @@ pretrained model with ``pretrained_config``), LoRAs through diffusers' Flux LoRA
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -73,6 +73,9 @@ from cgidm_core.models.transformer_adapter import (
 )
 from cgidm_core.names import CHROMA_FAMILY
 
+if TYPE_CHECKING:  # annotations only; mypy reads transformers as Any (pyproject.toml)
+    from transformers import PreTrainedTokenizerBase
+
 # -- recognition (no weights read) ---------------------------------------------------------------
 
 PIPELINE_CLASS = "ChromaPipeline"
@@ -115,7 +118,7 @@ class _ChromaConditioning:
     """What a Chroma pair does differently from an SD pair (mixin before FlowMatchingPair)."""
 
     family = CHROMA_FAMILY
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     device: torch.device
     dtype: torch.dtype
     unet_pretrained: torch.nn.Module
@@ -125,12 +128,12 @@ class _ChromaConditioning:
         kwargs.setdefault("denoiser_config", flux_latent_config(kwargs["vae"].config))
         self.scheduler_config = dict(scheduler_config)
         self.max_sequence_length = int(max_sequence_length or T5_TOKENS)
-        super().__init__(**kwargs)  # type: ignore[call-arg]
+        super().__init__(**kwargs)
 
     def shift_for(self, latent: torch.Tensor) -> float:
         return time_shift(self.scheduler_config, (latent.shape[-2] // 2) * (latent.shape[-1] // 2))
 
-    def _embed(self, tokenizer: Any, text_encoder: torch.nn.Module, prompt: str
+    def _embed(self, tokenizer: PreTrainedTokenizerBase, text_encoder: torch.nn.Module, prompt: str
                ) -> tuple[torch.Tensor, torch.Tensor]:
         del tokenizer  # both models read the base's tokenizer
         tokens = tokenize(self.tokenizer, prompt, self.max_sequence_length)
@@ -146,6 +149,7 @@ class _ChromaConditioning:
         del prediction_type
         z_t = z_t.to(self.device, torch.float32)
         batch, _, height, width = z_t.shape
+        # defined by the pair class this mixin is combined with (below)
         s = self.batch_sigmas(t, z_t)  # type: ignore[attr-defined]
         hidden, text_mask = context
         hidden = hidden.to(self.device, self.dtype)
@@ -166,16 +170,22 @@ class _ChromaConditioning:
         return unpack_latents(output.float(), height, width)
 
     def describe(self) -> dict[str, Any]:
+        # super() is the pair class the mixin is combined with; mypy sees object
         return {**super().describe(),  # type: ignore[misc]
                 "t5_tokens": self.max_sequence_length,
+                # defined by the pair class this mixin is combined with (below)
                 "time_shift_at_native_size": self.native_time_shift()}  # type: ignore[attr-defined]
 
 
-class ChromaPair(_ChromaConditioning, FlowMatchingPair, StableDiffusionPair):
+# the conditioning mixin replaces the SD pair's _embed/_predict with its family's own
+# signatures (LSP by design: only the pair itself calls them)
+class ChromaPair(_ChromaConditioning, FlowMatchingPair, StableDiffusionPair):  # type: ignore[misc]
     """A Chroma base and a fine-tune (pipeline folder, ``transformer/`` folder or single file)."""
 
 
-class ChromaLoraPair(_ChromaConditioning, FlowMatchingPair, StableDiffusionLoraPair):
+# the conditioning mixin replaces the SD pair's _embed/_predict with its family's own
+# signatures (LSP by design: only the pair itself calls them)
+class ChromaLoraPair(_ChromaConditioning, FlowMatchingPair, StableDiffusionLoraPair):  # type: ignore[misc]
     """A Chroma base and a LoRA of it: ONE transformer, adapter on and off."""
 
 

@@ -173,7 +173,7 @@ def read_lora_state_dict(
     *,
     not_a_lora: str = "is not a LoRA that diffusers can load",
     **options: Any,
-) -> tuple[dict, Any, Any]:
+) -> tuple[dict[str, torch.Tensor], Any, Any]:
     """A LoRA file's state dict in diffusers' naming, its network alphas and its rank/alpha
     metadata, read by the family pipeline's own ``lora_state_dict`` (which converts kohya, A1111
     and XLabs key names; ``options`` are that loader's family-specific arguments).

@@ -44,11 +44,14 @@ class DDPMPair(PixelSpaceMixin, ModelPair):
         self.unet_pretrained = unet_pretrained
         self.unet_finetuned = unet_finetuned
 
-    def _predict(self, unet: torch.nn.Module, z_t: torch.Tensor, t, prediction_type: str):
+    def _predict(self, unet: torch.nn.Module, z_t: torch.Tensor, t: torch.Tensor,
+                 prediction_type: str) -> torch.Tensor:
         z_t = z_t.to(self.device, torch.float32)
         steps = expand_timesteps(t, z_t.shape[0], self.device)
         output = unet(z_t.to(self.dtype), steps).sample.float()
-        return output_to_eps(output, z_t, steps, prediction_type, self.alphas_cumprod)
+        # a DDPM pair is always built with its schedule's alphas_cumprod
+        return output_to_eps(output, z_t, steps, prediction_type,
+                             self.alphas_cumprod)  # type: ignore[arg-type]
 
     def eps_finetuned(self, z_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         return self._predict(self.unet_finetuned, z_t, t, self.prediction_type_finetuned)

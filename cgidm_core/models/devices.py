@@ -6,6 +6,8 @@ the memory), float32 on a CPU where half precision is slow or unsupported.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from cgidm_core.errors import ConfigError
@@ -42,6 +44,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     """``None``/"auto" means float16 on CUDA and float32 elsewhere."""
     if dtype is None or (isinstance(dtype, str) and dtype.strip().lower() == "auto"):
         return torch.float16 if device.type == "cuda" else torch.float32
+    resolved: torch.dtype | None
     if isinstance(dtype, torch.dtype):
         resolved = dtype
     else:
@@ -51,7 +54,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return resolved
 
 
-def unique_modules(modules: list[torch.nn.Module | None]) -> list[torch.nn.Module]:
+def unique_modules(modules: Sequence[torch.nn.Module | None]) -> list[torch.nn.Module]:
     """Each network once (by identity), in order: shared networks must not be counted twice."""
     seen: set[int] = set()
     out = []

@@ -54,7 +54,7 @@ class FlowMatchingPair(ModelPair):
 
     def native_time_shift(self) -> float:
         """The time shift at the pair's native latent size (what ``describe`` reports)."""
-        return self.shift_for(torch.empty(0, 0, *self.latent_shape[1:]))  # type: ignore[attr-defined]
+        return self.shift_for(torch.empty(0, 0, *self.latent_shape[1:]))
 
     def batch_sigmas(self, t: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
         """:meth:`sigmas` for a prediction on the batch ``z_t``: one ``s`` per image, a single

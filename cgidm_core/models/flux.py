@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -33,6 +33,10 @@ from cgidm_core.models.flow import FlowMatchingPair
 from cgidm_core.models.stable_diffusion import StableDiffusionLoraPair, StableDiffusionPair
 from cgidm_core.models.text_encoders import TwoTextEncoders, tokenize
 from cgidm_core.names import FLUX_FAMILY
+
+if TYPE_CHECKING:  # annotations only; mypy reads diffusers as Any (pyproject.toml)
+    from diffusers import FluxTransformer2DModel
+    from transformers import PreTrainedTokenizerBase
 
 #: Guidance value for Flux.1-dev when the fine-tune does not say what it was trained with: the
 #: default of diffusers' ``FluxPipeline``, of its Flux DreamBooth/LoRA training scripts and of
@@ -122,17 +126,17 @@ class _FluxConditioning:
     """
 
     family = FLUX_FAMILY
-    tokenizer: Any
-    tokenizer_2: Any
+    tokenizer: PreTrainedTokenizerBase
+    tokenizer_2: PreTrainedTokenizerBase
     device: torch.device
     dtype: torch.dtype
-    unet_pretrained: torch.nn.Module
+    unet_pretrained: FluxTransformer2DModel
     unet_finetuned: torch.nn.Module
 
     def __init__(
         self,
         *,
-        tokenizer_2: Any,
+        tokenizer_2: PreTrainedTokenizerBase,
         scheduler_config: dict[str, Any],
         guidance: float | None,
         guidance_source: str = "default",
@@ -147,7 +151,7 @@ class _FluxConditioning:
         kwargs.setdefault("denoiser_config", flux_latent_config(kwargs["vae"].config))
         self.tokenizer_2 = tokenizer_2
         self.scheduler_config = dict(scheduler_config)
-        super().__init__(**kwargs)  # type: ignore[call-arg]
+        super().__init__(**kwargs)
         self.guidance_embeds = bool(self.unet_pretrained.config.guidance_embeds)
         self.guidance = (
             float(DEFAULT_FLUX_GUIDANCE if guidance is None else guidance)
@@ -179,17 +183,18 @@ class _FluxConditioning:
 
     # -- text ----------------------------------------------------------------------------------
 
-    def _tokens(self, tokenizer: Any, prompt: str, length: int) -> torch.Tensor:
+    def _tokens(self, tokenizer: PreTrainedTokenizerBase, prompt: str, length: int) -> torch.Tensor:
         return tokenize(tokenizer, prompt, length).input_ids.to(self.device)
 
     def _embed(
-        self, tokenizer: Any, text_encoder: torch.nn.Module, prompt: str
+        self, tokenizer: PreTrainedTokenizerBase, text_encoder: torch.nn.Module, prompt: str
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # Both models tokenize with the base's tokenizers; ``tokenizer`` is the CLIP one.
         del tokenizer
         clip_ids = self._tokens(self.tokenizer, prompt, self.tokenizer.model_max_length)
         t5_ids = self._tokens(self.tokenizer_2, prompt, self.max_sequence_length)
         with torch.no_grad():
+            # the pair's text-encoder module defines encode(); Module.__getattr__ hides it
             hidden, pooled = text_encoder.encode(clip_ids, t5_ids)  # type: ignore[operator]
         return hidden.to(self.dtype), pooled.to(self.dtype)
 
@@ -210,6 +215,7 @@ class _FluxConditioning:
         steps = torch.as_tensor(t, device=self.device).long().reshape(-1)
         if steps.numel() == 1:
             steps = steps.expand(batch)
+        # defined by the pair class this mixin is combined with (below)
         s = self.sigmas(steps, z_t)  # type: ignore[attr-defined]
         hidden, pooled = (c.to(self.device, self.dtype) for c in context)
         if hidden.shape[0] != batch:
@@ -233,6 +239,7 @@ class _FluxConditioning:
 
     def describe(self) -> dict[str, Any]:
         return {
+            # super() is the pair class the mixin is combined with; mypy sees object
             **super().describe(),  # type: ignore[misc]
             "variant": "dev" if self.guidance_embeds else "schnell",
             "guidance": self.guidance,
@@ -243,6 +250,7 @@ class _FluxConditioning:
             ),
             "time_shift_source": self.time_shift_source,
             "time_shift_at_native_size": self.shift_for(
+                # defined by the pair class this mixin is combined with (below)
                 torch.empty(0, 0, *self.latent_shape[1:])  # type: ignore[attr-defined]
             ),
             "t5_tokens": self.max_sequence_length,
@@ -252,6 +260,7 @@ class _FluxConditioning:
     def own_text_encoders(self) -> list[str]:
         """Which text encoders the fine-tuned model has of its own (a pipeline fine-tune's
         ``text_encoder`` CLIP and/or ``text_encoder_2`` T5 that differ from the base's)."""
+        # defined by the pair class this mixin is combined with (below)
         pre, ft = self.text_encoder_pretrained, self.text_encoder_finetuned  # type: ignore[attr-defined]
         if ft is pre:
             return []
@@ -259,9 +268,13 @@ class _FluxConditioning:
                 if getattr(ft, name) is not getattr(pre, name)]
 
 
-class FluxPair(_FluxConditioning, FlowMatchingPair, StableDiffusionPair):
+# the conditioning mixin replaces the SD pair's _embed/_predict with its family's own
+# signatures (LSP by design: only the pair itself calls them)
+class FluxPair(_FluxConditioning, FlowMatchingPair, StableDiffusionPair):  # type: ignore[misc]
     """A Flux.1 base and a fine-tune of it (pipeline folder, ``transformer/`` or single file)."""
 
 
-class FluxLoraPair(_FluxConditioning, FlowMatchingPair, StableDiffusionLoraPair):
+# the conditioning mixin replaces the SD pair's _embed/_predict with its family's own
+# signatures (LSP by design: only the pair itself calls them)
+class FluxLoraPair(_FluxConditioning, FlowMatchingPair, StableDiffusionLoraPair):  # type: ignore[misc]
     """A Flux.1 base and a LoRA of it: ONE transformer (and CLIP encoder), adapter on and off."""

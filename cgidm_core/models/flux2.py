@@ -1,6 +1,6 @@
 """Flux.2 Klein (Black Forest Labs' 4B/9B Flux.2 with a Qwen3 text encoder): one adapter module,
-recognition to pair. Flux.2 dev (Mistral-3 encoder behind a Pixtral processor) is recognised and
-refused by name.
+recognition to pair. Flux.2 dev (Mistral-3 encoder behind a Pixtral processor) is its own entry,
+:mod:`cgidm_core.models.flux2_dev`, which reuses this module's codec and pair.
 
 A rectified-flow transformer, so the forward process and the target are
 :class:`~cgidm_core.models.flow.FlowMatchingPair`'s; the pair reuses the SD adapter's machinery.
@@ -19,10 +19,11 @@ As diffusers' ``Flux2KleinPipeline`` runs it:
   ``mu = compute_empirical_mu(tokens, 50)``: the pipeline's own rule at its default 50 steps
   (Flux.2's shift depends on the step count; the inversion has none, so the default is used);
 - no guidance embedding in Klein (``guidance_embeds`` false; a transformer with one is Flux.2
-  dev's, refused with the dev pipeline).
+  dev's).
 
 Layouts: ``Flux2KleinPipeline`` folders, ``transformer/`` folders, LoRAs through diffusers'
-Flux.2 loader (diffusers/peft names tested; its converters for BFL / kohya names are not).
+Flux.2 loader (diffusers/peft names tested on Klein; its converters for ai-toolkit's BFL names and
+musubi / sd-scripts' ``lora_unet_*`` names are tested on Flux.2 dev, ``tests/test_flux2_dev.py``).
 Single files are recognised (``single_stream_modulation.*``) but not loaded: not tested at tiny
 size.
 """
@@ -32,7 +33,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -61,6 +62,10 @@ from cgidm_core.models.transformer_adapter import (
 )
 from cgidm_core.names import FLUX2_FAMILY
 
+if TYPE_CHECKING:  # annotations only; mypy reads these packages as Any (pyproject.toml)
+    from diffusers import AutoencoderKLFlux2
+    from transformers import PreTrainedTokenizerBase
+
 # -- recognition (no weights read) ---------------------------------------------------------------
 
 PIPELINE_CLASS = "Flux2KleinPipeline"
@@ -71,18 +76,11 @@ TEXT_LAYERS = (9, 18, 27)
 #: The step count Flux.2's time shift is computed for (the pipeline's default).
 SHIFT_STEPS = 50
 _SCHEDULER_CLASS = "FlowMatchEulerDiscreteScheduler"
-FLUX2_DEV_REFUSAL = (
-    "Flux.2 dev (Flux2Pipeline) is not supported yet: its Mistral-3 text encoder is read through "
-    "a Pixtral processor and system prompt that cgidm does not reproduce yet; Flux.2 Klein "
-    "(Flux2KleinPipeline) is supported"
-)
-
 
 def flux2_pipeline_family(folder: Path, name: str, index: dict[str, Any]) -> str:
-    """``flux2`` for a ``Flux2KleinPipeline`` folder; dev and the edit/inpaint/KV variants are
-    refused by name."""
-    if name == "Flux2Pipeline":
-        raise UnsupportedModelFamilyError(f"{folder}: {FLUX2_DEV_REFUSAL}. " + SUPPORTED_HINT)
+    """``flux2`` for a ``Flux2KleinPipeline`` folder; the edit/inpaint/KV variants are refused
+    by name (Flux.2 dev's ``Flux2Pipeline`` is its own entry, :mod:`cgidm_core.models.flux2_dev`,
+    above this one in the registry)."""
     config_file = folder / "transformer" / "config.json"
     transformer = read_json(config_file) if config_file.is_file() else {}
     if name != PIPELINE_CLASS or transformer.get("_class_name", TRANSFORMER_CLASS) != (
@@ -114,7 +112,10 @@ class Flux2VAE2D(torch.nn.Module):
     """``AutoencoderKLFlux2`` in the space the transformer works in: patchified, normalised by
     the VAE's batch-norm statistics (see the module docstring)."""
 
-    def __init__(self, vae: torch.nn.Module) -> None:
+    bn_mean: torch.Tensor  # buffers, registered below
+    bn_std: torch.Tensor
+
+    def __init__(self, vae: AutoencoderKLFlux2) -> None:
         super().__init__()
         self.vae = vae
         config = vae.config
@@ -156,11 +157,26 @@ def flux2_shift(config: dict[str, Any], tokens: int) -> float:
     return float(mu) if config.get("time_shift_type", "exponential") == "linear" else math.exp(mu)
 
 
+def stack_hidden_states(out: Any, layers: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """The text encoder's hidden states of ``layers`` side by side along the features, as both
+    Flux.2 pipelines stack them (``(B, L, len(layers) * width)``)."""
+    stacked = torch.stack([out.hidden_states[k] for k in layers], dim=1)
+    batch, count, length, width = stacked.shape
+    return stacked.permute(0, 2, 1, 3).reshape(batch, length, count * width).to(dtype)
+
+
 class _Flux2Conditioning:
-    """What a Flux.2 Klein pair does differently from an SD pair (mixin before FlowMatchingPair)."""
+    """What a Flux.2 pair does differently from an SD pair (mixin before FlowMatchingPair).
+    Klein's; Flux.2 dev's (:mod:`cgidm_core.models.flux2_dev`) overrides the text path, the
+    stacked layers and the guidance."""
 
     family = FLUX2_FAMILY
-    tokenizer: Any
+    variant = "klein"
+    #: The text encoder's layers whose hidden states are stacked.
+    text_layers: tuple[int, ...] = TEXT_LAYERS
+    #: The guidance a guidance-distilled transformer is given (``None``: it has no embedding).
+    guidance: float | None = None
+    tokenizer: PreTrainedTokenizerBase
     device: torch.device
     dtype: torch.dtype
 
@@ -171,12 +187,13 @@ class _Flux2Conditioning:
             sample_size=int(vae.config.sample_size) // scale,
             in_channels=vae.config.latent_channels, block_out_channels=(0,)))
         self.scheduler_config = dict(scheduler_config)
-        super().__init__(**kwargs)  # type: ignore[call-arg]
+        super().__init__(**kwargs)
 
     def shift_for(self, latent: torch.Tensor) -> float:
         return flux2_shift(self.scheduler_config, latent.shape[-2] * latent.shape[-1])
 
-    def _embed(self, tokenizer: Any, text_encoder: torch.nn.Module, prompt: str) -> torch.Tensor:
+    def _embed(self, tokenizer: PreTrainedTokenizerBase, text_encoder: torch.nn.Module,
+               prompt: str) -> torch.Tensor:
         del tokenizer  # both models read the base's tokenizer
         text = self.tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True,
@@ -187,9 +204,7 @@ class _Flux2Conditioning:
             out = text_encoder(input_ids=tokens.input_ids.to(self.device),
                                attention_mask=tokens.attention_mask.to(self.device),
                                output_hidden_states=True, use_cache=False)
-        stacked = torch.stack([out.hidden_states[k] for k in TEXT_LAYERS], dim=1)
-        batch, layers, length, width = stacked.shape
-        return stacked.permute(0, 2, 1, 3).reshape(batch, length, layers * width).to(self.dtype)
+        return stack_hidden_states(out, self.text_layers, self.dtype)
 
     def _predict(self, unet: torch.nn.Module, z_t: torch.Tensor, t: torch.Tensor,
                  context: torch.Tensor, prediction_type: str) -> torch.Tensor:
@@ -197,6 +212,7 @@ class _Flux2Conditioning:
         del prediction_type
         z_t = z_t.to(self.device, torch.float32)
         batch, channels, height, width = z_t.shape
+        # defined by the pair class this mixin is combined with (below)
         s = self.batch_sigmas(t, z_t)  # type: ignore[attr-defined]
         hidden = context.to(self.device, self.dtype)
         if hidden.shape[0] != batch:
@@ -205,17 +221,22 @@ class _Flux2Conditioning:
         img_ids = torch.cartesian_prod(zero, torch.arange(height), torch.arange(width), zero)
         txt_ids = torch.cartesian_prod(zero, zero, zero, torch.arange(hidden.shape[1]))
         tokens = z_t.reshape(batch, channels, height * width).permute(0, 2, 1)
+        guidance = None if self.guidance is None else torch.full(
+            (batch,), self.guidance, device=self.device, dtype=torch.float32)
         output = unet(hidden_states=tokens.to(self.dtype),
                       timestep=(s * 1000).to(self.dtype) / 1000,  # the pipeline's arithmetic
-                      guidance=None, encoder_hidden_states=hidden,
+                      guidance=guidance, encoder_hidden_states=hidden,
                       txt_ids=txt_ids.to(self.device).expand(batch, -1, -1),
                       img_ids=img_ids.to(self.device).expand(batch, -1, -1),
                       return_dict=False)[0]
         return output.float().permute(0, 2, 1).reshape(batch, channels, height, width)
 
     def describe(self) -> dict[str, Any]:
+        # super() is the pair class the mixin is combined with; mypy sees object
         return {**super().describe(),  # type: ignore[misc]
-                "variant": "klein", "text_layers": list(TEXT_LAYERS),
+                "variant": self.variant, "text_layers": list(self.text_layers),
+                "guidance": self.guidance,
+                # defined by the pair class this mixin is combined with (below)
                 "time_shift_at_native_size": self.native_time_shift()}  # type: ignore[attr-defined]
 
 

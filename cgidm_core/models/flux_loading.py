@@ -30,7 +30,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -61,6 +61,9 @@ from cgidm_core.models.formats import (
 )
 from cgidm_core.models.stable_diffusion import TextEncoderReloader
 
+if TYPE_CHECKING:  # annotations only; mypy reads transformers as Any (pyproject.toml)
+    from transformers import PreTrainedTokenizerBase
+
 _TRANSFORMER_WEIGHTS = ("diffusion_pytorch_model",)
 #: The diffusers class of a Flux.1 transformer (``transformer/config.json``).
 FLUX_TRANSFORMER = "FluxTransformer2DModel"
@@ -76,8 +79,8 @@ class FluxBase:
     vae: Any
     text_encoder: Any
     text_encoder_2: Any
-    tokenizer: Any
-    tokenizer_2: Any
+    tokenizer: PreTrainedTokenizerBase
+    tokenizer_2: PreTrainedTokenizerBase
     scheduler_config: dict[str, Any]
 
 
@@ -261,7 +264,7 @@ def _check_t5_fits(base: FluxBase, t5: Any, where: Path) -> None:
         )
 
 
-def read_flux_lora(weights: Path) -> tuple[dict, Any, Any]:
+def read_flux_lora(weights: Path) -> tuple[dict[str, torch.Tensor], Any, Any]:
     """A Flux LoRA's state dict in diffusers naming (kohya and XLabs keys converted by diffusers'
     ``FluxPipeline.lora_state_dict``), its network alphas and its rank/alpha metadata."""
     from diffusers import FluxPipeline
@@ -306,7 +309,8 @@ def peft_text_encoder_keys(state_dict: dict[str, Any]) -> dict[str, Any]:
     return {rename(key): value for key, value in state_dict.items()}
 
 
-def _attach_to_clip(lora: tuple[dict, Any, Any], clip: Any, weights: Path) -> None:
+def _attach_to_clip(lora: tuple[dict[str, torch.Tensor], Any, Any], clip: Any,
+                    weights: Path) -> None:
     from diffusers import FluxPipeline
 
     state_dict, network_alphas, metadata = lora
@@ -433,7 +437,7 @@ def training_settings(path: Path, kind: str) -> TrainingSettings:
 def load_flux_pair(
     pre_path: Path, ft_path: Path, kind: str, opts: LoadOptions, *, keep_text_encoders: bool,
     pretrained_transformer: Path | None = None,
-) -> FluxPair:
+) -> FluxPair | FluxLoraPair:
     """A Flux.1 pair from a base pipeline folder (optionally with its transformer from
     ``pretrained_transformer``, one file) and a fine-tune in any supported layout."""
     base = load_flux_base(pre_path, opts, pretrained_transformer)
@@ -492,7 +496,8 @@ def load_flux_pair(
     ))
 
 
-def _with_shift(trained: TrainingSettings, pair: FluxPair) -> FluxPair:
+def _with_shift(trained: TrainingSettings, pair: FluxPair | FluxLoraPair
+                ) -> FluxPair | FluxLoraPair:
     pair.flow_shift_override = trained.shift
     pair.time_shift_source = trained.shift_source
     return pair
@@ -529,7 +534,7 @@ def check_pipeline_folder(folder: Path, index: dict[str, Any]) -> None:
         )
 
 
-def load_pair(request: PairRequest) -> FluxPair:
+def load_pair(request: PairRequest) -> FluxPair | FluxLoraPair:
     """``request.pretrained_file``: a pretrained transformer given as one file, completed by the
     pipeline folder ``request.pretrained``."""
     return load_flux_pair(request.pretrained, request.finetuned, request.kind, request.opts,

@@ -265,7 +265,14 @@ def _described(family: Family) -> str:
 def check_finetune_family(family: Family, kind: str, path: Path) -> None:
     """Refuse, before any weight is read, a fine-tune that cannot be of the base's family: a
     layout the family has no use for (a pixel UNet for a latent base), or files the registry
-    gives to other families only (a Flux LoRA for an SDXL base)."""
+    gives to other families only (a Flux LoRA for an SDXL base); a LoRA of a family refused by
+    name (:data:`cgidm_core.families.REFUSED`) is refused with its message."""
+    if kind == "lora":
+        weights = lora_weights_file(path)
+        refused = families.refused_lora(safetensors_keys(weights))
+        if refused is not None:
+            raise UnsupportedModelFamilyError(f"{weights} is a {refused.title} LoRA: "
+                                              f"{refused.message}")
     if kind not in family.finetuned_layouts:
         if kind in ("single_file", "lora") and family in (finetune_claims(kind, path) or []):
             raise ModelFormatError(

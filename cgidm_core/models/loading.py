@@ -134,7 +134,10 @@ def _pretrained_model(
             f"file; {pre_path} is a complete {family.title} checkpoint, which needs none"
         )
     adapter = families.adapter(family)
-    folder = adapter.convert_single_file_base(pre_path, allow_network=allow_network)
+    # not in the FamilyAdapter protocol: only the families whose base file is a whole
+    # checkpoint (base_file_layout "pipeline", checked above) define it
+    folder = adapter.convert_single_file_base(  # type: ignore[attr-defined]
+        pre_path, allow_network=allow_network)
     return pipeline_entry(folder), folder, None
 
 

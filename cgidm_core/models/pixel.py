@@ -7,6 +7,8 @@ bookkeeping are these few methods, held once.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from cgidm_core.models.devices import unique_modules
@@ -18,7 +20,7 @@ class PixelSpaceMixin:
 
     conditional = False
     preferred_batch_size = 32
-    latent_bounds = (-1.0, 1.0)
+    latent_bounds: tuple[float, float] | None = (-1.0, 1.0)
     device: torch.device
     finetuned_kind: str
     unet_pretrained: torch.nn.Module
@@ -41,5 +43,6 @@ class PixelSpaceMixin:
     def modules(self) -> list[torch.nn.Module]:
         return unique_modules([self.unet_pretrained, self.unet_finetuned])
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
+        # super() is the pair class the mixin is combined with; mypy sees object
         return {**super().describe(), "finetuned_kind": self.finetuned_kind}  # type: ignore[misc]

@@ -9,6 +9,8 @@ convention, as Flux's transformer does).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from cgidm_core.models.flow import FlowMatchingPair
@@ -53,7 +55,8 @@ class PixelFlowPair(PixelSpaceMixin, FlowMatchingPair):
         self.unet_pretrained = unet_pretrained
         self.unet_finetuned = unet_finetuned
 
-    def _velocity(self, unet: torch.nn.Module, z_t: torch.Tensor, t) -> torch.Tensor:
+    def _velocity(self, unet: torch.nn.Module, z_t: torch.Tensor, t: torch.Tensor
+                  ) -> torch.Tensor:
         z_t = z_t.to(self.device, torch.float32)
         steps = expand_timesteps(t, z_t.shape[0], self.device)
         # The network was trained on the noise level itself (s * N), so a shifted s is what it
@@ -69,5 +72,5 @@ class PixelFlowPair(PixelSpaceMixin, FlowMatchingPair):
     ) -> torch.Tensor:
         return self._velocity(self.unet_pretrained, z_t, t)
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         return {**super().describe(), "prediction": "velocity", "flow_shift": self.flow_shift}

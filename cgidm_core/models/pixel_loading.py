@@ -9,6 +9,7 @@ the base's UNet config by :mod:`cgidm_core.models.unet_file`).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,6 +22,9 @@ from cgidm_core.models.pixel_flow import PixelFlowPair
 from cgidm_core.models.predictions import alphas_cumprod_of, build_scheduler, check_prediction_type
 from cgidm_core.models.unet_file import load_unet_file
 
+if TYPE_CHECKING:  # annotations only; mypy reads diffusers as Any (pyproject.toml)
+    from diffusers import UNet2DModel
+
 # -- pixel-space DDPM and flow matching ----------------------------------------------------------
 
 
@@ -32,7 +36,7 @@ def _ddpm_unet_location(folder: Path) -> tuple[Path, str | None]:
     raise ModelFormatError(f"{folder} has no unet/ folder with a UNet2DModel")
 
 
-def _load_ddpm_unet(folder: Path, opts: LoadOptions):
+def _load_ddpm_unet(folder: Path, opts: LoadOptions) -> UNet2DModel:
     from diffusers import UNet2DModel
 
     component, subfolder = _ddpm_unet_location(folder)
@@ -84,7 +88,8 @@ def _refuse_mixed_objectives(pre_path: Path, ft_path: Path, base_objective: str)
     )
 
 
-def _shared_unet_checks(pre_path: Path, ft_path: Path, unet_pre, unet_ft) -> None:
+def _shared_unet_checks(pre_path: Path, ft_path: Path, unet_pre: UNet2DModel,
+                        unet_ft: UNet2DModel) -> None:
     for name in ("in_channels", "sample_size"):
         if getattr(unet_pre.config, name) != getattr(unet_ft.config, name):
             raise IncompatiblePairError(
@@ -145,7 +150,8 @@ def load_pixel_flow_pair(
     )
 
 
-def _load_pixel_finetuned_unet(pre_path: Path, ft_path: Path, opts: LoadOptions, kind: str):
+def _load_pixel_finetuned_unet(pre_path: Path, ft_path: Path, opts: LoadOptions, kind: str
+                               ) -> UNet2DModel:
     """The fine-tuned pixel UNet: a folder, or (``kind="unet"``) a bare weights file built with
     the base's UNet config (``unet_file``)."""
     if kind == "unet":

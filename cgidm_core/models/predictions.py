@@ -7,7 +7,7 @@ output to ``eps`` here keeps the algorithm unaware of what the networks were tra
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -22,7 +22,7 @@ def check_prediction_type(prediction_type: Any, where: object) -> str:
             f"{where}: prediction_type {prediction_type!r} is not supported; "
             f"cgidm handles {', '.join(SUPPORTED_PREDICTION_TYPES)}"
         )
-    return prediction_type
+    return cast(str, prediction_type)  # one of SUPPORTED_PREDICTION_TYPES
 
 
 def build_scheduler(config: dict[str, Any]) -> Any:
@@ -39,7 +39,8 @@ def build_scheduler(config: dict[str, Any]) -> Any:
     scheduler = None
     if isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin):
         try:
-            scheduler = cls.from_config(config)
+            # diffusers is Any to mypy (pyproject), so issubclass does not narrow cls
+            scheduler = cls.from_config(config)  # type: ignore[attr-defined]
         except Exception:  # an exotic sampler that cannot be built; DDPM's formula still applies
             scheduler = None
     if scheduler is None or not hasattr(scheduler, "alphas_cumprod"):

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -63,6 +63,10 @@ from cgidm_core.models.transformer_adapter import (
     require_pipeline_parts,
 )
 from cgidm_core.names import QWEN_IMAGE_FAMILY
+
+if TYPE_CHECKING:  # annotations only; mypy reads these packages as Any (pyproject.toml)
+    from diffusers import AutoencoderKLQwenImage
+    from transformers import PreTrainedTokenizerBase
 
 # -- recognition (no weights read) ---------------------------------------------------------------
 
@@ -112,7 +116,10 @@ class QwenImageVAE2D(torch.nn.Module):
     ``latent_channels``, ``block_out_channels`` of the right count for the down-sampling
     factor, ``dtype``, ``encode(x).latent_dist.mean/.std``, ``decode(z).sample``)."""
 
-    def __init__(self, vae: torch.nn.Module) -> None:
+    latents_mean: torch.Tensor  # buffers, registered below
+    latents_std: torch.Tensor
+
+    def __init__(self, vae: AutoencoderKLQwenImage) -> None:
         super().__init__()
         self.vae = vae
         config = vae.config
@@ -152,7 +159,7 @@ class _QwenImageConditioning:
     """What a Qwen-Image pair does differently from an SD pair (mixin before FlowMatchingPair)."""
 
     family = QWEN_IMAGE_FAMILY
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     device: torch.device
     dtype: torch.dtype
     pixels_per_latent: int
@@ -164,12 +171,13 @@ class _QwenImageConditioning:
             sample_size=QWEN_IMAGE_NATIVE_SIZE // scale, in_channels=vae.config.latent_channels,
             block_out_channels=(0, 0)))
         self.scheduler_config = dict(scheduler_config)
-        super().__init__(**kwargs)  # type: ignore[call-arg]
+        super().__init__(**kwargs)
 
     def shift_for(self, latent: torch.Tensor) -> float:
         return time_shift(self.scheduler_config, (latent.shape[-2] // 2) * (latent.shape[-1] // 2))
 
-    def _embed(self, tokenizer: Any, text_encoder: torch.nn.Module, prompt: str) -> torch.Tensor:
+    def _embed(self, tokenizer: PreTrainedTokenizerBase, text_encoder: torch.nn.Module,
+               prompt: str) -> torch.Tensor:
         del tokenizer  # both models read the base's tokenizer
         tokens = self.tokenizer([PROMPT_TEMPLATE.format(prompt)],
                                 max_length=TEXT_TOKENS + TEMPLATE_TOKENS, padding=True,
@@ -187,6 +195,7 @@ class _QwenImageConditioning:
         del prediction_type
         z_t = z_t.to(self.device, torch.float32)
         batch, _, height, width = z_t.shape
+        # defined by the pair class this mixin is combined with (below)
         s = self.batch_sigmas(t, z_t)  # type: ignore[attr-defined]
         hidden = context.to(self.device, self.dtype)
         if hidden.shape[0] != batch:
@@ -199,7 +208,9 @@ class _QwenImageConditioning:
         return unpack_latents(output.float(), height, width)
 
     def describe(self) -> dict[str, Any]:
+        # super() is the pair class the mixin is combined with; mypy sees object
         return {**super().describe(),  # type: ignore[misc]
+                # defined by the pair class this mixin is combined with (below)
                 "time_shift_at_native_size": self.native_time_shift()}  # type: ignore[attr-defined]
 
 

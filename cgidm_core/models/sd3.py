@@ -30,8 +30,9 @@ pipeline folder, ``transformer/`` folder, single file (converted by diffusers'
 ``SD3Transformer2DModel.from_single_file`` offline with the base's config), or a LoRA in the
 diffusers/peft naming that diffusers' SD3 DreamBooth-LoRA script, SimpleTuner and ai-toolkit
 write (``transformer.*``, optionally ``text_encoder.*`` / ``text_encoder_2.*`` CLIP layers).
-kohya-ss SD3 LoRAs (``lora_unet_joint_blocks_*``) are refused with a message: diffusers 0.42's
-SD3 loader has no converter for them.
+kohya-ss SD3 LoRAs (``lora_unet_joint_blocks_*``, ``lora_te1_*``, ``lora_te2_*``) are converted
+by :mod:`cgidm_core.models.sd3_kohya_lora` (diffusers 0.42's SD3 loader has no converter for
+them) and then loaded by diffusers' SD3 loader.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -55,6 +56,7 @@ from cgidm_core.models.formats import (
     safetensors_keys,
     transformer_family,
 )
+from cgidm_core.models.sd3_kohya_lora import is_kohya_sd3_lora, read_kohya_sd3_lora
 from cgidm_core.models.sd_loading import (
     LORA_ADAPTER_NAME,
     LoadOptions,
@@ -78,6 +80,12 @@ from cgidm_core.models.transformer_adapter import (
     load_transformer,
 )
 from cgidm_core.names import SD3_FAMILY
+
+if TYPE_CHECKING:  # annotations only; mypy reads these packages as Any (pyproject.toml)
+    from diffusers import SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection, PreTrainedTokenizerBase, T5EncoderModel
+
+    from cgidm_core.models.adapter import PairRequest
 
 # -- recognition (no weights read) ---------------------------------------------------------------
 
@@ -106,11 +114,6 @@ def is_sd3_single_file(keys: list[str]) -> bool:
     return transformer_family(keys) == SD3_FAMILY
 
 
-def is_kohya_sd3_lora(keys: list[str]) -> bool:
-    """sd-scripts' ``sd3_train_network.py`` naming, which diffusers 0.42 cannot convert."""
-    return any(k.startswith("lora_unet_joint_blocks_") for k in keys)
-
-
 def sd3_pipeline_family(folder: Path, name: str, index: dict[str, Any]) -> str:
     """``sd3`` for a ``StableDiffusion3Pipeline`` folder with an SD3 transformer; other SD3
     pipelines and missing parts are refused by name (no weights read)."""
@@ -134,8 +137,9 @@ class SD3TextEncoders(torch.nn.Module):
     """A model's three text encoders as one module (released, reloaded and counted as one):
     ``text_encoder`` CLIP-L, ``text_encoder_2`` CLIP-G, ``text_encoder_3`` T5-XXL (or ``None``)."""
 
-    def __init__(self, text_encoder: torch.nn.Module, text_encoder_2: torch.nn.Module,
-                 text_encoder_3: torch.nn.Module | None) -> None:
+    def __init__(self, text_encoder: CLIPTextModelWithProjection,
+                 text_encoder_2: CLIPTextModelWithProjection,
+                 text_encoder_3: T5EncoderModel | None) -> None:
         super().__init__()
         self.text_encoder = text_encoder
         self.text_encoder_2 = text_encoder_2
@@ -178,21 +182,22 @@ class _SD3Conditioning:
     the SD pair classes (``unet_*`` attributes hold the transformers)."""
 
     family = SD3_FAMILY
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     device: torch.device
     dtype: torch.dtype
-    unet_pretrained: torch.nn.Module
+    unet_pretrained: SD3Transformer2DModel
 
-    def __init__(self, *, tokenizer_2: Any, tokenizer_3: Any, scheduler_config: dict[str, Any],
+    def __init__(self, *, tokenizer_2: PreTrainedTokenizerBase,
+                 tokenizer_3: PreTrainedTokenizerBase, scheduler_config: dict[str, Any],
                  max_sequence_length: int | None = None, **kwargs: Any) -> None:
-        transformer = kwargs.get("unet_pretrained", kwargs.get("unet"))
+        transformer: SD3Transformer2DModel = kwargs.get("unet_pretrained", kwargs.get("unet"))
         kwargs.setdefault("denoiser_config",
                           sd3_latent_config(transformer.config, kwargs["vae"].config))
         self.tokenizer_2 = tokenizer_2
         self.tokenizer_3 = tokenizer_3
         self.scheduler_config = dict(scheduler_config)
         self.max_sequence_length = int(max_sequence_length or T5_TOKENS)
-        super().__init__(**kwargs)  # type: ignore[call-arg]
+        super().__init__(**kwargs)
         self.patch_size = int(self.unet_pretrained.config.patch_size)
         self.joint_attention_dim = int(self.unet_pretrained.config.joint_attention_dim)
 
@@ -200,7 +205,7 @@ class _SD3Conditioning:
         tokens = (latent.shape[-2] // self.patch_size) * (latent.shape[-1] // self.patch_size)
         return time_shift(self.scheduler_config, tokens)
 
-    def _embed(self, tokenizer: Any, text_encoder: torch.nn.Module, prompt: str
+    def _embed(self, tokenizer: PreTrainedTokenizerBase, text_encoder: torch.nn.Module, prompt: str
                ) -> tuple[torch.Tensor, torch.Tensor]:
         del tokenizer  # both models read the base's three tokenizers
         length = self.tokenizer.model_max_length  # the pipeline's for both CLIPs
@@ -211,6 +216,7 @@ class _SD3Conditioning:
             t5_ids = tokenize(self.tokenizer_3, prompt,
                               self.max_sequence_length).input_ids.to(self.device)
         with torch.no_grad():
+            # the pair's text-encoder module defines encode(); Module.__getattr__ hides it
             hidden, pooled = text_encoder.encode(  # type: ignore[operator]
                 clip_ids, clip_ids_2, t5_ids, (self.max_sequence_length, self.joint_attention_dim))
         return hidden.to(self.dtype), pooled.to(self.dtype)
@@ -222,12 +228,14 @@ class _SD3Conditioning:
         del prediction_type  # always "flow"
         z_t = z_t.to(self.device, torch.float32)
         batch = z_t.shape[0]
+        # defined by the pair class this mixin is combined with (below)
         s = self.batch_sigmas(t, z_t)  # type: ignore[attr-defined]
         hidden, pooled = (c.to(self.device, self.dtype) for c in context)
         if hidden.shape[0] != batch:
             hidden = hidden.expand(batch, *hidden.shape[1:])
             pooled = pooled.expand(batch, *pooled.shape[1:])
         output = unet(hidden_states=z_t.to(self.dtype),
+                      # defined by the pair class this mixin is combined with (below)
                       timestep=(s * self.num_train_timesteps).to(self.dtype),  # type: ignore[attr-defined]
                       encoder_hidden_states=hidden, pooled_projections=pooled,
                       return_dict=False)[0]
@@ -236,10 +244,12 @@ class _SD3Conditioning:
     def describe(self) -> dict[str, Any]:
         config = self.unet_pretrained.config
         return {
+            # super() is the pair class the mixin is combined with; mypy sees object
             **super().describe(),  # type: ignore[misc]
             "variant": sd3_variant(config),
             "time_shift": "dynamic" if self.scheduler_config.get("use_dynamic_shifting")
             else "fixed",
+            # defined by the pair class this mixin is combined with (below)
             "time_shift_at_native_size": self.native_time_shift(),  # type: ignore[attr-defined]
             "t5_tokens": self.max_sequence_length if self.tokenizer_3 is not None else 0,
         }
@@ -252,11 +262,15 @@ def sd3_variant(config: Any) -> str:
     return "3.5-large" if getattr(config, "qk_norm", None) else "3.0"
 
 
-class SD3Pair(_SD3Conditioning, FlowMatchingPair, StableDiffusionPair):
+# the conditioning mixin replaces the SD pair's _embed/_predict with its family's own
+# signatures (LSP by design: only the pair itself calls them)
+class SD3Pair(_SD3Conditioning, FlowMatchingPair, StableDiffusionPair):  # type: ignore[misc]
     """An SD 3.x base and a fine-tune (pipeline folder, ``transformer/`` folder or single file)."""
 
 
-class SD3LoraPair(_SD3Conditioning, FlowMatchingPair, StableDiffusionLoraPair):
+# the conditioning mixin replaces the SD pair's _embed/_predict with its family's own
+# signatures (LSP by design: only the pair itself calls them)
+class SD3LoraPair(_SD3Conditioning, FlowMatchingPair, StableDiffusionLoraPair):  # type: ignore[misc]
     """An SD 3.x base and a LoRA of it: ONE transformer (and CLIP encoders), adapter on/off."""
 
 
@@ -271,9 +285,9 @@ class SD3Base:
     transformer: Any
     vae: Any
     encoders: SD3TextEncoders
-    tokenizer: Any
-    tokenizer_2: Any
-    tokenizer_3: Any
+    tokenizer: PreTrainedTokenizerBase
+    tokenizer_2: PreTrainedTokenizerBase
+    tokenizer_3: PreTrainedTokenizerBase
     scheduler_config: dict[str, Any]
 
 
@@ -404,22 +418,23 @@ def load_sd3_finetuned(path: Path, kind: str, base: SD3Base, opts: LoadOptions
 
 
 def read_sd3_lora(weights: Path) -> tuple[dict[str, Any], Any]:
-    """A diffusers/peft-named SD3 LoRA's state dict and metadata (kohya's naming refused)."""
+    """An SD3 LoRA's state dict (diffusers/peft naming) and metadata: a diffusers/peft-named
+    file as diffusers reads it, a kohya-ss one converted first
+    (:mod:`cgidm_core.models.sd3_kohya_lora`, which diffusers 0.42 has no converter for)."""
     from diffusers import StableDiffusion3Pipeline
 
     keys = safetensors_keys(weights)
+    source: Any = str(weights.parent)
     if is_kohya_sd3_lora(keys):
-        raise ModelFormatError(
-            f"{weights} is an SD3 LoRA in kohya-ss naming (lora_unet_joint_blocks_*), which "
-            "diffusers 0.42 cannot convert; save it in diffusers naming (transformer.*), e.g. "
-            "with sd-scripts' convert_diffusers... tools, or train with diffusers/SimpleTuner")
-    if not any(k.startswith(("transformer.", "text_encoder.", "text_encoder_2."))
-               for k in keys):
+        source = read_kohya_sd3_lora(weights)
+    elif not any(k.startswith(("transformer.", "text_encoder.", "text_encoder_2."))
+                 for k in keys):
         raise IncompatiblePairError(f"{weights} holds no SD3 transformer or CLIP LoRA layers "
-                                    "(transformer.*, text_encoder.*, text_encoder_2.*)")
+                                    "(transformer.*, text_encoder.*, text_encoder_2.*, or "
+                                    "kohya-ss lora_unet_joint_blocks_*)")
     with loading_errors("the LoRA", weights, mismatch_is_incompatible=True):
         state_dict, metadata = StableDiffusion3Pipeline.lora_state_dict(
-            str(weights.parent), weight_name=weights.name, use_safetensors=True,
+            source, weight_name=weights.name, use_safetensors=True,
             local_files_only=True, return_lora_metadata=True)
     if not state_dict or not all("lora" in key for key in state_dict):
         raise ModelFormatError(f"{weights} is not a LoRA that diffusers' SD3 loader can load")
@@ -483,7 +498,7 @@ def sd3_text_encoder_reloader(kind: str, base_folder: Path, finetuned_path: Path
 
 def load_sd3_pair(pre_path: Path, ft_path: Path, kind: str, opts: LoadOptions, *,
                   keep_text_encoders: bool, pretrained_transformer: Path | None = None
-                  ) -> SD3Pair:
+                  ) -> SD3Pair | SD3LoraPair:
     """An SD 3.x pair from a base pipeline folder (its transformer optionally from one file)
     and a fine-tune in any supported layout."""
     base = load_sd3_base(pre_path, opts, pretrained_transformer)
@@ -525,6 +540,7 @@ def load_sd3_pair(pre_path: Path, ft_path: Path, kind: str, opts: LoadOptions, *
         unet_pretrained=transformer_pretrained, unet_finetuned=transformer_finetuned,
         text_encoder_pretrained=encoders_pretrained, text_encoder_finetuned=encoders_finetuned,
         text_encoder_reloader=sd3_text_encoder_reloader(kind, pre_path, ft_path, opts,
+                                                        # own has one flag per text encoder: three
                                                         own=own),  # type: ignore[arg-type]
         finetuned_kind=kind, **shared)
 
@@ -537,7 +553,7 @@ def check_pipeline_folder(folder: Path, index: dict[str, Any]) -> None:
     sd3_pipeline_family(folder, str(index.get("_class_name", "")), index)
 
 
-def load_pair(request: Any) -> SD3Pair:
+def load_pair(request: PairRequest) -> SD3Pair | SD3LoraPair:
     """Load a pair from the registry's ``PairRequest`` (``pretrained``, ``finetuned``, ``kind``,
     ``opts``, ``keep_text_encoders``, ``pretrained_file``: a one-file transformer whose other parts
     come from the ``pretrained`` folder)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -51,6 +51,9 @@ from cgidm_core.models.stable_diffusion import StableDiffusionLoraPair, StableDi
 from cgidm_core.models.unet_configs import refuse_variant, unet_family
 from cgidm_core.models.unet_file import load_unet_file
 
+if TYPE_CHECKING:  # annotations only; mypy reads transformers as Any (pyproject.toml)
+    from transformers import PreTrainedTokenizerBase
+
 
 @dataclass
 class SDBase:
@@ -60,7 +63,7 @@ class SDBase:
     unet: Any
     vae: Any
     text_encoder: Any
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     scheduler: Any
     alphas_cumprod: torch.Tensor
     prediction_type: str
@@ -72,7 +75,7 @@ class SDFinetune:
 
     unet: Any = None
     text_encoder: Any = None
-    tokenizer: Any = None
+    tokenizer: PreTrainedTokenizerBase | None = None
     prediction_type: str | None = None
 
 
@@ -172,7 +175,7 @@ def load_single_file(file: Path, base: SDBase, opts: LoadOptions) -> SDFinetune:
     return SDFinetune(unet=pipe.unet, text_encoder=pipe.text_encoder if has_text_encoder else None)
 
 
-def _read_lora(weights: Path, unet_config: Any) -> tuple[dict, Any, Any]:
+def _read_lora(weights: Path, unet_config: Any) -> tuple[dict[str, torch.Tensor], Any, Any]:
     """An SD 1.x/2.x LoRA (kohya/A1111 keys converted given the UNet config); an SDXL LoRA is
     refused as incompatible before diffusers fails on its shapes."""
     from diffusers import StableDiffusionPipeline
@@ -185,12 +188,12 @@ def _read_lora(weights: Path, unet_config: Any) -> tuple[dict, Any, Any]:
     return read_lora_state_dict(StableDiffusionPipeline, weights, unet_config=unet_config)
 
 
-def _lora_has_text_encoder(state_dict: dict) -> bool:
+def _lora_has_text_encoder(state_dict: dict[str, torch.Tensor]) -> bool:
     return any(key.startswith("text_encoder.") for key in state_dict)
 
 
 def _attach_lora_to_text_encoder(
-    lora: tuple[dict, Any, Any], text_encoder: Any, weights: Path
+    lora: tuple[dict[str, torch.Tensor], Any, Any], text_encoder: Any, weights: Path
 ) -> None:
     from diffusers import StableDiffusionPipeline
 
@@ -372,7 +375,7 @@ def load_sd_pair(
             **shared,
         )
 
-    loaders = {
+    loaders: dict[str, Callable[[Path, SDBase, LoadOptions], SDFinetune]] = {
         "pipeline": load_finetuned_pipeline,
         "dreambooth": load_dreambooth,
         "single_file": load_single_file,

@@ -23,7 +23,7 @@ a full pair on a 24 GB card). Not yet measured on a GPU (none was lent).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -31,6 +31,9 @@ from cgidm_core.models.predictions import expand_timesteps, output_to_eps
 from cgidm_core.models.stable_diffusion import StableDiffusionLoraPair, StableDiffusionPair
 from cgidm_core.models.text_encoders import TwoTextEncoders, tokenize
 from cgidm_core.names import SDXL_FAMILY
+
+if TYPE_CHECKING:  # annotations only; mypy reads transformers as Any (pyproject.toml)
+    from transformers import PreTrainedTokenizerBase
 
 
 class SDXLTextEncoders(TwoTextEncoders):
@@ -54,27 +57,28 @@ class _SDXLConditioning:
     """
 
     family = SDXL_FAMILY
-    tokenizer: Any
-    tokenizer_2: Any
+    tokenizer: PreTrainedTokenizerBase
+    tokenizer_2: PreTrainedTokenizerBase
     device: torch.device
     dtype: torch.dtype
     pixels_per_latent: int
     alphas_cumprod: torch.Tensor
 
-    def __init__(self, *, tokenizer_2: Any, **kwargs: Any) -> None:
+    def __init__(self, *, tokenizer_2: PreTrainedTokenizerBase, **kwargs: Any) -> None:
         self.tokenizer_2 = tokenizer_2
-        super().__init__(**kwargs)  # type: ignore[call-arg]
+        super().__init__(**kwargs)
 
-    def _tokens(self, tokenizer: Any, prompt: str) -> torch.Tensor:
+    def _tokens(self, tokenizer: PreTrainedTokenizerBase, prompt: str) -> torch.Tensor:
         return tokenize(tokenizer, prompt).input_ids.to(self.device)
 
     def _embed(
-        self, tokenizer: Any, text_encoder: torch.nn.Module, prompt: str
+        self, tokenizer: PreTrainedTokenizerBase, text_encoder: torch.nn.Module, prompt: str
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # Both models tokenize with the base's two tokenizers (the loader refuses a fine-tune
         # that grew a vocabulary); ``tokenizer`` is that first one.
         del tokenizer
         with torch.no_grad():
+            # the pair's text-encoder module defines encode(); Module.__getattr__ hides it
             hidden, pooled = text_encoder.encode(  # type: ignore[operator]
                 self._tokens(self.tokenizer, prompt), self._tokens(self.tokenizer_2, prompt)
             )
@@ -111,9 +115,13 @@ class _SDXLConditioning:
         return output_to_eps(output, z_t, steps, prediction_type, self.alphas_cumprod)
 
 
-class StableDiffusionXLPair(_SDXLConditioning, StableDiffusionPair):
+# the conditioning mixin replaces the SD pair's _embed/_predict with its family's own
+# signatures (LSP by design: only the pair itself calls them)
+class StableDiffusionXLPair(_SDXLConditioning, StableDiffusionPair):  # type: ignore[misc]
     """An SDXL base and a fine-tune of it (full pipeline, DreamBooth folder or single file)."""
 
 
-class StableDiffusionXLLoraPair(_SDXLConditioning, StableDiffusionLoraPair):
+# the conditioning mixin replaces the SD pair's _embed/_predict with its family's own
+# signatures (LSP by design: only the pair itself calls them)
+class StableDiffusionXLLoraPair(_SDXLConditioning, StableDiffusionLoraPair):  # type: ignore[misc]
     """An SDXL base and a LoRA of it: ONE UNet and one pair of text encoders, adapter on/off."""

@@ -12,9 +12,10 @@ checkpoint names).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -62,6 +63,9 @@ from cgidm_core.models.vpred import (
 )
 from cgidm_core.prompts import safetensors_metadata
 
+if TYPE_CHECKING:  # annotations only; mypy reads transformers as Any (pyproject.toml)
+    from transformers import PreTrainedTokenizerBase
+
 _TEXT_ENCODERS = {
     "text_encoder": ("CLIPTextModel", "tokenizer"),
     "text_encoder_2": ("CLIPTextModelWithProjection", "tokenizer_2"),
@@ -82,8 +86,8 @@ class SDXLBase:
     vae: Any
     text_encoder: Any
     text_encoder_2: Any
-    tokenizer: Any
-    tokenizer_2: Any
+    tokenizer: PreTrainedTokenizerBase
+    tokenizer_2: PreTrainedTokenizerBase
     scheduler: Any
     alphas_cumprod: torch.Tensor
     prediction_type: str
@@ -232,7 +236,8 @@ def load_sdxl_single_file(file: Path, base: SDXLBase, opts: LoadOptions) -> SDXL
                         **{name: getattr(pipe, name) for name in own})
 
 
-def _read_sdxl_lora(weights: Path, unet_config: Any) -> tuple[dict, Any, Any]:
+def _read_sdxl_lora(weights: Path, unet_config: Any
+                    ) -> tuple[dict[str, torch.Tensor], Any, Any]:
     """A LoRA's state dict in diffusers naming: kohya ``lora_unet_*``/``lora_te1_*``/
     ``lora_te2_*`` keys are converted by diffusers' SDXL loader (given the UNet config)."""
     from diffusers import StableDiffusionXLPipeline
@@ -240,7 +245,8 @@ def _read_sdxl_lora(weights: Path, unet_config: Any) -> tuple[dict, Any, Any]:
     return read_lora_state_dict(StableDiffusionXLPipeline, weights, unet_config=unet_config)
 
 
-def _attach_to_text_encoders(lora: tuple[dict, Any, Any], encoders: dict[str, Any],
+def _attach_to_text_encoders(lora: tuple[dict[str, torch.Tensor], Any, Any],
+                             encoders: dict[str, Any],
                              weights: Path) -> None:
     from diffusers import StableDiffusionXLPipeline
 
@@ -341,7 +347,7 @@ def sdxl_text_encoder_reloader(
 
 def load_sdxl_pair(
     pre_path: Path, ft_path: Path, kind: str, opts: LoadOptions, *, keep_text_encoders: bool
-) -> StableDiffusionXLPair:
+) -> StableDiffusionXLPair | StableDiffusionXLLoraPair:
     """An SDXL pair from a base pipeline folder and a fine-tune in any supported format."""
     base = load_sdxl_base(pre_path, opts)
     shared: dict[str, Any] = {
@@ -367,7 +373,7 @@ def load_sdxl_pair(
             ),
             **shared,
         )
-    loaders = {
+    loaders: dict[str, Callable[[Path, SDXLBase, LoadOptions], SDXLFinetune]] = {
         "pipeline": load_sdxl_pipeline_finetune,
         "dreambooth": load_sdxl_dreambooth,
         "single_file": load_sdxl_single_file,
@@ -445,6 +451,6 @@ def convert_single_file_base(file: Path, *, allow_network: bool) -> Path:
     return converted_base_folder(file, "StableDiffusionXLPipeline", allow_network=allow_network)
 
 
-def load_pair(request: PairRequest) -> StableDiffusionXLPair:
+def load_pair(request: PairRequest) -> StableDiffusionXLPair | StableDiffusionXLLoraPair:
     return load_sdxl_pair(request.pretrained, request.finetuned, request.kind, request.opts,
                           keep_text_encoders=request.keep_text_encoders)

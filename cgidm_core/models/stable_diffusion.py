@@ -19,7 +19,7 @@ import ctypes
 import ctypes.util
 import gc
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -29,6 +29,10 @@ from cgidm_core.models.predictions import expand_timesteps, output_to_eps
 from cgidm_core.models.text_encoders import tokenize
 from cgidm_core.names import SD_FAMILY
 from cgidm_core.pair import Conditioning, ModelPair, storage_bytes
+
+if TYPE_CHECKING:  # annotations only; mypy reads these packages as Any (pyproject.toml)
+    from diffusers import AutoencoderKL
+    from transformers import PreTrainedTokenizerBase
 
 #: Builds fresh copies of a pair's text encoders, exactly as loading built them, on the pair's
 #: device and dtype: ``(pretrained, finetuned)``, the second ``None`` when ``finetuned`` is False
@@ -102,14 +106,14 @@ class StableDiffusionPair(ModelPair):
     def __init__(
         self,
         *,
-        vae: torch.nn.Module,
-        tokenizer: Any,
+        vae: AutoencoderKL,  # or a module read the same way (QwenImageVAE2D, Flux2VAE2D)
+        tokenizer: PreTrainedTokenizerBase,
         alphas_cumprod: torch.Tensor | None,
         unet_pretrained: torch.nn.Module,
         unet_finetuned: torch.nn.Module,
         text_encoder_pretrained: torch.nn.Module,
         text_encoder_finetuned: torch.nn.Module,
-        tokenizer_finetuned: Any | None = None,
+        tokenizer_finetuned: PreTrainedTokenizerBase | None = None,
         prediction_type: str = "epsilon",
         prediction_type_finetuned: str | None = None,
         device: torch.device,
@@ -162,6 +166,7 @@ class StableDiffusionPair(ModelPair):
         self._text_encoders_released = False
 
     @property
+    # ModelPair declares a plain int; an SD pair computes it from free memory
     def preferred_batch_size(self) -> int:  # type: ignore[override]
         """8 on a CPU; on a GPU as many images as its free memory holds, up to 32.
 
@@ -217,7 +222,8 @@ class StableDiffusionPair(ModelPair):
 
     # -- conditioning --------------------------------------------------------------------------
 
-    def _embed(self, tokenizer: Any, text_encoder: torch.nn.Module, prompt: str) -> torch.Tensor:
+    def _embed(self, tokenizer: PreTrainedTokenizerBase, text_encoder: torch.nn.Module,
+               prompt: str) -> torch.Tensor:
         tokens = tokenize(tokenizer, prompt)
         mask = None
         if getattr(text_encoder.config, "use_attention_mask", False):
@@ -322,7 +328,9 @@ class StableDiffusionPair(ModelPair):
         if context.shape[0] != batch:
             context = context.expand(batch, *context.shape[1:])
         output = unet(z_t.to(self.dtype), steps, encoder_hidden_states=context).sample.float()
-        return output_to_eps(output, z_t, steps, prediction_type, self.alphas_cumprod)
+        # alphas_cumprod is None only for flow-matching pairs, which predict elsewhere
+        return output_to_eps(output, z_t, steps, prediction_type,
+                             self.alphas_cumprod)  # type: ignore[arg-type]
 
     def eps_finetuned(self, z_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         return self._predict(
@@ -428,7 +436,8 @@ def adapter_state_checkpoint(switch: AdapterSwitch) -> Callable[..., Any]:
             try:
                 return module(*inputs)
             finally:
-                switch.set(now)
+                # not None: `state` was not None, so a set() had run before `now` was read
+                switch.set(now)  # type: ignore[arg-type]
 
         return checkpoint(segment, *args, use_reentrant=False)
 

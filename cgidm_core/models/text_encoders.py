@@ -8,12 +8,15 @@ that unchanged; each family says only how it turns token ids into embeddings (:m
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+if TYPE_CHECKING:  # annotations only; mypy reads transformers as Any (pyproject.toml)
+    from transformers import PreTrainedTokenizerBase
 
-def tokenize(tokenizer: Any, prompt: str, max_length: int | None = None) -> Any:
+
+def tokenize(tokenizer: PreTrainedTokenizerBase, prompt: str, max_length: int | None = None) -> Any:
     """``prompt`` padded and truncated to ``max_length`` tokens (the tokenizer's own length by
     default), as every diffusers text-to-image pipeline tokenizes: the encoders were trained on
     fixed-length inputs, so the padding is part of the conditioning."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -36,6 +36,12 @@ from cgidm_core.models.sd_loading import (
     same_weights,
 )
 from cgidm_core.models.stable_diffusion import TextEncoderReloader
+
+if TYPE_CHECKING:  # annotations only
+    from transformers import PreTrainedTokenizerBase
+
+    from cgidm_core.models.adapter import PairRequest
+    from cgidm_core.pair import ModelPair
 
 _SCHEDULER_CLASS = "FlowMatchEulerDiscreteScheduler"
 
@@ -257,7 +263,7 @@ class TransformerBase:
     transformer: Any
     vae: Any
     text_encoder: Any
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     scheduler_config: dict[str, Any]
 
 
@@ -282,7 +288,7 @@ class TransformerAdapter:
         """Refuse, before any weight is read, a pipeline folder this adapter cannot load."""
         self.pipeline_family(folder, str(index.get("_class_name", "")), index)
 
-    def load_pair(self, request: Any) -> Any:
+    def load_pair(self, request: PairRequest) -> ModelPair:
         """A pair from the registry's ``PairRequest`` (``pretrained``, ``finetuned``, ``kind``,
         ``opts``, ``keep_text_encoders``, ``pretrained_file``: a one-file transformer whose
         other parts come from the ``pretrained`` folder)."""

@@ -43,7 +43,8 @@ def unet_family(unet_config: dict[str, Any], where: Path) -> str:
     # feature, next to 5 time ids (2560 = 5 * 256 + 1280 with cross_attention_dim 1280); the
     # base's pooled feature comes from its second encoder only (2816 = 6 * 256 + 1280, 2048).
     numbers = all(isinstance(v, int) for v in (time_dim, text_dim, cross))
-    if numbers and text_dim - (SDXL_TIME_IDS - 1) * time_dim == cross:
+    # `numbers` says all three are ints, which mypy cannot carry from all() to the names
+    if numbers and text_dim - (SDXL_TIME_IDS - 1) * time_dim == cross:  # type: ignore[operator]
         raise UnsupportedModelFamilyError(f"{where}: {SDXL_REFINER_REFUSAL}")
     return SDXL_FAMILY
 

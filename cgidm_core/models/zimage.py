@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -62,6 +62,10 @@ from cgidm_core.models.transformer_adapter import (
     require_pipeline_parts,
 )
 from cgidm_core.names import ZIMAGE_FAMILY
+
+if TYPE_CHECKING:  # annotations only; mypy reads these packages as Any (pyproject.toml)
+    from diffusers import ZImageTransformer2DModel
+    from transformers import PreTrainedTokenizerBase
 
 # -- recognition (no weights read) ---------------------------------------------------------------
 
@@ -111,26 +115,27 @@ class _ZImageConditioning:
     """What a Z-Image pair does differently from an SD pair (mixin before FlowMatchingPair)."""
 
     family = ZIMAGE_FAMILY
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     device: torch.device
     dtype: torch.dtype
-    unet_pretrained: torch.nn.Module
+    unet_pretrained: ZImageTransformer2DModel
 
     def __init__(self, *, scheduler_config: dict[str, Any],
                  max_sequence_length: int | None = None, **kwargs: Any) -> None:
-        transformer = kwargs.get("unet_pretrained", kwargs.get("unet"))
+        transformer: ZImageTransformer2DModel = kwargs.get("unet_pretrained", kwargs.get("unet"))
         kwargs.setdefault("denoiser_config",
                           zimage_latent_config(transformer.config, kwargs["vae"].config))
         self.scheduler_config = dict(scheduler_config)
         self.max_sequence_length = int(max_sequence_length or TEXT_TOKENS)
-        super().__init__(**kwargs)  # type: ignore[call-arg]
+        super().__init__(**kwargs)
         self.patch_size = int(tuple(self.unet_pretrained.config.all_patch_size)[0])
 
     def shift_for(self, latent: torch.Tensor) -> float:
         tokens = (latent.shape[-2] // self.patch_size) * (latent.shape[-1] // self.patch_size)
         return time_shift(self.scheduler_config, tokens)
 
-    def _embed(self, tokenizer: Any, text_encoder: torch.nn.Module, prompt: str) -> torch.Tensor:
+    def _embed(self, tokenizer: PreTrainedTokenizerBase, text_encoder: torch.nn.Module,
+               prompt: str) -> torch.Tensor:
         del tokenizer  # both models read the base's tokenizer
         text = self.tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True,
@@ -149,6 +154,7 @@ class _ZImageConditioning:
         del prediction_type
         z_t = z_t.to(self.device, torch.float32)
         batch = z_t.shape[0]
+        # defined by the pair class this mixin is combined with (below)
         s = self.batch_sigmas(t, z_t)  # type: ignore[attr-defined]
         timestep = (1000 - s * 1000) / 1000  # the pipeline's arithmetic, to the last bit
         caption = context.to(self.device, self.dtype)
@@ -157,8 +163,10 @@ class _ZImageConditioning:
         return -torch.stack([o.float() for o in out], dim=0).squeeze(2)
 
     def describe(self) -> dict[str, Any]:
+        # super() is the pair class the mixin is combined with; mypy sees object
         return {**super().describe(),  # type: ignore[misc]
                 "text_tokens": self.max_sequence_length,
+                # defined by the pair class this mixin is combined with (below)
                 "time_shift_at_native_size": self.native_time_shift()}  # type: ignore[attr-defined]
 
 

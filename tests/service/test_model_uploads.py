@@ -459,3 +459,55 @@ def test_client_says_what_went_wrong(byom_url, byom_env, byom_root, keys, models
         stop_process(proc)
     assert waits == [7.0, 7.0]  # retried twice, each after the service's Retry-After
     assert err.value.status == 429 and "queue_full" in str(err.value)
+
+
+# -- a flow-family upload, checked with controls through the worker ---------------------------
+
+
+@pytest.fixture(scope="module")
+def flow_models(byom_root) -> tuple[Path, Path]:
+    """A tiny Chroma base (registered as ``chroma-base`` while the stack runs: the gateway and
+    the worker re-read the registry file when it changes) and a LoRA file of it, as diffusers'
+    ``save_lora_weights`` writes it."""
+    from cgidm_testkit import tiny_families
+
+    base = tiny_families.make_tiny_chroma(byom_root / "chroma-base", seed=0)
+    lora = tiny_families.make_chroma_lora(base, byom_root / "chroma-lora", seed=1)
+    registry = byom_root / "models.json"
+    document = json.loads(registry.read_text())
+    document["models"].append({"id": "chroma-base", "family": "chroma", "path": str(base)})
+    registry.write_text(json.dumps(document))
+    return base, lora / "pytorch_lora_weights.safetensors"
+
+
+def test_a_flow_family_lora_upload_with_controls(byom_worker, alice, flow_models):
+    """A Chroma LoRA: refused against the SD base (422 family_mismatch), taken for the Chroma
+    base, then checked by the real worker with controls: verdicts, a set-level test and the
+    evidence pictures."""
+    data = flow_models[1].read_bytes()
+    refused = upload(alice, data)
+    assert refused.status_code == 422 and refused.json()["detail"][0]["type"] == \
+        "family_mismatch", refused.text
+    response = upload(alice, data, finetuned_from="chroma-base", prompt="sks style")
+    assert response.status_code == 201, response.text
+    model = response.json()
+    assert (model["kind"], model["family"]) == ("lora", "chroma")
+    submitted = alice.post("/authenticate", data={
+        "pretrained": "chroma-base", "finetuned": model["id"], "steps": "2", "seed": "0"},
+        files=[*(("images", (f"i{k}.png", png_bytes(k, (20, 20)), "image/png")) for k in (1, 2)),
+               *(("controls", (f"c{k}.png", png_bytes(k, (20, 20)), "image/png"))
+                 for k in (11, 12))])
+    assert submitted.status_code == 202, submitted.text
+    job = wait_for_job(alice, submitted.json()["job_id"], timeout=240)
+    assert job["status"] == "succeeded", job
+    result = job["result"]
+    assert result["pair"]["family"] == "chroma" and result["finetuned"] == model["id"]
+    assert result["provenance"]["models"]["finetuned"]["sha256"] == model["sha256"]
+    assert len(result["images"]) == 2 and len(result["controls"]) == 2
+    assert result["controls_test"] is not None and result["controls_test"]["n_controls"] == 2
+    for image in result["images"]:
+        assert image["verdict"] in ("member_evidence", "no_evidence", "inconclusive")
+        assert image["p_value"] is not None and image["evidence_score"] is not None
+        for kind in ("recovered", "partial", "side_by_side"):
+            picture = alice.get(image["artifacts"][kind])
+            assert picture.status_code == 200 and picture.content.startswith(b"\x89PNG"), kind

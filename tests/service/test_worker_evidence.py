@@ -40,7 +40,7 @@ def test_worker_result_is_the_evidence_document(ctx):
     ctx.store.create(record, files)
     assert run_job(ctx, job_id) == "succeeded"
     result = ctx.store.load(job_id).result
-    assert result.evidence["score"] == "fused"
+    assert result.evidence["score"] == "paired"
     images = [i.model_dump() for i in result.images]
     controls = [c.model_dump() for c in result.controls]
     # the document the library builds from the same per-image values is the one served

@@ -1,0 +1,232 @@
+"""Uploads of the newer families through the gateway's route (in-process, TestClient).
+
+A LoRA or single file of each family that takes uploads (``upload_kinds`` in its registry entry:
+SD 3.5, SDXL with its v-prediction / zero-terminal-SNR descendants, Chroma, Z-Image, Qwen-Image,
+Flux.2 Klein) is accepted against a registered base of its family and refused with a 422
+``family_mismatch`` against a base of each other family; a layout its family does not load as
+an upload is a 422 ``unsupported_upload_kind``. The files are real safetensors files with tiny
+tensors and the tensor names of each family's released architecture, in the namings its
+trainers write (diffusers' DreamBooth-LoRA scripts' default target modules, ComfyUI /
+ai-toolkit, kohya-ss, Stability / BFL / ComfyUI single files), with the real block counts: which
+family a file belongs to is read from the family registry's key signatures
+(``cgidm_core/key_signatures.py``), as the gateway reads it.
+
+The names that CANNOT tell two families apart are pinned in :data:`SHARED_NAMES` (a Chroma
+LoRA is a Flux.1 LoRA by its names; Flux.1 bases take no uploads).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save
+
+from cgidm.model_files import classify
+from cgidm_core import families
+from tests.service.inprocess import gateway_in_process
+
+#: registry id of each base -> its family.
+BASES = {"sd3-base": "sd3", "chroma-base": "chroma", "zimage-base": "z-image",
+         "qwen-base": "qwen-image", "flux2-base": "flux2", "sdxl-base": "stable-diffusion-xl",
+         "noobai-vpred": "stable-diffusion-xl", "sd-base": "stable-diffusion"}
+NEW_FAMILY_BASES = {"sd3-base", "chroma-base", "zimage-base", "qwen-base", "flux2-base",
+                    "sdxl-base"}
+
+_ATTN = ("to_q", "to_k", "to_v", "to_out.0")
+_JOINT = (*_ATTN, "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+
+def _lora(modules: list[str], prefix: str = "transformer.") -> list[str]:
+    return [f"{prefix}{m}.{ab}.weight" for m in modules for ab in ("lora_A", "lora_B")]
+
+
+def sd35_large_lora() -> list[str]:
+    """train_dreambooth_lora_sd3.py's default targets on 38 joint blocks (the last one, context
+    pre-only, has no ``to_add_out``)."""
+    return _lora([f"transformer_blocks.{b}.attn.{p}" for b in range(38) for p in _JOINT
+                  if not (b == 37 and p == "to_add_out")])
+
+
+def sd35_medium_lora() -> list[str]:
+    """The same on SD 3.5 medium's 24 blocks, with the second attention of its first 13."""
+    return _lora([f"transformer_blocks.{b}.attn.{p}" for b in range(24) for p in _JOINT
+                  if not (b == 23 and p == "to_add_out")]
+                 + [f"transformer_blocks.{b}.attn2.{p}" for b in range(13) for p in _ATTN])
+
+
+def chroma_lora() -> list[str]:
+    return _lora([f"transformer_blocks.{b}.attn.{p}" for b in range(19) for p in _JOINT]
+                 + [f"single_transformer_blocks.{b}.{p}" for b in range(38)
+                    for p in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out")])
+
+
+def zimage_lora(prefix: str = "transformer.") -> list[str]:
+    """diffusers' naming, or ComfyUI's (``diffusion_model.``, fused ``qkv`` and ``out``)."""
+    attention = _ATTN if prefix == "transformer." else ("qkv", "out")
+    return _lora([f"layers.{b}.attention.{p}" for b in range(30) for p in attention], prefix)
+
+
+def qwen_image_lora(prefix: str = "transformer.") -> list[str]:
+    """train_dreambooth_lora_qwen_image.py's default targets on all 60 blocks (ai-toolkit's
+    ``diffusion_model.`` files name the same modules)."""
+    return _lora([f"transformer_blocks.{b}.attn.{p}" for b in range(60) for p in _ATTN],
+                 prefix)
+
+
+def flux2_klein_lora() -> list[str]:
+    """Klein 4B's 5 double-stream and 20 single-stream blocks (fused ``to_qkv_mlp_proj``)."""
+    return _lora([f"transformer_blocks.{b}.{p}" for b in range(5)
+                  for p in (*(f"attn.{a}" for a in _JOINT), "ff.linear_in", "ff.linear_out")]
+                 + [f"single_transformer_blocks.{b}.attn.{p}" for b in range(20)
+                    for p in ("to_qkv_mlp_proj", "to_out")])
+
+
+def sdxl_kohya_lora() -> list[str]:
+    return [f"lora_{m}.{p}" for m in ("unet_input_blocks_4_1_proj_in",
+                                      "te1_text_model_encoder_layers_0_mlp_fc1",
+                                      "te2_text_model_encoder_layers_0_mlp_fc1")
+            for p in ("lora_down.weight", "lora_up.weight", "alpha")]
+
+
+def sdxl_vpred_single_file() -> list[str]:
+    """A NoobAI-XL v-pred style SGM checkpoint, with its ``v_pred`` / ``ztsnr`` markers."""
+    return ["v_pred", "ztsnr", "model.diffusion_model.input_blocks.0.0.weight",
+            "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
+            "conditioner.embedders.1.model.token_embedding.weight",
+            "first_stage_model.encoder.conv_in.weight"]
+
+
+def sd3_single_file() -> list[str]:
+    """Stability's naming of an SD 3.5 transformer."""
+    return [f"model.diffusion_model.{k}" for k in (
+        "x_embedder.proj.weight", "pos_embed", "context_embedder.weight",
+        "joint_blocks.0.x_block.attn.qkv.weight", "joint_blocks.0.context_block.attn.qkv.weight")]
+
+
+def chroma_single_file() -> list[str]:
+    return ["distilled_guidance_layer.in_proj.weight", "double_blocks.0.img_attn.qkv.weight",
+            "single_blocks.0.linear1.weight", "img_in.weight", "txt_in.weight"]
+
+
+def zimage_single_file() -> list[str]:
+    """ComfyUI's naming of a Z-Image transformer."""
+    return [f"model.diffusion_model.{k}" for k in (
+        "noise_refiner.0.attention.qkv.weight", "context_refiner.0.attention.qkv.weight",
+        "cap_embedder.1.weight", "layers.0.attention.qkv.weight", "x_embedder.weight")]
+
+
+def qwen_image_single_file() -> list[str]:
+    return ["txt_norm.weight", "img_in.weight", "txt_in.weight",
+            "transformer_blocks.0.attn.to_q.weight",
+            "transformer_blocks.0.img_mlp.net.0.proj.weight"]
+
+
+def flux2_single_file() -> list[str]:
+    return ["double_stream_modulation_img.lin.weight", "single_stream_modulation.lin.weight",
+            "double_blocks.0.img_attn.qkv.weight", "img_in.weight"]
+
+
+#: file -> (its names, the base it belongs to, its kind)
+FILES = {
+    "sd35-large-lora": (sd35_large_lora, "sd3-base", "lora"),
+    "sd35-medium-lora": (sd35_medium_lora, "sd3-base", "lora"),
+    "sd3-single-file": (sd3_single_file, "sd3-base", "single_file"),
+    "chroma-lora": (chroma_lora, "chroma-base", "lora"),
+    "chroma-single-file": (chroma_single_file, "chroma-base", "single_file"),
+    "zimage-lora": (zimage_lora, "zimage-base", "lora"),
+    "zimage-comfy-lora": (lambda: zimage_lora("diffusion_model."), "zimage-base", "lora"),
+    "zimage-single-file": (zimage_single_file, "zimage-base", "single_file"),
+    "qwen-lora": (qwen_image_lora, "qwen-base", "lora"),
+    "qwen-aitoolkit-lora": (lambda: qwen_image_lora("diffusion_model."), "qwen-base", "lora"),
+    "qwen-single-file": (qwen_image_single_file, "qwen-base", "single_file"),
+    "flux2-klein-lora": (flux2_klein_lora, "flux2-base", "lora"),
+    "sdxl-kohya-lora": (sdxl_kohya_lora, "sdxl-base", "lora"),
+    "sdxl-vpred-single-file": (sdxl_vpred_single_file, "noobai-vpred", "single_file"),
+}
+#: (file, base of another family) whose names cannot tell the two apart, so the gateway takes
+#: it (the worker's load then checks the layers against the base).
+SHARED_NAMES: set[tuple[str, str]] = set()
+
+
+def _bytes(names: list[str]) -> bytes:
+    tensors = {name: np.zeros((1,) if name in ("v_pred", "ztsnr") or name.endswith(".alpha")
+                              else (1, 2), dtype=np.float32) for name in names}
+    return save(tensors, metadata={"ss_output_name": "sks style"})
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory) -> Iterator[object]:
+    root: Path = tmp_path_factory.mktemp("family_uploads")
+    registry = root / "models.json"
+    registry.write_text(json.dumps({"models": [
+        {"id": base, "family": family, "path": str(root / base)}
+        for base, family in BASES.items()]}))
+    with gateway_in_process(root / "data", registry, max_model_bytes=10**6) as http:
+        yield http
+
+
+def _post(http, name: str, base: str, kind: str | None = None):
+    names, _, _ = FILES[name]
+    fields = {"finetuned_from": base, **({"kind": kind} if kind else {})}
+    return http.post("/models", data=fields,
+                     files={"file": (f"{name}.safetensors", _bytes(names()))})
+
+
+@pytest.mark.parametrize("name", sorted(FILES))
+def test_each_file_is_taken_by_its_family_and_refused_by_the_others(gateway, name):
+    _, own, kind = FILES[name]
+    for base in sorted(NEW_FAMILY_BASES - {own} | {"sd-base"}):
+        if BASES[base] == BASES[own] or (name, base) in SHARED_NAMES:
+            continue
+        refused = _post(gateway, name, base)
+        assert refused.status_code == 422, (name, base, refused.text)
+        [detail] = refused.json()["detail"]
+        assert detail["type"] == "family_mismatch", (name, base, detail)
+        assert detail["loc"] == ["body", "file"]
+        assert families.get(BASES[base]).title in detail["msg"]
+        assert families.title(BASES[own]) in detail["msg"]
+    accepted = _post(gateway, name, own)
+    assert accepted.status_code == 201, accepted.text
+    model = accepted.json()
+    assert (model["kind"], model["family"], model["finetuned_from"]) == (kind, BASES[own], own)
+    assert model["prompt_source"] == "none" or model["prompt"]
+
+
+def test_a_layout_the_family_does_not_load_is_refused_by_name(gateway):
+    """Flux.2 single files are recognised but not loaded (the adapter refuses them), so the
+    gateway refuses them as uploads against a Flux.2 base with their own code."""
+    FILES["flux2-single-file"] = (flux2_single_file, "flux2-base", "single_file")
+    try:
+        refused = _post(gateway, "flux2-single-file", "flux2-base")
+        assert refused.status_code == 422
+        [detail] = refused.json()["detail"]
+        assert detail["type"] == "unsupported_upload_kind"
+        assert "Flux.2 Klein" in detail["msg"] and "lora" in detail["msg"]
+        assert _post(gateway, "flux2-single-file", "sd3-base").json()["detail"][0]["type"] == \
+            "family_mismatch"
+    finally:
+        del FILES["flux2-single-file"]
+
+
+def test_names_that_cannot_tell_two_families_apart_are_the_documented_ones():
+    """A Chroma LoRA has Flux.1's module names, so both claim it, and a Flux.2 Klein LoRA is
+    named as a Flux.2 dev one (Flux.1 and Flux.2 dev bases take no uploads); an attention-only
+    LoRA of SD 3.x's 38 blocks fits Qwen-Image's 60 too. Every other pair of the files above
+    is told apart by the names alone."""
+    chroma = chroma_lora()
+    assert {f.name for f in families.file_claims(chroma, "lora")} == {"flux", "chroma"}
+    with pytest.raises(Exception, match="uploads for 'flux' bases are not supported"):
+        classify(chroma, "flux")
+    attention_only = _lora([f"transformer_blocks.{b}.attn.{p}" for b in range(38)
+                            for p in _ATTN])
+    assert {f.name for f in families.file_claims(attention_only, "lora")} == {
+        "sd3", "qwen-image"}
+    for name, (names, own, kind) in FILES.items():
+        claims = {f.name for f in families.file_claims(names(), kind)}
+        expected = {"chroma-lora": {"flux", "chroma"},  # Flux.2 dev: Klein's module names
+                    "flux2-klein-lora": {"flux2", "flux2-dev"}}.get(name, {BASES[own]})
+        assert claims == expected, name

@@ -1,0 +1,128 @@
+"""Null controls: with a fine-tune equal to its base, the paired verdict score must not tell one
+image from another (cgidm_core.evidence "paired", cgidm_core.null_values, the suite's rule)."""
+
+import copy
+
+import numpy as np
+import pytest
+
+from cgidm_core.evidence import build_evidence, evidence_scores
+from cgidm_core.held_out import fixed_score
+from tests.paths import SHARED_DATA
+
+VANGOGH = SHARED_DATA / "wikiart-vangogh"
+
+
+@pytest.fixture(scope="module")
+def base_against_itself_records(tiny_ddpm_pair):
+    """Records of `authenticate` on a pair whose fine-tune IS its base (4 members' paintings,
+    4 hold-out ones), as a 0-step LoRA is."""
+    from cgidm_core.api import authenticate, load_pair
+    from cgidm_core.inversion import InversionConfig
+
+    pre, ft = tiny_ddpm_pair
+    pair = load_pair(pre, ft)
+    pair.unet_finetuned = copy.deepcopy(pair.unet_pretrained)  # load_pair refuses equal models
+    paths = [*sorted((VANGOGH / "membership").glob("*.jpg"))[:4],
+             *sorted((VANGOGH / "hold_out").glob("*.jpg"))[:4]]
+    results = authenticate(pair, paths, config=InversionConfig(steps=3), batch_size=8)
+    return [r.to_dict() for r in results]
+
+
+def test_paired_score_is_the_same_for_every_image_when_the_finetune_is_the_base(
+        base_against_itself_records):
+    records = base_against_itself_records
+    # zero contrast along the whole inversion and at the original, for every image
+    for record in records:
+        assert record["inversion_scores"]["objective_second_half"] == 0.0
+        assert record["attack_scores"]["contrast"] == 0.0
+    paired = evidence_scores(records, "paired")
+    assert paired == [0.0] * len(records)
+    # the old verdict's score still ranks the images: what the images are, not a fine-tune
+    fused = evidence_scores(records, "fused")
+    assert np.std(fused) > 0.5
+    doc = build_evidence(records[:4], records[4:], alpha=0.05)
+    assert doc["evidence"]["score"] == "paired" and "fallback_from" not in doc["evidence"]
+    assert {r["p_value"] for r in doc["images"]} == {1.0}  # every control ties every image
+
+
+def test_paired_falls_back_to_the_contrast_when_a_record_lacks_the_objective(
+        base_against_itself_records):
+    """A record of an older cgidm (no inversion_scores), or an objective that overflowed."""
+    records = [dict(r) for r in base_against_itself_records]
+    records[0] = {k: v for k, v in records[0].items() if k != "inversion_scores"}
+    doc = build_evidence(records[:4], records[4:])
+    assert doc["evidence"]["score"] == "contrast"
+    assert doc["evidence"]["fallback_from"] == "paired"
+    assert "objective_second_half" in doc["evidence"]["fallback_reason"]
+    assert doc["evidence"]["components"] == ["attack:contrast"]
+
+
+def test_suite_gain_over_the_start_is_exactly_null_on_a_null_pair():
+    """A recovery that never left its start (decoded in another batch: 1e-6 apart) gives a
+    gain of 0 for every image, not z-scored float noise; the unpaired similarity still
+    separates the images."""
+    from cgidm_core.suite_scores import candidate_scores
+
+    rng = np.random.default_rng(0)
+    start = np.concatenate([rng.uniform(0.5, 0.6, 5), rng.uniform(0.3, 0.4, 5)])
+    values = {"default/final/ssim": list(start + rng.normal(0, 1e-6, 10)),
+              "default/final/psnr": list(start * 30), "contrast": [0.0] * 10}
+    null = {"start/ssim": list(start), "start/psnr": list(start * 30)}
+    scores = candidate_scores(values, 100, null)
+    assert list(scores["gain-start:ssim"][1]) == [0.0] * 10
+    assert list(scores["fuse:gain-start+contrast"][1]) == [0.0] * 10
+    biased = scores["default:ssim@final"][1]
+    assert min(biased[:5]) > max(biased[5:])  # AUC 1 with no fine-tune
+
+
+def test_eligibility_rule_of_the_null_controls():
+    from benchmarks.null_controls import eligibility
+
+    def row(auc, lo, hi):
+        return {"auc": auc, "ci": [lo, hi]}
+
+    results = [
+        {"pair": "null/a", "rows": {"paired": row(0.5, 0.5, 0.5), "ssim": row(0.84, 0.61, 0.99),
+                                    "loss": row(0.58, 0.31, 0.82), "wide": row(0.7, 0.45, 0.9)}},
+        {"pair": "null/b", "rows": {"paired": row(0.5, 0.5, 0.5), "loss": row(0.30, 0.1, 0.55)}},
+    ]
+    verdict = eligibility(results)
+    assert verdict["paired"] == ""
+    assert "0.84" in verdict["ssim"] and "null/a" in verdict["ssim"]  # interval excludes 0.5
+    assert "null/b" in verdict["loss"]  # outside [0.35, 0.65] on the second null pair
+    assert verdict["wide"] != ""  # interval reaches 0.5 but the estimate is outside the band
+
+
+def test_fixed_score_worst_and_mean_with_intervals():
+    scores = {"p1": ([3.0, 4.0], [1.0, 2.0]), "p2": ([1.0, 4.0], [2.0, 3.0])}
+    row = fixed_score(scores, n_bootstrap=50)
+    assert (row["worst"], row["mean"], row["pairs"]) == (0.5, 0.75, 2)
+    assert row["worst_ci"][0] <= row["worst_ci"][1] and row["mean_ci"][0] <= 0.75
+
+
+def test_null_values_use_the_seeds_of_the_checks_own_inversions(tiny_ddpm_pair, tmp_path):
+    """The cached null values (cgidm_core.null_values) are the base recovery `authenticate`
+    makes for the same image: same per-image seeds and noise draws, so a difference between a
+    pair's value and the null value is not noise of other draws. Cached per image: a second
+    call computes nothing."""
+    from dataclasses import replace
+
+    from cgidm_core.api import authenticate, load_pair
+    from cgidm_core.inversion import InversionConfig
+    from cgidm_core.null_values import cached_null_values, compute_null_values
+
+    pre, ft = tiny_ddpm_pair
+    pair = load_pair(pre, ft)
+    files = sorted((VANGOGH / "membership").glob("*.jpg"))[:2]
+    config = InversionConfig(steps=3)
+    results = authenticate(pair, files, config=replace(config, base_recovery=True),
+                           attack_scores=())
+    null = compute_null_values(pair, files, tmp_path / "null", config)
+    assert null["base/ssim"] == pytest.approx(
+        [r.extra["base_recovery"]["ssim"] for r in results], abs=1e-6)
+    assert null["base/psnr"] == pytest.approx(
+        [r.extra["base_recovery"]["psnr"] for r in results], abs=1e-5)
+    assert cached_null_values(tmp_path / "null", files) == null
+    other = compute_null_values(pair, files, tmp_path / "other", replace(config, seed=1))
+    assert other["base/ssim"] != null["base/ssim"]  # the seeds matter: the check is not vacuous

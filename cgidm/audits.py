@@ -13,9 +13,10 @@ An audit is one portfolio against many models (cgidm_core.audit). Everything liv
     error.json                a worker, when the audit cannot go on (a model failed to load)
     cancel                    the gateway, when the client cancels
 
-Why per-model objects: a worker lost mid-audit costs only the model it was running. Its Celery
-message is redelivered (late acknowledgement) and the subtask skips every model whose
-``models/NNNN.json`` exists. The status a client sees is derived from which objects exist.
+Why per-model objects: a worker lost mid-audit costs only the model it was running. Its group's
+lease lapses, a reaper hands the group out again (cgidm/audit_leases.py) and the new attempt
+skips every model whose ``models/NNNN.json`` exists. The status a client sees is derived from
+which objects exist.
 """
 
 from __future__ import annotations
@@ -196,10 +197,14 @@ class AuditStore:
     def save_model(self, audit_id: str, index: int, entry: dict[str, Any]) -> None:
         self.storage.put_json(self.model_key(audit_id, index), entry)
 
-    def save_progress(self, audit_id: str, index: int, done: int, total: int) -> None:
-        self.storage.put_json(self.progress_key(audit_id, index),
-                              {"steps_done": done, "steps_total": total,
-                               "at": datetime.now(timezone.utc).isoformat()})
+    def save_progress(self, audit_id: str, index: int, done: int, total: int,
+                      stopped: str | None = None) -> None:
+        """``stopped``: why a model stopped for good before it was done (``cancelled``)."""
+        record: dict[str, Any] = {"steps_done": done, "steps_total": total,
+                                  "at": datetime.now(timezone.utc).isoformat()}
+        if stopped:
+            record["stopped"] = stopped
+        self.storage.put_json(self.progress_key(audit_id, index), record)
 
     def save_result(self, audit_id: str, document: dict[str, Any]) -> None:
         self.storage.put_json(f"{audit_prefix(audit_id)}result.json", document)
@@ -232,6 +237,8 @@ class AuditStore:
                 row.update(state="done", tier=entry.get("tier"),
                            screen_p_value=entry.get("screen_p_value"),
                            p_value=entry.get("p_value"))
+            elif status == "cancelled":  # stopped where it was, or never started
+                row.update(running.get(i, {}), state="cancelled")
             elif i in running:
                 row.update(state="running", **running[i])
             else:

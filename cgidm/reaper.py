@@ -1,5 +1,6 @@
 """The reaper: hands out again the jobs whose worker was lost, or ends them when they keep
-killing workers.
+killing workers. Audit groups hold leases in the same store and are handed out again by the
+same pass (:mod:`cgidm.audit_leases`).
 
 A thread in every worker process and in every gateway process (safe to run in all at once: a
 lapsed lease is taken over atomically by exactly one reaper, see :func:`cgidm.leases.reap_step`).
@@ -96,6 +97,18 @@ class Reaper(threading.Thread):
         return taken
 
     def handle(self, reaped: Reaped) -> None:
+        from cgidm.audit_leases import hand_out_again, parse_group_lease_id
+
+        if parse_group_lease_id(reaped.job_id) is not None:  # an audit's group, not a job
+            from cgidm.audits import AuditStore
+
+            outcome = hand_out_again(AuditStore(self.store.storage), self.celery, self.settings,
+                                     reaped)
+            if outcome in ("missing", "finished"):
+                self.leases.done(reaped.job_id, reaped.attempt)
+                return
+            self.leases.settle(reaped, self.reaper)
+            return
         try:
             record = self.store.load(reaped.job_id)
         except JobNotFound:

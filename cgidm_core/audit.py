@@ -61,6 +61,14 @@ MAX_AUDIT_MODELS = 500
 
 TIER_SCREEN = "screen"
 TIER_FULL = "full"
+#: A model that could not be tested (its files missing or unreadable, the wrong family, a
+#: failure while it ran): recorded with its error, never ranked, flagged or counted in the
+#: correction across models (see :func:`decide_models`).
+TIER_ERROR = "error"
+#: The note every failed model carries in an audit document.
+ERROR_NOTE = ("not tested: this model failed (see error), so it has no p-value; it is left out "
+              "of the ranking and of the correction across models, and the error level holds "
+              "for the models that were tested. Fix the reference and audit it again.")
 
 
 @dataclass(frozen=True)
@@ -194,6 +202,16 @@ def needs_full_verdict(screen_p_value: float, clear_p: float = SCREEN_CLEAR_P) -
     return float(screen_p_value) <= clear_p
 
 
+def failed_entry(index: int, model: AuditModel, exc: BaseException) -> dict[str, Any]:
+    """The entry of a model that could not be tested: its reference, the error's code and
+    message (what the user must fix), no p-value. The CLI and the service record it the same
+    way and go on with the other models."""
+    code = getattr(exc, "code", None) or type(exc).__name__
+    return {"index": index, **model.to_dict(), "tier": TIER_ERROR,
+            "error": {"code": str(code), "message": str(exc)}, "p_value": None,
+            "screen_p_value": None, "cleared_by_screen": False}
+
+
 def decide_models(entries: Sequence[Mapping[str, Any]], *, level: float = DEFAULT_LEVEL,
                   correction: str = DEFAULT_CORRECTION) -> list[dict[str, Any]]:
     """Rank the models of an audit and decide over all of them.
@@ -203,13 +221,22 @@ def decide_models(entries: Sequence[Mapping[str, Any]], *, level: float = DEFAUL
     p-value, then screen p-value, then AUC (higher first), then input order; each gains
     ``rank`` (1 = strongest evidence), ``q_value`` (the adjusted p-value of ``correction``) and
     ``flagged`` (``q_value <= level``).
+
+    Models that failed (``tier`` ``"error"``, :func:`failed_entry`) come after the ranked ones
+    with ``rank``, ``p_value`` and ``q_value`` None, ``flagged`` False and :data:`ERROR_NOTE`:
+    they are not in the family the correction runs over. Why not p = 1 inside the family: an
+    untested model would then raise every other model's q-value (BH and Holm grow with the
+    family's size) for no evidence at all, and a p-value it never had would be reported.
     """
     level = check_level(level)
     check_correction(correction)
     models = [dict(e) for e in entries]
-    adjusted = adjust_p_values([float(m["p_value"]) for m in models], correction)
-    for i, (model, q) in enumerate(zip(models, adjusted, strict=True)):
+    for i, model in enumerate(models):
         model.setdefault("index", i)
+    tested = [m for m in models if m.get("tier") != TIER_ERROR]
+    failed = [m for m in models if m.get("tier") == TIER_ERROR]
+    adjusted = adjust_p_values([float(m["p_value"]) for m in tested], correction)
+    for model, q in zip(tested, adjusted, strict=True):
         model["q_value"] = q
         model["flagged"] = bool(q <= level)
 
@@ -219,10 +246,13 @@ def decide_models(entries: Sequence[Mapping[str, Any]], *, level: float = DEFAUL
         return (float(m["p_value"]), 1.0 if screen is None else float(screen),
                 -(0.0 if auc is None else float(auc)), int(m["index"]))
 
-    models.sort(key=key)
-    for rank, model in enumerate(models, start=1):
+    tested.sort(key=key)
+    for rank, model in enumerate(tested, start=1):
         model["rank"] = rank
-    return models
+    for model in sorted(failed, key=lambda m: int(m["index"])):
+        model.update(rank=None, p_value=None, q_value=None, flagged=False, note=ERROR_NOTE)
+        tested.append(model)
+    return tested
 
 
 def decision_settings(level: float, correction: str, clear_p: float) -> dict[str, Any]:

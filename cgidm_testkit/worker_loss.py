@@ -10,6 +10,7 @@ test-only ``CGIDM_TEST_FAULTS`` hook are set; ``CGIDM_VISIBILITY_TIMEOUT`` (4,50
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 import uuid
@@ -19,10 +20,12 @@ from pathlib import Path
 import httpx
 
 from cgidm_testkit.processes import (
+    BUCKET,
     bucket_keys,
     kill_process,
     launch_worker,
     png_bytes,
+    s3_client,
     stack_env,
     start_gateway,
     stop_process,
@@ -82,6 +85,25 @@ class LossStack:
             files=[("images", ("p.png", png_bytes(seed), "image/png"))])
         assert response.status_code == 202, response.text
         return response.json()["job_id"]
+
+    def submit_audit(self, models: list[dict], steps: int, images: int = 2) -> str:
+        """An audit of ``models`` (every one gets the full verdict: screen_clear_p 1), ``images``
+        generated pictures against as many controls."""
+        files = [("images", (f"i{k}.png", png_bytes(k), "image/png")) for k in range(images)]
+        files += [("controls", (f"c{k}.png", png_bytes(50 + k), "image/png"))
+                  for k in range(images)]
+        response = self.client.post("/audits", files=files, data={
+            "models": json.dumps(models), "steps": str(steps), "screen_clear_p": "1"})
+        assert response.status_code == 202, response.text
+        return response.json()["audit_id"]
+
+    def audit_entries(self, audit_id: str) -> dict[int, dict]:
+        """Index -> the model entry stored in S3 (``audits/<id>/models/NNNN.json``)."""
+        client = s3_client(self.s3)
+        base = f"{self.prefix}/audits/{audit_id}/models/"
+        return {int(key.rsplit("/", 1)[1].removesuffix(".json")): json.loads(
+                    client.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+                for key in bucket_keys(self.s3, base)}
 
     def warm(self, count: int = 1) -> None:
         """Run short jobs until every worker has loaded torch and the pair."""

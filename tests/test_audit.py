@@ -156,3 +156,29 @@ def test_model_lists_are_validated_without_numpy():
             "a.decision_settings(0.05, 'bh', a.SCREEN_CLEAR_P)\n"
             "assert 'numpy' not in sys.modules, 'numpy was imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_failed_models_are_reported_but_not_ranked_flagged_or_corrected_over():
+    """A model that could not be tested keeps its error and a note, comes after the ranked ones
+    with no rank, p or q, and is not in the family: the tested models' q-values are those of a
+    family without it (BH over 2 models, not 3)."""
+    from cgidm_core.audit import ERROR_NOTE, TIER_ERROR, AuditModel, failed_entry
+
+    broken = failed_entry(1, AuditModel("base", "missing/path"),
+                          FileNotFoundError("no model at missing/path"))
+    assert broken["tier"] == TIER_ERROR and broken["p_value"] is None
+    assert broken["error"] == {"code": "FileNotFoundError", "message": "no model at missing/path"}
+    entries = [{"index": 0, "p_value": 0.02, "tier": "full"}, broken,
+               {"index": 2, "p_value": 0.04, "tier": "full"}]
+    ranked = decide_models(entries, level=0.05)
+    assert [m["index"] for m in ranked] == [0, 2, 1]
+    assert [m["rank"] for m in ranked] == [1, 2, None]
+    assert ranked[0]["q_value"] == pytest.approx(0.04) and ranked[1]["q_value"] == \
+        pytest.approx(0.04)  # BH over two: with the failed one as p = 1 they would be 0.06
+    assert ranked[0]["flagged"] and ranked[1]["flagged"]
+    failed = ranked[2]
+    assert failed["flagged"] is False and failed["q_value"] is None and failed["p_value"] is None
+    assert failed["note"] == ERROR_NOTE and failed["error"]["message"] == "no model at missing/path"
+    # only failures: nothing ranked, nothing flagged, no error from the correction
+    only = decide_models([broken])
+    assert only[0]["rank"] is None and not only[0]["flagged"]

@@ -141,3 +141,51 @@ def test_audit_report_pdf_names_the_flagged_model_and_shows_its_pictures(audited
     sources = re.findall(r'<img[^>]*src="([^"]*)"', page)
     assert len(sources) == 5 and all(s.startswith("data:image/png") for s in sources)
     assert page.count("has the sha256 recorded in the signed audit") == 5
+
+
+# ------------------------------------------------------------------------------------------
+# a model that cannot be loaded (issue #27)
+
+
+@pytest.mark.slow  # builds tiny models and runs one: about 7 s
+def test_audit_goes_on_past_models_that_fail_and_exits_partial(tiny_ddpm_pair, tmp_path,
+                                                               capsys):
+    """A missing path and a fine-tune of another family (flow matching on a DDPM base): each is
+    recorded with its error and a note, not ranked, not flagged and out of the correction; the
+    good model is audited and ranked alone; exit status 5 (partial)."""
+    from cgidm.commands.audit import EXIT_PARTIAL
+    from cgidm_core.audit import ERROR_NOTE
+    from cgidm_testkit.processes import png_bytes
+    from cgidm_testkit.tinymodels import make_tiny_pixel_flow_pair
+
+    pre, ft = tiny_ddpm_pair
+    _, flow_ft = make_tiny_pixel_flow_pair(tmp_path / "flow")
+    for role, seeds in (("images", (1, 2, 3)), ("controls", (11, 12, 13))):
+        (tmp_path / role).mkdir()
+        for k in seeds:
+            (tmp_path / role / f"{role[0]}{k}.png").write_bytes(png_bytes(k))
+    missing = tmp_path / "no-such-model"
+    models = [{"pretrained": str(pre), "finetuned": str(missing)},
+              {"pretrained": str(pre), "finetuned": str(ft)},
+              {"pretrained": str(pre), "finetuned": str(flow_ft)}]
+    code = main(["audit", "--images", str(tmp_path / "images"), "--controls",
+                 str(tmp_path / "controls"), "--models", json.dumps(models),
+                 "--out", str(tmp_path / "out"), "--steps", "2", "--screen-clear-p", "1"])
+    captured = capsys.readouterr()
+    assert code == EXIT_PARTIAL == 5, captured.err
+    assert "2 of 3 model(s) could not be tested" in captured.err
+    doc = json.loads((tmp_path / "out" / "audit.json").read_text())
+    good, *failed = doc["models"]
+    assert good["finetuned"] == str(ft) and good["rank"] == 1 and good["tier"] == "full"
+    assert good["q_value"] == pytest.approx(good["p_value"])  # BH over a family of one
+    assert [m["finetuned"] for m in failed] == [str(missing), str(flow_ft)]
+    for model in failed:
+        assert model["tier"] == "error" and model["rank"] is None
+        assert model["p_value"] is None and model["q_value"] is None and not model["flagged"]
+        assert model["note"] == ERROR_NOTE
+    assert "not found" in failed[0]["error"]["message"]
+    assert "flow-matching" in failed[1]["error"]["message"]
+    assert doc["counts"]["errors"] == 2 and doc["counts"]["models"] == 3
+    assert doc["counts"]["flagged"] == 0
+    assert "FAILED, not tested" in captured.out  # said as it happened and in the table
+    assert main(["verify-audit", str(tmp_path / "out")]) == 0  # signed as usual

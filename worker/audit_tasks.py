@@ -4,9 +4,11 @@
 job of that base (cgidm.queue_routing), so the worker that has the base loaded gets its models.
 Each subtask audits its models one by one (cgidm_core.audit_run: screen, full verdict where the
 screen cannot clear), stores each model's entry and pictures as soon as it is done, and the
-subtask that stores the last model assembles the ranked, decided result. The tasks keep Celery's
-late acknowledgement: a subtask whose worker is lost is redelivered and skips the models already
-stored (cgidm/audits.py), so a lost worker costs only the model it was running.
+subtask that stores the last model assembles the ranked, decided result. Each group subtask holds
+a lease, as a job does (cgidm/audit_leases.py, cgidm/leases.py): a subtask whose worker is lost
+is handed out again by a reaper once its lease lapses (about a minute at the defaults) and skips
+the models already stored (cgidm/audits.py), so a lost worker costs only the model it was
+running. Celery's late acknowledgement stays as the backstop.
 """
 
 from __future__ import annotations
@@ -26,11 +28,11 @@ from cgidm.audits import (
     model_groups,
 )
 from cgidm.model_refs import looks_like_reference
-from cgidm.queue_routing import queue_for_pair
 from cgidm.settings import get_settings
 from cgidm.storage import StorageError, StorageUnavailable
 from worker.celery_app import celery_app
 from worker.context import WorkerContext, get_context
+from worker.leasing import LeaseKeeper
 
 if TYPE_CHECKING:  # annotations only: remote_models is imported where a reference is fetched
     from cgidm.registry import ModelEntry
@@ -57,6 +59,8 @@ def _store(ctx: WorkerContext) -> AuditStore:
 def start_audit(audit_id: str) -> str:
     """Send one group subtask per base (only the models not yet stored), or assemble at once
     when every model is already done (a redelivered message after the last one finished)."""
+    from cgidm.audit_leases import send_group
+
     ctx = get_context()
     store = _store(ctx)
     try:
@@ -67,11 +71,10 @@ def start_audit(audit_id: str) -> str:
         return "finished"
     done = store.done_models(audit_id)
     sent = 0
-    for base, indices in model_groups(request.models):
+    for group, (base, indices) in enumerate(model_groups(request.models)):
         todo = [i for i in indices if i not in done]
         if todo:
-            celery_app.send_task(AUDIT_GROUP_TASK, args=[audit_id, todo],
-                                 queue=queue_for_pair(base, base, ctx.settings))
+            send_group(celery_app, ctx.settings, audit_id, group, base, todo)
             sent += 1
     if not sent:
         assemble(store, request)
@@ -82,32 +85,74 @@ def start_audit(audit_id: str) -> str:
                  retry_backoff=_SETTINGS.storage_retry_backoff,
                  retry_backoff_max=_SETTINGS.storage_retry_backoff_max, retry_jitter=True,
                  max_retries=_SETTINGS.storage_retries)
-def audit_group(audit_id: str, indices: list[int]) -> str:
-    """Run one group; a storage outage retries the subtask (the models stored are skipped), any
-    other failure ends the audit ``failed`` with its message rather than leaving it running."""
+def audit_group(audit_id: str, indices: list[int], attempt: int = 1,
+                group: int | None = None) -> str:
+    """Run one attempt of one group under its lease (cgidm/audit_leases.py): a lost worker's
+    group is handed out again by a reaper within about a lease's length, not after the broker's
+    visibility timeout. A storage outage retries the subtask (the models stored are skipped);
+    any other failure ends the audit ``failed`` with its message rather than leaving it
+    running. A message without a group number (sent before leases) runs without one."""
+    from cgidm.audit_leases import group_lease_id
+    from cgidm_core.errors import Cancelled
+
     ctx = get_context()
     store = _store(ctx)
     try:
         request = store.load_request(audit_id)
     except AuditNotFound:
         return "missing"
+    lease_id = group_lease_id(audit_id, group if group is not None else -1)
+    keeper = LeaseKeeper(ctx.leases if group is not None else None, ctx.settings, lease_id,
+                         attempt, ctx.worker_id)
     if store.result(audit_id) is not None or store.cancelled(audit_id):
+        keeper.done()
         return "finished"
-    from cgidm_core.errors import Cancelled
-
+    base = request.models[indices[0]].pretrained if indices else ""
+    claim = keeper.claim((base, base))
+    if not claim.ok:
+        log.warning("audit %s group %s: delivery of attempt %d dropped: %s (current attempt "
+                    "%d)", audit_id, group, attempt, claim.verdict, claim.current)
+        return "stale"
+    keeper.start()
     try:
-        run_group(ctx, store, request, indices)
+        run_group(ctx, store, request, indices, keeper)
+        if not keeper.commit():  # superseded: the current attempt assembles
+            return "stale"
     except Cancelled:
+        if keeper.lost.is_set():
+            log.warning("audit %s group %s: attempt %d was handed out again; stopped", audit_id,
+                        group, attempt)
+            return "stale"
         log.info("audit %s cancelled", audit_id)
+        _mark_stopped(store, request, indices)
+        keeper.done()
         return "cancelled"
     except StorageError:
+        # retried from the start by the task (same attempt); the lease is held meanwhile
+        keeper.hold(ctx.settings.storage_retry_backoff_max + ctx.settings.lease_ttl)
         raise
     except Exception as exc:
+        if keeper.lost.is_set():  # superseded: the current attempt decides
+            return "stale"
         log.exception("audit %s failed", audit_id)
         store.save_error(audit_id, getattr(exc, "code", None) or type(exc).__name__, str(exc))
+        keeper.done()
         return "failed"
+    finally:
+        keeper.stop()
     assemble(store, request)
+    keeper.done()
     return "done"
+
+
+def _mark_stopped(store: AuditStore, request: AuditRequest, indices: list[int]) -> None:
+    """After a cancel: the group's model that was running keeps its progress object, marked
+    stopped, so storage says how far it got and that nothing runs any more."""
+    done = store.done_models(request.audit_id)
+    for index, progress in store.progress(request.audit_id).items():
+        if index in indices and index not in done:
+            store.save_progress(request.audit_id, index, progress.get("steps_done", 0),
+                                progress.get("steps_total", 0), stopped="cancelled")
 
 
 class _GroupCallbacks:
@@ -117,10 +162,11 @@ class _GroupCallbacks:
     skip it), progress writes and cancel looks, both throttled so storage is not hammered."""
 
     def __init__(self, ctx: WorkerContext, store: AuditStore, request: AuditRequest,
-                 todo: list[int]):
+                 todo: list[int], keeper: LeaseKeeper):
         from cgidm_core.audit import AuditModel
 
-        self.ctx, self.store, self.request = ctx, store, request
+        self.ctx, self.store, self.request, self.keeper = ctx, store, request, keeper
+        self.attempt = keeper.attempt
         self.resolver = ctx.resolver(request.owner)
         self.models = [self._spec(i) if i in todo
                        else AuditModel(m.pretrained, m.finetuned, m.prompt)
@@ -157,6 +203,10 @@ class _GroupCallbacks:
         return pair
 
     def on_model(self, outcome: Any) -> None:
+        from cgidm_core.errors import Cancelled
+
+        if self.keeper.lost.is_set():  # handed out again: the current attempt stores it
+            raise Cancelled("this attempt of the audit group was handed out again")
         audit_id = self.request.audit_id
         entry = dict(outcome.entry)
         index = entry["index"]
@@ -167,6 +217,7 @@ class _GroupCallbacks:
             # the pictures are evidence too: the signed result covers their hashes
             entry["picture_sha256"] = {name: digests for name, (_, digests) in stored.items()}
         entry["worker_id"] = self.ctx.worker_id
+        entry["attempt"] = self.attempt  # which delivery of the group computed it
         entry["finished_at"] = time.time()
         self.store.save_model(audit_id, index, entry)
         self.entries[index] = entry
@@ -186,10 +237,16 @@ class _GroupCallbacks:
                  for kind in ("side_by_side", "recovered")}, digests)
 
     def on_error(self, index: int, exc: Exception) -> dict[str, Any]:
-        code = getattr(exc, "code", None) or type(exc).__name__
-        entry = {"index": index, **self.models[index].to_dict(), "tier": "error",
-                 "error": {"code": str(code), "message": str(exc)}, "p_value": 1.0,
-                 "screen_p_value": None, "cleared_by_screen": False,
+        """A model that cannot be loaded or run is stored as failed, with its message (not
+        ranked, not flagged, outside the correction: cgidm_core.audit.decide_models); the
+        group goes on with its other models."""
+        from cgidm_core.audit import failed_entry
+        from cgidm_core.errors import Cancelled
+
+        if self.keeper.lost.is_set():  # handed out again: the current attempt records it
+            raise Cancelled("this attempt of the audit group was handed out again")
+        entry = {**failed_entry(index, self.models[index], exc),
+                 "worker_id": self.ctx.worker_id, "attempt": self.attempt,
                  "finished_at": time.time()}
         log.warning("audit %s: model %d failed: %s", self.request.audit_id, index, exc)
         self.store.save_model(self.request.audit_id, index, entry)
@@ -202,6 +259,8 @@ class _GroupCallbacks:
             self.store.save_progress(self.request.audit_id, index, step, total)
 
     def should_cancel(self) -> bool:
+        if self.keeper.lost.is_set():  # this attempt's lease lapsed and it was handed out again
+            return True
         now = time.monotonic()
         if now - self._last["cancel"] >= CANCEL_INTERVAL:
             self._last["cancel"] = now
@@ -210,7 +269,7 @@ class _GroupCallbacks:
 
 
 def run_group(ctx: WorkerContext, store: AuditStore, request: AuditRequest,
-              indices: list[int]) -> None:
+              indices: list[int], keeper: LeaseKeeper) -> None:
     """Audit the models at ``indices`` that are not stored yet, storing each as it finishes."""
     from cgidm_core.audit_run import AuditSettings, run_audit
     from cgidm_core.images import load_image
@@ -227,7 +286,7 @@ def run_group(ctx: WorkerContext, store: AuditStore, request: AuditRequest,
     controls = [load_image(ctx.store.read_input(item.key), name=item.name)
                 for item in request.controls]
     # 3. Screen and (where the screen cannot clear) invert each model, storing it as it ends.
-    calls = _GroupCallbacks(ctx, store, request, todo)
+    calls = _GroupCallbacks(ctx, store, request, todo, keeper)
     # only "steps" (an int) can be in the mapping, which mypy cannot see through **
     config = InversionConfig(seed=request.seed, **({"steps": request.steps}  # type: ignore[arg-type]
                                                    if request.steps else {}))

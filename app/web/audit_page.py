@@ -1,8 +1,11 @@
 """The audit page: an audit as a ranked table, with the evidence pictures of the top hits.
 
-Server-rendered (no script): the gateway reads the audit's stored result and embeds the pictures
-of the flagged models as data URIs, so the page needs no further authorised requests. It answers
-the owner's key like the API (in local mode, any request from this machine).
+Like the job page, ``/audits/{id}/page`` is the same for everyone and holds no audit data: a
+browser cannot send the API key on a plain navigation, so the page's script (app.js, the key
+the person signed in with, from sessionStorage) asks ``/audits/{id}/fragment.html`` with it,
+until the audit ends. The fragment answers the owner's key like the API (in local mode, any
+request from this machine); it is rendered by the server, with the pictures of the flagged
+models embedded as data URIs, so it needs no further authorised requests.
 """
 
 from __future__ import annotations
@@ -45,15 +48,26 @@ def _pictures(services: Services, audit_id: str, model: dict[str, Any]) -> list[
 
 @router.get("/audits/{audit_id}/page", response_class=HTMLResponse,
             operation_id="audit_page")
-def audit_page(request: Request, audit_id: str, services: ServicesDep,
-               caller: CallerDep) -> HTMLResponse:
+def audit_page(request: Request, audit_id: str, services: ServicesDep) -> HTMLResponse:
+    """The page shell; the id in the URL brings a reload or a shared link back to the audit."""
+    response = templates.TemplateResponse(request, "audit.html", {
+        "audit_id": audit_id, "keys_required": bool(services.settings.api_key_hashes)})
+    response.headers["Content-Security-Policy"] = PAGE_CSP
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@router.get("/audits/{audit_id}/fragment.html", response_class=HTMLResponse,
+            operation_id="audit_fragment")
+def audit_fragment(request: Request, audit_id: str, services: ServicesDep,
+                   caller: CallerDep) -> HTMLResponse:
+    """The audit as an HTML fragment for the page: status, per-model progress while it runs,
+    then the ranked table and the pictures of the top hits."""
     view = audit_view(services, load_audit(services, audit_id, caller))
     result = view.get("result") or {}
     hits = [m for m in result.get("models", []) if m.get("flagged")][:TOP_HITS]
     pictures = {m["index"]: _pictures(services, audit_id, m) for m in hits}
-    response = templates.TemplateResponse(request, "audit.html", {
-        "audit": view, "result": result, "hits": hits, "pictures": pictures,
-        "keys_required": False})
-    response.headers["Content-Security-Policy"] = PAGE_CSP
+    response = templates.TemplateResponse(request, "audit_fragment.html", {
+        "audit": view, "result": result, "hits": hits, "pictures": pictures})
     response.headers["Cache-Control"] = "no-store"
     return response

@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from .common import expand_images
+
+#: Exit status of an audit that finished but could not test every model (each failed one is
+#: in audit.json with its error); 0 when every model was tested.
+EXIT_PARTIAL = 5
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -111,16 +116,25 @@ def _audit_settings(args: argparse.Namespace, level: float) -> Any:
                          inversion=config, batch_size=args.batch_size)
 
 
+def _num(value: float | None) -> str:
+    return f"{value:>9.3g}" if value is not None else f"{'-':>9}"
+
+
 def _print_ranking(ranked: list[dict[str, Any]], counts: dict[str, int], correction: str,
                    level: float, wrote: str) -> None:
     print(f"{'rank':>4}  {'p':>9}  {'q':>9}  {'screen p':>9}  flagged  model")
     for m in ranked:
-        print(f"{m['rank']:>4}  {m['p_value']:>9.3g}  {m['q_value']:>9.3g}  "
-              f"{m['screen_p_value']:>9.3g}  {'yes' if m['flagged'] else 'no':>7}  "
+        if m.get("error"):
+            print(f"{'-':>4}  {'FAILED, not tested:':>40}  {m['finetuned']}: "
+                  f"{m['error']['message']}")
+            continue
+        print(f"{m['rank']:>4}  {_num(m['p_value'])}  {_num(m['q_value'])}  "
+              f"{_num(m['screen_p_value'])}  {'yes' if m['flagged'] else 'no':>7}  "
               f"{m['finetuned']}")
-    print(f"{counts['flagged']} of {counts['models']} model(s) flagged at "
-          f"{'FDR' if correction == 'bh' else 'FWER'} {level:g}; {counts['full_verdicts']} "
-          f"needed the full verdict; {wrote}")
+    failed = f"; {counts['errors']} failed and were left out" if counts["errors"] else ""
+    print(f"{counts['flagged']} of {counts['models'] - counts['errors']} tested model(s) "
+          f"flagged at {'FDR' if correction == 'bh' else 'FWER'} {level:g}; "
+          f"{counts['full_verdicts']} needed the full verdict{failed}; {wrote}")
 
 
 def _signed(document: dict[str, Any]) -> dict[str, Any]:
@@ -146,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
         check_level,
         decide_models,
         decision_settings,
+        failed_entry,
         parse_models,
     )
     from cgidm_core.audit_run import run_audit
@@ -190,9 +205,15 @@ def run(args: argparse.Namespace) -> int:
         pictures[entry["index"]] = saved
         hashes[entry["index"]] = digests
 
+    def failed(index: int, exc: Exception) -> dict[str, Any]:
+        """A model that cannot be loaded or run: recorded with its error, the others go on."""
+        print(f"[{index + 1}/{len(models)}] {models[index].finetuned}: FAILED, not tested: "
+              f"{exc}", flush=True)
+        return failed_entry(index, models[index], exc)
+
     started = time.perf_counter()
     entries = run_audit(models, images, controls, image_names, control_names,
-                        make_loader(args), settings, on_model=save)
+                        make_loader(args), settings, on_model=save, on_error=failed)
     ranked = decide_models(entries, level=level, correction=correction)
     for model in ranked:
         if model["flagged"] and model["index"] in pictures:
@@ -203,18 +224,37 @@ def run(args: argparse.Namespace) -> int:
     document: dict[str, Any] = {
         "models": ranked,
         "decision": decision_settings(level, correction, clear_p),
-        "counts": {"models": len(ranked),
-                   "full_verdicts": sum(m["tier"] == "full" for m in ranked),
-                   "cleared_by_screen": sum(m["cleared_by_screen"] for m in ranked),
-                   "flagged": sum(m["flagged"] for m in ranked)},
+        "counts": _counts(ranked),
         "images": image_names,
         "controls": control_names,
         "settings": {"inversion": config.to_dict(), "batch_size": args.batch_size},
         "software": software(),
         "seconds": round(elapsed, 2),
     }
-    document = _signed(document)
+    return _write(_signed(document), out_dir, correction, level, elapsed)
+
+
+def _counts(ranked: list[dict[str, Any]]) -> dict[str, int]:
+    from cgidm_core.audit import TIER_ERROR
+
+    return {"models": len(ranked),
+            "full_verdicts": sum(m["tier"] == "full" for m in ranked),
+            "cleared_by_screen": sum(m["cleared_by_screen"] for m in ranked),
+            "errors": sum(m["tier"] == TIER_ERROR for m in ranked),
+            "flagged": sum(m["flagged"] for m in ranked)}
+
+
+def _write(document: dict[str, Any], out_dir: Path, correction: str, level: float,
+           elapsed: float) -> int:
+    """Write audit.json, print the ranking; the exit status says whether every model was
+    tested (0) or some failed (:data:`EXIT_PARTIAL`)."""
     (out_dir / "audit.json").write_text(json.dumps(document, indent=2))
-    _print_ranking(ranked, document["counts"], correction, level,
+    counts = document["counts"]
+    _print_ranking(document["models"], counts, correction, level,
                    f"wrote {out_dir / 'audit.json'} in {elapsed:.1f} s")
+    if counts["errors"]:
+        print(f"cgidm: {counts['errors']} of {counts['models']} model(s) could not be tested "
+              f"(see their error in audit.json); exit status {EXIT_PARTIAL}: partial",
+              file=sys.stderr)
+        return EXIT_PARTIAL
     return 0

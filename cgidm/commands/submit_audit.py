@@ -68,8 +68,9 @@ def run(args: argparse.Namespace) -> int:
         for row in audit["progress"]["models"]:
             if row["state"] == "done" and seen.get(row["index"]) != "done":
                 seen[row["index"]] = "done"
+                p = "-" if row.get("p_value") is None else f"{row['p_value']:.3g}"
                 print(f"[{audit['progress']['models_done']}/{audit['progress']['models_total']}]"
-                      f" {row['finetuned']}: {row['tier']}, p={row['p_value']:.3g}", flush=True)
+                      f" {row['finetuned']}: {row['tier']}, p={p}", flush=True)
 
     with CgidmClient(args.server, key) as client:
         accepted = client.submit_audit(models, images, controls, fdr=args.level,
@@ -89,8 +90,18 @@ def run(args: argparse.Namespace) -> int:
     (out / "audit.json").write_text(json.dumps(audit, indent=2))
     print(f"{'rank':>4}  {'p':>9}  {'q':>9}  flagged  model")
     for m in result["models"]:
+        if m.get("error"):
+            print(f"{'-':>4}  FAILED, not tested: {m['finetuned']}: {m['error']['message']}")
+            continue
         print(f"{m['rank']:>4}  {m['p_value']:>9.3g}  {m['q_value']:>9.3g}  "
               f"{'yes' if m['flagged'] else 'no':>7}  {m['finetuned']}")
-    print(f"{result['counts']['flagged']} of {result['counts']['models']} flagged; wrote "
-          f"{out / 'audit.json'}", file=sys.stdout)
+    errors = result["counts"].get("errors", 0)
+    print(f"{result['counts']['flagged']} of {result['counts']['models'] - errors} tested "
+          f"flagged; wrote {out / 'audit.json'}", file=sys.stdout)
+    if errors:
+        from .audit import EXIT_PARTIAL
+
+        print(f"cgidm: {errors} model(s) could not be tested (see their error in audit.json); "
+              f"exit status {EXIT_PARTIAL}: partial", file=sys.stderr)
+        return EXIT_PARTIAL
     return 0

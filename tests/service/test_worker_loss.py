@@ -6,7 +6,9 @@ What must hold: the job runs again within a minute or so and succeeds exactly on
 ``result.json``, one run folder, attempt 2) well within 2 minutes of the kill, whether a new
 worker is started or another one is already running; the client sees ``recovering`` and the
 attempt number while it waits; a job that kills every worker it runs on ends ``failed`` /
-``worker_lost`` after ``CGIDM_MAX_ATTEMPTS`` lost attempts. Each scenario prints its timeline
+``worker_lost`` after ``CGIDM_MAX_ATTEMPTS`` lost attempts; an audit's group subtask, whose
+worker is killed while it inverts the second model, is handed out again the same way and the
+other worker finishes it without redoing the model already stored. Each scenario prints its timeline
 (seconds after the SIGKILL); docs/RELIABILITY.md quotes them.
 """
 
@@ -21,13 +23,15 @@ from pathlib import Path
 
 import pytest
 
-from cgidm_testkit.processes import BUCKET, s3_client
+from cgidm_testkit.processes import BUCKET, s3_client, wait_until
 from cgidm_testkit.worker_loss import LossStack, Timeline, kill_and_time
 
 pytestmark = pytest.mark.slow  # each scenario waits out a real 60 s lease
 
 LEASE_TTL = 60  # the default; asserted below so a changed default is noticed here
 STEPS = 120  # a few seconds per run on the tiny pair
+AUDIT_STEPS = 60  # per model of the audit scenario (2 images, 2 controls): long enough to be
+# killed in, and light, as its CPU competes with the job scenarios' timed recoveries
 
 
 def _on_own_stack(scenario: Callable[[LossStack], None], root: Path, redis_url: str,
@@ -42,11 +46,12 @@ def _on_own_stack(scenario: Callable[[LossStack], None], root: Path, redis_url: 
 @pytest.fixture(scope="module")
 def scenarios(tmp_path_factory, redis_url, s3_endpoint,
               registry_file) -> Iterator[dict[str, Future]]:
-    """The three scenarios run at once, each on a stack of its own (queue, storage prefix,
+    """The four scenarios run at once, each on a stack of its own (queue, storage prefix,
     gateway, workers), since each mostly waits out a real 60 s lease: about 3 minutes for the
     module instead of 7. A test re-raises its scenario's failure (asserts included)."""
     plan = {"new_worker": (_new_worker_after_the_lapse, {}),
             "second_worker": (_second_worker_takes_over, {}),
+            "audit": (_audit_group_taken_over_without_redoing_models, {}),
             "poison": (_poison_job_fails_after_max_attempts, {"CGIDM_MAX_ATTEMPTS": "2"})}
     with ThreadPoolExecutor(len(plan)) as pool:
         yield {name: pool.submit(_on_own_stack, scenario, tmp_path_factory.mktemp(name),
@@ -60,6 +65,10 @@ def test_worker_killed_mid_job_new_worker_finishes_it_once(scenarios):
 
 def test_worker_killed_mid_job_other_running_worker_takes_over(scenarios):
     scenarios["second_worker"].result(timeout=900)
+
+
+def test_worker_killed_mid_audit_other_worker_finishes_it_without_redoing_models(scenarios):
+    scenarios["audit"].result(timeout=900)
 
 
 def test_job_that_kills_every_worker_ends_failed_after_max_attempts(scenarios):
@@ -148,6 +157,50 @@ def _second_worker_takes_over(stack: LossStack) -> None:
     _report("second worker already running", line)
     job = _succeeded_once(stack, job_id)
     assert stack.worker_of(job) is survivor
+
+
+def _audit_group_taken_over_without_redoing_models(stack: LossStack) -> None:
+    """Two workers; an audit of three models (one group, one lease) runs on one of them, which
+    is SIGKILLed once model 0 is stored and model 1 is inverting. The group's lease lapses
+    (60 s), a reaper hands it out again (attempt 2) and the other worker runs models 1 and 2
+    only: model 0's stored entry is the very one attempt 1 wrote (same worker, attempt, time),
+    the others are attempt 2's, and the result ranks all three. No warm-up (the other scenarios
+    time their recovery; this one counts what was redone), to spare the shared CPU."""
+    stack.start_worker()
+    stack.start_worker()
+    audit_id = stack.submit_audit([{"pretrained": "tiny-base", "finetuned": "tiny-ft"}] * 3,
+                                  steps=AUDIT_STEPS)
+
+    def model_1_inverting() -> dict | None:
+        audit = stack.client.get(f"/audits/{audit_id}").json()
+        rows = audit["progress"]["models"]
+        return audit if rows[0]["state"] == "done" and rows[1]["state"] == "running" and \
+            rows[1]["steps_done"] > 0 else None
+
+    wait_until(model_1_inverting, 240, "model 0 stored and model 1 running")
+    before = stack.audit_entries(audit_id)
+    assert set(before) == {0}, before
+    pid = int(before[0]["worker_id"].rsplit("-", 1)[1])
+    victim = next(p for p in stack.workers if p.pid == pid)
+    survivor = next(p for p in stack.workers if p is not victim)
+    killed = kill_and_time(victim)
+    audit = wait_until(lambda: (lambda a: a if a["status"] in ("succeeded", "failed") else None)(
+        stack.client.get(f"/audits/{audit_id}").json()), 400, "the audit finished")
+    finished = time.monotonic() - killed
+    assert audit["status"] == "succeeded", audit
+    after = stack.audit_entries(audit_id)
+    assert after[0] == before[0] and after[0]["attempt"] == 1  # not redone
+    for index in (1, 2):
+        assert after[index]["attempt"] == 2, after[index]
+        assert after[index]["worker_id"].endswith(f"-{survivor.pid}")
+        assert after[index]["finished_at"] > after[0]["finished_at"]
+    result = audit["result"]
+    assert sorted(m["index"] for m in result["models"]) == [0, 1, 2]
+    assert [m["rank"] for m in result["models"]] == [1, 2, 3]
+    assert result["counts"]["models"] == 3 and result["counts"]["errors"] == 0
+    # the same seeded model, the same images: every model's p-value is the same, lost or not
+    assert len({m["p_value"] for m in result["models"]}) == 1
+    print(f"\n[audit] after the SIGKILL: finished {finished:.1f} s (models 1-2 on attempt 2)")
 
 
 def _poison_job_fails_after_max_attempts(stack: LossStack) -> None:

@@ -572,6 +572,33 @@ function startCheckPage() {
   followJob(jobId);
 }
 
+/* ---------------------------------------------------------------- audit page */
+
+/* The audit as the server renders it (the key travels in the header), again every few seconds
+ * until the audit ends. */
+async function followAudit(auditId) {
+  const holder = $("#audit-view");
+  for (;;) {
+    try {
+      const response = await api(`/audits/${auditId}/fragment.html`);
+      holder.innerHTML = await response.text();  // rendered and escaped by the server's templates
+    } catch (problem) {
+      if (problem.status === 401) return;
+      setError($("#audit-error"), problem);
+      if (problem.status === 404) return;
+      await new Promise((resolve) => setTimeout(resolve, POLL_MS * 3));
+      continue;
+    }
+    const state = $("#audit-state");
+    if (state && TERMINAL.includes(state.dataset.status)) return;
+    await new Promise((resolve) => setTimeout(resolve, POLL_MS * 2));
+  }
+}
+
+function startAuditPage() {
+  followAudit(document.body.dataset.auditId);
+}
+
 /* ---------------------------------------------------------------- start */
 
 let started = false;
@@ -582,6 +609,7 @@ function startPage() {
   const page = document.body.dataset.page;
   if (page === "new-check") startNewCheck();
   if (page === "check") startCheckPage();
+  if (page === "audit") startAuditPage();
 }
 
 document.addEventListener("DOMContentLoaded", () => {

@@ -235,7 +235,7 @@ FAMILIES: tuple[Family, ...] = (
         finetuned_layouts=PIXEL_LAYOUTS,
         pretrained_layouts=("DDPMPipeline folder",),
         lora_formats=PIXEL_LORA_FORMATS,
-        upload_kinds=("unet", "lora"),
+        upload_kinds=("unet",),
         defaults=Defaults(gpu_dtype="float16", resolution=32),
         summary="unconditional pixel UNet2DModel (the demo pair); fine-tunes as pipeline "
                 "folders, UNet folders, bare UNet weights or LoRA files (attached unmerged)",

@@ -132,3 +132,37 @@ def test_a_lora_that_fits_no_layer_is_refused_and_leaves_the_base_clean(loras, t
         pass
     base = loader._base(resolve_model_reference("demo-base"), "ddpm")
     assert not any(isinstance(m, BaseTunerLayer) for m in base.unet.modules())
+
+
+def test_worker_subtasks_of_one_base_find_it_loaded(loras):
+    """worker/audit_swap.py: each audit subtask makes its own loader, but the process keeps the
+    base, so the second subtask of that base (routed to this worker by the base) loads nothing;
+    a full fine-tune goes to the subtask's own loader (the worker's pair cache)."""
+    from types import SimpleNamespace
+
+    from cgidm.registry import ModelEntry, Registry
+    from worker.audit_swap import swapping_loader
+
+    registry = Registry([
+        ModelEntry(id="demo-base", family="ddpm", path="demo-base"),
+        ModelEntry(id="demo-vangogh", family="ddpm", path="demo-vangogh",
+                   finetuned_from="demo-base"),
+        *[ModelEntry(id=f"lora-{i}", family="ddpm", path=str(files[0]),
+                     finetuned_from="demo-base", kind="lora") for i, files in enumerate(loras)]],
+        "test registry")
+    resolver = SimpleNamespace(check_pair=registry.check_pair)
+    ctx = SimpleNamespace(settings=SimpleNamespace(device="cpu", dtype=None))
+    fallback_calls = []
+
+    def fallback(model):
+        fallback_calls.append(model.finetuned)
+        return load_pair("demo-base", "demo-vangogh")
+
+    loaders = [swapping_loader(ctx, resolver, fallback) for _ in range(2)]
+    for loader, model in zip(loaders, ("lora-0", "lora-1"), strict=True):
+        with loader.open(AuditModel("demo-base", model)) as pair:
+            assert isinstance(pair, DDPMLoraPair)
+    with loaders[1].open(AuditModel("demo-base", "demo-vangogh")) as pair:
+        assert pair.finetuned_kind == "ddpm"
+    assert [loader.stats.base_loads for loader in loaders] == [1, 0]
+    assert fallback_calls == ["demo-vangogh"]

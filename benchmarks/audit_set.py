@@ -3,6 +3,7 @@ portfolio (the Van Gogh split A members), the rest on other images, mostly LoRAs
 
     python -m benchmarks.audit_set            # build what is missing, print the set
     python -m benchmarks.audit_set --list     # print the set and what is built, build nothing
+    python -m benchmarks.audit_set --models-json models.json   # ... and write it for `cgidm audit`
 
 What it holds (:func:`audit_set`), all seeded, made with the project's training code:
 
@@ -170,6 +171,8 @@ def build(model: SetModel) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--list", action="store_true", help="print the set; build nothing")
+    parser.add_argument("--models-json", type=Path,
+                        help="also write the set as a `cgidm audit --models` list to this file")
     args = parser.parse_args()
     models = audit_set()
     total = time.perf_counter()
@@ -183,6 +186,11 @@ def main() -> None:
     for model in models:
         print(f"{model.label:<34} {'yes' if model.member else 'no':>6} {model.kind:>5} "
               f"{'yes' if is_built(model) else 'no':>5}  {reference(model)}")
+    if args.models_json:
+        args.models_json.write_text(json.dumps(
+            [{"pretrained": "demo-base", "finetuned": str(reference(m))} for m in models],
+            indent=1) + "\n")
+        print(f"wrote {args.models_json}")
     if not args.list:
         print(f"\nbuilt/found {len(models)} models in {time.perf_counter() - total:.0f} s")
 

@@ -59,8 +59,10 @@ class LoraSpec:
 
     @property
     def name(self) -> str:
-        return (f"lora-{Path(self.images).name}-{self.targets}-r{self.rank}-s{self.steps}"
-                f"-seed{self.seed}")
+        folder = Path(self.images)
+        # "membership" alone would not say whose: the portfolio's, or the DreamBooth dog's
+        tag = f"{folder.parent.name}-{folder.name}" if folder.name == "membership" else folder.name
+        return f"lora-{tag}-{self.targets}-r{self.rank}-s{self.steps}-seed{self.seed}"
 
     def folder(self) -> Path:
         return CACHE / self.name

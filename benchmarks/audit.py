@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import replace
+from pathlib import Path
 
 from cgidm_core.suite_pairs import default_data_root
 from cgidm_testkit.audit_family import FinetuneRecipe, make_finetune, make_perturbed
@@ -113,6 +114,102 @@ def cost_ratio(steps: int) -> None:
               f"{full / per_model:>8.1f}x")
 
 
+def _timed_check(ref: str, steps: int, out: Path) -> float:
+    """Wall seconds of one `cgidm check` of ``ref`` against demo-base, run as a user runs it
+    (a new process: imports, loading, the full verdict of the portfolio and the controls)."""
+    import os
+    import subprocess
+    import sys
+
+    command = [str(Path(sys.executable).parent / "cgidm"), "check", "--pretrained", "demo-base",
+               "--finetuned", ref, "--controls", str(VANGOGH / "hold_out"), "--steps",
+               str(steps), "--out", str(out), str(VANGOGH / "membership")]
+    t0 = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True, env={**os.environ})
+    return time.perf_counter() - t0
+
+
+def audit50(steps: int, check_runs: int) -> None:
+    """The 50-model set (benchmarks.audit_set): the audit with LoRAs swapped on one loaded base,
+    against `cgidm check` once per model (``check_runs`` real runs timed, then multiplied)."""
+    import tempfile
+
+    from benchmarks.audit_set import audit_set, is_built, reference
+    from cgidm_core.api import load_pair
+    from cgidm_core.audit import SCREEN_CLEAR_P, AuditModel, decide_models
+    from cgidm_core.audit_run import AuditSettings, run_audit
+    from cgidm_core.images import load_image
+    from cgidm_core.inversion import InversionConfig
+    from cgidm_core.lora_swap import LoraSwapLoader, local_paths
+
+    models = audit_set()
+    missing = [m.label for m in models if not is_built(m)]
+    if missing:
+        raise SystemExit(f"{len(missing)} models are not built; run python -m "
+                         f"benchmarks.audit_set first ({', '.join(missing[:3])}...)")
+    image_files = sorted((VANGOGH / "membership").iterdir())
+    control_files = sorted((VANGOGH / "hold_out").iterdir())
+    images = [load_image(p) for p in image_files]
+    controls = [load_image(p) for p in control_files]
+    specs = [AuditModel("demo-base", str(reference(m))) for m in models]
+    label = {str(reference(m)): m.label for m in models}
+    member = {str(reference(m)): m.member for m in models}
+    loader = LoraSwapLoader(lambda m: load_pair(m.pretrained, m.finetuned), local_paths)
+    stats: dict[str, int] = {}
+
+    def show(outcome) -> None:
+        e = outcome.entry
+        print(f"  {label[e['finetuned']]:<30} screen p {e['screen_p_value']:.3g} -> {e['tier']} "
+              f"({e['seconds']:.1f} s)", flush=True)
+
+    t0 = time.perf_counter()
+    entries = run_audit(specs, images, controls, [p.name for p in image_files],
+                        [p.name for p in control_files], loader,
+                        AuditSettings(inversion=InversionConfig(steps=steps)), stats=stats,
+                        on_model=show)
+    audit_seconds = time.perf_counter() - t0
+    ranked = decide_models(entries)
+    print(f"\n{'rank':>4} {'model':<30} {'member':>6} {'kind':>5} {'screen p':>9} {'tier':>6} "
+          f"{'p':>9} {'q':>9} {'flagged':>7}")
+    kind = {str(reference(m)): m.kind for m in models}
+    for m in ranked:
+        ref = m["finetuned"]
+        print(f"{m['rank']:>4} {label[ref]:<30} {'yes' if member[ref] else 'no':>6} "
+              f"{kind[ref]:>5} {m['screen_p_value']:>9.3g} {m['tier']:>6} {m['p_value']:>9.3g} "
+              f"{m['q_value']:>9.3g} {'yes' if m['flagged'] else 'no':>7}")
+    members = [m for m in ranked if member[m["finetuned"]]]
+    flagged = [m for m in ranked if m["flagged"]]
+    false_hits = [m for m in flagged if not member[m["finetuned"]]]
+    top = [member[m["finetuned"]] for m in ranked[:len(members)]]
+    print(f"\nmembers in the top {len(members)} ranks: {sum(top)} of {len(members)}; dropped by "
+          f"the screen (p > {SCREEN_CLEAR_P}): "
+          f"{sum(m['screen_p_value'] > SCREEN_CLEAR_P for m in members)}")
+    print(f"flagged {len(flagged)}, false hits {len(false_hits)}: realised FDR "
+          f"{len(false_hits) / max(1, len(flagged)):.3f}; members missed "
+          f"{len(members) - len(flagged) + len(false_hits)}")
+    print(f"loader: {loader.stats.to_dict()}; base passes reused {stats.get('base_pass_hits')}"
+          f" batches, computed {stats.get('base_pass_misses')}")
+    n = len(ranked)
+    screens = sum(e["screen_seconds"] for e in entries)
+    fulls = [e for e in entries if e["tier"] == "full"]
+    full_each = sum(e["seconds"] - e["screen_seconds"] for e in fulls) / max(1, len(fulls))
+    # the one-by-one baseline: real `cgidm check` runs, one non-member LoRA and one member
+    picks = [s for s in specs if not member[s.finetuned]][:1] + \
+        [s for s in specs if member[s.finetuned]][:max(0, check_runs - 1)]
+    with tempfile.TemporaryDirectory() as tmp:
+        times = [_timed_check(s.finetuned, steps, Path(tmp) / str(i))
+                 for i, s in enumerate(picks)]
+    check_each = sum(times) / len(times)
+    print(f"cgidm check runs ({steps} steps): {', '.join(f'{t:.0f} s' for t in times)}")
+    print(f"\n{'how':<44} {'seconds/model':>13} {'models/hour':>12}")
+    for name, per_model in (("screen tier (every model)", screens / n),
+                            (f"full tier (inversion, {len(fulls)} models)", full_each),
+                            (f"audit: all {n} models, both tiers", audit_seconds / n),
+                            ("`cgidm check` once per model (extrapolated)", check_each)):
+        print(f"{name:<44} {per_model:>13.1f} {3600 / per_model:>12.0f}")
+    print(f"\naudit vs one `cgidm check` per model: {check_each * n / audit_seconds:.1f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=100, help="PGD steps of the full verdict")
@@ -125,7 +222,15 @@ def main() -> None:
                         "back, and print the audit's models/hour for several member shares")
     parser.add_argument("--member-pairs", action="store_true",
                         help="only screen every shipped member pair and stop")
+    parser.add_argument("--audit50", action="store_true",
+                        help="audit the 50-model set (python -m benchmarks.audit_set builds it) "
+                        "with LoRAs swapped on one loaded base, against `cgidm check` per model")
+    parser.add_argument("--check-runs", type=int, default=2,
+                        help="with --audit50: real `cgidm check` runs timed")
     args = parser.parse_args()
+    if args.audit50:
+        audit50(args.steps, args.check_runs)
+        return
     if args.member_pairs:
         screen_member_pairs()
         return

@@ -220,6 +220,19 @@ def audit_model(pair: ModelPair, model: AuditModel, index: int,
     return ModelOutcome(entry, list(results[:n]))
 
 
+@contextmanager
+def _opened(load: PairLoader, model: AuditModel) -> Iterator[ModelPair]:
+    """The pair of ``model`` for the time it is audited: ``load.open(model)`` where the loader
+    has one (:class:`cgidm_core.lora_swap.LoraSwapLoader`: a LoRA is attached to a base kept
+    loaded and removed afterwards), else ``load(model)``."""
+    opener = getattr(load, "open", None)
+    if opener is None:
+        yield load(model)
+        return
+    with opener(model) as pair:
+        yield pair
+
+
 def run_audit(models: Sequence[AuditModel], images: Sequence[Image.Image],
               controls: Sequence[Image.Image], image_names: Sequence[str],
               control_names: Sequence[str], load: PairLoader, settings: AuditSettings, *,
@@ -232,9 +245,12 @@ def run_audit(models: Sequence[AuditModel], images: Sequence[Image.Image],
               on_error: Callable[[int, Exception], dict[str, Any] | None] | None = None,
               ) -> list[dict[str, Any]]:
     """Audit ``models`` (or those at ``indices``), group by group, and return one entry per model
-    in input order. Models in ``done`` (index -> entry, from an earlier, interrupted run) are
-    not run again. ``stats`` (if given) gains ``base_pass_hits``/``base_pass_misses``: batches
-    of base predictions reused from the group's memo or computed. ``on_model(outcome)`` is
+    in input order. ``load`` gives a model's pair; a loader with ``open(model)`` (a context
+    manager, :class:`cgidm_core.lora_swap.LoraSwapLoader`) is given the pair back when the model
+    is done, so LoRAs of one base are swapped in and out of one loaded base. Models in ``done``
+    (index -> entry, from an earlier, interrupted run) are not run again. ``stats`` (if given)
+    gains ``base_pass_hits``/``base_pass_misses``: batches of base predictions reused from the
+    group's memo or computed. ``on_model(outcome)`` is
     called as each model finishes (store it there); ``progress(index, done, total)`` follows
     the inversion of the model being run. ``on_error(index, exc)`` may turn a model that cannot
     be loaded or fails while it runs (an unreadable file, a prompt too long) into an entry (the
@@ -257,23 +273,13 @@ def run_audit(models: Sequence[AuditModel], images: Sequence[Image.Image],
         for i in members:
             if should_cancel is not None and should_cancel():
                 raise Cancelled("the audit was cancelled")
-            try:
-                pair = load(models[i])
-            except Cancelled:
-                raise
-            except Exception as exc:
-                failed = None if on_error is None else on_error(i, exc)
-                if failed is None:
-                    raise
-                entries[i] = failed
-                continue
 
             def report(step: int, total: int, index: int = i) -> None:
                 if progress is not None:
                     progress(index, step, total)
 
-            try:
-                with shared.attached(pair):
+            try:  # a model that cannot be loaded and one that fails while it runs: the same
+                with _opened(load, models[i]) as pair, shared.attached(pair):
                     outcome = audit_model(pair, models[i], i, images, controls, image_names,
                                           control_names, settings, progress=report,
                                           should_cancel=should_cancel)
@@ -288,7 +294,6 @@ def run_audit(models: Sequence[AuditModel], images: Sequence[Image.Image],
             entries[i] = outcome.entry
             if on_model is not None:
                 on_model(outcome)
-            del pair
         if stats is not None:
             stats["base_pass_hits"] = stats.get("base_pass_hits", 0) + shared.hits
             stats["base_pass_misses"] = stats.get("base_pass_misses", 0) + shared.misses

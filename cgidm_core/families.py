@@ -56,7 +56,9 @@ KeyRule = Callable[[list[str]], bool]
 #: Fine-tune layouts (``--finetuned-kind``), as :func:`cgidm_core.models.formats.
 #: detect_finetuned_kind` names them.
 LATENT_LAYOUTS: tuple[str, ...] = ("pipeline", "dreambooth", "lora", "single_file", "unet")
-PIXEL_LAYOUTS: tuple[str, ...] = ("ddpm", "unet")
+PIXEL_LAYOUTS: tuple[str, ...] = ("ddpm", "unet", "lora")
+#: The pixel LoRA namings (cgidm_core.pixel_lora writes both), attached unmerged as a peft adapter.
+PIXEL_LORA_FORMATS: tuple[str, ...] = ("diffusers/peft (unet.*.lora_A/B)", "kohya-ss (lora_unet_*)")
 
 
 @dataclass(frozen=True)
@@ -233,29 +235,35 @@ FAMILIES: tuple[Family, ...] = (
         title="pixel-space DDPM",
         adapter="cgidm_core.models.ddpm_adapter",
         objective="noise", conditioning="none", space="pixel",
-        pair_classes=("cgidm_core.models.ddpm.DDPMPair",),
+        pair_classes=("cgidm_core.models.ddpm.DDPMPair",
+                      "cgidm_core.models.pixel_lora_loading.DDPMLoraPair"),
         recognition=Recognition(
             pipeline_classes=("DDPMPipeline", "DDIMPipeline"), objective_from_scheduler=True,
             denoiser_classes=("UNet2DModel",), denoiser_file=keys_.is_pixel_unet_file,
+            lora=keys_.is_pixel_lora,
         ),
         finetuned_layouts=PIXEL_LAYOUTS,
         pretrained_layouts=("DDPMPipeline folder",),
+        lora_formats=PIXEL_LORA_FORMATS,
         upload_kinds=("unet",),
         defaults=Defaults(gpu_dtype="float16", resolution=32),
         summary="unconditional pixel UNet2DModel (the demo pair); fine-tunes as pipeline "
-                "folders, UNet folders or bare UNet weights",
+                "folders, UNet folders, bare UNet weights or LoRA files (attached unmerged)",
     ),
     Family(
         name=PIXEL_FLOW_FAMILY,
         title="pixel-space flow-matching model",
         adapter="cgidm_core.models.pixel_flow_adapter",
         objective="flow", conditioning="none", space="pixel",
-        pair_classes=("cgidm_core.models.pixel_flow.PixelFlowPair",),
+        pair_classes=("cgidm_core.models.pixel_flow.PixelFlowPair",
+                      "cgidm_core.models.pixel_lora_loading.PixelFlowLoraPair"),
         recognition=Recognition(
             pipeline_classes=("DDPMPipeline", "DDIMPipeline"), objective_from_scheduler=True,
             denoiser_classes=("UNet2DModel",), denoiser_file=keys_.is_pixel_unet_file,
+            lora=keys_.is_pixel_lora,
         ),
         finetuned_layouts=PIXEL_LAYOUTS,
+        lora_formats=PIXEL_LORA_FORMATS,
         pretrained_layouts=("DDPMPipeline folder with a FlowMatchEulerDiscreteScheduler",),
         defaults=Defaults(gpu_dtype="float16", resolution=32,
                           time_shift="PIXEL_FLOW_INVERSION_SHIFT (measured); the scheduler's "

@@ -368,6 +368,23 @@ def is_sd_lora(keys: list[str]) -> bool:
     return is_unet_lora(keys) and not is_sdxl_lora(keys)
 
 
+#: Names only a text-conditioned UNet (SD/SDXL: cross-attention transformer blocks, LDM/SGM
+#: block names) or a text encoder has; a pixel ``UNet2DModel`` has none of them.
+_NOT_PIXEL_LORA_PARTS = ("transformer_blocks", "attn1", "attn2", "proj_in", "proj_out",
+                         "input_blocks", "output_blocks", "middle_block", "text_encoder",
+                         "lora_te")
+
+
+def is_pixel_lora(keys: list[str]) -> bool:
+    """A LoRA that may be of a pixel ``UNet2DModel`` (diffusers' ``unet.*.lora_A/B`` or kohya's
+    ``lora_unet_*``, as cgidm_core.pixel_lora writes them): UNet layers only, none of them a
+    text-conditioned UNet's. A LoRA of ResNet convolutions alone cannot say which UNet it is of
+    (SD claims it too); loading it checks every layer against the base. A Flux LoRA in kohya
+    naming (``lora_unet_double_blocks_*``) is not one."""
+    return is_unet_lora(keys) and all(k.startswith(("unet.", "lora_unet_")) for k in keys) \
+        and not any(part in k for k in keys for part in _NOT_PIXEL_LORA_PARTS)
+
+
 def is_ldm_single_file(keys: list[str]) -> bool:
     """A UNet checkpoint in the LDM/SGM layout (SD 1.x/2.x or SDXL), not a transformer."""
     return looks_like_single_file(keys) and transformer_family(keys) is None

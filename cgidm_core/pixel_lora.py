@@ -4,12 +4,11 @@ merged back into a plain pixel pipeline folder so cgidm's pixel loader can read 
 Why: the suite's pixel pairs were all full fine-tunes. The LoRA recipes people publish (peft,
 ranks 4-64, on attention only or attention + convolutions, as a diffusers
 ``pytorch_lora_weights.safetensors`` or a kohya ``lora_unet_*`` file) have to be in the suite for
-the pixel family too. cgidm's loaders attach LoRAs to Stable Diffusion, SDXL and Flux models
-(``cgidm_core.models.sd_loading.attach_lora``), not to an unconditional pixel ``UNet2DModel``
-(diffusers gives that class no LoRA loader), so a pixel LoRA is merged here
-(:func:`merge_lora_file`: W + alpha / r * B A per adapted layer, through peft) and the merged
-pipeline is what the suite loads. Both file formats merge through the same function, which is
-what a test checks.
+the pixel family too. The suite merges a pixel LoRA here (:func:`merge_lora_file`: W + alpha /
+r * B A per adapted layer, through peft) and loads the merged pipeline; both file formats merge
+through the same function, which is what a test checks. (diffusers gives ``UNet2DModel`` no LoRA
+loader; cgidm's own, :mod:`cgidm_core.models.pixel_lora_loading`, now attaches these files
+unmerged for ``cgidm check`` and audits, and computes what the merge computes.)
 
 The demo UNet's only attention is in its mid block (8 x 8, 64 channels): an "attention-only"
 LoRA adapts 4 linear layers there; "attention + convolutions" also adapts every ResNet

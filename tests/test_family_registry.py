@@ -56,6 +56,9 @@ FLUX_FILE = ["double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.wei
 SD_UNET = ["conv_in.weight", "time_embedding.linear_1.weight",
            "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"]
 SDXL_UNET = [*SD_UNET, "add_embedding.linear_1.weight"]
+#: A pixel UNet2DModel LoRA as cgidm_core.pixel_lora writes it (diffusers and kohya namings).
+PIXEL_LORA = ["unet.mid_block.attentions.0.to_q.lora_A.weight",
+              "lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"]
 PIXEL_UNET = ["conv_in.weight", "time_embedding.linear_1.weight",
               "down_blocks.0.resnets.0.conv1.weight"]
 SD3_FILE = ["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"]
@@ -90,7 +93,8 @@ FILES = [
     (SD, "lora", SD_LORA), (SD, "single_file", SD_FILE), (SD, "unet", SD_UNET),
     (SDXL, "lora", SDXL_LORA), (SDXL, "single_file", SDXL_FILE), (SDXL, "unet", SDXL_UNET),
     (FLUX, "lora", FLUX_LORA), (FLUX, "single_file", FLUX_FILE),
-    (DDPM, "unet", PIXEL_UNET), (FLOW, "unet", PIXEL_UNET),
+    (DDPM, "unet", PIXEL_UNET), (FLOW, "unet", PIXEL_UNET), (DDPM, "lora", PIXEL_LORA),
+    (FLOW, "lora", PIXEL_LORA),
     (SD3, "lora", SD3_LORA), (SD3, "lora", SD3_KOHYA_LORA), (SD3, "single_file", SD3_FILE),
     (CHROMA, "lora", CHROMA_LORA), (CHROMA, "lora", FLUX_LORA),
     (CHROMA, "single_file", CHROMA_FILE),

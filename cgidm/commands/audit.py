@@ -95,7 +95,23 @@ def make_loader(args: argparse.Namespace) -> Any:
         return load_pair(ns.pretrained, ns.finetuned, device=args.device, dtype=args.dtype,
                          allow_network=args.allow_network)
 
-    return load
+    return swapping(load, args)
+
+
+def swapping(load: Any, args: argparse.Namespace) -> Any:
+    """``load`` with LoRA files of a local base swapped in and out of that base, loaded once
+    (cgidm_core.lora_swap); hub references and every other model go through ``load``."""
+    from cgidm.model_refs import looks_like_reference
+    from cgidm_core.demo import resolve_model_reference
+    from cgidm_core.lora_swap import LoraSwapLoader
+
+    def paths(model: Any) -> Any:
+        if looks_like_reference(model.finetuned) or looks_like_reference(model.pretrained):
+            return None
+        return resolve_model_reference(model.pretrained), resolve_model_reference(model.finetuned)
+
+    return LoraSwapLoader(load, paths, device=args.device, dtype=args.dtype,
+                          allow_network=args.allow_network)
 
 
 def _audit_settings(args: argparse.Namespace, level: float) -> Any:

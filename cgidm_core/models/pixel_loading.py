@@ -19,6 +19,11 @@ from cgidm_core.models.components import loading_errors, place, same_weights
 from cgidm_core.models.ddpm import DDPMPair
 from cgidm_core.models.formats import IDENTICAL_MODELS, pixel_objective, read_json, weights_variant
 from cgidm_core.models.pixel_flow import PixelFlowPair
+from cgidm_core.models.pixel_lora_loading import (
+    DDPMLoraPair,
+    PixelFlowLoraPair,
+    attach_pixel_lora,
+)
 from cgidm_core.models.predictions import alphas_cumprod_of, build_scheduler, check_prediction_type
 from cgidm_core.models.unet_file import load_unet_file
 
@@ -128,17 +133,19 @@ def load_pixel_flow_pair(
     agree on the number of training timesteps, which maps the drawn t to ``s``. ``kind="unet"``:
     the fine-tune is a bare weights file (``unet_file``), which follows its base's objective.
     """
-    if kind != "unet":
+    if kind not in ("unet", "lora"):
         _refuse_mixed_objectives(pre_path, ft_path, "flow")
     schedule = _flow_schedule(pre_path)
     assert schedule is not None  # the registry recognised the family from this scheduler
-    ft_schedule = None if kind == "unet" else _flow_schedule(ft_path)
+    ft_schedule = None if kind in ("unet", "lora") else _flow_schedule(ft_path)
     if ft_schedule is not None and ft_schedule[0] != schedule[0]:
         raise IncompatiblePairError(
             f"{ft_path} was trained with {ft_schedule[0]} flow timesteps but {pre_path} with "
             f"{schedule[0]}"
         )
     unet_pre = _load_ddpm_unet(pre_path, opts)
+    if kind == "lora":
+        return pixel_flow_lora_pair(unet_pre, ft_path, schedule[0], opts)
     unet_ft = _load_pixel_finetuned_unet(pre_path, ft_path, opts, kind)
     _shared_unet_checks(pre_path, ft_path, unet_pre, unet_ft)
     return PixelFlowPair(
@@ -163,12 +170,14 @@ def load_ddpm_pair(
     pre_path: Path, ft_path: Path, opts: LoadOptions, kind: str = "ddpm"
 ) -> DDPMPair:
     """Two pixel UNets; ``kind="unet"``: the fine-tune is a bare weights file (``unet_file``)."""
-    if kind != "unet":
+    if kind not in ("unet", "lora"):
         _refuse_mixed_objectives(pre_path, ft_path, "ddpm")
     schedule = _ddpm_schedule(pre_path)
     if schedule is None:
         raise ModelFormatError(f"{pre_path} has no scheduler/scheduler_config.json")
     alphas, prediction = schedule
+    if kind == "lora":
+        return ddpm_lora_pair(_load_ddpm_unet(pre_path, opts), ft_path, alphas, prediction, opts)
     ft_schedule = _ddpm_schedule(ft_path)
     if ft_schedule is not None and not torch.allclose(ft_schedule[0], alphas, atol=1e-5):
         raise IncompatiblePairError(
@@ -186,3 +195,20 @@ def load_ddpm_pair(
         device=opts.device,
         dtype=opts.dtype,
     )
+
+
+def ddpm_lora_pair(unet, lora: Path, alphas: torch.Tensor, prediction: str,
+                   opts: LoadOptions) -> DDPMLoraPair:
+    """A loaded base pixel UNet with the LoRA file ``lora`` attached (unmerged) as one pair.
+    The audit's LoRA swapping calls this with a base it keeps loaded."""
+    attach_pixel_lora(unet, lora)
+    return DDPMLoraPair(place(unet, opts), alphas, prediction_type=prediction,
+                        device=opts.device, dtype=opts.dtype)
+
+
+def pixel_flow_lora_pair(unet, lora: Path, num_train_timesteps: int,
+                         opts: LoadOptions) -> PixelFlowLoraPair:
+    """A loaded base flow-matching pixel UNet with the LoRA file ``lora`` attached."""
+    attach_pixel_lora(unet, lora)
+    return PixelFlowLoraPair(place(unet, opts), num_train_timesteps=num_train_timesteps,
+                             device=opts.device, dtype=opts.dtype)

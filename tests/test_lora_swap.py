@@ -1,0 +1,168 @@
+"""LoRAs swapped in and out of one loaded base (cgidm_core.lora_swap): pixel LoRA files load
+unmerged, the base is restored bit for bit after each LoRA, a swapped-in LoRA scores exactly as
+the same pair loaded fresh, and an audit loads each base once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from cgidm_core.api import load_pair
+from cgidm_core.audit import AuditModel
+from cgidm_core.audit_run import AuditSettings, run_audit, screen_records
+from cgidm_core.demo import resolve_model_reference
+from cgidm_core.errors import ModelFormatError
+from cgidm_core.images import load_image
+from cgidm_core.lora_swap import LoraSwapLoader, local_paths
+from cgidm_core.models.pixel_lora_loading import DDPMLoraPair
+from cgidm_core.pixel_lora import PixelLoraRecipe, add_lora, merge_lora_file, save_lora
+from cgidm_core.training import load_pipeline_parts
+from tests.paths import SHARED_DATA, require_shared_data
+
+
+def _random_lora(folder: Path, seed: int) -> tuple[Path, Path]:
+    """A rank-4 attention + convolution LoRA of demo-base with alpha = rank / 2 and seeded
+    random B matrices (peft starts them at 0: every LoRA would equal the base), in both files."""
+    unet, _ = load_pipeline_parts(resolve_model_reference("demo-base"))
+    recipe = PixelLoraRecipe(rank=4, targets="attn_conv", lora_alpha=2.0)
+    add_lora(unet, recipe)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
+    return save_lora(unet, recipe, folder)
+
+
+@pytest.fixture(scope="module")
+def loras(tmp_path_factory) -> list[tuple[Path, Path]]:
+    """Two LoRAs of demo-base: (diffusers file, kohya file) each."""
+    return [_random_lora(tmp_path_factory.mktemp(f"lora{seed}"), seed) for seed in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def pictures():
+    require_shared_data()
+    files = sorted((SHARED_DATA / "wikiart-vangogh" / "membership").iterdir())[:2] + \
+        sorted((SHARED_DATA / "wikiart-vangogh" / "hold_out").iterdir())[:2]
+    return [load_image(p) for p in files], [p.name for p in files]
+
+
+def _probe(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(seed)),
+            torch.tensor([20, 400, 900]))
+
+
+def test_a_pixel_lora_file_loads_unmerged_on_one_unet_and_computes_its_merge(loras):
+    diffusers_file, kohya_file = loras[0]
+    pair = load_pair("demo-base", str(diffusers_file))
+    assert isinstance(pair, DDPMLoraPair) and pair.unet_pretrained is pair.unet_finetuned
+    assert pair.describe()["finetuned_kind"] == "lora" and pair.describe()["lora_unet_layers"]
+    from_kohya = load_pair("demo-base", str(kohya_file))
+    merged, _ = merge_lora_file(diffusers_file, resolve_model_reference("demo-base"))
+    base, _ = load_pipeline_parts(resolve_model_reference("demo-base"))
+    x, t = _probe()
+    cond = pair.conditioning(None)
+    with torch.no_grad():
+        finetuned = pair.eps_finetuned(x, t, cond)
+        assert torch.equal(from_kohya.eps_finetuned(x, t, cond), finetuned)
+        assert torch.allclose(finetuned, merged(x, t).sample, atol=1e-4)  # alpha/rank honoured
+        assert torch.equal(pair.eps_pretrained(x, t, cond), base(x, t).sample)
+        assert not torch.allclose(finetuned, base(x, t).sample, atol=1e-3)
+
+
+def test_swapping_loras_restores_the_base_bit_for_bit_and_scores_as_a_fresh_load(loras,
+                                                                                   pictures):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    images, names = pictures
+    loader = LoraSwapLoader(lambda m: load_pair(m.pretrained, m.finetuned), local_paths)
+    # the base the loader keeps, before any LoRA has been attached
+    base = loader._base(resolve_model_reference("demo-base"), "ddpm")
+    x, t = _probe()
+    with torch.no_grad():
+        before = base.unet(x, t).sample
+    weights_before = {k: v.clone() for k, v in base.unet.state_dict().items()}
+    images, names = images[1:3], names[1:3]  # one member, one hold-out
+    for lora in (loras[0][0], loras[1][1]):  # a diffusers file, then a kohya one
+        with loader.open(AuditModel("demo-base", str(lora))) as pair:
+            assert pair.unet_pretrained is base.unet
+            swapped = screen_records(pair, images, names, None, seed=0)
+        fresh = screen_records(load_pair("demo-base", str(lora)), images, names, None, seed=0)
+        assert swapped == fresh  # the same floats, not merely close
+    assert not any(isinstance(m, BaseTunerLayer) for m in base.unet.modules())
+    assert base.unet.state_dict().keys() == weights_before.keys()
+    assert all(torch.equal(v, weights_before[k]) for k, v in base.unet.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(base.unet(x, t).sample, before)
+    assert loader.stats.base_loads == 1 and loader.stats.swaps == 2
+
+
+def test_an_audit_loads_the_base_once_and_decides_as_with_a_pair_per_model(loras, pictures):
+    images, names = pictures
+    models = [AuditModel("demo-base", str(loras[0][0])), AuditModel("demo-base", str(loras[1][1]))]
+    settings = AuditSettings(clear_p=0.0)  # screen only: every model is cleared, quickly
+    plain = run_audit(models, images[:2], images[2:], names[:2], names[2:],
+                      lambda m: load_pair(m.pretrained, m.finetuned), settings)
+    loader = LoraSwapLoader(lambda m: load_pair(m.pretrained, m.finetuned), local_paths)
+    swapped = run_audit(models, images[:2], images[2:], names[:2], names[2:], loader, settings)
+
+    def decisions(entries):
+        return [{k: e[k] for k in ("finetuned", "screen_p_value", "p_value", "tier", "images")}
+                for e in entries]
+
+    assert decisions(swapped) == decisions(plain)
+    assert (loader.stats.base_loads, loader.stats.swaps, loader.stats.fallback_loads) == (1, 2, 0)
+
+
+def test_a_lora_that_fits_no_layer_is_refused_and_leaves_the_base_clean(loras, tmp_path):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(loras[0][1]))
+    key = next(k for k in tensors if k.endswith("lora_down.weight"))
+    tensors[key.replace("lora_unet_", "lora_unet_no_such_block_")] = tensors.pop(key)
+    bad = tmp_path / "bad_kohya.safetensors"
+    save_file(tensors, str(bad))
+    loader = LoraSwapLoader(lambda m: load_pair(m.pretrained, m.finetuned), local_paths)
+    with pytest.raises(ModelFormatError, match="fits no layer"), \
+            loader.open(AuditModel("demo-base", str(bad))):
+        pass
+    base = loader._base(resolve_model_reference("demo-base"), "ddpm")
+    assert not any(isinstance(m, BaseTunerLayer) for m in base.unet.modules())
+
+
+def test_worker_subtasks_of_one_base_find_it_loaded(loras):
+    """worker/audit_swap.py: each audit subtask makes its own loader, but the process keeps the
+    base, so the second subtask of that base (routed to this worker by the base) loads nothing;
+    a full fine-tune goes to the subtask's own loader (the worker's pair cache)."""
+    from types import SimpleNamespace
+
+    from cgidm.registry import ModelEntry, Registry
+    from worker.audit_swap import swapping_loader
+
+    registry = Registry([
+        ModelEntry(id="demo-base", family="ddpm", path="demo-base"),
+        ModelEntry(id="demo-vangogh", family="ddpm", path="demo-vangogh",
+                   finetuned_from="demo-base"),
+        *[ModelEntry(id=f"lora-{i}", family="ddpm", path=str(files[0]),
+                     finetuned_from="demo-base", kind="lora") for i, files in enumerate(loras)]],
+        "test registry")
+    resolver = SimpleNamespace(check_pair=registry.check_pair)
+    ctx = SimpleNamespace(settings=SimpleNamespace(device="cpu", dtype=None))
+    fallback_calls = []
+
+    def fallback(model):
+        fallback_calls.append(model.finetuned)
+        return load_pair("demo-base", "demo-vangogh")
+
+    loaders = [swapping_loader(ctx, resolver, fallback) for _ in range(2)]
+    for loader, model in zip(loaders, ("lora-0", "lora-1"), strict=True):
+        with loader.open(AuditModel("demo-base", model)) as pair:
+            assert isinstance(pair, DDPMLoraPair)
+    with loaders[1].open(AuditModel("demo-base", "demo-vangogh")) as pair:
+        assert pair.finetuned_kind == "ddpm"
+    assert [loader.stats.base_loads for loader in loaders] == [1, 0]
+    assert fallback_calls == ["demo-vangogh"]

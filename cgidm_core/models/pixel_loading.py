@@ -197,7 +197,7 @@ def load_ddpm_pair(
     )
 
 
-def ddpm_lora_pair(unet, lora: Path, alphas: torch.Tensor, prediction: str,
+def ddpm_lora_pair(unet: UNet2DModel, lora: Path, alphas: torch.Tensor, prediction: str,
                    opts: LoadOptions) -> DDPMLoraPair:
     """A loaded base pixel UNet with the LoRA file ``lora`` attached (unmerged) as one pair.
     The audit's LoRA swapping calls this with a base it keeps loaded."""
@@ -206,7 +206,7 @@ def ddpm_lora_pair(unet, lora: Path, alphas: torch.Tensor, prediction: str,
                         device=opts.device, dtype=opts.dtype)
 
 
-def pixel_flow_lora_pair(unet, lora: Path, num_train_timesteps: int,
+def pixel_flow_lora_pair(unet: UNet2DModel, lora: Path, num_train_timesteps: int,
                          opts: LoadOptions) -> PixelFlowLoraPair:
     """A loaded base flow-matching pixel UNet with the LoRA file ``lora`` attached."""
     attach_pixel_lora(unet, lora)

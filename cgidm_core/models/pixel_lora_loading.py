@@ -12,7 +12,9 @@ bit for bit what it computed before the LoRA was attached.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -76,7 +78,7 @@ class _SwitchedLora:
     def _init_switch(self) -> None:
         self.unet_adapter = AdapterSwitch([self.unet_pretrained])
 
-    def checkpoint_function(self):
+    def checkpoint_function(self) -> Callable[..., Any]:
         return adapter_state_checkpoint(self.unet_adapter)
 
     def eps_finetuned(self, z_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
@@ -88,14 +90,15 @@ class _SwitchedLora:
         self.unet_adapter.set(False)
         return super().eps_pretrained(z_t, t, cond)  # type: ignore[misc]
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         return {**super().describe(), "lora_unet_layers": len(self.unet_adapter)}  # type: ignore[misc]
 
 
 class DDPMLoraPair(_SwitchedLora, DDPMPair):
     """A pixel DDPM base and a LoRA of it: ONE UNet whose adapter is on for the fine-tune."""
 
-    def __init__(self, unet: torch.nn.Module, alphas_cumprod: torch.Tensor, **kwargs):
+    def __init__(self, unet: torch.nn.Module, alphas_cumprod: torch.Tensor,
+                 **kwargs: Any) -> None:
         super().__init__(unet, unet, alphas_cumprod, finetuned_kind="lora", **kwargs)
         self._init_switch()
 
@@ -103,7 +106,7 @@ class DDPMLoraPair(_SwitchedLora, DDPMPair):
 class PixelFlowLoraPair(_SwitchedLora, PixelFlowPair):
     """A pixel flow-matching base and a LoRA of it, on one UNet (see :class:`DDPMLoraPair`)."""
 
-    def __init__(self, unet: torch.nn.Module, **kwargs):
+    def __init__(self, unet: torch.nn.Module, **kwargs: Any) -> None:
         super().__init__(unet, unet, finetuned_kind="lora", **kwargs)
         self._init_switch()
 

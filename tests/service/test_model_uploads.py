@@ -361,9 +361,9 @@ def test_headers_that_lie_or_do_not_fit_are_refused(bob, s3_endpoint):
     dtype = upload(bob, struct.pack("<Q", len(raw)) + raw.encode() + bytes(4))
     assert dtype.status_code == 422 and "unknown dtype" in dtype.text
     sdxl, size = _header({"lora_te2_text_model.x.lora_down.weight": ("F32", [2, 2])})
-    refused = upload(bob, sdxl + bytes(size))
+    refused = upload(bob, sdxl + bytes(size))  # an SDXL LoRA for an SD 1.x base
     assert refused.status_code == 422 and refused.json()["detail"][0]["type"] == \
-        "unsupported_family"
+        "family_mismatch"
     unet, size = _header({"conv_in.weight": ("F32", [2]), "down_blocks.0.w": ("F32", [2]),
                           "time_embedding.linear_1.weight": ("F32", [2])})
     wrong_kind = upload(bob, unet + bytes(size), kind="lora")

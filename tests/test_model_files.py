@@ -99,7 +99,9 @@ PIXEL_UNET = ["conv_in.weight", "time_embedding.linear_1.weight",
      "family_mismatch"),
     (PIXEL_UNET, "stable-diffusion", None, "family_mismatch"),
     (SD_UNET, "ddpm", None, "family_mismatch"),
-    (["unet.a.lora_A.weight"], "ddpm", None, "family_mismatch"),
+    # names a pixel LoRA file shares with an SD one: the pixel family recognises it (#27: pixel
+    # LoRA files load unmerged) but takes no LoRA upload, and says so
+    (["unet.a.lora_A.weight"], "ddpm", None, "unsupported_upload_kind"),
     (SD_UNET, "stable-diffusion", "lora", "kind_mismatch"),
     (["vae.encoder.weight"], "stable-diffusion", None, "unknown_model_file"),
 ])

@@ -26,7 +26,7 @@ import re
 from typing import Any
 
 from cgidm.audits import AUDIT_GROUP_TASK, AuditNotFound, AuditStore, model_groups
-from cgidm.leases import Reaped
+from cgidm.leases import Reaped, lost_worker_message
 from cgidm.settings import Settings
 
 log = logging.getLogger("cgidm.audit_leases")
@@ -58,16 +58,12 @@ def send_group(celery: Any, settings: Settings, audit_id: str, group: int, base:
 
 
 def lost_group_message(settings: Settings, reaped: Reaped) -> str:
-    lost = reaped.lapses
-    what = (f"the worker running part of this audit was lost {lost} time"
-            f"{'s' if lost > 1 else ''} (its lease went {settings.lease_ttl:g} s without a "
-            "heartbeat: the process was killed, ran out of memory, or its machine went away)")
-    if reaped.action == "fail":
-        return (f"{what}; after {lost} lost attempts (CGIDM_MAX_ATTEMPTS={settings.max_attempts})"
-                " it is not run again, so it cannot keep crashing workers. The models already "
-                "done stay stored; a model that kills its worker every time usually needs more "
-                "memory than the worker has: audit it on its own or ask for a larger worker")
-    return f"{what}; attempt {reaped.attempt} goes on with the models not done yet"
+    return lost_worker_message(
+        settings, reaped, running="part of this audit",
+        gave_up="The models already done stay stored; a model that kills its worker every time "
+                "usually needs more memory than the worker has: audit it on its own or ask for a "
+                "larger worker",
+        goes_on=f"attempt {reaped.attempt} goes on with the models not done yet")
 
 
 def hand_out_again(store: AuditStore, celery: Any, settings: Settings, reaped: Reaped) -> str:

@@ -449,6 +449,21 @@ class SqliteLeases(LeaseStore):
             self._local.db = None
 
 
+def lost_worker_message(settings: Settings, reaped: Reaped, *, running: str, gave_up: str,
+                        goes_on: str) -> str:
+    """What a job's or an audit group's record says after its lease lapsed (the reaper writes
+    it): how often the worker running ``running`` was lost and why that happens, then
+    ``gave_up`` (after the last attempt) or ``goes_on`` (when another attempt is sent)."""
+    lost = reaped.lapses
+    what = (f"the worker running {running} was lost {lost} time{'s' if lost > 1 else ''} "
+            f"(its lease went {settings.lease_ttl:g} s without a heartbeat: the process was "
+            "killed, ran out of memory, or its machine went away)")
+    if reaped.action == "fail":
+        return (f"{what}; after {lost} lost attempts (CGIDM_MAX_ATTEMPTS={settings.max_attempts})"
+                f" it is not run again, so it cannot keep crashing workers. {gave_up}")
+    return f"{what}; {goes_on}"
+
+
 def leases_from_settings(settings: Settings) -> LeaseStore | None:
     """The lease store that goes with the broker: Redis with Redis, a SQLite file with the
     embedded SQLite broker; ``None`` (no leases: the visibility timeout alone) otherwise."""

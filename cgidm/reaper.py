@@ -31,7 +31,7 @@ from typing import Any
 
 from cgidm.job_queue import enqueue_job, make_celery
 from cgidm.jobs import JobError, JobNotFound, JobRecord, JobStore, Progress, Recovery, utcnow
-from cgidm.leases import LeaseStore, Reaped, leases_from_settings
+from cgidm.leases import LeaseStore, Reaped, leases_from_settings, lost_worker_message
 from cgidm.settings import Settings
 from cgidm.storage import StorageError
 
@@ -43,18 +43,13 @@ def reaper_id(role: str) -> str:
 
 
 def lost_message(settings: Settings, reaped: Reaped) -> str:
-    lost = reaped.lapses
-    what = (f"the worker running this job was lost {lost} time{'s' if lost > 1 else ''} "
-            f"(its lease went {settings.lease_ttl:g} s without a heartbeat: the process was "
-            "killed, ran out of memory, or its machine went away)")
-    if reaped.action == "fail":
-        return (f"{what}; after {lost} lost attempts (CGIDM_MAX_ATTEMPTS={settings.max_attempts})"
-                " it is not run again, so it cannot keep crashing workers. A job that kills its "
-                "worker every time usually needs more memory than the worker has: submit fewer "
-                "or smaller images or a smaller batch_size, or ask the operator for a larger "
-                "worker")
-    return (f"{what}; attempt {reaped.attempt} (of at most {settings.max_attempts}) waits for a "
-            "worker and starts over from the first step")
+    return lost_worker_message(
+        settings, reaped, running="this job",
+        gave_up="A job that kills its worker every time usually needs more memory than the "
+                "worker has: submit fewer or smaller images or a smaller batch_size, or ask the "
+                "operator for a larger worker",
+        goes_on=f"attempt {reaped.attempt} (of at most {settings.max_attempts}) waits for a "
+                "worker and starts over from the first step")
 
 
 class Reaper(threading.Thread):

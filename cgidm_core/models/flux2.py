@@ -276,10 +276,11 @@ def load_bfl_transformer_file(spec: TransformerFamily, file: Path, config_folder
                               missing: str) -> Any:
     """A Flux.2 transformer as one file in BFL's naming (dev's or Klein's), converted by
     diffusers' ``from_single_file`` with the base folder's config. The converter renames BFL's
-    names but does not strip ComfyUI's ``model.diffusion_model.`` (it fails on the first
-    renamed norm), so the prefix is stripped here; float8 files are refused before any
-    conversion."""
+    names but does not strip ComfyUI's ``model.diffusion_model.`` (a KeyError on the first block
+    name), so the prefix is stripped here; float8 files are refused from the header, before any
+    weight is read."""
     import diffusers
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from cgidm_core.models.formats import safetensors_keys
@@ -287,23 +288,23 @@ def load_bfl_transformer_file(spec: TransformerFamily, file: Path, config_folder
     if not recognised(safetensors_keys(file)):
         raise IncompatiblePairError(f"{file} holds no {missing}")
     with loading_errors("the single-file transformer", file):
+        with safe_open(str(file), framework="pt") as header:  # dtypes without reading weights
+            names = list(header.keys())  # a safe_open handle is not iterable
+            quantised = sorted(k for k in names if header.get_slice(k).get_dtype().startswith(
+                "F8"))
+        if quantised:
+            raise ModelFormatError(
+                f"{file} is a float8-quantised {spec.title} transformer ({quantised[0]} and "
+                f"{len(quantised) - 1} more float8 tensors): diffusers' converter maps names "
+                "only and would drop its scales (weight_scale / scale_weight / comfy_quant, "
+                "one layout per quantising tool), so cgidm does not dequantise it; give the "
+                "bf16 release of the same weights, or dequantise it to bf16 with the tool that "
+                "quantised it")
         state = {k.removeprefix(_COMFY_PREFIX): v for k, v in load_file(str(file)).items()}
-    quantised = sorted(k for k, v in state.items() if v.dtype in _FLOAT8)
-    if quantised:
-        raise ModelFormatError(
-            f"{file} is a float8-quantised {spec.title} transformer ({quantised[0]} is "
-            f"{state[quantised[0]].dtype}, {len(quantised)} such tensors): diffusers' converter "
-            "maps names only and would drop its scales; give the bf16 release of the same "
-            "weights (or its transformer/ folder)")
     with loading_errors("the single-file transformer", file, mismatch_is_incompatible=True):
         return getattr(diffusers, spec.transformer_class).from_single_file(
             state, config=str(config_folder), subfolder="transformer", local_files_only=True,
             torch_dtype=opts.dtype)
-
-
-_FLOAT8 = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2",
-                                                   "float8_e4m3fnuz", "float8_e5m2fnuz")
-                if hasattr(torch, name))
 
 
 def load_single_file(path: Path, config_folder: Path, opts: LoadOptions) -> Any:

@@ -137,10 +137,10 @@ def test_a_bfl_single_file_predicts_like_its_folder(klein, tmp_path):
     assert (v_ft - v_pre).abs().max() > 1e-3
 
 
-def test_comfyui_prefixed_fp8_and_dev_single_files(klein, tmp_path):
+def test_prefixed_diffusers_named_fp8_and_dev_single_files(klein, tmp_path):
     """ComfyUI's ``model.diffusion_model.`` prefix (which diffusers' converter does not strip)
-    loads the same weights; a float8 file and a Flux.2 dev file (guidance embedding) are refused
-    by name, as ``cgidm check`` meets them."""
+    and a one-file state dict in diffusers' own naming load the same weights; a float8 file and
+    a Flux.2 dev file (guidance embedding) are refused by name, as ``cgidm check`` meets them."""
     from safetensors.torch import load_file, save_file
 
     from cgidm_core.errors import IncompatiblePairError, ModelFormatError
@@ -155,6 +155,11 @@ def test_comfyui_prefixed_fp8_and_dev_single_files(klein, tmp_path):
     theirs = tiny_families.load_flux2_transformer(tmp_path / "comfy_diffusers").state_dict()
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    diffusers_named = tmp_path / "diffusers_named.safetensors"
+    save_file({k: v.contiguous() for k, v in theirs.items()}, str(diffusers_named))
+    assert detect_finetuned_kind(diffusers_named) == "single_file"
+    again = load_single_file(diffusers_named, klein["base"], opts).state_dict()
+    assert all(torch.equal(again[k], theirs[k]) for k in theirs) and again.keys() == theirs.keys()
     state = {k.removeprefix("model.diffusion_model."): v for k, v in
              load_file(str(prefixed)).items()}
     fp8 = tmp_path / "fp8.safetensors"

@@ -87,7 +87,9 @@ def test_detects_klein_and_tells_it_from_dev(klein, tmp_path):
         pipeline_family(dev)
 
 
-@pytest.mark.parametrize("kind", [pytest.param("transformer", marks=pytest.mark.slow), "lora"])
+#: A ``transformer/`` folder is compared with the pipeline by
+#: test_a_bfl_single_file_predicts_like_its_folder (the folder and the file of the same weights).
+@pytest.mark.parametrize("kind", ["lora"])
 def test_layouts_predict_like_diffusers(klein, kind):
     pair = load_pair_from_paths(klein["base"], klein[kind], **CPU)
     assert type(pair) is (Flux2LoraPair if kind == "lora" else Flux2Pair)
@@ -126,6 +128,7 @@ def test_a_bfl_single_file_predicts_like_its_folder(klein, tmp_path):
     pair = load_pair_from_paths(klein["base"], file, **CPU)
     folder_pair = load_pair_from_paths(klein["base"], folder, **CPU)
     assert type(pair) is Flux2Pair and pair.finetuned_kind == "single_file"
+    assert folder_pair.finetuned_kind == "dreambooth"
     z, t = _inputs(pair.latent_shape)
     cond = pair.conditioning(PROMPT)
     with torch.no_grad():

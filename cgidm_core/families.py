@@ -317,13 +317,12 @@ FAMILIES: tuple[Family, ...] = (
             base_file=keys_.is_flux2_klein_file, base_file_layout="denoiser",
             metadata_keys=("ss_tag_frequency", "ss_output_name"),
         ),
-        # single files are recognised (so they are refused by name), not loaded
-        finetuned_layouts=("pipeline", "dreambooth", "lora"),
+        finetuned_layouts=TRANSFORMER_LAYOUTS,
         lora_formats=("diffusers/peft (transformer.*)",
                       "ai-toolkit / musubi-tuner names (diffusers' Flux.2 converters; tested on "
                       "Flux.2 dev)"),
-        pretrained_layouts=("Flux2KleinPipeline folder",),
-        upload_kinds=("lora",),
+        pretrained_layouts=("Flux2KleinPipeline folder", _ONE_FILE + " (BFL naming)"),
+        upload_kinds=("lora", "single_file"),
         defaults=Defaults(
             gpu_dtype="bfloat16", resolution=1024,
             time_shift="exp(compute_empirical_mu(tokens, 50)): Flux2KleinPipeline's rule at its "
@@ -336,8 +335,9 @@ FAMILIES: tuple[Family, ...] = (
             native_latent_pixels=64 * 64, denoiser_parameters=9_078_581_248,
             note="counted for Klein 9B; Klein 4B: 14.07 GB per pass at 1024 px, 3.88 B parameters",
         ),
-        summary="Flux.2 Klein; fine-tunes as pipeline folders, transformer/ folders, LoRAs "
-                "(diffusers/peft); single files recognised and refused",
+        summary="Flux.2 Klein; fine-tunes as pipeline folders, transformer/ folders, single-file "
+                "transformers (BFL naming, as BFL and ComfyUI publish them), LoRAs "
+                "(diffusers/peft)",
     ),
     Family(
         name=FLUX_FAMILY,

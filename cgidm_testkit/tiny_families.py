@@ -967,6 +967,16 @@ def make_flux2_dev_single_file(base: str | Path, out_file: str | Path, seed: int
                             rename=flux2_transformer_to_bfl)
 
 
+def make_flux2_klein_single_file(base: str | Path, out_file: str | Path, seed: int = 1,
+                                 prefix: str = "") -> Path:
+    """A fine-tuned Flux.2 Klein transformer as one file in BFL's naming, as
+    ``flux-2-klein-4b.safetensors`` is published (no ``guidance_in.*``), under ``prefix``
+    (ComfyUI's checkpoint savers write ``model.diffusion_model.``); the same transformer is also
+    written as ``<stem>_diffusers/transformer``."""
+    return make_single_file("Flux2Transformer2DModel", base, out_file, seed, prefix=prefix,
+                            rename=flux2_transformer_to_bfl)
+
+
 def make_flux2_lora_pair(pipeline_class: str, base: str | Path, out: str | Path, seed: int = 1,
                          rank: int = 4) -> tuple[Path, Path]:
     """The same random Flux.2 attention LoRA written twice: as ai-toolkit shares it (one file,

@@ -87,7 +87,9 @@ def test_detects_klein_and_tells_it_from_dev(klein, tmp_path):
         pipeline_family(dev)
 
 
-@pytest.mark.parametrize("kind", [pytest.param("transformer", marks=pytest.mark.slow), "lora"])
+#: A ``transformer/`` folder is compared with the pipeline by
+#: test_a_bfl_single_file_predicts_like_its_folder (the folder and the file of the same weights).
+@pytest.mark.parametrize("kind", ["lora"])
 def test_layouts_predict_like_diffusers(klein, kind):
     pair = load_pair_from_paths(klein["base"], klein[kind], **CPU)
     assert type(pair) is (Flux2LoraPair if kind == "lora" else Flux2Pair)
@@ -105,6 +107,99 @@ def test_layouts_predict_like_diffusers(klein, kind):
     assert (v_ft - v_pre).abs().max() > 1e-3
     if kind == "lora":
         assert pair.unet_finetuned is pair.unet_pretrained and len(pair.unet_adapter) > 0
+
+
+def test_a_bfl_single_file_predicts_like_its_folder(klein, tmp_path):
+    """A Klein transformer in BFL's naming (written by the testkit's inverse of diffusers'
+    converter) is recognised as a Klein single file, converted by diffusers with the base's
+    config, and predicts exactly what the same weights do as a ``transformer/`` folder, and what
+    ``Flux2KleinPipeline`` does with that folder's transformer."""
+    from cgidm_core import families
+    from cgidm_core.models.formats import safetensors_keys
+
+    file = tiny_families.make_flux2_klein_single_file(klein["base"], tmp_path / "ft.safetensors",
+                                                      seed=3)
+    folder = tmp_path / "ft_diffusers"
+    keys = safetensors_keys(file)
+    assert "double_blocks.0.img_attn.qkv.weight" in keys and not any(
+        k.startswith(("transformer_blocks.", "guidance_in.")) for k in keys)
+    assert detect_finetuned_kind(file) == "single_file"
+    assert [f.name for f in families.file_claims(keys, "single_file")] == [FLUX2_FAMILY]
+    pair = load_pair_from_paths(klein["base"], file, **CPU)
+    folder_pair = load_pair_from_paths(klein["base"], folder, **CPU)
+    assert type(pair) is Flux2Pair and pair.finetuned_kind == "single_file"
+    assert folder_pair.finetuned_kind == "dreambooth"
+    z, t = _inputs(pair.latent_shape)
+    cond = pair.conditioning(PROMPT)
+    with torch.no_grad():
+        v_ft, v_pre = pair.eps_finetuned(z, t, cond), pair.eps_pretrained(z, t, cond)
+        v_folder = folder_pair.eps_finetuned(z, t, folder_pair.conditioning(PROMPT))
+    torch.testing.assert_close(v_ft, v_folder, rtol=0, atol=0)
+    reference = _reference_pipeline({**klein, "ft": folder}, "ft")
+    torch.testing.assert_close(v_ft, _reference_velocity(reference, z, t, pair.sigmas(t, z)))
+    assert (v_ft - v_pre).abs().max() > 1e-3
+
+
+def test_prefixed_diffusers_named_fp8_and_dev_single_files(klein, tmp_path):
+    """ComfyUI's ``model.diffusion_model.`` prefix (which diffusers' converter does not strip)
+    and a one-file state dict in diffusers' own naming load the same weights; a float8 file and
+    a Flux.2 dev file (guidance embedding) are refused by name, as ``cgidm check`` meets them."""
+    from safetensors.torch import load_file, save_file
+
+    from cgidm_core.errors import IncompatiblePairError, ModelFormatError
+    from cgidm_core.models.flux2 import load_single_file
+    from cgidm_core.models.sd_loading import LoadOptions
+
+    opts = LoadOptions(torch.device("cpu"), torch.float32, True)
+    prefixed = tiny_families.make_flux2_klein_single_file(
+        klein["base"], tmp_path / "comfy.safetensors", seed=3, prefix="model.diffusion_model.")
+    assert detect_finetuned_kind(prefixed) == "single_file"
+    ours = load_single_file(prefixed, klein["base"], opts).state_dict()
+    theirs = tiny_families.load_flux2_transformer(tmp_path / "comfy_diffusers").state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    diffusers_named = tmp_path / "diffusers_named.safetensors"
+    save_file({k: v.contiguous() for k, v in theirs.items()}, str(diffusers_named))
+    assert detect_finetuned_kind(diffusers_named) == "single_file"
+    again = load_single_file(diffusers_named, klein["base"], opts).state_dict()
+    assert all(torch.equal(again[k], theirs[k]) for k in theirs) and again.keys() == theirs.keys()
+    state = {k.removeprefix("model.diffusion_model."): v for k, v in
+             load_file(str(prefixed)).items()}
+    fp8 = tmp_path / "fp8.safetensors"
+    save_file({k: v.to(torch.float8_e4m3fn) if v.ndim == 2 else v for k, v in state.items()},
+              str(fp8))
+    with pytest.raises(ModelFormatError, match="float8-quantised Flux.2 transformer.*bf16"):
+        load_pair_from_paths(klein["base"], fp8, **CPU)
+    dev = tmp_path / "dev.safetensors"
+    width = state["time_in.in_layer.weight"].shape
+    save_file({**state, "guidance_in.in_layer.weight": torch.zeros(width),
+               "guidance_in.out_layer.weight": state["time_in.out_layer.weight"].clone()},
+              str(dev))
+    with pytest.raises(IncompatiblePairError, match="Flux.2 dev.*Flux.2 Klein|Flux.2 Klein.*"
+                                                    "Flux.2 dev"):
+        load_pair_from_paths(klein["base"], dev, **CPU)
+
+
+@pytest.mark.slow
+def test_a_bfl_single_file_base_is_the_folder_base(klein, tmp_path):
+    """The pretrained Klein transformer as one BFL file (``flux-2-klein-4b.safetensors``), its
+    parts from the pipeline folder (``--pretrained-config``): the same base as the folder's."""
+    from safetensors.torch import save_file
+
+    state = tiny_families.load_flux2_transformer(klein["base"]).state_dict()
+    file = tmp_path / "flux-2-klein-tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_families.flux2_transformer_to_bfl(
+        state).items()}, str(file))
+    pair = load_pair_from_paths(file, klein["lora"], pretrained_config=klein["base"], **CPU)
+    z, t = _inputs(pair.latent_shape)
+    cond = pair.conditioning(PROMPT)
+    with torch.no_grad():
+        v_pre, v_ft = pair.eps_pretrained(z, t, cond), pair.eps_finetuned(z, t, cond)
+    reference = _reference_pipeline(klein, "lora")
+    sigma = pair.sigmas(t, z)
+    torch.testing.assert_close(v_ft, _reference_velocity(reference, z, t, sigma))
+    reference.disable_lora()
+    torch.testing.assert_close(v_pre, _reference_velocity(reference, z, t, sigma))
 
 
 @pytest.fixture(scope="module")

@@ -21,23 +21,33 @@ As diffusers' ``Flux2KleinPipeline`` runs it:
 - no guidance embedding in Klein (``guidance_embeds`` false; a transformer with one is Flux.2
   dev's).
 
-Layouts: ``Flux2KleinPipeline`` folders, ``transformer/`` folders, LoRAs through diffusers'
+Layouts: ``Flux2KleinPipeline`` folders, ``transformer/`` folders, a one-file transformer in
+BFL's naming (``flux-2-klein-4b.safetensors`` as Black Forest Labs and ComfyUI publish it,
+optionally under ``model.diffusion_model.``; converted by diffusers'
+``convert_flux2_transformer_checkpoint_to_diffusers`` with the base folder's config, as a
+fine-tune or as the pretrained transformer with ``--pretrained-config``), LoRAs through diffusers'
 Flux.2 loader (diffusers/peft names tested on Klein; its converters for ai-toolkit's BFL names and
 musubi / sd-scripts' ``lora_unet_*`` names are tested on Flux.2 dev, ``tests/test_flux2_dev.py``).
-Single files are recognised (``single_stream_modulation.*``) but not loaded: not tested at tiny
-size.
+float8-quantised files (the ``-fp8`` releases, ComfyUI's scaled fp8) are refused by name: the
+converter maps names only, so their scales would not load.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cgidm_core.errors import ModelFormatError, UnsupportedModelFamilyError
+from cgidm_core.errors import (
+    IncompatiblePairError,
+    ModelFormatError,
+    UnsupportedModelFamilyError,
+)
+from cgidm_core.key_signatures import is_flux2_klein_file
 from cgidm_core.models.flow import FlowMatchingPair
 from cgidm_core.models.formats import (
     SUPPORTED_HINT,
@@ -56,8 +66,8 @@ from cgidm_core.models.transformer_adapter import (
     TransformerBase,
     TransformerFamily,
     auto_tokenizer,
+    base_transformer,
     load_model_type_encoder,
-    load_transformer,
     require_pipeline_parts,
 )
 from cgidm_core.names import FLUX2_FAMILY
@@ -257,10 +267,51 @@ def load_qwen3_lm(folder: Path, opts: LoadOptions) -> Any:
                                    expected="the Qwen3 encoder Flux.2 Klein uses")
 
 
-def _no_single_file(path: Path, config_folder: Path, opts: LoadOptions) -> Any:
-    raise ModelFormatError(f"{path}: a Flux.2 transformer as one file is not supported yet; "
-                           "give it as a transformer/ folder (diffusers' "
-                           "Flux2Transformer2DModel.from_single_file(...).save_pretrained)")
+#: The prefix ComfyUI's checkpoint savers put before the transformer's names.
+_COMFY_PREFIX = "model.diffusion_model."
+
+
+def load_bfl_transformer_file(spec: TransformerFamily, file: Path, config_folder: Path,
+                              opts: LoadOptions, *, recognised: Callable[[list[str]], bool],
+                              missing: str) -> Any:
+    """A Flux.2 transformer as one file in BFL's naming (dev's or Klein's), converted by
+    diffusers' ``from_single_file`` with the base folder's config. The converter renames BFL's
+    names but does not strip ComfyUI's ``model.diffusion_model.`` (a KeyError on the first block
+    name), so the prefix is stripped here; float8 files are refused from the header, before any
+    weight is read."""
+    import diffusers
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from cgidm_core.models.formats import safetensors_keys
+
+    if not recognised(safetensors_keys(file)):
+        raise IncompatiblePairError(f"{file} holds no {missing}")
+    with loading_errors("the single-file transformer", file):
+        with safe_open(str(file), framework="pt") as header:  # dtypes without reading weights
+            names = list(header.keys())  # a safe_open handle is not iterable
+            quantised = sorted(k for k in names if header.get_slice(k).get_dtype().startswith(
+                "F8"))
+        if quantised:
+            raise ModelFormatError(
+                f"{file} is a float8-quantised {spec.title} transformer ({quantised[0]} and "
+                f"{len(quantised) - 1} more float8 tensors): diffusers' converter maps names "
+                "only and would drop its scales (weight_scale / scale_weight / comfy_quant, "
+                "one layout per quantising tool), so cgidm does not dequantise it; give the "
+                "bf16 release of the same weights, or dequantise it to bf16 with the tool that "
+                "quantised it")
+        state = {k.removeprefix(_COMFY_PREFIX): v for k, v in load_file(str(file)).items()}
+    with loading_errors("the single-file transformer", file, mismatch_is_incompatible=True):
+        return getattr(diffusers, spec.transformer_class).from_single_file(
+            state, config=str(config_folder), subfolder="transformer", local_files_only=True,
+            torch_dtype=opts.dtype)
+
+
+def load_single_file(path: Path, config_folder: Path, opts: LoadOptions) -> Any:
+    return load_bfl_transformer_file(
+        SPEC, path, config_folder, opts, recognised=is_flux2_klein_file,
+        missing="Flux.2 Klein transformer (double_stream_modulation_img.* and no "
+                "guidance_in.* tensors); the pretrained model is Flux.2 Klein")
 
 
 #: Fine-tuned text encoders are not read: both models are conditioned by the base's Qwen3
@@ -268,7 +319,7 @@ def _no_single_file(path: Path, config_folder: Path, opts: LoadOptions) -> Any:
 SPEC = TransformerFamily(
     family=FLUX2_FAMILY, title="Flux.2", base_title="Flux.2 Klein",
     pipeline_class=PIPELINE_CLASS, transformer_class=TRANSFORMER_CLASS,
-    text_encoder=load_qwen3_lm, single_file=_no_single_file, reads_finetuned_encoder=False,
+    text_encoder=load_qwen3_lm, single_file=load_single_file, reads_finetuned_encoder=False,
     no_own_encoder="a Flux.2 fine-tune has no text encoder of its own here",
     architecture=("in_channels", "num_layers", "num_single_layers", "attention_head_dim",
                   "num_attention_heads", "joint_attention_dim", "guidance_embeds"))
@@ -286,16 +337,13 @@ def load_flux2_vae(folder: Path, opts: LoadOptions) -> Flux2VAE2D:
 
 def load_flux2_base(folder: Path, opts: LoadOptions, transformer_file: Path | None = None
                     ) -> TransformerBase:
-    if transformer_file is not None:
-        raise ModelFormatError(f"{transformer_file}: a Flux.2 transformer as one file is not "
-                               "supported yet; give the Flux2KleinPipeline folder")
     tokenizer = auto_tokenizer(folder, opts)
     config_file = folder / "scheduler" / "scheduler_config.json"
     scheduler = read_json(config_file)
     if scheduler.get("_class_name", _SCHEDULER_CLASS) != _SCHEDULER_CLASS:
         raise ModelFormatError(f"{config_file}: Flux.2 samples with {_SCHEDULER_CLASS}")
     base = TransformerBase(
-        folder=folder, transformer=load_transformer(SPEC, folder, "transformer", opts),
+        folder=folder, transformer=base_transformer(SPEC, folder, opts, transformer_file),
         vae=load_flux2_vae(folder, opts), text_encoder=load_qwen3_lm(folder, opts),
         tokenizer=tokenizer, scheduler_config=scheduler)
     config = base.transformer.config

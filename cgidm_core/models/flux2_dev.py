@@ -21,10 +21,11 @@ What differs from Klein, as diffusers' ``Flux2Pipeline`` runs it:
   default ``guidance_scale`` 4.0.
 
 Layouts: ``Flux2Pipeline`` folders, ``transformer/`` folders, a one-file transformer in BFL's
-naming (``flux2-dev.safetensors``; diffusers' converter, with the base folder's config), LoRAs
-through diffusers' Flux.2 loader (diffusers/peft, ai-toolkit ``diffusion_model.double_blocks.*``
-and musubi-tuner / sd-scripts ``lora_unet_double_blocks_*`` naming, the last two converted by
-diffusers).
+naming (``flux2-dev.safetensors``, optionally under ``model.diffusion_model.``; diffusers'
+converter with the base folder's config, read as Klein's are:
+:func:`cgidm_core.models.flux2.load_bfl_transformer_file`), LoRAs through diffusers' Flux.2
+loader (diffusers/peft, ai-toolkit ``diffusion_model.double_blocks.*`` and musubi-tuner /
+sd-scripts ``lora_unet_double_blocks_*`` naming, the last two converted by diffusers).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from cgidm_core.models.flow import FlowMatchingPair
 from cgidm_core.models.flux2 import (
     TRANSFORMER_CLASS,
     _Flux2Conditioning,
+    load_bfl_transformer_file,
     load_flux2_vae,
     stack_hidden_states,
 )
@@ -54,7 +56,6 @@ from cgidm_core.models.transformer_adapter import (
     base_transformer,
     flow_scheduler_config,
     load_model_type_encoder,
-    load_single_file_transformer,
     require_pipeline_parts,
 )
 from cgidm_core.names import FLUX2_DEV_FAMILY
@@ -175,7 +176,7 @@ def load_mistral3(folder: Path, opts: LoadOptions) -> Any:
 
 
 def load_single_file(path: Path, config_folder: Path, opts: LoadOptions) -> Any:
-    return load_single_file_transformer(
+    return load_bfl_transformer_file(
         SPEC, path, config_folder, opts, recognised=is_flux2_dev_file,
         missing="Flux.2 dev transformer (no double_stream_modulation_img.* / guidance_in.* "
                 "tensors); the pretrained model is Flux.2 dev")

@@ -187,6 +187,12 @@ class FamilyAdapter(Protocol):
     detected the fine-tune's layout and refused a fine-tune whose files another family claims.
     The adapter loads, checks the two models fit, and returns the pair; it reads the trigger
     prompt afterwards only for ``conditioning == "text"`` families.
+
+    Optional: ``load_lora_base(BaseRequest) -> LoraBase`` (:mod:`cgidm_core.models.adapter`), a
+    base kept loaded to which the family's LoRA files are attached one at a time, each as the
+    pair ``load_pair`` would build, and removed again. An audit swaps the LoRAs of a family that
+    has it on one loaded base (:mod:`cgidm_core.lora_swap`); a family without it loads a pair per
+    LoRA.
     """
 
     def check_pipeline_folder(self, folder: Path, index: dict[str, Any]) -> None:

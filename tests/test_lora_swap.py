@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cgidm_core import families
 from cgidm_core.api import load_pair
 from cgidm_core.audit import AuditModel
 from cgidm_core.audit_run import AuditSettings, run_audit, screen_records
@@ -80,23 +81,25 @@ def test_swapping_loras_restores_the_base_bit_for_bit_and_scores_as_a_fresh_load
     images, names = pictures
     loader = LoraSwapLoader(lambda m: load_pair(m.pretrained, m.finetuned), local_paths)
     # the base the loader keeps, before any LoRA has been attached
-    base = loader._base(resolve_model_reference("demo-base"), "ddpm")
+    base = loader._base(resolve_model_reference("demo-base"), families.get("ddpm"))
+    assert base is not None
+    unet = base.adapted[0]
     x, t = _probe()
     with torch.no_grad():
-        before = base.unet(x, t).sample
-    weights_before = {k: v.clone() for k, v in base.unet.state_dict().items()}
+        before = unet(x, t).sample
+    weights_before = {k: v.clone() for k, v in unet.state_dict().items()}
     images, names = images[1:3], names[1:3]  # one member, one hold-out
     for lora in (loras[0][0], loras[1][1]):  # a diffusers file, then a kohya one
         with loader.open(AuditModel("demo-base", str(lora))) as pair:
-            assert pair.unet_pretrained is base.unet
+            assert pair.unet_pretrained is unet
             swapped = screen_records(pair, images, names, None, seed=0)
         fresh = screen_records(load_pair("demo-base", str(lora)), images, names, None, seed=0)
         assert swapped == fresh  # the same floats, not merely close
-    assert not any(isinstance(m, BaseTunerLayer) for m in base.unet.modules())
-    assert base.unet.state_dict().keys() == weights_before.keys()
-    assert all(torch.equal(v, weights_before[k]) for k, v in base.unet.state_dict().items())
+    assert not any(isinstance(m, BaseTunerLayer) for m in unet.modules())
+    assert unet.state_dict().keys() == weights_before.keys()
+    assert all(torch.equal(v, weights_before[k]) for k, v in unet.state_dict().items())
     with torch.no_grad():
-        assert torch.equal(base.unet(x, t).sample, before)
+        assert torch.equal(unet(x, t).sample, before)
     assert loader.stats.base_loads == 1 and loader.stats.swaps == 2
 
 
@@ -130,8 +133,9 @@ def test_a_lora_that_fits_no_layer_is_refused_and_leaves_the_base_clean(loras, t
     with pytest.raises(ModelFormatError, match="fits no layer"), \
             loader.open(AuditModel("demo-base", str(bad))):
         pass
-    base = loader._base(resolve_model_reference("demo-base"), "ddpm")
-    assert not any(isinstance(m, BaseTunerLayer) for m in base.unet.modules())
+    base = loader._base(resolve_model_reference("demo-base"), families.get("ddpm"))
+    assert base is not None
+    assert not any(isinstance(m, BaseTunerLayer) for m in base.adapted[0].modules())
 
 
 def test_worker_subtasks_of_one_base_find_it_loaded(loras):
@@ -151,7 +155,10 @@ def test_worker_subtasks_of_one_base_find_it_loaded(loras):
                      finetuned_from="demo-base", kind="lora") for i, files in enumerate(loras)]],
         "test registry")
     resolver = SimpleNamespace(check_pair=registry.check_pair)
-    ctx = SimpleNamespace(settings=SimpleNamespace(device="cpu", dtype=None))
+    from worker.model_cache import ModelCache
+
+    ctx = SimpleNamespace(settings=SimpleNamespace(device="cpu", dtype=None),
+                          cache=ModelCache(10**9, lambda key: None))
     fallback_calls = []
 
     def fallback(model):
@@ -166,3 +173,50 @@ def test_worker_subtasks_of_one_base_find_it_loaded(loras):
         assert pair.finetuned_kind == "ddpm"
     assert [loader.stats.base_loads for loader in loaders] == [1, 0]
     assert fallback_calls == ["demo-vangogh"]
+
+
+def test_the_kept_base_counts_in_the_worker_cache_budget(loras, caplog):
+    """worker/model_cache.py's budget holds the swap slot's base beside the cached pairs: keeping
+    the base evicts pairs to make room, a pair load evicts the base in turn (the next LoRA loads
+    it again), and a base larger than the whole budget is not kept: its LoRAs load as pairs
+    through the fallback, with a log line, and the base is not loaded again for each of them."""
+    import logging
+
+    from cgidm_core.lora_swap import BaseSlot
+    from worker.model_cache import ModelCache
+
+    pair_bytes = load_pair("demo-base", "demo-vangogh").resident_bytes()
+    base_bytes = LoraSwapLoader(load_pair, local_paths)._base(
+        resolve_model_reference("demo-base"), families.get("ddpm")).resident_bytes()
+    assert 0 < base_bytes < pair_bytes  # one UNet of the two
+    fallback_calls = []
+
+    def fallback(model):
+        fallback_calls.append(model.finetuned)
+        return load_pair(model.pretrained, model.finetuned)
+
+    def audit_one(loader, lora):
+        with loader.open(AuditModel("demo-base", str(lora))) as pair:
+            return type(pair).__name__
+
+    cache = ModelCache(pair_bytes + base_bytes - 1, lambda key: load_pair("demo-base", key))
+    cache.get("demo-vangogh")
+    loader = LoraSwapLoader(fallback, local_paths, slot=BaseSlot(budget=cache))
+    assert audit_one(loader, loras[0][0]) == "DDPMLoraPair"
+    assert (cache.stats().entries, cache.stats().evictions, cache.total_bytes) == \
+        (1, 1, base_bytes)  # the pair made room for the base
+    cache.get("demo-vangogh")  # a check job's pair: the base makes room for it
+    assert loader.slot.loaded is None and cache.total_bytes == pair_bytes
+    assert audit_one(loader, loras[1][0]) == "DDPMLoraPair"
+    assert loader.stats.base_loads == 2 and fallback_calls == []
+
+    small = ModelCache(base_bytes - 1, lambda key: load_pair("demo-base", key))
+    loader = LoraSwapLoader(fallback, local_paths, slot=BaseSlot(budget=small))
+    with caplog.at_level(logging.WARNING, logger="cgidm.lora_swap"):
+        kinds = [audit_one(loader, lora[0]) for lora in loras]
+    assert kinds == ["DDPMLoraPair", "DDPMLoraPair"]  # load_pair's own LoRA pairs
+    assert fallback_calls == [str(loras[0][0]), str(loras[1][0])]
+    assert (loader.stats.base_loads, loader.stats.swaps, loader.stats.fallback_loads) == (1, 0, 2)
+    assert loader.slot.loaded is None and small.total_bytes == 0
+    assert "larger than the worker's model cache budget" in caplog.text
+    assert len(caplog.records) == 1

@@ -6,8 +6,10 @@ worker that had it loaded. This process keeps that base in one :class:`~cgidm_co
 BaseSlot` for all its subtasks: a LoRA of it (a registry entry with local files) is attached to
 the loaded base, audited and removed (:class:`~cgidm_core.lora_swap.LoraSwapLoader`); every
 other model (full fine-tunes, uploads, hub references) goes through the subtask's own loader and
-the worker's pair cache, as before. The slot holds one base outside the pair cache's byte budget
-(``CGIDM_MODEL_CACHE_BYTES``): a worker needs room for it beside that budget.
+the worker's pair cache, as before. The slot's base counts in the pair cache's byte budget
+(``CGIDM_MODEL_CACHE_BYTES``, :meth:`worker.model_cache.ModelCache.hold`): keeping it evicts
+pairs, a pair load may evict it, and a base larger than the whole budget is not kept (its LoRAs
+are loaded as pairs, one per model, with a log line saying so).
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ from worker.context import WorkerContext
 _SLOT: Any = None  # this process's cgidm_core.lora_swap.BaseSlot, made on first use
 
 
-def _slot() -> Any:
+def _slot(ctx: WorkerContext) -> Any:
     global _SLOT
-    if _SLOT is None:
+    if _SLOT is None or _SLOT.budget is not ctx.cache:
         from cgidm_core.lora_swap import BaseSlot
 
-        _SLOT = BaseSlot()
+        _SLOT = BaseSlot(budget=ctx.cache)
     return _SLOT
 
 
@@ -48,4 +50,4 @@ def swapping_loader(ctx: WorkerContext, resolver: ModelResolver,
         return resolve_model_reference(pre.path), resolve_model_reference(ft.path)
 
     return LoraSwapLoader(fallback, paths, device=ctx.settings.device,
-                          dtype=ctx.settings.dtype, slot=_slot())
+                          dtype=ctx.settings.dtype, slot=_slot(ctx))

@@ -7,6 +7,10 @@ drops its text encoders once a prompt is encoded and reads them back only while 
 one, so sizing it right after loading (``memory_bytes()``, encoders included) would overstate
 every cached pair by ~12 %. Before a load, pairs are evicted until the largest pair seen so far
 would fit, so a GPU is not asked to hold two big pairs at once.
+
+The audit's LoRA-swap base (``worker/audit_swap.py``, :class:`cgidm_core.lora_swap.BaseSlot`)
+counts in the same budget: :meth:`ModelCache.hold` evicts pairs to make room for it and it is
+evicted like a pair (least recently used first); a base larger than the whole budget is not held.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ class ModelCache:
         self.loader = loader
         self.on_evict = on_evict  # e.g. let the disk cache remove the pair's files again
         self._pairs: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
+        #: entries put in by :meth:`hold` (not pairs), and what to call when they are evicted
+        self._held: dict[Hashable, Callable[[], None]] = {}
         self._largest = 0
         self._lock = threading.Lock()
         self.hits = 0
@@ -64,6 +70,36 @@ class ModelCache:
             self._evict(reserve=0, keep=key)
             return pair, False
 
+    def hold(self, key: Hashable, value: Any, size: int, release: Callable[[], None]) -> bool:
+        """Count ``value`` (``size`` bytes, not a pair: the audit's LoRA-swap base) in the
+        budget, evicting the least recently used entries until it fits; ``release()`` is called
+        if it is evicted later. A value larger than the whole budget is not held (False): unlike
+        a pair it has no job that needs it, its owner loads the models another way."""
+        with self._lock:
+            self._forget(key)
+            if size > self.budget_bytes:
+                return False
+            self._evict(reserve=size)
+            self._pairs[key] = (value, size)
+            self._held[key] = release
+            return True
+
+    def touch(self, key: Hashable) -> None:
+        """A held entry was used: it is evicted last."""
+        with self._lock:
+            if key in self._pairs:
+                self._pairs.move_to_end(key)
+
+    def drop(self, key: Hashable) -> None:
+        """Forget a held entry (its owner let it go; ``release`` is not called)."""
+        with self._lock:
+            self._forget(key)
+
+    def _forget(self, key: Hashable) -> None:
+        if key in self._held:
+            self._pairs.pop(key, None)
+            self._held.pop(key)
+
     @property
     def total_bytes(self) -> int:
         return sum(size for _, size in self._pairs.values())
@@ -76,10 +112,12 @@ class ModelCache:
                 break  # a pair larger than the budget still has to be usable for its job
             self._pairs.pop(oldest)
             self.evictions += 1
-            if self.on_evict is not None:
+            if oldest in self._held:
+                self._held.pop(oldest)()  # the owner lets it go
+            elif self.on_evict is not None:
                 self.on_evict(oldest)
             evicted = True
-            log.info("evicted model pair %s from the cache", oldest)
+            log.info("evicted %s from the model cache", oldest)
         if evicted:
             _release_memory()
 

@@ -259,3 +259,4 @@ ADAPTER = TransformerAdapter(
 
 check_pipeline_folder = ADAPTER.check_pipeline_folder
 load_pair = ADAPTER.load_pair
+load_lora_base = ADAPTER.load_lora_base

@@ -226,3 +226,17 @@ def place(module: Any, opts: LoadOptions, dtype: torch.dtype | None = None) -> A
     if module.dtype == dtype:
         return module.to(opts.device)
     return module.to(device=opts.device, dtype=dtype)
+
+
+def remove_lora_layers(network: torch.nn.Module) -> None:
+    """Put the base's own modules back in place of every peft wrapper of ``network`` (diffusers'
+    ``recurse_remove_peft_layers``; a pixel UNet, an SD UNet or text encoder): the adapter
+    weights go, the base weights were never touched. Also forgets the adapter configs diffusers
+    and transformers keep on the network, so the next LoRA may reuse the adapter name."""
+    from diffusers.utils.peft_utils import recurse_remove_peft_layers
+
+    recurse_remove_peft_layers(network)
+    for module in network.modules():  # a wrapper of several encoders: each keeps its own
+        for attribute in ("peft_config", "_hf_peft_config_loaded"):
+            if attribute in vars(module):
+                delattr(module, attribute)

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from cgidm_core.errors import IncompatiblePairError, ModelFormatError, UnsupportedModelFamilyError
-from cgidm_core.models.adapter import LoadOptions, PairRequest
+from cgidm_core.models.adapter import BaseRequest, LoadOptions, LoraBase, PairRequest
 from cgidm_core.models.components import (
     LORA_ADAPTER_NAME,
     count_adapted_layers,
@@ -434,15 +434,9 @@ def training_settings(path: Path, kind: str) -> TrainingSettings:
     )
 
 
-def load_flux_pair(
-    pre_path: Path, ft_path: Path, kind: str, opts: LoadOptions, *, keep_text_encoders: bool,
-    pretrained_transformer: Path | None = None,
-) -> FluxPair | FluxLoraPair:
-    """A Flux.1 pair from a base pipeline folder (optionally with its transformer from
-    ``pretrained_transformer``, one file) and a fine-tune in any supported layout."""
-    base = load_flux_base(pre_path, opts, pretrained_transformer)
-    trained = training_settings(ft_path, kind)
-    shared: dict[str, Any] = {
+def _shared_parts(base: FluxBase, trained: TrainingSettings, opts: LoadOptions,
+                  keep_text_encoders: bool) -> dict[str, Any]:
+    return {
         "vae": place(base.vae, opts, torch.float32),
         "tokenizer": base.tokenizer,
         "tokenizer_2": base.tokenizer_2,
@@ -455,15 +449,35 @@ def load_flux_pair(
         "dtype": opts.dtype,
         "keep_text_encoders": keep_text_encoders,
     }
+
+
+def flux_lora_pair(base: FluxBase, lora: Path, opts: LoadOptions, *, keep_text_encoders: bool
+                   ) -> FluxPair | FluxLoraPair:
+    """The pair of a loaded base with the LoRA file ``lora`` attached as one named adapter, with
+    the guidance and time shift its kohya-ss metadata records. ``cgidm check`` and an audit's
+    LoRA swapping both build a Flux.1 LoRA pair here."""
+    trained = training_settings(lora, "lora")
+    attach_flux_lora(lora, base)
+    return _with_shift(trained, FluxLoraPair(
+        unet=place(base.transformer, opts),
+        text_encoder=place(FluxTextEncoders(base.text_encoder, base.text_encoder_2), opts),
+        text_encoder_reloader=flux_text_encoder_reloader("lora", base.folder, lora, opts,
+                                                         own_clip=False),
+        **_shared_parts(base, trained, opts, keep_text_encoders),
+    ))
+
+
+def load_flux_pair(
+    pre_path: Path, ft_path: Path, kind: str, opts: LoadOptions, *, keep_text_encoders: bool,
+    pretrained_transformer: Path | None = None,
+) -> FluxPair | FluxLoraPair:
+    """A Flux.1 pair from a base pipeline folder (optionally with its transformer from
+    ``pretrained_transformer``, one file) and a fine-tune in any supported layout."""
+    base = load_flux_base(pre_path, opts, pretrained_transformer)
     if kind == "lora":
-        attach_flux_lora(ft_path, base)
-        return _with_shift(trained, FluxLoraPair(
-            unet=place(base.transformer, opts),
-            text_encoder=place(FluxTextEncoders(base.text_encoder, base.text_encoder_2), opts),
-            text_encoder_reloader=flux_text_encoder_reloader(kind, pre_path, ft_path, opts,
-                                                             own_clip=False),
-            **shared,
-        ))
+        return flux_lora_pair(base, ft_path, opts, keep_text_encoders=keep_text_encoders)
+    trained = training_settings(ft_path, kind)
+    shared = _shared_parts(base, trained, opts, keep_text_encoders)
     transformer, clip, t5 = load_flux_finetuned_transformer(ft_path, kind, base, opts)
     if clip is not None and same_weights(clip, base.text_encoder):
         clip = None
@@ -540,3 +554,15 @@ def load_pair(request: PairRequest) -> FluxPair | FluxLoraPair:
     return load_flux_pair(request.pretrained, request.finetuned, request.kind, request.opts,
                           keep_text_encoders=request.keep_text_encoders,
                           pretrained_transformer=request.pretrained_file)
+
+
+def load_lora_base(request: BaseRequest) -> LoraBase:
+    """The base kept loaded for an audit's LoRAs of it (:mod:`cgidm_core.lora_swap`): each
+    LoRA file becomes the pair :func:`load_flux_pair` builds for it, text encoders kept."""
+    opts = request.opts
+    base = load_flux_base(request.pretrained, opts, request.pretrained_file)
+    adapted = (place(base.transformer, opts), place(base.text_encoder, opts))
+    return LoraBase(pair=lambda lora: flux_lora_pair(base, lora, opts, keep_text_encoders=True),
+                    adapted=adapted,
+                    parts=(*adapted, place(base.text_encoder_2, opts),
+                           place(base.vae, opts, torch.float32)))

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from cgidm_core.errors import IncompatiblePairError
-from cgidm_core.models.components import LORA_ADAPTER_NAME, loading_errors
+from cgidm_core.models.components import LORA_ADAPTER_NAME, loading_errors, remove_lora_layers
 from cgidm_core.models.ddpm import DDPMPair
 from cgidm_core.models.formats import lora_weights_file
 from cgidm_core.models.pixel_flow import PixelFlowPair
@@ -55,19 +55,6 @@ def attach_pixel_lora(unet: torch.nn.Module, path: Path,
         raise
     unet.requires_grad_(False)
     return sum(isinstance(m, BaseTunerLayer) for m in unet.modules())
-
-
-def remove_lora_layers(network: torch.nn.Module) -> None:
-    """Put the base's own modules back in place of every peft wrapper of ``network`` (diffusers'
-    ``recurse_remove_peft_layers``; a pixel UNet, an SD UNet or text encoder): the adapter
-    weights go, the base weights were never touched. Also forgets the adapter configs diffusers
-    and transformers keep on the network, so the next LoRA may reuse the adapter name."""
-    from diffusers.utils.peft_utils import recurse_remove_peft_layers
-
-    recurse_remove_peft_layers(network)
-    for attribute in ("peft_config", "_hf_peft_config_loaded"):
-        if attribute in vars(network):
-            delattr(network, attribute)
 
 
 class _SwitchedLora:

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from cgidm_core.errors import IncompatiblePairError, ModelFormatError, UnsupportedModelFamilyError
+from cgidm_core.models.adapter import LoraBase
 from cgidm_core.models.flow import FlowMatchingPair
 from cgidm_core.models.flux import time_shift
 from cgidm_core.models.formats import (
@@ -85,7 +86,7 @@ if TYPE_CHECKING:  # annotations only; mypy reads these packages as Any (pyproje
     from diffusers import SD3Transformer2DModel
     from transformers import CLIPTextModelWithProjection, PreTrainedTokenizerBase, T5EncoderModel
 
-    from cgidm_core.models.adapter import PairRequest
+    from cgidm_core.models.adapter import BaseRequest, PairRequest
 
 # -- recognition (no weights read) ---------------------------------------------------------------
 
@@ -496,26 +497,37 @@ def sd3_text_encoder_reloader(kind: str, base_folder: Path, finetuned_path: Path
     return reload
 
 
-def load_sd3_pair(pre_path: Path, ft_path: Path, kind: str, opts: LoadOptions, *,
-                  keep_text_encoders: bool, pretrained_transformer: Path | None = None
-                  ) -> SD3Pair | SD3LoraPair:
-    """An SD 3.x pair from a base pipeline folder (its transformer optionally from one file)
-    and a fine-tune in any supported layout."""
-    base = load_sd3_base(pre_path, opts, pretrained_transformer)
-    shared: dict[str, Any] = {
+def _shared_parts(base: SD3Base, opts: LoadOptions, keep_text_encoders: bool) -> dict[str, Any]:
+    return {
         "vae": place(base.vae, opts, torch.float32), "tokenizer": base.tokenizer,
         "tokenizer_2": base.tokenizer_2, "tokenizer_3": base.tokenizer_3,
         "scheduler_config": base.scheduler_config, "alphas_cumprod": None,
         "prediction_type": "flow", "device": opts.device, "dtype": opts.dtype,
         "keep_text_encoders": keep_text_encoders,
     }
+
+
+def sd3_lora_pair(base: SD3Base, lora: Path, opts: LoadOptions, *, keep_text_encoders: bool
+                  ) -> SD3LoraPair:
+    """The pair of a loaded base with the LoRA file ``lora`` attached as one named adapter.
+    ``cgidm check`` and an audit's LoRA swapping both build an SD 3.x LoRA pair here."""
+    attach_sd3_lora(lora, base)
+    return SD3LoraPair(
+        unet=place(base.transformer, opts), text_encoder=place(base.encoders, opts),
+        text_encoder_reloader=sd3_text_encoder_reloader("lora", base.folder, lora, opts,
+                                                        own=(False, False, False)),
+        **_shared_parts(base, opts, keep_text_encoders))
+
+
+def load_sd3_pair(pre_path: Path, ft_path: Path, kind: str, opts: LoadOptions, *,
+                  keep_text_encoders: bool, pretrained_transformer: Path | None = None
+                  ) -> SD3Pair | SD3LoraPair:
+    """An SD 3.x pair from a base pipeline folder (its transformer optionally from one file)
+    and a fine-tune in any supported layout."""
+    base = load_sd3_base(pre_path, opts, pretrained_transformer)
     if kind == "lora":
-        attach_sd3_lora(ft_path, base)
-        return SD3LoraPair(
-            unet=place(base.transformer, opts), text_encoder=place(base.encoders, opts),
-            text_encoder_reloader=sd3_text_encoder_reloader(kind, pre_path, ft_path, opts,
-                                                            own=(False, False, False)),
-            **shared)
+        return sd3_lora_pair(base, ft_path, opts, keep_text_encoders=keep_text_encoders)
+    shared = _shared_parts(base, opts, keep_text_encoders)
     transformer, theirs = load_sd3_finetuned(ft_path, kind, base, opts)
     names = ("text_encoder", "text_encoder_2", "text_encoder_3")
     own = tuple(
@@ -561,3 +573,13 @@ def load_pair(request: PairRequest) -> SD3Pair | SD3LoraPair:
         request.pretrained, request.finetuned, request.kind, request.opts,
         keep_text_encoders=request.keep_text_encoders,
         pretrained_transformer=request.pretrained_file)
+
+
+def load_lora_base(request: BaseRequest) -> LoraBase:
+    """The base kept loaded for an audit's LoRAs of it (:mod:`cgidm_core.lora_swap`): each
+    LoRA file becomes the pair :func:`load_sd3_pair` builds for it, text encoders kept."""
+    opts = request.opts
+    base = load_sd3_base(request.pretrained, opts, request.pretrained_file)
+    adapted = (place(base.transformer, opts), place(base.encoders, opts))
+    return LoraBase(pair=lambda lora: sd3_lora_pair(base, lora, opts, keep_text_encoders=True),
+                    adapted=adapted, parts=(*adapted, place(base.vae, opts, torch.float32)))

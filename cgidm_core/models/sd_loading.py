@@ -22,7 +22,7 @@ from cgidm_core.errors import (
     ModelFormatError,
     UnsupportedModelFamilyError,
 )
-from cgidm_core.models.adapter import LoadOptions, PairRequest
+from cgidm_core.models.adapter import BaseRequest, LoadOptions, LoraBase, PairRequest
 from cgidm_core.models.components import (  # noqa: F401 - re-exported for older imports
     LORA_ADAPTER_NAME,
     count_adapted_layers,
@@ -348,14 +348,19 @@ def load_pair(request: PairRequest) -> StableDiffusionPair:
                         keep_text_encoders=request.keep_text_encoders)
 
 
-# -- the adapter of the Stable Diffusion 1.x/2.x family (registry entry ``stable-diffusion``) --
+def load_lora_base(request: BaseRequest) -> LoraBase:
+    """The base kept loaded for an audit's LoRAs of it (:mod:`cgidm_core.lora_swap`): each
+    LoRA file becomes the pair :func:`load_sd_pair` builds for it, text encoders kept."""
+    opts = request.opts
+    base = load_sd_base(request.pretrained, opts)
+    parts = (place(base.unet, opts), place(base.text_encoder, opts),
+             place(base.vae, opts, torch.float32))
+    return LoraBase(pair=lambda lora: sd_lora_pair(base, lora, opts, keep_text_encoders=True),
+                    adapted=parts[:2], parts=parts)
 
 
-def load_sd_pair(
-    pre_path: Path, ft_path: Path, kind: str, opts: LoadOptions, *, keep_text_encoders: bool = False
-) -> StableDiffusionPair:
-    base = load_sd_base(pre_path, opts)
-    shared = {
+def _shared_parts(base: SDBase, opts: LoadOptions) -> dict[str, Any]:
+    return {
         "vae": place(base.vae, opts, torch.float32),
         "tokenizer": base.tokenizer,
         "alphas_cumprod": base.alphas_cumprod,
@@ -363,17 +368,33 @@ def load_sd_pair(
         "device": opts.device,
         "dtype": opts.dtype,
     }
+
+
+def sd_lora_pair(base: SDBase, lora: Path, opts: LoadOptions, *,
+                 keep_text_encoders: bool) -> StableDiffusionLoraPair:
+    """The pair of a loaded base with the LoRA file ``lora`` attached as one named adapter.
+    ``cgidm check`` and an audit's LoRA swapping both build a LoRA pair here."""
+    attach_lora(lora, base, opts)
+    return StableDiffusionLoraPair(
+        unet=place(base.unet, opts),
+        text_encoder=place(base.text_encoder, opts),
+        keep_text_encoders=keep_text_encoders,
+        text_encoder_reloader=text_encoder_reloader(
+            "lora", base.folder, lora, opts, unet_config=base.unet.config),
+        **_shared_parts(base, opts),
+    )
+
+
+# -- the adapter of the Stable Diffusion 1.x/2.x family (registry entry ``stable-diffusion``) --
+
+
+def load_sd_pair(
+    pre_path: Path, ft_path: Path, kind: str, opts: LoadOptions, *, keep_text_encoders: bool = False
+) -> StableDiffusionPair:
+    base = load_sd_base(pre_path, opts)
     if kind == "lora":
-        attach_lora(ft_path, base, opts)
-        return StableDiffusionLoraPair(
-            unet=place(base.unet, opts),
-            text_encoder=place(base.text_encoder, opts),
-            keep_text_encoders=keep_text_encoders,
-            text_encoder_reloader=text_encoder_reloader(
-                kind, pre_path, ft_path, opts, unet_config=base.unet.config
-            ),
-            **shared,
-        )
+        return sd_lora_pair(base, ft_path, opts, keep_text_encoders=keep_text_encoders)
+    shared = _shared_parts(base, opts)
 
     loaders: dict[str, Callable[[Path, SDBase, LoadOptions], SDFinetune]] = {
         "pipeline": load_finetuned_pipeline,

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from cgidm_core.errors import IncompatiblePairError, ModelFormatError, UnsupportedModelFamilyError
-from cgidm_core.models.adapter import LoadOptions, PairRequest
+from cgidm_core.models.adapter import BaseRequest, LoadOptions, LoraBase, PairRequest
 from cgidm_core.models.components import (
     LORA_ADAPTER_NAME,
     count_adapted_layers,
@@ -345,12 +345,9 @@ def sdxl_text_encoder_reloader(
     return reload
 
 
-def load_sdxl_pair(
-    pre_path: Path, ft_path: Path, kind: str, opts: LoadOptions, *, keep_text_encoders: bool
-) -> StableDiffusionXLPair | StableDiffusionXLLoraPair:
-    """An SDXL pair from a base pipeline folder and a fine-tune in any supported format."""
-    base = load_sdxl_base(pre_path, opts)
-    shared: dict[str, Any] = {
+def _shared_parts(base: SDXLBase, opts: LoadOptions, keep_text_encoders: bool
+                  ) -> dict[str, Any]:
+    return {
         "vae": place(base.vae, opts, torch.float32),
         "tokenizer": base.tokenizer,
         "tokenizer_2": base.tokenizer_2,
@@ -360,19 +357,35 @@ def load_sdxl_pair(
         "dtype": opts.dtype,
         "keep_text_encoders": keep_text_encoders,
     }
+
+
+def sdxl_lora_pair(base: SDXLBase, lora: Path, opts: LoadOptions, *, keep_text_encoders: bool
+                   ) -> StableDiffusionXLLoraPair:
+    """The pair of a loaded base with the LoRA file ``lora`` attached as one named adapter
+    (its objective checked first). ``cgidm check`` and an audit's LoRA swapping both build an
+    SDXL LoRA pair here."""
+    check_lora_objective(safetensors_metadata(lora_weights_file(lora)),
+                         base.prediction_type, base.scheduler.config, lora)
+    attach_sdxl_lora(lora, base)
+    encoders = SDXLTextEncoders(base.text_encoder, base.text_encoder_2)
+    return StableDiffusionXLLoraPair(
+        unet=place(base.unet, opts),
+        text_encoder=place(encoders, opts),
+        text_encoder_reloader=sdxl_text_encoder_reloader(
+            "lora", base.folder, lora, opts, own=(), unet_config=base.unet.config
+        ),
+        **_shared_parts(base, opts, keep_text_encoders),
+    )
+
+
+def load_sdxl_pair(
+    pre_path: Path, ft_path: Path, kind: str, opts: LoadOptions, *, keep_text_encoders: bool
+) -> StableDiffusionXLPair | StableDiffusionXLLoraPair:
+    """An SDXL pair from a base pipeline folder and a fine-tune in any supported format."""
+    base = load_sdxl_base(pre_path, opts)
     if kind == "lora":
-        check_lora_objective(safetensors_metadata(lora_weights_file(ft_path)),
-                             base.prediction_type, base.scheduler.config, ft_path)
-        attach_sdxl_lora(ft_path, base)
-        encoders = SDXLTextEncoders(base.text_encoder, base.text_encoder_2)
-        return StableDiffusionXLLoraPair(
-            unet=place(base.unet, opts),
-            text_encoder=place(encoders, opts),
-            text_encoder_reloader=sdxl_text_encoder_reloader(
-                kind, pre_path, ft_path, opts, own=(), unet_config=base.unet.config
-            ),
-            **shared,
-        )
+        return sdxl_lora_pair(base, ft_path, opts, keep_text_encoders=keep_text_encoders)
+    shared = _shared_parts(base, opts, keep_text_encoders)
     loaders: dict[str, Callable[[Path, SDXLBase, LoadOptions], SDXLFinetune]] = {
         "pipeline": load_sdxl_pipeline_finetune,
         "dreambooth": load_sdxl_dreambooth,
@@ -454,3 +467,14 @@ def convert_single_file_base(file: Path, *, allow_network: bool) -> Path:
 def load_pair(request: PairRequest) -> StableDiffusionXLPair | StableDiffusionXLLoraPair:
     return load_sdxl_pair(request.pretrained, request.finetuned, request.kind, request.opts,
                           keep_text_encoders=request.keep_text_encoders)
+
+
+def load_lora_base(request: BaseRequest) -> LoraBase:
+    """The base kept loaded for an audit's LoRAs of it (:mod:`cgidm_core.lora_swap`): each
+    LoRA file becomes the pair :func:`load_sdxl_pair` builds for it, text encoders kept."""
+    opts = request.opts
+    base = load_sdxl_base(request.pretrained, opts)
+    adapted = (place(base.unet, opts), place(base.text_encoder, opts),
+               place(base.text_encoder_2, opts))
+    return LoraBase(pair=lambda lora: sdxl_lora_pair(base, lora, opts, keep_text_encoders=True),
+                    adapted=adapted, parts=(*adapted, place(base.vae, opts, torch.float32)))

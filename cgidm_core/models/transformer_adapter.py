@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from cgidm_core.errors import IncompatiblePairError, ModelFormatError, UnsupportedModelFamilyError
+from cgidm_core.models.adapter import LoraBase
 from cgidm_core.models.formats import (
     IDENTICAL_MODELS,
     family_name,
@@ -40,7 +41,7 @@ from cgidm_core.models.stable_diffusion import TextEncoderReloader
 if TYPE_CHECKING:  # annotations only
     from transformers import PreTrainedTokenizerBase
 
-    from cgidm_core.models.adapter import PairRequest
+    from cgidm_core.models.adapter import BaseRequest, PairRequest
     from cgidm_core.pair import ModelPair
 
 _SCHEDULER_CLASS = "FlowMatchEulerDiscreteScheduler"
@@ -296,6 +297,19 @@ class TransformerAdapter:
         return assemble_pair(self, base, request.pretrained, request.finetuned, request.kind,
                              request.opts, keep_text_encoders=request.keep_text_encoders)
 
+    def load_lora_base(self, request: BaseRequest) -> LoraBase:
+        """The base kept loaded for an audit's LoRAs of it (:mod:`cgidm_core.lora_swap`): each
+        LoRA file becomes the pair :meth:`load_pair` builds for it, text encoder kept. A LoRA of
+        these families adapts the transformer only."""
+        opts = request.opts
+        base = self.load_base(request.pretrained, opts, request.pretrained_file)
+        transformer = place(base.transformer, opts)
+        return LoraBase(
+            pair=lambda lora: lora_pair(self, base, lora, opts, keep_text_encoders=True),
+            adapted=(transformer,),
+            parts=(transformer, place(base.text_encoder, opts),
+                   place(base.vae, opts, torch.float32)))
+
     def attach_lora(self, path: Path, base: Any) -> int:
         if self.attach is not None:
             return self.attach(path, base)
@@ -306,6 +320,26 @@ class TransformerAdapter:
         return encoder_reloader(self.spec, pre_path, ft_path, opts, own)
 
 
+def _shared_parts(base: Any, opts: LoadOptions, keep_text_encoders: bool) -> dict[str, Any]:
+    return {
+        "vae": place(base.vae, opts, torch.float32), "tokenizer": base.tokenizer,
+        "scheduler_config": base.scheduler_config, "alphas_cumprod": None,
+        "prediction_type": "flow", "device": opts.device, "dtype": opts.dtype,
+        "keep_text_encoders": keep_text_encoders,
+    }
+
+
+def lora_pair(parts: TransformerAdapter, base: Any, lora: Path, opts: LoadOptions, *,
+              keep_text_encoders: bool) -> Any:
+    """The pair of a loaded base with the LoRA file ``lora`` attached to its transformer as one
+    named adapter. ``cgidm check`` and an audit's LoRA swapping both build a LoRA pair here."""
+    parts.attach_lora(lora, base)
+    return parts.lora_pair(
+        unet=place(base.transformer, opts), text_encoder=place(base.text_encoder, opts),
+        text_encoder_reloader=parts.reloader(base.folder, lora, opts, False),
+        **_shared_parts(base, opts, keep_text_encoders))
+
+
 def assemble_pair(parts: TransformerAdapter, base: Any, pre_path: Path, ft_path: Path, kind: str,
                   opts: LoadOptions, *, keep_text_encoders: bool) -> Any:
     """The pair of a loaded base (``transformer``, ``vae``, ``text_encoder``, ``tokenizer``,
@@ -313,17 +347,9 @@ def assemble_pair(parts: TransformerAdapter, base: Any, pre_path: Path, ft_path:
     otherwise the fine-tune's transformer (the base's where the weights are the same) and its
     own text encoder where it has one that differs. A fine-tune identical to its base is
     refused."""
-    shared: dict[str, Any] = {
-        "vae": place(base.vae, opts, torch.float32), "tokenizer": base.tokenizer,
-        "scheduler_config": base.scheduler_config, "alphas_cumprod": None,
-        "prediction_type": "flow", "device": opts.device, "dtype": opts.dtype,
-        "keep_text_encoders": keep_text_encoders,
-    }
+    shared = _shared_parts(base, opts, keep_text_encoders)
     if kind == "lora":
-        parts.attach_lora(ft_path, base)
-        return parts.lora_pair(
-            unet=place(base.transformer, opts), text_encoder=place(base.text_encoder, opts),
-            text_encoder_reloader=parts.reloader(pre_path, ft_path, opts, False), **shared)
+        return lora_pair(parts, base, ft_path, opts, keep_text_encoders=keep_text_encoders)
     transformer, encoder = load_finetuned(parts.spec, ft_path, kind, base, opts)
     if encoder is not None and same_weights(encoder, base.text_encoder):
         encoder = None

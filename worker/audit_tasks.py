@@ -299,6 +299,10 @@ def run_group(ctx: WorkerContext, store: AuditStore, request: AuditRequest,
               [i.name for i in request.controls], load, settings, indices=todo,
               on_model=calls.on_model, progress=calls.progress,
               should_cancel=calls.should_cancel, on_error=calls.on_error)
+    stats = load.stats
+    log.info("audit %s: %d LoRA(s) swapped on a loaded base (%d base load(s)), %d model(s) "
+             "loaded as pairs", request.audit_id, stats.swaps, stats.base_loads,
+             stats.fallback_loads)
 
 
 def sign_audit(document: dict[str, Any]) -> dict[str, Any]:

@@ -173,7 +173,8 @@ def test_an_uploaded_lora_swaps_from_the_disk_cache_and_is_unpinned_after(loras,
     its bytes are in storage) is fetched into the worker's disk cache, verified, attached to the
     loaded base like a registry LoRA, and its pin is released when the model is done; uploaded
     UNet weights still go to the subtask's own loader; bytes that are not the uploaded ones
-    never reach the base (the fallback reports them)."""
+    never reach the base (the fallback reports them). A job's loader (worker/context.py) loads
+    the same upload as a pair of its own that computes the same."""
     import hashlib
     from datetime import UTC, datetime
     from types import SimpleNamespace
@@ -223,3 +224,12 @@ def test_an_uploaded_lora_swaps_from_the_disk_cache_and_is_unpinned_after(loras,
             pass
     assert fallback_calls == ["up-unet", "up-bad"] and not disk._pins
     assert (loader.stats.swaps, loader.stats.fallback_loads) == (1, 2)
+    # a job (or the fallback) loads the same upload through the pair cache's loader
+    from worker.context import UPLOAD, _load_pair
+
+    ctx.sources = {sha: ("models/local/blobs/lora", len(data))}
+    pair = _load_pair((UPLOAD, "demo-base", str(resolve_model_reference("demo-base")), sha,
+                       "lora"), ctx)
+    assert isinstance(pair, DDPMLoraPair) and sha in disk._pins  # until the cache evicts it
+    with torch.no_grad():
+        assert torch.equal(pair.eps_finetuned(x, t, pair.conditioning(None)), swapped)

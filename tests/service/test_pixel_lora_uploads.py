@@ -86,7 +86,7 @@ def test_an_uploaded_pixel_lora_is_audited_by_the_worker_swapped_on_its_base(
         worker, client, pixel_lora, service_root):
     """The kohya file uploaded, then audited through the real stack: the model gets its entry,
     and the worker attached the upload to the loaded base (its log's swap count) instead of
-    loading a pair for it."""
+    loading a pair for it (a job's loading of an upload: tests/test_lora_swap.py)."""
     response = _upload(client, pixel_lora[1].read_bytes(), "kohya.safetensors")
     assert response.status_code in (200, 201), response.text
     upload_id = response.json()["id"]

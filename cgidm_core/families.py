@@ -251,7 +251,8 @@ FAMILIES: tuple[Family, ...] = (
         finetuned_layouts=PIXEL_LAYOUTS,
         pretrained_layouts=("DDPMPipeline folder",),
         lora_formats=PIXEL_LORA_FORMATS,
-        upload_kinds=("unet",),
+        # a LoRA upload is swapped on the worker's loaded base in audits (worker/audit_swap.py)
+        upload_kinds=("unet", "lora"),
         defaults=Defaults(gpu_dtype="float16", resolution=32),
         summary="unconditional pixel UNet2DModel (the demo pair); fine-tunes as pipeline "
                 "folders, UNet folders, bare UNet weights or LoRA files (attached unmerged)",
@@ -270,6 +271,7 @@ FAMILIES: tuple[Family, ...] = (
         ),
         finetuned_layouts=PIXEL_LAYOUTS,
         lora_formats=PIXEL_LORA_FORMATS,
+        upload_kinds=("lora",),
         pretrained_layouts=("DDPMPipeline folder with a FlowMatchEulerDiscreteScheduler",),
         defaults=Defaults(gpu_dtype="float16", resolution=32,
                           time_shift="PIXEL_FLOW_INVERSION_SHIFT (measured); the scheduler's "

@@ -326,9 +326,12 @@ def test_upload_check_reads_the_table():
         with pytest.raises(ModelFileError) as err:
             classify(keys, SD)
         assert err.value.code == "unsupported_family"
-    with pytest.raises(ModelFileError) as err:
-        classify(SD_LORA, FLOW)
+    with pytest.raises(ModelFileError) as err:  # a base of a family that takes no uploads
+        classify(SD_LORA, FLUX)
     assert err.value.code == "unsupported_family"
+    with pytest.raises(ModelFileError) as err:  # the pixel flow base takes pixel LoRAs only
+        classify(SD_LORA, FLOW)
+    assert err.value.code == "family_mismatch"
 
 
 def test_the_gpu_dtype_when_the_caller_says_auto_is_the_familys():

@@ -157,7 +157,7 @@ def test_worker_subtasks_of_one_base_find_it_loaded(loras):
     resolver = SimpleNamespace(check_pair=registry.check_pair)
     from worker.model_cache import ModelCache
 
-    ctx = SimpleNamespace(settings=SimpleNamespace(device="cpu", dtype=None),
+    ctx = SimpleNamespace(settings=SimpleNamespace(device="cpu", dtype=None), disk=None,
                           cache=ModelCache(10**9, lambda key: None))
     fallback_calls = []
 
@@ -220,3 +220,73 @@ def test_the_kept_base_counts_in_the_worker_cache_budget(loras, caplog):
     assert loader.slot.loaded is None and small.total_bytes == 0
     assert "larger than the worker's model cache budget" in caplog.text
     assert len(caplog.records) == 1
+
+
+def test_an_uploaded_lora_swaps_from_the_disk_cache_and_is_unpinned_after(loras, tmp_path):
+    """worker/audit_swap.py: a LoRA uploaded through the service (its record says kind lora;
+    its bytes are in storage) is fetched into the worker's disk cache, verified, attached to the
+    loaded base like a registry LoRA, and its pin is released when the model is done; uploaded
+    UNet weights still go to the subtask's own loader; bytes that are not the uploaded ones
+    never reach the base (the fallback reports them). A job's loader (worker/context.py) loads
+    the same upload as a pair of its own that computes the same."""
+    import hashlib
+    from datetime import UTC, datetime
+    from types import SimpleNamespace
+
+    from cgidm.registry import ModelEntry
+    from cgidm.storage import LocalStorage
+    from cgidm.uploaded_models import UploadedModel
+    from worker.audit_swap import swapping_loader
+    from worker.disk_cache import DiskCache
+
+    storage = LocalStorage(tmp_path / "storage")
+    data = loras[0][1].read_bytes()  # the kohya file
+    sha = hashlib.sha256(data).hexdigest()
+    storage.put_bytes("models/local/blobs/lora", data)
+    base = ModelEntry(id="demo-base", family="ddpm", path="demo-base")
+
+    def record(ref: str, kind: str, sha256: str = sha) -> UploadedModel:
+        return UploadedModel(id=ref, sha256=sha256, kind=kind, family="ddpm",
+                             finetuned_from="demo-base", size_bytes=len(data),
+                             created_at=datetime.now(UTC), blob_key="models/local/blobs/lora")
+
+    uploads = {"up-lora": record("up-lora", "lora"), "up-unet": record("up-unet", "unet"),
+               "up-bad": record("up-bad", "lora", "0" * 64)}
+    resolver = SimpleNamespace(check_pair=lambda pre, ft: (base, uploads[ft]))
+    disk = DiskCache(tmp_path / "cache", 10**8)
+    from worker.model_cache import ModelCache
+
+    ctx = SimpleNamespace(settings=SimpleNamespace(device="cpu", dtype=None), disk=disk,
+                          store=SimpleNamespace(storage=storage),
+                          cache=ModelCache(10**9, lambda key: None))
+    fallback_calls = []
+
+    def fallback(model):
+        fallback_calls.append(model.finetuned)
+        return load_pair("demo-base", "demo-vangogh")
+
+    loader = swapping_loader(ctx, resolver, fallback)
+    with loader.open(AuditModel("demo-base", "up-lora")) as pair:
+        assert isinstance(pair, DDPMLoraPair) and pair.unet_pretrained is pair.unet_finetuned
+        assert sha in disk._pins  # the file stays while the model is attached
+        x, t = _probe()
+        with torch.no_grad():
+            swapped = pair.eps_finetuned(x, t, pair.conditioning(None))
+    assert sha not in disk._pins and disk.blob_path(sha).is_file()
+    with torch.no_grad():
+        fresh = load_pair("demo-base", str(loras[0][1]))
+        assert torch.equal(swapped, fresh.eps_finetuned(x, t, fresh.conditioning(None)))
+    for ref in ("up-unet", "up-bad"):
+        with loader.open(AuditModel("demo-base", ref)):
+            pass
+    assert fallback_calls == ["up-unet", "up-bad"] and not disk._pins
+    assert (loader.stats.swaps, loader.stats.fallback_loads) == (1, 2)
+    # a job (or the fallback) loads the same upload through the pair cache's loader
+    from worker.context import UPLOAD, _load_pair
+
+    ctx.sources = {sha: ("models/local/blobs/lora", len(data))}
+    pair = _load_pair((UPLOAD, "demo-base", str(resolve_model_reference("demo-base")), sha,
+                       "lora"), ctx)
+    assert isinstance(pair, DDPMLoraPair) and sha in disk._pins  # until the cache evicts it
+    with torch.no_grad():
+        assert torch.equal(pair.eps_finetuned(x, t, pair.conditioning(None)), swapped)

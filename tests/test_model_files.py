@@ -99,9 +99,18 @@ PIXEL_UNET = ["conv_in.weight", "time_embedding.linear_1.weight",
      "family_mismatch"),
     (PIXEL_UNET, "stable-diffusion", None, "family_mismatch"),
     (SD_UNET, "ddpm", None, "family_mismatch"),
-    # names a pixel LoRA file shares with an SD one: the pixel family recognises it (#27: pixel
-    # LoRA files load unmerged) but takes no LoRA upload, and says so
-    (["unet.a.lora_A.weight"], "ddpm", None, "unsupported_upload_kind"),
+    # pixel LoRA files (diffusers or kohya names, as cgidm_core.pixel_lora writes them) are
+    # uploads of both pixel families (#27: audits swap them on the loaded base) ...
+    (["unet.a.lora_A.weight"], "ddpm", None, "lora"),
+    (["lora_unet_mid_block_attentions_0_to_q.lora_down.weight",
+      "lora_unet_mid_block_attentions_0_to_q.alpha"], "pixel-flow", "lora", "lora"),
+    # ... but a LoRA of a text-conditioned UNet (SD's cross-attention names) is not
+    (["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight"],
+     "ddpm", None, "family_mismatch"),
+    (["lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"], "pixel-flow", None,
+     "family_mismatch"),
+    # the flow family takes LoRA uploads only: its bare UNet weights are refused, saying so
+    (PIXEL_UNET, "pixel-flow", None, "unsupported_upload_kind"),
     (SD_UNET, "stable-diffusion", "lora", "kind_mismatch"),
     (["vae.encoder.weight"], "stable-diffusion", None, "unknown_model_file"),
 ])

@@ -3,18 +3,27 @@
 An audit sends one subtask per group of models of one base, routed by that base
 (``cgidm.audits.model_groups``, ``cgidm.queue_routing``), so the subtasks of one base reach the
 worker that had it loaded. This process keeps that base in one :class:`~cgidm_core.lora_swap.
-BaseSlot` for all its subtasks: a LoRA of it (a registry entry with local files) is attached to
-the loaded base, audited and removed (:class:`~cgidm_core.lora_swap.LoraSwapLoader`); every
-other model (full fine-tunes, uploads, hub references) goes through the subtask's own loader and
-the worker's pair cache, as before. The slot's base counts in the pair cache's byte budget
-(``CGIDM_MODEL_CACHE_BYTES``, :meth:`worker.model_cache.ModelCache.hold`): keeping it evicts
-pairs, a pair load may evict it, and a base larger than the whole budget is not kept (its LoRAs
-are loaded as pairs, one per model, with a log line saying so).
+BaseSlot` for all its subtasks: a LoRA of it is attached to the loaded base, audited and removed
+(:class:`~cgidm_core.lora_swap.LoraSwapLoader`). Two kinds of LoRA swap:
+
+- a registry entry with local files (its path);
+- an uploaded LoRA file (``POST /models``, kind ``lora``), fetched into this machine's disk
+  cache (:class:`worker.disk_cache.DiskCache`, verified against the sha256 recorded at upload)
+  and pinned there while it is attached; the pin is released when the model is done (its
+  weights are then in memory, and the file may leave the cache again).
+
+Every other model (full fine-tunes, uploaded UNet weights or single files, hub references) goes
+through the subtask's own loader and the worker's pair cache, as before. The slot's base counts
+in the pair cache's byte budget (``CGIDM_MODEL_CACHE_BYTES``,
+:meth:`worker.model_cache.ModelCache.hold`): keeping it evicts pairs, a pair load may evict it,
+and a base larger than the whole budget is not kept (its LoRAs are loaded as pairs, one per
+model, with a log line saying so).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +42,52 @@ def _slot(ctx: WorkerContext) -> Any:
     return _SLOT
 
 
+class PinnedUploads:
+    """The swapping loader of one subtask, releasing the disk-cache pins of the uploaded LoRA
+    files it attached when each model is done (``open`` exits, whatever happened inside).
+
+    ``__call__``, ``open`` and ``stats`` are the :class:`~cgidm_core.lora_swap.LoraSwapLoader`'s,
+    so :func:`cgidm_core.audit_run.run_audit` sees one loader."""
+
+    def __init__(self, inner: Any, ctx: WorkerContext):
+        self.inner, self.ctx = inner, ctx
+        self.pinned: list[str] = []  # sha256 of the files pinned for the model being opened
+
+    @property
+    def stats(self) -> Any:
+        return self.inner.stats
+
+    def __call__(self, model: Any) -> Any:
+        return self.inner(model)
+
+    def fetch(self, upload: UploadedModel) -> Path | None:
+        """The verified local file of an uploaded LoRA, pinned until the model is done; None
+        without a disk cache (the fallback loader then fails the model with its message)."""
+        disk = self.ctx.disk
+        if disk is None:
+            return None
+        path = disk.fetch(upload.sha256, self.ctx.store.storage, upload.blob_key,
+                          upload.size_bytes)
+        self.pinned.append(upload.sha256)
+        return path
+
+    @contextmanager
+    def open(self, model: Any) -> Iterator[Any]:
+        try:
+            with self.inner.open(model) as pair:
+                yield pair
+        finally:
+            pinned, self.pinned = self.pinned, []
+            if self.ctx.disk is not None:
+                for sha256 in pinned:
+                    self.ctx.disk.unpin(sha256)
+
+
 def swapping_loader(ctx: WorkerContext, resolver: ModelResolver,
-                    fallback: Callable[[Any], Any]) -> Any:
-    """The subtask's pair loader with LoRAs of registry entries swapped on this process's
-    loaded base; ``fallback`` (the subtask's loader) takes every other model."""
+                    fallback: Callable[[Any], Any]) -> PinnedUploads:
+    """The subtask's pair loader with LoRAs (registry entries with local files, uploaded LoRA
+    files) swapped on this process's loaded base; ``fallback`` (the subtask's loader) takes
+    every other model."""
     from cgidm.model_refs import looks_like_reference
     from cgidm_core.demo import resolve_model_reference
     from cgidm_core.lora_swap import LoraSwapLoader
@@ -46,8 +97,12 @@ def swapping_loader(ctx: WorkerContext, resolver: ModelResolver,
             return None  # fetched from a hub by the fallback, as for a job
         pre, ft = resolver.check_pair(model.pretrained, model.finetuned)
         if isinstance(ft, UploadedModel):
-            return None  # its file comes through the worker's disk cache
+            if ft.kind != "lora":
+                return None  # UNet weights, single files: a pair of their own, as for a job
+            blob = loader.fetch(ft)
+            return None if blob is None else (resolve_model_reference(pre.path), blob)
         return resolve_model_reference(pre.path), resolve_model_reference(ft.path)
 
-    return LoraSwapLoader(fallback, paths, device=ctx.settings.device,
-                          dtype=ctx.settings.dtype, slot=_slot(ctx))
+    loader = PinnedUploads(LoraSwapLoader(fallback, paths, device=ctx.settings.device,
+                                          dtype=ctx.settings.dtype, slot=_slot(ctx)), ctx)
+    return loader

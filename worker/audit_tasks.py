@@ -4,7 +4,9 @@
 job of that base (cgidm.queue_routing), so the worker that has the base loaded gets its models.
 Each subtask audits its models one by one (cgidm_core.audit_run: screen, full verdict where the
 screen cannot clear), stores each model's entry and pictures as soon as it is done, and the
-subtask that stores the last model assembles the ranked, decided result. Each group subtask holds
+subtask that stores the last model assembles the ranked, decided result, under its lease (a
+worker lost while assembling is handed out again like one lost mid-model: the next attempt has
+nothing left to run and assembles). Each group subtask holds
 a lease, as a job does (cgidm/audit_leases.py, cgidm/leases.py): a subtask whose worker is lost
 is handed out again by a reaper once its lease lapses (about a minute at the defaults) and skips
 the models already stored (cgidm/audits.py), so a lost worker costs only the model it was
@@ -118,6 +120,13 @@ def audit_group(audit_id: str, indices: list[int], attempt: int = 1,
         run_group(ctx, store, request, indices, keeper)
         if not keeper.commit():  # superseded: the current attempt assembles
             return "stale"
+        # Under the heartbeat and the handlers below: an assembly that outlasts the lease (the
+        # entries of a large audit read back from storage) is not handed out again, a storage
+        # outage while assembling retries it under a held lease, and any other error ends the
+        # audit failed with its message (not, after CGIDM_MAX_ATTEMPTS lease lapses, as
+        # "worker_lost"). A worker lost here leaves the lease committing: it lapses, and the
+        # reaper's next attempt has no model left to run and assembles (audit_leases.py).
+        assemble(store, request)
     except Cancelled:
         if keeper.lost.is_set():
             log.warning("audit %s group %s: attempt %d was handed out again; stopped", audit_id,
@@ -140,7 +149,6 @@ def audit_group(audit_id: str, indices: list[int], attempt: int = 1,
         return "failed"
     finally:
         keeper.stop()
-    assemble(store, request)
     keeper.done()
     return "done"
 
@@ -299,6 +307,10 @@ def run_group(ctx: WorkerContext, store: AuditStore, request: AuditRequest,
               [i.name for i in request.controls], load, settings, indices=todo,
               on_model=calls.on_model, progress=calls.progress,
               should_cancel=calls.should_cancel, on_error=calls.on_error)
+    stats = load.stats
+    log.info("audit %s: %d LoRA(s) swapped on a loaded base (%d base load(s)), %d model(s) "
+             "loaded as pairs", request.audit_id, stats.swaps, stats.base_loads,
+             stats.fallback_loads)
 
 
 def sign_audit(document: dict[str, Any]) -> dict[str, Any]:

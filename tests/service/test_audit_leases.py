@@ -9,7 +9,9 @@ import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
+import pytest
 import redis
 
 from cgidm.audit_leases import group_lease_id, parse_group_lease_id
@@ -96,4 +98,108 @@ def test_group_that_keeps_killing_workers_ends_the_audit_worker_lost(tmp_path, r
     assert error["code"] == "worker_lost" and "CGIDM_MAX_ATTEMPTS=1" in error["message"]
     assert store.status(store.load_request(audit_id))["status"] == "failed"
     assert redis.Redis.from_url(redis_url).llen(settings.queue) == 0
+    assert leases.get(group_lease_id(audit_id, 0)).state == "done"
+
+
+@pytest.fixture(scope="module")
+def audit_tasks() -> Any:
+    """worker/audit_tasks.py, with what its assembly imports (torch, through the inversion's
+    settings): imported once, not inside the first test's duration."""
+    import cgidm_core.inversion  # noqa: F401
+    import worker.audit_tasks
+
+    return worker.audit_tasks
+
+
+def _group_ready(audit_tasks: Any, tmp_path: Path, redis_url: str,
+                 monkeypatch: pytest.MonkeyPatch) -> tuple[Any, ...]:
+    """An audit of two models, both stored, whose group 0 the worker (audit_group, run in this
+    process) is about to finish: what is left is committing and assembling."""
+    from types import SimpleNamespace
+
+    settings = _settings(tmp_path, redis_url)
+    storage = LocalStorage(tmp_path / "store")
+    store = AuditStore(storage)
+    audit_id = _audit(store, 2)
+    for i in range(2):
+        store.save_model(audit_id, i, {"index": i, "pretrained": "tiny-base",
+                                       "finetuned": f"m{i}", "tier": "screen",
+                                       "screen_p_value": 0.5, "p_value": 1.0, "images": []})
+    leases = RedisLeases(settings)
+    ctx = SimpleNamespace(store=JobStore(storage), settings=settings, leases=leases,
+                          worker_id="w1")
+    monkeypatch.setattr(audit_tasks, "get_context", lambda: ctx)
+    return settings, storage, store, leases, audit_id
+
+
+def test_a_worker_lost_while_assembling_leaves_no_audit_running_forever(
+        audit_tasks, tmp_path, redis_url, monkeypatch):
+    """The group that stores an audit's last model assembles ``result.json`` after committing
+    its lease (state ``committing``, renewed by the heartbeat). Its worker lost at that moment:
+    the lease lapses like a running one, the reaper sends the next attempt of the group with no
+    model left to run, and that attempt (worker/audit_tasks.py::audit_group, run here in this
+    process on the same store) assembles and signs the result; the lease ends done."""
+    from cgidm.result_signing import check_signature, key_set, keys_of_set, load_or_create_key
+
+    settings, storage, store, leases, audit_id = _group_ready(audit_tasks, tmp_path, redis_url,
+                                                              monkeypatch)
+    lease = group_lease_id(audit_id, 0)
+    assert leases.claim(lease, 1, "dead-worker", ("tiny-base", "tiny-base")).ok
+    assert leases.commit(lease, 1, "dead-worker")  # then killed before result.json
+    assert store.status(store.load_request(audit_id))["status"] == "running"
+    time.sleep(TTL + 0.3)
+    Reaper(settings, leases, JobStore(storage), make_celery(settings), "test").sweep()
+    [raw] = redis.Redis.from_url(redis_url).lrange(settings.queue, 0, -1)
+    args, kwargs, _ = json.loads(__import__("base64").b64decode(json.loads(raw)["body"]))
+    assert args == [audit_id, []] and kwargs == {"attempt": 2, "group": 0}
+
+    assert audit_tasks.audit_group.run(*args, **kwargs) == "done"
+    result = store.result(audit_id)
+    assert sorted(m["finetuned"] for m in result["models"]) == ["m0", "m1"]
+    assert store.status(store.load_request(audit_id))["status"] == "succeeded"
+    key = load_or_create_key(settings.resolved_signing_key)
+    assert check_signature(result, keys_of_set(key_set(key))).ok
+    assert leases.get(lease).state == "done" and leases.get(lease).attempt == 2
+    # the lost attempt's own redelivery (the broker's backstop) does nothing
+    assert audit_tasks.audit_group.run(audit_id, [], attempt=1, group=0) == "finished"
+
+
+def test_an_assembly_that_outlasts_the_lease_is_not_handed_out_again(
+        audit_tasks, tmp_path, redis_url, monkeypatch):
+    """The heartbeat goes on while the result is assembled: an assembly longer than the lease
+    (a large audit's entries read back from storage) leaves nothing for the reaper."""
+    import cgidm_core.audit
+
+    settings, storage, store, leases, audit_id = _group_ready(audit_tasks, tmp_path, redis_url,
+                                                              monkeypatch)
+    decide, reaped = cgidm_core.audit.decide_models, []
+
+    def slow_decide(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(TTL + 1.0)
+        reaped.extend(Reaper(settings, leases, JobStore(storage), make_celery(settings),
+                             "test").sweep())
+        return decide(*args, **kwargs)
+
+    monkeypatch.setattr(cgidm_core.audit, "decide_models", slow_decide)
+    assert audit_tasks.audit_group.run(audit_id, [], attempt=1, group=0) == "done"
+    assert reaped == [] and redis.Redis.from_url(redis_url).llen(settings.queue) == 0
+    assert store.result(audit_id) is not None
+    assert leases.get(group_lease_id(audit_id, 0)).state == "done"
+
+
+def test_an_assembly_that_fails_ends_the_audit_failed_with_its_message(
+        audit_tasks, tmp_path, redis_url, monkeypatch):
+    """Not a lapsed lease handed out again until CGIDM_MAX_ATTEMPTS, then "worker_lost": the
+    error that stopped the assembly, at once, and the lease done."""
+    import cgidm_core.audit
+
+    _, _, store, leases, audit_id = _group_ready(audit_tasks, tmp_path, redis_url, monkeypatch)
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise ValueError("model 1 has no p_value")
+
+    monkeypatch.setattr(cgidm_core.audit, "decide_models", broken)
+    assert audit_tasks.audit_group.run(audit_id, [], attempt=1, group=0) == "failed"
+    assert store.error(audit_id) == {"code": "ValueError", "message": "model 1 has no p_value"}
+    assert store.status(store.load_request(audit_id))["status"] == "failed"
     assert leases.get(group_lease_id(audit_id, 0)).state == "done"

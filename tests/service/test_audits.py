@@ -195,6 +195,10 @@ def test_audit_page_ranks_models_and_shows_the_top_hits_pictures(app_client):
                      "screen": {"rule": "screen rule"}}})
     shell = app_client.get(f"/audits/{audit_id}/page")  # the page; its script asks for:
     assert shell.status_code == 200 and f'data-audit-id="{audit_id}"' in shell.text
+    # the Cancel button is in the shell (the fragment is replaced every poll), hidden until the
+    # script sees the audit running; the script is the page's own file (CSP: no inline code)
+    assert 'id="audit-cancel" class="danger" hidden' in shell.text
+    assert '<script src="/static/app/app.js"' in shell.text and "<script>" not in shell.text
     page = app_client.get(f"/audits/{audit_id}/fragment.html")
     assert page.status_code == 200, page.text
     html = page.text

@@ -470,7 +470,8 @@ def test_audit_page_with_a_key_shows_the_ranked_table_and_the_top_hits_pictures(
     the key, at a generous FDR of 0.5 so that it is flagged (the page is under test here, not
     the method: docs/AUDITS.md measures that); the page, with the key this tab signed in with,
     shows the ranked table (p, q, flag as the API says) and the pictures of the flagged model
-    decoded by the browser; without the key it asks to sign in and shows no audit data."""
+    decoded by the browser; a second, long audit is cancelled with the page's Cancel button;
+    without the key it asks to sign in and shows no audit data."""
     headers = {"Authorization": f"Bearer {KEY}"}
     images, controls = _images("membership", 4), _images("hold_out", 3)
     models = [{"pretrained": "demo-base", "finetuned": "demo-vangogh"}]
@@ -509,6 +510,23 @@ def test_audit_page_with_a_key_shows_the_ranked_table_and_the_top_hits_pictures(
     assert all(h > 0 for _, _, h in decoded)
     assert _foreign_resources(browser, service) == []
     _shot(browser, shots, "audit")
+    assert not _css(browser, "#audit-cancel")[0].is_displayed()  # it has ended
+
+    # a long audit, cancelled from its page before it ends: the button (shown while it is not
+    # over) sends DELETE /audits/{id} with this tab's key, and the page shows it cancelled
+    long = httpx.post(f"{service}/audits", headers=headers, files=files, timeout=60, data={
+        "models": json.dumps(models), "steps": "10000", "screen_clear_p": "1"})
+    assert long.status_code == 202, long.text
+    long_id = long.json()["audit_id"]
+    browser.get(f"{service}/audits/{long_id}/page")
+    _visible(browser, "#audit-cancel").click()
+    _wait(browser, lambda d: [e for e in _css(d, "#audit-state")
+                              if e.get_attribute("data-status") == "cancelled"], 30, "cancelled")
+    assert _css(browser, "#audit-status")[0].text.startswith("cancelled")
+    assert not _css(browser, "#audit-cancel")[0].is_displayed()
+    assert not _css(browser, "#audit-error")[0].is_displayed()
+    assert httpx.get(f"{service}/audits/{long_id}", headers=headers).json()["status"] == \
+        "cancelled"
 
     # without the key: the sign-in, and nothing of the audit on the page
     browser.execute_script("sessionStorage.removeItem('cgidm-api-key')")

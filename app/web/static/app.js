@@ -574,14 +574,25 @@ function startCheckPage() {
 
 /* ---------------------------------------------------------------- audit page */
 
-/* The audit as the server renders it (the key travels in the header), again every few seconds
- * until the audit ends. */
+/* The audit as the server renders it (the key travels in the header): fetched, shown, and the
+ * Cancel button shown while it runs; returns the audit's status. */
+let auditCancelled = false;  // a fragment fetched before the cancel must not bring the button back
+
+async function renderAudit(auditId) {
+  const response = await api(`/audits/${auditId}/fragment.html`);
+  $("#audit-view").innerHTML = await response.text();  // rendered and escaped by the server
+  const state = $("#audit-state");
+  const status = state ? state.dataset.status : null;
+  show($("#audit-cancel"), !auditCancelled && status !== null && !TERMINAL.includes(status));
+  return status;
+}
+
+/* Again every few seconds until the audit ends. */
 async function followAudit(auditId) {
-  const holder = $("#audit-view");
   for (;;) {
+    let status;
     try {
-      const response = await api(`/audits/${auditId}/fragment.html`);
-      holder.innerHTML = await response.text();  // rendered and escaped by the server's templates
+      status = await renderAudit(auditId);
     } catch (problem) {
       if (problem.status === 401) return;
       setError($("#audit-error"), problem);
@@ -589,14 +600,34 @@ async function followAudit(auditId) {
       await new Promise((resolve) => setTimeout(resolve, POLL_MS * 3));
       continue;
     }
-    const state = $("#audit-state");
-    if (state && TERMINAL.includes(state.dataset.status)) return;
+    if (TERMINAL.includes(status)) return;
     await new Promise((resolve) => setTimeout(resolve, POLL_MS * 2));
   }
 }
 
+/* DELETE /audits/{id} with the same key as the page's other calls; the models already done
+ * stay stored, the running one stops within a few PGD steps. The page shows the cancelled
+ * state at once (the API says "cancelled" as soon as it is asked), not at the next poll. */
+async function cancelAudit(auditId) {
+  const button = $("#audit-cancel");
+  button.disabled = true;
+  try {
+    await api(`/audits/${auditId}`, { method: "DELETE" });
+    auditCancelled = true;
+    show(button, false);
+    setError($("#audit-error"), null);
+    await renderAudit(auditId);
+  } catch (problem) {
+    setError($("#audit-error"), problem);  // 409: it finished meanwhile; the next poll shows it
+  } finally {
+    button.disabled = false;
+  }
+}
+
 function startAuditPage() {
-  followAudit(document.body.dataset.auditId);
+  const auditId = document.body.dataset.auditId;
+  $("#audit-cancel").addEventListener("click", () => cancelAudit(auditId));
+  followAudit(auditId);
 }
 
 /* ---------------------------------------------------------------- start */

@@ -66,9 +66,9 @@ compose-test: $(STAMP)
 
 # `cgidm check` on tiny layouts of every registered family, built locally (offline): a table
 # family x layout -> ok / detected / verdict / seconds (docs/FAMILIES.md, "cgidm check on every
-# family"; scripts/check_families.py).
+# family"; benchmarks/check_families.py).
 check-families: $(STAMP)
-	$(PY) scripts/check_families.py
+	$(PY) -m benchmarks.check_families
 
 # ruff, then mypy as pyproject.toml's [tool.mypy] sets it (strict on cgidm_core and app, the
 # default check on cgidm and worker; cache in .mypy_cache).

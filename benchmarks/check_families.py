@@ -1,8 +1,7 @@
-#!/usr/bin/env python
 """``cgidm check`` on tiny layouts of every registered family, as a table (docs/FAMILIES.md).
 
-    make check-families                         # = python scripts/check_families.py
-    python scripts/check_families.py --family flux2-dev --family sd3 --out /tmp/families
+    make check-families          # = python -m benchmarks.check_families, from the repository root
+    python -m benchmarks.check_families --family flux2-dev --family sd3 --out /tmp/families
 
 What issue 23's "done when" asks to demonstrate: from a clean clone (``make venv``, nothing
 downloaded: HF_HUB_OFFLINE is set here), each family's tiny random models are built locally by
@@ -35,11 +34,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # cgidm_testkit from a clone
+import numpy as np
+from PIL import Image
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 Build = Callable[[Path, Path], Path]
 
@@ -246,7 +244,7 @@ def run(names: list[str], root: Path) -> list[dict[str, object]]:
     for name in registered:
         if name not in table:
             results.append({"family": name, "label": "-", "ok": False,
-                            "why": "no tiny layout in scripts/check_families.py"})
+                            "why": "no tiny layout in benchmarks/check_families.py"})
     for key, (make_base, rows) in table.items():
         if names and key.split()[0] not in names:
             continue

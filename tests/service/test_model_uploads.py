@@ -4,8 +4,9 @@ One stack of its own (gateway + Celery worker, two API keys) on the session's Re
 server, with its own queue and storage prefix. The suspect models are built here: a tiny Stable
 Diffusion base with LoRA fine-tunes (diffusers' own ``save_lora_weights``), the UNet weights
 of a tiny DDPM fine-tune, and a tiny base with a LoRA or single file of each flow family that
-takes uploads (Chroma, Flux.2 Klein, SD 3.5, Z-Image, Qwen-Image: ``FLOW_UPLOADS``). The model size limit is 8 MiB instead of the 8 GiB default (a test
-cannot stream gigabytes); ``benchmarks/upload.py`` streams 2 GB through the same code.
+takes uploads (Chroma, Flux.2 Klein, SD 3.5, Z-Image, Qwen-Image: ``FLOW_UPLOADS``). The model
+size limit is 8 MiB instead of the 8 GiB default (a test cannot stream gigabytes);
+``benchmarks/upload.py`` streams 2 GB through the same code.
 
 The refusals stay on the real gateway and S3 server too, although they are route contracts:
 uploads stream into S3 multipart uploads, and each refusal is checked to leave no blob and no

@@ -8,7 +8,7 @@ STAMP := $(VENV)/.cgidm-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: venv demo test test-fast lint clean system-deps screenshots compose-test
+.PHONY: venv demo test test-fast lint clean system-deps screenshots compose-test check-families
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -63,6 +63,12 @@ screenshots: $(STAMP) system-deps
 # stack and checks it as a user would (scripts/compose_test.sh; README, Run with Docker).
 compose-test: $(STAMP)
 	bash scripts/compose_test.sh
+
+# `cgidm check` on tiny layouts of every registered family, built locally (offline): a table
+# family x layout -> ok / detected / verdict / seconds (docs/FAMILIES.md, "cgidm check on every
+# family"; benchmarks/check_families.py).
+check-families: $(STAMP)
+	$(PY) -m benchmarks.check_families
 
 # ruff, then mypy as pyproject.toml's [tool.mypy] sets it (strict on cgidm_core and app, the
 # default check on cgidm and worker; cache in .mypy_cache).

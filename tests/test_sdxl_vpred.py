@@ -121,3 +121,23 @@ def test_a_converted_single_file_base_gets_its_objective_written(vpred, tmp_path
     assert config["prediction_type"] == "v_prediction" and config["rescale_betas_zero_snr"]
     pair = load_pair_from_paths(folder, vpred["single_file"], **CPU)
     assert pair.prediction_type == "v_prediction" and float(pair.alphas_cumprod[-1]) < 1e-6
+
+
+@pytest.mark.slow
+def test_check_cli_on_a_v_pred_single_file(vpred, tmp_path, capsys):
+    """``cgidm check`` as a user runs it on a NoobAI-style fine-tune (a v-pred / zero-terminal-
+    SNR single file against its v-pred base): detected, run with the v objective, written out."""
+    import json
+
+    from cgidm.cli import main
+    from tests.paths import SHARED_DATA
+
+    picture = sorted((SHARED_DATA / "wikiart-vangogh" / "membership").glob("*.jpg"))[0]
+    out = tmp_path / "out"
+    code = main(["check", "--pretrained", str(vpred["base"]), "--finetuned",
+                 str(vpred["single_file"]), "--steps", "1", "--resolution", "32", "--prompt",
+                 PROMPT, "--out", str(out), str(picture)])
+    assert code == 0, capsys.readouterr()
+    pair = json.loads((out / "results.json").read_text())["settings"]["pair"]
+    assert (pair["family"], pair["finetuned_kind"]) == ("stable-diffusion-xl", "single_file")
+    assert pair["prediction_type"] == "v_prediction"

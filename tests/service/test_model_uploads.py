@@ -2,9 +2,11 @@
 
 One stack of its own (gateway + Celery worker, two API keys) on the session's Redis and S3
 server, with its own queue and storage prefix. The suspect models are built here: a tiny Stable
-Diffusion base with LoRA fine-tunes (diffusers' own ``save_lora_weights``), and the UNet weights
-of a tiny DDPM fine-tune. The model size limit is 8 MiB instead of the 8 GiB default (a test
-cannot stream gigabytes); ``benchmarks/upload.py`` streams 2 GB through the same code.
+Diffusion base with LoRA fine-tunes (diffusers' own ``save_lora_weights``), the UNet weights
+of a tiny DDPM fine-tune, and a tiny base with a LoRA or single file of each flow family that
+takes uploads (Chroma, Flux.2 Klein, SD 3.5, Z-Image, Qwen-Image: ``FLOW_UPLOADS``). The model
+size limit is 8 MiB instead of the 8 GiB default (a test cannot stream gigabytes);
+``benchmarks/upload.py`` streams 2 GB through the same code.
 
 The refusals stay on the real gateway and S3 server too, although they are route contracts:
 uploads stream into S3 multipart uploads, and each refusal is checked to leave no blob and no
@@ -461,39 +463,79 @@ def test_client_says_what_went_wrong(byom_url, byom_env, byom_root, keys, models
     assert err.value.status == 429 and "queue_full" in str(err.value)
 
 
-# -- a flow-family upload, checked with controls through the worker ---------------------------
+# -- a flow-family upload of each family that takes uploads, checked with controls through the
+# worker
+
+#: family -> (registry id of its tiny base, its testkit base maker, the upload's maker and kind,
+#: the registered base of ANOTHER family it is refused against). The kinds alternate between a
+#: LoRA and a single file, and the namings between diffusers', ComfyUI's and Stability's, so
+#: that each adapter's upload path runs once in the worker: peft LoRAs attached through the
+#: family's diffusers loader (Chroma through Flux.1's, Flux.2 Klein through Flux.2's, Z-Image's
+#: ComfyUI names through its converter) and single files converted by diffusers' single-file
+#: converters (SD 3.5's Stability naming, Qwen-Image's ``model.diffusion_model.``).
+FLOW_UPLOADS = {
+    "chroma": ("chroma-base", "make_tiny_chroma", "lora", "sd-base"),
+    "flux2": ("flux2-base", "make_tiny_flux2_klein", "lora", "zimage-base"),
+    "sd3": ("sd3-base", "make_tiny_sd3", "single_file", "flux2-base"),
+    "z-image": ("zimage-base", "make_tiny_zimage", "lora", "sd3-base"),
+    "qwen-image": ("qwen-base", "make_tiny_qwen_image", "single_file", "zimage-base"),
+}
+
+
+def _flow_upload(family: str, base: Path, out: Path) -> Path:
+    """The file a user of ``family`` uploads, as its trainers write it."""
+    from cgidm_testkit import tiny_families as tk
+
+    files = {
+        "chroma": lambda: tk.make_chroma_lora(base, out, seed=1)
+        / "pytorch_lora_weights.safetensors",
+        "flux2": lambda: tk.make_flux2_lora(base, out, seed=1)
+        / "pytorch_lora_weights.safetensors",
+        "sd3": lambda: tk.make_sd3_single_file(base, out / "sd35_ft.safetensors", seed=1),
+        "z-image": lambda: tk.make_zimage_lora(base, out / "zimage_lora.safetensors", seed=1,
+                                               naming="comfy"),
+        "qwen-image": lambda: tk.make_qwen_image_single_file(base, out / "qwen_ft.safetensors",
+                                                             seed=1),
+    }
+    return files[family]()
 
 
 @pytest.fixture(scope="module")
-def flow_models(byom_root) -> tuple[Path, Path]:
-    """A tiny Chroma base (registered as ``chroma-base`` while the stack runs: the gateway and
-    the worker re-read the registry file when it changes) and a LoRA file of it, as diffusers'
-    ``save_lora_weights`` writes it."""
+def flow_models(byom_root) -> dict[str, Path]:
+    """A tiny base of each flow family that takes uploads, all registered at once (the gateway
+    and the worker re-read the registry file when it changes), and the file uploaded for it."""
     from cgidm_testkit import tiny_families
 
-    base = tiny_families.make_tiny_chroma(byom_root / "chroma-base", seed=0)
-    lora = tiny_families.make_chroma_lora(base, byom_root / "chroma-lora", seed=1)
     registry = byom_root / "models.json"
     document = json.loads(registry.read_text())
-    document["models"].append({"id": "chroma-base", "family": "chroma", "path": str(base)})
+    uploads = {}
+    for family, (base_id, make_base, _, _) in FLOW_UPLOADS.items():
+        base = getattr(tiny_families, make_base)(byom_root / base_id, seed=0)
+        uploads[family] = _flow_upload(family, base, byom_root / f"{family}-upload")
+        document["models"].append({"id": base_id, "family": family, "path": str(base)})
     registry.write_text(json.dumps(document))
-    return base, lora / "pytorch_lora_weights.safetensors"
+    return uploads
 
 
-def test_a_flow_family_lora_upload_with_controls(byom_worker, alice, flow_models):
-    """A Chroma LoRA: refused against the SD base (422 family_mismatch), taken for the Chroma
-    base, then checked by the real worker with controls: verdicts, a set-level test and the
-    evidence pictures."""
-    data = flow_models[1].read_bytes()
-    refused = upload(alice, data)
+@pytest.mark.parametrize("family", list(FLOW_UPLOADS))
+def test_a_flow_family_upload_with_controls(byom_worker, alice, flow_models, family):
+    """A LoRA or single file of each flow family that takes uploads: refused against a base of
+    another family (422 family_mismatch), taken for its own base, then checked by the real
+    worker with controls: verdicts, a set-level test and the evidence pictures."""
+    base_id, _, kind, other = FLOW_UPLOADS[family]
+    data = flow_models[family].read_bytes()
+    refused = upload(alice, data, finetuned_from=other)
     assert refused.status_code == 422 and refused.json()["detail"][0]["type"] == \
         "family_mismatch", refused.text
-    response = upload(alice, data, finetuned_from="chroma-base", prompt="sks style")
+    response = upload(alice, data, finetuned_from=base_id, prompt="sks style")
     assert response.status_code == 201, response.text
     model = response.json()
-    assert (model["kind"], model["family"]) == ("lora", "chroma")
+    assert (model["kind"], model["family"]) == (kind, family)
+    # 32 px: the tiny models' size (Qwen-Image's pair would run at its native 1024 px); the
+    # base-model recovery (on by default, about half a job's time) only for Chroma
     submitted = alice.post("/authenticate", data={
-        "pretrained": "chroma-base", "finetuned": model["id"], "steps": "2", "seed": "0"},
+        "pretrained": base_id, "finetuned": model["id"], "steps": "2", "seed": "0",
+        "resolution": "32", "base_recovery": str(family == "chroma").lower()},
         files=[*(("images", (f"i{k}.png", png_bytes(k, (20, 20)), "image/png")) for k in (1, 2)),
                *(("controls", (f"c{k}.png", png_bytes(k, (20, 20)), "image/png"))
                  for k in (11, 12))])
@@ -501,13 +543,16 @@ def test_a_flow_family_lora_upload_with_controls(byom_worker, alice, flow_models
     job = wait_for_job(alice, submitted.json()["job_id"], timeout=240)
     assert job["status"] == "succeeded", job
     result = job["result"]
-    assert result["pair"]["family"] == "chroma" and result["finetuned"] == model["id"]
+    assert result["pair"]["family"] == family and result["finetuned"] == model["id"]
+    assert result["pair"]["finetuned_kind"] == kind
     assert result["provenance"]["models"]["finetuned"]["sha256"] == model["sha256"]
     assert len(result["images"]) == 2 and len(result["controls"]) == 2
     assert result["controls_test"] is not None and result["controls_test"]["n_controls"] == 2
     for image in result["images"]:
         assert image["verdict"] in ("member_evidence", "no_evidence", "inconclusive")
         assert image["p_value"] is not None and image["evidence_score"] is not None
-        for kind in ("recovered", "partial", "side_by_side"):
-            picture = alice.get(image["artifacts"][kind])
-            assert picture.status_code == 200 and picture.content.startswith(b"\x89PNG"), kind
+        for picture_kind in ("recovered", "partial", "side_by_side"):
+            picture = alice.get(image["artifacts"][picture_kind])
+            assert picture.status_code == 200 and picture.content.startswith(b"\x89PNG"), \
+                picture_kind
+    assert alice.delete(f"/models/{model['id']}").status_code == 204

@@ -370,6 +370,7 @@ def main() -> None:
     parser.add_argument("--models", type=int, help="only the first N models (a quick try)")
     parser.add_argument("--built", action="store_true",
                         help="only the models of the set already built (while it is built)")
+    parser.add_argument("--only", help="only these models of the set (comma-separated labels)")
     parser.add_argument("--out", type=Path, help=f"default: {DEFAULT_OUT}/<steps>steps")
     args = parser.parse_args()
     from benchmarks.audit_set import is_built
@@ -377,6 +378,12 @@ def main() -> None:
     models = audit_set()
     if args.built:
         models = [m for m in models if is_built(m)]
+    if args.only:
+        wanted = set(args.only.split(","))
+        unknown = wanted - {m.label for m in models}
+        if unknown:
+            raise SystemExit(f"not in the set: {', '.join(sorted(unknown))}")
+        models = [m for m in models if m.label in wanted]
     if args.models:
         models = models[: args.models]
     missing = [m.label for m in models if not is_built(m)]

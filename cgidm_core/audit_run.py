@@ -11,8 +11,10 @@ Shared work: models on one base with one prompt form a group (:attr:`AuditModel.
 Within a group the base's noise predictions on the screen's noisy images are the same for every
 model (the noise is seeded per image, not per model), so they are computed once and memoised
 (:class:`BasePasses`): the contrast score's 8 base evaluations per image and control are paid
-once per group instead of once per model. The memo is only used without gradients (the screen);
-the inversion's base passes depend on the model's own iterates and cannot be shared.
+once per group instead of once per model (a caller that runs one base's models in several calls,
+the service's subtasks, hands the same memo back through ``run_audit(base_passes=...)``). The
+memo is only used without gradients (the screen); the inversion's base passes depend on the
+model's own iterates and cannot be shared.
 """
 
 from __future__ import annotations

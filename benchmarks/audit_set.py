@@ -162,7 +162,7 @@ def train_lora(spec: LoraSpec) -> Path:
         tmp.rename(out)
     except OSError:
         # two builders at once (the cache is shared): the other one finished this seeded recipe
-        # first; keep its folder, which holds the same LoRA, and drop ours
+        # first; keep its folder (the same seeded recipe) and drop ours
         if not (out / LORA_FILE).is_file():
             raise
         import shutil

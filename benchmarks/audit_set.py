@@ -158,7 +158,16 @@ def train_lora(spec: LoraSpec) -> Path:
              "seconds": round(time.perf_counter() - started, 1),
              "torch_threads": torch.get_num_threads()}
     (tmp / "training.json").write_text(json.dumps(facts, indent=2) + "\n")
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except OSError:
+        # two builders at once (the cache is shared): the other one finished this seeded recipe
+        # first; keep its folder (the same seeded recipe) and drop ours
+        if not (out / LORA_FILE).is_file():
+            raise
+        import shutil
+
+        shutil.rmtree(tmp)
     return out / LORA_FILE
 
 

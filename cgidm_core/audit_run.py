@@ -11,8 +11,10 @@ Shared work: models on one base with one prompt form a group (:attr:`AuditModel.
 Within a group the base's noise predictions on the screen's noisy images are the same for every
 model (the noise is seeded per image, not per model), so they are computed once and memoised
 (:class:`BasePasses`): the contrast score's 8 base evaluations per image and control are paid
-once per group instead of once per model. The memo is only used without gradients (the screen);
-the inversion's base passes depend on the model's own iterates and cannot be shared.
+once per group instead of once per model (a caller that runs one base's models in several calls,
+the service's subtasks, hands the same memo back through ``run_audit(base_passes=...)``). The
+memo is only used without gradients (the screen); the inversion's base passes depend on the
+model's own iterates and cannot be shared.
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ if TYPE_CHECKING:  # annotations only
     from .pair import Conditioning
 
 PairLoader = Callable[[AuditModel], ModelPair]
+#: ``base_passes(group_key)``: the memo of base passes a group of :func:`run_audit` uses; a caller
+#: that audits one base in several calls (the service's subtasks) gives the same memo back.
+BasePassesFor = Callable[[tuple[str, str | None]], "BasePasses"]
 
 
 @dataclass
@@ -243,6 +248,7 @@ def run_audit(models: Sequence[AuditModel], images: Sequence[Image.Image],
               should_cancel: Callable[[], bool] | None = None,
               stats: dict[str, int] | None = None,
               on_error: Callable[[int, Exception], dict[str, Any] | None] | None = None,
+              base_passes: BasePassesFor | None = None,
               ) -> list[dict[str, Any]]:
     """Audit ``models`` (or those at ``indices``), group by group, and return one entry per model
     in input order. ``load`` gives a model's pair; a loader with ``open(model)`` (a context
@@ -255,7 +261,9 @@ def run_audit(models: Sequence[AuditModel], images: Sequence[Image.Image],
     the inversion of the model being run. ``on_error(index, exc)`` may turn a model that cannot
     be loaded or fails while it runs (an unreadable file, a prompt too long) into an entry (the
     service records it and goes on with the others); it returns None to let the error end the
-    audit (the CLI)."""
+    audit (the CLI). ``base_passes(group_key)`` gives each group its memo of base passes
+    (default: a new one per group): the service's subtasks, several per base, pass one kept
+    across them, so only a worker's first subtask of a base pays the base's screen passes."""
     if not images:
         raise ConfigError("an audit needs at least one image")
     if not controls:
@@ -268,8 +276,9 @@ def run_audit(models: Sequence[AuditModel], images: Sequence[Image.Image],
         if i not in done:
             groups.setdefault(models[i].group_key, []).append(i)
     entries: dict[int, dict[str, Any]] = {i: dict(e) for i, e in done.items() if i in wanted}
-    for members in groups.values():
-        shared = BasePasses()
+    for key, members in groups.items():
+        shared = BasePasses() if base_passes is None else base_passes(key)
+        hits, misses = shared.hits, shared.misses  # a memo given back counts from before
         for i in members:
             if should_cancel is not None and should_cancel():
                 raise Cancelled("the audit was cancelled")
@@ -295,6 +304,7 @@ def run_audit(models: Sequence[AuditModel], images: Sequence[Image.Image],
             if on_model is not None:
                 on_model(outcome)
         if stats is not None:
-            stats["base_pass_hits"] = stats.get("base_pass_hits", 0) + shared.hits
-            stats["base_pass_misses"] = stats.get("base_pass_misses", 0) + shared.misses
+            stats["base_pass_hits"] = stats.get("base_pass_hits", 0) + shared.hits - hits
+            stats["base_pass_misses"] = (stats.get("base_pass_misses", 0) + shared.misses
+                                         - misses)
     return [entries[i] for i in sorted(entries)]

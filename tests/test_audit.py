@@ -182,3 +182,42 @@ def test_failed_models_are_reported_but_not_ranked_flagged_or_corrected_over():
     # only failures: nothing ranked, nothing flagged, no error from the correction
     only = decide_models([broken])
     assert only[0]["rank"] is None and not only[0]["flagged"]
+
+
+def test_a_memo_of_base_passes_given_back_serves_a_later_call_with_the_same_values(
+        tiny_ddpm_pair):
+    """The service splits one base's models into several subtasks; a worker hands each the memo
+    it kept (worker/audit_swap.base_passes_for): the later call computes no base pass and its
+    entries are exactly those of a call with a fresh memo."""
+    from PIL import Image
+
+    from cgidm_core.api import load_pair
+    from cgidm_core.audit import AuditModel
+    from cgidm_core.audit_run import AuditSettings, BasePasses, run_audit
+
+    pre, ft = tiny_ddpm_pair
+    pictures = [Image.new("RGB", (16, 16), (40 * k, 255 - 30 * k, 90)) for k in range(6)]
+    names = [f"p{k}" for k in range(6)]
+    models = [AuditModel(str(pre), str(ft))] * 2
+    kept = BasePasses()
+    asked = []
+
+    def memo(key):
+        asked.append(key)
+        return kept
+
+    def run(**kw):
+        stats: dict[str, int] = {}
+        entries = run_audit(models, pictures[:3], pictures[3:], names[:3], names[3:],
+                            lambda spec: load_pair(spec.pretrained, spec.finetuned),
+                            AuditSettings(clear_p=0.0), stats=stats, **kw)
+        return [{k: v for k, v in e.items() if "seconds" not in k} for e in entries], stats
+
+    fresh, _ = run(indices=[1])
+    first, stats_first = run(indices=[0], base_passes=memo)
+    second, stats_second = run(indices=[1], base_passes=memo)
+    assert asked == [(str(pre), None)] * 2
+    assert stats_first["base_pass_misses"] >= 1
+    assert stats_second == {"base_pass_hits": stats_first["base_pass_misses"],
+                            "base_pass_misses": 0}
+    assert second == fresh

@@ -31,6 +31,9 @@ from cgidm.uploaded_models import ModelResolver, UploadedModel
 from worker.context import WorkerContext
 
 _SLOT: Any = None  # this process's cgidm_core.lora_swap.BaseSlot, made on first use
+#: (key, cgidm_core.audit_run.BasePasses): the screen's memo of base passes of the last audit
+#: and base this process ran, for the next subtask of the same audit and base.
+_PASSES: tuple[tuple[Any, ...], Any] | None = None
 
 
 def _slot(ctx: WorkerContext) -> Any:
@@ -106,3 +109,32 @@ def swapping_loader(ctx: WorkerContext, resolver: ModelResolver,
     loader = PinnedUploads(LoraSwapLoader(fallback, paths, device=ctx.settings.device,
                                           dtype=ctx.settings.dtype, slot=_slot(ctx)), ctx)
     return loader
+
+
+def base_passes_for(audit_id: str, resolver: ModelResolver) -> Callable[[Any], Any]:
+    """``run_audit``'s ``base_passes``: one memo of the base's screen passes kept by this process
+    across the subtasks of one audit and one base (an audit of many models on one base is split
+    into subtasks of ``cgidm.audits.GROUP_SIZE``), so only its first subtask here computes
+    them; the values are those computed there, for the same noisy inputs and conditioning.
+
+    Keyed by the audit, the base's registry id and path (an operator who repoints the id gets
+    a new memo) and the prompt; one memo is kept (the last), so memory stays at one audit's
+    screen passes of one base: (images + controls) x the contrast's samples base outputs.
+    """
+    from cgidm_core.audit_run import BasePasses
+
+    def memo(group_key: tuple[str, str | None]) -> Any:
+        global _PASSES
+        pretrained, prompt = group_key
+        try:
+            base_path = getattr(resolver.get(pretrained), "path", None)
+        except Exception:  # noqa: BLE001 - an unknown base fails at loading, with its message
+            base_path = None
+        if base_path is None:  # not one registered base ("auto": each model's own): no sharing
+            return BasePasses()
+        key = (audit_id, pretrained, base_path, prompt)
+        if _PASSES is None or _PASSES[0] != key:
+            _PASSES = (key, BasePasses())
+        return _PASSES[1]
+
+    return memo

@@ -300,13 +300,14 @@ def run_group(ctx: WorkerContext, store: AuditStore, request: AuditRequest,
                                                    if request.steps else {}))
     settings = AuditSettings(level=request.level, correction=request.correction,
                              clear_p=request.clear_p, inversion=config)
-    from worker.audit_swap import swapping_loader
+    from worker.audit_swap import base_passes_for, swapping_loader
 
     load = swapping_loader(ctx, calls.resolver, calls.load)  # LoRAs swapped on a loaded base
     run_audit(calls.models, images, controls, [i.name for i in request.images],
               [i.name for i in request.controls], load, settings, indices=todo,
               on_model=calls.on_model, progress=calls.progress,
-              should_cancel=calls.should_cancel, on_error=calls.on_error)
+              should_cancel=calls.should_cancel, on_error=calls.on_error,
+              base_passes=base_passes_for(request.audit_id, calls.resolver))
     stats = load.stats
     log.info("audit %s: %d LoRA(s) swapped on a loaded base (%d base load(s)), %d model(s) "
              "loaded as pairs", request.audit_id, stats.swaps, stats.base_loads,

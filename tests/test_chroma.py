@@ -165,6 +165,24 @@ def test_a_klein_lora_is_refused_for_chroma_when_its_header_says_klein(chroma, k
     assert info.value.trained_for == ("flux2",) and info.value.code == "family_mismatch"
 
 
+def test_cgidm_check_tells_which_base_a_klein_tagged_lora_was_trained_for(chroma, klein_lora,
+                                                                          tmp_path, capsys):
+    """As a user runs it: exit 2 and one line naming the base the LoRA was trained for."""
+    from cgidm.cli import main
+    from tests.paths import SHARED_DATA
+
+    tagged = _with_header(klein_lora, tmp_path / "musubi",
+                          {"modelspec.architecture": "Flux.2-klein-4b/lora"})
+    picture = sorted((SHARED_DATA / "wikiart-vangogh" / "membership").glob("*.jpg"))[0]
+    code = main(["check", "--pretrained", str(chroma["base"]), "--finetuned", str(tagged),
+                 "--steps", "1", "--resolution", "32", "--prompt", PROMPT,
+                 "--out", str(tmp_path / "out"), str(picture)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "was trained for Flux.2 Klein" in err and "'Flux.2-klein-4b/lora'" in err
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
 def test_a_klein_named_lora_without_a_header_loads_on_chroma_marked_ambiguous(chroma,
                                                                               klein_lora,
                                                                               tmp_path):

@@ -272,3 +272,30 @@ def test_the_same_names_with_a_chroma_header_or_none_are_taken_for_a_chroma_base
     # a Flux.1 header alone is another family's, for a Chroma base as for a Klein one
     with pytest.raises(Exception, match="trained for Flux.1"):
         classify(names, "chroma", metadata={"ss_base_model_version": "flux1"})
+
+
+#: Header values trainers write (ai-toolkit's ss_base_model_version, sd-scripts' and
+#: musubi-tuner's modelspec.architecture, a base's name or file in ss_sd_model_name) -> the
+#: families they name; a value naming none leaves the names to decide.
+TRAINER_VALUES = {
+    "flux2_klein_4b": {"flux2"}, "Flux.2-klein-9b/lora": {"flux2"},
+    "black-forest-labs/FLUX.2-klein-4B": {"flux2"}, "Flux.2-dev/lora": {"flux2-dev"},
+    "flux2": {"flux2-dev"}, "chroma/lora": {"chroma"}, "lodestones/Chroma1-HD": {"chroma"},
+    "flux-1-dev/lora": {"flux"}, "flux1": {"flux"}, "sd3": {"sd3"},
+    "stable-diffusion-3-5-large/lora": {"sd3"}, "Z-Image/lora": {"z-image"},
+    "zimage_diffsynth": {"z-image"}, "Qwen-Image/lora": {"qwen-image"},
+    "qwen_image": {"qwen-image"}, "sdxl_base_v1-0": {"stable-diffusion-xl"},
+    "stable-diffusion-xl-v1-base/lora": {"stable-diffusion-xl"},
+    "sd_xl_base_1.0.safetensors": {"stable-diffusion-xl"}, "sd_1.5": {"stable-diffusion"},
+    "stable-diffusion-v1/lora": {"stable-diffusion"}, "sd_2.1": {"stable-diffusion"},
+    "v1-5-pruned-emaonly.safetensors": set(), "wan_2.1": set(), "": set(),
+}
+
+
+def test_trainer_header_values_name_the_families_they_were_trained_for():
+    from cgidm_core.family_evidence import METADATA_KEYS, metadata_claims
+
+    for value, expected in TRAINER_VALUES.items():
+        for key in METADATA_KEYS:
+            assert set(metadata_claims({key: value})) == expected, (key, value)
+    assert metadata_claims({"ss_output_name": "flux2_klein_4b"}) == {}  # not a base's key

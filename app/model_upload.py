@@ -243,7 +243,8 @@ class ModelUpload:
                                        f"{self.max_bytes} (CGIDM_MAX_MODEL_BYTES)",
                                        file=self.filename)
                 if self.base is not None:
-                    classify(self.header.names, self.base.family, self._text("kind"))
+                    classify(self.header.names, self.base.family, self._text("kind"),
+                             self.header.metadata)
         except ModelFileError as exc:
             raise _file_error(exc, self.filename) from None
 
@@ -330,7 +331,7 @@ class ModelUpload:
                 raise ModelFileError("corrupt_safetensors", f"the file has only {self.size} "
                                      "bytes, less than its safetensors header")
             check_size(header, self.size)
-            kind = classify(header.names, base.family, self._text("kind"))
+            kind = classify(header.names, base.family, self._text("kind"), header.metadata)
         except ModelFileError as exc:
             raise _file_error(exc, self.filename) from None
         prompt, source = self._prompt(header)

@@ -32,6 +32,7 @@ from typing import Any
 
 from cgidm.errors import CodedError
 from cgidm_core import families
+from cgidm_core.family_evidence import weigh
 from cgidm_core.key_signatures import (  # noqa: F401 - re-exported: the gateway's name rules
     is_conditional_unet,
     is_flux_lora,
@@ -258,12 +259,16 @@ def _upload_layout(keys: list[str]) -> str:
                          "UNet (conv_in, down_blocks, time_embedding)")
 
 
-def classify(keys: list[str], family: str, kind: str | None = None) -> str:
+def classify(keys: list[str], family: str, kind: str | None = None,
+             metadata: dict[str, str] | None = None) -> str:
     """The upload kind (:data:`UPLOAD_KINDS`) of a file with these tensor names, for a base of
     ``family``; ``kind`` is what the client said, checked against the names.
 
     Which families the names can belong to, and which layouts each family takes as uploads
-    (``Family.upload_kinds``), is the family registry's (:mod:`cgidm_core.families`)."""
+    (``Family.upload_kinds``), is the family registry's (:mod:`cgidm_core.families`). A LoRA
+    whose header ``metadata`` names only other families' bases is refused ``family_mismatch``
+    though its names fit (:mod:`cgidm_core.family_evidence`: a Flux.2 Klein LoRA of attention
+    layers is named as a Chroma one)."""
     if kind is not None and kind not in UPLOAD_KINDS:
         raise ModelFileError("unknown_kind", f"kind {kind!r} is not one of "
                              f"{', '.join(UPLOAD_KINDS)} (leave it out to detect it)")
@@ -289,6 +294,10 @@ def classify(keys: list[str], family: str, kind: str | None = None) -> str:
                              f"say {names} ({found.replace('_', '-')}); upload a "
                              f"{'/'.join(base.upload_kinds)} fine-tune of a {base.title} base, "
                              "or pick a base of the file's family")
+    if found == "lora" and metadata:
+        evidence = weigh(keys, metadata, base.name)
+        if evidence.trained_for:
+            raise ModelFileError("family_mismatch", evidence.mismatch_message("this LoRA"))
     if found not in base.upload_kinds:
         raise ModelFileError("unsupported_upload_kind", f"this is a {base.title} "
                              f"{found.replace('_', '-')}, which the service does not load for "

@@ -39,6 +39,19 @@ class IncompatiblePairError(CGIDMError):
     code = "incompatible_pair"
 
 
+class FamilyMismatchError(IncompatiblePairError):
+    """The fine-tune's own header says it was trained for another family's base than the one
+    given, though its tensor names fit this base too (a Flux.2 Klein LoRA on a Chroma base):
+    loading it would compute the verdict on the wrong model. ``trained_for`` names the
+    families the header names."""
+
+    code = "family_mismatch"
+
+    def __init__(self, message: str, trained_for: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.trained_for = trained_for
+
+
 class ImageInputError(CGIDMError):
     """An input image cannot be read or used."""
 

@@ -97,6 +97,13 @@ class Recognition:
     #: Trainer metadata keys in a safetensors header that the adapter reads (kohya-ss
     #: ``ss_*``, ai-toolkit, ...), for the docs and ``cgidm models --families``.
     metadata_keys: tuple[str, ...] = ()
+    #: How trainers name this family's architecture in a file's header (``modelspec.
+    #: architecture``, ``ss_base_model_version``, ``base_model``, ``ss_sd_model_name``):
+    #: regular expressions searched in the value lowercased with everything but letters and
+    #: digits removed ("Flux.2-klein-4b/lora" -> "flux2klein4blora"). A LoRA whose header names
+    #: only other families' architectures is refused for this family's base
+    #: (:mod:`cgidm_core.family_evidence`): its tensor names may fit several transformers.
+    trained_for: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -290,6 +297,7 @@ FAMILIES: tuple[Family, ...] = (
             single_file=keys_.is_flux2_dev_file, lora=keys_.is_flux2_lora,
             base_file=keys_.is_flux2_dev_file, base_file_layout="denoiser",
             metadata_keys=("ss_tag_frequency", "ss_output_name"),
+            trained_for=(r"flux2dev", r"^flux2(lora)?$"),
         ),
         finetuned_layouts=TRANSFORMER_LAYOUTS,
         lora_formats=("diffusers/peft (transformer.*)",
@@ -324,6 +332,7 @@ FAMILIES: tuple[Family, ...] = (
             single_file=keys_.is_flux2_klein_file, lora=keys_.is_flux2_lora,
             base_file=keys_.is_flux2_klein_file, base_file_layout="denoiser",
             metadata_keys=("ss_tag_frequency", "ss_output_name"),
+            trained_for=(r"flux2klein", r"klein[49]b"),
         ),
         finetuned_layouts=TRANSFORMER_LAYOUTS,
         lora_formats=("diffusers/peft (transformer.*)",
@@ -359,6 +368,7 @@ FAMILIES: tuple[Family, ...] = (
             base_file=keys_.is_flux_file, base_file_layout="denoiser",
             metadata_keys=("ss_tag_frequency", "ss_output_name", "ss_guidance_scale",
                            "ss_timestep_sampling", "ss_discrete_flow_shift"),
+            trained_for=(r"flux1", r"^flux(lora)?$", r"fluxdev", r"fluxschnell"),
         ),
         finetuned_layouts=("pipeline", "dreambooth", "lora", "single_file"),
         lora_formats=("diffusers/peft (transformer.*)", "kohya-ss (lora_unet_double_blocks_*, "
@@ -395,6 +405,7 @@ FAMILIES: tuple[Family, ...] = (
             single_file=keys_.is_chroma_file, lora=keys_.is_flux_lora,
             base_file=keys_.is_chroma_file, base_file_layout="denoiser",
             metadata_keys=("ss_tag_frequency", "ss_output_name"),
+            trained_for=(r"chroma",),
         ),
         finetuned_layouts=TRANSFORMER_LAYOUTS,
         lora_formats=("diffusers/peft (transformer.*)", "kohya-ss (lora_unet_double_blocks_*), "
@@ -422,6 +433,7 @@ FAMILIES: tuple[Family, ...] = (
             single_file=keys_.is_sd3_file, lora=keys_.is_sd3_lora,
             base_file=keys_.is_sd3_file, base_file_layout="denoiser",
             metadata_keys=("ss_tag_frequency", "ss_output_name"),
+            trained_for=(r"stablediffusion3", r"^sd3", r"sd35"),
         ),
         finetuned_layouts=TRANSFORMER_LAYOUTS,
         lora_formats=("diffusers/peft (transformer.*, text_encoder.*, text_encoder_2.*), as "
@@ -458,6 +470,7 @@ FAMILIES: tuple[Family, ...] = (
             single_file=keys_.is_zimage_file, lora=keys_.is_zimage_lora,
             base_file=keys_.is_zimage_file, base_file_layout="denoiser",
             metadata_keys=("ss_tag_frequency", "ss_output_name"),
+            trained_for=(r"zimage",),
         ),
         finetuned_layouts=TRANSFORMER_LAYOUTS,
         lora_formats=("diffusers/peft (transformer.*)", "ComfyUI / ai-toolkit (diffusion_model.*)",
@@ -489,6 +502,7 @@ FAMILIES: tuple[Family, ...] = (
             single_file=keys_.is_qwen_image_file, lora=keys_.is_qwen_image_lora,
             base_file=keys_.is_qwen_image_file, base_file_layout="denoiser",
             metadata_keys=("ss_tag_frequency", "ss_output_name"),
+            trained_for=(r"qwenimage",),
         ),
         finetuned_layouts=TRANSFORMER_LAYOUTS,
         lora_formats=("diffusers/peft (transformer.*)", "ComfyUI / ai-toolkit (diffusion_model.*)",
@@ -522,6 +536,7 @@ FAMILIES: tuple[Family, ...] = (
             denoiser_file=keys_.is_text_conditioned_unet_file,
             base_file=keys_.is_complete_sdxl_checkpoint, base_file_layout="complete",
             metadata_keys=("ss_tag_frequency", "ss_output_name"),
+            trained_for=(r"sdxl", r"stablediffusionxl"),
         ),
         finetuned_layouts=LATENT_LAYOUTS,
         lora_formats=("diffusers/peft", "kohya-ss (lora_unet_* SGM names, lora_te1_*, "
@@ -554,6 +569,7 @@ FAMILIES: tuple[Family, ...] = (
             denoiser_file=keys_.is_sd_unet_file,
             base_file=keys_.is_complete_sd_checkpoint, base_file_layout="complete",
             metadata_keys=("ss_tag_frequency", "ss_output_name"),
+            trained_for=(r"^sdv?[12]", r"stablediffusionv?[12]"),
         ),
         finetuned_layouts=LATENT_LAYOUTS,
         lora_formats=("diffusers/peft", "kohya-ss / A1111 (lora_unet_*, lora_te_*)"),

@@ -219,10 +219,14 @@ class LoraSwapLoader:
         return base
 
     def _attach(self, base: LoraBase, family: Family, lora: Path) -> ModelPair:
+        from .models.formats import check_finetune_family
         from .models.loading import _read_instance_prompt
 
+        evidence = check_finetune_family(family, "lora", lora)  # checked by swappable() too
         try:
             pair = base.pair(lora)
+            if evidence is not None:  # as load_pair_from_paths records it
+                pair.family_evidence = evidence.describe()
             if family.conditioning == "text":  # as load_pair_from_paths reads it
                 _read_instance_prompt(pair, lora, "lora")
         except BaseException:

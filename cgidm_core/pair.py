@@ -79,6 +79,10 @@ class ModelPair(ABC):
     #: Which files the pair was loaded from, with their sha256 (``cgidm_core.provenance``):
     #: {"pretrained": {...}, "finetuned": {...}}; set by ``cgidm_core.load_pair``.
     sources: dict[str, Any] | None = None
+    #: For a LoRA: what says it is of the base's family (``FamilyEvidence.describe()``:
+    #: ``source`` "metadata", "tensor_names" or "base", ``ambiguous`` when its tensor names fit
+    #: several families and nothing but the base says which); ``None`` for other layouts.
+    family_evidence: dict[str, Any] | None = None
 
     def __init__(
         self,
@@ -269,6 +273,7 @@ class ModelPair(ABC):
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
             "gradient_checkpointing": self.gradient_checkpointing,
+            **({"family_evidence": self.family_evidence} if self.family_evidence else {}),
         }
 
     def memory_bytes(self) -> int:

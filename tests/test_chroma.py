@@ -133,3 +133,73 @@ def test_chroma_and_flux_files_do_not_mix(chroma, tmp_path):
     with pytest.raises(IncompatiblePairError,
                        match="Flux.1 single-file checkpoint but the pretrained model is Chroma"):
         load_pair_from_paths(chroma["base"], flux_file, **CPU)
+
+
+@pytest.fixture(scope="module")
+def klein_lora(tmp_path_factory) -> Path:
+    """A tiny Flux.2 Klein LoRA of its double block's attention, as diffusers saves it (no
+    header metadata): its names are a Chroma LoRA's, and both tiny transformers are 32 wide."""
+    root = tmp_path_factory.mktemp("klein-on-chroma")
+    base = tiny_families.make_tiny_flux2_klein(root / "klein")
+    return tiny_families.make_flux2_lora(base, root / "lora", seed=7)
+
+
+def _with_header(lora: Path, out: Path, metadata: dict[str, str]) -> Path:
+    import shutil
+
+    shutil.copytree(lora, out)
+    tiny_families.add_tensors(out / "pytorch_lora_weights.safetensors", {}, metadata)
+    return out
+
+
+def test_a_klein_lora_is_refused_for_chroma_when_its_header_says_klein(chroma, klein_lora,
+                                                                       tmp_path):
+    """ai-toolkit's header names the base: refused before a weight is read, naming both."""
+    from cgidm_core.errors import FamilyMismatchError
+
+    tagged = _with_header(klein_lora, tmp_path / "aitk",
+                          {"ss_base_model_version": "flux2_klein_4b", "ss_output_name": "sks"})
+    with pytest.raises(FamilyMismatchError, match=r"trained for Flux\.2 Klein .*"
+                       r"the base is Chroma.*check it against the Flux\.2 Klein base") as info:
+        load_pair_from_paths(chroma["base"], tagged, **CPU)
+    assert info.value.trained_for == ("flux2",) and info.value.code == "family_mismatch"
+
+
+def test_cgidm_check_tells_which_base_a_klein_tagged_lora_was_trained_for(chroma, klein_lora,
+                                                                          tmp_path, capsys):
+    """As a user runs it: exit 2 and one line naming the base the LoRA was trained for."""
+    from cgidm.cli import main
+    from tests.paths import SHARED_DATA
+
+    tagged = _with_header(klein_lora, tmp_path / "musubi",
+                          {"modelspec.architecture": "Flux.2-klein-4b/lora"})
+    picture = sorted((SHARED_DATA / "wikiart-vangogh" / "membership").glob("*.jpg"))[0]
+    code = main(["check", "--pretrained", str(chroma["base"]), "--finetuned", str(tagged),
+                 "--steps", "1", "--resolution", "32", "--prompt", PROMPT,
+                 "--out", str(tmp_path / "out"), str(picture)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "was trained for Flux.2 Klein" in err and "'Flux.2-klein-4b/lora'" in err
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_a_klein_named_lora_without_a_header_loads_on_chroma_marked_ambiguous(chroma,
+                                                                              klein_lora,
+                                                                              tmp_path):
+    """No metadata: the names fit Chroma, so it loads (as before), and the pair's describe()
+    (results.json) says the family was inferred from the base; with a Chroma header it is
+    the header's word, and Chroma's own LoRA is taken by its names and header alike."""
+    from cgidm_core.families import get
+    from cgidm_core.models.formats import check_finetune_family
+
+    pair = load_pair_from_paths(chroma["base"], klein_lora, **CPU)
+    assert type(pair) is ChromaLoraPair
+    evidence = pair.describe()["family_evidence"]
+    assert (evidence["family"], evidence["source"], evidence["ambiguous"]) == (
+        CHROMA_FAMILY, "base", True)
+    assert {"chroma", "flux2"} <= set(evidence["name_claims"])
+    tagged = _with_header(klein_lora, tmp_path / "chroma_tagged",
+                          {"modelspec.architecture": "chroma/lora"})
+    said = check_finetune_family(get(CHROMA_FAMILY), "lora", tagged)
+    assert said is not None and (said.source, said.ambiguous) == ("metadata", False)
+    assert said.metadata == ("modelspec.architecture='chroma/lora'",)

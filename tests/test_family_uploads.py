@@ -164,10 +164,10 @@ FILES = {
 SHARED_NAMES: set[tuple[str, str]] = set()
 
 
-def _bytes(names: list[str]) -> bytes:
+def _bytes(names: list[str], metadata: dict[str, str] | None = None) -> bytes:
     tensors = {name: np.zeros((1,) if name in ("v_pred", "ztsnr") or name.endswith(".alpha")
                               else (1, 2), dtype=np.float32) for name in names}
-    return save(tensors, metadata={"ss_output_name": "sks style"})
+    return save(tensors, metadata={"ss_output_name": "sks style", **(metadata or {})})
 
 
 @pytest.fixture(scope="module")
@@ -226,3 +226,76 @@ def test_names_that_cannot_tell_two_families_apart_are_the_documented_ones():
         expected = {"chroma-lora": {"flux", "chroma"},  # Flux.2 dev: Klein's module names
                     "flux2-klein-lora": {"flux2", "flux2-dev"}}.get(name, {BASES[own]})
         assert claims == expected, name
+
+
+def klein_attention_lora() -> list[str]:
+    """A Flux.2 Klein 4B LoRA of its 5 double blocks' attention only: named exactly as a Chroma
+    (or Flux.1) LoRA of the same layers, and Klein 4B and Chroma are both 3072 wide."""
+    return _lora([f"transformer_blocks.{b}.attn.{p}" for b in range(5) for p in _JOINT])
+
+
+#: What the trainers write into such a file's header (ai-toolkit: ss_base_model_version from
+#: its model class; musubi-tuner / sd-scripts: the SAI model spec's architecture + "/lora").
+KLEIN_HEADERS = {"ai-toolkit": {"ss_base_model_version": "flux2_klein_4b"},
+                 "musubi-tuner": {"modelspec.architecture": "Flux.2-klein-4b/lora"}}
+
+
+@pytest.mark.parametrize("trainer", sorted(KLEIN_HEADERS))
+def test_a_klein_lora_whose_header_says_klein_is_refused_for_a_chroma_base(gateway, trainer):
+    names = klein_attention_lora()
+    assert {"chroma", "flux2"} <= {f.name for f in families.file_claims(names, "lora")}
+    body = _bytes(names, KLEIN_HEADERS[trainer])
+    refused = gateway.post("/models", data={"finetuned_from": "chroma-base"},
+                           files={"file": ("klein.safetensors", body)})
+    assert refused.status_code == 422, refused.text
+    [detail] = refused.json()["detail"]
+    assert detail["type"] == "family_mismatch" and detail["loc"] == ["body", "file"]
+    assert "trained for Flux.2 Klein" in detail["msg"] and "the base is Chroma" in detail["msg"]
+    assert repr(next(iter(KLEIN_HEADERS[trainer].values()))) in detail["msg"]
+    accepted = gateway.post("/models", data={"finetuned_from": "flux2-base"},
+                            files={"file": ("klein.safetensors", body)})
+    assert accepted.status_code == 201, accepted.text
+    assert accepted.json()["family"] == "flux2"
+
+
+def test_the_same_names_with_a_chroma_header_or_none_are_taken_for_a_chroma_base(gateway):
+    """Names alone cannot tell: a header that says Chroma (sd-scripts' modelspec, with
+    ``ss_base_model_version`` "flux1", which names Chroma's parent) or no header at all
+    (diffusers' save_lora_weights) is taken; the worker's load records which (test_chroma.py)."""
+    names = klein_attention_lora()
+    for header in ({"modelspec.architecture": "chroma/lora", "ss_base_model_version": "flux1"},
+                   {}):
+        accepted = gateway.post("/models", data={"finetuned_from": "chroma-base"},
+                                files={"file": ("c.safetensors", _bytes(names, header))})
+        assert accepted.status_code == 201, (header, accepted.text)
+        assert accepted.json()["family"] == "chroma"
+    # a Flux.1 header alone is another family's, for a Chroma base as for a Klein one
+    with pytest.raises(Exception, match="trained for Flux.1"):
+        classify(names, "chroma", metadata={"ss_base_model_version": "flux1"})
+
+
+#: Header values trainers write (ai-toolkit's ss_base_model_version, sd-scripts' and
+#: musubi-tuner's modelspec.architecture, a base's name or file in ss_sd_model_name) -> the
+#: families they name; a value naming none leaves the names to decide.
+TRAINER_VALUES = {
+    "flux2_klein_4b": {"flux2"}, "Flux.2-klein-9b/lora": {"flux2"},
+    "black-forest-labs/FLUX.2-klein-4B": {"flux2"}, "Flux.2-dev/lora": {"flux2-dev"},
+    "flux2": {"flux2-dev"}, "chroma/lora": {"chroma"}, "lodestones/Chroma1-HD": {"chroma"},
+    "flux-1-dev/lora": {"flux"}, "flux1": {"flux"}, "sd3": {"sd3"},
+    "stable-diffusion-3-5-large/lora": {"sd3"}, "Z-Image/lora": {"z-image"},
+    "zimage_diffsynth": {"z-image"}, "Qwen-Image/lora": {"qwen-image"},
+    "qwen_image": {"qwen-image"}, "sdxl_base_v1-0": {"stable-diffusion-xl"},
+    "stable-diffusion-xl-v1-base/lora": {"stable-diffusion-xl"},
+    "sd_xl_base_1.0.safetensors": {"stable-diffusion-xl"}, "sd_1.5": {"stable-diffusion"},
+    "stable-diffusion-v1/lora": {"stable-diffusion"}, "sd_2.1": {"stable-diffusion"},
+    "v1-5-pruned-emaonly.safetensors": set(), "wan_2.1": set(), "": set(),
+}
+
+
+def test_trainer_header_values_name_the_families_they_were_trained_for():
+    from cgidm_core.family_evidence import METADATA_KEYS, metadata_claims
+
+    for value, expected in TRAINER_VALUES.items():
+        for key in METADATA_KEYS:
+            assert set(metadata_claims({key: value})) == expected, (key, value)
+    assert metadata_claims({"ss_output_name": "flux2_klein_4b"}) == {}  # not a base's key

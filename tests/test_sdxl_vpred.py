@@ -94,6 +94,17 @@ def test_v_pred_marker_on_an_epsilon_base_and_ztsnr_mismatch(vpred, tmp_path):
     assert pair.prediction_type_finetuned == "epsilon"
 
 
+def test_results_record_the_finetunes_prediction_type_next_to_the_bases(vpred, tmp_path):
+    """A v-pred conversion of an epsilon base: results.json's pair (``describe()``) says what
+    each model predicts, not only the base's."""
+    single = tinymodels.make_sdxl_single_file(vpred["eps_base"], tmp_path / "v.safetensors",
+                                              seed=4, text_encoders=False)
+    tiny_families.add_tensors(single, {"v_pred": torch.tensor([])})
+    described = load_pair_from_paths(vpred["eps_base"], single, **CPU).describe()
+    assert (described["prediction_type"], described["prediction_type_finetuned"]) == (
+        "epsilon", "v_prediction")
+
+
 @pytest.mark.slow
 def test_kohya_lora_metadata_must_agree_with_the_base(vpred, tmp_path):
     meta = {"ss_v_parameterization": "True", "ss_zero_terminal_snr": "True",
@@ -140,4 +151,4 @@ def test_check_cli_on_a_v_pred_single_file(vpred, tmp_path, capsys):
     assert code == 0, capsys.readouterr()
     pair = json.loads((out / "results.json").read_text())["settings"]["pair"]
     assert (pair["family"], pair["finetuned_kind"]) == ("stable-diffusion-xl", "single_file")
-    assert pair["prediction_type"] == "v_prediction"
+    assert pair["prediction_type"] == pair["prediction_type_finetuned"] == "v_prediction"

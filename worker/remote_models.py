@@ -73,7 +73,7 @@ def fetch_remote(ctx: WorkerContext, reference: str, base: ModelEntry | None,
         if header.file_bytes > ctx.settings.max_model_bytes:
             raise ModelFileError("file_too_large", f"{fetched.filename} is {header.file_bytes} "
                                  "bytes, more than CGIDM_MAX_MODEL_BYTES")
-        kind = classify(header.names, base.family)
+        kind = classify(header.names, base.family, metadata=header.metadata)
     except ModelFileError:
         ctx.disk.remove(fetched.sha256)
         raise

@@ -15,12 +15,14 @@ from typing import Any
 
 from cgidm_core import families
 from cgidm_core.errors import (
+    FamilyMismatchError,
     IncompatiblePairError,
     ModelFormatError,
     ModelNotFoundError,
     UnsupportedModelFamilyError,
 )
 from cgidm_core.families import Family
+from cgidm_core.family_evidence import FamilyEvidence, weigh
 from cgidm_core.key_signatures import (  # noqa: F401 - the name rules are shared with the gateway
     is_flux_lora,
     is_sdxl_lora,
@@ -262,11 +264,14 @@ def _described(family: Family) -> str:
     return f"a {family.title}" if family.space == "pixel" else family.title
 
 
-def check_finetune_family(family: Family, kind: str, path: Path) -> None:
+def check_finetune_family(family: Family, kind: str, path: Path) -> FamilyEvidence | None:
     """Refuse, before any weight is read, a fine-tune that cannot be of the base's family: a
     layout the family has no use for (a pixel UNet for a latent base), or files the registry
     gives to other families only (a Flux LoRA for an SDXL base); a LoRA of a family refused by
-    name (:data:`cgidm_core.families.REFUSED`) is refused with its message."""
+    name (:data:`cgidm_core.families.REFUSED`) is refused with its message, and a LoRA whose
+    header names only other families' bases (:mod:`cgidm_core.family_evidence`) with
+    :class:`FamilyMismatchError`. Returns, for a LoRA, what says it is of the base's family
+    (``ambiguous`` when only the base does), for the pair's ``describe()``."""
     if kind == "lora":
         weights = lora_weights_file(path)
         refused = families.refused_lora(safetensors_keys(weights))
@@ -293,7 +298,7 @@ def check_finetune_family(family: Family, kind: str, path: Path) -> None:
         )
     claims = finetune_claims(kind, path)
     if not claims or family in claims:  # the files do not say: the adapter checks them
-        return
+        return _lora_evidence(family, path) if kind == "lora" else None
     if kind == "pipeline":
         raise IncompatiblePairError(
             f"the fine-tuned model {path} is {_article(claims[0].title)} {claims[0].title} "
@@ -304,6 +309,17 @@ def check_finetune_family(family: Family, kind: str, path: Path) -> None:
         f"{path} is {_article(found)} {found} {LAYOUT_NAMES[kind]} but the pretrained model is "
         f"{family.title}; compare it with the base it was trained from"
     )
+
+
+def _lora_evidence(family: Family, path: Path) -> FamilyEvidence:
+    """Weigh a LoRA's header metadata against its names; refuse one trained for another base."""
+    from cgidm_core.prompts import safetensors_metadata
+
+    weights = lora_weights_file(path)
+    evidence = weigh(safetensors_keys(weights), safetensors_metadata(weights), family.name)
+    if evidence.trained_for:
+        raise FamilyMismatchError(evidence.mismatch_message(str(weights)), evidence.trained_for)
+    return evidence
 
 
 def pixel_objective(folder: Path) -> str | None:

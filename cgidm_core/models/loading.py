@@ -72,7 +72,7 @@ def load_pair_from_paths(
     ft_path = resolve_model_path(finetuned, allow_network)
     family, pre_folder, pre_file = _pretrained_model(pre_path, pretrained_config, allow_network)
     kind = _finetuned_kind(ft_path, finetuned_kind)
-    check_finetune_family(family, kind, ft_path)
+    evidence = check_finetune_family(family, kind, ft_path)
     opts = LoadOptions(
         device=target,
         dtype=resolve_dtype(_default_dtype(family, dtype, target), target),
@@ -82,6 +82,8 @@ def load_pair_from_paths(
                           opts=opts, keep_text_encoders=keep_text_encoders,
                           pretrained_file=pre_file)
     pair = families.adapter(family).load_pair(request)
+    if evidence is not None:
+        pair.family_evidence = evidence.describe()
     if family.conditioning == "text":
         _read_instance_prompt(pair, ft_path, kind)
     return pair

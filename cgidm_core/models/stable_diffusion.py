@@ -368,6 +368,8 @@ class StableDiffusionPair(ModelPair):
             **super().describe(),
             "finetuned_kind": self.finetuned_kind,
             "prediction_type": self.prediction_type,
+            # a v-pred fine-tune of an epsilon base (or the reverse) predicts another quantity
+            "prediction_type_finetuned": self.prediction_type_finetuned,
             "shared_text_encoder": self._shares_text_encoder(),
             "keep_text_encoders": self.keep_text_encoders,
         }

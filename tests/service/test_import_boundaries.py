@@ -25,7 +25,7 @@ print(json.dumps(sorted(m for m in sys.modules
 #: ``families`` is the family registry the upload check and ``cgidm models --families`` read).
 TORCH_FREE_CORE = {"cgidm_core", "cgidm_core.names", "cgidm_core.errors", "cgidm_core.demo",
                    "cgidm_core.key_signatures", "cgidm_core.inversion_config",
-                   "cgidm_core.families"}
+                   "cgidm_core.families", "cgidm_core.family_evidence"}
 
 
 def _imported(*modules: str) -> set[str]:

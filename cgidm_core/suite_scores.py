@@ -220,11 +220,98 @@ def _paired(v: dict[str, np.ndarray], null: dict[str, np.ndarray], part: str
     return np.asarray(np.round(v[raw] - null[subtract], 4))
 
 
+#: Floor of SSIM's residual (1 - SSIM) in the ratios below: a recovery that is the original.
+_RESIDUAL_FLOOR = 1e-4
+
+
+def start_relative_values(v: dict[str, np.ndarray], null: dict[str, np.ndarray]
+                          ) -> dict[str, tuple[str, np.ndarray]]:
+    """Recovery similarities relative to the PGD's starting point, per image: name ->
+    (description, values; higher = member).
+
+    Why: the raw similarity of a recovery also scores how easy the image's masked half is to
+    fill in, which is the image, not the training (the null controls). Each value here is a
+    function f(similarity of the recovery, similarity of the start) with f(x, x) = 0, so when the
+    recovery IS its start, as on a pair whose fine-tune is its base (zero contrast, zero
+    gradient), every image scores 0: the exact null controls pass by construction. They differ
+    in how the start's similarity is removed: a difference (``gain-start:<metric>@<recovery>``),
+    the log ratio of SSIM's residuals 1 - SSIM (``gain-start:ssim-logratio``; for PSNR the
+    difference already is the log ratio of the MSEs), or the share of the SSIM gain that was
+    achievable from the start (``gain-start:ssim-fraction``). Rounded to 1e-4, as
+    :func:`_paired` rounds, so decoder noise between batch sizes cannot become a score.
+    """
+    out: dict[str, tuple[str, np.ndarray]] = {}
+    for metric in ("ssim", "psnr"):
+        if f"start/{metric}" not in null:
+            continue
+        start = null[f"start/{metric}"]
+        for recovery in ("step25", "step50", "average"):
+            key = f"default/{recovery}/{metric}"
+            if key in v:
+                out[f"gain-start:{metric}@{recovery}"] = (
+                    f"masked {metric} of the recovery ({recovery}) minus that of the PGD's "
+                    "start", np.round(v[key] - start, 4))
+    final = v.get("default/final/ssim")
+    if final is not None and "start/ssim" in null:
+        start_residual = np.maximum(1.0 - null["start/ssim"], _RESIDUAL_FLOOR)
+        final_residual = np.maximum(1.0 - final, _RESIDUAL_FLOOR)
+        out["gain-start:ssim-logratio"] = (
+            "log((1 - SSIM of the start) / (1 - SSIM of the recovery)): the relative fall of "
+            "SSIM's residual", np.round(np.log(start_residual / final_residual), 4))
+        out["gain-start:ssim-fraction"] = (
+            "(SSIM of the recovery - SSIM of the start) / (1 - SSIM of the start): the share "
+            "of the achievable SSIM gain", np.round((start_residual - final_residual)
+                                                    / start_residual, 4))
+    return out
+
+
+#: Fusions of the start-relative values (and the paired score's parts): name -> parts, each a
+#: key of :func:`start_relative_values`, ``gain-start:<metric>`` (the final recovery's gain),
+#: ``contrast`` or ``objective`` (minus CGI-DM's objective over the PGD's second half).
+START_RELATIVE_FUSIONS: dict[str, tuple[str, ...]] = {
+    "fuse:objective+contrast+gain-start:psnr": ("objective", "contrast", "gain-start:psnr"),
+    "fuse:objective+contrast+gain-start:ssim-logratio": ("objective", "contrast",
+                                                         "gain-start:ssim-logratio"),
+    "fuse:objective+contrast+gain-start": ("objective", "contrast", "gain-start:ssim",
+                                           "gain-start:psnr"),
+    "fuse:contrast+gain-start:psnr": ("contrast", "gain-start:psnr"),
+    "fuse:gain-start:psnr+ssim-logratio": ("gain-start:psnr", "gain-start:ssim-logratio"),
+}
+
+
+def _add_start_relative(add: Callable[..., None], v: dict[str, np.ndarray],
+                        null: dict[str, np.ndarray], steps: int) -> None:
+    """The candidates of :func:`start_relative_values` and :data:`START_RELATIVE_FUSIONS`."""
+    from .baselines import EVALUATIONS_PER_IMAGE
+
+    inversion = steps * INVERSION_STEP_COST
+    parts = {name: values for name, (_d, values) in start_relative_values(v, null).items()}
+    for name, (description, values) in start_relative_values(v, null).items():
+        step = name.rpartition("@step")[2]
+        add(name, description, (int(step) if step.isdigit() else steps) * INVERSION_STEP_COST,
+            values)
+    for metric in ("ssim", "psnr"):
+        gain = _paired(v, null, f"default/final/{metric}-start/{metric}")
+        if gain is not None:
+            parts[f"gain-start:{metric}"] = gain
+    if "default/objective/second_half" in v:
+        parts["objective"] = -v["default/objective/second_half"]
+    if "contrast" in v:
+        parts["contrast"] = v["contrast"]
+    for name, fused in START_RELATIVE_FUSIONS.items():
+        if not all(p in parts for p in fused):
+            continue
+        cost = inversion + (EVALUATIONS_PER_IMAGE["contrast"] if "contrast" in fused else 0)
+        add(name, " + ".join(f"z({p})" for p in fused) + ", pooled over the images compared",
+            cost, np.sum([_z(parts[p]) for p in fused], axis=0))
+
+
 def _add_paired(add: Callable[..., None], v: dict[str, np.ndarray],
                 null: dict[str, np.ndarray], steps: int) -> None:
     """The paired candidates where the null values are at hand (see PAIRED_FUSIONS)."""
     from .baselines import EVALUATIONS_PER_IMAGE
 
+    _add_start_relative(add, v, null, steps)
     inversion = steps * INVERSION_STEP_COST
     base_recovery = steps * INVERSION_STEP_COST // 2  # one model's forward + backward per step
     for metric in ("ssim", "psnr"):

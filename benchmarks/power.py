@@ -191,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                 "measured images stand for every painting a rights holder might bring; a "
                 "user's controls may differ more (or less) from the members than a "
                 "held-out painting of the same artist does; other models and recipes than "
-                "these fine-tunes of the 32 px demo model are not measured. "
+                "these fine-tunes of the 32 px demo models (the pixel model's, and one LoRA of the "
+                "latent text-conditioned model) are not measured. "
                 f"Seconds to compute: {seconds:.0f}"
                 + (" (the rows added by this update)." if args.update else ".")),
         }

@@ -34,6 +34,8 @@ from .inversion import InversionConfig, invert
 from .pair import ModelPair
 from .similarity import masked_psnr, masked_ssim
 
+#: Values of the PGD's displacement recorded per recovery (:func:`displacement_values`).
+DISPLACEMENT_METRICS: tuple[str, ...] = ("cosine", "progress")
 #: Inversion variants run per pair (each costs one full inversion).
 VARIANTS: dict[str, dict[str, object]] = {
     "default": {},
@@ -77,16 +79,55 @@ def saturated_fraction(recovered: torch.Tensor, keep: torch.Tensor,
     return [float(v) for v in (pinned * free).flatten(1).sum(1) / free.flatten(1).sum(1)]
 
 
+#: A displacement of the recovery from its start below this RMS per free value (in [-1, 1]
+#: units) is decoder noise (~1e-6 between batch sizes), not a move: its direction means nothing.
+MOVED_TOLERANCE = 1e-4
+
+
+def displacement_values(original: torch.Tensor, recovered: torch.Tensor, start: torch.Tensor,
+                        keep: torch.Tensor) -> dict[str, list[float]]:
+    """Where the PGD went, relative to where it should have gone, per image, over the free
+    (recovered) pixels: ``cosine`` = cos(recovered - start, original - start) and ``progress`` =
+    <recovered - start, original - start> / ||original - start||^2 (1 = arrived, 0 = no move
+    towards the original or none at all).
+
+    Why: the PGD's steps are normalised, so a light fine-tune moves the recovery as far as a
+    strong one; what membership changes is the direction. Unlike the recovery's similarity these
+    ignore how close the start already was (the image's own "easy to fill in", which failed the
+    null controls), and a recovery that never left its start (a fine-tune equal to its base)
+    scores exactly 0 for every image. Images are ``(N, 3, H, W)``; ``keep`` is 1 on kept pixels.
+    """
+    free = (1.0 - keep.double()).expand_as(original)
+    moved = ((recovered.double() - start.double()) * free).flatten(1)
+    target = ((original.double() - start.double()) * free).flatten(1)
+    count = free.flatten(1).sum(1).clamp_min(1.0)
+    still = (moved.pow(2).sum(1) / count).sqrt() < MOVED_TOLERANCE
+    dot = (moved * target).sum(1)
+    norms = (moved.norm(dim=1) * target.norm(dim=1)).clamp_min(1e-12)
+    cosine = torch.where(still, torch.zeros_like(dot), dot / norms)
+    progress = torch.where(still, torch.zeros_like(dot),
+                           dot / target.pow(2).sum(1).clamp_min(1e-12))
+    return {"cosine": [round(float(v), 4) for v in cosine],
+            "progress": [round(float(v), 4) for v in progress]}
+
+
 def derived_values(pictures: dict[str, torch.Tensor]) -> dict[str, list[float]]:
     """Values of recoveries derived after the fact from saved pictures (no model pass):
-    ``<variant>/clamped/<metric>`` = the final recovery passed through :func:`palette_clamp`."""
+    ``<variant>/clamped/<metric>`` = the final recovery passed through :func:`palette_clamp`;
+    where the pictures hold the PGD's ``start``, ``default/<recovery>/<cosine|progress>``
+    (:func:`displacement_values`)."""
     out: dict[str, list[float]] = {}
     n = pictures["default/final"].shape[0]
     # Files written before originals were saved once per run hold one copy per variant.
     original, keep = pictures["original"][:n], pictures["mask"][:n]
+    start = pictures["start"][:n] if "start" in pictures else None
     for key in list(pictures):
         if "/" in key:
             out[f"{key}/saturated"] = saturated_fraction(pictures[key], keep)
+            if start is not None and key.startswith("default/"):
+                for metric, vals in displacement_values(original, pictures[key], start,
+                                                        keep).items():
+                    out[f"{key}/{metric}"] = vals
         if key.endswith("/final"):
             variant = key.split("/")[0]
             clamped = palette_clamp(original, pictures[key], keep)
@@ -145,10 +186,16 @@ def raw_values(
             for recovery, images in recoveries.items():
                 for metric, vals in _recovery_values(out.original, images, out.mask).items():
                     values.setdefault(f"{name}/{recovery}/{metric}", []).extend(vals)
+                if out.start is not None:
+                    for metric, vals in displacement_values(out.original, images, out.start,
+                                                            out.mask).items():
+                        values.setdefault(f"{name}/{recovery}/{metric}", []).extend(vals)
                 if keep_pictures:
                     kept_pictures.setdefault(f"{name}/{recovery}", []).append(images)
             if keep_pictures and name == next(iter(variants)):  # originals once, not per variant
                 kept_pictures.setdefault("original", []).append(out.original)
+                if out.start is not None:
+                    kept_pictures.setdefault("start", []).append(out.start)
                 masks = out.mask.expand(len(tensor), -1, -1, -1)
                 kept_pictures.setdefault("mask", []).append(masks)
             values.setdefault(f"{name}/objective/mean", []).extend(
@@ -371,6 +418,11 @@ def candidate_scores(values: dict[str, Sequence[float]], steps: int,
             n = int(what[4:]) if what.startswith("step") else steps
             add(f"{variant}:{metric}@{what}", f"masked {metric} of the recovery ({what}, "
                 f"{variant} inversion)", n * INVERSION_STEP_COST, v[key])
+        elif metric in DISPLACEMENT_METRICS and what != "clamped":
+            n = int(what[4:]) if what.startswith("step") else steps
+            add(f"{variant}:{metric}@{what}", f"{metric} of the PGD's displacement towards the "
+                f"original ({what}, {variant} inversion; 0 when the recovery is its start)",
+                n * INVERSION_STEP_COST, v[key])
     # Fusions: z-scores over the images compared, summed.
     fusions = {
         "fuse:ssim+contrast": ("default/final/ssim", "contrast"),
@@ -385,6 +437,14 @@ def candidate_scores(values: dict[str, Sequence[float]], steps: int,
         # the verdict's score (cgidm_core.evidence.EVIDENCE_COMPONENTS["fused"])
         "fuse:ssim+psnr+loss+contrast": ("default/final/ssim", "default/final/psnr", "loss",
                                          "contrast"),
+        # the paired score with the direction of the PGD's displacement (all 0 for a fine-tune
+        # equal to its base: objective, contrast and displacement alike)
+        "fuse:objective+contrast+progress": ("default/objective/second_half", "contrast",
+                                             "default/final/progress"),
+        "fuse:objective+contrast+cosine": ("default/objective/second_half", "contrast",
+                                           "default/final/cosine"),
+        "fuse:contrast+progress": ("contrast", "default/final/progress"),
+        "fuse:progress+cosine": ("default/final/progress", "default/final/cosine"),
         # the same on the palette-bounded inversion (only where that variant was run)
         "palette-fuse:ssim+psnr+loss+contrast": ("palette/final/ssim", "palette/final/psnr",
                                                  "loss", "contrast"),

@@ -115,6 +115,35 @@ def test_start_relative_candidates_score_every_image_alike_when_the_recovery_is_
         assert min(scores[:5]) > max(scores[5:]), name
 
 
+def test_displacement_of_a_recovery_that_never_left_its_start_is_zero_for_every_image():
+    """cosine / progress of the PGD's displacement: exactly 0 for every image when the recovery
+    is its start (up to decoder noise), whatever the image; 1 for a recovery that arrived at the
+    original, negative for one moved away; the fused candidates then score every image of a
+    null pair alike."""
+    import torch
+
+    from cgidm_core.suite_scores import candidate_scores, displacement_values
+
+    gen = torch.Generator().manual_seed(0)
+    original = torch.rand(6, 3, 8, 8, generator=gen) * 2 - 1
+    keep = (torch.arange(8)[:, None] // 2 + torch.arange(8)[None, :] // 2) % 2 == 0
+    keep = keep.float()[None, None]
+    start = original * keep
+    noise = torch.randn(start.shape, generator=gen) * 1e-6
+    null = displacement_values(original, start + noise, start, keep)
+    assert null == {"cosine": [0.0] * 6, "progress": [0.0] * 6}
+    arrived = displacement_values(original, original, start, keep)
+    assert arrived["cosine"] == [1.0] * 6 and arrived["progress"] == [1.0] * 6
+    away = displacement_values(original, start - 0.5 * (original - start), start, keep)
+    assert away["cosine"] == [-1.0] * 6 and away["progress"] == [-0.5] * 6
+    values = {"default/final/cosine": null["cosine"], "default/final/progress": null["progress"],
+              "contrast": [0.0] * 6, "default/objective/second_half": [0.0] * 6}
+    scores = candidate_scores(values, 100)
+    for name in ("default:cosine@final", "default:progress@final",
+                 "fuse:objective+contrast+progress", "fuse:objective+contrast+cosine"):
+        assert len(set(scores[name][1].tolist())) == 1, name
+
+
 def test_eligibility_rule_of_the_null_controls():
     from benchmarks.null_controls import eligibility
 

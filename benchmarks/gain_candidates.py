@@ -55,6 +55,50 @@ def pair_candidates(values: dict[str, list[float]], null: dict[str, list[float]]
     return {name: scores for name, (_c, scores) in candidate_scores(values, steps, null).items()}
 
 
+def perturbed_null(cache: Path, scale: float, seed: int = 0) -> dict[str, Any]:
+    """Raw values of ``demo-base`` against a copy of itself whose UNet weights got Gaussian noise
+    of ``scale`` times each tensor's standard deviation, on Van Gogh split A (cached).
+
+    Why: the exact null (the fine-tune IS the base) gives zero gradient, so the recovery never
+    moves and every start-relative or displacement candidate is 0 by construction: it cannot
+    show whether a candidate scores the images once the PGD moves. The PGD's steps are
+    normalised, so a fine-tune that learned nothing about these images (random weight noise)
+    moves the recovery as far as a trained one; a candidate that separates members from
+    hold-outs here scores the images, not membership.
+    """
+    import hashlib
+
+    import torch
+
+    from benchmarks.null_controls import pixel_base_against_itself
+    from cgidm_core.images import load_image
+    from cgidm_core.suite_pairs import splits
+    from cgidm_core.suite_scores import raw_values
+
+    split = splits(None)["vangogh-a"]
+    files = [*split.members, *split.holdouts["holdout"]]
+    key = hashlib.sha256(json.dumps({"scale": scale, "seed": seed, "files": [
+        p.name for p in files], "version": 1}).encode()).hexdigest()[:10]
+    out = cache / "null" / f"pixel-perturbed-{key}.json"
+    if out.is_file():
+        return dict(json.loads(out.read_text()))
+    pair = pixel_base_against_itself()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in pair.unet_finetuned.parameters():
+            std = float(param.std()) if param.numel() > 1 else float(param.abs().mean())
+            param.add_(torch.randn(param.shape, generator=gen) * scale * std)
+    raw = raw_values(pair, [load_image(p) for p in files], variants={"default": {}},
+                     cheap=("contrast", "loss"))
+    document = {"files": [f"{p.parent.name}/{p.name}" for p in files],
+                "n_members": len(split.members), "holdouts": {"holdout": len(files) - 10},
+                "values": raw["values"], "inversion": raw["inversion"], "scale": scale,
+                "seconds": raw["seconds"]}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(document))
+    return document
+
+
 def main(argv: list[str] | None = None) -> int:
     from benchmarks import suite
     from benchmarks.null_controls import aligned, null_lookup
@@ -68,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="every AUC as JSON")
     parser.add_argument("--show", nargs="*", default=None,
                         help="candidates to print (default: all)")
+    parser.add_argument("--perturbed-null", type=float, nargs="*", default=[],
+                        metavar="SCALE", help="also score demo-base against itself with "
+                        "Gaussian weight noise of SCALE x each tensor's std (Van Gogh A)")
     args = parser.parse_args(argv)
     suite_args = suite.parse_args(["--datasets", *args.datasets, "--seeds", *args.seeds,
                                    "--no-latent", "--lora"])
@@ -93,6 +140,23 @@ def main(argv: list[str] | None = None) -> int:
             rows[name] = (report.auc, report.auc_ci_low, report.auc_ci_high)
         results.append({"pair": pair.pair_id, "strength": pair.strength, "rows": rows,
                         "null_values": null is not None})
+    for scale in args.perturbed_null:
+        import torch
+
+        torch.set_num_threads(1)
+        document = perturbed_null(suite_args.cache, scale)
+        document["null"] = aligned(lookup, document["files"])
+        values, n1, _n0 = pair_slice(document, "holdout")
+        rows = {}
+        for name, scores in pair_candidates(values, null_slice(document, "holdout"),
+                                            int(document["inversion"]["steps"])).items():
+            if args.show is not None and name not in args.show and name not in REFERENCES:
+                continue
+            report = evaluate_scores(scores[:n1], scores[n1:], n_bootstrap=args.n_bootstrap,
+                                     seed=0, target_fprs=())
+            rows[name] = (report.auc, report.auc_ci_low, report.auc_ci_high)
+        results.append({"pair": f"null/pixel/vangogh-a/noise-{scale:g}", "strength": "0",
+                        "rows": rows, "null_values": True})
     names = sorted({n for r in results for n in r["rows"]},
                    key=lambda n: (REFERENCES.index(n) if n in REFERENCES else len(REFERENCES), n))
     print("| candidate | " + " | ".join(r["pair"] for r in results)

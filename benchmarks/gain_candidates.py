@@ -115,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--perturbed-null", type=float, nargs="*", default=[],
                         metavar="SCALE", help="also score demo-base against itself with "
                         "Gaussian weight noise of SCALE x each tensor's std (Van Gogh A)")
+    parser.add_argument("--perturbed-seed", type=int, default=0,
+                        help="seed of the weight noise (another seed = another direction)")
     args = parser.parse_args(argv)
     suite_args = suite.parse_args(["--datasets", *args.datasets, "--seeds", *args.seeds,
                                    "--no-latent", "--lora"])
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(1)
-        document = perturbed_null(suite_args.cache, scale)
+        document = perturbed_null(suite_args.cache, scale, args.perturbed_seed)
         document["null"] = aligned(lookup, document["files"])
         values, n1, _n0 = pair_slice(document, "holdout")
         rows = {}
@@ -155,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             report = evaluate_scores(scores[:n1], scores[n1:], n_bootstrap=args.n_bootstrap,
                                      seed=0, target_fprs=())
             rows[name] = (report.auc, report.auc_ci_low, report.auc_ci_high)
-        results.append({"pair": f"null/pixel/vangogh-a/noise-{scale:g}", "strength": "0",
+        results.append({"pair": f"null/pixel/vangogh-a/noise-{scale:g}-s{args.perturbed_seed}",
+                        "strength": "0",
                         "rows": rows, "null_values": True})
     names = sorted({n for r in results for n in r["rows"]},
                    key=lambda n: (REFERENCES.index(n) if n in REFERENCES else len(REFERENCES), n))

@@ -49,9 +49,9 @@ def _components() -> tuple[str, ...]:
 
 
 def _values(record: dict[str, Any]) -> list[float]:
-    from cgidm_core.evidence import _component
+    from cgidm_core.evidence import DEFAULT_EVIDENCE, component_values
 
-    return [_component(record, component) for component in _components()]
+    return component_values(record, DEFAULT_EVIDENCE)
 
 
 def from_eval(path: Path) -> tuple[np.ndarray, np.ndarray, float]:
@@ -154,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--table", type=Path, default=TABLE_FILE)
     parser.add_argument("--snippet", type=Path, default=REPO_ROOT / "docs" / "power_table.md")
     parser.add_argument("--render-only", action="store_true")
+    parser.add_argument("--update", action="store_true",
+                        help="keep the stored table's rows and add (or replace, by name) the "
+                        "rows measured now: a row needs only its own pair's values, so adding "
+                        "one does not rebuild the others' (e.g. the suite's) caches")
     args = parser.parse_args(argv)
     if not args.render_only:
         sources = dict(s.split("=", 1) for s in args.source)
@@ -168,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
                               "grid": grid, "needed": smallest(grid)})
         if args.suite_json:
             strengths += suite_strengths(args.suite_json, args.reps, args.seed)
+        seconds = time.perf_counter() - started
+        if args.update:
+            strengths = merged_strengths(json.loads(args.table.read_text()), strengths,
+                                         args.reps)
         measured = ", ".join(f"{s['source'].split(' (')[0]} ({s['name']})" for s in strengths)
         table = {
             "alpha": ALPHA, "power_target": POWER_TARGET, "reps": args.reps,
@@ -183,8 +191,10 @@ def main(argv: list[str] | None = None) -> int:
                 "measured images stand for every painting a rights holder might bring; a "
                 "user's controls may differ more (or less) from the members than a "
                 "held-out painting of the same artist does; other models and recipes than "
-                "these fine-tunes of the 32 px demo model are not measured. "
-                f"Seconds to compute: {time.perf_counter() - started:.0f}."),
+                "these fine-tunes of the 32 px demo models (the pixel model's, and one LoRA of the "
+                "latent text-conditioned model) are not measured. "
+                f"Seconds to compute: {seconds:.0f}"
+                + (" (the rows added by this update)." if args.update else ".")),
         }
         args.table.write_text(json.dumps(table, indent=1) + "\n")
         print(f"wrote {args.table}")
@@ -193,6 +203,26 @@ def main(argv: list[str] | None = None) -> int:
     args.snippet.write_text(text)
     print(text)
     return 0
+
+
+def merged_strengths(stored: dict[str, Any], new: list[dict[str, Any]], reps: int
+                     ) -> list[dict[str, Any]]:
+    """The stored table's rows with ``new`` added, a stored row of the same name replaced in
+    place. Refuses to mix tables whose cells were measured differently (grid or reps), which
+    would make their rows incomparable."""
+    if stored["reps"] != reps or stored["images"] != list(IMAGES) or \
+            stored["controls"] != list(CONTROLS):
+        raise SystemExit(f"the stored table was measured with {stored['reps']} reps on images "
+                         f"{stored['images']} x controls {stored['controls']}; rerun every row "
+                         "(without --update) or use the same settings")
+    out = list(stored["strengths"])
+    names = [row["name"] for row in out]
+    for row in new:
+        if row["name"] in names:
+            out[names.index(row["name"])] = row
+        else:
+            out.append(row)
+    return out
 
 
 def suite_strengths(path: Path, reps: int, seed: int) -> list[dict[str, Any]]:

@@ -286,13 +286,21 @@ def with_missing_cheap(pair, out: Path) -> None:
 
 
 def with_derived(document: dict, pictures_file: Path) -> dict:
-    """Add the values computed from the saved pictures (palette-clamped recoveries)."""
+    """Add the values computed from the saved pictures (palette-clamped recoveries, the PGD's
+    displacement towards the original)."""
     import torch
 
     from cgidm_core.suite_scores import derived_values
 
     if pictures_file.is_file():
-        document["values"].update(derived_values(torch.load(pictures_file)))
+        pictures = torch.load(pictures_file)
+        if "start" not in pictures:
+            # Saved before the start was kept. Every pair here is a pixel-space model, whose
+            # start is the kept half with the free pixels at 0 (z_start = z0 * keep, decoded
+            # by clamping): the same tensor ``invert`` returns as ``start``.
+            n = pictures["default/final"].shape[0]
+            pictures["start"] = pictures["original"][:n] * pictures["mask"][:n]
+        document["values"].update(derived_values(pictures))
     return document
 
 

@@ -105,9 +105,32 @@ def _value(record: Mapping[str, Any], where: str, name: str, component: str) -> 
 _SOURCES = {"metric": "metrics", "attack": "attack_scores", "inversion": "inversion_scores"}
 
 
-def _component(record: Mapping[str, Any], component: str) -> float:
-    kind, name = component.split(":", 1)
+def component_value(record: Mapping[str, Any], component: str) -> float:
+    """One image's raw (unstandardised) value of one part of a verdict score.
+
+    ``component`` is an entry of :data:`EVIDENCE_COMPONENTS` (``metric:<name>``,
+    ``attack:<name>`` or ``inversion:<name>``); ``record`` is a per-image dict as
+    :meth:`ImageResult.to_dict` writes it. Public because tools that resample images (the power
+    table, ``benchmarks.power``) must fuse the same values the verdict fuses, read the same way.
+    Raises :class:`MissingEvidence` when the record lacks a finite value, and
+    :class:`~cgidm_core.errors.ConfigError` for a component of an unknown kind.
+    """
+    kind, _, name = component.partition(":")
+    if kind not in _SOURCES or not name:
+        raise ConfigError(f"unknown evidence component {component!r}; a component is "
+                          f"<kind>:<name> with kind one of {', '.join(_SOURCES)}")
     return _value(record, _SOURCES[kind], name, component)
+
+
+def component_values(record: Mapping[str, Any], evidence: str = DEFAULT_EVIDENCE
+                     ) -> list[float]:
+    """One image's raw values of every part of ``evidence`` (a fusion of
+    :data:`EVIDENCE_COMPONENTS`), in that fusion's order: what :func:`evidence_scores`
+    standardises over the images judged together and sums."""
+    if evidence not in EVIDENCE_COMPONENTS:
+        raise ConfigError(f"evidence {evidence!r} is not a fusion of components; choose from "
+                          f"{', '.join(EVIDENCE_COMPONENTS)}")
+    return [component_value(record, component) for component in EVIDENCE_COMPONENTS[evidence]]
 
 
 def _zscores(values: np.ndarray) -> np.ndarray:
@@ -135,7 +158,7 @@ def evidence_scores(records: Sequence[Mapping[str, Any]], evidence: str = DEFAUL
         return [float(r["score"]) for r in records]
     total = np.zeros(len(records))
     for component in EVIDENCE_COMPONENTS[evidence]:
-        total += _zscores(np.array([_component(r, component) for r in records], dtype=float))
+        total += _zscores(np.array([component_value(r, component) for r in records], dtype=float))
     return [float(v) for v in total]
 
 

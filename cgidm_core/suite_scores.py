@@ -34,6 +34,8 @@ from .inversion import InversionConfig, invert
 from .pair import ModelPair
 from .similarity import masked_psnr, masked_ssim
 
+#: Values of the PGD's displacement recorded per recovery (:func:`displacement_values`).
+DISPLACEMENT_METRICS: tuple[str, ...] = ("cosine", "progress")
 #: Inversion variants run per pair (each costs one full inversion).
 VARIANTS: dict[str, dict[str, object]] = {
     "default": {},
@@ -77,16 +79,55 @@ def saturated_fraction(recovered: torch.Tensor, keep: torch.Tensor,
     return [float(v) for v in (pinned * free).flatten(1).sum(1) / free.flatten(1).sum(1)]
 
 
+#: A displacement of the recovery from its start below this RMS per free value (in [-1, 1]
+#: units) is decoder noise (~1e-6 between batch sizes), not a move: its direction means nothing.
+MOVED_TOLERANCE = 1e-4
+
+
+def displacement_values(original: torch.Tensor, recovered: torch.Tensor, start: torch.Tensor,
+                        keep: torch.Tensor) -> dict[str, list[float]]:
+    """Where the PGD went, relative to where it should have gone, per image, over the free
+    (recovered) pixels: ``cosine`` = cos(recovered - start, original - start) and ``progress`` =
+    <recovered - start, original - start> / ||original - start||^2 (1 = arrived, 0 = no move
+    towards the original or none at all).
+
+    Why: the PGD's steps are normalised, so a light fine-tune moves the recovery as far as a
+    strong one; what membership changes is the direction. Unlike the recovery's similarity these
+    ignore how close the start already was (the image's own "easy to fill in", which failed the
+    null controls), and a recovery that never left its start (a fine-tune equal to its base)
+    scores exactly 0 for every image. Images are ``(N, 3, H, W)``; ``keep`` is 1 on kept pixels.
+    """
+    free = (1.0 - keep.double()).expand_as(original)
+    moved = ((recovered.double() - start.double()) * free).flatten(1)
+    target = ((original.double() - start.double()) * free).flatten(1)
+    count = free.flatten(1).sum(1).clamp_min(1.0)
+    still = (moved.pow(2).sum(1) / count).sqrt() < MOVED_TOLERANCE
+    dot = (moved * target).sum(1)
+    norms = (moved.norm(dim=1) * target.norm(dim=1)).clamp_min(1e-12)
+    cosine = torch.where(still, torch.zeros_like(dot), dot / norms)
+    progress = torch.where(still, torch.zeros_like(dot),
+                           dot / target.pow(2).sum(1).clamp_min(1e-12))
+    return {"cosine": [round(float(v), 4) for v in cosine],
+            "progress": [round(float(v), 4) for v in progress]}
+
+
 def derived_values(pictures: dict[str, torch.Tensor]) -> dict[str, list[float]]:
     """Values of recoveries derived after the fact from saved pictures (no model pass):
-    ``<variant>/clamped/<metric>`` = the final recovery passed through :func:`palette_clamp`."""
+    ``<variant>/clamped/<metric>`` = the final recovery passed through :func:`palette_clamp`;
+    where the pictures hold the PGD's ``start``, ``default/<recovery>/<cosine|progress>``
+    (:func:`displacement_values`)."""
     out: dict[str, list[float]] = {}
     n = pictures["default/final"].shape[0]
     # Files written before originals were saved once per run hold one copy per variant.
     original, keep = pictures["original"][:n], pictures["mask"][:n]
+    start = pictures["start"][:n] if "start" in pictures else None
     for key in list(pictures):
         if "/" in key:
             out[f"{key}/saturated"] = saturated_fraction(pictures[key], keep)
+            if start is not None and key.startswith("default/"):
+                for metric, vals in displacement_values(original, pictures[key], start,
+                                                        keep).items():
+                    out[f"{key}/{metric}"] = vals
         if key.endswith("/final"):
             variant = key.split("/")[0]
             clamped = palette_clamp(original, pictures[key], keep)
@@ -145,10 +186,16 @@ def raw_values(
             for recovery, images in recoveries.items():
                 for metric, vals in _recovery_values(out.original, images, out.mask).items():
                     values.setdefault(f"{name}/{recovery}/{metric}", []).extend(vals)
+                if out.start is not None:
+                    for metric, vals in displacement_values(out.original, images, out.start,
+                                                            out.mask).items():
+                        values.setdefault(f"{name}/{recovery}/{metric}", []).extend(vals)
                 if keep_pictures:
                     kept_pictures.setdefault(f"{name}/{recovery}", []).append(images)
             if keep_pictures and name == next(iter(variants)):  # originals once, not per variant
                 kept_pictures.setdefault("original", []).append(out.original)
+                if out.start is not None:
+                    kept_pictures.setdefault("start", []).append(out.start)
                 masks = out.mask.expand(len(tensor), -1, -1, -1)
                 kept_pictures.setdefault("mask", []).append(masks)
             values.setdefault(f"{name}/objective/mean", []).extend(
@@ -220,11 +267,98 @@ def _paired(v: dict[str, np.ndarray], null: dict[str, np.ndarray], part: str
     return np.asarray(np.round(v[raw] - null[subtract], 4))
 
 
+#: Floor of SSIM's residual (1 - SSIM) in the ratios below: a recovery that is the original.
+_RESIDUAL_FLOOR = 1e-4
+
+
+def start_relative_values(v: dict[str, np.ndarray], null: dict[str, np.ndarray]
+                          ) -> dict[str, tuple[str, np.ndarray]]:
+    """Recovery similarities relative to the PGD's starting point, per image: name ->
+    (description, values; higher = member).
+
+    Why: the raw similarity of a recovery also scores how easy the image's masked half is to
+    fill in, which is the image, not the training (the null controls). Each value here is a
+    function f(similarity of the recovery, similarity of the start) with f(x, x) = 0, so when the
+    recovery IS its start, as on a pair whose fine-tune is its base (zero contrast, zero
+    gradient), every image scores 0: the exact null controls pass by construction. They differ
+    in how the start's similarity is removed: a difference (``gain-start:<metric>@<recovery>``),
+    the log ratio of SSIM's residuals 1 - SSIM (``gain-start:ssim-logratio``; for PSNR the
+    difference already is the log ratio of the MSEs), or the share of the SSIM gain that was
+    achievable from the start (``gain-start:ssim-fraction``). Rounded to 1e-4, as
+    :func:`_paired` rounds, so decoder noise between batch sizes cannot become a score.
+    """
+    out: dict[str, tuple[str, np.ndarray]] = {}
+    for metric in ("ssim", "psnr"):
+        if f"start/{metric}" not in null:
+            continue
+        start = null[f"start/{metric}"]
+        for recovery in ("step25", "step50", "average"):
+            key = f"default/{recovery}/{metric}"
+            if key in v:
+                out[f"gain-start:{metric}@{recovery}"] = (
+                    f"masked {metric} of the recovery ({recovery}) minus that of the PGD's "
+                    "start", np.round(v[key] - start, 4))
+    final = v.get("default/final/ssim")
+    if final is not None and "start/ssim" in null:
+        start_residual = np.maximum(1.0 - null["start/ssim"], _RESIDUAL_FLOOR)
+        final_residual = np.maximum(1.0 - final, _RESIDUAL_FLOOR)
+        out["gain-start:ssim-logratio"] = (
+            "log((1 - SSIM of the start) / (1 - SSIM of the recovery)): the relative fall of "
+            "SSIM's residual", np.round(np.log(start_residual / final_residual), 4))
+        out["gain-start:ssim-fraction"] = (
+            "(SSIM of the recovery - SSIM of the start) / (1 - SSIM of the start): the share "
+            "of the achievable SSIM gain", np.round((start_residual - final_residual)
+                                                    / start_residual, 4))
+    return out
+
+
+#: Fusions of the start-relative values (and the paired score's parts): name -> parts, each a
+#: key of :func:`start_relative_values`, ``gain-start:<metric>`` (the final recovery's gain),
+#: ``contrast`` or ``objective`` (minus CGI-DM's objective over the PGD's second half).
+START_RELATIVE_FUSIONS: dict[str, tuple[str, ...]] = {
+    "fuse:objective+contrast+gain-start:psnr": ("objective", "contrast", "gain-start:psnr"),
+    "fuse:objective+contrast+gain-start:ssim-logratio": ("objective", "contrast",
+                                                         "gain-start:ssim-logratio"),
+    "fuse:objective+contrast+gain-start": ("objective", "contrast", "gain-start:ssim",
+                                           "gain-start:psnr"),
+    "fuse:contrast+gain-start:psnr": ("contrast", "gain-start:psnr"),
+    "fuse:gain-start:psnr+ssim-logratio": ("gain-start:psnr", "gain-start:ssim-logratio"),
+}
+
+
+def _add_start_relative(add: Callable[..., None], v: dict[str, np.ndarray],
+                        null: dict[str, np.ndarray], steps: int) -> None:
+    """The candidates of :func:`start_relative_values` and :data:`START_RELATIVE_FUSIONS`."""
+    from .baselines import EVALUATIONS_PER_IMAGE
+
+    inversion = steps * INVERSION_STEP_COST
+    parts = {name: values for name, (_d, values) in start_relative_values(v, null).items()}
+    for name, (description, values) in start_relative_values(v, null).items():
+        step = name.rpartition("@step")[2]
+        add(name, description, (int(step) if step.isdigit() else steps) * INVERSION_STEP_COST,
+            values)
+    for metric in ("ssim", "psnr"):
+        gain = _paired(v, null, f"default/final/{metric}-start/{metric}")
+        if gain is not None:
+            parts[f"gain-start:{metric}"] = gain
+    if "default/objective/second_half" in v:
+        parts["objective"] = -v["default/objective/second_half"]
+    if "contrast" in v:
+        parts["contrast"] = v["contrast"]
+    for name, fused in START_RELATIVE_FUSIONS.items():
+        if not all(p in parts for p in fused):
+            continue
+        cost = inversion + (EVALUATIONS_PER_IMAGE["contrast"] if "contrast" in fused else 0)
+        add(name, " + ".join(f"z({p})" for p in fused) + ", pooled over the images compared",
+            cost, np.sum([_z(parts[p]) for p in fused], axis=0))
+
+
 def _add_paired(add: Callable[..., None], v: dict[str, np.ndarray],
                 null: dict[str, np.ndarray], steps: int) -> None:
     """The paired candidates where the null values are at hand (see PAIRED_FUSIONS)."""
     from .baselines import EVALUATIONS_PER_IMAGE
 
+    _add_start_relative(add, v, null, steps)
     inversion = steps * INVERSION_STEP_COST
     base_recovery = steps * INVERSION_STEP_COST // 2  # one model's forward + backward per step
     for metric in ("ssim", "psnr"):
@@ -284,6 +418,11 @@ def candidate_scores(values: dict[str, Sequence[float]], steps: int,
             n = int(what[4:]) if what.startswith("step") else steps
             add(f"{variant}:{metric}@{what}", f"masked {metric} of the recovery ({what}, "
                 f"{variant} inversion)", n * INVERSION_STEP_COST, v[key])
+        elif metric in DISPLACEMENT_METRICS and what != "clamped":
+            n = int(what[4:]) if what.startswith("step") else steps
+            add(f"{variant}:{metric}@{what}", f"{metric} of the PGD's displacement towards the "
+                f"original ({what}, {variant} inversion; 0 when the recovery is its start)",
+                n * INVERSION_STEP_COST, v[key])
     # Fusions: z-scores over the images compared, summed.
     fusions = {
         "fuse:ssim+contrast": ("default/final/ssim", "contrast"),
@@ -298,6 +437,14 @@ def candidate_scores(values: dict[str, Sequence[float]], steps: int,
         # the verdict's score (cgidm_core.evidence.EVIDENCE_COMPONENTS["fused"])
         "fuse:ssim+psnr+loss+contrast": ("default/final/ssim", "default/final/psnr", "loss",
                                          "contrast"),
+        # the paired score with the direction of the PGD's displacement (all 0 for a fine-tune
+        # equal to its base: objective, contrast and displacement alike)
+        "fuse:objective+contrast+progress": ("default/objective/second_half", "contrast",
+                                             "default/final/progress"),
+        "fuse:objective+contrast+cosine": ("default/objective/second_half", "contrast",
+                                           "default/final/cosine"),
+        "fuse:contrast+progress": ("contrast", "default/final/progress"),
+        "fuse:progress+cosine": ("default/final/progress", "default/final/cosine"),
         # the same on the palette-bounded inversion (only where that variant was run)
         "palette-fuse:ssim+psnr+loss+contrast": ("palette/final/ssim", "palette/final/psnr",
                                                  "loss", "contrast"),

@@ -7,7 +7,14 @@ import pytest
 from PIL import Image
 
 from cgidm_core.errors import ConfigError
-from cgidm_core.evidence import DEFAULT_EVIDENCE, build_evidence, evidence_scores
+from cgidm_core.evidence import (
+    DEFAULT_EVIDENCE,
+    MissingEvidence,
+    build_evidence,
+    component_value,
+    component_values,
+    evidence_scores,
+)
 from cgidm_core.stats import controls_test
 from tests.paths import SHARED_DATA
 
@@ -43,6 +50,23 @@ def test_paired_score_is_the_sum_of_pooled_zscores_of_objective_and_contrast():
     expected = (_zs([r["inversion_scores"]["objective_second_half"] for r in records])
                 + _zs([r["attack_scores"]["contrast"] for r in records]))
     assert evidence_scores(records) == pytest.approx(list(expected))
+
+
+def test_component_values_are_the_raw_parts_the_verdict_standardises():
+    rng = np.random.default_rng(1)
+    record = _record("i", rng)
+    assert component_value(record, "attack:contrast") == record["attack_scores"]["contrast"]
+    assert component_values(record, "paired") == [
+        record["inversion_scores"]["objective_second_half"], record["attack_scores"]["contrast"]]
+    assert component_values(record, "fused")[:2] == [record["metrics"]["ssim"],
+                                                      record["metrics"]["psnr"]]
+    with pytest.raises(ConfigError, match="unknown evidence component 'clip:x'"):
+        component_value(record, "clip:x")
+    with pytest.raises(ConfigError, match="not a fusion"):
+        component_values(record, "similarity")
+    record["inversion_scores"] = {}
+    with pytest.raises(MissingEvidence, match="objective_second_half"):
+        component_values(record)
 
 
 def test_document_with_controls_has_p_values_verdicts_and_the_set_test_from_one_score():

@@ -76,6 +76,74 @@ def test_suite_gain_over_the_start_is_exactly_null_on_a_null_pair():
     assert min(biased[:5]) > max(biased[5:])  # AUC 1 with no fine-tune
 
 
+def test_start_relative_candidates_score_every_image_alike_when_the_recovery_is_its_start():
+    """Every start-relative candidate (ratios, earlier steps, fusions with the paired score's
+    parts) is one value for all images of a null pair (recovery = start up to decoder noise,
+    objective and contrast 0), while on images whose recoveries moved they do separate."""
+    from cgidm_core.suite_scores import (
+        START_RELATIVE_FUSIONS,
+        candidate_scores,
+        start_relative_values,
+    )
+
+    rng = np.random.default_rng(1)
+    ssim = np.concatenate([rng.uniform(0.5, 0.6, 5), rng.uniform(0.3, 0.4, 5)])
+    psnr = ssim * 30
+    null = {"start/ssim": list(ssim), "start/psnr": list(psnr)}
+
+    def recovered(shift: np.ndarray) -> dict[str, list[float]]:
+        values = {"contrast": list(shift * 0.1),
+                  "default/objective/second_half": list(-shift * 0.1)}
+        for recovery in ("final", "step25", "step50", "average"):
+            values[f"default/{recovery}/ssim"] = list(ssim + shift + rng.normal(0, 1e-6, 10))
+            values[f"default/{recovery}/psnr"] = list(psnr + 30 * shift
+                                                      + rng.normal(0, 1e-6, 10))
+        return values
+
+    names = [*start_relative_values({k: np.asarray(v) for k, v in recovered(
+        np.zeros(10)).items()}, {k: np.asarray(v) for k, v in null.items()}),
+             *START_RELATIVE_FUSIONS]
+    assert {"gain-start:ssim-logratio", "gain-start:ssim-fraction",
+            "gain-start:psnr@step25"} <= set(names)
+    at_start = candidate_scores(recovered(np.zeros(10)), 100, null)
+    for name in names:
+        assert len(set(at_start[name][1].tolist())) == 1, name  # AUC exactly 0.5
+    # members (first 5) moved towards their originals, hold-outs did not
+    moved = candidate_scores(recovered(np.r_[np.full(5, 0.05), np.zeros(5)]), 100, null)
+    for name in names:
+        scores = moved[name][1]
+        assert min(scores[:5]) > max(scores[5:]), name
+
+
+def test_displacement_of_a_recovery_that_never_left_its_start_is_zero_for_every_image():
+    """cosine / progress of the PGD's displacement: exactly 0 for every image when the recovery
+    is its start (up to decoder noise), whatever the image; 1 for a recovery that arrived at the
+    original, negative for one moved away; the fused candidates then score every image of a
+    null pair alike."""
+    import torch
+
+    from cgidm_core.suite_scores import candidate_scores, displacement_values
+
+    gen = torch.Generator().manual_seed(0)
+    original = torch.rand(6, 3, 8, 8, generator=gen) * 2 - 1
+    keep = (torch.arange(8)[:, None] // 2 + torch.arange(8)[None, :] // 2) % 2 == 0
+    keep = keep.float()[None, None]
+    start = original * keep
+    noise = torch.randn(start.shape, generator=gen) * 1e-6
+    null = displacement_values(original, start + noise, start, keep)
+    assert null == {"cosine": [0.0] * 6, "progress": [0.0] * 6}
+    arrived = displacement_values(original, original, start, keep)
+    assert arrived["cosine"] == [1.0] * 6 and arrived["progress"] == [1.0] * 6
+    away = displacement_values(original, start - 0.5 * (original - start), start, keep)
+    assert away["cosine"] == [-1.0] * 6 and away["progress"] == [-0.5] * 6
+    values = {"default/final/cosine": null["cosine"], "default/final/progress": null["progress"],
+              "contrast": [0.0] * 6, "default/objective/second_half": [0.0] * 6}
+    scores = candidate_scores(values, 100)
+    for name in ("default:cosine@final", "default:progress@final",
+                 "fuse:objective+contrast+progress", "fuse:objective+contrast+cosine"):
+        assert len(set(scores[name][1].tolist())) == 1, name
+
+
 def test_eligibility_rule_of_the_null_controls():
     from benchmarks.null_controls import eligibility
 

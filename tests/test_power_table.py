@@ -76,3 +76,20 @@ def test_suite_scores_pool_per_strength(tmp_path):
     assert (rows["suite light"]["n_members"], rows["suite strong"]["n_members"]) == (20, 10)
     strong = {(c["images"], c["controls"]): c["power"] for c in rows["suite strong"]["grid"]}
     assert strong[10, 10] == 1.0 and rows["suite strong"]["needed"] is not None
+
+
+def test_update_adds_a_row_and_keeps_the_stored_ones():
+    """`--update`: a new pair's row joins the stored table (same name replaces) without
+    recomputing the other rows; a table measured with other settings is refused."""
+    import pytest
+
+    from benchmarks.power import CONTROLS, IMAGES, merged_strengths
+
+    stored = {"reps": 400, "images": list(IMAGES), "controls": list(CONTROLS),
+              "strengths": [{"name": "strong", "auc": 1.0}, {"name": "light", "auc": 0.8}]}
+    rows = merged_strengths(stored, [{"name": "latent", "auc": 0.7},
+                                     {"name": "light", "auc": 0.9}], reps=400)
+    assert [(r["name"], r["auc"]) for r in rows] == [("strong", 1.0), ("light", 0.9),
+                                                     ("latent", 0.7)]
+    with pytest.raises(SystemExit, match="100 reps"):
+        merged_strengths({**stored, "reps": 100}, [], reps=400)

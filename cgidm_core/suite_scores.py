@@ -384,6 +384,35 @@ def _add_paired(add: Callable[..., None], v: dict[str, np.ndarray],
             cost, np.sum([_z(c) for c in columns], axis=0))
 
 
+#: The fusions every pair is scored with: name -> raw values whose z-scores over the images
+#: compared are summed (an objective enters negated: lower objective = member).
+FUSIONS: dict[str, tuple[str, ...]] = {
+    "fuse:ssim+contrast": ("default/final/ssim", "contrast"),
+    "fuse:psnr+contrast": ("default/final/psnr", "contrast"),
+    "fuse:objective+contrast": ("default/objective/second_half", "contrast"),
+    "fuse:loss+contrast": ("loss", "contrast"),
+    "fuse:psnr+loss": ("default/final/psnr", "loss"),
+    "fuse:ssim+loss": ("default/final/ssim", "loss"),
+    "fuse:objective+loss": ("default/objective/second_half", "loss"),
+    "fuse:psnr+loss+contrast": ("default/final/psnr", "loss", "contrast"),
+    "fuse:ssim+psnr+loss": ("default/final/ssim", "default/final/psnr", "loss"),
+    # the verdict's score (cgidm_core.evidence.EVIDENCE_COMPONENTS["fused"])
+    "fuse:ssim+psnr+loss+contrast": ("default/final/ssim", "default/final/psnr", "loss",
+                                     "contrast"),
+    # the paired score with the direction of the PGD's displacement (all 0 for a fine-tune
+    # equal to its base: objective, contrast and displacement alike)
+    "fuse:objective+contrast+progress": ("default/objective/second_half", "contrast",
+                                         "default/final/progress"),
+    "fuse:objective+contrast+cosine": ("default/objective/second_half", "contrast",
+                                       "default/final/cosine"),
+    "fuse:contrast+progress": ("contrast", "default/final/progress"),
+    "fuse:progress+cosine": ("default/final/progress", "default/final/cosine"),
+    # the same on the palette-bounded inversion (only where that variant was run)
+    "palette-fuse:ssim+psnr+loss+contrast": ("palette/final/ssim", "palette/final/psnr",
+                                             "loss", "contrast"),
+}
+
+
 def candidate_scores(values: dict[str, Sequence[float]], steps: int,
                      null: dict[str, Sequence[float]] | None = None,
                      ) -> dict[str, tuple[Candidate, np.ndarray]]:
@@ -423,33 +452,7 @@ def candidate_scores(values: dict[str, Sequence[float]], steps: int,
             add(f"{variant}:{metric}@{what}", f"{metric} of the PGD's displacement towards the "
                 f"original ({what}, {variant} inversion; 0 when the recovery is its start)",
                 n * INVERSION_STEP_COST, v[key])
-    # Fusions: z-scores over the images compared, summed.
-    fusions = {
-        "fuse:ssim+contrast": ("default/final/ssim", "contrast"),
-        "fuse:psnr+contrast": ("default/final/psnr", "contrast"),
-        "fuse:objective+contrast": ("default/objective/second_half", "contrast"),
-        "fuse:loss+contrast": ("loss", "contrast"),
-        "fuse:psnr+loss": ("default/final/psnr", "loss"),
-        "fuse:ssim+loss": ("default/final/ssim", "loss"),
-        "fuse:objective+loss": ("default/objective/second_half", "loss"),
-        "fuse:psnr+loss+contrast": ("default/final/psnr", "loss", "contrast"),
-        "fuse:ssim+psnr+loss": ("default/final/ssim", "default/final/psnr", "loss"),
-        # the verdict's score (cgidm_core.evidence.EVIDENCE_COMPONENTS["fused"])
-        "fuse:ssim+psnr+loss+contrast": ("default/final/ssim", "default/final/psnr", "loss",
-                                         "contrast"),
-        # the paired score with the direction of the PGD's displacement (all 0 for a fine-tune
-        # equal to its base: objective, contrast and displacement alike)
-        "fuse:objective+contrast+progress": ("default/objective/second_half", "contrast",
-                                             "default/final/progress"),
-        "fuse:objective+contrast+cosine": ("default/objective/second_half", "contrast",
-                                           "default/final/cosine"),
-        "fuse:contrast+progress": ("contrast", "default/final/progress"),
-        "fuse:progress+cosine": ("default/final/progress", "default/final/cosine"),
-        # the same on the palette-bounded inversion (only where that variant was run)
-        "palette-fuse:ssim+psnr+loss+contrast": ("palette/final/ssim", "palette/final/psnr",
-                                                 "loss", "contrast"),
-    }
-    for name, parts in fusions.items():
+    for name, parts in FUSIONS.items():
         if not all(p in v for p in parts):
             continue
         total = np.zeros(len(v[parts[0]]))

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from cgidm_testkit.tinymodels import (
-    _randomize_lora_b,
     perturb_,
+    randomize_lora_b,
     tiny_t5_tokenizer_and_encoder,
     tiny_tokenizer_and_text_config,
 )
@@ -96,7 +96,7 @@ def attention_lora_layers(transformer: torch.nn.Module, rank: int,
 
     transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
                                        target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    _randomize_lora_b(transformer, generator)
+    randomize_lora_b(transformer, generator)
     return get_peft_model_state_dict(transformer)
 
 
@@ -301,7 +301,7 @@ def make_sd3_lora(base: str | Path, out: str | Path, seed: int = 1, rank: int = 
         inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
                                            target_modules=["q_proj", "k_proj", "v_proj",
                                                            "out_proj"]), clip)
-        _randomize_lora_b(clip, generator)
+        randomize_lora_b(clip, generator)
         layers["text_encoder_lora_layers"] = {
             (k if k.startswith("text_model.") else "text_model." + k): v
             for k, v in get_peft_model_state_dict(clip).items()}

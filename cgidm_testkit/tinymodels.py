@@ -307,11 +307,14 @@ def make_full_finetune(base: str | Path, out: str | Path, seed: int = 1) -> Path
     return out
 
 
-def _randomize_lora_b(module: torch.nn.Module, generator: torch.Generator) -> None:
+def randomize_lora_b(module: torch.nn.Module, generator: torch.Generator,
+                     scale: float = 0.2) -> None:
+    """Seeded random ``lora_B`` matrices: peft starts them at zero, an adapter that changes
+    nothing (every merge or swap test would pass trivially)."""
     with torch.no_grad():
         for name, param in module.named_parameters():
             if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
 
 
 def make_lora(
@@ -344,7 +347,7 @@ def make_lora(
         )
     )
     generator = torch.Generator().manual_seed(seed)
-    _randomize_lora_b(unet, generator)
+    randomize_lora_b(unet, generator)
     text_encoder_layers = None
     if with_text_encoder:
         # peft directly: transformers' own add_adapter may demand a newer peft than diffusers
@@ -358,7 +361,7 @@ def make_lora(
             ),
             text_encoder,
         )
-        _randomize_lora_b(text_encoder, generator)
+        randomize_lora_b(text_encoder, generator)
         text_encoder_layers = {
             (k if k.startswith("text_model.") else "text_model." + k): v
             for k, v in get_peft_model_state_dict(text_encoder).items()
@@ -635,14 +638,14 @@ def _sdxl_lora_layers(base: Path, seed: int, rank: int) -> dict[str, dict[str, t
     unet = _load_component(base, "unet")
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    _randomize_lora_b(unet, generator)
+    randomize_lora_b(unet, generator)
     layers = {"unet": get_peft_model_state_dict(unet)}
     for name in ("text_encoder", "text_encoder_2"):
         encoder = _load_component(base, name)
         inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
                                            target_modules=["q_proj", "k_proj", "v_proj",
                                                            "out_proj"]), encoder)
-        _randomize_lora_b(encoder, generator)
+        randomize_lora_b(encoder, generator)
         layers[name] = {
             (k if k.startswith("text_model.") else "text_model." + k): v
             for k, v in get_peft_model_state_dict(encoder).items()
@@ -967,7 +970,7 @@ def make_flux_lora(base: str | Path, out: str | Path, seed: int = 1, rank: int =
     transformer = load_flux_transformer(base)
     transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
                                        target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    _randomize_lora_b(transformer, torch.Generator().manual_seed(seed))
+    randomize_lora_b(transformer, torch.Generator().manual_seed(seed))
     FluxPipeline.save_lora_weights(out, transformer_lora_layers=get_peft_model_state_dict(
         transformer), safe_serialization=True)
     return Path(out)

@@ -18,6 +18,7 @@ from cgidm_core.pixel_lora import (
     save_lora,
 )
 from cgidm_core.training import load_pipeline_parts
+from cgidm_testkit.tinymodels import randomize_lora_b
 from tests.paths import SHARED_DATA, require_shared_data
 
 
@@ -30,11 +31,7 @@ def trained_lora(tmp_path_factory):
     unet, _ = load_pipeline_parts(base)
     recipe = PixelLoraRecipe(rank=4, targets="attn_conv", lora_alpha=2.0)
     add_lora(unet, recipe)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in unet.named_parameters():
-            if "lora_B" in name:
-                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
+    randomize_lora_b(unet, torch.Generator().manual_seed(0), scale=0.05)
     folder = tmp_path_factory.mktemp("lora")
     diffusers_file, kohya_file = save_lora(unet, recipe, folder)
     return base, unet.eval(), diffusers_file, kohya_file

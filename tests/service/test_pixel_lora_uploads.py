@@ -15,6 +15,7 @@ import torch
 from safetensors.numpy import save
 
 from cgidm_testkit.processes import png_bytes, wait_until
+from cgidm_testkit.tinymodels import randomize_lora_b
 
 IMAGES = [("images", (f"i{k}.png", png_bytes(k), "image/png")) for k in (1, 2)]
 CONTROLS = [("controls", (f"c{k}.png", png_bytes(k), "image/png")) for k in (11, 12)]
@@ -35,11 +36,7 @@ def pixel_lora(registry_file, tmp_path_factory) -> tuple[Path, Path]:
     unet, _ = load_pipeline_parts(_tiny_base(registry_file))
     recipe = PixelLoraRecipe(rank=2, targets="attn_conv")
     add_lora(unet, recipe)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in unet.named_parameters():
-            if "lora_B" in name:
-                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
+    randomize_lora_b(unet, torch.Generator().manual_seed(0), scale=0.05)
     return save_lora(unet, recipe, tmp_path_factory.mktemp("pixel_lora"))
 
 

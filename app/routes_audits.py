@@ -22,7 +22,6 @@ from app.services import Services, ServicesDep
 from app.submissions import check_models
 from app.uploads import decode_image
 from cgidm.audits import (
-    AUDIT_TASK,
     AuditInput,
     AuditModelSpec,
     AuditNotFound,
@@ -30,7 +29,7 @@ from cgidm.audits import (
     AuditStore,
     new_audit_id,
 )
-from cgidm.job_queue import PUBLISH_RETRY, BrokerUnavailable, broker_errors
+from cgidm.job_queue import BrokerUnavailable
 from cgidm.jobs import JobSettings, safe_name, utcnow
 from cgidm.storage import ObjectNotFound, StorageError
 
@@ -159,7 +158,7 @@ async def submit_audit(
     except StorageError as exc:
         raise storage_unavailable(exc) from exc
     try:
-        await run_in_threadpool(_enqueue, services, audit_id)
+        await run_in_threadpool(_enqueue, services, record)
     except BrokerUnavailable as exc:
         await run_in_threadpool(store.delete_quietly, audit_id)
         raise ApiError(503, [], "broker_unavailable", "the job queue is unavailable, try again "
@@ -171,13 +170,14 @@ async def submit_audit(
     return {"audit_id": audit_id, "status_url": status_url, "models": len(specs)}
 
 
-def _enqueue(services: Services, audit_id: str) -> None:
-    from cgidm.queue_routing import queue_for_pair
+def _enqueue(services: Services, record: AuditRequest) -> None:
+    """Send the audit's group subtasks (cgidm/audit_leases.py): each holds a lease from the
+    moment a worker takes it, so no step of an audit waits for the broker's visibility timeout
+    when its worker is lost. A broker that fails half-way raises; the caller deletes the audit,
+    and the groups already sent find no request and do nothing."""
+    from cgidm.audit_leases import send_audit
 
-    with broker_errors():
-        services.celery.send_task(AUDIT_TASK, args=[audit_id], task_id=f"audit-{audit_id}",
-                                  queue=queue_for_pair("audit", audit_id, services.settings),
-                                  retry=True, retry_policy=PUBLISH_RETRY)
+    send_audit(services.celery, services.settings, record.models, record.audit_id)
 
 
 def load_audit(services: Services, audit_id: str, caller: Caller | None) -> AuditRequest:

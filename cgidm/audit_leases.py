@@ -15,17 +15,26 @@ again" means differ:
   redone: each is in ``models/NNNN.json``); after ``CGIDM_MAX_ATTEMPTS`` lost attempts the audit
   ends ``failed`` / ``worker_lost`` instead, so a group that kills every worker stops.
 
-The broker's redelivery of the old message stays as the backstop; it carries the old attempt,
-which the lease refuses. This module is imported by the gateway: no torch, no Celery worker.
+The gateway sends the groups itself (:func:`send_audit`): no orchestrating task without a lease
+stands between the request and the groups. The broker's redelivery of the old message stays as
+the backstop; it carries the old attempt, which the lease refuses. This module is imported by
+the gateway: no torch, no Celery worker.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Container
 from typing import Any
 
-from cgidm.audits import AUDIT_GROUP_TASK, AuditNotFound, AuditStore, model_groups
+from cgidm.audits import (
+    AUDIT_GROUP_TASK,
+    AuditModelSpec,
+    AuditNotFound,
+    AuditStore,
+    model_groups,
+)
 from cgidm.leases import Reaped, lost_worker_message
 from cgidm.settings import Settings
 
@@ -55,6 +64,24 @@ def send_group(celery: Any, settings: Settings, audit_id: str, group: int, base:
                          kwargs={"attempt": attempt, "group": group},
                          queue=queue_for_pair(base, base, settings),
                          retry=True, retry_policy=PUBLISH_RETRY)
+
+
+def send_audit(celery: Any, settings: Settings, models: list[AuditModelSpec],
+               audit_id: str, done: Container[int] = ()) -> int:
+    """Publish attempt 1 of every group of an audit that has a model not in ``done``; returns
+    how many were sent. The gateway calls it at submission (``done`` empty), so no orchestrating
+    task stands between the request and the leased groups: a worker lost at any point after a
+    group claimed its lease is found by a reaper. Sending a group again is harmless: group
+    numbers are deterministic (:func:`cgidm.audits.model_groups`), and the lease refuses an
+    attempt 1 of a group that finished (``finished``), was handed out again (``superseded``) or
+    runs elsewhere (``busy``)."""
+    sent = 0
+    for group, (base, indices) in enumerate(model_groups(models)):
+        todo = [i for i in indices if i not in done]
+        if todo:
+            send_group(celery, settings, audit_id, group, base, todo)
+            sent += 1
+    return sent
 
 
 def lost_group_message(settings: Settings, reaped: Reaped) -> str:

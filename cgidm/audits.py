@@ -32,7 +32,8 @@ from pydantic import BaseModel, Field
 from cgidm.errors import CgidmServiceError
 from cgidm.storage import ObjectNotFound, Storage, StorageError
 
-#: The orchestrating task (argument: the audit id): sends one group subtask per base.
+#: The former orchestrating task (argument: the audit id), kept for messages queued before the
+#: gateway sent the groups itself (cgidm.audit_leases.send_audit).
 AUDIT_TASK = "cgidm.audit"
 #: One group of an audit's models on one base (arguments: audit id, model indices).
 AUDIT_GROUP_TASK = "cgidm.audit_group"

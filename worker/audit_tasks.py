@@ -1,7 +1,10 @@
-"""The audit tasks: one orchestrating task per audit, one subtask per group of models on one base.
+"""The audit tasks: one subtask per group of models on one base.
 
-``cgidm.audit`` reads the request and sends one ``cgidm.audit_group`` per base, routed like a
-job of that base (cgidm.queue_routing), so the worker that has the base loaded gets its models.
+The gateway sends one ``cgidm.audit_group`` per group (cgidm.audit_leases.send_audit), routed
+like a job of that base (cgidm.queue_routing), so the worker that has the base loaded gets its
+models; no orchestrating task runs (``cgidm.audit``, which did, stays only for messages queued
+before the gateway sent the groups itself: it held no lease, so a worker lost while it ran left
+the audit queued until the broker's visibility timeout).
 Each subtask audits its models one by one (cgidm_core.audit_run: screen, full verdict where the
 screen cannot clear), stores each model's entry and pictures as soon as it is done, and the
 subtask that stores the last model assembles the ranked, decided result, under its lease (a
@@ -27,7 +30,6 @@ from cgidm.audits import (
     AuditNotFound,
     AuditRequest,
     AuditStore,
-    model_groups,
 )
 from cgidm.model_refs import looks_like_reference
 from cgidm.settings import get_settings
@@ -59,9 +61,11 @@ def _store(ctx: WorkerContext) -> AuditStore:
 
 @celery_app.task(name=AUDIT_TASK)
 def start_audit(audit_id: str) -> str:
-    """Send one group subtask per base (only the models not yet stored), or assemble at once
-    when every model is already done (a redelivered message after the last one finished)."""
-    from cgidm.audit_leases import send_group
+    """The orchestrating task of gateways before the gateway sent the groups itself: kept so a
+    message queued before an upgrade still runs. Sends the groups with a model not yet stored
+    (harmless where they were sent already: the lease refuses a stale attempt), or assembles at
+    once when every model is done."""
+    from cgidm.audit_leases import send_audit
 
     ctx = get_context()
     store = _store(ctx)
@@ -71,13 +75,8 @@ def start_audit(audit_id: str) -> str:
         return "missing"
     if store.result(audit_id) is not None or store.cancelled(audit_id):
         return "finished"
-    done = store.done_models(audit_id)
-    sent = 0
-    for group, (base, indices) in enumerate(model_groups(request.models)):
-        todo = [i for i in indices if i not in done]
-        if todo:
-            send_group(celery_app, ctx.settings, audit_id, group, base, todo)
-            sent += 1
+    sent = send_audit(celery_app, ctx.settings, request.models, audit_id,
+                      store.done_models(audit_id))
     if not sent:
         assemble(store, request)
     return f"sent {sent} group(s)"

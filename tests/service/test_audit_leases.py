@@ -203,3 +203,85 @@ def test_an_assembly_that_fails_ends_the_audit_failed_with_its_message(
     assert store.error(audit_id) == {"code": "ValueError", "message": "model 1 has no p_value"}
     assert store.status(store.load_request(audit_id))["status"] == "failed"
     assert leases.get(group_lease_id(audit_id, 0)).state == "done"
+
+
+def _group_messages(redis_url: str, settings: Settings, bases: list[str]) -> list[tuple[Any, ...]]:
+    """(task, args, kwargs) of every message in the queues of ``bases``, in queue order."""
+    from cgidm.queue_routing import queue_for_pair
+
+    client, out = redis.Redis.from_url(redis_url), []
+    for queue in dict.fromkeys(queue_for_pair(base, base, settings) for base in bases):
+        for raw in reversed(client.lrange(queue, 0, -1)):  # kombu pushes to the left
+            message = json.loads(raw)
+            args, kwargs, _ = json.loads(__import__("base64").b64decode(message["body"]))
+            out.append((message["headers"]["task"], args, kwargs))
+    return out
+
+
+@pytest.mark.parametrize("routing", ["shared", "pair"])
+def test_the_gateway_sends_the_leased_groups_itself_no_orchestrating_task(tmp_path, redis_url,
+                                                                          routing):
+    """POST /audits's enqueue step (app/routes_audits.py::_enqueue) publishes attempt 1 of every
+    group of cgidm.audits.model_groups, each to its base's queue, and no ``cgidm.audit``: there
+    is no unleased step between the request and the groups for a lost worker to strand."""
+    from types import SimpleNamespace
+
+    from app.routes_audits import _enqueue
+    from cgidm.audits import AUDIT_TASK
+
+    settings = _settings(tmp_path, redis_url, routing=routing)
+    store = AuditStore(LocalStorage(tmp_path / "store"))
+    audit_id = new_audit_id()
+    models = [AuditModelSpec(pretrained="base-a" if i != 4 else "base-b", finetuned=f"m{i}")
+              for i in range(10)]
+    request = AuditRequest(audit_id=audit_id, created_at=datetime.now(timezone.utc),
+                           models=models, images=[AuditInput(name="i", key="k", sha256="0")],
+                           controls=[AuditInput(name="c", key="k2", sha256="0")])
+    store.create(request, [])
+    _enqueue(SimpleNamespace(celery=make_celery(settings), settings=settings), request)
+    groups = model_groups(models)
+    assert groups == [("base-a", [0, 1, 2, 3, 5, 6, 7, 8]), ("base-a", [9]), ("base-b", [4])]
+    sent = _group_messages(redis_url, settings, ["base-a", "base-b"])
+    assert sorted(sent, key=lambda m: m[2]["group"]) == [
+        (AUDIT_GROUP_TASK, [audit_id, indices], {"attempt": 1, "group": g})
+        for g, (_, indices) in enumerate(groups)]
+    assert AUDIT_TASK not in {task for task, _, _ in sent}
+    if routing == "pair":  # a base's groups go to its slot queue, not the plain one
+        assert redis.Redis.from_url(redis_url).llen(settings.queue) == 0
+
+
+def test_a_group_sent_again_is_refused_by_its_lease(audit_tasks, tmp_path, redis_url,
+                                                    monkeypatch):
+    """Why sending a group again is harmless (cgidm.audit_leases.send_audit; the former
+    orchestrating task's redelivery does it): attempt 1 of a group handed out again as attempt
+    2 is ``stale``, and of a group whose lease is done, ``finished``; neither runs a model."""
+    settings, storage, store, leases, audit_id = _group_ready(audit_tasks, tmp_path, redis_url,
+                                                              monkeypatch)
+    lease = group_lease_id(audit_id, 0)
+    assert leases.claim(lease, 1, "dead-worker", ("tiny-base", "tiny-base")).ok
+    time.sleep(TTL + 0.3)
+    [reaped] = Reaper(settings, leases, JobStore(storage), make_celery(settings), "test").sweep()
+    assert reaped.attempt == 2
+    assert audit_tasks.audit_group.run(audit_id, [0, 1], attempt=1, group=0) == "stale"
+    assert leases.get(lease).attempt == 2 and store.result(audit_id) is None
+    assert leases.claim(lease, 2, "w2").ok and leases.done(lease, 2)
+    assert audit_tasks.audit_group.run(audit_id, [0, 1], attempt=1, group=0) == "stale"
+    assert leases.claim(lease, 1, "w3").verdict == "finished"
+    assert leases.get(lease).state == "done" and store.result(audit_id) is None
+
+
+def test_the_former_orchestrating_task_sends_only_the_groups_with_models_left(
+        audit_tasks, tmp_path, redis_url, monkeypatch):
+    """A ``cgidm.audit`` message queued before an upgrade still runs (worker/audit_tasks.py::
+    start_audit): it sends attempt 1 of the groups with a model not stored, and assembles at
+    once when every model is stored."""
+    settings, _, store, _, audit_id = _group_ready(audit_tasks, tmp_path, redis_url, monkeypatch)
+    monkeypatch.setattr(audit_tasks, "celery_app", make_celery(settings))
+    other = _audit(store, 10)  # one base: groups [0..7] and [8, 9]
+    for i in (8, 9):
+        store.save_model(other, i, {"index": i})
+    assert audit_tasks.start_audit.run(other) == "sent 1 group(s)"
+    assert _group_messages(redis_url, settings, ["tiny-base"]) == [
+        (AUDIT_GROUP_TASK, [other, list(range(8))], {"attempt": 1, "group": 0})]
+    assert audit_tasks.start_audit.run(audit_id) == "sent 0 group(s)"  # both models stored
+    assert store.result(audit_id) is not None

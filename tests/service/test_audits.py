@@ -63,6 +63,29 @@ def test_a_queued_audit_is_accepted_then_cancelled(app_client):
     assert cancelled.status_code == 202 and cancelled.json()["status"] == "cancelled"
 
 
+def test_a_broker_lost_while_the_groups_are_sent_is_503_and_stores_no_audit(app_client,
+                                                                          monkeypatch):
+    """The gateway sends the audit's groups itself (9 models of one base: two groups). The
+    broker failing after the first was published: 503 ``broker_unavailable``, and the audit is
+    deleted, so the group already sent finds no request and does nothing (nothing stranded)."""
+    celery = app_client.app.state.services.celery
+    publish, sent = celery.send_task, []
+
+    def broker_gone_after_one(*args, **kwargs):
+        if sent:
+            raise ConnectionResetError("the broker closed the connection")
+        sent.append(kwargs["args"])  # [audit id, model indices]
+        return publish(*args, **kwargs)
+
+    monkeypatch.setattr(celery, "send_task", broker_gone_after_one)
+    response = _post(app_client, GOOD_MODELS * 9)
+    assert response.status_code == 503, response.text
+    assert response.json()["detail"][0]["type"] == "broker_unavailable"
+    [(audit_id, indices)] = sent
+    assert indices == list(range(8))
+    assert app_client.get(f"/audits/{audit_id}").status_code == 404
+
+
 @pytest.mark.slow  # starts servers and processes
 def test_audit_through_the_stack_goes_on_past_a_model_that_fails(
         worker, client, gateway_url, s3_endpoint, service_env, monkeypatch, tmp_path):

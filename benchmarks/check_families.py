@@ -89,6 +89,11 @@ def _transformer_rows() -> dict[str, tuple[Callable[..., Path], list[Row]]]:
         "flux2": (tk.make_tiny_flux2_klein, [
             *transformer_layouts("flux2", "Flux2Transformer2DModel"),
             Row("flux2", "lora", "LoRA, diffusers/peft", folder_lora(tk.make_flux2_lora)),
+            Row("flux2", "lora", "LoRA, ai-toolkit (BFL names)", lambda base, out:
+                tk.make_flux2_lora_pair("Flux2KleinPipeline", base, out / "lora", seed=5)[0]),
+            Row("flux2", "single_file", "single file, BFL naming (ComfyUI's prefix)",
+                lambda base, out: tk.make_flux2_klein_single_file(
+                    base, out / "ft.safetensors", seed=3, prefix="model.diffusion_model.")),
         ]),
         "flux": (tm.make_tiny_flux, [
             Row("flux", "pipeline", "pipeline folder (full fine-tune)",

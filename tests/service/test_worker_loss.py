@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from cgidm_testkit.embedded import killed_worker_then_serve_again
 from cgidm_testkit.processes import BUCKET, s3_client, wait_until
 from cgidm_testkit.worker_loss import LossStack, Timeline, kill_and_time
 
@@ -46,17 +47,21 @@ def _on_own_stack(scenario: Callable[[LossStack], None], root: Path, redis_url: 
 @pytest.fixture(scope="module")
 def scenarios(tmp_path_factory, redis_url, s3_endpoint,
               registry_file) -> Iterator[dict[str, Future]]:
-    """The four scenarios run at once, each on a stack of its own (queue, storage prefix,
-    gateway, workers), since each mostly waits out a real 60 s lease: about 3 minutes for the
-    module instead of 7. A test re-raises its scenario's failure (asserts included)."""
+    """The five scenarios run at once, each on a stack of its own (queue, storage prefix,
+    gateway, workers; the embedded one: ``cgidm serve`` on its own data folder), since each
+    mostly waits out a real 60 s lease: about 3 minutes for the module instead of 8. A test
+    re-raises its scenario's failure (asserts included)."""
     plan = {"new_worker": (_new_worker_after_the_lapse, {}),
             "second_worker": (_second_worker_takes_over, {}),
             "audit": (_audit_group_taken_over_without_redoing_models, {}),
             "poison": (_poison_job_fails_after_max_attempts, {"CGIDM_MAX_ATTEMPTS": "2"})}
-    with ThreadPoolExecutor(len(plan)) as pool:
-        yield {name: pool.submit(_on_own_stack, scenario, tmp_path_factory.mktemp(name),
-                                 redis_url, s3_endpoint, registry_file, extra)
-               for name, (scenario, extra) in plan.items()}
+    with ThreadPoolExecutor(len(plan) + 1) as pool:
+        futures = {name: pool.submit(_on_own_stack, scenario, tmp_path_factory.mktemp(name),
+                                     redis_url, s3_endpoint, registry_file, extra)
+                   for name, (scenario, extra) in plan.items()}
+        futures["embedded"] = pool.submit(killed_worker_then_serve_again,
+                                          tmp_path_factory.mktemp("embedded"), registry_file)
+        yield futures
 
 
 def test_worker_killed_mid_job_new_worker_finishes_it_once(scenarios):
@@ -73,6 +78,12 @@ def test_worker_killed_mid_audit_other_worker_finishes_it_without_redoing_models
 
 def test_job_that_kills_every_worker_ends_failed_after_max_attempts(scenarios):
     scenarios["poison"].result(timeout=900)
+
+
+def test_serve_started_again_after_its_worker_was_killed_runs_the_job_again(scenarios):
+    """``cgidm serve`` (SQLite leases): its worker SIGKILLed mid-job stops it; started again on
+    the same data folder, the job runs again, once, within 2 minutes of the kill."""
+    scenarios["embedded"].result(timeout=900)
 
 
 def _report(name: str, line: Timeline) -> None:

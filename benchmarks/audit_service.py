@@ -231,12 +231,13 @@ def read_audit(path: Path) -> dict[str, Any]:
     return document.get("result", document)
 
 
-def tier_rates(document: Mapping[str, Any], wall: float) -> dict[str, Any]:
+def tier_rates(document: Mapping[str, Any], wall: float, workers: int = 1) -> dict[str, Any]:
     """Seconds per model of each tier from the per-model times the audit records (the screen's
     ``screen_seconds``; a full verdict's inversion, ``seconds - screen_seconds``), and the wall
-    rate of the whole audit; ``other`` is the wall time outside any model's own time (process
-    start, imports, loading the images and the bases, writing the result; in the service also
-    the queue and storage round trips)."""
+    rate of the whole audit; ``other_seconds`` is the worker time outside any model's own time
+    (process start, imports, loading the images and the bases, writing the result; in the
+    service also the queue, storage round trips and a worker's idle wait): ``workers`` x wall
+    minus the models' summed times, since with several workers those overlap in wall time."""
     models = [m for m in document["models"] if m.get("tier") != "error"]
     full = [m for m in models if m.get("tier") == "full"]
     screen = sum(float(m["screen_seconds"]) for m in models)
@@ -245,7 +246,7 @@ def tier_rates(document: Mapping[str, Any], wall: float) -> dict[str, Any]:
             "screen_s_per_model": screen / max(1, len(models)),
             "full_s_per_model": inversion / max(1, len(full)),
             "model_seconds": screen + inversion, "wall": wall,
-            "other_seconds": wall - screen - inversion,
+            "workers": workers, "other_seconds": workers * wall - screen - inversion,
             "wall_s_per_model": wall / max(1, len(models))}
 
 
@@ -309,7 +310,8 @@ def report(out: Path) -> None:
             continue
         timing = json.loads((folder / "timing.json").read_text())
         document = read_audit(path)
-        runs[name] = {"timing": timing, "rates": tier_rates(document, timing["seconds"]),
+        runs[name] = {"timing": timing, "rates": tier_rates(document, timing["seconds"],
+                                                            int(timing.get("workers") or 1)),
                       "outcome": outcome(document, label_of, member), "document": document}
     checks_file = out / "checks" / "timing.json"
     checks = json.loads(checks_file.read_text()) if checks_file.is_file() else []
@@ -340,7 +342,8 @@ def report(out: Path) -> None:
         for what, seconds in (
                 (f"screen (all {r['models']} models)", r["screen_s_per_model"]),
                 (f"full verdict (inversion of {r['full_models']} models)", r["full_s_per_model"]),
-                (f"whole audit, wall ({r['other_seconds']:.0f} s outside the models)",
+                (f"whole audit, wall ({r['other_seconds']:.0f} "
+                 f"{'worker-' if r['workers'] > 1 else ''}s outside the models)",
                  r["wall_s_per_model"])):
             print(f"{what:<52} {seconds:>8.1f} {_rate(seconds)}")
         if check_each:

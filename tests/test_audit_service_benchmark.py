@@ -58,3 +58,6 @@ def test_outcome_counts_false_hits_and_differences_name_each_changed_decision():
     rates = bench.tier_rates(_document({"a": 0.1, "b": 0.2}, set()), wall=30.0)
     assert rates["screen_s_per_model"] == 2.0 and rates["full_s_per_model"] == 8.0
     assert rates["other_seconds"] == 10.0
+    # two workers: their model times overlap in wall time, so the rest is of 2 x 30 worker-s
+    two = bench.tier_rates(_document({"a": 0.1, "b": 0.2}, set()), wall=15.0, workers=2)
+    assert two["other_seconds"] == 10.0 and two["wall_s_per_model"] == 7.5

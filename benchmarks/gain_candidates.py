@@ -56,47 +56,16 @@ def pair_candidates(values: dict[str, list[float]], null: dict[str, list[float]]
 
 
 def perturbed_null(cache: Path, scale: float, seed: int = 0) -> dict[str, Any]:
-    """Raw values of ``demo-base`` against a copy of itself whose UNet weights got Gaussian noise
-    of ``scale`` times each tensor's standard deviation, on Van Gogh split A (cached).
+    """Raw values of ``demo-base`` against a copy of itself with Gaussian weight noise of
+    ``scale`` (``benchmarks.null_controls.noise_null_document``, cached there), cut to Van Gogh
+    split A's members and hold-out as the suite's pairs are."""
+    from benchmarks.null_controls import _null_splits, _split_document, noise_null_document
 
-    Why: the exact null (the fine-tune IS the base) gives zero gradient, so the recovery never
-    moves and every start-relative or displacement candidate is 0 by construction: it cannot
-    show whether a candidate scores the images once the PGD moves. The PGD's steps are
-    normalised, so a fine-tune that learned nothing about these images (random weight noise)
-    moves the recovery as far as a trained one; a candidate that separates members from
-    hold-outs here scores the images, not membership.
-    """
-    import hashlib
-
-    import torch
-
-    from benchmarks.null_controls import pixel_base_against_itself
-    from cgidm_core.images import load_image
-    from cgidm_core.suite_pairs import splits
-    from cgidm_core.suite_scores import raw_values
-
-    split = splits(None)["vangogh-a"]
-    files = [*split.members, *split.holdouts["holdout"]]
-    key = hashlib.sha256(json.dumps({"scale": scale, "seed": seed, "files": [
-        p.name for p in files], "version": 1}).encode()).hexdigest()[:10]
-    out = cache / "null" / f"pixel-perturbed-{key}.json"
-    if out.is_file():
-        return dict(json.loads(out.read_text()))
-    pair = pixel_base_against_itself()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in pair.unet_finetuned.parameters():
-            std = float(param.std()) if param.numel() > 1 else float(param.abs().mean())
-            param.add_(torch.randn(param.shape, generator=gen) * scale * std)
-    raw = raw_values(pair, [load_image(p) for p in files], variants={"default": {}},
-                     cheap=("contrast", "loss"))
-    document = {"files": [f"{p.parent.name}/{p.name}" for p in files],
-                "n_members": len(split.members), "holdouts": {"holdout": len(files) - 10},
-                "values": raw["values"], "inversion": raw["inversion"], "scale": scale,
-                "seconds": raw["seconds"]}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(document))
-    return document
+    document = noise_null_document(cache, "pixel", seed, scale=scale, compute=True)
+    assert document is not None
+    name, files, n_members = _null_splits("pixel")[0]
+    assert name == "vangogh-a/holdout"
+    return _split_document(document, files, n_members)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -483,37 +483,38 @@ def fixed_lines(summary: dict[str, Any], n_bootstrap: int = 1000) -> list[str]:
 def null_lines(summary: dict[str, Any]) -> list[str]:
     """Every candidate's AUC on the null pairs (the base against itself) and whether the rule
     allows it."""
-    from benchmarks.null_controls import NULL_BAND
+    from benchmarks.null_controls import NOISE_ALPHA, NOISE_SCALE, NULL_BAND, render_table
 
     results = summary.get("null_pairs") or []
     if not results:
         return ["No null pair is cached (`python -m benchmarks.null_controls` makes them): the "
                 "eligibility rule was NOT applied to the choices below."]
-    names = sorted({n for r in results for n in r["rows"]},
-                   key=lambda n: (not eligible(summary, n), n))
-    lines = ["| candidate | " + " | ".join(f"`{r['pair']}`" for r in results)
-             + " | eligible |", "|---|" + "---|" * (len(results) + 1)]
-    for name in names:
-        cells = []
-        for r in results:
-            row = r["rows"].get(name)
-            cells.append("-" if row is None else
-                         f"{row['auc']:.2f} [{row['ci'][0]:.2f}, {row['ci'][1]:.2f}]")
-        lines.append(f"| `{name}` | " + " | ".join(cells)
-                     + f" | {'yes' if eligible(summary, name) else '**no**'} |")
-    lines += ["", f"Rule: a candidate is eligible only if, on every null pair it was measured "
-              f"on, its AUC lies in [{NULL_BAND[0]}, {NULL_BAND[1]}] and its 95 % interval "
-              "contains 0.5; a candidate measured on no null pair is not eligible. Why both: "
-              "with 10 + 10 images an interval excludes 0.5 only beyond about 0.75, far too "
-              "late for a bias that decides verdicts; the band (about one standard deviation "
-              "of an unbiased score's AUC at 10 + 10) is strict on purpose, because a false "
-              "accusation costs more than a lost candidate, and every score that is a "
+    why = {n: ("" if eligible(summary, n) else "no") for r in results for n in r["rows"]}
+    lines = render_table(results, why).splitlines()
+    lines += ["",
+              "Rule: a candidate is eligible only if, on every exact null (`null/...`) it was "
+              f"measured on, its AUC lies in [{NULL_BAND[0]}, {NULL_BAND[1]}] and its 95 % "
+              "interval contains 0.5; a candidate measured on no null pair is not eligible. Why "
+              "both: with 10 + 10 images an interval excludes 0.5 only beyond about 0.75, far "
+              "too late for a bias that decides verdicts; the band (about one standard "
+              "deviation of an unbiased score's AUC at 10 + 10) is strict on purpose, because a "
+              "false accusation costs more than a lost candidate, and every score that is a "
               "difference of the fine-tune's and the base's errors (contrast, CGI-DM's "
               "objective, the gains over the start, the paired loss) passes it trivially: it is "
               "exactly 0.50 [0.50, 0.50], constant over the images. A score of the fine-tune "
               "alone can pass by chance (PIAN on the pixel splits): it is not paired by "
               "construction, and is not measured on the latent family, so it can win no choice "
-              "made for both families."]
+              "made for both families.",
+              "", f"Weight-noise nulls (`noise/.../pooled`, where cached): the base against a "
+              f"copy of itself with Gaussian noise of {NOISE_SCALE:g} x each weight tensor's "
+              "standard deviation, one per seed, on the same images. The exact null cannot test "
+              "a paired score (it is one constant for every image there); under weight noise the "
+              "recovery moves as under a fine-tune while nothing about the images was learned. "
+              "Each seed's scores are ranked, the ranks averaged per image, and a candidate is "
+              f"eligible only if the pooled ranks' two-sided Mann-Whitney p-value is at least "
+              f"{NOISE_ALPHA:g} divided by the number of pooled nulls it was measured on "
+              "(Bonferroni): a score that follows the images' content under any weight change "
+              "fails it, an unbiased one fails it at most 5 % of the time."]
     return lines
 
 
@@ -563,6 +564,62 @@ def held_out_lines(summary: dict[str, Any], eligible_only: bool = True) -> list[
                 f"all pairs, {report.in_sample_worst:.2f} / {report.in_sample_mean:.3f}.",
                 "",
             ]
+    return lines
+
+
+#: Memorisation gaps (points of relative loss drop, the members' minus the hold-outs') above
+#: which the report gives the pixel family's held-out numbers again.
+GAP_THRESHOLDS: tuple[float, ...] = (1.0, 5.0, 10.0)
+#: Scores shown beside the gap, per pair.
+GAP_SCORES: tuple[str, ...] = ("fuse:objective+contrast", "contrast", "loss-paired",
+                               "fuse:ssim+psnr+loss+contrast")
+
+
+def memorisation_lines(summary: dict[str, Any]) -> list[str]:
+    """Per pixel pair: how much the fine-tune learned its members rather than what they share
+    with the hold-outs (``benchmarks.memorisation``), the AUCs beside it, and the held-out
+    worst / mean again over the pairs above each gap of ``GAP_THRESHOLDS``."""
+    from cgidm_core.names import VERDICT_CANDIDATE
+
+    pairs = [p for p in summary["pairs"] if p.get("memorisation")]
+    if not pairs:
+        return ["No pair has its loss drops measured (`python -m benchmarks.memorisation`)."]
+
+    def gap(pair: dict[str, Any]) -> float:
+        return 100 * float(pair["memorisation"]["gap"])
+
+    lines = ["| pair | members' loss drop | hold-outs' loss drop | gap (points) | "
+             + " | ".join(f"`{n}`" for n in GAP_SCORES) + " |",
+             "|---|---|---|---|" + "---|" * len(GAP_SCORES)]
+    for pair in sorted(pairs, key=gap):
+        m = pair["memorisation"]
+        cells = [f"{pair['rows'][n]['auc']:.2f}" if n in pair["rows"] else "-"
+                 for n in GAP_SCORES]
+        lines.append(f"| {pair['pair']} | {100 * m['members_drop']:.1f} % | "
+                     f"{100 * m['holdout_drop']:.1f} % | {gap(pair):.1f} | "
+                     + " | ".join(cells) + " |")
+    lines += ["", "| pairs with a gap of at least | pairs (groups) | held-out worst / mean "
+              "(leave one recipe group out) | chosen | shipped "
+              f"`{VERDICT_CANDIDATE}` worst / mean |", "|---|---|---|---|---|"]
+    for threshold in (0.0, *GAP_THRESHOLDS):
+        kept = [p for p in pairs if gap(p) >= threshold]
+        groups = sorted({_pair_group(p) for p in kept})
+        subset = {**summary, "pairs": kept, "latent_pairs": []}
+        report = held_out_reports(subset, n_bootstrap=0).get("pixel", {}).get("recipe group")
+        shipped = [p["rows"][VERDICT_CANDIDATE]["auc"] for p in kept
+                   if VERDICT_CANDIDATE in p["rows"]]
+        held = (f"{report.held_out_worst:.2f} / {report.held_out_mean:.3f}" if report
+                else "- (one group)")
+        chosen = (", ".join(sorted({f"`{f.chosen}`" for f in report.folds})) if report
+                  else "-")
+        lines.append(f"| {threshold:g} points | {len(kept)} ({', '.join(groups)}) | {held} | "
+                     f"{chosen} | {min(shipped):.2f} / {sum(shipped) / len(shipped):.3f} |")
+    lines += ["", "Members' and hold-outs' loss drop: the relative fall of each set's denoising "
+              "loss from the base to the fine-tune (64 fixed (t, noise) draws per image, the same "
+              "for both models); the gap is their difference. A fine-tune that learns what the "
+              "members share with the hold-outs (the artist's palette, the subject's class) "
+              "lowers both; only the gap is membership, and no membership score can find more "
+              "than it: a pair with no gap is a null control whatever its members' drop."]
     return lines
 
 
@@ -642,10 +699,14 @@ def render(summary: dict[str, Any], args: Any) -> str:
         "",
         *headline(summary),
         "",
-        "Only candidates that pass the null controls (next section) may be chosen. Each fixed "
-        "score over every pair of its family (no choice made; the same intervals):",
+        "Only candidates that pass the null controls (*Null controls* below) may be chosen. "
+        "Each fixed score over every pair of its family (no choice made; the same intervals):",
         "",
         *fixed_lines(summary),
+        "",
+        "## Strength: what each pixel fine-tune learned of its members, not of their kind",
+        "",
+        *memorisation_lines(summary),
         "",
         "## Null controls: every candidate with NO fine-tune",
         "",

@@ -194,3 +194,136 @@ def test_null_values_use_the_seeds_of_the_checks_own_inversions(tiny_ddpm_pair, 
     assert cached_null_values(tmp_path / "null", files) == null
     other = compute_null_values(pair, files, tmp_path / "other", replace(config, seed=1))
     assert other["base/ssim"] != null["base/ssim"]  # the seeds matter: the check is not vacuous
+
+
+def test_weight_noise_is_relative_to_each_tensor_and_reproducible():
+    """The weight-noise null's perturbation: seeded (the same seed, the same model), another seed
+    another direction, and of NOISE_SCALE x each tensor's own spread, so a wide layer and a
+    narrow one are disturbed alike."""
+    import torch
+
+    from benchmarks.null_controls import NOISE_SCALE, add_weight_noise
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    with torch.no_grad():
+        base[1].weight.mul_(100.0)  # a layer 100x wider than the other
+    copies = [copy.deepcopy(base) for _ in range(3)]
+    for model, seed in zip(copies, (0, 0, 1), strict=True):
+        add_weight_noise(model, NOISE_SCALE, seed)
+    same = [torch.equal(a, b) for a, b in zip(copies[0].parameters(), copies[1].parameters(),
+                                              strict=True)]
+    assert all(same)
+    assert not torch.equal(copies[0][0].weight, copies[2][0].weight)
+    for layer in (0, 1):
+        delta = copies[0][layer].weight - base[layer].weight
+        ratio = float(delta.std() / base[layer].weight.std())
+        assert ratio == pytest.approx(NOISE_SCALE, rel=0.1), layer
+
+
+def test_pooled_ranks_keep_what_the_images_do_and_drop_each_seeds_direction():
+    from benchmarks.null_controls import noise_p_value, pooled_ranks
+
+    rng = np.random.default_rng(0)
+    image_bias = np.r_[np.ones(10), np.zeros(10)]  # members score higher under any weights
+    biased = [list(image_bias + rng.normal(0, 0.6, 20)) for _ in range(4)]
+    unbiased = [list(rng.normal(0, 1, 20)) for _ in range(4)]
+    pooled_biased, pooled_unbiased = pooled_ranks(biased), pooled_ranks(unbiased)
+    assert len(pooled_biased) == 20
+    # the bias survives the pooling; one seed alone shows it less clearly
+    p_pooled = noise_p_value(pooled_biased[:10], pooled_biased[10:])
+    p_single = [noise_p_value(s[:10], s[10:]) for s in biased]
+    assert p_pooled < 0.01 and p_pooled <= min(p_single)
+    assert noise_p_value(pooled_unbiased[:10], pooled_unbiased[10:]) > 0.05
+    # seeds that point opposite ways cancel
+    assert noise_p_value(*np.split(np.array(pooled_ranks(
+        [list(image_bias), list(-image_bias)])), 2)) == 1.0
+    assert noise_p_value([0.0] * 10, [0.0] * 10) == 1.0
+
+
+def test_eligibility_rule_of_the_weight_noise_nulls():
+    """Pooled weight-noise nulls decide by the p-value at NOISE_ALPHA / (their number), not by the
+    band (an unbiased score's AUC at 10 + 10 leaves the band often); per-seed results are shown,
+    never used."""
+    from benchmarks.null_controls import eligibility
+
+    def row(auc, p=None):
+        out = {"auc": auc, "ci": [max(0.0, auc - 0.25), min(1.0, auc + 0.25)]}
+        return out if p is None else {**out, "p": p}
+
+    exact = {"pair": "null/a", "rule": "exact", "rows": {"paired": row(0.5), "image": row(0.5),
+                                                          "edge": row(0.5)}}
+    pooled = [{"pair": f"noise/pixel/{i}/pooled", "rule": "noise",
+               "rows": {"paired": row(0.70, 0.12), "image": row(0.95, 0.0004),
+                        "edge": row(0.76, 0.02)}} for i in range(4)]
+    seed = {"pair": "noise/pixel/0/s0", "rule": "seed", "rows": {"paired": row(0.99, 1e-5)}}
+    verdict = eligibility([exact, *pooled, seed])
+    assert verdict["paired"] == ""  # AUC 0.70 outside the band, but p = 0.12: no evidence of bias
+    assert "p = 0.0004" in verdict["image"] and "weight noise" in verdict["image"]
+    assert verdict["edge"] == ""  # 0.02 >= 0.05 / 4: four pooled nulls, Bonferroni
+    assert "0.02" in eligibility([exact, pooled[0]])["edge"]  # 0.02 < 0.05 / 1
+
+
+def test_noise_null_results_pool_the_cached_seeds_per_split(monkeypatch, tmp_path):
+    """`noise_null_results` reads each seed's cached document, scores every split per seed and
+    pooled; a contrast that follows the images (members higher under every seed) is flagged by
+    the pooled p-value, one that changes sign from seed to seed is not."""
+    from benchmarks import null_controls as nc
+
+    files = [f"{p.parent.name}/{p.name}" for p in nc.null_files("pixel")]
+    members = {f for _name, split, n in nc._null_splits("pixel") for f in split[:n]}
+    rng = np.random.default_rng(0)
+
+    def document(seed):
+        sign = 1.0 if seed % 2 == 0 else -1.0
+        follows = [float(f in members) + rng.normal(0, 0.5) for f in files]
+        flips = [sign * float(f in members) + rng.normal(0, 0.5) for f in files]
+        return {"seed": seed, "files": files, "inversion": {"steps": 100},
+                "values": {"contrast": follows, "loss": flips}}
+
+    docs = {seed: document(seed) for seed in nc.NOISE_SEEDS}
+    monkeypatch.setattr(nc, "noise_null_document",
+                        lambda cache, family, seed, **kw: docs.get(seed))
+    monkeypatch.setattr(nc, "null_lookup", lambda cache, family, steps=100: {})
+    results = nc.noise_null_results(tmp_path, "pixel", n_bootstrap=50)
+    pooled = [r for r in results if r["rule"] == "noise"]
+    assert [r["pair"] for r in pooled] == [f"noise/pixel/{n}/pooled" for n, _f, _m in
+                                           nc._null_splits("pixel")]
+    assert len([r for r in results if r["rule"] == "seed"]) == 3 * len(nc.NOISE_SEEDS)
+    for result in pooled:
+        assert result["rows"]["contrast"]["p"] < 0.001 and result["rows"]["contrast"]["auc"] > 0.9
+        assert result["rows"]["loss"]["p"] > 0.05
+    verdict = nc.eligibility(pooled)
+    assert verdict["contrast"] != "" and verdict["loss"] == ""
+    # fewer than two seeds cached: nothing to pool
+    monkeypatch.setattr(nc, "noise_null_document",
+                        lambda cache, family, seed, **kw: docs[0] if seed == 0 else None)
+    assert nc.noise_null_results(tmp_path, "pixel", n_bootstrap=50) == []
+
+
+def test_latent_base_against_itself_is_an_exact_null_and_its_noise_copy_is_not():
+    """The latent null pair is the shipped LoRA pair with every B matrix zeroed (the continuum's
+    0-step LoRA). A LoRA pair is ONE UNet whose adapter is switched per model, so a copy of it
+    must be made before adding weight noise: a first version copied the adapter along and
+    scored base vs base + the trained LoRA as its 'null' (contrast AUC 0.92)."""
+    import torch
+
+    from benchmarks import null_controls as nc
+    from cgidm_core.images import load_image
+    from cgidm_core.inversion import InversionConfig
+    from cgidm_core.suite_scores import raw_values
+
+    torch.manual_seed(0)
+    files = nc.null_files("latent")[:2]
+    pictures = [load_image(p) for p in files]
+    config = InversionConfig(steps=3)
+    pair = nc.base_against_itself("latent")
+    exact = raw_values(pair, pictures, config=config, variants={"default": {}},
+                       cheap=("contrast",))["values"]
+    assert exact["contrast"] == [0.0, 0.0]
+    assert exact["default/objective/second_half"] == [0.0, 0.0]
+    pair.unet_finetuned = copy.deepcopy(pair.unet_pretrained)
+    nc.add_weight_noise(pair.unet_finetuned, nc.NOISE_SCALE, 0)
+    noisy = raw_values(pair, pictures, config=config, variants={"default": {}},
+                       cheap=("contrast",))["values"]
+    assert all(v != 0.0 for v in noisy["contrast"])

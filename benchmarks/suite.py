@@ -507,7 +507,9 @@ def run_suite(args: argparse.Namespace, pairs) -> int:
     load = os.getloadavg()[0]
     if args.wait:
         wait_and_evaluate(args, pairs)
+    from benchmarks.memorisation import cached_loss_drops
     from benchmarks.null_controls import aligned, eligibility, null_lookup, null_pair_results
+    from cgidm_core.demo import resolve_model_reference
 
     pixel_null = null_lookup(args.cache, "pixel")
     documents: dict[str, dict] = {}
@@ -533,7 +535,11 @@ def run_suite(args: argparse.Namespace, pairs) -> int:
             document["null"] = aligned(pixel_null, document["files"])
             documents[str(model)] = document
         results.append({**evaluate_pair(documents[str(model)], pair, args.n_bootstrap),
-                        "model": str(model)})
+                        "model": str(model),
+                        # how much it learned these members rather than what they share
+                        "memorisation": cached_loss_drops(
+                            args.cache, resolve_model_reference(RECIPE_BASE), model,
+                            list(pair.split.members), list(pair.split.holdouts[pair.holdout]))})
     latent: list[dict] = []
     if not args.no_latent:
         latent, missing["latent"] = latent_results(args)

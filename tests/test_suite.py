@@ -288,3 +288,35 @@ def test_a_cached_model_gains_a_cheap_score_added_since_without_new_inversions(t
     assert document["values"]["loss"] == [0.0] * n  # cached values kept as they were
     assert len(document["values"]["pian"]) == n and "pian" in json.loads(out.read_text())["values"]
     assert len(set(document["values"]["pian"])) == n  # scored, one value per image
+
+
+def test_strength_section_orders_pairs_by_memorisation_gap_and_holds_out_above_each():
+    """The report's strength section: pairs sorted by the members' minus the hold-outs' loss
+    drop, and the leave-one-group-out numbers again over the pairs above each gap, so a group of
+    fine-tunes that learned nothing of their members (a null in disguise) is seen as such."""
+    from benchmarks.render_suite import memorisation_lines
+
+    def pair(name, gap, shipped, contrast):
+        rows = {"fuse:objective+contrast": {"auc": shipped, "cost": 616},
+                "contrast": {"auc": contrast, "cost": 16}}
+        group = name.split("/")[1].rsplit("-r", 1)[0] if "lora" in name else name.split("/")[0]
+        return {"pair": name, "rows": rows, "family": "pixel", "group": group,
+                "memorisation": {"members_drop": 0.2, "holdout_drop": 0.2 - gap / 100,
+                                 "gap": gap / 100}}
+
+    summary = {"pairs": [pair("vangogh-a/light/s0/holdout", 10.6, 0.73, 0.77),
+                         pair("vangogh-a/lora-attn-r16/1000/s0/holdout", 0.2, 0.61, 0.51),
+                         pair("vangogh-b/light/s0/holdout", 6.0, 0.65, 0.77),
+                         pair("vangogh-a/lora-attn-conv-r16/1000/s0/holdout", 5.2, 0.62, 0.64)]}
+    text = "\n".join(memorisation_lines(summary))
+    order = [text.index(p["pair"]) for p in sorted(summary["pairs"],
+                                                   key=lambda p: p["memorisation"]["gap"])]
+    assert order == sorted(order)
+    assert "| vangogh-a/lora-attn-r16/1000/s0/holdout | 20.0 % | 19.8 % | 0.2 | 0.61 | 0.51 |" \
+        in text
+    rows = {line.split(" |")[0]: line for line in text.splitlines()
+            if line.startswith("| ") and "points |" in line}
+    assert "| 0 points | 4 (" in rows["| 0 points"]
+    assert rows["| 1 points"].split(" | ")[1].startswith("3 (")  # the attention-only LoRA out
+    assert rows["| 10 points"].endswith("| 0.73 / 0.730 |")  # one pair left: shipped only
+    assert "- (one group)" in rows["| 10 points"]

@@ -500,6 +500,19 @@ def latent_results(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
     return results, missing
 
 
+def memorisation(args: argparse.Namespace, pair, model: Path) -> dict | None:
+    """How much the fine-tune learned these members rather than what they share with the
+    hold-outs (``cgidm_core.memorisation``, cached); None where its weights are not at hand (a
+    cache that holds results only)."""
+    from cgidm_core.demo import resolve_model_reference
+    from cgidm_core.memorisation import cached_loss_drops
+
+    if not (model / "unet" / "diffusion_pytorch_model.safetensors").is_file():
+        return None
+    return cached_loss_drops(args.cache, resolve_model_reference(RECIPE_BASE), model,
+                             list(pair.split.members), list(pair.split.holdouts[pair.holdout]))
+
+
 def run_suite(args: argparse.Namespace, pairs) -> int:
     from benchmarks.render_suite import render
 
@@ -507,9 +520,7 @@ def run_suite(args: argparse.Namespace, pairs) -> int:
     load = os.getloadavg()[0]
     if args.wait:
         wait_and_evaluate(args, pairs)
-    from benchmarks.memorisation import cached_loss_drops
     from benchmarks.null_controls import aligned, eligibility, null_lookup, null_pair_results
-    from cgidm_core.demo import resolve_model_reference
 
     pixel_null = null_lookup(args.cache, "pixel")
     documents: dict[str, dict] = {}
@@ -536,10 +547,7 @@ def run_suite(args: argparse.Namespace, pairs) -> int:
             documents[str(model)] = document
         results.append({**evaluate_pair(documents[str(model)], pair, args.n_bootstrap),
                         "model": str(model),
-                        # how much it learned these members rather than what they share
-                        "memorisation": cached_loss_drops(
-                            args.cache, resolve_model_reference(RECIPE_BASE), model,
-                            list(pair.split.members), list(pair.split.holdouts[pair.holdout]))})
+                        "memorisation": memorisation(args, pair, model)})
     latent: list[dict] = []
     if not args.no_latent:
         latent, missing["latent"] = latent_results(args)

@@ -30,6 +30,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,46 +151,65 @@ def null_files(family: str) -> list[Path]:
     return [*control.members, *control.holdout_files]
 
 
+def _cached_document(cache: Path, name: str, key: dict, compute: bool,
+                     make: Callable[[], dict]) -> dict | None:
+    """The JSON document ``<cache>/null/<name>-<key digest>.json``: read if there, else made by
+    ``make`` (when ``compute``), stamped with its wall time and load, and written."""
+    import hashlib
+
+    blob = json.dumps(key, sort_keys=True, default=str)
+    out = cache / "null" / f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}.json"
+    if out.is_file():
+        return dict(json.loads(out.read_text()))
+    if not compute:
+        return None
+    started = time.perf_counter()
+    document = {**make(), "seconds_total": time.perf_counter() - started,
+                "load_average": os.getloadavg()[0]}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(document))
+    return document
+
+
+def _null_raw_values(pair, files: list[Path], config, family: str) -> dict:
+    """``raw_values`` of a null pair with the settings the family's suite pairs are scored with
+    (pixel: every cheap method; latent: the loss attack and the contrast, as
+    ``benchmarks.latent_suite``)."""
+    from cgidm_core.images import load_image
+    from cgidm_core.suite_scores import CHEAP_METHODS, raw_values
+
+    cheap = CHEAP_METHODS if family == "pixel" else ("loss", "contrast")
+    raw = raw_values(pair, [load_image(p) for p in files], config=config,
+                     variants={"default": {}}, cheap=cheap, log=log)
+    return {"files": [f"{p.parent.name}/{p.name}" for p in files], "values": raw["values"],
+            "seconds": raw["seconds"], "inversion": raw["inversion"]}
+
+
 def noise_null_document(cache: Path, family: str, seed: int, *, scale: float = NOISE_SCALE,
                         pgd_steps: int = 100, compute: bool = False) -> dict | None:
     """Raw values (``suite_scores.raw_values``) of the base against itself plus weight noise of
     ``seed``, on every image of ``null_files(family)``; computed once and cached."""
     import copy
-    import hashlib
 
     from cgidm_core.inversion import InversionConfig
 
     reference = PIXEL_BASE if family == "pixel" else _latent_base()
     config = InversionConfig() if family == "pixel" else InversionConfig(steps=pgd_steps)
     files = null_files(family)
-    blob = json.dumps({"config": config.to_dict(), "base": _base_fingerprint(reference),
-                       "files": [p.name for p in files], "scale": scale, "seed": seed,
-                       "version": 1}, sort_keys=True, default=str)
-    out = cache / "null" / f"{family}-noise-{hashlib.sha256(blob.encode()).hexdigest()[:10]}.json"
-    if out.is_file():
-        return dict(json.loads(out.read_text()))
-    if not compute:
-        return None
-    from cgidm_core.images import load_image
-    from cgidm_core.suite_scores import raw_values
 
-    log(f"{family} weight-noise null: scale {scale:g}, seed {seed}, {len(files)} images")
-    started = time.perf_counter()
-    pair = base_against_itself(family)
-    # a denoiser of its own for the fine-tuned side (a LoRA pair shares one between the two)
-    pair.unet_finetuned = copy.deepcopy(pair.unet_pretrained)
-    add_weight_noise(pair.unet_finetuned, scale, seed)
-    cheap = {} if family == "pixel" else {"cheap": ("loss", "contrast")}
-    raw = raw_values(pair, [load_image(p) for p in files], config=config,
-                     variants={"default": {}}, log=log, **cheap)  # type: ignore[arg-type]
-    document = {"model": f"{reference} + weight noise {scale:g} (seed {seed})",
-                "files": [f"{p.parent.name}/{p.name}" for p in files],
-                "values": raw["values"], "seconds": raw["seconds"], "scale": scale,
-                "seed": seed, "seconds_total": time.perf_counter() - started,
-                "inversion": raw["inversion"], "load_average": os.getloadavg()[0]}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(document))
-    return document
+    def make() -> dict:
+        log(f"{family} weight-noise null: scale {scale:g}, seed {seed}, {len(files)} images")
+        pair = base_against_itself(family)
+        # a denoiser of its own for the fine-tuned side (a LoRA pair shares one between the two)
+        pair.unet_finetuned = copy.deepcopy(pair.unet_pretrained)
+        add_weight_noise(pair.unet_finetuned, scale, seed)
+        return {"model": f"{reference} + weight noise {scale:g} (seed {seed})", "scale": scale,
+                "seed": seed, **_null_raw_values(pair, files, config, family)}
+
+    return _cached_document(cache, f"{family}-noise", {
+        "config": config.to_dict(), "base": _base_fingerprint(reference),
+        "files": [p.name for p in files], "scale": scale, "seed": seed, "version": 1},
+        compute, make)
 
 
 def _latent_base() -> str:
@@ -312,37 +332,22 @@ def latent_control_document(cache: Path, pgd_steps: int) -> dict | None:
 def latent_exact_null(cache: Path, pgd_steps: int, compute: bool) -> dict | None:
     """Raw values of the latent base against itself on the latent null images, with the
     settings ``benchmarks.latent_suite`` evaluates its pairs with; computed once and cached."""
-    import hashlib
-
-    from cgidm_core.images import load_image
     from cgidm_core.inversion import InversionConfig
-    from cgidm_core.suite_scores import raw_values
 
     config = InversionConfig(steps=pgd_steps)
     files = null_files("latent")
     control = latent_control(cache)
-    blob = json.dumps({"config": config.to_dict(), "base": _base_fingerprint(_latent_base()),
-                       "files": [p.name for p in files], "version": 1},
-                      sort_keys=True, default=str)
-    out = cache / "null" / f"latent-null-pair-{hashlib.sha256(blob.encode()).hexdigest()[:10]}.json"
-    if out.is_file():
-        return dict(json.loads(out.read_text()))
-    if not compute:
-        return None
-    log(f"latent null pair: {_latent_base()} vs itself, {len(files)} images")
-    started = time.perf_counter()
-    raw = raw_values(base_against_itself("latent"), [load_image(p) for p in files],
-                     config=config, variants={"default": {}}, cheap=("loss", "contrast"), log=log)
-    document = {"model": f"{_latent_base()} (the base itself)",
-                "files": [f"{p.parent.name}/{p.name}" for p in files],
+
+    def make() -> dict:
+        log(f"latent null pair: {_latent_base()} vs itself, {len(files)} images")
+        return {"model": f"{_latent_base()} (the base itself)",
                 "n_members": len(control.members),
                 "holdouts": {"holdout": len(control.holdout_files)},
-                "values": raw["values"], "seconds": raw["seconds"],
-                "seconds_total": time.perf_counter() - started,
-                "inversion": raw["inversion"], "load_average": os.getloadavg()[0]}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(document))
-    return document
+                **_null_raw_values(base_against_itself("latent"), files, config, "latent")}
+
+    return _cached_document(cache, "latent-null-pair", {
+        "config": config.to_dict(), "base": _base_fingerprint(_latent_base()),
+        "files": [p.name for p in files], "version": 1}, compute, make)
 
 
 def null_lookup(cache: Path, family: str, pgd_steps: int = 100) -> dict[str, dict[str, float]]:

@@ -20,15 +20,34 @@ LOSS_SAMPLES = 64
 LOSS_SEED = 4321
 
 
+def summarise(before: Any, after: Any, n_members: int) -> dict[str, Any]:
+    """Per-image losses before and after (members first) -> both sets' relative drop, the gap,
+    and the AUC of the per-image drop (the base's loss minus the fine-tune's)."""
+    import numpy as np
+
+    from .stats import evaluate_scores
+
+    def relative(idx: slice) -> float:
+        return float((before[idx].mean() - after[idx].mean()) / before[idx].mean())
+
+    drop = before - after
+    report = evaluate_scores(drop[:n_members], drop[n_members:], n_bootstrap=1000, seed=0,
+                             target_fprs=())
+    members_drop = relative(slice(0, n_members))
+    holdout_drop = relative(slice(n_members, None))
+    return {"members_drop": members_drop, "holdout_drop": holdout_drop,
+            "gap": members_drop - holdout_drop, "drop_auc": report.auc,
+            "drop_auc_ci": [report.auc_ci_low, report.auc_ci_high],
+            "per_image_drop_sd": float(np.std(drop / before))}
+
+
 def loss_drops(base: Path, finetune: Path, members: list[Path], holdouts: list[Path]
                ) -> dict[str, Any]:
     """Members' and hold-outs' relative loss drop, their gap, and the per-image drop's AUC."""
-    import numpy as np
     import torch
 
     from . import training
     from .images import load_image, to_tensor
-    from .stats import evaluate_scores
 
     unet_base, scheduler = training.load_pipeline_parts(base)
     unet_ft, _ = training.load_pipeline_parts(finetune)
@@ -39,18 +58,7 @@ def loss_drops(base: Path, finetune: Path, members: list[Path], holdouts: list[P
                                            seed=LOSS_SEED).numpy()
         after = training.denoising_losses(unet_ft, scheduler, images, samples=LOSS_SAMPLES,
                                           seed=LOSS_SEED).numpy()
-    n = len(members)
-
-    def relative(idx: slice) -> float:
-        return float((before[idx].mean() - after[idx].mean()) / before[idx].mean())
-
-    drop = before - after
-    report = evaluate_scores(drop[:n], drop[n:], n_bootstrap=1000, seed=0, target_fprs=())
-    members_drop, holdout_drop = relative(slice(0, n)), relative(slice(n, None))
-    return {"members_drop": members_drop, "holdout_drop": holdout_drop,
-            "gap": members_drop - holdout_drop, "drop_auc": report.auc,
-            "drop_auc_ci": [report.auc_ci_low, report.auc_ci_high],
-            "per_image_drop_sd": float(np.std(drop / before))}
+    return summarise(before, after, len(members))
 
 
 def pair_loss_drops(pair: Any, members: list[Path], holdouts: list[Path],
@@ -64,7 +72,6 @@ def pair_loss_drops(pair: Any, members: list[Path], holdouts: list[Path],
     import torch
 
     from .images import load_image, to_tensor
-    from .stats import evaluate_scores
 
     cond = pair.conditioning(pair.default_prompt)
     big_t = pair.num_train_timesteps
@@ -87,19 +94,7 @@ def pair_loss_drops(pair: Any, members: list[Path], holdouts: list[Path],
                 errors.append(float((eps(z_t, t, cond).float() - target).pow(2).mean()))
             before.append(errors[0])
             after.append(errors[1])
-    b, a = np.asarray(before), np.asarray(after)
-    n = len(members)
-
-    def relative(idx: slice) -> float:
-        return float((b[idx].mean() - a[idx].mean()) / b[idx].mean())
-
-    drop = b - a
-    report = evaluate_scores(drop[:n], drop[n:], n_bootstrap=1000, seed=0, target_fprs=())
-    members_drop, holdout_drop = relative(slice(0, n)), relative(slice(n, None))
-    return {"members_drop": members_drop, "holdout_drop": holdout_drop,
-            "gap": members_drop - holdout_drop, "drop_auc": report.auc,
-            "drop_auc_ci": [report.auc_ci_low, report.auc_ci_high],
-            "per_image_drop_sd": float(np.std(drop / b))}
+    return summarise(np.asarray(before), np.asarray(after), len(members))
 
 
 def cached_loss_drops(cache: Path, base: Path, model: Path, members: list[Path],
@@ -126,4 +121,5 @@ def cached_loss_drops(cache: Path, base: Path, model: Path, members: list[Path],
     return row
 
 
-__all__ = ["LOSS_SAMPLES", "LOSS_SEED", "cached_loss_drops", "loss_drops", "pair_loss_drops"]
+__all__ = ["LOSS_SAMPLES", "LOSS_SEED", "cached_loss_drops", "loss_drops", "pair_loss_drops",
+           "summarise"]

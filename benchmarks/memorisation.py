@@ -19,8 +19,33 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _row(pair_id: str, row: dict) -> str:
+    lo, hi = row["drop_auc_ci"]
+    return (f"| {pair_id} | {100 * row['members_drop']:.1f} % | {100 * row['holdout_drop']:.1f} % "
+            f"| {100 * row['gap']:.1f} points | {row['drop_auc']:.2f} [{lo:.2f}, {hi:.2f}] |")
+
+
+def latent_rows(cache: Path) -> None:
+    """The latent suite's pairs (``cgidm_core.latent_suite_pairs``) whose fine-tune is cached,
+    measured through the pair API (``pair_loss_drops``: their latent space, their prompt)."""
+    from cgidm_core.api import load_pair
+    from cgidm_core.latent_suite_pairs import latent_suite_pairs
+    from cgidm_core.memorisation import pair_loss_drops
+
+    for pair in latent_suite_pairs():
+        model = pair.model_dir(cache)
+        if not model.exists():
+            print(f"not trained (skipped): {pair.pair_id}", file=sys.stderr)
+            continue
+        loaded = load_pair(pair.base, str(model), device="cpu")
+        print(_row(pair.pair_id, pair_loss_drops(loaded, list(pair.members),
+                                                 list(pair.holdout_files))), flush=True)
+
 
 def main(argv: list[str] | None = None) -> int:
     from benchmarks import suite
@@ -32,10 +57,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", default=["0", "1"])
     parser.add_argument("--lora", nargs="*", default=None, metavar="RECIPE:SEED",
                         help="pixel LoRA runs as `benchmarks.suite --lora` takes them")
+    parser.add_argument("--latent", action="store_true",
+                        help="the latent suite's cached pairs instead (not cached here)")
     args = parser.parse_args(argv)
     import torch
 
+    from cgidm_core.suite_pairs import default_cache
+
     torch.set_num_threads(1)
+    if args.latent:
+        print("| pair | members' loss drop | hold-outs' loss drop | gap | per-image drop AUC |")
+        print("|---|---|---|---|---|")
+        latent_rows(default_cache())
+        return 0
     suite_args = suite.parse_args(["--datasets", *args.datasets, "--seeds", *args.seeds,
                                    "--no-latent", *(["--lora", *args.lora]
                                                     if args.lora is not None else [])])
@@ -48,12 +82,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"not trained (skipped): {pair.pair_id}", file=sys.stderr)
             continue
         holdouts = list(pair.split.holdouts[pair.holdout])
-        row = cached_loss_drops(suite_args.cache, base, model, list(pair.split.members),
-                                holdouts)
-        lo, hi = row["drop_auc_ci"]
-        print(f"| {pair.pair_id} | {100 * row['members_drop']:.1f} % | "
-              f"{100 * row['holdout_drop']:.1f} % | {100 * row['gap']:.1f} points | "
-              f"{row['drop_auc']:.2f} [{lo:.2f}, {hi:.2f}] |", flush=True)
+        print(_row(pair.pair_id, cached_loss_drops(suite_args.cache, base, model,
+                                                   list(pair.split.members), holdouts)),
+              flush=True)
     return 0
 
 

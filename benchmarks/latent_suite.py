@@ -61,20 +61,25 @@ def evaluate(pair: lsp.LatentSuitePair, cache: Path, pgd_steps: int) -> Path:
 
     import torch
 
+    from benchmarks.cheap_values import add_missing_cheap
     from cgidm_core.api import load_pair
     from cgidm_core.images import load_image
     from cgidm_core.inversion import InversionConfig
-    from cgidm_core.suite_scores import raw_values
+    from cgidm_core.suite_scores import LATENT_CHEAP_METHODS, raw_values
 
     out = results_file(pair, cache, pgd_steps)
     if out.is_file():
+        if pair.model_dir(cache).exists():
+            add_missing_cheap(out, LATENT_CHEAP_METHODS, lambda: load_pair(
+                pair.base, str(pair.model_dir(cache)), device="cpu"),
+                [*pair.members, *pair.holdout_files])
         return out
     files = [*pair.members, *pair.holdout_files]
     started = time.perf_counter()
     loaded = load_pair(pair.base, str(pair.model_dir(cache)), device="cpu")
     raw = raw_values(loaded, [load_image(p) for p in files],
                      config=InversionConfig(steps=pgd_steps), variants={"default": {}},
-                     cheap=("loss", "contrast"), keep_pictures=True)
+                     cheap=LATENT_CHEAP_METHODS, keep_pictures=True)
     document = {"model": str(pair.model_dir(cache)), "pair": pair.pair_id, "group": pair.group,
                 "files": [f"{p.parent.name}/{p.name}" for p in files],
                 "n_members": len(pair.members), "holdouts": {"holdout": len(pair.holdout_files)},

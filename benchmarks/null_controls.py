@@ -152,14 +152,17 @@ def null_files(family: str) -> list[Path]:
 
 
 def _cached_document(cache: Path, name: str, key: dict, compute: bool,
-                     make: Callable[[], dict]) -> dict | None:
+                     make: Callable[[], dict], fill: _Fill | None = None) -> dict | None:
     """The JSON document ``<cache>/null/<name>-<key digest>.json``: read if there, else made by
-    ``make`` (when ``compute``), stamped with its wall time and load, and written."""
+    ``make`` (when ``compute``), stamped with its wall time and load, and written. With
+    ``compute`` and ``fill``, a cached document gains the cheap scores added since it was made."""
     import hashlib
 
     blob = json.dumps(key, sort_keys=True, default=str)
     out = cache / "null" / f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}.json"
     if out.is_file():
+        if compute and fill is not None:
+            return _filled(out, fill)
         return dict(json.loads(out.read_text()))
     if not compute:
         return None
@@ -171,16 +174,36 @@ def _cached_document(cache: Path, name: str, key: dict, compute: bool,
     return document
 
 
+@dataclass(frozen=True)
+class _Fill:
+    """What a cached null document's missing cheap scores are computed with."""
+
+    family: str
+    load: Callable[[], object]
+    files: list[Path]
+
+
+def _filled(path: Path, fill: _Fill) -> dict:
+    from benchmarks.cheap_values import add_missing_cheap
+
+    return add_missing_cheap(path, _cheap_methods(fill.family), fill.load, fill.files, log=log)
+
+
+def _cheap_methods(family: str) -> tuple[str, ...]:
+    from cgidm_core.suite_scores import CHEAP_METHODS, LATENT_CHEAP_METHODS
+
+    return CHEAP_METHODS if family == "pixel" else LATENT_CHEAP_METHODS
+
+
 def _null_raw_values(pair, files: list[Path], config, family: str) -> dict:
     """``raw_values`` of a null pair with the settings the family's suite pairs are scored with
     (pixel: every cheap method; latent: the loss attack and the contrast, as
     ``benchmarks.latent_suite``)."""
     from cgidm_core.images import load_image
-    from cgidm_core.suite_scores import CHEAP_METHODS, raw_values
+    from cgidm_core.suite_scores import raw_values
 
-    cheap = CHEAP_METHODS if family == "pixel" else ("loss", "contrast")
     raw = raw_values(pair, [load_image(p) for p in files], config=config,
-                     variants={"default": {}}, cheap=cheap, log=log)
+                     variants={"default": {}}, cheap=_cheap_methods(family), log=log)
     return {"files": [f"{p.parent.name}/{p.name}" for p in files], "values": raw["values"],
             "seconds": raw["seconds"], "inversion": raw["inversion"]}
 
@@ -189,8 +212,6 @@ def noise_null_document(cache: Path, family: str, seed: int, *, scale: float = N
                         pgd_steps: int = 100, compute: bool = False) -> dict | None:
     """Raw values (``suite_scores.raw_values``) of the base against itself plus weight noise of
     ``seed``, on every image of ``null_files(family)``; computed once and cached."""
-    import copy
-
     from cgidm_core.inversion import InversionConfig
 
     reference = PIXEL_BASE if family == "pixel" else _latent_base()
@@ -199,17 +220,25 @@ def noise_null_document(cache: Path, family: str, seed: int, *, scale: float = N
 
     def make() -> dict:
         log(f"{family} weight-noise null: scale {scale:g}, seed {seed}, {len(files)} images")
-        pair = base_against_itself(family)
-        # a denoiser of its own for the fine-tuned side (a LoRA pair shares one between the two)
-        pair.unet_finetuned = copy.deepcopy(pair.unet_pretrained)
-        add_weight_noise(pair.unet_finetuned, scale, seed)
         return {"model": f"{reference} + weight noise {scale:g} (seed {seed})", "scale": scale,
-                "seed": seed, **_null_raw_values(pair, files, config, family)}
+                "seed": seed, **_null_raw_values(noisy_pair(family, scale, seed), files, config,
+                                                 family)}
 
     return _cached_document(cache, f"{family}-noise", {
         "config": config.to_dict(), "base": _base_fingerprint(reference),
         "files": [p.name for p in files], "scale": scale, "seed": seed, "version": 1},
-        compute, make)
+        compute, make, _Fill(family, lambda: noisy_pair(family, scale, seed), files))
+
+
+def noisy_pair(family: str, scale: float, seed: int):
+    """The family's base against itself with weight noise of ``seed`` on the fine-tuned side."""
+    import copy
+
+    pair = base_against_itself(family)
+    # a denoiser of its own for the fine-tuned side (a LoRA pair shares one between the two)
+    pair.unet_finetuned = copy.deepcopy(pair.unet_pretrained)
+    add_weight_noise(pair.unet_finetuned, scale, seed)
+    return pair
 
 
 def _latent_base() -> str:
@@ -235,7 +264,9 @@ def pixel_null_pair(cache: Path, compute: bool) -> dict | None:
     null-split image, computed once and cached."""
     out = pixel_null_pair_path(cache)
     if out.is_file():
-        return json.loads(out.read_text())
+        if compute:
+            return _filled(out, _Fill("pixel", pixel_base_against_itself, pixel_files(None)))
+        return dict(json.loads(out.read_text()))
     if not compute:
         return None
     from cgidm_core.images import load_image
@@ -347,7 +378,8 @@ def latent_exact_null(cache: Path, pgd_steps: int, compute: bool) -> dict | None
 
     return _cached_document(cache, "latent-null-pair", {
         "config": config.to_dict(), "base": _base_fingerprint(_latent_base()),
-        "files": [p.name for p in files], "version": 1}, compute, make)
+        "files": [p.name for p in files], "version": 1}, compute, make,
+        _Fill("latent", lambda: base_against_itself("latent"), files))
 
 
 def null_lookup(cache: Path, family: str, pgd_steps: int = 100) -> dict[str, dict[str, float]]:

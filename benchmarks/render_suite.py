@@ -11,7 +11,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cgidm_core.names import FORMER_VERDICT_CANDIDATE, VERDICT_CANDIDATE
+from cgidm_core.names import (
+    FORMER_VERDICT_CANDIDATE,
+    PREVIOUS_VERDICT_CANDIDATE,
+    VERDICT_CANDIDATE,
+)
 
 #: Columns of the per-pair table besides the chosen score (the shipped and the cheap ones).
 KEY_CANDIDATES = (
@@ -452,8 +456,10 @@ def held_out_reports(summary: dict[str, Any], n_bootstrap: int = 1000,
 #: Scores whose fixed (not chosen) worst / mean the report gives per family: the verdict's old
 #: score, the shipped one, and the cheap and paired ones they are compared with.
 FIXED_SCORES = ("fuse:ssim+psnr+loss+contrast", "fuse:objective+contrast",
-                "default:objective-mean", "default:objective-second_half", "contrast",
-                "loss-paired", "fuse:gain-start+contrast", "fuse:gain-start+loss-paired+contrast",
+                "fuse:contrast64+progress", "fuse:objective+contrast+progress",
+                "fuse:objective+contrast64+progress", "contrast64", "default:objective-mean",
+                "default:objective-second_half", "contrast", "loss-paired",
+                "fuse:gain-start+contrast", "fuse:gain-start+loss-paired+contrast",
                 "fuse:gain-base+contrast", "fuse:ssim+psnr+contrast", "loss", "default:ssim@final")
 
 
@@ -472,6 +478,7 @@ def fixed_lines(summary: dict[str, Any], n_bootstrap: int = 1000) -> list[str]:
                 continue
             row = fixed_score(per_pair, n_bootstrap)
             mark = (" (shipped)" if name == shipped else
+                    " (verdict to 2026-12-08)" if name == PREVIOUS_VERDICT_CANDIDATE else
                     " (former verdict)" if name == FORMER_VERDICT_CANDIDATE else "")
             lines.append(f"| {family} | `{name}`{mark} | "
                          f"{'yes' if eligible(summary, name) else 'no'} | {row['pairs']} | "
@@ -571,7 +578,8 @@ def held_out_lines(summary: dict[str, Any], eligible_only: bool = True) -> list[
 #: which the report gives the pixel family's held-out numbers again.
 GAP_THRESHOLDS: tuple[float, ...] = (1.0, 5.0, 10.0)
 #: Scores shown beside the gap, per pair.
-GAP_SCORES: tuple[str, ...] = ("fuse:objective+contrast", "contrast", "loss-paired",
+GAP_SCORES: tuple[str, ...] = ("fuse:contrast64+progress", "fuse:objective+contrast",
+                               "contrast64", "contrast", "loss-paired",
                                "fuse:ssim+psnr+loss+contrast")
 
 
@@ -612,8 +620,10 @@ def memorisation_lines(summary: dict[str, Any]) -> list[str]:
                 else "- (one group)")
         chosen = (", ".join(sorted({f"`{f.chosen}`" for f in report.folds})) if report
                   else "-")
+        fixed = (f"{min(shipped):.2f} / {sum(shipped) / len(shipped):.3f}" if shipped
+                 else "-")
         lines.append(f"| {threshold:g} points | {len(kept)} ({', '.join(groups)}) | {held} | "
-                     f"{chosen} | {min(shipped):.2f} / {sum(shipped) / len(shipped):.3f} |")
+                     f"{chosen} | {fixed} |")
     lines += ["", "Members' and hold-outs' loss drop: the relative fall of each set's denoising "
               "loss from the base to the fine-tune (64 fixed (t, noise) draws per image, the same "
               "for both models); the gap is their difference. A fine-tune that learns what the "

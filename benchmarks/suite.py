@@ -260,29 +260,17 @@ def model_results(args: argparse.Namespace, pair) -> dict | None:
 
 def with_missing_cheap(pair, out: Path) -> None:
     """Score a cached model's images with the cheap methods added since it was evaluated and
-    write them into its cached values (the inversions stay as they were)."""
+    write them into its cached values (the inversions stay as they were); nothing where the
+    model's weights are not at hand (a cache that holds results only)."""
+    from benchmarks.cheap_values import add_missing_cheap
     from cgidm_core.api import load_pair
-    from cgidm_core.evaluation import score_images_detailed
-    from cgidm_core.images import load_image
-    from cgidm_core.inversion import InversionConfig
     from cgidm_core.suite_scores import CHEAP_METHODS
 
-    document = json.loads(out.read_text())
-    missing = [m for m in CHEAP_METHODS if m not in document["values"]]
-    if not missing:
-        return
     model = pair.model_dir(out.parents[1])
-    log(f"cheap scores {', '.join(missing)} for {model.parent.name}/{model.name}")
-    loaded = load_pair(str(RECIPE_BASE), str(model))
-    pictures = [load_image(p) for p in model_images(pair)]
-    for method in missing:
-        scored = score_images_detailed(loaded, pictures, method, seed=InversionConfig().seed,
-                                       batch_size=20)
-        document["values"][method] = [float(v) for v in scored.scores]
-        document["seconds"][method] = scored.seconds
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(document))
-    tmp.replace(out)
+    if not (model / "unet" / "diffusion_pytorch_model.safetensors").is_file():
+        return
+    add_missing_cheap(out, CHEAP_METHODS, lambda: load_pair(str(RECIPE_BASE), str(model)),
+                      model_images(pair), log=log)
 
 
 def with_derived(document: dict, pictures_file: Path) -> dict:

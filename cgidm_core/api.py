@@ -38,6 +38,7 @@ from .results import ImageResult
 from .similarity import (
     FeatureModel,
     compute_metrics,
+    displacement_values,
     score_from_metric,
     validate_metrics,
 )
@@ -182,9 +183,10 @@ def authenticate(
     :class:`OutOfMemory`.
 
     ``attack_scores`` (default :data:`cgidm_core.evidence.ATTACK_SCORES`: the loss attack and
-    the contrast at the original, 19 model evaluations per image next to the inversion's 600)
-    are computed on the same image and recorded as ``extra["attack_scores"]``: the verdict's
-    score (:mod:`cgidm_core.evidence`) fuses them with the recovery's similarity. ``()`` skips
+    the 8- and 64-draw contrasts at the original, 147 model evaluations per image next to the
+    inversion's 600) are computed on the same image and recorded as ``extra["attack_scores"]``:
+    the verdict's score (:mod:`cgidm_core.evidence`) fuses the shared-draw contrast with the
+    inversion's progress towards the original (``extra["inversion_scores"]``). ``()`` skips
     them.
 
     ``display`` makes the recovered picture a person looks at (``ImageResult.recovered``):
@@ -348,6 +350,10 @@ def _batch_results(pair: ModelPair, run: _Run, record: dict[str, Any], cond: Con
     half = config.steps // 2
     objective = {"objective_mean": (-out.losses.nanmean(1)).tolist(),
                  "objective_second_half": (-out.losses[:, half:].nanmean(1)).tolist()}
+    # Where the PGD went against where it should have gone (0 for every image when the recovery
+    # never left its start, e.g. a fine-tune equal to its base): the verdict's third part.
+    if out.start is not None:
+        objective.update(displacement_values(out.original, out.recovered, out.start, out.mask))
     # The inversion already encoded the batch; its deterministic latent (the posterior mean)
     # is what the attacks score, so it is reused rather than encoded a second time.
     z0 = None if config.sample_latent else out.latent_original

@@ -46,6 +46,8 @@ SECMI_TIMESTEP = 100
 SECMI_INTERVAL = 10
 #: Monte Carlo samples of the contrast score.
 CONTRAST_SAMPLES = 8
+#: Samples of the shared-draw contrast (:func:`contrast_shared`): the memorisation measure's.
+SHARED_CONTRAST_SAMPLES = 64
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,6 +330,37 @@ def contrast(
 
 
 @torch.no_grad()
+def contrast_shared(
+    pair: ModelPair,
+    z0: torch.Tensor,
+    cond: Conditioning,
+    *,
+    seed: int = 0,
+    seeds: Sequence[int] | None = None,
+    samples: int = SHARED_CONTRAST_SAMPLES,
+    batch_size: int = 8,
+) -> torch.Tensor:
+    """The contrast with ``samples`` stratified (t, noise) draws that are the SAME for every image
+    (seeded by ``seed`` alone; per-image ``seeds`` are ignored): 2 * ``samples`` passes.
+
+    Why a second contrast: with draws of its own per image, part of the spread between two
+    images' contrasts is the draws' Monte Carlo noise (the 8-draw contrast's draw noise was
+    measured as large as the member / hold-out differences on the pixel suite). With common
+    draws every image is scored on the same noise levels and noises, so that part is gone, and
+    the per-image value is exactly the memorisation measure's per-image loss drop
+    (``cgidm_core.memorisation``), the quantity whose member / hold-out gap says how much a
+    fine-tune learned. Still exactly 0 for every image when both models are the same. An image
+    scores the same alone or in any batch (the draws do not depend on the batch).
+    """
+    del seeds  # the point of this score: one set of draws for every image
+    # as many noisy latents per forward pass as the 8-draw contrast puts there at this batch
+    # size (64 draws of one image, not of eight: a real SD UNet's memory)
+    per_pass = max(1, batch_size * CONTRAST_SAMPLES // max(samples, 1))
+    return contrast(pair, z0, cond, seeds=[int(seed)] * len(z0), samples=samples,
+                    batch_size=per_pass)
+
+
+@torch.no_grad()
 def pian(pair: ModelPair, z0: torch.Tensor, cond: Conditioning, **kwargs: Any) -> torch.Tensor:
     """PIAN (Kong et al., ICLR 2024): PIA with ``eps0`` normalised to look like Gaussian noise
     (mean ``|value|`` sqrt(2/pi)); two model evaluations per image. Why it is offered next to
@@ -346,6 +379,7 @@ BASELINES: dict[str, Callable[..., torch.Tensor]] = {
     "pian": pian,
     "secmi": secmi,
     "contrast": contrast,
+    "contrast64": contrast_shared,
 }
 
 #: Model evaluations per image with the default settings (for cost tables).
@@ -355,4 +389,5 @@ EVALUATIONS_PER_IMAGE: dict[str, int] = {
     "pian": 2,
     "secmi": math.ceil(SECMI_TIMESTEP / SECMI_INTERVAL) - 1 + 2,
     "contrast": 2 * CONTRAST_SAMPLES,
+    "contrast64": 2 * SHARED_CONTRAST_SAMPLES,
 }

@@ -6,13 +6,18 @@ verdict rests on the same score everywhere and a change of that score (chosen on
 suite, docs/ACCURACY.md) reaches every surface at once.
 
 The verdict's score (:data:`DEFAULT_EVIDENCE`, "paired") is the suite's choice by its rule
-(worst-case AUC first, then the mean, ties to the cheaper), leaving one recipe group out, among
-the scores that pass its null controls (docs/ACCURACY.md: with a fine-tune equal to its base, a
-score must not tell members from hold-outs): the sum of the z-scores of two values of each image,
+(worst-case AUC first, then the mean, ties to the cheaper) among the scores that pass its null
+controls (docs/ACCURACY.md: with a fine-tune equal to its base, or equal to it up to weight
+noise, a score must not tell members from hold-outs), chosen over both families' pairs (pixel
+and latent) and judged by leaving one recipe group out: the sum of the z-scores of two values
+of each image,
 
-- minus CGI-DM's objective (the fine-tune's denoising loss minus the base's) averaged over the
-  second half of the inversion's PGD steps (``record["inversion_scores"]``), and
-- the contrast score (minus the same objective at the original, 16 evaluations),
+- the shared-draw contrast (``contrast64``: the base model's denoising error minus the
+  fine-tune's at the original image, over 64 (t, noise) draws that are the same for every
+  image, so no draw noise separates two images), and
+- the inversion's progress (how far the PGD's recovery moved from its start towards the
+  original, along the line between them: ``record["inversion_scores"]["progress"]``; 0 when
+  the recovery never left its start),
 
 each standardised over the images judged together: the suspects and the controls. That pooling is
 a symmetric function of all the images, so swapping a suspect with a control changes no one's
@@ -21,18 +26,21 @@ valid, as it is for a single similarity. ``"similarity"`` is the former verdict 
 metric alone) and ``"given"`` uses each record's ``score`` as it is (``cgidm eval``, which has
 already scored its images with the method asked for).
 
-Both are zero for every image when the fine-tune is its base. The former default (``"fused"``:
-the recovery's masked SSIM and PSNR, the loss attack and the contrast) also scored how easy an
-image's masked half is to fill in and how well the base already denoises it: AUC 0.84 between
-the Van Gogh members and hold-outs with a LoRA still zero. Recovery similarities made paired
-(minus the same image's at the PGD's starting point) pass the null controls too, but detect
-less (docs/ACCURACY.md), so the verdict does not use the recovered picture's similarity.
+Both are zero for every image when the fine-tune is its base. ``"objective+contrast"`` is the
+verdict's score before 2026-12-08 (minus CGI-DM's objective over the PGD's second half + the
+8-draw contrast; suite worst / mean over both families 0.54 / 0.825 against 0.62 / 0.874). The
+former default ``"fused"`` (the recovery's masked SSIM and PSNR, the loss attack and the
+contrast) also scored how easy an image's masked half is to fill in and how well the base
+already denoises it: AUC 0.84 between the Van Gogh members and hold-outs with a LoRA still zero.
+Recovery similarities made paired (minus the same image's at the PGD's starting point) pass the
+exact null but not the weight-noise null, so the verdict does not use the recovered picture's
+similarity.
 
 Without controls there is nothing to standardise against or to compare with: the document has
 the scores, no verdicts and no ``evidence_score``. When an image lacks a finite value the fusion
 needs (a float16 overflow on a GPU, a record written by an older cgidm without
 ``inversion_scores``), :func:`build_evidence` falls back along :data:`FALLBACKS` ("paired" to
-the contrast alone, still paired; then the similarity alone) and says so in
+the scores an older record holds, still paired; then the similarity alone) and says so in
 ``evidence.fallback_from`` and ``evidence.fallback_reason``, rather than failing the check.
 """
 
@@ -46,35 +54,44 @@ import numpy as np
 from .errors import ConfigError
 from .names import DEFAULT_EVIDENCE  # the verdict's default score, shared with the CLI
 
-#: The cheap scores the verdict's fusion adds to the recovery's similarity; computed by
-#: :func:`cgidm_core.api.authenticate` for every image (19 model evaluations on top of 600).
-ATTACK_SCORES: tuple[str, ...] = ("loss", "contrast")
+#: The cheap scores :func:`cgidm_core.api.authenticate` computes for every image beside the
+#: inversion (147 model evaluations on top of its 600): the verdict's shared-draw contrast, and
+#: the loss attack and 8-draw contrast the other evidence choices and the fallbacks read.
+ATTACK_SCORES: tuple[str, ...] = ("loss", "contrast", "contrast64")
 
 #: Evidence name -> the per-image values summed as z-scores (all "higher = member").
 #: ``metric:<name>`` is ``metrics[name]``; ``attack:<name>`` is ``attack_scores[name]``;
-#: ``inversion:<name>`` is ``inversion_scores[name]`` (minus CGI-DM's objective along the PGD).
+#: ``inversion:<name>`` is ``inversion_scores[name]`` (minus CGI-DM's objective along the PGD,
+#: the PGD's progress and cosine towards the original).
 EVIDENCE_COMPONENTS: dict[str, tuple[str, ...]] = {
-    "paired": ("inversion:objective_second_half", "attack:contrast"),
+    "paired": ("attack:contrast64", "inversion:progress"),
+    "objective+contrast": ("inversion:objective_second_half", "attack:contrast"),
     "fused": ("metric:ssim", "metric:psnr", "attack:loss", "attack:contrast"),
     "contrast": ("attack:contrast",),
 }
 #: Every evidence a caller may ask for: the fusions, the similarity alone, the records' own score.
 EVIDENCE_CHOICES: tuple[str, ...] = (*EVIDENCE_COMPONENTS, "similarity", "given")
 #: What a verdict falls back to, in order, when an image lacks a value its evidence needs: the
-#: paired score to the contrast alone (still paired: 0 for every image of a fine-tune equal to
-#: its base), and only then to the similarity alone.
+#: paired score to the previous paired score (a record written before the PGD's progress and the
+#: shared-draw contrast were recorded), then the contrast alone (still paired: 0 for every image
+#: of a fine-tune equal to its base), and only then to the similarity alone.
 FALLBACKS: dict[str, tuple[str, ...]] = {
-    "paired": ("contrast", "similarity"),
+    "paired": ("objective+contrast", "contrast", "similarity"),
+    "objective+contrast": ("contrast", "similarity"),
     "fused": ("similarity",),
     "contrast": ("similarity",),
 }
 #: One sentence per evidence, written into every document under ``evidence.description``.
 EVIDENCE_DESCRIPTIONS: dict[str, str] = {
-    "paired": "z(minus CGI-DM's objective, averaged over the second half of the inversion's "
-              "steps) + z(contrast at the original), standardised over the images and controls "
-              "judged together; both are the fine-tune's denoising error minus the base "
-              "model's on the same noisy image, so what the image itself contributes cancels: "
-              "with a fine-tune equal to its base every image scores the same",
+    "paired": "z(contrast64: the base model's denoising error minus the fine-tune's at the "
+              "original, 64 draws shared by every image) + z(progress: how far the inversion's "
+              "recovery moved from its start towards the original), standardised over the "
+              "images and controls judged together; with a fine-tune equal to its base every "
+              "image scores the same (both are 0)",
+    "objective+contrast": "z(minus CGI-DM's objective, averaged over the second half of the "
+                          "inversion's steps) + z(contrast at the original, 8 draws), "
+                          "standardised over the images and controls judged together (the "
+                          "verdict's score before 2026-12-08)",
     "fused": "z(masked SSIM) + z(masked PSNR) of the recovery + z(loss attack) + z(contrast at "
              "the original), each standardised over the images and controls judged together "
              "(the verdict's score before the null controls; image-biased: AUC 0.84 on a "
@@ -97,7 +114,7 @@ def _value(record: Mapping[str, Any], where: str, name: str, component: str) -> 
             f"image {record.get('name')!r} has no finite {name!r} value in {where!r}, which the "
             f"{component!r} part of the verdict's score needs; score it with "
             "cgidm_core.authenticate (metrics ssim and psnr, inversion scores, attack scores "
-            "loss and contrast) or ask for evidence='similarity'")
+            "loss, contrast and contrast64) or ask for evidence='similarity'")
     return float(value)
 
 

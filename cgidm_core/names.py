@@ -15,8 +15,8 @@ from __future__ import annotations
 #: Every method ``score_images`` knows. "cgidm" is the paper's method (inversion + similarity);
 #: "combined" and "fused" add the z-scored similarity to the z-scored contrast or loss-attack
 #: score.
-METHODS: tuple[str, ...] = ("cgidm", "loss", "pia", "pian", "secmi", "contrast", "combined",
-                            "fused", "evidence")
+METHODS: tuple[str, ...] = ("cgidm", "loss", "pia", "pian", "secmi", "contrast", "contrast64",
+                            "combined", "fused", "evidence")
 #: The methods that run the inversion (and so take the inversion settings and a metric).
 INVERSION_METHODS: tuple[str, ...] = ("cgidm", "combined", "fused", "evidence")
 
@@ -28,16 +28,20 @@ METHOD_DESCRIPTIONS: dict[str, str] = {
     "pian": "PIA with eps0 normalised to Gaussian scale (the authors' PIAN), t=200, l4",
     "secmi": "SecMI_stat, t_sec=100, interval 10 (Duan et al. 2023)",
     "contrast": "CGI-DM's objective at the original image, no inversion",
+    "contrast64": "the contrast with 64 (t, noise) draws shared by every image, no inversion",
     "combined": "z-scored cgidm similarity + z-scored contrast score",
     "fused": "z-scored cgidm similarity + z-scored loss attack",
     "evidence": "the verdict's score of cgidm check and the service (cgidm_core.evidence): "
-                "z(minus CGI-DM's objective along the inversion) + z(contrast), over the "
+                "z(contrast64) + z(progress of the inversion towards the original), over the "
                 "images scored",
 }
 
 #: The benchmark suite's name for the verdict's score (``EVIDENCE_COMPONENTS["paired"]`` in
 #: :mod:`cgidm_core.evidence`): suite reports read its per-pair numbers under it.
-VERDICT_CANDIDATE = "fuse:objective+contrast"
+VERDICT_CANDIDATE = "fuse:contrast64+progress"
+#: The suite's name for the verdict's score from the null controls to 2026-12-08
+#: (``EVIDENCE_COMPONENTS["objective+contrast"]``).
+PREVIOUS_VERDICT_CANDIDATE = "fuse:objective+contrast"
 #: The suite's name for the verdict's score before the null controls of issue #22
 #: (``EVIDENCE_COMPONENTS["fused"]``); the power table was measured on it.
 FORMER_VERDICT_CANDIDATE = "fuse:ssim+psnr+loss+contrast"
@@ -71,10 +75,12 @@ DISPLAY_MODES: tuple[str, ...] = ("palette_clamp", "raw")
 DEFAULT_DISPLAY = "palette_clamp"
 #: ``cgidm check --evidence``: the score verdicts rest on; ``cgidm_core.evidence`` also accepts
 #: its internal ``given``.
-CHECK_EVIDENCE_MODES: tuple[str, ...] = ("paired", "fused", "contrast", "similarity")
-#: The verdicts' score by default (``cgidm_core.evidence.EVIDENCE_COMPONENTS["paired"]``): minus
-#: CGI-DM's objective along the inversion and the contrast, the suite's choice among the scores
-#: that pass the null controls (docs/ACCURACY.md).
+CHECK_EVIDENCE_MODES: tuple[str, ...] = ("paired", "objective+contrast", "fused", "contrast",
+                                         "similarity")
+#: The verdicts' score by default (``cgidm_core.evidence.EVIDENCE_COMPONENTS["paired"]``): the
+#: shared-draw contrast and how far the inversion moved towards the original, the suite's choice
+#: among the scores that pass the null controls, by its rule over both families
+#: (docs/ACCURACY.md).
 DEFAULT_EVIDENCE = "paired"
 
 # ------------------------------------------------------------------------------------------

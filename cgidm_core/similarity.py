@@ -250,3 +250,35 @@ def compute_metrics(
 def score_from_metric(name: str, value: float) -> float:
     """Turn a metric into a membership score where higher means more likely a member."""
     return -value if name == "mse" else value
+
+
+#: A displacement of the recovery from its start below this RMS per free value (in [-1, 1]
+#: units) is decoder noise (~1e-6 between batch sizes), not a move: its direction means nothing.
+MOVED_TOLERANCE = 1e-4
+
+
+def displacement_values(original: torch.Tensor, recovered: torch.Tensor, start: torch.Tensor,
+                        keep: torch.Tensor) -> dict[str, list[float]]:
+    """Where the PGD went, relative to where it should have gone, per image, over the free
+    (recovered) pixels: ``cosine`` = cos(recovered - start, original - start) and ``progress`` =
+    <recovered - start, original - start> / ||original - start||^2 (1 = arrived, 0 = no move
+    towards the original or none at all).
+
+    Why: the PGD's steps are normalised, so a light fine-tune moves the recovery as far as a
+    strong one; what membership changes is the direction. Unlike the recovery's similarity these
+    ignore how close the start already was (the image's own "easy to fill in", which failed the
+    null controls), and a recovery that never left its start (a fine-tune equal to its base)
+    scores exactly 0 for every image. Images are ``(N, 3, H, W)``; ``keep`` is 1 on kept pixels.
+    """
+    free = (1.0 - keep.double()).expand_as(original)
+    moved = ((recovered.double() - start.double()) * free).flatten(1)
+    target = ((original.double() - start.double()) * free).flatten(1)
+    count = free.flatten(1).sum(1).clamp_min(1.0)
+    still = (moved.pow(2).sum(1) / count).sqrt() < MOVED_TOLERANCE
+    dot = (moved * target).sum(1)
+    norms = (moved.norm(dim=1) * target.norm(dim=1)).clamp_min(1e-12)
+    cosine = torch.where(still, torch.zeros_like(dot), dot / norms)
+    progress = torch.where(still, torch.zeros_like(dot),
+                           dot / target.pow(2).sum(1).clamp_min(1e-12))
+    return {"cosine": [round(float(v), 4) for v in cosine],
+            "progress": [round(float(v), 4) for v in progress]}

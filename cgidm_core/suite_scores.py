@@ -32,7 +32,7 @@ from PIL import Image
 from .images import image_seed, palette_clamp, to_tensor
 from .inversion import InversionConfig, invert
 from .pair import ModelPair
-from .similarity import masked_psnr, masked_ssim
+from .similarity import displacement_values, masked_psnr, masked_ssim
 
 #: Values of the PGD's displacement recorded per recovery (:func:`displacement_values`).
 DISPLACEMENT_METRICS: tuple[str, ...] = ("cosine", "progress")
@@ -43,7 +43,10 @@ VARIANTS: dict[str, dict[str, object]] = {
 }
 #: Recoveries scored per variant: after n steps, and the iterate mean after half the steps.
 RECORD_STEPS: tuple[int, ...] = (25, 50)
-CHEAP_METHODS: tuple[str, ...] = ("loss", "pia", "pian", "secmi", "contrast")
+CHEAP_METHODS: tuple[str, ...] = ("loss", "pia", "pian", "secmi", "contrast", "contrast64")
+#: The cheap scores of the latent family's pairs and nulls (PIA and SecMI step a DDIM sampler
+#: through the VAE's latents; measured on the pixel family only, to fit the CPU budget).
+LATENT_CHEAP_METHODS: tuple[str, ...] = ("loss", "contrast", "contrast64")
 
 #: Model evaluations per image of each family of candidate, for "ties go to the cheaper".
 #: An inversion step is one forward+backward through each model (counted as 2 x 3 = 6
@@ -77,38 +80,6 @@ def saturated_fraction(recovered: torch.Tensor, keep: torch.Tensor,
     free = (1.0 - keep.float()).expand_as(recovered)
     pinned = (recovered.abs() >= 1.0 - margin).float()
     return [float(v) for v in (pinned * free).flatten(1).sum(1) / free.flatten(1).sum(1)]
-
-
-#: A displacement of the recovery from its start below this RMS per free value (in [-1, 1]
-#: units) is decoder noise (~1e-6 between batch sizes), not a move: its direction means nothing.
-MOVED_TOLERANCE = 1e-4
-
-
-def displacement_values(original: torch.Tensor, recovered: torch.Tensor, start: torch.Tensor,
-                        keep: torch.Tensor) -> dict[str, list[float]]:
-    """Where the PGD went, relative to where it should have gone, per image, over the free
-    (recovered) pixels: ``cosine`` = cos(recovered - start, original - start) and ``progress`` =
-    <recovered - start, original - start> / ||original - start||^2 (1 = arrived, 0 = no move
-    towards the original or none at all).
-
-    Why: the PGD's steps are normalised, so a light fine-tune moves the recovery as far as a
-    strong one; what membership changes is the direction. Unlike the recovery's similarity these
-    ignore how close the start already was (the image's own "easy to fill in", which failed the
-    null controls), and a recovery that never left its start (a fine-tune equal to its base)
-    scores exactly 0 for every image. Images are ``(N, 3, H, W)``; ``keep`` is 1 on kept pixels.
-    """
-    free = (1.0 - keep.double()).expand_as(original)
-    moved = ((recovered.double() - start.double()) * free).flatten(1)
-    target = ((original.double() - start.double()) * free).flatten(1)
-    count = free.flatten(1).sum(1).clamp_min(1.0)
-    still = (moved.pow(2).sum(1) / count).sqrt() < MOVED_TOLERANCE
-    dot = (moved * target).sum(1)
-    norms = (moved.norm(dim=1) * target.norm(dim=1)).clamp_min(1e-12)
-    cosine = torch.where(still, torch.zeros_like(dot), dot / norms)
-    progress = torch.where(still, torch.zeros_like(dot),
-                           dot / target.pow(2).sum(1).clamp_min(1e-12))
-    return {"cosine": [round(float(v), 4) for v in cosine],
-            "progress": [round(float(v), 4) for v in progress]}
 
 
 def derived_values(pictures: dict[str, torch.Tensor]) -> dict[str, list[float]]:
@@ -406,6 +377,14 @@ FUSIONS: dict[str, tuple[str, ...]] = {
     "fuse:objective+contrast+cosine": ("default/objective/second_half", "contrast",
                                        "default/final/cosine"),
     "fuse:contrast+progress": ("contrast", "default/final/progress"),
+    # the same with the contrast's draws shared by every image (64 of them: no draw noise
+    # between images, ``baselines.contrast_shared``)
+    "fuse:objective+contrast64": ("default/objective/second_half", "contrast64"),
+    "fuse:objective+contrast64+progress": ("default/objective/second_half", "contrast64",
+                                           "default/final/progress"),
+    "fuse:objective+contrast64+cosine": ("default/objective/second_half", "contrast64",
+                                         "default/final/cosine"),
+    "fuse:contrast64+progress": ("contrast64", "default/final/progress"),
     "fuse:progress+cosine": ("default/final/progress", "default/final/cosine"),
     # the same on the palette-bounded inversion (only where that variant was run)
     "palette-fuse:ssim+psnr+loss+contrast": ("palette/final/ssim", "palette/final/psnr",

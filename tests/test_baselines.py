@@ -8,7 +8,9 @@ import torch
 from cgidm_core.baselines import (
     BASELINES,
     EVALUATIONS_PER_IMAGE,
+    SHARED_CONTRAST_SAMPLES,
     contrast,
+    contrast_shared,
     loss_attack,
     pia,
     scale_timestep,
@@ -67,7 +69,7 @@ def test_same_seed_same_scores(setup, name):
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("name", ["loss", "contrast"])
+@pytest.mark.parametrize("name", ["loss", "contrast", "contrast64"])
 def test_seed_changes_the_noise(ddpm, name):
     pair, z0, cond, _ = ddpm
     a = BASELINES[name](pair, z0, cond, seed=5)
@@ -88,7 +90,7 @@ def test_an_image_scores_the_same_alone_and_in_a_batch(setup, name):
     chunked = BASELINES[name](pair, z0, cond, seed=3, seeds=seeds, batch_size=2)
     # float32 batched kernels differ in the last bits; contrast is a difference of two errors of
     # size ~1, so its float noise is absolute (~1e-7), not relative to its small value.
-    atol = 1e-6 if name == "contrast" else 1e-12
+    atol = 1e-6 if name.startswith("contrast") else 1e-12
     for other in (alone, reordered, chunked):
         torch.testing.assert_close(other, together, rtol=1e-4, atol=atol)
 
@@ -102,15 +104,26 @@ def test_contrast_is_exactly_zero_for_the_same_model(ddpm):
         device=torch.device("cpu"), dtype=torch.float32,
     )
     z0 = pair.encode(smooth_images(3, pair.image_size, seed=2))
-    scores = contrast(pair, z0, pair.conditioning(None), seed=0)
-    assert torch.equal(scores, torch.zeros(3))
+    for score in (contrast, contrast_shared):
+        assert torch.equal(score(pair, z0, pair.conditioning(None), seed=0), torch.zeros(3))
+
+
+def test_the_shared_draw_contrast_scores_every_image_on_the_same_draws(ddpm):
+    """Per-image seeds are ignored: the score is the contrast with ``seed`` for every image, so
+    two images differ by what the models do with them, not by their draws."""
+    pair, z0, cond, _ = ddpm
+    shared = contrast_shared(pair, z0, cond, seed=4, seeds=[1, 2, 3])
+    assert torch.equal(shared, contrast_shared(pair, z0, cond, seed=4))
+    expected = contrast(pair, z0, cond, seeds=[4] * len(z0), samples=SHARED_CONTRAST_SAMPLES)
+    torch.testing.assert_close(shared, expected, rtol=0, atol=0)
 
 
 def test_schedule_scaling_of_timesteps():
     assert scale_timestep(200, 1000) == 200
     assert scale_timestep(200, 100) == 20
     assert scale_timestep(999, 50) == 49
-    assert EVALUATIONS_PER_IMAGE == {"loss": 3, "pia": 2, "pian": 2, "secmi": 11, "contrast": 16}
+    assert EVALUATIONS_PER_IMAGE == {"loss": 3, "pia": 2, "pian": 2, "secmi": 11, "contrast": 16,
+                                     "contrast64": 128}
 
 
 def test_bad_inputs_are_config_errors(ddpm):

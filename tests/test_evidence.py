@@ -26,8 +26,10 @@ def _record(name: str, rng: np.random.Generator, shift: float = 0.0) -> dict:
             "metrics": {"ssim": float(rng.normal() + shift), "psnr": float(rng.normal() + shift),
                         "mse": 1.0},
             "attack_scores": {"loss": float(rng.normal() + shift),
-                              "contrast": float(rng.normal() + shift)},
-            "inversion_scores": {"objective_second_half": float(rng.normal() + shift)}}
+                              "contrast": float(rng.normal() + shift),
+                              "contrast64": float(rng.normal() + shift)},
+            "inversion_scores": {"objective_second_half": float(rng.normal() + shift),
+                                 "progress": float(rng.normal() + shift)}}
 
 
 def _zs(values: list[float]) -> np.ndarray:
@@ -44,12 +46,15 @@ def test_fused_score_is_the_sum_of_pooled_zscores():
     assert evidence_scores(records, "fused") == pytest.approx(list(expected))
 
 
-def test_paired_score_is_the_sum_of_pooled_zscores_of_objective_and_contrast():
+def test_paired_score_is_the_sum_of_pooled_zscores_of_shared_contrast_and_progress():
     rng = np.random.default_rng(0)
     records = [_record(f"i{i}", rng) for i in range(7)]
-    expected = (_zs([r["inversion_scores"]["objective_second_half"] for r in records])
-                + _zs([r["attack_scores"]["contrast"] for r in records]))
+    expected = (_zs([r["attack_scores"]["contrast64"] for r in records])
+                + _zs([r["inversion_scores"]["progress"] for r in records]))
     assert evidence_scores(records) == pytest.approx(list(expected))
+    previous = (_zs([r["inversion_scores"]["objective_second_half"] for r in records])
+                + _zs([r["attack_scores"]["contrast"] for r in records]))
+    assert evidence_scores(records, "objective+contrast") == pytest.approx(list(previous))
 
 
 def test_component_values_are_the_raw_parts_the_verdict_standardises():
@@ -57,7 +62,7 @@ def test_component_values_are_the_raw_parts_the_verdict_standardises():
     record = _record("i", rng)
     assert component_value(record, "attack:contrast") == record["attack_scores"]["contrast"]
     assert component_values(record, "paired") == [
-        record["inversion_scores"]["objective_second_half"], record["attack_scores"]["contrast"]]
+        record["attack_scores"]["contrast64"], record["inversion_scores"]["progress"]]
     assert component_values(record, "fused")[:2] == [record["metrics"]["ssim"],
                                                       record["metrics"]["psnr"]]
     with pytest.raises(ConfigError, match="unknown evidence component 'clip:x'"):
@@ -65,8 +70,24 @@ def test_component_values_are_the_raw_parts_the_verdict_standardises():
     with pytest.raises(ConfigError, match="not a fusion"):
         component_values(record, "similarity")
     record["inversion_scores"] = {}
-    with pytest.raises(MissingEvidence, match="objective_second_half"):
+    with pytest.raises(MissingEvidence, match="progress"):
         component_values(record)
+
+
+def test_a_record_from_before_the_progress_falls_back_to_the_previous_paired_score():
+    """Records written before 2026-12-08 hold no progress and no shared-draw contrast: their
+    verdict rests on the previous paired score, and the document says so."""
+    rng = np.random.default_rng(6)
+    images = [_record(f"m{i}", rng, shift=1.0) for i in range(3)]
+    controls = [_record(f"c{i}", rng) for i in range(19)]
+    for record in images + controls:
+        del record["inversion_scores"]["progress"], record["attack_scores"]["contrast64"]
+    doc = build_evidence(images, controls)
+    assert doc["evidence"]["score"] == "objective+contrast"
+    assert doc["evidence"]["fallback_from"] == "paired"
+    assert "contrast64" in doc["evidence"]["fallback_reason"]
+    assert [r["evidence_score"] for r in doc["images"] + doc["controls"]] == pytest.approx(
+        evidence_scores([*images, *controls], "objective+contrast"))
 
 
 def test_document_with_controls_has_p_values_verdicts_and_the_set_test_from_one_score():
@@ -81,8 +102,7 @@ def test_document_with_controls_has_p_values_verdicts_and_the_set_test_from_one_
     assert doc["set_test"] == expected.to_dict()
     assert [r["evidence_score"] for r in doc["images"] + doc["controls"]] == pytest.approx(scores)
     assert doc["evidence"]["score"] == DEFAULT_EVIDENCE == "paired"
-    assert doc["evidence"]["components"] == ["inversion:objective_second_half",
-                                             "attack:contrast"]
+    assert doc["evidence"]["components"] == ["attack:contrast64", "inversion:progress"]
     assert doc["settings"] == {"steps": 3}
     # the records given are not changed; the document holds copies with the new keys
     assert "p_value" not in images[0] and "evidence_score" not in controls[0]
@@ -123,10 +143,12 @@ def test_a_missing_component_names_the_image_and_falls_back_to_the_similarity():
     rng = np.random.default_rng(5)
     broken = _record("no-contrast", rng)
     broken["attack_scores"]["contrast"] = None  # not finite in float16: JSON null
+    broken["attack_scores"]["contrast64"] = None
     controls = [_record("c", rng)]
-    with pytest.raises(ConfigError, match="no-contrast.*'contrast'.*evidence='similarity'"):
+    with pytest.raises(ConfigError, match="no-contrast.*'contrast64'.*evidence='similarity'"):
         evidence_scores([broken, *controls])
-    doc = build_evidence([broken], controls)  # paired, then the contrast alone: both need it
+    # paired, the previous paired score and the contrast alone: every one needs a contrast
+    doc = build_evidence([broken], controls)
     assert doc["evidence"]["score"] == "similarity"
     assert doc["evidence"]["fallback_from"] == "paired"
     assert "no-contrast" in doc["evidence"]["fallback_reason"]
@@ -147,7 +169,7 @@ def test_authenticate_records_the_attack_scores_eval_computes(tiny_ddpm_pair):
     pair = load_pair(pre, ft)
     paths = sorted((VANGOGH / "membership").glob("*.jpg"))[:3]
     results = authenticate(pair, paths, config=InversionConfig(steps=2, seed=3), batch_size=2)
-    for method in ("loss", "contrast"):
+    for method in ("loss", "contrast", "contrast64"):
         expected = score_images(pair, paths, method, seed=3, batch_size=3)
         got = [r.extra["attack_scores"][method] for r in results]
         assert got == pytest.approx(expected, rel=1e-5, abs=1e-7)
@@ -171,7 +193,7 @@ def test_check_verdicts_rest_on_the_evidence_score(tiny_ddpm_pair, tmp_path, cap
     assert doc["evidence"]["score"] == "paired"
     control_scores = [c["evidence_score"] for c in doc["controls"]]
     for record in doc["images"]:
-        assert set(record["attack_scores"]) == {"loss", "contrast"}
+        assert set(record["attack_scores"]) == {"loss", "contrast", "contrast64"}
         expected = (1 + sum(c >= record["evidence_score"] for c in control_scores)) / 4
         assert record["p_value"] == pytest.approx(expected)
     assert doc["set_test"]["p_values"] == [r["p_value"] for r in doc["images"]]

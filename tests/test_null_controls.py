@@ -36,6 +36,10 @@ def test_paired_score_is_the_same_for_every_image_when_the_finetune_is_the_base(
     for record in records:
         assert record["inversion_scores"]["objective_second_half"] == 0.0
         assert record["attack_scores"]["contrast"] == 0.0
+        # the verdict's parts: the shared-draw contrast, and a recovery that never moved
+        assert record["attack_scores"]["contrast64"] == 0.0
+        assert record["inversion_scores"]["progress"] == 0.0
+        assert record["inversion_scores"]["cosine"] == 0.0
     paired = evidence_scores(records, "paired")
     assert paired == [0.0] * len(records)
     # the old verdict's score still ranks the images: what the images are, not a fine-tune
@@ -46,15 +50,16 @@ def test_paired_score_is_the_same_for_every_image_when_the_finetune_is_the_base(
     assert {r["p_value"] for r in doc["images"]} == {1.0}  # every control ties every image
 
 
-def test_paired_falls_back_to_the_contrast_when_a_record_lacks_the_objective(
+def test_paired_falls_back_to_the_contrast_when_a_record_lacks_the_inversion_scores(
         base_against_itself_records):
-    """A record of an older cgidm (no inversion_scores), or an objective that overflowed."""
+    """A record of an older cgidm (no inversion_scores), or an objective that overflowed: the
+    paired score and the previous one both need them; the contrast alone does not."""
     records = [dict(r) for r in base_against_itself_records]
     records[0] = {k: v for k, v in records[0].items() if k != "inversion_scores"}
     doc = build_evidence(records[:4], records[4:])
     assert doc["evidence"]["score"] == "contrast"
     assert doc["evidence"]["fallback_from"] == "paired"
-    assert "objective_second_half" in doc["evidence"]["fallback_reason"]
+    assert "progress" in doc["evidence"]["fallback_reason"]
     assert doc["evidence"]["components"] == ["attack:contrast"]
 
 

@@ -48,7 +48,7 @@ def test_worker_result_is_the_evidence_document(ctx):
     assert [i["p_value"] for i in images] == [i["p_value"] for i in again["images"]]
     assert [i["verdict"] for i in images] == ["inconclusive", "inconclusive"]
     for item in images + controls:
-        assert set(item["attack_scores"]) == {"loss", "contrast"}
+        assert set(item["attack_scores"]) == {"loss", "contrast", "contrast64"}
         assert item["evidence_score"] is not None
     expected = {k: v for k, v in again["set_test"].items() if k not in ("p_values", "verdicts")}
     assert result.controls_test.model_dump() == pytest.approx(expected)

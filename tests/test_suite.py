@@ -4,6 +4,7 @@ the inversion's recording options. Tiny settings, seeded; nothing here times any
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -288,6 +289,26 @@ def test_a_cached_model_gains_a_cheap_score_added_since_without_new_inversions(t
     assert document["values"]["loss"] == [0.0] * n  # cached values kept as they were
     assert len(document["values"]["pian"]) == n and "pian" in json.loads(out.read_text())["values"]
     assert len(set(document["values"]["pian"])) == n  # scored, one value per image
+    assert len(set(document["values"]["contrast64"])) == n  # the shared-draw contrast too
+
+
+def test_cheap_scores_are_not_added_to_a_document_of_other_images(tmp_path):
+    """A cached document scored on other images (or another order) would get values that do not
+    line up with its inversions: refused before any model is loaded."""
+    import json
+
+    from benchmarks.cheap_values import add_missing_cheap
+
+    out = tmp_path / "values.json"
+    out.write_text(json.dumps({"files": ["a/1.png", "a/2.png"], "values": {"loss": [0.0, 0.0]}}))
+
+    def load():
+        raise AssertionError("no model is loaded for a refused document")
+
+    with pytest.raises(ValueError, match="other images"):
+        add_missing_cheap(out, ["loss", "contrast64"], load, [Path("a/2.png"), Path("a/1.png")])
+    # nothing missing: nothing loaded, the document as it was
+    assert add_missing_cheap(out, ["loss"], load, [])["values"] == {"loss": [0.0, 0.0]}
 
 
 def test_strength_section_orders_pairs_by_memorisation_gap_and_holds_out_above_each():

@@ -8,9 +8,10 @@ Each pair (``cgidm_core.latent_suite_pairs``) is fine-tuned once into
 ``~/.cache/cgidm/suite/latent/<recipe>-s<seed>-<hash>/<steps>/`` and scored once, loaded as a
 user's file is (``load_pair``: the LoRA unmerged, its prompt read from its own metadata), with
 the raw values ``benchmarks.suite`` records per image (``cgidm_core.suite_scores.raw_values``:
-one inversion, the loss attack, the contrast), saved as ``values-<pgd steps>.json`` with the
-recovered pictures (``.pt``). From them: the AUC of the verdict's score (``evidence``, the
-fusion ``cgidm eval --method evidence`` and ``cgidm check`` compute), of CGI-DM's similarity
+one inversion, the loss attack, the 8- and the 64-draw contrasts), saved as
+``values-<pgd steps>.json`` with the recovered pictures (``.pt``). From them: the AUC of the
+verdict's score (``evidence``, the fusion ``cgidm eval --method evidence`` and ``cgidm check``
+compute), of CGI-DM's similarity
 alone (``cgidm``: masked SSIM of the recovery) and of the cheap scores (``loss``: the loss
 attack; ``contrast``: CGI-DM's objective at the original), each with a stratified bootstrap
 95 % interval. The table also gives each pair's recipe group
@@ -32,14 +33,16 @@ from cgidm_core.stats import evaluate_scores
 #: Table column -> the candidate of ``cgidm_core.suite_scores.candidate_scores`` it shows.
 COLUMNS = {
     "evidence": VERDICT_CANDIDATE,  # the verdict's score (cgidm check, eval)
+    "previous evidence": "fuse:objective+contrast",  # the verdict's score to 2026-12-08
     "old evidence": "fuse:ssim+psnr+loss+contrast",  # the verdict's score before #22's nulls
     "cgidm": "default:ssim@final",  # CGI-DM's similarity of the recovery alone
     "loss": "loss",
     "contrast": "contrast",
 }
-#: Model evaluations per image of each column (100 PGD steps: 600; loss attack 3; contrast 16),
-#: the tie-break of the selection rule.
-COSTS = {"evidence": 616, "old evidence": 619, "cgidm": 600, "loss": 3, "contrast": 16}
+#: Model evaluations per image of each column (100 PGD steps: 600; loss attack 3; contrast 16;
+#: the shared-draw contrast 128), the tie-break of the selection rule.
+COSTS = {"evidence": 728, "previous evidence": 616, "old evidence": 619, "cgidm": 600, "loss": 3,
+         "contrast": 16}
 
 
 def null_of(doc: dict, cache: Path) -> dict[str, list[float]] | None:

@@ -229,8 +229,8 @@ class ImageScore(BaseModel):
     p_value: float | None = None
     evidence_score: float | None = Field(
         None, description="The score the p-value and verdict are computed from (with controls): "
-        "by default z(minus CGI-DM's objective along the inversion) + z(contrast) over images "
-        "and controls together; see the result's `evidence`.")
+        "by default z(contrast64) + z(the inversion's progress towards the original) over "
+        "images and controls together; see the result's `evidence`.")
     verdict: str | None = Field(None, examples=["member_evidence", "no_evidence", "inconclusive"])
     nonfinite_gradient_steps: int = Field(
         0, description="PGD steps skipped for this image because its gradient was not finite "

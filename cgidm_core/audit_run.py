@@ -170,7 +170,7 @@ def audit_model(pair: ModelPair, model: AuditModel, index: int,
                 should_cancel: Callable[[], bool] | None = None) -> ModelOutcome:
     """Screen one model and, unless the screen clears it, run the full verdict."""
     from .api import authenticate
-    from .evidence import build_evidence
+    from .evidence import ATTACK_SCORES, build_evidence
     from .prompts import choose_prompt
 
     started = time.perf_counter()
@@ -200,12 +200,17 @@ def audit_model(pair: ModelPair, model: AuditModel, index: int,
 
     if should_cancel is not None and should_cancel():
         raise Cancelled("the audit was cancelled")
+    # the verdict's cheap scores the screen did not compute (the shared-draw contrast), seeded
+    # as the screen's: the full verdict rests on the same score as `cgidm check`'s
     results = authenticate(pair, [*images, *controls], names=[*image_names, *control_names],
                            prompt=prompt, config=config, batch_size=settings.batch_size,
-                           progress=progress, should_cancel=should_cancel, attack_scores=())
+                           progress=progress, should_cancel=should_cancel,
+                           attack_scores=tuple(a for a in ATTACK_SCORES
+                                               if a not in SCREEN_ATTACKS))
     full_records = []
     for result, screened in zip(results, records, strict=True):
-        result.extra["attack_scores"] = dict(screened["attack_scores"])
+        result.extra["attack_scores"] = {**screened["attack_scores"],
+                                         **(result.extra.get("attack_scores") or {})}
         full_records.append(result.to_dict())
     evidence = build_evidence(full_records[:n], full_records[n:], alpha=settings.level)
     test = evidence["set_test"]

@@ -221,3 +221,28 @@ def test_a_memo_of_base_passes_given_back_serves_a_later_call_with_the_same_valu
     assert stats_second == {"base_pass_hits": stats_first["base_pass_misses"],
                             "base_pass_misses": 0}
     assert second == fresh
+
+
+def test_the_full_verdict_of_an_audit_rests_on_the_verdicts_own_score(tiny_ddpm_pair):
+    """The full tier reuses the screen's loss attack and contrast and computes the cheap score
+    the screen does not (the shared-draw contrast): its evidence is the `paired` score of
+    `cgidm check`, not a fallback."""
+    from PIL import Image
+
+    from cgidm_core.api import authenticate, load_pair
+    from cgidm_core.audit import AuditModel
+    from cgidm_core.audit_run import AuditSettings, run_audit
+    from cgidm_core.inversion import InversionConfig
+
+    pre, ft = tiny_ddpm_pair
+    pictures = [Image.new("RGB", (16, 16), (40 * k, 255 - 30 * k, 90)) for k in range(6)]
+    names = [f"p{k}" for k in range(6)]
+    config = InversionConfig(steps=2)
+    [entry] = run_audit([AuditModel(str(pre), str(ft))], pictures[:3], pictures[3:], names[:3],
+                        names[3:], lambda spec: load_pair(spec.pretrained, spec.finetuned),
+                        AuditSettings(clear_p=1.0, inversion=config))
+    assert entry["tier"] == "full"
+    assert entry["evidence"]["score"] == "paired" and "fallback_from" not in entry["evidence"]
+    checked = authenticate(load_pair(pre, ft), pictures[:3], names=names[:3], config=config)
+    for record, alone in zip(entry["images"], checked, strict=True):
+        assert record["attack_scores"] == pytest.approx(alone.extra["attack_scores"])

@@ -50,12 +50,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=CHECK_EVIDENCE_MODES,
         default=DEFAULT_EVIDENCE,
         help="the score verdicts rest on (with --controls): 'paired' (default, chosen on the "
-        "benchmark suite among the scores that pass its null controls) = z(minus CGI-DM's "
-        "objective over the inversion's second half) + z(contrast), standardised over images "
-        "and controls together; 'fused' = the former default, z(SSIM) + z(PSNR) + z(loss "
-        "attack) + z(contrast), which also scores how easy an image is to fill in (false "
-        "positives when images and controls differ that way); 'contrast' = the contrast "
-        "alone; 'similarity' = --metric alone",
+        "benchmark suite among the scores that pass its null controls) = z(contrast64: the "
+        "contrast with 64 draws shared by every image) + z(progress: how far the inversion "
+        "moved towards the original), standardised over images and controls together; "
+        "'objective+contrast' = the default until 2026-12-08, z(minus CGI-DM's objective over "
+        "the inversion's second half) + z(contrast); 'fused' = an older default, z(SSIM) + "
+        "z(PSNR) + z(loss attack) + z(contrast), which also scores how easy an image is to "
+        "fill in (false positives when images and controls differ that way); 'contrast' = "
+        "the contrast alone; 'similarity' = --metric alone",
     )
     parser.add_argument(
         "--display",

@@ -124,7 +124,11 @@ def build_layouts(root: Path, families: tuple[str, ...] = FAMILIES
 
 
 def score(pretrained: Path, finetuned: Path, device: str, dtype: str, steps: int,
-          checkpointing: str = "auto") -> dict[str, Any]:
+          checkpointing: str = "auto", attacks: bool = False) -> dict[str, Any]:
+    """One layout scored by ``authenticate``; with ``attacks`` also the verdict's cheap scores
+    (the 64-draw contrast among them: in float16 the first place an overflow would show), else
+    only the inversion, which is all the comparisons between runs look at (at 2 PGD steps the
+    cheap scores are ~90 % of the model passes)."""
     import torch
 
     from cgidm_core.api import authenticate, load_pair
@@ -135,12 +139,13 @@ def score(pretrained: Path, finetuned: Path, device: str, dtype: str, steps: int
     loaded = time.perf_counter() - started
     images = synthetic_images(2, pair.image_size)
     results = authenticate(pair, images, config=InversionConfig(
-        steps=steps, gradient_checkpointing=checkpointing))
+        steps=steps, gradient_checkpointing=checkpointing), attack_scores=None if attacks else ())
     out: dict[str, Any] = {
         "gradient_checkpointing": pair.gradient_checkpointing,
         "checkpointing_enabled_on_unets": all(
             getattr(u, "is_gradient_checkpointing", False) for u in pair.denoisers()),
         "scores": [float(r.score) for r in results],
+        **({"attack_scores": [r.extra["attack_scores"] for r in results]} if attacks else {}),
         "load_seconds": loaded,
         "seconds": time.perf_counter() - started,
         "describe": {k: str(v) for k, v in pair.describe().items()},
@@ -149,7 +154,7 @@ def score(pretrained: Path, finetuned: Path, device: str, dtype: str, steps: int
         out["text_encoders_loaded_after"] = bool(pair.text_encoders_loaded)
         # a prompt the pair has not seen: the released encoders are read back on the device
         again = authenticate(pair, images, config=InversionConfig(steps=2),
-                             prompt="a painting of a dog")
+                             prompt="a painting of a dog", attack_scores=())
         out["new_prompt_scores"] = [float(r.score) for r in again]
     if device.startswith("cuda"):
         out["peak_bytes"] = int(torch.cuda.max_memory_allocated())
@@ -181,10 +186,13 @@ def check_layouts(device: str, steps: int, families: tuple[str, ...] = FAMILIES,
             for dtype in DTYPES:
                 row: dict[str, Any] = {"layout": name, "device": device, "dtype": dtype}
                 try:
-                    row.update(score(pre, ft, device, dtype, steps))
+                    row.update(score(pre, ft, device, dtype, steps, attacks=True))
                     scores = row["scores"] + row.get("new_prompt_scores", [])
                     problems = [f"score {s} not finite or outside [-1, 1]"
                                 for s in scores if not (math.isfinite(s) and -1 <= s <= 1)]
+                    problems += [f"{attack} not finite (null) for an image"
+                                 for values in row["attack_scores"]
+                                 for attack, value in values.items() if value is None]
                     if dtype == "float32":
                         again = score(pre, ft, device, dtype, steps)["scores"]
                         row["rerun_max_diff"] = max_diff(again, row["scores"])

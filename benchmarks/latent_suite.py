@@ -76,6 +76,7 @@ def evaluate(pair: lsp.LatentSuitePair, cache: Path, pgd_steps: int) -> Path:
             add_missing_cheap(out, LATENT_CHEAP_METHODS, lambda: load_pair(
                 pair.base, str(pair.model_dir(cache)), device="cpu"),
                 [*pair.members, *pair.holdout_files])
+            with_memorisation(pair, cache, out)
         return out
     files = [*pair.members, *pair.holdout_files]
     started = time.perf_counter()
@@ -94,6 +95,24 @@ def evaluate(pair: lsp.LatentSuitePair, cache: Path, pgd_steps: int) -> Path:
     torch.save(raw["pictures"], out.with_suffix(".pt"))
     out.write_text(json.dumps(document, indent=2) + "\n")
     return out
+
+
+def with_memorisation(pair: lsp.LatentSuitePair, cache: Path, out: Path) -> None:
+    """Write the pair's memorisation gap (``cgidm_core.memorisation.pair_loss_drops``: the
+    members' minus the hold-outs' relative loss drop, through the pair API) into its cached
+    values, where ``benchmarks.suite``'s report reads it as the latent strength axis."""
+    from cgidm_core.api import load_pair
+    from cgidm_core.memorisation import pair_loss_drops
+
+    document = json.loads(out.read_text())
+    if document.get("memorisation"):
+        return
+    loaded = load_pair(pair.base, str(pair.model_dir(cache)), device="cpu")
+    document["memorisation"] = pair_loss_drops(loaded, list(pair.members),
+                                               list(pair.holdout_files))
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(document, indent=2) + "\n")
+    tmp.replace(out)
 
 
 def summarise(pair: lsp.LatentSuitePair, cache: Path, results: Path) -> dict:

@@ -583,15 +583,17 @@ GAP_SCORES: tuple[str, ...] = ("fuse:contrast64+progress", "fuse:objective+contr
                                "fuse:ssim+psnr+loss+contrast")
 
 
-def memorisation_lines(summary: dict[str, Any]) -> list[str]:
-    """Per pixel pair: how much the fine-tune learned its members rather than what they share
-    with the hold-outs (``benchmarks.memorisation``), the AUCs beside it, and the held-out
-    worst / mean again over the pairs above each gap of ``GAP_THRESHOLDS``."""
+def memorisation_lines(summary: dict[str, Any], family: str = "pixel") -> list[str]:
+    """Per pair of ``family``: how much the fine-tune learned its members rather than what they
+    share with the hold-outs (``cgidm_core.memorisation``), the AUCs beside it, and the
+    held-out worst / mean again over the pairs above each gap of ``GAP_THRESHOLDS``."""
     from cgidm_core.names import VERDICT_CANDIDATE
 
-    pairs = [p for p in summary["pairs"] if p.get("memorisation")]
+    pairs = [p for p in _families(summary).get(family, []) if p.get("memorisation")]
     if not pairs:
-        return ["No pair has its loss drops measured (`python -m benchmarks.memorisation`)."]
+        how = ("`python -m benchmarks.latent_suite`" if family == "latent"
+               else "`python -m benchmarks.suite`, where the weights are at hand")
+        return [f"No {family} pair has its loss drops measured ({how})."]
 
     def gap(pair: dict[str, Any]) -> float:
         return 100 * float(pair["memorisation"]["gap"])
@@ -613,7 +615,7 @@ def memorisation_lines(summary: dict[str, Any]) -> list[str]:
         kept = [p for p in pairs if gap(p) >= threshold]
         groups = sorted({_pair_group(p) for p in kept})
         subset = {**summary, "pairs": kept, "latent_pairs": []}
-        report = held_out_reports(subset, n_bootstrap=0).get("pixel", {}).get("recipe group")
+        report = held_out_reports(subset, n_bootstrap=0).get(family, {}).get("recipe group")
         shipped = [p["rows"][VERDICT_CANDIDATE]["auc"] for p in kept
                    if VERDICT_CANDIDATE in p["rows"]]
         held = (f"{report.held_out_worst:.2f} / {report.held_out_mean:.3f}" if report
@@ -717,6 +719,14 @@ def render(summary: dict[str, Any], args: Any) -> str:
         "## Strength: what each pixel fine-tune learned of its members, not of their kind",
         "",
         *memorisation_lines(summary),
+        "",
+        "### The latent family",
+        "",
+        "The same measure through the pair API (`cgidm_core.memorisation.pair_loss_drops`: in "
+        "each pair's latent space, conditioned on its prompt), written into each latent pair's "
+        "cached values by `python -m benchmarks.latent_suite`.",
+        "",
+        *memorisation_lines(summary, "latent"),
         "",
         "## Null controls: every candidate with NO fine-tune",
         "",

@@ -484,7 +484,8 @@ def latent_results(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
         document = json.loads(out.read_text())
         document["null"] = aligned(lookup, document.get("files") or [])
         # every candidate (not only latent_suite's columns): the selection chooses among them
-        results.append(evaluate_pair(document, view, args.n_bootstrap))
+        results.append({**evaluate_pair(document, view, args.n_bootstrap),
+                        "memorisation": document.get("memorisation")})
     return results, missing
 
 

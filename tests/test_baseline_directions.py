@@ -10,7 +10,7 @@ import torch
 from cgidm_core.api import authenticate, load_pair
 from cgidm_core.baselines import BASELINES, _eps_ft
 from cgidm_core.evaluation import combine_scores, score_images
-from cgidm_core.evidence import evidence_scores
+from cgidm_core.evidence import ATTACK_SCORES, evidence_scores
 from cgidm_core.images import load_image_folder, to_tensor
 from cgidm_core.inversion import InversionConfig
 from cgidm_core.names import METHODS
@@ -43,16 +43,18 @@ def _all_method_aucs(finetuned: str, members, holdout, *, inversion: bool = True
     pair = load_pair("demo-base", finetuned, device="cpu")
     pictures, n = members + holdout, len(members)
     aucs = {}
+    attacks = {}
     for method in BASELINES:
-        scores = score_images(pair, pictures, method, seed=0)
-        aucs[method] = _auc(scores[:n], scores[n:])
+        attacks[method] = score_images(pair, pictures, method, seed=0)
+        aucs[method] = _auc(attacks[method][:n], attacks[method][n:])
     if not inversion:
         return aucs
-    # the inversion methods from ONE inversion (as score_images would compute each of them)
-    results = authenticate(pair, pictures, config=InversionConfig(steps=STEPS))
-    records = [r.to_dict() for r in results]
+    # the inversion methods from ONE inversion (as score_images would compute each of them);
+    # its cheap scores are the ones above (the same per-image seeds: tests/test_evidence.py)
+    results = authenticate(pair, pictures, config=InversionConfig(steps=STEPS), attack_scores=())
+    records = [{**r.to_dict(), "attack_scores": {k: attacks[k][i] for k in ATTACK_SCORES}}
+               for i, r in enumerate(results)]
     ssim = [r["metrics"]["ssim"] for r in records]
-    attacks = {k: [r["attack_scores"][k] for r in records] for k in ("loss", "contrast")}
     by_method = {
         "cgidm": ssim,
         "combined": combine_scores(ssim, attacks["contrast"]),

@@ -344,3 +344,14 @@ def test_strength_section_orders_pairs_by_memorisation_gap_and_holds_out_above_e
     assert rows["| 1 points"].split(" | ")[1].startswith("3 (")  # the attention-only LoRA out
     assert rows["| 10 points"].endswith("| 0.73 / 0.730 |")  # one pair left: shipped only
     assert "- (one group)" in rows["| 10 points"]
+    # the latent family's pairs get a table of their own, pixel pairs stay out of it
+    latent = [{**pair(f"latent/lora-attn-r{r}/100/s0", gap, 0.6 + gap / 100, 0.5),
+               "family": "latent", "group": group}
+              for r, gap, group in ((4, 0.4, "lora-attn"), (16, 7.0, "lora-attn-conv"),
+                                    (64, 12.0, "style-captioned"))]
+    text = "\n".join(memorisation_lines({**summary, "latent_pairs": latent}, "latent"))
+    assert "latent/lora-attn-r4/100/s0" in text and "vangogh-a" not in text
+    rows = {line.split(" |")[0]: line for line in text.splitlines()
+            if line.startswith("| ") and "points |" in line}
+    assert rows["| 1 points"].split(" | ")[1].startswith("2 (lora-attn-conv, style-captioned)")
+    assert "No latent pair" in "\n".join(memorisation_lines(summary, "latent"))

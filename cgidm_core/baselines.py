@@ -302,31 +302,42 @@ def contrast(
     and lowers the variance over plain uniform draws. Exactly 0 when both models are the same.
     """
     _check_inputs(pair, z0, batch_size)
-    if samples < 1:
-        raise ConfigError(f"contrast needs samples >= 1, got {samples}")
-    big_t = pair.num_train_timesteps
-    hi = big_t - 1 if t_max is None else int(t_max)
-    if not 0 <= t_min <= hi < big_t:
-        raise ConfigError(f"timestep range [{t_min}, {hi}] is not inside [0, {big_t - 1}]")
     per_image = _seeds_for(z0, seed, seeds)
     shape = tuple(z0.shape[1:])
-    width = (hi - t_min + 1) / samples
-
-    def draw(s: int) -> tuple[torch.Tensor, torch.Tensor]:
-        gen = torch.Generator().manual_seed(s)
-        u = torch.rand(samples, generator=gen, dtype=torch.float64)
-        t = t_min + torch.floor((torch.arange(samples, dtype=torch.float64) + u) * width)
-        noise = torch.randn((samples, *shape), generator=gen)
-        return t.long().clamp(t_min, hi), noise
+    lo, hi = _timestep_range(pair, samples, t_min, t_max)
 
     def run(chunk: torch.Tensor, idx: slice) -> torch.Tensor:
-        drawn = [draw(s) for s in per_image[idx]]
+        drawn = [_stratified_draws(s, samples, lo, hi, shape) for s in per_image[idx]]
         t = torch.cat([d[0] for d in drawn])
         noise = torch.cat([d[1] for d in drawn]).to(pair.device)
         loss = contrast_loss(pair, chunk.to(pair.device).float(), cond, t, noise, None, samples)
         return -loss
 
     return _in_chunks(z0, batch_size, run)
+
+
+def _timestep_range(pair: ModelPair, samples: int, t_min: int, t_max: int | None
+                    ) -> tuple[int, int]:
+    """The contrast's checked ``[t_min, t_max]`` (default: the whole schedule but t = 0)."""
+    if samples < 1:
+        raise ConfigError(f"contrast needs samples >= 1, got {samples}")
+    big_t = pair.num_train_timesteps
+    hi = big_t - 1 if t_max is None else int(t_max)
+    if not 0 <= t_min <= hi < big_t:
+        raise ConfigError(f"timestep range [{t_min}, {hi}] is not inside [0, {big_t - 1}]")
+    return t_min, hi
+
+
+def _stratified_draws(seed: int, samples: int, lo: int, hi: int, shape: tuple[int, ...]
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``samples`` timesteps, the k-th uniform in the k-th of ``samples`` equal slices of
+    ``[lo, hi]``, and as many standard normal noises of ``shape``, from one generator."""
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.rand(samples, generator=gen, dtype=torch.float64)
+    width = (hi - lo + 1) / samples
+    t = lo + torch.floor((torch.arange(samples, dtype=torch.float64) + u) * width)
+    noise = torch.randn((samples, *shape), generator=gen)
+    return t.long().clamp(lo, hi), noise
 
 
 @torch.no_grad()
@@ -347,17 +358,30 @@ def contrast_shared(
     images' contrasts is the draws' Monte Carlo noise (the 8-draw contrast's draw noise was
     measured as large as the member / hold-out differences on the pixel suite). With common
     draws every image is scored on the same noise levels and noises, so that part is gone, and
-    the per-image value is exactly the memorisation measure's per-image loss drop
-    (``cgidm_core.memorisation``), the quantity whose member / hold-out gap says how much a
-    fine-tune learned. Still exactly 0 for every image when both models are the same. An image
-    scores the same alone or in any batch (the draws do not depend on the batch).
+    the per-image value is the memorisation measure's per-image loss drop
+    (``cgidm_core.memorisation``, which draws its own 64), the quantity whose member / hold-out
+    gap says how much a fine-tune learned. Still exactly 0 for every image when both models are
+    the same. An image scores the same alone or in any batch (the draws do not depend on it).
     """
     del seeds  # the point of this score: one set of draws for every image
-    # as many noisy latents per forward pass as the 8-draw contrast puts there at this batch
-    # size (64 draws of one image, not of eight: a real SD UNet's memory)
-    per_pass = max(1, batch_size * CONTRAST_SAMPLES // max(samples, 1))
-    return contrast(pair, z0, cond, seeds=[int(seed)] * len(z0), samples=samples,
-                    batch_size=per_pass)
+    _check_inputs(pair, z0, batch_size)
+    lo, hi = _timestep_range(pair, samples, 1, None)
+    t, noise = _stratified_draws(int(seed), samples, lo, hi, tuple(z0.shape[1:]))
+    # Every (image, draw) evaluation in order, at most as many noisy latents per forward pass as
+    # the 8-draw contrast puts there at this batch size: 64 draws of one image never need more
+    # memory than 8 draws of 8 images (a real UNet's activations), whatever ``samples`` is.
+    n = z0.shape[0]
+    per_pass = batch_size * CONTRAST_SAMPLES
+    image = torch.arange(n).repeat_interleave(samples)
+    draw = torch.arange(samples).repeat(n)
+    sums = torch.zeros(n, dtype=torch.float64)
+    for start in range(0, n * samples, per_pass):
+        rows = slice(start, min(start + per_pass, n * samples))
+        z = z0[image[rows].to(z0.device)].to(pair.device).float()
+        differences = contrast_loss(pair, z, cond, t[draw[rows]],
+                                    noise[draw[rows]].to(pair.device), None, 1)
+        sums.index_add_(0, image[rows], differences.double().cpu())
+    return (-(sums / samples)).float()
 
 
 @torch.no_grad()

@@ -115,7 +115,28 @@ def test_the_shared_draw_contrast_scores_every_image_on_the_same_draws(ddpm):
     shared = contrast_shared(pair, z0, cond, seed=4, seeds=[1, 2, 3])
     assert torch.equal(shared, contrast_shared(pair, z0, cond, seed=4))
     expected = contrast(pair, z0, cond, seeds=[4] * len(z0), samples=SHARED_CONTRAST_SAMPLES)
-    torch.testing.assert_close(shared, expected, rtol=0, atol=0)
+    torch.testing.assert_close(shared, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_the_shared_draw_contrast_never_puts_more_latents_in_a_pass_than_the_contrast(ddpm):
+    """64 draws of one image would be 8x the 8-draw contrast's batch on a real UNet: the
+    evaluations are chunked to ``batch_size * 8`` noisy latents per pass, values unchanged."""
+    pair, z0, cond, _ = ddpm
+    seen = []
+    forward = pair.eps_finetuned
+
+    def counting(z_t, t, c):
+        seen.append(z_t.shape[0])
+        return forward(z_t, t, c)
+
+    pair.eps_finetuned = counting
+    try:
+        small = contrast_shared(pair, z0, cond, seed=2, batch_size=1)
+    finally:
+        del pair.eps_finetuned  # the bound method again
+    assert max(seen) == 8 and sum(seen) == len(z0) * SHARED_CONTRAST_SAMPLES
+    torch.testing.assert_close(small, contrast_shared(pair, z0, cond, seed=2, batch_size=8),
+                               rtol=1e-4, atol=1e-6)
 
 
 def test_schedule_scaling_of_timesteps():

@@ -350,6 +350,7 @@ def contrast_shared(
     seeds: Sequence[int] | None = None,
     samples: int = SHARED_CONTRAST_SAMPLES,
     batch_size: int = 8,
+    latents_per_pass: int | None = None,
 ) -> torch.Tensor:
     """The contrast with ``samples`` stratified (t, noise) draws that are the SAME for every image
     (seeded by ``seed`` alone; per-image ``seeds`` are ignored): 2 * ``samples`` passes.
@@ -362,16 +363,15 @@ def contrast_shared(
     (``cgidm_core.memorisation``, which draws its own 64), the quantity whose member / hold-out
     gap says how much a fine-tune learned. Still exactly 0 for every image when both models are
     the same. An image scores the same alone or in any batch (the draws do not depend on it).
+    The (image, draw) evaluations go through the models ``latents_per_pass`` at a time (default:
+    :func:`shared_contrast_pass`); the values do not depend on it.
     """
     del seeds  # the point of this score: one set of draws for every image
     _check_inputs(pair, z0, batch_size)
     lo, hi = _timestep_range(pair, samples, 1, None)
     t, noise = _stratified_draws(int(seed), samples, lo, hi, tuple(z0.shape[1:]))
-    # Every (image, draw) evaluation in order, at most as many noisy latents per forward pass as
-    # the 8-draw contrast puts there at this batch size: 64 draws of one image never need more
-    # memory than 8 draws of 8 images (a real UNet's activations), whatever ``samples`` is.
     n = z0.shape[0]
-    per_pass = batch_size * CONTRAST_SAMPLES
+    per_pass = latents_per_pass or shared_contrast_pass(batch_size, samples, pair.device)
     image = torch.arange(n).repeat_interleave(samples)
     draw = torch.arange(samples).repeat(n)
     sums = torch.zeros(n, dtype=torch.float64)
@@ -382,6 +382,15 @@ def contrast_shared(
                                     noise[draw[rows]].to(pair.device), None, 1)
         sums.index_add_(0, image[rows], differences.double().cpu())
     return (-(sums / samples)).float()
+
+
+def shared_contrast_pass(batch_size: int, samples: int, device: torch.device | str) -> int:
+    """Noisy latents per forward pass of :func:`contrast_shared`. On an accelerator, as many as
+    the 8-draw contrast puts there at this batch size: 64 draws of one image never need more
+    memory than 8 draws of 8 images (a real UNet's activations bound it). On the CPU memory is
+    not the bound, a pass's fixed cost is: at least one image's draws go through at once."""
+    per_pass = batch_size * CONTRAST_SAMPLES
+    return max(per_pass, samples) if torch.device(device).type == "cpu" else per_pass
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ from cgidm_core.baselines import (
     pia,
     scale_timestep,
     secmi,
+    shared_contrast_pass,
 )
 from cgidm_core.errors import ConfigError
 from cgidm_core.images import image_seed
@@ -131,12 +132,15 @@ def test_the_shared_draw_contrast_never_puts_more_latents_in_a_pass_than_the_con
 
     pair.eps_finetuned = counting
     try:
-        small = contrast_shared(pair, z0, cond, seed=2, batch_size=1)
+        small = contrast_shared(pair, z0, cond, seed=2, batch_size=1,
+                                latents_per_pass=shared_contrast_pass(1, 64, "cuda"))
     finally:
         del pair.eps_finetuned  # the bound method again
     assert max(seen) == 8 and sum(seen) == len(z0) * SHARED_CONTRAST_SAMPLES
     torch.testing.assert_close(small, contrast_shared(pair, z0, cond, seed=2, batch_size=8),
                                rtol=1e-4, atol=1e-6)
+    # on the CPU a pass's fixed cost, not memory, is the bound: one image's draws at once
+    assert shared_contrast_pass(1, 64, "cpu") == 64 and shared_contrast_pass(20, 64, "cpu") == 160
 
 
 def test_schedule_scaling_of_timesteps():

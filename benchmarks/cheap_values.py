@@ -48,10 +48,15 @@ def add_missing_cheap(path: Path, methods: Sequence[str], load: Callable[[], Any
                                        batch_size=20)
         document["values"][method] = [float(v) for v in scored.scores]
         document.setdefault("seconds", {})[method] = scored.seconds
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(document))
-    tmp.replace(path)
+    write_document(path, document)
     return document
 
 
-__all__ = ["add_missing_cheap", "missing_methods"]
+def write_document(path: Path, document: dict[str, Any]) -> None:
+    """Replace the cached document at ``path`` atomically (a reader never sees half of it)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(document))
+    tmp.replace(path)
+
+
+__all__ = ["add_missing_cheap", "missing_methods", "write_document"]

@@ -24,7 +24,9 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from cgidm_core import latent_suite_pairs as lsp
 from cgidm_core.names import VERDICT_CANDIDATE
@@ -60,6 +62,7 @@ def results_file(pair: lsp.LatentSuitePair, cache: Path, pgd_steps: int) -> Path
 def evaluate(pair: lsp.LatentSuitePair, cache: Path, pgd_steps: int) -> Path:
     """Raw values of members then hold-out, as ``benchmarks.suite`` records them (one default
     inversion, the loss attack and the contrast), cached by PGD steps; pictures beside them."""
+    import functools
     import time
 
     import torch
@@ -73,10 +76,12 @@ def evaluate(pair: lsp.LatentSuitePair, cache: Path, pgd_steps: int) -> Path:
     out = results_file(pair, cache, pgd_steps)
     if out.is_file():
         if pair.model_dir(cache).exists():
-            add_missing_cheap(out, LATENT_CHEAP_METHODS, lambda: load_pair(
-                pair.base, str(pair.model_dir(cache)), device="cpu"),
-                [*pair.members, *pair.holdout_files])
-            with_memorisation(pair, cache, out)
+            # one load for whatever the cached values lack (none when they lack nothing)
+            load = functools.cache(lambda: load_pair(pair.base, str(pair.model_dir(cache)),
+                                                     device="cpu"))
+            add_missing_cheap(out, LATENT_CHEAP_METHODS, load,
+                              [*pair.members, *pair.holdout_files])
+            with_memorisation(pair, out, load)
         return out
     files = [*pair.members, *pair.holdout_files]
     started = time.perf_counter()
@@ -97,22 +102,20 @@ def evaluate(pair: lsp.LatentSuitePair, cache: Path, pgd_steps: int) -> Path:
     return out
 
 
-def with_memorisation(pair: lsp.LatentSuitePair, cache: Path, out: Path) -> None:
+def with_memorisation(pair: lsp.LatentSuitePair, out: Path, load: Callable[[], Any]) -> None:
     """Write the pair's memorisation gap (``cgidm_core.memorisation.pair_loss_drops``: the
-    members' minus the hold-outs' relative loss drop, through the pair API) into its cached
-    values, where ``benchmarks.suite``'s report reads it as the latent strength axis."""
-    from cgidm_core.api import load_pair
+    members' minus the hold-outs' relative loss drop, through the pair API, the pair from
+    ``load()``) into its cached values, where ``benchmarks.suite``'s report reads it as the
+    latent strength axis."""
+    from benchmarks.cheap_values import write_document
     from cgidm_core.memorisation import pair_loss_drops
 
     document = json.loads(out.read_text())
     if document.get("memorisation"):
         return
-    loaded = load_pair(pair.base, str(pair.model_dir(cache)), device="cpu")
-    document["memorisation"] = pair_loss_drops(loaded, list(pair.members),
+    document["memorisation"] = pair_loss_drops(load(), list(pair.members),
                                                list(pair.holdout_files))
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(document, indent=2) + "\n")
-    tmp.replace(out)
+    write_document(out, document)
 
 
 def summarise(pair: lsp.LatentSuitePair, cache: Path, results: Path) -> dict:

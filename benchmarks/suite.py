@@ -258,6 +258,11 @@ def model_results(args: argparse.Namespace, pair) -> dict | None:
         lock.unlink(missing_ok=True)
 
 
+def has_weights(model: Path) -> bool:
+    """Whether a cached fine-tune's weights are at hand (a cache may hold results only)."""
+    return (model / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
 def with_missing_cheap(pair, out: Path) -> None:
     """Score a cached model's images with the cheap methods added since it was evaluated and
     write them into its cached values (the inversions stay as they were); nothing where the
@@ -267,7 +272,7 @@ def with_missing_cheap(pair, out: Path) -> None:
     from cgidm_core.suite_scores import CHEAP_METHODS
 
     model = pair.model_dir(out.parents[1])
-    if not (model / "unet" / "diffusion_pytorch_model.safetensors").is_file():
+    if not has_weights(model):
         return
     add_missing_cheap(out, CHEAP_METHODS, lambda: load_pair(str(RECIPE_BASE), str(model)),
                       model_images(pair), log=log)
@@ -496,7 +501,7 @@ def memorisation(args: argparse.Namespace, pair, model: Path) -> dict | None:
     from cgidm_core.demo import resolve_model_reference
     from cgidm_core.memorisation import cached_loss_drops
 
-    if not (model / "unet" / "diffusion_pytorch_model.safetensors").is_file():
+    if not has_weights(model):
         return None
     return cached_loss_drops(args.cache, resolve_model_reference(RECIPE_BASE), model,
                              list(pair.split.members), list(pair.split.holdouts[pair.holdout]))
